@@ -1,0 +1,107 @@
+"""MAE pre-training.
+
+    torchrun --nproc_per_node=8 main_pretrain.py --data_path /path/to/imagenet --model mae_vit_large_patch16 \
+        --batch_size 64 --accum_iter 8 --epochs 800 --warmup_epochs 40 --norm_pix_loss --blr 1.5e-4
+
+Flags, defaults and checkpoint format follow the official MAE code.
+"""
+
+import argparse
+import time
+
+import torch
+from timm.optim import param_groups_weight_decay
+
+import models_mae
+from engine_pretrain import log_reconstructions, train_one_epoch
+from util import distributed, interrupt, setup
+from util.args import add_run_args, add_schedule_args
+from util.checkpoint import TrainState, resume
+from util.data import eval_transform, pretrain_dataset, pretrain_transform, train_loader
+from util.errors import fail, run_cli
+from util.logger import RunLog
+from util.precision import LossScaler
+from util.visualize import fixed_noise, load_images
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("MAE pre-training")
+    add_schedule_args(parser, batch_size=64, epochs=400, weight_decay=0.05, blr=1e-3, min_lr=0.0, warmup_epochs=40)
+    g = parser.add_argument_group("model")
+    g.add_argument(
+        "--model", default="mae_vit_large_patch16", metavar="MODEL", help=f"one of: {', '.join(models_mae.MODELS)}"
+    )
+    g.add_argument("--input_size", default=224, type=int, help="image size")
+    g.add_argument("--mask_ratio", default=0.75, type=float, help="fraction of patches removed")
+    g.add_argument("--norm_pix_loss", action="store_true", help="use per-patch normalized pixels as targets")
+    parser.set_defaults(norm_pix_loss=False)
+    add_run_args(parser, data_path="/datasets01/imagenet_full_size/061417/")
+    setup.add_checkpoint_args(parser)
+    v = parser.add_argument_group("reconstruction pictures")
+    v.add_argument(
+        "--vis_freq",
+        default=10,
+        type=int,
+        metavar="N",
+        help="picture reconstructions every N epochs (and after the first and last); 0: never",
+    )
+    v.add_argument("--vis_images", default=8, type=int, help="how many images the picture shows")
+    return parser
+
+
+def build_model(args: argparse.Namespace) -> models_mae.MaskedAutoencoderViT:
+    if args.model not in models_mae.MODELS:
+        fail(f"--model {args.model} is unknown; known models: {', '.join(models_mae.MODELS)}")
+    if not 0 <= args.mask_ratio < 1:
+        fail(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
+    return models_mae.MODELS[args.model](img_size=args.input_size, norm_pix_loss=args.norm_pix_loss)
+
+
+def main(args: argparse.Namespace) -> None:
+    model = build_model(args)
+    device = setup.start(args, patch_size=model.patch_size)
+    if int(model.num_patches * (1 - args.mask_ratio)) < 1:
+        fail(f"--mask_ratio {args.mask_ratio} leaves no visible patch of {model.num_patches}")
+
+    dataset = pretrain_dataset(args.data_path, pretrain_transform(args.input_size))
+    loader = train_loader(dataset, args)
+    print(f"{len(dataset)} images in {dataset.root}, {len(loader)} iterations per epoch")
+
+    model.to(device)
+    param_groups = param_groups_weight_decay(model, args.weight_decay)  # no decay on biases and norms
+    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    state = TrainState(model, optimizer, LossScaler(args.precision), args)
+    position = resume(state)
+    trained = setup.wrap_for_training(model, args)
+
+    # A fixed picture: evenly spaced images of the data set, center-cropped, under a fixed mask.
+    step = max(len(dataset) // max(args.vis_images, 1), 1)
+    vis_imgs = load_images(dataset.files[::step][: args.vis_images], eval_transform(args.input_size))
+    vis_noise = fixed_noise(len(vis_imgs), model.num_patches, seed=args.seed)
+    run_log = RunLog(args.log_dir, args.output_dir)
+
+    print(f"start training for {args.epochs} epochs")
+    begin = time.time()
+    try:
+        for epoch in range(position.epoch, args.epochs):
+            start_step = position.step if epoch == position.epoch else 0
+            loader.sampler.set_epoch(epoch, skip=start_step * args.batch_size)
+            stats = train_one_epoch(trained, loader, state, epoch, run_log, start_step)
+            if (
+                distributed.is_main_process()
+                and args.vis_freq
+                and (epoch % args.vis_freq == 0 or epoch == args.epochs - 1)
+            ):
+                path = log_reconstructions(model, vis_imgs, vis_noise, args.mask_ratio, epoch, args.output_dir, run_log)
+                print(f"reconstructions: {path}")
+            setup.end_epoch(state, epoch, {f"train_{k}": v for k, v in stats.items()}, run_log)
+    except interrupt.Interrupted as stop:
+        print(f"{stop}")
+    finally:
+        run_log.close()
+    print(f"training time {time.strftime('%H:%M:%S', time.gmtime(time.time() - begin))}")
+    distributed.cleanup()
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(get_args_parser().parse_args()))

@@ -1,0 +1,250 @@
+"""Masked autoencoder with a Vision Transformer backbone (He et al., 2021).
+
+The encoder sees only the visible patches (plus the class token); a light decoder receives the
+encoded patches together with a shared, learned mask token at every removed position and
+predicts the pixels of all patches. The loss is the mean squared error on removed patches only.
+Parameter names follow the official checkpoints so that they load as they are.
+"""
+
+from collections.abc import Callable
+from functools import partial
+
+import torch
+import torch.nn as nn
+from timm.models.vision_transformer import Block, PatchEmbed
+
+from util.pos_embed import sincos_2d
+
+
+class MaskedAutoencoderViT(nn.Module):
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 1024,
+        depth: int = 24,
+        num_heads: int = 16,
+        decoder_embed_dim: int = 512,
+        decoder_depth: int = 8,
+        decoder_num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
+        norm_pix_loss: bool = False,
+    ):
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"image size {img_size} is not a multiple of the patch size {patch_size}")
+        self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
+        self.norm_pix_loss = norm_pix_loss
+
+        # Encoder. Position embeddings are fixed sin-cos values, stored as frozen parameters
+        # (as the official code does) so that checkpoints carry them under the same names.
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=False)
+        self.blocks = nn.ModuleList(
+            [Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer) for _ in range(depth)]
+        )
+        self.norm = norm_layer(embed_dim)
+
+        # Decoder.
+        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_embed_dim), requires_grad=False)
+        self.decoder_blocks = nn.ModuleList(
+            [
+                Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+                for _ in range(decoder_depth)
+            ]
+        )
+        self.decoder_norm = norm_layer(decoder_embed_dim)
+        self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans)
+
+        self.initialize_weights()
+
+    # ----------------------------------------------------------------------------------------
+    def initialize_weights(self) -> None:
+        grid = self.img_size // self.patch_size
+        self.pos_embed.data.copy_(torch.from_numpy(sincos_2d(self.pos_embed.shape[-1], grid, cls_token=True)))
+        self.decoder_pos_embed.data.copy_(
+            torch.from_numpy(sincos_2d(self.decoder_pos_embed.shape[-1], grid, cls_token=True))
+        )
+        # The patch projection is a linear map of the flattened patch: initialise it as one.
+        proj = self.patch_embed.proj.weight.data
+        nn.init.xavier_uniform_(proj.view(proj.shape[0], -1))
+        nn.init.normal_(self.cls_token, std=0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
+        self.apply(_init_linear_and_norm)
+
+    @property
+    def num_patches(self) -> int:
+        return self.patch_embed.num_patches
+
+    # ----------------------------------------------------------------------------------------
+    def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
+        """[N, C, H, W] -> [N, L, p*p*C], each patch flattened as (row, column, channel)."""
+        self._check_images(imgs)
+        p, n, c = self.patch_size, imgs.shape[0], imgs.shape[1]
+        h, w = imgs.shape[2] // p, imgs.shape[3] // p
+        x = imgs.reshape(n, c, h, p, w, p)
+        x = torch.einsum("nchpwq->nhwpqc", x)
+        return x.reshape(n, h * w, p * p * c)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, L, p*p*C] -> [N, C, H, W], the inverse of :meth:`patchify`."""
+        p, c = self.patch_size, self.in_chans
+        h = w = int(round(x.shape[1] ** 0.5))
+        if h * w != x.shape[1] or x.shape[2] != p * p * c:
+            raise ValueError(f"cannot unpatchify {tuple(x.shape)}: expected [N, square, {p * p * c}]")
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], c, h * p, w * p)
+
+    def _check_images(self, imgs: torch.Tensor) -> None:
+        expected = (self.in_chans, self.img_size, self.img_size)
+        if imgs.ndim != 4 or tuple(imgs.shape[1:]) != expected:
+            raise ValueError(
+                f"images of shape {tuple(imgs.shape)} do not fit this model, which takes "
+                f"[N, {expected[0]}, {expected[1]}, {expected[2]}] (patch size {self.patch_size})"
+            )
+
+    # ----------------------------------------------------------------------------------------
+    def random_masking(
+        self, x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keep a uniformly random subset of patches per sample, by sorting per-patch noise.
+
+        Patches with the smallest noise are kept. Returns the kept tokens [N, keep, D], the
+        binary mask [N, L] (1 = removed) and the permutation that restores the original order.
+        """
+        n, length, dim = x.shape
+        num_keep = int(length * (1 - mask_ratio))
+        if num_keep < 1:
+            raise ValueError(f"mask ratio {mask_ratio} leaves no visible patch out of {length}")
+        if noise is None:
+            noise = torch.rand(n, length, device=x.device)
+        elif noise.shape != (n, length):
+            raise ValueError(f"noise has shape {tuple(noise.shape)}, expected [{n}, {length}]")
+        ids_shuffle = torch.argsort(noise, dim=1)
+        ids_restore = torch.argsort(ids_shuffle, dim=1)
+        ids_keep = ids_shuffle[:, :num_keep]
+        x_kept = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, dim))
+        mask = torch.ones(n, length, device=x.device, dtype=x.dtype)
+        mask[:, :num_keep] = 0
+        mask = torch.gather(mask, 1, ids_restore)
+        return x_kept, mask, ids_restore
+
+    def forward_encoder(
+        self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = self.patch_embed(imgs) + self.pos_embed[:, 1:]
+        x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x), mask, ids_restore
+
+    def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        x = self.decoder_embed(latent)
+        n, length = ids_restore.shape
+        mask_tokens = self.mask_token.expand(n, length + 1 - x.shape[1], -1)
+        patches = torch.cat([x[:, 1:], mask_tokens], dim=1)
+        patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+        x = torch.cat([x[:, :1], patches], dim=1) + self.decoder_pos_embed
+        for block in self.decoder_blocks:
+            x = block(x)
+        x = self.decoder_pred(self.decoder_norm(x))
+        return x[:, 1:]
+
+    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean over removed patches of the per-patch mean squared pixel error."""
+        target = self.patchify(imgs)
+        if self.norm_pix_loss:
+            # Unbiased variance, as the official code computes it, so that losses compare.
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1.0e-6) ** 0.5
+        per_patch = ((pred.float() - target.float()) ** 2).mean(dim=-1)
+        mask = mask.float()
+        return (per_patch * mask).sum() / mask.sum()
+
+    def forward(
+        self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not 0 <= mask_ratio < 1:
+            raise ValueError(f"mask ratio must be in [0, 1), got {mask_ratio}")
+        self._check_images(imgs)
+        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
+        pred = self.forward_decoder(latent, ids_restore)
+        return self.forward_loss(imgs, pred, mask), pred, mask
+
+
+def _init_linear_and_norm(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.xavier_uniform_(m.weight)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+# --------------------------------------------------------------------------------------------
+# Factories. The official three share one decoder (512-d, 8 blocks, 16 heads).
+_norm = partial(nn.LayerNorm, eps=1e-6)
+_official_decoder = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
+# The tiny decoder (128-d, 4 blocks, 4 heads of 32) keeps the decoder, which runs on all
+# tokens, at about a third of a step's FLOPs for the 192-d encoder; the paper's ablation shows
+# that a narrow decoder loses little, while some depth helps linear probing.
+_tiny_decoder = dict(decoder_embed_dim=128, decoder_depth=4, decoder_num_heads=4)
+
+
+def mae_vit_tiny_patch16(**kwargs) -> MaskedAutoencoderViT:
+    return MaskedAutoencoderViT(
+        patch_size=16, embed_dim=192, depth=12, num_heads=3, norm_layer=_norm, **{**_tiny_decoder, **kwargs}
+    )
+
+
+def mae_vit_tiny_patch4(**kwargs) -> MaskedAutoencoderViT:
+    kwargs.setdefault("img_size", 32)
+    return MaskedAutoencoderViT(
+        patch_size=4, embed_dim=192, depth=12, num_heads=3, norm_layer=_norm, **{**_tiny_decoder, **kwargs}
+    )
+
+
+def mae_vit_base_patch16(**kwargs) -> MaskedAutoencoderViT:
+    return MaskedAutoencoderViT(
+        patch_size=16, embed_dim=768, depth=12, num_heads=12, norm_layer=_norm, **{**_official_decoder, **kwargs}
+    )
+
+
+def mae_vit_large_patch16(**kwargs) -> MaskedAutoencoderViT:
+    return MaskedAutoencoderViT(
+        patch_size=16, embed_dim=1024, depth=24, num_heads=16, norm_layer=_norm, **{**_official_decoder, **kwargs}
+    )
+
+
+def mae_vit_huge_patch14(**kwargs) -> MaskedAutoencoderViT:
+    return MaskedAutoencoderViT(
+        patch_size=14, embed_dim=1280, depth=32, num_heads=16, norm_layer=_norm, **{**_official_decoder, **kwargs}
+    )
+
+
+# The official names without the suffix, kept for scripts written against them.
+mae_vit_base = mae_vit_base_patch16
+mae_vit_large = mae_vit_large_patch16
+mae_vit_huge = mae_vit_huge_patch14
+
+MODELS: dict[str, Callable[..., MaskedAutoencoderViT]] = {
+    f.__name__: f
+    for f in (
+        mae_vit_tiny_patch16,
+        mae_vit_tiny_patch4,
+        mae_vit_base_patch16,
+        mae_vit_large_patch16,
+        mae_vit_huge_patch14,
+    )
+}

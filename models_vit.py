@@ -1,0 +1,52 @@
+"""Vision Transformer classifiers for fine-tuning and linear probing MAE encoders.
+
+timm's ``VisionTransformer`` with the official MAE option ``global_pool``: ``True`` averages the
+patch tokens and applies ``fc_norm`` (the final ``norm`` is then absent), ``False`` takes the
+class token after ``norm``. timm's own strings ('avg', 'token') are accepted too. Parameter
+names equal the official fine-tuned checkpoints'.
+"""
+
+from collections.abc import Callable
+from functools import partial
+
+import torch.nn as nn
+from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
+
+
+class VisionTransformer(TimmVisionTransformer):
+    def __init__(self, global_pool: bool | str = False, **kwargs):
+        if isinstance(global_pool, bool):
+            global_pool = "avg" if global_pool else "token"
+        kwargs.setdefault("qkv_bias", True)
+        kwargs.setdefault("norm_layer", partial(nn.LayerNorm, eps=1e-6))
+        super().__init__(global_pool=global_pool, **kwargs)
+
+    @property
+    def uses_global_pool(self) -> bool:
+        return self.global_pool == "avg"
+
+
+def vit_tiny_patch16(**kwargs) -> VisionTransformer:
+    return VisionTransformer(patch_size=16, embed_dim=192, depth=12, num_heads=3, **kwargs)
+
+
+def vit_tiny_patch4(**kwargs) -> VisionTransformer:
+    kwargs.setdefault("img_size", 32)
+    return VisionTransformer(patch_size=4, embed_dim=192, depth=12, num_heads=3, **kwargs)
+
+
+def vit_base_patch16(**kwargs) -> VisionTransformer:
+    return VisionTransformer(patch_size=16, embed_dim=768, depth=12, num_heads=12, **kwargs)
+
+
+def vit_large_patch16(**kwargs) -> VisionTransformer:
+    return VisionTransformer(patch_size=16, embed_dim=1024, depth=24, num_heads=16, **kwargs)
+
+
+def vit_huge_patch14(**kwargs) -> VisionTransformer:
+    return VisionTransformer(patch_size=14, embed_dim=1280, depth=32, num_heads=16, **kwargs)
+
+
+MODELS: dict[str, Callable[..., VisionTransformer]] = {
+    f.__name__: f for f in (vit_tiny_patch16, vit_tiny_patch4, vit_base_patch16, vit_large_patch16, vit_huge_patch14)
+}

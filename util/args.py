@@ -1,0 +1,140 @@
+"""Command-line flags that every entry point shares, and their validation."""
+
+import argparse
+
+import torch
+
+from util.errors import fail
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+def add_schedule_args(
+    parser: argparse.ArgumentParser,
+    *,
+    batch_size: int,
+    epochs: int,
+    weight_decay: float,
+    blr: float,
+    min_lr: float,
+    warmup_epochs: int,
+) -> None:
+    """Batch, epochs, optimizer and learning-rate schedule; defaults differ per entry point."""
+    g = parser.add_argument_group("schedule")
+    g.add_argument(
+        "--batch_size",
+        default=batch_size,
+        type=int,
+        help="batch size per GPU (effective batch = batch_size * accum_iter * world size)",
+    )
+    g.add_argument("--epochs", default=epochs, type=int)
+    g.add_argument(
+        "--accum_iter", default=1, type=int, help="accumulate gradients over this many iterations before a step"
+    )
+    g.add_argument("--weight_decay", type=float, default=weight_decay)
+    g.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        metavar="LR",
+        help="absolute learning rate; default: blr * effective batch / 256",
+    )
+    g.add_argument(
+        "--blr",
+        type=float,
+        default=blr,
+        metavar="LR",
+        help="base learning rate: absolute_lr = base_lr * effective batch / 256",
+    )
+    g.add_argument("--min_lr", type=float, default=min_lr, metavar="LR", help="lower lr bound for the cosine schedule")
+    g.add_argument(
+        "--warmup_epochs", type=int, default=warmup_epochs, metavar="N", help="epochs of linear warm-up (per iteration)"
+    )
+
+
+def add_run_args(parser: argparse.ArgumentParser, *, data_path: str) -> None:
+    """Data, output, device, precision, resume, checkpointing and distributed flags."""
+    g = parser.add_argument_group("run")
+    g.add_argument("--data_path", default=data_path, type=str, help="dataset path")
+    g.add_argument("--output_dir", default="./output_dir", help="where to save checkpoints and log.txt")
+    g.add_argument("--log_dir", default="./output_dir", help="where to write TensorBoard logs")
+    g.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="device for training and testing (default: cuda when present, else cpu)",
+    )
+    g.add_argument("--seed", default=0, type=int)
+    g.add_argument(
+        "--resume", default="", help="checkpoint to resume from, or 'auto' for the newest good one in --output_dir"
+    )
+    g.add_argument("--start_epoch", default=0, type=int, metavar="N", help="start epoch (overridden by --resume)")
+    g.add_argument("--num_workers", default=10, type=int)
+    g.add_argument(
+        "--pin_mem", action="store_true", help="pin CPU memory in the data loader for faster transfer to the GPU"
+    )
+    g.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
+    parser.set_defaults(pin_mem=True)
+    g.add_argument(
+        "--precision",
+        default="auto",
+        choices=PRECISIONS,
+        help="auto: bf16 on GPUs that support it, fp16 (with loss scaling) on other GPUs, fp32 on CPU",
+    )
+    g.add_argument(
+        "--save_freq",
+        default=20,
+        type=int,
+        metavar="N",
+        help="write checkpoint-<epoch>.pth every N epochs (and after the last epoch)",
+    )
+    g.add_argument("--print_freq", default=20, type=int, metavar="N", help="log every N iterations")
+    g.add_argument("--compile", action="store_true", help="compile the model with torch.compile")
+
+    d = parser.add_argument_group("distributed")
+    d.add_argument("--world_size", default=1, type=int, help="number of distributed processes")
+    d.add_argument("--local_rank", default=-1, type=int)
+    d.add_argument("--dist_on_itp", action="store_true")
+    d.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """Turn 'auto' into a concrete precision and refuse what the device cannot do."""
+    on_cuda = str(device).startswith("cuda")
+    if precision == "auto":
+        if not on_cuda:
+            return "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision == "fp16" and not on_cuda:
+        fail("--precision fp16 needs a CUDA device; use --precision bf16 or fp32 on CPU")
+    return precision
+
+
+def check_common(args: argparse.Namespace, patch_size: int | None = None) -> None:
+    """Refuse flag values that are impossible or contradict each other, naming the flag."""
+    positive = ("batch_size", "epochs", "accum_iter", "save_freq", "print_freq")
+    for name in positive:
+        if getattr(args, name) < 1:
+            fail(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.num_workers < 0:
+        fail(f"--num_workers must be 0 or more, got {args.num_workers}")
+    if args.warmup_epochs < 0:
+        fail(f"--warmup_epochs must be 0 or more, got {args.warmup_epochs}")
+    if args.lr is not None and args.lr <= 0:
+        fail(f"--lr must be positive, got {args.lr}")
+    if args.blr <= 0:
+        fail(f"--blr must be positive, got {args.blr}")
+    if args.min_lr < 0:
+        fail(f"--min_lr must be 0 or more, got {args.min_lr}")
+    if args.start_epoch < 0 or args.start_epoch >= args.epochs and not getattr(args, "eval", False):
+        fail(f"--start_epoch {args.start_epoch} is outside the run's {args.epochs} epochs (--epochs)")
+    if str(args.device).startswith("cuda") and not torch.cuda.is_available():
+        fail(f"--device {args.device} was asked for but CUDA is not available; use --device cpu")
+    input_size = getattr(args, "input_size", None)
+    if patch_size and input_size is not None and (input_size < patch_size or input_size % patch_size):
+        fail(f"--input_size {input_size} is not a multiple of the model's patch size {patch_size}")
+
+
+def effective_lr(args: argparse.Namespace, world_size: int) -> float:
+    """Absolute lr: --lr if given, else blr * (batch_size * accum_iter * world size) / 256."""
+    eff_batch = args.batch_size * args.accum_iter * world_size
+    return args.lr if args.lr is not None else args.blr * eff_batch / 256

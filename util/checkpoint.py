@@ -1,0 +1,283 @@
+"""Checkpoints: atomic writes, safe loading, exact resume, finding and pruning.
+
+Format: a dict with the official keys ``model``, ``optimizer``, ``epoch``, ``scaler``, ``args``,
+plus ``step`` (iterations done in ``epoch``; ``None`` once the epoch is complete), ``rng``
+(each rank's random-number state, for exact resume) and entry-point ``extra`` state.
+Files are named by the progress they hold: ``checkpoint-<epoch>.pth`` after a complete epoch,
+``checkpoint-<epoch>-step<k>.pth`` inside one.
+"""
+
+import argparse
+import os
+import pickle
+import random
+import re
+import zipfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from util import distributed
+from util.errors import UserError, fail
+
+# What the official checkpoints and ours pickle besides tensors and plain containers.
+SAFE_GLOBALS = [argparse.Namespace]
+_NAME = re.compile(r"^checkpoint-(\d+)(?:-step(\d+))?\.pth$")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading untrusted files
+def load_checkpoint(path: str) -> dict[str, Any]:
+    """Load a checkpoint (file or URL) without executing pickled code, or fail with one line."""
+    if path.startswith(("https://", "http://")):
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.hub.load_state_dict_from_url(path, map_location="cpu", check_hash=True, weights_only=True)
+    if not os.path.isfile(path):
+        fail(f"checkpoint {path} does not exist")
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        detail = str(e).split("Unsupported global:")[-1].split(".")[0:4]
+        fail(
+            f"checkpoint {path} refused: it needs a Python object beyond tensors and argparse.Namespace "
+            f"to load, which could run code ({'.'.join(detail).strip()[:120]}); load only checkpoints you trust "
+            f"and re-save their state dict"
+        )
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        fail(
+            f"checkpoint {path} is truncated or not a PyTorch checkpoint ({first[:160]}); "
+            f"use an earlier checkpoint or write it again"
+        )
+    if not isinstance(ckpt, dict):
+        fail(f"checkpoint {path} holds a {type(ckpt).__name__}, not a dict of states; it is not an MAE checkpoint")
+    return ckpt
+
+
+def model_state(ckpt: dict[str, Any], path: str) -> dict[str, torch.Tensor]:
+    """The model's state dict in a checkpoint: under 'model' (official and ours) or at the top."""
+    state = ckpt.get("model", ckpt)
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        fail(f"checkpoint {path} has no model state dict (expected a 'model' entry of tensors)")
+    return state
+
+
+def load_model_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
+    """Load a state dict whose names and shapes must equal the model's, or fail naming the difference."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{len(wrong)} of another shape (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
+        fail(
+            f"checkpoint {path} does not fit {type(model).__name__}: {'; '.join(parts)}; check --model and --input_size"
+        )
+    model.load_state_dict(state)
+
+
+# ---------------------------------------------------------------------------------------------
+# Random-number state
+def capture_rng() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _gather_rng() -> list[dict[str, Any]]:
+    """Every rank's RNG state, on every rank (so that rank 0 can save all of them)."""
+    mine = capture_rng()
+    if not distributed.is_dist():
+        return [mine]
+    states: list[Any] = [None] * distributed.world_size()
+    dist.all_gather_object(states, mine)
+    return states
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+def checkpoint_name(epoch: int, step: int | None = None) -> str:
+    return f"checkpoint-{epoch}.pth" if step is None else f"checkpoint-{epoch}-step{step}.pth"
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """Write to a temporary file in the same folder, flush it to disk, then rename over ``path``.
+
+    A crash at any moment leaves either the old file or the complete new one, never a partial one.
+    """
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+@dataclass
+class TrainState:
+    """What a training loop needs to save and restore besides the model weights."""
+
+    model: torch.nn.Module  # the unwrapped model (no DDP, no compile wrapper)
+    optimizer: torch.optim.Optimizer
+    scaler: Any  # util.precision.LossScaler
+    args: argparse.Namespace
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def save_checkpoint(state: TrainState, epoch: int, step: int | None = None) -> str | None:
+    """Save on rank 0 (all ranks must call: the RNG states are gathered). Returns the path."""
+    rng = _gather_rng()
+    if not distributed.is_main_process() or not state.args.output_dir:
+        return None
+    path = os.path.join(state.args.output_dir, checkpoint_name(epoch, step))
+    atomic_save(
+        {
+            "model": state.model.state_dict(),
+            "optimizer": state.optimizer.state_dict(),
+            "epoch": epoch,
+            "step": step,
+            "scaler": state.scaler.state_dict(),
+            "args": state.args,
+            "rng": rng,
+            "extra": state.extra,
+        },
+        path,
+    )
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding, resuming, pruning
+def _progress(name: str) -> tuple[int, int] | None:
+    """Sort key: (epoch, iterations done) of the position a checkpoint resumes at."""
+    m = _NAME.match(name)
+    if not m:
+        return None
+    epoch, step = int(m.group(1)), m.group(2)
+    return (epoch + 1, 0) if step is None else (epoch, int(step))
+
+
+def list_checkpoints(output_dir: str) -> list[str]:
+    """Checkpoint paths in ``output_dir``, oldest progress first."""
+    if not os.path.isdir(output_dir):
+        return []
+    named = [(p, n) for n in os.listdir(output_dir) if (p := _progress(n)) is not None]
+    return [os.path.join(output_dir, n) for _, n in sorted(named)]
+
+
+def find_resumable(output_dir: str) -> tuple[str, dict[str, Any]] | None:
+    """The newest checkpoint in ``output_dir`` that loads; a broken newer one is reported and skipped."""
+    for path in reversed(list_checkpoints(output_dir)):
+        try:
+            return path, load_checkpoint(path)
+        except UserError as e:
+            print(f"warning: skipping {path}: {e}")
+    return None
+
+
+@dataclass
+class Position:
+    epoch: int
+    step: int = 0  # iterations already done in ``epoch``
+
+
+def resume(state: TrainState) -> Position:
+    """Restore from ``args.resume`` (a path, or 'auto'); returns where training goes on."""
+    args = state.args
+    start = Position(args.start_epoch)
+    if not args.resume:
+        return start
+    if args.resume == "auto":
+        found = find_resumable(args.output_dir)
+        if found is None:
+            print(f"--resume auto: no checkpoint in {args.output_dir}, starting from scratch")
+            return start
+        path, ckpt = found
+    else:
+        path, ckpt = args.resume, load_checkpoint(args.resume)
+    load_model_strict(state.model, model_state(ckpt, path), path)
+    print(f"resumed model from {path}")
+    if "optimizer" not in ckpt or "epoch" not in ckpt:
+        return start  # weights only (e.g. an official release): train from --start_epoch
+    try:
+        state.optimizer.load_state_dict(ckpt["optimizer"])
+    except (ValueError, KeyError) as e:
+        fail(f"checkpoint {path}: its optimizer state does not fit this model and optimizer ({e})")
+    if ckpt.get("scaler"):
+        state.scaler.load_state_dict(ckpt["scaler"])
+    state.extra.update(ckpt.get("extra", {}))
+    rng = ckpt.get("rng")
+    if rng and len(rng) == distributed.world_size():
+        restore_rng(rng[distributed.rank()])
+    elif rng:
+        print(
+            f"warning: {path} was written by {len(rng)} processes, this run has "
+            f"{distributed.world_size()}: random state is not restored, so resume is not exact"
+        )
+    step = ckpt.get("step")
+    position = Position(ckpt["epoch"] + 1) if step is None else Position(ckpt["epoch"], step)
+    print(f"resuming at epoch {position.epoch}, iteration {position.step}")
+    return position
+
+
+def prune(output_dir: str, keep_last: int, keep_every: int, final_epoch: int) -> list[str]:
+    """Delete old checkpoints; returns the removed paths.
+
+    Kept: the newest checkpoint; among complete epochs, the ``keep_last`` newest, every epoch
+    ``e`` with ``e % keep_every == 0`` and the final epoch. Older mid-epoch checkpoints go.
+    """
+    if keep_last <= 0:
+        return []  # keep everything
+    paths = list_checkpoints(output_dir)
+    newest = set(paths[-keep_last:])
+    removed = []
+    for path in paths[:-1]:  # the newest checkpoint always stays
+        m = _NAME.match(os.path.basename(path))
+        epoch, mid_epoch = int(m.group(1)), m.group(2) is not None
+        permanent = epoch % keep_every == 0 or epoch == final_epoch
+        if not mid_epoch and (path in newest or permanent):
+            continue
+        os.remove(path)
+        removed.append(path)
+    return removed

@@ -1,0 +1,238 @@
+"""Datasets and loaders shared by the entry points.
+
+Training data go through ``SeededSampler``/``SeededDataset``: every sample's augmentation is
+drawn from a seed fixed by (run seed, epoch, index), so the data a run sees do not depend on the
+number of workers, on worker restarts, or on where a resumed run picks up inside an epoch.
+"""
+
+import os
+import random
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torchvision import datasets, transforms
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from util import distributed
+from util.errors import fail
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading images
+def load_rgb(path: str) -> Image.Image:
+    """Open an image as RGB (grayscale, CMYK, palette and alpha are converted), naming the file on failure."""
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            img.load()
+    except Exception as e:  # PIL raises many types for bad files
+        fail(f"cannot read image {path} ({type(e).__name__}: {e}); remove or replace the file")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMG_EXTENSIONS)
+
+
+class ImageFiles(Dataset):
+    """Every image file below a folder, in sorted order, with label 0: for pre-training,
+    which needs no labels. Accepts class folders, nested folders or a flat folder."""
+
+    def __init__(self, root: str, transform: Callable | None = None):
+        self.root, self.transform = root, transform
+        self.files = sorted(
+            os.path.join(d, n) for d, _, names in os.walk(root, followlinks=True) for n in names if _is_image(n)
+        )
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        img = load_rgb(self.files[index])
+        return (self.transform(img) if self.transform else img), 0
+
+
+def _existing_dir(path: str, flag: str = "--data_path") -> str:
+    if not os.path.isdir(path):
+        fail(f"{flag} {path} does not exist or is not a folder")
+    return path
+
+
+def pretrain_dataset(data_path: str, transform: Callable) -> ImageFiles:
+    """``<data_path>/train`` if it exists (the official layout), else ``<data_path>`` itself."""
+    root = _existing_dir(data_path)
+    if os.path.isdir(os.path.join(root, "train")):
+        root = os.path.join(root, "train")
+    dataset = ImageFiles(root, transform)
+    if not len(dataset):
+        fail(
+            f"--data_path {root} holds no images ({', '.join(IMG_EXTENSIONS[:4])}, ...); point it at your image folder"
+        )
+    return dataset
+
+
+def classification_dataset(data_path: str, split: str, transform: Callable, nb_classes: int) -> datasets.ImageFolder:
+    """ImageFolder on ``<data_path>/<split>``; the validation split may be called 'val' or 'test'."""
+    _existing_dir(data_path)
+    candidates = [split] if split == "train" else ["val", "test"]
+    folder = next((os.path.join(data_path, c) for c in candidates if os.path.isdir(os.path.join(data_path, c))), None)
+    if folder is None:
+        fail(
+            f"--data_path {data_path} has no '{'/'.join(candidates)}' folder; expected <data_path>/{candidates[0]}/<class>/<image>"
+        )
+    try:
+        dataset = datasets.ImageFolder(folder, transform=transform, loader=load_rgb)
+    except (FileNotFoundError, RuntimeError) as e:
+        fail(f"{folder}: {e}")
+    if len(dataset.classes) != nb_classes:
+        fail(f"{folder} has {len(dataset.classes)} class folders but --nb_classes is {nb_classes}; make them agree")
+    return dataset
+
+
+# ---------------------------------------------------------------------------------------------
+# Transforms
+def pretrain_transform(input_size: int) -> Callable:
+    """The official pre-training augmentation: random resized crop (scale 0.2-1, bicubic) and flip."""
+    return transforms.Compose(
+        [
+            transforms.RandomResizedCrop(
+                input_size, scale=(0.2, 1.0), interpolation=transforms.InterpolationMode.BICUBIC
+            ),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+
+def eval_transform(input_size: int) -> Callable:
+    """Resize by the 256/224 ratio (bicubic), center crop, normalise (as the official recipe:
+    above 224 px the crop takes the whole resized image)."""
+    crop_pct = 224 / 256 if input_size <= 224 else 1.0
+    resize = int(input_size / crop_pct)
+    return transforms.Compose(
+        [
+            transforms.Resize(resize, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(input_size),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Deterministic sampling
+class SeededSampler(Sampler):
+    """Shuffles and shards like ``DistributedSampler`` and yields ``(index, sample_seed)`` pairs.
+
+    ``set_epoch(epoch, skip)`` also skips the first ``skip`` samples of this rank's share, which
+    is how a run resumed inside an epoch continues with exactly the samples it had not seen.
+    """
+
+    def __init__(self, dataset_len: int, seed: int, shuffle: bool = True):
+        self._inner = DistributedSampler(
+            range(dataset_len),
+            num_replicas=distributed.world_size(),
+            rank=distributed.rank(),
+            shuffle=shuffle,
+            seed=seed,
+        )
+        self.seed, self.epoch, self.skip = seed, 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self._inner.set_epoch(epoch)
+        self.epoch, self.skip = epoch, skip
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        indices = list(self._inner)[self.skip :]
+        for index in indices:
+            seq = np.random.SeedSequence([self.seed, self.epoch, index])
+            yield index, int(seq.generate_state(1, dtype=np.uint32)[0])
+
+    def __len__(self) -> int:
+        return len(self._inner) - self.skip
+
+
+class SeededDataset(Dataset):
+    """Wraps a dataset: item ``(index, seed)`` is ``dataset[index]`` drawn under ``seed``.
+
+    python's, numpy's and torch's generators (torchvision, timm and PIL augmentations use all
+    three) are seeded for the call and restored after it, so the caller's streams are untouched.
+    """
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]) -> Any:
+        index, seed = item
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            random.seed(seed)
+            np.random.seed(seed)
+            torch.manual_seed(seed)
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(py_state)
+                np.random.set_state(np_state)
+
+
+class ShardSampler(Sampler):
+    """Rank r takes items r, r + world, r + 2*world, ...: every item exactly once over all ranks,
+    with no padding duplicates (for evaluation)."""
+
+    def __init__(self, dataset_len: int):
+        self.indices = list(range(distributed.rank(), dataset_len, distributed.world_size()))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def train_loader(dataset: Dataset, args: Any, collate_fn: Callable | None = None) -> DataLoader:
+    """Shuffled, sharded, seeded loader; drops the last incomplete batch."""
+    per_step = args.batch_size * distributed.world_size()
+    if len(dataset) < per_step:
+        fail(
+            f"--batch_size {args.batch_size} x {distributed.world_size()} process(es) is more than the "
+            f"{len(dataset)} images in --data_path; lower --batch_size"
+        )
+    return DataLoader(
+        SeededDataset(dataset),
+        sampler=SeededSampler(len(dataset), args.seed),
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        pin_memory=args.pin_mem and str(args.device).startswith("cuda"),
+        drop_last=True,
+        persistent_workers=args.num_workers > 0,
+        collate_fn=collate_fn,
+        # The workers' own seeds are irrelevant (SeededDataset reseeds per sample); a private
+        # generator keeps the loader from drawing on the global stream the model uses.
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+
+
+def eval_loader(dataset: Dataset, args: Any, batch_size: int | None = None) -> DataLoader:
+    sampler: Sequence[int] = ShardSampler(len(dataset)) if getattr(args, "dist_eval", False) else range(len(dataset))
+    return DataLoader(
+        dataset,
+        sampler=sampler,
+        batch_size=batch_size or args.batch_size,
+        num_workers=args.num_workers,
+        pin_memory=args.pin_mem and str(args.device).startswith("cuda"),
+        drop_last=False,
+    )

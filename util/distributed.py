@@ -1,0 +1,103 @@
+"""torch.distributed set-up from torchrun's, SLURM's or OpenMPI's environment, and helpers."""
+
+import builtins
+import datetime
+import os
+from argparse import Namespace
+
+import torch
+import torch.distributed as dist
+
+
+def init_distributed_mode(args: Namespace) -> None:
+    """Fill ``args.rank, args.world_size, args.gpu, args.distributed`` and join the process group.
+
+    The rank comes from torchrun (RANK/WORLD_SIZE/LOCAL_RANK), OpenMPI (``--dist_on_itp``) or
+    SLURM (SLURM_PROCID, one task per GPU). Without any of them the run is a single process.
+    NCCL is used on GPUs, gloo on CPU.
+    """
+    if args.dist_on_itp:
+        args.rank = int(os.environ["OMPI_COMM_WORLD_RANK"])
+        args.world_size = int(os.environ["OMPI_COMM_WORLD_SIZE"])
+        args.gpu = int(os.environ["OMPI_COMM_WORLD_LOCAL_RANK"])
+        args.dist_url = f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+    elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        args.rank = int(os.environ["RANK"])
+        args.world_size = int(os.environ["WORLD_SIZE"])
+        args.gpu = int(os.environ.get("LOCAL_RANK", 0))
+    elif "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        args.rank = int(os.environ["SLURM_PROCID"])
+        args.world_size = int(os.environ["SLURM_NTASKS"])
+        args.gpu = args.rank % max(torch.cuda.device_count(), 1)
+    else:
+        args.rank, args.world_size, args.gpu, args.distributed = 0, 1, 0, False
+        return
+
+    args.distributed = True
+    use_cuda = str(args.device).startswith("cuda")
+    if use_cuda:
+        torch.cuda.set_device(args.gpu)
+        args.device = f"cuda:{args.gpu}"
+    backend = "nccl" if use_cuda else "gloo"
+    # torchrun sets MASTER_ADDR/PORT and "env://" reads them; --dist_url overrides.
+    dist.init_process_group(
+        backend=backend,
+        init_method=args.dist_url,
+        world_size=args.world_size,
+        rank=args.rank,
+        timeout=datetime.timedelta(minutes=30),
+    )
+    dist.barrier()
+    print_only_on_main(args.rank == 0)
+
+
+def print_only_on_main(is_main: bool) -> None:
+    """Silence ``print`` on all ranks but the first; ``print(..., force=True)`` still prints."""
+    builtin_print = builtins.print
+
+    def print_(*args, **kwargs):
+        force = kwargs.pop("force", False)
+        if is_main or force:
+            now = datetime.datetime.now().strftime("%H:%M:%S")
+            builtin_print(f"[{now}]", *args, **kwargs)
+
+    builtins.print = print_
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def all_reduce_sum(values: list[float], device: torch.device | str = "cpu") -> list[float]:
+    """Sum a few numbers over all ranks (one collective)."""
+    if not is_dist():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_reduce_mean(value: float, device: torch.device | str = "cpu") -> float:
+    return all_reduce_sum([value], device)[0] / world_size()
+
+
+def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """True on every rank if ``flag`` is true on any rank."""
+    return all_reduce_sum([float(flag)], device)[0] > 0
+
+
+def cleanup() -> None:
+    if is_dist():
+        dist.destroy_process_group()

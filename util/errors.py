@@ -1,0 +1,31 @@
+"""User-facing errors: one line that names the file or flag and says what to do."""
+
+import sys
+from collections.abc import Callable
+from typing import NoReturn
+
+
+class UserError(Exception):
+    """A problem with the user's input (flags, data, checkpoints), not a bug in the code."""
+
+
+def fail(message: str) -> NoReturn:
+    raise UserError(message)
+
+
+def run_cli(main: Callable[[], None]) -> None:
+    """Run an entry point, turning a ``UserError`` into one line on stderr and exit status 2.
+
+    A ``UserError`` raised inside a data-loader worker reaches us wrapped with the worker's
+    traceback; its last line carries the original message.
+    """
+    try:
+        main()
+    except UserError as e:
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        message = lines[-1] if lines else "unknown error"
+        marker = "UserError: "
+        if marker in message:
+            message = message.split(marker, 1)[1]
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)

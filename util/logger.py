@@ -1,0 +1,134 @@
+"""Progress on stdout (smoothed values, timing, ETA), TensorBoard and a JSON-lines log.txt."""
+
+import datetime
+import json
+import os
+import time
+from collections import defaultdict, deque
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from util import distributed
+
+
+class SmoothedValue:
+    """A running window median/average plus the global average of a scalar series."""
+
+    def __init__(self, window: int = 20, fmt: str = "{median:.4f} ({global_avg:.4f})"):
+        self.values: deque[float] = deque(maxlen=window)
+        self.total, self.count, self.fmt = 0.0, 0, fmt
+
+    def update(self, value: float, n: int = 1) -> None:
+        self.values.append(value)
+        self.total += value * n
+        self.count += n
+
+    @property
+    def median(self) -> float:
+        ordered = sorted(self.values)
+        return ordered[len(ordered) // 2] if ordered else 0.0
+
+    @property
+    def avg(self) -> float:
+        return sum(self.values) / max(len(self.values), 1)
+
+    @property
+    def global_avg(self) -> float:
+        return self.total / max(self.count, 1)
+
+    @property
+    def value(self) -> float:
+        return self.values[-1] if self.values else 0.0
+
+    def __str__(self) -> str:
+        return self.fmt.format(median=self.median, avg=self.avg, global_avg=self.global_avg, value=self.value)
+
+
+class MetricLogger:
+    """Collects named scalars; ``log_every`` wraps an iterable and prints progress lines."""
+
+    def __init__(self, delimiter: str = "  "):
+        self.meters: dict[str, SmoothedValue] = defaultdict(SmoothedValue)
+        self.delimiter = delimiter
+
+    def update(self, n: int = 1, **values: float) -> None:
+        for name, value in values.items():
+            self.meters[name].update(float(value), n)
+
+    def add_meter(self, name: str, meter: SmoothedValue) -> None:
+        self.meters[name] = meter
+
+    def __str__(self) -> str:
+        return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
+
+    def global_averages(self) -> dict[str, float]:
+        return {name: meter.global_avg for name, meter in self.meters.items()}
+
+    def log_every(
+        self, iterable: Iterable, print_freq: int, header: str = "", total: int | None = None, start: int = 0
+    ) -> Iterator:
+        """Yield from ``iterable``; every ``print_freq`` items print position, meters, timings and ETA.
+
+        ``start`` is the index of the first item (a run resumed inside an epoch).
+        """
+        total = total if total is not None else len(iterable)  # type: ignore[arg-type]
+        iter_time, data_time = SmoothedValue(fmt="{avg:.4f}"), SmoothedValue(fmt="{avg:.4f}")
+        width = len(str(total))
+        begin = end = time.time()
+        i = start
+        for obj in iterable:
+            data_time.update(time.time() - end)
+            yield obj
+            iter_time.update(time.time() - end)
+            if (i + 1) % print_freq == 0 or i == total - 1:
+                eta = datetime.timedelta(seconds=int(iter_time.global_avg * (total - i - 1)))
+                print(
+                    self.delimiter.join(
+                        [
+                            f"{header} [{i + 1:>{width}}/{total}]",
+                            f"eta: {eta}",
+                            str(self),
+                            f"time: {iter_time}",
+                            f"data: {data_time}",
+                        ]
+                    )
+                )
+            i += 1
+            end = time.time()
+        elapsed = datetime.timedelta(seconds=int(time.time() - begin))
+        print(f"{header} total time: {elapsed} ({(time.time() - begin) / max(i - start, 1):.4f} s / it)")
+
+
+class RunLog:
+    """TensorBoard writer and ``log.txt`` (one JSON object per epoch), on rank 0 only."""
+
+    def __init__(self, log_dir: str, output_dir: str):
+        self.writer = None
+        self.log_path = os.path.join(output_dir, "log.txt") if output_dir else None
+        if distributed.is_main_process() and log_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            os.makedirs(log_dir, exist_ok=True)
+            self.writer = SummaryWriter(log_dir=log_dir)
+
+    def scalars(self, step: int, **values: float) -> None:
+        if self.writer:
+            for name, value in values.items():
+                self.writer.add_scalar(name, value, step)
+
+    def image(self, tag: str, image_hwc: Any, step: int) -> None:
+        if self.writer:
+            self.writer.add_image(tag, image_hwc, step, dataformats="HWC")
+
+    def epoch(self, stats: dict[str, Any]) -> None:
+        if not distributed.is_main_process():
+            return
+        if self.writer:
+            self.writer.flush()
+        if self.log_path:
+            with open(self.log_path, "a") as f:
+                f.write(json.dumps(stats) + "\n")
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()

@@ -1,0 +1,51 @@
+"""Fixed 2-D sine-cosine position embeddings and their resizing.
+
+The formula is the one of "Attention Is All You Need" applied separately to the row and the
+column coordinate (MoCo v3 / MAE): half of the channels encode the column, half the row, and
+within each half the first quarter holds sines and the second cosines.
+"""
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
+    """[len(positions), dim] embedding: sin(pos * w_k) then cos(pos * w_k), w_k = 10000^(-2k/dim)."""
+    if dim % 2:
+        raise ValueError(f"sin-cos embedding needs an even dimension, got {dim}")
+    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+    angles = np.outer(positions.reshape(-1).astype(np.float64), omega)
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+
+def sincos_2d(dim: int, grid_size: int, cls_token: bool = False) -> np.ndarray:
+    """[grid_size**2 (+1), dim] embedding for a square grid in row-major order.
+
+    With ``cls_token`` a zero row is put first for the class token.
+    """
+    if dim % 4:
+        raise ValueError(f"2-D sin-cos embedding needs a dimension divisible by 4, got {dim}")
+    rows, cols = np.meshgrid(np.arange(grid_size), np.arange(grid_size), indexing="ij")
+    emb = np.concatenate([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], axis=1)
+    if cls_token:
+        emb = np.concatenate([np.zeros((1, dim)), emb], axis=0)
+    return emb.astype(np.float32)
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, new_grid: int, num_prefix_tokens: int = 1) -> torch.Tensor:
+    """Resize a [1, prefix + g*g, D] position embedding to a new square grid (bicubic).
+
+    Prefix tokens (class token) are kept as they are; the grid is interpolated.
+    """
+    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    old_grid = int(round(grid.shape[1] ** 0.5))
+    if old_grid * old_grid != grid.shape[1]:
+        raise ValueError(f"position embedding has {grid.shape[1]} grid tokens, not a square grid")
+    if old_grid == new_grid:
+        return pos_embed
+    dim = grid.shape[-1]
+    grid = grid.reshape(1, old_grid, old_grid, dim).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=(new_grid, new_grid), mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, dim).to(pos_embed.dtype)
+    return torch.cat([prefix, grid], dim=1)

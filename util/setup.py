@@ -1,0 +1,92 @@
+"""What every entry point does around its recipe: start-up, model wrapping, end of epoch."""
+
+import argparse
+import json
+import os
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+from util import distributed, interrupt
+from util.args import check_common, effective_lr, resolve_precision
+from util.checkpoint import TrainState, prune, save_checkpoint
+from util.errors import fail
+from util.logger import RunLog
+
+
+def start(args: argparse.Namespace, patch_size: int | None = None) -> torch.device:
+    """Validate flags, join the process group, seed, create folders, print the configuration."""
+    check_common(args, patch_size)
+    if args.accum_iter > 1 and args.print_freq % args.accum_iter:
+        # Check points (logging, finiteness, checkpoints) sit on optimizer steps.
+        args.print_freq += args.accum_iter - args.print_freq % args.accum_iter
+    every = getattr(args, "ckpt_every_steps", 0)
+    if every and every % args.accum_iter:
+        fail(f"--ckpt_every_steps {every} must be a multiple of --accum_iter {args.accum_iter}")
+    distributed.init_distributed_mode(args)
+    args.precision = resolve_precision(args.precision, args.device)
+    args.lr = effective_lr(args, distributed.world_size())
+    for path in {args.output_dir, args.log_dir} - {""}:
+        if distributed.is_main_process():
+            os.makedirs(path, exist_ok=True)
+
+    seed = args.seed + distributed.rank()
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    if torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    interrupt.install()
+
+    print(f"job dir: {os.path.dirname(os.path.realpath(__file__ + '/..'))}")
+    print(json.dumps({k: v for k, v in vars(args).items()}, default=str, indent=1))
+    eff_batch = args.batch_size * args.accum_iter * distributed.world_size()
+    print(f"precision: {args.precision}  effective batch: {eff_batch}  lr: {args.lr:.3e} (base lr {args.blr:.3e})")
+    return torch.device(args.device)
+
+
+def wrap_for_training(model: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Module:
+    """DistributedDataParallel when distributed, then torch.compile when asked for."""
+    wrapped = model
+    if args.distributed:
+        device_ids = [args.gpu] if str(args.device).startswith("cuda") else None
+        wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    if args.compile:
+        wrapped = torch.compile(wrapped)
+    return wrapped
+
+
+def end_epoch(state: TrainState, epoch: int, stats: dict[str, Any], run_log: RunLog) -> None:
+    """Checkpoint (atomically), prune old checkpoints, append the epoch's line to log.txt,
+    and stop cleanly if a stop was requested during the epoch."""
+    args = state.args
+    path = None
+    if args.output_dir:
+        path = save_checkpoint(state, epoch)
+        if distributed.is_main_process():
+            prune(args.output_dir, args.keep_last, args.save_freq, args.epochs - 1)
+    run_log.epoch({**stats, "epoch": epoch})
+    if distributed.any_rank(interrupt.requested(), args.device):
+        raise interrupt.Interrupted(path)
+
+
+def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("checkpoints")
+    g.add_argument(
+        "--keep_last",
+        default=1,
+        type=int,
+        metavar="K",
+        help="keep the K newest epoch checkpoints besides every --save_freq-th (0 keeps all)",
+    )
+    g.add_argument(
+        "--ckpt_every_steps",
+        default=0,
+        type=int,
+        metavar="N",
+        help="also checkpoint inside an epoch every N iterations (0: only at epoch ends)",
+    )

@@ -1,0 +1,65 @@
+"""Pictures of reconstructions: original | masked | reconstruction | reconstruction + visible."""
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from util.data import IMAGENET_MEAN, IMAGENET_STD
+
+MASKED_GRAY = 0.5
+
+
+def fixed_noise(num_images: int, num_patches: int, seed: int = 0) -> torch.Tensor:
+    """Masking noise from a private generator: the same mask every time it is asked for."""
+    return torch.rand(num_images, num_patches, generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def reconstruction_grid(
+    model: torch.nn.Module, imgs: torch.Tensor, noise: torch.Tensor, mask_ratio: float
+) -> np.ndarray:
+    """A uint8 [N*H, 4*W, 3] picture, one row per image, of what ``model`` makes of ``imgs``.
+
+    ``imgs`` are normalised with the ImageNet statistics. A model trained with
+    ``norm_pix_loss`` predicts normalised patches; they are shown with each true patch's
+    mean and spread put back (as the paper's figures do).
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    imgs = imgs.to(device)
+    _, pred, mask = model(imgs, mask_ratio=mask_ratio, noise=noise.to(device))
+    pred = pred.float()
+    if getattr(model, "norm_pix_loss", False):
+        target = model.patchify(imgs)
+        pred = pred * (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(dim=-1, keepdim=True)
+    patch_area = model.patch_size**2 * model.in_chans
+    recon = model.unpatchify(pred)
+    removed = model.unpatchify(mask.unsqueeze(-1).expand(-1, -1, patch_area).float())
+    model.train(was_training)
+
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    original, recon = imgs * std + mean, recon * std + mean
+    masked = original * (1 - removed) + MASKED_GRAY * removed
+    pasted = original * (1 - removed) + recon * removed
+    row = torch.cat([original, masked, recon, pasted], dim=3)  # side by side
+    grid = torch.cat(list(row), dim=1)  # images stacked vertically: [3, N*H, 4*W]
+    return (grid.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+
+
+def save_png(picture: np.ndarray, path: str, min_width: int = 512) -> None:
+    """Save, upscaled by a whole factor (nearest) so that small images stay visible."""
+    img = Image.fromarray(picture)
+    factor = max(1, -(-min_width // img.width))
+    if factor > 1:
+        img = img.resize((img.width * factor, img.height * factor), Image.NEAREST)
+    img.save(path)
+
+
+def load_images(paths: Sequence[str], transform) -> torch.Tensor:
+    from util.data import load_rgb
+
+    return torch.stack([transform(load_rgb(p)) for p in paths])
