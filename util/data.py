@@ -87,7 +87,8 @@ def classification_dataset(data_path: str, split: str, transform: Callable, nb_c
     folder = next((os.path.join(data_path, c) for c in candidates if os.path.isdir(os.path.join(data_path, c))), None)
     if folder is None:
         fail(
-            f"--data_path {data_path} has no '{'/'.join(candidates)}' folder; expected <data_path>/{candidates[0]}/<class>/<image>"
+            f"--data_path {data_path} has no '{'/'.join(candidates)}' folder; "
+            f"expected <data_path>/{candidates[0]}/<class>/<image>"
         )
     try:
         dataset = datasets.ImageFolder(folder, transform=transform, loader=load_rgb)

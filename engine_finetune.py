@@ -1,0 +1,111 @@
+"""Classification: one training epoch, evaluation, and the epoch loop shared by fine-tuning and
+linear probing."""
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+from torch.utils.data import DataLoader
+
+from util import distributed, interrupt, setup
+from util.checkpoint import Position, TrainState
+from util.logger import RunLog
+from util.precision import autocast
+from util.train_loop import train_one_epoch as _train_one_epoch
+
+
+def train_one_epoch(
+    model: torch.nn.Module,
+    loader: DataLoader,
+    state: TrainState,
+    epoch: int,
+    criterion: torch.nn.Module,
+    mixup_fn: Callable | None = None,
+    run_log: RunLog | None = None,
+    start_step: int = 0,
+) -> dict[str, float]:
+    def classification_loss(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        samples, targets = batch
+        if mixup_fn is not None:
+            samples, targets = mixup_fn(samples, targets)
+        return criterion(model(samples), targets)
+
+    clip_grad = getattr(state.args, "clip_grad", None)
+    return _train_one_epoch(model, loader, state, epoch, classification_loss, run_log, start_step, clip_grad)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: DataLoader, args: argparse.Namespace) -> dict[str, float]:
+    """Top-1/top-5 accuracy (%) and mean cross-entropy. With ``--dist_eval`` each rank scores its
+    own shard (no padding) and the sums are added over ranks, so every image counts once."""
+    model.eval()
+    device = torch.device(args.device)
+    criterion = torch.nn.CrossEntropyLoss(reduction="sum")
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1, top-5, images
+    for images, targets in loader:
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        with autocast(args.precision, args.device):
+            logits = model(images)
+        logits = logits.float()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top.eq(targets.unsqueeze(1))
+        sums += torch.stack(
+            [
+                criterion(logits, targets).double(),
+                hits[:, :1].sum().double(),
+                hits.any(dim=1).sum().double(),
+                torch.tensor(float(len(targets)), dtype=torch.float64, device=device),
+            ]
+        )
+    loss, top1, top5, count = distributed.all_reduce_sum(sums.tolist(), device) if args.dist_eval else sums.tolist()
+    stats = {"acc1": 100.0 * top1 / count, "acc5": 100.0 * top5 / count, "loss": loss / count, "images": int(count)}
+    print(f"* Acc@1 {stats['acc1']:.3f} Acc@5 {stats['acc5']:.3f} loss {stats['loss']:.3f} ({stats['images']} images)")
+    return stats
+
+
+def fit(
+    trained: torch.nn.Module,
+    state: TrainState,
+    position: Position,
+    train_loader: DataLoader,
+    val_loader: DataLoader,
+    criterion: torch.nn.Module,
+    mixup_fn: Callable | None = None,
+) -> None:
+    """Train from ``position`` to ``args.epochs``, evaluating after every epoch and keeping the
+    best top-1 in the checkpoint (``extra['max_accuracy']``)."""
+    args = state.args
+    run_log = RunLog(args.log_dir, args.output_dir)
+    best = state.extra.setdefault("max_accuracy", 0.0)
+    begin = time.time()
+    try:
+        for epoch in range(position.epoch, args.epochs):
+            start_step = position.step if epoch == position.epoch else 0
+            train_loader.sampler.set_epoch(epoch, skip=start_step * args.batch_size)
+            train_stats = train_one_epoch(trained, train_loader, state, epoch, criterion, mixup_fn, run_log, start_step)
+            test_stats = evaluate(trained, val_loader, args)
+            best = max(best, test_stats["acc1"])
+            state.extra["max_accuracy"] = best
+            print(
+                f"accuracy of the network on the {test_stats['images']} test images: {test_stats['acc1']:.1f}%; "
+                f"max accuracy: {best:.2f}%"
+            )
+            run_log.scalars(
+                epoch,
+                perf_test_acc1=test_stats["acc1"],
+                perf_test_acc5=test_stats["acc5"],
+                perf_test_loss=test_stats["loss"],
+            )
+            stats = {
+                **{f"train_{k}": v for k, v in train_stats.items()},
+                **{f"test_{k}": v for k, v in test_stats.items()},
+                "max_accuracy": best,
+            }
+            setup.end_epoch(state, epoch, stats, run_log)
+    except interrupt.Interrupted as stop:
+        print(f"{stop}")
+    finally:
+        run_log.close()
+    print(f"training time {time.strftime('%H:%M:%S', time.gmtime(time.time() - begin))}")

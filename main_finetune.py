@@ -1,0 +1,193 @@
+"""Fine-tuning a pre-trained MAE encoder for classification (end-to-end, all layers).
+
+    torchrun --nproc_per_node=8 main_finetune.py --data_path /path/to/imagenet --model vit_base_patch16 \
+        --finetune mae_pretrain_vit_base.pth --batch_size 32 --accum_iter 4 --epochs 100 --blr 5e-4 \
+        --layer_decay 0.65 --weight_decay 0.05 --drop_path 0.1 --reprob 0.25 --mixup 0.8 --cutmix 1.0 --dist_eval
+
+Flags, defaults and checkpoint format follow the official MAE code.
+"""
+
+import argparse
+
+import torch
+from timm.data import Mixup, create_transform
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+import models_vit
+import util.compat  # noqa: F401  (makes timm RandAugment work with Pillow 13)
+from engine_finetune import evaluate, fit
+from util import distributed, setup
+from util.args import add_run_args, add_schedule_args
+from util.checkpoint import TrainState, resume
+from util.data import IMAGENET_MEAN, IMAGENET_STD, classification_dataset, eval_loader, eval_transform, train_loader
+from util.errors import fail, run_cli
+from util.lr_decay import param_groups_lrd
+from util.precision import LossScaler
+from util.pretrained import load_pretrained_encoder
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("MAE fine-tuning for image classification")
+    add_schedule_args(parser, batch_size=64, epochs=50, weight_decay=0.05, blr=1e-3, min_lr=1e-6, warmup_epochs=5)
+    parser.add_argument("--layer_decay", type=float, default=0.75, help="layer-wise lr decay from ELECTRA/BEiT")
+    parser.add_argument(
+        "--clip_grad", type=float, default=None, metavar="NORM", help="clip gradient norm (default: None, no clipping)"
+    )
+    add_model_args(parser, model="vit_large_patch16", global_pool=True)
+    parser.add_argument("--drop_path", type=float, default=0.1, metavar="PCT", help="drop path rate")
+
+    aug = parser.add_argument_group("augmentation")
+    aug.add_argument(
+        "--color_jitter",
+        type=float,
+        default=None,
+        metavar="PCT",
+        help="color jitter factor (enabled only when not using auto augment)",
+    )
+    aug.add_argument(
+        "--aa",
+        type=str,
+        default="rand-m9-mstd0.5-inc1",
+        metavar="NAME",
+        help='auto augment policy, e.g. "v0" or "original"',
+    )
+    aug.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    aug.add_argument("--reprob", type=float, default=0.25, metavar="PCT", help="random erase prob")
+    aug.add_argument("--remode", type=str, default="pixel", help="random erase mode")
+    aug.add_argument("--recount", type=int, default=1, help="random erase count")
+    aug.add_argument(
+        "--resplit", action="store_true", default=False, help="do not random erase first (clean) augmentation split"
+    )
+    aug.add_argument("--mixup", type=float, default=0, help="mixup alpha, mixup enabled if > 0")
+    aug.add_argument("--cutmix", type=float, default=0, help="cutmix alpha, cutmix enabled if > 0")
+    aug.add_argument(
+        "--cutmix_minmax",
+        type=float,
+        nargs="+",
+        default=None,
+        help="cutmix min/max ratio, overrides alpha and enables cutmix if set",
+    )
+    aug.add_argument(
+        "--mixup_prob",
+        type=float,
+        default=1.0,
+        help="probability of performing mixup or cutmix when either/both is enabled",
+    )
+    aug.add_argument(
+        "--mixup_switch_prob",
+        type=float,
+        default=0.5,
+        help="probability of switching to cutmix when both mixup and cutmix enabled",
+    )
+    aug.add_argument("--mixup_mode", type=str, default="batch", help='"batch", "pair", or "elem"')
+
+    add_run_args(parser, data_path="/datasets01/imagenet_full_size/061417/")
+    add_eval_args(parser)
+    setup.add_checkpoint_args(parser)
+    return parser
+
+
+def add_model_args(parser: argparse.ArgumentParser, model: str, global_pool: bool) -> None:
+    """Model flags shared with linear probing."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default=model, type=str, metavar="MODEL", help=f"one of: {', '.join(models_vit.MODELS)}")
+    g.add_argument("--input_size", default=224, type=int, help="image size")
+    g.add_argument("--finetune", default="", help="MAE checkpoint (file or URL) to start from")
+    g.add_argument("--global_pool", action="store_true", help="average the patch tokens (then fc_norm)")
+    g.add_argument(
+        "--cls_token", action="store_false", dest="global_pool", help="use the class token instead of global pooling"
+    )
+    parser.set_defaults(global_pool=global_pool)
+    g.add_argument("--nb_classes", default=1000, type=int, help="number of classification types")
+
+
+def add_eval_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("evaluation")
+    g.add_argument("--eval", action="store_true", help="only evaluate (the model of --resume)")
+    g.add_argument(
+        "--dist_eval",
+        action="store_true",
+        default=False,
+        help="shard evaluation over the processes (each image counted once)",
+    )
+
+
+def build_classifier(args: argparse.Namespace, **kwargs) -> models_vit.VisionTransformer:
+    if args.model not in models_vit.MODELS:
+        fail(f"--model {args.model} is unknown; known models: {', '.join(models_vit.MODELS)}")
+    if args.nb_classes < 1:
+        fail(f"--nb_classes must be at least 1, got {args.nb_classes}")
+    if args.eval and not args.resume:
+        fail("--eval needs a model to evaluate: give --resume CHECKPOINT")
+    return models_vit.MODELS[args.model](
+        img_size=args.input_size, num_classes=args.nb_classes, global_pool=args.global_pool, **kwargs
+    )
+
+
+def build_mixup(args: argparse.Namespace):
+    if not (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None):
+        return None
+    if args.batch_size % 2:
+        fail(f"--mixup/--cutmix mix pairs of images: --batch_size must be even, got {args.batch_size}")
+    print("mixup is activated")
+    return Mixup(
+        mixup_alpha=args.mixup,
+        cutmix_alpha=args.cutmix,
+        cutmix_minmax=args.cutmix_minmax,
+        prob=args.mixup_prob,
+        switch_prob=args.mixup_switch_prob,
+        mode=args.mixup_mode,
+        label_smoothing=args.smoothing,
+        num_classes=args.nb_classes,
+    )
+
+
+def main(args: argparse.Namespace) -> None:
+    model = build_classifier(args, drop_path_rate=args.drop_path)
+    device = setup.start(args, patch_size=model.patch_embed.patch_size[0])
+
+    train_tf = create_transform(
+        input_size=args.input_size,
+        is_training=True,
+        color_jitter=args.color_jitter,
+        auto_augment=args.aa,
+        interpolation="bicubic",
+        re_prob=args.reprob,
+        re_mode=args.remode,
+        re_count=args.recount,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+    )
+    train_set = classification_dataset(args.data_path, "train", train_tf, args.nb_classes)
+    val_set = classification_dataset(args.data_path, "val", eval_transform(args.input_size), args.nb_classes)
+    print(f"{len(train_set)} training and {len(val_set)} validation images, {args.nb_classes} classes")
+
+    if args.finetune and not args.eval:
+        load_pretrained_encoder(model, args.finetune, head_init_std=2e-5)
+    model.to(device)
+    print(f"number of params (M): {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}")
+
+    groups = param_groups_lrd(model, args.weight_decay, model.no_weight_decay(), args.layer_decay)
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, fused=device.type == "cuda")
+    state = TrainState(model, optimizer, LossScaler(args.precision), args)
+    position = resume(state)
+    trained = setup.wrap_for_training(model, args)
+    val_loader = eval_loader(val_set, args)
+    if args.eval:
+        evaluate(trained, val_loader, args)
+        return
+
+    mixup_fn = build_mixup(args)
+    if mixup_fn is not None:
+        criterion = SoftTargetCrossEntropy()  # smoothing is folded into the mixed targets
+    elif args.smoothing > 0:
+        criterion = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    else:
+        criterion = torch.nn.CrossEntropyLoss()
+    print(f"criterion: {criterion}")
+    fit(trained, state, position, train_loader(train_set, args), val_loader, criterion, mixup_fn)
+    distributed.cleanup()
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(get_args_parser().parse_args()))

@@ -1,0 +1,76 @@
+"""Linear probing of a pre-trained MAE encoder: the encoder is frozen, and a linear head behind a
+BatchNorm without affine parameters is trained with LARS (the paper's protocol).
+
+    torchrun --nproc_per_node=8 main_linprobe.py --data_path /path/to/imagenet --model vit_base_patch16 \
+        --cls_token --finetune mae_pretrain_vit_base.pth --batch_size 512 --accum_iter 4 --epochs 90 \
+        --blr 0.1 --weight_decay 0.0 --dist_eval
+"""
+
+import argparse
+
+import torch
+from torchvision import transforms
+
+from engine_finetune import evaluate, fit
+from main_finetune import add_eval_args, add_model_args, build_classifier
+from util import distributed, setup
+from util.args import add_run_args, add_schedule_args
+from util.checkpoint import TrainState, resume
+from util.data import IMAGENET_MEAN, IMAGENET_STD, classification_dataset, eval_loader, eval_transform, train_loader
+from util.lars import LARS
+from util.precision import LossScaler
+from util.pretrained import load_pretrained_encoder
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("MAE linear probing for image classification")
+    add_schedule_args(parser, batch_size=512, epochs=90, weight_decay=0.0, blr=0.1, min_lr=0.0, warmup_epochs=10)
+    add_model_args(parser, model="vit_large_patch16", global_pool=False)
+    add_run_args(parser, data_path="/datasets01/imagenet_full_size/061417/")
+    add_eval_args(parser)
+    setup.add_checkpoint_args(parser)
+    return parser
+
+
+def main(args: argparse.Namespace) -> None:
+    model = build_classifier(args)
+    device = setup.start(args, patch_size=model.patch_embed.patch_size[0])
+
+    # Weak augmentation: the probe measures the representation, not the augmentation.
+    train_tf = transforms.Compose(
+        [
+            transforms.RandomResizedCrop(args.input_size, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+    train_set = classification_dataset(args.data_path, "train", train_tf, args.nb_classes)
+    val_set = classification_dataset(args.data_path, "val", eval_transform(args.input_size), args.nb_classes)
+    print(f"{len(train_set)} training and {len(val_set)} validation images, {args.nb_classes} classes")
+
+    if args.finetune and not args.eval:
+        load_pretrained_encoder(model, args.finetune, head_init_std=0.01)
+    # The paper's probe: BatchNorm without affine parameters in front of the linear classifier.
+    model.head = torch.nn.Sequential(torch.nn.BatchNorm1d(model.head.in_features, affine=False, eps=1e-6), model.head)
+    for name, param in model.named_parameters():
+        param.requires_grad = name.startswith("head.")
+    model.to(device)
+    print(f"trainable parameters: {[n for n, p in model.named_parameters() if p.requires_grad]}")
+
+    optimizer = LARS(model.head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    state = TrainState(model, optimizer, LossScaler(args.precision), args)
+    position = resume(state)
+    trained = setup.wrap_for_training(model, args)
+    val_loader = eval_loader(val_set, args)
+    if args.eval:
+        evaluate(trained, val_loader, args)
+        return
+    fit(trained, state, position, train_loader(train_set, args), val_loader, torch.nn.CrossEntropyLoss())
+    distributed.cleanup()
+
+
+if __name__ == "__main__":
+    from util.errors import run_cli
+
+    run_cli(lambda: main(get_args_parser().parse_args()))

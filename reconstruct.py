@@ -1,0 +1,74 @@
+"""Render MAE reconstructions of image files from a checkpoint (ours or an official full MAE one).
+
+    python reconstruct.py --checkpoint output_dir/checkpoint-399.pth photo1.jpg photo2.jpg --output recon.png
+    python reconstruct.py --checkpoint mae_visualize_vit_large.pth --mask_ratio 0.75 photo.jpg
+
+Each row shows: original | masked | reconstruction | reconstruction with the visible patches.
+The model, image size and target normalisation are read from the checkpoint's ``args`` when
+present, otherwise inferred from its weights; flags override them.
+"""
+import argparse
+
+import torch
+
+import models_mae
+from util.checkpoint import load_checkpoint, load_model_strict, model_state
+from util.data import eval_transform
+from util.errors import fail, run_cli
+from util.visualize import fixed_noise, load_images, reconstruction_grid, save_png
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("Render MAE reconstructions")
+    parser.add_argument("images", nargs="+", help="image files")
+    parser.add_argument("--checkpoint", required=True, help="MAE checkpoint with decoder (file or URL)")
+    parser.add_argument("--output", default="reconstruction.png", help="PNG to write")
+    parser.add_argument("--model", default=None, help=f"one of {', '.join(models_mae.MODELS)} (default: inferred)")
+    parser.add_argument("--input_size", default=None, type=int, help="image size (default: the checkpoint's)")
+    parser.add_argument("--mask_ratio", default=0.75, type=float)
+    parser.add_argument("--norm_pix_loss", default=None, action=argparse.BooleanOptionalAction,
+                        help="the model predicts normalised patches (default: from the checkpoint's args)")
+    parser.add_argument("--seed", default=0, type=int, help="seed of the mask")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser
+
+
+def infer_model(state: dict[str, torch.Tensor]) -> tuple[str, int] | None:
+    """(factory name, image size) of the MAE whose state-dict shapes equal ``state``'s."""
+    if "pos_embed" not in state or "patch_embed.proj.weight" not in state:
+        return None
+    patch = state["patch_embed.proj.weight"].shape[-1]
+    img_size = int(round((state["pos_embed"].shape[1] - 1) ** 0.5)) * patch
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    for name, factory in models_mae.MODELS.items():
+        with torch.device("meta"):
+            candidate = factory(img_size=img_size)
+        if {k: tuple(v.shape) for k, v in candidate.state_dict().items()} == shapes:
+            return name, img_size
+    return None
+
+
+def main(args: argparse.Namespace) -> None:
+    ckpt = load_checkpoint(args.checkpoint)
+    state = model_state(ckpt, args.checkpoint)
+    saved = vars(ckpt["args"]) if isinstance(ckpt.get("args"), argparse.Namespace) else {}
+    inferred = infer_model(state)
+    name = args.model or saved.get("model") or (inferred[0] if inferred else None)
+    if name is None:
+        fail(f"cannot tell which MAE model {args.checkpoint} holds; pass --model")
+    if name not in models_mae.MODELS:
+        fail(f"--model {name} is unknown; known models: {', '.join(models_mae.MODELS)}")
+    input_size = args.input_size or saved.get("input_size") or (inferred[1] if inferred else 224)
+    norm_pix = args.norm_pix_loss if args.norm_pix_loss is not None else bool(saved.get("norm_pix_loss", False))
+
+    model = models_mae.MODELS[name](img_size=input_size, norm_pix_loss=norm_pix)
+    load_model_strict(model, state, args.checkpoint)
+    model.to(args.device)
+    imgs = load_images(args.images, eval_transform(input_size))
+    noise = fixed_noise(len(imgs), model.num_patches, seed=args.seed)
+    save_png(reconstruction_grid(model, imgs, noise, args.mask_ratio), args.output)
+    print(f"{name} at {input_size} px, mask ratio {args.mask_ratio}: wrote {args.output}")
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(get_args_parser().parse_args()))
