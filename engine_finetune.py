@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from torch.utils.data import DataLoader
 
-from util import distributed, interrupt, setup
+from util import distributed, setup
 from util.checkpoint import Position, TrainState
 from util.logger import RunLog
 from util.precision import autocast
@@ -104,8 +104,6 @@ def fit(
                 "max_accuracy": best,
             }
             setup.end_epoch(state, epoch, stats, run_log)
-    except interrupt.Interrupted as stop:
-        print(f"{stop}")
     finally:
         run_log.close()
     print(f"training time {time.strftime('%H:%M:%S', time.gmtime(time.time() - begin))}")

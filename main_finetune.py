@@ -17,7 +17,7 @@ import models_vit
 import util.compat  # noqa: F401  (makes timm RandAugment work with Pillow 13)
 from engine_finetune import evaluate, fit
 from util import distributed, setup
-from util.args import add_run_args, add_schedule_args
+from util.args import add_run_args, add_schedule_args, check_input_size
 from util.checkpoint import TrainState, resume
 from util.data import IMAGENET_MEAN, IMAGENET_STD, classification_dataset, eval_loader, eval_transform, train_loader
 from util.errors import fail, run_cli
@@ -119,6 +119,9 @@ def build_classifier(args: argparse.Namespace, **kwargs) -> models_vit.VisionTra
         fail(f"--nb_classes must be at least 1, got {args.nb_classes}")
     if args.eval and not args.resume:
         fail("--eval needs a model to evaluate: give --resume CHECKPOINT")
+    with torch.device("meta"):  # only to read the patch size
+        patch_size = models_vit.MODELS[args.model]().patch_embed.patch_size[0]
+    check_input_size(args.input_size, patch_size)
     return models_vit.MODELS[args.model](
         img_size=args.input_size, num_classes=args.nb_classes, global_pool=args.global_pool, **kwargs
     )
@@ -143,8 +146,8 @@ def build_mixup(args: argparse.Namespace):
 
 
 def main(args: argparse.Namespace) -> None:
+    device = setup.start(args)
     model = build_classifier(args, drop_path_rate=args.drop_path)
-    device = setup.start(args, patch_size=model.patch_embed.patch_size[0])
 
     train_tf = create_transform(
         input_size=args.input_size,

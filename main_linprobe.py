@@ -33,8 +33,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> None:
+    device = setup.start(args)
     model = build_classifier(args)
-    device = setup.start(args, patch_size=model.patch_embed.patch_size[0])
 
     # Weak augmentation: the probe measures the representation, not the augmentation.
     train_tf = transforms.Compose(

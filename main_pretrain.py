@@ -14,8 +14,8 @@ from timm.optim import param_groups_weight_decay
 
 import models_mae
 from engine_pretrain import log_reconstructions, train_one_epoch
-from util import distributed, interrupt, setup
-from util.args import add_run_args, add_schedule_args
+from util import distributed, setup
+from util.args import add_run_args, add_schedule_args, check_input_size
 from util.checkpoint import TrainState, resume
 from util.data import eval_transform, pretrain_dataset, pretrain_transform, train_loader
 from util.errors import fail, run_cli
@@ -54,12 +54,15 @@ def build_model(args: argparse.Namespace) -> models_mae.MaskedAutoencoderViT:
         fail(f"--model {args.model} is unknown; known models: {', '.join(models_mae.MODELS)}")
     if not 0 <= args.mask_ratio < 1:
         fail(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
+    with torch.device("meta"):  # only to read the patch size
+        patch_size = models_mae.MODELS[args.model]().patch_size
+    check_input_size(args.input_size, patch_size)
     return models_mae.MODELS[args.model](img_size=args.input_size, norm_pix_loss=args.norm_pix_loss)
 
 
 def main(args: argparse.Namespace) -> None:
+    device = setup.start(args)
     model = build_model(args)
-    device = setup.start(args, patch_size=model.patch_size)
     if int(model.num_patches * (1 - args.mask_ratio)) < 1:
         fail(f"--mask_ratio {args.mask_ratio} leaves no visible patch of {model.num_patches}")
 
@@ -95,8 +98,6 @@ def main(args: argparse.Namespace) -> None:
                 path = log_reconstructions(model, vis_imgs, vis_noise, args.mask_ratio, epoch, args.output_dir, run_log)
                 print(f"reconstructions: {path}")
             setup.end_epoch(state, epoch, {f"train_{k}": v for k, v in stats.items()}, run_log)
-    except interrupt.Interrupted as stop:
-        print(f"{stop}")
     finally:
         run_log.close()
     print(f"training time {time.strftime('%H:%M:%S', time.gmtime(time.time() - begin))}")

@@ -129,8 +129,10 @@ def check_common(args: argparse.Namespace, patch_size: int | None = None) -> Non
         fail(f"--start_epoch {args.start_epoch} is outside the run's {args.epochs} epochs (--epochs)")
     if str(args.device).startswith("cuda") and not torch.cuda.is_available():
         fail(f"--device {args.device} was asked for but CUDA is not available; use --device cpu")
-    input_size = getattr(args, "input_size", None)
-    if patch_size and input_size is not None and (input_size < patch_size or input_size % patch_size):
+
+
+def check_input_size(input_size: int, patch_size: int) -> None:
+    if input_size < patch_size or input_size % patch_size:
         fail(f"--input_size {input_size} is not a multiple of the model's patch size {patch_size}")
 
 

@@ -14,13 +14,19 @@ def fail(message: str) -> NoReturn:
 
 
 def run_cli(main: Callable[[], None]) -> None:
-    """Run an entry point, turning a ``UserError`` into one line on stderr and exit status 2.
+    """Run an entry point, turning a ``UserError`` into one line on stderr and exit status 2,
+    and a stop on request (after its checkpoint) into status 128 + the signal's number.
 
     A ``UserError`` raised inside a data-loader worker reaches us wrapped with the worker's
     traceback; its last line carries the original message.
     """
+    from util import interrupt
+
     try:
         main()
+    except interrupt.Interrupted as e:
+        print(str(e), file=sys.stderr)
+        sys.exit(interrupt.exit_code())
     except UserError as e:
         lines = [line for line in str(e).splitlines() if line.strip()]
         message = lines[-1] if lines else "unknown error"

@@ -1,23 +1,31 @@
-"""Cooperative stop on SIGTERM/SIGUSR1 (cluster preemption or time limit).
+"""Cooperative stop on SIGTERM/SIGUSR1/SIGUSR2 (cluster preemption or time limit).
 
 The handler only records the request; the training loop acts on it at its next check point,
-where all ranks agree, save a checkpoint at the exact position and stop.
+where all ranks agree, saves a checkpoint at the exact position and raises ``Interrupted``.
+The handlers installed before ours (submitit's requeue handler, for instance) are remembered,
+so that a launcher can hand the signal over once the checkpoint is safely written.
 """
-
 import signal
+import sys
+from typing import Any
 
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 _requested: int | None = None
+_previous: dict[int, Any] = {}
 
 
 def _handler(signum: int, frame: object) -> None:
     global _requested
     _requested = signum
-    print(f"received signal {signal.Signals(signum).name}: checkpointing at the next check point", force=True)
+    # Not print(): it may be silenced on this rank, and this must show on every rank.
+    sys.stderr.write(f"received {signal.Signals(signum).name}: checkpointing at the next check point\n")
 
 
-def install(signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGUSR1)) -> None:
-    for s in signals:
-        signal.signal(s, _handler)
+def install() -> None:
+    for s in SIGNALS:
+        previous = signal.signal(s, _handler)
+        if previous is not _handler:
+            _previous[s] = previous
 
 
 def requested() -> bool:
@@ -25,14 +33,28 @@ def requested() -> bool:
 
 
 def request(signum: int = signal.SIGTERM) -> None:
-    """Ask for a stop as a signal would (used by submitit's checkpoint hook and by tests)."""
+    """Ask for a stop as a signal would (for tests and programmatic use)."""
     global _requested
     _requested = signum
+
+
+def hand_over() -> None:
+    """Call the handler that was installed before ours for the signal we received, if any."""
+    if _requested is None:
+        return
+    previous = _previous.get(_requested)
+    if callable(previous):
+        previous(_requested, None)
+
+
+def exit_code() -> int:
+    """The conventional status of a process stopped by the signal: 128 + its number."""
+    return 128 + (_requested or signal.SIGTERM)
 
 
 class Interrupted(Exception):
     """Raised by the training loop after it saved a checkpoint because a stop was requested."""
 
     def __init__(self, checkpoint: str | None):
-        super().__init__(f"stopped on request; resume from {checkpoint}")
+        super().__init__(f"stopped on request after writing {checkpoint}; continue with --resume auto")
         self.checkpoint = checkpoint

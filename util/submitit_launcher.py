@@ -1,0 +1,88 @@
+"""Submitting an entry point to SLURM (or to this machine) with submitit, one task per GPU.
+
+On preemption or time-out, the job's training loop writes a checkpoint at its exact position;
+the launcher then hands the signal to submitit, which requeues the same job with
+``--resume auto``, so it continues from the newest good checkpoint in its output folder.
+"""
+import argparse
+import importlib
+import os
+from types import ModuleType
+
+import submitit
+
+from util import interrupt
+
+
+def add_launcher_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("submitit")
+    g.add_argument("--ngpus", default=8, type=int, help="number of GPUs to request on each node")
+    g.add_argument("--nodes", default=2, type=int, help="number of nodes to request")
+    g.add_argument("--timeout", default=4320, type=int, help="duration of the job, in minutes")
+    g.add_argument("--job_dir", default="./submitit_jobs/%j", type=str,
+                   help="job folder (shared by all nodes); %%j becomes the job id; also the output dir")
+    g.add_argument("--partition", default="learnfair", type=str, help="SLURM partition")
+    g.add_argument("--use_volta32", action="store_true", help="request 32 GB V100 GPUs")
+    g.add_argument("--comment", default="", type=str, help="comment to pass to the scheduler")
+    g.add_argument("--cluster", default=None, choices=["slurm", "local", "debug"],
+                   help="where to run (default: SLURM when available, else this machine)")
+    g.add_argument("--tasks_per_node", default=None, type=int,
+                   help="processes per node (default: --ngpus; use with --ngpus 0 for CPU runs)")
+
+
+class Trainer:
+    """The submitted callable: runs ``<module>.main(args)`` in each task, and is checkpointable."""
+
+    def __init__(self, module: str, args: argparse.Namespace):
+        self.module, self.args = module, args
+
+    def __call__(self) -> None:
+        self._set_up_task()
+        entry: ModuleType = importlib.import_module(self.module)
+        try:
+            entry.main(self.args)
+        except interrupt.Interrupted as stop:
+            print(f"{stop}; handing over to submitit for requeueing")
+            interrupt.hand_over()  # submitit's handler calls checkpoint() below and requeues
+
+    def checkpoint(self) -> submitit.helpers.DelayedSubmission:
+        """Called by submitit on preemption/time-out: the same job again, resuming automatically."""
+        self.args.resume = "auto"
+        return submitit.helpers.DelayedSubmission(type(self)(self.module, self.args))
+
+    def _set_up_task(self) -> None:
+        job = submitit.JobEnvironment()
+        # Rendezvous over TCP on the first node: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT.
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        self.args.dist_url = "env://"
+        self.args.output_dir = self.args.output_dir.replace("%j", str(job.job_id))
+        self.args.log_dir = self.args.output_dir
+        print(f"process group: {job.global_rank}/{job.num_tasks}, output in {self.args.output_dir}")
+
+
+def submit(module_name: str, description: str) -> None:
+    """Parse the entry point's flags plus the launcher's, and submit the job."""
+    entry = importlib.import_module(module_name)
+    parser = entry.get_args_parser()
+    parser.description = f"submitit launcher for {description}"
+    add_launcher_args(parser)
+    args = parser.parse_args()
+    tasks_per_node = args.tasks_per_node or args.ngpus
+    if tasks_per_node < 1:
+        parser.error("--ngpus 0 needs --tasks_per_node N (CPU processes per node)")
+
+    executor = submitit.AutoExecutor(folder=args.job_dir, cluster=args.cluster, slurm_max_num_timeout=30)
+    slurm = {"slurm_partition": args.partition, "slurm_signal_delay_s": 120}
+    if args.comment:
+        slurm["slurm_comment"] = args.comment
+    if args.use_volta32:
+        slurm["slurm_constraint"] = "volta32gb"
+    executor.update_parameters(
+        mem_gb=40 * max(args.ngpus, 1), gpus_per_node=args.ngpus, tasks_per_node=tasks_per_node,
+        cpus_per_task=10, nodes=args.nodes, timeout_min=args.timeout, name=module_name, **slurm,
+    )
+    args.output_dir = args.job_dir
+    job = executor.submit(Trainer(module_name, args))
+    print(f"submitted job {job.job_id}; logs and checkpoints in {args.job_dir.replace('%j', str(job.job_id))}")
+    if os.environ.get("MAE_SUBMITIT_WAIT"):
+        job.result()
