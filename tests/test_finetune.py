@@ -1,0 +1,346 @@
+"""Fine-tuning and linear probing: pre-trained encoders load with exactly the expected missing
+keys, layer-wise lr decay groups, LARS, evaluation (also sharded over 2 processes), and the
+pre-train -> fine-tune / linear probe -> eval pipeline on real CIFAR-10 images."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import main_finetune  # noqa: E402
+import main_linprobe  # noqa: E402
+import main_pretrain  # noqa: E402
+import models_mae  # noqa: E402
+import models_vit  # noqa: E402
+from util.errors import UserError  # noqa: E402
+from util.lars import LARS  # noqa: E402
+from util.lr_decay import param_groups_lrd  # noqa: E402
+from util.pretrained import load_pretrained_encoder  # noqa: E402
+
+DEMO = REPO / "demo" / "cifar10-2k"
+CLASSES = ("airplane", "cat", "ship")
+CPU = ["--device", "cpu", "--precision", "fp32", "--num_workers", "0"]
+
+
+def _split(root: Path, train: int, val: int) -> Path:
+    """<root>/train/<class>/ and <root>/val/<class>/ from disjoint demo images."""
+    for cls in CLASSES:
+        files = sorted((DEMO / cls).glob("*.jpg"))
+        for split, chosen in (("train", files[:train]), ("val", files[train : train + val])):
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            for f in chosen:
+                shutil.copyfile(f, root / split / cls / f.name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """A tiny pre-training run whose checkpoint the tests fine-tune and probe."""
+    root = tmp_path_factory.mktemp("ft")
+    data = _split(root / "data", train=16, val=9)  # 27 validation images: odd on purpose
+    pre = root / "pre"
+    args = main_pretrain.get_args_parser().parse_args(
+        [
+            "--data_path",
+            str(data),
+            "--model",
+            "mae_vit_tiny_patch4",
+            "--input_size",
+            "32",
+            "--batch_size",
+            "16",
+            "--epochs",
+            "1",
+            "--warmup_epochs",
+            "0",
+            "--vis_freq",
+            "0",
+            "--output_dir",
+            str(pre),
+            "--log_dir",
+            "",
+            *CPU,
+        ]
+    )
+    main_pretrain.main(args)
+    return data, pre / "checkpoint-0.pth", root
+
+
+def _finetune_args(data, out, *extra):
+    return main_finetune.get_args_parser().parse_args(
+        [
+            "--data_path",
+            str(data),
+            "--nb_classes",
+            "3",
+            "--model",
+            "vit_tiny_patch4",
+            "--input_size",
+            "32",
+            "--batch_size",
+            "8",
+            "--output_dir",
+            str(out),
+            "--log_dir",
+            "",
+            "--warmup_epochs",
+            "1",
+            *CPU,
+            *extra,
+        ]
+    )
+
+
+def _last_log(out: Path) -> dict:
+    return json.loads((out / "log.txt").read_text().strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+def test_finetune_then_eval_reproduces_logged_accuracy(pipeline, tmp_path, capsys):
+    data, ckpt, _ = pipeline
+    out = tmp_path / "ft"
+    main_finetune.main(
+        _finetune_args(
+            data, out, "--finetune", str(ckpt), "--epochs", "2", "--mixup", "0.8", "--cutmix", "1.0", "--blr", "5e-3"
+        )
+    )
+    logged = _last_log(out)
+    assert logged["epoch"] == 1 and logged["test_images"] == 27
+    assert logged["max_accuracy"] >= logged["test_acc1"]
+    capsys.readouterr()
+    main_finetune.main(_finetune_args(data, tmp_path / "eval", "--eval", "--resume", str(out / "checkpoint-1.pth")))
+    printed = capsys.readouterr().out
+    acc = float(re.search(r"\* Acc@1 ([\d.]+)", printed).group(1))
+    assert acc == pytest.approx(logged["test_acc1"], abs=1e-3)
+
+
+def test_linear_probe_trains_only_the_head(pipeline, tmp_path):
+    data, ckpt, _ = pipeline
+    out = tmp_path / "lin"
+    args = main_linprobe.get_args_parser().parse_args(
+        [
+            "--data_path",
+            str(data),
+            "--nb_classes",
+            "3",
+            "--model",
+            "vit_tiny_patch4",
+            "--input_size",
+            "32",
+            "--batch_size",
+            "16",
+            "--epochs",
+            "2",
+            "--warmup_epochs",
+            "1",
+            "--finetune",
+            str(ckpt),
+            "--output_dir",
+            str(out),
+            "--log_dir",
+            "",
+            *CPU,
+        ]
+    )
+    main_linprobe.main(args)
+    probed = torch.load(out / "checkpoint-1.pth", weights_only=False)["model"]
+    encoder = torch.load(ckpt, weights_only=False)["model"]
+    for name, value in probed.items():
+        if name.startswith("head."):
+            continue
+        assert torch.equal(value, encoder[name]), f"{name} changed during linear probing"
+    # The head did train: BatchNorm statistics moved and the linear layer left its init.
+    assert not torch.equal(probed["head.0.running_mean"], torch.zeros_like(probed["head.0.running_mean"]))
+    assert set(k for k in probed if k.startswith("head.")) == {
+        "head.0.running_mean",
+        "head.0.running_var",
+        "head.0.num_batches_tracked",
+        "head.1.weight",
+        "head.1.bias",
+    }
+
+
+def test_dist_eval_over_two_processes_counts_every_image_once(pipeline, tmp_path):
+    data, ckpt, _ = pipeline
+    out = tmp_path / "ft"
+    main_finetune.main(_finetune_args(data, out, "--finetune", str(ckpt), "--epochs", "1"))
+    trained = out / "checkpoint-0.pth"
+    flags = [
+        "--data_path",
+        str(data),
+        "--nb_classes",
+        "3",
+        "--model",
+        "vit_tiny_patch4",
+        "--input_size",
+        "32",
+        "--batch_size",
+        "4",
+        "--eval",
+        "--resume",
+        str(trained),
+        "--output_dir",
+        str(tmp_path / "e"),
+        "--log_dir",
+        "",
+        *CPU,
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+    def acc_line(cmd):
+        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return re.search(r"\* Acc@1 ([\d.]+) Acc@5 ([\d.]+) loss ([\d.]+) \((\d+) images\)", done.stdout).groups()
+
+    single = acc_line([sys.executable, "main_finetune.py", *flags])
+    sharded = acc_line(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "main_finetune.py",
+            *flags,
+            "--dist_eval",
+        ]
+    )
+    assert single[3] == sharded[3] == "27"
+    assert single == sharded
+
+
+# ---------------------------------------------------------------------------------------------
+def test_mae_checkpoint_loads_with_exactly_head_and_fc_norm_missing(pipeline, capsys):
+    _, ckpt, _ = pipeline
+    model = models_vit.vit_tiny_patch4(num_classes=3, global_pool=True)
+    load_pretrained_encoder(model, str(ckpt))
+    printed = capsys.readouterr().out
+    assert "initialised: ['fc_norm.bias', 'fc_norm.weight', 'head.bias', 'head.weight']" in printed
+    encoder = torch.load(ckpt, weights_only=False)["model"]
+    for name, value in model.state_dict().items():
+        if not name.startswith(("head.", "fc_norm.")):
+            assert torch.equal(value, encoder[name]), name
+    assert model.head.weight.std().item() < 1e-4  # trunc-normal(2e-5)
+    assert torch.all(model.head.bias == 0)
+
+
+def test_class_token_model_loads_norm_and_misses_only_head(pipeline, capsys):
+    _, ckpt, _ = pipeline
+    model = models_vit.vit_tiny_patch4(num_classes=3, global_pool=False)
+    load_pretrained_encoder(model, str(ckpt))
+    assert "initialised: ['head.bias', 'head.weight']" in capsys.readouterr().out
+    encoder = torch.load(ckpt, weights_only=False)["model"]
+    assert torch.equal(model.norm.weight, encoder["norm.weight"])
+
+
+def test_encoder_only_checkpoint_at_another_resolution(pipeline, tmp_path):
+    """The official release format (encoder only, under 'model'), loaded at a larger input size:
+    the position embedding is resized and the grid's corners keep their values approximately."""
+    _, ckpt, _ = pipeline
+    state = {
+        k: v
+        for k, v in torch.load(ckpt, weights_only=False)["model"].items()
+        if not k.startswith(("decoder", "mask_token"))
+    }
+    path = tmp_path / "encoder.pth"
+    torch.save({"model": state}, path)
+    model = models_vit.vit_tiny_patch4(img_size=64, num_classes=3)
+    load_pretrained_encoder(model, str(path))
+    new, old = model.pos_embed.detach(), state["pos_embed"]
+    assert new.shape == (1, 1 + 16 * 16, 192)
+    assert torch.equal(new[:, 0], old[:, 0])  # the class token's embedding is not interpolated
+    old_grid, new_grid = old[0, 1:].reshape(8, 8, -1), new[0, 1:].reshape(16, 16, -1)
+    corner_error = (new_grid[0, 0] - old_grid[0, 0]).abs().mean() / old_grid.abs().mean()
+    assert corner_error < 0.3
+
+
+def test_foreign_checkpoint_is_refused_naming_keys(tmp_path):
+    mae = models_mae.mae_vit_tiny_patch16()
+    path = tmp_path / "wrong.pth"
+    torch.save({"model": mae.state_dict()}, path)
+    model = models_vit.vit_tiny_patch4(num_classes=3)  # another patch size
+    with pytest.raises(UserError, match=r"other shape \['patch_embed.proj.weight'"):
+        load_pretrained_encoder(model, str(path))
+    torch.save({"model": {"backbone.weight": torch.zeros(3)}}, path)
+    with pytest.raises(UserError, match=r"missing \[.*unexpected \['backbone.weight'\]"):
+        load_pretrained_encoder(model, str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+def test_layer_decay_groups_for_vit_base():
+    decay, wd = 0.65, 0.05
+    model = models_vit.vit_base_patch16(num_classes=1000, global_pool=True)
+    groups = param_groups_lrd(model, wd, model.no_weight_decay(), decay)
+    seen = {}
+    for g in groups:
+        for name in g["names"]:
+            seen[name] = (g["lr_scale"], g["weight_decay"])
+    params = dict(model.named_parameters())
+    assert set(seen) == set(params)
+
+    def expected(name):
+        if name in ("cls_token", "pos_embed") or name.startswith("patch_embed"):
+            layer = 0
+        elif name.startswith("blocks."):
+            layer = int(name.split(".")[1]) + 1
+        else:
+            layer = 13  # fc_norm and head: 12 blocks + 1
+        no_decay = params[name].ndim == 1 or name in ("cls_token", "pos_embed")
+        return decay ** (13 - layer), 0.0 if no_decay else wd
+
+    for name in params:
+        assert seen[name] == pytest.approx(expected(name)), name
+    assert seen["head.weight"] == (1.0, wd)
+    assert seen["blocks.11.mlp.fc1.weight"] == pytest.approx((0.65, wd))
+    assert seen["blocks.0.attn.qkv.bias"] == pytest.approx((0.65**12, 0.0))
+    assert seen["pos_embed"] == pytest.approx((0.65**13, 0.0))
+    assert len(groups) == 2 * 14
+
+
+def test_lars_step_matches_hand_computation():
+    w = torch.nn.Parameter(torch.tensor([[3.0, 4.0]]))  # norm 5
+    b = torch.nn.Parameter(torch.tensor([1.0]))
+    opt = LARS([w, b], lr=0.1, weight_decay=0.5, momentum=0.9, trust_coefficient=0.001)
+    w.grad = torch.tensor([[0.0, 1.0]])
+    b.grad = torch.tensor([2.0])
+    opt.step()
+    update = torch.tensor([[0.0, 1.0]]) + 0.5 * torch.tensor([[3.0, 4.0]])  # [1.5, 3.0]
+    trust = 0.001 * 5.0 / update.norm()
+    assert torch.allclose(w.detach(), torch.tensor([[3.0, 4.0]]) - 0.1 * trust * update)
+    assert torch.allclose(b.detach(), torch.tensor([1.0 - 0.1 * 2.0]))  # 1-D: plain momentum step
+    w.grad = torch.tensor([[0.0, 1.0]])
+    b.grad = torch.tensor([2.0])
+    opt.step()  # momentum: mu = 0.9 * mu + g
+    assert torch.allclose(b.detach(), torch.tensor([0.8 - 0.1 * (0.9 * 2.0 + 2.0)]))
+
+
+# ---------------------------------------------------------------------------------------------
+def test_nb_classes_must_match_folders(pipeline, tmp_path):
+    data, _, _ = pipeline
+    args = _finetune_args(data, tmp_path / "x", "--epochs", "1")
+    args.nb_classes = 10
+    with pytest.raises(UserError, match=r"has 3 class folders but --nb_classes is 10"):
+        main_finetune.main(args)
+
+
+def test_missing_validation_folder(pipeline, tmp_path):
+    data, _, _ = pipeline
+    only_train = tmp_path / "d"
+    shutil.copytree(data / "train", only_train / "train")
+    with pytest.raises(UserError, match=r"has no 'val/test' folder"):
+        main_finetune.main(_finetune_args(only_train, tmp_path / "x", "--epochs", "1"))
+
+
+def test_eval_without_checkpoint_is_refused(pipeline, tmp_path):
+    data, _, _ = pipeline
+    with pytest.raises(UserError, match=r"--eval needs a model"):
+        main_finetune.main(_finetune_args(data, tmp_path / "x", "--eval"))
