@@ -267,6 +267,7 @@ def prune(output_dir: str, keep_last: int, keep_every: int, final_epoch: int) ->
     Kept: the newest checkpoint; among complete epochs, the ``keep_last`` newest, every epoch
     ``e`` with ``e % keep_every == 0`` and the final epoch. Older mid-epoch checkpoints go.
     """
+    _remove_stale_temporaries(output_dir)
     if keep_last <= 0:
         return []  # keep everything
     paths = list_checkpoints(output_dir)
@@ -281,3 +282,10 @@ def prune(output_dir: str, keep_last: int, keep_every: int, final_epoch: int) ->
         os.remove(path)
         removed.append(path)
     return removed
+
+
+def _remove_stale_temporaries(output_dir: str) -> None:
+    """Temporary files of writes that a killed process never finished (ours are renamed)."""
+    for name in os.listdir(output_dir):
+        if _NAME.match(name.split(".tmp")[0]) and ".pth.tmp" in name and not name.endswith(f".tmp{os.getpid()}"):
+            os.remove(os.path.join(output_dir, name))

@@ -4,7 +4,9 @@ On preemption or time-out, the job's training loop writes a checkpoint at its ex
 the launcher then hands the signal to submitit, which requeues the same job with
 ``--resume auto``, so it continues from the newest good checkpoint in its output folder.
 """
+
 import argparse
+import copy
 import importlib
 import os
 from types import ModuleType
@@ -19,45 +21,62 @@ def add_launcher_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--ngpus", default=8, type=int, help="number of GPUs to request on each node")
     g.add_argument("--nodes", default=2, type=int, help="number of nodes to request")
     g.add_argument("--timeout", default=4320, type=int, help="duration of the job, in minutes")
-    g.add_argument("--job_dir", default="./submitit_jobs/%j", type=str,
-                   help="job folder (shared by all nodes); %%j becomes the job id; also the output dir")
+    g.add_argument(
+        "--job_dir",
+        default="./submitit_jobs/%j",
+        type=str,
+        help="job folder (shared by all nodes); %%j becomes the job id; also the output dir",
+    )
     g.add_argument("--partition", default="learnfair", type=str, help="SLURM partition")
     g.add_argument("--use_volta32", action="store_true", help="request 32 GB V100 GPUs")
     g.add_argument("--comment", default="", type=str, help="comment to pass to the scheduler")
-    g.add_argument("--cluster", default=None, choices=["slurm", "local", "debug"],
-                   help="where to run (default: SLURM when available, else this machine)")
-    g.add_argument("--tasks_per_node", default=None, type=int,
-                   help="processes per node (default: --ngpus; use with --ngpus 0 for CPU runs)")
+    g.add_argument(
+        "--cluster",
+        default=None,
+        choices=["slurm", "local", "debug"],
+        help="where to run (default: SLURM when available, else this machine)",
+    )
+    g.add_argument(
+        "--tasks_per_node",
+        default=None,
+        type=int,
+        help="processes per node (default: --ngpus; use with --ngpus 0 for CPU runs)",
+    )
 
 
 class Trainer:
     """The submitted callable: runs ``<module>.main(args)`` in each task, and is checkpointable."""
 
     def __init__(self, module: str, args: argparse.Namespace):
-        self.module, self.args = module, args
+        # The flags as given: main() fills in derived values (lr, ranks, ...) on its own copy,
+        # so that a requeued job derives them afresh.
+        self.module, self.args = module, copy.deepcopy(args)
 
     def __call__(self) -> None:
-        self._set_up_task()
+        args = copy.deepcopy(self.args)
+        self._set_up_task(args)
         entry: ModuleType = importlib.import_module(self.module)
         try:
-            entry.main(self.args)
+            entry.main(args)
         except interrupt.Interrupted as stop:
             print(f"{stop}; handing over to submitit for requeueing")
             interrupt.hand_over()  # submitit's handler calls checkpoint() below and requeues
 
     def checkpoint(self) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on preemption/time-out: the same job again, resuming automatically."""
-        self.args.resume = "auto"
-        return submitit.helpers.DelayedSubmission(type(self)(self.module, self.args))
+        args = copy.deepcopy(self.args)
+        args.resume = "auto"
+        return submitit.helpers.DelayedSubmission(type(self)(self.module, args))
 
-    def _set_up_task(self) -> None:
+    @staticmethod
+    def _set_up_task(args: argparse.Namespace) -> None:
         job = submitit.JobEnvironment()
         # Rendezvous over TCP on the first node: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT.
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        self.args.dist_url = "env://"
-        self.args.output_dir = self.args.output_dir.replace("%j", str(job.job_id))
-        self.args.log_dir = self.args.output_dir
-        print(f"process group: {job.global_rank}/{job.num_tasks}, output in {self.args.output_dir}")
+        args.dist_url = "env://"
+        args.output_dir = args.output_dir.replace("%j", str(job.job_id))
+        args.log_dir = args.output_dir
+        print(f"process group: {job.global_rank}/{job.num_tasks}, output in {args.output_dir}")
 
 
 def submit(module_name: str, description: str) -> None:
@@ -78,8 +97,14 @@ def submit(module_name: str, description: str) -> None:
     if args.use_volta32:
         slurm["slurm_constraint"] = "volta32gb"
     executor.update_parameters(
-        mem_gb=40 * max(args.ngpus, 1), gpus_per_node=args.ngpus, tasks_per_node=tasks_per_node,
-        cpus_per_task=10, nodes=args.nodes, timeout_min=args.timeout, name=module_name, **slurm,
+        mem_gb=40 * max(args.ngpus, 1),
+        gpus_per_node=args.ngpus,
+        tasks_per_node=tasks_per_node,
+        cpus_per_task=10,
+        nodes=args.nodes,
+        timeout_min=args.timeout,
+        name=module_name,
+        **slurm,
     )
     args.output_dir = args.job_dir
     job = executor.submit(Trainer(module_name, args))
