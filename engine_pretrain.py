@@ -5,6 +5,8 @@ import os
 import torch
 
 from util.checkpoint import TrainState
+from util.data import IMAGENET_MEAN, IMAGENET_STD
+from util.fast_crop import normalize_on_device
 from util.logger import RunLog
 from util.train_loop import train_one_epoch as _train_one_epoch
 from util.visualize import reconstruction_grid, save_png
@@ -22,6 +24,7 @@ def train_one_epoch(
 
     def mae_loss(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         imgs, _ = batch  # labels are not used
+        imgs = normalize_on_device(imgs, IMAGENET_MEAN, IMAGENET_STD)  # uint8 from the fast loader
         loss, _, _ = model(imgs, mask_ratio=mask_ratio)
         return loss
 

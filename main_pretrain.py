@@ -36,6 +36,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--norm_pix_loss", action="store_true", help="use per-patch normalized pixels as targets")
     parser.set_defaults(norm_pix_loss=False)
     add_run_args(parser, data_path="/datasets01/imagenet_full_size/061417/")
+    parser.add_argument(
+        "--loader",
+        default="fast",
+        choices=["fast", "torchvision"],
+        help="fast: the official augmentation with reduced-scale JPEG decoding and uint8 batches "
+        "normalised on the device; torchvision: the reference pipeline",
+    )
     setup.add_checkpoint_args(parser)
     v = parser.add_argument_group("reconstruction pictures")
     v.add_argument(
@@ -66,7 +73,8 @@ def main(args: argparse.Namespace) -> None:
     if int(model.num_patches * (1 - args.mask_ratio)) < 1:
         fail(f"--mask_ratio {args.mask_ratio} leaves no visible patch of {model.num_patches}")
 
-    dataset = pretrain_dataset(args.data_path, pretrain_transform(args.input_size))
+    fast = args.loader == "fast"
+    dataset = pretrain_dataset(args.data_path, pretrain_transform(args.input_size, fast), lazy=fast)
     loader = train_loader(dataset, args)
     print(f"{len(dataset)} images in {dataset.root}, {len(loader)} iterations per epoch")
 

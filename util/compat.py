@@ -2,6 +2,7 @@
 
 Each one says what broke and is a no-op where nothing is broken.
 """
+
 from PIL import Image, ImageOps
 from timm.data import auto_augment
 

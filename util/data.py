@@ -19,6 +19,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from util import distributed
 from util.errors import fail
+from util.fast_crop import FastRandomResizedCropFlip, open_lazily
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -45,10 +46,13 @@ def _is_image(name: str) -> bool:
 
 class ImageFiles(Dataset):
     """Every image file below a folder, in sorted order, with label 0: for pre-training,
-    which needs no labels. Accepts class folders, nested folders or a flat folder."""
+    which needs no labels. Accepts class folders, nested folders or a flat folder.
 
-    def __init__(self, root: str, transform: Callable | None = None):
-        self.root, self.transform = root, transform
+    With ``lazy`` the transform receives the image opened but not decoded (see util/fast_crop.py).
+    """
+
+    def __init__(self, root: str, transform: Callable | None = None, lazy: bool = False):
+        self.root, self.transform, self.lazy = root, transform, lazy
         self.files = sorted(
             os.path.join(d, n) for d, _, names in os.walk(root, followlinks=True) for n in names if _is_image(n)
         )
@@ -57,8 +61,12 @@ class ImageFiles(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
-        img = load_rgb(self.files[index])
-        return (self.transform(img) if self.transform else img), 0
+        path = self.files[index]
+        img = open_lazily(path) if self.lazy else load_rgb(path)
+        try:
+            return (self.transform(img) if self.transform else img), 0
+        except (OSError, SyntaxError) as e:  # what Pillow raises for a file that fails mid-decode
+            fail(f"cannot read image {path} ({type(e).__name__}: {e}); remove or replace the file")
 
 
 def _existing_dir(path: str, flag: str = "--data_path") -> str:
@@ -67,12 +75,12 @@ def _existing_dir(path: str, flag: str = "--data_path") -> str:
     return path
 
 
-def pretrain_dataset(data_path: str, transform: Callable) -> ImageFiles:
+def pretrain_dataset(data_path: str, transform: Callable, lazy: bool = False) -> ImageFiles:
     """``<data_path>/train`` if it exists (the official layout), else ``<data_path>`` itself."""
     root = _existing_dir(data_path)
     if os.path.isdir(os.path.join(root, "train")):
         root = os.path.join(root, "train")
-    dataset = ImageFiles(root, transform)
+    dataset = ImageFiles(root, transform, lazy)
     if not len(dataset):
         fail(
             f"--data_path {root} holds no images ({', '.join(IMG_EXTENSIONS[:4])}, ...); point it at your image folder"
@@ -101,8 +109,14 @@ def classification_dataset(data_path: str, split: str, transform: Callable, nb_c
 
 # ---------------------------------------------------------------------------------------------
 # Transforms
-def pretrain_transform(input_size: int) -> Callable:
-    """The official pre-training augmentation: random resized crop (scale 0.2-1, bicubic) and flip."""
+def pretrain_transform(input_size: int, fast: bool = False) -> Callable:
+    """The official pre-training augmentation: random resized crop (scale 0.2-1, bicubic) and flip.
+
+    ``fast``: the same distribution from ``FastRandomResizedCropFlip`` (reduced-scale JPEG
+    decoding, uint8 output to be normalised on the device); its dataset must be ``lazy``.
+    """
+    if fast:
+        return FastRandomResizedCropFlip(input_size)
     return transforms.Compose(
         [
             transforms.RandomResizedCrop(

@@ -5,6 +5,7 @@ where all ranks agree, saves a checkpoint at the exact position and raises ``Int
 The handlers installed before ours (submitit's requeue handler, for instance) are remembered,
 so that a launcher can hand the signal over once the checkpoint is safely written.
 """
+
 import signal
 import sys
 from typing import Any

@@ -1,0 +1,63 @@
+"""A faster pre-training augmentation with the official recipe's distribution.
+
+The recipe (RandomResizedCrop(scale 0.2-1, bicubic) + flip) decodes the full JPEG and then
+throws most pixels away: a 500x375 photo becomes 224x224. Here the crop box is drawn first,
+with torchvision's own sampler, from the image's size alone; the JPEG is then decoded at the
+largest DCT reduction (1/2, 1/4, 1/8) that still leaves at least the output resolution inside the
+box (Pillow's draft mode), and crop + resize is one bicubic resize of the box. Images stay
+uint8 until the device, where ``normalize_on_device`` converts them, so workers do not spend time
+on float arithmetic and batches are 4x smaller to copy.
+"""
+
+import math
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import transforms
+
+from util.errors import fail
+
+SCALE, RATIO = (0.2, 1.0), (3 / 4, 4 / 3)
+
+
+class FastRandomResizedCropFlip:
+    """PIL image (not yet decoded) -> uint8 tensor [3, size, size]."""
+
+    def __init__(self, size: int, scale: tuple[float, float] = SCALE, ratio: tuple[float, float] = RATIO):
+        self.size, self.scale, self.ratio = size, scale, ratio
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        top, left, h, w = transforms.RandomResizedCrop.get_params(img, list(self.scale), list(self.ratio))
+        full_w, full_h = img.size
+        # Largest power-of-two reduction that keeps the box at least `size` pixels on each side.
+        reduce = 1
+        while reduce < 8 and min(w, h) / (reduce * 2) >= self.size:
+            reduce *= 2
+        if reduce > 1 and img.format == "JPEG":
+            img.draft("RGB", (math.ceil(full_w / reduce), math.ceil(full_h / reduce)))
+        img = img.convert("RGBA").convert("RGB") if img.mode == "P" else img.convert("RGB")
+        sx, sy = img.size[0] / full_w, img.size[1] / full_h
+        box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
+        out = img.resize((self.size, self.size), Image.BICUBIC, box=box)
+        if torch.rand(1).item() < 0.5:
+            out = out.transpose(Image.FLIP_LEFT_RIGHT)
+        return torch.from_numpy(np.asarray(out, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def open_lazily(path: str) -> Image.Image:
+    """Open without decoding (the size is read from the header), naming the file on failure."""
+    try:
+        img = Image.open(path)
+    except Exception as e:
+        fail(f"cannot read image {path} ({type(e).__name__}: {e}); remove or replace the file")
+    return img
+
+
+def normalize_on_device(imgs: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """uint8 [N, 3, H, W] -> normalised float; float input is returned as it is."""
+    if imgs.dtype != torch.uint8:
+        return imgs
+    mean_t = torch.tensor(mean, device=imgs.device).view(1, -1, 1, 1) * 255
+    std_t = torch.tensor(std, device=imgs.device).view(1, -1, 1, 1) * 255
+    return (imgs.float() - mean_t) / std_t
