@@ -344,3 +344,33 @@ def test_eval_without_checkpoint_is_refused(pipeline, tmp_path):
     data, _, _ = pipeline
     with pytest.raises(UserError, match=r"--eval needs a model"):
         main_finetune.main(_finetune_args(data, tmp_path / "x", "--eval"))
+
+
+def test_cifar10_recipes_run_end_to_end(pipeline, tmp_path):
+    """recipes/cifar10 as committed, on the tiny data with CPU-sized overrides: pre-train ->
+    fine-tune -> eval, from scratch, and pre-train -> linear probe -> eval."""
+    data, _, _ = pipeline
+    env = {
+        **os.environ,
+        "DATA": str(data.parent / "data"),
+        "OUT": str(tmp_path),
+        "WORKERS": "0",
+        "PYTHON": sys.executable,
+        "OMP_NUM_THREADS": "1",
+        "EXTRA": "--device cpu --precision fp32 --batch_size 8 --warmup_epochs 0 --print_freq 2",
+    }
+
+    def recipe(*cmd, extra=""):
+        run_env = {**env, "EXTRA": f"{env['EXTRA']} {extra}"}
+        done = subprocess.run(["bash", *cmd], cwd=REPO, env=run_env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+    recipe("recipes/cifar10/pretrain.sh", "0.75", "1")
+    ckpt = tmp_path / "pretrain-r0.75-e1" / "checkpoint-0.pth"
+    assert ckpt.exists()
+    three = "--nb_classes 3"  # the tiny data have 3 of CIFAR-10's classes
+    recipe("recipes/cifar10/finetune.sh", str(ckpt), "mae", "1", extra=three)
+    recipe("recipes/cifar10/finetune.sh", "scratch", "scratch", "1", extra=three)
+    recipe("recipes/cifar10/linprobe.sh", str(ckpt), "mae", "1", extra=three)
+    for run in ("finetune-mae", "finetune-scratch", "linprobe-mae"):
+        assert _last_log(tmp_path / run)["test_images"] == 27
