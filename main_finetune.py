@@ -167,6 +167,7 @@ def main(args: argparse.Namespace) -> None:
 
     if args.finetune and not args.eval:
         load_pretrained_encoder(model, args.finetune, head_init_std=2e-5)
+    model.set_grad_checkpointing(args.grad_checkpointing)
     model.to(device)
     print(f"number of params (M): {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}")
 

@@ -55,6 +55,7 @@ def main(args: argparse.Namespace) -> None:
     model.head = torch.nn.Sequential(torch.nn.BatchNorm1d(model.head.in_features, affine=False, eps=1e-6), model.head)
     for name, param in model.named_parameters():
         param.requires_grad = name.startswith("head.")
+    model.set_grad_checkpointing(args.grad_checkpointing)
     model.to(device)
     print(f"trainable parameters: {[n for n, p in model.named_parameters() if p.requires_grad]}")
 

@@ -78,6 +78,7 @@ def main(args: argparse.Namespace) -> None:
     loader = train_loader(dataset, args)
     print(f"{len(dataset)} images in {dataset.root}, {len(loader)} iterations per epoch")
 
+    model.set_grad_checkpointing(args.grad_checkpointing)
     model.to(device)
     param_groups = param_groups_weight_decay(model, args.weight_decay)  # no decay on biases and norms
     optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")

@@ -12,6 +12,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 from timm.models.vision_transformer import Block, PatchEmbed
+from torch.utils.checkpoint import checkpoint
 
 from util.pos_embed import sincos_2d
 
@@ -37,6 +38,7 @@ class MaskedAutoencoderViT(nn.Module):
             raise ValueError(f"image size {img_size} is not a multiple of the patch size {patch_size}")
         self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
         self.norm_pix_loss = norm_pix_loss
+        self.grad_checkpointing = False
 
         # Encoder. Position embeddings are fixed sin-cos values, stored as frozen parameters
         # (as the official code does) so that checkpoints carry them under the same names.
@@ -77,6 +79,19 @@ class MaskedAutoencoderViT(nn.Module):
         nn.init.normal_(self.cls_token, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
         self.apply(_init_linear_and_norm)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of storing them:
+        less memory for large models and batches, at about one more forward's compute."""
+        self.grad_checkpointing = enable
+
+    def _run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+        for block in blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x
 
     @property
     def num_patches(self) -> int:
@@ -142,9 +157,7 @@ class MaskedAutoencoderViT(nn.Module):
         x = self.patch_embed(imgs) + self.pos_embed[:, 1:]
         x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-        x = torch.cat([cls, x], dim=1)
-        for block in self.blocks:
-            x = block(x)
+        x = self._run_blocks(self.blocks, torch.cat([cls, x], dim=1))
         return self.norm(x), mask, ids_restore
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
@@ -154,8 +167,7 @@ class MaskedAutoencoderViT(nn.Module):
         patches = torch.cat([x[:, 1:], mask_tokens], dim=1)
         patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))
         x = torch.cat([x[:, :1], patches], dim=1) + self.decoder_pos_embed
-        for block in self.decoder_blocks:
-            x = block(x)
+        x = self._run_blocks(self.decoder_blocks, x)
         x = self.decoder_pred(self.decoder_norm(x))
         return x[:, 1:]
 

@@ -14,7 +14,8 @@ sys.path.insert(0, str(REPO))
 
 from util.data import IMAGENET_MEAN, IMAGENET_STD, ImageFiles, load_rgb, pretrain_transform  # noqa: E402
 from util.errors import UserError  # noqa: E402
-from util.fast_crop import FastRandomResizedCropFlip, normalize_on_device, open_lazily  # noqa: E402
+from util.fast_crop import FastRandomResizedCropFlip, normalize_on_device  # noqa: E402
+from util.images import open_lazily  # noqa: E402
 
 
 def _smooth_photo(path: Path, width: int, height: int, fmt: str) -> Path:

@@ -89,6 +89,11 @@ def add_run_args(parser: argparse.ArgumentParser, *, data_path: str) -> None:
     )
     g.add_argument("--print_freq", default=20, type=int, metavar="N", help="log every N iterations")
     g.add_argument("--compile", action="store_true", help="compile the model with torch.compile")
+    g.add_argument(
+        "--grad_checkpointing",
+        action="store_true",
+        help="recompute block activations in the backward pass: less memory, ~30%% more compute",
+    )
 
     d = parser.add_argument_group("distributed")
     d.add_argument("--world_size", default=1, type=int, help="number of distributed processes")

@@ -37,17 +37,19 @@ def load_checkpoint(path: str) -> dict[str, Any]:
             return torch.hub.load_state_dict_from_url(path, map_location="cpu", check_hash=True, weights_only=True)
     if not os.path.isfile(path):
         fail(f"checkpoint {path} does not exist")
+    if not _looks_like_torch_file(path):
+        fail(f"checkpoint {path} is truncated or not a PyTorch checkpoint; use an earlier checkpoint or write it again")
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        detail = str(e).split("Unsupported global:")[-1].split(".")[0:4]
+        refused = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(e))
         fail(
-            f"checkpoint {path} refused: it needs a Python object beyond tensors and argparse.Namespace "
-            f"to load, which could run code ({'.'.join(detail).strip()[:120]}); load only checkpoints you trust "
-            f"and re-save their state dict"
+            f"checkpoint {path} refused: it needs {refused.group(1) if refused else 'a Python object'} to load, "
+            f"beyond the tensors and argparse.Namespace a checkpoint holds, and loading it could run code; "
+            f"load only checkpoints you trust and re-save their state dict"
         )
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+    except Exception as e:  # torch reports damaged files with many exception types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         fail(
             f"checkpoint {path} is truncated or not a PyTorch checkpoint ({first[:160]}); "
@@ -56,6 +58,13 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     if not isinstance(ckpt, dict):
         fail(f"checkpoint {path} holds a {type(ckpt).__name__}, not a dict of states; it is not an MAE checkpoint")
     return ckpt
+
+
+def _looks_like_torch_file(path: str) -> bool:
+    """A complete zip archive (torch >= 1.6) or a legacy pickle stream (it starts with PROTO)."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return zipfile.is_zipfile(path) or head[:1] == b"\x80"
 
 
 def model_state(ckpt: dict[str, Any], path: str) -> dict[str, torch.Tensor]:
@@ -271,7 +280,8 @@ def prune(output_dir: str, keep_last: int, keep_every: int, final_epoch: int) ->
     if keep_last <= 0:
         return []  # keep everything
     paths = list_checkpoints(output_dir)
-    newest = set(paths[-keep_last:])
+    complete = [p for p in paths if _NAME.match(os.path.basename(p)).group(2) is None]
+    newest = set(complete[-keep_last:])
     removed = []
     for path in paths[:-1]:  # the newest checkpoint always stays
         m = _NAME.match(os.path.basename(path))

@@ -12,32 +12,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import datasets, transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from util import distributed
 from util.errors import fail
-from util.fast_crop import FastRandomResizedCropFlip, open_lazily
+from util.fast_crop import FastRandomResizedCropFlip
+from util.images import load_rgb, open_lazily
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading images
-def load_rgb(path: str) -> Image.Image:
-    """Open an image as RGB (grayscale, CMYK, palette and alpha are converted), naming the file on failure."""
-    try:
-        with open(path, "rb") as f:
-            img = Image.open(f)
-            img.load()
-    except Exception as e:  # PIL raises many types for bad files
-        fail(f"cannot read image {path} ({type(e).__name__}: {e}); remove or replace the file")
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    return img.convert("RGB")
 
 
 def _is_image(name: str) -> bool:

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from util.errors import fail
+from util.images import to_rgb
 
 SCALE, RATIO = (0.2, 1.0), (3 / 4, 4 / 3)
 
@@ -36,22 +36,13 @@ class FastRandomResizedCropFlip:
             reduce *= 2
         if reduce > 1 and img.format == "JPEG":
             img.draft("RGB", (math.ceil(full_w / reduce), math.ceil(full_h / reduce)))
-        img = img.convert("RGBA").convert("RGB") if img.mode == "P" else img.convert("RGB")
+        img = to_rgb(img)
         sx, sy = img.size[0] / full_w, img.size[1] / full_h
         box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
         out = img.resize((self.size, self.size), Image.BICUBIC, box=box)
         if torch.rand(1).item() < 0.5:
             out = out.transpose(Image.FLIP_LEFT_RIGHT)
         return torch.from_numpy(np.asarray(out, dtype=np.uint8).copy()).permute(2, 0, 1)
-
-
-def open_lazily(path: str) -> Image.Image:
-    """Open without decoding (the size is read from the header), naming the file on failure."""
-    try:
-        img = Image.open(path)
-    except Exception as e:
-        fail(f"cannot read image {path} ({type(e).__name__}: {e}); remove or replace the file")
-    return img
 
 
 def normalize_on_device(imgs: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:

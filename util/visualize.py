@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from util.data import IMAGENET_MEAN, IMAGENET_STD
+from util.images import load_rgb
 
 MASKED_GRAY = 0.5
 
@@ -60,6 +61,4 @@ def save_png(picture: np.ndarray, path: str, min_width: int = 512) -> None:
 
 
 def load_images(paths: Sequence[str], transform) -> torch.Tensor:
-    from util.data import load_rgb
-
     return torch.stack([transform(load_rgb(p)) for p in paths])

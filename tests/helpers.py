@@ -1,0 +1,201 @@
+"""Shared helpers for the pre-training, checkpoint and data tests: tiny data sets, runs of
+``main_pretrain`` in-process and on the command line, and exact comparison of saved states."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "demo" / "cifar10-2k"
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+CLASSES = ("airplane", "cat", "ship")
+
+# The smallest model at CIFAR size; everything else as fast as possible on a CPU.
+TINY = [
+    "--model",
+    "mae_vit_tiny_patch4",
+    "--input_size",
+    "32",
+    "--batch_size",
+    "16",
+    "--num_workers",
+    "0",
+    "--device",
+    "cpu",
+    "--precision",
+    "fp32",
+]
+
+
+def demo_files(n: int, classes: Sequence[str] = CLASSES) -> list[Path]:
+    """The first ``n`` images of each class of the committed CIFAR-10 sample."""
+    files = []
+    for c in classes:
+        files += sorted((DEMO / c).glob("*.jpg"))[:n]
+    assert len(files) == n * len(classes), f"demo data under {DEMO} is incomplete"
+    return files
+
+
+def make_dataset(root: Path, per_class: int, classes: Sequence[str] = CLASSES, layout: str = "classes") -> Path:
+    """Copy demo images into ``root``: 'classes' (<root>/<class>/*), 'train' (<root>/train/<class>/*),
+    'flat' (<root>/*) or 'nested' (<root>/<a>/<b>/*). Returns ``root``."""
+    root.mkdir(parents=True, exist_ok=True)
+    for i, src in enumerate(demo_files(per_class, classes)):
+        cls = src.parent.name
+        if layout == "classes":
+            dest = root / cls / src.name
+        elif layout == "train":
+            dest = root / "train" / cls / src.name
+        elif layout == "flat":
+            dest = root / f"{cls}_{src.name}"
+        elif layout == "nested":
+            dest = root / f"part{i % 2}" / cls / src.name
+        else:
+            raise ValueError(layout)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dest)
+    return root
+
+
+def pretrain_args(data: Path, out: Path, *extra: str):
+    import main_pretrain
+
+    argv = [*TINY, "--data_path", str(data), "--output_dir", str(out), "--log_dir", str(out), *extra]
+    return main_pretrain.get_args_parser().parse_args(argv)
+
+
+def run_pretrain(data: Path, out: Path, *extra: str, init_seed: int | None = 0, threads: int = 1):
+    """Run ``main_pretrain.main`` in this process. ``init_seed`` seeds the global generator first:
+    the model is built before ``--seed`` is applied (see test_seed_determines_initial_weights), so
+    in-process runs that must start from the same weights need it. One thread: faster on a
+    small, busy machine, and the same reduction order in every run compared bit for bit."""
+    import main_pretrain
+
+    args = pretrain_args(data, out, *extra)
+    if init_seed is not None:
+        torch.manual_seed(init_seed)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        main_pretrain.main(args)
+    finally:
+        torch.set_num_threads(saved)
+    return args
+
+
+def cli(argv: Sequence[str], timeout: float = 300, **kwargs: Any) -> subprocess.CompletedProcess:
+    """``python <argv>`` from the repository root, output captured."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **kwargs.pop("env", {})}
+    return subprocess.run(
+        [sys.executable, *argv],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kwargs,
+    )
+
+
+def load(path: Path | str) -> dict[str, Any]:
+    from util.checkpoint import load_checkpoint
+
+    return load_checkpoint(str(path))
+
+
+def read_log(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+
+
+def checkpoint_names(out: Path) -> set[str]:
+    return {p.name for p in out.glob("checkpoint-*.pth")}
+
+
+def assert_same(a: Any, b: Any, where: str = "") -> None:
+    """Recursively equal: tensors bitwise (torch.equal, same dtype), containers element by element."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor), f"{where}: tensor vs {type(b).__name__}"
+        assert a.dtype == b.dtype and a.shape == b.shape, (
+            f"{where}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"
+        )
+        assert torch.equal(a, b), f"{where}: tensors differ (max abs diff {(a.double() - b.double()).abs().max()})"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys {sorted(map(str, a))} vs {sorted(map(str, b))}"
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{where}: lengths differ"
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} vs {b!r}"
+
+
+def all_finite(state: dict[str, torch.Tensor]) -> bool:
+    return all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+# A driver that imports main_pretrain's dependencies once, then runs each command line in a
+# forked child exactly as `python main_pretrain.py ...` runs it (the script's __main__ block,
+# run by runpy), with the child's own stdout, stderr and exit status. Importing torch, timm and
+# torchvision takes most of a CLI run's time; this pays for it once instead of once per case.
+_DRIVER = r"""
+import json, os, runpy, sys, traceback
+repo, cases_path, results_path = sys.argv[1:4]
+sys.path.insert(0, repo)
+os.chdir(repo)
+import main_pretrain  # noqa: F401  (the heavy imports)
+cases = json.load(open(cases_path))
+results = {}
+for name, (script, argv, out_path, err_path) in cases.items():
+    sys.stdout.flush(); sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            for fd, path in ((1, out_path), (2, err_path)):
+                os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+            sys.argv = [script, *argv]
+            runpy.run_path(script, run_name="__main__")
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush(); sys.stderr.flush()
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    results[name] = os.waitstatus_to_exitcode(status)
+json.dump(results, open(results_path, "w"))
+"""
+
+
+def cli_batch(cases: dict[str, list[str]], workdir: Path, script: str = "main_pretrain.py") -> dict[str, Any]:
+    """Run ``python <script> <argv>`` for every case; returns name -> CompletedProcess-like results
+    (``returncode``, ``stdout``, ``stderr``)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    spec = {
+        name: [script, list(argv), str(workdir / f"{name}.out"), str(workdir / f"{name}.err")]
+        for name, argv in cases.items()
+    }
+    (workdir / "cases.json").write_text(json.dumps(spec))
+    (workdir / "driver.py").write_text(_DRIVER)
+    done = cli([str(workdir / "driver.py"), str(REPO), str(workdir / "cases.json"), str(workdir / "results.json")])
+    assert done.returncode == 0, done.stderr[-3000:]
+    codes = json.loads((workdir / "results.json").read_text())
+    return {
+        name: subprocess.CompletedProcess(
+            [script, *cases[name]], codes[name], Path(out).read_text(), Path(err).read_text()
+        )
+        for name, (_, _, out, err) in spec.items()
+    }

@@ -1,0 +1,330 @@
+"""util.checkpoint: naming and ordering, pruning, atomic writes, safe loading, strict model
+loading, random-number state and resume positions."""
+
+import os
+import random
+import shlex
+from argparse import Namespace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import assert_same
+
+from util import checkpoint
+from util.checkpoint import (
+    Position,
+    TrainState,
+    atomic_save,
+    capture_rng,
+    checkpoint_name,
+    find_resumable,
+    list_checkpoints,
+    load_checkpoint,
+    load_model_strict,
+    model_state,
+    prune,
+    restore_rng,
+    resume,
+)
+from util.errors import UserError
+from util.precision import LossScaler
+
+
+def _touch(folder: Path, *names: str) -> None:
+    for name in names:
+        (folder / name).write_bytes(b"x")
+
+
+def _names(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Names and order
+def test_names_and_progress_order(tmp_path):
+    assert checkpoint_name(3) == "checkpoint-3.pth"
+    assert checkpoint_name(3, 40) == "checkpoint-3-step40.pth"
+    _touch(
+        tmp_path,
+        "checkpoint-10.pth",
+        "checkpoint-2.pth",
+        "checkpoint-3-step5.pth",
+        "checkpoint-3-step40.pth",
+        "checkpoint-3.pth",
+        "checkpoint-2-step7.pth",
+        # not checkpoints:
+        "checkpoint-4.pth.tmp123",
+        "checkpoint-best.pth",
+        "log.txt",
+        "checkpoint-5.pt",
+    )
+    order = [os.path.basename(p) for p in list_checkpoints(str(tmp_path))]
+    # By the position each resumes at: epoch 3 after 5 and 40 iterations comes after the whole
+    # epoch 2 and before the whole epoch 3; numbers compare as numbers (10 > 3).
+    assert order == [
+        "checkpoint-2-step7.pth",
+        "checkpoint-2.pth",
+        "checkpoint-3-step5.pth",
+        "checkpoint-3-step40.pth",
+        "checkpoint-3.pth",
+        "checkpoint-10.pth",
+    ]
+    assert list_checkpoints(str(tmp_path / "missing")) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Pruning
+def _expected_kept(names: list[str], keep_last: int, keep_every: int, final_epoch: int) -> set[str]:
+    """The docstring's rule, written independently: the newest checkpoint; among complete epochs
+    the keep_last newest, every keep_every-th and the final one."""
+    order = sorted(names, key=lambda n: checkpoint._progress(n))
+    complete = [n for n in order if "-step" not in n]
+    kept = {order[-1]} | set(complete[-keep_last:])
+    kept |= {n for n in complete if int(n[len("checkpoint-") : -len(".pth")]) % keep_every == 0}
+    kept |= {n for n in complete if n == f"checkpoint-{final_epoch}.pth"}
+    return kept
+
+
+@pytest.mark.parametrize(
+    "names, keep_last, keep_every, final_epoch",
+    [
+        ([f"checkpoint-{e}.pth" for e in range(10)], 1, 20, 99),  # the defaults, run not finished
+        ([f"checkpoint-{e}.pth" for e in range(10)], 2, 4, 99),
+        ([f"checkpoint-{e}.pth" for e in range(10)], 3, 4, 5),  # final epoch among the old ones
+        # The end of an epoch with --ckpt_every_steps and the default --keep_last 1.
+        (
+            [
+                "checkpoint-0.pth",
+                "checkpoint-1.pth",
+                "checkpoint-2-step1.pth",
+                "checkpoint-2-step2.pth",
+                "checkpoint-2.pth",
+            ],
+            1,
+            20,
+            9,
+        ),
+        # A run interrupted inside epoch 2, pruned later (e.g. by hand): the newest stays.
+        (["checkpoint-0.pth", "checkpoint-1-step3.pth", "checkpoint-1.pth", "checkpoint-2-step3.pth"], 1, 20, 9),
+        # The end of an epoch with --ckpt_every_steps: that epoch's mid-epoch checkpoints are still
+        # there when it is pruned; they must not count as complete epochs for --keep_last.
+        (
+            [f"checkpoint-{e}.pth" for e in range(4)] + ["checkpoint-3-step1.pth", "checkpoint-3-step2.pth"],
+            2,
+            100,
+            9,
+        ),
+    ],
+    ids=["defaults", "keep_last2_every4", "final_epoch", "mid_epoch", "mid_epoch_newest", "mid_epoch_and_keep_last"],
+)
+def test_prune_follows_documented_rule(tmp_path, names, keep_last, keep_every, final_epoch):
+    _touch(tmp_path, *names, "log.txt")
+    removed = prune(str(tmp_path), keep_last, keep_every, final_epoch)
+    expected = _expected_kept(names, keep_last, keep_every, final_epoch)
+    assert _names(tmp_path) == expected | {"log.txt"}
+    assert sorted(os.path.basename(p) for p in removed) == sorted(set(names) - expected)
+
+
+def test_prune_keep_last_zero_keeps_everything(tmp_path):
+    names = [f"checkpoint-{e}.pth" for e in range(5)] + ["checkpoint-2-step1.pth"]
+    _touch(tmp_path, *names)
+    assert prune(str(tmp_path), 0, 20, 4) == []
+    assert _names(tmp_path) == set(names)
+
+
+def test_prune_removes_temporaries_of_dead_writers_only(tmp_path):
+    _touch(tmp_path, "checkpoint-1.pth", "checkpoint-2.pth.tmp999999", f"checkpoint-3.pth.tmp{os.getpid()}", "a.tmp1")
+    prune(str(tmp_path), 1, 20, 9)
+    assert _names(tmp_path) == {"checkpoint-1.pth", f"checkpoint-3.pth.tmp{os.getpid()}", "a.tmp1"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic writes
+def test_atomic_save_replaces_whole_file(tmp_path):
+    path = tmp_path / "checkpoint-0.pth"
+    atomic_save({"a": torch.arange(3)}, str(path))
+    atomic_save({"a": torch.arange(5)}, str(path))
+    assert torch.equal(load_checkpoint(str(path))["a"], torch.arange(5))
+    assert _names(tmp_path) == {"checkpoint-0.pth"}
+
+
+def test_atomic_save_failure_midway_keeps_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint-0.pth"
+    atomic_save({"a": torch.arange(3)}, str(path))
+    before = path.read_bytes()
+    real_save = torch.save
+
+    def crash(obj, f, *a, **k):
+        real_save({"partial": torch.zeros(1000)}, f)  # some bytes reach the disk, then...
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="No space"):
+        atomic_save({"a": torch.arange(10)}, str(path))
+    assert path.read_bytes() == before
+    assert _names(tmp_path) == {"checkpoint-0.pth"}, "the temporary file must be removed"
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading untrusted files
+class _Malicious:
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def test_load_checkpoint_accepts_tensors_and_namespace(tmp_path):
+    good = tmp_path / "good.pth"
+    torch.save({"model": {"w": torch.ones(2)}, "args": Namespace(a=1), "epoch": 0}, good)
+    ckpt = load_checkpoint(str(good))
+    assert ckpt["args"] == Namespace(a=1) and torch.equal(ckpt["model"]["w"], torch.ones(2))
+
+
+def _write_bad(path: Path, kind: str) -> None:
+    if kind == "truncated":
+        torch.save({"model": {"w": torch.ones(1000)}, "epoch": 0}, path)
+        blob = path.read_bytes()
+        path.write_bytes(blob[: len(blob) // 2])
+    elif kind == "list":
+        torch.save([torch.ones(1)], path)
+    elif kind == "malicious":
+        marker = path.parent / "MARKER"
+        torch.save({"model": _Malicious(f"touch {shlex.quote(str(marker))}")}, path)
+    elif kind == "text":
+        path.write_text("hello")
+    elif kind == "html":  # what a failed download saves
+        path.write_text("<!DOCTYPE html><html><body>403 Forbidden</body></html>")
+    elif kind == "lfs_pointer":  # a checkpoint cloned without git-lfs
+        path.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0123abcd\nsize 1234\n")
+    elif kind != "missing":
+        raise ValueError(kind)
+
+
+@pytest.mark.parametrize(
+    "kind, words",
+    [
+        ("truncated", ["truncated"]),
+        ("list", ["not a dict"]),
+        ("malicious", ["refused"]),
+        ("missing", ["does not exist"]),
+        ("text", ["not a PyTorch checkpoint"]),
+        ("html", ["not a PyTorch checkpoint"]),
+        ("lfs_pointer", ["not a PyTorch checkpoint"]),
+    ],
+)
+def test_load_checkpoint_refuses_bad_file_with_one_line(tmp_path, kind, words):
+    path = tmp_path / f"{kind}.pth"
+    _write_bad(path, kind)
+    with pytest.raises(UserError) as err:
+        load_checkpoint(str(path))
+    message = str(err.value)
+    assert str(path) in message and "\n" not in message
+    for word in words:
+        assert word in message, message
+    assert not (tmp_path / "MARKER").exists()
+
+
+def test_malicious_checkpoint_message_names_the_refused_global(tmp_path):
+    marker = tmp_path / "MARKER"
+    torch.save({"model": _Malicious(f"touch {shlex.quote(str(marker))}")}, tmp_path / "evil.pth")
+    with pytest.raises(UserError) as err:
+        load_checkpoint(str(tmp_path / "evil.pth"))
+    assert "posix.system" in str(err.value), f"the message should say what was refused: {err.value}"
+    assert not marker.exists()
+
+
+def test_model_state_and_strict_loading():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+    own = model.state_dict()
+    assert model_state({"model": own}, "p") is own
+    assert model_state(dict(own), "p").keys() == own.keys()  # a bare state dict
+    for bad in ({"foo": 1}, {"model": {}}, {"model": {"w": 1}}):
+        with pytest.raises(UserError, match="no model state dict"):
+            model_state(bad, "p.pth")
+
+    target = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+    load_model_strict(target, own, "p.pth")
+    assert_same(target.state_dict(), own)
+
+    missing = {k: v for k, v in own.items() if k != "1.bias"}
+    with pytest.raises(UserError, match=r"1 missing \(e\.g\. 1\.bias\)"):
+        load_model_strict(target, missing, "p.pth")
+    with pytest.raises(UserError, match=r"1 unexpected \(e\.g\. extra\)"):
+        load_model_strict(target, {**own, "extra": torch.zeros(1)}, "p.pth")
+    with pytest.raises(UserError, match=r"of another shape \(e\.g\. 0\.weight: \(4, 2\) vs \(3, 2\)\)"):
+        load_model_strict(target, {**own, "0.weight": torch.zeros(4, 2)}, "p.pth")
+
+
+# ---------------------------------------------------------------------------------------------
+# Random-number state and resume
+def _draw() -> tuple:
+    return random.random(), float(np.random.rand()), float(np.random.randn()), torch.rand(3)
+
+
+def test_rng_state_round_trips_through_a_checkpoint(tmp_path):
+    np.random.randn()  # leave a cached Gaussian in numpy's state
+    state = capture_rng()
+    expected = _draw()
+    _draw()
+    atomic_save({"rng": [state]}, str(tmp_path / "c.pth"))
+    restore_rng(load_checkpoint(str(tmp_path / "c.pth"))["rng"][0])  # loads without pickled code
+    assert_same(_draw(), expected)
+
+
+def _state(model, args) -> TrainState:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    return TrainState(model, optimizer, LossScaler("fp32"), args)
+
+
+def _args(**kw) -> Namespace:
+    return Namespace(**{"start_epoch": 0, "resume": "", "output_dir": "", **kw})
+
+
+def test_resume_positions_and_find_resumable(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 2)
+    state = _state(model, _args(output_dir=str(tmp_path)))
+    model(torch.ones(1, 2)).sum().backward()
+    state.optimizer.step()
+
+    def save(epoch, step):
+        checkpoint.save_checkpoint(state, epoch, step)
+
+    assert resume(state) == Position(0, 0)  # no --resume
+    save(0, None)
+    save(1, 4)
+    whole = (tmp_path / "checkpoint-1-step4.pth").read_bytes()
+    (tmp_path / "checkpoint-1-step8.pth").write_bytes(whole[:100])  # newest, but broken
+
+    path, ckpt = find_resumable(str(tmp_path))
+    assert os.path.basename(path) == "checkpoint-1-step4.pth" and ckpt["step"] == 4
+    assert "checkpoint-1-step8.pth" in capsys.readouterr().out
+
+    fresh = _state(torch.nn.Linear(2, 2), _args(output_dir=str(tmp_path), resume="auto"))
+    assert resume(fresh) == Position(1, 4)
+    assert_same(fresh.model.state_dict(), model.state_dict())
+    assert_same(fresh.optimizer.state_dict(), state.optimizer.state_dict())
+    fresh.args.resume = str(tmp_path / "checkpoint-0.pth")
+    assert resume(fresh) == Position(1, 0)  # after a complete epoch: the next one
+
+    # Weights only (an official release): the model loads, training starts at --start_epoch.
+    torch.save({"model": model.state_dict()}, tmp_path / "weights.pth")
+    fresh = _state(torch.nn.Linear(2, 2), _args(resume=str(tmp_path / "weights.pth"), start_epoch=3))
+    assert resume(fresh) == Position(3, 0)
+    assert_same(fresh.model.state_dict(), model.state_dict())
+    assert fresh.optimizer.state_dict()["state"] == {}
+
+
+def test_resume_refuses_other_optimizer_layout(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    state = _state(model, _args(output_dir=str(tmp_path)))
+    checkpoint.save_checkpoint(state, 0)
+    twin = torch.nn.Linear(2, 2)
+    two_groups = torch.optim.AdamW([{"params": [p]} for p in twin.parameters()])
+    other = TrainState(twin, two_groups, LossScaler("fp32"), _args(resume=str(tmp_path / "checkpoint-0.pth")))
+    with pytest.raises(UserError, match="optimizer"):
+        resume(other)

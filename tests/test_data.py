@@ -1,0 +1,274 @@
+"""util.data: folder layouts, image modes, and the seeded, sharded sampling that makes runs
+independent of the number of workers and of where a resumed run picks up."""
+
+import random
+from argparse import Namespace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import make_dataset
+from PIL import Image
+
+from util import data as data_mod
+from util import distributed
+from util.data import (
+    ImageFiles,
+    SeededDataset,
+    SeededSampler,
+    ShardSampler,
+    eval_transform,
+    load_rgb,
+    pretrain_dataset,
+    pretrain_transform,
+    train_loader,
+)
+from util.errors import UserError
+from util.fast_crop import FastRandomResizedCropFlip
+
+
+# ---------------------------------------------------------------------------------------------
+# Layouts
+@pytest.mark.parametrize("layout", ["train", "classes", "flat", "nested"])
+def test_pretrain_dataset_layouts(tmp_path, layout):
+    root = make_dataset(tmp_path / "d", 4, layout=layout)
+    (root / "README.txt").write_text("not an image")
+    dataset = pretrain_dataset(str(root), pretrain_transform(32))
+    assert len(dataset) == 12
+    assert dataset.files == sorted(dataset.files)
+    assert all(Path(f).suffix == ".jpg" for f in dataset.files)
+    img, label = dataset[5]
+    assert img.shape == (3, 32, 32) and img.dtype == torch.float32 and label == 0
+    if layout == "train":
+        assert Path(dataset.root) == root / "train"
+
+
+def test_pretrain_dataset_prefers_train_split(tmp_path):
+    make_dataset(tmp_path / "train", 2)
+    make_dataset(tmp_path / "val", 3)
+    dataset = pretrain_dataset(str(tmp_path), pretrain_transform(32))
+    assert len(dataset) == 6 and all("/train/" in f for f in dataset.files)
+
+
+def test_pretrain_dataset_errors_name_the_folder(tmp_path):
+    with pytest.raises(UserError, match="--data_path .*missing"):
+        pretrain_dataset(str(tmp_path / "missing"), pretrain_transform(32))
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "a.txt").write_text("x")
+    with pytest.raises(UserError, match="holds no images"):
+        pretrain_dataset(str(tmp_path / "empty"), pretrain_transform(32))
+
+
+def test_uppercase_extensions_count(tmp_path):
+    make_dataset(tmp_path, 1, layout="flat")
+    first = sorted(tmp_path.iterdir())[0]
+    first.rename(first.with_suffix(".JPG"))
+    assert len(ImageFiles(str(tmp_path))) == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Image modes
+def _gradient(size: int = 32) -> np.ndarray:
+    y, x = np.mgrid[0:size, 0:size]
+    return ((x * 7 + y * 3) % 256).astype(np.uint8)
+
+
+def _save(tmp: Path, mode: str) -> tuple[Path, np.ndarray]:
+    """An image in ``mode`` and the RGB pixels it should read as."""
+    g = _gradient()
+    rgb = np.stack([g, 255 - g, g // 2], axis=-1)
+    if mode == "L":
+        img, expected, name = Image.fromarray(g, "L"), np.stack([g] * 3, -1), "gray.png"
+    elif mode == "LA":
+        img = Image.fromarray(np.stack([g, np.full_like(g, 128)], -1), "LA")
+        expected, name = np.stack([g] * 3, -1), "gray_alpha.png"
+    elif mode == "RGBA":
+        img = Image.fromarray(np.concatenate([rgb, np.full_like(g, 77)[..., None]], -1), "RGBA")
+        expected, name = rgb, "rgba.png"
+    elif mode == "P":
+        img = Image.fromarray(rgb, "RGB").quantize(16)
+        expected, name = np.asarray(img.convert("RGB")), "palette.png"
+    elif mode == "P_transparent":
+        img = Image.fromarray(rgb, "RGB").quantize(16)
+        img.info["transparency"] = 0
+        expected, name = np.asarray(img.convert("RGB")), "palette_transparent.png"
+    elif mode == "CMYK":
+        img = Image.fromarray(rgb, "RGB").convert("CMYK")
+        name = "cmyk.jpg"
+        img.save(tmp / name, quality=100)
+        with Image.open(tmp / name) as saved:
+            assert saved.mode == "CMYK"
+            expected = np.asarray(saved.convert("RGB"))
+        return tmp / name, expected
+    elif mode == "I;16":
+        wide = g.astype(np.uint16) * 257  # the same picture at 16 bits
+        img, expected, name = Image.fromarray(wide), np.stack([g] * 3, -1), "gray16.png"
+    else:
+        raise ValueError(mode)
+    img.save(tmp / name)
+    return tmp / name, expected
+
+
+MODES = ["L", "LA", "RGBA", "P", "P_transparent", "CMYK", "I;16"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_images_of_any_mode_read_as_rgb(tmp_path, mode):
+    path, expected = _save(tmp_path, mode)
+    with Image.open(path) as original:
+        assert original.mode == mode.split("_")[0], "the test image must really be in that mode"
+    img = load_rgb(str(path))
+    assert img.mode == "RGB" and img.size == (32, 32)
+    error = int(np.abs(np.asarray(img).astype(int) - expected.astype(int)).max())
+    assert error <= 1, f"{mode}: pixels changed by up to {error} (of 255)"
+    tensor, _ = ImageFiles(str(tmp_path), eval_transform(32))[0]
+    assert tensor.shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fast_loader_reads_any_mode_as_rgb(tmp_path, mode):
+    """--loader fast: the image reaches the transform undecoded; a crop of the whole image
+    (scale and ratio 1) must give the image's own RGB pixels, possibly flipped."""
+    path, expected = _save(tmp_path, mode)
+    dataset = ImageFiles(str(tmp_path), FastRandomResizedCropFlip(32, scale=(1.0, 1.0), ratio=(1.0, 1.0)), lazy=True)
+    tensor, _ = dataset[0]
+    assert tensor.shape == (3, 32, 32) and tensor.dtype == torch.uint8
+    got = tensor.permute(1, 2, 0).numpy().astype(int)
+    error = min(int(np.abs(got - e.astype(int)).max()) for e in (expected, expected[:, ::-1]))
+    assert error <= 1, f"{mode}: pixels changed by up to {error} (of 255)"
+    # The training transform proper, at another size: 3 channels, uint8.
+    big, _ = ImageFiles(str(tmp_path), pretrain_transform(16, fast=True), lazy=True)[0]
+    assert big.shape == (3, 16, 16) and big.dtype == torch.uint8
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["torchvision", "fast"])
+def test_corrupt_image_error_names_the_file(tmp_path, fast):
+    make_dataset(tmp_path, 1, layout="flat")
+    good = sorted(tmp_path.iterdir())[0].read_bytes()
+    (tmp_path / "broken.jpg").write_bytes(good[: len(good) // 3])
+    (tmp_path / "garbage.png").write_bytes(b"\x89PNG not really")
+    dataset = ImageFiles(str(tmp_path), pretrain_transform(32, fast), lazy=fast)
+    for name in ("broken.jpg", "garbage.png"):
+        with pytest.raises(UserError) as err:
+            dataset[dataset.files.index(str(tmp_path / name))]
+        assert name in str(err.value) and "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeded sampling
+def _loader_args(workers: int, batch: int = 8, seed: int = 0) -> Namespace:
+    return Namespace(batch_size=batch, seed=seed, num_workers=workers, pin_mem=False, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def image_root(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("seeded"), 8)  # 24 images
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["torchvision", "fast"])
+def images(request, image_root) -> ImageFiles:
+    fast = request.param
+    return pretrain_dataset(str(image_root), pretrain_transform(32, fast), lazy=fast)
+
+
+def _epoch(loader, epoch: int, skip: int = 0) -> list[torch.Tensor]:
+    loader.sampler.set_epoch(epoch, skip=skip)
+    return [imgs for imgs, _ in loader]
+
+
+def test_samples_do_not_depend_on_workers_or_skip(images):
+    inline = train_loader(images, _loader_args(0))
+    workers = train_loader(images, _loader_args(2))
+    first = _epoch(inline, 1)
+    assert len(first) == 3
+    # Twice with persistent workers too: set_epoch must reach them.
+    for _ in range(2):
+        for a, b in zip(first, _epoch(workers, 1), strict=True):
+            assert torch.equal(a, b)
+    # A run resumed after one batch sees exactly the rest.
+    for a, b in zip(first[1:], _epoch(workers, 1, skip=8), strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(first[2:], _epoch(inline, 1, skip=16), strict=True):
+        assert torch.equal(a, b)
+    # Another epoch: another order and other augmentations; another run seed: other samples.
+    assert not torch.equal(torch.cat(first), torch.cat(_epoch(inline, 2)))
+    other_seed = train_loader(images, _loader_args(0, seed=1))
+    assert not torch.equal(torch.cat(first), torch.cat(_epoch(other_seed, 1)))
+
+
+def test_augmentation_depends_on_epoch_and_index_only(images):
+    dataset = SeededDataset(images)
+    sampler = SeededSampler(len(images), seed=0)
+    sampler.set_epoch(3)
+    pairs = dict(sampler)  # index -> sample seed
+    assert sorted(pairs) == list(range(len(images)))
+    index = 5
+    a, _ = dataset[(index, pairs[index])]
+    b, _ = dataset[(index, pairs[index])]
+    assert torch.equal(a, b)
+    sampler.set_epoch(4)
+    c, _ = dataset[(index, dict(sampler)[index])]
+    assert not torch.equal(a, c), "the same image must be augmented differently in another epoch"
+
+
+def test_seeded_dataset_leaves_global_generators_alone(images):
+    dataset = SeededDataset(images)
+    random.seed(1)
+    np.random.seed(1)
+    torch.manual_seed(1)
+    expected = (random.random(), np.random.rand(), torch.rand(2))
+    random.seed(1)
+    np.random.seed(1)
+    torch.manual_seed(1)
+    dataset[(0, 123)]
+    dataset[(1, 456)]
+    assert (random.random(), np.random.rand()) == expected[:2]
+    assert torch.equal(torch.rand(2), expected[2])
+
+
+def _as_rank(monkeypatch, rank: int, world: int) -> None:
+    monkeypatch.setattr(distributed, "rank", lambda: rank)
+    monkeypatch.setattr(distributed, "world_size", lambda: world)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_seeded_sampler_shards_cover_all_with_rank_independent_seeds(monkeypatch, world):
+    n = 10
+    whole = SeededSampler(n, seed=7)
+    whole.set_epoch(2)
+    seeds = dict(whole)
+    shards = []
+    for r in range(world):
+        _as_rank(monkeypatch, r, world)
+        sampler = SeededSampler(n, seed=7)
+        sampler.set_epoch(2)
+        shard = list(sampler)
+        assert len(shard) == len(sampler) == -(-n // world)
+        assert all(seeds[i] == s for i, s in shard), "a sample's seed must not depend on the rank"
+        shards.append([i for i, _ in shard])
+    flat = [i for shard in shards for i in shard]
+    assert set(flat) == set(range(n))
+    assert len(flat) - n < world  # padding only to equal shares
+    # Shards are disjoint apart from the padding.
+    assert len(set(shards[0]) & set(shards[1])) <= len(flat) - n
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 10])
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_shard_sampler_covers_every_index_exactly_once(monkeypatch, n, world):
+    seen = []
+    for r in range(world):
+        _as_rank(monkeypatch, r, world)
+        sampler = ShardSampler(n)
+        assert len(sampler) == len(list(sampler))
+        seen += list(sampler)
+    assert sorted(seen) == list(range(n))
+
+
+def test_train_loader_refuses_batch_larger_than_data(images, monkeypatch):
+    with pytest.raises(UserError, match="--batch_size 25"):
+        train_loader(images, _loader_args(0, batch=25))
+    _as_rank(monkeypatch, 0, 2)
+    with pytest.raises(UserError, match="--batch_size 13 x 2"):
+        data_mod.train_loader(images, _loader_args(0, batch=13))

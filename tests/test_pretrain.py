@@ -1,0 +1,501 @@
+"""End-to-end tests of the pre-training entry point (main_pretrain.py) on CPU.
+
+One reference run (4 epochs of 3 iterations on 48 CIFAR images, tiny model) serves several
+tests: its outputs, and the exact resumes (from an epoch boundary, from inside an epoch, with
+and without data-loader workers) that must reproduce it bit for bit.
+"""
+
+import hashlib
+import math
+import os
+import shlex
+import signal
+import textwrap
+from argparse import Namespace
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import (
+    CLASSES,
+    REPO,
+    TINY,
+    all_finite,
+    assert_same,
+    checkpoint_names,
+    cli,
+    cli_batch,
+    load,
+    make_dataset,
+    read_log,
+    run_pretrain,
+)
+from PIL import Image
+
+import main_pretrain
+import models_mae
+from util import interrupt, train_loop
+from util.args import effective_lr
+from util.errors import run_cli
+from util.lr_sched import adjust_learning_rate, lr_at
+from util.train_loop import NonFiniteLoss
+
+# Flags of the reference run; resumed runs use the same ones (the schedule depends on --epochs).
+EPOCHS = 4
+ITERS = 3  # 48 images / batch 16
+RUN = ["--epochs", str(EPOCHS), "--warmup_epochs", "1", "--blr", "2e-3", "--print_freq", "1", "--vis_freq", "2"]
+
+
+@contextmanager
+def _preserved_signals():
+    """main() installs SIGTERM/SIGUSR1/SIGUSR2 handlers in this process; put pytest's back afterwards."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
+    try:
+        yield
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+
+
+@pytest.fixture(autouse=True)
+def _isolate(monkeypatch):
+    monkeypatch.setattr(interrupt, "_requested", None)
+    monkeypatch.setattr(interrupt, "_previous", {}, raising=False)
+    with _preserved_signals():
+        yield
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("data"), 16)  # 48 images in 3 class folders
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data) -> Path:
+    """The uninterrupted run, keeping every epoch's checkpoint."""
+    out = tmp_path_factory.mktemp("reference")
+    with _preserved_signals():
+        run_pretrain(data, out, *RUN, "--keep_last", "0")
+    return out
+
+
+def _without_args(ckpt: dict) -> dict:
+    return {k: v for k, v in ckpt.items() if k != "args"}
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# A short run: lower loss and every output
+def test_training_lowers_loss_and_writes_outputs(reference):
+    log = read_log(reference)
+    assert [line["epoch"] for line in log] == list(range(EPOCHS)), "log.txt needs one JSON line per epoch"
+    losses = [line["train_loss"] for line in log]
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < 0.8 * losses[0], f"loss did not go down: {losses}"
+    assert all(line["train_lr"] > 0 for line in log)
+
+    assert checkpoint_names(reference) == {f"checkpoint-{e}.pth" for e in range(EPOCHS)}
+    ckpt = load(reference / f"checkpoint-{EPOCHS - 1}.pth")
+    assert {"model", "optimizer", "epoch", "step", "scaler", "args", "rng", "extra"} <= set(ckpt)
+    assert ckpt["epoch"] == EPOCHS - 1 and ckpt["step"] is None
+    assert len(ckpt["rng"]) == 1
+    assert isinstance(ckpt["args"], Namespace)
+    assert ckpt["args"].lr == pytest.approx(2e-3 * 16 / 256)  # blr * effective batch / 256
+    assert all_finite(ckpt["model"])
+    first = load(reference / "checkpoint-0.pth")["model"]
+    assert any(not torch.equal(first[k], ckpt["model"][k]) for k in first), "weights did not change"
+
+    # Pictures after epochs 0 and 2 (--vis_freq 2) and after the last one, none otherwise.
+    pictures = sorted(p.name for p in reference.glob("reconstruction-*.png"))
+    assert pictures == [f"reconstruction-{e}.png" for e in (0, 2, EPOCHS - 1)]
+    with Image.open(reference / "reconstruction-0.png") as img:
+        assert img.mode == "RGB"
+        # 8 images, one per row; original | masked | reconstruction | pasted, upscaled to >= 512 px.
+        assert img.width >= 512 and img.width % (4 * 32) == 0
+        assert img.height * 4 == img.width * 8
+
+    events = list(reference.glob("events.out.tfevents.*"))
+    assert len(events) == 1
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(events[0]), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    assert {"train_loss", "lr"} <= set(acc.Tags()["scalars"])
+    assert len(acc.Scalars("train_loss")) == EPOCHS * ITERS  # --print_freq 1
+    assert len(acc.Images("reconstructions")) == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact resume
+def _stop_at(monkeypatch, epoch: int, step: int, how: Callable[[], object]) -> Callable:
+    """Call ``how()`` at the check point after iteration ``step`` of ``epoch``."""
+    original = train_loop._check_and_log
+
+    def hooked(losses, step_, epoch_, *rest):
+        original(losses, step_, epoch_, *rest)
+        if (epoch_, step_) == (epoch, step):
+            how()
+
+    monkeypatch.setattr(train_loop, "_check_and_log", hooked)
+    return original
+
+
+def test_resume_inside_epoch_is_exact_with_workers(reference, data, tmp_path, monkeypatch):
+    # Run B: same flags, stopped by a request (as SIGTERM would) after iteration 0 of epoch 1.
+    stopped = tmp_path / "stopped"
+    original = _stop_at(monkeypatch, 1, 0, interrupt.request)
+    with pytest.raises(interrupt.Interrupted) as stop:
+        run_pretrain(data, stopped, *RUN, "--keep_last", "0")
+    assert stop.value.checkpoint == str(stopped / "checkpoint-1-step1.pth")
+    monkeypatch.setattr(interrupt, "_requested", None)
+    monkeypatch.setattr(train_loop, "_check_and_log", original)
+    assert checkpoint_names(stopped) == {"checkpoint-0.pth", "checkpoint-1-step1.pth"}
+    mid = load(stopped / "checkpoint-1-step1.pth")
+    assert (mid["epoch"], mid["step"]) == (1, 1)
+    assert_same(_without_args(load(stopped / "checkpoint-0.pth")), _without_args(load(reference / "checkpoint-0.pth")))
+
+    # Run C: resume there with 2 data-loader workers; it must end exactly where the reference ended.
+    resumed = tmp_path / "resumed"
+    run_pretrain(
+        data,
+        resumed,
+        *RUN,
+        "--resume",
+        str(stopped / "checkpoint-1-step1.pth"),
+        "--num_workers",
+        "2",
+        init_seed=12345,  # the weights must come from the checkpoint
+    )
+    final = f"checkpoint-{EPOCHS - 1}.pth"
+    assert_same(_without_args(load(resumed / final)), _without_args(load(reference / final)))
+    last_picture = f"reconstruction-{EPOCHS - 1}.png"
+    assert (resumed / last_picture).read_bytes() == (reference / last_picture).read_bytes()
+    assert [line["epoch"] for line in read_log(resumed)] == list(range(1, EPOCHS))
+
+
+def test_resume_auto_at_epoch_boundary_skips_corrupt_newest(reference, data, tmp_path, capsys):
+    out = tmp_path / "auto"
+    out.mkdir()
+    for e in (1, 2):
+        (out / f"checkpoint-{e}.pth").write_bytes((reference / f"checkpoint-{e}.pth").read_bytes())
+    # A newer, truncated checkpoint (as a crash during a copy would leave): it must be skipped.
+    whole = (reference / f"checkpoint-{EPOCHS - 1}.pth").read_bytes()
+    (out / "checkpoint-3-step1.pth").write_bytes(whole[: len(whole) // 2])
+
+    capsys.readouterr()
+    run_pretrain(data, out, *RUN, "--resume", "auto", init_seed=12345)
+    printed = capsys.readouterr().out
+    assert "skipping" in printed and "checkpoint-3-step1.pth" in printed
+    assert f"resumed model from {out / 'checkpoint-2.pth'}" in printed
+    assert "resuming at epoch 3, iteration 0" in printed
+
+    final = f"checkpoint-{EPOCHS - 1}.pth"
+    assert_same(_without_args(load(out / final)), _without_args(load(reference / final)))
+    # Pruning with the default --keep_last 1: only the final checkpoint stays.
+    assert checkpoint_names(out) == {final}
+    assert [line["epoch"] for line in read_log(out)] == [EPOCHS - 1]
+
+
+def test_resume_auto_without_checkpoint_starts_from_scratch(data, tmp_path, capsys, monkeypatch):
+    class Stop(Exception):
+        pass
+
+    def stop(*a, **k):
+        raise Stop
+
+    monkeypatch.setattr(main_pretrain.setup, "wrap_for_training", stop)
+    with pytest.raises(Stop):
+        run_pretrain(data, tmp_path / "empty", *RUN, "--resume", "auto")
+    assert "no checkpoint" in capsys.readouterr().out
+
+
+def test_signal_in_single_process_run_checkpoints_and_exits(reference, data, tmp_path, monkeypatch, capsys):
+    """A real signal (preemption) in a plain single-process run: checkpoint at the next check
+    point, stop, and exit (through the CLI wrapper) with status 128 + the signal's number."""
+    out = tmp_path / "signalled"
+    _stop_at(monkeypatch, EPOCHS - 1, 0, lambda: os.kill(os.getpid(), signal.SIGUSR1))
+    resume_from = str(reference / f"checkpoint-{EPOCHS - 2}.pth")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        run_cli(lambda: run_pretrain(data, out, *RUN, "--resume", resume_from))
+    assert stop.value.code == 128 + signal.SIGUSR1
+    written = out / f"checkpoint-{EPOCHS - 1}-step1.pth"
+    assert checkpoint_names(out) == {written.name}
+    assert str(written) in capsys.readouterr().err
+    ckpt = load(written)
+    assert (ckpt["epoch"], ckpt["step"]) == (EPOCHS - 1, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Initial weights follow --seed
+def _initial_weights(data: Path, out: Path, monkeypatch, global_seed: int, *flags: str) -> dict:
+    captured = {}
+
+    class Stop(Exception):
+        pass
+
+    def capture(model, args):
+        captured.update({k: v.clone() for k, v in model.state_dict().items()})
+        raise Stop
+
+    monkeypatch.setattr(main_pretrain.setup, "wrap_for_training", capture)
+    with pytest.raises(Stop):
+        run_pretrain(data, out, "--epochs", "1", *flags, init_seed=global_seed)
+    return captured
+
+
+def test_seed_determines_initial_weights(data, tmp_path, monkeypatch):
+    a = _initial_weights(data, tmp_path / "a", monkeypatch, 1, "--seed", "0")
+    b = _initial_weights(data, tmp_path / "b", monkeypatch, 2, "--seed", "0")
+    c = _initial_weights(data, tmp_path / "c", monkeypatch, 1, "--seed", "1")
+    differing = sorted(k for k in a if not torch.equal(a[k], b[k]))
+    assert not differing, (
+        f"same --seed, different initial weights ({len(differing)} tensors, e.g. {differing[:2]}): "
+        "main_pretrain.main builds the model before setup.start seeds the generators"
+    )
+    assert any(not torch.equal(a[k], c[k]) for k in a), "--seed 0 and --seed 1 start from the same weights"
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite loss
+def test_nonfinite_loss_stops_and_keeps_last_checkpoint(reference, data, tmp_path, monkeypatch):
+    out = tmp_path / "nan"
+    newest = out / "checkpoint-1-step1.pth"
+    seen = {}
+    build = main_pretrain.build_model
+
+    def build_poisoned(args):
+        model = build(args)
+        forward_loss = model.forward_loss
+        calls = [0]
+
+        def poisoned(*a, **k):
+            loss = forward_loss(*a, **k)
+            calls[0] += 1
+            if calls[0] >= 2:  # from iteration 1 of epoch 1 on (the run resumes at epoch 1)
+                if "sha" not in seen:
+                    seen["sha"], seen["mtime"] = _sha256(newest), newest.stat().st_mtime_ns
+                loss = loss * float("nan")
+            return loss
+
+        model.forward_loss = poisoned
+        return model
+
+    monkeypatch.setattr(main_pretrain, "build_model", build_poisoned)
+    with pytest.raises(NonFiniteLoss) as err:
+        run_pretrain(
+            data,
+            out,
+            *RUN,
+            "--resume",
+            str(reference / "checkpoint-0.pth"),
+            "--ckpt_every_steps",
+            "1",
+            "--print_freq",
+            "20",
+        )
+    message = str(err.value)
+    assert "\n" not in message
+    assert "epoch 1" in message and "iteration 1" in message, message
+    assert "sha" in seen, "the poisoned iteration never ran"
+    assert checkpoint_names(out) == {newest.name}, "a checkpoint was written after the bad iteration"
+    assert (_sha256(newest), newest.stat().st_mtime_ns) == (seen["sha"], seen["mtime"])
+    assert all_finite(load(newest)["model"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Two processes (gloo)
+WRAPPER = textwrap.dedent(
+    """
+    import os, sys
+    sys.path.insert(0, {repo!r})
+    import torch
+    import main_pretrain
+
+    built = []
+    build = main_pretrain.build_model
+    main_pretrain.build_model = lambda args: built.append(build(args)) or built[-1]
+    out = sys.argv[1]
+    main_pretrain.main(main_pretrain.get_args_parser().parse_args(sys.argv[2:]))
+    torch.save(built[0].state_dict(), os.path.join(out, "rank%s.pt" % os.environ["RANK"]))
+    """
+)
+
+
+def test_torchrun_two_processes_identical_weights(tmp_path):
+    data = make_dataset(tmp_path / "data", 11)  # 33 images: 2 iterations of 2 x 8 per epoch
+    out = tmp_path / "out"
+    wrapper = tmp_path / "wrapper.py"
+    wrapper.write_text(WRAPPER.format(repo=str(REPO)))
+    argv = [*TINY, "--batch_size", "8", "--epochs", "2", "--warmup_epochs", "1", "--vis_freq", "1"]
+    argv += ["--data_path", str(data), "--output_dir", str(out), "--log_dir", str(out)]
+    result = cli(
+        ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(wrapper), str(out), *argv],
+        env={"OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    rank0, rank1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert_same(rank0, rank1, "rank0 vs rank1")
+    ckpt = load(out / "checkpoint-1.pth")
+    assert_same(ckpt["model"], rank0, "checkpoint vs rank0")
+    assert len(ckpt["rng"]) == 2
+    assert not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"]), "ranks must draw different masks"
+    assert ckpt["args"].lr == pytest.approx(1e-3 * 8 * 2 / 256)  # effective batch over both ranks
+    assert ckpt["args"].world_size == 2
+    assert [line["epoch"] for line in read_log(out)] == [0, 1], "log.txt must be written by rank 0 only"
+    assert all_finite(rank0)
+    assert any(not torch.equal(v, load(out / "checkpoint-0.pth")["model"][k]) for k, v in rank0.items())
+    assert sorted(p.name for p in out.glob("reconstruction-*.png")) == ["reconstruction-0.png", "reconstruction-1.png"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input on the command line: exit status 2 and one line on stderr naming the flag or file
+class _Malicious:
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def _cli_cases(tmp: Path) -> dict[str, tuple[list[str], list[str]]]:
+    data = make_dataset(tmp / "data", 11)  # 33 images
+    empty = tmp / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "notes.txt").write_text("not an image")
+    corrupt = make_dataset(tmp / "corrupt", 11)
+    (corrupt / CLASSES[-1] / "0010.jpg").unlink()  # 32 good + 1 bad: 3 full batches of 11, none dropped
+    good_jpg = (corrupt / CLASSES[0] / "0000.jpg").read_bytes()
+    # Sorts second, so that the reconstruction picture does not load it: a data-loader worker does.
+    (corrupt / CLASSES[0] / "0000_bad.jpg").write_bytes(good_jpg[: len(good_jpg) // 2])
+
+    model = models_mae.mae_vit_tiny_patch4(img_size=32)
+    whole = tmp / "whole.pth"
+    torch.save({"model": model.state_dict(), "epoch": 0, "args": Namespace(model="x")}, whole)
+    blob = whole.read_bytes()
+    (tmp / "truncated.pth").write_bytes(blob[: len(blob) // 2])
+    torch.save({"foo": 1}, tmp / "foreign.pth")
+    torch.save({"model": models_mae.mae_vit_tiny_patch16(img_size=32).state_dict(), "epoch": 0}, tmp / "other.pth")
+    marker = tmp / "MARKER"
+    torch.save({"model": _Malicious(f"touch {shlex.quote(str(marker))}")}, tmp / "malicious.pth")
+
+    known = list(models_mae.MODELS)
+    return {
+        "data_missing": (["--data_path", str(tmp / "nowhere")], ["--data_path", "nowhere"]),
+        "data_empty": (["--data_path", str(empty)], ["--data_path", str(empty)]),
+        "data_corrupt_jpg": (
+            ["--data_path", str(corrupt), "--num_workers", "2", "--batch_size", "11"],
+            ["0000_bad.jpg"],
+        ),
+        "unknown_model": (["--data_path", str(data), "--model", "mae_vit_gigantic"], ["mae_vit_gigantic", *known]),
+        "mask_ratio_1": (["--data_path", str(data), "--mask_ratio", "1.0"], ["--mask_ratio"]),
+        "input_size_30": (["--data_path", str(data), "--input_size", "30"], ["--input_size"]),
+        "batch_size_0": (["--data_path", str(data), "--batch_size", "0"], ["--batch_size"]),
+        "batch_larger_than_data": (["--data_path", str(data), "--batch_size", "64"], ["--batch_size"]),
+        "resume_missing": (["--data_path", str(data), "--resume", str(tmp / "gone.pth")], ["gone.pth"]),
+        "resume_truncated": (["--data_path", str(data), "--resume", str(tmp / "truncated.pth")], ["truncated.pth"]),
+        "resume_foreign": (["--data_path", str(data), "--resume", str(tmp / "foreign.pth")], ["foreign.pth"]),
+        "resume_other_model": (
+            ["--data_path", str(data), "--resume", str(tmp / "other.pth")],
+            ["other.pth", "shape"],
+        ),
+        "resume_malicious": (["--data_path", str(data), "--resume", str(tmp / "malicious.pth")], ["malicious.pth"]),
+    }
+
+
+CLI_CASES = [
+    "data_missing",
+    "data_empty",
+    "data_corrupt_jpg",
+    "unknown_model",
+    "mask_ratio_1",
+    "input_size_30",
+    "batch_size_0",
+    "batch_larger_than_data",
+    "resume_missing",
+    "resume_truncated",
+    "resume_foreign",
+    "resume_other_model",
+    "resume_malicious",
+]
+
+
+@pytest.fixture(scope="module")
+def cli_results(tmp_path_factory):
+    """Every bad-input case as its own `python main_pretrain.py ...` run (forked from one warm
+    interpreter, see helpers.cli_batch), and one case as a plain, separate process."""
+    tmp = tmp_path_factory.mktemp("cli")
+    cases = _cli_cases(tmp)
+    assert sorted(cases) == sorted(CLI_CASES)
+
+    def argv(name):
+        dirs = ["--output_dir", str(tmp / "out" / name), "--log_dir", str(tmp / "out" / name)]
+        return [*TINY, "--epochs", "1", "--vis_freq", "0", *dirs, *cases[name][0]]
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        plain = pool.submit(cli, ["main_pretrain.py", *argv("data_missing")])
+        results = cli_batch({name: argv(name) for name in CLI_CASES}, tmp / "batch")
+        results["data_missing (own process)"] = plain.result()
+    return tmp, cases, results
+
+
+@pytest.mark.parametrize("case", [*CLI_CASES, "data_missing (own process)"])
+def test_cli_bad_input_gives_one_line_error(cli_results, case):
+    tmp, cases, results = cli_results
+    result = results[case]
+    _, expected = cases[case.split(" ")[0]]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, f"exit status {result.returncode}; stderr ends:\n{result.stderr[-2000:]}"
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert lines and lines[-1].startswith("error: "), result.stderr[-2000:]
+    assert sum(line.startswith("error:") for line in lines) == 1
+    for word in expected:
+        assert word in lines[-1], f"{word!r} not in {lines[-1]!r}"
+    if case == "resume_malicious":
+        marker = tmp / "MARKER"
+        assert not marker.exists(), "loading the checkpoint ran its pickled code"
+        # The file is truly malicious: an unsafe load runs its (harmless) command.
+        torch.load(tmp / "malicious.pth", weights_only=False)
+        assert marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning-rate schedule
+def test_lr_schedule_warmup_and_cosine():
+    args = Namespace(lr=1.0, min_lr=0.1, warmup_epochs=2, epochs=10)
+    assert lr_at(0, args) == 0.0
+    assert lr_at(0.5, args) == pytest.approx(0.25)
+    assert lr_at(1, args) == pytest.approx(0.5)
+    assert lr_at(2, args) == pytest.approx(1.0)  # peak at the end of warm-up
+    assert lr_at(4, args) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + 2**-0.5))  # a quarter of the cosine
+    assert lr_at(6, args) == pytest.approx(0.55)  # half-way: mean of lr and min_lr
+    assert lr_at(10, args) == pytest.approx(0.1)
+    assert lr_at(12, args) == pytest.approx(0.1)  # never below min_lr
+    values = [lr_at(e / 10, args) for e in range(0, 101)]
+    peak = values.index(max(values))
+    assert all(a <= b for a, b in zip(values[: peak + 1], values[1 : peak + 1], strict=False))
+    assert all(a >= b for a, b in zip(values[peak:], values[peak + 1 :], strict=False))
+    assert lr_at(0, Namespace(lr=1.0, min_lr=0.0, warmup_epochs=0, epochs=5)) == 1.0  # no warm-up
+
+
+def test_adjust_learning_rate_applies_layer_scale():
+    p, q = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([{"params": [p]}, {"params": [q], "lr_scale": 0.5}], lr=123.0)
+    lr = adjust_learning_rate(opt, 1.0, Namespace(lr=2.0, min_lr=0.0, warmup_epochs=2, epochs=10))
+    assert lr == pytest.approx(1.0)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1.0, 0.5])
+
+
+def test_effective_lr():
+    args = Namespace(batch_size=16, accum_iter=4, lr=None, blr=1e-3)
+    assert effective_lr(args, 1) == pytest.approx(1e-3 * 64 / 256)
+    assert effective_lr(args, 8) == pytest.approx(1e-3 * 512 / 256)
+    args.lr = 0.01
+    assert effective_lr(args, 8) == 0.01  # an absolute --lr wins
