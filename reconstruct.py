@@ -7,6 +7,7 @@ Each row shows: original | masked | reconstruction | reconstruction with the vis
 The model, image size and target normalisation are read from the checkpoint's ``args`` when
 present, otherwise inferred from its weights; flags override them.
 """
+
 import argparse
 
 import torch
@@ -26,8 +27,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default=None, help=f"one of {', '.join(models_mae.MODELS)} (default: inferred)")
     parser.add_argument("--input_size", default=None, type=int, help="image size (default: the checkpoint's)")
     parser.add_argument("--mask_ratio", default=0.75, type=float)
-    parser.add_argument("--norm_pix_loss", default=None, action=argparse.BooleanOptionalAction,
-                        help="the model predicts normalised patches (default: from the checkpoint's args)")
+    parser.add_argument(
+        "--norm_pix_loss",
+        default=None,
+        action=argparse.BooleanOptionalAction,
+        help="the model predicts normalised patches (default: from the checkpoint's args)",
+    )
     parser.add_argument("--seed", default=0, type=int, help="seed of the mask")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser

@@ -1,7 +1,8 @@
 """Submit main_linprobe.py to SLURM with submitit (see util/submitit_launcher.py and the README).
 
-    python submitit_linprobe.py --nodes 8 --ngpus 8 --job_dir ./jobs/%j <main_linprobe.py flags>
+python submitit_linprobe.py --nodes 8 --ngpus 8 --job_dir ./jobs/%j <main_linprobe.py flags>
 """
+
 from util.errors import run_cli
 from util.submitit_launcher import submit
 
