@@ -2,6 +2,7 @@
 # The CIFAR-10 pipeline at a size a 2-core CPU finishes in about half an hour: 5,000 training
 # images (500 per class), 2,000 test images, 10 pre-training and 5 fine-tuning epochs.
 # Same recipes as on the GPU; only the data, epochs and batch sizes are reduced.
+export WORKERS=${WORKERS:-1}  # one loader process: the other core trains
 source "$(dirname "$0")/common.sh"
 FULL=${DATA}
 OUT=${OUT:-out/cifar10}-cpu
@@ -10,10 +11,11 @@ for split_n in train:500 test:200; do
     split=${split_n%%:*}; n=${split_n##*:}
     for dir in "$FULL/$split"/*/; do
         cls=$(basename "$dir"); mkdir -p "$SUB/$split/$cls"
-        ls "$dir" | sort | head -n "$n" | while read -r f; do ln -sf "$(realpath "$dir/$f")" "$SUB/$split/$cls/$f"; done
+        mapfile -t files < <(ls "$dir" | sort)
+        for f in "${files[@]:0:$n}"; do ln -sf "$(realpath "$dir/$f")" "$SUB/$split/$cls/$f"; done
     done
 done
-export DATA="$SUB" OUT WORKERS=${WORKERS:-1}
+export DATA="$SUB" OUT
 R=recipes/cifar10
 # a short schedule needs a larger step than the 400-epoch recipe: blr 1.5e-3 instead of 1.5e-4
 EXTRA="--device cpu --precision fp32 --batch_size 128 --blr 1.5e-3 --print_freq 20" bash $R/pretrain.sh 0.75 10
