@@ -6,12 +6,13 @@ import time
 from collections.abc import Callable
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from util import distributed, setup
-from util.checkpoint import Position, TrainState
+from util.checkpoint import Position, TrainState, resume
+from util.data import eval_loader, train_loader
 from util.logger import RunLog
-from util.precision import autocast
+from util.precision import LossScaler, autocast
 from util.train_loop import train_one_epoch as _train_one_epoch
 
 
@@ -63,6 +64,27 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, args: argparse.Namespac
     stats = {"acc1": 100.0 * top1 / count, "acc5": 100.0 * top5 / count, "loss": loss / count, "images": int(count)}
     print(f"* Acc@1 {stats['acc1']:.3f} Acc@5 {stats['acc5']:.3f} loss {stats['loss']:.3f} ({stats['images']} images)")
     return stats
+
+
+def train_or_evaluate(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    args: argparse.Namespace,
+    train_set: Dataset,
+    val_set: Dataset,
+    criterion: torch.nn.Module,
+    mixup_fn: Callable | None = None,
+) -> None:
+    """Resume (``--resume``), wrap for DDP/compile, then evaluate only (``--eval``) or train."""
+    state = TrainState(model, optimizer, LossScaler(args.precision), args)
+    position = resume(state)
+    trained = setup.wrap_for_training(model, args)
+    val_loader = eval_loader(val_set, args)
+    if args.eval:
+        evaluate(trained, val_loader, args)
+    else:
+        fit(trained, state, position, train_loader(train_set, args), val_loader, criterion, mixup_fn)
+    distributed.cleanup()
 
 
 def fit(

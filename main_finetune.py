@@ -15,14 +15,12 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 import models_vit
 import util.compat  # noqa: F401  (makes timm RandAugment work with Pillow 13)
-from engine_finetune import evaluate, fit
-from util import distributed, setup
+from engine_finetune import train_or_evaluate
+from util import setup
 from util.args import add_run_args, add_schedule_args, check_input_size
-from util.checkpoint import TrainState, resume
-from util.data import IMAGENET_MEAN, IMAGENET_STD, classification_dataset, eval_loader, eval_transform, train_loader
+from util.data import IMAGENET_MEAN, IMAGENET_STD, classification_dataset, eval_transform
 from util.errors import fail, run_cli
 from util.lr_decay import param_groups_lrd
-from util.precision import LossScaler
 from util.pretrained import load_pretrained_encoder
 
 
@@ -173,14 +171,6 @@ def main(args: argparse.Namespace) -> None:
 
     groups = param_groups_lrd(model, args.weight_decay, model.no_weight_decay(), args.layer_decay)
     optimizer = torch.optim.AdamW(groups, lr=args.lr, fused=device.type == "cuda")
-    state = TrainState(model, optimizer, LossScaler(args.precision), args)
-    position = resume(state)
-    trained = setup.wrap_for_training(model, args)
-    val_loader = eval_loader(val_set, args)
-    if args.eval:
-        evaluate(trained, val_loader, args)
-        return
-
     mixup_fn = build_mixup(args)
     if mixup_fn is not None:
         criterion = SoftTargetCrossEntropy()  # smoothing is folded into the mixed targets
@@ -189,8 +179,7 @@ def main(args: argparse.Namespace) -> None:
     else:
         criterion = torch.nn.CrossEntropyLoss()
     print(f"criterion: {criterion}")
-    fit(trained, state, position, train_loader(train_set, args), val_loader, criterion, mixup_fn)
-    distributed.cleanup()
+    train_or_evaluate(model, optimizer, args, train_set, val_set, criterion, mixup_fn)
 
 
 if __name__ == "__main__":

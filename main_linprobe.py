@@ -11,14 +11,13 @@ import argparse
 import torch
 from torchvision import transforms
 
-from engine_finetune import evaluate, fit
+from engine_finetune import train_or_evaluate
 from main_finetune import add_eval_args, add_model_args, build_classifier
-from util import distributed, setup
+from util import setup
 from util.args import add_run_args, add_schedule_args
-from util.checkpoint import TrainState, resume
-from util.data import IMAGENET_MEAN, IMAGENET_STD, classification_dataset, eval_loader, eval_transform, train_loader
+from util.data import IMAGENET_MEAN, IMAGENET_STD, classification_dataset, eval_transform
+from util.errors import run_cli
 from util.lars import LARS
-from util.precision import LossScaler
 from util.pretrained import load_pretrained_encoder
 
 
@@ -60,18 +59,8 @@ def main(args: argparse.Namespace) -> None:
     print(f"trainable parameters: {[n for n, p in model.named_parameters() if p.requires_grad]}")
 
     optimizer = LARS(model.head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    state = TrainState(model, optimizer, LossScaler(args.precision), args)
-    position = resume(state)
-    trained = setup.wrap_for_training(model, args)
-    val_loader = eval_loader(val_set, args)
-    if args.eval:
-        evaluate(trained, val_loader, args)
-        return
-    fit(trained, state, position, train_loader(train_set, args), val_loader, torch.nn.CrossEntropyLoss())
-    distributed.cleanup()
+    train_or_evaluate(model, optimizer, args, train_set, val_set, torch.nn.CrossEntropyLoss())
 
 
 if __name__ == "__main__":
-    from util.errors import run_cli
-
     run_cli(lambda: main(get_args_parser().parse_args()))
