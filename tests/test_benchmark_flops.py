@@ -53,10 +53,21 @@ def test_flops_match_torch_flop_counter():
 def test_model_mode_runs_on_cpu(tmp_path):
     out = tmp_path / "bench.json"
     argv = ["--mode", "model", "--model", "mae_vit_tiny_patch4", "--input_size", "32", "--batch_size", "4"]
-    # fp32 only: asking for it without --compile gives the baseline row alone. (bf16 autocast
-    # on a CPU without native bf16 runs about 8x slower than fp32, too slow for a unit test.)
-    argv += ["--steps", "2", "--warmup", "1", "--device", "cpu", "--precision", "fp32", "--json", str(out)]
-    rows = main(argv)
-    assert [(r["mode"], r["precision"], r["compile"], r["vs_plain"]) for r in rows] == [("model", "fp32", False, 1.0)]
-    assert rows[0]["images_per_s"] > 0 and rows[0]["peak_mem_mib"] > 0 and rows[0]["mfu"] is None
+    # fp32 only (bf16 autocast on a CPU without native bf16 is about 8x slower than fp32, too
+    # slow for a unit test); with --grad_checkpointing it is measured besides the plain baseline.
+    argv += ["--steps", "2", "--warmup", "1", "--device", "cpu", "--precision", "fp32", "--grad_checkpointing"]
+    # One thread: with two on a CPU that other jobs keep busy, the step runs some 40x slower.
+    argv += ["--threads", "1"]
+    threads = torch.get_num_threads()
+    try:
+        with torch.random.fork_rng():  # main() seeds the global generator
+            rows = main([*argv, "--json", str(out)])
+    finally:
+        torch.set_num_threads(threads)  # leave the other tests their threads
+    assert [(r["mode"], r["precision"], r["compile"], r["grad_ckpt"]) for r in rows] == [
+        ("model", "fp32", False, False),
+        ("model", "fp32", False, True),
+    ]
+    assert rows[0]["vs_plain"] == 1.0
+    assert all(r["images_per_s"] > 0 and r["peak_mem_mib"] > 0 and r["mfu"] is None for r in rows)
     assert json.loads(out.read_text())["rows"] == rows
