@@ -53,7 +53,7 @@ def _commands(text: str) -> list[list[str]]:
 
 def test_readme_commands_parse():
     commands = _commands(README)
-    assert len(commands) >= 8
+    assert len(commands) >= 6  # guards the extraction itself
     for words in commands:
         script = next(w for w in words if w.endswith(".py") and ("main_" in w or "submitit_" in w))
         name = script.replace("submitit_", "main_")
