@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from util import distributed, setup
+from util import distributed, interrupt, setup
 from util.checkpoint import Position, TrainState, resume
 from util.data import eval_loader, train_loader
 from util.logger import RunLog
@@ -57,7 +57,7 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, args: argparse.Namespac
                 criterion(logits, targets).double(),
                 hits[:, :1].sum().double(),
                 hits.any(dim=1).sum().double(),
-                torch.tensor(float(len(targets)), dtype=torch.float64, device=device),
+                torch.full((), len(targets), dtype=torch.float64, device=device),  # no host-to-device copy
             ]
         )
     loss, top1, top5, count = distributed.all_reduce_sum(sums.tolist(), device) if args.dist_eval else sums.tolist()
@@ -107,6 +107,8 @@ def fit(
             start_step = position.step if epoch == position.epoch else 0
             train_loader.sampler.set_epoch(epoch, skip=start_step * args.batch_size)
             train_stats = train_one_epoch(trained, train_loader, state, epoch, criterion, mixup_fn, run_log, start_step)
+            if distributed.any_rank(interrupt.requested(), args.device):  # checkpoint now, evaluate later
+                setup.end_epoch(state, epoch, {f"train_{k}": v for k, v in train_stats.items()}, run_log)
             test_stats = evaluate(trained, val_loader, args)
             best = max(best, test_stats["acc1"])
             state.extra["max_accuracy"] = best
@@ -116,9 +118,11 @@ def fit(
             )
             run_log.scalars(
                 epoch,
-                perf_test_acc1=test_stats["acc1"],
-                perf_test_acc5=test_stats["acc5"],
-                perf_test_loss=test_stats["loss"],
+                **{
+                    "perf/test_acc1": test_stats["acc1"],
+                    "perf/test_acc5": test_stats["acc5"],
+                    "perf/test_loss": test_stats["loss"],
+                },
             )
             stats = {
                 **{f"train_{k}": v for k, v in train_stats.items()},

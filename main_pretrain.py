@@ -87,9 +87,12 @@ def main(args: argparse.Namespace) -> None:
     trained = setup.wrap_for_training(model, args)
 
     # A fixed picture: evenly spaced images of the data set, center-cropped, under a fixed mask.
+    if args.vis_images < 1:
+        args.vis_freq = 0  # no images, no pictures
     step = max(len(dataset) // max(args.vis_images, 1), 1)
-    vis_imgs = load_images(dataset.files[::step][: args.vis_images], eval_transform(args.input_size))
-    vis_noise = fixed_noise(len(vis_imgs), model.num_patches, seed=args.seed)
+    vis_files = dataset.files[::step][: args.vis_images] if args.vis_freq else []
+    vis_imgs = load_images(vis_files, eval_transform(args.input_size)) if vis_files else None
+    vis_noise = fixed_noise(len(vis_files), model.num_patches, seed=args.seed)
     run_log = RunLog(args.log_dir, args.output_dir)
 
     print(f"start training for {args.epochs} epochs")

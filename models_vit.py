@@ -20,6 +20,11 @@ class VisionTransformer(TimmVisionTransformer):
         kwargs.setdefault("qkv_bias", True)
         kwargs.setdefault("norm_layer", partial(nn.LayerNorm, eps=1e-6))
         super().__init__(global_pool=global_pool, **kwargs)
+        # The official classifier adds fc_norm after timm built the head; register it last too,
+        # so that parameter (and optimizer-state) order equals the official checkpoints'.
+        fc_norm = self.fc_norm
+        del self.fc_norm
+        self.fc_norm = fc_norm
 
     @property
     def uses_global_pool(self) -> bool:

@@ -54,6 +54,8 @@ def infer_model(state: dict[str, torch.Tensor]) -> tuple[str, int] | None:
 
 
 def main(args: argparse.Namespace) -> None:
+    if not 0 <= args.mask_ratio < 1:
+        fail(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
     ckpt = load_checkpoint(args.checkpoint)
     state = model_state(ckpt, args.checkpoint)
     saved = vars(ckpt["args"]) if isinstance(ckpt.get("args"), argparse.Namespace) else {}
@@ -66,7 +68,10 @@ def main(args: argparse.Namespace) -> None:
     input_size = args.input_size or saved.get("input_size") or (inferred[1] if inferred else 224)
     norm_pix = args.norm_pix_loss if args.norm_pix_loss is not None else bool(saved.get("norm_pix_loss", False))
 
-    model = models_mae.MODELS[name](img_size=input_size, norm_pix_loss=norm_pix)
+    try:
+        model = models_mae.MODELS[name](img_size=input_size, norm_pix_loss=norm_pix)
+    except ValueError as e:
+        fail(f"--input_size {input_size}: {e}")
     load_model_strict(model, state, args.checkpoint)
     model.to(args.device)
     imgs = load_images(args.images, eval_transform(input_size))

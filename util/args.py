@@ -85,7 +85,8 @@ def add_run_args(parser: argparse.ArgumentParser, *, data_path: str) -> None:
         default=20,
         type=int,
         metavar="N",
-        help="write checkpoint-<epoch>.pth every N epochs (and after the last epoch)",
+        help="keep checkpoint-<epoch>.pth of every N-th epoch and of the last for good (a checkpoint is "
+        "written after every epoch; see --keep_last)",
     )
     g.add_argument("--print_freq", default=20, type=int, metavar="N", help="log every N iterations")
     g.add_argument("--compile", action="store_true", help="compile the model with torch.compile")
@@ -97,7 +98,7 @@ def add_run_args(parser: argparse.ArgumentParser, *, data_path: str) -> None:
 
     d = parser.add_argument_group("distributed")
     d.add_argument("--world_size", default=1, type=int, help="number of distributed processes")
-    d.add_argument("--local_rank", default=-1, type=int)
+    d.add_argument("--local_rank", "--local-rank", default=-1, type=int)
     d.add_argument("--dist_on_itp", action="store_true")
     d.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
 
@@ -108,7 +109,11 @@ def resolve_precision(precision: str, device: str) -> str:
     if precision == "auto":
         if not on_cuda:
             return "fp32"
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        try:  # emulated bf16 (V100, T4) is slow: take fp16 there
+            native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # torch < 2.4 has no emulation and no such argument
+            native_bf16 = torch.cuda.is_bf16_supported()
+        return "bf16" if native_bf16 else "fp16"
     if precision == "fp16" and not on_cuda:
         fail("--precision fp16 needs a CUDA device; use --precision bf16 or fp32 on CPU")
     return precision

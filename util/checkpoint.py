@@ -33,8 +33,14 @@ _NAME = re.compile(r"^checkpoint-(\d+)(?:-step(\d+))?\.pth$")
 def load_checkpoint(path: str) -> dict[str, Any]:
     """Load a checkpoint (file or URL) without executing pickled code, or fail with one line."""
     if path.startswith(("https://", "http://")):
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.hub.load_state_dict_from_url(path, map_location="cpu", check_hash=True, weights_only=True)
+        try:
+            with torch.serialization.safe_globals(SAFE_GLOBALS):
+                return torch.hub.load_state_dict_from_url(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # network errors, refused pickles, damaged downloads
+            fail(
+                f"checkpoint {path} could not be downloaded or loaded ({type(e).__name__}: {str(e)[:160]}); "
+                f"download it yourself and give the file"
+            )
     if not os.path.isfile(path):
         fail(f"checkpoint {path} does not exist")
     if not _looks_like_torch_file(path):
@@ -109,7 +115,7 @@ def capture_rng() -> dict[str, Any]:
             "cached_gaussian": float(np_state[4]),
         },
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() else [],  # this rank's device
     }
 
 
@@ -122,7 +128,7 @@ def restore_rng(state: dict[str, Any]) -> None:
     )
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"][0])
 
 
 def _gather_rng() -> list[dict[str, Any]]:
@@ -193,6 +199,9 @@ def save_checkpoint(state: TrainState, epoch: int, step: int | None = None) -> s
         },
         path,
     )
+    args = state.args
+    keep_last, keep_every = getattr(args, "keep_last", 0), getattr(args, "save_freq", 1)
+    prune(args.output_dir, keep_last, keep_every, getattr(args, "epochs", 0) - 1, just_written=path)
     return path
 
 
@@ -247,8 +256,8 @@ def resume(state: TrainState) -> Position:
         path, ckpt = args.resume, load_checkpoint(args.resume)
     load_model_strict(state.model, model_state(ckpt, path), path)
     print(f"resumed model from {path}")
-    if "optimizer" not in ckpt or "epoch" not in ckpt:
-        return start  # weights only (e.g. an official release): train from --start_epoch
+    if "optimizer" not in ckpt or "epoch" not in ckpt or getattr(args, "eval", False):
+        return start  # weights only (an official release, or --eval): train from --start_epoch
     try:
         state.optimizer.load_state_dict(ckpt["optimizer"])
     except (ValueError, KeyError) as e:
@@ -265,16 +274,46 @@ def resume(state: TrainState) -> Position:
             f"{distributed.world_size()}: random state is not restored, so resume is not exact"
         )
     step = ckpt.get("step")
+    if step is not None:
+        _check_same_batches(ckpt.get("args"), args, path)
     position = Position(ckpt["epoch"] + 1) if step is None else Position(ckpt["epoch"], step)
+    later = [p for p in list_checkpoints(args.output_dir) if _progress(os.path.basename(p)) > _progress_of(position)]
+    if later:
+        print(
+            f"warning: {args.output_dir} holds checkpoints beyond {path} ({os.path.basename(later[-1])}); "
+            f"--resume auto would take those, not this run's"
+        )
     print(f"resuming at epoch {position.epoch}, iteration {position.step}")
     return position
 
 
-def prune(output_dir: str, keep_last: int, keep_every: int, final_epoch: int) -> list[str]:
+def _progress_of(position: "Position") -> tuple[int, int]:
+    return (position.epoch, position.step)
+
+
+def _check_same_batches(saved: Any, args: argparse.Namespace, path: str) -> None:
+    """A mid-epoch position counts iterations: it means the same samples only with the same
+    batch size, process count and accumulation."""
+    if not isinstance(saved, argparse.Namespace):
+        return
+    for flag in ("batch_size", "world_size", "accum_iter"):
+        then, now = getattr(saved, flag, None), getattr(args, flag, None)
+        if then is not None and now is not None and then != now:
+            name = "number of processes" if flag == "world_size" else f"--{flag}"
+            fail(
+                f"checkpoint {path} was written inside an epoch with {name} {then}, this run has {now}; "
+                f"resume with the same settings, or from an epoch-end checkpoint"
+            )
+
+
+def prune(
+    output_dir: str, keep_last: int, keep_every: int, final_epoch: int, just_written: str | None = None
+) -> list[str]:
     """Delete old checkpoints; returns the removed paths.
 
-    Kept: the newest checkpoint; among complete epochs, the ``keep_last`` newest, every epoch
-    ``e`` with ``e % keep_every == 0`` and the final epoch. Older mid-epoch checkpoints go.
+    Kept: the newest checkpoint and ``just_written``; among complete epochs, the ``keep_last``
+    newest, every epoch ``e`` with ``e % keep_every == 0`` and the final epoch. Older mid-epoch
+    checkpoints go.
     """
     _remove_stale_temporaries(output_dir)
     if keep_last <= 0:
@@ -284,6 +323,8 @@ def prune(output_dir: str, keep_last: int, keep_every: int, final_epoch: int) ->
     newest = set(complete[-keep_last:])
     removed = []
     for path in paths[:-1]:  # the newest checkpoint always stays
+        if just_written and os.path.samefile(path, just_written):
+            continue
         m = _NAME.match(os.path.basename(path))
         epoch, mid_epoch = int(m.group(1)), m.group(2) is not None
         permanent = epoch % keep_every == 0 or epoch == final_epoch

@@ -17,18 +17,28 @@ def init_distributed_mode(args: Namespace) -> None:
     NCCL is used on GPUs, gloo on CPU.
     """
     if args.dist_on_itp:
-        args.rank = int(os.environ["OMPI_COMM_WORLD_RANK"])
-        args.world_size = int(os.environ["OMPI_COMM_WORLD_SIZE"])
-        args.gpu = int(os.environ["OMPI_COMM_WORLD_LOCAL_RANK"])
-        args.dist_url = f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        env = _require(
+            "OMPI_COMM_WORLD_RANK",
+            "OMPI_COMM_WORLD_SIZE",
+            "OMPI_COMM_WORLD_LOCAL_RANK",
+            "MASTER_ADDR",
+            "MASTER_PORT",
+            flag="--dist_on_itp",
+        )
+        args.rank, args.world_size = int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"])
+        args.gpu = int(env["OMPI_COMM_WORLD_LOCAL_RANK"])
+        args.dist_url = f"tcp://{env['MASTER_ADDR']}:{env['MASTER_PORT']}"
     elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         args.rank = int(os.environ["RANK"])
         args.world_size = int(os.environ["WORLD_SIZE"])
         args.gpu = int(os.environ.get("LOCAL_RANK", 0))
-    elif "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    elif "SLURM_STEP_ID" in os.environ and int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
+        # Launched by srun, one task per GPU (a plain `python` inside an allocation is not).
         args.rank = int(os.environ["SLURM_PROCID"])
-        args.world_size = int(os.environ["SLURM_NTASKS"])
-        args.gpu = args.rank % max(torch.cuda.device_count(), 1)
+        args.world_size = int(os.environ["SLURM_STEP_NUM_TASKS"])
+        args.gpu = int(os.environ.get("SLURM_LOCALID", 0))
+        if args.dist_url == "env://":
+            _require("MASTER_ADDR", "MASTER_PORT", flag="srun (export them, or give --dist_url tcp://HOST:PORT)")
     else:
         args.rank, args.world_size, args.gpu, args.distributed = 0, 1, 0, False
         return
@@ -49,6 +59,15 @@ def init_distributed_mode(args: Namespace) -> None:
     )
     dist.barrier()
     print_only_on_main(args.rank == 0)
+
+
+def _require(*names: str, flag: str) -> dict[str, str]:
+    missing = [n for n in names if n not in os.environ]
+    if missing:
+        from util.errors import fail
+
+        fail(f"{flag} needs the environment variables {', '.join(missing)}, which are not set")
+    return {n: os.environ[n] for n in names}
 
 
 def print_only_on_main(is_main: bool) -> None:

@@ -25,7 +25,7 @@ def run_cli(main: Callable[[], None]) -> None:
     try:
         main()
     except interrupt.Interrupted as e:
-        print(str(e), file=sys.stderr)
+        sys.stderr.write(f"{e}\n")  # not print(): it is silenced on ranks other than 0
         sys.exit(interrupt.exit_code())
     except UserError as e:
         lines = [line for line in str(e).splitlines() if line.strip()]
@@ -33,5 +33,5 @@ def run_cli(main: Callable[[], None]) -> None:
         marker = "UserError: "
         if marker in message:
             message = message.split(marker, 1)[1]
-        print(f"error: {message}", file=sys.stderr)
+        sys.stderr.write(f"error: {message}\n")
         sys.exit(2)

@@ -9,6 +9,7 @@ uint8 until the device, where ``normalize_on_device`` converts them, so workers 
 on float arithmetic and batches are 4x smaller to copy.
 """
 
+import functools
 import math
 
 import numpy as np
@@ -34,11 +35,14 @@ class FastRandomResizedCropFlip:
         reduce = 1
         while reduce < 8 and min(w, h) / (reduce * 2) >= self.size:
             reduce *= 2
+        scale = 1
         if reduce > 1 and img.format == "JPEG":
-            img.draft("RGB", (math.ceil(full_w / reduce), math.ceil(full_h / reduce)))
+            # Pillow picks the largest DCT scale s with size // requested >= s; asking for the
+            # floor makes that our ``reduce``. Pixel k of the result covers pixels [k*s, (k+1)*s).
+            img.draft("RGB", (full_w // reduce, full_h // reduce))
+            scale = 2 ** round(math.log2(full_w / img.size[0]))
         img = to_rgb(img)
-        sx, sy = img.size[0] / full_w, img.size[1] / full_h
-        box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
+        box = (left / scale, top / scale, (left + w) / scale, (top + h) / scale)
         out = img.resize((self.size, self.size), Image.BICUBIC, box=box)
         if torch.rand(1).item() < 0.5:
             out = out.transpose(Image.FLIP_LEFT_RIGHT)
@@ -49,6 +53,13 @@ def normalize_on_device(imgs: torch.Tensor, mean: tuple[float, ...], std: tuple[
     """uint8 [N, 3, H, W] -> normalised float; float input is returned as it is."""
     if imgs.dtype != torch.uint8:
         return imgs
-    mean_t = torch.tensor(mean, device=imgs.device).view(1, -1, 1, 1) * 255
-    std_t = torch.tensor(std, device=imgs.device).view(1, -1, 1, 1) * 255
+    mean_t, std_t = _constants(tuple(mean), tuple(std), imgs.device)
     return (imgs.float() - mean_t) / std_t
+
+
+@functools.lru_cache(maxsize=16)
+def _constants(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Made once per device: a host-to-device copy at every step would synchronise the GPU."""
+    mean_t = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
+    std_t = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255
+    return mean_t, std_t

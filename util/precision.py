@@ -6,6 +6,13 @@ from collections.abc import Iterable
 import torch
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_FRESH_SCALER_STATE = {
+    "scale": 65536.0,
+    "growth_factor": 2.0,
+    "backoff_factor": 0.5,
+    "growth_interval": 2000,
+    "_growth_tracker": 0,
+}
 
 
 def autocast(precision: str, device: str) -> contextlib.AbstractContextManager:
@@ -34,23 +41,23 @@ class LossScaler:
         clip_grad: float | None = None,
         update: bool = True,
     ) -> torch.Tensor | None:
-        """Backpropagate ``loss``; on ``update`` step the optimizer. Returns the gradient norm
-        (a tensor, so that reading it is the caller's choice of when to synchronise)."""
+        """Backpropagate ``loss``; on ``update`` step the optimizer. With ``clip_grad``, returns the
+        gradient norm before clipping (a tensor: reading it is the caller's choice of when to sync)."""
         self._scaler.scale(loss).backward()
         if not update:
             return None
         self._scaler.unscale_(optimizer)
-        params = [p for p in parameters if p.grad is not None]
+        norm = None
         if clip_grad is not None:
-            norm = torch.nn.utils.clip_grad_norm_(params, clip_grad)
-        else:
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.detach()) for p in params]))
+            norm = torch.nn.utils.clip_grad_norm_([p for p in parameters if p.grad is not None], clip_grad)
         self._scaler.step(optimizer)
         self._scaler.update()
         return norm
 
     def state_dict(self) -> dict:
-        return self._scaler.state_dict()
+        # The official code restores an *enabled* GradScaler from this entry, which refuses an
+        # empty dict: without fp16, save a fresh scaler's state (what it would start from).
+        return self._scaler.state_dict() if self.enabled else dict(_FRESH_SCALER_STATE)
 
     def load_state_dict(self, state: dict) -> None:
         if self.enabled and state:

@@ -11,7 +11,7 @@ import torch
 
 from util import distributed, interrupt
 from util.args import check_common, effective_lr, resolve_precision
-from util.checkpoint import TrainState, prune, save_checkpoint
+from util.checkpoint import TrainState, save_checkpoint
 from util.errors import fail
 from util.logger import RunLog
 
@@ -66,9 +66,7 @@ def end_epoch(state: TrainState, epoch: int, stats: dict[str, Any], run_log: Run
     args = state.args
     path = None
     if args.output_dir:
-        path = save_checkpoint(state, epoch)
-        if distributed.is_main_process():
-            prune(args.output_dir, args.keep_last, args.save_freq, args.epochs - 1)
+        path = save_checkpoint(state, epoch)  # also prunes
     run_log.epoch({**stats, "epoch": epoch})
     if distributed.any_rank(interrupt.requested(), args.device):
         raise interrupt.Interrupted(path)

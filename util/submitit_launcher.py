@@ -9,6 +9,7 @@ import argparse
 import copy
 import importlib
 import os
+import sys
 from types import ModuleType
 
 import submitit
@@ -51,6 +52,9 @@ class Trainer:
         # The flags as given: main() fills in derived values (lr, ranks, ...) on its own copy,
         # so that a requeued job derives them afresh.
         self.module, self.args = module, copy.deepcopy(args)
+        # A job that SLURM itself requeues (preemption) reruns these flags: let it resume.
+        # Each submission has its own %j folder, so there is nothing stale to resume from.
+        self.args.resume = self.args.resume or "auto"
 
     def __call__(self) -> None:
         args = copy.deepcopy(self.args)
@@ -60,7 +64,10 @@ class Trainer:
             entry.main(args)
         except interrupt.Interrupted as stop:
             print(f"{stop}; handing over to submitit for requeueing")
-            interrupt.hand_over()  # submitit's handler calls checkpoint() below and requeues
+            interrupt.hand_over()  # on its timeout signal submitit calls checkpoint() and requeues
+            # Still here (SIGTERM: SLURM preempts and requeues the job itself): exit as stopped,
+            # not as a job that completed.
+            sys.exit(interrupt.exit_code())
 
     def checkpoint(self) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on preemption/time-out: the same job again, resuming automatically."""

@@ -83,6 +83,8 @@ def train_one_epoch(
                 path = save_checkpoint(state, epoch, step + 1)
                 if stop:
                     raise interrupt.Interrupted(path)
+    if pending:  # iterations after the last check point (the epoch did not end on one)
+        _check_and_log(pending, total - 1, epoch, total, lr, metrics, run_log, device)
     return metrics.global_averages()
 
 
