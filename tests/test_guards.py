@@ -1,0 +1,104 @@
+"""Guards added after review: official-code compatibility of our checkpoints, the end-of-epoch
+finiteness check, mid-epoch resume with other batch settings, and pruning around the file
+just written."""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from helpers import checkpoint_names, make_dataset, run_pretrain  # noqa: E402
+
+import main_pretrain  # noqa: E402
+import models_vit  # noqa: E402
+from util import checkpoint  # noqa: E402
+from util.errors import UserError  # noqa: E402
+from util.precision import LossScaler  # noqa: E402
+from util.train_loop import NonFiniteLoss  # noqa: E402
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_scaler_state_loads_into_an_enabled_grad_scaler(precision):
+    """The official code restores an enabled GradScaler from ckpt['scaler'], which refuses {}."""
+    with pytest.raises(RuntimeError):
+        torch.amp.GradScaler("cpu").load_state_dict({})
+    state = LossScaler(precision).state_dict()
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.load_state_dict(state)
+    assert scaler.get_scale() == 65536.0
+
+
+def test_classifier_parameter_order_is_the_official_one():
+    """fc_norm after head, as the official classifier registers it: optimizer states then
+    line up with the official fine-tuning checkpoints' parameter groups."""
+    names = list(models_vit.vit_tiny_patch16(global_pool=True).state_dict())
+    assert names[-4:] == ["head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"]
+
+
+def test_nan_after_the_last_check_point_stops_before_the_checkpoint(tmp_path, monkeypatch):
+    """3 iterations, --accum_iter 2: the last iteration is not an optimizer step, so no check point
+    falls on it; its NaN loss must still stop the run before checkpoint-0 is written."""
+    data = make_dataset(tmp_path / "data", 16)  # 48 images, batch 16: 3 iterations
+    build = main_pretrain.build_model
+    calls = [0]
+
+    def build_poisoned(args):
+        model = build(args)
+        forward_loss = model.forward_loss
+
+        def poisoned(*a, **k):
+            calls[0] += 1
+            loss = forward_loss(*a, **k)
+            return loss * float("nan") if calls[0] == 3 else loss
+
+        model.forward_loss = poisoned
+        return model
+
+    monkeypatch.setattr(main_pretrain, "build_model", build_poisoned)
+    out = tmp_path / "out"
+    with pytest.raises(NonFiniteLoss, match="epoch 0, iteration 2"):
+        run_pretrain(data, out, "--epochs", "2", "--accum_iter", "2", "--print_freq", "2", "--vis_freq", "0")
+    assert checkpoint_names(out) == set()
+
+
+def _state(tmp_path, **flags):
+    model = torch.nn.Linear(2, 2)
+    args = argparse.Namespace(
+        output_dir=str(tmp_path),
+        resume="",
+        start_epoch=0,
+        epochs=5,
+        save_freq=20,
+        keep_last=1,
+        batch_size=8,
+        world_size=1,
+        accum_iter=1,
+        **flags,
+    )
+    return checkpoint.TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1), LossScaler("fp32"), args)
+
+
+def test_mid_epoch_resume_with_another_batch_size_is_refused(tmp_path):
+    path = checkpoint.save_checkpoint(_state(tmp_path), epoch=1, step=3)
+    resumed = _state(tmp_path)
+    resumed.args.resume, resumed.args.batch_size = path, 16
+    with pytest.raises(UserError, match="--batch_size 8, this run has 16"):
+        checkpoint.resume(resumed)
+    resumed.args.batch_size = 8
+    assert checkpoint.resume(resumed) == checkpoint.Position(1, 3)
+
+
+def test_pruning_never_removes_the_checkpoint_just_written(tmp_path):
+    """A run resumed from an older checkpoint in a folder that holds later ones: its new
+    checkpoints stay (and the later ones are left alone)."""
+    state = _state(tmp_path)
+    stale = checkpoint.save_checkpoint(state, epoch=3)
+    written = checkpoint.save_checkpoint(state, epoch=1)
+    assert os.path.exists(written) and os.path.exists(stale)
+    mid = checkpoint.save_checkpoint(state, epoch=2, step=1)
+    assert os.path.exists(mid)
