@@ -4,7 +4,6 @@ interrupted run must end bitwise identical to one that was never interrupted."""
 
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,17 +14,11 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "demo" / "cifar10-2k"
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from helpers import make_dataset  # noqa: E402
+
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-
-
-def _data(root: Path, per_class: int = 16) -> Path:
-    for cls in ("airplane", "cat", "ship"):
-        (root / cls).mkdir(parents=True, exist_ok=True)
-        for f in sorted((DEMO / cls).glob("*.jpg"))[:per_class]:
-            shutil.copyfile(f, root / cls / f.name)
-    return root
 
 
 def _flags(data: Path, out: Path, epochs: int = 3) -> list[str]:
@@ -78,7 +71,7 @@ def _assert_same(a: dict, b: dict) -> None:
 def reference(tmp_path_factory):
     """An uninterrupted run: the weights every interrupted run must end with."""
     root = tmp_path_factory.mktemp("ref")
-    data = _data(root / "data")
+    data = make_dataset(root / "data", 16)  # 48 images: 3 classes x 16
     out = root / "out"
     done = subprocess.run(
         [sys.executable, "main_pretrain.py", *_flags(data, out)],

@@ -108,10 +108,6 @@ def all_reduce_sum(values: list[float], device: torch.device | str = "cpu") -> l
     return t.tolist()
 
 
-def all_reduce_mean(value: float, device: torch.device | str = "cpu") -> float:
-    return all_reduce_sum([value], device)[0] / world_size()
-
-
 def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
     """True on every rank if ``flag`` is true on any rank."""
     return all_reduce_sum([float(flag)], device)[0] > 0
