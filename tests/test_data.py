@@ -227,6 +227,21 @@ def test_seeded_dataset_leaves_global_generators_alone(images):
     assert torch.equal(torch.rand(2), expected[2])
 
 
+def test_seeded_dataset_leaves_accelerator_generators_alone(images, monkeypatch):
+    """Per-sample seeding touches the CPU generators only: with num_workers 0 on a GPU, reseeding
+    the CUDA generator would tie the masks to the last image's seed (and torch.manual_seed
+    records a stack trace per call, which cost milliseconds per image)."""
+
+    def forbidden(seed):
+        raise AssertionError("SeededDataset seeded an accelerator generator")
+
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", forbidden)
+    monkeypatch.setattr(torch.cuda, "manual_seed", forbidden)
+    a, _ = SeededDataset(images)[(3, 99)]
+    b, _ = SeededDataset(images)[(3, 99)]
+    assert torch.equal(a, b)
+
+
 def _as_rank(monkeypatch, rank: int, world: int) -> None:
     monkeypatch.setattr(distributed, "rank", lambda: rank)
     monkeypatch.setattr(distributed, "world_size", lambda: world)

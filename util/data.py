@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, get_worker_info
 from torchvision import datasets, transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
@@ -165,8 +165,10 @@ class SeededSampler(Sampler):
 class SeededDataset(Dataset):
     """Wraps a dataset: item ``(index, seed)`` is ``dataset[index]`` drawn under ``seed``.
 
-    python's, numpy's and torch's generators (torchvision, timm and PIL augmentations use all
-    three) are seeded for the call and restored after it, so the caller's streams are untouched.
+    python's, numpy's and torch's CPU generators (torchvision, timm and PIL augmentations use all
+    three) are seeded for the call. In a loader worker they belong to this dataset alone; in the
+    main process (``--num_workers 0``) they are restored after the call, so the training loop's
+    streams are untouched.
     """
 
     def __init__(self, dataset: Dataset):
@@ -177,16 +179,27 @@ class SeededDataset(Dataset):
 
     def __getitem__(self, item: tuple[int, int]) -> Any:
         index, seed = item
+        if get_worker_info() is not None:
+            _seed_cpu_generators(seed)
+            return self.dataset[index]
         py_state, np_state = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]):
-            random.seed(seed)
-            np.random.seed(seed)
-            torch.manual_seed(seed)
-            try:
-                return self.dataset[index]
-            finally:
-                random.setstate(py_state)
-                np.random.set_state(np_state)
+        torch_state = torch.default_generator.get_state()
+        try:
+            _seed_cpu_generators(seed)
+            return self.dataset[index]
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+            torch.default_generator.set_state(torch_state)
+
+
+def _seed_cpu_generators(seed: int) -> None:
+    # Not torch.manual_seed: that also queues a seed for every accelerator, recording a stack
+    # trace each time (milliseconds per image), and with CUDA initialised in this process it
+    # would reseed the GPU's generator, which draws the masks.
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.default_generator.manual_seed(seed)
 
 
 class ShardSampler(Sampler):
