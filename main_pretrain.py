@@ -17,7 +17,7 @@ from engine_pretrain import log_reconstructions, train_one_epoch
 from util import distributed, setup
 from util.args import add_run_args, add_schedule_args, check_input_size
 from util.checkpoint import TrainState, resume
-from util.data import eval_transform, pretrain_dataset, pretrain_transform, train_loader
+from util.data import PRETRAIN_LOADERS, eval_transform, pretrain_data
 from util.errors import fail, run_cli
 from util.logger import RunLog
 from util.precision import LossScaler
@@ -39,9 +39,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--loader",
         default="fast",
-        choices=["fast", "torchvision"],
-        help="fast: the official augmentation with reduced-scale JPEG decoding and uint8 batches "
-        "normalised on the device; torchvision: the reference pipeline",
+        choices=PRETRAIN_LOADERS,
+        help="fast: the official augmentation with faster JPEG decoding and resizing, uint8 batches "
+        "normalised on the device; device: the same, with JPEGs decoded, cropped and resized on the training "
+        "device (nvJPEG on a GPU) while workers only read files; torchvision: the reference pipeline",
     )
     setup.add_checkpoint_args(parser)
     v = parser.add_argument_group("reconstruction pictures")
@@ -73,9 +74,7 @@ def main(args: argparse.Namespace) -> None:
     if int(model.num_patches * (1 - args.mask_ratio)) < 1:
         fail(f"--mask_ratio {args.mask_ratio} leaves no visible patch of {model.num_patches}")
 
-    fast = args.loader == "fast"
-    dataset = pretrain_dataset(args.data_path, pretrain_transform(args.input_size, fast), lazy=fast)
-    loader = train_loader(dataset, args)
+    dataset, loader = pretrain_data(args)
     print(f"{len(dataset)} images in {dataset.root}, {len(loader)} iterations per epoch")
 
     model.set_grad_checkpointing(args.grad_checkpointing)

@@ -34,7 +34,7 @@ from timm.optim import param_groups_weight_decay
 
 import models_mae
 from util.args import resolve_precision
-from util.data import IMAGENET_MEAN, IMAGENET_STD, pretrain_dataset, pretrain_transform, train_loader
+from util.data import IMAGENET_MEAN, IMAGENET_STD, PRETRAIN_LOADERS, pretrain_data
 from util.errors import fail, run_cli
 from util.fast_crop import normalize_on_device
 from util.precision import LossScaler, autocast
@@ -112,12 +112,8 @@ def build_step(args: Namespace, precision: str, plain: bool) -> tuple[models_mae
 
 def build_loader(args: Namespace, workers: int) -> torch.utils.data.DataLoader:
     """The pre-training loader as main_pretrain.py builds it for ``--loader``."""
-    fast = args.loader == "fast"
-    dataset = pretrain_dataset(args.data_path, pretrain_transform(args.input_size, fast), lazy=fast)
-    loader_args = Namespace(
-        batch_size=args.batch_size, num_workers=workers, pin_mem=True, device=args.device, seed=args.seed
-    )
-    return train_loader(dataset, loader_args)
+    loader_args = Namespace(**{**vars(args), "num_workers": workers, "pin_mem": True})
+    return pretrain_data(loader_args)[1]
 
 
 def endless_batches(loader: torch.utils.data.DataLoader) -> Iterator[torch.Tensor]:
@@ -206,10 +202,14 @@ def bench_model(args: Namespace, precision: str, plain: bool = False) -> dict[st
 
 
 def bench_loader(args: Namespace, workers: int) -> dict[str, Any]:
-    """Batches drawn from the loader, with nothing consuming them."""
+    """Batches drawn from the loader and moved to the device (where ``--loader device`` decodes
+    them), with nothing consuming them."""
+    device = torch.device(args.device)
     batches = endless_batches(build_loader(args, workers))
     n_batches = math.ceil(args.loader_images / args.batch_size)
-    elapsed, _ = time_steps(lambda imgs: None, lambda: next(batches), n_batches, args.warmup, torch.device("cpu"))
+    elapsed, _ = time_steps(
+        lambda imgs: None, lambda: next(batches).to(device, non_blocking=True), n_batches, args.warmup, device
+    )
     batches.close()  # shuts the workers down
     images_per_s = n_batches * args.batch_size / elapsed
     return {
@@ -340,9 +340,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--loader",
         default="fast",
-        choices=["fast", "torchvision"],
-        help="as main_pretrain.py: fast (reduced-scale JPEG decoding, uint8 batches normalised on the device) "
-        "or torchvision (the reference pipeline)",
+        choices=PRETRAIN_LOADERS,
+        help="as main_pretrain.py: fast (faster JPEG decoding and resizing, uint8 batches normalised on the "
+        "device), device (JPEGs decoded on the device) or torchvision (the reference pipeline)",
     )
     p.add_argument(
         "--num_workers",

@@ -138,7 +138,7 @@ def test_fast_loader_reads_any_mode_as_rgb(tmp_path, mode):
     error = min(int(np.abs(got - e.astype(int)).max()) for e in (expected, expected[:, ::-1]))
     assert error <= 1, f"{mode}: pixels changed by up to {error} (of 255)"
     # The training transform proper, at another size: 3 channels, uint8.
-    big, _ = ImageFiles(str(tmp_path), pretrain_transform(16, fast=True), lazy=True)[0]
+    big, _ = ImageFiles(str(tmp_path), pretrain_transform(16, "fast"), lazy=True)[0]
     assert big.shape == (3, 16, 16) and big.dtype == torch.uint8
 
 
@@ -148,7 +148,7 @@ def test_corrupt_image_error_names_the_file(tmp_path, fast):
     good = sorted(tmp_path.iterdir())[0].read_bytes()
     (tmp_path / "broken.jpg").write_bytes(good[: len(good) // 3])
     (tmp_path / "garbage.png").write_bytes(b"\x89PNG not really")
-    dataset = ImageFiles(str(tmp_path), pretrain_transform(32, fast), lazy=fast)
+    dataset = ImageFiles(str(tmp_path), pretrain_transform(32, "fast" if fast else "torchvision"), lazy=fast)
     for name in ("broken.jpg", "garbage.png"):
         with pytest.raises(UserError) as err:
             dataset[dataset.files.index(str(tmp_path / name))]
@@ -169,7 +169,7 @@ def image_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module", params=[False, True], ids=["torchvision", "fast"])
 def images(request, image_root) -> ImageFiles:
     fast = request.param
-    return pretrain_dataset(str(image_root), pretrain_transform(32, fast), lazy=fast)
+    return pretrain_dataset(str(image_root), pretrain_transform(32, "fast" if fast else "torchvision"), lazy=fast)
 
 
 def _epoch(loader, epoch: int, skip: int = 0) -> list[torch.Tensor]:

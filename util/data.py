@@ -17,6 +17,7 @@ from torchvision import datasets, transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from util import distributed
+from util.device_decode import RandomResizedCropFlipOnDevice, collate_encoded
 from util.errors import fail
 from util.fast_crop import FastRandomResizedCropFlip
 from util.images import load_rgb, open_lazily
@@ -50,7 +51,9 @@ class ImageFiles(Dataset):
         img = open_lazily(path) if self.lazy else load_rgb(path)
         try:
             return (self.transform(img) if self.transform else img), 0
-        except (OSError, SyntaxError) as e:  # what Pillow raises for a file that fails mid-decode
+        # What Pillow (OSError, SyntaxError) and torchvision (RuntimeError) raise for a file that
+        # fails mid-decode.
+        except (OSError, SyntaxError, RuntimeError) as e:
             fail(f"cannot read image {path} ({type(e).__name__}: {e}); remove or replace the file")
 
 
@@ -94,14 +97,21 @@ def classification_dataset(data_path: str, split: str, transform: Callable, nb_c
 
 # ---------------------------------------------------------------------------------------------
 # Transforms
-def pretrain_transform(input_size: int, fast: bool = False) -> Callable:
+PRETRAIN_LOADERS = ("fast", "device", "torchvision")
+
+
+def pretrain_transform(input_size: int, loader: str = "torchvision") -> Callable:
     """The official pre-training augmentation: random resized crop (scale 0.2-1, bicubic) and flip.
 
-    ``fast``: the same distribution from ``FastRandomResizedCropFlip`` (reduced-scale JPEG
-    decoding, uint8 output to be normalised on the device); its dataset must be ``lazy``.
+    ``loader`` (``--loader``): ``torchvision``, the recipe itself; ``fast``, the same distribution
+    from ``FastRandomResizedCropFlip`` (uint8 output, normalised on the device); ``device``, the
+    same again with the JPEG decode left to the training device (util/device_decode.py). The
+    dataset of ``fast`` and ``device`` must be ``lazy``.
     """
-    if fast:
+    if loader == "fast":
         return FastRandomResizedCropFlip(input_size)
+    if loader == "device":
+        return RandomResizedCropFlipOnDevice(input_size)
     return transforms.Compose(
         [
             transforms.RandomResizedCrop(
@@ -112,6 +122,13 @@ def pretrain_transform(input_size: int, fast: bool = False) -> Callable:
             transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         ]
     )
+
+
+def pretrain_data(args: Any) -> tuple[ImageFiles, DataLoader]:
+    """Dataset and training loader for pre-training: ``--data_path``, ``--input_size``, ``--loader``."""
+    lazy = args.loader != "torchvision"
+    dataset = pretrain_dataset(args.data_path, pretrain_transform(args.input_size, args.loader), lazy=lazy)
+    return dataset, train_loader(dataset, args, collate_encoded if args.loader == "device" else None)
 
 
 def eval_transform(input_size: int) -> Callable:

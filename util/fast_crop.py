@@ -43,15 +43,14 @@ class FastRandomResizedCropFlip:
         reduce = 1
         while reduce < 8 and min(w, h) / (reduce * 2) >= self.size:
             reduce *= 2
-        is_jpeg = img.format == "JPEG"
-        if is_jpeg and reduce > 1:
+        if img.format == "JPEG" and reduce > 1:
             pixels, scale = _decode_reduced(img, reduce)
             # The box in reduced pixels, rounded: at most half a reduced pixel off in a box at
             # least twice the output size.
             top, left = round(top / scale), round(left / scale)
             h, w = max(1, round(h / scale)), max(1, round(w / scale))
-        elif is_jpeg and decode_jpeg is not None and img.mode in _TORCHVISION_JPEG_MODES:
-            pixels = _decode_with_torchvision(img)
+        elif decodes_with_torchvision(img):
+            pixels = decode_jpeg(torch.frombuffer(read_bytes(img), dtype=torch.uint8), mode=ImageReadMode.RGB)
         else:
             pixels = _to_tensor(to_rgb(img))
         box = pixels[:, top : top + h, left : left + w].unsqueeze(0)
@@ -71,11 +70,17 @@ def _decode_reduced(img: Image.Image, reduce: int) -> tuple[torch.Tensor, int]:
     return _to_tensor(to_rgb(img)), scale
 
 
-def _decode_with_torchvision(img: Image.Image) -> torch.Tensor:
+def decodes_with_torchvision(img: Image.Image) -> bool:
+    """Whether torchvision decodes this file (exactly as Pillow would)."""
+    return decode_jpeg is not None and img.format == "JPEG" and img.mode in _TORCHVISION_JPEG_MODES
+
+
+def read_bytes(img: Image.Image) -> bytearray:
+    """The file behind a lazily opened image; closes the image."""
     img.fp.seek(0)
-    data = torch.frombuffer(bytearray(img.fp.read()), dtype=torch.uint8)
+    data = bytearray(img.fp.read())
     img.close()
-    return decode_jpeg(data, mode=ImageReadMode.RGB)
+    return data
 
 
 def _to_tensor(img: Image.Image) -> torch.Tensor:

@@ -89,10 +89,12 @@ def train_one_epoch(
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
+    """Tensors, and objects that move themselves (util.device_decode.EncodedBatch decodes on the
+    way), go to ``device``; lists and tuples are followed."""
     if isinstance(batch, (list, tuple)):
         return type(batch)(_to_device(b, device) for b in batch)
+    if hasattr(batch, "to"):
+        return batch.to(device, non_blocking=True)
     return batch
 
 

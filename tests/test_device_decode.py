@@ -1,0 +1,125 @@
+"""--loader device: workers read files and draw crops, the batch is decoded where it is moved.
+
+On the CPU the same code runs with torchvision's CPU decoder, so it can be checked here against
+the fast loader: same boxes and flips, and the same pixels up to the rounding of the resize (the
+device resizes in float; the fast loader's uint8 kernel rounds and clips between its two passes,
+as Pillow does, which moves a few overshooting pixels by several grey levels)."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import make_dataset, read_log, run_pretrain
+from PIL import Image
+
+from util.data import ImageFiles, pretrain_data
+from util.device_decode import EncodedBatch, EncodedCrop, RandomResizedCropFlipOnDevice, collate_encoded
+from util.errors import UserError
+from util.fast_crop import FastRandomResizedCropFlip
+from util.images import open_lazily
+
+
+def _photo(path: Path, width: int, height: int, mode: str = "RGB", fmt: str = "JPEG") -> Path:
+    rng = np.random.default_rng(width * height)
+    # Gradients plus noise: JPEG keeps some detail, and a flipped crop differs from an unflipped one.
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([255 * x / width, 255 * y / height, 128 + 0 * x], axis=-1)
+    pixels = (base + rng.normal(0, 20, base.shape)).clip(0, 255).astype(np.uint8)
+    Image.fromarray(pixels).convert(mode).save(path, format=fmt, quality=90)
+    return path
+
+
+def assert_close_to_fast(got: torch.Tensor, want: torch.Tensor) -> None:
+    diff = (got.int() - want.int()).abs().float()
+    assert diff.mean() < 0.3, diff.mean()
+    assert (diff > 1).float().mean() < 0.01, (diff > 1).float().mean()
+
+
+def _decode_one(item: EncodedCrop | torch.Tensor) -> torch.Tensor:
+    return EncodedBatch([item]).to("cpu")[0]
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_same_images_as_the_fast_loader(tmp_path, mode):
+    path = _photo(tmp_path / "p.jpg", 500, 375, mode)
+    fast, on_device = FastRandomResizedCropFlip(224), RandomResizedCropFlipOnDevice(224)
+    flips = 0
+    for seed in range(12):
+        torch.manual_seed(seed)
+        expected = fast(open_lazily(str(path)))
+        torch.manual_seed(seed)
+        item = on_device(open_lazily(str(path)))
+        assert isinstance(item, EncodedCrop), "a baseline JPEG must be left to the device"
+        flips += item.flip
+        got = _decode_one(item)
+        assert got.dtype == torch.uint8 and got.shape == (3, 224, 224)
+        assert_close_to_fast(got, expected)
+    assert 0 < flips < 12
+
+
+def test_other_files_are_made_in_the_worker_and_batched_with_the_rest(tmp_path):
+    files = [
+        _photo(tmp_path / "a.jpg", 64, 48),
+        _photo(tmp_path / "b.png", 64, 48, fmt="PNG"),
+        _photo(tmp_path / "c.jpg", 64, 48, mode="CMYK"),
+        _photo(tmp_path / "d.jpg", 50, 40),
+    ]
+    on_device, fast = RandomResizedCropFlipOnDevice(32), FastRandomResizedCropFlip(32)
+    items, expected = [], []
+    for seed, path in enumerate(files):
+        torch.manual_seed(seed)
+        items.append((on_device(open_lazily(str(path))), 0))
+        torch.manual_seed(seed)
+        expected.append(fast(open_lazily(str(path))))
+    assert [isinstance(item, EncodedCrop) for item, _ in items] == [True, False, False, True]
+    batch, labels = collate_encoded(items)
+    images = batch.to("cpu")
+    assert images.shape == (4, 3, 32, 32) and labels.tolist() == [0, 0, 0, 0]
+    for got, want in zip(images, expected, strict=True):
+        assert_close_to_fast(got, want)
+
+
+def test_corrupt_jpeg_is_named_when_the_batch_is_decoded(tmp_path):
+    good = _photo(tmp_path / "good.jpg", 64, 48)
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(good.read_bytes()[:-400])  # header intact, scan data cut short
+    dataset = ImageFiles(str(tmp_path), RandomResizedCropFlipOnDevice(32), lazy=True)
+    batch, _ = collate_encoded([dataset[0], dataset[1]])  # reading and drawing need only the header
+    with pytest.raises(UserError, match="broken.jpg"):
+        batch.to("cpu")
+
+
+def _loader_args(data: Path, loader: str, workers: int):
+    from argparse import Namespace
+
+    return Namespace(
+        data_path=str(data), input_size=32, loader=loader, batch_size=8, num_workers=workers, pin_mem=False,
+        device="cpu", seed=3,
+    )  # fmt: skip
+
+
+def test_loader_gives_the_fast_loaders_batches(tmp_path):
+    data = make_dataset(tmp_path / "data", 8)  # 24 CIFAR JPEGs
+    _, fast = pretrain_data(_loader_args(data, "fast", 0))
+    _, on_device = pretrain_data(_loader_args(data, "device", 2))
+    for loader in (fast, on_device):
+        loader.sampler.set_epoch(1)
+    n = 0
+    for (want, _), (got, _) in zip(fast, on_device, strict=True):
+        assert isinstance(got, EncodedBatch)
+        assert_close_to_fast(got.to("cpu"), want)
+        n += 1
+    assert n == 3
+
+
+def test_pretraining_with_the_device_loader(tmp_path):
+    data = make_dataset(tmp_path / "data", 8)
+    flags = ["--epochs", "2", "--batch_size", "8", "--print_freq", "1", "--vis_freq", "0"]
+    run_pretrain(data, tmp_path / "fast", *flags, "--loader", "fast")
+    run_pretrain(data, tmp_path / "device", *flags, "--loader", "device")
+    fast, device = read_log(tmp_path / "fast"), read_log(tmp_path / "device")
+    assert len(device) == 2 and (tmp_path / "device" / "checkpoint-1.pth").exists()
+    # The same crops, to the resize's rounding: the same training, to rounding.
+    for a, b in zip(fast, device, strict=True):
+        assert abs(a["train_loss"] - b["train_loss"]) < 1e-3 * a["train_loss"]

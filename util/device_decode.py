@@ -1,0 +1,107 @@
+"""JPEG decoding on the training device (nvJPEG on a GPU): ``--loader device``.
+
+At ImageNet resolution the CPU's JPEG decode is most of a worker's time, and a fast GPU eats
+images faster than a 16-core machine decodes them. Here the workers only read the file and draw
+the crop box and the flip (the same draws, in the same order, as ``FastRandomResizedCropFlip``);
+a batch carries the encoded bytes, and moving it to the device decodes all of them in one call,
+then crops and resizes each with the same antialiased bicubic kernel. Files the device decoder
+does not take (not JPEG, CMYK, ...) are made in the worker by the fast loader and travel as pixels.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import default_collate
+from torchvision import transforms
+
+from util.errors import fail
+from util.fast_crop import RATIO, SCALE, FastRandomResizedCropFlip, decode_jpeg, decodes_with_torchvision, read_bytes
+
+if decode_jpeg is not None:
+    from torchvision.io import ImageReadMode
+
+
+@dataclass
+class EncodedCrop:
+    """One image still encoded, with its crop box (top, left, height, width) and flip."""
+
+    # The file's bytes: a bytearray crosses from worker to main process in the pickle stream, a
+    # tensor each would take a shared-memory file of its own (4x slower for 64 small files).
+    data: bytearray
+    box: tuple[int, int, int, int]
+    flip: bool
+    size: int  # of the square output
+    path: str  # for errors
+
+
+class RandomResizedCropFlipOnDevice:
+    """PIL image (opened, not yet decoded) -> ``EncodedCrop``, or the finished uint8 crop for files
+    the device does not decode. Batch with ``collate_encoded``."""
+
+    def __init__(self, size: int, scale: tuple[float, float] = SCALE, ratio: tuple[float, float] = RATIO):
+        self.size, self.scale, self.ratio = size, scale, ratio
+        self.on_cpu = FastRandomResizedCropFlip(size, scale, ratio)
+
+    def __call__(self, img: Image.Image) -> EncodedCrop | torch.Tensor:
+        if not decodes_with_torchvision(img):
+            return self.on_cpu(img)
+        box = transforms.RandomResizedCrop.get_params(img, list(self.scale), list(self.ratio))
+        flip = torch.rand(1).item() < 0.5
+        return EncodedCrop(read_bytes(img), box, flip, self.size, img.filename)
+
+
+class EncodedBatch:
+    """A batch of ``EncodedCrop`` (and finished crops); ``.to(device)`` makes the uint8 images."""
+
+    def __init__(self, items: list[EncodedCrop | torch.Tensor]):
+        self.items = items
+        first = items[0]
+        self.size = first.size if isinstance(first, EncodedCrop) else first.shape[-1]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def pin_memory(self) -> "EncodedBatch":
+        return self  # the decoder reads the bytes from host memory; nothing to pin
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> torch.Tensor:
+        """uint8 [N, 3, size, size] on ``device``."""
+        device = torch.device(device)
+        encoded = [i for i, item in enumerate(self.items) if isinstance(item, EncodedCrop)]
+        decoded = self._decode([self.items[i] for i in encoded], device) if encoded else []
+        out: list[torch.Tensor] = [None] * len(self.items)  # type: ignore[list-item]
+        for i, pixels in zip(encoded, decoded, strict=True):
+            crop = self.items[i]
+            top, left, h, w = crop.box
+            box = pixels[:, top : top + h, left : left + w].unsqueeze(0).float()
+            # Float: the GPU has no uint8 kernel for this resize; rounded back to uint8 below.
+            resized = F.interpolate(box, size=(self.size, self.size), mode="bicubic", antialias=True).squeeze(0)
+            out[i] = resized.flip(-1) if crop.flip else resized
+        for i, item in enumerate(self.items):
+            if out[i] is None:  # made and flipped in the worker
+                out[i] = item.to(device, non_blocking=non_blocking).float()
+        return torch.stack(out).round_().clamp_(0, 255).to(torch.uint8)
+
+    @staticmethod
+    def _decode(crops: list[EncodedCrop], device: torch.device) -> list[torch.Tensor]:
+        try:
+            return decode_jpeg([_as_tensor(c.data) for c in crops], mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:
+            # The batch call does not say which file failed: find it on the CPU and name it.
+            for crop in crops:
+                try:
+                    decode_jpeg(_as_tensor(crop.data), mode=ImageReadMode.RGB)
+                except RuntimeError as e:
+                    fail(f"cannot read image {crop.path} ({e}); remove or replace the file")
+            raise
+
+
+def _as_tensor(data: bytearray) -> torch.Tensor:
+    return torch.frombuffer(data, dtype=torch.uint8)
+
+
+def collate_encoded(samples: list[tuple[EncodedCrop | torch.Tensor, int]]) -> tuple[EncodedBatch, torch.Tensor]:
+    """The DataLoader's ``collate_fn`` for ``RandomResizedCropFlipOnDevice``."""
+    return EncodedBatch([item for item, _ in samples]), default_collate([label for _, label in samples])
