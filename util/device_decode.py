@@ -8,16 +8,23 @@ then crops and resizes each with the same antialiased bicubic kernel. Files the 
 does not take (not JPEG, CMYK, ...) are made in the worker by the fast loader and travel as pixels.
 """
 
+import random
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch.utils.data import default_collate
-from torchvision import transforms
 
 from util.errors import fail
-from util.fast_crop import RATIO, SCALE, FastRandomResizedCropFlip, decode_jpeg, decodes_with_torchvision, read_bytes
+from util.fast_crop import (
+    RATIO,
+    SCALE,
+    FastRandomResizedCropFlip,
+    decode_jpeg,
+    random_crop_box,
+    read_file,
+    torchvision_jpeg_size,
+)
 
 if decode_jpeg is not None:
     from torchvision.io import ImageReadMode
@@ -37,19 +44,21 @@ class EncodedCrop:
 
 
 class RandomResizedCropFlipOnDevice:
-    """PIL image (opened, not yet decoded) -> ``EncodedCrop``, or the finished uint8 crop for files
-    the device does not decode. Batch with ``collate_encoded``."""
+    """Image file path -> ``EncodedCrop``, or the finished uint8 crop for files the device does not
+    decode. Batch with ``collate_encoded``."""
 
     def __init__(self, size: int, scale: tuple[float, float] = SCALE, ratio: tuple[float, float] = RATIO):
         self.size, self.scale, self.ratio = size, scale, ratio
         self.on_cpu = FastRandomResizedCropFlip(size, scale, ratio)
 
-    def __call__(self, img: Image.Image) -> EncodedCrop | torch.Tensor:
-        if not decodes_with_torchvision(img):
-            return self.on_cpu(img)
-        box = transforms.RandomResizedCrop.get_params(img, list(self.scale), list(self.ratio))
-        flip = torch.rand(1).item() < 0.5
-        return EncodedCrop(read_bytes(img), box, flip, self.size, img.filename)
+    def __call__(self, path: str) -> EncodedCrop | torch.Tensor:
+        data = read_file(path)
+        jpeg_size = torchvision_jpeg_size(data)
+        if jpeg_size is None:
+            return self.on_cpu.crop(data)
+        box = random_crop_box(*jpeg_size, self.scale, self.ratio)
+        flip = random.random() < 0.5
+        return EncodedCrop(data, box, flip, self.size, path)
 
 
 class EncodedBatch:

@@ -1,25 +1,27 @@
 """A faster pre-training augmentation with the official recipe's distribution.
 
 The recipe (RandomResizedCrop(scale 0.2-1, bicubic) + flip on PIL images) decodes the full JPEG,
-resizes with Pillow and converts to float in the worker. Here the crop box is drawn first, with
-torchvision's own sampler, from the image's size alone. A JPEG whose box is at least twice the
-output on each side is decoded at the largest DCT reduction (1/2, 1/4, 1/8) that keeps the output
-resolution inside the box (Pillow's draft mode); other JPEGs are decoded by torchvision straight
-into a tensor. The box is then resized by torch's antialiased bicubic kernel for uint8, about
-twice as fast as Pillow's. Images stay uint8 until the device, where ``normalize_on_device``
-converts them, so workers do no float arithmetic and batches are 4x smaller to copy.
+resizes with Pillow and converts to float in the worker. Here the crop box is drawn first, from
+the image's size alone (the same distribution as torchvision's sampler, drawn for less). A JPEG
+whose box is at least twice the output on each side is decoded at the largest DCT reduction
+(1/2, 1/4, 1/8) that keeps the output resolution inside the box (Pillow's draft mode); other
+JPEGs are decoded by torchvision straight into a tensor. The box is then resized by torch's
+antialiased bicubic kernel for uint8, about twice as fast as Pillow's. Images stay uint8 until
+the device, where ``normalize_on_device`` converts them, so workers do no float arithmetic and
+batches are 4x smaller to copy.
 """
 
 import functools
+import io
 import math
+import random
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torchvision import transforms
 
-from util.images import to_rgb
+from util.images import plain_jpeg_size, to_rgb
 
 try:  # deprecated since torchvision 0.29 in favour of TorchCodec; Pillow decodes once it is gone
     from torchvision.io import ImageReadMode, decode_jpeg
@@ -27,37 +29,77 @@ except ImportError:  # pragma: no cover - depends on the installed torchvision
     decode_jpeg = None
 
 SCALE, RATIO = (0.2, 1.0), (3 / 4, 4 / 3)
-# JPEG modes that torchvision decodes exactly as Pillow does (CMYK and the rest go through Pillow).
-_TORCHVISION_JPEG_MODES = ("RGB", "L")
 
 
 class FastRandomResizedCropFlip:
-    """PIL image (opened, not yet decoded) -> uint8 tensor [3, size, size]."""
+    """Image file path -> uint8 tensor [3, size, size]."""
 
     def __init__(self, size: int, scale: tuple[float, float] = SCALE, ratio: tuple[float, float] = RATIO):
         self.size, self.scale, self.ratio = size, scale, ratio
 
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        top, left, h, w = transforms.RandomResizedCrop.get_params(img, list(self.scale), list(self.ratio))
+    def __call__(self, path: str) -> torch.Tensor:
+        return self.crop(read_file(path))
+
+    def crop(self, data: bytearray) -> torch.Tensor:
+        """The crop of an image file's bytes."""
+        jpeg_size = torchvision_jpeg_size(data)
+        img = None if jpeg_size else Image.open(io.BytesIO(data))  # Pillow for all the rest
+        top, left, h, w = random_crop_box(*(jpeg_size or img.size), self.scale, self.ratio)
+        flip = random.random() < 0.5
         # Largest power-of-two reduction that keeps the box at least `size` pixels on each side.
         reduce = 1
         while reduce < 8 and min(w, h) / (reduce * 2) >= self.size:
             reduce *= 2
-        if img.format == "JPEG" and reduce > 1:
-            pixels, scale = _decode_reduced(img, reduce)
+        if reduce > 1 and (jpeg_size or img.format == "JPEG"):
+            pixels, scale = _decode_reduced(img or Image.open(io.BytesIO(data)), reduce)
             # The box in reduced pixels, rounded: at most half a reduced pixel off in a box at
             # least twice the output size.
             top, left = round(top / scale), round(left / scale)
             h, w = max(1, round(h / scale)), max(1, round(w / scale))
-        elif decodes_with_torchvision(img):
-            pixels = decode_jpeg(torch.frombuffer(read_bytes(img), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        elif jpeg_size:
+            pixels = decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.RGB)
         else:
             pixels = _to_tensor(to_rgb(img))
         box = pixels[:, top : top + h, left : left + w].unsqueeze(0)
         out = F.interpolate(box, size=(self.size, self.size), mode="bicubic", antialias=True).squeeze(0)
-        if torch.rand(1).item() < 0.5:
-            out = out.flip(-1)
-        return out.contiguous()
+        return (out.flip(-1) if flip else out).contiguous()
+
+
+def torchvision_jpeg_size(data: bytearray) -> tuple[int, int] | None:
+    """(width, height) of a JPEG that torchvision decodes exactly as Pillow does; None for any
+    other file (Pillow's then)."""
+    return plain_jpeg_size(data) if decode_jpeg is not None else None
+
+
+def read_file(path: str) -> bytearray:
+    with open(path, "rb") as f:
+        return bytearray(f.read())
+
+
+def random_crop_box(
+    width: int, height: int, scale: tuple[float, float] = SCALE, ratio: tuple[float, float] = RATIO
+) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of a crop as ``RandomResizedCrop.get_params`` draws it (area
+    fraction uniform in ``scale``, log aspect ratio uniform in ``ratio``, 10 tries, then the
+    central crop of the nearest allowed ratio), from python's generator: torch's scalar
+    operations made torchvision's sampler cost 100 us a box, more than decoding a small JPEG."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * random.uniform(*scale)
+        aspect = math.exp(random.uniform(*log_ratio))
+        w = round(math.sqrt(target_area * aspect))
+        h = round(math.sqrt(target_area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return random.randint(0, height - h), random.randint(0, width - w), h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, round(width / min(ratio))
+    elif in_ratio > max(ratio):
+        w, h = round(height * max(ratio)), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
 
 
 def _decode_reduced(img: Image.Image, reduce: int) -> tuple[torch.Tensor, int]:
@@ -68,19 +110,6 @@ def _decode_reduced(img: Image.Image, reduce: int) -> tuple[torch.Tensor, int]:
     img.draft("RGB", (full_w // reduce, img.size[1] // reduce))
     scale = 2 ** round(math.log2(full_w / img.size[0]))
     return _to_tensor(to_rgb(img)), scale
-
-
-def decodes_with_torchvision(img: Image.Image) -> bool:
-    """Whether torchvision decodes this file (exactly as Pillow would)."""
-    return decode_jpeg is not None and img.format == "JPEG" and img.mode in _TORCHVISION_JPEG_MODES
-
-
-def read_bytes(img: Image.Image) -> bytearray:
-    """The file behind a lazily opened image; closes the image."""
-    img.fp.seek(0)
-    data = bytearray(img.fp.read())
-    img.close()
-    return data
 
 
 def _to_tensor(img: Image.Image) -> torch.Tensor:
