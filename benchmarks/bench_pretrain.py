@@ -2,7 +2,8 @@
 
 Run from the repository root (the script imports ``models_mae`` and ``util`` from there):
 
-    python -m benchmarks.bench_pretrain --model mae_vit_base_patch16 --batch_size 128 --precision fp32,bf16 --mode all
+    python -m benchmarks.bench_pretrain --model mae_vit_base_patch16,mae_vit_large_patch16 --batch_size 256 \
+        --precision bf16 --compile --mode all --loader fast,device,torchvision --num_workers 14
     python -m benchmarks.bench_pretrain --model mae_vit_tiny_patch4 --input_size 32 --batch_size 64 --mode model
 
 Modes:
@@ -10,7 +11,8 @@ Modes:
           AdamW step, as main_pretrain.py trains. The fp32 eager step (the "plain" baseline) is
           always measured too, and every row gives its speed relative to it.
   loader  the pre-training data pipeline alone (decode, random resized crop, flip), as
-          main_pretrain.py builds it for --loader fast or torchvision.
+          main_pretrain.py builds it for --loader fast, device or torchvision; each loader's
+          images/s are given relative to the torchvision recipe's.
   e2e     the loader feeding the model step.
   all     the three above.
 
@@ -23,6 +25,7 @@ import json
 import math
 import os
 import resource
+import statistics
 import sys
 import time
 from argparse import Namespace
@@ -110,9 +113,9 @@ def build_step(args: Namespace, precision: str, plain: bool) -> tuple[models_mae
     return model, step
 
 
-def build_loader(args: Namespace, workers: int) -> torch.utils.data.DataLoader:
+def build_loader(args: Namespace, loader: str, workers: int) -> torch.utils.data.DataLoader:
     """The pre-training loader as main_pretrain.py builds it for ``--loader``."""
-    loader_args = Namespace(**{**vars(args), "num_workers": workers, "pin_mem": True})
+    loader_args = Namespace(**{**vars(args), "loader": loader, "num_workers": workers, "pin_mem": True})
     return pretrain_data(loader_args)[1]
 
 
@@ -201,11 +204,11 @@ def bench_model(args: Namespace, precision: str, plain: bool = False) -> dict[st
     return _step_row("model", args, model, precision, plain, elapsed)
 
 
-def bench_loader(args: Namespace, workers: int) -> dict[str, Any]:
+def bench_loader(args: Namespace, loader: str, workers: int) -> dict[str, Any]:
     """Batches drawn from the loader and moved to the device (where ``--loader device`` decodes
     them), with nothing consuming them."""
     device = torch.device(args.device)
-    batches = endless_batches(build_loader(args, workers))
+    batches = endless_batches(build_loader(args, loader, workers))
     n_batches = math.ceil(args.loader_images / args.batch_size)
     elapsed, _ = time_steps(
         lambda imgs: None, lambda: next(batches).to(device, non_blocking=True), n_batches, args.warmup, device
@@ -215,7 +218,7 @@ def bench_loader(args: Namespace, workers: int) -> dict[str, Any]:
     return {
         "mode": "loader",
         "batch": args.batch_size,
-        "loader": args.loader,
+        "loader": loader,
         "workers": workers,
         "images_per_s": images_per_s,
         # With no workers the main process does the work: one core.
@@ -223,41 +226,69 @@ def bench_loader(args: Namespace, workers: int) -> dict[str, Any]:
     }
 
 
-def bench_e2e(args: Namespace, precision: str, workers: int) -> dict[str, Any]:
+def bench_e2e(args: Namespace, precision: str, loader: str, workers: int) -> dict[str, Any]:
     """The loader feeding the training step, as in a real run."""
     device = torch.device(args.device)
     reset_memory(device)
     model, step = build_step(args, precision, plain=False)
-    batches = endless_batches(build_loader(args, workers))
+    batches = endless_batches(build_loader(args, loader, workers))
     elapsed, waited = time_steps(
         step, lambda: next(batches).to(device, non_blocking=True), args.steps, args.warmup, device
     )
     batches.close()
     row = _step_row("e2e", args, model, precision, False, elapsed)
-    return {**row, "loader": args.loader, "workers": workers, "data_wait": waited / elapsed}
+    return {**row, "loader": loader, "workers": workers, "data_wait": waited / elapsed}
 
 
 def run_model_mode(args: Namespace) -> list[dict[str, Any]]:
-    """Every requested precision, plus the fp32 eager baseline that each row is compared with."""
+    """Every requested precision, plus the fp32 eager baseline that each row is compared with;
+    with ``--compile`` or ``--grad_checkpointing``, every precision with and without them."""
     plain = bench_model(args, "fp32", plain=True)
     rows = [plain]
+    options = args.compile or args.grad_checkpointing
     for precision in args.precisions:
-        if precision == "fp32" and not (args.compile or args.grad_checkpointing):
-            continue  # that is the baseline itself
-        rows.append(bench_model(args, precision))
+        if precision != "fp32" and options:
+            rows.append(bench_model(args, precision, plain=True))  # what the options are worth
+        if precision != "fp32" or options:  # (plain fp32 is the baseline itself)
+            rows.append(bench_model(args, precision))
     for row in rows:
         row["vs_plain"] = row["images_per_s"] / plain["images_per_s"]
     return rows
 
 
+def run_loader_mode(args: Namespace) -> list[dict[str, Any]]:
+    """Every loader at every worker count, ``--repeats`` times in turn (so that a change in the
+    machine's load hits all of them alike); each row holds the median over the repeats and, where
+    the torchvision pipeline was measured with as many workers, the ratio to it."""
+    runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for _ in range(args.repeats):
+        for loader in args.loaders:
+            for workers in args.workers:
+                runs.setdefault((loader, workers), []).append(bench_loader(args, loader, workers))
+    rows = []
+    for repeats in runs.values():
+        row = dict(repeats[0])
+        for key in ("images_per_s", "images_per_s_per_core"):
+            row[key] = statistics.median(r[key] for r in repeats)
+        row["repeats"] = len(repeats)
+        rows.append(row)
+    for row in rows:
+        baseline = runs.get(("torchvision", row["workers"]))
+        if baseline is not None:
+            row["vs_torchvision"] = row["images_per_s"] / statistics.median(r["images_per_s"] for r in baseline)
+    return rows
+
+
 def run(args: Namespace) -> list[dict[str, Any]]:
+    per_model = [Namespace(**{**vars(args), "model": name}) for name in args.models]
     rows: list[dict[str, Any]] = []
     if args.mode in ("model", "all"):
-        rows += run_model_mode(args)
+        rows += [row for margs in per_model for row in run_model_mode(margs)]
     if args.mode in ("loader", "all"):
-        rows += [bench_loader(args, w) for w in args.workers]
+        rows += run_loader_mode(args)
     if args.mode in ("e2e", "all"):
-        rows += [bench_e2e(args, p, w) for p in args.precisions for w in args.workers]
+        for margs in per_model:
+            rows += [bench_e2e(margs, p, lo, w) for p in args.precisions for lo in args.loaders for w in args.workers]
     return rows
 
 
@@ -278,6 +309,7 @@ COLUMNS = [
     ("mfu", "MFU", "{:.1%}"),
     ("peak_mem_mib", "peak MiB", "{:.0f}"),
     ("images_per_s_per_core", "images/s/core", "{:.1f}"),
+    ("vs_torchvision", "vs torchvision", "{:.2f}x"),
     ("data_wait", "data wait", "{:.0%}"),
 ]
 
@@ -302,7 +334,9 @@ def describe_device(device: torch.device) -> str:
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("MAE pre-training benchmark", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--mode", default="model", choices=MODES)
-    p.add_argument("--model", default="mae_vit_base_patch16", help=f"one of: {', '.join(models_mae.MODELS)}")
+    p.add_argument(
+        "--model", default="mae_vit_base_patch16", help=f"comma-separated, from: {', '.join(models_mae.MODELS)}"
+    )
     p.add_argument("--batch_size", default=64, type=int)
     p.add_argument("--input_size", default=224, type=int)
     p.add_argument("--mask_ratio", default=0.75, type=float)
@@ -313,7 +347,11 @@ def get_args_parser() -> argparse.ArgumentParser:
         "The fp32 eager baseline is measured in model mode whatever is asked",
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (not the baseline)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model (not the baseline); model mode measures every precision compiled and eager",
+    )
     p.add_argument(
         "--grad_checkpointing",
         action="store_true",
@@ -340,9 +378,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--loader",
         default="fast",
-        choices=PRETRAIN_LOADERS,
-        help="as main_pretrain.py: fast (faster JPEG decoding and resizing, uint8 batches normalised on the "
-        "device), device (JPEGs decoded on the device) or torchvision (the reference pipeline)",
+        help="comma-separated, from: fast (as main_pretrain.py: faster JPEG decoding and resizing, uint8 batches "
+        "normalised on the device), device (JPEGs decoded on the device), torchvision (the reference pipeline)",
+    )
+    p.add_argument(
+        "--repeats",
+        default=1,
+        type=int,
+        help="loader mode: measure every loader and worker count this many times, in turn, and report medians",
     )
     p.add_argument(
         "--num_workers",
@@ -357,11 +400,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def check_args(args: Namespace) -> None:
     """Refuse impossible flags, naming the flag; fill ``args.precisions`` and ``args.workers``."""
-    if args.model not in models_mae.MODELS:
-        fail(f"--model {args.model} is unknown; known models: {', '.join(models_mae.MODELS)}")
+    args.models = args.model.split(",")
+    for name in args.models:
+        if name not in models_mae.MODELS:
+            fail(f"--model {name} is unknown; known models: {', '.join(models_mae.MODELS)}")
     if not 0 <= args.mask_ratio < 1:
         fail(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
-    for name in ("batch_size", "steps", "loader_images"):
+    for name in ("batch_size", "steps", "loader_images", "repeats"):
         if getattr(args, name) < 1:
             fail(f"--{name} must be at least 1, got {getattr(args, name)}")
     for name in ("warmup", "threads"):
@@ -375,6 +420,10 @@ def check_args(args: Namespace) -> None:
         if precision not in PRECISIONS:
             fail(f"--precision {precision} is not one of {', '.join(PRECISIONS)}")
         resolve_precision(precision, args.device)  # refuses fp16 on CPU
+    args.loaders = args.loader.split(",")
+    for loader in args.loaders:
+        if loader not in PRETRAIN_LOADERS:
+            fail(f"--loader {loader} is not one of {', '.join(PRETRAIN_LOADERS)}")
     try:
         args.workers = [int(w) for w in args.num_workers.split(",")]
     except ValueError:

@@ -1,13 +1,15 @@
-"""The benchmark's analytic FLOP count, and a two-step run of its model mode on CPU."""
+"""The benchmark: its analytic FLOP count, a two-step run of its model mode and a run of its loader mode on CPU."""
 
 import json
 
+import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.bench_pretrain import mae_train_flops, main
 from models_mae import MaskedAutoencoderViT
+from util.errors import UserError
 
 
 def tiny_model() -> MaskedAutoencoderViT:
@@ -71,3 +73,19 @@ def test_model_mode_runs_on_cpu(tmp_path):
     assert rows[0]["vs_plain"] == 1.0
     assert all(r["images_per_s"] > 0 and r["peak_mem_mib"] > 0 and r["mfu"] is None for r in rows)
     assert json.loads(out.read_text())["rows"] == rows
+
+
+def test_loader_mode_compares_loaders_with_the_recipe(tmp_path):
+    from helpers import make_dataset
+
+    data = make_dataset(tmp_path / "data", 8)
+    argv = ["--mode", "loader", "--loader", "fast,torchvision", "--data_path", str(data), "--input_size", "32"]
+    argv += ["--batch_size", "8", "--num_workers", "0", "--loader_images", "16", "--warmup", "1", "--repeats", "3"]
+    with torch.random.fork_rng():
+        rows = main([*argv, "--device", "cpu", "--json", ""])
+    assert [(r["loader"], r["workers"], r["repeats"]) for r in rows] == [("fast", 0, 3), ("torchvision", 0, 3)]
+    fast, recipe = rows
+    assert recipe["vs_torchvision"] == 1.0
+    assert fast["vs_torchvision"] == pytest.approx(fast["images_per_s"] / recipe["images_per_s"])
+    with pytest.raises(UserError, match="--loader pil"):
+        main([*argv[:3], "pil", *argv[4:], "--device", "cpu", "--json", ""])
