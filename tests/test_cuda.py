@@ -71,6 +71,7 @@ def test_fp16_scaler_skips_an_overflowing_step_and_backs_off():
     for name, value in layer.state_dict().items():
         assert torch.equal(value, before[name]), f"{name} changed after an overflowing step"
     assert scaler.state_dict()["scale"] == scale / 2
+    optimizer.zero_grad(set_to_none=True)  # as the training loop does after every step
     scaler(layer(torch.randn(2, 4, device="cuda")).sum(), optimizer, layer.parameters())
     assert not torch.equal(layer.weight, before["weight"]), "a finite step must update"
 

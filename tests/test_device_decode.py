@@ -123,3 +123,37 @@ def test_pretraining_with_the_device_loader(tmp_path):
     # The same crops, to the resize's rounding: the same training, to rounding.
     for a, b in zip(fast, device, strict=True):
         assert abs(a["train_loss"] - b["train_loss"]) < 1e-3 * a["train_loss"]
+
+
+def test_files_the_batch_decoder_refuses_are_decoded_one_by_one(tmp_path, monkeypatch):
+    """nvJPEG refuses some valid JPEGs, and then the whole batch call fails: each file is then
+    decoded on its own, on the CPU where the device refuses it too."""
+    import util.device_decode as device_decode
+
+    paths = [_photo(tmp_path / f"{i}.jpg", 80, 60) for i in range(3)]
+    transform = RandomResizedCropFlipOnDevice(32)
+    random.seed(1)
+    batch = EncodedBatch([transform(str(p)) for p in paths])
+    expected = batch.to("cpu")
+    real, calls = device_decode.decode_jpeg, []
+
+    def picky(data, mode, **on_device):
+        """Refuses the batch and every file on "the device"; the CPU decodes them."""
+        calls.append("batch" if isinstance(data, list) else "device" if on_device else "cpu")
+        if calls[-1] != "cpu":
+            raise RuntimeError("decode_jpeg, somewhere.cpp:1, unsupported by this decoder")
+        return real(data, mode=mode)
+
+    monkeypatch.setattr(device_decode, "decode_jpeg", picky)
+    assert torch.equal(batch.to("cpu"), expected)
+    assert calls == ["batch"] + ["device", "cpu"] * 3
+
+
+def test_decode_error_names_the_file_without_torchvisions_source_location(tmp_path):
+    good = _photo(tmp_path / "good.jpg", 64, 48)
+    (tmp_path / "cut.jpg").write_bytes(good.read_bytes()[:-400])
+    transform = RandomResizedCropFlipOnDevice(32)
+    with pytest.raises(UserError) as error:
+        EncodedBatch([transform(str(tmp_path / "cut.jpg"))]).to("cpu")
+    message = str(error.value)
+    assert "cut.jpg" in message and ".cpp" not in message and "remove or replace" in message

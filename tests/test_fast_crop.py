@@ -193,3 +193,35 @@ def test_truncated_jpeg_is_named(tmp_path):
     dataset = ImageFiles(str(tmp_path / "sub"), FastRandomResizedCropFlip(32), lazy=True)
     with pytest.raises(UserError, match="broken.jpg"):
         dataset[0]
+
+
+@pytest.mark.parametrize("loader", ["fast", "device"])
+def test_a_jpeg_claiming_billions_of_pixels_is_refused_by_name(tmp_path, loader):
+    """Its header goes to Pillow, whose decompression-bomb check refuses it, instead of a decoder
+    that would allocate gigabytes."""
+    from util.device_decode import RandomResizedCropFlipOnDevice
+
+    data = bytearray(_smooth_photo(tmp_path / "a.jpg", 64, 64, "JPEG").read_bytes())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = (60000).to_bytes(2, "big") * 2  # height, width
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "bomb.jpg").write_bytes(bytes(data))
+    transform = FastRandomResizedCropFlip(32) if loader == "fast" else RandomResizedCropFlipOnDevice(32)
+    with pytest.raises(UserError, match="bomb.jpg"):
+        ImageFiles(str(tmp_path / "sub"), transform, lazy=True)[0]
+
+
+def test_reduced_boxes_stay_inside_the_reduced_image():
+    from util.fast_crop import _scale_box
+
+    rng = random.Random(0)
+    for _ in range(20000):
+        scale = rng.choice([2, 4, 8])
+        width, height = rng.randint(scale, 3000), rng.randint(scale, 3000)
+        random.seed(rng.random())
+        box = random_crop_box(width, height)
+        rows, cols = -(-height // scale), -(-width // scale)
+        top, left, h, w = _scale_box(box, scale, (rows, cols))
+        assert 0 <= top and 0 <= left and h >= 1 and w >= 1
+        assert top + h <= rows and left + w <= cols, (width, height, scale, box)
+        assert abs(top * scale - box[0]) <= scale and abs(h * scale - box[2]) <= 2 * scale

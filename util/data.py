@@ -51,9 +51,7 @@ class ImageFiles(Dataset):
         img = path if self.lazy else load_rgb(path)
         try:
             return (self.transform(img) if self.transform else img), 0
-        # What Pillow (OSError, SyntaxError) and torchvision (RuntimeError) raise for a file that
-        # fails mid-decode.
-        except (OSError, SyntaxError, RuntimeError) as e:
+        except Exception as e:  # Pillow and torchvision raise many types for bad files
             fail(f"cannot read image {path} ({type(e).__name__}: {e}); remove or replace the file")
 
 

@@ -8,6 +8,7 @@ then crops and resizes each with the same antialiased bicubic kernel. Files the 
 does not take (not JPEG, CMYK, ...) are made in the worker by the fast loader and travel as pixels.
 """
 
+import functools
 import random
 from dataclasses import dataclass
 
@@ -78,8 +79,23 @@ class EncodedBatch:
     def to(self, device: torch.device | str, non_blocking: bool = False) -> torch.Tensor:
         """uint8 [N, 3, size, size] on ``device``."""
         device = torch.device(device)
+        if device.type != "cuda":
+            return self._make(device, non_blocking)
+        # torchvision's GPU decoder writes on a stream of its own without waiting for the current
+        # one, into memory allocated on the current stream: memory that kernels of the training
+        # step still queued there may be about to read. On a side stream the allocator hands it
+        # only blocks that side stream freed, whose work ends before this batch begins.
+        side, current = _side_stream(device), torch.cuda.current_stream(device)
+        side.synchronize()  # the previous batch's decode only, not the training step
+        with torch.cuda.stream(side):
+            images = self._make(device, non_blocking)
+        current.wait_stream(side)
+        images.record_stream(current)
+        return images
+
+    def _make(self, device: torch.device, non_blocking: bool) -> torch.Tensor:
         encoded = [i for i, item in enumerate(self.items) if isinstance(item, EncodedCrop)]
-        decoded = self._decode([self.items[i] for i in encoded], device) if encoded else []
+        decoded = _decode([self.items[i] for i in encoded], device) if encoded else []
         out: list[torch.Tensor] = [None] * len(self.items)  # type: ignore[list-item]
         for i, pixels in zip(encoded, decoded, strict=True):
             crop = self.items[i]
@@ -93,18 +109,32 @@ class EncodedBatch:
                 out[i] = item.to(device, non_blocking=non_blocking).float()
         return torch.stack(out).round_().clamp_(0, 255).to(torch.uint8)
 
-    @staticmethod
-    def _decode(crops: list[EncodedCrop], device: torch.device) -> list[torch.Tensor]:
-        try:
-            return decode_jpeg([_as_tensor(c.data) for c in crops], mode=ImageReadMode.RGB, device=device)
-        except RuntimeError:
-            # The batch call does not say which file failed: find it on the CPU and name it.
-            for crop in crops:
-                try:
-                    decode_jpeg(_as_tensor(crop.data), mode=ImageReadMode.RGB)
-                except RuntimeError as e:
-                    fail(f"cannot read image {crop.path} ({e}); remove or replace the file")
-            raise
+
+@functools.cache
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
+
+
+def _decode(crops: list[EncodedCrop], device: torch.device) -> list[torch.Tensor]:
+    try:
+        return decode_jpeg([_as_tensor(c.data) for c in crops], mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:  # the batch call does not say which file failed
+        return [_decode_one(c, device) for c in crops]
+
+
+def _decode_one(crop: EncodedCrop, device: torch.device) -> torch.Tensor:
+    """One file on the device; on the CPU where the device's decoder refuses it (nvJPEG does not
+    take every valid JPEG); an error naming the file where neither can."""
+    data = _as_tensor(crop.data)
+    try:
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        pass
+    try:
+        return decode_jpeg(data, mode=ImageReadMode.RGB).to(device)
+    except RuntimeError as e:
+        reason = str(e).rsplit(", ", 1)[-1]  # torchvision prefixes the C++ source location
+        fail(f"cannot read image {crop.path} ({reason}); remove or replace the file")
 
 
 def _as_tensor(data: bytearray) -> torch.Tensor:

@@ -52,10 +52,9 @@ class FastRandomResizedCropFlip:
             reduce *= 2
         if reduce > 1 and (jpeg_size or img.format == "JPEG"):
             pixels, scale = _decode_reduced(img or Image.open(io.BytesIO(data)), reduce)
-            # The box in reduced pixels, rounded: at most half a reduced pixel off in a box at
-            # least twice the output size.
-            top, left = round(top / scale), round(left / scale)
-            h, w = max(1, round(h / scale)), max(1, round(w / scale))
+            # The box's edges in reduced pixels, rounded (at most half a reduced pixel off in a
+            # box at least twice the output size) and kept inside the reduced image.
+            top, left, h, w = _scale_box((top, left, h, w), scale, pixels.shape[1:])
         elif jpeg_size:
             pixels = decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.RGB)
         else:
@@ -67,8 +66,11 @@ class FastRandomResizedCropFlip:
 
 def torchvision_jpeg_size(data: bytearray) -> tuple[int, int] | None:
     """(width, height) of a JPEG that torchvision decodes exactly as Pillow does; None for any
-    other file (Pillow's then)."""
-    return plain_jpeg_size(data) if decode_jpeg is not None else None
+    other file, and for images larger than Pillow's decompression-bomb limit: Pillow's then,
+    which refuses those with an error rather than filling memory."""
+    size = plain_jpeg_size(data) if decode_jpeg is not None else None
+    limit = Image.MAX_IMAGE_PIXELS
+    return None if size is None or (limit is not None and size[0] * size[1] > limit) else size
 
 
 def read_file(path: str) -> bytearray:
@@ -104,12 +106,23 @@ def random_crop_box(
 
 def _decode_reduced(img: Image.Image, reduce: int) -> tuple[torch.Tensor, int]:
     """Decode at 1/reduce scale; returns the pixels and the scale Pillow actually used."""
-    full_w = img.size[0]
+    full_w, full_h = img.size
     # Pillow picks the largest DCT scale s with size // requested >= s; asking for the floor makes
-    # that our ``reduce``. Pixel k of the result covers pixels [k*s, (k+1)*s).
-    img.draft("RGB", (full_w // reduce, img.size[1] // reduce))
-    scale = 2 ** round(math.log2(full_w / img.size[0]))
+    # that our ``reduce``. Pixel k of the result covers pixels [k*s, (k+1)*s), and a side of n
+    # pixels becomes ceil(n / s).
+    img.draft("RGB", (full_w // reduce, full_h // reduce))
+    scale = next(s for s in (1, 2, 4, 8) if img.size == (-(-full_w // s), -(-full_h // s)))
     return _to_tensor(to_rgb(img)), scale
+
+
+def _scale_box(box: tuple[int, int, int, int], scale: int, reduced_hw: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(top, left, height, width) in full-size pixels -> the same in pixels ``scale`` times larger."""
+    top, left, h, w = box
+    rows, cols = reduced_hw
+    top_r, left_r = min(round(top / scale), rows - 1), min(round(left / scale), cols - 1)
+    bottom_r = min(rows, max(top_r + 1, round((top + h) / scale)))
+    right_r = min(cols, max(left_r + 1, round((left + w) / scale)))
+    return top_r, left_r, bottom_r - top_r, right_r - left_r
 
 
 def _to_tensor(img: Image.Image) -> torch.Tensor:
