@@ -12,22 +12,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import CLASSES, DEMO, REPO, pretrain_args
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import main_finetune
+import main_linprobe
+import main_pretrain
+import models_mae
+import models_vit
+from util.errors import UserError
+from util.lars import LARS
+from util.lr_decay import param_groups_lrd
+from util.pretrained import load_pretrained_encoder
 
-import main_finetune  # noqa: E402
-import main_linprobe  # noqa: E402
-import main_pretrain  # noqa: E402
-import models_mae  # noqa: E402
-import models_vit  # noqa: E402
-from util.errors import UserError  # noqa: E402
-from util.lars import LARS  # noqa: E402
-from util.lr_decay import param_groups_lrd  # noqa: E402
-from util.pretrained import load_pretrained_encoder  # noqa: E402
-
-DEMO = REPO / "demo" / "cifar10-2k"
-CLASSES = ("airplane", "cat", "ship")
 CPU = ["--device", "cpu", "--precision", "fp32", "--num_workers", "0"]
 
 
@@ -48,56 +44,20 @@ def pipeline(tmp_path_factory):
     root = tmp_path_factory.mktemp("ft")
     data = _split(root / "data", train=16, val=9)  # 27 validation images: odd on purpose
     pre = root / "pre"
-    args = main_pretrain.get_args_parser().parse_args(
-        [
-            "--data_path",
-            str(data),
-            "--model",
-            "mae_vit_tiny_patch4",
-            "--input_size",
-            "32",
-            "--batch_size",
-            "16",
-            "--epochs",
-            "1",
-            "--warmup_epochs",
-            "0",
-            "--vis_freq",
-            "0",
-            "--output_dir",
-            str(pre),
-            "--log_dir",
-            "",
-            *CPU,
-        ]
-    )
+    args = pretrain_args(data, pre, "--epochs", "1", "--warmup_epochs", "0", "--vis_freq", "0", "--log_dir", "")
     main_pretrain.main(args)
     return data, pre / "checkpoint-0.pth", root
 
 
+def _classifier_args(entry_point, data, out, *extra):
+    """Flags of main_finetune / main_linprobe for the tiny split on CPU; ``extra`` wins."""
+    argv = ["--data_path", str(data), "--nb_classes", "3", "--model", "vit_tiny_patch4", "--input_size", "32"]
+    argv += ["--batch_size", "8", "--output_dir", str(out), "--log_dir", "", "--warmup_epochs", "1", *CPU, *extra]
+    return entry_point.get_args_parser().parse_args(argv)
+
+
 def _finetune_args(data, out, *extra):
-    return main_finetune.get_args_parser().parse_args(
-        [
-            "--data_path",
-            str(data),
-            "--nb_classes",
-            "3",
-            "--model",
-            "vit_tiny_patch4",
-            "--input_size",
-            "32",
-            "--batch_size",
-            "8",
-            "--output_dir",
-            str(out),
-            "--log_dir",
-            "",
-            "--warmup_epochs",
-            "1",
-            *CPU,
-            *extra,
-        ]
-    )
+    return _classifier_args(main_finetune, data, out, *extra)
 
 
 def _last_log(out: Path) -> dict:
@@ -126,31 +86,7 @@ def test_finetune_then_eval_reproduces_logged_accuracy(pipeline, tmp_path, capsy
 def test_linear_probe_trains_only_the_head(pipeline, tmp_path):
     data, ckpt, _ = pipeline
     out = tmp_path / "lin"
-    args = main_linprobe.get_args_parser().parse_args(
-        [
-            "--data_path",
-            str(data),
-            "--nb_classes",
-            "3",
-            "--model",
-            "vit_tiny_patch4",
-            "--input_size",
-            "32",
-            "--batch_size",
-            "16",
-            "--epochs",
-            "2",
-            "--warmup_epochs",
-            "1",
-            "--finetune",
-            str(ckpt),
-            "--output_dir",
-            str(out),
-            "--log_dir",
-            "",
-            *CPU,
-        ]
-    )
+    args = _classifier_args(main_linprobe, data, out, "--batch_size", "16", "--epochs", "2", "--finetune", str(ckpt))
     main_linprobe.main(args)
     probed = torch.load(out / "checkpoint-1.pth", weights_only=False)["model"]
     encoder = torch.load(ckpt, weights_only=False)["model"]

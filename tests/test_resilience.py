@@ -11,12 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import make_dataset  # noqa: E402
+from helpers import assert_same, cli, load, make_dataset  # noqa: E402
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
@@ -56,15 +55,14 @@ def _flags(data: Path, out: Path, epochs: int = 3) -> list[str]:
 
 
 def _final_model(out: Path, epochs: int = 3) -> dict:
-    from util.checkpoint import load_checkpoint
-
-    return load_checkpoint(str(out / f"checkpoint-{epochs - 1}.pth"))["model"]
+    return load(out / f"checkpoint-{epochs - 1}.pth")["model"]
 
 
-def _assert_same(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{k} differs"
+def _pretrain_to_the_end(*argv: str) -> subprocess.CompletedProcess:
+    """main_pretrain.py in a fresh process, with the reference's environment; it must succeed."""
+    done = cli(["main_pretrain.py", *argv], timeout=600, env={"OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
 
 
 @pytest.fixture(scope="module")
@@ -73,15 +71,7 @@ def reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("ref")
     data = make_dataset(root / "data", 16)  # 48 images: 3 classes x 16
     out = root / "out"
-    done = subprocess.run(
-        [sys.executable, "main_pretrain.py", *_flags(data, out)],
-        cwd=REPO,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    _pretrain_to_the_end(*_flags(data, out))
     return data, _final_model(out)
 
 
@@ -120,7 +110,7 @@ def test_kill_9_at_random_moments_never_breaks_resume(reference, tmp_path):
             break
         pytest.fail(f"resumed run failed:\n{rest[-3000:]}")
     assert kills == 3
-    _assert_same(_final_model(out), expected)
+    assert_same(_final_model(out), expected)
 
 
 SLOW_WRITE = """
@@ -156,18 +146,10 @@ def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one(reference, tmp_
     proc.wait()
     assert sorted(p.name for p in out.glob("checkpoint-*.pth")) == ["checkpoint-0-step2.pth"]
     assert len(list(out.glob("checkpoint-0-step4.pth.tmp*"))) == 1
-    done = subprocess.run(
-        [sys.executable, "main_pretrain.py", *flags, "--resume", "auto"],
-        cwd=REPO,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = _pretrain_to_the_end(*flags, "--resume", "auto")
     assert "resuming at epoch 0, iteration 2" in done.stdout + done.stderr
     assert not list(out.glob("*.tmp*")), "stale temporary files are cleaned up"
-    _assert_same(_final_model(out), expected)
+    assert_same(_final_model(out), expected)
 
 
 def test_sigterm_checkpoints_at_the_exact_position_and_resume_is_exact(reference, tmp_path):
@@ -183,16 +165,8 @@ def test_sigterm_checkpoints_at_the_exact_position_and_resume_is_exact(reference
     assert "continue with --resume auto" in rest
     mid = sorted(p.name for p in out.glob("checkpoint-1-step*.pth"))
     assert len(mid) == 1, mid
-    done = subprocess.run(
-        [sys.executable, "main_pretrain.py", *flags, "--resume", "auto"],
-        cwd=REPO,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    _assert_same(_final_model(out), expected)
+    _pretrain_to_the_end(*flags, "--resume", "auto")
+    assert_same(_final_model(out), expected)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,7 +190,7 @@ def test_submitit_local_job_runs_to_the_end(reference, tmp_path):
     job = _submit(data, tmp_path)
     job.result()
     out = tmp_path / str(job.job_id)
-    _assert_same(_final_model(out), expected)
+    assert_same(_final_model(out), expected)
     assert (out / "log.txt").read_text().count("\n") == 3
 
 
@@ -236,4 +210,4 @@ def test_submitit_preempted_job_is_requeued_and_resumes_exactly(reference, tmp_p
     log = job.stderr() + job.stdout()
     assert "Requeued job" in log, log[-3000:]
     assert "resuming at epoch" in log
-    _assert_same(_final_model(out), expected)
+    assert_same(_final_model(out), expected)
