@@ -66,6 +66,20 @@ def make_dataset(root: Path, per_class: int, classes: Sequence[str] = CLASSES, l
     return root
 
 
+def noisy_photo(path: Path, width: int, height: int, mode: str = "RGB", fmt: str = "JPEG") -> Path:
+    """A synthetic photo: gradients plus noise, so JPEG keeps some detail and a flipped crop
+    differs from an unflipped one."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(width * height)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([255 * x / width, 255 * y / height, 128 + 0 * x], axis=-1)
+    pixels = (base + rng.normal(0, 20, base.shape)).clip(0, 255).astype(np.uint8)
+    Image.fromarray(pixels).convert(mode).save(path, format=fmt, quality=90)
+    return path
+
+
 def pretrain_args(data: Path, out: Path, *extra: str):
     import main_pretrain
 

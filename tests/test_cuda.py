@@ -7,13 +7,10 @@ import copy
 import random
 import subprocess
 import sys
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from helpers import REPO, make_dataset, read_log, run_pretrain
-from PIL import Image
+from helpers import REPO, make_dataset, noisy_photo, read_log, run_pretrain
 
 import models_mae
 from util.device_decode import EncodedBatch, RandomResizedCropFlipOnDevice
@@ -22,18 +19,10 @@ from util.precision import LossScaler, autocast
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def _photo(path: Path, width: int, height: int) -> Path:
-    rng = np.random.default_rng(width + height)
-    y, x = np.mgrid[0:height, 0:width]
-    base = np.stack([255 * x / width, 255 * y / height, 128 + 60 * np.sin(x / 9.0)], axis=-1)
-    Image.fromarray((base + rng.normal(0, 10, base.shape)).clip(0, 255).astype(np.uint8)).save(path, quality=90)
-    return path
-
-
 def test_device_loader_decodes_on_the_gpu_as_on_the_cpu(tmp_path):
     """nvJPEG and libjpeg-turbo may round the inverse DCT and chroma upsampling differently:
     close, not equal."""
-    paths = [_photo(tmp_path / f"{i}.jpg", w, h) for i, (w, h) in enumerate([(500, 375), (375, 500), (640, 427)])]
+    paths = [noisy_photo(tmp_path / f"{i}.jpg", w, h) for i, (w, h) in enumerate([(500, 375), (375, 500), (640, 427)])]
     transform = RandomResizedCropFlipOnDevice(224)
     random.seed(0)
     batch = EncodedBatch([transform(str(p)) for p in paths])

@@ -8,26 +8,14 @@ as Pillow does, which moves a few overshooting pixels by several grey levels).""
 import random
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from helpers import make_dataset, read_log, run_pretrain
-from PIL import Image
+from helpers import make_dataset, noisy_photo, read_log, run_pretrain
 
 from util.data import ImageFiles, pretrain_data
 from util.device_decode import EncodedBatch, EncodedCrop, RandomResizedCropFlipOnDevice, collate_encoded
 from util.errors import UserError
 from util.fast_crop import FastRandomResizedCropFlip
-
-
-def _photo(path: Path, width: int, height: int, mode: str = "RGB", fmt: str = "JPEG") -> Path:
-    rng = np.random.default_rng(width * height)
-    # Gradients plus noise: JPEG keeps some detail, and a flipped crop differs from an unflipped one.
-    y, x = np.mgrid[0:height, 0:width]
-    base = np.stack([255 * x / width, 255 * y / height, 128 + 0 * x], axis=-1)
-    pixels = (base + rng.normal(0, 20, base.shape)).clip(0, 255).astype(np.uint8)
-    Image.fromarray(pixels).convert(mode).save(path, format=fmt, quality=90)
-    return path
 
 
 def assert_close_to_fast(got: torch.Tensor, want: torch.Tensor) -> None:
@@ -42,7 +30,7 @@ def _decode_one(item: EncodedCrop | torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("mode", ["RGB", "L"])
 def test_same_images_as_the_fast_loader(tmp_path, mode):
-    path = _photo(tmp_path / "p.jpg", 500, 375, mode)
+    path = noisy_photo(tmp_path / "p.jpg", 500, 375, mode)
     fast, on_device = FastRandomResizedCropFlip(224), RandomResizedCropFlipOnDevice(224)
     flips = 0
     for seed in range(12):
@@ -60,10 +48,10 @@ def test_same_images_as_the_fast_loader(tmp_path, mode):
 
 def test_other_files_are_made_in_the_worker_and_batched_with_the_rest(tmp_path):
     files = [
-        _photo(tmp_path / "a.jpg", 64, 48),
-        _photo(tmp_path / "b.png", 64, 48, fmt="PNG"),
-        _photo(tmp_path / "c.jpg", 64, 48, mode="CMYK"),
-        _photo(tmp_path / "d.jpg", 50, 40),
+        noisy_photo(tmp_path / "a.jpg", 64, 48),
+        noisy_photo(tmp_path / "b.png", 64, 48, fmt="PNG"),
+        noisy_photo(tmp_path / "c.jpg", 64, 48, mode="CMYK"),
+        noisy_photo(tmp_path / "d.jpg", 50, 40),
     ]
     on_device, fast = RandomResizedCropFlipOnDevice(32), FastRandomResizedCropFlip(32)
     items, expected = [], []
@@ -81,7 +69,7 @@ def test_other_files_are_made_in_the_worker_and_batched_with_the_rest(tmp_path):
 
 
 def test_corrupt_jpeg_is_named_when_the_batch_is_decoded(tmp_path):
-    good = _photo(tmp_path / "good.jpg", 64, 48)
+    good = noisy_photo(tmp_path / "good.jpg", 64, 48)
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(good.read_bytes()[:-400])  # header intact, scan data cut short
     dataset = ImageFiles(str(tmp_path), RandomResizedCropFlipOnDevice(32), lazy=True)
@@ -130,7 +118,7 @@ def test_files_the_batch_decoder_refuses_are_decoded_one_by_one(tmp_path, monkey
     decoded on its own, on the CPU where the device refuses it too."""
     import util.device_decode as device_decode
 
-    paths = [_photo(tmp_path / f"{i}.jpg", 80, 60) for i in range(3)]
+    paths = [noisy_photo(tmp_path / f"{i}.jpg", 80, 60) for i in range(3)]
     transform = RandomResizedCropFlipOnDevice(32)
     random.seed(1)
     batch = EncodedBatch([transform(str(p)) for p in paths])
@@ -150,7 +138,7 @@ def test_files_the_batch_decoder_refuses_are_decoded_one_by_one(tmp_path, monkey
 
 
 def test_decode_error_names_the_file_without_torchvisions_source_location(tmp_path):
-    good = _photo(tmp_path / "good.jpg", 64, 48)
+    good = noisy_photo(tmp_path / "good.jpg", 64, 48)
     (tmp_path / "cut.jpg").write_bytes(good.read_bytes()[:-400])
     transform = RandomResizedCropFlipOnDevice(32)
     with pytest.raises(UserError) as error:

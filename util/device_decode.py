@@ -49,17 +49,16 @@ class RandomResizedCropFlipOnDevice:
     decode. Batch with ``collate_encoded``."""
 
     def __init__(self, size: int, scale: tuple[float, float] = SCALE, ratio: tuple[float, float] = RATIO):
-        self.size, self.scale, self.ratio = size, scale, ratio
-        self.on_cpu = FastRandomResizedCropFlip(size, scale, ratio)
+        self.on_cpu = FastRandomResizedCropFlip(size, scale, ratio)  # also holds size, scale, ratio
 
     def __call__(self, path: str) -> EncodedCrop | torch.Tensor:
         data = read_file(path)
         jpeg_size = torchvision_jpeg_size(data)
         if jpeg_size is None:
             return self.on_cpu.crop(data)
-        box = random_crop_box(*jpeg_size, self.scale, self.ratio)
+        box = random_crop_box(*jpeg_size, self.on_cpu.scale, self.on_cpu.ratio)
         flip = random.random() < 0.5
-        return EncodedCrop(data, box, flip, self.size, path)
+        return EncodedCrop(data, box, flip, self.on_cpu.size, path)
 
 
 class EncodedBatch:
