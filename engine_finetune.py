@@ -103,9 +103,7 @@ def fit(
     best = state.extra.setdefault("max_accuracy", 0.0)
     begin = time.time()
     try:
-        for epoch in range(position.epoch, args.epochs):
-            start_step = position.step if epoch == position.epoch else 0
-            train_loader.sampler.set_epoch(epoch, skip=start_step * args.batch_size)
+        for epoch, start_step in setup.epochs_left(position, train_loader, args):
             train_stats = train_one_epoch(trained, train_loader, state, epoch, criterion, mixup_fn, run_log, start_step)
             if distributed.any_rank(interrupt.requested(), args.device):  # checkpoint now, evaluate later
                 setup.end_epoch(state, epoch, {f"train_{k}": v for k, v in train_stats.items()}, run_log)

@@ -97,9 +97,7 @@ def main(args: argparse.Namespace) -> None:
     print(f"start training for {args.epochs} epochs")
     begin = time.time()
     try:
-        for epoch in range(position.epoch, args.epochs):
-            start_step = position.step if epoch == position.epoch else 0
-            loader.sampler.set_epoch(epoch, skip=start_step * args.batch_size)
+        for epoch, start_step in setup.epochs_left(position, loader, args):
             stats = train_one_epoch(trained, loader, state, epoch, run_log, start_step)
             if (
                 distributed.is_main_process()

@@ -4,14 +4,16 @@ import argparse
 import json
 import os
 import random
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from util import distributed, interrupt
 from util.args import check_common, effective_lr, resolve_precision
-from util.checkpoint import TrainState, save_checkpoint
+from util.checkpoint import Position, TrainState, save_checkpoint
 from util.errors import fail
 from util.logger import RunLog
 
@@ -58,6 +60,15 @@ def wrap_for_training(model: torch.nn.Module, args: argparse.Namespace) -> torch
     if args.compile:
         wrapped = torch.compile(wrapped)
     return wrapped
+
+
+def epochs_left(position: Position, loader: DataLoader, args: argparse.Namespace) -> Iterator[tuple[int, int]]:
+    """(epoch, first iteration) for every epoch from ``position`` to ``args.epochs``; each epoch's
+    sampler is set to skip the samples a resumed run already trained on."""
+    for epoch in range(position.epoch, args.epochs):
+        start_step = position.step if epoch == position.epoch else 0
+        loader.sampler.set_epoch(epoch, skip=start_step * args.batch_size)
+        yield epoch, start_step
 
 
 def end_epoch(state: TrainState, epoch: int, stats: dict[str, Any], run_log: RunLog) -> None:
