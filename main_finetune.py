@@ -18,7 +18,7 @@ import util.compat  # noqa: F401  (makes timm RandAugment work with Pillow 13)
 from engine_finetune import train_or_evaluate
 from util import setup
 from util.args import add_run_args, add_schedule_args, check_input_size
-from util.data import IMAGENET_MEAN, IMAGENET_STD, classification_dataset, eval_transform
+from util.data import IMAGENET_MEAN, IMAGENET_STD, classification_splits, eval_transform
 from util.errors import fail, run_cli
 from util.lr_decay import param_groups_lrd
 from util.pretrained import load_pretrained_encoder
@@ -125,6 +125,27 @@ def build_classifier(args: argparse.Namespace, **kwargs) -> models_vit.VisionTra
     )
 
 
+MIXUP_MODES = ("batch", "pair", "elem")
+
+
+def check_finetune_args(args: argparse.Namespace) -> None:
+    """Flags of fine-tuning alone that timm would take silently, or fail on with a traceback."""
+    if not 0 <= args.drop_path < 1:
+        fail(f"--drop_path must be in [0, 1), got {args.drop_path}")
+    if not 0 <= args.smoothing < 1:
+        fail(f"--smoothing must be in [0, 1), got {args.smoothing}")
+    if args.mixup_mode not in MIXUP_MODES:
+        fail(f"--mixup_mode {args.mixup_mode} is unknown; use one of {', '.join(MIXUP_MODES)}")
+    if args.aa:  # timm parses the policy when it builds the transform: let it, on a small one
+        try:
+            create_transform(32, is_training=True, auto_augment=args.aa)
+        except (AssertionError, KeyError, ValueError) as e:
+            fail(
+                f"--aa {args.aa} is not an auto-augment policy timm knows ({str(e) or type(e).__name__}); use e.g. "
+                f"rand-m9-mstd0.5-inc1, augmix-m5, v0 or original, or --aa '' for none"
+            )
+
+
 def build_mixup(args: argparse.Namespace):
     if not (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None):
         return None
@@ -144,6 +165,7 @@ def build_mixup(args: argparse.Namespace):
 
 
 def main(args: argparse.Namespace) -> None:
+    check_finetune_args(args)
     device = setup.start(args)
     model = build_classifier(args, drop_path_rate=args.drop_path)
 
@@ -159,8 +181,9 @@ def main(args: argparse.Namespace) -> None:
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
     )
-    train_set = classification_dataset(args.data_path, "train", train_tf, args.nb_classes)
-    val_set = classification_dataset(args.data_path, "val", eval_transform(args.input_size), args.nb_classes)
+    train_set, val_set = classification_splits(
+        args.data_path, train_tf, eval_transform(args.input_size), args.nb_classes
+    )
     print(f"{len(train_set)} training and {len(val_set)} validation images, {args.nb_classes} classes")
 
     if args.finetune and not args.eval:

@@ -15,7 +15,7 @@ from engine_finetune import train_or_evaluate
 from main_finetune import add_eval_args, add_model_args, build_classifier
 from util import setup
 from util.args import add_run_args, add_schedule_args
-from util.data import IMAGENET_MEAN, IMAGENET_STD, classification_dataset, eval_transform
+from util.data import IMAGENET_MEAN, IMAGENET_STD, classification_splits, eval_transform
 from util.errors import run_cli
 from util.lars import LARS
 from util.pretrained import load_pretrained_encoder
@@ -44,8 +44,9 @@ def main(args: argparse.Namespace) -> None:
             transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         ]
     )
-    train_set = classification_dataset(args.data_path, "train", train_tf, args.nb_classes)
-    val_set = classification_dataset(args.data_path, "val", eval_transform(args.input_size), args.nb_classes)
+    train_set, val_set = classification_splits(
+        args.data_path, train_tf, eval_transform(args.input_size), args.nb_classes
+    )
     print(f"{len(train_set)} training and {len(val_set)} validation images, {args.nb_classes} classes")
 
     if args.finetune and not args.eval:

@@ -15,7 +15,7 @@ from timm.optim import param_groups_weight_decay
 import models_mae
 from engine_pretrain import log_reconstructions, train_one_epoch
 from util import distributed, setup
-from util.args import add_run_args, add_schedule_args, check_input_size
+from util.args import add_run_args, add_schedule_args, check_input_size, check_mask_ratio
 from util.checkpoint import TrainState, resume
 from util.data import PRETRAIN_LOADERS, eval_transform, pretrain_data
 from util.errors import fail, run_cli
@@ -60,19 +60,16 @@ def get_args_parser() -> argparse.ArgumentParser:
 def build_model(args: argparse.Namespace) -> models_mae.MaskedAutoencoderViT:
     if args.model not in models_mae.MODELS:
         fail(f"--model {args.model} is unknown; known models: {', '.join(models_mae.MODELS)}")
-    if not 0 <= args.mask_ratio < 1:
-        fail(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
     with torch.device("meta"):  # only to read the patch size
         patch_size = models_mae.MODELS[args.model]().patch_size
     check_input_size(args.input_size, patch_size)
+    check_mask_ratio(args.mask_ratio, (args.input_size // patch_size) ** 2)
     return models_mae.MODELS[args.model](img_size=args.input_size, norm_pix_loss=args.norm_pix_loss)
 
 
 def main(args: argparse.Namespace) -> None:
     device = setup.start(args)
     model = build_model(args)
-    if int(model.num_patches * (1 - args.mask_ratio)) < 1:
-        fail(f"--mask_ratio {args.mask_ratio} leaves no visible patch of {model.num_patches}")
 
     dataset, loader = pretrain_data(args)
     print(f"{len(dataset)} images in {dataset.root}, {len(loader)} iterations per epoch")

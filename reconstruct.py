@@ -16,6 +16,7 @@ import models_mae
 from util.checkpoint import load_checkpoint, load_model_strict, model_state
 from util.data import eval_transform
 from util.errors import fail, run_cli
+from util.paths import check_output_file
 from util.visualize import fixed_noise, load_images, reconstruction_grid, save_png
 
 
@@ -46,25 +47,44 @@ def infer_model(state: dict[str, torch.Tensor]) -> tuple[str, int] | None:
     img_size = int(round((state["pos_embed"].shape[1] - 1) ** 0.5)) * patch
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     for name, factory in models_mae.MODELS.items():
-        with torch.device("meta"):
-            candidate = factory(img_size=img_size)
+        try:
+            with torch.device("meta"):
+                candidate = factory(img_size=img_size)
+        except ValueError:  # a size this model's patches do not divide: not this model
+            continue
         if {k: tuple(v.shape) for k, v in candidate.state_dict().items()} == shapes:
             return name, img_size
     return None
 
 
+def check_has_decoder(state: dict[str, torch.Tensor], path: str) -> None:
+    """Reconstructions need the decoder, which fine-tuned and encoder-only checkpoints lack."""
+    if any(k.startswith("decoder_") for k in state):
+        return
+    if "head.weight" in state:
+        fail(
+            f"checkpoint {path} holds a classifier (a fine-tuned ViT), not an MAE with decoder; "
+            f"give a pre-training checkpoint (main_pretrain.py's checkpoint-<epoch>.pth, mae_visualize_vit_large.pth)"
+        )
+    fail(f"checkpoint {path} holds no MAE decoder (an encoder-only release?); give a full pre-training checkpoint")
+
+
 def main(args: argparse.Namespace) -> None:
     if not 0 <= args.mask_ratio < 1:
         fail(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
+    if args.model is not None and args.model not in models_mae.MODELS:
+        fail(f"--model {args.model} is unknown; known models: {', '.join(models_mae.MODELS)}")
+    check_output_file(args.output, "--output")  # before the work, not after it
     ckpt = load_checkpoint(args.checkpoint)
     state = model_state(ckpt, args.checkpoint)
+    check_has_decoder(state, args.checkpoint)
     saved = vars(ckpt["args"]) if isinstance(ckpt.get("args"), argparse.Namespace) else {}
-    inferred = infer_model(state)
+    inferred = None if args.model and args.input_size else infer_model(state)
     name = args.model or saved.get("model") or (inferred[0] if inferred else None)
     if name is None:
         fail(f"cannot tell which MAE model {args.checkpoint} holds; pass --model")
     if name not in models_mae.MODELS:
-        fail(f"--model {name} is unknown; known models: {', '.join(models_mae.MODELS)}")
+        fail(f"checkpoint {args.checkpoint} names the model {name}, which is not an MAE; pass --model")
     input_size = args.input_size or saved.get("input_size") or (inferred[1] if inferred else 224)
     norm_pix = args.norm_pix_loss if args.norm_pix_loss is not None else bool(saved.get("norm_pix_loss", False))
 

@@ -1,12 +1,18 @@
 """Command-line flags that every entry point shares, and their validation."""
 
 import argparse
+import math
 
 import torch
 
 from util.errors import fail
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+DEVICES = ("cpu", "cuda", "mps")
+# The official recipes go up to 6.4 (the linear probe's LARS at batch 16384). AdamW moves every
+# weight by about lr per step, so far beyond this a run can only blow up.
+MAX_LR = 100.0
+SEED_LIMIT = 2**32  # numpy seeds with 32 bits, and each rank seeds with --seed + rank
 
 
 def add_schedule_args(
@@ -129,16 +135,61 @@ def check_common(args: argparse.Namespace, patch_size: int | None = None) -> Non
         fail(f"--num_workers must be 0 or more, got {args.num_workers}")
     if args.warmup_epochs < 0:
         fail(f"--warmup_epochs must be 0 or more, got {args.warmup_epochs}")
-    if args.lr is not None and args.lr <= 0:
-        fail(f"--lr must be positive, got {args.lr}")
-    if args.blr <= 0:
-        fail(f"--blr must be positive, got {args.blr}")
-    if args.min_lr < 0:
-        fail(f"--min_lr must be 0 or more, got {args.min_lr}")
+    if getattr(args, "ckpt_every_steps", 0) < 0:
+        fail(f"--ckpt_every_steps must be 0 (only at epoch ends) or more, got {args.ckpt_every_steps}")
+    for name in ("lr", "blr"):  # not written as `<= 0`: NaN would pass that
+        value = getattr(args, name)
+        if value is not None and not 0 < value <= MAX_LR:
+            fail(f"--{name} must be positive and at most {MAX_LR:g}, got {value}")
+    if not 0 <= args.min_lr <= MAX_LR:
+        fail(f"--min_lr must be 0 or more (and at most {MAX_LR:g}), got {args.min_lr}")
+    if not 0 <= args.seed < SEED_LIMIT:
+        fail(f"--seed must be in [0, 2**32 - 1], got {args.seed}")
     if args.start_epoch < 0 or args.start_epoch >= args.epochs and not getattr(args, "eval", False):
         fail(f"--start_epoch {args.start_epoch} is outside the run's {args.epochs} epochs (--epochs)")
-    if str(args.device).startswith("cuda") and not torch.cuda.is_available():
-        fail(f"--device {args.device} was asked for but CUDA is not available; use --device cpu")
+    check_device(args.device)
+
+
+def check_device(device: str) -> None:
+    """A device this code runs on, and that is present."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        parsed = None
+    if parsed is None or parsed.type not in DEVICES:
+        fail(f"--device {device} is unknown; use {', '.join(DEVICES)} (or cuda:N for one GPU)")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            fail(f"--device {device} was asked for but CUDA is not available; use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            fail(f"--device {device}: there are only {torch.cuda.device_count()} GPU(s), cuda:0 and up")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        fail(f"--device {device} was asked for but MPS is not available; use --device cpu")
+
+
+def check_world(args: argparse.Namespace, world_size: int) -> None:
+    """What depends on the number of processes: every rank's seed and the effective lr."""
+    if args.seed + world_size - 1 >= SEED_LIMIT:
+        fail(
+            f"--seed {args.seed}: rank {world_size - 1} would seed with {args.seed + world_size - 1}, beyond "
+            f"numpy's 2**32 - 1; use a seed below {SEED_LIMIT - world_size + 1}"
+        )
+    lr = effective_lr(args, world_size)
+    if not (math.isfinite(lr) and 0 < lr <= MAX_LR):
+        fail(
+            f"the effective lr {lr:.3g} (--blr {args.blr:g} x effective batch / 256) is not in (0, {MAX_LR:g}]; "
+            f"lower --blr or give --lr"
+        )
+
+
+def check_mask_ratio(mask_ratio: float, num_patches: int) -> None:
+    """The encoder needs a visible patch, and the loss (taken over removed patches) a removed one."""
+    keep = int(num_patches * (1 - mask_ratio)) if 0 <= mask_ratio < 1 else 0  # as models_mae draws it
+    if not 0 <= mask_ratio < 1 or not 1 <= keep < num_patches:
+        fail(
+            f"--mask_ratio {mask_ratio} must remove at least one of the {num_patches} patches and keep one: "
+            f"use a value in (0, {1 - 1 / num_patches:.4g}]"
+        )
 
 
 def check_input_size(input_size: int, patch_size: int) -> None:

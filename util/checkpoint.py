@@ -273,6 +273,7 @@ def resume(state: TrainState) -> Position:
             f"warning: {path} was written by {len(rng)} processes, this run has "
             f"{distributed.world_size()}: random state is not restored, so resume is not exact"
         )
+    _warn_changed_meaning(ckpt.get("args"), args, path)
     step = ckpt.get("step")
     if step is not None:
         _check_same_batches(ckpt.get("args"), args, path)
@@ -289,6 +290,25 @@ def resume(state: TrainState) -> Position:
 
 def _progress_of(position: "Position") -> tuple[int, int]:
     return (position.epoch, position.step)
+
+
+# Flags that change what the model learns. A run resumed with another value goes on training
+# something else than it started (--model and --input_size mostly cannot load: the weights differ).
+MEANING_FLAGS = ("model", "input_size", "mask_ratio", "norm_pix_loss", "global_pool", "nb_classes", "smoothing")
+
+
+def _warn_changed_meaning(saved: Any, args: argparse.Namespace, path: str) -> None:
+    if not isinstance(saved, argparse.Namespace):
+        return
+    changed = [
+        f"--{flag} {getattr(saved, flag)} -> {getattr(args, flag)}"
+        for flag in MEANING_FLAGS
+        if hasattr(saved, flag) and hasattr(args, flag) and getattr(saved, flag) != getattr(args, flag)
+    ]
+    if changed:
+        print(
+            f"warning: {path} was trained with other flags ({', '.join(changed)}); training goes on with the new ones"
+        )
 
 
 def _check_same_batches(saved: Any, args: argparse.Namespace, path: str) -> None:

@@ -30,6 +30,37 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMG_EXTENSIONS)
 
 
+def image_walk(top: str, inside: str) -> Iterator[tuple[str, list[str]]]:
+    """(folder, image names) for ``top`` and every folder below it, like ``os.walk``; ``inside``
+    is the data folder that holds ``top``.
+
+    Every real folder is read once. A link to a file is read wherever it points, but a link to a
+    folder is never followed: if it leads inside ``inside``, its folder is read under its own name
+    already, and following it would count those images twice (or without end, for a link to
+    ``.``), so it is skipped with a warning; if it leads outside, images from elsewhere would join
+    the data unannounced, so the run stops.
+    """
+    boundary = os.path.realpath(inside)
+
+    def skip_link(path: str) -> None:
+        real = os.path.realpath(path)
+        if os.path.commonpath([boundary, real]) != boundary:
+            fail(
+                f"{path} is a link to {real}, outside the data folder {inside}; links are followed only "
+                f"inside it: copy the images in, or remove the link"
+            )
+        print(f"warning: skipping {path}, a link to {real}: that folder is read under its own name")
+
+    if top != inside and os.path.islink(top):
+        skip_link(top)
+        return
+    for folder, dirs, names in os.walk(top):  # lists links to folders, but does not descend into them
+        for d in sorted(dirs):
+            if os.path.islink(os.path.join(folder, d)):
+                skip_link(os.path.join(folder, d))
+        yield folder, sorted(n for n in names if _is_image(n))
+
+
 class ImageFiles(Dataset):
     """Every image file below a folder, in sorted order, with label 0: for pre-training,
     which needs no labels. Accepts class folders, nested folders or a flat folder.
@@ -39,9 +70,7 @@ class ImageFiles(Dataset):
 
     def __init__(self, root: str, transform: Callable | None = None, lazy: bool = False):
         self.root, self.transform, self.lazy = root, transform, lazy
-        self.files = sorted(
-            os.path.join(d, n) for d, _, names in os.walk(root, followlinks=True) for n in names if _is_image(n)
-        )
+        self.files = sorted(os.path.join(d, n) for d, names in image_walk(root, root) for n in names)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -85,12 +114,45 @@ def classification_dataset(data_path: str, split: str, transform: Callable, nb_c
             f"expected <data_path>/{candidates[0]}/<class>/<image>"
         )
     try:
-        dataset = datasets.ImageFolder(folder, transform=transform, loader=load_rgb)
+        dataset = _ImageFolder(folder, transform=transform, loader=load_rgb)
     except (FileNotFoundError, RuntimeError) as e:
         fail(f"{folder}: {e}")
     if len(dataset.classes) != nb_classes:
         fail(f"{folder} has {len(dataset.classes)} class folders but --nb_classes is {nb_classes}; make them agree")
     return dataset
+
+
+class _ImageFolder(datasets.ImageFolder):
+    """torchvision's ImageFolder, with the files found by ``image_walk`` inside the split's folder
+    (torchvision follows every link, so a link loop multiplies the data)."""
+
+    def make_dataset(self, directory: str, class_to_idx: dict[str, int], *args: Any, **kwargs: Any) -> list:
+        samples = []
+        for cls in sorted(class_to_idx):  # torchvision's order: class, then folder, then file
+            found = sorted(image_walk(os.path.join(directory, cls), directory))
+            files = [os.path.join(folder, n) for folder, names in found for n in names]
+            if not files:
+                raise FileNotFoundError(f"the class folder {cls} holds no images")
+            samples += [(f, class_to_idx[cls]) for f in files]
+        return samples
+
+
+def classification_splits(
+    data_path: str, train_transform: Callable, val_transform: Callable, nb_classes: int
+) -> tuple[datasets.ImageFolder, datasets.ImageFolder]:
+    """The training and validation ImageFolders of ``data_path``. A label is the position of its
+    class in the sorted folder names, so both splits must have the same class folders: with other
+    names of the same number, the validation images would be scored against the wrong classes."""
+    train = classification_dataset(data_path, "train", train_transform, nb_classes)
+    val = classification_dataset(data_path, "val", val_transform, nb_classes)
+    if train.classes != val.classes:
+        only_train = sorted(set(train.classes) - set(val.classes))
+        only_val = sorted(set(val.classes) - set(train.classes))
+        fail(
+            f"--data_path {data_path}: train and val have other class folders (only in train: "
+            f"{', '.join(only_train[:5])}; only in val: {', '.join(only_val[:5])}); give both the same class folders"
+        )
+    return train, val
 
 
 # ---------------------------------------------------------------------------------------------

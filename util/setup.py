@@ -12,10 +12,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from util import distributed, interrupt
-from util.args import check_common, effective_lr, resolve_precision
+from util.args import check_common, check_world, effective_lr, resolve_precision
 from util.checkpoint import Position, TrainState, save_checkpoint
 from util.errors import fail
 from util.logger import RunLog
+from util.paths import check_output_dir
 
 
 def start(args: argparse.Namespace, patch_size: int | None = None) -> torch.device:
@@ -28,11 +29,13 @@ def start(args: argparse.Namespace, patch_size: int | None = None) -> torch.devi
     if every and every % args.accum_iter:
         fail(f"--ckpt_every_steps {every} must be a multiple of --accum_iter {args.accum_iter}")
     distributed.init_distributed_mode(args)
+    check_world(args, distributed.world_size())
     args.precision = resolve_precision(args.precision, args.device)
     args.lr = effective_lr(args, distributed.world_size())
-    for path in {args.output_dir, args.log_dir} - {""}:
-        if distributed.is_main_process():
-            os.makedirs(path, exist_ok=True)
+    if distributed.is_main_process():  # only rank 0 writes
+        for flag, path in (("--output_dir", args.output_dir), ("--log_dir", args.log_dir)):
+            if path:
+                check_output_dir(path, flag)
 
     seed = args.seed + distributed.rank()
     torch.manual_seed(seed)

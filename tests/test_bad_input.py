@@ -1,0 +1,303 @@
+"""Input a hostile user would try (issue 13): classes that differ by name between train and val,
+link loops in the data, unusable output folders, out-of-range flags, checkpoints of the wrong kind
+for reconstruct.py, and resumes with flags that change what is trained. Each ends in one line
+naming the flag or file, before any training, or (for resumes) in a one-line warning."""
+
+import argparse
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from helpers import TINY, cli_batch, demo_files, make_dataset, pretrain_args  # noqa: E402
+
+import main_finetune  # noqa: E402
+import main_linprobe  # noqa: E402
+import main_pretrain  # noqa: E402
+import models_mae  # noqa: E402
+import models_vit  # noqa: E402
+import reconstruct  # noqa: E402
+from util import checkpoint, interrupt  # noqa: E402
+from util.data import ImageFiles, classification_dataset  # noqa: E402
+from util.errors import UserError  # noqa: E402
+from util.precision import LossScaler  # noqa: E402
+
+CPU = ["--device", "cpu", "--precision", "fp32", "--num_workers", "0"]
+
+
+@pytest.fixture(autouse=True)
+def _isolate(monkeypatch):
+    """A run that gets past the checks installs signal handlers; keep them out of pytest."""
+    monkeypatch.setattr(interrupt, "install", lambda: None)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("data"), 16)  # 48 images in 3 class folders
+
+
+def _split(root: Path, train_classes: tuple[str, ...], val_classes: tuple[str, ...]) -> Path:
+    make_dataset(root / "train", 8, train_classes)
+    make_dataset(root / "val", 3, val_classes)
+    return root
+
+
+def _classifier_args(entry_point, data: Path, out: Path, *extra: str) -> argparse.Namespace:
+    argv = ["--data_path", str(data), "--nb_classes", "3", "--model", "vit_tiny_patch4", "--input_size", "32"]
+    argv += ["--batch_size", "8", "--epochs", "1", "--output_dir", str(out), "--log_dir", "", *CPU, *extra]
+    return entry_point.get_args_parser().parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Train and val classes agree by name, not only by number
+@pytest.mark.parametrize("entry_point", [main_finetune, main_linprobe], ids=["finetune", "linprobe"])
+def test_validation_classes_must_have_the_training_names(tmp_path, entry_point):
+    data = _split(tmp_path / "data", ("airplane", "cat", "ship"), ("airplane", "dog", "ship"))
+    with pytest.raises(UserError, match=r"only in train: cat; only in val: dog"):
+        entry_point.main(_classifier_args(entry_point, data, tmp_path / "out"))
+    assert not (tmp_path / "out" / "checkpoint-0.pth").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Links: each real folder once, never out of the data folder
+def test_link_loop_does_not_multiply_pretraining_data(data, tmp_path, capsys):
+    looped = tmp_path / "looped"
+    shutil.copytree(data, looped)
+    (looped / "self").symlink_to(".")
+    (looped / "cat" / "again").symlink_to("../cat")
+    (looped / "ship_too").symlink_to("ship")
+    files = ImageFiles(str(looped)).files
+    assert len(files) == 48 and len({os.path.realpath(f) for f in files}) == 48
+    assert all("self" not in f and "again" not in f and "ship_too" not in f for f in files)
+    assert capsys.readouterr().out.count("warning: skipping") == 3
+
+
+def test_link_out_of_the_data_folder_is_refused(data, tmp_path):
+    looped = tmp_path / "looped"
+    shutil.copytree(data, looped)
+    (looped / "cat" / "up").symlink_to("../..")
+    with pytest.raises(UserError, match=r"cat/up is a link to .*, outside the data folder"):
+        ImageFiles(str(looped))
+
+
+def test_links_to_files_and_a_linked_data_folder_are_read(data, tmp_path):
+    linked = tmp_path / "linked"
+    linked.symlink_to(data)
+    assert len(ImageFiles(str(linked)).files) == 48
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i, f in enumerate(demo_files(2)):  # links to files elsewhere: each names one image
+        (flat / f"{i}.jpg").symlink_to(f)
+    assert len(ImageFiles(str(flat)).files) == 6
+
+
+def test_link_loop_does_not_multiply_classification_data(tmp_path):
+    data = _split(tmp_path / "data", ("airplane", "cat", "ship"), ("airplane", "cat", "ship"))
+    (data / "train" / "cat" / "self").symlink_to(".")
+    (data / "train" / "cat" / "ships").symlink_to("../ship")  # ship's images stay ship's
+    train = classification_dataset(str(data), "train", None, 3)
+    assert len(train) == 24 and sorted(train.targets) == [0] * 8 + [1] * 8 + [2] * 8
+    (data / "train" / "cat" / "out").symlink_to("../../val")
+    with pytest.raises(UserError, match=r"cat/out is a link to .*val, outside the data folder"):
+        classification_dataset(str(data), "train", None, 3)
+
+
+def test_class_folder_linked_from_elsewhere_is_refused(tmp_path):
+    data = _split(tmp_path / "data", ("airplane", "cat"), ("airplane", "cat"))
+    make_dataset(tmp_path / "elsewhere", 2, ("ship",))
+    (data / "train" / "ship").symlink_to(tmp_path / "elsewhere" / "ship")
+    with pytest.raises(UserError, match=r"train/ship is a link to .*elsewhere/ship, outside the data folder"):
+        classification_dataset(str(data), "train", None, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Output folders are checked once, at start
+@pytest.mark.parametrize("flag", ["--output_dir", "--log_dir"])
+@pytest.mark.parametrize("where", ["a file", "under a file"])
+def test_unusable_output_folder_stops_before_training(data, tmp_path, flag, where):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a folder")
+    path = blocker if where == "a file" else blocker / "run"
+    args = pretrain_args(data, tmp_path / "out", "--epochs", "1", flag, str(path))
+    with pytest.raises(UserError, match=rf"^{flag} {re.escape(str(path))}: {re.escape(str(blocker))} is a file, not"):
+        main_pretrain.main(args)
+    assert not list(tmp_path.rglob("checkpoint-*.pth"))
+
+
+def test_output_folder_that_cannot_be_written_is_refused(tmp_path, monkeypatch):
+    """A read-only mount, as root sees it: os.access says yes, the probe write says no."""
+    import tempfile
+
+    from util.paths import check_output_dir
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", read_only)
+    with pytest.raises(UserError, match=r"--output_dir .*cannot write a file in .*Read-only file system"):
+        check_output_dir(str(tmp_path / "out"), "--output_dir")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_output_folder_is_refused(tmp_path):
+    from util.paths import check_output_dir
+
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        with pytest.raises(UserError, match=r"not writable"):
+            check_output_dir(str(folder), "--output_dir")
+        with pytest.raises(UserError, match=r"cannot be created"):
+            check_output_dir(str(folder / "sub"), "--output_dir")
+    finally:
+        folder.chmod(0o755)
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. Flags that used to end in a traceback, a NaN, or silently wrong runs
+PRETRAIN_FLAGS = {
+    "mask_ratio_0": (["--mask_ratio", "0"], "--mask_ratio 0.0 must remove at least one"),
+    "seed_negative": (["--seed", "-1"], "--seed must be in"),
+    "seed_too_large": (["--seed", "5000000000"], "--seed must be in"),
+    "device_tpu": (["--device", "tpu"], "--device tpu is unknown"),
+    "lr_absurd": (["--lr", "1e38"], "--lr must be positive and at most"),
+    "lr_nan": (["--lr", "nan"], "--lr must be positive"),
+    "blr_overflow": (["--blr", "1e308"], "--blr must be positive and at most"),
+    "effective_lr_absurd": (["--blr", "100", "--accum_iter", "64"], "the effective lr 400 "),
+    "ckpt_every_steps_negative": (["--ckpt_every_steps", "-1"], "--ckpt_every_steps must be 0"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PRETRAIN_FLAGS))
+def test_bad_pretraining_flag_is_refused_before_training(data, tmp_path, case):
+    flags, message = PRETRAIN_FLAGS[case]
+    args = pretrain_args(data, tmp_path / "out", "--epochs", "1", "--vis_freq", "0", *flags)
+    with pytest.raises(UserError, match=message):
+        main_pretrain.main(args)
+    assert not (tmp_path / "out" / "checkpoint-0.pth").exists()
+
+
+def test_seed_must_leave_room_for_every_rank(monkeypatch):
+    from util.args import check_world
+
+    args = argparse.Namespace(seed=2**32 - 2, lr=None, blr=1e-3, batch_size=8, accum_iter=1)
+    check_world(args, 2)
+    with pytest.raises(UserError, match=r"rank 2 would seed with 4294967296"):
+        check_world(args, 3)
+
+
+def test_mask_ratio_must_remove_and_keep_a_patch():
+    from util.args import check_mask_ratio
+
+    # 1e-17: 1 - 1e-17 is 1.0, all 64 kept; 0.99: int(64 * 0.01) = 0 kept
+    for ratio in (0.0, 1e-17, 0.99, 1.0, 1.5, -0.1, float("nan")):
+        with pytest.raises(UserError, match=r"--mask_ratio"):
+            check_mask_ratio(ratio, 64)
+    model = models_mae.mae_vit_tiny_patch4(img_size=32)
+    for ratio, kept in ((0.001, 63), (0.75, 16), (1 - 1 / 64, 1)):
+        check_mask_ratio(ratio, 64)
+        assert model.random_masking(torch.zeros(1, 64, 4), ratio)[0].shape[1] == kept  # counted alike
+
+
+FINETUNE_FLAGS = {
+    "drop_path": (["--drop_path", "1.5"], "--drop_path must be in"),
+    "aa": (["--aa", "garbage"], "--aa garbage is not an auto-augment policy"),
+    "smoothing": (["--smoothing", "1.5"], "--smoothing must be in"),
+    "mixup_mode": (["--mixup_mode", "garbage", "--mixup", "0.8"], "--mixup_mode garbage is unknown"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FINETUNE_FLAGS))
+def test_bad_finetuning_flag_is_refused_before_training(tmp_path, case):
+    data = _split(tmp_path / "data", ("airplane", "cat", "ship"), ("airplane", "cat", "ship"))
+    flags, message = FINETUNE_FLAGS[case]
+    with pytest.raises(UserError, match=message):
+        main_finetune.main(_classifier_args(main_finetune, data, tmp_path / "out", *flags))
+    assert not (tmp_path / "out" / "checkpoint-0.pth").exists()
+
+
+def test_bad_flags_give_one_line_on_the_command_line(data, tmp_path):
+    """As the user sees them: exit status 2, one line, no traceback."""
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    cases = {
+        "seed": ["--seed", "-1"],
+        "device": ["--device", "tpu"],
+        "mask_ratio": ["--mask_ratio", "0"],
+        "output_dir": ["--output_dir", str(blocker / "run")],
+    }
+    common = [*TINY, "--epochs", "1", "--data_path", str(data), "--output_dir", str(tmp_path / "out"), "--log_dir", ""]
+    results = cli_batch({name: [*common, *flags] for name, flags in cases.items()}, tmp_path / "batch")
+    for name, result in results.items():
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (name, result.stderr)
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. reconstruct.py: the kind of checkpoint, and the output, before the work
+@pytest.fixture(scope="module")
+def classifier_checkpoint(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ckpt") / "finetuned.pth"
+    model = models_vit.vit_tiny_patch4(img_size=32, num_classes=3)
+    torch.save({"model": model.state_dict(), "args": argparse.Namespace(model="vit_tiny_patch4", input_size=32)}, path)
+    return path
+
+
+@pytest.mark.parametrize("extra", [[], ["--model", "mae_vit_tiny_patch4"]], ids=["inferred", "--model"])
+def test_reconstruct_refuses_a_classifier_checkpoint(classifier_checkpoint, tmp_path, extra):
+    image = str(demo_files(1)[0])
+    argv = ["--checkpoint", str(classifier_checkpoint), image, "--output", str(tmp_path / "r.png"), *extra]
+    with pytest.raises(UserError, match=r"holds a classifier .*not an MAE with decoder"):
+        reconstruct.main(reconstruct.get_args_parser().parse_args(argv))
+
+
+@pytest.mark.parametrize(
+    "output, message",
+    [
+        ("{tmp}", r"is a folder; give a file name"),
+        ("{tmp}/missing/r.png", r"the folder .*missing does not exist"),
+        ("{tmp}/r.xyz", r"'.xyz' is not a picture format"),
+        ("{tmp}/r", r"'' is not a picture format"),
+    ],
+)
+def test_reconstruct_checks_its_output_before_the_work(tmp_path, monkeypatch, output, message):
+    def no_work(*args, **kwargs):
+        raise AssertionError("the checkpoint was loaded before the output was checked")
+
+    monkeypatch.setattr(reconstruct, "load_checkpoint", no_work)
+    argv = ["--checkpoint", "any.pth", str(demo_files(1)[0]), "--output", output.format(tmp=tmp_path)]
+    with pytest.raises(UserError, match=rf"^--output .*{message}"):
+        reconstruct.main(reconstruct.get_args_parser().parse_args(argv))
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. Resuming with flags that change what is trained
+def _pretrain_state(tmp_path: Path) -> checkpoint.TrainState:
+    model = torch.nn.Linear(2, 2)
+    args = argparse.Namespace(
+        output_dir=str(tmp_path), resume="", start_epoch=0, epochs=5, save_freq=20, keep_last=1,
+        batch_size=8, world_size=1, accum_iter=1, model="mae_vit_tiny_patch4", input_size=32,
+        mask_ratio=0.75, norm_pix_loss=False,
+    )  # fmt: skip
+    return checkpoint.TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1), LossScaler("fp32"), args)
+
+
+def test_resume_with_changed_meaning_warns_in_one_line(tmp_path, capsys):
+    path = checkpoint.save_checkpoint(_pretrain_state(tmp_path), epoch=1)
+    same = _pretrain_state(tmp_path)
+    same.args.resume = path
+    checkpoint.resume(same)
+    assert "warning" not in capsys.readouterr().out
+    changed = _pretrain_state(tmp_path)
+    changed.args.resume, changed.args.norm_pix_loss, changed.args.mask_ratio = path, True, 0.5
+    assert checkpoint.resume(changed) == checkpoint.Position(2)
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
+    assert len(warnings) == 1
+    assert "--mask_ratio 0.75 -> 0.5" in warnings[0] and "--norm_pix_loss False -> True" in warnings[0]
