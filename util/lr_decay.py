@@ -3,7 +3,7 @@
 Layer 0 is the embedding (patch embedding, position embedding, class token), block i is layer
 i + 1, and everything after the blocks (final norm, head) is the top layer L = depth + 1.
 A parameter of layer l gets lr * decay^(L - l). Weight decay is off for 1-D parameters (biases,
-norms) and for the names in ``no_weight_decay`` (position embedding, class token).
+norms) and for the names in ``no_weight_decay_list`` (position embedding, class token).
 """
 
 from collections.abc import Iterable
@@ -20,10 +20,15 @@ def layer_id_for_vit(name: str, num_layers: int) -> int:
 
 
 def param_groups_lrd(
-    model: torch.nn.Module, weight_decay: float = 0.05, no_weight_decay: Iterable[str] = (), layer_decay: float = 0.75
+    model: torch.nn.Module,
+    weight_decay: float = 0.05,
+    no_weight_decay_list: Iterable[str] = (),
+    layer_decay: float = 0.75,
 ) -> list[dict]:
-    """Optimizer parameter groups, one per (layer, decay or not), each with its ``lr_scale``."""
-    skip = set(no_weight_decay)
+    """Optimizer parameter groups, one per (layer, decay or not), each with its ``lr_scale``.
+
+    The parameter names are the official ones, which downstream scripts pass by keyword."""
+    skip = set(no_weight_decay_list)
     num_layers = len(model.blocks) + 1
     groups: dict[str, dict] = {}
     for name, param in model.named_parameters():

@@ -49,3 +49,20 @@ def resize_pos_embed(pos_embed: torch.Tensor, new_grid: int, num_prefix_tokens: 
     grid = F.interpolate(grid, size=(new_grid, new_grid), mode="bicubic", align_corners=False)
     grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, dim).to(pos_embed.dtype)
     return torch.cat([prefix, grid], dim=1)
+
+
+# The official module's names, which derived projects call to build and to load MAE encoders.
+def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int, cls_token: bool = False) -> np.ndarray:
+    """Official name of :func:`sincos_2d`."""
+    return sincos_2d(embed_dim, grid_size, cls_token)
+
+
+def interpolate_pos_embed(model: torch.nn.Module, checkpoint_model: dict[str, torch.Tensor]) -> None:
+    """Official name: resize ``checkpoint_model['pos_embed']``, in place, to ``model``'s grid,
+    keeping its extra (class) tokens; :func:`resize_pos_embed` does the work."""
+    if "pos_embed" in checkpoint_model:
+        num_patches = model.patch_embed.num_patches
+        num_prefix_tokens = model.pos_embed.shape[-2] - num_patches
+        checkpoint_model["pos_embed"] = resize_pos_embed(
+            checkpoint_model["pos_embed"], int(round(num_patches**0.5)), num_prefix_tokens
+        )
