@@ -19,7 +19,7 @@ from util.args import add_run_args, add_schedule_args, check_input_size, check_m
 from util.checkpoint import TrainState, resume
 from util.data import PRETRAIN_LOADERS, eval_transform, pretrain_data
 from util.errors import fail, run_cli
-from util.logger import RunLog
+from util.logger import RunLog, format_duration
 from util.precision import LossScaler
 from util.visualize import fixed_noise, load_images
 
@@ -106,7 +106,7 @@ def main(args: argparse.Namespace) -> None:
             setup.end_epoch(state, epoch, {f"train_{k}": v for k, v in stats.items()}, run_log)
     finally:
         run_log.close()
-    print(f"training time {time.strftime('%H:%M:%S', time.gmtime(time.time() - begin))}")
+    print(f"training time {format_duration(time.time() - begin)}")
     distributed.cleanup()
 
 

@@ -1,6 +1,6 @@
 """Guards added after review: official-code compatibility of our checkpoints, the end-of-epoch
-finiteness check, mid-epoch resume with other batch settings, and pruning around the file
-just written."""
+finiteness check, mid-epoch resume with other batch settings, pruning around the file
+just written, and run times past 24 hours."""
 
 import argparse
 import os
@@ -18,6 +18,7 @@ import main_pretrain  # noqa: E402
 import models_vit  # noqa: E402
 from util import checkpoint  # noqa: E402
 from util.errors import UserError  # noqa: E402
+from util.logger import format_duration  # noqa: E402
 from util.precision import LossScaler  # noqa: E402
 from util.train_loop import NonFiniteLoss  # noqa: E402
 
@@ -102,3 +103,10 @@ def test_pruning_never_removes_the_checkpoint_just_written(tmp_path):
     assert os.path.exists(written) and os.path.exists(stale)
     mid = checkpoint.save_checkpoint(state, epoch=2, step=1)
     assert os.path.exists(mid)
+
+
+def test_run_time_past_24_hours_is_not_wrapped():
+    assert format_duration(0) == "0:00:00"
+    assert format_duration(3723.9) == "1:02:03"
+    assert format_duration(26 * 3600 + 3 * 60 + 4) == "1 day, 2:03:04"
+    assert format_duration(800 * 3600) == "33 days, 8:00:00"

@@ -11,6 +11,12 @@ from typing import Any
 from util import distributed
 
 
+def format_duration(seconds: float) -> str:
+    """Whole seconds as H:MM:SS, days counted apart ("1 day, 2:03:04"); strftime("%H:%M:%S") of a
+    gmtime would wrap at 24 hours, which long runs pass."""
+    return str(datetime.timedelta(seconds=int(seconds)))
+
+
 class SmoothedValue:
     """A running window median/average plus the global average of a scalar series."""
 
@@ -81,7 +87,7 @@ class MetricLogger:
             yield obj
             iter_time.update(time.time() - end)
             if (i + 1) % print_freq == 0 or i == total - 1:
-                eta = datetime.timedelta(seconds=int(iter_time.global_avg * (total - i - 1)))
+                eta = format_duration(iter_time.global_avg * (total - i - 1))
                 print(
                     self.delimiter.join(
                         [
@@ -95,7 +101,7 @@ class MetricLogger:
                 )
             i += 1
             end = time.time()
-        elapsed = datetime.timedelta(seconds=int(time.time() - begin))
+        elapsed = format_duration(time.time() - begin)
         print(f"{header} total time: {elapsed} ({(time.time() - begin) / max(i - start, 1):.4f} s / it)")
 
 
