@@ -374,7 +374,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="peak bf16 TFLOP/s that MFU is relative to; 790 is what dense bf16 matmuls reach on an H100 SXM "
         "as measured (the data sheet says 989)",
     )
-    p.add_argument("--data_path", default="/work/shared/datasets/imagenet-1k-samples")
+    p.add_argument(
+        "--data_path",
+        default=None,
+        help="image folder, as main_pretrain.py reads it; required by the modes that load images (loader, e2e, "
+        "all), e.g. demo/cifar10-2k",
+    )
     p.add_argument(
         "--loader",
         default="fast",
@@ -420,6 +425,8 @@ def check_args(args: Namespace) -> None:
         if precision not in PRECISIONS:
             fail(f"--precision {precision} is not one of {', '.join(PRECISIONS)}")
         resolve_precision(precision, args.device)  # refuses fp16 on CPU
+    if args.mode != "model" and not args.data_path:
+        fail(f"--mode {args.mode} loads images: pass --data_path (an image folder, e.g. demo/cifar10-2k)")
     args.loaders = args.loader.split(",")
     for loader in args.loaders:
         if loader not in PRETRAIN_LOADERS:

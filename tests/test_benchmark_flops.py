@@ -89,3 +89,10 @@ def test_loader_mode_compares_loaders_with_the_recipe(tmp_path):
     assert fast["vs_torchvision"] == pytest.approx(fast["images_per_s"] / recipe["images_per_s"])
     with pytest.raises(UserError, match="--loader pil"):
         main([*argv[:3], "pil", *argv[4:], "--device", "cpu", "--json", ""])
+
+
+@pytest.mark.parametrize("mode", ["loader", "e2e", "all"])
+def test_modes_that_load_images_require_data_path(mode):
+    # No default: the development machine's data folder exists nowhere else.
+    with pytest.raises(UserError, match=f"--mode {mode} loads images: pass --data_path"):
+        main(["--mode", mode, "--device", "cpu", "--json", ""])
