@@ -245,18 +245,35 @@ def mae_vit_huge_patch14(**kwargs) -> MaskedAutoencoderViT:
     )
 
 
-# The official names without the suffix, kept for scripts written against them.
-mae_vit_base = mae_vit_base_patch16
-mae_vit_large = mae_vit_large_patch16
-mae_vit_huge = mae_vit_huge_patch14
+# The official file names its factories by their decoder too, with the names above as aliases;
+# scripts written against it use either.
+mae_vit_base_patch16_dec512d8b = mae_vit_base_patch16
+mae_vit_large_patch16_dec512d8b = mae_vit_large_patch16
+mae_vit_huge_patch14_dec512d8b = mae_vit_huge_patch14
 
-MODELS: dict[str, Callable[..., MaskedAutoencoderViT]] = {
-    f.__name__: f
-    for f in (
-        mae_vit_tiny_patch16,
-        mae_vit_tiny_patch4,
-        mae_vit_base_patch16,
-        mae_vit_large_patch16,
-        mae_vit_huge_patch14,
-    )
-}
+
+class _Registry(dict[str, Callable[..., MaskedAutoencoderViT]]):
+    """Factories by name. Aliases are found by ``in`` and ``[]``, so that ``--model`` takes them,
+    but are not iterated over, so that help texts and errors list each model once."""
+
+    def __init__(self, factories: list[Callable[..., MaskedAutoencoderViT]], aliases: dict[str, str]):
+        super().__init__((f.__name__, f) for f in factories)
+        self.aliases = aliases
+
+    def __contains__(self, name: object) -> bool:
+        return super().__contains__(name) or name in self.aliases
+
+    def __missing__(self, name: str) -> Callable[..., MaskedAutoencoderViT]:
+        if name not in self.aliases:
+            raise KeyError(name)
+        return self[self.aliases[name]]
+
+    def get(self, name: str, default: object = None) -> object:
+        return self[name] if name in self else default
+
+
+_OFFICIAL = [mae_vit_base_patch16, mae_vit_large_patch16, mae_vit_huge_patch14]
+MODELS = _Registry(
+    [mae_vit_tiny_patch16, mae_vit_tiny_patch4, *_OFFICIAL],
+    aliases={f"{f.__name__}_dec512d8b": f.__name__ for f in _OFFICIAL},
+)

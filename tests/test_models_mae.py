@@ -95,18 +95,6 @@ def test_official_factory_state_dict_matches_spec(name):
     assert shapes(meta_model(name)) == spec[name]
 
 
-@pytest.mark.parametrize(
-    "alias,name",
-    [
-        ("mae_vit_base", "mae_vit_base_patch16"),
-        ("mae_vit_large", "mae_vit_large_patch16"),
-        ("mae_vit_huge", "mae_vit_huge_patch14"),
-    ],
-)
-def test_official_short_names_are_the_same_factories(alias, name):
-    assert getattr(models_mae, alias) is models_mae.MODELS[name]
-
-
 def test_registry_lists_all_factories():
     assert set(models_mae.MODELS) == {"mae_vit_tiny_patch16", "mae_vit_tiny_patch4", *OFFICIAL_MAE}
     for name, factory in models_mae.MODELS.items():
