@@ -9,9 +9,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from util import distributed, interrupt, setup
-from util.checkpoint import Position, TrainState, resume
+from util.checkpoint import Position, TrainState, resume, save_checkpoint
 from util.data import eval_loader, train_loader
-from util.logger import RunLog, format_duration
+from util.logger import RunLog
 from util.precision import LossScaler, autocast
 from util.train_loop import train_one_epoch as _train_one_epoch
 
@@ -97,37 +97,60 @@ def fit(
     mixup_fn: Callable | None = None,
 ) -> None:
     """Train from ``position`` to ``args.epochs``, evaluating after every epoch and keeping the
-    best top-1 in the checkpoint (``extra['max_accuracy']``)."""
+    best top-1 in the checkpoint (``extra['max_accuracy']``).
+
+    An epoch is checkpointed before it is evaluated, so that a failing evaluation (a bad
+    validation image, say) cannot cost the epoch. Its checkpoint thus holds the best top-1 of the
+    epochs before it, and the epoch's training stats under ``extra['unevaluated']``: a run
+    resumed from it evaluates that epoch first, and logs it, as the uninterrupted run did.
+    """
     args = state.args
     run_log = RunLog(args.log_dir, args.output_dir)
-    best = state.extra.setdefault("max_accuracy", 0.0)
+    state.extra.setdefault("max_accuracy", 0.0)
     begin = time.time()
     try:
+        pending = state.extra.get("unevaluated")
+        if pending is not None and position == Position(pending["epoch"] + 1):
+            _evaluate_epoch(trained, val_loader, state, run_log)
         for epoch, start_step in setup.epochs_left(position, train_loader, args):
             train_stats = train_one_epoch(trained, train_loader, state, epoch, criterion, mixup_fn, run_log, start_step)
-            if distributed.any_rank(interrupt.requested(), args.device):  # checkpoint now, evaluate later
-                setup.end_epoch(state, epoch, {f"train_{k}": v for k, v in train_stats.items()}, run_log)
-            test_stats = evaluate(trained, val_loader, args)
-            best = max(best, test_stats["acc1"])
-            state.extra["max_accuracy"] = best
-            print(
-                f"accuracy of the network on the {test_stats['images']} test images: {test_stats['acc1']:.1f}%; "
-                f"max accuracy: {best:.2f}%"
-            )
-            run_log.scalars(
-                epoch,
-                **{
-                    "perf/test_acc1": test_stats["acc1"],
-                    "perf/test_acc5": test_stats["acc5"],
-                    "perf/test_loss": test_stats["loss"],
-                },
-            )
-            stats = {
-                **{f"train_{k}": v for k, v in train_stats.items()},
-                **{f"test_{k}": v for k, v in test_stats.items()},
-                "max_accuracy": best,
-            }
-            setup.end_epoch(state, epoch, stats, run_log)
+            state.extra["unevaluated"] = {"epoch": epoch, "train_stats": train_stats}
+            path = save_checkpoint(state, epoch)
+            if distributed.any_rank(interrupt.requested(), args.device):
+                raise interrupt.Interrupted(path)  # stop now: the resumed run evaluates this epoch
+            _evaluate_epoch(trained, val_loader, state, run_log)
     finally:
         run_log.close()
-    print(f"training time {format_duration(time.time() - begin)}")
+    print(f"training time {time.strftime('%H:%M:%S', time.gmtime(time.time() - begin))}")
+
+
+def _evaluate_epoch(trained: torch.nn.Module, val_loader: DataLoader, state: TrainState, run_log: RunLog) -> None:
+    """Evaluate the epoch in ``extra['unevaluated']`` (the model is as it ended), update the best
+    top-1 and append the epoch's line to log.txt. The last epoch's checkpoint is written again, so
+    that the run's final checkpoint holds the best top-1 of every epoch. (A stop asked for while
+    evaluating is taken at the next epoch's first check point.)"""
+    args = state.args
+    pending = state.extra.pop("unevaluated")
+    epoch = pending["epoch"]
+    test_stats = evaluate(trained, val_loader, args)
+    best = state.extra["max_accuracy"] = max(state.extra["max_accuracy"], test_stats["acc1"])
+    print(
+        f"accuracy of the network on the {test_stats['images']} test images: {test_stats['acc1']:.1f}%; "
+        f"max accuracy: {best:.2f}%"
+    )
+    run_log.scalars(
+        epoch,
+        **{
+            "perf/test_acc1": test_stats["acc1"],
+            "perf/test_acc5": test_stats["acc5"],
+            "perf/test_loss": test_stats["loss"],
+        },
+    )
+    stats = {
+        **{f"train_{k}": v for k, v in pending["train_stats"].items()},
+        **{f"test_{k}": v for k, v in test_stats.items()},
+        "max_accuracy": best,
+    }
+    run_log.epoch({**stats, "epoch": epoch})
+    if epoch == args.epochs - 1:
+        save_checkpoint(state, epoch)

@@ -15,7 +15,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import TINY, cli_batch, demo_files, make_dataset, pretrain_args  # noqa: E402
+from helpers import (  # noqa: E402
+    TINY,
+    assert_same,
+    checkpoint_names,
+    cli_batch,
+    demo_files,
+    load,
+    make_dataset,
+    pretrain_args,
+    read_log,
+)
 
 import main_finetune  # noqa: E402
 import main_linprobe  # noqa: E402
@@ -158,6 +168,36 @@ def test_read_only_output_folder_is_refused(tmp_path):
             check_output_dir(str(folder / "sub"), "--output_dir")
     finally:
         folder.chmod(0o755)
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. A failing evaluation does not cost the epoch
+def test_bad_validation_image_keeps_the_epoch_and_the_resumed_run_scores_it(tmp_path):
+    classes = ("airplane", "cat", "ship")
+    data = _split(tmp_path / "data", classes, classes)
+    flags = ["--epochs", "2", "--warmup_epochs", "1", "--print_freq", "1"]
+    whole = tmp_path / "whole"
+    main_finetune.main(_classifier_args(main_finetune, data, whole, *flags))
+
+    victim = sorted((data / "val" / "cat").iterdir())[0]
+    good = victim.read_bytes()
+    victim.write_bytes(b"not a picture")
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=rf"cannot read image {re.escape(str(victim))}"):
+        main_finetune.main(_classifier_args(main_finetune, data, out, *flags))
+    assert checkpoint_names(out) == {"checkpoint-0.pth"}  # the epoch just trained is kept
+    assert load(out / "checkpoint-0.pth")["extra"]["unevaluated"]["epoch"] == 0
+    victim.write_bytes(good)
+    main_finetune.main(_classifier_args(main_finetune, data, out, *flags, "--resume", "auto"))
+
+    # As if nothing had failed: one line per epoch with its test stats, the same best top-1.
+    log = read_log(whole)
+    assert [line["epoch"] for line in log] == [0, 1] and all("test_acc1" in line for line in log)
+    assert read_log(out) == log
+    final, resumed = load(whole / "checkpoint-1.pth"), load(out / "checkpoint-1.pth")
+    assert final["extra"] == {"max_accuracy": max(line["test_acc1"] for line in log)}
+    assert resumed["extra"] == final["extra"]
+    assert_same(resumed["model"], final["model"], "model")
 
 
 # ---------------------------------------------------------------------------------------------
