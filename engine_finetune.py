@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 from util import distributed, interrupt, setup
 from util.checkpoint import Position, TrainState, resume, save_checkpoint
 from util.data import eval_loader, train_loader
-from util.logger import RunLog
+from util.logger import RunLog, format_duration
 from util.precision import LossScaler, autocast
 from util.train_loop import train_one_epoch as _train_one_epoch
 
@@ -121,7 +121,7 @@ def fit(
             _evaluate_epoch(trained, val_loader, state, run_log)
     finally:
         run_log.close()
-    print(f"training time {time.strftime('%H:%M:%S', time.gmtime(time.time() - begin))}")
+    print(f"training time {format_duration(time.time() - begin)}")
 
 
 def _evaluate_epoch(trained: torch.nn.Module, val_loader: DataLoader, state: TrainState, run_log: RunLog) -> None:
