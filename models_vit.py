@@ -40,6 +40,11 @@ def vit_tiny_patch4(**kwargs) -> VisionTransformer:
     return VisionTransformer(patch_size=4, embed_dim=192, depth=12, num_heads=3, **kwargs)
 
 
+def vit_mini_patch4(**kwargs) -> VisionTransformer:
+    kwargs.setdefault("img_size", 32)
+    return VisionTransformer(patch_size=4, embed_dim=128, depth=6, num_heads=4, **kwargs)
+
+
 def vit_base_patch16(**kwargs) -> VisionTransformer:
     return VisionTransformer(patch_size=16, embed_dim=768, depth=12, num_heads=12, **kwargs)
 
@@ -53,5 +58,13 @@ def vit_huge_patch14(**kwargs) -> VisionTransformer:
 
 
 MODELS: dict[str, Callable[..., VisionTransformer]] = {
-    f.__name__: f for f in (vit_tiny_patch16, vit_tiny_patch4, vit_base_patch16, vit_large_patch16, vit_huge_patch14)
+    f.__name__: f
+    for f in (
+        vit_tiny_patch16,
+        vit_tiny_patch4,
+        vit_mini_patch4,
+        vit_base_patch16,
+        vit_large_patch16,
+        vit_huge_patch14,
+    )
 }

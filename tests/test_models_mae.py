@@ -96,9 +96,24 @@ def test_official_factory_state_dict_matches_spec(name):
 
 
 def test_registry_lists_all_factories():
-    assert set(models_mae.MODELS) == {"mae_vit_tiny_patch16", "mae_vit_tiny_patch4", *OFFICIAL_MAE}
+    assert set(models_mae.MODELS) == {
+        "mae_vit_tiny_patch16",
+        "mae_vit_tiny_patch4",
+        "mae_vit_mini_patch4",
+        *OFFICIAL_MAE,
+    }
     for name, factory in models_mae.MODELS.items():
         assert factory is getattr(models_mae, name)
+
+
+def test_mini_factory_shapes():
+    model = meta_model("mae_vit_mini_patch4")
+    s = shapes(model)
+    assert model.img_size == 32 and model.num_patches == 64
+    assert s["pos_embed"] == [1, 65, 128] and s["decoder_pos_embed"] == [1, 65, 64]
+    assert len(model.blocks) == 6 and len(model.decoder_blocks) == 2
+    assert model.blocks[0].attn.num_heads == 4 and model.decoder_blocks[0].attn.num_heads == 2
+    assert s["decoder_pred.weight"] == [4 * 4 * 3, 64]
 
 
 @pytest.mark.parametrize(

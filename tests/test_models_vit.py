@@ -86,7 +86,7 @@ def test_default_is_class_token():
 
 
 def test_registry_lists_all_factories():
-    assert set(models_vit.MODELS) == {"vit_tiny_patch16", "vit_tiny_patch4", *OFFICIAL_VIT}
+    assert set(models_vit.MODELS) == {"vit_tiny_patch16", "vit_tiny_patch4", "vit_mini_patch4", *OFFICIAL_VIT}
     for name, factory in models_vit.MODELS.items():
         assert factory is getattr(models_vit, name)
 
@@ -117,12 +117,12 @@ def _encoder_names(mae_names: set[str]) -> set[str]:
     return {k for k in mae_names if not k.startswith("decoder_") and k != "mask_token"}
 
 
-@pytest.mark.parametrize("size", ["patch16", "patch4"])
+@pytest.mark.parametrize("size", ["tiny_patch16", "tiny_patch4", "mini_patch4"])
 @pytest.mark.parametrize("global_pool", [True, False])
-def test_tiny_mae_encoder_matches_classifier(size, global_pool):
+def test_small_mae_encoders_match_classifiers(size, global_pool):
     with torch.device("meta"):
-        mae = models_mae.MODELS[f"mae_vit_tiny_{size}"]()
-        vit = models_vit.MODELS[f"vit_tiny_{size}"](global_pool=global_pool, num_classes=10)
+        mae = models_mae.MODELS[f"mae_vit_{size}"]()
+        vit = models_vit.MODELS[f"vit_{size}"](global_pool=global_pool, num_classes=10)
     mae_s, vit_s = shapes(mae), shapes(vit)
     encoder = _encoder_names(set(mae_s))
     if global_pool:
