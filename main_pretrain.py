@@ -14,7 +14,7 @@ from timm.optim import param_groups_weight_decay
 
 import models_mae
 from engine_pretrain import log_reconstructions, train_one_epoch
-from util import distributed, setup
+from util import distributed, knn, setup
 from util.args import add_run_args, add_schedule_args, check_input_size, check_mask_ratio
 from util.checkpoint import TrainState, resume
 from util.data import PRETRAIN_LOADERS, eval_transform, pretrain_data
@@ -54,6 +54,15 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="picture reconstructions every N epochs (and after the first and last); 0: never",
     )
     v.add_argument("--vis_images", default=8, type=int, help="how many images the picture shows")
+    k = knn.add_knn_args(parser)
+    k.add_argument(
+        "--knn_data_path",
+        default="",
+        help="labelled ImageFolder (train/ and val/) to score the encoder by k-NN during pre-training; '': never",
+    )
+    k.add_argument(
+        "--knn_freq", default=10, type=int, metavar="N", help="k-NN score every N epochs (and after the last)"
+    )
     return parser
 
 
@@ -67,12 +76,38 @@ def build_model(args: argparse.Namespace) -> models_mae.MaskedAutoencoderViT:
     return models_mae.MODELS[args.model](img_size=args.input_size, norm_pix_loss=args.norm_pix_loss)
 
 
+def build_knn_data(args: argparse.Namespace) -> knn.KnnData | None:
+    if not args.knn_data_path:
+        return None
+    knn.check_knn_args(args)
+    if args.knn_freq < 1:
+        fail(f"--knn_freq must be at least 1, got {args.knn_freq}")
+    data = knn.KnnData(args.knn_data_path, args.input_size, args.knn_bank_size, args.knn_query_size, "--knn_data_path")
+    print(f"k-NN monitor: {data} from {args.knn_data_path}, every {args.knn_freq} epochs")
+    return data
+
+
+def knn_monitor(
+    model: models_mae.MaskedAutoencoderViT, data: knn.KnnData, epoch: int, run_log: RunLog, args: argparse.Namespace
+) -> dict[str, float]:
+    """k-NN accuracy of the encoder's class token and mean patch token, as ``knn_cls_top1`` etc."""
+    begin = time.time()
+    model.eval()  # the training loop sets train mode again
+    scores = knn.evaluate(lambda imgs: knn.pooled_features(model.forward_features(imgs)), data, args)
+    scores = {f"knn_{name}": value for name, value in scores.items()}
+    run_log.scalars((epoch + 1) * 1000, **{f"knn/{name[4:]}": v for name, v in scores.items()})
+    shown = "  ".join(f"{name} {value:.2f}" for name, value in scores.items())
+    print(f"k-NN (k={args.knn_k}, t={args.knn_t}) after epoch {epoch}: {shown}  ({time.time() - begin:.0f} s)")
+    return scores
+
+
 def main(args: argparse.Namespace) -> None:
     device = setup.start(args)
     model = build_model(args)
 
     dataset, loader = pretrain_data(args)
     print(f"{len(dataset)} images in {dataset.root}, {len(loader)} iterations per epoch")
+    knn_data = build_knn_data(args)
 
     model.set_grad_checkpointing(args.grad_checkpointing)
     model.to(device)
@@ -95,7 +130,8 @@ def main(args: argparse.Namespace) -> None:
     begin = time.time()
     try:
         for epoch, start_step in setup.epochs_left(position, loader, args):
-            stats = train_one_epoch(trained, loader, state, epoch, run_log, start_step)
+            train_stats = train_one_epoch(trained, loader, state, epoch, run_log, start_step)
+            stats = {f"train_{k}": v for k, v in train_stats.items()}
             if (
                 distributed.is_main_process()
                 and args.vis_freq
@@ -103,7 +139,9 @@ def main(args: argparse.Namespace) -> None:
             ):
                 path = log_reconstructions(model, vis_imgs, vis_noise, args.mask_ratio, epoch, args.output_dir, run_log)
                 print(f"reconstructions: {path}")
-            setup.end_epoch(state, epoch, {f"train_{k}": v for k, v in stats.items()}, run_log)
+            if knn_data is not None and ((epoch + 1) % args.knn_freq == 0 or epoch == args.epochs - 1):
+                stats.update(knn_monitor(model, knn_data, epoch, run_log, args))
+            setup.end_epoch(state, epoch, stats, run_log)
     finally:
         run_log.close()
     print(f"training time {format_duration(time.time() - begin)}")

@@ -12,11 +12,17 @@ sys.path.insert(0, str(REPO))
 
 import main_finetune  # noqa: E402
 import main_linprobe  # noqa: E402
+import knn_eval  # noqa: E402
 import main_pretrain  # noqa: E402
 from util.submitit_launcher import add_launcher_args  # noqa: E402
 
 README = (REPO / "README.md").read_text()
-PARSERS = {"main_pretrain.py": main_pretrain, "main_finetune.py": main_finetune, "main_linprobe.py": main_linprobe}
+PARSERS = {
+    "main_pretrain.py": main_pretrain,
+    "main_finetune.py": main_finetune,
+    "main_linprobe.py": main_linprobe,
+    "knn_eval.py": knn_eval,
+}
 
 
 def _options(parser) -> set[str]:
@@ -55,7 +61,7 @@ def test_readme_commands_parse():
     commands = _commands(README)
     assert len(commands) >= 6  # guards the extraction itself
     for words in commands:
-        script = next(w for w in words if w.endswith(".py") and ("main_" in w or "submitit_" in w))
+        script = next(w for w in words if w.endswith(tuple(PARSERS)) or w.startswith("submitit_"))
         name = script.replace("submitit_", "main_")
         flags = words[words.index(script) + 1 :]
         parser = PARSERS[name].get_args_parser()

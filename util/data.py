@@ -103,21 +103,24 @@ def pretrain_dataset(data_path: str, transform: Callable, lazy: bool = False) ->
     return dataset
 
 
-def classification_dataset(data_path: str, split: str, transform: Callable, nb_classes: int) -> datasets.ImageFolder:
-    """ImageFolder on ``<data_path>/<split>``; the validation split may be called 'val' or 'test'."""
-    _existing_dir(data_path)
+def classification_dataset(
+    data_path: str, split: str, transform: Callable, nb_classes: int | None, flag: str = "--data_path"
+) -> datasets.ImageFolder:
+    """ImageFolder on ``<data_path>/<split>``; the validation split may be called 'val' or 'test'.
+    ``nb_classes`` None takes any number of classes; ``flag`` names the folder's flag in errors."""
+    _existing_dir(data_path, flag)
     candidates = [split] if split == "train" else ["val", "test"]
     folder = next((os.path.join(data_path, c) for c in candidates if os.path.isdir(os.path.join(data_path, c))), None)
     if folder is None:
         fail(
-            f"--data_path {data_path} has no '{'/'.join(candidates)}' folder; "
+            f"{flag} {data_path} has no '{'/'.join(candidates)}' folder; "
             f"expected <data_path>/{candidates[0]}/<class>/<image>"
         )
     try:
         dataset = _ImageFolder(folder, transform=transform, loader=load_rgb)
     except (FileNotFoundError, RuntimeError) as e:
         fail(f"{folder}: {e}")
-    if len(dataset.classes) != nb_classes:
+    if nb_classes is not None and len(dataset.classes) != nb_classes:
         fail(f"{folder} has {len(dataset.classes)} class folders but --nb_classes is {nb_classes}; make them agree")
     return dataset
 

@@ -56,3 +56,23 @@ def load_pretrained_encoder(model: torch.nn.Module, path: str, head_init_std: fl
         trunc_normal_(model.head.weight, std=head_init_std)
         torch.nn.init.zeros_(model.head.bias)
     print(f"loaded pre-trained encoder from {path}; initialised: {sorted(missing) or 'nothing'}")
+
+
+def load_mae_encoder(model: torch.nn.Module, path: str) -> None:
+    """Load the encoder weights of ``path`` into a ``models_mae.MaskedAutoencoderViT``, leaving its
+    decoder as it is: for reading features of any MAE encoder (ours, the official full or
+    encoder-only releases, or a classifier with the final ``norm``). Every encoder weight must be
+    present with its shape (the position embedding is resized); other entries are ignored."""
+    state = model_state(load_checkpoint(path), path)
+    encoder = {k: v for k, v in model.state_dict().items() if not k.startswith(_DECODER_PREFIXES)}
+    missing = sorted(set(encoder) - set(state))
+    if missing:
+        fail(f"checkpoint {path} lacks encoder weights {missing[:4]}; check --model and that it holds an MAE encoder")
+    loaded = {k: state[k] for k in encoder}
+    if loaded["pos_embed"].shape != encoder["pos_embed"].shape:
+        loaded["pos_embed"] = resize_pos_embed(loaded["pos_embed"], int(round(model.num_patches**0.5)))
+    wrong = sorted(k for k in encoder if loaded[k].shape != encoder[k].shape)
+    if wrong:
+        k = wrong[0]
+        fail(f"checkpoint {path} does not fit --model: {k} is {tuple(loaded[k].shape)}, not {tuple(encoder[k].shape)}")
+    model.load_state_dict(loaded, strict=False)

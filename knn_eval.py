@@ -1,0 +1,103 @@
+"""Score MAE encoders by weighted k-NN classification of their frozen features (util/knn.py).
+
+    python knn_eval.py --data_path ../shared/datasets/cifar10 --model mae_vit_mini_patch4 \
+        --encoders out/pretrain/checkpoint-29.pth random pixels --output knn.json
+
+Each entry of ``--encoders`` is a checkpoint (ours, or an official MAE release: full, encoder
+only, or a classifier that kept the final ``norm``), ``random`` (the encoder as pre-training
+initialises it, under ``--seed``) or ``pixels`` (the center-cropped image itself). The bank is
+``<data_path>/train``, the queries ``<data_path>/val`` (or ``test``). Under torchrun the images are
+shared among the processes and the scores equal the one-process scores.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+import models_mae
+from util import distributed, knn
+from util.args import resolve_precision
+from util.errors import fail, run_cli
+from util.pretrained import load_mae_encoder
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("k-NN evaluation of MAE encoders")
+    parser.add_argument("--data_path", required=True, help="ImageFolder with train/ (the bank) and val/ or test/")
+    parser.add_argument("--model", default="mae_vit_mini_patch4", help=f"one of: {', '.join(models_mae.MODELS)}")
+    parser.add_argument("--input_size", default=None, type=int, help="image size (default: the model's)")
+    parser.add_argument(
+        "--encoders", nargs="+", required=True, metavar="ENCODER", help="checkpoints, 'random' and/or 'pixels'"
+    )
+    parser.add_argument("--output", default="", help="append one JSON line per encoder to this file")
+    parser.add_argument("--batch_size", default=256, type=int)
+    parser.add_argument("--num_workers", default=2, type=int)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
+    parser.add_argument("--seed", default=0, type=int, help="seed of the random-init encoder")
+    knn.add_knn_args(parser)
+    parser.set_defaults(dist_on_itp=False, dist_url="env://")  # what init_distributed_mode reads
+    return parser
+
+
+def features_of(encoder: str, args: argparse.Namespace) -> Callable[[torch.Tensor], knn.Features]:
+    """The feature function of one ``--encoders`` entry."""
+    if encoder == "pixels":
+        return knn.pixel_features
+    torch.manual_seed(args.seed)  # 'random' is the initialisation pre-training starts from
+    model = models_mae.MODELS[args.model](img_size=args.input_size)
+    if encoder != "random":
+        load_mae_encoder(model, encoder)
+    model.to(args.device).eval()
+    return lambda imgs: knn.pooled_features(model.forward_features(imgs))
+
+
+def main(args: argparse.Namespace) -> None:
+    if args.model not in models_mae.MODELS:
+        fail(f"--model {args.model} is unknown; known models: {', '.join(models_mae.MODELS)}")
+    if args.batch_size < 1:
+        fail(f"--batch_size must be at least 1, got {args.batch_size}")
+    knn.check_knn_args(args)
+    for encoder in args.encoders:
+        if encoder not in ("random", "pixels") and not encoder.startswith(("http://", "https://")):
+            if not os.path.isfile(encoder):
+                fail(f"--encoders {encoder} is neither a checkpoint file nor 'random' or 'pixels'")
+    if args.input_size is None:
+        with torch.device("meta"):
+            args.input_size = models_mae.MODELS[args.model]().img_size
+    distributed.init_distributed_mode(args)
+    args.precision = resolve_precision(args.precision, args.device)
+
+    data = knn.KnnData(args.data_path, args.input_size, args.knn_bank_size, args.knn_query_size)
+    print(f"k-NN (k={args.knn_k}, t={args.knn_t}) on {data} from {args.data_path}")
+    for encoder in args.encoders:
+        begin = time.time()
+        scores = knn.evaluate(features_of(encoder, args), data, args)
+        seconds = time.time() - begin
+        print(f"{encoder}: " + "  ".join(f"{k} {v:.2f}" for k, v in scores.items()) + f"  ({seconds:.0f} s)")
+        if args.output and distributed.is_main_process():
+            record = {
+                "encoder": encoder,
+                "model": args.model,
+                **scores,
+                "k": args.knn_k,
+                "t": args.knn_t,
+                "bank": len(data.bank),
+                "queries": len(data.queries),
+                "data_path": args.data_path,
+                "processes": distributed.world_size(),
+                "seconds": round(seconds, 1),
+                "command": " ".join(["python", *sys.argv]),
+            }
+            with open(args.output, "a") as f:
+                f.write(json.dumps(record) + "\n")
+    distributed.cleanup()
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(get_args_parser().parse_args()))

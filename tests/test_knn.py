@@ -1,0 +1,206 @@
+"""k-NN monitor and knn_eval.py: the weighted vote against hand computations, accuracy at its
+known extremes (separable features, shuffled labels), one process against two, and errors."""
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import TINY, cli, demo_files, load, read_log, run_pretrain
+
+import models_mae
+from util import knn
+from util.errors import UserError
+from util.pretrained import load_mae_encoder
+
+
+def labelled_folder(root: Path, per_class: int, val_per_class: int, classes=("airplane", "cat", "ship")) -> Path:
+    """<root>/train/<class>/ and <root>/val/<class>/ from the committed CIFAR-10 sample."""
+    files = demo_files(per_class + val_per_class, classes)
+    for i, src in enumerate(files):
+        split = "train" if i % (per_class + val_per_class) < per_class else "val"
+        dest = root / split / src.parent.name / src.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dest)
+    return root
+
+
+# ---------------------------------------------------------------------------------------------
+# The vote
+def test_vote_weights_follow_the_temperature():
+    # Query q; bank: two class-0 items at cosine 0.5, one class-1 item at cosine 0.9.
+    q = torch.tensor([[1.0, 0.0]])
+    bank = torch.tensor([[0.5, math.sqrt(0.75)], [0.5, -math.sqrt(0.75)], [0.9, math.sqrt(0.19)]])
+    labels = torch.tensor([0, 0, 1])
+    for t in (0.07, 1.0, 10.0):
+        scores = knn.knn_scores(bank, labels, q, num_classes=2, k=3, t=t)
+        expected = torch.tensor([[2 * math.exp(0.5 / t), math.exp(0.9 / t)]])
+        torch.testing.assert_close(scores, expected, rtol=1e-5, atol=0)
+    # A sharp temperature lets the single close neighbour win, a flat one the majority.
+    assert knn.knn_scores(bank, labels, q, 2, k=3, t=0.07).argmax().item() == 1
+    assert knn.knn_scores(bank, labels, q, 2, k=3, t=10.0).argmax().item() == 0
+    # Only the k nearest vote: with k=1 the close item alone scores.
+    torch.testing.assert_close(knn.knn_scores(bank, labels, q, 2, k=1, t=1.0), torch.tensor([[0.0, math.exp(0.9)]]))
+
+
+def test_chunks_do_not_change_the_scores():
+    g = torch.Generator().manual_seed(0)
+    bank = F.normalize(torch.randn(300, 16, generator=g), dim=1)
+    queries = F.normalize(torch.randn(50, 16, generator=g), dim=1)
+    labels = torch.randint(0, 7, (300,), generator=g)
+    whole = knn.knn_scores(bank, labels, queries, 7, k=10, chunk=1000)
+    # Equal up to the matmul's rounding, which depends on the block shape.
+    torch.testing.assert_close(knn.knn_scores(bank, labels, queries, 7, k=10, chunk=7), whole, rtol=1e-5, atol=0)
+
+
+def _clusters(n_per_class: int, classes: int, spread: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    centres = F.normalize(torch.randn(classes, 32, generator=torch.Generator().manual_seed(99)), dim=1)
+    labels = torch.arange(classes).repeat_interleave(n_per_class)
+    feats = centres[labels] + spread * torch.randn(len(labels), 32, generator=g)
+    return F.normalize(feats, dim=1), labels
+
+
+def test_separable_features_score_100():
+    bank, bank_labels = _clusters(50, 10, 0.05, seed=1)
+    queries, query_labels = _clusters(20, 10, 0.05, seed=2)
+    result = knn.accuracy(knn.knn_scores(bank, bank_labels, queries, 10), query_labels)
+    assert result == {"top1": 100.0, "top5": 100.0}
+
+
+def test_shuffled_labels_score_chance():
+    bank, bank_labels = _clusters(200, 10, 0.05, seed=1)
+    queries, query_labels = _clusters(100, 10, 0.05, seed=2)
+    shuffled = bank_labels[torch.randperm(len(bank_labels), generator=torch.Generator().manual_seed(3))]
+    result = knn.accuracy(knn.knn_scores(bank, shuffled, queries, 10), query_labels)
+    assert 4.0 < result["top1"] < 16.0  # chance is 10%; 1,000 queries
+    assert 35.0 < result["top5"] < 65.0  # chance is 50%
+
+
+def test_top5_only_above_five_classes():
+    bank, labels = _clusters(10, 5, 0.05, seed=1)
+    assert set(knn.accuracy(knn.knn_scores(bank, labels, bank, 5), labels)) == {"top1"}
+
+
+def test_subsets_are_evenly_spaced_and_class_balanced(tmp_path):
+    data = knn.KnnData(str(labelled_folder(tmp_path, 10, 4)), 32, bank_size=15, query_size=6)
+    assert len(data.bank) == 15 and len(data.queries) == 6
+    assert torch.bincount(data.bank_labels).tolist() == [5, 5, 5]
+    assert torch.bincount(data.query_labels).tolist() == [2, 2, 2]
+    assert data.bank_labels.tolist() == [data.bank.dataset.targets[i] for i in data.bank.indices]
+
+
+def test_mismatched_classes_are_refused(tmp_path):
+    root = labelled_folder(tmp_path, 4, 2)
+    (root / "val" / "cat").rename(root / "val" / "dog")
+    with pytest.raises(UserError, match=r"--knn_data_path .*differ \(cat, dog\)"):
+        knn.KnnData(str(root), 32, flag="--knn_data_path")
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoders
+def test_mae_encoder_loads_from_full_and_encoder_only_checkpoints(tmp_path):
+    torch.manual_seed(0)
+    trained = models_mae.mae_vit_tiny_patch4()
+    torch.nn.init.normal_(trained.blocks[0].attn.qkv.weight)  # differ from a fresh initialisation
+    full = trained.state_dict()
+    encoder_only = {k: v for k, v in full.items() if not k.startswith(("decoder_", "mask_token"))}
+    imgs = torch.randn(2, 3, 32, 32)
+    expected = trained.eval().forward_features(imgs)
+    for name, state in (("full", full), ("encoder", encoder_only)):
+        torch.save({"model": state}, tmp_path / f"{name}.pth")
+        torch.manual_seed(1)
+        model = models_mae.mae_vit_tiny_patch4()
+        load_mae_encoder(model, str(tmp_path / f"{name}.pth"))
+        torch.testing.assert_close(model.eval().forward_features(imgs), expected, rtol=0, atol=0)
+    del encoder_only["blocks.3.norm1.weight"]
+    torch.save({"model": encoder_only}, tmp_path / "broken.pth")
+    with pytest.raises(UserError, match=r"broken.pth lacks encoder weights \['blocks.3.norm1.weight'\]"):
+        load_mae_encoder(models_mae.mae_vit_tiny_patch4(), str(tmp_path / "broken.pth"))
+
+
+def test_forward_features_equals_the_unmasked_encoder():
+    torch.manual_seed(0)
+    model = models_mae.mae_vit_tiny_patch4().eval()
+    imgs = torch.randn(2, 3, 32, 32)
+    noise = torch.arange(64.0).repeat(2, 1)  # sorted noise: the masking keeps the original order
+    masked, _, _ = model.forward_encoder(imgs, mask_ratio=0.0, noise=noise)
+    torch.testing.assert_close(model.forward_features(imgs), masked)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command lines
+def _knn_eval(data: Path, out: Path, *extra: str, nproc: int = 1):
+    argv = [
+        "knn_eval.py",
+        "--data_path",
+        str(data),
+        "--model",
+        "mae_vit_tiny_patch4",
+        "--device",
+        "cpu",
+        "--num_workers",
+        "0",
+        "--batch_size",
+        "8",
+        "--output",
+        str(out),
+        *extra,
+    ]
+    if nproc > 1:
+        argv = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *argv]
+    result = cli(argv, env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def test_two_processes_score_as_one(tmp_path):
+    data = labelled_folder(tmp_path / "data", 12, 5)  # 36 bank and 15 queries: shards of unequal size
+    one = _knn_eval(data, tmp_path / "one.json", "--encoders", "random", "pixels", "--knn_k", "5")
+    two = _knn_eval(data, tmp_path / "two.json", "--encoders", "random", "pixels", "--knn_k", "5", nproc=2)
+    assert [r["processes"] for r in one + two] == [1, 1, 2, 2]
+    for a, b in zip(one, two, strict=True):
+        assert a["encoder"] == b["encoder"]
+        scores = {k: v for k, v in a.items() if k.endswith(("top1", "top5"))}
+        assert scores and scores == {k: b[k] for k in scores}, (a, b)
+    assert {"cls_top1", "avg_top1"} <= set(one[0]) and "pixels_top1" in one[1]
+
+
+def test_pretraining_logs_knn_scores_and_they_match_knn_eval(tmp_path):
+    data = labelled_folder(tmp_path / "data", 8, 4)
+    out = tmp_path / "run"
+    run_pretrain(
+        data, out, "--epochs", "3", "--knn_data_path", str(data), "--knn_freq", "2", "--knn_k", "5", "--vis_freq", "0"
+    )
+    log = read_log(out)
+    assert ["knn_cls_top1" in line for line in log] == [False, True, True]  # epoch 1, and the last
+    assert all(0 <= line["knn_avg_top1"] <= 100 for line in log[1:])
+    # The standalone evaluation of the last checkpoint gives the monitor's numbers.
+    assert load(out / "checkpoint-2.pth")["epoch"] == 2
+    (record,) = _knn_eval(data, tmp_path / "eval.json", "--encoders", str(out / "checkpoint-2.pth"), "--knn_k", "5")
+    assert (record["cls_top1"], record["avg_top1"]) == (log[2]["knn_cls_top1"], log[2]["knn_avg_top1"])
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--knn_data_path", "{missing}"], "--knn_data_path {missing} does not exist"),
+        (["--knn_data_path", "{noval}"], "--knn_data_path {noval} has no 'val/test' folder"),
+        (["--knn_data_path", "{data}", "--knn_k", "0"], "--knn_k must be at least 1"),
+        (["--knn_data_path", "{data}", "--knn_freq", "0"], "--knn_freq must be at least 1"),
+    ],
+)
+def test_bad_knn_flags_are_one_line_errors(tmp_path, flags, message):
+    data = labelled_folder(tmp_path / "data", 4, 2)
+    noval = tmp_path / "noval"
+    shutil.copytree(data / "train", noval / "train")
+    paths = {"missing": str(tmp_path / "missing"), "noval": str(noval), "data": str(data)}
+    argv = [*TINY, "--data_path", str(data), "--output_dir", str(tmp_path / "out"), "--epochs", "1"]
+    result = cli(["main_pretrain.py", *argv, *[f.format(**paths) for f in flags]])
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: " + message.format(**paths)), result.stderr[-1000:]
+    assert not (tmp_path / "out" / "checkpoint-0.pth").exists()  # refused before training

@@ -1,0 +1,209 @@
+"""Weighted k-nearest-neighbour classification of frozen features: the representation monitor of
+self-supervised learning (Wu et al. 2018, "instance discrimination"; the DINO protocol).
+
+Every labelled image of a bank and of a query set is embedded by the frozen encoder, the
+features are L2-normalised, and each query takes the vote of its ``k`` most cosine-similar bank
+images, each weighted by ``exp(similarity / t)``. No training, no augmentation, so the score
+follows the encoder alone and costs one forward pass per image.
+
+Under DDP every rank embeds its own shard of each set and the features are gathered in the
+data set's order, so all ranks hold the same bank and the result equals the one-process result.
+"""
+
+import argparse
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision import datasets
+
+from util import distributed
+from util.data import ShardSampler, classification_dataset, eval_transform
+from util.errors import fail
+from util.precision import autocast
+
+# Encoder outputs [N, 1 + L, D] (class token first, after the final norm) -> named features [N, D].
+Features = dict[str, torch.Tensor]
+
+
+def pooled_features(tokens: torch.Tensor) -> Features:
+    """The two usual read-outs of a ViT: the class token and the mean of the patch tokens."""
+    return {"cls": tokens[:, 0], "avg": tokens[:, 1:].mean(dim=1)}
+
+
+def pixel_features(images: torch.Tensor) -> Features:
+    """The raw-pixel baseline: the normalised image itself, flattened."""
+    return {"pixels": images.flatten(1)}
+
+
+@torch.inference_mode()
+def embed(
+    features_fn: Callable[[torch.Tensor], Features],
+    loader: DataLoader,
+    total: int,
+    device: torch.device,
+    precision: str = "fp32",
+) -> Features:
+    """L2-normalised features of every image of ``loader`` (this rank's shard), gathered from all
+    ranks into the data set's order; ``total`` is the data set's length."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    for images, _ in loader:
+        images = images.to(device, non_blocking=True)
+        with autocast(precision, str(device)):
+            feats = features_fn(images)
+        for name, f in feats.items():
+            parts.setdefault(name, []).append(F.normalize(f.float(), dim=1))
+    return {name: _gather_in_order(torch.cat(p), total) for name, p in parts.items()}
+
+
+def _gather_in_order(local: torch.Tensor, total: int) -> torch.Tensor:
+    """Rank r holds items r, r + w, r + 2w, ... (``ShardSampler``); put them back in order."""
+    world = distributed.world_size()
+    if world == 1:
+        return local
+    rows = -(-total // world)  # shards differ by at most one item: pad to equal sizes
+    padded = local.new_zeros(rows, local.shape[1])
+    padded[: len(local)] = local
+    shards = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(shards, padded)
+    # Row j of rank r is item j * world + r: interleave the shards row by row.
+    return torch.stack(shards, dim=1).reshape(rows * world, local.shape[1])[:total]
+
+
+def knn_scores(
+    bank: torch.Tensor,
+    bank_labels: torch.Tensor,
+    queries: torch.Tensor,
+    num_classes: int,
+    k: int = 20,
+    t: float = 0.07,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """Class scores [Q, num_classes] of each query: the sum of ``exp(cos / t)`` over its ``k``
+    nearest bank items of that class. Features must be L2-normalised."""
+    k = min(k, len(bank))
+    scores = []
+    for start in range(0, len(queries), chunk):  # a [chunk, bank] similarity matrix at a time
+        similarity = queries[start : start + chunk] @ bank.T
+        top_sim, top_idx = similarity.topk(k, dim=1)
+        weights = (top_sim / t).exp()
+        votes = torch.zeros(len(top_idx), num_classes, device=queries.device, dtype=weights.dtype)
+        scores.append(votes.scatter_add_(1, bank_labels[top_idx], weights))
+    return torch.cat(scores)
+
+
+def accuracy(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Top-1 accuracy (%), and top-5 where there are more than 5 classes."""
+    result = {"top1": 100.0 * (scores.argmax(dim=1) == labels).float().mean().item()}
+    if scores.shape[1] > 5:
+        top5 = scores.topk(5, dim=1).indices.eq(labels.unsqueeze(1)).any(dim=1)
+        result["top5"] = 100.0 * top5.float().mean().item()
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Labelled data
+class KnnData:
+    """The labelled bank (``<path>/train``) and queries (``<path>/val`` or ``test``) at the model's
+    input size, center-cropped; ``bank_size``/``query_size`` take evenly spaced subsets (0: all)."""
+
+    def __init__(self, path: str, input_size: int, bank_size: int = 0, query_size: int = 0, flag: str = "--data_path"):
+        transform = eval_transform(input_size)
+        bank = _labelled(path, "train", transform, flag)
+        queries = _labelled(path, "val", transform, flag)
+        if bank.classes != queries.classes:
+            differ = sorted(set(bank.classes) ^ set(queries.classes))[:3] or ["(order)"]
+            fail(f"{flag} {path}: train and val class folders differ ({', '.join(differ)}); make them agree")
+        self.classes = bank.classes
+        self.bank, self.bank_labels = _subset(bank, bank_size)
+        self.queries, self.query_labels = _subset(queries, query_size)
+
+    def loaders(self, batch_size: int, num_workers: int) -> tuple[DataLoader, DataLoader]:
+        """This rank's shard of the bank and of the queries (every image once over all ranks)."""
+        if len(self.queries) < distributed.world_size():
+            fail(f"{len(self.queries)} k-NN query images cannot be shared by {distributed.world_size()} processes")
+
+        def loader(dataset: Dataset) -> DataLoader:
+            return DataLoader(
+                dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset)), num_workers=num_workers
+            )
+
+        return loader(self.bank), loader(self.queries)
+
+    def __repr__(self) -> str:
+        return f"{len(self.bank)} bank and {len(self.queries)} query images, {len(self.classes)} classes"
+
+
+def _labelled(path: str, split: str, transform: Callable, flag: str) -> datasets.ImageFolder:
+    dataset = classification_dataset(path, split, transform, nb_classes=None, flag=flag)
+    if len(dataset.classes) < 2:
+        fail(f"{flag} {path}/{split} has {len(dataset.classes)} class folder(s); k-NN needs at least 2")
+    return dataset
+
+
+def _subset(dataset: datasets.ImageFolder, size: int) -> tuple[Dataset, torch.Tensor]:
+    """Evenly spaced items: class-balanced for an ImageFolder (sorted by class) of equal classes."""
+    labels = torch.tensor(dataset.targets)
+    if size <= 0 or size >= len(dataset):
+        return dataset, labels
+    indices = np.unique(np.linspace(0, len(dataset) - 1, size).round().astype(np.int64))
+    return Subset(dataset, indices.tolist()), labels[indices]
+
+
+# ---------------------------------------------------------------------------------------------
+# The evaluation
+def evaluate(
+    features_fn: Callable[[torch.Tensor], Features],
+    data: KnnData,
+    args: argparse.Namespace,
+) -> dict[str, float]:
+    """k-NN top-1 (and top-5) of every feature ``features_fn`` returns, e.g. ``cls_top1``.
+
+    Reads ``args.knn_k``, ``knn_t``, ``batch_size``, ``num_workers``, ``device``, ``precision``.
+    """
+    device = torch.device(args.device)
+    bank_loader, query_loader = data.loaders(args.batch_size, args.num_workers)
+    bank = embed(features_fn, bank_loader, len(data.bank), device, args.precision)
+    queries = embed(features_fn, query_loader, len(data.queries), device, args.precision)
+    results = {}
+    bank_labels, query_labels = data.bank_labels.to(device), data.query_labels.to(device)
+    for name in bank:
+        scores = knn_scores(bank[name], bank_labels, queries[name], len(data.classes), args.knn_k, args.knn_t)
+        for metric, value in accuracy(scores, query_labels).items():
+            results[f"{name}_{metric}"] = value
+    return results
+
+
+def add_knn_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """``--knn_k``, ``--knn_t``, ``--knn_bank_size``, ``--knn_query_size``; returns the group."""
+    g = parser.add_argument_group("k-NN evaluation")
+    g.add_argument("--knn_k", default=20, type=int, help="neighbours that vote")
+    g.add_argument("--knn_t", default=0.07, type=float, help="temperature of the vote weights")
+    g.add_argument(
+        "--knn_bank_size",
+        default=0,
+        type=int,
+        metavar="N",
+        help="use N evenly spaced train images as the bank (0: all)",
+    )
+    g.add_argument(
+        "--knn_query_size",
+        default=0,
+        type=int,
+        metavar="N",
+        help="classify N evenly spaced val images (0: all)",
+    )
+    return g
+
+
+def check_knn_args(args: argparse.Namespace) -> None:
+    if args.knn_k < 1:
+        fail(f"--knn_k must be at least 1, got {args.knn_k}")
+    if not 0 < args.knn_t < float("inf"):
+        fail(f"--knn_t must be positive, got {args.knn_t}")
+    for name in ("knn_bank_size", "knn_query_size"):
+        if getattr(args, name) < 0:
+            fail(f"--{name} must be 0 (all) or more, got {getattr(args, name)}")
