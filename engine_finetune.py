@@ -125,13 +125,16 @@ def fit(
 
 
 def _evaluate_epoch(trained: torch.nn.Module, val_loader: DataLoader, state: TrainState, run_log: RunLog) -> None:
-    """Evaluate the epoch in ``extra['unevaluated']`` (the model is as it ended), update the best
-    top-1 and append the epoch's line to log.txt. The last epoch's checkpoint is written again, so
-    that the run's final checkpoint holds the best top-1 of every epoch. (A stop asked for while
-    evaluating is taken at the next epoch's first check point.)"""
+    """Evaluate the epoch in ``extra['unevaluated']`` (the model is as it ended) if ``--eval_freq``
+    asks for it, update the best top-1 and append the epoch's line to log.txt. The last epoch's
+    checkpoint is written again, so that the run's final checkpoint holds the best top-1 of every
+    epoch. (A stop asked for while evaluating is taken at the next epoch's first check point.)"""
     args = state.args
     pending = state.extra.pop("unevaluated")
     epoch = pending["epoch"]
+    if (epoch + 1) % args.eval_freq and epoch != args.epochs - 1:
+        run_log.epoch({**{f"train_{k}": v for k, v in pending["train_stats"].items()}, "epoch": epoch})
+        return
     test_stats = evaluate(trained, val_loader, args)
     best = state.extra["max_accuracy"] = max(state.extra["max_accuracy"], test_stats["acc1"])
     print(

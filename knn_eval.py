@@ -1,4 +1,5 @@
-"""Score MAE encoders by weighted k-NN classification of their frozen features (util/knn.py).
+"""Score MAE encoders by weighted k-NN classification of their frozen features (util/knn.py), and
+optionally by a linear classifier on the cached features (util/linear_eval.py).
 
     python knn_eval.py --data_path ../shared/datasets/cifar10 --model mae_vit_mini_patch4 \
         --encoders out/pretrain/checkpoint-29.pth random pixels --output knn.json
@@ -41,6 +42,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
     parser.add_argument("--seed", default=0, type=int, help="seed of the random-init encoder")
     knn.add_knn_args(parser)
+    parser.add_argument(
+        "--linear_epochs",
+        default=0,
+        type=int,
+        metavar="N",
+        help="also fit a linear classifier to the cached bank features for N epochs (0: no)",
+    )
     parser.set_defaults(dist_on_itp=False, dist_url="env://")  # what init_distributed_mode reads
     return parser
 
@@ -63,6 +71,8 @@ def main(args: argparse.Namespace) -> None:
     if args.batch_size < 1:
         fail(f"--batch_size must be at least 1, got {args.batch_size}")
     knn.check_knn_args(args)
+    if args.linear_epochs < 0:
+        fail(f"--linear_epochs must be 0 (no linear classifier) or more, got {args.linear_epochs}")
     for encoder in args.encoders:
         if encoder not in ("random", "pixels") and not encoder.startswith(("http://", "https://")):
             if not os.path.isfile(encoder):
@@ -77,7 +87,7 @@ def main(args: argparse.Namespace) -> None:
     print(f"k-NN (k={args.knn_k}, t={args.knn_t}) on {data} from {args.data_path}")
     for encoder in args.encoders:
         begin = time.time()
-        scores = knn.evaluate(features_of(encoder, args), data, args)
+        scores = knn.evaluate(features_of(encoder, args), data, args, args.linear_epochs)
         seconds = time.time() - begin
         print(f"{encoder}: " + "  ".join(f"{k} {v:.2f}" for k, v in scores.items()) + f"  ({seconds:.0f} s)")
         if args.output and distributed.is_main_process():
@@ -86,6 +96,7 @@ def main(args: argparse.Namespace) -> None:
                 "model": args.model,
                 **scores,
                 "k": args.knn_k,
+                "linear_epochs": args.linear_epochs,
                 "t": args.knn_t,
                 "bank": len(data.bank),
                 "queries": len(data.queries),

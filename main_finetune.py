@@ -108,6 +108,7 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
         default=False,
         help="shard evaluation over the processes (each image counted once)",
     )
+    g.add_argument("--eval_freq", default=1, type=int, metavar="N", help="evaluate every N epochs and after the last")
 
 
 def build_classifier(args: argparse.Namespace, **kwargs) -> models_vit.VisionTransformer:
@@ -117,6 +118,8 @@ def build_classifier(args: argparse.Namespace, **kwargs) -> models_vit.VisionTra
         fail(f"--nb_classes must be at least 1, got {args.nb_classes}")
     if args.eval and not args.resume:
         fail("--eval needs a model to evaluate: give --resume CHECKPOINT")
+    if args.eval_freq < 1:
+        fail(f"--eval_freq must be at least 1, got {args.eval_freq}")
     with torch.device("meta"):  # only to read the patch size
         patch_size = models_vit.MODELS[args.model]().patch_embed.patch_size[0]
     check_input_size(args.input_size, patch_size)

@@ -10,9 +10,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import knn_eval  # noqa: E402
 import main_finetune  # noqa: E402
 import main_linprobe  # noqa: E402
-import knn_eval  # noqa: E402
 import main_pretrain  # noqa: E402
 from util.submitit_launcher import add_launcher_args  # noqa: E402
 

@@ -105,6 +105,16 @@ def test_linear_probe_trains_only_the_head(pipeline, tmp_path):
     }
 
 
+def test_eval_freq_evaluates_every_nth_and_the_last_epoch(pipeline, tmp_path):
+    data, _, _ = pipeline
+    out = tmp_path / "ft"
+    main_linprobe.main(_classifier_args(main_linprobe, data, out, "--epochs", "5", "--eval_freq", "2"))
+    lines = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [0, 1, 2, 3, 4]
+    assert ["test_acc1" in line for line in lines] == [False, True, False, True, True]
+    assert all("train_loss" in line for line in lines)
+
+
 def test_dist_eval_over_two_processes_counts_every_image_once(pipeline, tmp_path):
     data, ckpt, _ = pipeline
     out = tmp_path / "ft"

@@ -14,6 +14,7 @@ from helpers import TINY, cli, demo_files, load, read_log, run_pretrain
 import models_mae
 from util import knn
 from util.errors import UserError
+from util.linear_eval import linear_accuracy
 from util.pretrained import load_mae_encoder
 
 
@@ -96,7 +97,7 @@ def test_subsets_are_evenly_spaced_and_class_balanced(tmp_path):
 def test_mismatched_classes_are_refused(tmp_path):
     root = labelled_folder(tmp_path, 4, 2)
     (root / "val" / "cat").rename(root / "val" / "dog")
-    with pytest.raises(UserError, match=r"--knn_data_path .*differ \(cat, dog\)"):
+    with pytest.raises(UserError, match=r"--knn_data_path .*only in train: cat; only in val: dog"):
         knn.KnnData(str(root), 32, flag="--knn_data_path")
 
 
@@ -204,3 +205,29 @@ def test_bad_knn_flags_are_one_line_errors(tmp_path, flags, message):
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("error: " + message.format(**paths)), result.stderr[-1000:]
     assert not (tmp_path / "out" / "checkpoint-0.pth").exists()  # refused before training
+
+
+# ---------------------------------------------------------------------------------------------
+# The linear classifier on cached features
+def test_linear_classifier_separates_separable_features_and_not_shuffled_ones():
+    train_x, train_y = _clusters(100, 10, 0.05, seed=1)
+    test_x, test_y = _clusters(50, 10, 0.05, seed=2)
+    assert linear_accuracy(train_x, train_y, test_x, test_y, 10, epochs=20) == 100.0
+    shuffled = train_y[torch.randperm(len(train_y), generator=torch.Generator().manual_seed(3))]
+    assert 2.0 < linear_accuracy(train_x, shuffled, test_x, test_y, 10, epochs=20) < 20.0  # chance: 10%
+
+
+def test_linear_classifier_needs_a_direction_knn_misses():
+    # Class is the sign of feature 0, whose spread is tiny next to 15 noise features: a linear
+    # classifier finds it (after standardisation), nearest neighbours by cosine mostly do not.
+    g = torch.Generator().manual_seed(0)
+
+    def sample(n):
+        y = torch.randint(0, 2, (n,), generator=g)
+        x = torch.randn(n, 16, generator=g)
+        x[:, 0] = (2 * y - 1) * (0.5 + torch.rand(n, generator=g)) * 0.05
+        return F.normalize(x, dim=1), y
+
+    (train_x, train_y), (test_x, test_y) = sample(2000), sample(500)
+    assert linear_accuracy(train_x, train_y, test_x, test_y, 2, epochs=30) > 97.0
+    assert knn.accuracy(knn.knn_scores(train_x, train_y, test_x, 2), test_y)["top1"] < 75.0

@@ -141,18 +141,22 @@ class _ImageFolder(datasets.ImageFolder):
 
 
 def classification_splits(
-    data_path: str, train_transform: Callable, val_transform: Callable, nb_classes: int
+    data_path: str,
+    train_transform: Callable,
+    val_transform: Callable,
+    nb_classes: int | None,
+    flag: str = "--data_path",
 ) -> tuple[datasets.ImageFolder, datasets.ImageFolder]:
     """The training and validation ImageFolders of ``data_path``. A label is the position of its
     class in the sorted folder names, so both splits must have the same class folders: with other
     names of the same number, the validation images would be scored against the wrong classes."""
-    train = classification_dataset(data_path, "train", train_transform, nb_classes)
-    val = classification_dataset(data_path, "val", val_transform, nb_classes)
+    train = classification_dataset(data_path, "train", train_transform, nb_classes, flag)
+    val = classification_dataset(data_path, "val", val_transform, nb_classes, flag)
     if train.classes != val.classes:
         only_train = sorted(set(train.classes) - set(val.classes))
         only_val = sorted(set(val.classes) - set(train.classes))
         fail(
-            f"--data_path {data_path}: train and val have other class folders (only in train: "
+            f"{flag} {data_path}: train and val have other class folders (only in train: "
             f"{', '.join(only_train[:5])}; only in val: {', '.join(only_val[:5])}); give both the same class folders"
         )
     return train, val

@@ -21,8 +21,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets
 
 from util import distributed
-from util.data import ShardSampler, classification_dataset, eval_transform
+from util.data import ShardSampler, classification_splits, eval_transform
 from util.errors import fail
+from util.linear_eval import linear_accuracy
 from util.precision import autocast
 
 # Encoder outputs [N, 1 + L, D] (class token first, after the final norm) -> named features [N, D].
@@ -112,11 +113,9 @@ class KnnData:
 
     def __init__(self, path: str, input_size: int, bank_size: int = 0, query_size: int = 0, flag: str = "--data_path"):
         transform = eval_transform(input_size)
-        bank = _labelled(path, "train", transform, flag)
-        queries = _labelled(path, "val", transform, flag)
-        if bank.classes != queries.classes:
-            differ = sorted(set(bank.classes) ^ set(queries.classes))[:3] or ["(order)"]
-            fail(f"{flag} {path}: train and val class folders differ ({', '.join(differ)}); make them agree")
+        bank, queries = classification_splits(path, transform, transform, nb_classes=None, flag=flag)
+        if len(bank.classes) < 2:
+            fail(f"{flag} {path}/train has {len(bank.classes)} class folder(s); k-NN needs at least 2")
         self.classes = bank.classes
         self.bank, self.bank_labels = _subset(bank, bank_size)
         self.queries, self.query_labels = _subset(queries, query_size)
@@ -137,13 +136,6 @@ class KnnData:
         return f"{len(self.bank)} bank and {len(self.queries)} query images, {len(self.classes)} classes"
 
 
-def _labelled(path: str, split: str, transform: Callable, flag: str) -> datasets.ImageFolder:
-    dataset = classification_dataset(path, split, transform, nb_classes=None, flag=flag)
-    if len(dataset.classes) < 2:
-        fail(f"{flag} {path}/{split} has {len(dataset.classes)} class folder(s); k-NN needs at least 2")
-    return dataset
-
-
 def _subset(dataset: datasets.ImageFolder, size: int) -> tuple[Dataset, torch.Tensor]:
     """Evenly spaced items: class-balanced for an ImageFolder (sorted by class) of equal classes."""
     labels = torch.tensor(dataset.targets)
@@ -159,8 +151,11 @@ def evaluate(
     features_fn: Callable[[torch.Tensor], Features],
     data: KnnData,
     args: argparse.Namespace,
+    linear_epochs: int = 0,
 ) -> dict[str, float]:
-    """k-NN top-1 (and top-5) of every feature ``features_fn`` returns, e.g. ``cls_top1``.
+    """k-NN top-1 (and top-5) of every feature ``features_fn`` returns, e.g. ``cls_top1``; with
+    ``linear_epochs``, also the top-1 of a linear classifier fitted to the cached bank features
+    (``cls_linear_top1``, see util/linear_eval.py).
 
     Reads ``args.knn_k``, ``knn_t``, ``batch_size``, ``num_workers``, ``device``, ``precision``.
     """
@@ -174,6 +169,10 @@ def evaluate(
         scores = knn_scores(bank[name], bank_labels, queries[name], len(data.classes), args.knn_k, args.knn_t)
         for metric, value in accuracy(scores, query_labels).items():
             results[f"{name}_{metric}"] = value
+        if linear_epochs:
+            results[f"{name}_linear_top1"] = linear_accuracy(
+                bank[name], bank_labels, queries[name], query_labels, len(data.classes), epochs=linear_epochs
+            )
     return results
 
 
