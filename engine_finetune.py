@@ -105,7 +105,7 @@ def fit(
     resumed from it evaluates that epoch first, and logs it, as the uninterrupted run did.
     """
     args = state.args
-    run_log = RunLog(args.log_dir, args.output_dir)
+    run_log = RunLog(args.log_dir, args.output_dir, state.log)  # rewrites log.txt from the checkpoint
     state.extra.setdefault("max_accuracy", 0.0)
     begin = time.time()
     try:

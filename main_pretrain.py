@@ -124,7 +124,7 @@ def main(args: argparse.Namespace) -> None:
     vis_files = dataset.files[::step][: args.vis_images] if args.vis_freq else []
     vis_imgs = load_images(vis_files, eval_transform(args.input_size)) if vis_files else None
     vis_noise = fixed_noise(len(vis_files), model.num_patches, seed=args.seed)
-    run_log = RunLog(args.log_dir, args.output_dir)
+    run_log = RunLog(args.log_dir, args.output_dir, state.log)  # rewrites log.txt from the checkpoint
 
     print(f"start training for {args.epochs} epochs")
     begin = time.time()

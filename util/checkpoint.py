@@ -12,6 +12,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 import zipfile
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from util import distributed
-from util.errors import UserError, fail
+from util.errors import NonFiniteLoss, UserError, fail, lower_lr
 
 # What the official checkpoints and ours pickle besides tensors and plain containers.
 SAFE_GLOBALS = [argparse.Namespace]
@@ -151,11 +152,19 @@ def atomic_save(obj: Any, path: str) -> None:
     """Write to a temporary file in the same folder, flush it to disk, then rename over ``path``.
 
     A crash at any moment leaves either the old file or the complete new one, never a partial one.
+    A failed write raises the ``OSError`` that caused it (a full disk, a quota).
     """
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            writer = _KeepError(f)
+            try:
+                torch.save(obj, writer)
+            except RuntimeError as e:
+                # torch reports a failed write as "unexpected pos N vs M": raise the cause instead.
+                if writer.error is None:
+                    raise
+                raise writer.error from e
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -169,6 +178,23 @@ def atomic_save(obj: Any, path: str) -> None:
         os.close(dir_fd)
 
 
+class _KeepError:
+    """A file's ``write`` that keeps the first ``OSError`` it raised (torch.save swallows it)."""
+
+    def __init__(self, f: Any):
+        self.f, self.error = f, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 @dataclass
 class TrainState:
     """What a training loop needs to save and restore besides the model weights."""
@@ -178,31 +204,85 @@ class TrainState:
     scaler: Any  # util.precision.LossScaler
     args: argparse.Namespace
     extra: dict[str, Any] = field(default_factory=dict)
+    # log.txt's lines of the epochs done (None: resumed from a checkpoint older than this history,
+    # whose log.txt is only appended to); the log is rewritten from it on resume.
+    log: list[dict[str, Any]] | None = field(default_factory=list)
+    # The running sums of the epoch's logged averages at a mid-epoch position (train_loop sets them
+    # before a mid-epoch save), so that a resumed epoch logs the average of all its iterations.
+    meters: dict[str, Any] | None = None
 
 
 def save_checkpoint(state: TrainState, epoch: int, step: int | None = None) -> str | None:
-    """Save on rank 0 (all ranks must call: the RNG states are gathered). Returns the path."""
-    rng = _gather_rng()
-    if not distributed.is_main_process() or not state.args.output_dir:
-        return None
-    path = os.path.join(state.args.output_dir, checkpoint_name(epoch, step))
-    atomic_save(
-        {
-            "model": state.model.state_dict(),
-            "optimizer": state.optimizer.state_dict(),
-            "epoch": epoch,
-            "step": step,
-            "scaler": state.scaler.state_dict(),
-            "args": state.args,
-            "rng": rng,
-            "extra": state.extra,
-        },
-        path,
-    )
+    """Save on rank 0 (all ranks must call: the RNG states are gathered). Returns the path.
+
+    Weights and optimizer state are checked first: a runaway last update must not be saved.
+    """
     args = state.args
+    name = checkpoint_name(epoch, step)
+    check_finite(state, f"the end of epoch {epoch}" if step is None else f"epoch {epoch}, iteration {step}", name)
+    rng = _gather_rng()
+    if not distributed.is_main_process() or not args.output_dir:
+        return None
+    path = os.path.join(args.output_dir, name)
+    obj = {
+        "model": state.model.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "epoch": epoch,
+        "step": step,
+        "scaler": state.scaler.state_dict(),
+        "args": args,
+        "rng": rng,
+        "extra": state.extra,
+        "log": state.log,
+        "meters": state.meters if step is not None else None,
+    }
+    try:
+        atomic_save(obj, path)
+    except OSError as e:
+        free = shutil.disk_usage(args.output_dir).free
+        fail(
+            f"cannot write checkpoint {path}: {e.strerror or e} (it needs about {_tensor_bytes(obj) / 2**20:.0f} MiB, "
+            f"{free / 2**20:.0f} MiB are free there); the earlier checkpoints are intact: free space (or choose "
+            f"another --output_dir) and continue with --resume auto"
+        )
     keep_last, keep_every = getattr(args, "keep_last", 0), getattr(args, "save_freq", 1)
     prune(args.output_dir, keep_last, keep_every, getattr(args, "epochs", 0) - 1, just_written=path)
     return path
+
+
+def _tensor_bytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def check_finite(state: TrainState, where: str, name: str) -> None:
+    """Stop (on every rank) unless the weights, buffers and optimizer state are finite.
+
+    Losses are checked before each update; this checks the updates themselves, once per save.
+    One fused norm per device and dtype: a norm is NaN or inf if an element is, and inf in float32
+    for values past ~1e19 too, which the next forward pass would overflow anyway (runaway weights).
+    """
+    tensors = [t for t in state.model.state_dict().values() if t.is_floating_point()]
+    for per_param in state.optimizer.state_dict()["state"].values():
+        tensors += [t for t in per_param.values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    groups: dict[tuple[torch.device, bool], list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype == torch.float64), []).append(t)
+    finite = all(
+        bool(torch.stack(torch._foreach_norm(g, 2, dtype=None if double else torch.float32)).isfinite().all())
+        for (_, double), g in groups.items()
+    )
+    if distributed.any_rank(not finite, getattr(state.args, "device", "cpu")):
+        raise NonFiniteLoss(
+            f"weights or optimizer state are not finite at {where} (a runaway update); stopping without "
+            f"saving {name}, so the last checkpoint stays intact. Lower {lower_lr(state.args)}, or try "
+            f"--precision bf16/fp32"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,6 +345,8 @@ def resume(state: TrainState) -> Position:
     if ckpt.get("scaler"):
         state.scaler.load_state_dict(ckpt["scaler"])
     state.extra.update(ckpt.get("extra", {}))
+    state.log = ckpt.get("log")  # None in checkpoints older than the log history
+    state.meters = ckpt.get("meters")
     rng = ckpt.get("rng")
     if rng and len(rng) == distributed.world_size():
         restore_rng(rng[distributed.rank()])

@@ -2,7 +2,7 @@
 
 import sys
 from collections.abc import Callable
-from typing import NoReturn
+from typing import Any, NoReturn
 
 
 class UserError(Exception):
@@ -11,6 +11,16 @@ class UserError(Exception):
 
 def fail(message: str) -> NoReturn:
     raise UserError(message)
+
+
+class NonFiniteLoss(UserError):
+    """Training diverged: a loss, or the weights or optimizer state about to be saved, are not finite."""
+
+
+def lower_lr(args: Any) -> str:
+    """The flag a diverged run should lower: ``--lr`` if the user gave it, else ``--blr``.
+    (``setup.start`` replaces ``args.lr`` by the effective lr, so it records ``args.lr_given``.)"""
+    return "--lr" if getattr(args, "lr_given", False) else "--blr"
 
 
 def run_cli(main: Callable[[], None]) -> None:

@@ -1,5 +1,6 @@
 """Progress on stdout (smoothed values, timing, ETA), TensorBoard and a JSON-lines log.txt."""
 
+import contextlib
 import datetime
 import json
 import os
@@ -9,6 +10,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from util import distributed
+from util.errors import fail
 
 
 def format_duration(seconds: float) -> str:
@@ -70,6 +72,15 @@ class MetricLogger:
     def global_averages(self) -> dict[str, float]:
         return {name: meter.global_avg for name, meter in self.meters.items()}
 
+    def sums(self) -> dict[str, list[float]]:
+        """Each meter's running total and count: what a mid-epoch checkpoint needs so that the
+        resumed epoch's averages equal an uninterrupted epoch's."""
+        return {name: [meter.total, meter.count] for name, meter in self.meters.items()}
+
+    def load_sums(self, sums: dict[str, list[float]]) -> None:
+        for name, (total, count) in sums.items():
+            self.meters[name].total, self.meters[name].count = total, int(count)
+
     def log_every(
         self, iterable: Iterable, print_freq: int, header: str = "", total: int | None = None, start: int = 0
     ) -> Iterator:
@@ -106,16 +117,55 @@ class MetricLogger:
 
 
 class RunLog:
-    """TensorBoard writer and ``log.txt`` (one JSON object per epoch), on rank 0 only."""
+    """TensorBoard writer and ``log.txt`` (one JSON object per epoch), on rank 0 only.
 
-    def __init__(self, log_dir: str, output_dir: str):
+    ``history`` is the list of epoch lines a checkpoint carries (``TrainState.log``): log.txt is
+    rewritten from it at start, so that it agrees with the checkpoint the run continues from (a
+    fresh start replaces an old log; a fall-back to an earlier checkpoint drops the later epochs'
+    lines, which the run then logs again; a line lost to a kill after its checkpoint comes back).
+    Without a history (a checkpoint older than it) log.txt is only appended to.
+    """
+
+    def __init__(self, log_dir: str, output_dir: str, history: list[dict[str, Any]] | None = None):
         self.writer = None
         self.log_path = os.path.join(output_dir, "log.txt") if output_dir else None
+        self.history = history if history is not None else []
+        self._written = len(self.history)  # lines of history already in log.txt
         if distributed.is_main_process() and log_dir:
             from torch.utils.tensorboard import SummaryWriter
 
             os.makedirs(log_dir, exist_ok=True)
             self.writer = SummaryWriter(log_dir=log_dir)
+        if history is not None and self.log_path and distributed.is_main_process():
+            self._rewrite()
+
+    def _rewrite(self) -> None:
+        """Replace log.txt by the history, atomically (a kill leaves the old or the new file).
+        No fsync: after a power loss the next resume rewrites it again."""
+        text = "".join(json.dumps(line) + "\n" for line in self.history)
+        old = None
+        if os.path.exists(self.log_path):
+            with open(self.log_path) as f:
+                old = f.read()
+        if old == text:
+            return
+        if old:
+            print(f"{self.log_path}: rewritten with the {len(self.history)} epoch lines of the run's checkpoint")
+        tmp = self.log_path + ".tmp"
+        with self._writing():
+            with open(tmp, "w") as f:
+                f.write(text)
+            os.replace(tmp, self.log_path)
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        try:
+            yield
+        except OSError as e:
+            fail(
+                f"cannot write {self.log_path}: {e.strerror or e}; it is rewritten from the last checkpoint "
+                f"when the run continues with --resume auto"
+            )
 
     def scalars(self, step: int, **values: float) -> None:
         if self.writer:
@@ -126,14 +176,24 @@ class RunLog:
         if self.writer:
             self.writer.add_image(tag, image_hwc, step, dataformats="HWC")
 
-    def epoch(self, stats: dict[str, Any]) -> None:
+    def record(self, stats: dict[str, Any]) -> None:
+        """Add an epoch's line to the history (which the next checkpoint carries), not yet to log.txt."""
+        self.history.append(stats)
+
+    def write(self) -> None:
+        """Append the recorded lines not yet in log.txt."""
         if not distributed.is_main_process():
             return
         if self.writer:
             self.writer.flush()
-        if self.log_path:
-            with open(self.log_path, "a") as f:
-                f.write(json.dumps(stats) + "\n")
+        if self.log_path and self._written < len(self.history):
+            with self._writing(), open(self.log_path, "a") as f:
+                f.write("".join(json.dumps(line) + "\n" for line in self.history[self._written :]))
+        self._written = len(self.history)
+
+    def epoch(self, stats: dict[str, Any]) -> None:
+        self.record(stats)
+        self.write()
 
     def close(self) -> None:
         if self.writer:

@@ -31,6 +31,7 @@ def start(args: argparse.Namespace, patch_size: int | None = None) -> torch.devi
     distributed.init_distributed_mode(args)
     check_world(args, distributed.world_size())
     args.precision = resolve_precision(args.precision, args.device)
+    args.lr_given = args.lr is not None  # for messages that say which flag to lower
     args.lr = effective_lr(args, distributed.world_size())
     if distributed.is_main_process():  # only rank 0 writes
         for flag, path in (("--output_dir", args.output_dir), ("--log_dir", args.log_dir)):
@@ -76,12 +77,16 @@ def epochs_left(position: Position, loader: DataLoader, args: argparse.Namespace
 
 def end_epoch(state: TrainState, epoch: int, stats: dict[str, Any], run_log: RunLog) -> None:
     """Checkpoint (atomically), prune old checkpoints, append the epoch's line to log.txt,
-    and stop cleanly if a stop was requested during the epoch."""
+    and stop cleanly if a stop was requested during the epoch.
+
+    The line goes into the checkpoint's log history first and into log.txt after the checkpoint:
+    a kill in between loses nothing, since resuming rewrites log.txt from that history."""
     args = state.args
     path = None
+    run_log.record({**stats, "epoch": epoch})
     if args.output_dir:
         path = save_checkpoint(state, epoch)  # also prunes
-    run_log.epoch({**stats, "epoch": epoch})
+    run_log.write()
     if distributed.any_rank(interrupt.requested(), args.device):
         raise interrupt.Interrupted(path)
 

@@ -19,14 +19,10 @@ import torch
 
 from util import distributed, interrupt
 from util.checkpoint import TrainState, save_checkpoint
-from util.errors import UserError
+from util.errors import NonFiniteLoss, lower_lr  # NonFiniteLoss is in errors: checkpoints raise it too
 from util.logger import MetricLogger, RunLog, SmoothedValue
 from util.lr_sched import adjust_learning_rate
 from util.precision import LossScaler, autocast
-
-
-class NonFiniteLoss(UserError):
-    pass
 
 
 def train_one_epoch(
@@ -50,6 +46,10 @@ def train_one_epoch(
     model.train(True)
     metrics = MetricLogger()
     metrics.add_meter("lr", SmoothedValue(window=1, fmt="{value:.6f}"))
+    saved = state.meters  # the epoch's sums up to a mid-epoch checkpoint this run resumed from
+    if start_step and saved and (saved["epoch"], saved["step"]) == (epoch, start_step):
+        metrics.load_sums(saved["sums"])  # the epoch's average then covers all its iterations
+    state.meters = None
     total = start_step + len(loader)
     pending: list[torch.Tensor] = []
     optimizer.zero_grad(set_to_none=True)
@@ -76,15 +76,18 @@ def train_one_epoch(
         ckpt_now = bool(every) and (step + 1) % every == 0
         if update and (log_now or ckpt_now):
             # Finiteness first: a checkpoint must never hold weights a bad step produced.
-            _check_and_log(pending, step, epoch, total, lr, metrics, run_log, device)
+            _check_and_log(pending, step, epoch, total, lr, metrics, run_log, device, lower_lr(args))
             pending = []
             stop = distributed.any_rank(interrupt.requested(), device)
             if (ckpt_now or stop) and not last:
+                # Rank 0's sums: only rank 0 logs.
+                state.meters = {"epoch": epoch, "step": step + 1, "sums": metrics.sums()}
                 path = save_checkpoint(state, epoch, step + 1)
+                state.meters = None
                 if stop:
                     raise interrupt.Interrupted(path)
     if pending:  # iterations after the last check point (the epoch did not end on one)
-        _check_and_log(pending, total - 1, epoch, total, lr, metrics, run_log, device)
+        _check_and_log(pending, total - 1, epoch, total, lr, metrics, run_log, device, lower_lr(args))
     return metrics.global_averages()
 
 
@@ -107,6 +110,7 @@ def _check_and_log(
     metrics: MetricLogger,
     run_log: RunLog | None,
     device: torch.device,
+    lr_flag: str = "--blr",
 ) -> None:
     """One host sync: read the pending losses, stop on a non-finite one, log the averages."""
     values = torch.stack(losses).float().cpu().tolist()
@@ -118,7 +122,7 @@ def _check_and_log(
         where = f"iteration {bad[0][0]}" if bad else "another rank"
         raise NonFiniteLoss(
             f"loss is {bad[0][1] if bad else 'not finite'} at epoch {epoch}, {where}; stopping without "
-            f"saving, so the last checkpoint stays intact. Lower --blr, or try --precision bf16/fp32"
+            f"saving, so the last checkpoint stays intact. Lower {lr_flag}, or try --precision bf16/fp32"
         )
     for v in values:
         metrics.update(loss=v)

@@ -1,0 +1,239 @@
+"""What a save leaves behind (issue 13, items 1, 5, 6): checkpoints hold only finite weights and
+optimizer state, a failed write (a full disk) is one line naming the file, and log.txt agrees
+with the checkpoint a run continues from."""
+
+import errno
+import json
+import os
+import signal
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from helpers import all_finite, checkpoint_names, load, make_dataset, run_pretrain  # noqa: E402
+
+from util import checkpoint, interrupt, logger  # noqa: E402
+from util.errors import NonFiniteLoss, UserError, run_cli  # noqa: E402
+from util.logger import RunLog  # noqa: E402
+from util.precision import LossScaler  # noqa: E402
+
+RUN = ["--epochs", "2", "--warmup_epochs", "1", "--print_freq", "1", "--vis_freq", "0"]  # 3 iterations an epoch
+
+
+@pytest.fixture(autouse=True)
+def _isolate(monkeypatch):
+    """main() installs signal handlers in this process; put pytest's back afterwards."""
+    monkeypatch.setattr(interrupt, "_requested", None)
+    saved = {s: signal.getsignal(s) for s in interrupt.SIGNALS}
+    yield
+    for s, h in saved.items():
+        signal.signal(s, h)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("data"), 16)  # 48 images: 3 iterations of 16
+
+
+def _state(tmp_path: Path) -> checkpoint.TrainState:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.ones(2, 4)).sum().backward()
+    optimizer.step()
+    args = Namespace(output_dir=str(tmp_path), keep_last=0, epochs=5)
+    return checkpoint.TrainState(model, optimizer, LossScaler("fp32"), args)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Only finite weights and optimizer state are saved
+def _poison(state: checkpoint.TrainState, where: str) -> None:
+    weight = state.model[0].weight
+    with torch.no_grad():
+        if where == "weight_inf":
+            weight[0, 0] = float("inf")
+        elif where == "weight_nan":
+            state.model[1].bias[1] = float("nan")
+        elif where == "weight_runaway":  # finite, but the next forward pass overflows (issue: --lr 1e30)
+            weight.mul_(1e30)
+        elif where == "optimizer_state":  # exp_avg_sq of a gradient past 1e19
+            state.optimizer.state[weight]["exp_avg_sq"][0, 0] = float("inf")
+
+
+@pytest.mark.parametrize("where", ["weight_inf", "weight_nan", "weight_runaway", "optimizer_state"])
+def test_save_refuses_non_finite_state_and_keeps_the_last_checkpoint(tmp_path, where):
+    state = _state(tmp_path)
+    good = checkpoint.save_checkpoint(state, 0)
+    before = Path(good).read_bytes()
+    _poison(state, where)
+    for step in (None, 2):  # an epoch end, and a --ckpt_every_steps or preemption save
+        with pytest.raises(NonFiniteLoss) as err:
+            checkpoint.save_checkpoint(state, 1, step)
+        message = str(err.value)
+        assert "\n" not in message and "not finite" in message and "last checkpoint stays intact" in message
+        assert checkpoint.checkpoint_name(1, step) in message
+    assert checkpoint_names(tmp_path) == {"checkpoint-0.pth"} and Path(good).read_bytes() == before
+
+
+def test_save_accepts_large_finite_weights(tmp_path):
+    state = _state(tmp_path)
+    with torch.no_grad():
+        state.model[0].weight.fill_(1e6)
+    assert checkpoint.save_checkpoint(state, 0)
+
+
+def _poison_step(monkeypatch, at: int, **kw) -> None:
+    """The optimizer's ``at``-th step (1-based) turns the weights into runaway ones, 1e30 times larger."""
+    real_step, calls = torch.optim.AdamW.step, [0]
+
+    def step(self, *a, **k):
+        out = real_step(self, *a, **k)
+        calls[0] += 1
+        if calls[0] == at:
+            with torch.no_grad():
+                for group in self.param_groups:
+                    for p in group["params"]:
+                        p.mul_(1e30)
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+
+
+@pytest.mark.parametrize("mid_epoch", [False, True], ids=["epoch_end", "ckpt_every_steps"])
+def test_runaway_last_update_before_a_save_is_not_saved(data, tmp_path, monkeypatch, mid_epoch):
+    """The update of the last step before a save is checked by no loss: the save checks it."""
+    out = tmp_path / "out"
+    flags = ["--ckpt_every_steps", "1"] if mid_epoch else []
+    _poison_step(monkeypatch, at=2 if mid_epoch else 3)  # iteration 1 / the last of epoch 0
+    with pytest.raises(NonFiniteLoss) as err:
+        run_pretrain(data, out, *RUN, "--lr", "1e-4", *flags)
+    message = str(err.value)
+    assert "epoch 0, iteration 2" in message if mid_epoch else "end of epoch 0" in message, message
+    assert "Lower --lr," in message, "--lr was given: say --lr, not --blr"
+    kept = {"checkpoint-0-step1.pth"} if mid_epoch else set()
+    assert checkpoint_names(out) == kept
+    for name in kept:
+        assert all_finite(load(out / name)["model"])
+
+
+@pytest.mark.parametrize("lr_flags, said", [(["--lr", "1e-4"], "--lr"), (["--blr", "1e-3"], "--blr")])
+def test_nan_loss_message_names_the_lr_flag_given(data, tmp_path, monkeypatch, lr_flags, said):
+    import main_pretrain
+
+    build = main_pretrain.build_model
+
+    def build_poisoned(args):
+        model = build(args)
+        model.forward_loss = lambda *a, **k: torch.tensor(float("nan"), requires_grad=True)
+        return model
+
+    monkeypatch.setattr(main_pretrain, "build_model", build_poisoned)
+    with pytest.raises(NonFiniteLoss, match=f"Lower {said},"):
+        run_pretrain(data, tmp_path / "out", *RUN, *lr_flags)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. A full disk: one line naming the file, nothing partial, the earlier checkpoint loads
+def _full_disk(monkeypatch, module, after_bytes: int = 1000, only: str = "") -> None:
+    """Files that ``module`` opens for writing (whose name contains ``only``) take ``after_bytes``
+    bytes, then fail as a full disk does."""
+    real_open = open
+
+    class Full:
+        def __init__(self, f):
+            self.f, self.left = f, after_bytes
+
+        def write(self, data):
+            if len(data) > self.left:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self.left -= len(data)
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def full_open(path, mode="r", *a, **k):
+        f = real_open(path, mode, *a, **k)
+        return Full(f) if ("w" in mode or "a" in mode) and only in str(path) else f
+
+    monkeypatch.setattr(module, "open", full_open, raising=False)
+
+
+def test_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_earlier_one(data, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    real_save, saves = checkpoint.save_checkpoint, [0]
+
+    def second_save_fails(state, epoch, step=None):
+        saves[0] += 1
+        if saves[0] == 2:
+            _full_disk(monkeypatch, checkpoint)
+        return real_save(state, epoch, step)
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", second_save_fails)
+    monkeypatch.setattr("util.setup.save_checkpoint", second_save_fails)
+    with pytest.raises(SystemExit) as stop:
+        run_cli(lambda: run_pretrain(data, out, *RUN))
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    target = out / "checkpoint-1.pth"
+    assert err[0].startswith(f"error: cannot write checkpoint {target}: No space left on device"), err[0]
+    assert "MiB are free" in err[0] and "intact" in err[0]
+    assert checkpoint_names(out) == {"checkpoint-0.pth"} and not list(out.glob("*.tmp*")), "nothing partial"
+    assert load(out / "checkpoint-0.pth")["epoch"] == 0
+
+
+def test_full_disk_during_log_txt_is_one_line(tmp_path, monkeypatch):
+    run_log = RunLog("", str(tmp_path), [])
+    _full_disk(monkeypatch, logger, after_bytes=0, only="log.txt")
+    with pytest.raises(UserError, match=rf"cannot write {tmp_path / 'log.txt'}: No space left on device; "):
+        run_log.epoch({"epoch": 0, "train_loss": 1.0})
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. log.txt agrees with the checkpoint a run continues from
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_log_txt_is_rewritten_from_the_history(tmp_path):
+    log = tmp_path / "log.txt"
+    log.write_text('{"epoch": 0}\n{"epoch": 1}\n{"epoch": 1}\n')  # an earlier run's, or one drifted
+    RunLog("", str(tmp_path), [])  # a fresh start replaces it
+    assert log.read_text() == ""
+    history = [{"epoch": 0, "train_loss": 0.5}]
+    run_log = RunLog("", str(tmp_path), history)  # a resume: the checkpoint's lines
+    assert _lines(log) == history
+    run_log.record({"epoch": 1, "train_loss": 0.25})  # into the history first (the checkpoint's) ...
+    assert _lines(log) == history[:1] and len(history) == 2
+    run_log.write()  # ... then into log.txt
+    assert _lines(log) == history
+    assert not list(tmp_path.glob("*.tmp*"))
+    # A checkpoint older than the history: log.txt is kept and appended to.
+    legacy = RunLog("", str(tmp_path), None)
+    legacy.epoch({"epoch": 2})
+    assert [line["epoch"] for line in _lines(log)] == [0, 1, 2]
+
+
+def test_meter_sums_round_trip_to_the_same_average():
+    whole, first, second = logger.MetricLogger(), logger.MetricLogger(), logger.MetricLogger()
+    values = [0.1, 0.7, 1e-3, 3.3, 0.2]
+    for v in values:
+        whole.update(loss=v)
+    for v in values[:2]:
+        first.update(loss=v)
+    second.load_sums(json.loads(json.dumps(first.sums())))
+    for v in values[2:]:
+        second.update(loss=v)
+    assert second.global_averages() == whole.global_averages()
