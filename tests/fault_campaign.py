@@ -4,7 +4,8 @@ is written), resume with ``--resume auto``, and check what the README promises:
 
 - after every kill, every ``checkpoint-*.pth`` in the folder loads, and log.txt has no epoch twice;
 - in the end the final checkpoint equals an uninterrupted run's bitwise (weights, optimizer, random
-  state, log history) and log.txt equals its log.txt: each epoch once, the same losses.
+  state, log history), log.txt equals its log.txt (each epoch once, the same losses), and no
+  temporary file is left.
 
 Some faults are not kills: the newest checkpoint loses its tail (a damaged disk), so that
 ``--resume auto`` falls back to an earlier one.
@@ -289,6 +290,8 @@ def campaign(trials: int, seed: int, faults_per_trial: int, workdir: Path) -> di
             continue
         if not _same(_final(out), expected):
             failures.append(f"trial {trial}: final checkpoint differs from the uninterrupted run's")
+        if list(out.glob("*.tmp*")):
+            failures.append(f"trial {trial}: temporary files left: {sorted(p.name for p in out.glob('*.tmp*'))}")
         if _log_lines(out) != expected_log:
             failures.append(f"trial {trial}: log.txt {_log_lines(out)} differs from {expected_log}")
     return {

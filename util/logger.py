@@ -143,6 +143,9 @@ class RunLog:
         """Replace log.txt by the history, atomically (a kill leaves the old or the new file).
         No fsync: after a power loss the next resume rewrites it again."""
         text = "".join(json.dumps(line) + "\n" for line in self.history)
+        tmp = self.log_path + ".tmp"
+        if os.path.exists(tmp):  # left by a run killed while rewriting
+            os.remove(tmp)
         old = None
         if os.path.exists(self.log_path):
             with open(self.log_path) as f:
@@ -151,7 +154,6 @@ class RunLog:
             return
         if old:
             print(f"{self.log_path}: rewritten with the {len(self.history)} epoch lines of the run's checkpoint")
-        tmp = self.log_path + ".tmp"
         with self._writing():
             with open(tmp, "w") as f:
                 f.write(text)
