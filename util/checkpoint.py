@@ -8,6 +8,7 @@ Files are named by the progress they hold: ``checkpoint-<epoch>.pth`` after a co
 """
 
 import argparse
+import json
 import os
 import pickle
 import random
@@ -44,6 +45,8 @@ def load_checkpoint(path: str) -> dict[str, Any]:
             )
     if not os.path.isfile(path):
         fail(f"checkpoint {path} does not exist")
+    if path.endswith(".safetensors") or _looks_like_safetensors(path):
+        return load_safetensors(path)
     if not _looks_like_torch_file(path):
         fail(f"checkpoint {path} is truncated or not a PyTorch checkpoint; use an earlier checkpoint or write it again")
     try:
@@ -65,6 +68,41 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     if not isinstance(ckpt, dict):
         fail(f"checkpoint {path} holds a {type(ckpt).__name__}, not a dict of states; it is not an MAE checkpoint")
     return ckpt
+
+
+def load_safetensors(path: str) -> dict[str, Any]:
+    """A .safetensors file as a checkpoint: ``{'model': tensors, 'args': Namespace or None}``.
+
+    Weights only (no optimizer or progress): what ``export.py --to safetensors`` writes, or any
+    state dict in the format. The args come back from the JSON that export stores as metadata.
+    Nothing is unpickled. ``safetensors`` is imported here so that training does not need it.
+    """
+    try:
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+    except ImportError:
+        fail(f"checkpoint {path} is a .safetensors file: pip install safetensors to read it")
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+        state = load_file(path, device="cpu")
+    except Exception as e:  # SafetensorError for damaged headers, OSError, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        fail(f"checkpoint {path} is truncated or not a safetensors file ({first[:160]}); write it again")
+    args = None
+    if "args" in metadata:
+        try:
+            args = argparse.Namespace(**json.loads(metadata["args"]))
+        except (ValueError, TypeError) as e:
+            fail(f"checkpoint {path}: its 'args' metadata is not a JSON object of flags ({e})")
+    return {"model": state, "args": args}
+
+
+def _looks_like_safetensors(path: str) -> bool:
+    """8 bytes of header length (little endian), then the JSON header, which starts with '{'."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < os.path.getsize(path)
 
 
 def _looks_like_torch_file(path: str) -> bool:
@@ -337,7 +375,13 @@ def resume(state: TrainState) -> Position:
     load_model_strict(state.model, model_state(ckpt, path), path)
     print(f"resumed model from {path}")
     if "optimizer" not in ckpt or "epoch" not in ckpt or getattr(args, "eval", False):
-        return start  # weights only (an official release, or --eval): train from --start_epoch
+        # Weights only (an official release, a .safetensors file, or --eval): train from --start_epoch.
+        if not getattr(args, "eval", False):
+            print(
+                f"warning: {path} holds weights only (no optimizer state or progress): training starts "
+                f"from them at epoch {start.epoch}; this is not an exact resume"
+            )
+        return start
     try:
         state.optimizer.load_state_dict(ckpt["optimizer"])
     except (ValueError, KeyError) as e:
