@@ -1,0 +1,237 @@
+"""export.py and .safetensors checkpoints: timm loads the encoder export with strict key matching
+and gives our classifier's features; safetensors keeps weights bit for bit and the args; the
+entry points read .safetensors files; damaged files and bad flags are one-line errors.
+
+Feature tolerance: both sides run timm's ViT code on the same weights in float32, so the features
+are expected to be identical; the tests allow an absolute difference of 1e-6.
+"""
+
+import argparse
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import cli, demo_files, pretrain_args
+
+import export
+import main_finetune
+import main_pretrain
+import models_mae
+import models_vit
+import reconstruct
+from util.checkpoint import load_checkpoint, model_state
+from util.data import eval_transform
+from util.errors import UserError
+from util.pretrained import load_pretrained_encoder
+from util.visualize import load_images
+
+timm = pytest.importorskip("timm")
+pytest.importorskip("safetensors")
+
+ATOL = 1e-6
+CPU = ["--device", "cpu", "--precision", "fp32", "--num_workers", "0"]
+
+
+@pytest.fixture(scope="module")
+def pre(tmp_path_factory):
+    """A tiny MAE pre-training run (norm_pix_loss, so that reading it from the args matters)
+    on a train/val split the fine-tuning tests reuse."""
+    root = tmp_path_factory.mktemp("export")
+    train = demo_files(8)
+    for split, files in (("train", train), ("val", [f for f in demo_files(11) if f not in train])):
+        for f in files:
+            dest = root / "data" / split / f.parent.name / f.name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, dest)
+    args = pretrain_args(root / "data", root / "pre", "--epochs", "1", "--warmup_epochs", "0", "--norm_pix_loss")
+    args.vis_freq, args.log_dir = 0, ""
+    torch.manual_seed(0)
+    main_pretrain.main(args)
+    return root, root / "pre" / "checkpoint-0.pth"
+
+
+def _images() -> torch.Tensor:
+    return load_images([str(f) for f in demo_files(2)], eval_transform(32))
+
+
+def _export(src: Path, to: str, out: Path, *extra: str) -> None:
+    export.main(
+        export.get_args_parser().parse_args(["--checkpoint", str(src), "--to", to, "--output", str(out), *extra])
+    )
+
+
+def _timm_from_printed(capsys) -> torch.nn.Module:
+    """Build the timm model with the very call export.py printed."""
+    call = capsys.readouterr().out.strip().splitlines()[-1].strip()
+    assert call.startswith("timm.create_model(") and "pretrained=True, num_classes=0" in call
+    return eval(call, {"timm": timm})
+
+
+def _assert_strict_keys(model: torch.nn.Module, path: Path) -> None:
+    """timm loads strictly already; the key sets are compared here too, for a clear message."""
+    exported = set(model_state(load_checkpoint(str(path)), str(path)))
+    own = set(model.state_dict())
+    assert exported == own, f"missing {sorted(own - exported)}, unexpected {sorted(exported - own)}"
+
+
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_timm_loads_mae_export_with_our_features(pre, tmp_path, capsys, suffix):
+    _, ckpt = pre
+    out = tmp_path / f"encoder{suffix}"
+    _export(ckpt, "timm", out)
+    theirs = _timm_from_printed(capsys).eval()
+    _assert_strict_keys(theirs, out)
+    # The explicit call the README shows, too.
+    explicit = timm.create_model(
+        "vit_tiny_patch16_224",
+        img_size=32,
+        patch_size=4,
+        pretrained=True,
+        num_classes=0,
+        pretrained_cfg_overlay=dict(file=str(out)),
+    ).eval()
+    ours = models_vit.vit_tiny_patch4(num_classes=0, global_pool=False)  # class token after norm, as timm's default
+    load_pretrained_encoder(ours, str(ckpt))
+    ours.eval()
+    imgs = _images()
+    with torch.no_grad():
+        expected = ours(imgs)
+        assert expected.shape == (len(imgs), 192)
+        torch.testing.assert_close(theirs(imgs), expected, atol=ATOL, rtol=0)
+        torch.testing.assert_close(explicit(imgs), expected, atol=ATOL, rtol=0)
+
+
+def test_official_encoder_only_mini_model_is_recognised_by_shape(tmp_path, capsys):
+    """An encoder-only release without args (the mae_pretrain_vit_base.pth format), mini model."""
+    torch.manual_seed(1)
+    mae = models_mae.mae_vit_mini_patch4()
+    src = tmp_path / "mae_pretrain_vit_mini.pth"
+    torch.save({"model": {k: v for k, v in mae.state_dict().items() if not k.startswith(("decoder", "mask"))}}, src)
+    out = tmp_path / "mini.safetensors"
+    _export(src, "timm", out)
+    theirs = _timm_from_printed(capsys).eval()
+    _assert_strict_keys(theirs, out)
+    ours = models_vit.vit_mini_patch4(num_classes=0, global_pool=False)
+    load_pretrained_encoder(ours, str(src))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(_images()), ours.eval()(_images()), atol=ATOL, rtol=0)
+
+
+def test_global_pool_classifier_exports_fc_norm_for_timm_avg_pool(tmp_path, capsys):
+    """A fine-tuned classifier with global pooling has fc_norm and no norm: timm needs
+    global_pool='avg' (export prints it), and the pre-logits features equal ours."""
+    torch.manual_seed(2)
+    clf = models_vit.vit_tiny_patch4(num_classes=3, global_pool=True).eval()
+    src = tmp_path / "checkpoint-0.pth"
+    torch.save({"model": clf.state_dict(), "args": argparse.Namespace(model="vit_tiny_patch4", input_size=32)}, src)
+    out = tmp_path / "clf.pth"
+    _export(src, "timm", out)
+    theirs = _timm_from_printed(capsys).eval()
+    assert theirs.global_pool == "avg"
+    _assert_strict_keys(theirs, out)
+    with torch.no_grad():
+        expected = clf.forward_head(clf.forward_features(_images()), pre_logits=True)
+        torch.testing.assert_close(theirs(_images()), expected, atol=ATOL, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+def test_safetensors_round_trip_is_bitwise_with_args(pre, tmp_path):
+    _, ckpt = pre
+    out = tmp_path / "mae.safetensors"
+    _export(ckpt, "safetensors", out)
+    original = torch.load(ckpt, weights_only=False)
+    back = load_checkpoint(str(out))
+    assert set(back) == {"model", "args"}
+    assert set(back["model"]) == set(original["model"])  # safetensors stores names sorted
+    for k, v in original["model"].items():
+        assert back["model"][k].dtype == v.dtype and torch.equal(back["model"][k], v), k
+    for flag in ("model", "input_size", "norm_pix_loss", "mask_ratio"):
+        assert getattr(back["args"], flag) == getattr(original["args"], flag), flag
+    assert back["args"].norm_pix_loss is True
+
+
+def test_reconstruct_reads_safetensors_like_pth(pre, tmp_path):
+    """Model, size and norm_pix_loss come from the metadata: the picture is byte-identical."""
+    _, ckpt = pre
+    st = tmp_path / "mae.safetensors"
+    _export(ckpt, "safetensors", st)
+    images = [str(f) for f in demo_files(1)]
+    for src, png in ((ckpt, "pth.png"), (st, "st.png")):
+        reconstruct.main(
+            reconstruct.get_args_parser().parse_args(
+                [*images, "--checkpoint", str(src), "--output", str(tmp_path / png), "--device", "cpu"]
+            )
+        )
+    assert (tmp_path / "pth.png").read_bytes() == (tmp_path / "st.png").read_bytes()
+
+
+def _finetune(data: Path, out: Path, *extra: str) -> argparse.Namespace:
+    argv = ["--data_path", str(data), "--nb_classes", "3", "--model", "vit_tiny_patch4", "--input_size", "32"]
+    argv += ["--batch_size", "8", "--output_dir", str(out), "--log_dir", "", "--warmup_epochs", "0", *CPU, *extra]
+    return main_finetune.get_args_parser().parse_args(argv)
+
+
+def test_finetune_and_eval_resume_accept_safetensors(pre, tmp_path, capsys):
+    root, ckpt = pre
+    data = root / "data"
+    st = tmp_path / "mae.safetensors"
+    _export(ckpt, "safetensors", st)
+    # --finetune: the same start, hence the same fine-tuned weights, as from the .pth.
+    for src, out in ((ckpt, "from-pth"), (st, "from-st")):
+        torch.manual_seed(0)
+        main_finetune.main(_finetune(data, tmp_path / out, "--finetune", str(src), "--epochs", "1", "--seed", "0"))
+    a = torch.load(tmp_path / "from-pth" / "checkpoint-0.pth", weights_only=False)["model"]
+    b = torch.load(tmp_path / "from-st" / "checkpoint-0.pth", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # --eval --resume: a classifier checkpoint exported to safetensors evaluates the same.
+    clf = tmp_path / "clf.safetensors"
+    _export(tmp_path / "from-pth" / "checkpoint-0.pth", "safetensors", clf)
+    capsys.readouterr()
+    accuracy = []
+    for src in (tmp_path / "from-pth" / "checkpoint-0.pth", clf):
+        main_finetune.main(_finetune(data, tmp_path / f"eval-{src.suffix[1:]}", "--eval", "--resume", str(src)))
+        accuracy.append([line for line in capsys.readouterr().out.splitlines() if "Acc@1" in line][-1])
+    assert accuracy[0] == accuracy[1]
+
+
+# ---------------------------------------------------------------------------------------------
+def test_truncated_safetensors_is_a_one_line_error(pre, tmp_path):
+    _, ckpt = pre
+    st = tmp_path / "mae.safetensors"
+    _export(ckpt, "safetensors", st)
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(st.read_bytes()[: st.stat().st_size // 2])
+    with pytest.raises(UserError, match="truncated or not a safetensors file"):
+        load_checkpoint(str(cut))
+    image = str(demo_files(1)[0])
+    result = cli(["reconstruct.py", image, "--checkpoint", str(cut), "--output", str(tmp_path / "r.png")])
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(cut) in lines[0] and "truncated" in lines[0], result.stderr
+
+
+def test_export_errors_name_the_file_or_flag(pre, tmp_path):
+    _, ckpt = pre
+    out = tmp_path / "e.safetensors"
+    out.write_bytes(b"")
+    with pytest.raises(UserError, match=rf"--output {out} exists; pass --force"):
+        _export(ckpt, "timm", out)
+    _export(ckpt, "timm", out, "--force")
+    with pytest.raises(UserError, match=r"--to safetensors writes a \.safetensors file"):
+        _export(ckpt, "safetensors", tmp_path / "e.pth")
+    foreign = tmp_path / "foreign.pth"
+    torch.save({"model": {"backbone.weight": torch.zeros(3)}}, foreign)
+    with pytest.raises(UserError, match=rf"checkpoint {foreign} holds weights that are not an MAE"):
+        _export(foreign, "timm", tmp_path / "f.pth")
+    with pytest.raises(UserError, match=r"not a PyTorch checkpoint"):
+        _export(_garbage(tmp_path), "timm", tmp_path / "g.pth")
+    result = cli(["export.py", "--checkpoint", str(foreign), "--to", "timm", "--output", str(tmp_path / "h.pth")])
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def _garbage(tmp_path: Path) -> Path:
+    path = tmp_path / "garbage.pth"
+    path.write_bytes(b"not a checkpoint at all")
+    return path
