@@ -23,7 +23,7 @@ import reconstruct
 from util.checkpoint import load_checkpoint, model_state
 from util.data import eval_transform
 from util.errors import UserError
-from util.pretrained import load_pretrained_encoder
+from util.pretrained import load_mae_encoder, load_pretrained_encoder
 from util.visualize import load_images
 
 timm = pytest.importorskip("timm")
@@ -194,6 +194,22 @@ def test_finetune_and_eval_resume_accept_safetensors(pre, tmp_path, capsys):
         main_finetune.main(_finetune(data, tmp_path / f"eval-{src.suffix[1:]}", "--eval", "--resume", str(src)))
         accuracy.append([line for line in capsys.readouterr().out.splitlines() if "Acc@1" in line][-1])
     assert accuracy[0] == accuracy[1]
+
+
+def test_knn_encoders_read_safetensors_and_timm_exports(pre, tmp_path):
+    """knn_eval --encoders loads through load_mae_encoder: a full and an encoder-only
+    (--to timm) .safetensors give the .pth's encoder weights exactly."""
+    _, ckpt = pre
+    _export(ckpt, "safetensors", tmp_path / "mae.safetensors")
+    _export(ckpt, "timm", tmp_path / "encoder.safetensors")
+    reference = models_mae.mae_vit_tiny_patch4()
+    load_mae_encoder(reference, str(ckpt))
+    for src in ("mae.safetensors", "encoder.safetensors"):
+        model = models_mae.mae_vit_tiny_patch4()
+        load_mae_encoder(model, str(tmp_path / src))
+        for k, v in reference.state_dict().items():
+            if not k.startswith(("decoder", "mask_token")):
+                assert torch.equal(model.state_dict()[k], v), (src, k)
 
 
 # ---------------------------------------------------------------------------------------------
