@@ -105,9 +105,9 @@ def main(args: argparse.Namespace) -> None:
     device = setup.start(args)
     model = build_model(args)
 
+    knn_data = build_knn_data(args)  # flags and folders checked before the (longer) data scan
     dataset, loader = pretrain_data(args)
     print(f"{len(dataset)} images in {dataset.root}, {len(loader)} iterations per epoch")
-    knn_data = build_knn_data(args)
 
     model.set_grad_checkpointing(args.grad_checkpointing)
     model.to(device)
