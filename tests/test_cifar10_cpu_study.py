@@ -104,10 +104,10 @@ def test_study_scripts_run_end_to_end(tmp_path):
     ).stdout
     rows = json.loads((dest / "results.json").read_text())
     assert {(r["row"], r["encoder"]) for r in rows} >= {
-        ("k-NN, cls", "MAE"),
+        ("k-NN, cls", "MAE, epoch 1"),
         ("k-NN, cls", "random"),
         ("k-NN, pixels", "pixels"),
-        ("linear (cached features), cls", "MAE"),
+        ("linear (cached features), cls", "MAE, epoch 1"),
         ("fine-tune, labels10-test", "MAE"),
         ("fine-tune, labels10-test", "scratch"),
     }

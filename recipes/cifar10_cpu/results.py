@@ -6,6 +6,7 @@ text logs next to it (for committing; checkpoints stay where they are).
 
 import argparse
 import json
+import re
 import shutil
 import statistics
 from pathlib import Path
@@ -20,7 +21,8 @@ def collect(out: Path) -> list[dict]:
     walls = {w["row"]: w["seconds"] for w in _json_lines(out / "wall_times.jsonl")}
     rows = []
     for entry in _json_lines(out / "frozen.json"):
-        encoder = "MAE" if entry["encoder"].endswith(".pth") else entry["encoder"]
+        epoch = re.search(r"checkpoint-(\d+)\.pth$", entry["encoder"])
+        encoder = f"MAE, epoch {epoch.group(1)}" if epoch else entry["encoder"]
         for name, value in entry.items():
             if name.endswith("_top1"):
                 protocol = "linear (cached features)" if "_linear" in name else "k-NN"
