@@ -48,6 +48,13 @@ def test_mixed_precision_loss_is_close_to_fp32(precision):
     assert abs(_tiny_step_loss(precision) - fp32) < 2e-2 * fp32
 
 
+def _step(scaler: LossScaler, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+    """One update as util.train_loop makes it."""
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+
+
 def test_fp16_scaler_skips_an_overflowing_step_and_backs_off():
     torch.manual_seed(0)
     layer = torch.nn.Linear(4, 4).cuda()
@@ -56,12 +63,12 @@ def test_fp16_scaler_skips_an_overflowing_step_and_backs_off():
     before = copy.deepcopy(layer.state_dict())
     scale = scaler.state_dict()["scale"]
     loss = layer(torch.randn(2, 4, device="cuda")).sum() * float("inf")
-    scaler(loss, optimizer, layer.parameters())
+    _step(scaler, loss, optimizer)
     for name, value in layer.state_dict().items():
         assert torch.equal(value, before[name]), f"{name} changed after an overflowing step"
     assert scaler.state_dict()["scale"] == scale / 2
     optimizer.zero_grad(set_to_none=True)  # as the training loop does after every step
-    scaler(layer(torch.randn(2, 4, device="cuda")).sum(), optimizer, layer.parameters())
+    _step(scaler, layer(torch.randn(2, 4, device="cuda")).sum(), optimizer)
     assert not torch.equal(layer.weight, before["weight"]), "a finite step must update"
 
 

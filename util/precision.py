@@ -1,7 +1,6 @@
-"""Mixed precision: the autocast context and a loss scaler that also clips and reports the norm."""
+"""Mixed precision: the autocast context and the fp16 loss scaler."""
 
 import contextlib
-from collections.abc import Iterable
 
 import torch
 
@@ -22,43 +21,20 @@ def autocast(precision: str, device: str) -> contextlib.AbstractContextManager:
     return torch.autocast(device_type=torch.device(device).type, dtype=_DTYPES[precision])
 
 
-class LossScaler:
-    """Backward, optional gradient clipping and optimizer step, with loss scaling for fp16 only.
+class LossScaler(torch.amp.GradScaler):
+    """torch's GradScaler, on for fp16 only; the training loop calls its scale/unscale_/step/update.
 
-    bf16 has fp32's range, so it needs no scaling; the scaler is then a pass-through whose
-    ``state_dict`` is empty (as is the official one's when scaling is off).
+    bf16 has fp32's range, so it needs no scaling: the scaler is then a pass-through.
     """
 
     def __init__(self, precision: str):
-        self.enabled = precision == "fp16"
-        self._scaler = torch.amp.GradScaler("cuda", enabled=self.enabled)
-
-    def __call__(
-        self,
-        loss: torch.Tensor,
-        optimizer: torch.optim.Optimizer,
-        parameters: Iterable[torch.nn.Parameter],
-        clip_grad: float | None = None,
-        update: bool = True,
-    ) -> torch.Tensor | None:
-        """Backpropagate ``loss``; on ``update`` step the optimizer. With ``clip_grad``, returns the
-        gradient norm before clipping (a tensor: reading it is the caller's choice of when to sync)."""
-        self._scaler.scale(loss).backward()
-        if not update:
-            return None
-        self._scaler.unscale_(optimizer)
-        norm = None
-        if clip_grad is not None:
-            norm = torch.nn.utils.clip_grad_norm_([p for p in parameters if p.grad is not None], clip_grad)
-        self._scaler.step(optimizer)
-        self._scaler.update()
-        return norm
+        super().__init__("cuda", enabled=precision == "fp16")
 
     def state_dict(self) -> dict:
         # The official code restores an *enabled* GradScaler from this entry, which refuses an
         # empty dict: without fp16, save a fresh scaler's state (what it would start from).
-        return self._scaler.state_dict() if self.enabled else dict(_FRESH_SCALER_STATE)
+        return super().state_dict() if self.is_enabled() else dict(_FRESH_SCALER_STATE)
 
     def load_state_dict(self, state: dict) -> None:
-        if self.enabled and state:
-            self._scaler.load_state_dict(state)
+        if self.is_enabled() and state:
+            super().load_state_dict(state)

@@ -65,8 +65,13 @@ def train_one_epoch(
         with sync_ctx:
             with autocast(args.precision, args.device):
                 loss = compute_loss(batch)
-            scaler(loss / args.accum_iter, optimizer, model.parameters(), clip_grad=clip_grad, update=update)
+            scaler.scale(loss / args.accum_iter).backward()
         if update:
+            if clip_grad is not None:
+                scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+            scaler.step(optimizer)  # skipped by the fp16 scaler when a gradient overflowed
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
         pending.append(loss.detach())
 
