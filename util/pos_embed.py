@@ -5,6 +5,8 @@ column coordinate (MoCo v3 / MAE): half of the channels encode the column, half 
 within each half the first quarter holds sines and the second cosines.
 """
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -19,50 +21,76 @@ def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
     return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
 
 
-def sincos_2d(dim: int, grid_size: int, cls_token: bool = False) -> np.ndarray:
-    """[grid_size**2 (+1), dim] embedding for a square grid in row-major order.
+def grid_hw(grid_size: int | Sequence[int]) -> tuple[int, int]:
+    """(rows, columns) of a grid given as one side (square) or as (rows, columns)."""
+    if isinstance(grid_size, int | np.integer):
+        return int(grid_size), int(grid_size)
+    rows, cols = (int(v) for v in grid_size)
+    return rows, cols
+
+
+def sincos_2d(dim: int, grid_size: int | Sequence[int], cls_token: bool = False) -> np.ndarray:
+    """[rows * cols (+1), dim] embedding for a grid of ``grid_size`` (one side, or (rows, columns))
+    in row-major order, the order in which the patch embedding flattens a [rows, cols] grid.
 
     With ``cls_token`` a zero row is put first for the class token.
     """
     if dim % 4:
         raise ValueError(f"2-D sin-cos embedding needs a dimension divisible by 4, got {dim}")
-    rows, cols = np.meshgrid(np.arange(grid_size), np.arange(grid_size), indexing="ij")
+    h, w = grid_hw(grid_size)
+    rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
     emb = np.concatenate([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], axis=1)
     if cls_token:
         emb = np.concatenate([np.zeros((1, dim)), emb], axis=0)
     return emb.astype(np.float32)
 
 
-def resize_pos_embed(pos_embed: torch.Tensor, new_grid: int, num_prefix_tokens: int = 1) -> torch.Tensor:
-    """Resize a [1, prefix + g*g, D] position embedding to a new square grid (bicubic).
+def resize_pos_embed(
+    pos_embed: torch.Tensor,
+    new_grid: int | Sequence[int],
+    num_prefix_tokens: int = 1,
+    old_grid: int | Sequence[int] | None = None,
+) -> torch.Tensor:
+    """Resize a [1, prefix + h*w, D] position embedding to a new grid (one side, or (rows,
+    columns)), bicubic without antialiasing as the official code does.
 
-    Prefix tokens (class token) are kept as they are; the grid is interpolated.
+    Prefix tokens (class token) are kept as they are; the grid is interpolated. The token count
+    alone cannot tell a 16x8 grid from an 8x16 one, so a grid that is not square needs
+    ``old_grid``; without it the old grid is taken as square.
     """
     prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
-    old_grid = int(round(grid.shape[1] ** 0.5))
-    if old_grid * old_grid != grid.shape[1]:
-        raise ValueError(f"position embedding has {grid.shape[1]} grid tokens, not a square grid")
-    if old_grid == new_grid:
+    new_h, new_w = grid_hw(new_grid)
+    if old_grid is None:
+        if grid.shape[1] == new_h * new_w:
+            return pos_embed  # already fits: nothing to resize, whatever its shape
+        side = int(round(grid.shape[1] ** 0.5))
+        if side * side != grid.shape[1]:
+            raise ValueError(f"position embedding has {grid.shape[1]} grid tokens, not a square grid")
+        old_grid = side
+    old_h, old_w = grid_hw(old_grid)
+    if old_h * old_w != grid.shape[1]:
+        raise ValueError(f"position embedding has {grid.shape[1]} grid tokens, not a {old_h}x{old_w} grid")
+    if (old_h, old_w) == (new_h, new_w):
         return pos_embed
     dim = grid.shape[-1]
-    grid = grid.reshape(1, old_grid, old_grid, dim).permute(0, 3, 1, 2).float()
-    grid = F.interpolate(grid, size=(new_grid, new_grid), mode="bicubic", align_corners=False)
-    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, dim).to(pos_embed.dtype)
+    grid = grid.reshape(1, old_h, old_w, dim).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=(new_h, new_w), mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new_h * new_w, dim).to(pos_embed.dtype)
     return torch.cat([prefix, grid], dim=1)
 
 
 # The official module's names, which derived projects call to build and to load MAE encoders.
-def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int, cls_token: bool = False) -> np.ndarray:
-    """Official name of :func:`sincos_2d`."""
+def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int | Sequence[int], cls_token: bool = False) -> np.ndarray:
+    """Official name of :func:`sincos_2d`; ``grid_size`` may also be (rows, columns)."""
     return sincos_2d(embed_dim, grid_size, cls_token)
 
 
 def interpolate_pos_embed(model: torch.nn.Module, checkpoint_model: dict[str, torch.Tensor]) -> None:
-    """Official name: resize ``checkpoint_model['pos_embed']``, in place, to ``model``'s grid,
-    keeping its extra (class) tokens; :func:`resize_pos_embed` does the work."""
+    """Official name: resize ``checkpoint_model['pos_embed']``, in place, to ``model``'s grid
+    (square or not), keeping its extra (class) tokens; :func:`resize_pos_embed` does the work.
+    The checkpoint's grid is taken as square, as every official checkpoint's is."""
     if "pos_embed" in checkpoint_model:
         num_patches = model.patch_embed.num_patches
         num_prefix_tokens = model.pos_embed.shape[-2] - num_patches
-        checkpoint_model["pos_embed"] = resize_pos_embed(
-            checkpoint_model["pos_embed"], int(round(num_patches**0.5)), num_prefix_tokens
-        )
+        grid = getattr(model.patch_embed, "grid_size", None) or int(round(num_patches**0.5))
+        checkpoint_model["pos_embed"] = resize_pos_embed(checkpoint_model["pos_embed"], grid, num_prefix_tokens)
