@@ -20,7 +20,7 @@ from util.pos_embed import sincos_2d
 class MaskedAutoencoderViT(nn.Module):
     def __init__(
         self,
-        img_size: int = 224,
+        img_size: int | tuple[int, int] = 224,
         patch_size: int = 16,
         in_chans: int = 3,
         embed_dim: int = 1024,
@@ -34,15 +34,20 @@ class MaskedAutoencoderViT(nn.Module):
         norm_pix_loss: bool = False,
     ):
         super().__init__()
-        if img_size % patch_size:
-            raise ValueError(f"image size {img_size} is not a multiple of the patch size {patch_size}")
-        self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
+        # img_size is one side (square) or (height, width); a square size stays an int, as before.
+        height, width = (img_size, img_size) if isinstance(img_size, int) else (int(img_size[0]), int(img_size[1]))
+        for side in (height, width):
+            if side % patch_size:
+                raise ValueError(f"image size {side} is not a multiple of the patch size {patch_size}")
+        self.img_size = height if height == width else (height, width)
+        self.grid_size = (height // patch_size, width // patch_size)
+        self.patch_size, self.in_chans = patch_size, in_chans
         self.norm_pix_loss = norm_pix_loss
         self.grad_checkpointing = False
 
         # Encoder. Position embeddings are fixed sin-cos values, stored as frozen parameters
         # (as the official code does) so that checkpoints carry them under the same names.
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.patch_embed = PatchEmbed((height, width), patch_size, in_chans, embed_dim)
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=False)
@@ -68,7 +73,7 @@ class MaskedAutoencoderViT(nn.Module):
 
     # ----------------------------------------------------------------------------------------
     def initialize_weights(self) -> None:
-        grid = self.img_size // self.patch_size
+        grid = self.grid_size
         self.pos_embed.data.copy_(torch.from_numpy(sincos_2d(self.pos_embed.shape[-1], grid, cls_token=True)))
         self.decoder_pos_embed.data.copy_(
             torch.from_numpy(sincos_2d(self.decoder_pos_embed.shape[-1], grid, cls_token=True))
@@ -108,17 +113,22 @@ class MaskedAutoencoderViT(nn.Module):
         return x.reshape(n, h * w, p * p * c)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        """[N, L, p*p*C] -> [N, C, H, W], the inverse of :meth:`patchify`."""
+        """[N, L, p*p*C] -> [N, C, H, W], the inverse of :meth:`patchify`: on this model's grid,
+        or on a square grid for other token counts (as the official code, which knows only squares)."""
         p, c = self.patch_size, self.in_chans
-        h = w = int(round(x.shape[1] ** 0.5))
+        h, w = self.grid_size
+        if h * w != x.shape[1]:
+            h = w = int(round(x.shape[1] ** 0.5))
         if h * w != x.shape[1] or x.shape[2] != p * p * c:
-            raise ValueError(f"cannot unpatchify {tuple(x.shape)}: expected [N, square, {p * p * c}]")
+            raise ValueError(
+                f"cannot unpatchify {tuple(x.shape)}: expected [N, {self.num_patches} or a square, {p * p * c}]"
+            )
         x = x.reshape(x.shape[0], h, w, p, p, c)
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, h * p, w * p)
 
     def _check_images(self, imgs: torch.Tensor) -> None:
-        expected = (self.in_chans, self.img_size, self.img_size)
+        expected = (self.in_chans, self.grid_size[0] * self.patch_size, self.grid_size[1] * self.patch_size)
         if imgs.ndim != 4 or tuple(imgs.shape[1:]) != expected:
             raise ValueError(
                 f"images of shape {tuple(imgs.shape)} do not fit this model, which takes "
