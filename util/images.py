@@ -1,9 +1,11 @@
-"""Reading image files as RGB, eagerly or lazily, naming the file when it cannot be read."""
+"""Reading image files as RGB, eagerly or lazily, naming the file when it cannot be read; and
+reading them with their own channels (``--in_chans`` other than 3) as float tensors in [0, 1]."""
 
 import numpy as np
+import torch
 from PIL import Image
 
-from util.errors import fail
+from util.errors import UserError, fail
 
 
 def load_rgb(path: str) -> Image.Image:
@@ -27,6 +29,96 @@ def to_rgb(img: Image.Image) -> Image.Image:
         peak = 65535.0 if img.mode.startswith("I;16") or values.max() > 255 else 255.0
         img = Image.fromarray((values * (255.0 / peak)).round().clip(0, 255).astype(np.uint8))
     return img.convert("RGB")
+
+
+# ---------------------------------------------------------------------------------------------
+# Other channel counts. Pillow holds at most 4 bands per image and 16 bits only for one band, so
+# more channels come from a multi-page TIFF, one page per channel: the layout Pillow reads back
+# at full depth (a TIFF of 5 bands in one page it cannot open at all).
+_ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
+_TIFF_BITS_PER_SAMPLE = 258
+
+
+def load_channels(path: str, in_chans: int) -> torch.Tensor:
+    """Float32 [in_chans, H, W] in [0, 1], each value divided by the largest its bit depth holds
+    (1, 8 or 16 bits). A multi-page TIFF gives one channel per page; any other file its bands
+    (a palette becomes its colours; an alpha band is dropped when that leaves ``in_chans``).
+    A file with another channel count is a one-line error naming it and what to do."""
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            if img.format == "TIFF" and getattr(img, "n_frames", 1) > 1:
+                channels = _tiff_pages(img, path)
+                what = f"{len(channels)} pages, one channel each"
+            else:  # other multi-frame formats (GIF, APNG, MPO) are read at their first frame, as for RGB
+                img.load()
+                channels, what = _bands(img, path, in_chans)
+    except UserError:
+        raise
+    except Exception as e:  # Pillow raises many types for bad files
+        hint = ""
+        if path.lower().endswith((".tif", ".tiff")):
+            hint = " (a TIFF of more than 4 bands per page cannot be read: store one channel per page)"
+        fail(f"cannot read image {path} ({type(e).__name__}: {e}){hint}; remove or replace the file")
+    if len(channels) != in_chans:
+        if in_chans == 1:
+            todo = "keep one page per file" if "pages" in what else "convert it to grayscale (mode L or I;16)"
+        else:
+            todo = f"store it as a {in_chans}-page TIFF, one channel per page"
+        todo += f", or set --in_chans {len(channels)}"
+        fail(f"image {path} has {len(channels)} channel(s) ({what}) but --in_chans is {in_chans}; {todo}")
+    sizes = sorted({c.shape for c in channels})
+    if len(sizes) > 1:
+        fail(f"image {path}: its pages differ in size ({sizes[0]} and {sizes[-1]}); give every channel one size")
+    return torch.from_numpy(np.stack(channels))
+
+
+def _tiff_pages(img: Image.Image, path: str) -> list[np.ndarray]:
+    pages = []
+    for index in range(img.n_frames):
+        img.seek(index)
+        img.load()
+        if len(img.getbands()) != 1:
+            fail(
+                f"image {path}: page {index} has {len(img.getbands())} bands (mode {img.mode}); a multi-page TIFF "
+                f"is read as one channel per page: store each channel as a grayscale page"
+            )
+        pages.append(_scaled(img, path))
+    return pages
+
+
+def _bands(img: Image.Image, path: str, in_chans: int) -> tuple[list[np.ndarray], str]:
+    if img.mode == "P":  # the palette's colours are the pixels
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    elif img.mode == "PA":
+        img = img.convert("RGBA")
+    what = f"mode {img.mode}"
+    if img.mode in _ALPHA_MODES and len(img.getbands()) - 1 == in_chans:
+        img = img.convert(img.mode[:-1].upper())  # drop alpha, as reading RGB does
+    if len(img.getbands()) == 1:
+        return [_scaled(img, path)], what
+    return [_scaled(band, path) for band in img.split()], what
+
+
+def _scaled(img: Image.Image, path: str) -> np.ndarray:
+    """One band as float32 in [0, 1], divided by the largest value of its bit depth."""
+    values = np.asarray(img)
+    if img.mode == "1":
+        return values.astype(np.float32)
+    if values.dtype == np.uint8:
+        return values.astype(np.float32) / 255.0
+    if values.dtype.kind == "u" and values.dtype.itemsize == 2:  # I;16, I;16B, ...
+        return values.astype(np.float32) / 65535.0
+    if img.mode == "I":
+        # Pillow reads 16-bit PGM/PPM (scaled to 16 bits) and some 16-bit files as 32-bit integers.
+        bits = img.tag_v2.get(_TIFF_BITS_PER_SAMPLE) if hasattr(img, "tag_v2") else None
+        bits = bits[0] if isinstance(bits, tuple) else bits
+        if (bits is None or bits <= 16) and values.size and 0 <= values.min() and values.max() <= 65535:
+            return values.astype(np.float32) / 65535.0
+    fail(
+        f"image {path} holds {img.mode} pixels ({values.dtype}), which have no 8 or 16-bit depth to scale by; "
+        f"store it as 8 or 16-bit unsigned integers"
+    )
 
 
 # Start-of-frame markers of 8-bit Huffman-coded JPEGs: baseline, extended, progressive.

@@ -1,0 +1,94 @@
+"""Image shapes other than square RGB: (height, width) sizes, and channel counts other than 3.
+
+RGB images (``--in_chans 3``) keep the official PIL pipelines, given (height, width) sizes. Other
+channel counts are read by ``util.images.load_channels`` as float tensors in [0, 1] and are
+transformed as tensors: Pillow holds neither 16-bit images of several bands nor more than 4 bands.
+"""
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torchvision import transforms
+from torchvision.transforms import functional as TF
+
+from util.errors import fail
+from util.images import load_channels, load_rgb
+
+BICUBIC = transforms.InterpolationMode.BICUBIC
+
+
+def image_size(input_size: int | Sequence[int]) -> tuple[int, int]:
+    """(height, width) of an ``--input_size`` value: one side (a square) or (height, width)."""
+    if isinstance(input_size, int):
+        return input_size, input_size
+    values = [int(v) for v in input_size]
+    if len(values) not in (1, 2):
+        shown = " ".join(map(str, values))
+        fail(f"--input_size takes one value (a square) or two (height width), got {len(values)}: {shown}")
+    return values[0], values[-1]
+
+
+def image_loader(in_chans: int) -> Callable[[str], Any]:
+    """What reads a file for a model of ``in_chans`` channels: an RGB PIL image for 3 (every file
+    converted, as the official code does), else a float tensor [in_chans, H, W] in [0, 1] with
+    the file's own channels. A partial, not a lambda, so that loader workers can pickle it."""
+    return load_rgb if in_chans == 3 else functools.partial(load_channels, in_chans=in_chans)
+
+
+def check_norm_channels(mean: Sequence[float], std: Sequence[float], in_chans: int) -> None:
+    """Normalisation needs one mean and std per channel; ImageNet's defaults are RGB's three."""
+    if len(mean) != in_chans or len(std) != in_chans:
+        fail(
+            f"--in_chans {in_chans} needs --mean and --std with {in_chans} value(s) each, your data's per-channel "
+            f"statistics (got {len(mean)} and {len(std)}: ImageNet's RGB defaults, or a checkpoint's)"
+        )
+
+
+class ClampUnit:
+    """Clamp to [0, 1]: bicubic resizing overshoots at edges, which Pillow clips for 8-bit RGB;
+    clipping here keeps float channels in the same range."""
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        return img.clamp(0.0, 1.0)
+
+
+class ResizeToCover:
+    """Resize (bicubic, aspect ratio kept) to the smallest size that covers ``size`` (height,
+    width): for a non-square crop what ``Resize(int)``, which sets the shorter side, is for a
+    square one. PIL images and tensors alike."""
+
+    def __init__(self, size: tuple[int, int]):
+        self.size = size
+
+    def __call__(self, img: Any) -> Any:
+        width, height = TF.get_image_size(img)
+        scale = max(self.size[0] / height, self.size[1] / width)
+        new = [max(self.size[0], round(height * scale)), max(self.size[1], round(width * scale))]
+        return TF.resize(img, new, interpolation=BICUBIC, antialias=True)
+
+
+def eval_resize(size: tuple[int, int]) -> Callable:
+    """The evaluation resize before a center crop of ``size``: by the official 256/224 ratio up to
+    224 px (on the longer side), none above. A square keeps the official ``Resize(int)``."""
+    height, width = size
+    crop_pct = 224 / 256 if max(height, width) <= 224 else 1.0
+    if height == width:
+        return transforms.Resize(int(height / crop_pct), interpolation=BICUBIC)
+    return ResizeToCover((int(height / crop_pct), int(width / crop_pct)))
+
+
+def tensor_train_transform(
+    size: tuple[int, int], scale: tuple[float, float], mean: Sequence[float], std: Sequence[float]
+) -> Callable:
+    """Random resized crop (bicubic, antialiased) to ``size`` and flip, on a float tensor from
+    ``load_channels``: the official augmentation for any channel count."""
+    return transforms.Compose(
+        [
+            transforms.RandomResizedCrop(size, scale=scale, interpolation=BICUBIC, antialias=True),
+            transforms.RandomHorizontalFlip(),
+            ClampUnit(),
+            transforms.Normalize(mean, std),
+        ]
+    )
