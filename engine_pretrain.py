@@ -1,6 +1,7 @@
 """Pre-training: the MAE loss of a batch, one epoch of training, and the reconstruction picture."""
 
 import os
+from collections.abc import Sequence
 
 import torch
 
@@ -20,11 +21,11 @@ def train_one_epoch(
     run_log: RunLog | None = None,
     start_step: int = 0,
 ) -> dict[str, float]:
-    mask_ratio = state.args.mask_ratio
+    mask_ratio, mean, std = state.args.mask_ratio, state.args.mean, state.args.std
 
     def mae_loss(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         imgs, _ = batch  # labels are not used
-        imgs = normalize_on_device(imgs, IMAGENET_MEAN, IMAGENET_STD)  # uint8 from the fast loader
+        imgs = normalize_on_device(imgs, mean, std)  # uint8 from the fast loader (--mean/--std)
         loss, _, _ = model(imgs, mask_ratio=mask_ratio)
         return loss
 
@@ -39,9 +40,12 @@ def log_reconstructions(
     epoch: int,
     output_dir: str,
     run_log: RunLog | None,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
 ) -> str | None:
-    """Write the picture of fixed images under a fixed mask to TensorBoard and a PNG."""
-    picture = reconstruction_grid(model, imgs, noise, mask_ratio)
+    """Write the picture of fixed images (normalised with ``mean``/``std``) under a fixed mask to
+    TensorBoard and a PNG."""
+    picture = reconstruction_grid(model, imgs, noise, mask_ratio, mean, std)
     if run_log is not None:
         run_log.image("reconstructions", picture, epoch)
     if not output_dir:

@@ -21,9 +21,11 @@ from collections.abc import Callable
 import torch
 
 import models_mae
-from util import distributed, knn
+from util import distributed, knn, normalization
 from util.args import resolve_precision
+from util.checkpoint import saved_args
 from util.errors import fail, run_cli
+from util.normalization import add_norm_args
 from util.pretrained import load_mae_encoder
 
 
@@ -42,6 +44,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
     parser.add_argument("--seed", default=0, type=int, help="seed of the random-init encoder")
     knn.add_knn_args(parser)
+    add_norm_args(parser)
     parser.add_argument(
         "--linear_epochs",
         default=0,
@@ -82,8 +85,14 @@ def main(args: argparse.Namespace) -> None:
             args.input_size = models_mae.MODELS[args.model]().img_size
     distributed.init_distributed_mode(args)
     args.precision = resolve_precision(args.precision, args.device)
+    # One normalisation for every encoder (they share the images): the flags, else the first
+    # checkpoint's; an encoder trained with other values is named in a warning.
+    checkpoints = [e for e in args.encoders if e not in ("random", "pixels")]
+    normalization.resolve(args, [(f"checkpoint {e}", saved_args(e)) for e in checkpoints])
 
-    data = knn.KnnData(args.data_path, args.input_size, args.knn_bank_size, args.knn_query_size)
+    data = knn.KnnData(
+        args.data_path, args.input_size, args.knn_bank_size, args.knn_query_size, mean=args.mean, std=args.std
+    )
     print(f"k-NN (k={args.knn_k}, t={args.knn_t}) on {data} from {args.data_path}")
     for encoder in args.encoders:
         begin = time.time()

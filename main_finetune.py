@@ -18,9 +18,10 @@ import util.compat  # noqa: F401  (makes timm RandAugment work with Pillow 13)
 from engine_finetune import train_or_evaluate
 from util import setup
 from util.args import add_run_args, add_schedule_args, check_input_size
-from util.data import IMAGENET_MEAN, IMAGENET_STD, classification_splits, eval_transform
+from util.data import classification_splits, eval_transform
 from util.errors import fail, run_cli
 from util.lr_decay import param_groups_lrd
+from util.normalization import add_norm_args
 from util.pretrained import load_pretrained_encoder
 
 
@@ -80,6 +81,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     aug.add_argument("--mixup_mode", type=str, default="batch", help='"batch", "pair", or "elem"')
 
     add_run_args(parser, data_path="/datasets01/imagenet_full_size/061417/")
+    add_norm_args(parser)
     add_eval_args(parser)
     setup.add_checkpoint_args(parser)
     return parser
@@ -181,11 +183,11 @@ def main(args: argparse.Namespace) -> None:
         re_prob=args.reprob,
         re_mode=args.remode,
         re_count=args.recount,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
+        mean=tuple(args.mean),  # --mean/--std, or the pre-trained checkpoint's (util/normalization.py)
+        std=tuple(args.std),
     )
     train_set, val_set = classification_splits(
-        args.data_path, train_tf, eval_transform(args.input_size), args.nb_classes
+        args.data_path, train_tf, eval_transform(args.input_size, args.mean, args.std), args.nb_classes
     )
     print(f"{len(train_set)} training and {len(val_set)} validation images, {args.nb_classes} classes")
 

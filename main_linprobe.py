@@ -15,9 +15,10 @@ from engine_finetune import train_or_evaluate
 from main_finetune import add_eval_args, add_model_args, build_classifier
 from util import setup
 from util.args import add_run_args, add_schedule_args
-from util.data import IMAGENET_MEAN, IMAGENET_STD, classification_splits, eval_transform
+from util.data import classification_splits, eval_transform
 from util.errors import run_cli
 from util.lars import LARS
+from util.normalization import add_norm_args
 from util.pretrained import load_pretrained_encoder
 
 
@@ -26,6 +27,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_schedule_args(parser, batch_size=512, epochs=90, weight_decay=0.0, blr=0.1, min_lr=0.0, warmup_epochs=10)
     add_model_args(parser, model="vit_large_patch16", global_pool=False)
     add_run_args(parser, data_path="/datasets01/imagenet_full_size/061417/")
+    add_norm_args(parser)
     add_eval_args(parser)
     setup.add_checkpoint_args(parser)
     return parser
@@ -41,11 +43,11 @@ def main(args: argparse.Namespace) -> None:
             transforms.RandomResizedCrop(args.input_size, interpolation=transforms.InterpolationMode.BICUBIC),
             transforms.RandomHorizontalFlip(),
             transforms.ToTensor(),
-            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            transforms.Normalize(args.mean, args.std),  # --mean/--std, or the pre-trained checkpoint's
         ]
     )
     train_set, val_set = classification_splits(
-        args.data_path, train_tf, eval_transform(args.input_size), args.nb_classes
+        args.data_path, train_tf, eval_transform(args.input_size, args.mean, args.std), args.nb_classes
     )
     print(f"{len(train_set)} training and {len(val_set)} validation images, {args.nb_classes} classes")
 

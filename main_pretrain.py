@@ -20,6 +20,7 @@ from util.checkpoint import TrainState, resume
 from util.data import PRETRAIN_LOADERS, eval_transform, pretrain_data
 from util.errors import fail, run_cli
 from util.logger import RunLog, format_duration
+from util.normalization import add_norm_args
 from util.precision import LossScaler
 from util.visualize import fixed_noise, load_images
 
@@ -36,6 +37,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--norm_pix_loss", action="store_true", help="use per-patch normalized pixels as targets")
     parser.set_defaults(norm_pix_loss=False)
     add_run_args(parser, data_path="/datasets01/imagenet_full_size/061417/")
+    add_norm_args(parser)
     parser.add_argument(
         "--loader",
         default="fast",
@@ -82,7 +84,15 @@ def build_knn_data(args: argparse.Namespace) -> knn.KnnData | None:
     knn.check_knn_args(args)
     if args.knn_freq < 1:
         fail(f"--knn_freq must be at least 1, got {args.knn_freq}")
-    data = knn.KnnData(args.knn_data_path, args.input_size, args.knn_bank_size, args.knn_query_size, "--knn_data_path")
+    data = knn.KnnData(
+        args.knn_data_path,
+        args.input_size,
+        args.knn_bank_size,
+        args.knn_query_size,
+        "--knn_data_path",
+        mean=args.mean,
+        std=args.std,
+    )
     print(f"k-NN monitor: {data} from {args.knn_data_path}, every {args.knn_freq} epochs")
     return data
 
@@ -122,7 +132,7 @@ def main(args: argparse.Namespace) -> None:
         args.vis_freq = 0  # no images, no pictures
     step = max(len(dataset) // max(args.vis_images, 1), 1)
     vis_files = dataset.files[::step][: args.vis_images] if args.vis_freq else []
-    vis_imgs = load_images(vis_files, eval_transform(args.input_size)) if vis_files else None
+    vis_imgs = load_images(vis_files, eval_transform(args.input_size, args.mean, args.std)) if vis_files else None
     vis_noise = fixed_noise(len(vis_files), model.num_patches, seed=args.seed)
     run_log = RunLog(args.log_dir, args.output_dir, state.log)  # rewrites log.txt from the checkpoint
 
@@ -137,7 +147,9 @@ def main(args: argparse.Namespace) -> None:
                 and args.vis_freq
                 and (epoch % args.vis_freq == 0 or epoch == args.epochs - 1)
             ):
-                path = log_reconstructions(model, vis_imgs, vis_noise, args.mask_ratio, epoch, args.output_dir, run_log)
+                path = log_reconstructions(
+                    model, vis_imgs, vis_noise, args.mask_ratio, epoch, args.output_dir, run_log, args.mean, args.std
+                )
                 print(f"reconstructions: {path}")
             if knn_data is not None and ((epoch + 1) % args.knn_freq == 0 or epoch == args.epochs - 1):
                 stats.update(knn_monitor(model, knn_data, epoch, run_log, args))

@@ -4,8 +4,9 @@
     python reconstruct.py --checkpoint mae_visualize_vit_large.pth --mask_ratio 0.75 photo.jpg
 
 Each row shows: original | masked | reconstruction | reconstruction with the visible patches.
-The model, image size and target normalisation are read from the checkpoint's ``args`` when
-present, otherwise inferred from its weights; flags override them.
+The model, image size, target normalisation and pixel normalisation (``--mean``/``--std``) are
+read from the checkpoint's ``args`` when present, otherwise inferred from its weights (ImageNet's
+pixel statistics); flags override them.
 """
 
 import argparse
@@ -13,9 +14,11 @@ import argparse
 import torch
 
 import models_mae
+from util import normalization
 from util.checkpoint import load_checkpoint, load_model_strict, model_state
 from util.data import eval_transform
 from util.errors import fail, run_cli
+from util.normalization import add_norm_args
 from util.paths import check_output_file
 from util.visualize import fixed_noise, load_images, reconstruction_grid, save_png
 
@@ -35,6 +38,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="the model predicts normalised patches (default: from the checkpoint's args)",
     )
     parser.add_argument("--seed", default=0, type=int, help="seed of the mask")
+    add_norm_args(parser)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser
 
@@ -87,6 +91,8 @@ def main(args: argparse.Namespace) -> None:
         fail(f"checkpoint {args.checkpoint} names the model {name}, which is not an MAE; pass --model")
     input_size = args.input_size or saved.get("input_size") or (inferred[1] if inferred else 224)
     norm_pix = args.norm_pix_loss if args.norm_pix_loss is not None else bool(saved.get("norm_pix_loss", False))
+    # The pictures normalise as the model's training did: its stored --mean/--std, else ImageNet's.
+    normalization.resolve(args, [(f"checkpoint {args.checkpoint}", ckpt.get("args"))])
 
     try:
         model = models_mae.MODELS[name](img_size=input_size, norm_pix_loss=norm_pix)
@@ -94,9 +100,9 @@ def main(args: argparse.Namespace) -> None:
         fail(f"--input_size {input_size}: {e}")
     load_model_strict(model, state, args.checkpoint)
     model.to(args.device)
-    imgs = load_images(args.images, eval_transform(input_size))
+    imgs = load_images(args.images, eval_transform(input_size, args.mean, args.std))
     noise = fixed_noise(len(imgs), model.num_patches, seed=args.seed)
-    save_png(reconstruction_grid(model, imgs, noise, args.mask_ratio), args.output)
+    save_png(reconstruction_grid(model, imgs, noise, args.mask_ratio, args.mean, args.std), args.output)
     print(f"{name} at {input_size} px, mask ratio {args.mask_ratio}: wrote {args.output}")
 
 

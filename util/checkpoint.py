@@ -112,6 +112,23 @@ def _looks_like_torch_file(path: str) -> bool:
     return zipfile.is_zipfile(path) or head[:1] == b"\x80"
 
 
+def saved_args(path: str) -> argparse.Namespace | None:
+    """The flags a checkpoint was written with (None for official releases, which store none),
+    read before the run builds anything. A zip checkpoint is memory-mapped, so its tensors are not
+    read: a large checkpoint is loaded again, in full, where its weights are needed."""
+    ckpt: Any = None
+    if not path.startswith(("https://", "http://")) and os.path.isfile(path) and zipfile.is_zipfile(path):
+        try:
+            with torch.serialization.safe_globals(SAFE_GLOBALS):
+                ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # whatever it is, load_checkpoint says it in one line
+            ckpt = None
+    if ckpt is None:
+        ckpt = load_checkpoint(path)
+    args = ckpt.get("args") if isinstance(ckpt, dict) else None
+    return args if isinstance(args, argparse.Namespace) else None
+
+
 def model_state(ckpt: dict[str, Any], path: str) -> dict[str, torch.Tensor]:
     """The model's state dict in a checkpoint: under 'model' (official and ours) or at the top."""
     state = ckpt.get("model", ckpt)

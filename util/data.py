@@ -167,13 +167,19 @@ def classification_splits(
 PRETRAIN_LOADERS = ("fast", "device", "torchvision")
 
 
-def pretrain_transform(input_size: int, loader: str = "torchvision") -> Callable:
+def pretrain_transform(
+    input_size: int,
+    loader: str = "torchvision",
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> Callable:
     """The official pre-training augmentation: random resized crop (scale 0.2-1, bicubic) and flip.
 
     ``loader`` (``--loader``): ``torchvision``, the recipe itself; ``fast``, the same distribution
     from ``FastRandomResizedCropFlip`` (uint8 output, normalised on the device); ``device``, the
     same again with the JPEG decode left to the training device (util/device_decode.py). The
-    dataset of ``fast`` and ``device`` must be ``lazy``.
+    dataset of ``fast`` and ``device`` must be ``lazy``. ``mean``/``std`` (``--mean``/``--std``)
+    normalise the torchvision pipeline's output; the other two leave that to the training loop.
     """
     if loader == "fast":
         return FastRandomResizedCropFlip(input_size)
@@ -186,7 +192,7 @@ def pretrain_transform(input_size: int, loader: str = "torchvision") -> Callable
             ),
             transforms.RandomHorizontalFlip(),
             transforms.ToTensor(),
-            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            transforms.Normalize(mean, std),
         ]
     )
 
@@ -194,13 +200,16 @@ def pretrain_transform(input_size: int, loader: str = "torchvision") -> Callable
 def pretrain_data(args: Any) -> tuple[ImageFiles, DataLoader]:
     """Dataset and training loader for pre-training: ``--data_path``, ``--input_size``, ``--loader``."""
     lazy = args.loader != "torchvision"
-    dataset = pretrain_dataset(args.data_path, pretrain_transform(args.input_size, args.loader), lazy=lazy)
+    transform = pretrain_transform(args.input_size, args.loader, args.mean, args.std)
+    dataset = pretrain_dataset(args.data_path, transform, lazy=lazy)
     return dataset, train_loader(dataset, args, collate_encoded if args.loader == "device" else None)
 
 
-def eval_transform(input_size: int) -> Callable:
-    """Resize by the 256/224 ratio (bicubic), center crop, normalise (as the official recipe:
-    above 224 px the crop takes the whole resized image)."""
+def eval_transform(
+    input_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> Callable:
+    """Resize by the 256/224 ratio (bicubic), center crop, normalise with ``mean``/``std`` (as the
+    official recipe: above 224 px the crop takes the whole resized image)."""
     crop_pct = 224 / 256 if input_size <= 224 else 1.0
     resize = int(input_size / crop_pct)
     return transforms.Compose(
@@ -208,7 +217,7 @@ def eval_transform(input_size: int) -> Callable:
             transforms.Resize(resize, interpolation=transforms.InterpolationMode.BICUBIC),
             transforms.CenterCrop(input_size),
             transforms.ToTensor(),
-            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            transforms.Normalize(mean, std),
         ]
     )
 

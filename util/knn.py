@@ -11,7 +11,7 @@ data set's order, so all ranks hold the same bank and the result equals the one-
 """
 
 import argparse
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets
 
 from util import distributed
-from util.data import ShardSampler, classification_splits, eval_transform
+from util.data import IMAGENET_MEAN, IMAGENET_STD, ShardSampler, classification_splits, eval_transform
 from util.errors import fail
 from util.linear_eval import linear_accuracy
 from util.precision import autocast
@@ -109,10 +109,20 @@ def accuracy(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
 # Labelled data
 class KnnData:
     """The labelled bank (``<path>/train``) and queries (``<path>/val`` or ``test``) at the model's
-    input size, center-cropped; ``bank_size``/``query_size`` take evenly spaced subsets (0: all)."""
+    input size, center-cropped and normalised with ``mean``/``std`` (the encoder's training values);
+    ``bank_size``/``query_size`` take evenly spaced subsets (0: all)."""
 
-    def __init__(self, path: str, input_size: int, bank_size: int = 0, query_size: int = 0, flag: str = "--data_path"):
-        transform = eval_transform(input_size)
+    def __init__(
+        self,
+        path: str,
+        input_size: int,
+        bank_size: int = 0,
+        query_size: int = 0,
+        flag: str = "--data_path",
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ):
+        transform = eval_transform(input_size, mean, std)
         bank, queries = classification_splits(path, transform, transform, nb_classes=None, flag=flag)
         if len(bank.classes) < 2:
             fail(f"{flag} {path}/train has {len(bank.classes)} class folder(s); k-NN needs at least 2")

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from util import distributed, interrupt
+from util import distributed, interrupt, normalization
 from util.args import check_common, check_world, effective_lr, resolve_precision
 from util.checkpoint import Position, TrainState, save_checkpoint
 from util.errors import fail
@@ -30,6 +30,8 @@ def start(args: argparse.Namespace, patch_size: int | None = None) -> torch.devi
         fail(f"--ckpt_every_steps {every} must be a multiple of --accum_iter {args.accum_iter}")
     distributed.init_distributed_mode(args)
     check_world(args, distributed.world_size())
+    if hasattr(args, "mean"):  # before anything is built with them, and printed with the flags
+        normalization.resolve(args, normalization.run_sources(args))
     args.precision = resolve_precision(args.precision, args.device)
     args.lr_given = args.lr is not None  # for messages that say which flag to lower
     args.lr = effective_lr(args, distributed.world_size())

@@ -19,11 +19,17 @@ def fixed_noise(num_images: int, num_patches: int, seed: int = 0) -> torch.Tenso
 
 @torch.no_grad()
 def reconstruction_grid(
-    model: torch.nn.Module, imgs: torch.Tensor, noise: torch.Tensor, mask_ratio: float
+    model: torch.nn.Module,
+    imgs: torch.Tensor,
+    noise: torch.Tensor,
+    mask_ratio: float,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
 ) -> np.ndarray:
     """A uint8 [N*H, 4*W, 3] picture, one row per image, of what ``model`` makes of ``imgs``.
 
-    ``imgs`` are normalised with the ImageNet statistics. A model trained with
+    ``imgs`` are normalised with ``mean`` and ``std`` (the model's training values), which are
+    undone for the picture. A model trained with
     ``norm_pix_loss`` predicts normalised patches; they are shown with each true patch's
     mean and spread put back (as the paper's figures do).
     """
@@ -41,9 +47,9 @@ def reconstruction_grid(
     removed = model.unpatchify(mask.unsqueeze(-1).expand(-1, -1, patch_area).float())
     model.train(was_training)
 
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
-    original, recon = imgs * std + mean, recon * std + mean
+    mean_t = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, device=device).view(1, -1, 1, 1)
+    original, recon = imgs * std_t + mean_t, recon * std_t + mean_t
     masked = original * (1 - removed) + MASKED_GRAY * removed
     pasted = original * (1 - removed) + recon * removed
     row = torch.cat([original, masked, recon, pasted], dim=3)  # side by side

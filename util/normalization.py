@@ -1,0 +1,130 @@
+"""Per-channel pixel normalisation, ``(x - mean) / std`` on pixels in [0, 1]: the ``--mean`` and
+``--std`` flags, their checks, and where a run takes the values from when they are not given.
+
+A model only works on pixels normalised as in its training, so the values travel with it: they are
+part of the args every checkpoint stores. When the flags are not given, a run takes them from the
+checkpoint it continues (``--resume``) or starts from (``--finetune``), and otherwise uses ImageNet's
+(official checkpoints store none, and were trained with ImageNet's). Explicit flags always win; a
+checkpoint that stores other values gets a one-line warning.
+"""
+
+import argparse
+import math
+from collections.abc import Sequence
+
+from util.checkpoint import list_checkpoints, saved_args
+from util.data import IMAGENET_MEAN, IMAGENET_STD
+from util.errors import UserError, fail
+
+# (where the values were found, e.g. 'checkpoint out/checkpoint-9.pth'; that checkpoint's args or None)
+Source = tuple[str, argparse.Namespace | None]
+
+
+def add_norm_args(parser: argparse.ArgumentParser) -> None:
+    """``--mean`` and ``--std``; both default to None, which ``resolve`` fills in."""
+    g = parser.add_argument_group("normalisation")
+    g.add_argument(
+        "--mean",
+        type=float,
+        nargs="+",
+        default=None,
+        metavar="M",
+        help="per-channel mean of the pixels scaled to [0, 1], one value per image channel (default: the values "
+        "stored in the checkpoint the run continues or starts from, else ImageNet's 0.485 0.456 0.406); "
+        "dataset_stats.py computes them for your data",
+    )
+    g.add_argument(
+        "--std",
+        type=float,
+        nargs="+",
+        default=None,
+        metavar="S",
+        help="per-channel standard deviation, as --mean (default: the checkpoint's, else ImageNet's 0.229 0.224 0.225)",
+    )
+
+
+def image_channels(args: argparse.Namespace) -> int:
+    """Channels of the images: ``--in_chans`` where an entry point has it, else RGB's 3."""
+    return int(getattr(args, "in_chans", None) or 3)
+
+
+def check_norm(mean: Sequence[float], std: Sequence[float], channels: int, source: str = "") -> None:
+    """One value per channel, finite, and std positive (the pixels are divided by it). ``source``
+    names the checkpoint the values came from; without it they are the user's flags."""
+    for flag, values in (("--mean", mean), ("--std", std)):
+        shown = " ".join(f"{v:g}" for v in values)
+        bad_count, bad_value = len(values) != channels, not all(math.isfinite(v) for v in values)
+        if source and (bad_count or bad_value):
+            fail(
+                f"{source} stores {flag} {shown}: {len(values)} value(s) for images of {channels} channels, each "
+                f"finite; give --mean and --std"
+            )
+        if bad_count:
+            fail(f"{flag} takes one value per image channel ({channels}), got {len(values)} ({shown})")
+        if bad_value:
+            fail(f"{flag} values must be finite numbers, got {shown}")
+    if not all(v > 0 for v in std):
+        prefix = f"{source} stores --std {' '.join(map(str, std))}: " if source else ""
+        fail(f"{prefix}--std values must be positive (the pixels are divided by them), got {' '.join(map(str, std))}")
+
+
+def stored(saved: argparse.Namespace | None) -> tuple[list[float], list[float]] | None:
+    """The mean and std a checkpoint's args hold, or None (official releases, older checkpoints)."""
+    mean, std = getattr(saved, "mean", None), getattr(saved, "std", None)
+    if mean is None or std is None:
+        return None
+    return [float(v) for v in mean], [float(v) for v in std]
+
+
+def resolve(args: argparse.Namespace, sources: Sequence[Source], channels: int | None = None) -> None:
+    """Set ``args.mean`` and ``args.std`` (lists of floats, as checkpoints store them): the flags
+    when given, else the values of the first of ``sources`` that stores some, else ImageNet's.
+    Both flags or neither: half a normalisation from one place and half from another is no one's.
+    Prints where the values came from, and warns about every source that stores other values."""
+    channels = channels or image_channels(args)
+    if (args.mean is None) != (args.std is None):
+        fail(f"--mean and --std go together: give both ({'--mean' if args.mean is None else '--std'} is missing)")
+    found = [(name, values) for name, saved in sources if (values := stored(saved)) is not None]
+    if args.mean is not None:
+        mean, std, origin = [float(v) for v in args.mean], [float(v) for v in args.std], "--mean/--std"
+        check_norm(mean, std, channels)
+    elif found:
+        name, (mean, std) = found[0]
+        origin = name
+        check_norm(mean, std, channels, source=name)
+    else:
+        mean, std, origin = list(IMAGENET_MEAN), list(IMAGENET_STD), "ImageNet's, the default"
+    args.mean, args.std = mean, std
+    print(f"normalisation: mean {_show(mean)} std {_show(std)} ({origin})")
+    advice = "; drop --mean/--std to use the checkpoint's" if origin == "--mean/--std" else ""
+    for name, (m, s) in found:
+        if (m, s) != (mean, std):
+            print(
+                f"warning: {name} was trained on pixels normalised with mean {_show(m)} std {_show(s)}, this run "
+                f"uses mean {_show(mean)} std {_show(std)} ({origin}){advice}"
+            )
+
+
+def run_sources(args: argparse.Namespace) -> list[Source]:
+    """The checkpoints a training entry point continues or starts from, in order of precedence:
+    ``--resume`` (a path, or for 'auto' the newest checkpoint of ``--output_dir`` that loads), then
+    ``--finetune`` (not with ``--eval``, which does not load it)."""
+    sources: list[Source] = []
+    resume = getattr(args, "resume", "")
+    if resume == "auto":
+        for path in reversed(list_checkpoints(args.output_dir) if args.output_dir else []):
+            try:
+                sources.append((f"checkpoint {path}", saved_args(path)))
+                break
+            except UserError:
+                continue  # resume() says why when it skips it
+    elif resume:
+        sources.append((f"checkpoint {resume}", saved_args(resume)))
+    finetune = getattr(args, "finetune", "")
+    if finetune and not getattr(args, "eval", False):
+        sources.append((f"checkpoint {finetune}", saved_args(finetune)))
+    return sources
+
+
+def _show(values: Sequence[float]) -> str:
+    return " ".join(f"{v:.6g}" for v in values)
