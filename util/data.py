@@ -63,14 +63,20 @@ def image_walk(top: str, inside: str) -> Iterator[tuple[str, list[str]]]:
 
 class ImageFiles(Dataset):
     """Every image file below a folder, in sorted order, with label 0: for pre-training,
-    which needs no labels. Accepts class folders, nested folders or a flat folder.
+    which needs no labels. Accepts class folders, nested folders or a flat folder; or, with
+    ``files``, exactly those files in that order (``root`` is then the list file they came from).
 
     With ``lazy`` the transform receives the file's path and reads it itself (see util/fast_crop.py).
     """
 
-    def __init__(self, root: str, transform: Callable | None = None, lazy: bool = False):
+    def __init__(
+        self, root: str, transform: Callable | None = None, lazy: bool = False, files: Sequence[str] | None = None
+    ):
         self.root, self.transform, self.lazy = root, transform, lazy
-        self.files = sorted(os.path.join(d, n) for d, names in image_walk(root, root) for n in names)
+        if files is not None:
+            self.files = list(files)
+        else:
+            self.files = sorted(os.path.join(d, n) for d, names in image_walk(root, root) for n in names)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -90,9 +96,98 @@ def _existing_dir(path: str, flag: str = "--data_path") -> str:
     return path
 
 
+# ---------------------------------------------------------------------------------------------
+# File lists: one image per line, '<path>' or '<path> <class index>'
+LIST_FILES = {"train": ("train.txt",), "val": ("val.txt", "test.txt")}
+
+
+def read_image_list(list_path: str, labelled: bool, nb_classes: int | None = None) -> list[tuple[str, int]]:
+    """(file, label) for every line of a list file, in the list's order; label 0 when unlabelled.
+
+    A line is ``<path>`` or ``<path> <label>``: the label is the last whitespace-separated field, a
+    class index 0, 1, 2, ... (below ``nb_classes`` when given), so paths may contain spaces. Paths
+    are relative to the list file's folder (absolute ones are taken as they are); blank lines and
+    lines starting with ``#`` are skipped. Unlabelled (pre-training), a class index after the path is
+    ignored (unless the whole line names a file): the training list of a classification set serves
+    pre-training as it is. Every file is checked here, so that a bad line stops the run before
+    training with its line number, not hours into an epoch.
+    """
+    folder = os.path.dirname(os.path.abspath(list_path))
+    try:
+        with open(list_path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except UnicodeDecodeError:
+        fail(f"{list_path} is not a text file; a list file holds one image path per line")
+    except OSError as e:
+        fail(f"cannot read the list file {list_path} ({e.strerror or e})")
+    samples = []
+    for number, raw in enumerate(lines, start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        where = f"{list_path} line {number}"
+        fields = line.rsplit(None, 1)
+        label = 0
+        if labelled:
+            if len(fields) < 2:
+                fail(f"{where}: no label after {line!r}; each line is '<path> <class index>'")
+            name, text = fields
+            if not (text.isascii() and text.isdigit()):
+                fail(f"{where}: the label {text!r} is not a class index (0, 1, 2, ...)")
+            label = int(text)
+            if nb_classes is not None and label >= nb_classes:
+                fail(f"{where}: the label {label} is not below --nb_classes {nb_classes}")
+        else:
+            labelled_line = len(fields) == 2 and fields[1].isascii() and fields[1].isdigit()
+            name = fields[0] if labelled_line and not os.path.isfile(os.path.join(folder, line)) else line
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            fail(f"{where}: no file {name} (paths are relative to the list's folder {folder})")
+        samples.append((path, label))
+    if not samples:
+        fail(f"the list file {list_path} names no images; write one image path per line")
+    return samples
+
+
+class ListedImages(Dataset):
+    """A labelled list file (``read_image_list``) as an ImageFolder-like data set: ``samples``,
+    ``targets`` and ``classes`` (the indices as names, ``'0'``, ``'1'``, ...), in the list's order."""
+
+    def __init__(self, list_path: str, transform: Callable | None, nb_classes: int | None):
+        self.root, self.transform = list_path, transform
+        self.samples = read_image_list(list_path, labelled=True, nb_classes=nb_classes)
+        self.targets = [label for _, label in self.samples]
+        self.set_classes(nb_classes or max(self.targets) + 1)
+
+    def set_classes(self, count: int) -> None:
+        self.classes = [str(i) for i in range(count)]
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        path, label = self.samples[index]
+        img = load_rgb(path)
+        return (self.transform(img) if self.transform else img), label
+
+
+def _list_in(folder: str, split: str) -> str | None:
+    """The list file of ``split`` in ``folder`` (train.txt; val.txt or test.txt), if any."""
+    return next((os.path.join(folder, n) for n in LIST_FILES[split] if os.path.isfile(os.path.join(folder, n))), None)
+
+
 def pretrain_dataset(data_path: str, transform: Callable, lazy: bool = False) -> ImageFiles:
-    """``<data_path>/train`` if it exists (the official layout), else ``<data_path>`` itself."""
-    root = _existing_dir(data_path)
+    """``<data_path>/train`` if it exists (the official layout), else ``<data_path>/train.txt`` if
+    that exists, else ``<data_path>`` itself; or ``data_path`` is a list file."""
+    if os.path.isfile(data_path) or (os.path.isdir(data_path) and not os.path.isdir(os.path.join(data_path, "train"))):
+        list_path = data_path if os.path.isfile(data_path) else _list_in(data_path, "train")
+        if list_path is not None:
+            files = [path for path, _ in read_image_list(list_path, labelled=False)]
+            return ImageFiles(list_path, transform, lazy, files=files)
+    if not os.path.exists(data_path):
+        fail(f"--data_path {data_path} does not exist; give a folder of images or a list file")
+    root = data_path
     if os.path.isdir(os.path.join(root, "train")):
         root = os.path.join(root, "train")
     dataset = ImageFiles(root, transform, lazy)
@@ -105,16 +200,27 @@ def pretrain_dataset(data_path: str, transform: Callable, lazy: bool = False) ->
 
 def classification_dataset(
     data_path: str, split: str, transform: Callable, nb_classes: int | None, flag: str = "--data_path"
-) -> datasets.ImageFolder:
+) -> datasets.ImageFolder | ListedImages:
     """ImageFolder on ``<data_path>/<split>``; the validation split may be called 'val' or 'test'.
-    ``nb_classes`` None takes any number of classes; ``flag`` names the folder's flag in errors."""
+    Without a ``<data_path>/train`` folder, the list files ``<data_path>/train.txt`` and ``val.txt``
+    (or ``test.txt``) take the folders' place. ``nb_classes`` None takes any number of classes;
+    ``flag`` names the folder's flag in errors."""
+    if os.path.isfile(data_path):
+        fail(
+            f"{flag} {data_path} is a file; for classification give the folder that holds train.txt and val.txt "
+            f"(or train/ and val/ class folders)"
+        )
     _existing_dir(data_path, flag)
+    if not os.path.isdir(os.path.join(data_path, "train")) and _list_in(data_path, "train"):
+        if _list_in(data_path, "val") is None:  # said before the (long) training list is read
+            fail(f"{flag} {data_path} has train.txt but no {' or '.join(LIST_FILES['val'])}; give both lists")
+        return ListedImages(_list_in(data_path, split), transform, nb_classes)
     candidates = [split] if split == "train" else ["val", "test"]
     folder = next((os.path.join(data_path, c) for c in candidates if os.path.isdir(os.path.join(data_path, c))), None)
     if folder is None:
         fail(
             f"{flag} {data_path} has no '{'/'.join(candidates)}' folder; "
-            f"expected <data_path>/{candidates[0]}/<class>/<image>"
+            f"expected <data_path>/{candidates[0]}/<class>/<image> (or list files train.txt and val.txt)"
         )
     try:
         dataset = _ImageFolder(folder, transform=transform, loader=load_rgb)
@@ -146,12 +252,17 @@ def classification_splits(
     val_transform: Callable,
     nb_classes: int | None,
     flag: str = "--data_path",
-) -> tuple[datasets.ImageFolder, datasets.ImageFolder]:
-    """The training and validation ImageFolders of ``data_path``. A label is the position of its
-    class in the sorted folder names, so both splits must have the same class folders: with other
-    names of the same number, the validation images would be scored against the wrong classes."""
+) -> tuple[datasets.ImageFolder | ListedImages, datasets.ImageFolder | ListedImages]:
+    """The training and validation sets of ``data_path``: ImageFolders, or list files. A folder's
+    label is the position of its class in the sorted folder names, so both splits must have the
+    same class folders: with other names of the same number, the validation images would be scored
+    against the wrong classes. A list's label is the index itself, the same class in both."""
     train = classification_dataset(data_path, "train", train_transform, nb_classes, flag)
     val = classification_dataset(data_path, "val", val_transform, nb_classes, flag)
+    if isinstance(train, ListedImages) and isinstance(val, ListedImages):
+        count = max(len(train.classes), len(val.classes))  # without --nb_classes: the largest index + 1
+        train.set_classes(count)
+        val.set_classes(count)
     if train.classes != val.classes:
         only_train = sorted(set(train.classes) - set(val.classes))
         only_val = sorted(set(val.classes) - set(train.classes))
