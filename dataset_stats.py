@@ -1,0 +1,129 @@
+"""Per-channel mean and standard deviation of a data set's pixels: the values of --mean and --std.
+
+    python dataset_stats.py --data_path /path/to/images --input_size 224
+    python dataset_stats.py --data_path /path/to/train.txt --max_images 20000 --json stats.json
+
+``--data_path`` is read as main_pretrain.py reads it: a folder of images (its ``train/`` folder or
+``train.txt`` when it has one) or a list file. Each image is read as RGB, resized as a whole to
+``input_size`` x ``input_size`` with Pillow's bicubic resize (the resize the training crops go
+through, antialiased when it shrinks), and its 8-bit pixels are scaled to [0, 1]. The mean and the
+population standard deviation are taken per channel over every pixel of every image. Resizing
+first gives every image the same weight, as training does (one crop of ``input_size``² pixels per
+image and epoch); ``--input_size 0`` takes every image at its own size instead.
+
+The sums are exact integers (8-bit pixels), so the result does not depend on the order of the
+images or on ``--num_workers``.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+from fractions import Fraction
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from util.data import pretrain_dataset
+from util.errors import fail, run_cli
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("Per-channel pixel mean and std of a data set, for --mean and --std")
+    parser.add_argument("--data_path", required=True, help="folder of images or list file, as main_pretrain.py's")
+    parser.add_argument(
+        "--input_size", default=224, type=int, help="resize every image to this square size first (0: keep sizes)"
+    )
+    parser.add_argument(
+        "--max_images", default=0, type=int, metavar="N", help="use N evenly spaced images of the data set (0: all)"
+    )
+    parser.add_argument("--num_workers", default=4, type=int, help="data-loading processes")
+    parser.add_argument(
+        "--json", default="", metavar="FILE", help="also write the result as JSON to FILE ('-': stdout)"
+    )
+    return parser
+
+
+class PixelSums:
+    """Image -> int64 [3, C]: per channel, the pixel count, the sum of the 8-bit values and the sum
+    of their squares (exact: 8-bit values fit int64 sums up to 10^14 images of 224²)."""
+
+    def __init__(self, input_size: int):
+        self.input_size = input_size
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        if self.input_size:
+            img = img.resize((self.input_size, self.input_size), Image.BICUBIC)
+        pixels = np.asarray(img, dtype=np.int64).reshape(-1, len(img.getbands()))
+        count = np.full(pixels.shape[1], pixels.shape[0], dtype=np.int64)
+        return torch.from_numpy(np.stack([count, pixels.sum(axis=0), (pixels * pixels).sum(axis=0)]))
+
+
+def mean_std(sums: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Mean and population std of pixels / 255 from ``PixelSums`` totals, computed in exact
+    fractions and rounded once (only the square root rounds again)."""
+    means, stds = [], []
+    for n, s, q in sums.T.tolist():
+        means.append(float(Fraction(s, 255 * n)))
+        stds.append(math.sqrt(Fraction(q * n - s * s, (255 * n) ** 2)))
+    return means, stds
+
+
+def compute(args: argparse.Namespace) -> dict[str, Any]:
+    """The statistics of ``args.data_path``, as the JSON record ``main`` writes."""
+    if args.input_size < 0:
+        fail(f"--input_size must be 0 (each image at its own size) or more, got {args.input_size}")
+    if args.max_images < 0:
+        fail(f"--max_images must be 0 (all) or more, got {args.max_images}")
+    if args.num_workers < 0:
+        fail(f"--num_workers must be 0 or more, got {args.num_workers}")
+    if args.json not in ("", "-") and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        fail(f"--json {args.json}: its folder does not exist")  # before the work, not after it
+    dataset = pretrain_dataset(args.data_path, PixelSums(args.input_size))
+    if 0 < args.max_images < len(dataset):
+        chosen = np.unique(np.linspace(0, len(dataset) - 1, args.max_images).round().astype(np.int64))
+        dataset.files = [dataset.files[i] for i in chosen]
+    loader = DataLoader(dataset, batch_size=64, num_workers=args.num_workers)
+    # Progress every tenth of a long computation (20 batches or more).
+    total, done, report = None, 0, max(len(dataset) // 10, 1) if len(loader) >= 20 else len(dataset) + 1
+    for sums, _ in loader:
+        batch = sums.sum(dim=0)
+        total = batch if total is None else total + batch
+        before, done = done, done + len(sums)
+        if before // report != done // report and done < len(dataset):
+            print(f"{done}/{len(dataset)} images", file=sys.stderr)
+    mean, std = mean_std(total)
+    return {
+        "mean": mean,
+        "std": std,
+        "images": len(dataset),
+        "input_size": args.input_size,
+        "data_path": args.data_path,
+    }
+
+
+def flags(stats: dict[str, Any]) -> str:
+    """The flags to paste into main_pretrain.py and the others."""
+    return (
+        "--mean " + " ".join(f"{v:.6g}" for v in stats["mean"]) + " --std " + " ".join(f"{v:.6g}" for v in stats["std"])
+    )
+
+
+def main(args: argparse.Namespace) -> None:
+    stats = compute(args)
+    size = f"resized to {args.input_size} x {args.input_size} (bicubic)" if args.input_size else "at their own sizes"
+    print(f"{stats['images']} images of {args.data_path}, {size}, pixels scaled to [0, 1]:")
+    print(flags(stats))
+    if args.json == "-":
+        print(json.dumps(stats))
+    elif args.json:
+        with open(args.json, "w") as f:
+            f.write(json.dumps(stats, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(get_args_parser().parse_args()))
