@@ -40,7 +40,7 @@ class EncodedCrop:
     data: bytearray
     box: tuple[int, int, int, int]
     flip: bool
-    size: int  # of the square output
+    size: int | tuple[int, int]  # of the output: one side (a square) or (height, width)
     path: str  # for errors
 
 
@@ -48,7 +48,9 @@ class RandomResizedCropFlipOnDevice:
     """Image file path -> ``EncodedCrop``, or the finished uint8 crop for files the device does not
     decode. Batch with ``collate_encoded``."""
 
-    def __init__(self, size: int, scale: tuple[float, float] = SCALE, ratio: tuple[float, float] = RATIO):
+    def __init__(
+        self, size: int | tuple[int, int], scale: tuple[float, float] = SCALE, ratio: tuple[float, float] = RATIO
+    ):
         self.on_cpu = FastRandomResizedCropFlip(size, scale, ratio)  # also holds size, scale, ratio
 
     def __call__(self, path: str) -> EncodedCrop | torch.Tensor:
@@ -67,7 +69,8 @@ class EncodedBatch:
     def __init__(self, items: list[EncodedCrop | torch.Tensor]):
         self.items = items
         first = items[0]
-        self.size = first.size if isinstance(first, EncodedCrop) else first.shape[-1]
+        size = first.size if isinstance(first, EncodedCrop) else tuple(first.shape[-2:])
+        self.size = (size, size) if isinstance(size, int) else tuple(size)  # (height, width)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -76,7 +79,7 @@ class EncodedBatch:
         return self  # the decoder reads the bytes from host memory; nothing to pin
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> torch.Tensor:
-        """uint8 [N, 3, size, size] on ``device``."""
+        """uint8 [N, 3, height, width] on ``device``."""
         device = torch.device(device)
         if device.type != "cuda":
             return self._make(device, non_blocking)
@@ -101,7 +104,7 @@ class EncodedBatch:
             top, left, h, w = crop.box
             box = pixels[:, top : top + h, left : left + w].unsqueeze(0).float()
             # Float: the GPU has no uint8 kernel for this resize; rounded back to uint8 below.
-            resized = F.interpolate(box, size=(self.size, self.size), mode="bicubic", antialias=True).squeeze(0)
+            resized = F.interpolate(box, size=self.size, mode="bicubic", antialias=True).squeeze(0)
             out[i] = resized.flip(-1) if crop.flip else resized
         for i, item in enumerate(self.items):
             if out[i] is None:  # made and flipped in the worker

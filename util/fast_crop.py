@@ -32,10 +32,14 @@ SCALE, RATIO = (0.2, 1.0), (3 / 4, 4 / 3)
 
 
 class FastRandomResizedCropFlip:
-    """Image file path -> uint8 tensor [3, size, size]."""
+    """Image file path -> uint8 tensor [3, height, width]; ``size`` is one side (a square) or
+    (height, width)."""
 
-    def __init__(self, size: int, scale: tuple[float, float] = SCALE, ratio: tuple[float, float] = RATIO):
+    def __init__(
+        self, size: int | tuple[int, int], scale: tuple[float, float] = SCALE, ratio: tuple[float, float] = RATIO
+    ):
         self.size, self.scale, self.ratio = size, scale, ratio
+        self.out_hw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
     def __call__(self, path: str) -> torch.Tensor:
         return self.crop(read_file(path))
@@ -46,9 +50,10 @@ class FastRandomResizedCropFlip:
         img = None if jpeg_size else Image.open(io.BytesIO(data))  # Pillow for all the rest
         top, left, h, w = random_crop_box(*(jpeg_size or img.size), self.scale, self.ratio)
         flip = random.random() < 0.5
-        # Largest power-of-two reduction that keeps the box at least `size` pixels on each side.
+        # Largest power-of-two reduction that keeps the box at least the output's size on each side.
+        out_h, out_w = self.out_hw
         reduce = 1
-        while reduce < 8 and min(w, h) / (reduce * 2) >= self.size:
+        while reduce < 8 and h / (reduce * 2) >= out_h and w / (reduce * 2) >= out_w:
             reduce *= 2
         if reduce > 1 and (jpeg_size or img.format == "JPEG"):
             pixels, scale = _decode_reduced(img or Image.open(io.BytesIO(data)), reduce)
@@ -60,7 +65,7 @@ class FastRandomResizedCropFlip:
         else:
             pixels = _to_tensor(to_rgb(img))
         box = pixels[:, top : top + h, left : left + w].unsqueeze(0)
-        out = F.interpolate(box, size=(self.size, self.size), mode="bicubic", antialias=True).squeeze(0)
+        out = F.interpolate(box, size=self.out_hw, mode="bicubic", antialias=True).squeeze(0)
         return (out.flip(-1) if flip else out).contiguous()
 
 
