@@ -75,8 +75,11 @@ def reference(tmp_path_factory):
     return data, _final_model(out)
 
 
-def _start(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(args, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def _start(args: list[str], new_session: bool = False) -> subprocess.Popen:
+    return subprocess.Popen(
+        args, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=new_session,
+    )  # fmt: skip
 
 
 def _wait_for(proc: subprocess.Popen, marker: str, timeout: float = 300) -> bool:
@@ -152,15 +155,27 @@ def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one(reference, tmp_
     assert_same(_final_model(out), expected)
 
 
-def test_sigterm_checkpoints_at_the_exact_position_and_resume_is_exact(reference, tmp_path):
+# A cluster (scancel, preemption) signals the whole process group, DataLoader workers included.
+@pytest.mark.parametrize("to_group", [False, True], ids=["to-the-process", "to-the-group-with-workers"])
+def test_sigterm_checkpoints_at_the_exact_position_and_resume_is_exact(reference, tmp_path, to_group):
     data, expected = reference
     out = tmp_path / "out"
     flags = _flags(data, out)
     flags[flags.index("--ckpt_every_steps") + 1] = "0"  # only the signal makes a mid-epoch checkpoint
-    proc = _start([sys.executable, "main_pretrain.py", *flags])
-    assert _wait_for(proc, "Epoch: [1] [2/6]")
-    proc.send_signal(signal.SIGTERM)
-    rest = proc.communicate(timeout=300)[0]
+    flags[flags.index("--num_workers") + 1] = "2" if to_group else "0"
+    proc = _start([sys.executable, "main_pretrain.py", *flags], new_session=to_group)
+    try:
+        assert _wait_for(proc, "Epoch: [1] [2/6]")
+        if to_group:
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.send_signal(signal.SIGTERM)
+        rest = proc.communicate(timeout=300)[0]
+    finally:  # a run in its own session outlives a failed test otherwise
+        if proc.poll() is None and to_group:
+            os.killpg(proc.pid, signal.SIGKILL)
+        elif proc.poll() is None:
+            proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM, rest[-2000:]
     assert "continue with --resume auto" in rest
     mid = sorted(p.name for p in out.glob("checkpoint-1-step*.pth"))

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, g
 from torchvision import datasets, transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from util import distributed
+from util import distributed, interrupt
 from util.device_decode import RandomResizedCropFlipOnDevice, collate_encoded
 from util.errors import fail
 from util.fast_crop import FastRandomResizedCropFlip
@@ -448,6 +448,7 @@ def train_loader(dataset: Dataset, args: Any, collate_fn: Callable | None = None
         drop_last=True,
         persistent_workers=args.num_workers > 0,
         collate_fn=collate_fn,
+        worker_init_fn=interrupt.ignore_in_worker,
         # The workers' own seeds are irrelevant (SeededDataset reseeds per sample); a private
         # generator keeps the loader from drawing on the global stream the model uses.
         generator=torch.Generator().manual_seed(args.seed),
@@ -463,4 +464,5 @@ def eval_loader(dataset: Dataset, args: Any, batch_size: int | None = None) -> D
         num_workers=args.num_workers,
         pin_memory=args.pin_mem and str(args.device).startswith("cuda"),
         drop_last=False,
+        worker_init_fn=interrupt.ignore_in_worker,
     )

@@ -29,6 +29,15 @@ def install() -> None:
             _previous[s] = previous
 
 
+def ignore_in_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: a stop signal sent to the whole process group (``scancel``,
+    ``kill -- -PGID``, a cluster's preemption) is the main process's to act on. Left to torch's
+    own SIGTERM handler, the workers die and the main process crashes instead of checkpointing;
+    the workers still exit when the main process closes the loader or dies."""
+    for s in SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
 def requested() -> bool:
     return _requested is not None
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets
 
-from util import distributed
+from util import distributed, interrupt
 from util.data import IMAGENET_MEAN, IMAGENET_STD, ShardSampler, classification_splits, eval_transform
 from util.errors import fail
 from util.linear_eval import linear_accuracy
@@ -137,7 +137,11 @@ class KnnData:
 
         def loader(dataset: Dataset) -> DataLoader:
             return DataLoader(
-                dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset)), num_workers=num_workers
+                dataset,
+                batch_size=batch_size,
+                sampler=ShardSampler(len(dataset)),
+                num_workers=num_workers,
+                worker_init_fn=interrupt.ignore_in_worker,
             )
 
         return loader(self.bank), loader(self.queries)
