@@ -266,6 +266,32 @@ class TrainState:
     # before a mid-epoch save), so that a resumed epoch logs the average of all its iterations.
     meters: dict[str, Any] | None = None
 
+    def state_dict(self) -> dict[str, Any]:
+        """The checkpoint entries this state owns (the official keys first); ``save_checkpoint``
+        adds the position (``epoch``, ``step``) and every rank's random state."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "args": self.args,
+            "extra": self.extra,
+            "log": self.log,
+            "meters": self.meters,
+        }
+
+    def load_state_dict(self, ckpt: dict[str, Any], path: str) -> None:
+        """Restore what ``state_dict`` saved, except the model (``resume`` loads it strictly first,
+        from any kind of checkpoint) and the args (this run's flags are the ones that count)."""
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError) as e:
+            fail(f"checkpoint {path}: its optimizer state does not fit this model and optimizer ({e})")
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.extra.update(ckpt.get("extra", {}))
+        self.log = ckpt.get("log")  # None in checkpoints older than the log history
+        self.meters = ckpt.get("meters")
+
 
 def save_checkpoint(state: TrainState, epoch: int, step: int | None = None) -> str | None:
     """Save on rank 0 (all ranks must call: the RNG states are gathered). Returns the path.
@@ -279,18 +305,9 @@ def save_checkpoint(state: TrainState, epoch: int, step: int | None = None) -> s
     if not distributed.is_main_process() or not args.output_dir:
         return None
     path = os.path.join(args.output_dir, name)
-    obj = {
-        "model": state.model.state_dict(),
-        "optimizer": state.optimizer.state_dict(),
-        "epoch": epoch,
-        "step": step,
-        "scaler": state.scaler.state_dict(),
-        "args": args,
-        "rng": rng,
-        "extra": state.extra,
-        "log": state.log,
-        "meters": state.meters if step is not None else None,
-    }
+    obj = {**state.state_dict(), "epoch": epoch, "step": step, "rng": rng}
+    if step is None:
+        obj["meters"] = None  # an epoch's running sums belong to mid-epoch positions only
     try:
         atomic_save(obj, path)
     except OSError as e:
@@ -399,15 +416,7 @@ def resume(state: TrainState) -> Position:
                 f"from them at epoch {start.epoch}; this is not an exact resume"
             )
         return start
-    try:
-        state.optimizer.load_state_dict(ckpt["optimizer"])
-    except (ValueError, KeyError) as e:
-        fail(f"checkpoint {path}: its optimizer state does not fit this model and optimizer ({e})")
-    if ckpt.get("scaler"):
-        state.scaler.load_state_dict(ckpt["scaler"])
-    state.extra.update(ckpt.get("extra", {}))
-    state.log = ckpt.get("log")  # None in checkpoints older than the log history
-    state.meters = ckpt.get("meters")
+    state.load_state_dict(ckpt, path)
     rng = ckpt.get("rng")
     if rng and len(rng) == distributed.world_size():
         restore_rng(rng[distributed.rank()])
