@@ -2,10 +2,12 @@
 
 import argparse
 import math
+from collections.abc import Sequence
 
 import torch
 
 from util.errors import fail
+from util.shapes import image_size
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DEVICES = ("cpu", "cuda", "mps")
@@ -192,9 +194,53 @@ def check_mask_ratio(mask_ratio: float, num_patches: int) -> None:
         )
 
 
-def check_input_size(input_size: int, patch_size: int) -> None:
-    if input_size < patch_size or input_size % patch_size:
-        fail(f"--input_size {input_size} is not a multiple of the model's patch size {patch_size}")
+class InputSize(argparse.Action):
+    """``--input_size S`` (a square) or ``--input_size H W``. A square is stored as one int, as
+    before, so that square runs keep their args (and checkpoints) unchanged; height and width as
+    a list, which JSON metadata (.safetensors) gives back as it was."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values, option_string=None):
+        square = len(values) == 1 or (len(values) == 2 and values[0] == values[1])
+        setattr(namespace, self.dest, values[0] if square else list(values))
+
+
+def add_input_size_arg(group: argparse._ArgumentGroup, default: int | None) -> None:
+    """The ``--input_size`` flag of every entry point; ``image_size`` reads it."""
+    group.add_argument(
+        "--input_size",
+        default=default,
+        type=int,
+        nargs="+",
+        action=InputSize,
+        metavar="SIZE",
+        help="image size: one value (a square) or two (height width), each a multiple of the patch size",
+    )
+
+
+def add_in_chans_arg(group: argparse._ArgumentGroup, default: int | None = 3) -> None:
+    """The ``--in_chans`` flag: image channels, read from the files as they are (see util/images.py)."""
+    group.add_argument(
+        "--in_chans",
+        default=default,
+        type=int,
+        metavar="C",
+        help="image channels: 3 reads every file as RGB; 1 reads grayscale files (8 or 16-bit) as they are; "
+        "other counts read multi-page TIFFs, one page per channel (or files with that many bands)",
+    )
+
+
+def check_input_size(input_size: int | Sequence[int], patch_size: int) -> tuple[int, int]:
+    """(height, width), both multiples of the patch size, or a one-line error."""
+    height, width = image_size(input_size)
+    if any(side < patch_size or side % patch_size for side in (height, width)):
+        shown = f"{height}" if height == width else f"{height} {width} (height width)"
+        fail(f"--input_size {shown} is not a multiple of the model's patch size {patch_size}")
+    return height, width
+
+
+def check_in_chans(in_chans: int) -> None:
+    if in_chans < 1:
+        fail(f"--in_chans must be at least 1, got {in_chans}")
 
 
 def effective_lr(args: argparse.Namespace, world_size: int) -> float:
