@@ -1,0 +1,339 @@
+"""export.py --to hf / --from hf: our MAE <-> transformers' ViTMAEForPreTraining.
+
+Export: transformers loads the folder with no missing, unexpected or mismatched keys, its config
+states our architecture, and with the same images and the same masking noise it gives our loss,
+prediction and mask (norm_pix_loss on and off, two mask ratios, HF's sdpa and eager attention).
+Import: a folder from our export comes back bit for bit; a model built and saved by transformers
+(in each of HF's name spellings) becomes a checkpoint whose model gives HF's outputs and that the
+--finetune and --resume loaders accept. Broken folders are one-line errors naming the folder.
+
+Tolerance: float32, absolute 1e-5. Observed with transformers 5.23 on CPU: sdpa attention gives
+bitwise-equal outputs (max difference 0); eager attention differs in the prediction by ~2e-6
+(another order of the softmax-weighted sum), the mask is always identical.
+"""
+
+import argparse
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import cli, demo_files
+
+import export
+import models_mae
+import models_vit
+from util.checkpoint import load_checkpoint, load_model_strict, model_state
+from util.data import eval_transform
+from util.errors import UserError
+from util.visualize import load_images
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+ATOL = 1e-5
+NAME = "mae_vit_mini_patch4"
+
+
+def _images() -> torch.Tensor:
+    return load_images([str(f) for f in demo_files(2)], eval_transform(32))
+
+
+def _noise(n: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.rand(n, length, generator=torch.Generator().manual_seed(seed))
+
+
+def _perturb(model: torch.nn.Module, seed: int) -> None:
+    """Random values in every tensor (biases, norms and position embeddings too), so that a
+    tensor mapped to the wrong place, or recomputed by the loader, changes the outputs."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.state_dict().values():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+
+
+def _run(argv: list[str]) -> None:
+    export.main(export.get_args_parser().parse_args(argv))
+
+
+def _hf(folder: Path, attn: str = "sdpa") -> torch.nn.Module:
+    model, info = transformers.ViTMAEForPreTraining.from_pretrained(
+        str(folder), output_loading_info=True, attn_implementation=attn
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert not info["mismatched_keys"] and not info["error_msgs"], info
+    return model.eval()
+
+
+def _assert_same_outputs(ours: torch.nn.Module, hf: torch.nn.Module, mask_ratio: float) -> None:
+    imgs = _images()
+    noise = _noise(len(imgs), ours.num_patches)
+    with torch.no_grad():
+        loss, pred, mask = ours(imgs, mask_ratio, noise)
+        out = hf(pixel_values=imgs, noise=noise)
+    assert torch.equal(out.mask, mask)
+    torch.testing.assert_close(out.logits, pred, atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.loss, loss, atol=ATOL, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def mae(tmp_path_factory):
+    """Our mini MAE at 32 px with random weights, saved as main_pretrain would (with args)."""
+    root = tmp_path_factory.mktemp("hf")
+    torch.manual_seed(0)
+    model = models_mae.mae_vit_mini_patch4(norm_pix_loss=True)
+    _perturb(model, 0)
+    args = argparse.Namespace(model=NAME, input_size=32, norm_pix_loss=True, mask_ratio=0.75)
+    torch.save({"model": model.state_dict(), "args": args, "epoch": 0}, root / "checkpoint-0.pth")
+    _run(["--checkpoint", str(root / "checkpoint-0.pth"), "--to", "hf", "--output", str(root / "hf")])
+    return model.eval(), root
+
+
+# ---------------------------------------------------------------------------------------------
+# Ours -> HF
+def test_hf_loads_export_strictly_with_our_config(mae):
+    model, root = mae
+    assert sorted(p.name for p in (root / "hf").iterdir()) == ["config.json", "model.safetensors"]
+    hf = _hf(root / "hf")
+    c = hf.config
+    assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.intermediate_size) == (128, 6, 4, 512)
+    assert (c.image_size, c.patch_size, c.num_channels, c.qkv_bias, c.hidden_act) == (32, 4, 3, True, "gelu")
+    assert (c.decoder_hidden_size, c.decoder_num_hidden_layers, c.decoder_num_attention_heads) == (64, 2, 2)
+    assert c.decoder_intermediate_size == 256
+    assert (c.layer_norm_eps, c.mask_ratio, c.norm_pix_loss) == (1e-6, 0.75, True)
+    assert all(m.eps == 1e-6 for m in model.modules() if isinstance(m, torch.nn.LayerNorm))
+    # HF's position embeddings are weights in the file: ours arrive as they are.
+    assert torch.equal(hf.vit.embeddings.position_embeddings, model.pos_embed)
+    assert torch.equal(hf.decoder.decoder_pos_embed, model.decoder_pos_embed)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_hf_gives_our_loss_prediction_and_mask(mae, attn):
+    model, root = mae
+    hf = _hf(root / "hf", attn)
+    # HF reads norm_pix_loss and mask_ratio from its config at each call: vary both sides alike.
+    for norm_pix, ratio in ((True, 0.75), (False, 0.75), (True, 0.5)):
+        hf.config.norm_pix_loss, hf.config.mask_ratio, model.norm_pix_loss = norm_pix, ratio, norm_pix
+        _assert_same_outputs(model, hf, ratio)
+    model.norm_pix_loss = True
+
+
+def test_export_without_args_infers_the_model_and_takes_flags(mae, tmp_path, capsys):
+    """An official-style checkpoint ({'model': ...}, no args): the model is found by its shapes,
+    mask_ratio / norm_pix_loss default to 0.75 / off, or come from the flags."""
+    model, _ = mae
+    src = tmp_path / "mae_visualize_vit_mini.pth"
+    torch.save({"model": model.state_dict()}, src)
+    _run(["--checkpoint", str(src), "--to", "hf", "--output", str(tmp_path / "a")])
+    assert f"wrote {NAME} (32 px, mask_ratio 0.75, norm_pix_loss False)" in capsys.readouterr().out
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert (config["mask_ratio"], config["norm_pix_loss"]) == (0.75, False)
+    argv = ["--checkpoint", str(src), "--to", "hf", "--output", str(tmp_path / "a"), "--force"]
+    _run([*argv, "--mask_ratio", "0.6", "--norm_pix_loss"])
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert (config["mask_ratio"], config["norm_pix_loss"]) == (0.6, True)
+    assert _hf(tmp_path / "a").config.mask_ratio == 0.6
+
+
+# ---------------------------------------------------------------------------------------------
+# HF -> ours
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_export_then_import_is_bitwise_with_args(mae, tmp_path, suffix):
+    model, root = mae
+    out = tmp_path / f"back{suffix}"
+    _run(["--from", "hf", "--checkpoint", str(root / "hf"), "--output", str(out)])
+    ckpt = load_checkpoint(str(out))
+    state = model_state(ckpt, str(out))
+    assert set(state) == set(model.state_dict())
+    for k, v in model.state_dict().items():
+        assert state[k].dtype == v.dtype and torch.equal(state[k], v), k
+    args = ckpt["args"]
+    assert (args.model, args.input_size, args.norm_pix_loss, args.mask_ratio) == (NAME, 32, True, 0.75)
+
+
+def _hf_built_by_transformers(seed: int = 1) -> torch.nn.Module:
+    """A ViTMAEForPreTraining made by transformers itself, of the mini model's architecture."""
+    config = transformers.ViTMAEConfig(
+        hidden_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        intermediate_size=512,
+        image_size=32,
+        patch_size=4,
+        decoder_hidden_size=64,
+        decoder_num_hidden_layers=2,
+        decoder_num_attention_heads=2,
+        decoder_intermediate_size=256,
+        layer_norm_eps=1e-6,
+        norm_pix_loss=True,
+        mask_ratio=0.75,
+    )
+    torch.manual_seed(seed)
+    hf = transformers.ViTMAEForPreTraining(config)
+    _perturb(hf, seed)
+    return hf.eval()
+
+
+def test_model_from_transformers_imports_with_equal_outputs(tmp_path, capsys):
+    hf = _hf_built_by_transformers()
+    hf.save_pretrained(str(tmp_path / "saved"))
+    out = tmp_path / "from_hf.pth"
+    _run(["--from", "hf", "--checkpoint", str(tmp_path / "saved"), "--output", str(out)])
+    assert "note:" not in capsys.readouterr().out
+    ckpt = load_checkpoint(str(out))
+    args = ckpt["args"]
+    assert (args.model, args.input_size, args.norm_pix_loss, args.mask_ratio) == (NAME, 32, True, 0.75)
+    # What main_pretrain --resume does: the named model, strict loading.
+    ours = models_mae.MODELS[args.model](img_size=args.input_size, norm_pix_loss=args.norm_pix_loss)
+    load_model_strict(ours, model_state(ckpt, str(out)), str(out))
+    _assert_same_outputs(ours.eval(), hf, 0.75)
+    # What main_finetune --finetune does: the encoder into the classifier, the head initialised.
+    from util.pretrained import load_pretrained_encoder
+
+    clf = models_vit.vit_mini_patch4(num_classes=3, img_size=32)
+    load_pretrained_encoder(clf, str(out))
+    assert torch.equal(clf.blocks[5].attn.qkv.weight, ours.blocks[5].attn.qkv.weight)
+    assert torch.equal(clf.pos_embed, ours.pos_embed)
+
+
+def test_every_hf_spelling_and_file_format_imports_the_same(tmp_path, capsys):
+    """transformers 5's save_pretrained names, the Hub's (transformers 4) names as our export
+    writes them, transformers 5's module names, safetensors shards with their index, and a
+    pytorch_model.bin: one state dict."""
+    from safetensors.torch import load_file, save_file
+
+    hf = _hf_built_by_transformers(2)
+    hf.save_pretrained(str(tmp_path / "saved"))
+    config = (tmp_path / "saved" / "config.json").read_text()
+    saved = load_file(str(tmp_path / "saved" / "model.safetensors"))
+    assert any(".decoder_encoder.layer." in k for k in saved) or any(".decoder_layers." in k for k in saved)
+    variants = {
+        "native": {k: v.contiguous() for k, v in hf.state_dict().items()},  # q_proj, vit.layers.N, ...
+        "hub": {k.replace("decoder_encoder.layer.", "decoder_layers."): v for k, v in saved.items()},
+    }
+    for name, state in variants.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(config)
+        save_file(state, str(tmp_path / name / "model.safetensors"), metadata={"format": "pt"})
+    # Shards with their index, as save_pretrained writes large models.
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "config.json").write_text(config)
+    names = sorted(saved)
+    weight_map = {}
+    for i, part in enumerate((names[::2], names[1::2])):
+        shard = f"model-0000{i + 1}-of-00002.safetensors"
+        save_file({k: saved[k] for k in part}, str(tmp_path / "shards" / shard), metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(part, shard)
+    (tmp_path / "shards" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "config.json").write_text(config)
+    torch.save(saved, tmp_path / "bin" / "pytorch_model.bin")
+    # HF's default layer_norm_eps (1e-12) is in many Hub configs: imported with a note.
+    (tmp_path / "eps").mkdir()
+    (tmp_path / "eps" / "config.json").write_text(json.dumps({**json.loads(config), "layer_norm_eps": 1e-12}))
+    shutil.copyfile(tmp_path / "saved" / "model.safetensors", tmp_path / "eps" / "model.safetensors")
+    states = {}
+    for folder in ("saved", "native", "hub", "shards", "bin", "eps"):
+        out = tmp_path / f"{folder}.pth"
+        _run(["--from", "hf", "--checkpoint", str(tmp_path / folder), "--output", str(out)])
+        states[folder] = model_state(load_checkpoint(str(out)), str(out))
+    note = f"note: {tmp_path / 'eps'} states layer_norm_eps 1e-12; {NAME} computes with 1e-06"
+    assert note in capsys.readouterr().out
+    for folder, state in states.items():
+        assert state.keys() == states["saved"].keys(), folder
+        assert all(torch.equal(state[k], v) for k, v in states["saved"].items()), folder
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+# mae_vit_tiny_patch4's architecture: a config that names another of our models than its weights.
+TINY_ARCH = {
+    "hidden_size": 192,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 3,
+    "intermediate_size": 768,
+    "decoder_hidden_size": 128,
+    "decoder_num_hidden_layers": 4,
+    "decoder_num_attention_heads": 4,
+    "decoder_intermediate_size": 512,
+}
+
+
+def _write_folder(path: Path, config: dict | None, weights: dict[str, torch.Tensor] | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    path.mkdir()
+    if config is not None:
+        (path / "config.json").write_text(json.dumps(config))
+    if weights is not None:
+        save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+def test_broken_or_foreign_hf_folders_are_one_line_errors_naming_them(mae, tmp_path):
+    _, root = mae
+    good = json.loads((root / "hf" / "config.json").read_text())
+    from safetensors.torch import load_file
+
+    weights = load_file(str(root / "hf" / "model.safetensors"))
+    encoder_only = {k: v for k, v in weights.items() if k.startswith("vit.")}
+    cases = {
+        "no_config": (None, weights, "has no config.json"),
+        "bert": ({"model_type": "bert", "architectures": ["BertModel"]}, None, "holds a bert (BertModel) model, not"),
+        "no_weights": (good, None, "lacks its weights (pytorch_model.bin)"),
+        "encoder_only": (good, encoder_only, "holds no MAE decoder weights"),
+        "other_config": (
+            {**good, **TINY_ARCH},
+            weights,
+            "its weights do not fit its config.json (mae_vit_tiny_patch4",
+        ),
+        "unknown_arch": ({**good, "num_hidden_layers": 5}, weights, "no models_mae model has its architecture"),
+    }
+    for name, (config, state, message) in cases.items():
+        folder = _write_folder(tmp_path / name, config, state)
+        with pytest.raises(UserError, match=rf"HF folder {re.escape(str(folder))}[: ].*{re.escape(message)}"):
+            _run(["--from", "hf", "--checkpoint", str(folder), "--output", str(tmp_path / f"{name}.pth")])
+    extra = _write_folder(tmp_path / "extra", good, {**weights, "classifier.weight": torch.zeros(2)})
+    with pytest.raises(UserError, match=rf"HF folder {extra} holds weights that are not .*classifier.weight"):
+        _run(["--from", "hf", "--checkpoint", str(extra), "--output", str(tmp_path / "x.pth")])
+    with pytest.raises(UserError, match="reads a transformers model folder"):
+        _run(["--from", "hf", "--checkpoint", str(root / "checkpoint-0.pth"), "--output", str(tmp_path / "y.pth")])
+    with pytest.raises(UserError, match=r"--from hf writes our checkpoint, \.pth or \.safetensors"):
+        _run(["--from", "hf", "--checkpoint", str(root / "hf"), "--output", str(tmp_path / "z.bin")])
+    result = cli(
+        ["export.py", "--from", "hf", "--checkpoint", str(tmp_path / "bert"), "--output", str(tmp_path / "c.pth")]
+    )
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and str(tmp_path / "bert") in lines[0], result.stderr
+
+
+def test_to_hf_needs_a_decoder_and_a_free_folder(mae, tmp_path):
+    model, root = mae
+    encoder = tmp_path / "mae_pretrain_vit_mini.pth"
+    torch.save(
+        {"model": {k: v for k, v in model.state_dict().items() if not k.startswith(("decoder", "mask"))}}, encoder
+    )
+    with pytest.raises(UserError, match=rf"checkpoint {encoder} holds no MAE decoder"):
+        _run(["--checkpoint", str(encoder), "--to", "hf", "--output", str(tmp_path / "e")])
+    with pytest.raises(UserError, match=rf"--output {root / 'hf'} exists; pass --force"):
+        _run(["--checkpoint", str(root / "checkpoint-0.pth"), "--to", "hf", "--output", str(root / "hf")])
+    with pytest.raises(UserError, match=r"is a file; --to hf writes a folder"):
+        _run(["--checkpoint", str(root / "checkpoint-0.pth"), "--to", "hf", "--output", str(encoder), "--force"])
+    with pytest.raises(UserError, match=r"--mask_ratio and --norm_pix_loss set the config of --to hf"):
+        _run(["--checkpoint", str(encoder), "--to", "timm", "--output", str(tmp_path / "t.pth"), "--mask_ratio", "0.5"])
+    with pytest.raises(UserError, match=r"does not fit mae_vit_tiny_patch4 at 32 px"):
+        _run(
+            [
+                "--checkpoint",
+                str(root / "checkpoint-0.pth"),
+                "--to",
+                "hf",
+                "--output",
+                str(tmp_path / "w"),
+                "--model",
+                "vit_tiny_patch4",
+            ]
+        )
+    assert not (tmp_path / "e").exists() and not (tmp_path / "w").exists()
