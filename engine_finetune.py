@@ -116,7 +116,7 @@ def fit(
             train_stats = train_one_epoch(trained, train_loader, state, epoch, criterion, mixup_fn, run_log, start_step)
             state.extra["unevaluated"] = {"epoch": epoch, "train_stats": train_stats}
             path = save_checkpoint(state, epoch)
-            if distributed.any_rank(interrupt.requested(), args.device):
+            if setup.stop_requested(args):
                 raise interrupt.Interrupted(path)  # stop now: the resumed run evaluates this epoch
             _evaluate_epoch(trained, val_loader, state, run_log)
     finally:

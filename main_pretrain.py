@@ -14,7 +14,7 @@ from timm.optim import param_groups_weight_decay
 
 import models_mae
 from engine_pretrain import log_reconstructions, train_one_epoch
-from util import distributed, knn, setup
+from util import distributed, interrupt, knn, setup
 from util.args import add_run_args, add_schedule_args, check_input_size, check_mask_ratio
 from util.checkpoint import TrainState, resume
 from util.data import PRETRAIN_LOADERS, eval_transform, pretrain_data
@@ -153,7 +153,9 @@ def main(args: argparse.Namespace) -> None:
                 print(f"reconstructions: {path}")
             if knn_data is not None and ((epoch + 1) % args.knn_freq == 0 or epoch == args.epochs - 1):
                 stats.update(knn_monitor(model, knn_data, epoch, run_log, args))
-            setup.end_epoch(state, epoch, stats, run_log)
+            path = setup.end_epoch(state, epoch, stats, run_log)
+            if setup.stop_requested(args):
+                raise interrupt.Interrupted(path)  # after the checkpoint: --resume auto goes on from it
     finally:
         run_log.close()
     print(f"training time {format_duration(time.time() - begin)}")

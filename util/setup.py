@@ -77,9 +77,9 @@ def epochs_left(position: Position, loader: DataLoader, args: argparse.Namespace
         yield epoch, start_step
 
 
-def end_epoch(state: TrainState, epoch: int, stats: dict[str, Any], run_log: RunLog) -> None:
-    """Checkpoint (atomically), prune old checkpoints, append the epoch's line to log.txt,
-    and stop cleanly if a stop was requested during the epoch.
+def end_epoch(state: TrainState, epoch: int, stats: dict[str, Any], run_log: RunLog) -> str | None:
+    """Checkpoint (atomically), prune old checkpoints and append the epoch's line to log.txt;
+    returns the checkpoint's path (None without ``--output_dir``).
 
     The line goes into the checkpoint's log history first and into log.txt after the checkpoint:
     a kill in between loses nothing, since resuming rewrites log.txt from that history."""
@@ -89,8 +89,12 @@ def end_epoch(state: TrainState, epoch: int, stats: dict[str, Any], run_log: Run
     if args.output_dir:
         path = save_checkpoint(state, epoch)  # also prunes
     run_log.write()
-    if distributed.any_rank(interrupt.requested(), args.device):
-        raise interrupt.Interrupted(path)
+    return path
+
+
+def stop_requested(args: argparse.Namespace) -> bool:
+    """Whether a stop signal reached any rank; every rank gets the same answer (a collective)."""
+    return distributed.any_rank(interrupt.requested(), args.device)
 
 
 def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
