@@ -21,6 +21,7 @@ from util.device_decode import RandomResizedCropFlipOnDevice, collate_encoded
 from util.errors import fail
 from util.fast_crop import FastRandomResizedCropFlip
 from util.images import load_rgb
+from util.shapes import ClampUnit, check_norm_channels, eval_resize, image_loader, image_size, tensor_train_transform
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -70,9 +71,14 @@ class ImageFiles(Dataset):
     """
 
     def __init__(
-        self, root: str, transform: Callable | None = None, lazy: bool = False, files: Sequence[str] | None = None
+        self,
+        root: str,
+        transform: Callable | None = None,
+        lazy: bool = False,
+        files: Sequence[str] | None = None,
+        loader: Callable[[str], Any] = load_rgb,
     ):
-        self.root, self.transform, self.lazy = root, transform, lazy
+        self.root, self.transform, self.lazy, self.loader = root, transform, lazy, loader
         if files is not None:
             self.files = list(files)
         else:
@@ -83,7 +89,7 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         path = self.files[index]
-        img = path if self.lazy else load_rgb(path)
+        img = path if self.lazy else self.loader(path)
         try:
             return (self.transform(img) if self.transform else img), 0
         except Exception as e:  # Pillow and torchvision raise many types for bad files
@@ -153,8 +159,14 @@ class ListedImages(Dataset):
     """A labelled list file (``read_image_list``) as an ImageFolder-like data set: ``samples``,
     ``targets`` and ``classes`` (the indices as names, ``'0'``, ``'1'``, ...), in the list's order."""
 
-    def __init__(self, list_path: str, transform: Callable | None, nb_classes: int | None):
-        self.root, self.transform = list_path, transform
+    def __init__(
+        self,
+        list_path: str,
+        transform: Callable | None,
+        nb_classes: int | None,
+        loader: Callable[[str], Any] = load_rgb,
+    ):
+        self.root, self.transform, self.loader = list_path, transform, loader
         self.samples = read_image_list(list_path, labelled=True, nb_classes=nb_classes)
         self.targets = [label for _, label in self.samples]
         self.set_classes(nb_classes or max(self.targets) + 1)
@@ -168,7 +180,7 @@ class ListedImages(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         path, label = self.samples[index]
-        img = load_rgb(path)
+        img = self.loader(path)
         return (self.transform(img) if self.transform else img), label
 
 
@@ -177,20 +189,22 @@ def _list_in(folder: str, split: str) -> str | None:
     return next((os.path.join(folder, n) for n in LIST_FILES[split] if os.path.isfile(os.path.join(folder, n))), None)
 
 
-def pretrain_dataset(data_path: str, transform: Callable, lazy: bool = False) -> ImageFiles:
+def pretrain_dataset(
+    data_path: str, transform: Callable, lazy: bool = False, loader: Callable[[str], Any] = load_rgb
+) -> ImageFiles:
     """``<data_path>/train`` if it exists (the official layout), else ``<data_path>/train.txt`` if
     that exists, else ``<data_path>`` itself; or ``data_path`` is a list file."""
     if os.path.isfile(data_path) or (os.path.isdir(data_path) and not os.path.isdir(os.path.join(data_path, "train"))):
         list_path = data_path if os.path.isfile(data_path) else _list_in(data_path, "train")
         if list_path is not None:
             files = [path for path, _ in read_image_list(list_path, labelled=False)]
-            return ImageFiles(list_path, transform, lazy, files=files)
+            return ImageFiles(list_path, transform, lazy, files=files, loader=loader)
     if not os.path.exists(data_path):
         fail(f"--data_path {data_path} does not exist; give a folder of images or a list file")
     root = data_path
     if os.path.isdir(os.path.join(root, "train")):
         root = os.path.join(root, "train")
-    dataset = ImageFiles(root, transform, lazy)
+    dataset = ImageFiles(root, transform, lazy, loader=loader)
     if not len(dataset):
         fail(
             f"--data_path {root} holds no images ({', '.join(IMG_EXTENSIONS[:4])}, ...); point it at your image folder"
@@ -199,7 +213,12 @@ def pretrain_dataset(data_path: str, transform: Callable, lazy: bool = False) ->
 
 
 def classification_dataset(
-    data_path: str, split: str, transform: Callable, nb_classes: int | None, flag: str = "--data_path"
+    data_path: str,
+    split: str,
+    transform: Callable,
+    nb_classes: int | None,
+    flag: str = "--data_path",
+    loader: Callable[[str], Any] = load_rgb,
 ) -> datasets.ImageFolder | ListedImages:
     """ImageFolder on ``<data_path>/<split>``; the validation split may be called 'val' or 'test'.
     Without a ``<data_path>/train`` folder, the list files ``<data_path>/train.txt`` and ``val.txt``
@@ -214,7 +233,7 @@ def classification_dataset(
     if not os.path.isdir(os.path.join(data_path, "train")) and _list_in(data_path, "train"):
         if _list_in(data_path, "val") is None:  # said before the (long) training list is read
             fail(f"{flag} {data_path} has train.txt but no {' or '.join(LIST_FILES['val'])}; give both lists")
-        return ListedImages(_list_in(data_path, split), transform, nb_classes)
+        return ListedImages(_list_in(data_path, split), transform, nb_classes, loader)
     candidates = [split] if split == "train" else ["val", "test"]
     folder = next((os.path.join(data_path, c) for c in candidates if os.path.isdir(os.path.join(data_path, c))), None)
     if folder is None:
@@ -223,7 +242,7 @@ def classification_dataset(
             f"expected <data_path>/{candidates[0]}/<class>/<image> (or list files train.txt and val.txt)"
         )
     try:
-        dataset = _ImageFolder(folder, transform=transform, loader=load_rgb)
+        dataset = _ImageFolder(folder, transform=transform, loader=loader)
     except (FileNotFoundError, RuntimeError) as e:
         fail(f"{folder}: {e}")
     if nb_classes is not None and len(dataset.classes) != nb_classes:
@@ -252,13 +271,14 @@ def classification_splits(
     val_transform: Callable,
     nb_classes: int | None,
     flag: str = "--data_path",
+    loader: Callable[[str], Any] = load_rgb,
 ) -> tuple[datasets.ImageFolder | ListedImages, datasets.ImageFolder | ListedImages]:
     """The training and validation sets of ``data_path``: ImageFolders, or list files. A folder's
     label is the position of its class in the sorted folder names, so both splits must have the
     same class folders: with other names of the same number, the validation images would be scored
     against the wrong classes. A list's label is the index itself, the same class in both."""
-    train = classification_dataset(data_path, "train", train_transform, nb_classes, flag)
-    val = classification_dataset(data_path, "val", val_transform, nb_classes, flag)
+    train = classification_dataset(data_path, "train", train_transform, nb_classes, flag, loader)
+    val = classification_dataset(data_path, "val", val_transform, nb_classes, flag, loader)
     if isinstance(train, ListedImages) and isinstance(val, ListedImages):
         count = max(len(train.classes), len(val.classes))  # without --nb_classes: the largest index + 1
         train.set_classes(count)
@@ -279,10 +299,11 @@ PRETRAIN_LOADERS = ("fast", "device", "torchvision")
 
 
 def pretrain_transform(
-    input_size: int,
+    input_size: int | Sequence[int],
     loader: str = "torchvision",
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    in_chans: int = 3,
 ) -> Callable:
     """The official pre-training augmentation: random resized crop (scale 0.2-1, bicubic) and flip.
 
@@ -291,16 +312,21 @@ def pretrain_transform(
     same again with the JPEG decode left to the training device (util/device_decode.py). The
     dataset of ``fast`` and ``device`` must be ``lazy``. ``mean``/``std`` (``--mean``/``--std``)
     normalise the torchvision pipeline's output; the other two leave that to the training loop.
+    ``input_size`` is one side or (height, width). With ``in_chans`` other than 3 the images are
+    float tensors from ``util.images.load_channels`` and the same recipe runs on tensors, whatever
+    ``loader`` says (``pretrain_data`` says so, or refuses ``device``).
     """
+    size = image_size(input_size)
+    if in_chans != 3:
+        check_norm_channels(mean, std, in_chans)
+        return tensor_train_transform(size, (0.2, 1.0), mean, std)
     if loader == "fast":
-        return FastRandomResizedCropFlip(input_size)
+        return FastRandomResizedCropFlip(size)
     if loader == "device":
-        return RandomResizedCropFlipOnDevice(input_size)
+        return RandomResizedCropFlipOnDevice(size)
     return transforms.Compose(
         [
-            transforms.RandomResizedCrop(
-                input_size, scale=(0.2, 1.0), interpolation=transforms.InterpolationMode.BICUBIC
-            ),
+            transforms.RandomResizedCrop(size, scale=(0.2, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
             transforms.RandomHorizontalFlip(),
             transforms.ToTensor(),
             transforms.Normalize(mean, std),
@@ -310,26 +336,39 @@ def pretrain_transform(
 
 def pretrain_data(args: Any) -> tuple[ImageFiles, DataLoader]:
     """Dataset and training loader for pre-training: ``--data_path``, ``--input_size``, ``--loader``."""
-    lazy = args.loader != "torchvision"
-    transform = pretrain_transform(args.input_size, args.loader, args.mean, args.std)
-    dataset = pretrain_dataset(args.data_path, transform, lazy=lazy)
-    return dataset, train_loader(dataset, args, collate_encoded if args.loader == "device" else None)
+    in_chans = getattr(args, "in_chans", 3)
+    loader = args.loader
+    if in_chans != 3 and loader == "device":
+        fail(
+            f"--loader device decodes 8-bit RGB JPEGs on the device; with --in_chans {in_chans} use --loader fast "
+            f"or torchvision (both then read the files' own channels on the CPU)"
+        )
+    if in_chans != 3 and loader == "fast":
+        # Its shortcuts (JPEG draft decoding, uint8 batches) are for 8-bit RGB; the files' own
+        # channels, 16-bit ones included, go through the tensor version of the same recipe.
+        print(f"--loader fast with --in_chans {in_chans}: images are read and cropped as --loader torchvision does")
+        loader = "torchvision"
+    transform = pretrain_transform(args.input_size, loader, args.mean, args.std, in_chans)
+    dataset = pretrain_dataset(args.data_path, transform, lazy=loader != "torchvision", loader=image_loader(in_chans))
+    return dataset, train_loader(dataset, args, collate_encoded if loader == "device" else None)
 
 
 def eval_transform(
-    input_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+    input_size: int | Sequence[int],
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    in_chans: int = 3,
 ) -> Callable:
     """Resize by the 256/224 ratio (bicubic), center crop, normalise with ``mean``/``std`` (as the
-    official recipe: above 224 px the crop takes the whole resized image)."""
-    crop_pct = 224 / 256 if input_size <= 224 else 1.0
-    resize = int(input_size / crop_pct)
+    official recipe: above 224 px the crop takes the whole resized image). ``input_size`` is one
+    side or (height, width); with ``in_chans`` other than 3 the images are float tensors from
+    ``util.images.load_channels``."""
+    size = image_size(input_size)
+    if in_chans != 3:
+        check_norm_channels(mean, std, in_chans)
+    to_tensor = transforms.ToTensor() if in_chans == 3 else ClampUnit()
     return transforms.Compose(
-        [
-            transforms.Resize(resize, interpolation=transforms.InterpolationMode.BICUBIC),
-            transforms.CenterCrop(input_size),
-            transforms.ToTensor(),
-            transforms.Normalize(mean, std),
-        ]
+        [eval_resize(size), transforms.CenterCrop(size), to_tensor, transforms.Normalize(mean, std)]
     )
 
 

@@ -25,6 +25,7 @@ from util.data import IMAGENET_MEAN, IMAGENET_STD, ShardSampler, classification_
 from util.errors import fail
 from util.linear_eval import linear_accuracy
 from util.precision import autocast
+from util.shapes import image_loader
 
 # Encoder outputs [N, 1 + L, D] (class token first, after the final norm) -> named features [N, D].
 Features = dict[str, torch.Tensor]
@@ -110,20 +111,24 @@ def accuracy(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
 class KnnData:
     """The labelled bank (``<path>/train``) and queries (``<path>/val`` or ``test``) at the model's
     input size, center-cropped and normalised with ``mean``/``std`` (the encoder's training values);
-    ``bank_size``/``query_size`` take evenly spaced subsets (0: all)."""
+    ``bank_size``/``query_size`` take evenly spaced subsets (0: all). ``input_size`` is one side or
+    (height, width); ``in_chans`` other than 3 reads the files' own channels (util/images.py)."""
 
     def __init__(
         self,
         path: str,
-        input_size: int,
+        input_size: int | Sequence[int],
         bank_size: int = 0,
         query_size: int = 0,
         flag: str = "--data_path",
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        in_chans: int = 3,
     ):
-        transform = eval_transform(input_size, mean, std)
-        bank, queries = classification_splits(path, transform, transform, nb_classes=None, flag=flag)
+        transform = eval_transform(input_size, mean, std, in_chans)
+        bank, queries = classification_splits(
+            path, transform, transform, nb_classes=None, flag=flag, loader=image_loader(in_chans)
+        )
         if len(bank.classes) < 2:
             fail(f"{flag} {path}/train has {len(bank.classes)} class folder(s); k-NN needs at least 2")
         self.classes = bank.classes

@@ -1,6 +1,7 @@
 """Pictures of reconstructions: original | masked | reconstruction | reconstruction + visible."""
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +27,8 @@ def reconstruction_grid(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
 ) -> np.ndarray:
-    """A uint8 [N*H, 4*W, 3] picture, one row per image, of what ``model`` makes of ``imgs``.
+    """A uint8 [N*H, 4*W, 3] picture, one row per image, of what ``model`` makes of ``imgs``; for
+    a model that does not take RGB, one gray row per image and channel ([N*C*H, 4*W, 3]).
 
     ``imgs`` are normalised with ``mean`` and ``std`` (the model's training values), which are
     undone for the picture. A model trained with
@@ -53,6 +55,8 @@ def reconstruction_grid(
     masked = original * (1 - removed) + MASKED_GRAY * removed
     pasted = original * (1 - removed) + recon * removed
     row = torch.cat([original, masked, recon, pasted], dim=3)  # side by side
+    if row.shape[1] != 3:  # no colours to show: every channel of every image as a gray row
+        row = row.reshape(-1, 1, *row.shape[2:]).expand(-1, 3, -1, -1)
     grid = torch.cat(list(row), dim=1)  # images stacked vertically: [3, N*H, 4*W]
     return (grid.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
 
@@ -66,5 +70,7 @@ def save_png(picture: np.ndarray, path: str, min_width: int = 512) -> None:
     img.save(path)
 
 
-def load_images(paths: Sequence[str], transform) -> torch.Tensor:
-    return torch.stack([transform(load_rgb(p)) for p in paths])
+def load_images(paths: Sequence[str], transform: Callable, loader: Callable[[str], Any] = load_rgb) -> torch.Tensor:
+    """The files through ``transform``, stacked; ``loader`` reads them (RGB by default; see
+    ``util.shapes.image_loader`` for other channel counts)."""
+    return torch.stack([transform(loader(p)) for p in paths])
