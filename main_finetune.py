@@ -8,21 +8,32 @@ Flags, defaults and checkpoint format follow the official MAE code.
 """
 
 import argparse
+from collections.abc import Callable
 
 import torch
 from timm.data import Mixup, create_transform
+from timm.data.random_erasing import RandomErasing
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from torchvision import transforms
 
 import models_vit
 import util.compat  # noqa: F401  (makes timm RandAugment work with Pillow 13)
 from engine_finetune import train_or_evaluate
 from util import setup
-from util.args import add_run_args, add_schedule_args, check_input_size
+from util.args import (
+    add_in_chans_arg,
+    add_input_size_arg,
+    add_run_args,
+    add_schedule_args,
+    check_in_chans,
+    check_input_size,
+)
 from util.data import classification_splits, eval_transform
 from util.errors import fail, run_cli
 from util.lr_decay import param_groups_lrd
 from util.normalization import add_norm_args
 from util.pretrained import load_pretrained_encoder
+from util.shapes import check_norm_channels, image_loader, image_size, tensor_train_transform
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -91,7 +102,8 @@ def add_model_args(parser: argparse.ArgumentParser, model: str, global_pool: boo
     """Model flags shared with linear probing."""
     g = parser.add_argument_group("model")
     g.add_argument("--model", default=model, type=str, metavar="MODEL", help=f"one of: {', '.join(models_vit.MODELS)}")
-    g.add_argument("--input_size", default=224, type=int, help="image size")
+    add_input_size_arg(g, default=224)
+    add_in_chans_arg(g)
     g.add_argument("--finetune", default="", help="MAE checkpoint (file or URL) to start from")
     g.add_argument("--global_pool", action="store_true", help="average the patch tokens (then fc_norm)")
     g.add_argument(
@@ -124,9 +136,14 @@ def build_classifier(args: argparse.Namespace, **kwargs) -> models_vit.VisionTra
         fail(f"--eval_freq must be at least 1, got {args.eval_freq}")
     with torch.device("meta"):  # only to read the patch size
         patch_size = models_vit.MODELS[args.model]().patch_embed.patch_size[0]
-    check_input_size(args.input_size, patch_size)
+    height, width = check_input_size(args.input_size, patch_size)
+    check_in_chans(args.in_chans)
     return models_vit.MODELS[args.model](
-        img_size=args.input_size, num_classes=args.nb_classes, global_pool=args.global_pool, **kwargs
+        img_size=(height, width),
+        in_chans=args.in_chans,
+        num_classes=args.nb_classes,
+        global_pool=args.global_pool,
+        **kwargs,
     )
 
 
@@ -169,25 +186,45 @@ def build_mixup(args: argparse.Namespace):
     )
 
 
+def build_train_transform(args: argparse.Namespace) -> Callable:
+    """timm's fine-tuning augmentation (random resized crop, flip, RandAugment or colour jitter,
+    random erasing). For images that are not RGB, its part that is defined on any channels:
+    RandAugment and colour jitter act on RGB (or 8-bit gray) pictures, not on 16-bit or many-band
+    tensors, so they are left out, and said so."""
+    height, width = image_size(args.input_size)
+    if args.in_chans == 3:
+        return create_transform(
+            input_size=height if height == width else (height, width),
+            is_training=True,
+            color_jitter=args.color_jitter,
+            auto_augment=args.aa,
+            interpolation="bicubic",
+            re_prob=args.reprob,
+            re_mode=args.remode,
+            re_count=args.recount,
+            mean=tuple(args.mean),  # --mean/--std, or the pre-trained checkpoint's (util/normalization.py)
+            std=tuple(args.std),
+        )
+    if args.aa or args.color_jitter:
+        print(f"--in_chans {args.in_chans}: --aa and --color_jitter are RGB augmentations and are not applied")
+    check_norm_channels(args.mean, args.std, args.in_chans)
+    steps = [tensor_train_transform((height, width), (0.08, 1.0), args.mean, args.std)]
+    if args.reprob > 0:
+        steps.append(RandomErasing(args.reprob, mode=args.remode, max_count=args.recount, device="cpu"))
+    return transforms.Compose(steps)
+
+
 def main(args: argparse.Namespace) -> None:
     check_finetune_args(args)
     device = setup.start(args)
     model = build_classifier(args, drop_path_rate=args.drop_path)
 
-    train_tf = create_transform(
-        input_size=args.input_size,
-        is_training=True,
-        color_jitter=args.color_jitter,
-        auto_augment=args.aa,
-        interpolation="bicubic",
-        re_prob=args.reprob,
-        re_mode=args.remode,
-        re_count=args.recount,
-        mean=tuple(args.mean),  # --mean/--std, or the pre-trained checkpoint's (util/normalization.py)
-        std=tuple(args.std),
-    )
     train_set, val_set = classification_splits(
-        args.data_path, train_tf, eval_transform(args.input_size, args.mean, args.std), args.nb_classes
+        args.data_path,
+        build_train_transform(args),
+        eval_transform(args.input_size, args.mean, args.std, args.in_chans),
+        args.nb_classes,
+        loader=image_loader(args.in_chans),
     )
     print(f"{len(train_set)} training and {len(val_set)} validation images, {args.nb_classes} classes")
 

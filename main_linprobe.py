@@ -20,6 +20,7 @@ from util.errors import run_cli
 from util.lars import LARS
 from util.normalization import add_norm_args
 from util.pretrained import load_pretrained_encoder
+from util.shapes import check_norm_channels, image_loader, image_size, tensor_train_transform
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -38,16 +39,25 @@ def main(args: argparse.Namespace) -> None:
     model = build_classifier(args)
 
     # Weak augmentation: the probe measures the representation, not the augmentation.
-    train_tf = transforms.Compose(
-        [
-            transforms.RandomResizedCrop(args.input_size, interpolation=transforms.InterpolationMode.BICUBIC),
-            transforms.RandomHorizontalFlip(),
-            transforms.ToTensor(),
-            transforms.Normalize(args.mean, args.std),  # --mean/--std, or the pre-trained checkpoint's
-        ]
-    )
+    size = image_size(args.input_size)
+    if args.in_chans == 3:
+        train_tf = transforms.Compose(
+            [
+                transforms.RandomResizedCrop(size, interpolation=transforms.InterpolationMode.BICUBIC),
+                transforms.RandomHorizontalFlip(),
+                transforms.ToTensor(),
+                transforms.Normalize(args.mean, args.std),  # --mean/--std, or the pre-trained checkpoint's
+            ]
+        )
+    else:  # the same crop and flip on the float tensors of the files' own channels
+        check_norm_channels(args.mean, args.std, args.in_chans)
+        train_tf = tensor_train_transform(size, (0.08, 1.0), args.mean, args.std)
     train_set, val_set = classification_splits(
-        args.data_path, train_tf, eval_transform(args.input_size, args.mean, args.std), args.nb_classes
+        args.data_path,
+        train_tf,
+        eval_transform(args.input_size, args.mean, args.std, args.in_chans),
+        args.nb_classes,
+        loader=image_loader(args.in_chans),
     )
     print(f"{len(train_set)} training and {len(val_set)} validation images, {args.nb_classes} classes")
 

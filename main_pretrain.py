@@ -15,13 +15,22 @@ from timm.optim import param_groups_weight_decay
 import models_mae
 from engine_pretrain import log_reconstructions, train_one_epoch
 from util import distributed, interrupt, knn, setup
-from util.args import add_run_args, add_schedule_args, check_input_size, check_mask_ratio
+from util.args import (
+    add_in_chans_arg,
+    add_input_size_arg,
+    add_run_args,
+    add_schedule_args,
+    check_in_chans,
+    check_input_size,
+    check_mask_ratio,
+)
 from util.checkpoint import TrainState, resume
 from util.data import PRETRAIN_LOADERS, eval_transform, pretrain_data
 from util.errors import fail, run_cli
 from util.logger import RunLog, format_duration
 from util.normalization import add_norm_args
 from util.precision import LossScaler
+from util.shapes import image_loader
 from util.visualize import fixed_noise, load_images
 
 
@@ -32,7 +41,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--model", default="mae_vit_large_patch16", metavar="MODEL", help=f"one of: {', '.join(models_mae.MODELS)}"
     )
-    g.add_argument("--input_size", default=224, type=int, help="image size")
+    add_input_size_arg(g, default=224)
+    add_in_chans_arg(g)
     g.add_argument("--mask_ratio", default=0.75, type=float, help="fraction of patches removed")
     g.add_argument("--norm_pix_loss", action="store_true", help="use per-patch normalized pixels as targets")
     parser.set_defaults(norm_pix_loss=False)
@@ -73,9 +83,12 @@ def build_model(args: argparse.Namespace) -> models_mae.MaskedAutoencoderViT:
         fail(f"--model {args.model} is unknown; known models: {', '.join(models_mae.MODELS)}")
     with torch.device("meta"):  # only to read the patch size
         patch_size = models_mae.MODELS[args.model]().patch_size
-    check_input_size(args.input_size, patch_size)
-    check_mask_ratio(args.mask_ratio, (args.input_size // patch_size) ** 2)
-    return models_mae.MODELS[args.model](img_size=args.input_size, norm_pix_loss=args.norm_pix_loss)
+    height, width = check_input_size(args.input_size, patch_size)
+    check_in_chans(args.in_chans)
+    check_mask_ratio(args.mask_ratio, (height // patch_size) * (width // patch_size))
+    return models_mae.MODELS[args.model](
+        img_size=(height, width), in_chans=args.in_chans, norm_pix_loss=args.norm_pix_loss
+    )
 
 
 def build_knn_data(args: argparse.Namespace) -> knn.KnnData | None:
@@ -92,6 +105,7 @@ def build_knn_data(args: argparse.Namespace) -> knn.KnnData | None:
         "--knn_data_path",
         mean=args.mean,
         std=args.std,
+        in_chans=args.in_chans,
     )
     print(f"k-NN monitor: {data} from {args.knn_data_path}, every {args.knn_freq} epochs")
     return data
@@ -132,7 +146,8 @@ def main(args: argparse.Namespace) -> None:
         args.vis_freq = 0  # no images, no pictures
     step = max(len(dataset) // max(args.vis_images, 1), 1)
     vis_files = dataset.files[::step][: args.vis_images] if args.vis_freq else []
-    vis_imgs = load_images(vis_files, eval_transform(args.input_size, args.mean, args.std)) if vis_files else None
+    vis_transform = eval_transform(args.input_size, args.mean, args.std, args.in_chans)
+    vis_imgs = load_images(vis_files, vis_transform, image_loader(args.in_chans)) if vis_files else None
     vis_noise = fixed_noise(len(vis_files), model.num_patches, seed=args.seed)
     run_log = RunLog(args.log_dir, args.output_dir, state.log)  # rewrites log.txt from the checkpoint
 

@@ -15,11 +15,13 @@ import torch
 
 import models_mae
 from util import normalization
+from util.args import add_in_chans_arg, add_input_size_arg
 from util.checkpoint import load_checkpoint, load_model_strict, model_state
 from util.data import eval_transform
 from util.errors import fail, run_cli
 from util.normalization import add_norm_args
 from util.paths import check_output_file
+from util.shapes import image_loader, image_size
 from util.visualize import fixed_noise, load_images, reconstruction_grid, save_png
 
 
@@ -29,7 +31,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True, help="MAE checkpoint with decoder (file or URL)")
     parser.add_argument("--output", default="reconstruction.png", help="PNG to write")
     parser.add_argument("--model", default=None, help=f"one of {', '.join(models_mae.MODELS)} (default: inferred)")
-    parser.add_argument("--input_size", default=None, type=int, help="image size (default: the checkpoint's)")
+    # default: the checkpoint's; it takes 1 or 2 values, so give it after the image files (or end it with --)
+    add_input_size_arg(parser, default=None)
+    add_in_chans_arg(parser, default=None)  # default: the checkpoint's patch embedding's
     parser.add_argument("--mask_ratio", default=0.75, type=float)
     parser.add_argument(
         "--norm_pix_loss",
@@ -44,16 +48,17 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def infer_model(state: dict[str, torch.Tensor]) -> tuple[str, int] | None:
-    """(factory name, image size) of the MAE whose state-dict shapes equal ``state``'s."""
+    """(factory name, image size) of the MAE whose state-dict shapes equal ``state``'s. The size
+    is read as a square's (the weights cannot tell 8x16 patches from 16x8); any channel count."""
     if "pos_embed" not in state or "patch_embed.proj.weight" not in state:
         return None
-    patch = state["patch_embed.proj.weight"].shape[-1]
+    patch, in_chans = state["patch_embed.proj.weight"].shape[-1], state["patch_embed.proj.weight"].shape[1]
     img_size = int(round((state["pos_embed"].shape[1] - 1) ** 0.5)) * patch
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     for name, factory in models_mae.MODELS.items():
         try:
             with torch.device("meta"):
-                candidate = factory(img_size=img_size)
+                candidate = factory(img_size=img_size, in_chans=in_chans)
         except ValueError:  # a size this model's patches do not divide: not this model
             continue
         if {k: tuple(v.shape) for k, v in candidate.state_dict().items()} == shapes:
@@ -90,20 +95,28 @@ def main(args: argparse.Namespace) -> None:
     if name not in models_mae.MODELS:
         fail(f"checkpoint {args.checkpoint} names the model {name}, which is not an MAE; pass --model")
     input_size = args.input_size or saved.get("input_size") or (inferred[1] if inferred else 224)
+    height, width = image_size(input_size)
+    in_chans = state["patch_embed.proj.weight"].shape[1] if "patch_embed.proj.weight" in state else 3
+    if args.in_chans is not None and args.in_chans != in_chans:
+        fail(f"checkpoint {args.checkpoint} takes {in_chans}-channel images, not --in_chans {args.in_chans}")
+    args.in_chans = in_chans  # the images are read with the model's channels (and --mean/--std checked for them)
     norm_pix = args.norm_pix_loss if args.norm_pix_loss is not None else bool(saved.get("norm_pix_loss", False))
     # The pictures normalise as the model's training did: its stored --mean/--std, else ImageNet's.
     normalization.resolve(args, [(f"checkpoint {args.checkpoint}", ckpt.get("args"))])
 
+    shown = f"{height}" if height == width else f"{height} {width}"
     try:
-        model = models_mae.MODELS[name](img_size=input_size, norm_pix_loss=norm_pix)
+        model = models_mae.MODELS[name](img_size=(height, width), in_chans=in_chans, norm_pix_loss=norm_pix)
     except ValueError as e:
-        fail(f"--input_size {input_size}: {e}")
+        fail(f"--input_size {shown}: {e}")
     load_model_strict(model, state, args.checkpoint)
     model.to(args.device)
-    imgs = load_images(args.images, eval_transform(input_size, args.mean, args.std))
+    transform = eval_transform((height, width), args.mean, args.std, in_chans)
+    imgs = load_images(args.images, transform, image_loader(in_chans))
     noise = fixed_noise(len(imgs), model.num_patches, seed=args.seed)
     save_png(reconstruction_grid(model, imgs, noise, args.mask_ratio, args.mean, args.std), args.output)
-    print(f"{name} at {input_size} px, mask ratio {args.mask_ratio}: wrote {args.output}")
+    size = f"{height}" if height == width else f"{height}x{width}"
+    print(f"{name} at {size} px, {in_chans} channel(s), mask ratio {args.mask_ratio}: wrote {args.output}")
 
 
 if __name__ == "__main__":
