@@ -107,15 +107,19 @@ def build_step(args: Namespace, precision: str, plain: bool) -> tuple[models_mae
         imgs = normalize_on_device(imgs, IMAGENET_MEAN, IMAGENET_STD)  # the fast loader's uint8, as in training
         with autocast(precision, args.device):
             loss, _, _ = forward(imgs, mask_ratio=args.mask_ratio)
-        # Returns the gradient norm as a tensor; not reading it keeps the step free of host syncs.
-        scaler(loss, optimizer, model.parameters())
+        scaler.scale(loss).backward()  # as util.train_loop steps (no clipping in pre-training)
+        scaler.step(optimizer)
+        scaler.update()
 
     return model, step
 
 
 def build_loader(args: Namespace, loader: str, workers: int) -> torch.utils.data.DataLoader:
     """The pre-training loader as main_pretrain.py builds it for ``--loader``."""
-    loader_args = Namespace(**{**vars(args), "loader": loader, "num_workers": workers, "pin_mem": True})
+    loader_args = Namespace(
+        **{**vars(args), "loader": loader, "num_workers": workers, "pin_mem": True},
+        mean=IMAGENET_MEAN, std=IMAGENET_STD,  # the recipe's normalisation (the benchmark has no --mean/--std)
+    )  # fmt: skip
     return pretrain_data(loader_args)[1]
 
 

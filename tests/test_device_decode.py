@@ -12,7 +12,7 @@ import pytest
 import torch
 from helpers import make_dataset, noisy_photo, read_log, run_pretrain
 
-from util.data import ImageFiles, pretrain_data
+from util.data import IMAGENET_MEAN, IMAGENET_STD, ImageFiles, pretrain_data
 from util.device_decode import EncodedBatch, EncodedCrop, RandomResizedCropFlipOnDevice, collate_encoded
 from util.errors import UserError
 from util.fast_crop import FastRandomResizedCropFlip
@@ -83,7 +83,7 @@ def _loader_args(data: Path, loader: str, workers: int):
 
     return Namespace(
         data_path=str(data), input_size=32, loader=loader, batch_size=8, num_workers=workers, pin_mem=False,
-        device="cpu", seed=3,
+        device="cpu", seed=3, mean=IMAGENET_MEAN, std=IMAGENET_STD,
     )  # fmt: skip
 
 
