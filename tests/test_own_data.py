@@ -1,0 +1,497 @@
+"""Your own data: dataset_stats.py against hand computations, --mean/--std applied as
+(x - mean) / std everywhere, stored in checkpoints and taken up by fine-tuning, reconstruct.py
+and knn_eval.py, and file lists (parsing errors name the line; a list gives the folder's data
+set; pre-training and fine-tuning run and resume exactly from lists)."""
+
+import argparse
+import json
+import math
+import shlex
+import shutil
+import signal
+from contextlib import contextmanager
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import CLASSES, DEMO, assert_same, cli, load, make_dataset, read_log, run_pretrain
+from PIL import Image
+
+import dataset_stats
+import main_finetune
+import main_linprobe
+import main_pretrain
+import reconstruct
+from util import interrupt, normalization
+from util.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ListedImages,
+    classification_splits,
+    eval_transform,
+    pretrain_dataset,
+    pretrain_transform,
+    read_image_list,
+)
+from util.errors import UserError
+from util.fast_crop import normalize_on_device
+
+MEAN, STD = [0.25, 0.5, 0.75], [0.125, 0.25, 0.5]  # exact in binary: expected values are exact too
+COLOUR = (200, 30, 90)
+CPU = ["--device", "cpu", "--precision", "fp32", "--num_workers", "0"]
+
+
+@contextmanager
+def _preserved_signals():
+    """main() installs SIGTERM/SIGUSR1/SIGUSR2 handlers in this process; put pytest's back afterwards."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
+    try:
+        yield
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+
+
+@pytest.fixture(autouse=True)
+def _isolate(monkeypatch):
+    monkeypatch.setattr(interrupt, "_requested", None)
+    monkeypatch.setattr(interrupt, "_previous", {}, raising=False)
+    with _preserved_signals():
+        yield
+
+
+def _save(path: Path, pixels: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels.astype(np.uint8)).save(path)  # PNG: lossless, so the pixels are known
+    return path
+
+
+def _constant(path: Path, colour=COLOUR, width: int = 40, height: int = 36) -> Path:
+    return _save(path, np.broadcast_to(np.array(colour, dtype=np.uint8), (height, width, 3)))
+
+
+def _normalised(colour=COLOUR, mean=MEAN, std=STD) -> torch.Tensor:
+    """(x - mean) / std of a colour, per channel, in float64."""
+    return (torch.tensor(colour, dtype=torch.float64) / 255 - torch.tensor(mean, dtype=torch.float64)) / torch.tensor(
+        std, dtype=torch.float64
+    )
+
+
+def _flags(mean=MEAN, std=STD) -> list[str]:
+    return ["--mean", *map(str, mean), "--std", *map(str, std)]
+
+
+# ---------------------------------------------------------------------------------------------
+# dataset_stats.py
+def _stats(data: Path, *extra: str) -> dict:
+    args = dataset_stats.get_args_parser().parse_args(["--data_path", str(data), "--num_workers", "0", *extra])
+    return dataset_stats.compute(args)
+
+
+def test_stats_equal_a_hand_computation_at_the_images_size(tmp_path):
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (4, 4, 3)) for _ in range(3)]
+    for i, pixels in enumerate(images):
+        _save(tmp_path / "d" / f"{i}.png", pixels)
+    stats = _stats(tmp_path / "d", "--input_size", "4")  # Pillow leaves a same-size resize alone
+    everything = np.concatenate([p.reshape(-1, 3) for p in images]) / 255.0
+    assert stats["images"] == 3
+    assert stats["mean"] == pytest.approx(everything.mean(axis=0).tolist(), abs=1e-12)
+    assert stats["std"] == pytest.approx(everything.std(axis=0).tolist(), abs=1e-12)  # population std
+    # Exactly: the mean is the exact fraction rounded once.
+    for c in range(3):
+        values = [int(v) for p in images for v in p[..., c].ravel()]
+        assert stats["mean"][c] == float(Fraction(sum(values), 255 * len(values)))
+
+
+def test_stats_resize_gives_every_image_the_same_weight(tmp_path):
+    # Constant images stay constant through the bicubic resize; a large and a small image count
+    # the same (as in training, one crop of input_size² pixels each).
+    colours = [(0, 0, 0), (255, 255, 255), (255, 0, 51)]
+    for i, (colour, (w, h)) in enumerate(zip(colours, [(50, 40), (7, 9), (16, 16)], strict=True)):
+        _constant(tmp_path / "d" / f"{i}.png", colour, w, h)
+    stats = _stats(tmp_path / "d", "--input_size", "8")
+    values = np.array(colours) / 255.0
+    assert stats["mean"] == pytest.approx(values.mean(axis=0).tolist(), abs=1e-12)
+    assert stats["std"] == pytest.approx(values.std(axis=0).tolist(), abs=1e-12)
+    # --input_size 0: every pixel at the image's own size (the 50x40 image dominates).
+    raw = _stats(tmp_path / "d", "--input_size", "0")
+    weights = np.array([50 * 40, 7 * 9, 16 * 16])
+    assert raw["mean"] == pytest.approx((values * weights[:, None]).sum(0) / weights.sum(), abs=1e-12)
+
+
+def test_stats_max_images_takes_evenly_spaced_images_and_lists_work(tmp_path):
+    for i in range(10):
+        _constant(tmp_path / "d" / f"{i}.png", (i * 20, 0, 0), 4, 4)
+    stats = _stats(tmp_path / "d", "--input_size", "4", "--max_images", "4")
+    assert stats["images"] == 4
+    assert stats["mean"][0] == pytest.approx(np.mean([0, 60, 120, 180]) / 255, abs=1e-12)  # images 0, 3, 6, 9
+    (tmp_path / "d" / "some.txt").write_text("# two of them\n1.png\n\n5.png\n")
+    listed = _stats(tmp_path / "d" / "some.txt", "--input_size", "4")
+    assert listed["images"] == 2 and listed["mean"][0] == pytest.approx((20 + 100) / 2 / 255, abs=1e-12)
+
+
+def test_stats_command_prints_flags_that_parse_and_writes_json(tmp_path):
+    data = make_dataset(tmp_path / "d", 2)
+    done = cli(["dataset_stats.py", "--data_path", str(data), "--input_size", "32", "--num_workers", "0"] +
+               ["--json", str(tmp_path / "stats.json")])  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    line = next(line for line in done.stdout.splitlines() if line.startswith("--mean"))
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert stats["images"] == 6 and stats["input_size"] == 32
+    parsed = main_pretrain.get_args_parser().parse_args(shlex.split(line))
+    assert parsed.mean == pytest.approx(stats["mean"], abs=1e-6)
+    assert parsed.std == pytest.approx(stats["std"], abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# The normalisation applied is (x - mean) / std
+def test_transforms_and_device_normalisation_apply_the_given_values(tmp_path):
+    img = Image.open(_constant(tmp_path / "c.png"))
+    expected = _normalised().float().view(3, 1, 1).expand(3, 16, 16)
+    for transform in (eval_transform(16, MEAN, STD), pretrain_transform(16, "torchvision", MEAN, STD)):
+        assert torch.allclose(transform(img), expected, atol=1e-6)
+    uint8 = torch.tensor(COLOUR, dtype=torch.uint8).view(1, 3, 1, 1).expand(2, 3, 4, 4)
+    assert torch.allclose(normalize_on_device(uint8, MEAN, STD), expected[:, :4, :4], atol=1e-5)
+    # The defaults stay ImageNet's.
+    imagenet = _normalised(mean=IMAGENET_MEAN, std=IMAGENET_STD).float().view(3, 1, 1).expand(3, 16, 16)
+    assert torch.allclose(eval_transform(16)(img), imagenet, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def constant_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("constant")
+    for i in range(16):
+        _constant(root / f"{i:02d}.png", width=40 + i, height=36)
+    return root
+
+
+@pytest.fixture(scope="module")
+def custom_pretrained(tmp_path_factory, constant_data) -> Path:
+    """One epoch of pre-training with --mean/--std given: the checkpoint fine-tuning starts from."""
+    out = tmp_path_factory.mktemp("custom")
+    with _preserved_signals():
+        run_pretrain(constant_data, out, "--epochs", "1", "--warmup_epochs", "0", "--vis_freq", "0", *_flags())
+    return out / "checkpoint-0.pth"
+
+
+@pytest.mark.parametrize("loader", ["fast", "torchvision"])
+def test_pretraining_feeds_the_model_normalised_pixels(constant_data, tmp_path, monkeypatch, loader):
+    seen = []
+    build = main_pretrain.build_model
+
+    def build_and_watch(args):
+        model = build(args)
+        model.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].detach().clone()))
+        return model
+
+    monkeypatch.setattr(main_pretrain, "build_model", build_and_watch)
+    run_pretrain(constant_data, tmp_path, "--epochs", "1", "--vis_freq", "0", "--loader", loader, *_flags())
+    assert seen and all(batch.shape == (16, 3, 32, 32) for batch in seen)
+    expected = _normalised().float().view(1, 3, 1, 1).expand_as(seen[0])
+    assert torch.allclose(seen[0], expected, atol=1e-5)
+    saved = load(tmp_path / "checkpoint-0.pth")["args"]
+    assert (saved.mean, saved.std) == (MEAN, STD)
+
+
+def test_pretraining_defaults_to_imagenet_and_stores_it(constant_data, tmp_path, capsys):
+    run_pretrain(constant_data, tmp_path, "--epochs", "1", "--vis_freq", "0")
+    saved = load(tmp_path / "checkpoint-0.pth")["args"]
+    assert (saved.mean, saved.std) == (list(IMAGENET_MEAN), list(IMAGENET_STD))
+    assert "normalisation: mean 0.485 0.456 0.406 std 0.229 0.224 0.225 (ImageNet's, the default)" in (
+        capsys.readouterr().out
+    )
+
+
+class _Stop(Exception):
+    pass
+
+
+def _classifier_transforms(entry_point, monkeypatch, tmp_path: Path, *flags: str) -> tuple:
+    """(args, train transform, val transform) as ``entry_point.main`` builds them; stops there."""
+    built = {}
+
+    def capture(data_path, train_tf, val_tf, nb_classes, *rest, **kwargs):
+        built.update(train=train_tf, val=val_tf)
+        raise _Stop
+
+    monkeypatch.setattr(entry_point, "classification_splits", capture)
+    argv = ["--model", "vit_tiny_patch4", "--input_size", "32", "--nb_classes", "3", "--data_path", str(tmp_path)]
+    argv += ["--output_dir", str(tmp_path / "out"), "--log_dir", "", *CPU, *flags]
+    if entry_point is main_finetune:
+        argv += ["--aa", "", "--reprob", "0"]  # augmentations that change a constant image's colour
+    args = entry_point.get_args_parser().parse_args(argv)
+    with pytest.raises(_Stop):
+        entry_point.main(args)
+    return args, built["train"], built["val"]
+
+
+@pytest.mark.parametrize("entry_point", [main_finetune, main_linprobe], ids=["finetune", "linprobe"])
+def test_classifiers_take_the_pretrained_checkpoints_values(entry_point, custom_pretrained, tmp_path, monkeypatch):
+    args, train_tf, val_tf = _classifier_transforms(entry_point, monkeypatch, tmp_path, "--finetune",
+                                                    str(custom_pretrained))  # fmt: skip
+    assert (args.mean, args.std) == (MEAN, STD)
+    img = Image.open(_constant(tmp_path / "c.png"))
+    expected = _normalised().float().view(3, 1, 1).expand(3, 32, 32)
+    # Constant images stay constant through crops, flips and resizes (--aa '' --reprob 0).
+    assert torch.allclose(val_tf(img), expected, atol=1e-6)
+    assert torch.allclose(train_tf(img), expected, atol=1e-6)
+
+
+def test_explicit_values_win_and_warn_when_they_differ(custom_pretrained, tmp_path, monkeypatch, capsys):
+    other = ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])
+    args, _, val_tf = _classifier_transforms(main_finetune, monkeypatch, tmp_path, "--finetune",
+                                             str(custom_pretrained), *_flags(*other))  # fmt: skip
+    assert (args.mean, args.std) == other
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning")]
+    assert len(warnings) == 1
+    assert str(custom_pretrained) in warnings[0] and "mean 0.25 0.5 0.75 std 0.125 0.25 0.5" in warnings[0]
+    img = Image.open(_constant(tmp_path / "c.png"))
+    expected = _normalised(mean=other[0], std=other[1]).float().view(3, 1, 1).expand(3, 32, 32)
+    assert torch.allclose(val_tf(img), expected, atol=1e-6)
+    # The same values as the checkpoint's: no warning.
+    _classifier_transforms(main_finetune, monkeypatch, tmp_path, "--finetune", str(custom_pretrained), *_flags())
+    assert "warning" not in capsys.readouterr().out
+
+
+def test_eval_and_resume_take_the_values_of_the_checkpoint_they_load(custom_pretrained, tmp_path):
+    args = argparse.Namespace(resume=str(custom_pretrained), finetune="", eval=True, output_dir="", mean=None, std=None)
+    normalization.resolve(args, normalization.run_sources(args))
+    assert (args.mean, args.std) == (MEAN, STD)
+    # --resume auto: the newest checkpoint of --output_dir; an official release (no args): ImageNet's.
+    out = tmp_path / "out"
+    out.mkdir()
+    torch.save({"model": {}}, out / "checkpoint-0.pth")
+    shutil.copyfile(custom_pretrained, out / "checkpoint-1.pth")
+    args = argparse.Namespace(resume="auto", output_dir=str(out), mean=None, std=None)
+    normalization.resolve(args, normalization.run_sources(args))
+    assert (args.mean, args.std) == (MEAN, STD)
+    official = argparse.Namespace(resume=str(out / "checkpoint-0.pth"), output_dir="", mean=None, std=None)
+    normalization.resolve(official, normalization.run_sources(official))
+    assert (official.mean, official.std) == (list(IMAGENET_MEAN), list(IMAGENET_STD))
+
+
+def test_reconstruct_uses_the_checkpoints_values(custom_pretrained, tmp_path, monkeypatch):
+    used = {}
+    grid = reconstruct.reconstruction_grid
+
+    def watch(model, imgs, noise, mask_ratio, mean, std):
+        used.update(imgs=imgs, mean=mean, std=std)
+        return grid(model, imgs, noise, mask_ratio, mean, std)
+
+    monkeypatch.setattr(reconstruct, "reconstruction_grid", watch)
+    image = _constant(tmp_path / "c.png")
+    argv = ["--checkpoint", str(custom_pretrained), str(image), "--output", str(tmp_path / "r.png"), "--device", "cpu"]
+    reconstruct.main(reconstruct.get_args_parser().parse_args(argv))
+    assert (used["mean"], used["std"]) == (MEAN, STD)
+    assert torch.allclose(used["imgs"][0], _normalised().float().view(3, 1, 1).expand(3, 32, 32), atol=1e-6)
+    # The picture's original column is the image itself again.
+    with Image.open(tmp_path / "r.png") as picture:
+        assert picture.getpixel((1, 1)) == COLOUR
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (
+            ["--mean", "0.5", "0.5", "--std", "0.2", "0.2", "0.2"],
+            r"--mean takes one value per image channel \(3\), got 2",
+        ),
+        (["--mean", "0.5", "0.5", "0.5", "--std", "0.2"], r"--std takes one value per image channel \(3\), got 1"),
+        (["--mean", "0.5", "0.5", "0.5", "--std", "0.2", "0", "0.2"], r"--std values must be positive"),
+        (["--mean", "0.5", "0.5", "0.5", "--std", "0.2", "-1", "0.2"], r"--std values must be positive"),
+        (["--mean", "0.5", "nan", "0.5", "--std", "0.2", "0.2", "0.2"], r"--mean values must be finite"),
+        (["--mean", "0.5", "0.5", "0.5", "--std", "inf", "0.2", "0.2"], r"--std values must be finite"),
+        (["--mean", "0.5", "0.5", "0.5"], r"--mean and --std go together: give both \(--std is missing\)"),
+    ],
+)
+def test_bad_mean_or_std_is_a_one_line_error_naming_the_flag(constant_data, tmp_path, flags, message):
+    with pytest.raises(UserError, match=message) as error:
+        run_pretrain(constant_data, tmp_path, "--epochs", "1", *flags)
+    assert "\n" not in str(error.value)
+    assert not list(tmp_path.glob("checkpoint-*"))
+
+
+def test_checkpoint_values_of_another_channel_count_are_refused(tmp_path):
+    saved = argparse.Namespace(mean=[0.5], std=[0.2])
+    args = argparse.Namespace(mean=None, std=None)
+    with pytest.raises(UserError, match=r"checkpoint x.pth stores --mean 0.5: 1 value\(s\) for images of 3 channels"):
+        normalization.resolve(args, [("checkpoint x.pth", saved)])
+
+
+# ---------------------------------------------------------------------------------------------
+# File lists
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def two_images(tmp_path) -> Path:
+    for name in ("a.png", "b c.png"):
+        _constant(tmp_path / "imgs" / name, width=8, height=8)
+    return tmp_path
+
+
+def test_list_skips_blank_lines_and_comments_and_keeps_order(two_images):
+    listed = _write(two_images / "list.txt", "# my data\n\n  imgs/b c.png 1\nimgs/a.png 0  \n   # indented comment\n")
+    samples = read_image_list(str(listed), labelled=True, nb_classes=2)
+    assert samples == [(str(two_images / "imgs" / "b c.png"), 1), (str(two_images / "imgs" / "a.png"), 0)]
+    # Pre-training: the same list, labels ignored; a line that names a file as a whole is that file.
+    assert read_image_list(str(listed), labelled=False) == [(p, 0) for p, _ in samples]
+    unlabelled = _write(two_images / "plain.txt", "imgs/b c.png\n" + str(two_images / "imgs" / "a.png") + "\n")
+    assert [p for p, _ in read_image_list(str(unlabelled), labelled=False)] == [p for p, _ in samples]
+
+
+@pytest.mark.parametrize(
+    "text, labelled, message",
+    [
+        ("imgs/a.png 0\n\n# c\nimgs/gone.png 1\n", True, r"list.txt line 4: no file imgs/gone.png"),
+        ("imgs/a.png 0\nimgs/gone.png\n", False, r"list.txt line 2: no file imgs/gone.png"),
+        ("imgs/a.png 0\nimgs/a.png\n", True, r"list.txt line 2: no label after 'imgs/a.png'"),
+        ("# x\nimgs/a.png cat\n", True, r"list.txt line 2: the label 'cat' is not a class index"),
+        ("imgs/a.png -1\n", True, r"list.txt line 1: the label '-1' is not a class index"),
+        ("imgs/a.png 0\nimgs/a.png 3\n", True, r"list.txt line 2: the label 3 is not below --nb_classes 3"),
+        ("# nothing\n\n", True, r"the list file .*list.txt names no images"),
+    ],
+)
+def test_bad_list_lines_are_one_line_errors_naming_file_and_line(two_images, text, labelled, message):
+    listed = _write(two_images / "list.txt", text)
+    with pytest.raises(UserError, match=message) as error:
+        read_image_list(str(listed), labelled=labelled, nb_classes=3)
+    assert "\n" not in str(error.value)
+
+
+def test_a_binary_file_as_list_is_refused(tmp_path):
+    path = _constant(tmp_path / "c.png")
+    with pytest.raises(UserError, match="is not a text file"):
+        pretrain_dataset(str(path), pretrain_transform(32))
+
+
+def _lists_from_folders(folders: Path, lists: Path) -> Path:
+    """train.txt and val.txt in ``lists`` naming the images of ``folders`` (relative paths, class
+    indices as ImageFolder numbers the sorted class names)."""
+    for split in ("train", "val"):
+        lines = ["# path label"]
+        for index, cls in enumerate(sorted(p.name for p in (folders / split).iterdir())):
+            for f in sorted((folders / split / cls).iterdir()):
+                rel = Path("..") / folders.name / split / cls / f.name
+                lines.append(f"{rel} {index}")
+        _write(lists / f"{split}.txt", "\n".join(lines) + "\n")
+    return lists
+
+
+def _split(root: Path, train: int, val: int) -> Path:
+    for cls in CLASSES:
+        files = sorted((DEMO / cls).glob("*.jpg"))
+        for split, chosen in (("train", files[:train]), ("val", files[train : train + val])):
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            for f in chosen:
+                shutil.copyfile(f, root / split / cls / f.name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def splits(tmp_path_factory) -> tuple[Path, Path]:
+    """The same images as class folders (<root>/folders) and as lists (<root>/lists)."""
+    root = tmp_path_factory.mktemp("splits")
+    folders = _split(root / "folders", train=16, val=5)
+    return folders, _lists_from_folders(folders, root / "lists")
+
+
+def _resolved(samples: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    return [(str(Path(p).resolve()), t) for p, t in samples]
+
+
+def test_lists_give_the_folders_data_set(splits):
+    folders, lists = splits
+    tf = eval_transform(32)
+    by_folder = classification_splits(str(folders), tf, tf, nb_classes=3)
+    by_list = classification_splits(str(lists), tf, tf, nb_classes=3)
+    for a, b in zip(by_folder, by_list, strict=True):
+        assert isinstance(b, ListedImages)
+        assert _resolved(a.samples) == _resolved(b.samples)
+        assert a.targets == b.targets and len(b.classes) == 3
+        assert torch.equal(a[7][0], b[7][0]) and a[7][1] == b[7][1]
+    # Without --nb_classes (the k-NN monitor): as many classes as the largest index + 1, in both.
+    train, val = classification_splits(str(lists), tf, tf, nb_classes=None)
+    assert train.classes == val.classes == ["0", "1", "2"]
+    # Pre-training reads train.txt of such a folder, or the list file itself, in the list's order.
+    expected = [str(Path(p).resolve()) for p, _ in by_folder[0].samples]
+    for path in (lists, lists / "train.txt"):
+        assert [str(Path(f).resolve()) for f in pretrain_dataset(str(path), tf).files] == expected
+
+
+def test_classification_list_layout_errors(splits, tmp_path):
+    _, lists = splits
+    tf = eval_transform(32)
+    with pytest.raises(UserError, match=r"is a file; for classification give the folder that holds train.txt"):
+        classification_splits(str(lists / "train.txt"), tf, tf, nb_classes=3)
+    only_train = tmp_path / "only"
+    only_train.mkdir()
+    shutil.copyfile(lists / "train.txt", only_train / "train.txt")
+    with pytest.raises(UserError, match=r"has train.txt but no val.txt or test.txt"):
+        classification_splits(str(only_train), tf, tf, nb_classes=3)
+    # Line 1 is the comment, 2-17 class 0, 18-33 class 1: the first image of class 2 is line 34.
+    with pytest.raises(UserError, match=r"train.txt line 34: the label 2 is not below --nb_classes 2"):
+        classification_splits(str(lists), tf, tf, nb_classes=2)
+
+
+# Pre-training from a list: the same run as from the folder, and an exact resume inside an epoch.
+# Both runs also checkpoint inside the epochs (--ckpt_every_steps), for the resume.
+RUN = ["--epochs", "2", "--warmup_epochs", "1", "--blr", "2e-3", "--vis_freq", "1", "--keep_last", "0"]
+RUN += ["--ckpt_every_steps", "2"]
+
+
+def _without_args(ckpt: dict) -> dict:
+    return {k: v for k, v in ckpt.items() if k != "args"}
+
+
+def test_pretraining_from_a_list_equals_the_folder_and_resumes_exactly(tmp_path):
+    data = make_dataset(tmp_path / "folder", 16)  # 48 images, 3 iterations of 16 per epoch
+    files = sorted(p.relative_to(tmp_path) for p in data.rglob("*.jpg"))
+    listed = _write(tmp_path / "all.txt", "".join(f"{f}\n" for f in files))
+
+    by_folder = run_pretrain(data, tmp_path / "f", *RUN)
+    run_pretrain(listed, tmp_path / "l", *RUN)
+    final = "checkpoint-1.pth"
+    assert_same(_without_args(load(tmp_path / "l" / final)), _without_args(load(tmp_path / "f" / final)))
+    picture = "reconstruction-1.png"
+    assert (tmp_path / "l" / picture).read_bytes() == (tmp_path / "f" / picture).read_bytes()
+    assert load(tmp_path / "l" / final)["args"].data_path == str(listed) != by_folder.data_path
+
+    # Resume from the mid-epoch checkpoint (epoch 1, 2 iterations done), from other initial weights.
+    resumed = tmp_path / "r"
+    run_pretrain(listed, resumed, *RUN, "--resume", str(tmp_path / "l" / "checkpoint-1-step2.pth"), init_seed=12345)
+    assert_same(_without_args(load(resumed / final)), _without_args(load(tmp_path / "l" / final)))
+    assert read_log(resumed) == read_log(tmp_path / "l")
+
+
+def _finetune(data: Path, out: Path, *extra: str) -> None:
+    argv = ["--data_path", str(data), "--nb_classes", "3", "--model", "vit_tiny_patch4", "--input_size", "32"]
+    argv += ["--batch_size", "8", "--epochs", "2", "--warmup_epochs", "1", "--output_dir", str(out), "--log_dir", ""]
+    argv += [*CPU, "--keep_last", "0", *extra]
+    torch.manual_seed(0)  # the head's initialisation: the same in every run compared
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)  # one reduction order in every run compared bit for bit
+    try:
+        main_finetune.main(main_finetune.get_args_parser().parse_args(argv))
+    finally:
+        torch.set_num_threads(saved)
+
+
+def test_finetuning_from_lists_equals_the_folders_and_resumes_exactly(splits, tmp_path):
+    folders, lists = splits
+    _finetune(folders, tmp_path / "f")
+    _finetune(lists, tmp_path / "l")
+    final = "checkpoint-1.pth"
+    assert_same(_without_args(load(tmp_path / "l" / final)), _without_args(load(tmp_path / "f" / final)))
+    logged = [json.loads(line) for line in (tmp_path / "l" / "log.txt").read_text().splitlines()]
+    assert [line["epoch"] for line in logged] == [0, 1] and logged[-1]["test_images"] == 15
+    assert all(math.isfinite(line["train_loss"]) for line in logged)
+
+    _finetune(lists, tmp_path / "r", "--resume", str(tmp_path / "l" / "checkpoint-0.pth"))
+    assert_same(_without_args(load(tmp_path / "r" / final)), _without_args(load(tmp_path / "l" / final)))
