@@ -4,9 +4,11 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -213,3 +215,14 @@ def cli_batch(cases: dict[str, list[str]], workdir: Path, script: str = "main_pr
         )
         for name, (_, _, out, err) in spec.items()
     }
+
+
+@contextmanager
+def preserved_signals() -> Iterator[None]:
+    """main() installs SIGTERM/SIGUSR1/SIGUSR2 handlers in this process; put pytest's back afterwards."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
+    try:
+        yield
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)

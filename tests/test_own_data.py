@@ -8,15 +8,13 @@ import json
 import math
 import shlex
 import shutil
-import signal
-from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import CLASSES, DEMO, assert_same, cli, load, make_dataset, read_log, run_pretrain
+from helpers import CLASSES, DEMO, assert_same, cli, load, make_dataset, preserved_signals, read_log, run_pretrain
 from PIL import Image
 
 import dataset_stats
@@ -43,22 +41,11 @@ COLOUR = (200, 30, 90)
 CPU = ["--device", "cpu", "--precision", "fp32", "--num_workers", "0"]
 
 
-@contextmanager
-def _preserved_signals():
-    """main() installs SIGTERM/SIGUSR1/SIGUSR2 handlers in this process; put pytest's back afterwards."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
-    try:
-        yield
-    finally:
-        for s, h in saved.items():
-            signal.signal(s, h)
-
-
 @pytest.fixture(autouse=True)
 def _isolate(monkeypatch):
     monkeypatch.setattr(interrupt, "_requested", None)
     monkeypatch.setattr(interrupt, "_previous", {}, raising=False)
-    with _preserved_signals():
+    with preserved_signals():
         yield
 
 
@@ -172,7 +159,7 @@ def constant_data(tmp_path_factory) -> Path:
 def custom_pretrained(tmp_path_factory, constant_data) -> Path:
     """One epoch of pre-training with --mean/--std given: the checkpoint fine-tuning starts from."""
     out = tmp_path_factory.mktemp("custom")
-    with _preserved_signals():
+    with preserved_signals():
         run_pretrain(constant_data, out, "--epochs", "1", "--warmup_epochs", "0", "--vis_freq", "0", *_flags())
     return out / "checkpoint-0.pth"
 

@@ -14,7 +14,6 @@ import textwrap
 from argparse import Namespace
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -30,6 +29,7 @@ from helpers import (
     cli_batch,
     load,
     make_dataset,
+    preserved_signals,
     read_log,
     run_pretrain,
 )
@@ -49,22 +49,11 @@ ITERS = 3  # 48 images / batch 16
 RUN = ["--epochs", str(EPOCHS), "--warmup_epochs", "1", "--blr", "2e-3", "--print_freq", "1", "--vis_freq", "2"]
 
 
-@contextmanager
-def _preserved_signals():
-    """main() installs SIGTERM/SIGUSR1/SIGUSR2 handlers in this process; put pytest's back afterwards."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
-    try:
-        yield
-    finally:
-        for s, h in saved.items():
-            signal.signal(s, h)
-
-
 @pytest.fixture(autouse=True)
 def _isolate(monkeypatch):
     monkeypatch.setattr(interrupt, "_requested", None)
     monkeypatch.setattr(interrupt, "_previous", {}, raising=False)
-    with _preserved_signals():
+    with preserved_signals():
         yield
 
 
@@ -77,7 +66,7 @@ def data(tmp_path_factory) -> Path:
 def reference(tmp_path_factory, data) -> Path:
     """The uninterrupted run, keeping every epoch's checkpoint."""
     out = tmp_path_factory.mktemp("reference")
-    with _preserved_signals():
+    with preserved_signals():
         run_pretrain(data, out, *RUN, "--keep_last", "0")
     return out
 
