@@ -47,6 +47,18 @@ def demo_files(n: int, classes: Sequence[str] = CLASSES) -> list[Path]:
     return files
 
 
+def make_split(root: Path, train: int, val: int) -> Path:
+    """<root>/train/<class>/ and <root>/val/<class>/ from disjoint demo images: ``train`` and
+    ``val`` per class."""
+    for cls in CLASSES:
+        files = sorted((DEMO / cls).glob("*.jpg"))
+        for split, chosen in (("train", files[:train]), ("val", files[train : train + val])):
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            for f in chosen:
+                shutil.copyfile(f, root / split / cls / f.name)
+    return root
+
+
 def make_dataset(root: Path, per_class: int, classes: Sequence[str] = CLASSES, layout: str = "classes") -> Path:
     """Copy demo images into ``root``: 'classes' (<root>/<class>/*), 'train' (<root>/train/<class>/*),
     'flat' (<root>/*) or 'nested' (<root>/<a>/<b>/*). Returns ``root``."""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import CLASSES, DEMO, REPO, pretrain_args
+from helpers import REPO, make_split, pretrain_args
 
 import main_finetune
 import main_linprobe
@@ -27,22 +27,11 @@ from util.pretrained import load_pretrained_encoder
 CPU = ["--device", "cpu", "--precision", "fp32", "--num_workers", "0"]
 
 
-def _split(root: Path, train: int, val: int) -> Path:
-    """<root>/train/<class>/ and <root>/val/<class>/ from disjoint demo images."""
-    for cls in CLASSES:
-        files = sorted((DEMO / cls).glob("*.jpg"))
-        for split, chosen in (("train", files[:train]), ("val", files[train : train + val])):
-            (root / split / cls).mkdir(parents=True, exist_ok=True)
-            for f in chosen:
-                shutil.copyfile(f, root / split / cls / f.name)
-    return root
-
-
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     """A tiny pre-training run whose checkpoint the tests fine-tune and probe."""
     root = tmp_path_factory.mktemp("ft")
-    data = _split(root / "data", train=16, val=9)  # 27 validation images: odd on purpose
+    data = make_split(root / "data", train=16, val=9)  # 27 validation images: odd on purpose
     pre = root / "pre"
     args = pretrain_args(data, pre, "--epochs", "1", "--warmup_epochs", "0", "--vis_freq", "0", "--log_dir", "")
     main_pretrain.main(args)

@@ -14,7 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import CLASSES, DEMO, assert_same, cli, load, make_dataset, preserved_signals, read_log, run_pretrain
+from helpers import (
+    assert_same,
+    cli,
+    load,
+    make_dataset,
+    make_split,
+    preserved_signals,
+    read_log,
+    run_pretrain,
+)
 from PIL import Image
 
 import dataset_stats
@@ -371,21 +380,11 @@ def _lists_from_folders(folders: Path, lists: Path) -> Path:
     return lists
 
 
-def _split(root: Path, train: int, val: int) -> Path:
-    for cls in CLASSES:
-        files = sorted((DEMO / cls).glob("*.jpg"))
-        for split, chosen in (("train", files[:train]), ("val", files[train : train + val])):
-            (root / split / cls).mkdir(parents=True, exist_ok=True)
-            for f in chosen:
-                shutil.copyfile(f, root / split / cls / f.name)
-    return root
-
-
 @pytest.fixture(scope="module")
 def splits(tmp_path_factory) -> tuple[Path, Path]:
     """The same images as class folders (<root>/folders) and as lists (<root>/lists)."""
     root = tmp_path_factory.mktemp("splits")
-    folders = _split(root / "folders", train=16, val=5)
+    folders = make_split(root / "folders", train=16, val=5)
     return folders, _lists_from_folders(folders, root / "lists")
 
 
