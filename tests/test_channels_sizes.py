@@ -7,6 +7,7 @@ import argparse
 import json
 import math
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -411,15 +412,20 @@ def _five_page_folder(root: Path, count: int) -> Path:
     return root
 
 
-def _run_pretrain(data: Path, out: Path, *extra: str) -> None:
-    args = pretrain_args(data, out, "--epochs", "1", "--warmup_epochs", "0", "--batch_size", "8", *extra)
-    torch.manual_seed(0)
+def _on_one_thread(main: Callable[[argparse.Namespace], None], args: argparse.Namespace) -> None:
+    """Run an entry point's main() in this process on one torch thread, then restore the count."""
     saved = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        main_pretrain.main(args)
+        main(args)
     finally:
         torch.set_num_threads(saved)
+
+
+def _run_pretrain(data: Path, out: Path, *extra: str) -> None:
+    args = pretrain_args(data, out, "--epochs", "1", "--warmup_epochs", "0", "--batch_size", "8", *extra)
+    torch.manual_seed(0)
+    _on_one_thread(main_pretrain.main, args)
 
 
 @pytest.mark.parametrize(
@@ -487,13 +493,7 @@ def _classification_split(root: Path, gray: bool) -> Path:
 def _classifier(entry_point, data: Path, out: Path, *extra: str):
     argv = ["--data_path", str(data), "--nb_classes", "3", "--model", "vit_tiny_patch4", "--batch_size", "8"]
     argv += ["--output_dir", str(out), "--log_dir", "", "--epochs", "1", "--warmup_epochs", "0", *CPU, *extra]
-    args = entry_point.get_args_parser().parse_args(argv)
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        entry_point.main(args)
-    finally:
-        torch.set_num_threads(saved)
+    _on_one_thread(entry_point.main, entry_point.get_args_parser().parse_args(argv))
     log = out / "log.txt"
     return json.loads(log.read_text().splitlines()[-1]) if log.exists() else {}
 
