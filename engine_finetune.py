@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from util import distributed, interrupt, setup
+from util import distributed, interrupt, run
 from util.checkpoint import Position, TrainState, resume, save_checkpoint
 from util.data import eval_loader, train_loader
 from util.logger import RunLog, format_duration
@@ -78,7 +78,7 @@ def train_or_evaluate(
     """Resume (``--resume``), wrap for DDP/compile, then evaluate only (``--eval``) or train."""
     state = TrainState(model, optimizer, LossScaler(args.precision), args)
     position = resume(state)
-    trained = setup.wrap_for_training(model, args)
+    trained = run.wrap_for_training(model, args)
     val_loader = eval_loader(val_set, args)
     if args.eval:
         evaluate(trained, val_loader, args)
@@ -112,11 +112,11 @@ def fit(
         pending = state.extra.get("unevaluated")
         if pending is not None and position == Position(pending["epoch"] + 1):
             _evaluate_epoch(trained, val_loader, state, run_log)
-        for epoch, start_step in setup.epochs_left(position, train_loader, args):
+        for epoch, start_step in run.epochs_left(position, train_loader, args):
             train_stats = train_one_epoch(trained, train_loader, state, epoch, criterion, mixup_fn, run_log, start_step)
             state.extra["unevaluated"] = {"epoch": epoch, "train_stats": train_stats}
             path = save_checkpoint(state, epoch)
-            if setup.stop_requested(args):
+            if run.stop_requested(args):
                 raise interrupt.Interrupted(path)  # stop now: the resumed run evaluates this epoch
             _evaluate_epoch(trained, val_loader, state, run_log)
     finally:

@@ -30,8 +30,9 @@ import torch
 import models_mae
 import models_vit
 from util import hf_interop
-from util.checkpoint import atomic_save, load_checkpoint, model_state
+from util.checkpoint_files import atomic_save
 from util.errors import fail, run_cli
+from util.safe_load import load_checkpoint, model_state
 
 # Our classifier architectures as timm registered models (+ the kwargs that make them equal).
 TIMM_NAMES: dict[str, tuple[str, dict[str, Any]]] = {

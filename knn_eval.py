@@ -23,10 +23,10 @@ import torch
 import models_mae
 from util import distributed, knn, normalization
 from util.args import resolve_precision
-from util.checkpoint import saved_args
 from util.errors import fail, run_cli
 from util.normalization import add_norm_args
 from util.pretrained import load_mae_encoder
+from util.safe_load import saved_args
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -19,7 +19,7 @@ from torchvision import transforms
 import models_vit
 import util.compat  # noqa: F401  (makes timm RandAugment work with Pillow 13)
 from engine_finetune import train_or_evaluate
-from util import setup
+from util import run
 from util.args import (
     add_in_chans_arg,
     add_input_size_arg,
@@ -94,7 +94,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_run_args(parser, data_path="/datasets01/imagenet_full_size/061417/")
     add_norm_args(parser)
     add_eval_args(parser)
-    setup.add_checkpoint_args(parser)
+    run.add_checkpoint_args(parser)
     return parser
 
 
@@ -216,7 +216,7 @@ def build_train_transform(args: argparse.Namespace) -> Callable:
 
 def main(args: argparse.Namespace) -> None:
     check_finetune_args(args)
-    device = setup.start(args)
+    device = run.start(args)
     model = build_classifier(args, drop_path_rate=args.drop_path)
 
     train_set, val_set = classification_splits(

@@ -13,7 +13,7 @@ from torchvision import transforms
 
 from engine_finetune import train_or_evaluate
 from main_finetune import add_eval_args, add_model_args, build_classifier
-from util import setup
+from util import run
 from util.args import add_run_args, add_schedule_args
 from util.data import classification_splits, eval_transform
 from util.errors import run_cli
@@ -30,12 +30,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_run_args(parser, data_path="/datasets01/imagenet_full_size/061417/")
     add_norm_args(parser)
     add_eval_args(parser)
-    setup.add_checkpoint_args(parser)
+    run.add_checkpoint_args(parser)
     return parser
 
 
 def main(args: argparse.Namespace) -> None:
-    device = setup.start(args)
+    device = run.start(args)
     model = build_classifier(args)
 
     # Weak augmentation: the probe measures the representation, not the augmentation.

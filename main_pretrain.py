@@ -14,7 +14,7 @@ from timm.optim import param_groups_weight_decay
 
 import models_mae
 from engine_pretrain import log_reconstructions, train_one_epoch
-from util import distributed, interrupt, knn, setup
+from util import distributed, interrupt, knn, run
 from util.args import (
     add_in_chans_arg,
     add_input_size_arg,
@@ -56,7 +56,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "normalised on the device; device: the same, with JPEGs decoded, cropped and resized on the training "
         "device (nvJPEG on a GPU) while workers only read files; torchvision: the reference pipeline",
     )
-    setup.add_checkpoint_args(parser)
+    run.add_checkpoint_args(parser)
     v = parser.add_argument_group("reconstruction pictures")
     v.add_argument(
         "--vis_freq",
@@ -126,7 +126,7 @@ def knn_monitor(
 
 
 def main(args: argparse.Namespace) -> None:
-    device = setup.start(args)
+    device = run.start(args)
     model = build_model(args)
 
     knn_data = build_knn_data(args)  # flags and folders checked before the (longer) data scan
@@ -139,7 +139,7 @@ def main(args: argparse.Namespace) -> None:
     optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
     state = TrainState(model, optimizer, LossScaler(args.precision), args)
     position = resume(state)
-    trained = setup.wrap_for_training(model, args)
+    trained = run.wrap_for_training(model, args)
 
     # A fixed picture: evenly spaced images of the data set, center-cropped, under a fixed mask.
     if args.vis_images < 1:
@@ -154,7 +154,7 @@ def main(args: argparse.Namespace) -> None:
     print(f"start training for {args.epochs} epochs")
     begin = time.time()
     try:
-        for epoch, start_step in setup.epochs_left(position, loader, args):
+        for epoch, start_step in run.epochs_left(position, loader, args):
             train_stats = train_one_epoch(trained, loader, state, epoch, run_log, start_step)
             stats = {f"train_{k}": v for k, v in train_stats.items()}
             if (
@@ -168,8 +168,8 @@ def main(args: argparse.Namespace) -> None:
                 print(f"reconstructions: {path}")
             if knn_data is not None and ((epoch + 1) % args.knn_freq == 0 or epoch == args.epochs - 1):
                 stats.update(knn_monitor(model, knn_data, epoch, run_log, args))
-            path = setup.end_epoch(state, epoch, stats, run_log)
-            if setup.stop_requested(args):
+            path = run.end_epoch(state, epoch, stats, run_log)
+            if run.stop_requested(args):
                 raise interrupt.Interrupted(path)  # after the checkpoint: --resume auto goes on from it
     finally:
         run_log.close()

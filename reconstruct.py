@@ -16,11 +16,11 @@ import torch
 import models_mae
 from util import normalization
 from util.args import add_in_chans_arg, add_input_size_arg
-from util.checkpoint import load_checkpoint, load_model_strict, model_state
 from util.data import eval_transform
 from util.errors import fail, run_cli
 from util.normalization import add_norm_args
 from util.paths import check_output_file
+from util.safe_load import load_checkpoint, load_model_strict, model_state
 from util.shapes import image_loader, image_size
 from util.visualize import fixed_noise, load_images, reconstruction_grid, save_png
 

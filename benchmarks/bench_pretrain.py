@@ -451,7 +451,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.threads:
         torch.set_num_threads(args.threads)
     if device.type == "cuda":
-        # As util.setup.start does for training.
+        # As util.run.start does for training.
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = not args.no_tf32
         torch.backends.cudnn.allow_tf32 = not args.no_tf32

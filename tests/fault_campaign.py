@@ -37,7 +37,7 @@ import torch  # noqa: E402
 from helpers import make_dataset  # noqa: E402
 
 import main_pretrain  # noqa: E402
-from util import checkpoint, logger  # noqa: E402
+from util import checkpoint_files, logger, safe_load  # noqa: E402
 from util.errors import UserError  # noqa: E402
 
 EPOCHS = 3
@@ -121,7 +121,7 @@ def _arm(site: str, n: int, cut: int) -> None:
         f = real_open(path, mode, *a, **k)
         return Torn(f) if ".pth.tmp" in str(path) and "w" in mode and hit("ckpt-write") else f
 
-    checkpoint.open = ckpt_open
+    checkpoint_files.open = ckpt_open
 
     real_replace, real_remove = os.replace, os.remove
 
@@ -205,7 +205,7 @@ def _check_after_fault(out: Path, damaged: dict[str, tuple[int, int]]) -> list[s
         if damaged.get(str(path)) == (st.st_size, st.st_mtime_ns):
             continue
         try:
-            checkpoint.load_checkpoint(str(path))
+            safe_load.load_checkpoint(str(path))
         except UserError as e:
             problems.append(f"{path.name} does not load: {e}")
     try:
@@ -228,7 +228,7 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _final(out: Path) -> dict[str, Any]:
-    ckpt = checkpoint.load_checkpoint(str(out / f"checkpoint-{EPOCHS - 1}.pth"))
+    ckpt = safe_load.load_checkpoint(str(out / f"checkpoint-{EPOCHS - 1}.pth"))
     ckpt["args"] = {k: v for k, v in vars(ckpt["args"]).items() if k != "output_dir"}
     return ckpt
 
@@ -261,7 +261,7 @@ def campaign(trials: int, seed: int, faults_per_trial: int, workdir: Path) -> di
         faults = sorted(order[trial * faults_per_trial : (trial + 1) * faults_per_trial], key=_when)
         for fault in [*faults, None]:
             if fault == "damage":
-                newest = checkpoint.list_checkpoints(str(out))
+                newest = checkpoint_files.list_checkpoints(str(out))
                 if newest:
                     blob = Path(newest[-1]).read_bytes()
                     Path(newest[-1]).write_bytes(blob[: rng.randrange(len(blob))])

@@ -135,7 +135,7 @@ def cli(argv: Sequence[str], timeout: float = 300, **kwargs: Any) -> subprocess.
 
 
 def load(path: Path | str) -> dict[str, Any]:
-    from util.checkpoint import load_checkpoint
+    from util.safe_load import load_checkpoint
 
     return load_checkpoint(str(path))
 

@@ -12,24 +12,13 @@ import pytest
 import torch
 from helpers import assert_same
 
-from util import checkpoint
-from util.checkpoint import (
-    Position,
-    TrainState,
-    atomic_save,
-    capture_rng,
-    checkpoint_name,
-    find_resumable,
-    list_checkpoints,
-    load_checkpoint,
-    load_model_strict,
-    model_state,
-    prune,
-    restore_rng,
-    resume,
-)
+from util import checkpoint, checkpoint_files
+from util.checkpoint import Position, TrainState, find_resumable, resume
+from util.checkpoint_files import atomic_save, checkpoint_name, list_checkpoints, prune
 from util.errors import UserError
 from util.precision import LossScaler
+from util.rng_state import capture_rng, restore_rng
+from util.safe_load import load_checkpoint, load_model_strict, model_state
 
 
 def _touch(folder: Path, *names: str) -> None:
@@ -79,7 +68,7 @@ def test_names_and_progress_order(tmp_path):
 def _expected_kept(names: list[str], keep_last: int, keep_every: int, final_epoch: int) -> set[str]:
     """The docstring's rule, written independently: the newest checkpoint; among complete epochs
     the keep_last newest, every keep_every-th and the final one."""
-    order = sorted(names, key=lambda n: checkpoint._progress(n))
+    order = sorted(names, key=lambda n: checkpoint_files.progress(n))
     complete = [n for n in order if "-step" not in n]
     kept = {order[-1]} | set(complete[-keep_last:])
     kept |= {n for n in complete if int(n[len("checkpoint-") : -len(".pth")]) % keep_every == 0}

@@ -20,10 +20,10 @@ import main_pretrain
 import models_mae
 import models_vit
 import reconstruct
-from util.checkpoint import load_checkpoint, model_state
 from util.data import eval_transform
 from util.errors import UserError
 from util.pretrained import load_mae_encoder, load_pretrained_encoder
+from util.safe_load import load_checkpoint, model_state
 from util.visualize import load_images
 
 timm = pytest.importorskip("timm")

@@ -25,9 +25,9 @@ from helpers import cli, demo_files
 import export
 import models_mae
 import models_vit
-from util.checkpoint import load_checkpoint, load_model_strict, model_state
 from util.data import eval_transform
 from util.errors import UserError
+from util.safe_load import load_checkpoint, load_model_strict, model_state
 from util.visualize import load_images
 
 transformers = pytest.importorskip("transformers")

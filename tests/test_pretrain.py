@@ -202,7 +202,7 @@ def test_resume_auto_without_checkpoint_starts_from_scratch(data, tmp_path, caps
     def stop(*a, **k):
         raise Stop
 
-    monkeypatch.setattr(main_pretrain.setup, "wrap_for_training", stop)
+    monkeypatch.setattr(main_pretrain.run, "wrap_for_training", stop)
     with pytest.raises(Stop):
         run_pretrain(data, tmp_path / "empty", *RUN, "--resume", "auto")
     assert "no checkpoint" in capsys.readouterr().out
@@ -237,7 +237,7 @@ def _initial_weights(data: Path, out: Path, monkeypatch, global_seed: int, *flag
         captured.update({k: v.clone() for k, v in model.state_dict().items()})
         raise Stop
 
-    monkeypatch.setattr(main_pretrain.setup, "wrap_for_training", capture)
+    monkeypatch.setattr(main_pretrain.run, "wrap_for_training", capture)
     with pytest.raises(Stop):
         run_pretrain(data, out, "--epochs", "1", *flags, init_seed=global_seed)
     return captured
@@ -250,7 +250,7 @@ def test_seed_determines_initial_weights(data, tmp_path, monkeypatch):
     differing = sorted(k for k in a if not torch.equal(a[k], b[k]))
     assert not differing, (
         f"same --seed, different initial weights ({len(differing)} tensors, e.g. {differing[:2]}): "
-        "main_pretrain.main builds the model before setup.start seeds the generators"
+        "main_pretrain.main builds the model before run.start seeds the generators"
     )
     assert any(not torch.equal(a[k], c[k]) for k in a), "--seed 0 and --seed 1 start from the same weights"
 

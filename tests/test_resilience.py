@@ -119,7 +119,7 @@ def test_kill_9_at_random_moments_never_breaks_resume(reference, tmp_path):
 SLOW_WRITE = """
 import os, sys, time
 sys.path.insert(0, {repo!r})
-import util.checkpoint as ckpt
+import util.checkpoint_files as ckpt
 real_replace = os.replace
 checkpoints = []
 def slow_replace(src, dst):

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from helpers import all_finite, checkpoint_names, load, make_dataset, run_pretrain  # noqa: E402
 
-from util import checkpoint, interrupt, logger  # noqa: E402
+from util import checkpoint, checkpoint_files, interrupt, logger  # noqa: E402
 from util.errors import NonFiniteLoss, UserError, run_cli  # noqa: E402
 from util.logger import RunLog  # noqa: E402
 from util.precision import LossScaler  # noqa: E402
@@ -177,11 +177,11 @@ def test_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_earlier_one(dat
     def second_save_fails(state, epoch, step=None):
         saves[0] += 1
         if saves[0] == 2:
-            _full_disk(monkeypatch, checkpoint)
+            _full_disk(monkeypatch, checkpoint_files)
         return real_save(state, epoch, step)
 
     monkeypatch.setattr(checkpoint, "save_checkpoint", second_save_fails)
-    monkeypatch.setattr("util.setup.save_checkpoint", second_save_fails)
+    monkeypatch.setattr("util.run.save_checkpoint", second_save_fails)
     with pytest.raises(SystemExit) as stop:
         run_cli(lambda: run_pretrain(data, out, *RUN))
     assert stop.value.code == 2

@@ -19,7 +19,7 @@ class NonFiniteLoss(UserError):
 
 def lower_lr(args: Any) -> str:
     """The flag a diverged run should lower: ``--lr`` if the user gave it, else ``--blr``.
-    (``setup.start`` replaces ``args.lr`` by the effective lr, so it records ``args.lr_given``.)"""
+    (``run.start`` replaces ``args.lr`` by the effective lr, so it records ``args.lr_given``.)"""
     return "--lr" if getattr(args, "lr_given", False) else "--blr"
 
 

@@ -212,7 +212,7 @@ def write_hf_folder(
 def read_hf_folder(folder: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(config with HF's defaults filled in, weights) of a ViTMAEForPreTraining folder, or fail
     naming the folder and what is wrong with it."""
-    from util.checkpoint import load_checkpoint, model_state
+    from util.safe_load import load_checkpoint, model_state
 
     if not os.path.isdir(folder):
         fail(f"--checkpoint {folder}: --from hf reads a transformers model folder (config.json + weights), not a file")

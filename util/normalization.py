@@ -12,9 +12,10 @@ import argparse
 import math
 from collections.abc import Sequence
 
-from util.checkpoint import list_checkpoints, saved_args
+from util.checkpoint_files import list_checkpoints
 from util.data import IMAGENET_MEAN, IMAGENET_STD
 from util.errors import UserError, fail
+from util.safe_load import saved_args
 
 # (where the values were found, e.g. 'checkpoint out/checkpoint-9.pth'; that checkpoint's args or None)
 Source = tuple[str, argparse.Namespace | None]

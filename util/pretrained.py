@@ -7,9 +7,9 @@ import torch
 from timm.layers import trunc_normal_
 from timm.models import adapt_input_conv
 
-from util.checkpoint import load_checkpoint, model_state
 from util.errors import fail
 from util.pos_embed import resize_pos_embed
+from util.safe_load import load_checkpoint, model_state
 from util.shapes import image_size
 
 _DECODER_PREFIXES = ("decoder_", "mask_token")

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from util import distributed, interrupt, setup
+from util import distributed, interrupt, run
 from util.checkpoint import TrainState, save_checkpoint
 from util.errors import NonFiniteLoss, lower_lr  # NonFiniteLoss is in errors: checkpoints raise it too
 from util.logger import MetricLogger, RunLog, SmoothedValue
@@ -83,7 +83,7 @@ def train_one_epoch(
             # Finiteness first: a checkpoint must never hold weights a bad step produced.
             _check_and_log(pending, step, epoch, total, lr, metrics, run_log, device, lower_lr(args))
             pending = []
-            stop = setup.stop_requested(args)
+            stop = run.stop_requested(args)
             if (ckpt_now or stop) and not last:
                 # Rank 0's sums: only rank 0 logs.
                 state.meters = {"epoch": epoch, "step": step + 1, "sums": metrics.sums()}

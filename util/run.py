@@ -1,4 +1,4 @@
-"""What every entry point does around its recipe: start-up, model wrapping, end of epoch."""
+"""What every training entry point does around its recipe: start-up, model wrapping, epochs, end of epoch."""
 
 import argparse
 import json

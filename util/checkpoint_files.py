@@ -1,0 +1,119 @@
+"""Checkpoint files on disk: names that sort by progress, atomic writes, listing and pruning.
+
+``checkpoint-<epoch>.pth`` holds a complete epoch, ``checkpoint-<epoch>-step<k>.pth`` the first k
+iterations of one.
+"""
+
+import os
+import re
+from typing import Any
+
+import torch
+
+_NAME = re.compile(r"^checkpoint-(\d+)(?:-step(\d+))?\.pth$")
+
+
+# Writing
+def checkpoint_name(epoch: int, step: int | None = None) -> str:
+    return f"checkpoint-{epoch}.pth" if step is None else f"checkpoint-{epoch}-step{step}.pth"
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """Write to a temporary file in the same folder, flush it to disk, then rename over ``path``.
+
+    A crash at any moment leaves either the old file or the complete new one, never a partial one.
+    A failed write raises the ``OSError`` that caused it (a full disk, a quota).
+    """
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            writer = _KeepError(f)
+            try:
+                torch.save(obj, writer)
+            except RuntimeError as e:
+                # torch reports a failed write as "unexpected pos N vs M": raise the cause instead.
+                if writer.error is None:
+                    raise
+                raise writer.error from e
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class _KeepError:
+    """A file's ``write`` that keeps the first ``OSError`` it raised (torch.save swallows it)."""
+
+    def __init__(self, f: Any):
+        self.f, self.error = f, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+# Finding, resuming, pruning
+def progress(name: str) -> tuple[int, int] | None:
+    """Sort key: (epoch, iterations done) of the position a checkpoint resumes at."""
+    m = _NAME.match(name)
+    if not m:
+        return None
+    epoch, step = int(m.group(1)), m.group(2)
+    return (epoch + 1, 0) if step is None else (epoch, int(step))
+
+
+def list_checkpoints(output_dir: str) -> list[str]:
+    """Checkpoint paths in ``output_dir``, oldest progress first."""
+    if not os.path.isdir(output_dir):
+        return []
+    named = [(p, n) for n in os.listdir(output_dir) if (p := progress(n)) is not None]
+    return [os.path.join(output_dir, n) for _, n in sorted(named)]
+
+
+def prune(
+    output_dir: str, keep_last: int, keep_every: int, final_epoch: int, just_written: str | None = None
+) -> list[str]:
+    """Delete old checkpoints; returns the removed paths.
+
+    Kept: the newest checkpoint and ``just_written``; among complete epochs, the ``keep_last``
+    newest, every epoch ``e`` with ``e % keep_every == 0`` and the final epoch. Older mid-epoch
+    checkpoints go.
+    """
+    _remove_stale_temporaries(output_dir)
+    if keep_last <= 0:
+        return []  # keep everything
+    paths = list_checkpoints(output_dir)
+    complete = [p for p in paths if _NAME.match(os.path.basename(p)).group(2) is None]
+    newest = set(complete[-keep_last:])
+    removed = []
+    for path in paths[:-1]:  # the newest checkpoint always stays
+        if just_written and os.path.samefile(path, just_written):
+            continue
+        m = _NAME.match(os.path.basename(path))
+        epoch, mid_epoch = int(m.group(1)), m.group(2) is not None
+        permanent = epoch % keep_every == 0 or epoch == final_epoch
+        if not mid_epoch and (path in newest or permanent):
+            continue
+        os.remove(path)
+        removed.append(path)
+    return removed
+
+
+def _remove_stale_temporaries(output_dir: str) -> None:
+    """Temporary files of writes that a killed process never finished (ours are renamed)."""
+    for name in os.listdir(output_dir):
+        if _NAME.match(name.split(".tmp")[0]) and ".pth.tmp" in name and not name.endswith(f".tmp{os.getpid()}"):
+            os.remove(os.path.join(output_dir, name))
