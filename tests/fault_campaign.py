@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from helpers import make_dataset  # noqa: E402
+from helpers import TINY, budgeted_open, make_dataset  # noqa: E402
 
 import main_pretrain  # noqa: E402
 from util import checkpoint_files, logger, safe_load  # noqa: E402
@@ -57,11 +57,11 @@ FAULTS = [*SITES, "timer", "damage"]  # timer: the driver kills after a random d
 
 
 def flags(data: Path, out: Path) -> list[str]:
+    # The tiny model at batch 8: the last --batch_size wins over TINY's.
     return [
-        *["--data_path", str(data), "--output_dir", str(out), "--log_dir", ""],
-        *["--model", "mae_vit_tiny_patch4", "--input_size", "32", "--batch_size", "8", "--num_workers", "0"],
-        *["--device", "cpu", "--precision", "fp32", "--epochs", str(EPOCHS), "--warmup_epochs", "1"],
-        *["--print_freq", "2", "--ckpt_every_steps", "2", "--vis_freq", "0", "--resume", "auto"],
+        *[*TINY, "--batch_size", "8", "--data_path", str(data), "--output_dir", str(out), "--log_dir", ""],
+        *["--epochs", str(EPOCHS), "--warmup_epochs", "1", "--print_freq", "2", "--ckpt_every_steps", "2"],
+        *["--vis_freq", "0", "--resume", "auto"],
     ]
 
 
@@ -92,36 +92,10 @@ def _arm(site: str, n: int, cut: int) -> None:
 
     torch.optim.AdamW.step = step
 
-    real_open = open
-
-    class Torn:
-        """A checkpoint's temporary file whose writer dies after ``cut`` bytes."""
-
-        def __init__(self, f):
-            self.f, self.left = f, cut
-
-        def write(self, data):
-            if len(data) >= self.left:
-                self.f.write(bytes(data)[: self.left])
-                self.f.flush()
-                _die()
-            self.left -= len(data)
-            return self.f.write(data)
-
-        def __getattr__(self, name):
-            return getattr(self.f, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-    def ckpt_open(path, mode="r", *a, **k):
-        f = real_open(path, mode, *a, **k)
-        return Torn(f) if ".pth.tmp" in str(path) and "w" in mode and hit("ckpt-write") else f
-
-    checkpoint_files.open = ckpt_open
+    # A checkpoint's temporary file whose writer dies once it has written ``cut`` bytes.
+    checkpoint_files.open = budgeted_open(
+        cut, _die, lambda path, mode: ".pth.tmp" in path and "w" in mode and hit("ckpt-write")
+    )
 
     real_replace, real_remove = os.replace, os.remove
 

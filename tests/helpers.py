@@ -1,19 +1,22 @@
 """Shared helpers for the pre-training, checkpoint and data tests: tiny data sets, runs of
-``main_pretrain`` in-process and on the command line, and exact comparison of saved states."""
+``main_pretrain`` in-process and on the command line, exact comparison of saved states, the
+official state-dict spec, a clean util.interrupt, and files that run out of room."""
 
+import builtins
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "demo" / "cifar10-2k"
+SPEC_PATH = REPO.parent / "shared" / "spec" / "official_state_dict_specs.json"
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
@@ -36,6 +39,19 @@ TINY = [
     "--precision",
     "fp32",
 ]
+
+
+def load_spec() -> dict[str, dict[str, list[int]]]:
+    """The official checkpoints' parameter names and shapes; skips the test where ../shared/spec is missing."""
+    if not SPEC_PATH.is_file():
+        import pytest
+
+        pytest.skip(f"official state-dict spec not found at {SPEC_PATH}")
+    return json.loads(SPEC_PATH.read_text())
+
+
+def shapes(module: torch.nn.Module) -> dict[str, list[int]]:
+    return {name: list(t.shape) for name, t in module.state_dict().items()}
 
 
 def demo_files(n: int, classes: Sequence[str] = CLASSES) -> list[Path]:
@@ -238,3 +254,55 @@ def preserved_signals() -> Iterator[None]:
     finally:
         for s, h in saved.items():
             signal.signal(s, h)
+
+
+@contextmanager
+def isolated_interrupts() -> Iterator[None]:
+    """util.interrupt as at import (no stop requested, no handlers remembered) and, afterwards,
+    pytest's signal handlers and util.interrupt's state as they were."""
+    from util import interrupt
+
+    saved = interrupt._requested, interrupt._previous
+    interrupt._requested, interrupt._previous = None, {}
+    try:
+        with preserved_signals():
+            yield
+    finally:
+        interrupt._requested, interrupt._previous = saved
+
+
+class Budgeted:
+    """A file opened for writing that takes ``budget`` bytes: a write that would go past them
+    writes what fits, then calls ``over()``, which raises or ends the process."""
+
+    def __init__(self, f, budget: int, over: Callable[[], object]):
+        self.f, self.left, self.over = f, budget, over
+
+    def write(self, data):
+        if len(data) > self.left:
+            self.f.write(data[: self.left])
+            self.f.flush()
+            self.over()
+        self.left -= len(data)
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def budgeted_open(budget: int, over: Callable[[], object], wrap: Callable[[str, str], bool]) -> Callable:
+    """An ``open`` (to set as a module's) that gives the files for which ``wrap(path, mode)``
+    holds ``budget`` bytes (see Budgeted) and opens every other file as usual."""
+    real_open = builtins.open
+
+    def patched(path, mode="r", *a, **k):
+        f = real_open(path, mode, *a, **k)
+        return Budgeted(f, budget, over) if wrap(str(path), mode) else f
+
+    return patched

@@ -1,27 +1,19 @@
 """Tests of the masked autoencoder (models_mae.py): parameter names, masking, loss, decoder, init."""
 
-import json
 import math
 from functools import cache, partial
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from helpers import load_spec, shapes
 
 import models_mae
 from models_mae import MaskedAutoencoderViT
 from util.pos_embed import sincos_2d
 
-SPEC_PATH = Path(__file__).resolve().parents[1].parent / "shared" / "spec" / "official_state_dict_specs.json"
 OFFICIAL_MAE = ["mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14"]
-
-
-def load_spec() -> dict[str, dict[str, list[int]]]:
-    if not SPEC_PATH.is_file():
-        pytest.skip(f"official state-dict spec not found at {SPEC_PATH}")
-    return json.loads(SPEC_PATH.read_text())
 
 
 @cache
@@ -29,10 +21,6 @@ def meta_model(name: str) -> MaskedAutoencoderViT:
     """A factory's model with default arguments, built once on the meta device (no memory, no init cost)."""
     with torch.device("meta"):
         return models_mae.MODELS[name]()
-
-
-def shapes(module: nn.Module) -> dict[str, list[int]]:
-    return {name: list(t.shape) for name, t in module.state_dict().items()}
 
 
 def small_mae(

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import demo_files
-from test_models_mae import load_spec, shapes
+from helpers import demo_files, load_spec, shapes
 
 import main_pretrain
 import models_mae

@@ -15,42 +15,18 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import assert_same, cli, load, make_dataset  # noqa: E402
+from helpers import TINY, assert_same, cli, load, make_dataset  # noqa: E402
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
 def _flags(data: Path, out: Path, epochs: int = 3) -> list[str]:
-    # 48 images / batch 8 = 6 iterations per epoch; a check point every 2 iterations.
+    # TINY at batch 8 (the last --batch_size wins): 48 images / 8 = 6 iterations per epoch; a check
+    # point every 2 iterations.
     return [
-        "--data_path",
-        str(data),
-        "--model",
-        "mae_vit_tiny_patch4",
-        "--input_size",
-        "32",
-        "--batch_size",
-        "8",
-        "--epochs",
-        str(epochs),
-        "--warmup_epochs",
-        "1",
-        "--num_workers",
-        "0",
-        "--device",
-        "cpu",
-        "--precision",
-        "fp32",
-        "--print_freq",
-        "2",
-        "--ckpt_every_steps",
-        "2",
-        "--vis_freq",
-        "0",
-        "--output_dir",
-        str(out),
-        "--log_dir",
-        "",
+        *[*TINY, "--batch_size", "8", "--data_path", str(data), "--output_dir", str(out), "--log_dir", ""],
+        *["--epochs", str(epochs), "--warmup_epochs", "1", "--print_freq", "2", "--ckpt_every_steps", "2"],
+        *["--vis_freq", "0"],
     ]
 
 
