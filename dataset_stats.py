@@ -89,21 +89,14 @@ def compute(args: argparse.Namespace) -> dict[str, Any]:
         dataset.files = [dataset.files[i] for i in chosen]
     loader = DataLoader(dataset, batch_size=64, num_workers=args.num_workers)
     # Progress every tenth of a long computation (20 batches or more).
-    total, done, report = None, 0, max(len(dataset) // 10, 1) if len(loader) >= 20 else len(dataset) + 1
+    total, done, report = 0, 0, max(len(dataset) // 10, 1) if len(loader) >= 20 else len(dataset) + 1
     for sums, _ in loader:
-        batch = sums.sum(dim=0)
-        total = batch if total is None else total + batch
+        total = total + sums.sum(dim=0)
         before, done = done, done + len(sums)
         if before // report != done // report and done < len(dataset):
             print(f"{done}/{len(dataset)} images", file=sys.stderr)
     mean, std = mean_std(total)
-    return {
-        "mean": mean,
-        "std": std,
-        "images": len(dataset),
-        "input_size": args.input_size,
-        "data_path": args.data_path,
-    }
+    return dict(mean=mean, std=std, images=len(dataset), input_size=args.input_size, data_path=args.data_path)
 
 
 def flags(stats: dict[str, Any]) -> str:

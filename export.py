@@ -160,17 +160,14 @@ def write(state: dict[str, torch.Tensor], output: str, metadata: dict[str, str])
 
 # ---------------------------------------------------------------------------------------------
 # Hugging Face transformers
-def _mae_shapes(
-    name: str, img_size: int, in_chans: int = 3
-) -> tuple[torch.nn.Module, dict[str, tuple[int, ...]]] | None:
-    """The MAE ``name`` built without memory (meta device) and its state-dict shapes; None when
-    the image size does not fit its patches."""
+def _meta_mae(name: str, img_size: int, in_chans: int) -> torch.nn.Module | None:
+    """The MAE ``name`` built without memory (meta device); None when the image size does not fit
+    its patches."""
     try:
         with torch.device("meta"):
-            model = models_mae.MODELS[name](img_size=img_size, in_chans=in_chans)
+            return models_mae.MODELS[name](img_size=img_size, in_chans=in_chans)
     except ValueError:
         return None
-    return model, {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 def _square_side(ckpt: dict[str, Any], state: dict[str, torch.Tensor], path: str) -> int:
@@ -208,9 +205,9 @@ def mae_name(ckpt: dict[str, Any], state: dict[str, torch.Tensor], given: str | 
     name = name if name.startswith("mae_") else f"mae_{name}"  # --model may name the encoder
     if name not in models_mae.MODELS:
         fail(f"--model {name} is not an MAE; known models: {', '.join(models_mae.MODELS)}")
-    built = _mae_shapes(name, img_size, in_chans)
+    built = _meta_mae(name, img_size, in_chans)
     shapes = {k: tuple(v.shape) for k, v in state.items()}
-    if built is None or built[1] != shapes:
+    if built is None or {k: tuple(v.shape) for k, v in built.state_dict().items()} != shapes:
         fail(f"checkpoint {path} does not fit {name} at {img_size} px; check --model")
     return name, img_size
 
@@ -222,7 +219,7 @@ def export_hf(args: argparse.Namespace, ckpt: dict[str, Any], state: dict[str, t
     norm_pix = args.norm_pix_loss if args.norm_pix_loss is not None else getattr(saved, "norm_pix_loss", False)
     if not 0 <= mask_ratio < 1:
         fail(f"--mask_ratio must be in [0, 1), got {mask_ratio}")
-    model, _ = _mae_shapes(name, img_size, state["patch_embed.proj.weight"].shape[1])
+    model = _meta_mae(name, img_size, state["patch_embed.proj.weight"].shape[1])
     config = hf_interop.hf_config(model, mask_ratio, norm_pix)
     hf_interop.write_hf_folder(args.output, hf_interop.to_hf_state(state), config, args_metadata(ckpt))
     print(
@@ -238,12 +235,12 @@ def mae_for_hf_config(config: dict[str, Any], folder: str) -> tuple[str, int, to
     img_size = hf_interop.square(config["image_size"], "image_size", folder)
     arch = dict(config, image_size=img_size, patch_size=hf_interop.square(config["patch_size"], "patch_size", folder))
     for name in models_mae.MODELS:  # the registry lists each factory once (no aliases)
-        built = _mae_shapes(name, img_size, config["num_channels"])
-        if built is None:
+        model = _meta_mae(name, img_size, config["num_channels"])
+        if model is None:
             continue
-        ours = hf_interop.hf_config(built[0], 0.75, False)
+        ours = hf_interop.hf_config(model, 0.75, False)
         if all(ours[k] == arch[k] for k in hf_interop.ARCH_KEYS):
-            return name, img_size, built[0]
+            return name, img_size, model
     described = ", ".join(f"{k} {arch[k]}" for k in hf_interop.ARCH_KEYS)
     fail(f"HF folder {folder}: no models_mae model has its architecture ({described})")
 
@@ -325,9 +322,8 @@ def main(args: argparse.Namespace) -> None:
     encoder = encoder_state(state, args.checkpoint)
     name, img_size = vit_name(ckpt, encoder, args.model, args.checkpoint)
     write(encoder, args.output, args_metadata(ckpt))
-    global_pool = "fc_norm.weight" in encoder
     print(f"wrote the {name} encoder ({len(encoder)} tensors, {img_size} px) to {args.output}; load it with")
-    print(f"  {timm_call(name, img_size, global_pool, args.output)}")
+    print(f"  {timm_call(name, img_size, 'fc_norm.weight' in encoder, args.output)}")
 
 
 if __name__ == "__main__":

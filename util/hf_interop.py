@@ -75,41 +75,27 @@ _HF_BLOCK = re.compile(
     r"^(vit\.encoder\.layer|vit\.layers|decoder\.decoder_layers|decoder\.decoder_encoder\.layer)\.(\d+)\.(.+)\.(weight|bias)$"
 )
 
-# The config entries that fix the architecture (compared when importing), and ViTMAEConfig's
-# defaults for those a config.json may leave out.
-ARCH_KEYS = (
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "intermediate_size",
-    "image_size",
-    "patch_size",
-    "num_channels",
-    "qkv_bias",
-    "hidden_act",
-    "decoder_hidden_size",
-    "decoder_num_hidden_layers",
-    "decoder_num_attention_heads",
-    "decoder_intermediate_size",
-)
+# ViTMAEConfig's defaults, for the entries a config.json may leave out.
 _HF_DEFAULTS: dict[str, Any] = {
     "hidden_size": 768,
     "num_hidden_layers": 12,
     "num_attention_heads": 12,
     "intermediate_size": 3072,
-    "hidden_act": "gelu",
-    "layer_norm_eps": 1e-12,
     "image_size": 224,
     "patch_size": 16,
     "num_channels": 3,
     "qkv_bias": True,
-    "decoder_num_attention_heads": 16,
+    "hidden_act": "gelu",
     "decoder_hidden_size": 512,
     "decoder_num_hidden_layers": 8,
+    "decoder_num_attention_heads": 16,
     "decoder_intermediate_size": 2048,
+    "layer_norm_eps": 1e-12,
     "mask_ratio": 0.75,
     "norm_pix_loss": False,
 }
+# The entries that fix the architecture (compared when importing): all but the norms' eps and the loss's.
+ARCH_KEYS = tuple(k for k in _HF_DEFAULTS if k not in ("layer_norm_eps", "mask_ratio", "norm_pix_loss"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,8 +266,7 @@ def from_hf_state(state: dict[str, torch.Tensor], folder: str) -> dict[str, torc
         examples = ", ".join(sorted(foreign)[:3])
         fail(f"HF folder {folder} holds weights that are not a ViTMAEForPreTraining's ({examples})")
     for (part, index, kind), parts in qkv.items():
-        if set(parts) != {"q", "k", "v"}:
-            absent = sorted({"q", "k", "v"} - set(parts))
+        if absent := sorted({"q", "k", "v"} - set(parts)):
             fail(f"HF folder {folder}: layer {index} of the {part} lacks its {'/'.join(absent)} projection {kind}")
         out[f"{part}.{index}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
     return out

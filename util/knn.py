@@ -186,8 +186,7 @@ def evaluate(
     bank_labels, query_labels = data.bank_labels.to(device), data.query_labels.to(device)
     for name in bank:
         scores = knn_scores(bank[name], bank_labels, queries[name], len(data.classes), args.knn_k, args.knn_t)
-        for metric, value in accuracy(scores, query_labels).items():
-            results[f"{name}_{metric}"] = value
+        results |= {f"{name}_{metric}": value for metric, value in accuracy(scores, query_labels).items()}
         if linear_epochs:
             results[f"{name}_linear_top1"] = linear_accuracy(
                 bank[name], bank_labels, queries[name], query_labels, len(data.classes), epochs=linear_epochs
@@ -208,11 +207,7 @@ def add_knn_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
         help="use N evenly spaced train images as the bank (0: all)",
     )
     g.add_argument(
-        "--knn_query_size",
-        default=0,
-        type=int,
-        metavar="N",
-        help="classify N evenly spaced val images (0: all)",
+        "--knn_query_size", default=0, type=int, metavar="N", help="classify N evenly spaced val images (0: all)"
     )
     return g
 

@@ -37,15 +37,10 @@ def param_groups_lrd(
         decay = not (param.ndim == 1 or name in skip)
         layer = layer_id_for_vit(name, num_layers)
         key = f"layer_{layer}_{'decay' if decay else 'no_decay'}"
-        group = groups.setdefault(
-            key,
-            {
-                "lr_scale": layer_decay ** (num_layers - layer),
-                "weight_decay": weight_decay if decay else 0.0,
-                "params": [],
-                "names": [],
-            },
-        )
+        if key not in groups:
+            scale, wd = layer_decay ** (num_layers - layer), weight_decay if decay else 0.0
+            groups[key] = {"lr_scale": scale, "weight_decay": wd, "params": [], "names": []}
+        group = groups[key]
         group["params"].append(param)
         group["names"].append(name)
     return list(groups.values())

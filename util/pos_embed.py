@@ -23,10 +23,8 @@ def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
 
 def grid_hw(grid_size: int | Sequence[int]) -> tuple[int, int]:
     """(rows, columns) of a grid given as one side (square) or as (rows, columns)."""
-    if isinstance(grid_size, int | np.integer):
-        return int(grid_size), int(grid_size)
-    rows, cols = (int(v) for v in grid_size)
-    return rows, cols
+    rows, cols = (grid_size, grid_size) if isinstance(grid_size, int | np.integer) else grid_size
+    return int(rows), int(cols)
 
 
 def sincos_2d(dim: int, grid_size: int | Sequence[int], cls_token: bool = False) -> np.ndarray:

@@ -5,13 +5,6 @@ import contextlib
 import torch
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-_FRESH_SCALER_STATE = {
-    "scale": 65536.0,
-    "growth_factor": 2.0,
-    "backoff_factor": 0.5,
-    "growth_interval": 2000,
-    "_growth_tracker": 0,
-}
 
 
 def autocast(precision: str, device: str) -> contextlib.AbstractContextManager:
@@ -32,8 +25,8 @@ class LossScaler(torch.amp.GradScaler):
 
     def state_dict(self) -> dict:
         # The official code restores an *enabled* GradScaler from this entry, which refuses an
-        # empty dict: without fp16, save a fresh scaler's state (what it would start from).
-        return super().state_dict() if self.is_enabled() else dict(_FRESH_SCALER_STATE)
+        # empty dict: without fp16, save the state an enabled scaler starts from (a CPU one's: no GPU needed).
+        return super().state_dict() if self.is_enabled() else torch.amp.GradScaler("cpu").state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         if self.is_enabled() and state:

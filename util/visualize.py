@@ -31,9 +31,8 @@ def reconstruction_grid(
     a model that does not take RGB, one gray row per image and channel ([N*C*H, 4*W, 3]).
 
     ``imgs`` are normalised with ``mean`` and ``std`` (the model's training values), which are
-    undone for the picture. A model trained with
-    ``norm_pix_loss`` predicts normalised patches; they are shown with each true patch's
-    mean and spread put back (as the paper's figures do).
+    undone for the picture. A model trained with ``norm_pix_loss`` predicts normalised patches;
+    they are shown with each true patch's mean and spread put back (as the paper's figures do).
     """
     was_training = model.training
     model.eval()
