@@ -1,12 +1,13 @@
 """torch.distributed set-up from torchrun's, SLURM's or OpenMPI's environment, and helpers."""
 
-import builtins
 import datetime
 import os
 from argparse import Namespace
 
 import torch
 import torch.distributed as dist
+
+from util.log import set_rank
 
 
 def init_distributed_mode(args: Namespace) -> None:
@@ -41,6 +42,7 @@ def init_distributed_mode(args: Namespace) -> None:
             _require("MASTER_ADDR", "MASTER_PORT", flag="srun (export them, or give --dist_url tcp://HOST:PORT)")
     else:
         args.rank, args.world_size, args.gpu, args.distributed = 0, 1, 0, False
+        set_rank(0, 1)
         return
 
     args.distributed = True
@@ -58,7 +60,7 @@ def init_distributed_mode(args: Namespace) -> None:
         timeout=datetime.timedelta(minutes=30),
     )
     dist.barrier()
-    print_only_on_main(args.rank == 0)
+    set_rank(args.rank, args.world_size)
 
 
 def _require(*names: str, flag: str) -> dict[str, str]:
@@ -68,19 +70,6 @@ def _require(*names: str, flag: str) -> dict[str, str]:
 
         fail(f"{flag} needs the environment variables {', '.join(missing)}, which are not set")
     return {n: os.environ[n] for n in names}
-
-
-def print_only_on_main(is_main: bool) -> None:
-    """Silence ``print`` on all ranks but the first; ``print(..., force=True)`` still prints."""
-    builtin_print = builtins.print
-
-    def print_(*args, **kwargs):
-        force = kwargs.pop("force", False)
-        if is_main or force:
-            now = datetime.datetime.now().strftime("%H:%M:%S")
-            builtin_print(f"[{now}]", *args, **kwargs)
-
-    builtins.print = print_
 
 
 def is_dist() -> bool:
@@ -99,7 +88,7 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
-def all_reduce_sum(values: list[float], device: torch.device | str = "cpu") -> list[float]:
+def all_reduce_sum(values: list[float], device: torch.device | str) -> list[float]:
     """Sum a few numbers over all ranks (one collective)."""
     if not is_dist():
         return list(values)
@@ -108,7 +97,7 @@ def all_reduce_sum(values: list[float], device: torch.device | str = "cpu") -> l
     return t.tolist()
 
 
-def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
+def any_rank(flag: bool, device: torch.device | str) -> bool:
     """True on every rank if ``flag`` is true on any rank."""
     return all_reduce_sum([float(flag)], device)[0] > 0
 

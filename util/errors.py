@@ -35,7 +35,7 @@ def run_cli(main: Callable[[], None]) -> None:
     try:
         main()
     except interrupt.Interrupted as e:
-        sys.stderr.write(f"{e}\n")  # not print(): it is silenced on ranks other than 0
+        sys.stderr.write(f"{e}\n")  # every rank, not only rank 0's log
         sys.exit(interrupt.exit_code())
     except UserError as e:
         lines = [line for line in str(e).splitlines() if line.strip()]

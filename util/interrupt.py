@@ -18,7 +18,7 @@ _previous: dict[int, Any] = {}
 def _handler(signum: int, frame: object) -> None:
     global _requested
     _requested = signum
-    # Not print(): it may be silenced on this rank, and this must show on every rank.
+    # Not the log: only rank 0 logs, and this must show on every rank.
     sys.stderr.write(f"received {signal.Signals(signum).name}: checkpointing at the next check point\n")
 
 
@@ -40,12 +40,6 @@ def ignore_in_worker(worker_id: int) -> None:
 
 def requested() -> bool:
     return _requested is not None
-
-
-def request(signum: int = signal.SIGTERM) -> None:
-    """Ask for a stop as a signal would (for tests and programmatic use)."""
-    global _requested
-    _requested = signum
 
 
 def hand_over() -> None:

@@ -15,6 +15,7 @@ from types import ModuleType
 import submitit
 
 from util import interrupt
+from util.log import log
 
 
 def add_launcher_args(parser: argparse.ArgumentParser) -> None:
@@ -63,7 +64,7 @@ class Trainer:
         try:
             entry.main(args)
         except interrupt.Interrupted as stop:
-            print(f"{stop}; handing over to submitit for requeueing")
+            log.info(f"{stop}; handing over to submitit for requeueing")
             interrupt.hand_over()  # on its timeout signal submitit calls checkpoint() and requeues
             # Still here (SIGTERM: SLURM preempts and requeues the job itself): exit as stopped,
             # not as a job that completed.
