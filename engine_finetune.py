@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 from util import distributed, interrupt, run
 from util.checkpoint import Position, TrainState, resume, save_checkpoint
 from util.data import eval_loader, train_loader
+from util.log import log
 from util.logger import RunLog, format_duration
 from util.precision import LossScaler, autocast
 from util.train_loop import train_one_epoch as _train_one_epoch
@@ -32,8 +33,7 @@ def train_one_epoch(
             samples, targets = mixup_fn(samples, targets)
         return criterion(model(samples), targets)
 
-    clip_grad = getattr(state.args, "clip_grad", None)
-    return _train_one_epoch(model, loader, state, epoch, classification_loss, run_log, start_step, clip_grad)
+    return _train_one_epoch(model, loader, state, epoch, classification_loss, run_log, start_step)
 
 
 @torch.no_grad()
@@ -62,7 +62,9 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, args: argparse.Namespac
         )
     loss, top1, top5, count = distributed.all_reduce_sum(sums.tolist(), device) if args.dist_eval else sums.tolist()
     stats = {"acc1": 100.0 * top1 / count, "acc5": 100.0 * top5 / count, "loss": loss / count, "images": int(count)}
-    print(f"* Acc@1 {stats['acc1']:.3f} Acc@5 {stats['acc5']:.3f} loss {stats['loss']:.3f} ({stats['images']} images)")
+    log.info(
+        f"* Acc@1 {stats['acc1']:.3f} Acc@5 {stats['acc5']:.3f} loss {stats['loss']:.3f} ({stats['images']} images)"
+    )
     return stats
 
 
@@ -78,17 +80,17 @@ def train_or_evaluate(
     """Resume (``--resume``), wrap for DDP/compile, then evaluate only (``--eval``) or train."""
     state = TrainState(model, optimizer, LossScaler(args.precision), args)
     position = resume(state)
-    trained = run.wrap_for_training(model, args)
+    wrapped_model = run.wrap_for_training(model, args)  # DDP and/or compiled: what the steps call
     val_loader = eval_loader(val_set, args)
     if args.eval:
-        evaluate(trained, val_loader, args)
+        evaluate(wrapped_model, val_loader, args)
     else:
-        fit(trained, state, position, train_loader(train_set, args), val_loader, criterion, mixup_fn)
+        fit(wrapped_model, state, position, train_loader(train_set, args), val_loader, criterion, mixup_fn)
     distributed.cleanup()
 
 
 def fit(
-    trained: torch.nn.Module,
+    wrapped_model: torch.nn.Module,
     state: TrainState,
     position: Position,
     train_loader: DataLoader,
@@ -111,20 +113,22 @@ def fit(
     try:
         pending = state.extra.get("unevaluated")
         if pending is not None and position == Position(pending["epoch"] + 1):
-            _evaluate_epoch(trained, val_loader, state, run_log)
+            _evaluate_epoch(wrapped_model, val_loader, state, run_log)
         for epoch, start_step in run.epochs_left(position, train_loader, args):
-            train_stats = train_one_epoch(trained, train_loader, state, epoch, criterion, mixup_fn, run_log, start_step)
+            train_stats = train_one_epoch(
+                wrapped_model, train_loader, state, epoch, criterion, mixup_fn, run_log, start_step
+            )
             state.extra["unevaluated"] = {"epoch": epoch, "train_stats": train_stats}
             path = save_checkpoint(state, epoch)
             if run.stop_requested(args):
                 raise interrupt.Interrupted(path)  # stop now: the resumed run evaluates this epoch
-            _evaluate_epoch(trained, val_loader, state, run_log)
+            _evaluate_epoch(wrapped_model, val_loader, state, run_log)
     finally:
         run_log.close()
-    print(f"training time {format_duration(time.time() - begin)}")
+    log.info(f"training time {format_duration(time.time() - begin)}")
 
 
-def _evaluate_epoch(trained: torch.nn.Module, val_loader: DataLoader, state: TrainState, run_log: RunLog) -> None:
+def _evaluate_epoch(wrapped_model: torch.nn.Module, val_loader: DataLoader, state: TrainState, run_log: RunLog) -> None:
     """Evaluate the epoch in ``extra['unevaluated']`` (the model is as it ended) if ``--eval_freq``
     asks for it, update the best top-1 and append the epoch's line to log.txt. The last epoch's
     checkpoint is written again, so that the run's final checkpoint holds the best top-1 of every
@@ -135,9 +139,9 @@ def _evaluate_epoch(trained: torch.nn.Module, val_loader: DataLoader, state: Tra
     if (epoch + 1) % args.eval_freq and epoch != args.epochs - 1:
         run_log.epoch({**{f"train_{k}": v for k, v in pending["train_stats"].items()}, "epoch": epoch})
         return
-    test_stats = evaluate(trained, val_loader, args)
+    test_stats = evaluate(wrapped_model, val_loader, args)
     best = state.extra["max_accuracy"] = max(state.extra["max_accuracy"], test_stats["acc1"])
-    print(
+    log.info(
         f"accuracy of the network on the {test_stats['images']} test images: {test_stats['acc1']:.1f}%; "
         f"max accuracy: {best:.2f}%"
     )

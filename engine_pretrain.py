@@ -1,14 +1,13 @@
 """Pre-training: the MAE loss of a batch, one epoch of training, and the reconstruction picture."""
 
 import os
-from collections.abc import Sequence
+from argparse import Namespace
 
 import torch
 
 from util.checkpoint import TrainState
-from util.data import IMAGENET_MEAN, IMAGENET_STD
-from util.fast_crop import normalize_on_device
 from util.logger import RunLog
+from util.normalization import normalize_on_device
 from util.train_loop import train_one_epoch as _train_one_epoch
 from util.visualize import reconstruction_grid, save_png
 
@@ -33,23 +32,14 @@ def train_one_epoch(
 
 
 def log_reconstructions(
-    model: torch.nn.Module,
-    imgs: torch.Tensor,
-    noise: torch.Tensor,
-    mask_ratio: float,
-    epoch: int,
-    output_dir: str,
-    run_log: RunLog | None,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
+    model: torch.nn.Module, imgs: torch.Tensor, noise: torch.Tensor, epoch: int, run_log: RunLog, args: Namespace
 ) -> str | None:
-    """Write the picture of fixed images (normalised with ``mean``/``std``) under a fixed mask to
-    TensorBoard and a PNG."""
-    picture = reconstruction_grid(model, imgs, noise, mask_ratio, mean, std)
-    if run_log is not None:
-        run_log.image("reconstructions", picture, epoch)
-    if not output_dir:
+    """Write the picture of fixed images (normalised with ``--mean``/``--std``) under a fixed mask
+    to TensorBoard and ``reconstruction-<epoch>.png`` in ``--output_dir``; returns the PNG's path."""
+    picture = reconstruction_grid(model, imgs, noise, args.mask_ratio, args.mean, args.std)
+    run_log.image("reconstructions", picture, epoch)
+    if not args.output_dir:
         return None
-    path = os.path.join(output_dir, f"reconstruction-{epoch}.png")
+    path = os.path.join(args.output_dir, f"reconstruction-{epoch}.png")
     save_png(picture, path)
     return path

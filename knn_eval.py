@@ -22,8 +22,9 @@ import torch
 
 import models_mae
 from util import distributed, knn, normalization
-from util.args import resolve_precision
+from util.args import PRECISIONS, resolve_precision
 from util.errors import fail, run_cli
+from util.log import log
 from util.normalization import add_norm_args
 from util.pretrained import load_mae_encoder
 from util.safe_load import saved_args
@@ -41,7 +42,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", default=256, type=int)
     parser.add_argument("--num_workers", default=2, type=int)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS)
     parser.add_argument("--seed", default=0, type=int, help="seed of the random-init encoder")
     knn.add_knn_args(parser)
     add_norm_args(parser)
@@ -61,7 +62,7 @@ def features_of(encoder: str, args: argparse.Namespace) -> Callable[[torch.Tenso
     if encoder == "pixels":
         return knn.pixel_features
     torch.manual_seed(args.seed)  # 'random' is the initialisation pre-training starts from
-    model = models_mae.MODELS[args.model](img_size=args.input_size)
+    model = models_mae.create_model(args.model, args.input_size)
     if encoder != "random":
         load_mae_encoder(model, encoder)
     model.to(args.device).eval()
@@ -69,8 +70,8 @@ def features_of(encoder: str, args: argparse.Namespace) -> Callable[[torch.Tenso
 
 
 def main(args: argparse.Namespace) -> None:
-    if args.model not in models_mae.MODELS:
-        fail(f"--model {args.model} is unknown; known models: {', '.join(models_mae.MODELS)}")
+    with torch.device("meta"):  # --model and --input_size checked before any image is read
+        args.input_size = models_mae.create_model(args.model, args.input_size).img_size
     if args.batch_size < 1:
         fail(f"--batch_size must be at least 1, got {args.batch_size}")
     knn.check_knn_args(args)
@@ -80,9 +81,6 @@ def main(args: argparse.Namespace) -> None:
         if encoder not in ("random", "pixels") and not encoder.startswith(("http://", "https://")):
             if not os.path.isfile(encoder):
                 fail(f"--encoders {encoder} is neither a checkpoint file nor 'random' or 'pixels'")
-    if args.input_size is None:
-        with torch.device("meta"):
-            args.input_size = models_mae.MODELS[args.model]().img_size
     distributed.init_distributed_mode(args)
     args.precision = resolve_precision(args.precision, args.device)
     # One normalisation for every encoder (they share the images): the flags, else the first
@@ -93,12 +91,12 @@ def main(args: argparse.Namespace) -> None:
     data = knn.KnnData(
         args.data_path, args.input_size, args.knn_bank_size, args.knn_query_size, mean=args.mean, std=args.std
     )
-    print(f"k-NN (k={args.knn_k}, t={args.knn_t}) on {data} from {args.data_path}")
+    log.info(f"k-NN (k={args.knn_k}, t={args.knn_t}) on {data} from {args.data_path}")
     for encoder in args.encoders:
         begin = time.time()
         scores = knn.evaluate(features_of(encoder, args), data, args, args.linear_epochs)
         seconds = time.time() - begin
-        print(f"{encoder}: " + "  ".join(f"{k} {v:.2f}" for k, v in scores.items()) + f"  ({seconds:.0f} s)")
+        log.info(f"{encoder}: " + "  ".join(f"{k} {v:.2f}" for k, v in scores.items()) + f"  ({seconds:.0f} s)")
         if args.output and distributed.is_main_process():
             record = {
                 "encoder": encoder,

@@ -21,29 +21,27 @@ import util.compat  # noqa: F401  (makes timm RandAugment work with Pillow 13)
 from engine_finetune import train_or_evaluate
 from util import run
 from util.args import (
-    add_in_chans_arg,
-    add_input_size_arg,
+    add_classifier_args,
+    add_eval_args,
     add_run_args,
     add_schedule_args,
-    check_in_chans,
-    check_input_size,
+    check_classifier_args,
+    image_size,
 )
 from util.data import classification_splits, eval_transform
 from util.errors import fail, run_cli
+from util.log import log
 from util.lr_decay import param_groups_lrd
 from util.normalization import add_norm_args
 from util.pretrained import load_pretrained_encoder
-from util.shapes import check_norm_channels, image_loader, image_size, tensor_train_transform
+from util.shapes import check_norm_channels, image_loader, tensor_train_transform
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("MAE fine-tuning for image classification")
     add_schedule_args(parser, batch_size=64, epochs=50, weight_decay=0.05, blr=1e-3, min_lr=1e-6, warmup_epochs=5)
     parser.add_argument("--layer_decay", type=float, default=0.75, help="layer-wise lr decay from ELECTRA/BEiT")
-    parser.add_argument(
-        "--clip_grad", type=float, default=None, metavar="NORM", help="clip gradient norm (default: None, no clipping)"
-    )
-    add_model_args(parser, model="vit_large_patch16", global_pool=True)
+    add_classifier_args(parser, models_vit.MODELS, model="vit_large_patch16", global_pool=True)
     parser.add_argument("--drop_path", type=float, default=0.1, metavar="PCT", help="drop path rate")
 
     aug = parser.add_argument_group("augmentation")
@@ -91,60 +89,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     aug.add_argument("--mixup_mode", type=str, default="batch", help='"batch", "pair", or "elem"')
 
-    add_run_args(parser, data_path="/datasets01/imagenet_full_size/061417/")
+    add_run_args(parser)
     add_norm_args(parser)
     add_eval_args(parser)
-    run.add_checkpoint_args(parser)
     return parser
-
-
-def add_model_args(parser: argparse.ArgumentParser, model: str, global_pool: bool) -> None:
-    """Model flags shared with linear probing."""
-    g = parser.add_argument_group("model")
-    g.add_argument("--model", default=model, type=str, metavar="MODEL", help=f"one of: {', '.join(models_vit.MODELS)}")
-    add_input_size_arg(g, default=224)
-    add_in_chans_arg(g)
-    g.add_argument("--finetune", default="", help="MAE checkpoint (file or URL) to start from")
-    g.add_argument("--global_pool", action="store_true", help="average the patch tokens (then fc_norm)")
-    g.add_argument(
-        "--cls_token", action="store_false", dest="global_pool", help="use the class token instead of global pooling"
-    )
-    parser.set_defaults(global_pool=global_pool)
-    g.add_argument("--nb_classes", default=1000, type=int, help="number of classification types")
-
-
-def add_eval_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("evaluation")
-    g.add_argument("--eval", action="store_true", help="only evaluate (the model of --resume)")
-    g.add_argument(
-        "--dist_eval",
-        action="store_true",
-        default=False,
-        help="shard evaluation over the processes (each image counted once)",
-    )
-    g.add_argument("--eval_freq", default=1, type=int, metavar="N", help="evaluate every N epochs and after the last")
-
-
-def build_classifier(args: argparse.Namespace, **kwargs) -> models_vit.VisionTransformer:
-    if args.model not in models_vit.MODELS:
-        fail(f"--model {args.model} is unknown; known models: {', '.join(models_vit.MODELS)}")
-    if args.nb_classes < 1:
-        fail(f"--nb_classes must be at least 1, got {args.nb_classes}")
-    if args.eval and not args.resume:
-        fail("--eval needs a model to evaluate: give --resume CHECKPOINT")
-    if args.eval_freq < 1:
-        fail(f"--eval_freq must be at least 1, got {args.eval_freq}")
-    with torch.device("meta"):  # only to read the patch size
-        patch_size = models_vit.MODELS[args.model]().patch_embed.patch_size[0]
-    height, width = check_input_size(args.input_size, patch_size)
-    check_in_chans(args.in_chans)
-    return models_vit.MODELS[args.model](
-        img_size=(height, width),
-        in_chans=args.in_chans,
-        num_classes=args.nb_classes,
-        global_pool=args.global_pool,
-        **kwargs,
-    )
 
 
 MIXUP_MODES = ("batch", "pair", "elem")
@@ -173,7 +121,7 @@ def build_mixup(args: argparse.Namespace):
         return None
     if args.batch_size % 2:
         fail(f"--mixup/--cutmix mix pairs of images: --batch_size must be even, got {args.batch_size}")
-    print("mixup is activated")
+    log.info("mixup is activated")
     return Mixup(
         mixup_alpha=args.mixup,
         cutmix_alpha=args.cutmix,
@@ -206,7 +154,7 @@ def build_train_transform(args: argparse.Namespace) -> Callable:
             std=tuple(args.std),
         )
     if args.aa or args.color_jitter:
-        print(f"--in_chans {args.in_chans}: --aa and --color_jitter are RGB augmentations and are not applied")
+        log.info(f"--in_chans {args.in_chans}: --aa and --color_jitter are RGB augmentations and are not applied")
     check_norm_channels(args.mean, args.std, args.in_chans)
     steps = [tensor_train_transform((height, width), (0.08, 1.0), args.mean, args.std)]
     if args.reprob > 0:
@@ -215,9 +163,17 @@ def build_train_transform(args: argparse.Namespace) -> Callable:
 
 
 def main(args: argparse.Namespace) -> None:
+    check_classifier_args(args)
     check_finetune_args(args)
     device = run.start(args)
-    model = build_classifier(args, drop_path_rate=args.drop_path)
+    model = models_vit.create_model(
+        args.model,
+        args.input_size,
+        args.in_chans,
+        num_classes=args.nb_classes,
+        global_pool=args.global_pool,
+        drop_path_rate=args.drop_path,
+    )
 
     train_set, val_set = classification_splits(
         args.data_path,
@@ -226,13 +182,13 @@ def main(args: argparse.Namespace) -> None:
         args.nb_classes,
         loader=image_loader(args.in_chans),
     )
-    print(f"{len(train_set)} training and {len(val_set)} validation images, {args.nb_classes} classes")
+    log.info(f"{len(train_set)} training and {len(val_set)} validation images, {args.nb_classes} classes")
 
     if args.finetune and not args.eval:
         load_pretrained_encoder(model, args.finetune, head_init_std=2e-5)
     model.set_grad_checkpointing(args.grad_checkpointing)
     model.to(device)
-    print(f"number of params (M): {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}")
+    log.info(f"number of params (M): {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}")
 
     groups = param_groups_lrd(model, args.weight_decay, model.no_weight_decay(), args.layer_decay)
     optimizer = torch.optim.AdamW(groups, lr=args.lr, fused=device.type == "cuda")
@@ -243,7 +199,7 @@ def main(args: argparse.Namespace) -> None:
         criterion = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
     else:
         criterion = torch.nn.CrossEntropyLoss()
-    print(f"criterion: {criterion}")
+    log.info(f"criterion: {criterion}")
     train_or_evaluate(model, optimizer, args, train_set, val_set, criterion, mixup_fn)
 
 

@@ -11,32 +11,42 @@ import argparse
 import torch
 from torchvision import transforms
 
+import models_vit
 from engine_finetune import train_or_evaluate
-from main_finetune import add_eval_args, add_model_args, build_classifier
 from util import run
-from util.args import add_run_args, add_schedule_args
+from util.args import (
+    add_classifier_args,
+    add_eval_args,
+    add_run_args,
+    add_schedule_args,
+    check_classifier_args,
+    image_size,
+)
 from util.data import classification_splits, eval_transform
 from util.errors import run_cli
 from util.lars import LARS
+from util.log import log
 from util.normalization import add_norm_args
 from util.pretrained import load_pretrained_encoder
-from util.shapes import check_norm_channels, image_loader, image_size, tensor_train_transform
+from util.shapes import check_norm_channels, image_loader, tensor_train_transform
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("MAE linear probing for image classification")
     add_schedule_args(parser, batch_size=512, epochs=90, weight_decay=0.0, blr=0.1, min_lr=0.0, warmup_epochs=10)
-    add_model_args(parser, model="vit_large_patch16", global_pool=False)
-    add_run_args(parser, data_path="/datasets01/imagenet_full_size/061417/")
+    add_classifier_args(parser, models_vit.MODELS, model="vit_large_patch16", global_pool=False)
+    add_run_args(parser)
     add_norm_args(parser)
     add_eval_args(parser)
-    run.add_checkpoint_args(parser)
     return parser
 
 
 def main(args: argparse.Namespace) -> None:
+    check_classifier_args(args)
     device = run.start(args)
-    model = build_classifier(args)
+    model = models_vit.create_model(
+        args.model, args.input_size, args.in_chans, num_classes=args.nb_classes, global_pool=args.global_pool
+    )
 
     # Weak augmentation: the probe measures the representation, not the augmentation.
     size = image_size(args.input_size)
@@ -59,7 +69,7 @@ def main(args: argparse.Namespace) -> None:
         args.nb_classes,
         loader=image_loader(args.in_chans),
     )
-    print(f"{len(train_set)} training and {len(val_set)} validation images, {args.nb_classes} classes")
+    log.info(f"{len(train_set)} training and {len(val_set)} validation images, {args.nb_classes} classes")
 
     if args.finetune and not args.eval:
         load_pretrained_encoder(model, args.finetune, head_init_std=0.01)
@@ -69,7 +79,7 @@ def main(args: argparse.Namespace) -> None:
         param.requires_grad = name.startswith("head.")
     model.set_grad_checkpointing(args.grad_checkpointing)
     model.to(device)
-    print(f"trainable parameters: {[n for n, p in model.named_parameters() if p.requires_grad]}")
+    log.info(f"trainable parameters: {[n for n, p in model.named_parameters() if p.requires_grad]}")
 
     optimizer = LARS(model.head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     train_or_evaluate(model, optimizer, args, train_set, val_set, torch.nn.CrossEntropyLoss())

@@ -15,18 +15,11 @@ from timm.optim import param_groups_weight_decay
 import models_mae
 from engine_pretrain import log_reconstructions, train_one_epoch
 from util import distributed, interrupt, knn, run
-from util.args import (
-    add_in_chans_arg,
-    add_input_size_arg,
-    add_run_args,
-    add_schedule_args,
-    check_in_chans,
-    check_input_size,
-    check_mask_ratio,
-)
+from util.args import add_in_chans_arg, add_input_size_arg, add_run_args, add_schedule_args
 from util.checkpoint import TrainState, resume
 from util.data import PRETRAIN_LOADERS, eval_transform, pretrain_data
 from util.errors import fail, run_cli
+from util.log import log
 from util.logger import RunLog, format_duration
 from util.normalization import add_norm_args
 from util.precision import LossScaler
@@ -46,7 +39,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--mask_ratio", default=0.75, type=float, help="fraction of patches removed")
     g.add_argument("--norm_pix_loss", action="store_true", help="use per-patch normalized pixels as targets")
     parser.set_defaults(norm_pix_loss=False)
-    add_run_args(parser, data_path="/datasets01/imagenet_full_size/061417/")
+    add_run_args(parser)
     add_norm_args(parser)
     parser.add_argument(
         "--loader",
@@ -56,7 +49,6 @@ def get_args_parser() -> argparse.ArgumentParser:
         "normalised on the device; device: the same, with JPEGs decoded, cropped and resized on the training "
         "device (nvJPEG on a GPU) while workers only read files; torchvision: the reference pipeline",
     )
-    run.add_checkpoint_args(parser)
     v = parser.add_argument_group("reconstruction pictures")
     v.add_argument(
         "--vis_freq",
@@ -79,15 +71,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def build_model(args: argparse.Namespace) -> models_mae.MaskedAutoencoderViT:
-    if args.model not in models_mae.MODELS:
-        fail(f"--model {args.model} is unknown; known models: {', '.join(models_mae.MODELS)}")
-    with torch.device("meta"):  # only to read the patch size
-        patch_size = models_mae.MODELS[args.model]().patch_size
-    height, width = check_input_size(args.input_size, patch_size)
-    check_in_chans(args.in_chans)
-    check_mask_ratio(args.mask_ratio, (height // patch_size) * (width // patch_size))
-    return models_mae.MODELS[args.model](
-        img_size=(height, width), in_chans=args.in_chans, norm_pix_loss=args.norm_pix_loss
+    return models_mae.create_model(
+        args.model, args.input_size, args.in_chans, args.mask_ratio, norm_pix_loss=args.norm_pix_loss
     )
 
 
@@ -107,7 +92,7 @@ def build_knn_data(args: argparse.Namespace) -> knn.KnnData | None:
         std=args.std,
         in_chans=args.in_chans,
     )
-    print(f"k-NN monitor: {data} from {args.knn_data_path}, every {args.knn_freq} epochs")
+    log.info(f"k-NN monitor: {data} from {args.knn_data_path}, every {args.knn_freq} epochs")
     return data
 
 
@@ -121,8 +106,21 @@ def knn_monitor(
     scores = {f"knn_{name}": value for name, value in scores.items()}
     run_log.scalars((epoch + 1) * 1000, **{f"knn/{name[4:]}": v for name, v in scores.items()})
     shown = "  ".join(f"{name} {value:.2f}" for name, value in scores.items())
-    print(f"k-NN (k={args.knn_k}, t={args.knn_t}) after epoch {epoch}: {shown}  ({time.time() - begin:.0f} s)")
+    log.info(f"k-NN (k={args.knn_k}, t={args.knn_t}) after epoch {epoch}: {shown}  ({time.time() - begin:.0f} s)")
     return scores
+
+
+def fixed_picture(
+    dataset: torch.utils.data.Dataset, num_patches: int, args: argparse.Namespace
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Evenly spaced images of the data set, center-cropped, and a fixed mask for them: the
+    reconstruction picture shows the same images under the same mask at every epoch."""
+    if not args.vis_freq or args.vis_images < 1:
+        return None
+    files = dataset.files[:: max(len(dataset) // args.vis_images, 1)][: args.vis_images]
+    transform = eval_transform(args.input_size, args.mean, args.std, args.in_chans)
+    imgs = load_images(files, transform, image_loader(args.in_chans))
+    return imgs, fixed_noise(len(files), num_patches, seed=args.seed)
 
 
 def main(args: argparse.Namespace) -> None:
@@ -131,7 +129,7 @@ def main(args: argparse.Namespace) -> None:
 
     knn_data = build_knn_data(args)  # flags and folders checked before the (longer) data scan
     dataset, loader = pretrain_data(args)
-    print(f"{len(dataset)} images in {dataset.root}, {len(loader)} iterations per epoch")
+    log.info(f"{len(dataset)} images in {dataset.root}, {len(loader)} iterations per epoch")
 
     model.set_grad_checkpointing(args.grad_checkpointing)
     model.to(device)
@@ -139,33 +137,20 @@ def main(args: argparse.Namespace) -> None:
     optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
     state = TrainState(model, optimizer, LossScaler(args.precision), args)
     position = resume(state)
-    trained = run.wrap_for_training(model, args)
+    wrapped_model = run.wrap_for_training(model, args)  # DDP and/or compiled: what the steps call
 
-    # A fixed picture: evenly spaced images of the data set, center-cropped, under a fixed mask.
-    if args.vis_images < 1:
-        args.vis_freq = 0  # no images, no pictures
-    step = max(len(dataset) // max(args.vis_images, 1), 1)
-    vis_files = dataset.files[::step][: args.vis_images] if args.vis_freq else []
-    vis_transform = eval_transform(args.input_size, args.mean, args.std, args.in_chans)
-    vis_imgs = load_images(vis_files, vis_transform, image_loader(args.in_chans)) if vis_files else None
-    vis_noise = fixed_noise(len(vis_files), model.num_patches, seed=args.seed)
+    picture = fixed_picture(dataset, model.num_patches, args)
     run_log = RunLog(args.log_dir, args.output_dir, state.log)  # rewrites log.txt from the checkpoint
 
-    print(f"start training for {args.epochs} epochs")
+    log.info(f"start training for {args.epochs} epochs")
     begin = time.time()
     try:
         for epoch, start_step in run.epochs_left(position, loader, args):
-            train_stats = train_one_epoch(trained, loader, state, epoch, run_log, start_step)
+            train_stats = train_one_epoch(wrapped_model, loader, state, epoch, run_log, start_step)
             stats = {f"train_{k}": v for k, v in train_stats.items()}
-            if (
-                distributed.is_main_process()
-                and args.vis_freq
-                and (epoch % args.vis_freq == 0 or epoch == args.epochs - 1)
-            ):
-                path = log_reconstructions(
-                    model, vis_imgs, vis_noise, args.mask_ratio, epoch, args.output_dir, run_log, args.mean, args.std
-                )
-                print(f"reconstructions: {path}")
+            if picture and distributed.is_main_process() and (epoch % args.vis_freq == 0 or epoch == args.epochs - 1):
+                path = log_reconstructions(model, *picture, epoch, run_log, args)
+                log.info(f"reconstructions: {path}")
             if knn_data is not None and ((epoch + 1) % args.knn_freq == 0 or epoch == args.epochs - 1):
                 stats.update(knn_monitor(model, knn_data, epoch, run_log, args))
             path = run.end_epoch(state, epoch, stats, run_log)
@@ -173,7 +158,7 @@ def main(args: argparse.Namespace) -> None:
                 raise interrupt.Interrupted(path)  # after the checkpoint: --resume auto goes on from it
     finally:
         run_log.close()
-    print(f"training time {format_duration(time.time() - begin)}")
+    log.info(f"training time {format_duration(time.time() - begin)}")
     distributed.cleanup()
 
 

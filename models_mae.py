@@ -6,7 +6,7 @@ predicts the pixels of all patches. The loss is the mean squared error on remove
 Parameter names follow the official checkpoints so that they load as they are.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import torch
@@ -14,7 +14,9 @@ import torch.nn as nn
 from timm.models.vision_transformer import Block, PatchEmbed
 from torch.utils.checkpoint import checkpoint
 
+from util.args import check_mask_ratio
 from util.pos_embed import sincos_2d
+from util.registry import Registry
 
 
 class MaskedAutoencoderViT(nn.Module):
@@ -152,10 +154,16 @@ class MaskedAutoencoderViT(nn.Module):
             noise = torch.rand(n, length, device=x.device)
         elif noise.shape != (n, length):
             raise ValueError(f"noise has shape {tuple(noise.shape)}, expected [{n}, {length}]")
+        # i.i.d. noise makes every order of the patches equally likely, so the argsort is a uniform
+        # random permutation and its first num_keep entries a uniform random subset: for the whole
+        # batch at once, and with the same count per sample, so that the kept tokens stack.
         ids_shuffle = torch.argsort(noise, dim=1)
+        # The argsort of a permutation is its inverse: ids_restore[i] is where patch i went in the
+        # shuffled order, which the decoder needs to put every token back at its patch position.
         ids_restore = torch.argsort(ids_shuffle, dim=1)
         ids_keep = ids_shuffle[:, :num_keep]
         x_kept = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, dim))
+        # The mask is simple to write in shuffled order (kept first) and is then unshuffled.
         mask = torch.ones(n, length, device=x.device, dtype=x.dtype)
         mask[:, :num_keep] = 0
         mask = torch.gather(mask, 1, ids_restore)
@@ -164,10 +172,13 @@ class MaskedAutoencoderViT(nn.Module):
     def forward_encoder(
         self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x = self.patch_embed(imgs) + self.pos_embed[:, 1:]
-        x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)
+        # Positions are added before masking: once shuffled, a token's position is known only
+        # from what it carries.
+        x = self.patch_embed(imgs) + self.pos_embed[:, 1:]  # [N, L, D]
+        x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)  # [N, keep, D]
+        # The class token is no patch: it is never masked and joins after the masking.
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-        x = self._run_blocks(self.blocks, torch.cat([cls, x], dim=1))
+        x = self._run_blocks(self.blocks, torch.cat([cls, x], dim=1))  # [N, 1 + keep, D]
         return self.norm(x), mask, ids_restore
 
     def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
@@ -180,15 +191,21 @@ class MaskedAutoencoderViT(nn.Module):
         return self.norm(x)
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
-        x = self.decoder_embed(latent)
+        x = self.decoder_embed(latent)  # [N, 1 + keep, D_dec]
         n, length = ids_restore.shape
-        mask_tokens = self.mask_token.expand(n, length + 1 - x.shape[1], -1)
-        patches = torch.cat([x[:, 1:], mask_tokens], dim=1)
+        # One shared mask token per removed patch, appended after the kept ones: that is the
+        # shuffled order random_masking left them in, kept patches first.
+        mask_tokens = self.mask_token.expand(n, length + 1 - x.shape[1], -1)  # [N, L - keep, D_dec]
+        patches = torch.cat([x[:, 1:], mask_tokens], dim=1)  # [N, L, D_dec], shuffled order
+        # Unshuffle: the token for patch i sits at ids_restore[i], so this gather puts every token,
+        # encoded or mask, back at its patch position. The class token is set aside because it is
+        # not one of the L shuffled patches that ids_restore indexes.
         patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))
-        x = torch.cat([x[:, :1], patches], dim=1) + self.decoder_pos_embed
+        # Positions are added now, in patch order: they are all that tells the mask tokens apart.
+        x = torch.cat([x[:, :1], patches], dim=1) + self.decoder_pos_embed  # [N, 1 + L, D_dec]
         x = self._run_blocks(self.decoder_blocks, x)
-        x = self.decoder_pred(self.decoder_norm(x))
-        return x[:, 1:]
+        x = self.decoder_pred(self.decoder_norm(x))  # [N, 1 + L, p*p*C]
+        return x[:, 1:]  # [N, L, p*p*C]: the class token predicts no pixels
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Mean over removed patches of the per-patch mean squared pixel error."""
@@ -198,7 +215,10 @@ class MaskedAutoencoderViT(nn.Module):
             mean = target.mean(dim=-1, keepdim=True)
             var = target.var(dim=-1, keepdim=True)
             target = (target - mean) / (var + 1.0e-6) ** 0.5
-        per_patch = ((pred.float() - target.float()) ** 2).mean(dim=-1)
+        per_patch = ((pred.float() - target.float()) ** 2).mean(dim=-1)  # [N, L]
+        # Only removed patches count: the encoder saw the visible ones, so rebuilding them is
+        # mostly copying, which dilutes the signal (the paper reports slightly lower accuracy with
+        # it). Dividing by the removed count keeps the loss's scale independent of the mask ratio.
         mask = mask.float()
         return (per_patch * mask).sum() / mask.sum()
 
@@ -214,6 +234,8 @@ class MaskedAutoencoderViT(nn.Module):
 
 
 def _init_linear_and_norm(m: nn.Module) -> None:
+    """Xavier-uniform linear weights with zero biases and identity LayerNorms, the initialisation of
+    the official code (PyTorch's own default for nn.Linear is another, Kaiming-uniform one)."""
     if isinstance(m, nn.Linear):
         nn.init.xavier_uniform_(m.weight)
         if m.bias is not None:
@@ -282,28 +304,24 @@ mae_vit_large_patch16_dec512d8b = mae_vit_large_patch16
 mae_vit_huge_patch14_dec512d8b = mae_vit_huge_patch14
 
 
-class _Registry(dict[str, Callable[..., MaskedAutoencoderViT]]):
-    """Factories by name. Aliases are found by ``in`` and ``[]``, so that ``--model`` takes them,
-    but are not iterated over, so that help texts and errors list each model once."""
-
-    def __init__(self, factories: list[Callable[..., MaskedAutoencoderViT]], aliases: dict[str, str]):
-        super().__init__((f.__name__, f) for f in factories)
-        self.aliases = aliases
-
-    def __contains__(self, name: object) -> bool:
-        return super().__contains__(name) or name in self.aliases
-
-    def __missing__(self, name: str) -> Callable[..., MaskedAutoencoderViT]:
-        if name not in self.aliases:
-            raise KeyError(name)
-        return self[self.aliases[name]]
-
-    def get(self, name: str, default: object = None) -> object:
-        return self[name] if name in self else default
-
-
 _OFFICIAL = [mae_vit_base_patch16, mae_vit_large_patch16, mae_vit_huge_patch14]
-MODELS = _Registry(
+MODELS = Registry(
     [mae_vit_tiny_patch16, mae_vit_tiny_patch4, mae_vit_mini_patch4, *_OFFICIAL],
     aliases={f"{f.__name__}_dec512d8b": f.__name__ for f in _OFFICIAL},
 )
+
+
+def create_model(
+    name: str,
+    input_size: int | Sequence[int] | None = None,
+    in_chans: int = 3,
+    mask_ratio: float | None = None,
+    **kwargs,
+) -> MaskedAutoencoderViT:
+    """The MAE ``name`` (``--model``) for ``--input_size``/``--in_chans`` images, checked once:
+    a known name, sides that are multiples of the patch size, and (when given) a ``--mask_ratio``
+    that keeps a patch for the encoder and removes one for the loss. Errors name the flag."""
+    model = MODELS.create(name, input_size, in_chans, **kwargs)
+    if mask_ratio is not None:
+        check_mask_ratio(mask_ratio, model.num_patches)
+    return model

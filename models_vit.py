@@ -6,11 +6,12 @@ class token after ``norm``. timm's own strings ('avg', 'token') are accepted too
 names equal the official fine-tuned checkpoints'.
 """
 
-from collections.abc import Callable
 from functools import partial
 
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
+
+from util.registry import Registry
 
 
 class VisionTransformer(TimmVisionTransformer):
@@ -25,10 +26,6 @@ class VisionTransformer(TimmVisionTransformer):
         fc_norm = self.fc_norm
         del self.fc_norm
         self.fc_norm = fc_norm
-
-    @property
-    def uses_global_pool(self) -> bool:
-        return self.global_pool == "avg"
 
 
 def vit_tiny_patch16(**kwargs) -> VisionTransformer:
@@ -57,14 +54,7 @@ def vit_huge_patch14(**kwargs) -> VisionTransformer:
     return VisionTransformer(patch_size=14, embed_dim=1280, depth=32, num_heads=16, **kwargs)
 
 
-MODELS: dict[str, Callable[..., VisionTransformer]] = {
-    f.__name__: f
-    for f in (
-        vit_tiny_patch16,
-        vit_tiny_patch4,
-        vit_mini_patch4,
-        vit_base_patch16,
-        vit_large_patch16,
-        vit_huge_patch14,
-    )
-}
+MODELS = Registry(
+    [vit_tiny_patch16, vit_tiny_patch4, vit_mini_patch4, vit_base_patch16, vit_large_patch16, vit_huge_patch14]
+)
+create_model = MODELS.create  # create_model(name, input_size, in_chans, **kwargs): checks --model/--input_size

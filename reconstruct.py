@@ -15,13 +15,13 @@ import torch
 
 import models_mae
 from util import normalization
-from util.args import add_in_chans_arg, add_input_size_arg
+from util.args import add_in_chans_arg, add_input_size_arg, image_size
 from util.data import eval_transform
 from util.errors import fail, run_cli
 from util.normalization import add_norm_args
 from util.paths import check_output_file
 from util.safe_load import load_checkpoint, load_model_strict, model_state
-from util.shapes import image_loader, image_size
+from util.shapes import image_loader
 from util.visualize import fixed_noise, load_images, reconstruction_grid, save_png
 
 
@@ -79,10 +79,6 @@ def check_has_decoder(state: dict[str, torch.Tensor], path: str) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    if not 0 <= args.mask_ratio < 1:
-        fail(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
-    if args.model is not None and args.model not in models_mae.MODELS:
-        fail(f"--model {args.model} is unknown; known models: {', '.join(models_mae.MODELS)}")
     check_output_file(args.output, "--output")  # before the work, not after it
     ckpt = load_checkpoint(args.checkpoint)
     state = model_state(ckpt, args.checkpoint)
@@ -92,7 +88,7 @@ def main(args: argparse.Namespace) -> None:
     name = args.model or saved.get("model") or (inferred[0] if inferred else None)
     if name is None:
         fail(f"cannot tell which MAE model {args.checkpoint} holds; pass --model")
-    if name not in models_mae.MODELS:
+    if not args.model and name not in models_mae.MODELS:  # a --model flag is checked with the model
         fail(f"checkpoint {args.checkpoint} names the model {name}, which is not an MAE; pass --model")
     input_size = args.input_size or saved.get("input_size") or (inferred[1] if inferred else 224)
     height, width = image_size(input_size)
@@ -104,11 +100,7 @@ def main(args: argparse.Namespace) -> None:
     # The pictures normalise as the model's training did: its stored --mean/--std, else ImageNet's.
     normalization.resolve(args, [(f"checkpoint {args.checkpoint}", ckpt.get("args"))])
 
-    shown = f"{height}" if height == width else f"{height} {width}"
-    try:
-        model = models_mae.MODELS[name](img_size=(height, width), in_chans=in_chans, norm_pix_loss=norm_pix)
-    except ValueError as e:
-        fail(f"--input_size {shown}: {e}")
+    model = models_mae.create_model(name, (height, width), in_chans, args.mask_ratio, norm_pix_loss=norm_pix)
     load_model_strict(model, state, args.checkpoint)
     model.to(args.device)
     transform = eval_transform((height, width), args.mean, args.std, in_chans)

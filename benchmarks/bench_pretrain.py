@@ -21,6 +21,7 @@ See benchmarks/README.md for what each number means.
 
 import argparse
 import gc
+import itertools
 import json
 import math
 import os
@@ -39,7 +40,7 @@ import models_mae
 from util.args import resolve_precision
 from util.data import IMAGENET_MEAN, IMAGENET_STD, PRETRAIN_LOADERS, pretrain_data
 from util.errors import fail, run_cli
-from util.fast_crop import normalize_on_device
+from util.normalization import normalize_on_device
 from util.precision import LossScaler, autocast
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -90,10 +91,7 @@ def mae_train_flops(model: models_mae.MaskedAutoencoderViT, batch: int, mask_rat
 def build_step(args: Namespace, precision: str, plain: bool) -> tuple[models_mae.MaskedAutoencoderViT, Step]:
     """A fresh model and its training step, set up as main_pretrain.py sets them up; ``plain``
     leaves out ``--compile`` and ``--grad_checkpointing``."""
-    try:
-        model = models_mae.MODELS[args.model](img_size=args.input_size).to(args.device)
-    except ValueError as e:
-        fail(f"--model {args.model} --input_size {args.input_size}: {e}")
+    model = models_mae.create_model(args.model, args.input_size).to(args.device)
     model.set_grad_checkpointing(args.grad_checkpointing and not plain)
     model.train()
     device_type = torch.device(args.device).type
@@ -123,14 +121,12 @@ def build_loader(args: Namespace, loader: str, workers: int) -> torch.utils.data
     return pretrain_data(loader_args)[1]
 
 
-def endless_batches(loader: torch.utils.data.DataLoader) -> Iterator[torch.Tensor]:
-    """The loader's images epoch after epoch, reshuffled each epoch as in training."""
-    epoch = 0
-    while True:
+def endless_batches(loader: torch.utils.data.DataLoader, device: torch.device) -> Iterator[torch.Tensor]:
+    """The loader's images moved to ``device``, epoch after epoch, reshuffled each epoch as in training."""
+    for epoch in itertools.count():
         loader.sampler.set_epoch(epoch)
         for imgs, _ in loader:
-            yield imgs
-        epoch += 1
+            yield imgs.to(device, non_blocking=True)
 
 
 def _sync(device: torch.device) -> None:
@@ -212,11 +208,9 @@ def bench_loader(args: Namespace, loader: str, workers: int) -> dict[str, Any]:
     """Batches drawn from the loader and moved to the device (where ``--loader device`` decodes
     them), with nothing consuming them."""
     device = torch.device(args.device)
-    batches = endless_batches(build_loader(args, loader, workers))
+    batches = endless_batches(build_loader(args, loader, workers), device)
     n_batches = math.ceil(args.loader_images / args.batch_size)
-    elapsed, _ = time_steps(
-        lambda imgs: None, lambda: next(batches).to(device, non_blocking=True), n_batches, args.warmup, device
-    )
+    elapsed, _ = time_steps(lambda imgs: None, batches.__next__, n_batches, args.warmup, device)
     batches.close()  # shuts the workers down
     images_per_s = n_batches * args.batch_size / elapsed
     return {
@@ -235,10 +229,8 @@ def bench_e2e(args: Namespace, precision: str, loader: str, workers: int) -> dic
     device = torch.device(args.device)
     reset_memory(device)
     model, step = build_step(args, precision, plain=False)
-    batches = endless_batches(build_loader(args, loader, workers))
-    elapsed, waited = time_steps(
-        step, lambda: next(batches).to(device, non_blocking=True), args.steps, args.warmup, device
-    )
+    batches = endless_batches(build_loader(args, loader, workers), device)
+    elapsed, waited = time_steps(step, batches.__next__, args.steps, args.warmup, device)
     batches.close()
     row = _step_row("e2e", args, model, precision, False, elapsed)
     return {**row, "loader": loader, "workers": workers, "data_wait": waited / elapsed}
@@ -270,16 +262,15 @@ def run_loader_mode(args: Namespace) -> list[dict[str, Any]]:
             for workers in args.workers:
                 runs.setdefault((loader, workers), []).append(bench_loader(args, loader, workers))
     rows = []
-    for repeats in runs.values():
+    for (_, workers), repeats in runs.items():
         row = dict(repeats[0])
         for key in ("images_per_s", "images_per_s_per_core"):
             row[key] = statistics.median(r[key] for r in repeats)
         row["repeats"] = len(repeats)
-        rows.append(row)
-    for row in rows:
-        baseline = runs.get(("torchvision", row["workers"]))
+        baseline = runs.get(("torchvision", workers))
         if baseline is not None:
             row["vs_torchvision"] = row["images_per_s"] / statistics.median(r["images_per_s"] for r in baseline)
+        rows.append(row)
     return rows
 
 
@@ -411,10 +402,8 @@ def check_args(args: Namespace) -> None:
     """Refuse impossible flags, naming the flag; fill ``args.precisions`` and ``args.workers``."""
     args.models = args.model.split(",")
     for name in args.models:
-        if name not in models_mae.MODELS:
-            fail(f"--model {name} is unknown; known models: {', '.join(models_mae.MODELS)}")
-    if not 0 <= args.mask_ratio < 1:
-        fail(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
+        with torch.device("meta"):
+            models_mae.create_model(name, args.input_size, mask_ratio=args.mask_ratio)
     for name in ("batch_size", "steps", "loader_images", "repeats"):
         if getattr(args, name) < 1:
             fail(f"--{name} must be at least 1, got {getattr(args, name)}")

@@ -324,7 +324,7 @@ def _pretrain_state(tmp_path: Path) -> checkpoint.TrainState:
     args = argparse.Namespace(
         output_dir=str(tmp_path), resume="", start_epoch=0, epochs=5, save_freq=20, keep_last=1,
         batch_size=8, world_size=1, accum_iter=1, model="mae_vit_tiny_patch4", input_size=32,
-        mask_ratio=0.75, norm_pix_loss=False,
+        mask_ratio=0.75, norm_pix_loss=False, device="cpu",
     )  # fmt: skip
     return checkpoint.TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1), LossScaler("fp32"), args)
 

@@ -270,7 +270,8 @@ def _state(model, args) -> TrainState:
 
 
 def _args(**kw) -> Namespace:
-    return Namespace(**{"start_epoch": 0, "resume": "", "output_dir": "", **kw})
+    flags = dict(start_epoch=0, resume="", output_dir="", device="cpu", keep_last=0, save_freq=1, epochs=0)
+    return Namespace(**{**flags, "batch_size": 8, "world_size": 1, "accum_iter": 1, **kw})
 
 
 def test_resume_positions_and_find_resumable(tmp_path, capsys):

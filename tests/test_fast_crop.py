@@ -17,8 +17,9 @@ sys.path.insert(0, str(REPO))
 
 from util.data import IMAGENET_MEAN, IMAGENET_STD, ImageFiles, load_rgb  # noqa: E402
 from util.errors import UserError  # noqa: E402
-from util.fast_crop import FastRandomResizedCropFlip, normalize_on_device, random_crop_box  # noqa: E402
+from util.fast_crop import FastRandomResizedCropFlip, random_crop_box  # noqa: E402
 from util.images import plain_jpeg_size  # noqa: E402
+from util.normalization import normalize_on_device  # noqa: E402
 
 
 def _smooth_photo(path: Path, width: int, height: int, fmt: str, **save: object) -> Path:

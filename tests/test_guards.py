@@ -79,6 +79,7 @@ def _state(tmp_path, **flags):
         batch_size=8,
         world_size=1,
         accum_iter=1,
+        device="cpu",
         **flags,
     )
     return checkpoint.TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1), LossScaler("fp32"), args)

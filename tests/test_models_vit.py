@@ -1,25 +1,17 @@
 """Tests of the ViT classifiers (models_vit.py): parameter names, pooling, and loading MAE encoders."""
 
-import json
 from functools import cache, partial
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
+from helpers import load_spec, shapes
 
 import models_mae
 import models_vit
 from models_vit import VisionTransformer
 
-SPEC_PATH = Path(__file__).resolve().parents[1].parent / "shared" / "spec" / "official_state_dict_specs.json"
 OFFICIAL_VIT = ["vit_base_patch16", "vit_large_patch16", "vit_huge_patch14"]
-
-
-def load_spec() -> dict[str, dict[str, list[int]]]:
-    if not SPEC_PATH.is_file():
-        pytest.skip(f"official state-dict spec not found at {SPEC_PATH}")
-    return json.loads(SPEC_PATH.read_text())
 
 
 @cache
@@ -27,10 +19,6 @@ def meta_vit(name: str, global_pool: bool) -> VisionTransformer:
     """A factory's classifier, built once on the meta device (no memory, no init cost)."""
     with torch.device("meta"):
         return models_vit.MODELS[name](global_pool=global_pool)
-
-
-def shapes(module: nn.Module) -> dict[str, list[int]]:
-    return {name: list(t.shape) for name, t in module.state_dict().items()}
 
 
 def small_vit(global_pool, seed: int = 0, num_classes: int = 5) -> VisionTransformer:
@@ -75,13 +63,12 @@ def test_timm_pool_strings_accepted(as_string, as_bool):
         from_bool = models_vit.vit_tiny_patch4(global_pool=as_bool)
     assert shapes(from_string) == shapes(from_bool)
     assert from_string.global_pool == as_string and from_bool.global_pool == as_string
-    assert from_string.uses_global_pool is as_bool and from_bool.uses_global_pool is as_bool
 
 
 def test_default_is_class_token():
     with torch.device("meta"):
         model = models_vit.vit_tiny_patch4()
-    assert not model.uses_global_pool
+    assert model.global_pool == "token"
     assert "norm.weight" in model.state_dict() and "fc_norm.weight" not in model.state_dict()
 
 

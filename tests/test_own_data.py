@@ -17,6 +17,7 @@ import torch
 from helpers import (
     assert_same,
     cli,
+    isolated_interrupts,
     load,
     make_dataset,
     make_split,
@@ -31,7 +32,7 @@ import main_finetune
 import main_linprobe
 import main_pretrain
 import reconstruct
-from util import interrupt, normalization
+from util import normalization
 from util.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -43,7 +44,7 @@ from util.data import (
     read_image_list,
 )
 from util.errors import UserError
-from util.fast_crop import normalize_on_device
+from util.normalization import normalize_on_device
 
 MEAN, STD = [0.25, 0.5, 0.75], [0.125, 0.25, 0.5]  # exact in binary: expected values are exact too
 COLOUR = (200, 30, 90)
@@ -51,10 +52,8 @@ CPU = ["--device", "cpu", "--precision", "fp32", "--num_workers", "0"]
 
 
 @pytest.fixture(autouse=True)
-def _isolate(monkeypatch):
-    monkeypatch.setattr(interrupt, "_requested", None)
-    monkeypatch.setattr(interrupt, "_previous", {}, raising=False)
-    with preserved_signals():
+def _isolate():
+    with isolated_interrupts():
         yield
 
 

@@ -27,6 +27,7 @@ from helpers import (
     checkpoint_names,
     cli,
     cli_batch,
+    isolated_interrupts,
     load,
     make_dataset,
     preserved_signals,
@@ -50,10 +51,8 @@ RUN = ["--epochs", str(EPOCHS), "--warmup_epochs", "1", "--blr", "2e-3", "--prin
 
 
 @pytest.fixture(autouse=True)
-def _isolate(monkeypatch):
-    monkeypatch.setattr(interrupt, "_requested", None)
-    monkeypatch.setattr(interrupt, "_previous", {}, raising=False)
-    with preserved_signals():
+def _isolate():
+    with isolated_interrupts():
         yield
 
 
@@ -138,7 +137,7 @@ def _stop_at(monkeypatch, epoch: int, step: int, how: Callable[[], object]) -> C
 def test_resume_inside_epoch_is_exact_with_workers(reference, data, tmp_path, monkeypatch):
     # Run B: same flags, stopped by a request (as SIGTERM would) after iteration 0 of epoch 1.
     stopped = tmp_path / "stopped"
-    original = _stop_at(monkeypatch, 1, 0, interrupt.request)
+    original = _stop_at(monkeypatch, 1, 0, lambda: interrupt._handler(signal.SIGTERM, None))  # as SIGTERM does
     with pytest.raises(interrupt.Interrupted) as stop:
         run_pretrain(data, stopped, *RUN, "--keep_last", "0")
     assert stop.value.checkpoint == str(stopped / "checkpoint-1-step1.pth")

@@ -5,7 +5,6 @@ with the checkpoint a run continues from."""
 import errno
 import json
 import os
-import signal
 import sys
 from argparse import Namespace
 from pathlib import Path
@@ -15,9 +14,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import all_finite, checkpoint_names, load, make_dataset, run_pretrain  # noqa: E402
+from helpers import (  # noqa: E402
+    all_finite,
+    budgeted_open,
+    checkpoint_names,
+    isolated_interrupts,
+    load,
+    make_dataset,
+    run_pretrain,
+)
 
-from util import checkpoint, checkpoint_files, interrupt, logger  # noqa: E402
+from util import checkpoint, checkpoint_files, logger  # noqa: E402
 from util.errors import NonFiniteLoss, UserError, run_cli  # noqa: E402
 from util.logger import RunLog  # noqa: E402
 from util.precision import LossScaler  # noqa: E402
@@ -26,13 +33,9 @@ RUN = ["--epochs", "2", "--warmup_epochs", "1", "--print_freq", "1", "--vis_freq
 
 
 @pytest.fixture(autouse=True)
-def _isolate(monkeypatch):
-    """main() installs signal handlers in this process; put pytest's back afterwards."""
-    monkeypatch.setattr(interrupt, "_requested", None)
-    saved = {s: signal.getsignal(s) for s in interrupt.SIGNALS}
-    yield
-    for s, h in saved.items():
-        signal.signal(s, h)
+def _isolate():
+    with isolated_interrupts():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +49,7 @@ def _state(tmp_path: Path) -> checkpoint.TrainState:
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     model(torch.ones(2, 4)).sum().backward()
     optimizer.step()
-    args = Namespace(output_dir=str(tmp_path), keep_last=0, epochs=5)
+    args = Namespace(output_dir=str(tmp_path), keep_last=0, save_freq=1, epochs=5, device="cpu")
     return checkpoint.TrainState(model, optimizer, LossScaler("fp32"), args)
 
 
@@ -142,32 +145,14 @@ def test_nan_loss_message_names_the_lr_flag_given(data, tmp_path, monkeypatch, l
 def _full_disk(monkeypatch, module, after_bytes: int = 1000, only: str = "") -> None:
     """Files that ``module`` opens for writing (whose name contains ``only``) take ``after_bytes``
     bytes, then fail as a full disk does."""
-    real_open = open
 
-    class Full:
-        def __init__(self, f):
-            self.f, self.left = f, after_bytes
+    def full():
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-        def write(self, data):
-            if len(data) > self.left:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            self.left -= len(data)
-            return self.f.write(data)
+    def wrap(path: str, mode: str) -> bool:
+        return ("w" in mode or "a" in mode) and only in path
 
-        def __getattr__(self, name):
-            return getattr(self.f, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-    def full_open(path, mode="r", *a, **k):
-        f = real_open(path, mode, *a, **k)
-        return Full(f) if ("w" in mode or "a" in mode) and only in str(path) else f
-
-    monkeypatch.setattr(module, "open", full_open, raising=False)
+    monkeypatch.setattr(module, "open", budgeted_open(after_bytes, full, wrap), raising=False)
 
 
 def test_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_earlier_one(data, tmp_path, monkeypatch, capsys):

@@ -19,10 +19,10 @@ def _run(batches: list[torch.Tensor], accum_iter: int, clip_grad: float | None) 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     args = Namespace(
         device="cpu", precision="fp32", print_freq=100, accum_iter=accum_iter, ckpt_every_steps=0,
-        lr=0.5, min_lr=0.5, warmup_epochs=0, epochs=1, output_dir="",
+        lr=0.5, min_lr=0.5, warmup_epochs=0, epochs=1, output_dir="", clip_grad=clip_grad,
     )  # fmt: skip
     state = TrainState(model, optimizer, LossScaler("fp32"), args)
-    train_one_epoch(model, batches, state, 0, lambda x: model(x).sum(), clip_grad=clip_grad)
+    train_one_epoch(model, batches, state, 0, lambda x: model(x).sum())
     return start, model.weight.detach()
 
 

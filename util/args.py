@@ -2,12 +2,11 @@
 
 import argparse
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
 from util.errors import fail
-from util.shapes import image_size
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DEVICES = ("cpu", "cuda", "mps")
@@ -56,14 +55,17 @@ def add_schedule_args(
     )
     g.add_argument("--min_lr", type=float, default=min_lr, metavar="LR", help="lower lr bound for the cosine schedule")
     g.add_argument(
+        "--clip_grad", type=float, default=None, metavar="NORM", help="clip gradient norm (default: None, no clipping)"
+    )
+    g.add_argument(
         "--warmup_epochs", type=int, default=warmup_epochs, metavar="N", help="epochs of linear warm-up (per iteration)"
     )
 
 
-def add_run_args(parser: argparse.ArgumentParser, *, data_path: str) -> None:
+def add_run_args(parser: argparse.ArgumentParser) -> None:
     """Data, output, device, precision, resume, checkpointing and distributed flags."""
     g = parser.add_argument_group("run")
-    g.add_argument("--data_path", default=data_path, type=str, help="dataset path")
+    g.add_argument("--data_path", default="/datasets01/imagenet_full_size/061417/", help="dataset path")
     g.add_argument("--output_dir", default="./output_dir", help="where to save checkpoints and log.txt")
     g.add_argument("--log_dir", default="./output_dir", help="where to write TensorBoard logs")
     g.add_argument(
@@ -96,6 +98,20 @@ def add_run_args(parser: argparse.ArgumentParser, *, data_path: str) -> None:
         help="keep checkpoint-<epoch>.pth of every N-th epoch and of the last for good (a checkpoint is "
         "written after every epoch; see --keep_last)",
     )
+    g.add_argument(
+        "--keep_last",
+        default=1,
+        type=int,
+        metavar="K",
+        help="keep the K newest epoch checkpoints besides every --save_freq-th (0 keeps all)",
+    )
+    g.add_argument(
+        "--ckpt_every_steps",
+        default=0,
+        type=int,
+        metavar="N",
+        help="also checkpoint inside an epoch every N iterations (0: only at epoch ends)",
+    )
     g.add_argument("--print_freq", default=20, type=int, metavar="N", help="log every N iterations")
     g.add_argument("--compile", action="store_true", help="compile the model with torch.compile")
     g.add_argument(
@@ -109,6 +125,43 @@ def add_run_args(parser: argparse.ArgumentParser, *, data_path: str) -> None:
     d.add_argument("--local_rank", "--local-rank", default=-1, type=int)
     d.add_argument("--dist_on_itp", action="store_true")
     d.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
+
+
+def add_classifier_args(parser: argparse.ArgumentParser, models: Iterable[str], model: str, global_pool: bool) -> None:
+    """Model flags of the classifiers (fine-tuning and linear probing); ``models``: the known names."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default=model, type=str, metavar="MODEL", help=f"one of: {', '.join(models)}")
+    add_input_size_arg(g, default=224)
+    add_in_chans_arg(g)
+    g.add_argument("--finetune", default="", help="MAE checkpoint (file or URL) to start from")
+    g.add_argument("--global_pool", action="store_true", help="average the patch tokens (then fc_norm)")
+    g.add_argument(
+        "--cls_token", action="store_false", dest="global_pool", help="use the class token instead of global pooling"
+    )
+    parser.set_defaults(global_pool=global_pool)
+    g.add_argument("--nb_classes", default=1000, type=int, help="number of classification types")
+
+
+def add_eval_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("evaluation")
+    g.add_argument("--eval", action="store_true", help="only evaluate (the model of --resume)")
+    g.add_argument(
+        "--dist_eval",
+        action="store_true",
+        default=False,
+        help="shard evaluation over the processes (each image counted once)",
+    )
+    g.add_argument("--eval_freq", default=1, type=int, metavar="N", help="evaluate every N epochs and after the last")
+
+
+def check_classifier_args(args: argparse.Namespace) -> None:
+    """The flags of ``add_classifier_args`` and ``add_eval_args`` that argparse cannot check."""
+    if args.nb_classes < 1:
+        fail(f"--nb_classes must be at least 1, got {args.nb_classes}")
+    if args.eval and not args.resume:
+        fail("--eval needs a model to evaluate: give --resume CHECKPOINT")
+    if args.eval_freq < 1:
+        fail(f"--eval_freq must be at least 1, got {args.eval_freq}")
 
 
 def resolve_precision(precision: str, device: str) -> str:
@@ -127,7 +180,7 @@ def resolve_precision(precision: str, device: str) -> str:
     return precision
 
 
-def check_common(args: argparse.Namespace, patch_size: int | None = None) -> None:
+def check_common(args: argparse.Namespace) -> None:
     """Refuse flag values that are impossible or contradict each other, naming the flag."""
     positive = ("batch_size", "epochs", "accum_iter", "save_freq", "print_freq")
     for name in positive:
@@ -137,8 +190,10 @@ def check_common(args: argparse.Namespace, patch_size: int | None = None) -> Non
         fail(f"--num_workers must be 0 or more, got {args.num_workers}")
     if args.warmup_epochs < 0:
         fail(f"--warmup_epochs must be 0 or more, got {args.warmup_epochs}")
-    if getattr(args, "ckpt_every_steps", 0) < 0:
+    if args.ckpt_every_steps < 0:
         fail(f"--ckpt_every_steps must be 0 (only at epoch ends) or more, got {args.ckpt_every_steps}")
+    if args.ckpt_every_steps % args.accum_iter:
+        fail(f"--ckpt_every_steps {args.ckpt_every_steps} must be a multiple of --accum_iter {args.accum_iter}")
     for name in ("lr", "blr"):  # not written as `<= 0`: NaN would pass that
         value = getattr(args, name)
         if value is not None and not 0 < value <= MAX_LR:
@@ -192,6 +247,17 @@ def check_mask_ratio(mask_ratio: float, num_patches: int) -> None:
             f"--mask_ratio {mask_ratio} must remove at least one of the {num_patches} patches and keep one: "
             f"use a value in (0, {1 - 1 / num_patches:.4g}]"
         )
+
+
+def image_size(input_size: int | Sequence[int]) -> tuple[int, int]:
+    """(height, width) of an ``--input_size`` value: one side (a square) or (height, width)."""
+    if isinstance(input_size, int):
+        return input_size, input_size
+    values = [int(v) for v in input_size]
+    if len(values) not in (1, 2):
+        shown = " ".join(map(str, values))
+        fail(f"--input_size takes one value (a square) or two (height width), got {len(values)}: {shown}")
+    return values[0], values[-1]
 
 
 class InputSize(argparse.Action):

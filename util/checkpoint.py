@@ -17,6 +17,7 @@ import torch
 from util import distributed
 from util.checkpoint_files import atomic_save, checkpoint_name, list_checkpoints, progress, prune
 from util.errors import NonFiniteLoss, UserError, fail, lower_lr
+from util.log import log
 from util.rng_state import gather_rng, restore_rng
 from util.safe_load import load_checkpoint, load_model_strict, model_state
 
@@ -88,8 +89,7 @@ def save_checkpoint(state: TrainState, epoch: int, step: int | None = None) -> s
             f"{free / 2**20:.0f} MiB are free there); the earlier checkpoints are intact: free space (or choose "
             f"another --output_dir) and continue with --resume auto"
         )
-    keep_last, keep_every = getattr(args, "keep_last", 0), getattr(args, "save_freq", 1)
-    prune(args.output_dir, keep_last, keep_every, getattr(args, "epochs", 0) - 1, just_written=path)
+    prune(args.output_dir, args.keep_last, args.save_freq, args.epochs - 1, just_written=path)
     return path
 
 
@@ -120,7 +120,7 @@ def check_finite(state: TrainState, where: str, name: str) -> None:
         bool(torch.stack(torch._foreach_norm(g, 2, dtype=None if double else torch.float32)).isfinite().all())
         for (_, double), g in groups.items()
     )
-    if distributed.any_rank(not finite, getattr(state.args, "device", "cpu")):
+    if distributed.any_rank(not finite, state.args.device):
         raise NonFiniteLoss(
             f"weights or optimizer state are not finite at {where} (a runaway update); stopping without "
             f"saving {name}, so the last checkpoint stays intact. Lower {lower_lr(state.args)}, or try "
@@ -134,7 +134,7 @@ def find_resumable(output_dir: str) -> tuple[str, dict[str, Any]] | None:
         try:
             return path, load_checkpoint(path)
         except UserError as e:
-            print(f"warning: skipping {path}: {e}")
+            log.warning(f"skipping {path}: {e}")
     return None
 
 
@@ -153,18 +153,18 @@ def resume(state: TrainState) -> Position:
     if args.resume == "auto":
         found = find_resumable(args.output_dir)
         if found is None:
-            print(f"--resume auto: no checkpoint in {args.output_dir}, starting from scratch")
+            log.info(f"--resume auto: no checkpoint in {args.output_dir}, starting from scratch")
             return start
         path, ckpt = found
     else:
         path, ckpt = args.resume, load_checkpoint(args.resume)
     load_model_strict(state.model, model_state(ckpt, path), path)
-    print(f"resumed model from {path}")
+    log.info(f"resumed model from {path}")
     if "optimizer" not in ckpt or "epoch" not in ckpt or getattr(args, "eval", False):
         # Weights only (an official release, a .safetensors file, or --eval): train from --start_epoch.
         if not getattr(args, "eval", False):
-            print(
-                f"warning: {path} holds weights only (no optimizer state or progress): training starts "
+            log.warning(
+                f"{path} holds weights only (no optimizer state or progress): training starts "
                 f"from them at epoch {start.epoch}; this is not an exact resume"
             )
         return start
@@ -173,8 +173,8 @@ def resume(state: TrainState) -> Position:
     if rng and len(rng) == distributed.world_size():
         restore_rng(rng[distributed.rank()])
     elif rng:
-        print(
-            f"warning: {path} was written by {len(rng)} processes, this run has "
+        log.warning(
+            f"{path} was written by {len(rng)} processes, this run has "
             f"{distributed.world_size()}: random state is not restored, so resume is not exact"
         )
     _warn_changed_meaning(ckpt.get("args"), args, path)
@@ -185,11 +185,11 @@ def resume(state: TrainState) -> Position:
     here = (position.epoch, position.step)
     later = [p for p in list_checkpoints(args.output_dir) if progress(os.path.basename(p)) > here]
     if later:
-        print(
-            f"warning: {args.output_dir} holds checkpoints beyond {path} ({os.path.basename(later[-1])}); "
+        log.warning(
+            f"{args.output_dir} holds checkpoints beyond {path} ({os.path.basename(later[-1])}); "
             f"--resume auto would take those, not this run's"
         )
-    print(f"resuming at epoch {position.epoch}, iteration {position.step}")
+    log.info(f"resuming at epoch {position.epoch}, iteration {position.step}")
     return position
 
 
@@ -207,9 +207,7 @@ def _warn_changed_meaning(saved: Any, args: argparse.Namespace, path: str) -> No
         if hasattr(saved, flag) and hasattr(args, flag) and getattr(saved, flag) != getattr(args, flag)
     ]
     if changed:
-        print(
-            f"warning: {path} was trained with other flags ({', '.join(changed)}); training goes on with the new ones"
-        )
+        log.warning(f"{path} was trained with other flags ({', '.join(changed)}); training goes on with the new ones")
 
 
 def _check_same_batches(saved: Any, args: argparse.Namespace, path: str) -> None:
@@ -218,7 +216,7 @@ def _check_same_batches(saved: Any, args: argparse.Namespace, path: str) -> None
     if not isinstance(saved, argparse.Namespace):
         return
     for flag in ("batch_size", "world_size", "accum_iter"):
-        then, now = getattr(saved, flag, None), getattr(args, flag, None)
+        then, now = getattr(saved, flag, None), getattr(args, flag)
         if then is not None and now is not None and then != now:
             name = "number of processes" if flag == "world_size" else f"--{flag}"
             fail(

@@ -14,21 +14,19 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, get_worker_info
 from torchvision import datasets, transforms
-from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.datasets.folder import IMG_EXTENSIONS, is_image_file
 
 from util import distributed, interrupt
+from util.args import image_size
 from util.device_decode import RandomResizedCropFlipOnDevice, collate_encoded
 from util.errors import fail
 from util.fast_crop import FastRandomResizedCropFlip
 from util.images import load_rgb
-from util.shapes import ClampUnit, check_norm_channels, eval_resize, image_loader, image_size, tensor_train_transform
+from util.log import log
+from util.shapes import ClampUnit, check_norm_channels, eval_resize, image_loader, tensor_train_transform
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMG_EXTENSIONS)
 
 
 def image_walk(top: str, inside: str) -> Iterator[tuple[str, list[str]]]:
@@ -50,7 +48,7 @@ def image_walk(top: str, inside: str) -> Iterator[tuple[str, list[str]]]:
                 f"{path} is a link to {real}, outside the data folder {inside}; links are followed only "
                 f"inside it: copy the images in, or remove the link"
             )
-        print(f"warning: skipping {path}, a link to {real}: that folder is read under its own name")
+        log.warning(f"skipping {path}, a link to {real}: that folder is read under its own name")
 
     if top != inside and os.path.islink(top):
         skip_link(top)
@@ -59,7 +57,7 @@ def image_walk(top: str, inside: str) -> Iterator[tuple[str, list[str]]]:
         for d in sorted(dirs):
             if os.path.islink(os.path.join(folder, d)):
                 skip_link(os.path.join(folder, d))
-        yield folder, sorted(n for n in names if _is_image(n))
+        yield folder, sorted(n for n in names if is_image_file(n))
 
 
 class ImageFiles(Dataset):
@@ -94,12 +92,6 @@ class ImageFiles(Dataset):
             return (self.transform(img) if self.transform else img), 0
         except Exception as e:  # Pillow and torchvision raise many types for bad files
             fail(f"cannot read image {path} ({type(e).__name__}: {e}); remove or replace the file")
-
-
-def _existing_dir(path: str, flag: str = "--data_path") -> str:
-    if not os.path.isdir(path):
-        fail(f"{flag} {path} does not exist or is not a folder")
-    return path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,9 +193,7 @@ def pretrain_dataset(
             return ImageFiles(list_path, transform, lazy, files=files, loader=loader)
     if not os.path.exists(data_path):
         fail(f"--data_path {data_path} does not exist; give a folder of images or a list file")
-    root = data_path
-    if os.path.isdir(os.path.join(root, "train")):
-        root = os.path.join(root, "train")
+    root = os.path.join(data_path, "train") if os.path.isdir(os.path.join(data_path, "train")) else data_path
     dataset = ImageFiles(root, transform, lazy, loader=loader)
     if not len(dataset):
         fail(
@@ -229,7 +219,8 @@ def classification_dataset(
             f"{flag} {data_path} is a file; for classification give the folder that holds train.txt and val.txt "
             f"(or train/ and val/ class folders)"
         )
-    _existing_dir(data_path, flag)
+    if not os.path.isdir(data_path):
+        fail(f"{flag} {data_path} does not exist or is not a folder")
     if not os.path.isdir(os.path.join(data_path, "train")) and _list_in(data_path, "train"):
         if _list_in(data_path, "val") is None:  # said before the (long) training list is read
             fail(f"{flag} {data_path} has train.txt but no {' or '.join(LIST_FILES['val'])}; give both lists")
@@ -346,7 +337,7 @@ def pretrain_data(args: Any) -> tuple[ImageFiles, DataLoader]:
     if in_chans != 3 and loader == "fast":
         # Its shortcuts (JPEG draft decoding, uint8 batches) are for 8-bit RGB; the files' own
         # channels, 16-bit ones included, go through the tensor version of the same recipe.
-        print(f"--loader fast with --in_chans {in_chans}: images are read and cropped as --loader torchvision does")
+        log.info(f"--loader fast with --in_chans {in_chans}: images are read and cropped as --loader torchvision does")
         loader = "torchvision"
     transform = pretrain_transform(args.input_size, loader, args.mean, args.std, in_chans)
     dataset = pretrain_dataset(args.data_path, transform, lazy=loader != "torchvision", loader=image_loader(in_chans))
@@ -381,13 +372,9 @@ class SeededSampler(Sampler):
     is how a run resumed inside an epoch continues with exactly the samples it had not seen.
     """
 
-    def __init__(self, dataset_len: int, seed: int, shuffle: bool = True):
+    def __init__(self, dataset_len: int, seed: int):
         self._inner = DistributedSampler(
-            range(dataset_len),
-            num_replicas=distributed.world_size(),
-            rank=distributed.rank(),
-            shuffle=shuffle,
-            seed=seed,
+            range(dataset_len), num_replicas=distributed.world_size(), rank=distributed.rank(), seed=seed
         )
         self.seed, self.epoch, self.skip = seed, 0, 0
 
@@ -406,7 +393,7 @@ class SeededSampler(Sampler):
 def sample_seeds(seed: int, epoch: int, indices: np.ndarray) -> np.ndarray:
     """A 32-bit seed per sample, a hash of (seed, epoch, index): SplitMix64's finaliser over a
     key for (seed, epoch). Vectorised, as the sampler runs in the main process and has to keep up
-    with every worker (a SeedSequence per sample cost 20 us)."""
+    with every worker: a SeedSequence per sample is too slow for that (benchmarks/README.md)."""
     key = np.random.SeedSequence([seed, epoch]).generate_state(1, dtype=np.uint64)[0]
     with np.errstate(over="ignore"):  # arithmetic modulo 2**64 is the point
         z = indices.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) + key
@@ -449,8 +436,8 @@ class SeededDataset(Dataset):
 
 def _seed_cpu_generators(seed: int) -> None:
     # Not torch.manual_seed: that also queues a seed for every accelerator, recording a stack
-    # trace each time (milliseconds per image), and with CUDA initialised in this process it
-    # would reseed the GPU's generator, which draws the masks.
+    # trace each time (costlier than decoding a small image), and with CUDA initialised in this
+    # process it would reseed the GPU's generator, which draws the masks.
     random.seed(seed)
     np.random.seed(seed)
     torch.default_generator.manual_seed(seed)
@@ -494,12 +481,12 @@ def train_loader(dataset: Dataset, args: Any, collate_fn: Callable | None = None
     )
 
 
-def eval_loader(dataset: Dataset, args: Any, batch_size: int | None = None) -> DataLoader:
-    sampler: Sequence[int] = ShardSampler(len(dataset)) if getattr(args, "dist_eval", False) else range(len(dataset))
+def eval_loader(dataset: Dataset, args: Any) -> DataLoader:
+    sampler: Sequence[int] = ShardSampler(len(dataset)) if args.dist_eval else range(len(dataset))
     return DataLoader(
         dataset,
         sampler=sampler,
-        batch_size=batch_size or args.batch_size,
+        batch_size=args.batch_size,
         num_workers=args.num_workers,
         pin_memory=args.pin_mem and str(args.device).startswith("cuda"),
         drop_last=False,

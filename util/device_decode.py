@@ -1,7 +1,7 @@
 """JPEG decoding on the training device (nvJPEG on a GPU): ``--loader device``.
 
-At ImageNet resolution the CPU's JPEG decode is most of a worker's time, and a fast GPU eats
-images faster than a 16-core machine decodes them. Here the workers only read the file and draw
+At ImageNet resolution the CPU's JPEG decode is most of a worker's time, and a fast GPU can take
+images faster than the host's cores decode them. Here the workers only read the file and draw
 the crop box and the flip (the same draws, in the same order, as ``FastRandomResizedCropFlip``);
 a batch carries the encoded bytes, and moving it to the device decodes all of them in one call,
 then crops and resizes each with the same antialiased bicubic kernel. Files the device decoder
@@ -36,7 +36,7 @@ class EncodedCrop:
     """One image still encoded, with its crop box (top, left, height, width) and flip."""
 
     # The file's bytes: a bytearray crosses from worker to main process in the pickle stream, a
-    # tensor each would take a shared-memory file of its own (4x slower for 64 small files).
+    # tensor each would take a shared-memory file of its own (slower: benchmarks/README.md).
     data: bytearray
     box: tuple[int, int, int, int]
     flip: bool
@@ -71,9 +71,6 @@ class EncodedBatch:
         first = items[0]
         size = first.size if isinstance(first, EncodedCrop) else tuple(first.shape[-2:])
         self.size = (size, size) if isinstance(size, int) else tuple(size)  # (height, width)
-
-    def __len__(self) -> int:
-        return len(self.items)
 
     def pin_memory(self) -> "EncodedBatch":
         return self  # the decoder reads the bytes from host memory; nothing to pin

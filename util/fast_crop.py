@@ -6,12 +6,11 @@ the image's size alone (the same distribution as torchvision's sampler, drawn fo
 whose box is at least twice the output on each side is decoded at the largest DCT reduction
 (1/2, 1/4, 1/8) that keeps the output resolution inside the box (Pillow's draft mode); other
 JPEGs are decoded by torchvision straight into a tensor. The box is then resized by torch's
-antialiased bicubic kernel for uint8, about twice as fast as Pillow's. Images stay uint8 until
-the device, where ``normalize_on_device`` converts them, so workers do no float arithmetic and
-batches are 4x smaller to copy.
+antialiased bicubic kernel for uint8, faster than Pillow's. Images stay uint8 until
+the device, where ``util.normalization.normalize_on_device`` converts them, so workers do no float arithmetic and
+batches are 4x smaller to copy. What each step costs, measured: benchmarks/README.md.
 """
 
-import functools
 import io
 import math
 import random
@@ -89,7 +88,7 @@ def random_crop_box(
     """(top, left, height, width) of a crop as ``RandomResizedCrop.get_params`` draws it (area
     fraction uniform in ``scale``, log aspect ratio uniform in ``ratio``, 10 tries, then the
     central crop of the nearest allowed ratio), from python's generator: torch's scalar
-    operations made torchvision's sampler cost 100 us a box, more than decoding a small JPEG."""
+    operations made torchvision's sampler cost more per box than decoding a small JPEG."""
     area = width * height
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
@@ -132,19 +131,3 @@ def _scale_box(box: tuple[int, int, int, int], scale: int, reduced_hw: tuple[int
 
 def _to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
-
-
-def normalize_on_device(imgs: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """uint8 [N, 3, H, W] -> normalised float; float input is returned as it is."""
-    if imgs.dtype != torch.uint8:
-        return imgs
-    mean_t, std_t = _constants(tuple(mean), tuple(std), imgs.device)
-    return (imgs.float() - mean_t) / std_t
-
-
-@functools.lru_cache(maxsize=16)
-def _constants(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Made once per device: a host-to-device copy at every step would synchronise the GPU."""
-    mean_t = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
-    std_t = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255
-    return mean_t, std_t

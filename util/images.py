@@ -128,9 +128,9 @@ _HUFFMAN_FRAMES = (0xC0, 0xC1, 0xC2)
 def plain_jpeg_size(data: bytes | bytearray) -> tuple[int, int] | None:
     """(width, height) of an 8-bit Huffman-coded JPEG with 1 or 3 components (grey or colour: what
     torchvision's decoder reads exactly as Pillow does), from its frame header; None for any other
-    file, CMYK and arithmetic-coded JPEGs included. Pillow's parse of the whole header costs about
-    100 us, as much as decoding a CIFAR-sized image; walking the segments to the frame header costs
-    a few."""
+    file, CMYK and arithmetic-coded JPEGs included. At CIFAR size Pillow's parse of the whole header
+    costs as much as the decode itself; walking the segments to the frame header costs next to
+    nothing (benchmarks/README.md, "Where the loader's time goes")."""
     if data[:2] != b"\xff\xd8":
         return None
     pos, end = 2, len(data)

@@ -11,6 +11,7 @@ from typing import Any
 
 from util import distributed
 from util.errors import fail
+from util.log import log
 
 
 def format_duration(seconds: float) -> str:
@@ -99,7 +100,7 @@ class MetricLogger:
             iter_time.update(time.time() - end)
             if (i + 1) % print_freq == 0 or i == total - 1:
                 eta = format_duration(iter_time.global_avg * (total - i - 1))
-                print(
+                log.info(
                     self.delimiter.join(
                         [
                             f"{header} [{i + 1:>{width}}/{total}]",
@@ -113,7 +114,7 @@ class MetricLogger:
             i += 1
             end = time.time()
         elapsed = format_duration(time.time() - begin)
-        print(f"{header} total time: {elapsed} ({(time.time() - begin) / max(i - start, 1):.4f} s / it)")
+        log.info(f"{header} total time: {elapsed} ({(time.time() - begin) / max(i - start, 1):.4f} s / it)")
 
 
 class RunLog:
@@ -153,7 +154,7 @@ class RunLog:
         if old == text:
             return
         if old:
-            print(f"{self.log_path}: rewritten with the {len(self.history)} epoch lines of the run's checkpoint")
+            log.info(f"{self.log_path}: rewritten with the {len(self.history)} epoch lines of the run's checkpoint")
         with self._writing():
             with open(tmp, "w") as f:
                 f.write(text)

@@ -9,12 +9,16 @@ checkpoint that stores other values gets a one-line warning.
 """
 
 import argparse
+import functools
 import math
 from collections.abc import Sequence
+
+import torch
 
 from util.checkpoint_files import list_checkpoints
 from util.data import IMAGENET_MEAN, IMAGENET_STD
 from util.errors import UserError, fail
+from util.log import log
 from util.safe_load import saved_args
 
 # (where the values were found, e.g. 'checkpoint out/checkpoint-9.pth'; that checkpoint's args or None)
@@ -77,12 +81,12 @@ def stored(saved: argparse.Namespace | None) -> tuple[list[float], list[float]] 
     return [float(v) for v in mean], [float(v) for v in std]
 
 
-def resolve(args: argparse.Namespace, sources: Sequence[Source], channels: int | None = None) -> None:
+def resolve(args: argparse.Namespace, sources: Sequence[Source]) -> None:
     """Set ``args.mean`` and ``args.std`` (lists of floats, as checkpoints store them): the flags
     when given, else the values of the first of ``sources`` that stores some, else ImageNet's.
     Both flags or neither: half a normalisation from one place and half from another is no one's.
     Prints where the values came from, and warns about every source that stores other values."""
-    channels = channels or image_channels(args)
+    channels = image_channels(args)
     if (args.mean is None) != (args.std is None):
         fail(f"--mean and --std go together: give both ({'--mean' if args.mean is None else '--std'} is missing)")
     found = [(name, values) for name, saved in sources if (values := stored(saved)) is not None]
@@ -96,12 +100,12 @@ def resolve(args: argparse.Namespace, sources: Sequence[Source], channels: int |
     else:
         mean, std, origin = list(IMAGENET_MEAN), list(IMAGENET_STD), "ImageNet's, the default"
     args.mean, args.std = mean, std
-    print(f"normalisation: mean {_show(mean)} std {_show(std)} ({origin})")
+    log.info(f"normalisation: mean {_show(mean)} std {_show(std)} ({origin})")
     advice = "; drop --mean/--std to use the checkpoint's" if origin == "--mean/--std" else ""
     for name, (m, s) in found:
         if (m, s) != (mean, std):
-            print(
-                f"warning: {name} was trained on pixels normalised with mean {_show(m)} std {_show(s)}, this run "
+            log.warning(
+                f"{name} was trained on pixels normalised with mean {_show(m)} std {_show(s)}, this run "
                 f"uses mean {_show(mean)} std {_show(std)} ({origin}){advice}"
             )
 
@@ -111,7 +115,7 @@ def run_sources(args: argparse.Namespace) -> list[Source]:
     ``--resume`` (a path, or for 'auto' the newest checkpoint of ``--output_dir`` that loads), then
     ``--finetune`` (not with ``--eval``, which does not load it)."""
     sources: list[Source] = []
-    resume = getattr(args, "resume", "")
+    resume = args.resume
     if resume == "auto":
         for path in reversed(list_checkpoints(args.output_dir) if args.output_dir else []):
             try:
@@ -121,11 +125,28 @@ def run_sources(args: argparse.Namespace) -> list[Source]:
                 continue  # resume() says why when it skips it
     elif resume:
         sources.append((f"checkpoint {resume}", saved_args(resume)))
-    finetune = getattr(args, "finetune", "")
-    if finetune and not getattr(args, "eval", False):
+    finetune = getattr(args, "finetune", "")  # pre-training has none
+    if finetune and not args.eval:
         sources.append((f"checkpoint {finetune}", saved_args(finetune)))
     return sources
 
 
 def _show(values: Sequence[float]) -> str:
     return " ".join(f"{v:.6g}" for v in values)
+
+
+def normalize_on_device(imgs: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """uint8 [N, C, H, W] batches (the fast and device loaders leave the conversion to the training
+    device) -> ``(x / 255 - mean) / std`` in float; float input is returned as it is."""
+    if imgs.dtype != torch.uint8:
+        return imgs
+    mean_t, std_t = _constants(tuple(mean), tuple(std), imgs.device)
+    return (imgs.float() - mean_t) / std_t
+
+
+@functools.lru_cache(maxsize=16)
+def _constants(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Made once per device: a host-to-device copy at every step would synchronise the GPU."""
+    mean_t = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
+    std_t = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255
+    return mean_t, std_t

@@ -1,4 +1,4 @@
-"""Loading an MAE encoder (ours or official; full MAE or encoder only) into a ViT classifier."""
+"""Loading an MAE encoder (ours or official; full MAE or encoder only) into a ViT classifier or an MAE."""
 
 import argparse
 from typing import Any
@@ -7,10 +7,11 @@ import torch
 from timm.layers import trunc_normal_
 from timm.models import adapt_input_conv
 
+from util.args import image_size
+from util.checkpoint import load_checkpoint, model_state
 from util.errors import fail
+from util.log import log
 from util.pos_embed import resize_pos_embed
-from util.safe_load import load_checkpoint, model_state
-from util.shapes import image_size
 
 _DECODER_PREFIXES = ("decoder_", "mask_token")
 
@@ -24,50 +25,69 @@ def load_pretrained_encoder(model: torch.nn.Module, path: str, head_init_std: fl
     ``fc_norm`` may be missing (and, with global pooling, the encoder's final ``norm`` is left
     over); anything else means the checkpoint does not belong to this model.
     """
-    ckpt = load_checkpoint(path)
-    state = dict(model_state(ckpt, path))
-    own = model.state_dict()
-    for key in [k for k in state if k.startswith(_DECODER_PREFIXES)]:
-        del state[key]
-    adapt_input_channels(state, model.patch_embed.proj.in_channels, path)
-    for key in ("head.weight", "head.bias"):
-        if key in state and key in own and state[key].shape != own[key].shape:
-            print(
-                f"dropping {key} of shape {tuple(state[key].shape)} from {path}: the model's is {tuple(own[key].shape)}"
-            )
-            del state[key]
-    grid = tuple(model.patch_embed.grid_size)
-    old = saved_grid(ckpt, state, model.num_prefix_tokens) if "pos_embed" in state else None
-    # Shapes alone miss a transposed grid (8x16 and 16x8 have as many tokens): compare grids too.
-    if "pos_embed" in state and (state["pos_embed"].shape != own["pos_embed"].shape or old not in (None, grid)):
-        print(f"resizing pos_embed {tuple(state['pos_embed'].shape)} -> {tuple(own['pos_embed'].shape)} (grid {grid})")
-        try:
-            state["pos_embed"] = resize_pos_embed(state["pos_embed"], grid, model.num_prefix_tokens, old)
-        except ValueError as e:
-            fail(f"--finetune {path}: {e}, and it stores no --input_size to tell its height and width")
-
-    allowed_missing = {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}
-    allowed_unexpected = {"norm.weight", "norm.bias"} if "norm.weight" not in own else set()
-    missing = set(own) - set(state)
-    unexpected = set(state) - set(own)
-    wrong_shape = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing - allowed_missing or unexpected - allowed_unexpected or wrong_shape:
-        problems = []
-        if missing - allowed_missing:
-            problems.append(f"missing {sorted(missing - allowed_missing)[:4]}")
-        if unexpected - allowed_unexpected:
-            problems.append(f"unexpected {sorted(unexpected - allowed_unexpected)[:4]}")
-        if wrong_shape:
-            problems.append(f"other shape {wrong_shape[:4]}")
-        fail(
-            f"--finetune {path} does not fit {type(model).__name__} "
-            f"({'; '.join(problems)}); check --model and that it is an MAE checkpoint"
-        )
-    model.load_state_dict(state, strict=False)
+    head = {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}
+    norm = set() if "norm.weight" in model.state_dict() else {"norm.weight", "norm.bias"}
+    missing = load_encoder(model, path, "--finetune", head, norm, in_chans=model.patch_embed.proj.in_channels)
     if "head.weight" in missing:
         trunc_normal_(model.head.weight, std=head_init_std)
         torch.nn.init.zeros_(model.head.bias)
-    print(f"loaded pre-trained encoder from {path}; initialised: {sorted(missing) or 'nothing'}")
+    log.info(f"loaded pre-trained encoder from {path}; initialised: {sorted(missing) or 'nothing'}")
+
+
+def load_mae_encoder(model: torch.nn.Module, path: str) -> None:
+    """Load the encoder weights of ``path`` into a ``models_mae.MaskedAutoencoderViT``, leaving its
+    decoder as it is: for reading features of any MAE encoder (ours, the official full or
+    encoder-only releases, or a classifier with the final ``norm``). Every encoder weight must be
+    present with its shape (the position embedding is resized); other entries are ignored."""
+    decoder = {k for k in model.state_dict() if k.startswith(_DECODER_PREFIXES)}
+    load_encoder(model, path, "checkpoint", decoder, None, hint="holds an MAE encoder")
+
+
+def load_encoder(
+    model: torch.nn.Module,
+    path: str,
+    flag: str,
+    may_miss: set[str],
+    may_be_left: set[str] | None,
+    in_chans: int | None = None,
+    hint: str = "",
+) -> set[str]:
+    """Load the encoder weights of checkpoint ``path`` (``flag`` in errors) into ``model``; return the
+    model's keys it lacked, left as they were. The decoder, mask token and a head of another shape are
+    dropped, the position embedding resized to the model's grid and, given ``in_chans``, the patch
+    embedding adapted. Only ``may_miss`` may be missing and ``may_be_left`` (any, if None) left over,
+    and no shape may differ, else it fails naming the keys (given ``hint``, first those it lacks)."""
+    ckpt = load_checkpoint(path)
+    state = {k: v for k, v in model_state(ckpt, path).items() if not k.startswith(_DECODER_PREFIXES)}
+    own = model.state_dict()
+    if in_chans is not None:
+        adapt_input_channels(state, in_chans, path)
+    for k in ("head.weight", "head.bias"):
+        if k in state and k in own and state[k].shape != own[k].shape:
+            log.info(f"dropping {k} of shape {tuple(state[k].shape)} from {path}: the model's is {tuple(own[k].shape)}")
+            del state[k]
+    grid, prefix = tuple(model.patch_embed.grid_size), getattr(model, "num_prefix_tokens", 1)
+    pos = state.get("pos_embed")
+    old = saved_grid(ckpt, state, prefix) if pos is not None else None
+    # Shapes alone miss a transposed grid (8x16 and 16x8 have as many tokens): compare grids too.
+    if pos is not None and (pos.shape != own["pos_embed"].shape or old not in (None, grid)):
+        log.info(f"resizing pos_embed {tuple(pos.shape)} -> {tuple(own['pos_embed'].shape)} (grid {grid})")
+        try:
+            state["pos_embed"] = resize_pos_embed(pos, grid, prefix, old)
+        except ValueError as e:
+            fail(f"{flag} {path}: {e}, and it stores no --input_size to tell its height and width")
+    missing = set(own) - set(state)
+    lacking = sorted(missing - may_miss)
+    if lacking and hint:
+        fail(f"{flag} {path} lacks encoder weights {lacking[:4]}; check --model and that it {hint}")
+    unexpected = [] if may_be_left is None else sorted(set(state) - set(own) - may_be_left)
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    named = (("missing", lacking), ("unexpected", unexpected), ("other shape", wrong))
+    if problems := "; ".join(f"{what} {keys[:4]}" for what, keys in named if keys):
+        name = type(model).__name__
+        fail(f"{flag} {path} does not fit {name} ({problems}); check --model and that it is an MAE checkpoint")
+    model.load_state_dict(state, strict=False)
+    return missing
 
 
 def adapt_input_channels(state: dict[str, torch.Tensor], in_chans: int, path: str) -> None:
@@ -81,7 +101,7 @@ def adapt_input_channels(state: dict[str, torch.Tensor], in_chans: int, path: st
         return
     if weight.shape[1] == 3 and in_chans == 1:
         state["patch_embed.proj.weight"] = adapt_input_conv(1, weight)
-        print(f"--in_chans 1: summed the RGB patch-embedding weights of {path} over their 3 input channels")
+        log.info(f"--in_chans 1: summed the RGB patch-embedding weights of {path} over their 3 input channels")
         return
     fail(
         f"--finetune {path} was pre-trained on {weight.shape[1]}-channel images, this model takes --in_chans "
@@ -104,23 +124,3 @@ def saved_grid(ckpt: dict[str, Any], state: dict[str, torch.Tensor], num_prefix_
     patch = weight.shape[-1]
     grid = (height // patch, width // patch)
     return grid if grid[0] * grid[1] == state["pos_embed"].shape[1] - num_prefix_tokens else None
-
-
-def load_mae_encoder(model: torch.nn.Module, path: str) -> None:
-    """Load the encoder weights of ``path`` into a ``models_mae.MaskedAutoencoderViT``, leaving its
-    decoder as it is: for reading features of any MAE encoder (ours, the official full or
-    encoder-only releases, or a classifier with the final ``norm``). Every encoder weight must be
-    present with its shape (the position embedding is resized); other entries are ignored."""
-    state = model_state(load_checkpoint(path), path)
-    encoder = {k: v for k, v in model.state_dict().items() if not k.startswith(_DECODER_PREFIXES)}
-    missing = sorted(set(encoder) - set(state))
-    if missing:
-        fail(f"checkpoint {path} lacks encoder weights {missing[:4]}; check --model and that it holds an MAE encoder")
-    loaded = {k: state[k] for k in encoder}
-    if loaded["pos_embed"].shape != encoder["pos_embed"].shape:
-        loaded["pos_embed"] = resize_pos_embed(loaded["pos_embed"], model.grid_size)
-    wrong = sorted(k for k in encoder if loaded[k].shape != encoder[k].shape)
-    if wrong:
-        k = wrong[0]
-        fail(f"checkpoint {path} does not fit --model: {k} is {tuple(loaded[k].shape)}, not {tuple(encoder[k].shape)}")
-    model.load_state_dict(loaded, strict=False)

@@ -14,24 +14,23 @@ from torch.utils.data import DataLoader
 from util import distributed, interrupt, normalization
 from util.args import check_common, check_world, effective_lr, resolve_precision
 from util.checkpoint import Position, TrainState, save_checkpoint
-from util.errors import fail
+from util.log import log
 from util.logger import RunLog
 from util.paths import check_output_dir
 
 
-def start(args: argparse.Namespace, patch_size: int | None = None) -> torch.device:
-    """Validate flags, join the process group, seed, create folders, print the configuration."""
-    check_common(args, patch_size)
-    if args.accum_iter > 1 and args.print_freq % args.accum_iter:
-        # Check points (logging, finiteness, checkpoints) sit on optimizer steps.
-        args.print_freq += args.accum_iter - args.print_freq % args.accum_iter
-    every = getattr(args, "ckpt_every_steps", 0)
-    if every and every % args.accum_iter:
-        fail(f"--ckpt_every_steps {every} must be a multiple of --accum_iter {args.accum_iter}")
-    distributed.init_distributed_mode(args)
+def start(args: argparse.Namespace) -> torch.device:
+    """Check the flags, join the process group, settle the values the run derives from its flags,
+    seed, check the output folders and print the configuration.
+
+    The derived values are written into ``args`` here and nowhere else: checkpoints store ``args``
+    (the official format), so a resumed or fine-tuned run reads what this run really used."""
+    check_common(args)
+    distributed.init_distributed_mode(args)  # args.rank, .world_size, .gpu, .distributed (and .device on GPUs)
     check_world(args, distributed.world_size())
-    if hasattr(args, "mean"):  # before anything is built with them, and printed with the flags
-        normalization.resolve(args, normalization.run_sources(args))
+    # Check points (logging, finiteness, checkpoints) sit on optimizer steps.
+    args.print_freq = -(-args.print_freq // args.accum_iter) * args.accum_iter
+    normalization.resolve(args, normalization.run_sources(args))  # args.mean, args.std
     args.precision = resolve_precision(args.precision, args.device)
     args.lr_given = args.lr is not None  # for messages that say which flag to lower
     args.lr = effective_lr(args, distributed.world_size())
@@ -50,10 +49,10 @@ def start(args: argparse.Namespace, patch_size: int | None = None) -> torch.devi
         torch.backends.cudnn.allow_tf32 = True
     interrupt.install()
 
-    print(f"job dir: {os.path.dirname(os.path.realpath(__file__ + '/..'))}")
-    print(json.dumps({k: v for k, v in vars(args).items()}, default=str, indent=1))
+    log.info(f"job dir: {os.path.dirname(os.path.realpath(__file__ + '/..'))}")
+    log.info(json.dumps({k: v for k, v in vars(args).items()}, default=str, indent=1))
     eff_batch = args.batch_size * args.accum_iter * distributed.world_size()
-    print(f"precision: {args.precision}  effective batch: {eff_batch}  lr: {args.lr:.3e} (base lr {args.blr:.3e})")
+    log.info(f"precision: {args.precision}  effective batch: {eff_batch}  lr: {args.lr:.3e} (base lr {args.blr:.3e})")
     return torch.device(args.device)
 
 
@@ -95,21 +94,3 @@ def end_epoch(state: TrainState, epoch: int, stats: dict[str, Any], run_log: Run
 def stop_requested(args: argparse.Namespace) -> bool:
     """Whether a stop signal reached any rank; every rank gets the same answer (a collective)."""
     return distributed.any_rank(interrupt.requested(), args.device)
-
-
-def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("checkpoints")
-    g.add_argument(
-        "--keep_last",
-        default=1,
-        type=int,
-        metavar="K",
-        help="keep the K newest epoch checkpoints besides every --save_freq-th (0 keeps all)",
-    )
-    g.add_argument(
-        "--ckpt_every_steps",
-        default=0,
-        type=int,
-        metavar="N",
-        help="also checkpoint inside an epoch every N iterations (0: only at epoch ends)",
-    )

@@ -19,17 +19,6 @@ from util.images import load_channels, load_rgb
 BICUBIC = transforms.InterpolationMode.BICUBIC
 
 
-def image_size(input_size: int | Sequence[int]) -> tuple[int, int]:
-    """(height, width) of an ``--input_size`` value: one side (a square) or (height, width)."""
-    if isinstance(input_size, int):
-        return input_size, input_size
-    values = [int(v) for v in input_size]
-    if len(values) not in (1, 2):
-        shown = " ".join(map(str, values))
-        fail(f"--input_size takes one value (a square) or two (height width), got {len(values)}: {shown}")
-    return values[0], values[-1]
-
-
 def image_loader(in_chans: int) -> Callable[[str], Any]:
     """What reads a file for a model of ``in_chans`` channels: an RGB PIL image for 3 (every file
     converted, as the official code does), else a float tensor [in_chans, H, W] in [0, 1] with

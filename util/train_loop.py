@@ -33,7 +33,6 @@ def train_one_epoch(
     compute_loss: Callable[[Any], torch.Tensor],
     run_log: RunLog | None = None,
     start_step: int = 0,
-    clip_grad: float | None = None,
 ) -> dict[str, float]:
     """Train ``model`` (possibly DDP-wrapped) for the rest of ``epoch`` from ``start_step``.
 
@@ -67,9 +66,9 @@ def train_one_epoch(
                 loss = compute_loss(batch)
             scaler.scale(loss / args.accum_iter).backward()
         if update:
-            if clip_grad is not None:
+            if args.clip_grad is not None:
                 scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
             scaler.step(optimizer)  # skipped by the fp16 scaler when a gradient overflowed
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -77,11 +76,10 @@ def train_one_epoch(
 
         last = step == total - 1
         log_now = (step + 1) % args.print_freq == 0 or last
-        every = getattr(args, "ckpt_every_steps", 0)
-        ckpt_now = bool(every) and (step + 1) % every == 0
+        ckpt_now = bool(args.ckpt_every_steps) and (step + 1) % args.ckpt_every_steps == 0
         if update and (log_now or ckpt_now):
             # Finiteness first: a checkpoint must never hold weights a bad step produced.
-            _check_and_log(pending, step, epoch, total, lr, metrics, run_log, device, lower_lr(args))
+            _check_and_log(pending, step, epoch, total, lr, metrics, run_log, args)
             pending = []
             stop = run.stop_requested(args)
             if (ckpt_now or stop) and not last:
@@ -92,7 +90,7 @@ def train_one_epoch(
                 if stop:
                     raise interrupt.Interrupted(path)
     if pending:  # iterations after the last check point (the epoch did not end on one)
-        _check_and_log(pending, total - 1, epoch, total, lr, metrics, run_log, device, lower_lr(args))
+        _check_and_log(pending, total - 1, epoch, total, lr, metrics, run_log, args)
     return metrics.global_averages()
 
 
@@ -114,20 +112,19 @@ def _check_and_log(
     lr: float,
     metrics: MetricLogger,
     run_log: RunLog | None,
-    device: torch.device,
-    lr_flag: str = "--blr",
+    args: Namespace,
 ) -> None:
     """One host sync: read the pending losses, stop on a non-finite one, log the averages."""
     values = torch.stack(losses).float().cpu().tolist()
     first = step + 1 - len(values)
     bad = [(first + i, v) for i, v in enumerate(values) if not math.isfinite(v)]
     # All ranks stop together; one rank stopping alone would leave the others hanging.
-    summed = distributed.all_reduce_sum([float(len(bad)), sum(values) if not bad else 0.0, len(values)], device)
+    summed = distributed.all_reduce_sum([float(len(bad)), sum(values) if not bad else 0.0, len(values)], args.device)
     if summed[0] > 0:
         where = f"iteration {bad[0][0]}" if bad else "another rank"
         raise NonFiniteLoss(
             f"loss is {bad[0][1] if bad else 'not finite'} at epoch {epoch}, {where}; stopping without "
-            f"saving, so the last checkpoint stays intact. Lower {lr_flag}, or try --precision bf16/fp32"
+            f"saving, so the last checkpoint stays intact. Lower {lower_lr(args)}, or try --precision bf16/fp32"
         )
     for v in values:
         metrics.update(loss=v)

@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import models_mae  # noqa: E402
-from util.data import eval_transform  # noqa: E402
+from util.data import IMAGENET_MEAN, IMAGENET_STD, eval_transform  # noqa: E402
 from util.safe_load import load_checkpoint, model_state  # noqa: E402
 from util.visualize import fixed_noise, load_images, reconstruction_grid, save_png  # noqa: E402
 
@@ -88,10 +88,12 @@ def reconstruction_strip(out: Path, images: Path, epochs: list[int], count: int,
         ckpt_path = out / "pretrain" / f"checkpoint-{epoch}.pth"
         ckpt = load_checkpoint(str(ckpt_path))
         saved = vars(ckpt["args"])
-        model = models_mae.MODELS[saved["model"]](img_size=saved["input_size"], norm_pix_loss=saved["norm_pix_loss"])
+        model = models_mae.create_model(saved["model"], saved["input_size"], norm_pix_loss=saved["norm_pix_loss"])
         model.load_state_dict(model_state(ckpt, str(ckpt_path)))
-        imgs = load_images([str(f) for f in files], eval_transform(saved["input_size"]))
-        grid = reconstruction_grid(model, imgs, fixed_noise(len(files), model.num_patches), saved["mask_ratio"])
+        norm = saved.get("mean", IMAGENET_MEAN), saved.get("std", IMAGENET_STD)  # the run's --mean/--std
+        imgs = load_images([str(f) for f in files], eval_transform(saved["input_size"], *norm))
+        noise = fixed_noise(len(files), model.num_patches)
+        grid = reconstruction_grid(model, imgs, noise, saved["mask_ratio"], *norm)
         h, w = grid.shape[0] // len(files), grid.shape[1] // 4
         panels = [grid[i * h : (i + 1) * h] for i in range(len(files))]  # one image's 4 panels each
         if not rows:

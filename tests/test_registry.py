@@ -1,0 +1,49 @@
+"""util.registry: models_mae.create_model and models_vit.create_model check the name, the image
+size against the patch size, the channels and (for MAE) the mask ratio, once, in one line."""
+
+import pytest
+import torch
+
+import models_mae
+import models_vit
+from util.errors import UserError
+
+
+def _meta(create, *args, **kwargs):
+    with torch.device("meta"):
+        return create(*args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "args,kwargs,message",
+    [
+        (("mae_vit_gigantic", 224), {}, r"^--model mae_vit_gigantic is unknown; known models: mae_vit_tiny_patch16, "),
+        (("mae_vit_tiny_patch4", 30), {}, r"^--input_size 30 is not a multiple of the model's patch size 4$"),
+        (("mae_vit_tiny_patch4", (32, 30)), {}, r"^--input_size 32 30 \(height width\) is not a multiple"),
+        (("mae_vit_tiny_patch4", 32, 0), {}, r"^--in_chans must be at least 1, got 0$"),
+        (("mae_vit_tiny_patch4", 32), {"mask_ratio": 1.0}, r"^--mask_ratio 1.0 must remove at least one of the 64"),
+        (("mae_vit_tiny_patch4", 8), {"mask_ratio": 0.8}, r"^--mask_ratio 0.8 must remove .* of the 4 patches"),
+    ],
+)
+def test_bad_requests_are_one_line_errors(args, kwargs, message):
+    with pytest.raises(UserError, match=message):
+        _meta(models_mae.create_model, *args, **kwargs)
+
+
+def test_mae_sizes_channels_and_aliases():
+    model = _meta(models_mae.create_model, "mae_vit_tiny_patch4", [32, 16], 5, 0.75, norm_pix_loss=True)
+    assert model.grid_size == (8, 4) and model.in_chans == 5 and model.norm_pix_loss
+    assert _meta(models_mae.create_model, "mae_vit_mini_patch4").img_size == 32  # the factory's default
+    official = _meta(models_mae.create_model, "mae_vit_base_patch16_dec512d8b", 224)
+    assert type(official) is models_mae.MaskedAutoencoderViT and official.patch_size == 16
+    assert "mae_vit_base_patch16_dec512d8b" not in list(models_mae.MODELS)  # help lists each model once
+
+
+def test_vit_sizes_and_kwargs():
+    model = _meta(models_vit.create_model, "vit_tiny_patch4", (16, 32), 1, num_classes=7, global_pool=True)
+    assert tuple(model.patch_embed.grid_size) == (4, 8) and model.head.out_features == 7
+    assert model.patch_embed.proj.in_channels == 1 and model.global_pool == "avg"
+    with pytest.raises(UserError, match=r"^--input_size 30 is not a multiple of the model's patch size 16$"):
+        _meta(models_vit.create_model, "vit_base_patch16", 30)
+    with pytest.raises(UserError, match=r"^--model mae_vit_tiny_patch4 is unknown; known models: vit_tiny_patch16"):
+        _meta(models_vit.create_model, "mae_vit_tiny_patch4", 32)

@@ -1,0 +1,48 @@
+"""Models by name, and the one place where a requested model is checked against the flags
+(timm's ``create_model`` is the pattern): its name, the image size against its patch size, and the
+image channels. ``models_mae.MODELS`` and ``models_vit.MODELS`` are registries."""
+
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from util.args import check_input_size
+from util.errors import fail
+
+
+class Registry(dict[str, Callable[..., nn.Module]]):
+    """Factories by their function names. Aliases (the official code's second names) are found by
+    ``in`` and ``[]``, so that ``--model`` takes them, but are not iterated over, so that help
+    texts and errors list each model once."""
+
+    def __init__(self, factories: Iterable[Callable[..., nn.Module]], aliases: dict[str, str] | None = None):
+        super().__init__((f.__name__, f) for f in factories)
+        self.aliases = dict(aliases or {})
+
+    def __contains__(self, name: object) -> bool:
+        return super().__contains__(name) or name in self.aliases
+
+    def __missing__(self, name: str) -> Callable[..., nn.Module]:
+        if name not in self.aliases:
+            raise KeyError(name)
+        return self[self.aliases[name]]
+
+    def get(self, name: str, default: object = None) -> object:
+        return self[name] if name in self else default
+
+    def create(
+        self, name: str, input_size: int | Sequence[int] | None = None, in_chans: int = 3, **kwargs
+    ) -> nn.Module:
+        """Model ``name`` for ``input_size`` images (one side, or height and width; None: the
+        factory's default) of ``in_chans`` channels, or a one-line error that names the flag."""
+        if name not in self:
+            fail(f"--model {name} is unknown; known models: {', '.join(self)}")
+        if in_chans < 1:
+            fail(f"--in_chans must be at least 1, got {in_chans}")
+        factory = self[name]
+        if input_size is None:
+            return factory(in_chans=in_chans, **kwargs)
+        with torch.device("meta"):  # allocates nothing: only the patch size is read
+            patch_size = factory().patch_embed.patch_size[0]
+        return factory(img_size=check_input_size(input_size, patch_size), in_chans=in_chans, **kwargs)
