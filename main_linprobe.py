@@ -14,14 +14,7 @@ from torchvision import transforms
 import models_vit
 from engine_finetune import train_or_evaluate
 from util import run
-from util.args import (
-    add_classifier_args,
-    add_eval_args,
-    add_run_args,
-    add_schedule_args,
-    check_classifier_args,
-    image_size,
-)
+from util.args import add_classifier_args, add_eval_args, add_run_args, add_schedule_args, check_classifier_args
 from util.data import classification_splits, eval_transform
 from util.errors import run_cli
 from util.lars import LARS
@@ -49,7 +42,7 @@ def main(args: argparse.Namespace) -> None:
     )
 
     # Weak augmentation: the probe measures the representation, not the augmentation.
-    size = image_size(args.input_size)
+    size = args.input_size  # one side or [height, width], as torchvision's crops take it
     if args.in_chans == 3:
         train_tf = transforms.Compose(
             [

@@ -69,7 +69,7 @@ def eval_resize(size: tuple[int, int]) -> Callable:
 
 
 def tensor_train_transform(
-    size: tuple[int, int], scale: tuple[float, float], mean: Sequence[float], std: Sequence[float]
+    size: int | Sequence[int], scale: tuple[float, float], mean: Sequence[float], std: Sequence[float]
 ) -> Callable:
     """Random resized crop (bicubic, antialiased) to ``size`` and flip, on a float tensor from
     ``load_channels``: the official augmentation for any channel count."""
