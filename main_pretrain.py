@@ -17,7 +17,7 @@ from engine_pretrain import log_reconstructions, train_one_epoch
 from util import distributed, interrupt, knn, run
 from util.args import add_in_chans_arg, add_input_size_arg, add_run_args, add_schedule_args
 from util.checkpoint import TrainState, resume
-from util.data import PRETRAIN_LOADERS, eval_transform, pretrain_data
+from util.data import PRETRAIN_LOADERS, ImageFiles, eval_transform, pretrain_data
 from util.errors import fail, run_cli
 from util.log import log
 from util.logger import RunLog, format_duration
@@ -111,7 +111,7 @@ def knn_monitor(
 
 
 def fixed_picture(
-    dataset: torch.utils.data.Dataset, num_patches: int, args: argparse.Namespace
+    dataset: ImageFiles, num_patches: int, args: argparse.Namespace
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Evenly spaced images of the data set, center-cropped, and a fixed mask for them: the
     reconstruction picture shows the same images under the same mask at every epoch."""

@@ -321,7 +321,5 @@ def create_model(
     """The MAE ``name`` (``--model``) for ``--input_size``/``--in_chans`` images, checked once:
     a known name, sides that are multiples of the patch size, and (when given) a ``--mask_ratio``
     that keeps a patch for the encoder and removes one for the loss. Errors name the flag."""
-    model = MODELS.create(name, input_size, in_chans, **kwargs)
-    if mask_ratio is not None:
-        check_mask_ratio(mask_ratio, model.num_patches)
-    return model
+    check = None if mask_ratio is None else lambda model: check_mask_ratio(mask_ratio, model.num_patches)
+    return MODELS.create(name, input_size, in_chans, check, **kwargs)

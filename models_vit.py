@@ -57,4 +57,4 @@ def vit_huge_patch14(**kwargs) -> VisionTransformer:
 MODELS = Registry(
     [vit_tiny_patch16, vit_tiny_patch4, vit_mini_patch4, vit_base_patch16, vit_large_patch16, vit_huge_patch14]
 )
-create_model = MODELS.create  # create_model(name, input_size, in_chans, **kwargs): checks --model/--input_size
+create_model = MODELS.create  # (name, input_size, in_chans, **kwargs): checks --model, --input_size, --in_chans

@@ -79,7 +79,13 @@ def check_has_decoder(state: dict[str, torch.Tensor], path: str) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    check_output_file(args.output, "--output")  # before the work, not after it
+    # Before the (possibly long) load. A picture needs no removed patch: 0 shows the model's copy.
+    if not 0 <= args.mask_ratio < 1:
+        fail(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
+    if args.model is not None:
+        with torch.device("meta"):  # checks the name
+            models_mae.create_model(args.model)
+    check_output_file(args.output, "--output")
     ckpt = load_checkpoint(args.checkpoint)
     state = model_state(ckpt, args.checkpoint)
     check_has_decoder(state, args.checkpoint)
@@ -88,7 +94,7 @@ def main(args: argparse.Namespace) -> None:
     name = args.model or saved.get("model") or (inferred[0] if inferred else None)
     if name is None:
         fail(f"cannot tell which MAE model {args.checkpoint} holds; pass --model")
-    if not args.model and name not in models_mae.MODELS:  # a --model flag is checked with the model
+    if name not in models_mae.MODELS:
         fail(f"checkpoint {args.checkpoint} names the model {name}, which is not an MAE; pass --model")
     input_size = args.input_size or saved.get("input_size") or (inferred[1] if inferred else 224)
     height, width = image_size(input_size)
@@ -100,7 +106,7 @@ def main(args: argparse.Namespace) -> None:
     # The pictures normalise as the model's training did: its stored --mean/--std, else ImageNet's.
     normalization.resolve(args, [(f"checkpoint {args.checkpoint}", ckpt.get("args"))])
 
-    model = models_mae.create_model(name, (height, width), in_chans, args.mask_ratio, norm_pix_loss=norm_pix)
+    model = models_mae.create_model(name, (height, width), in_chans, norm_pix_loss=norm_pix)
     load_model_strict(model, state, args.checkpoint)
     model.to(args.device)
     transform = eval_transform((height, width), args.mean, args.std, in_chans)

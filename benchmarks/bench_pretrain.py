@@ -105,7 +105,7 @@ def build_step(args: Namespace, precision: str, plain: bool) -> tuple[models_mae
         imgs = normalize_on_device(imgs, IMAGENET_MEAN, IMAGENET_STD)  # the fast loader's uint8, as in training
         with autocast(precision, args.device):
             loss, _, _ = forward(imgs, mask_ratio=args.mask_ratio)
-        scaler.scale(loss).backward()  # as util.train_loop steps (no clipping in pre-training)
+        scaler.scale(loss).backward()  # as util.train_loop steps (main_pretrain's default: no --clip_grad)
         scaler.step(optimizer)
         scaler.update()
 
@@ -403,7 +403,9 @@ def check_args(args: Namespace) -> None:
     args.models = args.model.split(",")
     for name in args.models:
         with torch.device("meta"):
-            models_mae.create_model(name, args.input_size, mask_ratio=args.mask_ratio)
+            models_mae.create_model(name, args.input_size)
+    if not 0 <= args.mask_ratio < 1:  # 0 times the encoder on every patch
+        fail(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
     for name in ("batch_size", "steps", "loader_images", "repeats"):
         if getattr(args, name) < 1:
             fail(f"--{name} must be at least 1, got {getattr(args, name)}")

@@ -10,22 +10,22 @@ from util import log as util_log
 @pytest.fixture(autouse=True)
 def _restore_rank():
     yield
-    util_log.set_rank(0, 1)
+    util_log.set_rank(0, distributed=False)
 
 
 def test_one_process_prints_plain_lines_and_marks_warnings(capsys):
-    util_log.set_rank(0, 1)
+    util_log.set_rank(0, distributed=False)
     util_log.log.info("resumed model from x.pth")
     util_log.log.warning("skipping y.pth: truncated")
     assert capsys.readouterr().out == "resumed model from x.pth\nwarning: skipping y.pth: truncated\n"
 
 
 def test_other_ranks_are_silent_and_rank_0_stamps_its_lines(capsys):
-    util_log.set_rank(1, 2)
+    util_log.set_rank(1, distributed=True)
     util_log.log.info("epoch 3")
     util_log.log.warning("a warning every rank would repeat")
     assert capsys.readouterr().out == ""
-    util_log.set_rank(0, 2)
+    util_log.set_rank(0, distributed=True)
     util_log.log.info("epoch 3")
     assert re.fullmatch(r"\[\d\d:\d\d:\d\d\] epoch 3\n", capsys.readouterr().out)
 
@@ -33,7 +33,7 @@ def test_other_ranks_are_silent_and_rank_0_stamps_its_lines(capsys):
 def test_errors_still_reach_stderr_on_other_ranks(capsys):
     from util.errors import fail, run_cli
 
-    util_log.set_rank(1, 2)
+    util_log.set_rank(1, distributed=True)
     with pytest.raises(SystemExit) as stop:
         run_cli(lambda: fail("--data_path /nowhere does not exist"))
     assert stop.value.code == 2

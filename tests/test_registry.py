@@ -3,10 +3,13 @@ size against the patch size, the channels and (for MAE) the mask ratio, once, in
 
 import pytest
 import torch
+from helpers import demo_files
 
 import models_mae
 import models_vit
-from util.errors import UserError
+import reconstruct
+from util.errors import UserError, fail
+from util.registry import Registry
 
 
 def _meta(create, *args, **kwargs):
@@ -47,3 +50,28 @@ def test_vit_sizes_and_kwargs():
         _meta(models_vit.create_model, "vit_base_patch16", 30)
     with pytest.raises(UserError, match=r"^--model mae_vit_tiny_patch4 is unknown; known models: vit_tiny_patch16"):
         _meta(models_vit.create_model, "mae_vit_tiny_patch4", 32)
+
+
+def test_checks_run_on_the_meta_device_before_any_memory_is_spent():
+    devices = []
+
+    def tiny(**kwargs):
+        model = models_mae.mae_vit_tiny_patch4(**kwargs)
+        devices.append(model.cls_token.device.type)
+        return model
+
+    registry = Registry([tiny])
+    with pytest.raises(UserError, match="^refused$"):
+        registry.create("tiny", 32, check=lambda model: fail("refused"))
+    assert devices == ["meta", "meta"]  # the patch size, then the model the check sees; no real one
+    assert registry.create("tiny", 32).cls_token.device.type == "cpu"
+
+
+def test_a_picture_needs_no_removed_patch(tmp_path):
+    # Training refuses --mask_ratio 0 (the loss is taken over removed patches); a reconstruction
+    # picture with nothing removed is fine.
+    torch.save({"model": models_mae.mae_vit_tiny_patch4().state_dict()}, tmp_path / "ckpt.pth")
+    out = tmp_path / "out.png"
+    argv = [str(demo_files(1)[0]), "--checkpoint", str(tmp_path / "ckpt.pth"), "--output", str(out)]
+    reconstruct.main(reconstruct.get_args_parser().parse_args([*argv, "--mask_ratio", "0", "--device", "cpu"]))
+    assert out.is_file()

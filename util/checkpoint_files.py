@@ -13,7 +13,6 @@ import torch
 _NAME = re.compile(r"^checkpoint-(\d+)(?:-step(\d+))?\.pth$")
 
 
-# Writing
 def checkpoint_name(epoch: int, step: int | None = None) -> str:
     return f"checkpoint-{epoch}.pth" if step is None else f"checkpoint-{epoch}-step{step}.pth"
 
@@ -65,7 +64,8 @@ class _KeepError:
         self.f.flush()
 
 
-# Finding, resuming, pruning
+# ---------------------------------------------------------------------------------------------
+# Listing and pruning
 def progress(name: str) -> tuple[int, int] | None:
     """Sort key: (epoch, iterations done) of the position a checkpoint resumes at."""
     m = _NAME.match(name)

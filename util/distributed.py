@@ -42,7 +42,7 @@ def init_distributed_mode(args: Namespace) -> None:
             _require("MASTER_ADDR", "MASTER_PORT", flag="srun (export them, or give --dist_url tcp://HOST:PORT)")
     else:
         args.rank, args.world_size, args.gpu, args.distributed = 0, 1, 0, False
-        set_rank(0, 1)
+        set_rank(0, distributed=False)
         return
 
     args.distributed = True
@@ -60,7 +60,7 @@ def init_distributed_mode(args: Namespace) -> None:
         timeout=datetime.timedelta(minutes=30),
     )
     dist.barrier()
-    set_rank(args.rank, args.world_size)
+    set_rank(args.rank, distributed=True)
 
 
 def _require(*names: str, flag: str) -> dict[str, str]:

@@ -19,7 +19,7 @@ class _Stdout(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         text = record.getMessage()
-        if record.levelno >= logging.WARNING:
+        if record.levelno == logging.WARNING:
             text = f"warning: {text}"
         if self.stamp:
             text = f"[{time.strftime('%H:%M:%S')}] {text}"
@@ -33,7 +33,8 @@ log.setLevel(logging.INFO)
 log.propagate = False
 
 
-def set_rank(rank: int, world_size: int) -> None:
-    """Rank 0 shows everything, the other ranks nothing (their errors still reach stderr)."""
-    log.setLevel(logging.INFO if rank == 0 else logging.ERROR)
-    _handler.stamp = world_size > 1
+def set_rank(rank: int, distributed: bool) -> None:
+    """Rank 0 shows everything, the other ranks nothing (their errors reach stderr through
+    ``errors.run_cli``, not through this log); lines of a distributed run carry the time."""
+    log.setLevel(logging.INFO if rank == 0 else logging.CRITICAL + 1)
+    _handler.stamp = distributed

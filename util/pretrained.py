@@ -8,10 +8,10 @@ from timm.layers import trunc_normal_
 from timm.models import adapt_input_conv
 
 from util.args import image_size
-from util.checkpoint import load_checkpoint, model_state
 from util.errors import fail
 from util.log import log
 from util.pos_embed import resize_pos_embed
+from util.safe_load import load_checkpoint, model_state
 
 _DECODER_PREFIXES = ("decoder_", "mask_token")
 
@@ -56,7 +56,8 @@ def load_encoder(
     model's keys it lacked, left as they were. The decoder, mask token and a head of another shape are
     dropped, the position embedding resized to the model's grid and, given ``in_chans``, the patch
     embedding adapted. Only ``may_miss`` may be missing and ``may_be_left`` (any, if None) left over,
-    and no shape may differ, else it fails naming the keys (given ``hint``, first those it lacks)."""
+    and no shape may differ, else it fails naming the keys. ``hint`` (k-NN's reader) reports missing
+    weights first, in a sentence of their own: "lacks encoder weights [...]; check ... that it <hint>"."""
     ckpt = load_checkpoint(path)
     state = {k: v for k, v in model_state(ckpt, path).items() if not k.startswith(_DECODER_PREFIXES)}
     own = model.state_dict()
@@ -70,7 +71,9 @@ def load_encoder(
     pos = state.get("pos_embed")
     old = saved_grid(ckpt, state, prefix) if pos is not None else None
     # Shapes alone miss a transposed grid (8x16 and 16x8 have as many tokens): compare grids too.
-    if pos is not None and (pos.shape != own["pos_embed"].shape or old not in (None, grid)):
+    # Another width is another model: left to the shape check below.
+    resizable = pos is not None and pos.shape[-1] == own["pos_embed"].shape[-1]
+    if resizable and (pos.shape != own["pos_embed"].shape or old not in (None, grid)):
         log.info(f"resizing pos_embed {tuple(pos.shape)} -> {tuple(own['pos_embed'].shape)} (grid {grid})")
         try:
             state["pos_embed"] = resize_pos_embed(pos, grid, prefix, old)
@@ -84,6 +87,8 @@ def load_encoder(
     wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
     named = (("missing", lacking), ("unexpected", unexpected), ("other shape", wrong))
     if problems := "; ".join(f"{what} {keys[:4]}" for what, keys in named if keys):
+        if wrong:
+            problems += f" (e.g. {wrong[0]}: {tuple(state[wrong[0]].shape)} vs {tuple(own[wrong[0]].shape)})"
         name = type(model).__name__
         fail(f"{flag} {path} does not fit {name} ({problems}); check --model and that it is an MAE checkpoint")
     model.load_state_dict(state, strict=False)

@@ -1,13 +1,14 @@
-"""Models by name, and the one place where a requested model is checked against the flags
-(timm's ``create_model`` is the pattern): its name, the image size against its patch size, and the
-image channels. ``models_mae.MODELS`` and ``models_vit.MODELS`` are registries."""
+"""Models by name, checked against the flags where they are built (timm's ``create_model`` is the
+pattern): the name, the image size against the patch size, the image channels, and whatever the
+caller adds (``models_mae.create_model`` the mask ratio). ``models_mae.MODELS`` and
+``models_vit.MODELS`` are registries."""
 
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
-from util.args import check_input_size
+from util.args import check_in_chans, check_input_size
 from util.errors import fail
 
 
@@ -32,17 +33,23 @@ class Registry(dict[str, Callable[..., nn.Module]]):
         return self[name] if name in self else default
 
     def create(
-        self, name: str, input_size: int | Sequence[int] | None = None, in_chans: int = 3, **kwargs
+        self,
+        name: str,
+        input_size: int | Sequence[int] | None = None,
+        in_chans: int = 3,
+        check: Callable[[nn.Module], None] | None = None,
+        **kwargs,
     ) -> nn.Module:
         """Model ``name`` for ``input_size`` images (one side, or height and width; None: the
-        factory's default) of ``in_chans`` channels, or a one-line error that names the flag."""
+        factory's default) of ``in_chans`` channels, or a one-line error that names the flag.
+        ``check`` sees the model built on the meta device first, before any memory is spent."""
         if name not in self:
             fail(f"--model {name} is unknown; known models: {', '.join(self)}")
-        if in_chans < 1:
-            fail(f"--in_chans must be at least 1, got {in_chans}")
+        check_in_chans(in_chans)
         factory = self[name]
-        if input_size is None:
-            return factory(in_chans=in_chans, **kwargs)
-        with torch.device("meta"):  # allocates nothing: only the patch size is read
-            patch_size = factory().patch_embed.patch_size[0]
-        return factory(img_size=check_input_size(input_size, patch_size), in_chans=in_chans, **kwargs)
+        with torch.device("meta"):  # allocates nothing: the patch size, and the caller's checks
+            if input_size is not None:
+                kwargs["img_size"] = check_input_size(input_size, factory().patch_embed.patch_size[0])
+            if check is not None:
+                check(factory(in_chans=in_chans, **kwargs))
+        return factory(in_chans=in_chans, **kwargs)

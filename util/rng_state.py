@@ -10,7 +10,6 @@ import torch.distributed as dist
 from util import distributed
 
 
-# Random-number state
 def capture_rng() -> dict[str, Any]:
     np_state = np.random.get_state()
     return {

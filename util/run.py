@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import math
 import os
 import random
 from collections.abc import Iterator
@@ -28,8 +29,8 @@ def start(args: argparse.Namespace) -> torch.device:
     check_common(args)
     distributed.init_distributed_mode(args)  # args.rank, .world_size, .gpu, .distributed (and .device on GPUs)
     check_world(args, distributed.world_size())
-    # Check points (logging, finiteness, checkpoints) sit on optimizer steps.
-    args.print_freq = -(-args.print_freq // args.accum_iter) * args.accum_iter
+    # Check points (logging, finiteness, checkpoints) sit on optimizer steps: a multiple of --accum_iter.
+    args.print_freq = math.ceil(args.print_freq / args.accum_iter) * args.accum_iter
     normalization.resolve(args, normalization.run_sources(args))  # args.mean, args.std
     args.precision = resolve_precision(args.precision, args.device)
     args.lr_given = args.lr is not None  # for messages that say which flag to lower

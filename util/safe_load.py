@@ -18,7 +18,6 @@ from util.errors import fail
 SAFE_GLOBALS = [argparse.Namespace]
 
 
-# Loading untrusted files
 def load_checkpoint(path: str) -> dict[str, Any]:
     """Load a checkpoint (file or URL) without executing pickled code, or fail with one line."""
     if path.startswith(("https://", "http://")):
