@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from util.args import check_at_least
 from util.data import pretrain_dataset
 from util.errors import fail, run_cli
 
@@ -75,12 +76,9 @@ def mean_std(sums: torch.Tensor) -> tuple[list[float], list[float]]:
 
 def compute(args: argparse.Namespace) -> dict[str, Any]:
     """The statistics of ``args.data_path``, as the JSON record ``main`` writes."""
-    if args.input_size < 0:
-        fail(f"--input_size must be 0 (each image at its own size) or more, got {args.input_size}")
-    if args.max_images < 0:
-        fail(f"--max_images must be 0 (all) or more, got {args.max_images}")
-    if args.num_workers < 0:
-        fail(f"--num_workers must be 0 or more, got {args.num_workers}")
+    check_at_least(args, 0, "input_size", zero_means="each image at its own size")
+    check_at_least(args, 0, "max_images", zero_means="all")
+    check_at_least(args, 0, "num_workers")
     if args.json not in ("", "-") and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         fail(f"--json {args.json}: its folder does not exist")  # before the work, not after it
     dataset = pretrain_dataset(args.data_path, PixelSums(args.input_size))

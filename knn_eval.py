@@ -22,7 +22,7 @@ import torch
 
 import models_mae
 from util import distributed, knn, normalization
-from util.args import PRECISIONS, resolve_precision
+from util.args import PRECISIONS, check_at_least, resolve_precision
 from util.errors import fail, run_cli
 from util.log import log
 from util.normalization import add_norm_args
@@ -72,11 +72,9 @@ def features_of(encoder: str, args: argparse.Namespace) -> Callable[[torch.Tenso
 def main(args: argparse.Namespace) -> None:
     with torch.device("meta"):  # --model and --input_size checked before any image is read
         args.input_size = models_mae.create_model(args.model, args.input_size).img_size
-    if args.batch_size < 1:
-        fail(f"--batch_size must be at least 1, got {args.batch_size}")
+    check_at_least(args, 1, "batch_size")
     knn.check_knn_args(args)
-    if args.linear_epochs < 0:
-        fail(f"--linear_epochs must be 0 (no linear classifier) or more, got {args.linear_epochs}")
+    check_at_least(args, 0, "linear_epochs", zero_means="no linear classifier")
     for encoder in args.encoders:
         if encoder not in ("random", "pixels") and not encoder.startswith(("http://", "https://")):
             if not os.path.isfile(encoder):

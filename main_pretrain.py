@@ -15,10 +15,10 @@ from timm.optim import param_groups_weight_decay
 import models_mae
 from engine_pretrain import log_reconstructions, train_one_epoch
 from util import distributed, interrupt, knn, run
-from util.args import add_in_chans_arg, add_input_size_arg, add_run_args, add_schedule_args
+from util.args import add_in_chans_arg, add_input_size_arg, add_run_args, add_schedule_args, check_at_least
 from util.checkpoint import TrainState, resume
 from util.data import PRETRAIN_LOADERS, ImageFiles, eval_transform, pretrain_data
-from util.errors import fail, run_cli
+from util.errors import run_cli
 from util.log import log
 from util.logger import RunLog, format_duration
 from util.normalization import add_norm_args
@@ -80,8 +80,7 @@ def build_knn_data(args: argparse.Namespace) -> knn.KnnData | None:
     if not args.knn_data_path:
         return None
     knn.check_knn_args(args)
-    if args.knn_freq < 1:
-        fail(f"--knn_freq must be at least 1, got {args.knn_freq}")
+    check_at_least(args, 1, "knn_freq")
     data = knn.KnnData(
         args.knn_data_path,
         args.input_size,

@@ -37,7 +37,7 @@ import torch
 from timm.optim import param_groups_weight_decay
 
 import models_mae
-from util.args import resolve_precision
+from util.args import check_at_least, resolve_precision
 from util.data import IMAGENET_MEAN, IMAGENET_STD, PRETRAIN_LOADERS, pretrain_data
 from util.errors import fail, run_cli
 from util.normalization import normalize_on_device
@@ -406,12 +406,8 @@ def check_args(args: Namespace) -> None:
             models_mae.create_model(name, args.input_size)
     if not 0 <= args.mask_ratio < 1:  # 0 times the encoder on every patch
         fail(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
-    for name in ("batch_size", "steps", "loader_images", "repeats"):
-        if getattr(args, name) < 1:
-            fail(f"--{name} must be at least 1, got {getattr(args, name)}")
-    for name in ("warmup", "threads"):
-        if getattr(args, name) < 0:
-            fail(f"--{name} must be 0 or more, got {getattr(args, name)}")
+    check_at_least(args, 1, "batch_size", "steps", "loader_images", "repeats")
+    check_at_least(args, 0, "warmup", "threads")
     on_cuda = torch.device(args.device).type == "cuda"
     if on_cuda and not torch.cuda.is_available():
         fail(f"--device {args.device} was asked for but CUDA is not available; use --device cpu")

@@ -156,12 +156,9 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
 
 def check_classifier_args(args: argparse.Namespace) -> None:
     """The flags of ``add_classifier_args`` and ``add_eval_args`` that argparse cannot check."""
-    if args.nb_classes < 1:
-        fail(f"--nb_classes must be at least 1, got {args.nb_classes}")
+    check_at_least(args, 1, "nb_classes", "eval_freq")
     if args.eval and not args.resume:
         fail("--eval needs a model to evaluate: give --resume CHECKPOINT")
-    if args.eval_freq < 1:
-        fail(f"--eval_freq must be at least 1, got {args.eval_freq}")
 
 
 def resolve_precision(precision: str, device: str) -> str:
@@ -180,18 +177,20 @@ def resolve_precision(precision: str, device: str) -> str:
     return precision
 
 
+def check_at_least(args: argparse.Namespace, minimum: int, *names: str, zero_means: str = "") -> None:
+    """Each ``--name`` is at least ``minimum`` (0 or 1), or a one-line error; ``zero_means`` says
+    what 0 asks for where it asks for something (``--knn_bank_size 0``: all)."""
+    for name in names:
+        if (value := getattr(args, name)) < minimum:
+            bound = f"at least {minimum}" if minimum else f"0{f' ({zero_means})' if zero_means else ''} or more"
+            fail(f"--{name} must be {bound}, got {value}")
+
+
 def check_common(args: argparse.Namespace) -> None:
     """Refuse flag values that are impossible or contradict each other, naming the flag."""
-    positive = ("batch_size", "epochs", "accum_iter", "save_freq", "print_freq")
-    for name in positive:
-        if getattr(args, name) < 1:
-            fail(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.num_workers < 0:
-        fail(f"--num_workers must be 0 or more, got {args.num_workers}")
-    if args.warmup_epochs < 0:
-        fail(f"--warmup_epochs must be 0 or more, got {args.warmup_epochs}")
-    if args.ckpt_every_steps < 0:
-        fail(f"--ckpt_every_steps must be 0 (only at epoch ends) or more, got {args.ckpt_every_steps}")
+    check_at_least(args, 1, "batch_size", "epochs", "accum_iter", "save_freq", "print_freq")
+    check_at_least(args, 0, "num_workers", "warmup_epochs")
+    check_at_least(args, 0, "ckpt_every_steps", zero_means="only at epoch ends")
     if args.ckpt_every_steps % args.accum_iter:
         fail(f"--ckpt_every_steps {args.ckpt_every_steps} must be a multiple of --accum_iter {args.accum_iter}")
     for name in ("lr", "blr"):  # not written as `<= 0`: NaN would pass that
@@ -302,11 +301,6 @@ def check_input_size(input_size: int | Sequence[int], patch_size: int) -> tuple[
         shown = f"{height}" if height == width else f"{height} {width} (height width)"
         fail(f"--input_size {shown} is not a multiple of the model's patch size {patch_size}")
     return height, width
-
-
-def check_in_chans(in_chans: int) -> None:
-    if in_chans < 1:
-        fail(f"--in_chans must be at least 1, got {in_chans}")
 
 
 def effective_lr(args: argparse.Namespace, world_size: int) -> float:

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets
 
 from util import distributed, interrupt
+from util.args import check_at_least
 from util.data import IMAGENET_MEAN, IMAGENET_STD, ShardSampler, classification_splits, eval_transform
 from util.errors import fail
 from util.linear_eval import linear_accuracy
@@ -213,10 +214,7 @@ def add_knn_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
 
 
 def check_knn_args(args: argparse.Namespace) -> None:
-    if args.knn_k < 1:
-        fail(f"--knn_k must be at least 1, got {args.knn_k}")
+    check_at_least(args, 1, "knn_k")
     if not 0 < args.knn_t < float("inf"):
         fail(f"--knn_t must be positive, got {args.knn_t}")
-    for name in ("knn_bank_size", "knn_query_size"):
-        if getattr(args, name) < 0:
-            fail(f"--{name} must be 0 (all) or more, got {getattr(args, name)}")
+    check_at_least(args, 0, "knn_bank_size", "knn_query_size", zero_means="all")

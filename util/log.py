@@ -13,9 +13,7 @@ class _Stdout(logging.Handler):
     """Lines on whatever ``sys.stdout`` is at the time (pytest's capture replaces it), flushed, so
     that a log followed with ``tail -f`` is current and a killed run loses no line."""
 
-    def __init__(self):
-        super().__init__()
-        self.stamp = False  # the time of day before each line, where several processes interleave
+    stamp = False  # the time of day before each line, where several processes interleave
 
     def emit(self, record: logging.LogRecord) -> None:
         text = record.getMessage()

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from util.args import check_in_chans, check_input_size
+from util.args import check_input_size
 from util.errors import fail
 
 
@@ -45,7 +45,8 @@ class Registry(dict[str, Callable[..., nn.Module]]):
         ``check`` sees the model built on the meta device first, before any memory is spent."""
         if name not in self:
             fail(f"--model {name} is unknown; known models: {', '.join(self)}")
-        check_in_chans(in_chans)
+        if in_chans < 1:
+            fail(f"--in_chans must be at least 1, got {in_chans}")
         factory = self[name]
         with torch.device("meta"):  # allocates nothing: the patch size, and the caller's checks
             if input_size is not None:
