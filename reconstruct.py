@@ -83,8 +83,7 @@ def main(args: argparse.Namespace) -> None:
     if not 0 <= args.mask_ratio < 1:
         fail(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
     if args.model is not None:
-        with torch.device("meta"):  # checks the name
-            models_mae.create_model(args.model)
+        models_mae.MODELS.factory(args.model)  # the name, checked
     check_output_file(args.output, "--output")
     ckpt = load_checkpoint(args.checkpoint)
     state = model_state(ckpt, args.checkpoint)

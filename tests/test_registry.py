@@ -75,3 +75,11 @@ def test_a_picture_needs_no_removed_patch(tmp_path):
     argv = [str(demo_files(1)[0]), "--checkpoint", str(tmp_path / "ckpt.pth"), "--output", str(out)]
     reconstruct.main(reconstruct.get_args_parser().parse_args([*argv, "--mask_ratio", "0", "--device", "cpu"]))
     assert out.is_file()
+
+
+def test_reconstruct_checks_its_flags_before_loading(tmp_path):
+    argv = [str(demo_files(1)[0]), "--checkpoint", str(tmp_path / "absent.pth"), "--output", str(tmp_path / "o.png")]
+    with pytest.raises(UserError, match=r"^--model mae_vit_gigantic is unknown; known models: "):
+        reconstruct.main(reconstruct.get_args_parser().parse_args([*argv, "--model", "mae_vit_gigantic"]))
+    with pytest.raises(UserError, match=r"^--mask_ratio must be in \[0, 1\), got 1.0$"):
+        reconstruct.main(reconstruct.get_args_parser().parse_args([*argv, "--mask_ratio", "1.0"]))

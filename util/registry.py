@@ -32,6 +32,12 @@ class Registry(dict[str, Callable[..., nn.Module]]):
     def get(self, name: str, default: object = None) -> object:
         return self[name] if name in self else default
 
+    def factory(self, name: str) -> Callable[..., nn.Module]:
+        """The factory of ``--model name``, or a one-line error that lists the known models."""
+        if name not in self:
+            fail(f"--model {name} is unknown; known models: {', '.join(self)}")
+        return self[name]
+
     def create(
         self,
         name: str,
@@ -43,11 +49,9 @@ class Registry(dict[str, Callable[..., nn.Module]]):
         """Model ``name`` for ``input_size`` images (one side, or height and width; None: the
         factory's default) of ``in_chans`` channels, or a one-line error that names the flag.
         ``check`` sees the model built on the meta device first, before any memory is spent."""
-        if name not in self:
-            fail(f"--model {name} is unknown; known models: {', '.join(self)}")
+        factory = self.factory(name)
         if in_chans < 1:
             fail(f"--in_chans must be at least 1, got {in_chans}")
-        factory = self[name]
         with torch.device("meta"):  # allocates nothing: the patch size, and the caller's checks
             if input_size is not None:
                 kwargs["img_size"] = check_input_size(input_size, factory().patch_embed.patch_size[0])
