@@ -28,9 +28,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from util.args import check_at_least
-from util.data import pretrain_dataset
-from util.errors import fail, run_cli
+from util.cli.args import check_at_least
+from util.cli.errors import fail, run_cli
+from util.data.datasets import pretrain_dataset
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -8,13 +8,13 @@ from collections.abc import Callable
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from util import distributed, interrupt, run
-from util.checkpoint import Position, TrainState, resume, save_checkpoint
-from util.data import eval_loader, train_loader
-from util.log import log
-from util.logger import RunLog, format_duration
-from util.precision import LossScaler, autocast
-from util.train_loop import train_one_epoch as _train_one_epoch
+from util.checkpoint.state import Position, TrainState, resume, save_checkpoint
+from util.cli.log import log
+from util.data.datasets import eval_loader, train_loader
+from util.train import distributed, interrupt, run
+from util.train.loop import train_one_epoch as _train_one_epoch
+from util.train.precision import LossScaler, autocast
+from util.train.progress import RunLog, format_duration
 
 
 def train_one_epoch(

@@ -5,11 +5,11 @@ from argparse import Namespace
 
 import torch
 
-from util.checkpoint import TrainState
-from util.logger import RunLog
-from util.normalization import normalize_on_device
-from util.train_loop import train_one_epoch as _train_one_epoch
-from util.visualize import reconstruction_grid, save_png
+from util.checkpoint.state import TrainState
+from util.data.normalization import normalize_on_device
+from util.eval.pictures import reconstruction_grid, save_png
+from util.train.loop import train_one_epoch as _train_one_epoch
+from util.train.progress import RunLog
 
 
 def train_one_epoch(

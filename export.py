@@ -17,7 +17,7 @@ checkpoints, or an official MAE release (full, or encoder only). ``--to timm`` w
 ``transformers.ViTMAEForPreTraining.from_pretrained`` loads; ``--from hf`` turns such a folder (ours,
 or one from the Hub) into a weights-only checkpoint (.pth or .safetensors) whose args name our model,
 for ``--finetune``, ``--resume``, ``knn_eval.py`` and ``reconstruct.py``. transformers is not needed
-for either direction (util/hf_interop.py reads and writes the files).
+for either direction (util/interop/hf.py reads and writes the files).
 """
 
 import argparse
@@ -29,10 +29,10 @@ import torch
 
 import models_mae
 import models_vit
-from util import hf_interop
-from util.checkpoint_files import atomic_save
-from util.errors import fail, run_cli
-from util.safe_load import load_checkpoint, model_state
+from util.checkpoint.files import atomic_save
+from util.checkpoint.load import load_checkpoint, model_state
+from util.cli.errors import fail, run_cli
+from util.interop import hf as hf_interop
 
 # Our classifier architectures as timm registered models (+ the kwargs that make them equal).
 TIMM_NAMES: dict[str, tuple[str, dict[str, Any]]] = {

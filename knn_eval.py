@@ -1,5 +1,5 @@
-"""Score MAE encoders by weighted k-NN classification of their frozen features (util/knn.py), and
-optionally by a linear classifier on the cached features (util/linear_eval.py).
+"""Score MAE encoders by weighted k-NN classification of their frozen features (util/eval/knn.py), and
+optionally by a linear classifier on the cached features (util/eval/linear.py).
 
     python knn_eval.py --data_path ../shared/datasets/cifar10 --model mae_vit_mini_patch4 \
         --encoders out/pretrain/checkpoint-29.pth random pixels --output knn.json
@@ -21,13 +21,15 @@ from collections.abc import Callable
 import torch
 
 import models_mae
-from util import distributed, knn, normalization
-from util.args import PRECISIONS, check_at_least, resolve_precision
-from util.errors import fail, run_cli
-from util.log import log
-from util.normalization import add_norm_args
-from util.pretrained import load_mae_encoder
-from util.safe_load import saved_args
+from util.checkpoint.encoder import load_mae_encoder
+from util.checkpoint.load import saved_args
+from util.cli.args import PRECISIONS, check_at_least, resolve_precision
+from util.cli.errors import fail, run_cli
+from util.cli.log import log
+from util.data import normalization
+from util.data.normalization import add_norm_args
+from util.eval import knn
+from util.train import distributed
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -19,8 +19,8 @@ from torchvision import transforms
 import models_vit
 import util.compat  # noqa: F401  (makes timm RandAugment work with Pillow 13)
 from engine_finetune import train_or_evaluate
-from util import run
-from util.args import (
+from util.checkpoint.encoder import load_pretrained_encoder
+from util.cli.args import (
     add_classifier_args,
     add_eval_args,
     add_run_args,
@@ -28,13 +28,13 @@ from util.args import (
     check_classifier_args,
     image_size,
 )
-from util.data import classification_splits, eval_transform
-from util.errors import fail, run_cli
-from util.log import log
+from util.cli.errors import fail, run_cli
+from util.cli.log import log
+from util.data.channels import check_norm_channels, image_loader, tensor_train_transform
+from util.data.datasets import classification_splits, eval_transform
+from util.data.normalization import add_norm_args
 from util.lr_decay import param_groups_lrd
-from util.normalization import add_norm_args
-from util.pretrained import load_pretrained_encoder
-from util.shapes import check_norm_channels, image_loader, tensor_train_transform
+from util.train import run
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -150,7 +150,7 @@ def build_train_transform(args: argparse.Namespace) -> Callable:
             re_prob=args.reprob,
             re_mode=args.remode,
             re_count=args.recount,
-            mean=tuple(args.mean),  # --mean/--std, or the pre-trained checkpoint's (util/normalization.py)
+            mean=tuple(args.mean),  # --mean/--std, or the pre-trained checkpoint's (util/data/normalization.py)
             std=tuple(args.std),
         )
     if args.aa or args.color_jitter:

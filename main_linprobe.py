@@ -13,15 +13,15 @@ from torchvision import transforms
 
 import models_vit
 from engine_finetune import train_or_evaluate
-from util import run
-from util.args import add_classifier_args, add_eval_args, add_run_args, add_schedule_args, check_classifier_args
-from util.data import classification_splits, eval_transform
-from util.errors import run_cli
+from util.checkpoint.encoder import load_pretrained_encoder
+from util.cli.args import add_classifier_args, add_eval_args, add_run_args, add_schedule_args, check_classifier_args
+from util.cli.errors import run_cli
+from util.cli.log import log
+from util.data.channels import check_norm_channels, image_loader, tensor_train_transform
+from util.data.datasets import classification_splits, eval_transform
+from util.data.normalization import add_norm_args
 from util.lars import LARS
-from util.log import log
-from util.normalization import add_norm_args
-from util.pretrained import load_pretrained_encoder
-from util.shapes import check_norm_channels, image_loader, tensor_train_transform
+from util.train import run
 
 
 def get_args_parser() -> argparse.ArgumentParser:

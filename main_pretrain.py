@@ -14,17 +14,18 @@ from timm.optim import param_groups_weight_decay
 
 import models_mae
 from engine_pretrain import log_reconstructions, train_one_epoch
-from util import distributed, interrupt, knn, run
-from util.args import add_in_chans_arg, add_input_size_arg, add_run_args, add_schedule_args, check_at_least
-from util.checkpoint import TrainState, resume
-from util.data import PRETRAIN_LOADERS, ImageFiles, eval_transform, pretrain_data
-from util.errors import run_cli
-from util.log import log
-from util.logger import RunLog, format_duration
-from util.normalization import add_norm_args
-from util.precision import LossScaler
-from util.shapes import image_loader
-from util.visualize import fixed_noise, load_images
+from util.checkpoint.state import TrainState, resume
+from util.cli.args import add_in_chans_arg, add_input_size_arg, add_run_args, add_schedule_args, check_at_least
+from util.cli.errors import run_cli
+from util.cli.log import log
+from util.data.channels import image_loader
+from util.data.datasets import PRETRAIN_LOADERS, ImageFiles, eval_transform, pretrain_data
+from util.data.normalization import add_norm_args
+from util.eval import knn
+from util.eval.pictures import fixed_noise, load_images
+from util.train import distributed, interrupt, run
+from util.train.precision import LossScaler
+from util.train.progress import RunLog, format_duration
 
 
 def get_args_parser() -> argparse.ArgumentParser:

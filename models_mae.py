@@ -14,7 +14,7 @@ import torch.nn as nn
 from timm.models.vision_transformer import Block, PatchEmbed
 from torch.utils.checkpoint import checkpoint
 
-from util.args import check_mask_ratio
+from util.cli.args import check_mask_ratio
 from util.pos_embed import sincos_2d
 from util.registry import Registry
 

@@ -14,15 +14,15 @@ import argparse
 import torch
 
 import models_mae
-from util import normalization
-from util.args import add_in_chans_arg, add_input_size_arg, image_size
-from util.data import eval_transform
-from util.errors import fail, run_cli
-from util.normalization import add_norm_args
-from util.paths import check_output_file
-from util.safe_load import load_checkpoint, load_model_strict, model_state
-from util.shapes import image_loader
-from util.visualize import fixed_noise, load_images, reconstruction_grid, save_png
+from util.checkpoint.load import load_checkpoint, load_model_strict, model_state
+from util.cli.args import add_in_chans_arg, add_input_size_arg, image_size
+from util.cli.errors import fail, run_cli
+from util.data import normalization
+from util.data.channels import image_loader
+from util.data.datasets import eval_transform
+from util.data.normalization import add_norm_args
+from util.eval.pictures import fixed_noise, load_images, reconstruction_grid, save_png
+from util.outputs import check_output_file
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -1,10 +1,10 @@
-"""Submit main_linprobe.py to SLURM with submitit (see util/submitit_launcher.py and the README).
+"""Submit main_linprobe.py to SLURM with submitit (see util/cli/launcher.py and the README).
 
 python submitit_linprobe.py --nodes 8 --ngpus 8 --job_dir ./jobs/%j <main_linprobe.py flags>
 """
 
-from util.errors import run_cli
-from util.submitit_launcher import submit
+from util.cli.errors import run_cli
+from util.cli.launcher import submit
 
 if __name__ == "__main__":
     run_cli(lambda: submit("main_linprobe", "MAE linear probing"))

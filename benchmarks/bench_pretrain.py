@@ -37,11 +37,11 @@ import torch
 from timm.optim import param_groups_weight_decay
 
 import models_mae
-from util.args import check_at_least, resolve_precision
-from util.data import IMAGENET_MEAN, IMAGENET_STD, PRETRAIN_LOADERS, pretrain_data
-from util.errors import fail, run_cli
-from util.normalization import normalize_on_device
-from util.precision import LossScaler, autocast
+from util.cli.args import check_at_least, resolve_precision
+from util.cli.errors import fail, run_cli
+from util.data.datasets import IMAGENET_MEAN, IMAGENET_STD, PRETRAIN_LOADERS, pretrain_data
+from util.data.normalization import normalize_on_device
+from util.train.precision import LossScaler, autocast
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 MODES = ("model", "loader", "e2e", "all")
@@ -105,7 +105,7 @@ def build_step(args: Namespace, precision: str, plain: bool) -> tuple[models_mae
         imgs = normalize_on_device(imgs, IMAGENET_MEAN, IMAGENET_STD)  # the fast loader's uint8, as in training
         with autocast(precision, args.device):
             loss, _, _ = forward(imgs, mask_ratio=args.mask_ratio)
-        scaler.scale(loss).backward()  # as util.train_loop steps (main_pretrain's default: no --clip_grad)
+        scaler.scale(loss).backward()  # as util.train.loop steps (main_pretrain's default: no --clip_grad)
         scaler.step(optimizer)
         scaler.update()
 
@@ -438,7 +438,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.threads:
         torch.set_num_threads(args.threads)
     if device.type == "cuda":
-        # As util.run.start does for training.
+        # As util.train.run.start does for training.
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = not args.no_tf32
         torch.backends.cudnn.allow_tf32 = not args.no_tf32

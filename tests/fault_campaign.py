@@ -37,8 +37,10 @@ import torch  # noqa: E402
 from helpers import TINY, budgeted_open, make_dataset  # noqa: E402
 
 import main_pretrain  # noqa: E402
-from util import checkpoint_files, logger, safe_load  # noqa: E402
-from util.errors import UserError  # noqa: E402
+from util.checkpoint import files as checkpoint_files  # noqa: E402
+from util.checkpoint import load as safe_load  # noqa: E402
+from util.cli.errors import UserError  # noqa: E402
+from util.train import progress as logger  # noqa: E402
 
 EPOCHS = 3
 # 48 images / batch 8: 6 iterations an epoch; checkpoints after iterations 2 and 4 and at the end.

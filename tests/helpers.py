@@ -1,6 +1,6 @@
 """Shared helpers for the pre-training, checkpoint and data tests: tiny data sets, runs of
 ``main_pretrain`` in-process and on the command line, exact comparison of saved states, the
-official state-dict spec, a clean util.interrupt, and files that run out of room."""
+official state-dict spec, a clean util.train.interrupt, and files that run out of room."""
 
 import builtins
 import json
@@ -151,7 +151,7 @@ def cli(argv: Sequence[str], timeout: float = 300, **kwargs: Any) -> subprocess.
 
 
 def load(path: Path | str) -> dict[str, Any]:
-    from util.safe_load import load_checkpoint
+    from util.checkpoint.load import load_checkpoint
 
     return load_checkpoint(str(path))
 
@@ -258,9 +258,9 @@ def preserved_signals() -> Iterator[None]:
 
 @contextmanager
 def isolated_interrupts() -> Iterator[None]:
-    """util.interrupt as at import (no stop requested, no handlers remembered) and, afterwards,
-    pytest's signal handlers and util.interrupt's state as they were."""
-    from util import interrupt
+    """util.train.interrupt as at import (no stop requested, no handlers remembered) and, afterwards,
+    pytest's signal handlers and util.train.interrupt's state as they were."""
+    from util.train import interrupt
 
     saved = interrupt._requested, interrupt._previous
     interrupt._requested, interrupt._previous = None, {}

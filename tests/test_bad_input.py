@@ -33,10 +33,11 @@ import main_pretrain  # noqa: E402
 import models_mae  # noqa: E402
 import models_vit  # noqa: E402
 import reconstruct  # noqa: E402
-from util import checkpoint, interrupt  # noqa: E402
-from util.data import ImageFiles, classification_dataset  # noqa: E402
-from util.errors import UserError  # noqa: E402
-from util.precision import LossScaler  # noqa: E402
+from util.checkpoint import state as checkpoint  # noqa: E402
+from util.cli.errors import UserError  # noqa: E402
+from util.data.datasets import ImageFiles, classification_dataset  # noqa: E402
+from util.train import interrupt
+from util.train.precision import LossScaler  # noqa: E402
 
 CPU = ["--device", "cpu", "--precision", "fp32", "--num_workers", "0"]
 
@@ -144,7 +145,7 @@ def test_output_folder_that_cannot_be_written_is_refused(tmp_path, monkeypatch):
     """A read-only mount, as root sees it: os.access says yes, the probe write says no."""
     import tempfile
 
-    from util.paths import check_output_dir
+    from util.outputs import check_output_dir
 
     def read_only(*args, **kwargs):
         raise OSError(30, "Read-only file system")
@@ -156,7 +157,7 @@ def test_output_folder_that_cannot_be_written_is_refused(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
 def test_read_only_output_folder_is_refused(tmp_path):
-    from util.paths import check_output_dir
+    from util.outputs import check_output_dir
 
     folder = tmp_path / "ro"
     folder.mkdir()
@@ -225,7 +226,7 @@ def test_bad_pretraining_flag_is_refused_before_training(data, tmp_path, case):
 
 
 def test_seed_must_leave_room_for_every_rank(monkeypatch):
-    from util.args import check_world
+    from util.cli.args import check_world
 
     args = argparse.Namespace(seed=2**32 - 2, lr=None, blr=1e-3, batch_size=8, accum_iter=1)
     check_world(args, 2)
@@ -234,7 +235,7 @@ def test_seed_must_leave_room_for_every_rank(monkeypatch):
 
 
 def test_mask_ratio_must_remove_and_keep_a_patch():
-    from util.args import check_mask_ratio
+    from util.cli.args import check_mask_ratio
 
     # 1e-17: 1 - 1e-17 is 1.0, all 64 kept; 0.99: int(64 * 0.01) = 0 kept
     for ratio in (0.0, 1e-17, 0.99, 1.0, 1.5, -0.1, float("nan")):

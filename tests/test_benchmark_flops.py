@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.bench_pretrain import mae_train_flops, main
 from models_mae import MaskedAutoencoderViT
-from util.errors import UserError
+from util.cli.errors import UserError
 
 
 def tiny_model() -> MaskedAutoencoderViT:

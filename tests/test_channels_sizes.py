@@ -24,13 +24,13 @@ import models_mae
 import models_vit
 import reconstruct
 from models_mae import MaskedAutoencoderViT
-from util.data import eval_transform, pretrain_transform
-from util.device_decode import RandomResizedCropFlipOnDevice, collate_encoded
-from util.errors import UserError
-from util.images import load_channels
+from util.checkpoint.encoder import load_pretrained_encoder
+from util.cli.errors import UserError
+from util.data.channels import ResizeToCover
+from util.data.datasets import eval_transform, pretrain_transform
+from util.data.device_decode import RandomResizedCropFlipOnDevice, collate_encoded
+from util.data.images import load_channels
 from util.pos_embed import get_2d_sincos_pos_embed, interpolate_pos_embed, resize_pos_embed, sincos_2d
-from util.pretrained import load_pretrained_encoder
-from util.shapes import ResizeToCover
 
 CPU = ["--device", "cpu", "--precision", "fp32", "--num_workers", "0"]
 

@@ -1,4 +1,4 @@
-"""util.checkpoint: naming and ordering, pruning, atomic writes, safe loading, strict model
+"""util.checkpoint.state: naming and ordering, pruning, atomic writes, safe loading, strict model
 loading, random-number state and resume positions."""
 
 import os
@@ -12,13 +12,14 @@ import pytest
 import torch
 from helpers import assert_same
 
-from util import checkpoint, checkpoint_files
-from util.checkpoint import Position, TrainState, find_resumable, resume
-from util.checkpoint_files import atomic_save, checkpoint_name, list_checkpoints, prune
-from util.errors import UserError
-from util.precision import LossScaler
-from util.rng_state import capture_rng, restore_rng
-from util.safe_load import load_checkpoint, load_model_strict, model_state
+from util.checkpoint import files as checkpoint_files
+from util.checkpoint import state as checkpoint
+from util.checkpoint.files import atomic_save, checkpoint_name, list_checkpoints, prune
+from util.checkpoint.load import load_checkpoint, load_model_strict, model_state
+from util.checkpoint.rng import capture_rng, restore_rng
+from util.checkpoint.state import Position, TrainState, find_resumable, resume
+from util.cli.errors import UserError
+from util.train.precision import LossScaler
 
 
 def _touch(folder: Path, *names: str) -> None:

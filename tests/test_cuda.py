@@ -13,8 +13,8 @@ import torch
 from helpers import REPO, make_dataset, noisy_photo, read_log, run_pretrain
 
 import models_mae
-from util.device_decode import EncodedBatch, RandomResizedCropFlipOnDevice
-from util.precision import LossScaler, autocast
+from util.data.device_decode import EncodedBatch, RandomResizedCropFlipOnDevice
+from util.train.precision import LossScaler, autocast
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -49,7 +49,7 @@ def test_mixed_precision_loss_is_close_to_fp32(precision):
 
 
 def _step(scaler: LossScaler, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
-    """One update as util.train_loop makes it."""
+    """One update as util.train.loop makes it."""
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()

@@ -1,4 +1,4 @@
-"""util.data: folder layouts, image modes, and the seeded, sharded sampling that makes runs
+"""util.data.datasets: folder layouts, image modes, and the seeded, sharded sampling that makes runs
 independent of the number of workers and of where a resumed run picks up."""
 
 import random
@@ -11,9 +11,8 @@ import torch
 from helpers import make_dataset
 from PIL import Image
 
-from util import data as data_mod
-from util import distributed
-from util.data import (
+from util.cli.errors import UserError
+from util.data.datasets import (
     ImageFiles,
     SeededDataset,
     SeededSampler,
@@ -24,8 +23,9 @@ from util.data import (
     pretrain_transform,
     train_loader,
 )
-from util.errors import UserError
-from util.fast_crop import FastRandomResizedCropFlip
+from util.data.datasets import datasets as data_mod
+from util.data.fast_crop import FastRandomResizedCropFlip
+from util.train import distributed
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,10 +12,10 @@ import pytest
 import torch
 from helpers import make_dataset, noisy_photo, read_log, run_pretrain
 
-from util.data import IMAGENET_MEAN, IMAGENET_STD, ImageFiles, pretrain_data
-from util.device_decode import EncodedBatch, EncodedCrop, RandomResizedCropFlipOnDevice, collate_encoded
-from util.errors import UserError
-from util.fast_crop import FastRandomResizedCropFlip
+from util.cli.errors import UserError
+from util.data.datasets import IMAGENET_MEAN, IMAGENET_STD, ImageFiles, pretrain_data
+from util.data.device_decode import EncodedBatch, EncodedCrop, RandomResizedCropFlipOnDevice, collate_encoded
+from util.data.fast_crop import FastRandomResizedCropFlip
 
 
 def assert_close_to_fast(got: torch.Tensor, want: torch.Tensor) -> None:
@@ -116,7 +116,7 @@ def test_pretraining_with_the_device_loader(tmp_path):
 def test_files_the_batch_decoder_refuses_are_decoded_one_by_one(tmp_path, monkeypatch):
     """nvJPEG refuses some valid JPEGs, and then the whole batch call fails: each file is then
     decoded on its own, on the CPU where the device refuses it too."""
-    import util.device_decode as device_decode
+    import util.data.device_decode as device_decode
 
     paths = [noisy_photo(tmp_path / f"{i}.jpg", 80, 60) for i in range(3)]
     transform = RandomResizedCropFlipOnDevice(32)

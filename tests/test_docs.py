@@ -14,7 +14,7 @@ import knn_eval  # noqa: E402
 import main_finetune  # noqa: E402
 import main_linprobe  # noqa: E402
 import main_pretrain  # noqa: E402
-from util.submitit_launcher import add_launcher_args  # noqa: E402
+from util.cli.launcher import add_launcher_args  # noqa: E402
 
 README = (REPO / "README.md").read_text()
 PARSERS = {

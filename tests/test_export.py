@@ -20,11 +20,11 @@ import main_pretrain
 import models_mae
 import models_vit
 import reconstruct
-from util.data import eval_transform
-from util.errors import UserError
-from util.pretrained import load_mae_encoder, load_pretrained_encoder
-from util.safe_load import load_checkpoint, model_state
-from util.visualize import load_images
+from util.checkpoint.encoder import load_mae_encoder, load_pretrained_encoder
+from util.checkpoint.load import load_checkpoint, model_state
+from util.cli.errors import UserError
+from util.data.datasets import eval_transform
+from util.eval.pictures import load_images
 
 timm = pytest.importorskip("timm")
 pytest.importorskip("safetensors")
@@ -256,8 +256,8 @@ def _garbage(tmp_path: Path) -> Path:
 def test_training_resume_from_safetensors_loads_weights_only_and_says_so(tmp_path, capsys):
     """A .safetensors file has no optimizer state or progress: training starts from its weights
     at --start_epoch, with a warning that this is not an exact resume."""
-    from util.checkpoint import Position, TrainState, resume
-    from util.precision import LossScaler
+    from util.checkpoint.state import Position, TrainState, resume
+    from util.train.precision import LossScaler
 
     torch.manual_seed(0)
     source, model = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)

@@ -25,10 +25,10 @@ from helpers import cli, demo_files
 import export
 import models_mae
 import models_vit
-from util.data import eval_transform
-from util.errors import UserError
-from util.safe_load import load_checkpoint, load_model_strict, model_state
-from util.visualize import load_images
+from util.checkpoint.load import load_checkpoint, load_model_strict, model_state
+from util.cli.errors import UserError
+from util.data.datasets import eval_transform
+from util.eval.pictures import load_images
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
@@ -190,7 +190,7 @@ def test_model_from_transformers_imports_with_equal_outputs(tmp_path, capsys):
     load_model_strict(ours, model_state(ckpt, str(out)), str(out))
     _assert_same_outputs(ours.eval(), hf, 0.75)
     # What main_finetune --finetune does: the encoder into the classifier, the head initialised.
-    from util.pretrained import load_pretrained_encoder
+    from util.checkpoint.encoder import load_pretrained_encoder
 
     clf = models_vit.vit_mini_patch4(num_classes=3, img_size=32)
     load_pretrained_encoder(clf, str(out))

@@ -15,11 +15,11 @@ from torchvision.transforms import functional as TF
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from util.data import IMAGENET_MEAN, IMAGENET_STD, ImageFiles, load_rgb  # noqa: E402
-from util.errors import UserError  # noqa: E402
-from util.fast_crop import FastRandomResizedCropFlip, random_crop_box  # noqa: E402
-from util.images import plain_jpeg_size  # noqa: E402
-from util.normalization import normalize_on_device  # noqa: E402
+from util.cli.errors import UserError  # noqa: E402
+from util.data.datasets import IMAGENET_MEAN, IMAGENET_STD, ImageFiles, load_rgb  # noqa: E402
+from util.data.fast_crop import FastRandomResizedCropFlip, random_crop_box  # noqa: E402
+from util.data.images import plain_jpeg_size  # noqa: E402
+from util.data.normalization import normalize_on_device  # noqa: E402
 
 
 def _smooth_photo(path: Path, width: int, height: int, fmt: str, **save: object) -> Path:
@@ -200,7 +200,7 @@ def test_truncated_jpeg_is_named(tmp_path):
 def test_a_jpeg_claiming_billions_of_pixels_is_refused_by_name(tmp_path, loader):
     """Its header goes to Pillow, whose decompression-bomb check refuses it, instead of a decoder
     that would allocate gigabytes."""
-    from util.device_decode import RandomResizedCropFlipOnDevice
+    from util.data.device_decode import RandomResizedCropFlipOnDevice
 
     data = bytearray(_smooth_photo(tmp_path / "a.jpg", 64, 64, "JPEG").read_bytes())
     sof = data.index(b"\xff\xc0")
@@ -213,7 +213,7 @@ def test_a_jpeg_claiming_billions_of_pixels_is_refused_by_name(tmp_path, loader)
 
 
 def test_reduced_boxes_stay_inside_the_reduced_image():
-    from util.fast_crop import _scale_box
+    from util.data.fast_crop import _scale_box
 
     rng = random.Random(0)
     for _ in range(20000):

@@ -19,10 +19,10 @@ import main_linprobe
 import main_pretrain
 import models_mae
 import models_vit
-from util.errors import UserError
+from util.checkpoint.encoder import load_pretrained_encoder
+from util.cli.errors import UserError
 from util.lars import LARS
 from util.lr_decay import param_groups_lrd
-from util.pretrained import load_pretrained_encoder
 
 CPU = ["--device", "cpu", "--precision", "fp32", "--num_workers", "0"]
 

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from helpers import TINY, cli, demo_files, load, read_log, run_pretrain
 
 import models_mae
-from util import knn
-from util.errors import UserError
-from util.linear_eval import linear_accuracy
-from util.pretrained import load_mae_encoder
+from util.checkpoint.encoder import load_mae_encoder
+from util.cli.errors import UserError
+from util.eval import knn
+from util.eval.linear import linear_accuracy
 
 
 def labelled_folder(root: Path, per_class: int, val_per_class: int, classes=("airplane", "cat", "ship")) -> Path:

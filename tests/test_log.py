@@ -1,10 +1,10 @@
-"""util.log: rank 0 shows info and warnings on stdout (as print did), other ranks show nothing."""
+"""util.cli.log: rank 0 shows info and warnings on stdout (as print did), other ranks show nothing."""
 
 import re
 
 import pytest
 
-from util import log as util_log
+from util.cli import log as util_log
 
 
 @pytest.fixture(autouse=True)
@@ -31,7 +31,7 @@ def test_other_ranks_are_silent_and_rank_0_stamps_its_lines(capsys):
 
 
 def test_errors_still_reach_stderr_on_other_ranks(capsys):
-    from util.errors import fail, run_cli
+    from util.cli.errors import fail, run_cli
 
     util_log.set_rank(1, distributed=True)
     with pytest.raises(SystemExit) as stop:

@@ -32,8 +32,9 @@ import main_finetune
 import main_linprobe
 import main_pretrain
 import reconstruct
-from util import normalization
-from util.data import (
+from util.cli.errors import UserError
+from util.data import normalization
+from util.data.datasets import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ListedImages,
@@ -43,8 +44,7 @@ from util.data import (
     pretrain_transform,
     read_image_list,
 )
-from util.errors import UserError
-from util.normalization import normalize_on_device
+from util.data.normalization import normalize_on_device
 
 MEAN, STD = [0.25, 0.5, 0.75], [0.125, 0.25, 0.5]  # exact in binary: expected values are exact too
 COLOUR = (200, 30, 90)

@@ -38,11 +38,12 @@ from PIL import Image
 
 import main_pretrain
 import models_mae
-from util import interrupt, train_loop
-from util.args import effective_lr
-from util.errors import run_cli
+from util.cli.args import effective_lr
+from util.cli.errors import run_cli
 from util.lr_sched import adjust_learning_rate, lr_at
-from util.train_loop import NonFiniteLoss
+from util.train import interrupt
+from util.train import loop as train_loop
+from util.train.loop import NonFiniteLoss
 
 # Flags of the reference run; resumed runs use the same ones (the schedule depends on --epochs).
 EPOCHS = 4

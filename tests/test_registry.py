@@ -8,7 +8,7 @@ from helpers import demo_files
 import models_mae
 import models_vit
 import reconstruct
-from util.errors import UserError, fail
+from util.cli.errors import UserError, fail
 from util.registry import Registry
 
 

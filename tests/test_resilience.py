@@ -95,7 +95,7 @@ def test_kill_9_at_random_moments_never_breaks_resume(reference, tmp_path):
 SLOW_WRITE = """
 import os, sys, time
 sys.path.insert(0, {repo!r})
-import util.checkpoint_files as ckpt
+import util.checkpoint.files as ckpt
 real_replace = os.replace
 checkpoints = []
 def slow_replace(src, dst):
@@ -168,7 +168,7 @@ def _submit(data: Path, job_dir: Path, epochs: int = 3):
     os.environ.update(ENV)
     sys.path.insert(0, str(REPO))
     import main_pretrain
-    from util.submitit_launcher import Trainer
+    from util.cli.launcher import Trainer
 
     args = main_pretrain.get_args_parser().parse_args(_flags(data, job_dir / "%j", epochs))
     executor = submitit.AutoExecutor(folder=str(job_dir / "%j"), cluster="local")

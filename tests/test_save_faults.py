@@ -24,10 +24,12 @@ from helpers import (  # noqa: E402
     run_pretrain,
 )
 
-from util import checkpoint, checkpoint_files, logger  # noqa: E402
-from util.errors import NonFiniteLoss, UserError, run_cli  # noqa: E402
-from util.logger import RunLog  # noqa: E402
-from util.precision import LossScaler  # noqa: E402
+from util.checkpoint import files as checkpoint_files
+from util.checkpoint import state as checkpoint  # noqa: E402
+from util.cli.errors import NonFiniteLoss, UserError, run_cli  # noqa: E402
+from util.train import progress as logger
+from util.train.precision import LossScaler  # noqa: E402
+from util.train.progress import RunLog  # noqa: E402
 
 RUN = ["--epochs", "2", "--warmup_epochs", "1", "--print_freq", "1", "--vis_freq", "0"]  # 3 iterations an epoch
 
@@ -166,7 +168,7 @@ def test_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_earlier_one(dat
         return real_save(state, epoch, step)
 
     monkeypatch.setattr(checkpoint, "save_checkpoint", second_save_fails)
-    monkeypatch.setattr("util.run.save_checkpoint", second_save_fails)
+    monkeypatch.setattr("util.train.run.save_checkpoint", second_save_fails)
     with pytest.raises(SystemExit) as stop:
         run_cli(lambda: run_pretrain(data, out, *RUN))
     assert stop.value.code == 2

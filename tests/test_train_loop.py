@@ -7,9 +7,9 @@ import pytest
 import torch
 from helpers import REPO  # noqa: F401  (puts the repository on sys.path)
 
-from util.checkpoint import TrainState
-from util.precision import LossScaler
-from util.train_loop import train_one_epoch
+from util.checkpoint.state import TrainState
+from util.train.loop import train_one_epoch
+from util.train.precision import LossScaler
 
 
 def _run(batches: list[torch.Tensor], accum_iter: int, clip_grad: float | None) -> tuple[torch.Tensor, torch.Tensor]:

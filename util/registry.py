@@ -8,8 +8,8 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from util.args import check_input_size
-from util.errors import fail
+from util.cli.args import check_input_size
+from util.cli.errors import fail
 
 
 class Registry(dict[str, Callable[..., nn.Module]]):

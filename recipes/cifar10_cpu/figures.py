@@ -19,9 +19,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import models_mae  # noqa: E402
-from util.data import IMAGENET_MEAN, IMAGENET_STD, eval_transform  # noqa: E402
-from util.safe_load import load_checkpoint, model_state  # noqa: E402
-from util.visualize import fixed_noise, load_images, reconstruction_grid, save_png  # noqa: E402
+from util.checkpoint.load import load_checkpoint, model_state  # noqa: E402
+from util.data.datasets import IMAGENET_MEAN, IMAGENET_STD, eval_transform  # noqa: E402
+from util.eval.pictures import fixed_noise, load_images, reconstruction_grid, save_png  # noqa: E402
 
 
 def knn_by_epoch(out: Path) -> dict[int, dict]:

@@ -6,7 +6,7 @@ import tempfile
 
 from PIL import Image
 
-from util.errors import fail
+from util.cli.errors import fail
 
 # Formats PIL writes an RGB picture in without further options.
 PICTURE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF")

@@ -15,11 +15,11 @@ from collections.abc import Sequence
 
 import torch
 
-from util.checkpoint_files import list_checkpoints
-from util.data import IMAGENET_MEAN, IMAGENET_STD
-from util.errors import UserError, fail
-from util.log import log
-from util.safe_load import saved_args
+from util.checkpoint.files import list_checkpoints
+from util.checkpoint.load import saved_args
+from util.cli.errors import UserError, fail
+from util.cli.log import log
+from util.data.datasets import IMAGENET_MEAN, IMAGENET_STD
 
 # (where the values were found, e.g. 'checkpoint out/checkpoint-9.pth'; that checkpoint's args or None)
 Source = tuple[str, argparse.Namespace | None]

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from util.errors import fail
+from util.cli.errors import fail
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DEVICES = ("cpu", "cuda", "mps")
@@ -283,7 +283,7 @@ def add_input_size_arg(group: argparse._ArgumentGroup, default: int | None) -> N
 
 
 def add_in_chans_arg(group: argparse._ArgumentGroup, default: int | None = 3) -> None:
-    """The ``--in_chans`` flag: image channels, read from the files as they are (see util/images.py)."""
+    """The ``--in_chans`` flag: image channels, read from the files as they are (see util/data/images.py)."""
     group.add_argument(
         "--in_chans",
         default=default,

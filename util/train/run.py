@@ -12,12 +12,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from util import distributed, interrupt, normalization
-from util.args import check_common, check_world, effective_lr, resolve_precision
-from util.checkpoint import Position, TrainState, save_checkpoint
-from util.log import log
-from util.logger import RunLog
-from util.paths import check_output_dir
+from util.checkpoint.state import Position, TrainState, save_checkpoint
+from util.cli.args import check_common, check_world, effective_lr, resolve_precision
+from util.cli.log import log
+from util.data import normalization
+from util.outputs import check_output_dir
+from util.train import distributed, interrupt
+from util.train.progress import RunLog
 
 
 def start(args: argparse.Namespace) -> torch.device:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from util.errors import fail
+from util.cli.errors import fail
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -198,7 +198,7 @@ def write_hf_folder(
 def read_hf_folder(folder: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(config with HF's defaults filled in, weights) of a ViTMAEForPreTraining folder, or fail
     naming the folder and what is wrong with it."""
-    from util.safe_load import load_checkpoint, model_state
+    from util.checkpoint.load import load_checkpoint, model_state
 
     if not os.path.isdir(folder):
         fail(f"--checkpoint {folder}: --from hf reads a transformers model folder (config.json + weights), not a file")

@@ -7,7 +7,7 @@ from argparse import Namespace
 import torch
 import torch.distributed as dist
 
-from util.log import set_rank
+from util.cli.log import set_rank
 
 
 def init_distributed_mode(args: Namespace) -> None:
@@ -66,7 +66,7 @@ def init_distributed_mode(args: Namespace) -> None:
 def _require(*names: str, flag: str) -> dict[str, str]:
     missing = [n for n in names if n not in os.environ]
     if missing:
-        from util.errors import fail
+        from util.cli.errors import fail
 
         fail(f"{flag} needs the environment variables {', '.join(missing)}, which are not set")
     return {n: os.environ[n] for n in names}

@@ -7,7 +7,7 @@ whose box is at least twice the output on each side is decoded at the largest DC
 (1/2, 1/4, 1/8) that keeps the output resolution inside the box (Pillow's draft mode); other
 JPEGs are decoded by torchvision straight into a tensor. The box is then resized by torch's
 antialiased bicubic kernel for uint8, faster than Pillow's. Images stay uint8 until
-the device, where ``util.normalization.normalize_on_device`` converts them, so workers do no float arithmetic and
+the device, where ``util.data.normalization.normalize_on_device`` converts them, so workers do no float arithmetic and
 batches are 4x smaller to copy. What each step costs, measured: benchmarks/README.md.
 """
 
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from util.images import plain_jpeg_size, to_rgb
+from util.data.images import plain_jpeg_size, to_rgb
 
 try:  # deprecated since torchvision 0.29 in favour of TorchCodec; Pillow decodes once it is gone
     from torchvision.io import ImageReadMode, decode_jpeg

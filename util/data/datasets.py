@@ -16,14 +16,14 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, g
 from torchvision import datasets, transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS, is_image_file
 
-from util import distributed, interrupt
-from util.args import image_size
-from util.device_decode import RandomResizedCropFlipOnDevice, collate_encoded
-from util.errors import fail
-from util.fast_crop import FastRandomResizedCropFlip
-from util.images import load_rgb
-from util.log import log
-from util.shapes import ClampUnit, check_norm_channels, eval_resize, image_loader, tensor_train_transform
+from util.cli.args import image_size
+from util.cli.errors import fail
+from util.cli.log import log
+from util.data.channels import ClampUnit, check_norm_channels, eval_resize, image_loader, tensor_train_transform
+from util.data.device_decode import RandomResizedCropFlipOnDevice, collate_encoded
+from util.data.fast_crop import FastRandomResizedCropFlip
+from util.data.images import load_rgb
+from util.train import distributed, interrupt
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -65,7 +65,7 @@ class ImageFiles(Dataset):
     which needs no labels. Accepts class folders, nested folders or a flat folder; or, with
     ``files``, exactly those files in that order (``root`` is then the list file they came from).
 
-    With ``lazy`` the transform receives the file's path and reads it itself (see util/fast_crop.py).
+    With ``lazy`` the transform receives the file's path and reads it itself (see util/data/fast_crop.py).
     """
 
     def __init__(
@@ -300,11 +300,11 @@ def pretrain_transform(
 
     ``loader`` (``--loader``): ``torchvision``, the recipe itself; ``fast``, the same distribution
     from ``FastRandomResizedCropFlip`` (uint8 output, normalised on the device); ``device``, the
-    same again with the JPEG decode left to the training device (util/device_decode.py). The
+    same again with the JPEG decode left to the training device (util/data/device_decode.py). The
     dataset of ``fast`` and ``device`` must be ``lazy``. ``mean``/``std`` (``--mean``/``--std``)
     normalise the torchvision pipeline's output; the other two leave that to the training loop.
     ``input_size`` is one side or (height, width). With ``in_chans`` other than 3 the images are
-    float tensors from ``util.images.load_channels`` and the same recipe runs on tensors, whatever
+    float tensors from ``util.data.images.load_channels`` and the same recipe runs on tensors, whatever
     ``loader`` says (``pretrain_data`` says so, or refuses ``device``).
     """
     size = image_size(input_size)
@@ -353,7 +353,7 @@ def eval_transform(
     """Resize by the 256/224 ratio (bicubic), center crop, normalise with ``mean``/``std`` (as the
     official recipe: above 224 px the crop takes the whole resized image). ``input_size`` is one
     side or (height, width); with ``in_chans`` other than 3 the images are float tensors from
-    ``util.images.load_channels``."""
+    ``util.data.images.load_channels``."""
     size = image_size(input_size)
     if in_chans != 3:
         check_norm_channels(mean, std, in_chans)

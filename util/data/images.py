@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from util.errors import UserError, fail
+from util.cli.errors import UserError, fail
 
 
 def load_rgb(path: str) -> Image.Image:

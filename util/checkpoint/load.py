@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from util.errors import fail
+from util.cli.errors import fail
 
 # What the official checkpoints and ours pickle besides tensors and plain containers.
 SAFE_GLOBALS = [argparse.Namespace]

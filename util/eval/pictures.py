@@ -7,8 +7,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from util.data import IMAGENET_MEAN, IMAGENET_STD
-from util.images import load_rgb
+from util.data.datasets import IMAGENET_MEAN, IMAGENET_STD
+from util.data.images import load_rgb
 
 MASKED_GRAY = 0.5
 
@@ -71,5 +71,5 @@ def save_png(picture: np.ndarray, path: str, min_width: int = 512) -> None:
 
 def load_images(paths: Sequence[str], transform: Callable, loader: Callable[[str], Any] = load_rgb) -> torch.Tensor:
     """The files through ``transform``, stacked; ``loader`` reads them (RGB by default; see
-    ``util.shapes.image_loader`` for other channel counts)."""
+    ``util.data.channels.image_loader`` for other channel counts)."""
     return torch.stack([transform(loader(p)) for p in paths])

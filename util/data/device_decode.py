@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import default_collate
 
-from util.errors import fail
-from util.fast_crop import (
+from util.cli.errors import fail
+from util.data.fast_crop import (
     RATIO,
     SCALE,
     FastRandomResizedCropFlip,

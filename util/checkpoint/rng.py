@@ -7,7 +7,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from util import distributed
+from util.train import distributed
 
 
 def capture_rng() -> dict[str, Any]:

@@ -14,8 +14,8 @@ from types import ModuleType
 
 import submitit
 
-from util import interrupt
-from util.log import log
+from util.cli.log import log
+from util.train import interrupt
 
 
 def add_launcher_args(parser: argparse.ArgumentParser) -> None:

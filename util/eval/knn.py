@@ -20,13 +20,13 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets
 
-from util import distributed, interrupt
-from util.args import check_at_least
-from util.data import IMAGENET_MEAN, IMAGENET_STD, ShardSampler, classification_splits, eval_transform
-from util.errors import fail
-from util.linear_eval import linear_accuracy
-from util.precision import autocast
-from util.shapes import image_loader
+from util.cli.args import check_at_least
+from util.cli.errors import fail
+from util.data.channels import image_loader
+from util.data.datasets import IMAGENET_MEAN, IMAGENET_STD, ShardSampler, classification_splits, eval_transform
+from util.eval.linear import linear_accuracy
+from util.train import distributed, interrupt
+from util.train.precision import autocast
 
 # Encoder outputs [N, 1 + L, D] (class token first, after the final norm) -> named features [N, D].
 Features = dict[str, torch.Tensor]
@@ -113,7 +113,7 @@ class KnnData:
     """The labelled bank (``<path>/train``) and queries (``<path>/val`` or ``test``) at the model's
     input size, center-cropped and normalised with ``mean``/``std`` (the encoder's training values);
     ``bank_size``/``query_size`` take evenly spaced subsets (0: all). ``input_size`` is one side or
-    (height, width); ``in_chans`` other than 3 reads the files' own channels (util/images.py)."""
+    (height, width); ``in_chans`` other than 3 reads the files' own channels (util/data/images.py)."""
 
     def __init__(
         self,
@@ -175,7 +175,7 @@ def evaluate(
 ) -> dict[str, float]:
     """k-NN top-1 (and top-5) of every feature ``features_fn`` returns, e.g. ``cls_top1``; with
     ``linear_epochs``, also the top-1 of a linear classifier fitted to the cached bank features
-    (``cls_linear_top1``, see util/linear_eval.py).
+    (``cls_linear_top1``, see util/eval/linear.py).
 
     Reads ``args.knn_k``, ``knn_t``, ``batch_size``, ``num_workers``, ``device``, ``precision``.
     """

@@ -7,11 +7,11 @@ import torch
 from timm.layers import trunc_normal_
 from timm.models import adapt_input_conv
 
-from util.args import image_size
-from util.errors import fail
-from util.log import log
+from util.checkpoint.load import load_checkpoint, model_state
+from util.cli.args import image_size
+from util.cli.errors import fail
+from util.cli.log import log
 from util.pos_embed import resize_pos_embed
-from util.safe_load import load_checkpoint, model_state
 
 _DECODER_PREFIXES = ("decoder_", "mask_token")
 

@@ -17,12 +17,12 @@ from typing import Any
 
 import torch
 
-from util import distributed, interrupt, run
-from util.checkpoint import TrainState, save_checkpoint
-from util.errors import NonFiniteLoss, lower_lr  # NonFiniteLoss is in errors: checkpoints raise it too
-from util.logger import MetricLogger, RunLog, SmoothedValue
+from util.checkpoint.state import TrainState, save_checkpoint
+from util.cli.errors import NonFiniteLoss, lower_lr  # NonFiniteLoss is in errors: checkpoints raise it too
 from util.lr_sched import adjust_learning_rate
-from util.precision import LossScaler, autocast
+from util.train import distributed, interrupt, run
+from util.train.precision import LossScaler, autocast
+from util.train.progress import MetricLogger, RunLog, SmoothedValue
 
 
 def train_one_epoch(
@@ -95,7 +95,7 @@ def train_one_epoch(
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
-    """Tensors, and objects that move themselves (util.device_decode.EncodedBatch decodes on the
+    """Tensors, and objects that move themselves (util.data.device_decode.EncodedBatch decodes on the
     way), go to ``device``; lists and tuples are followed."""
     if isinstance(batch, (list, tuple)):
         return type(batch)(_to_device(b, device) for b in batch)

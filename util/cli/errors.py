@@ -30,7 +30,7 @@ def run_cli(main: Callable[[], None]) -> None:
     A ``UserError`` raised inside a data-loader worker reaches us wrapped with the worker's
     traceback; its last line carries the original message.
     """
-    from util import interrupt
+    from util.train import interrupt
 
     try:
         main()

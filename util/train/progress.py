@@ -9,9 +9,9 @@ from collections import defaultdict, deque
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from util import distributed
-from util.errors import fail
-from util.log import log
+from util.cli.errors import fail
+from util.cli.log import log
+from util.train import distributed
 
 
 def format_duration(seconds: float) -> str:

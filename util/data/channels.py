@@ -1,7 +1,7 @@
 """Image shapes other than square RGB: (height, width) sizes, and channel counts other than 3.
 
 RGB images (``--in_chans 3``) keep the official PIL pipelines, given (height, width) sizes. Other
-channel counts are read by ``util.images.load_channels`` as float tensors in [0, 1] and are
+channel counts are read by ``util.data.images.load_channels`` as float tensors in [0, 1] and are
 transformed as tensors: Pillow holds neither 16-bit images of several bands nor more than 4 bands.
 """
 
@@ -13,8 +13,8 @@ import torch
 from torchvision import transforms
 from torchvision.transforms import functional as TF
 
-from util.errors import fail
-from util.images import load_channels, load_rgb
+from util.cli.errors import fail
+from util.data.images import load_channels, load_rgb
 
 BICUBIC = transforms.InterpolationMode.BICUBIC
 

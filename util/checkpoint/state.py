@@ -3,7 +3,7 @@
 Format: a dict with the official keys ``model``, ``optimizer``, ``epoch``, ``scaler``, ``args``,
 plus ``step`` (iterations done in ``epoch``; ``None`` once the epoch is complete), ``rng``
 (each rank's random-number state, for exact resume) and entry-point ``extra`` state.
-Files on disk: util/checkpoint_files.py; reading untrusted ones: util/safe_load.py.
+Files on disk: util/checkpoint/files.py; reading untrusted ones: util/checkpoint/load.py.
 """
 
 import argparse
@@ -14,12 +14,12 @@ from typing import Any
 
 import torch
 
-from util import distributed
-from util.checkpoint_files import atomic_save, checkpoint_name, list_checkpoints, progress, prune
-from util.errors import NonFiniteLoss, UserError, fail, lower_lr
-from util.log import log
-from util.rng_state import gather_rng, restore_rng
-from util.safe_load import load_checkpoint, load_model_strict, model_state
+from util.checkpoint.files import atomic_save, checkpoint_name, list_checkpoints, progress, prune
+from util.checkpoint.load import load_checkpoint, load_model_strict, model_state
+from util.checkpoint.rng import gather_rng, restore_rng
+from util.cli.errors import NonFiniteLoss, UserError, fail, lower_lr
+from util.cli.log import log
+from util.train import distributed
 
 
 @dataclass
@@ -28,7 +28,7 @@ class TrainState:
 
     model: torch.nn.Module  # the unwrapped model (no DDP, no compile wrapper)
     optimizer: torch.optim.Optimizer
-    scaler: Any  # util.precision.LossScaler
+    scaler: Any  # util.train.precision.LossScaler
     args: argparse.Namespace
     extra: dict[str, Any] = field(default_factory=dict)
     # log.txt's lines of the epochs done (None: resumed from a checkpoint older than this history,
