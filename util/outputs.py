@@ -1,8 +1,11 @@
-"""Output folders and files, checked before any work: a run must not train for an epoch only to
-find that it cannot write its checkpoint."""
+"""Output folders and files: checked before any work (a run must not train for an epoch only to
+find that it cannot write its checkpoint), and written atomically (a crash or a full disk leaves
+the old file or the complete new one, never a torn one)."""
 
 import os
 import tempfile
+from collections.abc import Callable
+from typing import BinaryIO
 
 from PIL import Image
 
@@ -59,3 +62,27 @@ def check_output_file(path: str, flag: str) -> None:
     _check_writable(folder, f"{flag} {path}")
     if os.path.exists(path) and not os.access(path, os.W_OK):
         fail(f"{flag} {path} exists and is read-only; remove it or give another name")
+
+
+def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
+    """Call ``write(f)`` on a temporary file in ``path``'s folder, flush it to disk, then rename it
+    over ``path``: every file this project writes goes through here.
+
+    A failed write (a full disk, a quota) raises its ``OSError`` and leaves ``path`` as it was; the
+    temporary file is removed. The folder is synced too, so that the rename survives a power loss.
+    """
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
