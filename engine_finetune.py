@@ -8,13 +8,16 @@ from collections.abc import Callable
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from util.checkpoint.state import Position, TrainState, resume, save_checkpoint
+from util.checkpoint.state import Position, TrainState, check_same_data, resume
 from util.cli.log import log
 from util.data.datasets import eval_loader, train_loader
-from util.train import distributed, interrupt, run
-from util.train.loop import train_one_epoch as _train_one_epoch
+from util.lr_sched import adjust_learning_rate
+from util.train import distributed
+from util.train.checkpointer import Checkpointer, log_accumulation_remainder
 from util.train.precision import LossScaler, autocast
 from util.train.progress import RunLog, format_duration
+from util.train.run import Run, wrap_for_training
+from util.train.steps import accumulating, optimizer_step, to_device
 
 
 def train_one_epoch(
@@ -22,18 +25,33 @@ def train_one_epoch(
     loader: DataLoader,
     state: TrainState,
     epoch: int,
+    checkpointer: Checkpointer,
     criterion: torch.nn.Module,
     mixup_fn: Callable | None = None,
-    run_log: RunLog | None = None,
     start_step: int = 0,
 ) -> dict[str, float]:
-    def classification_loss(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        samples, targets = batch
+    """Train the classifier ``model`` (possibly DDP-wrapped or compiled) for the rest of ``epoch``,
+    from iteration ``start_step`` on; returns the epoch's average loss and last lr."""
+    args, optimizer, scaler = state.args, state.optimizer, state.scaler
+    device = torch.device(args.device)
+    model.train(True)
+    progress = checkpointer.epoch(epoch, start_step, len(loader))
+    accumulation = progress.accumulation
+    for step, batch in progress.iterate(loader):
+        if accumulation.starts(step):  # the lr follows the schedule per optimizer step
+            lr = adjust_learning_rate(optimizer, epoch + step / progress.total, args)
+        samples, targets = to_device(batch, device)
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)
-        return criterion(model(samples), targets)
-
-    return _train_one_epoch(model, loader, state, epoch, classification_loss, run_log, start_step)
+        update = accumulation.ends(step)
+        with accumulating(model, update):
+            with autocast(args.precision, args.device):
+                loss = criterion(model(samples), targets)
+            scaler.scale(loss / accumulation.size(step)).backward()
+        if update:
+            optimizer_step(model, optimizer, scaler, args.clip_grad)
+        progress.after_step(step, loss, lr)  # logs; at check points: finiteness, mid-epoch saves, stops
+    return progress.averages()
 
 
 @torch.no_grad()
@@ -69,18 +87,20 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, args: argparse.Namespac
 
 
 def train_or_evaluate(
+    run: Run,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    args: argparse.Namespace,
     train_set: Dataset,
     val_set: Dataset,
     criterion: torch.nn.Module,
     mixup_fn: Callable | None = None,
 ) -> None:
     """Resume (``--resume``), wrap for DDP/compile, then evaluate only (``--eval``) or train."""
+    args = run.args
     state = TrainState(model, optimizer, LossScaler(args.precision), args)
-    position = resume(state)
-    wrapped_model = run.wrap_for_training(model, args)  # DDP and/or compiled: what the steps call
+    position = resume(state, run.resume_from)
+    check_same_data(state, train_set, position)
+    wrapped_model = wrap_for_training(model, args)  # DDP and/or compiled: what the steps call
     val_loader = eval_loader(val_set, args)
     if args.eval:
         evaluate(wrapped_model, val_loader, args)
@@ -107,32 +127,40 @@ def fit(
     resumed from it evaluates that epoch first, and logs it, as the uninterrupted run did.
     """
     args = state.args
-    run_log = RunLog(args.log_dir, args.output_dir, state.log)  # rewrites log.txt from the checkpoint
+    run_log = RunLog(args.log_dir, args.output_dir, state.log)  # log.txt as the checkpoint's history has it
+    checkpointer = Checkpointer(state, run_log)
     state.extra.setdefault("max_accuracy", 0.0)
+    log_accumulation_remainder(len(train_loader), args.accum_iter)
+    if position.epoch >= args.epochs:
+        log.info(f"nothing to train: the run already finished its {args.epochs} epochs (--epochs)")
+    else:
+        log.info(f"start training at epoch {position.epoch} of {args.epochs}")
     begin = time.time()
     try:
         pending = state.extra.get("unevaluated")
         if pending is not None and position == Position(pending["epoch"] + 1):
-            _evaluate_epoch(wrapped_model, val_loader, state, run_log)
-        for epoch, start_step in run.epochs_left(position, train_loader, args):
+            _evaluate_epoch(wrapped_model, val_loader, checkpointer)
+        for epoch in range(position.epoch, args.epochs):
+            start_step = position.steps_done(epoch)
+            train_loader.sampler.set_epoch(epoch, skip=start_step * args.batch_size)  # skips what was trained
             train_stats = train_one_epoch(
-                wrapped_model, train_loader, state, epoch, criterion, mixup_fn, run_log, start_step
+                wrapped_model, train_loader, state, epoch, checkpointer, criterion, mixup_fn, start_step
             )
             state.extra["unevaluated"] = {"epoch": epoch, "train_stats": train_stats}
-            path = save_checkpoint(state, epoch)
-            if run.stop_requested(args):
-                raise interrupt.Interrupted(path)  # stop now: the resumed run evaluates this epoch
-            _evaluate_epoch(wrapped_model, val_loader, state, run_log)
+            checkpointer.end_epoch(epoch)  # its log line comes with the evaluation
+            checkpointer.stop_if_requested()  # the resumed run evaluates this epoch
+            _evaluate_epoch(wrapped_model, val_loader, checkpointer)
     finally:
         run_log.close()
     log.info(f"training time {format_duration(time.time() - begin)}")
 
 
-def _evaluate_epoch(wrapped_model: torch.nn.Module, val_loader: DataLoader, state: TrainState, run_log: RunLog) -> None:
+def _evaluate_epoch(wrapped_model: torch.nn.Module, val_loader: DataLoader, checkpointer: Checkpointer) -> None:
     """Evaluate the epoch in ``extra['unevaluated']`` (the model is as it ended) if ``--eval_freq``
     asks for it, update the best top-1 and append the epoch's line to log.txt. The last epoch's
     checkpoint is written again, so that the run's final checkpoint holds the best top-1 of every
     epoch. (A stop asked for while evaluating is taken at the next epoch's first check point.)"""
+    state, run_log = checkpointer.state, checkpointer.run_log
     args = state.args
     pending = state.extra.pop("unevaluated")
     epoch = pending["epoch"]
@@ -160,4 +188,4 @@ def _evaluate_epoch(wrapped_model: torch.nn.Module, val_loader: DataLoader, stat
     }
     run_log.epoch({**stats, "epoch": epoch})
     if epoch == args.epochs - 1:
-        save_checkpoint(state, epoch)
+        checkpointer.save(epoch)

@@ -22,7 +22,9 @@ import torch
 
 import models_mae
 from util.checkpoint.encoder import load_mae_encoder
+from util.checkpoint.flags import fill_from_checkpoints
 from util.checkpoint.load import saved_args
+from util.checkpoint.state import Opened, open_checkpoint
 from util.cli.args import PRECISIONS, check_at_least, resolve_precision
 from util.cli.errors import fail, run_cli
 from util.cli.log import log
@@ -31,12 +33,21 @@ from util.data.normalization import add_norm_args
 from util.eval import knn
 from util.train import distributed
 
+# What --model and --input_size mean when not given and no checkpoint decides them (None: the model's size).
+FALLBACKS = {"model": "mae_vit_mini_patch4", "input_size": None}
+
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("k-NN evaluation of MAE encoders")
     parser.add_argument("--data_path", required=True, help="ImageFolder with train/ (the bank) and val/ or test/")
-    parser.add_argument("--model", default="mae_vit_mini_patch4", help=f"one of: {', '.join(models_mae.MODELS)}")
-    parser.add_argument("--input_size", default=None, type=int, help="image size (default: the model's)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help=f"one of: {', '.join(models_mae.MODELS)} (default: the first checkpoint's, else {FALLBACKS['model']})",
+    )
+    parser.add_argument(
+        "--input_size", default=None, type=int, help="image size (default: the first checkpoint's, else the model's)"
+    )
     parser.add_argument(
         "--encoders", nargs="+", required=True, metavar="ENCODER", help="checkpoints, 'random' and/or 'pixels'"
     )
@@ -59,21 +70,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def features_of(encoder: str, args: argparse.Namespace) -> Callable[[torch.Tensor], knn.Features]:
-    """The feature function of one ``--encoders`` entry."""
+def features_of(
+    encoder: str, args: argparse.Namespace, opened: Opened | None = None
+) -> Callable[[torch.Tensor], knn.Features]:
+    """The feature function of one ``--encoders`` entry (``opened``: its checkpoint, if already read)."""
     if encoder == "pixels":
         return knn.pixel_features
     torch.manual_seed(args.seed)  # 'random' is the initialisation pre-training starts from
     model = models_mae.create_model(args.model, args.input_size)
     if encoder != "random":
-        load_mae_encoder(model, encoder)
+        load_mae_encoder(model, opened if opened is not None and opened.path == encoder else encoder)
     model.to(args.device).eval()
     return lambda imgs: knn.pooled_features(model.forward_features(imgs))
 
 
 def main(args: argparse.Namespace) -> None:
-    with torch.device("meta"):  # --model and --input_size checked before any image is read
-        args.input_size = models_mae.create_model(args.model, args.input_size).img_size
     check_at_least(args, 1, "batch_size")
     knn.check_knn_args(args)
     check_at_least(args, 0, "linear_epochs", zero_means="no linear classifier")
@@ -81,12 +92,17 @@ def main(args: argparse.Namespace) -> None:
         if encoder not in ("random", "pixels") and not encoder.startswith(("http://", "https://")):
             if not os.path.isfile(encoder):
                 fail(f"--encoders {encoder} is neither a checkpoint file nor 'random' or 'pixels'")
+    checkpoints = [e for e in args.encoders if e not in ("random", "pixels")]
+    first = open_checkpoint(checkpoints[0]) if checkpoints else None  # read once: flags, then weights
+    fill_from_checkpoints(args, [first] if first else [], FALLBACKS)
+    with torch.device("meta"):  # --model and --input_size checked before any image is read
+        args.input_size = models_mae.create_model(args.model, args.input_size).img_size
     distributed.init_distributed_mode(args)
     args.precision = resolve_precision(args.precision, args.device)
     # One normalisation for every encoder (they share the images): the flags, else the first
     # checkpoint's; an encoder trained with other values is named in a warning.
-    checkpoints = [e for e in args.encoders if e not in ("random", "pixels")]
-    normalization.resolve(args, [(f"checkpoint {e}", saved_args(e)) for e in checkpoints])
+    others = [(f"checkpoint {e}", saved_args(e)) for e in checkpoints[1:]]
+    normalization.resolve(args, [(f"checkpoint {first.path}", first.args)] + others if first else [])
 
     data = knn.KnnData(
         args.data_path, args.input_size, args.knn_bank_size, args.knn_query_size, mean=args.mean, std=args.std
@@ -94,7 +110,7 @@ def main(args: argparse.Namespace) -> None:
     log.info(f"k-NN (k={args.knn_k}, t={args.knn_t}) on {data} from {args.data_path}")
     for encoder in args.encoders:
         begin = time.time()
-        scores = knn.evaluate(features_of(encoder, args), data, args, args.linear_epochs)
+        scores = knn.evaluate(features_of(encoder, args, first), data, args, args.linear_epochs)
         seconds = time.time() - begin
         log.info(f"{encoder}: " + "  ".join(f"{k} {v:.2f}" for k, v in scores.items()) + f"  ({seconds:.0f} s)")
         if args.output and distributed.is_main_process():

@@ -26,6 +26,7 @@ from util.cli.args import (
     add_run_args,
     add_schedule_args,
     check_classifier_args,
+    check_common,
     image_size,
 )
 from util.cli.errors import fail, run_cli
@@ -34,14 +35,17 @@ from util.data.channels import check_norm_channels, image_loader, tensor_train_t
 from util.data.datasets import classification_splits, eval_transform
 from util.data.normalization import add_norm_args
 from util.lr_decay import param_groups_lrd
-from util.train import run
+from util.train.run import start
+
+# What --model, --input_size and --in_chans mean when not given and no checkpoint decides them.
+FALLBACKS = {"model": "vit_large_patch16", "input_size": 224, "in_chans": 3}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("MAE fine-tuning for image classification")
     add_schedule_args(parser, batch_size=64, epochs=50, weight_decay=0.05, blr=1e-3, min_lr=1e-6, warmup_epochs=5)
     parser.add_argument("--layer_decay", type=float, default=0.75, help="layer-wise lr decay from ELECTRA/BEiT")
-    add_classifier_args(parser, models_vit.MODELS, model="vit_large_patch16", global_pool=True)
+    add_classifier_args(parser, models_vit.MODELS, model=FALLBACKS["model"], global_pool=True)
     parser.add_argument("--drop_path", type=float, default=0.1, metavar="PCT", help="drop path rate")
 
     aug = parser.add_argument_group("augmentation")
@@ -98,8 +102,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 MIXUP_MODES = ("batch", "pair", "elem")
 
 
-def check_finetune_args(args: argparse.Namespace) -> None:
-    """Flags of fine-tuning alone that timm would take silently, or fail on with a traceback."""
+def check_args(args: argparse.Namespace) -> None:
+    """The flags' own checks, before anything starts (the SLURM launcher runs them before submitting);
+    those of fine-tuning alone are the ones timm would take silently, or fail on with a traceback."""
+    check_common(args)
+    check_classifier_args(args)
     if not 0 <= args.drop_path < 1:
         fail(f"--drop_path must be in [0, 1), got {args.drop_path}")
     if not 0 <= args.smoothing < 1:
@@ -162,10 +169,10 @@ def build_train_transform(args: argparse.Namespace) -> Callable:
     return transforms.Compose(steps)
 
 
-def main(args: argparse.Namespace) -> None:
-    check_classifier_args(args)
-    check_finetune_args(args)
-    device = run.start(args)
+def main(flags: argparse.Namespace) -> None:
+    check_args(flags)
+    run = start(flags, FALLBACKS)
+    args = run.args
     model = models_vit.create_model(
         args.model,
         args.input_size,
@@ -184,14 +191,14 @@ def main(args: argparse.Namespace) -> None:
     )
     log.info(f"{len(train_set)} training and {len(val_set)} validation images, {args.nb_classes} classes")
 
-    if args.finetune and not args.eval:
-        load_pretrained_encoder(model, args.finetune, head_init_std=2e-5)
+    if run.init_from is not None:
+        load_pretrained_encoder(model, run.init_from, head_init_std=2e-5)
     model.set_grad_checkpointing(args.grad_checkpointing)
-    model.to(device)
+    model.to(run.device)
     log.info(f"number of params (M): {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}")
 
     groups = param_groups_lrd(model, args.weight_decay, model.no_weight_decay(), args.layer_decay)
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, fused=run.device.type == "cuda")
     mixup_fn = build_mixup(args)
     if mixup_fn is not None:
         criterion = SoftTargetCrossEntropy()  # smoothing is folded into the mixed targets
@@ -200,7 +207,7 @@ def main(args: argparse.Namespace) -> None:
     else:
         criterion = torch.nn.CrossEntropyLoss()
     log.info(f"criterion: {criterion}")
-    train_or_evaluate(model, optimizer, args, train_set, val_set, criterion, mixup_fn)
+    train_or_evaluate(run, model, optimizer, train_set, val_set, criterion, mixup_fn)
 
 
 if __name__ == "__main__":

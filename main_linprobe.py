@@ -14,29 +14,46 @@ from torchvision import transforms
 import models_vit
 from engine_finetune import train_or_evaluate
 from util.checkpoint.encoder import load_pretrained_encoder
-from util.cli.args import add_classifier_args, add_eval_args, add_run_args, add_schedule_args, check_classifier_args
+from util.cli.args import (
+    add_classifier_args,
+    add_eval_args,
+    add_run_args,
+    add_schedule_args,
+    check_classifier_args,
+    check_common,
+)
 from util.cli.errors import run_cli
 from util.cli.log import log
 from util.data.channels import check_norm_channels, image_loader, tensor_train_transform
 from util.data.datasets import classification_splits, eval_transform
 from util.data.normalization import add_norm_args
 from util.lars import LARS
-from util.train import run
+from util.train.run import start
+
+# What --model, --input_size and --in_chans mean when not given and no checkpoint decides them.
+FALLBACKS = {"model": "vit_large_patch16", "input_size": 224, "in_chans": 3}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("MAE linear probing for image classification")
     add_schedule_args(parser, batch_size=512, epochs=90, weight_decay=0.0, blr=0.1, min_lr=0.0, warmup_epochs=10)
-    add_classifier_args(parser, models_vit.MODELS, model="vit_large_patch16", global_pool=False)
+    add_classifier_args(parser, models_vit.MODELS, model=FALLBACKS["model"], global_pool=False)
     add_run_args(parser)
     add_norm_args(parser)
     add_eval_args(parser)
     return parser
 
 
-def main(args: argparse.Namespace) -> None:
+def check_args(args: argparse.Namespace) -> None:
+    """The flags' own checks, before anything starts (the SLURM launcher runs them before submitting)."""
+    check_common(args)
     check_classifier_args(args)
-    device = run.start(args)
+
+
+def main(flags: argparse.Namespace) -> None:
+    check_args(flags)
+    run = start(flags, FALLBACKS)
+    args = run.args
     model = models_vit.create_model(
         args.model, args.input_size, args.in_chans, num_classes=args.nb_classes, global_pool=args.global_pool
     )
@@ -64,18 +81,18 @@ def main(args: argparse.Namespace) -> None:
     )
     log.info(f"{len(train_set)} training and {len(val_set)} validation images, {args.nb_classes} classes")
 
-    if args.finetune and not args.eval:
-        load_pretrained_encoder(model, args.finetune, head_init_std=0.01)
+    if run.init_from is not None:
+        load_pretrained_encoder(model, run.init_from, head_init_std=0.01)
     # The paper's probe: BatchNorm without affine parameters in front of the linear classifier.
     model.head = torch.nn.Sequential(torch.nn.BatchNorm1d(model.head.in_features, affine=False, eps=1e-6), model.head)
     for name, param in model.named_parameters():
         param.requires_grad = name.startswith("head.")
     model.set_grad_checkpointing(args.grad_checkpointing)
-    model.to(device)
+    model.to(run.device)
     log.info(f"trainable parameters: {[n for n, p in model.named_parameters() if p.requires_grad]}")
 
     optimizer = LARS(model.head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    train_or_evaluate(model, optimizer, args, train_set, val_set, torch.nn.CrossEntropyLoss())
+    train_or_evaluate(run, model, optimizer, train_set, val_set, torch.nn.CrossEntropyLoss())
 
 
 if __name__ == "__main__":

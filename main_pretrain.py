@@ -14,8 +14,15 @@ from timm.optim import param_groups_weight_decay
 
 import models_mae
 from engine_pretrain import log_reconstructions, train_one_epoch
-from util.checkpoint.state import TrainState, resume
-from util.cli.args import add_in_chans_arg, add_input_size_arg, add_run_args, add_schedule_args, check_at_least
+from util.checkpoint.state import TrainState, check_same_data, resume
+from util.cli.args import (
+    add_in_chans_arg,
+    add_input_size_arg,
+    add_run_args,
+    add_schedule_args,
+    check_at_least,
+    check_common,
+)
 from util.cli.errors import run_cli
 from util.cli.log import log
 from util.data.channels import image_loader
@@ -23,9 +30,14 @@ from util.data.datasets import PRETRAIN_LOADERS, ImageFiles, eval_transform, pre
 from util.data.normalization import add_norm_args
 from util.eval import knn
 from util.eval.pictures import fixed_noise, load_images
-from util.train import distributed, interrupt, run
+from util.train import distributed
+from util.train.checkpointer import Checkpointer, log_accumulation_remainder
 from util.train.precision import LossScaler
 from util.train.progress import RunLog, format_duration
+from util.train.run import start, wrap_for_training
+
+# What --model, --input_size and --in_chans mean when not given and no checkpoint decides them.
+FALLBACKS = {"model": "mae_vit_large_patch16", "input_size": 224, "in_chans": 3}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -33,10 +45,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_schedule_args(parser, batch_size=64, epochs=400, weight_decay=0.05, blr=1e-3, min_lr=0.0, warmup_epochs=40)
     g = parser.add_argument_group("model")
     g.add_argument(
-        "--model", default="mae_vit_large_patch16", metavar="MODEL", help=f"one of: {', '.join(models_mae.MODELS)}"
+        "--model",
+        default=None,
+        metavar="MODEL",
+        help=f"one of: {', '.join(models_mae.MODELS)} (default: the --resume checkpoint's, else {FALLBACKS['model']})",
     )
-    add_input_size_arg(g, default=224)
-    add_in_chans_arg(g)
+    add_input_size_arg(g, default=None)
+    add_in_chans_arg(g, default=None)
     g.add_argument("--mask_ratio", default=0.75, type=float, help="fraction of patches removed")
     g.add_argument("--norm_pix_loss", action="store_true", help="use per-patch normalized pixels as targets")
     parser.set_defaults(norm_pix_loss=False)
@@ -71,6 +86,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """The flags' own checks, before anything starts (the SLURM launcher runs them before submitting)."""
+    check_common(args)
+    check_at_least(args, 0, "vis_freq", zero_means="never")
+    check_at_least(args, 1, "vis_images")
+    if args.knn_data_path:
+        knn.check_knn_args(args)
+        check_at_least(args, 1, "knn_freq")
+
+
 def build_model(args: argparse.Namespace) -> models_mae.MaskedAutoencoderViT:
     return models_mae.create_model(
         args.model, args.input_size, args.in_chans, args.mask_ratio, norm_pix_loss=args.norm_pix_loss
@@ -80,8 +105,6 @@ def build_model(args: argparse.Namespace) -> models_mae.MaskedAutoencoderViT:
 def build_knn_data(args: argparse.Namespace) -> knn.KnnData | None:
     if not args.knn_data_path:
         return None
-    knn.check_knn_args(args)
-    check_at_least(args, 1, "knn_freq")
     data = knn.KnnData(
         args.knn_data_path,
         args.input_size,
@@ -115,7 +138,7 @@ def fixed_picture(
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Evenly spaced images of the data set, center-cropped, and a fixed mask for them: the
     reconstruction picture shows the same images under the same mask at every epoch."""
-    if not args.vis_freq or args.vis_images < 1:
+    if not args.vis_freq:
         return None
     files = dataset.files[:: max(len(dataset) // args.vis_images, 1)][: args.vis_images]
     transform = eval_transform(args.input_size, args.mean, args.std, args.in_chans)
@@ -123,39 +146,47 @@ def fixed_picture(
     return imgs, fixed_noise(len(files), num_patches, seed=args.seed)
 
 
-def main(args: argparse.Namespace) -> None:
-    device = run.start(args)
+def main(flags: argparse.Namespace) -> None:
+    check_args(flags)
+    run = start(flags, FALLBACKS)
+    args, device = run.args, run.device
     model = build_model(args)
 
     knn_data = build_knn_data(args)  # flags and folders checked before the (longer) data scan
     dataset, loader = pretrain_data(args)
     log.info(f"{len(dataset)} images in {dataset.root}, {len(loader)} iterations per epoch")
+    log_accumulation_remainder(len(loader), args.accum_iter)
 
     model.set_grad_checkpointing(args.grad_checkpointing)
     model.to(device)
     param_groups = param_groups_weight_decay(model, args.weight_decay)  # no decay on biases and norms
     optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
     state = TrainState(model, optimizer, LossScaler(args.precision), args)
-    position = resume(state)
-    wrapped_model = run.wrap_for_training(model, args)  # DDP and/or compiled: what the steps call
+    position = resume(state, run.resume_from)
+    check_same_data(state, dataset, position)
+    wrapped_model = wrap_for_training(model, args)  # DDP and/or compiled: what the steps call
 
     picture = fixed_picture(dataset, model.num_patches, args)
-    run_log = RunLog(args.log_dir, args.output_dir, state.log)  # rewrites log.txt from the checkpoint
+    run_log = RunLog(args.log_dir, args.output_dir, state.log)  # log.txt as the checkpoint's history has it
+    checkpointer = Checkpointer(state, run_log)
 
-    log.info(f"start training for {args.epochs} epochs")
+    if position.epoch >= args.epochs:
+        log.info(f"nothing to train: the run already finished its {args.epochs} epochs (--epochs)")
+    else:
+        log.info(f"start training at epoch {position.epoch} of {args.epochs}")
     begin = time.time()
     try:
-        for epoch, start_step in run.epochs_left(position, loader, args):
-            train_stats = train_one_epoch(wrapped_model, loader, state, epoch, run_log, start_step)
+        for epoch in range(position.epoch, args.epochs):
+            start_step = position.steps_done(epoch)
+            loader.sampler.set_epoch(epoch, skip=start_step * args.batch_size)  # skips what was trained
+            train_stats = train_one_epoch(wrapped_model, loader, state, epoch, checkpointer, start_step)
             stats = {f"train_{k}": v for k, v in train_stats.items()}
-            if picture and distributed.is_main_process() and (epoch % args.vis_freq == 0 or epoch == args.epochs - 1):
-                path = log_reconstructions(model, *picture, epoch, run_log, args)
-                log.info(f"reconstructions: {path}")
             if knn_data is not None and ((epoch + 1) % args.knn_freq == 0 or epoch == args.epochs - 1):
                 stats.update(knn_monitor(model, knn_data, epoch, run_log, args))
-            path = run.end_epoch(state, epoch, stats, run_log)
-            if run.stop_requested(args):
-                raise interrupt.Interrupted(path)  # after the checkpoint: --resume auto goes on from it
+            checkpointer.end_epoch(epoch, {**stats, "epoch": epoch})
+            if picture and distributed.is_main_process() and (epoch % args.vis_freq == 0 or epoch == args.epochs - 1):
+                log_reconstructions(model, *picture, epoch, run_log, args)
+            checkpointer.stop_if_requested()
     finally:
         run_log.close()
     log.info(f"training time {format_duration(time.time() - begin)}")

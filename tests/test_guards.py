@@ -17,8 +17,10 @@ from helpers import checkpoint_names, make_dataset, run_pretrain  # noqa: E402
 import main_pretrain  # noqa: E402
 import models_vit  # noqa: E402
 from util.checkpoint import state as checkpoint  # noqa: E402
-from util.cli.errors import UserError  # noqa: E402
-from util.train.loop import NonFiniteLoss  # noqa: E402
+from util.cli.errors import (
+    NonFiniteLoss,  # noqa: E402
+    UserError,  # noqa: E402
+)
 from util.train.precision import LossScaler  # noqa: E402
 from util.train.progress import format_duration  # noqa: E402
 

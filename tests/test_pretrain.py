@@ -39,11 +39,10 @@ from PIL import Image
 import main_pretrain
 import models_mae
 from util.cli.args import effective_lr
-from util.cli.errors import run_cli
+from util.cli.errors import NonFiniteLoss, run_cli
 from util.lr_sched import adjust_learning_rate, lr_at
 from util.train import interrupt
-from util.train import loop as train_loop
-from util.train.loop import NonFiniteLoss
+from util.train.checkpointer import EpochProgress
 
 # Flags of the reference run; resumed runs use the same ones (the schedule depends on --epochs).
 EPOCHS = 4
@@ -122,28 +121,26 @@ def test_training_lowers_loss_and_writes_outputs(reference):
 
 # ---------------------------------------------------------------------------------------------
 # Exact resume
-def _stop_at(monkeypatch, epoch: int, step: int, how: Callable[[], object]) -> Callable:
-    """Call ``how()`` at the check point after iteration ``step`` of ``epoch``."""
-    original = train_loop._check_and_log
+def _stop_at(monkeypatch, epoch: int, step: int, how: Callable[[], object]) -> None:
+    """Call ``how()`` right before the check point after iteration ``step`` of ``epoch``."""
+    original = EpochProgress.after_step
 
-    def hooked(losses, step_, epoch_, *rest):
-        original(losses, step_, epoch_, *rest)
-        if (epoch_, step_) == (epoch, step):
+    def hooked(self, step_, loss, lr):
+        if (self.epoch, step_) == (epoch, step):
             how()
+        original(self, step_, loss, lr)
 
-    monkeypatch.setattr(train_loop, "_check_and_log", hooked)
-    return original
+    monkeypatch.setattr(EpochProgress, "after_step", hooked)
 
 
 def test_resume_inside_epoch_is_exact_with_workers(reference, data, tmp_path, monkeypatch):
     # Run B: same flags, stopped by a request (as SIGTERM would) after iteration 0 of epoch 1.
     stopped = tmp_path / "stopped"
-    original = _stop_at(monkeypatch, 1, 0, lambda: interrupt._handler(signal.SIGTERM, None))  # as SIGTERM does
-    with pytest.raises(interrupt.Interrupted) as stop:
-        run_pretrain(data, stopped, *RUN, "--keep_last", "0")
+    with monkeypatch.context() as patch:
+        _stop_at(patch, 1, 0, lambda: os.kill(os.getpid(), signal.SIGTERM))
+        with pytest.raises(interrupt.Interrupted) as stop:
+            run_pretrain(data, stopped, *RUN, "--keep_last", "0")
     assert stop.value.checkpoint == str(stopped / "checkpoint-1-step1.pth")
-    monkeypatch.setattr(interrupt, "_requested", None)
-    monkeypatch.setattr(train_loop, "_check_and_log", original)
     assert checkpoint_names(stopped) == {"checkpoint-0.pth", "checkpoint-1-step1.pth"}
     mid = load(stopped / "checkpoint-1-step1.pth")
     assert (mid["epoch"], mid["step"]) == (1, 1)
@@ -202,7 +199,7 @@ def test_resume_auto_without_checkpoint_starts_from_scratch(data, tmp_path, caps
     def stop(*a, **k):
         raise Stop
 
-    monkeypatch.setattr(main_pretrain.run, "wrap_for_training", stop)
+    monkeypatch.setattr(main_pretrain, "wrap_for_training", stop)
     with pytest.raises(Stop):
         run_pretrain(data, tmp_path / "empty", *RUN, "--resume", "auto")
     assert "no checkpoint" in capsys.readouterr().out
@@ -237,7 +234,7 @@ def _initial_weights(data: Path, out: Path, monkeypatch, global_seed: int, *flag
         captured.update({k: v.clone() for k, v in model.state_dict().items()})
         raise Stop
 
-    monkeypatch.setattr(main_pretrain.run, "wrap_for_training", capture)
+    monkeypatch.setattr(main_pretrain, "wrap_for_training", capture)
     with pytest.raises(Stop):
         run_pretrain(data, out, "--epochs", "1", *flags, init_seed=global_seed)
     return captured

@@ -28,6 +28,7 @@ from util.checkpoint import files as checkpoint_files
 from util.checkpoint import state as checkpoint  # noqa: E402
 from util.cli.errors import NonFiniteLoss, UserError, run_cli  # noqa: E402
 from util.train import progress as logger
+from util.train.checkpointer import Checkpointer  # noqa: E402
 from util.train.precision import LossScaler  # noqa: E402
 from util.train.progress import RunLog  # noqa: E402
 
@@ -159,16 +160,15 @@ def _full_disk(monkeypatch, module, after_bytes: int = 1000, only: str = "") -> 
 
 def test_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_earlier_one(data, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
-    real_save, saves = checkpoint.save_checkpoint, [0]
+    real_save, saves = Checkpointer.save, [0]
 
-    def second_save_fails(state, epoch, step=None):
+    def second_save_fails(self, epoch, step=None):
         saves[0] += 1
         if saves[0] == 2:
             _full_disk(monkeypatch, checkpoint_files)
-        return real_save(state, epoch, step)
+        return real_save(self, epoch, step)
 
-    monkeypatch.setattr(checkpoint, "save_checkpoint", second_save_fails)
-    monkeypatch.setattr("util.train.run.save_checkpoint", second_save_fails)
+    monkeypatch.setattr(Checkpointer, "save", second_save_fails)
     with pytest.raises(SystemExit) as stop:
         run_cli(lambda: run_pretrain(data, out, *RUN))
     assert stop.value.code == 2

@@ -1,5 +1,6 @@
-"""The shared training loop's update against hand-computed SGD steps: gradient accumulation,
-clipping of the accumulated gradient, and the per-iteration learning rate."""
+"""One epoch of the classification engine (engine_finetune.train_one_epoch) against hand-computed
+SGD steps: gradient accumulation (with an epoch that is not a multiple of it), clipping of the
+accumulated gradient, and the refusal of an accumulation longer than the epoch."""
 
 from argparse import Namespace
 
@@ -7,9 +8,12 @@ import pytest
 import torch
 from helpers import REPO  # noqa: F401  (puts the repository on sys.path)
 
+from engine_finetune import train_one_epoch
 from util.checkpoint.state import TrainState
-from util.train.loop import train_one_epoch
+from util.cli.errors import UserError
+from util.train.checkpointer import Checkpointer
 from util.train.precision import LossScaler
+from util.train.progress import RunLog
 
 
 def _run(batches: list[torch.Tensor], accum_iter: int, clip_grad: float | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -22,29 +26,47 @@ def _run(batches: list[torch.Tensor], accum_iter: int, clip_grad: float | None) 
         lr=0.5, min_lr=0.5, warmup_epochs=0, epochs=1, output_dir="", clip_grad=clip_grad,
     )  # fmt: skip
     state = TrainState(model, optimizer, LossScaler("fp32"), args)
-    train_one_epoch(model, batches, state, 0, lambda x: model(x).sum())
+    loader = [(b, torch.zeros(len(b))) for b in batches]
+    train_one_epoch(model, loader, state, 0, Checkpointer(state, RunLog("", "")), lambda out, _: out.sum())
     return start, model.weight.detach()
 
 
 def _by_hand(start: torch.Tensor, grads: list[torch.Tensor], clip_grad: float | None) -> torch.Tensor:
-    g = torch.stack(grads).mean(0)  # the loop divides each micro-batch's loss by accum_iter
+    g = torch.stack(grads).mean(0)  # each micro-batch's loss is divided by its group's size
     if clip_grad is not None and g.norm() > clip_grad:
         g = g * clip_grad / g.norm()
     return start - 0.5 * g
 
 
+# d/dw of sum(w . x) over a batch is the sum of the batch's rows.
+BATCHES = [torch.tensor([[1.0, 2.0, -1.0]]), torch.tensor([[3.0, 0.0, 1.0], [1.0, 1.0, 1.0]])]
+
+
 @pytest.mark.parametrize("clip_grad", [None, 0.1, 1e3])
 @pytest.mark.parametrize("accum_iter", [1, 2])
 def test_update_equals_hand_computed_sgd(accum_iter, clip_grad):
-    # d/dw of sum(w . x) over a batch is the sum of the batch's rows.
-    batches = [torch.tensor([[1.0, 2.0, -1.0]]), torch.tensor([[3.0, 0.0, 1.0], [1.0, 1.0, 1.0]])]
-    start, trained = _run(batches, accum_iter, clip_grad)
-    grads = [b.sum(0, keepdim=True) for b in batches]
+    start, trained = _run(BATCHES, accum_iter, clip_grad)
+    grads = [b.sum(0, keepdim=True) for b in BATCHES]
     if accum_iter == 1:
         expected = _by_hand(_by_hand(start, grads[:1], clip_grad), grads[1:], clip_grad)
     else:
         expected = _by_hand(start, grads, clip_grad)
     torch.testing.assert_close(trained, expected, rtol=0, atol=1e-6)
     if clip_grad == 0.1:  # the clip actually bit: the step is shorter than the unclipped one
-        _, unclipped = _run(batches, accum_iter, None)
+        _, unclipped = _run(BATCHES, accum_iter, None)
         assert (trained - start).norm() < (unclipped - start).norm()
+
+
+def test_last_shorter_accumulation_group_steps_with_its_mean_gradient():
+    """3 iterations with --accum_iter 2: a step on the mean of the first two gradients, then one on
+    the third alone; before, the third gradient was computed and thrown away."""
+    batches = [*BATCHES, torch.tensor([[0.0, -2.0, 5.0]])]
+    start, trained = _run(batches, 2, None)
+    grads = [b.sum(0, keepdim=True) for b in batches]
+    expected = _by_hand(_by_hand(start, grads[:2], None), grads[2:], None)
+    torch.testing.assert_close(trained, expected, rtol=0, atol=1e-6)
+
+
+def test_accumulation_longer_than_the_epoch_is_refused():
+    with pytest.raises(UserError, match=r"--accum_iter 3 is more than the 2 iterations of an epoch"):
+        _run(BATCHES, 3, None)

@@ -7,7 +7,8 @@ import torch
 from timm.layers import trunc_normal_
 from timm.models import adapt_input_conv
 
-from util.checkpoint.load import load_checkpoint, model_state
+from util.checkpoint.load import model_state
+from util.checkpoint.state import Opened, open_checkpoint
 from util.cli.args import image_size
 from util.cli.errors import fail
 from util.cli.log import log
@@ -16,8 +17,9 @@ from util.pos_embed import resize_pos_embed
 _DECODER_PREFIXES = ("decoder_", "mask_token")
 
 
-def load_pretrained_encoder(model: torch.nn.Module, path: str, head_init_std: float = 2e-5) -> None:
-    """Load the encoder weights of ``path`` into ``model`` (a ``models_vit.VisionTransformer``).
+def load_pretrained_encoder(model: torch.nn.Module, source: Opened | str, head_init_std: float = 2e-5) -> None:
+    """Load the encoder weights of checkpoint ``source`` (opened, or a path) into ``model`` (a
+    ``models_vit.VisionTransformer``).
 
     The decoder and mask token are dropped, a head of another shape is dropped, the position
     embedding is resized (bicubic) when the resolution differs, and the head is initialised
@@ -25,40 +27,43 @@ def load_pretrained_encoder(model: torch.nn.Module, path: str, head_init_std: fl
     ``fc_norm`` may be missing (and, with global pooling, the encoder's final ``norm`` is left
     over); anything else means the checkpoint does not belong to this model.
     """
+    source = source if isinstance(source, Opened) else open_checkpoint(source)
     head = {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}
     norm = set() if "norm.weight" in model.state_dict() else {"norm.weight", "norm.bias"}
-    missing = load_encoder(model, path, "--finetune", head, norm, in_chans=model.patch_embed.proj.in_channels)
+    missing = load_encoder(model, source, "--finetune", head, norm, in_chans=model.patch_embed.proj.in_channels)
     if "head.weight" in missing:
         trunc_normal_(model.head.weight, std=head_init_std)
         torch.nn.init.zeros_(model.head.bias)
-    log.info(f"loaded pre-trained encoder from {path}; initialised: {sorted(missing) or 'nothing'}")
+    log.info(f"loaded pre-trained encoder from {source.path}; initialised: {sorted(missing) or 'nothing'}")
 
 
-def load_mae_encoder(model: torch.nn.Module, path: str) -> None:
-    """Load the encoder weights of ``path`` into a ``models_mae.MaskedAutoencoderViT``, leaving its
-    decoder as it is: for reading features of any MAE encoder (ours, the official full or
-    encoder-only releases, or a classifier with the final ``norm``). Every encoder weight must be
+def load_mae_encoder(model: torch.nn.Module, source: Opened | str) -> None:
+    """Load the encoder weights of checkpoint ``source`` (opened, or a path) into a
+    ``models_mae.MaskedAutoencoderViT``, leaving its decoder as it is: for reading features of any
+    MAE encoder (ours, the official full or encoder-only releases, or a classifier with the final
+    ``norm``). Every encoder weight must be
     present with its shape (the position embedding is resized); other entries are ignored."""
+    source = source if isinstance(source, Opened) else open_checkpoint(source)
     decoder = {k for k in model.state_dict() if k.startswith(_DECODER_PREFIXES)}
-    load_encoder(model, path, "checkpoint", decoder, None, hint="holds an MAE encoder")
+    load_encoder(model, source, "checkpoint", decoder, None, hint="holds an MAE encoder")
 
 
 def load_encoder(
     model: torch.nn.Module,
-    path: str,
+    source: Opened,
     flag: str,
     may_miss: set[str],
     may_be_left: set[str] | None,
     in_chans: int | None = None,
     hint: str = "",
 ) -> set[str]:
-    """Load the encoder weights of checkpoint ``path`` (``flag`` in errors) into ``model``; return the
+    """Load the encoder weights of checkpoint ``source`` (``flag`` in errors) into ``model``; return the
     model's keys it lacked, left as they were. The decoder, mask token and a head of another shape are
     dropped, the position embedding resized to the model's grid and, given ``in_chans``, the patch
     embedding adapted. Only ``may_miss`` may be missing and ``may_be_left`` (any, if None) left over,
     and no shape may differ, else it fails naming the keys. ``hint`` (k-NN's reader) reports missing
     weights first, in a sentence of their own: "lacks encoder weights [...]; check ... that it <hint>"."""
-    ckpt = load_checkpoint(path)
+    path, ckpt = source.path, source.ckpt
     state = {k: v for k, v in model_state(ckpt, path).items() if not k.startswith(_DECODER_PREFIXES)}
     own = model.state_dict()
     if in_chans is not None:

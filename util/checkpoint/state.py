@@ -7,6 +7,7 @@ Files on disk: util/checkpoint/files.py; reading untrusted ones: util/checkpoint
 """
 
 import argparse
+import hashlib
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -128,14 +129,45 @@ def check_finite(state: TrainState, where: str, name: str) -> None:
         )
 
 
-def find_resumable(output_dir: str) -> tuple[str, dict[str, Any]] | None:
+@dataclass(frozen=True)
+class Opened:
+    """A checkpoint read once, at start-up, and handed to whatever needs it: resume, the encoder
+    a classifier starts from, and the flags it decides (mean/std, model, sizes)."""
+
+    path: str
+    ckpt: dict[str, Any]
+
+    @property
+    def args(self) -> argparse.Namespace | None:
+        """The flags it was written with (None for official releases, which store none)."""
+        saved = self.ckpt.get("args")
+        return saved if isinstance(saved, argparse.Namespace) else None
+
+
+def open_checkpoint(path: str) -> Opened:
+    return Opened(path, load_checkpoint(path))
+
+
+def find_resumable(output_dir: str) -> Opened | None:
     """The newest checkpoint in ``output_dir`` that loads; a broken newer one is reported and skipped."""
     for path in reversed(list_checkpoints(output_dir)):
         try:
-            return path, load_checkpoint(path)
+            return open_checkpoint(path)
         except UserError as e:
             log.warning(f"skipping {path}: {e}")
     return None
+
+
+def open_resume(args: argparse.Namespace) -> Opened | None:
+    """The checkpoint of ``--resume`` (a path, or for 'auto' the newest good one in ``--output_dir``)."""
+    if not args.resume:
+        return None
+    if args.resume != "auto":
+        return open_checkpoint(args.resume)
+    found = find_resumable(args.output_dir) if args.output_dir else None
+    if found is None:
+        log.info(f"--resume auto: no checkpoint in {args.output_dir}, starting from scratch")
+    return found
 
 
 @dataclass
@@ -143,21 +175,19 @@ class Position:
     epoch: int
     step: int = 0  # iterations already done in ``epoch``
 
+    def steps_done(self, epoch: int) -> int:
+        """Iterations of ``epoch`` already trained: this position's in its own epoch, else none."""
+        return self.step if epoch == self.epoch else 0
 
-def resume(state: TrainState) -> Position:
-    """Restore from ``args.resume`` (a path, or 'auto'); returns where training goes on."""
+
+def resume(state: TrainState, opened: Opened | None) -> Position:
+    """Restore ``state`` from the ``--resume`` checkpoint ``opened`` (see ``open_resume``); returns
+    where training goes on."""
     args = state.args
     start = Position(args.start_epoch)
-    if not args.resume:
+    if opened is None:
         return start
-    if args.resume == "auto":
-        found = find_resumable(args.output_dir)
-        if found is None:
-            log.info(f"--resume auto: no checkpoint in {args.output_dir}, starting from scratch")
-            return start
-        path, ckpt = found
-    else:
-        path, ckpt = args.resume, load_checkpoint(args.resume)
+    path, ckpt = opened.path, opened.ckpt
     load_model_strict(state.model, model_state(ckpt, path), path)
     log.info(f"resumed model from {path}")
     if "optimizer" not in ckpt or "epoch" not in ckpt or getattr(args, "eval", False):
@@ -223,3 +253,25 @@ def _check_same_batches(saved: Any, args: argparse.Namespace, path: str) -> None
                 f"checkpoint {path} was written inside an epoch with {name} {then}, this run has {now}; "
                 f"resume with the same settings, or from an epoch-end checkpoint"
             )
+
+
+def data_fingerprint(dataset: Any) -> dict[str, Any]:
+    """The image count and a digest of the file names (relative to the data set's folder, so that
+    a moved folder is the same data): what a mid-epoch position's order of samples depends on."""
+    files = getattr(dataset, "files", None) or [path for path, _ in dataset.samples]
+    root = getattr(dataset, "root", "") or ""
+    names = "\n".join(os.path.relpath(f, root) if root else f for f in files)
+    return {"images": len(files), "digest": hashlib.sha1(names.encode(), usedforsecurity=False).hexdigest()}
+
+
+def check_same_data(state: TrainState, dataset: Any, position: Position) -> None:
+    """Record the training data in the state; warn when a run resumed inside an epoch trains on
+    other data than the checkpoint's: its position then counts iterations of another order."""
+    now, saved = data_fingerprint(dataset), state.extra.get("data")
+    if position.step and isinstance(saved, dict) and saved != now:
+        log.warning(
+            f"the training data changed since the checkpoint ({saved.get('images')} -> {now['images']} images, or "
+            f"other files): epoch {position.epoch} goes on at iteration {position.step} of the new data's order, so "
+            f"this epoch sees some images twice and others not at all; resume from an epoch-end checkpoint to avoid it"
+        )
+    state.extra["data"] = now

@@ -2,6 +2,7 @@
 
 import argparse
 import math
+import os
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -78,7 +79,12 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
         "--resume", default="", help="checkpoint to resume from, or 'auto' for the newest good one in --output_dir"
     )
     g.add_argument("--start_epoch", default=0, type=int, metavar="N", help="start epoch (overridden by --resume)")
-    g.add_argument("--num_workers", default=10, type=int)
+    g.add_argument(
+        "--num_workers",
+        default=default_workers(),
+        type=int,
+        help="data-loading processes per training process (default: 10, or the usable CPU cores if fewer)",
+    )
     g.add_argument(
         "--pin_mem", action="store_true", help="pin CPU memory in the data loader for faster transfer to the GPU"
     )
@@ -127,12 +133,28 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     d.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
 
 
+def default_workers(most: int = 10) -> int:
+    """The official 10 data-loading workers, or fewer on a machine with fewer cores (PyTorch warns
+    beyond them, and they would only compete with the training process)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        cores = os.cpu_count() or 1
+    return max(1, min(most, cores))
+
+
 def add_classifier_args(parser: argparse.ArgumentParser, models: Iterable[str], model: str, global_pool: bool) -> None:
     """Model flags of the classifiers (fine-tuning and linear probing); ``models``: the known names."""
     g = parser.add_argument_group("model")
-    g.add_argument("--model", default=model, type=str, metavar="MODEL", help=f"one of: {', '.join(models)}")
-    add_input_size_arg(g, default=224)
-    add_in_chans_arg(g)
+    g.add_argument(
+        "--model",
+        default=None,
+        type=str,
+        metavar="MODEL",
+        help=f"one of: {', '.join(models)} (default: the checkpoint's, see --resume and --finetune, else {model})",
+    )
+    add_input_size_arg(g, default=None)
+    add_in_chans_arg(g, default=None)
     g.add_argument("--finetune", default="", help="MAE checkpoint (file or URL) to start from")
     g.add_argument("--global_pool", action="store_true", help="average the patch tokens (then fc_norm)")
     g.add_argument(
@@ -278,7 +300,8 @@ def add_input_size_arg(group: argparse._ArgumentGroup, default: int | None) -> N
         nargs="+",
         action=InputSize,
         metavar="SIZE",
-        help="image size: one value (a square) or two (height width), each a multiple of the patch size",
+        help="image size: one value (a square) or two (height width), each a multiple of the patch size "
+        "(default: the checkpoint's, else 224)",
     )
 
 
@@ -290,7 +313,8 @@ def add_in_chans_arg(group: argparse._ArgumentGroup, default: int | None = 3) ->
         type=int,
         metavar="C",
         help="image channels: 3 reads every file as RGB; 1 reads grayscale files (8 or 16-bit) as they are; "
-        "other counts read multi-page TIFFs, one page per channel (or files with that many bands)",
+        "other counts read multi-page TIFFs, one page per channel (or files with that many bands) "
+        "(default: the checkpoint's, else 3)",
     )
 
 

@@ -15,9 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from util.checkpoint.files import list_checkpoints
-from util.checkpoint.load import saved_args
-from util.cli.errors import UserError, fail
+from util.cli.errors import fail
 from util.cli.log import log
 from util.data.datasets import IMAGENET_MEAN, IMAGENET_STD
 
@@ -108,27 +106,6 @@ def resolve(args: argparse.Namespace, sources: Sequence[Source]) -> None:
                 f"{name} was trained on pixels normalised with mean {_show(m)} std {_show(s)}, this run "
                 f"uses mean {_show(mean)} std {_show(std)} ({origin}){advice}"
             )
-
-
-def run_sources(args: argparse.Namespace) -> list[Source]:
-    """The checkpoints a training entry point continues or starts from, in order of precedence:
-    ``--resume`` (a path, or for 'auto' the newest checkpoint of ``--output_dir`` that loads), then
-    ``--finetune`` (not with ``--eval``, which does not load it)."""
-    sources: list[Source] = []
-    resume = args.resume
-    if resume == "auto":
-        for path in reversed(list_checkpoints(args.output_dir) if args.output_dir else []):
-            try:
-                sources.append((f"checkpoint {path}", saved_args(path)))
-                break
-            except UserError:
-                continue  # resume() says why when it skips it
-    elif resume:
-        sources.append((f"checkpoint {resume}", saved_args(resume)))
-    finetune = getattr(args, "finetune", "")  # pre-training has none
-    if finetune and not args.eval:
-        sources.append((f"checkpoint {finetune}", saved_args(finetune)))
-    return sources
 
 
 def _show(values: Sequence[float]) -> str:

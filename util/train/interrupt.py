@@ -23,6 +23,9 @@ def _handler(signum: int, frame: object) -> None:
 
 
 def install() -> None:
+    """Take the stop signals; a run started in this process after a stopped one starts unstopped."""
+    global _requested
+    _requested = None
     for s in SIGNALS:
         previous = signal.signal(s, _handler)
         if previous is not _handler:

@@ -98,7 +98,7 @@ class MetricLogger:
             data_time.update(time.time() - end)
             yield obj
             iter_time.update(time.time() - end)
-            if (i + 1) % print_freq == 0 or i == total - 1:
+            if (i + 1) % print_freq == 0 or i == total - 1 or i == start:  # the first: it runs, and its pace
                 eta = format_duration(iter_time.global_avg * (total - i - 1))
                 log.info(
                     self.delimiter.join(

@@ -1,0 +1,39 @@
+"""Flags that a checkpoint decides when they are not given: the model, the image size and channels
+(mean/std: util/data/normalization.py). A run that continues or starts from a checkpoint then
+needs none of them, and a fine-tuned 32-px encoder is not silently resized to 224 px."""
+
+import argparse
+from collections.abc import Sequence
+from typing import Any
+
+from util.checkpoint.state import Opened
+from util.cli.log import log
+
+
+def classifier_name(model: str) -> str:
+    """The classifier of an MAE's encoder: ``mae_vit_base_patch16`` -> ``vit_base_patch16``."""
+    return model.removeprefix("mae_")
+
+
+def fill_from_checkpoints(args: argparse.Namespace, sources: Sequence[Opened], fallbacks: dict[str, Any]) -> None:
+    """Set every flag of ``fallbacks`` that is None (not given) to the value the first of ``sources``
+    stores, else to its fallback; say in one line per checkpoint which values it gave. An MAE's
+    ``--model`` becomes its classifier's where the fallback is a classifier (fine-tuning, probing)."""
+    taken: dict[str, list[str]] = {}
+    for flag, fallback in fallbacks.items():
+        if getattr(args, flag, None) is not None:
+            continue
+        value, origin = fallback, None
+        for source in sources:
+            stored = getattr(source.args, flag, None)
+            if stored is not None:
+                value, origin = stored, source.path
+                break
+        if flag == "model" and origin and not str(fallback).startswith("mae_"):
+            value = classifier_name(value)
+        setattr(args, flag, value)
+        if origin:
+            shown = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+            taken.setdefault(origin, []).append(f"--{flag} {shown}")
+    for origin, values in taken.items():
+        log.info(f"from checkpoint {origin}: {' '.join(values)} (flags not given)")

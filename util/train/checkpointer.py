@@ -1,0 +1,147 @@
+"""When a run checks its progress, saves and stops: one owner for all three decisions.
+
+Training checks its progress at *check points*: every ``--print_freq`` iterations, every
+``--ckpt_every_steps``, and at each epoch's last iteration, all on optimizer steps. A check point
+reads the losses since the last one in a single host sync (the GPU is never waited on at every
+step), stops the run on a non-finite loss before anything is saved, and logs. Then, inside an
+epoch, it saves when ``--ckpt_every_steps`` is due or a stop signal reached any rank, and stops
+after that save. Every epoch ends with a checkpoint (``end_epoch``).
+"""
+
+import math
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+
+from util.checkpoint.state import TrainState, save_checkpoint
+from util.cli.errors import NonFiniteLoss, fail, lower_lr
+from util.cli.log import log
+from util.train import distributed, interrupt
+from util.train.progress import MetricLogger, RunLog, SmoothedValue
+from util.train.steps import Accumulation
+
+
+def stop_requested(device: str) -> bool:
+    """Whether a stop signal reached any rank; every rank gets the same answer (a collective)."""
+    return distributed.any_rank(interrupt.requested(), device)
+
+
+class Checkpointer:
+    """Saves ``state`` and decides when to stop; the only caller of ``save_checkpoint``."""
+
+    def __init__(self, state: TrainState, run_log: RunLog):
+        self.state, self.run_log = state, run_log
+        self.last_saved: str | None = None  # what a stop names as the place to continue from
+
+    def epoch(self, epoch: int, start_step: int, iterations: int) -> "EpochProgress":
+        """The check points of ``epoch``, whose ``iterations`` are left from ``start_step`` on."""
+        return EpochProgress(self, epoch, start_step, start_step + iterations)
+
+    def save(self, epoch: int, step: int | None = None) -> str | None:
+        self.last_saved = save_checkpoint(self.state, epoch, step)
+        return self.last_saved
+
+    def end_epoch(self, epoch: int, line: dict[str, Any] | None = None) -> None:
+        """Save the epoch's checkpoint, with its log.txt ``line`` when given.
+
+        The line goes into the checkpoint's log history first and into log.txt after the
+        checkpoint: a kill in between loses nothing, since resuming rewrites log.txt from it."""
+        if line is not None:
+            self.run_log.record(line)
+        self.save(epoch)
+        self.run_log.write()
+
+    def stop_if_requested(self) -> None:
+        """Stop after the last save (``--resume auto`` goes on from it) when a signal asked for it."""
+        if stop_requested(self.state.args.device):
+            raise interrupt.Interrupted(self.last_saved)
+
+
+class EpochProgress:
+    """One epoch's progress lines, check points and mid-epoch saves (see the module docstring)."""
+
+    def __init__(self, owner: Checkpointer, epoch: int, start_step: int, total: int):
+        args = owner.state.args
+        if args.accum_iter > total:
+            fail(
+                f"--accum_iter {args.accum_iter} is more than the {total} iterations of an epoch, so the optimizer "
+                f"would step once per epoch on a smaller batch than asked for; lower --accum_iter or --batch_size"
+            )
+        self.owner, self.args, self.epoch, self.start_step, self.total = owner, args, epoch, start_step, total
+        self.accumulation = Accumulation(args.accum_iter, total)
+        self.metrics = MetricLogger()
+        self.metrics.add_meter("lr", SmoothedValue(window=1, fmt="{value:.6f}"))
+        state = owner.state
+        saved = state.meters  # the epoch's sums up to the mid-epoch checkpoint this run resumed from
+        if start_step and saved and (saved["epoch"], saved["step"]) == (epoch, start_step):
+            self.metrics.load_sums(saved["sums"])  # the epoch's average then covers all its iterations
+        state.meters = None
+        self.pending: list[torch.Tensor] = []
+        self.lr = 0.0
+
+    def iterate(self, loader: Iterable) -> Iterator[tuple[int, Any]]:
+        """(iteration, batch) from ``start_step`` on, with a progress line after the first iteration
+        and every ``--print_freq`` (the line follows ``after_step``, so it shows its losses)."""
+        lines = self.metrics.log_every(
+            loader, self.args.print_freq, f"Epoch: [{self.epoch}]", self.total, self.start_step
+        )
+        return enumerate(lines, self.start_step)
+
+    def after_step(self, step: int, loss: torch.Tensor, lr: float) -> None:
+        """Keep ``loss`` for the next check point; at a check point, check and log the losses, and
+        save and stop when that is due (inside the epoch: its end is ``Checkpointer.end_epoch``'s)."""
+        self.pending.append(loss.detach())
+        self.lr = lr
+        args, last = self.args, step == self.total - 1
+        first = step == self.start_step  # the first line shows that training runs, and its pace
+        log_now = (step + 1) % args.print_freq == 0 or last or first
+        save_now = bool(args.ckpt_every_steps) and (step + 1) % args.ckpt_every_steps == 0
+        if not (log_now or save_now):
+            return
+        self._check_and_log(step)  # finiteness first: a checkpoint never holds what a bad step made
+        if not self.accumulation.ends(step) or last:
+            return  # positions are saved on optimizer steps only; the epoch's end is end_epoch's
+        stop = stop_requested(args.device)
+        if save_now or stop:
+            state = self.owner.state
+            state.meters = {"epoch": self.epoch, "step": step + 1, "sums": self.metrics.sums()}  # rank 0's
+            self.owner.save(self.epoch, step + 1)
+            state.meters = None
+            if stop:
+                raise interrupt.Interrupted(self.owner.last_saved)
+
+    def averages(self) -> dict[str, float]:
+        return self.metrics.global_averages()
+
+    def _check_and_log(self, step: int) -> None:
+        """One host sync: read the pending losses, stop on a non-finite one, log the averages."""
+        values = torch.stack(self.pending).float().cpu().tolist()
+        self.pending = []
+        first = step + 1 - len(values)
+        bad = [(first + i, v) for i, v in enumerate(values) if not math.isfinite(v)]
+        # All ranks stop together; one rank stopping alone would leave the others hanging.
+        summed = distributed.all_reduce_sum(
+            [float(len(bad)), sum(values) if not bad else 0.0, len(values)], self.args.device
+        )
+        if summed[0] > 0:
+            where = f"iteration {bad[0][0]}" if bad else "another rank"
+            raise NonFiniteLoss(
+                f"loss is {bad[0][1] if bad else 'not finite'} at epoch {self.epoch}, {where}; stopping without "
+                f"saving, so the last checkpoint stays intact. Lower {lower_lr(self.args)}, or try --precision "
+                f"bf16/fp32"
+            )
+        for v in values:
+            self.metrics.update(loss=v)
+        self.metrics.update(lr=self.lr)
+        epoch_1000x = int((self.epoch + (step + 1) / self.total) * 1000)  # the official x-axis
+        self.owner.run_log.scalars(epoch_1000x, train_loss=summed[1] / summed[2], lr=self.lr)
+
+
+def log_accumulation_remainder(iterations: int, accum_iter: int) -> None:
+    """Say once that an epoch's last accumulation group is shorter (see ``Accumulation``)."""
+    if iterations % accum_iter:
+        log.info(
+            f"{iterations} iterations per epoch are not a multiple of --accum_iter {accum_iter}: each epoch's last "
+            f"optimizer step averages the gradients of its last {iterations % accum_iter} iterations"
+        )
