@@ -29,6 +29,7 @@ from util.cli.log import log
 from util.data import normalization
 from util.data.normalization import add_norm_args
 from util.eval import knn
+from util.outputs import atomic_append, check_json_output, reported
 from util.train import distributed
 
 
@@ -82,6 +83,8 @@ def main(args: argparse.Namespace) -> None:
             if not os.path.isfile(encoder):
                 fail(f"--encoders {encoder} is neither a checkpoint file nor 'random' or 'pixels'")
     distributed.init_distributed_mode(args)
+    if args.output and distributed.is_main_process():  # before the work, not after it
+        check_json_output(args.output, "--output", append=True)
     args.precision = resolve_precision(args.precision, args.device)
     # One normalisation for every encoder (they share the images): the flags, else the first
     # checkpoint's; an encoder trained with other values is named in a warning.
@@ -112,8 +115,8 @@ def main(args: argparse.Namespace) -> None:
                 "seconds": round(seconds, 1),
                 "command": " ".join(["python", *sys.argv]),
             }
-            with open(args.output, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            with reported(args.output, "--output"):  # the whole file anew: a full disk leaves the earlier lines
+                atomic_append(args.output, json.dumps(record) + "\n")
     distributed.cleanup()
 
 
