@@ -18,7 +18,6 @@ images or on ``--num_workers``.
 import argparse
 import json
 import math
-import os
 import sys
 from fractions import Fraction
 from typing import Any
@@ -29,8 +28,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from util.cli.args import check_at_least
-from util.cli.errors import fail, run_cli
+from util.cli.errors import run_cli
 from util.data.datasets import pretrain_dataset
+from util.outputs import atomic_write, check_json_output, reported
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -79,8 +79,8 @@ def compute(args: argparse.Namespace) -> dict[str, Any]:
     check_at_least(args, 0, "input_size", zero_means="each image at its own size")
     check_at_least(args, 0, "max_images", zero_means="all")
     check_at_least(args, 0, "num_workers")
-    if args.json not in ("", "-") and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
-        fail(f"--json {args.json}: its folder does not exist")  # before the work, not after it
+    if args.json not in ("", "-"):
+        check_json_output(args.json, "--json")  # before the work, not after it
     dataset = pretrain_dataset(args.data_path, PixelSums(args.input_size))
     if 0 < args.max_images < len(dataset):
         chosen = np.unique(np.linspace(0, len(dataset) - 1, args.max_images).round().astype(np.int64))
@@ -112,8 +112,9 @@ def main(args: argparse.Namespace) -> None:
     if args.json == "-":
         print(json.dumps(stats))
     elif args.json:
-        with open(args.json, "w") as f:
-            f.write(json.dumps(stats, indent=1) + "\n")
+        text = json.dumps(stats, indent=1) + "\n"
+        with reported(args.json, "--json"):
+            atomic_write(args.json, lambda f: f.write(text.encode("utf-8")))
 
 
 if __name__ == "__main__":

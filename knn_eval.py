@@ -31,6 +31,7 @@ from util.cli.log import log
 from util.data import normalization
 from util.data.normalization import add_norm_args
 from util.eval import knn
+from util.outputs import atomic_append, check_json_output, reported
 from util.train import distributed
 
 # What --model and --input_size mean when not given and no checkpoint decides them (None: the model's size).
@@ -98,6 +99,8 @@ def main(args: argparse.Namespace) -> None:
     with torch.device("meta"):  # --model and --input_size checked before any image is read
         args.input_size = models_mae.create_model(args.model, args.input_size).img_size
     distributed.init_distributed_mode(args)
+    if args.output and distributed.is_main_process():  # before the work, not after it
+        check_json_output(args.output, "--output", append=True)
     args.precision = resolve_precision(args.precision, args.device)
     # One normalisation for every encoder (they share the images): the flags, else the first
     # checkpoint's; an encoder trained with other values is named in a warning.
@@ -128,8 +131,8 @@ def main(args: argparse.Namespace) -> None:
                 "seconds": round(seconds, 1),
                 "command": " ".join(["python", *sys.argv]),
             }
-            with open(args.output, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            with reported(args.output, "--output"):  # the whole file anew: a full disk leaves the earlier lines
+                atomic_append(args.output, json.dumps(record) + "\n")
     distributed.cleanup()
 
 

@@ -22,7 +22,7 @@ from util.data.channels import image_loader
 from util.data.datasets import eval_transform
 from util.data.normalization import add_norm_args
 from util.eval.pictures import fixed_noise, load_images, reconstruction_grid, save_png
-from util.outputs import check_output_file
+from util.outputs import check_output_file, reported
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -111,7 +111,9 @@ def main(args: argparse.Namespace) -> None:
     transform = eval_transform((height, width), args.mean, args.std, in_chans)
     imgs = load_images(args.images, transform, image_loader(in_chans))
     noise = fixed_noise(len(imgs), model.num_patches, seed=args.seed)
-    save_png(reconstruction_grid(model, imgs, noise, args.mask_ratio, args.mean, args.std), args.output)
+    picture = reconstruction_grid(model, imgs, noise, args.mask_ratio, args.mean, args.std)
+    with reported(args.output, "--output"):  # a full disk: one line, and an earlier picture stays whole
+        save_png(picture, args.output)
     size = f"{height}" if height == width else f"{height}x{width}"
     print(f"{name} at {size} px, {in_chans} channel(s), mask ratio {args.mask_ratio}: wrote {args.output}")
 

@@ -2,10 +2,13 @@
 find that it cannot write its checkpoint), and written atomically (a crash or a full disk leaves
 the old file or the complete new one, never a torn one)."""
 
+import contextlib
+import json
 import os
+import re
 import tempfile
-from collections.abc import Callable
-from typing import BinaryIO
+from collections.abc import Callable, Iterator
+from typing import Any, BinaryIO
 
 from PIL import Image
 
@@ -47,6 +50,18 @@ def check_output_dir(path: str, flag: str) -> None:
     _check_writable(path, f"{flag} {path}")
 
 
+def _check_file_target(path: str, flag: str, example: str) -> None:
+    """``path`` is not a folder, its folder exists and takes files, and the file is not read-only."""
+    if os.path.isdir(path):
+        fail(f"{flag} {path} is a folder; give a file name such as {os.path.join(path, example)}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        fail(f"{flag} {path}: the folder {folder} does not exist; create it first")
+    _check_writable(folder, f"{flag} {path}")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        fail(f"{flag} {path} exists and is read-only; remove it or give another name")
+
+
 def check_output_file(path: str, flag: str) -> None:
     """``path`` names a picture file (by its extension) that can be written, in an existing folder."""
     if os.path.isdir(path):
@@ -56,24 +71,88 @@ def check_output_file(path: str, flag: str) -> None:
     writable = sorted(e for e, f in Image.registered_extensions().items() if f in PICTURE_FORMATS and f in Image.SAVE)
     if ext not in writable:
         fail(f"{flag} {path}: '{ext}' is not a picture format this can write; use one of {', '.join(writable)}")
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        fail(f"{flag} {path}: the folder {folder} does not exist; create it first")
-    _check_writable(folder, f"{flag} {path}")
-    if os.path.exists(path) and not os.access(path, os.W_OK):
-        fail(f"{flag} {path} exists and is read-only; remove it or give another name")
+    _check_file_target(path, flag, "reconstruction.png")
 
 
-def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
+def check_json_output(path: str, flag: str, append: bool = False) -> None:
+    """``path`` can take the JSON file a command writes when its work is done: checked before
+    the work. With ``append`` (one JSON object per line, added to what the file holds), the lines
+    already there must be JSON too, or the file would end up mixing them with ours."""
+    _check_file_target(path, flag, "results.json")
+    if append and os.path.isfile(path):
+        _check_json_lines(path, flag)
+
+
+def _check_json_lines(path: str, flag: str) -> None:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        fail(f"{flag} {path} cannot be read ({e.strerror}); it is added to, so it must be readable: give another name")
+    for number, line in enumerate(data.splitlines(), 1):
+        if not _is_json(line):
+            fail(
+                f"{flag} {path}: line {number} is not JSON, and one JSON object per line is added to this file; "
+                f"repair or remove it, or give another name"
+            )
+
+
+def _is_json(line: bytes) -> bool:
+    if not line.strip():
+        return True  # a blank line troubles no reader of JSON lines
+    try:
+        json.loads(line)
+    except ValueError:  # JSON's and UTF-8's errors
+        return False
+    return True
+
+
+def check_outside_data(output_dir: str, data_path: str, flag: str = "--output_dir") -> None:
+    """Refuse an output folder at or below the data folder (links resolved): the pictures a run
+    writes there would be read back as training images (or, in class folders, as a class).
+
+    A list file as ``data_path`` names its images one by one, so nothing written next to it joins them."""
+    if not output_dir or not os.path.isdir(data_path):
+        return
+    data, out = os.path.realpath(data_path), os.path.realpath(output_dir)
+    if os.path.commonpath([data, out]) == data:
+        fail(
+            f"{flag} {output_dir} is inside --data_path {data_path}: its reconstruction pictures would be read "
+            f"back as training images; choose an {flag} outside the data"
+        )
+
+
+def temporary_path(path: str) -> str:
+    """Where ``atomic_write`` writes ``path`` before renaming it: the process id tells a temporary
+    file of a writer still at work from one that a killed process left behind."""
+    return f"{path}.tmp{os.getpid()}"
+
+
+_TEMPORARY = re.compile(r"^(.+)\.tmp(\d*)$")
+
+
+def stale_temporary_of(name: str) -> str | None:
+    """The file name that ``name`` is a temporary file of, when a process other than this one left
+    it (``checkpoint-3.pth.tmp1234`` -> ``checkpoint-3.pth``); None for any other name. An empty
+    process id is the temporary name of earlier versions."""
+    m = _TEMPORARY.match(name)
+    if not m or m.group(2) == str(os.getpid()):
+        return None
+    return m.group(1)
+
+
+def atomic_write(path: str, write: Callable[[BinaryIO], None], opener: Callable[..., Any] | None = None) -> None:
     """Call ``write(f)`` on a temporary file in ``path``'s folder, flush it to disk, then rename it
     over ``path``: every file this project writes goes through here.
 
     A failed write (a full disk, a quota) raises its ``OSError`` and leaves ``path`` as it was; the
     temporary file is removed. The folder is synced too, so that the rename survives a power loss.
+    ``opener`` opens the temporary file (default: ``open``); a caller passes its own module's
+    ``open``, so that the tests which give that module a full disk reach the file it writes.
     """
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = temporary_path(path)
     try:
-        with open(tmp, "wb") as f:
+        with (opener or open)(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -86,3 +165,30 @@ def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def atomic_append(path: str, text: str, opener: Callable[..., Any] | None = None) -> None:
+    """Add ``text`` at the end of ``path`` (created if missing) by writing the whole file anew
+    through ``atomic_write``: a full disk leaves the old lines rather than a torn last one. For
+    the small files this project appends to (log.txt, knn_eval's results)."""
+    old = b""
+    if os.path.exists(path):
+        with (opener or open)(path, "rb") as f:
+            old = f.read()
+    if old and not old.endswith(b"\n"):  # a line torn by an older version: ours starts on its own line
+        old += b"\n"
+    data = old + text.encode("utf-8")
+    atomic_write(path, lambda f: f.write(data), opener)
+
+
+@contextlib.contextmanager
+def reported(path: str, what: str) -> Iterator[None]:
+    """Turn an ``OSError`` of writing ``path`` (``what``: the flag that named it) into one line.
+    Meant around ``atomic_write``, which has left the old file as it was."""
+    try:
+        yield
+    except OSError as e:
+        fail(
+            f"{what} {path}: cannot write it ({e.strerror or e}); the file is left as it was: free some space "
+            f"or give another path"
+        )

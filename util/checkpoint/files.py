@@ -6,9 +6,11 @@ iterations of one.
 
 import os
 import re
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
+
+from util.outputs import atomic_write, stale_temporary_of
 
 _NAME = re.compile(r"^checkpoint-(\d+)(?:-step(\d+))?\.pth$")
 
@@ -18,33 +20,21 @@ def checkpoint_name(epoch: int, step: int | None = None) -> str:
 
 
 def atomic_save(obj: Any, path: str) -> None:
-    """Write to a temporary file in the same folder, flush it to disk, then rename over ``path``.
+    """``torch.save`` through ``util.outputs.atomic_write``: a crash at any moment leaves either
+    the old file or the complete new one, never a partial one. A failed write raises the
+    ``OSError`` that caused it (a full disk, a quota)."""
 
-    A crash at any moment leaves either the old file or the complete new one, never a partial one.
-    A failed write raises the ``OSError`` that caused it (a full disk, a quota).
-    """
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            writer = _KeepError(f)
-            try:
-                torch.save(obj, writer)
-            except RuntimeError as e:
-                # torch reports a failed write as "unexpected pos N vs M": raise the cause instead.
-                if writer.error is None:
-                    raise
-                raise writer.error from e
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    def write(f: BinaryIO) -> None:
+        writer = _KeepError(f)
+        try:
+            torch.save(obj, writer)
+        except RuntimeError as e:
+            # torch reports a failed write as "unexpected pos N vs M": raise the cause instead.
+            if writer.error is None:
+                raise
+            raise writer.error from e
+
+    atomic_write(path, write, opener=open)  # this module's open: fault tests give checkpoint writes a full disk
 
 
 class _KeepError:
@@ -80,7 +70,8 @@ def list_checkpoints(output_dir: str) -> list[str]:
     if not os.path.isdir(output_dir):
         return []
     named = [(p, n) for n in os.listdir(output_dir) if (p := progress(n)) is not None]
-    return [os.path.join(output_dir, n) for _, n in sorted(named)]
+    # Only files: a folder or a broken link named like a checkpoint is not one (and cannot be pruned).
+    return [path for _, n in sorted(named) if os.path.isfile(path := os.path.join(output_dir, n))]
 
 
 def prune(
@@ -113,7 +104,8 @@ def prune(
 
 
 def _remove_stale_temporaries(output_dir: str) -> None:
-    """Temporary files of writes that a killed process never finished (ours are renamed)."""
+    """Temporary files of checkpoint writes that a killed process never finished (ours are renamed)."""
     for name in os.listdir(output_dir):
-        if _NAME.match(name.split(".tmp")[0]) and ".pth.tmp" in name and not name.endswith(f".tmp{os.getpid()}"):
-            os.remove(os.path.join(output_dir, name))
+        path = os.path.join(output_dir, name)
+        if _NAME.match(stale_temporary_of(name) or "") and os.path.isfile(path):
+            os.remove(path)

@@ -1,5 +1,6 @@
 """Pictures of reconstructions: original | masked | reconstruction | reconstruction + visible."""
 
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -9,6 +10,7 @@ from PIL import Image
 
 from util.data.datasets import IMAGENET_MEAN, IMAGENET_STD
 from util.data.images import load_rgb
+from util.outputs import atomic_write
 
 MASKED_GRAY = 0.5
 
@@ -61,12 +63,16 @@ def reconstruction_grid(
 
 
 def save_png(picture: np.ndarray, path: str, min_width: int = 512) -> None:
-    """Save, upscaled by a whole factor (nearest) so that small images stay visible."""
+    """Save, upscaled by a whole factor (nearest) so that small images stay visible, in the format
+    that ``path``'s extension names (PNG for any other). Atomic: a failed write (a full disk) raises
+    its ``OSError`` and leaves an earlier file at ``path`` as it was."""
     img = Image.fromarray(picture)
     factor = max(1, -(-min_width // img.width))
     if factor > 1:
         img = img.resize((img.width * factor, img.height * factor), Image.NEAREST)
-    img.save(path)
+    Image.init()
+    image_format = Image.registered_extensions().get(os.path.splitext(path)[1].lower(), "PNG")
+    atomic_write(path, lambda f: img.save(f, format=image_format))
 
 
 def load_images(paths: Sequence[str], transform: Callable, loader: Callable[[str], Any] = load_rgb) -> torch.Tensor:

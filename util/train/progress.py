@@ -4,13 +4,15 @@ import contextlib
 import datetime
 import json
 import os
+import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from util.cli.errors import fail
 from util.cli.log import log
+from util.outputs import atomic_append, atomic_write, stale_temporary_of
 from util.train import distributed
 
 
@@ -125,28 +127,56 @@ class RunLog:
     fresh start replaces an old log; a fall-back to an earlier checkpoint drops the later epochs'
     lines, which the run then logs again; a line lost to a kill after its checkpoint comes back).
     Without a history (a checkpoint older than it) log.txt is only appended to.
+
+    log.txt is what a resumed run agrees with, so failing to write it stops the run in one line.
+    TensorBoard and the pictures are extras: failing to write them (a full disk) is one warning,
+    and training goes on (TensorBoard is then off for the rest of the run).
     """
 
     def __init__(self, log_dir: str, output_dir: str, history: list[dict[str, Any]] | None = None):
         self.writer = None
+        self.log_dir = log_dir
         self.log_path = os.path.join(output_dir, "log.txt") if output_dir else None
         self.history = history if history is not None else []
         self._written = len(self.history)  # lines of history already in log.txt
         if distributed.is_main_process() and log_dir:
-            from torch.utils.tensorboard import SummaryWriter
-
-            os.makedirs(log_dir, exist_ok=True)
-            self.writer = SummaryWriter(log_dir=log_dir)
+            self._open_tensorboard()
         if history is not None and self.log_path and distributed.is_main_process():
             self._rewrite()
 
+    def _open_tensorboard(self) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        _leave_tensorboard_thread_errors_to_runlog()
+        try:
+            os.makedirs(self.log_dir, exist_ok=True)
+            self.writer = SummaryWriter(log_dir=self.log_dir)  # it writes and flushes its first event here
+        except OSError as e:
+            self._tensorboard_off(e)
+
+    def _tensorboard(self, call: Callable[[Any], object]) -> None:
+        """``call(writer)``; an ``OSError`` (a full disk) turns TensorBoard off with one warning. An
+        error of its writer thread surfaces here, at the next call after it."""
+        if not self.writer:
+            return
+        try:
+            call(self.writer)
+        except OSError as e:
+            writer, self.writer = self.writer, None
+            self._tensorboard_off(e)
+            with contextlib.suppress(OSError):
+                writer.close()  # it flushes first, which raises the error again
+
+    def _tensorboard_off(self, error: OSError) -> None:
+        log.warning(
+            f"cannot write TensorBoard events in {self.log_dir} ({error.strerror or error}); TensorBoard is off "
+            f"for the rest of this run, training goes on (log.txt and checkpoints as usual)"
+        )
+
     def _rewrite(self) -> None:
-        """Replace log.txt by the history, atomically (a kill leaves the old or the new file).
-        No fsync: after a power loss the next resume rewrites it again."""
+        """Replace log.txt by the history, atomically (a kill leaves the old or the new file)."""
+        self._remove_stale_temporaries()
         text = "".join(json.dumps(line) + "\n" for line in self.history)
-        tmp = self.log_path + ".tmp"
-        if os.path.exists(tmp):  # left by a run killed while rewriting
-            os.remove(tmp)
         old = None
         if os.path.exists(self.log_path):
             with open(self.log_path) as f:
@@ -156,9 +186,16 @@ class RunLog:
         if old:
             log.info(f"{self.log_path}: rewritten with the {len(self.history)} epoch lines of the run's checkpoint")
         with self._writing():
-            with open(tmp, "w") as f:
-                f.write(text)
-            os.replace(tmp, self.log_path)
+            # This module's open: the fault tests give log.txt a full disk through it.
+            atomic_write(self.log_path, lambda f: f.write(text.encode("utf-8")), opener=open)
+
+    def _remove_stale_temporaries(self) -> None:
+        """log.txt's temporary files left by runs killed while writing it."""
+        folder = os.path.dirname(self.log_path) or "."
+        for name in os.listdir(folder):
+            if stale_temporary_of(name) == os.path.basename(self.log_path):
+                with contextlib.suppress(IsADirectoryError, FileNotFoundError):
+                    os.remove(os.path.join(folder, name))
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[None]:
@@ -171,27 +208,39 @@ class RunLog:
             )
 
     def scalars(self, step: int, **values: float) -> None:
-        if self.writer:
+        def add(writer: Any) -> None:
             for name, value in values.items():
-                self.writer.add_scalar(name, value, step)
+                writer.add_scalar(name, value, step)
+
+        self._tensorboard(add)
 
     def image(self, tag: str, image_hwc: Any, step: int) -> None:
-        if self.writer:
-            self.writer.add_image(tag, image_hwc, step, dataformats="HWC")
+        self._tensorboard(lambda writer: writer.add_image(tag, image_hwc, step, dataformats="HWC"))
+
+    def write_optional(self, path: str, write: Callable[[], None]) -> bool:
+        """Run ``write()``, which writes ``path``, a file training can do without (a reconstruction
+        picture): an ``OSError`` (a full disk) is one warning and training goes on. Returns whether
+        ``path`` was written."""
+        try:
+            write()
+        except OSError as e:
+            log.warning(f"cannot write {path} ({e.strerror or e}); training goes on without it")
+            return False
+        return True
 
     def record(self, stats: dict[str, Any]) -> None:
         """Add an epoch's line to the history (which the next checkpoint carries), not yet to log.txt."""
         self.history.append(stats)
 
     def write(self) -> None:
-        """Append the recorded lines not yet in log.txt."""
+        """Append the recorded lines not yet in log.txt (the whole file rewritten: never a torn line)."""
         if not distributed.is_main_process():
             return
-        if self.writer:
-            self.writer.flush()
+        self._tensorboard(lambda writer: writer.flush())
         if self.log_path and self._written < len(self.history):
-            with self._writing(), open(self.log_path, "a") as f:
-                f.write("".join(json.dumps(line) + "\n" for line in self.history[self._written :]))
+            text = "".join(json.dumps(line) + "\n" for line in self.history[self._written :])
+            with self._writing():
+                atomic_append(self.log_path, text, opener=open)
         self._written = len(self.history)
 
     def epoch(self, stats: dict[str, Any]) -> None:
@@ -199,5 +248,24 @@ class RunLog:
         self.write()
 
     def close(self) -> None:
-        if self.writer:
-            self.writer.close()
+        self._tensorboard(lambda writer: writer.flush())  # the last events' errors, while they can be reported
+        self._tensorboard(lambda writer: writer.close())
+        self.writer = None
+
+
+def _leave_tensorboard_thread_errors_to_runlog() -> None:
+    """TensorBoard writes its event file in a thread of its own. An ``OSError`` there (a full disk)
+    would print that thread's traceback, then reach RunLog again at its next TensorBoard call, which
+    reports it in one line: such errors are left to that call. Any other thread error is shown as
+    before. Installed once per process (the hook stays; it only ever drops these errors)."""
+    previous = threading.excepthook
+    if getattr(previous, "leaves_tensorboard_errors_to_runlog", False):
+        return
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        from_tensorboard = type(args.thread).__module__.startswith("tensorboard.")
+        if not (from_tensorboard and issubclass(args.exc_type, OSError)):
+            previous(args)
+
+    hook.leaves_tensorboard_errors_to_runlog = True
+    threading.excepthook = hook

@@ -1,0 +1,287 @@
+"""Every output file atomic and checked before the work (issue 20): a full disk in any writer
+leaves the earlier file whole and is one line (or, for what training can do without, one warning
+while training goes on); JSON outputs are checked before the work; only files count as
+checkpoints; an output folder inside the data is refused."""
+
+import errno
+import io
+import json
+import os
+import threading
+from argparse import Namespace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import budgeted_open, make_dataset, make_split
+from PIL import Image
+
+import dataset_stats
+import knn_eval
+import models_mae
+import reconstruct
+from util import outputs
+from util.checkpoint import files as checkpoint_files
+from util.checkpoint.files import atomic_save, list_checkpoints, prune
+from util.cli.errors import UserError
+from util.eval import knn
+from util.eval.pictures import save_png
+from util.train.progress import RunLog
+
+
+def full_disk(monkeypatch, module, only: str, after_bytes: int = 0) -> None:
+    """Files that ``module`` opens for writing, whose path contains ``only``, take ``after_bytes``
+    bytes and then fail as a full disk does."""
+
+    def full():
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def wrap(path: str, mode: str) -> bool:
+        return ("w" in mode or "a" in mode) and only in path
+
+    monkeypatch.setattr(module, "open", budgeted_open(after_bytes, full, wrap), raising=False)
+
+
+def one_line(err: pytest.ExceptionInfo) -> str:
+    message = str(err.value)
+    assert "\n" not in message, message
+    return message
+
+
+def no_temporaries(folder: Path) -> bool:
+    return not list(folder.glob("*.tmp*"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The mechanism: atomic_write and atomic_append
+def test_atomic_append_adds_lines_and_a_full_disk_keeps_the_old_ones(tmp_path, monkeypatch):
+    path = tmp_path / "results.jsonl"
+    outputs.atomic_append(str(path), '{"a": 1}\n')
+    outputs.atomic_append(str(path), '{"a": 2}\n')
+    assert path.read_text() == '{"a": 1}\n{"a": 2}\n'
+    path.write_text('{"a": 1}')  # a last line without its newline: ours still starts a line of its own
+    outputs.atomic_append(str(path), '{"a": 2}\n')
+    assert path.read_text() == '{"a": 1}\n{"a": 2}\n'
+    full_disk(monkeypatch, outputs, "results.jsonl", after_bytes=12)  # the old line fits, the new one not
+    with pytest.raises(OSError, match="No space left"):
+        outputs.atomic_append(str(path), '{"a": 3}\n')
+    assert path.read_text() == '{"a": 1}\n{"a": 2}\n' and no_temporaries(tmp_path)
+
+
+def test_stale_temporaries_are_told_from_this_process_own():
+    assert outputs.stale_temporary_of("checkpoint-3.pth.tmp999999") == "checkpoint-3.pth"
+    assert outputs.stale_temporary_of("log.txt.tmp") == "log.txt"  # the name of earlier versions
+    assert outputs.stale_temporary_of(os.path.basename(outputs.temporary_path("log.txt"))) is None  # ours
+    assert outputs.stale_temporary_of("log.txt") is None and outputs.stale_temporary_of("a.tmpx") is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: atomic_save keeps its behaviour through atomic_write; only files are checkpoints
+def test_atomic_save_reports_the_full_disk_not_torch_message(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint-0.pth"
+    atomic_save({"a": torch.arange(3)}, str(path))
+    before = path.read_bytes()
+    full_disk(monkeypatch, checkpoint_files, ".pth.tmp", after_bytes=100)  # the open it hands atomic_write
+    with pytest.raises(OSError) as err:
+        atomic_save({"a": torch.arange(10_000)}, str(path))
+    assert err.value.errno == errno.ENOSPC  # not torch's "unexpected pos" RuntimeError
+    assert path.read_bytes() == before and no_temporaries(tmp_path)
+
+
+def test_only_files_count_as_checkpoints(tmp_path):
+    for name in ("checkpoint-1.pth", "checkpoint-2.pth"):
+        atomic_save({"epoch": name}, str(tmp_path / name))
+    (tmp_path / "checkpoint-3.pth").mkdir()  # folders named like a checkpoint, newer than the files
+    (tmp_path / "checkpoint-4.pth.tmp999999").mkdir()
+    (tmp_path / "checkpoint-5.pth").symlink_to(tmp_path / "gone")  # a broken link
+    assert list_checkpoints(str(tmp_path)) == [str(tmp_path / "checkpoint-1.pth"), str(tmp_path / "checkpoint-2.pth")]
+    # keep_last 1: the newest checkpoint is checkpoint-2.pth, not the folder, so it stays.
+    assert prune(str(tmp_path), keep_last=1, keep_every=100, final_epoch=9) == [str(tmp_path / "checkpoint-1.pth")]
+    names = {p.name for p in tmp_path.iterdir()}
+    assert names == {"checkpoint-2.pth", "checkpoint-3.pth", "checkpoint-4.pth.tmp999999", "checkpoint-5.pth"}
+
+
+# ---------------------------------------------------------------------------------------------
+# An output folder inside the data
+def test_output_dir_inside_the_data_is_refused(tmp_path):
+    data = tmp_path / "data"
+    (data / "cats").mkdir(parents=True)
+    (tmp_path / "data2").mkdir()
+    (tmp_path / "link_to_data").symlink_to(data)
+    (tmp_path / "runs").symlink_to(data / "cats")
+    for inside in (data, data / "out", data / "cats" / "run1", tmp_path / "link_to_data" / "out", tmp_path / "runs"):
+        with pytest.raises(UserError) as err:
+            outputs.check_outside_data(str(inside), str(data), "--output_dir")
+        message = one_line(err)
+        assert message.startswith(f"--output_dir {inside} is inside --data_path {data}"), message
+        assert message.endswith("choose an --output_dir outside the data"), message
+    # Beside the data (also a folder whose name starts like it), or beside a list file: fine.
+    for outside in (tmp_path / "out", tmp_path / "data2" / "out", tmp_path):
+        outputs.check_outside_data(str(outside), str(data), "--output_dir")
+    (data / "train.txt").write_text("cats/a.jpg\n")
+    outputs.check_outside_data(str(data / "out"), str(data / "train.txt"), "--output_dir")
+
+
+# ---------------------------------------------------------------------------------------------
+# knn_eval --output: checked before the work, appended atomically
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory) -> Path:
+    return make_split(tmp_path_factory.mktemp("labelled"), train=4, val=2)
+
+
+def _knn_eval(data: Path, output: Path) -> None:
+    argv = ["--data_path", str(data), "--encoders", "pixels", "--knn_k", "3", "--model", "mae_vit_tiny_patch4"]
+    argv += ["--device", "cpu", "--num_workers", "0", "--batch_size", "8", "--output", str(output)]
+    knn_eval.main(knn_eval.get_args_parser().parse_args(argv))
+
+
+def _no_work(monkeypatch) -> None:
+    def work(*a, **k):
+        raise AssertionError("the work started before the output was checked")
+
+    monkeypatch.setattr(knn, "KnnData", work)
+    monkeypatch.setattr(knn, "evaluate", work)
+
+
+@pytest.mark.parametrize("case", ["folder", "missing_folder", "not_json_lines", "not_utf8"])
+def test_knn_output_is_checked_before_the_work(labelled, tmp_path, monkeypatch, case):
+    output = {"folder": tmp_path, "missing_folder": tmp_path / "no" / "knn.jsonl"}.get(case, tmp_path / "knn.jsonl")
+    if case == "not_json_lines":
+        output.write_text('{"encoder": "pixels"}\n{"encoder": "rand\n')  # torn by an earlier version
+    if case == "not_utf8":
+        output.write_bytes(b"\xff\xfe\n")
+    _no_work(monkeypatch)
+    with pytest.raises(UserError) as err:
+        _knn_eval(labelled, output)
+    message = one_line(err)
+    assert message.startswith(f"--output {output}"), message
+    expected = {"folder": "is a folder", "missing_folder": "does not exist"}.get(case, "line 2 is not JSON")
+    if case == "not_utf8":
+        expected = "line 1 is not JSON"
+    assert expected in message, message
+
+
+def test_knn_output_full_disk_keeps_the_earlier_lines(labelled, tmp_path, monkeypatch):
+    output = tmp_path / "knn.jsonl"
+    _knn_eval(labelled, output)
+    before = output.read_text()
+    (record,) = [json.loads(line) for line in before.splitlines()]
+    assert record["encoder"] == "pixels" and record["queries"] == 6
+    full_disk(monkeypatch, outputs, "knn.jsonl", after_bytes=len(before) + 10)  # the new line is torn
+    with pytest.raises(UserError) as err:
+        _knn_eval(labelled, output)
+    message = one_line(err)
+    assert message.startswith(f"--output {output}: cannot write it (No space left on device); the file is left")
+    assert output.read_text() == before and no_temporaries(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# dataset_stats --json: checked before the work, written atomically
+def _stats(data: Path, json_path: Path) -> None:
+    argv = ["--data_path", str(data), "--num_workers", "0", "--input_size", "8", "--json", str(json_path)]
+    dataset_stats.main(dataset_stats.get_args_parser().parse_args(argv))
+
+
+def test_stats_json_is_checked_before_the_work(tmp_path, monkeypatch):
+    def work(*a, **k):
+        raise AssertionError("the work started before --json was checked")
+
+    monkeypatch.setattr(dataset_stats, "pretrain_dataset", work)
+    for target, expected in ((tmp_path, "is a folder"), (tmp_path / "no" / "s.json", "does not exist")):
+        with pytest.raises(UserError) as err:
+            _stats(tmp_path, target)
+        message = one_line(err)
+        assert message.startswith(f"--json {target}") and expected in message, message
+
+
+def test_stats_json_full_disk_keeps_the_earlier_file(tmp_path, monkeypatch):
+    data = make_dataset(tmp_path / "d", 1)
+    target = tmp_path / "stats.json"
+    target.write_text('{"mean": [0.5]}\n')
+    full_disk(monkeypatch, outputs, "stats.json", after_bytes=20)
+    with pytest.raises(UserError) as err:
+        _stats(data, target)
+    assert one_line(err).startswith(f"--json {target}: cannot write it (No space left on device)")
+    assert target.read_text() == '{"mean": [0.5]}\n' and no_temporaries(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# reconstruct.py --output and save_png
+@pytest.fixture(scope="module")
+def mae_checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    model = models_mae.create_model("mae_vit_tiny_patch4", 32)
+    path = tmp_path_factory.mktemp("mae") / "checkpoint-0.pth"
+    atomic_save({"model": model.state_dict(), "args": Namespace(model="mae_vit_tiny_patch4", input_size=32)}, str(path))
+    return path
+
+
+def _reconstruct(checkpoint: Path, output: Path) -> None:
+    images = [str(p) for p in make_dataset(output.parent / "images", 1).rglob("*.jpg")][:2]
+    argv = ["--checkpoint", str(checkpoint), *images, "--output", str(output), "--device", "cpu"]
+    reconstruct.main(reconstruct.get_args_parser().parse_args(argv))
+
+
+def test_reconstruct_full_disk_is_one_line_and_keeps_the_earlier_picture(mae_checkpoint, tmp_path, monkeypatch):
+    output = tmp_path / "recon.png"
+    _reconstruct(mae_checkpoint, output)
+    before = output.read_bytes()
+    assert Image.open(output).size == (4 * 32 * 4, 2 * 32 * 4)  # 4 columns, 2 rows, upscaled x4 to 512 wide
+    full_disk(monkeypatch, outputs, "recon.png", after_bytes=100)
+    with pytest.raises(UserError) as err:
+        _reconstruct(mae_checkpoint, output)
+    message = one_line(err)
+    assert message.startswith(f"--output {output}: cannot write it (No space left on device)"), message
+    assert output.read_bytes() == before and no_temporaries(tmp_path)
+
+
+def test_save_png_writes_the_format_its_extension_names(tmp_path):
+    picture = np.zeros((4, 8, 3), dtype=np.uint8)
+    for name, fmt in (("a.png", "PNG"), ("a.jpg", "JPEG"), ("a.bmp", "BMP")):
+        save_png(picture, str(tmp_path / name), min_width=16)
+        assert Image.open(tmp_path / name).format == fmt and Image.open(tmp_path / name).size == (16, 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training: log.txt atomic; TensorBoard and the picture are warnings, training goes on
+def test_log_txt_temporaries_of_killed_runs_are_removed(tmp_path):
+    stale = tmp_path / "log.txt.tmp999999"
+    stale.write_text('{"epoch": 0')
+    RunLog("", str(tmp_path), [{"epoch": 0}])
+    assert (tmp_path / "log.txt").read_text() == '{"epoch": 0}\n' and no_temporaries(tmp_path)
+
+
+def test_picture_full_disk_is_one_warning_and_training_goes_on(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "reconstruction-0.png"
+    path.write_bytes(b"an earlier picture")
+    run_log = RunLog("", str(tmp_path), [])
+    full_disk(monkeypatch, outputs, "reconstruction-0.png", after_bytes=10)
+    picture = np.zeros((32, 128, 3), dtype=np.uint8)
+    assert run_log.write_optional(str(path), lambda: save_png(picture, str(path))) is False
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out == [f"warning: cannot write {path} (No space left on device); training goes on without it"]
+    assert path.read_bytes() == b"an earlier picture" and no_temporaries(tmp_path)
+    run_log.epoch({"epoch": 0})  # log.txt still written
+    assert json.loads((tmp_path / "log.txt").read_text()) == {"epoch": 0}
+
+
+def test_tensorboard_full_disk_is_one_warning_and_turns_it_off(tmp_path, monkeypatch, capsys):
+    thread_errors = []
+    monkeypatch.setattr(threading, "excepthook", thread_errors.append)  # what would print a thread's traceback
+    run_log = RunLog(str(tmp_path / "tb"), str(tmp_path), [])
+    capsys.readouterr()
+    # TensorBoard's writer thread opens the event file for each write, through io.open.
+    full_disk(monkeypatch, io, "tfevents")
+    run_log.scalars(0, loss=1.0)
+    run_log.epoch({"epoch": 0, "train_loss": 1.0})  # flushes TensorBoard: its thread's error comes out
+    run_log.scalars(1, loss=0.5)  # TensorBoard is off: nothing happens
+    run_log.image("reconstructions", np.zeros((4, 4, 3), dtype=np.uint8), 1)
+    run_log.close()
+    captured = capsys.readouterr()
+    assert captured.out.strip().splitlines() == [
+        f"warning: cannot write TensorBoard events in {tmp_path / 'tb'} (No space left on device); TensorBoard is "
+        f"off for the rest of this run, training goes on (log.txt and checkpoints as usual)"
+    ]
+    assert "Traceback" not in captured.err and thread_errors == []
+    assert json.loads((tmp_path / "log.txt").read_text()) == {"epoch": 0, "train_loss": 1.0}
