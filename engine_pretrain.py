@@ -57,9 +57,5 @@ def log_reconstructions(
     if not args.output_dir:
         return
     path = os.path.join(args.output_dir, f"reconstruction-{epoch}.png")
-    try:
-        save_png(picture, path)
-    except OSError as e:
-        log.warning(f"cannot write {path} ({e.strerror or e}); training goes on")
-        return
-    log.info(f"reconstructions: {path}")
+    if run_log.write_optional(path, lambda: save_png(picture, path)):
+        log.info(f"reconstructions: {path}")

@@ -37,6 +37,7 @@ import torch  # noqa: E402
 from helpers import TINY, budgeted_open, make_dataset  # noqa: E402
 
 import main_pretrain  # noqa: E402
+from util import outputs  # noqa: E402
 from util.checkpoint import files as checkpoint_files  # noqa: E402
 from util.checkpoint import load as safe_load  # noqa: E402
 from util.cli.errors import UserError  # noqa: E402
@@ -95,9 +96,7 @@ def _arm(site: str, n: int, cut: int) -> None:
     torch.optim.AdamW.step = step
 
     # A checkpoint's temporary file whose writer dies once it has written ``cut`` bytes.
-    checkpoint_files.open = budgeted_open(
-        cut, _die, lambda path, mode: ".pth.tmp" in path and "w" in mode and hit("ckpt-write")
-    )
+    outputs.open = budgeted_open(cut, _die, lambda path, mode: ".pth.tmp" in path and "w" in mode and hit("ckpt-write"))
 
     real_replace, real_remove = os.replace, os.remove
 

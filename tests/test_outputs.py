@@ -22,7 +22,6 @@ import knn_eval
 import models_mae
 import reconstruct
 from util import outputs
-from util.checkpoint import files as checkpoint_files
 from util.checkpoint.files import atomic_save, list_checkpoints, prune
 from util.cli.errors import UserError
 from util.eval import knn
@@ -82,7 +81,7 @@ def test_atomic_save_reports_the_full_disk_not_torch_message(tmp_path, monkeypat
     path = tmp_path / "checkpoint-0.pth"
     atomic_save({"a": torch.arange(3)}, str(path))
     before = path.read_bytes()
-    full_disk(monkeypatch, checkpoint_files, ".pth.tmp", after_bytes=100)  # the open it hands atomic_write
+    full_disk(monkeypatch, outputs, ".pth.tmp", after_bytes=100)
     with pytest.raises(OSError) as err:
         atomic_save({"a": torch.arange(10_000)}, str(path))
     assert err.value.errno == errno.ENOSPC  # not torch's "unexpected pos" RuntimeError
@@ -285,3 +284,14 @@ def test_tensorboard_full_disk_is_one_warning_and_turns_it_off(tmp_path, monkeyp
     ]
     assert "Traceback" not in captured.err and thread_errors == []
     assert json.loads((tmp_path / "log.txt").read_text()) == {"epoch": 0, "train_loss": 1.0}
+
+
+def test_pretraining_refuses_an_output_dir_inside_its_data(tmp_path):
+    from helpers import run_pretrain
+
+    from util.cli.errors import UserError
+
+    data = make_dataset(tmp_path / "data", 2)
+    with pytest.raises(UserError, match="is inside --data_path"):
+        run_pretrain(data, data / "out", "--epochs", "1")
+    assert not (data / "out").exists(), "the refused folder was created inside the data"

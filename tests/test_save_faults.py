@@ -24,7 +24,7 @@ from helpers import (  # noqa: E402
     run_pretrain,
 )
 
-from util.checkpoint import files as checkpoint_files
+from util import outputs
 from util.checkpoint import state as checkpoint  # noqa: E402
 from util.cli.errors import NonFiniteLoss, UserError, run_cli  # noqa: E402
 from util.train import progress as logger
@@ -165,7 +165,7 @@ def test_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_earlier_one(dat
     def second_save_fails(self, epoch, step=None):
         saves[0] += 1
         if saves[0] == 2:
-            _full_disk(monkeypatch, checkpoint_files)
+            _full_disk(monkeypatch, outputs, only=".pth")
         return real_save(self, epoch, step)
 
     monkeypatch.setattr(Checkpointer, "save", second_save_fails)
@@ -183,7 +183,7 @@ def test_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_earlier_one(dat
 
 def test_full_disk_during_log_txt_is_one_line(tmp_path, monkeypatch):
     run_log = RunLog("", str(tmp_path), [])
-    _full_disk(monkeypatch, logger, after_bytes=0, only="log.txt")
+    _full_disk(monkeypatch, outputs, after_bytes=0, only="log.txt")
     with pytest.raises(UserError, match=rf"cannot write {tmp_path / 'log.txt'}: No space left on device; "):
         run_log.epoch({"epoch": 0, "train_loss": 1.0})
 

@@ -8,7 +8,7 @@ import os
 import re
 import tempfile
 from collections.abc import Callable, Iterator
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 from PIL import Image
 
@@ -141,18 +141,16 @@ def stale_temporary_of(name: str) -> str | None:
     return m.group(1)
 
 
-def atomic_write(path: str, write: Callable[[BinaryIO], None], opener: Callable[..., Any] | None = None) -> None:
+def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
     """Call ``write(f)`` on a temporary file in ``path``'s folder, flush it to disk, then rename it
     over ``path``: every file this project writes goes through here.
 
     A failed write (a full disk, a quota) raises its ``OSError`` and leaves ``path`` as it was; the
     temporary file is removed. The folder is synced too, so that the rename survives a power loss.
-    ``opener`` opens the temporary file (default: ``open``); a caller passes its own module's
-    ``open``, so that the tests which give that module a full disk reach the file it writes.
     """
     tmp = temporary_path(path)
     try:
-        with (opener or open)(tmp, "wb") as f:
+        with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -167,18 +165,18 @@ def atomic_write(path: str, write: Callable[[BinaryIO], None], opener: Callable[
         os.close(dir_fd)
 
 
-def atomic_append(path: str, text: str, opener: Callable[..., Any] | None = None) -> None:
+def atomic_append(path: str, text: str) -> None:
     """Add ``text`` at the end of ``path`` (created if missing) by writing the whole file anew
     through ``atomic_write``: a full disk leaves the old lines rather than a torn last one. For
     the small files this project appends to (log.txt, knn_eval's results)."""
     old = b""
     if os.path.exists(path):
-        with (opener or open)(path, "rb") as f:
+        with open(path, "rb") as f:
             old = f.read()
     if old and not old.endswith(b"\n"):  # a line torn by an older version: ours starts on its own line
         old += b"\n"
     data = old + text.encode("utf-8")
-    atomic_write(path, lambda f: f.write(data), opener)
+    atomic_write(path, lambda f: f.write(data))
 
 
 @contextlib.contextmanager

@@ -34,7 +34,7 @@ def atomic_save(obj: Any, path: str) -> None:
                 raise
             raise writer.error from e
 
-    atomic_write(path, write, opener=open)  # this module's open: fault tests give checkpoint writes a full disk
+    atomic_write(path, write)
 
 
 class _KeepError:

@@ -187,7 +187,7 @@ class RunLog:
             log.info(f"{self.log_path}: rewritten with the {len(self.history)} epoch lines of the run's checkpoint")
         with self._writing():
             # This module's open: the fault tests give log.txt a full disk through it.
-            atomic_write(self.log_path, lambda f: f.write(text.encode("utf-8")), opener=open)
+            atomic_write(self.log_path, lambda f: f.write(text.encode("utf-8")))
 
     def _remove_stale_temporaries(self) -> None:
         """log.txt's temporary files left by runs killed while writing it."""
@@ -240,7 +240,7 @@ class RunLog:
         if self.log_path and self._written < len(self.history):
             text = "".join(json.dumps(line) + "\n" for line in self.history[self._written :])
             with self._writing():
-                atomic_append(self.log_path, text, opener=open)
+                atomic_append(self.log_path, text)
         self._written = len(self.history)
 
     def epoch(self, stats: dict[str, Any]) -> None:
