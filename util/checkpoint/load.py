@@ -1,6 +1,7 @@
 """Reading checkpoints, which are untrusted input: nothing pickled is executed (``weights_only``
 with only what the official format needs allowed), damaged or foreign files are one-line errors,
-and a state dict loads strictly or names what does not fit."""
+and a state dict loads strictly, with weights of a usable dtype and finite values, or names what
+does not fit."""
 
 import argparse
 import json
@@ -8,6 +9,7 @@ import os
 import pickle
 import re
 import zipfile
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -123,22 +125,76 @@ def model_state(ckpt: dict[str, Any], path: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_model_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
-    """Load a state dict whose names and shapes must equal the model's, or fail naming the difference."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
+# ---------------------------------------------------------------------------------------------
+# State dicts against a model
+@dataclass
+class StateDiff:
+    """How a checkpoint's state dict differs from a model's: names and shapes."""
+
+    missing: list[str]  # the model's, not in the checkpoint
+    unexpected: list[str]  # the checkpoint's, not in the model
+    other_shape: list[str]
+    example: str = ""  # the first key of another shape, with both shapes
+
+    def __bool__(self) -> bool:
+        return bool(self.missing or self.unexpected or self.other_shape)
+
+    def __str__(self) -> str:
+        named = (("missing", self.missing), ("unexpected", self.unexpected), ("of another shape", self.other_shape))
+        text = "; ".join(f"{len(keys)} {what} {keys[:4]}" for what, keys in named if keys)
+        return f"{text} (e.g. {self.example})" if self.example else text
+
+
+def compare_states(
+    own: dict[str, torch.Tensor],
+    state: dict[str, torch.Tensor],
+    may_miss: set[str] = frozenset(),
+    may_be_left: set[str] | None = frozenset(),
+) -> StateDiff:
+    """Compare ``state`` with a model's ``own`` state dict: keys of ``may_miss`` may be missing,
+    those of ``may_be_left`` (any, if None) may be left over, and no shared key may differ in shape."""
     wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
-        if wrong:
-            k = wrong[0]
-            parts.append(f"{len(wrong)} of another shape (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
-        fail(
-            f"checkpoint {path} does not fit {type(model).__name__}: {'; '.join(parts)}; check --model and --input_size"
-        )
+    return StateDiff(
+        missing=sorted(set(own) - set(state) - may_miss),
+        unexpected=[] if may_be_left is None else sorted(set(state) - set(own) - may_be_left),
+        other_shape=wrong,
+        example=f"{wrong[0]}: {tuple(state[wrong[0]].shape)} vs {tuple(own[wrong[0]].shape)}" if wrong else "",
+    )
+
+
+def check_weights(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str) -> None:
+    """Every weight of ``state`` that the model has (``own``) can be loaded as it is: of a dtype
+    that converts to the model's without losing meaning (a float for a float; int8, bool or complex
+    would be cast silently), holding the data its shape claims (a 2 KB file can describe a huge
+    tensor with zero strides), and finite. ``source`` ('checkpoint x.pth', '--finetune x.pth')
+    starts the error. No copy is made; call it before anything is computed from the weights."""
+    for key in sorted(set(own) & set(state)):
+        mine, theirs = own[key], state[key]
+        if mine.is_floating_point() != theirs.is_floating_point() or (
+            not mine.is_floating_point() and mine.dtype != theirs.dtype
+        ):
+            fail(
+                f"{source}: weight {key} is {theirs.dtype}, the model's is {mine.dtype}; it cannot be loaded "
+                f"without changing its values (a quantized or foreign checkpoint?): give one of {mine.dtype} weights"
+            )
+        if theirs.numel() * theirs.element_size() > theirs.untyped_storage().nbytes():
+            fail(
+                f"{source}: weight {key} claims shape {tuple(theirs.shape)} but stores only "
+                f"{theirs.untyped_storage().nbytes()} bytes; the checkpoint is damaged or forged"
+            )
+        if theirs.is_floating_point() and not bool(torch.isfinite(theirs).all()):
+            bad = int((~torch.isfinite(theirs)).sum())
+            fail(
+                f"{source}: weight {key} holds {bad} NaN or infinite value(s) of {theirs.numel()}: the file is "
+                f"damaged or comes from a diverged run; use an earlier checkpoint"
+            )
+
+
+def load_model_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
+    """Load a state dict whose names and shapes must equal the model's, with weights that
+    ``check_weights`` accepts, or fail naming the difference."""
+    own = model.state_dict()
+    if diff := compare_states(own, state):
+        fail(f"checkpoint {path} does not fit {type(model).__name__}: {diff}; check --model and --input_size")
+    check_weights(own, state, f"checkpoint {path}")
     model.load_state_dict(state)
