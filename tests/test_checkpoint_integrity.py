@@ -1,8 +1,17 @@
-"""Checkpoint integrity: weights of a dtype that would be cast silently, forged shapes and
-non-finite values are refused."""
+"""Checkpoint integrity: stored checksums are verified on load (zip CRC-32s, safetensors CRC-32s),
+weights of a dtype that would be cast silently, forged shapes and non-finite values are refused,
+and URLs never share a cache file."""
 
 import functools
+import http.server
+import json
 import math
+import shutil
+import threading
+import zipfile
+from argparse import Namespace
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -13,7 +22,9 @@ import models_mae
 import models_vit
 import util.memory
 from util.checkpoint.encoder import load_mae_encoder, load_pretrained_encoder
-from util.checkpoint.load import load_model_strict
+from util.checkpoint.files import atomic_save
+from util.checkpoint.load import checksum_metadata, load_checkpoint, load_model_strict
+from util.checkpoint.state import find_resumable
 from util.cli.errors import UserError
 
 
@@ -38,6 +49,102 @@ def _flip(path: Path, offset: int) -> None:
     blob = bytearray(path.read_bytes())
     blob[offset] ^= 0x10
     path.write_bytes(bytes(blob))
+
+
+# ---------------------------------------------------------------------------------------------
+# Zip checkpoints: every member against its CRC-32
+def _member_offsets(path: Path) -> dict[str, tuple[int, int]]:
+    """(start of the data, size) of each member, read from the zip's local headers."""
+    blob = path.read_bytes()
+    offsets = {}
+    with zipfile.ZipFile(path) as archive:
+        for m in archive.infolist():
+            name_len = int.from_bytes(blob[m.header_offset + 26 : m.header_offset + 28], "little")
+            extra_len = int.from_bytes(blob[m.header_offset + 28 : m.header_offset + 30], "little")
+            offsets[m.filename] = (m.header_offset + 30 + name_len + extra_len, m.file_size)
+    return offsets
+
+
+def test_torch_save_writes_real_crcs(tmp_path):
+    """The premise of the check: torch.save stores each member's true CRC-32."""
+    path = tmp_path / "c.pth"
+    atomic_save({"model": {"w": torch.randn(100)}, "epoch": 0}, str(path))
+    with zipfile.ZipFile(path) as archive:
+        assert archive.testzip() is None
+        assert any(m.CRC != 0 for m in archive.infolist())
+
+
+def test_a_flipped_byte_in_any_member_is_named(tmp_path):
+    good = tmp_path / "good.pth"
+    w = torch.randn(256)
+    atomic_save({"model": {"w": w, "b": torch.zeros(3)}, "epoch": 2, "args": Namespace(a=1)}, str(good))
+    offsets = _member_offsets(good)
+    assert any("/data/" in name for name in offsets) and any(name.endswith("data.pkl") for name in offsets)
+    for name, (start, size) in offsets.items():
+        damaged = tmp_path / "damaged.pth"
+        shutil.copy(good, damaged)
+        _flip(damaged, start + size // 2)
+        _one_line_error(functools.partial(load_checkpoint, str(damaged)), str(damaged), f"entry {name}", "damaged")
+    assert torch.equal(load_checkpoint(str(good))["model"]["w"], w)
+
+
+def test_resume_auto_skips_a_checkpoint_with_a_flipped_tensor_byte(tmp_path, capsys):
+    w0, w1 = torch.randn(1000), torch.randn(1000)
+    atomic_save({"model": {"w": w0}, "epoch": 0}, str(tmp_path / "checkpoint-0.pth"))
+    newest = tmp_path / "checkpoint-1.pth"
+    atomic_save({"model": {"w": w1}, "epoch": 1}, str(newest))
+    data = [v for k, v in _member_offsets(newest).items() if k.endswith("/data/0")][0]
+    _flip(newest, data[0] + 2000)  # inside the tensor: torch.load alone would return it changed
+    path, ckpt = find_resumable(str(tmp_path))
+    assert path.endswith("checkpoint-0.pth") and torch.equal(ckpt["model"]["w"], w0)
+    assert "skipping" in capsys.readouterr().out
+
+
+def test_a_checkpoint_written_without_crcs_still_loads(tmp_path):
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save({"model": {"w": torch.ones(4)}}, tmp_path / "nocrc.pth")
+    finally:
+        torch.serialization.set_crc32_options(True)
+    assert torch.equal(load_checkpoint(str(tmp_path / "nocrc.pth"))["model"]["w"], torch.ones(4))
+
+
+# ---------------------------------------------------------------------------------------------
+# .safetensors: per-tensor CRC-32s in the metadata, verified when present
+def _safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata={"format": "pt", **metadata})
+
+
+def _tensor_offset(path: Path, name: str) -> int:
+    blob = path.read_bytes()
+    header_len = int.from_bytes(blob[:8], "little")
+    return 8 + header_len + json.loads(blob[8 : 8 + header_len])[name]["data_offsets"][0]
+
+
+def test_safetensors_checksums_name_the_damaged_tensor(tmp_path):
+    pytest.importorskip("safetensors")
+    tensors = {"a": torch.randn(64), "b": torch.randn(8, 8).bfloat16(), "c": torch.tensor(3.0)}
+    path = tmp_path / "w.safetensors"
+    _safetensors(path, tensors, checksum_metadata(tensors))
+    assert_same(load_checkpoint(str(path))["model"], tensors)
+    _flip(path, _tensor_offset(path, "b") + 5)
+    _one_line_error(lambda: load_checkpoint(str(path)), str(path), "tensor b", "damaged")
+
+
+def test_safetensors_without_or_with_broken_checksums(tmp_path):
+    pytest.importorskip("safetensors")
+    tensors = {"a": torch.randn(4)}
+    plain = tmp_path / "plain.safetensors"  # a file from elsewhere (the Hub): nothing to verify
+    _safetensors(plain, tensors, {})
+    assert torch.equal(load_checkpoint(str(plain))["model"]["a"], tensors["a"])
+    broken = tmp_path / "broken.safetensors"
+    _safetensors(broken, tensors, {"crc32": "[1, 2]"})
+    _one_line_error(lambda: load_checkpoint(str(broken)), str(broken), "'crc32' metadata")
+    partial = tmp_path / "partial.safetensors"  # a tensor the checksums do not cover
+    _safetensors(partial, {**tensors, "extra": torch.ones(2)}, checksum_metadata(tensors))
+    _one_line_error(lambda: load_checkpoint(str(partial)), "tensor extra")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,3 +208,44 @@ def test_a_position_embedding_resize_is_sized_before_it_allocates(tmp_path, monk
     model = _vit()
     load_pretrained_encoder(model, str(tmp_path / "big.pth"))
     assert model.pos_embed.shape == (1, 17, 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# URLs: each its own cache file
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+@contextmanager
+def _serve(folder: Path) -> Iterator[str]:
+    handler = functools.partial(_Quiet, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_two_urls_with_the_same_file_name_do_not_share_a_cache_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    weights = {}
+    for host in ("a", "b"):
+        (tmp_path / host).mkdir()
+        weights[host] = torch.randn(5)
+        torch.save({"model": {"w": weights[host]}}, tmp_path / host / "checkpoint.pth")
+    with _serve(tmp_path / "a") as url_a, _serve(tmp_path / "b") as url_b:
+        got_a = load_checkpoint(f"{url_a}/checkpoint.pth")["model"]["w"]
+        got_b = load_checkpoint(f"{url_b}/checkpoint.pth")["model"]["w"]
+        (tmp_path / "b" / "damaged.pth").write_bytes(b"<html>not found</html>")
+        damaged = f"{url_b}/damaged.pth"
+        _one_line_error(lambda: load_checkpoint(damaged), damaged, "downloaded copy was removed")
+    assert torch.equal(got_a, weights["a"]) and torch.equal(got_b, weights["b"])
+    # Served from the cache once downloaded; the damaged download was not kept.
+    assert torch.equal(load_checkpoint(f"{url_a}/checkpoint.pth")["model"]["w"], weights["a"])
+    assert sorted(p.name for p in (tmp_path / "torch_home").rglob("*.pth")) == ["checkpoint.pth"] * 2
