@@ -1,11 +1,12 @@
 """Checkpoint integrity: stored checksums are verified on load (zip CRC-32s, safetensors CRC-32s),
 weights of a dtype that would be cast silently, forged shapes and non-finite values are refused,
-and URLs never share a cache file."""
+URLs never share a cache file, and malformed training entries are one-line errors."""
 
 import functools
 import http.server
 import json
 import math
+import random
 import shutil
 import threading
 import zipfile
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import assert_same
@@ -23,9 +25,16 @@ import models_vit
 import util.memory
 from util.checkpoint.encoder import load_mae_encoder, load_pretrained_encoder
 from util.checkpoint.files import atomic_save
-from util.checkpoint.load import checksum_metadata, load_checkpoint, load_model_strict
-from util.checkpoint.state import find_resumable
+from util.checkpoint.load import (
+    check_training_entries,
+    checksum_metadata,
+    load_checkpoint,
+    load_model_strict,
+    saved_args,
+)
+from util.checkpoint.state import TrainState, find_resumable, save_checkpoint
 from util.cli.errors import UserError
+from util.train.precision import LossScaler
 
 
 def _vit(img_size: int = 16) -> torch.nn.Module:
@@ -249,3 +258,84 @@ def test_two_urls_with_the_same_file_name_do_not_share_a_cache_file(tmp_path, mo
     # Served from the cache once downloaded; the damaged download was not kept.
     assert torch.equal(load_checkpoint(f"{url_a}/checkpoint.pth")["model"]["w"], weights["a"])
     assert sorted(p.name for p in (tmp_path / "torch_home").rglob("*.pth")) == ["checkpoint.pth"] * 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Training entries, before resume uses them
+def _training_checkpoint(tmp_path: Path) -> dict:
+    model = torch.nn.Linear(2, 2)
+    flags = dict(output_dir=str(tmp_path), keep_last=0, save_freq=1, epochs=1, device="cpu", mean=[0.5], std=[0.2])
+    state = TrainState(model, torch.optim.AdamW(model.parameters()), LossScaler("fp32"), Namespace(**flags))
+    model(torch.ones(1, 2)).sum().backward()
+    state.optimizer.step()
+    state.extra = {"max_accuracy": 12.5, "unevaluated": {"epoch": 0, "train_stats": {"loss": 1.0}}}
+    state.log = [{"epoch": 0, "train_loss": 1.0}]
+    state.meters = {"epoch": 0, "step": 3, "sums": {"loss": [3.0, 3]}}
+    return load_checkpoint(save_checkpoint(state, 0, 3))
+
+
+def test_a_checkpoint_this_code_writes_passes_and_keeps_the_random_state(tmp_path):
+    ckpt = _training_checkpoint(tmp_path)
+    torch.manual_seed(5), random.seed(5), np.random.seed(5)
+    expected = (random.random(), float(np.random.rand()), torch.rand(2))
+    torch.manual_seed(5), random.seed(5), np.random.seed(5)
+    check_training_entries(ckpt, "c.pth")  # tries the stored random states, then puts ours back
+    assert_same((random.random(), float(np.random.rand()), torch.rand(2)), expected)
+
+
+NAN_STATE = {"state": {0: {"exp_avg": torch.tensor([math.nan])}}, "param_groups": [{"params": [0]}]}
+
+
+@pytest.mark.parametrize(
+    "entry, value",
+    [
+        ("epoch", "3"),
+        ("epoch", -1),
+        ("epoch", True),
+        ("epoch", 1.5),
+        ("step", "x"),
+        ("step", -2),
+        ("rng", "abc"),
+        ("rng", [1]),
+        ("rng", [{"python": 5}]),
+        ("optimizer", []),
+        ("optimizer", {"state": {}, "param_groups": 5}),
+        ("optimizer", {"state": {0: "x"}, "param_groups": []}),
+        ("optimizer", NAN_STATE),
+        ("scaler", [1]),
+        ("extra", []),
+        ("extra", {"max_accuracy": "abc"}),
+        ("extra", {"unevaluated": 3}),
+        ("log", {}),
+        ("log", [1]),
+        ("log", [{"a": torch.ones(1)}]),
+        ("meters", []),
+        ("meters", {"epoch": 0}),
+        ("meters", {"epoch": 0, "step": 1, "sums": {"loss": [1.0]}}),
+        ("args", 5),
+    ],
+)
+def test_each_malformed_training_entry_is_named(tmp_path, entry, value):
+    ckpt = _training_checkpoint(tmp_path)
+    ckpt[entry] = value
+    _one_line_error(lambda: check_training_entries(ckpt, "c.pth"), "checkpoint c.pth", f"'{entry}'")
+
+
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (dict(mean="abc"), "--mean"),
+        (dict(std=[1, "x"]), "--std"),
+        (dict(input_size=-3), "--input_size"),
+        (dict(input_size=[32, 32, 32]), "--input_size"),
+        (dict(model=5), "--model"),
+    ],
+)
+def test_stored_flags_of_the_wrong_type_are_named(tmp_path, flags, named):
+    ckpt = _training_checkpoint(tmp_path)
+    ckpt["args"] = Namespace(**{**vars(ckpt["args"]), **flags})
+    _one_line_error(lambda: check_training_entries(ckpt, "c.pth"), "checkpoint c.pth", named)
+    path = tmp_path / "flags.pth"
+    torch.save(ckpt, path)
+    # saved_args is what mean/std, model and size are read from before anything is built.
+    _one_line_error(lambda: saved_args(str(path)), str(path), named)

@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import math
 import os
 import pickle
 import re
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 
+from util.checkpoint.rng import capture_rng, restore_rng
 from util.cli.errors import UserError, fail
 from util.cli.log import log
 
@@ -202,8 +204,9 @@ def _looks_like_torch_file(path: str) -> bool:
 
 def saved_args(path: str) -> argparse.Namespace | None:
     """The flags a checkpoint was written with (None for official releases, which store none),
-    read before the run builds anything. A zip checkpoint is memory-mapped, so its tensors are not
-    read: a large checkpoint is loaded again, in full, where its weights are needed."""
+    read before the run builds anything, and checked (``check_saved_args``). A zip checkpoint is
+    memory-mapped, so its tensors are not read: a large checkpoint is loaded again, in full, and
+    verified, where its weights are needed."""
     ckpt: Any = None
     if not path.startswith(("https://", "http://")) and os.path.isfile(path) and zipfile.is_zipfile(path):
         try:
@@ -214,7 +217,10 @@ def saved_args(path: str) -> argparse.Namespace | None:
     if ckpt is None:
         ckpt = load_checkpoint(path)
     args = ckpt.get("args") if isinstance(ckpt, dict) else None
-    return args if isinstance(args, argparse.Namespace) else None
+    if not isinstance(args, argparse.Namespace):
+        return None
+    check_saved_args(args, path)
+    return args
 
 
 def model_state(ckpt: dict[str, Any], path: str) -> dict[str, torch.Tensor]:
@@ -298,3 +304,134 @@ def load_model_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], pa
         fail(f"checkpoint {path} does not fit {type(model).__name__}: {diff}; check --model and --input_size")
     check_weights(own, state, f"checkpoint {path}")
     model.load_state_dict(state)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training entries, checked before a resume uses them
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_saved_args(args: argparse.Namespace, path: str) -> None:
+    """The stored flags that other code reads back from a checkpoint have the types the flags give
+    (``--mean "abc"`` would be read as three characters); fail naming the first one that has not."""
+    values = vars(args)
+    problems = []
+    for flag in ("mean", "std"):
+        v = values.get(flag)
+        if v is not None and not (isinstance(v, (list, tuple)) and v and all(_is_number(x) for x in v)):
+            problems.append(f"--{flag} {v!r} is not a list of numbers")
+    size = values.get("input_size")
+    sides = size if isinstance(size, (list, tuple)) else [size]
+    if size is not None and not (1 <= len(sides) <= 2 and all(_is_count(s) and s > 0 for s in sides)):
+        problems.append(f"--input_size {size!r} is not one or two positive integers")
+    if values.get("model") is not None and not isinstance(values["model"], str):
+        problems.append(f"--model {values['model']!r} is not a name")
+    if problems:
+        fail(f"checkpoint {path} stores flags of the wrong type: {'; '.join(problems)}; give another checkpoint")
+
+
+def _rng_problem(rng: Any) -> str:
+    """Why ``rng`` is not a list of states ``restore_rng`` takes ('' if it is). Each is tried,
+    and this process's own state put back."""
+    if not isinstance(rng, list) or not all(isinstance(r, dict) for r in rng):
+        return f"is a {type(rng).__name__}, not a list of per-process random states"
+    mine = capture_rng()
+    try:
+        for r in rng:
+            restore_rng(r)
+    except Exception as e:  # any part of any state may be wrong
+        return f"is not the random state this code saves ({type(e).__name__}: {str(e)[:60]})"
+    finally:
+        restore_rng(mine)
+    return ""
+
+
+def _optimizer_problem(opt: Any) -> str:
+    if not isinstance(opt, dict) or not isinstance(opt.get("state"), dict):
+        return f"is a {type(opt).__name__} without a 'state' dict, not an optimizer state"
+    groups = opt.get("param_groups")
+    if not isinstance(groups, list) or not all(
+        isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups
+    ):
+        return "has no list of parameter groups with their 'params'"
+    for index, per_param in opt["state"].items():
+        if not isinstance(per_param, dict) or not all(
+            isinstance(v, torch.Tensor) or _is_number(v) for v in per_param.values()
+        ):
+            return f"holds for parameter {index} something else than tensors and numbers"
+        for name, v in per_param.items():
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                return f"holds NaN or infinite values in {name} of parameter {index} (a diverged run)"
+    return ""
+
+
+def _meters_problem(meters: Any) -> str:
+    ok = (
+        isinstance(meters, dict)
+        and _is_count(meters.get("epoch"))
+        and _is_count(meters.get("step"))
+        and isinstance(meters.get("sums"), dict)
+        and all(
+            isinstance(s, (list, tuple)) and len(s) == 2 and all(map(_is_number, s)) for s in meters["sums"].values()
+        )
+    )
+    return "" if ok else "is not {'epoch': count, 'step': count, 'sums': {name: [total, count]}}"
+
+
+def _log_problem(lines: Any) -> str:
+    if not isinstance(lines, list) or not all(isinstance(line, dict) for line in lines):
+        return f"is a {type(lines).__name__}, not a list of log.txt lines (dicts)"
+    try:
+        json.dumps(lines, allow_nan=True)
+    except (TypeError, ValueError) as e:
+        return f"holds values log.txt cannot take ({e})"
+    return ""
+
+
+def _extra_problem(extra: Any) -> str:
+    """The entry-point state: engine_finetune keeps 'max_accuracy' and 'unevaluated' there."""
+    if not isinstance(extra, dict):
+        return f"is a {type(extra).__name__}, not a dict"
+    best = extra.get("max_accuracy", 0.0)
+    if not _is_number(best) or not math.isfinite(best):
+        return f"holds max_accuracy {best!r}, not a number"
+    pending = extra.get("unevaluated")
+    if pending is not None and not (
+        isinstance(pending, dict) and _is_count(pending.get("epoch")) and isinstance(pending.get("train_stats"), dict)
+    ):
+        return "holds an 'unevaluated' entry that is not {'epoch': count, 'train_stats': dict}"
+    return ""
+
+
+def _entry_problems(ckpt: dict[str, Any]) -> list[str]:
+    checks = {
+        "epoch": lambda v: "" if _is_count(v) else f"is {v!r}, not a count of epochs (an integer >= 0)",
+        "step": lambda v: "" if v is None or _is_count(v) else f"is {v!r}, not None or an integer >= 0",
+        "optimizer": _optimizer_problem,
+        "scaler": lambda v: "" if not v or isinstance(v, dict) else f"is a {type(v).__name__}, not a dict",
+        "rng": lambda v: "" if v is None else _rng_problem(v),
+        "extra": _extra_problem,
+        "log": lambda v: "" if v is None else _log_problem(v),
+        "meters": lambda v: "" if v is None else _meters_problem(v),
+        "args": lambda v: "" if v is None or isinstance(v, argparse.Namespace) else "is not a Namespace of flags",
+    }
+    return [f"'{name}' {why}" for name, check in checks.items() if name in ckpt and (why := check(ckpt[name]))]
+
+
+def check_training_entries(ckpt: dict[str, Any], path: str) -> None:
+    """Fail in one line naming every malformed entry of a training checkpoint (epoch, step,
+    optimizer, scaler, rng, extra, log, meters, args) before resume uses any of them. Entries that
+    are absent are not checked: an official release holds only the model (and perhaps args)."""
+    problems = _entry_problems(ckpt)
+    if problems:
+        fail(
+            f"checkpoint {path} has malformed entries: {'; '.join(problems)}; it was not written by this code "
+            f"or was changed: resume from another checkpoint"
+        )
+    if isinstance(ckpt.get("args"), argparse.Namespace):
+        check_saved_args(ckpt["args"], path)
