@@ -58,8 +58,9 @@ def load_encoder(
     dropped, the position embedding resized to the model's grid and, given ``in_chans``, the patch
     embedding adapted. Only ``may_miss`` may be missing and ``may_be_left`` (any, if None) left over,
     and no shape may differ, else it fails naming the keys (``compare_states``); weights of another
-    kind, forged or not finite are refused first (``check_weights``). ``hint`` (k-NN's reader) reports missing
-    weights first, in a sentence of their own: "lacks encoder weights [...]; check ... that it <hint>"."""
+    kind, forged or not finite are refused first (``check_weights``). ``hint`` (k-NN's reader)
+    reports missing weights first, in a sentence of their own: "lacks encoder weights [...]; check
+    ... that it <hint>"."""
     ckpt = load_checkpoint(path)
     state = {k: v for k, v in model_state(ckpt, path).items() if not k.startswith(_DECODER_PREFIXES)}
     own = model.state_dict()
@@ -98,7 +99,7 @@ def fit_pos_embed(
     require(
         2 * 4 * (pos[0].numel() + own[0].numel()),
         f"resizing the position embedding {tuple(pos.shape)} of {flag} {path}",
-        f"check that {flag} is a checkpoint of --model {type(model).__name__} (its grid is {grid})",
+        f"check that it is a checkpoint of this --model (whose grid is {grid[0]}x{grid[1]})",
     )
     try:
         return resize_pos_embed(pos, grid, prefix, old)
