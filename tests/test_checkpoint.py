@@ -241,11 +241,13 @@ def test_model_state_and_strict_loading():
     assert_same(target.state_dict(), own)
 
     missing = {k: v for k, v in own.items() if k != "1.bias"}
-    with pytest.raises(UserError, match=r"1 missing \(e\.g\. 1\.bias\)"):
+    with pytest.raises(UserError, match=r"1 missing \['1\.bias'\]"):
         load_model_strict(target, missing, "p.pth")
-    with pytest.raises(UserError, match=r"1 unexpected \(e\.g\. extra\)"):
+    with pytest.raises(UserError, match=r"1 unexpected \['extra'\]"):
         load_model_strict(target, {**own, "extra": torch.zeros(1)}, "p.pth")
-    with pytest.raises(UserError, match=r"of another shape \(e\.g\. 0\.weight: \(4, 2\) vs \(3, 2\)\)"):
+    with pytest.raises(
+        UserError, match=r"1 of another shape \['0\.weight'\] \(e\.g\. 0\.weight: \(4, 2\) vs \(3, 2\)\)"
+    ):
         load_model_strict(target, {**own, "0.weight": torch.zeros(4, 2)}, "p.pth")
 
 

@@ -7,11 +7,12 @@ import torch
 from timm.layers import trunc_normal_
 from timm.models import adapt_input_conv
 
-from util.checkpoint.load import model_state
+from util.checkpoint.load import check_weights, compare_states, model_state
 from util.checkpoint.state import Opened, open_checkpoint
 from util.cli.args import image_size
 from util.cli.errors import fail
 from util.cli.log import log
+from util.memory import require
 from util.pos_embed import resize_pos_embed
 
 _DECODER_PREFIXES = ("decoder_", "mask_token")
@@ -61,43 +62,54 @@ def load_encoder(
     model's keys it lacked, left as they were. The decoder, mask token and a head of another shape are
     dropped, the position embedding resized to the model's grid and, given ``in_chans``, the patch
     embedding adapted. Only ``may_miss`` may be missing and ``may_be_left`` (any, if None) left over,
-    and no shape may differ, else it fails naming the keys. ``hint`` (k-NN's reader) reports missing
-    weights first, in a sentence of their own: "lacks encoder weights [...]; check ... that it <hint>"."""
+    and no shape may differ, else it fails naming the keys (``compare_states``); weights of another
+    kind, forged or not finite are refused first (``check_weights``). ``hint`` (k-NN's reader)
+    reports missing weights first, in a sentence of their own: "lacks encoder weights [...]; check
+    ... that it <hint>"."""
     path, ckpt = source.path, source.ckpt
     state = {k: v for k, v in model_state(ckpt, path).items() if not k.startswith(_DECODER_PREFIXES)}
     own = model.state_dict()
+    check_weights(own, state, f"{flag} {path}")  # before anything is computed from them
     if in_chans is not None:
         adapt_input_channels(state, in_chans, path)
     for k in ("head.weight", "head.bias"):
         if k in state and k in own and state[k].shape != own[k].shape:
             log.info(f"dropping {k} of shape {tuple(state[k].shape)} from {path}: the model's is {tuple(own[k].shape)}")
             del state[k]
-    grid, prefix = tuple(model.patch_embed.grid_size), getattr(model, "num_prefix_tokens", 1)
-    pos = state.get("pos_embed")
-    old = saved_grid(ckpt, state, prefix) if pos is not None else None
-    # Shapes alone miss a transposed grid (8x16 and 16x8 have as many tokens): compare grids too.
-    # Another width is another model: left to the shape check below.
-    resizable = pos is not None and pos.shape[-1] == own["pos_embed"].shape[-1]
-    if resizable and (pos.shape != own["pos_embed"].shape or old not in (None, grid)):
-        log.info(f"resizing pos_embed {tuple(pos.shape)} -> {tuple(own['pos_embed'].shape)} (grid {grid})")
-        try:
-            state["pos_embed"] = resize_pos_embed(pos, grid, prefix, old)
-        except ValueError as e:
-            fail(f"{flag} {path}: {e}, and it stores no --input_size to tell its height and width")
-    missing = set(own) - set(state)
-    lacking = sorted(missing - may_miss)
-    if lacking and hint:
-        fail(f"{flag} {path} lacks encoder weights {lacking[:4]}; check --model and that it {hint}")
-    unexpected = [] if may_be_left is None else sorted(set(state) - set(own) - may_be_left)
-    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    named = (("missing", lacking), ("unexpected", unexpected), ("other shape", wrong))
-    if problems := "; ".join(f"{what} {keys[:4]}" for what, keys in named if keys):
-        if wrong:
-            problems += f" (e.g. {wrong[0]}: {tuple(state[wrong[0]].shape)} vs {tuple(own[wrong[0]].shape)})"
+    if "pos_embed" in state:
+        state["pos_embed"] = fit_pos_embed(model, ckpt, state, path, flag)
+    diff = compare_states(own, state, may_miss, may_be_left)
+    if diff.missing and hint:
+        fail(f"{flag} {path} lacks encoder weights {diff.missing[:4]}; check --model and that it {hint}")
+    if diff:
         name = type(model).__name__
-        fail(f"{flag} {path} does not fit {name} ({problems}); check --model and that it is an MAE checkpoint")
+        fail(f"{flag} {path} does not fit {name} ({diff}); check --model and that it is an MAE checkpoint")
     model.load_state_dict(state, strict=False)
-    return missing
+    return set(own) - set(state)
+
+
+def fit_pos_embed(
+    model: torch.nn.Module, ckpt: dict[str, Any], state: dict[str, torch.Tensor], path: str, flag: str
+) -> torch.Tensor:
+    """The checkpoint's position embedding resized (bicubic) to the model's grid where the grids
+    differ; as it is where the width differs (another model: the shape check names it)."""
+    pos, own = state["pos_embed"], model.state_dict()["pos_embed"]
+    grid, prefix = tuple(model.patch_embed.grid_size), getattr(model, "num_prefix_tokens", 1)
+    old = saved_grid(ckpt, state, prefix)
+    # Shapes alone miss a transposed grid (8x16 and 16x8 have as many tokens): compare grids too.
+    if pos.shape[-1] != own.shape[-1] or (pos.shape == own.shape and old in (None, grid)):
+        return pos
+    log.info(f"resizing pos_embed {tuple(pos.shape)} -> {tuple(own.shape)} (grid {grid})")
+    # The interpolation works on float32 copies of the old and the new grid, each reshaped once more.
+    require(
+        2 * 4 * (pos[0].numel() + own[0].numel()),
+        f"resizing the position embedding {tuple(pos.shape)} of {flag} {path}",
+        f"check that it is a checkpoint of this --model (whose grid is {grid[0]}x{grid[1]})",
+    )
+    try:
+        return resize_pos_embed(pos, grid, prefix, old)
+    except ValueError as e:
+        fail(f"{flag} {path}: {e}, and it stores no --input_size to tell its height and width")
 
 
 def adapt_input_channels(state: dict[str, torch.Tensor], in_chans: int, path: str) -> None:

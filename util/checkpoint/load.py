@@ -1,87 +1,191 @@
 """Reading checkpoints, which are untrusted input: nothing pickled is executed (``weights_only``
-with only what the official format needs allowed), damaged or foreign files are one-line errors,
-and a state dict loads strictly or names what does not fit."""
+with only what the official format needs allowed), every stored checksum is verified, damaged or
+foreign files are one-line errors, and a state dict loads strictly, with weights of a usable dtype
+and finite values, or names what does not fit."""
 
 import argparse
+import contextlib
+import hashlib
 import json
+import math
 import os
 import pickle
 import re
+import urllib.parse
 import zipfile
+import zlib
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from util.cli.errors import fail
+from util.checkpoint.rng import capture_rng, restore_rng
+from util.cli.errors import UserError, fail
+from util.cli.log import log
 
 # What the official checkpoints and ours pickle besides tensors and plain containers.
 SAFE_GLOBALS = [argparse.Namespace]
 
 
 def load_checkpoint(path: str) -> dict[str, Any]:
-    """Load a checkpoint (file or URL) without executing pickled code, or fail with one line."""
-    if path.startswith(("https://", "http://")):
-        try:
-            with torch.serialization.safe_globals(SAFE_GLOBALS):
-                return torch.hub.load_state_dict_from_url(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # network errors, refused pickles, damaged downloads
-            fail(
-                f"checkpoint {path} could not be downloaded or loaded ({type(e).__name__}: {str(e)[:160]}); "
-                f"download it yourself and give the file"
-            )
+    """Load a checkpoint (file or URL) without executing pickled code, or fail with one line.
+
+    Every checksum the file stores is verified first: the CRC-32 of each member of a zip
+    checkpoint (torch.load does not check them), the per-tensor CRC-32s of a .safetensors export."""
+    if not path.startswith(("https://", "http://")):
+        return _load_file(path, path)
+    local = download(path)
+    try:
+        return _load_file(local, path)
+    except UserError as e:
+        with contextlib.suppress(FileNotFoundError):  # another rank may have removed it already
+            os.remove(local)  # a damaged or refused download must not be served again from the cache
+        fail(f"{e} (its downloaded copy was removed)")
+
+
+def download(url: str) -> str:
+    """The local copy of ``url`` in torch.hub's cache, downloaded if not there yet.
+
+    Each URL has a folder of its own (named by a hash of the whole URL): two hosts serving files
+    of the same name must not share a copy, as they do in torch.hub's flat checkpoints folder."""
+    name = os.path.basename(urllib.parse.urlparse(url).path) or "checkpoint"
+    folder = os.path.join(torch.hub.get_dir(), "checkpoints", hashlib.sha256(url.encode()).hexdigest()[:16])
+    local = os.path.join(folder, name)
+    if os.path.isfile(local):
+        return local
+    log.info(f"downloading {url} to {local}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        torch.hub.download_url_to_file(url, local, progress=False)  # to a temporary file, then renamed
+    except Exception as e:  # network errors, HTTP errors, a cache folder that cannot be written
+        fail(
+            f"checkpoint {url} could not be downloaded ({type(e).__name__}: {str(e)[:160]}); "
+            f"download it yourself and give the file"
+        )
+    return local
+
+
+def _load_file(path: str, shown: str) -> dict[str, Any]:
+    """Load the local file ``path``; errors name it as ``shown`` (the URL it came from, if any)."""
     if not os.path.isfile(path):
-        fail(f"checkpoint {path} does not exist")
+        fail(f"checkpoint {shown} does not exist")
     if path.endswith(".safetensors") or _looks_like_safetensors(path):
-        return load_safetensors(path)
+        return load_safetensors(path, shown)
     if not _looks_like_torch_file(path):
-        fail(f"checkpoint {path} is truncated or not a PyTorch checkpoint; use an earlier checkpoint or write it again")
+        fail(
+            f"checkpoint {shown} is truncated or not a PyTorch checkpoint; use an earlier checkpoint or write it again"
+        )
+    if zipfile.is_zipfile(path):
+        verify_zip(path, shown)
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         refused = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(e))
         fail(
-            f"checkpoint {path} refused: it needs {refused.group(1) if refused else 'a Python object'} to load, "
+            f"checkpoint {shown} refused: it needs {refused.group(1) if refused else 'a Python object'} to load, "
             f"beyond the tensors and argparse.Namespace a checkpoint holds, and loading it could run code; "
             f"load only checkpoints you trust and re-save their state dict"
         )
     except Exception as e:  # torch reports damaged files with many exception types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         fail(
-            f"checkpoint {path} is truncated or not a PyTorch checkpoint ({first[:160]}); "
+            f"checkpoint {shown} is truncated or not a PyTorch checkpoint ({first[:160]}); "
             f"use an earlier checkpoint or write it again"
         )
     if not isinstance(ckpt, dict):
-        fail(f"checkpoint {path} holds a {type(ckpt).__name__}, not a dict of states; it is not an MAE checkpoint")
+        fail(f"checkpoint {shown} holds a {type(ckpt).__name__}, not a dict of states; it is not an MAE checkpoint")
     return ckpt
 
 
-def load_safetensors(path: str) -> dict[str, Any]:
+def verify_zip(path: str, shown: str | None = None) -> None:
+    """Check every member of the zip checkpoint ``path`` against the CRC-32 the archive stores for
+    it, or fail naming the first damaged member. torch.save writes real CRCs; a file written with
+    ``torch.serialization.set_crc32_options(False)`` stores 0 for every member, and is not checked."""
+    where = "its zip directory"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+            if all(m.CRC == 0 for m in members if m.file_size):
+                log.info(f"checkpoint {shown or path} was written without checksums: its contents are not verified")
+                return
+            for member in members:
+                where = f"its entry {member.filename}"
+                with archive.open(member) as f:  # zipfile checks the CRC once the member is read to its end
+                    while f.read(1 << 20):
+                        pass
+    except Exception as e:  # BadZipFile for a wrong CRC or header, OSError, EOFError, zlib.error, ...
+        fail(
+            f"checkpoint {shown or path} is damaged in {where} ({str(e)[:80]}); "
+            f"use an earlier checkpoint or write it again"
+        )
+
+
+def load_safetensors(path: str, shown: str | None = None) -> dict[str, Any]:
     """A .safetensors file as a checkpoint: ``{'model': tensors, 'args': Namespace or None}``.
 
     Weights only (no optimizer or progress): what ``export.py --to safetensors`` writes, or any
-    state dict in the format. The args come back from the JSON that export stores as metadata.
+    state dict in the format. The args come back from the JSON that export stores as metadata,
+    and the tensors are checked against the CRC-32s stored there (see ``checksum_metadata``).
     Nothing is unpickled. ``safetensors`` is imported here so that training does not need it.
     """
+    shown = shown or path
     try:
         from safetensors import safe_open
         from safetensors.torch import load_file
     except ImportError:
-        fail(f"checkpoint {path} is a .safetensors file: pip install safetensors to read it")
+        fail(f"checkpoint {shown} is a .safetensors file: pip install safetensors to read it")
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
         state = load_file(path, device="cpu")
     except Exception as e:  # SafetensorError for damaged headers, OSError, ...
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        fail(f"checkpoint {path} is truncated or not a safetensors file ({first[:160]}); write it again")
+        fail(f"checkpoint {shown} is truncated or not a safetensors file ({first[:160]}); write it again")
+    if CHECKSUM_KEY in metadata:
+        verify_checksums(state, metadata[CHECKSUM_KEY], shown)
     args = None
     if "args" in metadata:
         try:
             args = argparse.Namespace(**json.loads(metadata["args"]))
         except (ValueError, TypeError) as e:
-            fail(f"checkpoint {path}: its 'args' metadata is not a JSON object of flags ({e})")
+            fail(f"checkpoint {shown}: its 'args' metadata is not a JSON object of flags ({e})")
     return {"model": state, "args": args}
+
+
+# safetensors metadata entry: JSON {tensor name: CRC-32 of its bytes}. The format has no checksum
+# of its own; CRC-32, as in the zip of a .pth file, detects damage and names the damaged tensor.
+CHECKSUM_KEY = "crc32"
+
+
+def tensor_crc32(tensor: torch.Tensor) -> int:
+    """CRC-32 of a tensor's bytes in memory order (what safetensors stores), for any dtype."""
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    return zlib.crc32(flat.view(torch.uint8).numpy())
+
+
+def checksum_metadata(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """The metadata entry that lets ``load_checkpoint`` verify a .safetensors file: add it to the
+    metadata of every file written with safetensors' ``save``/``save_file``."""
+    return {CHECKSUM_KEY: json.dumps({name: tensor_crc32(t) for name, t in sorted(tensors.items())})}
+
+
+def verify_checksums(state: dict[str, torch.Tensor], stored: str, shown: str) -> None:
+    """Every tensor of ``state`` has the CRC-32 that ``stored`` (``checksum_metadata``'s JSON)
+    records for it, and every recorded tensor is there; else fail naming the first one that differs."""
+    try:
+        expected = json.loads(stored)
+        valid = isinstance(expected, dict) and all(isinstance(v, int) for v in expected.values())
+    except ValueError:
+        valid = False
+    if not valid:
+        fail(f"checkpoint {shown}: its '{CHECKSUM_KEY}' metadata is not a JSON object of checksums; write it again")
+    for name in sorted(set(expected) | set(state)):
+        if name not in state or name not in expected or tensor_crc32(state[name]) != expected[name]:
+            fail(
+                f"checkpoint {shown} is damaged: its tensor {name} does not match its checksum; "
+                f"use an earlier copy or export it again"
+            )
 
 
 def _looks_like_safetensors(path: str) -> bool:
@@ -100,8 +204,9 @@ def _looks_like_torch_file(path: str) -> bool:
 
 def saved_args(path: str) -> argparse.Namespace | None:
     """The flags a checkpoint was written with (None for official releases, which store none),
-    read before the run builds anything. A zip checkpoint is memory-mapped, so its tensors are not
-    read: a large checkpoint is loaded again, in full, where its weights are needed."""
+    read before the run builds anything, and checked (``check_saved_args``). A zip checkpoint is
+    memory-mapped, so its tensors are not read: a large checkpoint is loaded again, in full, and
+    verified, where its weights are needed."""
     ckpt: Any = None
     if not path.startswith(("https://", "http://")) and os.path.isfile(path) and zipfile.is_zipfile(path):
         try:
@@ -112,7 +217,10 @@ def saved_args(path: str) -> argparse.Namespace | None:
     if ckpt is None:
         ckpt = load_checkpoint(path)
     args = ckpt.get("args") if isinstance(ckpt, dict) else None
-    return args if isinstance(args, argparse.Namespace) else None
+    if not isinstance(args, argparse.Namespace):
+        return None
+    check_saved_args(args, path)
+    return args
 
 
 def model_state(ckpt: dict[str, Any], path: str) -> dict[str, torch.Tensor]:
@@ -123,22 +231,207 @@ def model_state(ckpt: dict[str, Any], path: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_model_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
-    """Load a state dict whose names and shapes must equal the model's, or fail naming the difference."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
+# ---------------------------------------------------------------------------------------------
+# State dicts against a model
+@dataclass
+class StateDiff:
+    """How a checkpoint's state dict differs from a model's: names and shapes."""
+
+    missing: list[str]  # the model's, not in the checkpoint
+    unexpected: list[str]  # the checkpoint's, not in the model
+    other_shape: list[str]
+    example: str = ""  # the first key of another shape, with both shapes
+
+    def __bool__(self) -> bool:
+        return bool(self.missing or self.unexpected or self.other_shape)
+
+    def __str__(self) -> str:
+        named = (("missing", self.missing), ("unexpected", self.unexpected), ("of another shape", self.other_shape))
+        text = "; ".join(f"{len(keys)} {what} {keys[:4]}" for what, keys in named if keys)
+        return f"{text} (e.g. {self.example})" if self.example else text
+
+
+def compare_states(
+    own: dict[str, torch.Tensor],
+    state: dict[str, torch.Tensor],
+    may_miss: set[str] = frozenset(),
+    may_be_left: set[str] | None = frozenset(),
+) -> StateDiff:
+    """Compare ``state`` with a model's ``own`` state dict: keys of ``may_miss`` may be missing,
+    those of ``may_be_left`` (any, if None) may be left over, and no shared key may differ in shape."""
     wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
-        if wrong:
-            k = wrong[0]
-            parts.append(f"{len(wrong)} of another shape (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
-        fail(
-            f"checkpoint {path} does not fit {type(model).__name__}: {'; '.join(parts)}; check --model and --input_size"
-        )
+    return StateDiff(
+        missing=sorted(set(own) - set(state) - may_miss),
+        unexpected=[] if may_be_left is None else sorted(set(state) - set(own) - may_be_left),
+        other_shape=wrong,
+        example=f"{wrong[0]}: {tuple(state[wrong[0]].shape)} vs {tuple(own[wrong[0]].shape)}" if wrong else "",
+    )
+
+
+def check_weights(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str) -> None:
+    """Every weight of ``state`` that the model has (``own``) can be loaded as it is: of a dtype
+    that converts to the model's without losing meaning (a float for a float; int8, bool or complex
+    would be cast silently), holding the data its shape claims (a 2 KB file can describe a huge
+    tensor with zero strides), and finite. ``source`` ('checkpoint x.pth', '--finetune x.pth')
+    starts the error. No copy is made; call it before anything is computed from the weights."""
+    for key in sorted(set(own) & set(state)):
+        mine, theirs = own[key], state[key]
+        if mine.is_floating_point() != theirs.is_floating_point() or (
+            not mine.is_floating_point() and mine.dtype != theirs.dtype
+        ):
+            fail(
+                f"{source}: weight {key} is {theirs.dtype}, the model's is {mine.dtype}; it cannot be loaded "
+                f"without changing its values (a quantized or foreign checkpoint?): give one of {mine.dtype} weights"
+            )
+        if theirs.numel() * theirs.element_size() > theirs.untyped_storage().nbytes():
+            fail(
+                f"{source}: weight {key} claims shape {tuple(theirs.shape)} but stores only "
+                f"{theirs.untyped_storage().nbytes()} bytes; the checkpoint is damaged or forged"
+            )
+        if theirs.is_floating_point() and not bool(torch.isfinite(theirs).all()):
+            bad = int((~torch.isfinite(theirs)).sum())
+            fail(
+                f"{source}: weight {key} holds {bad} NaN or infinite value(s) of {theirs.numel()}: the file is "
+                f"damaged or comes from a diverged run; use an earlier checkpoint"
+            )
+
+
+def load_model_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
+    """Load a state dict whose names and shapes must equal the model's, with weights that
+    ``check_weights`` accepts, or fail naming the difference."""
+    own = model.state_dict()
+    if diff := compare_states(own, state):
+        fail(f"checkpoint {path} does not fit {type(model).__name__}: {diff}; check --model and --input_size")
+    check_weights(own, state, f"checkpoint {path}")
     model.load_state_dict(state)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training entries, checked before a resume uses them
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_saved_args(args: argparse.Namespace, path: str) -> None:
+    """The stored flags that other code reads back from a checkpoint have the types the flags give
+    (``--mean "abc"`` would be read as three characters); fail naming the first one that has not."""
+    values = vars(args)
+    problems = []
+    for flag in ("mean", "std"):
+        v = values.get(flag)
+        if v is not None and not (isinstance(v, (list, tuple)) and v and all(_is_number(x) for x in v)):
+            problems.append(f"--{flag} {v!r} is not a list of numbers")
+    size = values.get("input_size")
+    sides = size if isinstance(size, (list, tuple)) else [size]
+    if size is not None and not (1 <= len(sides) <= 2 and all(_is_count(s) and s > 0 for s in sides)):
+        problems.append(f"--input_size {size!r} is not one or two positive integers")
+    if values.get("model") is not None and not isinstance(values["model"], str):
+        problems.append(f"--model {values['model']!r} is not a name")
+    if problems:
+        fail(f"checkpoint {path} stores flags of the wrong type: {'; '.join(problems)}; give another checkpoint")
+
+
+def _rng_problem(rng: Any) -> str:
+    """Why ``rng`` is not a list of states ``restore_rng`` takes ('' if it is). Each is tried,
+    and this process's own state put back."""
+    if not isinstance(rng, list) or not all(isinstance(r, dict) for r in rng):
+        return f"is a {type(rng).__name__}, not a list of per-process random states"
+    mine = capture_rng()
+    try:
+        for r in rng:
+            restore_rng(r)
+    except Exception as e:  # any part of any state may be wrong
+        return f"is not the random state this code saves ({type(e).__name__}: {str(e)[:60]})"
+    finally:
+        restore_rng(mine)
+    return ""
+
+
+def _optimizer_problem(opt: Any) -> str:
+    if not isinstance(opt, dict) or not isinstance(opt.get("state"), dict):
+        return f"is a {type(opt).__name__} without a 'state' dict, not an optimizer state"
+    groups = opt.get("param_groups")
+    if not isinstance(groups, list) or not all(
+        isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups
+    ):
+        return "has no list of parameter groups with their 'params'"
+    for index, per_param in opt["state"].items():
+        if not isinstance(per_param, dict) or not all(
+            isinstance(v, torch.Tensor) or _is_number(v) for v in per_param.values()
+        ):
+            return f"holds for parameter {index} something else than tensors and numbers"
+        for name, v in per_param.items():
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                return f"holds NaN or infinite values in {name} of parameter {index} (a diverged run)"
+    return ""
+
+
+def _meters_problem(meters: Any) -> str:
+    ok = (
+        isinstance(meters, dict)
+        and _is_count(meters.get("epoch"))
+        and _is_count(meters.get("step"))
+        and isinstance(meters.get("sums"), dict)
+        and all(
+            isinstance(s, (list, tuple)) and len(s) == 2 and all(map(_is_number, s)) for s in meters["sums"].values()
+        )
+    )
+    return "" if ok else "is not {'epoch': count, 'step': count, 'sums': {name: [total, count]}}"
+
+
+def _log_problem(lines: Any) -> str:
+    if not isinstance(lines, list) or not all(isinstance(line, dict) for line in lines):
+        return f"is a {type(lines).__name__}, not a list of log.txt lines (dicts)"
+    try:
+        json.dumps(lines, allow_nan=True)
+    except (TypeError, ValueError) as e:
+        return f"holds values log.txt cannot take ({e})"
+    return ""
+
+
+def _extra_problem(extra: Any) -> str:
+    """The entry-point state: engine_finetune keeps 'max_accuracy' and 'unevaluated' there."""
+    if not isinstance(extra, dict):
+        return f"is a {type(extra).__name__}, not a dict"
+    best = extra.get("max_accuracy", 0.0)
+    if not _is_number(best) or not math.isfinite(best):
+        return f"holds max_accuracy {best!r}, not a number"
+    pending = extra.get("unevaluated")
+    if pending is not None and not (
+        isinstance(pending, dict) and _is_count(pending.get("epoch")) and isinstance(pending.get("train_stats"), dict)
+    ):
+        return "holds an 'unevaluated' entry that is not {'epoch': count, 'train_stats': dict}"
+    return ""
+
+
+def _entry_problems(ckpt: dict[str, Any]) -> list[str]:
+    checks = {
+        "epoch": lambda v: "" if _is_count(v) else f"is {v!r}, not a count of epochs (an integer >= 0)",
+        "step": lambda v: "" if v is None or _is_count(v) else f"is {v!r}, not None or an integer >= 0",
+        "optimizer": _optimizer_problem,
+        "scaler": lambda v: "" if not v or isinstance(v, dict) else f"is a {type(v).__name__}, not a dict",
+        "rng": lambda v: "" if v is None else _rng_problem(v),
+        "extra": _extra_problem,
+        "log": lambda v: "" if v is None else _log_problem(v),
+        "meters": lambda v: "" if v is None else _meters_problem(v),
+        "args": lambda v: "" if v is None or isinstance(v, argparse.Namespace) else "is not a Namespace of flags",
+    }
+    return [f"'{name}' {why}" for name, check in checks.items() if name in ckpt and (why := check(ckpt[name]))]
+
+
+def check_training_entries(ckpt: dict[str, Any], path: str) -> None:
+    """Fail in one line naming every malformed entry of a training checkpoint (epoch, step,
+    optimizer, scaler, rng, extra, log, meters, args) before resume uses any of them. Entries that
+    are absent are not checked: an official release holds only the model (and perhaps args)."""
+    problems = _entry_problems(ckpt)
+    if problems:
+        fail(
+            f"checkpoint {path} has malformed entries: {'; '.join(problems)}; it was not written by this code "
+            f"or was changed: resume from another checkpoint"
+        )
+    if isinstance(ckpt.get("args"), argparse.Namespace):
+        check_saved_args(ckpt["args"], path)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from util.checkpoint.files import atomic_save, checkpoint_name, list_checkpoints, progress, prune
-from util.checkpoint.load import load_checkpoint, load_model_strict, model_state
+from util.checkpoint.load import check_training_entries, load_checkpoint, load_model_strict, model_state
 from util.checkpoint.rng import gather_rng, restore_rng
 from util.cli.errors import NonFiniteLoss, UserError, fail, lower_lr
 from util.cli.log import log
@@ -144,15 +144,20 @@ class Opened:
         return saved if isinstance(saved, argparse.Namespace) else None
 
 
-def open_checkpoint(path: str) -> Opened:
-    return Opened(path, load_checkpoint(path))
+def open_checkpoint(path: str, training: bool = False) -> Opened:
+    """Read ``path`` (verified, weights only); ``training``: a checkpoint to resume, whose training
+    entries (progress, optimizer, random state, log) must be well-formed too."""
+    ckpt = load_checkpoint(path)
+    if training:
+        check_training_entries(ckpt, path)
+    return Opened(path, ckpt)
 
 
 def find_resumable(output_dir: str) -> Opened | None:
     """The newest checkpoint in ``output_dir`` that loads; a broken newer one is reported and skipped."""
     for path in reversed(list_checkpoints(output_dir)):
         try:
-            return open_checkpoint(path)
+            return open_checkpoint(path, training=True)
         except UserError as e:
             log.warning(f"skipping {path}: {e}")
     return None
@@ -163,7 +168,7 @@ def open_resume(args: argparse.Namespace) -> Opened | None:
     if not args.resume:
         return None
     if args.resume != "auto":
-        return open_checkpoint(args.resume)
+        return open_checkpoint(args.resume, training=True)
     found = find_resumable(args.output_dir) if args.output_dir else None
     if found is None:
         log.info(f"--resume auto: no checkpoint in {args.output_dir}, starting from scratch")

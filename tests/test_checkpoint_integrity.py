@@ -1,0 +1,341 @@
+"""Checkpoint integrity: stored checksums are verified on load (zip CRC-32s, safetensors CRC-32s),
+weights of a dtype that would be cast silently, forged shapes and non-finite values are refused,
+URLs never share a cache file, and malformed training entries are one-line errors."""
+
+import functools
+import http.server
+import json
+import math
+import random
+import shutil
+import threading
+import zipfile
+from argparse import Namespace
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import assert_same
+
+import models_mae
+import models_vit
+import util.memory
+from util.checkpoint.encoder import load_mae_encoder, load_pretrained_encoder
+from util.checkpoint.files import atomic_save
+from util.checkpoint.load import (
+    check_training_entries,
+    checksum_metadata,
+    load_checkpoint,
+    load_model_strict,
+    saved_args,
+)
+from util.checkpoint.state import TrainState, find_resumable, save_checkpoint
+from util.cli.errors import UserError
+from util.train.precision import LossScaler
+
+
+def _vit(img_size: int = 16) -> torch.nn.Module:
+    """The smallest classifier: a 4x4 grid of 8-wide tokens, one block."""
+    return models_vit.VisionTransformer(
+        img_size=img_size, patch_size=4, embed_dim=8, depth=1, num_heads=2, num_classes=3
+    )
+
+
+def _one_line_error(call, *words: str) -> str:
+    with pytest.raises(UserError) as err:
+        call()
+    message = str(err.value)
+    assert "\n" not in message, message
+    for word in words:
+        assert word in message, f"{word!r} not in: {message}"
+    return message
+
+
+def _flip(path: Path, offset: int) -> None:
+    blob = bytearray(path.read_bytes())
+    blob[offset] ^= 0x10
+    path.write_bytes(bytes(blob))
+
+
+# ---------------------------------------------------------------------------------------------
+# Zip checkpoints: every member against its CRC-32
+def _member_offsets(path: Path) -> dict[str, tuple[int, int]]:
+    """(start of the data, size) of each member, read from the zip's local headers."""
+    blob = path.read_bytes()
+    offsets = {}
+    with zipfile.ZipFile(path) as archive:
+        for m in archive.infolist():
+            name_len = int.from_bytes(blob[m.header_offset + 26 : m.header_offset + 28], "little")
+            extra_len = int.from_bytes(blob[m.header_offset + 28 : m.header_offset + 30], "little")
+            offsets[m.filename] = (m.header_offset + 30 + name_len + extra_len, m.file_size)
+    return offsets
+
+
+def test_torch_save_writes_real_crcs(tmp_path):
+    """The premise of the check: torch.save stores each member's true CRC-32."""
+    path = tmp_path / "c.pth"
+    atomic_save({"model": {"w": torch.randn(100)}, "epoch": 0}, str(path))
+    with zipfile.ZipFile(path) as archive:
+        assert archive.testzip() is None
+        assert any(m.CRC != 0 for m in archive.infolist())
+
+
+def test_a_flipped_byte_in_any_member_is_named(tmp_path):
+    good = tmp_path / "good.pth"
+    w = torch.randn(256)
+    atomic_save({"model": {"w": w, "b": torch.zeros(3)}, "epoch": 2, "args": Namespace(a=1)}, str(good))
+    offsets = _member_offsets(good)
+    assert any("/data/" in name for name in offsets) and any(name.endswith("data.pkl") for name in offsets)
+    for name, (start, size) in offsets.items():
+        damaged = tmp_path / "damaged.pth"
+        shutil.copy(good, damaged)
+        _flip(damaged, start + size // 2)
+        _one_line_error(functools.partial(load_checkpoint, str(damaged)), str(damaged), f"entry {name}", "damaged")
+    assert torch.equal(load_checkpoint(str(good))["model"]["w"], w)
+
+
+def test_resume_auto_skips_a_checkpoint_with_a_flipped_tensor_byte(tmp_path, capsys):
+    w0, w1 = torch.randn(1000), torch.randn(1000)
+    atomic_save({"model": {"w": w0}, "epoch": 0}, str(tmp_path / "checkpoint-0.pth"))
+    newest = tmp_path / "checkpoint-1.pth"
+    atomic_save({"model": {"w": w1}, "epoch": 1}, str(newest))
+    data = [v for k, v in _member_offsets(newest).items() if k.endswith("/data/0")][0]
+    _flip(newest, data[0] + 2000)  # inside the tensor: torch.load alone would return it changed
+    path, ckpt = find_resumable(str(tmp_path))
+    assert path.endswith("checkpoint-0.pth") and torch.equal(ckpt["model"]["w"], w0)
+    assert "skipping" in capsys.readouterr().out
+
+
+def test_a_checkpoint_written_without_crcs_still_loads(tmp_path):
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save({"model": {"w": torch.ones(4)}}, tmp_path / "nocrc.pth")
+    finally:
+        torch.serialization.set_crc32_options(True)
+    assert torch.equal(load_checkpoint(str(tmp_path / "nocrc.pth"))["model"]["w"], torch.ones(4))
+
+
+# ---------------------------------------------------------------------------------------------
+# .safetensors: per-tensor CRC-32s in the metadata, verified when present
+def _safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata={"format": "pt", **metadata})
+
+
+def _tensor_offset(path: Path, name: str) -> int:
+    blob = path.read_bytes()
+    header_len = int.from_bytes(blob[:8], "little")
+    return 8 + header_len + json.loads(blob[8 : 8 + header_len])[name]["data_offsets"][0]
+
+
+def test_safetensors_checksums_name_the_damaged_tensor(tmp_path):
+    pytest.importorskip("safetensors")
+    tensors = {"a": torch.randn(64), "b": torch.randn(8, 8).bfloat16(), "c": torch.tensor(3.0)}
+    path = tmp_path / "w.safetensors"
+    _safetensors(path, tensors, checksum_metadata(tensors))
+    assert_same(load_checkpoint(str(path))["model"], tensors)
+    _flip(path, _tensor_offset(path, "b") + 5)
+    _one_line_error(lambda: load_checkpoint(str(path)), str(path), "tensor b", "damaged")
+
+
+def test_safetensors_without_or_with_broken_checksums(tmp_path):
+    pytest.importorskip("safetensors")
+    tensors = {"a": torch.randn(4)}
+    plain = tmp_path / "plain.safetensors"  # a file from elsewhere (the Hub): nothing to verify
+    _safetensors(plain, tensors, {})
+    assert torch.equal(load_checkpoint(str(plain))["model"]["a"], tensors["a"])
+    broken = tmp_path / "broken.safetensors"
+    _safetensors(broken, tensors, {"crc32": "[1, 2]"})
+    _one_line_error(lambda: load_checkpoint(str(broken)), str(broken), "'crc32' metadata")
+    partial = tmp_path / "partial.safetensors"  # a tensor the checksums do not cover
+    _safetensors(partial, {**tensors, "extra": torch.ones(2)}, checksum_metadata(tensors))
+    _one_line_error(lambda: load_checkpoint(str(partial)), "tensor extra")
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights: a dtype that would be cast silently, forged shapes, non-finite values
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bool, torch.complex64, torch.int64])
+def test_weights_of_another_kind_are_refused_naming_key_and_dtype(tmp_path, dtype):
+    model = _vit()
+    state = dict(model.state_dict())
+    state["blocks.0.mlp.fc1.weight"] = torch.ones_like(state["blocks.0.mlp.fc1.weight"], dtype=dtype)
+    words = ("blocks.0.mlp.fc1.weight", str(dtype))
+    _one_line_error(lambda: load_model_strict(_vit(), state, "r.pth"), "checkpoint r.pth", *words)
+    torch.save({"model": state}, tmp_path / "enc.pth")
+    _one_line_error(lambda: load_pretrained_encoder(_vit(), str(tmp_path / "enc.pth")), "--finetune", *words)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_floating_weights_of_another_precision_load(dtype):
+    source = _vit()
+    state = {k: v.to(dtype) for k, v in source.state_dict().items()}
+    target = _vit()
+    load_model_strict(target, state, "r.pth")
+    assert_same(target.state_dict(), {k: v.float() for k, v in state.items()})
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_non_finite_weights_are_refused_at_load_naming_the_key(tmp_path, value):
+    state = dict(_vit().state_dict())
+    for key in ("blocks.0.attn.qkv.bias", "pos_embed"):
+        bad = {**state, key: state[key].clone()}
+        bad[key].view(-1)[1] = value
+        _one_line_error(functools.partial(load_model_strict, _vit(), bad, "r.pth"), key, "1 NaN or infinite")
+        torch.save({"model": bad}, tmp_path / "enc.pth")
+        # pos_embed also where it is resized: NaN must not be interpolated away first.
+        _one_line_error(lambda: load_pretrained_encoder(_vit(img_size=32), str(tmp_path / "enc.pth")), key)
+
+
+@pytest.mark.parametrize("tokens, width", [(10**10, 0), (10**10 + 1, 8), (10**8 + 1, 8)])
+def test_a_tiny_file_claiming_a_huge_position_embedding_is_refused_before_allocating(tmp_path, tokens, width):
+    """A zero-stride tensor costs a few bytes in the file whatever shape it claims."""
+    state = dict(_vit().state_dict())
+    state["pos_embed"] = torch.zeros(1, 1, width).expand(1, tokens, width)
+    path = tmp_path / "bomb.pth"
+    torch.save({"model": state}, path)
+    assert path.stat().st_size < 100_000
+    _one_line_error(lambda: load_pretrained_encoder(_vit(), str(path)), str(path), "pos_embed")
+    mae = models_mae.MaskedAutoencoderViT(
+        img_size=16, patch_size=4, embed_dim=8, depth=1, num_heads=2, decoder_embed_dim=8, decoder_depth=1,
+        decoder_num_heads=2,
+    )  # fmt: skip
+    _one_line_error(lambda: load_mae_encoder(mae, str(path)), str(path), "pos_embed")
+
+
+def test_a_position_embedding_resize_is_sized_before_it_allocates(tmp_path, monkeypatch):
+    state = dict(_vit(img_size=64).state_dict())  # a 16x16 grid, stored in full
+    torch.save({"model": state}, tmp_path / "big.pth")
+    monkeypatch.setattr(util.memory, "available_bytes", lambda device="cpu": 1000)
+    _one_line_error(
+        lambda: load_pretrained_encoder(_vit(), str(tmp_path / "big.pth")), "position embedding", "needs about"
+    )
+    monkeypatch.undo()
+    model = _vit()
+    load_pretrained_encoder(model, str(tmp_path / "big.pth"))
+    assert model.pos_embed.shape == (1, 17, 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# URLs: each its own cache file
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+@contextmanager
+def _serve(folder: Path) -> Iterator[str]:
+    handler = functools.partial(_Quiet, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_two_urls_with_the_same_file_name_do_not_share_a_cache_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    weights = {}
+    for host in ("a", "b"):
+        (tmp_path / host).mkdir()
+        weights[host] = torch.randn(5)
+        torch.save({"model": {"w": weights[host]}}, tmp_path / host / "checkpoint.pth")
+    with _serve(tmp_path / "a") as url_a, _serve(tmp_path / "b") as url_b:
+        got_a = load_checkpoint(f"{url_a}/checkpoint.pth")["model"]["w"]
+        got_b = load_checkpoint(f"{url_b}/checkpoint.pth")["model"]["w"]
+        (tmp_path / "b" / "damaged.pth").write_bytes(b"<html>not found</html>")
+        damaged = f"{url_b}/damaged.pth"
+        _one_line_error(lambda: load_checkpoint(damaged), damaged, "downloaded copy was removed")
+    assert torch.equal(got_a, weights["a"]) and torch.equal(got_b, weights["b"])
+    # Served from the cache once downloaded; the damaged download was not kept.
+    assert torch.equal(load_checkpoint(f"{url_a}/checkpoint.pth")["model"]["w"], weights["a"])
+    assert sorted(p.name for p in (tmp_path / "torch_home").rglob("*.pth")) == ["checkpoint.pth"] * 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Training entries, before resume uses them
+def _training_checkpoint(tmp_path: Path) -> dict:
+    model = torch.nn.Linear(2, 2)
+    flags = dict(output_dir=str(tmp_path), keep_last=0, save_freq=1, epochs=1, device="cpu", mean=[0.5], std=[0.2])
+    state = TrainState(model, torch.optim.AdamW(model.parameters()), LossScaler("fp32"), Namespace(**flags))
+    model(torch.ones(1, 2)).sum().backward()
+    state.optimizer.step()
+    state.extra = {"max_accuracy": 12.5, "unevaluated": {"epoch": 0, "train_stats": {"loss": 1.0}}}
+    state.log = [{"epoch": 0, "train_loss": 1.0}]
+    state.meters = {"epoch": 0, "step": 3, "sums": {"loss": [3.0, 3]}}
+    return load_checkpoint(save_checkpoint(state, 0, 3))
+
+
+def test_a_checkpoint_this_code_writes_passes_and_keeps_the_random_state(tmp_path):
+    ckpt = _training_checkpoint(tmp_path)
+    torch.manual_seed(5), random.seed(5), np.random.seed(5)
+    expected = (random.random(), float(np.random.rand()), torch.rand(2))
+    torch.manual_seed(5), random.seed(5), np.random.seed(5)
+    check_training_entries(ckpt, "c.pth")  # tries the stored random states, then puts ours back
+    assert_same((random.random(), float(np.random.rand()), torch.rand(2)), expected)
+
+
+NAN_STATE = {"state": {0: {"exp_avg": torch.tensor([math.nan])}}, "param_groups": [{"params": [0]}]}
+
+
+@pytest.mark.parametrize(
+    "entry, value",
+    [
+        ("epoch", "3"),
+        ("epoch", -1),
+        ("epoch", True),
+        ("epoch", 1.5),
+        ("step", "x"),
+        ("step", -2),
+        ("rng", "abc"),
+        ("rng", [1]),
+        ("rng", [{"python": 5}]),
+        ("optimizer", []),
+        ("optimizer", {"state": {}, "param_groups": 5}),
+        ("optimizer", {"state": {0: "x"}, "param_groups": []}),
+        ("optimizer", NAN_STATE),
+        ("scaler", [1]),
+        ("extra", []),
+        ("extra", {"max_accuracy": "abc"}),
+        ("extra", {"unevaluated": 3}),
+        ("log", {}),
+        ("log", [1]),
+        ("log", [{"a": torch.ones(1)}]),
+        ("meters", []),
+        ("meters", {"epoch": 0}),
+        ("meters", {"epoch": 0, "step": 1, "sums": {"loss": [1.0]}}),
+        ("args", 5),
+    ],
+)
+def test_each_malformed_training_entry_is_named(tmp_path, entry, value):
+    ckpt = _training_checkpoint(tmp_path)
+    ckpt[entry] = value
+    _one_line_error(lambda: check_training_entries(ckpt, "c.pth"), "checkpoint c.pth", f"'{entry}'")
+
+
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (dict(mean="abc"), "--mean"),
+        (dict(std=[1, "x"]), "--std"),
+        (dict(input_size=-3), "--input_size"),
+        (dict(input_size=[32, 32, 32]), "--input_size"),
+        (dict(model=5), "--model"),
+    ],
+)
+def test_stored_flags_of_the_wrong_type_are_named(tmp_path, flags, named):
+    ckpt = _training_checkpoint(tmp_path)
+    ckpt["args"] = Namespace(**{**vars(ckpt["args"]), **flags})
+    _one_line_error(lambda: check_training_entries(ckpt, "c.pth"), "checkpoint c.pth", named)
+    path = tmp_path / "flags.pth"
+    torch.save(ckpt, path)
+    # saved_args is what mean/std, model and size are read from before anything is built.
+    _one_line_error(lambda: saved_args(str(path)), str(path), named)
