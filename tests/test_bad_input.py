@@ -334,11 +334,11 @@ def test_resume_with_changed_meaning_warns_in_one_line(tmp_path, capsys):
     path = checkpoint.save_checkpoint(_pretrain_state(tmp_path), epoch=1)
     same = _pretrain_state(tmp_path)
     same.args.resume = path
-    checkpoint.resume(same)
+    checkpoint.resume(same, checkpoint.open_resume(same.args))
     assert "warning" not in capsys.readouterr().out
     changed = _pretrain_state(tmp_path)
     changed.args.resume, changed.args.norm_pix_loss, changed.args.mask_ratio = path, True, 0.5
-    assert checkpoint.resume(changed) == checkpoint.Position(2)
+    assert checkpoint.resume(changed, checkpoint.open_resume(changed.args)) == checkpoint.Position(2)
     warnings = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
     assert len(warnings) == 1
     assert "--mask_ratio 0.75 -> 0.5" in warnings[0] and "--norm_pix_loss False -> True" in warnings[0]

@@ -17,7 +17,7 @@ from util.checkpoint import state as checkpoint
 from util.checkpoint.files import atomic_save, checkpoint_name, list_checkpoints, prune
 from util.checkpoint.load import load_checkpoint, load_model_strict, model_state
 from util.checkpoint.rng import capture_rng, restore_rng
-from util.checkpoint.state import Position, TrainState, find_resumable, resume
+from util.checkpoint.state import Position, TrainState, find_resumable, open_resume, resume
 from util.cli.errors import UserError
 from util.train.precision import LossScaler
 
@@ -287,27 +287,27 @@ def test_resume_positions_and_find_resumable(tmp_path, capsys):
     def save(epoch, step):
         checkpoint.save_checkpoint(state, epoch, step)
 
-    assert resume(state) == Position(0, 0)  # no --resume
+    assert resume(state, open_resume(state.args)) == Position(0, 0)  # no --resume
     save(0, None)
     save(1, 4)
     whole = (tmp_path / "checkpoint-1-step4.pth").read_bytes()
     (tmp_path / "checkpoint-1-step8.pth").write_bytes(whole[:100])  # newest, but broken
 
-    path, ckpt = find_resumable(str(tmp_path))
-    assert os.path.basename(path) == "checkpoint-1-step4.pth" and ckpt["step"] == 4
+    found = find_resumable(str(tmp_path))
+    assert os.path.basename(found.path) == "checkpoint-1-step4.pth" and found.ckpt["step"] == 4
     assert "checkpoint-1-step8.pth" in capsys.readouterr().out
 
     fresh = _state(torch.nn.Linear(2, 2), _args(output_dir=str(tmp_path), resume="auto"))
-    assert resume(fresh) == Position(1, 4)
+    assert resume(fresh, open_resume(fresh.args)) == Position(1, 4)
     assert_same(fresh.model.state_dict(), model.state_dict())
     assert_same(fresh.optimizer.state_dict(), state.optimizer.state_dict())
     fresh.args.resume = str(tmp_path / "checkpoint-0.pth")
-    assert resume(fresh) == Position(1, 0)  # after a complete epoch: the next one
+    assert resume(fresh, open_resume(fresh.args)) == Position(1, 0)  # after a complete epoch: the next one
 
     # Weights only (an official release): the model loads, training starts at --start_epoch.
     torch.save({"model": model.state_dict()}, tmp_path / "weights.pth")
     fresh = _state(torch.nn.Linear(2, 2), _args(resume=str(tmp_path / "weights.pth"), start_epoch=3))
-    assert resume(fresh) == Position(3, 0)
+    assert resume(fresh, open_resume(fresh.args)) == Position(3, 0)
     assert_same(fresh.model.state_dict(), model.state_dict())
     assert fresh.optimizer.state_dict()["state"] == {}
 
@@ -320,4 +320,4 @@ def test_resume_refuses_other_optimizer_layout(tmp_path):
     two_groups = torch.optim.AdamW([{"params": [p]} for p in twin.parameters()])
     other = TrainState(twin, two_groups, LossScaler("fp32"), _args(resume=str(tmp_path / "checkpoint-0.pth")))
     with pytest.raises(UserError, match="optimizer"):
-        resume(other)
+        resume(other, open_resume(other.args))

@@ -104,8 +104,8 @@ def test_resume_auto_skips_a_checkpoint_with_a_flipped_tensor_byte(tmp_path, cap
     atomic_save({"model": {"w": w1}, "epoch": 1}, str(newest))
     data = [v for k, v in _member_offsets(newest).items() if k.endswith("/data/0")][0]
     _flip(newest, data[0] + 2000)  # inside the tensor: torch.load alone would return it changed
-    path, ckpt = find_resumable(str(tmp_path))
-    assert path.endswith("checkpoint-0.pth") and torch.equal(ckpt["model"]["w"], w0)
+    found = find_resumable(str(tmp_path))
+    assert found.path.endswith("checkpoint-0.pth") and torch.equal(found.ckpt["model"]["w"], w0)
     assert "skipping" in capsys.readouterr().out
 
 

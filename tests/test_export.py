@@ -256,7 +256,7 @@ def _garbage(tmp_path: Path) -> Path:
 def test_training_resume_from_safetensors_loads_weights_only_and_says_so(tmp_path, capsys):
     """A .safetensors file has no optimizer state or progress: training starts from its weights
     at --start_epoch, with a warning that this is not an exact resume."""
-    from util.checkpoint.state import Position, TrainState, resume
+    from util.checkpoint.state import Position, TrainState, open_resume, resume
     from util.train.precision import LossScaler
 
     torch.manual_seed(0)
@@ -265,7 +265,7 @@ def test_training_resume_from_safetensors_loads_weights_only_and_says_so(tmp_pat
     _export(tmp_path / "w.pth", "safetensors", tmp_path / "w.safetensors")
     args = argparse.Namespace(start_epoch=3, resume=str(tmp_path / "w.safetensors"), output_dir=str(tmp_path))
     state = TrainState(model, torch.optim.AdamW(model.parameters()), LossScaler("fp32"), args)
-    assert resume(state) == Position(3, 0)
+    assert resume(state, open_resume(state.args)) == Position(3, 0)
     assert torch.equal(model.weight, source.weight) and torch.equal(model.bias, source.bias)
     assert "holds weights only" in capsys.readouterr().out
     assert not state.optimizer.state_dict()["state"]
