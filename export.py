@@ -17,22 +17,32 @@ checkpoints, or an official MAE release (full, or encoder only). ``--to timm`` w
 ``transformers.ViTMAEForPreTraining.from_pretrained`` loads; ``--from hf`` turns such a folder (ours,
 or one from the Hub) into a weights-only checkpoint (.pth or .safetensors) whose args name our model,
 for ``--finetune``, ``--resume``, ``knn_eval.py`` and ``reconstruct.py``. transformers is not needed
-for either direction (util/interop/hf.py reads and writes the files).
+for either direction (util/interop/hf.py reads the folders and converts names and configs).
+
+Every output is written whole or not at all (util.outputs.atomic_write; a folder is written beside
+its place and renamed into it): a full disk is a one-line error that leaves an earlier output as
+it was.
 """
 
 import argparse
+import errno
+import io
 import json
+import math
 import os
-from typing import Any
+import shutil
+from collections.abc import Mapping
+from typing import Any, NoReturn
 
 import torch
 
 import models_mae
 import models_vit
-from util.checkpoint.files import atomic_save
 from util.checkpoint.load import load_checkpoint, model_state
 from util.cli.errors import fail, run_cli
 from util.interop import hf as hf_interop
+from util.memory import require
+from util.outputs import atomic_write
 
 # Our classifier architectures as timm registered models (+ the kwargs that make them equal).
 TIMM_NAMES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -98,22 +108,18 @@ def encoder_state(state: dict[str, torch.Tensor], path: str) -> dict[str, torch.
 def vit_name(ckpt: dict[str, Any], encoder: dict[str, torch.Tensor], given: str | None, path: str) -> tuple[str, int]:
     """(models_vit name, image size) of the encoder: --model, else the checkpoint's args, else the
     architecture whose shapes equal the encoder's (depth, width and patch size tell them apart)."""
-    patch = encoder["patch_embed.proj.weight"].shape[-1]
-    img_size = int(round((encoder["pos_embed"].shape[1] - 1) ** 0.5)) * patch
     saved = getattr(ckpt.get("args"), "model", None)
     name = given or (saved.removeprefix("mae_") if isinstance(saved, str) else None)
-    candidates = [name] if name else list(models_vit.MODELS)
     if name and name not in models_vit.MODELS:
         fail(f"--model {name} is unknown; known models: {', '.join(models_vit.MODELS)}")
     global_pool = "fc_norm.weight" in encoder
-    shapes = {k: tuple(v.shape) for k, v in encoder.items()}
-    for candidate in candidates:
-        with torch.device("meta"):
-            model = models_vit.MODELS[candidate](img_size=img_size, num_classes=0, global_pool=global_pool)
-        if {k: tuple(v.shape) for k, v in model.state_dict().items()} == shapes:
-            return candidate, img_size
+    found = models_mae.model_for_weights(
+        encoder, models_vit.MODELS, [name] if name else None, num_classes=0, global_pool=global_pool
+    )
+    if found:
+        return found
     if name:
-        fail(f"checkpoint {path} does not fit --model {name} at {img_size} px; check --model")
+        fail(f"checkpoint {path} does not fit --model {name} (at any square image size); check --model")
     fail(f"checkpoint {path}: no known ViT has its encoder's shapes; pass --model")
 
 
@@ -131,51 +137,106 @@ def timm_call(name: str, img_size: int, global_pool: bool, output: str) -> str:
 
 
 def args_metadata(ckpt: dict[str, Any]) -> dict[str, str]:
-    """safetensors metadata (strings only): the checkpoint's args as JSON; 'format' as HF expects."""
-    metadata = {"format": "pt"}
+    """The checkpoint's args as safetensors metadata (strings only): JSON under 'args'."""
     args = ckpt.get("args")
     if isinstance(args, argparse.Namespace):
-        metadata["args"] = json.dumps(vars(args), default=str)  # devices and the like as strings
-    return metadata
+        return {"args": json.dumps(vars(args), default=str)}  # devices and the like as strings
+    return {}
 
 
-def write(state: dict[str, torch.Tensor], output: str, metadata: dict[str, str]) -> None:
-    """Write atomically: .safetensors (with metadata) or a plain torch state dict (.pth)."""
-    if output.endswith(".safetensors"):
-        from safetensors.torch import save
+# ---------------------------------------------------------------------------------------------
+# Writing: the bytes of each format, then one atomic write per file
+def safetensors_bytes(state: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """``state`` as a .safetensors file with ``metadata``: the one place where export writes
+    safetensors, for a file and for an HF folder's weights (a checksum would be added here)."""
+    from safetensors.torch import save
 
-        # Own, contiguous storage per tensor: safetensors refuses views and shared memory.
-        data = save({k: v.detach().clone().contiguous() for k, v in state.items()}, metadata=metadata)
-        tmp = f"{output}.tmp{os.getpid()}"
+    _require_copies(state, 2)
+    # Own, contiguous storage per tensor: safetensors refuses views (the qkv chunks of --to hf)
+    # and shared memory.
+    tensors = {k: v.detach().clone().contiguous() for k, v in state.items()}
+    return save(tensors, metadata={"format": "pt", **metadata})  # 'format': what transformers expects
+
+
+def torch_bytes(obj: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -> memoryview:
+    """``obj`` (which holds ``tensors``) as torch.save writes it. Serialized in memory, not into
+    the file: torch.save turns the OSError of a full disk into a RuntimeError that no longer says
+    what happened."""
+    _require_copies(tensors, 2)  # the buffer grows by doubling
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getbuffer()
+
+
+def _require_copies(state: Mapping[str, torch.Tensor], copies: int) -> None:
+    nbytes = copies * sum(v.numel() * v.element_size() for v in state.values())
+    require(nbytes, f"serializing the {len(state)} tensors to write", "export on a machine with more free memory")
+
+
+def write_file(path: str, data: bytes | memoryview) -> None:
+    """Write ``data`` as the file ``path``, whole or not at all."""
+    existed = os.path.exists(path)
+    try:
+        atomic_write(path, lambda f: f.write(data))
+    except OSError as e:
+        _cannot_write(path, e, existed)
+
+
+def write_folder(folder: str, files: dict[str, bytes]) -> None:
+    """Write ``files`` (name -> content) as the folder ``folder``, complete or not at all: they go
+    into a new folder beside it, which then takes its place. An earlier folder is renamed aside
+    first and removed last: a crash between the two renames leaves no folder (the old one is
+    then the hidden ``.<name>.old<pid>`` beside it), never a mixed one."""
+    parent, base = os.path.split(os.path.abspath(folder))
+    tmp, old = (os.path.join(parent, f".{base}.{kind}{os.getpid()}") for kind in ("tmp", "old"))
+    existed = os.path.exists(folder)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a crashed run that had this pid
+        os.makedirs(tmp)
+        for name, data in files.items():
+            atomic_write(os.path.join(tmp, name), lambda f, data=data: f.write(data))
+        if existed:
+            os.replace(folder, old)
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, output)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    else:
-        atomic_save(state, output)
+            os.replace(tmp, folder)
+        except OSError:
+            if existed:
+                os.replace(old, folder)
+            raise
+        _sync_folder(parent)
+    except OSError as e:
+        _cannot_write(folder, e, existed)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _sync_folder(path: str) -> None:
+    """Flush a folder's entries (the renames into it) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _cannot_write(path: str, error: OSError, existed: bool) -> NoReturn:
+    kept = "the old one is kept as it was" if existed else "nothing was written"
+    full = error.errno in (errno.ENOSPC, errno.EDQUOT)
+    advice = "free some space or give another --output" if full else "give another --output"
+    fail(f"cannot write --output {path}: {error.strerror or error}; {kept}; {advice}")
 
 
 # ---------------------------------------------------------------------------------------------
 # Hugging Face transformers
-def _meta_mae(name: str, img_size: int, in_chans: int) -> torch.nn.Module | None:
-    """The MAE ``name`` built without memory (meta device); None when the image size does not fit
-    its patches."""
-    try:
-        with torch.device("meta"):
-            return models_mae.MODELS[name](img_size=img_size, in_chans=in_chans)
-    except ValueError:
-        return None
-
-
 def _square_side(ckpt: dict[str, Any], state: dict[str, torch.Tensor], path: str) -> int:
     """The image side of a square MAE checkpoint; HF's ViTMAEForPreTraining computes its loss on
     square images only (its patchify refuses others), so other shapes cannot be exported."""
+    if "pos_embed" not in state or "patch_embed.proj.weight" not in state or state["pos_embed"].dim() != 3:
+        fail(f"checkpoint {path} lacks pos_embed or patch_embed.proj.weight; it is not an MAE checkpoint")
     patch = state["patch_embed.proj.weight"].shape[-1]
     tokens = state["pos_embed"].shape[1] - 1
-    grid = int(round(tokens**0.5))
+    grid = math.isqrt(max(tokens, 0))
     saved = getattr(ckpt.get("args"), "input_size", None)
     sides = [int(v) for v in saved] if isinstance(saved, (list, tuple)) else [saved]
     # The token count alone cannot tell 16x16 from 8x32: a stored --input_size can.
@@ -188,28 +249,21 @@ def _square_side(ckpt: dict[str, Any], state: dict[str, torch.Tensor], path: str
 def mae_name(ckpt: dict[str, Any], state: dict[str, torch.Tensor], given: str | None, path: str) -> tuple[str, int]:
     """(models_mae name, image size) of an MAE with decoder: --model, else the checkpoint's args,
     else the factory whose shapes equal the weights' (official releases carry no args)."""
-    from reconstruct import check_has_decoder, infer_model
-
-    check_has_decoder(state, path)
-    if "pos_embed" not in state or "patch_embed.proj.weight" not in state:
-        fail(f"checkpoint {path} lacks pos_embed or patch_embed.proj.weight; it is not an MAE checkpoint")
+    if not any(k.startswith("decoder_") for k in state):
+        fail(f"checkpoint {path} holds no MAE decoder (a classifier, or an encoder-only release?); give a full MAE")
     img_size = _square_side(ckpt, state, path)
-    in_chans = state["patch_embed.proj.weight"].shape[1]
     saved = getattr(ckpt.get("args"), "model", None)
     name = given or (saved if isinstance(saved, str) else None)
-    if name is None:
-        inferred = infer_model(state)
-        if inferred is None:
-            fail(f"checkpoint {path}: no models_mae model has its shapes; pass --model")
-        return inferred
-    name = name if name.startswith("mae_") else f"mae_{name}"  # --model may name the encoder
-    if name not in models_mae.MODELS:
-        fail(f"--model {name} is not an MAE; known models: {', '.join(models_mae.MODELS)}")
-    built = _meta_mae(name, img_size, in_chans)
-    shapes = {k: tuple(v.shape) for k, v in state.items()}
-    if built is None or {k: tuple(v.shape) for k, v in built.state_dict().items()} != shapes:
+    if name is not None:
+        name = name if name.startswith("mae_") else f"mae_{name}"  # --model may name the encoder
+        if name not in models_mae.MODELS:
+            fail(f"--model {name} is not an MAE; known models: {', '.join(models_mae.MODELS)}")
+    found = models_mae.model_for_weights(state, names=[name] if name else None)
+    if found is None and name:
         fail(f"checkpoint {path} does not fit {name} at {img_size} px; check --model")
-    return name, img_size
+    if found is None:
+        fail(f"checkpoint {path}: no models_mae model has its shapes; pass --model")
+    return found
 
 
 def export_hf(args: argparse.Namespace, ckpt: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
@@ -219,9 +273,14 @@ def export_hf(args: argparse.Namespace, ckpt: dict[str, Any], state: dict[str, t
     norm_pix = args.norm_pix_loss if args.norm_pix_loss is not None else getattr(saved, "norm_pix_loss", False)
     if not 0 <= mask_ratio < 1:
         fail(f"--mask_ratio must be in [0, 1), got {mask_ratio}")
-    model = _meta_mae(name, img_size, state["patch_embed.proj.weight"].shape[1])
-    config = hf_interop.hf_config(model, mask_ratio, norm_pix)
-    hf_interop.write_hf_folder(args.output, hf_interop.to_hf_state(state), config, args_metadata(ckpt))
+    with torch.device("meta"):  # at its default size: the config needs no position embeddings
+        model = models_mae.MODELS[name](in_chans=state["patch_embed.proj.weight"].shape[1])
+    config = hf_interop.hf_config(model, img_size, mask_ratio, norm_pix)
+    files = {
+        hf_interop.WEIGHTS_NAME: safetensors_bytes(hf_interop.to_hf_state(state), args_metadata(ckpt)),
+        hf_interop.CONFIG_NAME: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(),
+    }
+    write_folder(args.output, files)
     print(
         f"wrote {name} ({img_size} px, mask_ratio {mask_ratio}, norm_pix_loss {bool(norm_pix)}) as a "
         f"transformers ViTMAEForPreTraining to {args.output}; load it with"
@@ -229,39 +288,38 @@ def export_hf(args: argparse.Namespace, ckpt: dict[str, Any], state: dict[str, t
     print(f"  transformers.ViTMAEForPreTraining.from_pretrained({args.output!r})")
 
 
-def mae_for_hf_config(config: dict[str, Any], folder: str) -> tuple[str, int, torch.nn.Module]:
-    """(models_mae name, image size, model on the meta device) whose ViTMAEConfig has the
-    folder's architecture; or fail listing it."""
-    img_size = hf_interop.square(config["image_size"], "image_size", folder)
-    arch = dict(config, image_size=img_size, patch_size=hf_interop.square(config["patch_size"], "patch_size", folder))
+def mae_for_hf_config(config: dict[str, Any], folder: str) -> tuple[str, torch.nn.Module]:
+    """(models_mae name, model on the meta device at its default size) whose ViTMAEConfig has the
+    folder's architecture; or fail listing it. Nothing is built at the config's image size."""
     for name in models_mae.MODELS:  # the registry lists each factory once (no aliases)
-        model = _meta_mae(name, img_size, config["num_channels"])
-        if model is None:
-            continue
-        ours = hf_interop.hf_config(model, 0.75, False)
-        if all(ours[k] == arch[k] for k in hf_interop.ARCH_KEYS):
-            return name, img_size, model
-    described = ", ".join(f"{k} {arch[k]}" for k in hf_interop.ARCH_KEYS)
+        with torch.device("meta"):
+            model = models_mae.MODELS[name](in_chans=config["num_channels"])
+        ours = hf_interop.hf_config(model, config["image_size"], 0.75, False)
+        if all(ours[k] == config[k] for k in hf_interop.ARCH_KEYS):
+            return name, model
+    described = ", ".join(f"{k} {config[k]}" for k in hf_interop.ARCH_KEYS)
     fail(f"HF folder {folder}: no models_mae model has its architecture ({described})")
+
+
+def check_weights_fit_config(state: dict[str, torch.Tensor], name: str, img_size: int, folder: str) -> None:
+    """The weights are those of ``name`` at ``img_size`` px, as config.json says; or fail saying
+    whose they are. Settled from the weights' shapes (their position embedding gives their size),
+    so that a config's image size is never built."""
+    found = models_mae.model_for_weights(state, names=[name])
+    if found == (name, img_size):
+        return
+    actual = found or models_mae.model_for_weights(state)
+    whose = f"they are {actual[0]}'s at {actual[1]} px" if actual else "they are no models_mae model's"
+    fail(f"HF folder {folder}: its weights do not fit its config.json ({name} at {img_size} px); {whose}")
 
 
 def import_hf(args: argparse.Namespace) -> None:
     folder = args.checkpoint
     config, hf_state = hf_interop.read_hf_folder(folder)
-    name, img_size, model = mae_for_hf_config(config, folder)
+    name, model = mae_for_hf_config(config, folder)
+    img_size = config["image_size"]
     state = hf_interop.from_hf_state(hf_state, folder)
-    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if tuple(state[k].shape) != own[k])
-    if missing or unexpected or wrong:
-        problem = (
-            f"lacks {', '.join(missing[:3])}"
-            if missing
-            else f"has extra {', '.join(unexpected[:3])}"
-            if unexpected
-            else f"{wrong[0]} is {tuple(state[wrong[0]].shape)}, not {own[wrong[0]]}"
-        )
-        fail(f"HF folder {folder}: its weights do not fit its config.json ({name} at {img_size} px): {problem}")
+    check_weights_fit_config(state, name, img_size, folder)
     eps = {m.eps for m in model.modules() if isinstance(m, torch.nn.LayerNorm)}.pop()
     if config["layer_norm_eps"] != eps:
         # Not an error: configs may carry HF's default (1e-12) while the official MAE trained with
@@ -273,14 +331,14 @@ def import_hf(args: argparse.Namespace) -> None:
     saved = argparse.Namespace(
         model=name,
         input_size=img_size,
-        mask_ratio=float(config["mask_ratio"]),
-        norm_pix_loss=bool(config["norm_pix_loss"]),
+        mask_ratio=config["mask_ratio"],
+        norm_pix_loss=config["norm_pix_loss"],
         hf_folder=os.path.abspath(folder),
     )
     if args.output.endswith(".safetensors"):
-        write(state, args.output, args_metadata({"args": saved}))
+        write_file(args.output, safetensors_bytes(state, args_metadata({"args": saved})))
     else:
-        atomic_save({"model": state, "args": saved}, args.output)
+        write_file(args.output, torch_bytes({"model": state, "args": saved}, state))
     print(f"wrote {name} ({img_size} px, {len(state)} tensors) from {folder} to {args.output}; use it with")
     print(f"  python main_finetune.py --model {name.removeprefix('mae_')} --finetune {args.output} ...")
     print(f"  python main_pretrain.py --model {name} --input_size {img_size} --resume {args.output} ...")
@@ -299,6 +357,14 @@ def check_output(args: argparse.Namespace) -> None:
         fail(f"--output {args.output} is a file; --to hf writes a folder (config.json + model.safetensors)")
     if os.path.exists(args.output) and not args.force:
         fail(f"--output {args.output} exists; pass --force to overwrite it")
+    if args.to == "hf" and os.path.isdir(args.output):
+        # The folder is replaced as a whole: files of another kind in it would be lost.
+        others = sorted(set(os.listdir(args.output)) - {hf_interop.CONFIG_NAME, hf_interop.WEIGHTS_NAME})
+        if others:
+            fail(
+                f"--output {args.output} holds other files ({', '.join(others[:3])}); --to hf replaces the whole "
+                f"folder: remove them or give another folder"
+            )
     if not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
         fail(f"--output {args.output}: its folder does not exist")
     if args.to != "hf" and (args.mask_ratio is not None or args.norm_pix_loss is not None):
@@ -316,12 +382,15 @@ def main(args: argparse.Namespace) -> None:
         export_hf(args, ckpt, state)
         return
     if args.to == "safetensors":
-        write(state, args.output, args_metadata(ckpt))
+        write_file(args.output, safetensors_bytes(state, args_metadata(ckpt)))
         print(f"wrote {len(state)} tensors and {'the' if ckpt.get('args') else 'no'} args to {args.output}")
         return
     encoder = encoder_state(state, args.checkpoint)
     name, img_size = vit_name(ckpt, encoder, args.model, args.checkpoint)
-    write(encoder, args.output, args_metadata(ckpt))
+    if args.output.endswith(".safetensors"):
+        write_file(args.output, safetensors_bytes(encoder, args_metadata(ckpt)))
+    else:
+        write_file(args.output, torch_bytes(encoder, encoder))  # a plain state dict, as timm reads it
     print(f"wrote the {name} encoder ({len(encoder)} tensors, {img_size} px) to {args.output}; load it with")
     print(f"  {timm_call(name, img_size, 'fc_norm.weight' in encoder, args.output)}")
 

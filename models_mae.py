@@ -6,8 +6,10 @@ predicts the pixels of all patches. The loss is the mean squared error on remove
 Parameter names follow the official checkpoints so that they load as they are.
 """
 
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -323,3 +325,46 @@ def create_model(
     that keeps a patch for the encoder and removes one for the loss. Errors name the flag."""
     check = None if mask_ratio is None else lambda model: check_mask_ratio(mask_ratio, model.num_patches)
     return MODELS.create(name, input_size, in_chans, check, **kwargs)
+
+
+def model_for_weights(
+    state: Mapping[str, torch.Tensor],
+    registry: Registry = MODELS,
+    names: Iterable[str] | None = None,
+    **kwargs: Any,
+) -> tuple[str, int] | None:
+    """(name, image side) of the first model of ``registry`` (of ``names``; default: all) whose
+    state dict has exactly ``state``'s names and shapes, for square images of that side and the
+    channels of ``state``'s patch projection; None if there is none. The one place where a model
+    is recognised by its weights (official releases carry no args); ``kwargs`` go to the
+    factories (e.g. ``num_classes=0, global_pool=True`` for ``models_vit.MODELS``).
+
+    The side is a square's: the weights cannot tell 8x16 patches from 16x8. Nothing is built at
+    that side, which comes from untrusted weights: each candidate is built on the meta device at
+    its default size, and the token count of its position embeddings (the only shapes that depend
+    on the size) is worked out for the side by arithmetic. Building at a claimed 10^5 x 10^5 grid
+    would compute sin-cos embeddings of that size, in float64, even on the meta device.
+    """
+    proj = state.get("patch_embed.proj.weight")
+    if proj is None or proj.dim() != 4:
+        return None
+    wanted = {k: tuple(v.shape) for k, v in state.items()}
+    for name in registry if names is None else names:
+        with torch.device("meta"):
+            model = registry[name](in_chans=proj.shape[1], **kwargs)
+        side = _side_where_shapes_equal(model, wanted)
+        if side is not None:
+            return name, side
+    return None
+
+
+def _side_where_shapes_equal(model: nn.Module, wanted: dict[str, tuple[int, ...]]) -> int | None:
+    """The square image side at which ``model``'s state-dict shapes would equal ``wanted``, or None."""
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if own.keys() != wanted.keys() or len(wanted["pos_embed"]) != 3:
+        return None
+    prefix = own["pos_embed"][1] - model.patch_embed.num_patches  # the class token
+    grid = math.isqrt(max(wanted["pos_embed"][1] - prefix, 0))
+    tokens = grid * grid + prefix
+    at_side = {k: (s[0], tokens, *s[2:]) if k.endswith("pos_embed") else s for k, s in own.items()}
+    return grid * model.patch_embed.patch_size[0] if grid and at_side == wanted else None

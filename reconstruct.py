@@ -47,25 +47,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def infer_model(state: dict[str, torch.Tensor]) -> tuple[str, int] | None:
-    """(factory name, image size) of the MAE whose state-dict shapes equal ``state``'s. The size
-    is read as a square's (the weights cannot tell 8x16 patches from 16x8); any channel count."""
-    if "pos_embed" not in state or "patch_embed.proj.weight" not in state:
-        return None
-    patch, in_chans = state["patch_embed.proj.weight"].shape[-1], state["patch_embed.proj.weight"].shape[1]
-    img_size = int(round((state["pos_embed"].shape[1] - 1) ** 0.5)) * patch
-    shapes = {k: tuple(v.shape) for k, v in state.items()}
-    for name, factory in models_mae.MODELS.items():
-        try:
-            with torch.device("meta"):
-                candidate = factory(img_size=img_size, in_chans=in_chans)
-        except ValueError:  # a size this model's patches do not divide: not this model
-            continue
-        if {k: tuple(v.shape) for k, v in candidate.state_dict().items()} == shapes:
-            return name, img_size
-    return None
-
-
 def check_has_decoder(state: dict[str, torch.Tensor], path: str) -> None:
     """Reconstructions need the decoder, which fine-tuned and encoder-only checkpoints lack."""
     if any(k.startswith("decoder_") for k in state):
@@ -89,7 +70,7 @@ def main(args: argparse.Namespace) -> None:
     state = model_state(ckpt, args.checkpoint)
     check_has_decoder(state, args.checkpoint)
     saved = vars(ckpt["args"]) if isinstance(ckpt.get("args"), argparse.Namespace) else {}
-    inferred = None if args.model and args.input_size else infer_model(state)
+    inferred = None if args.model and args.input_size else models_mae.model_for_weights(state)
     name = args.model or saved.get("model") or (inferred[0] if inferred else None)
     if name is None:
         fail(f"cannot tell which MAE model {args.checkpoint} holds; pass --model")

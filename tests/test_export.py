@@ -7,12 +7,14 @@ are expected to be identical; the tests allow an absolute difference of 1e-6.
 """
 
 import argparse
+import errno
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import cli, demo_files, pretrain_args
+from helpers import budgeted_open, cli, demo_files, pretrain_args
 
 import export
 import main_finetune
@@ -20,6 +22,7 @@ import main_pretrain
 import models_mae
 import models_vit
 import reconstruct
+from util import outputs
 from util.checkpoint.encoder import load_mae_encoder, load_pretrained_encoder
 from util.checkpoint.load import load_checkpoint, model_state
 from util.cli.errors import UserError
@@ -269,3 +272,114 @@ def test_training_resume_from_safetensors_loads_weights_only_and_says_so(tmp_pat
     assert torch.equal(model.weight, source.weight) and torch.equal(model.bias, source.bias)
     assert "holds weights only" in capsys.readouterr().out
     assert not state.optimizer.state_dict()["state"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The model inferred from weight shapes: models_mae.model_for_weights, the one home of it
+@pytest.mark.parametrize("name", list(models_mae.MODELS))
+def test_model_for_weights_recognises_each_mae_at_another_size(name):
+    """Each factory built (on the meta device) for 1-channel images of another size than its
+    default is found, with that size."""
+    size = 112 if name.endswith("patch16") else 56
+    with torch.device("meta"):
+        state = models_mae.MODELS[name](img_size=size, in_chans=1).state_dict()
+    assert models_mae.model_for_weights(state) == (name, size)
+
+
+def test_model_for_weights_finds_none_for_other_names_or_shapes():
+    with torch.device("meta"):
+        state = models_mae.mae_vit_mini_patch4(img_size=48).state_dict()
+    assert models_mae.model_for_weights(state, names=["mae_vit_mini_patch4"]) == ("mae_vit_mini_patch4", 48)
+    assert models_mae.model_for_weights(state, names=["mae_vit_tiny_patch4"]) is None
+    assert models_mae.model_for_weights({k: v for k, v in state.items() if k != "decoder_pred.bias"}) is None
+    assert models_mae.model_for_weights({**state, "extra": torch.zeros(1)}) is None
+    # The decoder's position embedding for another grid than the encoder's.
+    assert models_mae.model_for_weights({**state, "decoder_pos_embed": torch.zeros(1, 65, 64)}) is None
+    # 8 x 16 patches: the weights of no square image.
+    assert models_mae.model_for_weights({**state, "pos_embed": torch.zeros(1, 129, 128)}) is None
+
+
+def test_model_for_weights_recognises_classifier_encoders():
+    """models_vit encoders, with a class token (norm) or global pooling (fc_norm), at 48 px."""
+    for global_pool in (False, True):
+        with torch.device("meta"):
+            state = models_vit.vit_tiny_patch4(img_size=48, num_classes=0, global_pool=global_pool).state_dict()
+        found = models_mae.model_for_weights(state, models_vit.MODELS, num_classes=0, global_pool=global_pool)
+        assert found == ("vit_tiny_patch4", 48)
+        assert models_mae.model_for_weights(state, models_vit.MODELS, ["vit_mini_patch4"], num_classes=0) is None
+
+
+@pytest.mark.parametrize("tokens", [65537, 10**10 + 1], ids=["256x256 grid", "10**5 x 10**5 grid"])
+def test_a_position_embedding_claiming_a_huge_grid_allocates_nothing(tmp_path, tokens):
+    """A 2 KB checkpoint whose pos_embed is (1, tokens, 0): recognising the model must not build it
+    at that grid (its sin-cos embeddings are computed in float64 even on the meta device)."""
+    import tracemalloc
+
+    state = models_mae.mae_vit_mini_patch4().state_dict()
+    state["pos_embed"] = torch.zeros(1, tokens, 0)
+    src = tmp_path / "bomb.pth"
+    torch.save({"model": state}, src)
+    tracemalloc.start()
+    try:
+        with pytest.raises(UserError, match=rf"checkpoint {src}: no models_mae model has its shapes"):
+            _export(src, "hf", tmp_path / "hf")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 * 2**20, f"{peak / 2**20:.0f} MiB allocated"
+
+
+# ---------------------------------------------------------------------------------------------
+# A full disk: one line naming --output; the old output intact, or none at all
+@pytest.fixture(scope="module")
+def mini(tmp_path_factory):
+    """A mini MAE checkpoint (with args) and its HF export, to export again."""
+    root = tmp_path_factory.mktemp("full_disk")
+    torch.manual_seed(0)
+    args = argparse.Namespace(model="mae_vit_mini_patch4", input_size=32, norm_pix_loss=False, mask_ratio=0.75)
+    torch.save({"model": models_mae.mae_vit_mini_patch4().state_dict(), "args": args}, root / "checkpoint-0.pth")
+    _export(root / "checkpoint-0.pth", "hf", root / "hf")
+    return root
+
+
+TARGETS = {  # name: (--to or --from hf, --output's name)
+    "timm-pth": (["--to", "timm"], "encoder.pth"),
+    "timm-safetensors": (["--to", "timm"], "encoder.safetensors"),
+    "safetensors": (["--to", "safetensors"], "mae.safetensors"),
+    "hf": (["--to", "hf"], "mae_hf"),
+    "from-hf-pth": (["--from", "hf"], "back.pth"),
+    "from-hf-safetensors": (["--from", "hf"], "back.safetensors"),
+}
+
+
+def _contents(path: Path) -> dict[str, bytes]:
+    files = sorted(path.iterdir()) if path.is_dir() else [path]
+    return {f.name: f.read_bytes() for f in files}
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new", "existing"])
+@pytest.mark.parametrize("target", TARGETS)
+def test_full_disk_is_one_line_and_leaves_the_old_output_or_none(mini, tmp_path, monkeypatch, target, existing):
+    direction, name = TARGETS[target]
+    src = mini / ("hf" if direction[0] == "--from" else "checkpoint-0.pth")
+    out = tmp_path / name
+    argv = ["--checkpoint", str(src), *direction, "--output", str(out), "--force"]
+    if existing:
+        export.main(export.get_args_parser().parse_args(argv))
+        before = _contents(out)
+
+    def full():
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    # Every file that util.outputs writes takes 1000 bytes, then the disk is full.
+    monkeypatch.setattr(outputs, "open", budgeted_open(1000, full, lambda path, mode: "w" in mode), raising=False)
+    with pytest.raises(UserError) as err:
+        export.main(export.get_args_parser().parse_args(argv))
+    kept = "the old one is kept as it was" if existing else "nothing was written"
+    assert (
+        str(err.value)
+        == f"cannot write --output {out}: No space left on device; {kept}; free some space or give another --output"
+    )
+    if existing:
+        assert _contents(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ([name] if existing else []), "nothing partial beside it"

@@ -16,6 +16,8 @@ import argparse
 import json
 import re
 import shutil
+import sys
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -337,3 +339,139 @@ def test_to_hf_needs_a_decoder_and_a_free_folder(mae, tmp_path):
             ]
         )
     assert not (tmp_path / "e").exists() and not (tmp_path / "w").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile folders: every config.json value checked against one typed table, shard indexes that
+# point outside their folder, sizes that would allocate before failing.
+@pytest.fixture(scope="module")
+def hf_parts(mae):
+    """The exported mini model's config.json (a dict) and weights (HF names)."""
+    from safetensors.torch import load_file
+
+    _, root = mae
+    return json.loads((root / "hf" / "config.json").read_text()), load_file(str(root / "hf" / "model.safetensors"))
+
+
+def _import_error(folder: Path, tmp_path: Path) -> str:
+    """The one-line error of importing ``folder`` (fails the test if it imports)."""
+    with pytest.raises(UserError) as err:
+        _run(["--from", "hf", "--checkpoint", str(folder), "--output", str(tmp_path / "out.pth")])
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "out.pth").exists()
+    return str(err.value)
+
+
+@pytest.mark.parametrize(
+    "key, value, expected",
+    [
+        ("architectures", 5, "a list of strings"),
+        ("num_channels", "3", "a positive integer"),
+        ("num_channels", -3, "a positive integer"),
+        ("num_channels", 3.0, "a positive integer"),
+        ("hidden_size", True, "a positive integer"),  # a JSON boolean is no integer, though Python's bool is one
+        ("num_hidden_layers", 10**30, "a positive integer"),
+        ("mask_ratio", "abc", "a number in [0, 1)"),
+        ("mask_ratio", 2.0, "a number in [0, 1)"),
+        ("mask_ratio", float("nan"), "a number in [0, 1)"),
+        ("norm_pix_loss", "false", "true or false"),
+        ("qkv_bias", "false", "true or false"),
+        ("layer_norm_eps", -1e-6, "a positive number"),
+        ("layer_norm_eps", float("inf"), "a positive number"),
+        ("hidden_act", ["gelu"], "a string"),
+        ("image_size", [32, 16], "a positive integer, or [height, width] equal ones"),
+        ("patch_size", "4", "a positive integer, or [height, width] equal ones"),
+    ],
+)
+def test_wrongly_typed_config_values_are_one_line_errors_naming_config_json_and_key(
+    hf_parts, tmp_path, key, value, expected
+):
+    config, weights = hf_parts
+    folder = _write_folder(tmp_path / "bad", {**config, key: value}, weights)
+    message = _import_error(folder, tmp_path)
+    assert message.startswith(f"HF folder {folder}: config.json has {key} {json.dumps(value)}; it must be {expected}")
+
+
+def test_square_sizes_may_be_given_as_pairs(hf_parts, tmp_path):
+    """HF allows (height, width) sizes: equal ones are our square models' sizes."""
+    config, weights = hf_parts
+    folder = _write_folder(tmp_path / "pairs", {**config, "image_size": [32, 32], "patch_size": [4, 4]}, weights)
+    _run(["--from", "hf", "--checkpoint", str(folder), "--output", str(tmp_path / "p.pth")])
+    assert load_checkpoint(str(tmp_path / "p.pth"))["args"].input_size == 32
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors.index.json"])
+def test_deeply_nested_json_is_a_one_line_error(hf_parts, tmp_path, name):
+    config, weights = hf_parts
+    folder = _write_folder(tmp_path / "deep", config)
+    (folder / name).write_text('{"weight_map": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    assert f"HF folder {folder}: {name} is nested too deeply" in _import_error(folder, tmp_path)
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "{outside}", "sub/../../outside.safetensors", "..", 3])
+def test_a_shard_index_names_files_inside_its_folder_only(hf_parts, tmp_path, shard):
+    """A valid model outside the folder is not read through the index, by a relative or an
+    absolute path; a weight_map value that is no string is an error too."""
+    from safetensors.torch import save_file
+
+    config, weights = hf_parts
+    outside = tmp_path / "outside.safetensors"
+    save_file(weights, str(outside), metadata={"format": "pt"})
+    folder = _write_folder(tmp_path / "sharded", config)
+    shard = str(outside) if shard == "{outside}" else shard
+    first = sorted(weights)[0]
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": dict.fromkeys(weights, shard)}))
+    expected = (
+        f"HF folder {folder}: model.safetensors.index.json has weight_map[{json.dumps(first)}] {json.dumps(shard)}; "
+        f"it must be a file name in the folder"
+    )
+    assert _import_error(folder, tmp_path).startswith(expected)
+
+
+def _peak_traced_bytes(run) -> int:
+    """Peak of the memory Python and numpy allocate while ``run()`` runs (torch's meta tensors take none)."""
+    tracemalloc.start()
+    try:
+        run()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("image_size", [1024, 60000])
+def test_config_image_size_the_weights_cannot_take_is_refused_before_allocating(hf_parts, tmp_path, image_size):
+    """image_size 1024 would build the model's 65,537 x 128 sin-cos position embedding (in float64,
+    even on the meta device) only to find that the weights are for 32 px; 60000 would need hundreds
+    of GiB. The position embedding in the weights settles it first, by arithmetic."""
+    config, weights = hf_parts
+    folder = _write_folder(tmp_path / "big", {**config, "image_size": image_size}, weights)
+    messages = []
+    peak = _peak_traced_bytes(lambda: messages.append(_import_error(folder, tmp_path)))
+    expected = f"its weights do not fit its config.json ({NAME} at {image_size} px); they are {NAME}'s at 32 px"
+    assert peak < 20 * 2**20, f"{peak / 2**20:.0f} MiB allocated before the error"
+    assert messages[0] == f"HF folder {folder}: {expected}"
+
+
+def test_export_does_not_import_the_reconstruct_script(mae, tmp_path, monkeypatch):
+    """The model inferred from weight shapes has one home (models_mae.model_for_weights)."""
+    model, _ = mae
+    src = tmp_path / "no_args.pth"
+    torch.save({"model": model.state_dict()}, src)  # no args: the model is inferred
+    monkeypatch.delitem(sys.modules, "reconstruct", raising=False)
+    _run(["--checkpoint", str(src), "--to", "hf", "--output", str(tmp_path / "hf")])
+    assert "reconstruct" not in sys.modules
+
+
+def test_force_replaces_a_whole_folder_and_refuses_one_with_other_files(mae, tmp_path):
+    """--to hf writes the folder complete or not at all: an existing one is replaced as a whole, so
+    files of another kind in it (a README, shards of another model) are not silently dropped."""
+    _, root = mae
+    src, out = root / "checkpoint-0.pth", tmp_path / "hf"
+    _run(["--checkpoint", str(src), "--to", "hf", "--output", str(out)])
+    _run(["--checkpoint", str(src), "--to", "hf", "--output", str(out), "--force"])
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"], "nothing left beside it"
+    (out / "README.md").write_text("my notes")
+    with pytest.raises(UserError, match=rf"^--output {re.escape(str(out))} holds other files \(README.md\)"):
+        _run(["--checkpoint", str(src), "--to", "hf", "--output", str(out), "--force"])
+    assert (out / "README.md").read_text() == "my notes"

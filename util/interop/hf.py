@@ -1,8 +1,10 @@
 """Hugging Face transformers interop: our MAE <-> a ``ViTMAEForPreTraining`` folder.
 
 A folder is ``config.json`` plus the weights (``model.safetensors``; Hub downloads may instead hold
-``pytorch_model.bin`` or safetensors shards with an index). Files are read and written here with
-safetensors and json only: transformers is needed to load an export, not to write or read one.
+``pytorch_model.bin`` or safetensors shards with an index). Folders are read here, with safetensors
+and json only (transformers is needed to load an export, not to write or read one); export.py
+writes them. A folder is untrusted input: every config.json and index entry that is used is
+checked against one typed table (``CONFIG_FIELDS``, ``INDEX_FIELDS``) before anything is built.
 
 Names. Ours are the official MAE's: timm ViT blocks with one fused ``qkv`` projection. HF splits
 it into query, key and value. HF has renamed its modules over versions, and all three spellings
@@ -18,9 +20,10 @@ column halves to match the official layout), but a freshly built HF model does n
 """
 
 import json
+import math
 import os
 import re
-import shutil
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -75,36 +78,183 @@ _HF_BLOCK = re.compile(
     r"^(vit\.encoder\.layer|vit\.layers|decoder\.decoder_layers|decoder\.decoder_encoder\.layer)\.(\d+)\.(.+)\.(weight|bias)$"
 )
 
-# ViTMAEConfig's defaults, for the entries a config.json may leave out.
-_HF_DEFAULTS: dict[str, Any] = {
-    "hidden_size": 768,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 12,
-    "intermediate_size": 3072,
-    "image_size": 224,
-    "patch_size": 16,
-    "num_channels": 3,
-    "qkv_bias": True,
-    "hidden_act": "gelu",
-    "decoder_hidden_size": 512,
-    "decoder_num_hidden_layers": 8,
-    "decoder_num_attention_heads": 16,
-    "decoder_intermediate_size": 2048,
-    "layer_norm_eps": 1e-12,
-    "mask_ratio": 0.75,
-    "norm_pix_loss": False,
+
+# ---------------------------------------------------------------------------------------------
+# config.json and the shard index, checked against one typed table each
+class _Invalid(ValueError):
+    """A JSON value that breaks its field's rule: what was ``expected``; ``where`` and ``value``
+    when the fault is inside the field (one entry of a map)."""
+
+    def __init__(self, expected: str, where: str | None = None, value: Any = None):
+        super().__init__(expected)
+        self.expected, self.where, self.value = expected, where, value
+
+
+# Integers in configs are layer counts, widths and sizes: far below this. The bound keeps a
+# meta-device build's shape arithmetic within int64.
+_MAX_INT = 2**20
+
+
+def _positive_int(value: Any) -> int:
+    # JSON's true/false arrive as Python bools, which are ints: not counts.
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= _MAX_INT:
+        raise _Invalid(f"a positive integer (at most {_MAX_INT})")
+    return value
+
+
+def _square_size(value: Any) -> int:
+    """HF allows (height, width) sizes; our models take square images and patches."""
+    if isinstance(value, list) and len(value) == 2 and value[0] == value[1]:
+        value = value[0]
+    try:
+        return _positive_int(value)
+    except _Invalid:
+        raise _Invalid("a positive integer, or [height, width] equal ones (our MAE models are square)") from None
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _Invalid("a number")
+    return float(value)
+
+
+def _ratio(value: Any) -> float:
+    """A mask ratio: some patches stay visible to the encoder."""
+    try:
+        if 0 <= _number(value) < 1:
+            return float(value)
+    except _Invalid:
+        pass
+    raise _Invalid("a number in [0, 1)")
+
+
+def _positive_number(value: Any) -> float:
+    try:
+        if _number(value) > 0:
+            return float(value)
+    except _Invalid:
+        pass
+    raise _Invalid("a positive number")
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid("true or false (a JSON boolean, not a string)")
+    return value
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str):
+        raise _Invalid("a string")
+    return value
+
+
+def _string_or_null(value: Any) -> str | None:
+    return None if value is None else _string(value)
+
+
+def _strings(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _Invalid("a list of strings")
+    return value
+
+
+def _shard_map(value: Any) -> dict[str, str]:
+    """weight name -> shard file: a file name in the folder, never a path that leaves it."""
+    if not isinstance(value, dict) or not value:
+        raise _Invalid("an object from weight names to shard file names")
+    for name, shard in sorted(value.items()):
+        plain = isinstance(shard, str) and shard not in ("", ".", "..") and not re.search(r"[/\\\0]", shard)
+        if not plain:
+            raise _Invalid(
+                "a file name in the folder (no folder part, no ..)", f"weight_map[{json.dumps(name)}]", shard
+            )
+    return value
+
+
+_REQUIRED = object()
+Field = tuple[Any, Callable[[Any], Any]]  # (default, check): the check returns the value to use
+# What a folder's config.json says it is, checked first, so that a foreign model is called one.
+IDENTITY_FIELDS: dict[str, Field] = {"model_type": (None, _string_or_null), "architectures": ([], _strings)}
+# The entries we use, with ViTMAEConfig's defaults for those a config.json leaves out.
+CONFIG_FIELDS: dict[str, Field] = {
+    "hidden_size": (768, _positive_int),
+    "num_hidden_layers": (12, _positive_int),
+    "num_attention_heads": (12, _positive_int),
+    "intermediate_size": (3072, _positive_int),
+    "image_size": (224, _square_size),
+    "patch_size": (16, _square_size),
+    "num_channels": (3, _positive_int),
+    "qkv_bias": (True, _boolean),
+    "hidden_act": ("gelu", _string),
+    "decoder_hidden_size": (512, _positive_int),
+    "decoder_num_hidden_layers": (8, _positive_int),
+    "decoder_num_attention_heads": (16, _positive_int),
+    "decoder_intermediate_size": (2048, _positive_int),
+    "layer_norm_eps": (1e-12, _positive_number),
+    "mask_ratio": (0.75, _ratio),
+    "norm_pix_loss": (False, _boolean),
 }
+INDEX_FIELDS: dict[str, Field] = {"weight_map": (_REQUIRED, _shard_map)}
 # The entries that fix the architecture (compared when importing): all but the norms' eps and the loss's.
-ARCH_KEYS = tuple(k for k in _HF_DEFAULTS if k not in ("layer_norm_eps", "mask_ratio", "norm_pix_loss"))
+ARCH_KEYS = tuple(k for k in CONFIG_FIELDS if k not in ("layer_norm_eps", "mask_ratio", "norm_pix_loss"))
+
+
+def checked(data: Any, fields: dict[str, Field], what: str) -> dict[str, Any]:
+    """``data`` (a JSON object) with each entry of ``fields`` checked and normalised, and the
+    defaults of absent ones filled in (other entries as they are); or a one-line error that names
+    ``what`` (the folder and file), the entry and the rule it breaks."""
+    if not isinstance(data, dict):
+        fail(f"{what} is not a JSON object")
+    out = dict(data)
+    for key, (default, check) in fields.items():
+        if key not in data:
+            if default is _REQUIRED:
+                fail(f"{what} has no {key}")
+            out[key] = default
+            continue
+        try:
+            out[key] = check(data[key])
+        except _Invalid as e:
+            where, value = (e.where, e.value) if e.where else (key, data[key])
+            fail(f"{what} has {where} {_shown(value)}; it must be {e.expected}")
+    return out
+
+
+def _shown(value: Any) -> str:
+    """A JSON value as the file spells it, cut short."""
+    text = json.dumps(value)
+    return text if len(text) <= 200 else f"{text[:197]}..."
+
+
+# JSON files of a model folder are a few KB (an index of a large model some 100 KB): refuse
+# reading a huge one whole.
+_JSON_LIMIT = 64 * 2**20
+
+
+def read_json(path: str, what: str) -> Any:
+    """The JSON in ``path``, or a one-line error naming ``what`` (folder and file)."""
+    try:
+        size = os.path.getsize(path)
+        if size > _JSON_LIMIT:
+            fail(f"{what} is {size / 2**20:.0f} MiB, not a model folder's JSON (a few KB)")
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except RecursionError:
+        fail(f"{what} is nested too deeply to be a model folder's JSON")
+    except (OSError, ValueError) as e:  # ValueError: JSON and UTF-8 decoding errors
+        fail(f"{what} is not readable JSON ({e})")
 
 
 # ---------------------------------------------------------------------------------------------
 # Ours -> HF
-def hf_config(model: nn.Module, mask_ratio: float, norm_pix_loss: bool) -> dict[str, Any]:
-    """The ``ViTMAEConfig`` (as config.json's dict) of a ``models_mae.MaskedAutoencoderViT``,
-    read off the built model so that it states what the weights were trained with."""
-    if not isinstance(model.img_size, int):
-        raise ValueError(f"the model takes {model.img_size} images; transformers' ViTMAE takes square ones only")
+def hf_config(model: nn.Module, image_size: int, mask_ratio: float, norm_pix_loss: bool) -> dict[str, Any]:
+    """The ``ViTMAEConfig`` (as config.json's dict) of a ``models_mae.MaskedAutoencoderViT`` for
+    square images of side ``image_size``, read off the built model so that it states what the
+    weights were trained with. The model may be built at any size (its default: only the
+    position embeddings' length depends on it)."""
     eps = {m.eps for m in model.modules() if isinstance(m, nn.LayerNorm)}
     if len(eps) != 1:
         # HF has one layer_norm_eps for every norm of encoder and decoder.
@@ -126,7 +276,7 @@ def hf_config(model: nn.Module, mask_ratio: float, norm_pix_loss: bool) -> dict[
         "attention_probs_dropout_prob": 0.0,
         "initializer_range": 0.02,
         "layer_norm_eps": eps.pop(),
-        "image_size": model.img_size,
+        "image_size": image_size,
         "patch_size": model.patch_size,
         "num_channels": model.in_chans,
         "qkv_bias": first.attn.qkv.bias is not None,
@@ -160,44 +310,11 @@ def to_hf_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def write_hf_folder(
-    folder: str, state: dict[str, torch.Tensor], config: dict[str, Any], metadata: dict[str, str]
-) -> None:
-    """Write config.json and model.safetensors into ``folder`` (created if needed).
-
-    Both are written to a temporary folder beside it first: a new folder appears complete or not
-    at all; in an existing one each file is replaced whole.
-    """
-    from safetensors.torch import save_file
-
-    parent = os.path.dirname(os.path.abspath(folder))
-    tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(folder))}.tmp{os.getpid()}")
-    os.makedirs(tmp, exist_ok=True)
-    try:
-        # Own, contiguous storage per tensor: safetensors refuses views (the qkv chunks are views).
-        tensors = {k: v.detach().clone().contiguous() for k, v in state.items()}
-        save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt", **metadata})
-        # safetensors may create the file private (0600); give it the permissions config.json gets.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(os.path.join(tmp, WEIGHTS_NAME), 0o666 & ~umask)
-        with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-            f.write("\n")
-        if not os.path.exists(folder):
-            os.replace(tmp, folder)
-            return
-        for name in (WEIGHTS_NAME, CONFIG_NAME):  # the weights first: a config never names absent ones
-            os.replace(os.path.join(tmp, name), os.path.join(folder, name))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 # ---------------------------------------------------------------------------------------------
 # HF -> ours
 def read_hf_folder(folder: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(config with HF's defaults filled in, weights) of a ViTMAEForPreTraining folder, or fail
-    naming the folder and what is wrong with it."""
+    """(config, checked against ``CONFIG_FIELDS`` with HF's defaults filled in; weights) of a
+    ViTMAEForPreTraining folder, or fail naming the folder and what is wrong with it."""
     from util.checkpoint.load import load_checkpoint, model_state
 
     if not os.path.isdir(folder):
@@ -205,33 +322,16 @@ def read_hf_folder(folder: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]
     config_path = os.path.join(folder, CONFIG_NAME)
     if not os.path.isfile(config_path):
         fail(f"HF folder {folder} has no {CONFIG_NAME}; it is not a transformers model folder")
-    try:
-        with open(config_path) as f:
-            config = json.load(f)
-    except (OSError, ValueError) as e:
-        fail(f"HF folder {folder}: {CONFIG_NAME} is not readable JSON ({e})")
-    if not isinstance(config, dict):
-        fail(f"HF folder {folder}: {CONFIG_NAME} is not a JSON object")
-    kind, archs = config.get("model_type"), config.get("architectures") or []
+    what = f"HF folder {folder}: {CONFIG_NAME}"
+    config = checked(read_json(config_path, what), IDENTITY_FIELDS, what)
+    kind, archs = config["model_type"], config["architectures"]
     if kind != "vit_mae" or (archs and "ViTMAEForPreTraining" not in archs):
-        what = f"{kind} ({', '.join(archs)})" if archs else str(kind)
-        fail(f"HF folder {folder} holds a {what} model, not a ViTMAEForPreTraining (model_type vit_mae)")
+        described = f"{kind} ({', '.join(archs)})" if archs else str(kind)
+        fail(f"HF folder {folder} holds a {described} model, not a ViTMAEForPreTraining (model_type vit_mae)")
+    config = checked(config, CONFIG_FIELDS, what)
 
-    files = [os.path.join(folder, WEIGHTS_NAME)]
-    if not os.path.isfile(files[0]) and os.path.isfile(os.path.join(folder, _INDEX_NAME)):
-        try:
-            with open(os.path.join(folder, _INDEX_NAME)) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            fail(f"HF folder {folder}: {_INDEX_NAME} is not a safetensors index ({type(e).__name__}: {e})")
-        files = [os.path.join(folder, s) for s in shards]
-    elif not os.path.isfile(files[0]):
-        files = [os.path.join(folder, _BIN_NAME)]
-    if not all(os.path.isfile(f) for f in files):
-        absent = [os.path.basename(f) for f in files if not os.path.isfile(f)]
-        fail(f"HF folder {folder} lacks its weights ({', '.join(absent)}); download the whole model folder")
     state: dict[str, torch.Tensor] = {}
-    for path in files:
+    for path in _weight_files(folder):
         # load_checkpoint reads safetensors without pickle and .bin files with weights_only.
         state.update(model_state(load_checkpoint(path), path))
     if not any(k.startswith("decoder.") for k in state):
@@ -239,7 +339,24 @@ def read_hf_folder(folder: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]
             f"HF folder {folder} holds no MAE decoder weights (a ViTMAEModel encoder?); "
             f"--from hf needs a ViTMAEForPreTraining"
         )
-    return {**_HF_DEFAULTS, **config}, state
+    return config, state
+
+
+def _weight_files(folder: str) -> list[str]:
+    """The folder's weight files: model.safetensors, else the shards its index names (files in
+    the folder only), else pytorch_model.bin; or fail naming those that are absent."""
+    files = [os.path.join(folder, WEIGHTS_NAME)]
+    index_path = os.path.join(folder, _INDEX_NAME)
+    if not os.path.isfile(files[0]) and os.path.isfile(index_path):
+        what = f"HF folder {folder}: {_INDEX_NAME}"
+        weight_map = checked(read_json(index_path, what), INDEX_FIELDS, what)["weight_map"]
+        files = [os.path.join(folder, shard) for shard in sorted(set(weight_map.values()))]
+    elif not os.path.isfile(files[0]):
+        files = [os.path.join(folder, _BIN_NAME)]
+    absent = [os.path.basename(f) for f in files if not os.path.isfile(f)]
+    if absent:
+        fail(f"HF folder {folder} lacks its weights ({', '.join(absent)}); download the whole model folder")
+    return files
 
 
 def from_hf_state(state: dict[str, torch.Tensor], folder: str) -> dict[str, torch.Tensor]:
@@ -270,14 +387,3 @@ def from_hf_state(state: dict[str, torch.Tensor], folder: str) -> dict[str, torc
             fail(f"HF folder {folder}: layer {index} of the {part} lacks its {'/'.join(absent)} projection {kind}")
         out[f"{part}.{index}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
     return out
-
-
-def square(value: Any, what: str, folder: str) -> int:
-    """HF allows (height, width) sizes; our models are square."""
-    if isinstance(value, (list, tuple)):
-        if len(value) != 2 or value[0] != value[1]:
-            fail(f"HF folder {folder}: {what} {value} is not square; our MAE models take square images and patches")
-        value = value[0]
-    if not isinstance(value, int) or value <= 0:
-        fail(f"HF folder {folder}: {what} {value!r} is not a positive integer")
-    return value
