@@ -38,7 +38,7 @@ import torch
 
 import models_mae
 import models_vit
-from util.checkpoint.load import load_checkpoint, model_state
+from util.checkpoint.load import checksum_metadata, load_checkpoint, model_state
 from util.cli.errors import fail, run_cli
 from util.interop import hf as hf_interop
 from util.memory import require
@@ -147,15 +147,17 @@ def args_metadata(ckpt: dict[str, Any]) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------
 # Writing: the bytes of each format, then one atomic write per file
 def safetensors_bytes(state: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
-    """``state`` as a .safetensors file with ``metadata``: the one place where export writes
-    safetensors, for a file and for an HF folder's weights (a checksum would be added here)."""
+    """``state`` as a .safetensors file with ``metadata`` and a CRC-32 of every tensor (which
+    ``load_checkpoint`` verifies): the one place where export writes safetensors, for a file and
+    for an HF folder's weights."""
     from safetensors.torch import save
 
     _require_copies(state, 2)
     # Own, contiguous storage per tensor: safetensors refuses views (the qkv chunks of --to hf)
     # and shared memory.
     tensors = {k: v.detach().clone().contiguous() for k, v in state.items()}
-    return save(tensors, metadata={"format": "pt", **metadata})  # 'format': what transformers expects
+    # 'format': what transformers expects
+    return save(tensors, metadata={"format": "pt", **metadata, **checksum_metadata(tensors)})
 
 
 def torch_bytes(obj: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -> memoryview:

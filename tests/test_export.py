@@ -383,3 +383,19 @@ def test_full_disk_is_one_line_and_leaves_the_old_output_or_none(mini, tmp_path,
     if existing:
         assert _contents(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ([name] if existing else []), "nothing partial beside it"
+
+
+def test_exported_safetensors_carry_checksums_that_loading_verifies(tmp_path):
+    from export import safetensors_bytes
+    from util.checkpoint.load import load_checkpoint
+    from util.cli.errors import UserError
+
+    state = {"w": torch.arange(64.0)}
+    data = bytearray(safetensors_bytes(state, {}))
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(data)
+    assert torch.equal(load_checkpoint(str(path))["model"]["w"], state["w"])
+    data[-8] ^= 1  # a bit inside the tensor's bytes, which follow the header
+    path.write_bytes(data)
+    with pytest.raises(UserError, match="w"):
+        load_checkpoint(str(path))
