@@ -1,0 +1,162 @@
+"""Distributed start-up, stop signals and the SLURM launcher: one line instead of a hang or a traceback.
+
+- an impossible launcher environment (RANK beyond WORLD_SIZE, a non-number, no MASTER_ADDR) is
+  refused before anything waits, naming the variable;
+- a rank started alone says what it waits for within seconds and gives up after
+  MAE_DIST_START_TIMEOUT seconds;
+- a peer killed with -9 leaves the others with one line saying how to continue;
+- Ctrl-C checkpoints as SIGTERM does, a second one stops at once;
+- the submitit launchers check the flags before submitting.
+"""
+
+import socket
+import sys
+import time
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from util.cli.errors import UserError  # noqa: E402
+from util.train import distributed  # noqa: E402
+
+START_TIMEOUT = "MAE_DIST_START_TIMEOUT"  # documented for users: a fixed name
+LAUNCHER_VARIABLES = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "SLURM_STEP_ID",
+    "SLURM_STEP_NUM_TASKS",
+    "SLURM_PROCID",
+    "SLURM_LOCALID",
+    "OMPI_COMM_WORLD_RANK",
+    "OMPI_COMM_WORLD_SIZE",
+    "OMPI_COMM_WORLD_LOCAL_RANK",
+    START_TIMEOUT,
+)
+ADDRESS = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+
+
+@pytest.fixture
+def launcher_env(monkeypatch):
+    """Set the launcher's variables of a test (and no others); returns the setter."""
+    for name in LAUNCHER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
+    def set_env(env: dict[str, str]) -> None:
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+
+    return set_env
+
+
+def _args(dist_url: str = "env://", dist_on_itp: bool = False) -> Namespace:
+    return Namespace(dist_url=dist_url, dist_on_itp=dist_on_itp, device="cpu")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# The environment, checked before anything waits
+BAD_ENVIRONMENTS = {
+    "rank-beyond-world": ({"RANK": "2", "WORLD_SIZE": "2", **ADDRESS}, "RANK=2 is not below WORLD_SIZE=2"),
+    "negative-rank": ({"RANK": "-1", "WORLD_SIZE": "2", **ADDRESS}, "RANK='-1' must be a whole number, at least 0"),
+    "rank-not-a-number": ({"RANK": "abc", "WORLD_SIZE": "2", **ADDRESS}, "RANK='abc' must be a whole number"),
+    "world-of-0": ({"RANK": "0", "WORLD_SIZE": "0", **ADDRESS}, "WORLD_SIZE='0' must be a whole number, at least 1"),
+    "rank-without-world": ({"RANK": "0", **ADDRESS}, "WORLD_SIZE is not set"),
+    "local-rank-not-a-number": ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "x", **ADDRESS}, "LOCAL_RANK='x'"),
+    "no-master-addr": ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_PORT": "29500"}, "variable(s) MASTER_ADDR (where"),
+    "no-master-port": ({"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}, "variable(s) MASTER_PORT (where"),
+    "port-out-of-range": (
+        {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "70000"},
+        "MASTER_PORT: the port 70000 must be a whole number from 1 to 65535",
+    ),
+    "srun-tasks-not-a-number": ({"SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "two"}, "SLURM_STEP_NUM_TASKS='two'"),
+    "srun-rank-beyond-world": (
+        {"SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "5", **ADDRESS},
+        "SLURM_PROCID=5 is not below SLURM_STEP_NUM_TASKS=2",
+    ),
+    "start-timeout-not-a-number": (
+        {"RANK": "0", "WORLD_SIZE": "2", START_TIMEOUT: "soon", **ADDRESS},
+        "MAE_DIST_START_TIMEOUT='soon' must be a positive number of seconds",
+    ),
+}
+
+
+@pytest.mark.parametrize("env, message", BAD_ENVIRONMENTS.values(), ids=BAD_ENVIRONMENTS.keys())
+def test_an_impossible_environment_is_refused_naming_the_variable(launcher_env, env, message):
+    launcher_env(env)
+    started = time.monotonic()
+    with pytest.raises(UserError) as refused:
+        distributed.init_distributed_mode(_args())
+    assert message in str(refused.value)
+    assert time.monotonic() - started < 5, "refused before waiting for anybody"
+    assert not distributed.is_dist()
+
+
+@pytest.mark.parametrize(
+    "dist_url, dist_on_itp, env, message",
+    [
+        ("http://host:1", False, {"RANK": "0", "WORLD_SIZE": "2"}, "--dist_url http://host:1 is not understood"),
+        ("tcp://host", False, {"RANK": "0", "WORLD_SIZE": "2"}, "--dist_url tcp://host needs a host and a port"),
+        ("tcp://host:x", False, {"RANK": "0", "WORLD_SIZE": "2"}, "--dist_url tcp://host:x needs a host and a port"),
+        (
+            "env://",
+            True,
+            {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2"},
+            "the environment variable OMPI_COMM_WORLD_LOCAL_RANK is not set",
+        ),
+    ],
+)
+def test_an_impossible_rendezvous_flag_is_refused_naming_it(launcher_env, dist_url, dist_on_itp, env, message):
+    launcher_env(env)
+    with pytest.raises(UserError, match="^" + message):
+        distributed.init_distributed_mode(_args(dist_url, dist_on_itp))
+
+
+def test_the_launchers_environments_are_read_as_they_are_meant(launcher_env):
+    assert distributed.read_world({}) is None  # a plain `python main_pretrain.py`
+    torchrun = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", **ADDRESS}
+    world = distributed.read_world(torchrun)
+    assert (world.rank, world.size, world.local_rank, world.init_method) == (3, 4, 1, "env://")
+    assert world.where == "127.0.0.1:29500"
+    srun = {"SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "8", "SLURM_PROCID": "7", "SLURM_LOCALID": "3"}
+    world = distributed.read_world(srun, dist_url="tcp://node1:1234")
+    assert (world.rank, world.size, world.local_rank, world.listener) == (7, 8, 3, ("node1", 1234))
+    assert distributed.read_world({**srun, "SLURM_STEP_NUM_TASKS": "1"}) is None  # one task: no group
+    itp = {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "1", **ADDRESS}
+    assert distributed.read_world(itp, dist_on_itp=True).init_method == "tcp://127.0.0.1:29500"
+    assert distributed.start_timeout({}) == distributed.DEFAULT_START_TIMEOUT_S
+    assert distributed.start_timeout({START_TIMEOUT: "2.5"}) == 2.5
+
+
+# ---------------------------------------------------------------------------------------------
+# A rank started alone: it says what it waits for, then gives up
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_rank_started_alone_says_what_it_waits_for_and_gives_up(launcher_env, capsys, rank):
+    port = _free_port()
+    launcher_env({"RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    launcher_env({START_TIMEOUT: "2"})
+    started = time.monotonic()
+    with pytest.raises(UserError) as gave_up:
+        distributed.init_distributed_mode(_args())
+    waited = time.monotonic() - started
+    assert 1.5 < waited < 30, waited
+    assert not distributed.is_dist()
+    notice = capsys.readouterr().err
+    assert notice == (
+        f"rank {rank} of 2: waiting for the job's other processes at 127.0.0.1:{port} "
+        "(giving up after 2 s; MAE_DIST_START_TIMEOUT sets it)\n"
+    )
+    message = str(gave_up.value)
+    assert message.startswith(f"rank {rank} of 2: ") and f"127.0.0.1:{port}" in message, message
+    assert message.endswith("or wait longer with MAE_DIST_START_TIMEOUT=SECONDS"), message
+    assert "\n" not in message
