@@ -9,8 +9,11 @@
 - the submitit launchers check the flags before submitting.
 """
 
+import os
 import socket
+import subprocess
 import sys
+import textwrap
 import time
 from argparse import Namespace
 from pathlib import Path
@@ -18,6 +21,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from helpers import REPO  # noqa: E402
 
 from util.cli.errors import UserError  # noqa: E402
 from util.train import distributed  # noqa: E402
@@ -160,3 +164,56 @@ def test_a_rank_started_alone_says_what_it_waits_for_and_gives_up(launcher_env, 
     assert message.startswith(f"rank {rank} of 2: ") and f"127.0.0.1:{port}" in message, message
     assert message.endswith("or wait longer with MAE_DIST_START_TIMEOUT=SECONDS"), message
     assert "\n" not in message
+
+
+# ---------------------------------------------------------------------------------------------
+# A peer killed with -9
+PEER = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, {repo!r})
+    from argparse import Namespace
+    import torch
+    from util.cli.errors import run_cli
+    from util.train import distributed
+
+    def main():
+        distributed.init_distributed_mode(Namespace(dist_url="env://", dist_on_itp=False, device="cpu"))
+        model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 4))
+        print("ready", flush=True)
+        while True:  # DDP's gradient all-reduce, as in training
+            model(torch.ones(2, 4)).sum().backward()
+
+    run_cli(main)
+    """
+)
+
+
+def test_a_peer_killed_with_9_leaves_the_others_one_line_saying_how_to_continue(tmp_path):
+    script = tmp_path / "peer.py"
+    script.write_text(PEER.format(repo=str(REPO)))
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    env.update({"OMP_NUM_THREADS": "1", START_TIMEOUT: "120"})
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script)],
+            env={**env, "RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for r in (0, 1)
+    ]
+    try:
+        assert [p.stdout.readline() for p in procs] == ["ready\n", "ready\n"]
+        procs[1].kill()
+        _, err = procs[0].communicate(timeout=120)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert err == (
+        "error: another process of this job stopped, so rank 0 of 2 cannot go on; "
+        "restart the whole job with --resume auto to continue from its last checkpoint\n"
+    )
+    assert procs[0].returncode == 1

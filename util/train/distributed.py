@@ -30,6 +30,8 @@ NOTICE_AFTER_S = 5.0  # a healthy start-up is usually quicker: say nothing befor
 # Long enough for what one rank does while the others wait at the next collective (rank 0 writes a
 # checkpoint or a picture); NCCL's watchdog aborts a process stuck longer than this.
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
+# What gloo says when a peer's connection breaks (its errors are plain RuntimeErrors).
+_PEER_LOST_MARKERS = ("gloo/transport", "Connection reset by peer", "Connection closed by peer")
 
 
 @dataclass(frozen=True)
@@ -248,3 +250,21 @@ def any_rank(flag: bool, device: torch.device | str) -> bool:
 def cleanup() -> None:
     if is_dist():
         dist.destroy_process_group()
+
+
+def peer_stopped(error: BaseException) -> bool:
+    """Whether ``error`` says that another process of this job went away (killed, crashed), as a
+    collective or DDP's gradient all-reduce finds out; only meaningful in a distributed run."""
+    if not is_dist():
+        return False
+    if isinstance(error, dist.DistError):
+        return True
+    return isinstance(error, RuntimeError) and any(m in str(error) for m in _PEER_LOST_MARKERS)
+
+
+def peer_stopped_message() -> str:
+    """The one line a process says when ``peer_stopped``: what happened and how to continue."""
+    return (
+        f"another process of this job stopped, so rank {rank()} of {world_size()} cannot go on; "
+        "restart the whole job with --resume auto to continue from its last checkpoint"
+    )
