@@ -10,6 +10,7 @@
 """
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -21,10 +22,10 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import REPO  # noqa: E402
+from helpers import REPO, TINY, load, make_dataset  # noqa: E402
 
 from util.cli.errors import UserError  # noqa: E402
-from util.train import distributed  # noqa: E402
+from util.train import distributed, interrupt  # noqa: E402
 
 START_TIMEOUT = "MAE_DIST_START_TIMEOUT"  # documented for users: a fixed name
 LAUNCHER_VARIABLES = (
@@ -217,3 +218,55 @@ def test_a_peer_killed_with_9_leaves_the_others_one_line_saying_how_to_continue(
         "restart the whole job with --resume auto to continue from its last checkpoint\n"
     )
     assert procs[0].returncode == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Ctrl-C
+@pytest.fixture
+def handlers():
+    """util.train.interrupt's handlers installed, and afterwards the previous ones back."""
+    interrupt.install()
+    yield
+    interrupt.uninstall()
+
+
+def test_the_first_ctrl_c_asks_for_a_checkpoint_and_the_second_stops_at_once(handlers, capsys):
+    os.kill(os.getpid(), signal.SIGINT)
+    assert interrupt.requested()
+    assert interrupt.exit_code() == 130
+    interrupt.hand_over()  # Ctrl-C is not a preemption: nothing to hand over, no KeyboardInterrupt
+    assert capsys.readouterr().err == (
+        "received SIGINT: checkpointing at the next check point (Ctrl-C again stops at once)\n"
+    )
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)  # the handler runs in the main thread between two bytecodes: here
+    interrupt.uninstall()
+    assert not interrupt.requested()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_ctrl_c_to_the_terminals_process_group_checkpoints_and_exits_130(tmp_path):
+    """The terminal sends Ctrl-C to the whole group, data-loader workers included."""
+    data = make_dataset(tmp_path / "data", 16)  # 48 images / 8 = 6 iterations per epoch
+    out = tmp_path / "out"
+    flags = [*TINY, "--batch_size", "8", "--num_workers", "1", "--data_path", str(data), "--output_dir", str(out)]
+    flags += ["--log_dir", "", "--epochs", "2", "--warmup_epochs", "1", "--print_freq", "2", "--vis_freq", "0"]
+    proc = subprocess.Popen(
+        [sys.executable, "main_pretrain.py", *flags], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    try:
+        for line in proc.stdout:
+            if "Epoch: [0] [2/6]" in line:
+                os.killpg(proc.pid, signal.SIGINT)
+                break
+        rest, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert err.splitlines()[-1].startswith("stopped on request after writing ")
+    assert err.splitlines()[-1].endswith("checkpoint-0-step4.pth; continue with --resume auto")
+    assert load(out / "checkpoint-0-step4.pth")["step"] == 4

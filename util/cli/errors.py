@@ -1,5 +1,6 @@
 """User-facing errors: one line that names the file or flag and says what to do."""
 
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -29,7 +30,8 @@ def run_cli(main: Callable[[], None]) -> None:
 
     - a ``UserError``: status 2. One raised inside a data-loader worker reaches us wrapped with the
       worker's traceback; its last line carries the original message;
-    - a stop on request, after its checkpoint: 128 + the signal's number;
+    - a stop on request, after its checkpoint (SIGTERM, the first Ctrl-C): 128 + the signal's number;
+    - a second Ctrl-C (or the first where no handler is installed): 130, at once;
     - another process of a distributed job gone (killed, crashed): 1, saying how to continue.
     """
     from util.train import distributed, interrupt
@@ -42,6 +44,12 @@ def run_cli(main: Callable[[], None]) -> None:
     except UserError as e:
         sys.stderr.write(f"error: {_last_line(e)}\n")
         sys.exit(2)
+    except KeyboardInterrupt:
+        sys.stderr.write(
+            "stopped at once by Ctrl-C; the files written so far are complete (a training run "
+            "continues from its last checkpoint with --resume auto)\n"
+        )
+        sys.exit(128 + signal.SIGINT)
     except Exception as e:
         if not distributed.peer_stopped(e):
             raise
