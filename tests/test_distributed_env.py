@@ -18,13 +18,15 @@ import textwrap
 import time
 from argparse import Namespace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers import REPO, TINY, load, make_dataset  # noqa: E402
 
-from util.cli.errors import UserError  # noqa: E402
+from util.cli.errors import UserError, run_cli  # noqa: E402
+from util.cli.launcher import submit  # noqa: E402
 from util.train import distributed, interrupt  # noqa: E402
 
 START_TIMEOUT = "MAE_DIST_START_TIMEOUT"  # documented for users: a fixed name
@@ -270,3 +272,62 @@ def test_a_ctrl_c_to_the_terminals_process_group_checkpoints_and_exits_130(tmp_p
     assert err.splitlines()[-1].startswith("stopped on request after writing ")
     assert err.splitlines()[-1].endswith("checkpoint-0-step4.pth; continue with --resume auto")
     assert load(out / "checkpoint-0-step4.pth")["step"] == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# The submitit launchers
+class FakeExecutor:
+    """Stands for submitit.AutoExecutor: records what would be submitted."""
+
+    made: list["FakeExecutor"] = []
+
+    def __init__(self, **options):
+        self.options, self.parameters, self.submitted = options, {}, []
+        FakeExecutor.made.append(self)
+
+    def update_parameters(self, **parameters):
+        self.parameters.update(parameters)
+
+    def submit(self, trainer):
+        self.submitted.append(trainer)
+        return SimpleNamespace(job_id="42")
+
+
+@pytest.fixture
+def executor():
+    FakeExecutor.made = []
+    return FakeExecutor
+
+
+def _launch(module: str, argv: list[str], executor) -> None:
+    run_cli(lambda: submit(module, "a test", argv=argv, make_executor=executor))
+
+
+@pytest.mark.parametrize("module", ["main_pretrain", "main_finetune", "main_linprobe"])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--batch_size", "0"], "--batch_size must be at least 1, got 0"),
+        (["--blr", "-1"], "--blr must be positive"),
+        (["--nodes", "0"], "--nodes must be at least 1, got 0"),
+    ],
+)
+def test_the_launcher_refuses_flags_the_job_would_refuse_and_submits_nothing(
+    tmp_path, capsys, executor, module, argv, message
+):
+    with pytest.raises(SystemExit) as refused:
+        _launch(module, ["--job_dir", str(tmp_path / "%j"), *argv], executor)
+    assert refused.value.code == 2
+    assert capsys.readouterr().err.startswith(f"error: {message}")
+    assert executor.made == [], "nothing is submitted"
+
+
+def test_the_launcher_submits_good_flags_for_the_jobs_gpus(tmp_path, capsys, executor):
+    """Checked on a machine without GPUs, for a job on nodes with GPUs: the device is theirs."""
+    argv = ["--job_dir", str(tmp_path / "%j"), "--nodes", "1", "--ngpus", "2", "--batch_size", "8"]
+    _launch("main_pretrain", argv, executor)
+    (made,) = executor.made
+    (trainer,) = made.submitted
+    assert trainer.args.device == "cuda"  # not this machine's default
+    assert (trainer.args.batch_size, made.parameters["tasks_per_node"]) == (8, 2)
+    assert capsys.readouterr().out.startswith("submitted job 42")
