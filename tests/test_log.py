@@ -38,3 +38,31 @@ def test_errors_still_reach_stderr_on_other_ranks(capsys):
         run_cli(lambda: fail("--data_path /nowhere does not exist"))
     assert stop.value.code == 2
     assert capsys.readouterr().err == "error: --data_path /nowhere does not exist\n"
+
+
+def _raise(error: BaseException):
+    def main():
+        raise error
+
+    return main
+
+
+def test_ctrl_c_where_no_handler_waits_for_a_check_point_is_one_line_and_status_130(capsys):
+    from util.cli.errors import run_cli
+
+    with pytest.raises(SystemExit) as stop:
+        run_cli(_raise(KeyboardInterrupt()))
+    assert stop.value.code == 130
+    assert capsys.readouterr().err == (
+        "stopped at once by Ctrl-C; the files written so far are complete (a training run continues from its "
+        "last checkpoint with --resume auto)\n"
+    )
+
+
+def test_a_stop_on_request_without_output_dir_does_not_name_a_checkpoint(capsys):
+    from util.cli.errors import run_cli
+    from util.train.interrupt import Interrupted
+
+    with pytest.raises(SystemExit):
+        run_cli(_raise(Interrupted(None)))
+    assert capsys.readouterr().err == "stopped on request; nothing was saved, since the run has no --output_dir\n"

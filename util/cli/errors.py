@@ -1,5 +1,6 @@
 """User-facing errors: one line that names the file or flag and says what to do."""
 
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -24,13 +25,16 @@ def lower_lr(args: Any) -> str:
 
 
 def run_cli(main: Callable[[], None]) -> None:
-    """Run an entry point, turning a ``UserError`` into one line on stderr and exit status 2,
-    and a stop on request (after its checkpoint) into status 128 + the signal's number.
+    """Run an entry point, turning what is not a bug into one line on stderr (every rank) and an
+    exit status:
 
-    A ``UserError`` raised inside a data-loader worker reaches us wrapped with the worker's
-    traceback; its last line carries the original message.
+    - a ``UserError``: status 2. One raised inside a data-loader worker reaches us wrapped with the
+      worker's traceback; its last line carries the original message;
+    - a stop on request, after its checkpoint (SIGTERM, the first Ctrl-C): 128 + the signal's number;
+    - a second Ctrl-C (or the first where no handler is installed): 130, at once;
+    - another process of a distributed job gone (killed, crashed): 1, saying how to continue.
     """
-    from util.train import interrupt
+    from util.train import distributed, interrupt
 
     try:
         main()
@@ -38,10 +42,23 @@ def run_cli(main: Callable[[], None]) -> None:
         sys.stderr.write(f"{e}\n")  # every rank, not only rank 0's log
         sys.exit(interrupt.exit_code())
     except UserError as e:
-        lines = [line for line in str(e).splitlines() if line.strip()]
-        message = lines[-1] if lines else "unknown error"
-        marker = "UserError: "
-        if marker in message:
-            message = message.split(marker, 1)[1]
-        sys.stderr.write(f"error: {message}\n")
+        sys.stderr.write(f"error: {_last_line(e)}\n")
         sys.exit(2)
+    except KeyboardInterrupt:
+        sys.stderr.write(
+            "stopped at once by Ctrl-C; the files written so far are complete (a training run "
+            "continues from its last checkpoint with --resume auto)\n"
+        )
+        sys.exit(128 + signal.SIGINT)
+    except Exception as e:
+        if not distributed.peer_stopped(e):
+            raise
+        sys.stderr.write(f"error: {distributed.peer_stopped_message()}\n")
+        sys.exit(1)
+
+
+def _last_line(error: UserError) -> str:
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    message = lines[-1] if lines else "unknown error"
+    marker = "UserError: "
+    return message.split(marker, 1)[1] if marker in message else message

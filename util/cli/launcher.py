@@ -10,10 +10,12 @@ import copy
 import importlib
 import os
 import sys
+from collections.abc import Callable, Sequence
 from types import ModuleType
 
 import submitit
 
+from util.cli.args import check_at_least, check_common
 from util.cli.log import log
 from util.train import interrupt
 
@@ -87,18 +89,44 @@ class Trainer:
         print(f"process group: {job.global_rank}/{job.num_tasks}, output in {args.output_dir}")
 
 
-def submit(module_name: str, description: str) -> None:
-    """Parse the entry point's flags plus the launcher's, and submit the job."""
+def check_flags(entry: ModuleType, args: argparse.Namespace) -> None:
+    """The checks the job itself will make of its flags, made before anything is submitted: a job
+    that refuses its flags after waiting in the queue wastes the wait. The GPUs are on the job's
+    nodes, not necessarily on this one, so a CUDA ``--device`` is checked there."""
+    check_at_least(args, 1, "nodes", "timeout")
+    check_at_least(args, 0, "ngpus")
+    if args.tasks_per_node is not None:
+        check_at_least(args, 1, "tasks_per_node")
+    checked = copy.copy(args)
+    if str(args.device).startswith("cuda"):
+        checked.device = "cpu"
+    check = getattr(entry, "check_args", check_common)
+    check(checked)
+
+
+def submit(
+    module_name: str,
+    description: str,
+    argv: Sequence[str] | None = None,
+    make_executor: Callable[..., submitit.Executor] = submitit.AutoExecutor,
+) -> None:
+    """Parse the entry point's flags plus the launcher's (``argv``, default the command line), check
+    them as the job will, and submit the job through ``make_executor`` (submitit's by default)."""
     entry = importlib.import_module(module_name)
     parser = entry.get_args_parser()
     parser.description = f"submitit launcher for {description}"
     add_launcher_args(parser)
-    args = parser.parse_args()
+    # --device's default depends on the machine: the job's nodes, not this one, decide it.
+    parser.set_defaults(device=None)
+    args = parser.parse_args(argv)
+    if args.device is None:
+        args.device = "cuda" if args.ngpus > 0 else "cpu"
+    check_flags(entry, args)
     tasks_per_node = args.tasks_per_node or args.ngpus
     if tasks_per_node < 1:
         parser.error("--ngpus 0 needs --tasks_per_node N (CPU processes per node)")
 
-    executor = submitit.AutoExecutor(folder=args.job_dir, cluster=args.cluster, slurm_max_num_timeout=30)
+    executor = make_executor(folder=args.job_dir, cluster=args.cluster, slurm_max_num_timeout=30)
     slurm = {"slurm_partition": args.partition, "slurm_signal_delay_s": 120}
     if args.comment:
         slurm["slurm_comment"] = args.comment

@@ -1,13 +1,145 @@
-"""torch.distributed set-up from torchrun's, SLURM's or OpenMPI's environment, and helpers."""
+"""torch.distributed set-up from torchrun's, SLURM's or OpenMPI's environment, and helpers.
+
+Start-up is checked before anything waits: ``read_world`` turns the launcher's environment into
+a ``World`` or a one-line error naming the variable. The processes then meet at the rendezvous
+address for at most ``MAE_DIST_START_TIMEOUT`` seconds (default 300); a process still waiting
+after a few seconds says what it waits for. Collectives during training keep a long timeout
+(``COLLECTIVE_TIMEOUT``): rank 0 alone writes checkpoints and pictures while the others wait.
+"""
 
 import datetime
 import os
+import socket
+import sys
+import threading
+import time
 from argparse import Namespace
+from collections.abc import Mapping
+from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import torch
 import torch.distributed as dist
 
+from util.cli.errors import fail
 from util.cli.log import set_rank
+
+START_TIMEOUT_VAR = "MAE_DIST_START_TIMEOUT"
+DEFAULT_START_TIMEOUT_S = 300.0
+NOTICE_AFTER_S = 5.0  # a healthy start-up is usually quicker: say nothing before
+# Long enough for what one rank does while the others wait at the next collective (rank 0 writes a
+# checkpoint or a picture); NCCL's watchdog aborts a process stuck longer than this.
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
+# What gloo says when a peer's connection breaks (its errors are plain RuntimeErrors).
+_PEER_LOST_MARKERS = ("gloo/transport", "Connection reset by peer", "Connection closed by peer")
+
+
+@dataclass(frozen=True)
+class World:
+    """Where this process stands in a distributed job, as its launcher's environment says."""
+
+    rank: int
+    size: int
+    local_rank: int
+    init_method: str  # env://, tcp://HOST:PORT or file://PATH
+    where: str  # the rendezvous address, for messages
+    listener: tuple[str, int] | None  # (host, port) rank 0 listens on; None for file://
+
+
+def _whole_number(env: Mapping[str, str], name: str, minimum: int, default: str | None = None) -> int:
+    text = env.get(name, default)
+    if text is None:
+        fail(f"the environment variable {name} is not set; the launcher sets it (torchrun, srun, mpirun), or export it")
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        fail(f"the environment variable {name}={text!r} must be a whole number, at least {minimum}")
+    return value
+
+
+def _launcher_ranks(env: Mapping[str, str], dist_on_itp: bool) -> tuple[int, int, int] | None:
+    """(rank, world size, local rank) from whichever launcher started us; None: a single process."""
+    if dist_on_itp:
+        names = ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK")
+    elif "RANK" in env or "WORLD_SIZE" in env:  # torchrun sets both; one alone is a mistake
+        names = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+    elif "SLURM_STEP_ID" in env and _whole_number(env, "SLURM_STEP_NUM_TASKS", 1, "1") > 1:
+        # Launched by srun, one task per GPU (a plain `python` inside an allocation is not).
+        names = ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID")
+    else:
+        return None
+    rank_name, size_name, local_name = names
+    size = _whole_number(env, size_name, 1)
+    rank = _whole_number(env, rank_name, 0)
+    if rank >= size:
+        fail(f"{rank_name}={rank} is not below {size_name}={size}: the ranks of a job run from 0 to {size - 1}")
+    local_default = None if dist_on_itp else "0"
+    return rank, size, _whole_number(env, local_name, 0, local_default)
+
+
+def _rendezvous(env: Mapping[str, str], dist_url: str, dist_on_itp: bool) -> tuple[str, tuple[str, int] | None]:
+    """(init method, rank 0's host and port), checked: the variables or the URL the processes meet at."""
+    if dist_on_itp or dist_url == "env://":
+        flag = "--dist_on_itp" if dist_on_itp else "--dist_url env://"
+        missing = [n for n in ("MASTER_ADDR", "MASTER_PORT") if not env.get(n)]
+        if missing:
+            fail(
+                f"{flag} needs the environment variable(s) {', '.join(missing)} (where rank 0 listens); "
+                "export them, or give --dist_url tcp://HOST:PORT"
+            )
+        host, port = env["MASTER_ADDR"], _port(env["MASTER_PORT"], "the environment variable MASTER_PORT")
+        return (f"tcp://{host}:{port}" if dist_on_itp else "env://"), (host, port)
+    url = urlsplit(dist_url)
+    if url.scheme == "tcp":
+        try:
+            port = url.port
+        except ValueError:  # not a number, or beyond 65535
+            port = None
+        if not url.hostname or not port:
+            fail(f"--dist_url {dist_url} needs a host and a port from 1 to 65535: tcp://HOST:PORT")
+        return dist_url, (url.hostname, port)
+    if url.scheme == "file" and url.path:
+        return dist_url, None
+    fail(f"--dist_url {dist_url} is not understood; give env://, tcp://HOST:PORT or file:///shared/path")
+
+
+def _port(text: object, what: str) -> int:
+    try:
+        port = int(str(text))
+    except ValueError:
+        port = 0
+    if not 0 < port < 65536:
+        fail(f"{what}: the port {text} must be a whole number from 1 to 65535")
+    return port
+
+
+def read_world(env: Mapping[str, str], dist_url: str = "env://", dist_on_itp: bool = False) -> World | None:
+    """This process's place in a distributed job, from its launcher's environment (torchrun's RANK
+    and WORLD_SIZE, srun's SLURM_*, OpenMPI's with ``--dist_on_itp``); None for a single process.
+    Impossible values (a rank beyond the world, a non-number, a missing address) are a one-line
+    error naming the variable: left to torch they hang or end in a traceback."""
+    ranks = _launcher_ranks(env, dist_on_itp)
+    if ranks is None:
+        return None
+    init_method, listener = _rendezvous(env, dist_url, dist_on_itp)
+    where = f"{listener[0]}:{listener[1]}" if listener else dist_url
+    return World(*ranks, init_method=init_method, where=where, listener=listener)
+
+
+def start_timeout(env: Mapping[str, str]) -> float:
+    """Seconds the processes wait for each other at start-up (``MAE_DIST_START_TIMEOUT``)."""
+    text = env.get(START_TIMEOUT_VAR)
+    if text is None:
+        return DEFAULT_START_TIMEOUT_S
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):
+        fail(f"the environment variable {START_TIMEOUT_VAR}={text!r} must be a positive number of seconds")
+    return seconds
 
 
 def init_distributed_mode(args: Namespace) -> None:
@@ -17,59 +149,72 @@ def init_distributed_mode(args: Namespace) -> None:
     SLURM (SLURM_PROCID, one task per GPU). Without any of them the run is a single process.
     NCCL is used on GPUs, gloo on CPU.
     """
-    if args.dist_on_itp:
-        env = _require(
-            "OMPI_COMM_WORLD_RANK",
-            "OMPI_COMM_WORLD_SIZE",
-            "OMPI_COMM_WORLD_LOCAL_RANK",
-            "MASTER_ADDR",
-            "MASTER_PORT",
-            flag="--dist_on_itp",
-        )
-        args.rank, args.world_size = int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"])
-        args.gpu = int(env["OMPI_COMM_WORLD_LOCAL_RANK"])
-        args.dist_url = f"tcp://{env['MASTER_ADDR']}:{env['MASTER_PORT']}"
-    elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        args.rank = int(os.environ["RANK"])
-        args.world_size = int(os.environ["WORLD_SIZE"])
-        args.gpu = int(os.environ.get("LOCAL_RANK", 0))
-    elif "SLURM_STEP_ID" in os.environ and int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
-        # Launched by srun, one task per GPU (a plain `python` inside an allocation is not).
-        args.rank = int(os.environ["SLURM_PROCID"])
-        args.world_size = int(os.environ["SLURM_STEP_NUM_TASKS"])
-        args.gpu = int(os.environ.get("SLURM_LOCALID", 0))
-        if args.dist_url == "env://":
-            _require("MASTER_ADDR", "MASTER_PORT", flag="srun (export them, or give --dist_url tcp://HOST:PORT)")
-    else:
+    world = read_world(os.environ, args.dist_url, args.dist_on_itp)
+    if world is None:
         args.rank, args.world_size, args.gpu, args.distributed = 0, 1, 0, False
         set_rank(0, distributed=False)
         return
-
-    args.distributed = True
+    seconds = start_timeout(os.environ)  # checked before anything waits
+    args.rank, args.world_size, args.gpu, args.distributed = world.rank, world.size, world.local_rank, True
     use_cuda = str(args.device).startswith("cuda")
     if use_cuda:
-        torch.cuda.set_device(args.gpu)
-        args.device = f"cuda:{args.gpu}"
-    backend = "nccl" if use_cuda else "gloo"
-    # torchrun sets MASTER_ADDR/PORT and "env://" reads them; --dist_url overrides.
-    dist.init_process_group(
-        backend=backend,
-        init_method=args.dist_url,
-        world_size=args.world_size,
-        rank=args.rank,
-        timeout=datetime.timedelta(minutes=30),
-    )
-    dist.barrier()
+        if world.local_rank >= torch.cuda.device_count():
+            fail(f"local rank {world.local_rank} has no GPU: this node has {torch.cuda.device_count()}")
+        torch.cuda.set_device(world.local_rank)
+        args.device = f"cuda:{world.local_rank}"
+    join(world, "nccl" if use_cuda else "gloo", seconds)
     set_rank(args.rank, distributed=True)
 
 
-def _require(*names: str, flag: str) -> dict[str, str]:
-    missing = [n for n in names if n not in os.environ]
-    if missing:
-        from util.cli.errors import fail
+def join(world: World, backend: str, seconds: float) -> None:
+    """Meet the other processes (waiting at most ``seconds``, saying so after a few) and start the
+    default process group, whose collectives then time out after ``COLLECTIVE_TIMEOUT``."""
+    waiting = f"rank {world.rank} of {world.size}"
+    advice = (
+        f"start all {world.size} processes with the same rendezvous address (a free port), or wait longer "
+        f"with {START_TIMEOUT_VAR}=SECONDS"
+    )
+    notice = threading.Timer(
+        min(NOTICE_AFTER_S, seconds / 2),
+        lambda: sys.stderr.write(
+            f"{waiting}: waiting for the job's other processes at {world.where} "
+            f"(giving up after {seconds:g} s; {START_TIMEOUT_VAR} sets it)\n"
+        ),
+    )
+    notice.daemon = True
+    notice.start()
+    deadline = time.monotonic() + seconds
+    try:
+        if world.rank > 0 and world.listener:
+            # Polled here, not by torch's client, which logs a C++ stack trace on every retry.
+            _wait_for_listener(world.listener, deadline, f"{waiting}: {world.where}", advice)
+        left = datetime.timedelta(seconds=max(deadline - time.monotonic(), 1.0))
+        store, _, _ = next(dist.rendezvous(world.init_method, world.rank, world.size, timeout=left))
+    except dist.DistError as e:  # rank 0: the others did not come, or its port is taken
+        fail(f"{waiting}: could not meet the job's other processes at {world.where} ({_first_line(e)}); {advice}")
+    finally:
+        notice.cancel()
+    store.set_timeout(COLLECTIVE_TIMEOUT)
+    dist.init_process_group(backend, store=store, rank=world.rank, world_size=world.size, timeout=COLLECTIVE_TIMEOUT)
+    dist.barrier()
 
-        fail(f"{flag} needs the environment variables {', '.join(missing)}, which are not set")
-    return {n: os.environ[n] for n in names}
+
+def _wait_for_listener(address: tuple[str, int], deadline: float, what: str, advice: str) -> None:
+    """Return once something accepts connections at ``address`` (rank 0's store), or fail at ``deadline``."""
+    while True:
+        try:
+            socket.create_connection(address, timeout=1).close()
+            return
+        except socket.gaierror as e:
+            fail(f"{what}: the host {address[0]} is unknown ({e.strerror}); check MASTER_ADDR or --dist_url")
+        except OSError:
+            if time.monotonic() >= deadline:
+                fail(f"{what}: nothing listens there (rank 0 has not started); {advice}")
+            time.sleep(0.25)
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(".")
 
 
 def is_dist() -> bool:
@@ -105,3 +250,21 @@ def any_rank(flag: bool, device: torch.device | str) -> bool:
 def cleanup() -> None:
     if is_dist():
         dist.destroy_process_group()
+
+
+def peer_stopped(error: BaseException) -> bool:
+    """Whether ``error`` says that another process of this job went away (killed, crashed), as a
+    collective or DDP's gradient all-reduce finds out; only meaningful in a distributed run."""
+    if not is_dist():
+        return False
+    if isinstance(error, dist.DistError):
+        return True
+    return isinstance(error, RuntimeError) and any(m in str(error) for m in _PEER_LOST_MARKERS)
+
+
+def peer_stopped_message() -> str:
+    """The one line a process says when ``peer_stopped``: what happened and how to continue."""
+    return (
+        f"another process of this job stopped, so rank {rank()} of {world_size()} cannot go on; "
+        "restart the whole job with --resume auto to continue from its last checkpoint"
+    )

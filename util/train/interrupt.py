@@ -1,25 +1,34 @@
-"""Cooperative stop on SIGTERM/SIGUSR1/SIGUSR2 (cluster preemption or time limit).
+"""Cooperative stop on SIGTERM/SIGUSR1/SIGUSR2 (cluster preemption or time limit) and Ctrl-C.
 
 The handler only records the request; the training loop acts on it at its next check point,
 where all ranks agree, saves a checkpoint at the exact position and raises ``Interrupted``.
 The handlers installed before ours (submitit's requeue handler, for instance) are remembered,
 so that a launcher can hand the signal over once the checkpoint is safely written.
+
+Ctrl-C (SIGINT) asks for the same stop; a second Ctrl-C stops at once by raising
+``KeyboardInterrupt`` wherever the program is, which ``errors.run_cli`` turns into one line.
+Checkpoints are written atomically, so the last complete one stays intact.
 """
 
 import signal
 import sys
 from typing import Any
 
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+# The signals a cluster sends before it stops or requeues a job: handed over to the previous handler.
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+SIGNALS = (*PREEMPTION_SIGNALS, signal.SIGINT)
 _requested: int | None = None
 _previous: dict[int, Any] = {}
 
 
 def _handler(signum: int, frame: object) -> None:
     global _requested
+    if signum == signal.SIGINT and _requested is not None:
+        raise KeyboardInterrupt  # the second request: do not wait for the check point
     _requested = signum
+    again = " (Ctrl-C again stops at once)" if signum == signal.SIGINT else ""
     # Not the log: only rank 0 logs, and this must show on every rank.
-    sys.stderr.write(f"received {signal.Signals(signum).name}: checkpointing at the next check point\n")
+    sys.stderr.write(f"received {signal.Signals(signum).name}: checkpointing at the next check point{again}\n")
 
 
 def install() -> None:
@@ -32,11 +41,21 @@ def install() -> None:
             _previous[s] = previous
 
 
+def uninstall() -> None:
+    """Put back the handlers ``install`` replaced and forget any request (a run in the same process
+    starts afresh: tests, notebooks)."""
+    global _requested
+    for s, previous in _previous.items():
+        signal.signal(s, previous)
+    _previous.clear()
+    _requested = None
+
+
 def ignore_in_worker(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: a stop signal sent to the whole process group (``scancel``,
-    ``kill -- -PGID``, a cluster's preemption) is the main process's to act on. Left to torch's
-    own SIGTERM handler, the workers die and the main process crashes instead of checkpointing;
-    the workers still exit when the main process closes the loader or dies."""
+    ``kill -- -PGID``, a cluster's preemption, Ctrl-C in a terminal) is the main process's to act
+    on. Left to torch's own handlers, the workers die and the main process crashes instead of
+    checkpointing; the workers still exit when the main process closes the loader or dies."""
     for s in SIGNALS:
         signal.signal(s, signal.SIG_IGN)
 
@@ -46,8 +65,9 @@ def requested() -> bool:
 
 
 def hand_over() -> None:
-    """Call the handler that was installed before ours for the signal we received, if any."""
-    if _requested is None:
+    """Call the handler that was installed before ours for the preemption signal we received, if
+    any (Ctrl-C is the user's: nothing to hand over)."""
+    if _requested not in PREEMPTION_SIGNALS:
         return
     previous = _previous.get(_requested)
     if callable(previous):
@@ -63,5 +83,8 @@ class Interrupted(Exception):
     """Raised by the training loop after it saved a checkpoint because a stop was requested."""
 
     def __init__(self, checkpoint: str | None):
-        super().__init__(f"stopped on request after writing {checkpoint}; continue with --resume auto")
+        if checkpoint is None:  # no --output_dir
+            super().__init__("stopped on request; nothing was saved, since the run has no --output_dir")
+        else:
+            super().__init__(f"stopped on request after writing {checkpoint}; continue with --resume auto")
         self.checkpoint = checkpoint

@@ -1,0 +1,333 @@
+"""Distributed start-up, stop signals and the SLURM launcher: one line instead of a hang or a traceback.
+
+- an impossible launcher environment (RANK beyond WORLD_SIZE, a non-number, no MASTER_ADDR) is
+  refused before anything waits, naming the variable;
+- a rank started alone says what it waits for within seconds and gives up after
+  MAE_DIST_START_TIMEOUT seconds;
+- a peer killed with -9 leaves the others with one line saying how to continue;
+- Ctrl-C checkpoints as SIGTERM does, a second one stops at once;
+- the submitit launchers check the flags before submitting.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from argparse import Namespace
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from helpers import REPO, TINY, load, make_dataset  # noqa: E402
+
+from util.cli.errors import UserError, run_cli  # noqa: E402
+from util.cli.launcher import submit  # noqa: E402
+from util.train import distributed, interrupt  # noqa: E402
+
+START_TIMEOUT = "MAE_DIST_START_TIMEOUT"  # documented for users: a fixed name
+LAUNCHER_VARIABLES = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "SLURM_STEP_ID",
+    "SLURM_STEP_NUM_TASKS",
+    "SLURM_PROCID",
+    "SLURM_LOCALID",
+    "OMPI_COMM_WORLD_RANK",
+    "OMPI_COMM_WORLD_SIZE",
+    "OMPI_COMM_WORLD_LOCAL_RANK",
+    START_TIMEOUT,
+)
+ADDRESS = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+
+
+@pytest.fixture
+def launcher_env(monkeypatch):
+    """Set the launcher's variables of a test (and no others); returns the setter."""
+    for name in LAUNCHER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
+    def set_env(env: dict[str, str]) -> None:
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+
+    return set_env
+
+
+def _args(dist_url: str = "env://", dist_on_itp: bool = False) -> Namespace:
+    return Namespace(dist_url=dist_url, dist_on_itp=dist_on_itp, device="cpu")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# The environment, checked before anything waits
+BAD_ENVIRONMENTS = {
+    "rank-beyond-world": ({"RANK": "2", "WORLD_SIZE": "2", **ADDRESS}, "RANK=2 is not below WORLD_SIZE=2"),
+    "negative-rank": ({"RANK": "-1", "WORLD_SIZE": "2", **ADDRESS}, "RANK='-1' must be a whole number, at least 0"),
+    "rank-not-a-number": ({"RANK": "abc", "WORLD_SIZE": "2", **ADDRESS}, "RANK='abc' must be a whole number"),
+    "world-of-0": ({"RANK": "0", "WORLD_SIZE": "0", **ADDRESS}, "WORLD_SIZE='0' must be a whole number, at least 1"),
+    "rank-without-world": ({"RANK": "0", **ADDRESS}, "WORLD_SIZE is not set"),
+    "local-rank-not-a-number": ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "x", **ADDRESS}, "LOCAL_RANK='x'"),
+    "no-master-addr": ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_PORT": "29500"}, "variable(s) MASTER_ADDR (where"),
+    "no-master-port": ({"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}, "variable(s) MASTER_PORT (where"),
+    "port-out-of-range": (
+        {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "70000"},
+        "MASTER_PORT: the port 70000 must be a whole number from 1 to 65535",
+    ),
+    "srun-tasks-not-a-number": ({"SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "two"}, "SLURM_STEP_NUM_TASKS='two'"),
+    "srun-rank-beyond-world": (
+        {"SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "5", **ADDRESS},
+        "SLURM_PROCID=5 is not below SLURM_STEP_NUM_TASKS=2",
+    ),
+    "start-timeout-not-a-number": (
+        {"RANK": "0", "WORLD_SIZE": "2", START_TIMEOUT: "soon", **ADDRESS},
+        "MAE_DIST_START_TIMEOUT='soon' must be a positive number of seconds",
+    ),
+}
+
+
+@pytest.mark.parametrize("env, message", BAD_ENVIRONMENTS.values(), ids=BAD_ENVIRONMENTS.keys())
+def test_an_impossible_environment_is_refused_naming_the_variable(launcher_env, env, message):
+    launcher_env(env)
+    started = time.monotonic()
+    with pytest.raises(UserError) as refused:
+        distributed.init_distributed_mode(_args())
+    assert message in str(refused.value)
+    assert time.monotonic() - started < 5, "refused before waiting for anybody"
+    assert not distributed.is_dist()
+
+
+@pytest.mark.parametrize(
+    "dist_url, dist_on_itp, env, message",
+    [
+        ("http://host:1", False, {"RANK": "0", "WORLD_SIZE": "2"}, "--dist_url http://host:1 is not understood"),
+        ("tcp://host", False, {"RANK": "0", "WORLD_SIZE": "2"}, "--dist_url tcp://host needs a host and a port"),
+        ("tcp://host:x", False, {"RANK": "0", "WORLD_SIZE": "2"}, "--dist_url tcp://host:x needs a host and a port"),
+        (
+            "env://",
+            True,
+            {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2"},
+            "the environment variable OMPI_COMM_WORLD_LOCAL_RANK is not set",
+        ),
+    ],
+)
+def test_an_impossible_rendezvous_flag_is_refused_naming_it(launcher_env, dist_url, dist_on_itp, env, message):
+    launcher_env(env)
+    with pytest.raises(UserError, match="^" + message):
+        distributed.init_distributed_mode(_args(dist_url, dist_on_itp))
+
+
+def test_the_launchers_environments_are_read_as_they_are_meant(launcher_env):
+    assert distributed.read_world({}) is None  # a plain `python main_pretrain.py`
+    torchrun = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", **ADDRESS}
+    world = distributed.read_world(torchrun)
+    assert (world.rank, world.size, world.local_rank, world.init_method) == (3, 4, 1, "env://")
+    assert world.where == "127.0.0.1:29500"
+    srun = {"SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "8", "SLURM_PROCID": "7", "SLURM_LOCALID": "3"}
+    world = distributed.read_world(srun, dist_url="tcp://node1:1234")
+    assert (world.rank, world.size, world.local_rank, world.listener) == (7, 8, 3, ("node1", 1234))
+    assert distributed.read_world({**srun, "SLURM_STEP_NUM_TASKS": "1"}) is None  # one task: no group
+    itp = {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "1", **ADDRESS}
+    assert distributed.read_world(itp, dist_on_itp=True).init_method == "tcp://127.0.0.1:29500"
+    assert distributed.start_timeout({}) == distributed.DEFAULT_START_TIMEOUT_S
+    assert distributed.start_timeout({START_TIMEOUT: "2.5"}) == 2.5
+
+
+# ---------------------------------------------------------------------------------------------
+# A rank started alone: it says what it waits for, then gives up
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_rank_started_alone_says_what_it_waits_for_and_gives_up(launcher_env, capsys, rank):
+    port = _free_port()
+    launcher_env({"RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    launcher_env({START_TIMEOUT: "2"})
+    started = time.monotonic()
+    with pytest.raises(UserError) as gave_up:
+        distributed.init_distributed_mode(_args())
+    waited = time.monotonic() - started
+    assert 1.5 < waited < 30, waited
+    assert not distributed.is_dist()
+    notice = capsys.readouterr().err
+    assert notice == (
+        f"rank {rank} of 2: waiting for the job's other processes at 127.0.0.1:{port} "
+        "(giving up after 2 s; MAE_DIST_START_TIMEOUT sets it)\n"
+    )
+    message = str(gave_up.value)
+    assert message.startswith(f"rank {rank} of 2: ") and f"127.0.0.1:{port}" in message, message
+    assert message.endswith("or wait longer with MAE_DIST_START_TIMEOUT=SECONDS"), message
+    assert "\n" not in message
+
+
+# ---------------------------------------------------------------------------------------------
+# A peer killed with -9
+PEER = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, {repo!r})
+    from argparse import Namespace
+    import torch
+    from util.cli.errors import run_cli
+    from util.train import distributed
+
+    def main():
+        distributed.init_distributed_mode(Namespace(dist_url="env://", dist_on_itp=False, device="cpu"))
+        model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 4))
+        print("ready", flush=True)
+        while True:  # DDP's gradient all-reduce, as in training
+            model(torch.ones(2, 4)).sum().backward()
+
+    run_cli(main)
+    """
+)
+
+
+def test_a_peer_killed_with_9_leaves_the_others_one_line_saying_how_to_continue(tmp_path):
+    script = tmp_path / "peer.py"
+    script.write_text(PEER.format(repo=str(REPO)))
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    env.update({"OMP_NUM_THREADS": "1", START_TIMEOUT: "120"})
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script)],
+            env={**env, "RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for r in (0, 1)
+    ]
+    try:
+        assert [p.stdout.readline() for p in procs] == ["ready\n", "ready\n"]
+        procs[1].kill()
+        _, err = procs[0].communicate(timeout=120)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert err == (
+        "error: another process of this job stopped, so rank 0 of 2 cannot go on; "
+        "restart the whole job with --resume auto to continue from its last checkpoint\n"
+    )
+    assert procs[0].returncode == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Ctrl-C
+@pytest.fixture
+def handlers():
+    """util.train.interrupt's handlers installed, and afterwards the previous ones back."""
+    interrupt.install()
+    yield
+    interrupt.uninstall()
+
+
+def test_the_first_ctrl_c_asks_for_a_checkpoint_and_the_second_stops_at_once(handlers, capsys):
+    os.kill(os.getpid(), signal.SIGINT)
+    assert interrupt.requested()
+    assert interrupt.exit_code() == 130
+    interrupt.hand_over()  # Ctrl-C is not a preemption: nothing to hand over, no KeyboardInterrupt
+    assert capsys.readouterr().err == (
+        "received SIGINT: checkpointing at the next check point (Ctrl-C again stops at once)\n"
+    )
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)  # the handler runs in the main thread between two bytecodes: here
+    interrupt.uninstall()
+    assert not interrupt.requested()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_ctrl_c_to_the_terminals_process_group_checkpoints_and_exits_130(tmp_path):
+    """The terminal sends Ctrl-C to the whole group, data-loader workers included."""
+    data = make_dataset(tmp_path / "data", 16)  # 48 images / 8 = 6 iterations per epoch
+    out = tmp_path / "out"
+    flags = [*TINY, "--batch_size", "8", "--num_workers", "1", "--data_path", str(data), "--output_dir", str(out)]
+    flags += ["--log_dir", "", "--epochs", "2", "--warmup_epochs", "1", "--print_freq", "2", "--vis_freq", "0"]
+    proc = subprocess.Popen(
+        [sys.executable, "main_pretrain.py", *flags], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    try:
+        for line in proc.stdout:
+            if "Epoch: [0] [2/6]" in line:
+                os.killpg(proc.pid, signal.SIGINT)
+                break
+        rest, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert err.splitlines()[-1].startswith("stopped on request after writing ")
+    assert err.splitlines()[-1].endswith("checkpoint-0-step4.pth; continue with --resume auto")
+    assert load(out / "checkpoint-0-step4.pth")["step"] == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# The submitit launchers
+class FakeExecutor:
+    """Stands for submitit.AutoExecutor: records what would be submitted."""
+
+    made: list["FakeExecutor"] = []
+
+    def __init__(self, **options):
+        self.options, self.parameters, self.submitted = options, {}, []
+        FakeExecutor.made.append(self)
+
+    def update_parameters(self, **parameters):
+        self.parameters.update(parameters)
+
+    def submit(self, trainer):
+        self.submitted.append(trainer)
+        return SimpleNamespace(job_id="42")
+
+
+@pytest.fixture
+def executor():
+    FakeExecutor.made = []
+    return FakeExecutor
+
+
+def _launch(module: str, argv: list[str], executor) -> None:
+    run_cli(lambda: submit(module, "a test", argv=argv, make_executor=executor))
+
+
+@pytest.mark.parametrize("module", ["main_pretrain", "main_finetune", "main_linprobe"])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--batch_size", "0"], "--batch_size must be at least 1, got 0"),
+        (["--blr", "-1"], "--blr must be positive"),
+        (["--nodes", "0"], "--nodes must be at least 1, got 0"),
+    ],
+)
+def test_the_launcher_refuses_flags_the_job_would_refuse_and_submits_nothing(
+    tmp_path, capsys, executor, module, argv, message
+):
+    with pytest.raises(SystemExit) as refused:
+        _launch(module, ["--job_dir", str(tmp_path / "%j"), *argv], executor)
+    assert refused.value.code == 2
+    assert capsys.readouterr().err.startswith(f"error: {message}")
+    assert executor.made == [], "nothing is submitted"
+
+
+def test_the_launcher_submits_good_flags_for_the_jobs_gpus(tmp_path, capsys, executor):
+    """Checked on a machine without GPUs, for a job on nodes with GPUs: the device is theirs."""
+    argv = ["--job_dir", str(tmp_path / "%j"), "--nodes", "1", "--ngpus", "2", "--batch_size", "8"]
+    _launch("main_pretrain", argv, executor)
+    (made,) = executor.made
+    (trainer,) = made.submitted
+    assert trainer.args.device == "cuda"  # not this machine's default
+    assert (trainer.args.batch_size, made.parameters["tasks_per_node"]) == (8, 2)
+    assert capsys.readouterr().out.startswith("submitted job 42")
