@@ -247,8 +247,11 @@ def cli_batch(cases: dict[str, list[str]], workdir: Path, script: str = "main_pr
 
 @contextmanager
 def preserved_signals() -> Iterator[None]:
-    """main() installs SIGTERM/SIGUSR1/SIGUSR2 handlers in this process; put pytest's back afterwards."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)}
+    """main() installs handlers of the stop signals (SIGINT among them) in this process; put
+    pytest's back afterwards."""
+    from util.train import interrupt
+
+    saved = {s: signal.getsignal(s) for s in interrupt.SIGNALS}
     try:
         yield
     finally:
@@ -258,17 +261,16 @@ def preserved_signals() -> Iterator[None]:
 
 @contextmanager
 def isolated_interrupts() -> Iterator[None]:
-    """util.train.interrupt as at import (no stop requested, no handlers remembered) and, afterwards,
-    pytest's signal handlers and util.train.interrupt's state as they were."""
+    """util.train.interrupt with no stop requested and no handlers remembered, before and after;
+    pytest's signal handlers as they were afterwards."""
     from util.train import interrupt
 
-    saved = interrupt._requested, interrupt._previous
-    interrupt._requested, interrupt._previous = None, {}
+    interrupt.uninstall()
     try:
         with preserved_signals():
             yield
     finally:
-        interrupt._requested, interrupt._previous = saved
+        interrupt.uninstall()
 
 
 class Budgeted:
