@@ -30,6 +30,7 @@ from util.data.datasets import PRETRAIN_LOADERS, ImageFiles, eval_transform, pre
 from util.data.normalization import add_norm_args
 from util.eval import knn
 from util.eval.pictures import fixed_noise, load_images
+from util.outputs import check_outside_data
 from util.train import distributed
 from util.train.checkpointer import Checkpointer, log_accumulation_remainder
 from util.train.precision import LossScaler
@@ -89,6 +90,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 def check_args(args: argparse.Namespace) -> None:
     """The flags' own checks, before anything starts (the SLURM launcher runs them before submitting)."""
     check_common(args)
+    # Its reconstruction pictures would become training images (classifiers write no images).
+    check_outside_data(args.output_dir, args.data_path, "--output_dir")
     check_at_least(args, 0, "vis_freq", zero_means="never")
     check_at_least(args, 1, "vis_images")
     if args.knn_data_path:

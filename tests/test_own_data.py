@@ -32,6 +32,7 @@ import main_finetune
 import main_linprobe
 import main_pretrain
 import reconstruct
+from util.checkpoint.state import open_resume
 from util.cli.errors import UserError
 from util.data import normalization
 from util.data.datasets import (
@@ -205,7 +206,7 @@ class _Stop(Exception):
 
 
 def _classifier_transforms(entry_point, monkeypatch, tmp_path: Path, *flags: str) -> tuple:
-    """(args, train transform, val transform) as ``entry_point.main`` builds them; stops there."""
+    """(settled args, train transform, val transform) as ``entry_point.main`` builds them; stops there."""
     built = {}
 
     def capture(data_path, train_tf, val_tf, nb_classes, *rest, **kwargs):
@@ -213,6 +214,13 @@ def _classifier_transforms(entry_point, monkeypatch, tmp_path: Path, *flags: str
         raise _Stop
 
     monkeypatch.setattr(entry_point, "classification_splits", capture)
+    start = entry_point.start
+
+    def keep_run(*a, **k):
+        built["run"] = start(*a, **k)
+        return built["run"]
+
+    monkeypatch.setattr(entry_point, "start", keep_run)
     argv = ["--model", "vit_tiny_patch4", "--input_size", "32", "--nb_classes", "3", "--data_path", str(tmp_path)]
     argv += ["--output_dir", str(tmp_path / "out"), "--log_dir", "", *CPU, *flags]
     if entry_point is main_finetune:
@@ -220,7 +228,7 @@ def _classifier_transforms(entry_point, monkeypatch, tmp_path: Path, *flags: str
     args = entry_point.get_args_parser().parse_args(argv)
     with pytest.raises(_Stop):
         entry_point.main(args)
-    return args, built["train"], built["val"]
+    return built["run"].args, built["train"], built["val"]
 
 
 @pytest.mark.parametrize("entry_point", [main_finetune, main_linprobe], ids=["finetune", "linprobe"])
@@ -251,9 +259,15 @@ def test_explicit_values_win_and_warn_when_they_differ(custom_pretrained, tmp_pa
     assert "warning" not in capsys.readouterr().out
 
 
+def _resume_source(args: argparse.Namespace) -> list:
+    """What run.start hands normalisation for ``--resume``: the checkpoint it opens, or nothing."""
+    opened = open_resume(args)
+    return [(f"checkpoint {opened.path}", opened.args)] if opened else []
+
+
 def test_eval_and_resume_take_the_values_of_the_checkpoint_they_load(custom_pretrained, tmp_path):
     args = argparse.Namespace(resume=str(custom_pretrained), finetune="", eval=True, output_dir="", mean=None, std=None)
-    normalization.resolve(args, normalization.run_sources(args))
+    normalization.resolve(args, _resume_source(args))
     assert (args.mean, args.std) == (MEAN, STD)
     # --resume auto: the newest checkpoint of --output_dir; an official release (no args): ImageNet's.
     out = tmp_path / "out"
@@ -261,10 +275,10 @@ def test_eval_and_resume_take_the_values_of_the_checkpoint_they_load(custom_pret
     torch.save({"model": {}}, out / "checkpoint-0.pth")
     shutil.copyfile(custom_pretrained, out / "checkpoint-1.pth")
     args = argparse.Namespace(resume="auto", output_dir=str(out), mean=None, std=None)
-    normalization.resolve(args, normalization.run_sources(args))
+    normalization.resolve(args, _resume_source(args))
     assert (args.mean, args.std) == (MEAN, STD)
     official = argparse.Namespace(resume=str(out / "checkpoint-0.pth"), output_dir="", mean=None, std=None)
-    normalization.resolve(official, normalization.run_sources(official))
+    normalization.resolve(official, _resume_source(official))
     assert (official.mean, official.std) == (list(IMAGENET_MEAN), list(IMAGENET_STD))
 
 

@@ -18,7 +18,7 @@ from util.checkpoint.state import Opened, open_checkpoint, open_resume
 from util.cli.args import check_world, effective_lr, resolve_precision
 from util.cli.log import log
 from util.data import normalization
-from util.outputs import check_output_dir, check_outside_data
+from util.outputs import check_output_dir
 from util.train import distributed, interrupt
 
 
@@ -58,7 +58,6 @@ def start(flags: argparse.Namespace, fallbacks: dict[str, Any] | None = None) ->
     args.lr_given = args.lr is not None  # for messages that say which flag to lower
     args.lr = effective_lr(args, distributed.world_size())
     if distributed.is_main_process():  # only rank 0 writes
-        check_outside_data(args.output_dir, args.data_path, "--output_dir")  # before it is created there
         for flag, path in (("--output_dir", args.output_dir), ("--log_dir", args.log_dir)):
             if path:
                 check_output_dir(path, flag)
