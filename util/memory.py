@@ -1,11 +1,25 @@
 """Memory, sized before it is allocated: a run that cannot fit stops in one line that names the
-flags to change, instead of being killed by the kernel (or CUDA) minutes later."""
+flags to change, instead of being killed by the kernel (or CUDA) minutes later.
 
+Two sizes are known before the first step: a model's weights, from the model built on the meta
+device (:func:`model_bytes`), and a training step's peak, from the architecture
+(:func:`training_bytes`)."""
+
+import argparse
+import math
 import os
+from collections.abc import Sequence
 
 import torch
+from torch import nn
 
+from util.cli.args import image_size
 from util.cli.errors import fail
+
+# Bytes of an activation element in the dtype the matrix products run in.
+_ACTIVATION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+# Optimizer state per trainable parameter, in parameters (AdamW: two moments; SGD and LARS: momentum).
+_OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "lars": 1, "sgd": 1}
 
 
 def available_bytes(device: str | torch.device = "cpu") -> int:
@@ -38,3 +52,149 @@ def require(nbytes: float, what: str, advice: str, device: str | torch.device = 
 
 def _gib(nbytes: float) -> str:
     return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**27 else f"{nbytes / 2**20:.0f} MiB"
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of ``model``'s parameters and buffers; on the meta device too, where they are not allocated."""
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
+def training_bytes(
+    model: nn.Module,
+    batch_size: int,
+    input_size: int | Sequence[int],
+    precision: str = "fp32",
+    grad_checkpointing: bool = False,
+    optimizer: str = "adamw",
+    mask_ratio: float | None = None,
+    device: str | torch.device = "cpu",
+) -> int:
+    """Peak memory of a training step of ``model`` (an MAE or a ViT classifier of this project,
+    unwrapped, on any device including meta) on ``batch_size`` images of ``input_size`` (one side,
+    or height and width) on ``device``: weights, gradients and optimizer state, plus the
+    activations autograd keeps for the backward pass, per image times the batch.
+
+    Parameters that do not require gradients get none and no optimizer state, and a stack of
+    blocks whose parameters (and those of the stacks before it) are all frozen keeps no
+    activations, as in linear probing. ``mask_ratio`` is the MAE's; None counts every patch."""
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    fixed = model_bytes(model) + trainable * (1 + _OPTIMIZER_STATES[optimizer])  # weights, grads, state
+    if precision != "fp32":
+        fixed += trainable // 2  # autocast keeps a 16-bit copy of every weight it casts until backward
+    per_image = activation_bytes_per_image(model, input_size, precision, grad_checkpointing, mask_ratio, device)
+    return int(fixed + batch_size * per_image)
+
+
+def activation_bytes_per_image(
+    model: nn.Module,
+    input_size: int | Sequence[int],
+    precision: str = "fp32",
+    grad_checkpointing: bool = False,
+    mask_ratio: float | None = None,
+    device: str | torch.device = "cpu",
+) -> int:
+    """Bytes one image adds to a training step's peak: what the backward pass needs of every
+    transformer block, one block's worth more of gradients in flight, and the image-sized tensors
+    around the blocks, with the allocator's slack (calibrated on a CPU, see below)."""
+    height, width = image_size(input_size)
+    patch_h, patch_w = model.patch_embed.patch_size
+    # The image, and for an MAE its patchified target, the prediction and their difference, in fp32.
+    total = 4 * model.patch_embed.proj.in_channels * height * width * 4
+    trained = False
+    for blocks, tokens in _block_stacks(model, (height // patch_h) * (width // patch_w), mask_ratio):
+        trained = trained or any(p.requires_grad for p in blocks.parameters())
+        total += 4 * tokens * _width(blocks[0]) * 4  # embedding, position, gather and final-norm tensors
+        total += _stack_bytes(blocks, tokens, precision, trained, grad_checkpointing, torch.device(device))
+    return int(total * _ALLOCATOR_SLACK)
+
+
+# Measured peaks (resident memory over two AdamW steps, tiny and small MAEs and ViTs, fp32 and
+# bf16) exceed the tensors autograd holds by up to 10%: the allocator's free but unreturned blocks.
+_ALLOCATOR_SLACK = 1.15
+
+
+def _stack_bytes(
+    blocks: nn.Module, tokens: int, precision: str, trained: bool, grad_checkpointing: bool, device: torch.device
+) -> int:
+    """Activations of one stack of blocks at its peak, for one image."""
+    one_block = tokens * _saved_bytes_per_token(blocks[0], precision) + _attention_bytes(blocks[0], tokens, precision)
+    if not trained:  # no autograd graph: the forward pass holds one block's tensors at a time
+        return one_block
+    if not grad_checkpointing:  # every block's saved tensors, and one block's gradients in flight
+        return (len(blocks) + 1) * one_block
+    # Each block's input, and one block recomputed plus its gradients. On the CPU, glibc's heap
+    # keeps the holes the recomputed blocks leave between the gradients: there, measured peaks
+    # (which vary by 20% from run to run) show checkpointing saving only about 40%.
+    inputs = len(blocks) * tokens * _width(blocks[0]) * 4
+    recomputed = math.ceil(0.6 * (len(blocks) + 1)) if device.type == "cpu" else 2
+    return inputs + max(2, recomputed) * one_block
+
+
+def _block_stacks(model: nn.Module, patches: int, mask_ratio: float | None) -> list[tuple[nn.Module, int]]:
+    """(blocks, tokens each block sees) of each transformer stack, in the order they run."""
+    if hasattr(model, "decoder_blocks"):  # MAE: the encoder sees the class token and the kept patches
+        kept = int(patches * (1 - (mask_ratio or 0.0)))
+        return [(model.blocks, 1 + kept), (model.decoder_blocks, 1 + patches)]
+    return [(model.blocks, getattr(model, "num_prefix_tokens", 1) + patches)]
+
+
+def _width(block: nn.Module) -> int:
+    return block.norm1.normalized_shape[0]
+
+
+def _saved_bytes_per_token(block: nn.Module, precision: str) -> int:
+    """What a timm Block saves for its backward pass, per token: the inputs of its two norms in
+    fp32 (the residual stream) and, in the dtype autocast computes in, the inputs of its four
+    linear layers (normed, attention output reshaped, normed, GELU output), q, k and v, the
+    attention output and the GELU input."""
+    dim, hidden = _width(block), block.mlp.fc1.out_features
+    return 2 * dim * 4 + (7 * dim + 2 * hidden) * _ACTIVATION_BYTES[precision]
+
+
+def _attention_bytes(block: nn.Module, tokens: int, precision: str) -> int:
+    """The attention matrix (scores and softmax) where attention is not fused; fused attention
+    (scaled_dot_product_attention) keeps only a log-sum-exp per token and head."""
+    heads = block.attn.num_heads
+    if getattr(block.attn, "fused_attn", False):
+        return heads * tokens * 4
+    return 2 * heads * tokens * tokens * _ACTIVATION_BYTES[precision]
+
+
+def check_training_fits(model: nn.Module, args: argparse.Namespace, device: str | torch.device) -> None:
+    """Refuse, in one line that names the flags to change, a training run whose step cannot fit
+    the free memory of ``device`` (free GPU memory on CUDA, MemAvailable on a CPU).
+
+    ``model`` is the unwrapped model as it will train (frozen parameters frozen), on ``device``
+    or still on the CPU or the meta device; ``args`` the settled flags: batch_size, input_size,
+    precision (not 'auto'), grad_checkpointing and, for an MAE, mask_ratio."""
+    device = torch.device(device)
+    needed = training_bytes(
+        model,
+        args.batch_size,
+        args.input_size,
+        args.precision,
+        args.grad_checkpointing,
+        mask_ratio=getattr(args, "mask_ratio", None),
+        device=device,
+    )
+    if _on(model, device):  # its weights are already taken from the free memory
+        needed -= model_bytes(model)
+    height, width = image_size(args.input_size)
+    size = f"{height}" if height == width else f"{height} {width}"
+    what = f"training --batch_size {args.batch_size} at --input_size {size} in --precision {args.precision}"
+    require(needed, what, _fit_advice(args, device), device)
+
+
+def _fit_advice(args: argparse.Namespace, device: torch.device) -> str:
+    options = ["a smaller --input_size"]
+    if not args.grad_checkpointing:
+        options.append("--grad_checkpointing")
+    if args.precision == "fp32":
+        options.append("--precision bf16" if device.type == "cpu" else "--precision bf16 or fp16")
+    listed = ", ".join(options[:-1]) + " or " + options[-1] if len(options) > 1 else options[0]
+    return f"lower --batch_size (raising --accum_iter keeps the effective batch), or use {listed}"
+
+
+def _on(model: nn.Module, device: torch.device) -> bool:
+    first = next(model.parameters(), None)
+    return first is not None and first.device.type == device.type

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from util.memory import require
+
 
 def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
     """[len(positions), dim] embedding: sin(pos * w_k) then cos(pos * w_k), w_k = 10000^(-2k/dim)."""
@@ -36,6 +38,14 @@ def sincos_2d(dim: int, grid_size: int | Sequence[int], cls_token: bool = False)
     if dim % 4:
         raise ValueError(f"2-D sin-cos embedding needs a dimension divisible by 4, got {dim}")
     h, w = grid_hw(grid_size)
+    # Computed in float64 on the CPU, whatever device the model is built on (the meta device too):
+    # the two halves and their concatenation are the peak, 16 bytes per element.
+    shape = (h * w + int(cls_token), dim)
+    require(
+        16 * shape[0] * dim,
+        f"the {shape} sin-cos position embedding of a {h}x{w} patch grid",
+        "give a smaller --input_size",
+    )
     rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
     emb = np.concatenate([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], axis=1)
     if cls_token:

@@ -10,6 +10,7 @@ from torch import nn
 
 from util.cli.args import check_input_size
 from util.cli.errors import fail
+from util.memory import model_bytes, require
 
 
 class Registry(dict[str, Callable[..., nn.Module]]):
@@ -52,9 +53,26 @@ class Registry(dict[str, Callable[..., nn.Module]]):
         factory = self.factory(name)
         if in_chans < 1:
             fail(f"--in_chans must be at least 1, got {in_chans}")
-        with torch.device("meta"):  # allocates nothing: the patch size, and the caller's checks
+        with torch.device("meta"):  # allocates nothing: the patch size, the caller's checks, the size
             if input_size is not None:
                 kwargs["img_size"] = check_input_size(input_size, factory().patch_embed.patch_size[0])
+            planned = factory(in_chans=in_chans, **kwargs)
             if check is not None:
-                check(factory(in_chans=in_chans, **kwargs))
+                check(planned)
+        _require_weights(planned, name, kwargs.get("img_size"))
         return factory(in_chans=in_chans, **kwargs)
+
+
+def _require_weights(model: nn.Module, name: str, img_size: tuple[int, int] | None) -> None:
+    """Refuse, in one line, weights that cannot fit where the real model will be built."""
+    device = torch.get_default_device()
+    if device.type == "meta":  # the caller builds on the meta device too: nothing to allocate
+        return
+    if img_size is None:
+        size = "its default size"
+    else:
+        size = (
+            f"--input_size {img_size[0]}" if img_size[0] == img_size[1] else f"--input_size {img_size[0]} {img_size[1]}"
+        )
+    what = f"building --model {name} at {size}"
+    require(model_bytes(model), what, "give a smaller --input_size or --model", device)
