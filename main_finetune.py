@@ -19,6 +19,7 @@ from torchvision import transforms
 import models_vit
 import util.compat  # noqa: F401  (makes timm RandAugment work with Pillow 13)
 from engine_finetune import train_or_evaluate
+from util import memory
 from util.checkpoint.encoder import load_pretrained_encoder
 from util.cli.args import (
     add_classifier_args,
@@ -195,6 +196,8 @@ def main(flags: argparse.Namespace) -> None:
         load_pretrained_encoder(model, run.init_from, head_init_std=2e-5)
     model.set_grad_checkpointing(args.grad_checkpointing)
     model.to(run.device)
+    if not args.eval:
+        memory.check_training_fits(model, args, run.device)  # a run that cannot fit stops here, in one line
     log.info(f"number of params (M): {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}")
 
     groups = param_groups_lrd(model, args.weight_decay, model.no_weight_decay(), args.layer_decay)

@@ -13,6 +13,7 @@ from torchvision import transforms
 
 import models_vit
 from engine_finetune import train_or_evaluate
+from util import memory
 from util.checkpoint.encoder import load_pretrained_encoder
 from util.cli.args import (
     add_classifier_args,
@@ -89,6 +90,8 @@ def main(flags: argparse.Namespace) -> None:
         param.requires_grad = name.startswith("head.")
     model.set_grad_checkpointing(args.grad_checkpointing)
     model.to(run.device)
+    if not args.eval:
+        memory.check_training_fits(model, args, run.device)  # the frozen encoder counted as frozen
     log.info(f"trainable parameters: {[n for n, p in model.named_parameters() if p.requires_grad]}")
 
     optimizer = LARS(model.head.parameters(), lr=args.lr, weight_decay=args.weight_decay)

@@ -14,6 +14,7 @@ from timm.optim import param_groups_weight_decay
 
 import models_mae
 from engine_pretrain import log_reconstructions, train_one_epoch
+from util import memory
 from util.checkpoint.state import TrainState, check_same_data, resume
 from util.cli.args import (
     add_in_chans_arg,
@@ -162,6 +163,7 @@ def main(flags: argparse.Namespace) -> None:
 
     model.set_grad_checkpointing(args.grad_checkpointing)
     model.to(device)
+    memory.check_training_fits(model, args, device)  # a run that cannot fit stops here, in one line
     param_groups = param_groups_weight_decay(model, args.weight_decay)  # no decay on biases and norms
     optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
     state = TrainState(model, optimizer, LossScaler(args.precision), args)
