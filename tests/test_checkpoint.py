@@ -321,3 +321,25 @@ def test_resume_refuses_other_optimizer_layout(tmp_path):
     other = TrainState(twin, two_groups, LossScaler("fp32"), _args(resume=str(tmp_path / "checkpoint-0.pth")))
     with pytest.raises(UserError, match="optimizer"):
         resume(other, open_resume(other.args))
+
+
+def test_a_mid_epoch_resume_on_changed_data_warns(tmp_path, capsys):
+    """The position counts iterations of the data's order: other data, another order."""
+    from util.checkpoint.state import check_same_data
+
+    class Files:
+        def __init__(self, names):
+            self.files = [str(tmp_path / "data" / n) for n in names]
+
+    state = _state(torch.nn.Linear(2, 2), _args(output_dir=str(tmp_path)))
+    check_same_data(state, Files(["a.jpg", "b.jpg"]), Position(1, 0))
+    moved = Files([])
+    moved.files = [str(tmp_path / "elsewhere" / n) for n in ("a.jpg", "b.jpg")]
+    check_same_data(state, moved, Position(1, 3))  # the same files in another folder: the same data
+    assert "warning" not in capsys.readouterr().out
+    check_same_data(state, Files(["a.jpg", "b.jpg", "c.jpg"]), Position(1, 3))
+    out = capsys.readouterr().out
+    assert "warning: the training data changed since the checkpoint (2 -> 3 images" in out
+    assert "iteration 3" in out
+    check_same_data(state, Files(["a.jpg"]), Position(2, 0))  # at an epoch's start the order is new anyway
+    assert "warning" not in capsys.readouterr().out

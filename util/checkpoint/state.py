@@ -261,11 +261,11 @@ def _check_same_batches(saved: Any, args: argparse.Namespace, path: str) -> None
 
 
 def data_fingerprint(dataset: Any) -> dict[str, Any]:
-    """The image count and a digest of the file names (relative to the data set's folder, so that
-    a moved folder is the same data): what a mid-epoch position's order of samples depends on."""
+    """The image count and a digest of the file names in order (without their folders: a moved
+    folder, or a list of the same files, is the same data): what a mid-epoch position's order of
+    samples depends on."""
     files = getattr(dataset, "files", None) or [path for path, _ in dataset.samples]
-    root = getattr(dataset, "root", "") or ""
-    names = "\n".join(os.path.relpath(f, root) if root else f for f in files)
+    names = "\n".join(os.path.basename(f) for f in files)
     return {"images": len(files), "digest": hashlib.sha1(names.encode(), usedforsecurity=False).hexdigest()}
 
 
