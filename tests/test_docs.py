@@ -1,4 +1,6 @@
-"""The README documents every flag of every entry point, and its commands use real flags."""
+"""The documentation (README.md and docs/*.md) documents every flag of every entry point, its
+commands use real flags, every relative link and anchor resolves, and the demo split it ships
+is what demo/make_split.py writes: disjoint, stratified and complete."""
 
 import re
 import shlex
@@ -9,20 +11,26 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "demo"))
+
+import make_split  # noqa: E402
 
 import knn_eval  # noqa: E402
 import main_finetune  # noqa: E402
 import main_linprobe  # noqa: E402
 import main_pretrain  # noqa: E402
 from util.cli.launcher import add_launcher_args  # noqa: E402
+from util.data.datasets import classification_dataset  # noqa: E402
 
-README = (REPO / "README.md").read_text()
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+DOCS = "\n".join(page.read_text() for page in PAGES)
 PARSERS = {
     "main_pretrain.py": main_pretrain,
     "main_finetune.py": main_finetune,
     "main_linprobe.py": main_linprobe,
     "knn_eval.py": knn_eval,
 }
+README_MAX_LINES = 300
 
 
 def _options(parser) -> set[str]:
@@ -31,8 +39,8 @@ def _options(parser) -> set[str]:
 
 @pytest.mark.parametrize("script", sorted(PARSERS))
 def test_every_flag_is_documented(script):
-    missing = sorted(o for o in _options(PARSERS[script].get_args_parser()) if f"`{o}`" not in README)
-    assert not missing, f"README does not document {missing} of {script}"
+    missing = sorted(o for o in _options(PARSERS[script].get_args_parser()) if f"`{o}`" not in DOCS)
+    assert not missing, f"the docs do not document {missing} of {script}"
 
 
 def test_launcher_flags_are_documented():
@@ -40,12 +48,12 @@ def test_launcher_flags_are_documented():
 
     parser = argparse.ArgumentParser()
     add_launcher_args(parser)
-    missing = sorted(o for o in _options(parser) if f"`{o}" not in README)
+    missing = sorted(o for o in _options(parser) if f"`{o}" not in DOCS)
     assert not missing, missing
 
 
 def _commands(text: str) -> list[list[str]]:
-    """Shell commands in the README's code blocks that run one of our scripts."""
+    """Shell commands in the code blocks that run one of our scripts."""
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         for line in block.replace("\\\n", " ").splitlines():
@@ -57,9 +65,9 @@ def _commands(text: str) -> list[list[str]]:
     return commands
 
 
-def test_readme_commands_parse():
-    commands = _commands(README)
-    assert len(commands) >= 6  # guards the extraction itself
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_commands_parse(page):
+    commands = _commands(page.read_text())
     for words in commands:
         script = next(w for w in words if w.endswith(tuple(PARSERS)) or w.startswith("submitit_"))
         name = script.replace("submitit_", "main_")
@@ -71,4 +79,113 @@ def test_readme_commands_parse():
         try:
             parser.parse_args(flags)
         except SystemExit:
-            pytest.fail(f"README command does not parse: {' '.join(words)}")
+            pytest.fail(f"{page.name}: command does not parse: {' '.join(words)}")
+
+
+def test_commands_are_found():
+    # Guards the extraction itself: the README's three commands and the recipes in docs/.
+    assert len(_commands((REPO / "README.md").read_text())) >= 4
+    assert len(_commands(DOCS)) >= 14
+
+
+# ---------------------------------------------------------------------------------------------
+# Links
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, inline markup and punctuation dropped, spaces to '-'."""
+    text = re.sub(r"`|\*\*|\[([^\]]*)\]\([^)]*\)", r"\1", heading.strip()).lower()
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def anchors(text: str) -> set[str]:
+    """The anchors of a Markdown page's headings (outside code blocks), with GitHub's -1, -2 for repeats."""
+    seen: dict[str, int] = {}
+    for heading in re.findall(r"^#{1,6} (.+)$", _without_code_blocks(text), flags=re.M):
+        slug = _slug(heading)
+        count = seen.get(slug, 0)
+        seen[slug] = count + 1
+        if count:
+            seen[f"{slug}-{count}"] = 1
+    return set(seen)
+
+
+def _without_code_blocks(text: str) -> str:
+    return re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+
+
+def _prose(text: str) -> str:
+    """The page without its code blocks and inline code, where brackets are not links."""
+    return re.sub(r"`[^`\n]*`", "", _without_code_blocks(text))
+
+
+def broken_links(page: Path) -> list[str]:
+    """Every relative link or image of ``page`` whose file, or heading anchor, does not exist."""
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", _prose(page.read_text())):
+        if re.match(r"[a-z]+:", target):  # https:, mailto: ...: not checked offline
+            continue
+        path, _, anchor = target.partition("#")
+        file = (page.parent / path).resolve() if path else page
+        if not file.exists():
+            broken.append(f"{target} (no file {path})")
+        elif anchor and (file.suffix != ".md" or anchor not in anchors(file.read_text())):
+            broken.append(f"{target} (no heading #{anchor} in {file.name})")
+    return broken
+
+
+@pytest.mark.parametrize("page", [*PAGES, REPO / "benchmarks" / "README.md"], ids=lambda p: p.name)
+def test_links_resolve(page):
+    assert not broken_links(page)
+
+
+def test_link_check_finds_broken_links(tmp_path):
+    (tmp_path / "other.md").write_text("# Other page\n\n## Its `section`: one\n")
+    page = tmp_path / "page.md"
+    page.write_text(
+        "# Title\n\n[ok](#title) [ok](other.md#its-section-one) [ok](other.md) [web](https://example.org/x)\n"
+        "[bad anchor](#nothing) [bad file](missing.md) [bad remote anchor](other.md#other)\n"
+        "`[not a link](nowhere.md)`\n```bash\n[not a link](nowhere.md)\n```\n"
+    )
+    assert broken_links(page) == [
+        "#nothing (no heading #nothing in page.md)",
+        "missing.md (no file missing.md)",
+        "other.md#other (no heading #other in other.md)",
+    ]
+
+
+def test_readme_is_short_and_keeps_the_architecture_slot():
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.splitlines()) <= README_MAX_LINES
+    assert "## Architecture" in readme and "<!-- architecture -->" in readme
+
+
+# ---------------------------------------------------------------------------------------------
+# The demo split
+
+
+def test_demo_split_is_shipped_disjoint_stratified_and_complete():
+    lines = make_split.split_lines()
+    shipped = {split: (REPO / "demo" / "cifar10-2k-split" / f"{split}.txt").read_text() for split in lines}
+    assert shipped == {split: "".join(f"{line}\n" for line in lines[split]) for split in lines}
+
+    classes = sorted(p.name for p in (REPO / "demo" / "cifar10-2k").iterdir())
+    every = {
+        (f"../cifar10-2k/{c}/{f.name}", i)
+        for i, c in enumerate(classes)
+        for f in (REPO / "demo" / "cifar10-2k" / c).glob("*.jpg")
+    }
+    parsed = {split: [tuple(line.rsplit(" ", 1)) for line in lines[split]] for split in lines}
+    train, val = ({(path, int(label)) for path, label in parsed[s]} for s in ("train", "val"))
+    assert not {p for p, _ in train} & {p for p, _ in val}
+    assert train | val == every  # each image once, under its folder's class index
+    for i in range(len(classes)):
+        assert sum(label == i for _, label in train) == 160 and sum(label == i for _, label in val) == 40
+
+
+def test_demo_split_is_a_classification_data_set():
+    root = str(REPO / "demo" / "cifar10-2k-split")
+    train = classification_dataset(root, "train", None, nb_classes=10)
+    val = classification_dataset(root, "val", None, nb_classes=10)
+    assert (len(train), len(val)) == (1600, 400)
+    assert sorted(set(val.targets)) == list(range(10))

@@ -1,4 +1,5 @@
-"""Pictures of reconstructions: original | masked | reconstruction | reconstruction + visible."""
+"""Pictures of reconstructions: original | masked | reconstruction of the removed patches |
+reconstruction with the visible patches pasted back."""
 
 import os
 from collections.abc import Callable, Sequence
@@ -29,8 +30,10 @@ def reconstruction_grid(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
 ) -> np.ndarray:
-    """A uint8 [N*H, 4*W, 3] picture, one row per image, of what ``model`` makes of ``imgs``; for
-    a model that does not take RGB, one gray row per image and channel ([N*C*H, 4*W, 3]).
+    """A uint8 [N*H, 4*W, 3] picture, one row per image, of what ``model`` makes of ``imgs`` (columns:
+    original, masked input, the reconstruction of the removed patches on gray, the reconstruction
+    with the visible patches pasted back); for a model that does not take RGB, one gray row per
+    image and channel ([N*C*H, 4*W, 3]).
 
     ``imgs`` are normalised with ``mean`` and ``std`` (the model's training values), which are
     undone for the picture. A model trained with ``norm_pix_loss`` predicts normalised patches;
@@ -54,8 +57,11 @@ def reconstruction_grid(
     std_t = torch.tensor(std, device=device).view(1, -1, 1, 1)
     original, recon = imgs * std_t + mean_t, recon * std_t + mean_t
     masked = original * (1 - removed) + MASKED_GRAY * removed
+    # The loss covers removed patches only, so the model's output at visible ones is untrained
+    # (checkerboard speckles that read as a bug): the third column shows removed patches only.
+    removed_only = MASKED_GRAY * (1 - removed) + recon * removed
     pasted = original * (1 - removed) + recon * removed
-    row = torch.cat([original, masked, recon, pasted], dim=3)  # side by side
+    row = torch.cat([original, masked, removed_only, pasted], dim=3)  # side by side
     if row.shape[1] != 3:  # no colours to show: every channel of every image as a gray row
         row = row.reshape(-1, 1, *row.shape[2:]).expand(-1, 3, -1, -1)
     grid = torch.cat(list(row), dim=1)  # images stacked vertically: [3, N*H, 4*W]
