@@ -59,6 +59,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+NAMES = {"random": "the random-init encoder", "pixels": "the pixel baseline"}  # the other entries: checkpoints
+
+
 def features_of(encoder: str, args: argparse.Namespace) -> Callable[[torch.Tensor], knn.Features]:
     """The feature function of one ``--encoders`` entry."""
     if encoder == "pixels":
@@ -92,10 +95,12 @@ def main(args: argparse.Namespace) -> None:
     data = knn.KnnData(
         args.data_path, args.input_size, args.knn_bank_size, args.knn_query_size, mean=args.mean, std=args.std
     )
+    knn.settle_k(args, data)  # the k logged and stored is the k used
     log.info(f"k-NN (k={args.knn_k}, t={args.knn_t}) on {data} from {args.data_path}")
     for encoder in args.encoders:
         begin = time.time()
-        scores = knn.evaluate(features_of(encoder, args), data, args, args.linear_epochs)
+        source = NAMES.get(encoder, f"checkpoint {encoder}")
+        scores = knn.evaluate(features_of(encoder, args), data, args, args.linear_epochs, source)
         seconds = time.time() - begin
         log.info(f"{encoder}: " + "  ".join(f"{k} {v:.2f}" for k, v in scores.items()) + f"  ({seconds:.0f} s)")
         if args.output and distributed.is_main_process():

@@ -5,14 +5,20 @@ Each is refused in one line naming the flag or file, or (the BOM, the k) handled
 
 import math
 import re
+import shutil
+from pathlib import Path
 
 import pytest
-from helpers import TINY, make_dataset, pretrain_args
+import torch
+from helpers import TINY, demo_files, make_dataset, pretrain_args
 
+import knn_eval
 import main_finetune
 import main_pretrain
+import models_mae
 from util.cli.args import check_common, check_layer_decay
 from util.cli.errors import UserError
+from util.eval import knn
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,3 +87,49 @@ def test_pretrain_main_refuses_bad_flags_before_training(tmp_path):
     with pytest.raises(UserError, match="^--clip_grad must be positive"):
         main_pretrain.main(args)
     assert not (tmp_path / "out" / "checkpoint-0.pth").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. k-NN: an encoder whose features are not finite gives no score; the k used is the k logged
+def labelled_folder(root: Path, per_class: int, val_per_class: int) -> Path:
+    for i, src in enumerate(demo_files(per_class + val_per_class)):
+        split = "train" if i % (per_class + val_per_class) < per_class else "val"
+        dest = root / split / src.parent.name / src.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dest)
+    return root
+
+
+def knn_args(data: Path, *extra: str):
+    argv = ["--data_path", str(data), "--model", "mae_vit_tiny_patch4", "--device", "cpu", "--precision", "fp32"]
+    argv += ["--num_workers", "0", "--batch_size", "8"]
+    return knn_eval.get_args_parser().parse_args([*argv, *(extra or ["--encoders", "random"])])
+
+
+def test_knn_of_an_encoder_with_nan_weights_is_refused_naming_the_checkpoint(tmp_path):
+    data = labelled_folder(tmp_path / "data", 4, 2)
+    model = models_mae.create_model("mae_vit_tiny_patch4", 32)
+    with torch.no_grad():
+        model.blocks[0].attn.qkv.weight.fill_(math.nan)
+    path = tmp_path / "nan.pth"
+    torch.save({"model": model.state_dict()}, path)
+    args = knn_args(data, "--encoders", "random", str(path))
+    with pytest.raises(UserError, match=f"^checkpoint {path} gives features that are not finite"):
+        knn_eval.main(args)
+
+
+def test_knn_evaluate_names_the_encoder_by_default(tmp_path):
+    data = knn.KnnData(str(labelled_folder(tmp_path / "data", 4, 2)), 32)
+    args = knn_args(tmp_path)
+    with pytest.raises(UserError, match="^the encoder gives features that are not finite"):
+        knn.evaluate(lambda imgs: {"cls": imgs.flatten(1) * math.inf}, data, args)
+
+
+def test_knn_k_above_the_bank_is_logged_and_stored_as_used(tmp_path, capsys):
+    data = knn.KnnData(str(labelled_folder(tmp_path / "data", 4, 2)), 32)  # a bank of 12 images
+    args = knn_args(tmp_path, "--encoders", "random", "--knn_k", "500")
+    knn.settle_k(args, data)
+    assert args.knn_k == 12
+    assert "--knn_k 500 is more than the 12 bank images: k = 12" in capsys.readouterr().out
+    knn.settle_k(args, data)  # within the bank: kept, said nothing
+    assert args.knn_k == 12 and capsys.readouterr().out == ""

@@ -22,6 +22,7 @@ from torchvision import datasets
 
 from util.cli.args import check_at_least
 from util.cli.errors import fail
+from util.cli.log import log
 from util.data.channels import image_loader
 from util.data.datasets import IMAGENET_MEAN, IMAGENET_STD, ShardSampler, classification_splits, eval_transform
 from util.eval.linear import linear_accuracy
@@ -49,9 +50,12 @@ def embed(
     total: int,
     device: torch.device,
     precision: str = "fp32",
+    source: str = "the encoder",
 ) -> Features:
     """L2-normalised features of every image of ``loader`` (this rank's shard), gathered from all
-    ranks into the data set's order; ``total`` is the data set's length."""
+    ranks into the data set's order; ``total`` is the data set's length. Features that are not
+    finite are a one-line error naming ``source``: they would score as a plausible number
+    (every similarity NaN, the vote goes to whichever class ``topk`` lists first)."""
     parts: dict[str, list[torch.Tensor]] = {}
     for images, _ in loader:
         images = images.to(device, non_blocking=True)
@@ -59,7 +63,16 @@ def embed(
             feats = features_fn(images)
         for name, f in feats.items():
             parts.setdefault(name, []).append(F.normalize(f.float(), dim=1))
-    return {name: _gather_in_order(torch.cat(p), total) for name, p in parts.items()}
+    features = {name: _gather_in_order(torch.cat(p), total) for name, p in parts.items()}
+    # Checked on the gathered features, which every rank holds alike: all ranks stop together.
+    for name, f in features.items():
+        if bad := int((~f.isfinite().all(dim=1)).sum()):
+            fail(
+                f"{source} gives features that are not finite (NaN or inf) for {bad} of the {total} images "
+                f"({name}); its weights are not finite, or --precision overflows: use another checkpoint "
+                f"or --precision fp32"
+            )
+    return features
 
 
 def _gather_in_order(local: torch.Tensor, total: int) -> torch.Tensor:
@@ -172,17 +185,18 @@ def evaluate(
     data: KnnData,
     args: argparse.Namespace,
     linear_epochs: int = 0,
+    source: str = "the encoder",
 ) -> dict[str, float]:
     """k-NN top-1 (and top-5) of every feature ``features_fn`` returns, e.g. ``cls_top1``; with
     ``linear_epochs``, also the top-1 of a linear classifier fitted to the cached bank features
-    (``cls_linear_top1``, see util/eval/linear.py).
+    (``cls_linear_top1``, see util/eval/linear.py). ``source`` names the encoder in errors.
 
     Reads ``args.knn_k``, ``knn_t``, ``batch_size``, ``num_workers``, ``device``, ``precision``.
     """
     device = torch.device(args.device)
     bank_loader, query_loader = data.loaders(args.batch_size, args.num_workers)
-    bank = embed(features_fn, bank_loader, len(data.bank), device, args.precision)
-    queries = embed(features_fn, query_loader, len(data.queries), device, args.precision)
+    bank = embed(features_fn, bank_loader, len(data.bank), device, args.precision, source)
+    queries = embed(features_fn, query_loader, len(data.queries), device, args.precision, source)
     results = {}
     bank_labels, query_labels = data.bank_labels.to(device), data.query_labels.to(device)
     for name in bank:
@@ -193,6 +207,14 @@ def evaluate(
                 bank[name], bank_labels, queries[name], query_labels, len(data.classes), epochs=linear_epochs
             )
     return results
+
+
+def settle_k(args: argparse.Namespace, data: KnnData) -> None:
+    """``args.knn_k`` becomes the k actually used, at most the bank's size (``knn_scores`` takes no
+    more), with a warning where that lowers it: what is logged and stored is what was computed."""
+    if args.knn_k > len(data.bank):
+        log.warning(f"--knn_k {args.knn_k} is more than the {len(data.bank)} bank images: k = {len(data.bank)}")
+        args.knn_k = len(data.bank)
 
 
 def add_knn_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
