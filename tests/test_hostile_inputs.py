@@ -8,9 +8,11 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import TINY, demo_files, make_dataset, pretrain_args
+from PIL import Image
 
 import knn_eval
 import main_finetune
@@ -18,6 +20,9 @@ import main_pretrain
 import models_mae
 from util.cli.args import check_common, check_layer_decay
 from util.cli.errors import UserError
+from util.data.datasets import ImageFiles, read_image_list
+from util.data.fast_crop import FastRandomResizedCropFlip
+from util.data.images import load_channels, load_rgb
 from util.eval import knn
 
 
@@ -133,3 +138,60 @@ def test_knn_k_above_the_bank_is_logged_and_stored_as_used(tmp_path, capsys):
     assert "--knn_k 500 is more than the 12 bank images: k = 12" in capsys.readouterr().out
     knn.settle_k(args, data)  # within the bank: kept, said nothing
     assert args.knn_k == 12 and capsys.readouterr().out == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Reading images: float and 32-bit integer pixels have no depth to scale by, whatever --in_chans;
+# a byte-order mark in a list file; memory that runs out is not the image's fault
+@pytest.fixture
+def deep_tiffs(tmp_path) -> dict[str, Path]:
+    ramp = np.linspace(0, 1, 64 * 48).reshape(48, 64)
+    files = {"F": Image.fromarray(ramp.astype(np.float32)), "I": Image.fromarray((ramp * (2**31 - 1)).astype(np.int32))}
+    paths = {}
+    for mode, img in files.items():
+        assert img.mode == mode
+        paths[mode] = tmp_path / "images" / f"{mode}.tif"
+        paths[mode].parent.mkdir(exist_ok=True)
+        img.save(paths[mode])
+    return paths
+
+
+@pytest.mark.parametrize("mode", ["F", "I"])
+def test_float_and_int32_tiffs_are_refused_in_rgb_as_with_one_channel(deep_tiffs, mode):
+    path = deep_tiffs[mode]
+    for read in (load_rgb, lambda p: load_channels(p, 1)):
+        with pytest.raises(UserError, match=f"^image {path} holds {mode} pixels .*store it as 8 or 16-bit"):
+            read(str(path))
+
+
+def test_the_fast_loader_names_the_file_of_a_float_tiff(deep_tiffs):
+    dataset = ImageFiles(str(deep_tiffs["F"].parent), FastRandomResizedCropFlip(32), lazy=True)
+    with pytest.raises(UserError, match=f"^image {deep_tiffs['F']}: it holds F pixels"):
+        dataset[0]
+
+
+def test_16_bit_images_are_still_read_in_rgb(tmp_path):
+    path = tmp_path / "sixteen.png"
+    Image.fromarray(np.full((4, 4), 65535, np.uint16)).save(path)
+    assert load_rgb(str(path)).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_a_byte_order_mark_does_not_break_the_first_line(tmp_path):
+    files = demo_files(1)[:2]
+    (tmp_path / "list.txt").write_text("\n".join(f"{f} {i}" for i, f in enumerate(files)), encoding="utf-8-sig")
+    assert (tmp_path / "list.txt").read_bytes().startswith(b"\xef\xbb\xbf")
+    samples = read_image_list(str(tmp_path / "list.txt"), labelled=True)
+    assert samples == [(str(files[0]), 0), (str(files[1]), 1)]
+
+
+def test_memory_that_runs_out_in_a_transform_is_not_blamed_on_the_file(tmp_path):
+    data = make_dataset(tmp_path / "data", 1)
+
+    def exhausting(img):
+        raise MemoryError
+
+    with pytest.raises(UserError) as caught:
+        ImageFiles(str(data), exhausting)[0]
+    message = str(caught.value)
+    assert "memory ran out" in message and "not at fault" in message and "--num_workers" in message
+    assert "remove or replace" not in message

@@ -17,7 +17,7 @@ from torchvision import datasets, transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS, is_image_file
 
 from util.cli.args import image_size
-from util.cli.errors import fail
+from util.cli.errors import UserError, fail
 from util.cli.log import log
 from util.data.channels import ClampUnit, check_norm_channels, eval_resize, image_loader, tensor_train_transform
 from util.data.device_decode import RandomResizedCropFlipOnDevice, collate_encoded
@@ -87,11 +87,26 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         path = self.files[index]
-        img = path if self.lazy else self.loader(path)
-        try:
-            return (self.transform(img) if self.transform else img), 0
-        except Exception as e:  # Pillow and torchvision raise many types for bad files
-            fail(f"cannot read image {path} ({type(e).__name__}: {e}); remove or replace the file")
+        return transformed(path, path if self.lazy else self.loader(path), self.transform), 0
+
+
+def transformed(path: str, img: Any, transform: Callable | None) -> Any:
+    """``transform(img)`` of the image of file ``path``, every failure a one-line error naming the
+    file: the transform's own errors (prefixed with the file), a bad file (Pillow and torchvision
+    raise many types), and memory that ran out, which is not the file's fault."""
+    if transform is None:
+        return img
+    try:
+        return transform(img)
+    except UserError as e:
+        fail(str(e) if path in str(e) else f"image {path}: {e}")
+    except MemoryError:
+        fail(
+            f"memory ran out while preparing image {path} (the file is not at fault): other processes or "
+            f"this run's loader workers hold the rest; lower --num_workers or --input_size"
+        )
+    except Exception as e:
+        fail(f"cannot read image {path} ({type(e).__name__}: {e}); remove or replace the file")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,7 +127,7 @@ def read_image_list(list_path: str, labelled: bool, nb_classes: int | None = Non
     """
     folder = os.path.dirname(os.path.abspath(list_path))
     try:
-        with open(list_path, encoding="utf-8") as f:
+        with open(list_path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of the first path
             lines = f.read().splitlines()
     except UnicodeDecodeError:
         fail(f"{list_path} is not a text file; a list file holds one image path per line")
@@ -172,8 +187,7 @@ class ListedImages(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         path, label = self.samples[index]
-        img = self.loader(path)
-        return (self.transform(img) if self.transform else img), label
+        return transformed(path, self.loader(path), self.transform), label
 
 
 def _list_in(folder: str, split: str) -> str | None:
@@ -254,6 +268,10 @@ class _ImageFolder(datasets.ImageFolder):
                 raise FileNotFoundError(f"the class folder {cls} holds no images")
             samples += [(f, class_to_idx[cls]) for f in files]
         return samples
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        path, label = self.samples[index]
+        return transformed(path, self.loader(path), self.transform), label
 
 
 def classification_splits(
