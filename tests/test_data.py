@@ -12,6 +12,7 @@ from helpers import make_dataset
 from PIL import Image
 
 from util.cli.errors import UserError
+from util.data import datasets as data_mod
 from util.data.datasets import (
     ImageFiles,
     SeededDataset,
@@ -23,7 +24,6 @@ from util.data.datasets import (
     pretrain_transform,
     train_loader,
 )
-from util.data.datasets import datasets as data_mod
 from util.data.fast_crop import FastRandomResizedCropFlip
 from util.train import distributed
 
