@@ -158,7 +158,7 @@ def test_corrupt_image_error_names_the_file(tmp_path, fast):
 # ---------------------------------------------------------------------------------------------
 # Seeded sampling
 def _loader_args(workers: int, batch: int = 8, seed: int = 0) -> Namespace:
-    return Namespace(batch_size=batch, seed=seed, num_workers=workers, pin_mem=False, device="cpu")
+    return Namespace(batch_size=batch, seed=seed, num_workers=workers, pin_mem=False, device="cpu", input_size=32)
 
 
 @pytest.fixture(scope="module")

@@ -20,10 +20,12 @@ import main_pretrain
 import models_mae
 from util.cli.args import check_common, check_layer_decay
 from util.cli.errors import UserError
-from util.data.datasets import ImageFiles, read_image_list
+from util.data.channels import image_loader
+from util.data.datasets import ImageFiles, eval_transform, pretrain_data, read_image_list
 from util.data.fast_crop import FastRandomResizedCropFlip
 from util.data.images import load_channels, load_rgb
 from util.eval import knn
+from util.eval.linear import linear_accuracy
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,3 +197,45 @@ def test_memory_that_runs_out_in_a_transform_is_not_blamed_on_the_file(tmp_path)
     message = str(caught.value)
     assert "memory ran out" in message and "not at fault" in message and "--num_workers" in message
     assert "remove or replace" not in message
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Memory sized before it is allocated
+def test_a_huge_list_label_is_refused_before_its_class_scores_are_allocated(tmp_path):
+    files = demo_files(3)
+    (tmp_path / "train.txt").write_text(f"{files[0]} 0\n{files[1]} {10**12}\n")
+    (tmp_path / "val.txt").write_text(f"{files[2]} 0\n")
+    data = knn.KnnData(str(tmp_path), 32)  # the class names are not materialised
+    assert len(data.classes) == 10**12 + 1 and data.classes[-1] == str(10**12)
+    with pytest.raises(UserError, match=r"^the k-NN class scores of 1 query image\(s\) x 1000000000001 classes"):
+        knn.evaluate(knn.pixel_features, data, knn_args(tmp_path))
+
+
+def test_a_linear_classifier_too_large_is_refused():
+    x, y = torch.zeros(4, 8), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(UserError, match="^the linear classifier of 8 features x 1000000000000 classes"):
+        linear_accuracy(x, y, x, y, 10**12, epochs=1)
+
+
+def test_input_size_beyond_memory_is_refused_before_batches_are_made(tmp_path):
+    data = make_dataset(tmp_path / "data", 6)
+    args = pretrain_args(data, tmp_path / "out", "--input_size", "100000")
+    with pytest.raises(UserError, match=r"^16 x 3 x 100000 x 100000 images .*lower --batch_size, --input_size"):
+        pretrain_data(args)
+
+
+@pytest.mark.parametrize("in_chans", [3, 1])
+def test_an_elongated_image_is_refused_before_the_evaluation_resize(tmp_path, in_chans):
+    """A 1 x 1,000,000 px image, resized to cover 36 x 36 px, would become 36 x 36,000,000 px."""
+    path = tmp_path / "images" / "line.png"
+    path.parent.mkdir()
+    Image.fromarray(np.zeros((1, 1_000_000), np.uint8)).save(path)
+    norm = {} if in_chans == 3 else {"mean": (0.5,), "std": (0.5,)}
+    dataset = ImageFiles(str(path.parent), eval_transform(32, in_chans=in_chans, **norm), loader=image_loader(in_chans))
+    with pytest.raises(UserError, match=f"^image {path}: resizing its 1000000 x 1 px to 36000000 x 36 px"):
+        dataset[0]
+
+
+def test_the_evaluation_resize_keeps_ordinary_images():
+    img = Image.open(demo_files(1)[0]).convert("RGB")
+    assert eval_transform(64)(img).shape == (3, 64, 64)

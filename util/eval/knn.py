@@ -20,12 +20,20 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets
 
-from util.cli.args import check_at_least
+from util.cli.args import check_at_least, image_size
 from util.cli.errors import fail
 from util.cli.log import log
 from util.data.channels import image_loader
-from util.data.datasets import IMAGENET_MEAN, IMAGENET_STD, ShardSampler, classification_splits, eval_transform
+from util.data.datasets import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ShardSampler,
+    classification_splits,
+    eval_transform,
+    require_batch_memory,
+)
 from util.eval.linear import linear_accuracy
+from util.memory import require
 from util.train import distributed, interrupt
 from util.train.precision import autocast
 
@@ -145,6 +153,7 @@ class KnnData:
         )
         if len(bank.classes) < 2:
             fail(f"{flag} {path}/train has {len(bank.classes)} class folder(s); k-NN needs at least 2")
+        self.path, self.flag, self.size, self.in_chans = path, flag, image_size(input_size), in_chans
         self.classes = bank.classes
         self.bank, self.bank_labels = _subset(bank, bank_size)
         self.queries, self.query_labels = _subset(queries, query_size)
@@ -153,6 +162,7 @@ class KnnData:
         """This rank's shard of the bank and of the queries (every image once over all ranks)."""
         if len(self.queries) < distributed.world_size():
             fail(f"{len(self.queries)} k-NN query images cannot be shared by {distributed.world_size()} processes")
+        require_batch_memory(self.size, self.in_chans, batch_size, num_workers)
 
         def loader(dataset: Dataset) -> DataLoader:
             return DataLoader(
@@ -194,6 +204,7 @@ def evaluate(
     Reads ``args.knn_k``, ``knn_t``, ``batch_size``, ``num_workers``, ``device``, ``precision``.
     """
     device = torch.device(args.device)
+    require_score_memory(data, device)
     bank_loader, query_loader = data.loaders(args.batch_size, args.num_workers)
     bank = embed(features_fn, bank_loader, len(data.bank), device, args.precision, source)
     queries = embed(features_fn, query_loader, len(data.queries), device, args.precision, source)
@@ -207,6 +218,19 @@ def evaluate(
                 bank[name], bank_labels, queries[name], query_labels, len(data.classes), epochs=linear_epochs
             )
     return results
+
+
+def require_score_memory(data: KnnData, device: torch.device) -> None:
+    """The class scores of every query and one chunk's votes (``knn_scores``), sized before any
+    image is embedded: their width is the class count, which a list file's largest label sets."""
+    classes, queries = len(data.classes), len(data.queries)
+    require(
+        4 * classes * (queries + min(queries, 1024)),
+        f"the k-NN class scores of {queries} query image(s) x {classes} classes",
+        f"a list's labels are class indices, the largest sets the class count: number the classes of "
+        f"{data.flag} {data.path} 0, 1, 2, ... without gaps",
+        device,
+    )
 
 
 def settle_k(args: argparse.Namespace, data: KnnData) -> None:
