@@ -14,6 +14,7 @@ import torch
 from helpers import TINY, demo_files, make_dataset, pretrain_args
 from PIL import Image
 
+import dataset_stats
 import knn_eval
 import main_finetune
 import main_pretrain
@@ -239,3 +240,13 @@ def test_an_elongated_image_is_refused_before_the_evaluation_resize(tmp_path, in
 def test_the_evaluation_resize_keeps_ordinary_images():
     img = Image.open(demo_files(1)[0]).convert("RGB")
     assert eval_transform(64)(img).shape == (3, 64, 64)
+
+
+def stats_args(data: Path, *extra: str):
+    return dataset_stats.get_args_parser().parse_args(["--data_path", str(data), "--num_workers", "0", *extra])
+
+
+def test_dataset_stats_sizes_its_resize_and_names_the_flag(tmp_path):
+    data = make_dataset(tmp_path / "data", 2)
+    with pytest.raises(UserError, match=r"^resizing an image to --input_size 100000 .*lower --input_size"):
+        dataset_stats.compute(stats_args(data, "--input_size", "100000"))
