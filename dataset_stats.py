@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 from util.cli.args import check_at_least
 from util.cli.errors import run_cli
 from util.data.datasets import pretrain_dataset
+from util.memory import require
 from util.outputs import atomic_write, check_json_output, reported
 
 
@@ -49,19 +50,47 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Bytes a pixel of an RGB image costs here: Pillow's image (4) and its resize's intermediate (4),
+# the array of it (3) and the 64-bit copy of one channel that np.bincount counts (8).
+BYTES_PER_PIXEL = 19
+
+
 class PixelSums:
     """Image -> int64 [3, C]: per channel, the pixel count, the sum of the 8-bit values and the sum
-    of their squares (exact: 8-bit values fit int64 sums up to 10^14 images of 224²)."""
+    of their squares (exact: 8-bit values fit int64 sums up to 10^14 images of 224²). The sums
+    come from a histogram of the 256 values, not from a 64-bit copy of every pixel.
 
-    def __init__(self, input_size: int):
-        self.input_size = input_size
+    ``processes``: how many images are summed at once (the loader's workers), for sizing; with
+    ``input_size`` 0 each image is sized at its own size before it is read into an array."""
+
+    def __init__(self, input_size: int, processes: int = 1):
+        self.input_size, self.processes = input_size, processes
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         if self.input_size:
             img = img.resize((self.input_size, self.input_size), Image.BICUBIC)
-        pixels = np.asarray(img, dtype=np.int64).reshape(-1, len(img.getbands()))
+        else:
+            width, height = img.size
+            require(
+                BYTES_PER_PIXEL * width * height * self.processes,
+                f"reading images of {width} x {height} px at their own size (--input_size 0) in "
+                f"{self.processes} process(es)",
+                "give --input_size (224, say) or lower --num_workers",
+            )
+        pixels = np.asarray(img).reshape(-1, len(img.getbands()))
+        values = np.arange(256, dtype=np.int64)
+        counts = np.stack([np.bincount(pixels[:, c], minlength=256) for c in range(pixels.shape[1])])
         count = np.full(pixels.shape[1], pixels.shape[0], dtype=np.int64)
-        return torch.from_numpy(np.stack([count, pixels.sum(axis=0), (pixels * pixels).sum(axis=0)]))
+        return torch.from_numpy(np.stack([count, counts @ values, counts @ (values * values)]))
+
+
+def require_resize_memory(input_size: int, processes: int) -> None:
+    """Every image is resized to ``input_size``²: sized before the first one is read."""
+    require(
+        BYTES_PER_PIXEL * input_size * input_size * processes,
+        f"resizing an image to --input_size {input_size} ({input_size} x {input_size} px) in {processes} process(es)",
+        "lower --input_size or --num_workers",
+    )
 
 
 def mean_std(sums: torch.Tensor) -> tuple[list[float], list[float]]:
@@ -81,7 +110,10 @@ def compute(args: argparse.Namespace) -> dict[str, Any]:
     check_at_least(args, 0, "num_workers")
     if args.json not in ("", "-"):
         check_json_output(args.json, "--json")  # before the work, not after it
-    dataset = pretrain_dataset(args.data_path, PixelSums(args.input_size))
+    processes = max(args.num_workers, 1)
+    if args.input_size:
+        require_resize_memory(args.input_size, processes)
+    dataset = pretrain_dataset(args.data_path, PixelSums(args.input_size, processes))
     if 0 < args.max_images < len(dataset):
         chosen = np.unique(np.linspace(0, len(dataset) - 1, args.max_images).round().astype(np.int64))
         dataset.files = [dataset.files[i] for i in chosen]

@@ -25,7 +25,7 @@ from util.checkpoint.encoder import load_mae_encoder
 from util.checkpoint.flags import fill_from_checkpoints
 from util.checkpoint.load import saved_args
 from util.checkpoint.state import Opened, open_checkpoint
-from util.cli.args import PRECISIONS, check_at_least, resolve_precision
+from util.cli.args import PRECISIONS, check_at_least, check_finite, resolve_precision
 from util.cli.errors import fail, run_cli
 from util.cli.log import log
 from util.data import normalization
@@ -71,6 +71,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+NAMES = {"random": "the random-init encoder", "pixels": "the pixel baseline"}  # the other entries: checkpoints
+
+
 def features_of(
     encoder: str, args: argparse.Namespace, opened: Opened | None = None
 ) -> Callable[[torch.Tensor], knn.Features]:
@@ -86,6 +89,7 @@ def features_of(
 
 
 def main(args: argparse.Namespace) -> None:
+    check_finite(args)
     check_at_least(args, 1, "batch_size")
     knn.check_knn_args(args)
     check_at_least(args, 0, "linear_epochs", zero_means="no linear classifier")
@@ -110,10 +114,12 @@ def main(args: argparse.Namespace) -> None:
     data = knn.KnnData(
         args.data_path, args.input_size, args.knn_bank_size, args.knn_query_size, mean=args.mean, std=args.std
     )
+    knn.settle_k(args, data)  # the k logged and stored is the k used
     log.info(f"k-NN (k={args.knn_k}, t={args.knn_t}) on {data} from {args.data_path}")
     for encoder in args.encoders:
         begin = time.time()
-        scores = knn.evaluate(features_of(encoder, args, first), data, args, args.linear_epochs)
+        source = NAMES.get(encoder, f"checkpoint {encoder}")
+        scores = knn.evaluate(features_of(encoder, args, first), data, args, args.linear_epochs, source)
         seconds = time.time() - begin
         log.info(f"{encoder}: " + "  ".join(f"{k} {v:.2f}" for k, v in scores.items()) + f"  ({seconds:.0f} s)")
         if args.output and distributed.is_main_process():

@@ -28,6 +28,7 @@ from util.cli.args import (
     add_schedule_args,
     check_classifier_args,
     check_common,
+    check_layer_decay,
     image_size,
 )
 from util.cli.errors import fail, run_cli
@@ -108,6 +109,7 @@ def check_args(args: argparse.Namespace) -> None:
     those of fine-tuning alone are the ones timm would take silently, or fail on with a traceback."""
     check_common(args)
     check_classifier_args(args)
+    check_layer_decay(args.layer_decay)
     if not 0 <= args.drop_path < 1:
         fail(f"--drop_path must be in [0, 1), got {args.drop_path}")
     if not 0 <= args.smoothing < 1:

@@ -12,6 +12,7 @@ from helpers import make_dataset
 from PIL import Image
 
 from util.cli.errors import UserError
+from util.data import datasets as data_mod
 from util.data.datasets import (
     ImageFiles,
     SeededDataset,
@@ -23,7 +24,6 @@ from util.data.datasets import (
     pretrain_transform,
     train_loader,
 )
-from util.data.datasets import datasets as data_mod
 from util.data.fast_crop import FastRandomResizedCropFlip
 from util.train import distributed
 
@@ -158,7 +158,7 @@ def test_corrupt_image_error_names_the_file(tmp_path, fast):
 # ---------------------------------------------------------------------------------------------
 # Seeded sampling
 def _loader_args(workers: int, batch: int = 8, seed: int = 0) -> Namespace:
-    return Namespace(batch_size=batch, seed=seed, num_workers=workers, pin_mem=False, device="cpu")
+    return Namespace(batch_size=batch, seed=seed, num_workers=workers, pin_mem=False, device="cpu", input_size=32)
 
 
 @pytest.fixture(scope="module")

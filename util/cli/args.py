@@ -208,11 +208,37 @@ def check_at_least(args: argparse.Namespace, minimum: int, *names: str, zero_mea
             fail(f"--{name} must be {bound}, got {value}")
 
 
+def check_finite(args: argparse.Namespace) -> None:
+    """Every float flag (and every value of a list of floats) is a finite number: argparse's
+    ``type=float`` takes 'nan' and 'inf', which pass comparisons such as ``value < 0`` unnoticed."""
+    for name, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(f"--{name} must be a finite number, got {value}")
+        if isinstance(value, list | tuple) and any(isinstance(v, float) and not math.isfinite(v) for v in value):
+            fail(f"--{name} values must be finite numbers, got {' '.join(map(str, value))}")
+
+
+def check_layer_decay(layer_decay: float) -> None:
+    """Fine-tuning's ``--layer_decay``: the lr of layer l is scaled by layer_decay ** (depth - l), so a
+    negative value flips the sign of every other layer's step (gradient ascent), 0 freezes all but
+    the last layer and a value above 1 multiplies the lr of the first layers by up to
+    layer_decay ** depth."""
+    if not 0 < layer_decay <= 1:  # not written as `<= 0`: NaN would pass that
+        fail(f"--layer_decay must be in (0, 1] (1: the same lr for every layer), got {layer_decay}")
+
+
 def check_common(args: argparse.Namespace) -> None:
     """Refuse flag values that are impossible or contradict each other, naming the flag."""
     check_at_least(args, 1, "batch_size", "epochs", "accum_iter", "save_freq", "print_freq")
     check_at_least(args, 0, "num_workers", "warmup_epochs")
     check_at_least(args, 0, "ckpt_every_steps", zero_means="only at epoch ends")
+    check_at_least(args, 0, "keep_last", zero_means="keep all")
+    # A negative norm flips every gradient (ascent), 0 zeroes them: clipping takes a positive norm.
+    if args.clip_grad is not None and not args.clip_grad > 0:
+        fail(f"--clip_grad must be positive (leave it out for no clipping), got {args.clip_grad}")
+    # Negative weight decay pushes the weights away from 0, growing them without bound.
+    if not args.weight_decay >= 0:
+        fail(f"--weight_decay must be 0 or more, got {args.weight_decay}")
     if args.ckpt_every_steps % args.accum_iter:
         fail(f"--ckpt_every_steps {args.ckpt_every_steps} must be a multiple of --accum_iter {args.accum_iter}")
     for name in ("lr", "blr"):  # not written as `<= 0`: NaN would pass that
@@ -225,6 +251,7 @@ def check_common(args: argparse.Namespace) -> None:
         fail(f"--seed must be in [0, 2**32 - 1], got {args.seed}")
     if args.start_epoch < 0 or args.start_epoch >= args.epochs and not getattr(args, "eval", False):
         fail(f"--start_epoch {args.start_epoch} is outside the run's {args.epochs} epochs (--epochs)")
+    check_finite(args)  # after the checks above, which say more (each also refuses NaN)
     check_device(args.device)
 
 

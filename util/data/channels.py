@@ -10,11 +10,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from PIL import Image
 from torchvision import transforms
 from torchvision.transforms import functional as TF
 
 from util.cli.errors import fail
 from util.data.images import load_channels, load_rgb
+from util.memory import require
 
 BICUBIC = transforms.InterpolationMode.BICUBIC
 
@@ -58,14 +60,45 @@ class ResizeToCover:
         return TF.resize(img, new, interpolation=BICUBIC, antialias=True)
 
 
+class SizedCover:
+    """Sizes the resize that follows, to cover (height, width), before it allocates: the shorter
+    side is scaled to the crop, so an elongated image grows along its long side (a 1 x 1,000,000 px
+    line to 36 x 36,000,000 px for a 32 px crop). Its output is refused beyond Pillow's
+    decompression-bomb limit (an image Pillow would not open must not be made by a resize either),
+    or beyond the memory free now. Passes the image on unchanged."""
+
+    def __init__(self, size: tuple[int, int]):
+        self.size = size
+
+    def __call__(self, img: Any) -> Any:
+        width, height = TF.get_image_size(img)
+        scale = max(self.size[0] / height, self.size[1] / width)
+        new_width, new_height = max(self.size[1], round(width * scale)), max(self.size[0], round(height * scale))
+        pixels = new_width * new_height
+        what = f"resizing its {width} x {height} px to {new_width} x {new_height} px (width x height)"
+        advice = "crop it to a less elongated shape or remove it, or lower --input_size"
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit is not None and pixels > 2 * limit:  # where Pillow's warning becomes an error
+            fail(f"{what} would make {pixels / 1e6:.0f} Mpx, beyond Pillow's {2 * limit / 1e6:.0f} Mpx limit; {advice}")
+        # The result and the resize's intermediate (one pass per axis): 4 bytes a pixel for
+        # Pillow's 8-bit RGB, 4 a value for float tensors.
+        values = 1 if isinstance(img, Image.Image) else TF.get_image_num_channels(img)
+        require(2 * 4 * values * pixels, what, advice)
+        return img
+
+
 def eval_resize(size: tuple[int, int]) -> Callable:
     """The evaluation resize before a center crop of ``size``: by the official 256/224 ratio up to
-    224 px (on the longer side), none above. A square keeps the official ``Resize(int)``."""
+    224 px (on the longer side), none above. A square keeps the official ``Resize(int)``. Sized
+    first (``SizedCover``)."""
     height, width = size
     crop_pct = 224 / 256 if max(height, width) <= 224 else 1.0
+    cover = (int(height / crop_pct), int(width / crop_pct))
     if height == width:
-        return transforms.Resize(int(height / crop_pct), interpolation=BICUBIC)
-    return ResizeToCover((int(height / crop_pct), int(width / crop_pct)))
+        resize = transforms.Resize(cover[0], interpolation=BICUBIC)
+    else:
+        resize = ResizeToCover(cover)
+    return transforms.Compose([SizedCover(cover), resize])
 
 
 def tensor_train_transform(

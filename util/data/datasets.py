@@ -17,12 +17,13 @@ from torchvision import datasets, transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS, is_image_file
 
 from util.cli.args import image_size
-from util.cli.errors import fail
+from util.cli.errors import UserError, fail
 from util.cli.log import log
 from util.data.channels import ClampUnit, check_norm_channels, eval_resize, image_loader, tensor_train_transform
 from util.data.device_decode import RandomResizedCropFlipOnDevice, collate_encoded
 from util.data.fast_crop import FastRandomResizedCropFlip
 from util.data.images import load_rgb
+from util.memory import require
 from util.train import distributed, interrupt
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -87,11 +88,26 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         path = self.files[index]
-        img = path if self.lazy else self.loader(path)
-        try:
-            return (self.transform(img) if self.transform else img), 0
-        except Exception as e:  # Pillow and torchvision raise many types for bad files
-            fail(f"cannot read image {path} ({type(e).__name__}: {e}); remove or replace the file")
+        return transformed(path, path if self.lazy else self.loader(path), self.transform), 0
+
+
+def transformed(path: str, img: Any, transform: Callable | None) -> Any:
+    """``transform(img)`` of the image of file ``path``, every failure a one-line error naming the
+    file: the transform's own errors (prefixed with the file), a bad file (Pillow and torchvision
+    raise many types), and memory that ran out, which is not the file's fault."""
+    if transform is None:
+        return img
+    try:
+        return transform(img)
+    except UserError as e:
+        fail(str(e) if path in str(e) else f"image {path}: {e}")
+    except MemoryError:
+        fail(
+            f"memory ran out while preparing image {path} (the file is not at fault): other processes or "
+            f"this run's loader workers hold the rest; lower --num_workers or --input_size"
+        )
+    except Exception as e:
+        fail(f"cannot read image {path} ({type(e).__name__}: {e}); remove or replace the file")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,7 +128,7 @@ def read_image_list(list_path: str, labelled: bool, nb_classes: int | None = Non
     """
     folder = os.path.dirname(os.path.abspath(list_path))
     try:
-        with open(list_path, encoding="utf-8") as f:
+        with open(list_path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of the first path
             lines = f.read().splitlines()
     except UnicodeDecodeError:
         fail(f"{list_path} is not a text file; a list file holds one image path per line")
@@ -164,16 +180,42 @@ class ListedImages(Dataset):
         self.set_classes(nb_classes or max(self.targets) + 1)
 
     def set_classes(self, count: int) -> None:
-        self.classes = [str(i) for i in range(count)]
-        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        self.classes = ClassIndices(count)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         path, label = self.samples[index]
-        img = self.loader(path)
-        return (self.transform(img) if self.transform else img), label
+        return transformed(path, self.loader(path), self.transform), label
+
+
+class ClassIndices(Sequence[str]):
+    """The class names of a list file, ``'0'``, ``'1'``, ... up to the largest label, made when
+    asked for: a label of 10**8 must not make 10**8 strings before anything can size the run
+    (what scales with the class count is sized where it is allocated)."""
+
+    def __init__(self, count: int):
+        self.names = range(count)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [str(i) for i in self.names[index]]
+        return str(self.names[index])
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, ClassIndices):
+            return self.names == other.names
+        return isinstance(other, Sequence) and len(other) == len(self) and list(self) == list(other)
+
+    def __hash__(self) -> int:
+        return hash(self.names)
+
+    def __repr__(self) -> str:
+        return f"ClassIndices({len(self)})"
 
 
 def _list_in(folder: str, split: str) -> str | None:
@@ -254,6 +296,10 @@ class _ImageFolder(datasets.ImageFolder):
                 raise FileNotFoundError(f"the class folder {cls} holds no images")
             samples += [(f, class_to_idx[cls]) for f in files]
         return samples
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        path, label = self.samples[index]
+        return transformed(path, self.loader(path), self.transform), label
 
 
 def classification_splits(
@@ -341,7 +387,8 @@ def pretrain_data(args: Any) -> tuple[ImageFiles, DataLoader]:
         loader = "torchvision"
     transform = pretrain_transform(args.input_size, loader, args.mean, args.std, in_chans)
     dataset = pretrain_dataset(args.data_path, transform, lazy=loader != "torchvision", loader=image_loader(in_chans))
-    return dataset, train_loader(dataset, args, collate_encoded if loader == "device" else None)
+    value_bytes = 4 if loader == "torchvision" else 1  # fast and device batches stay uint8 until the device
+    return dataset, train_loader(dataset, args, collate_encoded if loader == "device" else None, value_bytes)
 
 
 def eval_transform(
@@ -457,14 +504,32 @@ class ShardSampler(Sampler):
         return len(self.indices)
 
 
-def train_loader(dataset: Dataset, args: Any, collate_fn: Callable | None = None) -> DataLoader:
-    """Shuffled, sharded, seeded loader; drops the last incomplete batch."""
+def require_batch_memory(
+    input_size: int | Sequence[int], in_chans: int, batch_size: int, num_workers: int, value_bytes: int = 4
+) -> None:
+    """Refuse in one line, before a loader is made, batches whose images cannot fit in CPU memory:
+    the batch in use and the ``prefetch_factor`` (2) batches each worker prepares ahead."""
+    height, width = image_size(input_size)
+    in_flight = 1 + 2 * num_workers
+    require(
+        in_flight * batch_size * in_chans * height * width * value_bytes,
+        f"{batch_size} x {in_chans} x {height} x {width} images a batch, {in_flight} batch(es) held at once "
+        f"(--input_size {height if height == width else f'{height} {width}'})",
+        "lower --batch_size, --input_size or --num_workers",
+    )
+
+
+def train_loader(dataset: Dataset, args: Any, collate_fn: Callable | None = None, value_bytes: int = 4) -> DataLoader:
+    """Shuffled, sharded, seeded loader; drops the last incomplete batch. ``value_bytes``: the size
+    of a pixel value in its batches (float32: 4), for sizing them first."""
     per_step = args.batch_size * distributed.world_size()
     if len(dataset) < per_step:
         fail(
             f"--batch_size {args.batch_size} x {distributed.world_size()} process(es) is more than the "
             f"{len(dataset)} images in --data_path; lower --batch_size"
         )
+    in_chans = getattr(args, "in_chans", 3)
+    require_batch_memory(args.input_size, in_chans, args.batch_size, args.num_workers, value_bytes)
     return DataLoader(
         SeededDataset(dataset),
         sampler=SeededSampler(len(dataset), args.seed),
@@ -482,6 +547,7 @@ def train_loader(dataset: Dataset, args: Any, collate_fn: Callable | None = None
 
 
 def eval_loader(dataset: Dataset, args: Any) -> DataLoader:
+    require_batch_memory(args.input_size, getattr(args, "in_chans", 3), args.batch_size, args.num_workers)
     sampler: Sequence[int] = ShardSampler(len(dataset)) if args.dist_eval else range(len(dataset))
     return DataLoader(
         dataset,

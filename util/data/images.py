@@ -16,12 +16,16 @@ def load_rgb(path: str) -> Image.Image:
             img.load()
     except Exception as e:  # PIL raises many types for bad files
         fail(f"cannot read image {path} ({type(e).__name__}: {e}); remove or replace the file")
-    return to_rgb(img)
+    return to_rgb(img, f"image {path}")
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB from any mode: palette with transparency via RGBA, and 16/32-bit integer images scaled
-    to 8 bits (Pillow's convert would clip them to 255)."""
+def to_rgb(img: Image.Image, name: str = "it") -> Image.Image:
+    """RGB from any mode: palette with transparency via RGBA, and 16-bit integer images scaled to
+    8 bits (Pillow's convert would clip them to 255). Float and 32-bit integer pixels have no
+    depth to scale by (Pillow would make them black or clip them): a one-line error that starts
+    with ``name``, as ``load_channels`` gives."""
+    if (problem := depth_problem(img)) is not None:
+        fail(f"{name} {problem}")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     elif img.mode.startswith("I"):
@@ -102,21 +106,32 @@ def _bands(img: Image.Image, path: str, in_chans: int) -> tuple[list[np.ndarray]
 
 def _scaled(img: Image.Image, path: str) -> np.ndarray:
     """One band as float32 in [0, 1], divided by the largest value of its bit depth."""
+    if (problem := depth_problem(img)) is not None:
+        fail(f"image {path} {problem}")
     values = np.asarray(img)
     if img.mode == "1":
         return values.astype(np.float32)
     if values.dtype == np.uint8:
         return values.astype(np.float32) / 255.0
+    return values.astype(np.float32) / 65535.0  # I;16, I;16B, ... and 16-bit data held as I
+
+
+def depth_problem(img: Image.Image) -> str | None:
+    """Why the pixels of ``img`` cannot be scaled to [0, 1], or None: float pixels, and 32-bit
+    integers beyond 16 bits, have no largest value to divide by. Pillow reads 16-bit PGM/PPM
+    (scaled to 16 bits) and some 16-bit files as 32-bit integers (mode I): those pass."""
+    if not img.mode.startswith(("F", "I")):  # 1 and 8-bit modes
+        return None
+    values = np.asarray(img)
     if values.dtype.kind == "u" and values.dtype.itemsize == 2:  # I;16, I;16B, ...
-        return values.astype(np.float32) / 65535.0
+        return None
     if img.mode == "I":
-        # Pillow reads 16-bit PGM/PPM (scaled to 16 bits) and some 16-bit files as 32-bit integers.
         bits = img.tag_v2.get(_TIFF_BITS_PER_SAMPLE) if hasattr(img, "tag_v2") else None
         bits = bits[0] if isinstance(bits, tuple) else bits
         if (bits is None or bits <= 16) and values.size and 0 <= values.min() and values.max() <= 65535:
-            return values.astype(np.float32) / 65535.0
-    fail(
-        f"image {path} holds {img.mode} pixels ({values.dtype}), which have no 8 or 16-bit depth to scale by; "
+            return None
+    return (
+        f"holds {img.mode} pixels ({values.dtype}), which have no 8 or 16-bit depth to scale by; "
         f"store it as 8 or 16-bit unsigned integers"
     )
 

@@ -20,11 +20,20 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets
 
-from util.cli.args import check_at_least
+from util.cli.args import check_at_least, image_size
 from util.cli.errors import fail
+from util.cli.log import log
 from util.data.channels import image_loader
-from util.data.datasets import IMAGENET_MEAN, IMAGENET_STD, ShardSampler, classification_splits, eval_transform
+from util.data.datasets import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ShardSampler,
+    classification_splits,
+    eval_transform,
+    require_batch_memory,
+)
 from util.eval.linear import linear_accuracy
+from util.memory import require
 from util.train import distributed, interrupt
 from util.train.precision import autocast
 
@@ -49,9 +58,12 @@ def embed(
     total: int,
     device: torch.device,
     precision: str = "fp32",
+    source: str = "the encoder",
 ) -> Features:
     """L2-normalised features of every image of ``loader`` (this rank's shard), gathered from all
-    ranks into the data set's order; ``total`` is the data set's length."""
+    ranks into the data set's order; ``total`` is the data set's length. Features that are not
+    finite are a one-line error naming ``source``: they would score as a plausible number
+    (every similarity NaN, the vote goes to whichever class ``topk`` lists first)."""
     parts: dict[str, list[torch.Tensor]] = {}
     for images, _ in loader:
         images = images.to(device, non_blocking=True)
@@ -59,7 +71,16 @@ def embed(
             feats = features_fn(images)
         for name, f in feats.items():
             parts.setdefault(name, []).append(F.normalize(f.float(), dim=1))
-    return {name: _gather_in_order(torch.cat(p), total) for name, p in parts.items()}
+    features = {name: _gather_in_order(torch.cat(p), total) for name, p in parts.items()}
+    # Checked on the gathered features, which every rank holds alike: all ranks stop together.
+    for name, f in features.items():
+        if bad := int((~f.isfinite().all(dim=1)).sum()):
+            fail(
+                f"{source} gives features that are not finite (NaN or inf) for {bad} of the {total} images "
+                f"({name}); its weights are not finite, or --precision overflows: use another checkpoint "
+                f"or --precision fp32"
+            )
+    return features
 
 
 def _gather_in_order(local: torch.Tensor, total: int) -> torch.Tensor:
@@ -132,6 +153,7 @@ class KnnData:
         )
         if len(bank.classes) < 2:
             fail(f"{flag} {path}/train has {len(bank.classes)} class folder(s); k-NN needs at least 2")
+        self.path, self.flag, self.size, self.in_chans = path, flag, image_size(input_size), in_chans
         self.classes = bank.classes
         self.bank, self.bank_labels = _subset(bank, bank_size)
         self.queries, self.query_labels = _subset(queries, query_size)
@@ -140,6 +162,7 @@ class KnnData:
         """This rank's shard of the bank and of the queries (every image once over all ranks)."""
         if len(self.queries) < distributed.world_size():
             fail(f"{len(self.queries)} k-NN query images cannot be shared by {distributed.world_size()} processes")
+        require_batch_memory(self.size, self.in_chans, batch_size, num_workers)
 
         def loader(dataset: Dataset) -> DataLoader:
             return DataLoader(
@@ -172,17 +195,19 @@ def evaluate(
     data: KnnData,
     args: argparse.Namespace,
     linear_epochs: int = 0,
+    source: str = "the encoder",
 ) -> dict[str, float]:
     """k-NN top-1 (and top-5) of every feature ``features_fn`` returns, e.g. ``cls_top1``; with
     ``linear_epochs``, also the top-1 of a linear classifier fitted to the cached bank features
-    (``cls_linear_top1``, see util/eval/linear.py).
+    (``cls_linear_top1``, see util/eval/linear.py). ``source`` names the encoder in errors.
 
     Reads ``args.knn_k``, ``knn_t``, ``batch_size``, ``num_workers``, ``device``, ``precision``.
     """
     device = torch.device(args.device)
+    require_score_memory(data, device)
     bank_loader, query_loader = data.loaders(args.batch_size, args.num_workers)
-    bank = embed(features_fn, bank_loader, len(data.bank), device, args.precision)
-    queries = embed(features_fn, query_loader, len(data.queries), device, args.precision)
+    bank = embed(features_fn, bank_loader, len(data.bank), device, args.precision, source)
+    queries = embed(features_fn, query_loader, len(data.queries), device, args.precision, source)
     results = {}
     bank_labels, query_labels = data.bank_labels.to(device), data.query_labels.to(device)
     for name in bank:
@@ -193,6 +218,27 @@ def evaluate(
                 bank[name], bank_labels, queries[name], query_labels, len(data.classes), epochs=linear_epochs
             )
     return results
+
+
+def require_score_memory(data: KnnData, device: torch.device) -> None:
+    """The class scores of every query and one chunk's votes (``knn_scores``), sized before any
+    image is embedded: their width is the class count, which a list file's largest label sets."""
+    classes, queries = len(data.classes), len(data.queries)
+    require(
+        4 * classes * (queries + min(queries, 1024)),
+        f"the k-NN class scores of {queries} query image(s) x {classes} classes",
+        f"a list's labels are class indices, the largest sets the class count: number the classes of "
+        f"{data.flag} {data.path} 0, 1, 2, ... without gaps",
+        device,
+    )
+
+
+def settle_k(args: argparse.Namespace, data: KnnData) -> None:
+    """``args.knn_k`` becomes the k actually used, at most the bank's size (``knn_scores`` takes no
+    more), with a warning where that lowers it: what is logged and stored is what was computed."""
+    if args.knn_k > len(data.bank):
+        log.warning(f"--knn_k {args.knn_k} is more than the {len(data.bank)} bank images: k = {len(data.bank)}")
+        args.knn_k = len(data.bank)
 
 
 def add_knn_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:

@@ -13,6 +13,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from util.memory import require
+
 
 def linear_accuracy(
     train_x: torch.Tensor,
@@ -27,6 +29,15 @@ def linear_accuracy(
 ) -> float:
     """Top-1 accuracy (%) on ``test_x`` of a linear layer trained on ``train_x`` with SGD
     (momentum 0.9, cosine learning rate, shuffled mini-batches drawn under ``seed``)."""
+    features = train_x.shape[1]
+    # The layer, its gradient and momentum; a batch's logits and their gradient; the test logits.
+    values = 3 * (features + 1) * num_classes + (2 * batch_size + len(test_x)) * num_classes
+    require(
+        4 * values,
+        f"the linear classifier of {features} features x {num_classes} classes",
+        "the largest label sets the class count: number the classes 0, 1, 2, ... without gaps",
+        train_x.device,
+    )
     mean, std = train_x.mean(dim=0), train_x.std(dim=0) + 1e-6
     train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
     layer = torch.nn.Linear(train_x.shape[1], num_classes, device=train_x.device)

@@ -1,0 +1,252 @@
+"""Flags, k-NN and image reading as a hostile user would try them (issue 20): impossible or
+non-finite flag values, an encoder with NaN weights, float and 32-bit TIFFs, a byte-order mark in a
+list file, a k above the bank, and inputs whose memory has to be sized before it is allocated.
+Each is refused in one line naming the flag or file, or (the BOM, the k) handled as a user expects."""
+
+import math
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import TINY, demo_files, make_dataset, pretrain_args
+from PIL import Image
+
+import dataset_stats
+import knn_eval
+import main_finetune
+import main_pretrain
+import models_mae
+from util.cli.args import check_common, check_layer_decay
+from util.cli.errors import UserError
+from util.data.channels import image_loader
+from util.data.datasets import ImageFiles, eval_transform, pretrain_data, read_image_list
+from util.data.fast_crop import FastRandomResizedCropFlip
+from util.data.images import load_channels, load_rgb
+from util.eval import knn
+from util.eval.linear import linear_accuracy
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Impossible flag values
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--clip_grad", "-1"], "--clip_grad must be positive"),  # would turn training into gradient ascent
+        (["--clip_grad", "0"], "--clip_grad must be positive"),  # would stop learning
+        (["--clip_grad", "nan"], "--clip_grad must be positive (leave it out for no clipping), got nan"),
+        (["--weight_decay", "-100"], "--weight_decay must be 0 or more"),
+        (["--weight_decay", "inf"], "--weight_decay must be a finite number, got inf"),
+        (["--keep_last", "-1"], "--keep_last must be 0 (keep all) or more"),
+        (["--mask_ratio", "nan"], "--mask_ratio must be a finite number"),
+    ],
+)
+def test_impossible_training_flags_are_refused(tmp_path, flags, message):
+    args = pretrain_args(tmp_path / "data", tmp_path / "out", *flags)
+    with pytest.raises(UserError, match=f"^{re.escape(message)}"):
+        check_common(args)
+
+
+def test_non_finite_values_of_any_float_flag_are_refused(tmp_path):
+    """Flags that only one entry point has (fine-tuning's --mixup, --mean) go through the same check."""
+    argv = ["--data_path", str(tmp_path), "--device", "cpu"]
+    for flags in (["--mixup", "nan"], ["--cutmix_minmax", "0.2", "inf"], ["--mean", "0.5", "nan", "0.5"]):
+        args = main_finetune.get_args_parser().parse_args(argv + flags)
+        with pytest.raises(UserError, match=f"^{flags[0]} (values must be finite numbers|must be a finite number)"):
+            check_common(args)
+
+
+def test_sensible_training_flags_pass(tmp_path):
+    flags = ["--clip_grad", "1.0", "--weight_decay", "0", "--keep_last", "0"]
+    args = pretrain_args(tmp_path / "data", tmp_path / "out", *flags)
+    assert check_common(args) is None
+
+
+@pytest.mark.parametrize("value", [-1.0, 0.0, 1.5, math.nan, math.inf])
+def test_layer_decay_outside_0_1_is_refused(value):
+    with pytest.raises(UserError, match=r"^--layer_decay must be in \(0, 1\]"):
+        check_layer_decay(value)
+
+
+def test_layer_decay_in_range_passes():
+    assert check_layer_decay(0.65) is None and check_layer_decay(1.0) is None
+
+
+def test_pretrain_main_refuses_bad_flags_before_training(tmp_path):
+    """The checks sit in run.start, so every entry point refuses before its first step."""
+    data = make_dataset(tmp_path / "data", 6)
+    args = main_pretrain.get_args_parser().parse_args(
+        [
+            *TINY,
+            "--data_path",
+            str(data),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--log_dir",
+            "",
+            "--epochs",
+            "1",
+            "--clip_grad",
+            "-1",
+        ]
+    )
+    with pytest.raises(UserError, match="^--clip_grad must be positive"):
+        main_pretrain.main(args)
+    assert not (tmp_path / "out" / "checkpoint-0.pth").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. k-NN: an encoder whose features are not finite gives no score; the k used is the k logged
+def labelled_folder(root: Path, per_class: int, val_per_class: int) -> Path:
+    for i, src in enumerate(demo_files(per_class + val_per_class)):
+        split = "train" if i % (per_class + val_per_class) < per_class else "val"
+        dest = root / split / src.parent.name / src.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dest)
+    return root
+
+
+def knn_args(data: Path, *extra: str):
+    argv = ["--data_path", str(data), "--model", "mae_vit_tiny_patch4", "--device", "cpu", "--precision", "fp32"]
+    argv += ["--num_workers", "0", "--batch_size", "8"]
+    return knn_eval.get_args_parser().parse_args([*argv, *(extra or ["--encoders", "random"])])
+
+
+def test_knn_of_an_encoder_with_nan_weights_is_refused_naming_the_checkpoint(tmp_path):
+    data = labelled_folder(tmp_path / "data", 4, 2)
+    model = models_mae.create_model("mae_vit_tiny_patch4", 32)
+    with torch.no_grad():
+        model.blocks[0].attn.qkv.weight.fill_(math.nan)
+    path = tmp_path / "nan.pth"
+    torch.save({"model": model.state_dict()}, path)
+    args = knn_args(data, "--encoders", "random", str(path))
+    with pytest.raises(UserError, match=f"^checkpoint {path} gives features that are not finite"):
+        knn_eval.main(args)
+
+
+def test_knn_evaluate_names_the_encoder_by_default(tmp_path):
+    data = knn.KnnData(str(labelled_folder(tmp_path / "data", 4, 2)), 32)
+    args = knn_args(tmp_path)
+    with pytest.raises(UserError, match="^the encoder gives features that are not finite"):
+        knn.evaluate(lambda imgs: {"cls": imgs.flatten(1) * math.inf}, data, args)
+
+
+def test_knn_k_above_the_bank_is_logged_and_stored_as_used(tmp_path, capsys):
+    data = knn.KnnData(str(labelled_folder(tmp_path / "data", 4, 2)), 32)  # a bank of 12 images
+    args = knn_args(tmp_path, "--encoders", "random", "--knn_k", "500")
+    knn.settle_k(args, data)
+    assert args.knn_k == 12
+    assert "--knn_k 500 is more than the 12 bank images: k = 12" in capsys.readouterr().out
+    knn.settle_k(args, data)  # within the bank: kept, said nothing
+    assert args.knn_k == 12 and capsys.readouterr().out == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Reading images: float and 32-bit integer pixels have no depth to scale by, whatever --in_chans;
+# a byte-order mark in a list file; memory that runs out is not the image's fault
+@pytest.fixture
+def deep_tiffs(tmp_path) -> dict[str, Path]:
+    ramp = np.linspace(0, 1, 64 * 48).reshape(48, 64)
+    files = {"F": Image.fromarray(ramp.astype(np.float32)), "I": Image.fromarray((ramp * (2**31 - 1)).astype(np.int32))}
+    paths = {}
+    for mode, img in files.items():
+        assert img.mode == mode
+        paths[mode] = tmp_path / "images" / f"{mode}.tif"
+        paths[mode].parent.mkdir(exist_ok=True)
+        img.save(paths[mode])
+    return paths
+
+
+@pytest.mark.parametrize("mode", ["F", "I"])
+def test_float_and_int32_tiffs_are_refused_in_rgb_as_with_one_channel(deep_tiffs, mode):
+    path = deep_tiffs[mode]
+    for read in (load_rgb, lambda p: load_channels(p, 1)):
+        with pytest.raises(UserError, match=f"^image {path} holds {mode} pixels .*store it as 8 or 16-bit"):
+            read(str(path))
+
+
+def test_the_fast_loader_names_the_file_of_a_float_tiff(deep_tiffs):
+    dataset = ImageFiles(str(deep_tiffs["F"].parent), FastRandomResizedCropFlip(32), lazy=True)
+    with pytest.raises(UserError, match=f"^image {deep_tiffs['F']}: it holds F pixels"):
+        dataset[0]
+
+
+def test_16_bit_images_are_still_read_in_rgb(tmp_path):
+    path = tmp_path / "sixteen.png"
+    Image.fromarray(np.full((4, 4), 65535, np.uint16)).save(path)
+    assert load_rgb(str(path)).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_a_byte_order_mark_does_not_break_the_first_line(tmp_path):
+    files = demo_files(1)[:2]
+    (tmp_path / "list.txt").write_text("\n".join(f"{f} {i}" for i, f in enumerate(files)), encoding="utf-8-sig")
+    assert (tmp_path / "list.txt").read_bytes().startswith(b"\xef\xbb\xbf")
+    samples = read_image_list(str(tmp_path / "list.txt"), labelled=True)
+    assert samples == [(str(files[0]), 0), (str(files[1]), 1)]
+
+
+def test_memory_that_runs_out_in_a_transform_is_not_blamed_on_the_file(tmp_path):
+    data = make_dataset(tmp_path / "data", 1)
+
+    def exhausting(img):
+        raise MemoryError
+
+    with pytest.raises(UserError) as caught:
+        ImageFiles(str(data), exhausting)[0]
+    message = str(caught.value)
+    assert "memory ran out" in message and "not at fault" in message and "--num_workers" in message
+    assert "remove or replace" not in message
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Memory sized before it is allocated
+def test_a_huge_list_label_is_refused_before_its_class_scores_are_allocated(tmp_path):
+    files = demo_files(3)
+    (tmp_path / "train.txt").write_text(f"{files[0]} 0\n{files[1]} {10**12}\n")
+    (tmp_path / "val.txt").write_text(f"{files[2]} 0\n")
+    data = knn.KnnData(str(tmp_path), 32)  # the class names are not materialised
+    assert len(data.classes) == 10**12 + 1 and data.classes[-1] == str(10**12)
+    with pytest.raises(UserError, match=r"^the k-NN class scores of 1 query image\(s\) x 1000000000001 classes"):
+        knn.evaluate(knn.pixel_features, data, knn_args(tmp_path))
+
+
+def test_a_linear_classifier_too_large_is_refused():
+    x, y = torch.zeros(4, 8), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(UserError, match="^the linear classifier of 8 features x 1000000000000 classes"):
+        linear_accuracy(x, y, x, y, 10**12, epochs=1)
+
+
+def test_input_size_beyond_memory_is_refused_before_batches_are_made(tmp_path):
+    data = make_dataset(tmp_path / "data", 6)
+    args = pretrain_args(data, tmp_path / "out", "--input_size", "100000")
+    with pytest.raises(UserError, match=r"^16 x 3 x 100000 x 100000 images .*lower --batch_size, --input_size"):
+        pretrain_data(args)
+
+
+@pytest.mark.parametrize("in_chans", [3, 1])
+def test_an_elongated_image_is_refused_before_the_evaluation_resize(tmp_path, in_chans):
+    """A 1 x 1,000,000 px image, resized to cover 36 x 36 px, would become 36 x 36,000,000 px."""
+    path = tmp_path / "images" / "line.png"
+    path.parent.mkdir()
+    Image.fromarray(np.zeros((1, 1_000_000), np.uint8)).save(path)
+    norm = {} if in_chans == 3 else {"mean": (0.5,), "std": (0.5,)}
+    dataset = ImageFiles(str(path.parent), eval_transform(32, in_chans=in_chans, **norm), loader=image_loader(in_chans))
+    with pytest.raises(UserError, match=f"^image {path}: resizing its 1000000 x 1 px to 36000000 x 36 px"):
+        dataset[0]
+
+
+def test_the_evaluation_resize_keeps_ordinary_images():
+    img = Image.open(demo_files(1)[0]).convert("RGB")
+    assert eval_transform(64)(img).shape == (3, 64, 64)
+
+
+def stats_args(data: Path, *extra: str):
+    return dataset_stats.get_args_parser().parse_args(["--data_path", str(data), "--num_workers", "0", *extra])
+
+
+def test_dataset_stats_sizes_its_resize_and_names_the_flag(tmp_path):
+    data = make_dataset(tmp_path / "data", 2)
+    with pytest.raises(UserError, match=r"^resizing an image to --input_size 100000 .*lower --input_size"):
+        dataset_stats.compute(stats_args(data, "--input_size", "100000"))
