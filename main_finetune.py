@@ -29,14 +29,14 @@ from util.cli.args import (
     check_classifier_args,
     check_common,
     check_layer_decay,
-    image_size,
 )
 from util.cli.errors import fail, run_cli
 from util.cli.log import log
-from util.data.channels import check_norm_channels, image_loader, tensor_train_transform
+from util.data.channels import image_loader, tensor_train_transform
 from util.data.datasets import classification_splits, eval_transform
 from util.data.normalization import add_norm_args
 from util.lr_decay import param_groups_lrd
+from util.sizes import image_size
 from util.train.run import start
 
 # What --model, --input_size and --in_chans mean when not given and no checkpoint decides them.
@@ -165,7 +165,6 @@ def build_train_transform(args: argparse.Namespace) -> Callable:
         )
     if args.aa or args.color_jitter:
         log.info(f"--in_chans {args.in_chans}: --aa and --color_jitter are RGB augmentations and are not applied")
-    check_norm_channels(args.mean, args.std, args.in_chans)
     steps = [tensor_train_transform((height, width), (0.08, 1.0), args.mean, args.std)]
     if args.reprob > 0:
         steps.append(RandomErasing(args.reprob, mode=args.remode, max_count=args.recount, device="cpu"))

@@ -25,7 +25,7 @@ from util.cli.args import (
 )
 from util.cli.errors import run_cli
 from util.cli.log import log
-from util.data.channels import check_norm_channels, image_loader, tensor_train_transform
+from util.data.channels import image_loader, tensor_train_transform
 from util.data.datasets import classification_splits, eval_transform
 from util.data.normalization import add_norm_args
 from util.lars import LARS
@@ -71,7 +71,6 @@ def main(flags: argparse.Namespace) -> None:
             ]
         )
     else:  # the same crop and flip on the float tensors of the files' own channels
-        check_norm_channels(args.mean, args.std, args.in_chans)
         train_tf = tensor_train_transform(size, (0.08, 1.0), args.mean, args.std)
     train_set, val_set = classification_splits(
         args.data_path,

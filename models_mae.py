@@ -16,9 +16,10 @@ import torch.nn as nn
 from timm.models.vision_transformer import Block, PatchEmbed
 from torch.utils.checkpoint import checkpoint
 
-from util.cli.args import check_mask_ratio
+from util.cli.errors import fail
 from util.pos_embed import sincos_2d
 from util.registry import Registry
+from util.sizes import image_size
 
 
 class MaskedAutoencoderViT(nn.Module):
@@ -39,7 +40,7 @@ class MaskedAutoencoderViT(nn.Module):
     ):
         super().__init__()
         # img_size is one side (square) or (height, width); a square size stays an int, as before.
-        height, width = (img_size, img_size) if isinstance(img_size, int) else (int(img_size[0]), int(img_size[1]))
+        height, width = image_size(img_size)
         for side in (height, width):
             if side % patch_size:
                 raise ValueError(f"image size {side} is not a multiple of the patch size {patch_size}")
@@ -311,6 +312,16 @@ MODELS = Registry(
     [mae_vit_tiny_patch16, mae_vit_tiny_patch4, mae_vit_mini_patch4, *_OFFICIAL],
     aliases={f"{f.__name__}_dec512d8b": f.__name__ for f in _OFFICIAL},
 )
+
+
+def check_mask_ratio(mask_ratio: float, num_patches: int) -> None:
+    """The encoder needs a visible patch, and the loss (taken over removed patches) a removed one."""
+    keep = int(num_patches * (1 - mask_ratio)) if 0 <= mask_ratio < 1 else 0  # as models_mae draws it
+    if not 0 <= mask_ratio < 1 or not 1 <= keep < num_patches:
+        fail(
+            f"--mask_ratio {mask_ratio} must remove at least one of the {num_patches} patches and keep one: "
+            f"use a value in (0, {1 - 1 / num_patches:.4g}]"
+        )
 
 
 def create_model(

@@ -15,7 +15,7 @@ import torch
 
 import models_mae
 from util.checkpoint.load import load_checkpoint, load_model_strict, model_state
-from util.cli.args import add_in_chans_arg, add_input_size_arg, image_size
+from util.cli.args import add_in_chans_arg, add_input_size_arg
 from util.cli.errors import fail, run_cli
 from util.data import normalization
 from util.data.channels import image_loader
@@ -23,6 +23,7 @@ from util.data.datasets import eval_transform
 from util.data.normalization import add_norm_args
 from util.eval.pictures import fixed_noise, load_images, reconstruction_grid, save_png
 from util.outputs import check_output_file, reported
+from util.sizes import image_size
 
 
 def get_args_parser() -> argparse.ArgumentParser:

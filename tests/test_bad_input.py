@@ -236,7 +236,7 @@ def test_seed_must_leave_room_for_every_rank(monkeypatch):
 
 
 def test_mask_ratio_must_remove_and_keep_a_patch():
-    from util.cli.args import check_mask_ratio
+    from models_mae import check_mask_ratio
 
     # 1e-17: 1 - 1e-17 is 1.0, all 64 kept; 0.99: int(64 * 0.01) = 0 kept
     for ratio in (0.0, 1e-17, 0.99, 1.0, 1.5, -0.1, float("nan")):

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from util.cli.args import image_size
 from util.cli.errors import fail
+from util.sizes import image_size
 
 # Bytes of an activation element in the dtype the matrix products run in.
 _ACTIVATION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}

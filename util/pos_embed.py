@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from util.memory import require
+from util.sizes import image_size
 
 
 def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
@@ -25,7 +26,7 @@ def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
 
 def grid_hw(grid_size: int | Sequence[int]) -> tuple[int, int]:
     """(rows, columns) of a grid given as one side (square) or as (rows, columns)."""
-    rows, cols = (grid_size, grid_size) if isinstance(grid_size, int | np.integer) else grid_size
+    rows, cols = image_size(grid_size)
     return int(rows), int(cols)
 
 

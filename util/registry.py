@@ -8,9 +8,9 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from util.cli.args import check_input_size
 from util.cli.errors import fail
 from util.memory import model_bytes, require
+from util.sizes import check_input_size
 
 
 class Registry(dict[str, Callable[..., nn.Module]]):

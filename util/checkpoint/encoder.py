@@ -9,11 +9,11 @@ from timm.models import adapt_input_conv
 
 from util.checkpoint.load import check_weights, compare_states, model_state
 from util.checkpoint.state import Opened, open_checkpoint
-from util.cli.args import image_size
 from util.cli.errors import fail
 from util.cli.log import log
 from util.memory import require
 from util.pos_embed import resize_pos_embed
+from util.sizes import image_size
 
 _DECODER_PREFIXES = ("decoder_", "mask_token")
 

@@ -3,7 +3,7 @@
 import argparse
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import torch
 
@@ -287,27 +287,6 @@ def check_world(args: argparse.Namespace, world_size: int) -> None:
         )
 
 
-def check_mask_ratio(mask_ratio: float, num_patches: int) -> None:
-    """The encoder needs a visible patch, and the loss (taken over removed patches) a removed one."""
-    keep = int(num_patches * (1 - mask_ratio)) if 0 <= mask_ratio < 1 else 0  # as models_mae draws it
-    if not 0 <= mask_ratio < 1 or not 1 <= keep < num_patches:
-        fail(
-            f"--mask_ratio {mask_ratio} must remove at least one of the {num_patches} patches and keep one: "
-            f"use a value in (0, {1 - 1 / num_patches:.4g}]"
-        )
-
-
-def image_size(input_size: int | Sequence[int]) -> tuple[int, int]:
-    """(height, width) of an ``--input_size`` value: one side (a square) or (height, width)."""
-    if isinstance(input_size, int):
-        return input_size, input_size
-    values = [int(v) for v in input_size]
-    if len(values) not in (1, 2):
-        shown = " ".join(map(str, values))
-        fail(f"--input_size takes one value (a square) or two (height width), got {len(values)}: {shown}")
-    return values[0], values[-1]
-
-
 class InputSize(argparse.Action):
     """``--input_size S`` (a square) or ``--input_size H W``. A square is stored as one int, as
     before, so that square runs keep their args (and checkpoints) unchanged; height and width as
@@ -343,15 +322,6 @@ def add_in_chans_arg(group: argparse._ArgumentGroup, default: int | None = 3) ->
         "other counts read multi-page TIFFs, one page per channel (or files with that many bands) "
         "(default: the checkpoint's, else 3)",
     )
-
-
-def check_input_size(input_size: int | Sequence[int], patch_size: int) -> tuple[int, int]:
-    """(height, width), both multiples of the patch size, or a one-line error."""
-    height, width = image_size(input_size)
-    if any(side < patch_size or side % patch_size for side in (height, width)):
-        shown = f"{height}" if height == width else f"{height} {width} (height width)"
-        fail(f"--input_size {shown} is not a multiple of the model's patch size {patch_size}")
-    return height, width
 
 
 def effective_lr(args: argparse.Namespace, world_size: int) -> float:

@@ -28,15 +28,6 @@ def image_loader(in_chans: int) -> Callable[[str], Any]:
     return load_rgb if in_chans == 3 else functools.partial(load_channels, in_chans=in_chans)
 
 
-def check_norm_channels(mean: Sequence[float], std: Sequence[float], in_chans: int) -> None:
-    """Normalisation needs one mean and std per channel; ImageNet's defaults are RGB's three."""
-    if len(mean) != in_chans or len(std) != in_chans:
-        fail(
-            f"--in_chans {in_chans} needs --mean and --std with {in_chans} value(s) each, your data's per-channel "
-            f"statistics (got {len(mean)} and {len(std)}: ImageNet's RGB defaults, or a checkpoint's)"
-        )
-
-
 class ClampUnit:
     """Clamp to [0, 1]: bicubic resizing overshoots at edges, which Pillow clips for 8-bit RGB;
     clipping here keeps float channels in the same range."""

@@ -16,18 +16,16 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, g
 from torchvision import datasets, transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS, is_image_file
 
-from util.cli.args import image_size
 from util.cli.errors import UserError, fail
 from util.cli.log import log
-from util.data.channels import ClampUnit, check_norm_channels, eval_resize, image_loader, tensor_train_transform
+from util.data.channels import ClampUnit, eval_resize, image_loader, tensor_train_transform
 from util.data.device_decode import RandomResizedCropFlipOnDevice, collate_encoded
 from util.data.fast_crop import FastRandomResizedCropFlip
 from util.data.images import load_rgb
+from util.data.normalization import IMAGENET_MEAN, IMAGENET_STD, check_norm
 from util.memory import require
+from util.sizes import image_size
 from util.train import distributed, interrupt
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def image_walk(top: str, inside: str) -> Iterator[tuple[str, list[str]]]:
@@ -355,7 +353,7 @@ def pretrain_transform(
     """
     size = image_size(input_size)
     if in_chans != 3:
-        check_norm_channels(mean, std, in_chans)
+        check_norm(mean, std, in_chans)
         return tensor_train_transform(size, (0.2, 1.0), mean, std)
     if loader == "fast":
         return FastRandomResizedCropFlip(size)
@@ -403,7 +401,7 @@ def eval_transform(
     ``util.data.images.load_channels``."""
     size = image_size(input_size)
     if in_chans != 3:
-        check_norm_channels(mean, std, in_chans)
+        check_norm(mean, std, in_chans)
     to_tensor = transforms.ToTensor() if in_chans == 3 else ClampUnit()
     return transforms.Compose(
         [eval_resize(size), transforms.CenterCrop(size), to_tensor, transforms.Normalize(mean, std)]

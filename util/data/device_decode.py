@@ -26,6 +26,7 @@ from util.data.fast_crop import (
     read_file,
     torchvision_jpeg_size,
 )
+from util.sizes import image_size
 
 if decode_jpeg is not None:
     from torchvision.io import ImageReadMode
@@ -70,7 +71,7 @@ class EncodedBatch:
         self.items = items
         first = items[0]
         size = first.size if isinstance(first, EncodedCrop) else tuple(first.shape[-2:])
-        self.size = (size, size) if isinstance(size, int) else tuple(size)  # (height, width)
+        self.size = image_size(size)
 
     def pin_memory(self) -> "EncodedBatch":
         return self  # the decoder reads the bytes from host memory; nothing to pin

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from util.data.images import plain_jpeg_size, to_rgb
+from util.sizes import image_size
 
 try:  # deprecated since torchvision 0.29 in favour of TorchCodec; Pillow decodes once it is gone
     from torchvision.io import ImageReadMode, decode_jpeg
@@ -38,7 +39,7 @@ class FastRandomResizedCropFlip:
         self, size: int | tuple[int, int], scale: tuple[float, float] = SCALE, ratio: tuple[float, float] = RATIO
     ):
         self.size, self.scale, self.ratio = size, scale, ratio
-        self.out_hw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        self.out_hw = image_size(size)
 
     def __call__(self, path: str) -> torch.Tensor:
         return self.crop(read_file(path))

@@ -17,7 +17,9 @@ import torch
 
 from util.cli.errors import fail
 from util.cli.log import log
-from util.data.datasets import IMAGENET_MEAN, IMAGENET_STD
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # (where the values were found, e.g. 'checkpoint out/checkpoint-9.pth'; that checkpoint's args or None)
 Source = tuple[str, argparse.Namespace | None]
@@ -97,6 +99,11 @@ def resolve(args: argparse.Namespace, sources: Sequence[Source]) -> None:
         check_norm(mean, std, channels, source=name)
     else:
         mean, std, origin = list(IMAGENET_MEAN), list(IMAGENET_STD), "ImageNet's, the default"
+        if channels != 3:
+            fail(
+                f"--in_chans {channels} needs --mean and --std with {channels} value(s) each, your data's "
+                f"per-channel statistics (ImageNet's defaults are RGB's three; dataset_stats.py computes them)"
+            )
     args.mean, args.std = mean, std
     log.info(f"normalisation: mean {_show(mean)} std {_show(std)} ({origin})")
     advice = "; drop --mean/--std to use the checkpoint's" if origin == "--mean/--std" else ""

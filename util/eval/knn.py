@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets
 
-from util.cli.args import check_at_least, image_size
+from util.cli.args import check_at_least
 from util.cli.errors import fail
 from util.cli.log import log
 from util.data.channels import image_loader
@@ -34,6 +34,7 @@ from util.data.datasets import (
 )
 from util.eval.linear import linear_accuracy
 from util.memory import require
+from util.sizes import image_size
 from util.train import distributed, interrupt
 from util.train.precision import autocast
 

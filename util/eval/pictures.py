@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from util.data.datasets import IMAGENET_MEAN, IMAGENET_STD
 from util.data.images import load_rgb
+from util.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 from util.outputs import atomic_write
 
 MASKED_GRAY = 0.5
