@@ -20,7 +20,6 @@ from util.checkpoint import state as checkpoint  # noqa: E402
 from util.cli.errors import UserError  # noqa: E402
 from util.train.loop import NonFiniteLoss  # noqa: E402
 from util.train.precision import LossScaler  # noqa: E402
-from util.train.progress import format_duration  # noqa: E402
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
@@ -104,10 +103,3 @@ def test_pruning_never_removes_the_checkpoint_just_written(tmp_path):
     assert os.path.exists(written) and os.path.exists(stale)
     mid = checkpoint.save_checkpoint(state, epoch=2, step=1)
     assert os.path.exists(mid)
-
-
-def test_run_time_past_24_hours_is_not_wrapped():
-    assert format_duration(0) == "0:00:00"
-    assert format_duration(3723.9) == "1:02:03"
-    assert format_duration(26 * 3600 + 3 * 60 + 4) == "1 day, 2:03:04"
-    assert format_duration(800 * 3600) == "33 days, 8:00:00"
