@@ -38,6 +38,14 @@ def ignore_in_worker(worker_id: int) -> None:
         signal.signal(s, signal.SIG_IGN)
 
 
+def reset() -> None:
+    """Forget a stop request and the handlers remembered: for a process that runs one training
+    after another (tests, notebooks), so that the next starts as a fresh process would."""
+    global _requested
+    _requested = None
+    _previous.clear()
+
+
 def requested() -> bool:
     return _requested is not None
 
