@@ -7,12 +7,12 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import REPO, make_split, pretrain_args, run_ranks, torch_threads
+from warm_python import warm_python
 
 import main_finetune
 import main_linprobe
@@ -274,14 +274,20 @@ def test_eval_without_checkpoint_is_refused(pipeline, tmp_path):
 
 def test_cifar10_recipes_run_end_to_end(pipeline, tmp_path):
     """recipes/cifar10 as committed, on the tiny data with CPU-sized overrides: pre-train ->
-    fine-tune -> eval, from scratch, and pre-train -> linear probe -> eval."""
+    fine-tune -> eval, from scratch, and pre-train -> linear probe -> eval. Their python is a
+    warm one (tests/warm_python.py): each run is forked from a process that imported torch once."""
     data, _, _ = pipeline
+    with warm_python(tmp_path / "python") as python:
+        _cifar10_recipes(data, tmp_path, python)
+
+
+def _cifar10_recipes(data: Path, tmp_path: Path, python: Path) -> None:
     env = {
         **os.environ,
         "DATA": str(data.parent / "data"),
         "OUT": str(tmp_path),
         "WORKERS": "0",
-        "PYTHON": sys.executable,
+        "PYTHON": str(python),
         "OMP_NUM_THREADS": "1",
         "EXTRA": "--device cpu --precision fp32 --batch_size 8 --warmup_epochs 0 --print_freq 2",
     }
