@@ -223,6 +223,20 @@ def load(path: Path | str) -> dict[str, Any]:
     return load_checkpoint(str(path))
 
 
+def one_line_error(call: Callable[..., object], *args: Any) -> str:
+    """The message of the UserError ``call(*args)`` raises, checked to be the one line that run_cli
+    prints after "error: " (test_bad_input runs that contract on the command line)."""
+    import pytest
+
+    from util.cli.errors import UserError
+
+    with pytest.raises(UserError) as refused:
+        call(*args)
+    message = str(refused.value)
+    assert message.strip() and "\n" not in message, message
+    return message
+
+
 def read_log(out: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
 
