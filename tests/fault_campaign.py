@@ -14,7 +14,9 @@ Some faults are not kills: the newest checkpoint loses its tail (a damaged disk)
 
 One driver process imports torch once and forks every run, which then runs ``main_pretrain`` as
 the command line does (kills are SIGKILL, from the driver after a random delay, or sent by the run
-to itself at the chosen point). Runs are single-threaded, as bitwise comparisons need.
+to itself at the chosen point). Runs are single-threaded, as bitwise comparisons need. The
+uninterrupted run they are compared with is helpers.Reference, on the command line; ``--reference``
+reuses one (the test suite's, which test_resilience shares).
 """
 
 import argparse

@@ -1,6 +1,8 @@
 """Shared helpers for the pre-training, checkpoint and data tests: tiny data sets, runs of
-``main_pretrain`` in-process and on the command line, exact comparison of saved states, the
-official state-dict spec, a clean util.train.interrupt, and files that run out of room."""
+``main_pretrain`` in-process and on the command line, the uninterrupted reference run that
+interrupted runs are compared with, exact comparison of saved states, one-line errors, the official
+state-dict spec, a clean util.train.interrupt, ranks forked into a gloo group, and files that run
+out of room."""
 
 import argparse
 import builtins

@@ -103,3 +103,28 @@ def test_pruning_never_removes_the_checkpoint_just_written(tmp_path):
     assert os.path.exists(written) and os.path.exists(stale)
     mid = checkpoint.save_checkpoint(state, epoch=2, step=1)
     assert os.path.exists(mid)
+
+
+def test_interrupt_reset_forgets_a_stop_request_and_the_handlers_before_ours(capsys):
+    """What lets one process run trainings one after another (the tests do): after a signal, the
+    next run must not stop at its first check point nor hand the signal to a stale handler."""
+    import signal
+
+    from helpers import preserved_signals
+
+    from util.train import interrupt
+
+    handed = []
+    with preserved_signals():
+        signal.signal(signal.SIGUSR1, lambda *a: handed.append(a))
+        interrupt.install()
+        signal.raise_signal(signal.SIGUSR1)
+        assert interrupt.requested() and "received SIGUSR1" in capsys.readouterr().err
+        interrupt.reset()
+        assert not interrupt.requested()
+        interrupt.hand_over()
+        interrupt.install()  # ours is the handler now: nothing before it is remembered
+        signal.raise_signal(signal.SIGUSR1)
+        interrupt.hand_over()
+    interrupt.reset()
+    assert handed == []
