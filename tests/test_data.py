@@ -23,7 +23,6 @@ from util.data.datasets import (
     pretrain_transform,
     train_loader,
 )
-from util.data.datasets import datasets as data_mod
 from util.data.fast_crop import FastRandomResizedCropFlip
 from util.train import distributed
 
@@ -286,4 +285,4 @@ def test_train_loader_refuses_batch_larger_than_data(images, monkeypatch):
         train_loader(images, _loader_args(0, batch=25))
     _as_rank(monkeypatch, 0, 2)
     with pytest.raises(UserError, match="--batch_size 13 x 2"):
-        data_mod.train_loader(images, _loader_args(0, batch=13))
+        train_loader(images, _loader_args(0, batch=13))
