@@ -14,10 +14,13 @@ Some faults are not kills: the newest checkpoint loses its tail (a damaged disk)
 
 One driver process imports torch once and forks every run, which then runs ``main_pretrain`` as
 the command line does (kills are SIGKILL, from the driver after a random delay, or sent by the run
-to itself at the chosen point). Runs are single-threaded, as bitwise comparisons need.
+to itself at the chosen point). Runs are single-threaded, as bitwise comparisons need. The
+uninterrupted run they are compared with is helpers.Reference, on the command line; ``--reference``
+reuses one (the test suite's, which test_resilience shares).
 """
 
 import argparse
+import builtins
 import json
 import os
 import random
@@ -34,17 +37,16 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from helpers import TINY, budgeted_open, make_dataset  # noqa: E402
+from helpers import RESUMABLE_EPOCHS as EPOCHS  # noqa: E402
+from helpers import Reference, assert_same, budgeted_open, resumable_flags  # noqa: E402
 
 import main_pretrain  # noqa: E402
-from util import outputs  # noqa: E402
-from util.checkpoint import files as checkpoint_files  # noqa: E402
+from util.checkpoint import files as checkpoint_files  # noqa: E402  (listing only)
 from util.checkpoint import load as safe_load  # noqa: E402
 from util.cli.errors import UserError  # noqa: E402
-from util.train import progress as logger  # noqa: E402
 
-EPOCHS = 3
-# 48 images / batch 8: 6 iterations an epoch; checkpoints after iterations 2 and 4 and at the end.
+# The reference's flags (helpers.resumable_flags): 6 iterations an epoch; checkpoints after iterations 2
+# and 4 and at the end.
 # Where a run kills itself, and the largest occurrence drawn: small enough that a run resumed
 # late mostly still gets there (earlier faults moved the trial along).
 SITES = {
@@ -57,15 +59,6 @@ SITES = {
     "log-append": 2,  # before an epoch's line is appended, after its checkpoint
 }
 FAULTS = [*SITES, "timer", "damage"]  # timer: the driver kills after a random delay
-
-
-def flags(data: Path, out: Path) -> list[str]:
-    # The tiny model at batch 8: the last --batch_size wins over TINY's.
-    return [
-        *[*TINY, "--batch_size", "8", "--data_path", str(data), "--output_dir", str(out), "--log_dir", ""],
-        *["--epochs", str(EPOCHS), "--warmup_epochs", "1", "--print_freq", "2", "--ckpt_every_steps", "2"],
-        *["--vis_freq", "0", "--resume", "auto"],
-    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,8 +88,15 @@ def _arm(site: str, n: int, cut: int) -> None:
 
     torch.optim.AdamW.step = step
 
-    # A checkpoint's temporary file whose writer dies once it has written ``cut`` bytes.
-    outputs.open = budgeted_open(cut, _die, lambda path, mode: ".pth.tmp" in path and "w" in mode and hit("ckpt-write"))
+    # A checkpoint's temporary file whose writer dies once it has written ``cut`` bytes; log.txt
+    # written to add an epoch's line (after the epoch's checkpoint; util.outputs.atomic_append). Through ``open`` itself,
+    # which every writer calls: this process is the forked run's alone.
+    def armed(path: str, mode: str) -> bool:
+        if "log.txt.tmp" in path and "w" in mode and hit("log-append"):
+            _die()
+        return ".pth.tmp" in path and "w" in mode and hit("ckpt-write")
+
+    builtins.open = budgeted_open(cut, _die, armed)
 
     real_replace, real_remove = os.replace, os.remove
 
@@ -115,15 +115,6 @@ def _arm(site: str, n: int, cut: int) -> None:
         real_remove(path)
 
     os.replace, os.remove = replace, remove
-
-    real_write = logger.RunLog.write
-
-    def write(self):
-        if self._written < len(self.history) and hit("log-append"):
-            _die()
-        real_write(self)
-
-    logger.RunLog.write = write
 
 
 def _run(argv: list[str], log: Path, site: str | None = None, n: int = 0, cut: int = 0) -> int:
@@ -192,16 +183,6 @@ def _check_after_fault(out: Path, damaged: dict[str, tuple[int, int]]) -> list[s
     return problems
 
 
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(_same, a, b))
-    return a == b
-
-
 def _final(out: Path) -> dict[str, Any]:
     ckpt = safe_load.load_checkpoint(str(out / f"checkpoint-{EPOCHS - 1}.pth"))
     ckpt["args"] = {k: v for k, v in vars(ckpt["args"]).items() if k != "output_dir"}
@@ -212,17 +193,16 @@ def _when(fault: str) -> int:
     return {"log-rewrite": 0, "damage": 2}.get(fault, 1)
 
 
-def campaign(trials: int, seed: int, faults_per_trial: int, workdir: Path) -> dict[str, Any]:
+def campaign(
+    trials: int, seed: int, faults_per_trial: int, workdir: Path, reference: Reference | None = None
+) -> dict[str, Any]:
     torch.set_num_threads(1)
     rng = random.Random(seed)
-    data = make_dataset(workdir / "data", 16)  # 48 images
     begin = time.time()
-    ref = workdir / "reference"
-    code = _wait(_run(flags(data, ref), workdir / "reference.log"))
-    assert code == 0, (workdir / "reference.log").read_text()[-3000:]
-    ref_seconds = time.time() - begin
-    expected, expected_log = _final(ref), _log_lines(ref)
-    size = (ref / f"checkpoint-{EPOCHS - 1}.pth").stat().st_size
+    reference = reference or Reference.make(workdir)
+    data, ref_seconds = reference.data, reference.seconds
+    expected, expected_log = _final(reference.out), _log_lines(reference.out)
+    size = (reference.out / f"checkpoint-{EPOCHS - 1}.pth").stat().st_size
 
     # Every kind of fault in turn (in a shuffled order), so that a few trials cover them all.
     order = [f for _ in range(trials * faults_per_trial // len(FAULTS) + 1) for f in rng.sample(FAULTS, len(FAULTS))]
@@ -248,7 +228,7 @@ def campaign(trials: int, seed: int, faults_per_trial: int, workdir: Path) -> di
             n = rng.randint(1, SITES[site]) if site else 0
             with open(log, "a") as f:
                 f.write(f"=== trial {trial}: fault {fault} {n}\n")
-            pid = _run(flags(data, out), log, site, n, rng.randrange(size))
+            pid = _run(resumable_flags(data, out), log, site, n, rng.randrange(size))
             code = _wait(pid, rng.uniform(0, ref_seconds / 2) if fault == "timer" else None)
             runs += 1
             if code == -signal.SIGKILL:
@@ -263,8 +243,10 @@ def campaign(trials: int, seed: int, faults_per_trial: int, workdir: Path) -> di
         if not done:
             failures.append(f"trial {trial}: did not finish")
             continue
-        if not _same(_final(out), expected):
-            failures.append(f"trial {trial}: final checkpoint differs from the uninterrupted run's")
+        try:
+            assert_same(_final(out), expected, "checkpoint")
+        except AssertionError as e:
+            failures.append(f"trial {trial}: final checkpoint differs from the uninterrupted run's: {e}")
         if list(out.glob("*.tmp*")):
             failures.append(f"trial {trial}: temporary files left: {sorted(p.name for p in out.glob('*.tmp*'))}")
         if _log_lines(out) != expected_log:
@@ -285,17 +267,19 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--faults", type=int, default=3, help="faults per trial before it may finish")
     parser.add_argument("--workdir", default="", help="default: a temporary folder")
+    parser.add_argument("--reference", default="", help="a folder holding helpers.Reference.make's run, to reuse")
     parser.add_argument("--report", default="", help="write the result as JSON here")
     args = parser.parse_args()
+    reference = Reference.read(Path(args.reference)) if args.reference else None
     if args.workdir:
         workdir = Path(args.workdir)
         workdir.mkdir(parents=True, exist_ok=True)
-        result = campaign(args.trials, args.seed, args.faults, workdir)
+        result = campaign(args.trials, args.seed, args.faults, workdir, reference)
     else:
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
-            result = campaign(args.trials, args.seed, args.faults, Path(tmp))
+            result = campaign(args.trials, args.seed, args.faults, Path(tmp), reference)
     print(json.dumps(result, indent=1))
     if args.report:
         Path(args.report).write_text(json.dumps(result))

@@ -1,7 +1,10 @@
 """Shared helpers for the pre-training, checkpoint and data tests: tiny data sets, runs of
-``main_pretrain`` in-process and on the command line, exact comparison of saved states, the
-official state-dict spec, a clean util.train.interrupt, and files that run out of room."""
+``main_pretrain`` in-process and on the command line, the uninterrupted reference run that
+interrupted runs are compared with, exact comparison of saved states, one-line errors, the official
+state-dict spec, a clean util.train.interrupt, ranks forked into a gloo group, and files that run
+out of room."""
 
+import argparse
 import builtins
 import json
 import os
@@ -9,8 +12,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -120,20 +125,35 @@ def pretrain_args(data: Path, out: Path, *extra: str):
 def run_pretrain(data: Path, out: Path, *extra: str, init_seed: int | None = 0, threads: int = 1):
     """Run ``main_pretrain.main`` in this process. ``init_seed`` seeds the global generator first:
     the model is built before ``--seed`` is applied (see test_seed_determines_initial_weights), so
-    in-process runs that must start from the same weights need it. One thread: faster on a
-    small, busy machine, and the same reduction order in every run compared bit for bit."""
-    import main_pretrain
-
+    in-process runs that must start from the same weights need it."""
     args = pretrain_args(data, out, *extra)
     if init_seed is not None:
         torch.manual_seed(init_seed)
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    pretrain_in_process(args, threads)
+    return args
+
+
+def pretrain_in_process(args: "argparse.Namespace | Sequence[str]", threads: int = 1) -> None:
+    """``main_pretrain.main`` on parsed ``args`` (or a command line) in this process. One thread:
+    faster on a small, busy machine, and the float sums of a fresh ``OMP_NUM_THREADS=1`` run, so
+    that a run resumed in-process ends bitwise as one run on the command line does."""
+    import main_pretrain
+
+    if not isinstance(args, argparse.Namespace):
+        args = main_pretrain.get_args_parser().parse_args(list(args))
+    with torch_threads(threads):
         main_pretrain.main(args)
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to ``n`` for a while."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
     finally:
         torch.set_num_threads(saved)
-    return args
 
 
 def cli(argv: Sequence[str], timeout: float = 300, **kwargs: Any) -> subprocess.CompletedProcess:
@@ -150,10 +170,73 @@ def cli(argv: Sequence[str], timeout: float = 300, **kwargs: Any) -> subprocess.
     )
 
 
+# The resumable reference run that test_resilience, the fault campaign and test_pretrain compare
+# interrupted runs with: the tiny model at batch 8 (the last --batch_size wins over TINY's) on 48
+# images, 6 iterations an epoch, a checkpoint every 2 iterations, and --resume auto.
+RESUMABLE_EPOCHS = 3
+
+
+def resumable_flags(data: Path, out: Path) -> list[str]:
+    return [
+        *[*TINY, "--batch_size", "8", "--data_path", str(data), "--output_dir", str(out), "--log_dir", ""],
+        *["--epochs", str(RESUMABLE_EPOCHS), "--warmup_epochs", "1", "--print_freq", "2", "--ckpt_every_steps", "2"],
+        *["--vis_freq", "0", "--resume", "auto"],
+    ]
+
+
+@dataclass(frozen=True)
+class Reference:
+    """An uninterrupted run of ``resumable_flags`` in a fresh, single-threaded interpreter, as the
+    command line runs it: ``data`` (48 images), ``out`` (its output folder) and ``seconds`` (its
+    training time, imports left out)."""
+
+    data: Path
+    out: Path
+    seconds: float
+
+    def final(self) -> dict[str, Any]:
+        """The last checkpoint, which every interrupted and resumed run must end with bitwise."""
+        return load(self.out / f"checkpoint-{RESUMABLE_EPOCHS - 1}.pth")
+
+    @classmethod
+    def make(cls, root: Path) -> "Reference":
+        data, out = make_dataset(root / "data", 16), root / "reference"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        argv = [sys.executable, "main_pretrain.py", *resumable_flags(data, out)]
+        proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines = [proc.stdout.readline()]  # the first line comes once the imports are done
+        begin = time.time()
+        lines += proc.stdout.readlines()
+        assert proc.wait(timeout=600) == 0, "".join(lines)[-3000:]
+        reference = cls(data, out, round(time.time() - begin, 2))
+        (root / "reference.json").write_text(json.dumps({"seconds": reference.seconds}))
+        return reference
+
+    @classmethod
+    def read(cls, root: Path) -> "Reference":
+        """One that ``make`` left in ``root``."""
+        seconds = json.loads((root / "reference.json").read_text())["seconds"]
+        return cls(root / "data", root / "reference", seconds)
+
+
 def load(path: Path | str) -> dict[str, Any]:
     from util.checkpoint.load import load_checkpoint
 
     return load_checkpoint(str(path))
+
+
+def one_line_error(call: Callable[..., object], *args: Any) -> str:
+    """The message of the UserError ``call(*args)`` raises, checked to be the one line that run_cli
+    prints after "error: " (test_bad_input runs that contract on the command line)."""
+    import pytest
+
+    from util.cli.errors import UserError
+
+    with pytest.raises(UserError) as refused:
+        call(*args)
+    message = str(refused.value)
+    assert message.strip() and "\n" not in message, message
+    return message
 
 
 def read_log(out: Path) -> list[dict[str, Any]]:
@@ -243,6 +326,68 @@ def cli_batch(cases: dict[str, list[str]], workdir: Path, script: str = "main_pr
         )
         for name, (_, _, out, err) in spec.items()
     }
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(main: Callable[[], None], workdir: Path, world_size: int = 2, timeout: float = 300) -> list[str]:
+    """``main()`` in ``world_size`` processes forked from this one, in the environment torchrun
+    gives its workers (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT): a gloo group on
+    the CPU, without a fresh interpreter per rank. Each rank runs single-threaded (a forked
+    process must not use the parent's thread pool) through ``run_cli``; returns each rank's
+    stdout and stderr, and fails the test where a rank fails."""
+    from util.cli.errors import run_cli
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    env = {"WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    logs = [workdir / f"rank{rank}.log" for rank in range(world_size)]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pids = []
+    for rank, log in enumerate(logs):
+        pid = os.fork()
+        if pid == 0:  # the rank: never returns into pytest
+            code = 1
+            try:
+                os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank))
+                fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+                os.dup2(fd, 1)
+                os.dup2(fd, 2)
+                sys.stdout = sys.stderr = open(fd, "w", buffering=1, closefd=False)
+                torch.set_num_threads(1)
+                run_cli(main)
+                code = 0
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 1
+            except BaseException:
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                os._exit(code)
+        pids.append(pid)
+    codes = [_wait_or_kill(pid, time.time() + timeout) for pid in pids]
+    outputs = [log.read_text() for log in logs]
+    for rank, (code, output) in enumerate(zip(codes, outputs, strict=True)):
+        assert code == 0, f"rank {rank} exited with {code}:\n{output[-3000:]}"
+    return outputs
+
+
+def _wait_or_kill(pid: int, deadline: float) -> int:
+    while time.time() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.02)
+    os.kill(pid, signal.SIGKILL)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
 
 @contextmanager

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import CLASSES, DEMO, cli_batch, load, noisy_photo, pretrain_args, read_log
+from helpers import CLASSES, DEMO, isolated_interrupts, load, noisy_photo, one_line_error, pretrain_args, read_log
 from PIL import Image
 
 import main_finetune
@@ -30,7 +30,7 @@ from util.data.channels import ResizeToCover
 from util.data.datasets import eval_transform, pretrain_transform
 from util.data.device_decode import RandomResizedCropFlipOnDevice, collate_encoded
 from util.data.images import load_channels
-from util.pos_embed import get_2d_sincos_pos_embed, interpolate_pos_embed, resize_pos_embed, sincos_2d
+from util.pos_embed import interpolate_pos_embed, resize_pos_embed, sincos_2d
 
 CPU = ["--device", "cpu", "--precision", "fp32", "--num_workers", "0"]
 
@@ -51,46 +51,8 @@ def small_mae(img_size, in_chans: int, norm_pix_loss: bool = False, seed: int = 
     )
 
 
-def hand_patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
-    """Patches in row-major grid order, each flattened as (row in patch, column, channel)."""
-    n, c, h, w = imgs.shape
-    out = torch.empty(n, (h // p) * (w // p), p * p * c)
-    for r in range(h // p):
-        for col in range(w // p):
-            for i in range(p):
-                for j in range(p):
-                    for ch in range(c):
-                        out[:, r * (w // p) + col, (i * p + j) * c + ch] = imgs[:, ch, r * p + i, col * p + j]
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
-# Sin-cos embedding of an h x w grid
-def test_sincos_of_equal_sides_is_the_square_function():
-    for dim, side in ((8, 2), (32, 5), (192, 14)):
-        assert np.array_equal(sincos_2d(dim, (side, side)), sincos_2d(dim, side))
-        assert np.array_equal(
-            get_2d_sincos_pos_embed(dim, (side, side), cls_token=True), get_2d_sincos_pos_embed(dim, side, True)
-        )
-
-
-def test_sincos_of_2x3_grid_known_values_and_axes():
-    emb = sincos_2d(8, (2, 3))  # 2 rows, 3 columns
-    assert emb.shape == (6, 8)
-    s, c = math.sin, math.cos
-    # Token (row 1, column 2) is number 1 * 3 + 2: the first half encodes the column, the second the row.
-    expected = [s(2), s(0.02), c(2), c(0.02), s(1), s(0.01), c(1), c(0.01)]
-    np.testing.assert_allclose(emb[1 * 3 + 2], expected, rtol=0, atol=1e-6)
-    grid = emb.reshape(2, 3, 8)
-    # Column channels: equal down a column, different along a row; row channels the converse.
-    assert np.array_equal(grid[0, :, :4], grid[1, :, :4])
-    assert not np.allclose(grid[0, 0, :4], grid[0, 1, :4])
-    assert np.array_equal(grid[:, 0, 4:], grid[:, 2, 4:])
-    assert not np.allclose(grid[0, 0, 4:], grid[1, 0, 4:])
-    # A 3 x 2 grid is another grid, not the same tokens reordered into the same array.
-    assert sincos_2d(8, (3, 2)).shape == (6, 8) and not np.array_equal(sincos_2d(8, (3, 2)), emb)
-
-
+# Sin-cos embedding of an h x w grid (the functions themselves: test_pos_embed)
 def test_non_square_mae_uses_the_hw_embedding():
     model = small_mae((8, 12), in_chans=1)
     assert model.grid_size == (2, 3) and model.num_patches == 6 and model.img_size == (8, 12)
@@ -98,56 +60,6 @@ def test_non_square_mae_uses_the_hw_embedding():
     assert torch.equal(model.pos_embed.data, expected)
     assert torch.equal(model.decoder_pos_embed.data, torch.from_numpy(sincos_2d(8, (2, 3), cls_token=True))[None])
     assert small_mae((8, 8), in_chans=3).img_size == 8  # a square stays an int, as before
-
-
-# ---------------------------------------------------------------------------------------------
-# Resizing a position embedding
-def _keys_cubic(t: float, a: float = -0.75) -> list[float]:
-    """Weights of the 4 neighbours (at -1, 0, 1, 2) of a point t in [0, 1) past the left one."""
-
-    def k(x: float) -> float:
-        x = abs(x)
-        if x <= 1:
-            return (a + 2) * x**3 - (a + 3) * x**2 + 1
-        if x < 2:
-            return a * x**3 - 5 * a * x**2 + 8 * a * x - 4 * a
-        return 0.0
-
-    return [k(t + 1), k(t), k(1 - t), k(2 - t)]
-
-
-def hand_bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """[n_out, n_in] bicubic resampling (align_corners=False, edges repeated), written out."""
-    m = np.zeros((n_out, n_in))
-    for i in range(n_out):
-        src = (i + 0.5) * n_in / n_out - 0.5  # the output cell's centre in input cells
-        left = math.floor(src)
-        for k, weight in zip(range(left - 1, left + 3), _keys_cubic(src - left), strict=True):
-            m[i, min(max(k, 0), n_in - 1)] += weight
-    return m
-
-
-def test_resize_square_to_non_square_matches_hand_bicubic():
-    torch.manual_seed(0)
-    pos_embed = torch.randn(1, 1 + 4 * 4, 6)
-    out = resize_pos_embed(pos_embed, (6, 3))
-    assert out.shape == (1, 1 + 6 * 3, 6)
-    assert torch.equal(out[:, 0], pos_embed[:, 0])  # the class token as it was
-    grid = pos_embed[0, 1:].reshape(4, 4, 6).double().numpy()
-    rows, cols = hand_bicubic_matrix(4, 6), hand_bicubic_matrix(4, 3)
-    expected = np.einsum("ir,rcd,jc->ijd", rows, grid, cols)
-    np.testing.assert_allclose(out[0, 1:].reshape(6, 3, 6).numpy(), expected, rtol=0, atol=1e-5)
-
-
-def test_resize_non_square_grid_needs_its_shape():
-    pos_embed = torch.randn(1, 1 + 2 * 4, 8)
-    with pytest.raises(ValueError, match="8 grid tokens"):
-        resize_pos_embed(pos_embed, (3, 3))  # 8 tokens: 2x4 or 4x2, no square
-    assert resize_pos_embed(pos_embed, (2, 4)) is pos_embed  # already fits
-    out = resize_pos_embed(pos_embed, (4, 8), old_grid=(2, 4))
-    grid = pos_embed[:, 1:].reshape(1, 2, 4, 8).permute(0, 3, 1, 2)
-    expected = F.interpolate(grid, size=(4, 8), mode="bicubic", align_corners=False).permute(0, 2, 3, 1)
-    torch.testing.assert_close(out[:, 1:], expected.reshape(1, 32, 8))
 
 
 def test_interpolate_pos_embed_square_checkpoint_into_non_square_classifier():
@@ -162,43 +74,6 @@ def test_interpolate_pos_embed_square_checkpoint_into_non_square_classifier():
     torch.testing.assert_close(checkpoint_model["pos_embed"][:, 1:], expected.permute(0, 2, 3, 1).reshape(1, 140, 192))
     missing = model.load_state_dict(checkpoint_model, strict=False).missing_keys
     assert set(missing) == {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}
-
-
-# ---------------------------------------------------------------------------------------------
-# Patches and the loss for any channel count and shape
-@pytest.mark.parametrize("in_chans,height,width", [(1, 8, 12), (5, 12, 8), (2, 4, 16)])
-def test_patchify_unpatchify_round_trip(in_chans, height, width):
-    model = small_mae((height, width), in_chans)
-    imgs = torch.randn(2, in_chans, height, width)
-    patches = model.patchify(imgs)
-    assert patches.shape == (2, (height // 4) * (width // 4), 16 * in_chans)
-    assert torch.equal(patches, hand_patchify(imgs, 4))
-    assert torch.equal(model.unpatchify(patches), imgs)
-    tokens = torch.randn(2, model.num_patches, 16 * in_chans)
-    assert torch.equal(model.patchify(model.unpatchify(tokens)), tokens)
-    with pytest.raises(ValueError, match="do not fit"):
-        model(torch.randn(2, in_chans, width, height) if height != width else torch.randn(2, in_chans + 1, 8, 8))
-
-
-@pytest.mark.parametrize("norm_pix_loss", [False, True])
-@pytest.mark.parametrize("in_chans,size", [(1, (8, 12)), (5, (12, 8))])
-def test_loss_is_on_removed_patches_only(in_chans, size, norm_pix_loss):
-    model = small_mae(size, in_chans, norm_pix_loss)
-    imgs = torch.randn(3, in_chans, *size)
-    noise = torch.rand(3, model.num_patches, generator=torch.Generator().manual_seed(1))
-    loss, pred, mask = model(imgs, mask_ratio=0.5, noise=noise)
-    assert pred.shape == (3, model.num_patches, 16 * in_chans)
-    assert mask.sum(dim=1).tolist() == [model.num_patches - int(model.num_patches * 0.5)] * 3
-    target = hand_patchify(imgs, 4)
-    if norm_pix_loss:
-        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
-    per_patch = ((pred - target) ** 2).mean(-1)
-    torch.testing.assert_close(loss, per_patch[mask.bool()].mean())
-    # The gradient reaches removed patches only.
-    pred = pred.detach().requires_grad_()
-    model.forward_loss(imgs, pred, mask).backward()
-    assert pred.grad[~mask.bool()].abs().max() == 0
-    assert (pred.grad[mask.bool()].abs().sum(-1) > 0).all()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -543,6 +418,7 @@ def test_non_square_finetune_and_probe_from_a_square_checkpoint(tmp_path, capsys
 
 
 def test_bad_sizes_and_channels_are_one_line_errors(tmp_path):
+    """Refused in one line (helpers.one_line_error), before any work."""
     data = _gray16_folder(tmp_path / "data", 4)
     run = ["--data_path", str(data), "--output_dir", str(tmp_path / "out"), "--log_dir", "", *CPU]
     pre = ["--model", "mae_vit_tiny_patch4", "--batch_size", "2", *run]
@@ -563,9 +439,8 @@ def test_bad_sizes_and_channels_are_one_line_errors(tmp_path):
             f"--input_size 32 18 (height width) {not_multiple}",
         ),
     }
-    for script, cases in (("main_pretrain.py", pretrain_cases), ("main_finetune.py", finetune_cases)):
-        results = cli_batch({name: argv for name, (argv, _) in cases.items()}, tmp_path / script, script)
-        for name, (_, says) in cases.items():
-            done = results[name]
-            lines = done.stderr.strip().splitlines()
-            assert done.returncode == 2 and len(lines) == 1 and says in lines[0], (name, done.stderr[-2000:])
+    for entry_point, cases in ((main_pretrain, pretrain_cases), (main_finetune, finetune_cases)):
+        for name, (argv, says) in cases.items():
+            with isolated_interrupts():
+                message = one_line_error(entry_point.main, entry_point.get_args_parser().parse_args(argv))
+            assert says in message, (name, message)

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 from helpers import REPO, demo_files
+from warm_python import warm_python
 
 STUDY = REPO / "recipes" / "cifar10_cpu"
 sys.path.insert(0, str(STUDY))
@@ -52,12 +53,12 @@ def test_splits_are_disjoint_balanced_and_kept_apart_from_test(tmp_path):
     assert make_splits(data, tmp_path / "splits", per_class=5) == counts
 
 
-def _bash(script, out, data, *args, extra="", **env):
+def _bash(script, out, data, *args, python, extra="", **env):
     run_env = {
         **os.environ,
         "OUT": str(out),
         "DATA": str(data),
-        "PYTHON": sys.executable,
+        "PYTHON": str(python),
         "EXTRA": extra,
         "OMP_NUM_THREADS": "1",
         **env,
@@ -70,34 +71,51 @@ def _bash(script, out, data, *args, extra="", **env):
 
 
 def test_study_scripts_run_end_to_end(tmp_path):
+    """Their python is a warm one (tests/warm_python.py): each run is forked from a process that
+    imported torch once."""
     pytest.importorskip("matplotlib")
+    with warm_python(tmp_path / "python") as python:
+        _study(tmp_path, python)
+
+
+def _study(tmp_path, python):
     data = tiny_cifar(tmp_path / "cifar")
     out = tmp_path / "study"
     subprocess.run(
-        [sys.executable, str(STUDY / "splits.py"), "--data", str(data), "--out", str(out / "data"), "--per_class", "4"],
+        [python, str(STUDY / "splits.py"), "--data", str(data), "--out", str(out / "data"), "--per_class", "4"],
         check=True,
         capture_output=True,
     )
     small = "--batch_size 8 --num_workers 0"
-    _bash("pretrain.sh", out, data, extra=f"{small} --warmup_epochs 0 --knn_freq 1", PRETRAIN_EPOCHS="2")
+    _bash("pretrain.sh", out, data, python=python, extra=f"{small} --warmup_epochs 0 --knn_freq 1", PRETRAIN_EPOCHS="2")
     log = [json.loads(line) for line in (out / "pretrain" / "log.txt").read_text().splitlines()]
     assert [line["epoch"] for line in log] == [0, 1] and all("knn_cls_top1" in line for line in log)
 
-    _bash("frozen.sh", out, data, extra=f"{small} --linear_epochs 2", PRETRAIN_EPOCHS="2")
+    _bash("frozen.sh", out, data, python=python, extra=f"{small} --linear_epochs 2", PRETRAIN_EPOCHS="2")
     frozen = [json.loads(line) for line in (out / "frozen.json").read_text().splitlines()]
     assert [r["encoder"].endswith("checkpoint-1.pth") for r in frozen] == [True, False, False]
     assert [r["encoder"] for r in frozen[1:]] == ["random", "pixels"]
     assert {"cls_top1", "avg_top1", "cls_linear_top1"} <= set(frozen[0]) and "pixels_linear_top1" in frozen[2]
 
     for init in ("mae", "scratch"):
-        _bash("finetune.sh", out, data, init, "0", extra=f"{small} --nb_classes 3", PRETRAIN_EPOCHS="2", FT_EPOCHS="2")
+        _bash(
+            "finetune.sh",
+            out,
+            data,
+            init,
+            "0",
+            python=python,
+            extra=f"{small} --nb_classes 3",
+            PRETRAIN_EPOCHS="2",
+            FT_EPOCHS="2",
+        )
     ft = [json.loads(line) for line in (out / "finetune-mae-labels10-test-s0" / "log.txt").read_text().splitlines()]
     assert ["test_acc1" in line for line in ft] == [False, True]  # the test set once, at the end
     assert ft[-1]["test_images"] == 9
 
     dest = tmp_path / "results"
     table = subprocess.run(
-        [sys.executable, str(STUDY / "results.py"), "--out", str(out), "--dest", str(dest)],
+        [python, str(STUDY / "results.py"), "--out", str(out), "--dest", str(dest)],
         check=True,
         capture_output=True,
         text=True,
@@ -117,7 +135,7 @@ def test_study_scripts_run_end_to_end(tmp_path):
     docs = tmp_path / "docs"
     subprocess.run(
         [
-            sys.executable,
+            python,
             str(STUDY / "figures.py"),
             "--out",
             str(out),

@@ -12,7 +12,6 @@ from helpers import make_dataset
 from PIL import Image
 
 from util.cli.errors import UserError
-from util.data import datasets as data_mod
 from util.data.datasets import (
     ImageFiles,
     SeededDataset,
@@ -286,4 +285,4 @@ def test_train_loader_refuses_batch_larger_than_data(images, monkeypatch):
         train_loader(images, _loader_args(0, batch=25))
     _as_rank(monkeypatch, 0, 2)
     with pytest.raises(UserError, match="--batch_size 13 x 2"):
-        data_mod.train_loader(images, _loader_args(0, batch=13))
+        train_loader(images, _loader_args(0, batch=13))

@@ -16,9 +16,10 @@ TRIALS = int(os.environ.get("MAE_FAULT_TRIALS", "3"))
 SEED = int(os.environ.get("MAE_FAULT_SEED", "0"))
 
 
-def test_fault_campaign(tmp_path):
+def test_fault_campaign(tmp_path, pretrain_reference):
     report = tmp_path / "report.json"
     argv = ["tests/fault_campaign.py", "--trials", str(TRIALS), "--seed", str(SEED)]
+    argv += ["--reference", str(pretrain_reference.out.parent)]
     done = cli([*argv, "--workdir", str(tmp_path / "work"), "--report", str(report)], timeout=600 + 60 * TRIALS)
     assert report.exists(), done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads(report.read_text())

@@ -7,12 +7,12 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, make_split, pretrain_args
+from helpers import REPO, make_split, pretrain_args, run_ranks, torch_threads
+from warm_python import warm_python
 
 import main_finetune
 import main_linprobe
@@ -104,7 +104,8 @@ def test_eval_freq_evaluates_every_nth_and_the_last_epoch(pipeline, tmp_path):
     assert all("train_loss" in line for line in lines)
 
 
-def test_dist_eval_over_two_processes_counts_every_image_once(pipeline, tmp_path):
+def test_dist_eval_over_two_processes_counts_every_image_once(pipeline, tmp_path, capsys):
+    """Two ranks forked from this process in a gloo group, as torchrun's (helpers.run_ranks)."""
     data, ckpt, _ = pipeline
     out = tmp_path / "ft"
     main_finetune.main(_finetune_args(data, out, "--finetune", str(ckpt), "--epochs", "1"))
@@ -129,26 +130,16 @@ def test_dist_eval_over_two_processes_counts_every_image_once(pipeline, tmp_path
         "",
         *CPU,
     ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    acc_line = re.compile(r"\* Acc@1 ([\d.]+) Acc@5 ([\d.]+) loss ([\d.]+) \((\d+) images\)")
 
-    def acc_line(cmd):
-        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-2000:]
-        return re.search(r"\* Acc@1 ([\d.]+) Acc@5 ([\d.]+) loss ([\d.]+) \((\d+) images\)", done.stdout).groups()
+    def evaluate() -> None:
+        main_finetune.main(main_finetune.get_args_parser().parse_args([*flags, "--dist_eval"]))
 
-    single = acc_line([sys.executable, "main_finetune.py", *flags])
-    sharded = acc_line(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "main_finetune.py",
-            *flags,
-            "--dist_eval",
-        ]
-    )
+    capsys.readouterr()
+    with torch_threads(1):  # as the ranks
+        main_finetune.main(main_finetune.get_args_parser().parse_args(flags))
+    single = acc_line.search(capsys.readouterr().out).groups()
+    sharded = acc_line.search(run_ranks(evaluate, tmp_path / "ranks")[0]).groups()
     assert single[3] == sharded[3] == "27"
     assert single == sharded
 
@@ -283,14 +274,20 @@ def test_eval_without_checkpoint_is_refused(pipeline, tmp_path):
 
 def test_cifar10_recipes_run_end_to_end(pipeline, tmp_path):
     """recipes/cifar10 as committed, on the tiny data with CPU-sized overrides: pre-train ->
-    fine-tune -> eval, from scratch, and pre-train -> linear probe -> eval."""
+    fine-tune -> eval, from scratch, and pre-train -> linear probe -> eval. Their python is a
+    warm one (tests/warm_python.py): each run is forked from a process that imported torch once."""
     data, _, _ = pipeline
+    with warm_python(tmp_path / "python") as python:
+        _cifar10_recipes(data, tmp_path, python)
+
+
+def _cifar10_recipes(data: Path, tmp_path: Path, python: Path) -> None:
     env = {
         **os.environ,
         "DATA": str(data.parent / "data"),
         "OUT": str(tmp_path),
         "WORKERS": "0",
-        "PYTHON": sys.executable,
+        "PYTHON": str(python),
         "OMP_NUM_THREADS": "1",
         "EXTRA": "--device cpu --precision fp32 --batch_size 8 --warmup_epochs 0 --print_freq 2",
     }

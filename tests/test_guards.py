@@ -22,7 +22,6 @@ from util.cli.errors import (
     UserError,  # noqa: E402
 )
 from util.train.precision import LossScaler  # noqa: E402
-from util.train.progress import format_duration  # noqa: E402
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
@@ -108,8 +107,27 @@ def test_pruning_never_removes_the_checkpoint_just_written(tmp_path):
     assert os.path.exists(mid)
 
 
-def test_run_time_past_24_hours_is_not_wrapped():
-    assert format_duration(0) == "0:00:00"
-    assert format_duration(3723.9) == "1:02:03"
-    assert format_duration(26 * 3600 + 3 * 60 + 4) == "1 day, 2:03:04"
-    assert format_duration(800 * 3600) == "33 days, 8:00:00"
+def test_interrupt_uninstall_forgets_the_request_and_puts_the_handler_before_ours_back(capsys):
+    """What lets one process run trainings one after another (the tests do): after a signal, the
+    next run must not stop at its first check point, and the handler before ours is back."""
+    import signal
+
+    from helpers import preserved_signals
+
+    from util.train import interrupt
+
+    handed = []
+
+    def before(*a):
+        handed.append(a)
+
+    with preserved_signals():
+        signal.signal(signal.SIGUSR1, before)
+        interrupt.install()
+        signal.raise_signal(signal.SIGUSR1)
+        assert interrupt.requested() and "received SIGUSR1" in capsys.readouterr().err and handed == []
+        interrupt.uninstall()
+        assert not interrupt.requested()
+        assert signal.getsignal(signal.SIGUSR1) is before
+        interrupt.hand_over()  # nothing requested any more: nothing handed over
+        assert handed == []

@@ -9,8 +9,18 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TINY, cli, demo_files, load, read_log, run_pretrain
+from helpers import (
+    demo_files,
+    isolated_interrupts,
+    load,
+    one_line_error,
+    read_log,
+    run_pretrain,
+    run_ranks,
+    torch_threads,
+)
 
+import knn_eval
 import models_mae
 from util.checkpoint.encoder import load_mae_encoder
 from util.cli.errors import UserError
@@ -134,34 +144,23 @@ def test_forward_features_equals_the_unmasked_encoder():
 
 # ---------------------------------------------------------------------------------------------
 # Command lines
-def _knn_eval(data: Path, out: Path, *extra: str, nproc: int = 1):
-    argv = [
-        "knn_eval.py",
-        "--data_path",
-        str(data),
-        "--model",
-        "mae_vit_tiny_patch4",
-        "--device",
-        "cpu",
-        "--num_workers",
-        "0",
-        "--batch_size",
-        "8",
-        "--output",
-        str(out),
-        *extra,
-    ]
-    if nproc > 1:
-        argv = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *argv]
-    result = cli(argv, env={"OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-2000:]
+def _knn_eval(data: Path, out: Path, *extra: str, ranks: int = 1):
+    """knn_eval.py's main on these flags, in this process or in ``ranks`` forked processes that
+    form a gloo group as torchrun's would (helpers.run_ranks); the JSON lines it wrote."""
+    argv = ["--data_path", str(data), "--model", "mae_vit_tiny_patch4", "--device", "cpu", "--num_workers", "0"]
+    argv += ["--batch_size", "8", "--output", str(out), *extra]
+    if ranks > 1:
+        run_ranks(lambda: knn_eval.main(knn_eval.get_args_parser().parse_args(argv)), out.parent / "ranks", ranks)
+    else:
+        with torch_threads(1):  # as the ranks and the pre-training runs
+            knn_eval.main(knn_eval.get_args_parser().parse_args(argv))
     return [json.loads(line) for line in out.read_text().splitlines()]
 
 
 def test_two_processes_score_as_one(tmp_path):
     data = labelled_folder(tmp_path / "data", 12, 5)  # 36 bank and 15 queries: shards of unequal size
     one = _knn_eval(data, tmp_path / "one.json", "--encoders", "random", "pixels", "--knn_k", "5")
-    two = _knn_eval(data, tmp_path / "two.json", "--encoders", "random", "pixels", "--knn_k", "5", nproc=2)
+    two = _knn_eval(data, tmp_path / "two.json", "--encoders", "random", "pixels", "--knn_k", "5", ranks=2)
     assert [r["processes"] for r in one + two] == [1, 1, 2, 2]
     for a, b in zip(one, two, strict=True):
         assert a["encoder"] == b["encoder"]
@@ -194,16 +193,16 @@ def test_pretraining_logs_knn_scores_and_they_match_knn_eval(tmp_path):
         (["--knn_data_path", "{data}", "--knn_freq", "0"], "--knn_freq must be at least 1"),
     ],
 )
-def test_bad_knn_flags_are_one_line_errors(tmp_path, flags, message):
+def test_bad_knn_flags_are_refused_before_training(tmp_path, flags, message):
+    """Refused in one line, before training."""
     data = labelled_folder(tmp_path / "data", 4, 2)
     noval = tmp_path / "noval"
     shutil.copytree(data / "train", noval / "train")
     paths = {"missing": str(tmp_path / "missing"), "noval": str(noval), "data": str(data)}
-    argv = [*TINY, "--data_path", str(data), "--output_dir", str(tmp_path / "out"), "--epochs", "1"]
-    result = cli(["main_pretrain.py", *argv, *[f.format(**paths) for f in flags]])
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert lines[-1].startswith("error: " + message.format(**paths)), result.stderr[-1000:]
+    extra = ["--epochs", "1", *[f.format(**paths) for f in flags]]
+    with isolated_interrupts():
+        refused = one_line_error(lambda: run_pretrain(data, tmp_path / "out", *extra))
+    assert refused.startswith(message.format(**paths)), refused
     assert not (tmp_path / "out" / "checkpoint-0.pth").exists()  # refused before training
 
 

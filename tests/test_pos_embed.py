@@ -5,8 +5,9 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from util.pos_embed import resize_pos_embed, sincos_1d, sincos_2d
+from util.pos_embed import get_2d_sincos_pos_embed, resize_pos_embed, sincos_1d, sincos_2d
 
 
 def hand_sincos_2d(dim: int, grid: int, row: int, col: int, ch: int) -> float:
@@ -200,3 +201,78 @@ def test_resize_keeps_dtype():
 def test_resize_non_square_grid_rejected():
     with pytest.raises(ValueError, match="15"):
         resize_pos_embed(torch.zeros(1, 1 + 15, 4), 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# h x w grids: the embedding, and resizing to and from them
+def test_sincos_of_equal_sides_is_the_square_function():
+    for dim, side in ((8, 2), (32, 5), (192, 14)):
+        assert np.array_equal(sincos_2d(dim, (side, side)), sincos_2d(dim, side))
+        assert np.array_equal(
+            get_2d_sincos_pos_embed(dim, (side, side), cls_token=True), get_2d_sincos_pos_embed(dim, side, True)
+        )
+
+
+def test_sincos_of_2x3_grid_known_values_and_axes():
+    emb = sincos_2d(8, (2, 3))  # 2 rows, 3 columns
+    assert emb.shape == (6, 8)
+    s, c = math.sin, math.cos
+    # Token (row 1, column 2) is number 1 * 3 + 2: the first half encodes the column, the second the row.
+    expected = [s(2), s(0.02), c(2), c(0.02), s(1), s(0.01), c(1), c(0.01)]
+    np.testing.assert_allclose(emb[1 * 3 + 2], expected, rtol=0, atol=1e-6)
+    grid = emb.reshape(2, 3, 8)
+    # Column channels: equal down a column, different along a row; row channels the converse.
+    assert np.array_equal(grid[0, :, :4], grid[1, :, :4])
+    assert not np.allclose(grid[0, 0, :4], grid[0, 1, :4])
+    assert np.array_equal(grid[:, 0, 4:], grid[:, 2, 4:])
+    assert not np.allclose(grid[0, 0, 4:], grid[1, 0, 4:])
+    # A 3 x 2 grid is another grid, not the same tokens reordered into the same array.
+    assert sincos_2d(8, (3, 2)).shape == (6, 8) and not np.array_equal(sincos_2d(8, (3, 2)), emb)
+
+
+def _keys_cubic(t: float, a: float = -0.75) -> list[float]:
+    """Weights of the 4 neighbours (at -1, 0, 1, 2) of a point t in [0, 1) past the left one."""
+
+    def k(x: float) -> float:
+        x = abs(x)
+        if x <= 1:
+            return (a + 2) * x**3 - (a + 3) * x**2 + 1
+        if x < 2:
+            return a * x**3 - 5 * a * x**2 + 8 * a * x - 4 * a
+        return 0.0
+
+    return [k(t + 1), k(t), k(1 - t), k(2 - t)]
+
+
+def hand_bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """[n_out, n_in] bicubic resampling (align_corners=False, edges repeated), written out."""
+    m = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        src = (i + 0.5) * n_in / n_out - 0.5  # the output cell's centre in input cells
+        left = math.floor(src)
+        for k, weight in zip(range(left - 1, left + 3), _keys_cubic(src - left), strict=True):
+            m[i, min(max(k, 0), n_in - 1)] += weight
+    return m
+
+
+def test_resize_square_to_non_square_matches_hand_bicubic():
+    torch.manual_seed(0)
+    pos_embed = torch.randn(1, 1 + 4 * 4, 6)
+    out = resize_pos_embed(pos_embed, (6, 3))
+    assert out.shape == (1, 1 + 6 * 3, 6)
+    assert torch.equal(out[:, 0], pos_embed[:, 0])  # the class token as it was
+    grid = pos_embed[0, 1:].reshape(4, 4, 6).double().numpy()
+    rows, cols = hand_bicubic_matrix(4, 6), hand_bicubic_matrix(4, 3)
+    expected = np.einsum("ir,rcd,jc->ijd", rows, grid, cols)
+    np.testing.assert_allclose(out[0, 1:].reshape(6, 3, 6).numpy(), expected, rtol=0, atol=1e-5)
+
+
+def test_resize_non_square_grid_needs_its_shape():
+    pos_embed = torch.randn(1, 1 + 2 * 4, 8)
+    with pytest.raises(ValueError, match="8 grid tokens"):
+        resize_pos_embed(pos_embed, (3, 3))  # 8 tokens: 2x4 or 4x2, no square
+    assert resize_pos_embed(pos_embed, (2, 4)) is pos_embed  # already fits
+    out = resize_pos_embed(pos_embed, (4, 8), old_grid=(2, 4))
+    grid = pos_embed[:, 1:].reshape(1, 2, 4, 8).permute(0, 3, 1, 2)
+    expected = F.interpolate(grid, size=(4, 8), mode="bicubic", align_corners=False).permute(0, 2, 3, 1)
+    torch.testing.assert_close(out[:, 1:], expected.reshape(1, 32, 8))

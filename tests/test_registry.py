@@ -5,6 +5,7 @@ import pytest
 import torch
 from helpers import demo_files
 
+import main_pretrain
 import models_mae
 import models_vit
 import reconstruct
@@ -39,7 +40,24 @@ def test_mae_sizes_channels_and_aliases():
     assert _meta(models_mae.create_model, "mae_vit_mini_patch4").img_size == 32  # the factory's default
     official = _meta(models_mae.create_model, "mae_vit_base_patch16_dec512d8b", 224)
     assert type(official) is models_mae.MaskedAutoencoderViT and official.patch_size == 16
-    assert "mae_vit_base_patch16_dec512d8b" not in list(models_mae.MODELS)  # help lists each model once
+
+
+def test_registries_list_each_model_once_and_take_official_names():
+    """What --help and the unknown-model message list: each factory once, under the name it has in
+    its module; the official file's names resolve to the same factories but are not listed."""
+    small = ["tiny_patch16", "tiny_patch4", "mini_patch4"]
+    official = ["base_patch16", "large_patch16", "huge_patch14"]
+    assert list(models_mae.MODELS) == [f"mae_vit_{s}" for s in small + official]
+    assert list(models_vit.MODELS) == [f"vit_{s}" for s in small + official]
+    for registry, module in ((models_mae.MODELS, models_mae), (models_vit.MODELS, models_vit)):
+        assert all(factory is getattr(module, name) for name, factory in registry.items())
+    for size in official:
+        name, alias = f"mae_vit_{size}_dec512d8b", f"mae_vit_{size}"
+        assert name in models_mae.MODELS and name not in list(models_mae.MODELS)
+        assert models_mae.MODELS[name] is models_mae.MODELS[alias] is models_mae.MODELS.get(name)
+    assert "dec512d8b" not in main_pretrain.get_args_parser().format_help()
+    with pytest.raises(KeyError):
+        models_mae.MODELS["mae_vit_gigantic"]
 
 
 def test_vit_sizes_and_kwargs():
