@@ -88,9 +88,9 @@ def _arm(site: str, n: int, cut: int) -> None:
 
     torch.optim.AdamW.step = step
 
-    # A checkpoint's temporary file whose writer dies once it has written ``cut`` bytes; log.txt
-    # written to add an epoch's line (after the epoch's checkpoint; util.outputs.atomic_append). Through ``open`` itself,
-    # which every writer calls: this process is the forked run's alone.
+    # A checkpoint's temporary file whose writer dies once it has written ``cut`` bytes; log.txt's
+    # temporary file, written to add an epoch's line after the epoch's checkpoint (atomic_append).
+    # Through ``open`` itself, which every writer calls: this process is the forked run's alone.
     def armed(path: str, mode: str) -> bool:
         if "log.txt.tmp" in path and "w" in mode and hit("log-append"):
             _die()
