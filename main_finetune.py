@@ -51,48 +51,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--drop_path", type=float, default=0.1, metavar="PCT", help="drop path rate")
 
     aug = parser.add_argument_group("augmentation")
-    aug.add_argument(
-        "--color_jitter",
-        type=float,
-        default=None,
-        metavar="PCT",
-        help="color jitter factor (enabled only when not using auto augment)",
-    )
-    aug.add_argument(
-        "--aa",
-        type=str,
-        default="rand-m9-mstd0.5-inc1",
-        metavar="NAME",
-        help='auto augment policy, e.g. "v0" or "original"',
-    )
+    aug.add_argument("--color_jitter", type=float, default=None, metavar="PCT", help="colour jitter (without --aa)")
+    aug.add_argument("--aa", type=str, default="rand-m9-mstd0.5-inc1", metavar="NAME", help="auto augment policy")
     aug.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
     aug.add_argument("--reprob", type=float, default=0.25, metavar="PCT", help="random erase prob")
     aug.add_argument("--remode", type=str, default="pixel", help="random erase mode")
     aug.add_argument("--recount", type=int, default=1, help="random erase count")
-    aug.add_argument(
-        "--resplit", action="store_true", default=False, help="do not random erase first (clean) augmentation split"
-    )
+    aug.add_argument("--resplit", action="store_true", help="do not random erase the first (clean) augmentation split")
     aug.add_argument("--mixup", type=float, default=0, help="mixup alpha, mixup enabled if > 0")
     aug.add_argument("--cutmix", type=float, default=0, help="cutmix alpha, cutmix enabled if > 0")
-    aug.add_argument(
-        "--cutmix_minmax",
-        type=float,
-        nargs="+",
-        default=None,
-        help="cutmix min/max ratio, overrides alpha and enables cutmix if set",
-    )
-    aug.add_argument(
-        "--mixup_prob",
-        type=float,
-        default=1.0,
-        help="probability of performing mixup or cutmix when either/both is enabled",
-    )
-    aug.add_argument(
-        "--mixup_switch_prob",
-        type=float,
-        default=0.5,
-        help="probability of switching to cutmix when both mixup and cutmix enabled",
-    )
+    aug.add_argument("--cutmix_minmax", type=float, nargs="+", default=None, help="cutmix min/max ratio (enables it)")
+    aug.add_argument("--mixup_prob", type=float, default=1.0, help="probability of mixup or cutmix when enabled")
+    aug.add_argument("--mixup_switch_prob", type=float, default=0.5, help="probability of cutmix when both enabled")
     aug.add_argument("--mixup_mode", type=str, default="batch", help='"batch", "pair", or "elem"')
 
     add_run_args(parser)

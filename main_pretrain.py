@@ -56,7 +56,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_in_chans_arg(g, default=None)
     g.add_argument("--mask_ratio", default=0.75, type=float, help="fraction of patches removed")
     g.add_argument("--norm_pix_loss", action="store_true", help="use per-patch normalized pixels as targets")
-    parser.set_defaults(norm_pix_loss=False)
     add_run_args(parser)
     add_norm_args(parser)
     parser.add_argument(
@@ -68,13 +67,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "device (nvJPEG on a GPU) while workers only read files; torchvision: the reference pipeline",
     )
     v = parser.add_argument_group("reconstruction pictures")
-    v.add_argument(
-        "--vis_freq",
-        default=10,
-        type=int,
-        metavar="N",
-        help="picture reconstructions every N epochs (and after the first and last); 0: never",
-    )
+    v.add_argument("--vis_freq", default=10, type=int, metavar="N", help="every N epochs, the first and last; 0: never")
     v.add_argument("--vis_images", default=8, type=int, help="how many images the picture shows")
     k = knn.add_knn_args(parser)
     k.add_argument(
@@ -82,9 +75,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         default="",
         help="labelled ImageFolder (train/ and val/) to score the encoder by k-NN during pre-training; '': never",
     )
-    k.add_argument(
-        "--knn_freq", default=10, type=int, metavar="N", help="k-NN score every N epochs (and after the last)"
-    )
+    k.add_argument("--knn_freq", default=10, type=int, metavar="N", help="k-NN score every N epochs and after the last")
     return parser
 
 

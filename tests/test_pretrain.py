@@ -489,3 +489,11 @@ def test_effective_lr():
     assert effective_lr(args, 8) == pytest.approx(1e-3 * 512 / 256)
     args.lr = 0.01
     assert effective_lr(args, 8) == 0.01  # an absolute --lr wins
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_to_train(reference, data, tmp_path, capsys):
+    capsys.readouterr()
+    run_pretrain(data, tmp_path / "again", *RUN, "--resume", str(reference / f"checkpoint-{EPOCHS - 1}.pth"))
+    printed = capsys.readouterr().out
+    assert f"nothing to train: the run already finished its {EPOCHS} epochs" in printed
+    assert "start training" not in printed and "Epoch: [" not in printed

@@ -70,3 +70,14 @@ def test_last_shorter_accumulation_group_steps_with_its_mean_gradient():
 def test_accumulation_longer_than_the_epoch_is_refused():
     with pytest.raises(UserError, match=r"--accum_iter 3 is more than the 2 iterations of an epoch"):
         _run(BATCHES, 3, None)
+
+
+def test_the_first_iteration_prints_a_line_with_its_loss(capsys):
+    """A slow first step must not look like a hang: its line (loss, time, ETA) comes at once,
+    although --print_freq asks for a line every 100 iterations."""
+    _run([*BATCHES, *BATCHES], 1, None)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Epoch: [0] [")]
+    assert [line.split("]")[1] for line in lines] == [" [1/4", " [4/4"]
+    torch.manual_seed(0)  # the weights _run starts from: the first loss is w . x of the first batch
+    first = float(torch.nn.Linear(3, 1, bias=False).weight.detach() @ BATCHES[0][0])
+    assert "eta: " in lines[0] and f"loss: {first:.4f} ({first:.4f})" in lines[0]
