@@ -137,6 +137,7 @@ def fit(
         log.info(f"start training at epoch {position.epoch} of {args.epochs}")
     begin = time.time()
     try:
+        checkpointer.stop_if_requested()  # a signal while the run was starting: stop before training
         pending = state.extra.get("unevaluated")
         if pending is not None and position == Position(pending["epoch"] + 1):
             _evaluate_epoch(wrapped_model, val_loader, checkpointer)

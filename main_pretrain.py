@@ -172,6 +172,7 @@ def main(flags: argparse.Namespace) -> None:
         log.info(f"start training at epoch {position.epoch} of {args.epochs}")
     begin = time.time()
     try:
+        checkpointer.stop_if_requested()  # a signal while the run was starting: stop before training
         for epoch in range(position.epoch, args.epochs):
             start_step = position.steps_done(epoch)
             loader.sampler.set_epoch(epoch, skip=start_step * args.batch_size)  # skips what was trained

@@ -131,3 +131,27 @@ def test_interrupt_uninstall_forgets_the_request_and_puts_the_handler_before_our
         assert signal.getsignal(signal.SIGUSR1) is before
         interrupt.hand_over()  # nothing requested any more: nothing handed over
         assert handed == []
+
+
+def test_a_stop_asked_for_while_the_run_starts_stops_before_training(tmp_path, capsys):
+    """SIGTERM during start-up (a long checkpoint load, say): no promise of a checkpoint that never
+    comes, no training step; one line saying nothing new was saved."""
+    import signal
+
+    from helpers import isolated_interrupts, make_dataset, run_pretrain
+
+    from util.train import interrupt
+    from util.train.checkpointer import Checkpointer
+
+    data, out = make_dataset(tmp_path / "data", 6), tmp_path / "out"
+    original = Checkpointer.__init__
+
+    def signalled(self, *a, **k):  # the signal arrives once the run has built everything
+        original(self, *a, **k)
+        signal.raise_signal(signal.SIGTERM)
+
+    with isolated_interrupts(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Checkpointer, "__init__", signalled)
+        with pytest.raises(interrupt.Interrupted, match=f"before training began; nothing new in {out} to save"):
+            run_pretrain(data, out, "--epochs", "1")
+    assert "Epoch: [" not in capsys.readouterr().out and not list(out.glob("checkpoint-*"))

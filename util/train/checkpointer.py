@@ -55,7 +55,7 @@ class Checkpointer:
     def stop_if_requested(self) -> None:
         """Stop after the last save (``--resume auto`` goes on from it) when a signal asked for it."""
         if stop_requested(self.state.args.device):
-            raise interrupt.Interrupted(self.last_saved)
+            raise interrupt.Interrupted(self.last_saved, self.state.args.output_dir)
 
 
 class EpochProgress:

@@ -82,9 +82,11 @@ def exit_code() -> int:
 class Interrupted(Exception):
     """Raised by the training loop after it saved a checkpoint because a stop was requested."""
 
-    def __init__(self, checkpoint: str | None):
-        if checkpoint is None:  # no --output_dir
-            super().__init__("stopped on request; nothing was saved, since the run has no --output_dir")
-        else:
+    def __init__(self, checkpoint: str | None, output_dir: str = ""):
+        if checkpoint is not None:
             super().__init__(f"stopped on request after writing {checkpoint}; continue with --resume auto")
+        elif output_dir:  # asked before the first check point: nothing of this run to save yet
+            super().__init__(f"stopped on request before training began; nothing new in {output_dir} to save")
+        else:
+            super().__init__("stopped on request; nothing was saved, since the run has no --output_dir")
         self.checkpoint = checkpoint
