@@ -119,7 +119,6 @@ def args_metadata(ckpt: dict[str, Any]) -> dict[str, str]:
     return {"args": json.dumps(vars(args), default=str)} if isinstance(args, argparse.Namespace) else {}
 
 
-# ---------------------------------------------------------------------------------------------
 # Writing: the bytes of each format, then one atomic write per file
 def safetensors_bytes(state: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
     """``state`` as a .safetensors file with ``metadata`` and a CRC-32 of every tensor (which
@@ -151,7 +150,6 @@ def _require_copies(state: Mapping[str, torch.Tensor], copies: int) -> None:
 
 
 def write_file(path: str, data: bytes | memoryview) -> None:
-    """Write ``data`` as the file ``path``, whole or not at all."""
     existed = os.path.exists(path)
     try:
         atomic_write(path, lambda f: f.write(data))
@@ -189,7 +187,6 @@ def write_folder(folder: str, files: dict[str, bytes]) -> None:
 
 
 def _sync_folder(path: str) -> None:
-    """Flush a folder's entries (the renames into it) to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -204,23 +201,21 @@ def _cannot_write(path: str, error: OSError, existed: bool) -> NoReturn:
     fail(f"cannot write --output {path}: {error.strerror or error}; {kept}; {advice}")
 
 
-# ---------------------------------------------------------------------------------------------
 # Hugging Face transformers
 def _square_side(ckpt: dict[str, Any], state: dict[str, torch.Tensor], path: str) -> int:
     """The image side of a square MAE checkpoint; HF's ViTMAEForPreTraining computes its loss on
     square images only (its patchify refuses others), so other shapes cannot be exported."""
     if "pos_embed" not in state or "patch_embed.proj.weight" not in state or state["pos_embed"].dim() != 3:
         fail(f"checkpoint {path} lacks pos_embed or patch_embed.proj.weight; it is not an MAE checkpoint")
-    patch = state["patch_embed.proj.weight"].shape[-1]
     tokens = state["pos_embed"].shape[1] - 1
     grid = math.isqrt(max(tokens, 0))
     saved = getattr(ckpt.get("args"), "input_size", None)
     sides = [int(v) for v in saved] if isinstance(saved, (list, tuple)) else [saved]
     # The token count alone cannot tell 16x16 from 8x32: a stored --input_size can.
-    if grid * grid != tokens or (saved is not None and len(set(sides)) > 1):
+    if grid * grid != tokens or len(set(sides)) > 1:
         shown = f"--input_size {saved}" if saved is not None else f"{tokens} patches"
         fail(f"checkpoint {path} is not for square images ({shown}); transformers' ViTMAE takes square ones only")
-    return grid * patch
+    return grid * state["patch_embed.proj.weight"].shape[-1]
 
 
 def mae_name(ckpt: dict[str, Any], state: dict[str, torch.Tensor], given: str | None, path: str) -> tuple[str, int]:
@@ -279,9 +274,8 @@ def mae_for_hf_config(config: dict[str, Any], folder: str) -> tuple[str, torch.n
 
 
 def check_weights_fit_config(state: dict[str, torch.Tensor], name: str, img_size: int, folder: str) -> None:
-    """The weights are those of ``name`` at ``img_size`` px, as config.json says; or fail saying
-    whose they are. Settled from the weights' shapes (their position embedding gives their size),
-    so that a config's image size is never built."""
+    """The weights are ``name``'s at ``img_size`` px, as config.json says, or fail saying whose they
+    are: settled from their shapes, so that a config's image size is never built."""
     found = models_mae.model_for_weights(state, names=[name])
     if found == (name, img_size):
         return
@@ -321,7 +315,6 @@ def import_hf(args: argparse.Namespace) -> None:
     print(f"  python main_pretrain.py --model {name} --input_size {img_size} --resume {args.output} ...")
 
 
-# ---------------------------------------------------------------------------------------------
 def check_output(args: argparse.Namespace) -> None:
     """Fail before any work if --output cannot be written as asked."""
     if args.to == "safetensors" and not args.output.endswith(".safetensors"):

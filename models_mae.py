@@ -72,7 +72,6 @@ class MaskedAutoencoderViT(nn.Module):
 
         self.initialize_weights()
 
-    # ----------------------------------------------------------------------------------------
     def initialize_weights(self) -> None:
         for pos_embed in (self.pos_embed, self.decoder_pos_embed):
             pos_embed.data.copy_(torch.from_numpy(sincos_2d(pos_embed.shape[-1], self.grid_size, cls_token=True)))
@@ -89,25 +88,20 @@ class MaskedAutoencoderViT(nn.Module):
         self.grad_checkpointing = enable
 
     def _run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+        recompute = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for block in blocks:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
+            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
         return x
 
     @property
     def num_patches(self) -> int:
         return self.patch_embed.num_patches
 
-    # ----------------------------------------------------------------------------------------
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
         """[N, C, H, W] -> [N, L, p*p*C], each patch flattened as (row, column, channel)."""
         self._check_images(imgs)
-        p, n, c = self.patch_size, imgs.shape[0], imgs.shape[1]
-        h, w = imgs.shape[2] // p, imgs.shape[3] // p
-        x = imgs.reshape(n, c, h, p, w, p)
-        x = torch.einsum("nchpwq->nhwpqc", x)
+        (n, c), (h, w), p = imgs.shape[:2], self.grid_size, self.patch_size
+        x = torch.einsum("nchpwq->nhwpqc", imgs.reshape(n, c, h, p, w, p))
         return x.reshape(n, h * w, p * p * c)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
@@ -121,8 +115,7 @@ class MaskedAutoencoderViT(nn.Module):
             raise ValueError(
                 f"cannot unpatchify {tuple(x.shape)}: expected [N, {self.num_patches} or a square, {p * p * c}]"
             )
-        x = x.reshape(x.shape[0], h, w, p, p, c)
-        x = torch.einsum("nhwpqc->nchpwq", x)
+        x = torch.einsum("nhwpqc->nchpwq", x.reshape(x.shape[0], h, w, p, p, c))
         return x.reshape(x.shape[0], c, h * p, w * p)
 
     def _check_images(self, imgs: torch.Tensor) -> None:
@@ -133,7 +126,6 @@ class MaskedAutoencoderViT(nn.Module):
                 f"[N, {expected[0]}, {expected[1]}, {expected[2]}] (patch size {self.patch_size})"
             )
 
-    # ----------------------------------------------------------------------------------------
     def random_masking(
         self, x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -240,7 +232,6 @@ def _init_linear_and_norm(m: nn.Module) -> None:
         nn.init.zeros_(m.bias)
 
 
-# --------------------------------------------------------------------------------------------
 # Factories. The official three share one decoder (512-d, 8 blocks, 16 heads).
 _norm = partial(nn.LayerNorm, eps=1e-6)
 _official_decoder = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)

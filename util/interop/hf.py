@@ -60,21 +60,15 @@ _BLOCK = {
 _QKV = ("attention.attention.query", "attention.attention.key", "attention.attention.value")
 # Every spelling of a block's modules that HF folders use, to ours ('q', 'k', 'v' are fused later).
 _BLOCK_BACK = {hf: ours for ours, hf in _BLOCK.items()} | dict(zip(_QKV, "qkv", strict=True))
-_BLOCK_BACK |= {
-    "attention.q_proj": "q",
-    "attention.k_proj": "k",
-    "attention.v_proj": "v",
-    "attention.o_proj": "attn.proj",
-    "mlp.fc1": "mlp.fc1",
-    "mlp.fc2": "mlp.fc2",
-}
+# transformers 5's module names: the q/k/v/o projections, and the MLP's under our names.
+_BLOCK_BACK |= {f"attention.{x}_proj": x for x in "qkv"} | {"attention.o_proj": "attn.proj"}
+_BLOCK_BACK |= {name: name for name in ("mlp.fc1", "mlp.fc2")}
 _OUR_BLOCK = re.compile(r"^(blocks|decoder_blocks)\.(\d+)\.(.+)\.(weight|bias)$")
 _HF_BLOCK = re.compile(
     r"^(vit\.encoder\.layer|vit\.layers|decoder\.decoder_layers|decoder\.decoder_encoder\.layer)\.(\d+)\.(.+)\.(weight|bias)$"
 )
 
 
-# ---------------------------------------------------------------------------------------------
 # config.json and the shard index, checked against one typed table each
 class _Invalid(ValueError):
     """A JSON value that breaks its field's rule: what was ``expected``; ``where`` and ``value``
@@ -218,7 +212,6 @@ def read_json(path: str, what: str) -> Any:
         fail(f"{what} is not readable JSON ({e})")
 
 
-# ---------------------------------------------------------------------------------------------
 # Ours -> HF
 def hf_config(model: nn.Module, image_size: int, mask_ratio: float, norm_pix_loss: bool) -> dict[str, Any]:
     """The ``ViTMAEConfig`` (as config.json's dict) of a ``models_mae.MaskedAutoencoderViT`` for
@@ -280,7 +273,6 @@ def to_hf_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-# ---------------------------------------------------------------------------------------------
 # HF -> ours
 def read_hf_folder(folder: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(config, checked against ``CONFIG_FIELDS`` with HF's defaults filled in; weights) of a
