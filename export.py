@@ -7,21 +7,14 @@ transformers ViTMAEForPreTraining folder; and import such a folder as our checkp
     python export.py --checkpoint output_dir/checkpoint-399.pth --to hf --output mae_hf/
     python export.py --from hf --checkpoint vit-mae-base/ --output mae_vit_base_from_hf.pth
 
-Input: main_pretrain's MAE checkpoints (with decoder), main_finetune/main_linprobe's classifier
-checkpoints, or an official MAE release (full, or encoder only). ``--to timm`` writes the encoder
-(no decoder, mask token or head) under timm's ViT names, as a plain state dict (.pth) or a
-.safetensors file; it prints the ``timm.create_model`` call that loads it with strict key matching.
-``--to safetensors`` writes every model weight and the checkpoint's args (JSON, as metadata), which
-``--finetune``, ``--resume`` (weights only), ``knn_eval.py`` and ``reconstruct.py`` read.
-``--to hf`` writes an MAE with its decoder as a folder (config.json + model.safetensors) that
-``transformers.ViTMAEForPreTraining.from_pretrained`` loads; ``--from hf`` turns such a folder (ours,
-or one from the Hub) into a weights-only checkpoint (.pth or .safetensors) whose args name our model,
-for ``--finetune``, ``--resume``, ``knn_eval.py`` and ``reconstruct.py``. transformers is not needed
-for either direction (util/interop/hf.py reads the folders and converts names and configs).
+``--to timm`` writes the encoder alone, under timm's names, and prints the ``timm.create_model``
+call that loads it; ``--to safetensors`` every weight and the run's args (JSON metadata); ``--to hf``
+a folder that ``transformers.ViTMAEForPreTraining.from_pretrained`` loads. ``--from hf`` turns such a
+folder (ours or the Hub's) into our checkpoint, for ``--finetune``, ``--resume``, ``knn_eval.py`` and
+``reconstruct.py``; neither direction needs transformers. Details: docs/checkpoints.md.
 
-Every output is written whole or not at all (util.outputs.atomic_write; a folder is written beside
-its place and renamed into it): a full disk is a one-line error that leaves an earlier output as
-it was.
+Every output is written whole or not at all (util.outputs.atomic_write; a folder beside its place,
+then renamed into it): a full disk is a one-line error that leaves an earlier output as it was.
 """
 
 import argparse
@@ -31,6 +24,7 @@ import json
 import math
 import os
 import shutil
+from argparse import BooleanOptionalAction
 from collections.abc import Mapping
 from typing import Any, NoReturn
 
@@ -60,32 +54,15 @@ _DROPPED_PREFIXES = ("decoder_", "mask_token", "head.")
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Export MAE / ViT weights for timm, as safetensors or for transformers")
-    parser.add_argument(
-        "--checkpoint", required=True, help="our checkpoint or an official MAE release; with --from hf, an HF folder"
-    )
+    parser.add_argument("--checkpoint", required=True, help="ours or an official MAE release; --from hf: an HF folder")
     direction = parser.add_mutually_exclusive_group(required=True)
     direction.add_argument("--to", choices=("timm", "safetensors", "hf"), help="what to write")
-    direction.add_argument(
-        "--from", dest="source", choices=("hf",), help="read a transformers ViTMAEForPreTraining folder"
-    )
-    parser.add_argument(
-        "--output",
-        required=True,
-        help="file to write: .safetensors, or .pth for --to timm and --from hf; a folder for --to hf",
-    )
+    direction.add_argument("--from", dest="source", choices=("hf",), help="import a ViTMAEForPreTraining folder")
+    parser.add_argument("--output", required=True, help=".safetensors, .pth (--to timm, --from hf) or folder (--to hf)")
     parser.add_argument("--force", action="store_true", help="overwrite --output if it exists")
-    parser.add_argument(
-        "--model", default=None, help="models_vit name; models_mae name for --to hf (default: from the checkpoint)"
-    )
-    parser.add_argument(
-        "--mask_ratio", default=None, type=float, help="--to hf: config's mask_ratio (default: the run's, else 0.75)"
-    )
-    parser.add_argument(
-        "--norm_pix_loss",
-        default=None,
-        action=argparse.BooleanOptionalAction,
-        help="--to hf: config's norm_pix_loss (default: the run's, else off)",
-    )
+    parser.add_argument("--model", help="models_vit (--to hf: models_mae) name; default: from the checkpoint")
+    parser.add_argument("--mask_ratio", type=float, help="--to hf: config's mask_ratio (default: the run's, else 0.75)")
+    parser.add_argument("--norm_pix_loss", action=BooleanOptionalAction, help="--to hf (default: the run's, else off)")
     return parser
 
 
@@ -110,11 +87,11 @@ def vit_name(ckpt: dict[str, Any], encoder: dict[str, torch.Tensor], given: str 
     architecture whose shapes equal the encoder's (depth, width and patch size tell them apart)."""
     saved = getattr(ckpt.get("args"), "model", None)
     name = given or (saved.removeprefix("mae_") if isinstance(saved, str) else None)
-    if name and name not in models_vit.MODELS:
-        fail(f"--model {name} is unknown; known models: {', '.join(models_vit.MODELS)}")
-    global_pool = "fc_norm.weight" in encoder
+    if name:
+        models_vit.MODELS.factory(name)  # a known name, or one line listing them
+    pool = "fc_norm.weight" in encoder
     found = models_mae.model_for_weights(
-        encoder, models_vit.MODELS, [name] if name else None, num_classes=0, global_pool=global_pool
+        encoder, models_vit.MODELS, [name] if name else None, num_classes=0, global_pool=pool
     )
     if found:
         return found
@@ -138,13 +115,10 @@ def timm_call(name: str, img_size: int, global_pool: bool, output: str) -> str:
 
 def args_metadata(ckpt: dict[str, Any]) -> dict[str, str]:
     """The checkpoint's args as safetensors metadata (strings only): JSON under 'args'."""
-    args = ckpt.get("args")
-    if isinstance(args, argparse.Namespace):
-        return {"args": json.dumps(vars(args), default=str)}  # devices and the like as strings
-    return {}
+    args = ckpt.get("args")  # devices and the like as strings
+    return {"args": json.dumps(vars(args), default=str)} if isinstance(args, argparse.Namespace) else {}
 
 
-# ---------------------------------------------------------------------------------------------
 # Writing: the bytes of each format, then one atomic write per file
 def safetensors_bytes(state: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
     """``state`` as a .safetensors file with ``metadata`` and a CRC-32 of every tensor (which
@@ -176,7 +150,6 @@ def _require_copies(state: Mapping[str, torch.Tensor], copies: int) -> None:
 
 
 def write_file(path: str, data: bytes | memoryview) -> None:
-    """Write ``data`` as the file ``path``, whole or not at all."""
     existed = os.path.exists(path)
     try:
         atomic_write(path, lambda f: f.write(data))
@@ -214,7 +187,6 @@ def write_folder(folder: str, files: dict[str, bytes]) -> None:
 
 
 def _sync_folder(path: str) -> None:
-    """Flush a folder's entries (the renames into it) to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -229,23 +201,21 @@ def _cannot_write(path: str, error: OSError, existed: bool) -> NoReturn:
     fail(f"cannot write --output {path}: {error.strerror or error}; {kept}; {advice}")
 
 
-# ---------------------------------------------------------------------------------------------
 # Hugging Face transformers
 def _square_side(ckpt: dict[str, Any], state: dict[str, torch.Tensor], path: str) -> int:
     """The image side of a square MAE checkpoint; HF's ViTMAEForPreTraining computes its loss on
     square images only (its patchify refuses others), so other shapes cannot be exported."""
     if "pos_embed" not in state or "patch_embed.proj.weight" not in state or state["pos_embed"].dim() != 3:
         fail(f"checkpoint {path} lacks pos_embed or patch_embed.proj.weight; it is not an MAE checkpoint")
-    patch = state["patch_embed.proj.weight"].shape[-1]
     tokens = state["pos_embed"].shape[1] - 1
     grid = math.isqrt(max(tokens, 0))
     saved = getattr(ckpt.get("args"), "input_size", None)
     sides = [int(v) for v in saved] if isinstance(saved, (list, tuple)) else [saved]
     # The token count alone cannot tell 16x16 from 8x32: a stored --input_size can.
-    if grid * grid != tokens or (saved is not None and len(set(sides)) > 1):
+    if grid * grid != tokens or len(set(sides)) > 1:
         shown = f"--input_size {saved}" if saved is not None else f"{tokens} patches"
         fail(f"checkpoint {path} is not for square images ({shown}); transformers' ViTMAE takes square ones only")
-    return grid * patch
+    return grid * state["patch_embed.proj.weight"].shape[-1]
 
 
 def mae_name(ckpt: dict[str, Any], state: dict[str, torch.Tensor], given: str | None, path: str) -> tuple[str, int]:
@@ -257,7 +227,7 @@ def mae_name(ckpt: dict[str, Any], state: dict[str, torch.Tensor], given: str | 
     saved = getattr(ckpt.get("args"), "model", None)
     name = given or (saved if isinstance(saved, str) else None)
     if name is not None:
-        name = name if name.startswith("mae_") else f"mae_{name}"  # --model may name the encoder
+        name = f"mae_{name.removeprefix('mae_')}"  # --model may name the encoder
         if name not in models_mae.MODELS:
             fail(f"--model {name} is not an MAE; known models: {', '.join(models_mae.MODELS)}")
     found = models_mae.model_for_weights(state, names=[name] if name else None)
@@ -304,9 +274,8 @@ def mae_for_hf_config(config: dict[str, Any], folder: str) -> tuple[str, torch.n
 
 
 def check_weights_fit_config(state: dict[str, torch.Tensor], name: str, img_size: int, folder: str) -> None:
-    """The weights are those of ``name`` at ``img_size`` px, as config.json says; or fail saying
-    whose they are. Settled from the weights' shapes (their position embedding gives their size),
-    so that a config's image size is never built."""
+    """The weights are ``name``'s at ``img_size`` px, as config.json says, or fail saying whose they
+    are: settled from their shapes, so that a config's image size is never built."""
     found = models_mae.model_for_weights(state, names=[name])
     if found == (name, img_size):
         return
@@ -346,7 +315,6 @@ def import_hf(args: argparse.Namespace) -> None:
     print(f"  python main_pretrain.py --model {name} --input_size {img_size} --resume {args.output} ...")
 
 
-# ---------------------------------------------------------------------------------------------
 def check_output(args: argparse.Namespace) -> None:
     """Fail before any work if --output cannot be written as asked."""
     if args.to == "safetensors" and not args.output.endswith(".safetensors"):

@@ -50,39 +50,31 @@ class MaskedAutoencoderViT(nn.Module):
         self.norm_pix_loss = norm_pix_loss
         self.grad_checkpointing = False
 
+        def blocks(dim: int, heads: int, n: int) -> nn.ModuleList:
+            return nn.ModuleList(Block(dim, heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer) for _ in range(n))
+
         # Encoder. Position embeddings are fixed sin-cos values, stored as frozen parameters
         # (as the official code does) so that checkpoints carry them under the same names.
         self.patch_embed = PatchEmbed((height, width), patch_size, in_chans, embed_dim)
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim), requires_grad=False)
-        self.blocks = nn.ModuleList(
-            [Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer) for _ in range(depth)]
-        )
+        self.blocks = blocks(embed_dim, num_heads, depth)
         self.norm = norm_layer(embed_dim)
 
         # Decoder.
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_embed_dim), requires_grad=False)
-        self.decoder_blocks = nn.ModuleList(
-            [
-                Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
-                for _ in range(decoder_depth)
-            ]
-        )
+        self.decoder_blocks = blocks(decoder_embed_dim, decoder_num_heads, decoder_depth)
         self.decoder_norm = norm_layer(decoder_embed_dim)
         self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans)
 
         self.initialize_weights()
 
-    # ----------------------------------------------------------------------------------------
     def initialize_weights(self) -> None:
-        grid = self.grid_size
-        self.pos_embed.data.copy_(torch.from_numpy(sincos_2d(self.pos_embed.shape[-1], grid, cls_token=True)))
-        self.decoder_pos_embed.data.copy_(
-            torch.from_numpy(sincos_2d(self.decoder_pos_embed.shape[-1], grid, cls_token=True))
-        )
+        for pos_embed in (self.pos_embed, self.decoder_pos_embed):
+            pos_embed.data.copy_(torch.from_numpy(sincos_2d(pos_embed.shape[-1], self.grid_size, cls_token=True)))
         # The patch projection is a linear map of the flattened patch: initialise it as one.
         proj = self.patch_embed.proj.weight.data
         nn.init.xavier_uniform_(proj.view(proj.shape[0], -1))
@@ -96,25 +88,20 @@ class MaskedAutoencoderViT(nn.Module):
         self.grad_checkpointing = enable
 
     def _run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+        recompute = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for block in blocks:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
+            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
         return x
 
     @property
     def num_patches(self) -> int:
         return self.patch_embed.num_patches
 
-    # ----------------------------------------------------------------------------------------
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
         """[N, C, H, W] -> [N, L, p*p*C], each patch flattened as (row, column, channel)."""
         self._check_images(imgs)
-        p, n, c = self.patch_size, imgs.shape[0], imgs.shape[1]
-        h, w = imgs.shape[2] // p, imgs.shape[3] // p
-        x = imgs.reshape(n, c, h, p, w, p)
-        x = torch.einsum("nchpwq->nhwpqc", x)
+        (n, c), (h, w), p = imgs.shape[:2], self.grid_size, self.patch_size
+        x = torch.einsum("nchpwq->nhwpqc", imgs.reshape(n, c, h, p, w, p))
         return x.reshape(n, h * w, p * p * c)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
@@ -128,8 +115,7 @@ class MaskedAutoencoderViT(nn.Module):
             raise ValueError(
                 f"cannot unpatchify {tuple(x.shape)}: expected [N, {self.num_patches} or a square, {p * p * c}]"
             )
-        x = x.reshape(x.shape[0], h, w, p, p, c)
-        x = torch.einsum("nhwpqc->nchpwq", x)
+        x = torch.einsum("nhwpqc->nchpwq", x.reshape(x.shape[0], h, w, p, p, c))
         return x.reshape(x.shape[0], c, h * p, w * p)
 
     def _check_images(self, imgs: torch.Tensor) -> None:
@@ -140,7 +126,6 @@ class MaskedAutoencoderViT(nn.Module):
                 f"[N, {expected[0]}, {expected[1]}, {expected[2]}] (patch size {self.patch_size})"
             )
 
-    # ----------------------------------------------------------------------------------------
     def random_masking(
         self, x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -179,19 +164,18 @@ class MaskedAutoencoderViT(nn.Module):
         # from what it carries.
         x = self.patch_embed(imgs) + self.pos_embed[:, 1:]  # [N, L, D]
         x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)  # [N, keep, D]
-        # The class token is no patch: it is never masked and joins after the masking.
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-        x = self._run_blocks(self.blocks, torch.cat([cls, x], dim=1))  # [N, 1 + keep, D]
-        return self.norm(x), mask, ids_restore
+        return self._encode(x), mask, ids_restore
 
     def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
         """The encoder on every patch, no masking: [N, 1 + L, D] tokens after the final norm, the
         class token first (what k-NN monitoring and feature extraction read)."""
         self._check_images(imgs)
-        x = self.patch_embed(imgs) + self.pos_embed[:, 1:]
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-        x = self._run_blocks(self.blocks, torch.cat([cls, x], dim=1))
-        return self.norm(x)
+        return self._encode(self.patch_embed(imgs) + self.pos_embed[:, 1:])
+
+    def _encode(self, patches: torch.Tensor) -> torch.Tensor:
+        # The class token is no patch: it is never masked and joins after the masking.
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(patches.shape[0], -1, -1)
+        return self.norm(self._run_blocks(self.blocks, torch.cat([cls, patches], dim=1)))  # [N, 1 + patches, D]
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         x = self.decoder_embed(latent)  # [N, 1 + keep, D_dec]
@@ -248,7 +232,6 @@ def _init_linear_and_norm(m: nn.Module) -> None:
         nn.init.zeros_(m.bias)
 
 
-# --------------------------------------------------------------------------------------------
 # Factories. The official three share one decoder (512-d, 8 blocks, 16 heads).
 _norm = partial(nn.LayerNorm, eps=1e-6)
 _official_decoder = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
@@ -262,42 +245,35 @@ _tiny_decoder = dict(decoder_embed_dim=128, decoder_depth=4, decoder_num_heads=4
 _mini_decoder = dict(decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=2)
 
 
+def _mae(decoder: dict[str, int], kwargs: dict[str, Any], **arch: int) -> MaskedAutoencoderViT:
+    """An MAE with the official norms and ``decoder`` (``kwargs`` may override the decoder, not ``arch``)."""
+    return MaskedAutoencoderViT(norm_layer=_norm, **arch, **{**decoder, **kwargs})
+
+
 def mae_vit_tiny_patch16(**kwargs) -> MaskedAutoencoderViT:
-    return MaskedAutoencoderViT(
-        patch_size=16, embed_dim=192, depth=12, num_heads=3, norm_layer=_norm, **{**_tiny_decoder, **kwargs}
-    )
+    return _mae(_tiny_decoder, kwargs, patch_size=16, embed_dim=192, depth=12, num_heads=3)
 
 
 def mae_vit_tiny_patch4(**kwargs) -> MaskedAutoencoderViT:
     kwargs.setdefault("img_size", 32)
-    return MaskedAutoencoderViT(
-        patch_size=4, embed_dim=192, depth=12, num_heads=3, norm_layer=_norm, **{**_tiny_decoder, **kwargs}
-    )
+    return _mae(_tiny_decoder, kwargs, patch_size=4, embed_dim=192, depth=12, num_heads=3)
 
 
 def mae_vit_mini_patch4(**kwargs) -> MaskedAutoencoderViT:
     kwargs.setdefault("img_size", 32)
-    return MaskedAutoencoderViT(
-        patch_size=4, embed_dim=128, depth=6, num_heads=4, norm_layer=_norm, **{**_mini_decoder, **kwargs}
-    )
+    return _mae(_mini_decoder, kwargs, patch_size=4, embed_dim=128, depth=6, num_heads=4)
 
 
 def mae_vit_base_patch16(**kwargs) -> MaskedAutoencoderViT:
-    return MaskedAutoencoderViT(
-        patch_size=16, embed_dim=768, depth=12, num_heads=12, norm_layer=_norm, **{**_official_decoder, **kwargs}
-    )
+    return _mae(_official_decoder, kwargs, patch_size=16, embed_dim=768, depth=12, num_heads=12)
 
 
 def mae_vit_large_patch16(**kwargs) -> MaskedAutoencoderViT:
-    return MaskedAutoencoderViT(
-        patch_size=16, embed_dim=1024, depth=24, num_heads=16, norm_layer=_norm, **{**_official_decoder, **kwargs}
-    )
+    return _mae(_official_decoder, kwargs, patch_size=16, embed_dim=1024, depth=24, num_heads=16)
 
 
 def mae_vit_huge_patch14(**kwargs) -> MaskedAutoencoderViT:
-    return MaskedAutoencoderViT(
-        patch_size=14, embed_dim=1280, depth=32, num_heads=16, norm_layer=_norm, **{**_official_decoder, **kwargs}
-    )
+    return _mae(_official_decoder, kwargs, patch_size=14, embed_dim=1280, depth=32, num_heads=16)
 
 
 # The official file names its factories by their decoder too, with the names above as aliases;
@@ -339,23 +315,18 @@ def create_model(
 
 
 def model_for_weights(
-    state: Mapping[str, torch.Tensor],
-    registry: Registry = MODELS,
-    names: Iterable[str] | None = None,
-    **kwargs: Any,
+    state: Mapping[str, torch.Tensor], registry: Registry = MODELS, names: Iterable[str] | None = None, **kwargs: Any
 ) -> tuple[str, int] | None:
     """(name, image side) of the first model of ``registry`` (of ``names``; default: all) whose
-    state dict has exactly ``state``'s names and shapes, for square images of that side and the
-    channels of ``state``'s patch projection; None if there is none. The one place where a model
-    is recognised by its weights (official releases carry no args); ``kwargs`` go to the
-    factories (e.g. ``num_classes=0, global_pool=True`` for ``models_vit.MODELS``).
+    state dict has exactly ``state``'s names and shapes, at that side and ``state``'s channels; or
+    None. The one place where a model is recognised by its weights (official releases carry no
+    args); ``kwargs`` go to the factories (e.g. ``num_classes=0, global_pool=True`` for models_vit).
 
-    The side is a square's: the weights cannot tell 8x16 patches from 16x8. Nothing is built at
-    that side, which comes from untrusted weights: each candidate is built on the meta device at
-    its default size, and the token count of its position embeddings (the only shapes that depend
-    on the size) is worked out for the side by arithmetic. Building at a claimed 10^5 x 10^5 grid
-    would compute sin-cos embeddings of that size, in float64, even on the meta device.
-    """
+    The side is a square's: weights cannot tell 8x16 patches from 16x8. It comes from untrusted
+    weights, so nothing is built at it (a claimed 10^5 x 10^5 grid would compute float64 sin-cos
+    embeddings of that size even on the meta device): each candidate is built on the meta device at
+    its default size, and its position embeddings' token count (the only size-dependent shape) is
+    worked out for the side by arithmetic."""
     proj = state.get("patch_embed.proj.weight")
     if proj is None or proj.dim() != 4:
         return None

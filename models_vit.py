@@ -23,9 +23,7 @@ class VisionTransformer(TimmVisionTransformer):
         super().__init__(global_pool=global_pool, **kwargs)
         # The official classifier adds fc_norm after timm built the head; register it last too,
         # so that parameter (and optimizer-state) order equals the official checkpoints'.
-        fc_norm = self.fc_norm
-        del self.fc_norm
-        self.fc_norm = fc_norm
+        self.fc_norm = self._modules.pop("fc_norm")
 
 
 def vit_tiny_patch16(**kwargs) -> VisionTransformer:

@@ -10,6 +10,7 @@ pixel statistics); flags override them.
 """
 
 import argparse
+from argparse import BooleanOptionalAction
 
 import torch
 
@@ -37,10 +38,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_in_chans_arg(parser, default=None)  # default: the checkpoint's patch embedding's
     parser.add_argument("--mask_ratio", default=0.75, type=float)
     parser.add_argument(
-        "--norm_pix_loss",
-        default=None,
-        action=argparse.BooleanOptionalAction,
-        help="the model predicts normalised patches (default: from the checkpoint's args)",
+        "--norm_pix_loss", action=BooleanOptionalAction, help="predicts normalised patches (default: the checkpoint's)"
     )
     parser.add_argument("--seed", default=0, type=int, help="seed of the mask")
     add_norm_args(parser)

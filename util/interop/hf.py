@@ -44,15 +44,10 @@ _TOP = {
     "patch_embed.proj.bias": "vit.embeddings.patch_embeddings.projection.bias",
     "norm.weight": "vit.layernorm.weight",
     "norm.bias": "vit.layernorm.bias",
-    "decoder_embed.weight": "decoder.decoder_embed.weight",
-    "decoder_embed.bias": "decoder.decoder_embed.bias",
-    "mask_token": "decoder.mask_token",
-    "decoder_pos_embed": "decoder.decoder_pos_embed",
-    "decoder_norm.weight": "decoder.decoder_norm.weight",
-    "decoder_norm.bias": "decoder.decoder_norm.bias",
-    "decoder_pred.weight": "decoder.decoder_pred.weight",
-    "decoder_pred.bias": "decoder.decoder_pred.bias",
 }
+# The decoder's are ours under "decoder.".
+_TOP |= {k: f"decoder.{k}" for k in ("mask_token", "decoder_pos_embed")}
+_TOP |= {f"decoder_{m}.{p}": f"decoder.decoder_{m}.{p}" for m in ("embed", "norm", "pred") for p in ("weight", "bias")}
 _TOP_BACK = {hf: ours for ours, hf in _TOP.items()}
 # Inside a block (ours -> Hub's); the fused qkv is split into the three names of _QKV.
 _BLOCK = {
@@ -65,21 +60,15 @@ _BLOCK = {
 _QKV = ("attention.attention.query", "attention.attention.key", "attention.attention.value")
 # Every spelling of a block's modules that HF folders use, to ours ('q', 'k', 'v' are fused later).
 _BLOCK_BACK = {hf: ours for ours, hf in _BLOCK.items()} | dict(zip(_QKV, "qkv", strict=True))
-_BLOCK_BACK |= {
-    "attention.q_proj": "q",
-    "attention.k_proj": "k",
-    "attention.v_proj": "v",
-    "attention.o_proj": "attn.proj",
-    "mlp.fc1": "mlp.fc1",
-    "mlp.fc2": "mlp.fc2",
-}
+# transformers 5's module names: the q/k/v/o projections, and the MLP's under our names.
+_BLOCK_BACK |= {f"attention.{x}_proj": x for x in "qkv"} | {"attention.o_proj": "attn.proj"}
+_BLOCK_BACK |= {name: name for name in ("mlp.fc1", "mlp.fc2")}
 _OUR_BLOCK = re.compile(r"^(blocks|decoder_blocks)\.(\d+)\.(.+)\.(weight|bias)$")
 _HF_BLOCK = re.compile(
     r"^(vit\.encoder\.layer|vit\.layers|decoder\.decoder_layers|decoder\.decoder_encoder\.layer)\.(\d+)\.(.+)\.(weight|bias)$"
 )
 
 
-# ---------------------------------------------------------------------------------------------
 # config.json and the shard index, checked against one typed table each
 class _Invalid(ValueError):
     """A JSON value that breaks its field's rule: what was ``expected``; ``where`` and ``value``
@@ -95,69 +84,45 @@ class _Invalid(ValueError):
 _MAX_INT = 2**20
 
 
-def _positive_int(value: Any) -> int:
-    # JSON's true/false arrive as Python bools, which are ints: not counts.
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= _MAX_INT:
-        raise _Invalid(f"a positive integer (at most {_MAX_INT})")
-    return value
+def _rule(expected: str, ok: Callable[[Any], bool], convert: Callable[[Any], Any] = lambda v: v) -> Callable:
+    """A field's check: ``convert(value)`` if ``ok(value)``, else ``_Invalid(expected)``."""
+
+    def check(value: Any) -> Any:
+        if not ok(value):
+            raise _Invalid(expected)
+        return convert(value)
+
+    return check
+
+
+# JSON's true/false arrive as Python bools, which are ints: neither counts nor numbers.
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+_positive_int = _rule(f"a positive integer (at most {_MAX_INT})", lambda v: _is_int(v) and 0 < v <= _MAX_INT)
+_ratio = _rule("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1, float)  # some patches stay visible
+_positive_number = _rule("a positive number", lambda v: _is_number(v) and v > 0, float)
+_boolean = _rule("true or false (a JSON boolean, not a string)", lambda v: isinstance(v, bool))
+_string = _rule("a string", lambda v: isinstance(v, str))
+_string_or_null = _rule("a string", lambda v: v is None or isinstance(v, str))
+_strings = _rule(
+    "a list of strings",
+    lambda v: v is None or (isinstance(v, list) and all(isinstance(s, str) for s in v)),
+    lambda v: v or [],
+)
 
 
 def _square_size(value: Any) -> int:
     """HF allows (height, width) sizes; our models take square images and patches."""
     if isinstance(value, list) and len(value) == 2 and value[0] == value[1]:
         value = value[0]
-    try:
-        return _positive_int(value)
-    except _Invalid:
-        raise _Invalid("a positive integer, or [height, width] equal ones (our MAE models are square)") from None
-
-
-def _number(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise _Invalid("a number")
-    return float(value)
-
-
-def _ratio(value: Any) -> float:
-    """A mask ratio: some patches stay visible to the encoder."""
-    try:
-        if 0 <= _number(value) < 1:
-            return float(value)
-    except _Invalid:
-        pass
-    raise _Invalid("a number in [0, 1)")
-
-
-def _positive_number(value: Any) -> float:
-    try:
-        if _number(value) > 0:
-            return float(value)
-    except _Invalid:
-        pass
-    raise _Invalid("a positive number")
-
-
-def _boolean(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise _Invalid("true or false (a JSON boolean, not a string)")
-    return value
-
-
-def _string(value: Any) -> str:
-    if not isinstance(value, str):
-        raise _Invalid("a string")
-    return value
-
-
-def _string_or_null(value: Any) -> str | None:
-    return None if value is None else _string(value)
-
-
-def _strings(value: Any) -> list[str]:
-    if value is None:
-        return []
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise _Invalid("a list of strings")
+    if not (_is_int(value) and 0 < value <= _MAX_INT):
+        raise _Invalid("a positive integer, or [height, width] equal ones (our MAE models are square)")
     return value
 
 
@@ -166,8 +131,7 @@ def _shard_map(value: Any) -> dict[str, str]:
     if not isinstance(value, dict) or not value:
         raise _Invalid("an object from weight names to shard file names")
     for name, shard in sorted(value.items()):
-        plain = isinstance(shard, str) and shard not in ("", ".", "..") and not re.search(r"[/\\\0]", shard)
-        if not plain:
+        if not isinstance(shard, str) or shard in ("", ".", "..") or re.search(r"[/\\\0]", shard):
             raise _Invalid(
                 "a file name in the folder (no folder part, no ..)", f"weight_map[{json.dumps(name)}]", shard
             )
@@ -248,7 +212,6 @@ def read_json(path: str, what: str) -> Any:
         fail(f"{what} is not readable JSON ({e})")
 
 
-# ---------------------------------------------------------------------------------------------
 # Ours -> HF
 def hf_config(model: nn.Module, image_size: int, mask_ratio: float, norm_pix_loss: bool) -> dict[str, Any]:
     """The ``ViTMAEConfig`` (as config.json's dict) of a ``models_mae.MaskedAutoencoderViT`` for
@@ -310,7 +273,6 @@ def to_hf_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-# ---------------------------------------------------------------------------------------------
 # HF -> ours
 def read_hf_folder(folder: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(config, checked against ``CONFIG_FIELDS`` with HF's defaults filled in; weights) of a
