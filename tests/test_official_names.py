@@ -45,7 +45,8 @@ def test_only_official_factory_names():
 
 
 def test_main_pretrain_takes_official_model_name():
-    args = main_pretrain.get_args_parser().parse_args(["--model", "mae_vit_large_patch16_dec512d8b"])
+    argv = ["--model", "mae_vit_large_patch16_dec512d8b", "--input_size", "224", "--in_chans", "3"]  # as run.start settles
+    args = main_pretrain.get_args_parser().parse_args(argv)
     with torch.device("meta"):
         model = main_pretrain.build_model(args)
     assert shapes(model) == load_spec()["mae_vit_large_patch16"]
