@@ -45,7 +45,8 @@ def test_only_official_factory_names():
 
 
 def test_main_pretrain_takes_official_model_name():
-    argv = ["--model", "mae_vit_large_patch16_dec512d8b", "--input_size", "224", "--in_chans", "3"]  # as run.start settles
+    # Sizes as run.start settles them without a checkpoint.
+    argv = ["--model", "mae_vit_large_patch16_dec512d8b", "--input_size", "224", "--in_chans", "3"]
     args = main_pretrain.get_args_parser().parse_args(argv)
     with torch.device("meta"):
         model = main_pretrain.build_model(args)
