@@ -19,8 +19,8 @@ class NonFiniteLoss(UserError):
 
 
 def lower_lr(args: Any) -> str:
-    """The flag a diverged run should lower: ``--lr`` if the user gave it, else ``--blr``.
-    (``run.start`` replaces ``args.lr`` by the effective lr, so it records ``args.lr_given``.)"""
+    """The flag a diverged run should lower: ``--lr`` if the user gave it (``args.lr_given``: run.start
+    replaces ``args.lr`` by the effective lr), else ``--blr``."""
     return "--lr" if getattr(args, "lr_given", False) else "--blr"
 
 
@@ -60,5 +60,4 @@ def run_cli(main: Callable[[], None]) -> None:
 def _last_line(error: UserError) -> str:
     lines = [line for line in str(error).splitlines() if line.strip()]
     message = lines[-1] if lines else "unknown error"
-    marker = "UserError: "
-    return message.split(marker, 1)[1] if marker in message else message
+    return message.split("UserError: ", 1)[-1]
