@@ -4,6 +4,7 @@ flags to change, instead of being killed by the kernel (or CUDA) minutes later. 
 are known before the first step."""
 
 import argparse
+import contextlib
 import math
 import os
 from collections.abc import Sequence
@@ -26,13 +27,10 @@ def available_bytes(device: str | torch.device = "cpu") -> int:
     device = torch.device(device)
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 

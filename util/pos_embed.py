@@ -80,9 +80,8 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int | Sequence[int], cls_
 
 
 def interpolate_pos_embed(model: torch.nn.Module, checkpoint_model: dict[str, torch.Tensor]) -> None:
-    """Official name: resize ``checkpoint_model['pos_embed']``, in place, to ``model``'s grid
-    (square or not), keeping its extra (class) tokens; :func:`resize_pos_embed` does the work.
-    The checkpoint's grid is taken as square, as every official checkpoint's is."""
+    """Official name: resize ``checkpoint_model['pos_embed']``, in place, to ``model``'s grid (the
+    checkpoint's grid taken as square, as every official one is), keeping its class token."""
     if "pos_embed" in checkpoint_model:
         num_patches = model.patch_embed.num_patches
         num_prefix_tokens = model.pos_embed.shape[-2] - num_patches

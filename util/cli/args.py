@@ -112,7 +112,7 @@ def add_classifier_args(parser: argparse.ArgumentParser, models: Iterable[str], 
     g.add_argument("--finetune", default="", help="MAE checkpoint (file or URL) to start from")
     g.add_argument("--global_pool", action="store_true", help="average the patch tokens (then fc_norm)")
     g.add_argument(
-        "--cls_token", action="store_false", dest="global_pool", help="use the class token instead of global pooling"
+        "--cls_token", action="store_false", dest="global_pool", help="class token instead of global pooling"
     )
     parser.set_defaults(global_pool=global_pool)
     g.add_argument("--nb_classes", default=1000, type=int, help="number of classification types")
@@ -267,9 +267,8 @@ def add_in_chans_arg(group: argparse._ArgumentGroup, default: int | None = 3) ->
         default=default,
         type=int,
         metavar="C",
-        help="image channels: 3 reads every file as RGB; 1 reads grayscale files (8 or 16-bit) as they are; "
-        "other counts read multi-page TIFFs, one page per channel (or files with that many bands) "
-        "(default: the checkpoint's, else 3)",
+        help="image channels: 3 reads files as RGB, 1 grayscale ones (8 or 16-bit) as they are, others multi-page "
+        "TIFFs, a page per channel, or files with that many bands (default: the checkpoint's, else 3)",
     )
 
 

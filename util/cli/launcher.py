@@ -25,9 +25,7 @@ def add_launcher_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--ngpus", default=8, type=int, help="number of GPUs to request on each node")
     g.add_argument("--nodes", default=2, type=int, help="number of nodes to request")
     g.add_argument("--timeout", default=4320, type=int, help="duration of the job, in minutes")
-    g.add_argument(
-        "--job_dir", default="./submitit_jobs/%j", help="job and output folder, shared by all nodes (%%j: the job id)"
-    )
+    g.add_argument("--job_dir", default="./submitit_jobs/%j", help="shared job and output folder (%%j: the job id)")
     g.add_argument("--partition", default="learnfair", help="SLURM partition")
     g.add_argument("--use_volta32", action="store_true", help="request 32 GB V100 GPUs")
     g.add_argument("--comment", default="", help="comment to pass to the scheduler")
@@ -82,8 +80,7 @@ def check_flags(entry: ModuleType, args: argparse.Namespace) -> None:
     if args.tasks_per_node is not None:
         check_at_least(args, 1, "tasks_per_node")
     checked = copy.copy(args)
-    if str(args.device).startswith("cuda"):
-        checked.device = "cpu"
+    checked.device = "cpu" if str(args.device).startswith("cuda") else args.device
     getattr(entry, "check_args", check_common)(checked)
 
 

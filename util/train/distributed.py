@@ -128,9 +128,7 @@ def read_world(env: Mapping[str, str], dist_url: str = "env://", dist_on_itp: bo
 
 def start_timeout(env: Mapping[str, str]) -> float:
     """Seconds the processes wait for each other at start-up (``MAE_DIST_START_TIMEOUT``)."""
-    text = env.get(START_TIMEOUT_VAR)
-    if text is None:
-        return DEFAULT_START_TIMEOUT_S
+    text = env.get(START_TIMEOUT_VAR, str(DEFAULT_START_TIMEOUT_S))
     seconds = _number(text, float)
     if seconds is None or not 0 < seconds < float("inf"):
         fail(f"the environment variable {START_TIMEOUT_VAR}={text!r} must be a positive number of seconds")

@@ -113,14 +113,12 @@ class MetricLogger:
 class RunLog:
     """TensorBoard writer and ``log.txt`` (one JSON object per epoch), on rank 0 only.
 
-    ``history`` is the list of epoch lines a checkpoint carries (``TrainState.log``): log.txt is
-    rewritten from it at start, so that it agrees with the checkpoint the run continues from (a
-    fresh start replaces an old log; a fall-back to an earlier checkpoint drops the later epochs'
-    lines; a line lost to a kill after its checkpoint comes back). Without a history (an older
-    checkpoint) log.txt is only appended to.
-
-    Failing to write log.txt stops the run in one line; TensorBoard and the pictures are extras:
-    failing to write them (a full disk) is one warning, and training goes on.
+    log.txt is rewritten at start from ``history``, the epoch lines a checkpoint carries, so that
+    it agrees with the checkpoint the run continues from (a fresh start replaces an old log, a
+    fall-back to an earlier checkpoint drops later lines, a line lost to a kill after its checkpoint
+    comes back); without one (an older checkpoint) it is only appended to. Failing to write log.txt
+    stops the run in one line; TensorBoard and the pictures are extras: failing to write them (a
+    full disk) is one warning, and training goes on.
     """
 
     def __init__(self, log_dir: str, output_dir: str, history: list[dict[str, Any]] | None = None):
