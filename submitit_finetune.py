@@ -1,7 +1,5 @@
-"""Submit main_finetune.py to SLURM with submitit (see util/cli/launcher.py and the README).
-
-python submitit_finetune.py --nodes 8 --ngpus 8 --job_dir ./jobs/%j <main_finetune.py flags>
-"""
+"""Submit main_finetune.py to SLURM with submitit (see util/cli/launcher.py and the README):
+python submitit_finetune.py --nodes 8 --ngpus 8 --job_dir ./jobs/%j <main_finetune.py flags>"""
 
 from util.cli.errors import run_cli
 from util.cli.launcher import submit

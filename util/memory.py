@@ -1,11 +1,10 @@
 """Memory, sized before it is allocated: a run that cannot fit stops in one line that names the
-flags to change, instead of being killed by the kernel (or CUDA) minutes later.
-
-Two sizes are known before the first step: a model's weights, from the model built on the meta
-device (:func:`model_bytes`), and a training step's peak, from the architecture
-(:func:`training_bytes`)."""
+flags to change, instead of being killed by the kernel (or CUDA) minutes later. A model's weights
+(:func:`model_bytes`, on the meta device too) and a training step's peak (:func:`training_bytes`)
+are known before the first step."""
 
 import argparse
+import contextlib
 import math
 import os
 from collections.abc import Sequence
@@ -14,7 +13,7 @@ import torch
 from torch import nn
 
 from util.cli.errors import fail
-from util.sizes import image_size
+from util.sizes import image_size, shown_size
 
 # Bytes of an activation element in the dtype the matrix products run in.
 _ACTIVATION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -27,23 +26,17 @@ def available_bytes(device: str | torch.device = "cpu") -> int:
     MemAvailable (what can be allocated without swapping), else total physical memory."""
     device = torch.device(device)
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+        return int(torch.cuda.mem_get_info(device)[0])
+    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def require(nbytes: float, what: str, advice: str, device: str | torch.device = "cpu") -> None:
-    """Fail in one line unless ``nbytes`` fit in the memory of ``device`` now.
-
-    ``what`` names the allocation (``"the (1, 3137, 192) position embedding of --input_size 224"``),
-    ``advice`` the flags to change."""
+    """Fail in one line unless ``nbytes`` fit in the memory of ``device`` now; ``what`` names the
+    allocation (``"the (1, 3137, 192) position embedding of --input_size 224"``), ``advice`` the flags to change."""
     free = available_bytes(device)
     if nbytes > free:
         where = "GPU" if torch.device(device).type == "cuda" else "CPU"
@@ -69,14 +62,12 @@ def training_bytes(
     mask_ratio: float | None = None,
     device: str | torch.device = "cpu",
 ) -> int:
-    """Peak memory of a training step of ``model`` (an MAE or a ViT classifier of this project,
-    unwrapped, on any device including meta) on ``batch_size`` images of ``input_size`` (one side,
-    or height and width) on ``device``: weights, gradients and optimizer state, plus the
-    activations autograd keeps for the backward pass, per image times the batch.
+    """Peak memory of a training step of ``model`` (an unwrapped MAE or ViT of this project, on any
+    device including meta) on ``batch_size`` images of ``input_size`` on ``device``: weights,
+    gradients and optimizer state, plus the activations autograd keeps, per image times the batch.
 
-    Parameters that do not require gradients get none and no optimizer state, and a stack of
-    blocks whose parameters (and those of the stacks before it) are all frozen keeps no
-    activations, as in linear probing. ``mask_ratio`` is the MAE's; None counts every patch."""
+    Frozen parameters get no gradients nor optimizer state, and a stack of blocks frozen like all
+    those before it keeps no activations (linear probing). ``mask_ratio``: None counts every patch."""
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     fixed = model_bytes(model) + trainable * (1 + _OPTIMIZER_STATES[optimizer])  # weights, grads, state
     if precision != "fp32":
@@ -94,8 +85,7 @@ def activation_bytes_per_image(
     device: str | torch.device = "cpu",
 ) -> int:
     """Bytes one image adds to a training step's peak: what the backward pass needs of every
-    transformer block, one block's worth more of gradients in flight, and the image-sized tensors
-    around the blocks, with the allocator's slack (calibrated on a CPU, see below)."""
+    block, one block's gradients in flight and the tensors around the blocks, with the allocator's slack."""
     height, width = image_size(input_size)
     patch_h, patch_w = model.patch_embed.patch_size
     # The image, and for an MAE its patchified target, the prediction and their difference, in fp32.
@@ -162,25 +152,15 @@ def _attention_bytes(block: nn.Module, tokens: int, precision: str) -> int:
 
 def check_training_fits(model: nn.Module, args: argparse.Namespace, device: str | torch.device) -> None:
     """Refuse, in one line that names the flags to change, a training run whose step cannot fit
-    the free memory of ``device`` (free GPU memory on CUDA, MemAvailable on a CPU).
-
-    ``model`` is the unwrapped model as it will train (frozen parameters frozen), on ``device``
-    or still on the CPU or the meta device; ``args`` the settled flags: batch_size, input_size,
-    precision (not 'auto'), grad_checkpointing and, for an MAE, mask_ratio."""
+    the free memory of ``device``. ``model`` is the unwrapped model as it will train, on ``device``,
+    the CPU or the meta device; ``args`` the settled flags (precision not 'auto')."""
     device = torch.device(device)
-    needed = training_bytes(
-        model,
-        args.batch_size,
-        args.input_size,
-        args.precision,
-        args.grad_checkpointing,
-        mask_ratio=getattr(args, "mask_ratio", None),
-        device=device,
-    )
-    if _on(model, device):  # its weights are already taken from the free memory
+    flags = (args.batch_size, args.input_size, args.precision, args.grad_checkpointing)
+    needed = training_bytes(model, *flags, mask_ratio=getattr(args, "mask_ratio", None), device=device)
+    first = next(model.parameters(), None)
+    if first is not None and first.device.type == device.type:  # its weights already take free memory
         needed -= model_bytes(model)
-    height, width = image_size(args.input_size)
-    size = f"{height}" if height == width else f"{height} {width}"
+    size = shown_size(args.input_size)
     what = f"training --batch_size {args.batch_size} at --input_size {size} in --precision {args.precision}"
     require(needed, what, _fit_advice(args, device), device)
 
@@ -193,8 +173,3 @@ def _fit_advice(args: argparse.Namespace, device: torch.device) -> str:
         options.append("--precision bf16" if device.type == "cpu" else "--precision bf16 or fp16")
     listed = ", ".join(options[:-1]) + " or " + options[-1] if len(options) > 1 else options[0]
     return f"lower --batch_size (raising --accum_iter keeps the effective batch), or use {listed}"
-
-
-def _on(model: nn.Module, device: torch.device) -> bool:
-    first = next(model.parameters(), None)
-    return first is not None and first.device.type == device.type

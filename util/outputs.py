@@ -8,6 +8,7 @@ import os
 import re
 import tempfile
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import BinaryIO
 
 from PIL import Image
@@ -75,9 +76,8 @@ def check_output_file(path: str, flag: str) -> None:
 
 
 def check_json_output(path: str, flag: str, append: bool = False) -> None:
-    """``path`` can take the JSON file a command writes when its work is done: checked before
-    the work. With ``append`` (one JSON object per line, added to what the file holds), the lines
-    already there must be JSON too, or the file would end up mixing them with ours."""
+    """``path`` can take the JSON file a command writes when its work is done, checked before the
+    work. With ``append`` (JSON lines added to the file), the lines already there must be JSON too."""
     _check_file_target(path, flag, "results.json")
     if append and os.path.isfile(path):
         _check_json_lines(path, flag)
@@ -85,11 +85,10 @@ def check_json_output(path: str, flag: str, append: bool = False) -> None:
 
 def _check_json_lines(path: str, flag: str) -> None:
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        lines = Path(path).read_bytes().splitlines()
     except OSError as e:
         fail(f"{flag} {path} cannot be read ({e.strerror}); it is added to, so it must be readable: give another name")
-    for number, line in enumerate(data.splitlines(), 1):
+    for number, line in enumerate(lines, 1):
         if not _is_json(line):
             fail(
                 f"{flag} {path}: line {number} is not JSON, and one JSON object per line is added to this file; "
@@ -109,9 +108,7 @@ def _is_json(line: bytes) -> bool:
 
 def check_outside_data(output_dir: str, data_path: str, flag: str = "--output_dir") -> None:
     """Refuse an output folder at or below the data folder (links resolved): the pictures a run
-    writes there would be read back as training images (or, in class folders, as a class).
-
-    A list file as ``data_path`` names its images one by one, so nothing written next to it joins them."""
+    writes there would be read back as training images. (A list file names its images one by one.)"""
     if not output_dir or not os.path.isdir(data_path):
         return
     data, out = os.path.realpath(data_path), os.path.realpath(output_dir)
@@ -133,8 +130,7 @@ _TEMPORARY = re.compile(r"^(.+)\.tmp(\d*)$")
 
 def stale_temporary_of(name: str) -> str | None:
     """The file name that ``name`` is a temporary file of, when a process other than this one left
-    it (``checkpoint-3.pth.tmp1234`` -> ``checkpoint-3.pth``); None for any other name. An empty
-    process id is the temporary name of earlier versions."""
+    it (``checkpoint-3.pth.tmp1234`` -> ``checkpoint-3.pth``, or ``.tmp`` of earlier versions); else None."""
     m = _TEMPORARY.match(name)
     if not m or m.group(2) == str(os.getpid()):
         return None
@@ -143,11 +139,9 @@ def stale_temporary_of(name: str) -> str | None:
 
 def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
     """Call ``write(f)`` on a temporary file in ``path``'s folder, flush it to disk, then rename it
-    over ``path``: every file this project writes goes through here.
-
-    A failed write (a full disk, a quota) raises its ``OSError`` and leaves ``path`` as it was; the
-    temporary file is removed. The folder is synced too, so that the rename survives a power loss.
-    """
+    over ``path``: every file this project writes goes through here. A failed write (a full disk)
+    raises its ``OSError`` and leaves ``path`` as it was; the folder is synced so that the rename
+    survives a power loss."""
     tmp = temporary_path(path)
     try:
         with open(tmp, "wb") as f:
@@ -166,13 +160,9 @@ def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
 
 
 def atomic_append(path: str, text: str) -> None:
-    """Add ``text`` at the end of ``path`` (created if missing) by writing the whole file anew
-    through ``atomic_write``: a full disk leaves the old lines rather than a torn last one. For
-    the small files this project appends to (log.txt, knn_eval's results)."""
-    old = b""
-    if os.path.exists(path):
-        with open(path, "rb") as f:
-            old = f.read()
+    """Add ``text`` at the end of ``path`` (created if missing) by writing the whole (small) file
+    anew through ``atomic_write``: a full disk leaves the old lines rather than a torn last one."""
+    old = Path(path).read_bytes() if os.path.exists(path) else b""
     if old and not old.endswith(b"\n"):  # a line torn by an older version: ours starts on its own line
         old += b"\n"
     data = old + text.encode("utf-8")
@@ -181,8 +171,7 @@ def atomic_append(path: str, text: str) -> None:
 
 @contextlib.contextmanager
 def reported(path: str, what: str) -> Iterator[None]:
-    """Turn an ``OSError`` of writing ``path`` (``what``: the flag that named it) into one line.
-    Meant around ``atomic_write``, which has left the old file as it was."""
+    """Turn an ``OSError`` of writing ``path`` (named by the flag ``what``) with ``atomic_write`` into one line."""
     try:
         yield
     except OSError as e:

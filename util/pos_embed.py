@@ -24,29 +24,17 @@ def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
     return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
 
 
-def grid_hw(grid_size: int | Sequence[int]) -> tuple[int, int]:
-    """(rows, columns) of a grid given as one side (square) or as (rows, columns)."""
-    rows, cols = image_size(grid_size)
-    return int(rows), int(cols)
-
-
 def sincos_2d(dim: int, grid_size: int | Sequence[int], cls_token: bool = False) -> np.ndarray:
     """[rows * cols (+1), dim] embedding for a grid of ``grid_size`` (one side, or (rows, columns))
-    in row-major order, the order in which the patch embedding flattens a [rows, cols] grid.
-
-    With ``cls_token`` a zero row is put first for the class token.
-    """
+    in row-major order, as the patch embedding flattens it; ``cls_token``: a zero row first."""
     if dim % 4:
         raise ValueError(f"2-D sin-cos embedding needs a dimension divisible by 4, got {dim}")
-    h, w = grid_hw(grid_size)
+    h, w = image_size(grid_size)
     # Computed in float64 on the CPU, whatever device the model is built on (the meta device too):
     # the two halves and their concatenation are the peak, 16 bytes per element.
     shape = (h * w + int(cls_token), dim)
-    require(
-        16 * shape[0] * dim,
-        f"the {shape} sin-cos position embedding of a {h}x{w} patch grid",
-        "give a smaller --input_size",
-    )
+    what = f"the {shape} sin-cos position embedding of a {h}x{w} patch grid"
+    require(16 * shape[0] * dim, what, "give a smaller --input_size")
     rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
     emb = np.concatenate([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], axis=1)
     if cls_token:
@@ -61,14 +49,11 @@ def resize_pos_embed(
     old_grid: int | Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Resize a [1, prefix + h*w, D] position embedding to a new grid (one side, or (rows,
-    columns)), bicubic without antialiasing as the official code does.
-
-    Prefix tokens (class token) are kept as they are; the grid is interpolated. The token count
-    alone cannot tell a 16x8 grid from an 8x16 one, so a grid that is not square needs
-    ``old_grid``; without it the old grid is taken as square.
-    """
+    columns)), bicubic without antialiasing as the official code does; prefix tokens are kept.
+    The token count alone cannot tell a 16x8 grid from an 8x16 one: without ``old_grid`` the old
+    grid is taken as square."""
     prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
-    new_h, new_w = grid_hw(new_grid)
+    new_h, new_w = image_size(new_grid)
     if old_grid is None:
         if grid.shape[1] == new_h * new_w:
             return pos_embed  # already fits: nothing to resize, whatever its shape
@@ -76,7 +61,7 @@ def resize_pos_embed(
         if side * side != grid.shape[1]:
             raise ValueError(f"position embedding has {grid.shape[1]} grid tokens, not a square grid")
         old_grid = side
-    old_h, old_w = grid_hw(old_grid)
+    old_h, old_w = image_size(old_grid)
     if old_h * old_w != grid.shape[1]:
         raise ValueError(f"position embedding has {grid.shape[1]} grid tokens, not a {old_h}x{old_w} grid")
     if (old_h, old_w) == (new_h, new_w):
@@ -95,9 +80,8 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int | Sequence[int], cls_
 
 
 def interpolate_pos_embed(model: torch.nn.Module, checkpoint_model: dict[str, torch.Tensor]) -> None:
-    """Official name: resize ``checkpoint_model['pos_embed']``, in place, to ``model``'s grid
-    (square or not), keeping its extra (class) tokens; :func:`resize_pos_embed` does the work.
-    The checkpoint's grid is taken as square, as every official checkpoint's is."""
+    """Official name: resize ``checkpoint_model['pos_embed']``, in place, to ``model``'s grid (the
+    checkpoint's grid taken as square, as every official one is), keeping its class token."""
     if "pos_embed" in checkpoint_model:
         num_patches = model.patch_embed.num_patches
         num_prefix_tokens = model.pos_embed.shape[-2] - num_patches

@@ -10,7 +10,7 @@ from torch import nn
 
 from util.cli.errors import fail
 from util.memory import model_bytes, require
-from util.sizes import check_input_size
+from util.sizes import check_input_size, shown_size
 
 
 class Registry(dict[str, Callable[..., nn.Module]]):
@@ -68,11 +68,5 @@ def _require_weights(model: nn.Module, name: str, img_size: tuple[int, int] | No
     device = torch.get_default_device()
     if device.type == "meta":  # the caller builds on the meta device too: nothing to allocate
         return
-    if img_size is None:
-        size = "its default size"
-    else:
-        size = (
-            f"--input_size {img_size[0]}" if img_size[0] == img_size[1] else f"--input_size {img_size[0]} {img_size[1]}"
-        )
-    what = f"building --model {name} at {size}"
-    require(model_bytes(model), what, "give a smaller --input_size or --model", device)
+    size = "its default size" if img_size is None else f"--input_size {shown_size(img_size)}"
+    require(model_bytes(model), f"building --model {name} at {size}", "give a smaller --input_size or --model", device)

@@ -17,6 +17,12 @@ def image_size(input_size: int | Sequence[int]) -> tuple[int, int]:
     return values[0], values[-1]
 
 
+def shown_size(input_size: int | Sequence[int]) -> str:
+    """An ``--input_size`` value as the flag takes it: ``224`` for a square, else ``224 160``."""
+    height, width = image_size(input_size)
+    return f"{height}" if height == width else f"{height} {width}"
+
+
 def check_input_size(input_size: int | Sequence[int], patch_size: int) -> tuple[int, int]:
     """(height, width), both multiples of the patch size, or a one-line error."""
     height, width = image_size(input_size)

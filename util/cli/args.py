@@ -30,34 +30,15 @@ def add_schedule_args(
     """Batch, epochs, optimizer and learning-rate schedule; defaults differ per entry point."""
     g = parser.add_argument_group("schedule")
     g.add_argument(
-        "--batch_size",
-        default=batch_size,
-        type=int,
-        help="batch size per GPU (effective batch = batch_size * accum_iter * world size)",
+        "--batch_size", default=batch_size, type=int, help="per GPU (effective batch = this * accum_iter * world size)"
     )
     g.add_argument("--epochs", default=epochs, type=int)
-    g.add_argument(
-        "--accum_iter", default=1, type=int, help="accumulate gradients over this many iterations before a step"
-    )
+    g.add_argument("--accum_iter", default=1, type=int, help="iterations whose gradients make one step")
     g.add_argument("--weight_decay", type=float, default=weight_decay)
-    g.add_argument(
-        "--lr",
-        type=float,
-        default=None,
-        metavar="LR",
-        help="absolute learning rate; default: blr * effective batch / 256",
-    )
-    g.add_argument(
-        "--blr",
-        type=float,
-        default=blr,
-        metavar="LR",
-        help="base learning rate: absolute_lr = base_lr * effective batch / 256",
-    )
-    g.add_argument("--min_lr", type=float, default=min_lr, metavar="LR", help="lower lr bound for the cosine schedule")
-    g.add_argument(
-        "--clip_grad", type=float, default=None, metavar="NORM", help="clip gradient norm (default: None, no clipping)"
-    )
+    g.add_argument("--lr", type=float, metavar="LR", help="absolute lr (default: blr * effective batch / 256)")
+    g.add_argument("--blr", type=float, default=blr, metavar="LR", help="base lr: lr = blr * effective batch / 256")
+    g.add_argument("--min_lr", type=float, default=min_lr, metavar="LR", help="lower lr bound of the cosine schedule")
+    g.add_argument("--clip_grad", type=float, metavar="NORM", help="clip the gradient norm (default: no clipping)")
     g.add_argument(
         "--warmup_epochs", type=int, default=warmup_epochs, metavar="N", help="epochs of linear warm-up (per iteration)"
     )
@@ -70,60 +51,37 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--output_dir", default="./output_dir", help="where to save checkpoints and log.txt")
     g.add_argument("--log_dir", default="./output_dir", help="where to write TensorBoard logs")
     g.add_argument(
-        "--device",
-        default="cuda" if torch.cuda.is_available() else "cpu",
-        help="device for training and testing (default: cuda when present, else cpu)",
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda when present, else cpu"
     )
     g.add_argument("--seed", default=0, type=int)
-    g.add_argument(
-        "--resume", default="", help="checkpoint to resume from, or 'auto' for the newest good one in --output_dir"
-    )
+    g.add_argument("--resume", default="", help="checkpoint, or 'auto': the newest good one in --output_dir")
     g.add_argument("--start_epoch", default=0, type=int, metavar="N", help="start epoch (overridden by --resume)")
     g.add_argument(
-        "--num_workers",
-        default=default_workers(),
-        type=int,
-        help="data-loading processes per training process (default: 10, or the usable CPU cores if fewer)",
+        "--num_workers", default=default_workers(), type=int, help="data loaders per process (default: min(10, cores))"
     )
-    g.add_argument(
-        "--pin_mem", action="store_true", help="pin CPU memory in the data loader for faster transfer to the GPU"
-    )
+    g.add_argument("--pin_mem", action="store_true", help="pin the loader's CPU memory: faster copies to the GPU")
     g.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
     parser.set_defaults(pin_mem=True)
     g.add_argument(
-        "--precision",
-        default="auto",
-        choices=PRECISIONS,
-        help="auto: bf16 on GPUs that support it, fp16 (with loss scaling) on other GPUs, fp32 on CPU",
+        "--precision", default="auto", choices=PRECISIONS, help="auto: bf16 where the GPU has it, else fp16; CPU: fp32"
     )
     g.add_argument(
-        "--save_freq",
-        default=20,
-        type=int,
-        metavar="N",
-        help="keep checkpoint-<epoch>.pth of every N-th epoch and of the last for good (a checkpoint is "
-        "written after every epoch; see --keep_last)",
+        "--save_freq", default=20, type=int, metavar="N", help="keep the checkpoints of every N-th and the last epoch"
     )
     g.add_argument(
-        "--keep_last",
-        default=1,
-        type=int,
-        metavar="K",
-        help="keep the K newest epoch checkpoints besides every --save_freq-th (0 keeps all)",
+        "--keep_last", default=1, type=int, metavar="K", help="keep the K newest epoch checkpoints too (0 keeps all)"
     )
     g.add_argument(
         "--ckpt_every_steps",
         default=0,
         type=int,
         metavar="N",
-        help="also checkpoint inside an epoch every N iterations (0: only at epoch ends)",
+        help="checkpoint every N iterations too (0: epoch ends)",
     )
     g.add_argument("--print_freq", default=20, type=int, metavar="N", help="log every N iterations")
     g.add_argument("--compile", action="store_true", help="compile the model with torch.compile")
     g.add_argument(
-        "--grad_checkpointing",
-        action="store_true",
-        help="recompute block activations in the backward pass: less memory, ~30%% more compute",
+        "--grad_checkpointing", action="store_true", help="recompute activations in backward: less memory, ~30%% slower"
     )
 
     d = parser.add_argument_group("distributed")
@@ -134,8 +92,7 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
 
 
 def default_workers(most: int = 10) -> int:
-    """The official 10 data-loading workers, or fewer on a machine with fewer cores (PyTorch warns
-    beyond them, and they would only compete with the training process)."""
+    """The official 10 data-loading workers, or fewer on fewer cores (PyTorch warns beyond them)."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS
@@ -146,19 +103,16 @@ def default_workers(most: int = 10) -> int:
 def add_classifier_args(parser: argparse.ArgumentParser, models: Iterable[str], model: str, global_pool: bool) -> None:
     """Model flags of the classifiers (fine-tuning and linear probing); ``models``: the known names."""
     g = parser.add_argument_group("model")
+    known = ", ".join(models)
     g.add_argument(
-        "--model",
-        default=None,
-        type=str,
-        metavar="MODEL",
-        help=f"one of: {', '.join(models)} (default: the checkpoint's, see --resume and --finetune, else {model})",
+        "--model", help=f"one of: {known} (default: the checkpoint's, see --resume and --finetune, else {model})"
     )
     add_input_size_arg(g, default=None)
     add_in_chans_arg(g, default=None)
     g.add_argument("--finetune", default="", help="MAE checkpoint (file or URL) to start from")
     g.add_argument("--global_pool", action="store_true", help="average the patch tokens (then fc_norm)")
     g.add_argument(
-        "--cls_token", action="store_false", dest="global_pool", help="use the class token instead of global pooling"
+        "--cls_token", action="store_false", dest="global_pool", help="class token instead of global pooling"
     )
     parser.set_defaults(global_pool=global_pool)
     g.add_argument("--nb_classes", default=1000, type=int, help="number of classification types")
@@ -168,10 +122,7 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("evaluation")
     g.add_argument("--eval", action="store_true", help="only evaluate (the model of --resume)")
     g.add_argument(
-        "--dist_eval",
-        action="store_true",
-        default=False,
-        help="shard evaluation over the processes (each image counted once)",
+        "--dist_eval", action="store_true", help="shard evaluation over the processes (each image counted once)"
     )
     g.add_argument("--eval_freq", default=1, type=int, metavar="N", help="evaluate every N epochs and after the last")
 
@@ -219,10 +170,8 @@ def check_finite(args: argparse.Namespace) -> None:
 
 
 def check_layer_decay(layer_decay: float) -> None:
-    """Fine-tuning's ``--layer_decay``: the lr of layer l is scaled by layer_decay ** (depth - l), so a
-    negative value flips the sign of every other layer's step (gradient ascent), 0 freezes all but
-    the last layer and a value above 1 multiplies the lr of the first layers by up to
-    layer_decay ** depth."""
+    """Fine-tuning's ``--layer_decay`` scales layer l's lr by layer_decay ** (depth - l): a negative
+    value flips every other layer's step, 0 freezes all but the last, above 1 blows up the first."""
     if not 0 < layer_decay <= 1:  # not written as `<= 0`: NaN would pass that
         fail(f"--layer_decay must be in (0, 1] (1: the same lr for every layer), got {layer_decay}")
 
@@ -318,13 +267,11 @@ def add_in_chans_arg(group: argparse._ArgumentGroup, default: int | None = 3) ->
         default=default,
         type=int,
         metavar="C",
-        help="image channels: 3 reads every file as RGB; 1 reads grayscale files (8 or 16-bit) as they are; "
-        "other counts read multi-page TIFFs, one page per channel (or files with that many bands) "
-        "(default: the checkpoint's, else 3)",
+        help="image channels: 3 reads files as RGB, 1 grayscale ones (8 or 16-bit) as they are, others multi-page "
+        "TIFFs, a page per channel, or files with that many bands (default: the checkpoint's, else 3)",
     )
 
 
 def effective_lr(args: argparse.Namespace, world_size: int) -> float:
     """Absolute lr: --lr if given, else blr * (batch_size * accum_iter * world size) / 256."""
-    eff_batch = args.batch_size * args.accum_iter * world_size
-    return args.lr if args.lr is not None else args.blr * eff_batch / 256
+    return args.lr if args.lr is not None else args.blr * (args.batch_size * args.accum_iter * world_size) / 256

@@ -19,21 +19,16 @@ class NonFiniteLoss(UserError):
 
 
 def lower_lr(args: Any) -> str:
-    """The flag a diverged run should lower: ``--lr`` if the user gave it, else ``--blr``.
-    (``run.start`` replaces ``args.lr`` by the effective lr, so it records ``args.lr_given``.)"""
+    """The flag a diverged run should lower: ``--lr`` if the user gave it (``args.lr_given``: run.start
+    replaces ``args.lr`` by the effective lr), else ``--blr``."""
     return "--lr" if getattr(args, "lr_given", False) else "--blr"
 
 
 def run_cli(main: Callable[[], None]) -> None:
     """Run an entry point, turning what is not a bug into one line on stderr (every rank) and an
-    exit status:
-
-    - a ``UserError``: status 2. One raised inside a data-loader worker reaches us wrapped with the
-      worker's traceback; its last line carries the original message;
-    - a stop on request, after its checkpoint (SIGTERM, the first Ctrl-C): 128 + the signal's number;
-    - a second Ctrl-C (or the first where no handler is installed): 130, at once;
-    - another process of a distributed job gone (killed, crashed): 1, saying how to continue.
-    """
+    exit status: a ``UserError`` 2 (one raised in a data-loader worker comes wrapped in its traceback,
+    whose last line carries the message); a stop on request after its checkpoint 128 + the signal's
+    number; a second Ctrl-C (or one without our handler) 130, at once; a peer process gone 1."""
     from util.train import distributed, interrupt
 
     try:
@@ -60,5 +55,4 @@ def run_cli(main: Callable[[], None]) -> None:
 def _last_line(error: UserError) -> str:
     lines = [line for line in str(error).splitlines() if line.strip()]
     message = lines[-1] if lines else "unknown error"
-    marker = "UserError: "
-    return message.split(marker, 1)[1] if marker in message else message
+    return message.split("UserError: ", 1)[-1]

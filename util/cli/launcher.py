@@ -25,46 +25,29 @@ def add_launcher_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--ngpus", default=8, type=int, help="number of GPUs to request on each node")
     g.add_argument("--nodes", default=2, type=int, help="number of nodes to request")
     g.add_argument("--timeout", default=4320, type=int, help="duration of the job, in minutes")
-    g.add_argument(
-        "--job_dir",
-        default="./submitit_jobs/%j",
-        type=str,
-        help="job folder (shared by all nodes); %%j becomes the job id; also the output dir",
-    )
-    g.add_argument("--partition", default="learnfair", type=str, help="SLURM partition")
+    g.add_argument("--job_dir", default="./submitit_jobs/%j", help="shared job and output folder (%%j: the job id)")
+    g.add_argument("--partition", default="learnfair", help="SLURM partition")
     g.add_argument("--use_volta32", action="store_true", help="request 32 GB V100 GPUs")
-    g.add_argument("--comment", default="", type=str, help="comment to pass to the scheduler")
-    g.add_argument(
-        "--cluster",
-        default=None,
-        choices=["slurm", "local", "debug"],
-        help="where to run (default: SLURM when available, else this machine)",
-    )
-    g.add_argument(
-        "--tasks_per_node",
-        default=None,
-        type=int,
-        help="processes per node (default: --ngpus; use with --ngpus 0 for CPU runs)",
-    )
+    g.add_argument("--comment", default="", help="comment to pass to the scheduler")
+    g.add_argument("--cluster", choices=["slurm", "local", "debug"], help="where to run (default: SLURM, else here)")
+    g.add_argument("--tasks_per_node", type=int, help="processes per node (default: --ngpus; with --ngpus 0: CPU runs)")
 
 
 class Trainer:
     """The submitted callable: runs ``<module>.main(args)`` in each task, and is checkpointable."""
 
     def __init__(self, module: str, args: argparse.Namespace):
-        # The flags as given: main() fills in derived values (lr, ranks, ...) on its own copy,
-        # so that a requeued job derives them afresh.
+        # The flags as given: main() derives values (lr, ranks, ...) on its own copy, afresh in a
+        # requeued job. A job SLURM itself requeues (preemption) reruns these flags: let it resume
+        # (each submission has its own %j folder, so there is nothing stale to resume from).
         self.module, self.args = module, copy.deepcopy(args)
-        # A job that SLURM itself requeues (preemption) reruns these flags: let it resume.
-        # Each submission has its own %j folder, so there is nothing stale to resume from.
         self.args.resume = self.args.resume or "auto"
 
     def __call__(self) -> None:
         args = copy.deepcopy(self.args)
         self._set_up_task(args)
-        entry: ModuleType = importlib.import_module(self.module)
         try:
-            entry.main(args)
+            importlib.import_module(self.module).main(args)
         except interrupt.Interrupted as stop:
             log.info(f"{stop}; handing over to submitit for requeueing")
             interrupt.hand_over()  # on its timeout signal submitit calls checkpoint() and requeues
@@ -90,18 +73,15 @@ class Trainer:
 
 
 def check_flags(entry: ModuleType, args: argparse.Namespace) -> None:
-    """The checks the job itself will make of its flags, made before anything is submitted: a job
-    that refuses its flags after waiting in the queue wastes the wait. The GPUs are on the job's
-    nodes, not necessarily on this one, so a CUDA ``--device`` is checked there."""
+    """The checks the job itself will make of its flags, made before it waits in the queue; a CUDA
+    ``--device`` is checked on the job's nodes, which have the GPUs."""
     check_at_least(args, 1, "nodes", "timeout")
     check_at_least(args, 0, "ngpus")
     if args.tasks_per_node is not None:
         check_at_least(args, 1, "tasks_per_node")
     checked = copy.copy(args)
-    if str(args.device).startswith("cuda"):
-        checked.device = "cpu"
-    check = getattr(entry, "check_args", check_common)
-    check(checked)
+    checked.device = "cpu" if str(args.device).startswith("cuda") else args.device
+    getattr(entry, "check_args", check_common)(checked)
 
 
 def submit(

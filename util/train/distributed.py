@@ -1,10 +1,8 @@
 """torch.distributed set-up from torchrun's, SLURM's or OpenMPI's environment, and helpers.
 
-Start-up is checked before anything waits: ``read_world`` turns the launcher's environment into
-a ``World`` or a one-line error naming the variable. The processes then meet at the rendezvous
-address for at most ``MAE_DIST_START_TIMEOUT`` seconds (default 300); a process still waiting
-after a few seconds says what it waits for. Collectives during training keep a long timeout
-(``COLLECTIVE_TIMEOUT``): rank 0 alone writes checkpoints and pictures while the others wait.
+Start-up is checked before anything waits (``read_world``: a ``World`` or a one-line error naming
+the variable). The processes then meet for at most ``MAE_DIST_START_TIMEOUT`` seconds (default
+300), saying after a few what they wait for; collectives during training keep a long timeout.
 """
 
 import datetime
@@ -46,14 +44,19 @@ class World:
     listener: tuple[str, int] | None  # (host, port) rank 0 listens on; None for file://
 
 
+def _number(text: str, kind: type[int] | type[float]) -> int | float | None:
+    """``kind(text)``, or None where ``text`` is not such a number."""
+    try:
+        return kind(text)
+    except ValueError:
+        return None
+
+
 def _whole_number(env: Mapping[str, str], name: str, minimum: int, default: str | None = None) -> int:
     text = env.get(name, default)
     if text is None:
         fail(f"the environment variable {name} is not set; the launcher sets it (torchrun, srun, mpirun), or export it")
-    try:
-        value = int(text)
-    except ValueError:
-        value = None
+    value = _number(text, int)
     if value is None or value < minimum:
         fail(f"the environment variable {name}={text!r} must be a whole number, at least {minimum}")
     return value
@@ -75,8 +78,7 @@ def _launcher_ranks(env: Mapping[str, str], dist_on_itp: bool) -> tuple[int, int
     rank = _whole_number(env, rank_name, 0)
     if rank >= size:
         fail(f"{rank_name}={rank} is not below {size_name}={size}: the ranks of a job run from 0 to {size - 1}")
-    local_default = None if dist_on_itp else "0"
-    return rank, size, _whole_number(env, local_name, 0, local_default)
+    return rank, size, _whole_number(env, local_name, 0, None if dist_on_itp else "0")
 
 
 def _rendezvous(env: Mapping[str, str], dist_url: str, dist_on_itp: bool) -> tuple[str, tuple[str, int] | None]:
@@ -106,20 +108,16 @@ def _rendezvous(env: Mapping[str, str], dist_url: str, dist_on_itp: bool) -> tup
 
 
 def _port(text: object, what: str) -> int:
-    try:
-        port = int(str(text))
-    except ValueError:
-        port = 0
-    if not 0 < port < 65536:
+    port = _number(str(text), int)
+    if port is None or not 0 < port < 65536:
         fail(f"{what}: the port {text} must be a whole number from 1 to 65535")
     return port
 
 
 def read_world(env: Mapping[str, str], dist_url: str = "env://", dist_on_itp: bool = False) -> World | None:
-    """This process's place in a distributed job, from its launcher's environment (torchrun's RANK
-    and WORLD_SIZE, srun's SLURM_*, OpenMPI's with ``--dist_on_itp``); None for a single process.
-    Impossible values (a rank beyond the world, a non-number, a missing address) are a one-line
-    error naming the variable: left to torch they hang or end in a traceback."""
+    """This process's place in a distributed job, from torchrun's, srun's or (``--dist_on_itp``)
+    OpenMPI's environment; None for a single process. Impossible values are a one-line error
+    naming the variable: left to torch they hang or end in a traceback."""
     ranks = _launcher_ranks(env, dist_on_itp)
     if ranks is None:
         return None
@@ -130,25 +128,16 @@ def read_world(env: Mapping[str, str], dist_url: str = "env://", dist_on_itp: bo
 
 def start_timeout(env: Mapping[str, str]) -> float:
     """Seconds the processes wait for each other at start-up (``MAE_DIST_START_TIMEOUT``)."""
-    text = env.get(START_TIMEOUT_VAR)
-    if text is None:
-        return DEFAULT_START_TIMEOUT_S
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = float("nan")
-    if not 0 < seconds < float("inf"):
+    text = env.get(START_TIMEOUT_VAR, str(DEFAULT_START_TIMEOUT_S))
+    seconds = _number(text, float)
+    if seconds is None or not 0 < seconds < float("inf"):
         fail(f"the environment variable {START_TIMEOUT_VAR}={text!r} must be a positive number of seconds")
     return seconds
 
 
 def init_distributed_mode(args: Namespace) -> None:
-    """Fill ``args.rank, args.world_size, args.gpu, args.distributed`` and join the process group.
-
-    The rank comes from torchrun (RANK/WORLD_SIZE/LOCAL_RANK), OpenMPI (``--dist_on_itp``) or
-    SLURM (SLURM_PROCID, one task per GPU). Without any of them the run is a single process.
-    NCCL is used on GPUs, gloo on CPU.
-    """
+    """Fill ``args.rank, args.world_size, args.gpu, args.distributed`` and join the process group
+    (NCCL on GPUs, gloo on CPU); without a launcher the run is a single process."""
     world = read_world(os.environ, args.dist_url, args.dist_on_itp)
     if world is None:
         args.rank, args.world_size, args.gpu, args.distributed = 0, 1, 0, False
@@ -174,13 +163,11 @@ def join(world: World, backend: str, seconds: float) -> None:
         f"start all {world.size} processes with the same rendezvous address (a free port), or wait longer "
         f"with {START_TIMEOUT_VAR}=SECONDS"
     )
-    notice = threading.Timer(
-        min(NOTICE_AFTER_S, seconds / 2),
-        lambda: sys.stderr.write(
-            f"{waiting}: waiting for the job's other processes at {world.where} "
-            f"(giving up after {seconds:g} s; {START_TIMEOUT_VAR} sets it)\n"
-        ),
+    notice_text = (
+        f"{waiting}: waiting for the job's other processes at {world.where} "
+        f"(giving up after {seconds:g} s; {START_TIMEOUT_VAR} sets it)\n"
     )
+    notice = threading.Timer(min(NOTICE_AFTER_S, seconds / 2), lambda: sys.stderr.write(notice_text))
     notice.daemon = True
     notice.start()
     deadline = time.monotonic() + seconds
@@ -255,11 +242,8 @@ def cleanup() -> None:
 def peer_stopped(error: BaseException) -> bool:
     """Whether ``error`` says that another process of this job went away (killed, crashed), as a
     collective or DDP's gradient all-reduce finds out; only meaningful in a distributed run."""
-    if not is_dist():
-        return False
-    if isinstance(error, dist.DistError):
-        return True
-    return isinstance(error, RuntimeError) and any(m in str(error) for m in _PEER_LOST_MARKERS)
+    lost = isinstance(error, RuntimeError) and any(m in str(error) for m in _PEER_LOST_MARKERS)
+    return is_dist() and (isinstance(error, dist.DistError) or lost)
 
 
 def peer_stopped_message() -> str:

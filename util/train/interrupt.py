@@ -2,12 +2,9 @@
 
 The handler only records the request; the training loop acts on it at its next check point,
 where all ranks agree, saves a checkpoint at the exact position and raises ``Interrupted``.
-The handlers installed before ours (submitit's requeue handler, for instance) are remembered,
-so that a launcher can hand the signal over once the checkpoint is safely written.
-
-Ctrl-C (SIGINT) asks for the same stop; a second Ctrl-C stops at once by raising
-``KeyboardInterrupt`` wherever the program is, which ``errors.run_cli`` turns into one line.
-Checkpoints are written atomically, so the last complete one stays intact.
+The handlers installed before ours (submitit's requeue handler) are remembered, so that a
+launcher can hand the signal over once the checkpoint is written. A second Ctrl-C stops at once
+(``KeyboardInterrupt``, which ``errors.run_cli`` turns into one line).
 """
 
 import signal
@@ -42,8 +39,7 @@ def install() -> None:
 
 
 def uninstall() -> None:
-    """Put back the handlers ``install`` replaced and forget any request (a run in the same process
-    starts afresh: tests, notebooks)."""
+    """Put back the handlers ``install`` replaced and forget any request (tests, notebooks)."""
     global _requested
     for s, previous in _previous.items():
         signal.signal(s, previous)
@@ -53,9 +49,8 @@ def uninstall() -> None:
 
 def ignore_in_worker(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: a stop signal sent to the whole process group (``scancel``,
-    ``kill -- -PGID``, a cluster's preemption, Ctrl-C in a terminal) is the main process's to act
-    on. Left to torch's own handlers, the workers die and the main process crashes instead of
-    checkpointing; the workers still exit when the main process closes the loader or dies."""
+    Ctrl-C in a terminal) is the main process's to act on. Left to torch's own handlers, the workers
+    die and the main process crashes instead of checkpointing."""
     for s in SIGNALS:
         signal.signal(s, signal.SIG_IGN)
 
@@ -65,11 +60,9 @@ def requested() -> bool:
 
 
 def hand_over() -> None:
-    """Call the handler that was installed before ours for the preemption signal we received, if
-    any (Ctrl-C is the user's: nothing to hand over)."""
-    if _requested not in PREEMPTION_SIGNALS:
-        return
-    previous = _previous.get(_requested)
+    """Call the handler installed before ours for the preemption signal we received, if any (Ctrl-C
+    is the user's: nothing to hand over)."""
+    previous = _previous.get(_requested) if _requested in PREEMPTION_SIGNALS else None
     if callable(previous):
         previous(_requested, None)
 

@@ -15,10 +15,7 @@ def autocast(precision: str, device: str) -> contextlib.AbstractContextManager:
 
 
 class LossScaler(torch.amp.GradScaler):
-    """torch's GradScaler, on for fp16 only; the training loop calls its scale/unscale_/step/update.
-
-    bf16 has fp32's range, so it needs no scaling: the scaler is then a pass-through.
-    """
+    """torch's GradScaler, on for fp16 only (bf16 has fp32's range: the scaler is then a pass-through)."""
 
     def __init__(self, precision: str):
         super().__init__("cuda", enabled=precision == "fp16")

@@ -8,6 +8,7 @@ import threading
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 from util.cli.errors import fail
@@ -88,9 +89,7 @@ class MetricLogger:
         self, iterable: Iterable, print_freq: int, header: str = "", total: int | None = None, start: int = 0
     ) -> Iterator:
         """Yield from ``iterable``; every ``print_freq`` items print position, meters, timings and ETA.
-
-        ``start`` is the index of the first item (a run resumed inside an epoch).
-        """
+        ``start`` is the index of the first item (a run resumed inside an epoch)."""
         total = total if total is not None else len(iterable)  # type: ignore[arg-type]
         iter_time, data_time = SmoothedValue(fmt="{avg:.4f}"), SmoothedValue(fmt="{avg:.4f}")
         width = len(str(total))
@@ -102,17 +101,9 @@ class MetricLogger:
             iter_time.update(time.time() - end)
             if (i + 1) % print_freq == 0 or i == total - 1 or i == start:  # the first: it runs, and its pace
                 eta = format_duration(iter_time.global_avg * (total - i - 1))
-                log.info(
-                    self.delimiter.join(
-                        [
-                            f"{header} [{i + 1:>{width}}/{total}]",
-                            f"eta: {eta}",
-                            str(self),
-                            f"time: {iter_time}",
-                            f"data: {data_time}",
-                        ]
-                    )
-                )
+                position = f"{header} [{i + 1:>{width}}/{total}]"
+                fields = [position, f"eta: {eta}", str(self), f"time: {iter_time}", f"data: {data_time}"]
+                log.info(self.delimiter.join(fields))
             i += 1
             end = time.time()
         elapsed = format_duration(time.time() - begin)
@@ -122,15 +113,12 @@ class MetricLogger:
 class RunLog:
     """TensorBoard writer and ``log.txt`` (one JSON object per epoch), on rank 0 only.
 
-    ``history`` is the list of epoch lines a checkpoint carries (``TrainState.log``): log.txt is
-    rewritten from it at start, so that it agrees with the checkpoint the run continues from (a
-    fresh start replaces an old log; a fall-back to an earlier checkpoint drops the later epochs'
-    lines, which the run then logs again; a line lost to a kill after its checkpoint comes back).
-    Without a history (a checkpoint older than it) log.txt is only appended to.
-
-    log.txt is what a resumed run agrees with, so failing to write it stops the run in one line.
-    TensorBoard and the pictures are extras: failing to write them (a full disk) is one warning,
-    and training goes on (TensorBoard is then off for the rest of the run).
+    log.txt is rewritten at start from ``history``, the epoch lines a checkpoint carries, so that
+    it agrees with the checkpoint the run continues from (a fresh start replaces an old log, a
+    fall-back to an earlier checkpoint drops later lines, a line lost to a kill after its checkpoint
+    comes back); without one (an older checkpoint) it is only appended to. Failing to write log.txt
+    stops the run in one line; TensorBoard and the pictures are extras: failing to write them (a
+    full disk) is one warning, and training goes on.
     """
 
     def __init__(self, log_dir: str, output_dir: str, history: list[dict[str, Any]] | None = None):
@@ -177,16 +165,12 @@ class RunLog:
         """Replace log.txt by the history, atomically (a kill leaves the old or the new file)."""
         self._remove_stale_temporaries()
         text = "".join(json.dumps(line) + "\n" for line in self.history)
-        old = None
-        if os.path.exists(self.log_path):
-            with open(self.log_path) as f:
-                old = f.read()
+        old = Path(self.log_path).read_text() if os.path.exists(self.log_path) else None
         if old == text:
             return
         if old:
             log.info(f"{self.log_path}: rewritten with the {len(self.history)} epoch lines of the run's checkpoint")
         with self._writing():
-            # This module's open: the fault tests give log.txt a full disk through it.
             atomic_write(self.log_path, lambda f: f.write(text.encode("utf-8")))
 
     def _remove_stale_temporaries(self) -> None:
@@ -218,9 +202,8 @@ class RunLog:
         self._tensorboard(lambda writer: writer.add_image(tag, image_hwc, step, dataformats="HWC"))
 
     def write_optional(self, path: str, write: Callable[[], None]) -> bool:
-        """Run ``write()``, which writes ``path``, a file training can do without (a reconstruction
-        picture): an ``OSError`` (a full disk) is one warning and training goes on. Returns whether
-        ``path`` was written."""
+        """Whether ``write()`` wrote ``path``, a file training can do without (a reconstruction
+        picture): an ``OSError`` (a full disk) is one warning and training goes on."""
         try:
             write()
         except OSError as e:
@@ -229,7 +212,7 @@ class RunLog:
         return True
 
     def record(self, stats: dict[str, Any]) -> None:
-        """Add an epoch's line to the history (which the next checkpoint carries), not yet to log.txt."""
+        """Add an epoch's line to the history (the next checkpoint carries it), not yet to log.txt."""
         self.history.append(stats)
 
     def write(self) -> None:
@@ -256,8 +239,7 @@ class RunLog:
 def _leave_tensorboard_thread_errors_to_runlog() -> None:
     """TensorBoard writes its event file in a thread of its own. An ``OSError`` there (a full disk)
     would print that thread's traceback, then reach RunLog again at its next TensorBoard call, which
-    reports it in one line: such errors are left to that call. Any other thread error is shown as
-    before. Installed once per process (the hook stays; it only ever drops these errors)."""
+    reports it in one line: such errors are left to that call. Installed once per process."""
     previous = threading.excepthook
     if getattr(previous, "leaves_tensorboard_errors_to_runlog", False):
         return
