@@ -7,7 +7,7 @@ import torch
 from timm.layers import trunc_normal_
 from timm.models import adapt_input_conv
 
-from util.checkpoint.load import check_weights, compare_states, model_state
+from util.checkpoint.load import StateDict, check_weights, compare_states, model_state
 from util.checkpoint.state import Opened, open_checkpoint
 from util.cli.errors import fail
 from util.cli.log import log
@@ -77,9 +77,7 @@ def load_encoder(
     return set(own) - set(state)
 
 
-def fit_pos_embed(
-    model: torch.nn.Module, ckpt: dict[str, Any], state: dict[str, torch.Tensor], path: str, flag: str
-) -> torch.Tensor:
+def fit_pos_embed(model: torch.nn.Module, ckpt: dict[str, Any], state: StateDict, path: str, flag: str) -> torch.Tensor:
     """The checkpoint's position embedding resized (bicubic) to the model's grid; as it is where the
     width differs (another model: the shape check names it)."""
     pos, own = state["pos_embed"], model.state_dict()["pos_embed"]
@@ -101,7 +99,7 @@ def fit_pos_embed(
         fail(f"{flag} {path}: {e}, and it stores no --input_size to tell its height and width")
 
 
-def adapt_input_channels(state: dict[str, torch.Tensor], in_chans: int, path: str) -> None:
+def adapt_input_channels(state: StateDict, in_chans: int, path: str) -> None:
     """Fit the checkpoint's patch embedding to ``in_chans`` channels, in place. Only 3 -> 1 keeps what
     was learnt: the weights summed over channels give on a grayscale image the RGB model's output on
     it repeated in three channels."""
@@ -118,7 +116,7 @@ def adapt_input_channels(state: dict[str, torch.Tensor], in_chans: int, path: st
     )
 
 
-def saved_grid(ckpt: dict[str, Any], state: dict[str, torch.Tensor], num_prefix_tokens: int) -> tuple[int, int] | None:
+def saved_grid(ckpt: dict[str, Any], state: StateDict, num_prefix_tokens: int) -> tuple[int, int] | None:
     """(rows, columns) of the checkpoint's position-embedding grid, from its ``--input_size`` (the
     token count cannot tell 8x16 from 16x8); None if it stores none that fits: square, as official."""
     saved = ckpt.get("args")

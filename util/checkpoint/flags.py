@@ -23,12 +23,8 @@ def fill_from_checkpoints(args: argparse.Namespace, sources: Sequence[Opened], f
     for flag, fallback in fallbacks.items():
         if getattr(args, flag, None) is not None:
             continue
-        value, origin = fallback, None
-        for source in sources:
-            stored = getattr(source.args, flag, None)
-            if stored is not None:
-                value, origin = stored, source.path
-                break
+        stored = [(s.path, found) for s in sources if (found := getattr(s.args, flag, None)) is not None]
+        origin, value = stored[0] if stored else (None, fallback)
         if flag == "model" and origin and not str(fallback).startswith("mae_"):
             value = classifier_name(value)
         setattr(args, flag, value)

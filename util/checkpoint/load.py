@@ -25,6 +25,7 @@ from util.cli.log import log
 
 # What the official checkpoints and ours pickle besides tensors and plain containers.
 SAFE_GLOBALS = [argparse.Namespace]
+StateDict = dict[str, torch.Tensor]
 
 
 def load_checkpoint(path: str) -> dict[str, Any]:
@@ -103,12 +104,12 @@ def verify_zip(path: str, shown: str | None = None) -> None:
     """Check every member of the zip checkpoint ``path`` against the CRC-32 the archive stores for
     it, or fail naming the first damaged member. torch.save writes real CRCs; a file written with
     ``torch.serialization.set_crc32_options(False)`` stores 0 for every member, and is not checked."""
-    where = "its zip directory"
+    shown, where = shown or path, "its zip directory"
     try:
         with zipfile.ZipFile(path) as archive:
             members = archive.infolist()
             if all(m.CRC == 0 for m in members if m.file_size):
-                log.info(f"checkpoint {shown or path} was written without checksums: its contents are not verified")
+                log.info(f"checkpoint {shown} was written without checksums: its contents are not verified")
                 return
             for member in members:
                 where = f"its entry {member.filename}"
@@ -116,10 +117,7 @@ def verify_zip(path: str, shown: str | None = None) -> None:
                     while f.read(1 << 20):
                         pass
     except Exception as e:  # BadZipFile for a wrong CRC or header, OSError, EOFError, zlib.error, ...
-        fail(
-            f"checkpoint {shown or path} is damaged in {where} ({str(e)[:80]}); "
-            f"use an earlier checkpoint or write it again"
-        )
+        fail(f"checkpoint {shown} is damaged in {where} ({str(e)[:80]}); use an earlier checkpoint or write it again")
 
 
 def load_safetensors(path: str, shown: str | None = None) -> dict[str, Any]:
@@ -140,17 +138,15 @@ def load_safetensors(path: str, shown: str | None = None) -> dict[str, Any]:
         fail(f"checkpoint {shown} is truncated or not a safetensors file ({_first_line(e)[:160]}); write it again")
     if CHECKSUM_KEY in metadata:
         verify_checksums(state, metadata[CHECKSUM_KEY], shown)
-    args = None
-    if "args" in metadata:
-        try:
-            args = argparse.Namespace(**json.loads(metadata["args"]))
-        except (ValueError, TypeError) as e:
-            fail(f"checkpoint {shown}: its 'args' metadata is not a JSON object of flags ({e})")
+    try:
+        args = argparse.Namespace(**json.loads(metadata["args"])) if "args" in metadata else None
+    except (ValueError, TypeError) as e:
+        fail(f"checkpoint {shown}: its 'args' metadata is not a JSON object of flags ({e})")
     return {"model": state, "args": args}
 
 
 # safetensors metadata entry: JSON {tensor name: CRC-32 of its bytes}. The format has no checksum
-# of its own; CRC-32, as in the zip of a .pth file, detects damage and names the damaged tensor.
+# of its own; CRC-32, as in a .pth's zip, detects damage and names the damaged tensor.
 CHECKSUM_KEY = "crc32"
 
 
@@ -160,13 +156,13 @@ def tensor_crc32(tensor: torch.Tensor) -> int:
     return zlib.crc32(flat.view(torch.uint8).numpy())
 
 
-def checksum_metadata(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+def checksum_metadata(tensors: StateDict) -> dict[str, str]:
     """The metadata entry that lets ``load_checkpoint`` verify a .safetensors file: add it to the
     metadata of every file written with safetensors' ``save``/``save_file``."""
     return {CHECKSUM_KEY: json.dumps({name: tensor_crc32(t) for name, t in sorted(tensors.items())})}
 
 
-def verify_checksums(state: dict[str, torch.Tensor], stored: str, shown: str) -> None:
+def verify_checksums(state: StateDict, stored: str, shown: str) -> None:
     """Every tensor of ``state`` has the CRC-32 that ``stored`` (``checksum_metadata``'s JSON)
     records for it, and every recorded tensor is there; else fail naming the first one that differs."""
     try:
@@ -211,7 +207,7 @@ def saved_args(path: str) -> argparse.Namespace | None:
     return args
 
 
-def model_state(ckpt: dict[str, Any], path: str) -> dict[str, torch.Tensor]:
+def model_state(ckpt: dict[str, Any], path: str) -> StateDict:
     """The model's state dict in a checkpoint: under 'model' (official and ours) or at the top."""
     state = ckpt.get("model", ckpt)
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -219,7 +215,6 @@ def model_state(ckpt: dict[str, Any], path: str) -> dict[str, torch.Tensor]:
     return state
 
 
-# ---------------------------------------------------------------------------------------------
 # State dicts against a model
 @dataclass
 class StateDiff:
@@ -240,10 +235,7 @@ class StateDiff:
 
 
 def compare_states(
-    own: dict[str, torch.Tensor],
-    state: dict[str, torch.Tensor],
-    may_miss: set[str] = frozenset(),
-    may_be_left: set[str] | None = frozenset(),
+    own: StateDict, state: StateDict, may_miss: set[str] = frozenset(), may_be_left: set[str] | None = frozenset()
 ) -> StateDiff:
     """Compare ``state`` with a model's ``own`` state dict: keys of ``may_miss`` may be missing,
     those of ``may_be_left`` (any, if None) may be left over, and no shared key may differ in shape."""
@@ -256,12 +248,10 @@ def compare_states(
     )
 
 
-def check_weights(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str) -> None:
-    """Every weight of ``state`` that the model has (``own``) can be loaded as it is: of a dtype
-    that converts to the model's without losing meaning (a float for a float; int8, bool or complex
-    would be cast silently), holding the data its shape claims (a 2 KB file can describe a huge
-    tensor with zero strides), and finite. ``source`` ('checkpoint x.pth', '--finetune x.pth')
-    starts the error. No copy is made; call it before anything is computed from the weights."""
+def check_weights(own: StateDict, state: StateDict, source: str) -> None:
+    """Every weight of ``state`` that the model has (``own``) loads as it is, or fail naming it after
+    ``source``: a float for a float (int8, bool or complex would be cast silently), holding the data
+    its shape claims (zero strides can forge a huge tensor), and finite. Call it before any use."""
     for key in sorted(set(own) & set(state)):
         mine, theirs = own[key], state[key]
         if mine.dtype != theirs.dtype and not (mine.is_floating_point() and theirs.is_floating_point()):
@@ -282,7 +272,7 @@ def check_weights(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], 
             )
 
 
-def load_model_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
+def load_model_strict(model: torch.nn.Module, state: StateDict, path: str) -> None:
     """Load a state dict whose names and shapes must equal the model's, with weights that
     ``check_weights`` accepts, or fail naming the difference."""
     own = model.state_dict()
@@ -292,7 +282,6 @@ def load_model_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], pa
     model.load_state_dict(state)
 
 
-# ---------------------------------------------------------------------------------------------
 # Training entries, checked before a resume uses them
 def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
