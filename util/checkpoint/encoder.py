@@ -1,7 +1,6 @@
 """Loading an MAE encoder (ours or official; full MAE or encoder only) into a ViT classifier or an MAE."""
 
 import argparse
-from typing import Any
 
 import torch
 from timm.layers import trunc_normal_
@@ -66,7 +65,7 @@ def load_encoder(
             log.info(f"dropping {k} of shape {tuple(state[k].shape)} from {path}: the model's is {tuple(own[k].shape)}")
             del state[k]
     if "pos_embed" in state:
-        state["pos_embed"] = fit_pos_embed(model, ckpt, state, path, flag)
+        state["pos_embed"] = fit_pos_embed(model, source, state, flag)
     diff = compare_states(own, state, may_miss, may_be_left)
     if diff.missing and hint:
         fail(f"{flag} {path} lacks encoder weights {diff.missing[:4]}; check --model and that it {hint}")
@@ -77,12 +76,12 @@ def load_encoder(
     return set(own) - set(state)
 
 
-def fit_pos_embed(model: torch.nn.Module, ckpt: dict[str, Any], state: StateDict, path: str, flag: str) -> torch.Tensor:
-    """The checkpoint's position embedding resized (bicubic) to the model's grid; as it is where the
-    width differs (another model: the shape check names it)."""
-    pos, own = state["pos_embed"], model.state_dict()["pos_embed"]
+def fit_pos_embed(model: torch.nn.Module, source: Opened, state: StateDict, flag: str) -> torch.Tensor:
+    """The position embedding of ``state`` (from ``source``) resized (bicubic) to the model's grid; as
+    it is where the width differs (another model: the shape check names it)."""
+    pos, own, path = state["pos_embed"], model.state_dict()["pos_embed"], source.path
     grid, prefix = tuple(model.patch_embed.grid_size), getattr(model, "num_prefix_tokens", 1)
-    old = saved_grid(ckpt, state, prefix)
+    old = saved_grid(source.args, state, prefix)
     # Shapes alone miss a transposed grid (8x16 and 16x8 have as many tokens): compare grids too.
     if pos.shape[-1] != own.shape[-1] or (pos.shape == own.shape and old in (None, grid)):
         return pos
@@ -116,12 +115,11 @@ def adapt_input_channels(state: StateDict, in_chans: int, path: str) -> None:
     )
 
 
-def saved_grid(ckpt: dict[str, Any], state: StateDict, num_prefix_tokens: int) -> tuple[int, int] | None:
-    """(rows, columns) of the checkpoint's position-embedding grid, from its ``--input_size`` (the
-    token count cannot tell 8x16 from 16x8); None if it stores none that fits: square, as official."""
-    saved = ckpt.get("args")
+def saved_grid(saved: argparse.Namespace | None, state: StateDict, num_prefix_tokens: int) -> tuple[int, int] | None:
+    """(rows, columns) of the position-embedding grid of ``state``, from the ``--input_size`` it was
+    ``saved`` with (the token count cannot tell 8x16 from 16x8); None if none fits: square, as official."""
     weight = state.get("patch_embed.proj.weight")
-    if not isinstance(saved, argparse.Namespace) or getattr(saved, "input_size", None) is None or weight is None:
+    if getattr(saved, "input_size", None) is None or weight is None:
         return None
     try:
         height, width = image_size(saved.input_size)

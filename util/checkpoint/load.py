@@ -1,7 +1,6 @@
-"""Reading checkpoints, which are untrusted input: nothing pickled is executed (``weights_only``
-with only what the official format needs allowed), every stored checksum is verified, damaged or
-foreign files are one-line errors, and a state dict loads strictly, with weights of a usable dtype
-and finite values, or names what does not fit."""
+"""Reading checkpoints, which are untrusted input: nothing pickled is executed, every stored checksum
+is verified, damaged or foreign files are one-line errors, and a state dict loads strictly, with
+finite weights of a usable dtype, or names what does not fit."""
 
 import argparse
 import contextlib
@@ -311,8 +310,7 @@ def check_saved_args(args: argparse.Namespace, path: str) -> None:
 
 
 def _rng_problem(rng: Any) -> str:
-    """Why ``rng`` is not a list of states ``restore_rng`` takes ('' if it is). Each is tried,
-    and this process's own state put back."""
+    """Why ``rng`` is not a list of states ``restore_rng`` takes ('' if it is): each is tried, then ours put back."""
     if not isinstance(rng, list) or not all(isinstance(r, dict) for r in rng):
         return f"is a {type(rng).__name__}, not a list of per-process random states"
     mine = capture_rng()
@@ -346,16 +344,11 @@ def _optimizer_problem(opt: Any) -> str:
 
 
 def _meters_problem(meters: Any) -> str:
-    ok = (
-        isinstance(meters, dict)
-        and _is_count(meters.get("epoch"))
-        and _is_count(meters.get("step"))
-        and isinstance(meters.get("sums"), dict)
-        and all(
-            isinstance(s, (list, tuple)) and len(s) == 2 and all(map(_is_number, s)) for s in meters["sums"].values()
-        )
-    )
-    return "" if ok else "is not {'epoch': count, 'step': count, 'sums': {name: [total, count]}}"
+    sums = meters.get("sums") if isinstance(meters, dict) else None
+    ok = isinstance(sums, dict) and _is_count(meters.get("epoch")) and _is_count(meters.get("step"))
+    if ok and all(isinstance(s, (list, tuple)) and len(s) == 2 and all(map(_is_number, s)) for s in sums.values()):
+        return ""
+    return "is not {'epoch': count, 'step': count, 'sums': {name: [total, count]}}"
 
 
 def _log_problem(lines: Any) -> str:

@@ -1,10 +1,8 @@
 """Training checkpoints: what a run saves (``TrainState``), the check before a save, and resume.
 
-Format: a dict with the official keys ``model``, ``optimizer``, ``epoch``, ``scaler``, ``args``,
-plus ``step`` (iterations done in ``epoch``; ``None`` once the epoch is complete), ``rng``
-(each rank's random-number state, for exact resume) and entry-point ``extra`` state.
-Files on disk: util/checkpoint/files.py; reading untrusted ones: util/checkpoint/load.py.
-"""
+Format: a dict with the official keys ``model``, ``optimizer``, ``epoch``, ``scaler``, ``args``, plus
+``step`` (iterations done in ``epoch``; ``None`` once it is complete), ``rng`` (each rank's random
+state, for exact resume) and entry-point ``extra`` state."""
 
 import argparse
 import hashlib
@@ -93,10 +91,9 @@ def _tensor_bytes(obj: Any) -> int:
 
 
 def check_finite(state: TrainState, where: str, name: str) -> None:
-    """Stop (on every rank) unless the weights, buffers and optimizer state are finite: losses are
-    checked before each update, this checks the updates themselves, once per save. One fused norm
-    per device and dtype: NaN or inf if an element is, and inf in float32 for values past ~1e19 too,
-    which the next forward pass would overflow anyway (runaway weights)."""
+    """Stop (on every rank) unless the weights, buffers and optimizer state are finite: this checks the
+    updates, once per save. One fused norm per device and dtype: NaN or inf if an element is, and inf
+    in float32 past ~1e19 too, which the next forward pass would overflow anyway (runaway weights)."""
     tensors = [t for t in state.model.state_dict().values() if t.is_floating_point()]
     for per_param in state.optimizer.state_dict()["state"].values():
         tensors += [t for t in per_param.values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
