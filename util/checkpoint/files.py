@@ -53,8 +53,7 @@ class _KeepError:
 # Listing and pruning
 def progress(name: str) -> tuple[int, int] | None:
     """Sort key: (epoch, iterations done) of the position a checkpoint resumes at."""
-    m = _NAME.match(name)
-    if not m:
+    if not (m := _NAME.match(name)):
         return None
     epoch, step = int(m.group(1)), m.group(2)
     return (epoch + 1, 0) if step is None else (epoch, int(step))
@@ -72,9 +71,11 @@ def list_checkpoints(output_dir: str) -> list[str]:
 def prune(
     output_dir: str, keep_last: int, keep_every: int, final_epoch: int, just_written: str | None = None
 ) -> list[str]:
-    """Delete old checkpoints and return their paths. Kept: the newest checkpoint and ``just_written``;
-    of complete epochs, the ``keep_last`` newest, every ``keep_every``-th and the final one."""
-    _remove_stale_temporaries(output_dir)
+    """Delete stale temporaries and old checkpoints; return the checkpoints removed. Kept: the newest and
+    ``just_written``; of complete epochs, the ``keep_last`` newest, every ``keep_every``-th and the final one."""
+    for name in os.listdir(output_dir):  # temporaries of writes a killed process never finished (ours are renamed)
+        if _NAME.match(stale_temporary_of(name) or "") and os.path.isfile(path := os.path.join(output_dir, name)):
+            os.remove(path)
     if keep_last <= 0:
         return []  # keep everything
     paths = list_checkpoints(output_dir)
@@ -86,11 +87,3 @@ def prune(
     for path in removed:  # the newest checkpoint (paths[-1]) always stays
         os.remove(path)
     return removed
-
-
-def _remove_stale_temporaries(output_dir: str) -> None:
-    """Temporary files of checkpoint writes that a killed process never finished (ours are renamed)."""
-    for name in os.listdir(output_dir):
-        path = os.path.join(output_dir, name)
-        if _NAME.match(stale_temporary_of(name) or "") and os.path.isfile(path):
-            os.remove(path)

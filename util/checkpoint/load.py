@@ -332,12 +332,10 @@ def _optimizer_problem(opt: Any) -> str:
         isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups
     ):
         return "has no list of parameter groups with their 'params'"
-    for index, per_param in opt["state"].items():
-        if not isinstance(per_param, dict) or not all(
-            isinstance(v, torch.Tensor) or _is_number(v) for v in per_param.values()
-        ):
+    for index, slots in opt["state"].items():  # per parameter: step, moments, ...
+        if not isinstance(slots, dict) or not all(isinstance(v, torch.Tensor) or _is_number(v) for v in slots.values()):
             return f"holds for parameter {index} something else than tensors and numbers"
-        for name, v in per_param.items():
+        for name, v in slots.items():
             if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
                 return f"holds NaN or infinite values in {name} of parameter {index} (a diverged run)"
     return ""

@@ -53,8 +53,7 @@ class TrainState:
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.extra.update(ckpt.get("extra", {}))
-        self.log = ckpt.get("log")  # None in checkpoints older than the log history
-        self.meters = ckpt.get("meters")
+        self.log, self.meters = ckpt.get("log"), ckpt.get("meters")  # log: None in checkpoints older than it
 
 
 def save_checkpoint(state: TrainState, epoch: int, step: int | None = None) -> str | None:
