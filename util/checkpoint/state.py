@@ -234,18 +234,14 @@ def _check_flags(saved: argparse.Namespace | None, args: argparse.Namespace, pat
             )
 
 
-def data_fingerprint(dataset: Any) -> dict[str, Any]:
-    """The image count and a digest of the file names in order, which a mid-epoch position's order
-    of samples depends on (without their folders: a moved folder is the same data)."""
+def check_same_data(state: TrainState, dataset: Any, position: Position) -> None:
+    """Record the training data in the state (image count, digest of the file names in order, without
+    their folders: a moved folder is the same data); warn when a run resumed inside an epoch trains on
+    other data than the checkpoint's: its position then counts iterations of another order."""
     files = getattr(dataset, "files", None) or [path for path, _ in dataset.samples]
     names = "\n".join(os.path.basename(f) for f in files)
-    return {"images": len(files), "digest": hashlib.sha1(names.encode(), usedforsecurity=False).hexdigest()}
-
-
-def check_same_data(state: TrainState, dataset: Any, position: Position) -> None:
-    """Record the training data in the state; warn when a run resumed inside an epoch trains on
-    other data than the checkpoint's: its position then counts iterations of another order."""
-    now, saved = data_fingerprint(dataset), state.extra.get("data")
+    now = {"images": len(files), "digest": hashlib.sha1(names.encode(), usedforsecurity=False).hexdigest()}
+    saved = state.extra.get("data")
     if position.step and isinstance(saved, dict) and saved != now:
         log.warning(
             f"the training data changed since the checkpoint ({saved.get('images')} -> {now['images']} images, or "
