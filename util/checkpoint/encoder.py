@@ -1,13 +1,12 @@
 """Loading an MAE encoder (ours or official; full MAE or encoder only) into a ViT classifier or an MAE."""
 
 import argparse
-from typing import Any
 
 import torch
 from timm.layers import trunc_normal_
 from timm.models import adapt_input_conv
 
-from util.checkpoint.load import check_weights, compare_states, model_state
+from util.checkpoint.load import StateDict, check_weights, compare_states, model_state
 from util.checkpoint.state import Opened, open_checkpoint
 from util.cli.errors import fail
 from util.cli.log import log
@@ -19,15 +18,9 @@ _DECODER_PREFIXES = ("decoder_", "mask_token")
 
 
 def load_pretrained_encoder(model: torch.nn.Module, source: Opened | str, head_init_std: float = 2e-5) -> None:
-    """Load the encoder weights of checkpoint ``source`` (opened, or a path) into ``model`` (a
-    ``models_vit.VisionTransformer``).
-
-    The decoder and mask token are dropped, a head of another shape is dropped, the position
-    embedding is resized (bicubic) when the resolution differs, and the head is initialised
-    with trunc-normal(``head_init_std``) unless the checkpoint provided it. Only the head and
-    ``fc_norm`` may be missing (and, with global pooling, the encoder's final ``norm`` is left
-    over); anything else means the checkpoint does not belong to this model.
-    """
+    """Load the encoder of checkpoint ``source`` (opened, or a path) into a ``models_vit.VisionTransformer``
+    (see ``load_encoder``); a head it lacks is initialised with trunc-normal(``head_init_std``). Only the
+    head and ``fc_norm`` may be missing and, with global pooling, the final ``norm`` left over."""
     source = source if isinstance(source, Opened) else open_checkpoint(source)
     head = {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}
     norm = set() if "norm.weight" in model.state_dict() else {"norm.weight", "norm.bias"}
@@ -39,11 +32,9 @@ def load_pretrained_encoder(model: torch.nn.Module, source: Opened | str, head_i
 
 
 def load_mae_encoder(model: torch.nn.Module, source: Opened | str) -> None:
-    """Load the encoder weights of checkpoint ``source`` (opened, or a path) into a
-    ``models_mae.MaskedAutoencoderViT``, leaving its decoder as it is: for reading features of any
-    MAE encoder (ours, the official full or encoder-only releases, or a classifier with the final
-    ``norm``). Every encoder weight must be
-    present with its shape (the position embedding is resized); other entries are ignored."""
+    """Load the encoder of checkpoint ``source`` (opened, or a path) into a ``models_mae.MaskedAutoencoderViT``,
+    leaving its decoder as it is, to read features of any MAE encoder (ours, official, encoder-only or a
+    classifier with the final ``norm``): every encoder weight must be there; other entries are ignored."""
     source = source if isinstance(source, Opened) else open_checkpoint(source)
     decoder = {k for k in model.state_dict() if k.startswith(_DECODER_PREFIXES)}
     load_encoder(model, source, "checkpoint", decoder, None, hint="holds an MAE encoder")
@@ -58,14 +49,11 @@ def load_encoder(
     in_chans: int | None = None,
     hint: str = "",
 ) -> set[str]:
-    """Load the encoder weights of checkpoint ``source`` (``flag`` in errors) into ``model``; return the
-    model's keys it lacked, left as they were. The decoder, mask token and a head of another shape are
-    dropped, the position embedding resized to the model's grid and, given ``in_chans``, the patch
-    embedding adapted. Only ``may_miss`` may be missing and ``may_be_left`` (any, if None) left over,
-    and no shape may differ, else it fails naming the keys (``compare_states``); weights of another
-    kind, forged or not finite are refused first (``check_weights``). ``hint`` (k-NN's reader)
-    reports missing weights first, in a sentence of their own: "lacks encoder weights [...]; check
-    ... that it <hint>"."""
+    """Load the encoder of checkpoint ``source`` (``flag`` in errors) into ``model``; return the model's
+    keys it lacked. The decoder, mask token and a head of another shape are dropped, the position
+    embedding resized and, given ``in_chans``, the patch embedding adapted. Only ``may_miss`` may be
+    missing and ``may_be_left`` (any, if None) left over (``compare_states``); ``hint`` names missing
+    weights in a sentence of their own."""
     path, ckpt = source.path, source.ckpt
     state = {k: v for k, v in model_state(ckpt, path).items() if not k.startswith(_DECODER_PREFIXES)}
     own = model.state_dict()
@@ -77,7 +65,7 @@ def load_encoder(
             log.info(f"dropping {k} of shape {tuple(state[k].shape)} from {path}: the model's is {tuple(own[k].shape)}")
             del state[k]
     if "pos_embed" in state:
-        state["pos_embed"] = fit_pos_embed(model, ckpt, state, path, flag)
+        state["pos_embed"] = fit_pos_embed(model, source, state, flag)
     diff = compare_states(own, state, may_miss, may_be_left)
     if diff.missing and hint:
         fail(f"{flag} {path} lacks encoder weights {diff.missing[:4]}; check --model and that it {hint}")
@@ -88,14 +76,12 @@ def load_encoder(
     return set(own) - set(state)
 
 
-def fit_pos_embed(
-    model: torch.nn.Module, ckpt: dict[str, Any], state: dict[str, torch.Tensor], path: str, flag: str
-) -> torch.Tensor:
-    """The checkpoint's position embedding resized (bicubic) to the model's grid where the grids
-    differ; as it is where the width differs (another model: the shape check names it)."""
-    pos, own = state["pos_embed"], model.state_dict()["pos_embed"]
+def fit_pos_embed(model: torch.nn.Module, source: Opened, state: StateDict, flag: str) -> torch.Tensor:
+    """The position embedding of ``state`` (from ``source``) resized (bicubic) to the model's grid; as
+    it is where the width differs (another model: the shape check names it)."""
+    pos, own, path = state["pos_embed"], model.state_dict()["pos_embed"], source.path
     grid, prefix = tuple(model.patch_embed.grid_size), getattr(model, "num_prefix_tokens", 1)
-    old = saved_grid(ckpt, state, prefix)
+    old = saved_grid(source.args, state, prefix)
     # Shapes alone miss a transposed grid (8x16 and 16x8 have as many tokens): compare grids too.
     if pos.shape[-1] != own.shape[-1] or (pos.shape == own.shape and old in (None, grid)):
         return pos
@@ -112,12 +98,10 @@ def fit_pos_embed(
         fail(f"{flag} {path}: {e}, and it stores no --input_size to tell its height and width")
 
 
-def adapt_input_channels(state: dict[str, torch.Tensor], in_chans: int, path: str) -> None:
-    """Fit the checkpoint's patch embedding to a model taking ``in_chans`` channels, in place.
-
-    3 -> 1 sums the weights over the input channels (timm's ``adapt_input_conv``): on a grayscale
-    image the result equals the RGB model's on that image repeated in three channels. Nothing else
-    has an answer that keeps what was learnt, so any other difference is an error."""
+def adapt_input_channels(state: StateDict, in_chans: int, path: str) -> None:
+    """Fit the checkpoint's patch embedding to ``in_chans`` channels, in place. Only 3 -> 1 keeps what
+    was learnt: the weights summed over channels give on a grayscale image the RGB model's output on
+    it repeated in three channels."""
     weight = state.get("patch_embed.proj.weight")
     if weight is None or weight.ndim != 4 or weight.shape[1] == in_chans:
         return
@@ -131,18 +115,15 @@ def adapt_input_channels(state: dict[str, torch.Tensor], in_chans: int, path: st
     )
 
 
-def saved_grid(ckpt: dict[str, Any], state: dict[str, torch.Tensor], num_prefix_tokens: int) -> tuple[int, int] | None:
-    """(rows, columns) of the checkpoint's position-embedding grid, from the ``--input_size`` it
-    stores (the token count alone cannot tell 8x16 from 16x8); None when it stores none that fits,
-    and the grid is then taken as square (every official checkpoint's is)."""
-    saved = ckpt.get("args")
+def saved_grid(saved: argparse.Namespace | None, state: StateDict, num_prefix_tokens: int) -> tuple[int, int] | None:
+    """(rows, columns) of the position-embedding grid of ``state``, from the ``--input_size`` it was
+    ``saved`` with (the token count cannot tell 8x16 from 16x8); None if none fits: square, as official."""
     weight = state.get("patch_embed.proj.weight")
-    if not isinstance(saved, argparse.Namespace) or getattr(saved, "input_size", None) is None or weight is None:
+    if getattr(saved, "input_size", None) is None or weight is None:
         return None
     try:
         height, width = image_size(saved.input_size)
     except Exception:  # a value this code never wrote
         return None
-    patch = weight.shape[-1]
-    grid = (height // patch, width // patch)
+    grid = (height // weight.shape[-1], width // weight.shape[-1])
     return grid if grid[0] * grid[1] == state["pos_embed"].shape[1] - num_prefix_tokens else None

@@ -1,8 +1,5 @@
 """Checkpoint files on disk: names that sort by progress, atomic writes, listing and pruning.
-
-``checkpoint-<epoch>.pth`` holds a complete epoch, ``checkpoint-<epoch>-step<k>.pth`` the first k
-iterations of one.
-"""
+``checkpoint-<epoch>.pth`` holds a complete epoch, ``checkpoint-<epoch>-step<k>.pth`` its first k iterations."""
 
 import os
 import re
@@ -20,9 +17,8 @@ def checkpoint_name(epoch: int, step: int | None = None) -> str:
 
 
 def atomic_save(obj: Any, path: str) -> None:
-    """``torch.save`` through ``util.outputs.atomic_write``: a crash at any moment leaves either
-    the old file or the complete new one, never a partial one. A failed write raises the
-    ``OSError`` that caused it (a full disk, a quota)."""
+    """``torch.save`` through ``util.outputs.atomic_write`` (never a partial file); a failed write
+    raises the ``OSError`` that caused it (a full disk, a quota)."""
 
     def write(f: BinaryIO) -> None:
         writer = _KeepError(f)
@@ -54,12 +50,10 @@ class _KeepError:
         self.f.flush()
 
 
-# ---------------------------------------------------------------------------------------------
 # Listing and pruning
 def progress(name: str) -> tuple[int, int] | None:
     """Sort key: (epoch, iterations done) of the position a checkpoint resumes at."""
-    m = _NAME.match(name)
-    if not m:
+    if not (m := _NAME.match(name)):
         return None
     epoch, step = int(m.group(1)), m.group(2)
     return (epoch + 1, 0) if step is None else (epoch, int(step))
@@ -77,35 +71,19 @@ def list_checkpoints(output_dir: str) -> list[str]:
 def prune(
     output_dir: str, keep_last: int, keep_every: int, final_epoch: int, just_written: str | None = None
 ) -> list[str]:
-    """Delete old checkpoints; returns the removed paths.
-
-    Kept: the newest checkpoint and ``just_written``; among complete epochs, the ``keep_last``
-    newest, every epoch ``e`` with ``e % keep_every == 0`` and the final epoch. Older mid-epoch
-    checkpoints go.
-    """
-    _remove_stale_temporaries(output_dir)
+    """Delete stale temporaries and old checkpoints; return the checkpoints removed. Kept: the newest and
+    ``just_written``; of complete epochs, the ``keep_last`` newest, every ``keep_every``-th and the final one."""
+    for name in os.listdir(output_dir):  # temporaries of writes a killed process never finished (ours are renamed)
+        if _NAME.match(stale_temporary_of(name) or "") and os.path.isfile(path := os.path.join(output_dir, name)):
+            os.remove(path)
     if keep_last <= 0:
         return []  # keep everything
     paths = list_checkpoints(output_dir)
-    complete = [p for p in paths if _NAME.match(os.path.basename(p)).group(2) is None]
-    newest = set(complete[-keep_last:])
-    removed = []
-    for path in paths[:-1]:  # the newest checkpoint always stays
-        if just_written and os.path.samefile(path, just_written):
-            continue
-        m = _NAME.match(os.path.basename(path))
-        epoch, mid_epoch = int(m.group(1)), m.group(2) is not None
-        permanent = epoch % keep_every == 0 or epoch == final_epoch
-        if not mid_epoch and (path in newest or permanent):
-            continue
+    # Complete epochs by their number (mid-epoch checkpoints have a step in their name).
+    complete = {p: int(m.group(1)) for p in paths if (m := _NAME.match(os.path.basename(p))).group(2) is None}
+    kept = {p for p, epoch in complete.items() if epoch % keep_every == 0 or epoch == final_epoch}
+    kept |= set(list(complete)[-keep_last:])
+    removed = [p for p in paths[:-1] if p not in kept and not (just_written and os.path.samefile(p, just_written))]
+    for path in removed:  # the newest checkpoint (paths[-1]) always stays
         os.remove(path)
-        removed.append(path)
     return removed
-
-
-def _remove_stale_temporaries(output_dir: str) -> None:
-    """Temporary files of checkpoint writes that a killed process never finished (ours are renamed)."""
-    for name in os.listdir(output_dir):
-        path = os.path.join(output_dir, name)
-        if _NAME.match(stale_temporary_of(name) or "") and os.path.isfile(path):
-            os.remove(path)

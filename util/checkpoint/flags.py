@@ -10,11 +10,6 @@ from util.checkpoint.state import Opened
 from util.cli.log import log
 
 
-def classifier_name(model: str) -> str:
-    """The classifier of an MAE's encoder: ``mae_vit_base_patch16`` -> ``vit_base_patch16``."""
-    return model.removeprefix("mae_")
-
-
 def fill_from_checkpoints(args: argparse.Namespace, sources: Sequence[Opened], fallbacks: dict[str, Any]) -> None:
     """Set every flag of ``fallbacks`` that is None (not given) to the value the first of ``sources``
     stores, else to its fallback; say in one line per checkpoint which values it gave. An MAE's
@@ -23,14 +18,10 @@ def fill_from_checkpoints(args: argparse.Namespace, sources: Sequence[Opened], f
     for flag, fallback in fallbacks.items():
         if getattr(args, flag, None) is not None:
             continue
-        value, origin = fallback, None
-        for source in sources:
-            stored = getattr(source.args, flag, None)
-            if stored is not None:
-                value, origin = stored, source.path
-                break
+        stored = [(s.path, found) for s in sources if (found := getattr(s.args, flag, None)) is not None]
+        origin, value = stored[0] if stored else (None, fallback)
         if flag == "model" and origin and not str(fallback).startswith("mae_"):
-            value = classifier_name(value)
+            value = value.removeprefix("mae_")  # its encoder's classifier: mae_vit_base_patch16 -> vit_base_patch16
         setattr(args, flag, value)
         if origin:
             shown = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else value

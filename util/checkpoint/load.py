@@ -1,7 +1,6 @@
-"""Reading checkpoints, which are untrusted input: nothing pickled is executed (``weights_only``
-with only what the official format needs allowed), every stored checksum is verified, damaged or
-foreign files are one-line errors, and a state dict loads strictly, with weights of a usable dtype
-and finite values, or names what does not fit."""
+"""Reading checkpoints, which are untrusted input: nothing pickled is executed, every stored checksum
+is verified, damaged or foreign files are one-line errors, and a state dict loads strictly, with
+finite weights of a usable dtype, or names what does not fit."""
 
 import argparse
 import contextlib
@@ -25,13 +24,12 @@ from util.cli.log import log
 
 # What the official checkpoints and ours pickle besides tensors and plain containers.
 SAFE_GLOBALS = [argparse.Namespace]
+StateDict = dict[str, torch.Tensor]
 
 
 def load_checkpoint(path: str) -> dict[str, Any]:
-    """Load a checkpoint (file or URL) without executing pickled code, or fail with one line.
-
-    Every checksum the file stores is verified first: the CRC-32 of each member of a zip
-    checkpoint (torch.load does not check them), the per-tensor CRC-32s of a .safetensors export."""
+    """Load a checkpoint (file or URL) without executing pickled code, or fail with one line. Every
+    checksum it stores is verified first (torch.load does not check a zip's CRC-32s)."""
     if not path.startswith(("https://", "http://")):
         return _load_file(path, path)
     local = download(path)
@@ -44,10 +42,8 @@ def load_checkpoint(path: str) -> dict[str, Any]:
 
 
 def download(url: str) -> str:
-    """The local copy of ``url`` in torch.hub's cache, downloaded if not there yet.
-
-    Each URL has a folder of its own (named by a hash of the whole URL): two hosts serving files
-    of the same name must not share a copy, as they do in torch.hub's flat checkpoints folder."""
+    """The local copy of ``url`` in torch.hub's cache, downloaded if not there yet. Each URL has a
+    folder of its own (a hash of it): two hosts' files of the same name must not share a copy."""
     name = os.path.basename(urllib.parse.urlparse(url).path) or "checkpoint"
     folder = os.path.join(torch.hub.get_dir(), "checkpoints", hashlib.sha256(url.encode()).hexdigest()[:16])
     local = os.path.join(folder, name)
@@ -69,12 +65,11 @@ def _load_file(path: str, shown: str) -> dict[str, Any]:
     """Load the local file ``path``; errors name it as ``shown`` (the URL it came from, if any)."""
     if not os.path.isfile(path):
         fail(f"checkpoint {shown} does not exist")
-    if path.endswith(".safetensors") or _looks_like_safetensors(path):
+    kind = _file_kind(path)
+    if path.endswith(".safetensors") or kind == "safetensors":
         return load_safetensors(path, shown)
-    if not _looks_like_torch_file(path):
-        fail(
-            f"checkpoint {shown} is truncated or not a PyTorch checkpoint; use an earlier checkpoint or write it again"
-        )
+    if kind != "torch":
+        _not_torch(shown)
     if zipfile.is_zipfile(path):
         verify_zip(path, shown)
     try:
@@ -88,26 +83,32 @@ def _load_file(path: str, shown: str) -> dict[str, Any]:
             f"load only checkpoints you trust and re-save their state dict"
         )
     except Exception as e:  # torch reports damaged files with many exception types
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        fail(
-            f"checkpoint {shown} is truncated or not a PyTorch checkpoint ({first[:160]}); "
-            f"use an earlier checkpoint or write it again"
-        )
+        _not_torch(shown, f" ({_first_line(e)[:160]})")
     if not isinstance(ckpt, dict):
         fail(f"checkpoint {shown} holds a {type(ckpt).__name__}, not a dict of states; it is not an MAE checkpoint")
     return ckpt
+
+
+def _not_torch(shown: str, why: str = "") -> None:
+    fail(
+        f"checkpoint {shown} is truncated or not a PyTorch checkpoint{why}; use an earlier checkpoint or write it again"
+    )
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def verify_zip(path: str, shown: str | None = None) -> None:
     """Check every member of the zip checkpoint ``path`` against the CRC-32 the archive stores for
     it, or fail naming the first damaged member. torch.save writes real CRCs; a file written with
     ``torch.serialization.set_crc32_options(False)`` stores 0 for every member, and is not checked."""
-    where = "its zip directory"
+    shown, where = shown or path, "its zip directory"
     try:
         with zipfile.ZipFile(path) as archive:
             members = archive.infolist()
             if all(m.CRC == 0 for m in members if m.file_size):
-                log.info(f"checkpoint {shown or path} was written without checksums: its contents are not verified")
+                log.info(f"checkpoint {shown} was written without checksums: its contents are not verified")
                 return
             for member in members:
                 where = f"its entry {member.filename}"
@@ -115,20 +116,13 @@ def verify_zip(path: str, shown: str | None = None) -> None:
                     while f.read(1 << 20):
                         pass
     except Exception as e:  # BadZipFile for a wrong CRC or header, OSError, EOFError, zlib.error, ...
-        fail(
-            f"checkpoint {shown or path} is damaged in {where} ({str(e)[:80]}); "
-            f"use an earlier checkpoint or write it again"
-        )
+        fail(f"checkpoint {shown} is damaged in {where} ({str(e)[:80]}); use an earlier checkpoint or write it again")
 
 
 def load_safetensors(path: str, shown: str | None = None) -> dict[str, Any]:
-    """A .safetensors file as a checkpoint: ``{'model': tensors, 'args': Namespace or None}``.
-
-    Weights only (no optimizer or progress): what ``export.py --to safetensors`` writes, or any
-    state dict in the format. The args come back from the JSON that export stores as metadata,
-    and the tensors are checked against the CRC-32s stored there (see ``checksum_metadata``).
-    Nothing is unpickled. ``safetensors`` is imported here so that training does not need it.
-    """
+    """A .safetensors file (weights only) as a checkpoint: ``{'model': tensors, 'args': Namespace or
+    None}``, args and CRC-32s from the metadata ``export.py`` writes. Imported here: training does
+    not need safetensors."""
     shown = shown or path
     try:
         from safetensors import safe_open
@@ -140,21 +134,18 @@ def load_safetensors(path: str, shown: str | None = None) -> dict[str, Any]:
             metadata = f.metadata() or {}
         state = load_file(path, device="cpu")
     except Exception as e:  # SafetensorError for damaged headers, OSError, ...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        fail(f"checkpoint {shown} is truncated or not a safetensors file ({first[:160]}); write it again")
+        fail(f"checkpoint {shown} is truncated or not a safetensors file ({_first_line(e)[:160]}); write it again")
     if CHECKSUM_KEY in metadata:
         verify_checksums(state, metadata[CHECKSUM_KEY], shown)
-    args = None
-    if "args" in metadata:
-        try:
-            args = argparse.Namespace(**json.loads(metadata["args"]))
-        except (ValueError, TypeError) as e:
-            fail(f"checkpoint {shown}: its 'args' metadata is not a JSON object of flags ({e})")
+    try:
+        args = argparse.Namespace(**json.loads(metadata["args"])) if "args" in metadata else None
+    except (ValueError, TypeError) as e:
+        fail(f"checkpoint {shown}: its 'args' metadata is not a JSON object of flags ({e})")
     return {"model": state, "args": args}
 
 
 # safetensors metadata entry: JSON {tensor name: CRC-32 of its bytes}. The format has no checksum
-# of its own; CRC-32, as in the zip of a .pth file, detects damage and names the damaged tensor.
+# of its own; CRC-32, as in a .pth's zip, detects damage and names the damaged tensor.
 CHECKSUM_KEY = "crc32"
 
 
@@ -164,21 +155,20 @@ def tensor_crc32(tensor: torch.Tensor) -> int:
     return zlib.crc32(flat.view(torch.uint8).numpy())
 
 
-def checksum_metadata(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+def checksum_metadata(tensors: StateDict) -> dict[str, str]:
     """The metadata entry that lets ``load_checkpoint`` verify a .safetensors file: add it to the
     metadata of every file written with safetensors' ``save``/``save_file``."""
     return {CHECKSUM_KEY: json.dumps({name: tensor_crc32(t) for name, t in sorted(tensors.items())})}
 
 
-def verify_checksums(state: dict[str, torch.Tensor], stored: str, shown: str) -> None:
+def verify_checksums(state: StateDict, stored: str, shown: str) -> None:
     """Every tensor of ``state`` has the CRC-32 that ``stored`` (``checksum_metadata``'s JSON)
     records for it, and every recorded tensor is there; else fail naming the first one that differs."""
     try:
         expected = json.loads(stored)
-        valid = isinstance(expected, dict) and all(isinstance(v, int) for v in expected.values())
     except ValueError:
-        valid = False
-    if not valid:
+        expected = None
+    if not isinstance(expected, dict) or not all(isinstance(v, int) for v in expected.values()):
         fail(f"checkpoint {shown}: its '{CHECKSUM_KEY}' metadata is not a JSON object of checksums; write it again")
     for name in sorted(set(expected) | set(state)):
         if name not in state or name not in expected or tensor_crc32(state[name]) != expected[name]:
@@ -188,32 +178,25 @@ def verify_checksums(state: dict[str, torch.Tensor], stored: str, shown: str) ->
             )
 
 
-def _looks_like_safetensors(path: str) -> bool:
-    """8 bytes of header length (little endian), then the JSON header, which starts with '{'."""
+def _file_kind(path: str) -> str:
+    """'safetensors' (8 bytes of header length, little endian, then the JSON header: '{'), 'torch' (a
+    complete zip archive, torch >= 1.6, or a legacy pickle stream, which starts with PROTO) or ''."""
     with open(path, "rb") as f:
         head = f.read(9)
-    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < os.path.getsize(path)
-
-
-def _looks_like_torch_file(path: str) -> bool:
-    """A complete zip archive (torch >= 1.6) or a legacy pickle stream (it starts with PROTO)."""
-    with open(path, "rb") as f:
-        head = f.read(2)
-    return zipfile.is_zipfile(path) or head[:1] == b"\x80"
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < os.path.getsize(path):
+        return "safetensors"
+    return "torch" if zipfile.is_zipfile(path) or head[:1] == b"\x80" else ""
 
 
 def saved_args(path: str) -> argparse.Namespace | None:
-    """The flags a checkpoint was written with (None for official releases, which store none),
-    read before the run builds anything, and checked (``check_saved_args``). A zip checkpoint is
-    memory-mapped, so its tensors are not read: a large checkpoint is loaded again, in full, and
-    verified, where its weights are needed."""
+    """The checked flags a checkpoint was written with (None for official releases), read before the
+    run builds anything. A zip is memory-mapped, so its tensors are not read here (nor verified:
+    that happens where its weights are loaded)."""
     ckpt: Any = None
     if not path.startswith(("https://", "http://")) and os.path.isfile(path) and zipfile.is_zipfile(path):
-        try:
-            with torch.serialization.safe_globals(SAFE_GLOBALS):
-                ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:  # whatever it is, load_checkpoint says it in one line
-            ckpt = None
+        # Whatever fails here, load_checkpoint says it in one line.
+        with contextlib.suppress(Exception), torch.serialization.safe_globals(SAFE_GLOBALS):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     if ckpt is None:
         ckpt = load_checkpoint(path)
     args = ckpt.get("args") if isinstance(ckpt, dict) else None
@@ -223,7 +206,7 @@ def saved_args(path: str) -> argparse.Namespace | None:
     return args
 
 
-def model_state(ckpt: dict[str, Any], path: str) -> dict[str, torch.Tensor]:
+def model_state(ckpt: dict[str, Any], path: str) -> StateDict:
     """The model's state dict in a checkpoint: under 'model' (official and ours) or at the top."""
     state = ckpt.get("model", ckpt)
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -231,7 +214,6 @@ def model_state(ckpt: dict[str, Any], path: str) -> dict[str, torch.Tensor]:
     return state
 
 
-# ---------------------------------------------------------------------------------------------
 # State dicts against a model
 @dataclass
 class StateDiff:
@@ -252,10 +234,7 @@ class StateDiff:
 
 
 def compare_states(
-    own: dict[str, torch.Tensor],
-    state: dict[str, torch.Tensor],
-    may_miss: set[str] = frozenset(),
-    may_be_left: set[str] | None = frozenset(),
+    own: StateDict, state: StateDict, may_miss: set[str] = frozenset(), may_be_left: set[str] | None = frozenset()
 ) -> StateDiff:
     """Compare ``state`` with a model's ``own`` state dict: keys of ``may_miss`` may be missing,
     those of ``may_be_left`` (any, if None) may be left over, and no shared key may differ in shape."""
@@ -268,17 +247,13 @@ def compare_states(
     )
 
 
-def check_weights(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str) -> None:
-    """Every weight of ``state`` that the model has (``own``) can be loaded as it is: of a dtype
-    that converts to the model's without losing meaning (a float for a float; int8, bool or complex
-    would be cast silently), holding the data its shape claims (a 2 KB file can describe a huge
-    tensor with zero strides), and finite. ``source`` ('checkpoint x.pth', '--finetune x.pth')
-    starts the error. No copy is made; call it before anything is computed from the weights."""
+def check_weights(own: StateDict, state: StateDict, source: str) -> None:
+    """Every weight of ``state`` that the model has (``own``) loads as it is, or fail naming it after
+    ``source``: a float for a float (int8, bool or complex would be cast silently), holding the data
+    its shape claims (zero strides can forge a huge tensor), and finite. Call it before any use."""
     for key in sorted(set(own) & set(state)):
         mine, theirs = own[key], state[key]
-        if mine.is_floating_point() != theirs.is_floating_point() or (
-            not mine.is_floating_point() and mine.dtype != theirs.dtype
-        ):
+        if mine.dtype != theirs.dtype and not (mine.is_floating_point() and theirs.is_floating_point()):
             fail(
                 f"{source}: weight {key} is {theirs.dtype}, the model's is {mine.dtype}; it cannot be loaded "
                 f"without changing its values (a quantized or foreign checkpoint?): give one of {mine.dtype} weights"
@@ -296,7 +271,7 @@ def check_weights(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], 
             )
 
 
-def load_model_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
+def load_model_strict(model: torch.nn.Module, state: StateDict, path: str) -> None:
     """Load a state dict whose names and shapes must equal the model's, with weights that
     ``check_weights`` accepts, or fail naming the difference."""
     own = model.state_dict()
@@ -306,7 +281,6 @@ def load_model_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], pa
     model.load_state_dict(state)
 
 
-# ---------------------------------------------------------------------------------------------
 # Training entries, checked before a resume uses them
 def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
@@ -336,8 +310,7 @@ def check_saved_args(args: argparse.Namespace, path: str) -> None:
 
 
 def _rng_problem(rng: Any) -> str:
-    """Why ``rng`` is not a list of states ``restore_rng`` takes ('' if it is). Each is tried,
-    and this process's own state put back."""
+    """Why ``rng`` is not a list of states ``restore_rng`` takes ('' if it is): each is tried, then ours put back."""
     if not isinstance(rng, list) or not all(isinstance(r, dict) for r in rng):
         return f"is a {type(rng).__name__}, not a list of per-process random states"
     mine = capture_rng()
@@ -359,28 +332,21 @@ def _optimizer_problem(opt: Any) -> str:
         isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups
     ):
         return "has no list of parameter groups with their 'params'"
-    for index, per_param in opt["state"].items():
-        if not isinstance(per_param, dict) or not all(
-            isinstance(v, torch.Tensor) or _is_number(v) for v in per_param.values()
-        ):
+    for index, slots in opt["state"].items():  # per parameter: step, moments, ...
+        if not isinstance(slots, dict) or not all(isinstance(v, torch.Tensor) or _is_number(v) for v in slots.values()):
             return f"holds for parameter {index} something else than tensors and numbers"
-        for name, v in per_param.items():
+        for name, v in slots.items():
             if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
                 return f"holds NaN or infinite values in {name} of parameter {index} (a diverged run)"
     return ""
 
 
 def _meters_problem(meters: Any) -> str:
-    ok = (
-        isinstance(meters, dict)
-        and _is_count(meters.get("epoch"))
-        and _is_count(meters.get("step"))
-        and isinstance(meters.get("sums"), dict)
-        and all(
-            isinstance(s, (list, tuple)) and len(s) == 2 and all(map(_is_number, s)) for s in meters["sums"].values()
-        )
-    )
-    return "" if ok else "is not {'epoch': count, 'step': count, 'sums': {name: [total, count]}}"
+    sums = meters.get("sums") if isinstance(meters, dict) else None
+    ok = isinstance(sums, dict) and _is_count(meters.get("epoch")) and _is_count(meters.get("step"))
+    if ok and all(isinstance(s, (list, tuple)) and len(s) == 2 and all(map(_is_number, s)) for s in sums.values()):
+        return ""
+    return "is not {'epoch': count, 'step': count, 'sums': {name: [total, count]}}"
 
 
 def _log_problem(lines: Any) -> str:
@@ -408,27 +374,25 @@ def _extra_problem(extra: Any) -> str:
     return ""
 
 
-def _entry_problems(ckpt: dict[str, Any]) -> list[str]:
-    checks = {
-        "epoch": lambda v: "" if _is_count(v) else f"is {v!r}, not a count of epochs (an integer >= 0)",
-        "step": lambda v: "" if v is None or _is_count(v) else f"is {v!r}, not None or an integer >= 0",
-        "optimizer": _optimizer_problem,
-        "scaler": lambda v: "" if not v or isinstance(v, dict) else f"is a {type(v).__name__}, not a dict",
-        "rng": lambda v: "" if v is None else _rng_problem(v),
-        "extra": _extra_problem,
-        "log": lambda v: "" if v is None else _log_problem(v),
-        "meters": lambda v: "" if v is None else _meters_problem(v),
-        "args": lambda v: "" if v is None or isinstance(v, argparse.Namespace) else "is not a Namespace of flags",
-    }
-    return [f"'{name}' {why}" for name, check in checks.items() if name in ckpt and (why := check(ckpt[name]))]
+# Each training entry's check: why its value is malformed, '' if it is not.
+_ENTRY_CHECKS = {
+    "epoch": lambda v: "" if _is_count(v) else f"is {v!r}, not a count of epochs (an integer >= 0)",
+    "step": lambda v: "" if v is None or _is_count(v) else f"is {v!r}, not None or an integer >= 0",
+    "optimizer": _optimizer_problem,
+    "scaler": lambda v: "" if not v or isinstance(v, dict) else f"is a {type(v).__name__}, not a dict",
+    "rng": lambda v: "" if v is None else _rng_problem(v),
+    "extra": _extra_problem,
+    "log": lambda v: "" if v is None else _log_problem(v),
+    "meters": lambda v: "" if v is None else _meters_problem(v),
+    "args": lambda v: "" if v is None or isinstance(v, argparse.Namespace) else "is not a Namespace of flags",
+}
 
 
 def check_training_entries(ckpt: dict[str, Any], path: str) -> None:
-    """Fail in one line naming every malformed entry of a training checkpoint (epoch, step,
-    optimizer, scaler, rng, extra, log, meters, args) before resume uses any of them. Entries that
-    are absent are not checked: an official release holds only the model (and perhaps args)."""
-    problems = _entry_problems(ckpt)
-    if problems:
+    """Fail in one line naming every malformed entry of a training checkpoint before resume uses any
+    of them. Absent entries are not checked: an official release holds only the model (and args)."""
+    checked = ((name, check(ckpt[name])) for name, check in _ENTRY_CHECKS.items() if name in ckpt)
+    if problems := [f"'{name}' {why}" for name, why in checked if why]:
         fail(
             f"checkpoint {path} has malformed entries: {'; '.join(problems)}; it was not written by this code "
             f"or was changed: resume from another checkpoint"

@@ -1,10 +1,8 @@
 """Training checkpoints: what a run saves (``TrainState``), the check before a save, and resume.
 
-Format: a dict with the official keys ``model``, ``optimizer``, ``epoch``, ``scaler``, ``args``,
-plus ``step`` (iterations done in ``epoch``; ``None`` once the epoch is complete), ``rng``
-(each rank's random-number state, for exact resume) and entry-point ``extra`` state.
-Files on disk: util/checkpoint/files.py; reading untrusted ones: util/checkpoint/load.py.
-"""
+Format: a dict with the official keys ``model``, ``optimizer``, ``epoch``, ``scaler``, ``args``, plus
+``step`` (iterations done in ``epoch``; ``None`` once it is complete), ``rng`` (each rank's random
+state, for exact resume) and entry-point ``extra`` state."""
 
 import argparse
 import hashlib
@@ -40,17 +38,10 @@ class TrainState:
     meters: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        """The checkpoint entries this state owns (the official keys first); ``save_checkpoint``
-        adds the position (``epoch``, ``step``) and every rank's random state."""
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "args": self.args,
-            "extra": self.extra,
-            "log": self.log,
-            "meters": self.meters,
-        }
+        """The checkpoint entries this state owns, the official keys first (``save_checkpoint`` adds
+        the position and every rank's random state)."""
+        states = {name: getattr(self, name).state_dict() for name in ("model", "optimizer", "scaler")}
+        return {**states, "args": self.args, "extra": self.extra, "log": self.log, "meters": self.meters}
 
     def load_state_dict(self, ckpt: dict[str, Any], path: str) -> None:
         """Restore what ``state_dict`` saved, except the model (``resume`` loads it strictly first,
@@ -62,15 +53,12 @@ class TrainState:
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.extra.update(ckpt.get("extra", {}))
-        self.log = ckpt.get("log")  # None in checkpoints older than the log history
-        self.meters = ckpt.get("meters")
+        self.log, self.meters = ckpt.get("log"), ckpt.get("meters")  # log: None in checkpoints older than it
 
 
 def save_checkpoint(state: TrainState, epoch: int, step: int | None = None) -> str | None:
-    """Save on rank 0 (all ranks must call: the RNG states are gathered). Returns the path.
-
-    Weights and optimizer state are checked first: a runaway last update must not be saved.
-    """
+    """Save on rank 0 (all ranks must call: the RNG states are gathered) and return the path; a
+    runaway last update is not saved (``check_finite``)."""
     args = state.args
     name = checkpoint_name(epoch, step)
     check_finite(state, f"the end of epoch {epoch}" if step is None else f"epoch {epoch}, iteration {step}", name)
@@ -97,20 +85,14 @@ def save_checkpoint(state: TrainState, epoch: int, step: int | None = None) -> s
 def _tensor_bytes(obj: Any) -> int:
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(_tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_tensor_bytes(v) for v in obj)
-    return 0
+    children = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    return sum(map(_tensor_bytes, children))
 
 
 def check_finite(state: TrainState, where: str, name: str) -> None:
-    """Stop (on every rank) unless the weights, buffers and optimizer state are finite.
-
-    Losses are checked before each update; this checks the updates themselves, once per save.
-    One fused norm per device and dtype: a norm is NaN or inf if an element is, and inf in float32
-    for values past ~1e19 too, which the next forward pass would overflow anyway (runaway weights).
-    """
+    """Stop (on every rank) unless the weights, buffers and optimizer state are finite: this checks the
+    updates, once per save. One fused norm per device and dtype: NaN or inf if an element is, and inf
+    in float32 past ~1e19 too, which the next forward pass would overflow anyway (runaway weights)."""
     tensors = [t for t in state.model.state_dict().values() if t.is_floating_point()]
     for per_param in state.optimizer.state_dict()["state"].values():
         tensors += [t for t in per_param.values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
@@ -131,8 +113,7 @@ def check_finite(state: TrainState, where: str, name: str) -> None:
 
 @dataclass(frozen=True)
 class Opened:
-    """A checkpoint read once, at start-up, and handed to whatever needs it: resume, the encoder
-    a classifier starts from, and the flags it decides (mean/std, model, sizes)."""
+    """A checkpoint read once, at start-up, and handed to whatever needs it (resume, encoder, flags)."""
 
     path: str
     ckpt: dict[str, Any]
@@ -145,8 +126,7 @@ class Opened:
 
 
 def open_checkpoint(path: str, training: bool = False) -> Opened:
-    """Read ``path`` (verified, weights only); ``training``: a checkpoint to resume, whose training
-    entries (progress, optimizer, random state, log) must be well-formed too."""
+    """Read ``path`` (verified, weights only); ``training``: to resume, its training entries checked."""
     ckpt = load_checkpoint(path)
     if training:
         check_training_entries(ckpt, path)
@@ -186,18 +166,17 @@ class Position:
 
 
 def resume(state: TrainState, opened: Opened | None) -> Position:
-    """Restore ``state`` from the ``--resume`` checkpoint ``opened`` (see ``open_resume``); returns
-    where training goes on."""
-    args = state.args
+    """Restore ``state`` from the ``--resume`` checkpoint ``opened``; returns where training goes on."""
+    args, evaluating = state.args, getattr(state.args, "eval", False)
     start = Position(args.start_epoch)
     if opened is None:
         return start
     path, ckpt = opened.path, opened.ckpt
     load_model_strict(state.model, model_state(ckpt, path), path)
     log.info(f"resumed model from {path}")
-    if "optimizer" not in ckpt or "epoch" not in ckpt or getattr(args, "eval", False):
+    if "optimizer" not in ckpt or "epoch" not in ckpt or evaluating:
         # Weights only (an official release, a .safetensors file, or --eval): train from --start_epoch.
-        if not getattr(args, "eval", False):
+        if not evaluating:
             log.warning(
                 f"{path} holds weights only (no optimizer state or progress): training starts "
                 f"from them at epoch {start.epoch}; this is not an exact resume"
@@ -212,14 +191,11 @@ def resume(state: TrainState, opened: Opened | None) -> Position:
             f"{path} was written by {len(rng)} processes, this run has "
             f"{distributed.world_size()}: random state is not restored, so resume is not exact"
         )
-    _warn_changed_meaning(ckpt.get("args"), args, path)
     step = ckpt.get("step")
-    if step is not None:
-        _check_same_batches(ckpt.get("args"), args, path)
+    _check_flags(opened.args, args, path, mid_epoch=step is not None)
     position = Position(ckpt["epoch"] + 1) if step is None else Position(ckpt["epoch"], step)
     here = (position.epoch, position.step)
-    later = [p for p in list_checkpoints(args.output_dir) if progress(os.path.basename(p)) > here]
-    if later:
+    if later := [p for p in list_checkpoints(args.output_dir) if progress(os.path.basename(p)) > here]:
         log.warning(
             f"{args.output_dir} holds checkpoints beyond {path} ({os.path.basename(later[-1])}); "
             f"--resume auto would take those, not this run's"
@@ -233,8 +209,11 @@ def resume(state: TrainState, opened: Opened | None) -> Position:
 MEANING_FLAGS = ("model", "input_size", "mask_ratio", "norm_pix_loss", "global_pool", "nb_classes", "smoothing")
 
 
-def _warn_changed_meaning(saved: Any, args: argparse.Namespace, path: str) -> None:
-    if not isinstance(saved, argparse.Namespace):
+def _check_flags(saved: argparse.Namespace | None, args: argparse.Namespace, path: str, mid_epoch: bool) -> None:
+    """Warn about changed MEANING_FLAGS; inside an epoch, fail unless the batches are the same: a
+    mid-epoch position counts iterations, the same samples only with the same batch size, process
+    count and accumulation."""
+    if saved is None:
         return
     changed = [
         f"--{flag} {getattr(saved, flag)} -> {getattr(args, flag)}"
@@ -243,12 +222,7 @@ def _warn_changed_meaning(saved: Any, args: argparse.Namespace, path: str) -> No
     ]
     if changed:
         log.warning(f"{path} was trained with other flags ({', '.join(changed)}); training goes on with the new ones")
-
-
-def _check_same_batches(saved: Any, args: argparse.Namespace, path: str) -> None:
-    """A mid-epoch position counts iterations: it means the same samples only with the same
-    batch size, process count and accumulation."""
-    if not isinstance(saved, argparse.Namespace):
+    if not mid_epoch:
         return
     for flag in ("batch_size", "world_size", "accum_iter"):
         then, now = getattr(saved, flag, None), getattr(args, flag)
@@ -260,19 +234,14 @@ def _check_same_batches(saved: Any, args: argparse.Namespace, path: str) -> None
             )
 
 
-def data_fingerprint(dataset: Any) -> dict[str, Any]:
-    """The image count and a digest of the file names in order (without their folders: a moved
-    folder, or a list of the same files, is the same data): what a mid-epoch position's order of
-    samples depends on."""
+def check_same_data(state: TrainState, dataset: Any, position: Position) -> None:
+    """Record the training data in the state (image count, digest of the file names in order, without
+    their folders: a moved folder is the same data); warn when a run resumed inside an epoch trains on
+    other data than the checkpoint's: its position then counts iterations of another order."""
     files = getattr(dataset, "files", None) or [path for path, _ in dataset.samples]
     names = "\n".join(os.path.basename(f) for f in files)
-    return {"images": len(files), "digest": hashlib.sha1(names.encode(), usedforsecurity=False).hexdigest()}
-
-
-def check_same_data(state: TrainState, dataset: Any, position: Position) -> None:
-    """Record the training data in the state; warn when a run resumed inside an epoch trains on
-    other data than the checkpoint's: its position then counts iterations of another order."""
-    now, saved = data_fingerprint(dataset), state.extra.get("data")
+    now = {"images": len(files), "digest": hashlib.sha1(names.encode(), usedforsecurity=False).hexdigest()}
+    saved = state.extra.get("data")
     if position.step and isinstance(saved, dict) and saved != now:
         log.warning(
             f"the training data changed since the checkpoint ({saved.get('images')} -> {now['images']} images, or "
