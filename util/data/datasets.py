@@ -29,15 +29,11 @@ from util.train import distributed, interrupt
 
 
 def image_walk(top: str, inside: str) -> Iterator[tuple[str, list[str]]]:
-    """(folder, image names) for ``top`` and every folder below it, like ``os.walk``; ``inside``
-    is the data folder that holds ``top``.
-
-    Every real folder is read once. A link to a file is read wherever it points, but a link to a
-    folder is never followed: if it leads inside ``inside``, its folder is read under its own name
-    already, and following it would count those images twice (or without end, for a link to
-    ``.``), so it is skipped with a warning; if it leads outside, images from elsewhere would join
-    the data unannounced, so the run stops.
-    """
+    """(folder, image names) for ``top`` and every folder below it, like ``os.walk``, inside the data
+    folder ``inside``. A link to a file is read wherever it points; a link to a folder never is:
+    inside ``inside`` its folder is read under its own name already (following it would count its
+    images twice, or without end for a link to ``.``), so it is skipped with a warning; outside,
+    images from elsewhere would join the data unannounced, so the run stops."""
     boundary = os.path.realpath(inside)
 
     def skip_link(path: str) -> None:
@@ -60,12 +56,9 @@ def image_walk(top: str, inside: str) -> Iterator[tuple[str, list[str]]]:
 
 
 class ImageFiles(Dataset):
-    """Every image file below a folder, in sorted order, with label 0: for pre-training,
-    which needs no labels. Accepts class folders, nested folders or a flat folder; or, with
-    ``files``, exactly those files in that order (``root`` is then the list file they came from).
-
-    With ``lazy`` the transform receives the file's path and reads it itself (see util/data/fast_crop.py).
-    """
+    """Every image file below a folder (class folders, nested or flat), sorted, with label 0: for
+    pre-training. With ``files``, exactly those files in that order (``root``: their list file).
+    With ``lazy`` the transform receives the file's path and reads it itself (util/data/fast_crop.py)."""
 
     def __init__(
         self,
@@ -114,15 +107,13 @@ LIST_FILES = {"train": ("train.txt",), "val": ("val.txt", "test.txt")}
 
 
 def read_image_list(list_path: str, labelled: bool, nb_classes: int | None = None) -> list[tuple[str, int]]:
-    """(file, label) for every line of a list file, in the list's order; label 0 when unlabelled.
+    """(file, label) for every line of a list file, in its order; label 0 when unlabelled.
 
-    A line is ``<path>`` or ``<path> <label>``: the label is the last whitespace-separated field, a
-    class index 0, 1, 2, ... (below ``nb_classes`` when given), so paths may contain spaces. Paths
-    are relative to the list file's folder (absolute ones are taken as they are); blank lines and
-    lines starting with ``#`` are skipped. Unlabelled (pre-training), a class index after the path is
-    ignored (unless the whole line names a file): the training list of a classification set serves
-    pre-training as it is. Every file is checked here, so that a bad line stops the run before
-    training with its line number, not hours into an epoch.
+    A line is ``<path>`` or ``<path> <label>``, the label the last field (so paths may contain
+    spaces): a class index below ``nb_classes`` when given. Paths are relative to the list's folder;
+    blank lines and ``#`` lines are skipped. Unlabelled, a class index after the path is ignored
+    (unless the whole line names a file), so a classification list serves pre-training as it is.
+    Every file is checked here: a bad line stops the run before training, not hours into an epoch.
     """
     folder = os.path.dirname(os.path.abspath(list_path))
     try:
@@ -175,10 +166,7 @@ class ListedImages(Dataset):
         self.root, self.transform, self.loader = list_path, transform, loader
         self.samples = read_image_list(list_path, labelled=True, nb_classes=nb_classes)
         self.targets = [label for _, label in self.samples]
-        self.set_classes(nb_classes or max(self.targets) + 1)
-
-    def set_classes(self, count: int) -> None:
-        self.classes = ClassIndices(count)
+        self.classes = ClassIndices(nb_classes or max(self.targets) + 1)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -316,8 +304,7 @@ def classification_splits(
     val = classification_dataset(data_path, "val", val_transform, nb_classes, flag, loader)
     if isinstance(train, ListedImages) and isinstance(val, ListedImages):
         count = max(len(train.classes), len(val.classes))  # without --nb_classes: the largest index + 1
-        train.set_classes(count)
-        val.set_classes(count)
+        train.classes = val.classes = ClassIndices(count)
     if train.classes != val.classes:
         only_train = sorted(set(train.classes) - set(val.classes))
         only_val = sorted(set(val.classes) - set(train.classes))
@@ -342,31 +329,21 @@ def pretrain_transform(
 ) -> Callable:
     """The official pre-training augmentation: random resized crop (scale 0.2-1, bicubic) and flip.
 
-    ``loader`` (``--loader``): ``torchvision``, the recipe itself; ``fast``, the same distribution
-    from ``FastRandomResizedCropFlip`` (uint8 output, normalised on the device); ``device``, the
-    same again with the JPEG decode left to the training device (util/data/device_decode.py). The
-    dataset of ``fast`` and ``device`` must be ``lazy``. ``mean``/``std`` (``--mean``/``--std``)
-    normalise the torchvision pipeline's output; the other two leave that to the training loop.
-    ``input_size`` is one side or (height, width). With ``in_chans`` other than 3 the images are
-    float tensors from ``util.data.images.load_channels`` and the same recipe runs on tensors, whatever
-    ``loader`` says (``pretrain_data`` says so, or refuses ``device``).
+    ``loader`` (``--loader``): ``torchvision``, the recipe itself, normalised with ``mean``/``std``;
+    ``fast``, the same distribution from ``FastRandomResizedCropFlip`` (uint8, normalised on the
+    device); ``device``, that with the JPEG decode on the device (util/data/device_decode.py). Their
+    dataset must be ``lazy``. ``input_size``: one side or (height, width). With ``in_chans`` other
+    than 3 the recipe runs on float tensors from ``load_channels``, whatever ``loader`` says
+    (``pretrain_data`` says so, or refuses ``device``).
     """
     size = image_size(input_size)
     if in_chans != 3:
         check_norm(mean, std, in_chans)
-        return tensor_train_transform(size, (0.2, 1.0), mean, std)
-    if loader == "fast":
+    elif loader == "fast":
         return FastRandomResizedCropFlip(size)
-    if loader == "device":
+    elif loader == "device":
         return RandomResizedCropFlipOnDevice(size)
-    return transforms.Compose(
-        [
-            transforms.RandomResizedCrop(size, scale=(0.2, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
-            transforms.RandomHorizontalFlip(),
-            transforms.ToTensor(),
-            transforms.Normalize(mean, std),
-        ]
-    )
+    return tensor_train_transform(size, (0.2, 1.0), mean, std, rgb=in_chans == 3)
 
 
 def pretrain_data(args: Any) -> tuple[ImageFiles, DataLoader]:
@@ -395,10 +372,10 @@ def eval_transform(
     std: Sequence[float] = IMAGENET_STD,
     in_chans: int = 3,
 ) -> Callable:
-    """Resize by the 256/224 ratio (bicubic), center crop, normalise with ``mean``/``std`` (as the
-    official recipe: above 224 px the crop takes the whole resized image). ``input_size`` is one
-    side or (height, width); with ``in_chans`` other than 3 the images are float tensors from
-    ``util.data.images.load_channels``."""
+    """Resize by the 256/224 ratio (bicubic; above 224 px to the crop's size, as officially), center crop,
+    normalise.
+    ``input_size``: one side or (height, width); with ``in_chans`` other than 3 the images are float
+    tensors from ``load_channels``."""
     size = image_size(input_size)
     if in_chans != 3:
         check_norm(mean, std, in_chans)
@@ -412,10 +389,8 @@ def eval_transform(
 # Deterministic sampling
 class SeededSampler(Sampler):
     """Shuffles and shards like ``DistributedSampler`` and yields ``(index, sample_seed)`` pairs.
-
-    ``set_epoch(epoch, skip)`` also skips the first ``skip`` samples of this rank's share, which
-    is how a run resumed inside an epoch continues with exactly the samples it had not seen.
-    """
+    ``set_epoch(epoch, skip)`` also skips the first ``skip`` samples of this rank's share: a run
+    resumed inside an epoch continues with exactly the samples it had not seen."""
 
     def __init__(self, dataset_len: int, seed: int):
         self._inner = DistributedSampler(
@@ -449,13 +424,10 @@ def sample_seeds(seed: int, epoch: int, indices: np.ndarray) -> np.ndarray:
 
 
 class SeededDataset(Dataset):
-    """Wraps a dataset: item ``(index, seed)`` is ``dataset[index]`` drawn under ``seed``.
-
-    python's, numpy's and torch's CPU generators (torchvision, timm and PIL augmentations use all
-    three) are seeded for the call. In a loader worker they belong to this dataset alone; in the
-    main process (``--num_workers 0``) they are restored after the call, so the training loop's
-    streams are untouched.
-    """
+    """Wraps a dataset: item ``(index, seed)`` is ``dataset[index]`` drawn under ``seed``, with
+    python's, numpy's and torch's CPU generators (augmentations use all three) seeded for the call.
+    In a loader worker they belong to this dataset alone; in the main process (``--num_workers 0``)
+    they are restored after the call, so the training loop's streams are untouched."""
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
@@ -520,14 +492,12 @@ def require_batch_memory(
 def train_loader(dataset: Dataset, args: Any, collate_fn: Callable | None = None, value_bytes: int = 4) -> DataLoader:
     """Shuffled, sharded, seeded loader; drops the last incomplete batch. ``value_bytes``: the size
     of a pixel value in its batches (float32: 4), for sizing them first."""
-    per_step = args.batch_size * distributed.world_size()
-    if len(dataset) < per_step:
+    if len(dataset) < args.batch_size * distributed.world_size():
         fail(
             f"--batch_size {args.batch_size} x {distributed.world_size()} process(es) is more than the "
             f"{len(dataset)} images in --data_path; lower --batch_size"
         )
-    in_chans = getattr(args, "in_chans", 3)
-    require_batch_memory(args.input_size, in_chans, args.batch_size, args.num_workers, value_bytes)
+    require_batch_memory(args.input_size, getattr(args, "in_chans", 3), args.batch_size, args.num_workers, value_bytes)
     return DataLoader(
         SeededDataset(dataset),
         sampler=SeededSampler(len(dataset), args.seed),
