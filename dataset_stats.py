@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 from util.cli.args import check_at_least
 from util.cli.errors import run_cli
 from util.data.datasets import pretrain_dataset
+from util.data.normalization import show_values
 from util.memory import require
 from util.outputs import atomic_write, check_json_output, reported
 
@@ -37,16 +38,10 @@ from util.outputs import atomic_write, check_json_output, reported
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Per-channel pixel mean and std of a data set, for --mean and --std")
     parser.add_argument("--data_path", required=True, help="folder of images or list file, as main_pretrain.py's")
-    parser.add_argument(
-        "--input_size", default=224, type=int, help="resize every image to this square size first (0: keep sizes)"
-    )
-    parser.add_argument(
-        "--max_images", default=0, type=int, metavar="N", help="use N evenly spaced images of the data set (0: all)"
-    )
+    parser.add_argument("--input_size", default=224, type=int, help="resize each image to this square size (0: don't)")
+    parser.add_argument("--max_images", default=0, type=int, metavar="N", help="use N evenly spaced images (0: all)")
     parser.add_argument("--num_workers", default=4, type=int, help="data-loading processes")
-    parser.add_argument(
-        "--json", default="", metavar="FILE", help="also write the result as JSON to FILE ('-': stdout)"
-    )
+    parser.add_argument("--json", default="", metavar="FILE", help="also write the JSON result to FILE ('-': stdout)")
     return parser
 
 
@@ -131,9 +126,7 @@ def compute(args: argparse.Namespace) -> dict[str, Any]:
 
 def flags(stats: dict[str, Any]) -> str:
     """The flags to paste into main_pretrain.py and the others."""
-    return (
-        "--mean " + " ".join(f"{v:.6g}" for v in stats["mean"]) + " --std " + " ".join(f"{v:.6g}" for v in stats["std"])
-    )
+    return f"--mean {show_values(stats['mean'])} --std {show_values(stats['std'])}"
 
 
 def main(args: argparse.Namespace) -> None:
