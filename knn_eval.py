@@ -61,11 +61,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     knn.add_knn_args(parser)
     add_norm_args(parser)
     parser.add_argument(
-        "--linear_epochs",
-        default=0,
-        type=int,
-        metavar="N",
-        help="also fit a linear classifier to the cached bank features for N epochs (0: no)",
+        "--linear_epochs", default=0, type=int, metavar="N", help="N epochs of a linear classifier on the bank (0: no)"
     )
     parser.set_defaults(dist_on_itp=False, dist_url="env://")  # what init_distributed_mode reads
     return parser
@@ -93,11 +89,10 @@ def main(args: argparse.Namespace) -> None:
     check_at_least(args, 1, "batch_size")
     knn.check_knn_args(args)
     check_at_least(args, 0, "linear_epochs", zero_means="no linear classifier")
-    for encoder in args.encoders:
-        if encoder not in ("random", "pixels") and not encoder.startswith(("http://", "https://")):
-            if not os.path.isfile(encoder):
-                fail(f"--encoders {encoder} is neither a checkpoint file nor 'random' or 'pixels'")
-    checkpoints = [e for e in args.encoders if e not in ("random", "pixels")]
+    checkpoints = [e for e in args.encoders if e not in NAMES]
+    for path in checkpoints:
+        if not path.startswith(("http://", "https://")) and not os.path.isfile(path):
+            fail(f"--encoders {path} is neither a checkpoint file nor 'random' or 'pixels'")
     first = open_checkpoint(checkpoints[0]) if checkpoints else None  # read once: flags, then weights
     fill_from_checkpoints(args, [first] if first else [], FALLBACKS)
     with torch.device("meta"):  # --model and --input_size checked before any image is read
