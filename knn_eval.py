@@ -4,11 +4,10 @@ optionally by a linear classifier on the cached features (util/eval/linear.py).
     python knn_eval.py --data_path ../shared/datasets/cifar10 --model mae_vit_mini_patch4 \
         --encoders out/pretrain/checkpoint-29.pth random pixels --output knn.json
 
-Each entry of ``--encoders`` is a checkpoint (ours, or an official MAE release: full, encoder
-only, or a classifier that kept the final ``norm``), ``random`` (the encoder as pre-training
-initialises it, under ``--seed``) or ``pixels`` (the center-cropped image itself). The bank is
-``<data_path>/train``, the queries ``<data_path>/val`` (or ``test``). Under torchrun the images are
-shared among the processes and the scores equal the one-process scores.
+Each entry of ``--encoders`` is a checkpoint (ours, or an official MAE release: full, encoder only,
+or a classifier that kept the final ``norm``), ``random`` (the encoder as pre-training initialises
+it, under ``--seed``) or ``pixels`` (the center-cropped image itself). The bank is ``<data_path>/train``,
+the queries ``<data_path>/val`` (or ``test``). Under torchrun the scores equal the one-process scores.
 """
 
 import argparse
@@ -43,15 +42,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data_path", required=True, help="ImageFolder with train/ (the bank) and val/ or test/")
     parser.add_argument(
         "--model",
-        default=None,
         help=f"one of: {', '.join(models_mae.MODELS)} (default: the first checkpoint's, else {FALLBACKS['model']})",
     )
-    parser.add_argument(
-        "--input_size", default=None, type=int, help="image size (default: the first checkpoint's, else the model's)"
-    )
-    parser.add_argument(
-        "--encoders", nargs="+", required=True, metavar="ENCODER", help="checkpoints, 'random' and/or 'pixels'"
-    )
+    parser.add_argument("--input_size", type=int, help="image size (default: the first checkpoint's, else the model's)")
+    parser.add_argument("--encoders", nargs="+", required=True, metavar="ENCODER", help="checkpoints, random, pixels")
     parser.add_argument("--output", default="", help="append one JSON line per encoder to this file")
     parser.add_argument("--batch_size", default=256, type=int)
     parser.add_argument("--num_workers", default=2, type=int)

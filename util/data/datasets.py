@@ -101,7 +101,6 @@ def transformed(path: str, img: Any, transform: Callable | None) -> Any:
         fail(f"cannot read image {path} ({type(e).__name__}: {e}); remove or replace the file")
 
 
-# ---------------------------------------------------------------------------------------------
 # File lists: one image per line, '<path>' or '<path> <class index>'
 LIST_FILES = {"train": ("train.txt",), "val": ("val.txt", "test.txt")}
 
@@ -315,7 +314,6 @@ def classification_splits(
     return train, val
 
 
-# ---------------------------------------------------------------------------------------------
 # Transforms
 PRETRAIN_LOADERS = ("fast", "device", "torchvision")
 
@@ -385,7 +383,6 @@ def eval_transform(
     )
 
 
-# ---------------------------------------------------------------------------------------------
 # Deterministic sampling
 class SeededSampler(Sampler):
     """Shuffles and shards like ``DistributedSampler`` and yields ``(index, sample_seed)`` pairs.

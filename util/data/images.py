@@ -34,7 +34,6 @@ def to_rgb(img: Image.Image, name: str = "it") -> Image.Image:
     return img.convert("RGB")
 
 
-# ---------------------------------------------------------------------------------------------
 # Other channel counts. Pillow holds at most 4 bands per image and 16 bits only for one band, so
 # more channels come from a multi-page TIFF, one page per channel: the layout Pillow reads back
 # at full depth (a TIFF of 5 bands in one page it cannot open at all).

@@ -1,11 +1,10 @@
 """Per-channel pixel normalisation, ``(x - mean) / std`` on pixels in [0, 1]: the ``--mean`` and
 ``--std`` flags, their checks, and where a run takes the values from when they are not given.
 
-A model only works on pixels normalised as in its training, so the values travel with it: they are
-part of the args every checkpoint stores. When the flags are not given, a run takes them from the
-checkpoint it continues (``--resume``) or starts from (``--finetune``), and otherwise uses ImageNet's
-(official checkpoints store none, and were trained with ImageNet's). Explicit flags always win; a
-checkpoint that stores other values gets a one-line warning.
+A model only works on pixels normalised as in its training, so the values travel with it, in the
+args every checkpoint stores. Without the flags a run takes them from the checkpoint it continues
+(``--resume``) or starts from (``--finetune``), else ImageNet's (official checkpoints store none and
+were trained with those). Explicit flags win; a checkpoint that stores other values gets a warning.
 """
 
 import argparse

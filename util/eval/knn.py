@@ -121,7 +121,6 @@ def accuracy(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     return result
 
 
-# ---------------------------------------------------------------------------------------------
 # Labelled data
 class KnnData:
     """The labelled bank (``<path>/train``) and queries (``<path>/val`` or ``test``) at the model's
@@ -172,7 +171,6 @@ def _subset(dataset: datasets.ImageFolder, size: int) -> tuple[Dataset, torch.Te
     return Subset(dataset, indices.tolist()), labels[indices]
 
 
-# ---------------------------------------------------------------------------------------------
 # The evaluation
 def evaluate(
     features_fn: Callable[[torch.Tensor], Features],
