@@ -176,9 +176,8 @@ class ListedImages(Dataset):
 
 
 class ClassIndices(Sequence[str]):
-    """The class names of a list file, ``'0'``, ``'1'``, ... up to the largest label, made when
-    asked for: a label of 10**8 must not make 10**8 strings before anything can size the run
-    (what scales with the class count is sized where it is allocated)."""
+    """The class names of a list file, ``'0'``, ``'1'``, ... up to the largest label, made when asked
+    for: a label of 10**8 must not make 10**8 strings before anything can size the run."""
 
     def __init__(self, count: int):
         self.names = range(count)
@@ -237,10 +236,9 @@ def classification_dataset(
     flag: str = "--data_path",
     loader: Callable[[str], Any] = load_rgb,
 ) -> datasets.ImageFolder | ListedImages:
-    """ImageFolder on ``<data_path>/<split>``; the validation split may be called 'val' or 'test'.
-    Without a ``<data_path>/train`` folder, the list files ``<data_path>/train.txt`` and ``val.txt``
-    (or ``test.txt``) take the folders' place. ``nb_classes`` None takes any number of classes;
-    ``flag`` names the folder's flag in errors."""
+    """ImageFolder on ``<data_path>/<split>`` (validation: 'val' or 'test'); without a ``train`` folder,
+    the list files ``train.txt`` and ``val.txt`` (or ``test.txt``). ``nb_classes`` None takes any
+    number of classes; ``flag`` names the folder's flag in errors."""
     if os.path.isfile(data_path):
         fail(
             f"{flag} {data_path} is a file; for classification give the folder that holds train.txt and val.txt "
@@ -296,9 +294,8 @@ def classification_splits(
     loader: Callable[[str], Any] = load_rgb,
 ) -> tuple[datasets.ImageFolder | ListedImages, datasets.ImageFolder | ListedImages]:
     """The training and validation sets of ``data_path``: ImageFolders, or list files. A folder's
-    label is the position of its class in the sorted folder names, so both splits must have the
-    same class folders: with other names of the same number, the validation images would be scored
-    against the wrong classes. A list's label is the index itself, the same class in both."""
+    label is its position among the sorted class folders, so both splits must have the same ones (or
+    validation images would be scored against the wrong classes); a list's label is the index itself."""
     train = classification_dataset(data_path, "train", train_transform, nb_classes, flag, loader)
     val = classification_dataset(data_path, "val", val_transform, nb_classes, flag, loader)
     if isinstance(train, ListedImages) and isinstance(val, ListedImages):
@@ -327,12 +324,11 @@ def pretrain_transform(
 ) -> Callable:
     """The official pre-training augmentation: random resized crop (scale 0.2-1, bicubic) and flip.
 
-    ``loader`` (``--loader``): ``torchvision``, the recipe itself, normalised with ``mean``/``std``;
-    ``fast``, the same distribution from ``FastRandomResizedCropFlip`` (uint8, normalised on the
-    device); ``device``, that with the JPEG decode on the device (util/data/device_decode.py). Their
-    dataset must be ``lazy``. ``input_size``: one side or (height, width). With ``in_chans`` other
-    than 3 the recipe runs on float tensors from ``load_channels``, whatever ``loader`` says
-    (``pretrain_data`` says so, or refuses ``device``).
+    ``loader`` (``--loader``): ``torchvision``, the recipe, normalised with ``mean``/``std``; ``fast``,
+    its distribution from ``FastRandomResizedCropFlip`` (uint8, normalised on the device), ``device``
+    that with the JPEG decode on the device (device_decode.py); both need a ``lazy`` dataset. With
+    ``in_chans`` other than 3 the recipe runs on float tensors from ``load_channels``, whatever ``loader``
+    says (``pretrain_data`` says so, or refuses ``device``). ``input_size``: one side or (height, width).
     """
     size = image_size(input_size)
     if in_chans != 3:
@@ -408,9 +404,8 @@ class SeededSampler(Sampler):
 
 
 def sample_seeds(seed: int, epoch: int, indices: np.ndarray) -> np.ndarray:
-    """A 32-bit seed per sample, a hash of (seed, epoch, index): SplitMix64's finaliser over a
-    key for (seed, epoch). Vectorised, as the sampler runs in the main process and has to keep up
-    with every worker: a SeedSequence per sample is too slow for that (benchmarks/README.md)."""
+    """A 32-bit seed per sample: SplitMix64's finaliser of the index over a key for (seed, epoch).
+    Vectorised: the sampler, in the main process, must keep up with every worker (benchmarks/README.md)."""
     key = np.random.SeedSequence([seed, epoch]).generate_state(1, dtype=np.uint64)[0]
     with np.errstate(over="ignore"):  # arithmetic modulo 2**64 is the point
         z = indices.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) + key
@@ -474,8 +469,8 @@ class ShardSampler(Sampler):
 def require_batch_memory(
     input_size: int | Sequence[int], in_chans: int, batch_size: int, num_workers: int, value_bytes: int = 4
 ) -> None:
-    """Refuse in one line, before a loader is made, batches whose images cannot fit in CPU memory:
-    the batch in use and the ``prefetch_factor`` (2) batches each worker prepares ahead."""
+    """Refuse, before a loader is made, batches that cannot fit in CPU memory: the batch in use and the
+    ``prefetch_factor`` (2) batches each worker prepares ahead."""
     height, width = image_size(input_size)
     in_flight = 1 + 2 * num_workers
     require(

@@ -114,9 +114,8 @@ def _scaled(img: Image.Image, path: str) -> np.ndarray:
 
 
 def depth_problem(img: Image.Image) -> str | None:
-    """Why the pixels of ``img`` cannot be scaled to [0, 1], or None: float pixels, and 32-bit
-    integers beyond 16 bits, have no largest value to divide by. Pillow reads 16-bit PGM/PPM
-    (scaled to 16 bits) and some 16-bit files as 32-bit integers (mode I): those pass."""
+    """Why the pixels of ``img`` cannot be scaled to [0, 1] (float, integers beyond 16 bits), or None.
+    Pillow reads 16-bit PGM/PPM and some 16-bit files as 32-bit integers (mode I): those pass."""
     if not img.mode.startswith(("F", "I")):  # 1 and 8-bit modes
         return None
     values = np.asarray(img)

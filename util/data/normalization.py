@@ -74,10 +74,9 @@ def stored(saved: argparse.Namespace | None) -> tuple[list[float], list[float]] 
 
 
 def resolve(args: argparse.Namespace, sources: Sequence[Source]) -> None:
-    """Set ``args.mean`` and ``args.std`` (lists of floats, as checkpoints store them): the flags
-    when given, else the values of the first of ``sources`` that stores some, else ImageNet's.
-    Both flags or neither: half a normalisation from one place and half from another is no one's.
-    Prints where the values came from, and warns about every source that stores other values."""
+    """Set ``args.mean`` and ``args.std`` (float lists, as checkpoints store them): the flags, else the
+    first of ``sources`` that stores some, else ImageNet's; says which, and warns about every source
+    that stores others. Both flags or neither: half a normalisation from each of two places is no one's."""
     channels = int(getattr(args, "in_chans", None) or 3)  # --in_chans where an entry point has it
     if (args.mean is None) != (args.std is None):
         fail(f"--mean and --std go together: give both ({'--mean' if args.mean is None else '--std'} is missing)")

@@ -54,9 +54,8 @@ def embed(
     source: str = "the encoder",
 ) -> Features:
     """L2-normalised features of every image of ``loader`` (this rank's shard of ``total``), gathered
-    from all ranks in the data set's order. Features that are not finite are a one-line error naming
-    ``source``: they would score as a plausible number (every similarity NaN, the vote goes to
-    whichever class ``topk`` lists first)."""
+    from all ranks in the data set's order. Features that are not finite are an error naming ``source``:
+    they would score as a plausible number (every similarity NaN, the vote to ``topk``'s first class)."""
     parts: dict[str, list[torch.Tensor]] = {}
     for images, _ in loader:
         images = images.to(device, non_blocking=True)
@@ -123,10 +122,9 @@ def accuracy(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
 
 # Labelled data
 class KnnData:
-    """The labelled bank (``<path>/train``) and queries (``<path>/val`` or ``test``) at the model's
-    input size, center-cropped and normalised with ``mean``/``std`` (the encoder's training values);
-    ``bank_size``/``query_size`` take evenly spaced subsets (0: all). ``input_size`` is one side or
-    (height, width); ``in_chans`` other than 3 reads the files' own channels (util/data/images.py)."""
+    """The labelled bank (``<path>/train``) and queries (``<path>/val`` or ``test``), center-cropped to
+    ``input_size`` (one side or (height, width)) and normalised with the encoder's ``mean``/``std``;
+    ``bank_size``/``query_size`` take evenly spaced subsets (0: all)."""
 
     def __init__(
         self,
@@ -180,9 +178,9 @@ def evaluate(
     source: str = "the encoder",
 ) -> dict[str, float]:
     """k-NN top-1 (and top-5) of every feature ``features_fn`` returns, e.g. ``cls_top1``; with
-    ``linear_epochs``, also the top-1 of a linear classifier fitted to the cached bank features
-    (``cls_linear_top1``, util/eval/linear.py). ``source`` names the encoder in errors. Reads
-    ``args.knn_k``, ``knn_t``, ``batch_size``, ``num_workers``, ``device``, ``precision``."""
+    ``linear_epochs``, also ``cls_linear_top1``, a linear classifier on the cached bank features
+    (util/eval/linear.py). ``source`` names the encoder in errors. Reads ``args.knn_k``, ``knn_t``,
+    ``batch_size``, ``num_workers``, ``device``, ``precision``."""
     device = torch.device(args.device)
     require_score_memory(data, device)
     bank_loader, query_loader = data.loaders(args.batch_size, args.num_workers)
@@ -214,8 +212,7 @@ def require_score_memory(data: KnnData, device: torch.device) -> None:
 
 
 def settle_k(args: argparse.Namespace, data: KnnData) -> None:
-    """``args.knn_k`` becomes the k actually used, at most the bank's size (``knn_scores`` takes no
-    more), with a warning where that lowers it: what is logged and stored is what was computed."""
+    """``args.knn_k`` becomes the k used, at most the bank's size, with a warning where that lowers it."""
     if args.knn_k > len(data.bank):
         log.warning(f"--knn_k {args.knn_k} is more than the {len(data.bank)} bank images: k = {len(data.bank)}")
         args.knn_k = len(data.bank)
@@ -227,11 +224,7 @@ def add_knn_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     g.add_argument("--knn_k", default=20, type=int, help="neighbours that vote")
     g.add_argument("--knn_t", default=0.07, type=float, help="temperature of the vote weights")
     g.add_argument(
-        "--knn_bank_size",
-        default=0,
-        type=int,
-        metavar="N",
-        help="use N evenly spaced train images as the bank (0: all)",
+        "--knn_bank_size", default=0, type=int, metavar="N", help="N evenly spaced train images form the bank (0: all)"
     )
     g.add_argument(
         "--knn_query_size", default=0, type=int, metavar="N", help="classify N evenly spaced val images (0: all)"

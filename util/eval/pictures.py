@@ -32,9 +32,8 @@ def reconstruction_grid(
 ) -> np.ndarray:
     """A uint8 [N*H, 4*W, 3] picture of what ``model`` makes of ``imgs``, one row per image (the
     module's four columns); for a model that does not take RGB, one gray row per image and channel.
-    ``imgs`` are normalised with ``mean`` and ``std`` (the model's training values), undone for the
-    picture. The patches of a ``norm_pix_loss`` model are shown with each true patch's mean and
-    spread put back (as the paper's figures do)."""
+    ``imgs`` are normalised with the model's ``mean`` and ``std``, undone here. A ``norm_pix_loss``
+    model's patches get each true patch's mean and spread back (as the paper's figures do)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -77,6 +76,5 @@ def save_png(picture: np.ndarray, path: str, min_width: int = 512) -> None:
 
 
 def load_images(paths: Sequence[str], transform: Callable, loader: Callable[[str], Any] = load_rgb) -> torch.Tensor:
-    """The files through ``transform``, stacked; ``loader`` reads them (RGB by default; see
-    ``util.data.channels.image_loader`` for other channel counts)."""
+    """The files read by ``loader`` (``channels.image_loader``) and ``transform``ed, stacked."""
     return torch.stack([transform(loader(p)) for p in paths])
