@@ -3,16 +3,13 @@
     python dataset_stats.py --data_path /path/to/images --input_size 224
     python dataset_stats.py --data_path /path/to/train.txt --max_images 20000 --json stats.json
 
-``--data_path`` is read as main_pretrain.py reads it: a folder of images (its ``train/`` folder or
-``train.txt`` when it has one) or a list file. Each image is read as RGB, resized as a whole to
-``input_size`` x ``input_size`` with Pillow's bicubic resize (the resize the training crops go
-through, antialiased when it shrinks), and its 8-bit pixels are scaled to [0, 1]. The mean and the
-population standard deviation are taken per channel over every pixel of every image. Resizing
-first gives every image the same weight, as training does (one crop of ``input_size``² pixels per
-image and epoch); ``--input_size 0`` takes every image at its own size instead.
-
-The sums are exact integers (8-bit pixels), so the result does not depend on the order of the
-images or on ``--num_workers``.
+``--data_path`` is read as main_pretrain.py reads it (a folder of images, its ``train/`` or
+``train.txt``, or a list file). Each image is read as RGB, resized as a whole to ``input_size``²
+with Pillow's bicubic resize (the one the training crops go through, antialiased when it shrinks),
+its 8-bit pixels scaled to [0, 1]; mean and population standard deviation are taken per channel
+over every pixel. Resizing first gives every image the same weight, as training does (one crop
+per image and epoch); ``--input_size 0`` takes each image at its own size. The sums are exact
+integers, so the result depends neither on the order of the images nor on ``--num_workers``.
 """
 
 import argparse
@@ -30,6 +27,7 @@ from torch.utils.data import DataLoader
 from util.cli.args import check_at_least
 from util.cli.errors import run_cli
 from util.data.datasets import pretrain_dataset
+from util.data.normalization import show_values
 from util.memory import require
 from util.outputs import atomic_write, check_json_output, reported
 
@@ -37,16 +35,10 @@ from util.outputs import atomic_write, check_json_output, reported
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Per-channel pixel mean and std of a data set, for --mean and --std")
     parser.add_argument("--data_path", required=True, help="folder of images or list file, as main_pretrain.py's")
-    parser.add_argument(
-        "--input_size", default=224, type=int, help="resize every image to this square size first (0: keep sizes)"
-    )
-    parser.add_argument(
-        "--max_images", default=0, type=int, metavar="N", help="use N evenly spaced images of the data set (0: all)"
-    )
+    parser.add_argument("--input_size", default=224, type=int, help="resize each image to this square size (0: don't)")
+    parser.add_argument("--max_images", default=0, type=int, metavar="N", help="use N evenly spaced images (0: all)")
     parser.add_argument("--num_workers", default=4, type=int, help="data-loading processes")
-    parser.add_argument(
-        "--json", default="", metavar="FILE", help="also write the result as JSON to FILE ('-': stdout)"
-    )
+    parser.add_argument("--json", default="", metavar="FILE", help="also write the JSON result to FILE ('-': stdout)")
     return parser
 
 
@@ -57,14 +49,20 @@ BYTES_PER_PIXEL = 19
 
 class PixelSums:
     """Image -> int64 [3, C]: per channel, the pixel count, the sum of the 8-bit values and the sum
-    of their squares (exact: 8-bit values fit int64 sums up to 10^14 images of 224²). The sums
-    come from a histogram of the 256 values, not from a 64-bit copy of every pixel.
-
-    ``processes``: how many images are summed at once (the loader's workers), for sizing; with
-    ``input_size`` 0 each image is sized at its own size before it is read into an array."""
+    of their squares (exact up to 10^14 images of 224²), from a histogram of the 256 values, not a
+    64-bit copy of every pixel. With ``processes`` images summed at once, the resize to
+    ``input_size``² is sized here, before any image is read; each image at its own size
+    (``input_size`` 0) is sized before it is made an array."""
 
     def __init__(self, input_size: int, processes: int = 1):
         self.input_size, self.processes = input_size, processes
+        if input_size:
+            require(
+                BYTES_PER_PIXEL * input_size * input_size * processes,
+                f"resizing an image to --input_size {input_size} ({input_size} x {input_size} px) in {processes} "
+                f"process(es)",
+                "lower --input_size or --num_workers",
+            )
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         if self.input_size:
@@ -84,15 +82,6 @@ class PixelSums:
         return torch.from_numpy(np.stack([count, counts @ values, counts @ (values * values)]))
 
 
-def require_resize_memory(input_size: int, processes: int) -> None:
-    """Every image is resized to ``input_size``²: sized before the first one is read."""
-    require(
-        BYTES_PER_PIXEL * input_size * input_size * processes,
-        f"resizing an image to --input_size {input_size} ({input_size} x {input_size} px) in {processes} process(es)",
-        "lower --input_size or --num_workers",
-    )
-
-
 def mean_std(sums: torch.Tensor) -> tuple[list[float], list[float]]:
     """Mean and population std of pixels / 255 from ``PixelSums`` totals, computed in exact
     fractions and rounded once (only the square root rounds again)."""
@@ -110,10 +99,7 @@ def compute(args: argparse.Namespace) -> dict[str, Any]:
     check_at_least(args, 0, "num_workers")
     if args.json not in ("", "-"):
         check_json_output(args.json, "--json")  # before the work, not after it
-    processes = max(args.num_workers, 1)
-    if args.input_size:
-        require_resize_memory(args.input_size, processes)
-    dataset = pretrain_dataset(args.data_path, PixelSums(args.input_size, processes))
+    dataset = pretrain_dataset(args.data_path, PixelSums(args.input_size, max(args.num_workers, 1)))
     if 0 < args.max_images < len(dataset):
         chosen = np.unique(np.linspace(0, len(dataset) - 1, args.max_images).round().astype(np.int64))
         dataset.files = [dataset.files[i] for i in chosen]
@@ -131,9 +117,7 @@ def compute(args: argparse.Namespace) -> dict[str, Any]:
 
 def flags(stats: dict[str, Any]) -> str:
     """The flags to paste into main_pretrain.py and the others."""
-    return (
-        "--mean " + " ".join(f"{v:.6g}" for v in stats["mean"]) + " --std " + " ".join(f"{v:.6g}" for v in stats["std"])
-    )
+    return f"--mean {show_values(stats['mean'])} --std {show_values(stats['std'])}"
 
 
 def main(args: argparse.Namespace) -> None:

@@ -4,11 +4,10 @@ optionally by a linear classifier on the cached features (util/eval/linear.py).
     python knn_eval.py --data_path ../shared/datasets/cifar10 --model mae_vit_mini_patch4 \
         --encoders out/pretrain/checkpoint-29.pth random pixels --output knn.json
 
-Each entry of ``--encoders`` is a checkpoint (ours, or an official MAE release: full, encoder
-only, or a classifier that kept the final ``norm``), ``random`` (the encoder as pre-training
-initialises it, under ``--seed``) or ``pixels`` (the center-cropped image itself). The bank is
-``<data_path>/train``, the queries ``<data_path>/val`` (or ``test``). Under torchrun the images are
-shared among the processes and the scores equal the one-process scores.
+Each entry of ``--encoders`` is a checkpoint (ours, or an official MAE release: full, encoder only,
+or a classifier that kept the final ``norm``), ``random`` (the encoder as pre-training initialises
+it, under ``--seed``) or ``pixels`` (the center-cropped image itself). The bank is ``<data_path>/train``,
+the queries ``<data_path>/val`` (or ``test``). Under torchrun the scores equal the one-process scores.
 """
 
 import argparse
@@ -43,15 +42,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data_path", required=True, help="ImageFolder with train/ (the bank) and val/ or test/")
     parser.add_argument(
         "--model",
-        default=None,
         help=f"one of: {', '.join(models_mae.MODELS)} (default: the first checkpoint's, else {FALLBACKS['model']})",
     )
-    parser.add_argument(
-        "--input_size", default=None, type=int, help="image size (default: the first checkpoint's, else the model's)"
-    )
-    parser.add_argument(
-        "--encoders", nargs="+", required=True, metavar="ENCODER", help="checkpoints, 'random' and/or 'pixels'"
-    )
+    parser.add_argument("--input_size", type=int, help="image size (default: the first checkpoint's, else the model's)")
+    parser.add_argument("--encoders", nargs="+", required=True, metavar="ENCODER", help="checkpoints, random, pixels")
     parser.add_argument("--output", default="", help="append one JSON line per encoder to this file")
     parser.add_argument("--batch_size", default=256, type=int)
     parser.add_argument("--num_workers", default=2, type=int)
@@ -61,11 +55,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     knn.add_knn_args(parser)
     add_norm_args(parser)
     parser.add_argument(
-        "--linear_epochs",
-        default=0,
-        type=int,
-        metavar="N",
-        help="also fit a linear classifier to the cached bank features for N epochs (0: no)",
+        "--linear_epochs", default=0, type=int, metavar="N", help="N epochs of a linear classifier on the bank (0: no)"
     )
     parser.set_defaults(dist_on_itp=False, dist_url="env://")  # what init_distributed_mode reads
     return parser
@@ -93,11 +83,10 @@ def main(args: argparse.Namespace) -> None:
     check_at_least(args, 1, "batch_size")
     knn.check_knn_args(args)
     check_at_least(args, 0, "linear_epochs", zero_means="no linear classifier")
-    for encoder in args.encoders:
-        if encoder not in ("random", "pixels") and not encoder.startswith(("http://", "https://")):
-            if not os.path.isfile(encoder):
-                fail(f"--encoders {encoder} is neither a checkpoint file nor 'random' or 'pixels'")
-    checkpoints = [e for e in args.encoders if e not in ("random", "pixels")]
+    checkpoints = [e for e in args.encoders if e not in NAMES]
+    for path in checkpoints:
+        if not path.startswith(("http://", "https://")) and not os.path.isfile(path):
+            fail(f"--encoders {path} is neither a checkpoint file nor 'random' or 'pixels'")
     first = open_checkpoint(checkpoints[0]) if checkpoints else None  # read once: flags, then weights
     fill_from_checkpoints(args, [first] if first else [], FALLBACKS)
     with torch.device("meta"):  # --model and --input_size checked before any image is read

@@ -7,6 +7,7 @@ transformed as tensors: Pillow holds neither 16-bit images of several bands nor 
 
 import functools
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,35 +37,37 @@ class ClampUnit:
         return img.clamp(0.0, 1.0)
 
 
+def cover_size(img: Any, size: tuple[int, int]) -> tuple[int, int]:
+    """(height, width) of the smallest resize of ``img`` (aspect ratio kept) that covers ``size``."""
+    width, height = TF.get_image_size(img)
+    scale = max(size[0] / height, size[1] / width)
+    return max(size[0], round(height * scale)), max(size[1], round(width * scale))
+
+
+@dataclass
 class ResizeToCover:
-    """Resize (bicubic, aspect ratio kept) to the smallest size that covers ``size`` (height,
-    width): for a non-square crop what ``Resize(int)``, which sets the shorter side, is for a
-    square one. PIL images and tensors alike."""
+    """Resize (bicubic) to ``cover_size``: for a non-square crop what ``Resize(int)``, which sets the
+    shorter side, is for a square one. PIL images and tensors alike."""
 
-    def __init__(self, size: tuple[int, int]):
-        self.size = size
+    size: tuple[int, int]
 
     def __call__(self, img: Any) -> Any:
-        width, height = TF.get_image_size(img)
-        scale = max(self.size[0] / height, self.size[1] / width)
-        new = [max(self.size[0], round(height * scale)), max(self.size[1], round(width * scale))]
-        return TF.resize(img, new, interpolation=BICUBIC, antialias=True)
+        return TF.resize(img, list(cover_size(img, self.size)), interpolation=BICUBIC, antialias=True)
 
 
+@dataclass
 class SizedCover:
-    """Sizes the resize that follows, to cover (height, width), before it allocates: the shorter
-    side is scaled to the crop, so an elongated image grows along its long side (a 1 x 1,000,000 px
-    line to 36 x 36,000,000 px for a 32 px crop). Its output is refused beyond Pillow's
+    """Sizes the resize that follows before it allocates, and passes the image on unchanged: the
+    shorter side is scaled to the crop, so an elongated image grows along its long side (a 1 x
+    1,000,000 px line to 36 x 36,000,000 px for a 32 px crop). Its output is refused beyond Pillow's
     decompression-bomb limit (an image Pillow would not open must not be made by a resize either),
-    or beyond the memory free now. Passes the image on unchanged."""
+    or beyond the memory free now."""
 
-    def __init__(self, size: tuple[int, int]):
-        self.size = size
+    size: tuple[int, int]
 
     def __call__(self, img: Any) -> Any:
         width, height = TF.get_image_size(img)
-        scale = max(self.size[0] / height, self.size[1] / width)
-        new_width, new_height = max(self.size[1], round(width * scale)), max(self.size[0], round(height * scale))
+        new_height, new_width = cover_size(img, self.size)
         pixels = new_width * new_height
         what = f"resizing its {width} x {height} px to {new_width} x {new_height} px (width x height)"
         advice = "crop it to a less elongated shape or remove it, or lower --input_size"
@@ -80,28 +83,23 @@ class SizedCover:
 
 def eval_resize(size: tuple[int, int]) -> Callable:
     """The evaluation resize before a center crop of ``size``: by the official 256/224 ratio up to
-    224 px (on the longer side), none above. A square keeps the official ``Resize(int)``. Sized
-    first (``SizedCover``)."""
+    224 px (on the longer side), none above; a square keeps the official ``Resize(int)``. Sized first."""
     height, width = size
     crop_pct = 224 / 256 if max(height, width) <= 224 else 1.0
     cover = (int(height / crop_pct), int(width / crop_pct))
-    if height == width:
-        resize = transforms.Resize(cover[0], interpolation=BICUBIC)
-    else:
-        resize = ResizeToCover(cover)
+    resize = transforms.Resize(cover[0], interpolation=BICUBIC) if height == width else ResizeToCover(cover)
     return transforms.Compose([SizedCover(cover), resize])
 
 
 def tensor_train_transform(
-    size: int | Sequence[int], scale: tuple[float, float], mean: Sequence[float], std: Sequence[float]
+    size: int | Sequence[int],
+    scale: tuple[float, float],
+    mean: Sequence[float],
+    std: Sequence[float],
+    rgb: bool = False,
 ) -> Callable:
-    """Random resized crop (bicubic, antialiased) to ``size`` and flip, on a float tensor from
-    ``load_channels``: the official augmentation for any channel count."""
-    return transforms.Compose(
-        [
-            transforms.RandomResizedCrop(size, scale=scale, interpolation=BICUBIC, antialias=True),
-            transforms.RandomHorizontalFlip(),
-            ClampUnit(),
-            transforms.Normalize(mean, std),
-        ]
-    )
+    """Random resized crop (bicubic, antialiased) to ``size`` and flip, normalised: the official
+    augmentation, on a float tensor from ``load_channels``, or with ``rgb`` on an RGB PIL image."""
+    to_unit = transforms.ToTensor() if rgb else ClampUnit()
+    crop = transforms.RandomResizedCrop(size, scale=scale, interpolation=BICUBIC)  # antialiased by default
+    return transforms.Compose([crop, transforms.RandomHorizontalFlip(), to_unit, transforms.Normalize(mean, std)])

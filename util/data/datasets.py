@@ -29,15 +29,11 @@ from util.train import distributed, interrupt
 
 
 def image_walk(top: str, inside: str) -> Iterator[tuple[str, list[str]]]:
-    """(folder, image names) for ``top`` and every folder below it, like ``os.walk``; ``inside``
-    is the data folder that holds ``top``.
-
-    Every real folder is read once. A link to a file is read wherever it points, but a link to a
-    folder is never followed: if it leads inside ``inside``, its folder is read under its own name
-    already, and following it would count those images twice (or without end, for a link to
-    ``.``), so it is skipped with a warning; if it leads outside, images from elsewhere would join
-    the data unannounced, so the run stops.
-    """
+    """(folder, image names) for ``top`` and every folder below it, like ``os.walk``, inside the data
+    folder ``inside``. A link to a file is read wherever it points; a link to a folder never is:
+    inside ``inside`` its folder is read under its own name already (following it would count its
+    images twice, or without end for a link to ``.``), so it is skipped with a warning; outside,
+    images from elsewhere would join the data unannounced, so the run stops."""
     boundary = os.path.realpath(inside)
 
     def skip_link(path: str) -> None:
@@ -60,12 +56,9 @@ def image_walk(top: str, inside: str) -> Iterator[tuple[str, list[str]]]:
 
 
 class ImageFiles(Dataset):
-    """Every image file below a folder, in sorted order, with label 0: for pre-training,
-    which needs no labels. Accepts class folders, nested folders or a flat folder; or, with
-    ``files``, exactly those files in that order (``root`` is then the list file they came from).
-
-    With ``lazy`` the transform receives the file's path and reads it itself (see util/data/fast_crop.py).
-    """
+    """Every image file below a folder (class folders, nested or flat), sorted, with label 0: for
+    pre-training. With ``files``, exactly those files in that order (``root``: their list file).
+    With ``lazy`` the transform receives the file's path and reads it itself (util/data/fast_crop.py)."""
 
     def __init__(
         self,
@@ -108,21 +101,18 @@ def transformed(path: str, img: Any, transform: Callable | None) -> Any:
         fail(f"cannot read image {path} ({type(e).__name__}: {e}); remove or replace the file")
 
 
-# ---------------------------------------------------------------------------------------------
 # File lists: one image per line, '<path>' or '<path> <class index>'
 LIST_FILES = {"train": ("train.txt",), "val": ("val.txt", "test.txt")}
 
 
 def read_image_list(list_path: str, labelled: bool, nb_classes: int | None = None) -> list[tuple[str, int]]:
-    """(file, label) for every line of a list file, in the list's order; label 0 when unlabelled.
+    """(file, label) for every line of a list file, in its order; label 0 when unlabelled.
 
-    A line is ``<path>`` or ``<path> <label>``: the label is the last whitespace-separated field, a
-    class index 0, 1, 2, ... (below ``nb_classes`` when given), so paths may contain spaces. Paths
-    are relative to the list file's folder (absolute ones are taken as they are); blank lines and
-    lines starting with ``#`` are skipped. Unlabelled (pre-training), a class index after the path is
-    ignored (unless the whole line names a file): the training list of a classification set serves
-    pre-training as it is. Every file is checked here, so that a bad line stops the run before
-    training with its line number, not hours into an epoch.
+    A line is ``<path>`` or ``<path> <label>``, the label the last field (so paths may contain
+    spaces): a class index below ``nb_classes`` when given. Paths are relative to the list's folder;
+    blank lines and ``#`` lines are skipped. Unlabelled, a class index after the path is ignored
+    (unless the whole line names a file), so a classification list serves pre-training as it is.
+    Every file is checked here: a bad line stops the run before training, not hours into an epoch.
     """
     folder = os.path.dirname(os.path.abspath(list_path))
     try:
@@ -175,10 +165,7 @@ class ListedImages(Dataset):
         self.root, self.transform, self.loader = list_path, transform, loader
         self.samples = read_image_list(list_path, labelled=True, nb_classes=nb_classes)
         self.targets = [label for _, label in self.samples]
-        self.set_classes(nb_classes or max(self.targets) + 1)
-
-    def set_classes(self, count: int) -> None:
-        self.classes = ClassIndices(count)
+        self.classes = ClassIndices(nb_classes or max(self.targets) + 1)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -189,9 +176,8 @@ class ListedImages(Dataset):
 
 
 class ClassIndices(Sequence[str]):
-    """The class names of a list file, ``'0'``, ``'1'``, ... up to the largest label, made when
-    asked for: a label of 10**8 must not make 10**8 strings before anything can size the run
-    (what scales with the class count is sized where it is allocated)."""
+    """The class names of a list file, ``'0'``, ``'1'``, ... up to the largest label, made when asked
+    for: a label of 10**8 must not make 10**8 strings before anything can size the run."""
 
     def __init__(self, count: int):
         self.names = range(count)
@@ -250,10 +236,9 @@ def classification_dataset(
     flag: str = "--data_path",
     loader: Callable[[str], Any] = load_rgb,
 ) -> datasets.ImageFolder | ListedImages:
-    """ImageFolder on ``<data_path>/<split>``; the validation split may be called 'val' or 'test'.
-    Without a ``<data_path>/train`` folder, the list files ``<data_path>/train.txt`` and ``val.txt``
-    (or ``test.txt``) take the folders' place. ``nb_classes`` None takes any number of classes;
-    ``flag`` names the folder's flag in errors."""
+    """ImageFolder on ``<data_path>/<split>`` (validation: 'val' or 'test'); without a ``train`` folder,
+    the list files ``train.txt`` and ``val.txt`` (or ``test.txt``). ``nb_classes`` None takes any
+    number of classes; ``flag`` names the folder's flag in errors."""
     if os.path.isfile(data_path):
         fail(
             f"{flag} {data_path} is a file; for classification give the folder that holds train.txt and val.txt "
@@ -309,15 +294,13 @@ def classification_splits(
     loader: Callable[[str], Any] = load_rgb,
 ) -> tuple[datasets.ImageFolder | ListedImages, datasets.ImageFolder | ListedImages]:
     """The training and validation sets of ``data_path``: ImageFolders, or list files. A folder's
-    label is the position of its class in the sorted folder names, so both splits must have the
-    same class folders: with other names of the same number, the validation images would be scored
-    against the wrong classes. A list's label is the index itself, the same class in both."""
+    label is its position among the sorted class folders, so both splits must have the same ones (or
+    validation images would be scored against the wrong classes); a list's label is the index itself."""
     train = classification_dataset(data_path, "train", train_transform, nb_classes, flag, loader)
     val = classification_dataset(data_path, "val", val_transform, nb_classes, flag, loader)
     if isinstance(train, ListedImages) and isinstance(val, ListedImages):
         count = max(len(train.classes), len(val.classes))  # without --nb_classes: the largest index + 1
-        train.set_classes(count)
-        val.set_classes(count)
+        train.classes = val.classes = ClassIndices(count)
     if train.classes != val.classes:
         only_train = sorted(set(train.classes) - set(val.classes))
         only_val = sorted(set(val.classes) - set(train.classes))
@@ -328,7 +311,6 @@ def classification_splits(
     return train, val
 
 
-# ---------------------------------------------------------------------------------------------
 # Transforms
 PRETRAIN_LOADERS = ("fast", "device", "torchvision")
 
@@ -342,31 +324,20 @@ def pretrain_transform(
 ) -> Callable:
     """The official pre-training augmentation: random resized crop (scale 0.2-1, bicubic) and flip.
 
-    ``loader`` (``--loader``): ``torchvision``, the recipe itself; ``fast``, the same distribution
-    from ``FastRandomResizedCropFlip`` (uint8 output, normalised on the device); ``device``, the
-    same again with the JPEG decode left to the training device (util/data/device_decode.py). The
-    dataset of ``fast`` and ``device`` must be ``lazy``. ``mean``/``std`` (``--mean``/``--std``)
-    normalise the torchvision pipeline's output; the other two leave that to the training loop.
-    ``input_size`` is one side or (height, width). With ``in_chans`` other than 3 the images are
-    float tensors from ``util.data.images.load_channels`` and the same recipe runs on tensors, whatever
-    ``loader`` says (``pretrain_data`` says so, or refuses ``device``).
+    ``loader`` (``--loader``): ``torchvision``, the recipe, normalised with ``mean``/``std``; ``fast``,
+    its distribution from ``FastRandomResizedCropFlip`` (uint8, normalised on the device), ``device``
+    that with the JPEG decode on the device (device_decode.py); both need a ``lazy`` dataset. With
+    ``in_chans`` other than 3 the recipe runs on float tensors from ``load_channels``, whatever ``loader``
+    says (``pretrain_data`` says so, or refuses ``device``). ``input_size``: one side or (height, width).
     """
     size = image_size(input_size)
     if in_chans != 3:
         check_norm(mean, std, in_chans)
-        return tensor_train_transform(size, (0.2, 1.0), mean, std)
-    if loader == "fast":
+    elif loader == "fast":
         return FastRandomResizedCropFlip(size)
-    if loader == "device":
+    elif loader == "device":
         return RandomResizedCropFlipOnDevice(size)
-    return transforms.Compose(
-        [
-            transforms.RandomResizedCrop(size, scale=(0.2, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
-            transforms.RandomHorizontalFlip(),
-            transforms.ToTensor(),
-            transforms.Normalize(mean, std),
-        ]
-    )
+    return tensor_train_transform(size, (0.2, 1.0), mean, std, rgb=in_chans == 3)
 
 
 def pretrain_data(args: Any) -> tuple[ImageFiles, DataLoader]:
@@ -395,10 +366,10 @@ def eval_transform(
     std: Sequence[float] = IMAGENET_STD,
     in_chans: int = 3,
 ) -> Callable:
-    """Resize by the 256/224 ratio (bicubic), center crop, normalise with ``mean``/``std`` (as the
-    official recipe: above 224 px the crop takes the whole resized image). ``input_size`` is one
-    side or (height, width); with ``in_chans`` other than 3 the images are float tensors from
-    ``util.data.images.load_channels``."""
+    """Resize by the 256/224 ratio (bicubic; above 224 px to the crop's size, as officially), center crop,
+    normalise.
+    ``input_size``: one side or (height, width); with ``in_chans`` other than 3 the images are float
+    tensors from ``load_channels``."""
     size = image_size(input_size)
     if in_chans != 3:
         check_norm(mean, std, in_chans)
@@ -408,14 +379,11 @@ def eval_transform(
     )
 
 
-# ---------------------------------------------------------------------------------------------
 # Deterministic sampling
 class SeededSampler(Sampler):
     """Shuffles and shards like ``DistributedSampler`` and yields ``(index, sample_seed)`` pairs.
-
-    ``set_epoch(epoch, skip)`` also skips the first ``skip`` samples of this rank's share, which
-    is how a run resumed inside an epoch continues with exactly the samples it had not seen.
-    """
+    ``set_epoch(epoch, skip)`` also skips the first ``skip`` samples of this rank's share: a run
+    resumed inside an epoch continues with exactly the samples it had not seen."""
 
     def __init__(self, dataset_len: int, seed: int):
         self._inner = DistributedSampler(
@@ -436,9 +404,8 @@ class SeededSampler(Sampler):
 
 
 def sample_seeds(seed: int, epoch: int, indices: np.ndarray) -> np.ndarray:
-    """A 32-bit seed per sample, a hash of (seed, epoch, index): SplitMix64's finaliser over a
-    key for (seed, epoch). Vectorised, as the sampler runs in the main process and has to keep up
-    with every worker: a SeedSequence per sample is too slow for that (benchmarks/README.md)."""
+    """A 32-bit seed per sample: SplitMix64's finaliser of the index over a key for (seed, epoch).
+    Vectorised: the sampler, in the main process, must keep up with every worker (benchmarks/README.md)."""
     key = np.random.SeedSequence([seed, epoch]).generate_state(1, dtype=np.uint64)[0]
     with np.errstate(over="ignore"):  # arithmetic modulo 2**64 is the point
         z = indices.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) + key
@@ -449,13 +416,10 @@ def sample_seeds(seed: int, epoch: int, indices: np.ndarray) -> np.ndarray:
 
 
 class SeededDataset(Dataset):
-    """Wraps a dataset: item ``(index, seed)`` is ``dataset[index]`` drawn under ``seed``.
-
-    python's, numpy's and torch's CPU generators (torchvision, timm and PIL augmentations use all
-    three) are seeded for the call. In a loader worker they belong to this dataset alone; in the
-    main process (``--num_workers 0``) they are restored after the call, so the training loop's
-    streams are untouched.
-    """
+    """Wraps a dataset: item ``(index, seed)`` is ``dataset[index]`` drawn under ``seed``, with
+    python's, numpy's and torch's CPU generators (augmentations use all three) seeded for the call.
+    In a loader worker they belong to this dataset alone; in the main process (``--num_workers 0``)
+    they are restored after the call, so the training loop's streams are untouched."""
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
@@ -505,8 +469,8 @@ class ShardSampler(Sampler):
 def require_batch_memory(
     input_size: int | Sequence[int], in_chans: int, batch_size: int, num_workers: int, value_bytes: int = 4
 ) -> None:
-    """Refuse in one line, before a loader is made, batches whose images cannot fit in CPU memory:
-    the batch in use and the ``prefetch_factor`` (2) batches each worker prepares ahead."""
+    """Refuse, before a loader is made, batches that cannot fit in CPU memory: the batch in use and the
+    ``prefetch_factor`` (2) batches each worker prepares ahead."""
     height, width = image_size(input_size)
     in_flight = 1 + 2 * num_workers
     require(
@@ -520,14 +484,12 @@ def require_batch_memory(
 def train_loader(dataset: Dataset, args: Any, collate_fn: Callable | None = None, value_bytes: int = 4) -> DataLoader:
     """Shuffled, sharded, seeded loader; drops the last incomplete batch. ``value_bytes``: the size
     of a pixel value in its batches (float32: 4), for sizing them first."""
-    per_step = args.batch_size * distributed.world_size()
-    if len(dataset) < per_step:
+    if len(dataset) < args.batch_size * distributed.world_size():
         fail(
             f"--batch_size {args.batch_size} x {distributed.world_size()} process(es) is more than the "
             f"{len(dataset)} images in --data_path; lower --batch_size"
         )
-    in_chans = getattr(args, "in_chans", 3)
-    require_batch_memory(args.input_size, in_chans, args.batch_size, args.num_workers, value_bytes)
+    require_batch_memory(args.input_size, getattr(args, "in_chans", 3), args.batch_size, args.num_workers, value_bytes)
     return DataLoader(
         SeededDataset(dataset),
         sampler=SeededSampler(len(dataset), args.seed),

@@ -1,11 +1,11 @@
 """JPEG decoding on the training device (nvJPEG on a GPU): ``--loader device``.
 
-At ImageNet resolution the CPU's JPEG decode is most of a worker's time, and a fast GPU can take
-images faster than the host's cores decode them. Here the workers only read the file and draw
-the crop box and the flip (the same draws, in the same order, as ``FastRandomResizedCropFlip``);
-a batch carries the encoded bytes, and moving it to the device decodes all of them in one call,
-then crops and resizes each with the same antialiased bicubic kernel. Files the device decoder
-does not take (not JPEG, CMYK, ...) are made in the worker by the fast loader and travel as pixels.
+At ImageNet resolution the CPU's JPEG decode is most of a worker's time, and a fast GPU takes
+images faster than the host's cores decode them. Here the workers only read the file and draw the
+crop box and flip (the draws of ``FastRandomResizedCropFlip``, in its order); moving a batch of
+encoded bytes to the device decodes them in one call, then crops and resizes each with the same
+antialiased bicubic kernel. Files the device decoder does not take (not JPEG, CMYK, ...) are made
+in the worker by the fast loader and travel as pixels.
 """
 
 import functools

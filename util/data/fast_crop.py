@@ -1,14 +1,13 @@
 """A faster pre-training augmentation with the official recipe's distribution.
 
 The recipe (RandomResizedCrop(scale 0.2-1, bicubic) + flip on PIL images) decodes the full JPEG,
-resizes with Pillow and converts to float in the worker. Here the crop box is drawn first, from
-the image's size alone (the same distribution as torchvision's sampler, drawn for less). A JPEG
-whose box is at least twice the output on each side is decoded at the largest DCT reduction
-(1/2, 1/4, 1/8) that keeps the output resolution inside the box (Pillow's draft mode); other
-JPEGs are decoded by torchvision straight into a tensor. The box is then resized by torch's
-antialiased bicubic kernel for uint8, faster than Pillow's. Images stay uint8 until
-the device, where ``util.data.normalization.normalize_on_device`` converts them, so workers do no float arithmetic and
-batches are 4x smaller to copy. What each step costs, measured: benchmarks/README.md.
+resizes with Pillow and converts to float in the worker. Here the crop box is drawn first, from the
+image's size alone. A JPEG whose box is at least twice the output on each side is decoded at the
+largest DCT reduction (1/2, 1/4, 1/8) that keeps the output resolution inside the box (Pillow's
+draft mode); other JPEGs are decoded by torchvision straight into a tensor. torch's antialiased
+bicubic kernel for uint8, faster than Pillow's, resizes the box. Images stay uint8 until the device
+(``normalization.normalize_on_device``): workers do no float arithmetic, batches are 4x smaller to
+copy. What each step costs, measured: benchmarks/README.md.
 """
 
 import io
@@ -32,8 +31,7 @@ SCALE, RATIO = (0.2, 1.0), (3 / 4, 4 / 3)
 
 
 class FastRandomResizedCropFlip:
-    """Image file path -> uint8 tensor [3, height, width]; ``size`` is one side (a square) or
-    (height, width)."""
+    """Image file path -> uint8 tensor [3, height, width]; ``size``: one side or (height, width)."""
 
     def __init__(
         self, size: int | tuple[int, int], scale: tuple[float, float] = SCALE, ratio: tuple[float, float] = RATIO
@@ -70,9 +68,8 @@ class FastRandomResizedCropFlip:
 
 
 def torchvision_jpeg_size(data: bytearray) -> tuple[int, int] | None:
-    """(width, height) of a JPEG that torchvision decodes exactly as Pillow does; None for any
-    other file, and for images larger than Pillow's decompression-bomb limit: Pillow's then,
-    which refuses those with an error rather than filling memory."""
+    """(width, height) of a JPEG that torchvision decodes exactly as Pillow does; None for any other
+    file, and beyond Pillow's decompression-bomb limit: Pillow refuses those rather than fill memory."""
     size = plain_jpeg_size(data) if decode_jpeg is not None else None
     limit = Image.MAX_IMAGE_PIXELS
     return None if size is None or (limit is not None and size[0] * size[1] > limit) else size
@@ -86,10 +83,9 @@ def read_file(path: str) -> bytearray:
 def random_crop_box(
     width: int, height: int, scale: tuple[float, float] = SCALE, ratio: tuple[float, float] = RATIO
 ) -> tuple[int, int, int, int]:
-    """(top, left, height, width) of a crop as ``RandomResizedCrop.get_params`` draws it (area
-    fraction uniform in ``scale``, log aspect ratio uniform in ``ratio``, 10 tries, then the
-    central crop of the nearest allowed ratio), from python's generator: torch's scalar
-    operations made torchvision's sampler cost more per box than decoding a small JPEG."""
+    """(top, left, height, width) of a crop as ``RandomResizedCrop.get_params`` draws it, from
+    python's generator: torch's scalar operations made torchvision's sampler cost more per box
+    than decoding a small JPEG."""
     area = width * height
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):

@@ -20,10 +20,9 @@ def load_rgb(path: str) -> Image.Image:
 
 
 def to_rgb(img: Image.Image, name: str = "it") -> Image.Image:
-    """RGB from any mode: palette with transparency via RGBA, and 16-bit integer images scaled to
-    8 bits (Pillow's convert would clip them to 255). Float and 32-bit integer pixels have no
-    depth to scale by (Pillow would make them black or clip them): a one-line error that starts
-    with ``name``, as ``load_channels`` gives."""
+    """RGB from any mode: palette with transparency via RGBA, 16-bit integer images scaled to 8 bits
+    (Pillow's convert would clip them to 255). Float and 32-bit integer pixels have no depth to scale
+    by (Pillow would make them black or clip them): a one-line error that starts with ``name``."""
     if (problem := depth_problem(img)) is not None:
         fail(f"{name} {problem}")
     if img.mode == "P" and "transparency" in img.info:
@@ -35,7 +34,6 @@ def to_rgb(img: Image.Image, name: str = "it") -> Image.Image:
     return img.convert("RGB")
 
 
-# ---------------------------------------------------------------------------------------------
 # Other channel counts. Pillow holds at most 4 bands per image and 16 bits only for one band, so
 # more channels come from a multi-page TIFF, one page per channel: the layout Pillow reads back
 # at full depth (a TIFF of 5 bands in one page it cannot open at all).
@@ -44,10 +42,9 @@ _TIFF_BITS_PER_SAMPLE = 258
 
 
 def load_channels(path: str, in_chans: int) -> torch.Tensor:
-    """Float32 [in_chans, H, W] in [0, 1], each value divided by the largest its bit depth holds
-    (1, 8 or 16 bits). A multi-page TIFF gives one channel per page; any other file its bands
-    (a palette becomes its colours; an alpha band is dropped when that leaves ``in_chans``).
-    A file with another channel count is a one-line error naming it and what to do."""
+    """Float32 [in_chans, H, W] in [0, 1], each value divided by the largest its bit depth (1, 8 or
+    16 bits) holds. A multi-page TIFF gives one channel per page; any other file its bands (a palette
+    its colours; alpha is dropped when that leaves ``in_chans``). Another channel count is an error."""
     try:
         with open(path, "rb") as f:
             img = Image.open(f)
@@ -117,9 +114,8 @@ def _scaled(img: Image.Image, path: str) -> np.ndarray:
 
 
 def depth_problem(img: Image.Image) -> str | None:
-    """Why the pixels of ``img`` cannot be scaled to [0, 1], or None: float pixels, and 32-bit
-    integers beyond 16 bits, have no largest value to divide by. Pillow reads 16-bit PGM/PPM
-    (scaled to 16 bits) and some 16-bit files as 32-bit integers (mode I): those pass."""
+    """Why the pixels of ``img`` cannot be scaled to [0, 1] (float, integers beyond 16 bits), or None.
+    Pillow reads 16-bit PGM/PPM and some 16-bit files as 32-bit integers (mode I): those pass."""
     if not img.mode.startswith(("F", "I")):  # 1 and 8-bit modes
         return None
     values = np.asarray(img)
@@ -141,11 +137,10 @@ _HUFFMAN_FRAMES = (0xC0, 0xC1, 0xC2)
 
 
 def plain_jpeg_size(data: bytes | bytearray) -> tuple[int, int] | None:
-    """(width, height) of an 8-bit Huffman-coded JPEG with 1 or 3 components (grey or colour: what
-    torchvision's decoder reads exactly as Pillow does), from its frame header; None for any other
-    file, CMYK and arithmetic-coded JPEGs included. At CIFAR size Pillow's parse of the whole header
-    costs as much as the decode itself; walking the segments to the frame header costs next to
-    nothing (benchmarks/README.md, "Where the loader's time goes")."""
+    """(width, height) of an 8-bit Huffman-coded JPEG of 1 or 3 components (what torchvision's decoder
+    reads exactly as Pillow does) from its frame header; None for any other file. At CIFAR size
+    Pillow's parse of the whole header costs as much as the decode; walking the segments to the frame
+    header costs next to nothing (benchmarks/README.md, "Where the loader's time goes")."""
     if data[:2] != b"\xff\xd8":
         return None
     pos, end = 2, len(data)

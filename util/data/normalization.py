@@ -1,11 +1,10 @@
 """Per-channel pixel normalisation, ``(x - mean) / std`` on pixels in [0, 1]: the ``--mean`` and
 ``--std`` flags, their checks, and where a run takes the values from when they are not given.
 
-A model only works on pixels normalised as in its training, so the values travel with it: they are
-part of the args every checkpoint stores. When the flags are not given, a run takes them from the
-checkpoint it continues (``--resume``) or starts from (``--finetune``), and otherwise uses ImageNet's
-(official checkpoints store none, and were trained with ImageNet's). Explicit flags always win; a
-checkpoint that stores other values gets a one-line warning.
+A model only works on pixels normalised as in its training, so the values travel with it, in the
+args every checkpoint stores. Without the flags a run takes them from the checkpoint it continues
+(``--resume``) or starts from (``--finetune``), else ImageNet's (official checkpoints store none and
+were trained with those). Explicit flags win; a checkpoint that stores other values gets a warning.
 """
 
 import argparse
@@ -32,7 +31,6 @@ def add_norm_args(parser: argparse.ArgumentParser) -> None:
         "--mean",
         type=float,
         nargs="+",
-        default=None,
         metavar="M",
         help="per-channel mean of the pixels scaled to [0, 1], one value per image channel (default: the values "
         "stored in the checkpoint the run continues or starts from, else ImageNet's 0.485 0.456 0.406); "
@@ -42,15 +40,9 @@ def add_norm_args(parser: argparse.ArgumentParser) -> None:
         "--std",
         type=float,
         nargs="+",
-        default=None,
         metavar="S",
         help="per-channel standard deviation, as --mean (default: the checkpoint's, else ImageNet's 0.229 0.224 0.225)",
     )
-
-
-def image_channels(args: argparse.Namespace) -> int:
-    """Channels of the images: ``--in_chans`` where an entry point has it, else RGB's 3."""
-    return int(getattr(args, "in_chans", None) or 3)
 
 
 def check_norm(mean: Sequence[float], std: Sequence[float], channels: int, source: str = "") -> None:
@@ -82,11 +74,10 @@ def stored(saved: argparse.Namespace | None) -> tuple[list[float], list[float]] 
 
 
 def resolve(args: argparse.Namespace, sources: Sequence[Source]) -> None:
-    """Set ``args.mean`` and ``args.std`` (lists of floats, as checkpoints store them): the flags
-    when given, else the values of the first of ``sources`` that stores some, else ImageNet's.
-    Both flags or neither: half a normalisation from one place and half from another is no one's.
-    Prints where the values came from, and warns about every source that stores other values."""
-    channels = image_channels(args)
+    """Set ``args.mean`` and ``args.std`` (float lists, as checkpoints store them): the flags, else the
+    first of ``sources`` that stores some, else ImageNet's; says which, and warns about every source
+    that stores others. Both flags or neither: half a normalisation from each of two places is no one's."""
+    channels = int(getattr(args, "in_chans", None) or 3)  # --in_chans where an entry point has it
     if (args.mean is None) != (args.std is None):
         fail(f"--mean and --std go together: give both ({'--mean' if args.mean is None else '--std'} is missing)")
     found = [(name, values) for name, saved in sources if (values := stored(saved)) is not None]
@@ -105,17 +96,18 @@ def resolve(args: argparse.Namespace, sources: Sequence[Source]) -> None:
                 f"per-channel statistics (ImageNet's defaults are RGB's three; dataset_stats.py computes them)"
             )
     args.mean, args.std = mean, std
-    log.info(f"normalisation: mean {_show(mean)} std {_show(std)} ({origin})")
+    log.info(f"normalisation: mean {show_values(mean)} std {show_values(std)} ({origin})")
     advice = "; drop --mean/--std to use the checkpoint's" if origin == "--mean/--std" else ""
     for name, (m, s) in found:
         if (m, s) != (mean, std):
             log.warning(
-                f"{name} was trained on pixels normalised with mean {_show(m)} std {_show(s)}, this run "
-                f"uses mean {_show(mean)} std {_show(std)} ({origin}){advice}"
+                f"{name} was trained on pixels normalised with mean {show_values(m)} std {show_values(s)}, this run "
+                f"uses mean {show_values(mean)} std {show_values(std)} ({origin}){advice}"
             )
 
 
-def _show(values: Sequence[float]) -> str:
+def show_values(values: Sequence[float]) -> str:
+    """As --mean and --std take them: six significant digits, space-separated."""
     return " ".join(f"{v:.6g}" for v in values)
 
 
@@ -131,6 +123,4 @@ def normalize_on_device(imgs: torch.Tensor, mean: tuple[float, ...], std: tuple[
 @functools.lru_cache(maxsize=16)
 def _constants(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Made once per device: a host-to-device copy at every step would synchronise the GPU."""
-    mean_t = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
-    std_t = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255
-    return mean_t, std_t
+    return tuple(torch.tensor(values, device=device).view(1, -1, 1, 1) * 255 for values in (mean, std))

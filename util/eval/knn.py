@@ -1,13 +1,11 @@
 """Weighted k-nearest-neighbour classification of frozen features: the representation monitor of
 self-supervised learning (Wu et al. 2018, "instance discrimination"; the DINO protocol).
 
-Every labelled image of a bank and of a query set is embedded by the frozen encoder, the
-features are L2-normalised, and each query takes the vote of its ``k`` most cosine-similar bank
-images, each weighted by ``exp(similarity / t)``. No training, no augmentation, so the score
-follows the encoder alone and costs one forward pass per image.
-
-Under DDP every rank embeds its own shard of each set and the features are gathered in the
-data set's order, so all ranks hold the same bank and the result equals the one-process result.
+Each query image takes the vote of its ``k`` most cosine-similar bank images (L2-normalised
+features of the frozen encoder), each weighted by ``exp(similarity / t)``. No training, no
+augmentation: the score follows the encoder alone and costs one forward pass per image. Under DDP
+every rank embeds its own shard and the features are gathered in the data set's order, so the
+result equals the one-process result.
 """
 
 import argparse
@@ -24,14 +22,8 @@ from util.cli.args import check_at_least
 from util.cli.errors import fail
 from util.cli.log import log
 from util.data.channels import image_loader
-from util.data.datasets import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    ShardSampler,
-    classification_splits,
-    eval_transform,
-    require_batch_memory,
-)
+from util.data.datasets import ShardSampler, classification_splits, eval_transform, require_batch_memory
+from util.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 from util.eval.linear import linear_accuracy
 from util.memory import require
 from util.sizes import image_size
@@ -61,10 +53,9 @@ def embed(
     precision: str = "fp32",
     source: str = "the encoder",
 ) -> Features:
-    """L2-normalised features of every image of ``loader`` (this rank's shard), gathered from all
-    ranks into the data set's order; ``total`` is the data set's length. Features that are not
-    finite are a one-line error naming ``source``: they would score as a plausible number
-    (every similarity NaN, the vote goes to whichever class ``topk`` lists first)."""
+    """L2-normalised features of every image of ``loader`` (this rank's shard of ``total``), gathered
+    from all ranks in the data set's order. Features that are not finite are an error naming ``source``:
+    they would score as a plausible number (every similarity NaN, the vote to ``topk``'s first class)."""
     parts: dict[str, list[torch.Tensor]] = {}
     for images, _ in loader:
         images = images.to(device, non_blocking=True)
@@ -129,13 +120,11 @@ def accuracy(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     return result
 
 
-# ---------------------------------------------------------------------------------------------
 # Labelled data
 class KnnData:
-    """The labelled bank (``<path>/train``) and queries (``<path>/val`` or ``test``) at the model's
-    input size, center-cropped and normalised with ``mean``/``std`` (the encoder's training values);
-    ``bank_size``/``query_size`` take evenly spaced subsets (0: all). ``input_size`` is one side or
-    (height, width); ``in_chans`` other than 3 reads the files' own channels (util/data/images.py)."""
+    """The labelled bank (``<path>/train``) and queries (``<path>/val`` or ``test``), center-cropped to
+    ``input_size`` (one side or (height, width)) and normalised with the encoder's ``mean``/``std``;
+    ``bank_size``/``query_size`` take evenly spaced subsets (0: all)."""
 
     def __init__(
         self,
@@ -164,17 +153,8 @@ class KnnData:
         if len(self.queries) < distributed.world_size():
             fail(f"{len(self.queries)} k-NN query images cannot be shared by {distributed.world_size()} processes")
         require_batch_memory(self.size, self.in_chans, batch_size, num_workers)
-
-        def loader(dataset: Dataset) -> DataLoader:
-            return DataLoader(
-                dataset,
-                batch_size=batch_size,
-                sampler=ShardSampler(len(dataset)),
-                num_workers=num_workers,
-                worker_init_fn=interrupt.ignore_in_worker,
-            )
-
-        return loader(self.bank), loader(self.queries)
+        options = dict(batch_size=batch_size, num_workers=num_workers, worker_init_fn=interrupt.ignore_in_worker)
+        return tuple(DataLoader(d, sampler=ShardSampler(len(d)), **options) for d in (self.bank, self.queries))
 
     def __repr__(self) -> str:
         return f"{len(self.bank)} bank and {len(self.queries)} query images, {len(self.classes)} classes"
@@ -189,7 +169,6 @@ def _subset(dataset: datasets.ImageFolder, size: int) -> tuple[Dataset, torch.Te
     return Subset(dataset, indices.tolist()), labels[indices]
 
 
-# ---------------------------------------------------------------------------------------------
 # The evaluation
 def evaluate(
     features_fn: Callable[[torch.Tensor], Features],
@@ -199,11 +178,9 @@ def evaluate(
     source: str = "the encoder",
 ) -> dict[str, float]:
     """k-NN top-1 (and top-5) of every feature ``features_fn`` returns, e.g. ``cls_top1``; with
-    ``linear_epochs``, also the top-1 of a linear classifier fitted to the cached bank features
-    (``cls_linear_top1``, see util/eval/linear.py). ``source`` names the encoder in errors.
-
-    Reads ``args.knn_k``, ``knn_t``, ``batch_size``, ``num_workers``, ``device``, ``precision``.
-    """
+    ``linear_epochs``, also ``cls_linear_top1``, a linear classifier on the cached bank features
+    (util/eval/linear.py). ``source`` names the encoder in errors. Reads ``args.knn_k``, ``knn_t``,
+    ``batch_size``, ``num_workers``, ``device``, ``precision``."""
     device = torch.device(args.device)
     require_score_memory(data, device)
     bank_loader, query_loader = data.loaders(args.batch_size, args.num_workers)
@@ -235,8 +212,7 @@ def require_score_memory(data: KnnData, device: torch.device) -> None:
 
 
 def settle_k(args: argparse.Namespace, data: KnnData) -> None:
-    """``args.knn_k`` becomes the k actually used, at most the bank's size (``knn_scores`` takes no
-    more), with a warning where that lowers it: what is logged and stored is what was computed."""
+    """``args.knn_k`` becomes the k used, at most the bank's size, with a warning where that lowers it."""
     if args.knn_k > len(data.bank):
         log.warning(f"--knn_k {args.knn_k} is more than the {len(data.bank)} bank images: k = {len(data.bank)}")
         args.knn_k = len(data.bank)
@@ -248,11 +224,7 @@ def add_knn_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     g.add_argument("--knn_k", default=20, type=int, help="neighbours that vote")
     g.add_argument("--knn_t", default=0.07, type=float, help="temperature of the vote weights")
     g.add_argument(
-        "--knn_bank_size",
-        default=0,
-        type=int,
-        metavar="N",
-        help="use N evenly spaced train images as the bank (0: all)",
+        "--knn_bank_size", default=0, type=int, metavar="N", help="N evenly spaced train images form the bank (0: all)"
     )
     g.add_argument(
         "--knn_query_size", default=0, type=int, metavar="N", help="classify N evenly spaced val images (0: all)"

@@ -1,11 +1,9 @@
 """A linear classifier on frozen, cached features: the cheap form of linear probing.
 
-The paper's probe (main_linprobe.py) runs the frozen encoder on augmented images every epoch;
-on a CPU that costs a forward pass per image per epoch. Here every image is embedded once
-(center crop, no augmentation) and a linear layer is fitted to the cached features: the protocol
-of probes that precompute features (as CLIP's logistic-regression probe does). As in the
-paper's probe, the features are standardised first (a BatchNorm without affine parameters) and
-no weight decay is used.
+The paper's probe (main_linprobe.py) runs the frozen encoder on augmented images every epoch: on
+a CPU a forward pass per image per epoch. Here every image is embedded once (center crop) and a
+linear layer is fitted to the cached features, as probes that precompute features do (CLIP's).
+As in the paper's probe, the features are standardised first and no weight decay is used.
 """
 
 import math

@@ -30,15 +30,10 @@ def reconstruction_grid(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
 ) -> np.ndarray:
-    """A uint8 [N*H, 4*W, 3] picture, one row per image, of what ``model`` makes of ``imgs`` (columns:
-    original, masked input, the reconstruction of the removed patches on gray, the reconstruction
-    with the visible patches pasted back); for a model that does not take RGB, one gray row per
-    image and channel ([N*C*H, 4*W, 3]).
-
-    ``imgs`` are normalised with ``mean`` and ``std`` (the model's training values), which are
-    undone for the picture. A model trained with ``norm_pix_loss`` predicts normalised patches;
-    they are shown with each true patch's mean and spread put back (as the paper's figures do).
-    """
+    """A uint8 [N*H, 4*W, 3] picture of what ``model`` makes of ``imgs``, one row per image (the
+    module's four columns); for a model that does not take RGB, one gray row per image and channel.
+    ``imgs`` are normalised with the model's ``mean`` and ``std``, undone here. A ``norm_pix_loss``
+    model's patches get each true patch's mean and spread back (as the paper's figures do)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -69,9 +64,8 @@ def reconstruction_grid(
 
 
 def save_png(picture: np.ndarray, path: str, min_width: int = 512) -> None:
-    """Save, upscaled by a whole factor (nearest) so that small images stay visible, in the format
-    that ``path``'s extension names (PNG for any other). Atomic: a failed write (a full disk) raises
-    its ``OSError`` and leaves an earlier file at ``path`` as it was."""
+    """Save, upscaled by a whole factor (nearest) so that small images stay visible, in the format of
+    ``path``'s extension (else PNG). Atomic: a failed write raises and leaves an earlier file as it was."""
     img = Image.fromarray(picture)
     factor = max(1, -(-min_width // img.width))
     if factor > 1:
@@ -82,6 +76,5 @@ def save_png(picture: np.ndarray, path: str, min_width: int = 512) -> None:
 
 
 def load_images(paths: Sequence[str], transform: Callable, loader: Callable[[str], Any] = load_rgb) -> torch.Tensor:
-    """The files through ``transform``, stacked; ``loader`` reads them (RGB by default; see
-    ``util.data.channels.image_loader`` for other channel counts)."""
+    """The files read by ``loader`` (``channels.image_loader``) and ``transform``ed, stacked."""
     return torch.stack([transform(loader(p)) for p in paths])
