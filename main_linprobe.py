@@ -9,7 +9,6 @@ BatchNorm without affine parameters is trained with LARS (the paper's protocol).
 import argparse
 
 import torch
-from torchvision import transforms
 
 import models_vit
 from engine_finetune import train_or_evaluate
@@ -59,19 +58,9 @@ def main(flags: argparse.Namespace) -> None:
         args.model, args.input_size, args.in_chans, num_classes=args.nb_classes, global_pool=args.global_pool
     )
 
-    # Weak augmentation: the probe measures the representation, not the augmentation.
-    size = args.input_size  # one side or [height, width], as torchvision's crops take it
-    if args.in_chans == 3:
-        train_tf = transforms.Compose(
-            [
-                transforms.RandomResizedCrop(size, interpolation=transforms.InterpolationMode.BICUBIC),
-                transforms.RandomHorizontalFlip(),
-                transforms.ToTensor(),
-                transforms.Normalize(args.mean, args.std),  # --mean/--std, or the pre-trained checkpoint's
-            ]
-        )
-    else:  # the same crop and flip on the float tensors of the files' own channels
-        train_tf = tensor_train_transform(size, (0.08, 1.0), args.mean, args.std)
+    # Weak augmentation (crop and flip): the probe measures the representation, not the augmentation.
+    rgb = args.in_chans == 3  # PIL images; other channel counts: float tensors of the files' own channels
+    train_tf = tensor_train_transform(args.input_size, (0.08, 1.0), args.mean, args.std, rgb=rgb)
     train_set, val_set = classification_splits(
         args.data_path,
         train_tf,
