@@ -93,6 +93,9 @@ class EpochProgress:
         save and stop when that is due (inside the epoch: its end is ``Checkpointer.end_epoch``'s)."""
         self.pending.append(loss.detach())
         self.lr = lr
+        # Every iteration, not at check points: the epoch's average lr must not depend on where they
+        # fall (a resumed run has its first line, and so a check point, at another iteration).
+        self.metrics.update(lr=lr)
         args, last = self.args, step == self.total - 1
         first = step == self.start_step  # the first line shows that training runs, and its pace
         log_now = (step + 1) % args.print_freq == 0 or last or first
@@ -133,7 +136,6 @@ class EpochProgress:
             )
         for v in values:
             self.metrics.update(loss=v)
-        self.metrics.update(lr=self.lr)
         epoch_1000x = int((self.epoch + (step + 1) / self.total) * 1000)  # the official x-axis
         self.owner.run_log.scalars(epoch_1000x, train_loss=summed[1] / summed[2], lr=self.lr)
 
