@@ -1,5 +1,6 @@
 """User-facing errors: one line that names the file or flag and says what to do."""
 
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -49,7 +50,10 @@ def run_cli(main: Callable[[], None]) -> None:
         if not distributed.peer_stopped(e):
             raise
         sys.stderr.write(f"error: {distributed.peer_stopped_message()}\n")
-        sys.exit(1)
+        sys.stderr.flush()
+        # Not sys.exit: the broken process group's threads would abort the interpreter's shutdown
+        # ("terminate called without an active exception") after the line.
+        os._exit(1)
 
 
 def _last_line(error: UserError) -> str:
