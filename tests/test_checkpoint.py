@@ -343,3 +343,20 @@ def test_a_mid_epoch_resume_on_changed_data_warns(tmp_path, capsys):
     assert "iteration 3" in out
     check_same_data(state, Files(["a.jpg"]), Position(2, 0))  # at an epoch's start the order is new anyway
     assert "warning" not in capsys.readouterr().out
+
+
+def test_an_interrupt_during_a_checkpoint_write_is_raised_as_itself_and_leaves_no_file(tmp_path, monkeypatch):
+    """A second Ctrl-C while a checkpoint is written raises KeyboardInterrupt inside torch.save's
+    write callback; torch turned it into 'unexpected pos', a traceback (found by the fault campaign)."""
+    from helpers import budgeted_open
+
+    from util import outputs
+    from util.checkpoint.files import atomic_save
+
+    def interrupt():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(outputs, "open", budgeted_open(1000, interrupt, lambda path, mode: "w" in mode), raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_save({"model": {"w": torch.randn(10_000)}}, str(tmp_path / "checkpoint-0.pth"))
+    assert os.listdir(tmp_path) == []  # the temporary file is gone, and nothing was renamed

@@ -18,7 +18,8 @@ def checkpoint_name(epoch: int, step: int | None = None) -> str:
 
 def atomic_save(obj: Any, path: str) -> None:
     """``torch.save`` through ``util.outputs.atomic_write`` (never a partial file); a failed write
-    raises the ``OSError`` that caused it (a full disk, a quota)."""
+    raises what stopped it (the ``OSError`` of a full disk or a quota, the ``KeyboardInterrupt`` of a
+    second Ctrl-C), not torch's "unexpected pos"."""
 
     def write(f: BinaryIO) -> None:
         writer = _KeepError(f)
@@ -34,7 +35,8 @@ def atomic_save(obj: Any, path: str) -> None:
 
 
 class _KeepError:
-    """A file's ``write`` that keeps the first ``OSError`` it raised (torch.save swallows it)."""
+    """A file's ``write`` that keeps the first exception it raised (torch.save turns it into a
+    RuntimeError that no longer says what happened)."""
 
     def __init__(self, f: Any):
         self.f, self.error = f, None
@@ -42,7 +44,7 @@ class _KeepError:
     def write(self, data: bytes) -> int:
         try:
             return self.f.write(data)
-        except OSError as e:
+        except BaseException as e:  # KeyboardInterrupt too: a second Ctrl-C during the write
             self.error = self.error or e
             raise
 
