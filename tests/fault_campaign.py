@@ -437,9 +437,11 @@ def campaign(
     workdir: Path,
     reference: Reference | None = None,
     kinds: list[str] | None = None,
+    progress: Path | None = None,
 ) -> dict[str, Any]:
     """Run ``trials`` trials of ``faults_per_trial`` faults each, drawn in turn from ``kinds`` (all
-    of FAULTS by default); returns the figures and the failures."""
+    of FAULTS by default); returns the figures and the failures, which go to ``progress`` (a JSON
+    file) after every trial too: a long campaign can be read while it runs."""
     torch.set_num_threads(1)
     rng = random.Random(seed)
     begin = time.time()
@@ -453,6 +455,20 @@ def campaign(
     fired: Counter[str] = Counter()
     trials_with: Counter[str] = Counter()
     failures, runs = [], 0
+
+    def figures(done_trials: int) -> dict[str, Any]:
+        return {
+            "trials": done_trials,
+            "seed": seed,
+            "faults_per_trial": faults_per_trial,
+            "runs": runs,
+            "drawn": {f: drawn[f] for f in FAULTS},
+            "faults": dict(sorted(fired.items())),
+            "trials_with": dict(sorted(trials_with.items())),
+            "failures": failures,
+            "seconds": round(time.time() - begin, 1),
+        }
+
     for trial in range(trials):
         out, log = workdir / f"trial{trial}", workdir / f"trial{trial}.log"
         faults = sorted(order[trial * faults_per_trial : (trial + 1) * faults_per_trial], key=_when)
@@ -504,19 +520,11 @@ def campaign(
         trials_with.update(met.keys())
         if not done:
             failures.append(f"{name}: did not finish")
-            continue
-        failures += [f"{name}: {p}" for p in _compare_with_uninterrupted(out, *expectations.of(variant))]
-    return {
-        "trials": trials,
-        "seed": seed,
-        "faults_per_trial": faults_per_trial,
-        "runs": runs,
-        "drawn": {f: drawn[f] for f in FAULTS},
-        "faults": dict(sorted(fired.items())),
-        "trials_with": dict(sorted(trials_with.items())),
-        "failures": failures,
-        "seconds": round(time.time() - begin, 1),
-    }
+        else:
+            failures += [f"{name}: {p}" for p in _compare_with_uninterrupted(out, *expectations.of(variant))]
+        if progress:
+            progress.write_text(json.dumps(figures(trial + 1)))
+    return figures(trials)
 
 
 def _largest(fault: str) -> int:
@@ -569,18 +577,17 @@ def main() -> None:
     if not set(kinds) <= set(FAULTS):
         parser.error(f"--kinds: unknown {sorted(set(kinds) - set(FAULTS))}; known: {', '.join(FAULTS)}")
     reference = Reference.read(Path(args.reference)) if args.reference else None
+    report = Path(args.report) if args.report else None
     if args.workdir:
         workdir = Path(args.workdir)
         workdir.mkdir(parents=True, exist_ok=True)
-        result = campaign(args.trials, args.seed, args.faults, workdir, reference, kinds)
+        result = campaign(args.trials, args.seed, args.faults, workdir, reference, kinds, report)
     else:
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
-            result = campaign(args.trials, args.seed, args.faults, Path(tmp), reference, kinds)
+            result = campaign(args.trials, args.seed, args.faults, Path(tmp), reference, kinds, report)
     print(json.dumps(result, indent=1))
-    if args.report:
-        Path(args.report).write_text(json.dumps(result))
     sys.exit(1 if result["failures"] else 0)
 
 
