@@ -16,7 +16,7 @@ The kinds of fault (FAULTS):
 - timer: the driver kills the run after a random delay;
 - damage, bit-flip: the newest checkpoint loses its tail, or one bit inside a tensor (a damaged
   disk); it must then fail to load, and ``--resume auto`` must report it and fall back;
-- full-disk: the n-th write of one writer (WRITERS: the checkpoint, log.txt's rewrite or append,
+- full-disk: the n-th write of one writer (WRITERS, in turn: the checkpoint, log.txt's rewrite or append,
   TensorBoard's events, the reconstruction picture) fails with ENOSPC after part of its bytes. A
   checkpoint or log.txt ends the run with one ``error:`` line (exit 2); TensorBoard and the
   picture are one warning, and the run finishes. Trials drawing the last two write them (``--vis_freq
@@ -83,10 +83,11 @@ SITES = {
     "log-append": 2,  # before an epoch's line is appended, after its checkpoint
 }
 # The writers a full disk is tried on: what their temporary (or event) file's name holds, and the
-# largest occurrence drawn. A run writes 9 checkpoints, log.txt once at start and once an epoch,
+# largest occurrence drawn. A run writes 9 checkpoints, log.txt once at start (a rewrite from the
+# checkpoint's history, on a fresh start or after a drift) and once an epoch (an append),
 # TensorBoard's events at start and once an epoch, a picture an epoch.
-WRITERS = {"checkpoint": (".pth.tmp", 4), "log": ("log.txt.tmp", 3), "tensorboard": ("tfevents", 3)}
-WRITERS["picture"] = (".png.tmp", 3)
+WRITERS = {"checkpoint": (".pth.tmp", 4), "log-rewrite": ("log.txt.tmp", 1), "log-append": ("log.txt.tmp", 3)}
+WRITERS |= {"tensorboard": ("tfevents", 3), "picture": (".png.tmp", 3)}
 OPTIONAL_WRITERS = ("tensorboard", "picture")  # a warning, and the run goes on
 FAULTS = [*SITES, "timer", "damage", "bit-flip", "full-disk", "ctrl-c", "ctrl-c-twice", "accum-remainder"]
 ACCUM_ITER = 4  # 6 iterations an epoch: groups of 4 and 2; a checkpoint after iteration 4 and at the end
@@ -177,20 +178,20 @@ def _arm_full_disk(writer: str, n: int, cut: int) -> None:
     marker, seen = WRITERS[writer][0], [0]
 
     def armed(path: str, mode: str) -> bool:
-        if marker in path and ("w" in mode or "a" in mode):
+        if marker in path and ("w" in mode or "a" in mode) and (marker != "log.txt.tmp" or _log_write() == writer):
             seen[0] += 1
             return seen[0] == n
         return False
 
     def full() -> None:
-        _say(f"full-disk:{_which_log_write() if writer == 'log' else writer}")
+        _say(f"full-disk:{writer}")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     # TensorBoard writes its events through io.open (the same function as builtins.open).
     builtins.open = io.open = budgeted_open(cut if writer == "checkpoint" else 0, full, armed)
 
 
-def _which_log_write() -> str:
+def _log_write() -> str:
     """Whether log.txt is being appended to or rewritten from the checkpoint's history (at start)."""
     appending = any(frame.function == "atomic_append" for frame in inspect.stack(0))
     return "log-append" if appending else "log-rewrite"
@@ -324,7 +325,7 @@ def _when(fault: str) -> int:
     drift), damage needs a checkpoint, a full disk under an optional writer lets the run finish."""
     if fault == "log-rewrite":
         return 0
-    if fault in ("damage", "bit-flip"):
+    if fault in ("damage", "bit-flip", "full-disk:log-rewrite"):
         return 2
     if fault.split(":")[-1] in OPTIONAL_WRITERS:
         return 3
@@ -389,7 +390,9 @@ def _judge(fault: str, code: int, output: str) -> tuple[str | None, list[str]]:
     if code == 128 + signal.SIGINT and fault == "ctrl-c-twice":
         if label:  # the second Ctrl-C: at once, inside the checkpoint's write
             return label, problems + _expect(last, "stopped at once by Ctrl-C", "the stop at once")
-        return fault, problems + _expect(last, "stopped on request after writing", "the stop after a checkpoint")
+        # The second came too late: the checkpoint that the first asked for was shorter than ``cut``.
+        problems += _expect(last, "stopped on request after writing", "the stop after a checkpoint")
+        return f"{fault}:first-only", problems
     if code == 2 and label and label.split(":")[-1] not in OPTIONAL_WRITERS:
         return label, problems + _expect(last, "No space left on device", "one error line") + (
             [] if last.startswith("error: ") else [f"last line not an error: {last!r}"]
@@ -420,6 +423,16 @@ def _newest_damaged(out: Path, damaged: dict[str, tuple[int, int]]) -> str | Non
         return None
     st = os.stat(paths[-1])
     return paths[-1] if damaged.get(paths[-1]) == (st.st_size, st.st_mtime_ns) else None
+
+
+def _drop_last_log_line(out: Path) -> None:
+    """Leave log.txt as a kill right after a checkpoint's rename does (without the checkpoint's
+    epoch line), so that the next run rewrites it from the checkpoint's history: on a fresh start
+    that rewrite has no bytes, and an empty write cannot meet a full disk."""
+    path = out / "log.txt"
+    lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+    if lines:
+        path.write_text("".join(lines[:-1]))
 
 
 def _draw_order(rng: random.Random, count: int, kinds: list[str]) -> list[str]:
@@ -496,6 +509,8 @@ def campaign(
                 f.write(f"=== trial {trial}: fault {fault} {n}\n")
             start = log.stat().st_size
             expect_skip = _newest_damaged(out, damaged)
+            if fault == "full-disk:log-rewrite":
+                _drop_last_log_line(out)
             pid = _run(variant.flags(data, out), log, fault if fault not in ("timer", "ctrl-c") else None, n, cut)
             delay = rng.uniform(0.05, ref_seconds / 2) if fault in ("timer", "ctrl-c") else None
             code = _wait(pid, delay, signal.SIGINT if fault == "ctrl-c" else signal.SIGKILL)
@@ -510,9 +525,8 @@ def campaign(
             if code != 0:
                 problems += _check_after_fault(out, damaged)
             failures += [f"{name}, after {fault} {n}: {p}" for p in problems]
-            if problems and code not in (-signal.SIGKILL, 2, 128 + signal.SIGINT):
-                failures.append(f"{name}, after {fault} {n}: exit {code}: {output[-2000:]}")
-                break
+            if problems and code not in (0, -signal.SIGKILL, 2, 128 + signal.SIGINT):
+                failures.append(f"{name}, after {fault} {n}: exit {code}: {output[-2000:]}")  # and on: does it resume?
             if code == 0:
                 done = True
                 break
