@@ -265,8 +265,7 @@ def _check_after_fault(out: Path, damaged: dict[str, tuple[int, int]]) -> list[s
     """Every checkpoint loads (but those damaged on purpose); no epoch twice in log.txt."""
     problems = []
     for path in out.glob("checkpoint-*.pth"):
-        st = path.stat()
-        if damaged.get(str(path)) == (st.st_size, st.st_mtime_ns):
+        if _is_damaged(str(path), damaged):
             continue
         try:
             safe_load.load_checkpoint(str(path))
@@ -417,12 +416,15 @@ def _skipped_as_expected(newest_damaged: str | None, code: int, output: str) -> 
     return []
 
 
+def _is_damaged(path: str, damaged: dict[str, tuple[int, int]]) -> bool:
+    """Whether ``path`` is still the file damaged on purpose (not written again since)."""
+    st = os.stat(path)
+    return damaged.get(path) == (st.st_size, st.st_mtime_ns)
+
+
 def _newest_damaged(out: Path, damaged: dict[str, tuple[int, int]]) -> str | None:
     paths = checkpoint_files.list_checkpoints(str(out))
-    if not paths:
-        return None
-    st = os.stat(paths[-1])
-    return paths[-1] if damaged.get(paths[-1]) == (st.st_size, st.st_mtime_ns) else None
+    return paths[-1] if paths and _is_damaged(paths[-1], damaged) else None
 
 
 def _drop_last_log_line(out: Path) -> None:
@@ -494,14 +496,15 @@ def campaign(
                 met[fault] += 1
                 continue
             if fault in ("damage", "bit-flip"):
-                newest = checkpoint_files.list_checkpoints(str(out))
-                if newest:
-                    how = _damage(newest[-1], fault, rng)
-                    st = os.stat(newest[-1])
-                    damaged[newest[-1]] = (st.st_size, st.st_mtime_ns)
+                # The newest one not damaged yet: two damages in a row make the run fall back twice.
+                intact = [p for p in checkpoint_files.list_checkpoints(str(out)) if not _is_damaged(p, damaged)]
+                if intact:
+                    how = _damage(intact[-1], fault, rng)
+                    st = os.stat(intact[-1])
+                    damaged[intact[-1]] = (st.st_size, st.st_mtime_ns)
                     met[fault] += 1
-                    if _loads(newest[-1]):
-                        failures.append(f"{name}: {Path(newest[-1]).name} loads after its damage ({how})")
+                    if _loads(intact[-1]):
+                        failures.append(f"{name}: {Path(intact[-1]).name} loads after its damage ({how})")
                 continue
             n = rng.randint(1, _largest(fault)) if fault else 0
             cut = rng.randrange(size)
