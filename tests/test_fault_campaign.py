@@ -4,9 +4,10 @@ checkpoint; a full disk under a writer; Ctrl-C once and twice; an accumulation r
 checkpoint must load after every fault, a run that ends by itself must say why in one line, and
 every trial must end bitwise equal to an uninterrupted run, with each epoch once in log.txt.
 
-3 trials of 5 faults draw each of the 14 kinds once (the writers a full disk hits are drawn in
-turn over the trials: seed 11 with 60 trials covers them all, see docs/what-survives-what.md).
-More trials by hand: MAE_FAULT_TRIALS=60 MAE_FAULT_SEED=11 pytest tests/test_fault_campaign.py -s
+3 trials of 5 faults draw each of the 14 kinds once (a full disk under one writer; the writers are
+drawn in turn, and `python tests/fault_campaign.py --kinds full-disk --trials 12 --seed 12` hits
+each of them, see docs/what-survives-what.md). More trials by hand:
+MAE_FAULT_TRIALS=60 MAE_FAULT_SEED=11 pytest tests/test_fault_campaign.py -s
 (or python tests/fault_campaign.py --trials 60 --seed 11 --faults 5).
 """
 
