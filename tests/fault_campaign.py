@@ -1,33 +1,57 @@
 """A fault campaign against pre-training: kill -9 at random moments (in training, inside checkpoint
 writes, between a checkpoint's write and its rename, after the rename, while pruning, while log.txt
-is written), resume with ``--resume auto``, and check what the README promises:
+is written), a full disk under every writer, Ctrl-C once and twice, damaged checkpoints; each trial
+resumed with ``--resume auto`` until it finishes, checking what docs/what-survives-what.md promises:
 
-- after every kill, every ``checkpoint-*.pth`` in the folder loads, and log.txt has no epoch twice;
+- after every fault, every ``checkpoint-*.pth`` in the folder loads (but those damaged on purpose,
+  which must not), and log.txt has no epoch twice; a run that ends by itself (a full disk, Ctrl-C)
+  leaves no temporary file and says why in one line, never a traceback;
 - in the end the final checkpoint equals an uninterrupted run's bitwise (weights, optimizer, random
   state, log history), log.txt equals its log.txt (each epoch once, the same losses), and no
   temporary file is left.
 
-Some faults are not kills: the newest checkpoint loses its tail (a damaged disk), so that
-``--resume auto`` falls back to an earlier one.
+The kinds of fault (FAULTS):
 
-    python tests/fault_campaign.py --trials 100 --seed 7      # by hand; tests/test_fault_campaign.py runs a few
+- a SITES name: the run kills itself (SIGKILL) at the n-th occurrence of that point;
+- timer: the driver kills the run after a random delay;
+- damage, bit-flip: the newest checkpoint loses its tail, or one bit inside a tensor (a damaged
+  disk); it must then fail to load, and ``--resume auto`` must report it and fall back;
+- full-disk: the n-th write of one writer (WRITERS, in turn: the checkpoint, log.txt's rewrite or append,
+  TensorBoard's events, the reconstruction picture) fails with ENOSPC after part of its bytes. A
+  checkpoint or log.txt ends the run with one ``error:`` line (exit 2); TensorBoard and the
+  picture are one warning, and the run finishes. Trials drawing the last two write them (``--vis_freq
+  1``, ``--log_dir``), which the other trials leave off;
+- ctrl-c: the driver sends SIGINT after a random delay: a checkpoint at the next check point, exit 130;
+- ctrl-c-twice: the run sends itself SIGINT after its n-th optimizer step and again part-way
+  through the checkpoint that the first one asked for: it stops at once, exit 130;
+- accum-remainder: not a fault but the trial's flags: ``--accum_iter 4`` on 6 iterations an epoch,
+  so that each epoch ends with a shorter accumulation group. Such trials are compared with an
+  uninterrupted run of the same flags, forked by the driver (in the work folder) when first needed.
+
+    python tests/fault_campaign.py --trials 60 --seed 11 --faults 5   # by hand; test_fault_campaign runs a few
 
 One driver process imports torch once and forks every run, which then runs ``main_pretrain`` as
-the command line does (kills are SIGKILL, from the driver after a random delay, or sent by the run
-to itself at the chosen point). Runs are single-threaded, as bitwise comparisons need. The
-uninterrupted run they are compared with is helpers.Reference, on the command line; ``--reference``
-reuses one (the test suite's, which test_resilience shares).
+the command line does. Runs are single-threaded, as bitwise comparisons need. The uninterrupted run
+they are compared with is helpers.Reference, on the command line; ``--reference`` reuses one (the
+test suite's, which test_resilience shares).
 """
 
 import argparse
 import builtins
+import errno
+import inspect
+import io
 import json
 import os
 import random
 import signal
+import struct
 import sys
 import time
 import traceback
+import zipfile
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +82,16 @@ SITES = {
     "log-rewrite": 1,  # log.txt's temporary written at start, not renamed
     "log-append": 2,  # before an epoch's line is appended, after its checkpoint
 }
-FAULTS = [*SITES, "timer", "damage"]  # timer: the driver kills after a random delay
+# The writers a full disk is tried on: what their temporary (or event) file's name holds, and the
+# largest occurrence drawn. A run writes 9 checkpoints, log.txt once at start (a rewrite from the
+# checkpoint's history, on a fresh start or after a drift) and once an epoch (an append),
+# TensorBoard's events at start and once an epoch, a picture an epoch.
+WRITERS = {"checkpoint": (".pth.tmp", 4), "log-rewrite": ("log.txt.tmp", 1), "log-append": ("log.txt.tmp", 3)}
+WRITERS |= {"tensorboard": ("tfevents", 3), "picture": (".png.tmp", 3)}
+OPTIONAL_WRITERS = ("tensorboard", "picture")  # a warning, and the run goes on
+FAULTS = [*SITES, "timer", "damage", "bit-flip", "full-disk", "ctrl-c", "ctrl-c-twice", "accum-remainder"]
+ACCUM_ITER = 4  # 6 iterations an epoch: groups of 4 and 2; a checkpoint after iteration 4 and at the end
+FIRED = "campaign: fired "  # what a run prints when a fault that does not end it by itself fires
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,7 +100,37 @@ def _die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _arm(site: str, n: int, cut: int) -> None:
+def _say(label: str) -> None:
+    """Tell the driver that a fault fired (on stderr, which the run's log collects)."""
+    sys.stderr.write(f"{FIRED}{label}\n")
+    sys.stderr.flush()
+
+
+def _arm(fault: str, n: int, cut: int) -> None:
+    """Make this run meet ``fault`` at the ``n``-th occurrence of its moment (``cut``: the bytes a
+    checkpoint gets before its write fails)."""
+    if fault in SITES:
+        _arm_kill(fault, n, cut)
+    elif fault.startswith("full-disk:"):
+        _arm_full_disk(fault.split(":", 1)[1], n, cut)
+    elif fault == "ctrl-c-twice":
+        _arm_ctrl_c_twice(n, cut)
+
+
+def _after_optimizer_steps(call) -> None:
+    """``call(k)`` after the k-th optimizer step of this run."""
+    real_step, done = torch.optim.AdamW.step, [0]
+
+    def step(self, *a, **k):
+        out = real_step(self, *a, **k)
+        done[0] += 1
+        call(done[0])
+        return out
+
+    torch.optim.AdamW.step = step
+
+
+def _arm_kill(site: str, n: int, cut: int) -> None:
     """Kill this process at the ``n``-th occurrence of ``site`` (``cut``: the bytes of a checkpoint
     written before a 'ckpt-write' kill)."""
     seen = [0]
@@ -78,15 +141,7 @@ def _arm(site: str, n: int, cut: int) -> None:
             return seen[0] == n
         return False
 
-    real_step = torch.optim.AdamW.step
-
-    def step(self, *a, **k):
-        out = real_step(self, *a, **k)
-        if hit("step"):
-            _die()
-        return out
-
-    torch.optim.AdamW.step = step
+    _after_optimizer_steps(lambda k: hit("step") and _die())
 
     # A checkpoint's temporary file whose writer dies once it has written ``cut`` bytes; log.txt's
     # temporary file, written to add an epoch's line after the epoch's checkpoint (atomic_append).
@@ -117,7 +172,50 @@ def _arm(site: str, n: int, cut: int) -> None:
     os.replace, os.remove = replace, remove
 
 
-def _run(argv: list[str], log: Path, site: str | None = None, n: int = 0, cut: int = 0) -> int:
+def _arm_full_disk(writer: str, n: int, cut: int) -> None:
+    """The ``n``-th file ``writer`` opens for writing takes ``cut`` bytes (a checkpoint) or none
+    (the small files), then its write raises ENOSPC, as a full disk does."""
+    marker, seen = WRITERS[writer][0], [0]
+
+    def armed(path: str, mode: str) -> bool:
+        if marker in path and ("w" in mode or "a" in mode) and (marker != "log.txt.tmp" or _log_write() == writer):
+            seen[0] += 1
+            return seen[0] == n
+        return False
+
+    def full() -> None:
+        _say(f"full-disk:{writer}")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    # TensorBoard writes its events through io.open (the same function as builtins.open).
+    builtins.open = io.open = budgeted_open(cut if writer == "checkpoint" else 0, full, armed)
+
+
+def _log_write() -> str:
+    """Whether log.txt is being appended to or rewritten from the checkpoint's history (at start)."""
+    appending = any(frame.function == "atomic_append" for frame in inspect.stack(0))
+    return "log-append" if appending else "log-rewrite"
+
+
+def _arm_ctrl_c_twice(n: int, cut: int) -> None:
+    """Ctrl-C after the ``n``-th optimizer step, and again once the checkpoint that the first one
+    asked for has ``cut`` bytes written: the second must stop the run at once, mid-write."""
+    first_sent = [False]
+
+    def first(k: int) -> None:
+        if k == n:
+            first_sent[0] = True
+            os.kill(os.getpid(), signal.SIGINT)
+
+    def second() -> None:
+        _say("ctrl-c-twice")
+        os.kill(os.getpid(), signal.SIGINT)  # its handler raises KeyboardInterrupt right here
+
+    _after_optimizer_steps(first)
+    builtins.open = budgeted_open(cut, second, lambda path, mode: first_sent[0] and ".pth.tmp" in path and "w" in mode)
+
+
+def _run(argv: list[str], log: Path, fault: str | None = None, n: int = 0, cut: int = 0) -> int:
     """Fork a run of ``main_pretrain.py argv``; returns its pid."""
     sys.stdout.flush()
     sys.stderr.flush()
@@ -129,8 +227,8 @@ def _run(argv: list[str], log: Path, site: str | None = None, n: int = 0, cut: i
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         os.dup2(fd, 1)
         os.dup2(fd, 2)
-        if site:
-            _arm(site, n, cut)
+        if fault:
+            _arm(fault, n, cut)
         main_pretrain.run_cli(lambda: main_pretrain.main(main_pretrain.get_args_parser().parse_args(argv)))
         code = 0
     except SystemExit as e:
@@ -143,16 +241,16 @@ def _run(argv: list[str], log: Path, site: str | None = None, n: int = 0, cut: i
         os._exit(code)
 
 
-def _wait(pid: int, kill_after: float | None = None) -> int:
-    """Wait for the run (SIGKILL it after ``kill_after`` seconds); its exit code, or -signal."""
+def _wait(pid: int, after: float | None = None, sig: int = signal.SIGKILL) -> int:
+    """Wait for the run (send it ``sig`` once, after ``after`` seconds); its exit code, or -signal."""
     begin = time.time()
     while True:
-        done, status = os.waitpid(pid, os.WNOHANG if kill_after is not None else 0)
+        done, status = os.waitpid(pid, os.WNOHANG if after is not None else 0)
         if done:
             return os.waitstatus_to_exitcode(status)
-        if time.time() - begin > kill_after:
-            os.kill(pid, signal.SIGKILL)
-            kill_after = None
+        if time.time() - begin > after:
+            os.kill(pid, sig)
+            after = None
         time.sleep(0.005)
 
 
@@ -167,8 +265,7 @@ def _check_after_fault(out: Path, damaged: dict[str, tuple[int, int]]) -> list[s
     """Every checkpoint loads (but those damaged on purpose); no epoch twice in log.txt."""
     problems = []
     for path in out.glob("checkpoint-*.pth"):
-        st = path.stat()
-        if damaged.get(str(path)) == (st.st_size, st.st_mtime_ns):
+        if _is_damaged(str(path), damaged):
             continue
         try:
             safe_load.load_checkpoint(str(path))
@@ -183,106 +280,331 @@ def _check_after_fault(out: Path, damaged: dict[str, tuple[int, int]]) -> list[s
     return problems
 
 
+def _temporaries(out: Path, pid: int | None = None) -> list[str]:
+    """Temporary files under ``out`` (those of process ``pid`` only, when given)."""
+    pattern = f"*.tmp{pid}" if pid else "*.tmp*"
+    return sorted(str(p.relative_to(out)) for p in out.rglob(pattern))
+
+
+def _damage(path: str, fault: str, rng: random.Random) -> str:
+    """Damage a checkpoint as a bad disk would; returns what was done."""
+    if fault == "damage":
+        blob = Path(path).read_bytes()
+        keep = rng.randrange(len(blob))
+        Path(path).write_bytes(blob[:keep])
+        return f"cut to {keep} of {len(blob)} bytes"
+    return _flip_tensor_bit(path, rng)
+
+
+def _flip_tensor_bit(path: str, rng: random.Random) -> str:
+    """Flip one bit of a tensor's bytes (a storage record of torch's zip, stored uncompressed)."""
+    with zipfile.ZipFile(path) as archive:
+        member = rng.choice([m for m in archive.infolist() if "/data/" in m.filename and m.file_size])
+    with open(path, "r+b") as f:
+        f.seek(member.header_offset + 26)  # a local file header: 30 bytes, then its name and extra field
+        name_length, extra_length = struct.unpack("<HH", f.read(4))
+        where = member.header_offset + 30 + name_length + extra_length + rng.randrange(member.file_size)
+        f.seek(where)
+        byte = f.read(1)[0] ^ (1 << rng.randrange(8))
+        f.seek(where)
+        f.write(bytes([byte]))
+    return f"bit flipped at byte {where} (in {member.filename})"
+
+
 def _final(out: Path) -> dict[str, Any]:
+    """The final checkpoint, without the flags that only say where and which extras are written."""
     ckpt = safe_load.load_checkpoint(str(out / f"checkpoint-{EPOCHS - 1}.pth"))
-    ckpt["args"] = {k: v for k, v in vars(ckpt["args"]).items() if k != "output_dir"}
+    extras = ("output_dir", "log_dir", "vis_freq")
+    ckpt["args"] = {k: v for k, v in vars(ckpt["args"]).items() if k not in extras}
     return ckpt
 
 
 def _when(fault: str) -> int:
-    return {"log-rewrite": 0, "damage": 2}.get(fault, 1)
+    """A trial's faults in this order: a rewrite of log.txt happens on a fresh start (or after a
+    drift), damage needs a checkpoint, a full disk under an optional writer lets the run finish."""
+    if fault == "log-rewrite":
+        return 0
+    if fault in ("damage", "bit-flip", "full-disk:log-rewrite"):
+        return 2
+    if fault.split(":")[-1] in OPTIONAL_WRITERS:
+        return 3
+    return 1
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A trial's flags beyond the reference's."""
+
+    accumulation: bool  # --accum_iter with a remainder
+    pictures: bool  # TensorBoard and a reconstruction picture every epoch
+
+    @classmethod
+    def of(cls, faults: list[str]) -> "Variant":
+        optional = {f"full-disk:{w}" for w in OPTIONAL_WRITERS}
+        return cls("accum-remainder" in faults, bool(optional & set(faults)))
+
+    def flags(self, data: Path, out: Path) -> list[str]:
+        flags = resumable_flags(data, out)
+        if self.accumulation:
+            # Checkpoints sit on optimizer steps: --ckpt_every_steps must be a multiple of --accum_iter.
+            flags += ["--accum_iter", str(ACCUM_ITER), "--ckpt_every_steps", str(ACCUM_ITER)]
+        if self.pictures:
+            flags += ["--vis_freq", "1", "--log_dir", str(out / "tensorboard")]
+        return flags
+
+
+class Expectations:
+    """What a trial must end with: an uninterrupted run's final checkpoint and log.txt, for each
+    set of flags that changes training (the reference's; ``--accum_iter``, run when first needed)."""
+
+    def __init__(self, reference: Reference, workdir: Path):
+        self.reference, self.workdir = reference, workdir
+        self.known: dict[bool, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
+
+    def of(self, variant: Variant) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        if variant.accumulation not in self.known:
+            out = self.reference.out
+            if variant.accumulation:
+                out = self.workdir / "reference-accum"
+                log = self.workdir / "reference-accum.log"
+                code = _wait(_run(Variant(True, False).flags(self.reference.data, out), log))
+                if code != 0:
+                    raise RuntimeError(f"the uninterrupted --accum_iter run failed ({code}): {log.read_text()[-2000:]}")
+            self.known[variant.accumulation] = _final(out), _log_lines(out)
+        return self.known[variant.accumulation]
+
+
+def _judge(fault: str, code: int, output: str) -> tuple[str | None, list[str]]:
+    """What a run that met ``fault`` did: the fault that fired (None if the run never got there)
+    and what it did wrong."""
+    fired = [line[len(FIRED) :] for line in output.splitlines() if line.startswith(FIRED)]
+    label = fired[-1] if fired else None
+    problems = ["a traceback"] if "Traceback (most recent call last)" in output else []
+    lines = [line for line in output.splitlines() if line.strip() and not line.startswith(FIRED)]
+    last = lines[-1] if lines else ""
+    if code == -signal.SIGKILL and (fault in SITES or fault == "timer"):
+        return fault, problems
+    if code == 128 + signal.SIGINT and fault == "ctrl-c":
+        return fault, problems + _expect(last, "stopped", "a line saying it stopped")
+    if code == 128 + signal.SIGINT and fault == "ctrl-c-twice":
+        if label:  # the second Ctrl-C: at once, inside the checkpoint's write
+            return label, problems + _expect(last, "stopped at once by Ctrl-C", "the stop at once")
+        # The second came too late: the checkpoint that the first asked for was shorter than ``cut``.
+        problems += _expect(last, "stopped on request after writing", "the stop after a checkpoint")
+        return f"{fault}:first-only", problems
+    if code == 2 and label and label.split(":")[-1] not in OPTIONAL_WRITERS:
+        return label, problems + _expect(last, "No space left on device", "one error line") + (
+            [] if last.startswith("error: ") else [f"last line not an error: {last!r}"]
+        )
+    if code == 0 and label in {f"full-disk:{w}" for w in OPTIONAL_WRITERS}:
+        warned = [line for line in lines if "cannot write" in line and "No space left on device" in line]
+        return label, problems + ([] if warned else ["no warning of the failed write"])
+    if code == 0 and not label:
+        return None, problems
+    return label or fault, [*problems, f"exit {code}, last line {last!r}"]
+
+
+def _expect(line: str, text: str, what: str) -> list[str]:
+    return [] if text in line else [f"{what} expected, last line: {line!r}"]
+
+
+def _skipped_as_expected(newest_damaged: str | None, code: int, output: str) -> list[str]:
+    """A damaged newest checkpoint must be reported and skipped by the run that resumes."""
+    resumed = code == 0 or "start training" in output
+    if newest_damaged and resumed and f"skipping {newest_damaged}" not in output:
+        return [f"{Path(newest_damaged).name} (damaged) not reported as skipped"]
+    return []
+
+
+def _is_damaged(path: str, damaged: dict[str, tuple[int, int]]) -> bool:
+    """Whether ``path`` is still the file damaged on purpose (not written again since)."""
+    st = os.stat(path)
+    return damaged.get(path) == (st.st_size, st.st_mtime_ns)
+
+
+def _newest_damaged(out: Path, damaged: dict[str, tuple[int, int]]) -> str | None:
+    paths = checkpoint_files.list_checkpoints(str(out))
+    return paths[-1] if paths and _is_damaged(paths[-1], damaged) else None
+
+
+def _drop_last_log_line(out: Path) -> None:
+    """Leave log.txt as a kill right after a checkpoint's rename does (without the checkpoint's
+    epoch line), so that the next run rewrites it from the checkpoint's history: on a fresh start
+    that rewrite has no bytes, and an empty write cannot meet a full disk."""
+    path = out / "log.txt"
+    lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+    if lines:
+        path.write_text("".join(lines[:-1]))
+
+
+def _draw_order(rng: random.Random, count: int, kinds: list[str]) -> list[str]:
+    """``count`` faults: every kind in turn (in a shuffled order), so that a few trials cover them
+    all; the writers of the full disks in turn too."""
+    order = [f for _ in range(count // len(kinds) + 1) for f in rng.sample(kinds, len(kinds))][:count]
+    writers = [w for _ in range(count // len(WRITERS) + 1) for w in rng.sample(list(WRITERS), len(WRITERS))]
+    return [f"full-disk:{writers.pop()}" if f == "full-disk" else f for f in order]
 
 
 def campaign(
-    trials: int, seed: int, faults_per_trial: int, workdir: Path, reference: Reference | None = None
+    trials: int,
+    seed: int,
+    faults_per_trial: int,
+    workdir: Path,
+    reference: Reference | None = None,
+    kinds: list[str] | None = None,
+    progress: Path | None = None,
 ) -> dict[str, Any]:
+    """Run ``trials`` trials of ``faults_per_trial`` faults each, drawn in turn from ``kinds`` (all
+    of FAULTS by default); returns the figures and the failures, which go to ``progress`` (a JSON
+    file) after every trial too: a long campaign can be read while it runs."""
     torch.set_num_threads(1)
     rng = random.Random(seed)
     begin = time.time()
     reference = reference or Reference.make(workdir)
+    expectations = Expectations(reference, workdir)
     data, ref_seconds = reference.data, reference.seconds
-    expected, expected_log = _final(reference.out), _log_lines(reference.out)
     size = (reference.out / f"checkpoint-{EPOCHS - 1}.pth").stat().st_size
 
-    # Every kind of fault in turn (in a shuffled order), so that a few trials cover them all.
-    order = [f for _ in range(trials * faults_per_trial // len(FAULTS) + 1) for f in rng.sample(FAULTS, len(FAULTS))]
-    fired: dict[str, int] = {f: 0 for f in FAULTS}
+    order = _draw_order(rng, trials * faults_per_trial, kinds or FAULTS)
+    drawn = Counter(f.split(":")[0] for f in order)
+    fired: Counter[str] = Counter()
+    trials_with: Counter[str] = Counter()
     failures, runs = [], 0
+
+    def figures(done_trials: int) -> dict[str, Any]:
+        return {
+            "trials": done_trials,
+            "seed": seed,
+            "faults_per_trial": faults_per_trial,
+            "runs": runs,
+            "drawn": {f: drawn[f] for f in FAULTS},
+            "faults": dict(sorted(fired.items())),
+            "trials_with": dict(sorted(trials_with.items())),
+            "failures": failures,
+            "seconds": round(time.time() - begin, 1),
+        }
+
     for trial in range(trials):
         out, log = workdir / f"trial{trial}", workdir / f"trial{trial}.log"
-        damaged: dict[str, tuple[int, int]] = {}
-        done = False
-        # A rewrite of log.txt happens on a fresh start (or after a drift), damage needs a checkpoint.
         faults = sorted(order[trial * faults_per_trial : (trial + 1) * faults_per_trial], key=_when)
+        variant = Variant.of(faults)
+        name = f"trial {trial} ({', '.join(faults)})"
+        damaged: dict[str, tuple[int, int]] = {}
+        done, met = False, Counter()
         for fault in [*faults, None]:
-            if fault == "damage":
-                newest = checkpoint_files.list_checkpoints(str(out))
-                if newest:
-                    blob = Path(newest[-1]).read_bytes()
-                    Path(newest[-1]).write_bytes(blob[: rng.randrange(len(blob))])
-                    st = os.stat(newest[-1])
-                    damaged[newest[-1]] = (st.st_size, st.st_mtime_ns)
-                    fired[fault] += 1
+            if fault == "accum-remainder":
+                met[fault] += 1
                 continue
-            site = fault if fault in SITES else None
-            n = rng.randint(1, SITES[site]) if site else 0
+            if fault in ("damage", "bit-flip"):
+                # The newest one not damaged yet: two damages in a row make the run fall back twice.
+                intact = [p for p in checkpoint_files.list_checkpoints(str(out)) if not _is_damaged(p, damaged)]
+                if intact:
+                    how = _damage(intact[-1], fault, rng)
+                    st = os.stat(intact[-1])
+                    damaged[intact[-1]] = (st.st_size, st.st_mtime_ns)
+                    met[fault] += 1
+                    if _loads(intact[-1]):
+                        failures.append(f"{name}: {Path(intact[-1]).name} loads after its damage ({how})")
+                continue
+            n = rng.randint(1, _largest(fault)) if fault else 0
+            cut = rng.randrange(size)
             with open(log, "a") as f:
                 f.write(f"=== trial {trial}: fault {fault} {n}\n")
-            pid = _run(resumable_flags(data, out), log, site, n, rng.randrange(size))
-            code = _wait(pid, rng.uniform(0, ref_seconds / 2) if fault == "timer" else None)
+            start = log.stat().st_size
+            expect_skip = _newest_damaged(out, damaged)
+            if fault == "full-disk:log-rewrite":
+                _drop_last_log_line(out)
+            pid = _run(variant.flags(data, out), log, fault if fault not in ("timer", "ctrl-c") else None, n, cut)
+            delay = rng.uniform(0.05, ref_seconds / 2) if fault in ("timer", "ctrl-c") else None
+            code = _wait(pid, delay, signal.SIGINT if fault == "ctrl-c" else signal.SIGKILL)
             runs += 1
-            if code == -signal.SIGKILL:
-                fired[fault] += 1
-                failures += [f"trial {trial}, after {fault} {n}: {p}" for p in _check_after_fault(out, damaged)]
-            elif code == 0:
+            output = log.read_text()[start:]
+            label, problems = _judge(fault or "", code, output)
+            problems += _skipped_as_expected(expect_skip, code, output)
+            if label and fault:
+                met[label] += 1
+            if code not in (0, -signal.SIGKILL):  # ended by itself: nothing half-written left
+                problems += [f"temporary file left: {t}" for t in _temporaries(out, pid)]
+            if code != 0:
+                problems += _check_after_fault(out, damaged)
+            failures += [f"{name}, after {fault} {n}: {p}" for p in problems]
+            if problems and code not in (0, -signal.SIGKILL, 2, 128 + signal.SIGINT):
+                failures.append(f"{name}, after {fault} {n}: exit {code}: {output[-2000:]}")  # and on: does it resume?
+            if code == 0:
                 done = True
                 break
-            else:
-                failures.append(f"trial {trial}, after {fault} {n}: exit {code}: {log.read_text()[-2000:]}")
-                break
+        fired.update(met)
+        trials_with.update(met.keys())
         if not done:
-            failures.append(f"trial {trial}: did not finish")
-            continue
-        try:
-            assert_same(_final(out), expected, "checkpoint")
-        except AssertionError as e:
-            failures.append(f"trial {trial}: final checkpoint differs from the uninterrupted run's: {e}")
-        if list(out.glob("*.tmp*")):
-            failures.append(f"trial {trial}: temporary files left: {sorted(p.name for p in out.glob('*.tmp*'))}")
-        if _log_lines(out) != expected_log:
-            failures.append(f"trial {trial}: log.txt {_log_lines(out)} differs from {expected_log}")
-    return {
-        "trials": trials,
-        "seed": seed,
-        "runs": runs,
-        "faults": fired,
-        "failures": failures,
-        "seconds": round(time.time() - begin, 1),
-    }
+            failures.append(f"{name}: did not finish")
+        else:
+            failures += [f"{name}: {p}" for p in _compare_with_uninterrupted(out, *expectations.of(variant))]
+        if progress:
+            progress.write_text(json.dumps(figures(trial + 1)))
+    return figures(trials)
+
+
+def _largest(fault: str) -> int:
+    if fault in SITES:
+        return SITES[fault]
+    if fault.startswith("full-disk:"):
+        return WRITERS[fault.split(":", 1)[1]][1]
+    return 9 if fault == "ctrl-c-twice" else 1  # optimizer steps of a run
+
+
+def _loads(path: str) -> bool:
+    try:
+        safe_load.load_checkpoint(path)
+    except UserError:
+        return False
+    return True
+
+
+def _compare_with_uninterrupted(out: Path, expected: dict[str, Any], expected_log: list[dict[str, Any]]) -> list[str]:
+    """The final checkpoint's states (weights, optimizer, random state, ...), its log history and
+    log.txt each against the uninterrupted run's: three findings rather than the first one."""
+    problems = []
+    final = _final(out)
+    try:
+        assert_same({k: v for k, v in final.items() if k != "log"}, {k: v for k, v in expected.items() if k != "log"})
+    except AssertionError as e:
+        problems.append(f"final checkpoint differs from the uninterrupted run's: checkpoint{e}")
+    try:
+        assert_same(final.get("log"), expected.get("log"), "log")
+    except AssertionError as e:
+        problems.append(f"final checkpoint's log history differs from the uninterrupted run's: {e}")
+    if _log_lines(out) != expected_log:
+        problems.append(f"log.txt {_log_lines(out)} differs from {expected_log}")
+    if _temporaries(out):
+        problems.append(f"temporary files left: {_temporaries(out)}")
+    return problems
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--faults", type=int, default=3, help="faults per trial before it may finish")
+    parser.add_argument("--faults", type=int, default=5, help="faults per trial before it may finish")
     parser.add_argument("--workdir", default="", help="default: a temporary folder")
     parser.add_argument("--reference", default="", help="a folder holding helpers.Reference.make's run, to reuse")
     parser.add_argument("--report", default="", help="write the result as JSON here")
+    parser.add_argument("--kinds", default=",".join(FAULTS), help="the kinds of fault to draw, comma-separated")
     args = parser.parse_args()
+    kinds = args.kinds.split(",")
+    if not set(kinds) <= set(FAULTS):
+        parser.error(f"--kinds: unknown {sorted(set(kinds) - set(FAULTS))}; known: {', '.join(FAULTS)}")
     reference = Reference.read(Path(args.reference)) if args.reference else None
+    report = Path(args.report) if args.report else None
     if args.workdir:
         workdir = Path(args.workdir)
         workdir.mkdir(parents=True, exist_ok=True)
-        result = campaign(args.trials, args.seed, args.faults, workdir, reference)
+        result = campaign(args.trials, args.seed, args.faults, workdir, reference, kinds, report)
     else:
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
-            result = campaign(args.trials, args.seed, args.faults, Path(tmp), reference)
+            result = campaign(args.trials, args.seed, args.faults, Path(tmp), reference, kinds, report)
     print(json.dumps(result, indent=1))
-    if args.report:
-        Path(args.report).write_text(json.dumps(result))
     sys.exit(1 if result["failures"] else 0)
 
 
