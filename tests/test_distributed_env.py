@@ -226,10 +226,13 @@ def test_a_peer_killed_with_9_leaves_the_others_one_line_saying_how_to_continue(
 # Ctrl-C
 @pytest.fixture
 def handlers():
-    """util.train.interrupt's handlers installed, and afterwards the previous ones back."""
+    """util.train.interrupt's handlers installed over Python's SIGINT default (as in a terminal; a
+    shell's background job starts with SIGINT ignored), and afterwards the previous ones back."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
     interrupt.install()
     yield
     interrupt.uninstall()
+    signal.signal(signal.SIGINT, before)
 
 
 def test_the_first_ctrl_c_asks_for_a_checkpoint_and_the_second_stops_at_once(handlers, capsys):
