@@ -48,7 +48,6 @@ import signal
 import struct
 import sys
 import time
-import traceback
 import zipfile
 from collections import Counter
 from dataclasses import dataclass
@@ -62,7 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from helpers import RESUMABLE_EPOCHS as EPOCHS  # noqa: E402
-from helpers import Reference, assert_same, budgeted_open, resumable_flags  # noqa: E402
+from helpers import Reference, assert_same, budgeted_open, resumable_flags, run_forked  # noqa: E402
 
 import main_pretrain  # noqa: E402
 from util.checkpoint import files as checkpoint_files  # noqa: E402  (listing only)
@@ -216,29 +215,14 @@ def _arm_ctrl_c_twice(n: int, cut: int) -> None:
 
 
 def _run(argv: list[str], log: Path, fault: str | None = None, n: int = 0, cut: int = 0) -> int:
-    """Fork a run of ``main_pretrain.py argv``; returns its pid."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid:
-        return pid
-    code = 1
-    try:
-        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
+    """Fork a run of ``main_pretrain.py argv``, its output appended to ``log``; returns its pid."""
+
+    def run() -> None:
         if fault:
             _arm(fault, n, cut)
         main_pretrain.run_cli(lambda: main_pretrain.main(main_pretrain.get_args_parser().parse_args(argv)))
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    except BaseException:
-        traceback.print_exc()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+
+    return run_forked(log, run, append=True)
 
 
 def _wait(pid: int, after: float | None = None, sig: int = signal.SIGKILL) -> int:

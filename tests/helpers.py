@@ -336,6 +336,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_forked(log: Path, body: Callable[[], None], append: bool = False) -> int:
+    """Run ``body()`` in a process forked from this one, its stdout and stderr going to ``log``
+    (appended to, or replaced); returns the child's pid. The child never returns: it exits with
+    the status of a ``SystemExit`` (``run_cli``'s), 0 when ``body`` returns, and 1, with the
+    traceback in ``log``, on any other exception."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC))
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        sys.stdout = sys.stderr = open(fd, "w", buffering=1, closefd=False)  # not pytest's capture
+        body()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        os._exit(code)
+
+
 def run_ranks(main: Callable[[], None], workdir: Path, world_size: int = 2, timeout: float = 300) -> list[str]:
     """``main()`` in ``world_size`` processes forked from this one, in the environment torchrun
     gives its workers (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT): a gloo group on
@@ -347,32 +376,15 @@ def run_ranks(main: Callable[[], None], workdir: Path, world_size: int = 2, time
     workdir.mkdir(parents=True, exist_ok=True)
     env = {"WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     logs = [workdir / f"rank{rank}.log" for rank in range(world_size)]
-    sys.stdout.flush()
-    sys.stderr.flush()
     pids = []
     for rank, log in enumerate(logs):
-        pid = os.fork()
-        if pid == 0:  # the rank: never returns into pytest
-            code = 1
-            try:
-                os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank))
-                fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-                os.dup2(fd, 1)
-                os.dup2(fd, 2)
-                sys.stdout = sys.stderr = open(fd, "w", buffering=1, closefd=False)
-                torch.set_num_threads(1)
-                run_cli(main)
-                code = 0
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else 1
-            except BaseException:
-                import traceback
 
-                traceback.print_exc()
-            finally:
-                sys.stdout.flush()
-                os._exit(code)
-        pids.append(pid)
+        def rank_main(rank: int = rank) -> None:
+            os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank))
+            torch.set_num_threads(1)
+            run_cli(main)
+
+        pids.append(run_forked(log, rank_main))
     codes = [_wait_or_kill(pid, time.time() + timeout) for pid in pids]
     outputs = [log.read_text() for log in logs]
     for rank, (code, output) in enumerate(zip(codes, outputs, strict=True)):
