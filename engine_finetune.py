@@ -12,7 +12,7 @@ from util.checkpoint.state import Position, TrainState, check_same_data, resume
 from util.cli.log import log
 from util.data.datasets import eval_loader, train_loader
 from util.lr_sched import adjust_learning_rate
-from util.train import distributed
+from util.train import distributed, interrupt
 from util.train.checkpointer import Checkpointer, log_accumulation_remainder
 from util.train.precision import LossScaler, autocast
 from util.train.progress import RunLog, format_duration
@@ -107,6 +107,7 @@ def train_or_evaluate(
     else:
         fit(wrapped_model, state, position, train_loader(train_set, args), val_loader, criterion, mixup_fn)
     distributed.cleanup()
+    interrupt.uninstall()  # a finished run gives the process its signals back (Ctrl-C in a notebook)
 
 
 def fit(

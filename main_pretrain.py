@@ -32,7 +32,7 @@ from util.data.normalization import add_norm_args
 from util.eval import knn
 from util.eval.pictures import fixed_noise, load_images
 from util.outputs import check_outside_data
-from util.train import distributed
+from util.train import distributed, interrupt
 from util.train.checkpointer import Checkpointer, log_accumulation_remainder
 from util.train.precision import LossScaler
 from util.train.progress import RunLog, format_duration
@@ -188,6 +188,7 @@ def main(flags: argparse.Namespace) -> None:
         run_log.close()
     log.info(f"training time {format_duration(time.time() - begin)}")
     distributed.cleanup()
+    interrupt.uninstall()  # a finished run gives the process its signals back (Ctrl-C in a notebook)
 
 
 if __name__ == "__main__":

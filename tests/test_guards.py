@@ -156,3 +156,15 @@ def test_a_stop_asked_for_while_the_run_starts_stops_before_training(tmp_path, c
         with pytest.raises(interrupt.Interrupted, match=f"before training began; nothing new in {out} to save"):
             run_pretrain(data, out, "--epochs", "1")
     assert "Epoch: [" not in capsys.readouterr().out and not list(out.glob("checkpoint-*"))
+
+
+def test_a_finished_run_gives_the_process_its_signal_handlers_back(tmp_path):
+    """In a notebook, Ctrl-C after a run must interrupt again, not ask a finished run to checkpoint."""
+    import signal
+
+    from helpers import isolated_interrupts, make_dataset, run_pretrain
+
+    with isolated_interrupts():
+        before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        run_pretrain(make_dataset(tmp_path / "data", 6), tmp_path / "out", "--epochs", "1", "--vis_freq", "0")
+        assert {s: signal.getsignal(s) for s in before} == before
