@@ -13,7 +13,7 @@ from util.cli.log import log
 from util.data.datasets import eval_loader, train_loader
 from util.lr_sched import adjust_learning_rate
 from util.train import distributed, interrupt
-from util.train.checkpointer import Checkpointer, log_accumulation_remainder
+from util.train.checkpointer import Checkpointer, log_start
 from util.train.precision import LossScaler, autocast
 from util.train.progress import RunLog, format_duration
 from util.train.run import Run, wrap_for_training
@@ -131,11 +131,7 @@ def fit(
     run_log = RunLog(args.log_dir, args.output_dir, state.log)  # log.txt as the checkpoint's history has it
     checkpointer = Checkpointer(state, run_log)
     state.extra.setdefault("max_accuracy", 0.0)
-    log_accumulation_remainder(len(train_loader), args.accum_iter)
-    if position.epoch >= args.epochs:
-        log.info(f"nothing to train: the run already finished its {args.epochs} epochs (--epochs)")
-    else:
-        log.info(f"start training at epoch {position.epoch} of {args.epochs}")
+    log_start(position.epoch, len(train_loader), args)
     begin = time.time()
     try:
         checkpointer.stop_if_requested()  # a signal while the run was starting: stop before training

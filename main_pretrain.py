@@ -33,7 +33,7 @@ from util.eval import knn
 from util.eval.pictures import fixed_noise, load_images
 from util.outputs import check_outside_data
 from util.train import distributed, interrupt
-from util.train.checkpointer import Checkpointer, log_accumulation_remainder
+from util.train.checkpointer import Checkpointer, log_start
 from util.train.precision import LossScaler
 from util.train.progress import RunLog, format_duration
 from util.train.run import start, wrap_for_training
@@ -150,7 +150,6 @@ def main(flags: argparse.Namespace) -> None:
     knn_data = build_knn_data(args)  # flags and folders checked before the (longer) data scan
     dataset, loader = pretrain_data(args)
     log.info(f"{len(dataset)} images in {dataset.root}, {len(loader)} iterations per epoch")
-    log_accumulation_remainder(len(loader), args.accum_iter)
 
     model.set_grad_checkpointing(args.grad_checkpointing)
     model.to(device)
@@ -166,10 +165,7 @@ def main(flags: argparse.Namespace) -> None:
     run_log = RunLog(args.log_dir, args.output_dir, state.log)  # log.txt as the checkpoint's history has it
     checkpointer = Checkpointer(state, run_log)
 
-    if position.epoch >= args.epochs:
-        log.info(f"nothing to train: the run already finished its {args.epochs} epochs (--epochs)")
-    else:
-        log.info(f"start training at epoch {position.epoch} of {args.epochs}")
+    log_start(position.epoch, len(loader), args)
     begin = time.time()
     try:
         checkpointer.stop_if_requested()  # a signal while the run was starting: stop before training

@@ -140,10 +140,15 @@ class EpochProgress:
         self.owner.run_log.scalars(epoch_1000x, train_loss=summed[1] / summed[2], lr=self.lr)
 
 
-def log_accumulation_remainder(iterations: int, accum_iter: int) -> None:
-    """Say once that an epoch's last accumulation group is shorter (see ``Accumulation``)."""
-    if iterations % accum_iter:
+def log_start(first_epoch: int, iterations: int, args: Any) -> None:
+    """Say where training starts (or that a finished run has nothing left), and once, that an
+    epoch's last accumulation group is shorter (see ``Accumulation``)."""
+    if iterations % args.accum_iter:
         log.info(
-            f"{iterations} iterations per epoch are not a multiple of --accum_iter {accum_iter}: each epoch's last "
-            f"optimizer step averages the gradients of its last {iterations % accum_iter} iterations"
+            f"{iterations} iterations per epoch are not a multiple of --accum_iter {args.accum_iter}: each epoch's "
+            f"last optimizer step averages the gradients of its last {iterations % args.accum_iter} iterations"
         )
+    if first_epoch >= args.epochs:
+        log.info(f"nothing to train: the run already finished its {args.epochs} epochs (--epochs)")
+    else:
+        log.info(f"start training at epoch {first_epoch} of {args.epochs}")
