@@ -19,6 +19,9 @@ from util.sizes import image_size, shown_size
 _ACTIVATION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # Optimizer state per trainable parameter, in parameters (AdamW: two moments; SGD and LARS: momentum).
 _OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "lars": 1, "sgd": 1}
+# Measured peaks (resident memory over two AdamW steps, tiny and small MAEs and ViTs, fp32 and
+# bf16) exceed the tensors autograd holds by up to 10%: the allocator's free but unreturned blocks.
+_ALLOCATOR_SLACK = 1.15
 
 
 def available_bytes(device: str | torch.device = "cpu") -> int:
@@ -72,35 +75,18 @@ def training_bytes(
     fixed = model_bytes(model) + trainable * (1 + _OPTIMIZER_STATES[optimizer])  # weights, grads, state
     if precision != "fp32":
         fixed += trainable // 2  # autocast keeps a 16-bit copy of every weight it casts until backward
-    per_image = activation_bytes_per_image(model, input_size, precision, grad_checkpointing, mask_ratio, device)
-    return int(fixed + batch_size * per_image)
-
-
-def activation_bytes_per_image(
-    model: nn.Module,
-    input_size: int | Sequence[int],
-    precision: str = "fp32",
-    grad_checkpointing: bool = False,
-    mask_ratio: float | None = None,
-    device: str | torch.device = "cpu",
-) -> int:
-    """Bytes one image adds to a training step's peak: what the backward pass needs of every
-    block, one block's gradients in flight and the tensors around the blocks, with the allocator's slack."""
+    # Per image: what the backward pass needs of every block, one block's gradients in flight and
+    # the tensors around the blocks.
     height, width = image_size(input_size)
     patch_h, patch_w = model.patch_embed.patch_size
     # The image, and for an MAE its patchified target, the prediction and their difference, in fp32.
-    total = 4 * model.patch_embed.proj.in_channels * height * width * 4
+    per_image = 4 * model.patch_embed.proj.in_channels * height * width * 4
     trained = False
     for blocks, tokens in _block_stacks(model, (height // patch_h) * (width // patch_w), mask_ratio):
         trained = trained or any(p.requires_grad for p in blocks.parameters())
-        total += 4 * tokens * _width(blocks[0]) * 4  # embedding, position, gather and final-norm tensors
-        total += _stack_bytes(blocks, tokens, precision, trained, grad_checkpointing, torch.device(device))
-    return int(total * _ALLOCATOR_SLACK)
-
-
-# Measured peaks (resident memory over two AdamW steps, tiny and small MAEs and ViTs, fp32 and
-# bf16) exceed the tensors autograd holds by up to 10%: the allocator's free but unreturned blocks.
-_ALLOCATOR_SLACK = 1.15
+        per_image += 4 * tokens * _width(blocks[0]) * 4  # embedding, position, gather and final-norm tensors
+        per_image += _stack_bytes(blocks, tokens, precision, trained, grad_checkpointing, torch.device(device))
+    return int(fixed + batch_size * int(per_image * _ALLOCATOR_SLACK))
 
 
 def _stack_bytes(
