@@ -40,10 +40,8 @@ FALLBACKS = {"model": "mae_vit_mini_patch4", "input_size": None}
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("k-NN evaluation of MAE encoders")
     parser.add_argument("--data_path", required=True, help="ImageFolder with train/ (the bank) and val/ or test/")
-    parser.add_argument(
-        "--model",
-        help=f"one of: {', '.join(models_mae.MODELS)} (default: the first checkpoint's, else {FALLBACKS['model']})",
-    )
+    known = ", ".join(models_mae.MODELS)
+    parser.add_argument("--model", help=f"one of: {known} (default: the first checkpoint's, else {FALLBACKS['model']})")
     parser.add_argument("--input_size", type=int, help="image size (default: the first checkpoint's, else the model's)")
     parser.add_argument("--encoders", nargs="+", required=True, metavar="ENCODER", help="checkpoints, random, pixels")
     parser.add_argument("--output", default="", help="append one JSON line per encoder to this file")
@@ -54,9 +52,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", default=0, type=int, help="seed of the random-init encoder")
     knn.add_knn_args(parser)
     add_norm_args(parser)
-    parser.add_argument(
-        "--linear_epochs", default=0, type=int, metavar="N", help="N epochs of a linear classifier on the bank (0: no)"
-    )
+    parser.add_argument("--linear_epochs", default=0, type=int, metavar="N", help="linear classifier epochs (0: none)")
     parser.set_defaults(dist_on_itp=False, dist_url="env://")  # what init_distributed_mode reads
     return parser
 

@@ -29,9 +29,7 @@ def add_schedule_args(
 ) -> None:
     """Batch, epochs, optimizer and learning-rate schedule; defaults differ per entry point."""
     g = parser.add_argument_group("schedule")
-    g.add_argument(
-        "--batch_size", default=batch_size, type=int, help="per GPU (effective batch = this * accum_iter * world size)"
-    )
+    g.add_argument("--batch_size", default=batch_size, type=int, help="per GPU (effective batch: x accum_iter x GPUs)")
     g.add_argument("--epochs", default=epochs, type=int)
     g.add_argument("--accum_iter", default=1, type=int, help="iterations whose gradients make one step")
     g.add_argument("--weight_decay", type=float, default=weight_decay)
@@ -39,9 +37,7 @@ def add_schedule_args(
     g.add_argument("--blr", type=float, default=blr, metavar="LR", help="base lr: lr = blr * effective batch / 256")
     g.add_argument("--min_lr", type=float, default=min_lr, metavar="LR", help="lower lr bound of the cosine schedule")
     g.add_argument("--clip_grad", type=float, metavar="NORM", help="clip the gradient norm (default: no clipping)")
-    g.add_argument(
-        "--warmup_epochs", type=int, default=warmup_epochs, metavar="N", help="epochs of linear warm-up (per iteration)"
-    )
+    g.add_argument("--warmup_epochs", type=int, default=warmup_epochs, metavar="N", help="epochs of linear lr warm-up")
 
 
 def add_run_args(parser: argparse.ArgumentParser) -> None:
@@ -50,39 +46,21 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--data_path", default="/datasets01/imagenet_full_size/061417/", help="dataset path")
     g.add_argument("--output_dir", default="./output_dir", help="where to save checkpoints and log.txt")
     g.add_argument("--log_dir", default="./output_dir", help="where to write TensorBoard logs")
-    g.add_argument(
-        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda when present, else cpu"
-    )
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda if present, else cpu")
     g.add_argument("--seed", default=0, type=int)
     g.add_argument("--resume", default="", help="checkpoint, or 'auto': the newest good one in --output_dir")
     g.add_argument("--start_epoch", default=0, type=int, metavar="N", help="start epoch (overridden by --resume)")
-    g.add_argument(
-        "--num_workers", default=default_workers(), type=int, help="data loaders per process (default: min(10, cores))"
-    )
+    g.add_argument("--num_workers", default=default_workers(), type=int, help="per process (default: min(10, cores))")
     g.add_argument("--pin_mem", action="store_true", help="pin the loader's CPU memory: faster copies to the GPU")
     g.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
     parser.set_defaults(pin_mem=True)
-    g.add_argument(
-        "--precision", default="auto", choices=PRECISIONS, help="auto: bf16 where the GPU has it, else fp16; CPU: fp32"
-    )
-    g.add_argument(
-        "--save_freq", default=20, type=int, metavar="N", help="keep the checkpoints of every N-th and the last epoch"
-    )
-    g.add_argument(
-        "--keep_last", default=1, type=int, metavar="K", help="keep the K newest epoch checkpoints too (0 keeps all)"
-    )
-    g.add_argument(
-        "--ckpt_every_steps",
-        default=0,
-        type=int,
-        metavar="N",
-        help="checkpoint every N iterations too (0: epoch ends)",
-    )
+    g.add_argument("--precision", default="auto", choices=PRECISIONS, help="auto: GPU bf16 (else fp16), CPU fp32")
+    g.add_argument("--save_freq", default=20, type=int, metavar="N", help="keep every N-th epoch's and the last")
+    g.add_argument("--keep_last", default=1, type=int, metavar="K", help="keep the K newest epochs' too (0: all)")
+    g.add_argument("--ckpt_every_steps", default=0, type=int, metavar="N", help="save every N iterations too (0: no)")
     g.add_argument("--print_freq", default=20, type=int, metavar="N", help="log every N iterations")
     g.add_argument("--compile", action="store_true", help="compile the model with torch.compile")
-    g.add_argument(
-        "--grad_checkpointing", action="store_true", help="recompute activations in backward: less memory, ~30%% slower"
-    )
+    g.add_argument("--grad_checkpointing", action="store_true", help="recompute activations: less memory, ~30%% slower")
 
     d = parser.add_argument_group("distributed")
     d.add_argument("--world_size", default=1, type=int, help="number of distributed processes")
@@ -104,16 +82,12 @@ def add_classifier_args(parser: argparse.ArgumentParser, models: Iterable[str], 
     """Model flags of the classifiers (fine-tuning and linear probing); ``models``: the known names."""
     g = parser.add_argument_group("model")
     known = ", ".join(models)
-    g.add_argument(
-        "--model", help=f"one of: {known} (default: the checkpoint's, see --resume and --finetune, else {model})"
-    )
+    g.add_argument("--model", help=f"one of: {known} (default: --resume's or --finetune's, else {model})")
     add_input_size_arg(g, default=None)
     add_in_chans_arg(g, default=None)
     g.add_argument("--finetune", default="", help="MAE checkpoint (file or URL) to start from")
     g.add_argument("--global_pool", action="store_true", help="average the patch tokens (then fc_norm)")
-    g.add_argument(
-        "--cls_token", action="store_false", dest="global_pool", help="class token instead of global pooling"
-    )
+    g.add_argument("--cls_token", action="store_false", dest="global_pool", help="class token, not global pooling")
     parser.set_defaults(global_pool=global_pool)
     g.add_argument("--nb_classes", default=1000, type=int, help="number of classification types")
 
@@ -121,9 +95,7 @@ def add_classifier_args(parser: argparse.ArgumentParser, models: Iterable[str], 
 def add_eval_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("evaluation")
     g.add_argument("--eval", action="store_true", help="only evaluate (the model of --resume)")
-    g.add_argument(
-        "--dist_eval", action="store_true", help="shard evaluation over the processes (each image counted once)"
-    )
+    g.add_argument("--dist_eval", action="store_true", help="shard evaluation over processes (each image once)")
     g.add_argument("--eval_freq", default=1, type=int, metavar="N", help="evaluate every N epochs and after the last")
 
 

@@ -223,12 +223,8 @@ def add_knn_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     g = parser.add_argument_group("k-NN evaluation")
     g.add_argument("--knn_k", default=20, type=int, help="neighbours that vote")
     g.add_argument("--knn_t", default=0.07, type=float, help="temperature of the vote weights")
-    g.add_argument(
-        "--knn_bank_size", default=0, type=int, metavar="N", help="N evenly spaced train images form the bank (0: all)"
-    )
-    g.add_argument(
-        "--knn_query_size", default=0, type=int, metavar="N", help="classify N evenly spaced val images (0: all)"
-    )
+    g.add_argument("--knn_bank_size", default=0, type=int, metavar="N", help="N evenly spaced train images (0: all)")
+    g.add_argument("--knn_query_size", default=0, type=int, metavar="N", help="N evenly spaced val images (0: all)")
     return g
 
 
