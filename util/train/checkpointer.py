@@ -9,6 +9,7 @@ after that save. Every epoch ends with a checkpoint (``end_epoch``).
 """
 
 import math
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -18,7 +19,7 @@ from util.checkpoint.state import TrainState, save_checkpoint
 from util.cli.errors import NonFiniteLoss, fail, lower_lr
 from util.cli.log import log
 from util.train import distributed, interrupt
-from util.train.progress import MetricLogger, RunLog, SmoothedValue
+from util.train.progress import MetricLogger, RunLog, SmoothedValue, format_duration
 from util.train.steps import Accumulation
 
 
@@ -81,12 +82,28 @@ class EpochProgress:
         self.lr = 0.0
 
     def iterate(self, loader: Iterable) -> Iterator[tuple[int, Any]]:
-        """(iteration, batch) from ``start_step`` on, with a progress line after the first iteration
-        and every ``--print_freq`` (the line follows ``after_step``, so it shows its losses)."""
-        lines = self.metrics.log_every(
-            loader, self.args.print_freq, f"Epoch: [{self.epoch}]", self.total, self.start_step
-        )
-        return enumerate(lines, self.start_step)
+        """(iteration, batch) from ``start_step`` on, with a progress line (position, meters, timings,
+        ETA) where ``_line_due``; the line follows ``after_step``, so it shows its losses."""
+        iter_time, data_time = SmoothedValue(fmt="{avg:.4f}"), SmoothedValue(fmt="{avg:.4f}")
+        header, width, delimiter = f"Epoch: [{self.epoch}]", len(str(self.total)), self.metrics.delimiter
+        begin = end = time.time()
+        for step, batch in enumerate(loader, self.start_step):
+            data_time.update(time.time() - end)
+            yield step, batch
+            iter_time.update(time.time() - end)
+            if self._line_due(step):
+                eta = format_duration(iter_time.global_avg * (self.total - step - 1))
+                position = f"{header} [{step + 1:>{width}}/{self.total}]"
+                fields = [position, f"eta: {eta}", str(self.metrics), f"time: {iter_time}", f"data: {data_time}"]
+                log.info(delimiter.join(fields))
+            end = time.time()
+        elapsed = time.time() - begin
+        log.info(f"{header} total time: {format_duration(elapsed)} ({elapsed / max(iter_time.count, 1):.4f} s / it)")
+
+    def _line_due(self, step: int) -> bool:
+        """Check points: every ``--print_freq``, the last iteration and the first (it shows that
+        training runs, and its pace)."""
+        return (step + 1) % self.args.print_freq == 0 or step in (self.start_step, self.total - 1)
 
     def after_step(self, step: int, loss: torch.Tensor, lr: float) -> None:
         """Keep ``loss`` for the next check point; at a check point, check and log the losses, and
@@ -97,10 +114,8 @@ class EpochProgress:
         # fall (a resumed run has its first line, and so a check point, at another iteration).
         self.metrics.update(lr=lr)
         args, last = self.args, step == self.total - 1
-        first = step == self.start_step  # the first line shows that training runs, and its pace
-        log_now = (step + 1) % args.print_freq == 0 or last or first
         save_now = bool(args.ckpt_every_steps) and (step + 1) % args.ckpt_every_steps == 0
-        if not (log_now or save_now):
+        if not (self._line_due(step) or save_now):
             return
         self._check_and_log(step)  # finiteness first: a checkpoint never holds what a bad step made
         if not self.accumulation.ends(step) or last:

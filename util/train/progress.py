@@ -1,13 +1,12 @@
-"""Progress on stdout (smoothed values, timing, ETA), TensorBoard and a JSON-lines log.txt."""
+"""Smoothed values for the progress lines, TensorBoard and a JSON-lines log.txt."""
 
 import contextlib
 import datetime
 import json
 import os
 import threading
-import time
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +56,7 @@ class SmoothedValue:
 
 
 class MetricLogger:
-    """Collects named scalars; ``log_every`` wraps an iterable and prints progress lines."""
+    """Named scalars, shown as one progress line."""
 
     def __init__(self, delimiter: str = "  "):
         self.meters: dict[str, SmoothedValue] = defaultdict(SmoothedValue)
@@ -84,30 +83,6 @@ class MetricLogger:
     def load_sums(self, sums: dict[str, list[float]]) -> None:
         for name, (total, count) in sums.items():
             self.meters[name].total, self.meters[name].count = total, int(count)
-
-    def log_every(
-        self, iterable: Iterable, print_freq: int, header: str = "", total: int | None = None, start: int = 0
-    ) -> Iterator:
-        """Yield from ``iterable``; every ``print_freq`` items print position, meters, timings and ETA.
-        ``start`` is the index of the first item (a run resumed inside an epoch)."""
-        total = total if total is not None else len(iterable)  # type: ignore[arg-type]
-        iter_time, data_time = SmoothedValue(fmt="{avg:.4f}"), SmoothedValue(fmt="{avg:.4f}")
-        width = len(str(total))
-        begin = end = time.time()
-        i = start
-        for obj in iterable:
-            data_time.update(time.time() - end)
-            yield obj
-            iter_time.update(time.time() - end)
-            if (i + 1) % print_freq == 0 or i == total - 1 or i == start:  # the first: it runs, and its pace
-                eta = format_duration(iter_time.global_avg * (total - i - 1))
-                position = f"{header} [{i + 1:>{width}}/{total}]"
-                fields = [position, f"eta: {eta}", str(self), f"time: {iter_time}", f"data: {data_time}"]
-                log.info(self.delimiter.join(fields))
-            i += 1
-            end = time.time()
-        elapsed = format_duration(time.time() - begin)
-        log.info(f"{header} total time: {elapsed} ({(time.time() - begin) / max(i - start, 1):.4f} s / it)")
 
 
 class RunLog:
