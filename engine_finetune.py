@@ -162,8 +162,9 @@ def _evaluate_epoch(wrapped_model: torch.nn.Module, val_loader: DataLoader, chec
     args = state.args
     pending = state.extra.pop("unevaluated")
     epoch = pending["epoch"]
+    train_stats = {f"train_{k}": v for k, v in pending["train_stats"].items()}
     if (epoch + 1) % args.eval_freq and epoch != args.epochs - 1:
-        run_log.epoch({**{f"train_{k}": v for k, v in pending["train_stats"].items()}, "epoch": epoch})
+        run_log.epoch({**train_stats, "epoch": epoch})
         return
     test_stats = evaluate(wrapped_model, val_loader, args)
     best = state.extra["max_accuracy"] = max(state.extra["max_accuracy"], test_stats["acc1"])
@@ -171,19 +172,8 @@ def _evaluate_epoch(wrapped_model: torch.nn.Module, val_loader: DataLoader, chec
         f"accuracy of the network on the {test_stats['images']} test images: {test_stats['acc1']:.1f}%; "
         f"max accuracy: {best:.2f}%"
     )
-    run_log.scalars(
-        epoch,
-        **{
-            "perf/test_acc1": test_stats["acc1"],
-            "perf/test_acc5": test_stats["acc5"],
-            "perf/test_loss": test_stats["loss"],
-        },
-    )
-    stats = {
-        **{f"train_{k}": v for k, v in pending["train_stats"].items()},
-        **{f"test_{k}": v for k, v in test_stats.items()},
-        "max_accuracy": best,
-    }
-    run_log.epoch({**stats, "epoch": epoch})
+    run_log.scalars(epoch, **{f"perf/test_{k}": test_stats[k] for k in ("acc1", "acc5", "loss")})
+    test = {f"test_{k}": v for k, v in test_stats.items()}
+    run_log.epoch({**train_stats, **test, "max_accuracy": best, "epoch": epoch})
     if epoch == args.epochs - 1:
         checkpointer.save(epoch)
