@@ -4,13 +4,17 @@ linear probing."""
 import argparse
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+import models_vit
+from util.checkpoint.encoder import load_pretrained_encoder
 from util.checkpoint.state import Position, TrainState, check_same_data, resume
 from util.cli.log import log
-from util.data.datasets import eval_loader, train_loader
+from util.data.channels import image_loader
+from util.data.datasets import classification_splits, eval_loader, eval_transform, train_loader
 from util.lr_sched import adjust_learning_rate
 from util.train import distributed, interrupt
 from util.train.checkpointer import Checkpointer, log_start
@@ -18,6 +22,36 @@ from util.train.precision import LossScaler, autocast
 from util.train.progress import RunLog, format_duration
 from util.train.run import Run, wrap_for_training
 from util.train.steps import accumulating, optimizer_step, to_device
+
+# What --model, --input_size and --in_chans mean when not given and no checkpoint decides them.
+FALLBACKS = {"model": "vit_large_patch16", "input_size": 224, "in_chans": 3}
+
+
+def classifier_and_data(
+    run: Run, train_transform: Callable, head_init_std: float, **model_kwargs: Any
+) -> tuple[models_vit.VisionTransformer, Dataset, Dataset]:
+    """The ``--model`` classifier, with the ``--finetune`` encoder in it (the head drawn with
+    ``head_init_std``), and the training (``train_transform``) and validation sets of ``--data_path``."""
+    args = run.args
+    model = models_vit.create_model(
+        args.model,
+        args.input_size,
+        args.in_chans,
+        num_classes=args.nb_classes,
+        global_pool=args.global_pool,
+        **model_kwargs,
+    )
+    train_set, val_set = classification_splits(
+        args.data_path,
+        train_transform,
+        eval_transform(args.input_size, args.mean, args.std, args.in_chans),
+        args.nb_classes,
+        loader=image_loader(args.in_chans),
+    )
+    log.info(f"{len(train_set)} training and {len(val_set)} validation images, {args.nb_classes} classes")
+    if run.init_from is not None:
+        load_pretrained_encoder(model, run.init_from, head_init_std=head_init_std)
+    return model, train_set, val_set
 
 
 def train_one_epoch(
@@ -162,8 +196,9 @@ def _evaluate_epoch(wrapped_model: torch.nn.Module, val_loader: DataLoader, chec
     args = state.args
     pending = state.extra.pop("unevaluated")
     epoch = pending["epoch"]
+    train_stats = {f"train_{k}": v for k, v in pending["train_stats"].items()}
     if (epoch + 1) % args.eval_freq and epoch != args.epochs - 1:
-        run_log.epoch({**{f"train_{k}": v for k, v in pending["train_stats"].items()}, "epoch": epoch})
+        run_log.epoch({**train_stats, "epoch": epoch})
         return
     test_stats = evaluate(wrapped_model, val_loader, args)
     best = state.extra["max_accuracy"] = max(state.extra["max_accuracy"], test_stats["acc1"])
@@ -171,19 +206,8 @@ def _evaluate_epoch(wrapped_model: torch.nn.Module, val_loader: DataLoader, chec
         f"accuracy of the network on the {test_stats['images']} test images: {test_stats['acc1']:.1f}%; "
         f"max accuracy: {best:.2f}%"
     )
-    run_log.scalars(
-        epoch,
-        **{
-            "perf/test_acc1": test_stats["acc1"],
-            "perf/test_acc5": test_stats["acc5"],
-            "perf/test_loss": test_stats["loss"],
-        },
-    )
-    stats = {
-        **{f"train_{k}": v for k, v in pending["train_stats"].items()},
-        **{f"test_{k}": v for k, v in test_stats.items()},
-        "max_accuracy": best,
-    }
-    run_log.epoch({**stats, "epoch": epoch})
+    run_log.scalars(epoch, **{f"perf/test_{k}": test_stats[k] for k in ("acc1", "acc5", "loss")})
+    test = {f"test_{k}": v for k, v in test_stats.items()}
+    run_log.epoch({**train_stats, **test, "max_accuracy": best, "epoch": epoch})
     if epoch == args.epochs - 1:
         checkpointer.save(epoch)

@@ -18,9 +18,8 @@ from torchvision import transforms
 
 import models_vit
 import util.compat  # noqa: F401  (makes timm RandAugment work with Pillow 13)
-from engine_finetune import train_or_evaluate
+from engine_finetune import FALLBACKS, classifier_and_data, train_or_evaluate
 from util import memory
-from util.checkpoint.encoder import load_pretrained_encoder
 from util.cli.args import (
     add_classifier_args,
     add_eval_args,
@@ -32,15 +31,11 @@ from util.cli.args import (
 )
 from util.cli.errors import fail, run_cli
 from util.cli.log import log
-from util.data.channels import image_loader, tensor_train_transform
-from util.data.datasets import classification_splits, eval_transform
+from util.data.channels import tensor_train_transform
 from util.data.normalization import add_norm_args
 from util.lr_decay import param_groups_lrd
 from util.sizes import image_size
 from util.train.run import start
-
-# What --model, --input_size and --in_chans mean when not given and no checkpoint decides them.
-FALLBACKS = {"model": "vit_large_patch16", "input_size": 224, "in_chans": 3}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -145,26 +140,8 @@ def main(flags: argparse.Namespace) -> None:
     check_args(flags)
     run = start(flags, FALLBACKS)
     args = run.args
-    model = models_vit.create_model(
-        args.model,
-        args.input_size,
-        args.in_chans,
-        num_classes=args.nb_classes,
-        global_pool=args.global_pool,
-        drop_path_rate=args.drop_path,
-    )
-
-    train_set, val_set = classification_splits(
-        args.data_path,
-        build_train_transform(args),
-        eval_transform(args.input_size, args.mean, args.std, args.in_chans),
-        args.nb_classes,
-        loader=image_loader(args.in_chans),
-    )
-    log.info(f"{len(train_set)} training and {len(val_set)} validation images, {args.nb_classes} classes")
-
-    if run.init_from is not None:
-        load_pretrained_encoder(model, run.init_from, head_init_std=2e-5)
+    train_tf = build_train_transform(args)
+    model, train_set, val_set = classifier_and_data(run, train_tf, head_init_std=2e-5, drop_path_rate=args.drop_path)
     model.set_grad_checkpointing(args.grad_checkpointing)
     model.to(run.device)
     if not args.eval:

@@ -11,9 +11,8 @@ import argparse
 import torch
 
 import models_vit
-from engine_finetune import train_or_evaluate
+from engine_finetune import FALLBACKS, classifier_and_data, train_or_evaluate
 from util import memory
-from util.checkpoint.encoder import load_pretrained_encoder
 from util.cli.args import (
     add_classifier_args,
     add_eval_args,
@@ -24,14 +23,10 @@ from util.cli.args import (
 )
 from util.cli.errors import run_cli
 from util.cli.log import log
-from util.data.channels import image_loader, tensor_train_transform
-from util.data.datasets import classification_splits, eval_transform
+from util.data.channels import tensor_train_transform
 from util.data.normalization import add_norm_args
 from util.lars import LARS
 from util.train.run import start
-
-# What --model, --input_size and --in_chans mean when not given and no checkpoint decides them.
-FALLBACKS = {"model": "vit_large_patch16", "input_size": 224, "in_chans": 3}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -54,24 +49,10 @@ def main(flags: argparse.Namespace) -> None:
     check_args(flags)
     run = start(flags, FALLBACKS)
     args = run.args
-    model = models_vit.create_model(
-        args.model, args.input_size, args.in_chans, num_classes=args.nb_classes, global_pool=args.global_pool
-    )
-
     # Weak augmentation (crop and flip): the probe measures the representation, not the augmentation.
     rgb = args.in_chans == 3  # PIL images; other channel counts: float tensors of the files' own channels
     train_tf = tensor_train_transform(args.input_size, (0.08, 1.0), args.mean, args.std, rgb=rgb)
-    train_set, val_set = classification_splits(
-        args.data_path,
-        train_tf,
-        eval_transform(args.input_size, args.mean, args.std, args.in_chans),
-        args.nb_classes,
-        loader=image_loader(args.in_chans),
-    )
-    log.info(f"{len(train_set)} training and {len(val_set)} validation images, {args.nb_classes} classes")
-
-    if run.init_from is not None:
-        load_pretrained_encoder(model, run.init_from, head_init_std=0.01)
+    model, train_set, val_set = classifier_and_data(run, train_tf, head_init_std=0.01)
     # The paper's probe: BatchNorm without affine parameters in front of the linear classifier.
     model.head = torch.nn.Sequential(torch.nn.BatchNorm1d(model.head.in_features, affine=False, eps=1e-6), model.head)
     for name, param in model.named_parameters():

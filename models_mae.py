@@ -80,7 +80,7 @@ class MaskedAutoencoderViT(nn.Module):
         nn.init.xavier_uniform_(proj.view(proj.shape[0], -1))
         nn.init.normal_(self.cls_token, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
-        self.apply(_init_linear_and_norm)
+        self.apply(_init_linear)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in the backward pass instead of storing them:
@@ -220,16 +220,14 @@ class MaskedAutoencoderViT(nn.Module):
         return self.forward_loss(imgs, pred, mask), pred, mask
 
 
-def _init_linear_and_norm(m: nn.Module) -> None:
-    """Xavier-uniform linear weights with zero biases and identity LayerNorms, the initialisation of
-    the official code (PyTorch's own default for nn.Linear is another, Kaiming-uniform one)."""
+def _init_linear(m: nn.Module) -> None:
+    """Xavier-uniform linear weights with zero biases, the initialisation of the official code
+    (PyTorch's own default for nn.Linear is another, Kaiming-uniform one; its LayerNorms start as
+    the identity, as the official code sets them)."""
     if isinstance(m, nn.Linear):
         nn.init.xavier_uniform_(m.weight)
         if m.bias is not None:
             nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
 
 
 # Factories. The official three share one decoder (512-d, 8 blocks, 16 heads).

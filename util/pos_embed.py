@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
 
 from util.memory import require
 from util.sizes import image_size
@@ -24,21 +24,21 @@ def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
     return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
 
 
-def sincos_2d(dim: int, grid_size: int | Sequence[int], cls_token: bool = False) -> np.ndarray:
-    """[rows * cols (+1), dim] embedding for a grid of ``grid_size`` (one side, or (rows, columns))
+def sincos_2d(embed_dim: int, grid_size: int | Sequence[int], cls_token: bool = False) -> np.ndarray:
+    """[rows * cols (+1), embed_dim] embedding for a grid of ``grid_size`` (one side, or (rows, columns))
     in row-major order, as the patch embedding flattens it; ``cls_token``: a zero row first."""
-    if dim % 4:
-        raise ValueError(f"2-D sin-cos embedding needs a dimension divisible by 4, got {dim}")
+    if embed_dim % 4:
+        raise ValueError(f"2-D sin-cos embedding needs a dimension divisible by 4, got {embed_dim}")
     h, w = image_size(grid_size)
     # Computed in float64 on the CPU, whatever device the model is built on (the meta device too):
     # the two halves and their concatenation are the peak, 16 bytes per element.
-    shape = (h * w + int(cls_token), dim)
+    shape = (h * w + int(cls_token), embed_dim)
     what = f"the {shape} sin-cos position embedding of a {h}x{w} patch grid"
-    require(16 * shape[0] * dim, what, "give a smaller --input_size")
+    require(16 * shape[0] * embed_dim, what, "give a smaller --input_size")
     rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-    emb = np.concatenate([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], axis=1)
+    emb = np.concatenate([sincos_1d(embed_dim // 2, cols), sincos_1d(embed_dim // 2, rows)], axis=1)
     if cls_token:
-        emb = np.concatenate([np.zeros((1, dim)), emb], axis=0)
+        emb = np.concatenate([np.zeros((1, embed_dim)), emb], axis=0)
     return emb.astype(np.float32)
 
 
@@ -52,31 +52,26 @@ def resize_pos_embed(
     columns)), bicubic without antialiasing as the official code does; prefix tokens are kept.
     The token count alone cannot tell a 16x8 grid from an 8x16 one: without ``old_grid`` the old
     grid is taken as square."""
-    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    tokens = pos_embed.shape[1] - num_prefix_tokens
     new_h, new_w = image_size(new_grid)
     if old_grid is None:
-        if grid.shape[1] == new_h * new_w:
+        if tokens == new_h * new_w:
             return pos_embed  # already fits: nothing to resize, whatever its shape
-        side = int(round(grid.shape[1] ** 0.5))
-        if side * side != grid.shape[1]:
-            raise ValueError(f"position embedding has {grid.shape[1]} grid tokens, not a square grid")
+        side = int(round(tokens**0.5))
+        if side * side != tokens:
+            raise ValueError(f"position embedding has {tokens} grid tokens, not a square grid")
         old_grid = side
     old_h, old_w = image_size(old_grid)
-    if old_h * old_w != grid.shape[1]:
-        raise ValueError(f"position embedding has {grid.shape[1]} grid tokens, not a {old_h}x{old_w} grid")
-    if (old_h, old_w) == (new_h, new_w):
-        return pos_embed
-    dim = grid.shape[-1]
-    grid = grid.reshape(1, old_h, old_w, dim).permute(0, 3, 1, 2).float()
-    grid = F.interpolate(grid, size=(new_h, new_w), mode="bicubic", align_corners=False)
-    grid = grid.permute(0, 2, 3, 1).reshape(1, new_h * new_w, dim).to(pos_embed.dtype)
-    return torch.cat([prefix, grid], dim=1)
+    if old_h * old_w != tokens:
+        raise ValueError(f"position embedding has {tokens} grid tokens, not a {old_h}x{old_w} grid")
+    # timm's resampling (in float32, cast back; none at the same grid) is the official interpolation.
+    new, old = [new_h, new_w], [old_h, old_w]
+    return resample_abs_pos_embed(pos_embed, new, old, num_prefix_tokens, antialias=False, align_corners=False)
 
 
-# The official module's names, which derived projects call to build and to load MAE encoders.
-def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int | Sequence[int], cls_token: bool = False) -> np.ndarray:
-    """Official name of :func:`sincos_2d`; ``grid_size`` may also be (rows, columns)."""
-    return sincos_2d(embed_dim, grid_size, cls_token)
+# The official module's names, which derived projects call to build and to load MAE encoders
+# (``grid_size`` may also be (rows, columns) here).
+get_2d_sincos_pos_embed = sincos_2d
 
 
 def interpolate_pos_embed(model: torch.nn.Module, checkpoint_model: dict[str, torch.Tensor]) -> None:

@@ -47,21 +47,13 @@ def cover_size(img: Any, size: tuple[int, int]) -> tuple[int, int]:
 @dataclass
 class ResizeToCover:
     """Resize (bicubic) to ``cover_size``: for a non-square crop what ``Resize(int)``, which sets the
-    shorter side, is for a square one. PIL images and tensors alike."""
+    shorter side, is for a square one; a square keeps the official ``Resize(int)``. PIL images and
+    tensors alike.
 
-    size: tuple[int, int]
-
-    def __call__(self, img: Any) -> Any:
-        return TF.resize(img, list(cover_size(img, self.size)), interpolation=BICUBIC, antialias=True)
-
-
-@dataclass
-class SizedCover:
-    """Sizes the resize that follows before it allocates, and passes the image on unchanged: the
-    shorter side is scaled to the crop, so an elongated image grows along its long side (a 1 x
-    1,000,000 px line to 36 x 36,000,000 px for a 32 px crop). Its output is refused beyond Pillow's
-    decompression-bomb limit (an image Pillow would not open must not be made by a resize either),
-    or beyond the memory free now."""
+    Sized before it allocates: the shorter side is scaled to the crop, so an elongated image grows
+    along its long side (a 1 x 1,000,000 px line to 36 x 36,000,000 px for a 32 px crop). Its output
+    is refused beyond Pillow's decompression-bomb limit (an image Pillow would not open must not be
+    made by a resize either), or beyond the memory free now."""
 
     size: tuple[int, int]
 
@@ -78,17 +70,17 @@ class SizedCover:
         # Pillow's 8-bit RGB, 4 a value for float tensors.
         values = 1 if isinstance(img, Image.Image) else TF.get_image_num_channels(img)
         require(2 * 4 * values * pixels, what, advice)
-        return img
+        square = self.size[0] == self.size[1]
+        new_size = [self.size[0]] if square else [new_height, new_width]
+        return TF.resize(img, new_size, interpolation=BICUBIC, antialias=True)
 
 
 def eval_resize(size: tuple[int, int]) -> Callable:
     """The evaluation resize before a center crop of ``size``: by the official 256/224 ratio up to
-    224 px (on the longer side), none above; a square keeps the official ``Resize(int)``. Sized first."""
+    224 px (on the longer side), none above."""
     height, width = size
     crop_pct = 224 / 256 if max(height, width) <= 224 else 1.0
-    cover = (int(height / crop_pct), int(width / crop_pct))
-    resize = transforms.Resize(cover[0], interpolation=BICUBIC) if height == width else ResizeToCover(cover)
-    return transforms.Compose([SizedCover(cover), resize])
+    return ResizeToCover((int(height / crop_pct), int(width / crop_pct)))
 
 
 def tensor_train_transform(

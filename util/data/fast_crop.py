@@ -14,10 +14,10 @@ import io
 import math
 import random
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torchvision.transforms.functional import pil_to_tensor
 
 from util.data.images import plain_jpeg_size, to_rgb
 from util.sizes import image_size
@@ -61,7 +61,7 @@ class FastRandomResizedCropFlip:
         elif jpeg_size:
             pixels = decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.RGB)
         else:
-            pixels = _to_tensor(to_rgb(img))
+            pixels = pil_to_tensor(to_rgb(img))
         box = pixels[:, top : top + h, left : left + w].unsqueeze(0)
         out = F.interpolate(box, size=self.out_hw, mode="bicubic", antialias=True).squeeze(0)
         return (out.flip(-1) if flip else out).contiguous()
@@ -113,7 +113,7 @@ def _decode_reduced(img: Image.Image, reduce: int) -> tuple[torch.Tensor, int]:
     # pixels becomes ceil(n / s).
     img.draft("RGB", (full_w // reduce, full_h // reduce))
     scale = next(s for s in (1, 2, 4, 8) if img.size == (-(-full_w // s), -(-full_h // s)))
-    return _to_tensor(to_rgb(img)), scale
+    return pil_to_tensor(to_rgb(img)), scale
 
 
 def _scale_box(box: tuple[int, int, int, int], scale: int, reduced_hw: tuple[int, int]) -> tuple[int, int, int, int]:
@@ -124,7 +124,3 @@ def _scale_box(box: tuple[int, int, int, int], scale: int, reduced_hw: tuple[int
     bottom_r = min(rows, max(top_r + 1, round((top + h) / scale)))
     right_r = min(cols, max(left_r + 1, round((left + w) / scale)))
     return top_r, left_r, bottom_r - top_r, right_r - left_r
-
-
-def _to_tensor(img: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
