@@ -24,9 +24,6 @@ from util.train import interrupt
 
 SCALE, RATIO = (0.2, 1.0), (3 / 4, 4 / 3)  # the recipe's, as util/data/fast_crop.py's
 ATTEMPTS = 10  # RandomResizedCrop.get_params tries this many boxes before its central fallback
-# float64: exact enough to round like Pillow; float32 matrix products may run in TF32 on GPUs
-# (training allows it), whose 10-bit mantissa would move many pixels by one level.
-RESAMPLE_DTYPE = torch.float64
 DECODE_BATCH = 256  # images a decoding worker hands over at a time
 
 
@@ -70,11 +67,11 @@ def _items(samples: list[tuple[torch.Tensor, int]]) -> list[torch.Tensor]:
 
 def _working_bytes(batch_size: int, image_shape: Sequence[int], size: Sequence[int]) -> int:
     """What ``resized_crops`` holds at once for a batch: the images, the rows pass and the output,
-    and the two resize matrices (with their temporaries: twice), in ``RESAMPLE_DTYPE``."""
+    and the two resize matrices (with their temporaries: twice), in float64 at most."""
     channels, height, width = image_shape
     out_h, out_w = size
     values = channels * (height * width + height * out_w + out_h * out_w) + 2 * (out_h * height + out_w * width)
-    return batch_size * values * RESAMPLE_DTYPE.itemsize * 2
+    return batch_size * values * 8 * 2
 
 
 def _require_room(shape: tuple[int, ...], working: int, first_file: str, device: torch.device) -> None:
@@ -155,21 +152,30 @@ def resized_crops(
     where asked, all in two batched matrix products (rows, then columns, as Pillow resamples, with
     its rounding to 8 bits in between). ``indices`` and ``crops`` on the images' device."""
     top, left, box_h, box_w, flip = crops.unbind(1)
-    out_h, out_w = size
-    rows = _resize_matrix(top, box_h, images.shape[2], out_h, torch.zeros_like(flip))  # [B, out_h, H]
-    cols = _resize_matrix(left, box_w, images.shape[3], out_w, flip)  # [B, out_w, W]
-    pixels = images.index_select(0, indices).to(RESAMPLE_DTYPE)
-    across = (pixels @ cols.transpose(1, 2).unsqueeze(1)).round_().clamp_(0, 255)  # horizontal pass first
-    return (rows.unsqueeze(1) @ across).round_().clamp_(0, 255).to(torch.uint8)
+    (batch, channels, height, width), (out_h, out_w) = (len(indices), *images.shape[1:]), size
+    dtype = resample_dtype(images.device)
+    rows = _resize_matrix(top, box_h, height, out_h, torch.zeros_like(flip), dtype)  # [B, out_h, H]
+    cols = _resize_matrix(left, box_w, width, out_w, flip, dtype)  # [B, out_w, W]
+    pixels = images.index_select(0, indices).to(dtype).view(batch, channels * height, width)
+    across = torch.bmm(pixels, cols.transpose(1, 2)).round_().clamp_(0, 255)  # horizontal pass first
+    across = across.view(batch, channels, height, out_w).transpose(1, 2).reshape(batch, height, channels * out_w)
+    out = torch.bmm(rows, across).round_().clamp_(0, 255).to(torch.uint8)
+    return out.view(batch, out_h, channels, out_w).transpose(1, 2).contiguous()
+
+
+def resample_dtype(device: torch.device) -> torch.dtype:
+    """float32, but float64 on GPUs: there float32 matrix products may run in TF32 (training allows
+    it), whose 10-bit mantissa would move many pixels by one level."""
+    return torch.float64 if device.type == "cuda" else torch.float32
 
 
 def _resize_matrix(
-    start: torch.Tensor, length: torch.Tensor, in_size: int, out_size: int, flip: torch.Tensor
+    start: torch.Tensor, length: torch.Tensor, in_size: int, out_size: int, flip: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:
     """[B, out_size, in_size]: row o holds the weights of the input pixels for output pixel o when
     pixels [start, start + length) are resized to ``out_size`` (Pillow's bicubic, antialiased: the
     filter widens by the reduction factor; weights normalised over the box), reversed where ``flip``."""
-    dtype, device = RESAMPLE_DTYPE, start.device
+    device = start.device
     step = length.to(dtype) / out_size  # input pixels per output pixel
     widen = step.clamp(min=1.0)
     centers = (torch.arange(out_size, dtype=dtype, device=device) + 0.5) * step[:, None]  # in the box
