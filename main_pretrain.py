@@ -64,7 +64,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         choices=PRETRAIN_LOADERS,
         help="fast: the official augmentation with faster JPEG decoding and resizing, uint8 batches "
         "normalised on the device; device: the same, with JPEGs decoded, cropped and resized on the training "
-        "device (nvJPEG on a GPU) while workers only read files; torchvision: the reference pipeline",
+        "device (nvJPEG on a GPU) while workers only read files; torchvision: the reference pipeline; memory: "
+        "small data sets of equal-sized RGB images (CIFAR-10) decoded once into the training device's memory, "
+        "cropped, resized and flipped there per batch",
     )
     v = parser.add_argument_group("reconstruction pictures")
     v.add_argument("--vis_freq", default=10, type=int, metavar="N", help="every N epochs, the first and last; 0: never")

@@ -379,7 +379,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--loader",
         default="fast",
         help="comma-separated, from: fast (as main_pretrain.py: faster JPEG decoding and resizing, uint8 batches "
-        "normalised on the device), device (JPEGs decoded on the device), torchvision (the reference pipeline)",
+        "normalised on the device), device (JPEGs decoded on the device), torchvision (the reference pipeline), "
+        "memory (the data set decoded once into the device's memory, cropped there)",
     )
     p.add_argument(
         "--repeats",

@@ -18,6 +18,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, is_image_file
 
 from util.cli.errors import UserError, fail
 from util.cli.log import log
+from util.data import memory_loader
 from util.data.channels import ClampUnit, eval_resize, image_loader, tensor_train_transform
 from util.data.device_decode import RandomResizedCropFlipOnDevice, collate_encoded
 from util.data.fast_crop import FastRandomResizedCropFlip
@@ -312,7 +313,7 @@ def classification_splits(
 
 
 # Transforms
-PRETRAIN_LOADERS = ("fast", "device", "torchvision")
+PRETRAIN_LOADERS = ("fast", "device", "torchvision", "memory")
 
 
 def pretrain_transform(
@@ -340,15 +341,18 @@ def pretrain_transform(
     return tensor_train_transform(size, (0.2, 1.0), mean, std, rgb=in_chans == 3)
 
 
-def pretrain_data(args: Any) -> tuple[ImageFiles, DataLoader]:
+def pretrain_data(args: Any) -> tuple[ImageFiles, DataLoader | memory_loader.MemoryLoader]:
     """Dataset and training loader for pre-training: ``--data_path``, ``--input_size``, ``--loader``."""
     in_chans = getattr(args, "in_chans", 3)
     loader = args.loader
-    if in_chans != 3 and loader == "device":
+    if in_chans != 3 and loader in ("device", "memory"):
+        holds = "decodes 8-bit RGB JPEGs on" if loader == "device" else "holds 8-bit RGB images on"
         fail(
-            f"--loader device decodes 8-bit RGB JPEGs on the device; with --in_chans {in_chans} use --loader fast "
+            f"--loader {loader} {holds} the device; with --in_chans {in_chans} use --loader fast "
             f"or torchvision (both then read the files' own channels on the CPU)"
         )
+    if loader == "memory":
+        return memory_pretrain_data(args)
     if in_chans != 3 and loader == "fast":
         # Its shortcuts (JPEG draft decoding, uint8 batches) are for 8-bit RGB; the files' own
         # channels, 16-bit ones included, go through the tensor version of the same recipe.
@@ -358,6 +362,16 @@ def pretrain_data(args: Any) -> tuple[ImageFiles, DataLoader]:
     dataset = pretrain_dataset(args.data_path, transform, lazy=loader != "torchvision", loader=image_loader(in_chans))
     value_bytes = 4 if loader == "torchvision" else 1  # fast and device batches stay uint8 until the device
     return dataset, train_loader(dataset, args, collate_encoded if loader == "device" else None, value_bytes)
+
+
+def memory_pretrain_data(args: Any) -> tuple[ImageFiles, memory_loader.MemoryLoader]:
+    """``--loader memory``: the data set decoded once onto ``--device``, cropped there per batch."""
+    dataset = pretrain_dataset(args.data_path, memory_loader.to_uint8)
+    check_enough_images(len(dataset), args)
+    device, size = torch.device(args.device), image_size(args.input_size)
+    images = memory_loader.decode(dataset, dataset.files, device, args.num_workers, args.batch_size, size)
+    sampler = SeededSampler(len(dataset), args.seed)
+    return dataset, memory_loader.MemoryLoader(images, sampler, args.batch_size, args.input_size)
 
 
 def eval_transform(
@@ -481,14 +495,19 @@ def require_batch_memory(
     )
 
 
+def check_enough_images(count: int, args: Any) -> None:
+    """Refuse a data set smaller than one batch on every process: an epoch would have no iteration."""
+    if count < args.batch_size * distributed.world_size():
+        fail(
+            f"--batch_size {args.batch_size} x {distributed.world_size()} process(es) is more than the "
+            f"{count} images in --data_path; lower --batch_size"
+        )
+
+
 def train_loader(dataset: Dataset, args: Any, collate_fn: Callable | None = None, value_bytes: int = 4) -> DataLoader:
     """Shuffled, sharded, seeded loader; drops the last incomplete batch. ``value_bytes``: the size
     of a pixel value in its batches (float32: 4), for sizing them first."""
-    if len(dataset) < args.batch_size * distributed.world_size():
-        fail(
-            f"--batch_size {args.batch_size} x {distributed.world_size()} process(es) is more than the "
-            f"{len(dataset)} images in --data_path; lower --batch_size"
-        )
+    check_enough_images(len(dataset), args)
     require_batch_memory(args.input_size, getattr(args, "in_chans", 3), args.batch_size, args.num_workers, value_bytes)
     return DataLoader(
         SeededDataset(dataset),
