@@ -6,7 +6,7 @@ import torch
 from timm.layers import trunc_normal_
 from timm.models import adapt_input_conv
 
-from util.checkpoint.load import StateDict, check_weights, compare_states, model_state
+from util.checkpoint.load import StateDict, check_weights, model_state, state_difference
 from util.checkpoint.state import Opened, open_checkpoint
 from util.cli.errors import fail
 from util.cli.log import log
@@ -52,7 +52,7 @@ def load_encoder(
     """Load the encoder of checkpoint ``source`` (``flag`` in errors) into ``model``; return the model's
     keys it lacked. The decoder, mask token and a head of another shape are dropped, the position
     embedding resized and, given ``in_chans``, the patch embedding adapted. Only ``may_miss`` may be
-    missing and ``may_be_left`` (any, if None) left over (``compare_states``); ``hint`` names missing
+    missing and ``may_be_left`` (any, if None) left over (``state_difference``); ``hint`` names missing
     weights in a sentence of their own."""
     path, ckpt = source.path, source.ckpt
     state = {k: v for k, v in model_state(ckpt, path).items() if not k.startswith(_DECODER_PREFIXES)}
@@ -66,10 +66,10 @@ def load_encoder(
             del state[k]
     if "pos_embed" in state:
         state["pos_embed"] = fit_pos_embed(model, source, state, flag)
-    diff = compare_states(own, state, may_miss, may_be_left)
-    if diff.missing and hint:
-        fail(f"{flag} {path} lacks encoder weights {diff.missing[:4]}; check --model and that it {hint}")
-    if diff:
+    missing = sorted(set(own) - set(state) - may_miss)
+    if missing and hint:
+        fail(f"{flag} {path} lacks encoder weights {missing[:4]}; check --model and that it {hint}")
+    if diff := state_difference(own, state, may_miss, may_be_left):
         name = type(model).__name__
         fail(f"{flag} {path} does not fit {name} ({diff}); check --model and that it is an MAE checkpoint")
     model.load_state_dict(state, strict=False)

@@ -13,7 +13,6 @@ import re
 import urllib.parse
 import zipfile
 import zlib
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -215,36 +214,22 @@ def model_state(ckpt: dict[str, Any], path: str) -> StateDict:
 
 
 # State dicts against a model
-@dataclass
-class StateDiff:
-    """How a checkpoint's state dict differs from a model's: names and shapes."""
-
-    missing: list[str]  # the model's, not in the checkpoint
-    unexpected: list[str]  # the checkpoint's, not in the model
-    other_shape: list[str]
-    example: str = ""  # the first key of another shape, with both shapes
-
-    def __bool__(self) -> bool:
-        return bool(self.missing or self.unexpected or self.other_shape)
-
-    def __str__(self) -> str:
-        named = (("missing", self.missing), ("unexpected", self.unexpected), ("of another shape", self.other_shape))
-        text = "; ".join(f"{len(keys)} {what} {keys[:4]}" for what, keys in named if keys)
-        return f"{text} (e.g. {self.example})" if self.example else text
-
-
-def compare_states(
+def state_difference(
     own: StateDict, state: StateDict, may_miss: set[str] = frozenset(), may_be_left: set[str] | None = frozenset()
-) -> StateDiff:
-    """Compare ``state`` with a model's ``own`` state dict: keys of ``may_miss`` may be missing,
-    those of ``may_be_left`` (any, if None) may be left over, and no shared key may differ in shape."""
+) -> str:
+    """What keeps ``state`` from loading into a model whose state dict is ``own`` ('' if nothing):
+    keys of ``may_miss`` may be missing, those of ``may_be_left`` (any, if None) left over, and no
+    shared key may differ in shape."""
     wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    return StateDiff(
-        missing=sorted(set(own) - set(state) - may_miss),
-        unexpected=[] if may_be_left is None else sorted(set(state) - set(own) - may_be_left),
-        other_shape=wrong,
-        example=f"{wrong[0]}: {tuple(state[wrong[0]].shape)} vs {tuple(own[wrong[0]].shape)}" if wrong else "",
+    named = (
+        ("missing", sorted(set(own) - set(state) - may_miss)),
+        ("unexpected", [] if may_be_left is None else sorted(set(state) - set(own) - may_be_left)),
+        ("of another shape", wrong),
     )
+    text = "; ".join(f"{len(keys)} {what} {keys[:4]}" for what, keys in named if keys)
+    if not wrong:
+        return text
+    return f"{text} (e.g. {wrong[0]}: {tuple(state[wrong[0]].shape)} vs {tuple(own[wrong[0]].shape)})"
 
 
 def check_weights(own: StateDict, state: StateDict, source: str) -> None:
@@ -275,7 +260,7 @@ def load_model_strict(model: torch.nn.Module, state: StateDict, path: str) -> No
     """Load a state dict whose names and shapes must equal the model's, with weights that
     ``check_weights`` accepts, or fail naming the difference."""
     own = model.state_dict()
-    if diff := compare_states(own, state):
+    if diff := state_difference(own, state):
         fail(f"checkpoint {path} does not fit {type(model).__name__}: {diff}; check --model and --input_size")
     check_weights(own, state, f"checkpoint {path}")
     model.load_state_dict(state)
