@@ -8,10 +8,8 @@ transformers ViTMAEForPreTraining folder; and import such a folder as our checkp
     python export.py --from hf --checkpoint vit-mae-base/ --output mae_vit_base_from_hf.pth
 
 ``--to timm`` writes the encoder alone, under timm's names, and prints the ``timm.create_model``
-call that loads it; ``--to safetensors`` every weight and the run's args (JSON metadata); ``--to hf``
-a folder that ``transformers.ViTMAEForPreTraining.from_pretrained`` loads. ``--from hf`` turns such a
-folder (ours or the Hub's) into our checkpoint, for ``--finetune``, ``--resume``, ``knn_eval.py`` and
-``reconstruct.py``; neither direction needs transformers. Details: docs/checkpoints.md.
+call that loads it; ``--from hf`` takes folders of ours or of the Hub. Neither direction needs
+transformers. Details: docs/checkpoints.md.
 
 Every output is written whole or not at all (util.outputs.atomic_write; a folder beside its place,
 then renamed into it): a full disk is a one-line error that leaves an earlier output as it was.
@@ -100,8 +98,7 @@ def vit_name(ckpt: dict[str, Any], encoder: dict[str, torch.Tensor], given: str 
     fail(f"checkpoint {path}: no known ViT has its encoder's shapes; pass --model")
 
 
-def timm_call(name: str, img_size: int, global_pool: bool, output: str) -> str:
-    """The timm.create_model call that loads the export (printed, and tested)."""
+def timm_call(name: str, img_size: int, global_pool: bool, output: str) -> str:  # printed, and tested
     timm_name, kwargs = TIMM_NAMES[name]
     kwargs = dict(kwargs, **({"img_size": img_size} if img_size != 224 else {}))
     if global_pool:
@@ -122,8 +119,7 @@ def args_metadata(args: Any) -> dict[str, str]:
 # Writing: each file atomically, a folder as a whole
 def safetensors_bytes(state: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
     """``state`` as a .safetensors file with ``metadata`` and a CRC-32 of every tensor (which
-    ``load_checkpoint`` verifies): the one place where export writes safetensors, for a file and
-    for an HF folder's weights."""
+    ``load_checkpoint`` verifies): the one place where export writes safetensors."""
     from safetensors.torch import save
 
     nbytes = 2 * sum(v.numel() * v.element_size() for v in state.values())  # the copies below, then the bytes
@@ -241,7 +237,7 @@ def export_hf(args: argparse.Namespace, ckpt: dict[str, Any], state: dict[str, t
         model = models_mae.MODELS[name](in_chans=state["patch_embed.proj.weight"].shape[1])
     config = hf_interop.hf_config(model, img_size, mask_ratio, norm_pix)
     files = {
-        hf_interop.WEIGHTS_NAME: safetensors_bytes(hf_interop.to_hf_state(state), args_metadata(ckpt.get("args"))),
+        hf_interop.WEIGHTS_NAME: safetensors_bytes(hf_interop.to_hf_state(state), args_metadata(saved)),
         hf_interop.CONFIG_NAME: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(),
     }
     write_folder(args.output, files)

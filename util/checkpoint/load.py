@@ -98,11 +98,11 @@ def _first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-def verify_zip(path: str, shown: str | None = None) -> None:
+def verify_zip(path: str, shown: str) -> None:
     """Check every member of the zip checkpoint ``path`` against the CRC-32 the archive stores for
     it, or fail naming the first damaged member. torch.save writes real CRCs; a file written with
     ``torch.serialization.set_crc32_options(False)`` stores 0 for every member, and is not checked."""
-    shown, where = shown or path, "its zip directory"
+    where = "its zip directory"
     try:
         with zipfile.ZipFile(path) as archive:
             members = archive.infolist()
@@ -118,11 +118,9 @@ def verify_zip(path: str, shown: str | None = None) -> None:
         fail(f"checkpoint {shown} is damaged in {where} ({str(e)[:80]}); use an earlier checkpoint or write it again")
 
 
-def load_safetensors(path: str, shown: str | None = None) -> dict[str, Any]:
-    """A .safetensors file (weights only) as a checkpoint: ``{'model': tensors, 'args': Namespace or
-    None}``, args and CRC-32s from the metadata ``export.py`` writes. Imported here: training does
-    not need safetensors."""
-    shown = shown or path
+def load_safetensors(path: str, shown: str) -> dict[str, Any]:
+    """A .safetensors file as a checkpoint, ``{'model': tensors, 'args': Namespace or None}``, args and
+    CRC-32s from the metadata ``export.py`` writes. Imported here: training does not need safetensors."""
     try:
         from safetensors import safe_open
         from safetensors.torch import load_file
@@ -155,14 +153,12 @@ def tensor_crc32(tensor: torch.Tensor) -> int:
 
 
 def checksum_metadata(tensors: StateDict) -> dict[str, str]:
-    """The metadata entry that lets ``load_checkpoint`` verify a .safetensors file: add it to the
-    metadata of every file written with safetensors' ``save``/``save_file``."""
+    """The metadata entry that lets ``load_checkpoint`` verify a .safetensors file written with it."""
     return {CHECKSUM_KEY: json.dumps({name: tensor_crc32(t) for name, t in sorted(tensors.items())})}
 
 
 def verify_checksums(state: StateDict, stored: str, shown: str) -> None:
-    """Every tensor of ``state`` has the CRC-32 that ``stored`` (``checksum_metadata``'s JSON)
-    records for it, and every recorded tensor is there; else fail naming the first one that differs."""
+    """Fail naming the first tensor of ``state`` without the CRC-32 ``stored`` (JSON) has for it, or the reverse."""
     try:
         expected = json.loads(stored)
     except ValueError:
@@ -257,8 +253,7 @@ def check_weights(own: StateDict, state: StateDict, source: str) -> None:
 
 
 def load_model_strict(model: torch.nn.Module, state: StateDict, path: str) -> None:
-    """Load a state dict whose names and shapes must equal the model's, with weights that
-    ``check_weights`` accepts, or fail naming the difference."""
+    """Load ``state`` (names, shapes and weights checked) into ``model``, or fail naming what differs."""
     own = model.state_dict()
     if diff := state_difference(own, state):
         fail(f"checkpoint {path} does not fit {type(model).__name__}: {diff}; check --model and --input_size")
@@ -295,7 +290,7 @@ def check_saved_args(args: argparse.Namespace, path: str) -> None:
 
 
 def _rng_problem(rng: Any) -> str:
-    """Why ``rng`` is not a list of states ``restore_rng`` takes ('' if it is): each is tried, then ours put back."""
+    """Why ``rng`` is not a list of states ``restore_rng`` takes: each is tried, then ours put back."""
     if not isinstance(rng, list) or not all(isinstance(r, dict) for r in rng):
         return f"is a {type(rng).__name__}, not a list of per-process random states"
     mine = capture_rng()
