@@ -8,10 +8,8 @@ transformers ViTMAEForPreTraining folder; and import such a folder as our checkp
     python export.py --from hf --checkpoint vit-mae-base/ --output mae_vit_base_from_hf.pth
 
 ``--to timm`` writes the encoder alone, under timm's names, and prints the ``timm.create_model``
-call that loads it; ``--to safetensors`` every weight and the run's args (JSON metadata); ``--to hf``
-a folder that ``transformers.ViTMAEForPreTraining.from_pretrained`` loads. ``--from hf`` turns such a
-folder (ours or the Hub's) into our checkpoint, for ``--finetune``, ``--resume``, ``knn_eval.py`` and
-``reconstruct.py``; neither direction needs transformers. Details: docs/checkpoints.md.
+call that loads it; ``--from hf`` takes folders of ours or of the Hub. Neither direction needs
+transformers. Details: docs/checkpoints.md.
 
 Every output is written whole or not at all (util.outputs.atomic_write; a folder beside its place,
 then renamed into it): a full disk is a one-line error that leaves an earlier output as it was.
@@ -19,7 +17,6 @@ then renamed into it): a full disk is a one-line error that leaves an earlier ou
 
 import argparse
 import errno
-import io
 import json
 import math
 import os
@@ -32,7 +29,8 @@ import torch
 
 import models_mae
 import models_vit
-from util.checkpoint.load import checksum_metadata, load_checkpoint, model_state
+from util.checkpoint.files import atomic_save
+from util.checkpoint.load import StateDict, checksum_metadata, load_checkpoint, model_state
 from util.cli.errors import fail, run_cli
 from util.interop import hf as hf_interop
 from util.memory import require
@@ -100,8 +98,7 @@ def vit_name(ckpt: dict[str, Any], encoder: dict[str, torch.Tensor], given: str 
     fail(f"checkpoint {path}: no known ViT has its encoder's shapes; pass --model")
 
 
-def timm_call(name: str, img_size: int, global_pool: bool, output: str) -> str:
-    """The timm.create_model call that loads the export (printed, and tested)."""
+def timm_call(name: str, img_size: int, global_pool: bool, output: str) -> str:  # printed, and tested
     timm_name, kwargs = TIMM_NAMES[name]
     kwargs = dict(kwargs, **({"img_size": img_size} if img_size != 224 else {}))
     if global_pool:
@@ -113,20 +110,20 @@ def timm_call(name: str, img_size: int, global_pool: bool, output: str) -> str:
     )
 
 
-def args_metadata(ckpt: dict[str, Any]) -> dict[str, str]:
-    """The checkpoint's args as safetensors metadata (strings only): JSON under 'args'."""
-    args = ckpt.get("args")  # devices and the like as strings
+def args_metadata(args: Any) -> dict[str, str]:
+    """A checkpoint's args (if a Namespace) as safetensors metadata, which holds strings only: JSON
+    under 'args', devices and the like as strings."""
     return {"args": json.dumps(vars(args), default=str)} if isinstance(args, argparse.Namespace) else {}
 
 
-# Writing: the bytes of each format, then one atomic write per file
+# Writing: each file atomically, a folder as a whole
 def safetensors_bytes(state: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
     """``state`` as a .safetensors file with ``metadata`` and a CRC-32 of every tensor (which
-    ``load_checkpoint`` verifies): the one place where export writes safetensors, for a file and
-    for an HF folder's weights."""
+    ``load_checkpoint`` verifies): the one place where export writes safetensors."""
     from safetensors.torch import save
 
-    _require_copies(state, 2)
+    nbytes = 2 * sum(v.numel() * v.element_size() for v in state.values())  # the copies below, then the bytes
+    require(nbytes, f"serializing the {len(state)} tensors to write", "export on a machine with more free memory")
     # Own, contiguous storage per tensor: safetensors refuses views (the qkv chunks of --to hf)
     # and shared memory.
     tensors = {k: v.detach().clone().contiguous() for k, v in state.items()}
@@ -134,25 +131,16 @@ def safetensors_bytes(state: Mapping[str, torch.Tensor], metadata: dict[str, str
     return save(tensors, metadata={"format": "pt", **metadata, **checksum_metadata(tensors)})
 
 
-def torch_bytes(obj: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -> memoryview:
-    """``obj`` (which holds ``tensors``) as torch.save writes it. Serialized in memory, not into
-    the file: torch.save turns the OSError of a full disk into a RuntimeError that no longer says
-    what happened."""
-    _require_copies(tensors, 2)  # the buffer grows by doubling
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getbuffer()
-
-
-def _require_copies(state: Mapping[str, torch.Tensor], copies: int) -> None:
-    nbytes = copies * sum(v.numel() * v.element_size() for v in state.values())
-    require(nbytes, f"serializing the {len(state)} tensors to write", "export on a machine with more free memory")
-
-
-def write_file(path: str, data: bytes | memoryview) -> None:
+def write_weights(path: str, state: StateDict, args: Any, pth: dict[str, Any] | None = None) -> None:
+    """``state`` as the file ``path``: .safetensors with ``args`` as metadata, else what torch.save
+    writes of ``pth`` (which holds ``state``; default: ``state`` alone, a plain state dict)."""
     existed = os.path.exists(path)
     try:
-        atomic_write(path, lambda f: f.write(data))
+        if path.endswith(".safetensors"):
+            data = safetensors_bytes(state, args_metadata(args))
+            atomic_write(path, lambda f: f.write(data))
+        else:
+            atomic_save(state if pth is None else pth, path)
     except OSError as e:
         _cannot_write(path, e, existed)
 
@@ -249,7 +237,7 @@ def export_hf(args: argparse.Namespace, ckpt: dict[str, Any], state: dict[str, t
         model = models_mae.MODELS[name](in_chans=state["patch_embed.proj.weight"].shape[1])
     config = hf_interop.hf_config(model, img_size, mask_ratio, norm_pix)
     files = {
-        hf_interop.WEIGHTS_NAME: safetensors_bytes(hf_interop.to_hf_state(state), args_metadata(ckpt)),
+        hf_interop.WEIGHTS_NAME: safetensors_bytes(hf_interop.to_hf_state(state), args_metadata(saved)),
         hf_interop.CONFIG_NAME: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(),
     }
     write_folder(args.output, files)
@@ -306,10 +294,7 @@ def import_hf(args: argparse.Namespace) -> None:
         norm_pix_loss=config["norm_pix_loss"],
         hf_folder=os.path.abspath(folder),
     )
-    if args.output.endswith(".safetensors"):
-        write_file(args.output, safetensors_bytes(state, args_metadata({"args": saved})))
-    else:
-        write_file(args.output, torch_bytes({"model": state, "args": saved}, state))
+    write_weights(args.output, state, saved, {"model": state, "args": saved})
     print(f"wrote {name} ({img_size} px, {len(state)} tensors) from {folder} to {args.output}; use it with")
     print(f"  python main_finetune.py --model {name.removeprefix('mae_')} --finetune {args.output} ...")
     print(f"  python main_pretrain.py --model {name} --input_size {img_size} --resume {args.output} ...")
@@ -352,15 +337,12 @@ def main(args: argparse.Namespace) -> None:
         export_hf(args, ckpt, state)
         return
     if args.to == "safetensors":
-        write_file(args.output, safetensors_bytes(state, args_metadata(ckpt)))
+        write_weights(args.output, state, ckpt.get("args"))
         print(f"wrote {len(state)} tensors and {'the' if ckpt.get('args') else 'no'} args to {args.output}")
         return
     encoder = encoder_state(state, args.checkpoint)
     name, img_size = vit_name(ckpt, encoder, args.model, args.checkpoint)
-    if args.output.endswith(".safetensors"):
-        write_file(args.output, safetensors_bytes(encoder, args_metadata(ckpt)))
-    else:
-        write_file(args.output, torch_bytes(encoder, encoder))  # a plain state dict, as timm reads it
+    write_weights(args.output, encoder, ckpt.get("args"))  # a .pth: a plain state dict, as timm reads it
     print(f"wrote the {name} encoder ({len(encoder)} tensors, {img_size} px) to {args.output}; load it with")
     print(f"  {timm_call(name, img_size, 'fc_norm.weight' in encoder, args.output)}")
 

@@ -6,7 +6,7 @@ import torch
 from timm.layers import trunc_normal_
 from timm.models import adapt_input_conv
 
-from util.checkpoint.load import StateDict, check_weights, compare_states, model_state
+from util.checkpoint.load import StateDict, check_weights, model_state, state_difference
 from util.checkpoint.state import Opened, open_checkpoint
 from util.cli.errors import fail
 from util.cli.log import log
@@ -19,12 +19,9 @@ _DECODER_PREFIXES = ("decoder_", "mask_token")
 
 def load_pretrained_encoder(model: torch.nn.Module, source: Opened | str, head_init_std: float = 2e-5) -> None:
     """Load the encoder of checkpoint ``source`` (opened, or a path) into a ``models_vit.VisionTransformer``
-    (see ``load_encoder``); a head it lacks is initialised with trunc-normal(``head_init_std``). Only the
-    head and ``fc_norm`` may be missing and, with global pooling, the final ``norm`` left over."""
+    (see ``_load_encoder``); a head it lacks is initialised with trunc-normal(``head_init_std``)."""
     source = source if isinstance(source, Opened) else open_checkpoint(source)
-    head = {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}
-    norm = set() if "norm.weight" in model.state_dict() else {"norm.weight", "norm.bias"}
-    missing = load_encoder(model, source, "--finetune", head, norm, in_chans=model.patch_embed.proj.in_channels)
+    missing = _load_encoder(model, source, classifier=True)
     if "head.weight" in missing:
         trunc_normal_(model.head.weight, std=head_init_std)
         torch.nn.init.zeros_(model.head.bias)
@@ -34,42 +31,35 @@ def load_pretrained_encoder(model: torch.nn.Module, source: Opened | str, head_i
 def load_mae_encoder(model: torch.nn.Module, source: Opened | str) -> None:
     """Load the encoder of checkpoint ``source`` (opened, or a path) into a ``models_mae.MaskedAutoencoderViT``,
     leaving its decoder as it is, to read features of any MAE encoder (ours, official, encoder-only or a
-    classifier with the final ``norm``): every encoder weight must be there; other entries are ignored."""
-    source = source if isinstance(source, Opened) else open_checkpoint(source)
-    decoder = {k for k in model.state_dict() if k.startswith(_DECODER_PREFIXES)}
-    load_encoder(model, source, "checkpoint", decoder, None, hint="holds an MAE encoder")
+    classifier with the final ``norm``)."""
+    _load_encoder(model, source if isinstance(source, Opened) else open_checkpoint(source), classifier=False)
 
 
-def load_encoder(
-    model: torch.nn.Module,
-    source: Opened,
-    flag: str,
-    may_miss: set[str],
-    may_be_left: set[str] | None,
-    in_chans: int | None = None,
-    hint: str = "",
-) -> set[str]:
-    """Load the encoder of checkpoint ``source`` (``flag`` in errors) into ``model``; return the model's
-    keys it lacked. The decoder, mask token and a head of another shape are dropped, the position
-    embedding resized and, given ``in_chans``, the patch embedding adapted. Only ``may_miss`` may be
-    missing and ``may_be_left`` (any, if None) left over (``compare_states``); ``hint`` names missing
-    weights in a sentence of their own."""
-    path, ckpt = source.path, source.ckpt
-    state = {k: v for k, v in model_state(ckpt, path).items() if not k.startswith(_DECODER_PREFIXES)}
+def _load_encoder(model: torch.nn.Module, source: Opened, classifier: bool) -> set[str]:
+    """Load the encoder of checkpoint ``source`` into ``model``, a classifier (``--finetune``) or an
+    MAE; return the model's keys it lacked. The decoder, mask token and a head of another shape are
+    dropped, the position embedding resized and, for a classifier, the patch embedding adapted to
+    its channels."""
+    flag, path = "--finetune" if classifier else "checkpoint", source.path
+    state = {k: v for k, v in model_state(source.ckpt, path).items() if not k.startswith(_DECODER_PREFIXES)}
     own = model.state_dict()
     check_weights(own, state, f"{flag} {path}")  # before anything is computed from them
-    if in_chans is not None:
-        adapt_input_channels(state, in_chans, path)
+    if classifier:
+        adapt_input_channels(state, model.patch_embed.proj.in_channels, path)
     for k in ("head.weight", "head.bias"):
         if k in state and k in own and state[k].shape != own[k].shape:
             log.info(f"dropping {k} of shape {tuple(state[k].shape)} from {path}: the model's is {tuple(own[k].shape)}")
             del state[k]
     if "pos_embed" in state:
         state["pos_embed"] = fit_pos_embed(model, source, state, flag)
-    diff = compare_states(own, state, may_miss, may_be_left)
-    if diff.missing and hint:
-        fail(f"{flag} {path} lacks encoder weights {diff.missing[:4]}; check --model and that it {hint}")
-    if diff:
+    if classifier:  # only the head and fc_norm may be missing and, with global pooling, the final norm left over
+        may_miss = {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}
+        may_be_left = set() if "norm.weight" in own else {"norm.weight", "norm.bias"}
+    else:  # every encoder weight must be there; other entries are ignored
+        may_miss, may_be_left = {k for k in own if k.startswith(_DECODER_PREFIXES)}, None
+        if missing := sorted(set(own) - set(state) - may_miss):
+            fail(f"{flag} {path} lacks encoder weights {missing[:4]}; check --model and that it holds an MAE encoder")
+    if diff := state_difference(own, state, may_miss, may_be_left):
         name = type(model).__name__
         fail(f"{flag} {path} does not fit {name} ({diff}); check --model and that it is an MAE checkpoint")
     model.load_state_dict(state, strict=False)

@@ -13,7 +13,6 @@ import re
 import urllib.parse
 import zipfile
 import zlib
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -99,11 +98,11 @@ def _first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-def verify_zip(path: str, shown: str | None = None) -> None:
+def verify_zip(path: str, shown: str) -> None:
     """Check every member of the zip checkpoint ``path`` against the CRC-32 the archive stores for
     it, or fail naming the first damaged member. torch.save writes real CRCs; a file written with
     ``torch.serialization.set_crc32_options(False)`` stores 0 for every member, and is not checked."""
-    shown, where = shown or path, "its zip directory"
+    where = "its zip directory"
     try:
         with zipfile.ZipFile(path) as archive:
             members = archive.infolist()
@@ -119,11 +118,9 @@ def verify_zip(path: str, shown: str | None = None) -> None:
         fail(f"checkpoint {shown} is damaged in {where} ({str(e)[:80]}); use an earlier checkpoint or write it again")
 
 
-def load_safetensors(path: str, shown: str | None = None) -> dict[str, Any]:
-    """A .safetensors file (weights only) as a checkpoint: ``{'model': tensors, 'args': Namespace or
-    None}``, args and CRC-32s from the metadata ``export.py`` writes. Imported here: training does
-    not need safetensors."""
-    shown = shown or path
+def load_safetensors(path: str, shown: str) -> dict[str, Any]:
+    """A .safetensors file as a checkpoint, ``{'model': tensors, 'args': Namespace or None}``, args and
+    CRC-32s from the metadata ``export.py`` writes. Imported here: training does not need safetensors."""
     try:
         from safetensors import safe_open
         from safetensors.torch import load_file
@@ -156,14 +153,12 @@ def tensor_crc32(tensor: torch.Tensor) -> int:
 
 
 def checksum_metadata(tensors: StateDict) -> dict[str, str]:
-    """The metadata entry that lets ``load_checkpoint`` verify a .safetensors file: add it to the
-    metadata of every file written with safetensors' ``save``/``save_file``."""
+    """The metadata entry that lets ``load_checkpoint`` verify a .safetensors file written with it."""
     return {CHECKSUM_KEY: json.dumps({name: tensor_crc32(t) for name, t in sorted(tensors.items())})}
 
 
 def verify_checksums(state: StateDict, stored: str, shown: str) -> None:
-    """Every tensor of ``state`` has the CRC-32 that ``stored`` (``checksum_metadata``'s JSON)
-    records for it, and every recorded tensor is there; else fail naming the first one that differs."""
+    """Fail naming the first tensor of ``state`` without the CRC-32 ``stored`` (JSON) has for it, or the reverse."""
     try:
         expected = json.loads(stored)
     except ValueError:
@@ -215,36 +210,22 @@ def model_state(ckpt: dict[str, Any], path: str) -> StateDict:
 
 
 # State dicts against a model
-@dataclass
-class StateDiff:
-    """How a checkpoint's state dict differs from a model's: names and shapes."""
-
-    missing: list[str]  # the model's, not in the checkpoint
-    unexpected: list[str]  # the checkpoint's, not in the model
-    other_shape: list[str]
-    example: str = ""  # the first key of another shape, with both shapes
-
-    def __bool__(self) -> bool:
-        return bool(self.missing or self.unexpected or self.other_shape)
-
-    def __str__(self) -> str:
-        named = (("missing", self.missing), ("unexpected", self.unexpected), ("of another shape", self.other_shape))
-        text = "; ".join(f"{len(keys)} {what} {keys[:4]}" for what, keys in named if keys)
-        return f"{text} (e.g. {self.example})" if self.example else text
-
-
-def compare_states(
+def state_difference(
     own: StateDict, state: StateDict, may_miss: set[str] = frozenset(), may_be_left: set[str] | None = frozenset()
-) -> StateDiff:
-    """Compare ``state`` with a model's ``own`` state dict: keys of ``may_miss`` may be missing,
-    those of ``may_be_left`` (any, if None) may be left over, and no shared key may differ in shape."""
+) -> str:
+    """What keeps ``state`` from loading into a model whose state dict is ``own`` ('' if nothing):
+    keys of ``may_miss`` may be missing, those of ``may_be_left`` (any, if None) left over, and no
+    shared key may differ in shape."""
     wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    return StateDiff(
-        missing=sorted(set(own) - set(state) - may_miss),
-        unexpected=[] if may_be_left is None else sorted(set(state) - set(own) - may_be_left),
-        other_shape=wrong,
-        example=f"{wrong[0]}: {tuple(state[wrong[0]].shape)} vs {tuple(own[wrong[0]].shape)}" if wrong else "",
+    named = (
+        ("missing", sorted(set(own) - set(state) - may_miss)),
+        ("unexpected", [] if may_be_left is None else sorted(set(state) - set(own) - may_be_left)),
+        ("of another shape", wrong),
     )
+    text = "; ".join(f"{len(keys)} {what} {keys[:4]}" for what, keys in named if keys)
+    if not wrong:
+        return text
+    return f"{text} (e.g. {wrong[0]}: {tuple(state[wrong[0]].shape)} vs {tuple(own[wrong[0]].shape)})"
 
 
 def check_weights(own: StateDict, state: StateDict, source: str) -> None:
@@ -272,10 +253,9 @@ def check_weights(own: StateDict, state: StateDict, source: str) -> None:
 
 
 def load_model_strict(model: torch.nn.Module, state: StateDict, path: str) -> None:
-    """Load a state dict whose names and shapes must equal the model's, with weights that
-    ``check_weights`` accepts, or fail naming the difference."""
+    """Load ``state`` (names, shapes and weights checked) into ``model``, or fail naming what differs."""
     own = model.state_dict()
-    if diff := compare_states(own, state):
+    if diff := state_difference(own, state):
         fail(f"checkpoint {path} does not fit {type(model).__name__}: {diff}; check --model and --input_size")
     check_weights(own, state, f"checkpoint {path}")
     model.load_state_dict(state)
@@ -310,7 +290,7 @@ def check_saved_args(args: argparse.Namespace, path: str) -> None:
 
 
 def _rng_problem(rng: Any) -> str:
-    """Why ``rng`` is not a list of states ``restore_rng`` takes ('' if it is): each is tried, then ours put back."""
+    """Why ``rng`` is not a list of states ``restore_rng`` takes: each is tried, then ours put back."""
     if not isinstance(rng, list) or not all(isinstance(r, dict) for r in rng):
         return f"is a {type(rng).__name__}, not a list of per-process random states"
     mine = capture_rng()

@@ -38,8 +38,7 @@ class TrainState:
     meters: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        """The checkpoint entries this state owns, the official keys first (``save_checkpoint`` adds
-        the position and every rank's random state)."""
+        """Its checkpoint entries, the official keys first (``save_checkpoint`` adds position and RNG)."""
         states = {name: getattr(self, name).state_dict() for name in ("model", "optimizer", "scaler")}
         return {**states, "args": self.args, "extra": self.extra, "log": self.log, "meters": self.meters}
 
@@ -57,8 +56,7 @@ class TrainState:
 
 
 def save_checkpoint(state: TrainState, epoch: int, step: int | None = None) -> str | None:
-    """Save on rank 0 (all ranks must call: the RNG states are gathered) and return the path; a
-    runaway last update is not saved (``check_finite``)."""
+    """Save on rank 0, return the path (all ranks call: RNG states are gathered); a runaway update is not saved."""
     args = state.args
     name = checkpoint_name(epoch, step)
     check_finite(state, f"the end of epoch {epoch}" if step is None else f"epoch {epoch}, iteration {step}", name)
@@ -119,8 +117,7 @@ class Opened:
     ckpt: dict[str, Any]
 
     @property
-    def args(self) -> argparse.Namespace | None:
-        """The flags it was written with (None for official releases, which store none)."""
+    def args(self) -> argparse.Namespace | None:  # None for official releases, which store none
         saved = self.ckpt.get("args")
         return saved if isinstance(saved, argparse.Namespace) else None
 

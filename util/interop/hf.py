@@ -24,7 +24,7 @@ import math
 import os
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -70,31 +70,6 @@ _HF_BLOCK = re.compile(
 
 
 # config.json and the shard index, checked against one typed table each
-class _Invalid(ValueError):
-    """A JSON value that breaks its field's rule: what was ``expected``; ``where`` and ``value``
-    when the fault is inside the field (one entry of a map)."""
-
-    def __init__(self, expected: str, where: str | None = None, value: Any = None):
-        super().__init__(expected)
-        self.expected, self.where, self.value = expected, where, value
-
-
-# Integers in configs are layer counts, widths and sizes: far below this. The bound keeps a
-# meta-device build's shape arithmetic within int64.
-_MAX_INT = 2**20
-
-
-def _rule(expected: str, ok: Callable[[Any], bool], convert: Callable[[Any], Any] = lambda v: v) -> Callable:
-    """A field's check: ``convert(value)`` if ``ok(value)``, else ``_Invalid(expected)``."""
-
-    def check(value: Any) -> Any:
-        if not ok(value):
-            raise _Invalid(expected)
-        return convert(value)
-
-    return check
-
-
 # JSON's true/false arrive as Python bools, which are ints: neither counts nor numbers.
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
@@ -104,64 +79,60 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-_positive_int = _rule(f"a positive integer (at most {_MAX_INT})", lambda v: _is_int(v) and 0 < v <= _MAX_INT)
-_ratio = _rule("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1, float)  # some patches stay visible
-_positive_number = _rule("a positive number", lambda v: _is_number(v) and v > 0, float)
-_boolean = _rule("true or false (a JSON boolean, not a string)", lambda v: isinstance(v, bool))
-_string = _rule("a string", lambda v: isinstance(v, str))
-_string_or_null = _rule("a string", lambda v: v is None or isinstance(v, str))
-_strings = _rule(
+class Rule(NamedTuple):
+    """What a JSON value must be (``expected``, as errors say it), and the value to use of one that is."""
+
+    expected: str
+    ok: Callable[[Any], bool]
+    convert: Callable[[Any], Any] = lambda v: v
+
+
+# Integers in configs are layer counts, widths and sizes: far below this. The bound keeps a
+# meta-device build's shape arithmetic within int64.
+_MAX_INT = 2**20
+_POSITIVE_INT = Rule(f"a positive integer (at most {_MAX_INT})", lambda v: _is_int(v) and 0 < v <= _MAX_INT)
+_RATIO = Rule("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1, float)  # some patches stay visible
+_POSITIVE_NUMBER = Rule("a positive number", lambda v: _is_number(v) and v > 0, float)
+_BOOLEAN = Rule("true or false (a JSON boolean, not a string)", lambda v: isinstance(v, bool))
+_STRING = Rule("a string", lambda v: isinstance(v, str))
+_STRING_OR_NULL = Rule("a string", lambda v: v is None or isinstance(v, str))
+_STRINGS = Rule(
     "a list of strings",
     lambda v: v is None or (isinstance(v, list) and all(isinstance(s, str) for s in v)),
     lambda v: v or [],
 )
-
-
-def _square_size(value: Any) -> int:
-    """HF allows (height, width) sizes; our models take square images and patches."""
-    if isinstance(value, list) and len(value) == 2 and value[0] == value[1]:
-        value = value[0]
-    if not (_is_int(value) and 0 < value <= _MAX_INT):
-        raise _Invalid("a positive integer, or [height, width] equal ones (our MAE models are square)")
-    return value
-
-
-def _shard_map(value: Any) -> dict[str, str]:
-    """weight name -> shard file: a file name in the folder, never a path that leaves it."""
-    if not isinstance(value, dict) or not value:
-        raise _Invalid("an object from weight names to shard file names")
-    for name, shard in sorted(value.items()):
-        if not isinstance(shard, str) or shard in ("", ".", "..") or re.search(r"[/\\\0]", shard):
-            raise _Invalid(
-                "a file name in the folder (no folder part, no ..)", f"weight_map[{json.dumps(name)}]", shard
-            )
-    return value
-
+# HF allows (height, width) sizes; our models take square images and patches.
+_SQUARE_SIZE = Rule(
+    "a positive integer, or [height, width] equal ones (our MAE models are square)",
+    lambda v: _POSITIVE_INT.ok(v[0] if isinstance(v, list) and len(v) == 2 and v[0] == v[1] else v),
+    lambda v: v[0] if isinstance(v, list) else v,
+)
+_SHARD_MAP = Rule("an object from weight names to shard file names", lambda v: isinstance(v, dict) and bool(v))
 
 _REQUIRED = object()
-Field = tuple[Any, Callable[[Any], Any]]  # (default, check): the check returns the value to use
+Field = tuple[Any, Rule]  # (default, rule)
 # What a folder's config.json says it is, checked first, so that a foreign model is called one.
-IDENTITY_FIELDS: dict[str, Field] = {"model_type": (None, _string_or_null), "architectures": ([], _strings)}
+IDENTITY_FIELDS: dict[str, Field] = {"model_type": (None, _STRING_OR_NULL), "architectures": ([], _STRINGS)}
 # The entries we use, with ViTMAEConfig's defaults for those a config.json leaves out.
 CONFIG_FIELDS: dict[str, Field] = {
-    "hidden_size": (768, _positive_int),
-    "num_hidden_layers": (12, _positive_int),
-    "num_attention_heads": (12, _positive_int),
-    "intermediate_size": (3072, _positive_int),
-    "image_size": (224, _square_size),
-    "patch_size": (16, _square_size),
-    "num_channels": (3, _positive_int),
-    "qkv_bias": (True, _boolean),
-    "hidden_act": ("gelu", _string),
-    "decoder_hidden_size": (512, _positive_int),
-    "decoder_num_hidden_layers": (8, _positive_int),
-    "decoder_num_attention_heads": (16, _positive_int),
-    "decoder_intermediate_size": (2048, _positive_int),
-    "layer_norm_eps": (1e-12, _positive_number),
-    "mask_ratio": (0.75, _ratio),
-    "norm_pix_loss": (False, _boolean),
+    "hidden_size": (768, _POSITIVE_INT),
+    "num_hidden_layers": (12, _POSITIVE_INT),
+    "num_attention_heads": (12, _POSITIVE_INT),
+    "intermediate_size": (3072, _POSITIVE_INT),
+    "image_size": (224, _SQUARE_SIZE),
+    "patch_size": (16, _SQUARE_SIZE),
+    "num_channels": (3, _POSITIVE_INT),
+    "qkv_bias": (True, _BOOLEAN),
+    "hidden_act": ("gelu", _STRING),
+    "decoder_hidden_size": (512, _POSITIVE_INT),
+    "decoder_num_hidden_layers": (8, _POSITIVE_INT),
+    "decoder_num_attention_heads": (16, _POSITIVE_INT),
+    "decoder_intermediate_size": (2048, _POSITIVE_INT),
+    "layer_norm_eps": (1e-12, _POSITIVE_NUMBER),
+    "mask_ratio": (0.75, _RATIO),
+    "norm_pix_loss": (False, _BOOLEAN),
 }
-INDEX_FIELDS: dict[str, Field] = {"weight_map": (_REQUIRED, _shard_map)}
+INDEX_FIELDS: dict[str, Field] = {"weight_map": (_REQUIRED, _SHARD_MAP)}
 # The entries that fix the architecture (compared when importing): all but the norms' eps and the loss's.
 ARCH_KEYS = tuple(k for k in CONFIG_FIELDS if k not in ("layer_norm_eps", "mask_ratio", "norm_pix_loss"))
 
@@ -173,17 +144,15 @@ def checked(data: Any, fields: dict[str, Field], what: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         fail(f"{what} is not a JSON object")
     out = dict(data)
-    for key, (default, check) in fields.items():
+    for key, (default, rule) in fields.items():
+        if key not in data and default is _REQUIRED:
+            fail(f"{what} has no {key}")
         if key not in data:
-            if default is _REQUIRED:
-                fail(f"{what} has no {key}")
             out[key] = default
-            continue
-        try:
-            out[key] = check(data[key])
-        except _Invalid as e:
-            where, value = (e.where, e.value) if e.where else (key, data[key])
-            fail(f"{what} has {where} {_shown(value)}; it must be {e.expected}")
+        elif rule.ok(data[key]):
+            out[key] = rule.convert(data[key])
+        else:
+            fail(f"{what} has {key} {_shown(data[key])}; it must be {rule.expected}")
     return out
 
 
@@ -312,6 +281,10 @@ def _weight_files(folder: str) -> list[str]:
     if not os.path.isfile(files[0]) and os.path.isfile(index_path):
         what = f"HF folder {folder}: {_INDEX_NAME}"
         weight_map = checked(read_json(index_path, what), INDEX_FIELDS, what)["weight_map"]
+        for name, shard in sorted(weight_map.items()):  # a file name in the folder, never a path that leaves it
+            if not isinstance(shard, str) or shard in ("", ".", "..") or re.search(r"[/\\\0]", shard):
+                where = f"weight_map[{json.dumps(name)}] {_shown(shard)}"
+                fail(f"{what} has {where}; it must be a file name in the folder (no folder part, no ..)")
         files = [os.path.join(folder, shard) for shard in sorted(set(weight_map.values()))]
     elif not os.path.isfile(files[0]):
         files = [os.path.join(folder, _BIN_NAME)]
