@@ -90,15 +90,23 @@ def mae_train_flops(model: models_mae.MaskedAutoencoderViT, batch: int, mask_rat
 # Building blocks
 def build_step(args: Namespace, precision: str, plain: bool) -> tuple[models_mae.MaskedAutoencoderViT, Step]:
     """A fresh model and its training step, set up as main_pretrain.py sets them up; ``plain``
-    leaves out ``--compile`` and ``--grad_checkpointing``."""
+    leaves out ``--compile`` and ``--grad_checkpointing``. ``args.compile_backend``, where set,
+    is torch.compile's backend (gpu_check.sh --cpu: aot_eager, which skips inductor's C++ builds)."""
     model = models_mae.create_model(args.model, args.input_size).to(args.device)
     model.set_grad_checkpointing(args.grad_checkpointing and not plain)
     model.train()
+    backend = getattr(args, "compile_backend", "inductor")
+    forward = torch.compile(model, backend=backend) if args.compile and not plain else model
+    return model, make_step(model, forward, args, precision)
+
+
+def make_step(model: torch.nn.Module, forward: torch.nn.Module, args: Namespace, precision: str) -> Step:
+    """main_pretrain.py's training step for ``model`` (called through ``forward``, e.g. compiled):
+    AdamW as it builds it, autocast, the loss scaler; uint8 images are normalised on the device."""
     device_type = torch.device(args.device).type
     param_groups = param_groups_weight_decay(model, 0.05)  # no decay on biases and norms
     optimizer = torch.optim.AdamW(param_groups, lr=1.5e-4, betas=(0.9, 0.95), fused=device_type == "cuda")
     scaler = LossScaler(precision)
-    forward = torch.compile(model) if args.compile and not plain else model
 
     def step(imgs: torch.Tensor) -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -109,7 +117,7 @@ def build_step(args: Namespace, precision: str, plain: bool) -> tuple[models_mae
         scaler.step(optimizer)
         scaler.update()
 
-    return model, step
+    return step
 
 
 def build_loader(args: Namespace, loader: str, workers: int) -> torch.utils.data.DataLoader:

@@ -4,16 +4,19 @@ Skipped without CUDA (CI has none). On a GPU machine: ``python -m pytest -q test
 """
 
 import copy
+import json
 import random
 import subprocess
 import sys
+from collections.abc import Callable
 
 import pytest
 import torch
-from helpers import REPO, make_dataset, noisy_photo, read_log, run_pretrain
+from helpers import DEMO, REPO, make_dataset, noisy_photo, read_log, run_pretrain
+from torch.profiler import ProfilerActivity, profile
 
 import models_mae
-from util.data.device_decode import EncodedBatch, RandomResizedCropFlipOnDevice
+from util.data.device_decode import FALLBACKS, EncodedBatch, RandomResizedCropFlipOnDevice
 from util.train.precision import LossScaler, autocast
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -90,13 +93,79 @@ def test_fused_adamw_matches_foreach_on_the_gpu():
 
 @pytest.mark.parametrize("loader", ["fast", "device"])
 def test_pretraining_on_the_gpu(tmp_path, loader):
-    """bf16, fused AdamW, pinned memory, 2 workers and each loader, through main_pretrain."""
+    """bf16, fused AdamW, pinned memory, 2 workers and each loader, through main_pretrain; the
+    device loader decodes every (plain) JPEG on the GPU, none on the CPU."""
     data = make_dataset(tmp_path / "data", 16)
     flags = ["--device", "cuda", "--precision", "bf16", "--num_workers", "2", "--epochs", "3", "--blr", "2e-3"]
+    FALLBACKS.reset()
     run_pretrain(data, tmp_path / "out", *flags, "--loader", loader, "--print_freq", "1", "--vis_freq", "1")
     losses = [line["train_loss"] for line in read_log(tmp_path / "out")]
     assert len(losses) == 3 and losses[-1] < losses[0]
     assert (tmp_path / "out" / "reconstruction-2.png").exists()
+    assert FALLBACKS.count == 0
+
+
+def test_plain_jpegs_are_decoded_on_the_gpu_not_on_the_cpu(tmp_path):
+    sizes = [(500, 375), (375, 500), (640, 427), (33, 17)]
+    paths = [noisy_photo(tmp_path / f"{i}.jpg", w, h) for i, (w, h) in enumerate(sizes)]
+    paths.append(noisy_photo(tmp_path / "gray.jpg", 120, 90, mode="L"))
+    paths += sorted(DEMO.glob("cat/*.jpg"))[:8]
+    transform = RandomResizedCropFlipOnDevice(64)
+    FALLBACKS.reset()
+    images = EncodedBatch([transform(str(p)) for p in paths]).to("cuda")
+    assert images.shape == (len(paths), 3, 64, 64) and images.device.type == "cuda"
+    assert FALLBACKS.count == 0
+
+
+def _kernel_names(run: Callable[[], None]) -> list[str]:
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    return [event.key for event in prof.key_averages()]
+
+
+def test_compiled_bf16_step_uses_flash_attention_and_matches_eager():
+    """What main_pretrain --compile runs in bf16: the compiled forward and backward call the flash
+    kernels of scaled_dot_product_attention (head width 64 and 32 here) and give eager's loss and
+    gradients to bf16's precision."""
+    torch.manual_seed(0)
+    model = models_mae.mae_vit_tiny_patch4().cuda()
+    compiled = torch.compile(model)
+    imgs = torch.randn(16, 3, 32, 32, device="cuda")
+    noise = torch.rand(16, model.num_patches, device="cuda")
+    results = []
+    for forward in (model, compiled):
+        model.zero_grad(set_to_none=True)
+        with autocast("bf16", "cuda"):
+            loss = forward(imgs, mask_ratio=0.75, noise=noise)[0]
+        loss.backward()
+        results.append((loss.item(), model.blocks[0].attn.qkv.weight.grad.clone()))
+
+    def step() -> None:
+        with autocast("bf16", "cuda"):
+            compiled(imgs, mask_ratio=0.75, noise=noise)[0].backward()
+
+    names = _kernel_names(step)
+    attention = [n for n in names if any(word in n.lower() for word in ("flash", "attention", "fmha", "sdpa"))]
+    assert any("flash" in n and "fwd" in n for n in names), attention
+    assert any("flash" in n and "bwd" in n for n in names), attention
+    (eager_loss, eager_grad), (compiled_loss, compiled_grad) = results
+    assert abs(compiled_loss - eager_loss) < 1e-2 * eager_loss
+    assert torch.linalg.norm(compiled_grad - eager_grad) < 5e-2 * torch.linalg.norm(eager_grad)
+
+
+def test_torchrun_one_process_nccl_compiled_with_accumulation_on_the_demo_data(tmp_path):
+    """The launch path of a GPU node: torchrun, an NCCL process group, --compile and --accum_iter 2."""
+    out = tmp_path / "out"
+    argv = ["-m", "torch.distributed.run", "--nproc_per_node=1", "main_pretrain.py", "--device", "cuda"]
+    argv += ["--data_path", str(DEMO.parent / "cifar10-2k-split"), "--output_dir", str(out), "--log_dir", str(out)]
+    argv += ["--model", "mae_vit_tiny_patch4", "--input_size", "32", "--batch_size", "64", "--epochs", "2"]
+    argv += ["--compile", "--accum_iter", "2", "--precision", "bf16", "--num_workers", "2", "--vis_freq", "0"]
+    result = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    assert len(log) == 2 and all(0 < line["train_loss"] < 10 for line in log), log
+    assert (out / "checkpoint-1.pth").exists()
 
 
 def test_torchrun_nccl_two_processes_if_two_gpus(tmp_path):

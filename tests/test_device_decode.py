@@ -113,11 +113,13 @@ def test_pretraining_with_the_device_loader(tmp_path):
         assert abs(a["train_loss"] - b["train_loss"]) < 1e-3 * a["train_loss"]
 
 
-def test_files_the_batch_decoder_refuses_are_decoded_one_by_one(tmp_path, monkeypatch):
+def test_files_the_batch_decoder_refuses_are_decoded_one_by_one(tmp_path, monkeypatch, capsys):
     """nvJPEG refuses some valid JPEGs, and then the whole batch call fails: each file is then
-    decoded on its own, on the CPU where the device refuses it too."""
+    decoded on its own, on the CPU where the device refuses it too; each such file is counted, and
+    the first one warned about, naming it and the decoder's reason."""
     import util.data.device_decode as device_decode
 
+    device_decode.FALLBACKS.reset()
     paths = [noisy_photo(tmp_path / f"{i}.jpg", 80, 60) for i in range(3)]
     transform = RandomResizedCropFlipOnDevice(32)
     random.seed(1)
@@ -132,9 +134,25 @@ def test_files_the_batch_decoder_refuses_are_decoded_one_by_one(tmp_path, monkey
             raise RuntimeError("decode_jpeg, somewhere.cpp:1, unsupported by this decoder")
         return real(data, mode=mode)
 
+    capsys.readouterr()
     monkeypatch.setattr(device_decode, "decode_jpeg", picky)
     assert torch.equal(batch.to("cpu"), expected)
     assert calls == ["batch"] + ["device", "cpu"] * 3
+    assert device_decode.FALLBACKS.count == 3
+    batch.to("cpu")
+    assert device_decode.FALLBACKS.count == 6
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1, warnings
+    assert "0.jpg" in warnings[0] and "unsupported by this decoder" in warnings[0] and ".cpp" not in warnings[0]
+
+
+def test_files_decoded_where_asked_are_no_fallbacks(tmp_path):
+    from util.data.device_decode import FALLBACKS
+
+    FALLBACKS.reset()
+    transform = RandomResizedCropFlipOnDevice(32)
+    EncodedBatch([transform(str(noisy_photo(tmp_path / f"{i}.jpg", 80, 60))) for i in range(2)]).to("cpu")
+    assert FALLBACKS.count == 0 and not FALLBACKS.warned
 
 
 def test_decode_error_names_the_file_without_torchvisions_source_location(tmp_path):

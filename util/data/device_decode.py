@@ -5,7 +5,8 @@ images faster than the host's cores decode them. Here the workers only read the 
 crop box and flip (the draws of ``FastRandomResizedCropFlip``, in its order); moving a batch of
 encoded bytes to the device decodes them in one call, then crops and resizes each with the same
 antialiased bicubic kernel. Files the device decoder does not take (not JPEG, CMYK, ...) are made
-in the worker by the fast loader and travel as pixels.
+in the worker by the fast loader and travel as pixels. Files the device's decoder refuses at
+batch time are decoded on the CPU in the main process: counted in ``FALLBACKS`` and warned about once.
 """
 
 import functools
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch.utils.data import default_collate
 
 from util.cli.errors import fail
+from util.cli.log import log
 from util.data.fast_crop import (
     RATIO,
     SCALE,
@@ -128,13 +130,42 @@ def _decode_one(crop: EncodedCrop, device: torch.device) -> torch.Tensor:
     data = _as_tensor(crop.data)
     try:
         return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-    except RuntimeError:
-        pass
-    try:
-        return decode_jpeg(data, mode=ImageReadMode.RGB).to(device)
     except RuntimeError as e:
-        reason = str(e).rsplit(", ", 1)[-1]  # torchvision prefixes the C++ source location
-        fail(f"cannot read image {crop.path} ({reason}); remove or replace the file")
+        refused = _reason(e)
+    try:
+        pixels = decode_jpeg(data, mode=ImageReadMode.RGB).to(device)
+    except RuntimeError as e:
+        fail(f"cannot read image {crop.path} ({_reason(e)}); remove or replace the file")
+    FALLBACKS.record(crop.path, refused)
+    return pixels
+
+
+def _reason(error: RuntimeError) -> str:
+    return str(error).rsplit(", ", 1)[-1]  # torchvision prefixes the C++ source location
+
+
+@dataclass
+class CpuFallbacks:
+    """Images the device's decoder refused and the CPU decoded instead, in the main process: a
+    slow path that must not pass unseen, so it is counted and warned about (once per process)."""
+
+    count: int = 0
+    warned: bool = False
+
+    def record(self, path: str, reason: str) -> None:
+        self.count += 1
+        if not self.warned:
+            self.warned = True
+            log.warning(
+                f"the device's JPEG decoder refused {path} ({reason}); such files are decoded on the CPU in the "
+                "main process, which slows training if many are (util.data.device_decode.FALLBACKS counts them)"
+            )
+
+    def reset(self) -> None:
+        self.count, self.warned = 0, False
+
+
+FALLBACKS = CpuFallbacks()  # this process's: the main process decodes every batch
 
 
 def _as_tensor(data: bytearray) -> torch.Tensor:

@@ -1,0 +1,95 @@
+"""gpu_check.sh part 1, the environment: versions, the GPU and its clocks, the bf16 matrix-product
+peak that every MFU figure is divided by, the device-to-device copy rate, and whether torchvision
+decodes a list of JPEGs on the GPU."""
+
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import numpy
+import PIL
+import timm
+import torch
+import torchvision
+from torchvision.io import decode_jpeg, encode_jpeg
+
+from benchmarks import gpu_check_official
+from benchmarks.gpu_check_common import PartRecord, Sizes, matmul_tflops, run_part, time_calls
+
+CLOCK_FIELDS = "clocks.sm,clocks.mem,clocks.max.sm,clocks.max.mem,temperature.gpu,power.draw,pstate"
+
+
+def nvidia_smi(fields: str) -> dict[str, str]:
+    """``nvidia-smi --query-gpu`` of the first GPU, as {field: value}; {} where there is none."""
+    try:
+        result = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader"], capture_output=True, text=True, timeout=20
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    if result.returncode:
+        return {}
+    values = result.stdout.splitlines()[0].split(", ")
+    return dict(zip(fields.split(","), values, strict=False))
+
+
+def versions(device: torch.device) -> dict[str, object]:
+    found: dict[str, object] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "torchvision": torchvision.__version__,
+        "timm": timm.__version__,
+        "numpy": numpy.__version__,
+        "pillow": PIL.__version__,
+        "cpu_cores": len(os.sched_getaffinity(0)),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        found.update(
+            gpu=props.name, capability=f"{props.major}.{props.minor}", gpu_memory_gib=props.total_memory / 2**30
+        )
+        found.update(nvidia_smi("driver_version"))
+    commit = Path(gpu_check_official.OFFICIAL_DIR, "COMMIT")
+    found["official_commit"] = commit.read_text().strip() if commit.is_file() else None
+    return found
+
+
+def copy_gb_s(device: torch.device, mib: int) -> float:
+    """Device-to-device copy, bytes read plus bytes written per second."""
+    src = torch.randn(mib * 2**18, device=device)  # 4-byte floats
+    dst = torch.empty_like(src)
+    seconds = sorted(time_calls(lambda: dst.copy_(src), device, warmup=3, repeats=10))[5]
+    return 2 * src.numel() * 4 / seconds / 1e9
+
+
+def decode_list_works(device: torch.device) -> bool:
+    """``decode_jpeg(list, device=...)`` decodes two smooth JPEGs of different sizes to their pixels."""
+    images = []
+    for h, w in ((48, 64), (40, 30)):
+        ramp = torch.linspace(0, 255, w).expand(h, w) * 0.5 + torch.linspace(0, 127, h)[:, None]
+        images.append(torch.stack([ramp, ramp.flip(1), 255 - ramp]).to(torch.uint8))
+    decoded = decode_jpeg([encode_jpeg(i, quality=95) for i in images], device=device)
+    for got, want in zip(decoded, images, strict=True):
+        if got.shape != want.shape or got.device.type != device.type:
+            return False
+        if (got.cpu().float() - want.float()).abs().mean() > 8:
+            return False
+    return True
+
+
+def main(record: PartRecord, sizes: Sizes, device: torch.device) -> None:
+    record.set("versions", versions(device))
+    if device.type == "cuda":
+        record.set("clocks_idle", nvidia_smi(CLOCK_FIELDS))
+    record.attempt("matmul", lambda: record.set("matmul_tflops", matmul_tflops(device, sizes.matmul_n)))
+    if device.type == "cuda":
+        record.set("clocks_after_matmul", nvidia_smi(CLOCK_FIELDS))
+    record.attempt("copy", lambda: record.set("copy_gb_s", copy_gb_s(device, sizes.copy_mib)))
+    record.set("decode_jpeg_list_on_device", record.attempt("decode_jpeg list", lambda: decode_list_works(device)))
+
+
+if __name__ == "__main__":
+    run_part("env", main)

@@ -1,0 +1,211 @@
+"""gpu_check.sh part 3: the training step, the official code against ours, on the same batch and
+weights, the impls interleaved step by step (so that the GPU's clocks and temperature hit all alike).
+
+Impls: ``official_as_shipped`` (its model with timm 0.3.2's explicit attention, fp16 autocast, its
+loss scaler with the gradient norm, non-fused AdamW, ``loss.item()`` and a synchronize every step:
+its engine_pretrain.py's step), the same with ``fused_attn=True`` (what current timm gives it), the
+official model in our loop (``official_in_our_loop``), ``ours_eager`` and ``ours_compiled``
+(main_pretrain.py's step: bf16, fused AdamW, no host sync). Before any timing, the official and our
+model must give the same fp32 loss on the same weights and masking noise.
+"""
+
+import functools
+import json
+import math
+import statistics
+import time
+import warnings
+from argparse import Namespace
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from timm.optim import param_groups_weight_decay
+from torch import nn
+
+import models_mae
+from benchmarks import gpu_check_official as official
+from benchmarks.bench_pretrain import build_step, mae_train_flops, make_step, reset_memory
+from benchmarks.gpu_check_common import PartRecord, Sizes, matmul_tflops, run_part, sync
+from util import memory
+
+MASK_RATIO = 0.75
+# torch.cuda.amp.autocast and GradScaler, as the official code calls them, are deprecated aliases.
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+@dataclass
+class Impl:
+    name: str
+    variant: str
+    model: nn.Module
+    step: Callable[[torch.Tensor], None]
+    times: list[float] = field(default_factory=list)
+    peak_bytes: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def persistent_bytes(self) -> int:
+        """Weights and AdamW's two moments, all fp32: what stays allocated between steps."""
+        return 3 * sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
+
+
+def official_step(model: nn.Module, code: official.OfficialCode, device: torch.device) -> Callable:
+    """engine_pretrain.train_one_epoch's step as shipped (accum_iter 1)."""
+    optimizer = torch.optim.AdamW(param_groups_weight_decay(model, 0.05), lr=1.5e-4, betas=(0.9, 0.95))
+    scaler = code.misc.NativeScalerWithGradNormCount()
+
+    def step(imgs: torch.Tensor) -> None:
+        with torch.cuda.amp.autocast():
+            loss, _, _ = model(imgs, mask_ratio=MASK_RATIO)
+        if not math.isfinite(loss.item()):
+            raise RuntimeError(f"the official step's loss is {loss.item()}")
+        scaler(loss, optimizer, parameters=model.parameters(), update_grad=True)
+        optimizer.zero_grad()
+        sync(device)  # torch.cuda.synchronize() (none on a CPU, where it has no device to wait for)
+
+    return step
+
+
+def bench_args(name: str, sizes: Sizes, device: torch.device, compiled: bool) -> Namespace:
+    return Namespace(
+        model=name, input_size=sizes.input_size, device=str(device), mask_ratio=MASK_RATIO, grad_checkpointing=False,
+        compile=compiled, compile_backend="inductor" if device.type == "cuda" else "aot_eager",
+    )  # fmt: skip
+
+
+def ours(name: str, sizes: Sizes, device: torch.device, weights: dict, compiled: bool) -> Impl:
+    model, step = build_step(bench_args(name, sizes, device, compiled), sizes.precision, plain=not compiled)
+    model.load_state_dict(weights)
+    return Impl("ours_compiled" if compiled else "ours_eager", "", model, step)
+
+
+def official_impls(record: PartRecord, ref: nn.Module, sizes: Sizes, imgs: torch.Tensor, name: str) -> list[Impl]:
+    """The official rows, after checking that its model computes our loss; [] where it cannot run."""
+    reason = official.missing_reason()
+    if reason:
+        record.error(f"{name}: official rows left out: {reason}")
+        return []
+    code = official.load()
+    loss_ours, loss_official = official.same_loss(ref, official.official_model(ref), imgs, MASK_RATIO)
+    check = {"ours": loss_ours, "official": loss_official}
+    record.set(f"loss_check_{name}", check)
+    if not abs(loss_ours - loss_official) <= 1e-4 * abs(loss_ours):
+        raise AssertionError(f"official and our model give different losses on the same weights and noise: {check}")
+    device = imgs.device
+    impls = []
+    for fused in (False, True):
+        model = official.official_model(ref, fused_attn=fused)
+        impls.append(
+            Impl("official_as_shipped", "fused_attn=True" if fused else "", model, official_step(model, code, device))
+        )
+    model = official.official_model(ref)
+    our_loop = make_step(model, model, bench_args(name, sizes, device, False), sizes.precision)
+    impls.append(Impl("official_in_our_loop", "", model, our_loop))
+    for impl in impls:
+        impl.extra["loss_check"] = check
+    return impls
+
+
+def timed_step(impl: Impl, imgs: torch.Tensor, device: torch.device) -> None:
+    """One step, its time (CUDA events on a GPU) and its peak memory above what the other impls hold."""
+    if device.type == "cuda":
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        impl.step(imgs)
+        end.record()
+        end.synchronize()
+        impl.times.append(start.elapsed_time(end) / 1000)
+        peak = torch.cuda.max_memory_allocated(device) - base + impl.persistent_bytes()
+        impl.peak_bytes = max(impl.peak_bytes, peak)
+    else:
+        begin = time.perf_counter()
+        impl.step(imgs)
+        impl.times.append(time.perf_counter() - begin)
+
+
+def interleave(impls: list[Impl], imgs: torch.Tensor, sizes: Sizes) -> None:
+    for impl in impls:  # compilation, autotuning, the allocator's growth
+        for _ in range(sizes.warmup):
+            impl.step(imgs)
+    sync(imgs.device)
+    for i in range(sizes.steps):
+        shift = i % len(impls)  # no impl always runs right after the same other one
+        for impl in impls[shift:] + impls[:shift]:
+            timed_step(impl, imgs, imgs.device)
+
+
+def row(impl: Impl, name: str, batch: int, flops: int, peak_tflops: float) -> dict:
+    median = statistics.median(impl.times)
+    return {
+        "model": name,
+        "impl": impl.name,
+        "batch": batch,
+        "img_s": batch / median,
+        "img_s_min": batch / max(impl.times),
+        "img_s_max": batch / min(impl.times),
+        "mfu": flops / median / (peak_tflops * 1e12),
+        "peak_mem_gib": impl.peak_bytes / 2**30 if impl.peak_bytes else None,
+        "variant": impl.variant,
+        "steps": len(impl.times),
+        **impl.extra,
+    }
+
+
+def bench_model(record: PartRecord, name: str, sizes: Sizes, device: torch.device, peak: float) -> list[dict]:
+    reset_memory(device)
+    torch.manual_seed(0)
+    ref = models_mae.create_model(name, sizes.input_size).to(device)
+    imgs = torch.randn(sizes.batch, ref.in_chans, sizes.input_size, sizes.input_size, device=device)
+    weights = ref.state_dict()
+    impls = record.attempt(f"{name} official", lambda: official_impls(record, ref, sizes, imgs, name)) or []
+    impls += [ours(name, sizes, device, weights, compiled) for compiled in (False, True)]
+    interleave(impls, imgs, sizes)
+    flops = mae_train_flops(ref, sizes.batch, MASK_RATIO)
+    rows = [row(impl, name, sizes.batch, flops, peak) for impl in impls]
+    for r in rows:
+        record.row("step", r)
+    return rows
+
+
+def largest_batch(record: PartRecord, name: str, rows: list[dict], sizes: Sizes, device: torch.device, peak: float):
+    """Ours compiled at the largest batch (a multiple of 64) that the batch-256 peak says fits in 92% of the GPU."""
+    measured = next(r for r in rows if r["impl"] == "ours_compiled")
+    reset_memory(device)
+    torch.manual_seed(0)
+    ref = models_mae.create_model(name, sizes.input_size).to(device)
+    persistent = 3 * memory.model_bytes(ref)
+    per_image = (measured["peak_mem_gib"] * 2**30 - persistent) / sizes.batch
+    batch = int((0.92 * torch.cuda.mem_get_info(device)[1] - persistent) / per_image) // 64 * 64
+    memory.require(persistent + per_image * batch, f"the {name} step at batch {batch}", "it was sized wrongly", device)
+    impl = ours(name, sizes, device, ref.state_dict(), compiled=True)
+    impl.variant = "largest batch"
+    imgs = torch.randn(batch, ref.in_chans, sizes.input_size, sizes.input_size, device=device)
+    interleave([impl], imgs, sizes)
+    record.row("step", row(impl, name, batch, mae_train_flops(ref, batch, MASK_RATIO), peak))
+
+
+def peak_tflops(record: PartRecord, sizes: Sizes, device: torch.device) -> float:
+    """The environment part's matmul peak where it ran, else measured here."""
+    env = Path(record.path).with_name("env.json")
+    measured = json.loads(env.read_text())["values"].get("matmul_tflops") if env.is_file() else None
+    return measured or matmul_tflops(device, sizes.matmul_n)
+
+
+def main(record: PartRecord, sizes: Sizes, device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # as util.train.run.start does for training
+        torch.backends.cudnn.allow_tf32 = True
+    peak = peak_tflops(record, sizes, device)
+    record.set("peak_tflops", peak)
+    for name in sizes.step_models:
+        rows = record.attempt(name, lambda name=name: bench_model(record, name, sizes, device, peak))
+        if rows and name == sizes.largest_batch_model:
+            biggest = functools.partial(largest_batch, record, name, rows, sizes, device, peak)
+            record.attempt(f"{name} largest batch", biggest)
+
+
+if __name__ == "__main__":
+    run_part("step", main)

@@ -1,0 +1,127 @@
+"""gpu_check.sh's summary: the parts' records merged into ``gpu_check.json`` (the format of issue
+18) and ``gpu_check.md`` (tables and the target ratios) under the output folder. Standard library
+only, so that it runs in a moment after every part.
+
+    python -m benchmarks.gpu_check_summary --work DIR --out DIR
+"""
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from util.outputs import atomic_write
+
+PARTS = ("env", "tests", "step", "loader", "e2e")
+TABLES = {
+    "step": ("model", "impl", "variant", "batch", "img_s", "img_s_min", "img_s_max", "mfu", "peak_mem_gib"),
+    "loader": ("loader", "workers", "img_s", "cpu_fallbacks"),
+    "e2e": ("model", "pipeline", "workers", "img_s", "data_wait", "cpu_fallbacks"),
+}
+
+
+def read_part(work: Path, part: str) -> dict[str, Any] | None:
+    path = work / f"{part}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def part_errors(work: Path, part: str, record: dict | None) -> list[str]:
+    """The part's own errors, and how it ended where it ended badly (the driver writes ``<part>.rc``)."""
+    errors = list(record["errors"]) if record else []
+    rc_file = work / f"{part}.rc"
+    rc = rc_file.read_text().strip() if rc_file.is_file() else None
+    if rc in ("124", "137"):
+        errors.append(f"{part}: timed out (status {rc}); the rows it had measured are kept")
+    elif rc == "skipped":
+        errors.append(f"{part}: not run, no time left in the check's budget")
+    elif rc not in (None, "0") and not errors:
+        errors.append(f"{part}: exited with status {rc} (see gpu_check.log)")
+    return errors
+
+
+def summarize(work: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The summary (exactly the issue's keys) and the extra readings the Markdown shows."""
+    records = {part: read_part(work, part) for part in PARTS}
+    values = {k: v for r in records.values() if r for k, v in r["values"].items()}
+    versions = dict(values.get("versions", {}))
+    for key in ("clocks_idle", "clocks_after_matmul", "copy_gb_s", "decode_jpeg_list_on_device"):
+        if key in values:
+            versions[key] = values[key]
+    summary = {
+        "versions": versions,
+        "matmul_tflops": values.get("matmul_tflops"),
+        "cuda_tests": values.get("cuda_tests", {"passed": 0, "failed": 0}),
+        "step": [],
+        "loader": [],
+        "e2e": [],
+        "errors": [e for part in PARTS for e in part_errors(work, part, records[part])],
+    }
+    for record in records.values():
+        for table, rows in (record or {}).get("rows", {}).items():
+            summary[table] += rows
+    return summary, values
+
+
+def _median_rate(rows: list[dict], **match: Any) -> float | None:
+    rates = [r["img_s"] for r in rows if all(r.get(k) == v for k, v in match.items())]
+    return statistics.median(rates) if rates else None
+
+
+def targets(summary: dict[str, Any]) -> list[str]:
+    """The issue's targets for ViT-B/16, as far as the rows allow."""
+    step, lines = summary["step"], []
+    e2e = [r for r in summary["e2e"] if r["model"] == "mae_vit_base_patch16"]
+    base = [r for r in step if r["model"] == "mae_vit_base_patch16" and not r.get("variant")]
+    compiled = next((r for r in base if r["impl"] == "ours_compiled"), None)
+    if compiled and compiled["mfu"] is not None:
+        lines.append(f"ours compiled: {compiled['mfu']:.1%} MFU (target >= 40%)")
+    eager, shipped = _median_rate(base, impl="ours_eager"), _median_rate(base, impl="official_as_shipped")
+    if eager and shipped:
+        lines.append(f"ours eager / official as shipped: {eager / shipped:.2f}x (target >= 1.3x)")
+    best = max((r["img_s"] for r in e2e if r["pipeline"].startswith("ours")), default=None)
+    official = _median_rate(e2e, pipeline="official")
+    if best and official:
+        lines.append(f"end to end, best of ours / official pipeline: {best / official:.2f}x (target >= 2x)")
+    if best and compiled:
+        lines.append(f"end to end, best of ours / our compiled step: {best / compiled['img_s']:.0%} (target >= 90%)")
+    return lines
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1 else f"{value:.1f}"
+    return "" if value is None else str(value)
+
+
+def markdown(summary: dict[str, Any], values: dict[str, Any]) -> str:
+    lines = ["# gpu_check", ""]
+    lines += [f"- {k}: {v}" for k, v in summary["versions"].items()]
+    lines += [f"- matmul_tflops: {_cell(summary['matmul_tflops'])}", f"- cuda_tests: {summary['cuda_tests']}"]
+    if "cuda_tests_skipped" in values:
+        lines.append(f"- cuda tests skipped: {values['cuda_tests_skipped']}")
+    lines += [f"- {k}: {v}" for k, v in values.items() if k.startswith("loss_check")]
+    for table, columns in TABLES.items():
+        lines += ["", f"## {table}", "", "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+        lines += ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in summary[table]]
+    lines += ["", "## targets (ViT-B/16)", ""] + [f"- {t}" for t in targets(summary)]
+    lines += ["", "## errors", ""] + [f"- {e}" for e in summary["errors"] or ["none"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser("gpu_check summary")
+    p.add_argument("--work", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--print", action="store_true", help="print the Markdown too")
+    args = p.parse_args(argv)
+    summary, values = summarize(args.work)
+    text = markdown(summary, values)
+    atomic_write(str(args.out / "gpu_check.json"), lambda f: f.write(json.dumps(summary, indent=1).encode()))
+    atomic_write(str(args.out / "gpu_check.md"), lambda f: f.write(text.encode()))
+    if args.print:
+        print(text)
+
+
+if __name__ == "__main__":
+    main()
