@@ -257,6 +257,13 @@ def mae_vit_tiny_patch4(**kwargs) -> MaskedAutoencoderViT:
     return _mae(_tiny_decoder, kwargs, patch_size=4, embed_dim=192, depth=12, num_heads=3)
 
 
+# Patch 2 gives a 32-px image 256 patches, as the public CIFAR-10 MAE reference (ViT-Tiny, patch 2)
+# has them; recipes/cifar10_gpu pre-trains it.
+def mae_vit_tiny_patch2(**kwargs) -> MaskedAutoencoderViT:
+    kwargs.setdefault("img_size", 32)
+    return _mae(_tiny_decoder, kwargs, patch_size=2, embed_dim=192, depth=12, num_heads=3)
+
+
 def mae_vit_mini_patch4(**kwargs) -> MaskedAutoencoderViT:
     kwargs.setdefault("img_size", 32)
     return _mae(_mini_decoder, kwargs, patch_size=4, embed_dim=128, depth=6, num_heads=4)
@@ -283,7 +290,7 @@ mae_vit_huge_patch14_dec512d8b = mae_vit_huge_patch14
 
 _OFFICIAL = [mae_vit_base_patch16, mae_vit_large_patch16, mae_vit_huge_patch14]
 MODELS = Registry(
-    [mae_vit_tiny_patch16, mae_vit_tiny_patch4, mae_vit_mini_patch4, *_OFFICIAL],
+    [mae_vit_tiny_patch16, mae_vit_tiny_patch4, mae_vit_tiny_patch2, mae_vit_mini_patch4, *_OFFICIAL],
     aliases={f"{f.__name__}_dec512d8b": f.__name__ for f in _OFFICIAL},
 )
 

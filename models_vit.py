@@ -35,6 +35,11 @@ def vit_tiny_patch4(**kwargs) -> VisionTransformer:
     return VisionTransformer(patch_size=4, embed_dim=192, depth=12, num_heads=3, **kwargs)
 
 
+def vit_tiny_patch2(**kwargs) -> VisionTransformer:
+    kwargs.setdefault("img_size", 32)
+    return VisionTransformer(patch_size=2, embed_dim=192, depth=12, num_heads=3, **kwargs)
+
+
 def vit_mini_patch4(**kwargs) -> VisionTransformer:
     kwargs.setdefault("img_size", 32)
     return VisionTransformer(patch_size=4, embed_dim=128, depth=6, num_heads=4, **kwargs)
@@ -53,6 +58,14 @@ def vit_huge_patch14(**kwargs) -> VisionTransformer:
 
 
 MODELS = Registry(
-    [vit_tiny_patch16, vit_tiny_patch4, vit_mini_patch4, vit_base_patch16, vit_large_patch16, vit_huge_patch14]
+    [
+        vit_tiny_patch16,
+        vit_tiny_patch4,
+        vit_tiny_patch2,
+        vit_mini_patch4,
+        vit_base_patch16,
+        vit_large_patch16,
+        vit_huge_patch14,
+    ]
 )
 create_model = MODELS.create  # (name, input_size, in_chans, **kwargs): checks --model, --input_size, --in_chans

@@ -3,16 +3,13 @@ keys, layer-wise lr decay groups, LARS, evaluation (also sharded over 2 processe
 pre-train -> fine-tune / linear probe -> eval pipeline on real CIFAR-10 images."""
 
 import json
-import os
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, make_split, pretrain_args, run_ranks, torch_threads
-from warm_python import warm_python
+from helpers import make_split, pretrain_args, run_ranks, torch_threads
 
 import main_finetune
 import main_linprobe
@@ -270,39 +267,3 @@ def test_eval_without_checkpoint_is_refused(pipeline, tmp_path):
     data, _, _ = pipeline
     with pytest.raises(UserError, match=r"--eval needs a model"):
         main_finetune.main(_finetune_args(data, tmp_path / "x", "--eval"))
-
-
-def test_cifar10_recipes_run_end_to_end(pipeline, tmp_path):
-    """recipes/cifar10 as committed, on the tiny data with CPU-sized overrides: pre-train ->
-    fine-tune -> eval, from scratch, and pre-train -> linear probe -> eval. Their python is a
-    warm one (tests/warm_python.py): each run is forked from a process that imported torch once."""
-    data, _, _ = pipeline
-    with warm_python(tmp_path / "python") as python:
-        _cifar10_recipes(data, tmp_path, python)
-
-
-def _cifar10_recipes(data: Path, tmp_path: Path, python: Path) -> None:
-    env = {
-        **os.environ,
-        "DATA": str(data.parent / "data"),
-        "OUT": str(tmp_path),
-        "WORKERS": "0",
-        "PYTHON": str(python),
-        "OMP_NUM_THREADS": "1",
-        "EXTRA": "--device cpu --precision fp32 --batch_size 8 --warmup_epochs 0 --print_freq 2",
-    }
-
-    def recipe(*cmd, extra=""):
-        run_env = {**env, "EXTRA": f"{env['EXTRA']} {extra}"}
-        done = subprocess.run(["bash", *cmd], cwd=REPO, env=run_env, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-
-    recipe("recipes/cifar10/pretrain.sh", "0.75", "1")
-    ckpt = tmp_path / "pretrain-r0.75-e1" / "checkpoint-0.pth"
-    assert ckpt.exists()
-    three = "--nb_classes 3"  # the tiny data have 3 of CIFAR-10's classes
-    recipe("recipes/cifar10/finetune.sh", str(ckpt), "mae", "1", extra=three)
-    recipe("recipes/cifar10/finetune.sh", "scratch", "scratch", "1", extra=three)
-    recipe("recipes/cifar10/linprobe.sh", str(ckpt), "mae", "1", extra=three)
-    for run in ("finetune-mae", "finetune-scratch", "linprobe-mae"):
-        assert _last_log(tmp_path / run)["test_images"] == 27

@@ -89,7 +89,7 @@ def test_mini_factory_shapes():
 
 @pytest.mark.parametrize(
     "name,img,patch,grid",
-    [("mae_vit_tiny_patch16", 224, 16, 14), ("mae_vit_tiny_patch4", 32, 4, 8)],
+    [("mae_vit_tiny_patch16", 224, 16, 14), ("mae_vit_tiny_patch4", 32, 4, 8), ("mae_vit_tiny_patch2", 32, 2, 16)],
 )
 def test_tiny_factories_shapes(name, img, patch, grid):
     model = meta_model(name)

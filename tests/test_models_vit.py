@@ -82,7 +82,7 @@ def test_factories_qkv_bias_and_layernorm_eps(name):
 
 @pytest.mark.parametrize(
     "name,grid,patch",
-    [("vit_tiny_patch16", 14, 16), ("vit_tiny_patch4", 8, 4)],
+    [("vit_tiny_patch16", 14, 16), ("vit_tiny_patch4", 8, 4), ("vit_tiny_patch2", 16, 2)],
 )
 def test_tiny_factories_shapes(name, grid, patch):
     with torch.device("meta"):

@@ -45,7 +45,7 @@ def test_mae_sizes_channels_and_aliases():
 def test_registries_list_each_model_once_and_take_official_names():
     """What --help and the unknown-model message list: each factory once, under the name it has in
     its module; the official file's names resolve to the same factories but are not listed."""
-    small = ["tiny_patch16", "tiny_patch4", "mini_patch4"]
+    small = ["tiny_patch16", "tiny_patch4", "tiny_patch2", "mini_patch4"]
     official = ["base_patch16", "large_patch16", "huge_patch14"]
     assert list(models_mae.MODELS) == [f"mae_vit_{s}" for s in small + official]
     assert list(models_vit.MODELS) == [f"vit_{s}" for s in small + official]

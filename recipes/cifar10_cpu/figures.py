@@ -22,6 +22,7 @@ import models_mae  # noqa: E402
 from util.checkpoint.load import load_checkpoint, model_state  # noqa: E402
 from util.data.datasets import IMAGENET_MEAN, IMAGENET_STD, eval_transform  # noqa: E402
 from util.eval.pictures import fixed_noise, load_images, reconstruction_grid, save_png  # noqa: E402
+from util.outputs import atomic_write  # noqa: E402
 
 
 def knn_by_epoch(out: Path) -> dict[int, dict]:
@@ -42,7 +43,7 @@ def knn_by_epoch(out: Path) -> dict[int, dict]:
     return dict(sorted(scores.items()))
 
 
-def plot_curve(out: Path, path: Path) -> None:
+def plot_curve(out: Path, path: Path, title: str = "MAE pre-training on CIFAR-10 (2-core CPU)") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -62,9 +63,9 @@ def plot_curve(out: Path, path: Path) -> None:
     right.plot([x["epoch"] for x in losses], [x["train_loss"] for x in losses], color="black", alpha=0.4)
     right.set_ylabel("training loss (grey)")
     left.legend(loc="lower right", fontsize=8)
-    left.set_title("MAE pre-training on CIFAR-10 (2-core CPU)", fontsize=10)
+    left.set_title(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_write(str(path), lambda f: fig.savefig(f, format="png"))  # a crash leaves no torn picture
     print(f"wrote {path}")
 
 

@@ -1,0 +1,57 @@
+# Shared settings of the GPU study of CIFAR-10 (README.md beside this file: the plan, its arithmetic
+# and the device commands). Each script sources this file; override any setting from the
+# environment, e.g. LOADER=fast PRETRAIN_EPOCHS=2 bash recipes/cifar10_gpu/pretrain.sh
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+R=recipes/cifar10_gpu
+PYTHON=${PYTHON:-python3}
+ARCHIVE=${ARCHIVE:-$R/data/cifar10.tgz}                      # data.py pack writes it; carried to the device
+ENCODER=${ENCODER:-$R/encoder/mae-encoder-bf16.safetensors}  # pretrain.sh leaves it here and in $OUT
+WORK=${WORK:-out/cifar10_gpu}   # unpacked images, splits, runs and checkpoints (git-ignored, never back)
+OUT=${OUT:-$WORK/back}          # what comes back: the device tool returns its $OUT (8 files at most)
+DATA=$WORK/cifar10              # train/ (50,000) and test/ (10,000)
+SPLITS=$WORK/splits             # recipes/cifar10_cpu/splits.py: heldout/, labels10-val/, labels10-test/
+LOADER=${LOADER:-memory}        # pre-training's --loader: the data set decoded once, on the device
+MAE_MODEL=${MAE_MODEL:-mae_vit_tiny_patch2}
+INPUT_SIZE=${INPUT_SIZE:-32}
+PRETRAIN_EPOCHS=${PRETRAIN_EPOCHS:-160}
+FT_EPOCHS=${FT_EPOCHS:-30}      # fine-tuning on all labels (and on heldout/ to choose)
+FT10_EPOCHS=${FT10_EPOCHS:-100} # fine-tuning on 10% of the labels: as many steps as 10 epochs of all
+LIMIT=${LIMIT:-480}             # seconds any one training command may run (the device allows 600 a call)
+read -r -a EXTRA_ARGS <<<"${EXTRA:-}"  # EXTRA: flags appended to every command (last wins)
+mkdir -p "$WORK" "$OUT"
+
+timed() {  # timed NAME SHARING COMMAND...: run it under the time limit; its wall time goes to $OUT/times.jsonl
+    local name=$1 sharing=$2 begin status=0 ms
+    shift 2
+    begin=$(date +%s%N)
+    timeout "$LIMIT" "$@" || status=$?
+    ms=$((($(date +%s%N) - begin) / 1000000))
+    printf '{"run": "%s", "seconds": %d.%03d, "sharing": %d, "status": %d}\n' \
+        "$name" $((ms / 1000)) $((ms % 1000)) "$sharing" "$status" >>"$OUT/times.jsonl"
+    return "$status"
+}
+
+unpack() {  # the images and the splits, once per machine
+    "$PYTHON" $R/data.py unpack --archive "$ARCHIVE" --dest "$DATA" --splits "$SPLITS" --per_class "${PER_CLASS:-500}"
+}
+
+together() {  # together ARGS... ARGS...: finetune.sh runs at once on one GPU, each "INIT SEED SPLIT"; wait for all
+    local pids=() failed=0 run
+    for run in "$@"; do
+        # shellcheck disable=SC2086  # each run is three words
+        SHARING=$# bash $R/finetune.sh $run &
+        pids+=($!)
+    done
+    for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+    return $failed
+}
+
+report() {  # report NAME...: each run's speed lines and its last lines, as one file in $OUT
+    local name
+    for name in "$@"; do
+        echo "== $name"
+        grep -E "Total time|total time|Accuracy|error" "$WORK/$name/stdout.txt" || true
+        tail -n 15 "$WORK/$name/stdout.txt"
+    done >"$OUT/stdout.txt" 2>&1
+}

@@ -1,0 +1,85 @@
+"""The GPU study's budget: training FLOPs per image, and minutes per device command at a stated
+model FLOP utilisation (README.md's table is this script's output).
+
+    python recipes/cifar10_gpu/plan.py --mfu 0.15
+
+FLOPs count a multiply-add as 2; a training step is 3 forward passes (backward: twice the forward).
+Pre-training: benchmarks/bench_pretrain.py's count (encoder on the visible patches and the class
+token, decoder on all). Fine-tuning: the classifier's encoder on all patches and the class token.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import models_mae  # noqa: E402
+from benchmarks.bench_pretrain import mae_train_flops  # noqa: E402
+
+PEAK_TFLOPS = 790  # dense bf16 matrix products measured on the H200 of the device tool (its KINDS.md)
+MASK_RATIO = 0.75
+
+
+def meta_mae(model: str, input_size: int) -> models_mae.MaskedAutoencoderViT:
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        return models_mae.MODELS[model](img_size=input_size)
+
+
+def pretrain_flops(model: str, input_size: int = 32, mask_ratio: float = MASK_RATIO) -> int:
+    """Training FLOPs of one image of MAE pre-training."""
+    return mae_train_flops(meta_mae(model, input_size), 1, mask_ratio)
+
+
+def finetune_flops(model: str, input_size: int = 32) -> int:
+    """Training FLOPs of one image of fine-tuning ``model``'s encoder (the classifier's head is negligible)."""
+    mae = meta_mae(model, input_size)
+    tokens = mae.num_patches + 1
+    dim = mae.decoder_embed.in_features
+    patch_dim = mae.patch_size**2 * mae.in_chans
+    forward = 2 * mae.num_patches * patch_dim * dim + len(mae.blocks) * tokens * (24 * dim**2 + 4 * tokens * dim)
+    return 3 * forward
+
+
+# (command, [(what, images per epoch, epochs, runs, kind)]): the device commands of README.md, in order
+def commands(pretrain_epochs: int, ft_epochs: int, ft10_epochs: int) -> list[tuple[str, list[tuple]]]:
+    return [
+        ("pretrain.sh", [("pre-training", 50_000, pretrain_epochs, 1, "pretrain")]),
+        ("labels10.sh", [("fine-tune, 10% labels", 5_000, ft10_epochs, 4, "finetune")]),
+        (
+            "choose.sh",
+            [("labels10-val", 5_000, ft10_epochs, 2, "finetune"), ("heldout", 45_000, ft_epochs, 1, "finetune")],
+        ),
+        ("labels100.sh 0", [("fine-tune, all labels", 50_000, ft_epochs, 2, "finetune")]),
+        ("labels100.sh 1", [("fine-tune, all labels", 50_000, ft_epochs, 2, "finetune")]),
+    ]
+
+
+def minutes(model: str, mfu: float, pretrain_epochs: int, ft_epochs: int, ft10_epochs: int) -> list[tuple[str, float]]:
+    """GPU-minutes of each command's training at ``mfu`` (start-up, data and evaluation not counted)."""
+    rate = mfu * PEAK_TFLOPS * 1e12
+    flops = {"pretrain": pretrain_flops(model), "finetune": finetune_flops(model)}
+    return [
+        (name, sum(images * epochs * runs * flops[kind] for _, images, epochs, runs, kind in parts) / rate / 60)
+        for name, parts in commands(pretrain_epochs, ft_epochs, ft10_epochs)
+    ]
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="mae_vit_tiny_patch2")
+    parser.add_argument("--mfu", type=float, default=0.15, help="model FLOP utilisation, of PEAK_TFLOPS")
+    parser.add_argument("--pretrain_epochs", type=int, default=160)
+    parser.add_argument("--ft_epochs", type=int, default=30)
+    parser.add_argument("--ft10_epochs", type=int, default=100)
+    args = parser.parse_args()
+    pre, fine = pretrain_flops(args.model), finetune_flops(args.model)
+    rate = args.mfu * PEAK_TFLOPS * 1e12
+    print(f"{args.model}: {pre / 1e9:.2f} GFLOP per pre-training image, {fine / 1e9:.2f} per fine-tuning image")
+    print(f"at {args.mfu:.0%} of {PEAK_TFLOPS} TFLOP/s: {rate / pre:,.0f} and {rate / fine:,.0f} images/s")
+    plan = minutes(args.model, args.mfu, args.pretrain_epochs, args.ft_epochs, args.ft10_epochs)
+    for name, mins in plan:
+        print(f"| {name} | {mins:.1f} |")
+    print(f"| total | {sum(m for _, m in plan):.1f} |")

@@ -1,0 +1,201 @@
+"""The GPU study (recipes/cifar10_gpu) at CPU size: the archive that carries CIFAR-10 to the
+device and back out of it, the budget's FLOP arithmetic against a hand count, results.json from
+synthetic command outputs, and every device command end to end on 50 images with a tiny model."""
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from helpers import REPO, demo_files
+from warm_python import PRELOAD, warm_python
+
+from util.cli.errors import UserError
+
+STUDY = REPO / "recipes" / "cifar10_gpu"
+sys.path.insert(0, str(STUDY))  # results.py imports plan.py beside it
+
+
+def _script(name):
+    """A recipe script as a module of its own name: the CPU study has a results.py too."""
+    spec = importlib.util.spec_from_file_location(f"cifar10_gpu_{name}", STUDY / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+data, plan, results = _script("data"), _script("plan"), _script("results")
+
+CLASSES = sorted(p.name for p in (REPO / "demo" / "cifar10-2k").iterdir())
+
+
+def tiny_cifar(root, train=4, test=1):
+    """CIFAR-10's layout with ``train`` + ``test`` demo images of each of the ten classes."""
+    for i, src in enumerate(demo_files(train + test, CLASSES)):
+        split = "train" if i % (train + test) < train else "test"
+        dest = root / split / src.parent.name / src.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dest)
+    return root
+
+
+def test_archive_carries_every_image_unchanged_and_packs_the_same_bytes_twice(tmp_path):
+    source = tiny_cifar(tmp_path / "cifar")
+    archive = tmp_path / "a" / "cifar10.tgz"
+    size = data.pack(source, archive)
+    first = archive.read_bytes()
+    assert size == len(first) and data.pack(source, archive) == size and archive.read_bytes() == first
+
+    dest = tmp_path / "unpacked"
+    assert data.unpack(archive, dest) == 50
+    originals = sorted(p.relative_to(source) for p in source.rglob("*.jpg"))
+    assert sorted(p.relative_to(dest) for p in dest.rglob("*.jpg")) == originals
+    assert all((dest / p).read_bytes() == (source / p).read_bytes() for p in originals)
+    (dest / originals[0]).unlink()
+    assert data.unpack(archive, dest) == 50  # complete once: not extracted again
+    assert not (dest / originals[0]).exists()
+
+
+def test_archive_refusals_name_the_flag(tmp_path):
+    source = tiny_cifar(tmp_path / "cifar")
+    with pytest.raises(UserError, match=r"--archive .* over --max_mib 1e-06: it must travel"):
+        data.pack(source, tmp_path / "big.tgz", max_mib=1e-6)
+    assert not (tmp_path / "big.tgz").exists()
+    with pytest.raises(UserError, match=r"--data .* needs train/<class>/\*\.jpg and test/"):
+        data.pack(source / "train", tmp_path / "x.tgz")
+    with pytest.raises(UserError, match=r"--archive .* does not exist: run 'data.py pack'"):
+        data.unpack(tmp_path / "none.tgz", tmp_path / "d")
+    data.pack(source, tmp_path / "whole.tgz")
+    (tmp_path / "cut.tgz").write_bytes((tmp_path / "whole.tgz").read_bytes()[:2000])
+    with pytest.raises(UserError, match=r"--archive .*cut.tgz cannot be unpacked"):
+        data.unpack(tmp_path / "cut.tgz", tmp_path / "d")
+    assert not (tmp_path / "d" / data.COMPLETE).exists()
+
+
+def test_plan_flops_equal_a_hand_count():
+    """ViT-Tiny/2 at 32 px: 256 patches of 2x2x3 values, a 192-d encoder of 12 blocks and a
+    128-d decoder of 4; per block and token 24 D^2 + 4 T D, a step 3 forward passes."""
+    patches, pixels, d, e = 256, 12, 192, 128
+    visible, everything = 64 + 1, 256 + 1
+    encoder = 12 * visible * (24 * d * d + 4 * visible * d)
+    decoder = 4 * everything * (24 * e * e + 4 * everything * e)
+    embed = 2 * patches * pixels * d + 2 * visible * d * e + 2 * everything * e * pixels
+    assert plan.pretrain_flops("mae_vit_tiny_patch2") == 3 * (encoder + decoder + embed)
+    classifier = 2 * patches * pixels * d + 12 * everything * (24 * d * d + 4 * everything * d)
+    assert plan.finetune_flops("mae_vit_tiny_patch2") == 3 * classifier
+    table = dict(plan.minutes("mae_vit_tiny_patch2", 0.15, 160, 30, 100))
+    assert table["labels100.sh 0"] == pytest.approx(2 * 50_000 * 30 * 3 * classifier / (0.15 * 790e12) / 60)
+    assert table["pretrain.sh"] == pytest.approx(50_000 * 160 * 3 * (encoder + decoder + embed) / (0.15 * 790e12) / 60)
+
+
+def _lines(path, *entries):
+    path.write_text("".join(json.dumps(e) + "\n" for e in entries))
+
+
+def test_results_rows_from_synthetic_command_outputs(tmp_path):
+    pre, ft = tmp_path / "pretrain", tmp_path / "labels100-s0"
+    pre.mkdir(), ft.mkdir()
+    _lines(pre / "times.jsonl", {"run": "pretrain", "seconds": 320.0, "sharing": 1, "status": 0})
+    _lines(
+        pre / "pretrain-log.txt",
+        {"epoch": 0, "train_loss": 0.9, "knn_cls_top1": 30.0},
+        {"epoch": 1, "train_loss": 0.5, "knn_cls_top1": 41.5},
+    )
+    frozen = {"encoder": "out/p/checkpoint-1.pth", "cls_top1": 60.0, "cls_linear_top1": 70.0}
+    _lines(pre / "frozen.json", {**frozen, "bank": 50_000, "queries": 10_000, "seconds": 12.0, "command": "knn"})
+    _lines(
+        ft / "times.jsonl",
+        {"run": "finetune-mae-labels100-test-s0", "seconds": 250.0, "sharing": 2, "status": 0},
+        {"run": "finetune-scratch-labels100-test-s0", "seconds": 240.0, "sharing": 2, "status": 124},
+    )
+    _lines(ft / "finetune-mae-labels100-test-s0-log.txt", {"epoch": 0}, {"epoch": 1, "test_acc1": 91.25})
+    _lines(ft / "finetune-scratch-labels100-test-s0-log.txt", {"epoch": 0})
+
+    rows, left_out = results.collect([pre, ft])
+    by_row = {(r["row"], r["encoder"]): r for r in rows}
+    assert left_out == ["finetune-scratch-labels100-test-s0"]  # stopped at its limit: no row
+    pretrain = by_row["pre-training", "MAE"]
+    assert (pretrain["epochs"], pretrain["gpu_seconds"], pretrain["knn_heldout_top1"]) == (2, 320.0, 41.5)
+    assert pretrain["img_s"] == round(2 * 50_000 / 320)
+    assert pretrain["mfu"] == pytest.approx(
+        2 * 50_000 / 320 * plan.pretrain_flops("mae_vit_tiny_patch2") / 790e12, abs=1e-4
+    )
+    assert by_row["k-NN, cls", "MAE"]["top1"] == 60.0 and by_row["k-NN, cls", "MAE"]["img_s"] == 5000
+    assert by_row["linear (cached features), cls", "MAE"]["top1"] == 70.0
+    mae = by_row["fine-tune, labels100-test", "MAE"]
+    assert (mae["top1"], mae["seed"], mae["seconds"], mae["gpu_seconds"]) == (91.25, 0, 250.0, 125.0)
+    assert mae["img_s"] == 2 * 50_000 / 250 and mae["command"].endswith("finetune.sh mae 0 labels100-test")
+    assert {"row", "encoder", "seed", "top1", "seconds", "command", "gpu_seconds", "img_s"} <= set(mae)
+
+
+def test_committed_results_hold_measured_rows_only():
+    assert json.loads((STUDY / "results" / "results.json").read_text()) == []  # none measured yet
+
+
+def _command(script, *args, python, env):
+    done = subprocess.run(
+        ["bash", str(STUDY / script), *args],
+        cwd=REPO,
+        env={**env, "PYTHON": str(python), "OUT": str(env["WORK"] + f"/back-{script}{''.join(args)}")},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return REPO / env["WORK"] / f"back-{script}{''.join(args)}"
+
+
+def test_device_commands_end_to_end(tmp_path):
+    """Each device command as committed, with CPU-sized overrides and the fast loader (the memory
+    loader comes in another change); their python is a warm one (tests/warm_python.py)."""
+    pytest.importorskip("matplotlib")
+    data.pack(tiny_cifar(tmp_path / "cifar"), tmp_path / "cifar10.tgz")
+    env = {
+        **os.environ,
+        "ARCHIVE": str(tmp_path / "cifar10.tgz"),
+        "WORK": str(tmp_path / "work"),
+        "ENCODER": str(tmp_path / "encoder" / "mae.safetensors"),
+        "LOADER": "fast",
+        "MAE_MODEL": "mae_vit_mini_patch4",
+        "INPUT_SIZE": "16",
+        "PRETRAIN_EPOCHS": "2",
+        "FT_EPOCHS": "1",
+        "FT10_EPOCHS": "1",
+        "PER_CLASS": "2",
+        "STRIP_EPOCHS": "0 1",
+        "OMP_NUM_THREADS": "1",
+        "EXTRA": "--device cpu --precision fp32 --batch_size 8 --num_workers 0",
+    }
+    with warm_python(tmp_path / "python", (*PRELOAD, "export", "matplotlib")) as python:
+        backs = [_command("pretrain.sh", python=python, env=env)]
+        assert {p.name for p in backs[0].iterdir()} == {
+            "pretrain-log.txt",
+            "stdout.txt",
+            "times.jsonl",
+            "frozen.json",
+            "reconstructions.png",
+            "knn-curve.png",
+            "mae-encoder-bf16.safetensors",
+        }
+        backs += [_command(s, *a, python=python, env=env) for s, a in [("labels10.sh", ()), ("labels100.sh", ("1",))]]
+        backs.append(_command("choose.sh", python=python, env=env))
+    rows, left_out = results.collect(backs, "mae_vit_mini_patch4")
+    assert not left_out and all(len(list(b.iterdir())) <= 8 for b in backs)  # the device returns 8 files
+    found = {(r["row"], r["encoder"], r["seed"]) for r in rows}
+    assert {("fine-tune, labels10-test", e, s) for e in ("MAE", "scratch") for s in (0, 1)} <= found
+    assert {("fine-tune, labels100-test", "MAE", 1), ("fine-tune, labels100-test", "scratch", 1)} <= found
+    assert {
+        ("fine-tune, labels10-val", "MAE", 0),
+        ("fine-tune, heldout", "MAE", 0),
+        ("pre-training", "MAE", 0),
+    } <= found
+    assert {
+        ("k-NN, cls", "random", 0),
+        ("linear (cached features), cls", "MAE", 0),
+        ("k-NN, pixels", "pixels", 0),
+    } <= found
+    mae = json.loads((backs[2] / "finetune-mae-labels100-test-s1-log.txt").read_text().splitlines()[-1])
+    assert mae["test_images"] == 10  # the test set, once, after the last epoch
