@@ -40,6 +40,7 @@ from util.outputs import atomic_write
 TIMM_NAMES: dict[str, tuple[str, dict[str, Any]]] = {
     "vit_tiny_patch16": ("vit_tiny_patch16_224", {}),
     "vit_tiny_patch4": ("vit_tiny_patch16_224", {"patch_size": 4}),
+    "vit_tiny_patch2": ("vit_tiny_patch16_224", {"patch_size": 2}),
     "vit_mini_patch4": ("vit_tiny_patch16_224", {"patch_size": 4, "embed_dim": 128, "depth": 6, "num_heads": 4}),
     "vit_base_patch16": ("vit_base_patch16_224", {}),
     "vit_large_patch16": ("vit_large_patch16_224", {}),

@@ -106,6 +106,16 @@ def test_timm_loads_mae_export_with_our_features(pre, tmp_path, capsys, suffix):
         torch.testing.assert_close(explicit(imgs), expected, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("name", list(models_vit.MODELS))
+def test_every_classifier_has_a_timm_model_of_the_same_shapes(name):
+    """A model added to the registry without its timm counterpart would export a file timm cannot load."""
+    timm_name, kwargs = export.TIMM_NAMES[name]
+    with torch.device("meta"):
+        theirs = timm.create_model(timm_name, num_classes=0, img_size=32, **kwargs)
+        ours = models_vit.MODELS[name](num_classes=0, global_pool=False, img_size=32)
+    assert {k: v.shape for k, v in theirs.state_dict().items()} == {k: v.shape for k, v in ours.state_dict().items()}
+
+
 def test_official_encoder_only_mini_model_is_recognised_by_shape(tmp_path, capsys):
     """An encoder-only release without args (the mae_pretrain_vit_base.pth format), mini model."""
     torch.manual_seed(1)
