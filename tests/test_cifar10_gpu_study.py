@@ -149,8 +149,8 @@ def _command(script, *args, python, env):
 
 
 def test_device_commands_end_to_end(tmp_path):
-    """Each device command as committed, with CPU-sized overrides and the fast loader (the memory
-    loader comes in another change); their python is a warm one (tests/warm_python.py)."""
+    """Each device command as committed (pre-training with --loader memory), with CPU-sized
+    overrides; their python is a warm one (tests/warm_python.py)."""
     pytest.importorskip("matplotlib")
     data.pack(tiny_cifar(tmp_path / "cifar"), tmp_path / "cifar10.tgz")
     env = {
@@ -158,7 +158,6 @@ def test_device_commands_end_to_end(tmp_path):
         "ARCHIVE": str(tmp_path / "cifar10.tgz"),
         "WORK": str(tmp_path / "work"),
         "ENCODER": str(tmp_path / "encoder" / "mae.safetensors"),
-        "LOADER": "fast",
         "MAE_MODEL": "mae_vit_mini_patch4",
         "INPUT_SIZE": "16",
         "PRETRAIN_EPOCHS": "2",

@@ -7,6 +7,7 @@ rounded to bf16) and takes the model, image size and mean/std from its metadata.
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from export import args_metadata, encoder_state, safetensors_bytes, write_file  # noqa: E402
+from export import encoder_state, write_weights  # noqa: E402
 from util.checkpoint.load import load_checkpoint, model_state  # noqa: E402
 from util.cli.errors import fail, run_cli  # noqa: E402
 
@@ -25,10 +26,10 @@ def export_bf16_encoder(checkpoint: str, output: str) -> int:
         fail(f"output {output}: name it .safetensors")
     ckpt = load_checkpoint(checkpoint)
     encoder = encoder_state(model_state(ckpt, checkpoint), checkpoint)
-    blob = safetensors_bytes({k: v.to(torch.bfloat16) for k, v in encoder.items()}, args_metadata(ckpt))
-    write_file(output, blob)
-    print(f"wrote {len(encoder)} encoder tensors in bf16 to {output} ({len(blob) / 2**20:.1f} MiB)")
-    return len(blob)
+    write_weights(output, {k: v.to(torch.bfloat16) for k, v in encoder.items()}, ckpt.get("args"))
+    size = os.path.getsize(output)
+    print(f"wrote {len(encoder)} encoder tensors in bf16 to {output} ({size / 2**20:.1f} MiB)")
+    return size
 
 
 if __name__ == "__main__":
