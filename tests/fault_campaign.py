@@ -54,7 +54,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-os.environ["OMP_NUM_THREADS"] = "1"  # before torch: the same float sums in every run
+if __name__ == "__main__":  # (test_fault_campaign imports it and sets the threads itself)
+    os.environ["OMP_NUM_THREADS"] = "1"  # before torch: the same float sums in every run
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -296,9 +297,10 @@ def _flip_tensor_bit(path: str, rng: random.Random) -> str:
 
 
 def _final(out: Path) -> dict[str, Any]:
-    """The final checkpoint, without the flags that only say where and which extras are written."""
+    """The final checkpoint, without the flags that only say where, which extras are written and which
+    checkpoints are kept (the reference keeps all of them, for test_pretrain)."""
     ckpt = safe_load.load_checkpoint(str(out / f"checkpoint-{EPOCHS - 1}.pth"))
-    extras = ("output_dir", "log_dir", "vis_freq")
+    extras = ("output_dir", "log_dir", "vis_freq", "keep_last")
     ckpt["args"] = {k: v for k, v in vars(ckpt["args"]).items() if k not in extras}
     return ckpt
 
