@@ -30,10 +30,11 @@ The kinds of fault (FAULTS):
 
     python tests/fault_campaign.py --trials 60 --seed 11 --faults 5   # by hand; test_fault_campaign runs a few
 
-One driver process imports torch once and forks every run, which then runs ``main_pretrain`` as
-the command line does. Runs are single-threaded, as bitwise comparisons need. The uninterrupted run
-they are compared with is helpers.Reference, on the command line; ``--reference`` reuses one (the
-test suite's, which test_resilience shares).
+One driver process (test_fault_campaign's is pytest's) imports torch once and forks every run,
+which then runs ``main_pretrain`` as the command line does. Runs are single-threaded, as bitwise
+comparisons need. The uninterrupted run they are compared with is helpers.Reference, on the command
+line (the test session's ``pretrain_reference``, which test_resilience and test_pretrain share);
+``--reference`` reuses one that a campaign or a test session left.
 """
 
 import argparse
