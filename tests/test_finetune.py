@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import REPO, make_split, pretrain_args, run_ranks, torch_threads
-from warm_python import warm_python
 
 import main_finetune
 import main_linprobe
@@ -272,13 +271,13 @@ def test_eval_without_checkpoint_is_refused(pipeline, tmp_path):
         main_finetune.main(_finetune_args(data, tmp_path / "x", "--eval"))
 
 
-def test_cifar10_recipes_run_end_to_end(pipeline, tmp_path):
+def test_cifar10_recipes_run_end_to_end(pipeline, tmp_path, warm_interpreter):
     """recipes/cifar10 as committed, on the tiny data with CPU-sized overrides: pre-train ->
-    fine-tune -> eval, from scratch, and pre-train -> linear probe -> eval. Their python is a
-    warm one (tests/warm_python.py): each run is forked from a process that imported torch once."""
+    fine-tune -> eval, from scratch, and pre-train -> linear probe -> eval. Their python is the
+    session's warm one (tests/warm_python.py): each run is forked from a process that imported
+    torch once."""
     data, _, _ = pipeline
-    with warm_python(tmp_path / "python") as python:
-        _cifar10_recipes(data, tmp_path, python)
+    _cifar10_recipes(data, tmp_path, warm_interpreter)
 
 
 def _cifar10_recipes(data: Path, tmp_path: Path, python: Path) -> None:

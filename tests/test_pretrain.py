@@ -443,9 +443,9 @@ CLI_CASES = [
 
 
 @pytest.fixture(scope="module")
-def cli_results(tmp_path_factory):
-    """Every bad-input case as its own `python main_pretrain.py ...` run (forked from one warm
-    interpreter, see helpers.cli_batch), and one case as a plain, separate process."""
+def cli_results(tmp_path_factory, warm_interpreter):
+    """Every bad-input case as its own `python main_pretrain.py ...` run (forked from the session's
+    warm interpreter, see helpers.cli_batch), and one case as a plain, separate process."""
     tmp = tmp_path_factory.mktemp("cli")
     cases = _cli_cases(tmp)
     assert sorted(cases) == sorted(CLI_CASES)
@@ -456,7 +456,7 @@ def cli_results(tmp_path_factory):
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         plain = pool.submit(cli, ["main_pretrain.py", *argv("data_missing")])
-        results = cli_batch({name: argv(name) for name in CLI_CASES}, tmp / "batch")
+        results = cli_batch({name: argv(name) for name in CLI_CASES}, warm_interpreter)
         results["data_missing (own process)"] = plain.result()
     return tmp, cases, results
 
