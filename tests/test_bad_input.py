@@ -60,7 +60,7 @@ def _split(root: Path, train_classes: tuple[str, ...], val_classes: tuple[str, .
 
 
 def _classifier_args(entry_point, data: Path, out: Path, *extra: str) -> argparse.Namespace:
-    argv = ["--data_path", str(data), "--nb_classes", "3", "--model", "vit_tiny_patch4", "--input_size", "32"]
+    argv = ["--data_path", str(data), "--nb_classes", "3", "--model", "vit_mini_patch4", "--input_size", "32"]
     argv += ["--batch_size", "8", "--epochs", "1", "--output_dir", str(out), "--log_dir", "", *CPU, *extra]
     return entry_point.get_args_parser().parse_args(argv)
 
