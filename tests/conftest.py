@@ -1,7 +1,11 @@
 """Fixtures shared across test files."""
 
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 from helpers import Reference
+from warm_python import warm_python
 
 
 @pytest.fixture(scope="session")
@@ -9,3 +13,12 @@ def pretrain_reference(tmp_path_factory) -> Reference:
     """The uninterrupted run of ``helpers.resumable_flags``, made once a session: test_resilience,
     the fault campaign and test_pretrain compare interrupted runs with its final checkpoint."""
     return Reference.make(tmp_path_factory.mktemp("pretrain-reference"))
+
+
+@pytest.fixture(scope="session")
+def warm_interpreter(tmp_path_factory) -> Iterator[Path]:
+    """A ``python`` whose runs are forked from one process that imported torch and the entry points
+    (tests/warm_python.py): the command-line tests and the recipes pay for those imports once a
+    session, not once a test."""
+    with warm_python(tmp_path_factory.mktemp("warm-python")) as python:
+        yield python

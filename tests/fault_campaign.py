@@ -30,10 +30,11 @@ The kinds of fault (FAULTS):
 
     python tests/fault_campaign.py --trials 60 --seed 11 --faults 5   # by hand; test_fault_campaign runs a few
 
-One driver process imports torch once and forks every run, which then runs ``main_pretrain`` as
-the command line does. Runs are single-threaded, as bitwise comparisons need. The uninterrupted run
-they are compared with is helpers.Reference, on the command line; ``--reference`` reuses one (the
-test suite's, which test_resilience shares).
+One driver process (test_fault_campaign's is pytest's) imports torch once and forks every run,
+which then runs ``main_pretrain`` as the command line does. Runs are single-threaded, as bitwise
+comparisons need. The uninterrupted run they are compared with is helpers.Reference, on the command
+line (the test session's ``pretrain_reference``, which test_resilience and test_pretrain share);
+``--reference`` reuses one that a campaign or a test session left.
 """
 
 import argparse
@@ -54,7 +55,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-os.environ["OMP_NUM_THREADS"] = "1"  # before torch: the same float sums in every run
+if __name__ == "__main__":  # (test_fault_campaign imports it and sets the threads itself)
+    os.environ["OMP_NUM_THREADS"] = "1"  # before torch: the same float sums in every run
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -296,9 +298,10 @@ def _flip_tensor_bit(path: str, rng: random.Random) -> str:
 
 
 def _final(out: Path) -> dict[str, Any]:
-    """The final checkpoint, without the flags that only say where and which extras are written."""
+    """The final checkpoint, without the flags that only say where, which extras are written and which
+    checkpoints are kept (the reference keeps all of them, for test_pretrain)."""
     ckpt = safe_load.load_checkpoint(str(out / f"checkpoint-{EPOCHS - 1}.pth"))
-    extras = ("output_dir", "log_dir", "vis_freq")
+    extras = ("output_dir", "log_dir", "vis_freq", "keep_last")
     ckpt["args"] = {k: v for k, v in vars(ckpt["args"]).items() if k not in extras}
     return ckpt
 

@@ -60,7 +60,7 @@ def _split(root: Path, train_classes: tuple[str, ...], val_classes: tuple[str, .
 
 
 def _classifier_args(entry_point, data: Path, out: Path, *extra: str) -> argparse.Namespace:
-    argv = ["--data_path", str(data), "--nb_classes", "3", "--model", "vit_tiny_patch4", "--input_size", "32"]
+    argv = ["--data_path", str(data), "--nb_classes", "3", "--model", "vit_mini_patch4", "--input_size", "32"]
     argv += ["--batch_size", "8", "--epochs", "1", "--output_dir", str(out), "--log_dir", "", *CPU, *extra]
     return entry_point.get_args_parser().parse_args(argv)
 
@@ -265,7 +265,7 @@ def test_bad_finetuning_flag_is_refused_before_training(tmp_path, case):
     assert not (tmp_path / "out" / "checkpoint-0.pth").exists()
 
 
-def test_bad_flags_give_one_line_on_the_command_line(data, tmp_path):
+def test_bad_flags_give_one_line_on_the_command_line(data, tmp_path, warm_interpreter):
     """As the user sees them: exit status 2, one line, no traceback."""
     blocker = tmp_path / "blocker"
     blocker.write_text("")
@@ -276,7 +276,7 @@ def test_bad_flags_give_one_line_on_the_command_line(data, tmp_path):
         "output_dir": ["--output_dir", str(blocker / "run")],
     }
     common = [*TINY, "--epochs", "1", "--data_path", str(data), "--output_dir", str(tmp_path / "out"), "--log_dir", ""]
-    results = cli_batch({name: [*common, *flags] for name, flags in cases.items()}, tmp_path / "batch")
+    results = cli_batch({name: [*common, *flags] for name, flags in cases.items()}, warm_interpreter)
     for name, result in results.items():
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (name, result.stderr)

@@ -10,7 +10,6 @@ import sys
 
 import pytest
 from helpers import REPO, demo_files
-from warm_python import warm_python
 
 STUDY = REPO / "recipes" / "cifar10_cpu"
 sys.path.insert(0, str(STUDY))
@@ -70,12 +69,11 @@ def _bash(script, out, data, *args, python, extra="", **env):
     return result
 
 
-def test_study_scripts_run_end_to_end(tmp_path):
-    """Their python is a warm one (tests/warm_python.py): each run is forked from a process that
-    imported torch once."""
+def test_study_scripts_run_end_to_end(tmp_path, warm_interpreter):
+    """Their python is the session's warm one (tests/warm_python.py): each run is forked from a
+    process that imported torch once."""
     pytest.importorskip("matplotlib")
-    with warm_python(tmp_path / "python") as python:
-        _study(tmp_path, python)
+    _study(tmp_path, warm_interpreter)
 
 
 def _study(tmp_path, python):

@@ -11,7 +11,6 @@ import sys
 
 import pytest
 from helpers import REPO, demo_files
-from warm_python import PRELOAD, warm_python
 
 from util.cli.errors import UserError
 
@@ -148,9 +147,9 @@ def _command(script, *args, python, env):
     return REPO / env["WORK"] / f"back-{script}{''.join(args)}"
 
 
-def test_device_commands_end_to_end(tmp_path):
+def test_device_commands_end_to_end(tmp_path, warm_interpreter):
     """Each device command as committed (pre-training with --loader memory), with CPU-sized
-    overrides; their python is a warm one (tests/warm_python.py)."""
+    overrides; their python is the session's warm one (tests/warm_python.py)."""
     pytest.importorskip("matplotlib")
     data.pack(tiny_cifar(tmp_path / "cifar"), tmp_path / "cifar10.tgz")
     env = {
@@ -168,19 +167,19 @@ def test_device_commands_end_to_end(tmp_path):
         "OMP_NUM_THREADS": "1",
         "EXTRA": "--device cpu --precision fp32 --batch_size 8 --num_workers 0",
     }
-    with warm_python(tmp_path / "python", (*PRELOAD, "export", "matplotlib")) as python:
-        backs = [_command("pretrain.sh", python=python, env=env)]
-        assert {p.name for p in backs[0].iterdir()} == {
-            "pretrain-log.txt",
-            "stdout.txt",
-            "times.jsonl",
-            "frozen.json",
-            "reconstructions.png",
-            "knn-curve.png",
-            "mae-encoder-bf16.safetensors",
-        }
-        backs += [_command(s, *a, python=python, env=env) for s, a in [("labels10.sh", ()), ("labels100.sh", ("1",))]]
-        backs.append(_command("choose.sh", python=python, env=env))
+    python = warm_interpreter
+    backs = [_command("pretrain.sh", python=python, env=env)]
+    assert {p.name for p in backs[0].iterdir()} == {
+        "pretrain-log.txt",
+        "stdout.txt",
+        "times.jsonl",
+        "frozen.json",
+        "reconstructions.png",
+        "knn-curve.png",
+        "mae-encoder-bf16.safetensors",
+    }
+    backs += [_command(s, *a, python=python, env=env) for s, a in [("labels10.sh", ()), ("labels100.sh", ("1",))]]
+    backs.append(_command("choose.sh", python=python, env=env))
     rows, left_out = results.collect(backs, "mae_vit_mini_patch4")
     assert not left_out and all(len(list(b.iterdir())) <= 8 for b in backs)  # the device returns 8 files
     found = {(r["row"], r["encoder"], r["seed"]) for r in rows}

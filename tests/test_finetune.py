@@ -26,18 +26,20 @@ CPU = ["--device", "cpu", "--precision", "fp32", "--num_workers", "0"]
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
-    """A tiny pre-training run whose checkpoint the tests fine-tune and probe."""
+    """A short pre-training run of the mini model (the size of the encoder matters to none of these
+    tests, and its steps take a tenth of the tiny one's), whose checkpoint the tests fine-tune and probe."""
     root = tmp_path_factory.mktemp("ft")
     data = make_split(root / "data", train=16, val=9)  # 27 validation images: odd on purpose
     pre = root / "pre"
-    args = pretrain_args(data, pre, "--epochs", "1", "--warmup_epochs", "0", "--vis_freq", "0", "--log_dir", "")
+    flags = ["--model", "mae_vit_mini_patch4", "--epochs", "1", "--warmup_epochs", "0", "--vis_freq", "0"]
+    args = pretrain_args(data, pre, *flags, "--log_dir", "")
     main_pretrain.main(args)
     return data, pre / "checkpoint-0.pth", root
 
 
 def _classifier_args(entry_point, data, out, *extra):
     """Flags of main_finetune / main_linprobe for the tiny split on CPU; ``extra`` wins."""
-    argv = ["--data_path", str(data), "--nb_classes", "3", "--model", "vit_tiny_patch4", "--input_size", "32"]
+    argv = ["--data_path", str(data), "--nb_classes", "3", "--model", "vit_mini_patch4", "--input_size", "32"]
     argv += ["--batch_size", "8", "--output_dir", str(out), "--log_dir", "", "--warmup_epochs", "1", *CPU, *extra]
     return entry_point.get_args_parser().parse_args(argv)
 
@@ -113,7 +115,7 @@ def test_dist_eval_over_two_processes_counts_every_image_once(pipeline, tmp_path
         "--nb_classes",
         "3",
         "--model",
-        "vit_tiny_patch4",
+        "vit_mini_patch4",
         "--input_size",
         "32",
         "--batch_size",
@@ -144,7 +146,7 @@ def test_dist_eval_over_two_processes_counts_every_image_once(pipeline, tmp_path
 # ---------------------------------------------------------------------------------------------
 def test_mae_checkpoint_loads_with_exactly_head_and_fc_norm_missing(pipeline, capsys):
     _, ckpt, _ = pipeline
-    model = models_vit.vit_tiny_patch4(num_classes=3, global_pool=True)
+    model = models_vit.vit_mini_patch4(num_classes=3, global_pool=True)
     load_pretrained_encoder(model, str(ckpt))
     printed = capsys.readouterr().out
     assert "initialised: ['fc_norm.bias', 'fc_norm.weight', 'head.bias', 'head.weight']" in printed
@@ -158,7 +160,7 @@ def test_mae_checkpoint_loads_with_exactly_head_and_fc_norm_missing(pipeline, ca
 
 def test_class_token_model_loads_norm_and_misses_only_head(pipeline, capsys):
     _, ckpt, _ = pipeline
-    model = models_vit.vit_tiny_patch4(num_classes=3, global_pool=False)
+    model = models_vit.vit_mini_patch4(num_classes=3, global_pool=False)
     load_pretrained_encoder(model, str(ckpt))
     assert "initialised: ['head.bias', 'head.weight']" in capsys.readouterr().out
     encoder = torch.load(ckpt, weights_only=False)["model"]
@@ -176,10 +178,10 @@ def test_encoder_only_checkpoint_at_another_resolution(pipeline, tmp_path):
     }
     path = tmp_path / "encoder.pth"
     torch.save({"model": state}, path)
-    model = models_vit.vit_tiny_patch4(img_size=64, num_classes=3)
+    model = models_vit.vit_mini_patch4(img_size=64, num_classes=3)
     load_pretrained_encoder(model, str(path))
     new, old = model.pos_embed.detach(), state["pos_embed"]
-    assert new.shape == (1, 1 + 16 * 16, 192)
+    assert new.shape == (1, 1 + 16 * 16, 128)
     assert torch.equal(new[:, 0], old[:, 0])  # the class token's embedding is not interpolated
     old_grid, new_grid = old[0, 1:].reshape(8, 8, -1), new[0, 1:].reshape(16, 16, -1)
     corner_error = (new_grid[0, 0] - old_grid[0, 0]).abs().mean() / old_grid.abs().mean()

@@ -1,8 +1,9 @@
 """End-to-end tests of the pre-training entry point (main_pretrain.py) on CPU.
 
-One reference run (4 epochs of 3 iterations on 48 CIFAR images, tiny model) serves several
-tests: its outputs, and the exact resumes (from an epoch boundary, from inside an epoch, with
-and without data-loader workers) that must reproduce it bit for bit.
+The session's reference run (``pretrain_reference``: 3 epochs of 6 iterations on 48 CIFAR images,
+the mini model, every checkpoint kept, pictures after epochs 0 and 2) serves several tests: its
+outputs, and the exact resumes (from an epoch boundary, from inside an epoch, with and without
+data-loader workers) that must reproduce it bit for bit.
 """
 
 import hashlib
@@ -11,6 +12,7 @@ import os
 import shlex
 import signal
 import textwrap
+import time
 from argparse import Namespace
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +22,12 @@ import pytest
 import torch
 from helpers import (
     CLASSES,
+    REFERENCE_EXTRAS,
     REPO,
+    RESUMABLE,
+    RESUMABLE_BLR,
+    RESUMABLE_EPOCHS,
+    RESUMABLE_ITERS,
     TINY,
     all_finite,
     assert_same,
@@ -30,9 +37,10 @@ from helpers import (
     isolated_interrupts,
     load,
     make_dataset,
-    preserved_signals,
     read_log,
+    run_forked,
     run_pretrain,
+    wait_or_kill,
 )
 from PIL import Image
 
@@ -45,9 +53,8 @@ from util.train import interrupt
 from util.train.checkpointer import EpochProgress
 
 # Flags of the reference run; resumed runs use the same ones (the schedule depends on --epochs).
-EPOCHS = 4
-ITERS = 3  # 48 images / batch 16
-RUN = ["--epochs", str(EPOCHS), "--warmup_epochs", "1", "--blr", "2e-3", "--print_freq", "1", "--vis_freq", "2"]
+EPOCHS, ITERS = RESUMABLE_EPOCHS, RESUMABLE_ITERS  # 48 images / batch 8
+RUN = [*RESUMABLE, *REFERENCE_EXTRAS]  # run_pretrain adds --log_dir <output_dir>, as the reference has
 
 
 @pytest.fixture(autouse=True)
@@ -57,17 +64,14 @@ def _isolate():
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return make_dataset(tmp_path_factory.mktemp("data"), 16)  # 48 images in 3 class folders
+def data(pretrain_reference) -> Path:
+    return pretrain_reference.data  # 48 images in 3 class folders
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, data) -> Path:
-    """The uninterrupted run, keeping every epoch's checkpoint."""
-    out = tmp_path_factory.mktemp("reference")
-    with preserved_signals():
-        run_pretrain(data, out, *RUN, "--keep_last", "0")
-    return out
+def reference(pretrain_reference) -> Path:
+    """The uninterrupted run's folder, with every checkpoint (also those inside epochs)."""
+    return pretrain_reference.out
 
 
 def _without_args(ckpt: dict) -> dict:
@@ -88,20 +92,22 @@ def test_training_lowers_loss_and_writes_outputs(reference):
     assert losses[-1] < 0.8 * losses[0], f"loss did not go down: {losses}"
     assert all(line["train_lr"] > 0 for line in log)
 
-    assert checkpoint_names(reference) == {f"checkpoint-{e}.pth" for e in range(EPOCHS)}
+    # --keep_last 0 keeps them all: each epoch's, and those after iterations 2 and 4 (--ckpt_every_steps 2).
+    kept = {f"checkpoint-{e}{step}.pth" for e in range(EPOCHS) for step in ("", "-step2", "-step4")}
+    assert checkpoint_names(reference) == kept
     ckpt = load(reference / f"checkpoint-{EPOCHS - 1}.pth")
     assert {"model", "optimizer", "epoch", "step", "scaler", "args", "rng", "extra"} <= set(ckpt)
     assert ckpt["epoch"] == EPOCHS - 1 and ckpt["step"] is None
     assert len(ckpt["rng"]) == 1
     assert isinstance(ckpt["args"], Namespace)
-    assert ckpt["args"].lr == pytest.approx(2e-3 * 16 / 256)  # blr * effective batch / 256
+    assert ckpt["args"].lr == pytest.approx(RESUMABLE_BLR * 8 / 256)  # blr * effective batch / 256
     assert all_finite(ckpt["model"])
     first = load(reference / "checkpoint-0.pth")["model"]
     assert any(not torch.equal(first[k], ckpt["model"][k]) for k in first), "weights did not change"
 
-    # Pictures after epochs 0 and 2 (--vis_freq 2) and after the last one, none otherwise.
+    # Pictures after epochs 0 and 2 (--vis_freq 2, 2 is also the last), none after epoch 1.
     pictures = sorted(p.name for p in reference.glob("reconstruction-*.png"))
-    assert pictures == [f"reconstruction-{e}.png" for e in (0, 2, EPOCHS - 1)]
+    assert pictures == [f"reconstruction-{e}.png" for e in (0, EPOCHS - 1)]
     with Image.open(reference / "reconstruction-0.png") as img:
         assert img.mode == "RGB"
         # 8 images, one per row; original | masked | reconstruction | pasted, upscaled to >= 512 px.
@@ -115,8 +121,19 @@ def test_training_lowers_loss_and_writes_outputs(reference):
     acc = EventAccumulator(str(events[0]), size_guidance={"scalars": 0, "images": 0})
     acc.Reload()
     assert {"train_loss", "lr"} <= set(acc.Tags()["scalars"])
-    assert len(acc.Scalars("train_loss")) == EPOCHS * ITERS  # --print_freq 1
-    assert len(acc.Images("reconstructions")) == 3
+    # A loss at every check point: the first iteration, every 2nd (--print_freq, --ckpt_every_steps), the last.
+    check_points = [s for s in range(ITERS) if s == 0 or (s + 1) % 2 == 0 or s == ITERS - 1]
+    assert len(acc.Scalars("train_loss")) == EPOCHS * len(check_points) == EPOCHS * 4
+    assert len(acc.Images("reconstructions")) == 2
+
+
+def test_pictures_every_nth_epoch_and_after_the_last(tmp_path):
+    """--vis_freq 2 over 4 epochs: after epochs 0 and 2, and after the last one (3), not a multiple."""
+    out = tmp_path / "out"
+    flags = ["--model", "mae_vit_mini_patch4", "--batch_size", "8", "--epochs", "4", "--warmup_epochs", "0"]
+    run_pretrain(make_dataset(tmp_path / "data", 3), out, *flags, "--vis_freq", "2", "--vis_images", "2")
+    pictures = sorted(p.name for p in out.glob("reconstruction-*.png"))
+    assert pictures == [f"reconstruction-{e}.png" for e in (0, 2, 3)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,9 +156,10 @@ def test_resume_inside_epoch_is_exact_with_workers(reference, data, tmp_path, mo
     with monkeypatch.context() as patch:
         _stop_at(patch, 1, 0, lambda: os.kill(os.getpid(), signal.SIGTERM))
         with pytest.raises(interrupt.Interrupted) as stop:
-            run_pretrain(data, stopped, *RUN, "--keep_last", "0")
+            run_pretrain(data, stopped, *RUN)
     assert stop.value.checkpoint == str(stopped / "checkpoint-1-step1.pth")
-    assert checkpoint_names(stopped) == {"checkpoint-0.pth", "checkpoint-1-step1.pth"}
+    in_epoch_0 = {"checkpoint-0-step2.pth", "checkpoint-0-step4.pth", "checkpoint-0.pth"}
+    assert checkpoint_names(stopped) == {*in_epoch_0, "checkpoint-1-step1.pth"}
     mid = load(stopped / "checkpoint-1-step1.pth")
     assert (mid["epoch"], mid["step"]) == (1, 1)
     assert_same(_without_args(load(stopped / "checkpoint-0.pth")), _without_args(load(reference / "checkpoint-0.pth")))
@@ -170,24 +188,24 @@ def test_resume_inside_epoch_is_exact_with_workers(reference, data, tmp_path, mo
 def test_resume_auto_at_epoch_boundary_skips_corrupt_newest(reference, data, tmp_path, capsys):
     out = tmp_path / "auto"
     out.mkdir()
-    for e in (1, 2):
-        (out / f"checkpoint-{e}.pth").write_bytes((reference / f"checkpoint-{e}.pth").read_bytes())
+    for name in ("checkpoint-0-step4.pth", "checkpoint-1.pth"):
+        (out / name).write_bytes((reference / name).read_bytes())
     # A newer, truncated checkpoint (as a crash during a copy would leave): it must be skipped.
     whole = (reference / f"checkpoint-{EPOCHS - 1}.pth").read_bytes()
-    (out / "checkpoint-3-step1.pth").write_bytes(whole[: len(whole) // 2])
+    (out / f"checkpoint-{EPOCHS - 1}-step1.pth").write_bytes(whole[: len(whole) // 2])
     # The log of the run that wrote them, ahead of the checkpoint the resumed run falls back to.
     (out / "log.txt").write_bytes((reference / "log.txt").read_bytes())
 
     capsys.readouterr()
-    run_pretrain(data, out, *RUN, "--resume", "auto", init_seed=12345)
+    run_pretrain(data, out, *RUN, "--resume", "auto", "--keep_last", "1", init_seed=12345)
     printed = capsys.readouterr().out
-    assert "skipping" in printed and "checkpoint-3-step1.pth" in printed
-    assert f"resumed model from {out / 'checkpoint-2.pth'}" in printed
-    assert "resuming at epoch 3, iteration 0" in printed
+    assert "skipping" in printed and f"checkpoint-{EPOCHS - 1}-step1.pth" in printed
+    assert f"resumed model from {out / 'checkpoint-1.pth'}" in printed
+    assert f"resuming at epoch {EPOCHS - 1}, iteration 0" in printed
 
     final = f"checkpoint-{EPOCHS - 1}.pth"
     assert_same(_without_args(load(out / final)), _without_args(load(reference / final)))
-    # Pruning with the default --keep_last 1: only the final checkpoint stays.
+    # Pruning with --keep_last 1 (the default): only the final checkpoint stays.
     assert checkpoint_names(out) == {final}
     assert read_log(out) == read_log(reference), "each epoch once, as logged by the uninterrupted run"
 
@@ -323,13 +341,20 @@ def test_torchrun_two_processes_identical_weights(tmp_path):
     out = tmp_path / "out"
     wrapper = tmp_path / "wrapper.py"
     wrapper.write_text(WRAPPER.format(repo=str(REPO)))
-    argv = [*TINY, "--batch_size", "8", "--epochs", "2", "--warmup_epochs", "1", "--vis_freq", "1"]
-    argv += ["--data_path", str(data), "--output_dir", str(out), "--log_dir", str(out)]
-    result = cli(
-        ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(wrapper), str(out), *argv],
-        env={"OMP_NUM_THREADS": "1"},
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    argv = [*TINY, "--model", "mae_vit_mini_patch4", "--batch_size", "8", "--epochs", "2", "--warmup_epochs", "1"]
+    argv += ["--vis_freq", "1", "--data_path", str(data), "--output_dir", str(out), "--log_dir", str(out)]
+
+    def torchrun() -> None:
+        # `python -m torch.distributed.run ...` without a fresh interpreter for the launcher; its
+        # workers are fresh interpreters, as torchrun starts them.
+        from torch.distributed import run
+
+        os.environ["OMP_NUM_THREADS"] = "1"
+        run.main(["--standalone", "--nproc_per_node=2", str(wrapper), str(out), *argv])
+
+    log = tmp_path / "torchrun.log"
+    code = wait_or_kill(run_forked(log, torchrun), time.time() + 300)
+    assert code == 0, log.read_text()[-6000:]
 
     rank0, rank1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert_same(rank0, rank1, "rank0 vs rank1")
@@ -418,9 +443,9 @@ CLI_CASES = [
 
 
 @pytest.fixture(scope="module")
-def cli_results(tmp_path_factory):
-    """Every bad-input case as its own `python main_pretrain.py ...` run (forked from one warm
-    interpreter, see helpers.cli_batch), and one case as a plain, separate process."""
+def cli_results(tmp_path_factory, warm_interpreter):
+    """Every bad-input case as its own `python main_pretrain.py ...` run (forked from the session's
+    warm interpreter, see helpers.cli_batch), and one case as a plain, separate process."""
     tmp = tmp_path_factory.mktemp("cli")
     cases = _cli_cases(tmp)
     assert sorted(cases) == sorted(CLI_CASES)
@@ -431,7 +456,7 @@ def cli_results(tmp_path_factory):
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         plain = pool.submit(cli, ["main_pretrain.py", *argv("data_missing")])
-        results = cli_batch({name: argv(name) for name in CLI_CASES}, tmp / "batch")
+        results = cli_batch({name: argv(name) for name in CLI_CASES}, warm_interpreter)
         results["data_missing (own process)"] = plain.result()
     return tmp, cases, results
 

@@ -3,32 +3,35 @@ SIGTERM to the process group (DataLoader workers included), and submitit's local
 (preempted, then requeued). Every interrupted run must end bitwise identical to one that was
 never interrupted (the session's ``pretrain_reference``, run on the command line).
 
-The killed runs are real processes; the resumed runs, which only need the files the killed ones
-left, run in this process. kill -9 at random moments (in training, in checkpoint writes and
-renames, while pruning, while log.txt is written) is the fault campaign's (test_fault_campaign)."""
+The killed runs are real processes, forked from this one (the signals need a process, not a fresh
+interpreter); the resumed runs, which only need the files the killed ones left, run in this
+process. kill -9 at random moments (in training, in checkpoint writes and renames, while pruning,
+while log.txt is written) is the fault campaign's (test_fault_campaign)."""
 
 import os
 import signal
-import subprocess
-import sys
 import time
+from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import (  # noqa: E402
+import torch
+from helpers import (
     RESUMABLE_EPOCHS,
     assert_same,
     isolated_interrupts,
     load,
     pretrain_in_process,
     resumable_flags,
+    run_forked,
+    wait_or_kill,
 )
 
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+import main_pretrain
+from util.cli.errors import run_cli
+
+ENV = {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
 def _final_model(out: Path) -> dict:
@@ -41,54 +44,56 @@ def _resume_in_process(flags: list[str]) -> None:
         pretrain_in_process(flags)
 
 
-def _start(args: list[str], new_session: bool = False) -> subprocess.Popen:
-    return subprocess.Popen(
-        args, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=new_session,
-    )  # fmt: skip
+def _start(flags: list[str], log: Path, prepare: Callable[[], None] = lambda: None) -> int:
+    """``main_pretrain.py flags`` in a process forked from this one, single-threaded as the reference
+    run, its output in ``log``, after ``prepare()`` there; returns its pid."""
+
+    def run() -> None:
+        torch.set_num_threads(1)
+        prepare()
+        run_cli(lambda: main_pretrain.main(main_pretrain.get_args_parser().parse_args(flags)))
+
+    log.touch()  # for _wait_for, before the child opens it
+    with isolated_interrupts():  # no stop request or handler of an earlier test goes into the child
+        return run_forked(log, run)
 
 
-def _wait_for(proc: subprocess.Popen, marker: str, timeout: float = 300) -> bool:
-    """Read the process's output until a line contains ``marker``; False if it ended first."""
+def _wait_for(pid: int, log: Path, marker: str, timeout: float = 300) -> None:
+    """Until ``log`` has a line with ``marker``; fails the test if the process ends first (and
+    leaves it unreaped, so that killing it cannot hit another process)."""
     deadline = time.time() + timeout
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            return False
-        if marker in line:
-            return True
-    raise TimeoutError(marker)
+    while marker not in log.read_text():
+        ended = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        assert ended is None, f"the run ended before {marker!r}:\n{log.read_text()[-3000:]}"
+        assert time.time() < deadline, f"no {marker!r} in {timeout} s"
+        time.sleep(0.02)
 
 
-SLOW_WRITE = """
-import os, sys, time
-sys.path.insert(0, {repo!r})
-real_replace = os.replace
-checkpoints = []
-def slow_replace(src, dst):
-    if str(dst).endswith(".pth"):
-        checkpoints.append(dst)
-        if len(checkpoints) == 2:  # the second checkpoint hangs between write and rename
-            print("WRITTEN-NOT-RENAMED", dst, flush=True)
-            time.sleep(60)
-    real_replace(src, dst)
-os.replace = slow_replace
-import main_pretrain
-sys.argv = ["main_pretrain.py"] + sys.argv[1:]
-main_pretrain.run_cli(lambda: main_pretrain.main(main_pretrain.get_args_parser().parse_args()))
-"""
+def _hang_at_the_second_checkpoints_rename() -> None:
+    """The second checkpoint hangs between its write and its rename, which says so."""
+    real_replace, checkpoints = os.replace, []
+
+    def slow_replace(src, dst):
+        if str(dst).endswith(".pth"):
+            checkpoints.append(dst)
+            if len(checkpoints) == 2:
+                print("WRITTEN-NOT-RENAMED", dst, flush=True)
+                time.sleep(60)
+        real_replace(src, dst)
+
+    os.replace = slow_replace
 
 
 def test_kill_9_during_a_checkpoint_write_keeps_the_previous_one(pretrain_reference, tmp_path, capsys):
     out = tmp_path / "out"
-    script = tmp_path / "slow_write.py"
-    script.write_text(SLOW_WRITE.format(repo=str(REPO)))
     flags = resumable_flags(pretrain_reference.data, out)
-    proc = _start([sys.executable, str(script), *flags])
-    assert _wait_for(proc, "WRITTEN-NOT-RENAMED")  # checkpoint-0-step4, complete but not renamed
-    proc.stdout.close()
-    proc.kill()
-    proc.wait()
+    pid = _start(flags, tmp_path / "killed.log", _hang_at_the_second_checkpoints_rename)
+    try:
+        _wait_for(pid, tmp_path / "killed.log", "WRITTEN-NOT-RENAMED")  # checkpoint-0-step4, complete, not renamed
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        killed = wait_or_kill(pid, time.time() + 60)
+    assert killed == -signal.SIGKILL
     assert sorted(p.name for p in out.glob("checkpoint-*.pth")) == ["checkpoint-0-step2.pth"]
     assert len(list(out.glob("checkpoint-0-step4.pth.tmp*"))) == 1
     capsys.readouterr()
@@ -102,19 +107,22 @@ def test_sigterm_to_the_group_checkpoints_at_the_exact_position_and_resume_is_ex
     """A cluster (scancel, preemption) signals the whole process group, DataLoader workers
     included: the main process checkpoints where it is and exits 128 + 15; the workers leave it
     to. (A signal to the main process alone: test_pretrain's test_signal_in_single_process_run...)"""
-    out = tmp_path / "out"
+    out, log = tmp_path / "out", tmp_path / "signalled.log"
     flags = resumable_flags(pretrain_reference.data, out)
     flags[flags.index("--ckpt_every_steps") + 1] = "0"  # only the signal makes a mid-epoch checkpoint
     flags[flags.index("--num_workers") + 1] = "2"
-    proc = _start([sys.executable, "main_pretrain.py", *flags], new_session=True)
+    pid = _start(flags, log, os.setsid)  # a process group of its own, which its DataLoader workers join
     try:
-        assert _wait_for(proc, "Epoch: [1] [2/6]")
-        os.killpg(proc.pid, signal.SIGTERM)
-        rest = proc.communicate(timeout=300)[0]
-    finally:  # a run in its own session outlives a failed test otherwise
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 128 + signal.SIGTERM, rest[-2000:]
+        _wait_for(pid, log, "Epoch: [1] [2/6]")
+        os.killpg(pid, signal.SIGTERM)
+        code = wait_or_kill(pid, time.time() + 300)
+    finally:  # a run in its own process group outlives a failed test otherwise
+        with suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+        with suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+    rest = log.read_text()
+    assert code == 128 + signal.SIGTERM, rest[-2000:]
     assert "continue with --resume auto" in rest
     mid = sorted(p.name for p in out.glob("checkpoint-1-step*.pth"))
     assert len(mid) == 1, mid
@@ -123,13 +131,13 @@ def test_sigterm_to_the_group_checkpoints_at_the_exact_position_and_resume_is_ex
 
 
 # ---------------------------------------------------------------------------------------------
-def test_submitit_preempted_job_is_requeued_and_resumes_exactly(pretrain_reference, tmp_path):
+def test_submitit_preempted_job_is_requeued_and_resumes_exactly(pretrain_reference, tmp_path, monkeypatch):
     """A job on submitit's local executor, with the environment the reference run had (the
     number of threads changes the order of float sums, hence the last bits), preempted in its
     second epoch: it is requeued, resumes, and ends as the reference with each epoch logged once."""
     submitit = pytest.importorskip("submitit")
-    os.environ.update(ENV)
-    import main_pretrain
+    for name, value in ENV.items():  # the job's environment is this process's
+        monkeypatch.setenv(name, value)
     from util.cli.launcher import Trainer
 
     args = main_pretrain.get_args_parser().parse_args(resumable_flags(pretrain_reference.data, tmp_path / "%j"))
