@@ -27,6 +27,7 @@ from helpers import (
 from PIL import Image
 
 import dataset_stats
+import engine_finetune
 import main_finetune
 import main_linprobe
 import main_pretrain
@@ -213,7 +214,7 @@ def _classifier_transforms(entry_point, monkeypatch, tmp_path: Path, *flags: str
         built.update(train=train_tf, val=val_tf)
         raise _Stop
 
-    monkeypatch.setattr(entry_point, "classification_splits", capture)
+    monkeypatch.setattr(engine_finetune, "classification_splits", capture)  # both entry points' data
     start = entry_point.start
 
     def keep_run(*a, **k):
