@@ -137,6 +137,14 @@ def stale_temporary_of(name: str) -> str | None:
     return m.group(1)
 
 
+def remove_stale_temporaries(folder: str, of: Callable[[str], object]) -> None:
+    """Delete the temporary files in ``folder`` that killed processes left of the files whose names ``of`` accepts."""
+    for name in os.listdir(folder):
+        if of(stale_temporary_of(name) or "") and os.path.isfile(path := os.path.join(folder, name)):
+            with contextlib.suppress(FileNotFoundError):  # another process removed it first
+                os.remove(path)
+
+
 def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
     """Call ``write(f)`` on a temporary file in ``path``'s folder, flush it to disk, then rename it
     over ``path``: every file this project writes goes through here. A failed write (a full disk)
