@@ -52,8 +52,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         metavar="MODEL",
         help=f"one of: {', '.join(models_mae.MODELS)} (default: the --resume checkpoint's, else {FALLBACKS['model']})",
     )
-    add_input_size_arg(g, default=None)
-    add_in_chans_arg(g, default=None)
+    add_input_size_arg(g)
+    add_in_chans_arg(g)
     g.add_argument("--mask_ratio", default=0.75, type=float, help="fraction of patches removed")
     g.add_argument("--norm_pix_loss", action="store_true", help="use per-patch normalized pixels as targets")
     add_run_args(parser)
