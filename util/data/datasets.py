@@ -466,6 +466,11 @@ def _seed_cpu_generators(seed: int) -> None:
     torch.default_generator.manual_seed(seed)
 
 
+def evenly_spaced(count: int, total: int) -> list[int]:
+    """``count`` indices spread evenly over ``range(total)``, the first and last included."""
+    return np.unique(np.linspace(0, total - 1, count).round().astype(np.int64)).tolist()
+
+
 class ShardSampler(Sampler):
     """Rank r takes items r, r + world, r + 2*world, ...: every item exactly once over all ranks,
     with no padding duplicates (for evaluation)."""
