@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from util.cli.args import check_at_least
 from util.cli.errors import run_cli
-from util.data.datasets import pretrain_dataset
+from util.data.datasets import evenly_spaced, pretrain_dataset
 from util.data.normalization import show_values
 from util.memory import require
 from util.outputs import atomic_write, check_json_output, reported
@@ -101,8 +101,7 @@ def compute(args: argparse.Namespace) -> dict[str, Any]:
         check_json_output(args.json, "--json")  # before the work, not after it
     dataset = pretrain_dataset(args.data_path, PixelSums(args.input_size, max(args.num_workers, 1)))
     if 0 < args.max_images < len(dataset):
-        chosen = np.unique(np.linspace(0, len(dataset) - 1, args.max_images).round().astype(np.int64))
-        dataset.files = [dataset.files[i] for i in chosen]
+        dataset.files = [dataset.files[i] for i in evenly_spaced(args.max_images, len(dataset))]
     loader = DataLoader(dataset, batch_size=64, num_workers=args.num_workers)
     # Progress every tenth of a long computation (20 batches or more).
     total, done, report = 0, 0, max(len(dataset) // 10, 1) if len(loader) >= 20 else len(dataset) + 1

@@ -2,7 +2,6 @@
 linear probing."""
 
 import argparse
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -17,9 +16,8 @@ from util.data.channels import image_loader
 from util.data.datasets import classification_splits, eval_loader, eval_transform, train_loader
 from util.lr_sched import adjust_learning_rate
 from util.train import distributed, interrupt
-from util.train.checkpointer import Checkpointer, log_start
+from util.train.checkpointer import Checkpointer, training
 from util.train.precision import LossScaler, autocast
-from util.train.progress import RunLog, format_duration
 from util.train.run import Run, wrap_for_training
 from util.train.steps import accumulating, optimizer_step, to_device
 
@@ -162,13 +160,8 @@ def fit(
     resumed from it evaluates that epoch first, and logs it, as the uninterrupted run did.
     """
     args = state.args
-    run_log = RunLog(args.log_dir, args.output_dir, state.log)  # log.txt as the checkpoint's history has it
-    checkpointer = Checkpointer(state, run_log)
     state.extra.setdefault("max_accuracy", 0.0)
-    log_start(position.epoch, len(train_loader), args)
-    begin = time.time()
-    try:
-        checkpointer.stop_if_requested()  # a signal while the run was starting: stop before training
+    with training(state, position.epoch, len(train_loader)) as checkpointer:
         pending = state.extra.get("unevaluated")
         if pending is not None and position == Position(pending["epoch"] + 1):
             _evaluate_epoch(wrapped_model, val_loader, checkpointer)
@@ -182,9 +175,6 @@ def fit(
             checkpointer.end_epoch(epoch)  # its log line comes with the evaluation
             checkpointer.stop_if_requested()  # the resumed run evaluates this epoch
             _evaluate_epoch(wrapped_model, val_loader, checkpointer)
-    finally:
-        run_log.close()
-    log.info(f"training time {format_duration(time.time() - begin)}")
 
 
 def _evaluate_epoch(wrapped_model: torch.nn.Module, val_loader: DataLoader, checkpointer: Checkpointer) -> None:

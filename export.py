@@ -34,7 +34,7 @@ from util.checkpoint.load import StateDict, checksum_metadata, load_checkpoint, 
 from util.cli.errors import fail, run_cli
 from util.interop import hf as hf_interop
 from util.memory import require
-from util.outputs import atomic_write
+from util.outputs import atomic_write, sync_folder
 
 # Our classifier architectures as timm registered models (+ the kwargs that make them equal).
 TIMM_NAMES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -167,20 +167,12 @@ def write_folder(folder: str, files: dict[str, bytes]) -> None:
             if existed:
                 os.replace(old, folder)
             raise
-        _sync_folder(parent)
+        sync_folder(parent)
     except OSError as e:
         _cannot_write(folder, e, existed)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _sync_folder(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _cannot_write(path: str, error: OSError, existed: bool) -> NoReturn:

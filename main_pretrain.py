@@ -33,9 +33,9 @@ from util.eval import knn
 from util.eval.pictures import fixed_noise, load_images
 from util.outputs import check_outside_data
 from util.train import distributed, interrupt
-from util.train.checkpointer import Checkpointer, log_start
+from util.train.checkpointer import training
 from util.train.precision import LossScaler
-from util.train.progress import RunLog, format_duration
+from util.train.progress import RunLog
 from util.train.run import start, wrap_for_training
 
 # What --model, --input_size and --in_chans mean when not given and no checkpoint decides them.
@@ -52,8 +52,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         metavar="MODEL",
         help=f"one of: {', '.join(models_mae.MODELS)} (default: the --resume checkpoint's, else {FALLBACKS['model']})",
     )
-    add_input_size_arg(g, default=None)
-    add_in_chans_arg(g, default=None)
+    add_input_size_arg(g)
+    add_in_chans_arg(g)
     g.add_argument("--mask_ratio", default=0.75, type=float, help="fraction of patches removed")
     g.add_argument("--norm_pix_loss", action="store_true", help="use per-patch normalized pixels as targets")
     add_run_args(parser)
@@ -164,27 +164,18 @@ def main(flags: argparse.Namespace) -> None:
     wrapped_model = wrap_for_training(model, args)  # DDP and/or compiled: what the steps call
 
     picture = fixed_picture(dataset, model.num_patches, args)
-    run_log = RunLog(args.log_dir, args.output_dir, state.log)  # log.txt as the checkpoint's history has it
-    checkpointer = Checkpointer(state, run_log)
-
-    log_start(position.epoch, len(loader), args)
-    begin = time.time()
-    try:
-        checkpointer.stop_if_requested()  # a signal while the run was starting: stop before training
+    with training(state, position.epoch, len(loader)) as checkpointer:
         for epoch in range(position.epoch, args.epochs):
             start_step = position.steps_done(epoch)
             loader.sampler.set_epoch(epoch, skip=start_step * args.batch_size)  # skips what was trained
             train_stats = train_one_epoch(wrapped_model, loader, state, epoch, checkpointer, start_step)
             stats = {f"train_{k}": v for k, v in train_stats.items()}
             if knn_data is not None and ((epoch + 1) % args.knn_freq == 0 or epoch == args.epochs - 1):
-                stats.update(knn_monitor(model, knn_data, epoch, run_log, args))
+                stats.update(knn_monitor(model, knn_data, epoch, checkpointer.run_log, args))
             checkpointer.end_epoch(epoch, {**stats, "epoch": epoch})
             if picture and distributed.is_main_process() and (epoch % args.vis_freq == 0 or epoch == args.epochs - 1):
-                log_reconstructions(model, *picture, epoch, run_log, args)
+                log_reconstructions(model, *picture, epoch, checkpointer.run_log, args)
             checkpointer.stop_if_requested()
-    finally:
-        run_log.close()
-    log.info(f"training time {format_duration(time.time() - begin)}")
     distributed.cleanup()
     interrupt.uninstall()  # a finished run gives the process its signals back (Ctrl-C in a notebook)
 

@@ -34,8 +34,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", default="reconstruction.png", help="PNG to write")
     parser.add_argument("--model", default=None, help=f"one of {', '.join(models_mae.MODELS)} (default: inferred)")
     # default: the checkpoint's; it takes 1 or 2 values, so give it after the image files (or end it with --)
-    add_input_size_arg(parser, default=None)
-    add_in_chans_arg(parser, default=None)  # default: the checkpoint's patch embedding's
+    add_input_size_arg(parser)
+    add_in_chans_arg(parser)  # default: the checkpoint's patch embedding's
     parser.add_argument("--mask_ratio", default=0.75, type=float)
     parser.add_argument(
         "--norm_pix_loss", action=BooleanOptionalAction, help="predicts normalised patches (default: the checkpoint's)"

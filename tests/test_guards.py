@@ -140,8 +140,7 @@ def test_a_stop_asked_for_while_the_run_starts_stops_before_training(tmp_path, c
 
     from helpers import isolated_interrupts, make_dataset, run_pretrain
 
-    import main_pretrain
-    from util.train import interrupt
+    from util.train import checkpointer, interrupt
     from util.train.checkpointer import Checkpointer
 
     data, out = make_dataset(tmp_path / "data", 6), tmp_path / "out"
@@ -152,7 +151,7 @@ def test_a_stop_asked_for_while_the_run_starts_stops_before_training(tmp_path, c
             signal.raise_signal(signal.SIGTERM)
 
     with isolated_interrupts(), pytest.MonkeyPatch.context() as patch:
-        patch.setattr(main_pretrain, "Checkpointer", Signalled)
+        patch.setattr(checkpointer, "Checkpointer", Signalled)  # made by checkpointer.training
         with pytest.raises(interrupt.Interrupted, match=f"before training began; nothing new in {out} to save"):
             run_pretrain(data, out, "--epochs", "1")
     assert "Epoch: [" not in capsys.readouterr().out and not list(out.glob("checkpoint-*"))

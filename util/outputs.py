@@ -137,6 +137,14 @@ def stale_temporary_of(name: str) -> str | None:
     return m.group(1)
 
 
+def remove_stale_temporaries(folder: str, of: Callable[[str], object]) -> None:
+    """Delete the temporary files in ``folder`` that killed processes left of the files whose names ``of`` accepts."""
+    for name in os.listdir(folder):
+        if of(stale_temporary_of(name) or "") and os.path.isfile(path := os.path.join(folder, name)):
+            with contextlib.suppress(FileNotFoundError):  # another process removed it first
+                os.remove(path)
+
+
 def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
     """Call ``write(f)`` on a temporary file in ``path``'s folder, flush it to disk, then rename it
     over ``path``: every file this project writes goes through here. A failed write (a full disk)
@@ -152,11 +160,16 @@ def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    sync_folder(os.path.dirname(os.path.abspath(path)))
+
+
+def sync_folder(path: str) -> None:
+    """Flush the folder ``path`` to disk, so that a rename in it survives a power loss."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)
+        os.fsync(fd)
     finally:
-        os.close(dir_fd)
+        os.close(fd)
 
 
 def atomic_append(path: str, text: str) -> None:

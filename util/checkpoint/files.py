@@ -7,7 +7,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from util.outputs import atomic_write, stale_temporary_of
+from util.outputs import atomic_write, remove_stale_temporaries
 
 _NAME = re.compile(r"^checkpoint-(\d+)(?:-step(\d+))?\.pth$")
 
@@ -75,9 +75,7 @@ def prune(
 ) -> list[str]:
     """Delete stale temporaries and old checkpoints; return the checkpoints removed. Kept: the newest and
     ``just_written``; of complete epochs, the ``keep_last`` newest, every ``keep_every``-th and the final one."""
-    for name in os.listdir(output_dir):  # temporaries of writes a killed process never finished (ours are renamed)
-        if _NAME.match(stale_temporary_of(name) or "") and os.path.isfile(path := os.path.join(output_dir, name)):
-            os.remove(path)
+    remove_stale_temporaries(output_dir, _NAME.match)  # writes a killed process never finished (ours are renamed)
     if keep_last <= 0:
         return []  # keep everything
     paths = list_checkpoints(output_dir)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from util.checkpoint.rng import capture_rng, restore_rng
-from util.cli.errors import UserError, fail
+from util.cli.errors import UserError, fail, first_line
 from util.cli.log import log
 
 # What the official checkpoints and ours pickle besides tensors and plain containers.
@@ -82,7 +82,7 @@ def _load_file(path: str, shown: str) -> dict[str, Any]:
             f"load only checkpoints you trust and re-save their state dict"
         )
     except Exception as e:  # torch reports damaged files with many exception types
-        _not_torch(shown, f" ({_first_line(e)[:160]})")
+        _not_torch(shown, f" ({first_line(e)[:160]})")
     if not isinstance(ckpt, dict):
         fail(f"checkpoint {shown} holds a {type(ckpt).__name__}, not a dict of states; it is not an MAE checkpoint")
     return ckpt
@@ -92,10 +92,6 @@ def _not_torch(shown: str, why: str = "") -> None:
     fail(
         f"checkpoint {shown} is truncated or not a PyTorch checkpoint{why}; use an earlier checkpoint or write it again"
     )
-
-
-def _first_line(e: Exception) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def verify_zip(path: str, shown: str) -> None:
@@ -131,7 +127,7 @@ def load_safetensors(path: str, shown: str) -> dict[str, Any]:
             metadata = f.metadata() or {}
         state = load_file(path, device="cpu")
     except Exception as e:  # SafetensorError for damaged headers, OSError, ...
-        fail(f"checkpoint {shown} is truncated or not a safetensors file ({_first_line(e)[:160]}); write it again")
+        fail(f"checkpoint {shown} is truncated or not a safetensors file ({first_line(e)[:160]}); write it again")
     if CHECKSUM_KEY in metadata:
         verify_checksums(state, metadata[CHECKSUM_KEY], shown)
     try:

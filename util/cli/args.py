@@ -83,8 +83,8 @@ def add_classifier_args(parser: argparse.ArgumentParser, models: Iterable[str], 
     g = parser.add_argument_group("model")
     known = ", ".join(models)
     g.add_argument("--model", help=f"one of: {known} (default: --resume's or --finetune's, else {model})")
-    add_input_size_arg(g, default=None)
-    add_in_chans_arg(g, default=None)
+    add_input_size_arg(g)
+    add_in_chans_arg(g)
     g.add_argument("--finetune", default="", help="MAE checkpoint (file or URL) to start from")
     g.add_argument("--global_pool", action="store_true", help="average the patch tokens (then fc_norm)")
     g.add_argument("--cls_token", action="store_false", dest="global_pool", help="class token, not global pooling")
@@ -218,11 +218,10 @@ class InputSize(argparse.Action):
         setattr(namespace, self.dest, values[0] if square else list(values))
 
 
-def add_input_size_arg(group: argparse._ArgumentGroup, default: int | None) -> None:
-    """The ``--input_size`` flag of every entry point; ``image_size`` reads it."""
+def add_input_size_arg(group: argparse._ArgumentGroup) -> None:
+    """The ``--input_size`` flag of every entry point, None when not given; ``image_size`` reads it."""
     group.add_argument(
         "--input_size",
-        default=default,
         type=int,
         nargs="+",
         action=InputSize,
@@ -232,11 +231,10 @@ def add_input_size_arg(group: argparse._ArgumentGroup, default: int | None) -> N
     )
 
 
-def add_in_chans_arg(group: argparse._ArgumentGroup, default: int | None = 3) -> None:
-    """The ``--in_chans`` flag: image channels, read from the files as they are (see util/data/images.py)."""
+def add_in_chans_arg(group: argparse._ArgumentGroup) -> None:
+    """``--in_chans``, None when not given: image channels, read from the files as they are (util/data/images.py)."""
     group.add_argument(
         "--in_chans",
-        default=default,
         type=int,
         metavar="C",
         help="image channels: 3 reads files as RGB, 1 grayscale ones (8 or 16-bit) as they are, others multi-page "

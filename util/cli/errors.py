@@ -15,6 +15,11 @@ def fail(message: str) -> NoReturn:
     raise UserError(message)
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of ``error``'s message (its type's name when it has none), to quote in a one-line error."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 class NonFiniteLoss(UserError):
     """Training diverged: a loss, or the weights or optimizer state about to be saved, are not finite."""
 

@@ -92,6 +92,10 @@ def tensor_train_transform(
 ) -> Callable:
     """Random resized crop (bicubic, antialiased) to ``size`` and flip, normalised: the official
     augmentation, on a float tensor from ``load_channels``, or with ``rgb`` on an RGB PIL image."""
-    to_unit = transforms.ToTensor() if rgb else ClampUnit()
     crop = transforms.RandomResizedCrop(size, scale=scale, interpolation=BICUBIC)  # antialiased by default
-    return transforms.Compose([crop, transforms.RandomHorizontalFlip(), to_unit, transforms.Normalize(mean, std)])
+    return transforms.Compose([crop, transforms.RandomHorizontalFlip(), *normalised(mean, std, rgb)])
+
+
+def normalised(mean: Sequence[float], std: Sequence[float], rgb: bool) -> list[Callable]:
+    """The tail of every transform: an RGB PIL image (``rgb``) or a float tensor in [0, 1] to a normalised tensor."""
+    return [transforms.ToTensor() if rgb else ClampUnit(), transforms.Normalize(mean, std)]

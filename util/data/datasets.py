@@ -19,13 +19,13 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, is_image_file
 from util.cli.errors import UserError, fail
 from util.cli.log import log
 from util.data import memory_loader
-from util.data.channels import ClampUnit, eval_resize, image_loader, tensor_train_transform
+from util.data.channels import eval_resize, image_loader, normalised, tensor_train_transform
 from util.data.device_decode import RandomResizedCropFlipOnDevice, collate_encoded
 from util.data.fast_crop import FastRandomResizedCropFlip
 from util.data.images import load_rgb
 from util.data.normalization import IMAGENET_MEAN, IMAGENET_STD, check_norm
 from util.memory import require
-from util.sizes import image_size
+from util.sizes import image_size, shown_size
 from util.train import distributed, interrupt
 
 
@@ -387,10 +387,7 @@ def eval_transform(
     size = image_size(input_size)
     if in_chans != 3:
         check_norm(mean, std, in_chans)
-    to_tensor = transforms.ToTensor() if in_chans == 3 else ClampUnit()
-    return transforms.Compose(
-        [eval_resize(size), transforms.CenterCrop(size), to_tensor, transforms.Normalize(mean, std)]
-    )
+    return transforms.Compose([eval_resize(size), transforms.CenterCrop(size), *normalised(mean, std, in_chans == 3)])
 
 
 # Deterministic sampling
@@ -466,6 +463,11 @@ def _seed_cpu_generators(seed: int) -> None:
     torch.default_generator.manual_seed(seed)
 
 
+def evenly_spaced(count: int, total: int) -> list[int]:
+    """``count`` indices spread evenly over ``range(total)``, the first and last included."""
+    return np.unique(np.linspace(0, total - 1, count).round().astype(np.int64)).tolist()
+
+
 class ShardSampler(Sampler):
     """Rank r takes items r, r + world, r + 2*world, ...: every item exactly once over all ranks,
     with no padding duplicates (for evaluation)."""
@@ -490,7 +492,7 @@ def require_batch_memory(
     require(
         in_flight * batch_size * in_chans * height * width * value_bytes,
         f"{batch_size} x {in_chans} x {height} x {width} images a batch, {in_flight} batch(es) held at once "
-        f"(--input_size {height if height == width else f'{height} {width}'})",
+        f"(--input_size {shown_size(input_size)})",
         "lower --batch_size, --input_size or --num_workers",
     )
 

@@ -11,7 +11,6 @@ result equals the one-process result.
 import argparse
 from collections.abc import Callable, Sequence
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -22,7 +21,7 @@ from util.cli.args import check_at_least
 from util.cli.errors import fail
 from util.cli.log import log
 from util.data.channels import image_loader
-from util.data.datasets import ShardSampler, classification_splits, eval_transform, require_batch_memory
+from util.data.datasets import ShardSampler, classification_splits, eval_transform, evenly_spaced, require_batch_memory
 from util.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 from util.eval.linear import linear_accuracy
 from util.memory import require
@@ -165,8 +164,8 @@ def _subset(dataset: datasets.ImageFolder, size: int) -> tuple[Dataset, torch.Te
     labels = torch.tensor(dataset.targets)
     if size <= 0 or size >= len(dataset):
         return dataset, labels
-    indices = np.unique(np.linspace(0, len(dataset) - 1, size).round().astype(np.int64))
-    return Subset(dataset, indices.tolist()), labels[indices]
+    indices = evenly_spaced(size, len(dataset))
+    return Subset(dataset, indices), labels[indices]
 
 
 # The evaluation

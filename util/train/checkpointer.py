@@ -8,6 +8,7 @@ epoch, it saves when ``--ckpt_every_steps`` is due or a stop signal reached any 
 after that save. Every epoch ends with a checkpoint (``end_epoch``).
 """
 
+import contextlib
 import math
 import time
 from collections.abc import Iterable, Iterator
@@ -167,3 +168,19 @@ def log_start(first_epoch: int, iterations: int, args: Any) -> None:
         log.info(f"nothing to train: the run already finished its {args.epochs} epochs (--epochs)")
     else:
         log.info(f"start training at epoch {first_epoch} of {args.epochs}")
+
+
+@contextlib.contextmanager
+def training(state: TrainState, first_epoch: int, iterations: int) -> Iterator[Checkpointer]:
+    """An epoch loop's frame: log.txt as the checkpoint's history has it, the ``Checkpointer``, a stop asked for
+    during start-up taken before training, TensorBoard closed however the loop ends, the training time if it ends."""
+    run_log = RunLog(state.args.log_dir, state.args.output_dir, state.log)
+    checkpointer = Checkpointer(state, run_log)
+    log_start(first_epoch, iterations, state.args)
+    begin = time.time()
+    try:
+        checkpointer.stop_if_requested()
+        yield checkpointer
+    finally:
+        run_log.close()
+    log.info(f"training time {format_duration(time.time() - begin)}")

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import torch
 import torch.distributed as dist
 
-from util.cli.errors import fail
+from util.cli.errors import fail, first_line
 from util.cli.log import set_rank
 
 START_TIMEOUT_VAR = "MAE_DIST_START_TIMEOUT"
@@ -178,7 +178,8 @@ def join(world: World, backend: str, seconds: float) -> None:
         left = datetime.timedelta(seconds=max(deadline - time.monotonic(), 1.0))
         store, _, _ = next(dist.rendezvous(world.init_method, world.rank, world.size, timeout=left))
     except dist.DistError as e:  # rank 0: the others did not come, or its port is taken
-        fail(f"{waiting}: could not meet the job's other processes at {world.where} ({_first_line(e)}); {advice}")
+        reason = first_line(e).rstrip(".")
+        fail(f"{waiting}: could not meet the job's other processes at {world.where} ({reason}); {advice}")
     finally:
         notice.cancel()
     store.set_timeout(COLLECTIVE_TIMEOUT)
@@ -198,10 +199,6 @@ def _wait_for_listener(address: tuple[str, int], deadline: float, what: str, adv
             if time.monotonic() >= deadline:
                 fail(f"{what}: nothing listens there (rank 0 has not started); {advice}")
             time.sleep(0.25)
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(".")
 
 
 def is_dist() -> bool:

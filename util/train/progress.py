@@ -12,7 +12,7 @@ from typing import Any
 
 from util.cli.errors import fail
 from util.cli.log import log
-from util.outputs import atomic_append, atomic_write, stale_temporary_of
+from util.outputs import atomic_append, atomic_write, remove_stale_temporaries
 from util.train import distributed
 
 
@@ -138,7 +138,7 @@ class RunLog:
 
     def _rewrite(self) -> None:
         """Replace log.txt by the history, atomically (a kill leaves the old or the new file)."""
-        self._remove_stale_temporaries()
+        remove_stale_temporaries(os.path.dirname(self.log_path) or ".", lambda name: name == "log.txt")
         text = "".join(json.dumps(line) + "\n" for line in self.history)
         old = Path(self.log_path).read_text() if os.path.exists(self.log_path) else None
         if old == text:
@@ -147,14 +147,6 @@ class RunLog:
             log.info(f"{self.log_path}: rewritten with the {len(self.history)} epoch lines of the run's checkpoint")
         with self._writing():
             atomic_write(self.log_path, lambda f: f.write(text.encode("utf-8")))
-
-    def _remove_stale_temporaries(self) -> None:
-        """log.txt's temporary files left by runs killed while writing it."""
-        folder = os.path.dirname(self.log_path) or "."
-        for name in os.listdir(folder):
-            if stale_temporary_of(name) == os.path.basename(self.log_path):
-                with contextlib.suppress(IsADirectoryError, FileNotFoundError):
-                    os.remove(os.path.join(folder, name))
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[None]:
