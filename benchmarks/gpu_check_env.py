@@ -28,10 +28,10 @@ def nvidia_smi(fields: str) -> dict[str, str]:
         )
     except (OSError, subprocess.TimeoutExpired):
         return {}
-    if result.returncode:
+    lines = result.stdout.splitlines()
+    if result.returncode or not lines:
         return {}
-    values = result.stdout.splitlines()[0].split(", ")
-    return dict(zip(fields.split(","), values, strict=False))
+    return dict(zip(fields.split(","), lines[0].split(", "), strict=False))
 
 
 def versions(device: torch.device) -> dict[str, object]:
