@@ -171,6 +171,16 @@ def seconds_left() -> float | None:
     return float(deadline) - time.time() if deadline else None
 
 
+def time_for(record: PartRecord, what: str, seconds: float) -> bool:
+    """Whether ``seconds`` are left for ``what``; if not, it is left out (saying so), and the time goes to
+    the parts after this one rather than to a measurement the timeout would cut short."""
+    left = seconds_left()
+    if left is None or left >= seconds:
+        return True
+    record.error(f"{what}: left out, {left:.0f} s left of the part's time and it needs about {seconds}")
+    return False
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

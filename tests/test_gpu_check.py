@@ -1,6 +1,6 @@
 """benchmarks/gpu_check.sh --cpu: the GPU check's script runs here, at toy sizes, before device
-time is spent on it. A subset of its parts (env and cifar: about 15 s on 2 busy cores; all six take about 50)
-with env forced to crash: its error lands in the summary, the cifar part still gives its rows. In process:
+time is spent on it. A subset of its parts (tests and cifar: about 14 s on 2 busy cores; all six take about 50)
+with tests forced to crash: its error lands in the summary, the cifar part still gives its rows. In process:
 what only a GPU would show (running out of memory, a test that hangs, a part killed by its timeout)
 through the functions that handle it, and the fine-tuning step's FLOPs."""
 
@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import weakref
 
 import pytest
@@ -19,6 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import models_vit
 from benchmarks import gpu_check_summary
 from benchmarks.bench_pretrain import vit_train_flops
+from benchmarks.gpu_check_common import DEADLINE_ENV, PartRecord, time_for
 from benchmarks.gpu_check_step import first_that_fits
 from benchmarks.gpu_check_tests import count_verbose
 from util.cli.errors import fail
@@ -29,7 +31,7 @@ IMPLS = {"official_as_shipped", "official_in_our_loop", "ours_eager", "ours_comp
 
 def test_cpu_check_writes_the_summary_and_reports_a_crashed_part(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
-    env.update(GPU_CHECK_PARTS="env cifar", GPU_CHECK_FAIL="env")
+    env.update(GPU_CHECK_PARTS="tests cifar", GPU_CHECK_FAIL="tests")  # the parts that start quickest
     result = subprocess.run(
         ["bash", "benchmarks/gpu_check.sh", "--cpu"], cwd=REPO, env=env, capture_output=True, text=True, timeout=240
     )
@@ -37,8 +39,8 @@ def test_cpu_check_writes_the_summary_and_reports_a_crashed_part(tmp_path):
     summary = json.loads((tmp_path / "gpu_check.json").read_text())
     assert list(summary) == ["versions", "matmul_tflops", "cuda_tests", "step", "loader", "e2e", "errors"]
     assert isinstance(summary["versions"], dict) and summary["cuda_tests"] == {"passed": 0, "failed": 0}
-    assert summary["matmul_tflops"] is None  # the env part, which measures it, crashed
-    assert any(e.startswith("env: crashed: RuntimeError: forced failure") for e in summary["errors"]), summary
+    assert summary["matmul_tflops"] is None  # the env part, which measures it, did not run
+    assert any(e.startswith("tests: crashed: RuntimeError: forced failure") for e in summary["errors"]), summary
     assert all(isinstance(e, str) and "\n" not in e for e in summary["errors"])
 
     # The study's pre-training step eager and compiled, and its fine-tuning step (at toy size).
@@ -133,3 +135,15 @@ def test_fine_tuning_flops_match_a_hand_count_and_torchs_counter():
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         small(torch.randn(2, 3, 32, 32))
     assert counter.get_total_flops() * 3 == vit_train_flops(small, batch=2)
+
+
+def test_a_measurement_without_time_for_it_is_left_out_and_said(tmp_path, monkeypatch):
+    record = PartRecord("step", tmp_path / "step.json")
+    monkeypatch.setenv(DEADLINE_ENV, str(time.time() + 30.4))  # gpu_check.sh's kill comes in 30 s
+    assert time_for(record, "largest batch", 20) and record.errors == []
+    assert not time_for(record, "largest batch", 70)
+    assert json.loads((tmp_path / "step.json").read_text())["errors"] == [
+        "step: largest batch: left out, 30 s left of the part's time and it needs about 70"
+    ]
+    monkeypatch.delenv(DEADLINE_ENV)  # run on its own: no deadline
+    assert time_for(record, "largest batch", 10**6)
