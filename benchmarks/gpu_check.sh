@@ -38,6 +38,8 @@ for part in $PARTS; do
     [[ -v "BUDGET[$part]" ]] || { echo "error: GPU_CHECK_PARTS: no part $part; the parts: ${!BUDGET[*]}" >&2; exit 2; }
 done
 mkdir -p "$OUT"
+LOG=$OUT/gpu_check.log # every part's output as it comes: kept if the whole command is stopped
+: >"$LOG"
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 export PYTHONUNBUFFERED=1
@@ -56,17 +58,17 @@ start=$SECONDS
 for part in $PARTS; do
     # A part may use what the parts before it left of their budgets, never what the later ones have.
     limit=$((TOTAL - (SECONDS - start) - RESERVE - $(later_budgets "$part")))
+    echo "===== $part" >>"$LOG"
     if ((limit < 5)); then
         echo skipped >"$WORK/$part.rc"
     else
         began=$SECONDS
         GPU_CHECK_PART_DEADLINE=$(($(date +%s) + limit)) timeout -k 5 "$limit" \
-            "$PYTHON" -m "benchmarks.gpu_check_$part" --work "$WORK" "${MODE_FLAG[@]}" >"$WORK/$part.log" 2>&1
+            "$PYTHON" -m "benchmarks.gpu_check_$part" --work "$WORK" "${MODE_FLAG[@]}" >>"$LOG" 2>&1
         echo $? >"$WORK/$part.rc"
-        echo "$part: status $(cat "$WORK/$part.rc"), $((SECONDS - began)) s of $limit"
+        echo "$part: status $(cat "$WORK/$part.rc"), $((SECONDS - began)) s of $limit" | tee -a "$LOG"
     fi
     "$PYTHON" -m benchmarks.gpu_check_summary --work "$WORK" --out "$OUT"
-    for p in $PARTS; do [[ -f $WORK/$p.log ]] && { echo "===== $p"; cat "$WORK/$p.log"; }; done >"$OUT/gpu_check.log"
 done
 "$PYTHON" -m benchmarks.gpu_check_summary --work "$WORK" --out "$OUT" --print
 echo "wrote $OUT/gpu_check.json, $OUT/gpu_check.md and $OUT/gpu_check.log in $((SECONDS - start)) s"

@@ -47,7 +47,7 @@ def pretrain_impls(record: PartRecord, sizes: Sizes, device: torch.device, peak:
 def memory_loader(sizes: Sizes, device: torch.device) -> MemoryLoader:
     """``--loader memory`` over random uint8 images (the crops cost the same whatever the pixels)."""
     shape = (sizes.cifar_images, 3, sizes.cifar_size, sizes.cifar_size)
-    require(math.prod(shape), f"{shape[0]} synthetic {shape[2]}-px images", "run it on a larger device", device)
+    require(math.prod(shape), f"{shape[0]} synthetic {shape[2]}-px images", "free the GPU's memory", device)
     images = torch.randint(0, 256, shape, dtype=torch.uint8, device=device)
     return MemoryLoader(images, SeededSampler(len(images), seed=0), sizes.cifar_batch, sizes.cifar_size)
 
@@ -55,8 +55,9 @@ def memory_loader(sizes: Sizes, device: torch.device) -> MemoryLoader:
 def loader_row(record: PartRecord, sizes: Sizes, device: torch.device) -> None:
     batches = endless_batches(memory_loader(sizes, device), device)
     elapsed, _ = time_steps(lambda imgs: None, batches.__next__, LOADER_BATCHES, sizes.warmup, device)
-    row = {"loader": "memory", "workers": 0, "input_size": sizes.cifar_size, "batch": sizes.cifar_batch}
-    record.row("loader", {**row, "img_s": LOADER_BATCHES * sizes.cifar_batch / elapsed, "images": sizes.cifar_images})
+    fields = {"loader": "memory", "workers": 0, "input_size": sizes.cifar_size, "batch": sizes.cifar_batch}
+    rate = LOADER_BATCHES * sizes.cifar_batch / elapsed
+    record.row("loader", {**fields, "img_s": rate, "images": sizes.cifar_images})
 
 
 def e2e_row(record: PartRecord, compiled: Impl, sizes: Sizes, device: torch.device) -> None:
@@ -64,8 +65,8 @@ def e2e_row(record: PartRecord, compiled: Impl, sizes: Sizes, device: torch.devi
     batches = endless_batches(memory_loader(sizes, device), device)
     elapsed, waited = time_steps(compiled.step, batches.__next__, sizes.e2e_steps, sizes.e2e_warmup, device)
     rate = sizes.e2e_steps * sizes.cifar_batch / elapsed
-    row = {"model": sizes.cifar_model, "pipeline": "ours_memory", "img_s": rate, "workers": 0}
-    record.row("e2e", {**row, "data_wait": waited / elapsed, "input_size": sizes.cifar_size})
+    fields = {"model": sizes.cifar_model, "pipeline": "ours_memory", "img_s": rate, "workers": 0}
+    record.row("e2e", {**fields, "data_wait": waited / elapsed, "input_size": sizes.cifar_size})
 
 
 def finetune_step(sizes: Sizes, device: torch.device, compiled: bool) -> Impl:

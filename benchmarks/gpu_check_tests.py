@@ -55,7 +55,8 @@ def count_verbose(lines: list[str]) -> tuple[dict[str, int], list[str], str | No
 
 
 def run_pytest(command: list[str], log: Path, seconds: float | None) -> int | None:
-    """pytest's exit status, or None where it was stopped after ``seconds``; its output in ``log``."""
+    """pytest's exit status, or None where it was stopped after ``seconds``; its output in ``log``, and
+    printed (into gpu_check.log) however it ends."""
     with open(log, "w") as out:
         process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -69,6 +70,7 @@ def run_pytest(command: list[str], log: Path, seconds: float | None) -> int | No
                     process.wait(timeout=5)
                 except subprocess.TimeoutExpired:
                     os.killpg(process.pid, signal.SIGKILL)
+            print(log.read_text(errors="replace"), flush=True)
 
 
 def main(record: PartRecord, sizes: Sizes, device: torch.device) -> None:
@@ -78,7 +80,6 @@ def main(record: PartRecord, sizes: Sizes, device: torch.device) -> None:
     left = seconds_left()
     status = run_pytest([*command, "tests/test_cuda.py"], log, None if left is None else left - MARGIN_S)
     lines = log.read_text(errors="replace").splitlines()
-    print("\n".join(lines), flush=True)  # into gpu_check.log
     if status is None:
         counts, failed, running = count_verbose(lines)
         for name in failed:
