@@ -16,7 +16,7 @@ from timm.loss import SoftTargetCrossEntropy
 import models_mae
 import models_vit
 from benchmarks.bench_pretrain import endless_batches, mae_train_flops, reset_memory, time_steps, vit_train_flops
-from benchmarks.gpu_check_common import PartRecord, Sizes, run_part, time_for
+from benchmarks.gpu_check_common import PartRecord, Sizes, as_in_training, run_part, time_for
 from benchmarks.gpu_check_step import MASK_RATIO, Impl, compile_backend, interleave, ours, peak_tflops, row
 from util.data.datasets import SeededSampler
 from util.data.memory_loader import MemoryLoader
@@ -103,9 +103,7 @@ def finetune_row(record: PartRecord, sizes: Sizes, device: torch.device, peak: f
 
 
 def main(record: PartRecord, sizes: Sizes, device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # as util.train.run.start does for training
-        torch.backends.cudnn.allow_tf32 = True
+    as_in_training(device)
     peak = peak_tflops(record, sizes, device)
     compiled = record.attempt("pre-training step", lambda: pretrain_impls(record, sizes, device, peak))
     record.attempt("memory loader", lambda: loader_row(record, sizes, device))

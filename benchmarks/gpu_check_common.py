@@ -181,6 +181,15 @@ def time_for(record: PartRecord, what: str, seconds: float) -> bool:
     return False
 
 
+def as_in_training(device: torch.device) -> None:
+    """cuDNN's autotuning and TF32, as util.train.run.start sets them for training (the official
+    main_pretrain.py autotunes too)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

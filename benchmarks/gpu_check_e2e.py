@@ -24,7 +24,7 @@ from torchvision import datasets
 import models_mae
 from benchmarks import gpu_check_official as official
 from benchmarks.bench_pretrain import build_loader, build_step, endless_batches, time_steps
-from benchmarks.gpu_check_common import PartRecord, Sizes, data_path, image_folder, run_part, sync
+from benchmarks.gpu_check_common import PartRecord, Sizes, as_in_training, data_path, image_folder, run_part, sync
 from util.data.datasets import IMAGENET_MEAN, IMAGENET_STD
 from util.data.device_decode import FALLBACKS
 
@@ -135,9 +135,7 @@ def ours(record: PartRecord, sizes: Sizes, device: torch.device) -> None:
 
 
 def main(record: PartRecord, sizes: Sizes, device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True  # as both main_pretrain.py do
+    as_in_training(device)
     record.attempt("e2e official", lambda: official_pipeline(record, sizes, device))
     record.attempt("e2e ours", lambda: ours(record, sizes, device))
 

@@ -28,7 +28,7 @@ from torch import nn
 import models_mae
 from benchmarks import gpu_check_official as official
 from benchmarks.bench_pretrain import build_step, mae_train_flops, make_step, reset_memory
-from benchmarks.gpu_check_common import PartRecord, Sizes, matmul_tflops, run_part, sync, time_for
+from benchmarks.gpu_check_common import PartRecord, Sizes, as_in_training, matmul_tflops, run_part, sync, time_for
 from util import memory
 from util.cli.errors import UserError
 
@@ -232,9 +232,7 @@ def peak_tflops(record: PartRecord, sizes: Sizes, device: torch.device) -> float
 
 
 def main(record: PartRecord, sizes: Sizes, device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # as util.train.run.start does for training
-        torch.backends.cudnn.allow_tf32 = True
+    as_in_training(device)
     peak = peak_tflops(record, sizes, device)
     record.set("peak_tflops", peak)
     rows = {}
