@@ -15,7 +15,7 @@ import torchvision
 from torchvision.io import decode_jpeg, encode_jpeg
 
 from benchmarks import gpu_check_official
-from benchmarks.gpu_check_common import PartRecord, Sizes, matmul_tflops, run_part, time_calls
+from benchmarks.gpu_check_common import PartRecord, Sizes, matmul_tflops, run_part, sync, time_calls
 
 CLOCK_FIELDS = "clocks.sm,clocks.mem,clocks.max.sm,clocks.max.mem,temperature.gpu,power.draw,pstate"
 
@@ -72,6 +72,7 @@ def decode_list_works(device: torch.device) -> bool:
         ramp = torch.linspace(0, 255, w).expand(h, w) * 0.5 + torch.linspace(0, 127, h)[:, None]
         images.append(torch.stack([ramp, ramp.flip(1), 255 - ramp]).to(torch.uint8))
     decoded = decode_jpeg([encode_jpeg(i, quality=95) for i in images], device=device)
+    sync(device)  # nvJPEG decodes on a stream of its own: the whole device, before reading the pixels
     for got, want in zip(decoded, images, strict=True):
         if got.shape != want.shape or got.device.type != device.type:
             return False
