@@ -107,13 +107,15 @@ def study_lines(cifar: dict[str, Any] | None) -> list[str]:
             f"{PLAN_PEAK_TFLOPS} (it assumes 15%): python recipes/cifar10_gpu/plan.py --model {r['model']} "
             f"--mfu {plan_mfu:.3f}"
         )
-    memory, e2e = _median_rate(rows.get("loader", []), loader="memory"), _median_rate(rows.get("e2e", []))
+    memory = _median_rate(rows.get("loader", []), loader="memory")
     compiled = pretrain.get("ours_compiled")
     if memory and compiled:
         lines.append(f"memory loader alone: {memory:,.0f} img/s, {memory / compiled['img_s']:.1f}x the compiled step")
-    if e2e and compiled:
-        share = e2e / compiled["img_s"]
-        lines.append(f"compiled step fed by the memory loader: {e2e:,.0f} img/s, {share:.0%} of the step alone")
+    for pipeline, impl in (("ours_memory", "ours_compiled"), ("ours_memory_eager", "ours_eager")):
+        fed, alone = _median_rate(rows.get("e2e", []), pipeline=pipeline), pretrain.get(impl)
+        if fed and alone:
+            share = fed / alone["img_s"]
+            lines.append(f"{impl} step fed by the memory loader: {fed:,.0f} img/s, {share:.0%} of the step alone")
     for r in step:
         if r.get("variant") == "fine-tuning":
             lines.append(f"{r['model']} fine-tuning {r['impl']}: {r['img_s']:,.0f} img/s, {r['mfu']:.1%} MFU")
