@@ -86,6 +86,19 @@ def mae_train_flops(model: models_mae.MaskedAutoencoderViT, batch: int, mask_rat
     return 3 * batch * forward
 
 
+def vit_train_flops(model: torch.nn.Module, batch: int) -> int:
+    """FLOPs of one fine-tuning step of a ViT classifier (models_vit) on ``batch`` images: the
+    encoder on every patch and the class token, the patch embedding and the head; 3x the forward."""
+    patches = model.patch_embed.num_patches
+    tokens = patches + model.num_prefix_tokens
+    proj = model.patch_embed.proj
+    patch_dim = proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1]
+    forward = 2 * patches * patch_dim * proj.out_channels
+    forward += sum(_block_flops(b, tokens) for b in model.blocks)
+    forward += 2 * model.head.in_features * model.head.out_features if isinstance(model.head, torch.nn.Linear) else 0
+    return 3 * batch * forward
+
+
 # ---------------------------------------------------------------------------------------------
 # Building blocks
 def build_step(args: Namespace, precision: str, plain: bool) -> tuple[models_mae.MaskedAutoencoderViT, Step]:

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The first-contact check of a GPU (issue 18), in one command of at most 8 minutes on a bare H200:
 # the environment (versions, clocks, matmul peak, copy rate, GPU JPEG decoding), the CUDA tests,
-# the training step (official code against ours), the loaders, and end to end. Every part runs
-# under its own timeout, so one failure never stops the rest; the summary (gpu_check.json in the
-# issue's format, gpu_check.md) is rewritten after each part in $OUT, with gpu_check.log.
+# what the CIFAR-10 study needs (issue 19: its steps, the memory loader), the training step (official
+# code against ours), the loaders, and end to end. Every part runs under its own timeout, so one
+# failure never stops the rest; the summary (gpu_check.json in the issue's format, gpu_check.md) is
+# rewritten after each part in $OUT, with gpu_check.log.
 #
 #   bash benchmarks/gpu_check.sh          # on the GPU; benchmarks/README.md gives the device run
 #   bash benchmarks/gpu_check.sh --cpu    # every part at toy sizes on a CPU, in under 2 minutes
@@ -12,46 +13,62 @@
 # (bash benchmarks/fetch_official.sh PATH_TO_MAE_CLONE) and benchmarks/jpeg_subset
 # (python -m benchmarks.make_jpeg_subset). Without them the parts that need them record why.
 # Environment: OUT (default gpu_check_out), PYTHON (default python3), GPU_CHECK_PARTS (a subset
-# of "env tests step loader e2e", in that order), GPU_CHECK_SECONDS (the whole budget),
+# of "env tests cifar step loader e2e", in that order), GPU_CHECK_SECONDS (the whole budget),
 # GPU_CHECK_FAIL=<part> (that part crashes at its start: a test of the summary's errors).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 MODE_FLAG=()
 if [[ ${1:-} == --cpu ]]; then
     MODE_FLAG=(--cpu)
-    declare -A BUDGET=([env]=20 [tests]=40 [step]=45 [loader]=30 [e2e]=45)
-    TOTAL=${GPU_CHECK_SECONDS:-115}
+    declare -A BUDGET=([env]=15 [tests]=20 [cifar]=20 [step]=25 [loader]=15 [e2e]=15)
+    TOTAL=${GPU_CHECK_SECONDS:-120}
 elif [[ $# -gt 0 ]]; then
     echo "usage: bash benchmarks/gpu_check.sh [--cpu]" >&2
     exit 2
 else
-    # Seconds per part on the H200; compilation (inductor) is most of step and e2e.
-    declare -A BUDGET=([env]=30 [tests]=120 [step]=180 [loader]=45 [e2e]=100)
-    TOTAL=${GPU_CHECK_SECONDS:-470}
+    # Seconds per part on the H200 (the total less RESERVE); compilation (inductor) is most of cifar, step
+    # and e2e. What a part leaves of its budget goes to the next ones (mostly to step).
+    declare -A BUDGET=([env]=25 [tests]=110 [cifar]=75 [step]=150 [loader]=40 [e2e]=70)
+    TOTAL=${GPU_CHECK_SECONDS:-480}
 fi
 OUT=${OUT:-gpu_check_out}
 PYTHON=${PYTHON:-python3}
-PARTS=${GPU_CHECK_PARTS:-env tests step loader e2e}
+PARTS=${GPU_CHECK_PARTS:-env tests cifar step loader e2e}
+for part in $PARTS; do
+    [[ -v "BUDGET[$part]" ]] || { echo "error: GPU_CHECK_PARTS: no part $part; the parts: ${!BUDGET[*]}" >&2; exit 2; }
+done
 mkdir -p "$OUT"
+LOG=$OUT/gpu_check.log # every part's output as it comes: kept if the whole command is stopped
+: >"$LOG"
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 export PYTHONUNBUFFERED=1
+RESERVE=10 # seconds kept for the last part's kill (timeout -k 5) and the last summary
+
+later_budgets() { # the budgets of the parts after $1: kept for them whatever the parts before take
+    local sum=0 after=0 p
+    for p in $PARTS; do
+        ((after)) && sum=$((sum + BUDGET[$p]))
+        [[ $p == "$1" ]] && after=1
+    done
+    echo "$sum"
+}
 
 start=$SECONDS
 for part in $PARTS; do
-    left=$((TOTAL - (SECONDS - start) - 5)) # keep a few seconds for the last summary
-    limit=$((BUDGET[$part] < left ? BUDGET[$part] : left))
+    # A part may use what the parts before it left of their budgets, never what the later ones have.
+    limit=$((TOTAL - (SECONDS - start) - RESERVE - $(later_budgets "$part")))
+    echo "===== $part" >>"$LOG"
     if ((limit < 5)); then
         echo skipped >"$WORK/$part.rc"
     else
         began=$SECONDS
-        timeout -k 5 "$limit" "$PYTHON" -m "benchmarks.gpu_check_$part" --work "$WORK" "${MODE_FLAG[@]}" \
-            >"$WORK/$part.log" 2>&1
+        GPU_CHECK_PART_DEADLINE=$(($(date +%s) + limit)) timeout -k 5 "$limit" \
+            "$PYTHON" -m "benchmarks.gpu_check_$part" --work "$WORK" "${MODE_FLAG[@]}" >>"$LOG" 2>&1
         echo $? >"$WORK/$part.rc"
-        echo "$part: status $(cat "$WORK/$part.rc"), $((SECONDS - began)) s of $limit"
+        echo "$part: status $(cat "$WORK/$part.rc"), $((SECONDS - began)) s of $limit" | tee -a "$LOG"
     fi
     "$PYTHON" -m benchmarks.gpu_check_summary --work "$WORK" --out "$OUT"
-    for p in $PARTS; do [[ -f $WORK/$p.log ]] && { echo "===== $p"; cat "$WORK/$p.log"; }; done >"$OUT/gpu_check.log"
 done
 "$PYTHON" -m benchmarks.gpu_check_summary --work "$WORK" --out "$OUT" --print
 echo "wrote $OUT/gpu_check.json, $OUT/gpu_check.md and $OUT/gpu_check.log in $((SECONDS - start)) s"

@@ -23,6 +23,7 @@ from util.outputs import atomic_write
 
 REPO = Path(__file__).resolve().parents[1]
 FAIL_ENV = "GPU_CHECK_FAIL"  # a part named here crashes at its start: checks that the others carry on
+DEADLINE_ENV = "GPU_CHECK_PART_DEADLINE"  # gpu_check.sh: when (epoch seconds) the part's timeout kills it
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,14 @@ class Sizes:
     e2e_steps: int
     e2e_warmup: int
     precision: str  # ours; the official step as shipped is fp16 autocast (off without CUDA)
+    # The CIFAR-10 study's (recipes/cifar10_gpu): its pre-training and fine-tuning steps, and the
+    # memory loader over as many synthetic images as CIFAR-10 has, alone and feeding the step.
+    cifar_model: str
+    cifar_size: int
+    cifar_batch: int
+    cifar_ft_model: str
+    cifar_ft_batch: int
+    cifar_images: int
 
 
 GPU = Sizes(
@@ -60,6 +69,12 @@ GPU = Sizes(
     e2e_steps=24,
     e2e_warmup=6,
     precision="bf16",
+    cifar_model="mae_vit_tiny_patch2",
+    cifar_size=32,
+    cifar_batch=1024,
+    cifar_ft_model="vit_tiny_patch2",
+    cifar_ft_batch=512,
+    cifar_images=50_000,
 )
 # Toy sizes for a CPU: every code path of the GPU run, in seconds.
 CPU = Sizes(
@@ -78,6 +93,12 @@ CPU = Sizes(
     e2e_steps=3,
     e2e_warmup=1,
     precision="fp32",
+    cifar_model="mae_vit_mini_patch4",
+    cifar_size=32,
+    cifar_batch=8,
+    cifar_ft_model="vit_mini_patch4",
+    cifar_ft_batch=8,
+    cifar_images=64,
 )
 
 
@@ -142,6 +163,31 @@ def _run(part: str, body: Callable, record: PartRecord, sizes: Sizes, device: to
         raise RuntimeError("CUDA is not available; run with --cpu for the toy sizes on a CPU")
     body(record, sizes, device)
     return True
+
+
+def seconds_left() -> float | None:
+    """Seconds until gpu_check.sh's timeout kills this part (None when run on its own)."""
+    deadline = os.environ.get(DEADLINE_ENV)
+    return float(deadline) - time.time() if deadline else None
+
+
+def time_for(record: PartRecord, what: str, seconds: float) -> bool:
+    """Whether ``seconds`` are left for ``what``; if not, it is left out (saying so), and the time goes to
+    the parts after this one rather than to a measurement the timeout would cut short."""
+    left = seconds_left()
+    if left is None or left >= seconds:
+        return True
+    record.error(f"{what}: left out, {left:.0f} s left of the part's time and it needs about {seconds}")
+    return False
+
+
+def as_in_training(device: torch.device) -> None:
+    """cuDNN's autotuning and TF32, as util.train.run.start sets them for training (the official
+    main_pretrain.py autotunes too)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 def sync(device: torch.device) -> None:

@@ -7,6 +7,7 @@ memory, the same workers), into its own ``engine_pretrain.train_one_epoch`` (fp1
 scaler, a host sync per step), timed over whole calls of it after a warm-up call.
 """
 
+import contextlib
 import itertools
 import math
 import time
@@ -23,7 +24,7 @@ from torchvision import datasets
 import models_mae
 from benchmarks import gpu_check_official as official
 from benchmarks.bench_pretrain import build_loader, build_step, endless_batches, time_steps
-from benchmarks.gpu_check_common import PartRecord, Sizes, data_path, image_folder, run_part, sync
+from benchmarks.gpu_check_common import PartRecord, Sizes, as_in_training, data_path, image_folder, run_part, sync
 from util.data.datasets import IMAGENET_MEAN, IMAGENET_STD
 from util.data.device_decode import FALLBACKS
 
@@ -60,6 +61,16 @@ def official_loader(sizes: Sizes, images: int) -> torch.utils.data.DataLoader:
     )
 
 
+@contextlib.contextmanager
+def official_exit_as_error() -> Iterator[None]:
+    """The official train_one_epoch calls sys.exit(1) on a non-finite loss: an error of this row, not
+    the end of the part (our rows come after it)."""
+    try:
+        yield
+    except SystemExit as e:
+        raise RuntimeError(f"the official train_one_epoch exited with status {e.code} (a non-finite loss)") from e
+
+
 def official_pipeline(record: PartRecord, sizes: Sizes, device: torch.device) -> None:
     reason = official.missing_reason()
     if reason:
@@ -74,7 +85,7 @@ def official_pipeline(record: PartRecord, sizes: Sizes, device: torch.device) ->
     batches = iter(loader)
     # On a CPU its per-step torch.cuda.synchronize() has no device to wait for (and would raise).
     no_sync = mock.patch.object(torch.cuda, "synchronize", lambda *a, **k: None) if device.type == "cpu" else None
-    with no_sync or mock.patch.dict({}):
+    with no_sync or mock.patch.dict({}), official_exit_as_error():
         code.engine_pretrain.train_one_epoch(
             model, Batches(batches, sizes.e2e_warmup), optimizer, device, 0, scaler, args=args
         )
@@ -124,9 +135,7 @@ def ours(record: PartRecord, sizes: Sizes, device: torch.device) -> None:
 
 
 def main(record: PartRecord, sizes: Sizes, device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True  # as both main_pretrain.py do
+    as_in_training(device)
     record.attempt("e2e official", lambda: official_pipeline(record, sizes, device))
     record.attempt("e2e ours", lambda: ours(record, sizes, device))
 

@@ -15,7 +15,7 @@ import torchvision
 from torchvision.io import decode_jpeg, encode_jpeg
 
 from benchmarks import gpu_check_official
-from benchmarks.gpu_check_common import PartRecord, Sizes, matmul_tflops, run_part, time_calls
+from benchmarks.gpu_check_common import PartRecord, Sizes, matmul_tflops, run_part, sync, time_calls
 
 CLOCK_FIELDS = "clocks.sm,clocks.mem,clocks.max.sm,clocks.max.mem,temperature.gpu,power.draw,pstate"
 
@@ -28,10 +28,10 @@ def nvidia_smi(fields: str) -> dict[str, str]:
         )
     except (OSError, subprocess.TimeoutExpired):
         return {}
-    if result.returncode:
+    lines = result.stdout.splitlines()
+    if result.returncode or not lines:
         return {}
-    values = result.stdout.splitlines()[0].split(", ")
-    return dict(zip(fields.split(","), values, strict=False))
+    return dict(zip(fields.split(","), lines[0].split(", "), strict=False))
 
 
 def versions(device: torch.device) -> dict[str, object]:
@@ -72,6 +72,7 @@ def decode_list_works(device: torch.device) -> bool:
         ramp = torch.linspace(0, 255, w).expand(h, w) * 0.5 + torch.linspace(0, 127, h)[:, None]
         images.append(torch.stack([ramp, ramp.flip(1), 255 - ramp]).to(torch.uint8))
     decoded = decode_jpeg([encode_jpeg(i, quality=95) for i in images], device=device)
+    sync(device)  # nvJPEG decodes on a stream of its own: the whole device, before reading the pixels
     for got, want in zip(decoded, images, strict=True):
         if got.shape != want.shape or got.device.type != device.type:
             return False

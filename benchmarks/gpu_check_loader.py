@@ -25,7 +25,8 @@ def main(record: PartRecord, sizes: Sizes, device: torch.device) -> None:
         def measure(loader: str = loader) -> None:
             FALLBACKS.reset()
             result = bench_loader(args, loader, sizes.workers)
-            row = {"loader": loader, "workers": sizes.workers, "img_s": result["images_per_s"]}
+            row = {"loader": loader, "workers": sizes.workers, "input_size": args.input_size, "batch": args.batch_size}
+            row["img_s"] = result["images_per_s"]
             if loader == "device":
                 row["cpu_fallbacks"] = FALLBACKS.count  # images the GPU's decoder refused
             record.row("loader", row)

@@ -13,10 +13,14 @@ from typing import Any
 
 from util.outputs import atomic_write
 
-PARTS = ("env", "tests", "step", "loader", "e2e")
+PLAN_PEAK_TFLOPS = 790  # recipes/cifar10_gpu/plan.py's PEAK_TFLOPS, which its --mfu is a fraction of
+PARTS = ("env", "tests", "cifar", "step", "loader", "e2e")
 TABLES = {
-    "step": ("model", "impl", "variant", "batch", "img_s", "img_s_min", "img_s_max", "mfu", "peak_mem_gib"),
-    "loader": ("loader", "workers", "img_s", "cpu_fallbacks"),
+    "step": (
+        *("model", "impl", "variant", "input_size", "batch"),
+        *("img_s", "img_s_min", "img_s_max", "mfu", "peak_mem_gib"),
+    ),
+    "loader": ("loader", "workers", "input_size", "batch", "img_s", "cpu_fallbacks"),
     "e2e": ("model", "pipeline", "workers", "img_s", "data_wait", "cpu_fallbacks"),
 }
 
@@ -41,7 +45,8 @@ def part_errors(work: Path, part: str, record: dict | None) -> list[str]:
 
 
 def summarize(work: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The summary (exactly the issue's keys) and the extra readings the Markdown shows."""
+    """The summary (exactly the issue's keys) and the extra readings the Markdown shows (``study``: the
+    CIFAR-10 study's lines)."""
     records = {part: read_part(work, part) for part in PARTS}
     values = {k: v for r in records.values() if r for k, v in r["values"].items()}
     versions = dict(values.get("versions", {}))
@@ -60,7 +65,7 @@ def summarize(work: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     for record in records.values():
         for table, rows in (record or {}).get("rows", {}).items():
             summary[table] += rows
-    return summary, values
+    return summary, {**values, "study": study_lines(records["cifar"])}
 
 
 def _median_rate(rows: list[dict], **match: Any) -> float | None:
@@ -88,6 +93,35 @@ def targets(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+def study_lines(cifar: dict[str, Any] | None) -> list[str]:
+    """What recipes/cifar10_gpu (issue 19) plans with, from the cifar part's rows: its pre-training step's
+    MFU (plan.py assumed 15%), the memory loader and the step it feeds against the step alone, the
+    fine-tuning step."""
+    rows = (cifar or {}).get("rows", {})
+    step, lines = rows.get("step", []), []
+    pretrain = {r["impl"]: r for r in step if r.get("variant") != "fine-tuning"}
+    for impl, r in sorted(pretrain.items()):
+        plan_mfu = r["tflops"] / PLAN_PEAK_TFLOPS
+        lines.append(
+            f"{r['model']} {impl}: {r['img_s']:,.0f} img/s, {r['tflops']:.1f} TFLOP/s, {plan_mfu:.1%} of plan.py's "
+            f"{PLAN_PEAK_TFLOPS} (it assumes 15%): python recipes/cifar10_gpu/plan.py --model {r['model']} "
+            f"--mfu {plan_mfu:.3f}"
+        )
+    memory = _median_rate(rows.get("loader", []), loader="memory")
+    compiled = pretrain.get("ours_compiled")
+    if memory and compiled:
+        lines.append(f"memory loader alone: {memory:,.0f} img/s, {memory / compiled['img_s']:.1f}x the compiled step")
+    for pipeline, impl in (("ours_memory", "ours_compiled"), ("ours_memory_eager", "ours_eager")):
+        fed, alone = _median_rate(rows.get("e2e", []), pipeline=pipeline), pretrain.get(impl)
+        if fed and alone:
+            share = fed / alone["img_s"]
+            lines.append(f"{impl} step fed by the memory loader: {fed:,.0f} img/s, {share:.0%} of the step alone")
+    for r in step:
+        if r.get("variant") == "fine-tuning":
+            lines.append(f"{r['model']} fine-tuning {r['impl']}: {r['img_s']:,.0f} img/s, {r['mfu']:.1%} MFU")
+    return lines
+
+
 def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 1 else f"{value:.1f}"
@@ -105,6 +139,7 @@ def markdown(summary: dict[str, Any], values: dict[str, Any]) -> str:
         lines += ["", f"## {table}", "", "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
         lines += ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in summary[table]]
     lines += ["", "## targets (ViT-B/16)", ""] + [f"- {t}" for t in targets(summary)]
+    lines += ["", "## the CIFAR-10 study (recipes/cifar10_gpu)", ""] + [f"- {t}" for t in values["study"]]
     lines += ["", "## errors", ""] + [f"- {e}" for e in summary["errors"] or ["none"]]
     return "\n".join(lines) + "\n"
 

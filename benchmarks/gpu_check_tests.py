@@ -1,6 +1,14 @@
 """gpu_check.sh part 2: the CUDA tests (tests/test_cuda.py), counted from pytest's JUnit XML; each
-failure's test and first line become an error."""
+failure's test and first line become an error.
 
+pytest runs in its own process group and is stopped (with what it started: torchrun and its
+workers) a little before this part's own timeout, so that a test that hangs (an NCCL start-up, say)
+still leaves the counts of the tests before it, read from pytest's verbose lines, and its own name.
+"""
+
+import os
+import re
+import signal
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -8,7 +16,10 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.gpu_check_common import REPO, PartRecord, Sizes, run_part
+from benchmarks.gpu_check_common import REPO, PartRecord, Sizes, run_part, seconds_left
+
+MARGIN_S = 10  # kept to stop pytest and write the counts before this part's timeout
+OUTCOME = re.compile(r"^(\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
 
 
 def count(junit: Path, record: PartRecord) -> dict[str, int]:
@@ -25,13 +36,59 @@ def count(junit: Path, record: PartRecord) -> dict[str, int]:
     return counts
 
 
+def count_verbose(lines: list[str]) -> tuple[dict[str, int], list[str], str | None]:
+    """Counts from ``pytest -v`` lines (``path::test OUTCOME``), the tests that failed, and the test
+    that was running when they stop (a line naming a test without an outcome), if any."""
+    counts = {"passed": 0, "failed": 0, "skipped": 0}
+    kinds = {"PASSED": "passed", "XPASS": "passed", "FAILED": "failed", "ERROR": "failed"}
+    failed, running = [], None
+    for line in lines:
+        match = OUTCOME.match(line)
+        if match:
+            kind = kinds.get(match.group(2), "skipped")
+            counts[kind] += 1
+            failed += [match.group(1)] if kind == "failed" else []
+            running = None
+        elif "::" in line and line.split()[0].startswith("tests/"):
+            running = line.split()[0]
+    return counts, failed, running
+
+
+def run_pytest(command: list[str], log: Path, seconds: float | None) -> int | None:
+    """pytest's exit status, or None where it was stopped after ``seconds``; its output in ``log``, and
+    printed (into gpu_check.log) however it ends."""
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            return process.wait(timeout=seconds)
+        except subprocess.TimeoutExpired:
+            return None
+        finally:
+            if process.poll() is None:  # also when this part is stopped (SIGTERM, below)
+                os.killpg(process.pid, signal.SIGTERM)  # torchrun passes it on to its workers
+                try:
+                    process.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
+            print(log.read_text(errors="replace"), flush=True)
+
+
 def main(record: PartRecord, sizes: Sizes, device: torch.device) -> None:
-    junit = Path(record.path).with_suffix(".xml")
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs", f"--junitxml={junit}"]
-    result = subprocess.run([*command, "tests/test_cuda.py"], cwd=REPO)
-    if not junit.is_file():
-        raise RuntimeError(f"pytest exited with status {result.returncode} and wrote no report")
-    counts = count(junit, record)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # runs run_pytest's finally: no test left behind
+    junit, log = Path(record.path).with_suffix(".xml"), Path(record.path).with_suffix(".txt")
+    command = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-rfEs", f"--junitxml={junit}"]
+    left = seconds_left()
+    status = run_pytest([*command, "tests/test_cuda.py"], log, None if left is None else left - MARGIN_S)
+    lines = log.read_text(errors="replace").splitlines()
+    if status is None:
+        counts, failed, running = count_verbose(lines)
+        for name in failed:
+            record.error(f"{name} failed (gpu_check.log has its output)")
+        record.error(f"pytest stopped at this part's time limit, in {running or 'an unknown test'}")
+    elif not junit.is_file():
+        raise RuntimeError(f"pytest exited with status {status} and wrote no report")
+    else:
+        counts = count(junit, record)
     record.set("cuda_tests", {"passed": counts["passed"], "failed": counts["failed"]})
     record.set("cuda_tests_skipped", counts["skipped"])
 

@@ -16,7 +16,9 @@ from helpers import DEMO, REPO, make_dataset, noisy_photo, read_log, run_pretrai
 from torch.profiler import ProfilerActivity, profile
 
 import models_mae
+from util.data.datasets import SeededSampler
 from util.data.device_decode import FALLBACKS, EncodedBatch, RandomResizedCropFlipOnDevice
+from util.data.memory_loader import MemoryLoader
 from util.train.precision import LossScaler, autocast
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -177,3 +179,19 @@ def test_torchrun_nccl_two_processes_if_two_gpus(tmp_path):
     argv += ["--model", "mae_vit_tiny_patch4", "--input_size", "32", "--batch_size", "8"]
     result = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_memory_loader_crops_on_the_gpu_as_on_the_cpu():
+    """--loader memory resamples in float64 on the GPU, where training allows TF32 (whose 10-bit
+    mantissa would move many pixels by one level), and in float32 on the CPU: the same crops."""
+    images = torch.randint(0, 256, (64, 3, 40, 36), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True  # as util.train.run.start sets it
+    try:
+        batches = [next(iter(MemoryLoader(images.to(d), SeededSampler(64, 0), 32, 32)))[0] for d in ("cuda", "cpu")]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    on_gpu, on_cpu = batches
+    assert on_gpu.device.type == "cuda" and on_gpu.dtype == torch.uint8 and on_gpu.shape == (32, 3, 32, 32)
+    diff = (on_gpu.cpu().int() - on_cpu.int()).abs()
+    assert diff.max() <= 1 and (diff == 0).double().mean() >= 0.999, (diff.max(), (diff > 0).double().mean())

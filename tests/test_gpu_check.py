@@ -1,13 +1,29 @@
 """benchmarks/gpu_check.sh --cpu: the GPU check's script runs here, at toy sizes, before device
-time is spent on it. A subset of its parts (env and step: about 30 s on 2 busy cores; all five take about 80)
-with env forced to crash: its error lands in the summary, the step part still gives rows."""
+time is spent on it. A subset of its parts (tests and cifar: about 14 s on 2 busy cores; all six take about 50)
+with tests forced to crash: its error lands in the summary, the cifar part still gives its rows. In process:
+what only a GPU would show (running out of memory, a test that hangs, a part killed by its timeout)
+through the functions that handle it, and the fine-tuning step's FLOPs."""
 
 import json
 import os
 import subprocess
 import sys
+import time
+import weakref
 
+import pytest
+import torch
 from helpers import REPO
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import models_vit
+from benchmarks import gpu_check_summary
+from benchmarks.bench_pretrain import vit_train_flops
+from benchmarks.gpu_check_common import DEADLINE_ENV, PartRecord, time_for
+from benchmarks.gpu_check_step import first_that_fits
+from benchmarks.gpu_check_tests import count_verbose
+from util.cli.errors import fail
 
 STEP_KEYS = {"model": str, "impl": str, "batch": int, "img_s": float, "img_s_min": float, "img_s_max": float}
 IMPLS = {"official_as_shipped", "official_in_our_loop", "ours_eager", "ours_compiled"}
@@ -15,7 +31,7 @@ IMPLS = {"official_as_shipped", "official_in_our_loop", "ours_eager", "ours_comp
 
 def test_cpu_check_writes_the_summary_and_reports_a_crashed_part(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
-    env.update(GPU_CHECK_PARTS="env step", GPU_CHECK_FAIL="env")
+    env.update(GPU_CHECK_PARTS="tests cifar", GPU_CHECK_FAIL="tests")  # the parts that start quickest
     result = subprocess.run(
         ["bash", "benchmarks/gpu_check.sh", "--cpu"], cwd=REPO, env=env, capture_output=True, text=True, timeout=240
     )
@@ -23,18 +39,111 @@ def test_cpu_check_writes_the_summary_and_reports_a_crashed_part(tmp_path):
     summary = json.loads((tmp_path / "gpu_check.json").read_text())
     assert list(summary) == ["versions", "matmul_tflops", "cuda_tests", "step", "loader", "e2e", "errors"]
     assert isinstance(summary["versions"], dict) and summary["cuda_tests"] == {"passed": 0, "failed": 0}
-    assert summary["matmul_tflops"] is None  # the env part, which measures it, crashed
-    assert any(e.startswith("env: crashed: RuntimeError: forced failure") for e in summary["errors"]), summary
+    assert summary["matmul_tflops"] is None  # the env part, which measures it, did not run
+    assert any(e.startswith("tests: crashed: RuntimeError: forced failure") for e in summary["errors"]), summary
     assert all(isinstance(e, str) and "\n" not in e for e in summary["errors"])
 
-    assert {r["impl"] for r in summary["step"]} >= {"ours_eager", "ours_compiled"}
+    # The study's pre-training step eager and compiled, and its fine-tuning step (at toy size).
+    kinds = {(r["model"], r["impl"], r["variant"]) for r in summary["step"]}
+    assert kinds == {(m, i, v) for m, v in (("mae_vit_mini_patch4", ""), ("vit_mini_patch4", "fine-tuning"))
+                     for i in ("ours_eager", "ours_compiled")}  # fmt: skip
     for row in summary["step"]:
-        assert row["impl"] in IMPLS
+        assert row["impl"] in IMPLS and row["input_size"] == 32
         for key, kind in STEP_KEYS.items():
             assert isinstance(row[key], kind), (key, row)
         assert row["img_s_min"] <= row["img_s"] <= row["img_s_max"]
         assert 0 < row["mfu"] and (row["peak_mem_gib"] is None or row["peak_mem_gib"] > 0)
-    assert summary["loader"] == [] and summary["e2e"] == []  # not asked for
+    peaks = {row["tflops"] / row["mfu"] for row in summary["step"]}  # MFU: TFLOP/s over the one measured peak
+    assert max(peaks) == pytest.approx(min(peaks))
+    [loader] = summary["loader"]
+    assert loader["loader"] == "memory" and loader["img_s"] > 0 and loader["batch"] == 8
+    assert [r["pipeline"] for r in summary["e2e"]] == ["ours_memory", "ours_memory_eager"]
+    assert all(r["img_s"] > 0 and 0 <= r["data_wait"] < 1 for r in summary["e2e"])
     markdown = (tmp_path / "gpu_check.md").read_text()
     assert "| ours_compiled |" in markdown and "forced failure" in markdown
-    assert "===== step" in (tmp_path / "gpu_check.log").read_text()
+    assert "plan.py --model mae_vit_mini_patch4 --mfu" in markdown  # the study's re-plan
+    assert "===== cifar" in (tmp_path / "gpu_check.log").read_text()
+
+
+def test_a_part_killed_by_its_timeout_keeps_its_rows(tmp_path):
+    """gpu_check.sh writes the part's exit status (124: timeout) beside the record the part rewrote after each row."""
+    rows = {"loader": [{"loader": "memory", "workers": 0, "img_s": 5.0}]}
+    record = {"part": "cifar", "values": {}, "rows": rows, "errors": []}
+    (tmp_path / "cifar.json").write_text(json.dumps(record))
+    (tmp_path / "cifar.rc").write_text("124\n")
+    (tmp_path / "step.rc").write_text("skipped\n")
+    summary, _ = gpu_check_summary.summarize(tmp_path)
+    assert summary["loader"] == rows["loader"]
+    assert summary["errors"] == [
+        "cifar: timed out (status 124); the rows it had measured are kept",
+        "step: not run, no time left in the check's budget",
+    ]
+
+
+def test_the_largest_batch_search_frees_the_memory_of_a_batch_that_did_not_fit():
+    """A GPU runs out of memory in the step at the estimated batch: the next batch is tried once the
+    failed one's tensors are gone (the exception's traceback held them); a refusal of util.memory.require
+    counts alike."""
+    held: list[weakref.ref] = []
+
+    def measure(batch: int) -> str:
+        assert all(ref() is None for ref in held), "the failed try's tensors are still alive"
+        activations = torch.empty(batch, 1024)
+        held.append(weakref.ref(activations))
+        if batch > 128:
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {batch} MiB\nmore")
+        if batch > 64:
+            fail(f"the step at batch {batch} needs more than is free")
+        return f"measured {batch}"
+
+    device = torch.device("cpu")
+    batch, result, failures = first_that_fits(measure, [256, 192, 128, 64], device)
+    assert (batch, result) == (64, "measured 64") and len(held) == 4
+    assert failures == [
+        "batch 256: OutOfMemoryError: CUDA out of memory. Tried to allocate 256 MiB",
+        "batch 192: OutOfMemoryError: CUDA out of memory. Tried to allocate 192 MiB",
+        "batch 128: UserError: the step at batch 128 needs more than is free",
+    ]
+    with pytest.raises(RuntimeError, match="no batch fitted: batch 256: OutOfMemoryError"):
+        first_that_fits(measure, [256], device)
+    with pytest.raises(ValueError):  # any other error is not a batch that did not fit: it goes up
+        first_that_fits(lambda batch: int("not a batch"), [64], device)
+
+
+def test_counts_of_a_pytest_run_stopped_in_a_test():
+    lines = [
+        "tests/test_cuda.py::test_device_loader PASSED                    [ 10%]",
+        "tests/test_cuda.py::test_mixed_precision[bf16] FAILED            [ 20%]",
+        "tests/test_cuda.py::test_two_gpus SKIPPED (needs two GPUs)       [ 30%]",
+        "tests/test_cuda.py::test_fused_adamw ERROR                       [ 40%]",
+        "tests/test_cuda.py::test_torchrun_one_process ",
+    ]
+    counts, failed, running = count_verbose(lines)
+    assert counts == {"passed": 1, "failed": 2, "skipped": 1}
+    assert failed == ["tests/test_cuda.py::test_mixed_precision[bf16]", "tests/test_cuda.py::test_fused_adamw"]
+    assert running == "tests/test_cuda.py::test_torchrun_one_process"
+    assert count_verbose(lines[:4])[2] is None  # it ended after a test
+
+
+def test_fine_tuning_flops_match_a_hand_count_and_torchs_counter():
+    # vit_tiny_patch2 at 32 px: 256 patches of 2*2*3 = 12 values, 257 tokens, 12 blocks of 192-d, 10 classes.
+    model = models_vit.create_model("vit_tiny_patch2", 32, 3, num_classes=10, global_pool=True)
+    forward = 2 * 256 * 12 * 192 + 12 * 257 * (24 * 192**2 + 4 * 257 * 192) + 2 * 192 * 10
+    assert vit_train_flops(model, batch=2) == 3 * 2 * forward
+    assert round(3 * forward / 1e9, 2) == 10.02  # recipes/cifar10_gpu/README.md's figure per image
+    small = models_vit.create_model("vit_mini_patch4", 32, 3, num_classes=10, global_pool=False)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        small(torch.randn(2, 3, 32, 32))
+    assert counter.get_total_flops() * 3 == vit_train_flops(small, batch=2)
+
+
+def test_a_measurement_without_time_for_it_is_left_out_and_said(tmp_path, monkeypatch):
+    record = PartRecord("step", tmp_path / "step.json")
+    monkeypatch.setenv(DEADLINE_ENV, str(time.time() + 30.4))  # gpu_check.sh's kill comes in 30 s
+    assert time_for(record, "largest batch", 20) and record.errors == []
+    assert not time_for(record, "largest batch", 70)
+    assert json.loads((tmp_path / "step.json").read_text())["errors"] == [
+        "step: largest batch: left out, 30 s left of the part's time and it needs about 70"
+    ]
+    monkeypatch.delenv(DEADLINE_ENV)  # run on its own: no deadline
+    assert time_for(record, "largest batch", 10**6)
