@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 from helpers import REPO, demo_files
@@ -128,6 +129,38 @@ def test_results_rows_from_synthetic_command_outputs(tmp_path):
     assert (mae["top1"], mae["seed"], mae["seconds"], mae["gpu_seconds"]) == (91.25, 0, 250.0, 125.0)
     assert mae["img_s"] == 2 * 50_000 / 250 and mae["command"].endswith("finetune.sh mae 0 labels100-test")
     assert {"row", "encoder", "seed", "top1", "seconds", "command", "gpu_seconds", "img_s"} <= set(mae)
+
+
+def test_results_leave_out_a_stopped_pretraining_and_its_encoders_frozen_rows(tmp_path):
+    """Pre-training stopped at its limit: no pre-training row, and no frozen rows of its checkpoint
+    (an unfinished schedule), while those of the random encoder and raw pixels stay."""
+    _lines(tmp_path / "times.jsonl", {"run": "pretrain", "seconds": 450.0, "sharing": 1, "status": 124})
+    _lines(tmp_path / "pretrain-log.txt", {"epoch": 0, "train_loss": 0.9})
+    common = {"cls_top1": 50.0, "bank": 10, "queries": 10, "seconds": 1.0, "command": "knn"}
+    _lines(
+        tmp_path / "frozen.json",
+        {**common, "encoder": "out/pretrain/checkpoint-0-step7.pth"},
+        {**common, "encoder": "random"},
+    )
+    rows, left_out = results.collect([tmp_path])
+    assert [(r["row"], r["encoder"]) for r in rows] == [("k-NN, cls", "random")]
+    assert left_out == ["frozen rows of out/pretrain/checkpoint-0-step7.pth (its pre-training did not finish)"]
+
+
+def test_every_run_ends_by_the_commands_deadline(tmp_path):
+    """common.sh's timed: a run is stopped when the command's DEADLINE is reached, whatever its own
+    LIMIT, and killed GRACE seconds later if it ignores the stop; both are recorded as stopped."""
+    script = (
+        f"source {STUDY / 'common.sh'}; timed slow 1 sleep 30 & "
+        "timed stubborn 1 bash -c \"trap '' TERM; sleep 30\" & wait"
+    )
+    env = {**os.environ, "WORK": str(tmp_path), "OUT": str(tmp_path), "DEADLINE": "1", "GRACE": "0.3", "LIMIT": "100"}
+    begin = time.monotonic()
+    subprocess.run(["bash", "-c", script], env=env, timeout=20, check=True)
+    assert time.monotonic() - begin < 5
+    times = {t["run"]: t for t in results.json_lines(tmp_path / "times.jsonl")}
+    assert (times["slow"]["status"], times["stubborn"]["status"]) == (124, 137)
+    assert all(t["seconds"] < 3 for t in times.values()), times
 
 
 def test_committed_results_hold_measured_rows_only():

@@ -17,18 +17,37 @@ INPUT_SIZE=${INPUT_SIZE:-32}
 PRETRAIN_EPOCHS=${PRETRAIN_EPOCHS:-160}
 FT_EPOCHS=${FT_EPOCHS:-30}      # fine-tuning on all labels (and on heldout/ to choose)
 FT10_EPOCHS=${FT10_EPOCHS:-100} # fine-tuning on 10% of the labels: as many steps as 10 epochs of all
-LIMIT=${LIMIT:-480}             # seconds any one training command may run (the device allows 600 a call)
+LIMIT=${LIMIT:-480}             # seconds any one training command may run
+# The device ends a call after 600 s: every run is stopped DEADLINE seconds after the command began
+# (the runs of `together` share its start), and killed GRACE seconds later if it ignores the stop.
+export BEGIN_MS=${BEGIN_MS:-$(($(date +%s%N) / 1000000))}
+DEADLINE=${DEADLINE:-560}
+GRACE=${GRACE:-15}
 read -r -a EXTRA_ARGS <<<"${EXTRA:-}"  # EXTRA: flags appended to every command (last wins)
 mkdir -p "$WORK" "$OUT"
 
+ms_left() {  # milliseconds before the deadline (negative once it passed)
+    echo $((DEADLINE * 1000 - ($(date +%s%N) / 1000000 - BEGIN_MS)))
+}
+
+seconds() {  # seconds MS: as a decimal number of seconds
+    printf '%d.%03d' $(($1 / 1000)) $(($1 % 1000))
+}
+
 timed() {  # timed NAME SHARING COMMAND...: run it under the time limit; its wall time goes to $OUT/times.jsonl
-    local name=$1 sharing=$2 begin status=0 ms
+    local name=$1 sharing=$2 begin status=0 limit
     shift 2
+    limit=$(ms_left)
+    ((limit > LIMIT * 1000)) && limit=$((LIMIT * 1000))
     begin=$(date +%s%N)
-    timeout "$LIMIT" "$@" || status=$?
-    ms=$((($(date +%s%N) - begin) / 1000000))
-    printf '{"run": "%s", "seconds": %d.%03d, "sharing": %d, "status": %d}\n' \
-        "$name" $((ms / 1000)) $((ms % 1000)) "$sharing" "$status" >>"$OUT/times.jsonl"
+    if ((limit > 0)); then
+        timeout -k "$GRACE" "$(seconds "$limit")" "$@" || status=$?
+    else
+        echo "$name: not started, the command's $DEADLINE s are spent" >&2
+        status=124
+    fi
+    printf '{"run": "%s", "seconds": %s, "sharing": %d, "status": %d}\n' \
+        "$name" "$(seconds $((($(date +%s%N) - begin) / 1000000)))" "$sharing" "$status" >>"$OUT/times.jsonl"
     return "$status"
 }
 

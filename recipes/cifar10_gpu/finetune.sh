@@ -26,13 +26,13 @@ esac
 SHARING=${SHARING:-1}                                   # runs sharing the GPU (together in common.sh)
 WORKERS=${WORKERS:-$((16 / SHARING - 1))}               # the device's 16 cores, shared
 NAME="finetune-$INIT-$SPLIT-s$SEED"
-mkdir -p "$WORK/$NAME"
+rm -rf "${WORK:?}/$NAME" && mkdir -p "$WORK/$NAME"  # a run of its own: its time and log are all its training
 status=0
 timed "$NAME" "$SHARING" "$PYTHON" main_finetune.py --model "${MAE_MODEL#mae_}" --input_size "$INPUT_SIZE" \
     --data_path "$SET" --nb_classes 10 "${START[@]}" --seed "$SEED" --batch_size "$BATCH" --epochs "$EPOCHS" \
     --warmup_epochs "$WARMUP" --blr 5e-4 --weight_decay 0.05 --drop_path 0.1 --mixup 0.8 --cutmix 1.0 \
     --reprob 0.25 --smoothing 0.1 --eval_freq "$EVAL_FREQ" --save_freq "$EPOCHS" --print_freq 50 \
-    --num_workers "$WORKERS" --resume auto --output_dir "$WORK/$NAME" --log_dir "$WORK/$NAME" "${EXTRA_ARGS[@]}" \
+    --num_workers "$WORKERS" --output_dir "$WORK/$NAME" --log_dir "$WORK/$NAME" "${EXTRA_ARGS[@]}" \
     >"$WORK/$NAME/stdout.txt" 2>&1 || status=$?
 [ -f "$WORK/$NAME/log.txt" ] && cp "$WORK/$NAME/log.txt" "$OUT/$NAME-log.txt"
 exit "$status"

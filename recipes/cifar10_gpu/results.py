@@ -61,10 +61,15 @@ def pretrain_row(back: Path, model: str) -> dict | None:
     }
 
 
-def frozen_rows(back: Path) -> list[dict]:
-    rows = []
+def frozen_rows(back: Path, pretrained: bool) -> tuple[list[dict], list[str]]:
+    """The k-NN and linear rows of frozen.json; the MAE encoder's only when its pre-training (in
+    the same folder) finished: a run stopped at its limit left a checkpoint of an unfinished schedule."""
+    rows, left_out = [], []
     for entry in json_lines(back / "frozen.json"):
         encoder = "MAE" if entry["encoder"].endswith(".pth") else entry["encoder"]
+        if encoder == "MAE" and not pretrained:
+            left_out.append(f"frozen rows of {entry['encoder']} (its pre-training did not finish)")
+            continue
         for name, value in entry.items():
             if name.endswith("_top1"):
                 protocol = "linear (cached features)" if "_linear" in name else "k-NN"
@@ -80,7 +85,7 @@ def frozen_rows(back: Path) -> list[dict]:
                         "command": entry["command"],
                     }
                 )
-    return rows
+    return rows, left_out
 
 
 def finetune_rows(back: Path) -> tuple[list[dict], list[str]]:
@@ -117,9 +122,8 @@ def collect(backs: list[Path], model: str = "mae_vit_tiny_patch2") -> tuple[list
     for back in backs:
         pretrain = pretrain_row(back, model)
         rows += [pretrain] if pretrain else []
-        rows += frozen_rows(back)
-        found, missing = finetune_rows(back)
-        rows, left_out = rows + found, left_out + missing
+        for found, missing in (frozen_rows(back, pretrain is not None), finetune_rows(back)):
+            rows, left_out = rows + found, left_out + missing
     return rows, left_out
 
 

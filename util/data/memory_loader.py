@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from util.cli.errors import fail
+from util.cli.errors import UserError, fail
 from util.memory import require
 from util.sizes import image_size
 from util.train import interrupt
@@ -51,14 +51,25 @@ def decode(
         collate_fn=_items,
         worker_init_fn=interrupt.ignore_in_worker,
     )
+    try:
+        _fill(images, loader, files)
+    except (UserError, KeyboardInterrupt) as stop:
+        # Its traceback holds the loader's iterator and so its workers, which ignore SIGTERM
+        # (interrupt.ignore_in_worker): kept until exit, they would hang the process there. Without
+        # it the iterator is freed now and shuts them down.
+        raise stop.with_traceback(None) from None
+    return images
+
+
+def _fill(images: torch.Tensor, loader: DataLoader, files: Sequence[str]) -> None:
+    """``images`` from the loader's batches, each image checked to have the first one's shape."""
     start = 0
     for batch in loader:
         for offset, pixels in enumerate(batch):
-            if pixels.shape != first.shape:
-                _refuse_size(files[start + offset], pixels.shape, files[0], first.shape)
-        images[start : start + len(batch)] = torch.stack(batch).to(device)
+            if pixels.shape != images.shape[1:]:
+                _refuse_size(files[start + offset], pixels.shape, files[0], images.shape[1:])
+        images[start : start + len(batch)] = torch.stack(batch).to(images.device)
         start += len(batch)
-    return images
 
 
 def _items(samples: list[tuple[torch.Tensor, int]]) -> list[torch.Tensor]:
