@@ -21,8 +21,9 @@ from util.train.precision import LossScaler, autocast
 from util.train.run import Run, wrap_for_training
 from util.train.steps import accumulating, optimizer_step, to_device
 
-# What --model, --input_size and --in_chans mean when not given and no checkpoint decides them.
-FALLBACKS = {"model": "vit_large_patch16", "input_size": 224, "in_chans": 3}
+# What --model, --input_size, --in_chans and --crop_pct mean when not given and no checkpoint decides them
+# (--crop_pct None: the official rule), so that --eval --resume evaluates as the run did.
+FALLBACKS = {"model": "vit_large_patch16", "input_size": 224, "in_chans": 3, "crop_pct": None}
 
 
 def classifier_and_data(
@@ -42,7 +43,7 @@ def classifier_and_data(
     train_set, val_set = classification_splits(
         args.data_path,
         train_transform,
-        eval_transform(args.input_size, args.mean, args.std, args.in_chans),
+        eval_transform(args.input_size, args.mean, args.std, args.in_chans, args.crop_pct),
         args.nb_classes,
         loader=image_loader(args.in_chans),
     )

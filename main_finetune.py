@@ -125,12 +125,13 @@ def build_train_transform(args: argparse.Namespace) -> Callable:
             re_prob=args.reprob,
             re_mode=args.remode,
             re_count=args.recount,
+            scale=tuple(args.scale),
             mean=tuple(args.mean),  # --mean/--std, or the pre-trained checkpoint's (util/data/normalization.py)
             std=tuple(args.std),
         )
     if args.aa or args.color_jitter:
         log.info(f"--in_chans {args.in_chans}: --aa and --color_jitter are RGB augmentations and are not applied")
-    steps = [tensor_train_transform((height, width), (0.08, 1.0), args.mean, args.std)]
+    steps = [tensor_train_transform((height, width), tuple(args.scale), args.mean, args.std)]
     if args.reprob > 0:
         steps.append(RandomErasing(args.reprob, mode=args.remode, max_count=args.recount, device="cpu"))
     return transforms.Compose(steps)

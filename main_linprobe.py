@@ -7,6 +7,7 @@ BatchNorm without affine parameters is trained with LARS (the paper's protocol).
 """
 
 import argparse
+from collections.abc import Callable
 
 import torch
 
@@ -45,14 +46,17 @@ def check_args(args: argparse.Namespace) -> None:
     check_classifier_args(args)
 
 
+def build_train_transform(args: argparse.Namespace) -> Callable:
+    """Weak augmentation (crop and flip): the probe measures the representation, not the augmentation.
+    RGB as PIL images; other channel counts as float tensors of the files' own channels."""
+    return tensor_train_transform(args.input_size, tuple(args.scale), args.mean, args.std, rgb=args.in_chans == 3)
+
+
 def main(flags: argparse.Namespace) -> None:
     check_args(flags)
     run = start(flags, FALLBACKS)
     args = run.args
-    # Weak augmentation (crop and flip): the probe measures the representation, not the augmentation.
-    rgb = args.in_chans == 3  # PIL images; other channel counts: float tensors of the files' own channels
-    train_tf = tensor_train_transform(args.input_size, (0.08, 1.0), args.mean, args.std, rgb=rgb)
-    model, train_set, val_set = classifier_and_data(run, train_tf, head_init_std=0.01)
+    model, train_set, val_set = classifier_and_data(run, build_train_transform(args), head_init_std=0.01)
     # The paper's probe: BatchNorm without affine parameters in front of the linear classifier.
     model.head = torch.nn.Sequential(torch.nn.BatchNorm1d(model.head.in_features, affine=False, eps=1e-6), model.head)
     for name, param in model.named_parameters():

@@ -56,17 +56,19 @@ def _last_log(out: Path) -> dict:
 def test_finetune_then_eval_reproduces_logged_accuracy(pipeline, tmp_path, capsys):
     data, ckpt, _ = pipeline
     out = tmp_path / "ft"
-    main_finetune.main(
-        _finetune_args(
-            data, out, "--finetune", str(ckpt), "--epochs", "2", "--mixup", "0.8", "--cutmix", "1.0", "--blr", "5e-3"
-        )
-    )
+    crops = ["--crop_pct", "1.0", "--scale", "0.5", "1.0"]
+    mix = ["--mixup", "0.8", "--cutmix", "1.0", "--blr", "5e-3", *crops]
+    main_finetune.main(_finetune_args(data, out, "--finetune", str(ckpt), "--epochs", "2", *mix))
     logged = _last_log(out)
     assert logged["epoch"] == 1 and logged["test_images"] == 27
     assert logged["max_accuracy"] >= logged["test_acc1"]
+    saved = torch.load(out / "checkpoint-1.pth", weights_only=False)["args"]
+    assert saved.crop_pct == 1.0 and saved.scale == [0.5, 1.0]
     capsys.readouterr()
+    # Evaluated as the run was: --crop_pct from the checkpoint, not given again.
     main_finetune.main(_finetune_args(data, tmp_path / "eval", "--eval", "--resume", str(out / "checkpoint-1.pth")))
     printed = capsys.readouterr().out
+    assert "--crop_pct 1.0 (flags not given)" in printed
     acc = float(re.search(r"\* Acc@1 ([\d.]+)", printed).group(1))
     assert acc == pytest.approx(logged["test_acc1"], abs=1e-3)
 

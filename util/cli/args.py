@@ -79,7 +79,7 @@ def default_workers(most: int = 10) -> int:
 
 
 def add_classifier_args(parser: argparse.ArgumentParser, models: Iterable[str], model: str, global_pool: bool) -> None:
-    """Model flags of the classifiers (fine-tuning and linear probing); ``models``: the known names."""
+    """Model and crop flags of the classifiers (fine-tuning and linear probing); ``models``: the known names."""
     g = parser.add_argument_group("model")
     known = ", ".join(models)
     g.add_argument("--model", help=f"one of: {known} (default: --resume's or --finetune's, else {model})")
@@ -90,6 +90,11 @@ def add_classifier_args(parser: argparse.ArgumentParser, models: Iterable[str], 
     g.add_argument("--cls_token", action="store_false", dest="global_pool", help="class token, not global pooling")
     parser.set_defaults(global_pool=global_pool)
     g.add_argument("--nb_classes", default=1000, type=int, help="number of classification types")
+    c = parser.add_argument_group("crops")
+    pct = "evaluation: center crop / resized image, in (0, 1] (default: the checkpoint's, else 224/256; 1 above 224 px)"
+    c.add_argument("--crop_pct", type=float, help=pct)
+    area = "training: RandomResizedCrop's range of crop areas, fractions of the image's"
+    c.add_argument("--scale", type=float, nargs=2, default=[0.08, 1.0], metavar=("LOW", "HIGH"), help=area)
 
 
 def add_eval_args(parser: argparse.ArgumentParser) -> None:
@@ -104,6 +109,11 @@ def check_classifier_args(args: argparse.Namespace) -> None:
     check_at_least(args, 1, "nb_classes", "eval_freq")
     if args.eval and not args.resume:
         fail("--eval needs a model to evaluate: give --resume CHECKPOINT")
+    if args.crop_pct is not None and not 0 < args.crop_pct <= 1:  # not `<= 0`: NaN would pass that
+        fail(f"--crop_pct must be in (0, 1] (1: no resize of an image of --input_size), got {args.crop_pct}")
+    low, high = args.scale
+    if not 0 < low <= high <= 1:
+        fail(f"--scale LOW HIGH must have 0 < LOW <= HIGH <= 1 (fractions of the image's area), got {low} {high}")
 
 
 def resolve_precision(precision: str, device: str) -> str:

@@ -75,11 +75,12 @@ class ResizeToCover:
         return TF.resize(img, new_size, interpolation=BICUBIC, antialias=True)
 
 
-def eval_resize(size: tuple[int, int]) -> Callable:
-    """The evaluation resize before a center crop of ``size``: by the official 256/224 ratio up to
-    224 px (on the longer side), none above."""
+def eval_resize(size: tuple[int, int], crop_pct: float | None = None) -> Callable:
+    """The evaluation resize before a center crop of ``size`` that is ``crop_pct`` of it (``--crop_pct``);
+    by default the official rule: the 256/224 ratio up to 224 px (on the longer side), none above."""
     height, width = size
-    crop_pct = 224 / 256 if max(height, width) <= 224 else 1.0
+    if crop_pct is None:
+        crop_pct = 224 / 256 if max(height, width) <= 224 else 1.0
     return ResizeToCover((int(height / crop_pct), int(width / crop_pct)))
 
 

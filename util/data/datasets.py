@@ -379,15 +379,17 @@ def eval_transform(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
     in_chans: int = 3,
+    crop_pct: float | None = None,
 ) -> Callable:
-    """Resize by the 256/224 ratio (bicubic; above 224 px to the crop's size, as officially), center crop,
-    normalise.
+    """Resize by the 256/224 ratio (bicubic; above 224 px to the crop's size, as officially) or so that
+    the crop is ``crop_pct`` of the image, center crop, normalise.
     ``input_size``: one side or (height, width); with ``in_chans`` other than 3 the images are float
     tensors from ``load_channels``."""
     size = image_size(input_size)
     if in_chans != 3:
         check_norm(mean, std, in_chans)
-    return transforms.Compose([eval_resize(size), transforms.CenterCrop(size), *normalised(mean, std, in_chans == 3)])
+    resize = eval_resize(size, crop_pct)
+    return transforms.Compose([resize, transforms.CenterCrop(size), *normalised(mean, std, in_chans == 3)])
 
 
 # Deterministic sampling
