@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One fine-tuning run of the classifier of $MAE_MODEL, from the bf16 MAE encoder or from scratch,
 # with the same recipe for both (layer-wise lr decay for the pre-trained start only, as in the
-# CPU study). Its log.txt goes to $OUT as finetune-INIT-SPLIT-sSEED-log.txt.
+# CPU study), evaluated on the 32-px images as they are (--crop_pct 1.0). Its log.txt goes to $OUT
+# as finetune-INIT-SPLIT-sSEED-log.txt.
 # Usage: bash recipes/cifar10_gpu/finetune.sh mae|scratch SEED SPLIT   (after data.py unpack, which the
 # session scripts run)
 #   SPLIT: labels100-test (all 50,000 labels; the test set once, after the last epoch),
@@ -31,7 +32,7 @@ status=0
 timed "$NAME" "$SHARING" "$PYTHON" main_finetune.py --model "${MAE_MODEL#mae_}" --input_size "$INPUT_SIZE" \
     --data_path "$SET" --nb_classes 10 "${START[@]}" --seed "$SEED" --batch_size "$BATCH" --epochs "$EPOCHS" \
     --warmup_epochs "$WARMUP" --blr 5e-4 --weight_decay 0.05 --drop_path 0.1 --mixup 0.8 --cutmix 1.0 \
-    --reprob 0.25 --smoothing 0.1 --eval_freq "$EVAL_FREQ" --save_freq "$EPOCHS" --print_freq 50 \
+    --reprob 0.25 --smoothing 0.1 --crop_pct 1.0 --eval_freq "$EVAL_FREQ" --save_freq "$EPOCHS" --print_freq 50 \
     --num_workers "$WORKERS" --output_dir "$WORK/$NAME" --log_dir "$WORK/$NAME" "${EXTRA_ARGS[@]}" \
     >"$WORK/$NAME/stdout.txt" 2>&1 || status=$?
 [ -f "$WORK/$NAME/log.txt" ] && cp "$WORK/$NAME/log.txt" "$OUT/$NAME-log.txt"
