@@ -12,6 +12,7 @@ from torchvision import transforms
 
 import main_finetune
 import main_linprobe
+from util.cli.errors import UserError
 from util.data.datasets import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 
 BICUBIC = transforms.InterpolationMode.BICUBIC
@@ -107,6 +108,13 @@ def _in_range(areas: torch.Tensor, low: float, high: float, slack: float = 0.03)
     """Every area in [low, high] (within the measure's slack) and both ends reached."""
     lowest, highest = areas.min().item(), areas.max().item()
     return low - slack <= lowest < low + 0.05 and high - 0.05 < highest <= high + slack
+
+
+def test_a_crop_pct_that_makes_huge_images_is_refused_at_start():
+    """Refused when the transform is built (before the first epoch), not on the first evaluated image."""
+    with pytest.raises(UserError, match=r"^--crop_pct 0.0001 resizes every evaluation image to 320000 x 320000 px"):
+        eval_transform(32, crop_pct=1e-4)
+    eval_transform(32, crop_pct=0.01)  # 3200 x 3200 px: allowed
 
 
 def test_scale_reaches_timms_transform():

@@ -81,7 +81,14 @@ def eval_resize(size: tuple[int, int], crop_pct: float | None = None) -> Callabl
     height, width = size
     if crop_pct is None:
         crop_pct = 224 / 256 if max(height, width) <= 224 else 1.0
-    return ResizeToCover((int(height / crop_pct), int(width / crop_pct)))
+    cover = (int(height / crop_pct), int(width / crop_pct))
+    limit = Image.MAX_IMAGE_PIXELS  # checked here, at start, rather than on the first evaluated image
+    if limit is not None and cover[0] * cover[1] > 2 * limit:
+        fail(
+            f"--crop_pct {crop_pct} resizes every evaluation image to {cover[1]} x {cover[0]} px, beyond "
+            f"Pillow's {2 * limit / 1e6:.0f} Mpx limit; raise --crop_pct"
+        )
+    return ResizeToCover(cover)
 
 
 def tensor_train_transform(
