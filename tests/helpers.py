@@ -116,6 +116,40 @@ def noisy_photo(path: Path, width: int, height: int, mode: str = "RGB", fmt: str
     return path
 
 
+def assert_crop_boxes_follow_torchvision(ours: Any, width: int, height: int) -> None:
+    """``ours``, (top, left, height, width) rows drawn for a ``width`` x ``height`` image with the
+    recipe's scale (0.2, 1) and ratio (3/4, 4/3), against as many boxes of torchvision's
+    RandomResizedCrop.get_params: area, aspect ratio and position by a two-sample KS test."""
+    import numpy as np
+    from PIL import Image
+    from torchvision import transforms
+
+    torch.manual_seed(0)
+    image = Image.new("RGB", (width, height))
+    theirs = [transforms.RandomResizedCrop.get_params(image, [0.2, 1.0], [3 / 4, 4 / 3]) for _ in range(len(ours))]
+
+    def features(boxes: Any) -> dict[str, Any]:
+        top, left, h, w = np.asarray(boxes, dtype=float)[:, :4].T
+        return {
+            "area": h * w / (width * height),
+            "log ratio": np.log(w / h),
+            "top": (top + 0.5) / (height - h + 1),  # position within the room left
+            "left": (left + 0.5) / (width - w + 1),
+        }
+
+    def ks_distance(a: Any, b: Any) -> float:
+        """Two-sample Kolmogorov-Smirnov statistic: the largest gap between the empirical CDFs."""
+        grid = np.sort(np.concatenate([a, b]))
+        cdf_a = np.searchsorted(np.sort(a), grid, side="right") / len(a)
+        cdf_b = np.searchsorted(np.sort(b), grid, side="right") / len(b)
+        return float(np.abs(cdf_a - cdf_b).max())
+
+    expected = features(theirs)
+    for name, values in features(ours).items():
+        # 5% critical value for two samples of 4000: 0.030; 0.001: 0.044.
+        assert ks_distance(values, expected[name]) < 0.045, name
+
+
 def pretrain_args(data: Path, out: Path, *extra: str):
     import main_pretrain
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import assert_crop_boxes_follow_torchvision
 from PIL import Image
 from torchvision import transforms
 from torchvision.transforms import functional as TF
@@ -61,14 +62,6 @@ def test_recipe_pixels_for_the_same_box_and_flip(tmp_path, width, height, fmt):
     assert np.mean(diffs) < (3.0 if width > 1000 else 1.0), np.mean(diffs)
 
 
-def _ks_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """Two-sample Kolmogorov-Smirnov statistic: the largest gap between the empirical CDFs."""
-    grid = np.sort(np.concatenate([a, b]))
-    cdf_a = np.searchsorted(np.sort(a), grid, side="right") / len(a)
-    cdf_b = np.searchsorted(np.sort(b), grid, side="right") / len(b)
-    return float(np.abs(cdf_a - cdf_b).max())
-
-
 @pytest.mark.parametrize("width,height", [(800, 600), (500, 375), (32, 32), (300, 1200), (2000, 300)])
 def test_crop_box_distribution_is_torchvisions(width, height):
     """Area, aspect ratio and position of the boxes against torchvision's own sampler, including
@@ -76,23 +69,7 @@ def test_crop_box_distribution_is_torchvisions(width, height):
     n = 4000
     random.seed(0)
     ours = np.array([random_crop_box(width, height) for _ in range(n)], dtype=float)
-    torch.manual_seed(0)
-    image = Image.new("RGB", (width, height))
-    theirs = np.array([transforms.RandomResizedCrop.get_params(image, [0.2, 1.0], [3 / 4, 4 / 3]) for _ in range(n)])
-
-    def features(boxes: np.ndarray) -> dict[str, np.ndarray]:
-        top, left, h, w = boxes.T
-        return {
-            "area": h * w / (width * height),
-            "log ratio": np.log(w / h),
-            "top": (top + 0.5) / (height - h + 1),  # position within the room left
-            "left": (left + 0.5) / (width - w + 1),
-        }
-
-    for name, ours_f in features(ours).items():
-        theirs_f = features(theirs.astype(float))[name]
-        # 5% critical value for two samples of 4000: 0.030; 0.001: 0.044.
-        assert _ks_distance(ours_f, theirs_f) < 0.045, name
+    assert_crop_boxes_follow_torchvision(ours, width, height)
     assert np.all((ours[:, 0] + ours[:, 2] <= height) & (ours[:, 1] + ours[:, 3] <= width))
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import (
+    assert_crop_boxes_follow_torchvision,
     assert_same,
     demo_files,
     isolated_interrupts,
@@ -47,36 +48,13 @@ def memory_args(data: Path, out: Path, *extra: str):
     return args
 
 
-def ks_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """Two-sample Kolmogorov-Smirnov statistic: the largest gap between the empirical CDFs."""
-    grid = np.sort(np.concatenate([a, b]))
-    cdf_a = np.searchsorted(np.sort(a), grid, side="right") / len(a)
-    cdf_b = np.searchsorted(np.sort(b), grid, side="right") / len(b)
-    return float(np.abs(cdf_a - cdf_b).max())
-
-
 @pytest.mark.parametrize("width,height", [(32, 32), (500, 375), (300, 1200), (2000, 300)])
 def test_crop_boxes_and_flips_follow_torchvision(width, height):
     """Area, aspect ratio and position against RandomResizedCrop.get_params, also for images so
     elongated that its central fallback is common; flips with p = 0.5."""
     n = 4000
     ours = draw_crops(sample_seeds(0, 3, np.arange(n)), height, width)
-    torch.manual_seed(0)
-    image = Image.new("RGB", (width, height))
-    theirs = np.array([transforms.RandomResizedCrop.get_params(image, [0.2, 1.0], [3 / 4, 4 / 3]) for _ in range(n)])
-
-    def features(boxes: np.ndarray) -> dict[str, np.ndarray]:
-        top, left, h, w = boxes[:, :4].T.astype(float)
-        return {
-            "area": h * w / (width * height),
-            "log ratio": np.log(w / h),
-            "top": (top + 0.5) / (height - h + 1),  # position within the room left
-            "left": (left + 0.5) / (width - w + 1),
-        }
-
-    for name, ours_f in features(ours).items():
-        # 5% critical value for two samples of 4000: 0.030; 0.001: 0.044.
-        assert ks_distance(ours_f, features(theirs)[name]) < 0.045, name
+    assert_crop_boxes_follow_torchvision(ours, width, height)
     top, left, h, w, flip = ours.T
     assert np.all((top >= 0) & (left >= 0) & (top + h <= height) & (left + w <= width))
     assert abs(flip.mean() - 0.5) < 0.035  # 4.4 standard deviations of 4000 draws
