@@ -69,6 +69,17 @@ def demo_files(n: int, classes: Sequence[str] = CLASSES) -> list[Path]:
     return files
 
 
+def cifar_layout(root: Path, train: int, test: int, classes: Sequence[str] = CLASSES) -> Path:
+    """CIFAR-10's layout (``train/`` and ``test/`` class folders, as ../shared has it) with ``train`` +
+    ``test`` demo images of each of ``classes``."""
+    for i, src in enumerate(demo_files(train + test, classes)):
+        split = "train" if i % (train + test) < train else "test"
+        dest = root / split / src.parent.name / src.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dest)
+    return root
+
+
 def make_split(root: Path, train: int, val: int) -> Path:
     """<root>/train/<class>/ and <root>/val/<class>/ from disjoint demo images: ``train`` and
     ``val`` per class."""

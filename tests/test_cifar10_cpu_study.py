@@ -4,12 +4,11 @@ fine-tuning from MAE and from scratch, the results table and the pictures."""
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
-from helpers import REPO, demo_files
+from helpers import REPO, cifar_layout
 
 STUDY = REPO / "recipes" / "cifar10_cpu"
 sys.path.insert(0, str(STUDY))
@@ -17,17 +16,8 @@ sys.path.insert(0, str(STUDY))
 from splits import make_splits  # noqa: E402
 
 
-def tiny_cifar(root, classes=("airplane", "cat", "ship"), train=12, test=3):
-    for i, src in enumerate(demo_files(train + test, classes)):
-        split = "train" if i % (train + test) < train else "test"
-        dest = root / split / src.parent.name / src.name
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, dest)
-    return root
-
-
 def test_splits_are_disjoint_balanced_and_kept_apart_from_test(tmp_path):
-    data = tiny_cifar(tmp_path / "cifar", train=30, test=4)
+    data = cifar_layout(tmp_path / "cifar", train=30, test=4)
     counts = make_splits(data, tmp_path / "splits", per_class=5)
     assert counts == {
         "heldout/train": 81,  # 27 of 30 per class: every 10th went to val
@@ -77,7 +67,7 @@ def test_study_scripts_run_end_to_end(tmp_path, warm_interpreter):
 
 
 def _study(tmp_path, python):
-    data = tiny_cifar(tmp_path / "cifar")
+    data = cifar_layout(tmp_path / "cifar", train=12, test=3)
     out = tmp_path / "study"
     subprocess.run(
         [python, str(STUDY / "splits.py"), "--data", str(data), "--out", str(out / "data"), "--per_class", "4"],

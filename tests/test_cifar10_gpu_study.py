@@ -5,13 +5,13 @@ synthetic command outputs, and every device command end to end on 50 images with
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
-from helpers import REPO, demo_files
+from helpers import REPO, cifar_layout
 
 from util.cli.errors import UserError
 
@@ -32,14 +32,9 @@ data, plan, results = _script("data"), _script("plan"), _script("results")
 CLASSES = sorted(p.name for p in (REPO / "demo" / "cifar10-2k").iterdir())
 
 
-def tiny_cifar(root, train=4, test=1):
-    """CIFAR-10's layout with ``train`` + ``test`` demo images of each of the ten classes."""
-    for i, src in enumerate(demo_files(train + test, CLASSES)):
-        split = "train" if i % (train + test) < train else "test"
-        dest = root / split / src.parent.name / src.name
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, dest)
-    return root
+def tiny_cifar(root: Path) -> Path:
+    """CIFAR-10's layout with 4 + 1 demo images of each of the ten classes."""
+    return cifar_layout(root, train=4, test=1, classes=CLASSES)
 
 
 def test_archive_carries_every_image_unchanged_and_packs_the_same_bytes_twice(tmp_path):
