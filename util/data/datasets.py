@@ -24,6 +24,7 @@ from util.data.device_decode import RandomResizedCropFlipOnDevice, collate_encod
 from util.data.fast_crop import FastRandomResizedCropFlip
 from util.data.images import load_rgb
 from util.data.normalization import IMAGENET_MEAN, IMAGENET_STD, check_norm
+from util.data.splitmix import splitmix64
 from util.memory import require
 from util.sizes import image_size, shown_size
 from util.train import distributed, interrupt
@@ -420,12 +421,7 @@ def sample_seeds(seed: int, epoch: int, indices: np.ndarray) -> np.ndarray:
     """A 32-bit seed per sample: SplitMix64's finaliser of the index over a key for (seed, epoch).
     Vectorised: the sampler, in the main process, must keep up with every worker (benchmarks/README.md)."""
     key = np.random.SeedSequence([seed, epoch]).generate_state(1, dtype=np.uint64)[0]
-    with np.errstate(over="ignore"):  # arithmetic modulo 2**64 is the point
-        z = indices.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) + key
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z ^= z >> np.uint64(31)
-    return (z >> np.uint64(32)).astype(np.uint32)
+    return (splitmix64(indices, key) >> np.uint64(32)).astype(np.uint32)
 
 
 class SeededDataset(Dataset):

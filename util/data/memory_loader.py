@@ -18,6 +18,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from util.cli.errors import UserError, fail
+from util.data.splitmix import splitmix64
 from util.memory import require
 from util.sizes import image_size
 from util.train import interrupt
@@ -146,12 +147,8 @@ def _below(u: np.ndarray, n: np.ndarray) -> np.ndarray:
 def _uniforms(seeds: np.ndarray, count: int) -> np.ndarray:
     """``count`` uniform floats in [0, 1) per 32-bit seed: SplitMix64 over the counter (seed, k),
     vectorised (a generator per sample would cost more than the crop itself)."""
-    with np.errstate(over="ignore"):  # arithmetic modulo 2**64 is the point
-        z = (np.asarray(seeds, dtype=np.uint64)[:, None] << np.uint64(32)) | np.arange(count, dtype=np.uint64)
-        z = z * np.uint64(0x9E3779B97F4A7C15) + np.uint64(0x632BE59BD9B4E019)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z ^= z >> np.uint64(31)
+    counter = (np.asarray(seeds, dtype=np.uint64)[:, None] << np.uint64(32)) | np.arange(count, dtype=np.uint64)
+    z = splitmix64(counter, 0x632BE59BD9B4E019)
     return (z >> np.uint64(11)).astype(np.float64) / 2.0**53
 
 
