@@ -72,14 +72,16 @@ def test_archive_refusals_name_the_flag(tmp_path):
 
 def test_plan_flops_equal_a_hand_count():
     """ViT-Tiny/2 at 32 px: 256 patches of 2x2x3 values, a 192-d encoder of 12 blocks and a
-    128-d decoder of 4; per block and token 24 D^2 + 4 T D, a step 3 forward passes."""
+    128-d decoder of 4 (a 10-way head for fine-tuning); per block and token 24 D^2 + 4 T D, a step 3
+    forward passes."""
     patches, pixels, d, e = 256, 12, 192, 128
     visible, everything = 64 + 1, 256 + 1
     encoder = 12 * visible * (24 * d * d + 4 * visible * d)
     decoder = 4 * everything * (24 * e * e + 4 * everything * e)
     embed = 2 * patches * pixels * d + 2 * visible * d * e + 2 * everything * e * pixels
     assert plan.pretrain_flops("mae_vit_tiny_patch2") == 3 * (encoder + decoder + embed)
-    classifier = 2 * patches * pixels * d + 12 * everything * (24 * d * d + 4 * everything * d)
+    head = 2 * d * 10  # CIFAR-10's classes
+    classifier = 2 * patches * pixels * d + 12 * everything * (24 * d * d + 4 * everything * d) + head
     assert plan.finetune_flops("mae_vit_tiny_patch2") == 3 * classifier
     table = dict(plan.minutes("mae_vit_tiny_patch2", 0.15, 160, 30, 100))
     assert table["labels100.sh 0"] == pytest.approx(2 * 50_000 * 30 * 3 * classifier / (0.15 * 790e12) / 60)

@@ -4,8 +4,9 @@ model FLOP utilisation (README.md's table is this script's output).
     python recipes/cifar10_gpu/plan.py --mfu 0.15
 
 FLOPs count a multiply-add as 2; a training step is 3 forward passes (backward: twice the forward).
-Pre-training: benchmarks/bench_pretrain.py's count (encoder on the visible patches and the class
-token, decoder on all). Fine-tuning: the classifier's encoder on all patches and the class token.
+Both from benchmarks/bench_pretrain.py's counts. Pre-training: the encoder on the visible patches
+and the class token, the decoder on all. Fine-tuning: the classifier on all patches and the class
+token, with its head.
 """
 
 import argparse
@@ -17,7 +18,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import models_mae  # noqa: E402
-from benchmarks.bench_pretrain import mae_train_flops  # noqa: E402
+import models_vit  # noqa: E402
+from benchmarks.bench_pretrain import mae_train_flops, vit_train_flops  # noqa: E402
 
 PEAK_TFLOPS = 790  # dense bf16 matrix products measured on the H200 of the device tool (its KINDS.md)
 MASK_RATIO = 0.75
@@ -33,14 +35,12 @@ def pretrain_flops(model: str, input_size: int = 32, mask_ratio: float = MASK_RA
     return mae_train_flops(meta_mae(model, input_size), 1, mask_ratio)
 
 
-def finetune_flops(model: str, input_size: int = 32) -> int:
-    """Training FLOPs of one image of fine-tuning ``model``'s encoder (the classifier's head is negligible)."""
-    mae = meta_mae(model, input_size)
-    tokens = mae.num_patches + 1
-    dim = mae.decoder_embed.in_features
-    patch_dim = mae.patch_size**2 * mae.in_chans
-    forward = 2 * mae.num_patches * patch_dim * dim + len(mae.blocks) * tokens * (24 * dim**2 + 4 * tokens * dim)
-    return 3 * forward
+def finetune_flops(model: str, input_size: int = 32, classes: int = 10) -> int:
+    """Training FLOPs of one image of fine-tuning ``model``'s encoder: its classifier (the name
+    without ``mae_``) with a ``classes``-way head."""
+    with torch.device("meta"):
+        classifier = models_vit.MODELS[model.removeprefix("mae_")](img_size=input_size, num_classes=classes)
+    return vit_train_flops(classifier, 1)
 
 
 # (command, [(what, images per epoch, epochs, runs, kind)]): the device commands of README.md, in order
