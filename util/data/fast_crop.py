@@ -95,14 +95,19 @@ def random_crop_box(
         h = round(math.sqrt(target_area / aspect))
         if 0 < w <= width and 0 < h <= height:
             return random.randint(0, height - h), random.randint(0, width - w), h, w
+    h, w = fallback_size(height, width, ratio)
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def fallback_size(height: int, width: int, ratio: tuple[float, float]) -> tuple[int, int]:
+    """(height, width) of get_params' central box when no try fits: the whole image, or its
+    central part of the nearest allowed aspect ratio."""
     in_ratio = width / height
     if in_ratio < min(ratio):
-        w, h = width, round(width / min(ratio))
-    elif in_ratio > max(ratio):
-        w, h = round(height * max(ratio)), height
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
+        return round(width / min(ratio)), width
+    if in_ratio > max(ratio):
+        return height, round(height * max(ratio))
+    return height, width
 
 
 def _decode_reduced(img: Image.Image, reduce: int) -> tuple[torch.Tensor, int]:

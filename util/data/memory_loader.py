@@ -18,12 +18,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from util.cli.errors import UserError, fail
+from util.data.fast_crop import RATIO, SCALE, fallback_size
 from util.data.splitmix import splitmix64
 from util.memory import require
 from util.sizes import image_size
 from util.train import interrupt
 
-SCALE, RATIO = (0.2, 1.0), (3 / 4, 4 / 3)  # the recipe's, as util/data/fast_crop.py's
 ATTEMPTS = 10  # RandomResizedCrop.get_params tries this many boxes before its central fallback
 DECODE_BATCH = 256  # images a decoding worker hands over at a time
 
@@ -120,24 +120,13 @@ def draw_crops(
     chosen = fits.argmax(axis=1)  # the first attempt that fits
     rows = np.arange(len(seeds))
     h, w, found = h[rows, chosen], w[rows, chosen], fits.any(axis=1)
-    fallback_h, fallback_w = _central_box(height, width, ratio)
+    fallback_h, fallback_w = fallback_size(height, width, ratio)
     h, w = np.where(found, h, fallback_h), np.where(found, w, fallback_w)
     # randint(0, room) inclusive; the fallback box is centred.
     top = np.where(found, _below(u[:, -3], height - h + 1), (height - h) // 2)
     left = np.where(found, _below(u[:, -2], width - w + 1), (width - w) // 2)
     flip = (u[:, -1] < 0.5).astype(np.int64)
     return np.stack([top, left, h, w, flip], axis=1)
-
-
-def _central_box(height: int, width: int, ratio: tuple[float, float]) -> tuple[int, int]:
-    """(height, width) of get_params' fallback when no attempt fits: the whole image, or its
-    central part of the nearest allowed aspect ratio."""
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        return round(width / min(ratio)), width
-    if in_ratio > max(ratio):
-        return height, round(height * max(ratio))
-    return height, width
 
 
 def _below(u: np.ndarray, n: np.ndarray) -> np.ndarray:
