@@ -41,7 +41,7 @@ from util.cli.args import check_at_least, resolve_precision
 from util.cli.errors import fail, run_cli
 from util.data.datasets import IMAGENET_MEAN, IMAGENET_STD, PRETRAIN_LOADERS, pretrain_data
 from util.data.normalization import normalize_on_device
-from util.train.precision import LossScaler, autocast
+from util.train.precision import LossScaler, autocast, fast_cuda_math
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 MODES = ("model", "loader", "e2e", "all")
@@ -150,7 +150,7 @@ def endless_batches(loader: torch.utils.data.DataLoader, device: torch.device) -
             yield imgs.to(device, non_blocking=True)
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -163,7 +163,7 @@ def time_steps(
     and the loader's worker start-up, none of which a long run pays per step."""
     for _ in range(warmup):
         step(next_batch())
-    _sync(device)  # the GPU is asynchronous: start the clock on an idle device
+    sync(device)  # the GPU is asynchronous: start the clock on an idle device
     waited = 0.0
     start = time.perf_counter()
     for _ in range(steps):
@@ -171,7 +171,7 @@ def time_steps(
         imgs = next_batch()
         waited += time.perf_counter() - t
         step(imgs)
-    _sync(device)
+    sync(device)
     return time.perf_counter() - start, waited
 
 
@@ -460,10 +460,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.threads:
         torch.set_num_threads(args.threads)
     if device.type == "cuda":
-        # As util.train.run.start does for training.
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = not args.no_tf32
-        torch.backends.cudnn.allow_tf32 = not args.no_tf32
+        fast_cuda_math(tf32=not args.no_tf32)  # as training runs, unless --no_tf32
     load_before = os.getloadavg()[0]
     print(f"{describe_device(device)}, torch {torch.__version__}, load average {load_before:.1f}")
 

@@ -19,7 +19,9 @@ from typing import Any
 
 import torch
 
+from benchmarks.bench_pretrain import sync
 from util.outputs import atomic_write
+from util.train.precision import fast_cuda_math
 
 REPO = Path(__file__).resolve().parents[1]
 FAIL_ENV = "GPU_CHECK_FAIL"  # a part named here crashes at its start: checks that the others carry on
@@ -182,17 +184,10 @@ def time_for(record: PartRecord, what: str, seconds: float) -> bool:
 
 
 def as_in_training(device: torch.device) -> None:
-    """cuDNN's autotuning and TF32, as util.train.run.start sets them for training (the official
-    main_pretrain.py autotunes too)."""
+    """cuDNN's autotuning and TF32, as training sets them on a GPU (the official main_pretrain.py
+    autotunes too)."""
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        fast_cuda_math()
 
 
 def matmul_tflops(device: torch.device, n: int) -> float:

@@ -15,7 +15,8 @@ import torchvision
 from torchvision.io import decode_jpeg, encode_jpeg
 
 from benchmarks import gpu_check_official
-from benchmarks.gpu_check_common import PartRecord, Sizes, matmul_tflops, run_part, sync, time_calls
+from benchmarks.bench_pretrain import sync
+from benchmarks.gpu_check_common import PartRecord, Sizes, matmul_tflops, run_part, time_calls
 
 CLOCK_FIELDS = "clocks.sm,clocks.mem,clocks.max.sm,clocks.max.mem,temperature.gpu,power.draw,pstate"
 

@@ -27,8 +27,8 @@ from torch import nn
 
 import models_mae
 from benchmarks import gpu_check_official as official
-from benchmarks.bench_pretrain import build_step, mae_train_flops, make_step, reset_memory
-from benchmarks.gpu_check_common import PartRecord, Sizes, as_in_training, matmul_tflops, run_part, sync, time_for
+from benchmarks.bench_pretrain import build_step, mae_train_flops, make_step, reset_memory, sync
+from benchmarks.gpu_check_common import PartRecord, Sizes, as_in_training, matmul_tflops, run_part, time_for
 from util import memory
 from util.cli.errors import UserError
 

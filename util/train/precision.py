@@ -1,4 +1,4 @@
-"""Mixed precision: the autocast context and the fp16 loss scaler."""
+"""Mixed precision: the autocast context, the fp16 loss scaler, and the CUDA math training runs with."""
 
 import contextlib
 
@@ -12,6 +12,14 @@ def autocast(precision: str, device: str) -> contextlib.AbstractContextManager:
     if precision not in _DTYPES:
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=_DTYPES[precision])
+
+
+def fast_cuda_math(tf32: bool = True) -> None:
+    """cuDNN's autotuning and, with ``tf32``, TensorFloat-32 for fp32 matrix products and
+    convolutions on CUDA: how training runs (the benchmarks measure the same settings)."""
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
 
 
 class LossScaler(torch.amp.GradScaler):

@@ -20,6 +20,7 @@ from util.cli.log import log
 from util.data import normalization
 from util.outputs import check_output_dir
 from util.train import distributed, interrupt
+from util.train.precision import fast_cuda_math
 
 
 @dataclass(frozen=True)
@@ -67,9 +68,7 @@ def start(flags: argparse.Namespace, fallbacks: dict[str, Any] | None = None) ->
     np.random.seed(seed)
     random.seed(seed)
     if torch.cuda.is_available():
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        fast_cuda_math()
     interrupt.install()
 
     log.info(f"job dir: {os.path.dirname(os.path.realpath(__file__ + '/../..'))}")
