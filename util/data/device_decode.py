@@ -150,19 +150,21 @@ class CpuFallbacks:
     slow path that must not pass unseen, so it is counted and warned about (once per process)."""
 
     count: int = 0
-    warned: bool = False
 
     def record(self, path: str, reason: str) -> None:
         self.count += 1
-        if not self.warned:
-            self.warned = True
+        if self.count == 1:
             log.warning(
                 f"the device's JPEG decoder refused {path} ({reason}); such files are decoded on the CPU in the "
                 "main process, which slows training if many are (util.data.device_decode.FALLBACKS counts them)"
             )
 
+    @property
+    def warned(self) -> bool:
+        return self.count > 0  # the first refusal is the one warned about
+
     def reset(self) -> None:
-        self.count, self.warned = 0, False
+        self.count = 0
 
 
 FALLBACKS = CpuFallbacks()  # this process's: the main process decodes every batch
