@@ -139,6 +139,7 @@ def train_or_evaluate(
         evaluate(wrapped_model, val_loader, args)
     else:
         fit(wrapped_model, state, position, train_loader(train_set, args), val_loader, criterion, mixup_fn)
+    del wrapped_model  # before the process group goes: distributed.cleanup says why
     distributed.cleanup()
     interrupt.uninstall()  # a finished run gives the process its signals back (Ctrl-C in a notebook)
 

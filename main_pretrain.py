@@ -176,6 +176,7 @@ def main(flags: argparse.Namespace) -> None:
             if picture and distributed.is_main_process() and (epoch % args.vis_freq == 0 or epoch == args.epochs - 1):
                 log_reconstructions(model, *picture, epoch, checkpointer.run_log, args)
             checkpointer.stop_if_requested()
+    del wrapped_model  # before the process group goes: distributed.cleanup says why
     distributed.cleanup()
     interrupt.uninstall()  # a finished run gives the process its signals back (Ctrl-C in a notebook)
 

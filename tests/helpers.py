@@ -375,11 +375,30 @@ def run_forked(log: Path, body: Callable[[], None], append: bool = False) -> int
         os._exit(code)
 
 
+def refuse_destroy_while_ddp_lives() -> None:
+    """Make ``destroy_process_group`` fail in this process while a DistributedDataParallel is
+    alive: freed afterwards, its reducer can deadlock gloo's destructor (distributed.cleanup)."""
+    import gc
+
+    import torch.distributed as dist
+
+    destroy = dist.destroy_process_group
+
+    def checked(*args: Any, **kwargs: Any) -> None:
+        ddp = torch.nn.parallel.DistributedDataParallel
+        alive = sum(isinstance(o, ddp) for o in gc.get_objects())
+        assert alive == 0, f"destroy_process_group with {alive} DistributedDataParallel alive"
+        destroy(*args, **kwargs)
+
+    dist.destroy_process_group = checked
+
+
 def run_ranks(main: Callable[[], None], workdir: Path, world_size: int = 2, timeout: float = 300) -> list[str]:
     """``main()`` in ``world_size`` processes forked from this one, in the environment torchrun
     gives its workers (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT): a gloo group on
     the CPU, without a fresh interpreter per rank. Each rank runs single-threaded (a forked
-    process must not use the parent's thread pool) through ``run_cli``; returns each rank's
+    process must not use the parent's thread pool) through ``run_cli``, and fails if it destroys
+    the group while a DDP wrapper lives (refuse_destroy_while_ddp_lives); returns each rank's
     stdout and stderr, and fails the test where a rank fails."""
     from util.cli.errors import run_cli
 
@@ -392,6 +411,7 @@ def run_ranks(main: Callable[[], None], workdir: Path, world_size: int = 2, time
         def rank_main(rank: int = rank) -> None:
             os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank))
             torch.set_num_threads(1)
+            refuse_destroy_while_ddp_lives()
             run_cli(main)
 
         pids.append(run_forked(log, rank_main))

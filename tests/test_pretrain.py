@@ -322,9 +322,12 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(reference, data, tmp_pat
 WRAPPER = textwrap.dedent(
     """
     import os, sys
-    sys.path.insert(0, {repo!r})
+    sys.path[:0] = [{repo!r}, os.path.join({repo!r}, "tests")]
     import torch
     import main_pretrain
+    from helpers import refuse_destroy_while_ddp_lives
+
+    refuse_destroy_while_ddp_lives()
 
     built = []
     build = main_pretrain.build_model

@@ -6,6 +6,7 @@ the variable). The processes then meet for at most ``MAE_DIST_START_TIMEOUT`` se
 """
 
 import datetime
+import gc
 import os
 import socket
 import sys
@@ -232,7 +233,12 @@ def any_rank(flag: bool, device: torch.device | str) -> bool:
 
 
 def cleanup() -> None:
+    """Destroy the process group, once the caller has dropped its DDP wrapper. DDP sits in a
+    reference cycle: collected after this, its reducer would hold the last reference to the group,
+    whose gloo destructor joins its threads holding the GIL while one of them waits for the GIL to
+    free the last collective's tensor (a hang at the end of 2-rank CPU runs, seen with torch 2.11)."""
     if is_dist():
+        gc.collect()
         dist.destroy_process_group()
 
 
