@@ -9,9 +9,10 @@
 #   bash benchmarks/gpu_check.sh          # on the GPU; benchmarks/README.md gives the device run
 #   bash benchmarks/gpu_check.sh --cpu    # every part at toy sizes on a CPU, in under 2 minutes
 #
-# Inputs, both git-ignored and carried to the device: benchmarks/official_mae
+# Inputs, all git-ignored and carried to the device: benchmarks/official_mae
 # (bash benchmarks/fetch_official.sh PATH_TO_MAE_CLONE) and benchmarks/jpeg_subset
-# (python -m benchmarks.make_jpeg_subset). Without them the parts that need them record why.
+# (python -m benchmarks.make_jpeg_subset); without them the parts that need them record why. And
+# wheels/ (bash benchmarks/fetch_wheels.sh): timm as tested here, over the machine's own.
 # Environment: OUT (default gpu_check_out), PYTHON (default python3), GPU_CHECK_PARTS (a subset
 # of "env tests cifar step loader e2e", in that order), GPU_CHECK_SECONDS (the whole budget),
 # GPU_CHECK_FAIL=<part> (that part crashes at its start: a test of the summary's errors).
@@ -42,6 +43,8 @@ LOG=$OUT/gpu_check.log # every part's output as it comes: kept if the whole comm
 : >"$LOG"
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
+source benchmarks/use_wheels.sh
+use_wheels "$WORK/site" || exit 1
 export PYTHONUNBUFFERED=1
 RESERVE=10 # seconds kept for the last part's kill (timeout -k 5) and the last summary
 

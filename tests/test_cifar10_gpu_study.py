@@ -152,6 +152,7 @@ def test_every_run_ends_by_the_commands_deadline(tmp_path):
         "timed stubborn 1 bash -c \"trap '' TERM; sleep 30\" & wait"
     )
     env = {**os.environ, "WORK": str(tmp_path), "OUT": str(tmp_path), "DEADLINE": "1", "GRACE": "0.3", "LIMIT": "100"}
+    env["WHEELS"] = str(tmp_path / "no-wheels")  # not a wheels/ this checkout may hold
     begin = time.monotonic()
     subprocess.run(["bash", "-c", script], env=env, timeout=20, check=True)
     assert time.monotonic() - begin < 5
@@ -196,6 +197,7 @@ def test_device_commands_end_to_end(tmp_path, warm_interpreter):
         "STRIP_EPOCHS": "0 1",
         "OMP_NUM_THREADS": "1",
         "EXTRA": "--device cpu --precision fp32 --batch_size 8 --num_workers 0",
+        "WHEELS": str(tmp_path / "no-wheels"),  # not a wheels/ this checkout may hold
     }
     python = warm_interpreter
     backs = [_command("pretrain.sh", python=python, env=env)]

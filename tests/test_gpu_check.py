@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import weakref
+import zipfile
 
 import pytest
 import torch
@@ -32,6 +33,7 @@ IMPLS = {"official_as_shipped", "official_in_our_loop", "ours_eager", "ours_comp
 def test_cpu_check_writes_the_summary_and_reports_a_crashed_part(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
     env.update(GPU_CHECK_PARTS="tests cifar", GPU_CHECK_FAIL="tests")  # the parts that start quickest
+    env.update(WHEELS=str(tmp_path / "no-wheels"))  # not a wheels/ this checkout may hold
     result = subprocess.run(
         ["bash", "benchmarks/gpu_check.sh", "--cpu"], cwd=REPO, env=env, capture_output=True, text=True, timeout=240
     )
@@ -147,3 +149,41 @@ def test_a_measurement_without_time_for_it_is_left_out_and_said(tmp_path, monkey
     ]
     monkeypatch.delenv(DEADLINE_ENV)  # run on its own: no deadline
     assert time_for(record, "largest batch", 10**6)
+
+
+def _pure_python_wheel(folder, name: str, version: str):
+    """The smallest wheel pip installs: one module, its metadata and a RECORD without hashes."""
+    path = folder / f"{name}-{version}-py3-none-any.whl"
+    info = f"{name}-{version}.dist-info"
+    files = {
+        f"{name}/__init__.py": "",
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    files[f"{info}/RECORD"] = "".join(f"{f},,\n" for f in [*files, f"{info}/RECORD"])
+    with zipfile.ZipFile(path, "w") as archive:
+        for member, text in files.items():
+            archive.writestr(member, text)
+    return path
+
+
+def test_carried_wheels_come_first_on_the_python_path(tmp_path):
+    """benchmarks/use_wheels.sh: the wheels in WHEELS are installed into SITE, put first on
+    PYTHONPATH (before the machine's own packages); a nested call changes nothing; no wheels, no change."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    _pure_python_wheel(wheels, "probe_pkg", "1.0")
+    site = tmp_path / "site"
+    script = f"""source benchmarks/use_wheels.sh; use_wheels {site}; use_wheels {site}; echo "$PYTHONPATH"
+        "$PYTHON" -c 'import probe_pkg; print(probe_pkg.__file__)' """
+
+    def run(folder):
+        env = {**os.environ, "PYTHON": sys.executable, "WHEELS": str(folder), "PYTHONPATH": "/elsewhere"}
+        return subprocess.run(["bash", "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+
+    used = run(wheels)
+    assert used.returncode == 0, used.stderr
+    assert used.stdout.splitlines() == [f"{site}:/elsewhere", str(site / "probe_pkg" / "__init__.py")]
+    assert used.stderr.count("using probe_pkg-1.0-py3-none-any.whl over the machine's packages") == 1, used.stderr
+    none = run(tmp_path / "empty")
+    assert none.stdout.splitlines() == ["/elsewhere"] and "No module named 'probe_pkg'" in none.stderr

@@ -25,6 +25,8 @@ DEADLINE=${DEADLINE:-560}
 GRACE=${GRACE:-15}
 read -r -a EXTRA_ARGS <<<"${EXTRA:-}"  # EXTRA: flags appended to every command (last wins)
 mkdir -p "$WORK" "$OUT"
+source benchmarks/use_wheels.sh
+use_wheels "$(cd "$WORK" && pwd)/site"  # wheels/, where carried: timm as tested here, over the machine's own
 
 ms_left() {  # milliseconds before the deadline (negative once it passed)
     echo $((DEADLINE * 1000 - ($(date +%s%N) / 1000000 - BEGIN_MS)))
