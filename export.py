@@ -107,8 +107,8 @@ def timm_call(name: str, img_size: int, global_pool: bool, output: str) -> str: 
     extra = "".join(f", {k}={v!r}" for k, v in kwargs.items())
     return (
         f"timm.create_model({timm_name!r}{extra}, pretrained=True, num_classes=0, "
-        f"pretrained_cfg_overlay=dict(file={output!r}))"
-    )
+        f"pretrained_cfg_overlay=dict(file={output!r}, custom_load=False))"
+    )  # custom_load=False: a plain state dict, not the .npz some default configs name (timm < 1.0.31 keeps that)
 
 
 def args_metadata(args: Any) -> dict[str, str]:

@@ -206,3 +206,25 @@ def test_demo_split_is_a_classification_data_set():
     val = classification_dataset(root, "val", None, nb_classes=10)
     assert (len(train), len(val)) == (1600, 400)
     assert sorted(set(val.targets)) == list(range(10))
+
+
+def _pins(path: Path, operator: str) -> dict[str, str]:
+    """``name operator version`` lines of a requirements or constraints file (comments dropped)."""
+    pins = {}
+    for line in path.read_text().splitlines():
+        spec = line.split("#")[0].strip()
+        if operator in spec:
+            name, version = spec.split(operator)
+            pins[name.strip().lower()] = version.strip()
+    return pins
+
+
+def test_requirement_floors_are_the_releases_the_suite_ran_with():
+    """requirements*.txt promise what constraints-floor.txt pinned when the whole suite passed:
+    every floor names a pinned release (to the floor's precision), every runtime package is pinned."""
+    floors = {**_pins(REPO / "requirements.txt", ">="), **_pins(REPO / "requirements-test.txt", ">=")}
+    pinned = _pins(REPO / "constraints-floor.txt", "==")
+    assert set(_pins(REPO / "requirements.txt", ">=")) <= set(pinned)
+    for name, version in pinned.items():
+        floor = floors[name].split(".")
+        assert pinned[name].split(".")[: len(floor)] == floor, f"{name}: floor {floors[name]}, pinned {version}"

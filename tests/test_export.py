@@ -93,7 +93,7 @@ def test_timm_loads_mae_export_with_our_features(pre, tmp_path, capsys, suffix):
         patch_size=4,
         pretrained=True,
         num_classes=0,
-        pretrained_cfg_overlay=dict(file=str(out)),
+        pretrained_cfg_overlay=dict(file=str(out), custom_load=False),
     ).eval()
     ours = models_vit.vit_tiny_patch4(num_classes=0, global_pool=False)  # class token after norm, as timm's default
     load_pretrained_encoder(ours, str(ckpt))

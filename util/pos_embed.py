@@ -64,9 +64,10 @@ def resize_pos_embed(
     old_h, old_w = image_size(old_grid)
     if old_h * old_w != tokens:
         raise ValueError(f"position embedding has {tokens} grid tokens, not a {old_h}x{old_w} grid")
-    # timm's resampling (in float32, cast back; none at the same grid) is the official interpolation.
+    # timm's resampling (bicubic in float32, cast back; none at the same grid; align_corners left to
+    # F.interpolate's False, which timm before 1.0.31 cannot be told) is the official interpolation.
     new, old = [new_h, new_w], [old_h, old_w]
-    return resample_abs_pos_embed(pos_embed, new, old, num_prefix_tokens, antialias=False, align_corners=False)
+    return resample_abs_pos_embed(pos_embed, new, old, num_prefix_tokens, antialias=False)
 
 
 # The official module's names, which derived projects call to build and to load MAE encoders
