@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_split, pretrain_args, run_ranks, torch_threads
+from helpers import TINY, cli, make_split, pretrain_args, run_ranks, torch_threads
 
 import main_finetune
 import main_linprobe
@@ -143,6 +143,30 @@ def test_dist_eval_over_two_processes_counts_every_image_once(pipeline, tmp_path
     sharded = acc_line.search(run_ranks(evaluate, tmp_path / "ranks")[0]).groups()
     assert single[3] == sharded[3] == "27"
     assert single == sharded
+
+
+def test_loader_workers_started_by_forkserver(pipeline, tmp_path):
+    """Python 3.14 starts processes by forkserver on Linux (spawn on macOS), which pickles what a
+    DataLoader worker gets: pre-training's loader and fine-tuning's (RandAugment, erasing, mixup)
+    run with 2 workers started that way."""
+    data, ckpt, _ = pipeline
+    workers = ["--device", "cpu", "--precision", "fp32", "--num_workers", "2", "--epochs", "1", "--log_dir", ""]
+    pre = [*TINY, "--model", "mae_vit_mini_patch4", "--data_path", str(data), "--output_dir", str(tmp_path / "pre")]
+    ft = ["--data_path", str(data), "--nb_classes", "3", "--model", "vit_mini_patch4", "--input_size", "32"]
+    ft += ["--finetune", str(ckpt), "--batch_size", "8", "--mixup", "0.8", "--reprob", "0.25"]
+    ft += ["--output_dir", str(tmp_path / "ft")]
+    script = tmp_path / "forkserver.py"
+    script.write_text(
+        "import multiprocessing, sys\n"
+        "import main_finetune, main_pretrain\n"
+        "if __name__ == '__main__':\n"
+        "    multiprocessing.set_start_method('forkserver')\n"
+        f"    main_pretrain.main(main_pretrain.get_args_parser().parse_args({[*pre, *workers]!r}))\n"
+        f"    main_finetune.main(main_finetune.get_args_parser().parse_args({[*ft, *workers]!r}))\n"
+    )
+    result = cli([str(script)], env={"PYTHONPATH": str(Path(main_pretrain.__file__).parent)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "pre" / "checkpoint-0.pth").exists() and _last_log(tmp_path / "ft")["test_images"] == 27
 
 
 # ---------------------------------------------------------------------------------------------
