@@ -9,7 +9,8 @@
 use_wheels() {
     local site=$1 wheels=${WHEELS:-wheels}
     compgen -G "$wheels/*.whl" >/dev/null || return 0
-    [[ :${PYTHONPATH:-}: == *:$site:* ]] && return 0 # a nested script of the same run
+    [[ :${PYTHONPATH:-}: == *:"$site":* ]] && return 0 # a nested script of the same run
+    rm -rf "$site" # pip --target keeps what an earlier run installed there
     PIP_ROOT_USER_ACTION=ignore "$PYTHON" -m pip install -q --no-index --no-deps --target "$site" "$wheels"/*.whl ||
         { echo "error: could not install $wheels/*.whl into $site" >&2; return 1; }
     export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}

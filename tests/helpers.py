@@ -375,9 +375,13 @@ def run_forked(log: Path, body: Callable[[], None], append: bool = False) -> int
         os._exit(code)
 
 
+DESTROYED_CLEANLY = "destroy_process_group: no DistributedDataParallel alive"
+
+
 def refuse_destroy_while_ddp_lives() -> None:
     """Make ``destroy_process_group`` fail in this process while a DistributedDataParallel is
-    alive: freed afterwards, its reducer can deadlock gloo's destructor (distributed.cleanup)."""
+    alive (freed afterwards, its reducer can deadlock gloo's destructor: distributed.cleanup), and
+    print ``DESTROYED_CLEANLY`` on stderr when it is called with none."""
     import gc
 
     import torch.distributed as dist
@@ -388,18 +392,22 @@ def refuse_destroy_while_ddp_lives() -> None:
         ddp = torch.nn.parallel.DistributedDataParallel
         alive = sum(isinstance(o, ddp) for o in gc.get_objects())
         assert alive == 0, f"destroy_process_group with {alive} DistributedDataParallel alive"
+        print(DESTROYED_CLEANLY, file=sys.stderr)
         destroy(*args, **kwargs)
 
     dist.destroy_process_group = checked
 
 
-def run_ranks(main: Callable[[], None], workdir: Path, world_size: int = 2, timeout: float = 300) -> list[str]:
+def run_ranks(
+    main: Callable[[], None], workdir: Path, world_size: int = 2, timeout: float = 300, exit_codes: Sequence[int] = ()
+) -> list[str]:
     """``main()`` in ``world_size`` processes forked from this one, in the environment torchrun
     gives its workers (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT): a gloo group on
     the CPU, without a fresh interpreter per rank. Each rank runs single-threaded (a forked
     process must not use the parent's thread pool) through ``run_cli``, and fails if it destroys
     the group while a DDP wrapper lives (refuse_destroy_while_ddp_lives); returns each rank's
-    stdout and stderr, and fails the test where a rank fails."""
+    stdout and stderr, and fails the test where a rank exits otherwise than with its ``exit_codes``
+    (by default 0)."""
     from util.cli.errors import run_cli
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -417,8 +425,8 @@ def run_ranks(main: Callable[[], None], workdir: Path, world_size: int = 2, time
         pids.append(run_forked(log, rank_main))
     codes = [wait_or_kill(pid, time.time() + timeout) for pid in pids]
     outputs = [log.read_text() for log in logs]
-    for rank, (code, output) in enumerate(zip(codes, outputs, strict=True)):
-        assert code == 0, f"rank {rank} exited with {code}:\n{output[-3000:]}"
+    for rank, (code, expected, output) in enumerate(zip(codes, exit_codes or [0] * world_size, outputs, strict=True)):
+        assert code == expected, f"rank {rank} exited with {code}:\n{output[-3000:]}"
     return outputs
 
 

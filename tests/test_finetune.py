@@ -3,6 +3,7 @@ keys, layer-wise lr decay groups, LARS, evaluation (also sharded over 2 processe
 pre-train -> fine-tune / linear probe -> eval pipeline on real CIFAR-10 images."""
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -164,7 +165,8 @@ def test_loader_workers_started_by_forkserver(pipeline, tmp_path):
         f"    main_pretrain.main(main_pretrain.get_args_parser().parse_args({[*pre, *workers]!r}))\n"
         f"    main_finetune.main(main_finetune.get_args_parser().parse_args({[*ft, *workers]!r}))\n"
     )
-    result = cli([str(script)], env={"PYTHONPATH": str(Path(main_pretrain.__file__).parent)})
+    path = [str(Path(main_pretrain.__file__).parent), *filter(None, [os.environ.get("PYTHONPATH")])]
+    result = cli([str(script)], env={"PYTHONPATH": os.pathsep.join(path)})
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "pre" / "checkpoint-0.pth").exists() and _last_log(tmp_path / "ft")["test_images"] == 27
 

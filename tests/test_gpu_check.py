@@ -156,7 +156,7 @@ def _pure_python_wheel(folder, name: str, version: str):
     path = folder / f"{name}-{version}-py3-none-any.whl"
     info = f"{name}-{version}.dist-info"
     files = {
-        f"{name}/__init__.py": "",
+        f"{name}/__init__.py": f"__version__ = {version!r}\n",
         f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
         f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
     }
@@ -169,13 +169,14 @@ def _pure_python_wheel(folder, name: str, version: str):
 
 def test_carried_wheels_come_first_on_the_python_path(tmp_path):
     """benchmarks/use_wheels.sh: the wheels in WHEELS are installed into SITE, put first on
-    PYTHONPATH (before the machine's own packages); a nested call changes nothing; no wheels, no change."""
+    PYTHONPATH (before the machine's own packages); a nested call changes nothing; a later run with
+    another release in WHEELS gets that release in the same SITE; no wheels, no change."""
     wheels = tmp_path / "wheels"
     wheels.mkdir()
     _pure_python_wheel(wheels, "probe_pkg", "1.0")
     site = tmp_path / "site"
     script = f"""source benchmarks/use_wheels.sh; use_wheels {site}; use_wheels {site}; echo "$PYTHONPATH"
-        "$PYTHON" -c 'import probe_pkg; print(probe_pkg.__file__)' """
+        "$PYTHON" -c 'import probe_pkg; print(probe_pkg.__file__, probe_pkg.__version__)' """
 
     def run(folder):
         env = {**os.environ, "PYTHON": sys.executable, "WHEELS": str(folder), "PYTHONPATH": "/elsewhere"}
@@ -183,7 +184,11 @@ def test_carried_wheels_come_first_on_the_python_path(tmp_path):
 
     used = run(wheels)
     assert used.returncode == 0, used.stderr
-    assert used.stdout.splitlines() == [f"{site}:/elsewhere", str(site / "probe_pkg" / "__init__.py")]
+    assert used.stdout.splitlines() == [f"{site}:/elsewhere", f"{site / 'probe_pkg' / '__init__.py'} 1.0"]
     assert used.stderr.count("using probe_pkg-1.0-py3-none-any.whl over the machine's packages") == 1, used.stderr
+    for old in wheels.iterdir():
+        old.unlink()
+    _pure_python_wheel(wheels, "probe_pkg", "2.0")
+    assert run(wheels).stdout.splitlines()[-1].endswith(" 2.0")
     none = run(tmp_path / "empty")
     assert none.stdout.splitlines() == ["/elsewhere"] and "No module named 'probe_pkg'" in none.stderr

@@ -22,6 +22,7 @@ import pytest
 import torch
 from helpers import (
     CLASSES,
+    DESTROYED_CLEANLY,
     REFERENCE_EXTRAS,
     REPO,
     RESUMABLE,
@@ -40,6 +41,7 @@ from helpers import (
     read_log,
     run_forked,
     run_pretrain,
+    run_ranks,
     wait_or_kill,
 )
 from PIL import Image
@@ -371,6 +373,36 @@ def test_torchrun_two_processes_identical_weights(tmp_path):
     assert all_finite(rank0)
     assert any(not torch.equal(v, load(out / "checkpoint-0.pth")["model"][k]) for k, v in rank0.items())
     assert sorted(p.name for p in out.glob("reconstruction-*.png")) == ["reconstruction-0.png", "reconstruction-1.png"]
+
+
+def test_a_stop_on_one_rank_stops_both_and_destroys_the_group_before_exit(tmp_path):
+    """SIGUSR1 to rank 0 alone after its second optimizer step: at the next check point (a
+    collective) both ranks save one checkpoint and exit as stopped, having destroyed the process
+    group with no DDP wrapper alive, not left it to the interpreter's shutdown (where gloo's
+    destructor can hang holding the GIL: distributed.cleanup)."""
+    data = make_dataset(tmp_path / "data", 11)  # 33 images: 4 iterations of 2 x 4 per epoch
+    out = tmp_path / "out"
+    argv = [*TINY, "--model", "mae_vit_mini_patch4", "--batch_size", "4", "--epochs", "2", "--print_freq", "3"]
+    argv += ["--vis_freq", "0", "--data_path", str(data), "--output_dir", str(out), "--log_dir", ""]
+
+    def rank_main() -> None:
+        if os.environ["RANK"] == "0":
+            step, done = torch.optim.AdamW.step, [0]
+
+            def counted(self, *args, **kwargs):
+                result = step(self, *args, **kwargs)
+                done[0] += 1
+                if done[0] == 2:
+                    os.kill(os.getpid(), signal.SIGUSR1)
+                return result
+
+            torch.optim.AdamW.step = counted
+        main_pretrain.main(main_pretrain.get_args_parser().parse_args(argv))
+
+    # Each rank exits with its own signal's status; rank 1 got none, and exits as if sent SIGTERM.
+    logs = run_ranks(rank_main, tmp_path / "ranks", exit_codes=[128 + signal.SIGUSR1, 128 + signal.SIGTERM])
+    assert all(DESTROYED_CLEANLY in log for log in logs), "\n".join(log[-1500:] for log in logs)
+    assert checkpoint_names(out) == {"checkpoint-0-step3.pth"}  # the check point after the third iteration
 
 
 # ---------------------------------------------------------------------------------------------

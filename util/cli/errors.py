@@ -1,5 +1,6 @@
 """User-facing errors: one line that names the file or flag and says what to do."""
 
+import contextlib
 import os
 import signal
 import sys
@@ -39,12 +40,11 @@ def run_cli(main: Callable[[], None]) -> None:
 
     try:
         main()
+        return
     except interrupt.Interrupted as e:
-        sys.stderr.write(f"{e}\n")  # every rank, not only rank 0's log
-        sys.exit(interrupt.exit_code())
+        message, code = str(e), interrupt.exit_code()
     except UserError as e:
-        sys.stderr.write(f"error: {_last_line(e)}\n")
-        sys.exit(2)
+        message, code = f"error: {_last_line(e)}", 2
     except KeyboardInterrupt:
         sys.stderr.write(
             "stopped at once by Ctrl-C; the files written so far are complete (a training run "
@@ -59,6 +59,13 @@ def run_cli(main: Callable[[], None]) -> None:
         # Not sys.exit: the broken process group's threads would abort the interpreter's shutdown
         # ("terminate called without an active exception") after the line.
         os._exit(1)
+    sys.stderr.write(f"{message}\n")  # every rank, not only rank 0's log
+    # Out of the except clause, the traceback and the frames that held the DDP wrapper are gone:
+    # the process group goes now, not during the interpreter's shutdown (distributed.cleanup). A
+    # group that cannot be destroyed cleanly changes nothing for a process about to exit.
+    with contextlib.suppress(Exception):
+        distributed.cleanup()
+    sys.exit(code)
 
 
 def _last_line(error: UserError) -> str:

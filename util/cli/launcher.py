@@ -17,7 +17,7 @@ import submitit
 
 from util.cli.args import check_at_least, check_common
 from util.cli.log import log
-from util.train import interrupt
+from util.train import distributed, interrupt
 
 
 def add_launcher_args(parser: argparse.ArgumentParser) -> None:
@@ -48,12 +48,14 @@ class Trainer:
         self._set_up_task(args)
         try:
             importlib.import_module(self.module).main(args)
+            return
         except interrupt.Interrupted as stop:
             log.info(f"{stop}; handing over to submitit for requeueing")
-            interrupt.hand_over()  # on its timeout signal submitit calls checkpoint() and requeues
-            # Still here (SIGTERM: SLURM preempts and requeues the job itself): exit as stopped,
-            # not as a job that completed.
-            sys.exit(interrupt.exit_code())
+        distributed.cleanup()  # out of the except clause, no frame holds the DDP wrapper any more
+        interrupt.hand_over()  # on its timeout signal submitit calls checkpoint() and requeues
+        # Still here (SIGTERM: SLURM preempts and requeues the job itself): exit as stopped, not as a
+        # job that completed.
+        sys.exit(interrupt.exit_code())
 
     def checkpoint(self) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on preemption/time-out: the same job again, resuming automatically."""
