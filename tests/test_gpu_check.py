@@ -170,7 +170,8 @@ def _pure_python_wheel(folder, name: str, version: str):
 def test_carried_wheels_come_first_on_the_python_path(tmp_path):
     """benchmarks/use_wheels.sh: the wheels in WHEELS are installed into SITE, put first on
     PYTHONPATH (before the machine's own packages); a nested call changes nothing; a later run with
-    another release in WHEELS gets that release in the same SITE; no wheels, no change."""
+    another release in WHEELS gets that release in the same SITE; no wheels, or wheels pip refuses,
+    no change."""
     wheels = tmp_path / "wheels"
     wheels.mkdir()
     _pure_python_wheel(wheels, "probe_pkg", "1.0")
@@ -192,3 +193,9 @@ def test_carried_wheels_come_first_on_the_python_path(tmp_path):
     assert run(wheels).stdout.splitlines()[-1].endswith(" 2.0")
     none = run(tmp_path / "empty")
     assert none.stdout.splitlines() == ["/elsewhere"] and "No module named 'probe_pkg'" in none.stderr
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "probe_pkg-3.0-py3-none-any.whl").write_text("not a zip archive")
+    refused = run(broken)
+    assert refused.stdout.splitlines() == ["/elsewhere"], refused.stdout
+    assert "going on with the machine's packages" in refused.stderr
