@@ -63,7 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from helpers import RESUMABLE_EPOCHS as EPOCHS  # noqa: E402
-from helpers import Reference, assert_same, budgeted_open, resumable_flags, run_forked  # noqa: E402
+from helpers import Reference, assert_same, budgeted_open, counting_step, resumable_flags, run_forked  # noqa: E402
 
 import main_pretrain  # noqa: E402
 from util.checkpoint import files as checkpoint_files  # noqa: E402  (listing only)
@@ -120,15 +120,7 @@ def _arm(fault: str, n: int, cut: int) -> None:
 
 def _after_optimizer_steps(call) -> None:
     """``call(k)`` after the k-th optimizer step of this run."""
-    real_step, done = torch.optim.AdamW.step, [0]
-
-    def step(self, *a, **k):
-        out = real_step(self, *a, **k)
-        done[0] += 1
-        call(done[0])
-        return out
-
-    torch.optim.AdamW.step = step
+    torch.optim.AdamW.step = counting_step(lambda _, k: call(k))
 
 
 def _arm_kill(site: str, n: int, cut: int) -> None:

@@ -375,6 +375,20 @@ def run_forked(log: Path, body: Callable[[], None], append: bool = False) -> int
         os._exit(code)
 
 
+def counting_step(after: Callable[[torch.optim.Optimizer, int], object]) -> Callable:
+    """A replacement for ``torch.optim.AdamW.step`` that calls ``after(optimizer, k)`` after the
+    k-th step (1-based) it makes: the seam through which tests enter faults at a given step."""
+    real_step, done = torch.optim.AdamW.step, [0]
+
+    def step(self: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+        result = real_step(self, *args, **kwargs)
+        done[0] += 1
+        after(self, done[0])
+        return result
+
+    return step
+
+
 DESTROYED_CLEANLY = "destroy_process_group: no DistributedDataParallel alive"
 
 

@@ -35,6 +35,7 @@ from helpers import (
     checkpoint_names,
     cli,
     cli_batch,
+    counting_step,
     isolated_interrupts,
     load,
     make_dataset,
@@ -387,16 +388,7 @@ def test_a_stop_on_one_rank_stops_both_and_destroys_the_group_before_exit(tmp_pa
 
     def rank_main() -> None:
         if os.environ["RANK"] == "0":
-            step, done = torch.optim.AdamW.step, [0]
-
-            def counted(self, *args, **kwargs):
-                result = step(self, *args, **kwargs)
-                done[0] += 1
-                if done[0] == 2:
-                    os.kill(os.getpid(), signal.SIGUSR1)
-                return result
-
-            torch.optim.AdamW.step = counted
+            torch.optim.AdamW.step = counting_step(lambda _, k: k == 2 and os.kill(os.getpid(), signal.SIGUSR1))
         main_pretrain.main(main_pretrain.get_args_parser().parse_args(argv))
 
     # Each rank exits with its own signal's status; rank 1 got none, and exits as if sent SIGTERM.

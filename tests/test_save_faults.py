@@ -18,6 +18,7 @@ from helpers import (  # noqa: E402
     all_finite,
     budgeted_open,
     checkpoint_names,
+    counting_step,
     isolated_interrupts,
     load,
     make_dataset,
@@ -95,19 +96,15 @@ def test_save_accepts_large_finite_weights(tmp_path):
 
 def _poison_step(monkeypatch, at: int, **kw) -> None:
     """The optimizer's ``at``-th step (1-based) turns the weights into runaway ones, 1e30 times larger."""
-    real_step, calls = torch.optim.AdamW.step, [0]
 
-    def step(self, *a, **k):
-        out = real_step(self, *a, **k)
-        calls[0] += 1
-        if calls[0] == at:
+    def poison(optimizer: torch.optim.Optimizer, k: int) -> None:
+        if k == at:
             with torch.no_grad():
-                for group in self.param_groups:
+                for group in optimizer.param_groups:
                     for p in group["params"]:
                         p.mul_(1e30)
-        return out
 
-    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    monkeypatch.setattr(torch.optim.AdamW, "step", counting_step(poison))
 
 
 @pytest.mark.parametrize("mid_epoch", [False, True], ids=["epoch_end", "ckpt_every_steps"])
