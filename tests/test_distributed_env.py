@@ -6,7 +6,8 @@
   MAE_DIST_START_TIMEOUT seconds;
 - a peer killed with -9 leaves the others with one line saying how to continue;
 - Ctrl-C checkpoints as SIGTERM does, a second one stops at once;
-- the submitit launchers check the flags before submitting.
+- the submitit launchers check the flags before submitting; a submitted task that fails or hands
+  over destroys its process group first.
 """
 
 import os
@@ -23,10 +24,20 @@ from types import SimpleNamespace
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import REPO, TINY, load, make_dataset  # noqa: E402
+from helpers import (  # noqa: E402
+    DESTROYED_CLEANLY,
+    REPO,
+    TINY,
+    free_port,
+    load,
+    make_dataset,
+    refuse_destroy_while_ddp_lives,
+    run_forked,
+    wait_or_kill,
+)
 
-from util.cli.errors import UserError, run_cli  # noqa: E402
-from util.cli.launcher import submit  # noqa: E402
+from util.cli.errors import UserError, fail, run_cli  # noqa: E402
+from util.cli.launcher import Trainer, submit  # noqa: E402
 from util.train import distributed, interrupt  # noqa: E402
 
 START_TIMEOUT = "MAE_DIST_START_TIMEOUT"  # documented for users: a fixed name
@@ -334,3 +345,44 @@ def test_the_launcher_submits_good_flags_for_the_jobs_gpus(tmp_path, capsys, exe
     assert trainer.args.device == "cuda"  # not this machine's default
     assert (trainer.args.batch_size, made.parameters["tasks_per_node"]) == (8, 2)
     assert capsys.readouterr().out.startswith("submitted job 42")
+
+
+@pytest.mark.parametrize("ending", ["refused", "stopped", "stopped, destroy fails"])
+def test_a_submitit_task_destroys_its_process_group_before_it_fails_or_hands_over(tmp_path, ending):
+    """The submitted task, in a 1-rank gloo group whose DDP has all-reduced once, ends in a
+    ``UserError`` or a stop on request. Either way the group goes before the task's exception or
+    exit, with no DDP alive (freed later, gloo's destructor can hang: distributed.cleanup); a stop
+    exits 128 + SIGTERM even when destroying the group fails."""
+    import torch
+    import torch.distributed as dist
+
+    def main(args: Namespace) -> None:
+        distributed.init_distributed_mode(args)
+        model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))
+        model(torch.ones(1, 2)).sum().backward()
+        if ending == "refused":
+            fail("--blr must be positive")
+        raise interrupt.Interrupted(None, str(tmp_path))
+
+    def task() -> None:
+        os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        refuse_destroy_while_ddp_lives()
+        if ending == "stopped, destroy fails":
+            dist.destroy_process_group = lambda: fail("destroy failed")
+        sys.modules["entry_for_test"] = SimpleNamespace(main=main)
+        trainer = Trainer("entry_for_test", Namespace(resume="", dist_url="env://", dist_on_itp=False, device="cpu"))
+        trainer._set_up_task = lambda args: None  # no submitit job around this process
+        try:
+            trainer()
+        except UserError as raised:
+            print(f"raised: {raised}; group alive: {dist.is_initialized()}")
+
+    log = tmp_path / "task.log"
+    code = wait_or_kill(run_forked(log, task), time.time() + 120)
+    output = log.read_text()
+    if ending == "refused":
+        assert code == 0, output
+        assert "raised: --blr must be positive; group alive: False" in output
+    else:
+        assert code == 128 + signal.SIGTERM, output
+    assert (DESTROYED_CLEANLY in output) == (ending != "stopped, destroy fails"), output

@@ -1,6 +1,5 @@
 """User-facing errors: one line that names the file or flag and says what to do."""
 
-import contextlib
 import os
 import signal
 import sys
@@ -60,11 +59,7 @@ def run_cli(main: Callable[[], None]) -> None:
         # ("terminate called without an active exception") after the line.
         os._exit(1)
     sys.stderr.write(f"{message}\n")  # every rank, not only rank 0's log
-    # Out of the except clause, the traceback and the frames that held the DDP wrapper are gone:
-    # the process group goes now, not during the interpreter's shutdown (distributed.cleanup). A
-    # group that cannot be destroyed cleanly changes nothing for a process about to exit.
-    with contextlib.suppress(Exception):
-        distributed.cleanup()
+    distributed.cleanup_before_exit()  # now, not during the interpreter's shutdown
     sys.exit(code)
 
 

@@ -16,6 +16,7 @@ from types import ModuleType
 import submitit
 
 from util.cli.args import check_at_least, check_common
+from util.cli.errors import UserError
 from util.cli.log import log
 from util.train import distributed, interrupt
 
@@ -46,12 +47,17 @@ class Trainer:
     def __call__(self) -> None:
         args = copy.deepcopy(self.args)
         self._set_up_task(args)
+        refused = None
         try:
             importlib.import_module(self.module).main(args)
             return
         except interrupt.Interrupted as stop:
             log.info(f"{stop}; handing over to submitit for requeueing")
-        distributed.cleanup()  # out of the except clause, no frame holds the DDP wrapper any more
+        except UserError as error:  # the error again, without the traceback that holds the DDP wrapper
+            refused = type(error)(str(error))
+        distributed.cleanup_before_exit()
+        if refused is not None:
+            raise refused  # the task fails with its one line; a requeue would only fail again
         interrupt.hand_over()  # on its timeout signal submitit calls checkpoint() and requeues
         # Still here (SIGTERM: SLURM preempts and requeues the job itself): exit as stopped, not as a
         # job that completed.

@@ -5,6 +5,7 @@ the variable). The processes then meet for at most ``MAE_DIST_START_TIMEOUT`` se
 300), saying after a few what they wait for; collectives during training keep a long timeout.
 """
 
+import contextlib
 import datetime
 import gc
 import os
@@ -240,6 +241,14 @@ def cleanup() -> None:
     if is_dist():
         gc.collect()
         dist.destroy_process_group()
+
+
+def cleanup_before_exit() -> None:
+    """``cleanup()`` for a process on its way out after a stop or an error, called outside the
+    ``except`` clause (whose traceback holds the frames that hold the DDP wrapper). A group that
+    cannot be destroyed cleanly changes nothing then: its error must not replace the exit status."""
+    with contextlib.suppress(Exception):
+        cleanup()
 
 
 def peer_stopped(error: BaseException) -> bool:
