@@ -126,7 +126,7 @@ def make_step(model: torch.nn.Module, forward: torch.nn.Module, args: Namespace,
         imgs = normalize_on_device(imgs, IMAGENET_MEAN, IMAGENET_STD)  # the fast loader's uint8, as in training
         with autocast(precision, args.device):
             loss, _, _ = forward(imgs, mask_ratio=args.mask_ratio)
-        scaler.scale(loss).backward()  # as util.train.loop steps (main_pretrain's default: no --clip_grad)
+        scaler.scale(loss).backward()  # as the engine steps (main_pretrain's default: no --clip_grad)
         scaler.step(optimizer)
         scaler.update()
 

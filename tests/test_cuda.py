@@ -54,7 +54,7 @@ def test_mixed_precision_loss_is_close_to_fp32(precision):
 
 
 def _step(scaler: LossScaler, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
-    """One update as util.train.loop makes it."""
+    """One update as the engines make it (util.train.steps.optimizer_step)."""
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()

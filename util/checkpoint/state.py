@@ -33,7 +33,7 @@ class TrainState:
     # log.txt's lines of the epochs done (None: resumed from a checkpoint older than this history,
     # whose log.txt is only appended to); the log is rewritten from it on resume.
     log: list[dict[str, Any]] | None = field(default_factory=list)
-    # The running sums of the epoch's logged averages at a mid-epoch position (train_loop sets them
+    # The running sums of the epoch's logged averages at a mid-epoch position (the Checkpointer sets them
     # before a mid-epoch save), so that a resumed epoch logs the average of all its iterations.
     meters: dict[str, Any] | None = None
 
