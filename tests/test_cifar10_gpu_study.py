@@ -194,7 +194,6 @@ def test_device_commands_end_to_end(tmp_path, warm_interpreter):
         "FT_EPOCHS": "1",
         "FT10_EPOCHS": "1",
         "PER_CLASS": "2",
-        "STRIP_EPOCHS": "0 1",
         "OMP_NUM_THREADS": "1",
         "EXTRA": "--device cpu --precision fp32 --batch_size 8 --num_workers 0",
         "WHEELS": str(tmp_path / "no-wheels"),  # not a wheels/ this checkout may hold
@@ -229,3 +228,39 @@ def test_device_commands_end_to_end(tmp_path, warm_interpreter):
     } <= found
     mae = json.loads((backs[2] / "finetune-mae-labels100-test-s1-log.txt").read_text().splitlines()[-1])
     assert mae["test_images"] == 10  # the test set, once, after the last epoch
+
+
+def test_the_strip_shows_the_epochs_a_run_kept_and_ends_with_its_newest(tmp_path):
+    """A run shorter than the default strip, or stopped at its time limit, still gets its pictures:
+    the asked epochs it has a checkpoint of, then its newest epoch checkpoint (a mid-epoch one is
+    not an epoch's)."""
+    pictures = _script("pictures")
+    for name in ("checkpoint-0.pth", "checkpoint-10.pth", "checkpoint-17.pth", "checkpoint-18-step3.pth"):
+        (tmp_path / name).touch()
+    assert pictures.strip_epochs(tmp_path, [0, 10, 50, 100, 199]) == [0, 10, 17]
+    assert pictures.strip_epochs(tmp_path, [0, 17]) == [0, 17]
+    assert pictures.strip_epochs(tmp_path / "empty", [0, 10]) == []
+
+
+@pytest.mark.parametrize("encoder", ["another model's", "missing"])
+def test_fine_tuning_commands_refuse_a_wrong_encoder_before_unpacking(tmp_path, encoder):
+    """An encoder of another model (a CPU trial's left in encoder/) or none at all: the device
+    command stops at once with one line naming the file, before the unpack's minute."""
+    import argparse
+
+    import torch
+
+    from export import write_weights
+
+    path = tmp_path / "encoder.safetensors"
+    if encoder != "missing":
+        write_weights(str(path), {"w": torch.zeros(2)}, argparse.Namespace(model="mae_vit_mini_patch4"))
+    env = {**os.environ, "ENCODER": str(path), "MAE_MODEL": "mae_vit_tiny_patch2", "WORK": str(tmp_path / "work")}
+    env.update(ARCHIVE=str(tmp_path / "no-archive.tgz"), WHEELS=str(tmp_path / "no-wheels"), PYTHON=sys.executable)
+    done = subprocess.run(["bash", str(STUDY / "labels10.sh")], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(
+        f"error: checkpoint {path}" if encoder == "missing" else f"error: {path} is an encoder"
+    )
+    assert "not of mae_vit_tiny_patch2" in done.stderr or encoder == "missing"
+    assert not (tmp_path / "work" / "cifar10").exists(), "nothing unpacked"

@@ -53,6 +53,10 @@ timed() {  # timed NAME SHARING COMMAND...: run it under the time limit; its wal
     return "$status"
 }
 
+require_encoder() {  # before the unpack: a missing encoder, or another model's, fails every MAE run
+    "$PYTHON" $R/check_encoder.py "$ENCODER" "$MAE_MODEL"
+}
+
 unpack() {  # the images and the splits, once per machine
     "$PYTHON" $R/data.py unpack --archive "$ARCHIVE" --dest "$DATA" --splits "$SPLITS" --per_class "${PER_CLASS:-500}"
 }

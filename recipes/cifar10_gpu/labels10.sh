@@ -3,6 +3,7 @@
 # images), MAE and scratch, seeds 0 and 1, all four at once on the GPU. Needs the encoder
 # (pretrain.sh leaves it in $ENCODER; a later session carries it there).
 source "$(dirname "$0")/common.sh"
+require_encoder
 unpack
 RUNS=("mae 0 labels10-test" "scratch 0 labels10-test" "mae 1 labels10-test" "scratch 1 labels10-test")
 status=0

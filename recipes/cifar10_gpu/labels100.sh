@@ -4,6 +4,7 @@
 # Usage: bash recipes/cifar10_gpu/labels100.sh SEED
 source "$(dirname "$0")/common.sh"
 SEED=${1:?seed}
+require_encoder
 unpack
 status=0
 together "mae $SEED labels100-test" "scratch $SEED labels100-test" || status=$?
