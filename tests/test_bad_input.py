@@ -16,6 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from helpers import (  # noqa: E402
+    REPO,
     TINY,
     assert_same,
     checkpoint_names,
@@ -343,3 +344,31 @@ def test_resume_with_changed_meaning_warns_in_one_line(tmp_path, capsys):
     warnings = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
     assert len(warnings) == 1
     assert "--mask_ratio 0.75 -> 0.5" in warnings[0] and "--norm_pix_loss False -> True" in warnings[0]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["knn_eval.py", "--encoders", "random", "--model", "mae_vit_mini_patch4", "--knn_k", "2"],
+        ["main_linprobe.py", "--model", "vit_mini_patch4", "--nb_classes", "3", "--epochs", "1"],
+    ],
+    ids=["knn_eval", "linprobe"],
+)
+def test_a_corrupt_image_found_by_loader_workers_ends_the_process(tmp_path, command):
+    """A truncated validation image read by a loader worker: one line and exit 2, and the process
+    ends, also where the error's traceback kept the loader alive until exit. Its workers ignore
+    SIGTERM (a cluster's stop is the main process's to act on), with which multiprocessing would
+    end them at exit before waiting for them forever."""
+    import subprocess
+
+    data = _split(tmp_path / "data", ("cat", "dog", "frog"), ("cat", "dog", "frog"))
+    bad = sorted((data / "val").rglob("*.jpg"))[1]
+    bad.write_bytes(bad.read_bytes()[:200])
+    flags = ["--data_path", str(data), "--input_size", "32", "--batch_size", "2", "--num_workers", "2"]
+    if command[0] == "main_linprobe.py":
+        flags += ["--output_dir", str(tmp_path / "out"), "--warmup_epochs", "0"]
+    done = subprocess.run(
+        [sys.executable, command[0], *command[1:], *flags], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.splitlines()[-1].startswith(f"error: cannot read image {bad} (")

@@ -7,6 +7,9 @@ launcher can hand the signal over once the checkpoint is written. A second Ctrl-
 (``KeyboardInterrupt``, which ``errors.run_cli`` turns into one line).
 """
 
+import atexit
+import multiprocessing
+import multiprocessing.util  # its exit hook is registered before ours, so ours runs first
 import signal
 import sys
 from typing import Any
@@ -53,6 +56,23 @@ def ignore_in_worker(worker_id: int) -> None:
     die and the main process crashes instead of checkpointing."""
     for s in SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+
+
+def _kill_loader_workers() -> None:
+    """At exit, before multiprocessing's own hook, which ends daemonic children (the loaders'
+    workers) with SIGTERM, which ``ignore_in_worker`` makes them ignore, and then waits for them
+    forever. Workers still alive then (their loader kept by an error's traceback) are killed."""
+    workers = [child for child in multiprocessing.active_children() if child.daemon]
+    if not workers:
+        return
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would call each kill an error
+    for worker in workers:
+        worker.kill()
+    for worker in workers:
+        worker.join(5)
+
+
+atexit.register(_kill_loader_workers)
 
 
 def requested() -> bool:
