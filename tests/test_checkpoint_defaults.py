@@ -88,6 +88,23 @@ def test_knn_eval_takes_the_model_of_its_first_checkpoint(pretrained, split, tmp
     assert f"from checkpoint {pretrained}: --model mae_vit_tiny_patch4 --input_size 32" in capsys.readouterr().out
 
 
+def test_knn_eval_scores_a_probed_encoder_given_first(pretrained, split, tmp_path, capsys):
+    """A linear probe's checkpoint stores a classifier's name (vit_tiny_patch4): k-NN scores it with
+    the MAE of that name, as it does when the probe is not the first encoder."""
+    probe = tmp_path / "probe"
+    flags = ["--finetune", str(pretrained), "--data_path", str(split), "--nb_classes", "3", "--cls_token"]
+    main_linprobe.main(
+        main_linprobe.get_args_parser().parse_args(
+            [*flags, "--epochs", "1", "--batch_size", "4", "--output_dir", str(probe), *CPU]
+        )
+    )
+    out = tmp_path / "knn.jsonl"
+    argv = ["--data_path", str(split), "--encoders", str(probe / "checkpoint-0.pth"), "--output", str(out), *CPU]
+    knn_eval.main(knn_eval.get_args_parser().parse_args([*argv, "--knn_k", "2"]))
+    assert '"model": "mae_vit_tiny_patch4"' in out.read_text()
+    assert "--model mae_vit_tiny_patch4 --input_size 32 (flags not given)" in capsys.readouterr().out
+
+
 def test_a_run_that_cannot_fit_is_refused_before_its_first_step(pretrained, split, tmp_path, monkeypatch):
     """The issue's case: the demo encoder fine-tuned at 224 px, batch 64 (3136 tokens an image)."""
     monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 8 * 2**30)

@@ -12,19 +12,26 @@ from util.cli.log import log
 
 def fill_from_checkpoints(args: argparse.Namespace, sources: Sequence[Opened], fallbacks: dict[str, Any]) -> None:
     """Set every flag of ``fallbacks`` that is None (not given) to the value the first of ``sources``
-    stores, else to its fallback; say in one line per checkpoint which values it gave. An MAE's
-    ``--model`` becomes its classifier's where the fallback is a classifier (fine-tuning, probing)."""
+    stores, else to its fallback; say in one line per checkpoint which values it gave. A stored
+    ``--model`` becomes the fallback's kind: an MAE's its classifier's (fine-tuning, probing), a
+    classifier's its MAE's (k-NN scoring of a fine-tuned or probed encoder)."""
     taken: dict[str, list[str]] = {}
     for flag, fallback in fallbacks.items():
         if getattr(args, flag, None) is not None:
             continue
         stored = [(s.path, found) for s in sources if (found := getattr(s.args, flag, None)) is not None]
         origin, value = stored[0] if stored else (None, fallback)
-        if flag == "model" and origin and not str(fallback).startswith("mae_"):
-            value = value.removeprefix("mae_")  # its encoder's classifier: mae_vit_base_patch16 -> vit_base_patch16
+        if flag == "model" and origin:
+            value = _same_kind(value, fallback)
         setattr(args, flag, value)
         if origin:
             shown = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
             taken.setdefault(origin, []).append(f"--{flag} {shown}")
     for origin, values in taken.items():
         log.info(f"from checkpoint {origin}: {' '.join(values)} (flags not given)")
+
+
+def _same_kind(model: str, fallback: Any) -> str:
+    """``model`` named as the kind of model ``fallback`` is: mae_vit_base_patch16 <-> vit_base_patch16."""
+    encoder = model.removeprefix("mae_")
+    return f"mae_{encoder}" if str(fallback).startswith("mae_") else encoder
