@@ -13,9 +13,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from util.checkpoint.files import list_checkpoints
 from util.checkpoint.flags import fill_from_checkpoints
 from util.checkpoint.state import Opened, open_checkpoint, open_resume
 from util.cli.args import check_world, effective_lr, resolve_precision
+from util.cli.errors import fail
 from util.cli.log import log
 from util.data import normalization
 from util.outputs import check_output_dir
@@ -62,6 +64,8 @@ def start(flags: argparse.Namespace, fallbacks: dict[str, Any] | None = None) ->
         for flag, path in (("--output_dir", args.output_dir), ("--log_dir", args.log_dir)):
             if path:
                 check_output_dir(path, flag)
+        if init_from and args.output_dir:
+            check_not_among_outputs(init_from.path, args.output_dir)
 
     seed = args.seed + distributed.rank()
     torch.manual_seed(seed)
@@ -76,6 +80,18 @@ def start(flags: argparse.Namespace, fallbacks: dict[str, Any] | None = None) ->
     eff_batch = args.batch_size * args.accum_iter * distributed.world_size()
     log.info(f"precision: {args.precision}  effective batch: {eff_batch}  lr: {args.lr:.3e} (base lr {args.blr:.3e})")
     return Run(args, torch.device(args.device), resume_from, init_from)
+
+
+def check_not_among_outputs(finetune: str, output_dir: str) -> None:
+    """Refuse a ``--finetune`` checkpoint that is one of ``output_dir``'s checkpoints: this run's own
+    of the same name would replace it, and its pruning may delete it (with the log.txt beside it)."""
+    if not os.path.isfile(finetune):
+        return  # a URL's copy lives in torch.hub's cache
+    if any(os.path.samefile(finetune, path) for path in list_checkpoints(output_dir)):
+        fail(
+            f"--finetune {finetune} is a checkpoint in --output_dir {output_dir}, where this run writes and "
+            f"prunes its own: it would be replaced or deleted; give another --output_dir"
+        )
 
 
 def wrap_for_training(model: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Module:
