@@ -3,6 +3,7 @@ non-finite flag values, an encoder with NaN weights, float and 32-bit TIFFs, a b
 list file, a k above the bank, and inputs whose memory has to be sized before it is allocated.
 Each is refused in one line naming the flag or file, or (the BOM, the k) handled as a user expects."""
 
+import importlib
 import math
 import re
 import shutil
@@ -11,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import TINY, demo_files, make_dataset, pretrain_args
+from helpers import TINY, demo_files, make_dataset, one_line_error, pretrain_args
 from PIL import Image
 
 import dataset_stats
@@ -19,6 +20,7 @@ import knn_eval
 import main_finetune
 import main_pretrain
 import models_mae
+import models_vit
 from util.cli.args import check_common, check_layer_decay
 from util.cli.errors import UserError
 from util.data.channels import image_loader
@@ -27,6 +29,7 @@ from util.data.fast_crop import FastRandomResizedCropFlip
 from util.data.images import load_channels, load_rgb
 from util.eval import knn
 from util.eval.linear import linear_accuracy
+from util.sizes import MAX_SIDE, image_size
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,6 +247,31 @@ def test_an_elongated_image_is_refused_before_the_evaluation_resize(tmp_path, in
 def test_the_evaluation_resize_keeps_ordinary_images():
     img = Image.open(demo_files(1)[0]).convert("RGB")
     assert eval_transform(64)(img).shape == (3, 64, 64)
+
+
+@pytest.mark.parametrize("size", [10**9, 2**20 + 1])
+@pytest.mark.parametrize("entry", ["main_pretrain", "main_finetune", "knn_eval"])
+def test_an_input_size_beyond_the_largest_side_is_one_line_before_a_model_is_built(tmp_path, entry, size):
+    """About 1e9 px overflowed torch's size arithmetic while the model was built, before the memory
+    checks could size it: a RuntimeError in every entry point."""
+    module = importlib.import_module(entry)
+    argv = ["--data_path", str(tmp_path), "--device", "cpu", "--output_dir", "", "--log_dir", "", "--num_workers", "0"]
+    if entry == "knn_eval":
+        argv = [*argv[:4], "--encoders", "random"]
+    args = module.get_args_parser().parse_args([*argv, "--input_size", str(size)])
+    message = one_line_error(module.main, args)
+    assert message.startswith(f"--input_size {size} is more than {MAX_SIDE} pixels a side")
+    assert one_line_error(image_size, [32, size]).startswith(f"--input_size 32 {size} is more than")
+
+
+@pytest.mark.parametrize("name", [*models_mae.MODELS, *models_vit.MODELS])
+def test_up_to_the_largest_side_the_memory_checks_size_every_model(name):
+    """The bound is low enough: every model at MAX_SIDE px (rounded to its patch) is a memory line."""
+    registry = models_mae if name in models_mae.MODELS else models_vit
+    with torch.device("meta"):
+        patch = registry.MODELS[name]().patch_embed.patch_size[0]
+    with pytest.raises(UserError, match=r"needs about [0-9.]+ GiB, CPU memory has"):
+        registry.create_model(name, MAX_SIDE // patch * patch)
 
 
 def stats_args(data: Path, *extra: str):

@@ -5,15 +5,28 @@ from collections.abc import Sequence
 
 from util.cli.errors import fail
 
+MAX_SIDE = 2**20  # pixels a side; why: image_size
+
 
 def image_size(input_size: int | Sequence[int]) -> tuple[int, int]:
-    """(height, width) of an ``--input_size`` value: one side (a square) or (height, width)."""
+    """(height, width) of an ``--input_size`` value: one side (a square) or (height, width), each at
+    most ``MAX_SIDE`` pixels. Up to that bound every tensor a size implies stays within torch's 64-bit
+    size arithmetic (at patch 2, the smallest here, a 2**20-px square is 2.7e11 tokens), so the
+    memory checks (util/memory.py) say in GiB what does not fit; beyond it that arithmetic overflows
+    before they run (``--input_size 1000000000`` at patch 4 is 6e16 tokens: building the model
+    raised "Storage size calculation overflowed")."""
     if isinstance(input_size, numbers.Integral):  # numpy's integers too
-        return int(input_size), int(input_size)
-    values = [int(v) for v in input_size]
+        values = [int(input_size)]
+    else:
+        values = [int(v) for v in input_size]
     if len(values) not in (1, 2):
         shown = " ".join(map(str, values))
         fail(f"--input_size takes one value (a square) or two (height width), got {len(values)}: {shown}")
+    if max(values) > MAX_SIDE:
+        fail(
+            f"--input_size {' '.join(map(str, values))} is more than {MAX_SIDE} pixels a side, beyond what any "
+            f"model here can take; give a smaller --input_size"
+        )
     return values[0], values[-1]
 
 
