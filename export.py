@@ -222,8 +222,9 @@ def mae_name(ckpt: dict[str, Any], state: dict[str, torch.Tensor], given: str | 
 def export_hf(args: argparse.Namespace, ckpt: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
     name, img_size = mae_name(ckpt, state, args.model, args.checkpoint)
     saved = ckpt.get("args")
-    mask_ratio = args.mask_ratio if args.mask_ratio is not None else getattr(saved, "mask_ratio", 0.75)
-    norm_pix = args.norm_pix_loss if args.norm_pix_loss is not None else getattr(saved, "norm_pix_loss", False)
+    # The flags, else the run's (checked when it was loaded; None: not stored), else the defaults.
+    mask_ratio = next(v for v in (args.mask_ratio, getattr(saved, "mask_ratio", None), 0.75) if v is not None)
+    norm_pix = next(v for v in (args.norm_pix_loss, getattr(saved, "norm_pix_loss", None), False) if v is not None)
     if not 0 <= mask_ratio < 1:
         fail(f"--mask_ratio must be in [0, 1), got {mask_ratio}")
     with torch.device("meta"):  # at its default size: the config needs no position embeddings

@@ -1,12 +1,14 @@
 """Flags, k-NN and image reading as a hostile user would try them (issue 20): impossible or
 non-finite flag values, an encoder with NaN weights, float and 32-bit TIFFs, a byte-order mark in a
-list file, a k above the bank, and inputs whose memory has to be sized before it is allocated.
-Each is refused in one line naming the flag or file, or (the BOM, the k) handled as a user expects."""
+list file, a k above the bank, inputs whose memory has to be sized before it is allocated, and
+checkpoints storing flag values no flag could give. Each is refused in one line naming the flag or
+file, or (the BOM, the k) handled as a user expects."""
 
 import importlib
 import math
 import re
 import shutil
+from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
@@ -282,3 +284,43 @@ def test_dataset_stats_sizes_its_resize_and_names_the_flag(tmp_path):
     data = make_dataset(tmp_path / "data", 2)
     with pytest.raises(UserError, match=r"^resizing an image to --input_size 100000 .*lower --input_size"):
         dataset_stats.compute(stats_args(data, "--input_size", "100000"))
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Checkpoints storing flag values no flag could give: refused where any entry point opens them
+def _entry_point_argv(entry: str, path: Path, tmp_path: Path) -> list[str]:
+    return {
+        "reconstruct": [str(demo_files(1)[0]), "--checkpoint", str(path), "--output", str(tmp_path / "r.png")],
+        "export": ["--checkpoint", str(path), "--to", "hf", "--output", str(tmp_path / "hf")],
+        "knn_eval": ["--data_path", str(tmp_path), "--encoders", str(path), "--num_workers", "0"],
+        "main_linprobe": ["--data_path", str(tmp_path), "--finetune", str(path), "--output_dir", "", "--log_dir", ""],
+    }[entry]
+
+
+@pytest.mark.parametrize(
+    "entry, stored, shown",
+    [
+        ("reconstruct", dict(input_size="abc"), "--input_size 'abc'"),
+        ("reconstruct", dict(mean="abc"), "--mean 'abc'"),
+        ("reconstruct", dict(input_size=10**9), "--input_size 1000000000"),
+        ("export", dict(input_size=["a", "b"]), "--input_size ['a', 'b']"),
+        ("export", dict(mask_ratio="x"), "--mask_ratio 'x'"),
+        ("export", dict(mask_ratio=2.0), "--mask_ratio 2.0"),
+        ("knn_eval", dict(input_size="abc"), "--input_size 'abc'"),
+        ("main_linprobe", dict(mean="abc"), "--mean 'abc'"),
+    ],
+)
+def test_a_checkpoint_storing_impossible_flags_is_one_line_naming_it_and_the_value(tmp_path, entry, stored, shown):
+    """A real MAE's weights, and the args of a real run with one value changed (a hostile review's
+    files): before, tracebacks deep inside sizes and configs, or an error blaming a flag not given."""
+    model = models_mae.create_model("mae_vit_tiny_patch4", 32)
+    args = pretrain_args(tmp_path / "data", tmp_path / "out", "--model", "mae_vit_tiny_patch4")
+    path = tmp_path / "crafted.pth"
+    torch.save({"model": model.state_dict(), "args": Namespace(**{**vars(args), **stored})}, path)
+    module = importlib.import_module(entry)
+    parsed = module.get_args_parser().parse_args(_entry_point_argv(entry, path, tmp_path))
+    if hasattr(parsed, "device"):
+        parsed.device = "cpu"
+    message = one_line_error(module.main, parsed)
+    assert message.startswith(f"checkpoint {path} stores flag values this code cannot use: {shown} "), message
+    assert not list(tmp_path.glob("r.png")) and not (tmp_path / "hf").exists()
