@@ -86,8 +86,10 @@ def vit_name(ckpt: dict[str, Any], encoder: dict[str, torch.Tensor], given: str 
     architecture whose shapes equal the encoder's (depth, width and patch size tell them apart)."""
     saved = getattr(ckpt.get("args"), "model", None)
     name = given or (saved.removeprefix("mae_") if isinstance(saved, str) else None)
-    if name:
-        models_vit.MODELS.factory(name)  # a known name, or one line listing them
+    if given:
+        models_vit.MODELS.factory(given)  # a known name, or one line listing them
+    elif name and name not in models_vit.MODELS:
+        fail(f"checkpoint {path} stores --model {saved}, which has no models_vit classifier; pass --model")
     pool = "fc_norm.weight" in encoder
     found = models_mae.model_for_weights(
         encoder, models_vit.MODELS, [name] if name else None, num_classes=0, global_pool=pool
@@ -95,7 +97,8 @@ def vit_name(ckpt: dict[str, Any], encoder: dict[str, torch.Tensor], given: str 
     if found:
         return found
     if name:
-        fail(f"checkpoint {path} does not fit --model {name} (at any square image size); check --model")
+        which, advice = (f"--model {name}", "check") if given else (f"{name}, the model it stores", "pass")
+        fail(f"checkpoint {path} does not fit {which} (at any square image size); {advice} --model")
     fail(f"checkpoint {path}: no known ViT has its encoder's shapes; pass --model")
 
 
@@ -207,13 +210,17 @@ def mae_name(ckpt: dict[str, Any], state: dict[str, torch.Tensor], given: str | 
     img_size = _square_side(ckpt, state, path)
     saved = getattr(ckpt.get("args"), "model", None)
     name = given or (saved if isinstance(saved, str) else None)
+    # Errors blame --model only where it was given.
+    which = f"--model {given}" if given else f"checkpoint {path} stores --model {saved}, which"
     if name is not None:
         name = f"mae_{name.removeprefix('mae_')}"  # --model may name the encoder
         if name not in models_mae.MODELS:
-            fail(f"--model {name} is not an MAE; known models: {', '.join(models_mae.MODELS)}")
+            advice = "" if given else "pass --model, one of the "
+            fail(f"{which} is not an MAE; {advice}known models: {', '.join(models_mae.MODELS)}")
     found = models_mae.model_for_weights(state, names=[name] if name else None)
     if found is None and name:
-        fail(f"checkpoint {path} does not fit {name} at {img_size} px; check --model")
+        which, advice = (name, "check") if given else (f"{name}, the model it stores,", "pass")
+        fail(f"checkpoint {path} does not fit {which} at {img_size} px; {advice} --model")
     if found is None:
         fail(f"checkpoint {path}: no models_mae model has its shapes; pass --model")
     return found

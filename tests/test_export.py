@@ -406,3 +406,22 @@ def test_exported_safetensors_carry_checksums_that_loading_verifies(tmp_path):
     path.write_bytes(data)
     with pytest.raises(UserError, match="w"):
         load_checkpoint(str(path))
+
+
+@pytest.mark.parametrize(
+    "to, stored, expected",
+    [
+        ("timm", "vit_base_patch16", "does not fit vit_base_patch16, the model it stores (at any square image size)"),
+        ("timm", "mae_vit_unknown", "stores --model mae_vit_unknown, which has no models_vit classifier"),
+        ("hf", "mae_vit_base_patch16", "does not fit mae_vit_base_patch16, the model it stores, at 32 px"),
+        ("hf", "vit_unknown", "stores --model vit_unknown, which is not an MAE"),
+    ],
+)
+def test_a_stored_model_the_weights_do_not_fit_blames_the_checkpoint_not_a_flag(mini, tmp_path, to, stored, expected):
+    ckpt = load_checkpoint(str(mini / "checkpoint-0.pth"))
+    src = tmp_path / "other.pth"
+    torch.save({**ckpt, "args": argparse.Namespace(**{**vars(ckpt["args"]), "model": stored})}, src)
+    out = tmp_path / ("hf" if to == "hf" else "e.pth")
+    message = one_line_error(_export, src, to, out)
+    assert message.startswith(f"checkpoint {src} ") and expected in message and "pass --model" in message, message
+    assert f"--model {stored} is" not in message and "fit --model" not in message

@@ -23,6 +23,7 @@ import main_finetune
 import main_pretrain
 import models_mae
 import models_vit
+import reconstruct
 from util.cli.args import check_common, check_layer_decay
 from util.cli.errors import UserError
 from util.data.channels import image_loader
@@ -324,3 +325,14 @@ def test_a_checkpoint_storing_impossible_flags_is_one_line_naming_it_and_the_val
     message = one_line_error(module.main, parsed)
     assert message.startswith(f"checkpoint {path} stores flag values this code cannot use: {shown} "), message
     assert not list(tmp_path.glob("r.png")) and not (tmp_path / "hf").exists()
+
+
+def test_a_stored_input_size_the_model_cannot_take_blames_the_checkpoint_not_a_flag(tmp_path):
+    model = models_mae.create_model("mae_vit_tiny_patch4", 32)
+    path = tmp_path / "c.pth"
+    torch.save({"model": model.state_dict(), "args": Namespace(model="mae_vit_tiny_patch4", input_size=30)}, path)
+    argv = [str(demo_files(1)[0]), "--checkpoint", str(path), "--output", str(tmp_path / "r.png"), "--device", "cpu"]
+    message = one_line_error(reconstruct.main, reconstruct.get_args_parser().parse_args(argv))
+    assert message == (
+        f"checkpoint {path} stores --input_size 30, not a multiple of the model's patch size 4; give --input_size"
+    )

@@ -36,10 +36,16 @@ def shown_size(input_size: int | Sequence[int]) -> str:
     return f"{height}" if height == width else f"{height} {width}"
 
 
-def check_input_size(input_size: int | Sequence[int], patch_size: int) -> tuple[int, int]:
-    """(height, width), both multiples of the patch size, or a one-line error."""
+def check_input_size(input_size: int | Sequence[int], patch_size: int, source: str = "") -> tuple[int, int]:
+    """(height, width), both multiples of the patch size, or a one-line error. ``source`` names the
+    checkpoint the size was read from; without it, the size is the user's flag."""
     height, width = image_size(input_size)
     if any(side < patch_size or side % patch_size for side in (height, width)):
         shown = f"{height}" if height == width else f"{height} {width} (height width)"
+        if source:
+            fail(
+                f"{source} stores --input_size {shown}, not a multiple of the model's patch size {patch_size}; "
+                f"give --input_size"
+            )
         fail(f"--input_size {shown} is not a multiple of the model's patch size {patch_size}")
     return height, width
