@@ -30,7 +30,7 @@ import torch
 import models_mae
 import models_vit
 from util.checkpoint.files import atomic_save
-from util.checkpoint.load import StateDict, checksum_metadata, load_checkpoint, model_state
+from util.checkpoint.load import StateDict, check_weight, checksum_metadata, load_checkpoint, model_state
 from util.cli.errors import fail, run_cli
 from util.interop import hf as hf_interop
 from util.memory import require
@@ -79,6 +79,14 @@ def encoder_state(state: dict[str, torch.Tensor], path: str) -> dict[str, torch.
     if missing:
         fail(f"checkpoint {path} lacks encoder weights ({', '.join(missing)}); it is not an MAE or ViT checkpoint")
     return encoder
+
+
+def check_float_weights(state: StateDict, source: str) -> None:
+    """Every weight is what loading one requires (``check_weight``: a float, whole, finite), or fail
+    naming it after ``source``: an export must not pass on weights the other entry points refuse
+    (NaN from a diverged run, a quantized file). Our models and the official ones hold floats only."""
+    for key, weight in sorted(state.items()):
+        check_weight(key, weight, torch.float32, source)
 
 
 def vit_name(ckpt: dict[str, Any], encoder: dict[str, torch.Tensor], given: str | None, path: str) -> tuple[str, int]:
@@ -280,6 +288,7 @@ def import_hf(args: argparse.Namespace) -> None:
     img_size = config["image_size"]
     state = hf_interop.from_hf_state(hf_state, folder)
     check_weights_fit_config(state, name, img_size, folder)
+    check_float_weights(state, f"HF folder {folder}")
     eps = {m.eps for m in model.modules() if isinstance(m, torch.nn.LayerNorm)}.pop()
     if config["layer_norm_eps"] != eps:
         # Not an error: configs may carry HF's default (1e-12) while the official MAE trained with
@@ -334,6 +343,7 @@ def main(args: argparse.Namespace) -> None:
         return
     ckpt = load_checkpoint(args.checkpoint)
     state = model_state(ckpt, args.checkpoint)
+    check_float_weights(state, f"checkpoint {args.checkpoint}")
     if args.to == "hf":
         export_hf(args, ckpt, state)
         return

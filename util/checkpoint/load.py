@@ -238,27 +238,32 @@ def state_difference(
 
 
 def check_weights(own: StateDict, state: StateDict, source: str) -> None:
-    """Every weight of ``state`` that the model has (``own``) loads as it is, or fail naming it after
-    ``source``: a float for a float (int8, bool or complex would be cast silently), holding the data
-    its shape claims (zero strides can forge a huge tensor), and finite. Call it before any use."""
+    """Every weight of ``state`` that the model has (``own``) loads as it is (``check_weight``), or
+    fail naming it after ``source``. Call it before any use."""
     for key in sorted(set(own) & set(state)):
-        mine, theirs = own[key], state[key]
-        if mine.dtype != theirs.dtype and not (mine.is_floating_point() and theirs.is_floating_point()):
-            fail(
-                f"{source}: weight {key} is {theirs.dtype}, the model's is {mine.dtype}; it cannot be loaded "
-                f"without changing its values (a quantized or foreign checkpoint?): give one of {mine.dtype} weights"
-            )
-        if theirs.numel() * theirs.element_size() > theirs.untyped_storage().nbytes():
-            fail(
-                f"{source}: weight {key} claims shape {tuple(theirs.shape)} but stores only "
-                f"{theirs.untyped_storage().nbytes()} bytes; the checkpoint is damaged or forged"
-            )
-        if theirs.is_floating_point() and not bool(torch.isfinite(theirs).all()):
-            bad = int((~torch.isfinite(theirs)).sum())
-            fail(
-                f"{source}: weight {key} holds {bad} NaN or infinite value(s) of {theirs.numel()}: the file is "
-                f"damaged or comes from a diverged run; use an earlier checkpoint"
-            )
+        check_weight(key, state[key], own[key].dtype, source)
+
+
+def check_weight(key: str, weight: torch.Tensor, dtype: torch.dtype, source: str) -> None:
+    """``weight`` (``key`` of ``source``) can stand where the model has a ``dtype`` tensor, or fail
+    naming it: a float for a float (int8, bool or complex would be cast silently), holding the data
+    its shape claims (zero strides can forge a huge tensor), and finite."""
+    if dtype != weight.dtype and not (dtype.is_floating_point and weight.is_floating_point()):
+        fail(
+            f"{source}: weight {key} is {weight.dtype}, the model's is {dtype}; it cannot be loaded "
+            f"without changing its values (a quantized or foreign checkpoint?): give one of {dtype} weights"
+        )
+    if weight.numel() * weight.element_size() > weight.untyped_storage().nbytes():
+        fail(
+            f"{source}: weight {key} claims shape {tuple(weight.shape)} but stores only "
+            f"{weight.untyped_storage().nbytes()} bytes; the checkpoint is damaged or forged"
+        )
+    if weight.is_floating_point() and not bool(torch.isfinite(weight).all()):
+        bad = int((~torch.isfinite(weight)).sum())
+        fail(
+            f"{source}: weight {key} holds {bad} NaN or infinite value(s) of {weight.numel()}: the file is "
+            f"damaged or comes from a diverged run; use an earlier checkpoint"
+        )
 
 
 def load_model_strict(model: torch.nn.Module, state: StateDict, path: str) -> None:
