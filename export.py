@@ -30,7 +30,7 @@ import torch
 import models_mae
 import models_vit
 from util.checkpoint.files import atomic_save
-from util.checkpoint.load import StateDict, checksum_metadata, load_checkpoint, model_state
+from util.checkpoint.load import StateDict, check_weight, checksum_metadata, load_checkpoint, model_state
 from util.cli.errors import fail, run_cli
 from util.interop import hf as hf_interop
 from util.memory import require
@@ -81,13 +81,23 @@ def encoder_state(state: dict[str, torch.Tensor], path: str) -> dict[str, torch.
     return encoder
 
 
+def check_float_weights(state: StateDict, source: str) -> None:
+    """Every weight is what loading one requires (``check_weight``: a float, whole, finite), or fail
+    naming it after ``source``: an export must not pass on weights the other entry points refuse
+    (NaN from a diverged run, a quantized file). Our models and the official ones hold floats only."""
+    for key, weight in sorted(state.items()):
+        check_weight(key, weight, torch.float32, source)
+
+
 def vit_name(ckpt: dict[str, Any], encoder: dict[str, torch.Tensor], given: str | None, path: str) -> tuple[str, int]:
     """(models_vit name, image size) of the encoder: --model, else the checkpoint's args, else the
     architecture whose shapes equal the encoder's (depth, width and patch size tell them apart)."""
     saved = getattr(ckpt.get("args"), "model", None)
     name = given or (saved.removeprefix("mae_") if isinstance(saved, str) else None)
-    if name:
-        models_vit.MODELS.factory(name)  # a known name, or one line listing them
+    if given:
+        models_vit.MODELS.factory(given)  # a known name, or one line listing them
+    elif name and name not in models_vit.MODELS:
+        fail(f"checkpoint {path} stores --model {saved}, which has no models_vit classifier; pass --model")
     pool = "fc_norm.weight" in encoder
     found = models_mae.model_for_weights(
         encoder, models_vit.MODELS, [name] if name else None, num_classes=0, global_pool=pool
@@ -95,7 +105,8 @@ def vit_name(ckpt: dict[str, Any], encoder: dict[str, torch.Tensor], given: str 
     if found:
         return found
     if name:
-        fail(f"checkpoint {path} does not fit --model {name} (at any square image size); check --model")
+        which, advice = (f"--model {name}", "check") if given else (f"{name}, the model it stores", "pass")
+        fail(f"checkpoint {path} does not fit {which} (at any square image size); {advice} --model")
     fail(f"checkpoint {path}: no known ViT has its encoder's shapes; pass --model")
 
 
@@ -207,13 +218,17 @@ def mae_name(ckpt: dict[str, Any], state: dict[str, torch.Tensor], given: str | 
     img_size = _square_side(ckpt, state, path)
     saved = getattr(ckpt.get("args"), "model", None)
     name = given or (saved if isinstance(saved, str) else None)
+    # Errors blame --model only where it was given.
+    which = f"--model {given}" if given else f"checkpoint {path} stores --model {saved}, which"
     if name is not None:
         name = f"mae_{name.removeprefix('mae_')}"  # --model may name the encoder
         if name not in models_mae.MODELS:
-            fail(f"--model {name} is not an MAE; known models: {', '.join(models_mae.MODELS)}")
+            advice = "" if given else "pass --model, one of the "
+            fail(f"{which} is not an MAE; {advice}known models: {', '.join(models_mae.MODELS)}")
     found = models_mae.model_for_weights(state, names=[name] if name else None)
     if found is None and name:
-        fail(f"checkpoint {path} does not fit {name} at {img_size} px; check --model")
+        which, advice = (name, "check") if given else (f"{name}, the model it stores,", "pass")
+        fail(f"checkpoint {path} does not fit {which} at {img_size} px; {advice} --model")
     if found is None:
         fail(f"checkpoint {path}: no models_mae model has its shapes; pass --model")
     return found
@@ -222,8 +237,9 @@ def mae_name(ckpt: dict[str, Any], state: dict[str, torch.Tensor], given: str | 
 def export_hf(args: argparse.Namespace, ckpt: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
     name, img_size = mae_name(ckpt, state, args.model, args.checkpoint)
     saved = ckpt.get("args")
-    mask_ratio = args.mask_ratio if args.mask_ratio is not None else getattr(saved, "mask_ratio", 0.75)
-    norm_pix = args.norm_pix_loss if args.norm_pix_loss is not None else getattr(saved, "norm_pix_loss", False)
+    # The flags, else the run's (checked when it was loaded; None: not stored), else the defaults.
+    mask_ratio = next(v for v in (args.mask_ratio, getattr(saved, "mask_ratio", None), 0.75) if v is not None)
+    norm_pix = next(v for v in (args.norm_pix_loss, getattr(saved, "norm_pix_loss", None), False) if v is not None)
     if not 0 <= mask_ratio < 1:
         fail(f"--mask_ratio must be in [0, 1), got {mask_ratio}")
     with torch.device("meta"):  # at its default size: the config needs no position embeddings
@@ -272,6 +288,7 @@ def import_hf(args: argparse.Namespace) -> None:
     img_size = config["image_size"]
     state = hf_interop.from_hf_state(hf_state, folder)
     check_weights_fit_config(state, name, img_size, folder)
+    check_float_weights(state, f"HF folder {folder}")
     eps = {m.eps for m in model.modules() if isinstance(m, torch.nn.LayerNorm)}.pop()
     if config["layer_norm_eps"] != eps:
         # Not an error: configs may carry HF's default (1e-12) while the official MAE trained with
@@ -326,6 +343,7 @@ def main(args: argparse.Namespace) -> None:
         return
     ckpt = load_checkpoint(args.checkpoint)
     state = model_state(ckpt, args.checkpoint)
+    check_float_weights(state, f"checkpoint {args.checkpoint}")
     if args.to == "hf":
         export_hf(args, ckpt, state)
         return

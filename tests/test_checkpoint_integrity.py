@@ -4,6 +4,7 @@ URLs never share a cache file, and malformed training entries are one-line error
 
 import functools
 import http.server
+import importlib
 import json
 import math
 import random
@@ -321,21 +322,104 @@ def test_each_malformed_training_entry_is_named(tmp_path, entry, value):
     _one_line_error(lambda: check_training_entries(ckpt, "c.pth"), "checkpoint c.pth", f"'{entry}'")
 
 
+# ---------------------------------------------------------------------------------------------
+# Stored flags: checked where every checkpoint is opened (load_checkpoint), whoever reads them
+BAD_FLAGS = [
+    (dict(mean="abc"), "--mean 'abc'"),
+    (dict(std=[1, "x"]), "--std [1, 'x']"),
+    (dict(input_size=-3), "--input_size -3"),
+    (dict(input_size=0), "--input_size 0"),
+    (dict(input_size="abc"), "--input_size 'abc'"),
+    (dict(input_size=["a", "b"]), "--input_size ['a', 'b']"),
+    (dict(input_size=32.5), "--input_size 32.5"),
+    (dict(input_size=[32, 32, 32]), "--input_size [32, 32, 32]"),
+    (dict(input_size=10**9), "--input_size 1000000000"),
+    (dict(model=5), "--model 5"),
+    (dict(mask_ratio=2.0), "--mask_ratio 2.0"),
+    (dict(mask_ratio="x"), "--mask_ratio 'x'"),
+    (dict(mask_ratio=True), "--mask_ratio True"),
+    (dict(norm_pix_loss="yes"), "--norm_pix_loss 'yes'"),
+    (dict(in_chans="x"), "--in_chans 'x'"),
+    (dict(in_chans=0), "--in_chans 0"),
+    (dict(nb_classes=-1), "--nb_classes -1"),
+    (dict(global_pool="avg"), "--global_pool 'avg'"),
+    (dict(crop_pct=1.5), "--crop_pct 1.5"),
+]
+
+
+@pytest.mark.parametrize("flags, named", BAD_FLAGS)
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_stored_flags_no_flag_could_give_are_named_when_the_checkpoint_is_opened(tmp_path, flags, named, suffix):
+    args = {**vars(_training_checkpoint(tmp_path)["args"]), **flags}
+    path = tmp_path / f"flags{suffix}"
+    if suffix == ".pth":
+        torch.save({"model": {"w": torch.ones(2)}, "args": Namespace(**args)}, path)
+    else:
+        pytest.importorskip("safetensors")
+        _safetensors(path, {"w": torch.ones(2)}, {"args": json.dumps(args)})
+    words = (f"checkpoint {path} stores", named, "give another checkpoint")
+    _one_line_error(lambda: load_checkpoint(str(path)), *words)
+    # saved_args reads the flags alone (knn_eval's later --encoders), without loading the weights.
+    _one_line_error(lambda: saved_args(str(path)), *words)
+
+
+# As the official code's parsers give them (main_pretrain.py, main_finetune.py; linear probing as
+# fine-tuning, global_pool False), with what its init_distributed_mode adds.
+OFFICIAL_RUN = dict(batch_size=64, epochs=400, accum_iter=1, weight_decay=0.05, lr=None, blr=1e-3, min_lr=0.0)
+OFFICIAL_RUN |= dict(warmup_epochs=40, data_path="/datasets01/imagenet_full_size/061417/", output_dir="./output_dir")
+OFFICIAL_RUN |= dict(log_dir="./output_dir", device="cuda", seed=0, resume="", start_epoch=0, num_workers=10)
+OFFICIAL_RUN |= dict(pin_mem=True, world_size=8, local_rank=-1, dist_on_itp=False, dist_url="env://", rank=0, gpu=0)
+OFFICIAL_RUN |= dict(distributed=True, dist_backend="nccl")
+OFFICIAL_PRETRAIN = dict(OFFICIAL_RUN, model="mae_vit_large_patch16", input_size=224, mask_ratio=0.75)
+OFFICIAL_PRETRAIN |= dict(norm_pix_loss=True)
+OFFICIAL_FINETUNE = dict(OFFICIAL_RUN, model="vit_large_patch16", input_size=224, drop_path=0.1, clip_grad=None)
+OFFICIAL_FINETUNE |= dict(layer_decay=0.75, color_jitter=None, aa="rand-m9-mstd0.5-inc1", smoothing=0.1, reprob=0.25)
+OFFICIAL_FINETUNE |= dict(remode="pixel", recount=1, resplit=False, mixup=0, cutmix=0, cutmix_minmax=None)
+OFFICIAL_FINETUNE |= dict(mixup_prob=1.0, mixup_switch_prob=0.5, mixup_mode="batch", finetune="mae_pretrain.pth")
+OFFICIAL_FINETUNE |= dict(global_pool=True, nb_classes=1000, eval=False, dist_eval=False)
+
+
+def _our_args(script: str, *argv: str) -> Namespace:
+    """The args our entry point stores: parsed, then settled as run.start settles them."""
+    module = importlib.import_module(script)
+    args = module.get_args_parser().parse_args(["--data_path", "d", *argv])
+    settled = dict(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], in_chans=3, precision="fp32", lr=1e-4)
+    return Namespace(**{**vars(args), **{k: v for k, v in settled.items() if getattr(args, k, None) is None}})
+
+
 @pytest.mark.parametrize(
-    "flags, named",
+    "args",
     [
-        (dict(mean="abc"), "--mean"),
-        (dict(std=[1, "x"]), "--std"),
-        (dict(input_size=-3), "--input_size"),
-        (dict(input_size=[32, 32, 32]), "--input_size"),
-        (dict(model=5), "--model"),
+        Namespace(**OFFICIAL_PRETRAIN),
+        Namespace(**OFFICIAL_FINETUNE),
+        Namespace(**dict(OFFICIAL_FINETUNE, global_pool=False, model="vit_base_patch16")),
+        Namespace(a=1),  # nothing that is read back
+    ],
+    ids=["official pretrain", "official finetune", "official linprobe", "foreign"],
+)
+def test_official_stored_flags_load(tmp_path, args):
+    path = tmp_path / "official.pth"
+    torch.save({"model": {"w": torch.ones(2)}, "args": args}, path)
+    assert load_checkpoint(str(path))["args"] == args
+
+
+@pytest.mark.parametrize(
+    "script, argv",
+    [
+        ("main_pretrain", ["--model", "mae_vit_tiny_patch4", "--input_size", "32", "--norm_pix_loss"]),
+        ("main_pretrain", ["--input_size", "32", "16", "--mask_ratio", "0"]),
+        ("main_finetune", ["--crop_pct", "1", "--nb_classes", "10", "--in_chans", "1", "--mean", "0.5"]),
+        ("main_linprobe", ["--input_size", "48", "--cls_token"]),
     ],
 )
-def test_stored_flags_of_the_wrong_type_are_named(tmp_path, flags, named):
-    ckpt = _training_checkpoint(tmp_path)
-    ckpt["args"] = Namespace(**{**vars(ckpt["args"]), **flags})
-    _one_line_error(lambda: check_training_entries(ckpt, "c.pth"), "checkpoint c.pth", named)
-    path = tmp_path / "flags.pth"
-    torch.save(ckpt, path)
-    # saved_args is what mean/std, model and size are read from before anything is built.
-    _one_line_error(lambda: saved_args(str(path)), str(path), named)
+def test_our_stored_flags_load_from_pth_and_safetensors(tmp_path, script, argv):
+    """And as export.py writes them: JSON metadata, where tuples become lists."""
+    pytest.importorskip("safetensors")
+    from export import write_weights
+
+    args = _our_args(script, *argv, "--device", "cpu")
+    torch.save({"model": {"w": torch.ones(2)}, "args": args}, tmp_path / "ours.pth")
+    assert load_checkpoint(str(tmp_path / "ours.pth"))["args"] == args
+    write_weights(str(tmp_path / "ours.safetensors"), {"w": torch.ones(2)}, args)
+    stored = load_checkpoint(str(tmp_path / "ours.safetensors"))["args"]
+    assert vars(stored) == json.loads(json.dumps(vars(args)))

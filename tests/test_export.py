@@ -8,6 +8,7 @@ are expected to be identical; the tests allow an absolute difference of 1e-6.
 
 import argparse
 import errno
+import math
 import os
 import shutil
 from pathlib import Path
@@ -406,3 +407,60 @@ def test_exported_safetensors_carry_checksums_that_loading_verifies(tmp_path):
     path.write_bytes(data)
     with pytest.raises(UserError, match="w"):
         load_checkpoint(str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights the loaders refuse (util.checkpoint.load.check_weight) are not exported either
+def _damaged(state: dict[str, torch.Tensor], damage: str, key: str) -> dict[str, torch.Tensor]:
+    if damage == "int32":
+        return {k: v.to(torch.int32) for k, v in state.items()}
+    bad = state[key].clone()
+    bad.view(-1)[3] = math.nan
+    return {**state, key: bad}
+
+
+@pytest.mark.parametrize("damage", ["nan", "int32"])
+@pytest.mark.parametrize("target", TARGETS)
+def test_weights_the_loaders_refuse_are_not_exported(mini, tmp_path, target, damage):
+    from safetensors.torch import load_file, save_file
+
+    direction, name = TARGETS[target]
+    if direction[0] == "--from":
+        src, source = tmp_path / "hf", "HF folder"
+        src.mkdir()
+        shutil.copy(mini / "hf" / "config.json", src)
+        hf_state = load_file(str(mini / "hf" / "model.safetensors"))
+        save_file(
+            _damaged(hf_state, damage, "vit.encoder.layer.0.attention.attention.query.weight"),
+            src / "model.safetensors",
+        )
+    else:
+        src, source = tmp_path / "damaged.pth", "checkpoint"
+        ckpt = load_checkpoint(str(mini / "checkpoint-0.pth"))
+        torch.save({**ckpt, "model": _damaged(ckpt["model"], damage, "blocks.0.attn.qkv.weight")}, src)
+    out = tmp_path / name
+    argv = ["--checkpoint", str(src), *direction, "--output", str(out)]
+    message = one_line_error(export.main, export.get_args_parser().parse_args(argv))
+    what = "holds 1 NaN or infinite value(s)" if damage == "nan" else "is torch.int32, the model's is torch.float32"
+    key = "blocks.0.attn.qkv.weight" if damage == "nan" else "blocks.0.attn.proj.bias"  # the first, sorted
+    assert message.startswith(f"{source} {src}: weight {key} {what}"), message
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "to, stored, expected",
+    [
+        ("timm", "vit_base_patch16", "does not fit vit_base_patch16, the model it stores (at any square image size)"),
+        ("timm", "mae_vit_unknown", "stores --model mae_vit_unknown, which has no models_vit classifier"),
+        ("hf", "mae_vit_base_patch16", "does not fit mae_vit_base_patch16, the model it stores, at 32 px"),
+        ("hf", "vit_unknown", "stores --model vit_unknown, which is not an MAE"),
+    ],
+)
+def test_a_stored_model_the_weights_do_not_fit_blames_the_checkpoint_not_a_flag(mini, tmp_path, to, stored, expected):
+    ckpt = load_checkpoint(str(mini / "checkpoint-0.pth"))
+    src = tmp_path / "other.pth"
+    torch.save({**ckpt, "args": argparse.Namespace(**{**vars(ckpt["args"]), "model": stored})}, src)
+    out = tmp_path / ("hf" if to == "hf" else "e.pth")
+    message = one_line_error(_export, src, to, out)
+    assert message.startswith(f"checkpoint {src} ") and expected in message and "pass --model" in message, message
+    assert f"--model {stored} is" not in message and "fit --model" not in message

@@ -1,17 +1,20 @@
 """Flags, k-NN and image reading as a hostile user would try them (issue 20): impossible or
 non-finite flag values, an encoder with NaN weights, float and 32-bit TIFFs, a byte-order mark in a
-list file, a k above the bank, and inputs whose memory has to be sized before it is allocated.
-Each is refused in one line naming the flag or file, or (the BOM, the k) handled as a user expects."""
+list file, a k above the bank, inputs whose memory has to be sized before it is allocated, and
+checkpoints storing flag values no flag could give. Each is refused in one line naming the flag or
+file, or (the BOM, the k) handled as a user expects."""
 
+import importlib
 import math
 import re
 import shutil
+from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import TINY, demo_files, make_dataset, pretrain_args
+from helpers import TINY, demo_files, make_dataset, one_line_error, pretrain_args
 from PIL import Image
 
 import dataset_stats
@@ -19,6 +22,8 @@ import knn_eval
 import main_finetune
 import main_pretrain
 import models_mae
+import models_vit
+import reconstruct
 from util.cli.args import check_common, check_layer_decay
 from util.cli.errors import UserError
 from util.data.channels import image_loader
@@ -27,6 +32,7 @@ from util.data.fast_crop import FastRandomResizedCropFlip
 from util.data.images import load_channels, load_rgb
 from util.eval import knn
 from util.eval.linear import linear_accuracy
+from util.sizes import MAX_SIDE, image_size
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,6 +252,31 @@ def test_the_evaluation_resize_keeps_ordinary_images():
     assert eval_transform(64)(img).shape == (3, 64, 64)
 
 
+@pytest.mark.parametrize("size", [10**9, 2**20 + 1])
+@pytest.mark.parametrize("entry", ["main_pretrain", "main_finetune", "knn_eval"])
+def test_an_input_size_beyond_the_largest_side_is_one_line_before_a_model_is_built(tmp_path, entry, size):
+    """About 1e9 px overflowed torch's size arithmetic while the model was built, before the memory
+    checks could size it: a RuntimeError in every entry point."""
+    module = importlib.import_module(entry)
+    argv = ["--data_path", str(tmp_path), "--device", "cpu", "--output_dir", "", "--log_dir", "", "--num_workers", "0"]
+    if entry == "knn_eval":
+        argv = [*argv[:4], "--encoders", "random"]
+    args = module.get_args_parser().parse_args([*argv, "--input_size", str(size)])
+    message = one_line_error(module.main, args)
+    assert message.startswith(f"--input_size {size} is more than {MAX_SIDE} pixels a side")
+    assert one_line_error(image_size, [32, size]).startswith(f"--input_size 32 {size} is more than")
+
+
+@pytest.mark.parametrize("name", [*models_mae.MODELS, *models_vit.MODELS])
+def test_up_to_the_largest_side_the_memory_checks_size_every_model(name):
+    """The bound is low enough: every model at MAX_SIDE px (rounded to its patch) is a memory line."""
+    registry = models_mae if name in models_mae.MODELS else models_vit
+    with torch.device("meta"):
+        patch = registry.MODELS[name]().patch_embed.patch_size[0]
+    with pytest.raises(UserError, match=r"needs about [0-9.]+ GiB, CPU memory has"):
+        registry.create_model(name, MAX_SIDE // patch * patch)
+
+
 def stats_args(data: Path, *extra: str):
     return dataset_stats.get_args_parser().parse_args(["--data_path", str(data), "--num_workers", "0", *extra])
 
@@ -254,3 +285,54 @@ def test_dataset_stats_sizes_its_resize_and_names_the_flag(tmp_path):
     data = make_dataset(tmp_path / "data", 2)
     with pytest.raises(UserError, match=r"^resizing an image to --input_size 100000 .*lower --input_size"):
         dataset_stats.compute(stats_args(data, "--input_size", "100000"))
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Checkpoints storing flag values no flag could give: refused where any entry point opens them
+def _entry_point_argv(entry: str, path: Path, tmp_path: Path) -> list[str]:
+    return {
+        "reconstruct": [str(demo_files(1)[0]), "--checkpoint", str(path), "--output", str(tmp_path / "r.png")],
+        "export": ["--checkpoint", str(path), "--to", "hf", "--output", str(tmp_path / "hf")],
+        "knn_eval": ["--data_path", str(tmp_path), "--encoders", str(path), "--num_workers", "0"],
+        "main_linprobe": ["--data_path", str(tmp_path), "--finetune", str(path), "--output_dir", "", "--log_dir", ""],
+    }[entry]
+
+
+@pytest.mark.parametrize(
+    "entry, stored, shown",
+    [
+        ("reconstruct", dict(input_size="abc"), "--input_size 'abc'"),
+        ("reconstruct", dict(mean="abc"), "--mean 'abc'"),
+        ("reconstruct", dict(input_size=10**9), "--input_size 1000000000"),
+        ("export", dict(input_size=["a", "b"]), "--input_size ['a', 'b']"),
+        ("export", dict(mask_ratio="x"), "--mask_ratio 'x'"),
+        ("export", dict(mask_ratio=2.0), "--mask_ratio 2.0"),
+        ("knn_eval", dict(input_size="abc"), "--input_size 'abc'"),
+        ("main_linprobe", dict(mean="abc"), "--mean 'abc'"),
+    ],
+)
+def test_a_checkpoint_storing_impossible_flags_is_one_line_naming_it_and_the_value(tmp_path, entry, stored, shown):
+    """A real MAE's weights, and the args of a real run with one value changed (a hostile review's
+    files): before, tracebacks deep inside sizes and configs, or an error blaming a flag not given."""
+    model = models_mae.create_model("mae_vit_tiny_patch4", 32)
+    args = pretrain_args(tmp_path / "data", tmp_path / "out", "--model", "mae_vit_tiny_patch4")
+    path = tmp_path / "crafted.pth"
+    torch.save({"model": model.state_dict(), "args": Namespace(**{**vars(args), **stored})}, path)
+    module = importlib.import_module(entry)
+    parsed = module.get_args_parser().parse_args(_entry_point_argv(entry, path, tmp_path))
+    if hasattr(parsed, "device"):
+        parsed.device = "cpu"
+    message = one_line_error(module.main, parsed)
+    assert message.startswith(f"checkpoint {path} stores flag values this code cannot use: {shown} "), message
+    assert not list(tmp_path.glob("r.png")) and not (tmp_path / "hf").exists()
+
+
+def test_a_stored_input_size_the_model_cannot_take_blames_the_checkpoint_not_a_flag(tmp_path):
+    model = models_mae.create_model("mae_vit_tiny_patch4", 32)
+    path = tmp_path / "c.pth"
+    torch.save({"model": model.state_dict(), "args": Namespace(model="mae_vit_tiny_patch4", input_size=30)}, path)
+    argv = [str(demo_files(1)[0]), "--checkpoint", str(path), "--output", str(tmp_path / "r.png"), "--device", "cpu"]
+    message = one_line_error(reconstruct.main, reconstruct.get_args_parser().parse_args(argv))
+    assert message == (
+        f"checkpoint {path} stores --input_size 30, not a multiple of the model's patch size 4; give --input_size"
+    )

@@ -13,6 +13,7 @@ import re
 import urllib.parse
 import zipfile
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ import torch
 from util.checkpoint.rng import capture_rng, restore_rng
 from util.cli.errors import UserError, fail, first_line
 from util.cli.log import log
+from util.sizes import MAX_SIDE
 
 # What the official checkpoints and ours pickle besides tensors and plain containers.
 SAFE_GLOBALS = [argparse.Namespace]
@@ -66,7 +68,18 @@ def _load_file(path: str, shown: str) -> dict[str, Any]:
         fail(f"checkpoint {shown} does not exist")
     kind = _file_kind(path)
     if path.endswith(".safetensors") or kind == "safetensors":
-        return load_safetensors(path, shown)
+        ckpt = load_safetensors(path, shown)
+    else:
+        ckpt = _load_torch(path, shown, kind)
+    # Every reader of the stored flags (flags not given, --mean/--std, reconstruct, export) takes
+    # them as checked here, once.
+    if isinstance(ckpt.get("args"), argparse.Namespace):
+        check_saved_args(ckpt["args"], shown)
+    return ckpt
+
+
+def _load_torch(path: str, shown: str, kind: str) -> dict[str, Any]:
+    """A torch.save file as a dict, nothing pickled executed; its zip checksums verified first."""
     if kind != "torch":
         _not_torch(shown)
     if zipfile.is_zipfile(path):
@@ -225,27 +238,32 @@ def state_difference(
 
 
 def check_weights(own: StateDict, state: StateDict, source: str) -> None:
-    """Every weight of ``state`` that the model has (``own``) loads as it is, or fail naming it after
-    ``source``: a float for a float (int8, bool or complex would be cast silently), holding the data
-    its shape claims (zero strides can forge a huge tensor), and finite. Call it before any use."""
+    """Every weight of ``state`` that the model has (``own``) loads as it is (``check_weight``), or
+    fail naming it after ``source``. Call it before any use."""
     for key in sorted(set(own) & set(state)):
-        mine, theirs = own[key], state[key]
-        if mine.dtype != theirs.dtype and not (mine.is_floating_point() and theirs.is_floating_point()):
-            fail(
-                f"{source}: weight {key} is {theirs.dtype}, the model's is {mine.dtype}; it cannot be loaded "
-                f"without changing its values (a quantized or foreign checkpoint?): give one of {mine.dtype} weights"
-            )
-        if theirs.numel() * theirs.element_size() > theirs.untyped_storage().nbytes():
-            fail(
-                f"{source}: weight {key} claims shape {tuple(theirs.shape)} but stores only "
-                f"{theirs.untyped_storage().nbytes()} bytes; the checkpoint is damaged or forged"
-            )
-        if theirs.is_floating_point() and not bool(torch.isfinite(theirs).all()):
-            bad = int((~torch.isfinite(theirs)).sum())
-            fail(
-                f"{source}: weight {key} holds {bad} NaN or infinite value(s) of {theirs.numel()}: the file is "
-                f"damaged or comes from a diverged run; use an earlier checkpoint"
-            )
+        check_weight(key, state[key], own[key].dtype, source)
+
+
+def check_weight(key: str, weight: torch.Tensor, dtype: torch.dtype, source: str) -> None:
+    """``weight`` (``key`` of ``source``) can stand where the model has a ``dtype`` tensor, or fail
+    naming it: a float for a float (int8, bool or complex would be cast silently), holding the data
+    its shape claims (zero strides can forge a huge tensor), and finite."""
+    if dtype != weight.dtype and not (dtype.is_floating_point and weight.is_floating_point()):
+        fail(
+            f"{source}: weight {key} is {weight.dtype}, the model's is {dtype}; it cannot be loaded "
+            f"without changing its values (a quantized or foreign checkpoint?): give one of {dtype} weights"
+        )
+    if weight.numel() * weight.element_size() > weight.untyped_storage().nbytes():
+        fail(
+            f"{source}: weight {key} claims shape {tuple(weight.shape)} but stores only "
+            f"{weight.untyped_storage().nbytes()} bytes; the checkpoint is damaged or forged"
+        )
+    if weight.is_floating_point() and not bool(torch.isfinite(weight).all()):
+        bad = int((~torch.isfinite(weight)).sum())
+        fail(
+            f"{source}: weight {key} holds {bad} NaN or infinite value(s) of {weight.numel()}: the file is "
+            f"damaged or comes from a diverged run; use an earlier checkpoint"
+        )
 
 
 def load_model_strict(model: torch.nn.Module, state: StateDict, path: str) -> None:
@@ -266,23 +284,51 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _is_positive_int(value: Any) -> bool:
+    return _is_count(value) and value > 0
+
+
+def _is_input_size(value: Any) -> bool:
+    sides = value if isinstance(value, (list, tuple)) else [value]
+    return 1 <= len(sides) <= 2 and all(_is_positive_int(s) and s <= MAX_SIDE for s in sides)
+
+
+def _is_numbers(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and bool(value) and all(map(_is_number, value))
+
+
+# The stored flags that code reads back from a checkpoint's args (flags not given, --mean/--std,
+# reconstruct.py, export.py, the resume warning), each with what it must be, as the flag gives it:
+# JSON metadata (.safetensors) turns tuples into lists, which pass. None is "not stored".
+_SAVED_FLAGS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "model": (lambda v: isinstance(v, str), "a model name"),
+    "input_size": (_is_input_size, f"one or two integers from 1 to {MAX_SIDE}"),
+    "in_chans": (_is_positive_int, "a positive integer"),
+    "mean": (_is_numbers, "a list of numbers"),
+    "std": (_is_numbers, "a list of numbers"),
+    "mask_ratio": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "norm_pix_loss": (lambda v: isinstance(v, bool), "True or False"),
+    "global_pool": (lambda v: isinstance(v, bool), "True or False"),
+    "nb_classes": (_is_positive_int, "a positive integer"),
+    "crop_pct": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+}
+
+
 def check_saved_args(args: argparse.Namespace, path: str) -> None:
-    """The stored flags that other code reads back from a checkpoint have the types the flags give
-    (``--mean "abc"`` would be read as three characters); fail naming the first one that has not."""
+    """The stored flags that other code reads back from a checkpoint (``_SAVED_FLAGS``) hold values
+    the flags could have given (``--mean "abc"`` would be read as three characters, ``--input_size
+    "abc"`` fail deep inside a model); fail naming every one that does not, with its stored value."""
     values = vars(args)
-    problems = []
-    for flag in ("mean", "std"):
-        v = values.get(flag)
-        if v is not None and not (isinstance(v, (list, tuple)) and v and all(_is_number(x) for x in v)):
-            problems.append(f"--{flag} {v!r} is not a list of numbers")
-    size = values.get("input_size")
-    sides = size if isinstance(size, (list, tuple)) else [size]
-    if size is not None and not (1 <= len(sides) <= 2 and all(_is_count(s) and s > 0 for s in sides)):
-        problems.append(f"--input_size {size!r} is not one or two positive integers")
-    if values.get("model") is not None and not isinstance(values["model"], str):
-        problems.append(f"--model {values['model']!r} is not a name")
+    problems = [
+        f"--{flag} {values[flag]!r} is not {what}"
+        for flag, (valid, what) in _SAVED_FLAGS.items()
+        if values.get(flag) is not None and not valid(values[flag])
+    ]
     if problems:
-        fail(f"checkpoint {path} stores flags of the wrong type: {'; '.join(problems)}; give another checkpoint")
+        fail(
+            f"checkpoint {path} stores flag values this code cannot use: {'; '.join(problems)}; it was not written "
+            f"by this code or was changed: give another checkpoint"
+        )
 
 
 def _rng_problem(rng: Any) -> str:
@@ -373,5 +419,3 @@ def check_training_entries(ckpt: dict[str, Any], path: str) -> None:
             f"checkpoint {path} has malformed entries: {'; '.join(problems)}; it was not written by this code "
             f"or was changed: resume from another checkpoint"
         )
-    if isinstance(ckpt.get("args"), argparse.Namespace):
-        check_saved_args(ckpt["args"], path)
