@@ -249,6 +249,16 @@ def test_mask_ratio_must_remove_and_keep_a_patch():
         assert model.random_masking(torch.zeros(1, 64, 4), ratio)[0].shape[1] == kept  # counted alike
 
 
+@pytest.mark.parametrize("patches", [4, 64, 196, 256, 3136, 65536])
+def test_the_mask_ratio_the_error_suggests_is_accepted(patches):
+    """The upper bound the message gives is itself accepted (64 patches: 0.9844, rounded up, kept none)."""
+    with pytest.raises(UserError) as err:
+        models_mae.check_mask_ratio(1.0, patches)
+    top = float(re.search(r"use a value in \(0, ([0-9.]+)\]", str(err.value)).group(1))
+    assert top > 1 - 2 / patches  # close to the bound, not a value far below it
+    models_mae.check_mask_ratio(top, patches)
+
+
 FINETUNE_FLAGS = {
     "drop_path": (["--drop_path", "1.5"], "--drop_path must be in"),
     "aa": (["--aa", "garbage"], "--aa garbage is not an auto-augment policy"),
