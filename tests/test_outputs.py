@@ -123,6 +123,18 @@ def test_output_dir_inside_the_data_is_refused(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# An output under a file
+def test_an_output_under_a_file_names_the_file(tmp_path):
+    blocker = tmp_path / "r.png"
+    blocker.write_bytes(b"")
+    for check, name in ((outputs.check_output_file, "x.png"), (outputs.check_json_output, "x.json")):
+        for target in (blocker / name, blocker / "sub" / name):
+            with pytest.raises(UserError) as err:
+                check(str(target), "--output")
+            assert one_line(err) == f"--output {target}: {blocker} is a file, not a folder; give a path in a folder"
+
+
+# ---------------------------------------------------------------------------------------------
 # knn_eval --output: checked before the work, appended atomically
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory) -> Path:

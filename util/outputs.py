@@ -57,6 +57,8 @@ def _check_file_target(path: str, flag: str, example: str) -> None:
         fail(f"{flag} {path} is a folder; give a file name such as {os.path.join(path, example)}")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
+        if not os.path.isdir(existing := _first_existing(folder)):  # `x.png/r.png`: no folder to create
+            fail(f"{flag} {path}: {existing} is a file, not a folder; give a path in a folder")
         fail(f"{flag} {path}: the folder {folder} does not exist; create it first")
     _check_writable(folder, f"{flag} {path}")
     if os.path.exists(path) and not os.access(path, os.W_OK):
