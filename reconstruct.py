@@ -67,7 +67,8 @@ def main(args: argparse.Namespace) -> None:
     check_device(args.device)
     if args.model is not None:
         models_mae.MODELS.factory(args.model)  # the name, checked
-    check_output_file(args.output, "--output")
+    inputs = [("--checkpoint", args.checkpoint), *(("the input image", image) for image in args.images)]
+    check_output_file(args.output, "--output", inputs)
     ckpt = load_checkpoint(args.checkpoint)
     state = model_state(ckpt, args.checkpoint)
     check_has_decoder(state, args.checkpoint)
