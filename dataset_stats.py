@@ -98,7 +98,9 @@ def compute(args: argparse.Namespace) -> dict[str, Any]:
     check_at_least(args, 0, "max_images", zero_means="all")
     check_at_least(args, 0, "num_workers")
     if args.json not in ("", "-"):
-        check_json_output(args.json, "--json")  # before the work, not after it
+        # Before the work, not after it. A list file is an input; an image or a folder's train.txt
+        # is not JSON, which is all that --json replaces.
+        check_json_output(args.json, "--json", inputs=[("--data_path", args.data_path)])
     dataset = pretrain_dataset(args.data_path, PixelSums(args.input_size, max(args.num_workers, 1)))
     if 0 < args.max_images < len(dataset):
         dataset.files = [dataset.files[i] for i in evenly_spaced(args.max_images, len(dataset))]

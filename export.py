@@ -34,7 +34,7 @@ from util.checkpoint.load import StateDict, check_weight, checksum_metadata, loa
 from util.cli.errors import fail, run_cli
 from util.interop import hf as hf_interop
 from util.memory import require
-from util.outputs import atomic_write, sync_folder
+from util.outputs import atomic_write, check_not_an_input, sync_folder
 
 # Our classifier architectures as timm registered models (+ the kwargs that make them equal).
 TIMM_NAMES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -320,6 +320,8 @@ def check_output(args: argparse.Namespace) -> None:
         fail(f"--output {args.output}: --from hf writes our checkpoint, .pth or .safetensors; name it so")
     if args.to == "hf" and os.path.isfile(args.output):
         fail(f"--output {args.output} is a file; --to hf writes a folder (config.json + model.safetensors)")
+    # Even with --force: the export would replace the checkpoint it is made from.
+    check_not_an_input(args.output, "--output", [("--checkpoint", args.checkpoint)])
     if os.path.exists(args.output) and not args.force:
         fail(f"--output {args.output} exists; pass --force to overwrite it")
     if args.to == "hf" and os.path.isdir(args.output):

@@ -24,7 +24,7 @@ from util.checkpoint.encoder import load_mae_encoder
 from util.checkpoint.flags import fill_from_checkpoints
 from util.checkpoint.load import saved_args
 from util.checkpoint.state import Opened, open_checkpoint
-from util.cli.args import PRECISIONS, check_at_least, check_finite, resolve_precision
+from util.cli.args import PRECISIONS, check_at_least, check_device, check_finite, check_seed, resolve_precision
 from util.cli.errors import fail, run_cli
 from util.cli.log import log
 from util.data import normalization
@@ -77,6 +77,11 @@ def features_of(
 def main(args: argparse.Namespace) -> None:
     check_finite(args)
     check_at_least(args, 1, "batch_size")
+    if args.input_size is not None:  # 0 would pass as a multiple of the patch size
+        check_at_least(args, 1, "input_size")
+    check_at_least(args, 0, "num_workers")
+    check_seed(args.seed)
+    check_device(args.device)
     knn.check_knn_args(args)
     check_at_least(args, 0, "linear_epochs", zero_means="no linear classifier")
     checkpoints = [e for e in args.encoders if e not in NAMES]

@@ -296,13 +296,21 @@ MODELS = Registry(
 )
 
 
-def check_mask_ratio(mask_ratio: float, num_patches: int) -> None:
-    """The encoder needs a visible patch, and the loss (taken over removed patches) a removed one."""
+def check_mask_ratio(mask_ratio: float, num_patches: int, remove_one: bool = True) -> None:
+    """The encoder needs a visible patch, and the loss (taken over removed patches) a removed one.
+    A picture (``remove_one=False``: reconstruct.py) needs no removed patch: at 0 it shows the model's copy."""
     keep = int(num_patches * (1 - mask_ratio)) if 0 <= mask_ratio < 1 else 0  # as models_mae draws it
-    if not 0 <= mask_ratio < 1 or not 1 <= keep < num_patches:
+    # The largest ratio that keeps a patch, rounded down: rounded up (64 patches: 0.9844), it would keep none.
+    top = math.floor((1 - 1 / num_patches) * 10**6) / 10**6
+    if remove_one and not 1 <= keep < num_patches:
         fail(
             f"--mask_ratio {mask_ratio} must remove at least one of the {num_patches} patches and keep one: "
-            f"use a value in (0, {1 - 1 / num_patches:.4g}]"
+            f"use a value in (0, {top:g}]"
+        )
+    if keep < 1:
+        fail(
+            f"--mask_ratio {mask_ratio} must keep at least one of the {num_patches} patches visible: "
+            f"use a value in [0, {top:g}]"
         )
 
 

@@ -16,7 +16,7 @@ import torch
 
 import models_mae
 from util.checkpoint.load import load_checkpoint, load_model_strict, model_state
-from util.cli.args import add_in_chans_arg, add_input_size_arg
+from util.cli.args import add_in_chans_arg, add_input_size_arg, check_device, check_seed
 from util.cli.errors import fail, run_cli
 from util.data import normalization
 from util.data.channels import image_loader
@@ -59,12 +59,16 @@ def check_has_decoder(state: dict[str, torch.Tensor], path: str) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    # Before the (possibly long) load. A picture needs no removed patch: 0 shows the model's copy.
+    # Before the (possibly long) load, as training checks them. A picture needs no removed patch:
+    # 0 shows the model's copy; the model's patch count, known after the load, bounds it above.
     if not 0 <= args.mask_ratio < 1:
         fail(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
+    check_seed(args.seed)
+    check_device(args.device)
     if args.model is not None:
         models_mae.MODELS.factory(args.model)  # the name, checked
-    check_output_file(args.output, "--output")
+    inputs = [("--checkpoint", args.checkpoint), *(("the input image", image) for image in args.images)]
+    check_output_file(args.output, "--output", inputs)
     ckpt = load_checkpoint(args.checkpoint)
     state = model_state(ckpt, args.checkpoint)
     check_has_decoder(state, args.checkpoint)
@@ -90,6 +94,7 @@ def main(args: argparse.Namespace) -> None:
     normalization.resolve(args, [(f"checkpoint {args.checkpoint}", ckpt.get("args"))])
 
     model = models_mae.create_model(name, (height, width), in_chans, norm_pix_loss=norm_pix)
+    models_mae.check_mask_ratio(args.mask_ratio, model.num_patches, remove_one=False)
     load_model_strict(model, state, args.checkpoint)
     model.to(args.device)
     transform = eval_transform((height, width), args.mean, args.std, in_chans)

@@ -249,6 +249,16 @@ def test_mask_ratio_must_remove_and_keep_a_patch():
         assert model.random_masking(torch.zeros(1, 64, 4), ratio)[0].shape[1] == kept  # counted alike
 
 
+@pytest.mark.parametrize("patches", [4, 64, 196, 256, 3136, 65536])
+def test_the_mask_ratio_the_error_suggests_is_accepted(patches):
+    """The upper bound the message gives is itself accepted (64 patches: 0.9844, rounded up, kept none)."""
+    with pytest.raises(UserError) as err:
+        models_mae.check_mask_ratio(1.0, patches)
+    top = float(re.search(r"use a value in \(0, ([0-9.]+)\]", str(err.value)).group(1))
+    assert top > 1 - 2 / patches  # close to the bound, not a value far below it
+    models_mae.check_mask_ratio(top, patches)
+
+
 FINETUNE_FLAGS = {
     "drop_path": (["--drop_path", "1.5"], "--drop_path must be in"),
     "aa": (["--aa", "garbage"], "--aa garbage is not an auto-augment policy"),
@@ -318,6 +328,79 @@ def test_reconstruct_checks_its_output_before_the_work(tmp_path, monkeypatch, ou
     argv = ["--checkpoint", "any.pth", str(demo_files(1)[0]), "--output", output.format(tmp=tmp_path)]
     with pytest.raises(UserError, match=rf"^--output .*{message}"):
         reconstruct.main(reconstruct.get_args_parser().parse_args(argv))
+
+
+def _no_load(*args, **kwargs):
+    raise AssertionError("the checkpoint was loaded before the flags were checked")
+
+
+RECONSTRUCT_FLAGS = {
+    "seed": (["--seed", str(2**70)], r"^--seed must be in \[0, 2\*\*32 - 1\], got 1180591620717411303424$"),
+    "device_unknown": (["--device", "foo"], r"^--device foo is unknown; use cpu, cuda, mps"),
+    "device_absent": (["--device", "cuda"], r"^--device cuda was asked for but CUDA is not available"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RECONSTRUCT_FLAGS))
+def test_reconstruct_checks_seed_and_device_as_training_does(tmp_path, monkeypatch, case):
+    """Before the load, in one line (they were the tracebacks of torch's seeding and device)."""
+    monkeypatch.setattr(reconstruct, "load_checkpoint", _no_load)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a machine without CUDA, wherever this runs
+    flags, message = RECONSTRUCT_FLAGS[case]
+    argv = ["--checkpoint", "any.pth", str(demo_files(1)[0]), "--output", str(tmp_path / "r.png"), *flags]
+    with pytest.raises(UserError, match=message):
+        reconstruct.main(reconstruct.get_args_parser().parse_args(argv))
+
+
+@pytest.fixture(scope="module")
+def mae_checkpoint(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("mae") / "checkpoint-0.pth"
+    model = models_mae.create_model("mae_vit_tiny_patch4", 32)  # 64 patches
+    torch.save(
+        {"model": model.state_dict(), "args": argparse.Namespace(model="mae_vit_tiny_patch4", input_size=32)}, path
+    )
+    return path
+
+
+def test_reconstruct_mask_ratio_must_keep_one_of_the_model_patches(mae_checkpoint, tmp_path):
+    """0.999 of 64 patches keeps none (the model's ValueError before); 0 removes none, which a picture allows."""
+    output = tmp_path / "r.png"
+    argv = ["--checkpoint", str(mae_checkpoint), str(demo_files(1)[0]), "--device", "cpu", "--output", str(output)]
+    refused = r"^--mask_ratio 0.999 must keep at least one of the 64 patches visible: use a value in \[0, 0.984375\]$"
+    with pytest.raises(UserError, match=refused):
+        reconstruct.main(reconstruct.get_args_parser().parse_args([*argv, "--mask_ratio", "0.999"]))
+    assert not output.exists()
+    for ratio in ("0", "0.984375"):  # none removed; one kept
+        reconstruct.main(reconstruct.get_args_parser().parse_args([*argv, "--mask_ratio", ratio]))
+        assert output.is_file()
+        output.unlink()
+
+
+@pytest.mark.parametrize("sizes", [["0"], ["32", "0"], ["-4"]])
+def test_input_size_below_1_is_refused_as_parsed(sizes):
+    """0 passed as a multiple of any patch size ('not a multiple of the patch size 4' was the error),
+    and reconstruct.py took it for 'not given'."""
+    shown = " ".join(sizes)
+    for parser, argv in (
+        (reconstruct.get_args_parser(), ["--checkpoint", "c.pth", "a.jpg"]),
+        (main_pretrain.get_args_parser(), []),
+    ):
+        with pytest.raises(UserError, match=rf"^--input_size must be at least 1, got {shown}$"):
+            parser.parse_args([*argv, "--input_size", *sizes])
+
+
+def test_reconstruct_and_knn_eval_flags_give_one_line_on_the_command_line(tmp_path, warm_interpreter):
+    image = str(demo_files(1)[0])
+    reconstructs = {
+        "seed": ["--checkpoint", "any.pth", image, "--seed", str(2**70)],
+        "input_size": ["--checkpoint", "any.pth", image, "--input_size", "0"],
+    }
+    knn_evals = {"num_workers": ["--data_path", str(tmp_path), "--encoders", "random", "--num_workers", "-1"]}
+    results = cli_batch(reconstructs, warm_interpreter, "reconstruct.py")
+    results.update(cli_batch(knn_evals, warm_interpreter, "knn_eval.py"))
+    for name, result in results.items():
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: --"), (name, result.stderr)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -120,6 +120,28 @@ def knn_args(data: Path, *extra: str):
     return knn_eval.get_args_parser().parse_args([*argv, *(extra or ["--encoders", "random"])])
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--num_workers", "-1"], r"^--num_workers must be 0 or more, got -1$"),
+        (["--seed", str(2**70)], r"^--seed must be in \[0, 2\*\*32 - 1\], got 1180591620717411303424$"),
+        (["--device", "foo"], r"^--device foo is unknown; use cpu, cuda, mps"),
+        (["--device", "cuda"], r"^--device cuda was asked for but CUDA is not available"),
+        (["--input_size", "0"], r"^--input_size must be at least 1, got 0$"),  # not 'a multiple of the patch size'
+    ],
+)
+def test_knn_eval_checks_its_flags_as_training_does(tmp_path, monkeypatch, flags, message):
+    """Before any image is read, in one line (they were the tracebacks of the loader, seeding, device)."""
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the work started before the flags were checked")
+
+    monkeypatch.setattr(knn, "KnnData", no_work)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a machine without CUDA, wherever this runs
+    with pytest.raises(UserError, match=message):
+        knn_eval.main(knn_args(tmp_path, "--encoders", "random", *flags))
+
+
 def test_knn_of_an_encoder_with_nan_weights_is_refused_naming_the_checkpoint(tmp_path):
     data = labelled_folder(tmp_path / "data", 4, 2)
     model = models_mae.create_model("mae_vit_tiny_patch4", 32)

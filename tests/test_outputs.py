@@ -7,6 +7,7 @@ import errno
 import io
 import json
 import os
+import shutil
 import threading
 from argparse import Namespace
 from pathlib import Path
@@ -14,10 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import budgeted_open, make_dataset, make_split
+from helpers import budgeted_open, demo_files, make_dataset, make_split
 from PIL import Image
 
 import dataset_stats
+import export
 import knn_eval
 import models_mae
 import reconstruct
@@ -123,6 +125,41 @@ def test_output_dir_inside_the_data_is_refused(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# An output that is one of the command's inputs, or lies under a file
+def test_an_output_that_is_an_input_is_refused_however_it_is_reached(tmp_path):
+    source = tmp_path / "a.jpg"
+    source.write_bytes(b"x")
+    (tmp_path / "link.jpg").symlink_to(source)
+    os.link(source, tmp_path / "hard.jpg")
+    (tmp_path / "sub").mkdir()
+    inputs = [("--checkpoint", "https://example.com/c.pth"), ("the input image", str(source))]
+    for output in (source, tmp_path / "sub" / ".." / "a.jpg", tmp_path / "link.jpg", tmp_path / "hard.jpg"):
+        with pytest.raises(UserError) as err:
+            outputs.check_not_an_input(str(output), "--output", inputs)
+        message = one_line(err)
+        assert message.startswith(f"--output {output} is the input image {source}"), message
+        assert message.endswith(": writing it would replace it; give another name"), message
+        assert ("(the same file)" in message) == (output.name != "a.jpg"), message
+    with pytest.raises(UserError, match=rf"^--output {tmp_path} holds the input image {source}: writing the folder"):
+        outputs.check_not_an_input(str(tmp_path), "--output", inputs)
+    # Another file, a folder beside the input, an output not there yet: fine.
+    (tmp_path / "b.jpg").write_bytes(b"x")
+    for output in (tmp_path / "b.jpg", tmp_path / "sub", tmp_path / "new.jpg"):
+        outputs.check_not_an_input(str(output), "--output", inputs)
+    assert source.read_bytes() == b"x"
+
+
+def test_an_output_under_a_file_names_the_file(tmp_path):
+    blocker = tmp_path / "r.png"
+    blocker.write_bytes(b"")
+    for check, name in ((outputs.check_output_file, "x.png"), (outputs.check_json_output, "x.json")):
+        for target in (blocker / name, blocker / "sub" / name):
+            with pytest.raises(UserError) as err:
+                check(str(target), "--output")
+            assert one_line(err) == f"--output {target}: {blocker} is a file, not a folder; give a path in a folder"
+
+
+# ---------------------------------------------------------------------------------------------
 # knn_eval --output: checked before the work, appended atomically
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory) -> Path:
@@ -194,6 +231,37 @@ def test_stats_json_is_checked_before_the_work(tmp_path, monkeypatch):
         assert message.startswith(f"--json {target}") and expected in message, message
 
 
+def test_stats_json_replaces_only_json_and_never_its_input(tmp_path, monkeypatch):
+    """--json an image of the data, or the list file read, was replaced by the JSON."""
+    data = make_dataset(tmp_path / "d", 1)
+    image = next(data.rglob("*.jpg"))
+    listing = data / "train.txt"
+    listing.write_text(f"{image.relative_to(data)}\n")
+    before = image.read_bytes(), listing.read_bytes()
+    with pytest.raises(UserError) as err:
+        _stats(data, image)
+    assert one_line(err) == (
+        f"--json {image} exists and is not JSON, which is what this writes there; remove it or give another name"
+    )
+    with pytest.raises(UserError) as err:
+        _stats(listing, listing)
+    assert one_line(err).startswith(f"--json {listing} is --data_path {listing}: writing it would replace it")
+    assert (image.read_bytes(), listing.read_bytes()) == before
+    # Its own earlier output, and an empty file, are replaced: the same command runs again.
+    target = tmp_path / "stats.json"
+    for _ in range(2):
+        _stats(data, target)
+        assert json.loads(target.read_text())["images"] == 1
+    target.write_text("")
+    _stats(data, target)
+    assert json.loads(target.read_text())["images"] == 1
+    # A large file is not read whole to find out whether it is JSON.
+    monkeypatch.setattr(outputs, "MAX_JSON_BYTES", 10)
+    with pytest.raises(UserError) as err:
+        _stats(data, target)
+    assert "MiB, far more than the JSON this writes; give another name" in one_line(err)
+
+
 def test_stats_json_full_disk_keeps_the_earlier_file(tmp_path, monkeypatch):
     data = make_dataset(tmp_path / "d", 1)
     target = tmp_path / "stats.json"
@@ -233,6 +301,66 @@ def test_reconstruct_full_disk_is_one_line_and_keeps_the_earlier_picture(mae_che
     message = one_line(err)
     assert message.startswith(f"--output {output}: cannot write it (No space left on device)"), message
     assert output.read_bytes() == before and no_temporaries(tmp_path)
+
+
+def test_reconstruct_refuses_to_write_over_its_input_image(mae_checkpoint, tmp_path, monkeypatch):
+    """It replaced the JPEG it read with its picture grid (exit 0)."""
+    image = tmp_path / "photo.jpg"
+    shutil.copyfile(demo_files(1)[0], image)
+    (tmp_path / "link.jpg").symlink_to(image)
+    before = image.read_bytes()
+
+    def no_work(*a, **k):
+        raise AssertionError("the checkpoint was loaded before the output was checked")
+
+    monkeypatch.setattr(reconstruct, "load_checkpoint", no_work)
+    for output in (image, tmp_path / "link.jpg"):
+        argv = ["--checkpoint", str(mae_checkpoint), str(image), "--output", str(output), "--device", "cpu"]
+        with pytest.raises(UserError) as err:
+            reconstruct.main(reconstruct.get_args_parser().parse_args(argv))
+        assert one_line(err).startswith(f"--output {output} is the input image {image}"), one_line(err)
+    assert image.read_bytes() == before
+
+
+@pytest.mark.parametrize("existing", ["text", "jpeg"])
+def test_reconstruct_replaces_only_a_picture_of_its_format(mae_checkpoint, tmp_path, existing):
+    output = tmp_path / "recon.png"
+    if existing == "text":
+        output.write_text("notes\n")
+    else:
+        shutil.copyfile(demo_files(1)[0], output)  # a photo whose name says PNG
+    before = output.read_bytes()
+    with pytest.raises(UserError) as err:
+        _reconstruct(mae_checkpoint, output)
+    assert one_line(err) == (
+        f"--output {output} exists and is not a PNG picture, which is what this writes there; "
+        f"remove it or give another name"
+    )
+    assert output.read_bytes() == before
+
+
+def test_reconstruct_replaces_its_own_earlier_picture(mae_checkpoint, tmp_path):
+    for name in ("recon.png", "recon.jpg"):
+        output = tmp_path / name
+        output.write_bytes(b"")  # an empty file holds nothing to lose
+        for _ in range(2):  # the same command again
+            _reconstruct(mae_checkpoint, output)
+            assert Image.open(output).format == ("PNG" if name.endswith(".png") else "JPEG")
+
+
+def test_export_never_replaces_its_checkpoint_even_with_force(mae_checkpoint, tmp_path):
+    """--force replaced a full training checkpoint with the bare encoder it exported."""
+    checkpoint = tmp_path / "checkpoint-0.pth"
+    shutil.copyfile(mae_checkpoint, checkpoint)
+    (tmp_path / "link.pth").symlink_to(checkpoint)
+    before = checkpoint.read_bytes()
+    for output in (checkpoint, tmp_path / "link.pth"):
+        for force in ([], ["--force"]):
+            argv = ["--checkpoint", str(checkpoint), "--to", "timm", "--output", str(output), *force]
+            with pytest.raises(UserError) as err:
+                export.main(export.get_args_parser().parse_args(argv))
+            assert one_line(err).startswith(f"--output {output} is --checkpoint {checkpoint}"), one_line(err)
+    assert checkpoint.read_bytes() == before
 
 
 def test_save_png_writes_the_format_its_extension_names(tmp_path):

@@ -7,7 +7,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -51,20 +51,43 @@ def check_output_dir(path: str, flag: str) -> None:
     _check_writable(path, f"{flag} {path}")
 
 
+def check_not_an_input(path: str, flag: str, inputs: Iterable[tuple[str, str]]) -> None:
+    """Refuse an output ``path`` that is one of the command's ``inputs`` ((what, path) pairs; URLs
+    and missing paths are skipped) or, for an output folder, holds one: the output would replace
+    what it is made from, whatever ``--force`` says. The same file however it is reached: through
+    links, hard links, or another spelling of the path."""
+    if not os.path.exists(path):
+        return
+    for what, source in inputs:
+        if not os.path.exists(source):
+            continue
+        if os.path.samefile(path, source):
+            same = "" if os.path.abspath(path) == os.path.abspath(source) else " (the same file)"
+            fail(f"{flag} {path} is {what} {source}{same}: writing it would replace it; give another name")
+        output, found = os.path.realpath(path), os.path.realpath(source)
+        if os.path.isdir(output) and os.path.commonpath([output, found]) == output:
+            fail(f"{flag} {path} holds {what} {source}: writing the folder would replace it; give another folder")
+
+
 def _check_file_target(path: str, flag: str, example: str) -> None:
     """``path`` is not a folder, its folder exists and takes files, and the file is not read-only."""
     if os.path.isdir(path):
         fail(f"{flag} {path} is a folder; give a file name such as {os.path.join(path, example)}")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
+        if not os.path.isdir(existing := _first_existing(folder)):  # `x.png/r.png`: no folder to create
+            fail(f"{flag} {path}: {existing} is a file, not a folder; give a path in a folder")
         fail(f"{flag} {path}: the folder {folder} does not exist; create it first")
     _check_writable(folder, f"{flag} {path}")
     if os.path.exists(path) and not os.access(path, os.W_OK):
         fail(f"{flag} {path} exists and is read-only; remove it or give another name")
 
 
-def check_output_file(path: str, flag: str) -> None:
-    """``path`` names a picture file (by its extension) that can be written, in an existing folder."""
+def check_output_file(path: str, flag: str, inputs: Iterable[tuple[str, str]] = ()) -> None:
+    """``path`` names a picture file (by its extension) that can be written, in an existing folder,
+    and is none of ``inputs`` (see ``check_not_an_input``). A file already there is replaced only
+    if it is a picture of that format, as an earlier run of the command left it (reruns work):
+    anything else there is not this command's to replace."""
     if os.path.isdir(path):
         fail(f"{flag} {path} is a folder; give a file name such as {os.path.join(path, 'reconstruction.png')}")
     Image.init()
@@ -73,21 +96,57 @@ def check_output_file(path: str, flag: str) -> None:
     if ext not in writable:
         fail(f"{flag} {path}: '{ext}' is not a picture format this can write; use one of {', '.join(writable)}")
     _check_file_target(path, flag, "reconstruction.png")
+    check_not_an_input(path, flag, inputs)
+    picture_format = Image.registered_extensions()[ext]
+    if os.path.isfile(path) and os.path.getsize(path) and _picture_format(path) != picture_format:
+        fail(
+            f"{flag} {path} exists and is not a {picture_format} picture, which is what this writes there; "
+            f"remove it or give another name"
+        )
 
 
-def check_json_output(path: str, flag: str, append: bool = False) -> None:
+def _picture_format(path: str) -> str | None:
+    """The format Pillow reads ``path`` in (its header only), or None for a file it cannot read."""
+    try:
+        with Image.open(path) as img:
+            return img.format
+    except Exception:  # any reason it is not a picture (UnidentifiedImageError, a bomb, a read error)
+        return None
+
+
+# The JSON a command replaces is a few KiB: a larger file is something else, and is not read whole
+# (a data set archive passed by mistake) to find out.
+MAX_JSON_BYTES = 16 * 2**20
+
+
+def check_json_output(path: str, flag: str, append: bool = False, inputs: Iterable[tuple[str, str]] = ()) -> None:
     """``path`` can take the JSON file a command writes when its work is done, checked before the
-    work. With ``append`` (JSON lines added to the file), the lines already there must be JSON too."""
+    work, and is none of ``inputs`` (see ``check_not_an_input``). With ``append`` (JSON lines added
+    to the file), the lines already there must be JSON too; else a file already there is replaced
+    only if it is JSON, as an earlier run of the command left it (reruns work)."""
     _check_file_target(path, flag, "results.json")
-    if append and os.path.isfile(path):
+    check_not_an_input(path, flag, inputs)
+    if not os.path.isfile(path):
+        return
+    if append:
         _check_json_lines(path, flag)
+    elif (size := os.path.getsize(path)) > MAX_JSON_BYTES:
+        fail(
+            f"{flag} {path} exists and is {size / 2**20:.1f} MiB, far more than the JSON this writes; give another name"
+        )
+    elif not _is_json(_read(path, flag, "it is replaced only if it holds JSON")):
+        fail(f"{flag} {path} exists and is not JSON, which is what this writes there; remove it or give another name")
+
+
+def _read(path: str, flag: str, why: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        fail(f"{flag} {path} cannot be read ({e.strerror}); {why}, so it must be readable: give another name")
 
 
 def _check_json_lines(path: str, flag: str) -> None:
-    try:
-        lines = Path(path).read_bytes().splitlines()
-    except OSError as e:
-        fail(f"{flag} {path} cannot be read ({e.strerror}); it is added to, so it must be readable: give another name")
+    lines = _read(path, flag, "it is added to").splitlines()
     for number, line in enumerate(lines, 1):
         if not _is_json(line):
             fail(

@@ -178,12 +178,19 @@ def check_common(args: argparse.Namespace) -> None:
             fail(f"--{name} must be positive and at most {MAX_LR:g}, got {value}")
     if not 0 <= args.min_lr <= MAX_LR:
         fail(f"--min_lr must be 0 or more (and at most {MAX_LR:g}), got {args.min_lr}")
-    if not 0 <= args.seed < SEED_LIMIT:
-        fail(f"--seed must be in [0, 2**32 - 1], got {args.seed}")
+    check_seed(args.seed)
     if args.start_epoch < 0 or args.start_epoch >= args.epochs and not getattr(args, "eval", False):
         fail(f"--start_epoch {args.start_epoch} is outside the run's {args.epochs} epochs (--epochs)")
     check_finite(args)  # after the checks above, which say more (each also refuses NaN)
     check_device(args.device)
+
+
+def check_seed(seed: int) -> None:
+    """A ``--seed`` numpy takes (32 bits). Training seeds numpy with it; the commands that seed only
+    torch take the same range, so that every entry point accepts the same seeds. ``check_world``
+    checks it again with the number of processes, as each rank seeds with --seed + rank."""
+    if not 0 <= seed < SEED_LIMIT:
+        fail(f"--seed must be in [0, 2**32 - 1], got {seed}")
 
 
 def check_device(device: str) -> None:
@@ -224,6 +231,10 @@ class InputSize(argparse.Action):
     a list, which JSON metadata (.safetensors) gives back as it was."""
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values, option_string=None):
+        # Here, not where the patch size is known: 0 is a multiple of every patch size, and
+        # reads as 'not given' where a default is taken with `or`.
+        if any(value < 1 for value in values):
+            fail(f"--input_size must be at least 1, got {' '.join(map(str, values))}")
         square = len(values) == 1 or (len(values) == 2 and values[0] == values[1])
         setattr(namespace, self.dest, values[0] if square else list(values))
 
