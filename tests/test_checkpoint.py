@@ -190,6 +190,8 @@ def _write_bad(path: Path, kind: str) -> None:
         path.write_text("<!DOCTYPE html><html><body>403 Forbidden</body></html>")
     elif kind == "lfs_pointer":  # a checkpoint cloned without git-lfs
         path.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0123abcd\nsize 1234\n")
+    elif kind == "folder":  # a Hugging Face export, or an output folder, given for its file
+        path.mkdir()
     elif kind != "missing":
         raise ValueError(kind)
 
@@ -201,6 +203,7 @@ def _write_bad(path: Path, kind: str) -> None:
         ("list", ["not a dict"]),
         ("malicious", ["refused"]),
         ("missing", ["does not exist"]),
+        ("folder", ["is a folder, not a checkpoint file", "export.py --from hf"]),
         ("text", ["not a PyTorch checkpoint"]),
         ("html", ["not a PyTorch checkpoint"]),
         ("lfs_pointer", ["not a PyTorch checkpoint"]),

@@ -64,6 +64,11 @@ def download(url: str) -> str:
 
 def _load_file(path: str, shown: str) -> dict[str, Any]:
     """Load the local file ``path``; errors name it as ``shown`` (the URL it came from, if any)."""
+    if os.path.isdir(path):
+        fail(
+            f"checkpoint {shown} is a folder, not a checkpoint file: give its .pth or .safetensors file "
+            f"(a Hugging Face folder becomes one with export.py --from hf)"
+        )
     if not os.path.isfile(path):
         fail(f"checkpoint {shown} does not exist")
     kind = _file_kind(path)
