@@ -174,6 +174,14 @@ def test_load_checkpoint_accepts_tensors_and_namespace(tmp_path):
     assert ckpt["args"] == Namespace(a=1) and torch.equal(ckpt["model"]["w"], torch.ones(2))
 
 
+def test_load_checkpoint_accepts_official_submitit_paths(tmp_path):
+    # The official submitit launchers set args.output_dir (and log_dir, job_dir) to pathlib paths.
+    official = tmp_path / "checkpoint-799.pth"
+    args = Namespace(model="mae_vit_large_patch16", output_dir=Path("/checkpoint/me/experiments/42"))
+    torch.save({"model": {"w": torch.ones(2)}, "args": args, "epoch": 799}, official)
+    assert load_checkpoint(str(official))["args"].output_dir == Path("/checkpoint/me/experiments/42")
+
+
 def _write_bad(path: Path, kind: str) -> None:
     if kind == "truncated":
         torch.save({"model": {"w": torch.ones(1000)}, "epoch": 0}, path)

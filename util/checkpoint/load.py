@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import os
+import pathlib
 import pickle
 import re
 import urllib.parse
@@ -23,8 +24,9 @@ from util.cli.errors import UserError, fail, first_line
 from util.cli.log import log
 from util.sizes import MAX_SIDE
 
-# What the official checkpoints and ours pickle besides tensors and plain containers.
-SAFE_GLOBALS = [argparse.Namespace]
+# What the official checkpoints and ours pickle besides tensors and plain containers: the official
+# submitit launchers store --output_dir, --log_dir and --job_dir in the args as pathlib paths.
+SAFE_GLOBALS = [argparse.Namespace, pathlib.PosixPath]
 StateDict = dict[str, torch.Tensor]
 
 
