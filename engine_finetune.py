@@ -189,8 +189,10 @@ def _evaluate_epoch(wrapped_model: torch.nn.Module, val_loader: DataLoader, chec
     pending = state.extra.pop("unevaluated")
     epoch = pending["epoch"]
     train_stats = {f"train_{k}": v for k, v in pending["train_stats"].items()}
+    # The official log.txt lines end with the trained parameter count (the probe's: its head).
+    n_parameters = sum(p.numel() for p in state.model.parameters() if p.requires_grad)
     if (epoch + 1) % args.eval_freq and epoch != args.epochs - 1:
-        run_log.epoch({**train_stats, "epoch": epoch})
+        run_log.epoch({**train_stats, "epoch": epoch, "n_parameters": n_parameters})
         return
     test_stats = evaluate(wrapped_model, val_loader, args)
     best = state.extra["max_accuracy"] = max(state.extra["max_accuracy"], test_stats["acc1"])
@@ -200,6 +202,6 @@ def _evaluate_epoch(wrapped_model: torch.nn.Module, val_loader: DataLoader, chec
     )
     run_log.scalars(epoch, **{f"perf/test_{k}": test_stats[k] for k in ("acc1", "acc5", "loss")})
     test = {f"test_{k}": v for k, v in test_stats.items()}
-    run_log.epoch({**train_stats, **test, "max_accuracy": best, "epoch": epoch})
+    run_log.epoch({**train_stats, **test, "max_accuracy": best, "epoch": epoch, "n_parameters": n_parameters})
     if epoch == args.epochs - 1:
         checkpointer.save(epoch)

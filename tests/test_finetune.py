@@ -104,6 +104,8 @@ def test_eval_freq_evaluates_every_nth_and_the_last_epoch(pipeline, tmp_path):
     assert [line["epoch"] for line in lines] == [0, 1, 2, 3, 4]
     assert ["test_acc1" in line for line in lines] == [False, True, False, True, True]
     assert all("train_loss" in line for line in lines)
+    # The official key: the trained parameters, here the probe's linear head (128 x 3 + 3).
+    assert all(line["n_parameters"] == 128 * 3 + 3 for line in lines)
 
 
 def test_dist_eval_over_two_processes_counts_every_image_once(pipeline, tmp_path, capsys):
