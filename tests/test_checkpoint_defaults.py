@@ -3,6 +3,8 @@ default 224 px was killed for memory): fine-tuning, probing, k-NN and resuming t
 --input_size and --in_chans from the checkpoint, say so in one line, and explicit flags win; a run
 that cannot fit is refused before its first step."""
 
+from argparse import Namespace
+
 import pytest
 import torch
 from helpers import make_dataset, make_split, run_pretrain
@@ -11,7 +13,10 @@ import knn_eval
 import main_finetune
 import main_linprobe
 import main_pretrain
+import models_mae
 from util import memory
+from util.checkpoint.flags import fill_from_checkpoints
+from util.checkpoint.state import Opened
 from util.cli.errors import UserError
 
 CPU = ["--device", "cpu", "--precision", "fp32", "--num_workers", "0"]
@@ -115,3 +120,15 @@ def test_a_run_that_cannot_fit_is_refused_before_its_first_step(pretrained, spli
     with pytest.raises(UserError, match=r"training --batch_size 64 at --input_size 224 .* lower --batch_size") as err:
         main_finetune.main(main_finetune.get_args_parser().parse_args(argv))
     assert "\n" not in str(err.value) and not steps
+
+
+@pytest.mark.parametrize("stored", ["mae_vit_base_patch16", "mae_vit_base_patch16_dec512d8b"])
+def test_official_decoder_alias_names_the_classifier(stored):
+    # The official main_pretrain.py takes both names, and its checkpoints store the one given.
+    source = Opened("official.pth", {"args": Namespace(model=stored)})
+    args = Namespace(model=None)
+    fill_from_checkpoints(args, [source], {"model": "vit_large_patch16"})
+    assert args.model == "vit_base_patch16"
+    resumed = Namespace(model=None)
+    fill_from_checkpoints(resumed, [source], {"model": "mae_vit_large_patch16"})
+    assert resumed.model in models_mae.MODELS

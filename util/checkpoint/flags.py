@@ -32,6 +32,7 @@ def fill_from_checkpoints(args: argparse.Namespace, sources: Sequence[Opened], f
 
 
 def _same_kind(model: str, fallback: Any) -> str:
-    """``model`` named as the kind of model ``fallback`` is: mae_vit_base_patch16 <-> vit_base_patch16."""
-    encoder = model.removeprefix("mae_")
+    """``model`` named as the kind of model ``fallback`` is: mae_vit_base_patch16 <-> vit_base_patch16.
+    The official decoder-named aliases (mae_vit_base_patch16_dec512d8b) name the same encoder."""
+    encoder = model.removeprefix("mae_").removesuffix("_dec512d8b")
     return f"mae_{encoder}" if str(fallback).startswith("mae_") else encoder
