@@ -54,6 +54,7 @@ from util.cli.errors import NonFiniteLoss, run_cli
 from util.lr_sched import adjust_learning_rate, lr_at
 from util.train import interrupt
 from util.train.checkpointer import EpochProgress
+from util.train.run import start
 
 # Flags of the reference run; resumed runs use the same ones (the schedule depends on --epochs).
 EPOCHS, ITERS = RESUMABLE_EPOCHS, RESUMABLE_ITERS  # 48 images / batch 8
@@ -541,6 +542,14 @@ def test_effective_lr():
     assert effective_lr(args, 8) == pytest.approx(1e-3 * 512 / 256)
     args.lr = 0.01
     assert effective_lr(args, 8) == 0.01  # an absolute --lr wins
+
+
+def test_start_prints_the_base_lr_of_the_lr_it_uses(tmp_path, capsys):
+    # As the official code prints it: lr * 256 / effective batch, not the --blr an --lr overrides.
+    argv = ["--lr", "0.01", "--batch_size", "64", "--output_dir", str(tmp_path), "--log_dir", "", "--device", "cpu"]
+    with isolated_interrupts():
+        start(main_pretrain.get_args_parser().parse_args(argv), main_pretrain.FALLBACKS)
+    assert "effective batch: 64  lr: 1.000e-02 (base lr 4.000e-02)" in capsys.readouterr().out
 
 
 def test_resuming_a_finished_run_says_there_is_nothing_to_train(reference, data, tmp_path, capsys):

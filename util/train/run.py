@@ -78,7 +78,8 @@ def start(flags: argparse.Namespace, fallbacks: dict[str, Any] | None = None) ->
     log.info(f"job dir: {os.path.dirname(os.path.realpath(__file__ + '/../..'))}")
     log.info(json.dumps(vars(args), default=str, indent=1))
     eff_batch = args.batch_size * args.accum_iter * distributed.world_size()
-    log.info(f"precision: {args.precision}  effective batch: {eff_batch}  lr: {args.lr:.3e} (base lr {args.blr:.3e})")
+    base_lr = args.lr * 256 / eff_batch  # as the official code prints it: --blr is unused where --lr is given
+    log.info(f"precision: {args.precision}  effective batch: {eff_batch}  lr: {args.lr:.3e} (base lr {base_lr:.3e})")
     return Run(args, torch.device(args.device), resume_from, init_from)
 
 
