@@ -25,8 +25,9 @@ from util.cli.log import log
 from util.sizes import MAX_SIDE
 
 # What the official checkpoints and ours pickle besides tensors and plain containers: the official
-# submitit launchers store --output_dir, --log_dir and --job_dir in the args as pathlib paths.
-SAFE_GLOBALS = [argparse.Namespace, pathlib.PosixPath]
+# submitit launchers store --output_dir, --log_dir and --job_dir in the args as pathlib paths. The
+# path is named as the pickles name it: from Python 3.13 the class lives in pathlib._local.
+SAFE_GLOBALS = [argparse.Namespace, (pathlib.PosixPath, "pathlib.PosixPath")]
 StateDict = dict[str, torch.Tensor]
 
 
