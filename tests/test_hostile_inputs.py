@@ -210,6 +210,18 @@ def test_16_bit_images_are_still_read_in_rgb(tmp_path):
     assert load_rgb(str(path)).getpixel((0, 0)) == (255, 255, 255)
 
 
+def test_a_dark_16_bit_pgm_is_not_read_as_8_bit(tmp_path):
+    """Pillow reads 16-bit PGMs as mode I: one whose values all stay below 256 is still 16-bit,
+    as --in_chans 1 reads it, not brightened 257 times."""
+    for name, value in (("dark.pgm", 250), ("brighter.pgm", 300)):
+        pixels = np.full((4, 4), value, dtype=">u2")
+        (tmp_path / name).write_bytes(b"P5\n4 4\n65535\n" + pixels.tobytes())
+        with Image.open(tmp_path / name) as img:
+            assert img.mode == "I"
+        assert load_rgb(str(tmp_path / name)).getpixel((0, 0)) == (1, 1, 1)  # value * 255 / 65535, rounded
+        assert load_channels(str(tmp_path / name), 1)[0, 0, 0] == pytest.approx(value / 65535)
+
+
 def test_a_byte_order_mark_does_not_break_the_first_line(tmp_path):
     files = demo_files(1)[:2]
     (tmp_path / "list.txt").write_text("\n".join(f"{f} {i}" for i, f in enumerate(files)), encoding="utf-8-sig")
