@@ -126,12 +126,17 @@ def read_image_list(list_path: str, labelled: bool, nb_classes: int | None = Non
     """
     folder = os.path.dirname(os.path.abspath(list_path))
     try:
-        with open(list_path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of the first path
-            lines = f.read().splitlines()
-    except UnicodeDecodeError:
-        fail(f"{list_path} is not a text file; a list file holds one image path per line")
+        with open(list_path, "rb") as f:
+            data = f.read()
     except OSError as e:
         fail(f"cannot read the list file {list_path} ({e.strerror or e})")
+    try:
+        lines = data.decode("utf-8-sig").splitlines()  # -sig: a byte-order mark is not part of the first path
+    except UnicodeDecodeError as e:
+        if b"\0" in data:  # an image, say: text holds no NUL bytes
+            fail(f"{list_path} is not a text file; a list file holds one image path per line")
+        line = data.count(b"\n", 0, e.start) + 1  # text in another encoding (Latin-1, ...)
+        fail(f"{list_path} line {line} is not UTF-8 text; save the list file as UTF-8")
     samples = []
     for number, raw in enumerate(lines, start=1):
         line = raw.strip()
