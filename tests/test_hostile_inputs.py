@@ -32,6 +32,7 @@ from util.data.fast_crop import FastRandomResizedCropFlip
 from util.data.images import load_channels, load_rgb
 from util.eval import knn
 from util.eval.linear import linear_accuracy
+from util.eval.pictures import load_images
 from util.sizes import MAX_SIDE, image_size
 
 
@@ -279,6 +280,14 @@ def test_an_elongated_image_is_refused_before_the_evaluation_resize(tmp_path, in
     dataset = ImageFiles(str(path.parent), eval_transform(32, in_chans=in_chans, **norm), loader=image_loader(in_chans))
     with pytest.raises(UserError, match=f"^image {path}: resizing its 1000000 x 1 px to 36000000 x 36 px"):
         dataset[0]
+
+
+def test_an_elongated_image_in_the_pictures_is_named(tmp_path):
+    """The reconstruction pictures (pre-training's, reconstruct.py's) read their images through the same resize."""
+    path = tmp_path / "line.png"
+    Image.fromarray(np.zeros((1, 1_000_000), np.uint8)).save(path)
+    with pytest.raises(UserError, match=f"^image {path}: resizing its 1000000 x 1 px"):
+        load_images([str(path)], eval_transform(32))
 
 
 def test_the_evaluation_resize_keeps_ordinary_images():
