@@ -128,6 +128,28 @@ def test_class_folder_linked_from_elsewhere_is_refused(tmp_path):
         classification_dataset(str(data), "train", None, 3)
 
 
+@pytest.mark.parametrize("denied", ["train/cat", "val"])
+def test_a_folder_that_cannot_be_listed_is_named_not_skipped(tmp_path, monkeypatch, denied):
+    """A folder of mode 000 (as for a user other than root; the suite may run as root, so listing it
+    is refused here by hand): os.walk would skip its images unannounced, torchvision's class listing
+    would end in a traceback."""
+    data = _split(tmp_path / "data", ("airplane", "cat"), ("airplane", "cat"))
+    scandir = os.scandir
+
+    def refuse(path: str = ".") -> object:
+        if os.fspath(path) == str(data / denied):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refuse)
+    message = f"^cannot list the folder {data / denied} \\(Permission denied\\); make it readable"
+    with pytest.raises(UserError, match=message):
+        classification_dataset(str(data), denied.split("/")[0], None, 2)
+    if denied == "train/cat":
+        with pytest.raises(UserError, match=message):
+            ImageFiles(str(data / "train"))
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. Output folders are checked once, at start
 @pytest.mark.parametrize("flag", ["--output_dir", "--log_dir"])

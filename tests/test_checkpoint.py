@@ -356,6 +356,24 @@ def test_a_mid_epoch_resume_on_changed_data_warns(tmp_path, capsys):
     assert "warning" not in capsys.readouterr().out
 
 
+def test_file_names_that_are_not_utf8_are_recorded(tmp_path):
+    """A Latin-1 name from an old archive reaches python as a str with surrogates (os.fsdecode): the
+    data's digest takes its bytes, where encoding it as UTF-8 ended the run in a traceback."""
+    import hashlib
+
+    from util.checkpoint.state import check_same_data
+
+    class Files:
+        def __init__(self, names):
+            self.files = [os.fsdecode(os.path.join(os.fsencode(tmp_path), n)) for n in names]
+
+    state = _state(torch.nn.Linear(2, 2), _args(output_dir=str(tmp_path)))
+    check_same_data(state, Files([b"caf\xe9.jpg", b"b.jpg"]), Position(1, 0))
+    assert state.extra["data"]["digest"] == hashlib.sha1(b"caf\xe9.jpg\nb.jpg").hexdigest()
+    check_same_data(state, Files([b"a.jpg", b"b.jpg"]), Position(1, 0))  # UTF-8 names: the digest as before
+    assert state.extra["data"]["digest"] == hashlib.sha1(b"a.jpg\nb.jpg").hexdigest()
+
+
 def test_an_interrupt_during_a_checkpoint_write_is_raised_as_itself_and_leaves_no_file(tmp_path, monkeypatch):
     """A second Ctrl-C while a checkpoint is written raises KeyboardInterrupt inside torch.save's
     write callback; torch turned it into 'unexpected pos', a traceback (found by the fault campaign)."""

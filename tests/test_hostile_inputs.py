@@ -32,6 +32,7 @@ from util.data.fast_crop import FastRandomResizedCropFlip
 from util.data.images import load_channels, load_rgb
 from util.eval import knn
 from util.eval.linear import linear_accuracy
+from util.eval.pictures import load_images
 from util.sizes import MAX_SIDE, image_size
 
 
@@ -210,6 +211,18 @@ def test_16_bit_images_are_still_read_in_rgb(tmp_path):
     assert load_rgb(str(path)).getpixel((0, 0)) == (255, 255, 255)
 
 
+def test_a_dark_16_bit_pgm_is_not_read_as_8_bit(tmp_path):
+    """Pillow reads 16-bit PGMs as mode I: one whose values all stay below 256 is still 16-bit,
+    as --in_chans 1 reads it, not brightened 257 times."""
+    for name, value in (("dark.pgm", 250), ("brighter.pgm", 300)):
+        pixels = np.full((4, 4), value, dtype=">u2")
+        (tmp_path / name).write_bytes(b"P5\n4 4\n65535\n" + pixels.tobytes())
+        with Image.open(tmp_path / name) as img:
+            assert img.mode == "I"
+        assert load_rgb(str(tmp_path / name)).getpixel((0, 0)) == (1, 1, 1)  # value * 255 / 65535, rounded
+        assert load_channels(str(tmp_path / name), 1)[0, 0, 0] == pytest.approx(value / 65535)
+
+
 def test_a_byte_order_mark_does_not_break_the_first_line(tmp_path):
     files = demo_files(1)[:2]
     (tmp_path / "list.txt").write_text("\n".join(f"{f} {i}" for i, f in enumerate(files)), encoding="utf-8-sig")
@@ -267,6 +280,14 @@ def test_an_elongated_image_is_refused_before_the_evaluation_resize(tmp_path, in
     dataset = ImageFiles(str(path.parent), eval_transform(32, in_chans=in_chans, **norm), loader=image_loader(in_chans))
     with pytest.raises(UserError, match=f"^image {path}: resizing its 1000000 x 1 px to 36000000 x 36 px"):
         dataset[0]
+
+
+def test_an_elongated_image_in_the_pictures_is_named(tmp_path):
+    """The reconstruction pictures (pre-training's, reconstruct.py's) read their images through the same resize."""
+    path = tmp_path / "line.png"
+    Image.fromarray(np.zeros((1, 1_000_000), np.uint8)).save(path)
+    with pytest.raises(UserError, match=f"^image {path}: resizing its 1000000 x 1 px"):
+        load_images([str(path)], eval_transform(32))
 
 
 def test_the_evaluation_resize_keeps_ordinary_images():

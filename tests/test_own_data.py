@@ -381,6 +381,12 @@ def test_a_binary_file_as_list_is_refused(tmp_path):
         pretrain_dataset(str(path), pretrain_transform(32))
 
 
+def test_a_list_in_another_encoding_is_named_as_such_not_as_binary(tmp_path):
+    (tmp_path / "list.txt").write_bytes("a.jpg\ncafé.jpg\n".encode("latin-1"))
+    with pytest.raises(UserError, match=r"list.txt line 2 is not UTF-8 text; save the list file as UTF-8$"):
+        read_image_list(str(tmp_path / "list.txt"), labelled=False)
+
+
 def _lists_from_folders(folders: Path, lists: Path) -> Path:
     """train.txt and val.txt in ``lists`` naming the images of ``folders`` (relative paths, class
     indices as ImageFolder numbers the sorted class names)."""

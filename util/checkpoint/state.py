@@ -237,7 +237,9 @@ def check_same_data(state: TrainState, dataset: Any, position: Position) -> None
     other data than the checkpoint's: its position then counts iterations of another order."""
     files = getattr(dataset, "files", None) or [path for path, _ in dataset.samples]
     names = "\n".join(os.path.basename(f) for f in files)
-    now = {"images": len(files), "digest": hashlib.sha1(names.encode(), usedforsecurity=False).hexdigest()}
+    # surrogateescape: a file name that is not UTF-8 (an old archive's) is hashed as its bytes on disk.
+    digest = hashlib.sha1(names.encode(errors="surrogateescape"), usedforsecurity=False).hexdigest()
+    now = {"images": len(files), "digest": digest}
     saved = state.extra.get("data")
     if position.step and isinstance(saved, dict) and saved != now:
         log.warning(

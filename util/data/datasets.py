@@ -8,7 +8,7 @@ number of workers, on worker restarts, or on where a resumed run picks up inside
 import os
 import random
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -50,11 +50,19 @@ def image_walk(top: str, inside: str) -> Iterator[tuple[str, list[str]]]:
     if top != inside and os.path.islink(top):
         skip_link(top)
         return
-    for folder, dirs, names in os.walk(top):  # lists links to folders, but does not descend into them
+    # Lists links to folders, but does not descend into them; without onerror it would skip a folder
+    # it cannot list, and its images, unannounced.
+    for folder, dirs, names in os.walk(top, onerror=unlisted_folder):
         for d in sorted(dirs):
             if os.path.islink(os.path.join(folder, d)):
                 skip_link(os.path.join(folder, d))
         yield folder, sorted(n for n in names if is_image_file(n))
+
+
+def unlisted_folder(error: OSError) -> NoReturn:
+    """A one-line error for a data folder that cannot be listed (no permission, most often)."""
+    what = f"cannot list the folder {error.filename} ({error.strerror})"
+    fail(f"{what}; make it readable, or move it out of the data folder")
 
 
 class ImageFiles(Dataset):
@@ -118,12 +126,17 @@ def read_image_list(list_path: str, labelled: bool, nb_classes: int | None = Non
     """
     folder = os.path.dirname(os.path.abspath(list_path))
     try:
-        with open(list_path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of the first path
-            lines = f.read().splitlines()
-    except UnicodeDecodeError:
-        fail(f"{list_path} is not a text file; a list file holds one image path per line")
+        with open(list_path, "rb") as f:
+            data = f.read()
     except OSError as e:
         fail(f"cannot read the list file {list_path} ({e.strerror or e})")
+    try:
+        lines = data.decode("utf-8-sig").splitlines()  # -sig: a byte-order mark is not part of the first path
+    except UnicodeDecodeError as e:
+        if b"\0" in data:  # an image, say: text holds no NUL bytes
+            fail(f"{list_path} is not a text file; a list file holds one image path per line")
+        line = data.count(b"\n", 0, e.start) + 1  # text in another encoding (Latin-1, ...)
+        fail(f"{list_path} line {line} is not UTF-8 text; save the list file as UTF-8")
     samples = []
     for number, raw in enumerate(lines, start=1):
         line = raw.strip()
@@ -261,6 +274,8 @@ def classification_dataset(
         )
     try:
         dataset = _ImageFolder(folder, transform=transform, loader=loader)
+    except PermissionError as e:  # torchvision lists the split's class folders itself
+        unlisted_folder(e)
     except (FileNotFoundError, RuntimeError) as e:
         fail(f"{folder}: {e}")
     if nb_classes is not None and len(dataset.classes) != nb_classes:

@@ -28,9 +28,10 @@ def to_rgb(img: Image.Image, name: str = "it") -> Image.Image:
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     elif img.mode.startswith("I"):
+        # 16-bit values whatever their range (depth_problem refused wider ones): a dark 16-bit PGM,
+        # which Pillow reads as mode I, is not an 8-bit image because its values stay below 256.
         values = np.asarray(img).astype(np.float64)
-        peak = 65535.0 if img.mode.startswith("I;16") or values.max() > 255 else 255.0
-        img = Image.fromarray((values * (255.0 / peak)).round().clip(0, 255).astype(np.uint8))
+        img = Image.fromarray((values * (255.0 / 65535.0)).round().clip(0, 255).astype(np.uint8))
     return img.convert("RGB")
 
 

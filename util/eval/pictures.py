@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from util.data.datasets import transformed
 from util.data.images import load_rgb
 from util.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 from util.outputs import atomic_write
@@ -76,5 +77,6 @@ def save_png(picture: np.ndarray, path: str, min_width: int = 512) -> None:
 
 
 def load_images(paths: Sequence[str], transform: Callable, loader: Callable[[str], Any] = load_rgb) -> torch.Tensor:
-    """The files read by ``loader`` (``channels.image_loader``) and ``transform``ed, stacked."""
-    return torch.stack([transform(loader(p)) for p in paths])
+    """The files read by ``loader`` (``channels.image_loader``) and ``transform``ed, stacked; a
+    transform's error names the file (the evaluation resize refuses too elongated images)."""
+    return torch.stack([transformed(p, loader(p), transform) for p in paths])
