@@ -36,7 +36,7 @@ import models_vit  # noqa: E402
 import reconstruct  # noqa: E402
 from util.checkpoint import state as checkpoint  # noqa: E402
 from util.cli.errors import UserError  # noqa: E402
-from util.data.datasets import ImageFiles, classification_dataset  # noqa: E402
+from util.data.datasets import ImageFiles, classification_dataset, pretrain_transform  # noqa: E402
 from util.train import interrupt
 from util.train.precision import LossScaler  # noqa: E402
 
@@ -149,6 +149,26 @@ def test_a_folder_that_cannot_be_listed_is_named_not_skipped(tmp_path, monkeypat
         with pytest.raises(UserError, match=message):
             ImageFiles(str(data / "train"))
 
+
+
+@pytest.mark.parametrize("transform", ["torchvision", "fast"])
+def test_an_image_that_cannot_be_opened_says_to_make_it_readable(tmp_path, monkeypatch, transform):
+    """A file of mode 000 (refused here by hand: the suite may run as root): the advice is to make it
+    readable, not to replace a file that is fine."""
+    make_dataset(tmp_path, 1, layout="flat")
+    dataset = ImageFiles(str(tmp_path), pretrain_transform(32, transform), lazy=transform == "fast")
+    victim = dataset.files[0]
+    real_open = open
+
+    def refuse(path, *args, **kwargs):
+        if os.fspath(path) == victim:
+            raise PermissionError(13, "Permission denied", victim)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", refuse)
+    message = f"^cannot read image {re.escape(victim)} \\(PermissionError: .*\\); make it readable, or remove it$"
+    with pytest.raises(UserError, match=message):
+        dataset[0]
 
 # ---------------------------------------------------------------------------------------------
 # 4. Output folders are checked once, at start

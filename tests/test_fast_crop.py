@@ -162,15 +162,18 @@ def test_grayscale_cmyk_palette_become_rgb(tmp_path):
         assert fast(str(path)).shape == (3, 32, 32)
 
 
-def test_truncated_jpeg_is_named(tmp_path):
+@pytest.mark.parametrize("size, decoder", [(32, "Pillow's reduced decode"), (160, "torchvision's full decode")])
+def test_truncated_jpeg_is_named(tmp_path, size, decoder):
     good = _smooth_photo(tmp_path / "a.jpg", 300, 200, "JPEG")
     data = good.read_bytes()
     (tmp_path / "sub").mkdir()
     bad = tmp_path / "sub" / "broken.jpg"
     bad.write_bytes(data[: len(data) // 3])
-    dataset = ImageFiles(str(tmp_path / "sub"), FastRandomResizedCropFlip(32), lazy=True)
-    with pytest.raises(UserError, match="broken.jpg"):
+    dataset = ImageFiles(str(tmp_path / "sub"), FastRandomResizedCropFlip(size), lazy=True)
+    with pytest.raises(UserError, match="broken.jpg") as raised:
         dataset[0]
+    # The decoder's words, without the C++ source line torchvision's decoders put first.
+    assert "truncated" in str(raised.value) and ".cpp" not in str(raised.value), decoder
 
 
 @pytest.mark.parametrize("loader", ["fast", "device"])

@@ -22,7 +22,7 @@ from util.data import memory_loader
 from util.data.channels import eval_resize, image_loader, normalised, tensor_train_transform
 from util.data.device_decode import RandomResizedCropFlipOnDevice, collate_encoded
 from util.data.fast_crop import FastRandomResizedCropFlip
-from util.data.images import load_rgb
+from util.data.images import load_rgb, unreadable
 from util.data.normalization import IMAGENET_MEAN, IMAGENET_STD, check_norm
 from util.data.splitmix import splitmix64
 from util.memory import require
@@ -108,7 +108,7 @@ def transformed(path: str, img: Any, transform: Callable | None) -> Any:
             f"this run's loader workers hold the rest; lower --num_workers or --input_size"
         )
     except Exception as e:
-        fail(f"cannot read image {path} ({type(e).__name__}: {e}); remove or replace the file")
+        fail(unreadable(path, e))
 
 
 # File lists: one image per line, '<path>' or '<path> <class index>'

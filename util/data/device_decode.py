@@ -28,6 +28,7 @@ from util.data.fast_crop import (
     read_file,
     torchvision_jpeg_size,
 )
+from util.data.images import decoder_reason, unreadable
 from util.sizes import image_size
 
 if decode_jpeg is not None:
@@ -131,17 +132,13 @@ def _decode_one(crop: EncodedCrop, device: torch.device) -> torch.Tensor:
     try:
         return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
     except RuntimeError as e:
-        refused = _reason(e)
+        refused = decoder_reason(e)
     try:
         pixels = decode_jpeg(data, mode=ImageReadMode.RGB).to(device)
     except RuntimeError as e:
-        fail(f"cannot read image {crop.path} ({_reason(e)}); remove or replace the file")
+        fail(unreadable(crop.path, e))
     FALLBACKS.record(crop.path, refused)
     return pixels
-
-
-def _reason(error: RuntimeError) -> str:
-    return str(error).rsplit(", ", 1)[-1]  # torchvision prefixes the C++ source location
 
 
 @dataclass

@@ -1,11 +1,29 @@
 """Reading image files as RGB, eagerly or lazily, naming the file when it cannot be read; and
 reading them with their own channels (``--in_chans`` other than 3) as float tensors in [0, 1]."""
 
+import re
+
 import numpy as np
 import torch
 from PIL import Image
 
 from util.cli.errors import UserError, fail
+
+# torchvision's decoders begin their errors with the C++ source line that raised them:
+# "decode_jpeg, /…/torchvision/csrc/io/image/cpu/decode_jpeg.cpp:171, Image is incomplete or truncated".
+_SOURCE_LOCATION = re.compile(r"^\w+, \S+\.(?:cpp|cu|h):\d+, ")
+
+
+def decoder_reason(error: BaseException) -> str:
+    """What a decoder said about a file, without the C++ source location torchvision puts first."""
+    return _SOURCE_LOCATION.sub("", str(error))
+
+
+def unreadable(path: str, error: BaseException, hint: str = "") -> str:
+    """The one-line error for an image file that cannot be read."""
+    reason = f"{type(error).__name__}: {decoder_reason(error)}"
+    advice = "make it readable, or remove it" if isinstance(error, PermissionError) else "remove or replace the file"
+    return f"cannot read image {path} ({reason}){hint}; {advice}"
 
 
 def load_rgb(path: str) -> Image.Image:
@@ -15,7 +33,7 @@ def load_rgb(path: str) -> Image.Image:
             img = Image.open(f)
             img.load()
     except Exception as e:  # PIL raises many types for bad files
-        fail(f"cannot read image {path} ({type(e).__name__}: {e}); remove or replace the file")
+        fail(unreadable(path, e))
     return to_rgb(img, f"image {path}")
 
 
@@ -61,7 +79,7 @@ def load_channels(path: str, in_chans: int) -> torch.Tensor:
         hint = ""
         if path.lower().endswith((".tif", ".tiff")):
             hint = " (a TIFF of more than 4 bands per page cannot be read: store one channel per page)"
-        fail(f"cannot read image {path} ({type(e).__name__}: {e}){hint}; remove or replace the file")
+        fail(unreadable(path, e, hint))
     if len(channels) != in_chans:
         if in_chans == 1:
             todo = "keep one page per file" if "pages" in what else "convert it to grayscale (mode L or I;16)"
