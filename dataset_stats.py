@@ -26,8 +26,9 @@ from torch.utils.data import DataLoader
 
 from util.cli.args import check_at_least
 from util.cli.errors import run_cli
-from util.data.datasets import evenly_spaced, pretrain_dataset
+from util.data.datasets import pretrain_dataset
 from util.data.normalization import show_values
+from util.data.sampling import evenly_spaced
 from util.memory import require
 from util.outputs import atomic_write, check_json_output, reported
 

@@ -19,8 +19,8 @@ import models_vit
 from benchmarks.bench_pretrain import endless_batches, mae_train_flops, reset_memory, time_steps, vit_train_flops
 from benchmarks.gpu_check_common import PartRecord, Sizes, as_in_training, run_part, time_for
 from benchmarks.gpu_check_step import MASK_RATIO, Impl, compile_backend, interleave, ours, peak_tflops, row
-from util.data.datasets import SeededSampler
 from util.data.memory_loader import MemoryLoader
+from util.data.sampling import SeededSampler
 from util.lr_decay import param_groups_lrd
 from util.memory import require
 from util.train.precision import LossScaler, autocast

@@ -150,7 +150,6 @@ def test_a_folder_that_cannot_be_listed_is_named_not_skipped(tmp_path, monkeypat
             ImageFiles(str(data / "train"))
 
 
-
 @pytest.mark.parametrize("transform", ["torchvision", "fast"])
 def test_an_image_that_cannot_be_opened_says_to_make_it_readable(tmp_path, monkeypatch, transform):
     """A file of mode 000 (refused here by hand: the suite may run as root): the advice is to make it
@@ -169,6 +168,7 @@ def test_an_image_that_cannot_be_opened_says_to_make_it_readable(tmp_path, monke
     message = f"^cannot read image {re.escape(victim)} \\(PermissionError: .*\\); make it readable, or remove it$"
     with pytest.raises(UserError, match=message):
         dataset[0]
+
 
 # ---------------------------------------------------------------------------------------------
 # 4. Output folders are checked once, at start

@@ -16,9 +16,9 @@ from helpers import DEMO, REPO, make_dataset, noisy_photo, read_log, run_pretrai
 from torch.profiler import ProfilerActivity, profile
 
 import models_mae
-from util.data.datasets import SeededSampler
 from util.data.device_decode import FALLBACKS, EncodedBatch, RandomResizedCropFlipOnDevice
 from util.data.memory_loader import MemoryLoader
+from util.data.sampling import SeededSampler
 from util.train.precision import LossScaler, autocast
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -14,9 +14,6 @@ from PIL import Image
 from util.cli.errors import UserError
 from util.data.datasets import (
     ImageFiles,
-    SeededDataset,
-    SeededSampler,
-    ShardSampler,
     eval_transform,
     load_rgb,
     pretrain_dataset,
@@ -24,6 +21,7 @@ from util.data.datasets import (
     train_loader,
 )
 from util.data.fast_crop import FastRandomResizedCropFlip
+from util.data.sampling import SeededDataset, SeededSampler, ShardSampler
 from util.train import distributed
 
 

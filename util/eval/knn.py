@@ -21,8 +21,9 @@ from util.cli.args import check_at_least
 from util.cli.errors import fail
 from util.cli.log import log
 from util.data.channels import image_loader
-from util.data.datasets import ShardSampler, classification_splits, eval_transform, evenly_spaced, require_batch_memory
+from util.data.datasets import classification_splits, eval_transform, require_batch_memory
 from util.data.normalization import IMAGENET_MEAN, IMAGENET_STD
+from util.data.sampling import ShardSampler, evenly_spaced
 from util.eval.linear import linear_accuracy
 from util.memory import require
 from util.sizes import image_size
