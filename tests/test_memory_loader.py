@@ -213,6 +213,14 @@ def test_refusals_in_one_line(data, tmp_path, monkeypatch):
         pretrain_data(memory_args(data, tmp_path, "--batch_size", "64"))
 
 
+def test_crops_too_large_for_the_device_advise_a_smaller_batch(data, tmp_path, monkeypatch):
+    """48 images of 32 px hold 147,456 bytes; cropped to 224 px, 16 a batch, they need about 50 MB
+    more: a smaller --batch_size or --input_size fits, which the line says, not only another loader."""
+    monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 1_000_000)
+    message = one_line_error(pretrain_data, memory_args(data, tmp_path, "--input_size", "224"))
+    assert "lower --batch_size or --input_size, or use --loader fast" in message, message
+
+
 @pytest.mark.parametrize("workers", ["0", "2"])
 def test_a_corrupt_image_is_the_other_loaders_one_line_error(tmp_path, workers):
     """A truncated JPEG in the folder stops the decoding with the line the other loaders give:

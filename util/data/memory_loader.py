@@ -88,11 +88,15 @@ def _working_bytes(batch_size: int, image_shape: Sequence[int], size: Sequence[i
 
 def _require_room(shape: tuple[int, ...], working: int, first_file: str, device: torch.device) -> None:
     count, channels, height, width = shape
+    held = count * channels * height * width
+    advice = "use --loader fast, which reads the files in worker processes"
+    if working > held:  # the crops of large batches or sizes, not the images, take most: smaller ones fit
+        advice = f"lower --batch_size or --input_size, or {advice}"
     require(
-        count * channels * height * width + working,
+        held + working,
         f"--loader memory: the {count} images of --data_path ({width} x {height} px like {first_file}, uint8) "
         f"and the batches' working memory",
-        "use --loader fast, which reads the files in worker processes",
+        advice,
         device,
     )
 
