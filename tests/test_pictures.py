@@ -10,6 +10,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import models_mae  # noqa: E402
+from util.data.normalization import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from util.eval.pictures import MASKED_GRAY, fixed_noise, reconstruction_grid  # noqa: E402
 
 SIZE, PATCH = 16, 4
@@ -44,3 +45,19 @@ def test_reconstruction_column_shows_only_removed_patches():
     assert np.array_equal(masked[~removed], original[~removed])
     assert (masked[removed] == gray).all()
     assert np.array_equal(pasted[~removed], original[~removed])
+
+
+def test_nothing_removed_shows_the_models_copy():
+    # reconstruct.py's --mask_ratio 0 is documented to show the model's copy: the third column is
+    # then the prediction of every patch (it was all gray), the masked and pasted ones the original.
+    torch.manual_seed(0)
+    model = models_mae.create_model("mae_vit_tiny_patch4", SIZE)
+    imgs = torch.randn(2, 3, SIZE, SIZE)
+    noise = fixed_noise(2, model.num_patches)
+    original, masked, recon, pasted = np.split(reconstruction_grid(model, imgs, noise, mask_ratio=0.0), 4, axis=1)
+    assert np.array_equal(masked, original) and np.array_equal(pasted, original)
+    with torch.no_grad():
+        pred = model.unpatchify(model(imgs, mask_ratio=0.0, noise=noise)[1])
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    by_hand = ((pred * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
+    assert np.array_equal(recon, torch.cat(list(by_hand), dim=1).permute(1, 2, 0).numpy())

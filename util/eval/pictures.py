@@ -55,7 +55,10 @@ def reconstruction_grid(
     masked = original * (1 - removed) + MASKED_GRAY * removed
     # The loss covers removed patches only, so the model's output at visible ones is untrained
     # (checkerboard speckles that read as a bug): the third column shows removed patches only.
-    removed_only = MASKED_GRAY * (1 - removed) + recon * removed
+    # With none removed (reconstruct.py's --mask_ratio 0) it shows the model's copy of every patch,
+    # the one output such a picture has to show.
+    shown = removed if removed.any() else torch.ones_like(removed)
+    removed_only = MASKED_GRAY * (1 - shown) + recon * shown
     pasted = original * (1 - removed) + recon * removed
     row = torch.cat([original, masked, removed_only, pasted], dim=3)  # side by side
     if row.shape[1] != 3:  # no colours to show: every channel of every image as a gray row
