@@ -22,3 +22,16 @@ def warm_interpreter(tmp_path_factory) -> Iterator[Path]:
     session, not once a test."""
     with warm_python(tmp_path_factory.mktemp("warm-python")) as python:
         yield python
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def leaves_the_checkout_clean() -> Iterator[None]:
+    """A test writes under its own temporary folders: a run given --output_dir but not --log_dir
+    would put TensorBoard files in the checkout's ./output_dir (the official default)."""
+    default = REPO / "output_dir"  # --output_dir's and --log_dir's default
+    before = sorted(default.rglob("*"))
+    yield
+    assert sorted(default.rglob("*")) == before, f"the test wrote into {default}: give its runs --log_dir"

@@ -491,7 +491,7 @@ def test_a_corrupt_image_found_by_loader_workers_ends_the_process(tmp_path, comm
     bad.write_bytes(bad.read_bytes()[:200])
     flags = ["--data_path", str(data), "--input_size", "32", "--batch_size", "2", "--num_workers", "2"]
     if command[0] == "main_linprobe.py":
-        flags += ["--output_dir", str(tmp_path / "out"), "--warmup_epochs", "0"]
+        flags += ["--output_dir", str(tmp_path / "out"), "--log_dir", str(tmp_path / "out"), "--warmup_epochs", "0"]
     done = subprocess.run(
         [sys.executable, command[0], *command[1:], *flags], cwd=REPO, capture_output=True, text=True, timeout=120
     )

@@ -100,7 +100,7 @@ def test_knn_eval_scores_a_probed_encoder_given_first(pretrained, split, tmp_pat
     flags = ["--finetune", str(pretrained), "--data_path", str(split), "--nb_classes", "3", "--cls_token"]
     main_linprobe.main(
         main_linprobe.get_args_parser().parse_args(
-            [*flags, "--epochs", "1", "--batch_size", "4", "--output_dir", str(probe), *CPU]
+            [*flags, "--epochs", "1", "--batch_size", "4", "--output_dir", str(probe), "--log_dir", str(probe), *CPU]
         )
     )
     out = tmp_path / "knn.jsonl"
