@@ -79,6 +79,8 @@ def check_args(args: argparse.Namespace) -> None:
         fail(f"--drop_path must be in [0, 1), got {args.drop_path}")
     if not 0 <= args.smoothing < 1:
         fail(f"--smoothing must be in [0, 1), got {args.smoothing}")
+    if _mixes(args) and args.batch_size % 2 and not args.eval:  # here, so the SLURM launcher checks it too
+        fail(f"--mixup/--cutmix mix pairs of images: --batch_size must be even, got {args.batch_size}")
     if args.mixup_mode not in MIXUP_MODES:
         fail(f"--mixup_mode {args.mixup_mode} is unknown; use one of {', '.join(MIXUP_MODES)}")
     if args.aa:  # timm parses the policy when it builds the transform: let it, on a small one
@@ -91,11 +93,13 @@ def check_args(args: argparse.Namespace) -> None:
             )
 
 
-def build_mixup(args: argparse.Namespace):
-    if not (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None):
+def _mixes(args: argparse.Namespace) -> bool:
+    return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+
+
+def build_mixup(args: argparse.Namespace) -> Mixup | None:
+    if not _mixes(args):
         return None
-    if args.batch_size % 2:
-        fail(f"--mixup/--cutmix mix pairs of images: --batch_size must be even, got {args.batch_size}")
     log.info("mixup is activated")
     return Mixup(
         mixup_alpha=args.mixup,

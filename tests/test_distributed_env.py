@@ -336,6 +336,14 @@ def test_the_launcher_refuses_flags_the_job_would_refuse_and_submits_nothing(
     assert executor.made == [], "nothing is submitted"
 
 
+def test_the_launcher_refuses_an_odd_batch_to_mix_before_submitting(tmp_path, capsys, executor):
+    """Mixup and CutMix pair the images of a batch: a job with an odd one would fail once it started."""
+    with pytest.raises(SystemExit):
+        _launch("main_finetune", ["--job_dir", str(tmp_path / "%j"), "--batch_size", "7", "--mixup", "0.8"], executor)
+    assert capsys.readouterr().err.startswith("error: --mixup/--cutmix mix pairs of images: --batch_size must be even")
+    assert executor.made == [], "nothing is submitted"
+
+
 def test_the_launcher_submits_good_flags_for_the_jobs_gpus(tmp_path, capsys, executor):
     """Checked on a machine without GPUs, for a job on nodes with GPUs: the device is theirs."""
     argv = ["--job_dir", str(tmp_path / "%j"), "--nodes", "1", "--ngpus", "2", "--batch_size", "8"]
