@@ -93,7 +93,7 @@ def vit_name(ckpt: dict[str, Any], encoder: dict[str, torch.Tensor], given: str 
     """(models_vit name, image size) of the encoder: --model, else the checkpoint's args, else the
     architecture whose shapes equal the encoder's (depth, width and patch size tell them apart)."""
     saved = getattr(ckpt.get("args"), "model", None)
-    name = given or (saved.removeprefix("mae_") if isinstance(saved, str) else None)
+    name = given or (models_mae.encoder_name(saved) if isinstance(saved, str) else None)
     if given:
         models_vit.MODELS.factory(given)  # a known name, or one line listing them
     elif name and name not in models_vit.MODELS:

@@ -296,6 +296,12 @@ MODELS = Registry(
 )
 
 
+def encoder_name(model: str) -> str:
+    """The classifier (models_vit) name of MAE ``model``, an official alias too:
+    mae_vit_base_patch16 and mae_vit_base_patch16_dec512d8b -> vit_base_patch16."""
+    return MODELS.aliases.get(model, model).removeprefix("mae_")
+
+
 def check_mask_ratio(mask_ratio: float, num_patches: int, remove_one: bool = True) -> None:
     """The encoder needs a visible patch, and the loss (taken over removed patches) a removed one.
     A picture (``remove_one=False``: reconstruct.py) needs no removed patch: at 0 it shows the model's copy."""

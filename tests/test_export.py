@@ -464,3 +464,14 @@ def test_a_stored_model_the_weights_do_not_fit_blames_the_checkpoint_not_a_flag(
     message = one_line_error(_export, src, to, out)
     assert message.startswith(f"checkpoint {src} ") and expected in message and "pass --model" in message, message
     assert f"--model {stored} is" not in message and "fit --model" not in message
+
+
+@pytest.mark.parametrize("stored", ["mae_vit_base_patch16", "mae_vit_base_patch16_dec512d8b"])
+def test_the_classifier_of_an_official_alias_is_found(stored):
+    """The official main_pretrain.py takes both names and stores the one given: both are ViT-B/16's
+    encoder (shapes on the meta device: a real ViT-B checkpoint is 340 MB)."""
+    with torch.device("meta"):
+        encoder = models_vit.MODELS["vit_base_patch16"](num_classes=0, global_pool=False).state_dict()
+    encoder = {k: v for k, v in encoder.items() if not k.startswith("head")}
+    found = export.vit_name({"args": argparse.Namespace(model=stored)}, encoder, None, "official.pth")
+    assert found == ("vit_base_patch16", 224)

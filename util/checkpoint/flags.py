@@ -6,6 +6,7 @@ import argparse
 from collections.abc import Sequence
 from typing import Any
 
+import models_mae
 from util.checkpoint.state import Opened
 from util.cli.log import log
 
@@ -32,7 +33,6 @@ def fill_from_checkpoints(args: argparse.Namespace, sources: Sequence[Opened], f
 
 
 def _same_kind(model: str, fallback: Any) -> str:
-    """``model`` named as the kind of model ``fallback`` is: mae_vit_base_patch16 <-> vit_base_patch16.
-    The official decoder-named aliases (mae_vit_base_patch16_dec512d8b) name the same encoder."""
-    encoder = model.removeprefix("mae_").removesuffix("_dec512d8b")
+    """``model`` named as the kind of model ``fallback`` is: mae_vit_base_patch16 <-> vit_base_patch16."""
+    encoder = models_mae.encoder_name(model)
     return f"mae_{encoder}" if str(fallback).startswith("mae_") else encoder
