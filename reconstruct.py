@@ -24,7 +24,7 @@ from util.data.datasets import eval_transform
 from util.data.normalization import add_norm_args
 from util.eval.pictures import fixed_noise, load_images, reconstruction_grid, save_png
 from util.outputs import check_output_file, reported
-from util.sizes import check_input_size, image_size
+from util.sizes import image_size
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -80,10 +80,8 @@ def main(args: argparse.Namespace) -> None:
     if name not in models_mae.MODELS:
         fail(f"checkpoint {args.checkpoint} names the model {name}, which is not an MAE; pass --model")
     input_size = args.input_size or saved.get("input_size") or (inferred[1] if inferred else 224)
-    if not args.input_size and saved.get("input_size"):  # checked here, so that errors blame the checkpoint
-        with torch.device("meta"):
-            patch = models_mae.MODELS[name]().patch_embed.patch_size[0]
-        check_input_size(input_size, patch, source=f"checkpoint {args.checkpoint}")
+    # Errors about a stored size blame the checkpoint, not a flag that was not given.
+    size_source = "" if args.input_size or not saved.get("input_size") else f"checkpoint {args.checkpoint}"
     height, width = image_size(input_size)
     in_chans = state["patch_embed.proj.weight"].shape[1] if "patch_embed.proj.weight" in state else 3
     if args.in_chans is not None and args.in_chans != in_chans:
@@ -93,7 +91,7 @@ def main(args: argparse.Namespace) -> None:
     # The pictures normalise as the model's training did: its stored --mean/--std, else ImageNet's.
     normalization.resolve(args, [(f"checkpoint {args.checkpoint}", ckpt.get("args"))])
 
-    model = models_mae.create_model(name, (height, width), in_chans, norm_pix_loss=norm_pix)
+    model = models_mae.create_model(name, input_size, in_chans, norm_pix_loss=norm_pix, size_source=size_source)
     models_mae.check_mask_ratio(args.mask_ratio, model.num_patches, remove_one=False)
     load_model_strict(model, state, args.checkpoint)
     model.to(args.device)

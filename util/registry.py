@@ -45,17 +45,19 @@ class Registry(dict[str, Callable[..., nn.Module]]):
         input_size: int | Sequence[int] | None = None,
         in_chans: int = 3,
         check: Callable[[nn.Module], None] | None = None,
+        size_source: str = "",
         **kwargs,
     ) -> nn.Module:
         """Model ``name`` for ``input_size`` images (one side, or height and width; None: the
-        factory's default) of ``in_chans`` channels, or a one-line error that names the flag.
-        ``check`` sees the model built on the meta device first, before any memory is spent."""
+        factory's default) of ``in_chans`` channels, or a one-line error that names the flag, or
+        ``size_source`` (the checkpoint the size was read from). ``check`` sees the model built on
+        the meta device first, before any memory is spent."""
         factory = self.factory(name)
         if in_chans < 1:
             fail(f"--in_chans must be at least 1, got {in_chans}")
         with torch.device("meta"):  # allocates nothing: the patch size, the caller's checks, the size
             if input_size is not None:
-                kwargs["img_size"] = check_input_size(input_size, factory().patch_embed.patch_size[0])
+                kwargs["img_size"] = check_input_size(input_size, factory().patch_embed.patch_size[0], size_source)
             planned = factory(in_chans=in_chans, **kwargs)
             if check is not None:
                 check(planned)
