@@ -38,6 +38,7 @@ def classifier_and_data(
         args.in_chans,
         num_classes=args.nb_classes,
         global_pool=args.global_pool,
+        size_source=run.size_source,
         **model_kwargs,
     )
     train_set, val_set = classification_splits(

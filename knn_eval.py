@@ -89,9 +89,10 @@ def main(args: argparse.Namespace) -> None:
         if not path.startswith(("http://", "https://")) and not os.path.isfile(path):
             fail(f"--encoders {path} is neither a checkpoint file nor 'random' or 'pixels'")
     first = open_checkpoint(checkpoints[0]) if checkpoints else None  # read once: flags, then weights
-    fill_from_checkpoints(args, [first] if first else [], FALLBACKS)
+    origins = fill_from_checkpoints(args, [first] if first else [], FALLBACKS)
     with torch.device("meta"):  # --model and --input_size checked before any image is read
-        args.input_size = models_mae.create_model(args.model, args.input_size).img_size
+        model = models_mae.create_model(args.model, args.input_size, size_source=origins.get("input_size", ""))
+        args.input_size = model.img_size
     distributed.init_distributed_mode(args)
     if args.output and distributed.is_main_process():  # before the work, not after it
         check_json_output(args.output, "--output", append=True)

@@ -93,9 +93,14 @@ def check_args(args: argparse.Namespace) -> None:
         check_at_least(args, 1, "knn_freq")
 
 
-def build_model(args: argparse.Namespace) -> models_mae.MaskedAutoencoderViT:
+def build_model(args: argparse.Namespace, size_source: str = "") -> models_mae.MaskedAutoencoderViT:
     return models_mae.create_model(
-        args.model, args.input_size, args.in_chans, args.mask_ratio, norm_pix_loss=args.norm_pix_loss
+        args.model,
+        args.input_size,
+        args.in_chans,
+        args.mask_ratio,
+        norm_pix_loss=args.norm_pix_loss,
+        size_source=size_source,
     )
 
 
@@ -147,7 +152,7 @@ def main(flags: argparse.Namespace) -> None:
     check_args(flags)
     run = start(flags, FALLBACKS)
     args, device = run.args, run.device
-    model = build_model(args)
+    model = build_model(args, run.size_source)
 
     knn_data = build_knn_data(args)  # flags and folders checked before the (longer) data scan
     dataset, loader = pretrain_data(args)

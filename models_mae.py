@@ -329,7 +329,8 @@ def create_model(
 ) -> MaskedAutoencoderViT:
     """The MAE ``name`` (``--model``) for ``--input_size``/``--in_chans`` images, checked once:
     a known name, sides that are multiples of the patch size, and (when given) a ``--mask_ratio``
-    that keeps a patch for the encoder and removes one for the loss. Errors name the flag."""
+    that keeps a patch for the encoder and removes one for the loss. Errors name the flag (or
+    ``size_source``, the checkpoint the size was read from: see ``Registry.create``)."""
     check = None if mask_ratio is None else lambda model: check_mask_ratio(mask_ratio, model.num_patches)
     return MODELS.create(name, input_size, in_chans, check, **kwargs)
 

@@ -49,8 +49,8 @@ def test_nan_after_the_last_check_point_stops_before_the_checkpoint(tmp_path, mo
     build = main_pretrain.build_model
     calls = [0]
 
-    def build_poisoned(args):
-        model = build(args)
+    def build_poisoned(*given):
+        model = build(*given)
         forward_loss = model.forward_loss
 
         def poisoned(*a, **k):

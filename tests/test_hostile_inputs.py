@@ -23,7 +23,6 @@ import main_finetune
 import main_pretrain
 import models_mae
 import models_vit
-import reconstruct
 from util.cli.args import check_common, check_layer_decay
 from util.cli.errors import UserError
 from util.data.channels import image_loader
@@ -338,6 +337,8 @@ def _entry_point_argv(entry: str, path: Path, tmp_path: Path) -> list[str]:
         "export": ["--checkpoint", str(path), "--to", "hf", "--output", str(tmp_path / "hf")],
         "knn_eval": ["--data_path", str(tmp_path), "--encoders", str(path), "--num_workers", "0"],
         "main_linprobe": ["--data_path", str(tmp_path), "--finetune", str(path), "--output_dir", "", "--log_dir", ""],
+        "main_finetune": ["--data_path", str(tmp_path), "--finetune", str(path), "--output_dir", "", "--log_dir", ""],
+        "main_pretrain": ["--data_path", str(tmp_path), "--resume", str(path), "--output_dir", "", "--log_dir", ""],
     }[entry]
 
 
@@ -370,12 +371,19 @@ def test_a_checkpoint_storing_impossible_flags_is_one_line_naming_it_and_the_val
     assert not list(tmp_path.glob("r.png")) and not (tmp_path / "hf").exists()
 
 
-def test_a_stored_input_size_the_model_cannot_take_blames_the_checkpoint_not_a_flag(tmp_path):
+@pytest.mark.parametrize("entry", ["reconstruct", "knn_eval", "main_pretrain", "main_finetune", "main_linprobe"])
+def test_a_stored_input_size_the_model_cannot_take_blames_the_checkpoint_not_a_flag(tmp_path, entry):
+    """Every entry point that fills --input_size from a checkpoint (--checkpoint, --encoders, --resume,
+    --finetune) names that checkpoint when the size does not suit the model, not the flag."""
     model = models_mae.create_model("mae_vit_tiny_patch4", 32)
     path = tmp_path / "c.pth"
-    torch.save({"model": model.state_dict(), "args": Namespace(model="mae_vit_tiny_patch4", input_size=30)}, path)
-    argv = [str(demo_files(1)[0]), "--checkpoint", str(path), "--output", str(tmp_path / "r.png"), "--device", "cpu"]
-    message = one_line_error(reconstruct.main, reconstruct.get_args_parser().parse_args(argv))
+    args = pretrain_args(tmp_path / "data", tmp_path / "out", "--model", "mae_vit_tiny_patch4")
+    torch.save({"model": model.state_dict(), "args": Namespace(**{**vars(args), "input_size": 30})}, path)
+    module = importlib.import_module(entry)
+    parsed = module.get_args_parser().parse_args(_entry_point_argv(entry, path, tmp_path))
+    if hasattr(parsed, "device"):
+        parsed.device = "cpu"
+    message = one_line_error(module.main, parsed)
     assert message == (
         f"checkpoint {path} stores --input_size 30, not a multiple of the model's patch size 4; give --input_size"
     )

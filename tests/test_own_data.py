@@ -179,8 +179,8 @@ def test_pretraining_feeds_the_model_normalised_pixels(constant_data, tmp_path, 
     seen = []
     build = main_pretrain.build_model
 
-    def build_and_watch(args):
-        model = build(args)
+    def build_and_watch(*given):
+        model = build(*given)
         model.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].detach().clone()))
         return model
 

@@ -130,8 +130,8 @@ def test_nan_loss_message_names_the_lr_flag_given(data, tmp_path, monkeypatch, l
 
     build = main_pretrain.build_model
 
-    def build_poisoned(args):
-        model = build(args)
+    def build_poisoned(*given):
+        model = build(*given)
         model.forward_loss = lambda *a, **k: torch.tensor(float("nan"), requires_grad=True)
         return model
 

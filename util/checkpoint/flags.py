@@ -11,12 +11,17 @@ from util.checkpoint.state import Opened
 from util.cli.log import log
 
 
-def fill_from_checkpoints(args: argparse.Namespace, sources: Sequence[Opened], fallbacks: dict[str, Any]) -> None:
+def fill_from_checkpoints(
+    args: argparse.Namespace, sources: Sequence[Opened], fallbacks: dict[str, Any]
+) -> dict[str, str]:
     """Set every flag of ``fallbacks`` that is None (not given) to the value the first of ``sources``
     stores, else to its fallback; say in one line per checkpoint which values it gave. A stored
     ``--model`` becomes the fallback's kind: an MAE's its classifier's (fine-tuning, probing), a
-    classifier's its MAE's (k-NN scoring of a fine-tuned or probed encoder)."""
+    classifier's its MAE's (k-NN scoring of a fine-tuned or probed encoder). Returns where each
+    stored value came from ({flag: "checkpoint PATH"}), for errors that blame the checkpoint, not
+    a flag the user never gave."""
     taken: dict[str, list[str]] = {}
+    origins: dict[str, str] = {}
     for flag, fallback in fallbacks.items():
         if getattr(args, flag, None) is not None:
             continue
@@ -28,8 +33,10 @@ def fill_from_checkpoints(args: argparse.Namespace, sources: Sequence[Opened], f
         if origin:
             shown = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
             taken.setdefault(origin, []).append(f"--{flag} {shown}")
+            origins[flag] = f"checkpoint {origin}"
     for origin, values in taken.items():
         log.info(f"from checkpoint {origin}: {' '.join(values)} (flags not given)")
+    return origins
 
 
 def _same_kind(model: str, fallback: Any) -> str:

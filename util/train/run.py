@@ -7,7 +7,7 @@ import json
 import math
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -28,12 +28,20 @@ from util.train.precision import fast_cuda_math
 @dataclass(frozen=True)
 class Run:
     """A started run: its settled flags (what its checkpoints store; nothing changes them later),
-    its device, and the checkpoints it continues (``--resume``) or starts from (``--finetune``)."""
+    its device, the checkpoints it continues (``--resume``) or starts from (``--finetune``), and
+    which flags those checkpoints gave ({flag: "checkpoint PATH"})."""
 
     args: argparse.Namespace
     device: torch.device
     resume_from: Opened | None
     init_from: Opened | None
+    origins: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def size_source(self) -> str:
+        """The checkpoint ``--input_size`` was read from ("" when given or a fallback): the model's
+        size check blames it, not a flag the user never gave."""
+        return self.origins.get("input_size", "")
 
 
 def start(flags: argparse.Namespace, fallbacks: dict[str, Any] | None = None) -> Run:
@@ -53,7 +61,7 @@ def start(flags: argparse.Namespace, fallbacks: dict[str, Any] | None = None) ->
     finetune = getattr(args, "finetune", "")  # pre-training has none; --eval does not load it
     init_from = open_checkpoint(finetune) if finetune and not args.eval else None
     sources = [s for s in (resume_from, init_from) if s is not None]
-    fill_from_checkpoints(args, sources, fallbacks or {})
+    origins = fill_from_checkpoints(args, sources, fallbacks or {})
     # Check points (logging, finiteness, checkpoints) sit on optimizer steps: a multiple of --accum_iter.
     args.print_freq = math.ceil(args.print_freq / args.accum_iter) * args.accum_iter
     normalization.resolve(args, [(f"checkpoint {s.path}", s.args) for s in sources])  # args.mean, args.std
@@ -80,7 +88,7 @@ def start(flags: argparse.Namespace, fallbacks: dict[str, Any] | None = None) ->
     eff_batch = args.batch_size * args.accum_iter * distributed.world_size()
     base_lr = args.lr * 256 / eff_batch  # as the official code prints it: --blr is unused where --lr is given
     log.info(f"precision: {args.precision}  effective batch: {eff_batch}  lr: {args.lr:.3e} (base lr {base_lr:.3e})")
-    return Run(args, torch.device(args.device), resume_from, init_from)
+    return Run(args, torch.device(args.device), resume_from, init_from, origins)
 
 
 def check_not_among_outputs(finetune: str, output_dir: str) -> None:
