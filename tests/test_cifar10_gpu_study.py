@@ -264,3 +264,28 @@ def test_fine_tuning_commands_refuse_a_wrong_encoder_before_unpacking(tmp_path, 
     )
     assert "not of mae_vit_tiny_patch2" in done.stderr or encoder == "missing"
     assert not (tmp_path / "work" / "cifar10").exists(), "nothing unpacked"
+
+
+def test_a_pretraining_that_dies_at_once_ends_pretrain_sh_with_its_reason_in_out(tmp_path):
+    """A pre-training that stops before its first epoch (here a flag it refuses) leaves no log.txt
+    and no checkpoint: the command ends with the run's status and a line saying so, and what comes
+    back holds the run's own error (stdout.txt), not a failed copy's."""
+    data.pack(tiny_cifar(tmp_path / "cifar"), tmp_path / "cifar10.tgz")
+    out = tmp_path / "back"
+    env = {
+        **os.environ,
+        "ARCHIVE": str(tmp_path / "cifar10.tgz"),
+        "WORK": str(tmp_path / "work"),
+        "OUT": str(out),
+        "PYTHON": sys.executable,
+        "PER_CLASS": "2",
+        "EXTRA": "--device cpu --mask_ratio 1.5",
+        "WHEELS": str(tmp_path / "no-wheels"),
+    }
+    done = subprocess.run(
+        ["bash", str(STUDY / "pretrain.sh")], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1] == "pre-training left no checkpoint (status 2): see stdout.txt"
+    assert "--mask_ratio" in (out / "stdout.txt").read_text()
+    assert {p.name for p in out.iterdir()} == {"stdout.txt", "times.jsonl"}

@@ -22,9 +22,13 @@ LIMIT=$limit timed pretrain 1 "$PYTHON" main_pretrain.py --model "$MAE_MODEL" \
     --knn_data_path "$SPLITS/heldout" --knn_freq 10 --knn_bank_size 10000 --knn_query_size 2000 \
     --output_dir "$RUN" --log_dir "$RUN" "${EXTRA_ARGS[@]}" >"$RUN/stdout.txt" 2>&1 || status=$?
 report pretrain
-cp "$RUN/log.txt" "$OUT/pretrain-log.txt"
+[[ -f $RUN/log.txt ]] && cp "$RUN/log.txt" "$OUT/pretrain-log.txt"
 # The newest checkpoint: the last epoch's, or where a run stopped at its time limit (the log says which).
-LAST=$(ls -t "$RUN"/checkpoint-*.pth | head -n 1)
+LAST=$(ls -t "$RUN"/checkpoint-*.pth 2>/dev/null | head -n 1 || true)
+if [[ -z $LAST ]]; then # nothing to export or score: stdout.txt (already in $OUT) says why
+    echo "pre-training left no checkpoint (status $status): see stdout.txt" >&2
+    exit $((status ? status : 1))
+fi
 echo "encoder: $LAST"
 # The encoder first: the next commands need it, the rows below do not.
 mkdir -p "$(dirname "$ENCODER")"
