@@ -53,7 +53,7 @@ def log_reconstructions(
     to TensorBoard and ``reconstruction-<epoch>.png`` in ``--output_dir``. A picture that cannot be
     written is a warning: the training it shows is already saved."""
     picture = reconstruction_grid(model, imgs, noise, args.mask_ratio, args.mean, args.std)
-    run_log.image("reconstructions", picture, epoch)
+    run_log.image("reconstructions", picture, (epoch + 1) * 1000)  # the scalars' axis: the end of ``epoch``
     if not args.output_dir:
         return
     path = os.path.join(args.output_dir, f"reconstruction-{epoch}.png")
