@@ -8,12 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import make_dataset
+from helpers import CLASSES, make_dataset, make_split
 from PIL import Image
 
 from util.cli.errors import UserError
 from util.data.datasets import (
     ImageFiles,
+    classification_splits,
     eval_transform,
     load_rgb,
     pretrain_dataset,
@@ -62,6 +63,30 @@ def test_uppercase_extensions_count(tmp_path):
     first = sorted(tmp_path.iterdir())[0]
     first.rename(first.with_suffix(".JPG"))
     assert len(ImageFiles(str(tmp_path))) == 3
+
+
+def _hide_things_in(split: Path) -> None:
+    """What a Mac and a notebook leave in a data folder: AppleDouble '._' files (not images, under an
+    image's extension) beside every image, and a hidden folder that holds a real image."""
+    for image in list(split.rglob("*.jpg")):
+        (image.parent / f"._{image.name}").write_bytes(b"\x00\x05\x16\x07Mac OS X")
+    (split / ".ipynb_checkpoints").mkdir()
+    Image.new("RGB", (8, 8)).save(split / ".ipynb_checkpoints" / "copy.jpg")
+
+
+def test_hidden_files_and_folders_are_not_data(tmp_path, caplog):
+    """Before, a '._x.jpg' stopped pre-training when the loader reached it, and '.ipynb_checkpoints'
+    became class 0 of a classification folder, shifting every label by one."""
+    root = make_split(tmp_path / "d", 2, 1)  # train/ and val/ of 3 classes
+    clean = pretrain_dataset(str(root), None).files
+    for split in ("train", "val"):
+        _hide_things_in(root / split)
+    assert pretrain_dataset(str(root), None).files == clean
+    assert f"skipping 7 hidden file(s) and folder(s) in {root / 'train'} " in caplog.text  # 6 '._' files, 1 folder
+    train, val = classification_splits(str(root), None, None, nb_classes=3)
+    assert train.classes == val.classes == sorted(CLASSES)
+    assert [label for _, label in train.samples] == [0, 0, 1, 1, 2, 2]
+    assert [path for path, _ in train.samples] == clean
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,13 +24,29 @@ from util.sizes import image_size, shown_size
 from util.train import distributed, interrupt
 
 
-def image_walk(top: str, inside: str) -> Iterator[tuple[str, list[str]]]:
+def is_hidden(name: str) -> bool:
+    """A name that begins with '.': never data. macOS writes '._<name>' beside every file it copies to
+    other disks (its metadata, under an image's extension), notebooks leave '.ipynb_checkpoints'."""
+    return name.startswith(".")
+
+
+def warn_hidden(hidden: Sequence[str], where: str) -> None:
+    """One warning for the hidden files and folders a listing of ``where`` skipped, if any."""
+    if hidden:
+        shown = ", ".join(sorted(hidden)[:3]) + (", ..." if len(hidden) > 3 else "")
+        count = f"{len(hidden)} hidden file(s) and folder(s)"
+        log.warning(f"skipping {count} in {where} (names beginning with '.'): {shown}")
+
+
+def image_walk(top: str, inside: str, hidden: list[str] | None = None) -> Iterator[tuple[str, list[str]]]:
     """(folder, image names) for ``top`` and every folder below it, like ``os.walk``, inside the data
-    folder ``inside``. A link to a file is read wherever it points; a link to a folder never is:
+    folder ``inside``. Hidden folders and image files (``is_hidden``) are skipped, their paths added
+    to ``hidden``. A link to a file is read wherever it points; a link to a folder never is:
     inside ``inside`` its folder is read under its own name already (following it would count its
     images twice, or without end for a link to ``.``), so it is skipped with a warning; outside,
     images from elsewhere would join the data unannounced, so the run stops."""
     boundary = os.path.realpath(inside)
+    hidden = [] if hidden is None else hidden
 
     def skip_link(path: str) -> None:
         real = os.path.realpath(path)
@@ -47,10 +63,12 @@ def image_walk(top: str, inside: str) -> Iterator[tuple[str, list[str]]]:
     # Lists links to folders, but does not descend into them; without onerror it would skip a folder
     # it cannot list, and its images, unannounced.
     for folder, dirs, names in os.walk(top, onerror=unlisted_folder):
+        hidden += [os.path.join(folder, n) for n in dirs + names if is_hidden(n) and (n in dirs or is_image_file(n))]
+        dirs[:] = [d for d in dirs if not is_hidden(d)]  # (os.walk descends into what is left)
         for d in sorted(dirs):
             if os.path.islink(os.path.join(folder, d)):
                 skip_link(os.path.join(folder, d))
-        yield folder, sorted(n for n in names if is_image_file(n))
+        yield folder, sorted(n for n in names if is_image_file(n) and not is_hidden(n))
 
 
 def unlisted_folder(error: OSError) -> NoReturn:
@@ -76,7 +94,9 @@ class ImageFiles(Dataset):
         if files is not None:
             self.files = list(files)
         else:
-            self.files = sorted(os.path.join(d, n) for d, names in image_walk(root, root) for n in names)
+            hidden: list[str] = []
+            self.files = sorted(os.path.join(d, n) for d, names in image_walk(root, root, hidden) for n in names)
+            warn_hidden(hidden, root)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -279,16 +299,27 @@ def classification_dataset(
 
 class _ImageFolder(datasets.ImageFolder):
     """torchvision's ImageFolder, with the files found by ``image_walk`` inside the split's folder
-    (torchvision follows every link, so a link loop multiplies the data)."""
+    (torchvision follows every link, so a link loop multiplies the data), and no hidden class
+    folders (torchvision makes '.ipynb_checkpoints' a class, shifting every label after it)."""
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        with os.scandir(directory) as entries:
+            folders = sorted(e.name for e in entries if e.is_dir())
+        self.hidden = [os.path.join(directory, f) for f in folders if is_hidden(f)]
+        classes = [f for f in folders if not is_hidden(f)]
+        if not classes:
+            raise FileNotFoundError("no class folders in it (one folder of images per class)")
+        return classes, {name: index for index, name in enumerate(classes)}
 
     def make_dataset(self, directory: str, class_to_idx: dict[str, int], *args: Any, **kwargs: Any) -> list:
         samples = []
         for cls in sorted(class_to_idx):  # torchvision's order: class, then folder, then file
-            found = sorted(image_walk(os.path.join(directory, cls), directory))
+            found = sorted(image_walk(os.path.join(directory, cls), directory, self.hidden))
             files = [os.path.join(folder, n) for folder, names in found for n in names]
             if not files:
                 raise FileNotFoundError(f"the class folder {cls} holds no images")
             samples += [(f, class_to_idx[cls]) for f in files]
+        warn_hidden(self.hidden, directory)
         return samples
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
