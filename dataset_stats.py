@@ -10,6 +10,11 @@ its 8-bit pixels scaled to [0, 1]; mean and population standard deviation are ta
 over every pixel. Resizing first gives every image the same weight, as training does (one crop
 per image and epoch); ``--input_size 0`` takes each image at its own size. The sums are exact
 integers, so the result depends neither on the order of the images nor on ``--num_workers``.
+
+With ``--in_chans`` other than 3, images are read as training reads them (their own channels,
+each value over its bit depth's largest) and resized as its tensor crops are (torch's bicubic,
+antialiased, clamped to [0, 1]); the sums are then float64, added in the images' order (the same
+for any ``--num_workers``).
 """
 
 import argparse
@@ -23,9 +28,11 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
+from torchvision.transforms import functional as TF
 
-from util.cli.args import check_at_least
+from util.cli.args import add_in_chans_arg, check_at_least
 from util.cli.errors import run_cli
+from util.data.channels import BICUBIC, image_loader
 from util.data.datasets import pretrain_dataset
 from util.data.normalization import show_values
 from util.data.sampling import evenly_spaced
@@ -39,6 +46,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input_size", default=224, type=int, help="resize each image to this square size (0: don't)")
     parser.add_argument("--max_images", default=0, type=int, metavar="N", help="use N evenly spaced images (0: all)")
     parser.add_argument("--num_workers", default=4, type=int, help="data-loading processes")
+    add_in_chans_arg(parser)  # None: 3, RGB
     parser.add_argument("--json", default="", metavar="FILE", help="also write the JSON result to FILE ('-': stdout)")
     return parser
 
@@ -83,13 +91,53 @@ class PixelSums:
         return torch.from_numpy(np.stack([count, counts @ values, counts @ (values * values)]))
 
 
+class ChannelSums:
+    """Float tensor [C, H, W] in [0, 1] (``util.data.images.load_channels``) -> float64 [3, C]:
+    per channel, the value count, sum and sum of squares, after the resize training's tensor crops
+    use. Sized as ``PixelSums`` is, at 4 bytes a value for the image and the resize, 8 for the sums."""
+
+    def __init__(self, input_size: int, in_chans: int, processes: int = 1):
+        self.input_size, self.in_chans, self.processes = input_size, in_chans, processes
+        if input_size:
+            require(
+                self.bytes(input_size, input_size) * processes,
+                f"resizing an image to --input_size {input_size} ({input_size} x {input_size} px) in {processes} "
+                f"process(es)",
+                "lower --input_size or --num_workers",
+            )
+
+    def bytes(self, height: int, width: int) -> int:
+        return (2 * 4 + 8) * self.in_chans * height * width
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        channels, height, width = img.shape
+        if self.input_size:
+            size = [self.input_size, self.input_size]
+            img = TF.resize(img, size, interpolation=BICUBIC, antialias=True).clamp(0.0, 1.0)
+        else:
+            require(
+                self.bytes(height, width) * self.processes,
+                f"reading images of {width} x {height} px at their own size (--input_size 0) in "
+                f"{self.processes} process(es)",
+                "give --input_size (224, say) or lower --num_workers",
+            )
+        values = img.reshape(channels, -1).double()
+        count = torch.full((channels,), values.shape[1], dtype=torch.float64)
+        return torch.stack([count, values.sum(dim=1), (values * values).sum(dim=1)])
+
+
 def mean_std(sums: torch.Tensor) -> tuple[list[float], list[float]]:
-    """Mean and population std of pixels / 255 from ``PixelSums`` totals, computed in exact
-    fractions and rounded once (only the square root rounds again)."""
+    """Mean and population std of the values from ``PixelSums`` totals (pixels / 255, computed in
+    exact fractions and rounded once; only the square root rounds again) or ``ChannelSums`` ones
+    (float64)."""
     means, stds = [], []
     for n, s, q in sums.T.tolist():
-        means.append(float(Fraction(s, 255 * n)))
-        stds.append(math.sqrt(Fraction(q * n - s * s, (255 * n) ** 2)))
+        if sums.dtype == torch.int64:
+            means.append(float(Fraction(s, 255 * n)))
+            stds.append(math.sqrt(Fraction(q * n - s * s, (255 * n) ** 2)))
+        else:
+            means.append(s / n)
+            stds.append(math.sqrt(max(q / n - (s / n) ** 2, 0.0)))  # (rounding may leave -1e-17)
     return means, stds
 
 
@@ -102,7 +150,15 @@ def compute(args: argparse.Namespace) -> dict[str, Any]:
         # Before the work, not after it. A list file is an input; an image or a folder's train.txt
         # is not JSON, which is all that --json replaces.
         check_json_output(args.json, "--json", inputs=[("--data_path", args.data_path)])
-    dataset = pretrain_dataset(args.data_path, PixelSums(args.input_size, max(args.num_workers, 1)))
+    if args.in_chans is not None:
+        check_at_least(args, 1, "in_chans")
+    in_chans = args.in_chans or 3
+    processes = max(args.num_workers, 1)
+    if in_chans == 3:
+        dataset = pretrain_dataset(args.data_path, PixelSums(args.input_size, processes))
+    else:
+        sums = ChannelSums(args.input_size, in_chans, processes)
+        dataset = pretrain_dataset(args.data_path, sums, loader=image_loader(in_chans))
     if 0 < args.max_images < len(dataset):
         dataset.files = [dataset.files[i] for i in evenly_spaced(args.max_images, len(dataset))]
     loader = DataLoader(dataset, batch_size=64, num_workers=args.num_workers)
@@ -114,7 +170,9 @@ def compute(args: argparse.Namespace) -> dict[str, Any]:
         if before // report != done // report and done < len(dataset):
             print(f"{done}/{len(dataset)} images", file=sys.stderr)
     mean, std = mean_std(total)
-    return dict(mean=mean, std=std, images=len(dataset), input_size=args.input_size, data_path=args.data_path)
+    return dict(
+        mean=mean, std=std, images=len(dataset), input_size=args.input_size, in_chans=in_chans, data_path=args.data_path
+    )
 
 
 def flags(stats: dict[str, Any]) -> str:
@@ -125,7 +183,8 @@ def flags(stats: dict[str, Any]) -> str:
 def main(args: argparse.Namespace) -> None:
     stats = compute(args)
     size = f"resized to {args.input_size} x {args.input_size} (bicubic)" if args.input_size else "at their own sizes"
-    print(f"{stats['images']} images of {args.data_path}, {size}, pixels scaled to [0, 1]:")
+    channels = "" if stats["in_chans"] == 3 else f", {stats['in_chans']} channel(s) (give --in_chans too)"
+    print(f"{stats['images']} images of {args.data_path}, {size}, pixels scaled to [0, 1]{channels}:")
     print(flags(stats))
     if args.json == "-":
         print(json.dumps(stats))

@@ -129,6 +129,34 @@ def test_stats_max_images_takes_evenly_spaced_images_and_lists_work(tmp_path):
     assert listed["images"] == 2 and listed["mean"][0] == pytest.approx((20 + 100) / 2 / 255, abs=1e-12)
 
 
+def test_stats_of_other_channel_counts_equal_a_hand_computation(tmp_path):
+    """--in_chans reads images as training does: a 16-bit grayscale file's values over 65535, an
+    RGBA file's four bands; sizes as for RGB (own size, or constant images through the resize)."""
+    rng = np.random.default_rng(1)
+    gray = [rng.integers(0, 65536, (5, 6)).astype(np.uint16) for _ in range(3)]
+    for i, values in enumerate(gray):
+        (tmp_path / "gray").mkdir(exist_ok=True)
+        Image.fromarray(values).save(tmp_path / "gray" / f"{i}.png")  # mode I;16: 16-bit PNG
+    stats = _stats(tmp_path / "gray", "--in_chans", "1", "--input_size", "0")
+    # The model sees float32 values: the statistics are theirs, summed in float64.
+    everything = (np.concatenate([g.ravel() for g in gray]) / 65535.0).astype(np.float32).astype(np.float64)
+    assert stats["in_chans"] == 1 and stats["images"] == 3
+    assert stats["mean"] == pytest.approx([everything.mean()], abs=1e-12)
+    assert stats["std"] == pytest.approx([everything.std()], abs=1e-12)
+
+    colours = [(0, 0, 0, 255), (255, 255, 255, 0), (255, 0, 51, 102)]
+    for i, (colour, (w, h)) in enumerate(zip(colours, [(50, 40), (7, 9), (16, 16)], strict=True)):
+        _save(tmp_path / "rgba" / f"{i}.png", np.broadcast_to(np.array(colour), (h, w, 4)))
+    stats = _stats(tmp_path / "rgba", "--in_chans", "4", "--input_size", "8")
+    values = np.array(colours) / 255.0  # constant images stay constant: each image counts once
+    assert stats["mean"] == pytest.approx(values.mean(axis=0).tolist(), abs=1e-6)
+    assert stats["std"] == pytest.approx(values.std(axis=0).tolist(), abs=1e-6)
+    with pytest.raises(UserError, match=r"has 4 channel\(s\) .* but --in_chans is 1"):
+        _stats(tmp_path / "rgba", "--in_chans", "1")
+    with pytest.raises(UserError, match="--in_chans must be at least 1, got 0"):
+        _stats(tmp_path / "rgba", "--in_chans", "0")
+
+
 def test_stats_command_prints_flags_that_parse_and_writes_json(tmp_path, capsys):
     data = make_dataset(tmp_path / "d", 2)
     argv = ["--data_path", str(data), "--input_size", "32", "--num_workers", "0"]
