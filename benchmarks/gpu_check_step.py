@@ -34,7 +34,12 @@ from util.cli.errors import UserError
 
 MASK_RATIO = 0.75
 T = TypeVar("T")
-LARGEST_BATCH_SECONDS = 70  # on the H200: a compilation and 23 steps
+# A compilation (CPU-bound: the same on either kind) and 23 steps, sized on an H200. An H100's largest batch is
+# about 0.55x an H200's (78 GiB against 139) at the same matmul rate, so its steps take less: 70 s holds for both.
+LARGEST_BATCH_SECONDS = 70
+# The share of the free memory the largest batch's estimated peak may fill; the rest is for what the batch-256
+# peak does not count (the caching allocator's fragmentation, cuBLAS and compiled kernels' workspaces).
+LARGEST_BATCH_SHARE = 0.92
 # torch.cuda.amp.autocast and GradScaler, as the official code calls them, are deprecated aliases.
 warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -199,16 +204,27 @@ def first_that_fits(measure: Callable[[int], T], batches: list[int], device: tor
     raise RuntimeError(f"no batch fitted: {'; '.join(failures)}")
 
 
+def batch_tries(per_image: float, fixed: float, free: float) -> list[int]:
+    """The batches (multiples of 64) the largest-batch row tries in turn: the largest whose estimated peak
+    (``fixed`` bytes and ``per_image`` per image) fills ``LARGEST_BATCH_SHARE`` of ``free`` bytes, then 80% of
+    it. From the free memory, not the card's total: an H100 has 78 GiB against an H200's 139, and whatever is
+    still allocated (the CUDA context, an earlier row's leftovers) is not this row's to take."""
+    estimate = int((LARGEST_BATCH_SHARE * free - fixed) / per_image) // 64 * 64
+    return [b for b in dict.fromkeys([estimate, int(0.8 * estimate) // 64 * 64]) if b >= 64]
+
+
 def largest_batch(record: PartRecord, name: str, rows: list[dict], sizes: Sizes, device: torch.device, peak: float):
-    """Ours compiled at the largest batch (a multiple of 64) that the batch-256 peak says fits in 92% of the GPU;
-    at 80% of that batch where it does not fit after all."""
+    """Ours compiled at the largest batch (a multiple of 64) that the batch-256 peak says fits in 92% of the GPU's
+    free memory; at 80% of that batch where it does not fit after all."""
     measured = next(r for r in rows if r["impl"] == "ours_compiled")
     reset_memory(device)
     with torch.device("meta"):
         fixed = 4 * memory.model_bytes(models_mae.create_model(name, sizes.input_size))  # weights, grads, AdamW
     per_image = (measured["peak_mem_gib"] * 2**30 - fixed) / sizes.batch
-    estimate = int((0.92 * torch.cuda.mem_get_info(device)[1] - fixed) / per_image) // 64 * 64
-    tries = [b for b in dict.fromkeys([estimate, int(0.8 * estimate) // 64 * 64]) if b >= 64]
+    free = memory.available_bytes(device)
+    tries = batch_tries(per_image, fixed, free)
+    if not tries:
+        raise RuntimeError(f"{free / 2**30:.1f} GiB free hold no batch of 64 at {per_image / 2**20:.0f} MiB an image")
 
     def measure(batch: int) -> Impl:
         need = fixed + per_image * batch
@@ -221,7 +237,8 @@ def largest_batch(record: PartRecord, name: str, rows: list[dict], sizes: Sizes,
 
     batch, impl, failures = first_that_fits(measure, tries, device)
     flops = mae_train_flops(impl.model, batch, MASK_RATIO)
-    record.row("step", {**row(impl, name, sizes.input_size, batch, flops, peak), "did_not_fit": failures})
+    fields = {"did_not_fit": failures, "free_gib": free / 2**30}  # what the batches were sized from, on this GPU
+    record.row("step", {**row(impl, name, sizes.input_size, batch, flops, peak), **fields})
 
 
 def peak_tflops(record: PartRecord, sizes: Sizes, device: torch.device) -> float:

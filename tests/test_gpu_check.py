@@ -22,7 +22,7 @@ import models_vit
 from benchmarks import gpu_check_summary
 from benchmarks.bench_pretrain import vit_train_flops
 from benchmarks.gpu_check_common import DEADLINE_ENV, PartRecord, time_for
-from benchmarks.gpu_check_step import first_that_fits
+from benchmarks.gpu_check_step import LARGEST_BATCH_SHARE, batch_tries, first_that_fits
 from benchmarks.gpu_check_tests import count_verbose
 from util.cli.errors import fail
 
@@ -110,6 +110,18 @@ def test_the_largest_batch_search_frees_the_memory_of_a_batch_that_did_not_fit()
         first_that_fits(measure, [256], device)
     with pytest.raises(ValueError):  # any other error is not a batch that did not fit: it goes up
         first_that_fits(lambda batch: int("not a batch"), [64], device)
+
+
+@pytest.mark.parametrize("gpu, free_gib", [("H100", 78.6), ("H200", 139.2), ("H200 with 60 GiB held", 79.2)])
+def test_the_largest_batch_is_sized_from_the_free_memory(gpu, free_gib):
+    """ViT-B/16's batch-256 peak (about 40 MiB an image above 1.7 GiB of weights, gradients and AdamW state):
+    the tries are multiples of 64 whose estimate fills at most 92% of what is free, the largest such, then 80%
+    of it; an H100 (or an H200 whose memory is partly held) gets a smaller batch, not an out-of-memory try."""
+    per_image, fixed, free = 40 * 2**20, 1.7 * 2**30, free_gib * 2**30
+    first, second = batch_tries(per_image, fixed, free)
+    assert first % 64 == 0 and second == int(0.8 * first) // 64 * 64
+    assert fixed + per_image * first <= LARGEST_BATCH_SHARE * free < fixed + per_image * (first + 64)
+    assert batch_tries(per_image, fixed, 2 * 2**30) == []  # not even a batch of 64 fits
 
 
 def test_counts_of_a_pytest_run_stopped_in_a_test():
