@@ -163,8 +163,25 @@ def _run(part: str, body: Callable, record: PartRecord, sizes: Sizes, device: to
         raise RuntimeError(f"forced failure ({FAIL_ENV}={part})")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("CUDA is not available; run with --cpu for the toy sizes on a CPU")
+    # Every part says which GPU it ran on: a part rerun without env (the device tool may give an H100 or an
+    # H200) still files its figures under the GPU that made them.
+    record.values.update(gpu_identity(device))
+    record.save()
     body(record, sizes, device)
     return True
+
+
+def gpu_identity(device: torch.device) -> dict[str, Any]:
+    """The GPU's name (``NVIDIA H100 80GB HBM3``, ``NVIDIA H200``), compute capability and total memory in GiB;
+    {} on a CPU."""
+    if device.type != "cuda":
+        return {}
+    props = torch.cuda.get_device_properties(device)
+    return {
+        "gpu": props.name,
+        "capability": f"{props.major}.{props.minor}",
+        "gpu_memory_gib": props.total_memory / 2**30,
+    }
 
 
 def seconds_left() -> float | None:

@@ -2,6 +2,7 @@
 peak that every MFU figure is divided by, the device-to-device copy rate, and whether torchvision
 decodes a list of JPEGs on the GPU."""
 
+import datetime
 import os
 import platform
 import subprocess
@@ -16,7 +17,7 @@ from torchvision.io import decode_jpeg, encode_jpeg
 
 from benchmarks import gpu_check_official
 from benchmarks.bench_pretrain import sync
-from benchmarks.gpu_check_common import PartRecord, Sizes, matmul_tflops, run_part, time_calls
+from benchmarks.gpu_check_common import PartRecord, Sizes, gpu_identity, matmul_tflops, run_part, time_calls
 
 CLOCK_FIELDS = "clocks.sm,clocks.mem,clocks.max.sm,clocks.max.mem,temperature.gpu,power.draw,pstate"
 
@@ -46,12 +47,10 @@ def versions(device: torch.device) -> dict[str, object]:
         "numpy": numpy.__version__,
         "pillow": PIL.__version__,
         "cpu_cores": len(os.sched_getaffinity(0)),
+        "date": datetime.datetime.now(datetime.timezone.utc).date().isoformat(),  # of the results' file name
     }
+    found.update(gpu_identity(device))  # which GPU: an H100 and an H200 give different figures
     if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        found.update(
-            gpu=props.name, capability=f"{props.major}.{props.minor}", gpu_memory_gib=props.total_memory / 2**30
-        )
         found.update(nvidia_smi("driver_version"))
     commit = Path(gpu_check_official.OFFICIAL_DIR, "COMMIT")
     found["official_commit"] = commit.read_text().strip() if commit.is_file() else None

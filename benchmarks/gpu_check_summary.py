@@ -6,7 +6,9 @@ only, so that it runs in a moment after every part.
 """
 
 import argparse
+import datetime
 import json
+import re
 import statistics
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,9 @@ def summarize(work: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     records = {part: read_part(work, part) for part in PARTS}
     values = {k: v for r in records.values() if r for k, v in r["values"].items()}
     versions = dict(values.get("versions", {}))
+    for key in ("gpu", "gpu_memory_gib"):  # every part records the GPU: a rerun of one part without env too
+        if key in values:
+            versions.setdefault(key, values[key])
     for key in ("clocks_idle", "clocks_after_matmul", "copy_gb_s", "decode_jpeg_list_on_device"):
         if key in values:
             versions[key] = values[key]
@@ -66,6 +71,20 @@ def summarize(work: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         for table, rows in (record or {}).get("rows", {}).items():
             summary[table] += rows
     return summary, {**values, "study": study_lines(records["cifar"])}
+
+
+def result_stem(versions: dict[str, Any]) -> str:
+    """The stem to commit this run's gpu_check.json and .md under, in benchmarks/results/: the GPU's model as the
+    device named it (``NVIDIA H100 80GB HBM3``: h100, ``NVIDIA H200``: h200; cpu at toy sizes) and the run's date
+    (today's where env did not run), so that an H100's figures are never filed as an H200's."""
+    name = versions.get("gpu")
+    if not name:
+        kind = "cpu"
+    else:  # the model number (H100, A100-SXM4: a100), else the whole name as a slug
+        found = re.search(r"\b[A-Z]{1,3}\d{2,4}\b", name)
+        kind = found.group().lower() if found else re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    date = versions.get("date") or datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+    return f"{kind}-{date}"
 
 
 def _median_rate(rows: list[dict], **match: Any) -> float | None:
@@ -129,7 +148,13 @@ def _cell(value: Any) -> str:
 
 
 def markdown(summary: dict[str, Any], values: dict[str, Any]) -> str:
-    lines = ["# gpu_check", ""]
+    stem = result_stem(summary["versions"])
+    lines = [
+        "# gpu_check",
+        "",
+        f"Commit as benchmarks/results/{stem}.json and .md (timings compare within one GPU).",
+        "",
+    ]
     lines += [f"- {k}: {v}" for k, v in summary["versions"].items()]
     lines += [f"- matmul_tflops: {_cell(summary['matmul_tflops'])}", f"- cuda_tests: {summary['cuda_tests']}"]
     if "cuda_tests_skipped" in values:
@@ -156,6 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     atomic_write(str(args.out / "gpu_check.md"), lambda f: f.write(text.encode()))
     if args.print:
         print(text)
+        print(f"commit them as benchmarks/results/{result_stem(summary['versions'])}.json and .md")
 
 
 if __name__ == "__main__":

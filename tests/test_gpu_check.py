@@ -82,6 +82,32 @@ def test_a_part_killed_by_its_timeout_keeps_its_rows(tmp_path):
     ]
 
 
+def _part(work, part: str, values: dict, rows: dict | None = None) -> None:
+    (work / f"{part}.json").write_text(json.dumps({"part": part, "values": values, "rows": rows or {}, "errors": []}))
+
+
+def test_the_summary_names_the_gpu_that_ran_and_files_its_results_under_it(tmp_path, capsys):
+    """The device tool gives an H100 or an H200: the summary records which, with its memory, and suggests the
+    file stem from it; a part rerun without env (its own record names the GPU) still does."""
+    h100 = {"gpu": "NVIDIA H100 80GB HBM3", "capability": "9.0", "gpu_memory_gib": 79.1, "date": "2026-12-06"}
+    _part(tmp_path, "env", {**h100, "versions": {"torch": "2.11.0", **h100}, "matmul_tflops": 798.0})
+    gpu_check_summary.main(["--work", str(tmp_path), "--out", str(tmp_path), "--print"])
+    summary = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert (summary["versions"]["gpu"], summary["versions"]["gpu_memory_gib"]) == (h100["gpu"], 79.1)
+    assert "benchmarks/results/h100-2026-12-06.json and .md" in (tmp_path / "gpu_check.md").read_text()
+    assert capsys.readouterr().out.splitlines()[-1] == "commit them as benchmarks/results/h100-2026-12-06.json and .md"
+
+    rerun = tmp_path / "rerun"
+    rerun.mkdir()
+    _part(rerun, "step", {"gpu": "NVIDIA H200", "gpu_memory_gib": 139.8, "peak_tflops": 790.0})
+    versions = gpu_check_summary.summarize(rerun)[0]["versions"]
+    assert versions == {"gpu": "NVIDIA H200", "gpu_memory_gib": 139.8}
+    assert gpu_check_summary.result_stem(versions).startswith("h200-20")  # today's date
+    for name, stem in [("NVIDIA A100-SXM4-80GB", "a100"), ("NVIDIA GeForce RTX 4090", "nvidia-geforce-rtx-4090")]:
+        assert gpu_check_summary.result_stem({"gpu": name, "date": "2026-01-02"}) == f"{stem}-2026-01-02"
+    assert gpu_check_summary.result_stem({"date": "2026-01-02"}) == "cpu-2026-01-02"  # --cpu: toy sizes
+
+
 def test_the_largest_batch_search_frees_the_memory_of_a_batch_that_did_not_fit():
     """A GPU runs out of memory in the step at the estimated batch: the next batch is tried once the
     failed one's tensors are gone (the exception's traceback held them); a refusal of util.memory.require
