@@ -15,7 +15,6 @@ from typing import Any
 
 from util.outputs import atomic_write
 
-PLAN_PEAK_TFLOPS = 790  # recipes/cifar10_gpu/plan.py's PEAK_TFLOPS, which its --mfu is a fraction of
 PARTS = ("env", "tests", "cifar", "step", "loader", "e2e")
 TABLES = {
     "step": (
@@ -114,17 +113,19 @@ def targets(summary: dict[str, Any]) -> list[str]:
 
 def study_lines(cifar: dict[str, Any] | None) -> list[str]:
     """What recipes/cifar10_gpu (issue 19) plans with, from the cifar part's rows: its pre-training step's
-    MFU (plan.py assumed 15%), the memory loader and the step it feeds against the step alone, the
-    fine-tuning step."""
+    MFU against the matmul rate measured in the same run (plan.py assumed 15%), the memory loader and the
+    step it feeds against the step alone, the fine-tuning step."""
     rows = (cifar or {}).get("rows", {})
     step, lines = rows.get("step", []), []
     pretrain = {r["impl"]: r for r in step if r.get("variant") != "fine-tuning"}
     for impl, r in sorted(pretrain.items()):
-        plan_mfu = r["tflops"] / PLAN_PEAK_TFLOPS
+        # The bf16 matmul rate measured in this run, on this GPU: plan.py's default 790 is what both kinds the
+        # device tool lends measured once, this run's own is the one its MFU divides by.
+        peak = r["tflops"] / r["mfu"]
         lines.append(
-            f"{r['model']} {impl}: {r['img_s']:,.0f} img/s, {r['tflops']:.1f} TFLOP/s, {plan_mfu:.1%} of plan.py's "
-            f"{PLAN_PEAK_TFLOPS} (it assumes 15%): python recipes/cifar10_gpu/plan.py --model {r['model']} "
-            f"--mfu {plan_mfu:.3f}"
+            f"{r['model']} {impl}: {r['img_s']:,.0f} img/s, {r['tflops']:.1f} TFLOP/s, {r['mfu']:.1%} MFU of the "
+            f"{peak:.4g} measured here (plan.py assumes 15%): python recipes/cifar10_gpu/plan.py --model {r['model']} "
+            f"--mfu {r['mfu']:.3f} --peak_tflops {peak:.4g}"
         )
     memory = _median_rate(rows.get("loader", []), loader="memory")
     compiled = pretrain.get("ours_compiled")

@@ -86,6 +86,9 @@ def test_plan_flops_equal_a_hand_count():
     table = dict(plan.minutes("mae_vit_tiny_patch2", 0.15, 160, 30, 100))
     assert table["labels100.sh 0"] == pytest.approx(2 * 50_000 * 30 * 3 * classifier / (0.15 * 790e12) / 60)
     assert table["pretrain.sh"] == pytest.approx(50_000 * 160 * 3 * (encoder + decoder + embed) / (0.15 * 790e12) / 60)
+    # gpu_check.md's re-plan passes the matmul rate its run measured: the minutes scale with it.
+    slower = dict(plan.minutes("mae_vit_tiny_patch2", 0.15, 160, 30, 100, peak_tflops=395))
+    assert slower["pretrain.sh"] == pytest.approx(2 * table["pretrain.sh"])
 
 
 def _lines(path, *entries):

@@ -108,6 +108,16 @@ def test_the_summary_names_the_gpu_that_ran_and_files_its_results_under_it(tmp_p
     assert gpu_check_summary.result_stem({"date": "2026-01-02"}) == "cpu-2026-01-02"  # --cpu: toy sizes
 
 
+def test_the_study_lines_divide_by_the_matmul_rate_measured_in_the_run():
+    """On an H100 the run measures its own peak (798 TFLOP/s, say): the MFU and plan.py's re-plan use it, not
+    plan.py's default 790."""
+    row = {"model": "mae_vit_tiny_patch2", "impl": "ours_eager", "variant": "", "img_s": 30_000.0}
+    row.update(tflops=114.6, mfu=114.6 / 798)
+    [line] = gpu_check_summary.study_lines({"rows": {"step": [row]}})
+    assert "14.4% MFU of the 798 measured here" in line
+    assert line.endswith("plan.py --model mae_vit_tiny_patch2 --mfu 0.144 --peak_tflops 798")
+
+
 def test_the_largest_batch_search_frees_the_memory_of_a_batch_that_did_not_fit():
     """A GPU runs out of memory in the step at the estimated batch: the next batch is tried once the
     failed one's tensors are gone (the exception's traceback held them); a refusal of util.memory.require
