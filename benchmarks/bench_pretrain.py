@@ -340,8 +340,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def describe_device(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+    if device.type == "cuda":  # name and memory: an H100 (80 GB) and an H200 (141 GB) give different timings
+        props = torch.cuda.get_device_properties(device)
+        return f"{props.name}, {props.total_memory / 2**30:.1f} GiB"
     return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
@@ -387,8 +388,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--peak_tflops",
         default=790.0,
         type=float,
-        help="peak bf16 TFLOP/s that MFU is relative to; 790 is what dense bf16 matmuls reach on an H100 SXM "
-        "as measured (the data sheet says 989)",
+        help="peak bf16 TFLOP/s that MFU is relative to; 790 is what dense bf16 8192^3 matmuls reached on both "
+        "kinds of GPU lent to this project, an H200 (769-798) and an H100 80GB (798), which share Hopper's matrix "
+        "units (the data sheet says 989); pass the matmul_tflops that gpu_check.sh measured on the same machine",
     )
     p.add_argument(
         "--data_path",
