@@ -98,7 +98,8 @@ def _lines(path, *entries):
 def test_results_rows_from_synthetic_command_outputs(tmp_path):
     pre, ft = tmp_path / "pretrain", tmp_path / "labels100-s0"
     pre.mkdir(), ft.mkdir()
-    _lines(pre / "times.jsonl", {"run": "pretrain", "seconds": 320.0, "sharing": 1, "status": 0})
+    h100 = "NVIDIA H100 80GB HBM3"  # common.sh's GPU_NAME: every row says which GPU its seconds are of
+    _lines(pre / "times.jsonl", {"run": "pretrain", "seconds": 320.0, "sharing": 1, "status": 0, "gpu": h100})
     _lines(
         pre / "pretrain-log.txt",
         {"epoch": 0, "train_loss": 0.9, "knn_cls_top1": 30.0},
@@ -108,7 +109,7 @@ def test_results_rows_from_synthetic_command_outputs(tmp_path):
     _lines(pre / "frozen.json", {**frozen, "bank": 50_000, "queries": 10_000, "seconds": 12.0, "command": "knn"})
     _lines(
         ft / "times.jsonl",
-        {"run": "finetune-mae-labels100-test-s0", "seconds": 250.0, "sharing": 2, "status": 0},
+        {"run": "finetune-mae-labels100-test-s0", "seconds": 250.0, "sharing": 2, "status": 0, "gpu": "NVIDIA H200"},
         {"run": "finetune-scratch-labels100-test-s0", "seconds": 240.0, "sharing": 2, "status": 124},
     )
     _lines(ft / "finetune-mae-labels100-test-s0-log.txt", {"epoch": 0}, {"epoch": 1, "test_acc1": 91.25})
@@ -129,6 +130,8 @@ def test_results_rows_from_synthetic_command_outputs(tmp_path):
     assert (mae["top1"], mae["seed"], mae["seconds"], mae["gpu_seconds"]) == (91.25, 0, 250.0, 125.0)
     assert mae["img_s"] == 2 * 50_000 / 250 and mae["command"].endswith("finetune.sh mae 0 labels100-test")
     assert {"row", "encoder", "seed", "top1", "seconds", "command", "gpu_seconds", "img_s"} <= set(mae)
+    assert {r["gpu"] for r in rows} == {h100, "NVIDIA H200"} and mae["gpu"] == "NVIDIA H200"
+    assert by_row["k-NN, cls", "MAE"]["gpu"] == h100  # frozen rows: the pre-training command's GPU
 
 
 def test_results_leave_out_a_stopped_pretraining_and_its_encoders_frozen_rows(tmp_path):
@@ -155,6 +158,7 @@ def test_every_run_ends_by_the_commands_deadline(tmp_path):
         "timed stubborn 1 bash -c \"trap '' TERM; sleep 30\" & wait"
     )
     env = {**os.environ, "WORK": str(tmp_path), "OUT": str(tmp_path), "DEADLINE": "1", "GRACE": "0.3", "LIMIT": "100"}
+    env["GPU_NAME"] = "NVIDIA H100 80GB HBM3"
     env["WHEELS"] = str(tmp_path / "no-wheels")  # not a wheels/ this checkout may hold
     begin = time.monotonic()
     subprocess.run(["bash", "-c", script], env=env, timeout=20, check=True)
@@ -162,6 +166,7 @@ def test_every_run_ends_by_the_commands_deadline(tmp_path):
     times = {t["run"]: t for t in results.json_lines(tmp_path / "times.jsonl")}
     assert (times["slow"]["status"], times["stubborn"]["status"]) == (124, 137)
     assert all(t["seconds"] < 3 for t in times.values()), times
+    assert {t["gpu"] for t in times.values()} == {"NVIDIA H100 80GB HBM3"}  # GPU_NAME, else nvidia-smi's
 
 
 def test_committed_results_hold_measured_rows_only():

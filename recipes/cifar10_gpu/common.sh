@@ -24,6 +24,9 @@ export BEGIN_MS=${BEGIN_MS:-$(($(date +%s%N) / 1000000))}
 DEADLINE=${DEADLINE:-560}
 GRACE=${GRACE:-15}
 read -r -a EXTRA_ARGS <<<"${EXTRA:-}"  # EXTRA: flags appended to every command (last wins)
+# The GPU in every line of times.jsonl, and so in every row of results.py: the device tool gives an H100 or an
+# H200 (the same matmul rate, 30% less memory bandwidth on the H100), and seconds compare only within one kind.
+GPU_NAME=${GPU_NAME:-$(timeout 20 nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 || true)}
 mkdir -p "$WORK" "$OUT"
 source benchmarks/use_wheels.sh
 use_wheels "$(cd "$WORK" && pwd)/site"  # wheels/, where carried: timm as tested here, over the machine's own
@@ -48,8 +51,8 @@ timed() {  # timed NAME SHARING COMMAND...: run it under the time limit; its wal
         echo "$name: not started, the command's $DEADLINE s are spent" >&2
         status=124
     fi
-    printf '{"run": "%s", "seconds": %s, "sharing": %d, "status": %d}\n' \
-        "$name" "$(seconds $((($(date +%s%N) - begin) / 1000000)))" "$sharing" "$status" >>"$OUT/times.jsonl"
+    printf '{"run": "%s", "seconds": %s, "sharing": %d, "status": %d, "gpu": "%s"}\n' "$name" \
+        "$(seconds $((($(date +%s%N) - begin) / 1000000)))" "$sharing" "$status" "${GPU_NAME:-none}" >>"$OUT/times.jsonl"
     return "$status"
 }
 

@@ -5,9 +5,10 @@
 Each DIR holds one command's files ($OUT of pretrain.sh, labels10.sh, labels100.sh or choose.sh:
 times.jsonl, log files, frozen.json). Rows are those of the CPU study's results.json (``row``,
 ``encoder``, ``seed``, ``top1``, ``seconds``, ``command``) plus ``gpu_seconds`` (the run's wall
-time divided by the runs that shared the GPU with it) and ``img_s`` (images trained, or encoded
-for the frozen rows, per second of the run's wall time, start-up included). Only measured runs
-become rows; a run that failed or was stopped at its time limit is left out and named.
+time divided by the runs that shared the GPU with it), ``img_s`` (images trained, or encoded for
+the frozen rows, per second of the run's wall time, start-up included) and ``gpu`` (the GPU's name,
+from times.jsonl: an H100's and an H200's seconds compare only among themselves). Only measured
+runs become rows; a run that failed or was stopped at its time limit is left out and named.
 """
 
 import argparse
@@ -56,7 +57,9 @@ def pretrain_row(back: Path, model: str) -> dict | None:
         "epochs": epochs,
         **share(time),
         "img_s": round(img_s),
-        "mfu": round(img_s * pretrain_flops(model) / (PEAK_TFLOPS * 1e12), 4),  # counts start-up and k-NN too
+        # Against plan.py's 790 TFLOP/s, the bf16 rate both lent kinds measured (no matmul is timed in this run);
+        # start-up and the k-NN monitor are counted too.
+        "mfu": round(img_s * pretrain_flops(model) / (PEAK_TFLOPS * 1e12), 4),
         "command": f"{RECIPE}/pretrain.sh",
     }
 
@@ -121,9 +124,12 @@ def collect(backs: list[Path], model: str = "mae_vit_tiny_patch2") -> tuple[list
     rows, left_out = [], []
     for back in backs:
         pretrain = pretrain_row(back, model)
-        rows += [pretrain] if pretrain else []
-        for found, missing in (frozen_rows(back, pretrain is not None), finetune_rows(back)):
-            rows, left_out = rows + found, left_out + missing
+        found = [pretrain] if pretrain else []
+        for more, missing in (frozen_rows(back, pretrain is not None), finetune_rows(back)):
+            found, left_out = found + more, left_out + missing
+        # The GPU that ran the command (common.sh's GPU_NAME): an H100's seconds and an H200's do not compare.
+        gpu = next((t["gpu"] for t in json_lines(back / "times.jsonl") if "gpu" in t), None)
+        rows += [{**row, "gpu": gpu} for row in found]
     return rows, left_out
 
 
