@@ -81,12 +81,18 @@ def encoder_state(state: dict[str, torch.Tensor], path: str) -> dict[str, torch.
     return encoder
 
 
+# The one integer tensor our models hold: BatchNorm's step counter (the linear probe's head).
+_INTEGER_BUFFERS = ("num_batches_tracked",)
+
+
 def check_float_weights(state: StateDict, source: str) -> None:
     """Every weight is what loading one requires (``check_weight``: a float, whole, finite), or fail
     naming it after ``source``: an export must not pass on weights the other entry points refuse
-    (NaN from a diverged run, a quantized file). Our models and the official ones hold floats only."""
+    (NaN from a diverged run, a quantized file). Our models and the official ones hold floats, but
+    for the counters of ``_INTEGER_BUFFERS``, which must be int64 as torch keeps them."""
     for key, weight in sorted(state.items()):
-        check_weight(key, weight, torch.float32, source)
+        dtype = torch.int64 if key.rsplit(".", 1)[-1] in _INTEGER_BUFFERS else torch.float32
+        check_weight(key, weight, dtype, source)
 
 
 def vit_name(ckpt: dict[str, Any], encoder: dict[str, torch.Tensor], given: str | None, path: str) -> tuple[str, int]:

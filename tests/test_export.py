@@ -150,6 +150,24 @@ def test_global_pool_classifier_exports_fc_norm_for_timm_avg_pool(tmp_path, caps
         torch.testing.assert_close(theirs(_images()), expected, atol=ATOL, rtol=0)
 
 
+def test_linear_probe_checkpoint_exports(tmp_path, capsys):
+    """A linear probe's head is a BatchNorm, whose step counter is an integer tensor: docs/checkpoints.md
+    promises that export.py reads probing checkpoints too, so it must not be refused as a foreign weight."""
+    torch.manual_seed(3)
+    probe = models_vit.vit_tiny_patch4(num_classes=3, global_pool=False)
+    probe.head = torch.nn.Sequential(torch.nn.BatchNorm1d(192, affine=False, eps=1e-6), probe.head)  # main_linprobe's
+    src = tmp_path / "checkpoint-0.pth"
+    torch.save({"model": probe.state_dict(), "args": argparse.Namespace(model="vit_tiny_patch4", input_size=32)}, src)
+    _export(src, "timm", tmp_path / "probe_encoder.safetensors")
+    theirs = _timm_from_printed(capsys).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(_images()), probe.eval().forward_features(_images())[:, 0], atol=ATOL, rtol=0)
+    _export(src, "safetensors", tmp_path / "probe.safetensors")
+    back = model_state(load_checkpoint(str(tmp_path / "probe.safetensors")), "probe.safetensors")
+    assert back["head.0.num_batches_tracked"].dtype == torch.int64
+    assert all(torch.equal(back[k], v) for k, v in probe.state_dict().items())
+
+
 # ---------------------------------------------------------------------------------------------
 def test_safetensors_round_trip_is_bitwise_with_args(pre, tmp_path):
     _, ckpt = pre
