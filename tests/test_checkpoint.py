@@ -323,6 +323,26 @@ def test_resume_positions_and_find_resumable(tmp_path, capsys):
     assert fresh.optimizer.state_dict()["state"] == {}
 
 
+def test_resume_with_another_number_of_processes(tmp_path, capsys):
+    """docs/checkpoints.md: an epoch-end checkpoint of 2 processes resumes in 1 with a warning that the
+    random state is not restored; one written inside an epoch is refused (its position counts batches
+    of 2 processes)."""
+    state = _state(torch.nn.Linear(2, 2), _args(output_dir=str(tmp_path)))
+    for name, step in (("end.pth", None), ("mid.pth", 3)):
+        saved = _args(world_size=2)
+        ckpt = {**state.state_dict(), "args": saved, "epoch": 0, "step": step, "rng": [capture_rng()] * 2}
+        atomic_save(ckpt, str(tmp_path / name))
+    fresh = _state(torch.nn.Linear(2, 2), _args(resume=str(tmp_path / "end.pth")))
+    assert resume(fresh, open_resume(fresh.args)) == Position(1, 0)
+    assert "written by 2 processes, this run has 1: random state is not restored" in capsys.readouterr().out
+    fresh.args.resume = str(tmp_path / "mid.pth")
+    with pytest.raises(UserError, match="inside an epoch with number of processes 2, this run has 1"):
+        resume(fresh, open_resume(fresh.args))
+    other_batch = _state(torch.nn.Linear(2, 2), _args(resume=str(tmp_path / "mid.pth"), world_size=2, batch_size=16))
+    with pytest.raises(UserError, match="inside an epoch with --batch_size 8, this run has 16"):
+        resume(other_batch, open_resume(other_batch.args))
+
+
 def test_resume_refuses_other_optimizer_layout(tmp_path):
     model = torch.nn.Linear(2, 2)
     state = _state(model, _args(output_dir=str(tmp_path)))
