@@ -15,10 +15,13 @@ sys.path.insert(0, str(REPO / "demo"))
 
 import make_split  # noqa: E402
 
+import dataset_stats  # noqa: E402
+import export  # noqa: E402
 import knn_eval  # noqa: E402
 import main_finetune  # noqa: E402
 import main_linprobe  # noqa: E402
 import main_pretrain  # noqa: E402
+import reconstruct  # noqa: E402
 from util.cli.launcher import add_launcher_args  # noqa: E402
 from util.data.datasets import classification_dataset  # noqa: E402
 
@@ -30,6 +33,8 @@ PARSERS = {
     "main_linprobe.py": main_linprobe,
     "knn_eval.py": knn_eval,
 }
+# The tools' commands in the docs must parse too (their flags are documented where they are used).
+COMMANDS = {**PARSERS, "export.py": export, "reconstruct.py": reconstruct, "dataset_stats.py": dataset_stats}
 README_MAX_LINES = 300
 
 
@@ -60,7 +65,7 @@ def _commands(text: str) -> list[list[str]]:
             line = line.split("#")[0]
             for part in line.split("&&"):
                 words = shlex.split(part)
-                if any(w.endswith(tuple(PARSERS)) or w.startswith("submitit_") for w in words):
+                if any(w.endswith(tuple(COMMANDS)) or w.startswith("submitit_") for w in words):
                     commands.append(words)
     return commands
 
@@ -69,10 +74,10 @@ def _commands(text: str) -> list[list[str]]:
 def test_commands_parse(page):
     commands = _commands(page.read_text())
     for words in commands:
-        script = next(w for w in words if w.endswith(tuple(PARSERS)) or w.startswith("submitit_"))
-        name = script.replace("submitit_", "main_")
+        script = next(w for w in words if w.endswith(tuple(COMMANDS)) or w.startswith("submitit_"))
+        name = next(n for n in COMMANDS if script.replace("submitit_", "main_").endswith(n))
         flags = words[words.index(script) + 1 :]
-        parser = PARSERS[name].get_args_parser()
+        parser = COMMANDS[name].get_args_parser()
         if script.startswith("submitit_"):
             add_launcher_args(parser)
         flags = [f for f in flags if f != "..."]
@@ -86,6 +91,8 @@ def test_commands_are_found():
     # Guards the extraction itself: the README's three commands and the recipes in docs/.
     assert len(_commands((REPO / "README.md").read_text())) >= 4
     assert len(_commands(DOCS)) >= 14
+    tools = {w for words in _commands(DOCS) for w in words if w.endswith(("export.py", "reconstruct.py"))}
+    assert tools == {"export.py", "reconstruct.py"}
 
 
 # ---------------------------------------------------------------------------------------------
