@@ -31,7 +31,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Render MAE reconstructions")
     parser.add_argument("images", nargs="+", help="image files")
     parser.add_argument("--checkpoint", required=True, help="MAE checkpoint with decoder (file or URL)")
-    parser.add_argument("--output", default="reconstruction.png", help="PNG to write")
+    parser.add_argument("--output", default="reconstruction.png", help="picture to write, in its extension's format")
     parser.add_argument("--model", default=None, help=f"one of {', '.join(models_mae.MODELS)} (default: inferred)")
     # default: the checkpoint's; it takes 1 or 2 values, so give it after the image files (or end it with --)
     add_input_size_arg(parser)
