@@ -343,6 +343,23 @@ def test_resume_with_another_number_of_processes(tmp_path, capsys):
         resume(other_batch, open_resume(other_batch.args))
 
 
+def test_resume_with_flags_that_change_what_is_learned_warns_naming_each(tmp_path, capsys):
+    """--mask_ratio, --norm_pix_loss, ... (MEANING_FLAGS) changed on resume: training goes on with
+    the new values, and one warning names each change; flags that change nothing learned (--epochs)
+    are not named."""
+    state = _state(torch.nn.Linear(2, 2), _args(output_dir=str(tmp_path), mask_ratio=0.75, norm_pix_loss=True))
+    checkpoint.save_checkpoint(state, 0)
+    changed = dict(mask_ratio=0.5, norm_pix_loss=False, epochs=9)
+    fresh = _state(torch.nn.Linear(2, 2), _args(resume=str(tmp_path / "checkpoint-0.pth"), **changed))
+    capsys.readouterr()
+    assert resume(fresh, open_resume(fresh.args)) == Position(1, 0)
+    warned = [line for line in capsys.readouterr().out.splitlines() if "trained with other flags" in line]
+    assert warned == [
+        f"warning: {tmp_path / 'checkpoint-0.pth'} was trained with other flags (--mask_ratio 0.75 -> 0.5, "
+        f"--norm_pix_loss True -> False); training goes on with the new ones"
+    ]
+
+
 def test_resume_refuses_other_optimizer_layout(tmp_path):
     model = torch.nn.Linear(2, 2)
     state = _state(model, _args(output_dir=str(tmp_path)))
