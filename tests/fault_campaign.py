@@ -1,14 +1,15 @@
-"""A fault campaign against pre-training: kill -9 at random moments (in training, inside checkpoint
-writes, between a checkpoint's write and its rename, after the rename, while pruning, while log.txt
-is written), a full disk under every writer, Ctrl-C once and twice, damaged checkpoints; each trial
-resumed with ``--resume auto`` until it finishes, checking what docs/what-survives-what.md promises:
+"""A fault campaign against pre-training, fine-tuning or linear probing (``--entry``): kill -9 at
+random moments (in training, inside checkpoint writes, between a checkpoint's write and its rename,
+after the rename, while pruning, while log.txt is written), a full disk under every writer, Ctrl-C
+once and twice, damaged checkpoints; each trial resumed with ``--resume auto`` until it finishes,
+checking what docs/what-survives-what.md promises:
 
 - after every fault, every ``checkpoint-*.pth`` in the folder loads (but those damaged on purpose,
   which must not), and log.txt has no epoch twice; a run that ends by itself (a full disk, Ctrl-C)
   leaves no temporary file and says why in one line, never a traceback;
-- in the end the final checkpoint equals an uninterrupted run's bitwise (weights, optimizer, random
-  state, log history), log.txt equals its log.txt (each epoch once, the same losses), and no
-  temporary file is left.
+- in the end the final checkpoint (fine-tuning's and probing's checkpoint-0.pth too, which they
+  keep) equals an uninterrupted run's bitwise (weights, optimizer, random state, log history, best
+  top-1), log.txt equals its log.txt (each epoch once, the same losses), and no temporary file is left.
 
 The kinds of fault (FAULTS):
 
@@ -29,12 +30,18 @@ The kinds of fault (FAULTS):
   uninterrupted run of the same flags, forked by the driver (in the work folder) when first needed.
 
     python tests/fault_campaign.py --trials 60 --seed 11 --faults 5   # by hand; test_fault_campaign runs a few
+    python tests/fault_campaign.py --entry finetune --trials 30 --seed 11 --faults 5
 
 One driver process (test_fault_campaign's is pytest's) imports torch once and forks every run,
-which then runs ``main_pretrain`` as the command line does. Runs are single-threaded, as bitwise
-comparisons need. The uninterrupted run they are compared with is helpers.Reference, on the command
-line (the test session's ``pretrain_reference``, which test_resilience and test_pretrain share);
-``--reference`` reuses one that a campaign or a test session left.
+which then runs the entry point (ENTRIES) as the command line does. Runs are single-threaded, as
+bitwise comparisons need. Pre-training runs are compared with helpers.Reference, an uninterrupted run
+on the command line (the test session's ``pretrain_reference``, which test_resilience and
+test_pretrain share); ``--reference`` reuses one that a campaign or a test session left. Fine-tuning
+and linear probing start from that run's final checkpoint (``--finetune``: the encoder's loading
+and its flags are part of every fresh start, and every resume opens it too) on a train/val split of
+the same demo images, and are compared with an uninterrupted run of their own flags, forked by the
+driver. They add a kill site (``eval``: an epoch's evaluation done, neither logged nor in a
+checkpoint) and have no reconstruction picture: each entry declares the faults it skips.
 """
 
 import argparse
@@ -51,6 +58,7 @@ import sys
 import time
 import zipfile
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,12 +71,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from helpers import RESUMABLE_EPOCHS as EPOCHS  # noqa: E402
-from helpers import Reference, assert_same, budgeted_open, counting_step, resumable_flags, run_forked  # noqa: E402
+from helpers import (  # noqa: E402
+    RESUMABLE_SCHEDULE,
+    TINY,
+    Reference,
+    assert_same,
+    budgeted_open,
+    counting_step,
+    make_split,
+    resumable_flags,
+    run_forked,
+)
 
+import engine_finetune  # noqa: E402
+import main_finetune  # noqa: E402
+import main_linprobe  # noqa: E402
 import main_pretrain  # noqa: E402
 from util.checkpoint import files as checkpoint_files  # noqa: E402  (listing only)
 from util.checkpoint import load as safe_load  # noqa: E402
-from util.cli.errors import UserError  # noqa: E402
+from util.cli.errors import UserError, run_cli  # noqa: E402
+from util.lars import LARS  # noqa: E402
 
 # The reference's flags (helpers.resumable_flags): 6 iterations an epoch; checkpoints after iterations 2
 # and 4 and at the end.
@@ -82,17 +104,102 @@ SITES = {
     "prune": 3,  # while old checkpoints are removed
     "log-rewrite": 1,  # log.txt's temporary written at start, not renamed
     "log-append": 2,  # before an epoch's line is appended, after its checkpoint
+    "eval": 3,  # fine-tuning, probing: an epoch's evaluation done, not logged (its checkpoint came before)
 }
 # The writers a full disk is tried on: what their temporary (or event) file's name holds, and the
-# largest occurrence drawn. A run writes 9 checkpoints, log.txt once at start (a rewrite from the
-# checkpoint's history, on a fresh start or after a drift) and once an epoch (an append),
-# TensorBoard's events at start and once an epoch, a picture an epoch.
+# largest occurrence drawn. A run writes 9 checkpoints (fine-tuning and probing 10: the last epoch's
+# again after its evaluation), log.txt once at start (a rewrite from the checkpoint's history, on a
+# fresh start or after a drift) and once an epoch (an append), TensorBoard's events at start and
+# once an epoch, a picture an epoch (pre-training).
 WRITERS = {"checkpoint": (".pth.tmp", 4), "log-rewrite": ("log.txt.tmp", 1), "log-append": ("log.txt.tmp", 3)}
 WRITERS |= {"tensorboard": ("tfevents", 3), "picture": (".png.tmp", 3)}
 OPTIONAL_WRITERS = ("tensorboard", "picture")  # a warning, and the run goes on
 FAULTS = [*SITES, "timer", "damage", "bit-flip", "full-disk", "ctrl-c", "ctrl-c-twice", "accum-remainder"]
 ACCUM_ITER = 4  # 6 iterations an epoch: groups of 4 and 2; a checkpoint after iteration 4 and at the end
 FIRED = "campaign: fired "  # what a run prints when a fault that does not end it by itself fires
+
+
+@dataclass(frozen=True)
+class Entry:
+    """An entry point under faults: what differs between them, the rest of the campaign is shared."""
+
+    name: str
+    module: Any  # main_pretrain, main_finetune or main_linprobe: get_args_parser and main
+    # Its flags for an output folder (the third), from the pre-training reference run and the work folder.
+    flags: Callable[[Reference, Path, Path], list[str]]
+    optimizer: type[torch.optim.Optimizer]  # whose steps the 'step' and 'ctrl-c-twice' faults count
+    optional_flags: Callable[[Path], list[str]]  # what turns its optional writers on, in an output folder
+    # Fault kinds, SITES and WRITERS it has no moment for: declared, so that none is left out by accident.
+    skipped: tuple[str, ...]
+    # Its uninterrupted run of the base flags is helpers.Reference's (else forked, as for --accum_iter).
+    shares_reference: bool = False
+    # The checkpoints compared with the uninterrupted run's besides the final one (which every entry
+    # compares), all that the trials' flags keep: pre-training's reference keeps all of them.
+    kept: tuple[str, ...] = ()
+
+    @property
+    def compared(self) -> tuple[str, ...]:
+        return (f"checkpoint-{EPOCHS - 1}.pth", *self.kept)
+
+    @property
+    def kinds(self) -> list[str]:
+        return [f for f in FAULTS if f not in self.skipped]
+
+    @property
+    def writers(self) -> list[str]:
+        return [w for w in WRITERS if w not in self.skipped]
+
+
+def _classifier_flags(reference: Reference, workdir: Path, out: Path, *extra: str) -> list[str]:
+    """Fine-tuning's or probing's flags: the mini classifier from the reference's MAE checkpoint, 6
+    iterations an epoch on 48 training images (the demo's, as the reference's) and 18 to evaluate,
+    and the reference's schedule and check points."""
+    data = workdir / "split"
+    if not data.exists():  # made by the first run's flags, in the driver
+        make_split(data, train=16, val=6)
+    mae = reference.out / f"checkpoint-{EPOCHS - 1}.pth"
+    flags = [*TINY, "--model", "vit_mini_patch4", "--batch_size", "8", "--nb_classes", "3", *RESUMABLE_SCHEDULE]
+    return [*flags, "--finetune", str(mae), "--data_path", str(data), "--output_dir", str(out), "--log_dir", "", *extra]
+
+
+def _tensorboard(out: Path) -> list[str]:
+    return ["--log_dir", str(out / "tensorboard")]
+
+
+ENTRIES = {
+    "pretrain": Entry(
+        "pretrain",
+        main_pretrain,
+        lambda reference, _, out: resumable_flags(reference.data, out),
+        torch.optim.AdamW,
+        lambda out: ["--vis_freq", "1", *_tensorboard(out)],
+        skipped=("eval",),  # nothing is evaluated (the k-NN monitor is off)
+        shares_reference=True,
+    ),
+    "finetune": Entry(
+        "finetune",
+        main_finetune,
+        # mixup and cutmix draw from the main process's numpy stream each step (the random state a
+        # checkpoint must carry), besides RandAugment, random erasing, drop path and label smoothing
+        # of the defaults; a blr at which the best top-1 moves.
+        lambda reference, workdir, out: _classifier_flags(
+            reference, workdir, out, "--mixup", "0.8", "--cutmix", "1.0", "--blr", "5e-2", "--dist_eval"
+        ),
+        torch.optim.AdamW,
+        _tensorboard,
+        skipped=("picture",),  # a classifier draws no reconstructions
+        kept=("checkpoint-0.pth",),  # --save_freq's: it holds epoch 0 before its evaluation
+    ),
+    "linprobe": Entry(
+        "linprobe",
+        main_linprobe,
+        _classifier_flags,
+        LARS,
+        _tensorboard,
+        skipped=("picture",),
+        kept=("checkpoint-0.pth",),
+    ),
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,23 +214,23 @@ def _say(label: str) -> None:
     sys.stderr.flush()
 
 
-def _arm(fault: str, n: int, cut: int) -> None:
+def _arm(entry: Entry, fault: str, n: int, cut: int) -> None:
     """Make this run meet ``fault`` at the ``n``-th occurrence of its moment (``cut``: the bytes a
     checkpoint gets before its write fails)."""
     if fault in SITES:
-        _arm_kill(fault, n, cut)
+        _arm_kill(entry, fault, n, cut)
     elif fault.startswith("full-disk:"):
         _arm_full_disk(fault.split(":", 1)[1], n, cut)
     elif fault == "ctrl-c-twice":
-        _arm_ctrl_c_twice(n, cut)
+        _arm_ctrl_c_twice(entry, n, cut)
 
 
-def _after_optimizer_steps(call) -> None:
+def _after_optimizer_steps(entry: Entry, call: Callable[[int], object]) -> None:
     """``call(k)`` after the k-th optimizer step of this run."""
-    torch.optim.AdamW.step = counting_step(lambda _, k: call(k))
+    entry.optimizer.step = counting_step(lambda _, k: call(k), entry.optimizer)
 
 
-def _arm_kill(site: str, n: int, cut: int) -> None:
+def _arm_kill(entry: Entry, site: str, n: int, cut: int) -> None:
     """Kill this process at the ``n``-th occurrence of ``site`` (``cut``: the bytes of a checkpoint
     written before a 'ckpt-write' kill)."""
     seen = [0]
@@ -134,7 +241,17 @@ def _arm_kill(site: str, n: int, cut: int) -> None:
             return seen[0] == n
         return False
 
-    _after_optimizer_steps(lambda k: hit("step") and _die())
+    _after_optimizer_steps(entry, lambda k: hit("step") and _die())
+
+    evaluate = engine_finetune.evaluate  # the classifiers' epoch loop calls it through the module
+
+    def evaluated(*args, **kwargs):
+        stats = evaluate(*args, **kwargs)
+        if hit("eval"):
+            _die()
+        return stats
+
+    engine_finetune.evaluate = evaluated
 
     # A checkpoint's temporary file whose writer dies once it has written ``cut`` bytes; log.txt's
     # temporary file, written to add an epoch's line after the epoch's checkpoint (atomic_append).
@@ -190,7 +307,7 @@ def _log_write() -> str:
     return "log-append" if appending else "log-rewrite"
 
 
-def _arm_ctrl_c_twice(n: int, cut: int) -> None:
+def _arm_ctrl_c_twice(entry: Entry, n: int, cut: int) -> None:
     """Ctrl-C after the ``n``-th optimizer step, and again once the checkpoint that the first one
     asked for has ``cut`` bytes written: the second must stop the run at once, mid-write."""
     first_sent = [False]
@@ -204,17 +321,17 @@ def _arm_ctrl_c_twice(n: int, cut: int) -> None:
         _say("ctrl-c-twice")
         os.kill(os.getpid(), signal.SIGINT)  # its handler raises KeyboardInterrupt right here
 
-    _after_optimizer_steps(first)
+    _after_optimizer_steps(entry, first)
     builtins.open = budgeted_open(cut, second, lambda path, mode: first_sent[0] and ".pth.tmp" in path and "w" in mode)
 
 
-def _run(argv: list[str], log: Path, fault: str | None = None, n: int = 0, cut: int = 0) -> int:
-    """Fork a run of ``main_pretrain.py argv``, its output appended to ``log``; returns its pid."""
+def _run(entry: Entry, argv: list[str], log: Path, fault: str | None = None, n: int = 0, cut: int = 0) -> int:
+    """Fork a run of the entry point with ``argv``, its output appended to ``log``; returns its pid."""
 
     def run() -> None:
         if fault:
-            _arm(fault, n, cut)
-        main_pretrain.run_cli(lambda: main_pretrain.main(main_pretrain.get_args_parser().parse_args(argv)))
+            _arm(entry, fault, n, cut)
+        run_cli(lambda: entry.module.main(entry.module.get_args_parser().parse_args(argv)))
 
     return run_forked(log, run, append=True)
 
@@ -289,10 +406,10 @@ def _flip_tensor_bit(path: str, rng: random.Random) -> str:
     return f"bit flipped at byte {where} (in {member.filename})"
 
 
-def _final(out: Path) -> dict[str, Any]:
-    """The final checkpoint, without the flags that only say where, which extras are written and which
-    checkpoints are kept (the reference keeps all of them, for test_pretrain)."""
-    ckpt = safe_load.load_checkpoint(str(out / f"checkpoint-{EPOCHS - 1}.pth"))
+def _final(path: Path) -> dict[str, Any]:
+    """A checkpoint, without the flags that only say where, which extras are written and which
+    checkpoints are kept (the pre-training reference keeps all of them, for test_pretrain)."""
+    ckpt = safe_load.load_checkpoint(str(path))
     extras = ("output_dir", "log_dir", "vis_freq", "keep_last")
     ckpt["args"] = {k: v for k, v in vars(ckpt["args"]).items() if k not in extras}
     return ckpt
@@ -312,45 +429,55 @@ def _when(fault: str) -> int:
 
 @dataclass(frozen=True)
 class Variant:
-    """A trial's flags beyond the reference's."""
+    """A trial's flags beyond the entry's."""
 
     accumulation: bool  # --accum_iter with a remainder
-    pictures: bool  # TensorBoard and a reconstruction picture every epoch
+    optional: bool  # the optional writers: TensorBoard (and pre-training's picture) every epoch
 
     @classmethod
     def of(cls, faults: list[str]) -> "Variant":
         optional = {f"full-disk:{w}" for w in OPTIONAL_WRITERS}
         return cls("accum-remainder" in faults, bool(optional & set(faults)))
 
-    def flags(self, data: Path, out: Path) -> list[str]:
-        flags = resumable_flags(data, out)
+    def flags(self, entry: Entry, reference: Reference, workdir: Path, out: Path) -> list[str]:
+        flags = entry.flags(reference, workdir, out)
         if self.accumulation:
             # Checkpoints sit on optimizer steps: --ckpt_every_steps must be a multiple of --accum_iter.
             flags += ["--accum_iter", str(ACCUM_ITER), "--ckpt_every_steps", str(ACCUM_ITER)]
-        if self.pictures:
-            flags += ["--vis_freq", "1", "--log_dir", str(out / "tensorboard")]
+        if self.optional:
+            flags += entry.optional_flags(out)
         return flags
 
 
 class Expectations:
-    """What a trial must end with: an uninterrupted run's final checkpoint and log.txt, for each
-    set of flags that changes training (the reference's; ``--accum_iter``, run when first needed)."""
+    """What a trial must end with: an uninterrupted run's compared checkpoints (Entry.compared) and
+    log.txt, for each set of flags that changes training (the entry's; ``--accum_iter``). Pre-training's
+    of the entry's flags is the reference; the others are forked by the driver when first needed."""
 
-    def __init__(self, reference: Reference, workdir: Path):
-        self.reference, self.workdir = reference, workdir
-        self.known: dict[bool, tuple[dict[str, Any], list[dict[str, Any]]]] = {}
+    def __init__(self, entry: Entry, reference: Reference, workdir: Path):
+        self.entry, self.reference, self.workdir = entry, reference, workdir
+        self.known: dict[bool, tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]] = {}
+        self.seconds = reference.seconds  # the base run's training time (a forked one's once it ran)
 
-    def of(self, variant: Variant) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        if variant.accumulation not in self.known:
-            out = self.reference.out
-            if variant.accumulation:
-                out = self.workdir / "reference-accum"
-                log = self.workdir / "reference-accum.log"
-                code = _wait(_run(Variant(True, False).flags(self.reference.data, out), log))
+    def folder(self, accumulation: bool) -> Path:
+        if self.entry.shares_reference and not accumulation:
+            return self.reference.out
+        return self.workdir / f"reference-{self.entry.name}{'-accum' if accumulation else ''}"
+
+    def of(self, variant: Variant) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+        key = variant.accumulation
+        if key not in self.known:
+            out = self.folder(key)
+            if out != self.reference.out:
+                log, begin = out.with_suffix(".log"), time.time()
+                flags = Variant(key, False).flags(self.entry, self.reference, self.workdir, out)
+                code = _wait(_run(self.entry, flags, log))
                 if code != 0:
-                    raise RuntimeError(f"the uninterrupted --accum_iter run failed ({code}): {log.read_text()[-2000:]}")
-            self.known[variant.accumulation] = _final(out), _log_lines(out)
-        return self.known[variant.accumulation]
+                    raise RuntimeError(f"the uninterrupted run {out.name} failed ({code}): {log.read_text()[-2000:]}")
+                if not key:
+                    self.seconds = round(time.time() - begin, 2)
+            self.known[key] = {name: _final(out / name) for name in self.entry.compared}, _log_lines(out)
+        return self.known[key]
 
 
 def _judge(fault: str, code: int, output: str) -> tuple[str | None, list[str]]:
@@ -416,11 +543,11 @@ def _drop_last_log_line(out: Path) -> None:
         path.write_text("".join(lines[:-1]))
 
 
-def _draw_order(rng: random.Random, count: int, kinds: list[str]) -> list[str]:
+def _draw_order(rng: random.Random, count: int, kinds: list[str], writers: list[str]) -> list[str]:
     """``count`` faults: every kind in turn (in a shuffled order), so that a few trials cover them
-    all; the writers of the full disks in turn too."""
+    all; the ``writers`` of the full disks in turn too."""
     order = [f for _ in range(count // len(kinds) + 1) for f in rng.sample(kinds, len(kinds))][:count]
-    writers = [w for _ in range(count // len(WRITERS) + 1) for w in rng.sample(list(WRITERS), len(WRITERS))]
+    writers = [w for _ in range(count // len(writers) + 1) for w in rng.sample(writers, len(writers))]
     return [f"full-disk:{writers.pop()}" if f == "full-disk" else f for f in order]
 
 
@@ -432,19 +559,22 @@ def campaign(
     reference: Reference | None = None,
     kinds: list[str] | None = None,
     progress: Path | None = None,
+    entry: str = "pretrain",
 ) -> dict[str, Any]:
-    """Run ``trials`` trials of ``faults_per_trial`` faults each, drawn in turn from ``kinds`` (all
-    of FAULTS by default); returns the figures and the failures, which go to ``progress`` (a JSON
-    file) after every trial too: a long campaign can be read while it runs."""
+    """Run ``trials`` trials of ``entry`` (ENTRIES) with ``faults_per_trial`` faults each, drawn in
+    turn from ``kinds`` (all of the entry's by default); returns the figures and the failures, which
+    go to ``progress`` (a JSON file) after every trial too: a long campaign can be read while it runs."""
     torch.set_num_threads(1)
     rng = random.Random(seed)
     begin = time.time()
+    runner = ENTRIES[entry]
     reference = reference or Reference.make(workdir)
-    expectations = Expectations(reference, workdir)
-    data, ref_seconds = reference.data, reference.seconds
-    size = (reference.out / f"checkpoint-{EPOCHS - 1}.pth").stat().st_size
+    expectations = Expectations(runner, reference, workdir)
+    expectations.of(Variant(False, False))  # a forked uninterrupted run times the timer faults' delays
+    ref_seconds = expectations.seconds
+    size = (expectations.folder(False) / runner.compared[0]).stat().st_size
 
-    order = _draw_order(rng, trials * faults_per_trial, kinds or FAULTS)
+    order = _draw_order(rng, trials * faults_per_trial, kinds or runner.kinds, runner.writers)
     drawn = Counter(f.split(":")[0] for f in order)
     fired: Counter[str] = Counter()
     trials_with: Counter[str] = Counter()
@@ -452,11 +582,12 @@ def campaign(
 
     def figures(done_trials: int) -> dict[str, Any]:
         return {
+            "entry": entry,
             "trials": done_trials,
             "seed": seed,
             "faults_per_trial": faults_per_trial,
             "runs": runs,
-            "drawn": {f: drawn[f] for f in FAULTS},
+            "drawn": {f: drawn[f] for f in runner.kinds},
             "faults": dict(sorted(fired.items())),
             "trials_with": dict(sorted(trials_with.items())),
             "failures": failures,
@@ -493,7 +624,8 @@ def campaign(
             expect_skip = _newest_damaged(out, damaged)
             if fault == "full-disk:log-rewrite":
                 _drop_last_log_line(out)
-            pid = _run(variant.flags(data, out), log, fault if fault not in ("timer", "ctrl-c") else None, n, cut)
+            armed = fault if fault not in ("timer", "ctrl-c") else None
+            pid = _run(runner, variant.flags(runner, reference, workdir, out), log, armed, n, cut)
             delay = rng.uniform(0.05, ref_seconds / 2) if fault in ("timer", "ctrl-c") else None
             code = _wait(pid, delay, signal.SIGINT if fault == "ctrl-c" else signal.SIGKILL)
             runs += 1
@@ -517,7 +649,8 @@ def campaign(
         if not done:
             failures.append(f"{name}: did not finish")
         else:
-            failures += [f"{name}: {p}" for p in _compare_with_uninterrupted(out, *expectations.of(variant))]
+            problems = _compare_with_uninterrupted(out, *expectations.of(variant), damaged)
+            failures += [f"{name}: {p}" for p in problems]
         if progress:
             progress.write_text(json.dumps(figures(trial + 1)))
     return figures(trials)
@@ -539,19 +672,31 @@ def _loads(path: str) -> bool:
     return True
 
 
-def _compare_with_uninterrupted(out: Path, expected: dict[str, Any], expected_log: list[dict[str, Any]]) -> list[str]:
-    """The final checkpoint's states (weights, optimizer, random state, ...), its log history and
-    log.txt each against the uninterrupted run's: three findings rather than the first one."""
+def _compare_with_uninterrupted(
+    out: Path,
+    expected: dict[str, dict[str, Any]],
+    expected_log: list[dict[str, Any]],
+    damaged: dict[str, tuple[int, int]],
+) -> list[str]:
+    """The compared checkpoints' states (weights, optimizer, random state, ...), their log history
+    and log.txt each against the uninterrupted run's: findings apart rather than the first one. A
+    kept checkpoint still damaged on purpose is left out (no run had to write it again)."""
     problems = []
-    final = _final(out)
-    try:
-        assert_same({k: v for k, v in final.items() if k != "log"}, {k: v for k, v in expected.items() if k != "log"})
-    except AssertionError as e:
-        problems.append(f"final checkpoint differs from the uninterrupted run's: checkpoint{e}")
-    try:
-        assert_same(final.get("log"), expected.get("log"), "log")
-    except AssertionError as e:
-        problems.append(f"final checkpoint's log history differs from the uninterrupted run's: {e}")
+    for name, wanted in expected.items():
+        if (out / name).exists() and _is_damaged(str(out / name), damaged):
+            continue
+        if not (out / name).exists():
+            problems.append(f"{name} missing")
+            continue
+        got = _final(out / name)
+        try:
+            assert_same({k: v for k, v in got.items() if k != "log"}, {k: v for k, v in wanted.items() if k != "log"})
+        except AssertionError as e:
+            problems.append(f"{name} differs from the uninterrupted run's: checkpoint{e}")
+        try:
+            assert_same(got.get("log"), wanted.get("log"), "log")
+        except AssertionError as e:
+            problems.append(f"{name}'s log history differs from the uninterrupted run's: {e}")
     if _log_lines(out) != expected_log:
         problems.append(f"log.txt {_log_lines(out)} differs from {expected_log}")
     if _temporaries(out):
@@ -567,22 +712,24 @@ def main() -> None:
     parser.add_argument("--workdir", default="", help="default: a temporary folder")
     parser.add_argument("--reference", default="", help="a folder holding helpers.Reference.make's run, to reuse")
     parser.add_argument("--report", default="", help="write the result as JSON here")
-    parser.add_argument("--kinds", default=",".join(FAULTS), help="the kinds of fault to draw, comma-separated")
+    parser.add_argument("--entry", default="pretrain", choices=ENTRIES, help="the entry point run under faults")
+    parser.add_argument("--kinds", default="", help="the kinds of fault to draw, comma-separated (default: all)")
     args = parser.parse_args()
-    kinds = args.kinds.split(",")
-    if not set(kinds) <= set(FAULTS):
-        parser.error(f"--kinds: unknown {sorted(set(kinds) - set(FAULTS))}; known: {', '.join(FAULTS)}")
+    known = ENTRIES[args.entry].kinds
+    kinds = args.kinds.split(",") if args.kinds else known
+    if not set(kinds) <= set(known):
+        parser.error(f"--kinds: unknown to {args.entry} {sorted(set(kinds) - set(known))}; known: {', '.join(known)}")
     reference = Reference.read(Path(args.reference)) if args.reference else None
     report = Path(args.report) if args.report else None
     if args.workdir:
         workdir = Path(args.workdir)
         workdir.mkdir(parents=True, exist_ok=True)
-        result = campaign(args.trials, args.seed, args.faults, workdir, reference, kinds, report)
+        result = campaign(args.trials, args.seed, args.faults, workdir, reference, kinds, report, args.entry)
     else:
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
-            result = campaign(args.trials, args.seed, args.faults, Path(tmp), reference, kinds, report)
+            result = campaign(args.trials, args.seed, args.faults, Path(tmp), reference, kinds, report, args.entry)
     print(json.dumps(result, indent=1))
     sys.exit(1 if result["failures"] else 0)
 

@@ -225,9 +225,11 @@ def cli(
 RESUMABLE_EPOCHS = 3
 RESUMABLE_ITERS = 6
 RESUMABLE_BLR = 4e-3  # lr 1.25e-4 at batch 8: the loss falls by a third in the 3 epochs
+# The schedule and check points, which the fault campaign's fine-tuning and probing runs share.
+RESUMABLE_SCHEDULE = ["--epochs", str(RESUMABLE_EPOCHS), "--warmup_epochs", "1", "--print_freq", "2"]
+RESUMABLE_SCHEDULE += ["--ckpt_every_steps", "2", "--resume", "auto"]
 RESUMABLE = [*TINY, "--model", "mae_vit_mini_patch4", "--batch_size", "8", "--blr", str(RESUMABLE_BLR)]
-RESUMABLE += ["--epochs", str(RESUMABLE_EPOCHS), "--warmup_epochs", "1", "--print_freq", "2", "--ckpt_every_steps", "2"]
-RESUMABLE += ["--vis_freq", "0", "--resume", "auto"]
+RESUMABLE += [*RESUMABLE_SCHEDULE, "--vis_freq", "0"]
 
 
 def resumable_flags(data: Path, out: Path) -> list[str]:
@@ -375,10 +377,13 @@ def run_forked(log: Path, body: Callable[[], None], append: bool = False) -> int
         os._exit(code)
 
 
-def counting_step(after: Callable[[torch.optim.Optimizer, int], object]) -> Callable:
-    """A replacement for ``torch.optim.AdamW.step`` that calls ``after(optimizer, k)`` after the
-    k-th step (1-based) it makes: the seam through which tests enter faults at a given step."""
-    real_step, done = torch.optim.AdamW.step, [0]
+def counting_step(
+    after: Callable[[torch.optim.Optimizer, int], object], optimizer: type[torch.optim.Optimizer] = torch.optim.AdamW
+) -> Callable:
+    """A replacement for ``optimizer.step`` (a class's: AdamW, or linear probing's LARS) that calls
+    ``after(optimizer, k)`` after the k-th step (1-based) it makes: the seam through which tests
+    enter faults at a given step."""
+    real_step, done = optimizer.step, [0]
 
     def step(self: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
         result = real_step(self, *args, **kwargs)
