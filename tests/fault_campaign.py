@@ -9,7 +9,9 @@ checking what docs/what-survives-what.md promises:
   leaves no temporary file and says why in one line, never a traceback;
 - in the end the final checkpoint (fine-tuning's and probing's checkpoint-0.pth too, which they
   keep) equals an uninterrupted run's bitwise (weights, optimizer, random state, log history, best
-  top-1), log.txt equals its log.txt (each epoch once, the same losses), and no temporary file is left.
+  top-1), log.txt equals its log.txt (each epoch once, the same losses), no temporary file is left,
+  and (where the uninterrupted run has the trials' flags: all but pre-training's reference) the same
+  checkpoints are left as its.
 
 The kinds of fault (FAULTS):
 
@@ -21,7 +23,7 @@ The kinds of fault (FAULTS):
   TensorBoard's events, the reconstruction picture) fails with ENOSPC after part of its bytes. A
   checkpoint or log.txt ends the run with one ``error:`` line (exit 2); TensorBoard and the
   picture are one warning, and the run finishes. Trials drawing the last two write them (``--vis_freq
-  1``, ``--log_dir``), which the other trials leave off;
+  1``, ``--log_dir``: the entry's optional_flags), which the other trials leave off;
 - ctrl-c: the driver sends SIGINT after a random delay: a checkpoint at the next check point, exit 130;
 - ctrl-c-twice: the run sends itself SIGINT after its n-th optimizer step and again part-way
   through the checkpoint that the first one asked for: it stops at once, exit 130;
@@ -52,6 +54,7 @@ import io
 import json
 import os
 import random
+import shutil
 import signal
 import struct
 import sys
@@ -449,14 +452,24 @@ class Variant:
         return flags
 
 
+@dataclass(frozen=True)
+class Expected:
+    """An uninterrupted run's compared checkpoints (Entry.compared), log.txt, and the checkpoint
+    names it leaves (None for helpers.Reference's, which keeps every checkpoint)."""
+
+    checkpoints: dict[str, dict[str, Any]]
+    log: list[dict[str, Any]]
+    names: list[str] | None
+
+
 class Expectations:
-    """What a trial must end with: an uninterrupted run's compared checkpoints (Entry.compared) and
-    log.txt, for each set of flags that changes training (the entry's; ``--accum_iter``). Pre-training's
-    of the entry's flags is the reference; the others are forked by the driver when first needed."""
+    """What a trial must end with, for each set of flags that changes training (the entry's;
+    ``--accum_iter``): pre-training's of the entry's flags is the reference; the others are forked
+    by the driver when first needed."""
 
     def __init__(self, entry: Entry, reference: Reference, workdir: Path):
         self.entry, self.reference, self.workdir = entry, reference, workdir
-        self.known: dict[bool, tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]] = {}
+        self.known: dict[bool, Expected] = {}
         self.seconds = reference.seconds  # the base run's training time (a forked one's once it ran)
 
     def folder(self, accumulation: bool) -> Path:
@@ -464,20 +477,33 @@ class Expectations:
             return self.reference.out
         return self.workdir / f"reference-{self.entry.name}{'-accum' if accumulation else ''}"
 
-    def of(self, variant: Variant) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    def of(self, variant: Variant) -> Expected:
         key = variant.accumulation
         if key not in self.known:
             out = self.folder(key)
+            names = None
             if out != self.reference.out:
                 log, begin = out.with_suffix(".log"), time.time()
+                _clear(out, log)  # an earlier campaign's in this work folder would only be resumed
                 flags = Variant(key, False).flags(self.entry, self.reference, self.workdir, out)
                 code = _wait(_run(self.entry, flags, log))
                 if code != 0:
                     raise RuntimeError(f"the uninterrupted run {out.name} failed ({code}): {log.read_text()[-2000:]}")
                 if not key:
                     self.seconds = round(time.time() - begin, 2)
-            self.known[key] = {name: _final(out / name) for name in self.entry.compared}, _log_lines(out)
+                names = _checkpoint_names(out)
+            checkpoints = {name: _final(out / name) for name in self.entry.compared}
+            self.known[key] = Expected(checkpoints, _log_lines(out), names)
         return self.known[key]
+
+
+def _clear(out: Path, log: Path) -> None:
+    shutil.rmtree(out, ignore_errors=True)
+    log.unlink(missing_ok=True)
+
+
+def _checkpoint_names(out: Path) -> list[str]:
+    return sorted(p.name for p in out.glob("checkpoint-*.pth"))
 
 
 def _judge(fault: str, code: int, output: str) -> tuple[str | None, list[str]]:
@@ -596,6 +622,7 @@ def campaign(
 
     for trial in range(trials):
         out, log = workdir / f"trial{trial}", workdir / f"trial{trial}.log"
+        _clear(out, log)  # a trial left by an earlier campaign in this work folder would pass by resuming
         faults = sorted(order[trial * faults_per_trial : (trial + 1) * faults_per_trial], key=_when)
         variant = Variant.of(faults)
         name = f"trial {trial} ({', '.join(faults)})"
@@ -616,7 +643,7 @@ def campaign(
                     if _loads(intact[-1]):
                         failures.append(f"{name}: {Path(intact[-1]).name} loads after its damage ({how})")
                 continue
-            n = rng.randint(1, _largest(fault)) if fault else 0
+            n = rng.randint(1, _largest(fault, variant)) if fault else 0
             cut = rng.randrange(size)
             with open(log, "a") as f:
                 f.write(f"=== trial {trial}: fault {fault} {n}\n")
@@ -649,19 +676,21 @@ def campaign(
         if not done:
             failures.append(f"{name}: did not finish")
         else:
-            problems = _compare_with_uninterrupted(out, *expectations.of(variant), damaged)
+            problems = _compare_with_uninterrupted(out, expectations.of(variant), damaged)
             failures += [f"{name}: {p}" for p in problems]
         if progress:
             progress.write_text(json.dumps(figures(trial + 1)))
     return figures(trials)
 
 
-def _largest(fault: str) -> int:
-    if fault in SITES:
-        return SITES[fault]
+def _largest(fault: str, variant: Variant) -> int:
     if fault.startswith("full-disk:"):
         return WRITERS[fault.split(":", 1)[1]][1]
-    return 9 if fault == "ctrl-c-twice" else 1  # optimizer steps of a run
+    largest = SITES.get(fault, 9 if fault == "ctrl-c-twice" else 1)
+    if fault in ("step", "ctrl-c-twice") and variant.accumulation:
+        # Counted in optimizer steps: 6 a run with --accum_iter 4, not 18 (it then never got there).
+        largest //= 3
+    return largest
 
 
 def _loads(path: str) -> bool:
@@ -672,17 +701,15 @@ def _loads(path: str) -> bool:
     return True
 
 
-def _compare_with_uninterrupted(
-    out: Path,
-    expected: dict[str, dict[str, Any]],
-    expected_log: list[dict[str, Any]],
-    damaged: dict[str, tuple[int, int]],
-) -> list[str]:
-    """The compared checkpoints' states (weights, optimizer, random state, ...), their log history
-    and log.txt each against the uninterrupted run's: findings apart rather than the first one. A
-    kept checkpoint still damaged on purpose is left out (no run had to write it again)."""
+def _compare_with_uninterrupted(out: Path, expected: Expected, damaged: dict[str, tuple[int, int]]) -> list[str]:
+    """The compared checkpoints' states (weights, optimizer, random state, ...), their log history,
+    log.txt and the checkpoints left (pruning) each against the uninterrupted run's: findings apart
+    rather than the first one. A kept checkpoint still damaged on purpose is left out of the
+    comparison (no run had to write it again)."""
     problems = []
-    for name, wanted in expected.items():
+    if expected.names is not None and _checkpoint_names(out) != expected.names:
+        problems.append(f"checkpoints left {_checkpoint_names(out)}, the uninterrupted run's {expected.names}")
+    for name, wanted in expected.checkpoints.items():
         if (out / name).exists() and _is_damaged(str(out / name), damaged):
             continue
         if not (out / name).exists():
@@ -697,8 +724,8 @@ def _compare_with_uninterrupted(
             assert_same(got.get("log"), wanted.get("log"), "log")
         except AssertionError as e:
             problems.append(f"{name}'s log history differs from the uninterrupted run's: {e}")
-    if _log_lines(out) != expected_log:
-        problems.append(f"log.txt {_log_lines(out)} differs from {expected_log}")
+    if _log_lines(out) != expected.log:
+        problems.append(f"log.txt {_log_lines(out)} differs from {expected.log}")
     if _temporaries(out):
         problems.append(f"temporary files left: {_temporaries(out)}")
     return problems
