@@ -7,11 +7,11 @@ checking what docs/what-survives-what.md promises:
 - after every fault, every ``checkpoint-*.pth`` in the folder loads (but those damaged on purpose,
   which must not), and log.txt has no epoch twice; a run that ends by itself (a full disk, Ctrl-C)
   leaves no temporary file and says why in one line, never a traceback;
-- in the end the final checkpoint (fine-tuning's and probing's checkpoint-0.pth too, which they
-  keep) equals an uninterrupted run's bitwise (weights, optimizer, random state, log history, best
-  top-1), log.txt equals its log.txt (each epoch once, the same losses), no temporary file is left,
-  and (where the uninterrupted run has the trials' flags: all but pre-training's reference) the same
-  checkpoints are left as its.
+- in the end the final checkpoint and checkpoint-0.pth (which --save_freq keeps) equal an
+  uninterrupted run's bitwise (weights, optimizer, random state, log history, best top-1), log.txt
+  equals its log.txt (each epoch once, the same losses), no temporary file is left, and (where the
+  uninterrupted run has the trials' flags: all but pre-training's reference) the same checkpoints
+  are left.
 
 The kinds of fault (FAULTS):
 
@@ -120,6 +120,9 @@ OPTIONAL_WRITERS = ("tensorboard", "picture")  # a warning, and the run goes on
 FAULTS = [*SITES, "timer", "damage", "bit-flip", "full-disk", "ctrl-c", "ctrl-c-twice", "accum-remainder"]
 ACCUM_ITER = 4  # 6 iterations an epoch: groups of 4 and 2; a checkpoint after iteration 4 and at the end
 FIRED = "campaign: fired "  # what a run prints when a fault that does not end it by itself fires
+# The checkpoints a trial ends with (--keep_last 1, --save_freq 20), compared with the uninterrupted
+# run's: the final one and epoch 0's (a classifier's holds the epoch before its evaluation).
+COMPARED = ("checkpoint-0.pth", f"checkpoint-{EPOCHS - 1}.pth")
 
 
 @dataclass(frozen=True)
@@ -136,13 +139,6 @@ class Entry:
     skipped: tuple[str, ...]
     # Its uninterrupted run of the base flags is helpers.Reference's (else forked, as for --accum_iter).
     shares_reference: bool = False
-    # The checkpoints compared with the uninterrupted run's besides the final one (which every entry
-    # compares), all that the trials' flags keep: pre-training's reference keeps all of them.
-    kept: tuple[str, ...] = ()
-
-    @property
-    def compared(self) -> tuple[str, ...]:
-        return (f"checkpoint-{EPOCHS - 1}.pth", *self.kept)
 
     @property
     def kinds(self) -> list[str]:
@@ -191,7 +187,6 @@ ENTRIES = {
         torch.optim.AdamW,
         _tensorboard,
         skipped=("picture",),  # a classifier draws no reconstructions
-        kept=("checkpoint-0.pth",),  # --save_freq's: it holds epoch 0 before its evaluation
     ),
     "linprobe": Entry(
         "linprobe",
@@ -200,7 +195,6 @@ ENTRIES = {
         LARS,
         _tensorboard,
         skipped=("picture",),
-        kept=("checkpoint-0.pth",),
     ),
 }
 
@@ -409,7 +403,7 @@ def _flip_tensor_bit(path: str, rng: random.Random) -> str:
     return f"bit flipped at byte {where} (in {member.filename})"
 
 
-def _final(path: Path) -> dict[str, Any]:
+def _comparable(path: Path) -> dict[str, Any]:
     """A checkpoint, without the flags that only say where, which extras are written and which
     checkpoints are kept (the pre-training reference keeps all of them, for test_pretrain)."""
     ckpt = safe_load.load_checkpoint(str(path))
@@ -454,7 +448,7 @@ class Variant:
 
 @dataclass(frozen=True)
 class Expected:
-    """An uninterrupted run's compared checkpoints (Entry.compared), log.txt, and the checkpoint
+    """An uninterrupted run's COMPARED checkpoints, log.txt, and the checkpoint
     names it leaves (None for helpers.Reference's, which keeps every checkpoint)."""
 
     checkpoints: dict[str, dict[str, Any]]
@@ -492,7 +486,7 @@ class Expectations:
                 if not key:
                     self.seconds = round(time.time() - begin, 2)
                 names = _checkpoint_names(out)
-            checkpoints = {name: _final(out / name) for name in self.entry.compared}
+            checkpoints = {name: _comparable(out / name) for name in COMPARED}
             self.known[key] = Expected(checkpoints, _log_lines(out), names)
         return self.known[key]
 
@@ -598,7 +592,7 @@ def campaign(
     expectations = Expectations(runner, reference, workdir)
     expectations.of(Variant(False, False))  # a forked uninterrupted run times the timer faults' delays
     ref_seconds = expectations.seconds
-    size = (expectations.folder(False) / runner.compared[0]).stat().st_size
+    size = (expectations.folder(False) / COMPARED[-1]).stat().st_size
 
     order = _draw_order(rng, trials * faults_per_trial, kinds or runner.kinds, runner.writers)
     drawn = Counter(f.split(":")[0] for f in order)
@@ -715,7 +709,7 @@ def _compare_with_uninterrupted(out: Path, expected: Expected, damaged: dict[str
         if not (out / name).exists():
             problems.append(f"{name} missing")
             continue
-        got = _final(out / name)
+        got = _comparable(out / name)
         try:
             assert_same({k: v for k, v in got.items() if k != "log"}, {k: v for k, v in wanted.items() if k != "log"})
         except AssertionError as e:
