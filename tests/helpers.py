@@ -169,9 +169,9 @@ def pretrain_args(data: Path, out: Path, *extra: str):
 
 
 def run_pretrain(data: Path, out: Path, *extra: str, init_seed: int | None = 0, threads: int = 1):
-    """Run ``main_pretrain.main`` in this process. ``init_seed`` seeds the global generator first:
-    the model is built before ``--seed`` is applied (see test_seed_determines_initial_weights), so
-    in-process runs that must start from the same weights need it."""
+    """Run ``main_pretrain.main`` in this process. ``init_seed`` seeds the global generator first;
+    the run seeds it again with ``--seed`` before it builds the model (test_seed_determines_initial_weights),
+    so it only keeps what a test draws before the run from depending on earlier tests."""
     args = pretrain_args(data, out, *extra)
     if init_seed is not None:
         torch.manual_seed(init_seed)

@@ -132,6 +132,20 @@ def test_training_lowers_loss_and_writes_outputs(reference):
     assert [e.step for e in acc.Images("reconstructions")] == [1000, EPOCHS * 1000]
 
 
+def test_a_finished_run_resumed_finishes_the_pruning_a_kill_cut(tmp_path):
+    """A kill between the removals of the last save's pruning leaves an old checkpoint that nothing
+    would remove (a finished run trains, and so saves, no more): resuming it prunes, and touches
+    nothing else (found by the fine-tuning fault campaign's review)."""
+    out = tmp_path / "out"
+    flags = ["--model", "mae_vit_mini_patch4", "--batch_size", "8", "--epochs", "2", "--warmup_epochs", "0"]
+    run_pretrain(make_dataset(tmp_path / "data", 3), out, *flags, "--keep_last", "1")
+    kept = {p.name: _sha256(p) for p in out.glob("checkpoint-*.pth")}
+    assert set(kept) == {"checkpoint-0.pth", "checkpoint-1.pth"}  # epoch 0: a multiple of --save_freq 20
+    (out / "checkpoint-1-step1.pth").write_bytes((out / "checkpoint-1.pth").read_bytes())  # the one left
+    run_pretrain(tmp_path / "data", out, *flags, "--keep_last", "1", "--resume", "auto")
+    assert {p.name: _sha256(p) for p in out.glob("checkpoint-*.pth")} == kept
+
+
 def test_pictures_every_nth_epoch_and_after_the_last(tmp_path):
     """--vis_freq 2 over 4 epochs: after epochs 0 and 2, and after the last one (3), not a multiple."""
     out = tmp_path / "out"

@@ -76,8 +76,14 @@ def save_checkpoint(state: TrainState, epoch: int, step: int | None = None) -> s
             f"{free / 2**20:.0f} MiB are free there); the earlier checkpoints are intact: free space (or choose "
             f"another --output_dir) and continue with --resume auto"
         )
-    prune(args.output_dir, args.keep_last, args.save_freq, args.epochs - 1, just_written=path)
+    prune_checkpoints(args, just_written=path)
     return path
+
+
+def prune_checkpoints(args: argparse.Namespace, just_written: str | None = None) -> None:
+    """Apply the retention flags (``--keep_last``, ``--save_freq``) to ``--output_dir`` on rank 0."""
+    if distributed.is_main_process() and args.output_dir:
+        prune(args.output_dir, args.keep_last, args.save_freq, args.epochs - 1, just_written=just_written)
 
 
 def _tensor_bytes(obj: Any) -> int:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from util.checkpoint.state import TrainState, save_checkpoint
+from util.checkpoint.state import TrainState, prune_checkpoints, save_checkpoint
 from util.cli.errors import NonFiniteLoss, fail, lower_lr
 from util.cli.log import log
 from util.train import distributed, interrupt
@@ -177,6 +177,8 @@ def training(state: TrainState, first_epoch: int, iterations: int) -> Iterator[C
     run_log = RunLog(state.args.log_dir, state.args.output_dir, state.log)
     checkpointer = Checkpointer(state, run_log)
     log_start(first_epoch, iterations, state.args)
+    if first_epoch >= state.args.epochs:  # a finished run resumed: the prune its last save began (a kill may cut it)
+        prune_checkpoints(state.args)
     begin = time.time()
     try:
         checkpointer.stop_if_requested()
