@@ -74,7 +74,7 @@ def _hide_things_in(split: Path) -> None:
     Image.new("RGB", (8, 8)).save(split / ".ipynb_checkpoints" / "copy.jpg")
 
 
-def test_hidden_files_and_folders_are_not_data(tmp_path, caplog):
+def test_hidden_files_and_folders_are_not_data(tmp_path, capsys):
     """Before, a '._x.jpg' stopped pre-training when the loader reached it, and '.ipynb_checkpoints'
     became class 0 of a classification folder, shifting every label by one."""
     root = make_split(tmp_path / "d", 2, 1)  # train/ and val/ of 3 classes
@@ -82,7 +82,8 @@ def test_hidden_files_and_folders_are_not_data(tmp_path, caplog):
     for split in ("train", "val"):
         _hide_things_in(root / split)
     assert pretrain_dataset(str(root), None).files == clean
-    assert f"skipping 7 hidden file(s) and folder(s) in {root / 'train'} " in caplog.text  # 6 '._' files, 1 folder
+    warned = capsys.readouterr().out
+    assert f"warning: skipping 7 hidden file(s) and folder(s) in {root / 'train'} " in warned  # 6 '._' files, 1 folder
     train, val = classification_splits(str(root), None, None, nb_classes=3)
     assert train.classes == val.classes == sorted(CLASSES)
     assert [label for _, label in train.samples] == [0, 0, 1, 1, 2, 2]

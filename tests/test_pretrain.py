@@ -297,8 +297,8 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(reference, data, tmp_pat
     seen = {}
     build = main_pretrain.build_model
 
-    def build_poisoned(args):
-        model = build(args)
+    def build_poisoned(*given):
+        model = build(*given)
         forward_loss = model.forward_loss
         calls = [0]
 
@@ -350,7 +350,7 @@ WRAPPER = textwrap.dedent(
 
     built = []
     build = main_pretrain.build_model
-    main_pretrain.build_model = lambda args: built.append(build(args)) or built[-1]
+    main_pretrain.build_model = lambda *given: built.append(build(*given)) or built[-1]
     out = sys.argv[1]
     main_pretrain.main(main_pretrain.get_args_parser().parse_args(sys.argv[2:]))
     torch.save(built[0].state_dict(), os.path.join(out, "rank%s.pt" % os.environ["RANK"]))
