@@ -25,6 +25,7 @@ from util.cli.args import (
     add_eval_args,
     add_run_args,
     add_schedule_args,
+    check_at_least,
     check_classifier_args,
     check_common,
     check_layer_decay,
@@ -67,6 +68,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 MIXUP_MODES = ("batch", "pair", "elem")
+ERASE_MODES = ("const", "rand", "pixel")  # timm's RandomErasing asserts one of them (any case; '' is const)
+PROBABILITIES = ("reprob", "mixup_prob", "mixup_switch_prob")
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -83,6 +86,7 @@ def check_args(args: argparse.Namespace) -> None:
         fail(f"--mixup/--cutmix mix pairs of images: --batch_size must be even, got {args.batch_size}")
     if args.mixup_mode not in MIXUP_MODES:
         fail(f"--mixup_mode {args.mixup_mode} is unknown; use one of {', '.join(MIXUP_MODES)}")
+    check_augmentation(args)
     if args.aa:  # timm parses the policy when it builds the transform: let it, on a small one
         try:
             create_transform(32, is_training=True, auto_augment=args.aa)
@@ -93,6 +97,36 @@ def check_args(args: argparse.Namespace) -> None:
             )
 
 
+def check_augmentation(args: argparse.Namespace) -> None:
+    """The augmentation flags timm takes as they are: an assertion or a ValueError when the transform or
+    Mixup is built, or (--cutmix_minmax reversed, --recount below 0) at the first batch."""
+    for name in PROBABILITIES:
+        if not 0 <= (value := getattr(args, name)) <= 1:
+            fail(f"--{name} is a probability: it must be in [0, 1], got {value}")
+    if args.remode.lower() not in ("", *ERASE_MODES):
+        fail(f"--remode {args.remode} is unknown; use one of {', '.join(ERASE_MODES)}")
+    check_at_least(args, 1, "recount")  # timm reads 0 as 1: --reprob 0 erases nothing
+    if args.color_jitter is not None and not args.color_jitter >= 0:
+        fail(f"--color_jitter must be 0 or more, got {args.color_jitter}")
+    minmax = args.cutmix_minmax
+    if minmax is not None and (len(minmax) != 2 or not 0 <= minmax[0] < minmax[1] <= 1):
+        shown = " ".join(map(str, minmax))
+        fail(f"--cutmix_minmax takes MIN MAX, box sides as fractions of the image's, 0 <= MIN < MAX <= 1; got {shown}")
+
+
+def check_cutmix_sides(minmax: list[float] | None, input_size: int | list[int]) -> None:
+    """timm draws a CutMix box side from int(side x MIN) up to int(side x MAX), that one excluded:
+    numpy refuses the draw (at the first mixed batch) where both round to the same pixel count."""
+    if minmax is None:
+        return
+    for side in image_size(input_size):
+        if int(side * minmax[0]) >= int(side * minmax[1]):
+            fail(
+                f"--cutmix_minmax {minmax[0]} {minmax[1]} leaves no box size to draw on a side of {side} px "
+                f"(--input_size): both give {int(side * minmax[0])} px; widen the range"
+            )
+
+
 def _mixes(args: argparse.Namespace) -> bool:
     return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
 
@@ -100,6 +134,7 @@ def _mixes(args: argparse.Namespace) -> bool:
 def build_mixup(args: argparse.Namespace) -> Mixup | None:
     if not _mixes(args):
         return None
+    check_cutmix_sides(args.cutmix_minmax, args.input_size)  # the size is settled only now (a checkpoint's)
     log.info("mixup is activated")
     return Mixup(
         mixup_alpha=args.mixup,

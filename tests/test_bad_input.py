@@ -306,6 +306,16 @@ FINETUNE_FLAGS = {
     "aa": (["--aa", "garbage"], "--aa garbage is not an auto-augment policy"),
     "smoothing": (["--smoothing", "1.5"], "--smoothing must be in"),
     "mixup_mode": (["--mixup_mode", "garbage", "--mixup", "0.8"], "--mixup_mode garbage is unknown"),
+    # Before: timm's AssertionError or torchvision's ValueError as the transform or Mixup was built, or
+    # numpy's ValueError at the first mixed batch, or (--recount) an error blaming the first image.
+    "cutmix_minmax_one": (["--cutmix_minmax", "0.5"], r"^--cutmix_minmax takes MIN MAX, .*got 0.5$"),
+    "cutmix_minmax_reversed": (["--cutmix_minmax", "0.9", "0.1"], r"^--cutmix_minmax takes MIN MAX"),
+    "cutmix_minmax_rounded": (["--cutmix_minmax", "0.5", "0.51"], r"^--cutmix_minmax 0.5 0.51 leaves no box"),
+    "remode": (["--remode", "garbage"], r"^--remode garbage is unknown; use one of const, rand, pixel$"),
+    "recount": (["--recount", "-3"], r"^--recount must be at least 1, got -3$"),
+    "color_jitter": (["--aa", "", "--color_jitter", "-1"], r"^--color_jitter must be 0 or more, got -1.0$"),
+    "reprob": (["--reprob", "2"], r"^--reprob is a probability: it must be in \[0, 1\], got 2.0$"),
+    "mixup_prob": (["--mixup", "0.8", "--mixup_prob", "-1"], r"^--mixup_prob is a probability"),
 }
 
 
