@@ -22,7 +22,7 @@ from util.cli.args import (
     check_classifier_args,
     check_common,
 )
-from util.cli.errors import run_cli
+from util.cli.errors import fail, run_cli
 from util.cli.log import log
 from util.data.channels import tensor_train_transform
 from util.data.normalization import add_norm_args
@@ -44,6 +44,9 @@ def check_args(args: argparse.Namespace) -> None:
     """The flags' own checks, before anything starts (the SLURM launcher runs them before submitting)."""
     check_common(args)
     check_classifier_args(args)
+    # The probe's BatchNorm normalises each training batch by its spread, which one image lacks.
+    if args.batch_size < 2 and not args.eval:
+        fail(f"--batch_size must be at least 2 for the linear probe (its BatchNorm needs 2), got {args.batch_size}")
 
 
 def build_train_transform(args: argparse.Namespace) -> Callable:

@@ -527,3 +527,12 @@ def test_a_pretrained_checkpoint_in_the_output_folder_is_not_replaced(tmp_path, 
     with pytest.raises(UserError, match=rf"--finetune {re.escape(str(pretrained))} is a checkpoint in --output_dir"):
         entry_point.main(entry_point.get_args_parser().parse_args([*argv, "--epochs", "1", *CPU]))
     assert pretrained.read_bytes() == before and sorted(p.name for p in out.iterdir()) == ["checkpoint-3.pth"]
+
+
+def test_a_linear_probe_of_one_image_a_batch_is_refused_before_training(tmp_path):
+    """The probe's BatchNorm refuses a batch of one image in training mode: a ValueError at the first step."""
+    data = _split(tmp_path / "data", ("airplane", "cat", "ship"), ("airplane", "cat", "ship"))
+    args = _classifier_args(main_linprobe, data, tmp_path / "out", "--batch_size", "1")
+    with pytest.raises(UserError, match=r"^--batch_size must be at least 2 for the linear probe .*got 1$"):
+        main_linprobe.main(args)
+    assert not (tmp_path / "out" / "checkpoint-0.pth").exists()
