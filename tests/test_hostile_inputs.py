@@ -47,6 +47,10 @@ from util.sizes import MAX_SIDE, image_size
         (["--weight_decay", "inf"], "--weight_decay must be a finite number, got inf"),
         (["--keep_last", "-1"], "--keep_last must be 0 (keep all) or more"),
         (["--mask_ratio", "nan"], "--mask_ratio must be a finite number"),
+        # Were: a ValueError of TensorBoard's (or the sampler's seed) in the last epoch; a demand for
+        # --mean and --std with -2 values each.
+        (["--epochs", str(10**17)], "--epochs must be at most 1e+15, got 100000000000000000"),
+        (["--in_chans", "-2"], "--in_chans must be at least 1, got -2"),
     ],
 )
 def test_impossible_training_flags_are_refused(tmp_path, flags, message):

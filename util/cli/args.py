@@ -15,6 +15,9 @@ DEVICES = ("cpu", "cuda", "mps")
 # weight by about lr per step, so far beyond this a run can only blow up.
 MAX_LR = 100.0
 SEED_LIMIT = 2**32  # numpy seeds with 32 bits, and each rank seeds with --seed + rank
+# TensorBoard's steps are epoch x 1000 in 64 bits (2**63 / 1000 is 9.2e15): far beyond, the first
+# scalar of the run's last epochs was a ValueError.
+MAX_EPOCHS = 10**15
 
 
 def add_schedule_args(
@@ -161,6 +164,10 @@ def check_layer_decay(layer_decay: float) -> None:
 def check_common(args: argparse.Namespace) -> None:
     """Refuse flag values that are impossible or contradict each other, naming the flag."""
     check_at_least(args, 1, "batch_size", "epochs", "accum_iter", "save_freq", "print_freq")
+    if args.epochs > MAX_EPOCHS:
+        fail(f"--epochs must be at most {MAX_EPOCHS:.0e}, got {args.epochs}")
+    if getattr(args, "in_chans", None) is not None:  # here, before --mean and --std are counted against it
+        check_at_least(args, 1, "in_chans")
     check_at_least(args, 0, "num_workers", "warmup_epochs")
     check_at_least(args, 0, "ckpt_every_steps", zero_means="only at epoch ends")
     check_at_least(args, 0, "keep_last", zero_means="keep all")
