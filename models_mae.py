@@ -305,6 +305,11 @@ def encoder_name(model: str) -> str:
 def check_mask_ratio(mask_ratio: float, num_patches: int, remove_one: bool = True) -> None:
     """The encoder needs a visible patch, and the loss (taken over removed patches) a removed one.
     A picture (``remove_one=False``: reconstruct.py) needs no removed patch: at 0 it shows the model's copy."""
+    if remove_one and num_patches < 2:  # no ratio can do both: the range below would be (0, 0]
+        fail(
+            "--input_size makes each image a single patch; pre-training needs 2 or more (one removed for the "
+            "loss, one kept for the encoder): give a larger --input_size"
+        )
     keep = int(num_patches * (1 - mask_ratio)) if 0 <= mask_ratio < 1 else 0  # as models_mae draws it
     # The largest ratio that keeps a patch, rounded down: rounded up (64 patches: 0.9844), it would keep none.
     top = math.floor((1 - 1 / num_patches) * 10**6) / 10**6

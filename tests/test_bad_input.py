@@ -291,6 +291,13 @@ def test_mask_ratio_must_remove_and_keep_a_patch():
         assert model.random_masking(torch.zeros(1, 64, 4), ratio)[0].shape[1] == kept  # counted alike
 
 
+def test_an_image_of_one_patch_is_blamed_on_the_input_size_not_the_mask_ratio(data, tmp_path):
+    """--input_size 4 at patch 4: the advice was '--mask_ratio ... use a value in (0, 0]'."""
+    args = pretrain_args(data, tmp_path / "out", "--epochs", "1", "--input_size", "4")
+    with pytest.raises(UserError, match=r"^--input_size makes each image a single patch; .*give a larger"):
+        main_pretrain.main(args)
+
+
 @pytest.mark.parametrize("patches", [4, 64, 196, 256, 3136, 65536])
 def test_the_mask_ratio_the_error_suggests_is_accepted(patches):
     """The upper bound the message gives is itself accepted (64 patches: 0.9844, rounded up, kept none)."""
