@@ -543,3 +543,27 @@ def test_a_linear_probe_of_one_image_a_batch_is_refused_before_training(tmp_path
     with pytest.raises(UserError, match=r"^--batch_size must be at least 2 for the linear probe .*got 1$"):
         main_linprobe.main(args)
     assert not (tmp_path / "out" / "checkpoint-0.pth").exists()
+
+
+@pytest.mark.parametrize(
+    "entry_point, given, message",
+    [
+        (main_finetune, "mae", r"holds an MAE with decoder, not a fine-tuned classifier: start from it with --"),
+        (main_linprobe, "mae", r"holds an MAE with decoder, not a linear probe: start from it with --finetune "),
+        (main_linprobe, "classifier", r"holds a fine-tuned classifier, not a linear probe: give a checkpoint of "),
+        (main_pretrain, "classifier", r"holds a fine-tuned classifier, not an MAE with decoder: give a checkpoint of "),
+    ],
+    ids=["mae-finetune", "mae-linprobe", "classifier-linprobe", "classifier-pretrain"],
+)
+def test_a_checkpoint_of_another_kind_given_to_resume_says_which_flag_takes_it(
+    data, tmp_path, mae_checkpoint, classifier_checkpoint, entry_point, given, message
+):
+    """Was: 'does not fit VisionTransformer: 4 missing [...]; check --model and --input_size'."""
+    path = mae_checkpoint if given == "mae" else classifier_checkpoint
+    if entry_point is main_pretrain:
+        args = pretrain_args(data, tmp_path / "out", "--epochs", "1", "--resume", str(path))
+    else:
+        split = _split(tmp_path / "data", ("airplane", "cat", "ship"), ("airplane", "cat", "ship"))
+        args = _classifier_args(entry_point, split, tmp_path / "out", "--resume", str(path))
+    with pytest.raises(UserError, match=rf"^--resume {re.escape(str(path))} {message}"):
+        entry_point.main(args)

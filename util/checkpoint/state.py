@@ -175,7 +175,9 @@ def resume(state: TrainState, opened: Opened | None) -> Position:
     if opened is None:
         return start
     path, ckpt = opened.path, opened.ckpt
-    load_model_strict(state.model, model_state(ckpt, path), path)
+    saved = model_state(ckpt, path)
+    check_kind(saved, state.model.state_dict(), path, evaluating)
+    load_model_strict(state.model, saved, path)
     log.info(f"resumed model from {path}")
     if "optimizer" not in ckpt or "epoch" not in ckpt or evaluating:
         # Weights only (an official release, a .safetensors file, or --eval): train from --start_epoch.
@@ -205,6 +207,36 @@ def resume(state: TrainState, opened: Opened | None) -> Position:
         )
     log.info(f"resuming at epoch {position.epoch}, iteration {position.step}")
     return position
+
+
+# The kinds of model state dict, told apart by their names: (what it holds, the command that writes it).
+KINDS = {
+    "mae": ("an MAE with decoder", "main_pretrain.py"),
+    "probe": ("a linear probe", "main_linprobe.py"),
+    "classifier": ("a fine-tuned classifier", "main_finetune.py"),
+    "encoder": ("an encoder without decoder or head", ""),
+}
+
+
+def kind_of(state: dict[str, Any]) -> str:
+    """The KINDS key of a model state dict: the probe's head is a BatchNorm then a linear layer."""
+    if any(k.startswith("decoder_") for k in state):
+        return "mae"
+    return "probe" if "head.1.weight" in state else "classifier" if "head.weight" in state else "encoder"
+
+
+def check_kind(saved: dict[str, Any], own: dict[str, Any], path: str, evaluating: bool = False) -> None:
+    """A --resume checkpoint of another kind than the model is named as such, with the flag that takes
+    it: a pre-training checkpoint given to --resume of a classifier is the usual slip, and listing its
+    names against the model's would send the user to check --model and --input_size instead."""
+    theirs, ours = kind_of(saved), kind_of(own)
+    if theirs == ours:
+        return
+    if theirs in ("mae", "encoder") and ours in ("classifier", "probe") and not evaluating:
+        advice = f"start from it with --finetune {path}"
+    else:
+        advice = f"give a checkpoint of {KINDS[ours][1]}"
+    fail(f"--resume {path} holds {KINDS[theirs][0]}, not {KINDS[ours][0]}: {advice}")
 
 
 # Flags that change what the model learns. A run resumed with another value goes on training
