@@ -474,6 +474,13 @@ def _pretrain_state(tmp_path: Path) -> checkpoint.TrainState:
     return checkpoint.TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1), LossScaler("fp32"), args)
 
 
+def test_resume_auto_without_an_output_folder_is_refused(data, tmp_path):
+    """It looked in '' ("no checkpoint in , starting from scratch") and trained, saving nothing to resume."""
+    args = pretrain_args(data, tmp_path / "out", "--epochs", "1", "--resume", "auto", "--output_dir", "")
+    with pytest.raises(UserError, match=r"^--resume auto takes the newest checkpoint in --output_dir, and"):
+        main_pretrain.main(args)
+
+
 def test_resume_with_changed_meaning_warns_in_one_line(tmp_path, capsys):
     path = checkpoint.save_checkpoint(_pretrain_state(tmp_path), epoch=1)
     same = _pretrain_state(tmp_path)

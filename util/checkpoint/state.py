@@ -152,7 +152,9 @@ def open_resume(args: argparse.Namespace) -> Opened | None:
         return None
     if args.resume != "auto":
         return open_checkpoint(args.resume, training=True)
-    found = find_resumable(args.output_dir) if args.output_dir else None
+    if not args.output_dir:  # the run would start from scratch, and say "no checkpoint in ," at every restart
+        fail("--resume auto takes the newest checkpoint in --output_dir, and --output_dir '' keeps none: give one")
+    found = find_resumable(args.output_dir)
     if found is None:
         log.info(f"--resume auto: no checkpoint in {args.output_dir}, starting from scratch")
     return found
