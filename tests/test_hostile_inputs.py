@@ -265,6 +265,14 @@ def test_a_linear_classifier_too_large_is_refused():
         linear_accuracy(x, y, x, y, 10**12, epochs=1)
 
 
+def test_a_classifier_head_beyond_memory_names_nb_classes():
+    """The head's 10**12 rows were blamed on --input_size and --model alone."""
+    with pytest.raises(UserError, match=r"^building --model vit_tiny_patch4 at --input_size 32 with --nb_classes 10+ "):
+        models_vit.create_model("vit_tiny_patch4", 32, num_classes=10**12)
+    with pytest.raises(UserError, match=r"; give a smaller --input_size or --model, or fewer --nb_classes$"):
+        models_vit.create_model("vit_tiny_patch4", 32, num_classes=10**12)
+
+
 def test_input_size_beyond_memory_is_refused_before_batches_are_made(tmp_path):
     data = make_dataset(tmp_path / "data", 6)
     settled = ["--in_chans", "3", "--mean", "0.5", "0.5", "0.5", "--std", "0.5", "0.5", "0.5"]  # as run.start does

@@ -61,14 +61,21 @@ class Registry(dict[str, Callable[..., nn.Module]]):
             planned = factory(in_chans=in_chans, **kwargs)
             if check is not None:
                 check(planned)
-        _require_weights(planned, name, kwargs.get("img_size"))
+        _require_weights(planned, name, kwargs.get("img_size"), kwargs.get("num_classes"))
         return factory(in_chans=in_chans, **kwargs)
 
 
-def _require_weights(model: nn.Module, name: str, img_size: tuple[int, int] | None) -> None:
-    """Refuse, in one line, weights that cannot fit where the real model will be built."""
+def _require_weights(
+    model: nn.Module, name: str, img_size: tuple[int, int] | None, num_classes: int | None = None
+) -> None:
+    """Refuse, in one line, weights that cannot fit where the real model will be built; a classifier's
+    head grows with ``num_classes`` (``--nb_classes``), which is then named too."""
     device = torch.get_default_device()
     if device.type == "meta":  # the caller builds on the meta device too: nothing to allocate
         return
-    size = "its default size" if img_size is None else f"--input_size {shown_size(img_size)}"
-    require(model_bytes(model), f"building --model {name} at {size}", "give a smaller --input_size or --model", device)
+    what = f"building --model {name} at "
+    what += "its default size" if img_size is None else f"--input_size {shown_size(img_size)}"
+    advice = "give a smaller --input_size or --model"
+    if num_classes is not None:
+        what, advice = f"{what} with --nb_classes {num_classes}", f"{advice}, or fewer --nb_classes"
+    require(model_bytes(model), what, advice, device)
