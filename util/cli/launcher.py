@@ -16,7 +16,7 @@ from types import ModuleType
 import submitit
 
 from util.cli.args import check_at_least, check_common
-from util.cli.errors import UserError
+from util.cli.errors import UserError, fail
 from util.cli.log import log
 from util.train import distributed, interrupt
 
@@ -87,6 +87,8 @@ def check_flags(entry: ModuleType, args: argparse.Namespace) -> None:
     check_at_least(args, 0, "ngpus")
     if args.tasks_per_node is not None:
         check_at_least(args, 1, "tasks_per_node")
+    elif args.ngpus == 0:  # a task per GPU, and there are none
+        fail("--ngpus 0 runs on CPUs: give --tasks_per_node N, the processes per node")
     checked = copy.copy(args)
     checked.device = "cpu" if str(args.device).startswith("cuda") else args.device
     getattr(entry, "check_args", check_common)(checked)
@@ -111,8 +113,6 @@ def submit(
         args.device = "cuda" if args.ngpus > 0 else "cpu"
     check_flags(entry, args)
     tasks_per_node = args.tasks_per_node or args.ngpus
-    if tasks_per_node < 1:
-        parser.error("--ngpus 0 needs --tasks_per_node N (CPU processes per node)")
 
     executor = make_executor(folder=args.job_dir, cluster=args.cluster, slurm_max_num_timeout=30)
     slurm = {"slurm_partition": args.partition, "slurm_signal_delay_s": 120}
