@@ -87,7 +87,7 @@ def main(args: argparse.Namespace) -> None:
     checkpoints = [e for e in args.encoders if e not in NAMES]
     for path in checkpoints:
         if not path.startswith(("http://", "https://")) and not os.path.isfile(path):
-            fail(f"--encoders {path} is neither a checkpoint file nor 'random' or 'pixels'")
+            fail(f"--encoders {path} is neither a checkpoint file nor 'random' or 'pixels'; check its path")
     first = open_checkpoint(checkpoints[0]) if checkpoints else None  # read once: flags, then weights
     origins = fill_from_checkpoints(args, [first] if first else [], FALLBACKS)
     with torch.device("meta"):  # --model and --input_size checked before any image is read

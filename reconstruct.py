@@ -10,6 +10,7 @@ pixel statistics); flags override them.
 """
 
 import argparse
+import os
 from argparse import BooleanOptionalAction
 
 import torch
@@ -67,6 +68,9 @@ def main(args: argparse.Namespace) -> None:
     check_device(args.device)
     if args.model is not None:
         models_mae.MODELS.factory(args.model)  # the name, checked
+    for image in args.images:  # before the load; an unreadable file is named where it is read
+        if not os.path.isfile(image):
+            fail(f"image {image} {'is a folder' if os.path.isdir(image) else 'does not exist'}; give image files")
     inputs = [("--checkpoint", args.checkpoint), *(("the input image", image) for image in args.images)]
     check_output_file(args.output, "--output", inputs)
     ckpt = load_checkpoint(args.checkpoint)
@@ -85,7 +89,10 @@ def main(args: argparse.Namespace) -> None:
     height, width = image_size(input_size)
     in_chans = state["patch_embed.proj.weight"].shape[1] if "patch_embed.proj.weight" in state else 3
     if args.in_chans is not None and args.in_chans != in_chans:
-        fail(f"checkpoint {args.checkpoint} takes {in_chans}-channel images, not --in_chans {args.in_chans}")
+        fail(
+            f"checkpoint {args.checkpoint} takes {in_chans}-channel images, not --in_chans {args.in_chans}: "
+            f"leave --in_chans out (the checkpoint's is taken)"
+        )
     args.in_chans = in_chans  # the images are read with the model's channels (and --mean/--std checked for them)
     norm_pix = args.norm_pix_loss if args.norm_pix_loss is not None else bool(saved.get("norm_pix_loss", False))
     # The pictures normalise as the model's training did: its stored --mean/--std, else ImageNet's.

@@ -411,6 +411,17 @@ def test_reconstruct_checks_seed_and_device_as_training_does(tmp_path, monkeypat
         reconstruct.main(reconstruct.get_args_parser().parse_args(argv))
 
 
+@pytest.mark.parametrize("image, message", [("missing.jpg", "does not exist"), (".", "is a folder")])
+def test_reconstruct_names_an_image_that_is_no_file_before_the_load(tmp_path, monkeypatch, image, message):
+    """Was, after the load: "cannot read image missing.jpg (FileNotFoundError: [Errno 2] ...); remove or
+    replace the file", advice for a data set's file, not for a command-line argument."""
+    monkeypatch.setattr(reconstruct, "load_checkpoint", _no_load)
+    path = str(tmp_path / image)
+    argv = [str(demo_files(1)[0]), path, "--checkpoint", "any.pth", "--output", str(tmp_path / "r.png")]
+    with pytest.raises(UserError, match=rf"^image {re.escape(path)} {message}; give image files$"):
+        reconstruct.main(reconstruct.get_args_parser().parse_args(argv))
+
+
 @pytest.fixture(scope="module")
 def mae_checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("mae") / "checkpoint-0.pth"
@@ -429,6 +440,8 @@ def test_reconstruct_mask_ratio_must_keep_one_of_the_model_patches(mae_checkpoin
     with pytest.raises(UserError, match=refused):
         reconstruct.main(reconstruct.get_args_parser().parse_args([*argv, "--mask_ratio", "0.999"]))
     assert not output.exists()
+    with pytest.raises(UserError, match=r"takes 3-channel images, not --in_chans 1: leave --in_chans out"):
+        reconstruct.main(reconstruct.get_args_parser().parse_args([*argv, "--in_chans", "1"]))
     for ratio in ("0", "0.984375"):  # none removed; one kept
         reconstruct.main(reconstruct.get_args_parser().parse_args([*argv, "--mask_ratio", ratio]))
         assert output.is_file()

@@ -210,7 +210,7 @@ def _write_bad(path: Path, kind: str) -> None:
         ("truncated", ["truncated"]),
         ("list", ["not a dict"]),
         ("malicious", ["refused"]),
-        ("missing", ["does not exist"]),
+        ("missing", ["does not exist; check its path"]),
         ("folder", ["is a folder, not a checkpoint file", "export.py --from hf"]),
         ("text", ["not a PyTorch checkpoint"]),
         ("html", ["not a PyTorch checkpoint"]),

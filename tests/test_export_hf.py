@@ -302,6 +302,8 @@ def test_broken_or_foreign_hf_folders_are_one_line_errors_naming_them(mae, tmp_p
         _run(["--from", "hf", "--checkpoint", str(extra), "--output", str(tmp_path / "x.pth")])
     with pytest.raises(UserError, match="reads a transformers model folder"):
         _run(["--from", "hf", "--checkpoint", str(root / "checkpoint-0.pth"), "--output", str(tmp_path / "y.pth")])
+    with pytest.raises(UserError, match=rf"^HF folder {tmp_path / 'absent'} does not exist; check its path$"):
+        _run(["--from", "hf", "--checkpoint", str(tmp_path / "absent"), "--output", str(tmp_path / "a.pth")])
     with pytest.raises(UserError, match=r"--from hf writes our checkpoint, \.pth or \.safetensors"):
         _run(["--from", "hf", "--checkpoint", str(root / "hf"), "--output", str(tmp_path / "z.bin")])
     argv = ["--from", "hf", "--checkpoint", str(tmp_path / "bert"), "--output", str(tmp_path / "c.pth")]

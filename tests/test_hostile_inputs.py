@@ -132,6 +132,7 @@ def knn_args(data: Path, *extra: str):
         (["--device", "foo"], r"^--device foo is unknown; use cpu, cuda, mps"),
         (["--device", "cuda"], r"^--device cuda was asked for but CUDA is not available"),
         (["--input_size", "0"], r"^--input_size must be at least 1, got 0$"),  # not 'a multiple of the patch size'
+        (["--encoders", "nowhere.pth"], r"^--encoders nowhere.pth is neither .* 'pixels'; check its path$"),
     ],
 )
 def test_knn_eval_checks_its_flags_as_training_does(tmp_path, monkeypatch, flags, message):

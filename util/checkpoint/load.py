@@ -73,7 +73,7 @@ def _load_file(path: str, shown: str) -> dict[str, Any]:
             f"(a Hugging Face folder becomes one with export.py --from hf)"
         )
     if not os.path.isfile(path):
-        fail(f"checkpoint {shown} does not exist")
+        fail(f"checkpoint {shown} does not exist; check its path")
     kind = _file_kind(path)
     if path.endswith(".safetensors") or kind == "safetensors":
         ckpt = load_safetensors(path, shown)
@@ -154,7 +154,7 @@ def load_safetensors(path: str, shown: str) -> dict[str, Any]:
     try:
         args = argparse.Namespace(**json.loads(metadata["args"])) if "args" in metadata else None
     except (ValueError, TypeError) as e:
-        fail(f"checkpoint {shown}: its 'args' metadata is not a JSON object of flags ({e})")
+        fail(f"checkpoint {shown}: its 'args' metadata is not a JSON object of flags ({e}); export it again")
     return {"model": state, "args": args}
 
 

@@ -248,6 +248,8 @@ def read_hf_folder(folder: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]
     ViTMAEForPreTraining folder, or fail naming the folder and what is wrong with it."""
     from util.checkpoint.load import load_checkpoint, model_state
 
+    if not os.path.exists(folder):
+        fail(f"HF folder {folder} does not exist; check its path")
     if not os.path.isdir(folder):
         fail(f"--checkpoint {folder}: --from hf reads a transformers model folder (config.json + weights), not a file")
     config_path = os.path.join(folder, CONFIG_NAME)
