@@ -325,7 +325,10 @@ def check_output(args: argparse.Namespace) -> None:
     if args.source == "hf" and not args.output.endswith((".safetensors", ".pth")):
         fail(f"--output {args.output}: --from hf writes our checkpoint, .pth or .safetensors; name it so")
     if args.to == "hf" and os.path.isfile(args.output):
-        fail(f"--output {args.output} is a file; --to hf writes a folder (config.json + model.safetensors)")
+        fail(f"--output {args.output} is a file; --to hf writes a folder (config.json + model.safetensors): name one")
+    if args.to != "hf" and os.path.isdir(args.output):  # before --force is advised: it cannot replace a folder
+        example = os.path.join(args.output, "model.safetensors")
+        fail(f"--output {args.output} is a folder; give a file name such as {example}")
     # Even with --force: the export would replace the checkpoint it is made from.
     check_not_an_input(args.output, "--output", [("--checkpoint", args.checkpoint)])
     if os.path.exists(args.output) and not args.force:
@@ -338,10 +341,13 @@ def check_output(args: argparse.Namespace) -> None:
                 f"--output {args.output} holds other files ({', '.join(others[:3])}); --to hf replaces the whole "
                 f"folder: remove them or give another folder"
             )
-    if not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
-        fail(f"--output {args.output}: its folder does not exist")
+    if not os.path.isdir(folder := os.path.dirname(os.path.abspath(args.output))):
+        fail(f"--output {args.output}: the folder {folder} does not exist; create it first")
     if args.to != "hf" and (args.mask_ratio is not None or args.norm_pix_loss is not None):
-        fail("--mask_ratio and --norm_pix_loss set the config of --to hf; the other modes take the checkpoint's")
+        fail(
+            "--mask_ratio and --norm_pix_loss set the config of --to hf; the other modes take the checkpoint's: "
+            "leave them out"
+        )
 
 
 def main(args: argparse.Namespace) -> None:

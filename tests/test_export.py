@@ -267,6 +267,12 @@ def test_export_errors_name_the_file_or_flag(pre, tmp_path):
     _export(ckpt, "timm", out, "--force")
     with pytest.raises(UserError, match=r"--to safetensors writes a \.safetensors file"):
         _export(ckpt, "safetensors", tmp_path / "e.pth")
+    # Were: "exists; pass --force", then "cannot write ...: Is a directory"; "its folder does not exist".
+    (tmp_path / "dir.pth").mkdir()
+    with pytest.raises(UserError, match=rf"^--output {tmp_path / 'dir.pth'} is a folder; give a file name such as"):
+        _export(ckpt, "timm", tmp_path / "dir.pth")
+    with pytest.raises(UserError, match=r"^--output .*: the folder .*absent does not exist; create it first$"):
+        _export(ckpt, "timm", tmp_path / "absent" / "e.pth")
     foreign = tmp_path / "foreign.pth"
     torch.save({"model": {"backbone.weight": torch.zeros(3)}}, foreign)
     with pytest.raises(UserError, match=rf"checkpoint {foreign} holds weights that are not an MAE"):
