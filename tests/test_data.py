@@ -58,6 +58,42 @@ def test_pretrain_dataset_errors_name_the_folder(tmp_path):
         pretrain_dataset(str(tmp_path / "empty"), pretrain_transform(32))
 
 
+def test_pretrain_data_path_that_is_an_image_or_a_device_says_what_to_give(tmp_path):
+    """An image was read as a list file ("is not a text file"); /dev/null as a folder that could not
+    be listed ("make it readable, or move it out of the data folder")."""
+    image = make_dataset(tmp_path / "d", 1, layout="flat") / f"{CLASSES[0]}_0000.jpg"
+    with pytest.raises(UserError, match=rf"^--data_path {image} is an image; give the folder that holds the images"):
+        pretrain_dataset(str(image), pretrain_transform(32))
+    with pytest.raises(UserError, match=r"^--data_path /dev/null is neither a folder nor a list file; give a folder"):
+        pretrain_dataset("/dev/null", pretrain_transform(32))
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", r"^--data_path {root}/missing does not exist; give the folder that holds train/ and val/"),
+        ("no_classes", r"^{root}/no_classes/train: no class folders in it; put each class's images in a folder"),
+        ("empty_class", r"^{root}/empty_class/train: the class folder cat holds no images; add its images, or remove"),
+        ("two_classes", r"^{root}/two_classes/train has 2 class folders but --nb_classes is 3; give --nb_classes 2$"),
+    ],
+)
+def test_classification_folder_errors_say_what_to_do(tmp_path, case, message):
+    root = tmp_path / "r"
+    if case == "no_classes":
+        (root / case / "train").mkdir(parents=True)
+    elif case == "empty_class":
+        make_split(root / case, 1, 1)
+        (root / case / "train" / "cat" / "0000.jpg").unlink()
+    elif case == "two_classes":
+        make_split(root / case, 1, 1)
+        for split in ("train", "val"):
+            for f in (root / case / split / "ship").iterdir():
+                f.unlink()
+            (root / case / split / "ship").rmdir()
+    with pytest.raises(UserError, match=message.format(root=root)):
+        classification_splits(str(root / case), None, None, nb_classes=3)
+
+
 def test_uppercase_extensions_count(tmp_path):
     make_dataset(tmp_path, 1, layout="flat")
     first = sorted(tmp_path.iterdir())[0]

@@ -169,6 +169,14 @@ def test_knn_evaluate_names_the_encoder_by_default(tmp_path):
         knn.evaluate(lambda imgs: {"cls": imgs.flatten(1) * math.inf}, data, args)
 
 
+def test_too_few_query_images_for_the_processes_name_the_folder_and_what_to_do(tmp_path, monkeypatch):
+    data = knn.KnnData(str(labelled_folder(tmp_path / "data", 4, 2)), 32, query_size=1)
+    monkeypatch.setattr(knn.distributed, "world_size", lambda: 2)
+    refused = rf"^--data_path {tmp_path / 'data'}: 1 k-NN query image\(s\) cannot be shared by 2 processes; run fewer"
+    with pytest.raises(UserError, match=refused):
+        data.loaders(8, 0)
+
+
 def test_knn_k_above_the_bank_is_logged_and_stored_as_used(tmp_path, capsys):
     data = knn.KnnData(str(labelled_folder(tmp_path / "data", 4, 2)), 32)  # a bank of 12 images
     args = knn_args(tmp_path, "--encoders", "random", "--knn_k", "500")

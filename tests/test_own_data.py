@@ -392,7 +392,7 @@ def test_list_skips_blank_lines_and_comments_and_keeps_order(two_images):
         ("imgs/a.png 0\nimgs/a.png\n", True, r"list.txt line 2: no label after 'imgs/a.png'"),
         ("# x\nimgs/a.png cat\n", True, r"list.txt line 2: the label 'cat' is not a class index"),
         ("imgs/a.png -1\n", True, r"list.txt line 1: the label '-1' is not a class index"),
-        ("imgs/a.png 0\nimgs/a.png 3\n", True, r"list.txt line 2: the label 3 is not below --nb_classes 3"),
+        ("imgs/a.png 0\nimgs/a.png 3\n", True, r"line 2: the label 3 is not below --nb_classes 3; give --nb_classes 4"),
         ("# nothing\n\n", True, r"the list file .*list.txt names no images"),
     ],
 )
@@ -405,8 +405,11 @@ def test_bad_list_lines_are_one_line_errors_naming_file_and_line(two_images, tex
 
 def test_a_binary_file_as_list_is_refused(tmp_path):
     path = _constant(tmp_path / "c.png")
-    with pytest.raises(UserError, match="is not a text file"):
+    with pytest.raises(UserError, match="is an image; give the folder that holds the images, or a list file"):
         pretrain_dataset(str(path), pretrain_transform(32))
+    path.rename(tmp_path / "c.dat")  # not named as an image: read as a list file
+    with pytest.raises(UserError, match="is not a text file"):
+        pretrain_dataset(str(tmp_path / "c.dat"), pretrain_transform(32))
 
 
 def test_a_list_in_another_encoding_is_named_as_such_not_as_binary(tmp_path):

@@ -47,5 +47,10 @@ def check_input_size(input_size: int | Sequence[int], patch_size: int, source: s
                 f"{source} stores --input_size {shown}, not a multiple of the model's patch size {patch_size}; "
                 f"give --input_size"
             )
-        fail(f"--input_size {shown} is not a multiple of the model's patch size {patch_size}")
+        sides = (height,) if height == width else (height, width)
+        nearest = " ".join(str(max(round(side / patch_size), 1) * patch_size) for side in sides)
+        fail(
+            f"--input_size {shown} is not a multiple of the model's patch size {patch_size}; "
+            f"give multiples of it, such as --input_size {nearest}"
+        )
     return height, width

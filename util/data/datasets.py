@@ -143,7 +143,7 @@ def read_image_list(list_path: str, labelled: bool, nb_classes: int | None = Non
         with open(list_path, "rb") as f:
             data = f.read()
     except OSError as e:
-        fail(f"cannot read the list file {list_path} ({e.strerror or e})")
+        fail(f"cannot read the list file {list_path} ({e.strerror or e}); make it readable")
     try:
         lines = data.decode("utf-8-sig").splitlines()  # -sig: a byte-order mark is not part of the first path
     except UnicodeDecodeError as e:
@@ -167,7 +167,10 @@ def read_image_list(list_path: str, labelled: bool, nb_classes: int | None = Non
                 fail(f"{where}: the label {text!r} is not a class index (0, 1, 2, ...)")
             label = int(text)
             if nb_classes is not None and label >= nb_classes:
-                fail(f"{where}: the label {label} is not below --nb_classes {nb_classes}")
+                fail(
+                    f"{where}: the label {label} is not below --nb_classes {nb_classes}; give --nb_classes "
+                    f"{label + 1} or more, or correct the label"
+                )
         else:
             labelled_line = len(fields) == 2 and fields[1].isascii() and fields[1].isdigit()
             name = fields[0] if labelled_line and not os.path.isfile(os.path.join(folder, line)) else line
@@ -241,6 +244,10 @@ def pretrain_dataset(
 ) -> ImageFiles:
     """``<data_path>/train`` if it exists (the official layout), else ``<data_path>/train.txt`` if
     that exists, else ``<data_path>`` itself; or ``data_path`` is a list file."""
+    if os.path.isfile(data_path) and is_image_file(data_path):  # (read as a list file: "not a text file")
+        fail(f"--data_path {data_path} is an image; give the folder that holds the images, or a list file")
+    if os.path.exists(data_path) and not (os.path.isfile(data_path) or os.path.isdir(data_path)):  # /dev/null
+        fail(f"--data_path {data_path} is neither a folder nor a list file; give a folder of images or a list file")
     if os.path.isfile(data_path) or (os.path.isdir(data_path) and not os.path.isdir(os.path.join(data_path, "train"))):
         list_path = data_path if os.path.isfile(data_path) else _list_in(data_path, "train")
         if list_path is not None:
@@ -274,7 +281,8 @@ def classification_dataset(
             f"(or train/ and val/ class folders)"
         )
     if not os.path.isdir(data_path):
-        fail(f"{flag} {data_path} does not exist or is not a folder")
+        what = "is not a folder" if os.path.exists(data_path) else "does not exist"
+        fail(f"{flag} {data_path} {what}; give the folder that holds train/ and val/ (or train.txt and val.txt)")
     if not os.path.isdir(os.path.join(data_path, "train")) and _list_in(data_path, "train"):
         if _list_in(data_path, "val") is None:  # said before the (long) training list is read
             fail(f"{flag} {data_path} has train.txt but no {' or '.join(LIST_FILES['val'])}; give both lists")
@@ -293,7 +301,8 @@ def classification_dataset(
     except (FileNotFoundError, RuntimeError) as e:
         fail(f"{folder}: {e}")
     if nb_classes is not None and len(dataset.classes) != nb_classes:
-        fail(f"{folder} has {len(dataset.classes)} class folders but --nb_classes is {nb_classes}; make them agree")
+        count = len(dataset.classes)
+        fail(f"{folder} has {count} class folders but --nb_classes is {nb_classes}; give --nb_classes {count}")
     return dataset
 
 
@@ -308,7 +317,7 @@ class _ImageFolder(datasets.ImageFolder):
         self.hidden = [os.path.join(directory, f) for f in folders if is_hidden(f)]
         classes = [f for f in folders if not is_hidden(f)]
         if not classes:
-            raise FileNotFoundError("no class folders in it (one folder of images per class)")
+            raise FileNotFoundError("no class folders in it; put each class's images in a folder of its own there")
         return classes, {name: index for index, name in enumerate(classes)}
 
     def make_dataset(self, directory: str, class_to_idx: dict[str, int], *args: Any, **kwargs: Any) -> list:
@@ -317,7 +326,7 @@ class _ImageFolder(datasets.ImageFolder):
             found = sorted(image_walk(os.path.join(directory, cls), directory, self.hidden))
             files = [os.path.join(folder, n) for folder, names in found for n in names]
             if not files:
-                raise FileNotFoundError(f"the class folder {cls} holds no images")
+                raise FileNotFoundError(f"the class folder {cls} holds no images; add its images, or remove it")
             samples += [(f, class_to_idx[cls]) for f in files]
         warn_hidden(self.hidden, directory)
         return samples

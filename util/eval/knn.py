@@ -151,7 +151,10 @@ class KnnData:
     def loaders(self, batch_size: int, num_workers: int) -> tuple[DataLoader, DataLoader]:
         """This rank's shard of the bank and of the queries (every image once over all ranks)."""
         if len(self.queries) < distributed.world_size():
-            fail(f"{len(self.queries)} k-NN query images cannot be shared by {distributed.world_size()} processes")
+            fail(
+                f"{self.flag} {self.path}: {len(self.queries)} k-NN query image(s) cannot be shared by "
+                f"{distributed.world_size()} processes; run fewer, or give more query images (--knn_query_size 0: all)"
+            )
         require_batch_memory(self.size, self.in_chans, batch_size, num_workers)
         options = dict(batch_size=batch_size, num_workers=num_workers, worker_init_fn=interrupt.ignore_in_worker)
         return tuple(DataLoader(d, sampler=ShardSampler(len(d)), **options) for d in (self.bank, self.queries))
