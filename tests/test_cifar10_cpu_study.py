@@ -42,6 +42,15 @@ def test_splits_are_disjoint_balanced_and_kept_apart_from_test(tmp_path):
     assert make_splits(data, tmp_path / "splits", per_class=5) == counts
 
 
+def test_splits_of_a_missing_or_small_data_set_are_one_line_errors(tmp_path):
+    """A missing --data was iterdir's FileNotFoundError; a short class said only 'a class'."""
+    with pytest.raises(SystemExit, match=r"^error: .*nowhere/train is not a folder; give --data the CIFAR-10"):
+        make_splits(tmp_path / "nowhere", tmp_path / "splits")
+    data = cifar_layout(tmp_path / "cifar", train=3, test=1)
+    with pytest.raises(SystemExit, match=r"^error: .*/train/\w+ has 2 training images outside val, .*; lower --per"):
+        make_splits(data, tmp_path / "splits", per_class=5)
+
+
 def _bash(script, out, data, *args, python, extra="", **env):
     run_env = {
         **os.environ,

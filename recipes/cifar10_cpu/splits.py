@@ -20,6 +20,8 @@ from pathlib import Path
 
 
 def class_files(folder: Path) -> dict[str, list[Path]]:
+    if not folder.is_dir():  # else iterdir's FileNotFoundError, a traceback
+        raise SystemExit(f"error: {folder} is not a folder; give --data the CIFAR-10 ImageFolder root")
     classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
     if not classes:
         raise SystemExit(f"error: {folder} has no class folders; give --data the CIFAR-10 ImageFolder root")
@@ -43,8 +45,12 @@ def make_splits(data: Path, out: Path, per_class: int = 500, val_every: int = 10
     val = {c: paths[::val_every] for c, paths in train.items()}
     rest = {c: [p for i, p in enumerate(paths) if i % val_every] for c, paths in train.items()}
     few = {c: paths[:per_class] for c, paths in rest.items()}
-    if any(len(p) < per_class for p in few.values()):
-        raise SystemExit(f"error: fewer than --per_class {per_class} training images in a class of {data}/train")
+    short = min(few, key=lambda c: len(few[c]))  # the class with fewest images
+    if len(few[short]) < per_class:
+        raise SystemExit(
+            f"error: {data}/train/{short} has {len(few[short])} training images outside val, fewer than --per_class "
+            f"{per_class}; lower --per_class"
+        )
     layout = {
         "heldout/train": rest,
         "heldout/val": val,
