@@ -243,6 +243,18 @@ def test_a_byte_order_mark_does_not_break_the_first_line(tmp_path):
     assert samples == [(str(files[0]), 0), (str(files[1]), 1)]
 
 
+def test_a_file_that_is_no_image_is_named_in_words(tmp_path):
+    """Was "(UnidentifiedImageError: cannot identify image file <_io.BufferedReader name='...'>)"."""
+    path = tmp_path / "notes.jpg"
+    path.write_text("not a picture")
+    for read in (load_rgb, lambda p: load_channels(p, 1)):
+        message = one_line_error(read, str(path))
+        assert (
+            message == f"cannot read image {path} (not an image Pillow can read: another format, or its start is "
+            "damaged); remove or replace the file"
+        ), message
+
+
 def test_memory_that_runs_out_in_a_transform_is_not_blamed_on_the_file(tmp_path):
     data = make_dataset(tmp_path / "data", 1)
 

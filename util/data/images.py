@@ -5,7 +5,7 @@ import re
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from util.cli.errors import UserError, fail
 
@@ -20,8 +20,12 @@ def decoder_reason(error: BaseException) -> str:
 
 
 def unreadable(path: str, error: BaseException, hint: str = "") -> str:
-    """The one-line error for an image file that cannot be read."""
-    reason = f"{type(error).__name__}: {decoder_reason(error)}"
+    """The one-line error for an image file that cannot be read. Pillow's error for a file it cannot
+    identify shows Python's repr of the open file, and says nothing the path does not: it is put in words."""
+    if isinstance(error, UnidentifiedImageError):
+        reason = "not an image Pillow can read: another format, or its start is damaged"
+    else:
+        reason = f"{type(error).__name__}: {decoder_reason(error)}"
     advice = "make it readable, or remove it" if isinstance(error, PermissionError) else "remove or replace the file"
     return f"cannot read image {path} ({reason}){hint}; {advice}"
 
