@@ -69,8 +69,10 @@ def main(args: argparse.Namespace) -> None:
     if args.model is not None:
         models_mae.MODELS.factory(args.model)  # the name, checked
     for image in args.images:  # before the load; an unreadable file is named where it is read
+        if os.path.isdir(image):
+            fail(f"image {image} is a folder; give image files")
         if not os.path.isfile(image):
-            fail(f"image {image} {'is a folder' if os.path.isdir(image) else 'does not exist'}; give image files")
+            fail(f"image {image} {'is not a file' if os.path.exists(image) else 'does not exist'}; give image files")
     inputs = [("--checkpoint", args.checkpoint), *(("the input image", image) for image in args.images)]
     check_output_file(args.output, "--output", inputs)
     ckpt = load_checkpoint(args.checkpoint)

@@ -411,7 +411,9 @@ def test_reconstruct_checks_seed_and_device_as_training_does(tmp_path, monkeypat
         reconstruct.main(reconstruct.get_args_parser().parse_args(argv))
 
 
-@pytest.mark.parametrize("image, message", [("missing.jpg", "does not exist"), (".", "is a folder")])
+@pytest.mark.parametrize(
+    "image, message", [("missing.jpg", "does not exist"), (".", "is a folder"), ("/dev/null", "is not a file")]
+)
 def test_reconstruct_names_an_image_that_is_no_file_before_the_load(tmp_path, monkeypatch, image, message):
     """Was, after the load: "cannot read image missing.jpg (FileNotFoundError: [Errno 2] ...); remove or
     replace the file", advice for a data set's file, not for a command-line argument."""
