@@ -224,7 +224,9 @@ def test_stats_json_is_checked_before_the_work(tmp_path, monkeypatch):
         raise AssertionError("the work started before --json was checked")
 
     monkeypatch.setattr(dataset_stats, "pretrain_dataset", work)
-    for target, expected in ((tmp_path, "is a folder"), (tmp_path / "no" / "s.json", "does not exist")):
+    # /dev/null: checked only (never written): the atomic rename would have replaced the device by a file.
+    devnull = (Path("/dev/null"), "is not a regular file (a device or a pipe); give a file name")
+    for target, expected in ((tmp_path, "is a folder"), (tmp_path / "no" / "s.json", "does not exist"), devnull):
         with pytest.raises(UserError) as err:
             _stats(tmp_path, target)
         message = one_line(err)

@@ -73,6 +73,10 @@ def _check_file_target(path: str, flag: str, example: str) -> None:
     """``path`` is not a folder, its folder exists and takes files, and the file is not read-only."""
     if os.path.isdir(path):
         fail(f"{flag} {path} is a folder; give a file name such as {os.path.join(path, example)}")
+    # A device or a pipe (/dev/null, /dev/stdout): atomic_write's rename would put a file in its place
+    # (in /dev, which root may write), and a JSON file to add to is read first.
+    if os.path.exists(path) and not os.path.isfile(path):
+        fail(f"{flag} {path} is not a regular file (a device or a pipe); give a file name")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         if not os.path.isdir(existing := _first_existing(folder)):  # `x.png/r.png`: no folder to create
