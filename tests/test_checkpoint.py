@@ -426,3 +426,23 @@ def test_an_interrupt_during_a_checkpoint_write_is_raised_as_itself_and_leaves_n
     with pytest.raises(KeyboardInterrupt):
         atomic_save({"model": {"w": torch.randn(10_000)}}, str(tmp_path / "checkpoint-0.pth"))
     assert os.listdir(tmp_path) == []  # the temporary file is gone, and nothing was renamed
+
+
+@pytest.mark.parametrize(
+    "change, flags",
+    [
+        ({"num_classes": 2}, "--nb_classes"),
+        ({"global_pool": False}, "--global_pool"),
+        ({"img_size": 64}, "--input_size"),
+        ({"factory": "vit_mini_patch4"}, "--model"),
+    ],
+)
+def test_a_checkpoint_that_does_not_fit_names_the_flags_that_decide_it(change, flags):
+    """--resume of a classifier with another --nb_classes or pooling was told to 'check --model and --input_size'."""
+    import models_vit
+
+    saved = models_vit.vit_tiny_patch4(img_size=32, num_classes=3, global_pool=True).state_dict()
+    factory = models_vit.MODELS[change.pop("factory", "vit_tiny_patch4")]
+    model = factory(**{"img_size": 32, "num_classes": 3, "global_pool": True, **change})
+    with pytest.raises(UserError, match=rf"^checkpoint c.pth does not fit VisionTransformer: .*; check {flags}$"):
+        load_model_strict(model, saved, "c.pth")

@@ -274,11 +274,35 @@ def check_weight(key: str, weight: torch.Tensor, dtype: torch.dtype, source: str
         )
 
 
+# The flags that decide whether a classifier has a weight; the other weights any model of --model has.
+_FLAG_OF_WEIGHT = (("head.", "--nb_classes"), ("fc_norm.", "--global_pool"), ("norm.", "--global_pool"))
+
+
+def flags_behind(own: StateDict, state: StateDict) -> str:
+    """The flags to check where ``state`` does not fit a model whose state dict is ``own``: a weight
+    present in one only is a head (--nb_classes) or a final norm (--global_pool); one of another shape
+    at the same width, position embeddings (--input_size) or a head (--nb_classes); any other, --model."""
+    flags = set()
+    for key in set(own) ^ set(state):
+        flags.add(next((flag for prefix, flag in _FLAG_OF_WEIGHT if key.startswith(prefix)), "--model"))
+    for key in {k for k in set(own) & set(state) if own[k].shape != state[k].shape}:
+        ref = "head.weight" if key.startswith("head.") else key  # a head's width: its weight's last side
+        same_width = ref in own and ref in state and own[ref].shape[-1] == state[ref].shape[-1]
+        if same_width and key.endswith("pos_embed"):
+            flags.add("--input_size")
+        elif same_width and key.startswith("head."):
+            flags.add("--nb_classes")
+        else:
+            flags.add("--model")
+    return " and ".join(flag for flag in ("--model", "--input_size", "--nb_classes", "--global_pool") if flag in flags)
+
+
 def load_model_strict(model: torch.nn.Module, state: StateDict, path: str) -> None:
-    """Load ``state`` (names, shapes and weights checked) into ``model``, or fail naming what differs."""
+    """Load ``state`` (names, shapes and weights checked) into ``model``, or fail naming what differs
+    and the flags that decide it."""
     own = model.state_dict()
     if diff := state_difference(own, state):
-        fail(f"checkpoint {path} does not fit {type(model).__name__}: {diff}; check --model and --input_size")
+        fail(f"checkpoint {path} does not fit {type(model).__name__}: {diff}; check {flags_behind(own, state)}")
     check_weights(own, state, f"checkpoint {path}")
     model.load_state_dict(state)
 
