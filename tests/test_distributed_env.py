@@ -140,6 +140,16 @@ def test_an_impossible_rendezvous_flag_is_refused_naming_it(launcher_env, dist_u
         distributed.init_distributed_mode(_args(dist_url, dist_on_itp))
 
 
+def test_a_local_rank_without_its_gpu_says_how_many_processes_fit(launcher_env, monkeypatch):
+    import torch
+
+    launcher_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "3", **ADDRESS})
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    args = Namespace(dist_url="env://", dist_on_itp=False, device="cuda")
+    with pytest.raises(UserError, match=r"^local rank 3 has no GPU: this node has 2; start 2 process\(es\) per node$"):
+        distributed.init_distributed_mode(args)
+
+
 def test_the_launchers_environments_are_read_as_they_are_meant(launcher_env):
     assert distributed.read_world({}) is None  # a plain `python main_pretrain.py`
     torchrun = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", **ADDRESS}

@@ -51,6 +51,7 @@ from util.sizes import MAX_SIDE, image_size
         # --mean and --std with -2 values each.
         (["--epochs", str(10**17)], "--epochs must be at most 1e+15, got 100000000000000000"),
         (["--in_chans", "-2"], "--in_chans must be at least 1, got -2"),
+        (["--start_epoch", "-1"], "--start_epoch -1 is outside the run's 400 epochs: give 0 to 399"),
     ],
 )
 def test_impossible_training_flags_are_refused(tmp_path, flags, message):

@@ -187,7 +187,7 @@ def check_common(args: argparse.Namespace) -> None:
         fail(f"--min_lr must be 0 or more (and at most {MAX_LR:g}), got {args.min_lr}")
     check_seed(args.seed)
     if args.start_epoch < 0 or args.start_epoch >= args.epochs and not getattr(args, "eval", False):
-        fail(f"--start_epoch {args.start_epoch} is outside the run's {args.epochs} epochs (--epochs)")
+        fail(f"--start_epoch {args.start_epoch} is outside the run's {args.epochs} epochs: give 0 to {args.epochs - 1}")
     check_finite(args)  # after the checks above, which say more (each also refuses NaN)
     check_device(args.device)
 

@@ -149,8 +149,8 @@ def init_distributed_mode(args: Namespace) -> None:
     args.rank, args.world_size, args.gpu, args.distributed = world.rank, world.size, world.local_rank, True
     use_cuda = str(args.device).startswith("cuda")
     if use_cuda:
-        if world.local_rank >= torch.cuda.device_count():
-            fail(f"local rank {world.local_rank} has no GPU: this node has {torch.cuda.device_count()}")
+        if world.local_rank >= (count := torch.cuda.device_count()):
+            fail(f"local rank {world.local_rank} has no GPU: this node has {count}; start {count} process(es) per node")
         torch.cuda.set_device(world.local_rank)
         args.device = f"cuda:{world.local_rank}"
     join(world, "nccl" if use_cuda else "gloo", seconds)
