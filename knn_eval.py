@@ -95,7 +95,8 @@ def main(args: argparse.Namespace) -> None:
         args.input_size = model.img_size
     distributed.init_distributed_mode(args)
     if args.output and distributed.is_main_process():  # before the work, not after it
-        check_json_output(args.output, "--output", append=True)
+        # An encoder given as --output is no JSON lines file "to repair or remove": it is an input.
+        check_json_output(args.output, "--output", append=True, inputs=[("--encoders", p) for p in checkpoints])
     args.precision = resolve_precision(args.precision, args.device)
     # One normalisation for every encoder (they share the images): the flags, else the first
     # checkpoint's; an encoder trained with other values is named in a warning.

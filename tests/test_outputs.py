@@ -198,6 +198,18 @@ def test_knn_output_is_checked_before_the_work(labelled, tmp_path, monkeypatch, 
     assert expected in message, message
 
 
+def test_knn_output_that_is_an_encoder_is_refused_as_an_input(labelled, tmp_path, monkeypatch):
+    """It was 'line 1 is not JSON ...: repair or remove it', of the checkpoint being evaluated."""
+    encoder = tmp_path / "checkpoint-0.pth"
+    torch.save({"model": models_mae.create_model("mae_vit_tiny_patch4", 32).state_dict()}, encoder)
+    _no_work(monkeypatch)
+    argv = ["--data_path", str(labelled), "--encoders", str(encoder), "--output", str(encoder), "--device", "cpu"]
+    with pytest.raises(UserError) as err:
+        knn_eval.main(knn_eval.get_args_parser().parse_args(argv))
+    refused = f"--output {encoder} is --encoders {encoder}: writing it would replace it; give another name"
+    assert one_line(err) == refused
+
+
 def test_knn_output_full_disk_keeps_the_earlier_lines(labelled, tmp_path, monkeypatch):
     output = tmp_path / "knn.jsonl"
     _knn_eval(labelled, output)
