@@ -410,6 +410,9 @@ def test_a_binary_file_as_list_is_refused(tmp_path):
     path.rename(tmp_path / "c.dat")  # not named as an image: read as a list file
     with pytest.raises(UserError, match="is not a text file"):
         pretrain_dataset(str(tmp_path / "c.dat"), pretrain_transform(32))
+    (tmp_path / "nul.txt").write_bytes(b"\x00\x01binary")  # valid UTF-8: was 'line 1: no file \x00\x01binary'
+    with pytest.raises(UserError, match="nul.txt is not a text file"):
+        pretrain_dataset(str(tmp_path / "nul.txt"), pretrain_transform(32))
 
 
 def test_a_list_in_another_encoding_is_named_as_such_not_as_binary(tmp_path):

@@ -144,11 +144,11 @@ def read_image_list(list_path: str, labelled: bool, nb_classes: int | None = Non
             data = f.read()
     except OSError as e:
         fail(f"cannot read the list file {list_path} ({e.strerror or e}); make it readable")
+    if b"\0" in data:  # an image, say, even one whose bytes happen to be UTF-8: text holds no NUL bytes
+        fail(f"{list_path} is not a text file; a list file holds one image path per line")
     try:
         lines = data.decode("utf-8-sig").splitlines()  # -sig: a byte-order mark is not part of the first path
     except UnicodeDecodeError as e:
-        if b"\0" in data:  # an image, say: text holds no NUL bytes
-            fail(f"{list_path} is not a text file; a list file holds one image path per line")
         line = data.count(b"\n", 0, e.start) + 1  # text in another encoding (Latin-1, ...)
         fail(f"{list_path} line {line} is not UTF-8 text; save the list file as UTF-8")
     samples = []
