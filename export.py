@@ -103,7 +103,7 @@ def vit_name(ckpt: dict[str, Any], encoder: dict[str, torch.Tensor], given: str 
     if given:
         models_vit.MODELS.factory(given)  # a known name, or one line listing them
     elif name and name not in models_vit.MODELS:
-        fail(f"checkpoint {path} stores --model {saved}, which has no models_vit classifier; pass --model")
+        fail(f"checkpoint {path} stores --model {saved}, which has no models_vit classifier; give --model")
     pool = "fc_norm.weight" in encoder
     found = models_mae.model_for_weights(
         encoder, models_vit.MODELS, [name] if name else None, num_classes=0, global_pool=pool
@@ -111,9 +111,9 @@ def vit_name(ckpt: dict[str, Any], encoder: dict[str, torch.Tensor], given: str 
     if found:
         return found
     if name:
-        which, advice = (f"--model {name}", "check") if given else (f"{name}, the model it stores", "pass")
+        which, advice = (f"--model {name}", "check") if given else (f"{name}, the model it stores", "give")
         fail(f"checkpoint {path} does not fit {which} (at any square image size); {advice} --model")
-    fail(f"checkpoint {path}: no known ViT has its encoder's shapes; pass --model")
+    fail(f"checkpoint {path}: no known ViT has its encoder's shapes; give --model")
 
 
 def timm_call(name: str, img_size: int, global_pool: bool, output: str) -> str:  # printed, and tested
@@ -229,14 +229,14 @@ def mae_name(ckpt: dict[str, Any], state: dict[str, torch.Tensor], given: str | 
     if name is not None:
         name = f"mae_{name.removeprefix('mae_')}"  # --model may name the encoder
         if name not in models_mae.MODELS:
-            advice = "" if given else "pass --model, one of the "
+            advice = "" if given else "give --model, one of the "
             fail(f"{which} is not an MAE; {advice}known models: {', '.join(models_mae.MODELS)}")
     found = models_mae.model_for_weights(state, names=[name] if name else None)
     if found is None and name:
-        which, advice = (name, "check") if given else (f"{name}, the model it stores,", "pass")
+        which, advice = (name, "check") if given else (f"{name}, the model it stores,", "give")
         fail(f"checkpoint {path} does not fit {which} at {img_size} px; {advice} --model")
     if found is None:
-        fail(f"checkpoint {path}: no models_mae model has its shapes; pass --model")
+        fail(f"checkpoint {path}: no models_mae model has its shapes; give --model")
     return found
 
 
@@ -332,7 +332,7 @@ def check_output(args: argparse.Namespace) -> None:
     # Even with --force: the export would replace the checkpoint it is made from.
     check_not_an_input(args.output, "--output", [("--checkpoint", args.checkpoint)])
     if os.path.exists(args.output) and not args.force:
-        fail(f"--output {args.output} exists; pass --force to overwrite it")
+        fail(f"--output {args.output} exists; give --force to overwrite it")
     if args.to == "hf" and os.path.isdir(args.output):
         # The folder is replaced as a whole: files of another kind in it would be lost.
         others = sorted(set(os.listdir(args.output)) - {hf_interop.CONFIG_NAME, hf_interop.WEIGHTS_NAME})

@@ -82,9 +82,9 @@ def main(args: argparse.Namespace) -> None:
     inferred = None if args.model and args.input_size else models_mae.model_for_weights(state)
     name = args.model or saved.get("model") or (inferred[0] if inferred else None)
     if name is None:
-        fail(f"cannot tell which MAE model {args.checkpoint} holds; pass --model")
+        fail(f"cannot tell which MAE model {args.checkpoint} holds; give --model")
     if name not in models_mae.MODELS:
-        fail(f"checkpoint {args.checkpoint} names the model {name}, which is not an MAE; pass --model")
+        fail(f"checkpoint {args.checkpoint} names the model {name}, which is not an MAE; give --model")
     input_size = args.input_size or saved.get("input_size") or (inferred[1] if inferred else 224)
     # Errors about a stored size blame the checkpoint, not a flag that was not given.
     size_source = "" if args.input_size or not saved.get("input_size") else f"checkpoint {args.checkpoint}"

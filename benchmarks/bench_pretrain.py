@@ -441,7 +441,7 @@ def check_args(args: Namespace) -> None:
             fail(f"--precision {precision} is not one of {', '.join(PRECISIONS)}")
         resolve_precision(precision, args.device)  # refuses fp16 on CPU
     if args.mode != "model" and not args.data_path:
-        fail(f"--mode {args.mode} loads images: pass --data_path (an image folder, e.g. demo/cifar10-2k)")
+        fail(f"--mode {args.mode} loads images: give --data_path (an image folder, e.g. demo/cifar10-2k)")
     args.loaders = args.loader.split(",")
     for loader in args.loaders:
         if loader not in PRETRAIN_LOADERS:

@@ -94,5 +94,5 @@ def test_loader_mode_compares_loaders_with_the_recipe(tmp_path):
 @pytest.mark.parametrize("mode", ["loader", "e2e", "all"])
 def test_modes_that_load_images_require_data_path(mode):
     # No default: the development machine's data folder exists nowhere else.
-    with pytest.raises(UserError, match=f"--mode {mode} loads images: pass --data_path"):
+    with pytest.raises(UserError, match=f"--mode {mode} loads images: give --data_path"):
         main(["--mode", mode, "--device", "cpu", "--json", ""])

@@ -262,7 +262,7 @@ def test_export_errors_name_the_file_or_flag(pre, tmp_path):
     _, ckpt = pre
     out = tmp_path / "e.safetensors"
     out.write_bytes(b"")
-    with pytest.raises(UserError, match=rf"--output {out} exists; pass --force"):
+    with pytest.raises(UserError, match=rf"--output {out} exists; give --force"):
         _export(ckpt, "timm", out)
     _export(ckpt, "timm", out, "--force")
     with pytest.raises(UserError, match=r"--to safetensors writes a \.safetensors file"):
@@ -486,7 +486,7 @@ def test_a_stored_model_the_weights_do_not_fit_blames_the_checkpoint_not_a_flag(
     torch.save({**ckpt, "args": argparse.Namespace(**{**vars(ckpt["args"]), "model": stored})}, src)
     out = tmp_path / ("hf" if to == "hf" else "e.pth")
     message = one_line_error(_export, src, to, out)
-    assert message.startswith(f"checkpoint {src} ") and expected in message and "pass --model" in message, message
+    assert message.startswith(f"checkpoint {src} ") and expected in message and "give --model" in message, message
     assert f"--model {stored} is" not in message and "fit --model" not in message
 
 

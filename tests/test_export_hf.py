@@ -318,7 +318,7 @@ def test_to_hf_needs_a_decoder_and_a_free_folder(mae, tmp_path):
     )
     with pytest.raises(UserError, match=rf"checkpoint {encoder} holds no MAE decoder"):
         _run(["--checkpoint", str(encoder), "--to", "hf", "--output", str(tmp_path / "e")])
-    with pytest.raises(UserError, match=rf"--output {root / 'hf'} exists; pass --force"):
+    with pytest.raises(UserError, match=rf"--output {root / 'hf'} exists; give --force"):
         _run(["--checkpoint", str(root / "checkpoint-0.pth"), "--to", "hf", "--output", str(root / "hf")])
     with pytest.raises(UserError, match=r"is a file; --to hf writes a folder .*: name one$"):
         _run(["--checkpoint", str(root / "checkpoint-0.pth"), "--to", "hf", "--output", str(encoder), "--force"])

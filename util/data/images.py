@@ -89,7 +89,7 @@ def load_channels(path: str, in_chans: int) -> torch.Tensor:
             todo = "keep one page per file" if "pages" in what else "convert it to grayscale (mode L or I;16)"
         else:
             todo = f"store it as a {in_chans}-page TIFF, one channel per page"
-        todo += f", or set --in_chans {len(channels)}"
+        todo += f", or give --in_chans {len(channels)}"
         fail(f"image {path} has {len(channels)} channel(s) ({what}) but --in_chans is {in_chans}; {todo}")
     sizes = sorted({c.shape for c in channels})
     if len(sizes) > 1:
