@@ -15,10 +15,10 @@ from util.cli.log import log
 from util.data.channels import image_loader
 from util.data.datasets import classification_splits, eval_loader, eval_transform, train_loader
 from util.lr_sched import adjust_learning_rate
-from util.train import distributed, interrupt
+from util.train import distributed
 from util.train.checkpointer import Checkpointer, training
 from util.train.precision import LossScaler, autocast
-from util.train.run import Run, wrap_for_training
+from util.train.run import Run, finish, wrap_for_training
 from util.train.steps import accumulating, optimizer_step, to_device
 
 # What --model, --input_size, --in_chans and --crop_pct mean when not given and no checkpoint decides them
@@ -141,8 +141,7 @@ def train_or_evaluate(
     else:
         fit(wrapped_model, state, position, train_loader(train_set, args), val_loader, criterion, mixup_fn)
     del wrapped_model  # before the process group goes: distributed.cleanup says why
-    distributed.cleanup()
-    interrupt.uninstall()  # a finished run gives the process its signals back (Ctrl-C in a notebook)
+    finish()
 
 
 def fit(

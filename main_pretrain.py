@@ -32,11 +32,11 @@ from util.data.normalization import add_norm_args
 from util.eval import knn
 from util.eval.pictures import fixed_noise, load_images
 from util.outputs import check_outside_data
-from util.train import distributed, interrupt
+from util.train import distributed
 from util.train.checkpointer import training
 from util.train.precision import LossScaler
 from util.train.progress import RunLog
-from util.train.run import start, wrap_for_training
+from util.train.run import finish, start, wrap_for_training
 
 # What --model, --input_size and --in_chans mean when not given and no checkpoint decides them.
 FALLBACKS = {"model": "mae_vit_large_patch16", "input_size": 224, "in_chans": 3}
@@ -182,8 +182,7 @@ def main(flags: argparse.Namespace) -> None:
                 log_reconstructions(model, *picture, epoch, checkpointer.run_log, args)
             checkpointer.stop_if_requested()
     del wrapped_model  # before the process group goes: distributed.cleanup says why
-    distributed.cleanup()
-    interrupt.uninstall()  # a finished run gives the process its signals back (Ctrl-C in a notebook)
+    finish()
 
 
 if __name__ == "__main__":

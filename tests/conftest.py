@@ -35,3 +35,13 @@ def leaves_the_checkout_clean() -> Iterator[None]:
     before = sorted(default.rglob("*"))
     yield
     assert sorted(default.rglob("*")) == before, f"the test wrote into {default}: give its runs --log_dir"
+
+
+@pytest.fixture(autouse=True)
+def releases_output_dirs() -> Iterator[None]:
+    """An in-process run that fails keeps its --output_dir claimed (util.outputs.claim_output_dir), as
+    its process would until it ends: each test starts as a fresh process does, holding none."""
+    from util.outputs import release_output_dirs
+
+    yield
+    release_output_dirs()

@@ -8,6 +8,8 @@ import io
 import json
 import os
 import shutil
+import subprocess
+import sys
 import threading
 from argparse import Namespace
 from pathlib import Path
@@ -437,3 +439,73 @@ def test_pretraining_refuses_an_output_dir_inside_its_data(tmp_path):
     with pytest.raises(UserError, match="is inside --data_path"):
         run_pretrain(data, data / "out", "--epochs", "1")
     assert not (data / "out").exists(), "the refused folder was created inside the data"
+
+
+# ---------------------------------------------------------------------------------------------
+# One run per --output_dir
+_HOLDER = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+sys.stdin.read()  # until the test closes stdin, or kills it
+"""
+
+
+def _hold(folder: Path) -> subprocess.Popen:
+    """Another process that holds ``folder`` as a run does (the test's stand-in for a running run)."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(folder)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert holder.stdout.readline() == "held\n"
+    return holder
+
+
+def test_a_second_run_into_an_output_dir_in_use_is_refused_before_it_reads_or_writes(tmp_path, monkeypatch):
+    """Two runs into one folder (a job submitted twice) would overwrite each other's checkpoints and
+    log.txt: the second stops at start, after the wait for a run that is ending, having written
+    nothing; a holder killed with -9 leaves no stale claim."""
+    from helpers import one_line_error, pretrain_args, pretrain_in_process
+
+    data, out = make_dataset(tmp_path / "data", 2), tmp_path / "out"
+    out.mkdir()
+    flags = ["--model", "mae_vit_mini_patch4", "--batch_size", "2", "--epochs", "1", "--resume", "auto"]
+    args = pretrain_args(data, out, *flags)
+    monkeypatch.setattr(outputs, "CLAIM_WAIT_SECONDS", 0.5)
+    holder = _hold(out)
+    try:
+        message = one_line_error(pretrain_in_process, args)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert message == (
+        f"--output_dir {out} is in use by another run (still training, or a job submitted twice): two runs would "
+        f"overwrite each other's checkpoints; wait for it to end, or give another --output_dir"
+    )
+    assert list(out.iterdir()) == []
+    pretrain_in_process(args)  # the holder was killed: its claim went with it
+    assert (out / "checkpoint-0.pth").exists()
+    outputs.claim_output_dir(str(out), "--output_dir")  # a finished run released it; and a process may
+    outputs.claim_output_dir(str(out), "--output_dir")  # claim a folder it holds again (notebooks)
+
+
+def test_evaluation_does_not_claim_the_output_dir(tmp_path, monkeypatch):
+    """--eval writes nothing there: it may score a checkpoint of the run still training in that folder."""
+    from helpers import make_split
+
+    import main_finetune
+
+    out = tmp_path / "out"
+    argv = ["--data_path", str(make_split(tmp_path / "split", 2, 1)), "--model", "vit_mini_patch4", "--input_size"]
+    argv += ["32", "--nb_classes", "3", "--output_dir", str(out), "--log_dir", "", "--device", "cpu"]
+    argv += ["--num_workers", "0", "--batch_size", "2", "--epochs", "1", "--mixup", "0", "--cutmix", "0"]
+    main_finetune.main(main_finetune.get_args_parser().parse_args(argv))
+    monkeypatch.setattr(outputs, "CLAIM_WAIT_SECONDS", 0.5)
+    holder = _hold(out)  # the run, still training
+    try:
+        main_finetune.main(main_finetune.get_args_parser().parse_args([*argv, "--eval", "--resume", "auto"]))
+        with pytest.raises(UserError, match="is in use by another run"):
+            main_finetune.main(main_finetune.get_args_parser().parse_args([*argv, "--resume", "auto"]))
+    finally:
+        holder.kill()
+        holder.wait()

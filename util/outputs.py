@@ -3,10 +3,12 @@ find that it cannot write its checkpoint), and written atomically (a crash or a 
 the old file or the complete new one, never a torn one)."""
 
 import contextlib
+import fcntl
 import json
 import os
 import re
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -49,6 +51,49 @@ def check_output_dir(path: str, flag: str) -> None:
     except OSError as e:
         fail(f"{flag} {path} cannot be created ({e.strerror}); give a folder you can write to")
     _check_writable(path, f"{flag} {path}")
+
+
+# Folders this process writes its run into, and the descriptor whose lock claims each (see claim_output_dir).
+_claimed: dict[str, int] = {}
+CLAIM_WAIT_SECONDS = 10.0  # for a stopped run still writing its last checkpoint (Ctrl-C, then started again)
+
+
+def claim_output_dir(path: str, flag: str) -> None:
+    """Hold an exclusive lock on the folder ``path`` until ``release_output_dirs`` or the process's end,
+    so that a second run into it (a job submitted twice, a run started again while the first still
+    trains) stops at its start, in one line, instead of both writing the same checkpoints and log.txt.
+    The kernel drops the lock however the process ends, ``kill -9`` too: nothing stale is left. A
+    process may claim a folder again (runs one after another in a notebook). Where the file system
+    cannot lock a folder (NFS, some others), runs go on unguarded, as they did before."""
+    real = os.path.realpath(path)
+    if real in _claimed:
+        return
+    fd = os.open(real, os.O_RDONLY | os.O_DIRECTORY)
+    deadline = time.monotonic() + CLAIM_WAIT_SECONDS
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() < deadline:
+                time.sleep(0.2)
+                continue
+            os.close(fd)
+            fail(
+                f"{flag} {path} is in use by another run (still training, or a job submitted twice): two runs "
+                f"would overwrite each other's checkpoints; wait for it to end, or give another {flag}"
+            )
+        except OSError:  # no locks here: unguarded
+            os.close(fd)
+            return
+    _claimed[real] = fd
+
+
+def release_output_dirs() -> None:
+    """Give back every folder ``claim_output_dir`` holds (a finished run; tests)."""
+    for fd in _claimed.values():
+        os.close(fd)  # (closing the descriptor drops its lock)
+    _claimed.clear()
 
 
 def check_not_an_input(path: str, flag: str, inputs: Iterable[tuple[str, str]]) -> None:

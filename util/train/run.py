@@ -20,7 +20,7 @@ from util.cli.args import check_world, effective_lr, resolve_precision
 from util.cli.errors import fail
 from util.cli.log import log
 from util.data import normalization
-from util.outputs import check_output_dir
+from util.outputs import check_output_dir, claim_output_dir, release_output_dirs
 from util.train import distributed, interrupt
 from util.train.precision import fast_cuda_math
 
@@ -57,6 +57,10 @@ def start(flags: argparse.Namespace, fallbacks: dict[str, Any] | None = None) ->
     distributed.init_distributed_mode(args)  # args.rank, .world_size, .gpu, .distributed (and .device on GPUs)
     check_world(args, distributed.world_size())
 
+    if distributed.is_main_process() and args.output_dir and not getattr(args, "eval", False):
+        check_output_dir(args.output_dir, "--output_dir")
+        # Before the checkpoint it resumes is read: a run that waited for another would resume a stale one.
+        claim_output_dir(args.output_dir, "--output_dir")
     resume_from = open_resume(args)
     finetune = getattr(args, "finetune", "")  # pre-training has none; --eval does not load it
     init_from = open_checkpoint(finetune) if finetune and not args.eval else None
@@ -89,6 +93,14 @@ def start(flags: argparse.Namespace, fallbacks: dict[str, Any] | None = None) ->
     base_lr = args.lr * 256 / eff_batch  # as the official code prints it: --blr is unused where --lr is given
     log.info(f"precision: {args.precision}  effective batch: {eff_batch}  lr: {args.lr:.3e} (base lr {base_lr:.3e})")
     return Run(args, torch.device(args.device), resume_from, init_from, origins)
+
+
+def finish() -> None:
+    """What a finished run gives back to its process: the process group, the stop signals (Ctrl-C in a
+    notebook) and its --output_dir. A failed run keeps them until the process ends."""
+    distributed.cleanup()
+    interrupt.uninstall()
+    release_output_dirs()
 
 
 def check_not_among_outputs(finetune: str, output_dir: str) -> None:
