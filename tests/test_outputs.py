@@ -4,13 +4,16 @@ while training goes on); JSON outputs are checked before the work; only files co
 checkpoints; an output folder inside the data is refused."""
 
 import errno
+import fcntl
 import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
+import time
 from argparse import Namespace
 from pathlib import Path
 
@@ -509,3 +512,38 @@ def test_evaluation_does_not_claim_the_output_dir(tmp_path, monkeypatch):
     finally:
         holder.kill()
         holder.wait()
+
+
+def _free(folder: Path) -> bool:
+    """Whether another run could claim ``folder`` now (a descriptor of its own conflicts as another process's)."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def test_forked_children_do_not_hold_the_output_dir(tmp_path):
+    """DataLoader workers are forked after the claim: the lock must not live on in them, or a run killed
+    with -9 holds its folder until its workers notice (5 s; for ever for one that hangs), and a run that
+    ended until its persistent workers do."""
+    outputs.claim_output_dir(str(tmp_path), "--output_dir")
+    started, ready = os.pipe()
+    worker = os.fork()
+    if worker == 0:  # a loader worker, alive after its run gave the folder back
+        os.write(ready, b"1")  # (after the fork handlers)
+        time.sleep(60)
+        os._exit(0)
+    try:
+        assert os.read(started, 1) == b"1"
+        assert not _free(tmp_path)
+        outputs.release_output_dirs()
+        assert _free(tmp_path)
+    finally:
+        os.kill(worker, signal.SIGKILL)
+        os.waitpid(worker, 0)
+        os.close(started)
+        os.close(ready)

@@ -90,10 +90,16 @@ def claim_output_dir(path: str, flag: str) -> None:
 
 
 def release_output_dirs() -> None:
-    """Give back every folder ``claim_output_dir`` holds (a finished run; tests)."""
+    """Give back every folder ``claim_output_dir`` holds (a run that ended; tests)."""
     for fd in _claimed.values():
-        os.close(fd)  # (closing the descriptor drops its lock)
+        os.close(fd)  # the lock goes with the last descriptor of it: the forked children's are closed below
     _claimed.clear()
+
+
+# A forked child (a DataLoader worker) shares the lock of each descriptor it inherits, and would hold the
+# folder after its parent released it or was killed with -9, until it ended too. It closes its copies,
+# which leaves the parent's lock as it is, and claims nothing.
+os.register_at_fork(after_in_child=release_output_dirs)
 
 
 def check_not_an_input(path: str, flag: str, inputs: Iterable[tuple[str, str]]) -> None:
