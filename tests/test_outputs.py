@@ -547,3 +547,26 @@ def test_forked_children_do_not_hold_the_output_dir(tmp_path):
         os.waitpid(worker, 0)
         os.close(started)
         os.close(ready)
+
+
+def test_every_rank_resumes_after_rank_0_holds_the_output_dir(tmp_path, monkeypatch):
+    """Rank 0 may wait for a run that is ending to write its last checkpoint: a rank that read the folder
+    meanwhile would resume an older checkpoint than rank 0's (torchrun, two gloo processes)."""
+    from helpers import pretrain_args, run_ranks
+
+    from util.train import distributed, run
+
+    out = tmp_path / "out"
+    args = pretrain_args(tmp_path / "data", out, "--resume", "auto")
+
+    def waiting_claim(path: str, flag: str) -> None:  # rank 0's wait, then its claim
+        time.sleep(2)
+        (out / "claimed").touch()
+
+    def open_resume(args: Namespace) -> None:  # each rank says what it would have read
+        print(f"claimed before the read: {(out / 'claimed').exists()}")
+
+    monkeypatch.setattr(run, "claim_output_dir", waiting_claim)
+    monkeypatch.setattr(run, "open_resume", open_resume)
+    logs = run_ranks(lambda: (run.start(args), distributed.cleanup()), tmp_path / "ranks")
+    assert all("claimed before the read: True" in log for log in logs), logs

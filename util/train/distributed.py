@@ -219,6 +219,12 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
+def barrier() -> None:
+    """Wait until every rank is here (a single process has none to wait for)."""
+    if is_dist():
+        dist.barrier()
+
+
 def all_reduce_sum(values: list[float], device: torch.device | str) -> list[float]:
     """Sum a few numbers over all ranks (one collective)."""
     if not is_dist():

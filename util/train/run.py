@@ -57,10 +57,12 @@ def start(flags: argparse.Namespace, fallbacks: dict[str, Any] | None = None) ->
     distributed.init_distributed_mode(args)  # args.rank, .world_size, .gpu, .distributed (and .device on GPUs)
     check_world(args, distributed.world_size())
 
-    if distributed.is_main_process() and args.output_dir and not getattr(args, "eval", False):
-        check_output_dir(args.output_dir, "--output_dir")
-        # Before the checkpoint it resumes is read: a run that waited for another would resume a stale one.
-        claim_output_dir(args.output_dir, "--output_dir")
+    if args.output_dir and not getattr(args, "eval", False):
+        if distributed.is_main_process():
+            check_output_dir(args.output_dir, "--output_dir")
+            # Before the checkpoint it resumes is read: a run that waited for another would resume a stale one.
+            claim_output_dir(args.output_dir, "--output_dir")
+        distributed.barrier()  # the other ranks too, or they resume another checkpoint than rank 0's
     resume_from = open_resume(args)
     finetune = getattr(args, "finetune", "")  # pre-training has none; --eval does not load it
     init_from = open_checkpoint(finetune) if finetune and not args.eval else None
