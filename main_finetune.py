@@ -36,7 +36,7 @@ from util.data.channels import tensor_train_transform
 from util.data.normalization import add_norm_args
 from util.lr_decay import param_groups_lrd
 from util.sizes import image_size
-from util.train.run import start
+from util.train.run import gives_back_output_dir, start
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -176,6 +176,7 @@ def build_train_transform(args: argparse.Namespace) -> Callable:
     return transforms.Compose(steps)
 
 
+@gives_back_output_dir
 def main(flags: argparse.Namespace) -> None:
     check_args(flags)
     run = start(flags, FALLBACKS)

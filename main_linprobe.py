@@ -27,7 +27,7 @@ from util.cli.log import log
 from util.data.channels import tensor_train_transform
 from util.data.normalization import add_norm_args
 from util.lars import LARS
-from util.train.run import start
+from util.train.run import gives_back_output_dir, start
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -55,6 +55,7 @@ def build_train_transform(args: argparse.Namespace) -> Callable:
     return tensor_train_transform(args.input_size, tuple(args.scale), args.mean, args.std, rgb=args.in_chans == 3)
 
 
+@gives_back_output_dir
 def main(flags: argparse.Namespace) -> None:
     check_args(flags)
     run = start(flags, FALLBACKS)

@@ -36,7 +36,7 @@ from util.train import distributed
 from util.train.checkpointer import training
 from util.train.precision import LossScaler
 from util.train.progress import RunLog
-from util.train.run import finish, start, wrap_for_training
+from util.train.run import finish, gives_back_output_dir, start, wrap_for_training
 
 # What --model, --input_size and --in_chans mean when not given and no checkpoint decides them.
 FALLBACKS = {"model": "mae_vit_large_patch16", "input_size": 224, "in_chans": 3}
@@ -148,6 +148,7 @@ def fixed_picture(
     return imgs, fixed_noise(len(files), num_patches, seed=args.seed)
 
 
+@gives_back_output_dir
 def main(flags: argparse.Namespace) -> None:
     check_args(flags)
     run = start(flags, FALLBACKS)

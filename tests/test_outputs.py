@@ -549,6 +549,29 @@ def test_forked_children_do_not_hold_the_output_dir(tmp_path):
         os.close(ready)
 
 
+def test_a_stopped_run_gives_its_output_dir_back(tmp_path, monkeypatch):
+    """A run stopped in a notebook (Ctrl-C) says 'continue with --resume auto': run from a shell while
+    the kernel lives on, that resume must not be refused as a second run."""
+    from helpers import isolated_interrupts, pretrain_args, pretrain_in_process
+
+    import main_pretrain
+    from util.train import interrupt
+
+    out = tmp_path / "out"
+    flags = ["--model", "mae_vit_mini_patch4", "--batch_size", "2", "--epochs", "1"]
+    args = pretrain_args(make_dataset(tmp_path / "data", 2), out, *flags)
+    build = main_pretrain.build_model
+
+    def stopped_while_building(*a, **k):  # the stop request comes before training begins
+        os.kill(os.getpid(), signal.SIGINT)
+        return build(*a, **k)
+
+    monkeypatch.setattr(main_pretrain, "build_model", stopped_while_building)
+    with isolated_interrupts(), pytest.raises(interrupt.Interrupted, match="stopped on request"):
+        pretrain_in_process(args)
+    assert _free(out)
+
+
 def test_every_rank_resumes_after_rank_0_holds_the_output_dir(tmp_path, monkeypatch):
     """Rank 0 may wait for a run that is ending to write its last checkpoint: a rank that read the folder
     meanwhile would resume an older checkpoint than rank 0's (torchrun, two gloo processes)."""

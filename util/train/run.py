@@ -3,10 +3,12 @@ open the checkpoints it starts from (each once), settle the flags, seed; and wra
 
 import argparse
 import copy
+import functools
 import json
 import math
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,11 +100,26 @@ def start(flags: argparse.Namespace, fallbacks: dict[str, Any] | None = None) ->
 
 
 def finish() -> None:
-    """What a finished run gives back to its process: the process group, the stop signals (Ctrl-C in a
-    notebook) and its --output_dir. A failed run keeps them until the process ends."""
+    """What a finished run gives back to its process: the process group and the stop signals (Ctrl-C in
+    a notebook). A failed run keeps them until the process ends; its --output_dir goes back however it
+    ends (``gives_back_output_dir``)."""
     distributed.cleanup()
     interrupt.uninstall()
-    release_output_dirs()
+
+
+def gives_back_output_dir(main: Callable[[argparse.Namespace], None]) -> Callable[[argparse.Namespace], None]:
+    """An entry point's ``main`` that gives back the --output_dir its run claimed however the run ends.
+    A run stopped (Ctrl-C) or failed in a notebook would otherwise hold the folder until the kernel
+    ends, and the ``--resume auto`` its message advises, run from a shell, be refused as a second run."""
+
+    @functools.wraps(main)
+    def run_main(flags: argparse.Namespace) -> None:
+        try:
+            main(flags)
+        finally:
+            release_output_dirs()
+
+    return run_main
 
 
 def check_not_among_outputs(finetune: str, output_dir: str) -> None:
