@@ -42,6 +42,18 @@ def test_splits_are_disjoint_balanced_and_kept_apart_from_test(tmp_path):
     assert make_splits(data, tmp_path / "splits", per_class=5) == counts
 
 
+def test_splits_skip_hidden_files_and_folders_as_training_does(tmp_path):
+    """A '.ipynb_checkpoints' folder stopped the splits as a class short of --per_class; macOS's '._*.jpg'
+    files, which training skips, took places in val (they sort first)."""
+    data = cifar_layout(tmp_path / "cifar", train=30, test=4)
+    clean = make_splits(data, tmp_path / "clean", per_class=5)
+    for folder in (data / "train").iterdir():
+        (folder / "._0000.jpg").write_bytes(b"\0\5\26\7")  # AppleDouble metadata
+    (data / "train" / ".ipynb_checkpoints").mkdir()
+    assert make_splits(data, tmp_path / "splits", per_class=5) == clean
+    assert not [p for p in (tmp_path / "splits").rglob(".*")]
+
+
 def test_splits_of_a_missing_or_small_data_set_are_one_line_errors(tmp_path):
     """A missing --data was iterdir's FileNotFoundError; a short class said only 'a class'."""
     with pytest.raises(SystemExit, match=r"^error: .*nowhere/train is not a folder; give --data the CIFAR-10"):

@@ -22,10 +22,12 @@ from pathlib import Path
 def class_files(folder: Path) -> dict[str, list[Path]]:
     if not folder.is_dir():  # else iterdir's FileNotFoundError, a traceback
         raise SystemExit(f"error: {folder} is not a folder; give --data the CIFAR-10 ImageFolder root")
-    classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
+    # Hidden names are no data, as training reads it (util.data.datasets.is_hidden): a '.ipynb_checkpoints'
+    # folder is no class, macOS's '._<name>.jpg' files no images to take val's every 10th place.
+    classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise SystemExit(f"error: {folder} has no class folders; give --data the CIFAR-10 ImageFolder root")
-    return {c: sorted(p for p in (folder / c).iterdir() if p.is_file()) for c in classes}
+    return {c: sorted(p for p in (folder / c).iterdir() if p.is_file() and not p.name.startswith(".")) for c in classes}
 
 
 def link_all(files: dict[str, list[Path]], dest: Path) -> None:
