@@ -6,13 +6,18 @@ import json
 import os
 import subprocess
 import sys
+from argparse import Namespace
 
 import pytest
+import torch
 from helpers import REPO, cifar_layout
+
+import models_mae
 
 STUDY = REPO / "recipes" / "cifar10_cpu"
 sys.path.insert(0, str(STUDY))
 
+from figures import reconstruction_strip  # noqa: E402
 from splits import make_splits  # noqa: E402
 
 
@@ -52,6 +57,19 @@ def test_splits_skip_hidden_files_and_folders_as_training_does(tmp_path):
     (data / "train" / ".ipynb_checkpoints").mkdir()
     assert make_splits(data, tmp_path / "splits", per_class=5) == clean
     assert not [p for p in (tmp_path / "splits").rglob(".*")]
+
+
+def test_the_reconstruction_strip_skips_hidden_files(tmp_path):
+    """The strip's first image was macOS's '._*.jpg' beside the first test image ('not an image')."""
+    images = cifar_layout(tmp_path / "cifar", train=0, test=2) / "test"
+    for folder in images.iterdir():
+        (folder / "._0000.jpg").write_bytes(b"\0\5\26\7")  # AppleDouble metadata
+    model = models_mae.create_model("mae_vit_mini_patch4", 32)
+    args = Namespace(model="mae_vit_mini_patch4", input_size=32, norm_pix_loss=False, mask_ratio=0.75)
+    (tmp_path / "pretrain").mkdir()
+    torch.save({"model": model.state_dict(), "args": args}, tmp_path / "pretrain" / "checkpoint-0.pth")
+    reconstruction_strip(tmp_path, images, [0], 3, tmp_path / "strip.png")
+    assert (tmp_path / "strip.png").is_file()
 
 
 def test_splits_of_a_missing_or_small_data_set_are_one_line_errors(tmp_path):

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import models_mae  # noqa: E402
 from util.checkpoint.load import load_checkpoint, model_state  # noqa: E402
-from util.data.datasets import IMAGENET_MEAN, IMAGENET_STD, eval_transform  # noqa: E402
+from util.data.datasets import IMAGENET_MEAN, IMAGENET_STD, eval_transform, image_walk  # noqa: E402
 from util.eval.pictures import fixed_noise, load_images, reconstruction_grid, save_png  # noqa: E402
 from util.outputs import atomic_write  # noqa: E402
 
@@ -82,7 +82,8 @@ def _random_score(out: Path) -> float | None:
 def reconstruction_strip(out: Path, images: Path, epochs: list[int], count: int, path: Path) -> None:
     """Rows: the originals, the masked inputs, then each epoch's reconstruction (with the visible
     patches pasted back); one column per image, the same mask throughout."""
-    files = sorted(p for p in images.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    # The images as training finds them: no hidden files (macOS's '._*.jpg'), no links out of the folder.
+    files = sorted(Path(folder, n) for folder, names in image_walk(str(images), str(images)) for n in names)
     files = files[:: max(len(files) // count, 1)][:count]  # evenly spaced: one per class for CIFAR
     rows = []
     for epoch in epochs:
