@@ -496,6 +496,14 @@ def test_resume_auto_without_an_output_folder_is_refused(data, tmp_path):
         main_pretrain.main(args)
 
 
+def test_evaluating_an_output_folder_without_a_checkpoint_is_refused(tmp_path):
+    """--eval --resume auto on a folder whose run has not saved yet scored the random initial weights, as
+    if they were the run's (a line 'starting from scratch', then Acc@1 near chance)."""
+    args = argparse.Namespace(resume="auto", output_dir=str(tmp_path), eval=True)
+    with pytest.raises(UserError, match=r"^--eval --resume auto: no checkpoint in .* to evaluate .*; give --resume"):
+        checkpoint.open_resume(args)
+
+
 def test_resume_with_changed_meaning_warns_in_one_line(tmp_path, capsys):
     path = checkpoint.save_checkpoint(_pretrain_state(tmp_path), epoch=1)
     same = _pretrain_state(tmp_path)

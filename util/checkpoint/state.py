@@ -155,6 +155,11 @@ def open_resume(args: argparse.Namespace) -> Opened | None:
     if not args.output_dir:  # the run would start from scratch, and say "no checkpoint in ," at every restart
         fail("--resume auto takes the newest checkpoint in --output_dir, and --output_dir '' keeps none: give one")
     found = find_resumable(args.output_dir)
+    if found is None and getattr(args, "eval", False):  # else the random initial weights would be scored
+        fail(
+            f"--eval --resume auto: no checkpoint in {args.output_dir} to evaluate (a run there has not saved one "
+            f"yet); give --resume CHECKPOINT"
+        )
     if found is None:
         log.info(f"--resume auto: no checkpoint in {args.output_dir}, starting from scratch")
     return found
