@@ -593,3 +593,20 @@ def test_every_rank_resumes_after_rank_0_holds_the_output_dir(tmp_path, monkeypa
     monkeypatch.setattr(run, "open_resume", open_resume)
     logs = run_ranks(lambda: (run.start(args), distributed.cleanup()), tmp_path / "ranks")
     assert all("claimed before the read: True" in log for log in logs), logs
+
+
+def test_a_folder_that_cannot_be_locked_is_said_once_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    """NFS without lock support, say: flock fails with ENOLCK. The run is not refused, but warned."""
+    import fcntl
+
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    outputs.claim_output_dir(str(tmp_path), "--output_dir")
+    warned = [line for line in capsys.readouterr().out.splitlines() if "cannot be locked" in line]
+    assert warned == [
+        f"warning: --output_dir {tmp_path} cannot be locked ({os.strerror(errno.ENOLCK)}): a second run into it "
+        f"would not be noticed"
+    ]
+    assert outputs._claimed == {}

@@ -16,6 +16,7 @@ from typing import BinaryIO
 from PIL import Image
 
 from util.cli.errors import fail
+from util.cli.log import log
 
 # Formats PIL writes an RGB picture in without further options.
 PICTURE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF")
@@ -83,8 +84,10 @@ def claim_output_dir(path: str, flag: str) -> None:
                 f"{flag} {path} is in use by another run (still training, or a job submitted twice): two runs "
                 f"would overwrite each other's checkpoints; wait for it to end, or give another {flag}"
             )
-        except OSError:  # no locks here: unguarded
+        except OSError as e:  # no locks on this file system: unguarded, and said so once
             os.close(fd)
+            why = e.strerror or e
+            log.warning(f"{flag} {path} cannot be locked ({why}): a second run into it would not be noticed")
             return
     _claimed[real] = fd
 
