@@ -419,5 +419,6 @@ def test_a_stored_input_size_the_model_cannot_take_blames_the_checkpoint_not_a_f
         parsed.device = "cpu"
     message = one_line_error(module.main, parsed)
     assert message == (
-        f"checkpoint {path} stores --input_size 30, not a multiple of the model's patch size 4; give --input_size"
+        f"checkpoint {path} stores --input_size 30, not a multiple of the model's patch size 4; give --input_size, "
+        f"or a --model of a patch size that divides it"
     )

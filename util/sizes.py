@@ -45,7 +45,7 @@ def check_input_size(input_size: int | Sequence[int], patch_size: int, source: s
         if source:
             fail(
                 f"{source} stores --input_size {shown}, not a multiple of the model's patch size {patch_size}; "
-                f"give --input_size"
+                f"give --input_size, or a --model of a patch size that divides it"  # (a --model given against its own)
             )
         sides = (height,) if height == width else (height, width)
         nearest = " ".join(str(max(round(side / patch_size), 1) * patch_size) for side in sides)
