@@ -65,7 +65,7 @@ def claim_output_dir(path: str, flag: str) -> None:
     trains) stops at its start, in one line, instead of both writing the same checkpoints and log.txt.
     The kernel drops the lock however the process ends, ``kill -9`` too: nothing stale is left. A
     process may claim a folder again (runs one after another in a notebook). Where the file system
-    cannot lock a folder (NFS, some others), runs go on unguarded, as they did before."""
+    cannot lock a folder (NFS, some others), runs go on unguarded, after one warning."""
     real = os.path.realpath(path)
     if real in _claimed:
         return
