@@ -355,6 +355,19 @@ def test_the_launcher_refuses_an_odd_batch_to_mix_before_submitting(tmp_path, ca
     assert executor.made == [], "nothing is submitted"
 
 
+def test_the_launcher_refuses_a_job_dir_inside_the_data_before_submitting(tmp_path, capsys, executor):
+    """--job_dir is the job's --output_dir: its reconstruction pictures would become training images.
+    Refused when the job starts already; now before it waits in the queue, naming --job_dir."""
+    data = make_dataset(tmp_path / "data", 1)
+    with pytest.raises(SystemExit):
+        _launch("main_pretrain", ["--job_dir", str(data / "jobs" / "%j"), "--data_path", str(data)], executor)
+    assert capsys.readouterr().err == (
+        f"error: --job_dir {data / 'jobs' / '%j'} is inside --data_path {data}: its reconstruction pictures would "
+        f"be read back as training images; give a folder outside the data\n"
+    )
+    assert executor.made == [], "nothing is submitted"
+
+
 def test_the_launcher_submits_good_flags_for_the_jobs_gpus(tmp_path, capsys, executor):
     """Checked on a machine without GPUs, for a job on nodes with GPUs: the device is theirs."""
     argv = ["--job_dir", str(tmp_path / "%j"), "--nodes", "1", "--ngpus", "2", "--batch_size", "8"]

@@ -121,7 +121,7 @@ def test_output_dir_inside_the_data_is_refused(tmp_path):
             outputs.check_outside_data(str(inside), str(data), "--output_dir")
         message = one_line(err)
         assert message.startswith(f"--output_dir {inside} is inside --data_path {data}"), message
-        assert message.endswith("choose an --output_dir outside the data"), message
+        assert message.endswith("give a folder outside the data"), message
     # Beside the data (also a folder whose name starts like it), or beside a list file: fine.
     for outside in (tmp_path / "out", tmp_path / "data2" / "out", tmp_path):
         outputs.check_outside_data(str(outside), str(data), "--output_dir")

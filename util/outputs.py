@@ -232,7 +232,7 @@ def check_outside_data(output_dir: str, data_path: str, flag: str = "--output_di
     if os.path.commonpath([data, out]) == data:
         fail(
             f"{flag} {output_dir} is inside --data_path {data_path}: its reconstruction pictures would be read "
-            f"back as training images; choose an {flag} outside the data"
+            f"back as training images; give a folder outside the data"
         )
 
 

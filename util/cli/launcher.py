@@ -91,7 +91,11 @@ def check_flags(entry: ModuleType, args: argparse.Namespace) -> None:
         fail("--ngpus 0 runs on CPUs: give --tasks_per_node N, the processes per node")
     checked = copy.copy(args)
     checked.device = "cpu" if str(args.device).startswith("cuda") else args.device
-    getattr(entry, "check_args", check_common)(checked)
+    checked.output_dir = args.job_dir  # the job's --output_dir (submit sets it): checked as the job will
+    try:
+        getattr(entry, "check_args", check_common)(checked)
+    except UserError as e:  # ... and named as the flag the user gave
+        raise UserError(str(e).replace("--output_dir", "--job_dir")) from None
 
 
 def submit(
