@@ -47,8 +47,9 @@ class Run:
 
 
 def start(flags: argparse.Namespace, fallbacks: dict[str, Any] | None = None) -> Run:
-    """Join the process group, open the checkpoints, settle the flags, seed, check the output
-    folders and print the configuration (the entry point's ``check_args`` checked the flags).
+    """Join the process group, check the output folders (a training run claims --output_dir), open
+    the checkpoints, settle the flags, seed and print the configuration (the entry point's
+    ``check_args`` checked the flags).
 
     Settling fills what the flags leave to the run (``fallbacks``: flags whose None means "the
     checkpoint's, else this"), and derives the values a run needs from them: print_freq on whole
@@ -59,9 +60,12 @@ def start(flags: argparse.Namespace, fallbacks: dict[str, Any] | None = None) ->
     distributed.init_distributed_mode(args)  # args.rank, .world_size, .gpu, .distributed (and .device on GPUs)
     check_world(args, distributed.world_size())
 
+    if distributed.is_main_process():  # only rank 0 writes
+        for flag, path in (("--output_dir", args.output_dir), ("--log_dir", args.log_dir)):
+            if path:
+                check_output_dir(path, flag)
     if args.output_dir and not getattr(args, "eval", False):
         if distributed.is_main_process():
-            check_output_dir(args.output_dir, "--output_dir")
             # Before the checkpoint it resumes is read: a run that waited for another would resume a stale one.
             claim_output_dir(args.output_dir, "--output_dir")
         distributed.barrier()  # the other ranks too, or they resume another checkpoint than rank 0's
@@ -76,12 +80,8 @@ def start(flags: argparse.Namespace, fallbacks: dict[str, Any] | None = None) ->
     args.precision = resolve_precision(args.precision, args.device)
     args.lr_given = args.lr is not None  # for messages that say which flag to lower
     args.lr = effective_lr(args, distributed.world_size())
-    if distributed.is_main_process():  # only rank 0 writes
-        for flag, path in (("--output_dir", args.output_dir), ("--log_dir", args.log_dir)):
-            if path:
-                check_output_dir(path, flag)
-        if init_from and args.output_dir:
-            check_not_among_outputs(init_from.path, args.output_dir)
+    if distributed.is_main_process() and init_from and args.output_dir:
+        check_not_among_outputs(init_from.path, args.output_dir)
 
     seed = args.seed + distributed.rank()
     torch.manual_seed(seed)
