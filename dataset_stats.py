@@ -63,27 +63,30 @@ class PixelSums:
     ``input_size``² is sized here, before any image is read; each image at its own size
     (``input_size`` 0) is sized before it is made an array."""
 
-    def __init__(self, input_size: int, processes: int = 1):
-        self.input_size, self.processes = input_size, processes
+    def __init__(self, input_size: int, processes: int = 1, pixel_bytes: int = BYTES_PER_PIXEL):
+        self.input_size, self.processes, self.pixel_bytes = input_size, processes, pixel_bytes
         if input_size:
             require(
-                BYTES_PER_PIXEL * input_size * input_size * processes,
+                self.pixel_bytes * input_size * input_size * processes,
                 f"resizing an image to --input_size {input_size} ({input_size} x {input_size} px) in {processes} "
                 f"process(es)",
                 "lower --input_size or --num_workers",
             )
 
+    def require_own_size(self, width: int, height: int) -> None:
+        """Size an image read at its own size (``input_size`` 0) before it is made an array."""
+        require(
+            self.pixel_bytes * width * height * self.processes,
+            f"reading images of {width} x {height} px at their own size (--input_size 0) in "
+            f"{self.processes} process(es)",
+            "give --input_size (224, say) or lower --num_workers",
+        )
+
     def __call__(self, img: Image.Image) -> torch.Tensor:
         if self.input_size:
             img = img.resize((self.input_size, self.input_size), Image.BICUBIC)
         else:
-            width, height = img.size
-            require(
-                BYTES_PER_PIXEL * width * height * self.processes,
-                f"reading images of {width} x {height} px at their own size (--input_size 0) in "
-                f"{self.processes} process(es)",
-                "give --input_size (224, say) or lower --num_workers",
-            )
+            self.require_own_size(*img.size)
         pixels = np.asarray(img).reshape(-1, len(img.getbands()))
         values = np.arange(256, dtype=np.int64)
         counts = np.stack([np.bincount(pixels[:, c], minlength=256) for c in range(pixels.shape[1])])
@@ -91,23 +94,13 @@ class PixelSums:
         return torch.from_numpy(np.stack([count, counts @ values, counts @ (values * values)]))
 
 
-class ChannelSums:
+class ChannelSums(PixelSums):
     """Float tensor [C, H, W] in [0, 1] (``util.data.images.load_channels``) -> float64 [3, C]:
     per channel, the value count, sum and sum of squares, after the resize training's tensor crops
     use. Sized as ``PixelSums`` is, at 4 bytes a value for the image and the resize, 8 for the sums."""
 
     def __init__(self, input_size: int, in_chans: int, processes: int = 1):
-        self.input_size, self.in_chans, self.processes = input_size, in_chans, processes
-        if input_size:
-            require(
-                self.bytes(input_size, input_size) * processes,
-                f"resizing an image to --input_size {input_size} ({input_size} x {input_size} px) in {processes} "
-                f"process(es)",
-                "lower --input_size or --num_workers",
-            )
-
-    def bytes(self, height: int, width: int) -> int:
-        return (2 * 4 + 8) * self.in_chans * height * width
+        super().__init__(input_size, processes, pixel_bytes=(2 * 4 + 8) * in_chans)
 
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
         channels, height, width = img.shape
@@ -115,12 +108,7 @@ class ChannelSums:
             size = [self.input_size, self.input_size]
             img = TF.resize(img, size, interpolation=BICUBIC, antialias=True).clamp(0.0, 1.0)
         else:
-            require(
-                self.bytes(height, width) * self.processes,
-                f"reading images of {width} x {height} px at their own size (--input_size 0) in "
-                f"{self.processes} process(es)",
-                "give --input_size (224, say) or lower --num_workers",
-            )
+            self.require_own_size(width, height)
         values = img.reshape(channels, -1).double()
         count = torch.full((channels,), values.shape[1], dtype=torch.float64)
         return torch.stack([count, values.sum(dim=1), (values * values).sum(dim=1)])
