@@ -1,6 +1,6 @@
 """MAE pre-training speed: the model's training step, the data loader, and both together.
 
-Run from the repository root (the script imports ``models_mae`` and ``util`` from there):
+Run from the repository root, as a module or as a script (``python benchmarks/bench_pretrain.py ...``):
 
     python -m benchmarks.bench_pretrain --model mae_vit_base_patch16,mae_vit_large_patch16 --batch_size 256 \
         --precision bf16 --compile --mode all --loader fast,device,torchvision --num_workers 14
@@ -36,12 +36,14 @@ from typing import Any
 import torch
 from timm.optim import param_groups_weight_decay
 
-import models_mae
-from util.cli.args import check_at_least, resolve_precision
-from util.cli.errors import fail, run_cli
-from util.data.datasets import IMAGENET_MEAN, IMAGENET_STD, PRETRAIN_LOADERS, pretrain_data
-from util.data.normalization import normalize_on_device
-from util.train.precision import LossScaler, autocast, fast_cuda_math
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script: the repository
+
+import models_mae  # noqa: E402
+from util.cli.args import check_at_least, resolve_precision  # noqa: E402
+from util.cli.errors import fail, run_cli  # noqa: E402
+from util.data.datasets import IMAGENET_MEAN, IMAGENET_STD, PRETRAIN_LOADERS, pretrain_data  # noqa: E402
+from util.data.normalization import normalize_on_device  # noqa: E402
+from util.train.precision import LossScaler, autocast, fast_cuda_math  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 MODES = ("model", "loader", "e2e", "all")

@@ -1,6 +1,7 @@
 """A JPEG subset small enough to travel with a device run (gpu_check.sh's loader and end-to-end parts).
 
     python -m benchmarks.make_jpeg_subset [--source ../shared/datasets/imagenet-1k-samples]
+    python benchmarks/make_jpeg_subset.py ...   # the same
 
 Copies whole class folders' files, in sorted order, until ``--max_mib`` is reached, into
 ``--dest``/images/<class>/ (an ImageFolder, as the official pipeline reads it), and writes
@@ -10,13 +11,15 @@ then long enough that the loaders' workers never drain during a measurement.
 
 import argparse
 import shutil
+import sys
 from pathlib import Path
 
-from util.cli.errors import fail, run_cli
-from util.data.datasets import IMG_EXTENSIONS
-from util.outputs import atomic_write
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script: the repository's util
+
+from util.cli.errors import fail, run_cli  # noqa: E402
+from util.data.datasets import IMG_EXTENSIONS  # noqa: E402
+from util.outputs import atomic_write  # noqa: E402
 
 
 def pick_files(source: Path, max_bytes: int) -> list[Path]:

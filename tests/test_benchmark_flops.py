@@ -1,6 +1,10 @@
-"""The benchmark: its analytic FLOP count, a two-step run of its model mode and a run of its loader mode on CPU."""
+"""The benchmark: its analytic FLOP count, a two-step run of its model mode and a run of its loader mode on CPU;
+the benchmarks a user runs start as scripts too."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -96,3 +100,13 @@ def test_modes_that_load_images_require_data_path(mode):
     # No default: the development machine's data folder exists nowhere else.
     with pytest.raises(UserError, match=f"--mode {mode} loads images: give --data_path"):
         main(["--mode", mode, "--device", "cpu", "--json", ""])
+
+
+@pytest.mark.parametrize("script", ["bench_pretrain.py", "make_jpeg_subset.py"])
+def test_benchmark_runs_as_a_script_from_another_folder(script, tmp_path):
+    # Documented as `python -m benchmarks.X`; `python benchmarks/X.py` is what users type too, and it stopped at
+    # `import models_mae` (No module named ...), since a script's own folder, not the repository, is on sys.path.
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / script
+    done = subprocess.run([sys.executable, str(path), "--help"], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage:")
