@@ -163,7 +163,7 @@ def fit(
     """
     args = state.args
     state.extra.setdefault("max_accuracy", 0.0)
-    with training(state, position.epoch, len(train_loader)) as checkpointer:
+    with training(state, position, len(train_loader)) as checkpointer:
         pending = state.extra.get("unevaluated")
         if pending is not None and position == Position(pending["epoch"] + 1):
             _evaluate_epoch(wrapped_model, val_loader, checkpointer)

@@ -170,7 +170,7 @@ def main(flags: argparse.Namespace) -> None:
     wrapped_model = wrap_for_training(model, args)  # DDP and/or compiled: what the steps call
 
     picture = fixed_picture(dataset, model.num_patches, args)
-    with training(state, position.epoch, len(loader)) as checkpointer:
+    with training(state, position, len(loader)) as checkpointer:
         for epoch in range(position.epoch, args.epochs):
             start_step = position.steps_done(epoch)
             loader.sampler.set_epoch(epoch, skip=start_step * args.batch_size)  # skips what was trained

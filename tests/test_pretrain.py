@@ -212,8 +212,9 @@ def test_resume_auto_at_epoch_boundary_skips_corrupt_newest(reference, data, tmp
     # A newer, truncated checkpoint (as a crash during a copy would leave): it must be skipped.
     whole = (reference / f"checkpoint-{EPOCHS - 1}.pth").read_bytes()
     (out / f"checkpoint-{EPOCHS - 1}-step1.pth").write_bytes(whole[: len(whole) // 2])
-    # The log of the run that wrote them, ahead of the checkpoint the resumed run falls back to.
-    (out / "log.txt").write_bytes((reference / "log.txt").read_bytes())
+    # The log and TensorBoard events of the run that wrote them, ahead of the checkpoint the resumed run falls back to.
+    for logged in [reference / "log.txt", *reference.glob("events.out.tfevents.*")]:
+        (out / logged.name).write_bytes(logged.read_bytes())
 
     capsys.readouterr()
     run_pretrain(data, out, *RUN, "--resume", "auto", "--keep_last", "1", init_seed=12345)
@@ -227,6 +228,20 @@ def test_resume_auto_at_epoch_boundary_skips_corrupt_newest(reference, data, tmp
     # Pruning with --keep_last 1 (the default): only the final checkpoint stays.
     assert checkpoint_names(out) == {final}
     assert read_log(out) == read_log(reference), "each epoch once, as logged by the uninterrupted run"
+    # TensorBoard too: the events after checkpoint-1 are hidden (purged), the resumed run's drawn instead of
+    # over them; epoch 2's check points are the uninterrupted run's, so the curves are the same.
+    assert len(list(out.glob("events.out.tfevents.*"))) == 2
+    assert _tensorboard(out) == _tensorboard(reference)
+
+
+def _tensorboard(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """What TensorBoard shows of ``folder``'s runs: each scalar's (x, value) points; the pictures' x."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    shown = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    return {**shown, "pictures": [(e.step, 0.0) for e in acc.Images("reconstructions")]}
 
 
 def test_resume_auto_without_checkpoint_starts_from_scratch(data, tmp_path, capsys, monkeypatch):

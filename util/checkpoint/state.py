@@ -169,6 +169,7 @@ def open_resume(args: argparse.Namespace) -> Opened | None:
 class Position:
     epoch: int
     step: int = 0  # iterations already done in ``epoch``
+    resumed: bool = field(default=False, compare=False)  # from a checkpoint of this run (what it logged counts)
 
     def steps_done(self, epoch: int) -> int:
         """Iterations of ``epoch`` already trained: this position's in its own epoch, else none."""
@@ -205,7 +206,7 @@ def resume(state: TrainState, opened: Opened | None) -> Position:
         )
     step = ckpt.get("step")
     _check_flags(opened.args, args, path, mid_epoch=step is not None)
-    position = Position(ckpt["epoch"] + 1) if step is None else Position(ckpt["epoch"], step)
+    position = Position(ckpt["epoch"] + 1, resumed=True) if step is None else Position(ckpt["epoch"], step, True)
     here = (position.epoch, position.step)
     if later := [p for p in list_checkpoints(args.output_dir) if progress(os.path.basename(p)) > here]:
         log.warning(

@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
-from util.checkpoint.state import TrainState, prune_checkpoints, save_checkpoint
+from util.checkpoint.state import Position, TrainState, prune_checkpoints, save_checkpoint
 from util.cli.errors import NonFiniteLoss, fail, lower_lr
 from util.cli.log import log
 from util.train import distributed, interrupt
-from util.train.progress import MetricLogger, RunLog, SmoothedValue, format_duration
+from util.train.progress import MetricLogger, RunLog, SmoothedValue, format_duration, tensorboard_step
 from util.train.steps import Accumulation
 
 
@@ -152,8 +152,9 @@ class EpochProgress:
             )
         for v in values:
             self.metrics.update(loss=v)
-        epoch_1000x = int((self.epoch + (step + 1) / self.total) * 1000)  # the official x-axis
-        self.owner.run_log.scalars(epoch_1000x, train_loss=summed[1] / summed[2], lr=self.lr)
+        self.owner.run_log.scalars(
+            tensorboard_step(self.epoch, step + 1, self.total), train_loss=summed[1] / summed[2], lr=self.lr
+        )
 
 
 def log_start(first_epoch: int, iterations: int, args: Any) -> None:
@@ -171,10 +172,14 @@ def log_start(first_epoch: int, iterations: int, args: Any) -> None:
 
 
 @contextlib.contextmanager
-def training(state: TrainState, first_epoch: int, iterations: int) -> Iterator[Checkpointer]:
-    """An epoch loop's frame: log.txt as the checkpoint's history has it, the ``Checkpointer``, a stop asked for
-    during start-up taken before training, TensorBoard closed however the loop ends, the training time if it ends."""
-    run_log = RunLog(state.args.log_dir, state.args.output_dir, state.log)
+def training(state: TrainState, position: Position, iterations: int) -> Iterator[Checkpointer]:
+    """An epoch loop's frame: log.txt and TensorBoard as the checkpoint left them, the ``Checkpointer``, a stop asked
+    for during start-up taken before training, TensorBoard closed however the loop ends, the training time if it
+    ends. A resumed run's TensorBoard hides what the run logged after the checkpoint (a kill, a stop on a NaN),
+    which it logs again: one curve, not two drawn over each other."""
+    first_epoch = position.epoch
+    purge_step = tensorboard_step(first_epoch, position.step, iterations) + 1 if position.resumed else None
+    run_log = RunLog(state.args.log_dir, state.args.output_dir, state.log, purge_step)
     checkpointer = Checkpointer(state, run_log)
     log_start(first_epoch, iterations, state.args)
     if first_epoch >= state.args.epochs:  # a finished run resumed: the prune its last save began (a kill may cut it)

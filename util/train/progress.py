@@ -85,20 +85,30 @@ class MetricLogger:
             self.meters[name].total, self.meters[name].count = total, int(count)
 
 
+def tensorboard_step(epoch: int, steps_done: int, iterations: int) -> int:
+    """TensorBoard's x for training after ``steps_done`` of an epoch's ``iterations``: the official 1000 per epoch."""
+    return int((epoch + steps_done / iterations) * 1000)
+
+
 class RunLog:
     """TensorBoard writer and ``log.txt`` (one JSON object per epoch), on rank 0 only.
 
     log.txt is rewritten at start from ``history``, the epoch lines a checkpoint carries, so that
     it agrees with the checkpoint the run continues from (a fresh start replaces an old log, a
     fall-back to an earlier checkpoint drops later lines, a line lost to a kill after its checkpoint
-    comes back); without one (an older checkpoint) it is only appended to. Failing to write log.txt
-    stops the run in one line; TensorBoard and the pictures are extras: failing to write them (a
-    full disk) is one warning, and training goes on.
+    comes back); without one (an older checkpoint) it is only appended to. TensorBoard likewise: a
+    resumed run hides the events its folder holds from ``purge_step`` on (what the run logged after
+    its checkpoint, which it now logs again). Failing to write log.txt stops the run in one line;
+    TensorBoard and the pictures are extras: failing to write them (a full disk) is one warning, and
+    training goes on.
     """
 
-    def __init__(self, log_dir: str, output_dir: str, history: list[dict[str, Any]] | None = None):
+    def __init__(
+        self, log_dir: str, output_dir: str, history: list[dict[str, Any]] | None = None, purge_step: int | None = None
+    ):
         self.writer = None
         self.log_dir = log_dir
+        self.purge_step = purge_step
         self.log_path = os.path.join(output_dir, "log.txt") if output_dir else None
         self.history = history if history is not None else []
         self._written = len(self.history)  # lines of history already in log.txt
@@ -113,7 +123,8 @@ class RunLog:
         _leave_tensorboard_thread_errors_to_runlog()
         try:
             os.makedirs(self.log_dir, exist_ok=True)
-            self.writer = SummaryWriter(log_dir=self.log_dir)  # it writes and flushes its first event here
+            # It writes and flushes its first event here; with purge_step, the one TensorBoard purges at.
+            self.writer = SummaryWriter(log_dir=self.log_dir, purge_step=self.purge_step)
         except OSError as e:
             self._tensorboard_off(e)
 
