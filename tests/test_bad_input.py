@@ -546,10 +546,12 @@ def test_a_corrupt_image_found_by_loader_workers_ends_the_process(tmp_path, comm
     assert done.stderr.splitlines()[-1].startswith(f"error: cannot read image {bad} (")
 
 
+@pytest.mark.parametrize("resume", ["", "auto"])
 @pytest.mark.parametrize("entry_point", [main_finetune, main_linprobe], ids=["finetune", "linprobe"])
-def test_a_pretrained_checkpoint_in_the_output_folder_is_not_replaced(tmp_path, entry_point):
+def test_a_pretrained_checkpoint_in_the_output_folder_is_not_replaced(tmp_path, entry_point, resume):
     """--finetune out/checkpoint-3.pth --output_dir out: the run's own checkpoint-3.pth, or its
-    pruning, would replace or delete the encoder it starts from; refused before training."""
+    pruning, would replace or delete the encoder it starts from; refused before training. A new run
+    (no --resume) is refused any folder with checkpoints (the official defaults share ./output_dir)."""
     out = tmp_path / "out"
     out.mkdir()
     pretrained = out / "checkpoint-3.pth"
@@ -561,8 +563,13 @@ def test_a_pretrained_checkpoint_in_the_output_folder_is_not_replaced(tmp_path, 
     before = pretrained.read_bytes()
     data = _split(tmp_path / "data", ("cat", "dog", "frog"), ("cat", "dog", "frog"))
     argv = ["--data_path", str(data), "--nb_classes", "3", "--finetune", str(pretrained), "--output_dir", str(out)]
-    with pytest.raises(UserError, match=rf"--finetune {re.escape(str(pretrained))} is a checkpoint in --output_dir"):
-        entry_point.main(entry_point.get_args_parser().parse_args([*argv, "--epochs", "1", *CPU]))
+    refusal = (
+        rf"--output_dir {re.escape(str(out))} holds the checkpoints of an earlier run \(checkpoint-3.pth\), which "
+        if not resume
+        else rf"--finetune {re.escape(str(pretrained))} is a checkpoint in --output_dir"
+    )
+    with pytest.raises(UserError, match=refusal):
+        entry_point.main(entry_point.get_args_parser().parse_args([*argv, "--resume", resume, "--epochs", "1", *CPU]))
     assert pretrained.read_bytes() == before and sorted(p.name for p in out.iterdir()) == ["checkpoint-3.pth"]
 
 

@@ -492,6 +492,28 @@ def test_a_second_run_into_an_output_dir_in_use_is_refused_before_it_reads_or_wr
     outputs.claim_output_dir(str(out), "--output_dir")  # claim a folder it holds again (notebooks)
 
 
+def test_a_new_run_into_a_folder_with_checkpoints_is_refused_before_it_writes(tmp_path, capsys):
+    """Without --resume, a run would replace the earlier run's checkpoint-0.pth, prune the rest and rewrite
+    its log.txt (the official defaults put pre-training and fine-tuning in one ./output_dir); refused in one
+    line, nothing touched. --resume auto continues the earlier run."""
+    from helpers import one_line_error, pretrain_args, pretrain_in_process
+
+    data, out = make_dataset(tmp_path / "data", 2), tmp_path / "out"
+    flags = ["--model", "mae_vit_mini_patch4", "--batch_size", "2", "--epochs", "2", "--keep_last", "0"]
+    pretrain_in_process(pretrain_args(data, out, *flags))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert {"checkpoint-0.pth", "checkpoint-1.pth", "log.txt"} <= set(before)
+    message = one_line_error(pretrain_in_process, pretrain_args(data, out, *flags))
+    assert message == (
+        f"--output_dir {out} holds the checkpoints of an earlier run (checkpoint-1.pth and 1 more), which this run "
+        f"would replace or delete: continue that run with --resume auto, or give another --output_dir"
+    )
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    capsys.readouterr()
+    pretrain_in_process(pretrain_args(data, out, *flags, "--resume", "auto"))
+    assert "nothing to train: the run already finished its 2 epochs" in capsys.readouterr().out
+
+
 def test_evaluation_does_not_claim_the_output_dir(tmp_path, monkeypatch):
     """--eval writes nothing there: it may score a checkpoint of the run still training in that folder."""
     from helpers import make_split

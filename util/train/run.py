@@ -68,6 +68,8 @@ def start(flags: argparse.Namespace, fallbacks: dict[str, Any] | None = None) ->
         if distributed.is_main_process():
             # Before the checkpoint it resumes is read: a run that waited for another would resume a stale one.
             claim_output_dir(args.output_dir, "--output_dir")
+            if not args.resume:
+                check_no_earlier_run(args.output_dir)
         distributed.barrier()  # the other ranks too, or they resume another checkpoint than rank 0's
     resume_from = open_resume(args)
     finetune = getattr(args, "finetune", "")  # pre-training has none; --eval does not load it
@@ -120,6 +122,19 @@ def gives_back_output_dir(main: Callable[[argparse.Namespace], None]) -> Callabl
             release_output_dirs()
 
     return run_main
+
+
+def check_no_earlier_run(output_dir: str) -> None:
+    """Refuse to start a run afresh (no ``--resume``) in a folder that holds checkpoints: it would replace some
+    (its checkpoint-0.pth, ...), prune others and rewrite log.txt, and a later ``--resume auto`` would take
+    whichever is newest, of either run. Pre-training's folder given to fine-tuning (the official defaults share
+    ./output_dir) lost its checkpoints so."""
+    if found := list_checkpoints(output_dir):
+        names = os.path.basename(found[-1]) + (f" and {len(found) - 1} more" if len(found) > 1 else "")
+        fail(
+            f"--output_dir {output_dir} holds the checkpoints of an earlier run ({names}), which this run would "
+            f"replace or delete: continue that run with --resume auto, or give another --output_dir"
+        )
 
 
 def check_not_among_outputs(finetune: str, output_dir: str) -> None:
