@@ -1,6 +1,6 @@
 """One epoch of the classification engine (engine_finetune.train_one_epoch) against hand-computed
 SGD steps: gradient accumulation (with an epoch that is not a multiple of it), clipping of the
-accumulated gradient, and the refusal of an accumulation longer than the epoch."""
+accumulated gradient, and the refusal of an accumulation longer than the epoch; the epoch's last line."""
 
 from argparse import Namespace
 
@@ -22,7 +22,7 @@ def _run(batches: list[torch.Tensor], accum_iter: int, clip_grad: float | None) 
     start = model.weight.detach().clone()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     args = Namespace(
-        device="cpu", precision="fp32", print_freq=100, accum_iter=accum_iter, ckpt_every_steps=0,
+        device="cpu", precision="fp32", print_freq=100, accum_iter=accum_iter, ckpt_every_steps=0, batch_size=2,
         lr=0.5, min_lr=0.5, warmup_epochs=0, epochs=1, output_dir="", clip_grad=clip_grad,
     )  # fmt: skip
     state = TrainState(model, optimizer, LossScaler("fp32"), args)
@@ -81,3 +81,20 @@ def test_the_first_iteration_prints_a_line_with_its_loss(capsys):
     torch.manual_seed(0)  # the weights _run starts from: the first loss is w . x of the first batch
     first = float(torch.nn.Linear(3, 1, bias=False).weight.detach() @ BATCHES[0][0])
     assert "eta: " in lines[0] and f"loss: {first:.4f} ({first:.4f})" in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("epoch", "expected"),
+    [
+        (6, "0:01:15 (0.5000 s / it, 128.0 img/s); 3 more epochs of training at this pace: about 0:10:00"),
+        (8, "0:01:15 (0.5000 s / it, 128.0 img/s); 1 more epoch of training at this pace: about 0:03:20"),
+        (9, "0:01:15 (0.5000 s / it, 128.0 img/s)"),  # the last epoch
+    ],
+)
+def test_an_epochs_last_line_gives_images_per_second_and_the_training_left(epoch, expected):
+    """150 of an epoch's 400 iterations (a resumed epoch) in 75 s, 64 images each, of 10 epochs: the pace of
+    those 150, and the epochs after this one, whole, at that pace (0.5 s x 400 = 200 s each)."""
+    args = Namespace(device="cpu", accum_iter=1, batch_size=64, epochs=10)
+    state = TrainState(torch.nn.Linear(1, 1), None, LossScaler("fp32"), args)
+    progress = Checkpointer(state, RunLog("", "")).epoch(epoch, start_step=250, iterations=150)
+    assert progress._pace(75.0, 150) == expected

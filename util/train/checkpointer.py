@@ -98,8 +98,18 @@ class EpochProgress:
                 fields = [position, f"eta: {eta}", str(self.metrics), f"time: {iter_time}", f"data: {data_time}"]
                 log.info(delimiter.join(fields))
             end = time.time()
-        elapsed = time.time() - begin
-        log.info(f"{header} total time: {format_duration(elapsed)} ({elapsed / max(iter_time.count, 1):.4f} s / it)")
+        log.info(f"{header} total time: {self._pace(time.time() - begin, max(iter_time.count, 1))}")
+
+    def _pace(self, elapsed: float, iterations: int) -> str:
+        """The epoch's time, s / it and images/s (all ranks), and the training time the epochs after it will take
+        at that pace: what a long run's user wants at each epoch's end."""
+        per_it, args = elapsed / iterations, self.args
+        images_per_second = args.batch_size * distributed.world_size() / max(per_it, 1e-9)
+        pace = f"{format_duration(elapsed)} ({per_it:.4f} s / it, {images_per_second:.1f} img/s)"
+        if left := args.epochs - self.epoch - 1:
+            more = format_duration(per_it * self.total * left)
+            pace += f"; {left} more epoch{'s' if left > 1 else ''} of training at this pace: about {more}"
+        return pace
 
     def _line_due(self, step: int) -> bool:
         """Check points: every ``--print_freq``, the last iteration and the first (it shows that
