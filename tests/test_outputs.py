@@ -514,6 +514,22 @@ def test_a_new_run_into_a_folder_with_checkpoints_is_refused_before_it_writes(tm
     assert "nothing to train: the run already finished its 2 epochs" in capsys.readouterr().out
 
 
+def test_tensorboard_events_go_beside_the_checkpoints_unless_log_dir_says_otherwise(tmp_path, monkeypatch):
+    """The official --log_dir is ./output_dir whatever --output_dir is: every run given only --output_dir wrote
+    its events into that one folder, which TensorBoard draws as one run. Here it follows --output_dir."""
+    from helpers import TINY, pretrain_in_process
+
+    data = make_dataset(tmp_path / "data", 2)
+    monkeypatch.chdir(tmp_path)
+    base = [*TINY, "--data_path", str(data), "--model", "mae_vit_mini_patch4", "--batch_size", "2", "--epochs", "1"]
+    pretrain_in_process([*base, "--output_dir", "run_a"])
+    pretrain_in_process([*base, "--output_dir", "run_b", "--log_dir", "tb_b"])
+    pretrain_in_process([*base, "--output_dir", "run_c", "--log_dir", ""])
+    events = sorted(str(p.parent) for p in tmp_path.rglob("events.out.tfevents.*"))
+    assert events == [str(tmp_path / "run_a"), str(tmp_path / "tb_b")]
+    assert not (tmp_path / "output_dir").exists()
+
+
 def test_evaluation_does_not_claim_the_output_dir(tmp_path, monkeypatch):
     """--eval writes nothing there: it may score a checkpoint of the run still training in that folder."""
     from helpers import make_split

@@ -48,7 +48,9 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("run")
     g.add_argument("--data_path", default="/datasets01/imagenet_full_size/061417/", help="dataset path")
     g.add_argument("--output_dir", default="./output_dir", help="where to save checkpoints and log.txt")
-    g.add_argument("--log_dir", default="./output_dir", help="where to write TensorBoard logs")
+    # The official default is ./output_dir whatever --output_dir is: runs given only --output_dir then wrote their
+    # events into one folder, which TensorBoard draws as one run (and a resumed run's purge would hide the others').
+    g.add_argument("--log_dir", default=None, help="where to write TensorBoard logs (default: --output_dir; '': none)")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda if present, else cpu")
     g.add_argument("--seed", default=0, type=int)
     g.add_argument("--resume", default="", help="checkpoint, or 'auto': the newest good one in --output_dir")

@@ -57,6 +57,8 @@ def start(flags: argparse.Namespace, fallbacks: dict[str, Any] | None = None) ->
     of ``flags``, here and nowhere else, since checkpoints store the args (the official format):
     a resumed or fine-tuned run reads what this run really used."""
     args = copy.copy(flags)
+    if args.log_dir is None:
+        args.log_dir = args.output_dir  # TensorBoard's events beside the run's checkpoints
     distributed.init_distributed_mode(args)  # args.rank, .world_size, .gpu, .distributed (and .device on GPUs)
     check_world(args, distributed.world_size())
 
