@@ -84,6 +84,7 @@ def main(args: argparse.Namespace) -> None:
     check_device(args.device)
     knn.check_knn_args(args)
     check_at_least(args, 0, "linear_epochs", zero_means="no linear classifier")
+    normalization.check_flags(args, 3, from_checkpoint=True)  # before any checkpoint is read; RGB images
     checkpoints = [e for e in args.encoders if e not in NAMES]
     for path in checkpoints:
         if not path.startswith(("http://", "https://")) and not os.path.isfile(path):

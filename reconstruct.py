@@ -66,6 +66,7 @@ def main(args: argparse.Namespace) -> None:
         fail(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
     check_seed(args.seed)
     check_device(args.device)
+    normalization.check_flags(args, args.in_chans, from_checkpoint=True)  # counted again for the model's channels
     if args.model is not None:
         models_mae.MODELS.factory(args.model)  # the name, checked
     for image in args.images:  # before the load; an unreadable file is named where it is read

@@ -335,6 +335,7 @@ def _launch(module: str, argv: list[str], executor) -> None:
         (["--blr", "-1"], "--blr must be positive"),
         (["--nodes", "0"], "--nodes must be at least 1, got 0"),
         (["--ngpus", "0"], "--ngpus 0 runs on CPUs: give --tasks_per_node N"),  # was argparse's usage and error
+        (["--mean", "0.5", "--std", "0"], "--mean takes one value per image channel (3), got 1"),  # was submitted
     ],
 )
 def test_the_launcher_refuses_flags_the_job_would_refuse_and_submits_nothing(

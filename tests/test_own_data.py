@@ -28,6 +28,7 @@ from PIL import Image
 
 import dataset_stats
 import engine_finetune
+import knn_eval
 import main_finetune
 import main_linprobe
 import main_pretrain
@@ -350,6 +351,68 @@ def test_bad_mean_or_std_is_a_one_line_error_naming_the_flag(constant_data, tmp_
         run_pretrain(constant_data, tmp_path, "--epochs", "1", *flags)
     assert "\n" not in str(error.value)
     assert not list(tmp_path.glob("checkpoint-*"))
+
+
+@pytest.mark.parametrize("entry_point", [main_pretrain, main_finetune, main_linprobe], ids=lambda m: m.__name__)
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--mean", "0.5", "0.5", "0.5"], r"--mean and --std go together: give both \(--std is missing\)"),
+        (["--mean", "0.5", "0.5", "0.5", "--std", "0.2", "0", "0.2"], r"--std values must be positive"),
+        (["--mean", "0.5", "--std", "0.2"], r"--mean takes one value per image channel \(3\), got 1"),
+        (["--in_chans", "2", "--mean", "0.5", "--std", "0.2"], r"--mean takes one value per image channel \(2\)"),
+        (["--in_chans", "2"], r"--in_chans 2 needs --mean and --std with 2 value\(s\) each"),
+    ],
+)
+def test_bad_mean_or_std_is_refused_with_the_other_flags(tmp_path, entry_point, flags, message):
+    """By check_args, as own-data.md says ("checked before anything runs"): the SLURM launcher runs it
+    before the job waits in the queue, and a run before it claims --output_dir or reads a checkpoint.
+    Was: only once the run had started (the launcher submitted such jobs)."""
+    args = entry_point.get_args_parser().parse_args(["--output_dir", str(tmp_path / "out"), *CPU, *flags])
+    with pytest.raises(UserError, match=message):
+        entry_point.check_args(args)
+
+
+def test_mean_and_std_a_checkpoint_may_count_are_left_to_it(tmp_path):
+    """Where --resume or --finetune may decide the channels, check_args does not count the values
+    (the run counts them against the checkpoint's), and giving none is no error."""
+    one = ["--mean", "0.5", "--std", "0.2"]
+    for entry_point, source in (
+        (main_pretrain, "--resume"),
+        (main_finetune, "--finetune"),
+        (main_linprobe, "--resume"),
+    ):
+        for flags in (one, ["--in_chans", "2"]):
+            argv = ["--output_dir", str(tmp_path / "out"), *CPU, source, str(tmp_path / "x.pth"), *flags]
+            entry_point.check_args(entry_point.get_args_parser().parse_args(argv))
+
+
+def test_tools_refuse_bad_mean_or_std_before_reading_the_checkpoint(tmp_path):
+    not_read = tmp_path / "garbage.pth"
+    not_read.write_bytes(b"not a checkpoint")
+    image = _constant(tmp_path / "c.png")
+    with pytest.raises(UserError, match=r"--mean and --std go together"):
+        knn_eval.main(
+            knn_eval.get_args_parser().parse_args(
+                [
+                    "--data_path",
+                    str(tmp_path),
+                    "--encoders",
+                    str(not_read),
+                    "--device",
+                    "cpu",
+                    "--mean",
+                    "0.5",
+                    "0.5",
+                    "0.5",
+                ]
+            )
+        )
+    argv = ["--checkpoint", str(not_read), str(image), "--device", "cpu", "--output", str(tmp_path / "r.png")]
+    with pytest.raises(UserError, match=r"--std values must be positive"):
+        reconstruct.main(
+            reconstruct.get_args_parser().parse_args([*argv, "--mean", "0", "0", "0", "--std", "1", "0", "1"])
+        )
 
 
 def test_checkpoint_values_of_another_channel_count_are_refused(tmp_path):

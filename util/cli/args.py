@@ -8,6 +8,7 @@ from collections.abc import Iterable
 import torch
 
 from util.cli.errors import fail
+from util.data import normalization
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DEVICES = ("cpu", "cuda", "mps")
@@ -191,7 +192,20 @@ def check_common(args: argparse.Namespace) -> None:
     if args.start_epoch < 0 or args.start_epoch >= args.epochs and not getattr(args, "eval", False):
         fail(f"--start_epoch {args.start_epoch} is outside the run's {args.epochs} epochs: give 0 to {args.epochs - 1}")
     check_finite(args)  # after the checks above, which say more (each also refuses NaN)
+    check_norm_flags(args)
     check_device(args.device)
+
+
+def check_norm_flags(args: argparse.Namespace) -> None:
+    """``--mean``/``--std`` as far as the flags decide them: here, with the other flags, so that a
+    run refuses them before it opens anything and the SLURM launcher before the job waits in the
+    queue. The channel count they must match is ``--in_chans``, else 3 where no checkpoint (``--resume``,
+    ``--finetune``) can decide it; the run checks them again against the checkpoint's."""
+    from_checkpoint = bool(getattr(args, "resume", "") or getattr(args, "finetune", ""))
+    channels = getattr(args, "in_chans", None)
+    if channels is None and not from_checkpoint:
+        channels = 3
+    normalization.check_flags(args, channels, from_checkpoint)
 
 
 def check_seed(seed: int) -> None:

@@ -45,12 +45,14 @@ def add_norm_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def check_norm(mean: Sequence[float], std: Sequence[float], channels: int, source: str = "") -> None:
-    """One value per channel, finite, and std positive (the pixels are divided by it). ``source``
-    names the checkpoint the values came from; without it they are the user's flags."""
+def check_norm(mean: Sequence[float], std: Sequence[float], channels: int | None, source: str = "") -> None:
+    """One value per channel (``channels`` None: not counted), finite, and std positive (the pixels
+    are divided by it). ``source`` names the checkpoint the values came from; without it they are
+    the user's flags."""
     for flag, values in (("--mean", mean), ("--std", std)):
         shown = " ".join(f"{v:g}" for v in values)
-        bad_count, bad_value = len(values) != channels, not all(math.isfinite(v) for v in values)
+        bad_count = channels is not None and len(values) != channels
+        bad_value = not all(math.isfinite(v) for v in values)
         if source and (bad_count or bad_value):
             fail(
                 f"{source} stores {flag} {shown}: {len(values)} value(s) for images of {channels} channels, each "
@@ -76,10 +78,9 @@ def stored(saved: argparse.Namespace | None) -> tuple[list[float], list[float]] 
 def resolve(args: argparse.Namespace, sources: Sequence[Source]) -> None:
     """Set ``args.mean`` and ``args.std`` (float lists, as checkpoints store them): the flags, else the
     first of ``sources`` that stores some, else ImageNet's; says which, and warns about every source
-    that stores others. Both flags or neither: half a normalisation from each of two places is no one's."""
+    that stores others. Both flags or neither (``_check_pair``)."""
     channels = int(getattr(args, "in_chans", None) or 3)  # --in_chans where an entry point has it
-    if (args.mean is None) != (args.std is None):
-        fail(f"--mean and --std go together: give both ({'--mean' if args.mean is None else '--std'} is missing)")
+    _check_pair(args)
     found = [(name, values) for name, saved in sources if (values := stored(saved)) is not None]
     if args.mean is not None:
         mean, std, origin = [float(v) for v in args.mean], [float(v) for v in args.std], "--mean/--std"
@@ -91,10 +92,7 @@ def resolve(args: argparse.Namespace, sources: Sequence[Source]) -> None:
     else:
         mean, std, origin = list(IMAGENET_MEAN), list(IMAGENET_STD), "ImageNet's, the default"
         if channels != 3:
-            fail(
-                f"--in_chans {channels} needs --mean and --std with {channels} value(s) each, your data's "
-                f"per-channel statistics (ImageNet's defaults are RGB's three; dataset_stats.py computes them)"
-            )
+            _fail_without_values(channels)
     args.mean, args.std = mean, std
     log.info(f"normalisation: mean {show_values(mean)} std {show_values(std)} ({origin})")
     advice = "; drop --mean/--std to use the checkpoint's" if origin == "--mean/--std" else ""
@@ -104,6 +102,32 @@ def resolve(args: argparse.Namespace, sources: Sequence[Source]) -> None:
                 f"{name} was trained on pixels normalised with mean {show_values(m)} std {show_values(s)}, this run "
                 f"uses mean {show_values(mean)} std {show_values(std)} ({origin}){advice}"
             )
+
+
+def check_flags(args: argparse.Namespace, channels: int | None, from_checkpoint: bool) -> None:
+    """What ``resolve`` would refuse of the flags as given, said before a run opens anything (and by
+    the SLURM launcher, before the job waits in the queue): both flags or neither, finite values,
+    std positive, and one value per channel where the flags alone settle the channel count.
+    ``channels``: that count (None where a checkpoint decides it); ``from_checkpoint``: a checkpoint
+    the run opens may store the values, so that giving none is no error."""
+    _check_pair(args)
+    if args.mean is not None:
+        check_norm([float(v) for v in args.mean], [float(v) for v in args.std], channels)
+    elif channels not in (None, 3) and not from_checkpoint:
+        _fail_without_values(channels)
+
+
+def _check_pair(args: argparse.Namespace) -> None:
+    """Both flags or neither: half a normalisation from each of two places is no one's."""
+    if (args.mean is None) != (args.std is None):
+        fail(f"--mean and --std go together: give both ({'--mean' if args.mean is None else '--std'} is missing)")
+
+
+def _fail_without_values(channels: int) -> None:
+    fail(
+        f"--in_chans {channels} needs --mean and --std with {channels} value(s) each, your data's "
+        f"per-channel statistics (ImageNet's defaults are RGB's three; dataset_stats.py computes them)"
+    )
 
 
 def show_values(values: Sequence[float]) -> str:
