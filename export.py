@@ -116,9 +116,11 @@ def vit_name(ckpt: dict[str, Any], encoder: dict[str, torch.Tensor], given: str 
     fail(f"checkpoint {path}: no known ViT has its encoder's shapes; give --model")
 
 
-def timm_call(name: str, img_size: int, global_pool: bool, output: str) -> str:  # printed, and tested
+def timm_call(name: str, img_size: int, global_pool: bool, output: str, in_chans: int = 3) -> str:  # printed, tested
     timm_name, kwargs = TIMM_NAMES[name]
     kwargs = dict(kwargs, **({"img_size": img_size} if img_size != 224 else {}))
+    if in_chans != 3:  # timm builds 3 channels by default and would refuse the weights
+        kwargs["in_chans"] = in_chans
     if global_pool:
         kwargs["global_pool"] = "avg"  # fc_norm after averaging, no final norm
     extra = "".join(f", {k}={v!r}" for k, v in kwargs.items())
@@ -369,7 +371,8 @@ def main(args: argparse.Namespace) -> None:
     name, img_size = vit_name(ckpt, encoder, args.model, args.checkpoint)
     write_weights(args.output, encoder, ckpt.get("args"))  # a .pth: a plain state dict, as timm reads it
     print(f"wrote the {name} encoder ({len(encoder)} tensors, {img_size} px) to {args.output}; load it with")
-    print(f"  {timm_call(name, img_size, 'fc_norm.weight' in encoder, args.output)}")
+    in_chans = encoder["patch_embed.proj.weight"].shape[1]
+    print(f"  {timm_call(name, img_size, 'fc_norm.weight' in encoder, args.output, in_chans)}")
 
 
 if __name__ == "__main__":

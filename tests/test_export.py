@@ -107,6 +107,25 @@ def test_timm_loads_mae_export_with_our_features(pre, tmp_path, capsys, suffix):
         torch.testing.assert_close(explicit(imgs), expected, atol=ATOL, rtol=0)
 
 
+def test_timm_loads_the_export_of_a_grayscale_mae_from_the_printed_call(tmp_path, capsys):
+    """An encoder of --in_chans 1 (docs/own-data.md): the printed call builds timm's model with
+    its channels. Was: a call without in_chans, which timm refused (weights of 1 channel, model of 3)."""
+    torch.manual_seed(0)
+    mae = models_mae.mae_vit_tiny_patch4(img_size=16, in_chans=1)
+    ckpt = tmp_path / "gray.pth"
+    saved = argparse.Namespace(model="mae_vit_tiny_patch4", input_size=16, in_chans=1, mean=[0.5], std=[0.25])
+    torch.save({"model": mae.state_dict(), "args": saved}, ckpt)
+    out = tmp_path / "encoder.safetensors"
+    _export(ckpt, "timm", out)
+    theirs = _timm_from_printed(capsys).eval()
+    _assert_strict_keys(theirs, out)
+    ours = models_vit.vit_tiny_patch4(img_size=16, in_chans=1, num_classes=0, global_pool=False)
+    load_pretrained_encoder(ours, str(ckpt))
+    imgs = torch.rand(2, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(imgs), ours.eval()(imgs), atol=ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("name", list(models_vit.MODELS))
 def test_every_classifier_has_a_timm_model_of_the_same_shapes(name):
     """A model added to the registry without its timm counterpart would export a file timm cannot load."""
