@@ -74,6 +74,17 @@ def features_of(
     return lambda imgs: knn.pooled_features(model.forward_features(imgs))
 
 
+def check_rgb(sources: list[tuple[str, argparse.Namespace | None]]) -> None:
+    """The encoders take RGB images, as the bank and queries are read here; an encoder pre-trained
+    with another --in_chans is refused in one line (before its --mean/--std are counted as RGB's)."""
+    for name, saved in sources:
+        if (channels := getattr(saved, "in_chans", None)) not in (None, 3):
+            fail(
+                f"{name} was pre-trained on {channels}-channel images (--in_chans {channels}); knn_eval.py "
+                f"scores RGB encoders only: use the k-NN monitor of main_pretrain.py (--knn_data_path)"
+            )
+
+
 def main(args: argparse.Namespace) -> None:
     check_finite(args)
     check_at_least(args, 1, "batch_size")
@@ -102,7 +113,9 @@ def main(args: argparse.Namespace) -> None:
     # One normalisation for every encoder (they share the images): the flags, else the first
     # checkpoint's; an encoder trained with other values is named in a warning.
     others = [(f"checkpoint {e}", saved_args(e)) for e in checkpoints[1:]]
-    normalization.resolve(args, [(f"checkpoint {first.path}", first.args)] + others if first else [])
+    sources = [(f"checkpoint {first.path}", first.args)] + others if first else []
+    check_rgb(sources)
+    normalization.resolve(args, sources)
 
     data = knn.KnnData(
         args.data_path, args.input_size, args.knn_bank_size, args.knn_query_size, mean=args.mean, std=args.std

@@ -206,6 +206,26 @@ def test_bad_knn_flags_are_refused_before_training(tmp_path, flags, message):
     assert not (tmp_path / "out" / "checkpoint-0.pth").exists()  # refused before training
 
 
+def test_knn_eval_refuses_an_encoder_of_other_channels_in_one_line(tmp_path):
+    """knn_eval.py reads RGB images (docs/own-data.md: it takes RGB models). Was: "checkpoint ...
+    stores --mean 0.5: 1 value(s) for images of 3 channels ...; give --mean and --std", advice
+    that only led to a second error, the weights' shapes."""
+    import argparse
+
+    data = labelled_folder(tmp_path / "data", 2, 1)
+    torch.manual_seed(0)
+    gray = tmp_path / "gray.pth"
+    saved = argparse.Namespace(model="mae_vit_tiny_patch4", input_size=32, in_chans=1, mean=[0.5], std=[0.25])
+    torch.save({"model": models_mae.mae_vit_tiny_patch4(img_size=32, in_chans=1).state_dict(), "args": saved}, gray)
+    for extra in ([], ["--mean", "0.5", "0.5", "0.5", "--std", "0.2", "0.2", "0.2"]):
+        argv = ["--data_path", str(data), "--encoders", "random", str(gray), "--device", "cpu", *extra]
+        refused = one_line_error(knn_eval.main, knn_eval.get_args_parser().parse_args(argv))
+        assert refused == (
+            f"checkpoint {gray} was pre-trained on 1-channel images (--in_chans 1); knn_eval.py scores RGB encoders "
+            f"only: use the k-NN monitor of main_pretrain.py (--knn_data_path)"
+        )
+
+
 # ---------------------------------------------------------------------------------------------
 # The linear classifier on cached features
 def test_linear_classifier_separates_separable_features_and_not_shuffled_ones():
