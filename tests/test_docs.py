@@ -2,6 +2,7 @@
 commands use real flags, every relative link and anchor resolves, and the demo split it ships
 is what demo/make_split.py writes: disjoint, stratified and complete."""
 
+import os
 import re
 import shlex
 import sys
@@ -95,6 +96,55 @@ def test_commands_are_found():
     assert tools == {"export.py", "reconstruct.py"}
 
 
+def _parsed(words: list[str]):
+    """(script name, parsed flags) of a documented command of a training entry point, else None."""
+    script = next(w for w in words if w.endswith(tuple(COMMANDS)) or w.startswith("submitit_"))
+    name = next(n for n in COMMANDS if script.endswith(n))
+    if script.startswith("submitit_") or name not in PARSERS or name == "knn_eval.py":
+        return None
+    flags = [f for f in words[words.index(script) + 1 :] if f != "..."]
+    return name, PARSERS[name].get_args_parser().parse_args(flags)
+
+
+CHECKPOINT_FLAGS = ("--finetune", "--resume", "--checkpoint", "--encoders")
+
+
+def _checkpoints_read(words: list[str]) -> list[tuple[str, str]]:
+    """(flag, path) of each ``<folder>/checkpoint-<epoch>.pth`` a command reads."""
+    read = []
+    for i, word in enumerate(words):
+        if word in CHECKPOINT_FLAGS:
+            for value in words[i + 1 :]:
+                if value.startswith("--"):
+                    break
+                if re.fullmatch(r".+/checkpoint-\d+\.pth", value):
+                    read.append((word, value))
+                if word != "--encoders":  # the only one of them that takes several values
+                    break
+    return read
+
+
+@pytest.mark.parametrize("page", [REPO / "README.md", REPO / "docs" / "own-data.md"], ids=lambda p: p.name)
+def test_checkpoints_the_examples_read_are_written_before(page):
+    """Pages whose examples run in order: a checkpoint an example reads from a folder is one that an
+    earlier example writes there (its --output_dir, within its --epochs), and a --finetune
+    checkpoint is not in the reading run's own --output_dir (which the run refuses)."""
+    written: dict[str, int] = {}  # folder -> epochs of the run that writes it
+    for words in _commands(page.read_text()):
+        parsed = _parsed(words)
+        for flag, path in _checkpoints_read(words):
+            folder, name = os.path.split(os.path.normpath(path))
+            epoch = int(re.search(r"\d+", name).group())
+            assert epoch < written.get(folder, 0), f"{page.name}: no earlier example writes {path}: {' '.join(words)}"
+            if flag == "--finetune" and parsed:
+                own = os.path.normpath(parsed[1].output_dir)
+                assert folder != own, f"{page.name}: --finetune {path} is in the run's own --output_dir {own}"
+        if parsed:
+            written[os.path.normpath(parsed[1].output_dir)] = parsed[1].epochs
+
+
+# ---------------------------------------------------------------------------------------------
+# Links
 # ---------------------------------------------------------------------------------------------
 # Links
 
