@@ -58,6 +58,54 @@ def test_launcher_flags_are_documented():
     assert not missing, missing
 
 
+# The official scripts' flags and defaults (facebookresearch/mae), facts compared, not code.
+_OFFICIAL_SHARED = {
+    "--batch_size": 64, "--epochs": 400, "--accum_iter": 1, "--model": "mae_vit_large_patch16",
+    "--weight_decay": 0.05, "--lr": None, "--blr": 1e-3, "--min_lr": 0.0, "--warmup_epochs": 40,
+    "--data_path": "/datasets01/imagenet_full_size/061417/", "--output_dir": "./output_dir",
+    "--log_dir": "./output_dir", "--device": "cuda", "--seed": 0, "--resume": "", "--start_epoch": 0,
+    "--num_workers": 10, "--pin_mem": True, "--no_pin_mem": True, "--world_size": 1, "--local_rank": -1,
+    "--dist_on_itp": False, "--dist_url": "env://",
+}  # fmt: skip
+_OFFICIAL_CLASSIFIER = {
+    "--model": "vit_large_patch16", "--finetune": "", "--nb_classes": 1000, "--eval": False, "--dist_eval": False,
+}  # fmt: skip
+OFFICIAL_FLAGS = {
+    "main_pretrain.py": {**_OFFICIAL_SHARED, "--input_size": 224, "--mask_ratio": 0.75, "--norm_pix_loss": False},
+    "main_finetune.py": {
+        **_OFFICIAL_SHARED, **_OFFICIAL_CLASSIFIER, "--epochs": 50, "--min_lr": 1e-6, "--warmup_epochs": 5,
+        "--input_size": 224, "--drop_path": 0.1, "--clip_grad": None, "--layer_decay": 0.75, "--color_jitter": None,
+        "--aa": "rand-m9-mstd0.5-inc1", "--smoothing": 0.1, "--reprob": 0.25, "--remode": "pixel", "--recount": 1,
+        "--resplit": False, "--mixup": 0, "--cutmix": 0, "--cutmix_minmax": None, "--mixup_prob": 1.0,
+        "--mixup_switch_prob": 0.5, "--mixup_mode": "batch", "--global_pool": True, "--cls_token": True,
+    },
+    "main_linprobe.py": {
+        **_OFFICIAL_SHARED, **_OFFICIAL_CLASSIFIER, "--batch_size": 512, "--epochs": 90, "--weight_decay": 0,
+        "--blr": 0.1, "--warmup_epochs": 10, "--global_pool": False, "--cls_token": False,
+    },
+}  # fmt: skip
+
+
+def _flag_rows(flag: str) -> list[list[str]]:
+    """The cells of docs/flags.md's table rows whose first cell names ``flag``."""
+    rows = [line.split(" | ") for line in (REPO / "docs" / "flags.md").read_text().splitlines()]
+    return [row for row in rows if len(row) >= 3 and f"`{flag}`" in row[0]]
+
+
+@pytest.mark.parametrize("script", sorted(OFFICIAL_FLAGS))
+def test_official_flags_keep_their_names_and_defaults_or_flags_md_marks_the_change(script):
+    """flags.md: every official flag keeps its name, default and meaning, except where ★ marks a new
+    default. Defaults that depend on the machine or a checkpoint are None or this machine's here."""
+    parser = PARSERS[script].get_args_parser()
+    actions = {o: a for a in parser._actions for o in a.option_strings}
+    for flag, official in OFFICIAL_FLAGS[script].items():
+        assert flag in actions, f"{script} lost the official flag {flag}"
+        ours = parser.get_default(actions[flag].dest)
+        if ours != official:
+            rows = _flag_rows(flag)
+            assert rows and all("★" in row[1] for row in rows), f"{script} {flag}: {ours!r}, officially {official!r}"
+
+
 def _commands(text: str) -> list[list[str]]:
     """Shell commands in the code blocks that run one of our scripts."""
     commands = []
