@@ -35,6 +35,7 @@ from util.cli.errors import fail, run_cli
 from util.interop import hf as hf_interop
 from util.memory import require
 from util.outputs import atomic_write, check_not_an_input, sync_folder
+from util.sizes import image_size
 
 # Our classifier architectures as timm registered models (+ the kwargs that make them equal).
 TIMM_NAMES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -95,9 +96,12 @@ def check_float_weights(state: StateDict, source: str) -> None:
         check_weight(key, weight, dtype, source)
 
 
-def vit_name(ckpt: dict[str, Any], encoder: dict[str, torch.Tensor], given: str | None, path: str) -> tuple[str, int]:
+def vit_name(
+    ckpt: dict[str, Any], encoder: dict[str, torch.Tensor], given: str | None, path: str
+) -> tuple[str, int | tuple[int, int]]:
     """(models_vit name, image size) of the encoder: --model, else the checkpoint's args, else the
-    architecture whose shapes equal the encoder's (depth, width and patch size tell them apart)."""
+    architecture whose shapes equal the encoder's (depth, width and patch size tell them apart). The
+    size is a square's side, or (height, width) where the checkpoint stores a rectangle that fits."""
     saved = getattr(ckpt.get("args"), "model", None)
     name = given or (models_mae.encoder_name(saved) if isinstance(saved, str) else None)
     if given:
@@ -110,13 +114,36 @@ def vit_name(ckpt: dict[str, Any], encoder: dict[str, torch.Tensor], given: str 
     )
     if found:
         return found
+    if name and (rectangle := _stored_rectangle(ckpt)) and _fits(name, rectangle, encoder, pool):
+        return name, rectangle
     if name:
         which, advice = (f"--model {name}", "check") if given else (f"{name}, the model it stores", "give")
         fail(f"checkpoint {path} does not fit {which} (at any square image size); {advice} --model")
     fail(f"checkpoint {path}: no known ViT has its encoder's shapes; give --model")
 
 
-def timm_call(name: str, img_size: int, global_pool: bool, output: str, in_chans: int = 3) -> str:  # printed, tested
+def _stored_rectangle(ckpt: dict[str, Any]) -> tuple[int, int] | None:
+    """The checkpoint's --input_size if (height, width) differ (weights alone cannot tell 8x16 patches from 16x8)."""
+    stored = getattr(ckpt.get("args"), "input_size", None)  # checked when the checkpoint was loaded
+    if stored is None:
+        return None
+    height, width = image_size(stored)
+    return (height, width) if height != width else None
+
+
+def _fits(name: str, size: tuple[int, int], encoder: dict[str, torch.Tensor], global_pool: bool) -> bool:
+    """Whether models_vit's ``name`` at ``size`` has exactly the encoder's names and shapes (built on the meta
+    device: a stored size is untrusted, and nothing is computed there)."""
+    with torch.device("meta"):
+        model = models_vit.MODELS[name](
+            img_size=size, in_chans=encoder["patch_embed.proj.weight"].shape[1], num_classes=0, global_pool=global_pool
+        )
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()} == {k: tuple(v.shape) for k, v in encoder.items()}
+
+
+def timm_call(
+    name: str, img_size: int | tuple[int, int], global_pool: bool, output: str, in_chans: int = 3
+) -> str:  # printed, tested
     timm_name, kwargs = TIMM_NAMES[name]
     kwargs = dict(kwargs, **({"img_size": img_size} if img_size != 224 else {}))
     if in_chans != 3:  # timm builds 3 channels by default and would refuse the weights
@@ -370,7 +397,8 @@ def main(args: argparse.Namespace) -> None:
     encoder = encoder_state(state, args.checkpoint)
     name, img_size = vit_name(ckpt, encoder, args.model, args.checkpoint)
     write_weights(args.output, encoder, ckpt.get("args"))  # a .pth: a plain state dict, as timm reads it
-    print(f"wrote the {name} encoder ({len(encoder)} tensors, {img_size} px) to {args.output}; load it with")
+    size = "x".join(map(str, image_size(img_size)))
+    print(f"wrote the {name} encoder ({len(encoder)} tensors, {size} px) to {args.output}; load it with")
     in_chans = encoder["patch_embed.proj.weight"].shape[1]
     print(f"  {timm_call(name, img_size, 'fc_norm.weight' in encoder, args.output, in_chans)}")
 

@@ -126,6 +126,29 @@ def test_timm_loads_the_export_of_a_grayscale_mae_from_the_printed_call(tmp_path
         torch.testing.assert_close(theirs(imgs), ours.eval()(imgs), atol=ATOL, rtol=0)
 
 
+def test_timm_loads_the_export_of_a_non_square_mae_from_the_printed_call(tmp_path, capsys):
+    """An encoder pre-trained at --input_size 16 24 (docs/own-data.md): timm takes (height, width) too. Was: 'does
+    not fit vit_tiny_patch4, the model it stores (at any square image size); give --model', which no --model fixes."""
+    torch.manual_seed(0)
+    mae = models_mae.mae_vit_tiny_patch4(img_size=(16, 24))
+    ckpt = tmp_path / "wide.pth"
+    torch.save(
+        {"model": mae.state_dict(), "args": argparse.Namespace(model="mae_vit_tiny_patch4", input_size=[16, 24])}, ckpt
+    )
+    out = tmp_path / "encoder.safetensors"
+    _export(ckpt, "timm", out)
+    printed = capsys.readouterr().out
+    ours = models_vit.vit_tiny_patch4(img_size=(16, 24), num_classes=0, global_pool=False)
+    assert f"({len(ours.state_dict())} tensors, 16x24 px)" in printed and "img_size=(16, 24)" in printed
+    print(printed)  # for _timm_from_printed
+    theirs = _timm_from_printed(capsys).eval()
+    _assert_strict_keys(theirs, out)
+    load_pretrained_encoder(ours, str(ckpt))
+    imgs = torch.rand(2, 3, 16, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(imgs), ours.eval()(imgs), atol=ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("name", list(models_vit.MODELS))
 def test_every_classifier_has_a_timm_model_of_the_same_shapes(name):
     """A model added to the registry without its timm counterpart would export a file timm cannot load."""
