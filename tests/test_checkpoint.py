@@ -312,8 +312,14 @@ def test_resume_positions_and_find_resumable(tmp_path, capsys):
     assert resume(fresh, open_resume(fresh.args)) == Position(1, 4)
     assert_same(fresh.model.state_dict(), model.state_dict())
     assert_same(fresh.optimizer.state_dict(), state.optimizer.state_dict())
+    # The broken newest is reported as skipped, once: not also as a later checkpoint that --resume auto
+    # "would take" (it is --resume auto that skipped it; found by a docs review).
+    printed = capsys.readouterr().out
+    assert "skipping" in printed and "checkpoints beyond" not in printed
     fresh.args.resume = str(tmp_path / "checkpoint-0.pth")
     assert resume(fresh, open_resume(fresh.args)) == Position(1, 0)  # after a complete epoch: the next one
+    # A --resume PATH behind the folder's newest is warned about: --resume auto would take another one.
+    assert "holds checkpoints beyond" in capsys.readouterr().out
 
     # Weights only (an official release): the model loads, training starts at --start_epoch.
     torch.save({"model": model.state_dict()}, tmp_path / "weights.pth")

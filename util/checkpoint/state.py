@@ -208,7 +208,10 @@ def resume(state: TrainState, opened: Opened | None) -> Position:
     _check_flags(opened.args, args, path, mid_epoch=step is not None)
     position = Position(ckpt["epoch"] + 1, resumed=True) if step is None else Position(ckpt["epoch"], step, True)
     here = (position.epoch, position.step)
-    if later := [p for p in list_checkpoints(args.output_dir) if progress(os.path.basename(p)) > here]:
+    # A --resume PATH that is not the folder's newest: --resume auto would go on from another one. (For
+    # --resume auto itself, later checkpoints are those that did not load, reported as skipped already.)
+    later = [p for p in list_checkpoints(args.output_dir) if progress(os.path.basename(p)) > here]
+    if later and args.resume != "auto":
         log.warning(
             f"{args.output_dir} holds checkpoints beyond {path} ({os.path.basename(later[-1])}); "
             f"--resume auto would take those, not this run's"
