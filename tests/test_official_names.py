@@ -2,19 +2,23 @@
 call them (facebookresearch/mae: main_pretrain.py, main_finetune.py, models_mae.py, util/)."""
 
 import math
+from argparse import Namespace
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers import demo_files, load_spec, shapes
+from timm.layers import trunc_normal_
 
 import main_pretrain
 import models_mae
 import models_vit
 import reconstruct
 from benchmarks import bench_pretrain
+from util.lars import LARS
 from util.lr_decay import param_groups_lrd
+from util.lr_sched import adjust_learning_rate
 from util.pos_embed import get_2d_sincos_pos_embed, interpolate_pos_embed
 
 # The official factories and the "recommended" aliases the official file gives them.
@@ -71,6 +75,71 @@ def test_benchmark_takes_official_model_names():
     )
     bench_pretrain.check_args(args)
     assert args.models == ["mae_vit_base_patch16_dec512d8b", "mae_vit_huge_patch14_dec512d8b"]
+
+
+# ---------------------------------------------------------------------------------------------
+# models_vit factories, util.lr_sched, util.lars: the official fine-tuning and probing scripts' calls
+@pytest.mark.parametrize("name", ["vit_base_patch16", "vit_large_patch16", "vit_huge_patch14"])
+@pytest.mark.parametrize("global_pool", [True, False])
+def test_official_classifier_factories_take_the_official_keywords(name, global_pool):
+    # As the official main_finetune.py and main_linprobe.py build the classifier.
+    with torch.device("meta"):
+        model = models_vit.__dict__[name](num_classes=1000, drop_path_rate=0.1, global_pool=global_pool)
+        probe = models_vit.__dict__[name](num_classes=1000, global_pool=global_pool)
+    assert model.head.out_features == probe.head.out_features == 1000
+    assert ("fc_norm.weight" in shapes(model)) == global_pool
+    assert {"pos_embed", "cls_token"} <= set(model.no_weight_decay())
+
+
+def _official_encoder_into(model: torch.nn.Module, head_std: float) -> None:
+    """The official scripts' --finetune: an MAE's weights, head dropped if it does not fit, position
+    table resized, loaded leniently, the head drawn anew."""
+    checkpoint_model = models_mae.__dict__["mae_vit_mini_patch4"](norm_pix_loss=True).state_dict()
+    state_dict = model.state_dict()
+    for k in ["head.weight", "head.bias"]:
+        if k in checkpoint_model and checkpoint_model[k].shape != state_dict[k].shape:
+            del checkpoint_model[k]
+    interpolate_pos_embed(model, checkpoint_model)
+    msg = model.load_state_dict(checkpoint_model, strict=False)
+    fc_norm = {"fc_norm.weight", "fc_norm.bias"} if model.global_pool == "avg" else set()
+    assert set(msg.missing_keys) == {"head.weight", "head.bias", *fc_norm}
+    trunc_normal_(model.head.weight, std=head_std)
+
+
+def test_official_fine_tuning_calls():
+    # main_finetune.py's model, optimizer and engine_finetune.py's schedule call, in that order.
+    model = models_vit.__dict__["vit_mini_patch4"](num_classes=10, drop_path_rate=0.1, global_pool=True)
+    _official_encoder_into(model, head_std=2e-5)
+    param_groups = param_groups_lrd(model, 0.05, no_weight_decay_list=model.no_weight_decay(), layer_decay=0.75)
+    optimizer = torch.optim.AdamW(param_groups, lr=1e-3)
+    args = Namespace(lr=1e-3, min_lr=1e-6, warmup_epochs=5, epochs=50)
+    data_iter_step, iterations, epoch = 3, 10, 2
+    lr = adjust_learning_rate(optimizer, data_iter_step / iterations + epoch, args)
+    assert lr == pytest.approx(1e-3 * 2.3 / 5)
+    assert max(g["lr"] for g in optimizer.param_groups) == pytest.approx(lr)  # the head's group: scale 1
+    assert min(g["lr"] for g in optimizer.param_groups) == pytest.approx(lr * 0.75 ** (len(model.blocks) + 1))
+    loss = F.cross_entropy(model(torch.randn(2, 3, 32, 32)), torch.tensor([1, 2]))
+    loss.backward()
+    optimizer.step()
+
+
+def test_official_linear_probing_calls():
+    # main_linprobe.py: the class-token classifier, its head behind a BatchNorm, all else frozen, LARS on the head.
+    model = models_vit.__dict__["vit_mini_patch4"](num_classes=10, global_pool=False)
+    _official_encoder_into(model, head_std=0.01)
+    model.head = torch.nn.Sequential(torch.nn.BatchNorm1d(model.head.in_features, affine=False, eps=1e-6), model.head)
+    for _, p in model.named_parameters():
+        p.requires_grad = False
+    for _, p in model.head.named_parameters():
+        p.requires_grad = True
+    optimizer = LARS(model.head.parameters(), lr=0.1, weight_decay=0.0)
+    adjust_learning_rate(optimizer, 0.5, Namespace(lr=0.1, min_lr=0.0, warmup_epochs=1, epochs=2))
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
+    frozen = model.blocks[0].attn.qkv.weight.clone()
+    head = model.head[1].weight.clone()
+    F.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 2, 3])).backward()
+    optimizer.step()
+    assert torch.equal(model.blocks[0].attn.qkv.weight, frozen) and not torch.equal(model.head[1].weight, head)
 
 
 # ---------------------------------------------------------------------------------------------
