@@ -725,7 +725,7 @@ def _compare_with_uninterrupted(out: Path, expected: Expected, damaged: dict[str
     return problems
 
 
-def main() -> None:
+def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
@@ -735,6 +735,11 @@ def main() -> None:
     parser.add_argument("--report", default="", help="write the result as JSON here")
     parser.add_argument("--entry", default="pretrain", choices=ENTRIES, help="the entry point run under faults")
     parser.add_argument("--kinds", default="", help="the kinds of fault to draw, comma-separated (default: all)")
+    return parser
+
+
+def main() -> None:
+    parser = get_args_parser()
     args = parser.parse_args()
     known = ENTRIES[args.entry].kinds
     kinds = args.kinds.split(",") if args.kinds else known

@@ -2,6 +2,7 @@
 commands use real flags, every relative link and anchor resolves, and the demo split it ships
 is what demo/make_split.py writes: disjoint, stratified and complete."""
 
+import importlib.util
 import os
 import re
 import shlex
@@ -14,6 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "demo"))
 
+import fault_campaign  # noqa: E402
 import make_split  # noqa: E402
 
 import dataset_stats  # noqa: E402
@@ -34,8 +36,21 @@ PARSERS = {
     "main_linprobe.py": main_linprobe,
     "knn_eval.py": knn_eval,
 }
-# The tools' commands in the docs must parse too (their flags are documented where they are used).
+# The tools' commands in the docs must parse too (their flags are documented where they are used), and
+# the scripts of the CPU study and of the fault campaign that the pages quote.
 COMMANDS = {**PARSERS, "export.py": export, "reconstruct.py": reconstruct, "dataset_stats.py": dataset_stats}
+
+
+def _script(path: str):
+    """A recipe script as a module named after its path (recipes/cifar10_gpu has a results.py too)."""
+    spec = importlib.util.spec_from_file_location(path.replace("/", "_").removesuffix(".py"), REPO / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+COMMANDS |= {path: _script(path) for path in (f"recipes/cifar10_cpu/{n}.py" for n in ("splits", "figures", "results"))}
+COMMANDS["tests/fault_campaign.py"] = fault_campaign
 README_MAX_LINES = 300
 
 
@@ -107,16 +122,25 @@ def test_official_flags_keep_their_names_and_defaults_or_flags_md_marks_the_chan
 
 
 def _commands(text: str) -> list[list[str]]:
-    """Shell commands in the code blocks that run one of our scripts."""
+    """Shell commands in the code blocks that run one of our scripts, and those quoted in the prose
+    (an inline code span, which may break across a line)."""
+    lines = "\n".join(re.findall(r"```bash\n(.*?)```", text, flags=re.S)).replace("\\\n", " ").splitlines()
+    spans = re.findall(r"`([^`]+)`", _without_code_blocks(text))
+    lines += [span.replace("\n", " ") for span in spans if re.match(r"\S*python3? \S+\.py", span)]
     commands = []
-    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
-        for line in block.replace("\\\n", " ").splitlines():
-            line = line.split("#")[0]
-            for part in line.split("&&"):
-                words = shlex.split(part)
-                if any(w.endswith(tuple(COMMANDS)) or w.startswith("submitit_") for w in words):
-                    commands.append(words)
+    for line in lines:
+        line = line.split("#")[0]
+        for part in line.split("&&"):
+            words = shlex.split(part)
+            if any(w.endswith(tuple(COMMANDS)) or w.startswith("submitit_") for w in words):
+                commands.append(words)
     return commands
+
+
+def _shell_scripts(text: str) -> list[list[str]]:
+    """``bash recipes/...sh ARGS`` lines of the code blocks."""
+    lines = "\n".join(re.findall(r"```bash\n(.*?)```", text, flags=re.S)).replace("\\\n", " ").splitlines()
+    return [shlex.split(line.split("#")[0])[1:] for line in lines if line.startswith("bash recipes/")]
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
@@ -142,6 +166,36 @@ def test_commands_are_found():
     assert len(_commands(DOCS)) >= 14
     tools = {w for words in _commands(DOCS) for w in words if w.endswith(("export.py", "reconstruct.py"))}
     assert tools == {"export.py", "reconstruct.py"}
+    # The CPU study's scripts (docs/results.md) and the fault campaign's commands, one of them quoted in
+    # the prose across a line break (docs/what-survives-what.md).
+    quoted = [w for words in _commands(DOCS) for w in words if w.endswith(".py")]
+    assert {f"recipes/cifar10_cpu/{name}.py" for name in ("splits", "figures", "results")} <= set(quoted)
+    assert quoted.count("tests/fault_campaign.py") >= 2
+
+
+def test_commands_parse_the_way_a_shell_reads_them():
+    page = "```bash\npython main_pretrain.py --epochs 2 \\\n    --batch_size 8  # a comment\n```\n"
+    page += "Run `python knn_eval.py\n--encoders random`, not `--epochs 2` alone.\n"
+    assert _commands(page) == [
+        ["python", "main_pretrain.py", "--epochs", "2", "--batch_size", "8"],
+        ["python", "knn_eval.py", "--encoders", "random"],
+    ]
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_documented_shell_scripts_exist_and_take_their_arguments(page):
+    for script, *arguments in _shell_scripts(page.read_text()):
+        assert (REPO / script).is_file(), f"{page.name}: no script {script}"
+        usage = re.search(r"^# Usage: bash \S+ (.*)$", (REPO / script).read_text(), flags=re.M)
+        if usage is None:  # the script takes no arguments
+            assert not arguments, f"{page.name}: {script} takes no arguments, got {arguments}"
+            continue
+        words = usage.group(1).split("(")[0].split()  # what follows in parentheses is prose
+        required = [word for word in words if not word.startswith("[")]
+        assert len(arguments) >= len(required), f"{page.name}: {script} {arguments} lacks {required}"
+        for word, argument in zip(required, arguments, strict=False):
+            if "|" in word:  # a choice: mae|scratch
+                assert argument in word.split("|"), f"{page.name}: {script}: {argument} is not one of {word}"
 
 
 def _parsed(words: list[str]):

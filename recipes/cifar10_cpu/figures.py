@@ -108,14 +108,18 @@ def reconstruction_strip(out: Path, images: Path, epochs: list[int], count: int,
     print(f"wrote {path}: rows original, masked, then epochs {', '.join(map(str, epochs))}")
 
 
-if __name__ == "__main__":
+def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, type=Path, help="the study's output folder (OUT of common.sh)")
     parser.add_argument("--images", required=True, type=Path, help="folder of test images for the strip")
     parser.add_argument("--epochs", nargs="+", type=int, required=True, help="checkpoints' epochs in the strip")
     parser.add_argument("--count", default=10, type=int, help="images in the strip")
     parser.add_argument("--docs", default=Path("docs"), type=Path, help="where the pictures go")
-    args = parser.parse_args()
+    return parser
+
+
+if __name__ == "__main__":
+    args = get_args_parser().parse_args()
     args.docs.mkdir(parents=True, exist_ok=True)
     reconstruction_strip(
         args.out, args.images, args.epochs, args.count, args.docs / "cifar10-cpu-study-reconstructions.png"

@@ -82,11 +82,15 @@ def copy_logs(out: Path, dest: Path) -> None:
         shutil.copyfile(log, dest / f"{log.parent.name}-log.txt")
 
 
-if __name__ == "__main__":
+def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, type=Path, help="the study's output folder (OUT of common.sh)")
     parser.add_argument("--dest", default=None, type=Path, help="copy logs and write results.json here")
-    args = parser.parse_args()
+    return parser
+
+
+if __name__ == "__main__":
+    args = get_args_parser().parse_args()
     rows = collect(args.out)
     print(table(rows))
     if args.dest is not None:

@@ -66,11 +66,15 @@ def make_splits(data: Path, out: Path, per_class: int = 500, val_every: int = 10
     return {name: sum(len(p) for p in files.values()) for name, files in layout.items()}
 
 
-if __name__ == "__main__":
+def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", required=True, type=Path, help="CIFAR-10 ImageFolder root with train/ and test/")
     parser.add_argument("--out", required=True, type=Path, help="where the split folders go")
     parser.add_argument("--per_class", default=500, type=int, help="labelled images per class of the few-label split")
-    args = parser.parse_args()
+    return parser
+
+
+if __name__ == "__main__":
+    args = get_args_parser().parse_args()
     for split, count in make_splits(args.data, args.out, args.per_class).items():
         print(f"{args.out / split}: {count} images")
