@@ -239,7 +239,7 @@ _official_decoder = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_hea
 # that a narrow decoder loses little, while some depth helps linear probing.
 _tiny_decoder = dict(decoder_embed_dim=128, decoder_depth=4, decoder_num_heads=4)
 # The mini model is sized for pre-training on a 2-core CPU (recipes/cifar10_cpu): a 128-d,
-# 6-block encoder and a 64-d, 2-block decoder, about a tenth of the tiny model's step FLOPs, so
+# 6-block encoder and a 64-d, 2-block decoder, about a fifth of the tiny model's step FLOPs, so
 # that tens of CIFAR-10 epochs fit in an hour or two.
 _mini_decoder = dict(decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=2)
 

@@ -219,7 +219,7 @@ def cli(
 
 
 # The resumable reference run that test_resilience, the fault campaign and test_pretrain compare
-# interrupted runs with: the mini model (a tenth of the tiny one's step; the model's size does not
+# interrupted runs with: the mini model (a fifth of the tiny one's step FLOPs; the model's size does not
 # matter to an exact resume) at batch 8 (the last --model and --batch_size win over TINY's) on 48
 # images, 6 iterations an epoch, a checkpoint every 2 iterations, and --resume auto.
 RESUMABLE_EPOCHS = 3

@@ -28,7 +28,7 @@ CPU = ["--device", "cpu", "--precision", "fp32", "--num_workers", "0"]
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     """A short pre-training run of the mini model (the size of the encoder matters to none of these
-    tests, and its steps take a tenth of the tiny one's), whose checkpoint the tests fine-tune and probe."""
+    tests, and its steps take a quarter of the tiny one's time), whose checkpoint the tests fine-tune and probe."""
     root = tmp_path_factory.mktemp("ft")
     data = make_split(root / "data", train=16, val=9)  # 27 validation images: odd on purpose
     pre = root / "pre"
