@@ -391,11 +391,17 @@ def test_save_png_writes_the_format_its_extension_names(tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # Training: log.txt atomic; TensorBoard and the picture are warnings, training goes on
-def test_log_txt_temporaries_of_killed_runs_are_removed(tmp_path):
-    stale = tmp_path / "log.txt.tmp999999"
-    stale.write_text('{"epoch": 0')
-    RunLog("", str(tmp_path), [{"epoch": 0}])
-    assert (tmp_path / "log.txt").read_text() == '{"epoch": 0}\n' and no_temporaries(tmp_path)
+@pytest.mark.parametrize("history", [[{"epoch": 0}], None])  # None: a checkpoint older than the history
+def test_log_txt_and_picture_temporaries_of_killed_runs_are_removed(tmp_path, history):
+    """A kill -9 while log.txt or a picture is written leaves its temporary; the next run in the folder removes
+    them (a picture's was left for good: a resumed run does not draw that epoch again). Not other files'."""
+    (tmp_path / "log.txt").write_text('{"epoch": 0}\n')
+    (tmp_path / "log.txt.tmp999999").write_text('{"epoch": 0')
+    (tmp_path / "reconstruction-3.png.tmp999998").write_bytes(b"\x89PNG")
+    (tmp_path / "notes.txt.tmp999997").write_text("a user's")
+    RunLog("", str(tmp_path), history)
+    assert (tmp_path / "log.txt").read_text() == '{"epoch": 0}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.txt", "notes.txt.tmp999997"]
 
 
 def test_picture_full_disk_is_one_warning_and_training_goes_on(tmp_path, monkeypatch, capsys):

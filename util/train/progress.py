@@ -114,8 +114,11 @@ class RunLog:
         self._written = len(self.history)  # lines of history already in log.txt
         if distributed.is_main_process() and log_dir:
             self._open_tensorboard()
-        if history is not None and self.log_path and distributed.is_main_process():
-            self._rewrite()
+        if self.log_path and distributed.is_main_process():
+            # What a killed run left half-written of log.txt and the pictures (the run holds --output_dir).
+            remove_stale_temporaries(output_dir, lambda name: name == "log.txt" or name.endswith(".png"))
+            if history is not None:
+                self._rewrite()
 
     def _open_tensorboard(self) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -149,7 +152,6 @@ class RunLog:
 
     def _rewrite(self) -> None:
         """Replace log.txt by the history, atomically (a kill leaves the old or the new file)."""
-        remove_stale_temporaries(os.path.dirname(self.log_path) or ".", lambda name: name == "log.txt")
         text = "".join(json.dumps(line) + "\n" for line in self.history)
         old = Path(self.log_path).read_text() if os.path.exists(self.log_path) else None
         if old == text:
