@@ -8,6 +8,9 @@ import argparse
 import hashlib
 import os
 import shutil
+import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,23 +149,99 @@ def find_resumable(output_dir: str) -> Opened | None:
     return None
 
 
+# How long a rank waits for the checkpoint rank 0 resumes to show in its own view of --output_dir: an NFS
+# client caches what a folder holds for up to a minute (acdirmax), and a requeued job starts within seconds.
+APPEAR_WAIT_S = 60.0
+SHARED_OUTPUT_DIR = "put --output_dir on storage every node of the job shares, not on a node's local disk"
+SHARED_CHECKPOINT = "give a checkpoint on storage every node of the job shares, or the same file on each node"
+
+
 def open_resume(args: argparse.Namespace) -> Opened | None:
-    """The checkpoint of ``--resume`` (a path, or for 'auto' the newest good one in ``--output_dir``)."""
+    """The checkpoint of ``--resume`` (a path, or for 'auto' the newest good one in ``--output_dir``),
+    the same one on every rank (``open_on_every_rank``). For 'auto' rank 0 chooses: a node with a stale
+    view of the folder (an NFS client's cache) or a folder of its own (a local disk) would otherwise
+    resume another checkpoint than rank 0's, and DDP, which copies rank 0's weights, would hide it
+    (other optimizer states, random states and positions: a silent divergence, or a hang at the end)."""
     if not args.resume:
         return None
     if args.resume != "auto":
-        return open_checkpoint(args.resume, training=True)
+        return open_on_every_rank(lambda: open_checkpoint(args.resume, training=True), args.resume, "--resume")
     if not args.output_dir:  # the run would start from scratch, and say "no checkpoint in ," at every restart
         fail("--resume auto takes the newest checkpoint in --output_dir, and --output_dir '' keeps none: give one")
-    found = find_resumable(args.output_dir)
-    if found is None and getattr(args, "eval", False):  # else the random initial weights would be scored
+    found = find_resumable(args.output_dir) if distributed.is_main_process() else None
+    path = distributed.from_main(found.path if found else None)
+    if path is None and getattr(args, "eval", False):  # else the random initial weights would be scored
         fail(
             f"--eval --resume auto: no checkpoint in {args.output_dir} to evaluate (a run there has not saved one "
             f"yet); give --resume CHECKPOINT"
         )
-    if found is None:
+    if path is None:
         log.info(f"--resume auto: no checkpoint in {args.output_dir}, starting from scratch")
-    return found
+        return None
+
+    def open_here() -> Opened:
+        return found or open_checkpoint(_appeared(path, APPEAR_WAIT_S), training=True)
+
+    return open_on_every_rank(open_here, path, "--resume auto", SHARED_OUTPUT_DIR)
+
+
+def _appeared(path: str, seconds: float) -> str:
+    """``path``, once this process sees it or after ``seconds`` (saying on stderr that it waits)."""
+    deadline = time.monotonic() + seconds
+    if not os.path.exists(path):
+        sys.stderr.write(
+            f"rank {distributed.rank()}: waiting up to {seconds:g} s for {path}, which rank 0 resumes, to show here\n"
+        )
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return path
+
+
+def open_on_every_rank(
+    open_here: Callable[[], Opened], path: str, flag: str, advice: str = SHARED_CHECKPOINT
+) -> Opened:
+    """``open_here()`` on every rank, which must all read the same checkpoint ``path`` (each node reads
+    its own view of the files). A rank that cannot, or a file that differs between ranks (its progress,
+    its size), stops every rank with the same line, which ``advice`` ends; where no rank can read it,
+    each says why as a single process would."""
+    try:
+        opened, error = open_here(), None
+    except UserError as e:
+        opened, error = None, e
+    if not distributed.is_dist():
+        if error is not None:
+            raise error
+        return opened
+    seen = distributed.gather(("error", str(error)) if error is not None else ("read", _fingerprint(opened)))
+    failed = [rank for rank, (kind, _) in enumerate(seen) if kind == "error"]
+    if error is not None and len(failed) == len(seen):
+        raise error
+    size = len(seen)
+    if failed:
+        read = [rank for rank in range(size) if rank not in failed]
+        fail(
+            f"{flag} {path}: rank(s) {_ranks(failed)} of {size} cannot read it ({seen[failed[0]][1]}), rank(s) "
+            f"{_ranks(read)} can: every node of the job must see the same files; {advice}"
+        )
+    if any(fingerprint != seen[0][1] for _, fingerprint in seen):
+        shown = "; ".join(f"rank {rank}: {fingerprint}" for rank, (_, fingerprint) in enumerate(seen))
+        fail(
+            f"{flag} {path} is not the same file on every rank ({shown}): every node of the job must see the same "
+            f"files; {advice}"
+        )
+    return opened
+
+
+def _ranks(ranks: list[int]) -> str:
+    return ", ".join(map(str, ranks))
+
+
+def _fingerprint(opened: Opened) -> str:
+    """What tells two copies of a checkpoint apart cheaply: its position and its size in bytes."""
+    step, epoch = opened.ckpt.get("step"), opened.ckpt.get("epoch")
+    where = "no epoch" if epoch is None else f"epoch {epoch}" + ("" if step is None else f" iteration {step}")
+    size = os.path.getsize(opened.path) if os.path.isfile(opened.path) else None
+    return where if size is None else f"{where}, {size} bytes"
 
 
 @dataclass

@@ -225,6 +225,24 @@ def barrier() -> None:
         dist.barrier()
 
 
+def from_main(value: object) -> object:
+    """Rank 0's ``value`` (any picklable object) on every rank: what rank 0 alone decides."""
+    if not is_dist():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather(value: object) -> list:
+    """Every rank's ``value`` (any picklable object), in rank order, on every rank."""
+    if not is_dist():
+        return [value]
+    values = [None] * world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
 def all_reduce_sum(values: list[float], device: torch.device | str) -> list[float]:
     """Sum a few numbers over all ranks (one collective)."""
     if not is_dist():

@@ -17,7 +17,7 @@ import torch
 
 from util.checkpoint.files import list_checkpoints
 from util.checkpoint.flags import fill_from_checkpoints
-from util.checkpoint.state import Opened, open_checkpoint, open_resume
+from util.checkpoint.state import Opened, open_checkpoint, open_on_every_rank, open_resume
 from util.cli.args import check_world, effective_lr, resolve_precision
 from util.cli.errors import fail
 from util.cli.log import log
@@ -75,7 +75,9 @@ def start(flags: argparse.Namespace, fallbacks: dict[str, Any] | None = None) ->
         distributed.barrier()  # the other ranks too, or they resume another checkpoint than rank 0's
     resume_from = open_resume(args)
     finetune = getattr(args, "finetune", "")  # pre-training has none; --eval does not load it
-    init_from = open_checkpoint(finetune) if finetune and not args.eval else None
+    init_from = None
+    if finetune and not args.eval:  # every rank reads it: the same file everywhere, or every rank stops
+        init_from = open_on_every_rank(lambda: open_checkpoint(finetune), finetune, "--finetune")
     sources = [s for s in (resume_from, init_from) if s is not None]
     origins = fill_from_checkpoints(args, sources, fallbacks or {})
     # Check points (logging, finiteness, checkpoints) sit on optimizer steps: a multiple of --accum_iter.

@@ -1,0 +1,132 @@
+"""A job on several nodes: each rank reads its own node's view of the files. Simulated with two gloo
+ranks forked from this process (helpers.run_ranks), each in a folder of its own that stands for its
+node's disk, and the same relative paths: a node's stale view of a shared folder (an NFS client's
+cache) or a node-local --output_dir. Every rank must start from the same checkpoint and data, or all
+stop in one line that says so: a rank that differs alone is hidden by DDP (it copies rank 0's weights)
+and diverges silently, or hangs at the end."""
+
+import os
+import shutil
+import threading
+import time
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import run_ranks
+
+import main_finetune
+from util.checkpoint import state as checkpoint
+from util.checkpoint.state import TrainState, save_checkpoint
+from util.train import distributed, run
+from util.train.precision import LossScaler
+
+
+def _checkpoints(folder: Path) -> dict[str, Path]:
+    """checkpoint-0.pth, then checkpoint-1-step4.pth a step later, in ``folder``; returns name -> path."""
+    folder.mkdir(parents=True)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 2)
+    args = Namespace(output_dir=str(folder), keep_last=0, save_freq=1, epochs=2, device="cpu")
+    args.__dict__.update(batch_size=8, world_size=2, accum_iter=1)
+    state = TrainState(model, torch.optim.AdamW(model.parameters(), lr=0.1), LossScaler("fp32"), args)
+    for epoch, step in ((0, None), (1, 4)):
+        model(torch.ones(1, 2)).sum().backward()
+        state.optimizer.step()
+        save_checkpoint(state, epoch, step)
+    return {p.name: p for p in folder.glob("checkpoint-*.pth")}
+
+
+def _on_nodes(tmp_path: Path, body, exit_codes=(0, 0), join: bool = True) -> list[str]:
+    """``body()`` on two ranks, rank r working in ``tmp_path/node<r>`` (its node's files), in a process
+    group (``join``: made here; else ``body`` makes it); their outputs."""
+
+    def rank_main() -> None:
+        os.chdir(tmp_path / f"node{os.environ['RANK']}")
+        if join:
+            distributed.init_distributed_mode(Namespace(dist_url="env://", dist_on_itp=False, device="cpu"))
+        try:
+            body()
+        finally:
+            distributed.cleanup()
+
+    return run_ranks(rank_main, tmp_path / "ranks", exit_codes=exit_codes, timeout=120)
+
+
+def _resumes(args: Namespace) -> None:
+    opened = checkpoint.open_resume(args)
+    print(f"resumes {opened.path}: epoch {opened.ckpt['epoch']}, step {opened.ckpt['step']}")
+
+
+def test_every_rank_resumes_the_checkpoint_rank_0_chooses_though_a_nodes_view_is_stale(tmp_path):
+    """Node 1's view of the shared --output_dir lacks the newest checkpoint for a while (an NFS client
+    caches a folder's listing): it resumed checkpoint-0.pth while rank 0 resumed checkpoint-1-step4.pth.
+    It now waits for the checkpoint rank 0 chose."""
+    made = _checkpoints(tmp_path / "node0" / "out")
+    (tmp_path / "node1" / "out").mkdir(parents=True)
+    shutil.copy(made["checkpoint-0.pth"], tmp_path / "node1" / "out")
+
+    def body() -> None:
+        if distributed.rank() == 1:  # the newest shows on node 1 a little later
+            newest = tmp_path / "node1" / "out" / "checkpoint-1-step4.pth"
+            threading.Timer(1.5, shutil.copy, (made["checkpoint-1-step4.pth"], newest)).start()
+        _resumes(Namespace(resume="auto", output_dir="out", eval=False))
+
+    logs = _on_nodes(tmp_path, body)
+    for log in logs:
+        assert "resumes out/checkpoint-1-step4.pth: epoch 1, step 4" in log, log
+    assert "rank 1: waiting up to 60 s for out/checkpoint-1-step4.pth, which rank 0 resumes, to show here" in logs[1]
+
+
+def test_a_node_that_cannot_see_the_checkpoint_rank_0_resumes_stops_every_rank_in_one_line(tmp_path, monkeypatch):
+    """--output_dir on each node's local disk: node 1's holds nothing, and its rank started from
+    scratch beside rank 0's resumed one."""
+    _checkpoints(tmp_path / "node0" / "out")
+    (tmp_path / "node1" / "out").mkdir(parents=True)
+    monkeypatch.setattr(checkpoint, "APPEAR_WAIT_S", 1.0, raising=False)  # inherited by the forked ranks
+
+    logs = _on_nodes(tmp_path, lambda: _resumes(Namespace(resume="auto", output_dir="out", eval=False)), (2, 2))
+    expected = (
+        "error: --resume auto out/checkpoint-1-step4.pth: rank(s) 1 of 2 cannot read it (checkpoint "
+        "out/checkpoint-1-step4.pth does not exist; check its path), rank(s) 0 can: every node of the job must "
+        "see the same files; put --output_dir on storage every node of the job shares, not on a node's local disk\n"
+    )
+    for log in logs:
+        assert log.endswith(expected), log
+
+
+@pytest.mark.parametrize("flag", ["--resume", "--finetune"])
+def test_a_checkpoint_path_that_is_another_file_on_another_node_stops_every_rank(tmp_path, flag):
+    """The same relative path names another checkpoint on node 1 (a local copy of an older one)."""
+    made = _checkpoints(tmp_path / "node0" / "out")
+    (tmp_path / "node1" / "out").mkdir(parents=True)
+    shutil.copy(made["checkpoint-0.pth"], tmp_path / "node1" / "out" / "checkpoint-1-step4.pth")
+    path = "out/checkpoint-1-step4.pth"
+
+    def body() -> None:
+        if flag == "--resume":
+            _resumes(Namespace(resume=path, output_dir="out", eval=False))
+        else:  # as fine-tuning starts (its flags filled from the checkpoint it starts from)
+            flags = ["--finetune", path, "--model", "vit_mini_patch4", "--output_dir", "ft", "--log_dir", ""]
+            run.start(main_finetune.get_args_parser().parse_args([*flags, "--device", "cpu"]))
+
+    logs = _on_nodes(tmp_path, body, (2, 2), join=flag == "--resume")
+    size0, size1 = (os.path.getsize(tmp_path / f"node{r}" / path) for r in (0, 1))
+    expected = (
+        f"error: {flag} {path} is not the same file on every rank (rank 0: epoch 1 iteration 4, {size0} bytes; "
+        f"rank 1: epoch 0, {size1} bytes): every node of the job must see the same files; give a checkpoint on "
+        f"storage every node of the job shares, or the same file on each node\n"
+    )
+    for log in logs:
+        assert log.endswith(expected), log
+
+
+def test_a_checkpoint_no_rank_can_read_is_each_ranks_own_error(tmp_path):
+    """As a single process says it: nothing about nodes, which are not the cause."""
+    for r in (0, 1):
+        (tmp_path / f"node{r}").mkdir()
+    started = time.monotonic()
+    logs = _on_nodes(tmp_path, lambda: _resumes(Namespace(resume="none.pth", output_dir="", eval=False)), (2, 2))
+    assert all(log.endswith("error: checkpoint none.pth does not exist; check its path\n") for log in logs), logs
+    assert time.monotonic() - started < 60
