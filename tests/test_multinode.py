@@ -130,3 +130,61 @@ def test_a_checkpoint_no_rank_can_read_is_each_ranks_own_error(tmp_path):
     logs = _on_nodes(tmp_path, lambda: _resumes(Namespace(resume="none.pth", output_dir="", eval=False)), (2, 2))
     assert all(log.endswith("error: checkpoint none.pth does not exist; check its path\n") for log in logs), logs
     assert time.monotonic() - started < 60
+
+
+# ---------------------------------------------------------------------------------------------
+# The data each node lists
+def _lists(body_of_data) -> None:
+    dataset = body_of_data()
+    print(f"lists {len(dataset)} images")
+
+
+@pytest.mark.parametrize("node1", ["one fewer", "one renamed"])
+def test_ranks_that_list_other_pretraining_images_stop_in_one_line(tmp_path, node1):
+    """Node 1's copy of the data lacks an image (other step counts: the job hung at the end of the first
+    epoch until the 30-minute collective timeout), or names one otherwise (the same counts: each rank
+    shared out another list, silently)."""
+    from helpers import make_dataset
+
+    from util.data.datasets import pretrain_dataset
+
+    make_dataset(tmp_path / "node0" / "data", 2)
+    data1 = make_dataset(tmp_path / "node1" / "data", 2)
+    last = sorted(data1.rglob("*.jpg"))[-1]
+    if node1 == "one fewer":
+        last.unlink()
+    else:
+        last.rename(last.with_name("z" + last.name))
+    logs = _on_nodes(tmp_path, lambda: _lists(lambda: pretrain_dataset("data", None)), (2, 2))
+    differs = "5 images, rank 0 6" if node1 == "one fewer" else "other images than rank 0 (6 each)"
+    expected = (
+        f"error: --data_path data: rank 1 of 2 lists {differs}: every node of the job must see the same data; put "
+        f"it on storage every node shares, or the same copy at the same path on each node\n"
+    )
+    assert all(log.endswith(expected) for log in logs), logs
+
+
+def test_ranks_that_list_other_validation_images_stop_in_one_line(tmp_path):
+    """Fine-tuning's val/ split (sharded by --dist_eval: the accuracies summed over other lists) and
+    the k-NN monitor's (gathered features of other counts: a hang) read the same way."""
+    from helpers import make_split
+
+    from util.data.datasets import classification_splits
+
+    for r in (0, 1):
+        make_split(tmp_path / f"node{r}" / "data", 2, 2)
+    next((tmp_path / "node1" / "data" / "val" / "cat").glob("*.jpg")).unlink()
+    logs = _on_nodes(tmp_path, lambda: classification_splits("data", None, None, None, "--knn_data_path"), (2, 2))
+    expected = "error: --knn_data_path data (val): rank 1 of 2 lists 5 images, rank 0 6: every node of the job"
+    assert all(expected in log for log in logs), logs
+
+
+def test_ranks_that_list_the_same_images_go_on(tmp_path):
+    from helpers import make_dataset
+
+    from util.data.datasets import pretrain_dataset
+
+    for r in (0, 1):
+        make_dataset(tmp_path / f"node{r}" / "data", 2)
+    logs = _on_nodes(tmp_path, lambda: _lists(lambda: pretrain_dataset("data", None)))
+    assert all("lists 6 images" in log for log in logs), logs

@@ -5,7 +5,6 @@ Format: a dict with the official keys ``model``, ``optimizer``, ``epoch``, ``sca
 state, for exact resume) and entry-point ``extra`` state."""
 
 import argparse
-import hashlib
 import os
 import shutil
 import sys
@@ -21,6 +20,7 @@ from util.checkpoint.load import check_training_entries, load_checkpoint, load_m
 from util.checkpoint.rng import gather_rng, restore_rng
 from util.cli.errors import NonFiniteLoss, UserError, fail, lower_lr
 from util.cli.log import log
+from util.data.datasets import listed_files, name_digest
 from util.train import distributed
 
 
@@ -363,11 +363,8 @@ def check_same_data(state: TrainState, dataset: Any, position: Position) -> None
     """Record the training data in the state (image count, digest of the file names in order, without
     their folders: a moved folder is the same data); warn when a run resumed inside an epoch trains on
     other data than the checkpoint's: its position then counts iterations of another order."""
-    files = getattr(dataset, "files", None) or [path for path, _ in dataset.samples]
-    names = "\n".join(os.path.basename(f) for f in files)
-    # surrogateescape: a file name that is not UTF-8 (an old archive's) is hashed as its bytes on disk.
-    digest = hashlib.sha1(names.encode(errors="surrogateescape"), usedforsecurity=False).hexdigest()
-    now = {"images": len(files), "digest": digest}
+    files = listed_files(dataset)
+    now = {"images": len(files), "digest": name_digest(os.path.basename(f) for f in files)}
     saved = state.extra.get("data")
     if position.step and isinstance(saved, dict) and saved != now:
         log.warning(

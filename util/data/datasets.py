@@ -1,8 +1,9 @@
 """Datasets and loaders shared by the entry points: image folders and list files for pre-training
 and classification, their transforms, and the loaders over them (seeded: sampling.py)."""
 
+import hashlib
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NoReturn
 
 import torch
@@ -252,7 +253,7 @@ def pretrain_dataset(
         list_path = data_path if os.path.isfile(data_path) else _list_in(data_path, "train")
         if list_path is not None:
             files = [path for path, _ in read_image_list(list_path, labelled=False)]
-            return ImageFiles(list_path, transform, lazy, files=files, loader=loader)
+            return same_on_every_rank(ImageFiles(list_path, transform, lazy, files=files, loader=loader), data_path)
     if not os.path.exists(data_path):
         fail(f"--data_path {data_path} does not exist; give a folder of images or a list file")
     root = os.path.join(data_path, "train") if os.path.isdir(os.path.join(data_path, "train")) else data_path
@@ -261,7 +262,7 @@ def pretrain_dataset(
         fail(
             f"--data_path {root} holds no images ({', '.join(IMG_EXTENSIONS[:4])}, ...); point it at your image folder"
         )
-    return dataset
+    return same_on_every_rank(dataset, data_path)
 
 
 def classification_dataset(
@@ -359,7 +360,40 @@ def classification_splits(
             f"{flag} {data_path}: train and val have other class folders (only in train: "
             f"{', '.join(only_train[:5])}; only in val: {', '.join(only_val[:5])}); give both the same class folders"
         )
-    return train, val
+    return same_on_every_rank(train, data_path, flag, "train"), same_on_every_rank(val, data_path, flag, "val")
+
+
+def name_digest(names: Iterable[str]) -> str:
+    """A digest of ``names`` in their order; a name that is not UTF-8 (an old archive's) is hashed as its
+    bytes on disk (surrogateescape)."""
+    joined = "\n".join(names)
+    return hashlib.sha1(joined.encode(errors="surrogateescape"), usedforsecurity=False).hexdigest()
+
+
+def listed_files(dataset: Any) -> list[str]:
+    """The image files of a data set of this module, in its order."""
+    return getattr(dataset, "files", None) or [path for path, _ in dataset.samples]
+
+
+def same_on_every_rank(dataset: Any, data_path: str, flag: str = "--data_path", split: str = "") -> Any:
+    """``dataset``, once every rank of a distributed job has listed the same images in it (names in order,
+    with their labels): each node lists its own view of the data. Ranks that list different images would
+    share out different lists (each image other odds of being trained on) and, with other counts, make
+    other numbers of steps: the job hangs at the first collective the longer ones make alone."""
+    files = listed_files(dataset)
+    labels = getattr(dataset, "targets", None) or [0] * len(files)
+    mine = (len(files), name_digest(f"{os.path.basename(f)} {label}" for f, label in zip(files, labels, strict=True)))
+    seen = distributed.gather(mine)
+    other = next((rank for rank, listed in enumerate(seen) if listed != seen[0]), None)
+    if other is None:
+        return dataset
+    (count, _), (theirs, _) = seen[0], seen[other]
+    differs = f"{theirs} images, rank 0 {count}" if theirs != count else f"other images than rank 0 ({count} each)"
+    what = f"{flag} {data_path}" + (f" ({split})" if split else "")
+    fail(
+        f"{what}: rank {other} of {len(seen)} lists {differs}: every node of the job must see the same data; put it "
+        f"on storage every node shares, or the same copy at the same path on each node"
+    )
 
 
 # Transforms
