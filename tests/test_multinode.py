@@ -108,7 +108,8 @@ def test_a_checkpoint_path_that_is_another_file_on_another_node_stops_every_rank
         if flag == "--resume":
             _resumes(Namespace(resume=path, output_dir="out", eval=False))
         else:  # as fine-tuning starts (its flags filled from the checkpoint it starts from)
-            flags = ["--finetune", path, "--model", "vit_mini_patch4", "--output_dir", "ft", "--log_dir", ""]
+            flags = ["--finetune", path, "--model", "vit_mini_patch4", "--output_dir", str(tmp_path / "ft")]
+            flags += ["--log_dir", ""]
             run.start(main_finetune.get_args_parser().parse_args([*flags, "--device", "cpu"]))
 
     logs = _on_nodes(tmp_path, body, (2, 2), join=flag == "--resume")
@@ -130,6 +131,41 @@ def test_a_checkpoint_no_rank_can_read_is_each_ranks_own_error(tmp_path):
     logs = _on_nodes(tmp_path, lambda: _resumes(Namespace(resume="none.pth", output_dir="", eval=False)), (2, 2))
     assert all(log.endswith("error: checkpoint none.pth does not exist; check its path\n") for log in logs), logs
     assert time.monotonic() - started < 60
+
+
+def test_an_output_dir_on_each_nodes_own_disk_stops_every_training_rank_at_start(tmp_path, monkeypatch):
+    """Only rank 0 writes there, so such a job trained; continued with --resume auto on other nodes (a
+    SLURM requeue) it found no checkpoint where rank 0 landed and started from scratch."""
+    import main_pretrain
+
+    for r in (0, 1):
+        (tmp_path / f"node{r}").mkdir()
+    monkeypatch.setattr(run, "SEEN_WAIT_S", 0.5, raising=False)
+    flags = ["--output_dir", "out", "--log_dir", "", "--resume", "auto", "--device", "cpu"]
+    args = main_pretrain.get_args_parser().parse_args(flags)
+
+    logs = _on_nodes(tmp_path, lambda: run.start(args), (2, 2), join=False)
+    expected = (
+        "error: --output_dir out: rank(s) 1 of 2 do not see the files rank 0 writes there (a folder on each node's "
+        "local disk?), so a job continued with --resume auto would not find its checkpoints on every node; put "
+        "--output_dir on storage every node of the job shares\n"
+    )
+    assert all(log.endswith(expected) for log in logs), logs
+    assert os.listdir(tmp_path / "node0" / "out") == [], "rank 0 removes the file it made"
+
+
+def test_a_shared_output_dir_passes_and_keeps_no_marker(tmp_path):
+    import main_pretrain
+
+    for r in (0, 1):
+        (tmp_path / f"node{r}").mkdir()
+    out = tmp_path / "shared"
+    out.mkdir()
+    (out / (run.MARKER_PREFIX + "left-by-a-killed-run")).touch()
+    args = main_pretrain.get_args_parser().parse_args(["--output_dir", str(out), "--log_dir", "", "--device", "cpu"])
+    logs = _on_nodes(tmp_path, lambda: print(f"started with output in {run.start(args).args.output_dir}"), join=False)
+    assert all(f"started with output in {out}" in log for log in logs), logs
+    assert os.listdir(out) == []
 
 
 # ---------------------------------------------------------------------------------------------

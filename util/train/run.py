@@ -2,12 +2,15 @@
 open the checkpoints it starts from (each once), settle the flags, seed; and wrap the model."""
 
 import argparse
+import contextlib
 import copy
 import functools
 import json
 import math
 import os
 import random
+import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,6 +76,7 @@ def start(flags: argparse.Namespace, fallbacks: dict[str, Any] | None = None) ->
             if not args.resume:
                 check_no_earlier_run(args.output_dir)
         distributed.barrier()  # the other ranks too, or they resume another checkpoint than rank 0's
+        check_seen_by_every_rank(args.output_dir)
     resume_from = open_resume(args)
     finetune = getattr(args, "finetune", "")  # pre-training has none; --eval does not load it
     init_from = None
@@ -139,6 +143,47 @@ def check_no_earlier_run(output_dir: str) -> None:
             f"--output_dir {output_dir} holds the checkpoints of an earlier run ({names}), which this run would "
             f"replace or delete: continue that run with --resume auto, or give another --output_dir"
         )
+
+
+# How long the other ranks look for the file rank 0 made in --output_dir: a new name is looked up on the
+# server at once by an NFS client (it caches only names it has looked up), so this is only a margin.
+SEEN_WAIT_S = 10.0
+MARKER_PREFIX = ".seen-by-every-rank-"
+
+
+def check_seen_by_every_rank(output_dir: str) -> None:
+    """Stop every rank of a training job unless each sees a file rank 0 makes in ``output_dir``. Only
+    rank 0 writes there, so a folder on each node's local disk trains; but a job continued with
+    ``--resume auto`` (by hand, or requeued by SLURM onto other nodes) would find its checkpoints on one
+    node only: stopped there if another rank cannot read the one rank 0 resumes, started from scratch
+    where rank 0's node has none."""
+    if distributed.world_size() == 1:
+        return
+    marker = None
+    if distributed.is_main_process():
+        remove_stale_markers(output_dir)  # of a run killed in between: the folder is this run's now
+        fd, marker = tempfile.mkstemp(dir=output_dir, prefix=MARKER_PREFIX)
+        os.close(fd)
+    path = os.path.join(output_dir, str(distributed.from_main(os.path.basename(marker or ""))))
+    deadline = time.monotonic() + SEEN_WAIT_S
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    seen = distributed.gather(os.path.exists(path))
+    if marker is not None:
+        os.remove(marker)
+    if blind := [rank for rank, saw in enumerate(seen) if not saw]:
+        fail(
+            f"--output_dir {output_dir}: rank(s) {', '.join(map(str, blind))} of {len(seen)} do not see the files "
+            f"rank 0 writes there (a folder on each node's local disk?), so a job continued with --resume auto "
+            f"would not find its checkpoints on every node; put --output_dir on storage every node of the job shares"
+        )
+
+
+def remove_stale_markers(output_dir: str) -> None:
+    for name in os.listdir(output_dir):
+        if name.startswith(MARKER_PREFIX):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(output_dir, name))
 
 
 def check_not_among_outputs(finetune: str, output_dir: str) -> None:
