@@ -419,3 +419,38 @@ def test_a_submitit_task_destroys_its_process_group_before_it_fails_or_hands_ove
     else:
         assert code == 128 + signal.SIGTERM, output
     assert (DESTROYED_CLEANLY in output) == (ending != "stopped, destroy fails"), output
+
+
+SUBMITIT_SLURM_TASK = {  # what SLURM gives task 1 of a job of 2 nodes x 1 task, and submitit reads
+    "SUBMITIT_EXECUTOR": "slurm",
+    "SLURM_JOB_ID": "4242",
+    "SLURM_JOB_NUM_NODES": "2",
+    "SLURM_JOB_NODELIST": "gpu[07-08]",
+    "SLURM_NTASKS": "2",
+    "SLURM_NODEID": "1",
+    "SLURM_PROCID": "1",
+    "SLURM_LOCALID": "0",
+    "SLURM_STEP_ID": "0",
+    "SLURM_STEP_NUM_TASKS": "2",
+}
+
+
+@pytest.mark.parametrize("inherited", [{}, {"MASTER_ADDR": "login1", "RANK": "0", "WORLD_SIZE": "1"}])
+def test_a_submitit_task_on_the_second_node_meets_the_first_node_as_its_rank(monkeypatch, inherited):
+    """--nodes 2: the rank, world size and rendezvous each task takes from SLURM's variables through
+    submitit, also over variables the job inherited from the shell that submitted it (sbatch passes its
+    environment on): those raised "Cannot export environment variables as MASTER_ADDR is already set"
+    in every task."""
+    pytest.importorskip("submitit")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(name, "")  # restored afterwards, whatever the task exports
+        monkeypatch.delenv(name)
+    for name, value in {**SUBMITIT_SLURM_TASK, **inherited}.items():
+        monkeypatch.setenv(name, value)
+    args = Namespace(output_dir="jobs/%j", log_dir="", dist_url="", dist_on_itp=False, device="cpu", resume="auto")
+    Trainer._set_up_task(args)
+    world = distributed.read_world(os.environ, args.dist_url)
+    assert (world.rank, world.size, world.local_rank, world.init_method) == (1, 2, 0, "env://")
+    assert world.listener[0] == "gpu07"  # the job's first node
+    assert 20000 <= world.listener[1] <= 60000  # submitit's port of the job id: the same in every task
+    assert (args.output_dir, args.log_dir) == ("jobs/4242", "jobs/4242")

@@ -72,8 +72,11 @@ class Trainer:
     @staticmethod
     def _set_up_task(args: argparse.Namespace) -> None:
         job = submitit.JobEnvironment()
-        # Rendezvous over TCP on the first node: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT.
-        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        # Rendezvous over TCP on the job's first node: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT, from
+        # SLURM's variables of this task. Over values the job inherited from the shell that submitted it
+        # (sbatch passes its environment on: a MASTER_ADDR exported for a plain srun run, say), which failed
+        # every task once it had waited in the queue; a MASTER_PORT given there is kept.
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         args.dist_url = "env://"
         args.output_dir = args.output_dir.replace("%j", str(job.job_id))
         args.log_dir = args.output_dir
