@@ -224,3 +224,33 @@ def test_ranks_that_list_the_same_images_go_on(tmp_path):
         make_dataset(tmp_path / f"node{r}" / "data", 2)
     logs = _on_nodes(tmp_path, lambda: _lists(lambda: pretrain_dataset("data", None)))
     assert all("lists 6 images" in log for log in logs), logs
+
+
+# ---------------------------------------------------------------------------------------------
+# A stop that reaches one node
+def test_a_stop_signal_on_one_node_names_the_checkpoint_in_every_ranks_log(tmp_path):
+    """SLURM or a scancel may signal one node's processes only (or they get it first): every rank stops
+    after rank 0's checkpoint, and each node's log names it. Rank 1 said 'nothing was saved, since the
+    run has no --output_dir', though it had one and rank 0 had just written it."""
+    import signal
+
+    from helpers import counting_step, make_dataset, pretrain_args, pretrain_in_process
+
+    data, out = make_dataset(tmp_path / "data", 16), tmp_path / "out"  # 3 iterations an epoch on 2 ranks
+    flags = ["--model", "mae_vit_mini_patch4", "--batch_size", "8", "--epochs", "2", "--print_freq", "1"]
+    args = pretrain_args(data, out, *flags, "--vis_freq", "0", "--log_dir", "")
+
+    def rank_main() -> None:
+        if os.environ["RANK"] == "1":  # its node's launcher passes a SIGTERM on after its first step
+
+            def stop(optimizer, k):
+                if k == 1:
+                    os.kill(os.getpid(), signal.SIGTERM)
+
+            torch.optim.AdamW.step = counting_step(stop)
+        pretrain_in_process(args)
+
+    logs = run_ranks(lambda: rank_main(), tmp_path / "ranks", exit_codes=(143, 143), timeout=120)
+    expected = f"\nstopped on request after writing {out / 'checkpoint-0-step1.pth'}; continue with --resume auto\n"
+    assert all(expected in log for log in logs), logs
+    assert "received SIGTERM: checkpointing at the next check point" in logs[1]

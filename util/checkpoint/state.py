@@ -59,14 +59,18 @@ class TrainState:
 
 
 def save_checkpoint(state: TrainState, epoch: int, step: int | None = None) -> str | None:
-    """Save on rank 0, return the path (all ranks call: RNG states are gathered); a runaway update is not saved."""
+    """Save on rank 0 and return the path, on every rank (all ranks call: RNG states are gathered; a rank
+    that stops names it as the place to continue from, in its own node's log); a runaway update is not
+    saved."""
     args = state.args
     name = checkpoint_name(epoch, step)
     check_finite(state, f"the end of epoch {epoch}" if step is None else f"epoch {epoch}, iteration {step}", name)
     rng = gather_rng()
-    if not distributed.is_main_process() or not args.output_dir:
+    if not args.output_dir:
         return None
     path = os.path.join(args.output_dir, name)
+    if not distributed.is_main_process():
+        return path
     obj = {**state.state_dict(), "epoch": epoch, "step": step, "rng": rng}
     if step is None:
         obj["meters"] = None  # an epoch's running sums belong to mid-epoch positions only
