@@ -520,6 +520,33 @@ def test_a_new_run_into_a_folder_with_checkpoints_is_refused_before_it_writes(tm
     assert "nothing to train: the run already finished its 2 epochs" in capsys.readouterr().out
 
 
+def _train_loss_steps(folder: Path) -> list[int]:
+    """The x of each train_loss point TensorBoard draws for ``folder``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [e.step for e in acc.Scalars("train_loss")]
+
+
+def test_a_run_that_starts_afresh_hides_the_events_the_folder_holds(tmp_path):
+    """A job killed before its first checkpoint and requeued with --resume auto starts from scratch: it replaced
+    log.txt but drew its curve over the killed run's (two points at each x), the purge being a resumed run's
+    only (found by a review)."""
+    from helpers import pretrain_args, pretrain_in_process
+
+    data, out = make_dataset(tmp_path / "data", 2), tmp_path / "out"
+    flags = ["--model", "mae_vit_mini_patch4", "--batch_size", "2", "--epochs", "1", "--print_freq", "1"]
+    pretrain_in_process(pretrain_args(data, out, *flags, "--resume", "auto"))
+    for checkpoint in out.glob("checkpoint-*.pth"):  # what a kill before the first checkpoint leaves
+        checkpoint.unlink()
+    once = _train_loss_steps(out)
+    assert once == [333, 666, 1000]
+    pretrain_in_process(pretrain_args(data, out, *flags, "--resume", "auto"))
+    assert len(list(out.glob("events.out.tfevents.*"))) == 2
+    assert _train_loss_steps(out) == once
+
+
 def test_tensorboard_events_go_beside_the_checkpoints_unless_log_dir_says_otherwise(tmp_path, monkeypatch):
     """The official --log_dir is ./output_dir whatever --output_dir is: every run given only --output_dir wrote
     its events into that one folder, which TensorBoard draws as one run. Here it follows --output_dir."""

@@ -186,9 +186,11 @@ def training(state: TrainState, position: Position, iterations: int) -> Iterator
     """An epoch loop's frame: log.txt and TensorBoard as the checkpoint left them, the ``Checkpointer``, a stop asked
     for during start-up taken before training, TensorBoard closed however the loop ends, the training time if it
     ends. A resumed run's TensorBoard hides what the run logged after the checkpoint (a kill, a stop on a NaN),
-    which it logs again: one curve, not two drawn over each other."""
+    which it logs again: one curve, not two drawn over each other. A run that starts afresh hides every event the
+    folder holds, as it replaces log.txt: those of a run killed before its first checkpoint (a job requeued with
+    --resume auto, which finds none), or of an earlier run in a shared --log_dir."""
     first_epoch = position.epoch
-    purge_step = tensorboard_step(first_epoch, position.step, iterations) + 1 if position.resumed else None
+    purge_step = tensorboard_step(first_epoch, position.step, iterations) + 1 if position.resumed else 0
     run_log = RunLog(state.args.log_dir, state.args.output_dir, state.log, purge_step)
     checkpointer = Checkpointer(state, run_log)
     log_start(first_epoch, iterations, state.args)

@@ -97,10 +97,10 @@ class RunLog:
     it agrees with the checkpoint the run continues from (a fresh start replaces an old log, a
     fall-back to an earlier checkpoint drops later lines, a line lost to a kill after its checkpoint
     comes back); without one (an older checkpoint) it is only appended to. TensorBoard likewise: a
-    resumed run hides the events its folder holds from ``purge_step`` on (what the run logged after
-    its checkpoint, which it now logs again). Failing to write log.txt stops the run in one line;
-    TensorBoard and the pictures are extras: failing to write them (a full disk) is one warning, and
-    training goes on.
+    run hides the events its folder holds from ``purge_step`` on (a resumed run: what it logged after
+    its checkpoint, which it now logs again; a fresh start: 0, all of them). Failing to write log.txt
+    stops the run in one line; TensorBoard and the pictures are extras: failing to write them (a full
+    disk) is one warning, and training goes on.
     """
 
     def __init__(
