@@ -154,6 +154,25 @@ def test_an_output_dir_on_each_nodes_own_disk_stops_every_training_rank_at_start
     assert os.listdir(tmp_path / "node0" / "out") == [], "rank 0 removes the file it made"
 
 
+def test_a_refusal_of_rank_0_at_start_stops_every_rank_in_its_line(tmp_path):
+    """Rank 0 alone checks --output_dir (a folder holding an earlier run's checkpoints, here): the other ranks
+    went on to their next collective and ended in gloo's 'Connection closed by peer' traceback once rank 0
+    exited (with NCCL they wait for its watchdog unless a launcher stops them) (found by a review)."""
+    import main_pretrain
+
+    for r in (0, 1):
+        (tmp_path / f"node{r}").mkdir()
+    out = tmp_path / "shared"
+    _checkpoints(out)
+    args = main_pretrain.get_args_parser().parse_args(["--output_dir", str(out), "--log_dir", "", "--device", "cpu"])
+    logs = _on_nodes(tmp_path, lambda: run.start(args), (2, 2), join=False)
+    expected = (
+        f"error: --output_dir {out} holds the checkpoints of an earlier run (checkpoint-1-step4.pth and 1 more), "
+        f"which this run would replace or delete: continue that run with --resume auto, or give another --output_dir\n"
+    )
+    assert all(log.endswith(expected) and "Traceback" not in log for log in logs), logs
+
+
 def test_a_shared_output_dir_passes_and_keeps_no_marker(tmp_path):
     import main_pretrain
 

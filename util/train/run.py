@@ -22,7 +22,7 @@ from util.checkpoint.files import list_checkpoints
 from util.checkpoint.flags import fill_from_checkpoints
 from util.checkpoint.state import Opened, open_checkpoint, open_on_every_rank, open_resume
 from util.cli.args import check_world, effective_lr, resolve_precision
-from util.cli.errors import fail
+from util.cli.errors import UserError, fail
 from util.cli.log import log
 from util.data import normalization
 from util.outputs import check_output_dir, claim_output_dir, release_output_dirs
@@ -65,17 +65,21 @@ def start(flags: argparse.Namespace, fallbacks: dict[str, Any] | None = None) ->
     distributed.init_distributed_mode(args)  # args.rank, .world_size, .gpu, .distributed (and .device on GPUs)
     check_world(args, distributed.world_size())
 
-    if distributed.is_main_process():  # only rank 0 writes
+    training = bool(args.output_dir) and not getattr(args, "eval", False)
+
+    def check_outputs() -> None:  # only rank 0 writes
         for flag, path in (("--output_dir", args.output_dir), ("--log_dir", args.log_dir)):
             if path:
                 check_output_dir(path, flag)
-    if args.output_dir and not getattr(args, "eval", False):
-        if distributed.is_main_process():
+        if training:
             # Before the checkpoint it resumes is read: a run that waited for another would resume a stale one.
             claim_output_dir(args.output_dir, "--output_dir")
             if not args.resume:
                 check_no_earlier_run(args.output_dir)
-        distributed.barrier()  # the other ranks too, or they resume another checkpoint than rank 0's
+
+    # The other ranks wait for it too, or they resume another checkpoint than rank 0's.
+    on_rank_0_for_every_rank(check_outputs)
+    if training:
         check_seen_by_every_rank(args.output_dir)
     resume_from = open_resume(args)
     finetune = getattr(args, "finetune", "")  # pre-training has none; --eval does not load it
@@ -130,6 +134,24 @@ def gives_back_output_dir(main: Callable[[argparse.Namespace], None]) -> Callabl
             release_output_dirs()
 
     return run_main
+
+
+def on_rank_0_for_every_rank(check: Callable[[], None]) -> None:
+    """``check()`` on rank 0, whose refusal (a ``UserError``) stops every rank with its line. Left to rank 0
+    alone, the other ranks went on to their next collective and ended in a traceback once it exited (gloo's
+    'Connection closed by peer'), or, with NCCL, waited for its watchdog unless a launcher stopped them.
+    A collective, so also a barrier: the other ranks go on once rank 0 has checked."""
+    refusal = None
+    if distributed.is_main_process():
+        try:
+            check()
+        except UserError as e:
+            refusal = e
+    message = distributed.from_main(None if refusal is None else str(refusal))
+    if refusal is not None:
+        raise refusal
+    if message is not None:
+        fail(str(message))
 
 
 def check_no_earlier_run(output_dir: str) -> None:
