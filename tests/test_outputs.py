@@ -520,6 +520,29 @@ def test_a_new_run_into_a_folder_with_checkpoints_is_refused_before_it_writes(tm
     assert "nothing to train: the run already finished its 2 epochs" in capsys.readouterr().out
 
 
+def test_a_new_run_from_weights_only_into_a_folder_with_checkpoints_is_refused(tmp_path):
+    """--resume of weights only (an official release) starts afresh at --start_epoch, as a run without --resume
+    does: it replaced the earlier run's checkpoint-0.pth and checkpoint-1.pth and rewrote its log.txt without a
+    word (found by a review)."""
+    from helpers import one_line_error, pretrain_args, pretrain_in_process
+
+    data, out = make_dataset(tmp_path / "data", 2), tmp_path / "out"
+    flags = ["--model", "mae_vit_mini_patch4", "--batch_size", "2", "--epochs", "2", "--keep_last", "0"]
+    pretrain_in_process(pretrain_args(data, out, *flags))
+    weights = tmp_path / "weights.pth"
+    torch.save({"model": torch.load(out / "checkpoint-1.pth", weights_only=False)["model"]}, weights)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    message = one_line_error(pretrain_in_process, pretrain_args(data, out, *flags, "--resume", str(weights)))
+    assert message == (
+        f"--output_dir {out} holds the checkpoints of an earlier run (checkpoint-1.pth and 1 more), which this run "
+        f"would replace or delete (it starts afresh: {weights} holds weights only): continue that run with "
+        f"--resume auto, or give another --output_dir"
+    )
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    pretrain_in_process(pretrain_args(data, tmp_path / "new", *flags, "--resume", str(weights)))  # a new folder
+    assert (tmp_path / "new" / "checkpoint-1.pth").is_file()
+
+
 def _train_loss_steps(folder: Path) -> list[int]:
     """The x of each train_loss point TensorBoard draws for ``folder``."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

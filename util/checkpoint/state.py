@@ -259,6 +259,12 @@ class Position:
         return self.step if epoch == self.epoch else 0
 
 
+def weights_only(ckpt: dict[str, Any]) -> bool:
+    """Whether a --resume checkpoint holds weights only (no optimizer state or progress): training starts
+    afresh from them, at --start_epoch."""
+    return "optimizer" not in ckpt or "epoch" not in ckpt
+
+
 def resume(state: TrainState, opened: Opened | None) -> Position:
     """Restore ``state`` from the ``--resume`` checkpoint ``opened``; returns where training goes on."""
     args, evaluating = state.args, getattr(state.args, "eval", False)
@@ -270,7 +276,7 @@ def resume(state: TrainState, opened: Opened | None) -> Position:
     check_kind(saved, state.model.state_dict(), path, evaluating)
     load_model_strict(state.model, saved, path)
     log.info(f"resumed model from {path}")
-    if "optimizer" not in ckpt or "epoch" not in ckpt or evaluating:
+    if weights_only(ckpt) or evaluating:
         # Weights only (an official release, a .safetensors file, or --eval): train from --start_epoch.
         if not evaluating:
             log.warning(

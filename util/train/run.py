@@ -20,7 +20,7 @@ import torch
 
 from util.checkpoint.files import list_checkpoints
 from util.checkpoint.flags import fill_from_checkpoints
-from util.checkpoint.state import Opened, open_checkpoint, open_on_every_rank, open_resume
+from util.checkpoint.state import Opened, open_checkpoint, open_on_every_rank, open_resume, weights_only
 from util.cli.args import check_world, effective_lr, resolve_precision
 from util.cli.errors import UserError, fail
 from util.cli.log import log
@@ -82,6 +82,9 @@ def start(flags: argparse.Namespace, fallbacks: dict[str, Any] | None = None) ->
     if training:
         check_seen_by_every_rank(args.output_dir)
     resume_from = open_resume(args)
+    # --resume PATH of weights only (an official release): a new run from those weights, at --start_epoch.
+    if training and args.resume != "auto" and resume_from is not None and weights_only(resume_from.ckpt):
+        on_rank_0_for_every_rank(lambda: check_no_earlier_run(args.output_dir, resume_from.path))
     finetune = getattr(args, "finetune", "")  # pre-training has none; --eval does not load it
     init_from = None
     if finetune and not args.eval:  # every rank reads it: the same file everywhere, or every rank stops
@@ -154,16 +157,17 @@ def on_rank_0_for_every_rank(check: Callable[[], None]) -> None:
         fail(str(message))
 
 
-def check_no_earlier_run(output_dir: str) -> None:
-    """Refuse to start a run afresh (no ``--resume``) in a folder that holds checkpoints: it would replace some
-    (its checkpoint-0.pth, ...), prune others and rewrite log.txt, and a later ``--resume auto`` would take
-    whichever is newest, of either run. Pre-training's folder given to fine-tuning (the official defaults share
-    ./output_dir) lost its checkpoints so."""
+def check_no_earlier_run(output_dir: str, start: str = "") -> None:
+    """Refuse to start a run afresh (no ``--resume``, or weights only: ``start``) in a folder that holds
+    checkpoints: it would replace some (its checkpoint-0.pth, ...), prune others and rewrite log.txt, and a later
+    ``--resume auto`` would take whichever is newest, of either run. Pre-training's folder given to fine-tuning
+    (the official defaults share ./output_dir) lost its checkpoints so."""
     if found := list_checkpoints(output_dir):
         names = os.path.basename(found[-1]) + (f" and {len(found) - 1} more" if len(found) > 1 else "")
+        afresh = f" (it starts afresh: {start} holds weights only)" if start else ""
         fail(
             f"--output_dir {output_dir} holds the checkpoints of an earlier run ({names}), which this run would "
-            f"replace or delete: continue that run with --resume auto, or give another --output_dir"
+            f"replace or delete{afresh}: continue that run with --resume auto, or give another --output_dir"
         )
 
 
