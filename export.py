@@ -109,13 +109,15 @@ def vit_name(
     elif name and name not in models_vit.MODELS:
         fail(f"checkpoint {path} stores --model {saved}, which has no models_vit classifier; give --model")
     pool = "fc_norm.weight" in encoder
+    # The stored rectangle first: one of as many patches as a square (48x12 at patch 4: 12x3, as 24x24's 6x6)
+    # fits that square's shapes too, whose grid would place the position embeddings otherwise.
+    if name and (rectangle := _stored_rectangle(ckpt)) and _fits(name, rectangle, encoder, pool):
+        return name, rectangle
     found = models_mae.model_for_weights(
         encoder, models_vit.MODELS, [name] if name else None, num_classes=0, global_pool=pool
     )
     if found:
         return found
-    if name and (rectangle := _stored_rectangle(ckpt)) and _fits(name, rectangle, encoder, pool):
-        return name, rectangle
     if name:
         which, advice = (f"--model {name}", "check") if given else (f"{name}, the model it stores", "give")
         fail(f"checkpoint {path} does not fit {which} (at any square image size); {advice} --model")

@@ -149,6 +149,29 @@ def test_timm_loads_the_export_of_a_non_square_mae_from_the_printed_call(tmp_pat
         torch.testing.assert_close(theirs(imgs), ours.eval()(imgs), atol=ATOL, rtol=0)
 
 
+def test_a_non_square_mae_of_as_many_patches_as_a_square_is_exported_at_its_own_size(tmp_path, capsys):
+    """At --input_size 32 8 and patch 4: 8x2 patches, as many as a 16 px square's 4x4, whose shapes the weights
+    fit too. Was: exported as '16x16 px', img_size=16, so timm placed the 8x2 grid's position embeddings on a
+    4x4 grid and refused 32x8 images (found by a review)."""
+    torch.manual_seed(0)
+    mae = models_mae.mae_vit_tiny_patch4(img_size=(32, 8))
+    ckpt = tmp_path / "tall.pth"
+    torch.save(
+        {"model": mae.state_dict(), "args": argparse.Namespace(model="mae_vit_tiny_patch4", input_size=[32, 8])}, ckpt
+    )
+    out = tmp_path / "encoder.safetensors"
+    _export(ckpt, "timm", out)
+    printed = capsys.readouterr().out
+    assert "32x8 px" in printed and "img_size=(32, 8)" in printed, printed
+    print(printed)  # for _timm_from_printed
+    theirs = _timm_from_printed(capsys).eval()
+    ours = models_vit.vit_tiny_patch4(img_size=(32, 8), num_classes=0, global_pool=False)
+    load_pretrained_encoder(ours, str(ckpt))
+    imgs = torch.rand(2, 3, 32, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(imgs), ours.eval()(imgs), atol=ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("name", list(models_vit.MODELS))
 def test_every_classifier_has_a_timm_model_of_the_same_shapes(name):
     """A model added to the registry without its timm counterpart would export a file timm cannot load."""
