@@ -105,6 +105,17 @@ def release_output_dirs() -> None:
 os.register_at_fork(after_in_child=release_output_dirs)
 
 
+def appears(path: str, seconds: float) -> bool:
+    """Whether ``path`` exists, now or within ``seconds``: another node's write reaching this node's view of a
+    shared folder (an NFS client's cache lags)."""
+    deadline = time.monotonic() + seconds
+    while not os.path.exists(path):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
 def check_not_an_input(path: str, flag: str, inputs: Iterable[tuple[str, str]]) -> None:
     """Refuse an output ``path`` that is one of the command's ``inputs`` ((what, path) pairs; URLs
     and missing paths are skipped) or, for an output folder, holds one: the output would replace

@@ -8,7 +8,6 @@ import argparse
 import os
 import shutil
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +20,7 @@ from util.checkpoint.rng import gather_rng, restore_rng
 from util.cli.errors import NonFiniteLoss, UserError, fail, lower_lr
 from util.cli.log import log
 from util.data.datasets import listed_files, name_digest
+from util.outputs import appears
 from util.train import distributed
 
 
@@ -191,13 +191,11 @@ def open_resume(args: argparse.Namespace) -> Opened | None:
 
 def _appeared(path: str, seconds: float) -> str:
     """``path``, once this process sees it or after ``seconds`` (saying on stderr that it waits)."""
-    deadline = time.monotonic() + seconds
     if not os.path.exists(path):
         sys.stderr.write(
             f"rank {distributed.rank()}: waiting up to {seconds:g} s for {path}, which rank 0 resumes, to show here\n"
         )
-    while not os.path.exists(path) and time.monotonic() < deadline:
-        time.sleep(0.5)
+        appears(path, seconds)
     return path
 
 
