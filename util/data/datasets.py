@@ -380,6 +380,8 @@ def same_on_every_rank(dataset: Any, data_path: str, flag: str = "--data_path", 
     with their labels): each node lists its own view of the data. Ranks that list different images would
     share out different lists (each image other odds of being trained on) and, with other counts, make
     other numbers of steps: the job hangs at the first collective the longer ones make alone."""
+    if not distributed.is_dist():  # one process: nothing to compare with (~1 s of hashing for 1.28M names)
+        return dataset
     files = listed_files(dataset)
     labels = getattr(dataset, "targets", None) or [0] * len(files)
     mine = (len(files), name_digest(f"{os.path.basename(f)} {label}" for f, label in zip(files, labels, strict=True)))
