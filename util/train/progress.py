@@ -108,26 +108,25 @@ class RunLog:
     ):
         self.writer = None
         self.log_dir = log_dir
-        self.purge_step = purge_step
         self.log_path = os.path.join(output_dir, "log.txt") if output_dir else None
         self.history = history if history is not None else []
         self._written = len(self.history)  # lines of history already in log.txt
         if distributed.is_main_process() and log_dir:
-            self._open_tensorboard()
+            self._open_tensorboard(purge_step)
         if self.log_path and distributed.is_main_process():
             # What a killed run left half-written of log.txt and the pictures (the run holds --output_dir).
             remove_stale_temporaries(output_dir, lambda name: name == "log.txt" or name.endswith(".png"))
             if history is not None:
                 self._rewrite()
 
-    def _open_tensorboard(self) -> None:
+    def _open_tensorboard(self, purge_step: int | None) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         _leave_tensorboard_thread_errors_to_runlog()
         try:
             os.makedirs(self.log_dir, exist_ok=True)
             # It writes and flushes its first event here; with purge_step, the one TensorBoard purges at.
-            self.writer = SummaryWriter(log_dir=self.log_dir, purge_step=self.purge_step)
+            self.writer = SummaryWriter(log_dir=self.log_dir, purge_step=purge_step)
         except OSError as e:
             self._tensorboard_off(e)
 
