@@ -273,3 +273,28 @@ def test_a_stop_signal_on_one_node_names_the_checkpoint_in_every_ranks_log(tmp_p
     expected = f"\nstopped on request after writing {out / 'checkpoint-0-step1.pth'}; continue with --resume auto\n"
     assert all(expected in log for log in logs), logs
     assert "received SIGTERM: checkpointing at the next check point" in logs[1]
+
+
+def test_a_finetune_checkpoint_among_the_outputs_stops_every_rank_in_its_line(tmp_path):
+    """--finetune out/checkpoint-0.pth --output_dir out (resumed: a new run is refused the folder anyway): rank 0
+    alone checked it, and the other ranks ended in gloo's traceback once it exited."""
+    import main_finetune
+
+    for r in (0, 1):
+        (tmp_path / f"node{r}").mkdir()
+    out = tmp_path / "shared"
+    made = _checkpoints(out)
+    flags = [
+        "--output_dir",
+        str(out),
+        "--log_dir",
+        "",
+        "--device",
+        "cpu",
+        "--resume",
+        str(made["checkpoint-1-step4.pth"]),
+    ]
+    args = main_finetune.get_args_parser().parse_args([*flags, "--finetune", str(made["checkpoint-0.pth"])])
+    logs = _on_nodes(tmp_path, lambda: run.start(args), (2, 2), join=False)
+    expected = f"error: --finetune {made['checkpoint-0.pth']} is a checkpoint in --output_dir {out}, where this run "
+    assert all(expected in log and "Traceback" not in log for log in logs), logs

@@ -10,7 +10,6 @@ import math
 import os
 import random
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +24,7 @@ from util.cli.args import check_world, effective_lr, resolve_precision
 from util.cli.errors import UserError, fail
 from util.cli.log import log
 from util.data import normalization
-from util.outputs import check_output_dir, claim_output_dir, release_output_dirs
+from util.outputs import appears, check_output_dir, claim_output_dir, release_output_dirs
 from util.train import distributed, interrupt
 from util.train.precision import fast_cuda_math
 
@@ -97,8 +96,8 @@ def start(flags: argparse.Namespace, fallbacks: dict[str, Any] | None = None) ->
     args.precision = resolve_precision(args.precision, args.device)
     args.lr_given = args.lr is not None  # for messages that say which flag to lower
     args.lr = effective_lr(args, distributed.world_size())
-    if distributed.is_main_process() and init_from and args.output_dir:
-        check_not_among_outputs(init_from.path, args.output_dir)
+    if init_from and args.output_dir:
+        on_rank_0_for_every_rank(lambda: check_not_among_outputs(init_from.path, args.output_dir))
 
     seed = args.seed + distributed.rank()
     torch.manual_seed(seed)
@@ -191,10 +190,7 @@ def check_seen_by_every_rank(output_dir: str) -> None:
         fd, marker = tempfile.mkstemp(dir=output_dir, prefix=MARKER_PREFIX)
         os.close(fd)
     path = os.path.join(output_dir, str(distributed.from_main(os.path.basename(marker or ""))))
-    deadline = time.monotonic() + SEEN_WAIT_S
-    while not os.path.exists(path) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    seen = distributed.gather(os.path.exists(path))
+    seen = distributed.gather(appears(path, SEEN_WAIT_S))
     if marker is not None:
         os.remove(marker)
     if blind := [rank for rank, saw in enumerate(seen) if not saw]:
