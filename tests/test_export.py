@@ -107,67 +107,37 @@ def test_timm_loads_mae_export_with_our_features(pre, tmp_path, capsys, suffix):
         torch.testing.assert_close(explicit(imgs), expected, atol=ATOL, rtol=0)
 
 
-def test_timm_loads_the_export_of_a_grayscale_mae_from_the_printed_call(tmp_path, capsys):
-    """An encoder of --in_chans 1 (docs/own-data.md): the printed call builds timm's model with
-    its channels. Was: a call without in_chans, which timm refused (weights of 1 channel, model of 3)."""
+# Encoders timm builds only from what the printed call gives it. Was: for --in_chans 1 (docs/own-data.md), a call
+# without in_chans, which timm refused (weights of 1 channel, model of 3); for --input_size 16 24, 'does not fit
+# vit_tiny_patch4, the model it stores (at any square image size); give --model', which no --model fixes; for
+# --input_size 32 8 at patch 4 (8x2 patches, as many as a 16 px square's 4x4, whose shapes the weights fit too),
+# '16x16 px', img_size=16, so timm placed the position embeddings on a 4x4 grid and refused 32x8 images.
+TIMM_CASES = {
+    "grayscale": ((16, 16), 1, "img_size=16, in_chans=1", {"mean": [0.5], "std": [0.25]}),
+    "non-square": ((16, 24), 3, "img_size=(16, 24)", {}),
+    "non-square of a square's patch count": ((32, 8), 3, "img_size=(32, 8)", {}),
+}
+
+
+@pytest.mark.parametrize("case", TIMM_CASES)
+def test_timm_loads_the_export_of_an_mae_from_the_printed_call(case, tmp_path, capsys):
+    (height, width), in_chans, call, stored = TIMM_CASES[case]
+    size = height if height == width else [height, width]  # as a checkpoint stores --input_size
     torch.manual_seed(0)
-    mae = models_mae.mae_vit_tiny_patch4(img_size=16, in_chans=1)
-    ckpt = tmp_path / "gray.pth"
-    saved = argparse.Namespace(model="mae_vit_tiny_patch4", input_size=16, in_chans=1, mean=[0.5], std=[0.25])
+    mae = models_mae.mae_vit_tiny_patch4(img_size=(height, width), in_chans=in_chans)
+    ckpt = tmp_path / "mae.pth"
+    saved = argparse.Namespace(model="mae_vit_tiny_patch4", input_size=size, in_chans=in_chans, **stored)
     torch.save({"model": mae.state_dict(), "args": saved}, ckpt)
     out = tmp_path / "encoder.safetensors"
     _export(ckpt, "timm", out)
-    theirs = _timm_from_printed(capsys).eval()
-    _assert_strict_keys(theirs, out)
-    ours = models_vit.vit_tiny_patch4(img_size=16, in_chans=1, num_classes=0, global_pool=False)
-    load_pretrained_encoder(ours, str(ckpt))
-    imgs = torch.rand(2, 1, 16, 16)
-    with torch.no_grad():
-        torch.testing.assert_close(theirs(imgs), ours.eval()(imgs), atol=ATOL, rtol=0)
-
-
-def test_timm_loads_the_export_of_a_non_square_mae_from_the_printed_call(tmp_path, capsys):
-    """An encoder pre-trained at --input_size 16 24 (docs/own-data.md): timm takes (height, width) too. Was: 'does
-    not fit vit_tiny_patch4, the model it stores (at any square image size); give --model', which no --model fixes."""
-    torch.manual_seed(0)
-    mae = models_mae.mae_vit_tiny_patch4(img_size=(16, 24))
-    ckpt = tmp_path / "wide.pth"
-    torch.save(
-        {"model": mae.state_dict(), "args": argparse.Namespace(model="mae_vit_tiny_patch4", input_size=[16, 24])}, ckpt
-    )
-    out = tmp_path / "encoder.safetensors"
-    _export(ckpt, "timm", out)
     printed = capsys.readouterr().out
-    ours = models_vit.vit_tiny_patch4(img_size=(16, 24), num_classes=0, global_pool=False)
-    assert f"({len(ours.state_dict())} tensors, 16x24 px)" in printed and "img_size=(16, 24)" in printed
+    ours = models_vit.vit_tiny_patch4(img_size=(height, width), in_chans=in_chans, num_classes=0, global_pool=False)
+    assert f"({len(ours.state_dict())} tensors, {height}x{width} px)" in printed and call in printed, printed
     print(printed)  # for _timm_from_printed
     theirs = _timm_from_printed(capsys).eval()
     _assert_strict_keys(theirs, out)
     load_pretrained_encoder(ours, str(ckpt))
-    imgs = torch.rand(2, 3, 16, 24)
-    with torch.no_grad():
-        torch.testing.assert_close(theirs(imgs), ours.eval()(imgs), atol=ATOL, rtol=0)
-
-
-def test_a_non_square_mae_of_as_many_patches_as_a_square_is_exported_at_its_own_size(tmp_path, capsys):
-    """At --input_size 32 8 and patch 4: 8x2 patches, as many as a 16 px square's 4x4, whose shapes the weights
-    fit too. Was: exported as '16x16 px', img_size=16, so timm placed the 8x2 grid's position embeddings on a
-    4x4 grid and refused 32x8 images (found by a review)."""
-    torch.manual_seed(0)
-    mae = models_mae.mae_vit_tiny_patch4(img_size=(32, 8))
-    ckpt = tmp_path / "tall.pth"
-    torch.save(
-        {"model": mae.state_dict(), "args": argparse.Namespace(model="mae_vit_tiny_patch4", input_size=[32, 8])}, ckpt
-    )
-    out = tmp_path / "encoder.safetensors"
-    _export(ckpt, "timm", out)
-    printed = capsys.readouterr().out
-    assert "32x8 px" in printed and "img_size=(32, 8)" in printed, printed
-    print(printed)  # for _timm_from_printed
-    theirs = _timm_from_printed(capsys).eval()
-    ours = models_vit.vit_tiny_patch4(img_size=(32, 8), num_classes=0, global_pool=False)
-    load_pretrained_encoder(ours, str(ckpt))
-    imgs = torch.rand(2, 3, 32, 8)
+    imgs = torch.rand(2, in_chans, height, width)
     with torch.no_grad():
         torch.testing.assert_close(theirs(imgs), ours.eval()(imgs), atol=ATOL, rtol=0)
 
