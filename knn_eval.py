@@ -22,8 +22,8 @@ import torch
 import models_mae
 from util.checkpoint.encoder import load_mae_encoder
 from util.checkpoint.flags import fill_from_checkpoints
-from util.checkpoint.load import saved_args
-from util.checkpoint.state import Opened, open_checkpoint
+from util.checkpoint.load import is_url, saved_args
+from util.checkpoint.state import Opened, download_on_every_rank, open_checkpoint, open_on_every_rank
 from util.cli.args import PRECISIONS, check_at_least, check_device, check_finite, check_seed, resolve_precision
 from util.cli.errors import fail, run_cli
 from util.cli.log import log
@@ -69,9 +69,15 @@ def features_of(
     torch.manual_seed(args.seed)  # 'random' is the initialisation pre-training starts from
     model = models_mae.create_model(args.model, args.input_size)
     if encoder != "random":
-        load_mae_encoder(model, opened if opened is not None and opened.path == encoder else encoder)
+        read_already = opened is not None and opened.path == encoder
+        load_mae_encoder(model, opened if read_already else open_on_every_rank_of(encoder))
     model.to(args.device).eval()
     return lambda imgs: knn.pooled_features(model.forward_features(imgs))
+
+
+def open_on_every_rank_of(encoder: str) -> Opened:
+    """An ``--encoders`` checkpoint, the same file on every rank (or every rank stops in one line)."""
+    return open_on_every_rank(lambda: open_checkpoint(encoder), encoder, "--encoders")
 
 
 def check_rgb(sources: list[tuple[str, argparse.Namespace | None]]) -> None:
@@ -98,14 +104,16 @@ def main(args: argparse.Namespace) -> None:
     normalization.check_flags(args, 3, from_checkpoint=True)  # before any checkpoint is read; RGB images
     checkpoints = [e for e in args.encoders if e not in NAMES]
     for path in checkpoints:
-        if not path.startswith(("http://", "https://")) and not os.path.isfile(path):
+        if not is_url(path) and not os.path.isfile(path):
             fail(f"--encoders {path} is neither a checkpoint file nor 'random' or 'pixels'; check its path")
-    first = open_checkpoint(checkpoints[0]) if checkpoints else None  # read once: flags, then weights
+    distributed.init_distributed_mode(args)
+    for url in filter(is_url, checkpoints):  # once per cache, not once per rank
+        download_on_every_rank(url, "--encoders")
+    first = open_on_every_rank_of(checkpoints[0]) if checkpoints else None  # read once: flags, then weights
     origins = fill_from_checkpoints(args, [first] if first else [], FALLBACKS)
     with torch.device("meta"):  # --model and --input_size checked before any image is read
         model = models_mae.create_model(args.model, args.input_size, size_source=origins.get("input_size", ""))
         args.input_size = model.img_size
-    distributed.init_distributed_mode(args)
     if args.output and distributed.is_main_process():  # before the work, not after it
         # An encoder given as --output is no JSON lines file "to repair or remove": it is an input.
         check_json_output(args.output, "--output", append=True, inputs=[("--encoders", p) for p in checkpoints])

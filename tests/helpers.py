@@ -6,12 +6,15 @@ out of room."""
 
 import argparse
 import builtins
+import functools
+import http.server
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -523,3 +526,27 @@ def budgeted_open(budget: int, over: Callable[[], object], wrap: Callable[[str, 
         return Budgeted(f, budget, over) if wrap(str(path), mode) else f
 
     return patched
+
+
+@contextmanager
+def serve(folder: Path) -> Iterator[tuple[str, list[str]]]:
+    """An HTTP server of ``folder``'s files on localhost, in a thread of this process: its address,
+    and the paths asked for so far (a list that grows as requests come; forked ranks ask it too)."""
+    asked: list[str] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self) -> None:
+            asked.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", asked
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -3,23 +3,19 @@ weights of a dtype that would be cast silently, forged shapes and non-finite val
 URLs never share a cache file, and malformed training entries are one-line errors."""
 
 import functools
-import http.server
 import importlib
 import json
 import math
 import random
 import shutil
-import threading
 import zipfile
 from argparse import Namespace
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import assert_same
+from helpers import assert_same, serve
 
 import models_mae
 import models_vit
@@ -222,24 +218,6 @@ def test_a_position_embedding_resize_is_sized_before_it_allocates(tmp_path, monk
 
 # ---------------------------------------------------------------------------------------------
 # URLs: each its own cache file
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args) -> None:
-        pass
-
-
-@contextmanager
-def _serve(folder: Path) -> Iterator[str]:
-    handler = functools.partial(_Quiet, directory=str(folder))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 def test_two_urls_with_the_same_file_name_do_not_share_a_cache_file(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
@@ -249,7 +227,7 @@ def test_two_urls_with_the_same_file_name_do_not_share_a_cache_file(tmp_path, mo
         (tmp_path / host).mkdir()
         weights[host] = torch.randn(5)
         torch.save({"model": {"w": weights[host]}}, tmp_path / host / "checkpoint.pth")
-    with _serve(tmp_path / "a") as url_a, _serve(tmp_path / "b") as url_b:
+    with serve(tmp_path / "a") as (url_a, _), serve(tmp_path / "b") as (url_b, _):
         got_a = load_checkpoint(f"{url_a}/checkpoint.pth")["model"]["w"]
         got_b = load_checkpoint(f"{url_b}/checkpoint.pth")["model"]["w"]
         (tmp_path / "b" / "damaged.pth").write_bytes(b"<html>not found</html>")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_ranks
+from helpers import run_ranks, serve
 
 import main_finetune
 from util.checkpoint import state as checkpoint
@@ -298,3 +298,48 @@ def test_a_finetune_checkpoint_among_the_outputs_stops_every_rank_in_its_line(tm
     logs = _on_nodes(tmp_path, lambda: run.start(args), (2, 2), join=False)
     expected = f"error: --finetune {made['checkpoint-0.pth']} is a checkpoint in --output_dir {out}, where this run "
     assert all(expected in log and "Traceback" not in log for log in logs), logs
+
+
+def _download_on_three_ranks(tmp_path: Path, monkeypatch, name: str, exit_code: int) -> tuple[list[str], list[str]]:
+    """Ranks 0 and 1 share a torch.hub cache (one node, or a shared home), rank 2 has its own (another
+    node's disk); each opens ``name`` from a local HTTP server as --finetune does. Their outputs, and the
+    paths the server was asked for."""
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    (tmp_path / "served").mkdir()
+    torch.save({"model": {"w": torch.arange(4.0)}}, tmp_path / "served" / "weights.pth")
+
+    def rank_main() -> None:
+        own = os.environ["RANK"] == "2"
+        os.environ["TORCH_HOME"] = str(tmp_path / ("cache-of-rank-2" if own else "shared-cache"))
+        distributed.init_distributed_mode(Namespace(dist_url="env://", dist_on_itp=False, device="cpu"))
+        try:
+            opened = checkpoint.open_on_every_rank(lambda: checkpoint.open_checkpoint(url), url, "--finetune")
+            print("loaded", opened.ckpt["model"]["w"].tolist())
+        finally:
+            distributed.cleanup()
+
+    with serve(tmp_path / "served") as (address, asked):
+        url = f"{address}/{name}"
+        logs = run_ranks(rank_main, tmp_path / "ranks", world_size=3, exit_codes=(exit_code,) * 3, timeout=120)
+    return logs, asked
+
+
+def test_a_url_is_downloaded_once_per_cache_not_once_per_rank(tmp_path, monkeypatch):
+    """Every rank downloaded it at once: eight ranks of a node fetched the same file eight times."""
+    logs, asked = _download_on_three_ranks(tmp_path, monkeypatch, "weights.pth", 0)
+    assert asked == ["/weights.pth"] * 2, asked  # the shared cache once, rank 2's own once
+    for log in logs:
+        assert "loaded [0.0, 1.0, 2.0, 3.0]" in log, log
+    assert len(list((tmp_path / "shared-cache").rglob("weights.pth"))) == 1
+
+
+def test_a_failed_download_stops_every_rank_in_rank_0s_line(tmp_path, monkeypatch):
+    logs, asked = _download_on_three_ranks(tmp_path, monkeypatch, "missing.pth", 2)
+    assert asked == ["/missing.pth"], asked  # the other ranks did not try again
+    url = logs[0].split("checkpoint ", 1)[1].split(" ", 1)[0]
+    for log in logs:
+        assert log.endswith(
+            f"error: --finetune: rank 0 of 3: checkpoint {url} could not be downloaded (HTTPError: HTTP Error 404: "
+            f"File not found); download it yourself and give the file\n"
+        ), log

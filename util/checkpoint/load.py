@@ -31,10 +31,14 @@ SAFE_GLOBALS = [argparse.Namespace, (pathlib.PosixPath, "pathlib.PosixPath")]
 StateDict = dict[str, torch.Tensor]
 
 
+def is_url(path: str) -> bool:
+    return path.startswith(("https://", "http://"))
+
+
 def load_checkpoint(path: str) -> dict[str, Any]:
     """Load a checkpoint (file or URL) without executing pickled code, or fail with one line. Every
     checksum it stores is verified first (torch.load does not check a zip's CRC-32s)."""
-    if not path.startswith(("https://", "http://")):
+    if not is_url(path):
         return _load_file(path, path)
     local = download(path)
     try:
@@ -45,17 +49,22 @@ def load_checkpoint(path: str) -> dict[str, Any]:
         fail(f"{e} (its downloaded copy was removed)")
 
 
-def download(url: str) -> str:
-    """The local copy of ``url`` in torch.hub's cache, downloaded if not there yet. Each URL has a
-    folder of its own (a hash of it): two hosts' files of the same name must not share a copy."""
+def cached_path(url: str) -> str:
+    """Where ``url``'s copy lives in torch.hub's cache. Each URL has a folder of its own (a hash of
+    it): two hosts' files of the same name must not share a copy."""
     name = os.path.basename(urllib.parse.urlparse(url).path) or "checkpoint"
     folder = os.path.join(torch.hub.get_dir(), "checkpoints", hashlib.sha256(url.encode()).hexdigest()[:16])
-    local = os.path.join(folder, name)
+    return os.path.join(folder, name)
+
+
+def download(url: str) -> str:
+    """The local copy of ``url`` in torch.hub's cache (``cached_path``), downloaded if not there yet."""
+    local = cached_path(url)
     if os.path.isfile(local):
         return local
     log.info(f"downloading {url} to {local}")
     try:
-        os.makedirs(folder, exist_ok=True)
+        os.makedirs(os.path.dirname(local), exist_ok=True)
         torch.hub.download_url_to_file(url, local, progress=False)  # to a temporary file, then renamed
     except Exception as e:  # network errors, HTTP errors, a cache folder that cannot be written
         fail(
@@ -205,7 +214,7 @@ def saved_args(path: str) -> argparse.Namespace | None:
     run builds anything. A zip is memory-mapped, so its tensors are not read here (nor verified:
     that happens where its weights are loaded)."""
     ckpt: Any = None
-    if not path.startswith(("https://", "http://")) and os.path.isfile(path) and zipfile.is_zipfile(path):
+    if not is_url(path) and os.path.isfile(path) and zipfile.is_zipfile(path):
         # Whatever fails here, load_checkpoint says it in one line.
         with contextlib.suppress(Exception), torch.serialization.safe_globals(SAFE_GLOBALS):
             ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)

@@ -7,6 +7,7 @@ state, for exact resume) and entry-point ``extra`` state."""
 import argparse
 import os
 import shutil
+import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,7 +16,15 @@ from typing import Any
 import torch
 
 from util.checkpoint.files import atomic_save, checkpoint_name, list_checkpoints, progress, prune
-from util.checkpoint.load import check_training_entries, load_checkpoint, load_model_strict, model_state
+from util.checkpoint.load import (
+    cached_path,
+    check_training_entries,
+    download,
+    is_url,
+    load_checkpoint,
+    load_model_strict,
+    model_state,
+)
 from util.checkpoint.rng import gather_rng, restore_rng
 from util.cli.errors import NonFiniteLoss, UserError, fail, lower_lr
 from util.cli.log import log
@@ -206,6 +215,8 @@ def open_on_every_rank(
     its own view of the files). A rank that cannot, or a file that differs between ranks (its progress,
     its size), stops every rank with the same line, which ``advice`` ends; where no rank can read it,
     each says why as a single process would."""
+    if is_url(path):
+        download_on_every_rank(path, flag)
     try:
         opened, error = open_here(), None
     except UserError as e:
@@ -232,6 +243,35 @@ def open_on_every_rank(
             f"files; {advice}"
         )
     return opened
+
+
+def download_on_every_rank(url: str, flag: str) -> None:
+    """Put ``url``'s copy into every rank's cache, downloading it once per cache, not once per rank
+    (eight ranks of a node fetching the same gigabyte at once): rank 0 first, so that a cache the
+    whole job shares is filled once; then, round by round, the lowest rank of each machine whose
+    cache still lacks it, while the others wait. A failed download stops every rank with its line."""
+    if not distributed.is_dist():
+        return
+    machine, downloaders = socket.gethostname(), {0}
+    for _ in range(distributed.world_size()):  # each round fills at least one more rank's cache
+        error = None
+        if distributed.rank() in downloaders:
+            try:
+                download(url)
+            except UserError as e:
+                error = str(e)
+        seen = distributed.gather((machine, os.path.isfile(cached_path(url)), error))
+        if failed := [(rank, error) for rank, (_, _, error) in enumerate(seen) if error]:
+            rank, error = failed[0]
+            fail(f"{flag}: rank {rank} of {len(seen)}: {error}")
+        first_lacking: dict[str, int] = {}  # machine -> its lowest rank without a copy
+        for rank, (host, has_it, _) in enumerate(seen):
+            if not has_it:
+                first_lacking.setdefault(host, rank)
+        if not first_lacking:
+            return
+        downloaders = set(first_lacking.values())
+    fail(f"{flag} {url}: downloaded, yet some ranks cannot see their copy in torch.hub's cache; check its folder")
 
 
 def _ranks(ranks: list[int]) -> str:
