@@ -24,7 +24,7 @@ from util.cli.args import (
 )
 from util.cli.errors import fail, run_cli
 from util.cli.log import log
-from util.data.channels import tensor_train_transform
+from util.data.channels import OneDrawResizedCrop, tensor_train_transform
 from util.data.normalization import add_norm_args
 from util.lars import LARS
 from util.train.run import gives_back_output_dir, start
@@ -50,9 +50,11 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def build_train_transform(args: argparse.Namespace) -> Callable:
-    """Weak augmentation (crop and flip): the probe measures the representation, not the augmentation.
-    RGB as PIL images; other channel counts as float tensors of the files' own channels."""
-    return tensor_train_transform(args.input_size, tuple(args.scale), args.mean, args.std, rgb=args.in_chans == 3)
+    """Weak augmentation (the official probe's one-draw crop, and flip): the probe measures the
+    representation, not the augmentation. RGB as PIL images; other channel counts as float tensors
+    of the files' own channels."""
+    rgb = args.in_chans == 3
+    return tensor_train_transform(args.input_size, tuple(args.scale), args.mean, args.std, rgb, OneDrawResizedCrop)
 
 
 @gives_back_output_dir

@@ -13,6 +13,7 @@ from torchvision import transforms
 import main_finetune
 import main_linprobe
 from util.cli.errors import UserError
+from util.data.channels import OneDrawResizedCrop
 from util.data.datasets import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 
 BICUBIC = transforms.InterpolationMode.BICUBIC
@@ -137,6 +138,41 @@ def test_scale_reaches_the_tensor_path_and_the_probe():
     img = _coordinates_rgb()
     areas = _crop_areas(main_linprobe.build_train_transform(probe), img, lambda t: t * std + mean)
     assert _in_range(areas, 0.2, 0.4), (areas.min(), areas.max())
+
+
+def test_the_probe_crop_clamps_a_box_that_does_not_fit_where_torchvision_redraws():
+    """The official probe's crop draws once and clamps (util.crop in the official code); torchvision's
+    redraws and crops the centre after 10 misses. A 10 x 100 image, scale (1, 1), ratio (1, 1): the box
+    drawn is round(sqrt(1000)) = 32 on a side, clamped to 10 wide; torchvision's centre crop is 10 x 10."""
+    tall = Image.new("RGB", (10, 100))
+    tops = set()
+    for seed in range(50):
+        torch.manual_seed(seed)
+        top, left, h, w = OneDrawResizedCrop.get_params(tall, (1.0, 1.0), (1.0, 1.0))
+        assert (left, h, w) == (0, 32, 10) and 0 <= top <= 68
+        tops.add(top)
+        assert transforms.RandomResizedCrop.get_params(tall, (1.0, 1.0), (1.0, 1.0)) == (45, 0, 10, 10)
+    assert len(tops) > 20  # the position is drawn
+
+
+def test_the_probe_crop_is_torchvisions_where_its_first_draw_fits():
+    """The same random numbers in the same order: a box that fits is the box torchvision draws first."""
+    img = Image.new("RGB", (500, 375))
+    for seed in range(200):
+        torch.manual_seed(seed)
+        ours = OneDrawResizedCrop.get_params(img, (0.08, 0.3), (3 / 4, 4 / 3))  # 0.3 of the area always fits
+        torch.manual_seed(seed)
+        assert ours == transforms.RandomResizedCrop.get_params(img, (0.08, 0.3), (3 / 4, 4 / 3))
+
+
+def test_the_probe_takes_the_one_draw_crop():
+    """--scale 0.9 1 on a square image: a box of aspect 4/3 drawn at 0.9 of the area is 280 x 210 on 256
+    x 256 px, clamped to 256 x 210, 0.82 of the area; torchvision's boxes all cover 0.9 or more."""
+    torch.manual_seed(0)
+    probe = main_linprobe.get_args_parser().parse_args(["--input_size", "32", "--scale", "0.9", "1"])
+    probe.in_chans, probe.mean, probe.std = 3, [0.0] * 3, [1.0] * 3
+    areas = _crop_areas(main_linprobe.build_train_transform(probe), _coordinates_rgb(), lambda t: t)
+    assert areas.min() < 0.85 and areas.max() > 0.95, (areas.min(), areas.max())
 
 
 BAD = {

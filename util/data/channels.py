@@ -6,6 +6,7 @@ transformed as tensors: Pillow holds neither 16-bit images of several bands nor 
 """
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -91,17 +92,39 @@ def eval_resize(size: tuple[int, int], crop_pct: float | None = None) -> Callabl
     return ResizeToCover(cover)
 
 
+class OneDrawResizedCrop(transforms.RandomResizedCrop):
+    """A random resized crop whose box is drawn once and clamped to the image: the official linear
+    probe's crop (after BYOL's TensorFlow code). torchvision's redraws a box that does not fit, up to
+    10 times, then crops the centre: on a 500 x 375 photo with scale (0.08, 1) a quarter of the first
+    draws miss, and its boxes cover 43% of the image on average against 52% for this one. Where the
+    first draw fits, both give the same box from the same random numbers."""
+
+    @staticmethod
+    def get_params(img: Any, scale: Sequence[float], ratio: Sequence[float]) -> tuple[int, int, int, int]:
+        _, height, width = TF.get_dimensions(img)
+        area = height * width * torch.empty(1).uniform_(scale[0], scale[1]).item()
+        log_ratio = torch.log(torch.tensor(ratio))  # float32 as torchvision draws it: the same boxes
+        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])).item()
+        w = min(round(math.sqrt(area * aspect)), width)
+        h = min(round(math.sqrt(area / aspect)), height)
+        top = int(torch.randint(0, height - h + 1, size=(1,)).item())
+        left = int(torch.randint(0, width - w + 1, size=(1,)).item())
+        return top, left, h, w
+
+
 def tensor_train_transform(
     size: int | Sequence[int],
     scale: tuple[float, float],
     mean: Sequence[float],
     std: Sequence[float],
     rgb: bool = False,
+    crop: type[transforms.RandomResizedCrop] = transforms.RandomResizedCrop,
 ) -> Callable:
     """Random resized crop (bicubic, antialiased) to ``size`` and flip, normalised: the official
-    augmentation, on a float tensor from ``load_channels``, or with ``rgb`` on an RGB PIL image."""
-    crop = transforms.RandomResizedCrop(size, scale=scale, interpolation=BICUBIC)  # antialiased by default
-    return transforms.Compose([crop, transforms.RandomHorizontalFlip(), *normalised(mean, std, rgb)])
+    augmentation, on a float tensor from ``load_channels``, or with ``rgb`` on an RGB PIL image.
+    ``crop``: torchvision's (pre-training, fine-tuning) or ``OneDrawResizedCrop`` (the probe)."""
+    cropping = crop(size, scale=scale, interpolation=BICUBIC)  # antialiased by default
+    return transforms.Compose([cropping, transforms.RandomHorizontalFlip(), *normalised(mean, std, rgb)])
 
 
 def normalised(mean: Sequence[float], std: Sequence[float], rgb: bool) -> list[Callable]:
