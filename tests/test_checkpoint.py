@@ -4,8 +4,11 @@ loading, random-number state and resume positions."""
 import os
 import random
 import shlex
+import sys
+import types
+import zipfile
 from argparse import Namespace
-from pathlib import Path
+from pathlib import Path, PosixPath
 
 import numpy as np
 import pytest
@@ -15,7 +18,7 @@ from helpers import assert_same
 from util.checkpoint import files as checkpoint_files
 from util.checkpoint import state as checkpoint
 from util.checkpoint.files import atomic_save, checkpoint_name, list_checkpoints, prune
-from util.checkpoint.load import load_checkpoint, load_model_strict, model_state
+from util.checkpoint.load import load_checkpoint, load_model_strict, model_state, saved_args
 from util.checkpoint.rng import capture_rng, restore_rng
 from util.checkpoint.state import Position, TrainState, find_resumable, open_resume, resume
 from util.cli.errors import UserError
@@ -174,12 +177,33 @@ def test_load_checkpoint_accepts_tensors_and_namespace(tmp_path):
     assert ckpt["args"] == Namespace(a=1) and torch.equal(ckpt["model"]["w"], torch.ones(2))
 
 
-def test_load_checkpoint_accepts_official_submitit_paths(tmp_path):
+@pytest.mark.parametrize("pickled_module", ["pathlib", "pathlib._local"])
+def test_load_checkpoint_accepts_official_submitit_paths(tmp_path, monkeypatch, pickled_module):
     # The official submitit launchers set args.output_dir (and log_dir, job_dir) to pathlib paths.
+    # Python <= 3.12 pickles PosixPath as pathlib.PosixPath, 3.13 as pathlib._local.PosixPath: a
+    # checkpoint of either must load on any Python. The writer is made to use each name here.
+    monkeypatch.setitem(
+        sys.modules, pickled_module, sys.modules.get(pickled_module) or _holding_posix_path(pickled_module)
+    )
+    monkeypatch.setattr(PosixPath, "__module__", pickled_module)
     official = tmp_path / "checkpoint-799.pth"
-    args = Namespace(model="mae_vit_large_patch16", output_dir=Path("/checkpoint/me/experiments/42"))
+    args = Namespace(model="mae_vit_large_patch16", output_dir=PosixPath("/checkpoint/me/experiments/42"))
     torch.save({"model": {"w": torch.ones(2)}, "args": args, "epoch": 799}, official)
-    assert load_checkpoint(str(official))["args"].output_dir == Path("/checkpoint/me/experiments/42")
+    monkeypatch.undo()  # the reader gets no help: pathlib._local does not exist before Python 3.13
+    assert f"{pickled_module}\nPosixPath".encode() in _pickle_of(official)
+    assert load_checkpoint(str(official))["args"].output_dir == PosixPath("/checkpoint/me/experiments/42")
+    assert saved_args(str(official)).output_dir == PosixPath("/checkpoint/me/experiments/42")
+
+
+def _holding_posix_path(name: str) -> types.ModuleType:
+    module = types.ModuleType(name)
+    module.PosixPath = PosixPath
+    return module
+
+
+def _pickle_of(checkpoint: Path) -> bytes:
+    with zipfile.ZipFile(checkpoint) as archive:
+        return archive.read(next(n for n in archive.namelist() if n.endswith("/data.pkl")))
 
 
 def _write_bad(path: Path, kind: str) -> None:

@@ -26,8 +26,14 @@ from util.sizes import MAX_SIDE
 
 # What the official checkpoints and ours pickle besides tensors and plain containers: the official
 # submitit launchers store --output_dir, --log_dir and --job_dir in the args as pathlib paths. The
-# path is named as the pickles name it: from Python 3.13 the class lives in pathlib._local.
-SAFE_GLOBALS = [argparse.Namespace, (pathlib.PosixPath, "pathlib.PosixPath")]
+# path is allowed under both names pickles give it: pathlib.PosixPath (Python <= 3.12) and
+# pathlib._local.PosixPath (3.13). Each name maps to this Python's class, so a checkpoint
+# written on 3.13 loads on 3.11 too, where pathlib._local does not exist.
+SAFE_GLOBALS = [
+    argparse.Namespace,
+    (pathlib.PosixPath, "pathlib.PosixPath"),
+    (pathlib.PosixPath, "pathlib._local.PosixPath"),
+]
 StateDict = dict[str, torch.Tensor]
 
 
