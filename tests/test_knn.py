@@ -3,6 +3,7 @@ known extremes (separable features, shuffled labels), one process against two, a
 
 import json
 import math
+import pickle
 import shutil
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import knn_eval
 import models_mae
 from util.checkpoint.encoder import load_mae_encoder
 from util.cli.errors import UserError
+from util.data.sampling import evenly_spaced
 from util.eval import knn
 from util.eval.linear import linear_accuracy
 
@@ -101,7 +103,24 @@ def test_subsets_are_evenly_spaced_and_class_balanced(tmp_path):
     assert len(data.bank) == 15 and len(data.queries) == 6
     assert torch.bincount(data.bank_labels).tolist() == [5, 5, 5]
     assert torch.bincount(data.query_labels).tolist() == [2, 2, 2]
-    assert data.bank_labels.tolist() == [data.bank.dataset.targets[i] for i in data.bank.indices]
+    full = knn.KnnData(str(tmp_path), 32)
+    chosen = evenly_spaced(15, 30)
+    assert data.bank.samples == [full.bank.samples[i] for i in chosen]
+    assert data.bank_labels.tolist() == [full.bank.targets[i] for i in chosen]
+    assert [data.bank[i][1] for i in range(15)] == data.bank_labels.tolist()
+
+
+def test_a_subset_holds_and_sends_its_own_images_alone(tmp_path):
+    """A Subset kept the whole folder: ImageNet's 1.28M samples in every rank's memory for a bank of
+    10,000, for the whole pre-training, and pickled to every loader worker at each scoring (where
+    workers are spawned or forkserver-started: Python 3.14's default on Linux)."""
+    data = knn.KnnData(str(labelled_folder(tmp_path, 10, 4)), 32, bank_size=3, query_size=3)
+    shipped = pickle.loads(pickle.dumps(data.bank))
+    assert len(shipped.samples) == len(shipped.imgs) == len(shipped.targets) == 3
+    sent = pickle.dumps(data.loaders(batch_size=2, num_workers=0)[0].dataset)
+    everything = knn.KnnData(str(tmp_path), 32).bank.samples
+    assert len(everything) == 30 and data.bank.samples == [everything[i] for i in (0, 14, 29)]
+    assert [path for path, _ in everything if path.encode() in sent] == [path for path, _ in data.bank.samples]
 
 
 def test_mismatched_classes_are_refused(tmp_path):
