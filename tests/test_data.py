@@ -12,9 +12,11 @@ import pytest
 import torch
 from helpers import CLASSES, make_dataset, make_split
 from PIL import Image
+from torch.utils.data import DistributedSampler
 
 from util.cli.errors import UserError
 from util.data import datasets as datasets_module
+from util.data import sampling
 from util.data.datasets import (
     ImageFiles,
     classification_splits,
@@ -330,6 +332,42 @@ def test_seeded_sampler_shards_cover_all_with_rank_independent_seeds(monkeypatch
     assert len(flat) - n < world  # padding only to equal shares
     # Shards are disjoint apart from the padding.
     assert len(set(shards[0]) & set(shards[1])) <= len(flat) - n
+
+
+@pytest.mark.parametrize("world, rank", [(1, 0), (3, 2)])
+def test_seeded_sampler_is_distributed_samplers_order_with_the_seeds_of_its_indices(monkeypatch, world, rank):
+    """The pairs are made a few at a time (below, 4): in DistributedSampler's order, from ``skip`` on,
+    each with ``sample_seeds`` of its index, across every chunk's boundary."""
+    monkeypatch.setattr(sampling, "PAIRS_PER_CHUNK", 4)
+    _as_rank(monkeypatch, rank, world)
+    for n, skip in ((0, 0), (1, 0), (9, 0), (23, 0), (23, 3), (23, 8)):
+        reference = DistributedSampler(range(n), num_replicas=world, rank=rank, seed=5)
+        reference.set_epoch(3)
+        indices = list(reference)[skip:]
+        sampler = SeededSampler(n, seed=5)
+        sampler.set_epoch(3, skip=skip)
+        seeds = sampling.sample_seeds(5, 3, np.array(indices, dtype=np.int64)).tolist()
+        assert list(sampler) == list(zip(indices, seeds, strict=True)) and len(sampler) == len(indices)
+
+
+def test_seeded_sampler_holds_no_more_than_distributed_sampler_at_an_epoch_start():
+    """One process over 14M images (ImageNet-21k) held 1.25 GB at each epoch's start, where
+    DistributedSampler alone holds 0.65: four lists of every pair's Python objects at once."""
+
+    def peak(make) -> int:
+        sampler = make()
+        sampler.set_epoch(1)
+        tracemalloc.start()
+        try:
+            next(iter(sampler))
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    n = 300_000
+    ours = peak(lambda: SeededSampler(n, seed=0))
+    theirs = peak(lambda: DistributedSampler(range(n), num_replicas=1, rank=0, seed=0))
+    assert ours < 1.3 * theirs
 
 
 @pytest.mark.parametrize("n", [0, 1, 7, 10])

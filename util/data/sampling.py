@@ -31,11 +31,23 @@ class SeededSampler(Sampler):
         self.epoch, self.skip = epoch, skip
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        indices = np.array(list(self._inner)[self.skip :], dtype=np.int64)
-        return zip(indices.tolist(), sample_seeds(self.seed, self.epoch, indices).tolist(), strict=True)
+        indices = np.fromiter(self._inner, dtype=np.int64, count=len(self._inner))[self.skip :]
+        return _pairs(indices, sample_seeds(self.seed, self.epoch, indices))
 
     def __len__(self) -> int:
         return len(self._inner) - self.skip
+
+
+# Pairs made into Python objects at a time: all of them at once held four lists of the shard's
+# length beside DistributedSampler's own (14M images in one process: 1.25 GB where it holds 0.65).
+PAIRS_PER_CHUNK = 1 << 16
+
+
+def _pairs(indices: np.ndarray, seeds: np.ndarray) -> Iterator[tuple[int, int]]:
+    """``(index, seed)`` as Python ints, made a chunk at a time."""
+    for start in range(0, len(indices), PAIRS_PER_CHUNK):
+        chunk = slice(start, start + PAIRS_PER_CHUNK)
+        yield from zip(indices[chunk].tolist(), seeds[chunk].tolist(), strict=True)
 
 
 def sample_seeds(seed: int, epoch: int, indices: np.ndarray) -> np.ndarray:
