@@ -440,6 +440,33 @@ def test_the_pretraining_files_are_held_without_an_object_per_file(tmp_path):
         listed.files[300]
 
 
+def test_the_classification_samples_are_held_without_an_object_per_image(tmp_path):
+    """Fine-tuning's and probing's workers read ``samples[i]``: a list of (path, label) tuples was
+    copied into each worker as for pre-training's paths, up to the whole list per worker."""
+    root = make_split(tmp_path / "folders", 8, 1)
+    listed = tmp_path / "train.txt"
+    expected = [
+        (str(root / "train" / cls / p.name), label)
+        for label, cls in enumerate(CLASSES)
+        for p in sorted((root / "train" / cls).iterdir())
+    ]
+    lines = [f"{os.path.relpath(path, tmp_path)} {label}" for path, label in expected]
+    listed.write_text("\n".join(lines) + "\n")
+    (tmp_path / "val.txt").write_text("\n".join(lines[:4]) + "\n")
+    folders, _ = classification_splits(str(root), None, None, nb_classes=len(CLASSES))
+    from_list, _ = classification_splits(str(tmp_path), None, None, nb_classes=len(CLASSES))
+    for dataset in (folders, from_list):
+        assert _objects_reachable(dataset.samples) < 10  # a list: over 40
+        assert dataset.samples == expected and list(dataset.samples) == expected
+        assert [dataset.samples[i] for i in (0, -1)] == [expected[0], expected[-1]] and dataset.samples[
+            1:3
+        ] == expected[1:3]
+        assert dataset.targets == [label for _, label in expected] and len(dataset) == len(expected)
+        assert pickle.loads(pickle.dumps(dataset)).samples == expected
+        assert dataset[len(expected) - 1][1] == expected[-1][1]
+    assert folders.imgs is folders.samples
+
+
 def test_a_path_list_gives_back_names_that_are_not_utf8_as_they_were():
     odd = os.fsdecode(b"caf\xe9.jpg")  # Latin-1 bytes on disk: a str with a surrogate
     paths = PathList(["", "a/b.jpg", odd, "é/ü.png"])

@@ -128,6 +128,38 @@ class PathList(Sequence[str]):
         return f"PathList({len(self)} paths)"
 
 
+class LabelledPaths(Sequence[tuple[str, int]]):
+    """(path, label) pairs held as a ``PathList`` and an array of labels: the ``samples`` of the
+    classification data sets, without the tuple, path and label objects per image that every loader
+    worker would copy in turn (``PathList`` says why)."""
+
+    def __init__(self, samples: Iterable[tuple[str, int]]):
+        pairs = list(samples)
+        self.paths = PathList(path for path, _ in pairs)
+        self.labels = array.array("q", (label for _, label in pairs))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self[i] for i in range(len(self))[index]]
+        return self.paths[index], self.labels[index]
+
+    def __iter__(self) -> Iterator[tuple[str, int]]:
+        return zip(self.paths, self.labels, strict=True)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, str) or len(other) != len(self):
+            return False
+        return all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]  # (equal to lists, which have none)
+
+    def __repr__(self) -> str:
+        return f"LabelledPaths({len(self)} images)"
+
+
 class ImageFiles(Dataset):
     """Every image file below a folder (class folders, nested or flat), sorted, with label 0: for
     pre-training. With ``files``, exactly those files in that order (``root``: their list file).
@@ -336,8 +368,8 @@ class ListedImages(Dataset):
         loader: Callable[[str], Any] = load_rgb,
     ):
         self.root, self.transform, self.loader = list_path, transform, loader
-        self.samples = read_image_list(list_path, labelled=True, nb_classes=nb_classes)
-        self.targets = [label for _, label in self.samples]
+        self.samples = LabelledPaths(read_image_list(list_path, labelled=True, nb_classes=nb_classes))
+        self.targets = list(self.samples.labels)
         self.classes = ClassIndices(nb_classes or max(self.targets) + 1)
 
     def __len__(self) -> int:
@@ -461,7 +493,7 @@ class _ImageFolder(datasets.ImageFolder):
             raise FileNotFoundError("no class folders in it; put each class's images in a folder of its own there")
         return classes, {name: index for index, name in enumerate(classes)}
 
-    def make_dataset(self, directory: str, class_to_idx: dict[str, int], *args: Any, **kwargs: Any) -> list:
+    def make_dataset(self, directory: str, class_to_idx: dict[str, int], *args: Any, **kwargs: Any) -> LabelledPaths:
         samples = []
         for cls in sorted(class_to_idx):  # torchvision's order: class, then folder, then file
             found = sorted(image_walk(os.path.join(directory, cls), directory, self.hidden))
@@ -470,7 +502,7 @@ class _ImageFolder(datasets.ImageFolder):
                 raise FileNotFoundError(f"the class folder {cls} holds no images; add its images, or remove it")
             samples += [(f, class_to_idx[cls]) for f in files]
         warn_hidden(self.hidden, directory)
-        return samples
+        return LabelledPaths(samples)  # torchvision keeps it as samples and imgs
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         path, label = self.samples[index]
@@ -522,7 +554,10 @@ def name_digest(names: Iterable[str]) -> str:
 def listed_files(dataset: Any) -> Sequence[str]:
     """The image files of a data set of this module, in its order."""
     files = getattr(dataset, "files", None)
-    return files if files is not None else [path for path, _ in dataset.samples]
+    if files is not None:
+        return files
+    samples = dataset.samples
+    return samples.paths if isinstance(samples, LabelledPaths) else [path for path, _ in samples]
 
 
 def same_on_every_rank(dataset: Any, data_path: str, flag: str = "--data_path", split: str = "") -> Any:
