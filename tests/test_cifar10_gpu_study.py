@@ -70,6 +70,21 @@ def test_archive_refusals_name_the_flag(tmp_path):
     assert not (tmp_path / "d" / data.COMPLETE).exists()
 
 
+def test_unpacking_on_a_python_without_extraction_filters_says_which_python(tmp_path, monkeypatch):
+    """Python 3.10.0-3.10.11 and 3.11.0-3.11.3: no tarfile.data_filter, and an extractall without the
+    filter argument (a TypeError's traceback without the check)."""
+    data.pack(tiny_cifar(tmp_path / "cifar"), tmp_path / "a.tgz")
+
+    def old_extractall(self, path=".", members=None, *, numeric_owner=False):
+        raise AssertionError("extracted without a filter")
+
+    monkeypatch.delattr(data.tarfile, "data_filter")
+    monkeypatch.setattr(data.tarfile.TarFile, "extractall", old_extractall)
+    with pytest.raises(UserError, match=r"--archive .*a.tgz needs tarfile's extraction filters: use Python >= 3.10.12"):
+        data.unpack(tmp_path / "a.tgz", tmp_path / "d")
+    assert not (tmp_path / "d").exists()
+
+
 def test_plan_flops_equal_a_hand_count():
     """ViT-Tiny/2 at 32 px: 256 patches of 2x2x3 values, a 192-d encoder of 12 blocks and a
     128-d decoder of 4 (a 10-way head for fine-tuning); per block and token 24 D^2 + 4 T D, a step 3

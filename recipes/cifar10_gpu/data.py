@@ -73,6 +73,10 @@ def unpack(archive: Path, dest: Path) -> int:
         return int((dest / COMPLETE).read_text())
     if not archive.is_file():
         fail(f"--archive {archive} does not exist: run 'data.py pack' and carry it to this machine")
+    # Extraction filters came in Python 3.12 and in the security releases 3.10.12 and 3.11.4; before
+    # them extractall takes no filter and would end in a TypeError's traceback.
+    if not hasattr(tarfile, "data_filter"):
+        fail(f"unpacking --archive {archive} needs tarfile's extraction filters: use Python >= 3.10.12 or >= 3.11.4")
     try:
         with tarfile.open(archive, "r:gz") as tar:
             members = tar.getmembers()
