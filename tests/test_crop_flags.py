@@ -165,6 +165,18 @@ def test_the_probe_crop_is_torchvisions_where_its_first_draw_fits():
         assert ours == transforms.RandomResizedCrop.get_params(img, (0.08, 0.3), (3 / 4, 4 / 3))
 
 
+def test_the_probe_crop_keeps_a_pixel_of_a_box_under_half_a_pixel():
+    """8 x 8 pixels at --scale 0.001 0.002: a box of 0.06 to 0.13 pixels, rounded to 0 x 0, which
+    the resize then refused on the tensor path (--in_chans other than 3) and PIL's filled with nothing."""
+    crop = OneDrawResizedCrop(16, scale=(0.001, 0.002))
+    for seed in range(20):
+        torch.manual_seed(seed)
+        top, left, h, w = crop.get_params(torch.zeros(4, 8, 8), crop.scale, crop.ratio)
+        assert (h, w) == (1, 1) and 0 <= top < 8 and 0 <= left < 8
+    torch.manual_seed(0)
+    assert crop(torch.rand(4, 8, 8)).shape == (4, 16, 16)
+
+
 def test_the_probe_takes_the_one_draw_crop():
     """--scale 0.9 1 on a square image: a box of aspect 4/3 drawn at 0.9 of the area is 280 x 210 on 256
     x 256 px, clamped to 256 x 210, 0.82 of the area; torchvision's boxes all cover 0.9 or more."""

@@ -105,8 +105,11 @@ class OneDrawResizedCrop(transforms.RandomResizedCrop):
         area = height * width * torch.empty(1).uniform_(scale[0], scale[1]).item()
         log_ratio = torch.log(torch.tensor(ratio))  # float32 as torchvision draws it: the same boxes
         aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])).item()
-        w = min(round(math.sqrt(area * aspect)), width)
-        h = min(round(math.sqrt(area / aspect)), height)
+        # At least a pixel: a box under half a pixel (an image of a few pixels, a tiny --scale) rounds to
+        # 0, which the official class returns too; resizing it fails on tensors (--in_chans other
+        # than 3) and gives an image of no content on PIL's. Boxes of a pixel or more are unchanged.
+        w = min(max(round(math.sqrt(area * aspect)), 1), width)
+        h = min(max(round(math.sqrt(area / aspect)), 1), height)
         top = int(torch.randint(0, height - h + 1, size=(1,)).item())
         left = int(torch.randint(0, width - w + 1, size=(1,)).item())
         return top, left, h, w
