@@ -23,7 +23,13 @@ import models_mae
 from util.checkpoint.encoder import load_mae_encoder
 from util.checkpoint.flags import fill_from_checkpoints
 from util.checkpoint.load import is_url, saved_args
-from util.checkpoint.state import Opened, download_on_every_rank, open_checkpoint, open_on_every_rank
+from util.checkpoint.state import (
+    SHARED_CHECKPOINT,
+    Opened,
+    download_on_every_rank,
+    open_checkpoint,
+    open_on_every_rank,
+)
 from util.cli.args import PRECISIONS, check_at_least, check_device, check_finite, check_seed, resolve_precision
 from util.cli.errors import fail, run_cli
 from util.cli.log import log
@@ -80,6 +86,24 @@ def open_on_every_rank_of(encoder: str) -> Opened:
     return open_on_every_rank(lambda: open_checkpoint(encoder), encoder, "--encoders")
 
 
+def check_encoder_files(checkpoints: list[str]) -> None:
+    """Every local ``--encoders`` file exists on every rank, or every rank stops in the same line.
+    Checked after joining the process group: a rank that stopped alone before it left the others
+    waiting for it at the rendezvous (300 s, then a message that did not name the file)."""
+    missing = [path for path in checkpoints if not is_url(path) and not os.path.isfile(path)]
+    seen = distributed.gather(missing)
+    for path in checkpoints:
+        lacking = [rank for rank, theirs in enumerate(seen) if path in theirs]
+        if len(lacking) == len(seen):
+            fail(f"--encoders {path} is neither a checkpoint file nor 'random' or 'pixels'; check its path")
+        if lacking:
+            ranks = ", ".join(map(str, lacking))
+            fail(
+                f"--encoders {path}: rank(s) {ranks} of {len(seen)} see no such file: every node of the job must "
+                f"see the same files; {SHARED_CHECKPOINT}"
+            )
+
+
 def check_rgb(sources: list[tuple[str, argparse.Namespace | None]]) -> None:
     """The encoders take RGB images, as the bank and queries are read here; an encoder pre-trained
     with another --in_chans is refused in one line (before its --mean/--std are counted as RGB's)."""
@@ -103,10 +127,8 @@ def main(args: argparse.Namespace) -> None:
     check_at_least(args, 0, "linear_epochs", zero_means="no linear classifier")
     normalization.check_flags(args, 3, from_checkpoint=True)  # before any checkpoint is read; RGB images
     checkpoints = [e for e in args.encoders if e not in NAMES]
-    for path in checkpoints:
-        if not is_url(path) and not os.path.isfile(path):
-            fail(f"--encoders {path} is neither a checkpoint file nor 'random' or 'pixels'; check its path")
     distributed.init_distributed_mode(args)
+    check_encoder_files(checkpoints)
     for url in filter(is_url, checkpoints):  # once per cache, not once per rank
         download_on_every_rank(url, "--encoders")
     first = open_on_every_rank_of(checkpoints[0]) if checkpoints else None  # read once: flags, then weights

@@ -3,6 +3,7 @@ known extremes (separable features, shuffled labels), one process against two, a
 
 import json
 import math
+import os
 import pickle
 import shutil
 from pathlib import Path
@@ -186,6 +187,26 @@ def test_two_processes_score_as_one(tmp_path):
         scores = {k: v for k, v in a.items() if k.endswith(("top1", "top5"))}
         assert scores and scores == {k: b[k] for k in scores}, (a, b)
     assert {"cls_top1", "avg_top1"} <= set(one[0]) and "pixels_top1" in one[1]
+
+
+def test_an_encoder_file_one_rank_lacks_stops_both_ranks_in_one_line(tmp_path):
+    """The file was checked before joining the process group: the rank without it stopped alone and
+    rank 0 waited for it at the rendezvous (300 s, then a line that named no file)."""
+    data = labelled_folder(tmp_path / "data", 4, 2)
+    (tmp_path / "enc.pth").write_bytes(b"not read: the check comes first")
+
+    (tmp_path / "other-node").mkdir()
+
+    def main() -> None:  # the same path on each rank; each in a folder of its own (its node's disk)
+        os.chdir(tmp_path if os.environ["RANK"] == "0" else tmp_path / "other-node")
+        argv = ["--data_path", str(data), "--model", "mae_vit_tiny_patch4", "--encoders", "enc.pth"]
+        knn_eval.main(knn_eval.get_args_parser().parse_args(argv + ["--device", "cpu"]))
+
+    logs = run_ranks(main, tmp_path / "ranks", 2, timeout=60, exit_codes=(2, 2))
+    for log in logs:
+        (line,) = [line for line in log.splitlines() if line.startswith("error:")]
+        assert line.startswith("error: --encoders enc.pth: rank(s) 1 of 2 see no such file"), log
+        assert "Traceback" not in log, log
 
 
 def test_pretraining_logs_knn_scores_and_they_match_knn_eval(tmp_path):
