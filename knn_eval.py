@@ -136,9 +136,10 @@ def main(args: argparse.Namespace) -> None:
     with torch.device("meta"):  # --model and --input_size checked before any image is read
         model = models_mae.create_model(args.model, args.input_size, size_source=origins.get("input_size", ""))
         args.input_size = model.img_size
-    if args.output and distributed.is_main_process():  # before the work, not after it
+    if args.output:  # before the work, not after it; rank 0 writes it, and its refusal stops every rank
         # An encoder given as --output is no JSON lines file "to repair or remove": it is an input.
-        check_json_output(args.output, "--output", append=True, inputs=[("--encoders", p) for p in checkpoints])
+        inputs = [("--encoders", p) for p in checkpoints]
+        distributed.on_rank_0_for_every_rank(lambda: check_json_output(args.output, "--output", True, inputs))
     args.precision = resolve_precision(args.precision, args.device)
     # One normalisation for every encoder (they share the images): the flags, else the first
     # checkpoint's; an encoder trained with other values is named in a warning.

@@ -209,6 +209,23 @@ def test_an_encoder_file_one_rank_lacks_stops_both_ranks_in_one_line(tmp_path):
         assert "Traceback" not in log, log
 
 
+def test_an_output_rank_0_refuses_stops_both_ranks_in_its_line(tmp_path):
+    """Rank 0 alone checks --output (it alone writes it): rank 1 went on, and ended saying that another
+    process stopped and to 'restart the whole job with --resume auto', which knn_eval has not."""
+    data = labelled_folder(tmp_path / "data", 4, 2)
+    (tmp_path / "scores.json").write_text("not JSON lines\n")
+
+    def main() -> None:
+        argv = ["--data_path", str(data), "--model", "mae_vit_tiny_patch4", "--encoders", "random", "--device", "cpu"]
+        knn_eval.main(knn_eval.get_args_parser().parse_args([*argv, "--output", str(tmp_path / "scores.json")]))
+
+    logs = run_ranks(main, tmp_path / "ranks", 2, timeout=60, exit_codes=(2, 2))
+    for log in logs:
+        (line,) = [line for line in log.splitlines() if line.startswith("error:")]
+        assert line.startswith(f"error: --output {tmp_path / 'scores.json'}"), log
+        assert "Traceback" not in log and "--resume" not in log, log
+
+
 def test_pretraining_logs_knn_scores_and_they_match_knn_eval(tmp_path):
     data = labelled_folder(tmp_path / "data", 8, 4)
     out = tmp_path / "run"

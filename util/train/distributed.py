@@ -14,14 +14,14 @@ import sys
 import threading
 import time
 from argparse import Namespace
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import torch
 import torch.distributed as dist
 
-from util.cli.errors import fail, first_line
+from util.cli.errors import UserError, fail, first_line
 from util.cli.log import set_rank
 
 START_TIMEOUT_VAR = "MAE_DIST_START_TIMEOUT"
@@ -241,6 +241,24 @@ def gather(value: object) -> list:
     values = [None] * world_size()
     dist.all_gather_object(values, value)
     return values
+
+
+def on_rank_0_for_every_rank(check: Callable[[], None]) -> None:
+    """``check()`` on rank 0, whose refusal (a ``UserError``) stops every rank with its line. Left to rank 0
+    alone, the other ranks went on to their next collective and ended in a traceback once it exited (gloo's
+    'Connection closed by peer'), or, with NCCL, waited for its watchdog unless a launcher stopped them.
+    A collective, so also a barrier: the other ranks go on once rank 0 has checked."""
+    refusal = None
+    if is_main_process():
+        try:
+            check()
+        except UserError as e:
+            refusal = e
+    message = from_main(None if refusal is None else str(refusal))
+    if refusal is not None:
+        raise refusal
+    if message is not None:
+        fail(str(message))
 
 
 def all_reduce_sum(values: list[float], device: torch.device | str) -> list[float]:

@@ -21,7 +21,7 @@ from util.checkpoint.files import list_checkpoints
 from util.checkpoint.flags import fill_from_checkpoints
 from util.checkpoint.state import Opened, open_checkpoint, open_on_every_rank, open_resume, weights_only
 from util.cli.args import check_world, effective_lr, resolve_precision
-from util.cli.errors import UserError, fail
+from util.cli.errors import fail
 from util.cli.log import log
 from util.data import normalization
 from util.outputs import appears, check_output_dir, claim_output_dir, release_output_dirs
@@ -77,13 +77,13 @@ def start(flags: argparse.Namespace, fallbacks: dict[str, Any] | None = None) ->
                 check_no_earlier_run(args.output_dir)
 
     # The other ranks wait for it too, or they resume another checkpoint than rank 0's.
-    on_rank_0_for_every_rank(check_outputs)
+    distributed.on_rank_0_for_every_rank(check_outputs)
     if training:
         check_seen_by_every_rank(args.output_dir)
     resume_from = open_resume(args)
     # --resume PATH of weights only (an official release): a new run from those weights, at --start_epoch.
     if training and args.resume != "auto" and resume_from is not None and weights_only(resume_from.ckpt):
-        on_rank_0_for_every_rank(lambda: check_no_earlier_run(args.output_dir, resume_from.path))
+        distributed.on_rank_0_for_every_rank(lambda: check_no_earlier_run(args.output_dir, resume_from.path))
     finetune = getattr(args, "finetune", "")  # pre-training has none; --eval does not load it
     init_from = None
     if finetune and not args.eval:  # every rank reads it: the same file everywhere, or every rank stops
@@ -97,7 +97,7 @@ def start(flags: argparse.Namespace, fallbacks: dict[str, Any] | None = None) ->
     args.lr_given = args.lr is not None  # for messages that say which flag to lower
     args.lr = effective_lr(args, distributed.world_size())
     if init_from and args.output_dir:
-        on_rank_0_for_every_rank(lambda: check_not_among_outputs(init_from.path, args.output_dir))
+        distributed.on_rank_0_for_every_rank(lambda: check_not_among_outputs(init_from.path, args.output_dir))
 
     seed = args.seed + distributed.rank()
     torch.manual_seed(seed)
@@ -136,24 +136,6 @@ def gives_back_output_dir(main: Callable[[argparse.Namespace], None]) -> Callabl
             release_output_dirs()
 
     return run_main
-
-
-def on_rank_0_for_every_rank(check: Callable[[], None]) -> None:
-    """``check()`` on rank 0, whose refusal (a ``UserError``) stops every rank with its line. Left to rank 0
-    alone, the other ranks went on to their next collective and ended in a traceback once it exited (gloo's
-    'Connection closed by peer'), or, with NCCL, waited for its watchdog unless a launcher stopped them.
-    A collective, so also a barrier: the other ranks go on once rank 0 has checked."""
-    refusal = None
-    if distributed.is_main_process():
-        try:
-            check()
-        except UserError as e:
-            refusal = e
-    message = distributed.from_main(None if refusal is None else str(refusal))
-    if refusal is not None:
-        raise refusal
-    if message is not None:
-        fail(str(message))
 
 
 def check_no_earlier_run(output_dir: str, start: str = "") -> None:
