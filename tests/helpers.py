@@ -550,3 +550,20 @@ def serve(folder: Path) -> Iterator[tuple[str, list[str]]]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@contextmanager
+def recorded_calls(module: Any, name: str) -> Iterator[list[str]]:
+    """The paths ``module.name`` (``os.stat``, ``os.lstat``, ...) is called with inside the block:
+    what a network file system would answer one round trip at a time."""
+    real, calls = getattr(module, name), []
+
+    def recording(path: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(os.fspath(path))
+        return real(path, *args, **kwargs)
+
+    setattr(module, name, recording)
+    try:
+        yield calls
+    finally:
+        setattr(module, name, real)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import CLASSES, make_dataset, make_split
+from helpers import CLASSES, make_dataset, make_split, recorded_calls
 from PIL import Image
 from torch.utils.data import DistributedSampler
 
@@ -476,20 +476,12 @@ def test_a_path_list_gives_back_names_that_are_not_utf8_as_they_were():
     assert paths != ["", "a/b.jpg", odd] and paths != "abc" and PathList([]) == []
 
 
-def test_scanning_class_folders_does_not_resolve_the_data_folder_once_per_class(tmp_path, monkeypatch):
+def test_scanning_class_folders_does_not_resolve_the_data_folder_once_per_class(tmp_path):
     """Each class folder's walk resolved the split's folder (os.path.realpath: a look-up of every
     folder on its path) though only a link needs it: 4 or 5 look-ups per class, 100,000 for
     ImageNet-21k's 21,841 classes on every rank, each a round trip on a network file system."""
     root = make_split(tmp_path / "data", 1, 1)
-    looked_up = []
-    real_lstat = os.lstat
-
-    def lstat(path, *args, **kwargs):
-        looked_up.append(os.fspath(path))
-        return real_lstat(path, *args, **kwargs)
-
-    monkeypatch.setattr(os, "lstat", lstat)
-    train, val = classification_splits(str(root), None, None, nb_classes=len(CLASSES))
-    monkeypatch.undo()
+    with recorded_calls(os, "lstat") as looked_up:
+        train, val = classification_splits(str(root), None, None, nb_classes=len(CLASSES))
     assert len(train) == len(val) == len(CLASSES)
     assert sorted(looked_up) == sorted(str(root / split / cls) for split in ("train", "val") for cls in CLASSES)

@@ -23,6 +23,7 @@ from helpers import (
     make_split,
     preserved_signals,
     read_log,
+    recorded_calls,
     run_pretrain,
 )
 from PIL import Image
@@ -489,21 +490,13 @@ def _list_of(root: Path, labels: bool) -> Path:
 
 
 @pytest.mark.parametrize("labelled, labels", [(True, True), (False, True), (False, False)])
-def test_a_list_is_checked_from_its_folders_listings_not_a_lookup_per_file(many_images, monkeypatch, labelled, labels):
+def test_a_list_is_checked_from_its_folders_listings_not_a_lookup_per_file(many_images, labelled, labels):
     """On a network file system each look-up of a file is a round trip to the server: a list of
     ImageNet's 1.28M files took 1.28M of them per rank (pre-training with a labelled list: 2.56M,
     the whole line, then the path), where a listing of each of its 1,000 folders does."""
     listed = _list_of(many_images, labels)
-    looked_up = []
-    real_stat = os.stat
-
-    def stat(path, *args, **kwargs):
-        looked_up.append(os.fspath(path))
-        return real_stat(path, *args, **kwargs)
-
-    monkeypatch.setattr(os, "stat", stat)
-    samples = read_image_list(str(listed), labelled=labelled)
-    monkeypatch.undo()
+    with recorded_calls(os, "stat") as looked_up:
+        samples = read_image_list(str(listed), labelled=labelled)
     assert [p for p in looked_up if p.endswith(".png") or p.endswith(".png 0") or p.endswith(".png 1")] == []
     expected = [str(many_images / "imgs" / cls / f"{i:02d}.png") for cls in ("cat", "dog") for i in range(12)]
     assert samples == [(p, (i // 12) if labelled else 0) for i, p in enumerate(expected)]

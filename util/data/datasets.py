@@ -86,7 +86,27 @@ def unlisted_folder(error: OSError) -> NoReturn:
 _FILE_NAMES = (sys.getfilesystemencoding(), sys.getfilesystemencodeerrors())
 
 
-class PathList(Sequence[str]):
+class _ListLike(Sequence):
+    """A read-only sequence that indexes, slices and compares as a list of its items does (equal to
+    such a list); subclasses give ``__len__``, ``__iter__`` and ``_item`` of an index in range."""
+
+    def _item(self, index: int) -> Any:
+        raise NotImplementedError
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self._item(i) for i in range(len(self))[index]]
+        return self._item(range(len(self))[index])  # negative indices; IndexError past the end
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, str) or len(other) != len(self):
+            return False
+        return all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]  # (equal to lists, which have none)
+
+
+class PathList(_ListLike, Sequence[str]):
     """File paths held in one byte string and an array of their ends: no Python object per path.
     In a list, each path is an object whose reference count every loader worker writes as it reads
     the path, so fork's shared pages holding them are copied into each worker in turn: a worker
@@ -104,10 +124,7 @@ class PathList(Sequence[str]):
     def __len__(self) -> int:
         return len(self._ends)
 
-    def __getitem__(self, index: Any) -> Any:
-        if isinstance(index, slice):
-            return [self[i] for i in range(len(self))[index]]
-        index = range(len(self))[index]  # negative indices; IndexError past the end
+    def _item(self, index: int) -> str:
         start = self._ends[index - 1] if index else 0
         return self._data[start : self._ends[index]].decode(*_FILE_NAMES)
 
@@ -117,18 +134,11 @@ class PathList(Sequence[str]):
             yield data[start:end].decode(*_FILE_NAMES)
             start = end
 
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Sequence) or isinstance(other, str) or len(other) != len(self):
-            return False
-        return all(a == b for a, b in zip(self, other, strict=True))
-
-    __hash__ = None  # type: ignore[assignment]  # (equal to lists, which have none)
-
     def __repr__(self) -> str:
         return f"PathList({len(self)} paths)"
 
 
-class LabelledPaths(Sequence[tuple[str, int]]):
+class LabelledPaths(_ListLike, Sequence[tuple[str, int]]):
     """(path, label) pairs held as a ``PathList`` and an array of labels: the ``samples`` of the
     classification data sets, without the tuple, path and label objects per image that every loader
     worker would copy in turn (``PathList`` says why)."""
@@ -141,20 +151,11 @@ class LabelledPaths(Sequence[tuple[str, int]]):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: Any) -> Any:
-        if isinstance(index, slice):
-            return [self[i] for i in range(len(self))[index]]
+    def _item(self, index: int) -> tuple[str, int]:
         return self.paths[index], self.labels[index]
 
     def __iter__(self) -> Iterator[tuple[str, int]]:
         return zip(self.paths, self.labels, strict=True)
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Sequence) or isinstance(other, str) or len(other) != len(self):
-            return False
-        return all(a == b for a, b in zip(self, other, strict=True))
-
-    __hash__ = None  # type: ignore[assignment]  # (equal to lists, which have none)
 
     def __repr__(self) -> str:
         return f"LabelledPaths({len(self)} images)"
