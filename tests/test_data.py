@@ -20,9 +20,9 @@ from torch.utils.data import DistributedSampler
 from util.cli.errors import UserError
 from util.data import datasets as datasets_module
 from util.data import sampling
+from util.data.compact import PathList
 from util.data.datasets import (
     ImageFiles,
-    PathList,
     classification_splits,
     eval_transform,
     load_rgb,

@@ -46,8 +46,8 @@ from util.data.datasets import (
     eval_transform,
     pretrain_dataset,
     pretrain_transform,
-    read_image_list,
 )
+from util.data.lists import read_image_list
 from util.data.normalization import normalize_on_device
 
 MEAN, STD = [0.25, 0.5, 0.75], [0.125, 0.25, 0.5]  # exact in binary: expected values are exact too

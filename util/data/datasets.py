@@ -1,11 +1,9 @@
-"""Datasets and loaders shared by the entry points: image folders and list files for pre-training
-and classification, their transforms, and the loaders over them (seeded: sampling.py)."""
+"""Datasets and loaders shared by the entry points: image folders and list files (read: lists.py) for
+pre-training and classification, their transforms, and the loaders over them (seeded: sampling.py)."""
 
-import array
 import hashlib
 import itertools
 import os
-import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, NoReturn
 
@@ -18,9 +16,11 @@ from util.cli.errors import UserError, fail
 from util.cli.log import log
 from util.data import memory_loader
 from util.data.channels import eval_resize, image_loader, normalised, tensor_train_transform
+from util.data.compact import LabelledPaths, PathList
 from util.data.device_decode import RandomResizedCropFlipOnDevice, collate_encoded
 from util.data.fast_crop import FastRandomResizedCropFlip
 from util.data.images import load_rgb, unreadable
+from util.data.lists import LIST_FILES, ClassIndices, list_file_in, read_image_list
 from util.data.normalization import IMAGENET_MEAN, IMAGENET_STD, check_norm
 from util.data.sampling import SeededDataset, SeededSampler, ShardSampler
 from util.memory import require
@@ -82,85 +82,6 @@ def unlisted_folder(error: OSError) -> NoReturn:
     fail(f"{what}; make it readable, or move it out of the data folder")
 
 
-# How the file system's names are bytes: a name that is not UTF-8 comes back as it was (os.fsencode).
-_FILE_NAMES = (sys.getfilesystemencoding(), sys.getfilesystemencodeerrors())
-
-
-class _ListLike(Sequence):
-    """A read-only sequence that indexes, slices and compares as a list of its items does (equal to
-    such a list); subclasses give ``__len__``, ``__iter__`` and ``_item`` of an index in range."""
-
-    def _item(self, index: int) -> Any:
-        raise NotImplementedError
-
-    def __getitem__(self, index: Any) -> Any:
-        if isinstance(index, slice):
-            return [self._item(i) for i in range(len(self))[index]]
-        return self._item(range(len(self))[index])  # negative indices; IndexError past the end
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Sequence) or isinstance(other, str) or len(other) != len(self):
-            return False
-        return all(a == b for a, b in zip(self, other, strict=True))
-
-    __hash__ = None  # type: ignore[assignment]  # (equal to lists, which have none)
-
-
-class PathList(_ListLike, Sequence[str]):
-    """File paths held in one byte string and an array of their ends: no Python object per path.
-    In a list, each path is an object whose reference count every loader worker writes as it reads
-    the path, so fork's shared pages holding them are copied into each worker in turn: a worker
-    held 17 MB of its own after 60 batches of 200,000 images, 32 MB after 1,500 (half an epoch),
-    and in time all of ImageNet-21k's 14M paths (GBs) each. Workers started otherwise (spawn,
-    forkserver) receive the two buffers, not a pickle of every path."""
-
-    def __init__(self, paths: Iterable[str]):
-        data, ends = bytearray(), array.array("q")
-        for path in paths:
-            data += path.encode(*_FILE_NAMES)
-            ends.append(len(data))
-        self._data, self._ends = bytes(data), ends
-
-    def __len__(self) -> int:
-        return len(self._ends)
-
-    def _item(self, index: int) -> str:
-        start = self._ends[index - 1] if index else 0
-        return self._data[start : self._ends[index]].decode(*_FILE_NAMES)
-
-    def __iter__(self) -> Iterator[str]:
-        data, start = self._data, 0
-        for end in self._ends:
-            yield data[start:end].decode(*_FILE_NAMES)
-            start = end
-
-    def __repr__(self) -> str:
-        return f"PathList({len(self)} paths)"
-
-
-class LabelledPaths(_ListLike, Sequence[tuple[str, int]]):
-    """(path, label) pairs held as a ``PathList`` and an array of labels: the ``samples`` of the
-    classification data sets, without the tuple, path and label objects per image that every loader
-    worker would copy in turn (``PathList`` says why)."""
-
-    def __init__(self, samples: Iterable[tuple[str, int]]):
-        pairs = list(samples)
-        self.paths = PathList(path for path, _ in pairs)
-        self.labels = array.array("q", (label for _, label in pairs))
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def _item(self, index: int) -> tuple[str, int]:
-        return self.paths[index], self.labels[index]
-
-    def __iter__(self) -> Iterator[tuple[str, int]]:
-        return zip(self.paths, self.labels, strict=True)
-
-    def __repr__(self) -> str:
-        return f"LabelledPaths({len(self)} images)"
-
-
 class ImageFiles(Dataset):
     """Every image file below a folder (class folders, nested or flat), sorted, with label 0: for
     pre-training. With ``files``, exactly those files in that order (``root``: their list file).
@@ -211,152 +132,6 @@ def transformed(path: str, img: Any, transform: Callable | None) -> Any:
         fail(unreadable(path, e))
 
 
-# File lists: one image per line, '<path>' or '<path> <class index>'
-LIST_FILES = {"train": ("train.txt",), "val": ("val.txt", "test.txt")}
-
-
-def read_image_list(list_path: str, labelled: bool, nb_classes: int | None = None) -> list[tuple[str, int]]:
-    """(file, label) for every line of a list file, in its order; label 0 when unlabelled.
-
-    A line is ``<path>`` or ``<path> <label>``, the label the last field (so paths may contain
-    spaces): a class index below ``nb_classes`` when given. Paths are relative to the list's folder;
-    blank lines and ``#`` lines are skipped. Unlabelled, a class index after the path is ignored
-    (unless the whole line names a file), so a classification list serves pre-training as it is.
-    Every file is checked here: a bad line stops the run before training, not hours into an epoch.
-    The files are found in one listing of each folder (``shown_as_files``), not looked up one by one.
-    """
-    lines = _list_lines(list_path)
-    parsed = _ParsedList(list_path, lines, labelled)
-    for number, raw in enumerate(lines, start=1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        try:
-            parsed.add(number, *_parse_line(line, f"{list_path} line {number}", labelled, nb_classes))
-        except UserError:
-            parsed.resolve()  # a missing file on an earlier line is said first, as the lines come
-            raise
-    if not parsed.paths:
-        fail(f"the list file {list_path} names no images; write one image path per line")
-    return parsed.resolve()
-
-
-def _list_lines(list_path: str) -> list[str]:
-    """The lines of a list file, refused in one line if it cannot be read or is not UTF-8 text."""
-    try:
-        with open(list_path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        fail(f"cannot read the list file {list_path} ({e.strerror or e}); make it readable")
-    if b"\0" in data:  # an image, say, even one whose bytes happen to be UTF-8: text holds no NUL bytes
-        fail(f"{list_path} is not a text file; a list file holds one image path per line")
-    try:
-        return data.decode("utf-8-sig").splitlines()  # -sig: a byte-order mark is not part of the first path
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1  # text in another encoding (Latin-1, ...)
-        fail(f"{list_path} line {line} is not UTF-8 text; save the list file as UTF-8")
-
-
-def _parse_line(line: str, where: str, labelled: bool, nb_classes: int | None) -> tuple[str, str | None, int]:
-    """(name, the name without a trailing class index or None, label) of a list line; labelled, a
-    bad label is a one-line error naming ``where``. Unlabelled, a line that ends in a number may
-    name a file as a whole or be a file and its label: ``_resolve`` decides, by what exists."""
-    fields = line.rsplit(None, 1)
-    if not labelled:
-        labelled_line = len(fields) == 2 and fields[1].isascii() and fields[1].isdigit()
-        return line, fields[0] if labelled_line else None, 0
-    if len(fields) < 2:
-        fail(f"{where}: no label after {line!r}; each line is '<path> <class index>'")
-    name, text = fields
-    if not (text.isascii() and text.isdigit()):
-        fail(f"{where}: the label {text!r} is not a class index (0, 1, 2, ...)")
-    label = int(text)
-    if nb_classes is not None and label >= nb_classes:
-        fail(
-            f"{where}: the label {label} is not below --nb_classes {nb_classes}; give --nb_classes "
-            f"{label + 1} or more, or correct the label"
-        )
-    return name, None, label
-
-
-class _ParsedList:
-    """The lines of a list file parsed so far, their files not yet checked: paths and labels in
-    compact arrays (a list of 14M files must not hold a tuple per line twice)."""
-
-    def __init__(self, list_path: str, lines: list[str], labelled: bool):
-        self.list_path, self.lines, self.labelled = list_path, lines, labelled
-        self.folder = os.path.dirname(os.path.abspath(list_path))
-        self.numbers, self.labels, self.paths = array.array("q"), array.array("q"), []
-        self.stripped: list[str | None] = []  # the path without its trailing number, where it ends in one
-
-    def add(self, number: int, name: str, stripped: str | None, label: int) -> None:
-        self.stripped.append(None if stripped is None else os.path.join(self.folder, stripped))
-        self.numbers.append(number)
-        self.labels.append(label)
-        self.paths.append(os.path.join(self.folder, name))
-
-    def resolve(self) -> list[tuple[str, int]]:
-        """(path, label) of each line, every file checked to exist: the first missing one, in the
-        list's order, is a one-line error naming its line. Files are looked for in the listings of
-        their folders (``shown_as_files``), looked up one by one only where a listing does not show them."""
-        shorts = [p for p in self.stripped if p is not None]
-        shown = shown_as_files(self.paths + shorts)
-        short_shown = iter(shown[len(self.paths) :])
-        samples = []
-        for i, (path, short, label) in enumerate(zip(self.paths, self.stripped, self.labels, strict=True)):
-            exists = shown[i]
-            if short is not None:  # '<path> <number>' unlabelled: the whole line if it names a file
-                short_exists = next(short_shown)
-                if not exists and (short_exists or not os.path.isfile(path)):
-                    path, exists = short, short_exists
-            if not (exists or os.path.isfile(path)):
-                self.missing(i)
-            samples.append((path, label))
-        return samples
-
-    def missing(self, i: int) -> NoReturn:
-        number = self.numbers[i]
-        name, stripped, _ = _parse_line(self.lines[number - 1].strip(), "", self.labelled, None)
-        if self.stripped[i] is not None:  # neither the whole line nor its path without the number names a file
-            name = stripped
-        where = f"{self.list_path} line {number}"
-        fail(f"{where}: no file {name} (paths are relative to the list's folder {self.folder})")
-
-
-# A folder is listed when a list names at least this many of its files; fewer are looked up one
-# by one, so that a short list of files in a huge folder does not read the whole folder.
-LIST_FOLDER_FROM = 8
-
-
-def shown_as_files(paths: Sequence[str]) -> bytearray:
-    """1 where one listing of each folder that holds many of ``paths`` shows it as a file (a link
-    to a file included); 0 where it does not, or where its folder is not listed: the caller
-    looks those up with ``os.path.isfile`` (a name spelled otherwise on a case-insensitive disk, a
-    folder one may enter but not read). One look-up per file is a round trip to the server on a
-    network file system: a list of ImageNet's 1.28M files made that many on every rank."""
-    by_folder: dict[str, list[int]] = {}
-    for index, path in enumerate(paths):
-        by_folder.setdefault(os.path.dirname(path), []).append(index)
-    shown = bytearray(len(paths))
-    for folder, indices in by_folder.items():
-        if len(indices) < LIST_FOLDER_FROM:
-            continue
-        listed = _files_named(folder, {os.path.basename(paths[i]) for i in indices})
-        for i in indices:
-            shown[i] = os.path.basename(paths[i]) in listed
-    return shown
-
-
-def _files_named(folder: str, names: set[str]) -> set[str]:
-    """Those of ``names`` that a listing of ``folder`` shows as files (links to files included);
-    none when it cannot be listed (a folder one may enter but not read: its files are looked up)."""
-    try:
-        with os.scandir(folder or os.curdir) as entries:
-            return {e.name for e in entries if e.name in names and e.is_file()}
-    except OSError:
-        return set()
-
-
 class ListedImages(Dataset):
     """A labelled list file (``read_image_list``) as an ImageFolder-like data set: ``samples``,
     ``targets`` and ``classes`` (the indices as names, ``'0'``, ``'1'``, ...), in the list's order."""
@@ -381,38 +156,6 @@ class ListedImages(Dataset):
         return transformed(path, self.loader(path), self.transform), label
 
 
-class ClassIndices(Sequence[str]):
-    """The class names of a list file, ``'0'``, ``'1'``, ... up to the largest label, made when asked
-    for: a label of 10**8 must not make 10**8 strings before anything can size the run."""
-
-    def __init__(self, count: int):
-        self.names = range(count)
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def __getitem__(self, index: Any) -> Any:
-        if isinstance(index, slice):
-            return [str(i) for i in self.names[index]]
-        return str(self.names[index])
-
-    def __eq__(self, other: object) -> bool:
-        if isinstance(other, ClassIndices):
-            return self.names == other.names
-        return isinstance(other, Sequence) and len(other) == len(self) and list(self) == list(other)
-
-    def __hash__(self) -> int:
-        return hash(self.names)
-
-    def __repr__(self) -> str:
-        return f"ClassIndices({len(self)})"
-
-
-def _list_in(folder: str, split: str) -> str | None:
-    """The list file of ``split`` in ``folder`` (train.txt; val.txt or test.txt), if any."""
-    return next((os.path.join(folder, n) for n in LIST_FILES[split] if os.path.isfile(os.path.join(folder, n))), None)
-
-
 def pretrain_dataset(
     data_path: str, transform: Callable, lazy: bool = False, loader: Callable[[str], Any] = load_rgb
 ) -> ImageFiles:
@@ -423,7 +166,7 @@ def pretrain_dataset(
     if os.path.exists(data_path) and not (os.path.isfile(data_path) or os.path.isdir(data_path)):  # /dev/null
         fail(f"--data_path {data_path} is neither a folder nor a list file; give a folder of images or a list file")
     if os.path.isfile(data_path) or (os.path.isdir(data_path) and not os.path.isdir(os.path.join(data_path, "train"))):
-        list_path = data_path if os.path.isfile(data_path) else _list_in(data_path, "train")
+        list_path = data_path if os.path.isfile(data_path) else list_file_in(data_path, "train")
         if list_path is not None:
             files = [path for path, _ in read_image_list(list_path, labelled=False)]
             return same_on_every_rank(ImageFiles(list_path, transform, lazy, files=files, loader=loader), data_path)
@@ -457,10 +200,10 @@ def classification_dataset(
     if not os.path.isdir(data_path):
         what = "is not a folder" if os.path.exists(data_path) else "does not exist"
         fail(f"{flag} {data_path} {what}; give the folder that holds train/ and val/ (or train.txt and val.txt)")
-    if not os.path.isdir(os.path.join(data_path, "train")) and _list_in(data_path, "train"):
-        if _list_in(data_path, "val") is None:  # said before the (long) training list is read
+    if not os.path.isdir(os.path.join(data_path, "train")) and list_file_in(data_path, "train"):
+        if list_file_in(data_path, "val") is None:  # said before the (long) training list is read
             fail(f"{flag} {data_path} has train.txt but no {' or '.join(LIST_FILES['val'])}; give both lists")
-        return ListedImages(_list_in(data_path, split), transform, nb_classes, loader)
+        return ListedImages(list_file_in(data_path, split), transform, nb_classes, loader)
     candidates = [split] if split == "train" else ["val", "test"]
     folder = next((os.path.join(data_path, c) for c in candidates if os.path.isdir(os.path.join(data_path, c))), None)
     if folder is None:
