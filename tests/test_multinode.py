@@ -180,7 +180,7 @@ def test_a_shared_output_dir_passes_and_keeps_no_marker(tmp_path):
         (tmp_path / f"node{r}").mkdir()
     out = tmp_path / "shared"
     out.mkdir()
-    (out / (run.MARKER_PREFIX + "left-by-a-killed-run")).touch()
+    (out / (run.SEEN_MARKER + ".tmp1")).touch()  # left by a killed run (process 1 is not this one)
     args = main_pretrain.get_args_parser().parse_args(["--output_dir", str(out), "--log_dir", "", "--device", "cpu"])
     logs = _on_nodes(tmp_path, lambda: print(f"started with output in {run.start(args).args.output_dir}"), join=False)
     assert all(f"started with output in {out}" in log for log in logs), logs

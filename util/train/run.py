@@ -2,14 +2,12 @@
 open the checkpoints it starts from (each once), settle the flags, seed; and wrap the model."""
 
 import argparse
-import contextlib
 import copy
 import functools
 import json
 import math
 import os
 import random
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +22,14 @@ from util.cli.args import check_world, effective_lr, resolve_precision
 from util.cli.errors import fail
 from util.cli.log import log
 from util.data import normalization
-from util.outputs import appears, check_output_dir, claim_output_dir, release_output_dirs
+from util.outputs import (
+    appears,
+    check_output_dir,
+    claim_output_dir,
+    release_output_dirs,
+    remove_stale_temporaries,
+    temporary_path,
+)
 from util.train import distributed, interrupt
 from util.train.precision import fast_cuda_math
 
@@ -155,7 +160,8 @@ def check_no_earlier_run(output_dir: str, start: str = "") -> None:
 # How long the other ranks look for the file rank 0 made in --output_dir: a new name is looked up on the
 # server at once by an NFS client (it caches only names it has looked up), so this is only a margin.
 SEEN_WAIT_S = 10.0
-MARKER_PREFIX = ".seen-by-every-rank-"
+# The file is a temporary of this name (``temporary_path``): one a killed run left is stale like any other.
+SEEN_MARKER = ".seen-by-every-rank"
 
 
 def check_seen_by_every_rank(output_dir: str) -> None:
@@ -168,9 +174,10 @@ def check_seen_by_every_rank(output_dir: str) -> None:
         return
     marker = None
     if distributed.is_main_process():
-        remove_stale_markers(output_dir)  # of a run killed in between: the folder is this run's now
-        fd, marker = tempfile.mkstemp(dir=output_dir, prefix=MARKER_PREFIX)
-        os.close(fd)
+        # Those of a run killed in between: the folder is this run's now.
+        remove_stale_temporaries(output_dir, lambda name: name == SEEN_MARKER)
+        marker = temporary_path(os.path.join(output_dir, SEEN_MARKER))
+        open(marker, "w").close()
     path = os.path.join(output_dir, str(distributed.from_main(os.path.basename(marker or ""))))
     seen = distributed.gather(appears(path, SEEN_WAIT_S))
     if marker is not None:
@@ -181,13 +188,6 @@ def check_seen_by_every_rank(output_dir: str) -> None:
             f"rank 0 writes there (a folder on each node's local disk?), so a job continued with --resume auto "
             f"would not find its checkpoints on every node; put --output_dir on storage every node of the job shares"
         )
-
-
-def remove_stale_markers(output_dir: str) -> None:
-    for name in os.listdir(output_dir):
-        if name.startswith(MARKER_PREFIX):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(output_dir, name))
 
 
 def check_not_among_outputs(finetune: str, output_dir: str) -> None:
