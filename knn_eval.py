@@ -97,10 +97,9 @@ def check_encoder_files(checkpoints: list[str]) -> None:
         if len(lacking) == len(seen):
             fail(f"--encoders {path} is neither a checkpoint file nor 'random' or 'pixels'; check its path")
         if lacking:
-            ranks = ", ".join(map(str, lacking))
             fail(
-                f"--encoders {path}: rank(s) {ranks} of {len(seen)} see no such file: every node of the job must "
-                f"see the same files; {SHARED_CHECKPOINT}"
+                f"--encoders {path}: rank(s) {distributed.listed_ranks(lacking)} of {len(seen)} see no such file: "
+                f"every node of the job must see the same files; {SHARED_CHECKPOINT}"
             )
 
 

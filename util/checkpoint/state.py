@@ -232,9 +232,10 @@ def open_on_every_rank(
     size = len(seen)
     if failed:
         read = [rank for rank in range(size) if rank not in failed]
+        why = seen[failed[0]][1]
         fail(
-            f"{flag} {path}: rank(s) {_ranks(failed)} of {size} cannot read it ({seen[failed[0]][1]}), rank(s) "
-            f"{_ranks(read)} can: every node of the job must see the same files; {advice}"
+            f"{flag} {path}: rank(s) {distributed.listed_ranks(failed)} of {size} cannot read it ({why}), rank(s) "
+            f"{distributed.listed_ranks(read)} can: every node of the job must see the same files; {advice}"
         )
     if any(fingerprint != seen[0][1] for _, fingerprint in seen):
         shown = "; ".join(f"rank {rank}: {fingerprint}" for rank, (_, fingerprint) in enumerate(seen))
@@ -272,10 +273,6 @@ def download_on_every_rank(url: str, flag: str) -> None:
             return
         downloaders = set(first_lacking.values())
     fail(f"{flag} {url}: downloaded, yet some ranks cannot see their copy in torch.hub's cache; check its folder")
-
-
-def _ranks(ranks: list[int]) -> str:
-    return ", ".join(map(str, ranks))
 
 
 def _fingerprint(opened: Opened) -> str:

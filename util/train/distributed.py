@@ -225,6 +225,11 @@ def barrier() -> None:
         dist.barrier()
 
 
+def listed_ranks(ranks: list[int]) -> str:
+    """Ranks as messages name them: '0, 2, 3'."""
+    return ", ".join(map(str, ranks))
+
+
 def from_main(value: object) -> object:
     """Rank 0's ``value`` (any picklable object) on every rank: what rank 0 alone decides."""
     if not is_dist():

@@ -184,7 +184,7 @@ def check_seen_by_every_rank(output_dir: str) -> None:
         os.remove(marker)
     if blind := [rank for rank, saw in enumerate(seen) if not saw]:
         fail(
-            f"--output_dir {output_dir}: rank(s) {', '.join(map(str, blind))} of {len(seen)} do not see the files "
+            f"--output_dir {output_dir}: rank(s) {distributed.listed_ranks(blind)} of {len(seen)} do not see the files "
             f"rank 0 writes there (a folder on each node's local disk?), so a job continued with --resume auto "
             f"would not find its checkpoints on every node; put --output_dir on storage every node of the job shares"
         )
