@@ -232,7 +232,9 @@ def test_two_urls_with_the_same_file_name_do_not_share_a_cache_file(tmp_path, mo
         got_b = load_checkpoint(f"{url_b}/checkpoint.pth")["model"]["w"]
         (tmp_path / "b" / "damaged.pth").write_bytes(b"<html>not found</html>")
         damaged = f"{url_b}/damaged.pth"
-        _one_line_error(lambda: load_checkpoint(damaged), damaged, "downloaded copy was removed")
+        message = _one_line_error(lambda: load_checkpoint(damaged), damaged, "downloaded copy was removed")
+        # What to do with a URL (not a file's "use an earlier checkpoint or write it again"):
+        assert message.endswith("removed: run again to download it afresh, or download it yourself and give the file")
     assert torch.equal(got_a, weights["a"]) and torch.equal(got_b, weights["b"])
     # Served from the cache once downloaded; the damaged download was not kept.
     assert torch.equal(load_checkpoint(f"{url_a}/checkpoint.pth")["model"]["w"], weights["a"])

@@ -18,6 +18,7 @@ from helpers import run_ranks, serve
 
 import main_finetune
 from util.checkpoint import state as checkpoint
+from util.checkpoint.load import cached_path
 from util.checkpoint.state import TrainState, save_checkpoint
 from util.train import distributed, run
 from util.train.precision import LossScaler
@@ -300,14 +301,19 @@ def test_a_finetune_checkpoint_among_the_outputs_stops_every_rank_in_its_line(tm
     assert all(expected in log and "Traceback" not in log for log in logs), logs
 
 
-def _download_on_three_ranks(tmp_path: Path, monkeypatch, name: str, exit_code: int) -> tuple[list[str], list[str]]:
+def _download_on_three_ranks(
+    tmp_path: Path, monkeypatch, name: str, exit_code: int | tuple[int, ...], cached: bytes | None = None
+) -> tuple[list[str], list[str], str]:
     """Ranks 0 and 1 share a torch.hub cache (one node, or a shared home), rank 2 has its own (another
-    node's disk); each opens ``name`` from a local HTTP server as --finetune does. Their outputs, and the
-    paths the server was asked for."""
+    node's disk); each opens ``name`` from a local HTTP server as --finetune does, which serves
+    weights.pth and truncated.pth (its first half). ``cached``: the shared cache holds these bytes as
+    the URL's copy already. Their outputs, the paths the server was asked for, and the URL."""
     for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
         monkeypatch.delenv(var, raising=False)
     (tmp_path / "served").mkdir()
     torch.save({"model": {"w": torch.arange(4.0)}}, tmp_path / "served" / "weights.pth")
+    whole = (tmp_path / "served" / "weights.pth").read_bytes()
+    (tmp_path / "served" / "truncated.pth").write_bytes(whole[: len(whole) // 2])
 
     def rank_main() -> None:
         own = os.environ["RANK"] == "2"
@@ -321,13 +327,18 @@ def _download_on_three_ranks(tmp_path: Path, monkeypatch, name: str, exit_code: 
 
     with serve(tmp_path / "served") as (address, asked):
         url = f"{address}/{name}"
-        logs = run_ranks(rank_main, tmp_path / "ranks", world_size=3, exit_codes=(exit_code,) * 3, timeout=120)
-    return logs, asked
+        if cached is not None:
+            monkeypatch.setenv("TORCH_HOME", str(tmp_path / "shared-cache"))
+            Path(cached_path(url)).parent.mkdir(parents=True)
+            Path(cached_path(url)).write_bytes(cached)
+        codes = exit_code if isinstance(exit_code, tuple) else (exit_code,) * 3
+        logs = run_ranks(rank_main, tmp_path / "ranks", world_size=3, exit_codes=codes, timeout=120)
+    return logs, asked, url
 
 
 def test_a_url_is_downloaded_once_per_cache_not_once_per_rank(tmp_path, monkeypatch):
     """Every rank downloaded it at once: eight ranks of a node fetched the same file eight times."""
-    logs, asked = _download_on_three_ranks(tmp_path, monkeypatch, "weights.pth", 0)
+    logs, asked, _ = _download_on_three_ranks(tmp_path, monkeypatch, "weights.pth", 0)
     assert asked == ["/weights.pth"] * 2, asked  # the shared cache once, rank 2's own once
     for log in logs:
         assert "loaded [0.0, 1.0, 2.0, 3.0]" in log, log
@@ -335,11 +346,41 @@ def test_a_url_is_downloaded_once_per_cache_not_once_per_rank(tmp_path, monkeypa
 
 
 def test_a_failed_download_stops_every_rank_in_rank_0s_line(tmp_path, monkeypatch):
-    logs, asked = _download_on_three_ranks(tmp_path, monkeypatch, "missing.pth", 2)
+    logs, asked, url = _download_on_three_ranks(tmp_path, monkeypatch, "missing.pth", 2)
     assert asked == ["/missing.pth"], asked  # the other ranks did not try again
-    url = logs[0].split("checkpoint ", 1)[1].split(" ", 1)[0]
     for log in logs:
         assert log.endswith(
             f"error: --finetune: rank 0 of 3: checkpoint {url} could not be downloaded (HTTPError: HTTP Error 404: "
             f"File not found); download it yourself and give the file\n"
         ), log
+
+
+def test_a_damaged_download_is_asked_for_once_and_stops_every_rank_in_one_line(tmp_path, monkeypatch):
+    """Rank 0 removed its damaged copy when it failed to load it, while rank 1, which shares its cache,
+    read it: rank 1 downloaded it again (a third request) or found no such file, and the advice, to use
+    an earlier checkpoint or write it again, fitted a file, not a URL."""
+    logs, asked, url = _download_on_three_ranks(tmp_path, monkeypatch, "truncated.pth", 2)
+    assert asked == ["/truncated.pth"], asked  # rank 0's download only: the others waited for its check
+    for log in logs:
+        assert log.endswith(
+            f"error: --finetune: rank 0 of 3: checkpoint {url} is truncated or not a PyTorch checkpoint; its "
+            f"downloaded copy was removed: run again to download it afresh, or download it yourself and give the file\n"
+        ), log
+    assert not list(tmp_path.glob("*cache*/**/truncated.pth"))
+
+
+def test_a_damaged_copy_already_cached_is_named_and_left_for_the_ranks_reading_it(tmp_path, monkeypatch):
+    """A copy in the cache before the run (one killed between its download and its first load) is read by
+    every rank that shares the cache: none removes it under the others. Rank 2, with a cache of its own,
+    downloads a good copy; the line says which ranks cannot read it and what to do, not to share storage."""
+    page = b"<html>sign in</html>"
+    logs, asked, url = _download_on_three_ranks(tmp_path, monkeypatch, "weights.pth", 2, cached=page)
+    assert asked == ["/weights.pth"], asked  # rank 2's
+    copy = next((tmp_path / "shared-cache").rglob("weights.pth"))
+    expected = (
+        f"error: --finetune {url}: rank(s) 0, 1 of 3 cannot read it (checkpoint {url} is truncated or not a "
+        f"PyTorch checkpoint (its copy in torch.hub's cache, {copy}); remove that file and run again to download "
+        f"it afresh, or download it yourself and give the file), rank(s) 2 can\n"
+    )
+    assert all(log.endswith(expected) for log in logs), logs
+    assert copy.read_bytes() == page

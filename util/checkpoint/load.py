@@ -15,7 +15,7 @@ import urllib.parse
 import zipfile
 import zlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -46,13 +46,33 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     checksum it stores is verified first (torch.load does not check a zip's CRC-32s)."""
     if not is_url(path):
         return _load_file(path, path)
-    local = download(path)
+    local, fresh = download(path)
     try:
         return _load_file(local, path)
+    except DamagedFile as e:
+        if not fresh:
+            fail(f"{e.what} (its copy in torch.hub's cache, {local}); {AFRESH_BY_HAND}")
+        _remove_download(local)
+        fail(f"{e.what}; {AFRESH}")
     except UserError as e:
-        with contextlib.suppress(FileNotFoundError):  # another rank may have removed it already
-            os.remove(local)  # a damaged or refused download must not be served again from the cache
+        if not fresh:
+            fail(f"{e} (read from its copy in torch.hub's cache, {local})")
+        _remove_download(local)
         fail(f"{e} (its downloaded copy was removed)")
+
+
+# What a damaged URL download says to do: every rank of a job ends in this line, the same one.
+AFRESH = "its downloaded copy was removed: run again to download it afresh, or download it yourself and give the file"
+# A damaged copy that was in the cache already is left there: another process (a rank of a job sharing the
+# cache) may be reading it, and one that found it gone would download it again, or say it does not exist.
+AFRESH_BY_HAND = "remove that file and run again to download it afresh, or download it yourself and give the file"
+
+
+def _remove_download(local: str) -> None:
+    """Remove a copy this process has just downloaded and that does not load, so that the cache does not
+    serve it again. Only its downloader reads it yet (in a job, the other ranks wait: download_on_every_rank)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(local)
 
 
 def cached_path(url: str) -> str:
@@ -63,11 +83,12 @@ def cached_path(url: str) -> str:
     return os.path.join(folder, name)
 
 
-def download(url: str) -> str:
-    """The local copy of ``url`` in torch.hub's cache (``cached_path``), downloaded if not there yet."""
+def download(url: str) -> tuple[str, bool]:
+    """The local copy of ``url`` in torch.hub's cache (``cached_path``), downloaded if not there yet, and
+    whether this call downloaded it."""
     local = cached_path(url)
     if os.path.isfile(local):
-        return local
+        return local, False
     log.info(f"downloading {url} to {local}")
     try:
         os.makedirs(os.path.dirname(local), exist_ok=True)
@@ -77,7 +98,20 @@ def download(url: str) -> str:
             f"checkpoint {url} could not be downloaded ({type(e).__name__}: {str(e)[:160]}); "
             f"download it yourself and give the file"
         )
-    return local
+    return local, True
+
+
+class DamagedFile(UserError):
+    """A checkpoint file whose bytes are wrong (truncated, not the format it claims, a checksum that
+    fails): ``what`` says so, and the advice after it fits a file; a URL's copy says another (``AFRESH``)."""
+
+    def __init__(self, what: str, advice: str):
+        super().__init__(f"{what}; {advice}")
+        self.what = what
+
+
+def damaged(what: str, advice: str) -> NoReturn:
+    raise DamagedFile(what, advice)
 
 
 def _load_file(path: str, shown: str) -> dict[str, Any]:
@@ -124,9 +158,10 @@ def _load_torch(path: str, shown: str, kind: str) -> dict[str, Any]:
     return ckpt
 
 
-def _not_torch(shown: str, why: str = "") -> None:
-    fail(
-        f"checkpoint {shown} is truncated or not a PyTorch checkpoint{why}; use an earlier checkpoint or write it again"
+def _not_torch(shown: str, why: str = "") -> NoReturn:
+    damaged(
+        f"checkpoint {shown} is truncated or not a PyTorch checkpoint{why}",
+        "use an earlier checkpoint or write it again",
     )
 
 
@@ -147,7 +182,9 @@ def verify_zip(path: str, shown: str) -> None:
                     while f.read(1 << 20):
                         pass
     except Exception as e:  # BadZipFile for a wrong CRC or header, OSError, EOFError, zlib.error, ...
-        fail(f"checkpoint {shown} is damaged in {where} ({str(e)[:80]}); use an earlier checkpoint or write it again")
+        damaged(
+            f"checkpoint {shown} is damaged in {where} ({str(e)[:80]})", "use an earlier checkpoint or write it again"
+        )
 
 
 def load_safetensors(path: str, shown: str) -> dict[str, Any]:
@@ -163,13 +200,13 @@ def load_safetensors(path: str, shown: str) -> dict[str, Any]:
             metadata = f.metadata() or {}
         state = load_file(path, device="cpu")
     except Exception as e:  # SafetensorError for damaged headers, OSError, ...
-        fail(f"checkpoint {shown} is truncated or not a safetensors file ({first_line(e)[:160]}); write it again")
+        damaged(f"checkpoint {shown} is truncated or not a safetensors file ({first_line(e)[:160]})", "write it again")
     if CHECKSUM_KEY in metadata:
         verify_checksums(state, metadata[CHECKSUM_KEY], shown)
     try:
         args = argparse.Namespace(**json.loads(metadata["args"])) if "args" in metadata else None
     except (ValueError, TypeError) as e:
-        fail(f"checkpoint {shown}: its 'args' metadata is not a JSON object of flags ({e}); export it again")
+        damaged(f"checkpoint {shown}: its 'args' metadata is not a JSON object of flags ({e})", "export it again")
     return {"model": state, "args": args}
 
 
@@ -196,12 +233,14 @@ def verify_checksums(state: StateDict, stored: str, shown: str) -> None:
     except ValueError:
         expected = None
     if not isinstance(expected, dict) or not all(isinstance(v, int) for v in expected.values()):
-        fail(f"checkpoint {shown}: its '{CHECKSUM_KEY}' metadata is not a JSON object of checksums; write it again")
+        damaged(
+            f"checkpoint {shown}: its '{CHECKSUM_KEY}' metadata is not a JSON object of checksums", "write it again"
+        )
     for name in sorted(set(expected) | set(state)):
         if name not in state or name not in expected or tensor_crc32(state[name]) != expected[name]:
-            fail(
-                f"checkpoint {shown} is damaged: its tensor {name} does not match its checksum; "
-                f"use an earlier copy or export it again"
+            damaged(
+                f"checkpoint {shown} is damaged: its tensor {name} does not match its checksum",
+                "use an earlier copy or export it again",
             )
 
 

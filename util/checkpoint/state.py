@@ -19,7 +19,6 @@ from util.checkpoint.files import atomic_save, checkpoint_name, list_checkpoints
 from util.checkpoint.load import (
     cached_path,
     check_training_entries,
-    download,
     is_url,
     load_checkpoint,
     load_model_strict,
@@ -233,9 +232,11 @@ def open_on_every_rank(
     if failed:
         read = [rank for rank in range(size) if rank not in failed]
         why = seen[failed[0]][1]
+        # A URL's copies are in each rank's torch.hub cache: what to do is in the reason (a damaged copy).
+        tail = "" if is_url(path) else f": every node of the job must see the same files; {advice}"
         fail(
             f"{flag} {path}: rank(s) {distributed.listed_ranks(failed)} of {size} cannot read it ({why}), rank(s) "
-            f"{distributed.listed_ranks(read)} can: every node of the job must see the same files; {advice}"
+            f"{distributed.listed_ranks(read)} can{tail}"
         )
     if any(fingerprint != seen[0][1] for _, fingerprint in seen):
         shown = "; ".join(f"rank {rank}: {fingerprint}" for rank, (_, fingerprint) in enumerate(seen))
@@ -250,15 +251,18 @@ def download_on_every_rank(url: str, flag: str) -> None:
     """Put ``url``'s copy into every rank's cache, downloading it once per cache, not once per rank
     (eight ranks of a node fetching the same gigabyte at once): rank 0 first, so that a cache the
     whole job shares is filled once; then, round by round, the lowest rank of each machine whose
-    cache still lacks it, while the others wait. A failed download stops every rank with its line."""
+    cache still lacks it, while the others wait. A downloader loads its copy once while they wait,
+    so that one that does not load (truncated, an HTML page) is removed before any other rank reads
+    it: removed later, a rank sharing the cache downloaded it again or found it gone. A failed or
+    damaged download stops every rank with the downloader's line."""
     if not distributed.is_dist():
         return
     machine, downloaders = socket.gethostname(), {0}
     for _ in range(distributed.world_size()):  # each round fills at least one more rank's cache
         error = None
-        if distributed.rank() in downloaders:
+        if distributed.rank() in downloaders and not os.path.isfile(cached_path(url)):
             try:
-                download(url)
+                load_checkpoint(url)  # downloads it, and removes a copy that does not load
             except UserError as e:
                 error = str(e)
         seen = distributed.gather((machine, os.path.isfile(cached_path(url)), error))
