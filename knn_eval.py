@@ -86,6 +86,13 @@ def open_on_every_rank_of(encoder: str) -> Opened:
     return open_on_every_rank(lambda: open_checkpoint(encoder), encoder, "--encoders")
 
 
+def saved_args_on_every_rank(encoder: str) -> argparse.Namespace | None:
+    """The flags an ``--encoders`` checkpoint stores (``saved_args``: its weights are not read here), the same
+    file on every rank, or every rank stops in one line. Read by each rank alone, a file one rank could not
+    read stopped that rank alone, and the others ended saying another process stopped."""
+    return open_on_every_rank(lambda: Opened(encoder, {"args": saved_args(encoder)}), encoder, "--encoders").args
+
+
 def check_encoder_files(checkpoints: list[str]) -> None:
     """Every local ``--encoders`` file exists on every rank, or every rank stops in the same line.
     Checked after joining the process group: a rank that stopped alone before it left the others
@@ -142,7 +149,7 @@ def main(args: argparse.Namespace) -> None:
     args.precision = resolve_precision(args.precision, args.device)
     # One normalisation for every encoder (they share the images): the flags, else the first
     # checkpoint's; an encoder trained with other values is named in a warning.
-    others = [(f"checkpoint {e}", saved_args(e)) for e in checkpoints[1:]]
+    others = [(f"checkpoint {e}", saved_args_on_every_rank(e)) for e in checkpoints[1:]]
     sources = [(f"checkpoint {first.path}", first.args)] + others if first else []
     check_rgb(sources)
     normalization.resolve(args, sources)

@@ -25,6 +25,7 @@ from helpers import (
 import knn_eval
 import models_mae
 from util.checkpoint.encoder import load_mae_encoder
+from util.checkpoint.state import SHARED_CHECKPOINT
 from util.cli.errors import UserError
 from util.data.sampling import evenly_spaced
 from util.eval import knn
@@ -206,6 +207,32 @@ def test_an_encoder_file_one_rank_lacks_stops_both_ranks_in_one_line(tmp_path):
     for log in logs:
         (line,) = [line for line in log.splitlines() if line.startswith("error:")]
         assert line.startswith("error: --encoders enc.pth: rank(s) 1 of 2 see no such file"), log
+        assert "Traceback" not in log, log
+
+
+def test_an_encoder_after_the_first_one_rank_cannot_read_stops_both_ranks_in_one_line(tmp_path):
+    """The flags of the encoders after the first were read by each rank alone: rank 1 stopped on its
+    damaged copy, and rank 0 ended saying another process stopped and to restart with --resume auto."""
+    data = labelled_folder(tmp_path / "data", 4, 2)
+    for node in (tmp_path / "node0", tmp_path / "node1"):
+        node.mkdir()
+        torch.save({"model": {"w": torch.ones(2)}}, node / "first.pth")  # opened, not loaded into a model
+        torch.save({"model": {"w": torch.ones(2)}}, node / "second.pth")
+    whole = (tmp_path / "node1" / "second.pth").read_bytes()
+    (tmp_path / "node1" / "second.pth").write_bytes(whole[: len(whole) // 2])
+
+    def main() -> None:  # the same paths on each rank, each in its node's folder
+        os.chdir(tmp_path / f"node{os.environ['RANK']}")
+        argv = ["--data_path", str(data), "--model", "mae_vit_tiny_patch4", "--encoders", "first.pth", "second.pth"]
+        knn_eval.main(knn_eval.get_args_parser().parse_args(argv + ["--device", "cpu"]))
+
+    logs = run_ranks(main, tmp_path / "ranks", 2, timeout=60, exit_codes=(2, 2))
+    for log in logs:
+        (line,) = [line for line in log.splitlines() if line.startswith("error:")]
+        assert line.startswith(
+            "error: --encoders second.pth: rank(s) 1 of 2 cannot read it (checkpoint second.pth is truncated"
+        ), log
+        assert line.endswith("rank(s) 0 can: every node of the job must see the same files; " + SHARED_CHECKPOINT)
         assert "Traceback" not in log, log
 
 
