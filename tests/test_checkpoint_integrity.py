@@ -2,6 +2,7 @@
 weights of a dtype that would be cast silently, forged shapes and non-finite values are refused,
 URLs never share a cache file, and malformed training entries are one-line errors."""
 
+import errno
 import functools
 import importlib
 import json
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import assert_same, serve
+from helpers import assert_same, free_port, serve
 
 import models_mae
 import models_vit
@@ -239,6 +240,44 @@ def test_two_urls_with_the_same_file_name_do_not_share_a_cache_file(tmp_path, mo
     # Served from the cache once downloaded; the damaged download was not kept.
     assert torch.equal(load_checkpoint(f"{url_a}/checkpoint.pth")["model"]["w"], weights["a"])
     assert sorted(p.name for p in (tmp_path / "torch_home").rglob("*.pth")) == ["checkpoint.pth"] * 2
+
+
+def _read_only_folder(monkeypatch) -> None:
+    """torch.hub's temporary file cannot be made, as in a read-only folder (root writes into one)."""
+
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", path)
+
+    monkeypatch.setattr(torch.hub, "open", refuse, raising=False)  # its module's name for the builtin
+
+
+@pytest.mark.parametrize("cache", ["under a file", "read-only"])
+def test_a_cache_that_cannot_be_written_is_named_with_what_to_do(tmp_path, monkeypatch, cache):
+    """It said that the checkpoint 'could not be downloaded' and to download it yourself: the server was fine."""
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    (tmp_path / "served").mkdir()
+    torch.save({"model": {"w": torch.ones(2)}}, tmp_path / "served" / "w.pth")
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / ("a-file" if cache == "under a file" else "home")))
+    if cache == "read-only":
+        _read_only_folder(monkeypatch)
+    with serve(tmp_path / "served") as (address, _):
+        url = f"{address}/w.pth"
+        message = _one_line_error(lambda: load_checkpoint(url), url, "cannot be downloaded into torch.hub's cache")
+    why = "Not a directory" if cache == "under a file" else "Permission denied"
+    assert message.endswith(
+        f"({why}): set TORCH_HOME to a folder you can write, or download it yourself and give the file"
+    )
+
+
+def test_a_server_that_is_down_says_to_download_it_yourself(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    url = f"http://127.0.0.1:{free_port()}/w.pth"  # nothing listens there
+    message = _one_line_error(lambda: load_checkpoint(url), url, "could not be downloaded (URLError", "refused")
+    assert message.endswith("; download it yourself and give the file")
 
 
 # ---------------------------------------------------------------------------------------------

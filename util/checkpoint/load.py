@@ -4,6 +4,7 @@ finite weights of a usable dtype, or names what does not fit."""
 
 import argparse
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -11,6 +12,7 @@ import os
 import pathlib
 import pickle
 import re
+import urllib.error
 import urllib.parse
 import zipfile
 import zlib
@@ -94,11 +96,21 @@ def download(url: str) -> tuple[str, bool]:
         os.makedirs(os.path.dirname(local), exist_ok=True)
         torch.hub.download_url_to_file(url, local, progress=False)  # to a temporary file, then renamed
     except Exception as e:  # network errors, HTTP errors, a cache folder that cannot be written
+        if isinstance(e, OSError) and not isinstance(e, urllib.error.URLError) and e.errno in _CACHE_ERRNOS:
+            fail(
+                f"checkpoint {url} cannot be downloaded into torch.hub's cache {os.path.dirname(local)} "
+                f"({e.strerror}): set TORCH_HOME to a folder you can write, or download it yourself and give the file"
+            )
         fail(
             f"checkpoint {url} could not be downloaded ({type(e).__name__}: {str(e)[:160]}); "
             f"download it yourself and give the file"
         )
     return local, True
+
+
+# What a cache folder that cannot be written raises (read-only, full, a file in its path), not the network: the
+# advice is another folder, not another download.
+_CACHE_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EEXIST)
 
 
 class DamagedFile(UserError):
