@@ -148,18 +148,22 @@ def init_distributed_mode(args: Namespace) -> None:
     seconds = start_timeout(os.environ)  # checked before anything waits
     args.rank, args.world_size, args.gpu, args.distributed = world.rank, world.size, world.local_rank, True
     use_cuda = str(args.device).startswith("cuda")
+    device = None
     if use_cuda:
         if world.local_rank >= (count := torch.cuda.device_count()):
             fail(f"local rank {world.local_rank} has no GPU: this node has {count}; start {count} process(es) per node")
-        torch.cuda.set_device(world.local_rank)
-        args.device = f"cuda:{world.local_rank}"
-    join(world, "nccl" if use_cuda else "gloo", seconds)
+        device = torch.device("cuda", world.local_rank)
+        # Before the process group: NCCL's collectives, object collectives included, run on the current device.
+        torch.cuda.set_device(device)
+        args.device = str(device)
+    join(world, "nccl" if use_cuda else "gloo", seconds, device)
     set_rank(args.rank, distributed=True)
 
 
-def join(world: World, backend: str, seconds: float) -> None:
+def join(world: World, backend: str, seconds: float, device: torch.device | None = None) -> None:
     """Meet the other processes (waiting at most ``seconds``, saying so after a few) and start the
-    default process group, whose collectives then time out after ``COLLECTIVE_TIMEOUT``."""
+    default process group, whose collectives then time out after ``COLLECTIVE_TIMEOUT``. ``device``: the
+    rank's GPU under NCCL, bound to the group, whose barriers would otherwise guess it (and warn)."""
     waiting = f"rank {world.rank} of {world.size}"
     advice = (
         f"start all {world.size} processes with the same rendezvous address (a free port), or wait longer "
@@ -185,7 +189,9 @@ def join(world: World, backend: str, seconds: float) -> None:
     finally:
         notice.cancel()
     store.set_timeout(COLLECTIVE_TIMEOUT)
-    dist.init_process_group(backend, store=store, rank=world.rank, world_size=world.size, timeout=COLLECTIVE_TIMEOUT)
+    dist.init_process_group(
+        backend, store=store, rank=world.rank, world_size=world.size, timeout=COLLECTIVE_TIMEOUT, device_id=device
+    )
     dist.barrier()
 
 

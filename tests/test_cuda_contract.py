@@ -1,0 +1,106 @@
+"""What CUDA and NCCL ask of the code, checked on a CPU with torch.cuda and the process group faked
+(tests/test_cuda.py runs the real thing where there is a GPU): each process on its own GPU before its
+NCCL group starts, and the group bound to it; the tensors of collectives on the run's device."""
+
+from argparse import Namespace
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from util.cli.log import set_rank
+from util.eval import knn
+from util.train import distributed
+
+LAUNCHERS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_STEP_ID", "OMPI_COMM_WORLD_RANK", "CUDA_VISIBLE_DEVICES")
+ADDRESS = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+
+
+class Stop(Exception):
+    """Raised by a faked collective once it has seen its tensors."""
+
+
+class FakeStore:
+    def set_timeout(self, timeout) -> None:
+        pass
+
+
+class Calls(list):
+    """What the faked torch was asked, in order, as (name, argument); ``gpus``: how many it has."""
+
+    gpus = 2
+
+
+@pytest.fixture
+def fake_gpus(monkeypatch):
+    """A machine with GPUs (2 unless the test sets ``fake_gpus.gpus``) and a process group that starts
+    without starting: returns the recorded ``Calls``."""
+    calls = Calls()
+    for name in LAUNCHERS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: calls.gpus)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
+    monkeypatch.setattr(distributed, "_wait_for_listener", lambda *a: None)
+
+    def rendezvous(*args, **kwargs):
+        calls.append(("rendezvous", None))
+        return iter([(FakeStore(), 0, 0)])
+
+    monkeypatch.setattr(dist, "rendezvous", rendezvous)
+    monkeypatch.setattr(dist, "init_process_group", lambda name, **k: calls.append(("init_process_group", (name, k))))
+    monkeypatch.setattr(dist, "barrier", lambda *a, **k: calls.append(("barrier", None)))
+    yield calls
+    set_rank(0, distributed=False)  # as a single process: the log shows everything again
+
+
+def _gpu_args(device: str = "cuda") -> Namespace:
+    return Namespace(dist_url="env://", dist_on_itp=False, device=device)
+
+
+def test_each_rank_takes_its_gpu_before_its_nccl_group_starts_and_binds_the_group_to_it(fake_gpus, monkeypatch):
+    for name, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "1", **ADDRESS}.items():
+        monkeypatch.setenv(name, value)
+    args = _gpu_args()
+    distributed.init_distributed_mode(args)
+    assert [name for name, _ in fake_gpus] == ["set_device", "rendezvous", "init_process_group", "barrier"]
+    assert fake_gpus[0] == ("set_device", torch.device("cuda", 1))
+    backend, options = fake_gpus[2][1]
+    # Unbound, NCCL's barrier guesses the device (warning "using the device under current context").
+    assert backend == "nccl" and options["device_id"] == torch.device("cuda", 1)
+    assert args.device == "cuda:1" and args.gpu == 1
+
+
+def test_a_gloo_group_is_bound_to_no_device(fake_gpus, monkeypatch):
+    for name, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "1", **ADDRESS}.items():
+        monkeypatch.setenv(name, value)
+    distributed.init_distributed_mode(_gpu_args("cpu"))
+    assert [name for name, _ in fake_gpus] == ["rendezvous", "init_process_group", "barrier"]
+    backend, options = fake_gpus[1][1]
+    assert backend == "gloo" and options.get("device_id") is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Collectives: NCCL takes tensors on the rank's GPU only ("meta" stands for it here)
+def test_summed_numbers_travel_on_the_runs_device(monkeypatch):
+    seen = []
+
+    def all_reduce(tensor, *a, **k):
+        seen.append(tensor.device)
+        raise Stop
+
+    monkeypatch.setattr(distributed, "is_dist", lambda: True)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    for call in (lambda: distributed.all_reduce_sum([1.0, 2.0], "meta"), lambda: distributed.any_rank(True, "meta")):
+        with pytest.raises(Stop):
+            call()
+    assert seen == [torch.device("meta")] * 2
+
+
+def test_knn_features_are_gathered_on_their_device(monkeypatch):
+    seen = []
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(dist, "all_gather", lambda outputs, tensor: seen.extend(t.device for t in [*outputs, tensor]))
+    gathered = knn._gather_in_order(torch.empty(3, 8, device="meta"), 5)
+    assert gathered.shape == (5, 8) and gathered.device.type == "meta"
+    assert seen == [torch.device("meta")] * 3
