@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from util.cli.errors import UserError
 from util.cli.log import set_rank
 from util.eval import knn
 from util.train import distributed
@@ -78,6 +79,33 @@ def test_a_gloo_group_is_bound_to_no_device(fake_gpus, monkeypatch):
     assert [name for name, _ in fake_gpus] == ["rendezvous", "init_process_group", "barrier"]
     backend, options = fake_gpus[1][1]
     assert backend == "gloo" and options.get("device_id") is None
+
+
+SRUN = {"SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "4", "SLURM_PROCID": "3", "SLURM_LOCALID": "3", **ADDRESS}
+
+
+def test_a_process_given_one_gpu_of_its_own_trains_on_it_whatever_its_local_rank(fake_gpus, monkeypatch):
+    """srun --gpus-per-task=1: each task sees one GPU (CUDA_VISIBLE_DEVICES names it), SLURM_LOCALID counts on."""
+    fake_gpus.gpus = 1
+    for name, value in {**SRUN, "CUDA_VISIBLE_DEVICES": "3"}.items():
+        monkeypatch.setenv(name, value)
+    args = _gpu_args()
+    distributed.init_distributed_mode(args)
+    assert fake_gpus[0] == ("set_device", torch.device("cuda", 0))
+    assert args.device == "cuda:0" and args.gpu == 0
+    assert fake_gpus[2][1][1]["device_id"] == torch.device("cuda", 0)
+
+
+@pytest.mark.parametrize("visible", [None, "0,1"], ids=["all-visible", "two-visible"])
+def test_more_processes_than_gpus_are_still_refused(fake_gpus, monkeypatch, visible):
+    fake_gpus.gpus = 1
+    for name, value in SRUN.items():
+        monkeypatch.setenv(name, value)
+    if visible:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    with pytest.raises(UserError, match=r"^local rank 3 has no GPU: this node has 1; start 1 process\(es\) per node$"):
+        distributed.init_distributed_mode(_gpu_args())
+    assert fake_gpus == []
 
 
 # ---------------------------------------------------------------------------------------------

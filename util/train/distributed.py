@@ -150,14 +150,26 @@ def init_distributed_mode(args: Namespace) -> None:
     use_cuda = str(args.device).startswith("cuda")
     device = None
     if use_cuda:
-        if world.local_rank >= (count := torch.cuda.device_count()):
-            fail(f"local rank {world.local_rank} has no GPU: this node has {count}; start {count} process(es) per node")
-        device = torch.device("cuda", world.local_rank)
+        args.gpu = gpu_of(world.local_rank, os.environ)
+        device = torch.device("cuda", args.gpu)
         # Before the process group: NCCL's collectives, object collectives included, run on the current device.
         torch.cuda.set_device(device)
         args.device = str(device)
     join(world, "nccl" if use_cuda else "gloo", seconds, device)
     set_rank(args.rank, distributed=True)
+
+
+def gpu_of(local_rank: int, env: Mapping[str, str]) -> int:
+    """The GPU index of the process of ``local_rank`` on its node: the local rank, or 0 where the launcher
+    gave each process one GPU of its own (srun --gpus-per-task=1: CUDA_VISIBLE_DEVICES names one, whatever
+    SLURM_LOCALID says)."""
+    count = torch.cuda.device_count()
+    if local_rank < count:
+        return local_rank
+    visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    if count == 1 and len(visible) == 1:
+        return 0
+    fail(f"local rank {local_rank} has no GPU: this node has {count}; start {count} process(es) per node")
 
 
 def join(world: World, backend: str, seconds: float, device: torch.device | None = None) -> None:
