@@ -1,6 +1,7 @@
 """What CUDA and NCCL ask of the code, checked on a CPU with torch.cuda and the process group faked
 (tests/test_cuda.py runs the real thing where there is a GPU): each process on its own GPU before its
-NCCL group starts, and the group bound to it; the tensors of collectives on the run's device."""
+NCCL group starts, and the group bound to it; a single process on the GPU it names; the tensors of
+collectives on the run's device."""
 
 from argparse import Namespace
 
@@ -106,6 +107,17 @@ def test_more_processes_than_gpus_are_still_refused(fake_gpus, monkeypatch, visi
     with pytest.raises(UserError, match=r"^local rank 3 has no GPU: this node has 1; start 1 process\(es\) per node$"):
         distributed.init_distributed_mode(_gpu_args())
     assert fake_gpus == []
+
+
+@pytest.mark.parametrize("device, current", [("cuda:1", torch.device("cuda", 1)), ("cuda", None), ("cpu", None)])
+def test_a_single_process_on_cuda_n_makes_it_the_current_device(fake_gpus, device, current):
+    """Else checkpoints saved GPU 0's random state (util/checkpoint/rng.py reads the current device's) while
+    the masks were drawn on GPU 1, whose stream a resumed run then restarted from the seed; and the loader's
+    pinned memory and is_bf16_supported used GPU 0, where nothing trains."""
+    args = _gpu_args(device)
+    distributed.init_distributed_mode(args)
+    assert fake_gpus == ([("set_device", current)] if current else [])
+    assert args.device == device and not args.distributed
 
 
 # ---------------------------------------------------------------------------------------------

@@ -143,6 +143,7 @@ def init_distributed_mode(args: Namespace) -> None:
     world = read_world(os.environ, args.dist_url, args.dist_on_itp)
     if world is None:
         args.rank, args.world_size, args.gpu, args.distributed = 0, 1, 0, False
+        use_named_gpu(args.device)
         set_rank(0, distributed=False)
         return
     seconds = start_timeout(os.environ)  # checked before anything waits
@@ -157,6 +158,15 @@ def init_distributed_mode(args: Namespace) -> None:
         args.device = str(device)
     join(world, "nccl" if use_cuda else "gloo", seconds, device)
     set_rank(args.rank, distributed=True)
+
+
+def use_named_gpu(device: str) -> None:
+    """Make a single process's ``--device cuda:N`` the current CUDA device. What torch takes from the current
+    device where none is named (the CUDA random state a checkpoint saves and resume restores, the loader's
+    pinned memory, is_bf16_supported) is then the GPU that trains, not GPU 0."""
+    parsed = torch.device(device)
+    if parsed.type == "cuda" and parsed.index is not None:
+        torch.cuda.set_device(parsed)
 
 
 def gpu_of(local_rank: int, env: Mapping[str, str]) -> int:
