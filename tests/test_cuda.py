@@ -119,6 +119,47 @@ def test_plain_jpegs_are_decoded_on_the_gpu_not_on_the_cpu(tmp_path):
     assert FALLBACKS.count == 0
 
 
+def test_memory_loader_crops_on_the_gpu_as_on_the_cpu():
+    """--loader memory resamples in float64 on the GPU, where training allows TF32 (whose 10-bit
+    mantissa would move many pixels by one level), and in float32 on the CPU: the same crops."""
+    images = torch.randint(0, 256, (64, 3, 40, 36), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True  # as util.train.run.start sets it
+    try:
+        batches = [next(iter(MemoryLoader(images.to(d), SeededSampler(64, 0), 32, 32)))[0] for d in ("cuda", "cpu")]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    on_gpu, on_cpu = batches
+    assert on_gpu.device.type == "cuda" and on_gpu.dtype == torch.uint8 and on_gpu.shape == (32, 3, 32, 32)
+    diff = (on_gpu.cpu().int() - on_cpu.int()).abs()
+    assert diff.max() <= 1 and (diff == 0).double().mean() >= 0.999, (diff.max(), (diff > 0).double().mean())
+
+
+def test_torchrun_one_process_nccl_compiled_with_accumulation_on_the_demo_data(tmp_path):
+    """The launch path of a GPU node: torchrun, an NCCL process group, --compile and --accum_iter 2."""
+    out = tmp_path / "out"
+    argv = ["-m", "torch.distributed.run", "--nproc_per_node=1", "main_pretrain.py", "--device", "cuda"]
+    argv += ["--data_path", str(DEMO.parent / "cifar10-2k-split"), "--output_dir", str(out), "--log_dir", str(out)]
+    argv += ["--model", "mae_vit_tiny_patch4", "--input_size", "32", "--batch_size", "64", "--epochs", "2"]
+    argv += ["--compile", "--accum_iter", "2", "--precision", "bf16", "--num_workers", "2", "--vis_freq", "0"]
+    result = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    assert len(log) == 2 and all(0 < line["train_loss"] < 10 for line in log), log
+    assert (out / "checkpoint-1.pth").exists()
+
+
+def test_torchrun_nccl_two_processes_if_two_gpus(tmp_path):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    data = make_dataset(tmp_path / "data", 16)
+    argv = ["-m", "torch.distributed.run", "--nproc_per_node=2", "main_pretrain.py", "--device", "cuda"]
+    argv += ["--data_path", str(data), "--output_dir", str(tmp_path / "out"), "--epochs", "1"]
+    argv += ["--model", "mae_vit_tiny_patch4", "--input_size", "32", "--batch_size", "8"]
+    result = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 def _kernel_names(run: Callable[[], None]) -> list[str]:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         run()
@@ -156,44 +197,3 @@ def test_compiled_bf16_step_uses_flash_attention_and_matches_eager():
     (eager_loss, eager_grad), (compiled_loss, compiled_grad) = results
     assert abs(compiled_loss - eager_loss) < 1e-2 * eager_loss
     assert torch.linalg.norm(compiled_grad - eager_grad) < 5e-2 * torch.linalg.norm(eager_grad)
-
-
-def test_torchrun_one_process_nccl_compiled_with_accumulation_on_the_demo_data(tmp_path):
-    """The launch path of a GPU node: torchrun, an NCCL process group, --compile and --accum_iter 2."""
-    out = tmp_path / "out"
-    argv = ["-m", "torch.distributed.run", "--nproc_per_node=1", "main_pretrain.py", "--device", "cuda"]
-    argv += ["--data_path", str(DEMO.parent / "cifar10-2k-split"), "--output_dir", str(out), "--log_dir", str(out)]
-    argv += ["--model", "mae_vit_tiny_patch4", "--input_size", "32", "--batch_size", "64", "--epochs", "2"]
-    argv += ["--compile", "--accum_iter", "2", "--precision", "bf16", "--num_workers", "2", "--vis_freq", "0"]
-    result = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
-    assert len(log) == 2 and all(0 < line["train_loss"] < 10 for line in log), log
-    assert (out / "checkpoint-1.pth").exists()
-
-
-def test_torchrun_nccl_two_processes_if_two_gpus(tmp_path):
-    if torch.cuda.device_count() < 2:
-        pytest.skip("needs two GPUs")
-    data = make_dataset(tmp_path / "data", 16)
-    argv = ["-m", "torch.distributed.run", "--nproc_per_node=2", "main_pretrain.py", "--device", "cuda"]
-    argv += ["--data_path", str(data), "--output_dir", str(tmp_path / "out"), "--epochs", "1"]
-    argv += ["--model", "mae_vit_tiny_patch4", "--input_size", "32", "--batch_size", "8"]
-    result = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
-
-
-def test_memory_loader_crops_on_the_gpu_as_on_the_cpu():
-    """--loader memory resamples in float64 on the GPU, where training allows TF32 (whose 10-bit
-    mantissa would move many pixels by one level), and in float32 on the CPU: the same crops."""
-    images = torch.randint(0, 256, (64, 3, 40, 36), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True  # as util.train.run.start sets it
-    try:
-        batches = [next(iter(MemoryLoader(images.to(d), SeededSampler(64, 0), 32, 32)))[0] for d in ("cuda", "cpu")]
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-    on_gpu, on_cpu = batches
-    assert on_gpu.device.type == "cuda" and on_gpu.dtype == torch.uint8 and on_gpu.shape == (32, 3, 32, 32)
-    diff = (on_gpu.cpu().int() - on_cpu.int()).abs()
-    assert diff.max() <= 1 and (diff == 0).double().mean() >= 0.999, (diff.max(), (diff > 0).double().mean())

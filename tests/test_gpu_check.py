@@ -4,6 +4,7 @@ with tests forced to crash: its error lands in the summary, the cifar part still
 what only a GPU would show (running out of memory, a test that hangs, a part killed by its timeout)
 through the functions that handle it, and the fine-tuning step's FLOPs."""
 
+import ast
 import json
 import os
 import subprocess
@@ -247,3 +248,13 @@ def test_carried_wheels_come_first_on_the_python_path(tmp_path):
     refused = run(broken)
     assert refused.stdout.splitlines() == ["/elsewhere"], refused.stdout
     assert "going on with the machine's packages" in refused.stderr
+
+
+def test_the_cuda_tests_launch_nccl_before_they_compile_in_process():
+    """The tests part (110 s) stops pytest where its time is up, and inductor's cold compilations are most
+    of that time: the NCCL launch (torchrun, DDP, compiled, with accumulation), which no other part runs,
+    comes before the in-process compilation, whose inductor path the cifar, step and e2e parts compile again."""
+    tree = ast.parse((REPO / "tests" / "test_cuda.py").read_text())
+    tests = [node.name for node in tree.body if isinstance(node, ast.FunctionDef) and node.name.startswith("test_")]
+    nccl = tests.index("test_torchrun_one_process_nccl_compiled_with_accumulation_on_the_demo_data")
+    assert nccl < tests.index("test_compiled_bf16_step_uses_flash_attention_and_matches_eager")
