@@ -179,6 +179,16 @@ def test_too_few_query_images_for_the_processes_name_the_folder_and_what_to_do(t
         data.loaders(8, 0)
 
 
+def test_too_few_bank_images_for_the_processes_are_refused_at_start(tmp_path, monkeypatch):
+    """A rank without bank images skipped the feature gather the other ranks waited in: gloo aborted the
+    job (a collective mismatch), NCCL would wait for its watchdog. Refused when the data are read, before
+    pre-training's epochs that come before its first k-NN score."""
+    monkeypatch.setattr(knn.distributed, "world_size", lambda: 2)
+    refused = rf"^--data_path {tmp_path / 'data'}: 1 k-NN bank image\(s\) cannot be shared by 2 processes; run fewer"
+    with pytest.raises(UserError, match=refused + r".*\(--knn_bank_size 0: all\)$"):
+        knn.KnnData(str(labelled_folder(tmp_path / "data", 4, 2)), 32, bank_size=1)
+
+
 def test_knn_k_above_the_bank_is_logged_and_stored_as_used(tmp_path, capsys):
     data = knn.KnnData(str(labelled_folder(tmp_path / "data", 4, 2)), 32)  # a bank of 12 images
     args = knn_args(tmp_path, "--encoders", "random", "--knn_k", "500")

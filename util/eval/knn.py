@@ -148,14 +148,21 @@ class KnnData:
         self.classes = bank.classes
         self.bank, self.bank_labels = _subset(bank, bank_size)
         self.queries, self.query_labels = _subset(queries, query_size)
+        self._check_shares()  # at start: the k-NN monitor of pre-training scores only after epochs of it
+
+    def _check_shares(self) -> None:
+        """Every rank gets bank and query images: a rank without any would skip the gather of their features
+        that the others wait in (gloo aborted on the mismatch; NCCL waits for its watchdog, or mixes data)."""
+        for images, what, flag in ((self.bank, "bank", "--knn_bank_size"), (self.queries, "query", "--knn_query_size")):
+            if len(images) < distributed.world_size():
+                fail(
+                    f"{self.flag} {self.path}: {len(images)} k-NN {what} image(s) cannot be shared by "
+                    f"{distributed.world_size()} processes; run fewer, or give more {what} images ({flag} 0: all)"
+                )
 
     def loaders(self, batch_size: int, num_workers: int) -> tuple[DataLoader, DataLoader]:
         """This rank's shard of the bank and of the queries (every image once over all ranks)."""
-        if len(self.queries) < distributed.world_size():
-            fail(
-                f"{self.flag} {self.path}: {len(self.queries)} k-NN query image(s) cannot be shared by "
-                f"{distributed.world_size()} processes; run fewer, or give more query images (--knn_query_size 0: all)"
-            )
+        self._check_shares()
         require_batch_memory(self.size, self.in_chans, batch_size, num_workers)
         options = dict(batch_size=batch_size, num_workers=num_workers, worker_init_fn=interrupt.ignore_in_worker)
         return tuple(DataLoader(d, sampler=ShardSampler(len(d)), **options) for d in (self.bank, self.queries))
