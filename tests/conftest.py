@@ -1,11 +1,22 @@
-"""Fixtures shared across test files."""
+"""Fixtures shared across test files, and the suite's view of the GPUs."""
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from helpers import Reference
 from warm_python import warm_python
+
+# The suite hides a machine's GPUs unless asked (set before anything starts CUDA, which reads it once). Its
+# tests are CPU tests: the entry points default to CUDA where present, and the figures they pin (bitwise
+# resume, the demo's losses) are CPU figures. And they fork processes (helpers.run_ranks, the warm
+# interpreter) from this one, which would have started CUDA at its first optimizer step (torch's step asks
+# the current CUDA stream whether it is capturing a graph): CUDA cannot start again in a forked child.
+# tests/test_cuda.py runs on its own with the opt-in, as benchmarks/gpu_check.sh runs it.
+CUDA_OPT_IN = "MAE_TEST_CUDA"
+if os.environ.get(CUDA_OPT_IN) != "1":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
 @pytest.fixture(scope="session")

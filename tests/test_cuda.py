@@ -1,6 +1,7 @@
 """What only a GPU can show: the CUDA paths compute what the CPU paths compute.
 
-Skipped without CUDA (CI has none). On a GPU machine: ``python -m pytest -q tests/test_cuda.py``.
+Skipped without CUDA (CI has none), and where the suite hides the GPUs (tests/conftest.py: unless
+MAE_TEST_CUDA=1). On a GPU machine: ``MAE_TEST_CUDA=1 python -m pytest -q tests/test_cuda.py``.
 """
 
 import copy
@@ -21,7 +22,9 @@ from util.data.memory_loader import MemoryLoader
 from util.data.sampling import SeededSampler
 from util.train.precision import LossScaler, autocast
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU, shown to the suite by MAE_TEST_CUDA=1 (tests/conftest.py)"
+)
 
 
 def test_device_loader_decodes_on_the_gpu_as_on_the_cpu(tmp_path):

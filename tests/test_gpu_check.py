@@ -24,7 +24,7 @@ from benchmarks import gpu_check_summary
 from benchmarks.bench_pretrain import vit_train_flops
 from benchmarks.gpu_check_common import DEADLINE_ENV, PartRecord, time_for
 from benchmarks.gpu_check_step import LARGEST_BATCH_SHARE, batch_tries, first_that_fits
-from benchmarks.gpu_check_tests import count_verbose
+from benchmarks.gpu_check_tests import count_verbose, run_pytest
 from util.cli.errors import fail
 
 STEP_KEYS = {"model": str, "impl": str, "batch": int, "img_s": float, "img_s_min": float, "img_s_max": float}
@@ -258,3 +258,19 @@ def test_the_cuda_tests_launch_nccl_before_they_compile_in_process():
     tests = [node.name for node in tree.body if isinstance(node, ast.FunctionDef) and node.name.startswith("test_")]
     nccl = tests.index("test_torchrun_one_process_nccl_compiled_with_accumulation_on_the_demo_data")
     assert nccl < tests.index("test_compiled_bf16_step_uses_flash_attention_and_matches_eager")
+
+
+@pytest.mark.parametrize("opt_in", ["", "1"])
+def test_the_suite_hides_the_gpus_unless_asked_and_the_tests_part_asks(tmp_path, opt_in):
+    """tests/conftest.py hides a machine's GPUs from the suite (its forked ranks cannot start CUDA again once
+    the pytest process has), unless MAE_TEST_CUDA=1; the tests part's pytest runs with it, or every CUDA test
+    would skip on the GPU."""
+    probe = (
+        "import os, sys; sys.path.insert(0, 'tests'); import conftest; print(repr(os.environ['CUDA_VISIBLE_DEVICES']))"
+    )
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "3", "MAE_TEST_CUDA": opt_in}
+    shown = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    assert shown.stdout.strip() == ("'3'" if opt_in else "''")
+    log = tmp_path / "pytest.txt"
+    status = run_pytest([sys.executable, "-c", "import os; print(os.environ.get('MAE_TEST_CUDA'))"], log, 60)
+    assert status == 0 and log.read_text().splitlines()[-1] == "1"
