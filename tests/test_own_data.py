@@ -417,6 +417,18 @@ def test_tools_refuse_bad_mean_or_std_before_reading_the_checkpoint(tmp_path):
         )
 
 
+@pytest.mark.parametrize("in_chans, flags, advised", [(3, ([0.5] * 3, [0.2] * 3), True), (1, ([0.45], [0.22]), False)])
+def test_the_warning_advises_dropping_the_flags_only_where_the_checkpoints_values_fit(in_chans, flags, advised, capsys):
+    """An RGB checkpoint's three values cannot normalise a 1-channel run: without --mean/--std that run
+    is refused (the test below), so the warning must not tell the user to drop them."""
+    saved = argparse.Namespace(mean=[0.25, 0.5, 0.75], std=[0.125, 0.25, 0.5])
+    args = argparse.Namespace(mean=flags[0], std=flags[1], in_chans=in_chans)
+    normalization.resolve(args, [("checkpoint x.pth", saved)])
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning")]
+    assert len(warnings) == 1 and "checkpoint x.pth was trained on pixels normalised" in warnings[0]
+    assert ("drop --mean/--std" in warnings[0]) == advised
+
+
 def test_checkpoint_values_of_another_channel_count_are_refused(tmp_path):
     saved = argparse.Namespace(mean=[0.5], std=[0.2])
     args = argparse.Namespace(mean=None, std=None)

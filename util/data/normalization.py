@@ -95,9 +95,12 @@ def resolve(args: argparse.Namespace, sources: Sequence[Source]) -> None:
             _fail_without_values(channels)
     args.mean, args.std = mean, std
     log.info(f"normalisation: mean {show_values(mean)} std {show_values(std)} ({origin})")
-    advice = "; drop --mean/--std to use the checkpoint's" if origin == "--mean/--std" else ""
     for name, (m, s) in found:
         if (m, s) != (mean, std):
+            # Dropping the flags helps only where the checkpoint's values fit this run's channels (an RGB
+            # checkpoint fine-tuned with --in_chans 1 stores three: without the flags the run is refused).
+            fits = origin == "--mean/--std" and len(m) == channels
+            advice = "; drop --mean/--std to use the checkpoint's" if fits else ""
             log.warning(
                 f"{name} was trained on pixels normalised with mean {show_values(m)} std {show_values(s)}, this run "
                 f"uses mean {show_values(mean)} std {show_values(std)} ({origin}){advice}"
