@@ -30,7 +30,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.transforms import functional as TF
 
-from util.cli.args import add_in_chans_arg, check_at_least
+from util.cli.args import add_in_chans_arg, check_at_least, default_workers
 from util.cli.errors import run_cli
 from util.data.channels import BICUBIC, image_loader
 from util.data.datasets import pretrain_dataset
@@ -45,7 +45,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data_path", required=True, help="folder of images or list file, as main_pretrain.py's")
     parser.add_argument("--input_size", default=224, type=int, help="resize each image to this square size (0: don't)")
     parser.add_argument("--max_images", default=0, type=int, metavar="N", help="use N evenly spaced images (0: all)")
-    parser.add_argument("--num_workers", default=4, type=int, help="data-loading processes")
+    # Never more than the usable cores, where PyTorch warns (twice per loader) that workers may slow down or freeze.
+    parser.add_argument(
+        "--num_workers", default=default_workers(4), type=int, help="data-loading processes (default: min(4, cores))"
+    )
     add_in_chans_arg(parser)  # None: 3, RGB
     parser.add_argument("--json", default="", metavar="FILE", help="also write the JSON result to FILE ('-': stdout)")
     return parser

@@ -160,6 +160,13 @@ def test_stats_of_other_channel_counts_equal_a_hand_computation(tmp_path):
         _stats(tmp_path / "rgba", "--in_chans", "0")
 
 
+@pytest.mark.parametrize("cores, workers", [(2, 2), (8, 4)])
+def test_stats_workers_default_to_at_most_the_usable_cores(cores, workers, monkeypatch):
+    """4 workers on a 2-core machine made PyTorch print its too-many-workers warning four times."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert dataset_stats.get_args_parser().get_default("num_workers") == workers
+
+
 def test_stats_command_prints_flags_that_parse_and_writes_json(tmp_path, capsys):
     data = make_dataset(tmp_path / "d", 2)
     argv = ["--data_path", str(data), "--input_size", "32", "--num_workers", "0"]
