@@ -49,7 +49,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--num_workers", default=default_workers(4), type=int, help="data-loading processes (default: min(4, cores))"
     )
-    add_in_chans_arg(parser)  # None: 3, RGB
+    add_in_chans_arg(parser, default="3")  # None: 3, RGB
     parser.add_argument("--json", default="", metavar="FILE", help="also write the JSON result to FILE ('-': stdout)")
     return parser
 

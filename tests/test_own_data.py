@@ -167,6 +167,11 @@ def test_stats_workers_default_to_at_most_the_usable_cores(cores, workers, monke
     assert dataset_stats.get_args_parser().get_default("num_workers") == workers
 
 
+def test_stats_help_names_no_checkpoint():
+    """dataset_stats.py opens none: its --in_chans defaults to 3, not to 'the checkpoint's'."""
+    assert "checkpoint" not in dataset_stats.get_args_parser().format_help()
+
+
 def test_stats_command_prints_flags_that_parse_and_writes_json(tmp_path, capsys):
     data = make_dataset(tmp_path / "d", 2)
     argv = ["--data_path", str(data), "--input_size", "32", "--num_workers", "0"]

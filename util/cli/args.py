@@ -275,14 +275,15 @@ def add_input_size_arg(group: argparse._ArgumentGroup) -> None:
     )
 
 
-def add_in_chans_arg(group: argparse._ArgumentGroup) -> None:
-    """``--in_chans``, None when not given: image channels, read from the files as they are (util/data/images.py)."""
+def add_in_chans_arg(group: argparse._ArgumentGroup, default: str = "the checkpoint's, else 3") -> None:
+    """``--in_chans``, None when not given: image channels, read from the files as they are (util/data/images.py).
+    ``default``: what None means, for the help (a command that opens no checkpoint says 3)."""
     group.add_argument(
         "--in_chans",
         type=int,
         metavar="C",
         help="image channels: 3 reads files as RGB, 1 grayscale ones (8 or 16-bit) as they are, others multi-page "
-        "TIFFs, a page per channel, or files with that many bands (default: the checkpoint's, else 3)",
+        f"TIFFs, a page per channel, or files with that many bands (default: {default})",
     )
 
 
