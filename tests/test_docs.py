@@ -245,6 +245,22 @@ def test_checkpoints_the_examples_read_are_written_before(page):
             written[os.path.normpath(parsed[1].output_dir)] = parsed[1].epochs
 
 
+@pytest.mark.parametrize("page", [REPO / "README.md", REPO / "docs" / "own-data.md"], ids=lambda p: p.name)
+def test_the_examples_training_runs_each_write_their_own_output_dir(page):
+    """Pages whose examples run in order: a training run that does not resume writes into a folder no
+    earlier example trained in (the default ./output_dir too), since a used folder stops it at its
+    start. The README's ViT-L pre-training, fine-tuning and probing all left --output_dir at its default:
+    run in turn, the second stopped."""
+    used: dict[str, str] = {}  # folder -> the command that trained there
+    for words in _commands(page.read_text()):
+        parsed = _parsed(words)
+        if parsed is None or parsed[1].resume or getattr(parsed[1], "eval", False):
+            continue
+        folder = os.path.normpath(parsed[1].output_dir)
+        assert folder not in used, f"{page.name}: {' '.join(words)} trains in {folder}, as {used[folder]} did"
+        used[folder] = " ".join(words)
+
+
 # ---------------------------------------------------------------------------------------------
 # Links
 # ---------------------------------------------------------------------------------------------
