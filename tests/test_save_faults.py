@@ -27,7 +27,7 @@ from helpers import (  # noqa: E402
 
 from util import outputs
 from util.checkpoint import state as checkpoint  # noqa: E402
-from util.cli.errors import NonFiniteLoss, UserError, run_cli  # noqa: E402
+from util.cli.errors import NonFiniteLoss, UserError, divergence_advice, run_cli  # noqa: E402
 from util.train import progress as logger
 from util.train.checkpointer import Checkpointer  # noqa: E402
 from util.train.precision import LossScaler  # noqa: E402
@@ -117,7 +117,7 @@ def test_runaway_last_update_before_a_save_is_not_saved(data, tmp_path, monkeypa
         run_pretrain(data, out, *RUN, "--lr", "1e-4", *flags)
     message = str(err.value)
     assert "epoch 0, iteration 2" in message if mid_epoch else "end of epoch 0" in message, message
-    assert "Lower --lr," in message, "--lr was given: say --lr, not --blr"
+    assert message.endswith("Lower --lr"), "--lr was given: say --lr, not --blr (and no wider precision than fp32)"
     kept = {"checkpoint-0-step1.pth"} if mid_epoch else set()
     assert checkpoint_names(out) == kept
     for name in kept:
@@ -136,8 +136,16 @@ def test_nan_loss_message_names_the_lr_flag_given(data, tmp_path, monkeypatch, l
         return model
 
     monkeypatch.setattr(main_pretrain, "build_model", build_poisoned)
-    with pytest.raises(NonFiniteLoss, match=f"Lower {said},"):
+    with pytest.raises(NonFiniteLoss, match=f"Lower {said}$"):  # fp32 on the CPU: no wider precision to try
         run_pretrain(data, tmp_path / "out", *RUN, *lr_flags)
+
+
+@pytest.mark.parametrize(
+    "precision, advice",
+    [("fp16", "Lower --blr, or try --precision bf16 or fp32"), ("bf16", "Lower --blr, or try --precision fp32")],
+)
+def test_a_diverged_run_is_advised_a_wider_precision_than_its_own(precision, advice):
+    assert divergence_advice(Namespace(precision=precision, lr_given=False)) == advice
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from util.checkpoint.load import (
     model_state,
 )
 from util.checkpoint.rng import gather_rng, restore_rng
-from util.cli.errors import NonFiniteLoss, UserError, fail, lower_lr
+from util.cli.errors import NonFiniteLoss, UserError, divergence_advice, fail
 from util.cli.log import log
 from util.data.datasets import listed_files, name_digest
 from util.outputs import appears
@@ -125,8 +125,7 @@ def check_finite(state: TrainState, where: str, name: str) -> None:
     if distributed.any_rank(not finite, state.args.device):
         raise NonFiniteLoss(
             f"weights or optimizer state are not finite at {where} (a runaway update); stopping without "
-            f"saving {name}, so the last checkpoint stays intact. Lower {lower_lr(state.args)}, or try "
-            f"--precision bf16/fp32"
+            f"saving {name}, so the last checkpoint stays intact. {divergence_advice(state.args)}"
         )
 
 

@@ -24,10 +24,12 @@ class NonFiniteLoss(UserError):
     """Training diverged: a loss, or the weights or optimizer state about to be saved, are not finite."""
 
 
-def lower_lr(args: Any) -> str:
-    """The flag a diverged run should lower: ``--lr`` if the user gave it (``args.lr_given``: run.start
-    replaces ``args.lr`` by the effective lr), else ``--blr``."""
-    return "--lr" if getattr(args, "lr_given", False) else "--blr"
+def divergence_advice(args: Any) -> str:
+    """What a diverged run should change: lower ``--lr`` if the user gave it (``args.lr_given``: run.start
+    replaces ``args.lr`` by the effective lr), else ``--blr``; and a wider precision than the run's, if any."""
+    advice = f"Lower {'--lr' if getattr(args, 'lr_given', False) else '--blr'}"
+    wider = {"fp16": "bf16 or fp32", "bf16": "fp32"}.get(getattr(args, "precision", None))
+    return f"{advice}, or try --precision {wider}" if wider else advice
 
 
 def run_cli(main: Callable[[], None]) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from util.checkpoint.state import Position, TrainState, prune_checkpoints, save_checkpoint
-from util.cli.errors import NonFiniteLoss, fail, lower_lr
+from util.cli.errors import NonFiniteLoss, divergence_advice, fail
 from util.cli.log import log
 from util.train import distributed, interrupt
 from util.train.progress import MetricLogger, RunLog, SmoothedValue, format_duration, tensorboard_step
@@ -157,8 +157,7 @@ class EpochProgress:
             where = f"iteration {bad[0][0]}" if bad else "another rank"
             raise NonFiniteLoss(
                 f"loss is {bad[0][1] if bad else 'not finite'} at epoch {self.epoch}, {where}; stopping without "
-                f"saving, so the last checkpoint stays intact. Lower {lower_lr(self.args)}, or try --precision "
-                f"bf16/fp32"
+                f"saving, so the last checkpoint stays intact. {divergence_advice(self.args)}"
             )
         for v in values:
             self.metrics.update(loss=v)
