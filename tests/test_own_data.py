@@ -473,6 +473,17 @@ def test_list_skips_blank_lines_and_comments_and_keeps_order(two_images):
     assert [p for p, _ in read_image_list(str(unlabelled), labelled=False)] == [p for p, _ in samples]
 
 
+def test_lines_end_at_unix_windows_and_old_mac_breaks_only(tmp_path):
+    """A file name may hold what str.splitlines also breaks at (U+2028, U+0085, a form feed)."""
+    names = ["a\u2028b.png", "c\x85d.png", "e\x0cf.png", "g.png"]
+    for name in names:
+        _constant(tmp_path / "imgs" / name, width=8, height=8)
+    listed = tmp_path / "list.txt"
+    listed.write_bytes("\ufeffimgs/a\u2028b.png 0\r\nimgs/c\x85d.png 1\rimgs/e\x0cf.png 0\nimgs/g.png 1".encode())
+    samples = read_image_list(str(listed), labelled=True, nb_classes=2)
+    assert samples == [(str(tmp_path / "imgs" / name), label) for name, label in zip(names, [0, 1, 0, 1], strict=True)]
+
+
 @pytest.mark.parametrize(
     "text, labelled, message",
     [

@@ -3,6 +3,7 @@ file checked to exist, and the class names they imply."""
 
 import array
 import os
+import re
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
@@ -48,10 +49,16 @@ def _list_lines(list_path: str) -> list[str]:
     if b"\0" in data:  # an image, say, even one whose bytes happen to be UTF-8: text holds no NUL bytes
         fail(f"{list_path} is not a text file; a list file holds one image path per line")
     try:
-        return data.decode("utf-8-sig").splitlines()  # -sig: a byte-order mark is not part of the first path
+        text = data.decode("utf-8-sig")  # -sig: a byte-order mark is not part of the first path
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1  # text in another encoding (Latin-1, ...)
         fail(f"{list_path} line {line} is not UTF-8 text; save the list file as UTF-8")
+    # Lines end as on Unix, Windows or old Macs; not at what str.splitlines also takes for a line break
+    # (U+2028, U+0085, a form feed...), which a file name may hold.
+    return LINE_END.split(text)
+
+
+LINE_END = re.compile(r"\r\n|\r|\n")
 
 
 def _parse_line(line: str, where: str, labelled: bool, nb_classes: int | None) -> tuple[str, str | None, int]:
