@@ -185,7 +185,7 @@ def gpu_of(local_rank: int, env: Mapping[str, str]) -> int:
 def join(world: World, backend: str, seconds: float, device: torch.device | None = None) -> None:
     """Meet the other processes (waiting at most ``seconds``, saying so after a few) and start the
     default process group, whose collectives then time out after ``COLLECTIVE_TIMEOUT``. ``device``: the
-    rank's GPU under NCCL, bound to the group, whose barriers would otherwise guess it (and warn)."""
+    rank's GPU under NCCL, where the group's first collective, a barrier, runs."""
     waiting = f"rank {world.rank} of {world.size}"
     advice = (
         f"start all {world.size} processes with the same rendezvous address (a free port), or wait longer "
@@ -211,10 +211,12 @@ def join(world: World, backend: str, seconds: float, device: torch.device | None
     finally:
         notice.cancel()
     store.set_timeout(COLLECTIVE_TIMEOUT)
-    dist.init_process_group(
-        backend, store=store, rank=world.rank, world_size=world.size, timeout=COLLECTIVE_TIMEOUT, device_id=device
-    )
-    dist.barrier()
+    dist.init_process_group(backend, store=store, rank=world.rank, world_size=world.size, timeout=COLLECTIVE_TIMEOUT)
+    # NCCL's barrier is an all-reduce on a GPU: named here, else torch 2.6 takes GPU rank % GPUs and torch 2.14
+    # the current one with a warning. Not init_process_group(device_id=): that also starts NCCL eagerly, which
+    # torch 2.6 and 2.7.0 do in NCCL's non-blocking mode, where NCCL 2.26 (torch 2.7.0's) hangs at random
+    # (pytorch/pytorch#153960, worked around in 2.7.1).
+    dist.barrier(device_ids=None if device is None else [device.index])
 
 
 def _wait_for_listener(address: tuple[str, int], deadline: float, what: str, advice: str) -> None:
@@ -245,12 +247,6 @@ def rank() -> int:
 
 def is_main_process() -> bool:
     return rank() == 0
-
-
-def barrier() -> None:
-    """Wait until every rank is here (a single process has none to wait for)."""
-    if is_dist():
-        dist.barrier()
 
 
 def listed_ranks(ranks: list[int]) -> str:
