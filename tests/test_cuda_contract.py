@@ -89,12 +89,18 @@ def test_a_gloo_group_meets_on_no_device(fake_gpus, monkeypatch):
 SRUN = {"SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "4", "SLURM_PROCID": "3", "SLURM_LOCALID": "3", **ADDRESS}
 
 
-def test_a_process_given_one_gpu_of_its_own_trains_on_it_whatever_its_local_rank(fake_gpus, monkeypatch):
-    """srun --gpus-per-task=1: each task sees one GPU (CUDA_VISIBLE_DEVICES names it), SLURM_LOCALID counts on."""
+MPIRUN = {"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "3", **ADDRESS}
+
+
+@pytest.mark.parametrize("launch", [SRUN, MPIRUN], ids=["srun", "mpirun"])
+def test_a_process_given_one_gpu_of_its_own_trains_on_it_whatever_its_local_rank(fake_gpus, monkeypatch, launch):
+    """srun --gpus-per-task=1: each task sees one GPU (CUDA_VISIBLE_DEVICES names it), SLURM_LOCALID counts on;
+    an mpirun wrapper may do the same."""
     fake_gpus.gpus = 1
-    for name, value in {**SRUN, "CUDA_VISIBLE_DEVICES": "3"}.items():
+    for name, value in {**launch, "CUDA_VISIBLE_DEVICES": "GPU-5e1f0d2a-3c4b-4e6f-8a9b-0c1d2e3f4a5b"}.items():
         monkeypatch.setenv(name, value)
     args = _gpu_args()
+    args.dist_on_itp = launch is MPIRUN
     distributed.init_distributed_mode(args)
     assert fake_gpus[0] == ("set_device", torch.device("cuda", 0))
     assert args.device == "cuda:0" and args.gpu == 0
@@ -109,6 +115,22 @@ def test_more_processes_than_gpus_are_still_refused(fake_gpus, monkeypatch, visi
     if visible:
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
     with pytest.raises(UserError, match=r"^local rank 3 has no GPU: this node has 1; start 1 process\(es\) per node$"):
+        distributed.init_distributed_mode(_gpu_args())
+    assert fake_gpus == []
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "submitit"])
+def test_processes_sharing_their_nodes_one_gpu_are_refused(fake_gpus, monkeypatch, launcher):
+    """torchrun's processes (and the submitit launchers', which export torchrun's variables) share their node's
+    CUDA_VISIBLE_DEVICES: `CUDA_VISIBLE_DEVICES=0 torchrun --nproc_per_node=2`, or submitit's --tasks_per_node 2
+    --ngpus 1, put both ranks on cuda:0, and NCCL's refusal ended each in "another process of this job stopped"."""
+    fake_gpus.gpus = 1
+    env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "CUDA_VISIBLE_DEVICES": "0", **ADDRESS}
+    if launcher == "submitit":  # inside an srun task of its job
+        env.update({"SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "1"})
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(UserError, match=r"^local rank 1 has no GPU: this node has 1; start 1 process\(es\) per node$"):
         distributed.init_distributed_mode(_gpu_args())
     assert fake_gpus == []
 
