@@ -441,6 +441,21 @@ def test_the_warning_advises_dropping_the_flags_only_where_the_checkpoints_value
     assert ("drop --mean/--std" in warnings[0]) == advised
 
 
+def test_the_warning_advises_dropping_the_flags_only_for_the_values_that_would_then_be_used(capsys):
+    """Without --mean/--std a run takes the first stored values (knn_eval: its first --encoders checkpoint
+    that stores some): a later checkpoint with other values was also told to drop the flags "to use the
+    checkpoint's", which gave it the first one's and the same warning."""
+    first = argparse.Namespace(mean=[0.25, 0.5, 0.75], std=[0.125, 0.25, 0.5])
+    same = argparse.Namespace(mean=[0.25, 0.5, 0.75], std=[0.125, 0.25, 0.5])
+    other = argparse.Namespace(mean=[0.5] * 3, std=[0.25] * 3)
+    args = argparse.Namespace(mean=[0.45] * 3, std=[0.22] * 3)
+    sources = [("checkpoint a.pth", first), ("checkpoint b.pth", other), ("checkpoint c.pth", same)]
+    normalization.resolve(args, sources)
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning")]
+    advised = {line.split(" was trained")[0].split()[-1]: "drop --mean/--std" in line for line in warnings}
+    assert advised == {"a.pth": True, "b.pth": False, "c.pth": True}, warnings
+
+
 def test_checkpoint_values_of_another_channel_count_are_refused(tmp_path):
     saved = argparse.Namespace(mean=[0.5], std=[0.2])
     args = argparse.Namespace(mean=None, std=None)

@@ -97,9 +97,10 @@ def resolve(args: argparse.Namespace, sources: Sequence[Source]) -> None:
     log.info(f"normalisation: mean {show_values(mean)} std {show_values(std)} ({origin})")
     for name, (m, s) in found:
         if (m, s) != (mean, std):
-            # Dropping the flags helps only where the checkpoint's values fit this run's channels (an RGB
-            # checkpoint fine-tuned with --in_chans 1 stores three: without the flags the run is refused).
-            fits = origin == "--mean/--std" and len(m) == channels
+            # Without the flags a run takes the first stored values: dropping them gives this checkpoint's only
+            # where they are those, and fit this run's channels (an RGB checkpoint fine-tuned with --in_chans 1
+            # stores three: without the flags the run is refused).
+            fits = origin == "--mean/--std" and (m, s) == found[0][1] and len(m) == channels
             advice = "; drop --mean/--std to use the checkpoint's" if fits else ""
             log.warning(
                 f"{name} was trained on pixels normalised with mean {show_values(m)} std {show_values(s)}, this run "
