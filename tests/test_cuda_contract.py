@@ -9,6 +9,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import knn_eval
+import main_finetune
+import main_linprobe
+import main_pretrain
 from util.cli.errors import UserError
 from util.cli.log import set_rank
 from util.eval import knn
@@ -144,6 +148,18 @@ def test_a_single_process_on_cuda_n_makes_it_the_current_device(fake_gpus, devic
     distributed.init_distributed_mode(args)
     assert fake_gpus == ([("set_device", current)] if current else [])
     assert args.device == device and not args.distributed
+
+
+@pytest.mark.parametrize("entry", [main_pretrain, main_finetune, main_linprobe, knn_eval], ids=lambda m: m.__name__)
+def test_a_gpu_beyond_the_machines_is_refused_in_one_line_before_any_is_used(fake_gpus, tmp_path, entry):
+    """--device cuda:2 with two GPUs: each entry point's checks refuse it before use_named_gpu's set_device,
+    whose CUDA error ('invalid device ordinal') would be a traceback."""
+    argv = ["--data_path", str(tmp_path), "--device", "cuda:2", "--output_dir", str(tmp_path / "out")]
+    if entry is knn_eval:
+        argv = ["--data_path", str(tmp_path), "--device", "cuda:2", "--encoders", "random"]
+    with pytest.raises(UserError, match=r"^--device cuda:2: there are only 2 GPU\(s\), cuda:0 and up$"):
+        entry.main(entry.get_args_parser().parse_args(argv))
+    assert fake_gpus == []
 
 
 # ---------------------------------------------------------------------------------------------
