@@ -171,22 +171,15 @@ def test_knn_evaluate_names_the_encoder_by_default(tmp_path):
         knn.evaluate(lambda imgs: {"cls": imgs.flatten(1) * math.inf}, data, args)
 
 
-def test_too_few_query_images_for_the_processes_name_the_folder_and_what_to_do(tmp_path, monkeypatch):
-    data = knn.KnnData(str(labelled_folder(tmp_path / "data", 4, 2)), 32, query_size=1)
+@pytest.mark.parametrize("what", ["bank", "query"])
+def test_too_few_knn_images_for_the_processes_are_refused_at_start(tmp_path, monkeypatch, what):
+    """A rank without bank (or query) images skipped the feature gather the other ranks waited in: gloo
+    aborted the job (a collective mismatch), NCCL would wait for its watchdog. Refused when the data are
+    read, before pre-training's epochs that come before its first k-NN score."""
     monkeypatch.setattr(knn.distributed, "world_size", lambda: 2)
-    refused = rf"^--data_path {tmp_path / 'data'}: 1 k-NN query image\(s\) cannot be shared by 2 processes; run fewer"
-    with pytest.raises(UserError, match=refused):
-        data.loaders(8, 0)
-
-
-def test_too_few_bank_images_for_the_processes_are_refused_at_start(tmp_path, monkeypatch):
-    """A rank without bank images skipped the feature gather the other ranks waited in: gloo aborted the
-    job (a collective mismatch), NCCL would wait for its watchdog. Refused when the data are read, before
-    pre-training's epochs that come before its first k-NN score."""
-    monkeypatch.setattr(knn.distributed, "world_size", lambda: 2)
-    refused = rf"^--data_path {tmp_path / 'data'}: 1 k-NN bank image\(s\) cannot be shared by 2 processes; run fewer"
-    with pytest.raises(UserError, match=refused + r".*\(--knn_bank_size 0: all\)$"):
-        knn.KnnData(str(labelled_folder(tmp_path / "data", 4, 2)), 32, bank_size=1)
+    refused = rf"^--data_path {tmp_path / 'data'}: 1 k-NN {what} image\(s\) cannot be shared by 2 processes; run fewer"
+    with pytest.raises(UserError, match=refused + rf".*\(--knn_{what}_size 0: all\)$"):
+        knn.KnnData(str(labelled_folder(tmp_path / "data", 4, 2)), 32, **{f"{what}_size": 1})
 
 
 def test_knn_k_above_the_bank_is_logged_and_stored_as_used(tmp_path, capsys):

@@ -152,7 +152,8 @@ class KnnData:
 
     def _check_shares(self) -> None:
         """Every rank gets bank and query images: a rank without any would skip the gather of their features
-        that the others wait in (gloo aborted on the mismatch; NCCL waits for its watchdog, or mixes data)."""
+        that the others wait in (gloo aborted on the mismatch; NCCL waits for its watchdog, or mixes data).
+        Made in the process group (its entry points make it after joining), so checked once, here."""
         for images, what, flag in ((self.bank, "bank", "--knn_bank_size"), (self.queries, "query", "--knn_query_size")):
             if len(images) < distributed.world_size():
                 fail(
@@ -162,7 +163,6 @@ class KnnData:
 
     def loaders(self, batch_size: int, num_workers: int) -> tuple[DataLoader, DataLoader]:
         """This rank's shard of the bank and of the queries (every image once over all ranks)."""
-        self._check_shares()
         require_batch_memory(self.size, self.in_chans, batch_size, num_workers)
         options = dict(batch_size=batch_size, num_workers=num_workers, worker_init_fn=interrupt.ignore_in_worker)
         return tuple(DataLoader(d, sampler=ShardSampler(len(d)), **options) for d in (self.bank, self.queries))
