@@ -4,11 +4,13 @@ URLs never share a cache file, and malformed training entries are one-line error
 
 import errno
 import functools
+import http.client
 import importlib
 import json
 import math
 import random
 import shutil
+import ssl
 import zipfile
 from argparse import Namespace
 from pathlib import Path
@@ -277,6 +279,26 @@ def test_a_server_that_is_down_says_to_download_it_yourself(tmp_path, monkeypatc
         monkeypatch.delenv(var, raising=False)
     url = f"http://127.0.0.1:{free_port()}/w.pth"  # nothing listens there
     message = _one_line_error(lambda: load_checkpoint(url), url, "could not be downloaded (URLError", "refused")
+    assert message.endswith("; download it yourself and give the file")
+
+
+def test_a_connection_broken_during_the_download_is_not_taken_for_the_cache(tmp_path, monkeypatch):
+    """An SSL error while the body is read (a flaky link, a proxy) is an OSError whose errno, SSL's error
+    code 1, is EPERM's, as a read-only cache folder's: the line said to set TORCH_HOME to a folder you can
+    write, and the cache was fine."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    (tmp_path / "served").mkdir()
+    torch.save({"model": {"w": torch.ones(2)}}, tmp_path / "served" / "w.pth")
+
+    def broken_link(*args, **kwargs):
+        raise ssl.SSLError(1, "[SSL: DECRYPTION_FAILED_OR_BAD_RECORD_MAC] decryption failed or bad record mac")
+
+    monkeypatch.setattr(http.client.HTTPResponse, "read", broken_link)  # headers are read otherwise
+    with serve(tmp_path / "served") as (address, _):
+        url = f"{address}/w.pth"
+        message = _one_line_error(lambda: load_checkpoint(url), url, "could not be downloaded (SSLError", "record mac")
     assert message.endswith("; download it yourself and give the file")
 
 

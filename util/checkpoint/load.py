@@ -12,6 +12,7 @@ import os
 import pathlib
 import pickle
 import re
+import ssl
 import urllib.error
 import urllib.parse
 import zipfile
@@ -96,7 +97,7 @@ def download(url: str) -> tuple[str, bool]:
         os.makedirs(os.path.dirname(local), exist_ok=True)
         torch.hub.download_url_to_file(url, local, progress=False)  # to a temporary file, then renamed
     except Exception as e:  # network errors, HTTP errors, a cache folder that cannot be written
-        if isinstance(e, OSError) and not isinstance(e, urllib.error.URLError) and e.errno in _CACHE_ERRNOS:
+        if isinstance(e, OSError) and not isinstance(e, _NETWORK_ERRORS) and e.errno in _CACHE_ERRNOS:
             fail(
                 f"checkpoint {url} cannot be downloaded into torch.hub's cache {os.path.dirname(local)} "
                 f"({e.strerror}): set TORCH_HOME to a folder you can write, or download it yourself and give the file"
@@ -111,6 +112,9 @@ def download(url: str) -> tuple[str, bool]:
 # What a cache folder that cannot be written raises (read-only, full, a file in its path), not the network: the
 # advice is another folder, not another download.
 _CACHE_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EEXIST)
+# The network's OSErrors: urllib's, and SSL's (raised unwrapped while the body is read), whose SSL error codes
+# stand in errno (SSL_ERROR_SSL, a broken record, is 1: EPERM's).
+_NETWORK_ERRORS = (urllib.error.URLError, ssl.SSLError)
 
 
 class DamagedFile(UserError):
