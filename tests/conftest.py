@@ -1,14 +1,8 @@
 """Fixtures shared across test files, and the suite's view of the GPUs."""
 
 import os
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
-from helpers import Reference
-from warm_python import warm_python
-
-# The suite hides a machine's GPUs unless asked (set before anything starts CUDA, which reads it once). Its
+# The suite hides a machine's GPUs unless asked (set before any import, as CUDA reads it once: at its start). Its
 # tests are CPU tests: the entry points default to CUDA where present, and the figures they pin (bitwise
 # resume, the demo's losses) are CPU figures. And they fork processes (helpers.run_ranks, the warm
 # interpreter) from this one, which would have started CUDA at its first optimizer step (torch's step asks
@@ -17,6 +11,13 @@ from warm_python import warm_python
 CUDA_OPT_IN = "MAE_TEST_CUDA"
 if os.environ.get(CUDA_OPT_IN) != "1":
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+from collections.abc import Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+from helpers import Reference  # noqa: E402
+from warm_python import warm_python  # noqa: E402
 
 
 @pytest.fixture(scope="session")
