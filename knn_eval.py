@@ -26,7 +26,6 @@ from util.checkpoint.load import is_url, saved_args
 from util.checkpoint.state import (
     SHARED_CHECKPOINT,
     Opened,
-    download_on_every_rank,
     open_checkpoint,
     open_on_every_rank,
 )
@@ -135,8 +134,6 @@ def main(args: argparse.Namespace) -> None:
     checkpoints = [e for e in args.encoders if e not in NAMES]
     distributed.init_distributed_mode(args)
     check_encoder_files(checkpoints)
-    for url in filter(is_url, checkpoints):  # once per cache, not once per rank
-        download_on_every_rank(url, "--encoders")
     first = open_on_every_rank_of(checkpoints[0]) if checkpoints else None  # read once: flags, then weights
     origins = fill_from_checkpoints(args, [first] if first else [], FALLBACKS)
     with torch.device("meta"):  # --model and --input_size checked before any image is read
