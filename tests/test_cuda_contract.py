@@ -3,7 +3,9 @@
 NCCL group starts, and its first barrier on that GPU; a single process on the GPU it names; the tensors
 of collectives on the run's device."""
 
+import socket
 from argparse import Namespace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -27,6 +29,8 @@ class Stop(Exception):
 
 
 class FakeStore:
+    """Takes no operation: one would be a round trip to rank 0's store."""
+
     def set_timeout(self, timeout) -> None:
         pass
 
@@ -39,14 +43,16 @@ class Calls(list):
 
 @pytest.fixture
 def fake_gpus(monkeypatch):
-    """A machine with GPUs (2 unless the test sets ``fake_gpus.gpus``) and a process group that starts
-    without starting: returns the recorded ``Calls``."""
+    """A machine with GPUs (2 unless the test sets ``fake_gpus.gpus``; GPU i's UUID is "uuid-i") and a process
+    group that starts without starting, its ranks on GPUs of their own: returns the recorded ``Calls``."""
     calls = Calls()
     for name in LAUNCHERS:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: calls.gpus)
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(uuid=f"uuid-{d.index}"))
+    monkeypatch.setattr(distributed, "refuse_shared_gpu", lambda s, w, gpu: calls.append(("refuse_shared_gpu", gpu)))
     monkeypatch.setattr(distributed, "_wait_for_listener", lambda *a: None)
 
     def rendezvous(*args, **kwargs):
@@ -72,15 +78,19 @@ def test_each_rank_takes_its_gpu_before_its_nccl_group_starts_and_meets_the_othe
         monkeypatch.setenv(name, value)
     args = _gpu_args()
     distributed.init_distributed_mode(args)
-    assert [name for name, _ in fake_gpus] == ["set_device", "rendezvous", "init_process_group", "barrier"]
+    names = ["set_device", "rendezvous", "refuse_shared_gpu", "init_process_group", "barrier"]
+    assert [name for name, _ in fake_gpus] == names
     assert fake_gpus[0] == ("set_device", torch.device("cuda", 1))
-    backend, options = fake_gpus[2][1]
+    assert fake_gpus[2] == ("refuse_shared_gpu", f"GPU uuid-1 on host {socket.gethostname()}")
+    backend, options = fake_gpus[3][1]
     assert backend == "nccl" and options.get("device_id") is None
-    assert fake_gpus[3] == ("barrier", [1])
+    assert fake_gpus[4] == ("barrier", [1])
     assert args.device == "cuda:1" and args.gpu == 1
 
 
-def test_a_gloo_group_meets_on_no_device(fake_gpus, monkeypatch):
+def test_a_gloo_group_meets_on_no_device_and_checks_no_gpu(fake_gpus, monkeypatch):
+    """No store operation beyond the rendezvous (FakeStore takes none): a CPU job pays nothing for the check
+    that ranks are on GPUs of their own."""
     for name, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "1", **ADDRESS}.items():
         monkeypatch.setenv(name, value)
     distributed.init_distributed_mode(_gpu_args("cpu"))
@@ -108,7 +118,7 @@ def test_a_process_given_one_gpu_of_its_own_trains_on_it_whatever_its_local_rank
     distributed.init_distributed_mode(args)
     assert fake_gpus[0] == ("set_device", torch.device("cuda", 0))
     assert args.device == "cuda:0" and args.gpu == 0
-    assert fake_gpus[3] == ("barrier", [0])
+    assert fake_gpus[4] == ("barrier", [0])
 
 
 @pytest.mark.parametrize("visible", [None, "0,1"], ids=["all-visible", "two-visible"])

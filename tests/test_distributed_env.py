@@ -4,6 +4,7 @@
   refused before anything waits, naming the variable;
 - a rank started alone says what it waits for within seconds and gives up after
   MAE_DIST_START_TIMEOUT seconds;
+- ranks on one GPU all stop in the same line before NCCL starts;
 - a peer killed with -9 leaves the others with one line saying how to continue;
 - Ctrl-C checkpoints as SIGTERM does, a second one stops at once;
 - the submitit launchers check the flags before submitting; a submitted task that fails or hands
@@ -33,6 +34,7 @@ from helpers import (  # noqa: E402
     make_dataset,
     refuse_destroy_while_ddp_lives,
     run_forked,
+    run_ranks,
     wait_or_kill,
 )
 
@@ -188,6 +190,48 @@ def test_a_rank_started_alone_says_what_it_waits_for_and_gives_up(launcher_env, 
     assert message.startswith(f"rank {rank} of 2: ") and f"127.0.0.1:{port}" in message, message
     assert message.endswith("or wait longer with MAE_DIST_START_TIMEOUT=SECONDS"), message
     assert "\n" not in message
+
+
+# ---------------------------------------------------------------------------------------------
+# Ranks on one GPU: NCCL refused them ("Duplicate GPU detected") or hung, and each rank said that another had
+# stopped. The check runs where NCCL would (join is given the GPU's identity), here in a gloo group.
+def _join_on(gpus: list[str]):
+    """A rank's main: join the job as if its GPU were ``gpus[rank]``, then say so."""
+
+    def main() -> None:
+        world = distributed.read_world(os.environ)
+        distributed.join(world, "gloo", 60, gpu=gpus[world.rank])
+        print(f"rank {world.rank} joined, group of {distributed.world_size()}")
+        distributed.cleanup()
+
+    return main
+
+
+SHARING = "GPU 5e1f0d2a-3c4b-4e6f-8a9b-0c1d2e3f4a5b on host gpu07"
+
+
+@pytest.mark.parametrize(
+    "gpus, ranks",
+    [([SHARING, SHARING], "0, 1"), ([SHARING, "GPU 9a8b on host gpu07", SHARING], "0, 2")],
+    ids=["both", "two-of-three"],
+)
+def test_ranks_on_one_gpu_all_stop_with_the_same_line_naming_it(tmp_path, gpus, ranks):
+    """srun --gres=gpu:1 --ntasks-per-node=2 (each task sees the one GPU), CUDA_VISIBLE_DEVICES=0 torchrun
+    --nproc_per_node=2: every rank, the one on a GPU of its own too, stops before the process group."""
+    outputs = run_ranks(_join_on(gpus), tmp_path, len(gpus), timeout=120, exit_codes=[2] * len(gpus))
+    line = (
+        f"error: ranks {ranks} of {len(gpus)} share one GPU ({SHARING}), and NCCL needs one per process: give each "
+        "process its own (srun: --ntasks-per-node equal to the GPUs per node, or --gpus-per-task=1), or start "
+        "fewer (torchrun: --nproc_per_node at most the GPUs per node)\n"
+    )
+    assert outputs == [line] * len(gpus)
+
+
+def test_ranks_on_gpus_of_their_own_go_on(tmp_path):
+    """The same UUID on two hosts is two GPUs (identities name the host)."""
+    gpus = ["GPU 5e1f on host gpu07", "GPU 5e1f on host gpu08", "GPU 9a8b on host gpu07"]
+    outputs = run_ranks(_join_on(gpus), tmp_path, 3, timeout=120)
+    assert outputs == [f"rank {r} joined, group of 3\n{DESTROYED_CLEANLY}\n" for r in range(3)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -151,14 +151,15 @@ def init_distributed_mode(args: Namespace) -> None:
     seconds = start_timeout(os.environ)  # checked before anything waits
     args.rank, args.world_size, args.gpu, args.distributed = world.rank, world.size, world.local_rank, True
     use_cuda = str(args.device).startswith("cuda")
-    device = None
+    device = gpu = None
     if use_cuda:
         args.gpu = gpu_of(world, os.environ)
         device = torch.device("cuda", args.gpu)
         # Before the process group: NCCL's collectives, object collectives included, run on the current device.
         torch.cuda.set_device(device)
         args.device = str(device)
-    join(world, "nccl" if use_cuda else "gloo", seconds, device)
+        gpu = gpu_identity(device)
+    join(world, "nccl" if use_cuda else "gloo", seconds, device, gpu)
     set_rank(args.rank, distributed=True)
 
 
@@ -191,10 +192,56 @@ def gpu_of(world: World, env: Mapping[str, str]) -> int:
     fail(f"local rank {world.local_rank} has no GPU: this node has {count}; start {count} process(es) per node")
 
 
-def join(world: World, backend: str, seconds: float, device: torch.device | None = None) -> None:
+def gpu_identity(device: torch.device) -> str:
+    """Which GPU ``device`` is, as every process that sees it names it, whatever CUDA_VISIBLE_DEVICES
+    numbers it: its UUID and host."""
+    return f"GPU {torch.cuda.get_device_properties(device).uuid} on host {socket.gethostname()}"
+
+
+SHARED_GPU_KEYS = "mae_shared_gpu"  # the prefix of refuse_shared_gpu's keys, apart from torch's own
+
+
+def refuse_shared_gpu(store: dist.Store, world: World, gpu: str) -> None:
+    """Stop every rank with the same line where two or more ranks are on one GPU (``gpu``: this rank's,
+    from ``gpu_identity``); NCCL would refuse them ("Duplicate GPU detected") or hang, and each rank said
+    that another had stopped. A few operations on the rendezvous ``store`` per rank, whatever the world
+    size: the last rank to come tells every rank the outcome."""
+    keys = dist.PrefixStore(SHARED_GPU_KEYS, store)
+    keys.append(f"ranks on {gpu}", f"{world.rank} ")
+    if keys.add(f"count on {gpu}", 1) == 2:
+        keys.set("shared", gpu)
+    if keys.add("arrived", 1) == world.size:
+        keys.set("outcome", _shared_gpu_refusal(keys, world.size))
+    refusal = keys.get("outcome").decode()  # waits for the last rank, until the store's timeout
+    if refusal:
+        # Rank 0 serves the store (torchrun's agent aside): it leaves last, else a rank still reading finds it gone.
+        if keys.add("read", 1) == world.size:
+            keys.set("all read", "")
+        if world.rank == 0:
+            keys.wait(["all read"])
+        fail(refusal)
+
+
+def _shared_gpu_refusal(keys: dist.Store, size: int) -> str:
+    """The line that stops every rank where a GPU is shared (one of them, if several), else ''."""
+    if not keys.check(["shared"]):
+        return ""
+    gpu = keys.get("shared").decode()
+    ranks = sorted(int(r) for r in keys.get(f"ranks on {gpu}").split())
+    return (
+        f"ranks {listed_ranks(ranks)} of {size} share one GPU ({gpu}), and NCCL needs one per process: give each "
+        "process its own (srun: --ntasks-per-node equal to the GPUs per node, or --gpus-per-task=1), or start "
+        "fewer (torchrun: --nproc_per_node at most the GPUs per node)"
+    )
+
+
+def join(
+    world: World, backend: str, seconds: float, device: torch.device | None = None, gpu: str | None = None
+) -> None:
     """Meet the other processes (waiting at most ``seconds``, saying so after a few) and start the
     default process group, whose collectives then time out after ``COLLECTIVE_TIMEOUT``. ``device``: the
-    rank's GPU under NCCL, where the group's first collective, a barrier, runs."""
+    rank's GPU under NCCL, where the group's first collective, a barrier, runs; ``gpu``: its
+    ``gpu_identity``, which no other rank may share (not checked where None)."""
     waiting = f"rank {world.rank} of {world.size}"
     advice = (
         f"start all {world.size} processes with the same rendezvous address (a free port), or wait longer "
@@ -214,6 +261,9 @@ def join(world: World, backend: str, seconds: float, device: torch.device | None
             _wait_for_listener(world.listener, deadline, f"{waiting}: {world.where}", advice)
         left = datetime.timedelta(seconds=max(deadline - time.monotonic(), 1.0))
         store, _, _ = next(dist.rendezvous(world.init_method, world.rank, world.size, timeout=left))
+        if gpu is not None:
+            store.set_timeout(datetime.timedelta(seconds=max(deadline - time.monotonic(), 1.0)))
+            refuse_shared_gpu(store, world, gpu)
     except dist.DistError as e:  # rank 0: the others did not come, or its port is taken
         reason = first_line(e).rstrip(".")
         fail(f"{waiting}: could not meet the job's other processes at {world.where} ({reason}); {advice}")
