@@ -6,6 +6,7 @@ MAE_TEST_CUDA=1). On a GPU machine: ``MAE_TEST_CUDA=1 python -m pytest -q tests/
 
 import copy
 import json
+import os
 import random
 import subprocess
 import sys
@@ -161,6 +162,21 @@ def test_torchrun_nccl_two_processes_if_two_gpus(tmp_path):
     argv += ["--model", "mae_vit_tiny_patch4", "--input_size", "32", "--batch_size", "8"]
     result = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_torchrun_two_processes_on_one_gpu_stop_in_one_line_before_nccl(tmp_path):
+    """`CUDA_VISIBLE_DEVICES=0 torchrun --nproc_per_node=2`: both ranks take the one GPU and stop, saying so,
+    where NCCL refused them ("Duplicate GPU detected") or hung. torchrun may end a rank before it says it."""
+    data = make_dataset(tmp_path / "data", 4)
+    argv = ["-m", "torch.distributed.run", "--nproc_per_node=2", "main_pretrain.py", "--device", "cuda"]
+    argv += ["--data_path", str(data), "--output_dir", str(tmp_path / "out"), "--epochs", "1"]
+    argv += ["--model", "mae_vit_tiny_patch4", "--input_size", "32", "--batch_size", "8"]
+    one_gpu = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": one_gpu}
+    result = subprocess.run([sys.executable, *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "error: ranks 0, 1 of 2 share one GPU (GPU " in result.stderr, result.stderr[-3000:]
+    assert "Duplicate GPU" not in result.stderr and "another process of this job stopped" not in result.stderr
 
 
 def _kernel_names(run: Callable[[], None]) -> list[str]:

@@ -121,32 +121,40 @@ def test_a_process_given_one_gpu_of_its_own_trains_on_it_whatever_its_local_rank
     assert fake_gpus[4] == ("barrier", [0])
 
 
-@pytest.mark.parametrize("visible", [None, "0,1"], ids=["all-visible", "two-visible"])
+@pytest.mark.parametrize("visible", [None, "0,1,2"], ids=["all-visible", "three-visible"])
 def test_more_processes_than_gpus_are_still_refused(fake_gpus, monkeypatch, visible):
-    fake_gpus.gpus = 1
     for name, value in SRUN.items():
         monkeypatch.setenv(name, value)
     if visible:
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
-    with pytest.raises(UserError, match=r"^local rank 3 has no GPU: this node has 1; start 1 process\(es\) per node$"):
+    with pytest.raises(UserError, match=r"^local rank 3 has no GPU: this node has 2; start 2 process\(es\) per node$"):
         distributed.init_distributed_mode(_gpu_args())
     assert fake_gpus == []
 
 
-@pytest.mark.parametrize("launcher", ["torchrun", "submitit"])
-def test_processes_sharing_their_nodes_one_gpu_are_refused(fake_gpus, monkeypatch, launcher):
-    """torchrun's processes (and the submitit launchers', which export torchrun's variables) share their node's
-    CUDA_VISIBLE_DEVICES: `CUDA_VISIBLE_DEVICES=0 torchrun --nproc_per_node=2`, or submitit's --tasks_per_node 2
-    --ngpus 1, put both ranks on cuda:0, and NCCL's refusal ended each in "another process of this job stopped"."""
+@pytest.mark.parametrize("launcher", ["torchrun", "submitit", "srun"])
+def test_processes_sharing_their_nodes_one_gpu_take_it_and_meet_the_check_under_its_name(
+    fake_gpus, monkeypatch, launcher
+):
+    """`CUDA_VISIBLE_DEVICES=0 torchrun --nproc_per_node=2`, submitit's --tasks_per_node 2 --ngpus 1 (it
+    exports torchrun's variables), srun --gres=gpu:1 --ntasks-per-node=2: every rank sees the one GPU, takes it
+    and names it alike, so refuse_shared_gpu (tests/test_distributed_env.py) stops them in one line. NCCL's
+    refusal ended each in "another process of this job stopped"; gpu_of's refusal of rank 1 before the rendezvous
+    left rank 0 waiting for it."""
     fake_gpus.gpus = 1
-    env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "CUDA_VISIBLE_DEVICES": "0", **ADDRESS}
-    if launcher == "submitit":  # inside an srun task of its job
-        env.update({"SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "1"})
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    with pytest.raises(UserError, match=r"^local rank 1 has no GPU: this node has 1; start 1 process\(es\) per node$"):
-        distributed.init_distributed_mode(_gpu_args())
-    assert fake_gpus == []
+    for rank in ("0", "1"):
+        env = {"RANK": rank, "WORLD_SIZE": "2", "LOCAL_RANK": rank, "CUDA_VISIBLE_DEVICES": "0", **ADDRESS}
+        if launcher != "torchrun":  # an srun task
+            env.update({"SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": rank, "SLURM_LOCALID": rank})
+        if launcher == "srun":
+            del env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"]
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        args = _gpu_args()
+        distributed.init_distributed_mode(args)
+        assert args.device == "cuda:0"
+    checked = [gpu for name, gpu in fake_gpus if name == "refuse_shared_gpu"]
+    assert checked == [f"GPU uuid-0 on host {socket.gethostname()}"] * 2
 
 
 @pytest.mark.parametrize("device, current", [("cuda:1", torch.device("cuda", 1)), ("cuda", None), ("cpu", None)])

@@ -41,8 +41,6 @@ class World:
     rank: int
     size: int
     local_rank: int
-    # torchrun (or what exports its variables: the SLURM launchers here), srun or mpirun (--dist_on_itp)
-    launcher: str
     init_method: str  # env://, tcp://HOST:PORT or file://PATH
     where: str  # the rendezvous address, for messages
     listener: tuple[str, int] | None  # (host, port) rank 0 listens on; None for file://
@@ -66,15 +64,15 @@ def _whole_number(env: Mapping[str, str], name: str, minimum: int, default: str 
     return value
 
 
-def _launcher_ranks(env: Mapping[str, str], dist_on_itp: bool) -> tuple[int, int, int, str] | None:
-    """(rank, world size, local rank, launcher) from whichever launcher started us; None: a single process."""
-    if dist_on_itp:
-        launcher, names = "mpirun", ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK")
+def _launcher_ranks(env: Mapping[str, str], dist_on_itp: bool) -> tuple[int, int, int] | None:
+    """(rank, world size, local rank) from whichever launcher started us; None: a single process."""
+    if dist_on_itp:  # OpenMPI's mpirun
+        names = ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK")
     elif "RANK" in env or "WORLD_SIZE" in env:  # torchrun sets both; one alone is a mistake
-        launcher, names = "torchrun", ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+        names = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
     elif "SLURM_STEP_ID" in env and _whole_number(env, "SLURM_STEP_NUM_TASKS", 1, "1") > 1:
         # Launched by srun, one task per GPU (a plain `python` inside an allocation is not).
-        launcher, names = "srun", ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID")
+        names = ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID")
     else:
         return None
     rank_name, size_name, local_name = names
@@ -82,7 +80,7 @@ def _launcher_ranks(env: Mapping[str, str], dist_on_itp: bool) -> tuple[int, int
     rank = _whole_number(env, rank_name, 0)
     if rank >= size:
         fail(f"{rank_name}={rank} is not below {size_name}={size}: the ranks of a job run from 0 to {size - 1}")
-    return rank, size, _whole_number(env, local_name, 0, None if dist_on_itp else "0"), launcher
+    return rank, size, _whole_number(env, local_name, 0, None if dist_on_itp else "0")
 
 
 def _rendezvous(env: Mapping[str, str], dist_url: str, dist_on_itp: bool) -> tuple[str, tuple[str, int] | None]:
@@ -153,7 +151,7 @@ def init_distributed_mode(args: Namespace) -> None:
     use_cuda = str(args.device).startswith("cuda")
     device = gpu = None
     if use_cuda:
-        args.gpu = gpu_of(world, os.environ)
+        args.gpu = gpu_of(world)
         device = torch.device("cuda", args.gpu)
         # Before the process group: NCCL's collectives, object collectives included, run on the current device.
         torch.cuda.set_device(device)
@@ -172,22 +170,14 @@ def use_named_gpu(device: str) -> None:
         torch.cuda.set_device(parsed)
 
 
-# The launchers that start each process themselves, and so may give each a GPU of its own (srun
-# --gpus-per-task=1, an mpirun wrapper setting CUDA_VISIBLE_DEVICES). The processes of torchrun and of the
-# submitit launchers share their node's CUDA_VISIBLE_DEVICES: one GPU there is every process's, and NCCL's
-# refusal of two ranks on one GPU ("Duplicate GPU detected") would end each in "another process stopped".
-OWN_GPU_LAUNCHERS = ("srun", "mpirun")
-
-
-def gpu_of(world: World, env: Mapping[str, str]) -> int:
-    """The GPU index of ``world``'s process on its node: its local rank, or 0 where the launcher gave each
-    process one GPU of its own (srun --gpus-per-task=1: CUDA_VISIBLE_DEVICES names one, whatever
-    SLURM_LOCALID says)."""
+def gpu_of(world: World) -> int:
+    """The GPU index of ``world``'s process on its node: its local rank, or the only GPU it sees, whatever
+    its local rank (srun --gpus-per-task=1 gives each task one). Whether that GPU is another rank's too
+    (srun --gres=gpu:1 gives each task the same one) is for ``refuse_shared_gpu`` to find."""
     count = torch.cuda.device_count()
     if world.local_rank < count:
         return world.local_rank
-    visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
-    if count == 1 and len(visible) == 1 and world.launcher in OWN_GPU_LAUNCHERS:
+    if count == 1:
         return 0
     fail(f"local rank {world.local_rank} has no GPU: this node has {count}; start {count} process(es) per node")
 
