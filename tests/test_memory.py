@@ -6,12 +6,14 @@ import argparse
 
 import pytest
 import torch
+from helpers import run_ranks
 
 import models_mae
 import models_vit
 from util import memory
 from util.cli.errors import UserError
 from util.pos_embed import sincos_2d
+from util.train import distributed, run
 
 # Larger than any machine's memory: 625 million patches of the 4-pixel models.
 BOMB = 100000
@@ -118,6 +120,35 @@ def test_sgd_keeps_less_state_than_adamw():
     model = _tiny_vit()
     params = sum(p.numel() for p in model.parameters())
     assert memory.training_bytes(model, 1, 8) - memory.training_bytes(model, 1, 8, optimizer="sgd") == 4 * params
+
+
+def _ddp_gradients() -> None:
+    """In a 1-rank gloo group: the model wrapped as training wraps it, two backward passes (DDP
+    rebuilds its buckets after the first); prints how many storages hold the gradients and whether
+    they equal those of the unwrapped model."""
+    torch.distributed.init_process_group("gloo")
+    model, plain = _tiny_vit(), _tiny_vit()
+    plain.load_state_dict(model.state_dict())
+    wrapped = run.wrap_for_training(model, argparse.Namespace(distributed=True, device="cpu", gpu=0, compile=False))
+    images = torch.randn(2, 3, 8, 8)
+    for _ in range(2):
+        for m in (model, plain):
+            m.zero_grad(set_to_none=True)
+        wrapped(images).sum().backward()
+        plain(images).sum().backward()
+        storages = {p.grad.untyped_storage().data_ptr() for p in model.parameters()}
+        same = all(torch.equal(p.grad, q.grad) for p, q in zip(model.parameters(), plain.parameters(), strict=True))
+        print(f"gradient storages: {len(storages)}, same gradients: {same}")
+    del wrapped
+    distributed.cleanup()
+
+
+def test_ddp_gradients_are_views_into_its_buckets(tmp_path):
+    """With GRADIENT_AS_BUCKET_VIEW, DDP keeps no second copy of the gradients: the tiny model's
+    gradients, which fit one bucket, share one storage instead of one per parameter."""
+    assert distributed.GRADIENT_AS_BUCKET_VIEW
+    (output,) = run_ranks(_ddp_gradients, tmp_path, world_size=1, timeout=120)
+    assert output.count("gradient storages: 1, same gradients: True") == 2, output
 
 
 def test_the_demo_checkpoint_fine_tuned_at_224_is_refused():

@@ -207,7 +207,9 @@ def wrap_for_training(model: torch.nn.Module, args: argparse.Namespace) -> torch
     wrapped = model
     if args.distributed:
         device_ids = [args.gpu] if str(args.device).startswith("cuda") else None
-        wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        wrapped = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=device_ids, gradient_as_bucket_view=distributed.GRADIENT_AS_BUCKET_VIEW
+        )
     if args.compile:
         wrapped = torch.compile(wrapped)
     return wrapped
