@@ -122,30 +122,6 @@ def test_sgd_keeps_less_state_than_adamw():
     assert memory.training_bytes(model, 1, 8) - memory.training_bytes(model, 1, 8, optimizer="sgd") == 4 * params
 
 
-@pytest.mark.parametrize("bucket_view,copies", [(True, 0), (False, 1)])
-def test_ddp_adds_a_gradient_copy_unless_the_gradients_are_views_into_its_buckets(monkeypatch, bucket_view, copies):
-    monkeypatch.setattr(memory, "GRADIENT_AS_BUCKET_VIEW", bucket_view)
-    model = _tiny_vit()
-    params = sum(p.numel() for p in model.parameters())  # all trainable, fp32
-    alone = memory.training_bytes(model, 3, 8)
-    assert memory.training_bytes(model, 3, 8, distributed=True) == alone + copies * 4 * params
-    for name, param in model.named_parameters():  # linear probing: DDP's buckets hold the head's only
-        param.requires_grad = name.startswith("head.")
-    head = sum(p.numel() for p in model.head.parameters())
-    alone = memory.training_bytes(model, 3, 8)
-    assert memory.training_bytes(model, 3, 8, distributed=True) == alone + copies * 4 * head
-
-
-def test_the_fit_check_counts_ddp_where_the_run_is_distributed(monkeypatch):
-    monkeypatch.setattr(memory, "GRADIENT_AS_BUCKET_VIEW", False)
-    needed = []
-    monkeypatch.setattr(memory, "require", lambda nbytes, *a, **k: needed.append(nbytes))
-    model = _meta(models_vit.create_model, "vit_tiny_patch4", 32)
-    for flag in (False, True):
-        memory.check_training_fits(model, _args(distributed=flag), "cpu")
-    assert needed[1] - needed[0] == 4 * sum(p.numel() for p in model.parameters())
-
-
 def _ddp_gradients() -> None:
     """In a 1-rank gloo group: the model wrapped as training wraps it, two backward passes (DDP
     rebuilds its buckets after the first); prints how many storages hold the gradients and whether
@@ -168,9 +144,8 @@ def _ddp_gradients() -> None:
 
 
 def test_ddp_gradients_are_views_into_its_buckets(tmp_path):
-    """With GRADIENT_AS_BUCKET_VIEW, DDP keeps no second copy of the gradients: the tiny model's
-    gradients, which fit one bucket, share one storage instead of one per parameter."""
-    assert distributed.GRADIENT_AS_BUCKET_VIEW
+    """DDP keeps no second copy of the gradients (util.memory counts none): the tiny model's gradients,
+    which fit one bucket, share one storage instead of one per parameter."""
     (output,) = run_ranks(_ddp_gradients, tmp_path, world_size=1, timeout=120)
     assert output.count("gradient storages: 1, same gradients: True") == 2, output
 

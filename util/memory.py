@@ -14,7 +14,6 @@ from torch import nn
 
 from util.cli.errors import fail
 from util.sizes import image_size, shown_size
-from util.train.distributed import GRADIENT_AS_BUCKET_VIEW
 
 # Bytes of an activation element in the dtype the matrix products run in.
 _ACTIVATION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -65,18 +64,17 @@ def training_bytes(
     optimizer: str = "adamw",
     mask_ratio: float | None = None,
     device: str | torch.device = "cpu",
-    distributed: bool = False,
 ) -> int:
     """Peak memory of a training step of ``model`` (an unwrapped MAE or ViT of this project, on any
     device including meta) on ``batch_size`` images of ``input_size`` on ``device``: weights,
     gradients and optimizer state, plus the activations autograd keeps, per image times the batch.
 
     Frozen parameters get no gradients nor optimizer state, and a stack of blocks frozen like all
-    those before it keeps no activations (linear probing). ``mask_ratio``: None counts every patch;
-    ``distributed``: under DistributedDataParallel, whose buckets may hold a second copy of the gradients."""
+    those before it keeps no activations (linear probing). ``mask_ratio``: None counts every patch."""
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    gradients = 1 + ddp_gradient_copies(distributed)
-    fixed = model_bytes(model) + trainable * (gradients + _OPTIMIZER_STATES[optimizer])  # weights, grads, state
+    # Weights, gradients, optimizer state. DDP adds no second copy of the gradients: they are views into its
+    # all-reduce buckets (run.wrap_for_training's gradient_as_bucket_view).
+    fixed = model_bytes(model) + trainable * (1 + _OPTIMIZER_STATES[optimizer])
     if precision != "fp32":
         fixed += trainable // 2  # autocast keeps a 16-bit copy of every weight it casts until backward
     # Per image: what the backward pass needs of every block, one block's gradients in flight and
@@ -91,12 +89,6 @@ def training_bytes(
         per_image += 4 * tokens * _width(blocks[0]) * 4  # embedding, position, gather and final-norm tensors
         per_image += _stack_bytes(blocks, tokens, precision, trained, grad_checkpointing, torch.device(device))
     return int(fixed + batch_size * int(per_image * _ALLOCATOR_SLACK))
-
-
-def ddp_gradient_copies(distributed: bool) -> int:
-    """Gradient-sized copies DDP keeps beside the .grad tensors: its all-reduce buckets, unless the
-    gradients are views into them (util.train.distributed.GRADIENT_AS_BUCKET_VIEW), as they are here."""
-    return int(distributed and not GRADIENT_AS_BUCKET_VIEW)
 
 
 def _stack_bytes(
@@ -152,8 +144,7 @@ def check_training_fits(model: nn.Module, args: argparse.Namespace, device: str 
     the CPU or the meta device; ``args`` the settled flags (precision not 'auto')."""
     device = torch.device(device)
     flags = (args.batch_size, args.input_size, args.precision, args.grad_checkpointing)
-    mask_ratio, distributed = getattr(args, "mask_ratio", None), getattr(args, "distributed", False)
-    needed = training_bytes(model, *flags, mask_ratio=mask_ratio, device=device, distributed=distributed)
+    needed = training_bytes(model, *flags, mask_ratio=getattr(args, "mask_ratio", None), device=device)
     first = next(model.parameters(), None)
     if first is not None and first.device.type == device.type:  # its weights already take free memory
         needed -= model_bytes(model)

@@ -30,11 +30,6 @@ NOTICE_AFTER_S = 5.0  # a healthy start-up is usually quicker: say nothing befor
 # Long enough for what one rank does while the others wait at the next collective (rank 0 writes a
 # checkpoint or a picture); NCCL's watchdog aborts a process stuck longer than this.
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
-# DDP's .grad tensors are views into its all-reduce buckets, not a second gradient-sized copy beside
-# them (copied each way per step); util.memory counts DDP's gradients from this. The same weights
-# bitwise on CPU. Measured peak RSS per rank, 2 gloo ranks, mae_vit_base_patch16 (0.42 GiB of
-# gradients) at --input_size 64, --batch_size 4, fp32, torch 2.14: 2.70 GiB without, 2.33-2.37 with.
-GRADIENT_AS_BUCKET_VIEW = True
 # What gloo says when a peer's connection breaks (its errors are plain RuntimeErrors).
 _PEER_LOST_MARKERS = ("gloo/transport", "Connection reset by peer", "Connection closed by peer")
 

@@ -207,9 +207,11 @@ def wrap_for_training(model: torch.nn.Module, args: argparse.Namespace) -> torch
     wrapped = model
     if args.distributed:
         device_ids = [args.gpu] if str(args.device).startswith("cuda") else None
-        wrapped = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=device_ids, gradient_as_bucket_view=distributed.GRADIENT_AS_BUCKET_VIEW
-        )
+        # The gradients are views into DDP's all-reduce buckets, not a second gradient-sized copy beside them
+        # (copied each way per step); util.memory counts none. The same weights, bitwise, on CPU. Peak RSS per
+        # rank, 2 gloo ranks, mae_vit_base_patch16 (0.42 GiB of gradients), --input_size 64, --batch_size 4,
+        # fp32, torch 2.14: 2.70 GiB without, 2.33-2.37 with.
+        wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
     if args.compile:
         wrapped = torch.compile(wrapped)
     return wrapped
