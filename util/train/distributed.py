@@ -245,14 +245,17 @@ def join(
     notice.daemon = True
     notice.start()
     deadline = time.monotonic() + seconds
+
+    def time_left() -> datetime.timedelta:
+        return datetime.timedelta(seconds=max(deadline - time.monotonic(), 1.0))
+
     try:
         if world.rank > 0 and world.listener:
             # Polled here, not by torch's client, which logs a C++ stack trace on every retry.
             _wait_for_listener(world.listener, deadline, f"{waiting}: {world.where}", advice)
-        left = datetime.timedelta(seconds=max(deadline - time.monotonic(), 1.0))
-        store, _, _ = next(dist.rendezvous(world.init_method, world.rank, world.size, timeout=left))
+        store, _, _ = next(dist.rendezvous(world.init_method, world.rank, world.size, timeout=time_left()))
         if gpu is not None:
-            store.set_timeout(datetime.timedelta(seconds=max(deadline - time.monotonic(), 1.0)))
+            store.set_timeout(time_left())
             refuse_shared_gpu(store, world, gpu)
     except dist.DistError as e:  # rank 0: the others did not come, or its port is taken
         reason = first_line(e).rstrip(".")
