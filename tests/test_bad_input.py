@@ -141,13 +141,14 @@ def test_a_folder_that_cannot_be_listed_is_named_not_skipped(tmp_path, monkeypat
             raise PermissionError(13, "Permission denied", os.fspath(path))
         return scandir(path)
 
-    monkeypatch.setattr(os, "scandir", refuse)
     message = f"^cannot list the folder {data / denied} \\(Permission denied\\); make it readable"
-    with pytest.raises(UserError, match=message):
-        classification_dataset(str(data), denied.split("/")[0], None, 2)
-    if denied == "train/cat":
+    with monkeypatch.context() as patch:  # undone before pytest's own clean-up lists tmp_path
+        patch.setattr(os, "scandir", refuse)
         with pytest.raises(UserError, match=message):
-            ImageFiles(str(data / "train"))
+            classification_dataset(str(data), denied.split("/")[0], None, 2)
+        if denied == "train/cat":
+            with pytest.raises(UserError, match=message):
+                ImageFiles(str(data / "train"))
 
 
 @pytest.mark.parametrize("transform", ["torchvision", "fast"])
