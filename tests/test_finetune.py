@@ -148,6 +148,17 @@ def test_dist_eval_over_two_processes_counts_every_image_once(pipeline, tmp_path
     assert single == sharded
 
 
+def test_dist_eval_with_fewer_images_than_processes_is_refused_at_start(tmp_path):
+    """The probe's first evaluation forward is where DDP sends rank 0's BatchNorm statistics: a rank
+    with no validation batch skipped it and the others waited forever (3 images over 4 ranks)."""
+    data = make_split(tmp_path / "data", train=4, val=1)
+    args = _classifier_args(main_linprobe, data, tmp_path / "out", "--batch_size", "2", "--epochs", "1", "--dist_eval")
+    outputs = run_ranks(lambda: main_linprobe.main(args), tmp_path / "ranks", 4, timeout=90, exit_codes=[2] * 4)
+    refused = f"error: --dist_eval: the 3 validation image(s) of --data_path {data} cannot be shared by 4 processes; "
+    assert all(refused + "drop --dist_eval (each process then scores them all)\n" in out for out in outputs)
+    assert not any("Epoch: [0]" in out for out in outputs)  # refused before training, not after an epoch of it
+
+
 def test_loader_workers_started_by_forkserver(pipeline, tmp_path):
     """Python 3.14 starts processes by forkserver on Linux (spawn on macOS), which pickles what a
     DataLoader worker gets: pre-training's loader and fine-tuning's (RandAugment, erasing, mixup)

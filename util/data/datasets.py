@@ -454,6 +454,13 @@ def train_loader(dataset: Dataset, args: Any, collate_fn: Callable | None = None
 
 def eval_loader(dataset: Dataset, args: Any) -> DataLoader:
     require_batch_memory(args.input_size, getattr(args, "in_chans", 3), args.batch_size, args.num_workers)
+    if args.dist_eval and len(dataset) < distributed.world_size():
+        # A process with no batch skips the forward pass in which DDP sends rank 0's buffers (the probe's
+        # BatchNorm statistics) to the others: they would wait for it forever.
+        fail(
+            f"--dist_eval: the {len(dataset)} validation image(s) of --data_path {args.data_path} cannot be shared by "
+            f"{distributed.world_size()} processes; drop --dist_eval (each process then scores them all)"
+        )
     sampler: Sequence[int] = ShardSampler(len(dataset)) if args.dist_eval else range(len(dataset))
     return DataLoader(
         dataset,
