@@ -276,6 +276,35 @@ def test_a_stop_signal_on_one_node_names_the_checkpoint_in_every_ranks_log(tmp_p
     assert "received SIGTERM: checkpointing at the next check point" in logs[1]
 
 
+def test_a_checkpoint_rank_0_cannot_write_stops_every_rank_in_its_line(tmp_path):
+    """A stop asked for on node 1, whose checkpoint rank 0 cannot write (a full disk): rank 0 stopped in
+    its line, and rank 1, which had no collective left to find out, said 'stopped on request after writing
+    .../checkpoint-0-step1.pth', a file that does not exist, and exited as stopped (143, not 2)."""
+    import errno
+    import signal
+
+    from helpers import counting_step, make_dataset, pretrain_args, pretrain_in_process
+
+    data, out = make_dataset(tmp_path / "data", 16), tmp_path / "out"  # 3 iterations an epoch on 2 ranks
+    flags = ["--model", "mae_vit_mini_patch4", "--batch_size", "8", "--epochs", "2", "--print_freq", "1"]
+    args = pretrain_args(data, out, *flags, "--vis_freq", "0", "--log_dir", "")
+
+    def full_disk(obj: object, path: str) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    def rank_main() -> None:
+        if os.environ["RANK"] == "0":
+            checkpoint.atomic_save = full_disk
+        else:
+            torch.optim.AdamW.step = counting_step(lambda _, k: k == 1 and os.kill(os.getpid(), signal.SIGTERM))
+        pretrain_in_process(args)
+
+    logs = run_ranks(rank_main, tmp_path / "ranks", exit_codes=(2, 2), timeout=120)
+    written = f"error: cannot write checkpoint {out / 'checkpoint-0-step1.pth'}: No space left on device"
+    assert all(written in log and "stopped on request" not in log for log in logs), logs
+    assert not list(out.glob("checkpoint-*"))
+
+
 def test_a_finetune_checkpoint_among_the_outputs_stops_every_rank_in_its_line(tmp_path):
     """--finetune out/checkpoint-0.pth --output_dir out (resumed: a new run is refused the folder anyway): rank 0
     alone checked it, and the other ranks ended in gloo's traceback once it exited."""

@@ -69,7 +69,8 @@ class TrainState:
 def save_checkpoint(state: TrainState, epoch: int, step: int | None = None) -> str | None:
     """Save on rank 0 and return the path, on every rank (all ranks call: RNG states are gathered; a rank
     that stops names it as the place to continue from, in its own node's log); a runaway update is not
-    saved."""
+    saved. A write rank 0 fails (a full disk) stops every rank with its line: the others would otherwise
+    go on, and one stopping on request would name a checkpoint that was never written."""
     args = state.args
     name = checkpoint_name(epoch, step)
     check_finite(state, f"the end of epoch {epoch}" if step is None else f"epoch {epoch}, iteration {step}", name)
@@ -77,22 +78,29 @@ def save_checkpoint(state: TrainState, epoch: int, step: int | None = None) -> s
     if not args.output_dir:
         return None
     path = os.path.join(args.output_dir, name)
-    if not distributed.is_main_process():
-        return path
-    obj = {**state.state_dict(), "epoch": epoch, "step": step, "rng": rng}
-    if step is None:
-        obj["meters"] = None  # an epoch's running sums belong to mid-epoch positions only
+
+    def write() -> None:  # rank 0's
+        obj = {**state.state_dict(), "epoch": epoch, "step": step, "rng": rng}
+        if step is None:
+            obj["meters"] = None  # an epoch's running sums belong to mid-epoch positions only
+        _write_checkpoint(obj, path, args.output_dir)
+        prune_checkpoints(args, just_written=path)
+
+    distributed.on_rank_0_for_every_rank(write)
+    return path
+
+
+def _write_checkpoint(obj: dict[str, Any], path: str, output_dir: str) -> None:
+    """``atomic_save``; a failed write (a full disk, a quota) is one line with the room it needs."""
     try:
         atomic_save(obj, path)
     except OSError as e:
-        free = shutil.disk_usage(args.output_dir).free
+        free = shutil.disk_usage(output_dir).free
         fail(
             f"cannot write checkpoint {path}: {e.strerror or e} (it needs about {_tensor_bytes(obj) / 2**20:.0f} MiB, "
             f"{free / 2**20:.0f} MiB are free there); the earlier checkpoints are intact: free space (or choose "
             f"another --output_dir) and continue with --resume auto"
         )
-    prune_checkpoints(args, just_written=path)
-    return path
 
 
 def prune_checkpoints(args: argparse.Namespace, just_written: str | None = None) -> None:
