@@ -11,6 +11,7 @@ the queries ``<data_path>/val`` (or ``test``). Under torchrun the scores equal t
 """
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -157,7 +158,7 @@ def main(args: argparse.Namespace) -> None:
         scores = knn.evaluate(features_of(encoder, args, first), data, args, args.linear_epochs, source)
         seconds = time.time() - begin
         log.info(f"{encoder}: " + "  ".join(f"{k} {v:.2f}" for k, v in scores.items()) + f"  ({seconds:.0f} s)")
-        if args.output and distributed.is_main_process():
+        if args.output:
             record = {
                 "encoder": encoder,
                 "model": args.model,
@@ -172,9 +173,18 @@ def main(args: argparse.Namespace) -> None:
                 "seconds": round(seconds, 1),
                 "command": " ".join(["python", *sys.argv]),
             }
-            with reported(args.output, "--output"):  # the whole file anew: a full disk leaves the earlier lines
-                atomic_append(args.output, json.dumps(record) + "\n")
+            # Rank 0 writes; its failure (a full disk) stops every rank in its line. Left to rank 0, the others
+            # went on to the next encoder and said another process stopped and to resume, which knn_eval cannot
+            # (or, after the last encoder, ended as if the job had succeeded).
+            distributed.on_rank_0_for_every_rank(functools.partial(append_record, args.output, record))
     distributed.cleanup()
+
+
+def append_record(path: str, record: dict) -> None:
+    """Add one encoder's scores to ``--output`` as a JSON line, writing the whole file anew: a full disk
+    leaves the earlier lines."""
+    with reported(path, "--output"):
+        atomic_append(path, json.dumps(record) + "\n")
 
 
 if __name__ == "__main__":

@@ -253,6 +253,34 @@ def test_an_output_rank_0_refuses_stops_both_ranks_in_its_line(tmp_path):
         assert "Traceback" not in log and "--resume" not in log, log
 
 
+@pytest.mark.parametrize("encoders", [["random"], ["random", "pixels"]])
+def test_an_output_rank_0_cannot_write_stops_both_ranks_in_its_line(tmp_path, encoders):
+    """A full disk under rank 0's --output line: rank 1 went on to the next encoder and ended saying
+    another process stopped and to 'restart the whole job with --resume auto' (knn_eval has none), or,
+    after the last encoder, exited 0 as if the job had succeeded."""
+    import errno
+
+    data = labelled_folder(tmp_path / "data", 4, 2)
+    output = tmp_path / "scores.json"
+
+    def full_disk(path: str, text: str) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    def main() -> None:
+        if os.environ["RANK"] == "0":
+            knn_eval.atomic_append = full_disk
+        argv = ["--data_path", str(data), "--model", "mae_vit_tiny_patch4", "--device", "cpu", "--num_workers", "0"]
+        knn_eval.main(knn_eval.get_args_parser().parse_args([*argv, "--encoders", *encoders, "--output", str(output)]))
+
+    logs = run_ranks(main, tmp_path / "ranks", 2, timeout=60, exit_codes=(2, 2))
+    for log in logs:
+        (line,) = [line for line in log.splitlines() if line.startswith("error:")]
+        assert (
+            line == f"error: --output {output}: cannot write it (No space left on device); the file is left as it "
+            "was: free some space or give another path"
+        ), log
+
+
 def test_pretraining_logs_knn_scores_and_they_match_knn_eval(tmp_path):
     data = labelled_folder(tmp_path / "data", 8, 4)
     out = tmp_path / "run"
