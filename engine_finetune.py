@@ -13,7 +13,7 @@ from util.checkpoint.encoder import load_pretrained_encoder
 from util.checkpoint.state import Position, TrainState, check_same_data, resume
 from util.cli.log import log
 from util.data.channels import image_loader
-from util.data.datasets import classification_splits, eval_loader, eval_transform, train_loader
+from util.data.datasets import batches, classification_splits, eval_loader, eval_transform, train_loader
 from util.lr_sched import adjust_learning_rate
 from util.train import distributed
 from util.train.checkpointer import Checkpointer, training
@@ -96,7 +96,7 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, args: argparse.Namespac
     device = torch.device(args.device)
     criterion = torch.nn.CrossEntropyLoss(reduction="sum")
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1, top-5, images
-    for images, targets in loader:
+    for images, targets in batches(loader):
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         with autocast(args.precision, args.device):

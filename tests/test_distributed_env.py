@@ -32,6 +32,7 @@ from helpers import (  # noqa: E402
     free_port,
     load,
     make_dataset,
+    make_split,
     refuse_destroy_while_ddp_lives,
     run_forked,
     run_ranks,
@@ -285,6 +286,47 @@ def test_a_peer_killed_with_9_leaves_the_others_one_line_saying_how_to_continue(
         "restart the whole job with --resume auto to continue from its last checkpoint\n"
     )
     assert procs[0].returncode == 1
+
+
+# Each loop over a loader's batches: pre-training's (every entry point's training), evaluation's, k-NN's.
+CORRUPT_IMAGE_RUNS = {
+    "pretrain": ("main_pretrain", "train", ["--model", "mae_vit_mini_patch4", "--vis_freq", "0"]),
+    "linprobe-eval": ("main_linprobe", "val", ["--model", "vit_mini_patch4", "--nb_classes", "3", "--epochs", "1"]),
+    "knn_eval": ("knn_eval", "train", ["--model", "mae_vit_mini_patch4", "--encoders", "random"]),
+}
+
+
+@pytest.mark.parametrize("run", CORRUPT_IMAGE_RUNS)
+def test_a_rank_stopped_by_a_corrupt_image_ends_its_loader_workers_at_once(tmp_path, run):
+    """A worker's error came with a traceback that held its loader's iterator in a reference cycle: the
+    garbage collection (run_cli's, before it destroys the process group, or an automatic one) closed the
+    iterator's queues before asking each worker to stop, then waited 5 s for it, sent it the SIGTERM it
+    ignores and waited 5 s more (a rank with --num_workers 10 took 46 s to exit, its peers waiting for it
+    in a collective). Each join the workers outlive is one of those waits."""
+    import importlib
+    import multiprocessing.process
+
+    module, split, flags = CORRUPT_IMAGE_RUNS[run]
+    data = make_split(tmp_path / "data", train=4, val=2)
+    for image in (data / split).rglob("*.jpg"):  # every rank's first batch of them fails in its workers
+        image.write_bytes(b"not an image")
+    argv = ["--data_path", str(data), "--input_size", "32", "--batch_size", "2", "--num_workers", "2", *flags]
+    argv += ["--device", "cpu"] if module == "knn_eval" else ["--output_dir", str(tmp_path / "out"), "--log_dir", ""]
+
+    def rank_main() -> None:
+        entry = importlib.import_module(module)
+        join = multiprocessing.process.BaseProcess.join
+
+        def timed_join(self, timeout=None):
+            join(self, timeout)
+            if self.is_alive():
+                print(f"a worker outlived a join of {timeout} s", file=sys.stderr)
+
+        multiprocessing.process.BaseProcess.join = timed_join
+        entry.main(entry.get_args_parser().parse_args(argv))
+
+    for log in run_ranks(rank_main, tmp_path / "ranks", exit_codes=(2, 2), timeout=120):
+        assert "error: cannot read image" in log and "outlived" not in log, log
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from util.cli.args import check_at_least
 from util.cli.errors import fail
 from util.cli.log import log
 from util.data.channels import image_loader
-from util.data.datasets import classification_splits, eval_transform, require_batch_memory
+from util.data.datasets import batches, classification_splits, eval_transform, require_batch_memory
 from util.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 from util.data.sampling import ShardSampler, evenly_spaced
 from util.eval.linear import linear_accuracy
@@ -58,7 +58,7 @@ def embed(
     from all ranks in the data set's order. Features that are not finite are an error naming ``source``:
     they would score as a plausible number (every similarity NaN, the vote to ``topk``'s first class)."""
     parts: dict[str, list[torch.Tensor]] = {}
-    for images, _ in loader:
+    for images, _ in batches(loader):
         images = images.to(device, non_blocking=True)
         with autocast(precision, str(device)):
             feats = features_fn(images)

@@ -19,6 +19,7 @@ import torch
 from util.checkpoint.state import Position, TrainState, prune_checkpoints, save_checkpoint
 from util.cli.errors import NonFiniteLoss, divergence_advice, fail
 from util.cli.log import log
+from util.data.datasets import batches
 from util.train import distributed, interrupt
 from util.train.progress import MetricLogger, RunLog, SmoothedValue, format_duration, tensorboard_step
 from util.train.steps import Accumulation
@@ -88,7 +89,7 @@ class EpochProgress:
         iter_time, data_time = SmoothedValue(fmt="{avg:.4f}"), SmoothedValue(fmt="{avg:.4f}")
         header, width, delimiter = f"Epoch: [{self.epoch}]", len(str(self.total)), self.metrics.delimiter
         begin = end = time.time()
-        for step, batch in enumerate(loader, self.start_step):
+        for step, batch in enumerate(batches(loader), self.start_step):
             data_time.update(time.time() - end)
             yield step, batch
             iter_time.update(time.time() - end)
