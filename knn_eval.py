@@ -187,5 +187,8 @@ def append_record(path: str, record: dict) -> None:
         atomic_append(path, json.dumps(record) + "\n")
 
 
+# What a rank says when another stopped (a corrupt image in that rank's share): knn_eval has no --resume.
+PEER_ADVICE = "that process's own error says why; run knn_eval.py again once it is fixed"
+
 if __name__ == "__main__":
-    run_cli(lambda: main(get_args_parser().parse_args()))
+    run_cli(lambda: main(get_args_parser().parse_args()), PEER_ADVICE)

@@ -12,7 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import (
+    REPO,
     demo_files,
+    free_port,
     isolated_interrupts,
     load,
     one_line_error,
@@ -279,6 +281,41 @@ def test_an_output_rank_0_cannot_write_stops_both_ranks_in_its_line(tmp_path, en
             line == f"error: --output {output}: cannot write it (No space left on device); the file is left as it "
             "was: free some space or give another path"
         ), log
+
+
+def test_a_rank_whose_image_is_corrupt_leaves_the_other_advice_knn_eval_can_follow(tmp_path):
+    """A corrupt bank image in rank 1's share, two `python knn_eval.py` processes as torchrun starts them:
+    rank 0 said 'restart the whole job with --resume auto to continue from its last checkpoint', a flag
+    knn_eval has not (and no checkpoints)."""
+    import subprocess
+    import sys
+
+    data = labelled_folder(tmp_path / "data", 4, 2)
+    sorted((data / "train").rglob("*.jpg"))[1].write_bytes(b"not an image")  # rank 1 reads items 1, 3, ...
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    argv = [sys.executable, "knn_eval.py", "--data_path", str(data), "--model", "mae_vit_tiny_patch4"]
+    argv += ["--encoders", "random", "--device", "cpu", "--num_workers", "0"]
+    ranks = [
+        subprocess.Popen(
+            argv,
+            cwd=REPO,
+            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "OMP_NUM_THREADS": "1"},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+    try:
+        errors = [rank.communicate(timeout=120)[1] for rank in ranks]
+    finally:
+        for rank in ranks:
+            rank.kill()
+    assert [rank.returncode for rank in ranks] == [1, 2], errors
+    assert errors[0].splitlines()[-1] == (
+        f"error: another process of this job stopped, so rank 0 of 2 cannot go on; {knn_eval.PEER_ADVICE}"
+    ), errors[0]
+    assert errors[1].splitlines()[-1].startswith("error: cannot read image "), errors[1]
 
 
 def test_pretraining_logs_knn_scores_and_they_match_knn_eval(tmp_path):

@@ -32,11 +32,12 @@ def divergence_advice(args: Any) -> str:
     return f"{advice}, or try --precision {wider}" if wider else advice
 
 
-def run_cli(main: Callable[[], None]) -> None:
+def run_cli(main: Callable[[], None], peer_advice: str = "") -> None:
     """Run an entry point, turning what is not a bug into one line on stderr (every rank) and an
     exit status: a ``UserError`` 2 (one raised in a data-loader worker comes wrapped in its traceback,
     whose last line carries the message); a stop on request after its checkpoint 128 + the signal's
-    number; a second Ctrl-C (or one without our handler) 130, at once; a peer process gone 1."""
+    number; a second Ctrl-C (or one without our handler) 130, at once; a peer process gone 1, with
+    ``peer_advice`` (default: a training run's, to resume the whole job)."""
     from util.train import distributed, interrupt
 
     try:
@@ -55,7 +56,7 @@ def run_cli(main: Callable[[], None]) -> None:
     except Exception as e:
         if not distributed.peer_stopped(e):
             raise
-        sys.stderr.write(f"error: {distributed.peer_stopped_message()}\n")
+        sys.stderr.write(f"error: {distributed.peer_stopped_message(peer_advice or distributed.RESUME_AFTER_PEER)}\n")
         sys.stderr.flush()
         # Not sys.exit: the broken process group's threads would abort the interpreter's shutdown
         # ("terminate called without an active exception") after the line.
