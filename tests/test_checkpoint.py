@@ -423,6 +423,24 @@ def test_a_mid_epoch_resume_on_changed_data_warns(tmp_path, capsys):
     assert "warning" not in capsys.readouterr().out
 
 
+def test_a_mid_epoch_position_past_the_new_datas_epoch_is_refused(tmp_path):
+    """Resumed from iteration 4 (of 6) onto data of 2 iterations an epoch: the sampler was asked to skip more
+    samples than the epoch has, and the run ended in a traceback (ValueError: __len__() should return >= 0)."""
+    from helpers import make_dataset, run_pretrain
+
+    flags = ["--model", "mae_vit_mini_patch4", "--batch_size", "8", "--epochs", "1", "--ckpt_every_steps", "2"]
+    run_pretrain(make_dataset(tmp_path / "all", 16), tmp_path / "out", *flags, "--vis_freq", "0", "--keep_last", "0")
+    mid_epoch = tmp_path / "out" / "checkpoint-0-step4.pth"
+    fewer = make_dataset(tmp_path / "fewer", 6)  # 18 images: 2 batches of 8
+    refused = (
+        r"^the --resume checkpoint was written at iteration 4 of epoch 0, past the end of an epoch of this run's "
+        r"training data \(2 iterations\): the data changed since; resume from an epoch-end checkpoint"
+    )
+    with pytest.raises(UserError, match=refused):
+        run_pretrain(fewer, tmp_path / "again", *flags, "--vis_freq", "0", "--resume", str(mid_epoch))
+    assert not (tmp_path / "again" / "checkpoint-0.pth").exists()
+
+
 def test_file_names_that_are_not_utf8_are_recorded(tmp_path):
     """A Latin-1 name from an old archive reaches python as a str with surrogates (os.fsdecode): the
     data's digest takes its bytes, where encoding it as UTF-8 ended the run in a traceback."""

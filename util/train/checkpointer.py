@@ -190,6 +190,12 @@ def training(state: TrainState, position: Position, iterations: int) -> Iterator
     folder holds, as it replaces log.txt: those of a run killed before its first checkpoint (a job requeued with
     --resume auto, which finds none), or of an earlier run in a shared --log_dir."""
     first_epoch = position.epoch
+    if position.step >= iterations:  # its sampler would be asked to skip more samples than the epoch has
+        fail(
+            f"the --resume checkpoint was written at iteration {position.step} of epoch {first_epoch}, past the end "
+            f"of an epoch of this run's training data ({iterations} iterations): the data changed since; resume from "
+            f"an epoch-end checkpoint (checkpoint-<epoch>.pth), or with the data it was written with"
+        )
     purge_step = tensorboard_step(first_epoch, position.step, iterations) + 1 if position.resumed else 0
     run_log = RunLog(state.args.log_dir, state.args.output_dir, state.log, purge_step)
     checkpointer = Checkpointer(state, run_log)
