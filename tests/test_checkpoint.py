@@ -401,6 +401,31 @@ def test_resume_refuses_other_optimizer_layout(tmp_path):
         resume(other, open_resume(other.args))
 
 
+def _two_group_state(weight_decay: float, layer_decay: float, args: Namespace) -> TrainState:
+    """A model whose optimizer has param_groups_lrd's settings: a weight decay and an lr_scale per group."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 2)
+    groups = [
+        {"params": [model.weight], "weight_decay": weight_decay, "lr_scale": layer_decay},
+        {"params": [model.bias], "weight_decay": 0.0, "lr_scale": 1.0},
+    ]
+    return TrainState(model, torch.optim.AdamW(groups, lr=0.1), LossScaler("fp32"), args)
+
+
+def test_weight_decay_and_layer_decay_given_on_resume_are_the_ones_used(tmp_path):
+    """The optimizer's load_state_dict replaced every group's settings by the checkpoint's: --weight_decay
+    0.5 and --layer_decay 0.5 given on resume trained with the saved 0.05 and 0.75, and the new checkpoint's
+    args claimed 0.5 (seen on all three entry points, comparing the weights with an unchanged run's)."""
+    state = _two_group_state(0.05, 0.75, _args(output_dir=str(tmp_path)))
+    state.model(torch.ones(1, 2)).sum().backward()
+    state.optimizer.step()
+    checkpoint.save_checkpoint(state, 0)
+    fresh = _two_group_state(0.5, 0.5, _args(resume=str(tmp_path / "checkpoint-0.pth")))
+    resume(fresh, open_resume(fresh.args))
+    assert [(g["weight_decay"], g["lr_scale"]) for g in fresh.optimizer.param_groups] == [(0.5, 0.5), (0.0, 1.0)]
+    assert_same(fresh.optimizer.state_dict()["state"], state.optimizer.state_dict()["state"])  # moments, steps
+
+
 def test_a_mid_epoch_resume_on_changed_data_warns(tmp_path, capsys):
     """The position counts iterations of the data's order: other data, another order."""
     from util.checkpoint.state import check_same_data

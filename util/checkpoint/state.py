@@ -56,10 +56,15 @@ class TrainState:
     def load_state_dict(self, ckpt: dict[str, Any], path: str) -> None:
         """Restore what ``state_dict`` saved, except the model (``resume`` loads it strictly first,
         from any kind of checkpoint) and the args (this run's flags are the ones that count)."""
+        # torch's load_state_dict replaces each group's settings by the saved ones: a --weight_decay or
+        # --layer_decay (lr_scale) given on resume was silently dropped, while the args saved claimed it.
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
         try:
             self.optimizer.load_state_dict(ckpt["optimizer"])
         except (ValueError, KeyError) as e:
             fail(f"checkpoint {path}: its optimizer state does not fit this model and optimizer ({e})")
+        for group, own in zip(self.optimizer.param_groups, settings, strict=True):
+            group.update(own)  # the state (moments, step counts) is the checkpoint's, the settings this run's flags
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.extra.update(ckpt.get("extra", {}))
