@@ -373,6 +373,24 @@ def test_resume_with_another_number_of_processes(tmp_path, capsys):
         resume(other_batch, open_resume(other_batch.args))
 
 
+def test_a_mid_epoch_checkpoint_resumed_with_another_seed_is_refused(tmp_path):
+    """The epoch's order is drawn from --seed: resumed at iteration 3 with another seed, the run skipped the
+    first 3 batches of another order, training some images of the epoch twice and others not at all
+    (seen: no warning, other weights than the run of either seed). An epoch-end checkpoint resumes."""
+    from util.data.sampling import SeededSampler
+
+    same_skip = [list(SeededSampler(48, seed))[:24] for seed in (0, 5)]  # what 3 batches of 8 trained
+    assert {i for i, _ in same_skip[0]} != {i for i, _ in same_skip[1]}  # the premise: other images
+    state = _state(torch.nn.Linear(2, 2), _args(output_dir=str(tmp_path), seed=0))
+    checkpoint.save_checkpoint(state, 0)
+    checkpoint.save_checkpoint(state, 1, 3)
+    other_seed = _state(torch.nn.Linear(2, 2), _args(resume=str(tmp_path / "checkpoint-1-step3.pth"), seed=5))
+    with pytest.raises(UserError, match="inside an epoch with --seed 0, this run has 5; resume with the same"):
+        resume(other_seed, open_resume(other_seed.args))
+    other_seed.args.resume = str(tmp_path / "checkpoint-0.pth")
+    assert resume(other_seed, open_resume(other_seed.args)) == Position(1, 0)
+
+
 def test_resume_with_flags_that_change_what_is_learned_warns_naming_each(tmp_path, capsys):
     """--mask_ratio, --norm_pix_loss, ... (MEANING_FLAGS) changed on resume: training goes on with
     the new values, and one warning names each change; flags that change nothing learned (--epochs)

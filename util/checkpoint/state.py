@@ -398,7 +398,8 @@ MEANING_FLAGS = ("model", "input_size", "mask_ratio", "norm_pix_loss", "global_p
 def _check_flags(saved: argparse.Namespace | None, args: argparse.Namespace, path: str, mid_epoch: bool) -> None:
     """Warn about changed MEANING_FLAGS; inside an epoch, fail unless the batches are the same: a
     mid-epoch position counts iterations, the same samples only with the same batch size, process
-    count and accumulation."""
+    count and accumulation, and the same seed (the epoch's order is drawn from it: another one skips
+    other samples, so that the epoch trains some twice and others not at all)."""
     if saved is None:
         return
     changed = [
@@ -410,8 +411,8 @@ def _check_flags(saved: argparse.Namespace | None, args: argparse.Namespace, pat
         log.warning(f"{path} was trained with other flags ({', '.join(changed)}); training goes on with the new ones")
     if not mid_epoch:
         return
-    for flag in ("batch_size", "world_size", "accum_iter"):
-        then, now = getattr(saved, flag, None), getattr(args, flag)
+    for flag in ("batch_size", "world_size", "accum_iter", "seed"):
+        then, now = getattr(saved, flag, None), getattr(args, flag, None)
         if then is not None and now is not None and then != now:
             name = "number of processes" if flag == "world_size" else f"--{flag}"
             fail(
