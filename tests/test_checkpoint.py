@@ -484,6 +484,37 @@ def test_a_mid_epoch_position_past_the_new_datas_epoch_is_refused(tmp_path):
     assert not (tmp_path / "again" / "checkpoint-0.pth").exists()
 
 
+def test_a_changed_schedule_on_resume_is_named_with_the_lr_it_jumps_to(tmp_path, capsys):
+    """A finished run extended with --epochs went on at 6.25e-05 where its last steps had ~0, without a word
+    (so did --warmup_epochs, --blr, --min_lr, --weight_decay or another process count). The lr by hand: cosine
+    from 1e-4 to 0 without warm-up; at epoch 1 of 1 the old schedule is over (0), of 2 it is at its middle."""
+    from helpers import make_dataset, run_pretrain
+
+    flags = ["--model", "mae_vit_mini_patch4", "--batch_size", "8", "--vis_freq", "0", "--keep_last", "0"]
+    flags += ["--lr", "1e-4", "--warmup_epochs", "0", "--min_lr", "0", "--ckpt_every_steps", "3"]
+    data, out = make_dataset(tmp_path / "data", 16), tmp_path / "out"  # 6 iterations an epoch
+    run_pretrain(data, out, *flags, "--epochs", "1")
+    capsys.readouterr()
+    run_pretrain(data, out, *flags, "--epochs", "1", "--resume", "auto")  # unchanged: nothing to say
+    assert "warning" not in capsys.readouterr().out
+    run_pretrain(data, out, *flags, "--epochs", "2", "--resume", "auto")
+    warned = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning")]
+    assert warned == [
+        f"warning: {out / 'checkpoint-0.pth'} was trained with another schedule (--epochs 1 -> 2; the lr at epoch 1, "
+        f"iteration 0 is 5e-05, not 0); training goes on with this run's"
+    ]
+    # Inside an epoch: at iteration 3 of 6 (epoch 0.5), 1e-4 x (1 + cos(pi x 0.5 / 2)) / 2 = 8.54e-05, where the
+    # 1-epoch schedule gives 1e-4 x (1 + cos(pi / 2)) / 2 = 5e-05; and the weight decay is named.
+    run_pretrain(
+        data, out, *flags, "--epochs", "2", "--resume", str(out / "checkpoint-0-step3.pth"), "--weight_decay", "0.1"
+    )
+    warned = [line for line in capsys.readouterr().out.splitlines() if "another schedule" in line]
+    assert warned == [
+        f"warning: {out / 'checkpoint-0-step3.pth'} was trained with another schedule (--epochs 1 -> 2; --weight_decay "
+        f"0.05 -> 0.1; the lr at epoch 0, iteration 3 is 8.54e-05, not 5e-05); training goes on with this run's"
+    ]
+
+
 def test_file_names_that_are_not_utf8_are_recorded(tmp_path):
     """A Latin-1 name from an old archive reaches python as a str with surrogates (os.fsdecode): the
     data's digest takes its bytes, where encoding it as UTF-8 ended the run in a traceback."""

@@ -28,6 +28,7 @@ from util.checkpoint.rng import gather_rng, restore_rng
 from util.cli.errors import NonFiniteLoss, UserError, divergence_advice, fail
 from util.cli.log import log
 from util.data.datasets import listed_files, name_digest
+from util.lr_sched import lr_at
 from util.outputs import appears
 from util.train import distributed
 
@@ -304,6 +305,9 @@ class Position:
     epoch: int
     step: int = 0  # iterations already done in ``epoch``
     resumed: bool = field(default=False, compare=False)  # from a checkpoint of this run (what it logged counts)
+    # The checkpoint resumed from, whose flags ``check_schedule`` compares with the run's once the epoch's
+    # iterations are known.
+    source: Opened | None = field(default=None, compare=False, repr=False)
 
     def steps_done(self, epoch: int) -> int:
         """Iterations of ``epoch`` already trained: this position's in its own epoch, else none."""
@@ -346,7 +350,8 @@ def resume(state: TrainState, opened: Opened | None) -> Position:
         )
     step = ckpt.get("step")
     _check_flags(opened.args, args, path, mid_epoch=step is not None)
-    position = Position(ckpt["epoch"] + 1, resumed=True) if step is None else Position(ckpt["epoch"], step, True)
+    epoch = ckpt["epoch"] + 1 if step is None else ckpt["epoch"]  # after a complete epoch: the next one
+    position = Position(epoch, step or 0, resumed=True, source=opened)
     here = (position.epoch, position.step)
     # A --resume PATH that is not the folder's newest: --resume auto would go on from another one. (For
     # --resume auto itself, later checkpoints are those that did not load, reported as skipped already.)
@@ -419,6 +424,44 @@ def _check_flags(saved: argparse.Namespace | None, args: argparse.Namespace, pat
                 f"checkpoint {path} was written inside an epoch with {name} {then}, this run has {now}; "
                 f"resume with the same settings, or from an epoch-end checkpoint"
             )
+
+
+# Flags of the lr schedule and the optimizer's settings: changed on resume, they apply from the resumed
+# position on (extending a finished run with --epochs is one such change), and the lr may jump there.
+SCHEDULE_FLAGS = ("epochs", "warmup_epochs", "blr", "min_lr", "weight_decay", "layer_decay")
+
+
+def check_schedule(position: Position, iterations: int, args: argparse.Namespace) -> None:
+    """Warn, naming each change, when the run's schedule differs from the checkpoint's it resumes, with the
+    lr at the resumed position under both where they differ (the jump a changed --epochs, --warmup_epochs,
+    --blr or number of processes makes there): silent, such a jump looked like a fault of the resume."""
+    saved = position.source.args if position.source is not None else None
+    if saved is None or position.epoch >= args.epochs:  # nothing left to train
+        return
+    changed = [
+        f"--{flag} {getattr(saved, flag)} -> {getattr(args, flag)}"
+        for flag in SCHEDULE_FLAGS
+        if hasattr(saved, flag) and hasattr(args, flag) and getattr(saved, flag) != getattr(args, flag)
+    ]
+    if isinstance(getattr(saved, "lr", None), float) and saved.lr != args.lr:  # --lr, --blr, the effective batch
+        changed.append(f"peak lr {saved.lr:.3g} -> {args.lr:.3g}")
+    then, now = _lr_at(position, iterations, saved), _lr_at(position, iterations, args)
+    if then is not None and now is not None and then != now:
+        changed.append(f"the lr at epoch {position.epoch}, iteration {position.step} is {now:.3g}, not {then:.3g}")
+    if changed:
+        log.warning(
+            f"{position.source.path} was trained with another schedule ({'; '.join(changed)}); training goes on "
+            f"with this run's"
+        )
+
+
+def _lr_at(position: Position, iterations: int, args: argparse.Namespace) -> float | None:
+    """The lr ``args``' schedule gives at ``position`` (None where its flags lack one: not our checkpoint)."""
+    if not all(isinstance(getattr(args, name, None), int | float) for name in ("lr", "min_lr", "warmup_epochs")):
+        return None
+    if not isinstance(getattr(args, "epochs", None), int):
+        return None
+    return lr_at(position.epoch + position.step / iterations, args)
 
 
 def check_same_data(state: TrainState, dataset: Any, position: Position) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from util.checkpoint.state import Position, TrainState, prune_checkpoints, save_checkpoint
+from util.checkpoint.state import Position, TrainState, check_schedule, prune_checkpoints, save_checkpoint
 from util.cli.errors import NonFiniteLoss, divergence_advice, fail
 from util.cli.log import log
 from util.data.datasets import batches
@@ -196,6 +196,7 @@ def training(state: TrainState, position: Position, iterations: int) -> Iterator
             f"of an epoch of this run's training data ({iterations} iterations): the data changed since; resume from "
             f"an epoch-end checkpoint (checkpoint-<epoch>.pth), or with the data it was written with"
         )
+    check_schedule(position, iterations, state.args)
     purge_step = tensorboard_step(first_epoch, position.step, iterations) + 1 if position.resumed else 0
     run_log = RunLog(state.args.log_dir, state.args.output_dir, state.log, purge_step)
     checkpointer = Checkpointer(state, run_log)
