@@ -515,6 +515,49 @@ def test_a_changed_schedule_on_resume_is_named_with_the_lr_it_jumps_to(tmp_path,
     ]
 
 
+def test_a_finished_run_extended_with_more_epochs_keeps_its_final_checkpoint(tmp_path):
+    """docs/checkpoints.md: the last epoch's checkpoint is kept for good. Extended from --epochs 2 to 3, the run
+    pruned checkpoint-1.pth (the 2-epoch run's result: not a --save_freq multiple, no longer the last) at its
+    first save; with 800 epochs extended to 1600 at --save_freq 20, checkpoint-799.pth went so. It stays, also
+    through a later restart of the extended run, and a run that is not extended prunes as before."""
+    from helpers import checkpoint_names, load, make_dataset, run_pretrain
+
+    data = make_dataset(tmp_path / "data", 16)
+    flags = ["--model", "mae_vit_mini_patch4", "--batch_size", "8", "--vis_freq", "0", "--save_freq", "5"]
+    run_pretrain(data, tmp_path / "out", *flags, "--epochs", "2")
+    assert checkpoint_names(tmp_path / "out") == {"checkpoint-0.pth", "checkpoint-1.pth"}
+    run_pretrain(data, tmp_path / "out", *flags, "--epochs", "3", "--resume", "auto")
+    assert checkpoint_names(tmp_path / "out") == {"checkpoint-0.pth", "checkpoint-1.pth", "checkpoint-2.pth"}
+    run_pretrain(data, tmp_path / "out", *flags, "--epochs", "4", "--resume", "auto")  # extended again
+    assert checkpoint_names(tmp_path / "out") == {f"checkpoint-{epoch}.pth" for epoch in range(4)}
+    assert load(tmp_path / "out" / "checkpoint-3.pth")["extra"]["finals"] == ["checkpoint-1.pth", "checkpoint-2.pth"]
+    run_pretrain(data, tmp_path / "out", *flags, "--epochs", "4", "--resume", "auto")  # finished: prunes, keeps
+    assert checkpoint_names(tmp_path / "out") == {f"checkpoint-{epoch}.pth" for epoch in range(4)}
+
+
+@pytest.mark.parametrize(
+    "saved_epochs, folder, kept",
+    [(2, "out", ["checkpoint-1.pth"]), (3, "out", []), (2, "elsewhere", [])],
+    ids=["the-final-one", "inside-its-run", "another-folder"],
+)
+def test_only_the_final_checkpoint_of_a_run_in_the_folder_is_kept_as_such(tmp_path, saved_epochs, folder, kept):
+    """checkpoint-1.pth, resumed by a run of 5 epochs in out/: the last of a 2-epoch run is kept; of a 3-epoch
+    run, cut short (a kill), it goes as any other; one in another folder is out of the run's reach."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / folder).mkdir(exist_ok=True)
+    state = _state(torch.nn.Linear(2, 2), _args(output_dir=str(tmp_path / folder), epochs=saved_epochs))
+    path = checkpoint.save_checkpoint(state, 1)
+    fresh = _state(torch.nn.Linear(2, 2), _args(output_dir=str(tmp_path / "out"), resume=path, epochs=5))
+    assert resume(fresh, open_resume(fresh.args)) == Position(2, 0)
+    assert fresh.extra.get("finals", []) == kept
+
+
+def test_prune_keeps_the_finals_it_is_given(tmp_path):
+    _touch(tmp_path, *(f"checkpoint-{epoch}.pth" for epoch in range(5)))
+    prune(str(tmp_path), keep_last=1, keep_every=20, final_epoch=9, finals=["checkpoint-2.pth"])
+    assert _names(tmp_path) == {"checkpoint-0.pth", "checkpoint-2.pth", "checkpoint-4.pth"}
+
+
 def test_file_names_that_are_not_utf8_are_recorded(tmp_path):
     """A Latin-1 name from an old archive reaches python as a str with surrogates (os.fsdecode): the
     data's digest takes its bytes, where encoding it as UTF-8 ended the run in a traceback."""

@@ -348,6 +348,8 @@ NAN_STATE = {"state": {0: {"exp_avg": torch.tensor([math.nan])}}, "param_groups"
         ("extra", []),
         ("extra", {"max_accuracy": "abc"}),
         ("extra", {"unevaluated": 3}),
+        ("extra", {"finals": "checkpoint-1.pth"}),
+        ("extra", {"finals": [1]}),
         ("log", {}),
         ("log", [1]),
         ("log", [{"a": torch.ones(1)}]),

@@ -3,6 +3,7 @@
 
 import os
 import re
+from collections.abc import Iterable
 from typing import Any, BinaryIO
 
 import torch
@@ -71,10 +72,16 @@ def list_checkpoints(output_dir: str) -> list[str]:
 
 
 def prune(
-    output_dir: str, keep_last: int, keep_every: int, final_epoch: int, just_written: str | None = None
+    output_dir: str,
+    keep_last: int,
+    keep_every: int,
+    final_epoch: int,
+    just_written: str | None = None,
+    finals: Iterable[str] = (),
 ) -> list[str]:
     """Delete stale temporaries and old checkpoints; return the checkpoints removed. Kept: the newest and
-    ``just_written``; of complete epochs, the ``keep_last`` newest, every ``keep_every``-th and the final one."""
+    ``just_written``; of complete epochs, the ``keep_last`` newest, every ``keep_every``-th, the final one
+    and ``finals`` (names: the final checkpoints of the shorter runs this one extends)."""
     remove_stale_temporaries(output_dir, _NAME.match)  # writes a killed process never finished (ours are renamed)
     if keep_last <= 0:
         return []  # keep everything
@@ -82,6 +89,7 @@ def prune(
     # Complete epochs by their number (mid-epoch checkpoints have a step in their name).
     complete = {p: int(m.group(1)) for p in paths if (m := _NAME.match(os.path.basename(p))).group(2) is None}
     kept = {p for p, epoch in complete.items() if epoch % keep_every == 0 or epoch == final_epoch}
+    kept |= {p for p in complete if os.path.basename(p) in set(finals)}
     kept |= set(list(complete)[-keep_last:])
     removed = [p for p in paths[:-1] if p not in kept and not (just_written and os.path.samefile(p, just_written))]
     for path in removed:  # the newest checkpoint (paths[-1]) always stays

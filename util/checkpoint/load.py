@@ -484,7 +484,8 @@ def _log_problem(lines: Any) -> str:
 
 
 def _extra_problem(extra: Any) -> str:
-    """The entry-point state: engine_finetune keeps 'max_accuracy' and 'unevaluated' there."""
+    """The entry-point state: engine_finetune keeps 'max_accuracy' and 'unevaluated' there, and a run that
+    extends a finished one the names of the final checkpoints it keeps ('finals')."""
     if not isinstance(extra, dict):
         return f"is a {type(extra).__name__}, not a dict"
     best = extra.get("max_accuracy", 0.0)
@@ -495,6 +496,9 @@ def _extra_problem(extra: Any) -> str:
         isinstance(pending, dict) and _is_count(pending.get("epoch")) and isinstance(pending.get("train_stats"), dict)
     ):
         return "holds an 'unevaluated' entry that is not {'epoch': count, 'train_stats': dict}"
+    finals = extra.get("finals", [])
+    if not isinstance(finals, list) or not all(isinstance(name, str) for name in finals):
+        return "holds a 'finals' entry that is not a list of checkpoint names"
     return ""
 
 

@@ -90,7 +90,7 @@ def save_checkpoint(state: TrainState, epoch: int, step: int | None = None) -> s
         if step is None:
             obj["meters"] = None  # an epoch's running sums belong to mid-epoch positions only
         _write_checkpoint(obj, path, args.output_dir)
-        prune_checkpoints(args, just_written=path)
+        prune_checkpoints(state, just_written=path)
 
     distributed.on_rank_0_for_every_rank(write)
     return path
@@ -109,10 +109,13 @@ def _write_checkpoint(obj: dict[str, Any], path: str, output_dir: str) -> None:
         )
 
 
-def prune_checkpoints(args: argparse.Namespace, just_written: str | None = None) -> None:
-    """Apply the retention flags (``--keep_last``, ``--save_freq``) to ``--output_dir`` on rank 0."""
+def prune_checkpoints(state: TrainState, just_written: str | None = None) -> None:
+    """Apply the retention flags (``--keep_last``, ``--save_freq``) to ``--output_dir`` on rank 0; the final
+    checkpoints of the runs this one extends (``extra['finals']``) stay too."""
+    args = state.args
     if distributed.is_main_process() and args.output_dir:
-        prune(args.output_dir, args.keep_last, args.save_freq, args.epochs - 1, just_written=just_written)
+        finals = state.extra.get("finals", [])
+        prune(args.output_dir, args.keep_last, args.save_freq, args.epochs - 1, just_written, finals)
 
 
 def _tensor_bytes(obj: Any) -> int:
@@ -352,6 +355,8 @@ def resume(state: TrainState, opened: Opened | None) -> Position:
     _check_flags(opened.args, args, path, mid_epoch=step is not None)
     epoch = ckpt["epoch"] + 1 if step is None else ckpt["epoch"]  # after a complete epoch: the next one
     position = Position(epoch, step or 0, resumed=True, source=opened)
+    if step is None:
+        keep_if_final(state, opened)
     here = (position.epoch, position.step)
     # A --resume PATH that is not the folder's newest: --resume auto would go on from another one. (For
     # --resume auto itself, later checkpoints are those that did not load, reported as skipped already.)
@@ -363,6 +368,23 @@ def resume(state: TrainState, opened: Opened | None) -> Position:
         )
     log.info(f"resuming at epoch {position.epoch}, iteration {position.step}")
     return position
+
+
+def keep_if_final(state: TrainState, opened: Opened) -> None:
+    """Keep for good the epoch-end checkpoint ``opened`` where it ended its run's schedule and this run, in
+    the same folder, goes beyond it (a finished run extended with a larger --epochs): that run's flags kept
+    it as its last, and pruning by this run's --epochs deleted the finished run's result at the first save.
+    Recorded in ``extra['finals']``, which the run's checkpoints carry, so that a restart keeps it too."""
+    args, epoch = state.args, opened.ckpt["epoch"]
+    ended = opened.args is not None and getattr(opened.args, "epochs", None) == epoch + 1
+    if not (ended and args.epochs > epoch + 1 and args.output_dir and os.path.isdir(args.output_dir)):
+        return
+    folder = os.path.dirname(os.path.abspath(opened.path))
+    if not (os.path.isfile(opened.path) and os.path.samefile(folder, args.output_dir)):
+        return  # a URL's copy, or a checkpoint elsewhere: this run's pruning never reaches it
+    finals = state.extra.setdefault("finals", [])
+    if (name := os.path.basename(opened.path)) not in finals:
+        finals.append(name)
 
 
 # The kinds of model state dict, told apart by their names: (what it holds, the command that writes it).

@@ -202,7 +202,7 @@ def training(state: TrainState, position: Position, iterations: int) -> Iterator
     checkpointer = Checkpointer(state, run_log)
     log_start(first_epoch, iterations, state.args)
     if first_epoch >= state.args.epochs:  # a finished run resumed: the prune its last save began (a kill may cut it)
-        prune_checkpoints(state.args)
+        prune_checkpoints(state)
     begin = time.time()
     try:
         checkpointer.stop_if_requested()
