@@ -552,6 +552,32 @@ def test_only_the_final_checkpoint_of_a_run_in_the_folder_is_kept_as_such(tmp_pa
     assert fresh.extra.get("finals", []) == kept
 
 
+@pytest.mark.parametrize("kept_by", [["--keep_last", "3"], ["--save_freq", "1"]])
+def test_a_resume_whose_retention_flags_prune_what_the_run_kept_names_those_checkpoints(tmp_path, capsys, kept_by):
+    """The same command with --resume auto, typed again without the run's --keep_last 3 (or --save_freq 1),
+    deleted checkpoint-1.pth and checkpoint-2.pth at the next save without a word. The warning names exactly
+    what goes, before it goes; given again, the run's flags keep them."""
+    from helpers import checkpoint_names, make_dataset, run_pretrain
+
+    data, out = make_dataset(tmp_path / "data", 16), tmp_path / "out"
+    flags = ["--model", "mae_vit_mini_patch4", "--batch_size", "8", "--vis_freq", "0", "--epochs", "4"]
+    run_pretrain(data, out, *flags, *kept_by)
+    (out / "checkpoint-3.pth").unlink()  # as if killed during epoch 3
+    run_pretrain(data, out, *flags, *kept_by, "--resume", "auto")
+    everything = {f"checkpoint-{epoch}.pth" for epoch in range(4)}
+    assert checkpoint_names(out) == everything
+    (out / "checkpoint-3.pth").unlink()
+    capsys.readouterr()
+    run_pretrain(data, out, *flags, "--resume", "auto")  # --keep_last 1 --save_freq 20
+    warned = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning")]
+    old, new = kept_by[1], {"--keep_last": "1", "--save_freq": "20"}[kept_by[0]]
+    assert warned == [
+        f"warning: {kept_by[0]} {old} -> {new}: this run's pruning deletes checkpoint-1.pth, checkpoint-2.pth from "
+        f"{out}, which the run kept so far; give the run's {' '.join(kept_by)} to keep them"
+    ]
+    assert everything - checkpoint_names(out) == {"checkpoint-1.pth", "checkpoint-2.pth"}
+
+
 def test_prune_keeps_the_finals_it_is_given(tmp_path):
     _touch(tmp_path, *(f"checkpoint-{epoch}.pth" for epoch in range(5)))
     prune(str(tmp_path), keep_last=1, keep_every=20, final_epoch=9, finals=["checkpoint-2.pth"])

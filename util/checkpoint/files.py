@@ -83,15 +83,24 @@ def prune(
     ``just_written``; of complete epochs, the ``keep_last`` newest, every ``keep_every``-th, the final one
     and ``finals`` (names: the final checkpoints of the shorter runs this one extends)."""
     remove_stale_temporaries(output_dir, _NAME.match)  # writes a killed process never finished (ours are renamed)
-    if keep_last <= 0:
-        return []  # keep everything
     paths = list_checkpoints(output_dir)
-    # Complete epochs by their number (mid-epoch checkpoints have a step in their name).
-    complete = {p: int(m.group(1)) for p in paths if (m := _NAME.match(os.path.basename(p))).group(2) is None}
-    kept = {p for p, epoch in complete.items() if epoch % keep_every == 0 or epoch == final_epoch}
-    kept |= {p for p in complete if os.path.basename(p) in set(finals)}
-    kept |= set(list(complete)[-keep_last:])
+    kept = kept_checkpoints(paths, keep_last, keep_every, final_epoch, finals)
     removed = [p for p in paths[:-1] if p not in kept and not (just_written and os.path.samefile(p, just_written))]
     for path in removed:  # the newest checkpoint (paths[-1]) always stays
         os.remove(path)
     return removed
+
+
+def kept_checkpoints(
+    paths: list[str], keep_last: int, keep_every: int, final_epoch: int, finals: Iterable[str] = ()
+) -> set[str]:
+    """Which of ``paths`` (oldest progress first) the retention flags keep besides the newest: all with
+    ``keep_last`` 0, else the complete epochs that are among the ``keep_last`` newest, every
+    ``keep_every``-th, the final one or named in ``finals``."""
+    if keep_last <= 0:
+        return set(paths)  # keep everything
+    # Complete epochs by their number (mid-epoch checkpoints have a step in their name).
+    complete = {p: int(m.group(1)) for p in paths if (m := _NAME.match(os.path.basename(p))).group(2) is None}
+    kept = {p for p, epoch in complete.items() if epoch % keep_every == 0 or epoch == final_epoch}
+    kept |= {p for p in complete if os.path.basename(p) in set(finals)}
+    return kept | set(list(complete)[-keep_last:])

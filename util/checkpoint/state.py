@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from util.checkpoint.files import atomic_save, checkpoint_name, list_checkpoints, progress, prune
+from util.checkpoint.files import atomic_save, checkpoint_name, kept_checkpoints, list_checkpoints, progress, prune
 from util.checkpoint.load import (
     cached_path,
     check_training_entries,
@@ -357,6 +357,7 @@ def resume(state: TrainState, opened: Opened | None) -> Position:
     position = Position(epoch, step or 0, resumed=True, source=opened)
     if step is None:
         keep_if_final(state, opened)
+    _check_retention(opened.args, state, position)
     here = (position.epoch, position.step)
     # A --resume PATH that is not the folder's newest: --resume auto would go on from another one. (For
     # --resume auto itself, later checkpoints are those that did not load, reported as skipped already.)
@@ -446,6 +447,33 @@ def _check_flags(saved: argparse.Namespace | None, args: argparse.Namespace, pat
                 f"checkpoint {path} was written inside an epoch with {name} {then}, this run has {now}; "
                 f"resume with the same settings, or from an epoch-end checkpoint"
             )
+
+
+RETENTION_FLAGS = ("keep_last", "save_freq")
+
+
+def _check_retention(saved: argparse.Namespace | None, state: TrainState, position: Position) -> None:
+    """Warn, naming them, about the checkpoints in ``--output_dir`` that the retention flags the run had
+    kept and this run's prune once it saves the epoch it resumes: a resume that left out the run's
+    --keep_last 0 (the same command with --resume auto, typed again) deleted all but the last and the
+    --save_freq ones without a word."""
+    args = state.args
+    changed = [flag for flag in RETENTION_FLAGS if getattr(saved, flag, None) not in (None, getattr(args, flag))]
+    if not changed or not args.output_dir:
+        return
+    names = set(list_checkpoints(args.output_dir))
+    if position.epoch < args.epochs:  # as they will be once that epoch's checkpoint is the newest
+        names.add(os.path.join(args.output_dir, checkpoint_name(position.epoch)))
+    paths = sorted(names, key=lambda path: progress(os.path.basename(path)))
+    finals = state.extra.get("finals", [])
+    before = kept_checkpoints(paths, saved.keep_last, saved.save_freq, getattr(saved, "epochs", 0) - 1, finals)
+    after = kept_checkpoints(paths, args.keep_last, args.save_freq, args.epochs - 1, finals)
+    if lost := [os.path.basename(p) for p in paths[:-1] if p in before and p not in after]:
+        flags = ", ".join(f"--{flag} {getattr(saved, flag)} -> {getattr(args, flag)}" for flag in changed)
+        log.warning(
+            f"{flags}: this run's pruning deletes {', '.join(lost)} from {args.output_dir}, which the run kept so far; "
+            f"give the run's {' and '.join(f'--{flag} {getattr(saved, flag)}' for flag in changed)} to keep them"
+        )
 
 
 # Flags of the lr schedule and the optimizer's settings: changed on resume, they apply from the resumed
