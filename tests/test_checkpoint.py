@@ -373,6 +373,25 @@ def test_resume_with_another_number_of_processes(tmp_path, capsys):
         resume(other_batch, open_resume(other_batch.args))
 
 
+def test_resume_from_an_official_full_checkpoint_says_it_is_not_exact(tmp_path, capsys):
+    """The official code's checkpoints hold model, optimizer, epoch, scaler and args, no random state: the
+    resumed masks, mixup and drop paths were drawn afresh (other weights than an uninterrupted run's, seen with
+    one built by hand from ours) without the warning a checkpoint of another process count gets."""
+    state = _state(torch.nn.Linear(2, 2), _args(output_dir=str(tmp_path)))
+    ours = load_checkpoint(checkpoint.save_checkpoint(state, 0))
+    official = {key: ours[key] for key in ("model", "optimizer", "epoch", "scaler", "args")}
+    torch.save(official, tmp_path / "official.pth")
+    capsys.readouterr()
+    fresh = _state(torch.nn.Linear(2, 2), _args(resume=str(tmp_path / "official.pth")))
+    assert resume(fresh, open_resume(fresh.args)) == Position(1, 0)
+    warned = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning")]
+    assert warned == [f"warning: {tmp_path / 'official.pth'} holds no random state (the official code saves none): "
+                      f"resume is not exact"]  # fmt: skip
+    fresh.args.resume = str(tmp_path / "checkpoint-0.pth")  # ours: restored, nothing to say
+    resume(fresh, open_resume(fresh.args))
+    assert "random state" not in capsys.readouterr().out
+
+
 def test_a_mid_epoch_checkpoint_resumed_with_another_seed_is_refused(tmp_path):
     """The epoch's order is drawn from --seed: resumed at iteration 3 with another seed, the run skipped the
     first 3 batches of another order, training some images of the epoch twice and others not at all

@@ -351,6 +351,8 @@ def resume(state: TrainState, opened: Opened | None) -> Position:
             f"{path} was written by {len(rng)} processes, this run has "
             f"{distributed.world_size()}: random state is not restored, so resume is not exact"
         )
+    else:  # the official code's full checkpoints: masks, crops and drop paths are drawn afresh
+        log.warning(f"{path} holds no random state (the official code saves none): resume is not exact")
     step = ckpt.get("step")
     _check_flags(opened.args, args, path, mid_epoch=step is not None)
     epoch = ckpt["epoch"] + 1 if step is None else ckpt["epoch"]  # after a complete epoch: the next one
