@@ -427,6 +427,23 @@ def test_resume_with_flags_that_change_what_is_learned_warns_naming_each(tmp_pat
     ]
 
 
+def test_resume_with_other_mixing_or_drop_path_warns_as_smoothing_does(tmp_path, capsys):
+    """Fine-tuning's --mixup, --cutmix and --drop_path change its targets and regularisation as --smoothing
+    does, which was named: these went on without a word (main_finetune, from epoch ends and mid-epoch)."""
+    saved = dict(smoothing=0.1, mixup=0.8, cutmix=1.0, drop_path=0.1)
+    state = _state(torch.nn.Linear(2, 2), _args(output_dir=str(tmp_path), **saved))
+    checkpoint.save_checkpoint(state, 0)
+    changed = dict(smoothing=0.1, mixup=0.0, cutmix=0.0, drop_path=0.2)
+    fresh = _state(torch.nn.Linear(2, 2), _args(resume=str(tmp_path / "checkpoint-0.pth"), **changed))
+    capsys.readouterr()
+    resume(fresh, open_resume(fresh.args))
+    warned = [line for line in capsys.readouterr().out.splitlines() if "trained with other flags" in line]
+    assert warned == [
+        f"warning: {tmp_path / 'checkpoint-0.pth'} was trained with other flags (--mixup 0.8 -> 0.0, --cutmix 1.0 "
+        f"-> 0.0, --drop_path 0.1 -> 0.2); training goes on with the new ones"
+    ]
+
+
 def test_resume_refuses_other_optimizer_layout(tmp_path):
     model = torch.nn.Linear(2, 2)
     state = _state(model, _args(output_dir=str(tmp_path)))

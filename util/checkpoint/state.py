@@ -422,7 +422,11 @@ def check_kind(saved: dict[str, Any], own: dict[str, Any], path: str, evaluating
 
 # Flags that change what the model learns. A run resumed with another value goes on training
 # something else than it started (--model and --input_size mostly cannot load: the weights differ).
-MEANING_FLAGS = ("model", "input_size", "mask_ratio", "norm_pix_loss", "global_pool", "nb_classes", "smoothing")
+# Fine-tuning's targets and regularisation count as --smoothing does: mixed targets, dropped paths.
+MEANING_FLAGS = (
+    *("model", "input_size", "mask_ratio", "norm_pix_loss", "global_pool", "nb_classes", "smoothing"),
+    *("mixup", "cutmix", "drop_path"),
+)
 
 
 def _check_flags(saved: argparse.Namespace | None, args: argparse.Namespace, path: str, mid_epoch: bool) -> None:
