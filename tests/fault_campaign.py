@@ -40,7 +40,7 @@ bitwise comparisons need. Pre-training runs are compared with helpers.Reference,
 on the command line (the test session's ``pretrain_reference``, which test_resilience and
 test_pretrain share); ``--reference`` reuses one that a campaign or a test session left. Fine-tuning
 and linear probing start from that run's final checkpoint (``--finetune``: the encoder's loading
-and its flags are part of every fresh start, and every resume opens it too) on a train/val split of
+and its flags are part of every fresh start; a resume does not read it) on a train/val split of
 the same demo images, and are compared with an uninterrupted run of their own flags, forked by the
 driver. They add a kill site (``eval``: an epoch's evaluation done, neither logged nor in a
 checkpoint) and have no reconstruction picture: each entry declares the faults it skips.

@@ -74,6 +74,30 @@ def test_finetune_then_eval_reproduces_logged_accuracy(pipeline, tmp_path, capsy
     assert acc == pytest.approx(logged["test_acc1"], abs=1e-3)
 
 
+@pytest.mark.parametrize("entry_point", [main_finetune, main_linprobe], ids=["finetune", "linprobe"])
+def test_a_resume_goes_on_without_the_finetune_checkpoint_it_started_from(pipeline, tmp_path, capsys, entry_point):
+    """The same command with --resume auto read --finetune again on every rank, though the resumed weights
+    replace the encoder's: a pre-trained checkpoint moved or deleted since the run began stopped its resume
+    ('checkpoint ... does not exist; check its path', not naming --finetune). It is not read now, and the
+    resumed run ends as one that never stopped."""
+    data, ckpt, _ = pipeline
+    encoder = str(shutil.copy(ckpt, tmp_path / "encoder.pth"))
+    flags = ["--finetune", encoder, "--epochs", "2", "--ckpt_every_steps", "2", "--keep_last", "0"]
+    entry_point.main(_classifier_args(entry_point, data, tmp_path / "whole", *flags))
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    shutil.copy(tmp_path / "whole" / "checkpoint-0-step4.pth", stopped)
+    os.remove(encoder)
+    capsys.readouterr()
+    entry_point.main(_classifier_args(entry_point, data, stopped, *flags, "--resume", "auto"))
+    resumed = stopped / "checkpoint-0-step4.pth"
+    assert f"--finetune {encoder} is not read: the run goes on from {resumed}, which holds its weights" in (
+        capsys.readouterr().out
+    )
+    whole, again = (torch.load(out / "checkpoint-1.pth", weights_only=False) for out in (tmp_path / "whole", stopped))
+    assert all(torch.equal(whole["model"][k], again["model"][k]) for k in whole["model"])
+
+
 def test_linear_probe_trains_only_the_head(pipeline, tmp_path):
     data, ckpt, _ = pipeline
     out = tmp_path / "lin"

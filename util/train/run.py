@@ -89,9 +89,12 @@ def start(flags: argparse.Namespace, fallbacks: dict[str, Any] | None = None) ->
     # --resume PATH of weights only (an official release): a new run from those weights, at --start_epoch.
     if training and args.resume != "auto" and resume_from is not None and weights_only(resume_from.ckpt):
         distributed.on_rank_0_for_every_rank(lambda: check_no_earlier_run(args.output_dir, resume_from.path))
-    finetune = getattr(args, "finetune", "")  # pre-training has none; --eval does not load it
+    finetune = getattr(args, "finetune", "") if not getattr(args, "eval", False) else ""  # --eval does not load it
     init_from = None
-    if finetune and not args.eval:  # every rank reads it: the same file everywhere, or every rank stops
+    if finetune and resume_from is not None and not weights_only(resume_from.ckpt):
+        # The resumed weights replace the encoder's: a file gone since the run began stopped its resume.
+        log.info(f"--finetune {finetune} is not read: the run goes on from {resume_from.path}, which holds its weights")
+    elif finetune:  # every rank reads it: the same file everywhere, or every rank stops
         init_from = open_on_every_rank(lambda: open_checkpoint(finetune), finetune, "--finetune")
     sources = [s for s in (resume_from, init_from) if s is not None]
     origins = fill_from_checkpoints(args, sources, fallbacks or {})
@@ -101,8 +104,8 @@ def start(flags: argparse.Namespace, fallbacks: dict[str, Any] | None = None) ->
     args.precision = resolve_precision(args.precision, args.device)
     args.lr_given = args.lr is not None  # for messages that say which flag to lower
     args.lr = effective_lr(args, distributed.world_size())
-    if init_from and args.output_dir:
-        distributed.on_rank_0_for_every_rank(lambda: check_not_among_outputs(init_from.path, args.output_dir))
+    if finetune and args.output_dir:  # read or not: its pruning would delete it all the same
+        distributed.on_rank_0_for_every_rank(lambda: check_not_among_outputs(finetune, args.output_dir))
 
     seed = args.seed + distributed.rank()
     torch.manual_seed(seed)
