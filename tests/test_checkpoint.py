@@ -455,7 +455,7 @@ def test_resume_refuses_other_optimizer_layout(tmp_path):
         resume(other, open_resume(other.args))
 
 
-def _two_group_state(weight_decay: float, layer_decay: float, args: Namespace) -> TrainState:
+def _two_group_state(weight_decay: float, layer_decay: float, args: Namespace, lr: float = 0.1) -> TrainState:
     """A model whose optimizer has param_groups_lrd's settings: a weight decay and an lr_scale per group."""
     torch.manual_seed(0)
     model = torch.nn.Linear(2, 2)
@@ -463,7 +463,7 @@ def _two_group_state(weight_decay: float, layer_decay: float, args: Namespace) -
         {"params": [model.weight], "weight_decay": weight_decay, "lr_scale": layer_decay},
         {"params": [model.bias], "weight_decay": 0.0, "lr_scale": 1.0},
     ]
-    return TrainState(model, torch.optim.AdamW(groups, lr=0.1), LossScaler("fp32"), args)
+    return TrainState(model, torch.optim.AdamW(groups, lr=lr), LossScaler("fp32"), args)
 
 
 def test_weight_decay_and_layer_decay_given_on_resume_are_the_ones_used(tmp_path):
@@ -474,10 +474,13 @@ def test_weight_decay_and_layer_decay_given_on_resume_are_the_ones_used(tmp_path
     state.model(torch.ones(1, 2)).sum().backward()
     state.optimizer.step()
     checkpoint.save_checkpoint(state, 0)
-    fresh = _two_group_state(0.5, 0.5, _args(resume=str(tmp_path / "checkpoint-0.pth")))
+    fresh = _two_group_state(0.5, 0.5, _args(resume=str(tmp_path / "checkpoint-0.pth")), lr=0.7)
     resume(fresh, open_resume(fresh.args))
     assert [(g["weight_decay"], g["lr_scale"]) for g in fresh.optimizer.param_groups] == [(0.5, 0.5), (0.0, 1.0)]
     assert_same(fresh.optimizer.state_dict()["state"], state.optimizer.state_dict()["state"])  # moments, steps
+    # The lr is the schedule's, set at each step: the checkpoint's until then (fine-tuning saves its last epoch
+    # again after evaluating it, before any step; found by the fault campaign with the lr taken from the flags).
+    assert [g["lr"] for g in fresh.optimizer.param_groups] == [0.1, 0.1]
 
 
 def test_a_mid_epoch_resume_on_changed_data_warns(tmp_path, capsys):

@@ -58,8 +58,10 @@ class TrainState:
         """Restore what ``state_dict`` saved, except the model (``resume`` loads it strictly first,
         from any kind of checkpoint) and the args (this run's flags are the ones that count)."""
         # torch's load_state_dict replaces each group's settings by the saved ones: a --weight_decay or
-        # --layer_decay (lr_scale) given on resume was silently dropped, while the args saved claimed it.
-        settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
+        # --layer_decay (lr_scale) given on resume was silently dropped, while the args saved claimed it. The lr
+        # stays the checkpoint's: the schedule sets it at each step, and a run that saves again before its first
+        # step (fine-tuning's last epoch, evaluated on resume) must save the lr that epoch ended with.
+        settings = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in self.optimizer.param_groups]
         try:
             self.optimizer.load_state_dict(ckpt["optimizer"])
         except (ValueError, KeyError) as e:
