@@ -617,6 +617,18 @@ def test_a_resume_whose_retention_flags_prune_what_the_run_kept_names_those_chec
     assert everything - checkpoint_names(out) == {"checkpoint-1.pth", "checkpoint-2.pth"}
 
 
+@pytest.mark.parametrize("stored", [dict(save_freq=0), dict(keep_last="x"), dict(keep_last=None)])
+def test_retention_flags_no_flag_could_give_are_passed_over(tmp_path, stored):
+    """A changed (or foreign) checkpoint's --save_freq 0 would divide by zero in the retention comparison."""
+    state = _state(torch.nn.Linear(2, 2), _args(output_dir=str(tmp_path), keep_last=1, save_freq=20))
+    path = checkpoint.save_checkpoint(state, 0)
+    ckpt = load_checkpoint(path)
+    vars(ckpt["args"]).update(stored)
+    atomic_save(ckpt, path)
+    fresh = _state(torch.nn.Linear(2, 2), _args(output_dir=str(tmp_path), resume=path, keep_last=1, save_freq=20))
+    assert resume(fresh, open_resume(fresh.args)) == Position(1, 0)
+
+
 def test_prune_keeps_the_finals_it_is_given(tmp_path):
     _touch(tmp_path, *(f"checkpoint-{epoch}.pth" for epoch in range(5)))
     prune(str(tmp_path), keep_last=1, keep_every=20, final_epoch=9, finals=["checkpoint-2.pth"])

@@ -466,7 +466,9 @@ def _check_retention(saved: argparse.Namespace | None, state: TrainState, positi
     --keep_last 0 (the same command with --resume auto, typed again) deleted all but the last and the
     --save_freq ones without a word."""
     args = state.args
-    changed = [flag for flag in RETENTION_FLAGS if getattr(saved, flag, None) not in (None, getattr(args, flag))]
+    if not (_is_int(getattr(saved, "keep_last", None), 0) and _is_int(getattr(saved, "save_freq", None), 1)):
+        return  # the official code's flags have neither (and a changed file might hold anything)
+    changed = [flag for flag in RETENTION_FLAGS if getattr(saved, flag) != getattr(args, flag)]
     if not changed or not args.output_dir:
         return
     names = set(list_checkpoints(args.output_dir))
@@ -482,6 +484,10 @@ def _check_retention(saved: argparse.Namespace | None, state: TrainState, positi
             f"{flags}: this run's pruning deletes {', '.join(lost)} from {args.output_dir}, which the run kept so far; "
             f"give the run's {' and '.join(f'--{flag} {getattr(saved, flag)}' for flag in changed)} to keep them"
         )
+
+
+def _is_int(value: Any, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
 # Flags of the lr schedule and the optimizer's settings: changed on resume, they apply from the resumed
