@@ -134,6 +134,7 @@ def train_or_evaluate(
     state = TrainState(model, optimizer, LossScaler(args.precision), args)
     position = resume(state, run.resume_from)
     check_same_data(state, train_set, position)
+    run.release_checkpoints()  # both loaded (the encoder by classifier_and_data): their copies are not needed
     wrapped_model = wrap_for_training(model, args)  # DDP and/or compiled: what the steps call
     val_loader = eval_loader(val_set, args)
     if args.eval:

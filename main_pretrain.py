@@ -167,6 +167,7 @@ def main(flags: argparse.Namespace) -> None:
     state = TrainState(model, optimizer, LossScaler(args.precision), args)
     position = resume(state, run.resume_from)
     check_same_data(state, dataset, position)
+    run.release_checkpoints()  # loaded: the file's copy of the weights and moments is not needed any more
     wrapped_model = wrap_for_training(model, args)  # DDP and/or compiled: what the steps call
 
     picture = fixed_picture(dataset, model.num_patches, args)

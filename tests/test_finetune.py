@@ -334,3 +334,48 @@ def test_eval_without_checkpoint_is_refused(pipeline, tmp_path):
     data, _, _ = pipeline
     with pytest.raises(UserError, match=r"--eval needs a model"):
         main_finetune.main(_finetune_args(data, tmp_path / "x", "--eval"))
+
+
+@pytest.mark.parametrize("entry", ["pretrain --resume", "finetune --finetune"])
+def test_an_opened_checkpoints_weights_are_let_go_before_training(pipeline, tmp_path, monkeypatch, entry):
+    """The opened --resume (or --finetune) checkpoint was held for the whole run: on GPUs, where loading copies it to
+    the device, a host copy of the weights and moments (three times the model) in every process. By the first
+    epoch, its tensors are gone."""
+    import gc
+    import weakref
+
+    import engine_finetune
+    from util.checkpoint import state as checkpoint_state
+
+    data, ckpt, _ = pipeline
+    held: list[weakref.ref] = []
+    real_load, real_pretrain_epoch, real_finetune_epoch = (
+        checkpoint_state.load_checkpoint,
+        main_pretrain.train_one_epoch,
+        engine_finetune.train_one_epoch,
+    )
+    alive: list[bool] = []
+
+    def load(path, *args, **kwargs):
+        opened = real_load(path, *args, **kwargs)
+        held.extend(weakref.ref(t) for t in opened["model"].values())
+        return opened
+
+    def probe(real):
+        def epoch(*args, **kwargs):
+            gc.collect()
+            alive.append(any(ref() is not None for ref in held))
+            return real(*args, **kwargs)
+
+        return epoch
+
+    monkeypatch.setattr(checkpoint_state, "load_checkpoint", load)
+    monkeypatch.setattr(main_pretrain, "train_one_epoch", probe(real_pretrain_epoch))
+    monkeypatch.setattr(engine_finetune, "train_one_epoch", probe(real_finetune_epoch))
+    if entry == "pretrain --resume":
+        shutil.copytree(ckpt.parent, tmp_path / "pre")
+        flags = ["--model", "mae_vit_mini_patch4", "--epochs", "2", "--vis_freq", "0", "--resume", "auto"]
+        main_pretrain.main(pretrain_args(data, tmp_path / "pre", *flags, "--log_dir", ""))
+    else:
+        main_finetune.main(_finetune_args(data, tmp_path / "ft", "--finetune", str(ckpt), "--epochs", "1"))
+    assert held and alive == [False]

@@ -160,6 +160,10 @@ class Opened:
         saved = self.ckpt.get("args")
         return saved if isinstance(saved, argparse.Namespace) else None
 
+    def flags_only(self) -> "Opened":
+        """The path and the saved flags, without the weights and optimizer state: what may outlive the loading."""
+        return Opened(self.path, {"args": self.ckpt.get("args")})
+
 
 def open_checkpoint(path: str, training: bool = False) -> Opened:
     """Read ``path`` (verified, weights only); ``training``: to resume, its training entries checked."""
@@ -358,7 +362,7 @@ def resume(state: TrainState, opened: Opened | None) -> Position:
     step = ckpt.get("step")
     _check_flags(opened.args, args, path, mid_epoch=step is not None)
     epoch = ckpt["epoch"] + 1 if step is None else ckpt["epoch"]  # after a complete epoch: the next one
-    position = Position(epoch, step or 0, resumed=True, source=opened)
+    position = Position(epoch, step or 0, resumed=True, source=opened.flags_only())
     if step is None:
         keep_if_final(state, opened)
     _check_retention(opened.args, state, position)

@@ -46,6 +46,14 @@ class Run:
     init_from: Opened | None
     origins: dict[str, str] = field(default_factory=dict)
 
+    def release_checkpoints(self) -> None:
+        """Let go of the opened checkpoints' weights and optimizer state once they are loaded. Held, they stayed in
+        host memory for the whole run: on GPUs, where loading copies them to the device, about three times the
+        model's size per process (4.0 GB for ViT-L pre-training, 7.9 GB for ViT-H); on the CPU, the model's."""
+        for opened in (self.resume_from, self.init_from):
+            if opened is not None:
+                opened.ckpt.clear()
+
     @property
     def size_source(self) -> str:
         """The checkpoint ``--input_size`` was read from ("" when given or a fallback): the model's
