@@ -517,7 +517,10 @@ def test_a_new_run_into_a_folder_with_checkpoints_is_refused_before_it_writes(tm
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     capsys.readouterr()
     pretrain_in_process(pretrain_args(data, out, *flags, "--resume", "auto"))
-    assert "nothing to train: the run already finished its 2 epochs" in capsys.readouterr().out
+    assert "nothing to train: the run already finished its 2 epochs (--epochs)\n" in capsys.readouterr().out
+    pretrain_in_process(pretrain_args(data, out, *flags, "--epochs", "1", "--resume", "auto"))
+    # Resumed with a smaller --epochs: said as it is, not as a run that finished 1 epoch.
+    assert "nothing to train: the checkpoint is 2 epochs in, past --epochs 1\n" in capsys.readouterr().out
 
 
 def test_a_new_run_from_weights_only_into_a_folder_with_checkpoints_is_refused(tmp_path):

@@ -175,8 +175,10 @@ def log_start(first_epoch: int, iterations: int, args: Any) -> None:
             f"{iterations} iterations per epoch are not a multiple of --accum_iter {args.accum_iter}: each epoch's "
             f"last optimizer step averages the gradients of its last {iterations % args.accum_iter} iterations"
         )
-    if first_epoch >= args.epochs:
+    if first_epoch == args.epochs:
         log.info(f"nothing to train: the run already finished its {args.epochs} epochs (--epochs)")
+    elif first_epoch > args.epochs:  # a smaller --epochs than the run had
+        log.info(f"nothing to train: the checkpoint is {first_epoch} epochs in, past --epochs {args.epochs}")
     else:
         log.info(f"start training at epoch {first_epoch} of {args.epochs}")
 
