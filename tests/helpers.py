@@ -351,6 +351,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextmanager
+def started_ranks(
+    argv: Sequence[str], world_size: int = 2, stdout: int = subprocess.PIPE, **env: str
+) -> Iterator[list[subprocess.Popen]]:
+    """``argv`` started ``world_size`` times as fresh interpreters, in the environment torchrun gives its
+    workers (and ``env``), one thread each, stderr piped; yields the processes, and kills those still
+    running when the block ends."""
+    shared = {**os.environ, "WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    shared.update(OMP_NUM_THREADS="1", **env)
+    ranks = [
+        subprocess.Popen(
+            argv,
+            cwd=REPO,
+            env={**shared, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(world_size)
+    ]
+    try:
+        yield ranks
+    finally:
+        for rank in ranks:
+            if rank.poll() is None:
+                rank.kill()
+
+
 def run_forked(log: Path, body: Callable[[], None], append: bool = False) -> int:
     """Run ``body()`` in a process forked from this one, its stdout and stderr going to ``log``
     (appended to, or replaced); returns the child's pid. The child never returns: it exits with

@@ -13,7 +13,6 @@
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -36,6 +35,7 @@ from helpers import (  # noqa: E402
     refuse_destroy_while_ddp_lives,
     run_forked,
     run_ranks,
+    started_ranks,
     wait_or_kill,
 )
 
@@ -77,12 +77,6 @@ def launcher_env(monkeypatch):
 
 def _args(dist_url: str = "env://", dist_on_itp: bool = False) -> Namespace:
     return Namespace(dist_url=dist_url, dist_on_itp=dist_on_itp, device="cpu")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,7 +167,7 @@ def test_the_launchers_environments_are_read_as_they_are_meant(launcher_env):
 # A rank started alone: it says what it waits for, then gives up
 @pytest.mark.parametrize("rank", [0, 1])
 def test_a_rank_started_alone_says_what_it_waits_for_and_gives_up(launcher_env, capsys, rank):
-    port = _free_port()
+    port = free_port()
     launcher_env({"RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     launcher_env({START_TIMEOUT: "2"})
     started = time.monotonic()
@@ -261,26 +255,10 @@ PEER = textwrap.dedent(
 def test_a_peer_killed_with_9_leaves_the_others_one_line_saying_how_to_continue(tmp_path):
     script = tmp_path / "peer.py"
     script.write_text(PEER.format(repo=str(REPO)))
-    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
-    env.update({"OMP_NUM_THREADS": "1", START_TIMEOUT: "120"})
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script)],
-            env={**env, "RANK": str(r)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        for r in (0, 1)
-    ]
-    try:
+    with started_ranks([sys.executable, str(script)], **{START_TIMEOUT: "120"}) as procs:
         assert [p.stdout.readline() for p in procs] == ["ready\n", "ready\n"]
         procs[1].kill()
         _, err = procs[0].communicate(timeout=120)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
     assert err == (
         "error: another process of this job stopped, so rank 0 of 2 cannot go on; "
         "restart the whole job with --resume auto to continue from its last checkpoint\n"

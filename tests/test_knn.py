@@ -12,15 +12,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import (
-    REPO,
     demo_files,
-    free_port,
     isolated_interrupts,
     load,
     one_line_error,
     read_log,
     run_pretrain,
     run_ranks,
+    started_ranks,
     torch_threads,
 )
 
@@ -292,25 +291,10 @@ def test_a_rank_whose_image_is_corrupt_leaves_the_other_advice_knn_eval_can_foll
 
     data = labelled_folder(tmp_path / "data", 4, 2)
     sorted((data / "train").rglob("*.jpg"))[1].write_bytes(b"not an image")  # rank 1 reads items 1, 3, ...
-    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     argv = [sys.executable, "knn_eval.py", "--data_path", str(data), "--model", "mae_vit_tiny_patch4"]
     argv += ["--encoders", "random", "--device", "cpu", "--num_workers", "0"]
-    ranks = [
-        subprocess.Popen(
-            argv,
-            cwd=REPO,
-            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "OMP_NUM_THREADS": "1"},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        for rank in (0, 1)
-    ]
-    try:
+    with started_ranks(argv, stdout=subprocess.DEVNULL) as ranks:
         errors = [rank.communicate(timeout=120)[1] for rank in ranks]
-    finally:
-        for rank in ranks:
-            rank.kill()
     assert [rank.returncode for rank in ranks] == [1, 2], errors
     assert errors[0].splitlines()[-1] == (
         f"error: another process of this job stopped, so rank 0 of 2 cannot go on; {knn_eval.PEER_ADVICE}"
