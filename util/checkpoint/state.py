@@ -442,11 +442,7 @@ def _check_flags(saved: argparse.Namespace | None, args: argparse.Namespace, pat
     other samples, so that the epoch trains some twice and others not at all)."""
     if saved is None:
         return
-    changed = [
-        f"--{flag} {getattr(saved, flag)} -> {getattr(args, flag)}"
-        for flag in MEANING_FLAGS
-        if hasattr(saved, flag) and hasattr(args, flag) and getattr(saved, flag) != getattr(args, flag)
-    ]
+    changed = _changed_flags(saved, args, MEANING_FLAGS)
     if changed:
         log.warning(f"{path} was trained with other flags ({', '.join(changed)}); training goes on with the new ones")
     if not mid_epoch:
@@ -459,6 +455,15 @@ def _check_flags(saved: argparse.Namespace | None, args: argparse.Namespace, pat
                 f"checkpoint {path} was written inside an epoch with {name} {then}, this run has {now}; "
                 f"resume with the same settings, or from an epoch-end checkpoint"
             )
+
+
+def _changed_flags(saved: argparse.Namespace, args: argparse.Namespace, flags: tuple[str, ...]) -> list[str]:
+    """Each of ``flags`` both hold with another value, as warnings name it: ``--mask_ratio 0.75 -> 0.5``."""
+    return [
+        f"--{flag} {getattr(saved, flag)} -> {getattr(args, flag)}"
+        for flag in flags
+        if hasattr(saved, flag) and hasattr(args, flag) and getattr(saved, flag) != getattr(args, flag)
+    ]
 
 
 RETENTION_FLAGS = ("keep_last", "save_freq")
@@ -506,11 +511,7 @@ def check_schedule(position: Position, iterations: int, args: argparse.Namespace
     saved = position.source.args if position.source is not None else None
     if saved is None or position.epoch >= args.epochs:  # nothing left to train
         return
-    changed = [
-        f"--{flag} {getattr(saved, flag)} -> {getattr(args, flag)}"
-        for flag in SCHEDULE_FLAGS
-        if hasattr(saved, flag) and hasattr(args, flag) and getattr(saved, flag) != getattr(args, flag)
-    ]
+    changed = _changed_flags(saved, args, SCHEDULE_FLAGS)
     if isinstance(getattr(saved, "lr", None), float) and saved.lr != args.lr:  # --lr, --blr, the effective batch
         changed.append(f"peak lr {saved.lr:.3g} -> {args.lr:.3g}")
     then, now = _lr_at(position, iterations, saved), _lr_at(position, iterations, args)
