@@ -56,7 +56,7 @@ def run_cli(main: Callable[[], None], peer_advice: str = "") -> None:
     except Exception as e:
         if not distributed.peer_stopped(e):
             raise
-        sys.stderr.write(f"error: {distributed.peer_stopped_message(peer_advice or distributed.RESUME_AFTER_PEER)}\n")
+        sys.stderr.write(f"error: {distributed.peer_stopped_message(peer_advice)}\n")
         sys.stderr.flush()
         # Not sys.exit: the broken process group's threads would abort the interpreter's shutdown
         # ("terminate called without an active exception") after the line.

@@ -381,10 +381,8 @@ def peer_stopped(error: BaseException) -> bool:
     return is_dist() and (isinstance(error, dist.DistError) or lost)
 
 
-# How a training job goes on after one of its processes stopped (the advice of ``peer_stopped_message``).
-RESUME_AFTER_PEER = "restart the whole job with --resume auto to continue from its last checkpoint"
-
-
-def peer_stopped_message(advice: str = RESUME_AFTER_PEER) -> str:
-    """The one line a process says when ``peer_stopped``: what happened and how to continue (``advice``)."""
+def peer_stopped_message(advice: str = "") -> str:
+    """The one line a process says when ``peer_stopped``: what happened and how to continue (``advice``; by
+    default a training job's)."""
+    advice = advice or "restart the whole job with --resume auto to continue from its last checkpoint"
     return f"another process of this job stopped, so rank {rank()} of {world_size()} cannot go on; {advice}"
