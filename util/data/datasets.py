@@ -22,7 +22,7 @@ from util.data.fast_crop import FastRandomResizedCropFlip
 from util.data.images import load_rgb, unreadable
 from util.data.lists import LIST_FILES, ClassIndices, list_file_in, read_image_list
 from util.data.normalization import IMAGENET_MEAN, IMAGENET_STD, check_norm
-from util.data.sampling import SeededDataset, SeededSampler, ShardSampler
+from util.data.sampling import SeededDataset, SeededSampler, ShardSampler, require_a_share_each
 from util.memory import require
 from util.sizes import image_size, shown_size
 from util.train import distributed, interrupt
@@ -454,13 +454,9 @@ def train_loader(dataset: Dataset, args: Any, collate_fn: Callable | None = None
 
 def eval_loader(dataset: Dataset, args: Any) -> DataLoader:
     require_batch_memory(args.input_size, getattr(args, "in_chans", 3), args.batch_size, args.num_workers)
-    if args.dist_eval and len(dataset) < distributed.world_size():
-        # A process with no batch skips the forward pass in which DDP sends rank 0's buffers (the probe's
-        # BatchNorm statistics) to the others: they would wait for it forever.
-        fail(
-            f"--dist_eval: the {len(dataset)} validation image(s) of --data_path {args.data_path} cannot be shared by "
-            f"{distributed.world_size()} processes; drop --dist_eval (each process then scores them all)"
-        )
+    if args.dist_eval:  # the probe's BatchNorm statistics go out in the first forward pass: every rank makes it
+        subject = f"--dist_eval: the {len(dataset)} validation image(s) of --data_path {args.data_path}"
+        require_a_share_each(len(dataset), subject, "drop --dist_eval (each process then scores them all)")
     sampler: Sequence[int] = ShardSampler(len(dataset)) if args.dist_eval else range(len(dataset))
     return DataLoader(
         dataset,

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler, Sampler, get_worker_info
 
+from util.cli.errors import fail
 from util.data.splitmix import splitmix64
 from util.train import distributed
 
@@ -111,3 +112,12 @@ class ShardSampler(Sampler):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+def require_a_share_each(count: int, subject: str, advice: str) -> None:
+    """Refuse, in one line (``subject`` and its ``count`` of items "cannot be shared by N processes; ``advice``"),
+    to shard fewer items than processes with ``ShardSampler``: a rank with none skips the collectives the others
+    wait in (a k-NN feature gather; DDP's buffer broadcast in an evaluation's first forward pass), and gloo
+    aborts on the mismatch, NCCL waits for its watchdog or mixes data."""
+    if count < distributed.world_size():
+        fail(f"{subject} cannot be shared by {distributed.world_size()} processes; {advice}")

@@ -24,7 +24,7 @@ from util.cli.log import log
 from util.data.channels import image_loader
 from util.data.datasets import batches, classification_splits, eval_transform, require_batch_memory
 from util.data.normalization import IMAGENET_MEAN, IMAGENET_STD
-from util.data.sampling import ShardSampler, evenly_spaced
+from util.data.sampling import ShardSampler, evenly_spaced, require_a_share_each
 from util.eval.linear import linear_accuracy
 from util.memory import require
 from util.sizes import image_size
@@ -151,15 +151,11 @@ class KnnData:
         self._check_shares()  # at start: the k-NN monitor of pre-training scores only after epochs of it
 
     def _check_shares(self) -> None:
-        """Every rank gets bank and query images: a rank without any would skip the gather of their features
-        that the others wait in (gloo aborted on the mismatch; NCCL waits for its watchdog, or mixes data).
-        Made in the process group (its entry points make it after joining), so checked once, here."""
+        """Every rank gets bank and query images (``require_a_share_each`` says why). Made in the process group
+        (its entry points make it after joining), so checked once, here."""
         for images, what, flag in ((self.bank, "bank", "--knn_bank_size"), (self.queries, "query", "--knn_query_size")):
-            if len(images) < distributed.world_size():
-                fail(
-                    f"{self.flag} {self.path}: {len(images)} k-NN {what} image(s) cannot be shared by "
-                    f"{distributed.world_size()} processes; run fewer, or give more {what} images ({flag} 0: all)"
-                )
+            subject = f"{self.flag} {self.path}: {len(images)} k-NN {what} image(s)"
+            require_a_share_each(len(images), subject, f"run fewer, or give more {what} images ({flag} 0: all)")
 
     def loaders(self, batch_size: int, num_workers: int) -> tuple[DataLoader, DataLoader]:
         """This rank's shard of the bank and of the queries (every image once over all ranks)."""
