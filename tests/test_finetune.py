@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, cli, make_split, pretrain_args, run_ranks, torch_threads
+from helpers import TINY, assert_same, cli, load, make_split, pretrain_args, run_ranks, torch_threads
 
 import main_finetune
 import main_linprobe
@@ -130,6 +130,19 @@ def test_eval_freq_evaluates_every_nth_and_the_last_epoch(pipeline, tmp_path):
     assert all("train_loss" in line for line in lines)
     # The official key: the trained parameters, here the probe's linear head (128 x 3 + 3).
     assert all(line["n_parameters"] == 128 * 3 + 3 for line in lines)
+
+
+def test_how_often_it_evaluates_changes_no_weight(pipeline, tmp_path):
+    """Evaluating draws nothing from the streams training draws on (drop path's here): the weights after
+    3 epochs are the same whether each epoch was scored or only the last."""
+    data, ckpt, _ = pipeline
+    trained = []
+    for eval_freq in ("1", "3"):
+        out = tmp_path / eval_freq
+        flags = ["--finetune", str(ckpt), "--epochs", "3", "--drop_path", "0.2", "--eval_freq", eval_freq]
+        main_finetune.main(_finetune_args(data, out, *flags))
+        trained.append(load(out / "checkpoint-2.pth")["model"])
+    assert_same(*trained)
 
 
 def test_dist_eval_over_two_processes_counts_every_image_once(pipeline, tmp_path, capsys):

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import (
+    assert_same,
     demo_files,
     isolated_interrupts,
     load,
@@ -315,6 +316,10 @@ def test_pretraining_logs_knn_scores_and_they_match_knn_eval(tmp_path):
     assert load(out / "checkpoint-2.pth")["epoch"] == 2
     (record,) = _knn_eval(data, tmp_path / "eval.json", "--encoders", str(out / "checkpoint-2.pth"), "--knn_k", "5")
     assert (record["cls_top1"], record["avg_top1"]) == (log[2]["knn_cls_top1"], log[2]["knn_avg_top1"])
+    # Scoring drew nothing from the stream the masks come from: the weights are those of a run without the monitor.
+    plain = tmp_path / "plain"
+    run_pretrain(data, plain, "--epochs", "3", "--vis_freq", "0")
+    assert_same(load(out / "checkpoint-2.pth")["model"], load(plain / "checkpoint-2.pth")["model"])
 
 
 @pytest.mark.parametrize(

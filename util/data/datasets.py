@@ -22,7 +22,7 @@ from util.data.fast_crop import FastRandomResizedCropFlip
 from util.data.images import load_rgb, unreadable
 from util.data.lists import LIST_FILES, ClassIndices, list_file_in, read_image_list
 from util.data.normalization import IMAGENET_MEAN, IMAGENET_STD, check_norm
-from util.data.sampling import SeededDataset, SeededSampler, ShardSampler, require_a_share_each
+from util.data.sampling import SeededDataset, SeededSampler, ShardSampler, loader_generator, require_a_share_each
 from util.memory import require
 from util.sizes import image_size, shown_size
 from util.train import distributed, interrupt
@@ -446,9 +446,7 @@ def train_loader(dataset: Dataset, args: Any, collate_fn: Callable | None = None
         persistent_workers=args.num_workers > 0,
         collate_fn=collate_fn,
         worker_init_fn=interrupt.ignore_in_worker,
-        # The workers' own seeds are irrelevant (SeededDataset reseeds per sample); a private
-        # generator keeps the loader from drawing on the global stream the model uses.
-        generator=torch.Generator().manual_seed(args.seed),
+        generator=loader_generator(args.seed),
     )
 
 
@@ -466,6 +464,7 @@ def eval_loader(dataset: Dataset, args: Any) -> DataLoader:
         pin_memory=args.pin_mem and str(args.device).startswith("cuda"),
         drop_last=False,
         worker_init_fn=interrupt.ignore_in_worker,
+        generator=loader_generator(),
     )
 
 

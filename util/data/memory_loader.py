@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from util.cli.errors import UserError, fail
 from util.data.fast_crop import RATIO, SCALE, fallback_size
+from util.data.sampling import loader_generator
 from util.data.splitmix import splitmix64
 from util.memory import require
 from util.sizes import image_size
@@ -51,6 +52,7 @@ def decode(
         num_workers=num_workers,
         collate_fn=_items,
         worker_init_fn=interrupt.ignore_in_worker,
+        generator=loader_generator(),
     )
     try:
         _fill(images, loader, files)

@@ -51,6 +51,13 @@ def _pairs(indices: np.ndarray, seeds: np.ndarray) -> Iterator[tuple[int, int]]:
         yield from zip(indices[chunk].tolist(), seeds[chunk].tolist(), strict=True)
 
 
+def loader_generator(seed: int = 0) -> torch.Generator:
+    """A DataLoader's own generator. Each pass over a loader draws its workers' base seed from it, or, without
+    one, from the global torch stream that masks and drop path draw on: how often a run evaluated would then
+    change its weights. None of our loaders needs the workers' seeds (SeededDataset seeds every sample)."""
+    return torch.Generator().manual_seed(seed)
+
+
 def sample_seeds(seed: int, epoch: int, indices: np.ndarray) -> np.ndarray:
     """A 32-bit seed per sample: SplitMix64's finaliser of the index over a key for (seed, epoch).
     Vectorised: the sampler, in the main process, must keep up with every worker (benchmarks/README.md)."""

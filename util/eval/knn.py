@@ -24,7 +24,7 @@ from util.cli.log import log
 from util.data.channels import image_loader
 from util.data.datasets import batches, classification_splits, eval_transform, require_batch_memory
 from util.data.normalization import IMAGENET_MEAN, IMAGENET_STD
-from util.data.sampling import ShardSampler, evenly_spaced, require_a_share_each
+from util.data.sampling import ShardSampler, evenly_spaced, loader_generator, require_a_share_each
 from util.eval.linear import linear_accuracy
 from util.memory import require
 from util.sizes import image_size
@@ -161,7 +161,10 @@ class KnnData:
         """This rank's shard of the bank and of the queries (every image once over all ranks)."""
         require_batch_memory(self.size, self.in_chans, batch_size, num_workers)
         options = dict(batch_size=batch_size, num_workers=num_workers, worker_init_fn=interrupt.ignore_in_worker)
-        return tuple(DataLoader(d, sampler=ShardSampler(len(d)), **options) for d in (self.bank, self.queries))
+        return tuple(
+            DataLoader(d, sampler=ShardSampler(len(d)), generator=loader_generator(), **options)
+            for d in (self.bank, self.queries)
+        )
 
     def __repr__(self) -> str:
         return f"{len(self.bank)} bank and {len(self.queries)} query images, {len(self.classes)} classes"
