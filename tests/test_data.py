@@ -8,7 +8,9 @@ import pickle
 import random
 import tracemalloc
 from argparse import Namespace
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -17,6 +19,8 @@ from helpers import CLASSES, make_dataset, make_split, recorded_calls
 from PIL import Image
 from torch.utils.data import DistributedSampler
 
+import main_finetune
+import main_linprobe
 from util.cli.errors import UserError
 from util.data import datasets as datasets_module
 from util.data import sampling
@@ -32,6 +36,7 @@ from util.data.datasets import (
     train_loader,
 )
 from util.data.fast_crop import FastRandomResizedCropFlip
+from util.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 from util.data.sampling import SeededDataset, SeededSampler, ShardSampler
 from util.train import distributed
 
@@ -235,10 +240,22 @@ def image_root(tmp_path_factory) -> Path:
     return make_dataset(tmp_path_factory.mktemp("seeded"), 8)  # 24 images
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["torchvision", "fast"])
+def _classifier_transform(entry_point: ModuleType) -> Callable:
+    """The training augmentation of ``main_finetune`` or ``main_linprobe`` at 32 px, with its defaults: fine-tuning's
+    RandAugment draws from numpy's and python's generators and its random erasing from torch's, which the
+    pre-training crops (python's or torch's alone) leave untested."""
+    args = entry_point.get_args_parser().parse_args(["--input_size", "32"])
+    args.in_chans, args.mean, args.std = 3, list(IMAGENET_MEAN), list(IMAGENET_STD)  # what run.start settles
+    return entry_point.build_train_transform(args)
+
+
+@pytest.fixture(scope="module", params=["torchvision", "fast", "finetune", "linprobe"])
 def images(request, image_root) -> ImageFiles:
-    fast = request.param
-    return pretrain_dataset(str(image_root), pretrain_transform(32, "fast" if fast else "torchvision"), lazy=fast)
+    if request.param in ("finetune", "linprobe"):
+        entry_point = main_finetune if request.param == "finetune" else main_linprobe
+        return pretrain_dataset(str(image_root), _classifier_transform(entry_point))
+    fast = request.param == "fast"
+    return pretrain_dataset(str(image_root), pretrain_transform(32, request.param), lazy=fast)
 
 
 def _epoch(loader, epoch: int, skip: int = 0) -> list[torch.Tensor]:
