@@ -132,16 +132,24 @@ def test_eval_freq_evaluates_every_nth_and_the_last_epoch(pipeline, tmp_path):
     assert all(line["n_parameters"] == 128 * 3 + 3 for line in lines)
 
 
-def test_how_often_it_evaluates_changes_no_weight(pipeline, tmp_path):
-    """Evaluating draws nothing from the streams training draws on (drop path's here): the weights after
-    3 epochs are the same whether each epoch was scored or only the last."""
+# Flags that only watch or save a run, and how its data are loaded: all at once, in one run.
+WATCHERS = ["--print_freq", "1", "--log_dir", "{out}", "--ckpt_every_steps", "2", "--save_freq", "1"]
+WATCHERS += ["--keep_last", "0", "--dist_eval", "--num_workers", "2"]
+
+
+@pytest.mark.parametrize("watching", [["--eval_freq", "3"], WATCHERS], ids=["eval_freq", "watchers"])
+def test_what_only_watches_changes_no_weight(pipeline, tmp_path, watching):
+    """Evaluating, logging, TensorBoard, checkpoints and loader workers draw nothing from the streams training
+    draws on (drop path's and mixup's here): the weights and optimizer after 3 epochs are those of a run that
+    evaluated every epoch and did none of the rest. (Pre-training's: helpers.REFERENCE_EXTRAS, test_knn.)"""
     data, ckpt, _ = pipeline
+    flags = ["--finetune", str(ckpt), "--epochs", "3", "--drop_path", "0.2", "--mixup", "0.8", "--cutmix", "1.0"]
     trained = []
-    for eval_freq in ("1", "3"):
-        out = tmp_path / eval_freq
-        flags = ["--finetune", str(ckpt), "--epochs", "3", "--drop_path", "0.2", "--eval_freq", eval_freq]
-        main_finetune.main(_finetune_args(data, out, *flags))
-        trained.append(load(out / "checkpoint-2.pth")["model"])
+    for name, extra in (("plain", []), ("watched", watching)):
+        out = tmp_path / name
+        main_finetune.main(_finetune_args(data, out, *flags, *[f.format(out=out) for f in extra]))
+        final = load(out / "checkpoint-2.pth")
+        trained.append({"model": final["model"], "optimizer": final["optimizer"]})
     assert_same(*trained)
 
 
