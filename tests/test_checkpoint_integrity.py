@@ -312,7 +312,7 @@ def _training_checkpoint(tmp_path: Path) -> dict:
     state.optimizer.step()
     state.extra = {"max_accuracy": 12.5, "unevaluated": {"epoch": 0, "train_stats": {"loss": 1.0}}}
     state.log = [{"epoch": 0, "train_loss": 1.0}]
-    state.meters = {"epoch": 0, "step": 3, "sums": {"loss": [3.0, 3]}}
+    state.meters = {"epoch": 0, "step": 3, "sums": [{"loss": [3.0, 3]}]}  # one rank's
     return load_checkpoint(save_checkpoint(state, 0, 3))
 
 
@@ -323,6 +323,8 @@ def test_a_checkpoint_this_code_writes_passes_and_keeps_the_random_state(tmp_pat
     torch.manual_seed(5), random.seed(5), np.random.seed(5)
     check_training_entries(ckpt, "c.pth")  # tries the stored random states, then puts ours back
     assert_same((random.random(), float(np.random.rand()), torch.rand(2)), expected)
+    ckpt["meters"]["sums"] = {"loss": [3.0, 3]}  # as checkpoints kept them before each rank's: rank 0's alone
+    check_training_entries(ckpt, "c.pth")
 
 
 NAN_STATE = {"state": {0: {"exp_avg": torch.tensor([math.nan])}}, "param_groups": [{"params": [0]}]}
@@ -356,6 +358,8 @@ NAN_STATE = {"state": {0: {"exp_avg": torch.tensor([math.nan])}}, "param_groups"
         ("meters", []),
         ("meters", {"epoch": 0}),
         ("meters", {"epoch": 0, "step": 1, "sums": {"loss": [1.0]}}),
+        ("meters", {"epoch": 0, "step": 1, "sums": []}),
+        ("meters", {"epoch": 0, "step": 1, "sums": [{"loss": [1.0, 1]}, {"loss": ["a", 1]}]}),
         ("args", 5),
     ],
 )

@@ -405,6 +405,31 @@ def test_torchrun_two_processes_identical_weights(tmp_path):
     assert all_finite(rank0)
     assert any(not torch.equal(v, load(out / "checkpoint-0.pth")["model"][k]) for k, v in rank0.items())
     assert sorted(p.name for p in out.glob("reconstruction-*.png")) == ["reconstruction-0.png", "reconstruction-1.png"]
+    # log.txt's loss is the epoch's over both ranks, as the official one (its meters are summed over processes):
+    # each TensorBoard point here is one iteration's loss averaged over the ranks.
+    points = _tensorboard(out)["train_loss"]
+    for line in read_log(out):
+        epoch_points = [value for x, value in points if line["epoch"] * 1000 < x <= (line["epoch"] + 1) * 1000]
+        assert len(epoch_points) == 2
+        assert line["train_loss"] == pytest.approx(sum(epoch_points) / 2, rel=1e-6)
+
+
+def test_two_ranks_resumed_inside_an_epoch_log_the_uninterrupted_epoch_loss(tmp_path):
+    """A mid-epoch checkpoint keeps each rank's loss sums, so that the resumed epoch's loss over both ranks, in
+    log.txt, is the uninterrupted run's to the last digit (not rank 0's sums taken by both ranks)."""
+    data = make_dataset(tmp_path / "data", 11)  # 33 images: 4 iterations of 2 x 4 per epoch
+    argv = [*TINY, "--model", "mae_vit_mini_patch4", "--batch_size", "4", "--epochs", "2", "--ckpt_every_steps", "2"]
+    argv += ["--keep_last", "0", "--vis_freq", "0", "--data_path", str(data), "--log_dir", ""]
+
+    def ranks(out: Path, *extra: str) -> None:
+        flags = main_pretrain.get_args_parser().parse_args([*argv, "--output_dir", str(out), *extra])
+        run_ranks(lambda: main_pretrain.main(flags), out / "ranks")
+
+    ranks(tmp_path / "whole")
+    ranks(tmp_path / "resumed", "--resume", str(tmp_path / "whole" / "checkpoint-1-step2.pth"))
+    sums = load(tmp_path / "whole" / "checkpoint-1-step2.pth")["meters"]["sums"]
+    assert len(sums) == 2 and sums[0]["loss"] != sums[1]["loss"], "each rank's own"
+    assert read_log(tmp_path / "resumed") == read_log(tmp_path / "whole")
 
 
 def test_a_stop_on_one_rank_stops_both_and_destroys_the_group_before_exit(tmp_path):

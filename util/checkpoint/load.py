@@ -467,10 +467,14 @@ def _optimizer_problem(opt: Any) -> str:
 
 def _meters_problem(meters: Any) -> str:
     sums = meters.get("sums") if isinstance(meters, dict) else None
-    ok = isinstance(sums, dict) and _is_count(meters.get("epoch")) and _is_count(meters.get("step"))
-    if ok and all(isinstance(s, (list, tuple)) and len(s) == 2 and all(map(_is_number, s)) for s in sums.values()):
-        return ""
-    return "is not {'epoch': count, 'step': count, 'sums': {name: [total, count]}}"
+    per_rank = sums if isinstance(sums, list) and sums else [sums]  # one dict per rank; older checkpoints: rank 0's
+    ok = all(map(_is_sums, per_rank)) and _is_count(meters.get("epoch")) and _is_count(meters.get("step"))
+    return "" if ok else "is not {'epoch': count, 'step': count, 'sums': [{name: [total, count]} per rank]}"
+
+
+def _is_sums(sums: Any) -> bool:
+    pairs = sums.values() if isinstance(sums, dict) else [None]
+    return all(isinstance(s, (list, tuple)) and len(s) == 2 and all(map(_is_number, s)) for s in pairs)
 
 
 def _log_problem(lines: Any) -> str:

@@ -78,7 +78,7 @@ class EpochProgress:
         state = owner.state
         saved = state.meters  # the epoch's sums up to the mid-epoch checkpoint this run resumed from
         if start_step and saved and (saved["epoch"], saved["step"]) == (epoch, start_step):
-            self.metrics.load_sums(saved["sums"])  # the epoch's average then covers all its iterations
+            self.metrics.load_sums(this_ranks_sums(saved["sums"]))  # the epoch's average then covers all of it
         state.meters = None
         self.pending: list[torch.Tensor] = []
         self.lr = 0.0
@@ -135,14 +135,16 @@ class EpochProgress:
         stop = stop_requested(args.device)
         if save_now or stop:
             state = self.owner.state
-            state.meters = {"epoch": self.epoch, "step": step + 1, "sums": self.metrics.sums()}  # rank 0's
+            sums = self.metrics.sums_of_every_rank(args.device)
+            state.meters = {"epoch": self.epoch, "step": step + 1, "sums": sums}
             self.owner.save(self.epoch, step + 1)
             state.meters = None
             if stop:
                 raise interrupt.Interrupted(self.owner.last_saved)
 
     def averages(self) -> dict[str, float]:
-        return self.metrics.global_averages()
+        """The epoch's averages over every rank's iterations (one collective)."""
+        return self.metrics.averages_over_ranks(self.args.device)
 
     def _check_and_log(self, step: int) -> None:
         """One host sync: read the pending losses, stop on a non-finite one, log the averages."""
@@ -165,6 +167,15 @@ class EpochProgress:
         self.owner.run_log.scalars(
             tensorboard_step(self.epoch, step + 1, self.total), train_loss=summed[1] / summed[2], lr=self.lr
         )
+
+
+def this_ranks_sums(saved: list[dict[str, list[float]]] | dict[str, list[float]]) -> dict[str, list[float]]:
+    """This rank's part of a mid-epoch checkpoint's meter sums: its own (a resume inside an epoch has as many
+    processes as wrote it: ``state._check_flags``). A checkpoint that kept rank 0's sums alone (a dict) gives them to
+    every rank, the best guess of each one's."""
+    if isinstance(saved, dict):
+        return saved
+    return saved[distributed.rank()] if len(saved) == distributed.world_size() else {}
 
 
 def log_start(first_epoch: int, iterations: int, args: Any) -> None:

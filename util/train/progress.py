@@ -10,6 +10,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from util.cli.errors import fail
 from util.cli.log import log
 from util.outputs import atomic_append, atomic_write, remove_stale_temporaries
@@ -72,17 +74,34 @@ class MetricLogger:
     def __str__(self) -> str:
         return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
 
-    def global_averages(self) -> dict[str, float]:
-        return {name: meter.global_avg for name, meter in self.meters.items()}
+    def averages_over_ranks(self, device: torch.device | str) -> dict[str, float]:
+        """Each meter's average over every rank's values, as in the official log.txt (whose meters are summed over
+        the processes at an epoch's end). One collective: every rank must call it."""
+        names = sorted(self.meters)  # the same order on every rank
+        sums = distributed.all_reduce_sum([x for name in names for x in self._sums(name)], device)
+        averages = {name: sums[2 * i] / max(sums[2 * i + 1], 1) for i, name in enumerate(names)}
+        return {name: averages[name] for name in self.meters}  # in the order they were first logged
 
-    def sums(self) -> dict[str, list[float]]:
-        """Each meter's running total and count: what a mid-epoch checkpoint needs so that the
-        resumed epoch's averages equal an uninterrupted epoch's."""
-        return {name: [meter.total, meter.count] for name, meter in self.meters.items()}
+    def sums_of_every_rank(self, device: torch.device | str) -> list[dict[str, list[float]]]:
+        """Each rank's running total and count of each meter, in rank order: what a mid-epoch checkpoint needs so
+        that the resumed epoch's averages equal an uninterrupted epoch's. One collective: every rank must call it
+        (each fills its own slots of a vector of zeros, so the sum hands every value on exactly)."""
+        names, world, rank = sorted(self.meters), distributed.world_size(), distributed.rank()
+        width = 2 * len(names)
+        slots = [0.0] * (width * world)
+        slots[rank * width : (rank + 1) * width] = [x for name in names for x in self._sums(name)]
+        summed = distributed.all_reduce_sum(slots, device)
+        return [
+            {name: [summed[r * width + 2 * i], int(summed[r * width + 2 * i + 1])] for i, name in enumerate(names)}
+            for r in range(world)
+        ]
 
     def load_sums(self, sums: dict[str, list[float]]) -> None:
         for name, (total, count) in sums.items():
             self.meters[name].total, self.meters[name].count = total, int(count)
+
+    def _sums(self, name: str) -> tuple[float, int]:
+        return self.meters[name].total, self.meters[name].count
 
 
 def tensorboard_step(epoch: int, steps_done: int, iterations: int) -> int:
