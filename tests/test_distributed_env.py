@@ -6,6 +6,7 @@
   MAE_DIST_START_TIMEOUT seconds;
 - ranks on one GPU all stop in the same line before NCCL starts;
 - a peer killed with -9 leaves the others with one line saying how to continue;
+- a rank's data-loader workers end with it, however it ends;
 - Ctrl-C checkpoints as SIGTERM does, a second one stops at once;
 - the submitit launchers check the flags before submitting; a submitted task that fails or hands
   over destroys its process group first.
@@ -264,6 +265,104 @@ def test_a_peer_killed_with_9_leaves_the_others_one_line_saying_how_to_continue(
         "restart the whole job with --resume auto to continue from its last checkpoint\n"
     )
     assert procs[0].returncode == 1
+
+
+def test_a_rank_whose_peer_was_killed_leaves_no_loader_worker_behind(tmp_path):
+    """The rank left alone exits with os._exit (a normal shutdown would be aborted by the broken group's threads),
+    which skips the exit hook that kills its loader workers. They ignore SIGTERM and lived on as orphans until
+    torch's watchdog saw their parent gone, up to 5 s later, or for good (found by a fault probe of 2-process
+    torchrun jobs: rank 1 killed with -9, rank 0's workers outlived torchrun's exit; those of the killed rank held
+    its sockets open, and rank 0 waited as long to find it gone)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    workers = tmp_path / "workers"
+
+    def rank_main() -> None:
+        distributed.init_distributed_mode(Namespace(dist_url="env://", dist_on_itp=False, device="cpu"))
+        loader = DataLoader(
+            range(64), num_workers=2, persistent_workers=True, worker_init_fn=interrupt.ignore_in_worker
+        )
+        batches = iter(loader)
+        next(batches)  # both workers started
+        if distributed.rank() == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        workers.write_text(" ".join(str(w.pid) for w in batches._workers))
+        model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 4))
+        while True:  # DDP's gradient all-reduce, as in training, finds the peer gone
+            model(torch.ones(2, 4)).sum().backward()
+
+    logs = run_ranks(rank_main, tmp_path / "ranks", exit_codes=(1, -signal.SIGKILL), timeout=120)
+    assert "error: another process of this job stopped, so rank 0 of 2 cannot go on" in logs[0], logs[0]
+    pids = [int(pid) for pid in workers.read_text().split()]
+    assert len(pids) == 2
+    assert _still_running(pids, within=2) == [], "rank 0's loader workers outlived it"
+
+
+def _still_running(pids: list[int], within: float) -> list[int]:
+    """Those of ``pids`` still running (neither gone nor a zombie) after ``within`` seconds; killed then."""
+    deadline = time.time() + within
+
+    def running(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    while any(map(running, pids)) and time.time() < deadline:
+        time.sleep(0.05)
+    left = [pid for pid in pids if running(pid)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    return left
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_loader_workers_are_killed_by_the_kernel_when_their_process_ends():
+    """They ignore the stop signals (interrupt.ignore_in_worker), so nothing else ends them at once when their
+    process is killed with -9 or leaves with os._exit."""
+    import ctypes
+
+    from torch.utils.data import DataLoader, Dataset
+
+    class DeathSignal(Dataset):
+        def __len__(self) -> int:
+            return 2
+
+        def __getitem__(self, index: int) -> int:
+            value = ctypes.c_int()
+            ctypes.CDLL(None).prctl(2, ctypes.byref(value))  # PR_GET_PDEATHSIG
+            return value.value
+
+    loader = DataLoader(DeathSignal(), batch_size=None, num_workers=1, worker_init_fn=interrupt.ignore_in_worker)
+    assert list(loader) == [signal.SIGKILL, signal.SIGKILL]
+
+
+def test_a_loader_worker_whose_process_ended_before_it_asked_to_be_killed_with_it_ends_at_once(tmp_path):
+    """The kernel sends the parent-death signal only where the parent ends after the request: a worker
+    started just before its rank was killed would have lived on."""
+    import multiprocessing
+
+    pid_file, went_on = tmp_path / "worker", tmp_path / "went on"
+
+    def worker() -> None:
+        parent = multiprocessing.parent_process().pid
+        pid_file.with_suffix(".tmp").write_text(str(os.getpid()))
+        pid_file.with_suffix(".tmp").rename(pid_file)
+        while os.getppid() == parent:  # the process that started it ends first
+            time.sleep(0.01)
+        interrupt.end_with_parent()
+        went_on.write_text("")
+
+    def start_and_leave() -> None:
+        multiprocessing.get_context("fork").Process(target=worker, daemon=True).start()
+        while not pid_file.exists():
+            time.sleep(0.01)
+        os._exit(0)
+
+    assert wait_or_kill(run_forked(tmp_path / "log", start_and_leave), time.time() + 60) == 0
+    assert _still_running([int(pid_file.read_text())], within=30) == []
+    assert not went_on.exists()
 
 
 # Each loop over a loader's batches: pre-training's (every entry point's training), evaluation's, k-NN's.

@@ -8,8 +8,10 @@ launcher can hand the signal over once the checkpoint is written. A second Ctrl-
 """
 
 import atexit
+import ctypes
 import multiprocessing
 import multiprocessing.util  # its exit hook is registered before ours, so ours runs first
+import os
 import signal
 import sys
 from typing import Any
@@ -17,6 +19,7 @@ from typing import Any
 # The signals a cluster sends before it stops or requeues a job: handed over to the previous handler.
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 SIGNALS = (*PREEMPTION_SIGNALS, signal.SIGINT)
+PR_SET_PDEATHSIG = 1  # Linux's prctl option: a signal the kernel sends this process when its parent ends
 _requested: int | None = None
 _previous: dict[int, Any] = {}
 
@@ -53,9 +56,25 @@ def uninstall() -> None:
 def ignore_in_worker(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: a stop signal sent to the whole process group (``scancel``,
     Ctrl-C in a terminal) is the main process's to act on. Left to torch's own handlers, the workers
-    die and the main process crashes instead of checkpointing."""
+    die and the main process crashes instead of checkpointing. Deaf to SIGTERM, they end with their
+    process instead (``end_with_parent``)."""
     for s in SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+    end_with_parent()
+
+
+def end_with_parent() -> None:
+    """Have the kernel kill this loader worker as soon as the process that started it ends, however it
+    ends (Linux; elsewhere torch's watchdog ends it within 5 s). A rank killed with -9 (the OOM killer),
+    or leaving with os._exit once a peer is gone (``errors.run_cli``), runs no exit hook: its workers lived
+    on for up to 5 s, and for good where it ended before a worker had started torch's watchdog, and their
+    copies of the rank's sockets kept the job's other ranks from seeing it gone as long."""
+    if not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # it ended before the line above
+        os._exit(0)
 
 
 def _kill_loader_workers() -> None:
