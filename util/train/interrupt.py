@@ -65,15 +65,18 @@ def ignore_in_worker(worker_id: int) -> None:
 
 def end_with_parent() -> None:
     """Have the kernel kill this loader worker as soon as the process that started it ends, however it
-    ends (Linux; elsewhere torch's watchdog ends it within 5 s). A rank killed with -9 (the OOM killer),
-    or leaving with os._exit once a peer is gone (``errors.run_cli``), runs no exit hook: its workers lived
-    on for up to 5 s, and for good where it ended before a worker had started torch's watchdog, and their
-    copies of the rank's sockets kept the job's other ranks from seeing it gone as long."""
-    if not sys.platform.startswith("linux"):
-        return
-    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    ends. A rank killed with -9 (the OOM killer), or leaving with os._exit once a peer is gone
+    (``errors.run_cli``), runs no exit hook: its workers lived on for up to 5 s (torch's watchdog), and for
+    good where it ended before a worker had started that watchdog, and their copies of the rank's sockets
+    kept the job's other ranks from seeing it gone as long. Linux only, and only for a worker the rank
+    forked or spawned itself: a forkserver's workers are the server's children, whose death the kernel's
+    signal would follow instead (the DataLoader's start method; torch's watchdog is theirs)."""
     parent = multiprocessing.parent_process()
-    if parent is not None and os.getppid() != parent.pid:  # it ended before the line above
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    if os.getppid() == parent.pid:
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if not parent.is_alive():  # it ended before the signal was asked for (its pipe, not the pid, tells)
         os._exit(0)
 
 
