@@ -40,7 +40,7 @@ from helpers import (  # noqa: E402
     wait_or_kill,
 )
 
-from util.cli.errors import UserError, fail, run_cli  # noqa: E402
+from util.cli.errors import STOPPED_AT_ONCE, UserError, fail, run_cli  # noqa: E402
 from util.cli.launcher import Trainer, submit  # noqa: E402
 from util.train import distributed, interrupt  # noqa: E402
 
@@ -433,6 +433,54 @@ def test_the_first_ctrl_c_asks_for_a_checkpoint_and_the_second_stops_at_once(han
     interrupt.uninstall()
     assert not interrupt.requested()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_ctrl_c_while_a_stopped_run_exits_leaves_its_one_line(handlers, monkeypatch, capsys):
+    """A second Ctrl-C that came once the stop's checkpoint was written, while the run said so and destroyed its
+    process group, ended in a KeyboardInterrupt traceback (found by a fault probe of 2-process torchrun jobs)."""
+
+    def second_ctrl_c() -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)  # the handler runs in the main thread between two bytecodes: here
+
+    def stopped() -> None:
+        raise interrupt.Interrupted("out/checkpoint-0-step2.pth")
+
+    monkeypatch.setattr(distributed, "cleanup_before_exit", second_ctrl_c)
+    os.kill(os.getpid(), signal.SIGINT)  # the first: a checkpoint at the next check point, then Interrupted
+    try:
+        run_cli(stopped)
+    except BaseException as e:  # a KeyboardInterrupt must not reach pytest
+        outcome = e
+    assert isinstance(outcome, SystemExit) and outcome.code == 130, repr(outcome)
+    assert capsys.readouterr().err.splitlines()[1:] == [
+        "stopped on request after writing out/checkpoint-0-step2.pth; continue with --resume auto"
+    ]
+    assert signal.getsignal(signal.SIGINT) is interrupt._handler  # as it was
+
+
+def test_a_ctrl_c_that_lands_in_a_finalizer_stops_at_once_in_one_line(tmp_path):
+    """Its KeyboardInterrupt cannot leave a ``__del__`` (a data loader's, waiting for its workers to stop): Python
+    printed it as "Exception ignored" with a traceback, and the run went on (found by a fault probe of 2-process
+    torchrun jobs)."""
+
+    class Finalized:
+        def __del__(self) -> None:
+            os.kill(os.getpid(), signal.SIGINT)  # the second Ctrl-C
+            time.sleep(0.1)
+
+    def main() -> None:
+        interrupt.install()
+        os.kill(os.getpid(), signal.SIGINT)  # the first: a checkpoint at the next check point
+        Finalized()  # freed at once
+        print("went on")
+
+    log = tmp_path / "log"
+    assert wait_or_kill(run_forked(log, lambda: run_cli(main)), time.time() + 60) == 130
+    assert log.read_text().splitlines() == [
+        "received SIGINT: checkpointing at the next check point (Ctrl-C again stops at once)",
+        STOPPED_AT_ONCE,
+    ]
 
 
 def test_a_ctrl_c_to_the_terminals_process_group_checkpoints_and_exits_130(tmp_path):

@@ -1,9 +1,10 @@
 """User-facing errors: one line that names the file or flag and says what to do."""
 
+import contextlib
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 
@@ -32,26 +33,44 @@ def divergence_advice(args: Any) -> str:
     return f"{advice}, or try --precision {wider}" if wider else advice
 
 
+STOPPED_AT_ONCE = (
+    "stopped at once by Ctrl-C; the files written so far are complete (a training run continues from its last "
+    "checkpoint with --resume auto)"
+)
+
+
 def run_cli(main: Callable[[], None], peer_advice: str = "") -> None:
     """Run an entry point, turning what is not a bug into one line on stderr (every rank) and an
     exit status: a ``UserError`` 2 (one raised in a data-loader worker comes wrapped in its traceback,
     whose last line carries the message); a stop on request after its checkpoint 128 + the signal's
-    number; a second Ctrl-C (or one without our handler) 130, at once; a peer process gone 1, with
-    ``peer_advice`` (default: a training run's, to resume the whole job)."""
+    number; a second Ctrl-C (or one without our handler) 130, at once, wherever it lands; a peer
+    process gone 1, with ``peer_advice`` (default: a training run's, to resume the whole job)."""
+    from util.train import distributed
+
+    with _ctrl_c_in_a_finalizer_stops_at_once():  # also while the ended run's frames are freed
+        ended = _ended(main, peer_advice)
+    if ended is None:
+        return
+    message, code = ended
+    with _ctrl_c_ignored():  # the run is over: a Ctrl-C now would only turn its last steps into a traceback
+        sys.stderr.write(f"{message}\n")  # every rank, not only rank 0's log
+        distributed.cleanup_before_exit()  # now, not during the interpreter's shutdown
+    sys.exit(code)
+
+
+def _ended(main: Callable[[], None], peer_advice: str) -> tuple[str, int] | None:
+    """``main()``; None where it returned, else the line that says how it ended and the exit status."""
     from util.train import distributed, interrupt
 
     try:
         main()
-        return
+        return None
     except interrupt.Interrupted as e:
-        message, code = str(e), interrupt.exit_code()
+        return str(e), interrupt.exit_code()
     except UserError as e:
-        message, code = f"error: {_last_line(e)}", 2
+        return f"error: {_last_line(e)}", 2
     except KeyboardInterrupt:
-        sys.stderr.write(
-            "stopped at once by Ctrl-C; the files written so far are complete (a training run "
-            "continues from its last checkpoint with --resume auto)\n"
-        )
+        sys.stderr.write(f"{STOPPED_AT_ONCE}\n")
         sys.exit(128 + signal.SIGINT)
     except Exception as e:
         if not distributed.peer_stopped(e):
@@ -61,9 +80,43 @@ def run_cli(main: Callable[[], None], peer_advice: str = "") -> None:
         # Not sys.exit: the broken process group's threads would abort the interpreter's shutdown
         # ("terminate called without an active exception") after the line.
         os._exit(1)
-    sys.stderr.write(f"{message}\n")  # every rank, not only rank 0's log
-    distributed.cleanup_before_exit()  # now, not during the interpreter's shutdown
-    sys.exit(code)
+
+
+@contextlib.contextmanager
+def _ctrl_c_in_a_finalizer_stops_at_once() -> Iterator[None]:
+    """A Ctrl-C whose KeyboardInterrupt is raised inside a finalizer (a data loader's ``__del__`` waiting for its
+    workers to stop) cannot propagate: Python printed it as "Exception ignored" with a traceback, and the run went
+    on as if it had not come. Here it stops the process at once, in the line of a Ctrl-C that propagates."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+            previous(unraisable)
+            return
+        sys.stdout.flush()
+        sys.stderr.write(f"{STOPPED_AT_ONCE}\n")
+        sys.stderr.flush()
+        os._exit(128 + signal.SIGINT)  # raised here, it would be ignored again
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous
+
+
+@contextlib.contextmanager
+def _ctrl_c_ignored() -> Iterator[None]:
+    """SIGINT ignored inside the block (where the signal module allows it: the main thread), as before after it."""
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread, where no handler runs either
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
 
 
 def _last_line(error: UserError) -> str:
