@@ -459,6 +459,23 @@ def test_a_ctrl_c_while_a_stopped_run_exits_leaves_its_one_line(handlers, monkey
     assert signal.getsignal(signal.SIGINT) is interrupt._handler  # as it was
 
 
+def test_a_rank_stopped_at_once_by_ctrl_c_destroys_its_group_before_exit(tmp_path):
+    """As a stop on request or an error does: left to the interpreter's shutdown, the group's threads aborted
+    it once in a while after the line ("terminate called without an active exception", exit -6; 1 in 9 pairs
+    of fresh interpreters whose ranks both stopped at once during DDP training)."""
+    import torch
+
+    def rank_main() -> None:
+        distributed.init_distributed_mode(Namespace(dist_url="env://", dist_on_itp=False, device="cpu"))
+        model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 4))
+        for _ in range(3):
+            model(torch.ones(2, 4)).sum().backward()
+        raise KeyboardInterrupt  # as a second Ctrl-C raises it
+
+    for log in run_ranks(rank_main, tmp_path / "ranks", exit_codes=(130, 130), timeout=120):
+        assert log.splitlines() == [STOPPED_AT_ONCE, DESTROYED_CLEANLY], log
+
+
 def test_a_ctrl_c_that_lands_in_a_finalizer_stops_at_once_in_one_line(tmp_path):
     """Its KeyboardInterrupt cannot leave a ``__del__`` (a data loader's, waiting for its workers to stop): Python
     printed it as "Exception ignored" with a traceback, and the run went on (found by a fault probe of 2-process

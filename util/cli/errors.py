@@ -70,8 +70,7 @@ def _ended(main: Callable[[], None], peer_advice: str) -> tuple[str, int] | None
     except UserError as e:
         return f"error: {_last_line(e)}", 2
     except KeyboardInterrupt:
-        sys.stderr.write(f"{STOPPED_AT_ONCE}\n")
-        sys.exit(128 + signal.SIGINT)
+        return STOPPED_AT_ONCE, 128 + signal.SIGINT
     except Exception as e:
         if not distributed.peer_stopped(e):
             raise
