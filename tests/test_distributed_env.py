@@ -459,6 +459,29 @@ def test_a_ctrl_c_while_a_stopped_run_exits_leaves_its_one_line(handlers, monkey
     assert signal.getsignal(signal.SIGINT) is interrupt._handler  # as it was
 
 
+def test_torchruns_sigterm_to_a_rank_that_stopped_adds_no_line_to_its_stop(handlers, monkeypatch, capsys):
+    """Once one rank of a stopped job exits (status 143), torchrun sends SIGTERM to the others, which may be saying
+    their own stop and destroying their group: "received SIGTERM: checkpointing at the next check point" came after
+    their "stopped on request after writing ..." (found by a fault probe of 2-process torchrun jobs)."""
+
+    def torchruns_sigterm() -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)  # the handler runs in the main thread between two bytecodes: here
+
+    def stopped() -> None:
+        raise interrupt.Interrupted("out/checkpoint-2.pth")
+
+    monkeypatch.setattr(distributed, "cleanup_before_exit", torchruns_sigterm)
+    os.kill(os.getpid(), signal.SIGUSR1)  # the stop this rank learnt of
+    with pytest.raises(SystemExit) as stop:
+        run_cli(stopped)
+    assert stop.value.code == 128 + signal.SIGUSR1
+    assert capsys.readouterr().err.splitlines() == [
+        "received SIGUSR1: checkpointing at the next check point",
+        "stopped on request after writing out/checkpoint-2.pth; continue with --resume auto",
+    ]
+
+
 def test_a_rank_stopped_at_once_by_ctrl_c_destroys_its_group_before_exit(tmp_path):
     """As a stop on request or an error does: left to the interpreter's shutdown, the group's threads aborted
     it once in a while after the line ("terminate called without an active exception", exit -6; 1 in 9 pairs

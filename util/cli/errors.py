@@ -52,7 +52,9 @@ def run_cli(main: Callable[[], None], peer_advice: str = "") -> None:
     if ended is None:
         return
     message, code = ended
-    with _ctrl_c_ignored():  # the run is over: a Ctrl-C now would only turn its last steps into a traceback
+    # The run is over: a second Ctrl-C now would only turn its last steps into a traceback, and a stop signal (the
+    # SIGTERM torchrun sends the other ranks once one has exited) would add a line promising a checkpoint.
+    with _stop_signals_ignored():
         sys.stderr.write(f"{message}\n")  # every rank, not only rank 0's log
         distributed.cleanup_before_exit()  # now, not during the interpreter's shutdown
     sys.exit(code)
@@ -105,17 +107,21 @@ def _ctrl_c_in_a_finalizer_stops_at_once() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _ctrl_c_ignored() -> Iterator[None]:
-    """SIGINT ignored inside the block (where the signal module allows it: the main thread), as before after it."""
+def _stop_signals_ignored() -> Iterator[None]:
+    """The stop signals (``interrupt.SIGNALS``) ignored inside the block, where the signal module allows it (the
+    main thread), and as before after it."""
+    from util.train import interrupt
+
     try:
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        previous = {s: signal.signal(s, signal.SIG_IGN) for s in interrupt.SIGNALS}
     except ValueError:  # not the main thread, where no handler runs either
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
 
 
 def _last_line(error: UserError) -> str:
