@@ -365,6 +365,24 @@ def test_a_loader_worker_whose_process_ended_before_it_asked_to_be_killed_with_i
     assert not went_on.exists()
 
 
+def test_a_sigterm_that_reaches_a_loader_worker_as_it_starts_is_ignored_too(tmp_path):
+    """From its fork to its worker_init_fn (interrupt.ignore_in_worker) torch's own SIGTERM handler ended a worker
+    that a SIGTERM to the process group reached (scancel; torchrun's to each rank's group), and its rank ended in
+    "DataLoader worker (pid ...) is killed by signal: Terminated" with a traceback instead of checkpointing (found
+    by a fault probe of 2-process torchrun jobs: SIGTERM to torchrun's group as a rank started its workers)."""
+    from torch.utils.data import DataLoader
+
+    from util.data.datasets import batches
+
+    def signalled_as_it_starts(worker_id: int) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)  # before our worker_init_fn has made it ignore the signal
+        time.sleep(0.1)
+        interrupt.ignore_in_worker(worker_id)
+
+    loader = DataLoader(range(4), num_workers=1, worker_init_fn=signalled_as_it_starts)
+    assert [int(batch) for batch in batches(loader)] == [0, 1, 2, 3]
+
+
 # Each loop over a loader's batches: pre-training's (every entry point's training), evaluation's, k-NN's.
 CORRUPT_IMAGE_RUNS = {
     "pretrain": ("main_pretrain", "train", ["--model", "mae_vit_mini_patch4", "--vis_freq", "0"]),

@@ -474,7 +474,8 @@ def batches(loader: Iterable) -> Iterator:
     for the garbage collector, which closed the iterator's queues before asking its workers to stop, then
     waited up to 10 s for each (a rank with --num_workers 10 took 46 s to exit, its peers waiting for it). Without
     the traceback the iterator goes when the error has been reported, and its workers stop at once."""
-    iterator = iter(loader)
+    with interrupt.starting_workers():
+        iterator = iter(loader)
     while True:
         try:
             batch = next(iterator)

@@ -67,7 +67,9 @@ def decode(
 def _fill(images: torch.Tensor, loader: DataLoader, files: Sequence[str]) -> None:
     """``images`` from the loader's batches, each image checked to have the first one's shape."""
     start = 0
-    for batch in loader:
+    with interrupt.starting_workers():
+        batches = iter(loader)
+    for batch in batches:
         for offset, pixels in enumerate(batch):
             if pixels.shape != images.shape[1:]:
                 _refuse_size(files[start + offset], pixels.shape, files[0], images.shape[1:])

@@ -8,12 +8,14 @@ launcher can hand the signal over once the checkpoint is written. A second Ctrl-
 """
 
 import atexit
+import contextlib
 import ctypes
 import multiprocessing
 import multiprocessing.util  # its exit hook is registered before ours, so ours runs first
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 # The signals a cluster sends before it stops or requeues a job: handed over to the previous handler.
@@ -59,8 +61,23 @@ def ignore_in_worker(worker_id: int) -> None:
     die and the main process crashes instead of checkpointing. Deaf to SIGTERM, they end with their
     process instead (``end_with_parent``)."""
     for s in SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
+        signal.signal(s, signal.SIG_IGN)  # drops one that came since the fork (``starting_workers``)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
     end_with_parent()
+
+
+@contextlib.contextmanager
+def starting_workers() -> Iterator[None]:
+    """Start a loader's workers inside the block (``iter(loader)``): they start with the stop signals blocked,
+    which ``ignore_in_worker`` ignores and unblocks. Between their fork and their ``worker_init_fn`` torch's own
+    SIGTERM handler ended a worker that a SIGTERM to the process group reached (scancel; torchrun's to each
+    rank's group), and the main process ended in a traceback instead of checkpointing. Here the signals wait for
+    the block's end."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def end_with_parent() -> None:
