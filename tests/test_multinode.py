@@ -20,6 +20,8 @@ import main_finetune
 from util.checkpoint import state as checkpoint
 from util.checkpoint.load import cached_path
 from util.checkpoint.state import TrainState, save_checkpoint
+from util.cli.args import check_same_flags
+from util.cli.errors import UserError
 from util.train import distributed, run
 from util.train.precision import LossScaler
 
@@ -413,3 +415,58 @@ def test_a_damaged_copy_already_cached_is_named_and_left_for_the_ranks_reading_i
     )
     assert all(log.endswith(expected) for log in logs), logs
     assert copy.read_bytes() == page
+
+
+# ---------------------------------------------------------------------------------------------
+# The command each node's torchrun was given
+def _started_with(tmp_path: Path, flags_of_rank, exit_codes=(0, 0)) -> list[str]:
+    """``run.start`` of pre-training on two ranks, rank r with ``flags_of_rank(r)`` (a list of flags); the logs."""
+    import main_pretrain
+
+    for r in (0, 1):
+        (tmp_path / f"node{r}" / "data").mkdir(parents=True)
+
+    def body() -> None:
+        flags = ["--output_dir", str(tmp_path / "out"), "--device", "cpu", *flags_of_rank(int(os.environ["RANK"]))]
+        started = run.start(main_pretrain.get_args_parser().parse_args(flags))
+        print(f"started with lr {started.args.lr:.3e}")
+
+    return _on_nodes(tmp_path, body, exit_codes, join=False)
+
+
+def test_nodes_started_with_other_training_flags_stop_every_rank_in_one_line(tmp_path):
+    """Node 1's command has another --blr and --seed: its rank trained on with its own lr (DDP averages the
+    gradients, each rank applies them its own way), its own sample order, and rank 0 saved only its own weights."""
+    flags = {0: ["--blr", "1.5e-4"], 1: ["--blr", "1e-3", "--seed", "1"]}
+    logs = _started_with(tmp_path, flags.get, (2, 2))
+    expected = (
+        "error: the processes of this job were started with other flags: --blr 0.00015 on rank 0, --blr 0.001 on "
+        "rank 1 (and 1 more: --seed); start every node with the same command (it may differ only in --num_workers, "
+        "--pin_mem, --log_dir, and in the paths it gives to the same files)\n"
+    )
+    for log in logs:
+        assert log.endswith(expected) and "started with lr" not in log, log
+
+
+def test_nodes_may_name_their_own_paths_and_resources(tmp_path):
+    own = {
+        0: ["--data_path", "data", "--num_workers", "1", "--log_dir", str(tmp_path / "tb")],
+        1: ["--data_path", "./data", "--no_pin_mem", "--log_dir", ""],
+    }
+    for log in _started_with(tmp_path, own.get):
+        assert "started with lr 5.000e-04" in log, log  # the default --blr 1e-3 x (64 x 2 ranks) / 256
+
+
+def test_a_path_given_on_one_node_only_is_refused_as_other_flags():
+    """A rank that alone resumes (or starts from a checkpoint, or runs the k-NN monitor) leaves the others waiting
+    in a collective it never joins; 'auto' is not a path."""
+    ours = {"resume": "auto", "input_size": [224, 160], "compile": False}
+    for theirs, shown in (
+        ({"resume": "", "input_size": [224, 160], "compile": False}, "no --resume on rank 2"),
+        ({"resume": "out/checkpoint-3.pth", "input_size": [224, 160], "compile": False}, "--resume PATH on rank 2"),
+        ({"resume": "auto", "input_size": [160, 224], "compile": False}, "--input_size 160 224 on rank 2"),
+        ({"resume": "auto", "input_size": [224, 160], "compile": True}, "--compile on rank 2"),
+    ):
+        with pytest.raises(UserError, match=f"other flags: .* on rank 0, {shown}; start every node"):
+            check_same_flags([ours, ours, theirs])  # rank 2 differs, rank 1 does not
+    check_same_flags([ours, {**ours, "local_rank": 1, "pin_mem": False, "dist_url": "tcp://node1:29500"}])

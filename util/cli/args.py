@@ -4,6 +4,7 @@ import argparse
 import math
 import os
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -19,6 +20,12 @@ SEED_LIMIT = 2**32  # numpy seeds with 32 bits, and each rank seeds with --seed 
 # TensorBoard's steps are epoch x 1000 in 64 bits (2**63 / 1000 is 9.2e15): far beyond, the first
 # scalar of the run's last epochs was a ValueError.
 MAX_EPOCHS = 10**15
+# What a node may set its own way (check_same_flags): its resources, and where it reads and writes. Its paths
+# may name the same files by other paths (a share mounted elsewhere; the files themselves are checked to be
+# the same), but each must be given on every node or on none, and --resume auto on all or none: a rank that
+# alone resumes, starts from a checkpoint, writes or runs the k-NN monitor leaves the others waiting.
+PER_NODE_FLAGS = ("num_workers", "pin_mem", "log_dir", "local_rank", "world_size", "dist_url", "dist_on_itp")
+PER_NODE_PATHS = ("data_path", "output_dir", "resume", "finetune", "knn_data_path")
 
 
 def add_schedule_args(
@@ -290,3 +297,46 @@ def add_in_chans_arg(group: argparse._ArgumentGroup, default: str = "the checkpo
 def effective_lr(args: argparse.Namespace, world_size: int) -> float:
     """Absolute lr: --lr if given, else blr * (batch_size * accum_iter * world size) / 256."""
     return args.lr if args.lr is not None else args.blr * (args.batch_size * args.accum_iter * world_size) / 256
+
+
+def check_same_flags(every_ranks: list[dict[str, Any]]) -> None:
+    """Refuse, in one line on every rank, a job whose processes were started with other flags (``vars`` of each
+    rank's flags, in rank order), but for what may differ per node (``PER_NODE_FLAGS``, ``PER_NODE_PATHS``).
+    Torchrun on each node takes that node's command: ranks given another lr, seed, mask ratio or precision
+    trained on, DDP averaging their gradients, each applying them its own way, and rank 0 saved its own
+    weights; with another epoch count or batch size, one waited for the others at the end."""
+    ours, *theirs = map(_agreed, every_ranks)
+    differing: dict[str, int] = {}  # flag -> the first rank that differs from rank 0 on it
+    for rank, flags in enumerate(theirs, 1):
+        for name in sorted(ours.keys() | flags.keys()):
+            if flags.get(name) != ours.get(name):
+                differing.setdefault(name, rank)
+    if not differing:
+        return
+    name, rank = next(iter(differing.items()))
+    others = [f"--{n}" for n in differing if n != name]
+    more = f" (and {len(others)} more: {', '.join(others)})" if others else ""
+    fail(
+        f"the processes of this job were started with other flags: {_shown(name, ours.get(name))} on rank 0, "
+        f"{_shown(name, theirs[rank - 1].get(name))} on rank {rank}{more}; start every node with the same "
+        f"command (it may differ only in --num_workers, --pin_mem, --log_dir, and in the paths it gives to the same "
+        f"files)"
+    )
+
+
+def _agreed(flags: dict[str, Any]) -> dict[str, Any]:
+    """What of ``flags`` every rank must share: a path only as given or not (and 'auto'), per node flags not."""
+    agreed = {name: value for name, value in flags.items() if name not in PER_NODE_FLAGS}
+    for name in PER_NODE_PATHS:
+        if agreed.get(name):
+            agreed[name] = "auto" if agreed[name] == "auto" else "PATH"
+    return agreed
+
+
+def _shown(name: str, value: Any) -> str:
+    """A flag as the command line gives it: ``--blr 0.001``, ``--compile``, ``no --compile``."""
+    if value is None or value is False or value == "":
+        return f"no --{name}"
+    if value is True:
+        return f"--{name}"
+    return f"--{name} {' '.join(map(str, value)) if isinstance(value, list | tuple) else value}"

@@ -18,7 +18,7 @@ import torch
 from util.checkpoint.files import list_checkpoints
 from util.checkpoint.flags import fill_from_checkpoints
 from util.checkpoint.state import Opened, open_checkpoint, open_on_every_rank, open_resume, weights_only
-from util.cli.args import check_world, effective_lr, resolve_precision
+from util.cli.args import check_same_flags, check_world, effective_lr, resolve_precision
 from util.cli.errors import fail
 from util.cli.log import log
 from util.data import normalization
@@ -75,6 +75,7 @@ def start(flags: argparse.Namespace, fallbacks: dict[str, Any] | None = None) ->
     if args.log_dir is None:
         args.log_dir = args.output_dir  # TensorBoard's events beside the run's checkpoints
     distributed.init_distributed_mode(args)  # args.rank, .world_size, .gpu, .distributed (and .device on GPUs)
+    check_same_flags(distributed.gather(vars(flags)))  # each node's torchrun was given its own command
     check_world(args, distributed.world_size())
 
     training = bool(args.output_dir) and not getattr(args, "eval", False)
