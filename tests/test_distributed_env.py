@@ -253,17 +253,29 @@ PEER = textwrap.dedent(
 )
 
 
-def test_a_peer_killed_with_9_leaves_the_others_one_line_saying_how_to_continue(tmp_path):
+@pytest.mark.parametrize(
+    "restarts, advice",
+    [
+        ({}, "restart the whole job with --resume auto to continue from its last checkpoint"),
+        # torchrun --max-restarts 3, restarted once: it starts the job again by itself
+        (
+            {"TORCHELASTIC_RESTART_COUNT": "1", "TORCHELASTIC_MAX_RESTARTS": "3"},
+            "torchrun restarts the job (2 of 3 restarts), from its last checkpoint if any",
+        ),
+        (
+            {"TORCHELASTIC_RESTART_COUNT": "3", "TORCHELASTIC_MAX_RESTARTS": "3"},
+            "restart the whole job with --resume auto to continue from its last checkpoint",
+        ),
+    ],
+)
+def test_a_peer_killed_with_9_leaves_the_others_one_line_saying_how_to_continue(tmp_path, restarts, advice):
     script = tmp_path / "peer.py"
     script.write_text(PEER.format(repo=str(REPO)))
-    with started_ranks([sys.executable, str(script)], **{START_TIMEOUT: "120"}) as procs:
+    with started_ranks([sys.executable, str(script)], **{START_TIMEOUT: "120"}, **restarts) as procs:
         assert [p.stdout.readline() for p in procs] == ["ready\n", "ready\n"]
         procs[1].kill()
         _, err = procs[0].communicate(timeout=120)
-    assert err == (
-        "error: another process of this job stopped, so rank 0 of 2 cannot go on; "
-        "restart the whole job with --resume auto to continue from its last checkpoint\n"
-    )
+    assert err == f"error: another process of this job stopped, so rank 0 of 2 cannot go on; {advice}\n"
     assert procs[0].returncode == 1
 
 

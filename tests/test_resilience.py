@@ -10,6 +10,9 @@ while log.txt is written) is the fault campaign's (test_fault_campaign)."""
 
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 import time
 from collections.abc import Callable
 from contextlib import suppress
@@ -18,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import (
+    REPO,
     RESUMABLE_EPOCHS,
     assert_same,
     isolated_interrupts,
@@ -159,3 +163,62 @@ def test_submitit_preempted_job_is_requeued_and_resumes_exactly(pretrain_referen
     assert "resuming at epoch" in log
     assert_same(_final_model(out), pretrain_reference.final()["model"])
     assert (out / "log.txt").read_text().count("\n") == RESUMABLE_EPOCHS
+
+
+def test_a_job_torchrun_restarts_continues_from_its_last_checkpoint(pretrain_reference, tmp_path):
+    """torchrun --max-restarts starts the job's processes again with the command it was given once one fails
+    (killed here after the first epoch's checkpoint). Without --resume auto in that command they were refused
+    for the checkpoints the run had saved, and no restart could help; now they continue from the last one and
+    end as the reference, each epoch logged once."""
+    out = tmp_path / "out"
+    flags = resumable_flags(pretrain_reference.data, out)
+    at = flags.index("--resume")
+    del flags[at : at + 2]  # the run was not started with --resume auto
+    dies_once = tmp_path / "dies_once.py"  # main_pretrain.py, killed with -9 once its first epoch is saved
+    dies_once.write_text(
+        textwrap.dedent(f"""
+        import os, runpy, signal, sys, threading, time
+
+        def kill_once_saved() -> None:
+            while not os.path.exists({str(out / "checkpoint-0.pth")!r}):
+                time.sleep(0.01)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        if os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
+            threading.Thread(target=kill_once_saved, daemon=True).start()
+        sys.path.insert(0, {str(REPO)!r})
+        runpy.run_path({str(REPO / "main_pretrain.py")!r}, run_name="__main__")
+        """)
+    )
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
+    argv = [*torchrun, "--max-restarts", "1", str(dies_once), *flags]
+    job = subprocess.run(argv, cwd=REPO, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=300)
+    log = job.stdout + job.stderr
+    assert job.returncode == 0, log[-3000:]
+    assert "exitcode: -9" in log  # torchrun saw its process killed, and restarted it
+    assert "torchrun restarted this job (1 time(s)): it continues from --output_dir with --resume auto" in log
+    assert_same(_final_model(out), pretrain_reference.final()["model"])
+    assert (out / "log.txt").read_text().count("\n") == RESUMABLE_EPOCHS
+
+
+@pytest.mark.parametrize("saved", [False, True])
+@pytest.mark.parametrize("resume", ["", "checkpoint-1.pth"])
+def test_a_restarted_job_resumes_auto_only_once_it_has_saved(pretrain_reference, tmp_path, monkeypatch, resume, saved):
+    """Before its first checkpoint a restarted job starts as its command says: afresh, or from --resume PATH
+    (another run's checkpoint, an official release)."""
+    from util.train import run
+
+    out = tmp_path / "out"
+    out.mkdir()
+    if saved:
+        (out / "checkpoint-0.pth").write_bytes((pretrain_reference.out / "checkpoint-0.pth").read_bytes())
+    given = str(pretrain_reference.out / resume) if resume else ""
+    flags = resumable_flags(pretrain_reference.data, out)
+    flags[flags.index("--resume") + 1] = given
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "2")
+    with isolated_interrupts():
+        started = run.start(main_pretrain.get_args_parser().parse_args(flags))
+        run.finish()
+    expected, opened = ("auto", str(out / "checkpoint-0.pth")) if saved else (given, given or None)
+    assert started.args.resume == expected
+    assert (started.resume_from.path if started.resume_from else None) == opened

@@ -137,6 +137,12 @@ def start_timeout(env: Mapping[str, str]) -> float:
     return seconds
 
 
+def launcher_restarts(env: Mapping[str, str]) -> int:
+    """How many times torchrun has restarted this job's processes (``--max-restarts``; its
+    ``TORCHELASTIC_RESTART_COUNT``): 0 for a first start or another launcher."""
+    return _number(env.get("TORCHELASTIC_RESTART_COUNT", "0"), int) or 0
+
+
 def init_distributed_mode(args: Namespace) -> None:
     """Fill ``args.rank, args.world_size, args.gpu, args.distributed`` and join the process group
     (NCCL on GPUs, gloo on CPU); without a launcher the run is a single process."""
@@ -384,5 +390,8 @@ def peer_stopped(error: BaseException) -> bool:
 def peer_stopped_message(advice: str = "") -> str:
     """The one line a process says when ``peer_stopped``: what happened and how to continue (``advice``; by
     default a training job's)."""
+    restarts, most = launcher_restarts(os.environ), _number(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"), int) or 0
+    if not advice and restarts < most:  # torchrun --max-restarts: it starts the job again by itself (run.start)
+        advice = f"torchrun restarts the job ({restarts + 1} of {most} restarts), from its last checkpoint if any"
     advice = advice or "restart the whole job with --resume auto to continue from its last checkpoint"
     return f"another process of this job stopped, so rank {rank()} of {world_size()} cannot go on; {advice}"

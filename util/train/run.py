@@ -79,6 +79,8 @@ def start(flags: argparse.Namespace, fallbacks: dict[str, Any] | None = None) ->
     check_world(args, distributed.world_size())
 
     training = bool(args.output_dir) and not getattr(args, "eval", False)
+    if training and distributed.launcher_restarts(os.environ):
+        args.resume = resume_after_restart(args)
 
     def check_outputs() -> None:  # only rank 0 writes
         for flag, path in (("--output_dir", args.output_dir), ("--log_dir", args.log_dir)):
@@ -130,6 +132,18 @@ def start(flags: argparse.Namespace, fallbacks: dict[str, Any] | None = None) ->
     base_lr = args.lr * 256 / eff_batch  # as the official code prints it: --blr is unused where --lr is given
     log.info(f"precision: {args.precision}  effective batch: {eff_batch}  lr: {args.lr:.3e} (base lr {base_lr:.3e})")
     return Run(args, torch.device(args.device), resume_from, init_from, origins)
+
+
+def resume_after_restart(args: argparse.Namespace) -> str:
+    """``--resume`` for processes torchrun restarted (``--max-restarts``, after one of them failed): 'auto' once
+    the run has saved a checkpoint in --output_dir (rank 0's view), as given before. With the command as given
+    they started over, or were refused for the checkpoints the run had saved, so that no restart could help."""
+    saved = distributed.from_main(bool(list_checkpoints(args.output_dir)) if distributed.is_main_process() else None)
+    if not saved or args.resume == "auto":
+        return args.resume
+    restarts = distributed.launcher_restarts(os.environ)
+    log.info(f"torchrun restarted this job ({restarts} time(s)): it continues from --output_dir with --resume auto")
+    return "auto"
 
 
 def finish() -> None:
