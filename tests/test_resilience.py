@@ -196,16 +196,21 @@ def test_a_job_torchrun_restarts_continues_from_its_last_checkpoint(pretrain_ref
     log = job.stdout + job.stderr
     assert job.returncode == 0, log[-3000:]
     assert "exitcode: -9" in log  # torchrun saw its process killed, and restarted it
-    assert "torchrun restarted this job (1 time(s)): it continues from --output_dir with --resume auto" in log
+    assert "restart 1 of this job by its launcher: it continues from --output_dir with --resume auto" in log
     assert_same(_final_model(out), pretrain_reference.final()["model"])
     assert (out / "log.txt").read_text().count("\n") == RESUMABLE_EPOCHS
 
 
 @pytest.mark.parametrize("saved", [False, True])
 @pytest.mark.parametrize("resume", ["", "checkpoint-1.pth"])
-def test_a_restarted_job_resumes_auto_only_once_it_has_saved(pretrain_reference, tmp_path, monkeypatch, resume, saved):
-    """Before its first checkpoint a restarted job starts as its command says: afresh, or from --resume PATH
-    (another run's checkpoint, an official release)."""
+@pytest.mark.parametrize("launcher", ["TORCHELASTIC", "SLURM"])
+def test_a_restarted_job_resumes_auto_only_once_it_has_saved(
+    pretrain_reference, tmp_path, monkeypatch, launcher, resume, saved
+):
+    """Restarted by torchrun, or requeued by SLURM (preemption, a node failure; submitit's own requeue gives
+    --resume auto), a job continues from its last checkpoint: SLURM's ran its command again, which went back to
+    its --resume PATH, or was refused for the run's checkpoints. Before its first checkpoint a restarted job
+    starts as its command says: afresh, or from --resume PATH (another run's checkpoint, an official release)."""
     from util.train import run
 
     out = tmp_path / "out"
@@ -215,7 +220,7 @@ def test_a_restarted_job_resumes_auto_only_once_it_has_saved(pretrain_reference,
     given = str(pretrain_reference.out / resume) if resume else ""
     flags = resumable_flags(pretrain_reference.data, out)
     flags[flags.index("--resume") + 1] = given
-    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "2")
+    monkeypatch.setenv(f"{launcher}_RESTART_COUNT", "2")
     with isolated_interrupts():
         started = run.start(main_pretrain.get_args_parser().parse_args(flags))
         run.finish()

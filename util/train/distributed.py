@@ -138,9 +138,10 @@ def start_timeout(env: Mapping[str, str]) -> float:
 
 
 def launcher_restarts(env: Mapping[str, str]) -> int:
-    """How many times torchrun has restarted this job's processes (``--max-restarts``; its
-    ``TORCHELASTIC_RESTART_COUNT``): 0 for a first start or another launcher."""
-    return _number(env.get("TORCHELASTIC_RESTART_COUNT", "0"), int) or 0
+    """How many times a launcher started this job's processes again with the same command: torchrun
+    (``--max-restarts``, once a process failed; its ``TORCHELASTIC_RESTART_COUNT``) or SLURM (a requeued
+    job: preemption, a node failure, ``scontrol requeue``; its ``SLURM_RESTART_COUNT``). 0 on a first start."""
+    return max(_number(env.get(name, "0"), int) or 0 for name in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"))
 
 
 def init_distributed_mode(args: Namespace) -> None:
@@ -390,7 +391,9 @@ def peer_stopped(error: BaseException) -> bool:
 def peer_stopped_message(advice: str = "") -> str:
     """The one line a process says when ``peer_stopped``: what happened and how to continue (``advice``; by
     default a training job's)."""
-    restarts, most = launcher_restarts(os.environ), _number(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"), int) or 0
+    restarts, most = (
+        _number(os.environ.get(f"TORCHELASTIC_{name}", "0"), int) or 0 for name in ("RESTART_COUNT", "MAX_RESTARTS")
+    )
     if not advice and restarts < most:  # torchrun --max-restarts: it starts the job again by itself (run.start)
         advice = f"torchrun restarts the job ({restarts + 1} of {most} restarts), from its last checkpoint if any"
     advice = advice or "restart the whole job with --resume auto to continue from its last checkpoint"

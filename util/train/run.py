@@ -135,14 +135,15 @@ def start(flags: argparse.Namespace, fallbacks: dict[str, Any] | None = None) ->
 
 
 def resume_after_restart(args: argparse.Namespace) -> str:
-    """``--resume`` for processes torchrun restarted (``--max-restarts``, after one of them failed): 'auto' once
-    the run has saved a checkpoint in --output_dir (rank 0's view), as given before. With the command as given
-    they started over, or were refused for the checkpoints the run had saved, so that no restart could help."""
+    """``--resume`` for processes a launcher started again with their command (``launcher_restarts``): 'auto'
+    once the run has saved a checkpoint in --output_dir (rank 0's view), else as given. As given, they started
+    over, or went back to the --resume PATH they began from, or were refused for the checkpoints the run had
+    saved, so that no restart could help."""
     saved = distributed.from_main(bool(list_checkpoints(args.output_dir)) if distributed.is_main_process() else None)
     if not saved or args.resume == "auto":
         return args.resume
     restarts = distributed.launcher_restarts(os.environ)
-    log.info(f"torchrun restarted this job ({restarts} time(s)): it continues from --output_dir with --resume auto")
+    log.info(f"restart {restarts} of this job by its launcher: it continues from --output_dir with --resume auto")
     return "auto"
 
 
