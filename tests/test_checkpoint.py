@@ -505,6 +505,42 @@ def test_a_mid_epoch_resume_on_changed_data_warns(tmp_path, capsys):
     assert "warning" not in capsys.readouterr().out
 
 
+def test_a_mid_epoch_resume_after_class_folders_were_renamed_warns(tmp_path, capsys):
+    """CIFAR-10's class folders hold the same file names (0000.jpg, ...): 'cat' renamed 'zebra' puts the
+    ship images before the cat images, another order of the same names. The digest of the names alone was
+    the same, and the resumed epoch went on in the new order without a word (found by a probe that renamed
+    a class folder of a stopped pre-training run)."""
+    from util.checkpoint.state import check_same_data
+
+    class Files:
+        def __init__(self, *classes):
+            self.files = [str(tmp_path / "data" / c / n) for c in classes for n in ("0000.jpg", "0001.jpg")]
+
+    state = _state(torch.nn.Linear(2, 2), _args(output_dir=str(tmp_path)))
+    check_same_data(state, Files("airplane", "cat", "ship"), Position(1, 0))
+    check_same_data(state, Files("airplane", "cat", "ship"), Position(1, 3))
+    assert "warning" not in capsys.readouterr().out
+    check_same_data(state, Files("airplane", "ship", "zebra"), Position(1, 3))
+    assert "warning: the training data changed since the checkpoint (6 -> 6 images" in capsys.readouterr().out
+
+
+def test_a_checkpoint_of_earlier_versions_compares_the_image_count_only(tmp_path, capsys):
+    """Checkpoints written before the paths' digest hold one of the file names ('digest'): resumed inside an
+    epoch on the same data, they must not warn; on another count they do."""
+    from util.checkpoint.state import check_same_data
+
+    class Files:
+        files = [str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg")]
+
+    state = _state(torch.nn.Linear(2, 2), _args(output_dir=str(tmp_path)))
+    state.extra["data"] = {"images": 2, "digest": "0" * 40}
+    check_same_data(state, Files(), Position(1, 1))
+    assert "warning" not in capsys.readouterr().out
+    state.extra["data"] = {"images": 3, "digest": "0" * 40}
+    check_same_data(state, Files(), Position(1, 1))
+    assert "warning: the training data changed since the checkpoint (3 -> 2 images" in capsys.readouterr().out
+
+
 def test_a_mid_epoch_position_past_the_new_datas_epoch_is_refused(tmp_path):
     """Resumed from iteration 4 (of 6) onto data of 2 iterations an epoch: the sampler was asked to skip more
     samples than the epoch has, and the run ended in a traceback (ValueError: __len__() should return >= 0)."""
@@ -648,9 +684,9 @@ def test_file_names_that_are_not_utf8_are_recorded(tmp_path):
 
     state = _state(torch.nn.Linear(2, 2), _args(output_dir=str(tmp_path)))
     check_same_data(state, Files([b"caf\xe9.jpg", b"b.jpg"]), Position(1, 0))
-    assert state.extra["data"]["digest"] == hashlib.sha1(b"caf\xe9.jpg\nb.jpg").hexdigest()
+    assert state.extra["data"]["paths"] == hashlib.sha1(b"caf\xe9.jpg\nb.jpg").hexdigest()
     check_same_data(state, Files([b"a.jpg", b"b.jpg"]), Position(1, 0))  # UTF-8 names: the digest as before
-    assert state.extra["data"]["digest"] == hashlib.sha1(b"a.jpg\nb.jpg").hexdigest()
+    assert state.extra["data"]["paths"] == hashlib.sha1(b"a.jpg\nb.jpg").hexdigest()
 
 
 def test_an_interrupt_during_a_checkpoint_write_is_raised_as_itself_and_leaves_no_file(tmp_path, monkeypatch):

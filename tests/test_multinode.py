@@ -197,11 +197,13 @@ def _lists(body_of_data) -> None:
     print(f"lists {len(dataset)} images")
 
 
-@pytest.mark.parametrize("node1", ["one fewer", "one renamed"])
+@pytest.mark.parametrize("node1", ["one fewer", "one renamed", "a class folder renamed"])
 def test_ranks_that_list_other_pretraining_images_stop_in_one_line(tmp_path, node1):
     """Node 1's copy of the data lacks an image (other step counts: the job hung at the end of the first
     epoch until the 30-minute collective timeout), or names one otherwise (the same counts: each rank
-    shared out another list, silently)."""
+    shared out another list, silently), or names a class folder otherwise: 'cat' as 'zebra' puts the
+    ship images first, the same file names (0000.jpg, ...) in the same order, which the digest of the
+    names alone passed."""
     from helpers import make_dataset
 
     from util.data.datasets import pretrain_dataset
@@ -211,8 +213,10 @@ def test_ranks_that_list_other_pretraining_images_stop_in_one_line(tmp_path, nod
     last = sorted(data1.rglob("*.jpg"))[-1]
     if node1 == "one fewer":
         last.unlink()
-    else:
+    elif node1 == "one renamed":
         last.rename(last.with_name("z" + last.name))
+    else:
+        (data1 / "cat").rename(data1 / "zebra")
     logs = _on_nodes(tmp_path, lambda: _lists(lambda: pretrain_dataset("data", None)), (2, 2))
     differs = "5 images, rank 0 6" if node1 == "one fewer" else "other images than rank 0 (6 each)"
     expected = (

@@ -27,7 +27,7 @@ from util.checkpoint.load import (
 from util.checkpoint.rng import gather_rng, restore_rng
 from util.cli.errors import NonFiniteLoss, UserError, divergence_advice, fail
 from util.cli.log import log
-from util.data.datasets import listed_files, name_digest
+from util.data.datasets import listed_files, name_digest, paths_inside
 from util.lr_sched import lr_at
 from util.outputs import appears
 from util.train import distributed
@@ -534,16 +534,22 @@ def _lr_at(position: Position, iterations: int, args: argparse.Namespace) -> flo
 
 
 def check_same_data(state: TrainState, dataset: Any, position: Position) -> None:
-    """Record the training data in the state (image count, digest of the file names in order, without
-    their folders: a moved folder is the same data); warn when a run resumed inside an epoch trains on
-    other data than the checkpoint's: its position then counts iterations of another order."""
+    """Record the training data in the state (image count, digest of the files' paths inside the folder
+    that holds them all, in order: a moved folder, or a list file naming its files, is the same data); warn
+    when a run resumed inside an epoch trains on other data than the checkpoint's: its position then counts
+    iterations of another order."""
     files = listed_files(dataset)
-    now = {"images": len(files), "digest": name_digest(os.path.basename(f) for f in files)}
+    now = {"images": len(files), "paths": name_digest(paths_inside(files))}
     saved = state.extra.get("data")
-    if position.step and isinstance(saved, dict) and saved != now:
-        log.warning(
-            f"the training data changed since the checkpoint ({saved.get('images')} -> {now['images']} images, or "
-            f"other files): epoch {position.epoch} goes on at iteration {position.step} of the new data's order, so "
-            f"this epoch sees some images twice and others not at all; resume from an epoch-end checkpoint to avoid it"
-        )
+    if isinstance(saved, dict):
+        # Checkpoints of earlier versions hold a digest of the file names alone ("digest"): only the
+        # count is compared with theirs.
+        changed = any(saved[key] != now[key] for key in ("images", "paths") if key in saved)
+        if position.step and changed:
+            log.warning(
+                f"the training data changed since the checkpoint ({saved.get('images')} -> {now['images']} images, "
+                f"or other files): epoch {position.epoch} goes on at iteration {position.step} of the new data's "
+                f"order, so this epoch sees some images twice and others not at all; resume from an epoch-end "
+                f"checkpoint to avoid it"
+            )
     state.extra["data"] = now

@@ -304,6 +304,18 @@ def listed_files(dataset: Any) -> Sequence[str]:
     return samples.paths if isinstance(samples, LabelledPaths) else [path for path, _ in samples]
 
 
+def paths_inside(files: Sequence[str]) -> Iterator[str]:
+    """``files`` as paths inside the folder that holds them all: what names each file in the data, wherever
+    the data folder is, and the same for a folder and a list file that names its files. The file's name alone
+    is not: CIFAR-10's class folders hold the same names (0000.jpg, ...), so renamed class folders, which
+    reorder the files, gave the same names in the same order."""
+    if not files:
+        return iter(())
+    shared = os.path.commonprefix([min(files), max(files)])  # that of all: they sort between these two
+    folder = shared[: shared.rfind(os.sep) + 1]
+    return (f[len(folder) :] for f in files)
+
+
 def same_on_every_rank(dataset: Any, data_path: str, flag: str = "--data_path", split: str = "") -> Any:
     """``dataset``, once every rank of a distributed job has listed the same images in it (names in order,
     with their labels): each node lists its own view of the data. Ranks that list different images would
@@ -313,7 +325,8 @@ def same_on_every_rank(dataset: Any, data_path: str, flag: str = "--data_path", 
         return dataset
     files = listed_files(dataset)
     labels = getattr(dataset, "targets", None) or [0] * len(files)
-    mine = (len(files), name_digest(f"{os.path.basename(f)} {label}" for f, label in zip(files, labels, strict=True)))
+    paths = paths_inside(files)  # not the names alone: class folders named otherwise reorder the same names
+    mine = (len(files), name_digest(f"{path} {label}" for path, label in zip(paths, labels, strict=True)))
     seen = distributed.gather(mine)
     other = next((rank for rank, listed in enumerate(seen) if listed != seen[0]), None)
     if other is None:
