@@ -20,7 +20,7 @@ from util.checkpoint import state as checkpoint
 from util.checkpoint.files import atomic_save, checkpoint_name, list_checkpoints, prune
 from util.checkpoint.load import load_checkpoint, load_model_strict, model_state, saved_args
 from util.checkpoint.rng import capture_rng, restore_rng
-from util.checkpoint.state import Position, TrainState, find_resumable, open_resume, resume
+from util.checkpoint.state import Opened, Position, TrainState, find_resumable, open_resume, resume
 from util.cli.errors import UserError
 from util.train.precision import LossScaler
 
@@ -539,6 +539,37 @@ def test_a_checkpoint_of_earlier_versions_compares_the_image_count_only(tmp_path
     state.extra["data"] = {"images": 3, "digest": "0" * 40}
     check_same_data(state, Files(), Position(1, 1))
     assert "warning: the training data changed since the checkpoint (3 -> 2 images" in capsys.readouterr().out
+
+
+def test_a_classifier_resumed_on_other_class_folders_is_refused(tmp_path):
+    """A label is a class's position among the sorted folder names. Resumed after 'cat' was renamed 'zebra'
+    (or removed and 'dog' added), fine-tuning went on with the head's output 1 meaning ship (dog): top-1 fell
+    from 58% to 33% without a word (found by a probe of a stopped fine-tuning run). Now one line, at an
+    epoch's end as inside one; the same folders pass, and a list file's labels (the indices) are not names."""
+    from util.checkpoint.state import check_same_data
+    from util.data.lists import ClassIndices
+
+    class Split:
+        def __init__(self, classes):
+            self.classes = classes
+            self.files = [str(tmp_path / "train" / c / "0000.jpg") for c in classes]
+
+    state = _state(torch.nn.Linear(2, 2), _args(output_dir=str(tmp_path), data_path="data"))
+    check_same_data(state, Split(["airplane", "cat", "ship"]), Position(1, 0))
+    assert state.extra["data"]["classes"] == ["airplane", "cat", "ship"]
+    source = Opened(str(tmp_path / "checkpoint-0.pth"), {})
+    check_same_data(state, Split(["airplane", "cat", "ship"]), Position(1, 0, resumed=True, source=source))
+    for classes, change in (
+        (["airplane", "ship", "zebra"], "1: cat -> ship"),
+        (["airplane", "cat"], "2: ship -> none"),
+    ):
+        refused = rf"^--data_path data: the class folders differ from those .*-0.pth was trained on \(label {change}\)"
+        for position in (Position(1, 0, resumed=True, source=source), Position(1, 3, resumed=True, source=source)):
+            with pytest.raises(UserError, match=refused):
+                check_same_data(state, Split(classes), position)
+    lists = _state(torch.nn.Linear(2, 2), _args(output_dir=str(tmp_path)))
+    check_same_data(lists, Split(ClassIndices(3)), Position(1, 0))
+    assert "classes" not in lists.extra["data"]
 
 
 def test_a_mid_epoch_position_past_the_new_datas_epoch_is_refused(tmp_path):

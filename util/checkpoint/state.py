@@ -28,6 +28,7 @@ from util.checkpoint.rng import gather_rng, restore_rng
 from util.cli.errors import NonFiniteLoss, UserError, divergence_advice, fail
 from util.cli.log import log
 from util.data.datasets import listed_files, name_digest, paths_inside
+from util.data.lists import ClassIndices
 from util.lr_sched import lr_at
 from util.outputs import appears
 from util.train import distributed
@@ -537,11 +538,16 @@ def check_same_data(state: TrainState, dataset: Any, position: Position) -> None
     """Record the training data in the state (image count, digest of the files' paths inside the folder
     that holds them all, in order: a moved folder, or a list file naming its files, is the same data); warn
     when a run resumed inside an epoch trains on other data than the checkpoint's: its position then counts
-    iterations of another order."""
+    iterations of another order. Class folders' names are recorded too, and a resume onto others refused
+    (``check_same_classes``)."""
     files = listed_files(dataset)
-    now = {"images": len(files), "paths": name_digest(paths_inside(files))}
+    now: dict[str, Any] = {"images": len(files), "paths": name_digest(paths_inside(files))}
+    classes = getattr(dataset, "classes", None)
+    if classes is not None and not isinstance(classes, ClassIndices):  # a list file's labels are the indices
+        now["classes"] = list(classes)
     saved = state.extra.get("data")
     if isinstance(saved, dict):
+        check_same_classes(saved.get("classes"), now.get("classes"), position, state.args)
         # Checkpoints of earlier versions hold a digest of the file names alone ("digest"): only the
         # count is compared with theirs.
         changed = any(saved[key] != now[key] for key in ("images", "paths") if key in saved)
@@ -553,3 +559,21 @@ def check_same_data(state: TrainState, dataset: Any, position: Position) -> None
                 f"checkpoint to avoid it"
             )
     state.extra["data"] = now
+
+
+def check_same_classes(saved: Any, now: Any, position: Position, args: argparse.Namespace) -> None:
+    """Refuse to resume a classifier whose class folders changed: a label is a class's position among the
+    sorted folder names, so a renamed, removed or added folder gives the head's outputs other classes (a
+    folder 'cat' renamed 'zebra' made the cat images label 2, the ship images label 1), trained on and scored
+    without a word."""
+    if not isinstance(saved, list) or now is None or saved == now:
+        return
+    label = next((i for i, (a, b) in enumerate(zip(saved, now, strict=False)) if a != b), min(len(saved), len(now)))
+    before = saved[label] if label < len(saved) else "none"
+    after = now[label] if label < len(now) else "none"
+    source = position.source.path if position.source is not None else "the --resume checkpoint"
+    fail(
+        f"--data_path {args.data_path}: the class folders differ from those {source} was trained on (label "
+        f"{label}: {before} -> {after}): its outputs would mean other classes; give the data it was trained on "
+        f"(the folders as they were), or fine-tune afresh into another --output_dir"
+    )
