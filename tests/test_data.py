@@ -6,6 +6,7 @@ import hashlib
 import os
 import pickle
 import random
+import re
 import tracemalloc
 from argparse import Namespace
 from collections.abc import Callable
@@ -227,6 +228,22 @@ def test_corrupt_image_error_names_the_file(tmp_path, fast):
         with pytest.raises(UserError) as err:
             dataset[dataset.files.index(str(tmp_path / name))]
         assert name in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["torchvision", "fast"])
+def test_an_image_removed_after_the_listing_is_said_to_be_gone(tmp_path, fast):
+    """Deleted under a running job (a colleague's cleanup, a data folder moved): the error said "(FileNotFoundError:
+    [Errno 2] No such file or directory: '<the path again>'); remove or replace the file", advice for a damaged file
+    that no longer applies (found by deleting an image under a running pre-training)."""
+    make_dataset(tmp_path, 1, layout="flat")
+    dataset = ImageFiles(str(tmp_path), pretrain_transform(32, "fast" if fast else "torchvision"), lazy=fast)
+    os.remove(dataset.files[0])
+    gone = (
+        rf"^image {re.escape(dataset.files[0])} is gone: it was listed when the run started, and removed or moved "
+        rf"since; put it back, or start again \(a training run with --resume auto\), which lists the data afresh$"
+    )
+    with pytest.raises(UserError, match=gone):
+        dataset[0]
 
 
 # ---------------------------------------------------------------------------------------------

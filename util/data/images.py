@@ -21,7 +21,14 @@ def decoder_reason(error: BaseException) -> str:
 
 def unreadable(path: str, error: BaseException, hint: str = "") -> str:
     """The one-line error for an image file that cannot be read. Pillow's error for a file it cannot
-    identify shows Python's repr of the open file, and says nothing the path does not: it is put in words."""
+    identify shows Python's repr of the open file, and says nothing the path does not: it is put in words.
+    A data set's file that is gone was listed when the command started (files given on the command line
+    are checked before): it was removed or moved since, and "remove or replace the file" fits no longer."""
+    if isinstance(error, FileNotFoundError):
+        return (
+            f"image {path} is gone: it was listed when the run started, and removed or moved since; put it back, "
+            f"or start again (a training run with --resume auto), which lists the data afresh"
+        )
     if isinstance(error, UnidentifiedImageError):
         reason = "not an image Pillow can read: another format, or its start is damaged"
     else:
