@@ -707,7 +707,10 @@ def test_finetuning_from_lists_equals_the_folders_and_resumes_exactly(splits, tm
     _finetune(folders, tmp_path / "f")
     _finetune(lists, tmp_path / "l")
     final = "checkpoint-1.pth"
-    assert_same(_without_args(load(tmp_path / "l" / final)), _without_args(load(tmp_path / "f" / final)))
+    by_folders = _without_args(load(tmp_path / "f" / final))
+    # The class folders' names are recorded (a resume onto others is refused); a list's labels are the indices.
+    assert by_folders["extra"]["data"].pop("classes") == ["airplane", "cat", "ship"]
+    assert_same(_without_args(load(tmp_path / "l" / final)), by_folders)
     logged = [json.loads(line) for line in (tmp_path / "l" / "log.txt").read_text().splitlines()]
     assert [line["epoch"] for line in logged] == [0, 1] and logged[-1]["test_images"] == 15
     assert all(math.isfinite(line["train_loss"]) for line in logged)
