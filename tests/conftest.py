@@ -11,6 +11,10 @@ import os
 CUDA_OPT_IN = "MAE_TEST_CUDA"
 if os.environ.get(CUDA_OPT_IN) != "1":
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
+# The suite's runs are first starts wherever it runs: in a job a launcher restarted (a requeued SLURM job, say)
+# they would take that for their own restart and continue the checkpoints a test gives them (run.start).
+for restarts in ("TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS", "SLURM_RESTART_COUNT"):
+    os.environ.pop(restarts, None)
 
 from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
