@@ -465,51 +465,44 @@ def test_the_first_ctrl_c_asks_for_a_checkpoint_and_the_second_stops_at_once(han
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_a_ctrl_c_while_a_stopped_run_exits_leaves_its_one_line(handlers, monkeypatch, capsys):
-    """A second Ctrl-C that came once the stop's checkpoint was written, while the run said so and destroyed its
-    process group, ended in a KeyboardInterrupt traceback (found by a fault probe of 2-process torchrun jobs)."""
+@pytest.mark.parametrize(
+    "stop, during_exit, heard",
+    [
+        (
+            signal.SIGINT,
+            signal.SIGINT,
+            "received SIGINT: checkpointing at the next check point (Ctrl-C again stops at once)",
+        ),
+        (signal.SIGUSR1, signal.SIGTERM, "received SIGUSR1: checkpointing at the next check point"),
+    ],
+)
+def test_a_signal_while_a_stopped_run_exits_leaves_its_line_and_status(
+    handlers, monkeypatch, capsys, stop, during_exit, heard
+):
+    """Once the stop's checkpoint was written, while the run said so and destroyed its process group: a second Ctrl-C
+    ended in a KeyboardInterrupt traceback, and the SIGTERM torchrun sends the other ranks once one has exited (status
+    143) added "received SIGTERM: checkpointing at the next check point", a checkpoint that would never come (found
+    by a fault probe of 2-process torchrun jobs)."""
 
-    def second_ctrl_c() -> None:
-        os.kill(os.getpid(), signal.SIGINT)
+    def signal_during_exit() -> None:
+        os.kill(os.getpid(), during_exit)
         time.sleep(0.1)  # the handler runs in the main thread between two bytecodes: here
 
     def stopped() -> None:
         raise interrupt.Interrupted("out/checkpoint-0-step2.pth")
 
-    monkeypatch.setattr(distributed, "cleanup_before_exit", second_ctrl_c)
-    os.kill(os.getpid(), signal.SIGINT)  # the first: a checkpoint at the next check point, then Interrupted
+    monkeypatch.setattr(distributed, "cleanup_before_exit", signal_during_exit)
+    os.kill(os.getpid(), stop)  # the stop this rank learnt of: a checkpoint at the next check point, then Interrupted
     try:
         run_cli(stopped)
     except BaseException as e:  # a KeyboardInterrupt must not reach pytest
         outcome = e
-    assert isinstance(outcome, SystemExit) and outcome.code == 130, repr(outcome)
-    assert capsys.readouterr().err.splitlines()[1:] == [
-        "stopped on request after writing out/checkpoint-0-step2.pth; continue with --resume auto"
-    ]
-    assert signal.getsignal(signal.SIGINT) is interrupt._handler  # as it was
-
-
-def test_torchruns_sigterm_to_a_rank_that_stopped_adds_no_line_to_its_stop(handlers, monkeypatch, capsys):
-    """Once one rank of a stopped job exits (status 143), torchrun sends SIGTERM to the others, which may be saying
-    their own stop and destroying their group: "received SIGTERM: checkpointing at the next check point" came after
-    their "stopped on request after writing ..." (found by a fault probe of 2-process torchrun jobs)."""
-
-    def torchruns_sigterm() -> None:
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(0.1)  # the handler runs in the main thread between two bytecodes: here
-
-    def stopped() -> None:
-        raise interrupt.Interrupted("out/checkpoint-2.pth")
-
-    monkeypatch.setattr(distributed, "cleanup_before_exit", torchruns_sigterm)
-    os.kill(os.getpid(), signal.SIGUSR1)  # the stop this rank learnt of
-    with pytest.raises(SystemExit) as stop:
-        run_cli(stopped)
-    assert stop.value.code == 128 + signal.SIGUSR1
+    assert isinstance(outcome, SystemExit) and outcome.code == 128 + stop, repr(outcome)
     assert capsys.readouterr().err.splitlines() == [
-        "received SIGUSR1: checkpointing at the next check point",
-        "stopped on request after writing out/checkpoint-2.pth; continue with --resume auto",
+        heard,
+        "stopped on request after writing out/checkpoint-0-step2.pth; continue with --resume auto",
     ]
+    assert signal.getsignal(during_exit) is interrupt._handler  # as it was
 
 
 def test_a_rank_stopped_at_once_by_ctrl_c_destroys_its_group_before_exit(tmp_path):
