@@ -47,11 +47,18 @@ def classifier_and_data(
         eval_transform(args.input_size, args.mean, args.std, args.in_chans, args.crop_pct),
         args.nb_classes,
         loader=image_loader(args.in_chans),
+        resumed_from=_trained_on(run, args.nb_classes),
     )
     log.info(f"{len(train_set)} training and {len(val_set)} validation images, {args.nb_classes} classes")
     if run.init_from is not None:
         load_pretrained_encoder(model, run.init_from, head_init_std=head_init_std)
     return model, train_set, val_set
+
+
+def _trained_on(run: Run, nb_classes: int) -> str:
+    """The checkpoint this run resumes, where it was trained on ``nb_classes`` classes; else ''."""
+    resumed = run.resume_from
+    return resumed.path if resumed is not None and getattr(resumed.args, "nb_classes", None) == nb_classes else ""
 
 
 def train_one_epoch(

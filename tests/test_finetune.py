@@ -343,6 +343,24 @@ def test_nb_classes_must_match_folders(pipeline, tmp_path):
         main_finetune.main(args)
 
 
+def test_a_resume_onto_another_number_of_class_folders_says_the_data_changed(pipeline, tmp_path):
+    """A class folder added between a stop and --resume auto with the same command: the error said 'give
+    --nb_classes 4', and doing so stopped on the checkpoint's head of 3 outputs (found by a data-change probe)."""
+    data, ckpt, _ = pipeline
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    out = tmp_path / "ft"
+    main_finetune.main(_finetune_args(copy, out, "--epochs", "1", "--finetune", str(ckpt)))
+    for split in ("train", "val"):
+        shutil.copytree(copy / split / "cat", copy / split / "dog")
+    refused = (
+        rf"^{copy / 'train'} has 4 class folders, but {out / 'checkpoint-0.pth'}, which this run resumes, was "
+        r"trained on 3; give the data it was trained on, or fine-tune afresh into another --output_dir$"
+    )
+    with pytest.raises(UserError, match=refused):
+        main_finetune.main(_finetune_args(copy, out, "--epochs", "2", "--resume", "auto"))
+
+
 def test_missing_validation_folder(pipeline, tmp_path):
     data, _, _ = pipeline
     only_train = tmp_path / "d"

@@ -188,10 +188,12 @@ def classification_dataset(
     nb_classes: int | None,
     flag: str = "--data_path",
     loader: Callable[[str], Any] = load_rgb,
+    resumed_from: str = "",
 ) -> datasets.ImageFolder | ListedImages:
     """ImageFolder on ``<data_path>/<split>`` (validation: 'val' or 'test'); without a ``train`` folder,
     the list files ``train.txt`` and ``val.txt`` (or ``test.txt``). ``nb_classes`` None takes any
-    number of classes; ``flag`` names the folder's flag in errors."""
+    number of classes; ``flag`` names the folder's flag in errors; ``resumed_from``: the checkpoint this
+    run resumes, where ``nb_classes`` is the one it was trained on."""
     if os.path.isfile(data_path):
         fail(
             f"{flag} {data_path} is a file; for classification give the folder that holds train.txt and val.txt "
@@ -219,6 +221,11 @@ def classification_dataset(
         fail(f"{folder}: {e}")
     if nb_classes is not None and len(dataset.classes) != nb_classes:
         count = len(dataset.classes)
+        if resumed_from:  # the folders changed since: its head fits no other --nb_classes
+            fail(
+                f"{folder} has {count} class folders, but {resumed_from}, which this run resumes, was trained on "
+                f"{nb_classes}; give the data it was trained on, or fine-tune afresh into another --output_dir"
+            )
         fail(f"{folder} has {count} class folders but --nb_classes is {nb_classes}; give --nb_classes {count}")
     return dataset
 
@@ -260,12 +267,13 @@ def classification_splits(
     nb_classes: int | None,
     flag: str = "--data_path",
     loader: Callable[[str], Any] = load_rgb,
+    resumed_from: str = "",
 ) -> tuple[datasets.ImageFolder | ListedImages, datasets.ImageFolder | ListedImages]:
     """The training and validation sets of ``data_path``: ImageFolders, or list files. A folder's
     label is its position among the sorted class folders, so both splits must have the same ones (or
     validation images would be scored against the wrong classes); a list's label is the index itself."""
-    train = classification_dataset(data_path, "train", train_transform, nb_classes, flag, loader)
-    val = classification_dataset(data_path, "val", val_transform, nb_classes, flag, loader)
+    train = classification_dataset(data_path, "train", train_transform, nb_classes, flag, loader, resumed_from)
+    val = classification_dataset(data_path, "val", val_transform, nb_classes, flag, loader, resumed_from)
     if isinstance(train, ListedImages) and isinstance(val, ListedImages):
         count = max(len(train.classes), len(val.classes))  # without --nb_classes: the largest index + 1
         train.classes = val.classes = ClassIndices(count)
