@@ -373,6 +373,25 @@ def test_resume_with_another_number_of_processes(tmp_path, capsys):
         resume(other_batch, open_resume(other_batch.args))
 
 
+def test_resume_auto_skips_a_checkpoint_written_inside_an_epoch_with_other_batches(tmp_path, capsys):
+    """A job torchrun restarts on fewer nodes (--nnodes 1:2) resumes with --resume auto: its newest checkpoint,
+    written inside an epoch by more processes, was refused, and every restart failed the same way. Now the newest
+    epoch-end checkpoint is resumed, saying why the newer one is skipped; with the same settings, the newer one."""
+    state = _state(torch.nn.Linear(2, 2), _args(output_dir=str(tmp_path), world_size=2))
+    checkpoint.save_checkpoint(state, 0)
+    checkpoint.save_checkpoint(state, 1, 3)
+    capsys.readouterr()
+    fewer = _state(torch.nn.Linear(2, 2), _args(resume="auto", output_dir=str(tmp_path)))
+    assert resume(fewer, open_resume(fewer.args)) == Position(1, 0)
+    assert capsys.readouterr().out.startswith(
+        f"warning: skipping {tmp_path / 'checkpoint-1-step3.pth'}: it was written inside an epoch with number of "
+        f"processes 2, this run has 1, and its position counts the batches of those settings\n"
+    )
+    same = _state(torch.nn.Linear(2, 2), _args(resume="auto", output_dir=str(tmp_path), world_size=2))
+    assert resume(same, open_resume(same.args)) == Position(1, 3)
+    assert "skipping" not in capsys.readouterr().out
+
+
 def test_resume_from_an_official_full_checkpoint_says_it_is_not_exact(tmp_path, capsys):
     """The official code's checkpoints hold model, optimizer, epoch, scaler and args, no random state: the
     resumed masks, mixup and drop paths were drawn afresh (other weights than an uninterrupted run's, seen with

@@ -174,13 +174,21 @@ def open_checkpoint(path: str, training: bool = False) -> Opened:
     return Opened(path, ckpt)
 
 
-def find_resumable(output_dir: str) -> Opened | None:
-    """The newest checkpoint in ``output_dir`` that loads; a broken newer one is reported and skipped."""
+def find_resumable(output_dir: str, args: argparse.Namespace | None = None) -> Opened | None:
+    """The newest checkpoint in ``output_dir`` that loads, and that a run of ``args`` can resume; a newer one
+    that is broken, or was written inside an epoch with other batches (``mid_epoch_change``), is reported and
+    skipped. The second happens to a job torchrun restarts on fewer nodes (``--nnodes 1:2``): refused, the
+    checkpoint failed every restart the same way; the epoch-end one before it loses that epoch's iterations."""
     for path in reversed(list_checkpoints(output_dir)):
         try:
-            return open_checkpoint(path, training=True)
+            opened = open_checkpoint(path, training=True)
         except UserError as e:
             log.warning(f"skipping {path}: {e}")
+            continue
+        change = mid_epoch_change(opened.args, args) if opened.ckpt.get("step") is not None else ""
+        if not change:
+            return opened
+        log.warning(f"skipping {path}: it was {change}, and its position counts the batches of those settings")
     return None
 
 
@@ -203,7 +211,7 @@ def open_resume(args: argparse.Namespace) -> Opened | None:
         return open_on_every_rank(lambda: open_checkpoint(args.resume, training=True), args.resume, "--resume")
     if not args.output_dir:  # the run would start from scratch, and say "no checkpoint in ," at every restart
         fail("--resume auto takes the newest checkpoint in --output_dir, and --output_dir '' keeps none: give one")
-    found = find_resumable(args.output_dir) if distributed.is_main_process() else None
+    found = find_resumable(args.output_dir, args) if distributed.is_main_process() else None
     path = distributed.from_main(found.path if found else None)
     if path is None and getattr(args, "eval", False):  # else the random initial weights would be scored
         fail(
@@ -437,25 +445,29 @@ MEANING_FLAGS = (
 
 
 def _check_flags(saved: argparse.Namespace | None, args: argparse.Namespace, path: str, mid_epoch: bool) -> None:
-    """Warn about changed MEANING_FLAGS; inside an epoch, fail unless the batches are the same: a
-    mid-epoch position counts iterations, the same samples only with the same batch size, process
-    count and accumulation, and the same seed (the epoch's order is drawn from it: another one skips
-    other samples, so that the epoch trains some twice and others not at all)."""
+    """Warn about changed MEANING_FLAGS; inside an epoch, fail unless the batches are the same
+    (``mid_epoch_change``): another seed, say, skips other samples, so that the epoch trains some twice
+    and others not at all."""
     if saved is None:
         return
     changed = _changed_flags(saved, args, MEANING_FLAGS)
     if changed:
         log.warning(f"{path} was trained with other flags ({', '.join(changed)}); training goes on with the new ones")
-    if not mid_epoch:
-        return
+    change = mid_epoch_change(saved, args) if mid_epoch else ""
+    if change:
+        fail(f"checkpoint {path} was {change}; resume with the same settings, or from an epoch-end checkpoint")
+
+
+def mid_epoch_change(saved: argparse.Namespace | None, args: argparse.Namespace | None) -> str:
+    """Why a run of ``args`` cannot go on inside an epoch from a checkpoint of ``saved`` flags ('' where it can):
+    a position inside an epoch counts iterations, the same samples only with the same batch size, process count
+    and accumulation, and the same seed (the epoch's order is drawn from it)."""
     for flag in ("batch_size", "world_size", "accum_iter", "seed"):
         then, now = getattr(saved, flag, None), getattr(args, flag, None)
         if then is not None and now is not None and then != now:
             name = "number of processes" if flag == "world_size" else f"--{flag}"
-            fail(
-                f"checkpoint {path} was written inside an epoch with {name} {then}, this run has {now}; "
-                f"resume with the same settings, or from an epoch-end checkpoint"
-            )
+            return f"written inside an epoch with {name} {then}, this run has {now}"
+    return ""
 
 
 def _changed_flags(saved: argparse.Namespace, args: argparse.Namespace, flags: tuple[str, ...]) -> list[str]:
