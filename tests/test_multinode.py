@@ -474,3 +474,24 @@ def test_a_path_given_on_one_node_only_is_refused_as_other_flags():
         with pytest.raises(UserError, match=f"other flags: .* on rank 0, {shown}; start every node"):
             check_same_flags([ours, ours, theirs])  # rank 2 differs, rank 1 does not
     check_same_flags([ours, {**ours, "local_rank": 1, "pin_mem": False, "dist_url": "tcp://node1:29500"}])
+
+
+def test_a_restart_that_only_some_nodes_count_resumes_auto_on_every_rank(tmp_path):
+    """torchrun counts a restart per node, and only its own: a node whose processes failed restarts them with
+    TORCHELASTIC_RESTART_COUNT 1, while a node that saw the others waiting (its processes still in a collective)
+    restarts its own as a membership change, which torchrun does not count (0). Decided on each node, the ranks
+    that counted a restart asked rank 0 whether the run had saved while the others went on to the next collective:
+    the job hung, or its ranks resumed different checkpoints. Every rank now continues with --resume auto."""
+    _checkpoints(tmp_path / "out")
+    for r in (0, 1):
+        (tmp_path / f"node{r}").mkdir()
+
+    def body() -> None:
+        if distributed.rank() == 1:  # node 1 counted the restart, node 0 (rank 0) did not
+            os.environ["TORCHELASTIC_RESTART_COUNT"] = "1"
+        args = Namespace(resume="", output_dir=str(tmp_path / "out"), eval=False)
+        args.resume = run.resume_after_restart(args, training=True)
+        print(f"ranks resume: {distributed.gather(args.resume)}")
+
+    for log in _on_nodes(tmp_path, body):
+        assert "ranks resume: ['auto', 'auto']" in log, log

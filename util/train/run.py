@@ -79,8 +79,7 @@ def start(flags: argparse.Namespace, fallbacks: dict[str, Any] | None = None) ->
     check_world(args, distributed.world_size())
 
     training = bool(args.output_dir) and not getattr(args, "eval", False)
-    if training and distributed.launcher_restarts(os.environ):
-        args.resume = resume_after_restart(args)
+    args.resume = resume_after_restart(args, training)
 
     def check_outputs() -> None:  # only rank 0 writes
         for flag, path in (("--output_dir", args.output_dir), ("--log_dir", args.log_dir)):
@@ -134,15 +133,21 @@ def start(flags: argparse.Namespace, fallbacks: dict[str, Any] | None = None) ->
     return Run(args, torch.device(args.device), resume_from, init_from, origins)
 
 
-def resume_after_restart(args: argparse.Namespace) -> str:
+def resume_after_restart(args: argparse.Namespace, training: bool) -> str:
     """``--resume`` for processes a launcher started again with their command (``launcher_restarts``): 'auto'
     once the run has saved a checkpoint in --output_dir (rank 0's view), else as given. As given, they started
     over, or went back to the --resume PATH they began from, or were refused for the checkpoints the run had
-    saved, so that no restart could help."""
+    saved, so that no restart could help. Decided on every rank alike: torchrun counts a node's restarts on that
+    node alone, and not a restart it makes because another node's processes failed (a membership change), so
+    ranks decided on their own count hung, some asking rank 0 whether the run had saved."""
+    if not training:
+        return args.resume
+    restarts = max(distributed.gather(distributed.launcher_restarts(os.environ)))
+    if not restarts:
+        return args.resume
     saved = distributed.from_main(bool(list_checkpoints(args.output_dir)) if distributed.is_main_process() else None)
     if not saved or args.resume == "auto":
         return args.resume
-    restarts = distributed.launcher_restarts(os.environ)
     log.info(f"restart {restarts} of this job by its launcher: it continues from --output_dir with --resume auto")
     return "auto"
 
