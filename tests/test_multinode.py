@@ -495,3 +495,22 @@ def test_a_restart_that_only_some_nodes_count_resumes_auto_on_every_rank(tmp_pat
 
     for log in _on_nodes(tmp_path, body):
         assert "ranks resume: ['auto', 'auto']" in log, log
+
+
+def test_nodes_whose_gpus_choose_another_precision_stop_every_rank_in_one_line(tmp_path):
+    """--precision auto is each node's own: bf16 on GPUs that compute in it, fp16 on older ones (V100, T4). A job
+    on both kinds trained in two precisions, the fp16 ranks skipping the steps their loss scaler found overflowing
+    while the bf16 ranks took them, so the ranks' weights parted, without a word. Node 1's GPUs are older here."""
+
+    def flags_of_rank(rank: int) -> list[str]:
+        if rank == 1:
+            run.resolve_precision = lambda precision, device: "fp16"  # this forked rank's view of its GPUs
+        return []
+
+    logs = _started_with(tmp_path, flags_of_rank, (2, 2))
+    expected = (
+        "error: --precision auto chose fp32 on rank 0 and fp16 on rank 1, whose GPUs differ: give every node the "
+        "same --precision (fp16 runs on every GPU)\n"
+    )
+    for log in logs:
+        assert log.endswith(expected) and "started with lr" not in log, log

@@ -324,6 +324,18 @@ def check_same_flags(every_ranks: list[dict[str, Any]]) -> None:
     )
 
 
+def check_same_precision(chosen: list[str]) -> None:
+    """Refuse a job whose ranks chose other precisions (``chosen``, each rank's, in rank order): --precision auto is
+    each node's own (bf16 on GPUs that compute in it, else fp16), and a job on both kinds trained in two, the fp16
+    ranks skipping the steps their loss scaler found overflowing while the others took them."""
+    rank = next((r for r, precision in enumerate(chosen) if precision != chosen[0]), None)
+    if rank is not None:
+        fail(
+            f"--precision auto chose {chosen[0]} on rank 0 and {chosen[rank]} on rank {rank}, whose GPUs differ: "
+            f"give every node the same --precision (fp16 runs on every GPU)"
+        )
+
+
 def _agreed(flags: dict[str, Any]) -> dict[str, Any]:
     """What of ``flags`` every rank must share: a path only as given or not (and 'auto'), per node flags not."""
     agreed = {name: value for name, value in flags.items() if name not in PER_NODE_FLAGS}

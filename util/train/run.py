@@ -18,7 +18,7 @@ import torch
 from util.checkpoint.files import list_checkpoints
 from util.checkpoint.flags import fill_from_checkpoints
 from util.checkpoint.state import Opened, open_checkpoint, open_on_every_rank, open_resume, weights_only
-from util.cli.args import check_same_flags, check_world, effective_lr, resolve_precision
+from util.cli.args import check_same_flags, check_same_precision, check_world, effective_lr, resolve_precision
 from util.cli.errors import fail
 from util.cli.log import log
 from util.data import normalization
@@ -112,6 +112,7 @@ def start(flags: argparse.Namespace, fallbacks: dict[str, Any] | None = None) ->
     args.print_freq = math.ceil(args.print_freq / args.accum_iter) * args.accum_iter
     normalization.resolve(args, [(f"checkpoint {s.path}", s.args) for s in sources])  # args.mean, args.std
     args.precision = resolve_precision(args.precision, args.device)
+    check_same_precision(distributed.gather(args.precision))  # 'auto' is each node's GPUs' choice
     args.lr_given = args.lr is not None  # for messages that say which flag to lower
     args.lr = effective_lr(args, distributed.world_size())
     if finetune and args.output_dir:  # read or not: its pruning would delete it all the same
