@@ -586,6 +586,9 @@ def test_a_classifier_resumed_on_other_class_folders_is_refused(tmp_path):
         for position in (Position(1, 0, resumed=True, source=source), Position(1, 3, resumed=True, source=source)):
             with pytest.raises(UserError, match=refused):
                 check_same_data(state, Split(classes), position)
+    state.args.eval = True  # an evaluation is not told to fine-tune afresh
+    with pytest.raises(UserError, match=r"give the data it was trained on \(the folders as they were\)$"):
+        check_same_data(state, Split(["airplane", "ship", "zebra"]), Position(1, 0, resumed=True, source=source))
     lists = _state(torch.nn.Linear(2, 2), _args(output_dir=str(tmp_path)))
     check_same_data(lists, Split(ClassIndices(3)), Position(1, 0))
     assert "classes" not in lists.extra["data"]

@@ -584,8 +584,9 @@ def check_same_classes(saved: Any, now: Any, position: Position, args: argparse.
     before = saved[label] if label < len(saved) else "none"
     after = now[label] if label < len(now) else "none"
     source = position.source.path if position.source is not None else "the --resume checkpoint"
+    afresh = "" if getattr(args, "eval", False) else ", or fine-tune afresh into another --output_dir"
     fail(
         f"--data_path {args.data_path}: the class folders differ from those {source} was trained on (label "
         f"{label}: {before} -> {after}): its outputs would mean other classes; give the data it was trained on "
-        f"(the folders as they were), or fine-tune afresh into another --output_dir"
+        f"(the folders as they were){afresh}"
     )
