@@ -260,7 +260,7 @@ PEER = textwrap.dedent(
         # torchrun --max-restarts 3, restarted once: it starts the job again by itself
         (
             {"TORCHELASTIC_RESTART_COUNT": "1", "TORCHELASTIC_MAX_RESTARTS": "3"},
-            "torchrun restarts the job (2 of 3 restarts), from its last checkpoint if any",
+            "torchrun restarts the job while restarts are left (--max-restarts 3), from its last checkpoint",
         ),
         (
             {"TORCHELASTIC_RESTART_COUNT": "3", "TORCHELASTIC_MAX_RESTARTS": "3"},

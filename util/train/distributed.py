@@ -395,6 +395,7 @@ def peer_stopped_message(advice: str = "") -> str:
         _number(os.environ.get(f"TORCHELASTIC_{name}", "0"), int) or 0 for name in ("RESTART_COUNT", "MAX_RESTARTS")
     )
     if not advice and restarts < most:  # torchrun --max-restarts: it starts the job again by itself (run.start)
-        advice = f"torchrun restarts the job ({restarts + 1} of {most} restarts), from its last checkpoint if any"
+        # Not "restart k of N": a node restarted because another node failed does not count it.
+        advice = f"torchrun restarts the job while restarts are left (--max-restarts {most}), from its last checkpoint"
     advice = advice or "restart the whole job with --resume auto to continue from its last checkpoint"
     return f"another process of this job stopped, so rank {rank()} of {world_size()} cannot go on; {advice}"
