@@ -16,12 +16,31 @@ if os.environ.get(CUDA_OPT_IN) != "1":
 for restarts in ("TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS", "SLURM_RESTART_COUNT"):
     os.environ.pop(restarts, None)
 
+import tempfile  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 from helpers import Reference  # noqa: E402
 from warm_python import warm_python  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def temporary_files_in_pytests_folder(tmp_path_factory) -> Iterator[None]:
+    """The temporary files of the processes the suite starts go into a folder of pytest's, which it prunes (it
+    keeps the last three sessions'), not into the machine's: the runs a test kills, or that leave with os._exit,
+    left multiprocessing's pymp-* and torchrun's torchelastic_* folders behind (5 from test_distributed_env and
+    test_resilience)."""
+    folder = tmp_path_factory.mktemp("tmp")
+    before = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(folder)
+    tempfile.tempdir = None  # read again from TMPDIR
+    yield
+    if before is None:
+        os.environ.pop("TMPDIR")
+    else:
+        os.environ["TMPDIR"] = before
+    tempfile.tempdir = None
 
 
 @pytest.fixture(scope="session")
