@@ -137,6 +137,18 @@ def start_timeout(env: Mapping[str, str]) -> float:
     return seconds
 
 
+def generation_store(store: dist.Store, env: Mapping[str, str]) -> dist.Store:
+    """``store`` with keys of this start alone where one torchrun restarts its processes: its store outlives
+    them, and a restarted rank read a dead one's address there before its successor wrote its own, so that
+    gloo could not connect ('connectFullMesh failed ... Connection refused'; 3 of 6 restarts of 2 processes,
+    and 4 of 6 of a ten-line torch script; 0 of 6 with a key prefix per restart). Not across nodes: a node
+    restarted because another's processes failed does not count it, and ranks would wait on other keys."""
+    restarts = _number(env.get("TORCHELASTIC_RESTART_COUNT", "0"), int) or 0
+    if not restarts or env.get("GROUP_WORLD_SIZE") != "1":
+        return store
+    return dist.PrefixStore(f"restart_{restarts}", store)
+
+
 def launcher_restarts(env: Mapping[str, str]) -> int:
     """How many times a launcher started this job's processes again with the same command: torchrun
     (``--max-restarts``, once a process failed; its ``TORCHELASTIC_RESTART_COUNT``) or SLURM (a requeued
@@ -261,6 +273,7 @@ def join(
             # Polled here, not by torch's client, which logs a C++ stack trace on every retry.
             _wait_for_listener(world.listener, deadline, f"{waiting}: {world.where}", advice)
         store, _, _ = next(dist.rendezvous(world.init_method, world.rank, world.size, timeout=time_left()))
+        store = generation_store(store, os.environ)
         if gpu is not None:
             store.set_timeout(time_left())
             refuse_shared_gpu(store, world, gpu)
