@@ -141,13 +141,13 @@ def resume_after_restart(args: argparse.Namespace, training: bool) -> str:
     saved, so that no restart could help. Decided on every rank alike: torchrun counts a node's restarts on that
     node alone, and not a restart it makes because another node's processes failed (a membership change), so
     ranks decided on their own count hung, some asking rank 0 whether the run had saved."""
-    if not training:
+    if not training or args.resume == "auto":  # the same on every rank (check_same_flags)
         return args.resume
     restarts = max(distributed.gather(distributed.launcher_restarts(os.environ)))
     if not restarts:
         return args.resume
     saved = distributed.from_main(bool(list_checkpoints(args.output_dir)) if distributed.is_main_process() else None)
-    if not saved or args.resume == "auto":
+    if not saved:
         return args.resume
     log.info(f"restart {restarts} of this job by its launcher: it continues from --output_dir with --resume auto")
     return "auto"
