@@ -4,13 +4,16 @@ failure's test and first line become an error.
 pytest runs in its own process group and is stopped (with what it started: torchrun and its
 workers) a little before this part's own timeout, so that a test that hangs (an NCCL start-up, say)
 still leaves the counts of the tests before it, read from pytest's verbose lines, and its own name.
+Nothing it started outlives it: the parts after this one measure on an idle GPU and idle cores.
 """
 
+import contextlib
 import os
 import re
 import signal
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -19,6 +22,9 @@ import torch
 from benchmarks.gpu_check_common import REPO, PartRecord, Sizes, run_part, seconds_left
 
 MARGIN_S = 10  # kept to stop pytest and write the counts before this part's timeout
+# For pytest and what is below it to end on SIGTERM before SIGKILL: under the 5 s that gpu_check.sh's timeout leaves
+# this part between its own SIGTERM and SIGKILL, so that the SIGKILLs below are sent before this part's.
+STOP_GRACE_S = 3.0
 # The suite hides the GPUs from its tests unless this is 1 (tests/conftest.py): without it, every CUDA test skips.
 CUDA_OPT_IN = {"MAE_TEST_CUDA": "1"}
 OUTCOME = re.compile(r"^(\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
@@ -74,12 +80,59 @@ def run_pytest(command: list[str], log: Path, seconds: float | None) -> int | No
             return None
         finally:
             if process.poll() is None:  # also when this part is stopped (SIGTERM, below)
-                os.killpg(process.pid, signal.SIGTERM)  # torchrun passes it on to its workers
-                try:
-                    process.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    os.killpg(process.pid, signal.SIGKILL)
+                stop(process)
             print(log.read_text(errors="replace"), flush=True)
+
+
+def stop(process: subprocess.Popen) -> None:
+    """End pytest, its process group and every process below it. torchrun starts each rank in a session of its
+    own, which a signal to pytest's group misses, and our ranks take SIGTERM as a request to stop at their next
+    step (util/train/interrupt.py): one still compiling outlived pytest and torchrun (both killed 5 s later),
+    adopted by init, on the GPU and the cores the next part measures with. So the processes below pytest are
+    listed before its group is signalled and again before the SIGKILL (while a rank still names its own
+    children), and each is killed."""
+    below = set(descendants(process.pid))
+    os.killpg(process.pid, signal.SIGTERM)  # torchrun passes it on to its ranks
+    end = time.monotonic() + STOP_GRACE_S
+    while time.monotonic() < end and (process.poll() is None or any(map(running, below))):
+        time.sleep(0.1)
+    below.update(p for pid in [process.pid, *below] for p in descendants(pid))
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    for pid in below:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    process.wait()
+    end = time.monotonic() + STOP_GRACE_S  # SIGKILL takes effect a moment later, a GPU's memory is freed after
+    while time.monotonic() < end and any(map(running, below)):
+        time.sleep(0.1)
+
+
+def parents() -> dict[int, int]:
+    """Every process's parent, from /proc (Linux)."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        with contextlib.suppress(OSError, ValueError, IndexError):  # not a process, or one that just ended
+            stat = Path("/proc", entry, "stat").read_text()
+            found[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])  # the name, in parentheses, may hold spaces
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes below ``pid``: its children, theirs, and so on."""
+    links, found, level = parents(), [], [pid]
+    while level:
+        level = [child for child, parent in links.items() if parent in level]
+        found += level
+    return found
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` is a process that has not ended (a zombie has: its parent has not read its status yet)."""
+    try:
+        return Path("/proc", str(pid), "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def main(record: PartRecord, sizes: Sizes, device: torch.device) -> None:

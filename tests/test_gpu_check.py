@@ -7,11 +7,13 @@ through the functions that handle it, and the fine-tuning step's FLOPs."""
 import ast
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 import weakref
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import models_vit
-from benchmarks import gpu_check_summary
+from benchmarks import gpu_check_summary, gpu_check_tests
 from benchmarks.bench_pretrain import vit_train_flops
 from benchmarks.gpu_check_common import DEADLINE_ENV, PartRecord, time_for
 from benchmarks.gpu_check_step import LARGEST_BATCH_SHARE, batch_tries, first_that_fits
@@ -174,6 +176,45 @@ def test_counts_of_a_pytest_run_stopped_in_a_test():
     assert failed == ["tests/test_cuda.py::test_mixed_precision[bf16]", "tests/test_cuda.py::test_fused_adamw"]
     assert running == "tests/test_cuda.py::test_torchrun_one_process"
     assert count_verbose(lines[:4])[2] is None  # it ended after a test
+
+
+# A stand-in for torchrun: its rank runs in a session of its own (as torch.distributed.elastic starts it), takes
+# SIGTERM for a request to stop at its next step (as util/train/interrupt.py does) and sleeps on (a compilation);
+# torchrun, on SIGTERM, passes it on and waits for the rank.
+FAKE_RANK = """
+import os, signal, sys, time
+signal.signal(signal.SIGTERM, lambda *_: None)
+open(sys.argv[1] + '.tmp', 'w').write(str(os.getpid()))
+os.rename(sys.argv[1] + '.tmp', sys.argv[1])
+time.sleep(120)
+"""
+FAKE_TORCHRUN = f"""
+import signal, subprocess, sys
+rank = subprocess.Popen([sys.executable, '-c', {FAKE_RANK!r}, sys.argv[1]], start_new_session=True)
+signal.signal(signal.SIGTERM, lambda *_: rank.send_signal(signal.SIGTERM))
+rank.wait()
+"""
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` has not ended (a zombie has)."""
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_stopped_pytest_leaves_no_process_behind(tmp_path, monkeypatch):
+    """The tests part stops pytest at its time limit: a torchrun rank (in a session of its own, deaf to SIGTERM
+    until its next step) is ended with it, not left on the GPU and the cores while the next parts measure."""
+    monkeypatch.setattr(gpu_check_tests, "STOP_GRACE_S", 0.5, raising=False)
+    pid_file = tmp_path / "rank.pid"
+    try:
+        assert run_pytest([sys.executable, "-c", FAKE_TORCHRUN, str(pid_file)], tmp_path / "log.txt", 4) is None
+        assert not _running(int(pid_file.read_text())), "the rank outlived the stopped pytest"
+    finally:
+        if pid_file.is_file() and _running(int(pid_file.read_text())):
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
 
 
 def test_fine_tuning_flops_match_a_hand_count_and_torchs_counter():
