@@ -5,6 +5,7 @@ what only a GPU would show (running out of memory, a test that hangs, a part kil
 through the functions that handle it, and the fine-tuning step's FLOPs."""
 
 import ast
+import dataclasses
 import json
 import os
 import signal
@@ -22,9 +23,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import models_vit
-from benchmarks import gpu_check_summary, gpu_check_tests
+from benchmarks import bench_pretrain, gpu_check_loader, gpu_check_summary, gpu_check_tests
 from benchmarks.bench_pretrain import vit_train_flops
-from benchmarks.gpu_check_common import DEADLINE_ENV, PartRecord, time_for
+from benchmarks.gpu_check_common import CPU, DEADLINE_ENV, PartRecord, time_for
 from benchmarks.gpu_check_step import LARGEST_BATCH_SHARE, batch_tries, first_that_fits
 from benchmarks.gpu_check_tests import count_verbose, run_pytest
 from util.cli.errors import fail
@@ -215,6 +216,28 @@ def test_a_stopped_pytest_leaves_no_process_behind(tmp_path, monkeypatch):
     finally:
         if pid_file.is_file() and _running(int(pid_file.read_text())):
             os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
+def test_the_loader_part_times_the_batches_of_one_epoch(tmp_path, monkeypatch):
+    """At an epoch's end the loader's workers drain and refill: the loader part times no batch past the first
+    epoch of its list (here 44 lines: 5 batches of 8, the 4 lines over dropped), so 2 warm-up and 3 timed
+    batches of the 8 that 64 images would take."""
+    files = sorted((REPO / "demo" / "cifar10-2k" / "cat").glob("*.jpg"))[:10]
+    listing = tmp_path / "train.txt"
+    listing.write_text("".join(f"{files[i % 10]}\n" for i in range(44)))
+    monkeypatch.setattr(gpu_check_loader, "data_path", lambda sizes: str(listing))
+    epochs, endless_batches = [], bench_pretrain.endless_batches
+
+    def counting_epochs(loader, device):
+        set_epoch = loader.sampler.set_epoch
+        loader.sampler.set_epoch = lambda epoch: (epochs.append(epoch), set_epoch(epoch))
+        return endless_batches(loader, device)
+
+    monkeypatch.setattr(bench_pretrain, "endless_batches", counting_epochs)
+    record = PartRecord("loader", tmp_path / "loader.json")
+    gpu_check_loader.main(record, dataclasses.replace(CPU, batch=8, workers=0, loader_images=64), torch.device("cpu"))
+    assert record.errors == [] and [r["loader"] for r in record.rows["loader"]] == ["fast", "device", "torchvision"]
+    assert epochs == [0, 0, 0]  # each loader's first epoch, and no other
 
 
 def test_fine_tuning_flops_match_a_hand_count_and_torchs_counter():
