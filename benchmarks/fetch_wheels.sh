@@ -8,7 +8,13 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python3}
 specs=("$@")
-((${#specs[@]})) || specs=("timm==$("$PYTHON" -c 'import timm; print(timm.__version__)')")
+if ((${#specs[@]} == 0)); then
+    version=$("$PYTHON" -c 'import timm; print(timm.__version__)' 2>/dev/null) || {
+        echo "error: $PYTHON has no timm to take the release of; give PYTHON=.venv/bin/python, or NAME==VERSION" >&2
+        exit 2
+    }
+    specs=("timm==$version")
+fi
 rm -f wheels/*.whl
 "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --dest wheels "${specs[@]}"
 ls -l wheels

@@ -264,6 +264,22 @@ def test_a_measurement_without_time_for_it_is_left_out_and_said(tmp_path, monkey
     assert time_for(record, "largest batch", 10**6)
 
 
+def test_fetch_wheels_without_timm_says_which_python_in_one_line(tmp_path):
+    """fetch_wheels.sh takes timm's release from PYTHON (python3 by default): one without timm (a machine's own
+    python3 outside the virtual environment) is named in one line, and wheels/ is left as it is."""
+    python = tmp_path / "python3"  # a Python without site-packages: no timm
+    python.write_text(f'#!/bin/sh\nexec {sys.executable} -S "$@"\n')
+    python.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(python)}
+    result = subprocess.run(
+        ["bash", "benchmarks/fetch_wheels.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"error: {python} has no timm to take the release of; give PYTHON=.venv/bin/python, or NAME==VERSION"
+    ]
+
+
 def _pure_python_wheel(folder, name: str, version: str):
     """The smallest wheel pip installs: one module, its metadata and a RECORD without hashes."""
     path = folder / f"{name}-{version}-py3-none-any.whl"
