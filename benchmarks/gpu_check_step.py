@@ -177,7 +177,8 @@ def row(impl: Impl, name: str, input_size: int, batch: int, flops: int, peak_tfl
 def bench_model(record: PartRecord, name: str, sizes: Sizes, device: torch.device, peak: float) -> list[dict]:
     reset_memory(device)
     torch.manual_seed(0)
-    ref = models_mae.create_model(name, sizes.input_size).to(device)
+    with torch.device(device):  # initialised there (bench_pretrain.build_step says why)
+        ref = models_mae.create_model(name, sizes.input_size)
     imgs = torch.randn(sizes.batch, ref.in_chans, sizes.input_size, sizes.input_size, device=device)
     weights = ref.state_dict()
     impls = record.attempt(f"{name} official", lambda: official_impls(record, ref, sizes, imgs, name)) or []

@@ -4,6 +4,7 @@ with tests forced to crash: its error lands in the summary, the cifar part still
 what only a GPU would show (running out of memory, a test that hangs, a part killed by its timeout)
 through the functions that handle it, and the fine-tuning step's FLOPs."""
 
+import argparse
 import ast
 import dataclasses
 import json
@@ -22,8 +23,9 @@ from helpers import REPO
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+import models_mae
 import models_vit
-from benchmarks import bench_pretrain, gpu_check_loader, gpu_check_summary, gpu_check_tests
+from benchmarks import bench_pretrain, gpu_check_loader, gpu_check_official, gpu_check_summary, gpu_check_tests
 from benchmarks.bench_pretrain import vit_train_flops
 from benchmarks.gpu_check_common import CPU, DEADLINE_ENV, PartRecord, time_for
 from benchmarks.gpu_check_step import LARGEST_BATCH_SHARE, batch_tries, first_that_fits
@@ -238,6 +240,26 @@ def test_the_loader_part_times_the_batches_of_one_epoch(tmp_path, monkeypatch):
     gpu_check_loader.main(record, dataclasses.replace(CPU, batch=8, workers=0, loader_images=64), torch.device("cpu"))
     assert record.errors == [] and [r["loader"] for r in record.rows["loader"]] == ["fast", "device", "torchvision"]
     assert epochs == [0, 0, 0]  # each loader's first epoch, and no other
+
+
+def test_the_models_are_initialised_on_the_device_they_train_on(monkeypatch):
+    """Initialising ViT-L/16 took 3.4-4.9 s on a CPU, and the step part builds seven (its reference, the official
+    impls', ours): each model is built where it runs (here the meta device, as the GPU would be), not on the CPU
+    and moved."""
+    built_on, create = [], models_mae.create_model
+
+    def recording(*args, **kwargs):
+        built_on.append(torch.get_default_device().type)
+        return create(*args, **kwargs)
+
+    monkeypatch.setattr(models_mae, "create_model", recording)
+    args = argparse.Namespace(model="mae_vit_large_patch16", input_size=224, device="meta", mask_ratio=0.75)
+    args.grad_checkpointing = args.compile = False
+    model, _ = bench_pretrain.build_step(args, "fp32", plain=True)
+    assert built_on == ["meta"] and model.pos_embed.device.type == "meta"
+    if gpu_check_official.missing_reason() is None:  # the official code, where fetch_official.sh extracted it
+        official = gpu_check_official.official_model(model)  # its weights copied from ours, on the meta device
+        assert {p.device.type for p in official.parameters()} == {"meta"}
 
 
 def test_fine_tuning_flops_match_a_hand_count_and_torchs_counter():
