@@ -25,7 +25,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import models_mae
 import models_vit
-from benchmarks import bench_pretrain, gpu_check_loader, gpu_check_official, gpu_check_summary, gpu_check_tests
+from benchmarks import (
+    bench_pretrain,
+    gpu_check_env,
+    gpu_check_loader,
+    gpu_check_official,
+    gpu_check_summary,
+    gpu_check_tests,
+)
 from benchmarks.bench_pretrain import vit_train_flops
 from benchmarks.gpu_check_common import CPU, DEADLINE_ENV, PartRecord, time_for
 from benchmarks.gpu_check_step import LARGEST_BATCH_SHARE, batch_tries, first_that_fits
@@ -260,6 +267,38 @@ def test_the_models_are_initialised_on_the_device_they_train_on(monkeypatch):
     if gpu_check_official.missing_reason() is None:  # the official code, where fetch_official.sh extracted it
         official = gpu_check_official.official_model(model)  # its weights copied from ours, on the meta device
         assert {p.device.type for p in official.parameters()} == {"meta"}
+
+
+@pytest.mark.parametrize(
+    "size_gib, root, mount_status, expected",
+    [
+        (24.0, True, None, {"shm_gib": 24.0}),  # roomy: left as it is
+        (1.5, False, None, {"shm_gib": 1.5}),  # small, but not root: only said
+        (1.5, True, 0, {"shm_gib": 16.0, "shm_gib_before_remount": 1.5}),
+        (1.5, True, 32, {"shm_gib": 1.5, "shm_error": "mount: permission denied"}),
+    ],
+)
+def test_a_small_dev_shm_is_made_roomy_for_the_loader_workers(monkeypatch, size_gib, root, mount_status, expected):
+    """15 workers of a float pipeline hold up to 4.6 GB in /dev/shm; a smaller one kills them with a bus error and
+    loses the official pipeline's row. The env part remounts it larger where it can, and says what it found."""
+    sizes, mounts = {"/dev/shm": size_gib}, []
+
+    def mount(command, **kwargs):
+        mounts.append(command)
+        if mount_status == 0:
+            sizes["/dev/shm"] = 16.0
+        return subprocess.CompletedProcess(command, mount_status, "", "mount: permission denied" * bool(mount_status))
+
+    monkeypatch.setattr(gpu_check_env, "gib_of", sizes.__getitem__)
+    monkeypatch.setattr(gpu_check_env.os, "geteuid", lambda: 0 if root else 1000)
+    monkeypatch.setattr(gpu_check_env.subprocess, "run", mount)
+    assert gpu_check_env.roomy_shm("/dev/shm") == expected
+    assert mounts == ([["mount", "-o", "remount,size=16G", "/dev/shm"]] if root and size_gib < 8 else [])
+
+
+def test_dev_shm_size_is_read_in_gib(tmp_path):
+    stat = os.statvfs(tmp_path)
+    assert gpu_check_env.gib_of(str(tmp_path)) == stat.f_blocks * stat.f_frsize / 2**30 > 0
 
 
 def test_fine_tuning_flops_match_a_hand_count_and_torchs_counter():
