@@ -360,8 +360,12 @@ def check_output(args: argparse.Namespace) -> None:
     if args.to != "hf" and os.path.isdir(args.output):  # before --force is advised: it cannot replace a folder
         example = os.path.join(args.output, "model.safetensors")
         fail(f"--output {args.output} is a folder; give a file name such as {example}")
-    # Even with --force: the export would replace the checkpoint it is made from.
-    check_not_an_input(args.output, "--output", [("--checkpoint", args.checkpoint)])
+    # Even with --force: the export would replace the checkpoint it is made from. An HF folder's own
+    # weights are inputs too: --output FOLDER/model.safetensors would put our names in their place.
+    inputs = [("--checkpoint", args.checkpoint)]
+    if args.source == "hf" and os.path.isdir(args.checkpoint):
+        inputs += [("--checkpoint's weight file", path) for path in hf_interop.files_read(args.checkpoint)]
+    check_not_an_input(args.output, "--output", inputs)
     if os.path.exists(args.output) and not args.force:
         fail(f"--output {args.output} exists; give --force to overwrite it")
     if args.to == "hf" and os.path.isdir(args.output):

@@ -310,6 +310,32 @@ def test_broken_or_foreign_hf_folders_are_one_line_errors_naming_them(mae, tmp_p
     assert str(tmp_path / "bert") in one_line_error(lambda: _run(argv))
 
 
+def test_from_hf_never_writes_over_the_weights_it_imports(mae, tmp_path):
+    """--output naming the folder's model.safetensors or one of its shards is refused even with --force
+    (it replaced the folder's weights with ours, and the folder no longer loaded); a new file in the
+    folder is written."""
+    from safetensors.torch import load_file, save_file
+
+    model, root = mae
+    single = tmp_path / "single"
+    shutil.copytree(root / "hf", single)
+    weights = load_file(str(single / "model.safetensors"))
+    sharded = _write_folder(tmp_path / "sharded", json.loads((single / "config.json").read_text()))
+    shard = "model-00001-of-00001.safetensors"
+    save_file(weights, str(sharded / shard), metadata={"format": "pt"})
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": dict.fromkeys(weights, shard)}))
+    for folder, name in ((single, "model.safetensors"), (sharded, shard)):
+        before = (folder / name).read_bytes()
+        refused = rf"^--output {re.escape(str(folder / name))} is --checkpoint's weight file"
+        with pytest.raises(UserError, match=refused):
+            _run(["--from", "hf", "--checkpoint", str(folder), "--output", str(folder / name), "--force"])
+        assert (folder / name).read_bytes() == before
+    out = single / "ours.pth"
+    _run(["--from", "hf", "--checkpoint", str(single), "--output", str(out)])
+    state = model_state(load_checkpoint(str(out)), str(out))
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
 def test_to_hf_needs_a_decoder_and_a_free_folder(mae, tmp_path):
     model, root = mae
     encoder = tmp_path / "mae_pretrain_vit_mini.pth"

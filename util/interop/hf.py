@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn as nn
 
-from util.cli.errors import fail
+from util.cli.errors import UserError, fail
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -294,6 +294,16 @@ def _weight_files(folder: str) -> list[str]:
     if absent:
         fail(f"HF folder {folder} lacks its weights ({', '.join(absent)}); download the whole model folder")
     return files
+
+
+def files_read(folder: str) -> list[str]:
+    """The weight files an import of ``folder`` reads (``_weight_files``), for an output check made
+    before it: none where the folder's weights cannot be told, since the import then stops on them
+    before anything is written."""
+    try:
+        return _weight_files(folder)
+    except UserError:
+        return []
 
 
 def from_hf_state(state: dict[str, torch.Tensor], folder: str) -> dict[str, torch.Tensor]:
