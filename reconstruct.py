@@ -12,6 +12,7 @@ pixel statistics); flags override them.
 import argparse
 import os
 from argparse import BooleanOptionalAction
+from typing import Any
 
 import torch
 
@@ -25,7 +26,7 @@ from util.data.datasets import eval_transform
 from util.data.normalization import add_norm_args
 from util.eval.pictures import fixed_noise, load_images, reconstruction_grid, save_png
 from util.outputs import check_output_file, reported
-from util.sizes import image_size
+from util.sizes import image_size, shown_size
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -59,6 +60,18 @@ def check_has_decoder(state: dict[str, torch.Tensor], path: str) -> None:
     fail(f"checkpoint {path} holds no MAE decoder (an encoder-only release?); give a full pre-training checkpoint")
 
 
+def check_size_is_stored(given: Any, stored: Any, path: str) -> None:
+    """--input_size, where given, is the size the checkpoint stores (if any): the model is not resized
+    here, and another size of as many patches (24 32 for 32 24, 16 64 for 32) loads the position
+    embeddings onto another grid, so that every patch takes another's position without an error."""
+    if given and stored and image_size(given) != image_size(stored):
+        order = " (height width)" if len(set(image_size(stored))) > 1 else ""
+        fail(
+            f"--input_size {shown_size(given)}: checkpoint {path} was trained at --input_size {shown_size(stored)}"
+            f"{order}, the only size its position embeddings fit here; leave --input_size out"
+        )
+
+
 def main(args: argparse.Namespace) -> None:
     # Before the (possibly long) load, as training checks them. A picture needs no removed patch:
     # 0 shows the model's copy; the model's patch count, known after the load, bounds it above.
@@ -86,6 +99,7 @@ def main(args: argparse.Namespace) -> None:
         fail(f"cannot tell which MAE model {args.checkpoint} holds; give --model")
     if name not in models_mae.MODELS:
         fail(f"checkpoint {args.checkpoint} names the model {name}, which is not an MAE; give --model")
+    check_size_is_stored(args.input_size, saved.get("input_size"), args.checkpoint)
     input_size = args.input_size or saved.get("input_size") or (inferred[1] if inferred else 224)
     # Errors about a stored size blame the checkpoint, not a flag that was not given.
     size_source = "" if args.input_size or not saved.get("input_size") else f"checkpoint {args.checkpoint}"

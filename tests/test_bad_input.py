@@ -435,6 +435,26 @@ def mae_checkpoint(tmp_path_factory) -> Path:
     return path
 
 
+def test_reconstruct_input_size_must_be_the_stored_one_even_with_as_many_patches(mae_checkpoint, tmp_path):
+    """16 64 has the 64 patches of 32 (and 24 32 the 48 of 32 24): the weights loaded, and every patch took
+    another's position embedding in the picture, without a word. The stored size itself is accepted."""
+    path = tmp_path / "wide.pth"
+    model = models_mae.create_model("mae_vit_tiny_patch4", (32, 24))
+    torch.save(
+        {"model": model.state_dict(), "args": argparse.Namespace(model="mae_vit_tiny_patch4", input_size=[32, 24])},
+        path,
+    )
+    output = tmp_path / "r.png"
+    for saved, given, stored in ((mae_checkpoint, "16 64", "32"), (path, "24 32", "32 24 (height width)")):
+        argv = ["--checkpoint", str(saved), str(demo_files(1)[0]), "--device", "cpu", "--output", str(output)]
+        refused = rf"^--input_size {given}: checkpoint {saved} was trained at --input_size {re.escape(stored)}, "
+        with pytest.raises(UserError, match=refused + r".*; leave --input_size out$"):
+            reconstruct.main(reconstruct.get_args_parser().parse_args([*argv, "--input_size", *given.split()]))
+        assert not output.exists()
+        reconstruct.main(reconstruct.get_args_parser().parse_args([*argv, "--input_size", *stored.split()[:2]]))
+        output.unlink()
+
+
 def test_reconstruct_mask_ratio_must_keep_one_of_the_model_patches(mae_checkpoint, tmp_path):
     """0.999 of 64 patches keeps none (the model's ValueError before); 0 removes none, which a picture allows."""
     output = tmp_path / "r.png"
