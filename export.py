@@ -220,7 +220,17 @@ def write_folder(folder: str, files: dict[str, bytes]) -> None:
         _cannot_write(folder, e, existed)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+        _remove_aside(old)
+
+
+def _remove_aside(path: str) -> None:
+    """Remove the earlier output renamed aside: a link (an --output that linked to a folder: the link
+    is replaced, as atomic_write replaces a linked file) is unlinked, where rmtree refuses it and its
+    ignored error left the hidden link beside the new folder; its target stays as it was."""
+    if os.path.islink(path):
+        os.unlink(path)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _cannot_write(path: str, error: OSError, existed: bool) -> NoReturn:

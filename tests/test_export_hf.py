@@ -500,3 +500,18 @@ def test_force_replaces_a_whole_folder_and_refuses_one_with_other_files(mae, tmp
     with pytest.raises(UserError, match=rf"^--output {re.escape(str(out))} holds other files \(README.md\)"):
         _run(["--checkpoint", str(src), "--to", "hf", "--output", str(out), "--force"])
     assert (out / "README.md").read_text() == "my notes"
+
+
+def test_force_on_a_link_to_a_folder_replaces_the_link_and_leaves_nothing_beside_it(mae, tmp_path):
+    """The link is renamed aside and removed as the earlier folder is (a hidden '.hf.old<pid>' link was left),
+    and the folder it named keeps its files."""
+    _, root = mae
+    src, target, link = root / "checkpoint-0.pth", tmp_path / "target", tmp_path / "hf"
+    _run(["--checkpoint", str(src), "--to", "hf", "--output", str(target)])
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    link.symlink_to(target, target_is_directory=True)
+    _run(["--checkpoint", str(src), "--to", "hf", "--output", str(link), "--force"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "target"], "nothing left beside them"
+    assert link.is_dir() and not link.is_symlink()
+    assert sorted(p.name for p in link.iterdir()) == ["config.json", "model.safetensors"]
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
