@@ -92,7 +92,8 @@ def check_encoder_files(checkpoints: list[str]) -> None:
     """Every local ``--encoders`` file exists on every rank, or every rank stops in the same line.
     Checked after joining the process group: a rank that stopped alone before it left the others
     waiting for it at the rendezvous (300 s, then a message that did not name the file)."""
-    missing = [path for path in checkpoints if not is_url(path) and not os.path.isfile(path)]
+    # A folder passes: opening it says what it is (an HF folder: convert it with export.py --from hf).
+    missing = [path for path in checkpoints if not is_url(path) and not os.path.exists(path)]
     seen = distributed.gather(missing)
     for path in checkpoints:
         lacking = [rank for rank, theirs in enumerate(seen) if path in theirs]

@@ -364,6 +364,20 @@ def test_knn_eval_refuses_an_encoder_of_other_channels_in_one_line(tmp_path):
         )
 
 
+@pytest.mark.parametrize("first", [True, False], ids=["first", "later"])
+def test_knn_eval_calls_a_folder_given_as_encoder_a_folder(tmp_path, first):
+    """As export.py, reconstruct.py and --finetune do; it was 'is neither a checkpoint file nor 'random' or
+    'pixels'; check its path', of a path that exists (a transformers folder, an --output_dir)."""
+    data = labelled_folder(tmp_path / "data", 2, 1)
+    folder = tmp_path / "mae_hf"
+    folder.mkdir()
+    encoders = [str(folder)] if first else ["random", str(folder)]
+    argv = ["--data_path", str(data), "--model", "mae_vit_tiny_patch4", "--encoders", *encoders, "--device", "cpu"]
+    refused = one_line_error(knn_eval.main, knn_eval.get_args_parser().parse_args(argv))
+    assert refused.startswith(f"checkpoint {folder} is a folder, not a checkpoint file"), refused
+    assert "export.py --from hf" in refused
+
+
 # ---------------------------------------------------------------------------------------------
 # The linear classifier on cached features
 def test_linear_classifier_separates_separable_features_and_not_shuffled_ones():
