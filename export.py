@@ -330,7 +330,7 @@ def check_weights_fit_config(state: dict[str, torch.Tensor], name: str, img_size
 
 def import_hf(args: argparse.Namespace) -> None:
     folder = args.checkpoint
-    config, hf_state = hf_interop.read_hf_folder(folder)
+    config, hf_state, run_args = hf_interop.read_hf_folder(folder)
     name, model = mae_for_hf_config(config, folder)
     img_size = config["image_size"]
     state = hf_interop.from_hf_state(hf_state, folder)
@@ -351,6 +351,12 @@ def import_hf(args: argparse.Namespace) -> None:
         norm_pix_loss=config["norm_pix_loss"],
         hf_folder=os.path.abspath(folder),
     )
+    # A folder of ours carries the run's --mean/--std in its weights' metadata (config.json has no
+    # place for them): without them the checkpoint would be read with ImageNet's, or refused for
+    # other channel counts.
+    for flag in ("mean", "std"):
+        if getattr(run_args, flag, None) is not None:
+            setattr(saved, flag, getattr(run_args, flag))
     write_weights(args.output, state, saved, {"model": state, "args": saved})
     print(f"wrote {name} ({img_size} px, {len(state)} tensors) from {folder} to {args.output}; use it with")
     print(f"  python main_finetune.py --model {name.removeprefix('mae_')} --finetune {args.output} ...")

@@ -155,6 +155,24 @@ def test_export_then_import_is_bitwise_with_args(mae, tmp_path, suffix):
     assert (args.model, args.input_size, args.norm_pix_loss, args.mask_ratio) == (NAME, 32, True, 0.75)
 
 
+def test_the_runs_mean_and_std_come_back_from_our_folder_and_none_from_others(mae, tmp_path):
+    """config.json has no place for --mean/--std; our folder's weights carry the run's flags as metadata.
+    They were dropped on import: the checkpoint was read with ImageNet's values (refused for other channel
+    counts: '--in_chans 5 needs --mean and --std with 5 value(s) each')."""
+    model, _ = mae
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+    args = argparse.Namespace(model=NAME, input_size=32, norm_pix_loss=True, mask_ratio=0.75, mean=mean, std=std)
+    torch.save({"model": model.state_dict(), "args": args}, tmp_path / "own.pth")
+    _run(["--checkpoint", str(tmp_path / "own.pth"), "--to", "hf", "--output", str(tmp_path / "hf")])
+    _run(["--from", "hf", "--checkpoint", str(tmp_path / "hf"), "--output", str(tmp_path / "back.pth")])
+    back = load_checkpoint(str(tmp_path / "back.pth"))["args"]
+    assert (back.mean, back.std) == (mean, std)
+    _hf_built_by_transformers().save_pretrained(str(tmp_path / "saved"))
+    _run(["--from", "hf", "--checkpoint", str(tmp_path / "saved"), "--output", str(tmp_path / "hub.pth")])
+    hub = load_checkpoint(str(tmp_path / "hub.pth"))["args"]
+    assert not hasattr(hub, "mean") and not hasattr(hub, "std")
+
+
 def _hf_built_by_transformers(seed: int = 1) -> torch.nn.Module:
     """A ViTMAEForPreTraining made by transformers itself, of the mini model's architecture."""
     config = transformers.ViTMAEConfig(

@@ -243,8 +243,9 @@ def to_hf_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 # HF -> ours
-def read_hf_folder(folder: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(config, checked against ``CONFIG_FIELDS`` with HF's defaults filled in; weights) of a
+def read_hf_folder(folder: str) -> tuple[dict[str, Any], dict[str, torch.Tensor], Any]:
+    """(config, checked against ``CONFIG_FIELDS`` with HF's defaults filled in; weights; the run's flags
+    that a weight file written by export.py --to hf stores, checked, else None) of a
     ViTMAEForPreTraining folder, or fail naming the folder and what is wrong with it."""
     from util.checkpoint.load import load_checkpoint, model_state
 
@@ -264,15 +265,18 @@ def read_hf_folder(folder: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]
     config = checked(config, CONFIG_FIELDS, what)
 
     state: dict[str, torch.Tensor] = {}
+    run_args = None
     for path in _weight_files(folder):
         # load_checkpoint reads safetensors without pickle and .bin files with weights_only.
-        state.update(model_state(load_checkpoint(path), path))
+        ckpt = load_checkpoint(path)
+        state.update(model_state(ckpt, path))
+        run_args = run_args or ckpt.get("args")
     if not any(k.startswith("decoder.") for k in state):
         fail(
             f"HF folder {folder} holds no MAE decoder weights (a ViTMAEModel encoder?); "
             f"--from hf needs a ViTMAEForPreTraining"
         )
-    return config, state
+    return config, state, run_args
 
 
 def _weight_files(folder: str) -> list[str]:
