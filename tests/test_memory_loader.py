@@ -7,12 +7,15 @@ import json
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from helpers import (
+    REPO,
     assert_crop_boxes_follow_torchvision,
     assert_same,
     demo_files,
@@ -31,6 +34,7 @@ from torchvision.transforms import functional as TF
 
 from util import memory
 from util.cli.errors import UserError
+from util.data import memory_loader
 from util.data.datasets import pretrain_data
 from util.data.memory_loader import RATIO, draw_crops, resized_crops, to_uint8
 from util.data.sampling import sample_seeds
@@ -235,6 +239,53 @@ def test_a_corrupt_image_is_the_other_loaders_one_line_error(tmp_path, workers):
     # With the error still held (as run_cli holds it while it exits), the decoding workers are gone:
     # they ignore SIGTERM, so workers left to the interpreter's exit would keep it from ever ending.
     assert multiprocessing.active_children() == []
+
+
+# 2,048 images of 8 px decoded by 2 workers under a limit of 256 open files (and the check that each
+# image lands in its place): the workers hand over batches of DECODE_BATCH (256) images.
+DECODE_UNDER_A_FILE_LIMIT = """
+import resource, sys
+import torch
+sys.path.insert(0, sys.argv[1])
+from util.data import memory_loader
+
+class Numbered(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2048
+
+    def __getitem__(self, index):
+        return torch.full((3, 8, 8), index % 251, dtype=torch.uint8), 0
+
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+images = memory_loader.decode(Numbered(), [f"{i}.png" for i in range(2048)], torch.device("cpu"), 2, 8, (8, 8))
+assert images[:, :, 7, 7].tolist() == [[i % 251] * 3 for i in range(2048)], "misplaced images"
+"""
+
+
+def test_decoding_workers_stay_under_a_limit_of_open_files():
+    """A worker's batch crosses to the main process as one tensor, in one shared-memory file. As a
+    list of 256 tensors it took a file descriptor each, and 2 workers with their batches in flight went
+    over a limit of 256 open files ('received 0 items of ancdata'): the GPU study's 15 workers went
+    over the usual 1024 (its device command would have ended in that traceback)."""
+    try:  # a second at most; over the limit it failed, or hung (a worker's file could not be passed)
+        done = subprocess.run(
+            [sys.executable, "-c", DECODE_UNDER_A_FILE_LIMIT, str(REPO)], capture_output=True, text=True, timeout=120
+        )
+    except subprocess.TimeoutExpired as hung:
+        pytest.fail(f"decoding hung: {hung.stderr!r:.3000}")
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_a_batch_of_another_size_than_the_first_image_is_named(tmp_path, monkeypatch):
+    """Whole decoding batches of one size, the first image's batch of another: the first file of the
+    odd batch is named."""
+    monkeypatch.setattr(memory_loader, "DECODE_BATCH", 2)
+    mixed = make_dataset(tmp_path / "mixed", 2)
+    files = sorted(mixed.rglob("*.jpg"))
+    for odd in files[2:4]:  # the second batch
+        Image.new("RGB", (40, 30)).save(odd)
+    message = one_line_error(pretrain_data, memory_args(mixed, tmp_path, "--batch_size", "2"))
+    assert str(files[2]) in message and "40 x 30 px" in message, message
 
 
 def test_one_image_makes_one_batch_an_epoch(tmp_path):

@@ -50,7 +50,7 @@ def decode(
         dataset,
         batch_size=DECODE_BATCH,
         num_workers=num_workers,
-        collate_fn=_items,
+        collate_fn=_stacked,
         worker_init_fn=interrupt.ignore_in_worker,
         generator=loader_generator(),
     )
@@ -70,15 +70,20 @@ def _fill(images: torch.Tensor, loader: DataLoader, files: Sequence[str]) -> Non
     with interrupt.starting_workers():
         batches = iter(loader)
     for batch in batches:
-        for offset, pixels in enumerate(batch):
+        # A list holds images of several sizes: one of them differs from the first image's.
+        for offset, pixels in enumerate(batch if isinstance(batch, list) else batch[:1]):
             if pixels.shape != images.shape[1:]:
                 _refuse_size(files[start + offset], pixels.shape, files[0], images.shape[1:])
-        images[start : start + len(batch)] = torch.stack(batch).to(images.device)
+        images[start : start + len(batch)] = batch.to(images.device)
         start += len(batch)
 
 
-def _items(samples: list[tuple[torch.Tensor, int]]) -> list[torch.Tensor]:
-    return [pixels for pixels, _ in samples]  # checked one by one before stacking, to name the odd file
+def _stacked(samples: list[tuple[torch.Tensor, int]]) -> torch.Tensor | list[torch.Tensor]:
+    """A batch's images as one tensor, or as a list where their sizes differ (``_fill`` names the odd
+    file). One tensor leaves a worker in one shared-memory file; a list of 256 held 256 file descriptors
+    at once, and a few workers went over the usual limit of 1024 ('received 0 items of ancdata')."""
+    pixels = [p for p, _ in samples]
+    return torch.stack(pixels) if all(p.shape == pixels[0].shape for p in pixels) else pixels
 
 
 def _working_bytes(batch_size: int, image_shape: Sequence[int], size: Sequence[int]) -> int:
