@@ -135,15 +135,16 @@ def test_results_rows_from_synthetic_command_outputs(tmp_path):
     assert left_out == ["finetune-scratch-labels100-test-s0"]  # stopped at its limit: no row
     pretrain = by_row["pre-training", "MAE"]
     assert (pretrain["epochs"], pretrain["gpu_seconds"], pretrain["knn_heldout_top1"]) == (2, 320.0, 41.5)
-    assert pretrain["img_s"] == round(2 * 50_000 / 320)
+    # Images trained: an epoch is 48 batches of 1024 (its last 848 images make no batch), not 50,000.
+    assert pretrain["img_s"] == round(2 * 48 * 1024 / 320)
     assert pretrain["mfu"] == pytest.approx(
-        2 * 50_000 / 320 * plan.pretrain_flops("mae_vit_tiny_patch2") / 790e12, abs=1e-4
+        2 * 48 * 1024 / 320 * plan.pretrain_flops("mae_vit_tiny_patch2") / 790e12, abs=1e-4
     )
     assert by_row["k-NN, cls", "MAE"]["top1"] == 60.0 and by_row["k-NN, cls", "MAE"]["img_s"] == 5000
     assert by_row["linear (cached features), cls", "MAE"]["top1"] == 70.0
     mae = by_row["fine-tune, labels100-test", "MAE"]
     assert (mae["top1"], mae["seed"], mae["seconds"], mae["gpu_seconds"]) == (91.25, 0, 250.0, 125.0)
-    assert mae["img_s"] == 2 * 50_000 / 250 and mae["command"].endswith("finetune.sh mae 0 labels100-test")
+    assert mae["img_s"] == round(2 * 97 * 512 / 250) and mae["command"].endswith("finetune.sh mae 0 labels100-test")
     assert {"row", "encoder", "seed", "top1", "seconds", "command", "gpu_seconds", "img_s"} <= set(mae)
     assert {r["gpu"] for r in rows} == {h100, "NVIDIA H200"} and mae["gpu"] == "NVIDIA H200"
     assert by_row["k-NN, cls", "MAE"]["gpu"] == h100  # frozen rows: the pre-training command's GPU

@@ -5,9 +5,10 @@
 Each DIR holds one command's files ($OUT of pretrain.sh, labels10.sh, labels100.sh or choose.sh:
 times.jsonl, log files, frozen.json). Rows are those of the CPU study's results.json (``row``,
 ``encoder``, ``seed``, ``top1``, ``seconds``, ``command``) plus ``gpu_seconds`` (the run's wall
-time divided by the runs that shared the GPU with it), ``img_s`` (images trained, or encoded for
-the frozen rows, per second of the run's wall time, start-up included) and ``gpu`` (the GPU's name,
-from times.jsonl: an H100's and an H200's seconds compare only among themselves). Only measured
+time divided by the runs that shared the GPU with it), ``img_s`` (images trained, each epoch's
+last incomplete batch left out, or encoded for the frozen rows, per second of the run's wall time,
+start-up included) and ``gpu`` (the GPU's name, from times.jsonl: an H100's and an H200's seconds
+compare only among themselves). Only measured
 runs become rows; a run that failed or was stopped at its time limit is left out and named.
 """
 
@@ -22,8 +23,15 @@ from plan import PEAK_TFLOPS, pretrain_flops  # noqa: E402
 
 from util.outputs import atomic_write  # noqa: E402
 
-TRAIN_IMAGES = {"labels100-test": 50_000, "heldout": 45_000, "labels10-test": 5_000, "labels10-val": 5_000}
-PRETRAIN_IMAGES = 50_000
+# Images trained per epoch: training drops an epoch's last incomplete batch, so 48 batches of 1024 of the
+# 50,000 images in pre-training (pretrain.sh's --batch_size), and finetune.sh's batches of 512 or 256.
+TRAIN_IMAGES = {
+    "labels100-test": 50_000 // 512 * 512,
+    "heldout": 45_000 // 512 * 512,
+    "labels10-test": 5_000 // 256 * 256,
+    "labels10-val": 5_000 // 256 * 256,
+}
+PRETRAIN_IMAGES = 50_000 // 1024 * 1024
 RECIPE = "bash recipes/cifar10_gpu"
 
 
