@@ -166,6 +166,22 @@ def test_results_leave_out_a_stopped_pretraining_and_its_encoders_frozen_rows(tm
     assert left_out == ["frozen rows of out/pretrain/checkpoint-0-step7.pth (its pre-training did not finish)"]
 
 
+def test_results_name_the_frozen_rows_a_stopped_frozen_step_did_not_score(tmp_path):
+    """pretrain.sh's frozen step stopped at its limit after scoring the MAE encoder: frozen.json holds its
+    rows alone, and the random encoder's and the pixels' rows are missing, which is said."""
+    _lines(
+        tmp_path / "times.jsonl",
+        {"run": "pretrain", "seconds": 300.0, "sharing": 1, "status": 0},
+        {"run": "frozen", "seconds": 90.5, "sharing": 1, "status": 124},
+    )
+    _lines(tmp_path / "pretrain-log.txt", {"epoch": 0, "train_loss": 0.9})
+    entry = {"encoder": "out/pretrain/checkpoint-0.pth", "cls_top1": 50.0, "bank": 10, "queries": 10}
+    _lines(tmp_path / "frozen.json", {**entry, "seconds": 80.0, "command": "knn"})
+    rows, left_out = results.collect([tmp_path])
+    assert [(r["row"], r["encoder"]) for r in rows] == [("pre-training", "MAE"), ("k-NN, cls", "MAE")]
+    assert left_out == ["frozen rows of the encoders not scored (status 124; scored: out/pretrain/checkpoint-0.pth)"]
+
+
 def test_every_run_ends_by_the_commands_deadline(tmp_path):
     """common.sh's timed: a run is stopped when the command's DEADLINE is reached, whatever its own
     LIMIT, and killed GRACE seconds later if it ignores the stop; both are recorded as stopped."""

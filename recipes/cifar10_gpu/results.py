@@ -76,6 +76,10 @@ def frozen_rows(back: Path, pretrained: bool) -> tuple[list[dict], list[str]]:
     """The k-NN and linear rows of frozen.json; the MAE encoder's only when its pre-training (in
     the same folder) finished: a run stopped at its limit left a checkpoint of an unfinished schedule."""
     rows, left_out = [], []
+    frozen = timings(back).get("frozen")
+    if frozen is not None and frozen["status"] != 0:  # frozen.json holds the encoders scored before it stopped
+        scored = ", ".join(entry["encoder"] for entry in json_lines(back / "frozen.json")) or "none"
+        left_out.append(f"frozen rows of the encoders not scored (status {frozen['status']}; scored: {scored})")
     for entry in json_lines(back / "frozen.json"):
         encoder = "MAE" if entry["encoder"].endswith(".pth") else entry["encoder"]
         if encoder == "MAE" and not pretrained:
