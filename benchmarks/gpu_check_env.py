@@ -5,6 +5,7 @@ decodes a list of JPEGs on the GPU."""
 import datetime
 import os
 import platform
+import resource
 import subprocess
 from pathlib import Path
 
@@ -54,6 +55,9 @@ def versions(device: torch.device) -> dict[str, object]:
         "numpy": numpy.__version__,
         "pillow": PIL.__version__,
         "cpu_cores": len(os.sched_getaffinity(0)),
+        # Each tensor a loader worker hands over holds a file descriptor until taken: a limit to read when a
+        # loader fails with 'received 0 items of ancdata' or 'Too many open files'.
+        "open_files_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
         "date": datetime.datetime.now(datetime.timezone.utc).date().isoformat(),  # of the results' file name
     }
     found.update(gpu_identity(device))  # which GPU: an H100 and an H200 give different figures

@@ -9,6 +9,7 @@ import ast
 import dataclasses
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -294,6 +295,11 @@ def test_a_small_dev_shm_is_made_roomy_for_the_loader_workers(monkeypatch, size_
     monkeypatch.setattr(gpu_check_env.subprocess, "run", mount)
     assert gpu_check_env.roomy_shm("/dev/shm") == expected
     assert mounts == ([["mount", "-o", "remount,size=16G", "/dev/shm"]] if root and size_gib < 8 else [])
+
+
+def test_versions_name_the_open_files_limit_loader_workers_run_under():
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert gpu_check_env.versions(torch.device("cpu"))["open_files_limit"] == soft
 
 
 def test_dev_shm_size_is_read_in_gib(tmp_path):
