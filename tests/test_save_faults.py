@@ -5,6 +5,7 @@ with the checkpoint a run continues from."""
 import errno
 import json
 import os
+import shutil
 import sys
 from argparse import Namespace
 from pathlib import Path
@@ -184,6 +185,29 @@ def test_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_earlier_one(dat
     assert "MiB are free" in err[0] and "intact" in err[0]
     assert checkpoint_names(out) == {"checkpoint-0.pth"} and not list(out.glob("*.tmp*")), "nothing partial"
     assert load(out / "checkpoint-0.pth")["epoch"] == 0
+
+
+def test_an_output_dir_removed_under_the_run_is_one_line(data, tmp_path, monkeypatch, capsys):
+    """A clean-up or a purged scratch space removes --output_dir while the run trains: its next checkpoint is
+    one line saying so (it was a traceback from measuring the free space of a folder that is gone)."""
+    out = tmp_path / "out"
+    real_save, saves = Checkpointer.save, [0]
+
+    def second_save_finds_no_folder(self, epoch, step=None):
+        saves[0] += 1
+        if saves[0] == 2:
+            shutil.rmtree(out)
+        return real_save(self, epoch, step)
+
+    monkeypatch.setattr(Checkpointer, "save", second_save_finds_no_folder)
+    with pytest.raises(SystemExit) as stop:
+        run_cli(lambda: run_pretrain(data, out, *RUN))
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"error: cannot write checkpoint {out / 'checkpoint-1.pth'}: --output_dir {out} was removed while this run "
+        "wrote to it, and the checkpoints it held with it: restore it and continue with --resume auto, or start again"
+    ]
 
 
 def test_full_disk_during_log_txt_is_one_line(tmp_path, monkeypatch):

@@ -104,6 +104,11 @@ def _write_checkpoint(obj: dict[str, Any], path: str, output_dir: str) -> None:
     try:
         atomic_save(obj, path)
     except OSError as e:
+        if not os.path.isdir(output_dir):  # removed under the run (a clean-up, a purged scratch space)
+            fail(
+                f"cannot write checkpoint {path}: --output_dir {output_dir} was removed while this run wrote to "
+                f"it, and the checkpoints it held with it: restore it and continue with --resume auto, or start again"
+            )
         free = shutil.disk_usage(output_dir).free
         fail(
             f"cannot write checkpoint {path}: {e.strerror or e} (it needs about {_tensor_bytes(obj) / 2**20:.0f} MiB, "
