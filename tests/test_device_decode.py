@@ -6,11 +6,13 @@ device resizes in float; the fast loader's uint8 kernel rounds and clips between
 as Pillow does, which moves a few overshooting pixels by several grey levels)."""
 
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_dataset, noisy_photo, read_log, run_pretrain
+from helpers import REPO, make_dataset, noisy_photo, read_log, run_pretrain
 
 from util.cli.errors import UserError
 from util.data.datasets import IMAGENET_MEAN, IMAGENET_STD, ImageFiles, pretrain_data
@@ -99,6 +101,48 @@ def test_loader_gives_the_fast_loaders_batches(tmp_path):
         assert_close_to_fast(got.to("cpu"), want)
         n += 1
     assert n == 3
+
+
+# 1,024 PNGs of 8 px (made in the worker, the device decodes JPEGs only) loaded by 2 workers in batches of
+# 256 under a limit of 256 open files; each batch against the fast loader's, which makes them the same way.
+LOAD_PNGS_UNDER_A_FILE_LIMIT = """
+import resource, sys
+from argparse import Namespace
+import numpy as np, torch
+from PIL import Image
+sys.path.insert(0, sys.argv[1])
+from util.data.datasets import pretrain_data
+
+rng = np.random.default_rng(0)
+for i in range(1024):
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(f"{sys.argv[2]}/{i}.png")
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+def loader(kind):
+    args = Namespace(data_path=sys.argv[2], input_size=8, loader=kind, batch_size=256, num_workers=2, pin_mem=False,
+                     device="cpu", seed=3, mean=(0.5,) * 3, std=(0.5,) * 3)
+    return pretrain_data(args)[1]
+
+batches = 0
+for (want, _), (got, _) in zip(loader("fast"), loader("device"), strict=True):
+    assert torch.equal(got.to("cpu"), want), "another image than the fast loader's"
+    batches += 1
+assert batches == 4, batches
+"""
+
+
+def test_images_made_in_the_workers_stay_under_a_limit_of_open_files(tmp_path):
+    """Crops made in a worker (files the device does not decode: PNGs, CMYK JPEGs) cross to the main
+    process as one tensor a batch. As a list they took a file descriptor each: with 2 workers a limit of
+    256 open files was passed ('Too many open files' in a worker, and the loader waited forever), and 8
+    workers went over the usual 1024 ('received 0 items of ancdata')."""
+    (tmp_path / "pngs").mkdir()
+    script = [sys.executable, "-c", LOAD_PNGS_UNDER_A_FILE_LIMIT, str(REPO), str(tmp_path / "pngs")]
+    try:  # a few seconds; over the limit it failed, or hung
+        done = subprocess.run(script, capture_output=True, text=True, timeout=90)
+    except subprocess.TimeoutExpired as hung:
+        pytest.fail(f"loading hung: {hung.stderr!r:.3000}")
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_pretraining_with_the_device_loader(tmp_path):

@@ -71,10 +71,16 @@ class EncodedBatch:
     """A batch of ``EncodedCrop`` (and finished crops); ``.to(device)`` makes the uint8 images."""
 
     def __init__(self, items: list[EncodedCrop | torch.Tensor]):
-        self.items = items
         first = items[0]
         size = first.size if isinstance(first, EncodedCrop) else tuple(first.shape[-2:])
         self.size = image_size(size)
+        # The crops made in the worker (all of the output's size) travel as one tensor: one shared-memory
+        # file a batch, where a list took a file descriptor per crop and a batch of PNGs from 8 workers
+        # went over the usual limit of 1024 open files ('received 0 items of ancdata'). None marks
+        # their places, in order.
+        made = [item for item in items if isinstance(item, torch.Tensor)]
+        self.made = torch.stack(made) if made else None
+        self.items = [item if isinstance(item, EncodedCrop) else None for item in items]
 
     def pin_memory(self) -> "EncodedBatch":
         return self  # the decoder reads the bytes from host memory; nothing to pin
@@ -97,7 +103,7 @@ class EncodedBatch:
         return images
 
     def _make(self, device: torch.device, non_blocking: bool) -> torch.Tensor:
-        encoded = [i for i, item in enumerate(self.items) if isinstance(item, EncodedCrop)]
+        encoded = [i for i, item in enumerate(self.items) if item is not None]
         decoded = _decode([self.items[i] for i in encoded], device) if encoded else []
         out: list[torch.Tensor] = [None] * len(self.items)  # type: ignore[list-item]
         for i, pixels in zip(encoded, decoded, strict=True):
@@ -107,9 +113,10 @@ class EncodedBatch:
             # Float: the GPU has no uint8 kernel for this resize; rounded back to uint8 below.
             resized = F.interpolate(box, size=self.size, mode="bicubic", antialias=True).squeeze(0)
             out[i] = resized.flip(-1) if crop.flip else resized
+        made = iter(self.made.to(device, non_blocking=non_blocking).float() if self.made is not None else ())
         for i, item in enumerate(self.items):
-            if out[i] is None:  # made and flipped in the worker
-                out[i] = item.to(device, non_blocking=non_blocking).float()
+            if item is None:  # made and flipped in the worker
+                out[i] = next(made)
         return torch.stack(out).round_().clamp_(0, 255).to(torch.uint8)
 
 
