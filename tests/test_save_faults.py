@@ -8,6 +8,7 @@ import os
 import shutil
 import sys
 from argparse import Namespace
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -164,17 +165,22 @@ def _full_disk(monkeypatch, module, after_bytes: int = 1000, only: str = "") -> 
     monkeypatch.setattr(module, "open", budgeted_open(after_bytes, full, wrap), raising=False)
 
 
-def test_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_earlier_one(data, tmp_path, monkeypatch, capsys):
-    out = tmp_path / "out"
+def _before_the_second_save(monkeypatch, fault: Callable[[], object]) -> None:
+    """``fault()`` just before the run writes its second checkpoint (checkpoint-1.pth)."""
     real_save, saves = Checkpointer.save, [0]
 
-    def second_save_fails(self, epoch, step=None):
+    def second_save_meets_the_fault(self, epoch, step=None):
         saves[0] += 1
         if saves[0] == 2:
-            _full_disk(monkeypatch, outputs, only=".pth")
+            fault()
         return real_save(self, epoch, step)
 
-    monkeypatch.setattr(Checkpointer, "save", second_save_fails)
+    monkeypatch.setattr(Checkpointer, "save", second_save_meets_the_fault)
+
+
+def test_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_earlier_one(data, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    _before_the_second_save(monkeypatch, lambda: _full_disk(monkeypatch, outputs, only=".pth"))
     with pytest.raises(SystemExit) as stop:
         run_cli(lambda: run_pretrain(data, out, *RUN))
     assert stop.value.code == 2
@@ -191,15 +197,7 @@ def test_an_output_dir_removed_under_the_run_is_one_line(data, tmp_path, monkeyp
     """A clean-up or a purged scratch space removes --output_dir while the run trains: its next checkpoint is
     one line saying so (it was a traceback from measuring the free space of a folder that is gone)."""
     out = tmp_path / "out"
-    real_save, saves = Checkpointer.save, [0]
-
-    def second_save_finds_no_folder(self, epoch, step=None):
-        saves[0] += 1
-        if saves[0] == 2:
-            shutil.rmtree(out)
-        return real_save(self, epoch, step)
-
-    monkeypatch.setattr(Checkpointer, "save", second_save_finds_no_folder)
+    _before_the_second_save(monkeypatch, lambda: shutil.rmtree(out))
     with pytest.raises(SystemExit) as stop:
         run_cli(lambda: run_pretrain(data, out, *RUN))
     assert stop.value.code == 2
