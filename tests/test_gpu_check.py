@@ -277,6 +277,8 @@ def test_the_models_are_initialised_on_the_device_they_train_on(monkeypatch):
         (1.5, False, None, {"shm_gib": 1.5}),  # small, but not root: only said
         (1.5, True, 0, {"shm_gib": 16.0, "shm_gib_before_remount": 1.5}),
         (1.5, True, 32, {"shm_gib": 1.5, "shm_error": "mount: permission denied"}),
+        # no mount command on the machine: said, and the env part goes on to its versions and matmuls
+        (1.5, True, "absent", {"shm_gib": 1.5, "shm_error": "[Errno 2] No such file or directory: 'mount'"}),
     ],
 )
 def test_a_small_dev_shm_is_made_roomy_for_the_loader_workers(monkeypatch, size_gib, root, mount_status, expected):
@@ -286,6 +288,8 @@ def test_a_small_dev_shm_is_made_roomy_for_the_loader_workers(monkeypatch, size_
 
     def mount(command, **kwargs):
         mounts.append(command)
+        if mount_status == "absent":
+            raise FileNotFoundError(2, "No such file or directory", "mount")
         if mount_status == 0:
             sizes["/dev/shm"] = 16.0
         return subprocess.CompletedProcess(command, mount_status, "", "mount: permission denied" * bool(mount_status))
