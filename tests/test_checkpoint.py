@@ -15,6 +15,7 @@ import pytest
 import torch
 from helpers import assert_same
 
+import models_vit
 from util.checkpoint import files as checkpoint_files
 from util.checkpoint import state as checkpoint
 from util.checkpoint.files import atomic_save, checkpoint_name, list_checkpoints, prune
@@ -22,6 +23,7 @@ from util.checkpoint.load import load_checkpoint, load_model_strict, model_state
 from util.checkpoint.rng import capture_rng, restore_rng
 from util.checkpoint.state import Opened, Position, TrainState, find_resumable, open_resume, resume
 from util.cli.errors import UserError
+from util.lr_decay import param_groups_lrd
 from util.train.precision import LossScaler
 
 
@@ -777,3 +779,36 @@ def test_a_checkpoint_that_does_not_fit_names_the_flags_that_decide_it(change, f
     model = factory(**{"img_size": 32, "num_classes": 3, "global_pool": True, **change})
     with pytest.raises(UserError, match=rf"^checkpoint c.pth does not fit VisionTransformer: .*; check {flags}$"):
         load_model_strict(model, saved, "c.pth")
+
+
+def _classifier_state(args: Namespace, head_last: bool) -> TrainState:
+    """vit_mini_patch4 fine-tuning's optimizer after one step; ``head_last`` registers ``head`` after ``fc_norm``,
+    the order of classifiers before commit 314a7bd (their top layer's groups and parameters come in another order)."""
+    torch.manual_seed(0)
+    model = models_vit.vit_mini_patch4(num_classes=3, img_size=16, global_pool=True)
+    if head_last:
+        head = model.head
+        del model.head
+        model.head = head
+    optimizer = torch.optim.AdamW(param_groups_lrd(model, 0.05, model.no_weight_decay(), 0.75), lr=1e-3)
+    model(torch.randn(2, 3, 16, 16)).sum().backward()
+    optimizer.step()
+    return TrainState(model, optimizer, LossScaler("fp32"), args)
+
+
+def test_resume_of_a_fine_tuning_checkpoint_whose_groups_came_in_another_order(tmp_path):
+    """A fine-tuning run of commit 4b1813c (head registered before fc_norm, so its top layer's groups
+    came in the other order) stopped today's resume: 'its optimizer state does not fit this
+    model and optimizer (... a parameter group that doesn't match the size ...)'. Groups and parameters are
+    matched by the names both record, so each moment lands on its own parameter."""
+    old = _classifier_state(_args(output_dir=str(tmp_path)), head_last=True)
+    old_order = [g["names"] for g in old.optimizer.param_groups]
+    checkpoint.save_checkpoint(old, 0)
+    new = _classifier_state(_args(resume=str(tmp_path / "checkpoint-0.pth")), head_last=False)
+    assert [g["names"] for g in new.optimizer.param_groups] != old_order  # the layouts do differ
+    resume(new, open_resume(new.args))
+    groups = old.optimizer.param_groups
+    moments = {n: old.optimizer.state[p] for g in groups for n, p in zip(g["names"], g["params"], strict=True)}
+    for group in new.optimizer.param_groups:
+        for name, param in zip(group["names"], group["params"], strict=True):
+            assert_same(new.optimizer.state[param], moments[name])

@@ -64,7 +64,7 @@ class TrainState:
         # step (fine-tuning's last epoch, evaluated on resume) must save the lr that epoch ended with.
         settings = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in self.optimizer.param_groups]
         try:
-            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.optimizer.load_state_dict(_groups_in_order(ckpt["optimizer"], self.optimizer.param_groups))
         except (ValueError, KeyError) as e:
             fail(f"checkpoint {path}: its optimizer state does not fit this model and optimizer ({e})")
         for group, own in zip(self.optimizer.param_groups, settings, strict=True):
@@ -73,6 +73,29 @@ class TrainState:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.extra.update(ckpt.get("extra", {}))
         self.log, self.meters = ckpt.get("log"), ckpt.get("meters")  # log: None in checkpoints older than it
+
+
+def _groups_in_order(saved: dict[str, Any], groups: list[dict[str, Any]]) -> dict[str, Any]:
+    """The saved optimizer state with its groups, and the parameters inside them, in this optimizer's order,
+    matched by the parameter names both record. torch pairs groups and parameters by position alone, and the
+    classifier's registration order changed (fine-tuning checkpoints written before 314a7bd list ``fc_norm``
+    before ``head``): their top layer's groups came in the other order, a size mismatch on resume. A state
+    without names, or whose names do not match, is returned as it is (torch's check then names the misfit)."""
+    saved_groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    named = [g for g in saved_groups or [] if isinstance(g, dict) and isinstance(g.get("names"), list)]
+    if not saved_groups or len(named) != len(saved_groups) or not all("names" in g for g in groups):
+        return saved
+    if not all(isinstance(n, str) for g in named for n in g["names"]):  # a changed file: torch's check names it
+        return saved
+    by_names = {frozenset(g["names"]): g for g in saved_groups}
+    if len(by_names) != len(saved_groups) or any(frozenset(g["names"]) not in by_names for g in groups):
+        return saved
+    ordered = []
+    for group in groups:
+        old = by_names[frozenset(group["names"])]
+        ids = dict(zip(old["names"], old["params"], strict=True))
+        ordered.append({**old, "names": list(group["names"]), "params": [ids[n] for n in group["names"]]})
+    return {**saved, "param_groups": ordered}
 
 
 def save_checkpoint(state: TrainState, epoch: int, step: int | None = None) -> str | None:
