@@ -470,3 +470,18 @@ def test_our_stored_flags_load_from_pth_and_safetensors(tmp_path, script, argv):
     write_weights(str(tmp_path / "ours.safetensors"), {"w": torch.ones(2)}, args)
     stored = load_checkpoint(str(tmp_path / "ours.safetensors"))["args"]
     assert vars(stored) == json.loads(json.dumps(vars(args)))
+
+
+def test_an_encoder_read_from_a_global_pool_classifier_names_the_flag(tmp_path):
+    """knn_eval --encoders with a fine-tuned checkpoint (fine-tuning pools by default) said 'lacks encoder
+    weights ['norm.bias', 'norm.weight']; check --model and that it holds an MAE encoder' (seen with the
+    fine-tuning checkpoints of every commit tried, 4b1813c to 664ce52): the model was right and the weights
+    an encoder's; the line now names --global_pool and what to give instead."""
+    classifier = models_vit.vit_mini_patch4(num_classes=3, img_size=16, global_pool=True)
+    torch.save({"model": classifier.state_dict()}, tmp_path / "finetuned.pth")
+    mae = models_mae.mae_vit_mini_patch4(img_size=16)
+    _one_line_error(lambda: load_mae_encoder(mae, str(tmp_path / "finetuned.pth")), "--global_pool", "--cls_token")
+    pooled_off = models_vit.vit_mini_patch4(num_classes=3, img_size=16, global_pool=False)
+    torch.save({"model": pooled_off.state_dict()}, tmp_path / "cls.pth")
+    load_mae_encoder(mae, str(tmp_path / "cls.pth"))  # a --cls_token classifier keeps the final norm: it loads
+    assert_same(mae.norm.weight, pooled_off.norm.weight)

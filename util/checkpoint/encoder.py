@@ -58,6 +58,12 @@ def _load_encoder(model: torch.nn.Module, source: Opened, classifier: bool) -> s
     else:  # every encoder weight must be there; other entries are ignored
         may_miss, may_be_left = {k for k in own if k.startswith(_DECODER_PREFIXES)}, None
         if missing := sorted(set(own) - set(state) - may_miss):
+            if set(missing) <= {"norm.weight", "norm.bias"} and "fc_norm.weight" in state:  # pooled: no final norm
+                fail(
+                    f"{flag} {path} was fine-tuned with --global_pool: it has fc_norm, not the encoder's final norm "
+                    f"that MAE features are read after; give its pre-trained checkpoint, or one fine-tuned with "
+                    f"--cls_token"
+                )
             fail(f"{flag} {path} lacks encoder weights {missing[:4]}; check --model and that it holds an MAE encoder")
     if diff := state_difference(own, state, may_miss, may_be_left):
         name = type(model).__name__
