@@ -1,5 +1,6 @@
 """util.cli.log: rank 0 shows info and warnings on stdout (as print did), other ranks show nothing."""
 
+import os
 import re
 
 import pytest
@@ -66,3 +67,53 @@ def test_a_stop_on_request_without_output_dir_does_not_name_a_checkpoint(capsys)
     with pytest.raises(SystemExit):
         run_cli(_raise(Interrupted(None)))
     assert capsys.readouterr().err == "stopped on request; nothing was saved, since the run has no --output_dir\n"
+
+
+@pytest.fixture
+def _fresh_handler():
+    util_log._handler.lost = False
+    yield
+    util_log._handler.lost = False
+
+
+def test_a_closed_stdout_pipe_leaves_the_run_going_with_one_warning(monkeypatch, capsys, _fresh_handler):
+    # `| head -1`: the reader ends, and each later write fails with EPIPE; a log line must not end the run.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    broken = open(write_end, "w")
+    monkeypatch.setattr("sys.stdout", broken)
+    util_log.log.info("epoch 0")  # raised BrokenPipeError
+    util_log.log.info("epoch 1")
+    broken.flush()  # its descriptor now leads to /dev/null: the buffered lines go nowhere, without an error
+    monkeypatch.undo()
+    broken.close()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("warning: stdout is unwritable (Broken pipe): the run goes on")
+
+
+def test_no_stdout_at_all_leaves_the_run_going_with_one_warning(monkeypatch, capsys, _fresh_handler):
+    # `>&-`: Python's sys.stdout is None, and each line raised AttributeError.
+    monkeypatch.setattr("sys.stdout", None)
+    util_log.log.info("epoch 0")
+    util_log.log.warning("a warning")
+    monkeypatch.undo()
+    assert capsys.readouterr().err.startswith("warning: stdout is closed: the run goes on")
+
+
+def test_a_run_whose_stdout_reader_ends_trains_to_its_checkpoint(tmp_path):
+    # `main_pretrain.py ... | head -1`: the run ended in a BrokenPipeError traceback, status 1, no checkpoint.
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO, TINY, load, make_dataset
+
+    data = make_dataset(tmp_path / "data", 6)
+    out = tmp_path / "out"
+    argv = [sys.executable, "main_pretrain.py", *TINY, "--data_path", str(data), "--output_dir", str(out)]
+    proc = subprocess.Popen([*argv, "--epochs", "1"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.readline()
+    proc.stdout.close()  # as head does after its line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 0, err
+    assert err.startswith("warning: stdout is unwritable (Broken pipe)") and err.count("\n") == 1, err
+    assert load(out / "checkpoint-0.pth")["epoch"] == 0

@@ -3,6 +3,7 @@ timm and torchtitan). Errors do not pass through here: ``errors.run_cli`` writes
 every rank, so that a failing rank is never silent."""
 
 import logging
+import os
 import sys
 import time
 
@@ -14,6 +15,7 @@ class _Stdout(logging.Handler):
     that a log followed with ``tail -f`` is current and a killed run loses no line."""
 
     stamp = False  # the time of day before each line, where several processes interleave
+    lost = False  # stdout was found closed or unwritable: the run goes on without printing
 
     def emit(self, record: logging.LogRecord) -> None:
         text = record.getMessage()
@@ -21,8 +23,38 @@ class _Stdout(logging.Handler):
             text = f"warning: {text}"
         if self.stamp:
             text = f"[{time.strftime('%H:%M:%S')}] {text}"
-        sys.stdout.write(text + "\n")
-        sys.stdout.flush()
+        if self.lost:
+            return
+        if sys.stdout is None:  # Python's stdout where descriptor 1 was closed (>&-)
+            self._give_up("closed")
+            return
+        try:
+            sys.stdout.write(text + "\n")
+            sys.stdout.flush()
+        except OSError as e:  # EPIPE (| head -1 ended), ENOSPC (a redirected log on a full disk), EIO
+            self._give_up(f"unwritable ({e.strerror or e})")
+
+    def _give_up(self, why: str) -> None:
+        """A run's progress is not worth its training: where stdout cannot take a line (a pipe whose reader
+        ended, a full disk under a redirected log, no stdout at all), say so once on stderr and go on
+        silent. Stdout's descriptor then leads to /dev/null, so that the lines still buffered, flushed again
+        at exit, neither fail nor end the process in a traceback."""
+        self.lost = True
+        if sys.stdout is not None:
+            try:
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, sys.stdout.fileno())
+                os.close(null)
+            except (OSError, ValueError):  # no descriptor of its own (a replaced sys.stdout)
+                sys.stdout = open(os.devnull, "w")
+        try:  # stderr may be the same closed pipe (2>&1 | head -1)
+            sys.stderr.write(
+                f"warning: stdout is {why}: the run goes on without printing its progress (log.txt and "
+                "TensorBoard still get each epoch); redirect stdout to a file to keep it\n"
+            )
+            sys.stderr.flush()
+        except (AttributeError, OSError):
+            pass
 
 
 _handler = _Stdout()
