@@ -193,19 +193,48 @@ def test_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_earlier_one(dat
     assert load(out / "checkpoint-0.pth")["epoch"] == 0
 
 
-def test_an_output_dir_removed_under_the_run_is_one_line(data, tmp_path, monkeypatch, capsys):
-    """A clean-up or a purged scratch space removes --output_dir while the run trains: its next checkpoint is
-    one line saying so (it was a traceback from measuring the free space of a folder that is gone)."""
+@pytest.mark.parametrize("gone", ["removed", "moved"])
+def test_an_output_dir_removed_under_the_run_is_one_line(data, tmp_path, monkeypatch, capsys, gone):
+    """A clean-up or a purged scratch space removes --output_dir while the run trains, or a user renames it: its
+    next checkpoint is one line saying so (it was a traceback from measuring the free space of a folder that is
+    gone)."""
     out = tmp_path / "out"
-    _before_the_second_save(monkeypatch, lambda: shutil.rmtree(out))
+    gone_now = (lambda: shutil.rmtree(out)) if gone == "removed" else (lambda: out.rename(tmp_path / "renamed"))
+    _before_the_second_save(monkeypatch, gone_now)
     with pytest.raises(SystemExit) as stop:
         run_cli(lambda: run_pretrain(data, out, *RUN))
     assert stop.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
-        f"error: cannot write checkpoint {out / 'checkpoint-1.pth'}: --output_dir {out} was removed while this run "
-        "wrote to it, and the checkpoints it held with it: restore it and continue with --resume auto, or start again"
+        f"error: cannot write checkpoint {out / 'checkpoint-1.pth'}: --output_dir {out} was removed or moved while "
+        "this run wrote to it, and the checkpoints it held with it: restore it and continue with --resume auto, or "
+        "start again"
     ]
+
+
+@pytest.mark.parametrize("code", [errno.EROFS, errno.EACCES])
+def test_an_output_dir_made_read_only_under_the_run_is_not_called_full(data, tmp_path, monkeypatch, capsys, code):
+    """A scratch file system remounted read-only (or the folder's permissions taken) under the run: the line said
+    'Read-only file system (it needs about 71 MiB, 329 MiB are free there) ... free space', advice that cannot help."""
+    out = tmp_path / "out"
+
+    def refuse():
+        raise OSError(code, os.strerror(code))
+
+    _before_the_second_save(
+        monkeypatch,
+        lambda: monkeypatch.setattr(outputs, "open", budgeted_open(0, refuse, lambda p, m: ".pth" in p), raising=False),
+    )
+    with pytest.raises(SystemExit) as stop:
+        run_cli(lambda: run_pretrain(data, out, *RUN))
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"error: cannot write checkpoint {out / 'checkpoint-1.pth'}: {os.strerror(code)}: --output_dir {out} no longer "
+        "takes files; the earlier checkpoints are intact: make it writable again (or copy them to another "
+        "--output_dir) and continue with --resume auto"
+    ]
+    assert load(out / "checkpoint-0.pth")["epoch"] == 0
 
 
 def test_full_disk_during_log_txt_is_one_line(tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ Format: a dict with the official keys ``model``, ``optimizer``, ``epoch``, ``sca
 state, for exact resume) and entry-point ``extra`` state."""
 
 import argparse
+import errno
 import os
 import shutil
 import socket
@@ -127,10 +128,17 @@ def _write_checkpoint(obj: dict[str, Any], path: str, output_dir: str) -> None:
     try:
         atomic_save(obj, path)
     except OSError as e:
-        if not os.path.isdir(output_dir):  # removed under the run (a clean-up, a purged scratch space)
+        if not os.path.isdir(output_dir):  # removed under the run (a clean-up, a purged scratch space), or moved
             fail(
-                f"cannot write checkpoint {path}: --output_dir {output_dir} was removed while this run wrote to "
-                f"it, and the checkpoints it held with it: restore it and continue with --resume auto, or start again"
+                f"cannot write checkpoint {path}: --output_dir {output_dir} was removed or moved while this run "
+                f"wrote to it, and the checkpoints it held with it: restore it and continue with --resume auto, or "
+                f"start again"
+            )
+        if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):  # remounted read-only, permissions taken: not room
+            fail(
+                f"cannot write checkpoint {path}: {e.strerror or e}: --output_dir {output_dir} no longer takes files; "
+                f"the earlier checkpoints are intact: make it writable again (or copy them to another --output_dir) "
+                f"and continue with --resume auto"
             )
         free = shutil.disk_usage(output_dir).free
         fail(
