@@ -707,3 +707,44 @@ def test_a_folder_that_cannot_be_locked_is_said_once_and_the_run_goes_on(tmp_pat
         f"would not be noticed"
     ]
     assert outputs._claimed == {}
+
+
+def _folder_of_length(root: Path, length: int) -> Path:
+    """A folder under ``root`` whose absolute path has ``length`` characters (parts of at most 200)."""
+    path = str(root.resolve())
+    while len(path) < length:
+        path = os.path.join(path, "d" * min(200, length - len(path) - 1))
+    os.makedirs(path)
+    assert len(path) == length
+    return Path(path)
+
+
+def test_an_output_dir_too_long_for_the_run_s_file_names_is_refused_at_start(tmp_path):
+    # 4096 bytes with the NUL end a path (PATH_MAX). Here the start's probe (.write-test- and 8 characters) fit,
+    # and a checkpoint's temporary did not: the run trained an epoch, then ended in 'cannot write checkpoint ...:
+    # File name too long (... MiB are free there) ... free space'.
+    folder = _folder_of_length(tmp_path, 4095 - len("/.write-test-12345678"))
+    checkpoint_tmp = outputs.temporary_path(str(folder / "checkpoint-0.pth"))
+    with pytest.raises(OSError) as too_long:
+        open(checkpoint_tmp, "wb")
+    assert too_long.value.errno == errno.ENAMETOOLONG, "the folder leaves no room for a checkpoint"
+    with pytest.raises(UserError, match=r"--output_dir .*: the path is too long for the files written in it .*"):
+        outputs.check_output_dir(str(folder), "--output_dir")
+
+
+def test_an_output_dir_with_room_for_the_run_s_file_names_is_taken(tmp_path):
+    longest = outputs.temporary_path("reconstruction-9999.png")
+    folder = _folder_of_length(tmp_path, 4095 - len(longest) - 1)
+    outputs.check_output_dir(str(folder), "--output_dir")
+    with open(folder / longest, "wb"):  # the invariant: the longest name fits
+        pass
+
+
+def test_an_output_file_whose_temporary_name_is_too_long_is_refused_before_work(tmp_path):
+    # NAME_MAX is 255: a 250-character picture name fits, its temporary (name.tmp<pid>) does not.
+    name = "r" * 246 + ".png"
+    with pytest.raises(OSError) as too_long:
+        open(outputs.temporary_path(str(tmp_path / name)), "wb")
+    assert too_long.value.errno == errno.ENAMETOOLONG
+    with pytest.raises(UserError, match=r"--output .*: the path is too long .*give a shorter path"):
+        outputs.check_output_file(str(tmp_path / name), "--output")

@@ -3,6 +3,7 @@ find that it cannot write its checkpoint), and written atomically (a crash or a 
 the old file or the complete new one, never a torn one)."""
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -30,15 +31,28 @@ def _first_existing(path: str) -> str:
     return path
 
 
-def _check_writable(folder: str, what: str) -> None:
+# The longest name a run writes in its folders: a picture's temporary (temporary_path) at epoch 9999.
+_LONGEST_NAME = "reconstruction-9999.png"
+
+
+def _check_writable(folder: str, what: str, longest: str = _LONGEST_NAME) -> None:
     # os.access alone is not enough: root passes it on read-only folders, and it knows nothing
     # of read-only mounts. An actual file settles it.
     if not os.access(folder, os.W_OK | os.X_OK):
         fail(f"{what}: the folder {folder} is not writable by this user; give a folder you can write to")
     try:
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+        # Named as long as the longest name a run writes there, so that a path near PATH_MAX is refused now
+        # rather than at the first checkpoint, an epoch later.
+        longest = os.path.basename(temporary_path(longest))
+        pad = "." + "x" * max(0, len(longest) - len(".write-test-") - 8 - 1)  # 8: tempfile's random part
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-", suffix=pad):
             pass
     except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:
+            fail(
+                f"{what}: the path is too long for the files written in it ({e.strerror}; a name such as "
+                f"{longest} must fit after it); give a shorter path"
+            )
         fail(f"{what}: cannot write a file in {folder} ({e.strerror}); give a folder you can write to")
 
 
@@ -147,7 +161,7 @@ def _check_file_target(path: str, flag: str, example: str) -> None:
         if not os.path.isdir(existing := _first_existing(folder)):  # `x.png/r.png`: no folder to create
             fail(f"{flag} {path}: {existing} is a file, not a folder; give a path in a folder")
         fail(f"{flag} {path}: the folder {folder} does not exist; create it first")
-    _check_writable(folder, f"{flag} {path}")
+    _check_writable(folder, f"{flag} {path}", os.path.basename(path))
     if os.path.exists(path) and not os.access(path, os.W_OK):
         fail(f"{flag} {path} exists and is read-only; remove it or give another name")
 
