@@ -175,14 +175,14 @@ def main(args: argparse.Namespace) -> None:
     stats = compute(args)
     size = f"resized to {args.input_size} x {args.input_size} (bicubic)" if args.input_size else "at their own sizes"
     channels = "" if stats["in_chans"] == 3 else f", {stats['in_chans']} channel(s) (give --in_chans too)"
+    if args.json and args.json != "-":  # before the lines: a reader of stdout that ends early (| head) loses no file
+        text = json.dumps(stats, indent=1) + "\n"
+        with reported(args.json, "--json"):
+            atomic_write(args.json, lambda f: f.write(text.encode("utf-8")))
     print(f"{stats['images']} images of {args.data_path}, {size}, pixels scaled to [0, 1]{channels}:")
     print(flags(stats))
     if args.json == "-":
         print(json.dumps(stats))
-    elif args.json:
-        text = json.dumps(stats, indent=1) + "\n"
-        with reported(args.json, "--json"):
-            atomic_write(args.json, lambda f: f.write(text.encode("utf-8")))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """util.cli.log: rank 0 shows info and warnings on stdout (as print did), other ranks show nothing."""
 
+import json
 import os
 import re
 
@@ -88,7 +89,8 @@ def test_a_closed_stdout_pipe_leaves_the_run_going_with_one_warning(monkeypatch,
     monkeypatch.undo()
     broken.close()
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("warning: stdout is unwritable (Broken pipe): the run goes on")
+    assert err.count("\n") == 1, err
+    assert err.startswith("warning: stdout is unwritable (Broken pipe): going on without printing")
 
 
 def test_no_stdout_at_all_leaves_the_run_going_with_one_warning(monkeypatch, capsys, _fresh_handler):
@@ -97,7 +99,7 @@ def test_no_stdout_at_all_leaves_the_run_going_with_one_warning(monkeypatch, cap
     util_log.log.info("epoch 0")
     util_log.log.warning("a warning")
     monkeypatch.undo()
-    assert capsys.readouterr().err.startswith("warning: stdout is closed: the run goes on")
+    assert capsys.readouterr().err.startswith("warning: stdout is closed: going on without printing")
 
 
 def test_a_run_whose_stdout_reader_ends_trains_to_its_checkpoint(tmp_path):
@@ -115,5 +117,56 @@ def test_a_run_whose_stdout_reader_ends_trains_to_its_checkpoint(tmp_path):
     proc.stdout.close()  # as head does after its line
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=300) == 0, err
-    assert err.startswith("warning: stdout is unwritable (Broken pipe)") and err.count("\n") == 1, err
+    assert err.startswith("warning: stdout is unwritable (Broken pipe): going on") and err.count("\n") == 1, err
     assert load(out / "checkpoint-0.pth")["epoch"] == 0
+
+
+def test_a_tool_whose_stdout_reader_ended_is_one_line_and_status_141(monkeypatch, capsys):
+    # `reconstruct.py ... | head -1`: the print after the picture was written ended in a BrokenPipeError traceback,
+    # status 1.
+    from util.cli.errors import run_cli
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    broken = open(write_end, "w")
+    monkeypatch.setattr("sys.stdout", broken)
+    with pytest.raises(SystemExit) as stop:
+        run_cli(lambda: print("wrote out.png", flush=True))
+    broken.flush()  # led to /dev/null: the line still buffered goes nowhere, without an error
+    monkeypatch.undo()
+    broken.close()
+    assert stop.value.code == 128 + 13  # SIGPIPE's status, as `yes | head -1` gives
+    assert capsys.readouterr().err.startswith("error: stdout was closed before all was printed")
+
+
+def test_a_broken_pipe_that_is_not_stdout_s_stays_a_traceback(capsys):
+    # A bug's BrokenPipeError (a socket, a worker's pipe) is not a closed stdout: it must not be hidden.
+    from util.cli.errors import run_cli
+
+    def main():
+        raise BrokenPipeError(32, "Broken pipe")
+
+    with pytest.raises(BrokenPipeError):
+        run_cli(main)
+
+
+def test_dataset_stats_writes_its_json_before_a_closed_stdout_ends_it(tmp_path, monkeypatch, capsys):
+    # `dataset_stats.py ... --json s.json | head -1`: the second line failed before the file was written.
+    import dataset_stats
+    from tests.helpers import make_dataset
+    from util.cli.errors import run_cli
+
+    data = make_dataset(tmp_path / "data", 2)
+    args = dataset_stats.get_args_parser().parse_args(
+        ["--data_path", str(data), "--input_size", "32", "--json", str(tmp_path / "s.json")]
+    )
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    broken = open(write_end, "w", buffering=1)  # line-buffered, as a terminal: the first line fails
+    monkeypatch.setattr("sys.stdout", broken)
+    with pytest.raises(SystemExit) as stop:
+        run_cli(lambda: dataset_stats.main(args))
+    monkeypatch.undo()
+    broken.close()
+    assert stop.value.code == 141
+    assert json.loads((tmp_path / "s.json").read_text())["images"] == 6

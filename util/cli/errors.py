@@ -2,6 +2,7 @@
 
 import contextlib
 import os
+import select
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -39,6 +40,22 @@ STOPPED_AT_ONCE = (
 )
 
 
+STDOUT_GONE = (
+    "error: stdout was closed before all was printed (its reader ended, as `| head` does); the files written are "
+    "complete; redirect stdout to a file to keep what is printed"
+)
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has ended (``| head -1`` after its line): poll says POLLERR there."""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (AttributeError, OSError, ValueError):  # no stdout, or none with a descriptor
+        return False
+
+
 def run_cli(main: Callable[[], None], peer_advice: str = "") -> None:
     """Run an entry point, turning what is not a bug into one line on stderr (every rank) and an
     exit status: a ``UserError`` 2 (one raised in a data-loader worker comes wrapped in its traceback,
@@ -73,6 +90,13 @@ def _ended(main: Callable[[], None], peer_advice: str) -> tuple[str, int] | None
         return f"error: {_last_line(e)}", 2
     except KeyboardInterrupt:
         return STOPPED_AT_ONCE, 128 + signal.SIGINT
+    except BrokenPipeError:
+        if not _stdout_reader_gone():
+            raise
+        from util.cli.log import stdout_to_devnull
+
+        stdout_to_devnull()
+        return STDOUT_GONE, 128 + signal.SIGPIPE
     except Exception as e:
         if not distributed.peer_stopped(e):
             raise

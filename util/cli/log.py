@@ -37,24 +37,30 @@ class _Stdout(logging.Handler):
     def _give_up(self, why: str) -> None:
         """A run's progress is not worth its training: where stdout cannot take a line (a pipe whose reader
         ended, a full disk under a redirected log, no stdout at all), say so once on stderr and go on
-        silent. Stdout's descriptor then leads to /dev/null, so that the lines still buffered, flushed again
-        at exit, neither fail nor end the process in a traceback."""
+        silent."""
         self.lost = True
-        if sys.stdout is not None:
-            try:
-                null = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(null, sys.stdout.fileno())
-                os.close(null)
-            except (OSError, ValueError):  # no descriptor of its own (a replaced sys.stdout)
-                sys.stdout = open(os.devnull, "w")
+        stdout_to_devnull()
         try:  # stderr may be the same closed pipe (2>&1 | head -1)
             sys.stderr.write(
-                f"warning: stdout is {why}: the run goes on without printing its progress (log.txt and "
-                "TensorBoard still get each epoch); redirect stdout to a file to keep it\n"
+                f"warning: stdout is {why}: going on without printing (the files written, log.txt and TensorBoard "
+                "of a training run too, are as usual); redirect stdout to a file to keep what is printed\n"
             )
             sys.stderr.flush()
         except (AttributeError, OSError):
             pass
+
+
+def stdout_to_devnull() -> None:
+    """Lead stdout's descriptor to /dev/null, so that lines still buffered for a closed pipe, flushed again at
+    exit, neither fail nor end the process in a traceback ('Exception ignored ... BrokenPipeError')."""
+    if sys.stdout is None:
+        return
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        os.close(null)
+    except (OSError, ValueError):  # no descriptor of its own (a replaced sys.stdout)
+        sys.stdout = open(os.devnull, "w")
 
 
 _handler = _Stdout()
