@@ -733,7 +733,7 @@ def test_an_output_dir_too_long_for_the_run_s_file_names_is_refused_at_start(tmp
 
 
 def test_an_output_dir_with_room_for_the_run_s_file_names_is_taken(tmp_path):
-    longest = outputs.temporary_path("reconstruction-9999.png")
+    longest = outputs.temporary_path("checkpoint-9999-step999999.pth")
     folder = _folder_of_length(tmp_path, 4095 - len(longest) - 1)
     outputs.check_output_dir(str(folder), "--output_dir")
     with open(folder / longest, "wb"):  # the invariant: the longest name fits

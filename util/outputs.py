@@ -31,8 +31,9 @@ def _first_existing(path: str) -> str:
     return path
 
 
-# The longest name a run writes in its folders: a picture's temporary (temporary_path) at epoch 9999.
-_LONGEST_NAME = "reconstruction-9999.png"
+# The longest name a run writes in its folders (before temporary_path's suffix): a mid-epoch checkpoint's at
+# epoch 9999, iteration 999999 (longer than reconstruction-9999.png).
+_LONGEST_NAME = "checkpoint-9999-step999999.pth"
 
 
 def _check_writable(folder: str, what: str, longest: str = _LONGEST_NAME) -> None:
