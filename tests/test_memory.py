@@ -3,6 +3,7 @@ where it is built, in one line naming --input_size; a training step's peak is es
 architecture and refused in one line naming the flags that shrink it."""
 
 import argparse
+import os
 
 import pytest
 import torch
@@ -193,3 +194,53 @@ def test_a_normal_tiny_run_passes():
     classifier = _meta(models_vit.create_model, "vit_tiny_patch4", 32)
     no_mask_ratio = argparse.Namespace(batch_size=2, input_size=32, precision="fp32", grad_checkpointing=False)
     memory.check_training_fits(classifier, no_mask_ratio, "cpu")
+
+
+def _shm_with(monkeypatch, free_bytes: int) -> None:
+    """/dev/shm with ``free_bytes`` free (in 4 KiB blocks), whatever this machine's holds."""
+    real = memory.os.statvfs
+
+    def statvfs(path):
+        if path != memory.SHARED_MEMORY:
+            return real(path)
+        return os.statvfs_result((4096, 4096, 10**6, free_bytes // 4096, free_bytes // 4096, 0, 0, 0, 0, 255))
+
+    monkeypatch.setattr(memory.os, "statvfs", statvfs)
+
+
+def test_loader_workers_without_room_in_dev_shm_stop_the_run_at_start(monkeypatch):
+    """A container's 64 MB /dev/shm: 10 workers of 64 CIFAR crops fit, 8 workers of 64 float ImageNet crops
+    (2 x 8 batches of 64 x 3 x 224 x 224 x 4 bytes = 588 MiB) do not, and such a run ended in a worker's bus
+    error or waited for good; it now stops before its first batch, in one line."""
+    from util.data.datasets import require_batch_memory
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    _shm_with(monkeypatch, 64 * 2**20)
+    require_batch_memory(32, 3, 64, 10, value_bytes=1)  # 20 batches of 192 KiB
+    require_batch_memory(224, 3, 64, 0)  # no workers: nothing goes through /dev/shm
+    with pytest.raises(UserError) as refused:
+        require_batch_memory(224, 3, 64, 8)
+    batch_mib = 64 * 3 * 224 * 224 * 4 / 2**20  # 36.75
+    assert str(refused.value) == (
+        f"--num_workers 8: the loader workers hand their batches over in /dev/shm, which has 64 MiB free, and 16 "
+        f"batches of {batch_mib:.0f} MiB need about {16 * batch_mib / 1024:.1f} GiB; lower --batch_size, "
+        "--input_size or --num_workers, or make /dev/shm larger (docker run --shm-size)"
+    )
+
+
+def test_dev_shm_is_shared_by_the_processes_of_a_node(monkeypatch):
+    # 2 workers of one 1 MiB batch each need 4 MiB a process: 8 processes of a node need 32 MiB of the 20 free.
+    _shm_with(monkeypatch, 20 * 2**20)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    memory.require_shared_memory(2**20, 2, "lower --batch_size")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    with pytest.raises(UserError, match=r"of 1 MiB each, for 8 processes of this node need about 32 MiB; lower"):
+        memory.require_shared_memory(2**20, 2, "lower --batch_size")
+
+
+def test_a_machine_without_dev_shm_is_not_checked(monkeypatch):
+    def none(path):
+        raise FileNotFoundError(path)
+
+    monkeypatch.setattr(memory.os, "statvfs", none)
+    memory.require_shared_memory(2**40, 16, "lower --batch_size")

@@ -46,7 +46,44 @@ def require(nbytes: float, what: str, advice: str, device: str | torch.device = 
         fail(f"{what} needs about {_gib(nbytes)}, {where} memory has {_gib(free)} free; {advice}")
 
 
+# Where loader workers hand their batches to the main process (torch's shared-memory files, on Linux).
+SHARED_MEMORY = "/dev/shm"
+
+
+def require_shared_memory(batch_bytes: int, num_workers: int, advice: str, folder: str = SHARED_MEMORY) -> None:
+    """Fail in one line unless ``folder`` (/dev/shm) has room for the batches ``num_workers`` loader workers
+    prepare ahead (``prefetch_factor`` 2 each), for every process of this node (torchrun's ``LOCAL_WORLD_SIZE``).
+    A smaller one (a container's default of 64 MB) ended the run in a worker's bus error, or hung it for good:
+    a worker whose batch found no room there dropped it, and the main process waited for it (seen with 200 KiB
+    and 2 workers: still waiting after 10 minutes, deaf to SIGTERM's stop at the next check point)."""
+    if num_workers <= 0:
+        return
+    try:
+        stat = os.statvfs(folder)
+    except OSError:  # none (not Linux): torch shares its batches otherwise
+        return
+    free = stat.f_bavail * stat.f_frsize
+    processes = max(1, _env_int("LOCAL_WORLD_SIZE"))
+    need = 2 * num_workers * batch_bytes * processes
+    if need > free:
+        each = f" each, for {processes} processes of this node" if processes > 1 else ""
+        fail(
+            f"--num_workers {num_workers}: the loader workers hand their batches over in {folder}, which has "
+            f"{_gib(free)} free, and {2 * num_workers} batches of {_gib(batch_bytes)}{each} need about {_gib(need)}; "
+            f"{advice}, or make {folder} larger (docker run --shm-size)"
+        )
+
+
+def _env_int(name: str) -> int:
+    try:
+        return int(os.environ.get(name, "1"))
+    except ValueError:
+        return 1
+
+
 def _gib(nbytes: float) -> str:
+    if nbytes < 2**20:
+        return f"{nbytes / 2**10:.0f} KiB"
     return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**27 else f"{nbytes / 2**20:.0f} MiB"
 
 

@@ -23,7 +23,7 @@ from util.data.images import load_rgb, unreadable
 from util.data.lists import LIST_FILES, ClassIndices, list_file_in, read_image_list
 from util.data.normalization import IMAGENET_MEAN, IMAGENET_STD, check_norm
 from util.data.sampling import SeededDataset, SeededSampler, ShardSampler, loader_generator, require_a_share_each
-from util.memory import require
+from util.memory import require, require_shared_memory
 from util.sizes import image_size, shown_size
 from util.train import distributed, interrupt
 
@@ -432,15 +432,18 @@ def require_batch_memory(
     input_size: int | Sequence[int], in_chans: int, batch_size: int, num_workers: int, value_bytes: int = 4
 ) -> None:
     """Refuse, before a loader is made, batches that cannot fit in CPU memory: the batch in use and the
-    ``prefetch_factor`` (2) batches each worker prepares ahead."""
+    ``prefetch_factor`` (2) batches each worker prepares ahead; and the room those take in /dev/shm."""
     height, width = image_size(input_size)
     in_flight = 1 + 2 * num_workers
+    batch_bytes = batch_size * in_chans * height * width * value_bytes
+    advice = "lower --batch_size, --input_size or --num_workers"
     require(
-        in_flight * batch_size * in_chans * height * width * value_bytes,
+        in_flight * batch_bytes,
         f"{batch_size} x {in_chans} x {height} x {width} images a batch, {in_flight} batch(es) held at once "
         f"(--input_size {shown_size(input_size)})",
-        "lower --batch_size, --input_size or --num_workers",
+        advice,
     )
+    require_shared_memory(batch_bytes, num_workers, advice)
 
 
 def check_enough_images(count: int, args: Any) -> None:
