@@ -257,8 +257,9 @@ def test_the_models_are_initialised_on_the_device_they_train_on(monkeypatch):
     built_on, create = [], models_mae.create_model
 
     def recording(*args, **kwargs):
-        built_on.append(torch.get_default_device().type)
-        return create(*args, **kwargs)
+        model = create(*args, **kwargs)
+        built_on.append(model.pos_embed.device.type)  # as created, before any move
+        return model
 
     monkeypatch.setattr(models_mae, "create_model", recording)
     args = argparse.Namespace(model="mae_vit_large_patch16", input_size=224, device="meta", mask_ratio=0.75)
