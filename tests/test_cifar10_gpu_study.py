@@ -329,3 +329,7 @@ def test_a_pretraining_that_dies_at_once_ends_pretrain_sh_with_its_reason_in_out
     assert done.stderr.strip().splitlines()[-1] == "pre-training left no checkpoint (status 2): see stdout.txt"
     assert "--mask_ratio" in (out / "stdout.txt").read_text()
     assert {p.name for p in out.iterdir()} == {"stdout.txt", "times.jsonl"}
+    # What the loaders run under on the device, in the reply's output: never read there yet.
+    machine = done.stdout.splitlines()[0]
+    assert machine.startswith(f"machine: {len(os.sched_getaffinity(0))} cores, GPU ") and ", open files " in machine
+    assert machine.endswith(" free") and "/dev/shm " in machine

@@ -27,6 +27,10 @@ read -r -a EXTRA_ARGS <<<"${EXTRA:-}"  # EXTRA: flags appended to every command 
 # The GPU in every line of times.jsonl, and so in every row of results.py: the device tool gives an H100 or an
 # H200 (the same matmul rate, 30% less memory bandwidth on the H100), and seconds compare only within one kind.
 GPU_NAME=${GPU_NAME:-$(timeout 20 nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 || true)}
+# What the device's loaders run under, never read there yet: workers pass batches as files in /dev/shm, one
+# descriptor each until taken (a limit of 1024 broke --loader memory's decode before 4ad004f). In the reply's output.
+SHM_FREE=$(df -h --output=avail /dev/shm 2>/dev/null | tail -n 1 | tr -d ' ' || true)
+echo "machine: $(nproc) cores, GPU ${GPU_NAME:-none}, open files $(ulimit -n), /dev/shm ${SHM_FREE:-none} free"
 mkdir -p "$WORK" "$OUT"
 source benchmarks/use_wheels.sh
 use_wheels "$(cd "$WORK" && pwd)/site"  # wheels/, where carried: timm as tested here, over the machine's own
