@@ -19,13 +19,14 @@ from torchvision.io import decode_jpeg, encode_jpeg
 from benchmarks import gpu_check_official
 from benchmarks.bench_pretrain import sync
 from benchmarks.gpu_check_common import PartRecord, Sizes, gpu_identity, matmul_tflops, run_part, time_calls
+from util.memory import SHARED_MEMORY
 
 CLOCK_FIELDS = "clocks.sm,clocks.mem,clocks.max.sm,clocks.max.mem,temperature.gpu,power.draw,pstate"
 # Loader workers hand their batches over in /dev/shm: the loader and e2e parts' float pipelines hold up to 15
 # workers x 2 batches of 256 x 3 x 224 x 224 float32 there (4.6 GB). Where it is smaller, the workers die of a
 # bus error, and with them the official pipeline's row, the ratio the check is for; nobody has read its size on
 # the device machines, which start bare and whose memory grows as it is used (the device tool's H200.md).
-SHM = "/dev/shm"
+SHM = SHARED_MEMORY
 SHM_NEEDED_GIB = 8
 SHM_SIZE = "16G"  # a tmpfs's limit: its pages are taken only as they are written
 

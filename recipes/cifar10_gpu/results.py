@@ -76,11 +76,12 @@ def frozen_rows(back: Path, pretrained: bool) -> tuple[list[dict], list[str]]:
     """The k-NN and linear rows of frozen.json; the MAE encoder's only when its pre-training (in
     the same folder) finished: a run stopped at its limit left a checkpoint of an unfinished schedule."""
     rows, left_out = [], []
+    entries = json_lines(back / "frozen.json")
     frozen = timings(back).get("frozen")
     if frozen is not None and frozen["status"] != 0:  # frozen.json holds the encoders scored before it stopped
-        scored = ", ".join(entry["encoder"] for entry in json_lines(back / "frozen.json")) or "none"
+        scored = ", ".join(entry["encoder"] for entry in entries) or "none"
         left_out.append(f"frozen rows of the encoders not scored (status {frozen['status']}; scored: {scored})")
-    for entry in json_lines(back / "frozen.json"):
+    for entry in entries:
         encoder = "MAE" if entry["encoder"].endswith(".pth") else entry["encoder"]
         if encoder == "MAE" and not pretrained:
             left_out.append(f"frozen rows of {entry['encoder']} (its pre-training did not finish)")

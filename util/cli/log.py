@@ -18,13 +18,13 @@ class _Stdout(logging.Handler):
     lost = False  # stdout was found closed or unwritable: the run goes on without printing
 
     def emit(self, record: logging.LogRecord) -> None:
+        if self.lost:
+            return
         text = record.getMessage()
         if record.levelno == logging.WARNING:
             text = f"warning: {text}"
         if self.stamp:
             text = f"[{time.strftime('%H:%M:%S')}] {text}"
-        if self.lost:
-            return
         if sys.stdout is None:  # Python's stdout where descriptor 1 was closed (>&-)
             self._give_up("closed")
             return
