@@ -32,6 +32,7 @@ import models_vit
 from util.checkpoint.files import atomic_save
 from util.checkpoint.load import StateDict, check_weight, checksum_metadata, load_checkpoint, model_state
 from util.cli.errors import fail, run_cli
+from util.data import normalization
 from util.interop import hf as hf_interop
 from util.memory import require
 from util.outputs import atomic_write, check_not_an_input, sync_folder
@@ -294,14 +295,46 @@ def export_hf(args: argparse.Namespace, ckpt: dict[str, Any], state: dict[str, t
     config = hf_interop.hf_config(model, img_size, mask_ratio, norm_pix)
     files = {
         hf_interop.WEIGHTS_NAME: safetensors_bytes(hf_interop.to_hf_state(state), args_metadata(saved)),
-        hf_interop.CONFIG_NAME: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(),
+        hf_interop.CONFIG_NAME: _json_bytes(config),
     }
+    channels = model.in_chans
+    if norm := hf_normalisation(saved, channels, args.checkpoint):
+        processor = hf_interop.preprocessor_config(img_size, *norm, rgb=channels == 3)
+        files[hf_interop.PREPROCESSOR_NAME] = _json_bytes(processor)
+    else:
+        print(
+            f"note: checkpoint {args.checkpoint} stores no --mean/--std and ImageNet's are RGB's, not its "
+            f"{channels} channels': no {hf_interop.PREPROCESSOR_NAME} written"
+        )
     write_folder(args.output, files)
     print(
         f"wrote {name} ({img_size} px, mask_ratio {mask_ratio}, norm_pix_loss {bool(norm_pix)}) as a "
         f"transformers ViTMAEForPreTraining to {args.output}; load it with"
     )
     print(f"  transformers.ViTMAEForPreTraining.from_pretrained({args.output!r})")
+
+
+def _json_bytes(data: dict[str, Any]) -> bytes:
+    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+
+
+def hf_normalisation(saved: Any, channels: int, path: str) -> tuple[list[float], list[float]] | None:
+    """The (mean, std) the checkpoint was trained with, as the training tools decide them when
+    continuing from it (util.data.normalization.resolve): its stored --mean/--std, else ImageNet's;
+    None for a checkpoint of other than 3 channels that stores none (ImageNet's are RGB's, and no
+    run of ours trains such a model without its own values)."""
+    values = normalization.stored(saved)
+    if values is None:
+        return (list(normalization.IMAGENET_MEAN), list(normalization.IMAGENET_STD)) if channels == 3 else None
+    mean, std = values
+    # Their type was checked on loading; a count or value no run of this model could have trained with is refused.
+    if len(mean) != channels or len(std) != channels or not all(map(math.isfinite, mean + std)) or min(std) <= 0:
+        shown = f"--mean {normalization.show_values(mean)} --std {normalization.show_values(std)}"
+        fail(
+            f"checkpoint {path} stores {shown}, not one finite value per channel of its {channels}-channel model "
+            f"(std positive); it was changed or not written by this code: give another checkpoint"
+        )
+    return mean, std
 
 
 def mae_for_hf_config(config: dict[str, Any], folder: str) -> tuple[str, torch.nn.Module]:
@@ -333,6 +366,7 @@ def import_hf(args: argparse.Namespace) -> None:
     config, hf_state, run_args = hf_interop.read_hf_folder(folder)
     name, model = mae_for_hf_config(config, folder)
     img_size = config["image_size"]
+    processor_norm = hf_interop.read_preprocessor(folder, config["num_channels"])
     state = hf_interop.from_hf_state(hf_state, folder)
     check_weights_fit_config(state, name, img_size, folder)
     check_float_weights(state, f"HF folder {folder}")
@@ -351,12 +385,16 @@ def import_hf(args: argparse.Namespace) -> None:
         norm_pix_loss=config["norm_pix_loss"],
         hf_folder=os.path.abspath(folder),
     )
-    # A folder of ours carries the run's --mean/--std in its weights' metadata (config.json has no
-    # place for them): without them the checkpoint would be read with ImageNet's, or refused for
-    # other channel counts.
-    for flag in ("mean", "std"):
-        if getattr(run_args, flag, None) is not None:
-            setattr(saved, flag, getattr(run_args, flag))
+    # The normalisation the model was trained with: preprocessor_config.json's, which transformers
+    # users prepare images with, else (a folder of ours without it) the run's --mean/--std from the
+    # weights' metadata. Without either the checkpoint is read with ImageNet's, or refused for other
+    # channel counts.
+    if processor_norm is not None:
+        saved.mean, saved.std = processor_norm
+    else:
+        for flag in ("mean", "std"):
+            if getattr(run_args, flag, None) is not None:
+                setattr(saved, flag, getattr(run_args, flag))
     write_weights(args.output, state, saved, {"model": state, "args": saved})
     print(f"wrote {name} ({img_size} px, {len(state)} tensors) from {folder} to {args.output}; use it with")
     print(f"  python main_finetune.py --model {name.removeprefix('mae_')} --finetune {args.output} ...")
@@ -372,7 +410,7 @@ def check_output(args: argparse.Namespace) -> None:
     if args.source == "hf" and not args.output.endswith((".safetensors", ".pth")):
         fail(f"--output {args.output}: --from hf writes our checkpoint, .pth or .safetensors; name it so")
     if args.to == "hf" and os.path.isfile(args.output):
-        fail(f"--output {args.output} is a file; --to hf writes a folder (config.json + model.safetensors): name one")
+        fail(f"--output {args.output} is a file; --to hf writes a folder (a transformers model's files): name one")
     if args.to != "hf" and os.path.isdir(args.output):  # before --force is advised: it cannot replace a folder
         example = os.path.join(args.output, "model.safetensors")
         fail(f"--output {args.output} is a folder; give a file name such as {example}")
@@ -386,7 +424,8 @@ def check_output(args: argparse.Namespace) -> None:
         fail(f"--output {args.output} exists; give --force to overwrite it")
     if args.to == "hf" and os.path.isdir(args.output):
         # The folder is replaced as a whole: files of another kind in it would be lost.
-        others = sorted(set(os.listdir(args.output)) - {hf_interop.CONFIG_NAME, hf_interop.WEIGHTS_NAME})
+        ours = {hf_interop.CONFIG_NAME, hf_interop.WEIGHTS_NAME, hf_interop.PREPROCESSOR_NAME}
+        others = sorted(set(os.listdir(args.output)) - ours)
         if others:
             fail(
                 f"--output {args.output} holds other files ({', '.join(others[:3])}); --to hf replaces the whole "

@@ -37,6 +37,7 @@ pytest.importorskip("safetensors")
 
 ATOL = 1e-5
 NAME = "mae_vit_mini_patch4"
+FOLDER_FILES = ["config.json", "model.safetensors", "preprocessor_config.json"]  # what --to hf writes
 
 
 def _images() -> torch.Tensor:
@@ -97,7 +98,7 @@ def mae(tmp_path_factory):
 # Ours -> HF
 def test_hf_loads_export_strictly_with_our_config(mae):
     model, root = mae
-    assert sorted(p.name for p in (root / "hf").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (root / "hf").iterdir()) == FOLDER_FILES
     hf = _hf(root / "hf")
     c = hf.config
     assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.intermediate_size) == (128, 6, 4, 512)
@@ -264,6 +265,148 @@ def test_every_hf_spelling_and_file_format_imports_the_same(tmp_path, capsys):
     for folder, state in states.items():
         assert state.keys() == states["saved"].keys(), folder
         assert all(torch.equal(state[k], v) for k, v in states["saved"].items()), folder
+
+
+# ---------------------------------------------------------------------------------------------
+# The image processor: preprocessor_config.json states the size and normalisation the model was trained with
+def _square_images() -> list:
+    """A colour image to shrink and a grayscale one to enlarge (our loader makes it RGB) to the model's 32 px."""
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    colour = torch.randint(0, 256, (48, 48, 3), generator=gen, dtype=torch.uint8).numpy()
+    gray = torch.randint(0, 256, (20, 20), generator=gen, dtype=torch.uint8).numpy()
+    return [Image.fromarray(colour), Image.fromarray(gray)]
+
+
+def _processed(processor, img) -> torch.Tensor:
+    return processor(img, return_tensors="pt")["pixel_values"][0]
+
+
+@pytest.mark.parametrize("norm", [None, ([0.3, 0.4, 0.5], [0.2, 0.25, 0.3])], ids=["imagenet", "run's"])
+def test_processor_prepares_images_as_our_eval_transform(mae, tmp_path, norm):
+    """AutoImageProcessor loads the folder (it failed: no preprocessor_config.json) and gives our evaluation's
+    tensor: resize to 32 px, normalised with the run's --mean/--std, else ImageNet's. Our evaluation
+    crops the centre of the shorter side's resize: on a square image at crop_pct 1, the whole image. With
+    Pillow's resize (ViTImageProcessor in transformers 4, ViTImageProcessorPil in 5) exactly; with
+    transformers 5's default, torchvision's resize of uint8 images, within 2 levels of 255 (observed)."""
+    model, _ = mae
+    mean, std = norm or ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    saved = {"mean": mean, "std": std} if norm else {}
+    args = argparse.Namespace(model=NAME, input_size=32, norm_pix_loss=True, mask_ratio=0.75, **saved)
+    torch.save({"model": model.state_dict(), "args": args}, tmp_path / "run.pth")
+    _run(["--checkpoint", str(tmp_path / "run.pth"), "--to", "hf", "--output", str(tmp_path / "hf")])
+    default = transformers.AutoImageProcessor.from_pretrained(str(tmp_path / "hf"))
+    pil_class = getattr(transformers, "ViTImageProcessorPil", transformers.ViTImageProcessor)
+    pil = pil_class.from_pretrained(str(tmp_path / "hf"))
+    for processor in (default, pil):
+        assert (list(processor.image_mean), list(processor.image_std)) == (mean, std)
+        assert (processor.size["height"], processor.size["width"]) == (32, 32)
+    ours = eval_transform(32, mean, std, crop_pct=1.0)
+    levels = 1 / 255 / min(std)  # one level of an 8-bit pixel, normalised
+    for img in _square_images():
+        expected = ours(img.convert("RGB"))  # what our loader gives the transform
+        torch.testing.assert_close(_processed(pil, img), expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(_processed(default, img), expected, atol=2 * levels + 1e-5, rtol=0)
+
+
+def test_a_folder_saved_by_transformers_brings_the_processors_mean_and_std_back(mae, tmp_path):
+    """Ours -> HF -> loaded and saved again by transformers (whose files carry no metadata of ours) -> ours:
+    the run's --mean/--std come back from preprocessor_config.json (they were lost: ImageNet's were used)."""
+    model, _ = mae
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+    args = argparse.Namespace(model=NAME, input_size=32, norm_pix_loss=True, mask_ratio=0.75, mean=mean, std=std)
+    torch.save({"model": model.state_dict(), "args": args}, tmp_path / "own.pth")
+    _run(["--checkpoint", str(tmp_path / "own.pth"), "--to", "hf", "--output", str(tmp_path / "hf")])
+    _hf(tmp_path / "hf").save_pretrained(str(tmp_path / "resaved"))
+    transformers.AutoImageProcessor.from_pretrained(str(tmp_path / "hf")).save_pretrained(str(tmp_path / "resaved"))
+    _run(["--from", "hf", "--checkpoint", str(tmp_path / "resaved"), "--output", str(tmp_path / "back.pth")])
+    back = load_checkpoint(str(tmp_path / "back.pth"))
+    assert (back["args"].mean, back["args"].std) == (mean, std)
+    assert all(torch.equal(model_state(back, "back")[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.25, 0.3]},
+        {"rescale_factor": 1 / 127.5, "image_mean": 1.0, "image_std": 1.0},  # pixels in [-1, 1]
+        {"do_rescale": False, "image_mean": [120, 110, 100], "image_std": [60, 62, 64]},
+        {"do_normalize": False, "image_mean": [0.5, 0.4, 0.3]},
+    ],
+)
+def test_the_processors_normalisation_becomes_ours(hf_parts, tmp_path, settings):
+    """Whatever scaling the processor applies, the imported --mean/--std normalise our pixels in [0, 1] into
+    the very tensor it gives (on an image of the model's size, which neither side resizes)."""
+    from PIL import Image
+    from torchvision.transforms import functional as TF
+
+    config, weights = hf_parts
+    folder = _write_folder(tmp_path / "hub", config, weights)
+    processor = transformers.ViTImageProcessor(size={"height": 32, "width": 32}, **settings)
+    processor.save_pretrained(str(folder))
+    _run(["--from", "hf", "--checkpoint", str(folder), "--output", str(tmp_path / "out.pth")])
+    args = load_checkpoint(str(tmp_path / "out.pth"))["args"]
+    img = Image.open(demo_files(1)[0]).convert("RGB")
+    ours = TF.normalize(TF.to_tensor(img), args.mean, args.std)
+    torch.testing.assert_close(_processed(processor, img), ours, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "key, value, expected",
+    [
+        ("image_mean", "0.5", "a number or a list of numbers"),
+        ("image_mean", [0.5, None, 0.5], "a number or a list of numbers"),
+        ("image_mean", [], "a number or a list of numbers"),
+        ("image_std", [0.2, 0, 0.2], "a positive number or a list of positive numbers"),
+        ("image_std", float("nan"), "a positive number or a list of positive numbers"),
+        ("image_mean", [0.5, 0.5], "one value per channel (3, config.json's)"),
+        ("do_normalize", "true", "true or false"),
+        ("do_rescale", 1, "true or false"),
+        ("rescale_factor", -1, "a positive number"),
+        ("rescale_factor", 5e-324, "about 1/255"),
+    ],
+)
+def test_a_corrupt_preprocessor_config_is_a_one_line_error_naming_it_and_the_key(
+    hf_parts, tmp_path, key, value, expected
+):
+    config, weights = hf_parts
+    folder = _write_folder(tmp_path / "bad", config, weights)
+    (folder / "preprocessor_config.json").write_text(json.dumps({"image_mean": 0.5, key: value}))
+    message = _import_error(folder, tmp_path)
+    assert message.startswith(f"HF folder {folder}: preprocessor_config.json has {key} {json.dumps(value)}")
+    assert expected in message
+
+
+@pytest.mark.parametrize("text, expected", [("[0.5]", "is not a JSON object"), ("{", "is not readable JSON")])
+def test_a_preprocessor_config_that_is_no_json_object_is_a_one_line_error(hf_parts, tmp_path, text, expected):
+    config, weights = hf_parts
+    folder = _write_folder(tmp_path / "bad", config, weights)
+    (folder / "preprocessor_config.json").write_text(text)
+    assert _import_error(folder, tmp_path).startswith(f"HF folder {folder}: preprocessor_config.json {expected}")
+
+
+def test_other_channel_counts_get_a_processor_of_their_values_or_none(tmp_path, capsys):
+    """A 1-channel MAE's processor holds its run's one mean and std and does not make images RGB; one that
+    stores none gets no processor (ImageNet's values are RGB's) and a note; stored values that fit no
+    channel count of the model are refused."""
+    torch.manual_seed(0)
+    model = models_mae.mae_vit_mini_patch4(in_chans=1)
+    base = {"model": NAME, "input_size": 32, "norm_pix_loss": False, "mask_ratio": 0.75}
+    stored = {"gray": {"mean": [0.5], "std": [0.25]}, "none": {}, "rgb": {"mean": [0.5] * 3, "std": [0.25] * 3}}
+    for name, saved in stored.items():
+        args = argparse.Namespace(**base, **saved)
+        torch.save({"model": model.state_dict(), "args": args}, tmp_path / f"{name}.pth")
+    _run(["--checkpoint", str(tmp_path / "gray.pth"), "--to", "hf", "--output", str(tmp_path / "gray")])
+    processor = json.loads((tmp_path / "gray" / "preprocessor_config.json").read_text())
+    assert (processor["image_mean"], processor["image_std"], processor["do_convert_rgb"]) == ([0.5], [0.25], False)
+    _run(["--checkpoint", str(tmp_path / "none.pth"), "--to", "hf", "--output", str(tmp_path / "none")])
+    assert sorted(p.name for p in (tmp_path / "none").iterdir()) == ["config.json", "model.safetensors"]
+    assert "no preprocessor_config.json written" in capsys.readouterr().out
+    argv = ["--checkpoint", str(tmp_path / "rgb.pth"), "--to", "hf", "--output", str(tmp_path / "rgb")]
+    message = one_line_error(lambda: _run(argv))
+    assert message.startswith(f"checkpoint {tmp_path / 'rgb.pth'} stores --mean 0.5 0.5 0.5 --std 0.25 0.25 0.25")
+    assert not (tmp_path / "rgb").exists()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -512,7 +655,7 @@ def test_force_replaces_a_whole_folder_and_refuses_one_with_other_files(mae, tmp
     src, out = root / "checkpoint-0.pth", tmp_path / "hf"
     _run(["--checkpoint", str(src), "--to", "hf", "--output", str(out)])
     _run(["--checkpoint", str(src), "--to", "hf", "--output", str(out), "--force"])
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == FOLDER_FILES
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"], "nothing left beside it"
     (out / "README.md").write_text("my notes")
     with pytest.raises(UserError, match=rf"^--output {re.escape(str(out))} holds other files \(README.md\)"):
@@ -531,5 +674,5 @@ def test_force_on_a_link_to_a_folder_replaces_the_link_and_leaves_nothing_beside
     _run(["--checkpoint", str(src), "--to", "hf", "--output", str(link), "--force"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "target"], "nothing left beside them"
     assert link.is_dir() and not link.is_symlink()
-    assert sorted(p.name for p in link.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in link.iterdir()) == FOLDER_FILES
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before

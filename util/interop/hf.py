@@ -1,10 +1,12 @@
 """Hugging Face transformers interop: our MAE <-> a ``ViTMAEForPreTraining`` folder.
 
 A folder is ``config.json`` plus the weights (``model.safetensors``; Hub downloads may instead hold
-``pytorch_model.bin`` or safetensors shards with an index). Folders are read here, with safetensors
-and json only (transformers is needed to load an export, not to write or read one); export.py
-writes them. A folder is untrusted input: every config.json and index entry that is used is
-checked against one typed table (``CONFIG_FIELDS``, ``INDEX_FIELDS``) before anything is built.
+``pytorch_model.bin`` or safetensors shards with an index), and mostly ``preprocessor_config.json``,
+the image processor: the image size and the normalisation the model was trained with. Folders are
+read here, with safetensors and json only (transformers is needed to load an export, not to write
+or read one); export.py writes them. A folder is untrusted input: every entry of its JSON files
+that is used is checked against one typed table (``CONFIG_FIELDS``, ``INDEX_FIELDS``,
+``PREPROCESSOR_FIELDS``) before anything is built.
 
 Names. Ours are the official MAE's: timm ViT blocks with one fused ``qkv`` projection. HF splits
 it into query, key and value. HF has renamed its modules over versions, and all three spellings
@@ -33,6 +35,7 @@ from util.cli.errors import UserError, fail
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+PREPROCESSOR_NAME = "preprocessor_config.json"
 _INDEX_NAME = "model.safetensors.index.json"
 _BIN_NAME = "pytorch_model.bin"
 
@@ -107,6 +110,16 @@ _SQUARE_SIZE = Rule(
     lambda v: _POSITIVE_INT.ok(v[0] if isinstance(v, list) and len(v) == 2 and v[0] == v[1] else v),
     lambda v: v[0] if isinstance(v, list) else v,
 )
+_NUMBERS = Rule(
+    "a number or a list of numbers",
+    lambda v: _is_number(v) or (isinstance(v, list) and bool(v) and all(map(_is_number, v))),
+    lambda v: [float(x) for x in (v if isinstance(v, list) else [v])],
+)
+_POSITIVE_NUMBERS = Rule(
+    "a positive number or a list of positive numbers",
+    lambda v: _NUMBERS.ok(v) and all(x > 0 for x in _NUMBERS.convert(v)),
+    _NUMBERS.convert,
+)
 _SHARD_MAP = Rule("an object from weight names to shard file names", lambda v: isinstance(v, dict) and bool(v))
 
 _REQUIRED = object()
@@ -133,6 +146,15 @@ CONFIG_FIELDS: dict[str, Field] = {
     "norm_pix_loss": (False, _BOOLEAN),
 }
 INDEX_FIELDS: dict[str, Field] = {"weight_map": (_REQUIRED, _SHARD_MAP)}
+# The image processor's normalisation, with ViTImageProcessor's defaults for the entries a file leaves out:
+# pixels are scaled by rescale_factor (when do_rescale), then normalised (when do_normalize).
+PREPROCESSOR_FIELDS: dict[str, Field] = {
+    "do_rescale": (True, _BOOLEAN),
+    "rescale_factor": (1 / 255, _POSITIVE_NUMBER),
+    "do_normalize": (True, _BOOLEAN),
+    "image_mean": ([0.5], _NUMBERS),  # one value: every channel's
+    "image_std": ([0.5], _POSITIVE_NUMBERS),
+}
 # The entries that fix the architecture (compared when importing): all but the norms' eps and the loss's.
 ARCH_KEYS = tuple(k for k in CONFIG_FIELDS if k not in ("layer_norm_eps", "mask_ratio", "norm_pix_loss"))
 
@@ -221,6 +243,28 @@ def hf_config(model: nn.Module, image_size: int, mask_ratio: float, norm_pix_los
     }
 
 
+def preprocessor_config(image_size: int, mean: list[float], std: list[float], rgb: bool) -> dict[str, Any]:
+    """The ``ViTImageProcessor`` (as preprocessor_config.json's dict) for our model of square images
+    of side ``image_size``: converted to RGB where the model takes RGB (``rgb``), as our loader
+    converts every file; resized as a whole, bicubic as in our transforms, to the model's size;
+    scaled to [0, 1] and normalised with the ``mean`` and ``std`` it was trained with. (Our
+    evaluation resizes the shorter side and crops the centre, which ViTImageProcessor cannot: the
+    same on a square image where the crop is the whole image.) Only entries that ViTImageProcessor
+    reads, in transformers 4 and 5 alike."""
+    return {
+        "image_processor_type": "ViTImageProcessor",
+        "do_convert_rgb": rgb,
+        "do_resize": True,
+        "size": {"height": image_size, "width": image_size},
+        "resample": 3,  # PIL's BICUBIC, the resampling of our transforms
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": [float(v) for v in mean],
+        "image_std": [float(v) for v in std],
+    }
+
+
 def to_hf_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our MAE state dict under the Hub's ViTMAEForPreTraining names (qkv split in three)."""
     out: dict[str, torch.Tensor] = {}
@@ -277,6 +321,41 @@ def read_hf_folder(folder: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]
             f"--from hf needs a ViTMAEForPreTraining"
         )
     return config, state, run_args
+
+
+def read_preprocessor(folder: str, channels: int) -> tuple[list[float], list[float]] | None:
+    """The (mean, std) for pixels in [0, 1], one value per channel, that the folder's
+    preprocessor_config.json normalises with; None without the file. Checked against
+    ``PREPROCESSOR_FIELDS`` and ``channels`` (config.json's num_channels), or a one-line error naming
+    the file and the entry. A processor that scales pixels by another factor than 1/255, or does
+    not normalise, is turned into the mean and std that give its pixels from ours."""
+    path = os.path.join(folder, PREPROCESSOR_NAME)
+    if not os.path.isfile(path):
+        return None
+    what = f"HF folder {folder}: {PREPROCESSOR_NAME}"
+    data = read_json(path, what)
+    fields = checked(data, PREPROCESSOR_FIELDS, what)
+    mean, std = (_per_channel(fields[key], data.get(key), key, channels, what) for key in ("image_mean", "image_std"))
+    if not fields["do_normalize"]:
+        mean, std = [0.0] * channels, [1.0] * channels
+    # HF computes (x * factor - m) / s on pixels x of 0..255; ours (x / 255 - M) / S: equal for
+    # M = m / scale, S = s / scale (scale 1 for the usual factor 1/255).
+    scale = 255 * fields["rescale_factor"] if fields["do_rescale"] else 255.0
+    mean, std = [m / scale for m in mean], [s / scale for s in std]
+    if not all(math.isfinite(v) for v in mean + std) or min(std) <= 0:
+        factor = _shown(data["rescale_factor"])
+        fail(f"{what} has rescale_factor {factor}, which leaves no finite mean and std; it must be about 1/255")
+    return mean, std
+
+
+def _per_channel(values: list[float], given: Any, key: str, channels: int, what: str) -> list[float]:
+    """``values`` (checked; ``given``: as the file spells them), one per channel: a single value is
+    every channel's, as in transformers."""
+    if len(values) == 1:
+        return values * channels
+    if len(values) != channels:
+        fail(f"{what} has {key} {_shown(given)}; it must hold one value per channel ({channels}, {CONFIG_NAME}'s)")
+    return values
 
 
 def _weight_files(folder: str) -> list[str]:
