@@ -6,6 +6,8 @@ prediction and mask (norm_pix_loss on and off, two mask ratios, HF's sdpa and ea
 Import: a folder from our export comes back bit for bit; a model built and saved by transformers
 (in each of HF's name spellings) becomes a checkpoint whose model gives HF's outputs and that the
 --finetune and --resume loaders accept. Broken folders are one-line errors naming the folder.
+Image processor: the exported preprocessor_config.json loads with AutoImageProcessor and prepares
+images as our evaluation transform; an imported one gives the checkpoint its mean and std.
 
 Tolerance: float32, absolute 1e-5. Observed with transformers 5.23 on CPU: sdpa attention gives
 bitwise-equal outputs (max difference 0); eager attention differs in the prediction by ~2e-6
