@@ -73,6 +73,21 @@ def test_launcher_flags_are_documented():
     assert not missing, missing
 
 
+def test_flags_md_says_where_the_other_commands_flags_are():
+    """docs/flags.md documents the flags of main_*.py; every other command of the checkout (a script that runs
+    as __main__) is named there with the page that documents its flags, so a reader of flags.md finds them."""
+    flags_md = (REPO / "docs" / "flags.md").read_text()
+    scripts = sorted(p.name for p in REPO.glob("*.py") if 'if __name__ == "__main__"' in p.read_text())
+    others = [name for name in scripts if not name.startswith("main_")]
+    assert others, scripts  # the check below checks something
+    named = {
+        name
+        for name in others
+        if f"`{name}`" in flags_md or name.startswith("submitit_") and "`submitit_*.py`" in flags_md
+    }
+    assert sorted(set(others) - named) == []
+
+
 # The official scripts' flags and defaults (facebookresearch/mae), facts compared, not code.
 _OFFICIAL_SHARED = {
     "--batch_size": 64, "--epochs": 400, "--accum_iter": 1, "--model": "mae_vit_large_patch16",
