@@ -50,7 +50,6 @@ TIMM_NAMES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 # What a timm ViT encoder holds; the rest of an MAE (decoder, mask token) and a head are left out.
 _ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.", "fc_norm.")
-_DROPPED_PREFIXES = ("decoder_", "mask_token", "head.")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -70,7 +69,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def encoder_state(state: dict[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:
     """The encoder weights of an MAE or classifier state dict, under timm's ViT names (ours are
     timm's already), or fail naming what is missing or foreign."""
-    foreign = sorted(k for k in state if not k.startswith(_ENCODER_PREFIXES + _DROPPED_PREFIXES))
+    foreign = sorted(k for k in state if not k.startswith(_ENCODER_PREFIXES + models_vit.NOT_ENCODER))
     if foreign:
         fail(f"checkpoint {path} holds weights that are not an MAE or ViT's ({', '.join(foreign[:3])})")
     encoder = {k: v for k, v in state.items() if k.startswith(_ENCODER_PREFIXES)}
@@ -109,14 +108,12 @@ def vit_name(
         models_vit.MODELS.factory(given)  # a known name, or one line listing them
     elif name and name not in models_vit.MODELS:
         fail(f"checkpoint {path} stores --model {saved}, which has no models_vit classifier; give --model")
-    pool = "fc_norm.weight" in encoder
     # The stored rectangle first: one of as many patches as a square (48x12 at patch 4: 12x3, as 24x24's 6x6)
     # fits that square's shapes too, whose grid would place the position embeddings otherwise.
-    if name and (rectangle := _stored_rectangle(ckpt)) and _fits(name, rectangle, encoder, pool):
-        return name, rectangle
-    found = models_mae.model_for_weights(
-        encoder, models_vit.MODELS, [name] if name else None, num_classes=0, global_pool=pool
-    )
+    names = [name] if name else None
+    rectangle = _stored_rectangle(ckpt) if name else None
+    found = rectangle and models_vit.encoder_for_weights(encoder, names, img_size=rectangle)
+    found = found or models_vit.encoder_for_weights(encoder, names)
     if found:
         return found
     if name:
@@ -132,16 +129,6 @@ def _stored_rectangle(ckpt: dict[str, Any]) -> tuple[int, int] | None:
         return None
     height, width = image_size(stored)
     return (height, width) if height != width else None
-
-
-def _fits(name: str, size: tuple[int, int], encoder: dict[str, torch.Tensor], global_pool: bool) -> bool:
-    """Whether models_vit's ``name`` at ``size`` has exactly the encoder's names and shapes (built on the meta
-    device: a stored size is untrusted, and nothing is computed there)."""
-    with torch.device("meta"):
-        model = models_vit.MODELS[name](
-            img_size=size, in_chans=encoder["patch_embed.proj.weight"].shape[1], num_classes=0, global_pool=global_pool
-        )
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()} == {k: tuple(v.shape) for k, v in encoder.items()}
 
 
 def timm_call(
@@ -273,7 +260,7 @@ def mae_name(ckpt: dict[str, Any], state: dict[str, torch.Tensor], given: str | 
         if name not in models_mae.MODELS:
             advice = "" if given else "give --model, one of the "
             fail(f"{which} is not an MAE; {advice}known models: {', '.join(models_mae.MODELS)}")
-    found = models_mae.model_for_weights(state, names=[name] if name else None)
+    found = models_mae.MODELS.fit(state, names=[name] if name else None)
     if found is None and name:
         which, advice = (name, "check") if given else (f"{name}, the model it stores,", "give")
         fail(f"checkpoint {path} does not fit {which} at {img_size} px; {advice} --model")
@@ -353,10 +340,10 @@ def mae_for_hf_config(config: dict[str, Any], folder: str) -> tuple[str, torch.n
 def check_weights_fit_config(state: dict[str, torch.Tensor], name: str, img_size: int, folder: str) -> None:
     """The weights are ``name``'s at ``img_size`` px, as config.json says, or fail saying whose they
     are: settled from their shapes, so that a config's image size is never built."""
-    found = models_mae.model_for_weights(state, names=[name])
+    found = models_mae.MODELS.fit(state, names=[name])
     if found == (name, img_size):
         return
-    actual = found or models_mae.model_for_weights(state)
+    actual = found or models_mae.MODELS.fit(state)
     whose = f"they are {actual[0]}'s at {actual[1]} px" if actual else "they are no models_mae model's"
     fail(f"HF folder {folder}: its weights do not fit its config.json ({name} at {img_size} px); {whose}")
 

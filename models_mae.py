@@ -7,7 +7,7 @@ Parameter names follow the official checkpoints so that they load as they are.
 """
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -338,41 +338,3 @@ def create_model(
     ``size_source``, the checkpoint the size was read from: see ``Registry.create``)."""
     check = None if mask_ratio is None else lambda model: check_mask_ratio(mask_ratio, model.num_patches)
     return MODELS.create(name, input_size, in_chans, check, **kwargs)
-
-
-def model_for_weights(
-    state: Mapping[str, torch.Tensor], registry: Registry = MODELS, names: Iterable[str] | None = None, **kwargs: Any
-) -> tuple[str, int] | None:
-    """(name, image side) of the first model of ``registry`` (of ``names``; default: all) whose
-    state dict has exactly ``state``'s names and shapes, at that side and ``state``'s channels; or
-    None. The one place where a model is recognised by its weights (official releases carry no
-    args); ``kwargs`` go to the factories (e.g. ``num_classes=0, global_pool=True`` for models_vit).
-
-    The side is a square's: weights cannot tell 8x16 patches from 16x8. It comes from untrusted
-    weights, so nothing is built at it (a claimed 10^5 x 10^5 grid would compute float64 sin-cos
-    embeddings of that size even on the meta device): each candidate is built on the meta device at
-    its default size, and its position embeddings' token count (the only size-dependent shape) is
-    worked out for the side by arithmetic."""
-    proj = state.get("patch_embed.proj.weight")
-    if proj is None or proj.dim() != 4:
-        return None
-    wanted = {k: tuple(v.shape) for k, v in state.items()}
-    for name in registry if names is None else names:
-        with torch.device("meta"):
-            model = registry[name](in_chans=proj.shape[1], **kwargs)
-        side = _side_where_shapes_equal(model, wanted)
-        if side is not None:
-            return name, side
-    return None
-
-
-def _side_where_shapes_equal(model: nn.Module, wanted: dict[str, tuple[int, ...]]) -> int | None:
-    """The square image side at which ``model``'s state-dict shapes would equal ``wanted``, or None."""
-    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if own.keys() != wanted.keys() or len(wanted["pos_embed"]) != 3:
-        return None
-    prefix = own["pos_embed"][1] - model.patch_embed.num_patches  # the class token
-    grid = math.isqrt(max(wanted["pos_embed"][1] - prefix, 0))
-    tokens = grid * grid + prefix
-    at_side = {k: (s[0], tokens, *s[2:]) if k.endswith("pos_embed") else s for k, s in own.items()}
-    return grid * model.patch_embed.patch_size[0] if grid and at_side == wanted else None

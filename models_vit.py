@@ -6,8 +6,11 @@ class token after ``norm``. timm's own strings ('avg', 'token') are accepted too
 names equal the official fine-tuned checkpoints'.
 """
 
+from collections.abc import Iterable, Mapping
 from functools import partial
+from typing import Any
 
+import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 
@@ -69,3 +72,16 @@ MODELS = Registry(
     ]
 )
 create_model = MODELS.create  # (name, input_size, in_chans, **kwargs): checks --model, --input_size, --in_chans
+
+# What a state dict may hold beside an encoder: an MAE's decoder and mask token, a classifier's head.
+NOT_ENCODER = ("decoder_", "mask_token", "head.")
+
+
+def encoder_for_weights(
+    state: Mapping[str, torch.Tensor], names: Iterable[str] | None = None, **kwargs: Any
+) -> tuple[str, int | tuple[int, int]] | None:
+    """(name, image size) of the classifier whose encoder has exactly the shapes of ``state``'s encoder
+    weights (an MAE's, an encoder-only release's or a classifier's: what ``NOT_ENCODER`` names is set
+    aside), pooled as they are (``fc_norm``: global pooling); or None. See ``Registry.fit``."""
+    encoder = {k: v for k, v in state.items() if not k.startswith(NOT_ENCODER)}
+    return MODELS.fit(encoder, names, num_classes=0, global_pool="fc_norm.weight" in encoder, **kwargs)

@@ -93,7 +93,7 @@ def main(args: argparse.Namespace) -> None:
     state = model_state(ckpt, args.checkpoint)
     check_has_decoder(state, args.checkpoint)
     saved = vars(ckpt["args"]) if isinstance(ckpt.get("args"), argparse.Namespace) else {}
-    inferred = None if args.model and args.input_size else models_mae.model_for_weights(state)
+    inferred = None if args.model and args.input_size else models_mae.MODELS.fit(state)
     name = args.model or saved.get("model") or (inferred[0] if inferred else None)
     if name is None:
         fail(f"cannot tell which MAE model {args.checkpoint} holds; give --model")

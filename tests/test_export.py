@@ -342,38 +342,43 @@ def test_training_resume_from_safetensors_loads_weights_only_and_says_so(tmp_pat
 
 
 # ---------------------------------------------------------------------------------------------
-# The model inferred from weight shapes: models_mae.model_for_weights, the one home of it
+# The model inferred from weight shapes: Registry.fit, the one home of it
 @pytest.mark.parametrize("name", list(models_mae.MODELS))
-def test_model_for_weights_recognises_each_mae_at_another_size(name):
+def test_fit_recognises_each_mae_at_another_size(name):
     """Each factory built (on the meta device) for 1-channel images of another size than its
     default is found, with that size."""
     size = 112 if name.endswith("patch16") else 56
     with torch.device("meta"):
         state = models_mae.MODELS[name](img_size=size, in_chans=1).state_dict()
-    assert models_mae.model_for_weights(state) == (name, size)
+    assert models_mae.MODELS.fit(state) == (name, size)
 
 
-def test_model_for_weights_finds_none_for_other_names_or_shapes():
+def test_fit_finds_none_for_other_names_or_shapes():
     with torch.device("meta"):
         state = models_mae.mae_vit_mini_patch4(img_size=48).state_dict()
-    assert models_mae.model_for_weights(state, names=["mae_vit_mini_patch4"]) == ("mae_vit_mini_patch4", 48)
-    assert models_mae.model_for_weights(state, names=["mae_vit_tiny_patch4"]) is None
-    assert models_mae.model_for_weights({k: v for k, v in state.items() if k != "decoder_pred.bias"}) is None
-    assert models_mae.model_for_weights({**state, "extra": torch.zeros(1)}) is None
+    assert models_mae.MODELS.fit(state, names=["mae_vit_mini_patch4"]) == ("mae_vit_mini_patch4", 48)
+    assert models_mae.MODELS.fit(state, names=["mae_vit_tiny_patch4"]) is None
+    assert models_mae.MODELS.fit({k: v for k, v in state.items() if k != "decoder_pred.bias"}) is None
+    assert models_mae.MODELS.fit({**state, "extra": torch.zeros(1)}) is None
     # The decoder's position embedding for another grid than the encoder's.
-    assert models_mae.model_for_weights({**state, "decoder_pos_embed": torch.zeros(1, 65, 64)}) is None
+    assert models_mae.MODELS.fit({**state, "decoder_pos_embed": torch.zeros(1, 65, 64)}) is None
     # 8 x 16 patches: the weights of no square image.
-    assert models_mae.model_for_weights({**state, "pos_embed": torch.zeros(1, 129, 128)}) is None
+    assert models_mae.MODELS.fit({**state, "pos_embed": torch.zeros(1, 129, 128)}) is None
 
 
-def test_model_for_weights_recognises_classifier_encoders():
-    """models_vit encoders, with a class token (norm) or global pooling (fc_norm), at 48 px."""
-    for global_pool in (False, True):
-        with torch.device("meta"):
-            state = models_vit.vit_tiny_patch4(img_size=48, num_classes=0, global_pool=global_pool).state_dict()
-        found = models_mae.model_for_weights(state, models_vit.MODELS, num_classes=0, global_pool=global_pool)
-        assert found == ("vit_tiny_patch4", 48)
-        assert models_mae.model_for_weights(state, models_vit.MODELS, ["vit_mini_patch4"], num_classes=0) is None
+def test_encoder_for_weights_recognises_classifier_and_mae_encoders():
+    """models_vit encoders at 48 px, with a class token (norm) or global pooling (fc_norm), with a head or
+    not, and an MAE's (its decoder and mask token set aside)."""
+    with torch.device("meta"):
+        states = [
+            models_vit.vit_tiny_patch4(img_size=48, num_classes=classes, global_pool=global_pool).state_dict()
+            for classes in (0, 10)
+            for global_pool in (False, True)
+        ]
+        states.append(models_mae.mae_vit_tiny_patch4(img_size=48).state_dict())
+    for state in states:
+        assert models_vit.encoder_for_weights(state) == ("vit_tiny_patch4", 48)
+        assert models_vit.encoder_for_weights(state, ["vit_mini_patch4"]) is None
 
 
 @pytest.mark.parametrize("tokens", [65537, 10**10 + 1], ids=["256x256 grid", "10**5 x 10**5 grid"])

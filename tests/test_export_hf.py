@@ -641,7 +641,7 @@ def test_config_image_size_the_weights_cannot_take_is_refused_before_allocating(
 
 
 def test_export_does_not_import_the_reconstruct_script(mae, tmp_path, monkeypatch):
-    """The model inferred from weight shapes has one home (models_mae.model_for_weights)."""
+    """The model inferred from weight shapes has one home (util.registry.Registry.fit)."""
     model, _ = mae
     src = tmp_path / "no_args.pth"
     torch.save({"model": model.state_dict()}, src)  # no args: the model is inferred

@@ -1,9 +1,12 @@
 """Models by name, checked against the flags where they are built (timm's ``create_model`` is the
 pattern): the name, the image size against the patch size, the image channels, and whatever the
-caller adds (``models_mae.create_model`` the mask ratio). ``models_mae.MODELS`` and
-``models_vit.MODELS`` are registries."""
+caller adds (``models_mae.create_model`` the mask ratio); and recognised by their weights
+(``Registry.fit``: official releases store no flags). ``models_mae.MODELS`` and ``models_vit.MODELS``
+are registries."""
 
-from collections.abc import Callable, Iterable, Sequence
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -63,6 +66,51 @@ class Registry(dict[str, Callable[..., nn.Module]]):
                 check(planned)
         _require_weights(planned, name, kwargs.get("img_size"), kwargs.get("num_classes"))
         return factory(in_chans=in_chans, **kwargs)
+
+    def fit(
+        self, state: Mapping[str, torch.Tensor], names: Iterable[str] | None = None, **kwargs: Any
+    ) -> tuple[str, int | tuple[int, int]] | None:
+        """(name, image size) of the first model (of ``names``; default: all) whose state dict has
+        exactly ``state``'s names and shapes, at that size and ``state``'s channels; or None. The one
+        place where a model is recognised by its weights; ``kwargs`` go to the factories (e.g.
+        ``num_classes=0, global_pool=True`` for models_vit; ``img_size``: a size the checkpoint
+        stores, the only one then tried).
+
+        Else the size is a square's side: weights cannot tell 8x16 patches from 16x8. It comes from
+        untrusted weights, so nothing is built at it (a claimed 10^5 x 10^5 grid would compute float64
+        sin-cos embeddings of that size even on the meta device): each candidate is built on the meta
+        device at its default size, and its position embeddings' token count (the only size-dependent
+        shape) is worked out for the side by arithmetic."""
+        proj = state.get("patch_embed.proj.weight")
+        if proj is None or proj.dim() != 4:
+            return None
+        wanted = _shapes(state)
+        for name in self if names is None else names:
+            with torch.device("meta"):
+                model = self[name](in_chans=proj.shape[1], **kwargs)
+            if "img_size" in kwargs:
+                size = kwargs["img_size"] if _shapes(model.state_dict()) == wanted else None
+            else:
+                size = _side_where_shapes_equal(model, wanted)
+            if size is not None:
+                return name, size
+        return None
+
+
+def _shapes(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+def _side_where_shapes_equal(model: nn.Module, wanted: dict[str, tuple[int, ...]]) -> int | None:
+    """The square image side at which ``model``'s state-dict shapes would equal ``wanted``, or None."""
+    own = _shapes(model.state_dict())
+    if own.keys() != wanted.keys() or len(wanted["pos_embed"]) != 3:
+        return None
+    prefix = own["pos_embed"][1] - model.patch_embed.num_patches  # the class token
+    grid = math.isqrt(max(wanted["pos_embed"][1] - prefix, 0))
+    tokens = grid * grid + prefix
+    at_side = {k: (s[0], tokens, *s[2:]) if k.endswith("pos_embed") else s for k, s in own.items()}
+    return grid * model.patch_embed.patch_size[0] if grid and at_side == wanted else None
 
 
 def _require_weights(
