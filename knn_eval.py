@@ -8,6 +8,8 @@ Each entry of ``--encoders`` is a checkpoint (ours, or an official MAE release: 
 or a classifier that kept the final ``norm``), ``random`` (the encoder as pre-training initialises
 it, under ``--seed``) or ``pixels`` (the center-cropped image itself). The bank is ``<data_path>/train``,
 the queries ``<data_path>/val`` (or ``test``). Under torchrun the scores equal the one-process scores.
+``--model`` and ``--input_size`` default to the first checkpoint's: stored in its args, else (official
+releases store none) those whose encoder has its weights' shapes.
 """
 
 import argparse
@@ -21,9 +23,10 @@ from collections.abc import Callable
 import torch
 
 import models_mae
+import models_vit
 from util.checkpoint.encoder import load_mae_encoder
 from util.checkpoint.flags import fill_from_checkpoints
-from util.checkpoint.load import is_url, saved_args
+from util.checkpoint.load import is_url, model_state, saved_args
 from util.checkpoint.state import SHARED_CHECKPOINT, Opened, open_checkpoint, open_on_every_rank
 from util.cli.args import PRECISIONS, check_at_least, check_device, check_finite, check_seed, resolve_precision
 from util.cli.errors import fail, run_cli
@@ -42,8 +45,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("k-NN evaluation of MAE encoders")
     parser.add_argument("--data_path", required=True, help="ImageFolder with train/ (the bank) and val/ or test/")
     known = ", ".join(models_mae.MODELS)
-    parser.add_argument("--model", help=f"one of: {known} (default: the first checkpoint's, else {FALLBACKS['model']})")
-    parser.add_argument("--input_size", type=int, help="image size (default: the first checkpoint's, else the model's)")
+    first = "the first checkpoint's (its args', else its weights')"
+    parser.add_argument("--model", help=f"one of: {known} (default: {first}, else {FALLBACKS['model']})")
+    parser.add_argument("--input_size", type=int, help=f"image size (default: {first}, else the model's)")
     parser.add_argument("--encoders", nargs="+", required=True, metavar="ENCODER", help="checkpoints, random, pixels")
     parser.add_argument("--output", default="", help="append one JSON line per encoder to this file")
     parser.add_argument("--batch_size", default=256, type=int)
@@ -86,6 +90,30 @@ def saved_args_on_every_rank(encoder: str) -> argparse.Namespace | None:
     file on every rank, or every rank stops in one line. Read by each rank alone, a file one rank could not
     read stopped that rank alone, and the others ended saying another process stopped."""
     return open_on_every_rank(lambda: Opened(encoder, {"args": saved_args(encoder)}), encoder, "--encoders").args
+
+
+def fill_from_weights(args: argparse.Namespace, first: Opened) -> None:
+    """--model and --input_size, where not given, from the weights of ``first``, a checkpoint that stores
+    no args (an official release): the MAE whose encoder has their shapes (``--model``'s, if given), at
+    their size. Without --model, weights that fit no model are refused in one line; with it, the
+    model's own size is taken, and loading says what does not fit."""
+    if args.model is not None and args.input_size is not None:
+        return
+    if args.model is not None:
+        models_mae.MODELS.factory(args.model)  # a known name, or one line listing them
+    given = [models_mae.encoder_name(args.model)] if args.model else None
+    found = models_vit.encoder_for_weights(model_state(first.ckpt, first.path), given)
+    if found is None and args.model is None:
+        fail(
+            f"checkpoint {first.path} stores no --model, and its weights fit no known MAE encoder "
+            f"(at a square image size); give --model"
+        )
+    if found is None:
+        return
+    filled = {"model": args.model or f"mae_{found[0]}", "input_size": args.input_size or found[1]}
+    taken = [f"--{flag} {value}" for flag, value in filled.items() if getattr(args, flag) is None]
+    vars(args).update(filled)
+    log.info(f"from the weights of checkpoint {first.path}: {' '.join(taken)} (flags not given)")
 
 
 def check_encoder_files(checkpoints: list[str]) -> None:
@@ -132,6 +160,8 @@ def main(args: argparse.Namespace) -> None:
     distributed.init_distributed_mode(args)
     check_encoder_files(checkpoints)
     first = open_on_every_rank_of(checkpoints[0]) if checkpoints else None  # read once: flags, then weights
+    if first is not None and first.args is None:
+        fill_from_weights(args, first)
     origins = fill_from_checkpoints(args, [first] if first else [], FALLBACKS)
     with torch.device("meta"):  # --model and --input_size checked before any image is read
         model = models_mae.create_model(args.model, args.input_size, size_source=origins.get("input_size", ""))

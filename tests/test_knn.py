@@ -1,10 +1,12 @@
 """k-NN monitor and knn_eval.py: the weighted vote against hand computations, accuracy at its
 known extremes (separable features, shuffled labels), one process against two, and errors."""
 
+import argparse
 import json
 import math
 import os
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from helpers import (
     demo_files,
     isolated_interrupts,
     load,
+    load_spec,
     one_line_error,
     read_log,
     run_pretrain,
@@ -27,7 +30,7 @@ from helpers import (
 import knn_eval
 import models_mae
 from util.checkpoint.encoder import load_mae_encoder
-from util.checkpoint.state import SHARED_CHECKPOINT
+from util.checkpoint.state import SHARED_CHECKPOINT, Opened
 from util.cli.errors import UserError
 from util.data.sampling import evenly_spaced
 from util.eval import knn
@@ -348,8 +351,6 @@ def test_knn_eval_refuses_an_encoder_of_other_channels_in_one_line(tmp_path):
     """knn_eval.py reads RGB images (docs/own-data.md: it takes RGB models). Was: "checkpoint ...
     stores --mean 0.5: 1 value(s) for images of 3 channels ...; give --mean and --std", advice
     that only led to a second error, the weights' shapes."""
-    import argparse
-
     data = labelled_folder(tmp_path / "data", 2, 1)
     torch.manual_seed(0)
     gray = tmp_path / "gray.pth"
@@ -376,6 +377,75 @@ def test_knn_eval_calls_a_folder_given_as_encoder_a_folder(tmp_path, first):
     refused = one_line_error(knn_eval.main, knn_eval.get_args_parser().parse_args(argv))
     assert refused.startswith(f"checkpoint {folder} is a folder, not a checkpoint file"), refused
     assert "export.py --from hf" in refused
+
+
+# ---------------------------------------------------------------------------------------------
+# Official releases store weights only: knn_eval takes --model and --input_size from them
+def official_layouts(size: int) -> dict[str, dict[str, torch.Tensor]]:
+    """mae_vit_tiny_patch4's weights at ``size`` px as the official releases hold them (their names:
+    test_official_names): full (mae_visualize_*), encoder only (mae_pretrain_*) and a classifier
+    fine-tuned with --cls_token (mae_finetuned_*: the final norm and a head)."""
+    full = models_mae.mae_vit_tiny_patch4(img_size=size).state_dict()
+    encoder = {k: v for k, v in full.items() if not k.startswith(("decoder_", "mask_token"))}
+    head = {"head.weight": torch.zeros(3, 192), "head.bias": torch.zeros(3)}
+    return {"full": full, "encoder": encoder, "classifier": {**encoder, **head}}
+
+
+@pytest.mark.parametrize(
+    "kind, flags", [("full", []), ("encoder", []), ("classifier", []), ("encoder", ["--model", "mae_vit_tiny_patch4"])]
+)
+def test_knn_eval_takes_model_and_size_of_an_official_checkpoint_from_its_weights(tmp_path, kind, flags):
+    """Was: the fallback mae_vit_mini_patch4 at 32 px, whose load refused the weights ('does not fit
+    MaskedAutoencoderViT ...; check --model'); and with --model, its default 32 px, the 48-px position
+    embeddings resized. As in reconstruct.py, the weights decide where neither flag nor args do."""
+    data = labelled_folder(tmp_path / "data", 2, 1)
+    torch.manual_seed(0)
+    path = tmp_path / f"{kind}.pth"
+    torch.save({"model": official_layouts(48)[kind]}, path)
+    argv = ["--data_path", str(data), "--encoders", str(path), "--device", "cpu", "--num_workers", "0", *flags]
+    args = knn_eval.get_args_parser().parse_args([*argv, "--knn_k", "3", "--output", str(tmp_path / "knn.json")])
+    knn_eval.main(args)
+    assert (args.model, args.input_size) == ("mae_vit_tiny_patch4", 48)
+    (record,) = [json.loads(line) for line in (tmp_path / "knn.json").read_text().splitlines()]
+    assert record["model"] == "mae_vit_tiny_patch4" and 0 <= record["cls_top1"] <= 100
+
+
+def test_official_checkpoint_shapes_give_their_model_at_224_px():
+    """The official ViT-B/16 releases' names and shapes (../shared/spec; meta tensors), full or fine-tuned,
+    are mae_vit_base_patch16 at 224 px. The layouts above have their names (block indices aside)."""
+    spec = load_spec()
+
+    def names(keys) -> set[str]:
+        return {re.sub(r"blocks\.\d+\.", "blocks.N.", k) for k in keys}
+
+    ours = official_layouts(32)
+    assert names(ours["full"]) == names(spec["mae_vit_base_patch16"])
+    assert names(ours["classifier"]) == names(spec["vit_base_patch16_cls"])
+    assert names(ours["encoder"]) == {k for k in names(ours["full"]) if not k.startswith(("decoder_", "mask_token"))}
+    for release in ("mae_vit_base_patch16", "vit_base_patch16_cls", "vit_base_patch16_gp"):
+        state = {k: torch.empty(shape, device="meta") for k, shape in spec[release].items()}
+        args = argparse.Namespace(model=None, input_size=None)
+        knn_eval.fill_from_weights(args, Opened(release, {"model": state}))
+        assert (args.model, args.input_size) == ("mae_vit_base_patch16", 224), release
+
+
+@pytest.mark.parametrize("change", ["a block less", "8x16 patches"])
+def test_knn_eval_refuses_weights_that_fit_no_model_in_one_line(tmp_path, change):
+    """Weights of no registered encoder, or of a grid no square image has (8x16 or 16x8?), without --model."""
+    data = labelled_folder(tmp_path / "data", 2, 1)
+    state = official_layouts(32)["encoder"]
+    if change == "a block less":
+        state = {k: v for k, v in state.items() if not k.startswith("blocks.11.")}
+    else:
+        state["pos_embed"] = torch.zeros(1, 8 * 16 + 1, 192)
+    path = tmp_path / "unknown.pth"
+    torch.save({"model": state}, path)
+    argv = ["--data_path", str(data), "--encoders", str(path), "--device", "cpu"]
+    refused = one_line_error(knn_eval.main, knn_eval.get_args_parser().parse_args(argv))
+    assert refused == (
+        f"checkpoint {path} stores no --model, and its weights fit no known MAE encoder (at a square image "
+        f"size); give --model"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
