@@ -45,7 +45,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("k-NN evaluation of MAE encoders")
     parser.add_argument("--data_path", required=True, help="ImageFolder with train/ (the bank) and val/ or test/")
     known = ", ".join(models_mae.MODELS)
-    first = "the first checkpoint's (its args', else its weights')"
+    first = "from the first checkpoint's args, else its weights"
     parser.add_argument("--model", help=f"one of: {known} (default: {first}, else {FALLBACKS['model']})")
     parser.add_argument("--input_size", type=int, help=f"image size (default: {first}, else the model's)")
     parser.add_argument("--encoders", nargs="+", required=True, metavar="ENCODER", help="checkpoints, random, pixels")
