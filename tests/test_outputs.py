@@ -748,3 +748,16 @@ def test_an_output_file_whose_temporary_name_is_too_long_is_refused_before_work(
     assert too_long.value.errno == errno.ENAMETOOLONG
     with pytest.raises(UserError, match=r"--output .*: the path is too long .*give a shorter path"):
         outputs.check_output_file(str(tmp_path / name), "--output")
+
+
+def test_an_output_name_over_name_max_in_bytes_is_refused_before_work(tmp_path):
+    # NAME_MAX counts bytes: 124 'é' (2 bytes each in UTF-8) and '.png' are 128 characters but 252 bytes, and
+    # the temporary (name.tmp<pid>) is over 255. The start's probe, as long in characters, fit and let it pass.
+    name = "é" * 124 + ".png"
+    with pytest.raises(OSError) as too_long:
+        open(outputs.temporary_path(str(tmp_path / name)), "wb")
+    assert too_long.value.errno == errno.ENAMETOOLONG
+    for check, path in ((outputs.check_output_file, name), (outputs.check_json_output, name[:-4] + ".json")):
+        with pytest.raises(UserError, match=r"^--output .*: the path is too long .*give a shorter path$"):
+            check(str(tmp_path / path), "--output")
+    outputs.check_output_file(str(tmp_path / ("é" * 100 + ".png")), "--output")  # 204 bytes, and its temporary, fit

@@ -45,7 +45,8 @@ def _check_writable(folder: str, what: str, longest: str = _LONGEST_NAME) -> Non
         # Named as long as the longest name a run writes there, so that a path near PATH_MAX is refused now
         # rather than at the first checkpoint, an epoch later.
         longest = os.path.basename(temporary_path(longest))
-        pad = "." + "x" * max(0, len(longest) - len(".write-test-") - 8 - 1)  # 8: tempfile's random part
+        # In bytes, as NAME_MAX and PATH_MAX count: 'é' is one character and two bytes. 8: tempfile's random part.
+        pad = "." + "x" * max(0, len(os.fsencode(longest)) - len(".write-test-") - 8 - 1)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-", suffix=pad):
             pass
     except OSError as e:
