@@ -35,7 +35,7 @@ from util.cli.errors import fail, run_cli
 from util.data import normalization
 from util.interop import hf as hf_interop
 from util.memory import require
-from util.outputs import atomic_write, check_not_an_input, sync_folder
+from util.outputs import atomic_write, check_folder_output, check_not_an_input, check_writable, sync_folder
 from util.sizes import image_size
 
 # Our classifier architectures as timm registered models (+ the kwargs that make them equal).
@@ -425,6 +425,12 @@ def check_output(args: argparse.Namespace) -> None:
             "--mask_ratio and --norm_pix_loss set the config of --to hf; the other modes take the checkpoint's: "
             "leave them out"
         )
+    # Before the checkpoint is loaded and converted: a name over NAME_MAX, a path near PATH_MAX or a
+    # read-only folder failed only at the write.
+    if args.to == "hf":
+        check_folder_output(args.output, f"--output {args.output}", (hf_interop.CONFIG_NAME, hf_interop.WEIGHTS_NAME))
+    else:
+        check_writable(folder, f"--output {args.output}", os.path.basename(args.output))
 
 
 def main(args: argparse.Namespace) -> None:

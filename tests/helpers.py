@@ -595,3 +595,13 @@ def recorded_calls(module: Any, name: str) -> Iterator[list[str]]:
         yield calls
     finally:
         setattr(module, name, real)
+
+
+def folder_of_length(root: Path, length: int) -> Path:
+    """A folder under ``root`` whose absolute path has ``length`` characters (parts of at most 200)."""
+    path = str(root.resolve())
+    while len(path) < length:
+        path = os.path.join(path, "d" * min(200, length - len(path) - 1))
+    os.makedirs(path)
+    assert len(path) == length
+    return Path(path)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import budgeted_open, demo_files, one_line_error, pretrain_args
+from helpers import budgeted_open, demo_files, folder_of_length, one_line_error, pretrain_args
 
 import export
 import main_finetune
@@ -455,6 +455,63 @@ def test_full_disk_is_one_line_and_leaves_the_old_output_or_none(mini, tmp_path,
     if existing:
         assert _contents(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ([name] if existing else []), "nothing partial beside it"
+
+
+def _refuse_loading(monkeypatch) -> None:
+    """Loading --checkpoint (ours, or an HF folder) fails the test: the checks before it must decide."""
+
+    def loaded(*_):
+        raise AssertionError("--checkpoint was loaded before --output was checked")
+
+    monkeypatch.setattr(export, "load_checkpoint", loaded)
+    monkeypatch.setattr(export.hf_interop, "read_hf_folder", loaded)
+
+
+def _export_argv(mini: Path, target: str, out: Path) -> argparse.Namespace:
+    direction = TARGETS[target][0]
+    src = mini / ("hf" if direction[0] == "--from" else "checkpoint-0.pth")
+    return export.get_args_parser().parse_args(["--checkpoint", str(src), *direction, "--output", str(out)])
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_an_output_name_over_name_max_is_refused_before_loading(mini, tmp_path, monkeypatch, target):
+    # Was: the checkpoint loaded and converted, then 'cannot write --output ...: File name too long'.
+    out = tmp_path / ("x" * 256 + os.path.splitext(TARGETS[target][1])[1])
+    _refuse_loading(monkeypatch)
+    with pytest.raises(UserError, match=rf"^--output {out}: the path is too long .*; give a shorter path$"):
+        export.main(_export_argv(mini, target, out))
+    assert list(tmp_path.iterdir()) == [], "no probe left behind"
+
+
+def _longest_written_after(folder_length: int, target: str) -> int:
+    """The length of the longest path the export writes, in a folder of ``folder_length`` bytes: the
+    temporary of its file; for --to hf, its weights' temporary in the folder's staging copy (write_folder)."""
+    name = TARGETS[target][1]
+    if target == "hf":
+        staging = outputs.temporary_path("." + name)
+        return folder_length + len(f"/{staging}/{outputs.temporary_path(export.hf_interop.WEIGHTS_NAME)}")
+    return folder_length + len("/" + outputs.temporary_path(name))
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_an_output_path_over_path_max_is_refused_before_loading(mini, tmp_path, monkeypatch, target):
+    # 4096 bytes with the NUL end a path (PATH_MAX): here --output itself fits, what is written on the way
+    # to it does not. Was: loaded and converted, then 'cannot write --output ...: File name too long'.
+    folder = folder_of_length(tmp_path, 4096 - _longest_written_after(0, target))
+    assert _longest_written_after(len(str(folder)), target) == 4096
+    out = folder / TARGETS[target][1]
+    _refuse_loading(monkeypatch)
+    with pytest.raises(UserError, match=rf"^--output {out}: the path is too long .*; give a shorter path$"):
+        export.main(_export_argv(mini, target, out))
+    assert list(folder.iterdir()) == [], "no probe left behind"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_an_output_path_that_just_fits_path_max_is_exported(mini, tmp_path, target):
+    folder = folder_of_length(tmp_path, 4095 - _longest_written_after(0, target))
+    out = folder / TARGETS[target][1]
+    export.main(_export_argv(mini, target, out))
+    assert sorted(p.name for p in folder.iterdir()) == [out.name]
 
 
 def test_exported_safetensors_carry_checksums_that_loading_verifies(tmp_path):

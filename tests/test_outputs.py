@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import budgeted_open, demo_files, make_dataset, make_split
+from helpers import budgeted_open, demo_files, folder_of_length, make_dataset, make_split
 from PIL import Image
 
 import dataset_stats
@@ -709,21 +709,11 @@ def test_a_folder_that_cannot_be_locked_is_said_once_and_the_run_goes_on(tmp_pat
     assert outputs._claimed == {}
 
 
-def _folder_of_length(root: Path, length: int) -> Path:
-    """A folder under ``root`` whose absolute path has ``length`` characters (parts of at most 200)."""
-    path = str(root.resolve())
-    while len(path) < length:
-        path = os.path.join(path, "d" * min(200, length - len(path) - 1))
-    os.makedirs(path)
-    assert len(path) == length
-    return Path(path)
-
-
 def test_an_output_dir_too_long_for_the_run_s_file_names_is_refused_at_start(tmp_path):
     # 4096 bytes with the NUL end a path (PATH_MAX). Here the start's probe (.write-test- and 8 characters) fit,
     # and a checkpoint's temporary did not: the run trained an epoch, then ended in 'cannot write checkpoint ...:
     # File name too long (... MiB are free there) ... free space'.
-    folder = _folder_of_length(tmp_path, 4095 - len("/.write-test-12345678"))
+    folder = folder_of_length(tmp_path, 4095 - len("/.write-test-12345678"))
     checkpoint_tmp = outputs.temporary_path(str(folder / "checkpoint-0.pth"))
     with pytest.raises(OSError) as too_long:
         open(checkpoint_tmp, "wb")
@@ -734,7 +724,7 @@ def test_an_output_dir_too_long_for_the_run_s_file_names_is_refused_at_start(tmp
 
 def test_an_output_dir_with_room_for_the_run_s_file_names_is_taken(tmp_path):
     longest = outputs.temporary_path("checkpoint-9999-step999999.pth")
-    folder = _folder_of_length(tmp_path, 4095 - len(longest) - 1)
+    folder = folder_of_length(tmp_path, 4095 - len(longest) - 1)
     outputs.check_output_dir(str(folder), "--output_dir")
     with open(folder / longest, "wb"):  # the invariant: the longest name fits
         pass
@@ -761,3 +751,13 @@ def test_an_output_name_over_name_max_in_bytes_is_refused_before_work(tmp_path):
         with pytest.raises(UserError, match=r"^--output .*: the path is too long .*give a shorter path$"):
             check(str(tmp_path / path), "--output")
     outputs.check_output_file(str(tmp_path / ("é" * 100 + ".png")), "--output")  # 204 bytes, and its temporary, fit
+
+
+def test_a_short_output_name_that_just_fits_path_max_is_taken(tmp_path):
+    # The probe was at least 21 characters (.write-test-, 8 random ones, '.'): longer than r.png.tmp<pid>, so a
+    # folder with room for the picture was refused.
+    name = "r.png"
+    folder = folder_of_length(tmp_path, 4095 - len("/" + outputs.temporary_path(name)))
+    outputs.check_output_file(str(folder / name), "--output")
+    with open(outputs.temporary_path(str(folder / name)), "wb"):  # the invariant: it fits
+        pass

@@ -36,26 +36,67 @@ def _first_existing(path: str) -> str:
 _LONGEST_NAME = "checkpoint-9999-step999999.pth"
 
 
-def _check_writable(folder: str, what: str, longest: str = _LONGEST_NAME) -> None:
-    # os.access alone is not enough: root passes it on read-only folders, and it knows nothing
-    # of read-only mounts. An actual file settles it.
-    if not os.access(folder, os.W_OK | os.X_OK):
-        fail(f"{what}: the folder {folder} is not writable by this user; give a folder you can write to")
+_PROBE_PREFIX = ".write-test-"
+
+
+def _probe_affixes(name: str) -> tuple[str, str]:
+    """tempfile's prefix and suffix that make a probe (prefix, 8 random characters, suffix) as long as ``name``
+    in bytes, as NAME_MAX and PATH_MAX count ('é' is one character and two bytes): the prefix is cut short
+    for a name shorter than itself and the random part (a probe longer than the file refused a path it fit)."""
+    length = len(os.fsencode(name))
+    prefix = _PROBE_PREFIX[: max(1, min(len(_PROBE_PREFIX), length - 8))]  # 1: at least hidden, '.'
+    rest = max(0, length - len(prefix) - 8)
+    suffix = "." + "x" * (rest - 1) if rest else ""
+    return prefix, suffix
+
+
+@contextlib.contextmanager
+def _probing(folder: str, what: str, name: str) -> Iterator[None]:
+    """Turn an ``OSError`` of writing a probe named as long as ``name`` in ``folder`` into one line."""
     try:
-        # Named as long as the longest name a run writes there, so that a path near PATH_MAX is refused now
-        # rather than at the first checkpoint, an epoch later.
-        longest = os.path.basename(temporary_path(longest))
-        # In bytes, as NAME_MAX and PATH_MAX count: 'é' is one character and two bytes. 8: tempfile's random part.
-        pad = "." + "x" * max(0, len(os.fsencode(longest)) - len(".write-test-") - 8 - 1)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-", suffix=pad):
-            pass
+        yield
     except OSError as e:
         if e.errno == errno.ENAMETOOLONG:
             fail(
                 f"{what}: the path is too long for the files written in it ({e.strerror}; a name such as "
-                f"{longest} must fit after it); give a shorter path"
+                f"{name} must fit after it); give a shorter path"
             )
         fail(f"{what}: cannot write a file in {folder} ({e.strerror}); give a folder you can write to")
+
+
+def check_writable(folder: str, what: str, longest: str = _LONGEST_NAME) -> None:
+    """Fail, in one line naming ``what``, unless files named as long as ``longest`` (and its temporary,
+    see ``atomic_write``) can be written in ``folder``: checked before the work that writes them."""
+    # os.access alone is not enough: root passes it on read-only folders, and it knows nothing
+    # of read-only mounts. An actual file settles it.
+    if not os.access(folder, os.W_OK | os.X_OK):
+        fail(f"{what}: the folder {folder} is not writable by this user; give a folder you can write to")
+    # Named as long as the longest name written there, so that a path near PATH_MAX (or a name over
+    # NAME_MAX) is refused now rather than at the first checkpoint, an epoch later.
+    name = os.path.basename(temporary_path(longest))
+    prefix, suffix = _probe_affixes(name)
+    with (
+        _probing(folder, what, name),
+        tempfile.NamedTemporaryFile(dir=folder, prefix=prefix, suffix=suffix),
+    ):
+        pass
+
+
+def check_folder_output(path: str, what: str, names: Iterable[str]) -> None:
+    """Fail, in one line naming ``what``, unless the folder ``path`` can be written whole, holding files
+    named ``names``, the way export.py's write_folder writes it: first as the folder
+    ``temporary_path('.' + its name)`` beside it (and the earlier one renamed aside to a name as long),
+    each file through ``atomic_write``. A probe folder as long is made there and written in."""
+    parent, base = os.path.split(os.path.abspath(path))
+    check_writable(parent, what, "." + base)
+    staging = os.path.basename(temporary_path("." + base))
+    longest = max(names, key=lambda name: len(os.fsencode(name)))
+    prefix, suffix = _probe_affixes(staging)
+    with (
+        _probing(parent, what, staging),
+        tempfile.TemporaryDirectory(dir=parent, prefix=prefix, suffix=suffix) as probe,
+    ):
+        check_writable(probe, what, longest)
 
 
 def check_output_dir(path: str, flag: str) -> None:
@@ -67,7 +108,7 @@ def check_output_dir(path: str, flag: str) -> None:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
         fail(f"{flag} {path} cannot be created ({e.strerror}); give a folder you can write to")
-    _check_writable(path, f"{flag} {path}")
+    check_writable(path, f"{flag} {path}")
 
 
 # Folders this process writes its run into, and the descriptor whose lock claims each (see claim_output_dir).
@@ -163,7 +204,7 @@ def _check_file_target(path: str, flag: str, example: str) -> None:
         if not os.path.isdir(existing := _first_existing(folder)):  # `x.png/r.png`: no folder to create
             fail(f"{flag} {path}: {existing} is a file, not a folder; give a path in a folder")
         fail(f"{flag} {path}: the folder {folder} does not exist; create it first")
-    _check_writable(folder, f"{flag} {path}", os.path.basename(path))
+    check_writable(folder, f"{flag} {path}", os.path.basename(path))
     if os.path.exists(path) and not os.access(path, os.W_OK):
         fail(f"{flag} {path} exists and is read-only; remove it or give another name")
 
