@@ -282,6 +282,24 @@ def test_the_strip_shows_the_epochs_a_run_kept_and_ends_with_its_newest(tmp_path
     assert pictures.strip_epochs(tmp_path / "empty", [0, 10]) == []
 
 
+def test_the_strip_asks_distinct_epochs_in_order_for_every_run_length(tmp_path):
+    """pretrain.sh's default strip: epochs 0, 10, 50 and 100 (kept by --save_freq 10) that come before the
+    run's last, then its last. Was '0 10 50 100 LAST': a column shown twice for 1, 11, 51 or 101 epochs."""
+    line = next(x for x in (STUDY / "pretrain.sh").read_text().splitlines() if x.startswith("read -r -a STRIP"))
+    script = f'source {STUDY / "common.sh"}\nfor PRETRAIN_EPOCHS in {{1..250}}; do\n{line}\necho "${{STRIP[*]}}"\ndone'
+    env = {**os.environ, "WORK": str(tmp_path), "OUT": str(tmp_path), "GPU_NAME": "none"}
+    env["WHEELS"] = str(tmp_path / "no-wheels")  # not a wheels/ this checkout may hold
+    env.pop("STRIP_EPOCHS", None)
+    done = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=60, check=True)
+    strips = {n: [int(e) for e in out.split()] for n, out in enumerate(done.stdout.splitlines()[1:], 1)}
+    assert len(strips) == 250
+    for epochs, strip in strips.items():
+        assert strip == sorted(set(strip)), f"PRETRAIN_EPOCHS={epochs}: {strip}"
+        assert strip == [e for e in (0, 10, 50, 100) if e < epochs - 1] + [epochs - 1], f"PRETRAIN_EPOCHS={epochs}"
+    assert strips[1] == [0] and strips[2] == [0, 1] and strips[11] == [0, 10] and strips[12] == [0, 10, 11]
+    assert strips[51] == [0, 10, 50] and strips[101] == [0, 10, 50, 100] and strips[160] == [0, 10, 50, 100, 159]
+
+
 @pytest.mark.parametrize("encoder", ["another model's", "missing"])
 def test_fine_tuning_commands_refuse_a_wrong_encoder_before_unpacking(tmp_path, encoder):
     """An encoder of another model (a CPU trial's left in encoder/) or none at all: the device

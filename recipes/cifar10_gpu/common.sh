@@ -79,6 +79,16 @@ together() {  # together ARGS... ARGS...: finetune.sh runs at once on one GPU, e
     return $failed
 }
 
+strip_epochs() {  # strip_epochs EPOCHS: the reconstruction strip's epochs for a run of EPOCHS, distinct and in order
+    # 0, 10, 50 and 100 (kept by --save_freq 10) where they come before the last, then the last: once each,
+    # where '0 10 50 100 LAST' showed a column twice for 1, 11, 51 or 101 epochs.
+    local last=$(($1 - 1)) epoch
+    for epoch in 0 10 50 100; do
+        if ((epoch < last)); then printf '%d ' "$epoch"; fi
+    done
+    echo "$last"
+}
+
 report() {  # report NAME...: each run's speed lines and its last lines, as one file in $OUT
     local name
     for name in "$@"; do

@@ -39,7 +39,7 @@ LIMIT=90 timed frozen 1 "$PYTHON" knn_eval.py --data_path "$DATA" --linear_epoch
 LIMIT=60 timed knn-random-heldout 1 "$PYTHON" knn_eval.py --data_path "$SPLITS/heldout" --model "$MAE_MODEL" \
     --input_size "$INPUT_SIZE" --knn_bank_size 10000 --knn_query_size 2000 --num_workers 15 --encoders random \
     --output "$WORK/knn_curve.json" "${EXTRA_ARGS[@]}" || status=$?
-read -r -a STRIP <<<"${STRIP_EPOCHS:-0 10 50 100 $((PRETRAIN_EPOCHS - 1))}"  # kept: every 10th and the last
+read -r -a STRIP <<<"${STRIP_EPOCHS:-$(strip_epochs "$PRETRAIN_EPOCHS")}"
 LIMIT=60 timed pictures 1 "$PYTHON" $R/pictures.py --work "$WORK" --images "$DATA/test" --epochs "${STRIP[@]}" \
     --dest "$OUT" || status=$?
 exit "$status"
