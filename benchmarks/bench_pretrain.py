@@ -43,6 +43,7 @@ from util.cli.args import check_at_least, resolve_precision  # noqa: E402
 from util.cli.errors import fail, run_cli  # noqa: E402
 from util.data.datasets import IMAGENET_MEAN, IMAGENET_STD, PRETRAIN_LOADERS, pretrain_data  # noqa: E402
 from util.data.normalization import normalize_on_device  # noqa: E402
+from util.outputs import atomic_write, check_json_output, reported  # noqa: E402
 from util.train.precision import LossScaler, autocast, fast_cuda_math  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -455,6 +456,8 @@ def check_args(args: Namespace) -> None:
         fail(f"--num_workers {args.num_workers} is not a comma-separated list of integers")
     if min(args.workers) < 0:
         fail(f"--num_workers must be 0 or more, got {args.num_workers}")
+    if args.json:  # before the benchmark's minutes, not after them
+        check_json_output(args.json, "--json")
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -479,8 +482,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             "args": vars(args),
             "rows": rows,
         }
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+        text = json.dumps(report, indent=1)
+        with reported(args.json, "--json"):  # a full disk: one line, and an earlier file stays whole
+            atomic_write(args.json, lambda f: f.write(text.encode("utf-8")))
         print(f"wrote {args.json}")
     return rows
 

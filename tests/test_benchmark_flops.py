@@ -95,6 +95,19 @@ def test_loader_mode_compares_loaders_with_the_recipe(tmp_path):
         main([*argv[:3], "pil", *argv[4:], "--device", "cpu", "--json", ""])
 
 
+def test_a_json_that_cannot_be_written_is_refused_before_the_benchmark(tmp_path, monkeypatch):
+    # Was: the benchmark ran its minutes, then open() failed (File name too long, No such file or directory).
+    from benchmarks import bench_pretrain
+
+    monkeypatch.setattr(bench_pretrain, "run", lambda args: pytest.fail("the benchmark ran before --json was checked"))
+    argv = ["--mode", "model", "--model", "mae_vit_tiny_patch4", "--device", "cpu", "--precision", "fp32"]
+    too_long = tmp_path / ("b" * 256 + ".json")
+    with pytest.raises(UserError, match=r"^--json .*: the path is too long .*; give a shorter path$"):
+        main([*argv, "--json", str(too_long)])
+    with pytest.raises(UserError, match=r"^--json .*: the folder .*absent does not exist; create it first$"):
+        main([*argv, "--json", str(tmp_path / "absent" / "bench.json")])
+
+
 @pytest.mark.parametrize("mode", ["loader", "e2e", "all"])
 def test_modes_that_load_images_require_data_path(mode):
     # No default: the development machine's data folder exists nowhere else.
