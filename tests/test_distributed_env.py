@@ -279,6 +279,42 @@ def test_a_peer_killed_with_9_leaves_the_others_one_line_saying_how_to_continue(
     assert procs[0].returncode == 1
 
 
+# A launcher's count as it may stand in the environment (None: unset), then as read for a count of restarts
+# (default 0, at least 0) and for the processes of a node (default 1, at least 1).
+LAUNCHER_COUNTS = [
+    (None, 0, 1),
+    ("", 0, 1),
+    ("two", 0, 1),
+    ("1.5", 0, 1),
+    ("-2", 0, 1),
+    ("0", 0, 1),
+    ("3", 3, 3),
+    (" 3\n", 3, 3),
+]
+
+
+@pytest.mark.parametrize("text, restarts, processes", LAUNCHER_COUNTS)
+def test_a_launcher_count_is_a_whole_number_or_the_default(text, restarts, processes):
+    env = {} if text is None else {"COUNT": text}
+    assert distributed.env_count(env, "COUNT") == restarts
+    assert distributed.env_count(env, "COUNT", default=1, minimum=1) == processes
+
+
+def test_a_negative_restart_count_is_read_as_a_first_start(monkeypatch):
+    # Was read as it stood: -1 restarts of --max-restarts 0 said torchrun would restart the job, and a store
+    # got keys of a 'restart_-1'.
+    import torch.distributed as dist
+
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "-1")
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")
+    assert distributed.peer_stopped_message() == (
+        "another process of this job stopped, so rank 0 of 1 cannot go on; restart the whole job with --resume auto "
+        "to continue from its last checkpoint"
+    )
+    store = dist.HashStore()
+    assert distributed.generation_store(store, {"TORCHELASTIC_RESTART_COUNT": "-1", "GROUP_WORLD_SIZE": "1"}) is store
+
+
 def test_a_rank_whose_peer_was_killed_leaves_no_loader_worker_behind(tmp_path):
     """The rank left alone exits with os._exit (a normal shutdown would be aborted by the broken group's threads),
     which skips the exit hook that kills its loader workers. They ignore SIGTERM and lived on as orphans until

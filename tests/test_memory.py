@@ -228,6 +228,17 @@ def test_loader_workers_without_room_in_dev_shm_stop_the_run_at_start(monkeypatc
     )
 
 
+@pytest.mark.parametrize("text", ["", "eight", "8.0", "0", "-8"])
+def test_a_local_world_size_that_is_no_count_of_processes_counts_as_one(monkeypatch, text):
+    # 2 workers of one 1 MiB batch each need 4 MiB a process: one process fits 5 MiB free, two do not.
+    _shm_with(monkeypatch, 5 * 2**20)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", text)
+    memory.require_shared_memory(2**20, 2, "lower --batch_size")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(UserError, match=r"of 1 MiB each, for 2 processes of this node need about 8 MiB; lower"):
+        memory.require_shared_memory(2**20, 2, "lower --batch_size")
+
+
 def test_dev_shm_is_shared_by_the_processes_of_a_node(monkeypatch):
     # 2 workers of one 1 MiB batch each need 4 MiB a process: 8 processes of a node need 32 MiB of the 20 free.
     _shm_with(monkeypatch, 20 * 2**20)

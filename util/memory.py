@@ -14,6 +14,7 @@ from torch import nn
 
 from util.cli.errors import fail
 from util.sizes import image_size, shown_size
+from util.train.distributed import env_count
 
 # Bytes of an activation element in the dtype the matrix products run in.
 _ACTIVATION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -63,7 +64,7 @@ def require_shared_memory(batch_bytes: int, num_workers: int, advice: str, folde
     except OSError:  # none (not Linux): torch shares its batches otherwise
         return
     free = stat.f_bavail * stat.f_frsize
-    processes = max(1, _env_int("LOCAL_WORLD_SIZE"))
+    processes = env_count(os.environ, "LOCAL_WORLD_SIZE", default=1, minimum=1)
     need = 2 * num_workers * batch_bytes * processes
     if need > free:
         each = f" each, for {processes} processes of this node" if processes > 1 else ""
@@ -72,13 +73,6 @@ def require_shared_memory(batch_bytes: int, num_workers: int, advice: str, folde
             f"{_gib(free)} free, and {2 * num_workers} batches of {_gib(batch_bytes)}{each} need about {_gib(need)}; "
             f"{advice}, or make {folder} larger (docker run --shm-size)"
         )
-
-
-def _env_int(name: str) -> int:
-    try:
-        return int(os.environ.get(name, "1"))
-    except ValueError:
-        return 1
 
 
 def _gib(nbytes: float) -> str:

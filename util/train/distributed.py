@@ -137,9 +137,12 @@ def start_timeout(env: Mapping[str, str]) -> float:
     return seconds
 
 
-def _env_count(env: Mapping[str, str], name: str) -> int:
-    """A launcher's count in ``env`` (restarts, most restarts): 0 where unset or not a number."""
-    return _number(env.get(name, "0"), int) or 0
+def env_count(env: Mapping[str, str], name: str, default: int = 0, minimum: int = 0) -> int:
+    """A launcher's count ``name`` in ``env`` (restarts, most restarts, processes of a node): ``default``
+    where it is unset, empty, not a whole number or under ``minimum``. Never an error: a launcher sets
+    these, and where one is odd the run goes on as without it."""
+    value = _number(env.get(name, ""), int)
+    return default if value is None or value < minimum else value
 
 
 def generation_store(store: dist.Store, env: Mapping[str, str]) -> dist.Store:
@@ -148,7 +151,7 @@ def generation_store(store: dist.Store, env: Mapping[str, str]) -> dist.Store:
     gloo could not connect ('connectFullMesh failed ... Connection refused'; 3 of 6 restarts of 2 processes,
     and 4 of 6 of a ten-line torch script; 0 of 6 with a key prefix per restart). Not across nodes: a node
     restarted because another's processes failed does not count it, and ranks would wait on other keys."""
-    restarts = _env_count(env, "TORCHELASTIC_RESTART_COUNT")
+    restarts = env_count(env, "TORCHELASTIC_RESTART_COUNT")
     if not restarts or env.get("GROUP_WORLD_SIZE") != "1":
         return store
     return dist.PrefixStore(f"restart_{restarts}", store)
@@ -158,7 +161,7 @@ def launcher_restarts(env: Mapping[str, str]) -> int:
     """How many times a launcher started this job's processes again with the same command: torchrun
     (``--max-restarts``, once a process failed; its ``TORCHELASTIC_RESTART_COUNT``) or SLURM (a requeued
     job: preemption, a node failure, ``scontrol requeue``; its ``SLURM_RESTART_COUNT``). 0 on a first start."""
-    return max(_env_count(env, name) for name in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"))
+    return max(env_count(env, name) for name in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"))
 
 
 def init_distributed_mode(args: Namespace) -> None:
@@ -409,7 +412,7 @@ def peer_stopped(error: BaseException) -> bool:
 def peer_stopped_message(advice: str = "") -> str:
     """The one line a process says when ``peer_stopped``: what happened and how to continue (``advice``; by
     default a training job's)."""
-    restarts, most = (_env_count(os.environ, f"TORCHELASTIC_{name}") for name in ("RESTART_COUNT", "MAX_RESTARTS"))
+    restarts, most = (env_count(os.environ, f"TORCHELASTIC_{name}") for name in ("RESTART_COUNT", "MAX_RESTARTS"))
     if not advice and restarts < most:  # torchrun --max-restarts: it starts the job again by itself (run.start)
         # Not "restart k of N": a node restarted because another node failed does not count it.
         advice = f"torchrun restarts the job while restarts are left (--max-restarts {most}), from its last checkpoint"
