@@ -411,8 +411,7 @@ def check_output(args: argparse.Namespace) -> None:
         fail(f"--output {args.output} exists; give --force to overwrite it")
     if args.to == "hf" and os.path.isdir(args.output):
         # The folder is replaced as a whole: files of another kind in it would be lost.
-        ours = {hf_interop.CONFIG_NAME, hf_interop.WEIGHTS_NAME, hf_interop.PREPROCESSOR_NAME}
-        others = sorted(set(os.listdir(args.output)) - ours)
+        others = sorted(set(os.listdir(args.output)) - set(hf_interop.WRITTEN_NAMES))
         if others:
             fail(
                 f"--output {args.output} holds other files ({', '.join(others[:3])}); --to hf replaces the whole "
@@ -428,7 +427,7 @@ def check_output(args: argparse.Namespace) -> None:
     # Before the checkpoint is loaded and converted: a name over NAME_MAX, a path near PATH_MAX or a
     # read-only folder failed only at the write.
     if args.to == "hf":
-        check_folder_output(args.output, f"--output {args.output}", (hf_interop.CONFIG_NAME, hf_interop.WEIGHTS_NAME))
+        check_folder_output(args.output, f"--output {args.output}", hf_interop.WRITTEN_NAMES)
     else:
         check_writable(folder, f"--output {args.output}", os.path.basename(args.output))
 

@@ -485,11 +485,12 @@ def test_an_output_name_over_name_max_is_refused_before_loading(mini, tmp_path, 
 
 def _longest_written_after(folder_length: int, target: str) -> int:
     """The length of the longest path the export writes, in a folder of ``folder_length`` bytes: the
-    temporary of its file; for --to hf, its weights' temporary in the folder's staging copy (write_folder)."""
+    temporary of its file; for --to hf, its longest file's temporary in the folder's staging copy (write_folder)."""
     name = TARGETS[target][1]
     if target == "hf":
         staging = outputs.temporary_path("." + name)
-        return folder_length + len(f"/{staging}/{outputs.temporary_path(export.hf_interop.WEIGHTS_NAME)}")
+        longest = max(export.hf_interop.WRITTEN_NAMES, key=len)
+        return folder_length + len(f"/{staging}/{outputs.temporary_path(longest)}")
     return folder_length + len("/" + outputs.temporary_path(name))
 
 

@@ -36,6 +36,7 @@ from util.cli.errors import UserError, fail
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 PREPROCESSOR_NAME = "preprocessor_config.json"
+WRITTEN_NAMES = (CONFIG_NAME, WEIGHTS_NAME, PREPROCESSOR_NAME)  # the files export.py --to hf writes
 _INDEX_NAME = "model.safetensors.index.json"
 _BIN_NAME = "pytorch_model.bin"
 
