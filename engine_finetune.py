@@ -9,8 +9,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import models_vit
+from util.checkpoint.consistency import check_same_data
 from util.checkpoint.encoder import load_pretrained_encoder
-from util.checkpoint.state import Position, TrainState, check_same_data, resume
+from util.checkpoint.resume import resume
+from util.checkpoint.state import Position, TrainState
 from util.cli.log import log
 from util.data.channels import image_loader
 from util.data.datasets import batches, classification_splits, eval_loader, eval_transform, train_loader

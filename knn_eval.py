@@ -27,7 +27,7 @@ import models_vit
 from util.checkpoint.encoder import load_mae_encoder
 from util.checkpoint.flags import fill_from_checkpoints
 from util.checkpoint.load import is_url, model_state, saved_args
-from util.checkpoint.state import SHARED_CHECKPOINT, Opened, open_checkpoint, open_on_every_rank
+from util.checkpoint.opening import SHARED_CHECKPOINT, Opened, open_checkpoint, open_on_every_rank
 from util.cli.args import PRECISIONS, check_at_least, check_device, check_finite, check_seed, resolve_precision
 from util.cli.errors import fail, run_cli
 from util.cli.log import log

@@ -15,7 +15,9 @@ from timm.optim import param_groups_weight_decay
 import models_mae
 from engine_pretrain import log_reconstructions, train_one_epoch
 from util import memory
-from util.checkpoint.state import TrainState, check_same_data, resume
+from util.checkpoint.consistency import check_same_data
+from util.checkpoint.resume import resume
+from util.checkpoint.state import TrainState
 from util.cli.args import (
     add_in_chans_arg,
     add_input_size_arg,

@@ -34,6 +34,7 @@ import main_pretrain  # noqa: E402
 import models_mae  # noqa: E402
 import models_vit  # noqa: E402
 import reconstruct  # noqa: E402
+from util.checkpoint import resume as resuming  # noqa: E402
 from util.checkpoint import state as checkpoint  # noqa: E402
 from util.cli.errors import UserError  # noqa: E402
 from util.data.datasets import ImageFiles, classification_dataset, pretrain_transform  # noqa: E402
@@ -522,18 +523,18 @@ def test_evaluating_an_output_folder_without_a_checkpoint_is_refused(tmp_path):
     if they were the run's (a line 'starting from scratch', then Acc@1 near chance)."""
     args = argparse.Namespace(resume="auto", output_dir=str(tmp_path), eval=True)
     with pytest.raises(UserError, match=r"^--eval --resume auto: no checkpoint in .* to evaluate .*; give --resume"):
-        checkpoint.open_resume(args)
+        resuming.open_resume(args)
 
 
 def test_resume_with_changed_meaning_warns_in_one_line(tmp_path, capsys):
     path = checkpoint.save_checkpoint(_pretrain_state(tmp_path), epoch=1)
     same = _pretrain_state(tmp_path)
     same.args.resume = path
-    checkpoint.resume(same, checkpoint.open_resume(same.args))
+    resuming.resume(same, resuming.open_resume(same.args))
     assert "warning" not in capsys.readouterr().out
     changed = _pretrain_state(tmp_path)
     changed.args.resume, changed.args.norm_pix_loss, changed.args.mask_ratio = path, True, 0.5
-    assert checkpoint.resume(changed, checkpoint.open_resume(changed.args)) == checkpoint.Position(2)
+    assert resuming.resume(changed, resuming.open_resume(changed.args)) == checkpoint.Position(2)
     warnings = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
     assert len(warnings) == 1
     assert "--mask_ratio 0.75 -> 0.5" in warnings[0] and "--norm_pix_loss False -> True" in warnings[0]

@@ -1,5 +1,5 @@
-"""util.checkpoint.state: naming and ordering, pruning, atomic writes, safe loading, strict model
-loading, random-number state and resume positions."""
+"""util.checkpoint (files, load, rng, state, opening, resume, consistency): naming and ordering, pruning, atomic
+writes, safe loading, strict model loading, random-number state and resume positions."""
 
 import os
 import random
@@ -20,8 +20,10 @@ from util.checkpoint import files as checkpoint_files
 from util.checkpoint import state as checkpoint
 from util.checkpoint.files import atomic_save, checkpoint_name, list_checkpoints, prune
 from util.checkpoint.load import load_checkpoint, load_model_strict, model_state, saved_args
+from util.checkpoint.opening import Opened
+from util.checkpoint.resume import find_resumable, open_resume, resume
 from util.checkpoint.rng import capture_rng, restore_rng
-from util.checkpoint.state import Opened, Position, TrainState, find_resumable, open_resume, resume
+from util.checkpoint.state import Position, TrainState
 from util.cli.errors import UserError
 from util.lr_decay import param_groups_lrd
 from util.train.precision import LossScaler
@@ -506,7 +508,7 @@ def test_weight_decay_and_layer_decay_given_on_resume_are_the_ones_used(tmp_path
 
 def test_a_mid_epoch_resume_on_changed_data_warns(tmp_path, capsys):
     """The position counts iterations of the data's order: other data, another order."""
-    from util.checkpoint.state import check_same_data
+    from util.checkpoint.consistency import check_same_data
 
     class Files:
         def __init__(self, names):
@@ -531,7 +533,7 @@ def test_a_mid_epoch_resume_after_class_folders_were_renamed_warns(tmp_path, cap
     ship images before the cat images, another order of the same names. The digest of the names alone was
     the same, and the resumed epoch went on in the new order without a word (found by a probe that renamed
     a class folder of a stopped pre-training run)."""
-    from util.checkpoint.state import check_same_data
+    from util.checkpoint.consistency import check_same_data
 
     class Files:
         def __init__(self, *classes):
@@ -548,7 +550,7 @@ def test_a_mid_epoch_resume_after_class_folders_were_renamed_warns(tmp_path, cap
 def test_a_checkpoint_of_earlier_versions_compares_the_image_count_only(tmp_path, capsys):
     """Checkpoints written before the paths' digest hold one of the file names ('digest'): resumed inside an
     epoch on the same data, they must not warn; on another count they do."""
-    from util.checkpoint.state import check_same_data
+    from util.checkpoint.consistency import check_same_data
 
     class Files:
         files = [str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg")]
@@ -567,7 +569,7 @@ def test_a_classifier_resumed_on_other_class_folders_is_refused(tmp_path):
     (or removed and 'dog' added), fine-tuning went on with the head's output 1 meaning ship (dog): top-1 fell
     from 58% to 33% without a word (found by a probe of a stopped fine-tuning run). Now one line, at an
     epoch's end as inside one; the same folders pass, and a list file's labels (the indices) are not names."""
-    from util.checkpoint.state import check_same_data
+    from util.checkpoint.consistency import check_same_data
     from util.data.lists import ClassIndices
 
     class Split:
@@ -731,7 +733,7 @@ def test_file_names_that_are_not_utf8_are_recorded(tmp_path):
     data's digest takes its bytes, where encoding it as UTF-8 ended the run in a traceback."""
     import hashlib
 
-    from util.checkpoint.state import check_same_data
+    from util.checkpoint.consistency import check_same_data
 
     class Files:
         def __init__(self, names):

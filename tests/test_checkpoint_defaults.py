@@ -16,7 +16,7 @@ import main_pretrain
 import models_mae
 from util import memory
 from util.checkpoint.flags import fill_from_checkpoints
-from util.checkpoint.state import Opened
+from util.checkpoint.opening import Opened
 from util.cli.errors import UserError
 
 CPU = ["--device", "cpu", "--precision", "fp32", "--num_workers", "0"]

@@ -32,7 +32,8 @@ from util.checkpoint.load import (
     load_model_strict,
     saved_args,
 )
-from util.checkpoint.state import TrainState, find_resumable, save_checkpoint
+from util.checkpoint.resume import find_resumable
+from util.checkpoint.state import TrainState, save_checkpoint
 from util.cli.errors import UserError
 from util.train.precision import LossScaler
 

@@ -326,7 +326,8 @@ def _garbage(tmp_path: Path) -> Path:
 def test_training_resume_from_safetensors_loads_weights_only_and_says_so(tmp_path, capsys):
     """A .safetensors file has no optimizer state or progress: training starts from its weights
     at --start_epoch, with a warning that this is not an exact resume."""
-    from util.checkpoint.state import Position, TrainState, open_resume, resume
+    from util.checkpoint.resume import open_resume, resume
+    from util.checkpoint.state import Position, TrainState
     from util.train.precision import LossScaler
 
     torch.manual_seed(0)

@@ -384,12 +384,12 @@ def test_an_opened_checkpoints_weights_are_let_go_before_training(pipeline, tmp_
     import weakref
 
     import engine_finetune
-    from util.checkpoint import state as checkpoint_state
+    from util.checkpoint import opening
 
     data, ckpt, _ = pipeline
     held: list[weakref.ref] = []
     real_load, real_pretrain_epoch, real_finetune_epoch = (
-        checkpoint_state.load_checkpoint,
+        opening.load_checkpoint,
         main_pretrain.train_one_epoch,
         engine_finetune.train_one_epoch,
     )
@@ -408,7 +408,7 @@ def test_an_opened_checkpoints_weights_are_let_go_before_training(pipeline, tmp_
 
         return epoch
 
-    monkeypatch.setattr(checkpoint_state, "load_checkpoint", load)
+    monkeypatch.setattr(opening, "load_checkpoint", load)
     monkeypatch.setattr(main_pretrain, "train_one_epoch", probe(real_pretrain_epoch))
     monkeypatch.setattr(engine_finetune, "train_one_epoch", probe(real_finetune_epoch))
     if entry == "pretrain --resume":

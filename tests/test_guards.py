@@ -16,6 +16,7 @@ from helpers import checkpoint_names, make_dataset, run_pretrain  # noqa: E402
 
 import main_pretrain  # noqa: E402
 import models_vit  # noqa: E402
+from util.checkpoint import resume as resuming  # noqa: E402
 from util.checkpoint import state as checkpoint  # noqa: E402
 from util.cli.errors import (
     NonFiniteLoss,  # noqa: E402
@@ -91,9 +92,9 @@ def test_mid_epoch_resume_with_another_batch_size_is_refused(tmp_path):
     resumed = _state(tmp_path)
     resumed.args.resume, resumed.args.batch_size = path, 16
     with pytest.raises(UserError, match="--batch_size 8, this run has 16"):
-        checkpoint.resume(resumed, checkpoint.open_resume(resumed.args))
+        resuming.resume(resumed, resuming.open_resume(resumed.args))
     resumed.args.batch_size = 8
-    assert checkpoint.resume(resumed, checkpoint.open_resume(resumed.args)) == checkpoint.Position(1, 3)
+    assert resuming.resume(resumed, resuming.open_resume(resumed.args)) == checkpoint.Position(1, 3)
 
 
 def test_pruning_never_removes_the_checkpoint_just_written(tmp_path):

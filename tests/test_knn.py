@@ -30,7 +30,7 @@ from helpers import (
 import knn_eval
 import models_mae
 from util.checkpoint.encoder import load_mae_encoder
-from util.checkpoint.state import SHARED_CHECKPOINT, Opened
+from util.checkpoint.opening import SHARED_CHECKPOINT, Opened
 from util.cli.errors import UserError
 from util.data.sampling import evenly_spaced
 from util.eval import knn

@@ -17,6 +17,8 @@ import torch
 from helpers import run_ranks, serve
 
 import main_finetune
+from util.checkpoint import opening
+from util.checkpoint import resume as resuming
 from util.checkpoint import state as checkpoint
 from util.checkpoint.load import cached_path
 from util.checkpoint.state import TrainState, save_checkpoint
@@ -58,7 +60,7 @@ def _on_nodes(tmp_path: Path, body, exit_codes=(0, 0), join: bool = True) -> lis
 
 
 def _resumes(args: Namespace) -> None:
-    opened = checkpoint.open_resume(args)
+    opened = resuming.open_resume(args)
     print(f"resumes {opened.path}: epoch {opened.ckpt['epoch']}, step {opened.ckpt['step']}")
 
 
@@ -87,7 +89,7 @@ def test_a_node_that_cannot_see_the_checkpoint_rank_0_resumes_stops_every_rank_i
     scratch beside rank 0's resumed one."""
     _checkpoints(tmp_path / "node0" / "out")
     (tmp_path / "node1" / "out").mkdir(parents=True)
-    monkeypatch.setattr(checkpoint, "APPEAR_WAIT_S", 1.0, raising=False)  # inherited by the forked ranks
+    monkeypatch.setattr(resuming, "APPEAR_WAIT_S", 1.0)  # inherited by the forked ranks
 
     logs = _on_nodes(tmp_path, lambda: _resumes(Namespace(resume="auto", output_dir="out", eval=False)), (2, 2))
     expected = (
@@ -355,7 +357,7 @@ def _download_on_three_ranks(
         os.environ["TORCH_HOME"] = str(tmp_path / ("cache-of-rank-2" if own else "shared-cache"))
         distributed.init_distributed_mode(Namespace(dist_url="env://", dist_on_itp=False, device="cpu"))
         try:
-            opened = checkpoint.open_on_every_rank(lambda: checkpoint.open_checkpoint(url), url, "--finetune")
+            opened = opening.open_on_every_rank(lambda: opening.open_checkpoint(url), url, "--finetune")
             print("loaded", opened.ckpt["model"]["w"].tolist())
         finally:
             distributed.cleanup()

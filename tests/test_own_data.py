@@ -35,7 +35,7 @@ import main_finetune
 import main_linprobe
 import main_pretrain
 import reconstruct
-from util.checkpoint.state import open_resume
+from util.checkpoint.resume import open_resume
 from util.cli.errors import UserError
 from util.data import normalization
 from util.data.datasets import (

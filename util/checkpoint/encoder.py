@@ -7,7 +7,7 @@ from timm.layers import trunc_normal_
 from timm.models import adapt_input_conv
 
 from util.checkpoint.load import StateDict, check_weights, model_state, state_difference
-from util.checkpoint.state import Opened, open_checkpoint
+from util.checkpoint.opening import Opened, open_checkpoint
 from util.cli.errors import fail
 from util.cli.log import log
 from util.memory import require

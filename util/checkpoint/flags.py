@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import models_mae
-from util.checkpoint.state import Opened
+from util.checkpoint.opening import Opened
 from util.cli.log import log
 
 

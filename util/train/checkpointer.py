@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from util.checkpoint.state import Position, TrainState, check_schedule, prune_checkpoints, save_checkpoint
+from util.checkpoint.consistency import check_schedule
+from util.checkpoint.state import Position, TrainState, prune_checkpoints, save_checkpoint
 from util.cli.errors import NonFiniteLoss, divergence_advice, fail
 from util.cli.log import log
 from util.data.datasets import batches
@@ -171,8 +172,8 @@ class EpochProgress:
 
 def this_ranks_sums(saved: list[dict[str, list[float]]] | dict[str, list[float]]) -> dict[str, list[float]]:
     """This rank's part of a mid-epoch checkpoint's meter sums: its own (a resume inside an epoch has as many
-    processes as wrote it: ``state._check_flags``). A checkpoint that kept rank 0's sums alone (a dict) gives them to
-    every rank, the best guess of each one's."""
+    processes as wrote it: ``consistency.check_flags``). A checkpoint that kept rank 0's sums alone (a dict) gives
+    them to every rank, the best guess of each one's."""
     if isinstance(saved, dict):
         return saved
     return saved[distributed.rank()] if len(saved) == distributed.world_size() else {}

@@ -17,7 +17,8 @@ import torch
 
 from util.checkpoint.files import list_checkpoints
 from util.checkpoint.flags import fill_from_checkpoints
-from util.checkpoint.state import Opened, open_checkpoint, open_on_every_rank, open_resume, weights_only
+from util.checkpoint.opening import Opened, open_checkpoint, open_on_every_rank
+from util.checkpoint.resume import open_resume, weights_only
 from util.cli.args import check_same_flags, check_same_precision, check_world, effective_lr, resolve_precision
 from util.cli.errors import fail
 from util.cli.log import log
