@@ -24,9 +24,9 @@ import models_mae
 import models_vit
 import util.memory
 from util.checkpoint.encoder import load_mae_encoder, load_pretrained_encoder
+from util.checkpoint.entries import check_training_entries
 from util.checkpoint.files import atomic_save
 from util.checkpoint.load import (
-    check_training_entries,
     checksum_metadata,
     load_checkpoint,
     load_model_strict,

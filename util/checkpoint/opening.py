@@ -8,7 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from util.checkpoint.load import cached_path, check_training_entries, is_url, load_checkpoint
+from util.checkpoint.entries import check_training_entries
+from util.checkpoint.load import cached_path, is_url, load_checkpoint
 from util.cli.errors import UserError, fail
 from util.train import distributed
 
