@@ -15,7 +15,8 @@ from util.checkpoint.resume import resume
 from util.checkpoint.state import Position, TrainState
 from util.cli.log import log
 from util.data.channels import image_loader
-from util.data.datasets import batches, classification_splits, eval_loader, eval_transform, train_loader
+from util.data.datasets import classification_splits
+from util.data.loaders import batches, eval_loader, eval_transform, train_loader
 from util.lr_sched import adjust_learning_rate
 from util.train import distributed
 from util.train.checkpointer import Checkpointer, training

@@ -29,7 +29,8 @@ from util.cli.args import (
 from util.cli.errors import run_cli
 from util.cli.log import log
 from util.data.channels import image_loader
-from util.data.datasets import PRETRAIN_LOADERS, ImageFiles, eval_transform, pretrain_data
+from util.data.datasets import ImageFiles
+from util.data.loaders import PRETRAIN_LOADERS, eval_transform, pretrain_data
 from util.data.normalization import add_norm_args
 from util.eval import knn
 from util.eval.pictures import fixed_noise, load_images

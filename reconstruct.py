@@ -22,7 +22,7 @@ from util.cli.args import add_in_chans_arg, add_input_size_arg, check_device, ch
 from util.cli.errors import fail, run_cli
 from util.data import normalization
 from util.data.channels import image_loader
-from util.data.datasets import eval_transform
+from util.data.loaders import eval_transform
 from util.data.normalization import add_norm_args
 from util.eval.pictures import fixed_noise, load_images, reconstruction_grid, save_png
 from util.outputs import check_output_file, reported

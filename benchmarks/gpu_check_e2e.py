@@ -25,8 +25,8 @@ import models_mae
 from benchmarks import gpu_check_official as official
 from benchmarks.bench_pretrain import build_loader, build_step, endless_batches, sync, time_steps
 from benchmarks.gpu_check_common import PartRecord, Sizes, as_in_training, data_path, image_folder, run_part
-from util.data.datasets import IMAGENET_MEAN, IMAGENET_STD
 from util.data.device_decode import FALLBACKS
+from util.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 
 warnings.filterwarnings("ignore", category=FutureWarning)  # the official code's torch.cuda.amp calls
 

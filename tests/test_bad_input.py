@@ -37,7 +37,8 @@ import reconstruct  # noqa: E402
 from util.checkpoint import resume as resuming  # noqa: E402
 from util.checkpoint import state as checkpoint  # noqa: E402
 from util.cli.errors import UserError  # noqa: E402
-from util.data.datasets import ImageFiles, classification_dataset, pretrain_transform  # noqa: E402
+from util.data.datasets import ImageFiles, classification_dataset  # noqa: E402
+from util.data.loaders import pretrain_transform  # noqa: E402
 from util.train import interrupt
 from util.train.precision import LossScaler  # noqa: E402
 

@@ -27,9 +27,9 @@ from models_mae import MaskedAutoencoderViT
 from util.checkpoint.encoder import load_pretrained_encoder
 from util.cli.errors import UserError
 from util.data.channels import ResizeToCover
-from util.data.datasets import eval_transform, pretrain_transform
 from util.data.device_decode import RandomResizedCropFlipOnDevice, collate_encoded
 from util.data.images import load_channels
+from util.data.loaders import eval_transform, pretrain_transform
 from util.pos_embed import interpolate_pos_embed, resize_pos_embed, sincos_2d
 
 CPU = ["--device", "cpu", "--precision", "fp32", "--num_workers", "0"]

@@ -14,7 +14,8 @@ import main_finetune
 import main_linprobe
 from util.cli.errors import UserError
 from util.data.channels import OneDrawResizedCrop
-from util.data.datasets import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from util.data.loaders import eval_transform
+from util.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 
 BICUBIC = transforms.InterpolationMode.BICUBIC
 

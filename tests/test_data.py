@@ -1,4 +1,4 @@
-"""util.data.datasets: folder layouts, image modes, and the seeded, sharded sampling that makes runs
+"""util.data.datasets and loaders: folder layouts, image modes, and the seeded, sharded sampling that makes runs
 independent of the number of workers and of where a resumed run picks up."""
 
 import gc
@@ -26,17 +26,9 @@ from util.cli.errors import UserError
 from util.data import datasets as datasets_module
 from util.data import sampling
 from util.data.compact import PathList
-from util.data.datasets import (
-    ImageFiles,
-    classification_splits,
-    eval_transform,
-    load_rgb,
-    name_digest,
-    pretrain_dataset,
-    pretrain_transform,
-    train_loader,
-)
+from util.data.datasets import ImageFiles, classification_splits, load_rgb, name_digest, pretrain_dataset
 from util.data.fast_crop import FastRandomResizedCropFlip
+from util.data.loaders import eval_transform, pretrain_transform, train_loader
 from util.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 from util.data.sampling import SeededDataset, SeededSampler, ShardSampler
 from util.train import distributed

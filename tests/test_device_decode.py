@@ -15,9 +15,11 @@ import torch
 from helpers import REPO, make_dataset, noisy_photo, read_log, run_pretrain
 
 from util.cli.errors import UserError
-from util.data.datasets import IMAGENET_MEAN, IMAGENET_STD, ImageFiles, pretrain_data
+from util.data.datasets import ImageFiles
 from util.data.device_decode import EncodedBatch, EncodedCrop, RandomResizedCropFlipOnDevice, collate_encoded
 from util.data.fast_crop import FastRandomResizedCropFlip
+from util.data.loaders import pretrain_data
+from util.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 
 
 def assert_close_to_fast(got: torch.Tensor, want: torch.Tensor) -> None:
@@ -111,7 +113,7 @@ from argparse import Namespace
 import numpy as np, torch
 from PIL import Image
 sys.path.insert(0, sys.argv[1])
-from util.data.datasets import pretrain_data
+from util.data.loaders import pretrain_data
 
 rng = np.random.default_rng(0)
 for i in range(1024):

@@ -420,7 +420,7 @@ def test_a_sigterm_that_reaches_a_loader_worker_as_it_starts_is_ignored_too(tmp_
     by a fault probe of 2-process torchrun jobs: SIGTERM to torchrun's group as a rank started its workers)."""
     from torch.utils.data import DataLoader
 
-    from util.data.datasets import batches
+    from util.data.loaders import batches
 
     def signalled_as_it_starts(worker_id: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)  # before our worker_init_fn has made it ignore the signal

@@ -27,7 +27,7 @@ from util import outputs
 from util.checkpoint.encoder import load_mae_encoder, load_pretrained_encoder
 from util.checkpoint.load import load_checkpoint, model_state
 from util.cli.errors import UserError
-from util.data.datasets import eval_transform
+from util.data.loaders import eval_transform
 from util.eval.pictures import load_images
 
 timm = pytest.importorskip("timm")

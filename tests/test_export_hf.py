@@ -31,7 +31,7 @@ import models_mae
 import models_vit
 from util.checkpoint.load import load_checkpoint, load_model_strict, model_state
 from util.cli.errors import UserError
-from util.data.datasets import eval_transform
+from util.data.loaders import eval_transform
 from util.eval.pictures import load_images
 
 transformers = pytest.importorskip("transformers")

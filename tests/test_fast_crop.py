@@ -17,10 +17,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from util.cli.errors import UserError  # noqa: E402
-from util.data.datasets import IMAGENET_MEAN, IMAGENET_STD, ImageFiles, load_rgb  # noqa: E402
+from util.data.datasets import ImageFiles, load_rgb  # noqa: E402
 from util.data.fast_crop import FastRandomResizedCropFlip, random_crop_box  # noqa: E402
 from util.data.images import plain_jpeg_size  # noqa: E402
-from util.data.normalization import normalize_on_device  # noqa: E402
+from util.data.normalization import (  # noqa: E402
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    normalize_on_device,  # noqa: E402
+)
 
 
 def _smooth_photo(path: Path, width: int, height: int, fmt: str, **save: object) -> Path:

@@ -26,10 +26,11 @@ import models_vit
 from util.cli.args import check_common, check_layer_decay
 from util.cli.errors import UserError
 from util.data.channels import image_loader
-from util.data.datasets import ImageFiles, eval_transform, pretrain_data
+from util.data.datasets import ImageFiles
 from util.data.fast_crop import FastRandomResizedCropFlip
 from util.data.images import load_channels, load_rgb
 from util.data.lists import read_image_list
+from util.data.loaders import eval_transform, pretrain_data
 from util.eval import knn
 from util.eval.linear import linear_accuracy
 from util.eval.pictures import load_images

@@ -212,7 +212,7 @@ def test_loader_workers_without_room_in_dev_shm_stop_the_run_at_start(monkeypatc
     """A container's 64 MB /dev/shm: 10 workers of 64 CIFAR crops fit, 8 workers of 64 float ImageNet crops
     (2 x 8 batches of 64 x 3 x 224 x 224 x 4 bytes = 588 MiB) do not, and such a run ended in a worker's bus
     error or waited for good; it now stops before its first batch, in one line."""
-    from util.data.datasets import require_batch_memory
+    from util.data.loaders import require_batch_memory
 
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     _shm_with(monkeypatch, 64 * 2**20)

@@ -35,7 +35,7 @@ from torchvision.transforms import functional as TF
 from util import memory
 from util.cli.errors import UserError
 from util.data import memory_loader
-from util.data.datasets import pretrain_data
+from util.data.loaders import pretrain_data
 from util.data.memory_loader import RATIO, draw_crops, resized_crops, to_uint8
 from util.data.sampling import sample_seeds
 from util.train import distributed, interrupt

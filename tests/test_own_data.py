@@ -38,17 +38,10 @@ import reconstruct
 from util.checkpoint.resume import open_resume
 from util.cli.errors import UserError
 from util.data import normalization
-from util.data.datasets import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    ListedImages,
-    classification_splits,
-    eval_transform,
-    pretrain_dataset,
-    pretrain_transform,
-)
+from util.data.datasets import ListedImages, classification_splits, pretrain_dataset
 from util.data.lists import read_image_list
-from util.data.normalization import normalize_on_device
+from util.data.loaders import eval_transform, pretrain_transform
+from util.data.normalization import IMAGENET_MEAN, IMAGENET_STD, normalize_on_device
 
 MEAN, STD = [0.25, 0.5, 0.75], [0.125, 0.25, 0.5]  # exact in binary: expected values are exact too
 COLOUR = (200, 30, 90)

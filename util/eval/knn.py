@@ -22,7 +22,8 @@ from util.cli.args import check_at_least
 from util.cli.errors import fail
 from util.cli.log import log
 from util.data.channels import image_loader
-from util.data.datasets import batches, classification_splits, eval_transform, require_batch_memory
+from util.data.datasets import classification_splits
+from util.data.loaders import batches, eval_transform, require_batch_memory
 from util.data.normalization import IMAGENET_MEAN, IMAGENET_STD
 from util.data.sampling import ShardSampler, evenly_spaced, loader_generator, require_a_share_each
 from util.eval.linear import linear_accuracy

@@ -20,7 +20,7 @@ from util.checkpoint.consistency import check_schedule
 from util.checkpoint.state import Position, TrainState, prune_checkpoints, save_checkpoint
 from util.cli.errors import NonFiniteLoss, divergence_advice, fail
 from util.cli.log import log
-from util.data.datasets import batches
+from util.data.loaders import batches
 from util.train import distributed, interrupt
 from util.train.progress import MetricLogger, RunLog, SmoothedValue, format_duration, tensorboard_step
 from util.train.steps import Accumulation
