@@ -380,6 +380,28 @@ def test_a_corrupt_preprocessor_config_is_a_one_line_error_naming_it_and_the_key
     assert expected in message
 
 
+@pytest.mark.parametrize(
+    "name, key, expected",
+    [
+        ("preprocessor_config.json", "image_mean", "a number or a list of numbers"),
+        ("preprocessor_config.json", "image_std", "a positive number or a list of positive numbers"),
+        ("preprocessor_config.json", "rescale_factor", "a positive number"),
+        ("config.json", "mask_ratio", "a number in [0, 1)"),
+        ("config.json", "layer_norm_eps", "a positive number"),
+    ],
+)
+def test_an_integer_past_floats_range_is_a_one_line_error(hf_parts, tmp_path, name, key, expected):
+    """JSON's integers have no bound and Python's json reads them whole: 1 and 400 zeros, which no float
+    holds (math.isfinite raised OverflowError, a traceback), is refused as any other value that is no number."""
+    config, weights = hf_parts
+    folder = _write_folder(tmp_path / "huge", config, weights)
+    huge = "1" + "0" * 400
+    entries = config if name == "config.json" else {}
+    (folder / name).write_text(json.dumps({**entries, key: "HUGE"}).replace('"HUGE"', huge))
+    message = _import_error(folder, tmp_path)
+    assert message.startswith(f"HF folder {folder}: {name} has {key} {huge[:197]}...; it must be {expected}")
+
+
 @pytest.mark.parametrize("text, expected", [("[0.5]", "is not a JSON object"), ("{", "is not readable JSON")])
 def test_a_preprocessor_config_that_is_no_json_object_is_a_one_line_error(hf_parts, tmp_path, text, expected):
     config, weights = hf_parts

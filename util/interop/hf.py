@@ -80,7 +80,14 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite JSON number: a float's, as every number here is used (JSON's integers have no bound, and
+    math.isfinite raises OverflowError on one past float's range: 1 followed by 400 zeros)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 class Rule(NamedTuple):
