@@ -448,6 +448,27 @@ def test_knn_eval_refuses_weights_that_fit_no_model_in_one_line(tmp_path, change
     )
 
 
+@pytest.mark.parametrize(
+    "pos_embed, expected",
+    [
+        ([1, 0, 192], "position embedding has -1 grid tokens, not a square grid"),
+        ([1, 1, 192], "position embedding has 0 grid tokens, not a square grid"),
+        ([65, 192], "of another shape ['pos_embed'] (e.g. pos_embed: (65, 192) vs (1, 65, 192))"),
+    ],
+)
+def test_a_position_embedding_of_no_grid_is_refused_in_one_line(tmp_path, pos_embed, expected):
+    """With --model given the weights are loaded as they are: a position embedding of no grid token (a
+    traceback: the square root of -1 tokens, or a 0x0 grid to resize) or without its batch dimension (its
+    192 channels were taken for 191 tokens) is named in one line."""
+    data = labelled_folder(tmp_path / "data", 2, 1)
+    state = official_layouts(32)["encoder"] | {"pos_embed": torch.zeros(pos_embed)}
+    path = tmp_path / "odd.pth"
+    torch.save({"model": state}, path)
+    argv = ["--data_path", str(data), "--encoders", str(path), "--device", "cpu", "--model", "mae_vit_tiny_patch4"]
+    refused = one_line_error(knn_eval.main, knn_eval.get_args_parser().parse_args(argv))
+    assert refused.startswith(f"checkpoint {path}") and expected in refused, refused
+
+
 # ---------------------------------------------------------------------------------------------
 # The linear classifier on cached features
 def test_linear_classifier_separates_separable_features_and_not_shuffled_ones():

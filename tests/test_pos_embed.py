@@ -203,6 +203,14 @@ def test_resize_non_square_grid_rejected():
         resize_pos_embed(torch.zeros(1, 1 + 15, 4), 4)
 
 
+@pytest.mark.parametrize("tokens", [1, 0])  # with the class token: no grid token, or fewer than none
+def test_resize_of_no_grid_tokens_is_rejected(tokens):
+    """A checkpoint's count: -1 grid tokens took a complex square root (TypeError: complex doesn't define
+    __round__), 0 a 0x0 grid to interpolate from."""
+    with pytest.raises(ValueError, match=f"has {tokens - 1} grid tokens, not a square grid"):
+        resize_pos_embed(torch.zeros(1, tokens, 4), 4)
+
+
 # ---------------------------------------------------------------------------------------------
 # h x w grids: the embedding, and resizing to and from them
 def test_sincos_of_equal_sides_is_the_square_function():

@@ -5,6 +5,7 @@ column coordinate (MoCo v3 / MAE): half of the channels encode the column, half 
 within each half the first quarter holds sines and the second cosines.
 """
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -57,8 +58,8 @@ def resize_pos_embed(
     if old_grid is None:
         if tokens == new_h * new_w:
             return pos_embed  # already fits: nothing to resize, whatever its shape
-        side = int(round(tokens**0.5))
-        if side * side != tokens:
+        side = math.isqrt(max(tokens, 0))  # of an untrusted count: none or fewer than none (sqrt(-1) is complex)
+        if side < 1 or side * side != tokens:
             raise ValueError(f"position embedding has {tokens} grid tokens, not a square grid")
         old_grid = side
     old_h, old_w = image_size(old_grid)

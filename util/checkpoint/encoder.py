@@ -78,8 +78,9 @@ def fit_pos_embed(model: torch.nn.Module, source: Opened, state: StateDict, flag
     pos, own, path = state["pos_embed"], model.state_dict()["pos_embed"], source.path
     grid, prefix = tuple(model.patch_embed.grid_size), getattr(model, "num_prefix_tokens", 1)
     old = saved_grid(source.args, state, prefix)
-    # Shapes alone miss a transposed grid (8x16 and 16x8 have as many tokens): compare grids too.
-    if pos.shape[-1] != own.shape[-1] or (pos.shape == own.shape and old in (None, grid)):
+    # Shapes alone miss a transposed grid (8x16 and 16x8 have as many tokens): compare grids too. One of
+    # other dimensions ([tokens, width]) is no grid to resize: the shape check names it.
+    if pos.dim() != own.dim() or pos.shape[-1] != own.shape[-1] or (pos.shape == own.shape and old in (None, grid)):
         return pos
     log.info(f"resizing pos_embed {tuple(pos.shape)} -> {tuple(own.shape)} (grid {grid})")
     # The interpolation works on float32 copies of the old and the new grid, each reshaped once more.
