@@ -381,6 +381,25 @@ def test_a_corrupt_preprocessor_config_is_a_one_line_error_naming_it_and_the_key
 
 
 @pytest.mark.parametrize(
+    "settings, shown",
+    [
+        ({"image_std": 1e-50}, "mean 0.5 0.5 0.5 std 1e-50 1e-50 1e-50"),  # 0 in float32: torchvision refuses it
+        ({"image_mean": [0.5, 1e300, 0.5]}, "mean 0.5 1e+300 0.5 std 0.5 0.5 0.5"),
+        ({"rescale_factor": 1e-300, "image_mean": 0.5}, "mean 1.96078e+297"),
+    ],
+)
+def test_a_processor_whose_normalisation_leaves_float32_is_refused(hf_parts, tmp_path, settings, shown):
+    """Finite values that no image normalised in float32 survives: the imported checkpoint would have failed
+    every tool later (torchvision's ValueError for a std rounded to 0, or pixels of inf)."""
+    config, weights = hf_parts
+    folder = _write_folder(tmp_path / "far", config, weights)
+    (folder / "preprocessor_config.json").write_text(json.dumps(settings))
+    message = _import_error(folder, tmp_path)
+    assert message.startswith(f"HF folder {folder}: preprocessor_config.json normalises pixels in [0, 1] with {shown}")
+    assert "leave float32's range" in message
+
+
+@pytest.mark.parametrize(
     "name, key, expected",
     [
         ("preprocessor_config.json", "image_mean", "a number or a list of numbers"),

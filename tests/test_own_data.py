@@ -351,6 +351,11 @@ def test_reconstruct_uses_the_checkpoints_values(custom_pretrained, tmp_path, mo
         (["--mean", "0.5", "nan", "0.5", "--std", "0.2", "0.2", "0.2"], r"--mean values must be finite"),
         (["--mean", "0.5", "0.5", "0.5", "--std", "inf", "0.2", "0.2"], r"--std values must be finite"),
         (["--mean", "0.5", "0.5", "0.5"], r"--mean and --std go together: give both \(--std is missing\)"),
+        # Finite, but not in float32, where images are normalised: torchvision's ValueError (a std rounded to
+        # 0) in the loader, or pixels of inf and NaN.
+        (["--mean", "0.5", "0.5", "0.5", "--std", "0.2", "1e-50", "0.2"], r"--std 0.2 1e-50 0.2: pixels in \[0, 1\]"),
+        (["--mean", "1e300", "0.5", "0.5", "--std", "0.2", "0.2", "0.2"], r"leave float32's range"),
+        (["--mean", "0.5", "0.5", "0.5", "--std", "0.2", "1e-40", "0.2"], r"leave float32's range"),
     ],
 )
 def test_bad_mean_or_std_is_a_one_line_error_naming_the_flag(constant_data, tmp_path, flags, message):

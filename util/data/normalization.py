@@ -65,6 +65,26 @@ def check_norm(mean: Sequence[float], std: Sequence[float], channels: int | None
     if not all(v > 0 for v in std):
         prefix = f"{source} stores --std {' '.join(map(str, std))}: " if source else ""
         fail(f"{prefix}--std values must be positive (the pixels are divided by them), got {' '.join(map(str, std))}")
+    if not finite_in_float32(mean, std):
+        values = f"--mean {show_values(mean)} --std {show_values(std)}"
+        fail(
+            f"{f'{source} stores ' if source else ''}{values}: pixels in [0, 1] normalised with them leave float32's "
+            f"range, in which images are normalised; give values of the pixels' scale (dataset_stats.py computes them)"
+        )
+
+
+def finite_in_float32(mean: Sequence[float], std: Sequence[float]) -> bool:
+    """Whether pixels in [0, 1] normalised with ``mean`` and ``std`` stay finite in float32, as the transforms
+    (torchvision's Normalize) and ``normalize_on_device`` (on 0..255, the values times 255) compute them.
+    Finite values may not: a std that rounds to 0 there (1e-50) is a ValueError of torchvision in the data
+    loader, a mean past float32's range (1e300) or a tiny std (1e-40) turns every pixel into inf or NaN."""
+    mean32, std32 = (torch.tensor(list(values), dtype=torch.float32) for values in (mean, std))
+    for scale in (1.0, 255.0):  # the transforms' pixels, the device loaders'
+        pixels = torch.tensor([0.0, scale]).view(2, 1)
+        normalised = (pixels - mean32 * scale) / (std32 * scale)
+        if not (bool((std32 * scale > 0).all()) and bool(torch.isfinite(normalised).all())):
+            return False
+    return True
 
 
 def stored(saved: argparse.Namespace | None) -> tuple[list[float], list[float]] | None:

@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from util.cli.errors import UserError, fail
+from util.data import normalization
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -353,6 +354,12 @@ def read_preprocessor(folder: str, channels: int) -> tuple[list[float], list[flo
     if not all(math.isfinite(v) for v in mean + std) or min(std) <= 0:
         factor = _shown(data["rescale_factor"])
         fail(f"{what} has rescale_factor {factor}, which leaves no finite mean and std; it must be about 1/255")
+    if not normalization.finite_in_float32(mean, std):  # the checkpoint would be refused by every tool
+        shown = f"mean {normalization.show_values(mean)} std {normalization.show_values(std)}"
+        fail(
+            f"{what} normalises pixels in [0, 1] with {shown}, which leave float32's range, in which images are "
+            f"normalised; its image_mean, image_std and rescale_factor must be of the pixels' scale"
+        )
     return mean, std
 
 
