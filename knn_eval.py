@@ -96,7 +96,15 @@ def fill_from_weights(args: argparse.Namespace, first: Opened) -> None:
     """--model and --input_size, where not given, from the weights of ``first``, a checkpoint that stores
     no args (an official release): the MAE whose encoder has their shapes (``--model``'s, if given), at
     their size. Without --model, weights that fit no model are refused in one line; with it, the
-    model's own size is taken, and loading says what does not fit."""
+    model's own size is taken, and loading says what does not fit. Weights of other than RGB images are
+    refused as check_rgb refuses a checkpoint that stores another --in_chans."""
+    proj = model_state(first.ckpt, first.path).get("patch_embed.proj.weight")
+    if proj is not None and proj.dim() == 4 and proj.shape[1] != 3:
+        channels = f"{proj.shape[1]}-channel images (its patch embedding's weights)"
+        fail(
+            f"checkpoint {first.path} holds an encoder of {channels}; knn_eval.py scores RGB encoders only: "
+            f"use the k-NN monitor of main_pretrain.py (--knn_data_path)"
+        )
     if args.model is not None and args.input_size is not None:
         return
     if args.model is not None:

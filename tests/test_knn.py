@@ -448,6 +448,22 @@ def test_knn_eval_refuses_weights_that_fit_no_model_in_one_line(tmp_path, change
     )
 
 
+@pytest.mark.parametrize("flags", [[], ["--model", "mae_vit_tiny_patch4", "--input_size", "32"]])
+def test_knn_eval_refuses_official_weights_of_other_channels_as_stored_ones(tmp_path, flags):
+    """A checkpoint without args whose patch embedding takes 1 channel: as one that stores --in_chans 1
+    (test_knn_eval_refuses_an_encoder_of_other_channels_in_one_line). Was: the RGB model of its shapes, whose
+    load refused the weights with 'check --model', advice that named the wrong cause."""
+    data = labelled_folder(tmp_path / "data", 2, 1)
+    gray = tmp_path / "gray.pth"
+    torch.save({"model": models_mae.mae_vit_tiny_patch4(img_size=32, in_chans=1).state_dict()}, gray)
+    argv = ["--data_path", str(data), "--encoders", str(gray), "--device", "cpu", *flags]
+    refused = one_line_error(knn_eval.main, knn_eval.get_args_parser().parse_args(argv))
+    assert refused == (
+        f"checkpoint {gray} holds an encoder of 1-channel images (its patch embedding's weights); knn_eval.py scores "
+        f"RGB encoders only: use the k-NN monitor of main_pretrain.py (--knn_data_path)"
+    )
+
+
 @pytest.mark.parametrize(
     "pos_embed, expected",
     [
