@@ -315,11 +315,13 @@ def hf_normalisation(saved: Any, channels: int, path: str) -> tuple[list[float],
         return (list(normalization.IMAGENET_MEAN), list(normalization.IMAGENET_STD)) if channels == 3 else None
     mean, std = values
     # Their type was checked on loading; a count or value no run of this model could have trained with is refused.
-    if len(mean) != channels or len(std) != channels or not all(map(math.isfinite, mean + std)) or min(std) <= 0:
+    counts = len(mean) == len(std) == channels
+    if not counts or not all(map(math.isfinite, mean + std)) or not normalization.finite_in_float32(mean, std):
         shown = f"--mean {normalization.show_values(mean)} --std {normalization.show_values(std)}"
         fail(
             f"checkpoint {path} stores {shown}, not one finite value per channel of its {channels}-channel model "
-            f"(std positive); it was changed or not written by this code: give another checkpoint"
+            f"(std positive, pixels normalised finitely in float32); it was changed or not written by this code: "
+            f"give another checkpoint"
         )
     return mean, std
 

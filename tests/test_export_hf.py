@@ -452,6 +452,20 @@ def test_other_channel_counts_get_a_processor_of_their_values_or_none(tmp_path, 
     assert not (tmp_path / "rgb").exists()
 
 
+@pytest.mark.parametrize("std", [[1e-50] * 3, [0.25, 0.0, 0.25]], ids=["rounds to 0 in float32", "zero"])
+def test_stored_values_no_image_normalises_finitely_get_no_processor(tmp_path, std):
+    """A stored std that float32 rounds to 0 (no run of ours trains with it: check_norm refuses it) would have
+    given a processor whose every image is infinite; it is refused as a std of 0 is."""
+    model = models_mae.mae_vit_mini_patch4()
+    args = argparse.Namespace(model=NAME, input_size=32, mask_ratio=0.75, norm_pix_loss=False, mean=[0.5] * 3, std=std)
+    torch.save({"model": model.state_dict(), "args": args}, tmp_path / "c.pth")
+    argv = ["--checkpoint", str(tmp_path / "c.pth"), "--to", "hf", "--output", str(tmp_path / "hf")]
+    message = one_line_error(lambda: _run(argv))
+    shown = " ".join(f"{v:.6g}" for v in std)
+    assert message.startswith(f"checkpoint {tmp_path / 'c.pth'} stores --mean 0.5 0.5 0.5 --std {shown}, not one")
+    assert not (tmp_path / "hf").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # Errors
 # mae_vit_tiny_patch4's architecture: a config that names another of our models than its weights.
