@@ -10,6 +10,7 @@ after that save. Every epoch ends with a checkpoint (``end_epoch``).
 
 import contextlib
 import math
+import shutil
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -17,10 +18,13 @@ from typing import Any
 import torch
 
 from util.checkpoint.consistency import check_schedule
+from util.checkpoint.rng import capture_rng
 from util.checkpoint.state import Position, TrainState, prune_checkpoints, save_checkpoint
+from util.checkpoint.state import _tensor_bytes as tensor_bytes  # the save error's estimate: one way to size it
 from util.cli.errors import NonFiniteLoss, divergence_advice, fail
 from util.cli.log import log
 from util.data.loaders import batches
+from util.lars import LARS
 from util.train import distributed, interrupt
 from util.train.progress import MetricLogger, RunLog, SmoothedValue, format_duration, tensorboard_step
 from util.train.steps import Accumulation
@@ -211,6 +215,8 @@ def training(state: TrainState, position: Position, iterations: int) -> Iterator
             f"an epoch-end checkpoint (checkpoint-<epoch>.pth), or with the data it was written with"
         )
     check_schedule(position, iterations, state.args)
+    if state.args.output_dir and first_epoch < state.args.epochs:  # a run that saves (a finished one does not)
+        distributed.on_rank_0_for_every_rank(lambda: check_room_for_checkpoints(state))
     purge_step = tensorboard_step(first_epoch, position.step, iterations) + 1 if position.resumed else 0
     run_log = RunLog(state.args.log_dir, state.args.output_dir, state.log, purge_step)
     checkpointer = Checkpointer(state, run_log)
@@ -224,3 +230,49 @@ def training(state: TrainState, position: Position, iterations: int) -> Iterator
     finally:
         run_log.close()
     log.info(f"training time {format_duration(time.time() - begin)}")
+
+
+def expected_checkpoint_bytes(state: TrainState) -> int:
+    """About the size of a checkpoint of ``state``: its tensors as the save error counts them, with the optimizer
+    state the first step allocates (a fresh run's optimizer holds none yet) and every rank's random state."""
+    unallocated = 0
+    for group in state.optimizer.param_groups:
+        per_weight, per_parameter = _optimizer_state_per_parameter(state.optimizer, group)
+        for p in group["params"]:
+            if p.requires_grad and p not in state.optimizer.state:  # a resumed run's is counted as it is
+                unallocated += per_weight * p.numel() * p.element_size() + per_parameter
+    rng = distributed.world_size() * tensor_bytes(capture_rng())
+    return tensor_bytes(state.state_dict()) + unallocated + rng
+
+
+def _optimizer_state_per_parameter(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> tuple[int, int]:
+    """(tensors the size of the parameter, bytes besides) that ``optimizer`` keeps for each parameter of ``group``
+    once it has stepped: LARS (linear probing) one momentum; AdamW (pre-training, fine-tuning), and any other,
+    its two moments (three with amsgrad) and a float32 step count."""
+    if isinstance(optimizer, LARS):
+        return 1, 0
+    return 2 + bool(group.get("amsgrad")), 4
+
+
+def check_room_for_checkpoints(state: TrainState) -> None:
+    """Stop a run whose --output_dir has no room for its first checkpoint (it found out at that save, after an
+    epoch's training); warn where it has room for one but not two. A save writes the whole checkpoint to a
+    temporary before it renames it and prunes (``atomic_write``, then ``prune_checkpoints``), so the first one
+    needs its full size free, and each later one as much again beside the previous checkpoint. Runs that save
+    once are warned too, not told apart: fine-tuning's single epoch saves twice (again after its evaluation).
+    What the retention flags keep as the run goes on (every --save_freq-th epoch, all with --keep_last 0) is not
+    added up: that room may be freed while the run trains, and a refusal for it would stop runs that finish."""
+    output_dir = state.args.output_dir
+    needed, free = expected_checkpoint_bytes(state), shutil.disk_usage(output_dir).free
+    room = f"a checkpoint needs about {needed / 2**20:.0f} MiB, {free / 2**20:.0f} MiB are free there"
+    if free < needed:
+        fail(
+            f"--output_dir {output_dir} has no room for this run's first checkpoint ({room}); free space there or "
+            f"give another --output_dir"
+        )
+    if free < 2 * needed:
+        log.warning(
+            f"--output_dir {output_dir} has room for one checkpoint only ({room}): a save after the first writes "
+            f"its file beside the last one, deleted only after it, so the run would stop at its second save; free "
+            f"space there or give another --output_dir"
+        )
