@@ -145,7 +145,7 @@ def test_the_estimate_before_the_first_step_is_the_checkpoint_s_tensors_after_it
     state.model(torch.ones(2, 64)).sum().backward()
     state.optimizer.step()
     assert state.optimizer.state, "the step allocated the optimizer's state"
-    assert expected == checkpoint._tensor_bytes(state.state_dict()) + checkpoint._tensor_bytes(capture_rng())
+    assert expected == checkpoint.tensor_bytes(state.state_dict()) + checkpoint.tensor_bytes(capture_rng())
     # Resumed (its state allocated), the optimizer's state is counted once.
     assert checkpointer.expected_checkpoint_bytes(state) == expected
 

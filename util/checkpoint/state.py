@@ -143,7 +143,7 @@ def _write_checkpoint(obj: dict[str, Any], path: str, output_dir: str) -> None:
             )
         free = shutil.disk_usage(output_dir).free
         fail(
-            f"cannot write checkpoint {path}: {e.strerror or e} (it needs about {_tensor_bytes(obj) / 2**20:.0f} MiB, "
+            f"cannot write checkpoint {path}: {e.strerror or e} (it needs about {tensor_bytes(obj) / 2**20:.0f} MiB, "
             f"{free / 2**20:.0f} MiB are free there); the earlier checkpoints are intact: free space (or choose "
             f"another --output_dir) and continue with --resume auto"
         )
@@ -158,11 +158,12 @@ def prune_checkpoints(state: TrainState, just_written: str | None = None) -> Non
         prune(args.output_dir, args.keep_last, args.save_freq, args.epochs - 1, just_written, finals)
 
 
-def _tensor_bytes(obj: Any) -> int:
+def tensor_bytes(obj: Any) -> int:
+    """The bytes of the tensors in ``obj`` (nested dicts, lists and tuples): about a checkpoint's size on disk."""
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
     children = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
-    return sum(map(_tensor_bytes, children))
+    return sum(map(tensor_bytes, children))
 
 
 def check_finite(state: TrainState, where: str, name: str) -> None:

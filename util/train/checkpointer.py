@@ -19,8 +19,7 @@ import torch
 
 from util.checkpoint.consistency import check_schedule
 from util.checkpoint.rng import capture_rng
-from util.checkpoint.state import Position, TrainState, prune_checkpoints, save_checkpoint
-from util.checkpoint.state import _tensor_bytes as tensor_bytes  # the save error's estimate: one way to size it
+from util.checkpoint.state import Position, TrainState, prune_checkpoints, save_checkpoint, tensor_bytes
 from util.cli.errors import NonFiniteLoss, divergence_advice, fail
 from util.cli.log import log
 from util.data.loaders import batches
