@@ -1,7 +1,7 @@
 """Shared helpers for the pre-training, checkpoint and data tests: tiny data sets, runs of
 ``main_pretrain`` in-process and on the command line, the uninterrupted reference run that
 interrupted runs are compared with, exact comparison of saved states, one-line errors, the official
-state-dict spec, a clean util.train.interrupt, ranks forked into a gloo group, and files that run
+state-dict spec and layouts, a clean util.train.interrupt, ranks forked into a gloo group, and files that run
 out of room."""
 
 import argparse
@@ -57,6 +57,22 @@ def load_spec() -> dict[str, dict[str, list[int]]]:
 
         pytest.skip(f"official state-dict spec not found at {SPEC_PATH}")
     return json.loads(SPEC_PATH.read_text())
+
+
+def official_layouts(size: int) -> dict[str, dict[str, torch.Tensor]]:
+    """mae_vit_tiny_patch4's weights at ``size`` px as the official releases hold them (their names:
+    test_official_names): full (mae_visualize_*), encoder only (mae_pretrain_*), a classifier
+    fine-tuned with --cls_token (the final norm and a head: mae_finetuned_*'s names) and one with
+    global pooling (``fc_norm`` instead of the final norm, as the official fine-tuned releases), each
+    head of 3 classes."""
+    import models_mae
+    import models_vit
+
+    full = models_mae.mae_vit_tiny_patch4(img_size=size).state_dict()
+    encoder = {k: v for k, v in full.items() if not k.startswith(("decoder_", "mask_token"))}
+    head = {"head.weight": torch.zeros(3, 192), "head.bias": torch.zeros(3)}
+    pooled = models_vit.vit_tiny_patch4(img_size=size, num_classes=3, global_pool=True).state_dict()
+    return {"full": full, "encoder": encoder, "classifier": {**encoder, **head}, "pooled": pooled}
 
 
 def shapes(module: torch.nn.Module) -> dict[str, list[int]]:

@@ -7,13 +7,15 @@ from argparse import Namespace
 
 import pytest
 import torch
-from helpers import make_dataset, make_split, run_pretrain
+from helpers import load_spec, make_dataset, make_split, official_layouts, one_line_error, run_pretrain
 
 import knn_eval
 import main_finetune
 import main_linprobe
 import main_pretrain
 import models_mae
+import models_vit
+from engine_finetune import FALLBACKS
 from util import memory
 from util.checkpoint.flags import fill_from_checkpoints
 from util.checkpoint.opening import Opened
@@ -132,3 +134,122 @@ def test_official_decoder_alias_names_the_classifier(stored):
     resumed = Namespace(model=None)
     fill_from_checkpoints(resumed, [source], {"model": "mae_vit_large_patch16"})
     assert resumed.model in models_mae.MODELS
+
+
+# ---------------------------------------------------------------------------------------------
+# Official releases store no args: --model and --input_size come from their weights' shapes
+@pytest.fixture(scope="module")
+def releases(tmp_path_factory) -> dict[str, str]:
+    """vit_tiny_patch4 at 48 px in each official layout, saved as the releases are ({"model": weights})."""
+    root = tmp_path_factory.mktemp("releases")
+    torch.manual_seed(0)
+    paths = {}
+    for kind, state in official_layouts(48).items():
+        paths[kind] = str(root / f"{kind}.pth")
+        torch.save({"model": state}, paths[kind])
+    return paths
+
+
+@pytest.mark.parametrize("kind", ["full", "encoder"])
+@pytest.mark.parametrize("entry_point", [main_finetune, main_linprobe], ids=["finetune", "linprobe"])
+def test_classifiers_take_model_and_size_from_an_official_release(
+    entry_point, kind, releases, split, tmp_path, monkeypatch, capsys
+):
+    """Was: the fallback vit_large_patch16 at 224 px, whose load refused the weights in one line."""
+    path = releases[kind]
+    flags = ["--finetune", path, "--data_path", str(split), "--nb_classes", "3", "--output_dir", str(tmp_path)]
+    args = _settled(entry_point, monkeypatch, *flags, *CPU)
+    assert (args.model, args.input_size, args.in_chans) == ("vit_tiny_patch4", 48, 3)
+    lines = [line for line in capsys.readouterr().out.splitlines() if "flags not given" in line]
+    taken = "--model vit_tiny_patch4 --input_size 48 (flags not given)"
+    assert lines == [f"from the weights of checkpoint {path}: {taken}"]
+
+
+def test_fine_tuning_an_official_mae_with_its_decoder_runs_at_its_size(releases, split, tmp_path):
+    out = tmp_path / "out"
+    argv = ["--finetune", releases["full"], "--data_path", str(split), "--nb_classes", "3", "--epochs", "1"]
+    argv += ["--batch_size", "4", "--output_dir", str(out), "--log_dir", str(out), *CPU]
+    main_finetune.main(main_finetune.get_args_parser().parse_args(argv))
+    saved = torch.load(out / "checkpoint-0.pth", weights_only=False)["args"]
+    assert (saved.model, saved.input_size) == ("vit_tiny_patch4", 48)
+
+
+def test_pretraining_resumes_an_official_mae_as_its_model(releases, tmp_path, monkeypatch):
+    data = make_dataset(tmp_path / "data", 2)
+    argv = ["--resume", releases["full"], "--data_path", str(data), "--output_dir", str(tmp_path / "out"), *CPU]
+    args = _settled(main_pretrain, monkeypatch, *argv)
+    assert (args.model, args.input_size) == ("mae_vit_tiny_patch4", 48)
+
+
+@pytest.mark.parametrize("kind, pooling", [("pooled", []), ("classifier", ["--cls_token"])], ids=["gp", "cls"])
+def test_eval_of_an_official_fine_tuned_classifier_takes_its_model(kind, pooling, releases, split, capsys):
+    """mae_finetuned_vit_*.pth: global pooling (fc_norm), a head of --nb_classes rows; the head is not
+    part of the encoder the model is recognised by, and the strict load of --eval takes the whole."""
+    path = releases[kind]
+    argv = ["--eval", "--resume", path, "--data_path", str(split), "--nb_classes", "3", *pooling, *CPU]
+    main_finetune.main(main_finetune.get_args_parser().parse_args(argv))
+    out = capsys.readouterr().out
+    assert f"from the weights of checkpoint {path}: --model vit_tiny_patch4 --input_size 48 (flags not given)" in out
+    assert f"resumed model from {path}" in out
+
+
+@pytest.fixture(scope="module")
+def unknown(tmp_path_factory) -> str:
+    """Weights of no known model: vit_tiny_patch4's encoder a block short."""
+    state = {k: v for k, v in official_layouts(32)["encoder"].items() if not k.startswith("blocks.11.")}
+    path = str(tmp_path_factory.mktemp("unknown") / "unknown.pth")
+    torch.save({"model": state}, path)
+    return path
+
+
+@pytest.mark.parametrize("entry_point", [main_finetune, main_linprobe], ids=["finetune", "linprobe"])
+def test_weights_of_no_known_model_without_model_are_refused_in_one_line(entry_point, unknown, split, tmp_path):
+    """Not the fallback vit_large_patch16 built for its load to refuse them, naming a --model nobody gave."""
+    argv = ["--finetune", unknown, "--data_path", str(split), "--nb_classes", "3", "--output_dir", str(tmp_path), *CPU]
+    refused = one_line_error(entry_point.main, entry_point.get_args_parser().parse_args(argv))
+    assert refused == (
+        f"checkpoint {unknown} stores no --model, and its weights fit no known encoder (at a square image size); "
+        f"give --model"
+    )
+
+
+def test_a_given_model_wins_over_the_weights(releases, unknown, split, tmp_path, monkeypatch, capsys):
+    flags = ["--data_path", str(split), "--nb_classes", "3", "--output_dir", str(tmp_path), *CPU]
+    # Its size is still the weights' where they fit it, and only that is said to come from them.
+    args = _settled(main_finetune, monkeypatch, "--finetune", releases["encoder"], "--model", "vit_tiny_patch4", *flags)
+    assert (args.model, args.input_size) == ("vit_tiny_patch4", 48)
+    assert f"checkpoint {releases['encoder']}: --input_size 48 (flags not given)" in capsys.readouterr().out
+    # Weights of another model: the given one at the fallback size (the load then says what does not fit).
+    args = _settled(main_finetune, monkeypatch, "--finetune", releases["encoder"], "--model", "vit_mini_patch4", *flags)
+    assert (args.model, args.input_size) == ("vit_mini_patch4", 224)
+    assert "flags not given" not in capsys.readouterr().out
+    argv = ["--finetune", unknown, "--model", "vit_tiny_patch4", "--input_size", "32", *flags]
+    refused = one_line_error(main_finetune.main, main_finetune.get_args_parser().parse_args(argv))
+    assert refused.startswith(f"--finetune {unknown} does not fit VisionTransformer"), refused
+
+
+def test_weights_are_read_only_where_a_flag_is_missing_and_no_args_decide(releases, pretrained, monkeypatch):
+    """Recognition builds every known model (on the meta device, seconds for the big ones)."""
+    calls = []
+    monkeypatch.setattr(models_vit, "encoder_for_weights", lambda *a, **k: calls.append(a) or ("vit_tiny_patch4", 48))
+    release = Opened(releases["encoder"], torch.load(releases["encoder"]))
+    ours = Opened(str(pretrained), torch.load(pretrained, weights_only=False))
+    fill_from_checkpoints(Namespace(model="vit_tiny_patch4", input_size=32), [release], FALLBACKS)
+    fill_from_checkpoints(Namespace(model=None, input_size=None), [ours, release], FALLBACKS)
+    assert calls == []
+    fill_from_checkpoints(Namespace(model=None, input_size=None, in_chans=None), [release], FALLBACKS)
+    assert len(calls) == 1  # once for both flags
+
+
+@pytest.mark.parametrize("size", ["base", "large", "huge"])
+@pytest.mark.parametrize("kind", ["mae", "gp", "cls"])
+def test_the_official_releases_give_their_models_at_224_px(size, kind):
+    """The official checkpoints' names and shapes (../shared/spec; meta tensors): an MAE with its decoder,
+    classifiers fine-tuned with global pooling or the class token, each with a 1000-row head."""
+    patch = 14 if size == "huge" else 16
+    release = {"mae": f"mae_vit_{size}_patch{patch}", "gp": f"vit_{size}_patch{patch}_gp"}
+    release["cls"] = f"vit_{size}_patch{patch}_cls"
+    state = {k: torch.empty(shape, device="meta") for k, shape in load_spec()[release[kind]].items()}
+    args = Namespace(model=None, input_size=None, in_chans=None, crop_pct=None)
+    fill_from_checkpoints(args, [Opened(release[kind], {"model": state})], FALLBACKS)
+    assert (args.model, args.input_size) == (f"vit_{size}_patch{patch}", 224)

@@ -1,42 +1,92 @@
 """Flags that a checkpoint decides when they are not given: the model, the image size and channels
 (mean/std: util/data/normalization.py). A run that continues or starts from a checkpoint then
-needs none of them, and a fine-tuned 32-px encoder is not silently resized to 224 px."""
+needs none of them, and a fine-tuned 32-px encoder is not silently resized to 224 px. Official
+releases store no flags: their weights' shapes tell the model and the image size."""
 
 import argparse
 from collections.abc import Sequence
 from typing import Any
 
 import models_mae
+import models_vit
+from util.checkpoint.load import model_state
 from util.checkpoint.opening import Opened
+from util.cli.errors import fail
 from util.cli.log import log
+
+# The flags a checkpoint that stores none (an official release) gives through its weights' shapes.
+FROM_WEIGHTS = ("model", "input_size")
 
 
 def fill_from_checkpoints(
     args: argparse.Namespace, sources: Sequence[Opened], fallbacks: dict[str, Any]
 ) -> dict[str, str]:
     """Set every flag of ``fallbacks`` that is None (not given) to the value the first of ``sources``
-    stores, else to its fallback; say in one line per checkpoint which values it gave. A stored
-    ``--model`` becomes the fallback's kind: an MAE's its classifier's (fine-tuning, probing), a
-    classifier's its MAE's (k-NN scoring of a fine-tuned or probed encoder). Returns where each
-    stored value came from ({flag: "checkpoint PATH"}), for errors that blame the checkpoint, not
-    a flag the user never gave."""
+    that decides it gives, else to its fallback; say in one line per checkpoint which values it gave.
+    A checkpoint decides what its args store; one that stores no args (an official release), the
+    model and image size of its weights (``recognised``). A decided ``--model`` becomes the
+    fallback's kind: an MAE's its classifier's (fine-tuning, probing), a classifier's its MAE's (k-NN
+    scoring of a fine-tuned or probed encoder). Returns where each stored value came from
+    ({flag: "checkpoint PATH"}), for errors that blame the checkpoint, not a flag the user never gave."""
     taken: dict[str, list[str]] = {}
     origins: dict[str, str] = {}
+    weights: dict[str, dict[str, Any]] = {}  # what the weights of each checkpoint without args are, once read
     for flag, fallback in fallbacks.items():
         if getattr(args, flag, None) is not None:
             continue
-        stored = [(s.path, found) for s in sources if (found := getattr(s.args, flag, None)) is not None]
-        origin, value = stored[0] if stored else (None, fallback)
+        origin, value = _decided(args, flag, sources, weights) or ("", fallback)
         if flag == "model" and origin:
             value = _same_kind(value, fallback)
         setattr(args, flag, value)
         if origin:
             shown = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
             taken.setdefault(origin, []).append(f"--{flag} {shown}")
-            origins[flag] = f"checkpoint {origin}"
+        if origin.startswith("checkpoint "):  # a size read from the weights is a multiple of their patch size
+            origins[flag] = origin
     for origin, values in taken.items():
-        log.info(f"from checkpoint {origin}: {' '.join(values)} (flags not given)")
+        log.info(f"from {origin}: {' '.join(values)} (flags not given)")
     return origins
+
+
+def _decided(
+    args: argparse.Namespace, flag: str, sources: Sequence[Opened], weights: dict[str, dict[str, Any]]
+) -> tuple[str, Any] | None:
+    """(where from, value) of ``flag`` from the first of ``sources`` that decides it: its args, else
+    its weights (recognised once per checkpoint, into ``weights``); None where none does."""
+    for source in sources:
+        if source.args is not None:
+            if (stored := getattr(source.args, flag, None)) is not None:
+                return f"checkpoint {source.path}", stored
+        elif flag in FROM_WEIGHTS:
+            if source.path not in weights:
+                weights[source.path] = recognised(source, args.model)
+            if weights[source.path]:
+                return f"the weights of checkpoint {source.path}", weights[source.path][flag]
+    return None
+
+
+def recognised(source: Opened, model: str | None) -> dict[str, Any]:
+    """{"model": a models_vit name, "input_size": a square's side} of the classifier whose encoder has
+    the shapes of the weights of ``source``, a checkpoint that stores no args; of ``model`` (an MAE's or
+    a classifier's name) where given, else {} where it does not fit. Only the encoder is compared: an
+    MAE's decoder and a classifier's head (``--nb_classes`` rows) are set aside, and a fine-tuned
+    classifier's ``fc_norm`` tells its pooling (``--global_pool``: the flags' pooling must not hide
+    the model; loading says where it differs). Without ``model`` every known model is built on the
+    meta device (seconds for the large ones: it is done only where a flag is missing), and weights
+    that fit none are refused in one line: the fallback model would be refused by the load, named
+    though nobody gave it."""
+    names = None
+    if model is not None:
+        names = [models_mae.encoder_name(model)]
+        if names[0] not in models_vit.MODELS:
+            return {}  # an unknown --model: the entry point refuses it in one line where it builds the model
+    found = models_vit.encoder_for_weights(model_state(source.ckpt, source.path), names)
+    if found is None and model is None:
+        fail(
+            f"checkpoint {source.path} stores no --model, and its weights fit no known encoder "
+            f"(at a square image size); give --model"
+        )
+    return {"model": found[0], "input_size": found[1]} if found else {}
 
 
 def _same_kind(model: str, fallback: Any) -> str:
