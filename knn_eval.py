@@ -23,7 +23,6 @@ from collections.abc import Callable
 import torch
 
 import models_mae
-import models_vit
 from util.checkpoint.encoder import load_mae_encoder
 from util.checkpoint.flags import fill_from_checkpoints
 from util.checkpoint.load import is_url, model_state, saved_args
@@ -92,36 +91,17 @@ def saved_args_on_every_rank(encoder: str) -> argparse.Namespace | None:
     return open_on_every_rank(lambda: Opened(encoder, {"args": saved_args(encoder)}), encoder, "--encoders").args
 
 
-def fill_from_weights(args: argparse.Namespace, first: Opened) -> None:
-    """--model and --input_size, where not given, from the weights of ``first``, a checkpoint that stores
-    no args (an official release): the MAE whose encoder has their shapes (``--model``'s, if given), at
-    their size. Without --model, weights that fit no model are refused in one line; with it, the
-    model's own size is taken, and loading says what does not fit. Weights of other than RGB images are
-    refused as check_rgb refuses a checkpoint that stores another --in_chans."""
+def check_rgb_weights(first: Opened) -> None:
+    """A checkpoint that stores no args (an official release) whose weights take other than RGB images is
+    refused as ``check_rgb`` refuses one that stores another --in_chans: recognised by its shapes alone, it
+    would be taken for the RGB model of the same shapes, and its load blame --model."""
     proj = model_state(first.ckpt, first.path).get("patch_embed.proj.weight")
-    if proj is not None and proj.dim() == 4 and proj.shape[1] != 3:
+    if first.args is None and proj is not None and proj.dim() == 4 and proj.shape[1] != 3:
         channels = f"{proj.shape[1]}-channel images (its patch embedding's weights)"
         fail(
             f"checkpoint {first.path} holds an encoder of {channels}; knn_eval.py scores RGB encoders only: "
             f"use the k-NN monitor of main_pretrain.py (--knn_data_path)"
         )
-    if args.model is not None and args.input_size is not None:
-        return
-    if args.model is not None:
-        models_mae.MODELS.factory(args.model)  # a known name, or one line listing them
-    given = [models_mae.encoder_name(args.model)] if args.model else None
-    found = models_vit.encoder_for_weights(model_state(first.ckpt, first.path), given)
-    if found is None and args.model is None:
-        fail(
-            f"checkpoint {first.path} stores no --model, and its weights fit no known MAE encoder "
-            f"(at a square image size); give --model"
-        )
-    if found is None:
-        return
-    filled = {"model": args.model or f"mae_{found[0]}", "input_size": args.input_size or found[1]}
-    taken = [f"--{flag} {value}" for flag, value in filled.items() if getattr(args, flag) is None]
-    vars(args).update(filled)
-    log.info(f"from the weights of checkpoint {first.path}: {' '.join(taken)} (flags not given)")
 
 
 def check_encoder_files(checkpoints: list[str]) -> None:
@@ -168,8 +148,8 @@ def main(args: argparse.Namespace) -> None:
     distributed.init_distributed_mode(args)
     check_encoder_files(checkpoints)
     first = open_on_every_rank_of(checkpoints[0]) if checkpoints else None  # read once: flags, then weights
-    if first is not None and first.args is None:
-        fill_from_weights(args, first)
+    if first is not None:
+        check_rgb_weights(first)
     origins = fill_from_checkpoints(args, [first] if first else [], FALLBACKS)
     with torch.device("meta"):  # --model and --input_size checked before any image is read
         model = models_mae.create_model(args.model, args.input_size, size_source=origins.get("input_size", ""))

@@ -19,6 +19,7 @@ from helpers import (
     isolated_interrupts,
     load,
     load_spec,
+    official_layouts,
     one_line_error,
     read_log,
     run_pretrain,
@@ -30,6 +31,7 @@ from helpers import (
 import knn_eval
 import models_mae
 from util.checkpoint.encoder import load_mae_encoder
+from util.checkpoint.flags import fill_from_checkpoints
 from util.checkpoint.opening import SHARED_CHECKPOINT, Opened
 from util.cli.errors import UserError
 from util.data.sampling import evenly_spaced
@@ -381,16 +383,6 @@ def test_knn_eval_calls_a_folder_given_as_encoder_a_folder(tmp_path, first):
 
 # ---------------------------------------------------------------------------------------------
 # Official releases store weights only: knn_eval takes --model and --input_size from them
-def official_layouts(size: int) -> dict[str, dict[str, torch.Tensor]]:
-    """mae_vit_tiny_patch4's weights at ``size`` px as the official releases hold them (their names:
-    test_official_names): full (mae_visualize_*), encoder only (mae_pretrain_*) and a classifier
-    fine-tuned with --cls_token (mae_finetuned_*: the final norm and a head)."""
-    full = models_mae.mae_vit_tiny_patch4(img_size=size).state_dict()
-    encoder = {k: v for k, v in full.items() if not k.startswith(("decoder_", "mask_token"))}
-    head = {"head.weight": torch.zeros(3, 192), "head.bias": torch.zeros(3)}
-    return {"full": full, "encoder": encoder, "classifier": {**encoder, **head}}
-
-
 @pytest.mark.parametrize(
     "kind, flags", [("full", []), ("encoder", []), ("classifier", []), ("encoder", ["--model", "mae_vit_tiny_patch4"])]
 )
@@ -425,7 +417,7 @@ def test_official_checkpoint_shapes_give_their_model_at_224_px():
     for release in ("mae_vit_base_patch16", "vit_base_patch16_cls", "vit_base_patch16_gp"):
         state = {k: torch.empty(shape, device="meta") for k, shape in spec[release].items()}
         args = argparse.Namespace(model=None, input_size=None)
-        knn_eval.fill_from_weights(args, Opened(release, {"model": state}))
+        fill_from_checkpoints(args, [Opened(release, {"model": state})], knn_eval.FALLBACKS)
         assert (args.model, args.input_size) == ("mae_vit_base_patch16", 224), release
 
 
@@ -443,7 +435,7 @@ def test_knn_eval_refuses_weights_that_fit_no_model_in_one_line(tmp_path, change
     argv = ["--data_path", str(data), "--encoders", str(path), "--device", "cpu"]
     refused = one_line_error(knn_eval.main, knn_eval.get_args_parser().parse_args(argv))
     assert refused == (
-        f"checkpoint {path} stores no --model, and its weights fit no known MAE encoder (at a square image "
+        f"checkpoint {path} stores no --model, and its weights fit no known encoder (at a square image "
         f"size); give --model"
     )
 
