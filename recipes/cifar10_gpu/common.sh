@@ -30,7 +30,8 @@ GPU_NAME=${GPU_NAME:-$(timeout 20 nvidia-smi --query-gpu=name --format=csv,nohea
 # What the device's loaders run under, never read there yet: workers pass batches as files in /dev/shm, one
 # descriptor each until taken (a limit of 1024 broke --loader memory's decode before 4ad004f). In the reply's output.
 SHM_FREE=$(df -h --output=avail /dev/shm 2>/dev/null | tail -n 1 | tr -d ' ' || true)
-echo "machine: $(nproc) cores, GPU ${GPU_NAME:-none}, open files $(ulimit -n), /dev/shm ${SHM_FREE:-none} free"
+# nproc alone prints OMP_NUM_THREADS where that is set: the cores are what this process may run on.
+echo "machine: $(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc) cores, GPU ${GPU_NAME:-none}, open files $(ulimit -n), /dev/shm ${SHM_FREE:-none} free"
 mkdir -p "$WORK" "$OUT"
 source benchmarks/use_wheels.sh
 use_wheels "$(cd "$WORK" && pwd)/site"  # wheels/, where carried: timm as tested here, over the machine's own
