@@ -573,15 +573,22 @@ def budgeted_open(budget: int, over: Callable[[], object], wrap: Callable[[str, 
 
 
 @contextmanager
-def serve(folder: Path) -> Iterator[tuple[str, list[str]]]:
+def serve(folder: Path, pace_s: float = 0.0) -> Iterator[tuple[str, list[str]]]:
     """An HTTP server of ``folder``'s files on localhost, in a thread of this process: its address,
-    and the paths asked for so far (a list that grows as requests come; forked ranks ask it too)."""
+    and the paths asked for so far (a list that grows as requests come; forked ranks ask it too).
+    ``pace_s``: a pause before each 128 KiB of a file, as a slow link sends it."""
     asked: list[str] = []
 
     class Handler(http.server.SimpleHTTPRequestHandler):
         def do_GET(self) -> None:
             asked.append(self.path)
             super().do_GET()
+
+        def copyfile(self, source, outputfile) -> None:
+            while piece := source.read(128 * 1024):
+                time.sleep(pace_s)
+                outputfile.write(piece)
+                outputfile.flush()
 
         def log_message(self, *args) -> None:
             pass

@@ -5,8 +5,10 @@ cache) or a node-local --output_dir. Every rank must start from the same checkpo
 stop in one line that says so: a rank that differs alone is hidden by DDP (it copies rank 0's weights)
 and diverges silently, or hangs at the end."""
 
+import datetime
 import os
 import shutil
+import signal
 import threading
 import time
 from argparse import Namespace
@@ -20,7 +22,7 @@ import main_finetune
 from util.checkpoint import opening
 from util.checkpoint import resume as resuming
 from util.checkpoint import state as checkpoint
-from util.checkpoint.load import cached_path
+from util.checkpoint.load import AFRESH, cached_path
 from util.checkpoint.state import TrainState, save_checkpoint
 from util.cli.args import check_same_flags
 from util.cli.errors import UserError
@@ -421,6 +423,78 @@ def test_a_damaged_copy_already_cached_is_named_and_left_for_the_ranks_reading_i
     )
     assert all(log.endswith(expected) for log in logs), logs
     assert copy.read_bytes() == page
+
+
+def _download_on_two_ranks(
+    tmp_path: Path, monkeypatch, name: str, exit_codes: tuple[int, int], pace_s: float = 0.0, own_caches: bool = False
+) -> tuple[list[str], list[str], str]:
+    """Two ranks open ``name`` (weights.pth, 4 MB, or truncated.pth, its first half) from a local HTTP server
+    that pauses ``pace_s`` before each 128 KiB, with a collective timeout of 1.5 s: a download of minutes
+    against one of 30 min, scaled down. They share a torch.hub cache unless ``own_caches``. Their outputs,
+    the paths asked for, and the URL."""
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(distributed, "COLLECTIVE_TIMEOUT", datetime.timedelta(seconds=1.5))
+    monkeypatch.setattr(distributed, "NOTICE_AFTER_S", 0.5)
+    monkeypatch.setattr(distributed, "WAIT_NOTICE_EVERY_S", 1.0)
+    (tmp_path / "served").mkdir()
+    torch.save({"model": {"w": torch.arange(1e6)}}, tmp_path / "served" / "weights.pth")
+    whole = (tmp_path / "served" / "weights.pth").read_bytes()
+    (tmp_path / "served" / "truncated.pth").write_bytes(whole[: len(whole) // 2])
+
+    def rank_main() -> None:
+        os.environ["TORCH_HOME"] = str(tmp_path / (f"cache{os.environ['RANK']}" if own_caches else "cache"))
+        distributed.init_distributed_mode(Namespace(dist_url="env://", dist_on_itp=False, device="cpu"))
+        try:
+            opened = opening.open_on_every_rank(lambda: opening.open_checkpoint(url), url, "--finetune")
+            print("loaded", opened.ckpt["model"]["w"][-1].item())
+        finally:
+            distributed.cleanup()
+
+    with serve(tmp_path / "served", pace_s) as (address, asked):
+        url = f"{address}/{name}"
+        logs = run_ranks(rank_main, tmp_path / "ranks", exit_codes=exit_codes, timeout=60)
+    return logs, asked, url
+
+
+def test_the_other_ranks_wait_for_a_download_longer_than_a_collective_timeout_while_it_gets_on(tmp_path, monkeypatch):
+    """Rank 1 waited for rank 0's download in a collective, whose timeout (30 min; 1.5 s here) ended it while
+    rank 0 was downloading a large release at a slow link (here 4 MB in about 3 s)."""
+    logs, asked, url = _download_on_two_ranks(tmp_path, monkeypatch, "weights.pth", (0, 0), pace_s=0.1)
+    assert asked == ["/weights.pth"], asked
+    assert all("loaded 999999.0" in log for log in logs), logs
+    notice = f"rank 1 of 2: waiting for rank 0 to download {url} for --finetune ("
+    assert notice in logs[1] and "MB so far; giving up after 1.5 s without progress)" in logs[1], logs[1]
+    assert "waiting for" not in logs[0], logs[0]  # the downloader says nothing of the kind
+
+
+def test_a_slow_download_that_is_damaged_still_stops_both_ranks_in_its_line(tmp_path, monkeypatch):
+    logs, asked, url = _download_on_two_ranks(tmp_path, monkeypatch, "truncated.pth", (2, 2), pace_s=0.15)
+    assert asked == ["/truncated.pth"], asked
+    line = f"error: --finetune: rank 0 of 2: checkpoint {url} is truncated or not a PyTorch checkpoint; "
+    assert all(log.endswith(f"{line}{AFRESH}\n") for log in logs), logs
+
+
+def test_a_downloader_that_dies_is_noticed_once_it_gets_no_further_for_the_collective_timeout(tmp_path, monkeypatch):
+    """Rank 1 (a cache of its own) is killed as it starts to download, while rank 0, which serves the
+    store, waits for it: rank 0 gives up after 1.5 s without progress, in one line, not a hang."""
+    real = torch.hub.download_url_to_file
+
+    def killed_on_rank_1(*args, **kwargs) -> None:
+        if os.environ["RANK"] == "1":
+            os.kill(os.getpid(), signal.SIGKILL)
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", killed_on_rank_1)
+    started = time.monotonic()
+    logs, asked, url = _download_on_two_ranks(
+        tmp_path, monkeypatch, "weights.pth", (2, -signal.SIGKILL), own_caches=True
+    )
+    assert time.monotonic() - started < 20
+    assert logs[0].endswith(
+        f"error: rank 0 of 2 waited for rank 1 to download {url} for --finetune, which got no further for 1.5 s "
+        "(0.0 MB so far): it stopped or is stuck; see its output, and run again\n"
+    ), logs[0]
 
 
 # ---------------------------------------------------------------------------------------------

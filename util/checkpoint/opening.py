@@ -2,6 +2,8 @@
 --resume, --finetune and k-NN scoring start from. Which checkpoint --resume takes: resume.py."""
 
 import argparse
+import contextlib
+import glob
 import os
 import socket
 from collections.abc import Callable
@@ -86,7 +88,8 @@ def download_on_every_rank(url: str, flag: str) -> None:
     """Put ``url``'s copy into every rank's cache, downloading it once per cache, not once per rank
     (eight ranks of a node fetching the same gigabyte at once): rank 0 first, so that a cache the
     whole job shares is filled once; then, round by round, the lowest rank of each machine whose
-    cache still lacks it, while the others wait. A downloader loads its copy once while they wait,
+    cache still lacks it, while the others wait as long as its download gets on (``work_while_others_wait``:
+    saying every minute how far it got). A downloader loads its copy once while they wait,
     so that one that does not load (truncated, an HTML page) is removed before any other rank reads
     it: removed later, a rank sharing the cache downloaded it again or found it gone. A failed or
     damaged download stops every rank with the downloader's line."""
@@ -94,12 +97,10 @@ def download_on_every_rank(url: str, flag: str) -> None:
         return
     machine, downloaders = socket.gethostname(), {0}
     for _ in range(distributed.world_size()):  # each round fills at least one more rank's cache
-        error = None
-        if distributed.rank() in downloaders and not os.path.isfile(cached_path(url)):
-            try:
-                load_checkpoint(url)  # downloads it, and removes a copy that does not load
-            except UserError as e:
-                error = str(e)
+        # The others wait as long as the download gets on: a collective gave up after 30 minutes.
+        error = distributed.work_while_others_wait(
+            downloaders, lambda: _download_here(url), lambda: _bytes_so_far(url), f"download {url} for {flag}", _in_mb
+        )
         seen = distributed.gather((machine, os.path.isfile(cached_path(url)), error))
         if failed := [(rank, error) for rank, (_, _, error) in enumerate(seen) if error]:
             rank, error = failed[0]
@@ -112,6 +113,33 @@ def download_on_every_rank(url: str, flag: str) -> None:
             return
         downloaders = set(first_lacking.values())
     fail(f"{flag} {url}: downloaded, yet some ranks cannot see their copy in torch.hub's cache; check its folder")
+
+
+def _download_here(url: str) -> str | None:
+    """Download ``url`` into this rank's cache unless it is there, and load it once, removing a copy
+    that does not load; the line that says why it failed, or None."""
+    if os.path.isfile(cached_path(url)):
+        return None
+    try:
+        load_checkpoint(url)
+    except UserError as e:
+        return str(e)
+    return None
+
+
+def _bytes_so_far(url: str) -> int:
+    """The bytes of ``url``'s copy in this rank's cache: torch.hub's temporary files next to it while it
+    downloads (``NAME.HEX.partial``), the copy once done."""
+    local = cached_path(url)
+    total = 0
+    for path in [*glob.glob(glob.escape(local) + ".*.partial"), local]:
+        with contextlib.suppress(OSError):  # renamed or removed meanwhile
+            total += os.path.getsize(path)
+    return total
+
+
+def _in_mb(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"
 
 
 def _fingerprint(opened: Opened) -> str:

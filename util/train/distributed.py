@@ -8,14 +8,16 @@ the variable). The processes then meet for at most ``MAE_DIST_START_TIMEOUT`` se
 import contextlib
 import datetime
 import gc
+import itertools
 import os
 import socket
 import sys
 import threading
 import time
 from argparse import Namespace
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import torch
@@ -32,6 +34,8 @@ NOTICE_AFTER_S = 5.0  # a healthy start-up is usually quicker: say nothing befor
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
 # What gloo says when a peer's connection breaks (its errors are plain RuntimeErrors).
 _PEER_LOST_MARKERS = ("gloo/transport", "Connection reset by peer", "Connection closed by peer")
+# The rendezvous store this process joined its group through (join); work_while_others_wait meets on it.
+_store: dist.Store | None = None
 
 
 @dataclass(frozen=True)
@@ -291,6 +295,8 @@ def join(
     finally:
         notice.cancel()
     store.set_timeout(COLLECTIVE_TIMEOUT)
+    global _store
+    _store = store
     dist.init_process_group(backend, store=store, rank=world.rank, world_size=world.size, timeout=COLLECTIVE_TIMEOUT)
     # NCCL's barrier is an all-reduce on a GPU: named here, else torch 2.6 takes GPU rank % GPUs and torch 2.14
     # the current one with a warning. Not init_process_group(device_id=): that also starts NCCL eagerly, which
@@ -370,6 +376,98 @@ def on_rank_0_for_every_rank(check: Callable[[], None]) -> None:
         fail(str(message))
 
 
+T = TypeVar("T")
+WAIT_KEYS = "mae_wait"  # the prefix of work_while_others_wait's keys in the store
+WAIT_NOTICE_EVERY_S = 60.0  # how often the waiting ranks say what they wait for (the first after NOTICE_AFTER_S)
+_wait_count = itertools.count()  # every rank calls work_while_others_wait in the same order: one key prefix a call
+
+
+def work_while_others_wait(
+    workers: Collection[int],
+    work: Callable[[], T],
+    progress: Callable[[], int],
+    what: str,
+    shown: Callable[[int], str] = str,
+) -> T | None:
+    """``work()`` on the ranks ``workers`` (its result there; None on the others) while the others wait
+    for them as long as they get on, not for a collective's fixed ``COLLECTIVE_TIMEOUT``: a download of
+    gigabytes at a slow link outlasts it, and the waiting ranks ended in a collective's timeout while
+    the downloader was healthy. ``progress()``: a count that grows while a worker gets on (bytes
+    downloaded), which it publishes in the rendezvous store every few seconds; the others give up,
+    with one line, once the workers' count has not grown for ``COLLECTIVE_TIMEOUT`` (a worker killed,
+    or stuck). Meanwhile the lowest waiting rank says every minute or so that it waits for them to
+    ``what`` (a verb's phrase: 'download URL') and how far they got, as ``shown`` writes the count.
+    Not a barrier for the workers: the caller's next collective is one."""
+    if not is_dist() or _store is None:  # a group started without join(): no store to meet on
+        return work() if rank() in workers else None
+    keys = dist.PrefixStore(f"{WAIT_KEYS}/{next(_wait_count)}", _store)
+    stall_s = COLLECTIVE_TIMEOUT.total_seconds()
+    if rank() in workers:
+        return _work_publishing(keys, work, progress, min(5.0, stall_s / 4))
+    _wait_for_workers(keys, sorted(workers), stall_s, what, shown)
+    return None
+
+
+def _work_publishing(keys: dist.Store, work: Callable[[], T], progress: Callable[[], int], every_s: float) -> T:
+    """``work()``, adding how far ``progress()`` got since it started to the store's "progress" every
+    ``every_s`` seconds (a count of all workers: a stuck one among several shows once the others finish),
+    and "done" once it ends, failed or not: the waiting ranks then meet the caller's next collective,
+    which carries its outcome."""
+    stop, start = threading.Event(), progress()
+    published = 0
+
+    def publish() -> None:
+        nonlocal published
+        grown = max(progress() - start, published)  # never less: the count of all workers only grows
+        keys.add("progress", grown - published)
+        published = grown
+
+    def beat() -> None:
+        while not stop.wait(every_s):
+            with contextlib.suppress(Exception):  # a store gone: the main thread finds out at its next collective
+                publish()
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        return work()
+    finally:
+        stop.set()
+        thread.join()
+        keys.add("done", 1)
+
+
+def _wait_for_workers(
+    keys: dist.Store, workers: list[int], stall_s: float, what: str, shown: Callable[[int], str]
+) -> None:
+    """Poll the store until every one of ``workers`` is done; fail once their progress has not grown
+    for ``stall_s`` seconds. A store that cannot be reached (rank 0's process, which serves it outside
+    torchrun, stopped) raises the DistError that says another process stopped."""
+    poll_s = min(1.0, stall_s / 4)
+    started = grown_at = time.monotonic()
+    last, notice_at = 0, started + min(NOTICE_AFTER_S, WAIT_NOTICE_EVERY_S)
+    lowest_waiting = min(r for r in range(world_size()) if r not in workers)
+    them = f"rank{'s' if len(workers) > 1 else ''} {listed_ranks(workers)}"
+    limit = f"{stall_s / 60:g} min" if stall_s >= 60 else f"{stall_s:g} s"
+    while keys.add("done", 0) < len(workers):
+        now, so_far = time.monotonic(), keys.add("progress", 0)
+        if so_far != last:
+            last, grown_at = so_far, now
+        elif now - grown_at > stall_s:
+            fail(
+                f"rank {rank()} of {world_size()} waited for {them} to {what}, which got no further for {limit} "
+                f"({shown(so_far)} so far): it stopped or is stuck; see its output, and run again"
+            )
+        if rank() == lowest_waiting and now >= notice_at:
+            notice_at = now + WAIT_NOTICE_EVERY_S
+            sys.stderr.write(
+                f"rank {rank()} of {world_size()}: waiting for {them} to {what} ({shown(so_far)} so far; "
+                f"giving up after {limit} without progress)\n"
+            )
+            sys.stderr.flush()
+        time.sleep(poll_s)
+
+
 def all_reduce_sum(values: list[float], device: torch.device | str) -> list[float]:
     """Sum a few numbers over all ranks (one collective)."""
     if not is_dist():
@@ -389,6 +487,8 @@ def cleanup() -> None:
     reference cycle: collected after this, its reducer would hold the last reference to the group,
     whose gloo destructor joins its threads holding the GIL while one of them waits for the GIL to
     free the last collective's tensor (a hang at the end of 2-rank CPU runs, seen with torch 2.11)."""
+    global _store
+    _store = None
     if is_dist():
         gc.collect()
         dist.destroy_process_group()
