@@ -445,11 +445,9 @@ def _download_on_two_ranks(
     def rank_main() -> None:
         os.environ["TORCH_HOME"] = str(tmp_path / (f"cache{os.environ['RANK']}" if own_caches else "cache"))
         distributed.init_distributed_mode(Namespace(dist_url="env://", dist_on_itp=False, device="cpu"))
-        try:
-            opened = opening.open_on_every_rank(lambda: opening.open_checkpoint(url), url, "--finetune")
-            print("loaded", opened.ckpt["model"]["w"][-1].item())
-        finally:
-            distributed.cleanup()
+        opened = opening.open_on_every_rank(lambda: opening.open_checkpoint(url), url, "--finetune")
+        print("loaded", opened.ckpt["model"]["w"][-1].item())
+        distributed.cleanup()  # not on an error: run_cli tells a peer's stop by the group, then ends it
 
     with serve(tmp_path / "served", pace_s) as (address, asked):
         url = f"{address}/{name}"
@@ -472,29 +470,52 @@ def test_a_slow_download_that_is_damaged_still_stops_both_ranks_in_its_line(tmp_
     logs, asked, url = _download_on_two_ranks(tmp_path, monkeypatch, "truncated.pth", (2, 2), pace_s=0.15)
     assert asked == ["/truncated.pth"], asked
     line = f"error: --finetune: rank 0 of 2: checkpoint {url} is truncated or not a PyTorch checkpoint; "
-    assert all(log.endswith(f"{line}{AFRESH}\n") for log in logs), logs
+    assert all(_errors(log) == [f"{line}{AFRESH}"] for log in logs), logs
 
 
 def test_a_downloader_that_dies_is_noticed_once_it_gets_no_further_for_the_collective_timeout(tmp_path, monkeypatch):
     """Rank 1 (a cache of its own) is killed as it starts to download, while rank 0, which serves the
     store, waits for it: rank 0 gives up after 1.5 s without progress, in one line, not a hang."""
-    real = torch.hub.download_url_to_file
-
-    def killed_on_rank_1(*args, **kwargs) -> None:
-        if os.environ["RANK"] == "1":
-            os.kill(os.getpid(), signal.SIGKILL)
-        real(*args, **kwargs)
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", killed_on_rank_1)
+    _killed_as_it_downloads(monkeypatch, rank=1)
     started = time.monotonic()
     logs, asked, url = _download_on_two_ranks(
         tmp_path, monkeypatch, "weights.pth", (2, -signal.SIGKILL), own_caches=True
     )
     assert time.monotonic() - started < 20
-    assert logs[0].endswith(
+    assert _errors(logs[0]) == [
         f"error: rank 0 of 2 waited for rank 1 to download {url} for --finetune, which got no further for 1.5 s "
-        "(0.0 MB so far): it stopped or is stuck; see its output, and run again\n"
-    ), logs[0]
+        "(0.0 MB so far): it stopped or is stuck; see its output, and run again"
+    ], logs[0]
+
+
+def test_a_downloader_that_serves_the_store_and_dies_stops_the_others_at_once(tmp_path, monkeypatch):
+    """Rank 0 serves the rendezvous store outside torchrun: killed while rank 1 waits on that store, rank 1
+    says that another process stopped, as it did in the collective before, and does not hang."""
+    _killed_as_it_downloads(monkeypatch, rank=0)
+    started = time.monotonic()
+    logs, _, _ = _download_on_two_ranks(tmp_path, monkeypatch, "weights.pth", (-signal.SIGKILL, 1))
+    assert time.monotonic() - started < 20
+    assert _errors(logs[1]) == [
+        "error: another process of this job stopped, so rank 1 of 2 cannot go on; restart the whole job with "
+        "--resume auto to continue from its last checkpoint"
+    ], logs[1]
+
+
+def _errors(log: str) -> list[str]:
+    """A rank's error lines: here the note that the test's group ended may follow the last."""
+    return [line for line in log.splitlines() if line.startswith("error:")]
+
+
+def _killed_as_it_downloads(monkeypatch, rank: int) -> None:
+    """Rank ``rank`` is killed (SIGKILL) as it starts to download."""
+    real = torch.hub.download_url_to_file
+
+    def killed(*args, **kwargs) -> None:
+        if os.environ["RANK"] == str(rank):
+            os.kill(os.getpid(), signal.SIGKILL)
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", killed)
 
 
 # ---------------------------------------------------------------------------------------------
