@@ -59,19 +59,20 @@ def load_spec() -> dict[str, dict[str, list[int]]]:
     return json.loads(SPEC_PATH.read_text())
 
 
-def official_layouts(size: int) -> dict[str, dict[str, torch.Tensor]]:
-    """mae_vit_tiny_patch4's weights at ``size`` px as the official releases hold them (their names:
-    test_official_names): full (mae_visualize_*), encoder only (mae_pretrain_*), a classifier
-    fine-tuned with --cls_token (the final norm and a head: mae_finetuned_*'s names) and one with
-    global pooling (``fc_norm`` instead of the final norm, as the official fine-tuned releases), each
-    head of 3 classes."""
+def official_layouts(size: int, in_chans: int = 3) -> dict[str, dict[str, torch.Tensor]]:
+    """mae_vit_tiny_patch4's weights at ``size`` px (of ``in_chans`` image channels) as the official
+    releases hold them (their names: test_official_names): full (mae_visualize_*), encoder only
+    (mae_pretrain_*), a classifier fine-tuned with --cls_token (the final norm and a head:
+    mae_finetuned_*'s names) and one with global pooling (``fc_norm`` instead of the final norm, as the
+    official fine-tuned releases), each head of 3 classes."""
     import models_mae
     import models_vit
 
-    full = models_mae.mae_vit_tiny_patch4(img_size=size).state_dict()
+    full = models_mae.mae_vit_tiny_patch4(img_size=size, in_chans=in_chans).state_dict()
     encoder = {k: v for k, v in full.items() if not k.startswith(("decoder_", "mask_token"))}
     head = {"head.weight": torch.zeros(3, 192), "head.bias": torch.zeros(3)}
-    pooled = models_vit.vit_tiny_patch4(img_size=size, num_classes=3, global_pool=True).state_dict()
+    pooled = models_vit.vit_tiny_patch4(img_size=size, in_chans=in_chans, num_classes=3, global_pool=True)
+    pooled = pooled.state_dict()
     return {"full": full, "encoder": encoder, "classifier": {**encoder, **head}, "pooled": pooled}
 
 

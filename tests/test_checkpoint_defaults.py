@@ -8,6 +8,7 @@ from argparse import Namespace
 import pytest
 import torch
 from helpers import load_spec, make_dataset, make_split, official_layouts, one_line_error, run_pretrain
+from PIL import Image
 
 import knn_eval
 import main_finetune
@@ -161,7 +162,7 @@ def test_classifiers_take_model_and_size_from_an_official_release(
     args = _settled(entry_point, monkeypatch, *flags, *CPU)
     assert (args.model, args.input_size, args.in_chans) == ("vit_tiny_patch4", 48, 3)
     lines = [line for line in capsys.readouterr().out.splitlines() if "flags not given" in line]
-    taken = "--model vit_tiny_patch4 --input_size 48 (flags not given)"
+    taken = "--model vit_tiny_patch4 --input_size 48 --in_chans 3 (flags not given)"
     assert lines == [f"from the weights of checkpoint {path}: {taken}"]
 
 
@@ -189,7 +190,8 @@ def test_eval_of_an_official_fine_tuned_classifier_takes_its_model(kind, pooling
     argv = ["--eval", "--resume", path, "--data_path", str(split), "--nb_classes", "3", *pooling, *CPU]
     main_finetune.main(main_finetune.get_args_parser().parse_args(argv))
     out = capsys.readouterr().out
-    assert f"from the weights of checkpoint {path}: --model vit_tiny_patch4 --input_size 48 (flags not given)" in out
+    taken = "--model vit_tiny_patch4 --input_size 48 --in_chans 3 (flags not given)"
+    assert f"from the weights of checkpoint {path}: {taken}" in out
     assert f"resumed model from {path}" in out
 
 
@@ -218,7 +220,9 @@ def test_a_given_model_wins_over_the_weights(releases, unknown, split, tmp_path,
     # Its size is still the weights' where they fit it, and only that is said to come from them.
     args = _settled(main_finetune, monkeypatch, "--finetune", releases["encoder"], "--model", "vit_tiny_patch4", *flags)
     assert (args.model, args.input_size) == ("vit_tiny_patch4", 48)
-    assert f"checkpoint {releases['encoder']}: --input_size 48 (flags not given)" in capsys.readouterr().out
+    assert (
+        f"checkpoint {releases['encoder']}: --input_size 48 --in_chans 3 (flags not given)" in capsys.readouterr().out
+    )
     # Weights of another model: the given one at the fallback size (the load then says what does not fit).
     args = _settled(main_finetune, monkeypatch, "--finetune", releases["encoder"], "--model", "vit_mini_patch4", *flags)
     assert (args.model, args.input_size) == ("vit_mini_patch4", 224)
@@ -234,11 +238,72 @@ def test_weights_are_read_only_where_a_flag_is_missing_and_no_args_decide(releas
     monkeypatch.setattr(models_vit, "encoder_for_weights", lambda *a, **k: calls.append(a) or ("vit_tiny_patch4", 48))
     release = Opened(releases["encoder"], torch.load(releases["encoder"]))
     ours = Opened(str(pretrained), torch.load(pretrained, weights_only=False))
-    fill_from_checkpoints(Namespace(model="vit_tiny_patch4", input_size=32), [release], FALLBACKS)
+    fill_from_checkpoints(Namespace(model="vit_tiny_patch4", input_size=32, in_chans=3), [release], FALLBACKS)
     fill_from_checkpoints(Namespace(model=None, input_size=None), [ours, release], FALLBACKS)
     assert calls == []
     fill_from_checkpoints(Namespace(model=None, input_size=None, in_chans=None), [release], FALLBACKS)
-    assert len(calls) == 1  # once for both flags
+    assert len(calls) == 1  # once for the three flags
+
+
+# ---------------------------------------------------------------------------------------------
+# --in_chans from the weights: a patch embedding [dim, C, p, p] of a release of other channels
+@pytest.fixture(scope="module")
+def gray_release(tmp_path_factory) -> str:
+    """mae_vit_tiny_patch4 of 1-channel images at 32 px, full, saved as the releases are ({"model": weights})."""
+    path = str(tmp_path_factory.mktemp("gray") / "gray.pth")
+    torch.manual_seed(0)
+    torch.save({"model": official_layouts(32, in_chans=1)["full"]}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def gray_split(tmp_path_factory):
+    """``split``'s layout with grayscale images (one channel, as a 1-channel model reads them)."""
+    root = make_split(tmp_path_factory.mktemp("gray_split"), 4, 2)
+    for image in root.rglob("*.jpg"):
+        Image.open(image).convert("L").save(image)
+    return root
+
+
+GRAY_NORM = ["--mean", "0.45", "--std", "0.25"]  # a release stores no normalisation: one value per channel
+
+
+@pytest.mark.parametrize("entry_point", [main_finetune, main_linprobe], ids=["finetune", "linprobe"])
+def test_a_release_of_other_channels_gives_its_in_chans(entry_point, gray_release, gray_split, tmp_path, capsys):
+    """Was: --in_chans fell back to 3, and the load refused the weights, advising to pre-train with
+    --in_chans 3 though the weights take 1 channel."""
+    out = tmp_path / "out"
+    argv = ["--finetune", gray_release, "--data_path", str(gray_split), "--nb_classes", "3", "--epochs", "1"]
+    argv += ["--batch_size", "4", "--output_dir", str(out), "--log_dir", str(out), *GRAY_NORM, *CPU]
+    entry_point.main(entry_point.get_args_parser().parse_args(argv))
+    lines = [line for line in capsys.readouterr().out.splitlines() if "flags not given" in line]
+    taken = "--model vit_tiny_patch4 --input_size 32 --in_chans 1 (flags not given)"
+    assert lines == [f"from the weights of checkpoint {gray_release}: {taken}"]
+    saved = torch.load(out / "checkpoint-0.pth", weights_only=False)
+    assert saved["args"].in_chans == 1 and saved["model"]["patch_embed.proj.weight"].shape[1] == 1
+
+
+def test_a_given_in_chans_wins_over_the_weights(gray_release, gray_split, tmp_path, monkeypatch, capsys):
+    """Given, --in_chans is not read from the weights (nor said to be); one the weights cannot take is
+    refused by the load in its one line."""
+    flags = ["--finetune", gray_release, "--data_path", str(gray_split), "--nb_classes", "3"]
+    flags += ["--output_dir", str(tmp_path), *CPU]
+    args = _settled(main_finetune, monkeypatch, *flags, "--in_chans", "1", *GRAY_NORM)
+    assert args.in_chans == 1
+    taken = "--model vit_tiny_patch4 --input_size 32 (flags not given)"
+    assert f"from the weights of checkpoint {gray_release}: {taken}" in capsys.readouterr().out
+    argv = main_finetune.get_args_parser().parse_args([*flags, "--in_chans", "3"])
+    refused = one_line_error(main_finetune.main, argv)
+    assert refused.startswith(
+        f"--finetune {gray_release} was pre-trained on 1-channel images, this model takes --in_chans 3; "
+    ), refused
+
+
+def test_pretraining_resumes_a_release_of_other_channels_at_its_channels(gray_release, tmp_path, monkeypatch):
+    data = make_dataset(tmp_path / "data", 2)
+    argv = ["--resume", gray_release, "--data_path", str(data), "--output_dir", str(tmp_path / "out")]
+    args = _settled(main_pretrain, monkeypatch, *argv, *GRAY_NORM, *CPU)
+    assert (args.model, args.input_size, args.in_chans) == ("mae_vit_tiny_patch4", 32, 1)
 
 
 @pytest.mark.parametrize("size", ["base", "large", "huge"])
@@ -252,4 +317,4 @@ def test_the_official_releases_give_their_models_at_224_px(size, kind):
     state = {k: torch.empty(shape, device="meta") for k, shape in load_spec()[release[kind]].items()}
     args = Namespace(model=None, input_size=None, in_chans=None, crop_pct=None)
     fill_from_checkpoints(args, [Opened(release[kind], {"model": state})], FALLBACKS)
-    assert (args.model, args.input_size) == (f"vit_{size}_patch{patch}", 224)
+    assert (args.model, args.input_size, args.in_chans) == (f"vit_{size}_patch{patch}", 224, 3)

@@ -1,7 +1,7 @@
 """Flags that a checkpoint decides when they are not given: the model, the image size and channels
 (mean/std: util/data/normalization.py). A run that continues or starts from a checkpoint then
 needs none of them, and a fine-tuned 32-px encoder is not silently resized to 224 px. Official
-releases store no flags: their weights' shapes tell the model and the image size."""
+releases store no flags: their weights' shapes tell the model, the image size and the channels."""
 
 import argparse
 from collections.abc import Sequence
@@ -14,8 +14,9 @@ from util.checkpoint.opening import Opened
 from util.cli.errors import fail
 from util.cli.log import log
 
-# The flags a checkpoint that stores none (an official release) gives through its weights' shapes.
-FROM_WEIGHTS = ("model", "input_size")
+# The flags a checkpoint that stores none (an official release) gives through its weights' shapes, where
+# the entry point has them (knn_eval.py has no --in_chans: it reads RGB images).
+FROM_WEIGHTS = ("model", "input_size", "in_chans")
 
 
 def fill_from_checkpoints(
@@ -24,7 +25,7 @@ def fill_from_checkpoints(
     """Set every flag of ``fallbacks`` that is None (not given) to the value the first of ``sources``
     that decides it gives, else to its fallback; say in one line per checkpoint which values it gave.
     A checkpoint decides what its args store; one that stores no args (an official release), the
-    model and image size of its weights (``recognised``). A decided ``--model`` becomes the
+    model, image size and channels of its weights (``recognised``). A decided ``--model`` becomes the
     fallback's kind: an MAE's its classifier's (fine-tuning, probing), a classifier's its MAE's (k-NN
     scoring of a fine-tuned or probed encoder). Returns where each stored value came from
     ({flag: "checkpoint PATH"}), for errors that blame the checkpoint, not a flag the user never gave."""
@@ -66,9 +67,10 @@ def _decided(
 
 
 def recognised(source: Opened, model: str | None) -> dict[str, Any]:
-    """{"model": a models_vit name, "input_size": a square's side} of the classifier whose encoder has
-    the shapes of the weights of ``source``, a checkpoint that stores no args; of ``model`` (an MAE's or
-    a classifier's name) where given, else {} where it does not fit. Only the encoder is compared: an
+    """{"model": a models_vit name, "input_size": a square's side, "in_chans": its patch embedding's
+    input channels} of the classifier whose encoder has the shapes of the weights of ``source``, a
+    checkpoint that stores no args; of ``model`` (an MAE's or a classifier's name) where given, else {}
+    where it does not fit. Only the encoder is compared: an
     MAE's decoder and a classifier's head (``--nb_classes`` rows) are set aside, and a fine-tuned
     classifier's ``fc_norm`` tells its pooling (``--global_pool``: the flags' pooling must not hide
     the model; loading says where it differs). Without ``model`` every known model is built on the
@@ -80,13 +82,17 @@ def recognised(source: Opened, model: str | None) -> dict[str, Any]:
         names = [models_mae.encoder_name(model)]
         if names[0] not in models_vit.MODELS:
             return {}  # an unknown --model: the entry point refuses it in one line where it builds the model
-    found = models_vit.encoder_for_weights(model_state(source.ckpt, source.path), names)
+    state = model_state(source.ckpt, source.path)
+    found = models_vit.encoder_for_weights(state, names)
     if found is None and model is None:
         fail(
             f"checkpoint {source.path} stores no --model, and its weights fit no known encoder "
             f"(at a square image size); give --model"
         )
-    return {"model": found[0], "input_size": found[1]} if found else {}
+    if not found:
+        return {}
+    # A fit is built at the channels of the patch embedding [dim, C, p, p], which a fit therefore has.
+    return {"model": found[0], "input_size": found[1], "in_chans": state["patch_embed.proj.weight"].shape[1]}
 
 
 def _same_kind(model: str, fallback: Any) -> str:
