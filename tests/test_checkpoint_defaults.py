@@ -306,6 +306,27 @@ def test_pretraining_resumes_a_release_of_other_channels_at_its_channels(gray_re
     assert (args.model, args.input_size, args.in_chans) == ("mae_vit_tiny_patch4", 32, 1)
 
 
+# ---------------------------------------------------------------------------------------------
+# Probing a global-pool fine-tuned release (fc_norm, no final norm: mae_finetuned_vit_*)
+def test_probing_a_pooled_release_says_which_flag_takes_it(releases, split, tmp_path, capsys):
+    """Was: "does not fit VisionTransformer (2 missing ['norm.bias', 'norm.weight']; 2 unexpected
+    ['fc_norm.bias', 'fc_norm.weight']); check --model and that it is an MAE checkpoint": the model was
+    right, and no flag was named. The probe reads the class token (--cls_token) by default."""
+    path = releases["pooled"]
+    flags = ["--finetune", path, "--data_path", str(split), "--nb_classes", "3", "--epochs", "1"]
+    flags += ["--batch_size", "4", "--output_dir", str(tmp_path), "--log_dir", str(tmp_path), *CPU]
+    for pooling in ([], ["--cls_token"]):
+        refused = one_line_error(main_linprobe.main, main_linprobe.get_args_parser().parse_args([*flags, *pooling]))
+        assert refused == (
+            f"--finetune {path} was fine-tuned with --global_pool: it has fc_norm, not the final norm that the "
+            f"class token is read after (--cls_token); give --global_pool, or the pre-trained MAE checkpoint it "
+            f"was fine-tuned from"
+        )
+    # The flag it names takes it.
+    main_linprobe.main(main_linprobe.get_args_parser().parse_args([*flags, "--global_pool"]))
+    assert f"loaded pre-trained encoder from {path}" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("size", ["base", "large", "huge"])
 @pytest.mark.parametrize("kind", ["mae", "gp", "cls"])
 def test_the_official_releases_give_their_models_at_224_px(size, kind):

@@ -15,6 +15,7 @@ from util.pos_embed import resize_pos_embed
 from util.sizes import image_size
 
 _DECODER_PREFIXES = ("decoder_", "mask_token")
+_FINAL_NORM, _FC_NORM = {"norm.weight", "norm.bias"}, {"fc_norm.weight", "fc_norm.bias"}
 
 
 def load_pretrained_encoder(model: torch.nn.Module, source: Opened | str, head_init_std: float = 2e-5) -> None:
@@ -52,20 +53,28 @@ def _load_encoder(model: torch.nn.Module, source: Opened, classifier: bool) -> s
             del state[k]
     if "pos_embed" in state:
         state["pos_embed"] = fit_pos_embed(model, source, state, flag)
+    pooled = "fc_norm.weight" in state and "norm.weight" in own and "norm.weight" not in state
+    fine_tuned = f"{flag} {path} was fine-tuned with --global_pool: it has fc_norm, not"
     if classifier:  # only the head and fc_norm may be missing and, with global pooling, the final norm left over
         may_miss = {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}
-        may_be_left = set() if "norm.weight" in own else {"norm.weight", "norm.bias"}
+        may_be_left = set() if "norm.weight" in own else _FINAL_NORM
     else:  # every encoder weight must be there; other entries are ignored
         may_miss, may_be_left = {k for k in own if k.startswith(_DECODER_PREFIXES)}, None
         if missing := sorted(set(own) - set(state) - may_miss):
-            if set(missing) <= {"norm.weight", "norm.bias"} and "fc_norm.weight" in state:  # pooled: no final norm
+            if set(missing) <= _FINAL_NORM and pooled:
                 fail(
-                    f"{flag} {path} was fine-tuned with --global_pool: it has fc_norm, not the encoder's final norm "
-                    f"that MAE features are read after; give its pre-trained checkpoint, or one fine-tuned with "
-                    f"--cls_token"
+                    f"{fine_tuned} the encoder's final norm that MAE features are read after; give its pre-trained "
+                    f"checkpoint, or one fine-tuned with --cls_token"
                 )
             fail(f"{flag} {path} lacks encoder weights {missing[:4]}; check --model and that it holds an MAE encoder")
     if diff := state_difference(own, state, may_miss, may_be_left):
+        # Only the pooling differs: a class-token classifier (main_linprobe.py's default) of a global-pool
+        # fine-tuned checkpoint (the official mae_finetuned_* releases).
+        if classifier and pooled and not state_difference(own, state, may_miss | _FINAL_NORM, _FC_NORM):
+            fail(
+                f"{fine_tuned} the final norm that the class token is read after (--cls_token); give --global_pool, or "
+                f"the pre-trained MAE checkpoint it was fine-tuned from"
+            )
         name = type(model).__name__
         fail(f"{flag} {path} does not fit {name} ({diff}); check --model and that it is an MAE checkpoint")
     model.load_state_dict(state, strict=False)
