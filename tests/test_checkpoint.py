@@ -770,16 +770,32 @@ def test_an_interrupt_during_a_checkpoint_write_is_raised_as_itself_and_leaves_n
         ({"global_pool": False}, "--global_pool"),
         ({"img_size": 64}, "--input_size"),
         ({"factory": "vit_mini_patch4"}, "--model"),
+        ({"in_chans": 1}, "--in_chans"),
+        ({"in_chans": 1, "img_size": 64}, "--input_size and --in_chans"),
     ],
 )
 def test_a_checkpoint_that_does_not_fit_names_the_flags_that_decide_it(change, flags):
-    """--resume of a classifier with another --nb_classes or pooling was told to 'check --model and --input_size'."""
+    """--resume of a classifier with another --nb_classes or pooling was told to 'check --model and --input_size';
+    one of other image channels (a weights-only release of 3 channels resumed with --in_chans 1), 'check --model'."""
     import models_vit
 
     saved = models_vit.vit_tiny_patch4(img_size=32, num_classes=3, global_pool=True).state_dict()
     factory = models_vit.MODELS[change.pop("factory", "vit_tiny_patch4")]
     model = factory(**{"img_size": 32, "num_classes": 3, "global_pool": True, **change})
     with pytest.raises(UserError, match=rf"^checkpoint c.pth does not fit VisionTransformer: .*; check {flags}$"):
+        load_model_strict(model, saved, "c.pth")
+
+
+def test_an_mae_of_other_channels_names_in_chans():
+    """An MAE's pixel prediction has patch_size^2 x channels rows: another --in_chans changes it too, and
+    is named as --in_chans alone."""
+    import models_mae
+
+    saved = models_mae.mae_vit_tiny_patch4(img_size=32).state_dict()
+    model = models_mae.mae_vit_tiny_patch4(img_size=32, in_chans=4)
+    with pytest.raises(
+        UserError, match=r"^checkpoint c.pth does not fit MaskedAutoencoderViT: 3 of .*; check --in_chans$"
+    ):
         load_model_strict(model, saved, "c.pth")
 
 

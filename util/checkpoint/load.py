@@ -348,10 +348,12 @@ _FLAG_OF_WEIGHT = (("head.", "--nb_classes"), ("fc_norm.", "--global_pool"), ("n
 def flags_behind(own: StateDict, state: StateDict) -> str:
     """The flags to check where ``state`` does not fit a model whose state dict is ``own``: a weight
     present in one only is a head (--nb_classes) or a final norm (--global_pool); one of another shape
-    at the same width, position embeddings (--input_size) or a head (--nb_classes); any other, --model."""
+    at the same width, position embeddings (--input_size) or a head (--nb_classes); the patch embedding
+    and an MAE's pixel prediction of other image channels only, --in_chans; any other, --model."""
     flags = set()
     for key in set(own) ^ set(state):
         flags.add(next((flag for prefix, flag in _FLAG_OF_WEIGHT if key.startswith(prefix)), "--model"))
+    other_channels = _differ_only_in(own, state, "patch_embed.proj.weight", 1)
     for key in {k for k in set(own) & set(state) if own[k].shape != state[k].shape}:
         ref = "head.weight" if key.startswith("head.") else key  # a head's width: its weight's last side
         same_width = ref in own and ref in state and own[ref].shape[-1] == state[ref].shape[-1]
@@ -359,9 +361,25 @@ def flags_behind(own: StateDict, state: StateDict) -> str:
             flags.add("--input_size")
         elif same_width and key.startswith("head."):
             flags.add("--nb_classes")
+        elif other_channels and (
+            key == "patch_embed.proj.weight" or key in _PIXELS and _differ_only_in(own, state, key, 0)
+        ):
+            flags.add("--in_chans")  # an MAE predicts patch_size^2 x channels values a patch
         else:
             flags.add("--model")
-    return " and ".join(flag for flag in ("--model", "--input_size", "--nb_classes", "--global_pool") if flag in flags)
+    known = ("--model", "--input_size", "--in_chans", "--nb_classes", "--global_pool")
+    return " and ".join(flag for flag in known if flag in flags)
+
+
+_PIXELS = ("decoder_pred.weight", "decoder_pred.bias")  # an MAE's pixel prediction: a row per pixel value
+
+
+def _differ_only_in(own: StateDict, state: StateDict, key: str, dim: int) -> bool:
+    """Whether weight ``key`` of ``own`` and ``state`` differ in side ``dim`` alone."""
+    if key not in own or key not in state or own[key].dim() != state[key].dim():
+        return False
+    mine, theirs = list(own[key].shape), list(state[key].shape)
+    return mine[dim] != theirs[dim] and mine[:dim] + mine[dim + 1 :] == theirs[:dim] + theirs[dim + 1 :]
 
 
 def load_model_strict(model: torch.nn.Module, state: StateDict, path: str) -> None:
