@@ -207,7 +207,8 @@ def test_dist_eval_with_fewer_images_than_processes_is_refused_at_start(tmp_path
 def test_loader_workers_started_by_forkserver(pipeline, tmp_path):
     """Python 3.14 starts processes by forkserver on Linux (spawn on macOS), which pickles what a
     DataLoader worker gets: pre-training's loader and fine-tuning's (RandAugment, erasing, mixup)
-    run with 2 workers started that way."""
+    run with 2 workers started that way. The server imports torch, torchvision and timm once, not each of the
+    6 workers (half the test's time): what a worker gets is pickled all the same."""
     data, ckpt, _ = pipeline
     workers = ["--device", "cpu", "--precision", "fp32", "--num_workers", "2", "--epochs", "1", "--log_dir", ""]
     pre = [*TINY, "--model", "mae_vit_mini_patch4", "--data_path", str(data), "--output_dir", str(tmp_path / "pre")]
@@ -220,6 +221,7 @@ def test_loader_workers_started_by_forkserver(pipeline, tmp_path):
         "import main_finetune, main_pretrain\n"
         "if __name__ == '__main__':\n"
         "    multiprocessing.set_start_method('forkserver')\n"
+        "    multiprocessing.set_forkserver_preload(['torch', 'torchvision', 'timm'])\n"
         f"    main_pretrain.main(main_pretrain.get_args_parser().parse_args({[*pre, *workers]!r}))\n"
         f"    main_finetune.main(main_finetune.get_args_parser().parse_args({[*ft, *workers]!r}))\n"
     )
