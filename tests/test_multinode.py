@@ -12,6 +12,7 @@ import signal
 import threading
 import time
 from argparse import Namespace
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -426,12 +427,18 @@ def test_a_damaged_copy_already_cached_is_named_and_left_for_the_ranks_reading_i
 
 
 def _download_on_two_ranks(
-    tmp_path: Path, monkeypatch, name: str, exit_codes: tuple[int, int], pace_s: float = 0.0, own_caches: bool = False
+    tmp_path: Path,
+    monkeypatch,
+    name: str,
+    exit_codes: tuple[int, int],
+    pace_s: float = 0.0,
+    own_caches: bool = False,
+    joined: Callable[[], None] = lambda: None,
 ) -> tuple[list[str], list[str], str]:
     """Two ranks open ``name`` (weights.pth, 4 MB, or truncated.pth, its first half) from a local HTTP server
     that pauses ``pace_s`` before each 128 KiB, with a collective timeout of 1.5 s: a download of minutes
-    against one of 30 min, scaled down. They share a torch.hub cache unless ``own_caches``. Their outputs,
-    the paths asked for, and the URL."""
+    against one of 30 min, scaled down. They share a torch.hub cache unless ``own_caches``; each calls
+    ``joined()`` once in the group. Their outputs, the paths asked for, and the URL."""
     for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(distributed, "COLLECTIVE_TIMEOUT", datetime.timedelta(seconds=1.5))
@@ -445,6 +452,7 @@ def _download_on_two_ranks(
     def rank_main() -> None:
         os.environ["TORCH_HOME"] = str(tmp_path / (f"cache{os.environ['RANK']}" if own_caches else "cache"))
         distributed.init_distributed_mode(Namespace(dist_url="env://", dist_on_itp=False, device="cpu"))
+        joined()
         opened = opening.open_on_every_rank(lambda: opening.open_checkpoint(url), url, "--finetune")
         print("loaded", opened.ckpt["model"]["w"][-1].item())
         distributed.cleanup()  # not on an error: run_cli tells a peer's stop by the group, then ends it
@@ -464,6 +472,22 @@ def test_the_other_ranks_wait_for_a_download_longer_than_a_collective_timeout_wh
     notice = f"rank 1 of 2: waiting for rank 0 to download {url} for --finetune ("
     assert notice in logs[1] and "MB so far; giving up after 1.5 s without progress)" in logs[1], logs[1]
     assert "waiting for" not in logs[0], logs[0]  # the downloader says nothing of the kind
+
+
+def test_keys_an_earlier_attempt_left_in_the_store_do_not_end_the_wait(tmp_path, monkeypatch):
+    """torchrun's store outlives the processes it restarts, and across nodes no key prefix tells the attempts
+    apart (generation_store): the keys of an earlier attempt's wait, which had ended, ended rank 1's wait at
+    once, and it sat in the next collective while rank 0 downloaded, timed out by it (1.5 s here)."""
+
+    def earlier_attempt() -> None:  # what its first waits left: a download that failed, each "done"
+        if distributed.rank() == 0:
+            for call in range(3):
+                distributed._store.add(f"{distributed.WAIT_KEYS}/{call}/done", 1)
+        distributed.gather(None)  # rank 1 waits after they are there
+
+    logs, asked, _ = _download_on_two_ranks(tmp_path, monkeypatch, "weights.pth", (0, 0), 0.1, joined=earlier_attempt)
+    assert asked == ["/weights.pth"], asked
+    assert all("loaded 999999.0" in log for log in logs), logs
 
 
 def test_a_slow_download_that_is_damaged_still_stops_both_ranks_in_its_line(tmp_path, monkeypatch):

@@ -8,12 +8,12 @@ the variable). The processes then meet for at most ``MAE_DIST_START_TIMEOUT`` se
 import contextlib
 import datetime
 import gc
-import itertools
 import os
 import socket
 import sys
 import threading
 import time
+import uuid
 from argparse import Namespace
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
@@ -379,7 +379,6 @@ def on_rank_0_for_every_rank(check: Callable[[], None]) -> None:
 T = TypeVar("T")
 WAIT_KEYS = "mae_wait"  # the prefix of work_while_others_wait's keys in the store
 WAIT_NOTICE_EVERY_S = 60.0  # how often the waiting ranks say what they wait for (the first after NOTICE_AFTER_S)
-_wait_count = itertools.count()  # every rank calls work_while_others_wait in the same order: one key prefix a call
 
 
 def work_while_others_wait(
@@ -397,10 +396,14 @@ def work_while_others_wait(
     with one line, once the workers' count has not grown for ``COLLECTIVE_TIMEOUT`` (a worker killed,
     or stuck). Meanwhile the lowest waiting rank says every minute or so that it waits for them to
     ``what`` (a verb's phrase: 'download URL') and how far they got, as ``shown`` writes the count.
-    Not a barrier for the workers: the caller's next collective is one."""
+    Starts with a collective on every rank (rank 0 names the call's keys); does not end with one: the
+    caller's next collective waits for the workers."""
     if not is_dist() or _store is None:  # a group started without join(): no store to meet on
         return work() if rank() in workers else None
-    keys = dist.PrefixStore(f"{WAIT_KEYS}/{next(_wait_count)}", _store)
+    # Keys of this call alone, named by rank 0 at random (a short collective before the work): torchrun's store
+    # outlives the processes it restarts, unprefixed across nodes (generation_store), and the "done" an earlier
+    # attempt's wait left ended this one at once, into a collective that timed out during the download.
+    keys = dist.PrefixStore(f"{WAIT_KEYS}/{from_main(uuid.uuid4().hex if is_main_process() else None)}", _store)
     stall_s = COLLECTIVE_TIMEOUT.total_seconds()
     if rank() in workers:
         return _work_publishing(keys, work, progress, min(5.0, stall_s / 4))
