@@ -113,6 +113,8 @@ def test_other_channel_changes_are_one_line_errors(tmp_path, ckpt_chans, model_c
     message = str(info.value)
     assert "\n" not in message and str(ckpt) in message
     assert f"pre-trained on {ckpt_chans}-channel images" in message and f"--in_chans {model_chans}" in message
+    # Was only "pre-train with --in_chans N": the run of the weights' own channels was not named.
+    assert message.endswith(f"give --in_chans {ckpt_chans} (the weights'), or pre-train with --in_chans {model_chans}")
 
 
 def test_non_square_checkpoint_is_resized_from_the_grid_it_stores(tmp_path):

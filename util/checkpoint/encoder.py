@@ -117,7 +117,8 @@ def adapt_input_channels(state: StateDict, in_chans: int, path: str) -> None:
         return
     fail(
         f"--finetune {path} was pre-trained on {weight.shape[1]}-channel images, this model takes --in_chans "
-        f"{in_chans}; only 3 -> 1 is adapted (weights summed over channels): pre-train with --in_chans {in_chans}"
+        f"{in_chans}; only 3 -> 1 is adapted (weights summed over channels): give --in_chans {weight.shape[1]} (the "
+        f"weights'), or pre-train with --in_chans {in_chans}"
     )
 
 
