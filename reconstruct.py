@@ -110,10 +110,12 @@ def main(args: argparse.Namespace) -> None:
             f"checkpoint {args.checkpoint} takes {in_chans}-channel images, not --in_chans {args.in_chans}: "
             f"leave --in_chans out (the checkpoint's is taken)"
         )
+    # Not given, the channels are the weights': an error names them, not a flag the user never gave.
+    channels_source = "" if args.in_chans is not None else f"the weights of checkpoint {args.checkpoint}"
     args.in_chans = in_chans  # the images are read with the model's channels (and --mean/--std checked for them)
     norm_pix = args.norm_pix_loss if args.norm_pix_loss is not None else bool(saved.get("norm_pix_loss", False))
     # The pictures normalise as the model's training did: its stored --mean/--std, else ImageNet's.
-    normalization.resolve(args, [(f"checkpoint {args.checkpoint}", ckpt.get("args"))])
+    normalization.resolve(args, [(f"checkpoint {args.checkpoint}", ckpt.get("args"))], channels_source)
 
     model = models_mae.create_model(name, input_size, in_chans, norm_pix_loss=norm_pix, size_source=size_source)
     models_mae.check_mask_ratio(args.mask_ratio, model.num_patches, remove_one=False)

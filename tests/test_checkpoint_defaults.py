@@ -16,6 +16,7 @@ import main_linprobe
 import main_pretrain
 import models_mae
 import models_vit
+import reconstruct
 from engine_finetune import FALLBACKS
 from util import memory
 from util.checkpoint.flags import fill_from_checkpoints
@@ -297,6 +298,27 @@ def test_a_given_in_chans_wins_over_the_weights(gray_release, gray_split, tmp_pa
     assert refused.startswith(
         f"--finetune {gray_release} was pre-trained on 1-channel images, this model takes --in_chans 3; "
     ), refused
+
+
+@pytest.mark.parametrize("entry_point", [main_finetune, main_pretrain], ids=["finetune", "pretrain"])
+def test_channels_read_from_the_weights_without_normalisation_blame_the_weights(
+    entry_point, gray_release, gray_split, tmp_path
+):
+    """Was "--in_chans 1 needs --mean and --std ...", a flag the user never gave."""
+    flag = "--finetune" if entry_point is main_finetune else "--resume"
+    argv = [flag, gray_release, "--data_path", str(gray_split), "--output_dir", str(tmp_path), *CPU]
+    argv += ["--nb_classes", "3"] if entry_point is main_finetune else []
+    refused = one_line_error(entry_point.main, entry_point.get_args_parser().parse_args(argv))
+    assert refused.startswith(
+        f"--in_chans 1, from the weights of checkpoint {gray_release}, needs --mean and --std with 1 value(s) each"
+    ), refused
+
+
+def test_reconstructing_with_a_release_of_other_channels_blames_its_weights(gray_release, gray_split, tmp_path):
+    image = next(gray_split.rglob("*.jpg"))
+    argv = [str(image), "--checkpoint", gray_release, "--output", str(tmp_path / "r.png"), "--device", "cpu"]
+    refused = one_line_error(reconstruct.main, reconstruct.get_args_parser().parse_args(argv))
+    assert refused.startswith(f"--in_chans 1, from the weights of checkpoint {gray_release}, needs --mean"), refused
 
 
 def test_pretraining_resumes_a_release_of_other_channels_at_its_channels(gray_release, tmp_path, monkeypatch):

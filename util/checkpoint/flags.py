@@ -27,8 +27,9 @@ def fill_from_checkpoints(
     A checkpoint decides what its args store; one that stores no args (an official release), the
     model, image size and channels of its weights (``recognised``). A decided ``--model`` becomes the
     fallback's kind: an MAE's its classifier's (fine-tuning, probing), a classifier's its MAE's (k-NN
-    scoring of a fine-tuned or probed encoder). Returns where each stored value came from
-    ({flag: "checkpoint PATH"}), for errors that blame the checkpoint, not a flag the user never gave."""
+    scoring of a fine-tuned or probed encoder). Returns where each value taken came from ({flag:
+    "checkpoint PATH" or "the weights of checkpoint PATH"}), for errors that blame the checkpoint, not
+    a flag the user never gave."""
     taken: dict[str, list[str]] = {}
     origins: dict[str, str] = {}
     weights: dict[str, dict[str, Any]] = {}  # what the weights of each checkpoint without args are, once read
@@ -42,7 +43,7 @@ def fill_from_checkpoints(
         if origin:
             shown = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
             taken.setdefault(origin, []).append(f"--{flag} {shown}")
-        if origin.startswith("checkpoint "):  # a size read from the weights is a multiple of their patch size
+        if origin:
             origins[flag] = origin
     for origin, values in taken.items():
         log.info(f"from {origin}: {' '.join(values)} (flags not given)")

@@ -95,10 +95,11 @@ def stored(saved: argparse.Namespace | None) -> tuple[list[float], list[float]] 
     return [float(v) for v in mean], [float(v) for v in std]
 
 
-def resolve(args: argparse.Namespace, sources: Sequence[Source]) -> None:
+def resolve(args: argparse.Namespace, sources: Sequence[Source], channels_source: str = "") -> None:
     """Set ``args.mean`` and ``args.std`` (float lists, as checkpoints store them): the flags, else the
     first of ``sources`` that stores some, else ImageNet's; says which, and warns about every source
-    that stores others. Both flags or neither (``_check_pair``)."""
+    that stores others. Both flags or neither (``_check_pair``). ``channels_source``: the checkpoint that
+    gave --in_chans where it was not given, which an error then names, not a flag the user never gave."""
     channels = int(getattr(args, "in_chans", None) or 3)  # --in_chans where an entry point has it
     _check_pair(args)
     found = [(name, values) for name, saved in sources if (values := stored(saved)) is not None]
@@ -112,7 +113,7 @@ def resolve(args: argparse.Namespace, sources: Sequence[Source]) -> None:
     else:
         mean, std, origin = list(IMAGENET_MEAN), list(IMAGENET_STD), "ImageNet's, the default"
         if channels != 3:
-            _fail_without_values(channels)
+            _fail_without_values(channels, channels_source)
     args.mean, args.std = mean, std
     log.info(f"normalisation: mean {show_values(mean)} std {show_values(std)} ({origin})")
     for name, (m, s) in found:
@@ -147,9 +148,11 @@ def _check_pair(args: argparse.Namespace) -> None:
         fail(f"--mean and --std go together: give both ({'--mean' if args.mean is None else '--std'} is missing)")
 
 
-def _fail_without_values(channels: int) -> None:
+def _fail_without_values(channels: int, source: str = "") -> None:
+    """``source``: the checkpoint --in_chans came from where the user did not give it."""
+    given = f", from {source}," if source else ""
     fail(
-        f"--in_chans {channels} needs --mean and --std with {channels} value(s) each, your data's "
+        f"--in_chans {channels}{given} needs --mean and --std with {channels} value(s) each, your data's "
         f"per-channel statistics (ImageNet's defaults are RGB's three; dataset_stats.py computes them)"
     )
 

@@ -111,7 +111,8 @@ def start(flags: argparse.Namespace, fallbacks: dict[str, Any] | None = None) ->
     origins = fill_from_checkpoints(args, sources, fallbacks or {})
     # Check points (logging, finiteness, checkpoints) sit on optimizer steps: a multiple of --accum_iter.
     args.print_freq = math.ceil(args.print_freq / args.accum_iter) * args.accum_iter
-    normalization.resolve(args, [(f"checkpoint {s.path}", s.args) for s in sources])  # args.mean, args.std
+    stored = [(f"checkpoint {s.path}", s.args) for s in sources]
+    normalization.resolve(args, stored, origins.get("in_chans", ""))  # args.mean, args.std
     args.precision = resolve_precision(args.precision, args.device)
     check_same_precision(distributed.gather(args.precision))  # 'auto' is each node's GPUs' choice
     args.lr_given = args.lr is not None  # for messages that say which flag to lower
