@@ -764,3 +764,21 @@ def test_a_submitit_task_on_the_second_node_meets_the_first_node_as_its_rank(mon
     assert world.listener[0] == "gpu07"  # the job's first node
     assert 20000 <= world.listener[1] <= 60000  # submitit's port of the job id: the same in every task
     assert (args.output_dir, args.log_dir) == ("jobs/4242", "jobs/4242")
+
+
+# ---------------------------------------------------------------------------------------------
+# Waiting for other ranks' work (a URL checkpoint's download) as long as it gets on
+def test_waiting_for_several_stuck_workers_says_one_of_them_stopped(monkeypatch):
+    """Was "waited for ranks 0, 2 to ..., which got no further ...: it stopped or is stuck"."""
+    import torch.distributed as dist
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 4)
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    keys = dist.HashStore()
+    keys.add("done", 1)  # one of the two finished, the other got no further
+    with pytest.raises(UserError) as refused:
+        distributed._wait_for_workers(keys, [0, 2], 0.2, "download URL for --finetune", str)
+    assert str(refused.value) == (
+        "rank 1 of 4 waited for ranks 0, 2 to download URL for --finetune, which got no further for 0.2 s (0 so far): "
+        "one of them stopped or is stuck; see their output, and run again"
+    )

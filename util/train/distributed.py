@@ -451,6 +451,11 @@ def _wait_for_workers(
     last, notice_at = 0, started + min(NOTICE_AFTER_S, WAIT_NOTICE_EVERY_S)
     lowest_waiting = min(r for r in range(world_size()) if r not in workers)
     them = f"rank{'s' if len(workers) > 1 else ''} {listed_ranks(workers)}"
+    stopped = (
+        "one of them stopped or is stuck; see their output"
+        if len(workers) > 1
+        else "it stopped or is stuck; see its output"
+    )
     limit = f"{stall_s / 60:g} min" if stall_s >= 60 else f"{stall_s:g} s"
     while keys.add("done", 0) < len(workers):
         now, so_far = time.monotonic(), keys.add("progress", 0)
@@ -459,7 +464,7 @@ def _wait_for_workers(
         elif now - grown_at > stall_s:
             fail(
                 f"rank {rank()} of {world_size()} waited for {them} to {what}, which got no further for {limit} "
-                f"({shown(so_far)} so far): it stopped or is stuck; see its output, and run again"
+                f"({shown(so_far)} so far): {stopped}, and run again"
             )
         if rank() == lowest_waiting and now >= notice_at:
             notice_at = now + WAIT_NOTICE_EVERY_S
