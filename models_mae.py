@@ -37,8 +37,13 @@ class MaskedAutoencoderViT(nn.Module):
         mlp_ratio: float = 4.0,
         norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
         norm_pix_loss: bool = False,
+        weight_init: str = "",
     ):
+        """``weight_init="skip"`` (timm's VisionTransformer option) leaves the weights as the layers
+        made them, for builds that only read shapes (``Registry.fit``, on the meta device)."""
         super().__init__()
+        if weight_init not in ("", "skip"):
+            raise ValueError(f"weight_init must be '' or 'skip', got {weight_init!r}")
         # img_size is one side (square) or (height, width); a square size stays an int, as before.
         height, width = image_size(img_size)
         for side in (height, width):
@@ -70,7 +75,8 @@ class MaskedAutoencoderViT(nn.Module):
         self.decoder_norm = norm_layer(decoder_embed_dim)
         self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size**2 * in_chans)
 
-        self.initialize_weights()
+        if weight_init != "skip":
+            self.initialize_weights()
 
     def initialize_weights(self) -> None:
         for pos_embed in (self.pos_embed, self.decoder_pos_embed):

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import budgeted_open, demo_files, folder_of_length, one_line_error, pretrain_args
+from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 
 import export
 import main_finetune
@@ -380,6 +381,52 @@ def test_encoder_for_weights_recognises_classifier_and_mae_encoders():
     for state in states:
         assert models_vit.encoder_for_weights(state) == ("vit_tiny_patch4", 48)
         assert models_vit.encoder_for_weights(state, ["vit_mini_patch4"]) is None
+
+
+@pytest.mark.parametrize(
+    "registry,kwargs",
+    [
+        (models_mae.MODELS, {"in_chans": 5}),
+        (models_vit.MODELS, {"in_chans": 5, "num_classes": 0, "global_pool": True}),
+        (models_vit.MODELS, {"in_chans": 1, "num_classes": 3, "global_pool": False}),
+    ],
+    ids=["mae", "vit pooled", "vit with head"],
+)
+def test_models_built_without_initialisation_have_the_same_shapes(registry, kwargs):
+    """What Registry.fit compares (state-dict names and shapes, the patch grid) is the same whether a
+    model is built with weight_init="skip", as fit builds it, or initialised, for every registered name."""
+
+    def seen(model):
+        grid = (model.patch_embed.num_patches, model.patch_embed.patch_size)
+        return {k: tuple(v.shape) for k, v in model.state_dict().items()}, grid
+
+    for name in registry:
+        with torch.device("meta"):
+            assert seen(registry[name](weight_init="skip", **kwargs)) == seen(registry[name](**kwargs)), name
+
+
+def test_fit_runs_no_weight_initialisation(monkeypatch):
+    """Initialisation only sets values, which the meta device does not hold; timm's took most of fit's
+    time (about a second for the encoders). Recognising a model must not run it."""
+    with torch.device("meta"):
+        mae = models_mae.mae_vit_huge_patch14().state_dict()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights initialised while recognising a model")
+
+    monkeypatch.setattr(models_mae.MaskedAutoencoderViT, "initialize_weights", refuse)
+    monkeypatch.setattr(TimmVisionTransformer, "init_weights", refuse)
+    assert models_mae.MODELS.fit(mae) == ("mae_vit_huge_patch14", 224)
+    assert models_vit.encoder_for_weights(mae) == ("vit_huge_patch14", 224)
+    assert models_mae.MODELS.fit({"patch_embed.proj.weight": torch.zeros(8, 3, 4, 4)}) is None
+
+
+def test_mae_weight_init_takes_timms_skip_only():
+    model = models_mae.mae_vit_mini_patch4(weight_init="skip")  # the layers' own values; no sin-cos table
+    assert not model.pos_embed.any() and not model.cls_token.any()
+    assert models_mae.mae_vit_mini_patch4().pos_embed.any()
+    with pytest.raises(ValueError, match="^weight_init must be '' or 'skip', got 'jax'$"):
+        models_mae.mae_vit_mini_patch4(weight_init="jax")
 
 
 @pytest.mark.parametrize("tokens", [65537, 10**10 + 1], ids=["256x256 grid", "10**5 x 10**5 grid"])

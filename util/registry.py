@@ -80,14 +80,16 @@ class Registry(dict[str, Callable[..., nn.Module]]):
         untrusted weights, so nothing is built at it (a claimed 10^5 x 10^5 grid would compute float64
         sin-cos embeddings of that size even on the meta device): each candidate is built on the meta
         device at its default size, and its position embeddings' token count (the only size-dependent
-        shape) is worked out for the side by arithmetic."""
+        shape) is worked out for the side by arithmetic. Candidates are built with ``weight_init="skip"``
+        (every registered model takes it): initialisation sets values, which the meta device does not
+        hold, yet timm's took most of the time (seconds for the large models)."""
         proj = state.get("patch_embed.proj.weight")
         if proj is None or proj.dim() != 4:
             return None
         wanted = _shapes(state)
         for name in self if names is None else names:
             with torch.device("meta"):
-                model = self[name](in_chans=proj.shape[1], **kwargs)
+                model = self[name](in_chans=proj.shape[1], weight_init="skip", **kwargs)
             if "img_size" in kwargs:
                 size = kwargs["img_size"] if _shapes(model.state_dict()) == wanted else None
             else:
