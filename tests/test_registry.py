@@ -4,6 +4,7 @@ size against the patch size, the channels and (for MAE) the mask ratio, once, in
 import pytest
 import torch
 from helpers import demo_files
+from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 
 import main_pretrain
 import models_mae
@@ -83,6 +84,23 @@ def test_checks_run_on_the_meta_device_before_any_memory_is_spent():
         registry.create("tiny", 32, check=lambda model: fail("refused"))
     assert devices == ["meta", "meta"]  # the patch size, then the model the check sees; no real one
     assert registry.create("tiny", 32).cls_token.device.type == "cpu"
+
+
+def test_only_the_real_build_is_initialised(monkeypatch):
+    """The meta builds that plan a model (its patch size, the checks, the memory) read shapes only:
+    initialising them, which took most of their time (timm's: a third of a second for ViT-H), is
+    skipped; the model returned is initialised as ever, with the caller's weight_init."""
+    seen = []
+
+    def counted(original):
+        return lambda self, *args, **kwargs: seen.append(self.cls_token.device.type) or original(self, *args, **kwargs)
+
+    init = models_mae.MaskedAutoencoderViT.initialize_weights
+    monkeypatch.setattr(models_mae.MaskedAutoencoderViT, "initialize_weights", counted(init))
+    monkeypatch.setattr(TimmVisionTransformer, "init_weights", counted(TimmVisionTransformer.init_weights))
+    mae = models_mae.create_model("mae_vit_mini_patch4", 32, mask_ratio=0.75)
+    vit = models_vit.create_model("vit_mini_patch4", 32, num_classes=3, weight_init="jax")
+    assert seen == ["cpu", "cpu"] and mae.pos_embed.any() and not vit.head.weight.any()  # jax: a zero head
 
 
 def test_a_picture_needs_no_removed_patch(tmp_path):
