@@ -40,7 +40,7 @@ class MaskedAutoencoderViT(nn.Module):
         weight_init: str = "",
     ):
         """``weight_init="skip"`` (timm's VisionTransformer option) leaves the weights as the layers
-        made them, for builds that only read shapes (``Registry.fit``, on the meta device)."""
+        made them, for builds that only read shapes (``util.registry``'s, on the meta device)."""
         super().__init__()
         if weight_init not in ("", "skip"):
             raise ValueError(f"weight_init must be '' or 'skip', got {weight_init!r}")

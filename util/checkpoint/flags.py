@@ -75,8 +75,8 @@ def recognised(source: Opened, model: str | None) -> dict[str, Any]:
     MAE's decoder and a classifier's head (``--nb_classes`` rows) are set aside, and a fine-tuned
     classifier's ``fc_norm`` tells its pooling (``--global_pool``: the flags' pooling must not hide
     the model; loading says where it differs). Without ``model`` every known model is built on the
-    meta device, uninitialised (well under a second for all: it is done only where a flag is missing), and weights
-    that fit none are refused in one line: the fallback model would be refused by the load, named
+    meta device, uninitialised (a fraction of a second for all; done only where a flag is missing), and
+    weights that fit none are refused in one line: the fallback model would be refused by the load, named
     though nobody gave it."""
     names = None
     if model is not None:
