@@ -36,6 +36,7 @@ from util.data import normalization
 from util.interop import hf as hf_interop
 from util.memory import require
 from util.outputs import atomic_write, check_folder_output, check_not_an_input, check_writable, sync_folder
+from util.registry import SHAPES_ONLY
 from util.sizes import image_size
 
 # Our classifier architectures as timm registered models (+ the kwargs that make them equal).
@@ -278,7 +279,7 @@ def export_hf(args: argparse.Namespace, ckpt: dict[str, Any], state: dict[str, t
     if not 0 <= mask_ratio < 1:
         fail(f"--mask_ratio must be in [0, 1), got {mask_ratio}")
     with torch.device("meta"):  # at its default size: the config needs no position embeddings
-        model = models_mae.MODELS[name](in_chans=state["patch_embed.proj.weight"].shape[1])
+        model = models_mae.MODELS[name](in_chans=state["patch_embed.proj.weight"].shape[1], **SHAPES_ONLY)
     config = hf_interop.hf_config(model, img_size, mask_ratio, norm_pix)
     files = {
         hf_interop.WEIGHTS_NAME: safetensors_bytes(hf_interop.to_hf_state(state), args_metadata(saved)),
@@ -331,7 +332,7 @@ def mae_for_hf_config(config: dict[str, Any], folder: str) -> tuple[str, torch.n
     folder's architecture; or fail listing it. Nothing is built at the config's image size."""
     for name in models_mae.MODELS:  # the registry lists each factory once (no aliases)
         with torch.device("meta"):
-            model = models_mae.MODELS[name](in_chans=config["num_channels"])
+            model = models_mae.MODELS[name](in_chans=config["num_channels"], **SHAPES_ONLY)
         ours = hf_interop.hf_config(model, config["image_size"], 0.75, False)
         if all(ours[k] == config[k] for k in hf_interop.ARCH_KEYS):
             return name, model

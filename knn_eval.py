@@ -34,6 +34,7 @@ from util.data import normalization
 from util.data.normalization import add_norm_args
 from util.eval import knn
 from util.outputs import atomic_append, check_json_output, reported
+from util.registry import SHAPES_ONLY
 from util.train import distributed
 
 # What --model and --input_size mean when not given and no checkpoint decides them (None: the model's size).
@@ -153,7 +154,8 @@ def main(args: argparse.Namespace) -> None:
         check_rgb_weights(first)
     origins = fill_from_checkpoints(args, [first] if first else [], FALLBACKS)
     with torch.device("meta"):  # --model and --input_size checked before any image is read
-        model = models_mae.create_model(args.model, args.input_size, size_source=origins.get("input_size", ""))
+        size_source = origins.get("input_size", "")
+        model = models_mae.create_model(args.model, args.input_size, size_source=size_source, **SHAPES_ONLY)
         args.input_size = model.img_size
     if args.output:  # before the work, not after it; rank 0 writes it, and its refusal stops every rank
         # An encoder given as --output is no JSON lines file "to repair or remove": it is an input.

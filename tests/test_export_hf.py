@@ -733,3 +733,17 @@ def test_force_on_a_link_to_a_folder_replaces_the_link_and_leaves_nothing_beside
     assert link.is_dir() and not link.is_symlink()
     assert sorted(p.name for p in link.iterdir()) == FOLDER_FILES
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+
+
+def test_converting_builds_models_for_their_shapes_only(mae, tmp_path, monkeypatch):
+    """Both ways, the models export.py builds on the meta device give only a config's architecture (up to
+    seven of them to find a folder's): initialising them, sin-cos tables and all, only cost time."""
+    _, root = mae
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights initialised to convert a checkpoint")
+
+    monkeypatch.setattr(models_mae.MaskedAutoencoderViT, "initialize_weights", refuse)
+    _run(["--checkpoint", str(root / "checkpoint-0.pth"), "--to", "hf", "--output", str(tmp_path / "hf")])
+    _run(["--from", "hf", "--checkpoint", str(tmp_path / "hf"), "--output", str(tmp_path / "back.pth")])
+    assert (tmp_path / "back.pth").is_file()

@@ -18,7 +18,7 @@ from util.sizes import check_input_size, shown_size
 # What a factory gets where only shapes are read, on the meta device: timm's weight_init="skip", which every
 # registered model takes. Initialisation sets values, which the meta device does not hold, yet timm's took
 # most of the time of such a build (a third of a second for ViT-H, on the CPU).
-_SHAPES_ONLY = {"weight_init": "skip"}
+SHAPES_ONLY = {"weight_init": "skip"}
 
 
 class Registry(dict[str, Callable[..., nn.Module]]):
@@ -65,9 +65,9 @@ class Registry(dict[str, Callable[..., nn.Module]]):
             fail(f"--in_chans must be at least 1, got {in_chans}")
         with torch.device("meta"):  # allocates nothing: the patch size, the caller's checks, the size
             if input_size is not None:
-                patch = factory(**_SHAPES_ONLY).patch_embed.patch_size[0]
+                patch = factory(**SHAPES_ONLY).patch_embed.patch_size[0]
                 kwargs["img_size"] = check_input_size(input_size, patch, size_source)
-            planned = factory(in_chans=in_chans, **{**kwargs, **_SHAPES_ONLY})
+            planned = factory(in_chans=in_chans, **{**kwargs, **SHAPES_ONLY})
             if check is not None:
                 check(planned)
         _require_weights(planned, name, kwargs.get("img_size"), kwargs.get("num_classes"))
@@ -87,14 +87,14 @@ class Registry(dict[str, Callable[..., nn.Module]]):
         sin-cos embeddings of that size even on the meta device): each candidate is built on the meta
         device at its default size, and its position embeddings' token count (the only size-dependent
         shape) is worked out for the side by arithmetic. Candidates are built uninitialised
-        (``_SHAPES_ONLY``)."""
+        (``SHAPES_ONLY``)."""
         proj = state.get("patch_embed.proj.weight")
         if proj is None or proj.dim() != 4:
             return None
         wanted = _shapes(state)
         for name in self if names is None else names:
             with torch.device("meta"):
-                model = self[name](in_chans=proj.shape[1], **{**kwargs, **_SHAPES_ONLY})
+                model = self[name](in_chans=proj.shape[1], **{**kwargs, **SHAPES_ONLY})
             if "img_size" in kwargs:
                 size = kwargs["img_size"] if _shapes(model.state_dict()) == wanted else None
             else:
