@@ -43,7 +43,6 @@ def fill_from_checkpoints(
         if origin:
             shown = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
             taken.setdefault(origin, []).append(f"--{flag} {shown}")
-        if origin:
             origins[flag] = origin
     for origin, values in taken.items():
         log.info(f"from {origin}: {' '.join(values)} (flags not given)")
