@@ -80,13 +80,15 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(autouse=True)
 def leaves_the_checkout_clean() -> Iterator[None]:
     """A test writes under its own temporary folders: a run given --output_dir but not --log_dir
-    would put TensorBoard files in the checkout's ./output_dir (the official default)."""
+    would put TensorBoard files in the checkout's ./output_dir (the official default), and one given
+    neither would make that folder, empty or not."""
     default = REPO / "output_dir"  # --output_dir's and --log_dir's default
-    before = sorted(default.rglob("*"))
+    before = default.exists(), sorted(default.rglob("*"))
     yield
     # Under -n auto a test in another worker, running meanwhile, may be the one that wrote there.
     suspects = "this test or one running beside it in another worker" if WORKERS > 1 else "the test"
-    assert sorted(default.rglob("*")) == before, f"{suspects} wrote into {default}: give its runs --log_dir"
+    after = default.exists(), sorted(default.rglob("*"))
+    assert after == before, f"{suspects} made or wrote into {default}: give its runs --output_dir and --log_dir"
 
 
 @pytest.fixture(autouse=True)

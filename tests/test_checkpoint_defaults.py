@@ -184,11 +184,12 @@ def test_pretraining_resumes_an_official_mae_as_its_model(releases, tmp_path, mo
 
 
 @pytest.mark.parametrize("kind, pooling", [("pooled", []), ("classifier", ["--cls_token"])], ids=["gp", "cls"])
-def test_eval_of_an_official_fine_tuned_classifier_takes_its_model(kind, pooling, releases, split, capsys):
+def test_eval_of_an_official_fine_tuned_classifier_takes_its_model(kind, pooling, releases, split, tmp_path, capsys):
     """mae_finetuned_vit_*.pth: global pooling (fc_norm), a head of --nb_classes rows; the head is not
     part of the encoder the model is recognised by, and the strict load of --eval takes the whole."""
     path = releases[kind]
     argv = ["--eval", "--resume", path, "--data_path", str(split), "--nb_classes", "3", *pooling, *CPU]
+    argv += ["--output_dir", str(tmp_path)]
     main_finetune.main(main_finetune.get_args_parser().parse_args(argv))
     out = capsys.readouterr().out
     taken = "--model vit_tiny_patch4 --input_size 48 --in_chans 3 (flags not given)"
