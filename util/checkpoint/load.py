@@ -11,11 +11,13 @@ import os
 import pathlib
 import pickle
 import re
+import socket
 import ssl
 import urllib.error
 import urllib.parse
 import zipfile
 import zlib
+from collections.abc import Iterator
 from typing import Any, NoReturn
 
 import torch
@@ -92,8 +94,14 @@ def download(url: str) -> tuple[str, bool]:
     log.info(f"downloading {url} to {local}")
     try:
         os.makedirs(os.path.dirname(local), exist_ok=True)
-        torch.hub.download_url_to_file(url, local, progress=False)  # to a temporary file, then renamed
+        with _socket_timeout(STALL_TIMEOUT_S):
+            torch.hub.download_url_to_file(url, local, progress=False)  # to a temporary file, then renamed
     except Exception as e:  # network errors, HTTP errors, a cache folder that cannot be written
+        if _stalled(e):  # torch.hub has removed its temporary file: nothing is left to take for the checkpoint
+            fail(
+                f"checkpoint {url} could not be downloaded: no bytes came for {STALL_TIMEOUT_S:g} s (the server or "
+                f"the connection stalled); run again, or download it yourself and give the file"
+            )
         if isinstance(e, OSError) and not isinstance(e, _NETWORK_ERRORS) and e.errno in _CACHE_ERRNOS:
             fail(
                 f"checkpoint {url} cannot be downloaded into torch.hub's cache {os.path.dirname(local)} "
@@ -104,6 +112,38 @@ def download(url: str) -> tuple[str, bool]:
             f"download it yourself and give the file"
         )
     return local, True
+
+
+# How long a download waits for its next bytes (or for its connection) before it gives up: torch.hub's
+# urlopen has none, and a connection that stops sending (a dead link, a proxy that holds it open) blocked
+# the process for ever (in a job, the others gave up after 30 min and the downloader hung on). It bounds
+# each wait for bytes, not the download: a slow one that keeps sending is never cut. Two minutes: servers
+# and proxies that are slow to start sending a large file, and TCP's retransmissions over a lossy link (a
+# few seconds, doubling), stay well inside it; and as long as Linux waits for a connection that is never
+# answered (its SYN retries, about 2 min). Tests shrink it.
+STALL_TIMEOUT_S = 120.0
+
+
+@contextlib.contextmanager
+def _socket_timeout(seconds: float) -> Iterator[None]:
+    """Python's default socket timeout set to ``seconds`` inside the block, as before after it: urllib's
+    sockets take it when torch.hub opens the URL, as timeouts of their connection and of each read. Sockets
+    made in C++ (torch.distributed's store, gloo, NCCL) never read it; other threads' Python sockets made
+    meanwhile would, but none runs then (the heartbeat of a job's downloader, work_while_others_wait,
+    talks to the C++ store; data loaders and TensorBoard start later)."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def _stalled(error: Exception) -> bool:
+    """Whether ``error`` is a socket timeout: while the body is read (raised as it is), or while urllib
+    connects or reads the headers (wrapped in a URLError)."""
+    reason = error.reason if isinstance(error, urllib.error.URLError) else error
+    return isinstance(reason, TimeoutError)  # socket.timeout is TimeoutError
 
 
 # What a cache folder that cannot be written raises (read-only, full, a file in its path), not the network: the
