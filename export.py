@@ -32,6 +32,7 @@ import models_vit
 from util.checkpoint.files import atomic_save
 from util.checkpoint.load import StateDict, check_weight, checksum_metadata, load_checkpoint, model_state
 from util.cli.errors import fail, run_cli
+from util.cli.redact import redacted
 from util.data import normalization
 from util.interop import hf as hf_interop
 from util.memory import require
@@ -151,7 +152,10 @@ def timm_call(
 def args_metadata(args: Any) -> dict[str, str]:
     """A checkpoint's args (if a Namespace) as safetensors metadata, which holds strings only: JSON
     under 'args', devices and the like as strings."""
-    return {"args": json.dumps(vars(args), default=str)} if isinstance(args, argparse.Namespace) else {}
+    if not isinstance(args, argparse.Namespace):
+        return {}
+    # Not a URL's secrets (--finetune URL, stored by a checkpoint written before they were left out): redact.py
+    return {"args": redacted(json.dumps(vars(args), default=str))}
 
 
 # Writing: each file atomically, a folder as a whole
@@ -291,7 +295,7 @@ def export_hf(args: argparse.Namespace, ckpt: dict[str, Any], state: dict[str, t
         files[hf_interop.PREPROCESSOR_NAME] = _json_bytes(processor)
     else:
         print(
-            f"note: checkpoint {args.checkpoint} stores no --mean/--std and ImageNet's are RGB's, not its "
+            f"note: checkpoint {redacted(args.checkpoint)} stores no --mean/--std and ImageNet's are RGB's, not its "
             f"{channels} channels': no {hf_interop.PREPROCESSOR_NAME} written"
         )
     write_folder(args.output, files)

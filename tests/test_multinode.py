@@ -434,12 +434,13 @@ def _download_on_two_ranks(
     pace_s: float = 0.0,
     own_caches: bool = False,
     joined: Callable[[], None] = lambda: None,
+    query: str = "",
 ) -> tuple[list[str], list[str], str]:
     """Two ranks open ``name`` (weights.pth, 4 MB, or truncated.pth, its first half) from a local HTTP server
     that pauses ``pace_s`` before each 128 KiB, with a collective timeout of 3 s: a download of minutes
     against one of 30 min, scaled down (with a margin: every collective of the group has that timeout, on a
     machine busy with other tests). They share a torch.hub cache unless ``own_caches``; each calls
-    ``joined()`` once in the group. Their outputs, the paths asked for, and the URL."""
+    ``joined()`` once in the group; ``query`` ends the URL. Their outputs, the paths asked for, and the URL."""
     for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(distributed, "COLLECTIVE_TIMEOUT", datetime.timedelta(seconds=3))
@@ -459,18 +460,22 @@ def _download_on_two_ranks(
         distributed.cleanup()  # not on an error: run_cli tells a peer's stop by the group, then ends it
 
     with serve(tmp_path / "served", pace_s) as (address, asked):
-        url = f"{address}/{name}"
+        url = f"{address}/{name}{query}"
         logs = run_ranks(rank_main, tmp_path / "ranks", exit_codes=exit_codes, timeout=60)
     return logs, asked, url
 
 
 def test_the_other_ranks_wait_for_a_download_longer_than_a_collective_timeout_while_it_gets_on(tmp_path, monkeypatch):
     """Rank 1 waited for rank 0's download in a collective, whose timeout (30 min; 3 s here) ended it while
-    rank 0 was downloading a large release at a slow link (here 4 MB in about 6 s)."""
-    logs, asked, url = _download_on_two_ranks(tmp_path, monkeypatch, "weights.pth", (0, 0), pace_s=0.2)
-    assert asked == ["/weights.pth"], asked
-    assert all("loaded 999999.0" in log for log in logs), logs
-    notice = f"rank 1 of 2: waiting for rank 0 to download {url} for --finetune ("
+    rank 0 was downloading a large release at a slow link (here 4 MB in about 6 s). The notice names the URL
+    without the signature of its query (it printed it verbatim), which the download used."""
+    query = "?X-Amz-Signature=sig-0123secret"
+    logs, asked, url = _download_on_two_ranks(tmp_path, monkeypatch, "weights.pth", (0, 0), 0.2, query=query)
+    assert asked == [f"/weights.pth{query}"], asked
+    assert all("loaded 999999.0" in log and "sig-0123secret" not in log for log in logs), logs
+    notice = (
+        f"rank 1 of 2: waiting for rank 0 to download {url.removesuffix(query)}?X-Amz-Signature=*** for --finetune ("
+    )
     assert notice in logs[1] and "MB so far; giving up after 3 s without progress)" in logs[1], logs[1]
     assert "waiting for" not in logs[0], logs[0]  # the downloader says nothing of the kind
 

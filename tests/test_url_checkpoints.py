@@ -1,5 +1,6 @@
-"""Checkpoints given as URLs: a download whose connection stalls ends in one line instead of hanging, and a
-slow one that keeps sending is not cut."""
+"""Checkpoints given as URLs: a download whose connection stalls ends in one line instead of hanging, a slow
+one that keeps sending is not cut, and the secrets a URL carries (a presigned query's signature, a password)
+never reach what the tool prints or writes, while the host and the file name do."""
 
 import http.server
 import threading
@@ -10,11 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_forked, wait_or_kill
+from helpers import make_split, official_layouts, run_forked, serve, wait_or_kill
 
+import main_finetune
 from util.checkpoint import load
 from util.checkpoint.load import cached_path, load_checkpoint
 from util.cli.errors import run_cli
+from util.cli.redact import redacted, shown_url
 
 
 @pytest.fixture(autouse=True)
@@ -95,3 +98,110 @@ def test_a_slow_download_that_keeps_sending_is_not_cut(tmp_path, monkeypatch):
     assert time.monotonic() - started > 2.0  # longer in all than the limit
     assert torch.equal(ckpt["model"]["w"], torch.arange(64.0))
     assert Path(cached_path(url)).read_bytes() == body
+
+
+# ---------------------------------------------------------------------------------------------
+# Secrets in URLs
+SECRETS = ("s3cr3t-pass", "AKIAEXAMPLE", "deadbeef0123signature", "tok-4567")
+QUERY = "?X-Amz-Credential=AKIAEXAMPLE%2F20260101&X-Amz-Signature=deadbeef0123signature&token=tok-4567"
+
+
+@pytest.mark.parametrize(
+    "url, shown",
+    [
+        (
+            f"https://h.example/a/w.pth{QUERY}",
+            "https://h.example/a/w.pth?X-Amz-Credential=***&X-Amz-Signature=***&token=***",
+        ),
+        ("https://me:s3cr3t-pass@h.example:8443/w.pth", "https://me:***@h.example:8443/w.pth"),
+        ("https://tok-4567@h.example/w.pth?dl=1#tok-4567", "https://***@h.example/w.pth?dl=***#***"),
+        ("https://h.example/w@2.pth?tok-4567", "https://h.example/w@2.pth?***"),
+        ("https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_base.pth", None),  # nothing to hide
+    ],
+)
+def test_a_url_is_shown_without_its_secrets(url, shown):
+    assert shown_url(url) == (shown or url)
+
+
+def test_urls_inside_a_line_are_shown_without_their_secrets():
+    url = f"https://me:s3cr3t-pass@h.example/w.pth{QUERY}"
+    line = f'--finetune {url}: rank 1 (checkpoint {url}); {{"finetune": "{url}"}} Namespace(finetune=\'{url}\')'
+    shown = redacted(line)
+    assert not any(secret in shown for secret in SECRETS), shown
+    hidden = "https://me:***@h.example/w.pth?X-Amz-Credential=***&X-Amz-Signature=***&token=***"
+    assert shown == line.replace(url, hidden)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory) -> Path:
+    """A tiny official release (vit_tiny_patch4 at 48 px, encoder only) to serve, and a truncated copy."""
+    root = tmp_path_factory.mktemp("served")
+    torch.manual_seed(0)
+    torch.save({"model": official_layouts(48)["encoder"]}, root / "release.pth")
+    whole = (root / "release.pth").read_bytes()
+    (root / "truncated.pth").write_bytes(whole[: len(whole) // 2])
+    return root
+
+
+def _finetune(tmp_path: Path, url: str, exit_code: int) -> str:
+    """main_finetune.py --finetune URL for one epoch, forked and run as the command line runs it (its
+    one-line error on stderr): what it printed and wrote (stdout, stderr, log.txt)."""
+    out = tmp_path / "out"
+    argv = ["--finetune", url, "--data_path", str(make_split(tmp_path / "data", 4, 2)), "--nb_classes", "3"]
+    argv += ["--epochs", "1", "--batch_size", "4", "--output_dir", str(out), "--log_dir", str(out)]
+    argv += ["--device", "cpu", "--precision", "fp32", "--num_workers", "0"]
+    args = main_finetune.get_args_parser().parse_args(argv)
+    pid = run_forked(tmp_path / "output", lambda: run_cli(lambda: main_finetune.main(args)))
+    code = wait_or_kill(pid, time.time() + 120)
+    written = (tmp_path / "output").read_text()
+    assert code == exit_code, written
+    return written + ((out / "log.txt").read_text() if (out / "log.txt").exists() else "")
+
+
+def _without_secrets(written: str, url: str) -> None:
+    assert not any(secret in written for secret in SECRETS), written
+    assert url.split("?")[0].split("@")[-1] in written or "***@" in written, written  # the host and the path
+
+
+@pytest.mark.parametrize("name", ["missing.pth", "truncated.pth"])
+def test_a_failed_download_names_the_url_without_its_secrets(served, tmp_path, monkeypatch, name):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
+    with serve(served) as (address, asked):
+        url = f"{address}/{name}{QUERY}"
+        written = _finetune(tmp_path, url, exit_code=2)
+    assert asked == [f"/{name}{QUERY}"]  # the real URL, secrets and all, was asked for
+    line = written.strip().splitlines()[-1]
+    assert line.startswith(f"error: checkpoint {address}/{name}?X-Amz-Credential=***&X-Amz-Signature=***&token=*** ")
+    assert f"downloading {address}/{name}?X-Amz-Credential=***" in written
+    _without_secrets(written, url)
+
+
+def test_a_url_with_a_password_is_refused_in_one_line_without_it(served, tmp_path, monkeypatch):
+    """urllib, which torch.hub downloads with, takes ``user:password@`` for part of the host name: the
+    download failed on a name lookup of it ('Name or service not known'), and the line showed the password."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
+    with serve(served) as (address, asked):
+        url = address.replace("://", "://me:s3cr3t-pass@") + f"/release.pth{QUERY}"
+        written = _finetune(tmp_path, url, exit_code=2)
+    assert asked == []
+    host = address.removeprefix("http://")
+    assert written.strip().splitlines()[-1] == (
+        f"error: checkpoint http://me:***@{host}/release.pth?X-Amz-Credential=***&X-Amz-Signature=***&token=*** "
+        "holds a user name or password, which torch.hub cannot send: download it yourself and give the file"
+    )
+    _without_secrets(written, url)
+
+
+def test_a_successful_download_prints_and_saves_the_url_without_its_secrets(served, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
+    with serve(served) as (address, asked):
+        url = f"{address}/release.pth{QUERY}"
+        written = _finetune(tmp_path, url, exit_code=0)
+    assert asked == [f"/release.pth{QUERY}"]
+    assert Path(cached_path(url)).is_file()  # the cache path hashes the real URL
+    shown = f"{address}/release.pth?X-Amz-Credential=***&X-Amz-Signature=***&token=***"
+    assert f"downloading {shown} to {cached_path(url)}" in written
+    assert f'"finetune": "{shown}"' in written  # the flags printed at start-up
+    _without_secrets(written, url)
+    saved = torch.load(tmp_path / "out" / "checkpoint-0.pth", weights_only=False)["args"]
+    assert saved.finetune == shown  # a shared checkpoint does not hand the credentials on

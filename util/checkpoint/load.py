@@ -91,6 +91,12 @@ def download(url: str) -> tuple[str, bool]:
     local = cached_path(url)
     if os.path.isfile(local):
         return local, False
+    if urllib.parse.urlsplit(url).username is not None:
+        # urllib takes it for part of the host's name, whose lookup fails ('Name or service not known').
+        fail(
+            f"checkpoint {url} holds a user name or password, which torch.hub cannot send: download it yourself "
+            f"and give the file"
+        )
     log.info(f"downloading {url} to {local}")
     try:
         os.makedirs(os.path.dirname(local), exist_ok=True)

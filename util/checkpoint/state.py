@@ -19,6 +19,7 @@ from util.checkpoint.files import atomic_save, checkpoint_name, prune
 from util.checkpoint.opening import Opened
 from util.checkpoint.rng import gather_rng
 from util.cli.errors import NonFiniteLoss, divergence_advice, fail
+from util.cli.redact import args_without_secrets
 from util.train import distributed
 
 
@@ -41,7 +42,8 @@ class TrainState:
     def state_dict(self) -> dict[str, Any]:
         """Its checkpoint entries, the official keys first (``save_checkpoint`` adds position and RNG)."""
         states = {name: getattr(self, name).state_dict() for name in ("model", "optimizer", "scaler")}
-        return {**states, "args": self.args, "extra": self.extra, "log": self.log, "meters": self.meters}
+        args = args_without_secrets(self.args)  # --finetune/--resume URL: the checkpoint may be shared
+        return {**states, "args": args, "extra": self.extra, "log": self.log, "meters": self.meters}
 
     def load_state_dict(self, ckpt: dict[str, Any], path: str) -> None:
         """Restore what ``state_dict`` saved, except the model (``resume`` loads it strictly first,

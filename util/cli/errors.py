@@ -8,6 +8,8 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
+from util.cli.redact import redacted
+
 
 class UserError(Exception):
     """A problem with the user's input (flags, data, checkpoints), not a bug in the code."""
@@ -72,7 +74,7 @@ def run_cli(main: Callable[[], None], peer_advice: str = "") -> None:
     # The run is over: a second Ctrl-C now would only turn its last steps into a traceback, and a stop signal (the
     # SIGTERM torchrun sends the other ranks once one has exited) would add a line promising a checkpoint.
     with _stop_signals_ignored():
-        sys.stderr.write(f"{message}\n")  # every rank, not only rank 0's log
+        sys.stderr.write(f"{redacted(message)}\n")  # every rank, not only rank 0's log; no URL's secrets
         distributed.cleanup_before_exit()  # now, not during the interpreter's shutdown
     sys.exit(code)
 

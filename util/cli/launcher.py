@@ -18,6 +18,7 @@ import submitit
 from util.cli.args import check_at_least, check_common
 from util.cli.errors import UserError, fail
 from util.cli.log import log
+from util.cli.redact import redacted
 from util.train import distributed, interrupt
 
 
@@ -54,7 +55,7 @@ class Trainer:
         except interrupt.Interrupted as stop:
             log.info(f"{stop}; handing over to submitit for requeueing")
         except UserError as error:  # the error again, without the traceback that holds the DDP wrapper
-            refused = type(error)(str(error))
+            refused = type(error)(redacted(str(error)))  # submitit writes it to the job's log
         distributed.cleanup_before_exit()
         if refused is not None:
             raise refused  # the task fails with its one line; a requeue would only fail again

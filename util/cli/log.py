@@ -7,6 +7,8 @@ import os
 import sys
 import time
 
+from util.cli.redact import redacted
+
 log = logging.getLogger("mae")
 
 
@@ -20,7 +22,7 @@ class _Stdout(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         if self.lost:
             return
-        text = record.getMessage()
+        text = redacted(record.getMessage())  # a URL's secrets never reach the output (redact.py)
         if record.levelno == logging.WARNING:
             text = f"warning: {text}"
         if self.stamp:

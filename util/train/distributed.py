@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from util.cli.errors import UserError, fail, first_line
 from util.cli.log import set_rank
+from util.cli.redact import redacted
 
 START_TIMEOUT_VAR = "MAE_DIST_START_TIMEOUT"
 DEFAULT_START_TIMEOUT_S = 300.0
@@ -469,8 +470,10 @@ def _wait_for_workers(
         if rank() == lowest_waiting and now >= notice_at:
             notice_at = now + WAIT_NOTICE_EVERY_S
             sys.stderr.write(
-                f"rank {rank()} of {world_size()}: waiting for {them} to {what} ({shown(so_far)} so far; "
-                f"giving up after {limit} without progress)\n"
+                redacted(  # ``what`` may name a URL
+                    f"rank {rank()} of {world_size()}: waiting for {them} to {what} ({shown(so_far)} so far; "
+                    f"giving up after {limit} without progress)\n"
+                )
             )
             sys.stderr.flush()
         time.sleep(poll_s)

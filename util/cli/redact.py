@@ -1,0 +1,62 @@
+"""Secrets in checkpoint URLs kept out of what the tool prints and writes: a presigned URL's signature or
+token (``?X-Amz-Signature=...``, ``?token=...``) and a password (``https://user:password@host/...``) are
+credentials that a log, a shared error line or a shared checkpoint would hand on. ``redacted`` is applied
+where output is formatted (the log handler, the error line, the waiting ranks' notices), so that every
+message may name a URL as it is; the program itself always uses the real URL (the download, the cache
+path, which hashes it)."""
+
+import argparse
+import re
+
+HIDDEN = "***"
+# An http(s) URL inside a line: up to a space, a quote (a repr or JSON of the flags) or an angle bracket.
+_URL = re.compile(r"https?://[^\s'\"<>]+", re.IGNORECASE)
+# What a sentence puts right after a URL ("--finetune URL: ...", "(... URL)"), not part of it.
+_TRAILING = ".,;:)]"
+
+
+def shown_url(url: str) -> str:
+    """``url`` with its secrets replaced by ``***``: the password of its user information (the whole of it
+    where it has no password: ``https://TOKEN@host`` is a common form of a token), every value of its query
+    (the names stay: ``X-Amz-Signature=***`` says what was there) and its fragment. The host and the path,
+    which tell the user which file it is, stay as they are."""
+    rest, hash_sign, fragment = url.partition("#")
+    rest, question_mark, query = rest.partition("?")
+    scheme, separator, rest = rest.partition("://")
+    authority, slash, path = rest.partition("/")
+    if "@" in authority:
+        userinfo, host = authority.rsplit("@", 1)
+        user, colon, _ = userinfo.partition(":")
+        authority = f"{user}:{HIDDEN}@{host}" if colon else f"{HIDDEN}@{host}"
+    if query:
+        query = "&".join(_hidden_value(item) for item in query.split("&"))
+    shown = f"{scheme}{separator}{authority}{slash}{path}{question_mark}{query}"
+    return f"{shown}{hash_sign}{HIDDEN if fragment else ''}"
+
+
+def _hidden_value(item: str) -> str:
+    """``name=***`` for ``name=value``; an item without a name (``?SECRET``) is hidden whole."""
+    if not item:
+        return item
+    name, equals, _ = item.partition("=")
+    return f"{name}={HIDDEN}" if equals else HIDDEN
+
+
+def redacted(text: str) -> str:
+    """``text`` with every http(s) URL in it as ``shown_url`` writes it."""
+    return _URL.sub(_shown_match, text) if "://" in text else text
+
+
+def _shown_match(match: re.Match) -> str:
+    url = match.group()
+    stripped = url.rstrip(_TRAILING)
+    return shown_url(stripped) + url[len(stripped) :]
+
+
+def args_without_secrets(args: argparse.Namespace) -> argparse.Namespace:
+    """A copy of ``args`` whose text values have their URLs' secrets hidden: the flags a checkpoint stores
+    (``--finetune URL``, ``--resume URL``), which record where a run came from and are never used to
+    download again, travel with the checkpoint to whoever it is shared with."""
+    return argparse.Namespace(
+        **{name: redacted(value) if isinstance(value, str) else value for name, value in vars(args).items()}
+    )
