@@ -5,6 +5,7 @@ never reach what the tool prints or writes, while the host and the file name do.
 import http.server
 import threading
 import time
+from argparse import Namespace
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -205,3 +206,18 @@ def test_a_successful_download_prints_and_saves_the_url_without_its_secrets(serv
     _without_secrets(written, url)
     saved = torch.load(tmp_path / "out" / "checkpoint-0.pth", weights_only=False)["args"]
     assert saved.finetune == shown  # a shared checkpoint does not hand the credentials on
+
+
+def test_knn_records_and_exported_metadata_hold_no_secrets(tmp_path):
+    """knn_eval's --output records its encoders and command line, export.py a checkpoint's args (one written
+    before they were left out of it): files that are shared as they are."""
+    import export
+    import knn_eval
+
+    url = f"https://h.example/w.pth{QUERY}"
+    record = {"encoder": url, "command": f"python knn_eval.py --encoders {url} random"}
+    knn_eval.append_record(str(tmp_path / "knn.jsonl"), record)
+    metadata = export.args_metadata(Namespace(finetune=url, model="vit_tiny_patch4"))
+    for written in ((tmp_path / "knn.jsonl").read_text(), metadata["args"]):
+        assert "h.example/w.pth?X-Amz-Credential=***" in written, written
+        assert not any(secret in written for secret in SECRETS), written
