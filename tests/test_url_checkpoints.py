@@ -3,6 +3,7 @@ one that keeps sending is not cut, and the secrets a URL carries (a presigned qu
 never reach what the tool prints or writes, while the host and the file name do."""
 
 import http.server
+import socket
 import threading
 import time
 from argparse import Namespace
@@ -97,6 +98,7 @@ def test_a_slow_download_that_keeps_sending_is_not_cut(tmp_path, monkeypatch):
     with _served_in_pieces(body, pieces=6, pause_s=0.5, stall=False) as url:
         ckpt = load_checkpoint(url)
     assert time.monotonic() - started > 2.0  # longer in all than the limit
+    assert socket.getdefaulttimeout() is None  # as before the download: other sockets of the process wait on
     assert torch.equal(ckpt["model"]["w"], torch.arange(64.0))
     assert Path(cached_path(url)).read_bytes() == body
 

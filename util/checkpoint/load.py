@@ -134,9 +134,9 @@ STALL_TIMEOUT_S = 120.0
 def _socket_timeout(seconds: float) -> Iterator[None]:
     """Python's default socket timeout set to ``seconds`` inside the block, as before after it: urllib's
     sockets take it when torch.hub opens the URL, as timeouts of their connection and of each read. Sockets
-    made in C++ (torch.distributed's store, gloo, NCCL) never read it; other threads' Python sockets made
-    meanwhile would, but none runs then (the heartbeat of a job's downloader, work_while_others_wait,
-    talks to the C++ store; data loaders and TensorBoard start later)."""
+    made in C++ (torch.distributed's store, gloo, NCCL) never read it, nor do Python sockets made before;
+    one another thread made meanwhile would, and none of ours makes any (the heartbeat of a job's
+    downloader, work_while_others_wait, talks to the C++ store; data-loader workers are processes)."""
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(seconds)
     try:
