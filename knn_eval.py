@@ -137,6 +137,32 @@ def check_rgb(sources: list[tuple[str, argparse.Namespace | None]]) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
+    check_args(args)
+    checkpoints = [e for e in args.encoders if e not in NAMES]
+    distributed.init_distributed_mode(args)
+    first = settle(args, checkpoints)
+    data = knn.KnnData(
+        args.data_path, args.input_size, args.knn_bank_size, args.knn_query_size, mean=args.mean, std=args.std
+    )
+    knn.settle_k(args, data)  # the k logged and stored is the k used
+    log.info(f"k-NN (k={args.knn_k}, t={args.knn_t}) on {data} from {args.data_path}")
+    for encoder in args.encoders:
+        begin = time.time()
+        source = NAMES.get(encoder, f"checkpoint {encoder}")
+        scores = knn.evaluate(features_of(encoder, args, first), data, args, args.linear_epochs, source)
+        seconds = time.time() - begin
+        log.info(f"{encoder}: " + "  ".join(f"{k} {v:.2f}" for k, v in scores.items()) + f"  ({seconds:.0f} s)")
+        if args.output:
+            # Rank 0 writes; its failure (a full disk) stops every rank in its line. Left to rank 0, the others
+            # went on to the next encoder and said another process stopped and to resume, which knn_eval cannot
+            # (or, after the last encoder, ended as if the job had succeeded).
+            record = score_record(encoder, scores, seconds, args, data)
+            distributed.on_rank_0_for_every_rank(functools.partial(append_record, args.output, record))
+    distributed.cleanup()
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """The flags' own checks, before any process waits for another or any file is read."""
     check_finite(args)
     check_at_least(args, 1, "batch_size")
     if args.input_size is not None:  # 0 would pass as a multiple of the patch size
@@ -147,10 +173,13 @@ def main(args: argparse.Namespace) -> None:
     knn.check_knn_args(args)
     check_at_least(args, 0, "linear_epochs", zero_means="no linear classifier")
     normalization.check_flags(args, 3, from_checkpoint=True)  # before any checkpoint is read; RGB images
-    checkpoints = [e for e in args.encoders if e not in NAMES]
-    distributed.init_distributed_mode(args)
+
+
+def settle(args: argparse.Namespace, checkpoints: list[str]) -> Opened | None:
+    """Fill what the flags leave to the checkpoints (--model, --input_size, --mean/--std) and check
+    --output, on every rank alike; the first checkpoint, read once (its flags, then its weights)."""
     check_encoder_files(checkpoints)
-    first = open_on_every_rank_of(checkpoints[0]) if checkpoints else None  # read once: flags, then weights
+    first = open_on_every_rank_of(checkpoints[0]) if checkpoints else None
     if first is not None:
         check_rgb_weights(first)
     origins = fill_from_checkpoints(args, [first] if first else [], FALLBACKS)
@@ -169,38 +198,27 @@ def main(args: argparse.Namespace) -> None:
     sources = [(f"checkpoint {first.path}", first.args)] + others if first else []
     check_rgb(sources)
     normalization.resolve(args, sources)
+    return first
 
-    data = knn.KnnData(
-        args.data_path, args.input_size, args.knn_bank_size, args.knn_query_size, mean=args.mean, std=args.std
-    )
-    knn.settle_k(args, data)  # the k logged and stored is the k used
-    log.info(f"k-NN (k={args.knn_k}, t={args.knn_t}) on {data} from {args.data_path}")
-    for encoder in args.encoders:
-        begin = time.time()
-        source = NAMES.get(encoder, f"checkpoint {encoder}")
-        scores = knn.evaluate(features_of(encoder, args, first), data, args, args.linear_epochs, source)
-        seconds = time.time() - begin
-        log.info(f"{encoder}: " + "  ".join(f"{k} {v:.2f}" for k, v in scores.items()) + f"  ({seconds:.0f} s)")
-        if args.output:
-            record = {
-                "encoder": encoder,
-                "model": args.model,
-                **scores,
-                "k": args.knn_k,
-                "linear_epochs": args.linear_epochs,
-                "t": args.knn_t,
-                "bank": len(data.bank),
-                "queries": len(data.queries),
-                "data_path": args.data_path,
-                "processes": distributed.world_size(),
-                "seconds": round(seconds, 1),
-                "command": " ".join(["python", *sys.argv]),
-            }
-            # Rank 0 writes; its failure (a full disk) stops every rank in its line. Left to rank 0, the others
-            # went on to the next encoder and said another process stopped and to resume, which knn_eval cannot
-            # (or, after the last encoder, ended as if the job had succeeded).
-            distributed.on_rank_0_for_every_rank(functools.partial(append_record, args.output, record))
-    distributed.cleanup()
+
+def score_record(
+    encoder: str, scores: dict[str, float], seconds: float, args: argparse.Namespace, data: knn.KnnData
+) -> dict:
+    """One ``--output`` line: an encoder's scores, and how they were taken."""
+    return {
+        "encoder": encoder,
+        "model": args.model,
+        **scores,
+        "k": args.knn_k,
+        "linear_epochs": args.linear_epochs,
+        "t": args.knn_t,
+        "bank": len(data.bank),
+        "queries": len(data.queries),
+        "data_path": args.data_path,
+        "processes": distributed.world_size(),
+        "seconds": round(seconds, 1),
+        "command": " ".join(["python", *sys.argv]),
+    }
 
 
 def append_record(path: str, record: dict) -> None:
