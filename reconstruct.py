@@ -73,8 +73,25 @@ def check_size_is_stored(given: Any, stored: Any, path: str) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    # Before the (possibly long) load, as training checks them. A picture needs no removed patch:
-    # 0 shows the model's copy; the model's patch count, known after the load, bounds it above.
+    check_args(args)
+    ckpt = load_checkpoint(args.checkpoint)
+    name, model = checkpoint_model(args, ckpt)  # settles --in_chans and --mean/--std for the pictures too
+    model.to(args.device)
+    height, width = image_size(model.img_size)
+    transform = eval_transform((height, width), args.mean, args.std, args.in_chans)
+    imgs = load_images(args.images, transform, image_loader(args.in_chans))
+    noise = fixed_noise(len(imgs), model.num_patches, seed=args.seed)
+    picture = reconstruction_grid(model, imgs, noise, args.mask_ratio, args.mean, args.std)
+    with reported(args.output, "--output"):  # a full disk: one line, and an earlier picture stays whole
+        save_png(picture, args.output)
+    size = f"{height}" if height == width else f"{height}x{width}"
+    print(f"{name} at {size} px, {args.in_chans} channel(s), mask ratio {args.mask_ratio}: wrote {args.output}")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """The flags and the input files, before the (possibly long) load, as training checks them."""
+    # A picture needs no removed patch: 0 shows the model's copy; the model's patch count, known after the
+    # load, bounds it above.
     if not 0 <= args.mask_ratio < 1:
         fail(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
     check_seed(args.seed)
@@ -82,14 +99,19 @@ def main(args: argparse.Namespace) -> None:
     normalization.check_flags(args, args.in_chans, from_checkpoint=True)  # counted again for the model's channels
     if args.model is not None:
         models_mae.MODELS.factory(args.model)  # the name, checked
-    for image in args.images:  # before the load; an unreadable file is named where it is read
+    for image in args.images:  # an unreadable file is named where it is read
         if os.path.isdir(image):
             fail(f"image {image} is a folder; give image files")
         if not os.path.isfile(image):
             fail(f"image {image} {'is not a file' if os.path.exists(image) else 'does not exist'}; give image files")
     inputs = [("--checkpoint", args.checkpoint), *(("the input image", image) for image in args.images)]
     check_output_file(args.output, "--output", inputs)
-    ckpt = load_checkpoint(args.checkpoint)
+
+
+def checkpoint_model(args: argparse.Namespace, ckpt: dict[str, Any]) -> tuple[str, models_mae.MaskedAutoencoderViT]:
+    """The name and the MAE of ``ckpt``, its weights loaded: the model and size the flags name, else those
+    the checkpoint stores, else those its weights fit; the channels of its weights. Sets ``args.in_chans``
+    and ``args.mean``/``args.std`` (given, else stored, else ImageNet's), which the pictures are read with."""
     state = model_state(ckpt, args.checkpoint)
     check_has_decoder(state, args.checkpoint)
     saved = vars(ckpt["args"]) if isinstance(ckpt.get("args"), argparse.Namespace) else {}
@@ -103,7 +125,6 @@ def main(args: argparse.Namespace) -> None:
     input_size = args.input_size or saved.get("input_size") or (inferred[1] if inferred else 224)
     # Errors about a stored size blame the checkpoint, not a flag that was not given.
     size_source = "" if args.input_size or not saved.get("input_size") else f"checkpoint {args.checkpoint}"
-    height, width = image_size(input_size)
     in_chans = state["patch_embed.proj.weight"].shape[1] if "patch_embed.proj.weight" in state else 3
     if args.in_chans is not None and args.in_chans != in_chans:
         fail(
@@ -120,15 +141,7 @@ def main(args: argparse.Namespace) -> None:
     model = models_mae.create_model(name, input_size, in_chans, norm_pix_loss=norm_pix, size_source=size_source)
     models_mae.check_mask_ratio(args.mask_ratio, model.num_patches, remove_one=False)
     load_model_strict(model, state, args.checkpoint)
-    model.to(args.device)
-    transform = eval_transform((height, width), args.mean, args.std, in_chans)
-    imgs = load_images(args.images, transform, image_loader(in_chans))
-    noise = fixed_noise(len(imgs), model.num_patches, seed=args.seed)
-    picture = reconstruction_grid(model, imgs, noise, args.mask_ratio, args.mean, args.std)
-    with reported(args.output, "--output"):  # a full disk: one line, and an earlier picture stays whole
-        save_png(picture, args.output)
-    size = f"{height}" if height == width else f"{height}x{width}"
-    print(f"{name} at {size} px, {in_chans} channel(s), mask ratio {args.mask_ratio}: wrote {args.output}")
+    return name, model
 
 
 if __name__ == "__main__":
