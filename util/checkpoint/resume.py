@@ -107,6 +107,23 @@ def resume(state: TrainState, opened: Opened | None) -> Position:
             )
         return start
     state.load_state_dict(ckpt, path)
+    restore_rank_rng(ckpt, path)
+    step = ckpt.get("step")
+    check_flags(opened.args, args, path, mid_epoch=step is not None)
+    epoch = ckpt["epoch"] + 1 if step is None else ckpt["epoch"]  # after a complete epoch: the next one
+    position = Position(epoch, step or 0, resumed=True, source=opened.flags_only())
+    if step is None:
+        keep_if_final(state, opened)
+    check_retention(opened.args, state, position)
+    if args.resume != "auto":
+        warn_if_not_newest(args.output_dir, path, position)
+    log.info(f"resuming at epoch {position.epoch}, iteration {position.step}")
+    return position
+
+
+def restore_rank_rng(ckpt: dict[str, Any], path: str) -> None:
+    """This rank's random state from ``ckpt``, which stores one per process of the run that wrote it;
+    a warning where it cannot be restored, since the resume is then not exact."""
     rng = ckpt.get("rng")
     if rng and len(rng) == distributed.world_size():
         restore_rng(rng[distributed.rank()])
@@ -117,24 +134,19 @@ def resume(state: TrainState, opened: Opened | None) -> Position:
         )
     else:  # the official code's full checkpoints: masks, crops and drop paths are drawn afresh
         log.warning(f"{path} holds no random state (the official code saves none): resume is not exact")
-    step = ckpt.get("step")
-    check_flags(opened.args, args, path, mid_epoch=step is not None)
-    epoch = ckpt["epoch"] + 1 if step is None else ckpt["epoch"]  # after a complete epoch: the next one
-    position = Position(epoch, step or 0, resumed=True, source=opened.flags_only())
-    if step is None:
-        keep_if_final(state, opened)
-    check_retention(opened.args, state, position)
+
+
+def warn_if_not_newest(output_dir: str, path: str, position: Position) -> None:
+    """Warn where a --resume PATH is not the newest checkpoint of ``output_dir``: --resume auto would go on
+    from another one. (For --resume auto itself, later checkpoints are those that did not load, reported as
+    skipped already.)"""
     here = (position.epoch, position.step)
-    # A --resume PATH that is not the folder's newest: --resume auto would go on from another one. (For
-    # --resume auto itself, later checkpoints are those that did not load, reported as skipped already.)
-    later = [p for p in list_checkpoints(args.output_dir) if progress(os.path.basename(p)) > here]
-    if later and args.resume != "auto":
+    later = [p for p in list_checkpoints(output_dir) if progress(os.path.basename(p)) > here]
+    if later:
         log.warning(
-            f"{args.output_dir} holds checkpoints beyond {path} ({os.path.basename(later[-1])}); "
+            f"{output_dir} holds checkpoints beyond {path} ({os.path.basename(later[-1])}); "
             f"--resume auto would take those, not this run's"
         )
-    log.info(f"resuming at epoch {position.epoch}, iteration {position.step}")
-    return position
 
 
 def keep_if_final(state: TrainState, opened: Opened) -> None:
