@@ -44,6 +44,7 @@ from util.cli.errors import fail, run_cli  # noqa: E402
 from util.data.loaders import PRETRAIN_LOADERS, pretrain_data  # noqa: E402
 from util.data.normalization import IMAGENET_MEAN, IMAGENET_STD, normalize_on_device  # noqa: E402
 from util.outputs import atomic_write, check_json_output, reported  # noqa: E402
+from util.registry import SHAPES_ONLY  # noqa: E402
 from util.train.precision import LossScaler, autocast, fast_cuda_math  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -431,7 +432,7 @@ def check_args(args: Namespace) -> None:
     args.models = args.model.split(",")
     for name in args.models:
         with torch.device("meta"):
-            models_mae.create_model(name, args.input_size)
+            models_mae.create_model(name, args.input_size, **SHAPES_ONLY)
     if not 0 <= args.mask_ratio < 1:  # 0 times the encoder on every patch
         fail(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
     check_at_least(args, 1, "batch_size", "steps", "loader_images", "repeats")

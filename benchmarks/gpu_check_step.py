@@ -31,6 +31,7 @@ from benchmarks.bench_pretrain import build_step, mae_train_flops, make_step, re
 from benchmarks.gpu_check_common import PartRecord, Sizes, as_in_training, matmul_tflops, run_part, time_for
 from util import memory
 from util.cli.errors import UserError
+from util.registry import SHAPES_ONLY
 
 MASK_RATIO = 0.75
 T = TypeVar("T")
@@ -220,7 +221,8 @@ def largest_batch(record: PartRecord, name: str, rows: list[dict], sizes: Sizes,
     measured = next(r for r in rows if r["impl"] == "ours_compiled")
     reset_memory(device)
     with torch.device("meta"):
-        fixed = 4 * memory.model_bytes(models_mae.create_model(name, sizes.input_size))  # weights, grads, AdamW
+        model = models_mae.create_model(name, sizes.input_size, **SHAPES_ONLY)
+    fixed = 4 * memory.model_bytes(model)  # weights, grads, AdamW
     per_image = (measured["peak_mem_gib"] * 2**30 - fixed) / sizes.batch
     free = memory.available_bytes(device)
     tries = batch_tries(per_image, fixed, free)

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import models_mae  # noqa: E402
 import models_vit  # noqa: E402
 from benchmarks.bench_pretrain import mae_train_flops, vit_train_flops  # noqa: E402
+from util.registry import SHAPES_ONLY  # noqa: E402
 
 # Dense bf16 8192^3 matrix products as measured on both kinds the device tool lends (its KINDS.md: H200 769-798,
 # H100 798 TFLOP/s): the same Hopper matrix units. gpu_check.sh measures the GPU it runs on (--peak_tflops).
@@ -30,7 +31,7 @@ MASK_RATIO = 0.75
 
 def meta_mae(model: str, input_size: int) -> models_mae.MaskedAutoencoderViT:
     with torch.device("meta"):  # shapes only: nothing is allocated
-        return models_mae.MODELS[model](img_size=input_size)
+        return models_mae.MODELS[model](img_size=input_size, **SHAPES_ONLY)
 
 
 def pretrain_flops(model: str, input_size: int = 32, mask_ratio: float = MASK_RATIO) -> int:
@@ -42,7 +43,8 @@ def finetune_flops(model: str, input_size: int = 32, classes: int = 10) -> int:
     """Training FLOPs of one image of fine-tuning ``model``'s encoder: its classifier (the name
     without ``mae_``) with a ``classes``-way head."""
     with torch.device("meta"):
-        classifier = models_vit.MODELS[model.removeprefix("mae_")](img_size=input_size, num_classes=classes)
+        factory = models_vit.MODELS[model.removeprefix("mae_")]
+        classifier = factory(img_size=input_size, num_classes=classes, **SHAPES_ONLY)
     return vit_train_flops(classifier, 1)
 
 
