@@ -28,7 +28,7 @@ from util.checkpoint.flags import fill_from_checkpoints
 from util.checkpoint.load import is_url, model_state, saved_args
 from util.checkpoint.opening import SHARED_CHECKPOINT, Opened, open_checkpoint, open_on_every_rank
 from util.cli.args import PRECISIONS, check_at_least, check_device, check_finite, check_seed, resolve_precision
-from util.cli.errors import fail, run_cli
+from util.cli.errors import fail, listed_ranks, run_cli
 from util.cli.log import log
 from util.cli.redact import redacted
 from util.data import normalization
@@ -120,7 +120,7 @@ def check_encoder_files(checkpoints: list[str]) -> None:
             fail(f"--encoders {path} is neither a checkpoint file nor 'random' or 'pixels'; check its path")
         if lacking:
             fail(
-                f"--encoders {path}: rank(s) {distributed.listed_ranks(lacking)} of {len(seen)} see no such file: "
+                f"--encoders {path}: rank(s) {listed_ranks(lacking)} of {len(seen)} see no such file: "
                 f"every node of the job must see the same files; {SHARED_CHECKPOINT}"
             )
 

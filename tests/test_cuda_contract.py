@@ -18,7 +18,7 @@ import main_pretrain
 from util.cli.errors import UserError
 from util.cli.log import set_rank
 from util.eval import knn
-from util.train import distributed
+from util.train import distributed, gpus
 
 LAUNCHERS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_STEP_ID", "OMPI_COMM_WORLD_RANK", "CUDA_VISIBLE_DEVICES")
 ADDRESS = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
@@ -52,7 +52,7 @@ def fake_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: calls.gpus)
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(uuid=f"uuid-{d.index}"))
-    monkeypatch.setattr(distributed, "refuse_shared_gpu", lambda s, w, gpu: calls.append(("refuse_shared_gpu", gpu)))
+    monkeypatch.setattr(gpus, "refuse_shared_gpu", lambda s, w, gpu: calls.append(("refuse_shared_gpu", gpu)))
     monkeypatch.setattr(distributed, "_wait_for_listener", lambda *a: None)
 
     def rendezvous(*args, **kwargs):

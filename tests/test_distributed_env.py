@@ -42,7 +42,7 @@ from helpers import (  # noqa: E402
 
 from util.cli.errors import STOPPED_AT_ONCE, UserError, fail, run_cli  # noqa: E402
 from util.cli.launcher import Trainer, submit  # noqa: E402
-from util.train import distributed, interrupt  # noqa: E402
+from util.train import distributed, interrupt, launch_env, waiting  # noqa: E402
 
 START_TIMEOUT = "MAE_DIST_START_TIMEOUT"  # documented for users: a fixed name
 LAUNCHER_VARIABLES = (
@@ -149,19 +149,19 @@ def test_a_local_rank_without_its_gpu_says_how_many_processes_fit(launcher_env, 
 
 
 def test_the_launchers_environments_are_read_as_they_are_meant(launcher_env):
-    assert distributed.read_world({}) is None  # a plain `python main_pretrain.py`
+    assert launch_env.read_world({}) is None  # a plain `python main_pretrain.py`
     torchrun = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", **ADDRESS}
-    world = distributed.read_world(torchrun)
+    world = launch_env.read_world(torchrun)
     assert (world.rank, world.size, world.local_rank, world.init_method) == (3, 4, 1, "env://")
     assert world.where == "127.0.0.1:29500"
     srun = {"SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "8", "SLURM_PROCID": "7", "SLURM_LOCALID": "3"}
-    world = distributed.read_world(srun, dist_url="tcp://node1:1234")
+    world = launch_env.read_world(srun, dist_url="tcp://node1:1234")
     assert (world.rank, world.size, world.local_rank, world.listener) == (7, 8, 3, ("node1", 1234))
-    assert distributed.read_world({**srun, "SLURM_STEP_NUM_TASKS": "1"}) is None  # one task: no group
+    assert launch_env.read_world({**srun, "SLURM_STEP_NUM_TASKS": "1"}) is None  # one task: no group
     itp = {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "1", **ADDRESS}
-    assert distributed.read_world(itp, dist_on_itp=True).init_method == "tcp://127.0.0.1:29500"
-    assert distributed.start_timeout({}) == distributed.DEFAULT_START_TIMEOUT_S
-    assert distributed.start_timeout({START_TIMEOUT: "2.5"}) == 2.5
+    assert launch_env.read_world(itp, dist_on_itp=True).init_method == "tcp://127.0.0.1:29500"
+    assert launch_env.start_timeout({}) == launch_env.DEFAULT_START_TIMEOUT_S
+    assert launch_env.start_timeout({START_TIMEOUT: "2.5"}) == 2.5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,7 +195,7 @@ def _join_on(gpus: list[str]):
     """A rank's main: join the job as if its GPU were ``gpus[rank]``, then say so."""
 
     def main() -> None:
-        world = distributed.read_world(os.environ)
+        world = launch_env.read_world(os.environ)
         distributed.join(world, "gloo", 60, gpu=gpus[world.rank])
         print(f"rank {world.rank} joined, group of {distributed.world_size()}")
         distributed.cleanup()
@@ -296,8 +296,8 @@ LAUNCHER_COUNTS = [
 @pytest.mark.parametrize("text, restarts, processes", LAUNCHER_COUNTS)
 def test_a_launcher_count_is_a_whole_number_or_the_default(text, restarts, processes):
     env = {} if text is None else {"COUNT": text}
-    assert distributed.env_count(env, "COUNT") == restarts
-    assert distributed.env_count(env, "COUNT", default=1, minimum=1) == processes
+    assert launch_env.env_count(env, "COUNT") == restarts
+    assert launch_env.env_count(env, "COUNT", default=1, minimum=1) == processes
 
 
 def test_a_negative_restart_count_is_read_as_a_first_start(monkeypatch):
@@ -759,7 +759,7 @@ def test_a_submitit_task_on_the_second_node_meets_the_first_node_as_its_rank(mon
         monkeypatch.setenv(name, value)
     args = Namespace(output_dir="jobs/%j", log_dir="", dist_url="", dist_on_itp=False, device="cpu", resume="auto")
     Trainer._set_up_task(args)
-    world = distributed.read_world(os.environ, args.dist_url)
+    world = launch_env.read_world(os.environ, args.dist_url)
     assert (world.rank, world.size, world.local_rank, world.init_method) == (1, 2, 0, "env://")
     assert world.listener[0] == "gpu07"  # the job's first node
     assert 20000 <= world.listener[1] <= 60000  # submitit's port of the job id: the same in every task
@@ -777,7 +777,7 @@ def test_waiting_for_several_stuck_workers_says_one_of_them_stopped(monkeypatch)
     keys = dist.HashStore()
     keys.add("done", 1)  # one of the two finished, the other got no further
     with pytest.raises(UserError) as refused:
-        distributed._wait_for_workers(keys, [0, 2], 0.2, "download URL for --finetune", str)
+        waiting._wait_for_workers(keys, [0, 2], 0.2, "download URL for --finetune", str)
     assert str(refused.value) == (
         "rank 1 of 4 waited for ranks 0, 2 to download URL for --finetune, which got no further for 0.2 s (0 so far): "
         "one of them stopped or is stuck; see their output, and run again"

@@ -27,7 +27,7 @@ from util.checkpoint.load import AFRESH, cached_path
 from util.checkpoint.state import TrainState, save_checkpoint
 from util.cli.args import check_same_flags
 from util.cli.errors import UserError
-from util.train import distributed, run
+from util.train import distributed, run, waiting
 from util.train.precision import LossScaler
 
 
@@ -445,7 +445,7 @@ def _download_on_two_ranks(
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(distributed, "COLLECTIVE_TIMEOUT", datetime.timedelta(seconds=3))
     monkeypatch.setattr(distributed, "NOTICE_AFTER_S", 0.5)
-    monkeypatch.setattr(distributed, "WAIT_NOTICE_EVERY_S", 1.0)
+    monkeypatch.setattr(waiting, "WAIT_NOTICE_EVERY_S", 1.0)
     (tmp_path / "served").mkdir()
     torch.save({"model": {"w": torch.arange(1e6)}}, tmp_path / "served" / "weights.pth")
     whole = (tmp_path / "served" / "weights.pth").read_bytes()
@@ -488,7 +488,7 @@ def test_keys_an_earlier_attempt_left_in_the_store_do_not_end_the_wait(tmp_path,
     def earlier_attempt() -> None:  # what its first waits left: a download that failed, each "done"
         if distributed.rank() == 0:
             for call in range(3):
-                distributed._store.add(f"{distributed.WAIT_KEYS}/{call}/done", 1)
+                distributed.rendezvous_store().add(f"{waiting.WAIT_KEYS}/{call}/done", 1)
         distributed.gather(None)  # rank 1 waits after they are there
 
     logs, asked, _ = _download_on_two_ranks(tmp_path, monkeypatch, "weights.pth", (0, 0), 0.2, joined=earlier_attempt)

@@ -14,7 +14,7 @@ from torch import nn
 
 from util.cli.errors import fail
 from util.sizes import image_size, shown_size
-from util.train.distributed import env_count
+from util.train.launch_env import env_count
 
 # Bytes of an activation element in the dtype the matrix products run in.
 _ACTIVATION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}

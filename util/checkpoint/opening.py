@@ -12,8 +12,8 @@ from typing import Any
 
 from util.checkpoint.entries import check_training_entries
 from util.checkpoint.load import cached_path, is_url, load_checkpoint
-from util.cli.errors import UserError, fail
-from util.train import distributed
+from util.cli.errors import UserError, fail, listed_ranks
+from util.train import distributed, waiting
 
 
 @dataclass(frozen=True)
@@ -72,8 +72,8 @@ def open_on_every_rank(
         # A URL's copies are in each rank's torch.hub cache: what to do is in the reason (a damaged copy).
         tail = "" if is_url(path) else f": every node of the job must see the same files; {advice}"
         fail(
-            f"{flag} {path}: rank(s) {distributed.listed_ranks(failed)} of {size} cannot read it ({why}), rank(s) "
-            f"{distributed.listed_ranks(read)} can{tail}"
+            f"{flag} {path}: rank(s) {listed_ranks(failed)} of {size} cannot read it ({why}), rank(s) "
+            f"{listed_ranks(read)} can{tail}"
         )
     if any(fingerprint != seen[0][1] for _, fingerprint in seen):
         shown = "; ".join(f"rank {rank}: {fingerprint}" for rank, (_, fingerprint) in enumerate(seen))
@@ -98,7 +98,7 @@ def download_on_every_rank(url: str, flag: str) -> None:
     machine, downloaders = socket.gethostname(), {0}
     for _ in range(distributed.world_size()):  # each round fills at least one more rank's cache
         # The others wait as long as the download gets on: a collective gave up after 30 minutes.
-        error = distributed.work_while_others_wait(
+        error = waiting.work_while_others_wait(
             downloaders, lambda: _download_here(url), lambda: _bytes_so_far(url), f"download {url} for {flag}", _in_mb
         )
         seen = distributed.gather((machine, os.path.isfile(cached_path(url)), error))

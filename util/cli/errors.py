@@ -24,6 +24,11 @@ def first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
+def listed_ranks(ranks: list[int]) -> str:
+    """Ranks as messages name them: '0, 2, 3'."""
+    return ", ".join(map(str, ranks))
+
+
 class NonFiniteLoss(UserError):
     """Training diverged: a loss, or the weights or optimizer state about to be saved, are not finite."""
 

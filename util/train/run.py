@@ -20,7 +20,7 @@ from util.checkpoint.flags import fill_from_checkpoints
 from util.checkpoint.opening import Opened, open_checkpoint, open_on_every_rank
 from util.checkpoint.resume import open_resume, weights_only
 from util.cli.args import check_same_flags, check_same_precision, check_world, effective_lr, resolve_precision
-from util.cli.errors import fail
+from util.cli.errors import fail, listed_ranks
 from util.cli.log import log
 from util.data import normalization
 from util.outputs import (
@@ -32,6 +32,7 @@ from util.outputs import (
     temporary_path,
 )
 from util.train import distributed, interrupt
+from util.train.launch_env import launcher_restarts
 from util.train.precision import fast_cuda_math
 
 
@@ -145,7 +146,7 @@ def resume_after_restart(args: argparse.Namespace, training: bool) -> str:
     ranks decided on their own count hung, some asking rank 0 whether the run had saved."""
     if not training or args.resume == "auto":  # the same on every rank (check_same_flags)
         return args.resume
-    restarts = max(distributed.gather(distributed.launcher_restarts(os.environ)))
+    restarts = max(distributed.gather(launcher_restarts(os.environ)))
     if not restarts:
         return args.resume
     saved = distributed.from_main(bool(list_checkpoints(args.output_dir)) if distributed.is_main_process() else None)
@@ -219,7 +220,7 @@ def check_seen_by_every_rank(output_dir: str) -> None:
         os.remove(marker)
     if blind := [rank for rank, saw in enumerate(seen) if not saw]:
         fail(
-            f"--output_dir {output_dir}: rank(s) {distributed.listed_ranks(blind)} of {len(seen)} do not see the files "
+            f"--output_dir {output_dir}: rank(s) {listed_ranks(blind)} of {len(seen)} do not see the files "
             f"rank 0 writes there (a folder on each node's local disk?), so a job continued with --resume auto "
             f"would not find its checkpoints on every node; put --output_dir on storage every node of the job shares"
         )
