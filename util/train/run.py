@@ -66,13 +66,9 @@ class Run:
 def start(flags: argparse.Namespace, fallbacks: dict[str, Any] | None = None) -> Run:
     """Join the process group, check the output folders (a training run claims --output_dir), open
     the checkpoints, settle the flags, seed and print the configuration (the entry point's
-    ``check_args`` checked the flags).
-
-    Settling fills what the flags leave to the run (``fallbacks``: flags whose None means "the
-    checkpoint's, else this"), and derives the values a run needs from them: print_freq on whole
-    optimizer steps, mean/std, the concrete precision, the effective lr. They are set on a copy
-    of ``flags``, here and nowhere else, since checkpoints store the args (the official format):
-    a resumed or fine-tuned run reads what this run really used."""
+    ``check_args`` checked the flags). ``fallbacks``: flags whose None means "the checkpoint's, else
+    this". The settled values are set on a copy of ``flags``, here and nowhere else, since checkpoints
+    store the args (the official format): a resumed or fine-tuned run reads what this run really used."""
     args = copy.copy(flags)
     if args.log_dir is None:
         args.log_dir = args.output_dir  # TensorBoard's events beside the run's checkpoints
@@ -82,34 +78,66 @@ def start(flags: argparse.Namespace, fallbacks: dict[str, Any] | None = None) ->
 
     training = bool(args.output_dir) and not getattr(args, "eval", False)
     args.resume = resume_after_restart(args, training)
-
-    def check_outputs() -> None:  # only rank 0 writes
-        for flag, path in (("--output_dir", args.output_dir), ("--log_dir", args.log_dir)):
-            if path:
-                check_output_dir(path, flag)
-        if training:
-            # Before the checkpoint it resumes is read: a run that waited for another would resume a stale one.
-            claim_output_dir(args.output_dir, "--output_dir")
-            if not args.resume:
-                check_no_earlier_run(args.output_dir)
-
     # The other ranks wait for it too, or they resume another checkpoint than rank 0's.
-    distributed.on_rank_0_for_every_rank(check_outputs)
+    distributed.on_rank_0_for_every_rank(lambda: check_outputs(args, training))
     if training:
         check_seen_by_every_rank(args.output_dir)
+    resume_from, init_from = open_checkpoints(args, training)
+    origins = settle(args, [s for s in (resume_from, init_from) if s is not None], fallbacks or {})
+    finetune = finetune_flag(args)
+    if finetune and args.output_dir:  # read or not: its pruning would delete it all the same
+        distributed.on_rank_0_for_every_rank(lambda: check_not_among_outputs(finetune, args.output_dir))
+
+    seed_everything(args.seed + distributed.rank())
+    if torch.cuda.is_available():
+        fast_cuda_math()
+    interrupt.install()
+    log_configuration(args)
+    return Run(args, torch.device(args.device), resume_from, init_from, origins)
+
+
+def check_outputs(args: argparse.Namespace, training: bool) -> None:
+    """The output folders, on rank 0 (only it writes); a training run claims --output_dir."""
+    for flag, path in (("--output_dir", args.output_dir), ("--log_dir", args.log_dir)):
+        if path:
+            check_output_dir(path, flag)
+    if training:
+        # Before the checkpoint it resumes is read: a run that waited for another would resume a stale one.
+        claim_output_dir(args.output_dir, "--output_dir")
+        if not args.resume:
+            check_no_earlier_run(args.output_dir)
+
+
+def open_checkpoints(args: argparse.Namespace, training: bool) -> tuple[Opened | None, Opened | None]:
+    """The checkpoints the run continues (``--resume``) and starts from (``--finetune``), each read once,
+    the same file on every rank; None where there is none, or where the resumed run holds --finetune's
+    weights already."""
     resume_from = open_resume(args)
     # --resume PATH of weights only (an official release): a new run from those weights, at --start_epoch.
     if training and args.resume != "auto" and resume_from is not None and weights_only(resume_from.ckpt):
         distributed.on_rank_0_for_every_rank(lambda: check_no_earlier_run(args.output_dir, resume_from.path))
-    finetune = getattr(args, "finetune", "") if not getattr(args, "eval", False) else ""  # --eval does not load it
-    init_from = None
-    if finetune and resume_from is not None and not weights_only(resume_from.ckpt):
+    finetune = finetune_flag(args)
+    if not finetune:
+        return resume_from, None
+    if resume_from is not None and not weights_only(resume_from.ckpt):
         # The resumed weights replace the encoder's: a file gone since the run began stopped its resume.
         log.info(f"--finetune {finetune} is not read: the run goes on from {resume_from.path}, which holds its weights")
-    elif finetune:  # every rank reads it: the same file everywhere, or every rank stops
-        init_from = open_on_every_rank(lambda: open_checkpoint(finetune), finetune, "--finetune")
-    sources = [s for s in (resume_from, init_from) if s is not None]
-    origins = fill_from_checkpoints(args, sources, fallbacks or {})
+        return resume_from, None
+    # Every rank reads it: the same file everywhere, or every rank stops.
+    return resume_from, open_on_every_rank(lambda: open_checkpoint(finetune), finetune, "--finetune")
+
+
+def finetune_flag(args: argparse.Namespace) -> str:
+    """The --finetune checkpoint this run starts from: none for the probe's and fine-tuning's --eval, which
+    evaluates the --resume checkpoint, nor for pre-training, which has no such flag."""
+    return "" if getattr(args, "eval", False) else getattr(args, "finetune", "")
+
+
+def settle(args: argparse.Namespace, sources: list[Opened], fallbacks: dict[str, Any]) -> dict[str, str]:
+    """Fill the flags the user left to the checkpoints ``sources`` (``fallbacks``) and derive what the run
+    needs from the flags: print_freq on whole optimizer steps, mean/std, the precision, the effective lr.
+    Returns which flags the checkpoints gave ({flag: "checkpoint PATH"})."""
+    origins = fill_from_checkpoints(args, sources, fallbacks)
     # Check points (logging, finiteness, checkpoints) sit on optimizer steps: a multiple of --accum_iter.
     args.print_freq = math.ceil(args.print_freq / args.accum_iter) * args.accum_iter
     stored = [(f"checkpoint {s.path}", s.args) for s in sources]
@@ -118,23 +146,22 @@ def start(flags: argparse.Namespace, fallbacks: dict[str, Any] | None = None) ->
     check_same_precision(distributed.gather(args.precision))  # 'auto' is each node's GPUs' choice
     args.lr_given = args.lr is not None  # for messages that say which flag to lower
     args.lr = effective_lr(args, distributed.world_size())
-    if finetune and args.output_dir:  # read or not: its pruning would delete it all the same
-        distributed.on_rank_0_for_every_rank(lambda: check_not_among_outputs(finetune, args.output_dir))
+    return origins
 
-    seed = args.seed + distributed.rank()
+
+def seed_everything(seed: int) -> None:
+    """Seed torch, numpy and random (each rank its own ``seed``: the run's --seed plus its rank)."""
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
-    if torch.cuda.is_available():
-        fast_cuda_math()
-    interrupt.install()
 
+
+def log_configuration(args: argparse.Namespace) -> None:
     log.info(f"job dir: {os.path.dirname(os.path.realpath(__file__ + '/../..'))}")
     log.info(json.dumps(vars(args), default=str, indent=1))
     eff_batch = args.batch_size * args.accum_iter * distributed.world_size()
     base_lr = args.lr * 256 / eff_batch  # as the official code prints it: --blr is unused where --lr is given
     log.info(f"precision: {args.precision}  effective batch: {eff_batch}  lr: {args.lr:.3e} (base lr {base_lr:.3e})")
-    return Run(args, torch.device(args.device), resume_from, init_from, origins)
 
 
 def resume_after_restart(args: argparse.Namespace, training: bool) -> str:
