@@ -18,7 +18,7 @@ from helpers import make_split, official_layouts, run_forked, serve, wait_or_kil
 import main_finetune
 from util.checkpoint import load
 from util.checkpoint.load import cached_path, load_checkpoint
-from util.cli.errors import run_cli
+from util.cli.errors import UserError, run_cli
 from util.cli.redact import redacted, shown_url
 
 
@@ -119,6 +119,12 @@ QUERY = "?X-Amz-Credential=AKIAEXAMPLE%2F20260101&X-Amz-Signature=deadbeef0123si
         ("https://me:s3cr3t-pass@h.example:8443/w.pth", "https://me:***@h.example:8443/w.pth"),
         ("https://tok-4567@h.example/w.pth?dl=1#tok-4567", "https://***@h.example/w.pth?dl=***#***"),
         ("https://h.example/w@2.pth?tok-4567", "https://h.example/w@2.pth?***"),
+        ("https://h.example:8443/w@2.pth", None),  # a port, then an @ of the path: nothing to hide
+        ("http://[::1]:8000/w.pth?sig=tok-4567", "http://[::1]:8000/w.pth?sig=***"),
+        # A password typed with '/', '?' or '#' unencoded (AWS secret keys hold '/'): shown whole before.
+        ("https://me:s3cr3t/pass@h.example/w.pth", "https://me:***@h.example/w.pth"),
+        ("https://me:s3cr3t?pass@h.example/w.pth?dl=1", "https://me:***@h.example/w.pth?dl=***"),
+        ("https://me:s3cr3t#pass@h.example/w.pth", "https://me:***@h.example/w.pth"),
         ("https://dl.fbaipublicfiles.com/mae/pretrain/mae_pretrain_vit_base.pth", None),  # nothing to hide
     ],
 )
@@ -193,6 +199,20 @@ def test_a_url_with_a_password_is_refused_in_one_line_without_it(served, tmp_pat
         "holds a user name or password, which torch.hub cannot send: download it yourself and give the file"
     )
     _without_secrets(written, url)
+
+
+@pytest.mark.parametrize("password", ["s3cr3t/pass", "s3cr3t?pass"])
+def test_a_password_with_a_slash_or_a_question_mark_is_refused_too(tmp_path, monkeypatch, password):
+    """urllib reads ``https://me:s3cr3t/pass@host/...`` as host ``me`` at port ``s3cr3t``: the download was tried
+    and failed in a line that showed the URL whole and the password again ("nonnumeric port: 's3cr3t'")."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
+    url = f"https://me:{password}@h.example/w.pth"
+    with pytest.raises(UserError) as refused:
+        load.download(url)
+    assert redacted(str(refused.value)) == (
+        "checkpoint https://me:***@h.example/w.pth holds a user name or password, which torch.hub cannot send: "
+        "download it yourself and give the file"
+    )
 
 
 def test_a_successful_download_prints_and_saves_the_url_without_its_secrets(served, tmp_path, monkeypatch):

@@ -25,6 +25,7 @@ import torch
 from util.checkpoint.entries import check_saved_args
 from util.cli.errors import UserError, fail, first_line
 from util.cli.log import log
+from util.cli.redact import split_userinfo
 
 # What the official checkpoints and ours pickle besides tensors and plain containers: the official
 # submitit launchers store --output_dir, --log_dir and --job_dir in the args as pathlib paths. The
@@ -91,8 +92,9 @@ def download(url: str) -> tuple[str, bool]:
     local = cached_path(url)
     if os.path.isfile(local):
         return local, False
-    if urllib.parse.urlsplit(url).username is not None:
-        # urllib takes it for part of the host's name, whose lookup fails ('Name or service not known').
+    if split_userinfo(url)[1] is not None:
+        # urllib takes it for part of the host's name, whose lookup fails ('Name or service not known'), or, with
+        # a '/' in the password, for a port ("nonnumeric port: 'PASSWORD'S START'").
         fail(
             f"checkpoint {url} holds a user name or password, which torch.hub cannot send: download it yourself "
             f"and give the file"

@@ -20,18 +20,33 @@ def shown_url(url: str) -> str:
     where it has no password: ``https://TOKEN@host`` is a common form of a token), every value of its query
     (the names stay: ``X-Amz-Signature=***`` says what was there) and its fragment. The host and the path,
     which tell the user which file it is, stay as they are."""
-    rest, hash_sign, fragment = url.partition("#")
-    rest, question_mark, query = rest.partition("?")
-    scheme, separator, rest = rest.partition("://")
-    authority, slash, path = rest.partition("/")
-    if "@" in authority:
-        userinfo, host = authority.rsplit("@", 1)
+    start, userinfo, rest = split_userinfo(url)
+    if userinfo is not None:
         user, colon, _ = userinfo.partition(":")
-        authority = f"{user}:{HIDDEN}@{host}" if colon else f"{HIDDEN}@{host}"
+        start += f"{user}:{HIDDEN}@" if colon else f"{HIDDEN}@"
+    rest, hash_sign, fragment = rest.partition("#")
+    rest, question_mark, query = rest.partition("?")
     if query:
         query = "&".join(_hidden_value(item) for item in query.split("&"))
-    shown = f"{scheme}{separator}{authority}{slash}{path}{question_mark}{query}"
-    return f"{shown}{hash_sign}{HIDDEN if fragment else ''}"
+    return f"{start}{rest}{question_mark}{query}{hash_sign}{HIDDEN if fragment else ''}"
+
+
+def split_userinfo(url: str) -> tuple[str, str | None, str]:
+    """``url`` as its ``scheme://``, its user information (None where it has none) and the rest (host, path,
+    query, fragment). The user information ends at the last ``@`` before the first ``/``, ``?`` or ``#``, as
+    urllib reads it; or, where what precedes that first one has a port that is not a number, at the URL's last
+    ``@``: a password typed with one of those characters unencoded (``https://me:a/b@host/w.pth``, as AWS
+    secret keys hold ``/``), which urllib reads as host ``me`` at port ``a``, and which must not be shown."""
+    scheme, separator, rest = url.partition("://")
+    authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    if "@" in authority:
+        userinfo = authority.rsplit("@", 1)[0]
+        return f"{scheme}{separator}", userinfo, rest[len(userinfo) + 1 :]
+    port = authority.rpartition("]")[2]  # after an IPv6 address's brackets
+    if ":" in port and not port.rpartition(":")[2].isdigit() and "@" in rest:
+        userinfo, rest = rest.rsplit("@", 1)
+        return f"{scheme}{separator}", userinfo, rest
+    return f"{scheme}{separator}", None, rest
 
 
 def _hidden_value(item: str) -> str:
