@@ -25,7 +25,7 @@ import torch
 from util.checkpoint.entries import check_saved_args
 from util.cli.errors import UserError, fail, first_line
 from util.cli.log import log
-from util.cli.redact import split_userinfo
+from util.cli.redact import shown_url, split_userinfo
 
 # What the official checkpoints and ours pickle besides tensors and plain containers: the official
 # submitit launchers store --output_dir, --log_dir and --job_dir in the args as pathlib paths. The
@@ -95,9 +95,10 @@ def download(url: str) -> tuple[str, bool]:
     if split_userinfo(url)[1] is not None:
         # urllib takes it for part of the host's name, whose lookup fails ('Name or service not known'), or, with
         # a '/' in the password, for a port ("nonnumeric port: 'PASSWORD'S START'").
+        # Shown here, whole: in a line, a quote in the password ends the URL there for ``redacted``.
         fail(
-            f"checkpoint {url} holds a user name or password, which torch.hub cannot send: download it yourself "
-            f"and give the file"
+            f"checkpoint {shown_url(url)} holds a user name or password, which torch.hub cannot send: download it "
+            f"yourself and give the file"
         )
     log.info(f"downloading {url} to {local}")
     try:
