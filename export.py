@@ -32,7 +32,7 @@ import models_vit
 from util.checkpoint.files import atomic_save
 from util.checkpoint.load import StateDict, check_weight, checksum_metadata, load_checkpoint, model_state
 from util.cli.errors import fail, run_cli
-from util.cli.redact import redacted
+from util.cli.redact import redacted, values_without_secrets
 from util.data import normalization
 from util.interop import hf as hf_interop
 from util.memory import require
@@ -155,7 +155,7 @@ def args_metadata(args: Any) -> dict[str, str]:
     if not isinstance(args, argparse.Namespace):
         return {}
     # Not a URL's secrets (--finetune URL, stored by a checkpoint written before they were left out): redact.py
-    return {"args": redacted(json.dumps(vars(args), default=str))}
+    return {"args": json.dumps(values_without_secrets(vars(args)), default=str)}
 
 
 # Writing: each file atomically, a folder as a whole

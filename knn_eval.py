@@ -30,7 +30,7 @@ from util.checkpoint.opening import SHARED_CHECKPOINT, Opened, open_checkpoint, 
 from util.cli.args import PRECISIONS, check_at_least, check_device, check_finite, check_seed, resolve_precision
 from util.cli.errors import fail, listed_ranks, run_cli
 from util.cli.log import log
-from util.cli.redact import redacted
+from util.cli.redact import values_without_secrets
 from util.data import normalization
 from util.data.normalization import add_norm_args
 from util.eval import knn
@@ -225,7 +225,7 @@ def append_record(path: str, record: dict) -> None:
     """Add one encoder's scores to ``--output`` as a JSON line, writing the whole file anew: a full disk
     leaves the earlier lines."""
     with reported(path, "--output"):  # its encoder and command may be URLs, whose secrets stay out (redact.py)
-        atomic_append(path, redacted(json.dumps(record)) + "\n")
+        atomic_append(path, json.dumps(values_without_secrets(record)) + "\n")
 
 
 # What a rank says when another stopped (a corrupt image in that rank's share): knn_eval has no --resume.

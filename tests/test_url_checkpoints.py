@@ -2,7 +2,10 @@
 one that keeps sending is not cut, and the secrets a URL carries (a presigned query's signature, a password)
 never reach what the tool prints or writes, while the host and the file name do."""
 
+import datetime
 import http.server
+import json
+import os
 import socket
 import threading
 import time
@@ -13,13 +16,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_split, official_layouts, run_forked, serve, wait_or_kill
+from helpers import make_split, official_layouts, run_forked, run_ranks, serve, wait_or_kill
 
 import main_finetune
-from util.checkpoint import load
+from util.checkpoint import load, opening
 from util.checkpoint.load import cached_path, load_checkpoint
 from util.cli.errors import UserError, run_cli
 from util.cli.redact import redacted, shown_url
+from util.train import distributed
 
 
 @pytest.fixture(autouse=True)
@@ -244,3 +248,46 @@ def test_knn_records_and_exported_metadata_hold_no_secrets(tmp_path):
     for written in ((tmp_path / "knn.jsonl").read_text(), metadata["args"]):
         assert "h.example/w.pth?X-Amz-Credential=***" in written, written
         assert not any(secret in written for secret in SECRETS), written
+
+
+def test_a_quote_in_a_url_leaves_the_knn_record_and_the_exported_metadata_valid_json(tmp_path):
+    """They were redacted as JSON text, where a URL ends at a quote: the backslash escaping it was cut off with
+    the query's value, and the line did not parse."""
+    import export
+    import knn_eval
+
+    url = 'https://h.example/w.pth?sig=ab"cd'
+    knn_eval.append_record(str(tmp_path / "knn.jsonl"), {"encoder": url, "command": f"python knn_eval.py {url}"})
+    metadata = export.args_metadata(Namespace(finetune=url))
+    for written in ((tmp_path / "knn.jsonl").read_text(), metadata["args"]):
+        values = json.loads(written)
+        assert values.get("encoder", values.get("finetune")) == "https://h.example/w.pth?sig=***", written
+        # In running text a quote ends a URL (a repr, a JSON of the flags): only what precedes it is hidden.
+        assert "ab" not in written, written
+
+
+@pytest.mark.parametrize("url", ["http://[::1/w.pth", "https://h.example:99999/w.pth"])
+def test_a_url_urllib_cannot_read_is_refused_in_one_line(url, tmp_path, monkeypatch):
+    """An IPv6 address without its closing bracket ended in urllib's traceback; a port beyond 65535 in one
+    line only once the connection failed."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
+    with pytest.raises(UserError) as refused:
+        load_checkpoint(url)
+    assert str(refused.value).startswith(f"checkpoint {url} is not a URL that can be read ("), refused.value
+    assert str(refused.value).endswith("; check it")
+
+
+def test_every_rank_refuses_a_url_urllib_cannot_read_at_once(tmp_path, monkeypatch):
+    """In a job the downloader alone met the unreadable URL (in a traceback), and the others waited for its
+    download until it had got no further for 30 minutes (3 s here)."""
+    monkeypatch.setattr(distributed, "COLLECTIVE_TIMEOUT", datetime.timedelta(seconds=3))
+    url = "http://[::1/w.pth"
+
+    def rank_main() -> None:
+        os.environ["TORCH_HOME"] = str(tmp_path / "cache")
+        distributed.init_distributed_mode(Namespace(dist_url="env://", dist_on_itp=False, device="cpu"))
+        opening.open_on_every_rank(lambda: opening.open_checkpoint(url), url, "--finetune")
+
+    logs = run_ranks(rank_main, tmp_path / "ranks", exit_codes=(2, 2), timeout=60)
+    line = f"error: checkpoint {url} is not a URL that can be read (Invalid IPv6 URL); check it\n"
+    assert all(line in log for log in logs), logs

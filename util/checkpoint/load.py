@@ -86,12 +86,10 @@ def cached_path(url: str) -> str:
     return os.path.join(folder, name)
 
 
-def download(url: str) -> tuple[str, bool]:
-    """The local copy of ``url`` in torch.hub's cache (``cached_path``), downloaded if not there yet, and
-    whether this call downloaded it."""
-    local = cached_path(url)
-    if os.path.isfile(local):
-        return local, False
+def check_url(url: str) -> None:
+    """Refuse, in one line, a URL that cannot be downloaded as it is given: one with a user name or password,
+    which torch.hub cannot send, and one urllib cannot read (an IPv6 address without its closing bracket, a
+    port beyond 65535), which ended in a traceback. Every rank of a job decides alike, before any waits."""
     if split_userinfo(url)[1] is not None:
         # urllib takes it for part of the host's name, whose lookup fails ('Name or service not known'), or, with
         # a '/' in the password, for a port ("nonnumeric port: 'PASSWORD'S START'").
@@ -100,6 +98,19 @@ def download(url: str) -> tuple[str, bool]:
             f"checkpoint {shown_url(url)} holds a user name or password, which torch.hub cannot send: download it "
             f"yourself and give the file"
         )
+    try:
+        _ = urllib.parse.urlsplit(url).port  # reading the port checks it
+    except ValueError as e:
+        fail(f"checkpoint {shown_url(url)} is not a URL that can be read ({e}); check it")
+
+
+def download(url: str) -> tuple[str, bool]:
+    """The local copy of ``url`` in torch.hub's cache (``cached_path``), downloaded if not there yet, and
+    whether this call downloaded it."""
+    check_url(url)
+    local = cached_path(url)
+    if os.path.isfile(local):
+        return local, False
     log.info(f"downloading {url} to {local}")
     try:
         os.makedirs(os.path.dirname(local), exist_ok=True)

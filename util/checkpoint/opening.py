@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from util.checkpoint.entries import check_training_entries
-from util.checkpoint.load import cached_path, is_url, load_checkpoint
+from util.checkpoint.load import cached_path, check_url, is_url, load_checkpoint
 from util.cli.errors import UserError, fail, listed_ranks
 from util.train import distributed, waiting
 
@@ -93,6 +93,7 @@ def download_on_every_rank(url: str, flag: str) -> None:
     so that one that does not load (truncated, an HTML page) is removed before any other rank reads
     it: removed later, a rank sharing the cache downloaded it again or found it gone. A failed or
     damaged download stops every rank with the downloader's line."""
+    check_url(url)  # on every rank alike: a URL refused by the downloader alone left the others waiting
     if not distributed.is_dist():
         return
     machine, downloaders = socket.gethostname(), {0}

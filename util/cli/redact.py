@@ -7,10 +7,13 @@ path, which hashes it)."""
 
 import argparse
 import re
+from typing import Any
 
 HIDDEN = "***"
 # An http(s) URL inside a line: up to a space, a quote (a repr or JSON of the flags) or an angle bracket.
 _URL = re.compile(r"https?://[^\s'\"<>]+", re.IGNORECASE)
+# A value that is a URL and nothing else (a flag's): all of it is the URL, a quote in it included.
+_WHOLE_URL = re.compile(r"https?://\S+", re.IGNORECASE)
 # What a sentence puts right after a URL ("--finetune URL: ...", "(... URL)"), not part of it.
 _TRAILING = ".,;:)]"
 
@@ -68,10 +71,21 @@ def _shown_match(match: re.Match) -> str:
     return shown_url(stripped) + url[len(stripped) :]
 
 
+def values_without_secrets(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with their URLs' secrets hidden, before they are written as JSON (knn_eval's records,
+    export's metadata): redacting the JSON text instead cut an escaped quote's backslash off and left
+    invalid JSON. A value that is one URL is shown whole by ``shown_url``; text holding URLs by ``redacted``."""
+    return {name: _without_secrets(value) for name, value in values.items()}
+
+
+def _without_secrets(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    return shown_url(value) if _WHOLE_URL.fullmatch(value) else redacted(value)
+
+
 def args_without_secrets(args: argparse.Namespace) -> argparse.Namespace:
     """A copy of ``args`` whose text values have their URLs' secrets hidden: the flags a checkpoint stores
     (``--finetune URL``, ``--resume URL``), which record where a run came from and are never used to
     download again, travel with the checkpoint to whoever it is shared with."""
-    return argparse.Namespace(
-        **{name: redacted(value) if isinstance(value, str) else value for name, value in vars(args).items()}
-    )
+    return argparse.Namespace(**values_without_secrets(vars(args)))
