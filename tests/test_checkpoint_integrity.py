@@ -463,7 +463,7 @@ def test_official_stored_flags_load(tmp_path, args):
 def test_our_stored_flags_load_from_pth_and_safetensors(tmp_path, script, argv):
     """And as export.py writes them: JSON metadata, where tuples become lists."""
     pytest.importorskip("safetensors")
-    from export import write_weights
+    from util.interop.files import write_weights
 
     args = _our_args(script, *argv, "--device", "cpu")
     torch.save({"model": {"w": torch.ones(2)}, "args": args}, tmp_path / "ours.pth")

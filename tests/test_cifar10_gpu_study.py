@@ -308,7 +308,7 @@ def test_fine_tuning_commands_refuse_a_wrong_encoder_before_unpacking(tmp_path, 
 
     import torch
 
-    from export import write_weights
+    from util.interop.files import write_weights
 
     path = tmp_path / "encoder.safetensors"
     if encoder != "missing":

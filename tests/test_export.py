@@ -30,6 +30,8 @@ from util.checkpoint.load import load_checkpoint, model_state
 from util.cli.errors import UserError
 from util.data.loaders import eval_transform
 from util.eval.pictures import load_images
+from util.interop import hf
+from util.interop import timm as interop_timm
 
 timm = pytest.importorskip("timm")
 pytest.importorskip("safetensors")
@@ -146,7 +148,7 @@ def test_timm_loads_the_export_of_an_mae_from_the_printed_call(case, tmp_path, c
 @pytest.mark.parametrize("name", list(models_vit.MODELS))
 def test_every_classifier_has_a_timm_model_of_the_same_shapes(name):
     """A model added to the registry without its timm counterpart would export a file timm cannot load."""
-    timm_name, kwargs = export.TIMM_NAMES[name]
+    timm_name, kwargs = interop_timm.TIMM_NAMES[name]
     with torch.device("meta"):
         theirs = timm.create_model(timm_name, num_classes=0, img_size=32, **kwargs)
         ours = models_vit.MODELS[name](num_classes=0, global_pool=False, img_size=32)
@@ -512,7 +514,7 @@ def _refuse_loading(monkeypatch) -> None:
         raise AssertionError("--checkpoint was loaded before --output was checked")
 
     monkeypatch.setattr(export, "load_checkpoint", loaded)
-    monkeypatch.setattr(export.hf_interop, "read_hf_folder", loaded)
+    monkeypatch.setattr(hf, "read_hf_folder", loaded)
 
 
 def _export_argv(mini: Path, target: str, out: Path) -> argparse.Namespace:
@@ -533,11 +535,12 @@ def test_an_output_name_over_name_max_is_refused_before_loading(mini, tmp_path, 
 
 def _longest_written_after(folder_length: int, target: str) -> int:
     """The length of the longest path the export writes, in a folder of ``folder_length`` bytes: the
-    temporary of its file; for --to hf, its longest file's temporary in the folder's staging copy (write_folder)."""
+    temporary of its file; for --to hf, its longest file's temporary in the folder's staging copy
+    (util.outputs.atomic_write_folder)."""
     name = TARGETS[target][1]
     if target == "hf":
         staging = outputs.temporary_path("." + name)
-        longest = max(export.hf_interop.WRITTEN_NAMES, key=len)
+        longest = max(hf.WRITTEN_NAMES, key=len)
         return folder_length + len(f"/{staging}/{outputs.temporary_path(longest)}")
     return folder_length + len("/" + outputs.temporary_path(name))
 
@@ -564,9 +567,9 @@ def test_an_output_path_that_just_fits_path_max_is_exported(mini, tmp_path, targ
 
 
 def test_exported_safetensors_carry_checksums_that_loading_verifies(tmp_path):
-    from export import safetensors_bytes
     from util.checkpoint.load import load_checkpoint
     from util.cli.errors import UserError
+    from util.interop.files import safetensors_bytes
 
     state = {"w": torch.arange(64.0)}
     data = bytearray(safetensors_bytes(state, {}))
@@ -643,5 +646,5 @@ def test_the_classifier_of_an_official_alias_is_found(stored):
     with torch.device("meta"):
         encoder = models_vit.MODELS["vit_base_patch16"](num_classes=0, global_pool=False).state_dict()
     encoder = {k: v for k, v in encoder.items() if not k.startswith("head")}
-    found = export.vit_name({"args": argparse.Namespace(model=stored)}, encoder, None, "official.pth")
+    found = interop_timm.vit_name({"args": argparse.Namespace(model=stored)}, encoder, None, "official.pth")
     assert found == ("vit_base_patch16", 224)

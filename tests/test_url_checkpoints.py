@@ -238,13 +238,13 @@ def test_a_successful_download_prints_and_saves_the_url_without_its_secrets(serv
 def test_knn_records_and_exported_metadata_hold_no_secrets(tmp_path):
     """knn_eval's --output records its encoders and command line, export.py a checkpoint's args (one written
     before they were left out of it): files that are shared as they are."""
-    import export
     import knn_eval
+    from util.interop.files import args_metadata
 
     url = f"https://h.example/w.pth{QUERY}"
     record = {"encoder": url, "command": f"python knn_eval.py --encoders {url} random"}
     knn_eval.append_record(str(tmp_path / "knn.jsonl"), record)
-    metadata = export.args_metadata(Namespace(finetune=url, model="vit_tiny_patch4"))
+    metadata = args_metadata(Namespace(finetune=url, model="vit_tiny_patch4"))
     for written in ((tmp_path / "knn.jsonl").read_text(), metadata["args"]):
         assert "h.example/w.pth?X-Amz-Credential=***" in written, written
         assert not any(secret in written for secret in SECRETS), written
@@ -253,12 +253,12 @@ def test_knn_records_and_exported_metadata_hold_no_secrets(tmp_path):
 def test_a_quote_in_a_url_leaves_the_knn_record_and_the_exported_metadata_valid_json(tmp_path):
     """They were redacted as JSON text, where a URL ends at a quote: the backslash escaping it was cut off with
     the query's value, and the line did not parse."""
-    import export
     import knn_eval
+    from util.interop.files import args_metadata
 
     url = 'https://h.example/w.pth?sig=ab"cd'
     knn_eval.append_record(str(tmp_path / "knn.jsonl"), {"encoder": url, "command": f"python knn_eval.py {url}"})
-    metadata = export.args_metadata(Namespace(finetune=url))
+    metadata = args_metadata(Namespace(finetune=url))
     for written in ((tmp_path / "knn.jsonl").read_text(), metadata["args"]):
         values = json.loads(written)
         assert values.get("encoder", values.get("finetune")) == "https://h.example/w.pth?sig=***", written

@@ -8,6 +8,7 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -84,7 +85,7 @@ def check_writable(folder: str, what: str, longest: str = _LONGEST_NAME) -> None
 
 def check_folder_output(path: str, what: str, names: Iterable[str]) -> None:
     """Fail, in one line naming ``what``, unless the folder ``path`` can be written whole, holding files
-    named ``names``, the way export.py's write_folder writes it: first as the folder
+    named ``names``, the way ``atomic_write_folder`` writes it: first as the folder
     ``temporary_path('.' + its name)`` beside it (and the earlier one renamed aside to a name as long),
     each file through ``atomic_write``. A probe folder as long is made there and written in."""
     parent, base = os.path.split(os.path.abspath(path))
@@ -346,6 +347,45 @@ def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
     sync_folder(os.path.dirname(os.path.abspath(path)))
+
+
+def atomic_write_folder(folder: str, files: dict[str, bytes]) -> None:
+    """Write ``files`` (name -> content) as the folder ``folder``, complete or not at all: they go
+    into a new folder beside it, ``temporary_path('.' + its name)``, which then takes its place. An
+    earlier folder is renamed aside first and removed last: a crash between the two renames leaves no
+    folder (the old one is then the hidden ``.<name>.old<pid>`` beside it), never a mixed one. A failed
+    write raises its ``OSError`` and leaves an earlier folder as it was."""
+    parent, base = os.path.split(os.path.abspath(folder))
+    tmp = temporary_path(os.path.join(parent, "." + base))  # the name check_folder_output probes
+    old = os.path.join(parent, f".{base}.old{os.getpid()}")
+    existed = os.path.exists(folder)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a crashed run that had this pid
+        os.makedirs(tmp)
+        for name, data in files.items():
+            atomic_write(os.path.join(tmp, name), lambda f, data=data: f.write(data))
+        if existed:
+            os.replace(folder, old)
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if existed:
+                os.replace(old, folder)
+            raise
+        sync_folder(parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_aside(old)
+
+
+def _remove_aside(path: str) -> None:
+    """Remove the earlier folder renamed aside: a link (a ``folder`` that linked to one: the link is
+    replaced, as atomic_write replaces a linked file) is unlinked, where rmtree refuses it and its
+    ignored error left the hidden link beside the new folder; its target stays as it was."""
+    if os.path.islink(path):
+        os.unlink(path)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def sync_folder(path: str) -> None:

@@ -15,9 +15,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from export import encoder_state, write_weights  # noqa: E402
 from util.checkpoint.load import load_checkpoint, model_state  # noqa: E402
 from util.cli.errors import fail, run_cli  # noqa: E402
+from util.interop.files import write_weights  # noqa: E402
+from util.interop.timm import encoder_state  # noqa: E402
 
 
 def export_bf16_encoder(checkpoint: str, output: str) -> int:

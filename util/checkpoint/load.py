@@ -379,6 +379,20 @@ def check_weights(own: StateDict, state: StateDict, source: str) -> None:
         check_weight(key, state[key], own[key].dtype, source)
 
 
+# The one integer tensor our models hold: BatchNorm's step counter (the linear probe's head).
+_INTEGER_BUFFERS = ("num_batches_tracked",)
+
+
+def check_float_weights(state: StateDict, source: str) -> None:
+    """Every weight is what loading one requires (``check_weight``: a float, whole, finite), or fail
+    naming it after ``source``, where no model gives the dtypes: an export must not pass on weights the
+    other entry points refuse (NaN from a diverged run, a quantized file). Our models and the official
+    ones hold floats, but for the counters of ``_INTEGER_BUFFERS``, which must be int64 as torch keeps them."""
+    for key, weight in sorted(state.items()):
+        dtype = torch.int64 if key.rsplit(".", 1)[-1] in _INTEGER_BUFFERS else torch.float32
+        check_weight(key, weight, dtype, source)
+
+
 def check_weight(key: str, weight: torch.Tensor, dtype: torch.dtype, source: str) -> None:
     """``weight`` (``key`` of ``source``) can stand where the model has a ``dtype`` tensor, or fail
     naming it: a float for a float (int8, bool or complex would be cast silently), holding the data

@@ -4,9 +4,9 @@ A folder is ``config.json`` plus the weights (``model.safetensors``; Hub downloa
 ``pytorch_model.bin`` or safetensors shards with an index), and mostly ``preprocessor_config.json``,
 the image processor: the image size and the normalisation the model was trained with. Folders are
 read here, with safetensors and json only (transformers is needed to load an export, not to write
-or read one); export.py writes them. A folder is untrusted input: every entry of its JSON files
-that is used is checked against one typed table (``CONFIG_FIELDS``, ``INDEX_FIELDS``,
-``PREPROCESSOR_FIELDS``) before anything is built.
+or read one); hf_convert.py makes them of our checkpoints and export.py writes them. A folder is
+untrusted input: every entry of its JSON files that is used is checked against one typed table
+(``CONFIG_FIELDS``, ``INDEX_FIELDS``, ``PREPROCESSOR_FIELDS``) before anything is built.
 
 Names. Ours are the official MAE's: timm ViT blocks with one fused ``qkv`` projection. HF splits
 it into query, key and value. HF has renamed its modules over versions, and all three spellings
