@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from util.checkpoint.load import check_float_weights, load_checkpoint, model_state
+from util.checkpoint.load import load_checkpoint, model_state
+from util.checkpoint.weights import check_float_weights
 from util.cli.errors import fail, run_cli
 from util.interop import hf, hf_convert
 from util.interop.files import write_folder, write_weights

@@ -23,9 +23,10 @@ from collections.abc import Callable
 import torch
 
 import models_mae
+from util.checkpoint.download import is_url
 from util.checkpoint.encoder import load_mae_encoder
 from util.checkpoint.flags import fill_from_checkpoints
-from util.checkpoint.load import is_url, model_state, saved_args
+from util.checkpoint.load import model_state, saved_args
 from util.checkpoint.opening import SHARED_CHECKPOINT, Opened, open_checkpoint, open_on_every_rank
 from util.cli.args import PRECISIONS, check_at_least, check_device, check_finite, check_seed, resolve_precision
 from util.cli.errors import fail, listed_ranks, run_cli

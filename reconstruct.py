@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 import models_mae
-from util.checkpoint.load import load_checkpoint, load_model_strict, model_state
+from util.checkpoint.load import load_checkpoint, model_state
+from util.checkpoint.weights import load_model_strict
 from util.cli.args import add_in_chans_arg, add_input_size_arg, check_device, check_seed
 from util.cli.errors import fail, run_cli
 from util.data import normalization

@@ -19,11 +19,12 @@ import models_vit
 from util.checkpoint import files as checkpoint_files
 from util.checkpoint import state as checkpoint
 from util.checkpoint.files import atomic_save, checkpoint_name, list_checkpoints, prune
-from util.checkpoint.load import load_checkpoint, load_model_strict, model_state, saved_args
+from util.checkpoint.load import load_checkpoint, model_state, saved_args
 from util.checkpoint.opening import Opened
 from util.checkpoint.resume import find_resumable, open_resume, resume
 from util.checkpoint.rng import capture_rng, restore_rng
 from util.checkpoint.state import Position, TrainState
+from util.checkpoint.weights import load_model_strict
 from util.cli.errors import UserError
 from util.lr_decay import param_groups_lrd
 from util.train.precision import LossScaler

@@ -26,14 +26,10 @@ import util.memory
 from util.checkpoint.encoder import load_mae_encoder, load_pretrained_encoder
 from util.checkpoint.entries import check_training_entries
 from util.checkpoint.files import atomic_save
-from util.checkpoint.load import (
-    checksum_metadata,
-    load_checkpoint,
-    load_model_strict,
-    saved_args,
-)
+from util.checkpoint.load import checksum_metadata, load_checkpoint, saved_args
 from util.checkpoint.resume import find_resumable
 from util.checkpoint.state import TrainState, save_checkpoint
+from util.checkpoint.weights import load_model_strict
 from util.cli.errors import UserError
 from util.train.precision import LossScaler
 

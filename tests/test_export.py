@@ -583,7 +583,7 @@ def test_exported_safetensors_carry_checksums_that_loading_verifies(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Weights the loaders refuse (util.checkpoint.load.check_weight) are not exported either
+# Weights the loaders refuse (util.checkpoint.weights.check_weight) are not exported either
 def _damaged(state: dict[str, torch.Tensor], damage: str, key: str) -> dict[str, torch.Tensor]:
     if damage == "int32":
         return {k: v.to(torch.int32) for k, v in state.items()}

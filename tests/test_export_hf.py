@@ -29,7 +29,8 @@ from helpers import demo_files, one_line_error
 import export
 import models_mae
 import models_vit
-from util.checkpoint.load import load_checkpoint, load_model_strict, model_state
+from util.checkpoint.load import load_checkpoint, model_state
+from util.checkpoint.weights import load_model_strict
 from util.cli.errors import UserError
 from util.data.loaders import eval_transform
 from util.eval.pictures import load_images

@@ -158,7 +158,7 @@ def test_knn_of_an_encoder_with_nan_weights_is_refused_naming_the_checkpoint(tmp
     path = tmp_path / "nan.pth"
     torch.save({"model": model.state_dict()}, path)
     args = knn_args(data, "--encoders", "random", str(path))
-    # Refused where the weights are read (util/checkpoint/load.check_weights), before any score;
+    # Refused where the weights are read (util/checkpoint/weights.check_weights), before any score;
     # features that turn non-finite in the forward pass are refused too (next test).
     refused = rf"^checkpoint {path}: weight blocks.0.attn.qkv.weight holds .* NaN or infinite"
     with pytest.raises(UserError, match=refused):

@@ -23,7 +23,7 @@ import main_finetune
 from util.checkpoint import opening
 from util.checkpoint import resume as resuming
 from util.checkpoint import state as checkpoint
-from util.checkpoint.load import AFRESH, cached_path
+from util.checkpoint.download import AFRESH, cached_path
 from util.checkpoint.state import TrainState, save_checkpoint
 from util.cli.args import check_same_flags
 from util.cli.errors import UserError

@@ -19,8 +19,9 @@ import torch
 from helpers import make_split, official_layouts, run_forked, run_ranks, serve, wait_or_kill
 
 import main_finetune
-from util.checkpoint import load, opening
-from util.checkpoint.load import cached_path, load_checkpoint
+from util.checkpoint import download, opening
+from util.checkpoint.download import cached_path
+from util.checkpoint.load import load_checkpoint
 from util.cli.errors import UserError, run_cli
 from util.cli.redact import redacted, shown_url
 from util.train import distributed
@@ -77,7 +78,7 @@ def test_a_download_whose_connection_stalls_ends_in_one_line_and_leaves_nothing(
     """torch.hub's urlopen had no timeout: a server that stopped sending after the headers and a first piece
     blocked the process for ever (here: killed by the guard after 30 s, and the test fails)."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(load, "STALL_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(download, "STALL_TIMEOUT_S", 1.0)
     with _served_in_pieces(_checkpoint_bytes(tmp_path), pieces=4, pause_s=0, stall=True) as url:
         pid = run_forked(tmp_path / "output", lambda: run_cli(lambda: load_checkpoint(url)))
         code = wait_or_kill(pid, time.time() + 30)  # the guard: a hang fails the test, not the suite
@@ -96,7 +97,7 @@ def test_a_slow_download_that_keeps_sending_is_not_cut(tmp_path, monkeypatch):
     """The limit bounds each wait for bytes, not the download: pauses shorter than it, adding up to more,
     end in the checkpoint. (A limit on the whole download would fail here.)"""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(load, "STALL_TIMEOUT_S", 2.0)
+    monkeypatch.setattr(download, "STALL_TIMEOUT_S", 2.0)
     body = _checkpoint_bytes(tmp_path)
     started = time.monotonic()
     with _served_in_pieces(body, pieces=6, pause_s=0.5, stall=False) as url:
@@ -213,7 +214,7 @@ def test_a_password_with_a_slash_a_question_mark_or_a_quote_is_refused_without_i
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
     url = f"https://me:{password}@h.example/w.pth"
     with pytest.raises(UserError) as refused:
-        load.download(url)
+        download.download(url)
     assert redacted(str(refused.value)) == (
         "checkpoint https://me:***@h.example/w.pth holds a user name or password, which torch.hub cannot send: "
         "download it yourself and give the file"

@@ -6,8 +6,9 @@ import torch
 from timm.layers import trunc_normal_
 from timm.models import adapt_input_conv
 
-from util.checkpoint.load import StateDict, check_weights, model_state, state_difference
+from util.checkpoint.load import StateDict, model_state
 from util.checkpoint.opening import Opened, open_checkpoint
+from util.checkpoint.weights import check_weights, state_difference
 from util.cli.errors import fail
 from util.cli.log import log
 from util.memory import require

@@ -10,8 +10,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from util.checkpoint.download import cached_path, check_url, is_url
 from util.checkpoint.entries import check_training_entries
-from util.checkpoint.load import cached_path, check_url, is_url, load_checkpoint
+from util.checkpoint.load import load_checkpoint
 from util.cli.errors import UserError, fail, listed_ranks
 from util.train import distributed, waiting
 

@@ -8,10 +8,11 @@ from typing import Any
 
 from util.checkpoint.consistency import check_flags, check_kind, check_retention, mid_epoch_change
 from util.checkpoint.files import list_checkpoints, progress
-from util.checkpoint.load import load_model_strict, model_state
+from util.checkpoint.load import model_state
 from util.checkpoint.opening import Opened, open_checkpoint, open_on_every_rank
 from util.checkpoint.rng import restore_rng
 from util.checkpoint.state import Position, TrainState
+from util.checkpoint.weights import load_model_strict
 from util.cli.errors import UserError, fail
 from util.cli.log import log
 from util.outputs import appears
