@@ -30,6 +30,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.transforms import functional as TF
 
+from util.atomic import atomic_write, reported
 from util.cli.args import add_in_chans_arg, check_at_least, default_workers
 from util.cli.errors import run_cli
 from util.data.channels import BICUBIC, image_loader
@@ -37,7 +38,7 @@ from util.data.datasets import pretrain_dataset
 from util.data.normalization import show_values
 from util.data.sampling import evenly_spaced
 from util.memory import require
-from util.outputs import atomic_write, check_json_output, reported
+from util.outputs import check_json_output
 
 
 def get_args_parser() -> argparse.ArgumentParser:

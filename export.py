@@ -11,7 +11,7 @@ transformers ViTMAEForPreTraining folder; and import such a folder as our checkp
 call that loads it; ``--from hf`` takes folders of ours or of the Hub. Neither direction needs
 transformers. Details: docs/checkpoints.md.
 
-Every output is written whole or not at all (util.interop.files, through util.outputs' atomic writers;
+Every output is written whole or not at all (util.interop.files, through util.atomic's writers;
 a folder beside its place, then renamed into it): a full disk is a one-line error that leaves an earlier
 output as it was. The timm side is util.interop.timm, the HF side util.interop.hf and hf_convert.
 """

@@ -23,6 +23,7 @@ from collections.abc import Callable
 import torch
 
 import models_mae
+from util.atomic import atomic_append, reported
 from util.checkpoint.download import is_url
 from util.checkpoint.encoder import load_mae_encoder
 from util.checkpoint.flags import fill_from_checkpoints
@@ -35,7 +36,7 @@ from util.cli.redact import values_without_secrets
 from util.data import normalization
 from util.data.normalization import add_norm_args
 from util.eval import knn
-from util.outputs import atomic_append, check_json_output, reported
+from util.outputs import check_json_output
 from util.registry import SHAPES_ONLY
 from util.train import distributed
 

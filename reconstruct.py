@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 import models_mae
+from util.atomic import reported
 from util.checkpoint.load import load_checkpoint, model_state
 from util.checkpoint.weights import load_model_strict
 from util.cli.args import add_in_chans_arg, add_input_size_arg, check_device, check_seed
@@ -26,7 +27,7 @@ from util.data.channels import image_loader
 from util.data.loaders import eval_transform
 from util.data.normalization import add_norm_args
 from util.eval.pictures import fixed_noise, load_images, reconstruction_grid, save_png
-from util.outputs import check_output_file, reported
+from util.outputs import check_output_file
 from util.sizes import image_size, shown_size
 
 

@@ -39,11 +39,12 @@ from timm.optim import param_groups_weight_decay
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script: the repository
 
 import models_mae  # noqa: E402
+from util.atomic import atomic_write, reported  # noqa: E402
 from util.cli.args import check_at_least, resolve_precision  # noqa: E402
 from util.cli.errors import fail, run_cli  # noqa: E402
 from util.data.loaders import PRETRAIN_LOADERS, pretrain_data  # noqa: E402
 from util.data.normalization import IMAGENET_MEAN, IMAGENET_STD, normalize_on_device  # noqa: E402
-from util.outputs import atomic_write, check_json_output, reported  # noqa: E402
+from util.outputs import check_json_output  # noqa: E402
 from util.registry import SHAPES_ONLY  # noqa: E402
 from util.train.precision import LossScaler, autocast, fast_cuda_math  # noqa: E402
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from benchmarks.bench_pretrain import sync
-from util.outputs import atomic_write
+from util.atomic import atomic_write
 from util.train.precision import fast_cuda_math
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from util.outputs import atomic_write
+from util.atomic import atomic_write
 
 PARTS = ("env", "tests", "cifar", "step", "loader", "e2e")
 TABLES = {

@@ -17,9 +17,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script: the repository's util
 
+from util.atomic import atomic_write  # noqa: E402
 from util.cli.errors import fail, run_cli  # noqa: E402
 from util.data.datasets import IMG_EXTENSIONS  # noqa: E402
-from util.outputs import atomic_write  # noqa: E402
 
 
 def pick_files(source: Path, max_bytes: int) -> list[Path]:

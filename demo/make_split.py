@@ -15,7 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from util.outputs import atomic_write  # noqa: E402
+from util.atomic import atomic_write  # noqa: E402
 
 DEMO = os.path.dirname(os.path.abspath(__file__))
 IMAGES = os.path.join(DEMO, "cifar10-2k")

@@ -94,9 +94,9 @@ def leaves_the_checkout_clean() -> Iterator[None]:
 @pytest.fixture(autouse=True)
 def releases_output_dirs() -> Iterator[None]:
     """A test that calls run.start outside an entry point's main keeps its --output_dir claimed
-    (util.outputs.claim_output_dir), as its process would until it ends: each test starts as a fresh
+    (util.claim.claim_output_dir), as its process would until it ends: each test starts as a fresh
     process does, holding none."""
-    from util.outputs import release_output_dirs
+    from util.claim import release_output_dirs
 
     yield
     release_output_dirs()

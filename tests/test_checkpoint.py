@@ -752,13 +752,13 @@ def test_an_interrupt_during_a_checkpoint_write_is_raised_as_itself_and_leaves_n
     write callback; torch turned it into 'unexpected pos', a traceback (found by the fault campaign)."""
     from helpers import budgeted_open
 
-    from util import outputs
+    from util import atomic
     from util.checkpoint.files import atomic_save
 
     def interrupt():
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(outputs, "open", budgeted_open(1000, interrupt, lambda path, mode: "w" in mode), raising=False)
+    monkeypatch.setattr(atomic, "open", budgeted_open(1000, interrupt, lambda path, mode: "w" in mode), raising=False)
     with pytest.raises(KeyboardInterrupt):
         atomic_save({"model": {"w": torch.randn(10_000)}}, str(tmp_path / "checkpoint-0.pth"))
     assert os.listdir(tmp_path) == []  # the temporary file is gone, and nothing was renamed

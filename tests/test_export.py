@@ -24,7 +24,7 @@ import main_pretrain
 import models_mae
 import models_vit
 import reconstruct
-from util import outputs
+from util import atomic
 from util.checkpoint.encoder import load_mae_encoder, load_pretrained_encoder
 from util.checkpoint.load import load_checkpoint, model_state
 from util.cli.errors import UserError
@@ -493,8 +493,8 @@ def test_full_disk_is_one_line_and_leaves_the_old_output_or_none(mini, tmp_path,
     def full():
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    # Every file that util.outputs writes takes 1000 bytes, then the disk is full.
-    monkeypatch.setattr(outputs, "open", budgeted_open(1000, full, lambda path, mode: "w" in mode), raising=False)
+    # Every file that util.atomic writes takes 1000 bytes, then the disk is full.
+    monkeypatch.setattr(atomic, "open", budgeted_open(1000, full, lambda path, mode: "w" in mode), raising=False)
     with pytest.raises(UserError) as err:
         export.main(export.get_args_parser().parse_args(argv))
     kept = "the old one is kept as it was" if existing else "nothing was written"
@@ -536,13 +536,13 @@ def test_an_output_name_over_name_max_is_refused_before_loading(mini, tmp_path, 
 def _longest_written_after(folder_length: int, target: str) -> int:
     """The length of the longest path the export writes, in a folder of ``folder_length`` bytes: the
     temporary of its file; for --to hf, its longest file's temporary in the folder's staging copy
-    (util.outputs.atomic_write_folder)."""
+    (util.atomic.atomic_write_folder)."""
     name = TARGETS[target][1]
     if target == "hf":
-        staging = outputs.temporary_path("." + name)
+        staging = atomic.temporary_path("." + name)
         longest = max(hf.WRITTEN_NAMES, key=len)
-        return folder_length + len(f"/{staging}/{outputs.temporary_path(longest)}")
-    return folder_length + len("/" + outputs.temporary_path(name))
+        return folder_length + len(f"/{staging}/{atomic.temporary_path(longest)}")
+    return folder_length + len("/" + atomic.temporary_path(name))
 
 
 @pytest.mark.parametrize("target", TARGETS)

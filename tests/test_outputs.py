@@ -28,7 +28,7 @@ import export
 import knn_eval
 import models_mae
 import reconstruct
-from util import outputs
+from util import atomic, claim, outputs
 from util.checkpoint.files import atomic_save, list_checkpoints, prune
 from util.cli.errors import UserError
 from util.eval import knn
@@ -63,23 +63,23 @@ def no_temporaries(folder: Path) -> bool:
 # The mechanism: atomic_write and atomic_append
 def test_atomic_append_adds_lines_and_a_full_disk_keeps_the_old_ones(tmp_path, monkeypatch):
     path = tmp_path / "results.jsonl"
-    outputs.atomic_append(str(path), '{"a": 1}\n')
-    outputs.atomic_append(str(path), '{"a": 2}\n')
+    atomic.atomic_append(str(path), '{"a": 1}\n')
+    atomic.atomic_append(str(path), '{"a": 2}\n')
     assert path.read_text() == '{"a": 1}\n{"a": 2}\n'
     path.write_text('{"a": 1}')  # a last line without its newline: ours still starts a line of its own
-    outputs.atomic_append(str(path), '{"a": 2}\n')
+    atomic.atomic_append(str(path), '{"a": 2}\n')
     assert path.read_text() == '{"a": 1}\n{"a": 2}\n'
-    full_disk(monkeypatch, outputs, "results.jsonl", after_bytes=12)  # the old line fits, the new one not
+    full_disk(monkeypatch, atomic, "results.jsonl", after_bytes=12)  # the old line fits, the new one not
     with pytest.raises(OSError, match="No space left"):
-        outputs.atomic_append(str(path), '{"a": 3}\n')
+        atomic.atomic_append(str(path), '{"a": 3}\n')
     assert path.read_text() == '{"a": 1}\n{"a": 2}\n' and no_temporaries(tmp_path)
 
 
 def test_stale_temporaries_are_told_from_this_process_own():
-    assert outputs.stale_temporary_of("checkpoint-3.pth.tmp999999") == "checkpoint-3.pth"
-    assert outputs.stale_temporary_of("log.txt.tmp") == "log.txt"  # the name of earlier versions
-    assert outputs.stale_temporary_of(os.path.basename(outputs.temporary_path("log.txt"))) is None  # ours
-    assert outputs.stale_temporary_of("log.txt") is None and outputs.stale_temporary_of("a.tmpx") is None
+    assert atomic.stale_temporary_of("checkpoint-3.pth.tmp999999") == "checkpoint-3.pth"
+    assert atomic.stale_temporary_of("log.txt.tmp") == "log.txt"  # the name of earlier versions
+    assert atomic.stale_temporary_of(os.path.basename(atomic.temporary_path("log.txt"))) is None  # ours
+    assert atomic.stale_temporary_of("log.txt") is None and atomic.stale_temporary_of("a.tmpx") is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,7 +88,7 @@ def test_atomic_save_reports_the_full_disk_not_torch_message(tmp_path, monkeypat
     path = tmp_path / "checkpoint-0.pth"
     atomic_save({"a": torch.arange(3)}, str(path))
     before = path.read_bytes()
-    full_disk(monkeypatch, outputs, ".pth.tmp", after_bytes=100)
+    full_disk(monkeypatch, atomic, ".pth.tmp", after_bytes=100)
     with pytest.raises(OSError) as err:
         atomic_save({"a": torch.arange(10_000)}, str(path))
     assert err.value.errno == errno.ENOSPC  # not torch's "unexpected pos" RuntimeError
@@ -221,7 +221,7 @@ def test_knn_output_full_disk_keeps_the_earlier_lines(labelled, tmp_path, monkey
     before = output.read_text()
     (record,) = [json.loads(line) for line in before.splitlines()]
     assert record["encoder"] == "pixels" and record["queries"] == 6
-    full_disk(monkeypatch, outputs, "knn.jsonl", after_bytes=len(before) + 10)  # the new line is torn
+    full_disk(monkeypatch, atomic, "knn.jsonl", after_bytes=len(before) + 10)  # the new line is torn
     with pytest.raises(UserError) as err:
         _knn_eval(labelled, output)
     message = one_line(err)
@@ -285,7 +285,7 @@ def test_stats_json_full_disk_keeps_the_earlier_file(tmp_path, monkeypatch):
     data = make_dataset(tmp_path / "d", 1)
     target = tmp_path / "stats.json"
     target.write_text('{"mean": [0.5]}\n')
-    full_disk(monkeypatch, outputs, "stats.json", after_bytes=20)
+    full_disk(monkeypatch, atomic, "stats.json", after_bytes=20)
     with pytest.raises(UserError) as err:
         _stats(data, target)
     assert one_line(err).startswith(f"--json {target}: cannot write it (No space left on device)")
@@ -314,7 +314,7 @@ def test_reconstruct_full_disk_is_one_line_and_keeps_the_earlier_picture(mae_che
     _reconstruct(mae_checkpoint, output)
     before = output.read_bytes()
     assert Image.open(output).size == (4 * 32 * 4, 2 * 32 * 4)  # 4 columns, 2 rows, upscaled x4 to 512 wide
-    full_disk(monkeypatch, outputs, "recon.png", after_bytes=100)
+    full_disk(monkeypatch, atomic, "recon.png", after_bytes=100)
     with pytest.raises(UserError) as err:
         _reconstruct(mae_checkpoint, output)
     message = one_line(err)
@@ -408,7 +408,7 @@ def test_picture_full_disk_is_one_warning_and_training_goes_on(tmp_path, monkeyp
     path = tmp_path / "reconstruction-0.png"
     path.write_bytes(b"an earlier picture")
     run_log = RunLog("", str(tmp_path), [])
-    full_disk(monkeypatch, outputs, "reconstruction-0.png", after_bytes=10)
+    full_disk(monkeypatch, atomic, "reconstruction-0.png", after_bytes=10)
     picture = np.zeros((32, 128, 3), dtype=np.uint8)
     assert run_log.write_optional(str(path), lambda: save_png(picture, str(path))) is False
     out = capsys.readouterr().out.strip().splitlines()
@@ -480,7 +480,7 @@ def test_a_second_run_into_an_output_dir_in_use_is_refused_before_it_reads_or_wr
     out.mkdir()
     flags = ["--model", "mae_vit_mini_patch4", "--batch_size", "2", "--epochs", "1", "--resume", "auto"]
     args = pretrain_args(data, out, *flags)
-    monkeypatch.setattr(outputs, "CLAIM_WAIT_SECONDS", 0.5)
+    monkeypatch.setattr(claim, "CLAIM_WAIT_SECONDS", 0.5)
     holder = _hold(out)
     try:
         message = one_line_error(pretrain_in_process, args)
@@ -494,8 +494,8 @@ def test_a_second_run_into_an_output_dir_in_use_is_refused_before_it_reads_or_wr
     assert list(out.iterdir()) == []
     pretrain_in_process(args)  # the holder was killed: its claim went with it
     assert (out / "checkpoint-0.pth").exists()
-    outputs.claim_output_dir(str(out), "--output_dir")  # a finished run released it; and a process may
-    outputs.claim_output_dir(str(out), "--output_dir")  # claim a folder it holds again (notebooks)
+    claim.claim_output_dir(str(out), "--output_dir")  # a finished run released it; and a process may
+    claim.claim_output_dir(str(out), "--output_dir")  # claim a folder it holds again (notebooks)
 
 
 def test_a_new_run_into_a_folder_with_checkpoints_is_refused_before_it_writes(tmp_path, capsys):
@@ -600,7 +600,7 @@ def test_evaluation_does_not_claim_the_output_dir(tmp_path, monkeypatch):
     argv += ["32", "--nb_classes", "3", "--output_dir", str(out), "--log_dir", "", "--device", "cpu"]
     argv += ["--num_workers", "0", "--batch_size", "2", "--epochs", "1", "--mixup", "0", "--cutmix", "0"]
     main_finetune.main(main_finetune.get_args_parser().parse_args(argv))
-    monkeypatch.setattr(outputs, "CLAIM_WAIT_SECONDS", 0.5)
+    monkeypatch.setattr(claim, "CLAIM_WAIT_SECONDS", 0.5)
     holder = _hold(out)  # the run, still training
     try:
         main_finetune.main(main_finetune.get_args_parser().parse_args([*argv, "--eval", "--resume", "auto"]))
@@ -627,7 +627,7 @@ def test_forked_children_do_not_hold_the_output_dir(tmp_path):
     """DataLoader workers are forked after the claim: the lock must not live on in them, or a run killed
     with -9 holds its folder until its workers notice (5 s; for ever for one that hangs), and a run that
     ended until its persistent workers do."""
-    outputs.claim_output_dir(str(tmp_path), "--output_dir")
+    claim.claim_output_dir(str(tmp_path), "--output_dir")
     started, ready = os.pipe()
     worker = os.fork()
     if worker == 0:  # a loader worker, alive after its run gave the folder back
@@ -637,7 +637,7 @@ def test_forked_children_do_not_hold_the_output_dir(tmp_path):
     try:
         assert os.read(started, 1) == b"1"
         assert not _free(tmp_path)
-        outputs.release_output_dirs()
+        claim.release_output_dirs()
         assert _free(tmp_path)
     finally:
         os.kill(worker, signal.SIGKILL)
@@ -700,13 +700,13 @@ def test_a_folder_that_cannot_be_locked_is_said_once_and_the_run_goes_on(tmp_pat
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
 
     monkeypatch.setattr(fcntl, "flock", no_locks)
-    outputs.claim_output_dir(str(tmp_path), "--output_dir")
+    claim.claim_output_dir(str(tmp_path), "--output_dir")
     warned = [line for line in capsys.readouterr().out.splitlines() if "cannot be locked" in line]
     assert warned == [
         f"warning: --output_dir {tmp_path} cannot be locked ({os.strerror(errno.ENOLCK)}): a second run into it "
         f"would not be noticed"
     ]
-    assert outputs._claimed == {}
+    assert claim._claimed == {}
 
 
 def test_an_output_dir_too_long_for_the_run_s_file_names_is_refused_at_start(tmp_path):
@@ -714,7 +714,7 @@ def test_an_output_dir_too_long_for_the_run_s_file_names_is_refused_at_start(tmp
     # and a checkpoint's temporary did not: the run trained an epoch, then ended in 'cannot write checkpoint ...:
     # File name too long (... MiB are free there) ... free space'.
     folder = folder_of_length(tmp_path, 4095 - len("/.write-test-12345678"))
-    checkpoint_tmp = outputs.temporary_path(str(folder / "checkpoint-0.pth"))
+    checkpoint_tmp = atomic.temporary_path(str(folder / "checkpoint-0.pth"))
     with pytest.raises(OSError) as too_long:
         open(checkpoint_tmp, "wb")
     assert too_long.value.errno == errno.ENAMETOOLONG, "the folder leaves no room for a checkpoint"
@@ -723,7 +723,7 @@ def test_an_output_dir_too_long_for_the_run_s_file_names_is_refused_at_start(tmp
 
 
 def test_an_output_dir_with_room_for_the_run_s_file_names_is_taken(tmp_path):
-    longest = outputs.temporary_path("checkpoint-9999-step999999.pth")
+    longest = atomic.temporary_path("checkpoint-9999-step999999.pth")
     folder = folder_of_length(tmp_path, 4095 - len(longest) - 1)
     outputs.check_output_dir(str(folder), "--output_dir")
     with open(folder / longest, "wb"):  # the invariant: the longest name fits
@@ -734,7 +734,7 @@ def test_an_output_file_whose_temporary_name_is_too_long_is_refused_before_work(
     # NAME_MAX is 255: a 250-character picture name fits, its temporary (name.tmp<pid>) does not.
     name = "r" * 246 + ".png"
     with pytest.raises(OSError) as too_long:
-        open(outputs.temporary_path(str(tmp_path / name)), "wb")
+        open(atomic.temporary_path(str(tmp_path / name)), "wb")
     assert too_long.value.errno == errno.ENAMETOOLONG
     with pytest.raises(UserError, match=r"--output .*: the path is too long .*give a shorter path"):
         outputs.check_output_file(str(tmp_path / name), "--output")
@@ -745,7 +745,7 @@ def test_an_output_name_over_name_max_in_bytes_is_refused_before_work(tmp_path):
     # the temporary (name.tmp<pid>) is over 255. The start's probe, as long in characters, fit and let it pass.
     name = "é" * 124 + ".png"
     with pytest.raises(OSError) as too_long:
-        open(outputs.temporary_path(str(tmp_path / name)), "wb")
+        open(atomic.temporary_path(str(tmp_path / name)), "wb")
     assert too_long.value.errno == errno.ENAMETOOLONG
     for check, path in ((outputs.check_output_file, name), (outputs.check_json_output, name[:-4] + ".json")):
         with pytest.raises(UserError, match=r"^--output .*: the path is too long .*give a shorter path$"):
@@ -757,7 +757,7 @@ def test_a_short_output_name_that_just_fits_path_max_is_taken(tmp_path):
     # The probe was at least 21 characters (.write-test-, 8 random ones, '.'): longer than r.png.tmp<pid>, so a
     # folder with room for the picture was refused.
     name = "r.png"
-    folder = folder_of_length(tmp_path, 4095 - len("/" + outputs.temporary_path(name)))
+    folder = folder_of_length(tmp_path, 4095 - len("/" + atomic.temporary_path(name)))
     outputs.check_output_file(str(folder / name), "--output")
-    with open(outputs.temporary_path(str(folder / name)), "wb"):  # the invariant: it fits
+    with open(atomic.temporary_path(str(folder / name)), "wb"):  # the invariant: it fits
         pass

@@ -27,7 +27,7 @@ from helpers import (  # noqa: E402
     run_pretrain,
 )
 
-from util import outputs
+from util import atomic
 from util.checkpoint import state as checkpoint  # noqa: E402
 from util.cli.errors import NonFiniteLoss, UserError, divergence_advice, run_cli  # noqa: E402
 from util.train import progress as logger
@@ -180,7 +180,7 @@ def _before_the_second_save(monkeypatch, fault: Callable[[], object]) -> None:
 
 def test_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_earlier_one(data, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
-    _before_the_second_save(monkeypatch, lambda: _full_disk(monkeypatch, outputs, only=".pth"))
+    _before_the_second_save(monkeypatch, lambda: _full_disk(monkeypatch, atomic, only=".pth"))
     with pytest.raises(SystemExit) as stop:
         run_cli(lambda: run_pretrain(data, out, *RUN))
     assert stop.value.code == 2
@@ -223,7 +223,7 @@ def test_an_output_dir_made_read_only_under_the_run_is_not_called_full(data, tmp
 
     _before_the_second_save(
         monkeypatch,
-        lambda: monkeypatch.setattr(outputs, "open", budgeted_open(0, refuse, lambda p, m: ".pth" in p), raising=False),
+        lambda: monkeypatch.setattr(atomic, "open", budgeted_open(0, refuse, lambda p, m: ".pth" in p), raising=False),
     )
     with pytest.raises(SystemExit) as stop:
         run_cli(lambda: run_pretrain(data, out, *RUN))
@@ -239,7 +239,7 @@ def test_an_output_dir_made_read_only_under_the_run_is_not_called_full(data, tmp
 
 def test_full_disk_during_log_txt_is_one_line(tmp_path, monkeypatch):
     run_log = RunLog("", str(tmp_path), [])
-    _full_disk(monkeypatch, outputs, after_bytes=0, only="log.txt")
+    _full_disk(monkeypatch, atomic, after_bytes=0, only="log.txt")
     with pytest.raises(UserError, match=rf"cannot write {tmp_path / 'log.txt'}: No space left on device; "):
         run_log.epoch({"epoch": 0, "train_loss": 1.0})
 

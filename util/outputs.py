@@ -1,24 +1,18 @@
-"""Output folders and files: checked before any work (a run must not train for an epoch only to
-find that it cannot write its checkpoint), and written atomically (a crash or a full disk leaves
-the old file or the complete new one, never a torn one)."""
+"""Output folders and files, checked before any work: a run must not train for an epoch only to find
+that it cannot write its checkpoint (util.atomic writes them, whole or not at all)."""
 
 import contextlib
 import errno
-import fcntl
 import json
 import os
-import re
-import shutil
 import tempfile
-import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO
 
 from PIL import Image
 
+from util.atomic import temporary_path
 from util.cli.errors import fail
-from util.cli.log import log
 
 # Formats PIL writes an RGB picture in without further options.
 PICTURE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF")
@@ -67,7 +61,7 @@ def _probing(folder: str, what: str, name: str) -> Iterator[None]:
 
 def check_writable(folder: str, what: str, longest: str = _LONGEST_NAME) -> None:
     """Fail, in one line naming ``what``, unless files named as long as ``longest`` (and its temporary,
-    see ``atomic_write``) can be written in ``folder``: checked before the work that writes them."""
+    see ``util.atomic.atomic_write``) can be written in ``folder``: checked before the work that writes them."""
     # os.access alone is not enough: root passes it on read-only folders, and it knows nothing
     # of read-only mounts. An actual file settles it.
     if not os.access(folder, os.W_OK | os.X_OK):
@@ -85,7 +79,7 @@ def check_writable(folder: str, what: str, longest: str = _LONGEST_NAME) -> None
 
 def check_folder_output(path: str, what: str, names: Iterable[str]) -> None:
     """Fail, in one line naming ``what``, unless the folder ``path`` can be written whole, holding files
-    named ``names``, the way ``atomic_write_folder`` writes it: first as the folder
+    named ``names``, the way ``util.atomic.atomic_write_folder`` writes it: first as the folder
     ``temporary_path('.' + its name)`` beside it (and the earlier one renamed aside to a name as long),
     each file through ``atomic_write``. A probe folder as long is made there and written in."""
     parent, base = os.path.split(os.path.abspath(path))
@@ -110,68 +104,6 @@ def check_output_dir(path: str, flag: str) -> None:
     except OSError as e:
         fail(f"{flag} {path} cannot be created ({e.strerror}); give a folder you can write to")
     check_writable(path, f"{flag} {path}")
-
-
-# Folders this process writes its run into, and the descriptor whose lock claims each (see claim_output_dir).
-_claimed: dict[str, int] = {}
-CLAIM_WAIT_SECONDS = 10.0  # for a stopped run still writing its last checkpoint (Ctrl-C, then started again)
-
-
-def claim_output_dir(path: str, flag: str) -> None:
-    """Hold an exclusive lock on the folder ``path`` until ``release_output_dirs`` or the process's end,
-    so that a second run into it (a job submitted twice, a run started again while the first still
-    trains) stops at its start, in one line, instead of both writing the same checkpoints and log.txt.
-    The kernel drops the lock however the process ends, ``kill -9`` too: nothing stale is left. A
-    process may claim a folder again (runs one after another in a notebook). Where the file system
-    cannot lock a folder (NFS, some others), runs go on unguarded, after one warning."""
-    real = os.path.realpath(path)
-    if real in _claimed:
-        return
-    fd = os.open(real, os.O_RDONLY | os.O_DIRECTORY)
-    deadline = time.monotonic() + CLAIM_WAIT_SECONDS
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
-        except BlockingIOError:
-            if time.monotonic() < deadline:
-                time.sleep(0.2)
-                continue
-            os.close(fd)
-            fail(
-                f"{flag} {path} is in use by another run (still training, or a job submitted twice): two runs "
-                f"would overwrite each other's checkpoints; wait for it to end, or give another {flag}"
-            )
-        except OSError as e:  # no locks on this file system: unguarded, and said so once
-            os.close(fd)
-            why = e.strerror or e
-            log.warning(f"{flag} {path} cannot be locked ({why}): a second run into it would not be noticed")
-            return
-    _claimed[real] = fd
-
-
-def release_output_dirs() -> None:
-    """Give back every folder ``claim_output_dir`` holds (a run that ended; tests)."""
-    for fd in _claimed.values():
-        os.close(fd)  # the lock goes with the last descriptor of it: the forked children's are closed below
-    _claimed.clear()
-
-
-# A forked child (a DataLoader worker) shares the lock of each descriptor it inherits, and would hold the
-# folder after its parent released it or was killed with -9, until it ended too. It closes its copies,
-# which leaves the parent's lock as it is, and claims nothing.
-os.register_at_fork(after_in_child=release_output_dirs)
-
-
-def appears(path: str, seconds: float) -> bool:
-    """Whether ``path`` exists, now or within ``seconds``: another node's write reaching this node's view of a
-    shared folder (an NFS client's cache lags)."""
-    deadline = time.monotonic() + seconds
-    while not os.path.exists(path):
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.2)
-    return True
 
 
 def check_not_an_input(path: str, flag: str, inputs: Iterable[tuple[str, str]]) -> None:
@@ -302,118 +234,4 @@ def check_outside_data(output_dir: str, data_path: str, flag: str = "--output_di
         fail(
             f"{flag} {output_dir} is inside --data_path {data_path}: its reconstruction pictures would be read "
             f"back as training images; give a folder outside the data"
-        )
-
-
-def temporary_path(path: str) -> str:
-    """Where ``atomic_write`` writes ``path`` before renaming it: the process id tells a temporary
-    file of a writer still at work from one that a killed process left behind."""
-    return f"{path}.tmp{os.getpid()}"
-
-
-_TEMPORARY = re.compile(r"^(.+)\.tmp(\d*)$")
-
-
-def stale_temporary_of(name: str) -> str | None:
-    """The file name that ``name`` is a temporary file of, when a process other than this one left
-    it (``checkpoint-3.pth.tmp1234`` -> ``checkpoint-3.pth``, or ``.tmp`` of earlier versions); else None."""
-    m = _TEMPORARY.match(name)
-    if not m or m.group(2) == str(os.getpid()):
-        return None
-    return m.group(1)
-
-
-def remove_stale_temporaries(folder: str, of: Callable[[str], object]) -> None:
-    """Delete the temporary files in ``folder`` that killed processes left of the files whose names ``of`` accepts."""
-    for name in os.listdir(folder):
-        if of(stale_temporary_of(name) or "") and os.path.isfile(path := os.path.join(folder, name)):
-            with contextlib.suppress(FileNotFoundError):  # another process removed it first
-                os.remove(path)
-
-
-def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
-    """Call ``write(f)`` on a temporary file in ``path``'s folder, flush it to disk, then rename it
-    over ``path``: every file this project writes goes through here. A failed write (a full disk)
-    raises its ``OSError`` and leaves ``path`` as it was; the folder is synced so that the rename
-    survives a power loss."""
-    tmp = temporary_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    sync_folder(os.path.dirname(os.path.abspath(path)))
-
-
-def atomic_write_folder(folder: str, files: dict[str, bytes]) -> None:
-    """Write ``files`` (name -> content) as the folder ``folder``, complete or not at all: they go
-    into a new folder beside it, ``temporary_path('.' + its name)``, which then takes its place. An
-    earlier folder is renamed aside first and removed last: a crash between the two renames leaves no
-    folder (the old one is then the hidden ``.<name>.old<pid>`` beside it), never a mixed one. A failed
-    write raises its ``OSError`` and leaves an earlier folder as it was."""
-    parent, base = os.path.split(os.path.abspath(folder))
-    tmp = temporary_path(os.path.join(parent, "." + base))  # the name check_folder_output probes
-    old = os.path.join(parent, f".{base}.old{os.getpid()}")
-    existed = os.path.exists(folder)
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a crashed run that had this pid
-        os.makedirs(tmp)
-        for name, data in files.items():
-            atomic_write(os.path.join(tmp, name), lambda f, data=data: f.write(data))
-        if existed:
-            os.replace(folder, old)
-        try:
-            os.replace(tmp, folder)
-        except OSError:
-            if existed:
-                os.replace(old, folder)
-            raise
-        sync_folder(parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        _remove_aside(old)
-
-
-def _remove_aside(path: str) -> None:
-    """Remove the earlier folder renamed aside: a link (a ``folder`` that linked to one: the link is
-    replaced, as atomic_write replaces a linked file) is unlinked, where rmtree refuses it and its
-    ignored error left the hidden link beside the new folder; its target stays as it was."""
-    if os.path.islink(path):
-        os.unlink(path)
-    else:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def sync_folder(path: str) -> None:
-    """Flush the folder ``path`` to disk, so that a rename in it survives a power loss."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_append(path: str, text: str) -> None:
-    """Add ``text`` at the end of ``path`` (created if missing) by writing the whole (small) file
-    anew through ``atomic_write``: a full disk leaves the old lines rather than a torn last one."""
-    old = Path(path).read_bytes() if os.path.exists(path) else b""
-    if old and not old.endswith(b"\n"):  # a line torn by an older version: ours starts on its own line
-        old += b"\n"
-    data = old + text.encode("utf-8")
-    atomic_write(path, lambda f: f.write(data))
-
-
-@contextlib.contextmanager
-def reported(path: str, what: str) -> Iterator[None]:
-    """Turn an ``OSError`` of writing ``path`` (named by the flag ``what``) with ``atomic_write`` into one line."""
-    try:
-        yield
-    except OSError as e:
-        fail(
-            f"{what} {path}: cannot write it ({e.strerror or e}); the file is left as it was: free some space "
-            f"or give another path"
         )

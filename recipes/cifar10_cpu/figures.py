@@ -19,12 +19,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import models_mae  # noqa: E402
+from util.atomic import atomic_write  # noqa: E402
 from util.checkpoint.load import load_checkpoint, model_state  # noqa: E402
 from util.data.datasets import image_walk  # noqa: E402
 from util.data.loaders import eval_transform  # noqa: E402
 from util.data.normalization import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from util.eval.pictures import fixed_noise, load_images, reconstruction_grid, save_png  # noqa: E402
-from util.outputs import atomic_write  # noqa: E402
 
 
 def knn_by_epoch(out: Path) -> dict[int, dict]:

@@ -22,8 +22,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
+from util.atomic import atomic_write  # noqa: E402
 from util.cli.errors import fail, run_cli  # noqa: E402
-from util.outputs import atomic_write  # noqa: E402
 
 # The CPU study's splits, loaded by path: its folder on sys.path would put its results.py first too.
 _spec = importlib.util.spec_from_file_location("cifar10_cpu_splits", HERE.parent / "cifar10_cpu" / "splits.py")

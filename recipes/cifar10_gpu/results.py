@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from plan import PEAK_TFLOPS, pretrain_flops  # noqa: E402
 
-from util.outputs import atomic_write  # noqa: E402
+from util.atomic import atomic_write  # noqa: E402
 
 # Images trained per epoch: training drops an epoch's last incomplete batch, so 48 batches of 1024 of the
 # 50,000 images in pre-training (pretrain.sh's --batch_size), and finetune.sh's batches of 512 or 256.

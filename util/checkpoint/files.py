@@ -8,7 +8,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from util.outputs import atomic_write, remove_stale_temporaries
+from util.atomic import atomic_write, remove_stale_temporaries
 
 _NAME = re.compile(r"^checkpoint-(\d+)(?:-step(\d+))?\.pth$")
 
@@ -18,7 +18,7 @@ def checkpoint_name(epoch: int, step: int | None = None) -> str:
 
 
 def atomic_save(obj: Any, path: str) -> None:
-    """``torch.save`` through ``util.outputs.atomic_write`` (never a partial file); a failed write
+    """``torch.save`` through ``util.atomic.atomic_write`` (never a partial file); a failed write
     raises what stopped it (the ``OSError`` of a full disk or a quota, the ``KeyboardInterrupt`` of a
     second Ctrl-C), not torch's "unexpected pos"."""
 

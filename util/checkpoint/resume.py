@@ -13,9 +13,9 @@ from util.checkpoint.opening import Opened, open_checkpoint, open_on_every_rank
 from util.checkpoint.rng import restore_rng
 from util.checkpoint.state import Position, TrainState
 from util.checkpoint.weights import load_model_strict
+from util.claim import appears
 from util.cli.errors import UserError, fail
 from util.cli.log import log
-from util.outputs import appears
 from util.train import distributed
 
 

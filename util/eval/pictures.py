@@ -9,10 +9,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from util.atomic import atomic_write
 from util.data.datasets import transformed
 from util.data.images import load_rgb
 from util.data.normalization import IMAGENET_MEAN, IMAGENET_STD
-from util.outputs import atomic_write
 
 MASKED_GRAY = 0.5
 

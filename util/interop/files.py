@@ -1,5 +1,5 @@
 """The files export.py writes: weights as .safetensors (the run's args as metadata, a CRC-32 per
-tensor) or .pth, and a folder of files, each whole or not at all through util.outputs' atomic
+tensor) or .pth, and a folder of files, each whole or not at all through util.atomic's
 writers; a failed write (a full disk) is one line naming --output that says what was kept."""
 
 import argparse
@@ -12,12 +12,12 @@ from typing import Any
 
 import torch
 
+from util.atomic import atomic_write, atomic_write_folder
 from util.checkpoint.files import atomic_save
 from util.checkpoint.load import StateDict, checksum_metadata
 from util.cli.errors import fail
 from util.cli.redact import values_without_secrets
 from util.memory import require
-from util.outputs import atomic_write, atomic_write_folder
 
 
 def args_metadata(args: Any) -> dict[str, str]:

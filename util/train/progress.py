@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
+from util.atomic import atomic_append, atomic_write, remove_stale_temporaries
 from util.cli.errors import fail
 from util.cli.log import log
-from util.outputs import atomic_append, atomic_write, remove_stale_temporaries
 from util.train import distributed
 
 

@@ -15,22 +15,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from util.atomic import remove_stale_temporaries, temporary_path
 from util.checkpoint.files import list_checkpoints
 from util.checkpoint.flags import fill_from_checkpoints
 from util.checkpoint.opening import Opened, open_checkpoint, open_on_every_rank
 from util.checkpoint.resume import open_resume, weights_only
+from util.claim import appears, claim_output_dir, release_output_dirs
 from util.cli.args import check_same_flags, check_same_precision, check_world, effective_lr, resolve_precision
 from util.cli.errors import fail, listed_ranks
 from util.cli.log import log
 from util.data import normalization
-from util.outputs import (
-    appears,
-    check_output_dir,
-    claim_output_dir,
-    release_output_dirs,
-    remove_stale_temporaries,
-    temporary_path,
-)
+from util.outputs import check_output_dir
 from util.train import distributed, interrupt
 from util.train.launch_env import launcher_restarts
 from util.train.precision import fast_cuda_math
