@@ -360,12 +360,43 @@ def cli_batch(cases: dict[str, list[str]], python: Path, script: str = "main_pre
     return {name: run.result() for name, run in runs.items()}
 
 
-def free_port() -> int:
-    import socket
+# Ports for the tests' rendezvous: below Linux's ephemeral range (32768-60999), where the kernel hands out no port
+# to a bind(0) or to a connection's own end, and a block of its own for each xdist worker. A port the kernel gave
+# (bind to 0, then close) could be given again, to another worker or to a client socket, before the rank that was
+# told it bound it. Within its block a worker takes the ports in turn from a random start, skipping those in use.
+PORT_BLOCK = 1000
+PORTS_FROM = 20000
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+
+def _port_block() -> range:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    start = PORTS_FROM + PORT_BLOCK * (int(worker) % 12 if worker.isdigit() else 0)
+    return range(start, start + PORT_BLOCK)
+
+
+_next_ports: Iterator[int] | None = None
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on, that no other test worker is given and that the kernel does not
+    hand to a socket of its own choosing meanwhile."""
+    import random
+    import socket
+    from itertools import cycle, islice
+
+    global _next_ports
+    block = _port_block()
+    if _next_ports is None:
+        start = random.randrange(len(block))
+        _next_ports = cycle([*block[start:], *block[:start]])
+    for port in islice(_next_ports, len(block)):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # in use: a rank of an earlier test still holds it, or another program
+            return port
+    raise RuntimeError(f"no free port from {block.start} to {block.stop - 1}")
 
 
 @contextmanager
