@@ -507,6 +507,34 @@ def test_weight_decay_and_layer_decay_given_on_resume_are_the_ones_used(tmp_path
     assert [g["lr"] for g in fresh.optimizer.param_groups] == [0.1, 0.1]
 
 
+def test_a_non_fused_optimizers_step_counts_resume_as_the_fused_optimizer_keeps_them(tmp_path):
+    """torch converts a loaded optimizer state by the groups it loads, which were the checkpoint's: the step
+    counts of a non-fused AdamW (a CPU run's checkpoint, the official code's) stayed CPU tensors in a GPU run's
+    fused AdamW, whose first step refused them ('Expected all tensors to be on the same device'). On a CPU both
+    live on the CPU; their dtype tells the two conversions apart: a non-fused AdamW makes its steps in the
+    default dtype (float64 here), a fused one keeps them in float32 on the parameter's device."""
+    model = torch.nn.Linear(2, 2, dtype=torch.float32)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        state = _state(model, _args(output_dir=str(tmp_path)))
+        state.model(torch.ones(1, 2, dtype=torch.float32)).sum().backward()
+        state.optimizer.step()
+    finally:
+        torch.set_default_dtype(default)
+    assert {s["step"].dtype for s in state.optimizer.state.values()} == {torch.float64}
+    checkpoint.save_checkpoint(state, 0)
+    twin = torch.nn.Linear(2, 2)
+    fused = TrainState(
+        twin, torch.optim.AdamW(twin.parameters(), lr=0.1, fused=True), LossScaler("fp32"),
+        _args(resume=str(tmp_path / "checkpoint-0.pth")),
+    )  # fmt: skip
+    resume(fused, open_resume(fused.args))
+    steps = [s["step"] for s in fused.optimizer.state.values()]
+    assert [(s.dtype, s.device, float(s)) for s in steps] == [(torch.float32, torch.device("cpu"), 1.0)] * 2
+    assert all(g["fused"] for g in fused.optimizer.param_groups)  # this run's setting, not the checkpoint's
+
+
 def test_a_mid_epoch_resume_on_changed_data_warns(tmp_path, capsys):
     """The position counts iterations of the data's order: other data, another order."""
     from util.checkpoint.consistency import check_same_data

@@ -10,6 +10,7 @@ import os
 import random
 import subprocess
 import sys
+from argparse import Namespace
 from collections.abc import Callable
 
 import pytest
@@ -18,10 +19,12 @@ from helpers import DEMO, REPO, make_dataset, noisy_photo, read_log, run_pretrai
 from torch.profiler import ProfilerActivity, profile
 
 import models_mae
+from util.checkpoint.state import TrainState
 from util.data.device_decode import FALLBACKS, EncodedBatch, RandomResizedCropFlipOnDevice
 from util.data.memory_loader import MemoryLoader
 from util.data.sampling import SeededSampler
 from util.train.precision import LossScaler, autocast
+from util.train.steps import optimizer_step
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU, shown to the suite by MAE_TEST_CUDA=1 (tests/conftest.py)"
@@ -95,6 +98,30 @@ def test_fused_adamw_matches_foreach_on_the_gpu():
             optimizer.step()
     for (name, a), b in zip(model.state_dict().items(), other.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_cpu_runs_optimizer_state_resumes_into_fused_adamw_and_steps_in_fp16(tmp_path):
+    """A checkpoint of a non-fused AdamW (a CPU run's; the official code's) holds CPU step counts, which torch
+    kept on the CPU when the groups it loaded said non-fused: a fused CUDA AdamW's first step refused them."""
+    torch.manual_seed(0)
+    on_cpu = torch.nn.Linear(4, 4)
+    cpu_optimizer = torch.optim.AdamW(on_cpu.parameters(), lr=0.1)
+    on_cpu(torch.randn(2, 4)).sum().backward()
+    cpu_optimizer.step()
+    torch.save({"optimizer": cpu_optimizer.state_dict()}, tmp_path / "cpu.pth")
+    layer = copy.deepcopy(on_cpu).cuda()
+    state = TrainState(
+        layer, torch.optim.AdamW(layer.parameters(), lr=0.1, fused=True), LossScaler("fp16"), Namespace()
+    )
+    state.load_state_dict(torch.load(tmp_path / "cpu.pth", map_location="cpu", weights_only=True), "cpu.pth")
+    assert {s["step"].device.type for s in state.optimizer.state.values()} == {"cuda"}
+    before = layer.weight.detach().clone()
+    with autocast("fp16", "cuda"):
+        loss = layer(torch.randn(2, 4, device="cuda")).sum()
+    state.scaler.scale(loss).backward()
+    optimizer_step(layer, state.optimizer, state.scaler, clip_grad=1.0)  # unscale, clip, fused step
+    assert not torch.equal(layer.weight, before), "the resumed step must update"
+    assert [float(s["step"]) for s in state.optimizer.state.values()] == [2.0, 2.0]
 
 
 @pytest.mark.parametrize("loader", ["fast", "device"])

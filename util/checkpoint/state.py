@@ -53,8 +53,9 @@ class TrainState:
         # stays the checkpoint's: the schedule sets it at each step, and a run that saves again before its first
         # step (fine-tuning's last epoch, evaluated on resume) must save the lr that epoch ended with.
         settings = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in self.optimizer.param_groups]
+        saved = _groups_in_order(ckpt["optimizer"], self.optimizer.param_groups)
         try:
-            self.optimizer.load_state_dict(_groups_in_order(ckpt["optimizer"], self.optimizer.param_groups))
+            self.optimizer.load_state_dict(_with_settings(saved, settings))
         except (ValueError, KeyError) as e:
             fail(f"checkpoint {path}: its optimizer state does not fit this model and optimizer ({e})")
         for group, own in zip(self.optimizer.param_groups, settings, strict=True):
@@ -63,6 +64,18 @@ class TrainState:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.extra.update(ckpt.get("extra", {}))
         self.log, self.meters = ckpt.get("log"), ckpt.get("meters")  # log: None in checkpoints older than it
+
+
+def _with_settings(saved: dict[str, Any], settings: list[dict[str, Any]]) -> dict[str, Any]:
+    """The saved optimizer state with this optimizer's group settings in its groups (where they pair up). torch
+    converts each loaded state tensor by the groups it loads: by the checkpoint's ``fused``, step counts saved
+    by a non-fused AdamW (a CPU run's, the official code's) stayed CPU tensors in this run's fused AdamW, and
+    a GPU run's first step refused them ('Expected all tensors to be on the same device'). With this run's
+    settings they come as it keeps them (fused: float32 on the parameter's device)."""
+    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    if not isinstance(groups, list) or len(groups) != len(settings) or not all(isinstance(g, dict) for g in groups):
+        return saved  # torch's check names the misfit
+    return {**saved, "param_groups": [{**group, **own} for group, own in zip(groups, settings, strict=True)]}
 
 
 def _groups_in_order(saved: dict[str, Any], groups: list[dict[str, Any]]) -> dict[str, Any]:
