@@ -100,7 +100,7 @@ def test_fused_adamw_matches_foreach_on_the_gpu():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_a_cpu_runs_optimizer_state_resumes_into_fused_adamw_and_steps_in_fp16(tmp_path):
+def test_a_cpu_runs_optimizer_state_resumes_into_fused_adamw_and_steps_with_the_fp16_scaler(tmp_path):
     """A checkpoint of a non-fused AdamW (a CPU run's; the official code's) holds CPU step counts, which torch
     kept on the CPU when the groups it loaded said non-fused: a fused CUDA AdamW's first step refused them."""
     torch.manual_seed(0)
@@ -116,10 +116,9 @@ def test_a_cpu_runs_optimizer_state_resumes_into_fused_adamw_and_steps_in_fp16(t
     state.load_state_dict(torch.load(tmp_path / "cpu.pth", map_location="cpu", weights_only=True), "cpu.pth")
     assert {s["step"].device.type for s in state.optimizer.state.values()} == {"cuda"}
     before = layer.weight.detach().clone()
-    with autocast("fp16", "cuda"):
-        loss = layer(torch.randn(2, 4, device="cuda")).sum()
-    state.scaler.scale(loss).backward()
-    optimizer_step(layer, state.optimizer, state.scaler, clip_grad=1.0)  # unscale, clip, fused step
+    # An fp32 loss: a 16-bit one would overflow at the scaler's first scale (2**16) and the step be skipped.
+    state.scaler.scale(layer(torch.randn(2, 4, device="cuda")).sum()).backward()
+    optimizer_step(layer, state.optimizer, state.scaler, clip_grad=1.0)  # unscale, clip, fused step (found_inf)
     assert not torch.equal(layer.weight, before), "the resumed step must update"
     assert [float(s["step"]) for s in state.optimizer.state.values()] == [2.0, 2.0]
 
