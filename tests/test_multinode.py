@@ -287,6 +287,51 @@ def test_a_stop_signal_on_one_node_names_the_checkpoint_in_every_ranks_log(tmp_p
     assert "received SIGTERM: checkpointing at the next check point" in logs[1]
 
 
+def test_a_submitit_signal_that_reaches_another_rank_only_still_has_rank_0_requeue_the_job(tmp_path):
+    """A two-task submitit job on SLURM (faked: its variables, a fake scontrol), whose SIGUSR2 reaches rank 1
+    only (SLURM's signal reaches each node on its own time): all ranks stop after rank 0's checkpoint, and
+    rank 0, which alone requeues a submitit job, hands the signal to submitit all the same. Rank 0 exited
+    143 without requeueing, and the job ended there."""
+    pytest.importorskip("submitit")
+    from helpers import counting_step, make_dataset, pretrain_args
+    from submitit.core.job_environment import JobEnvironment
+    from submitit.core.utils import DelayedSubmission, JobPaths
+
+    from util.cli.launcher import Trainer
+
+    data, jobs, calls = make_dataset(tmp_path / "data", 16), tmp_path / "jobs", tmp_path / "scontrol.log"
+    (tmp_path / "bin").mkdir()
+    scontrol = tmp_path / "bin" / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    scontrol.chmod(0o755)
+    flags = ["--model", "mae_vit_mini_patch4", "--batch_size", "8", "--epochs", "2", "--print_freq", "1"]
+    args = pretrain_args(data, jobs / "%j", *flags, "--vis_freq", "0", "--log_dir", "")
+
+    def rank_main() -> None:
+        rank = os.environ["RANK"]
+        os.environ.update(SUBMITIT_EXECUTOR="slurm", SLURM_JOB_ID="4242", SLURM_PROCID=rank, SLURM_LOCALID=rank)
+        os.environ.update(SLURM_NTASKS="2", SLURM_JOB_NUM_NODES="1", SLURM_JOB_NODELIST="localhost")
+        os.environ["PATH"] = f"{tmp_path / 'bin'}:{os.environ['PATH']}"
+        delayed = DelayedSubmission(Trainer("main_pretrain", args))
+        delayed.set_timeout(60, 3)
+        JobEnvironment()._handle_signals(JobPaths(jobs / "%j", job_id="4242", task_id=int(rank)), delayed)
+        if rank == "1":
+
+            def stop(optimizer, k):
+                if k == 1:
+                    os.kill(os.getpid(), signal.SIGUSR2)
+
+            torch.optim.AdamW.step = counting_step(stop)
+        delayed.result()
+
+    # submitit's handler exits rank 0 with -1 once it requeued; rank 1 exits as stopped by SIGUSR2
+    logs = run_ranks(rank_main, tmp_path / "ranks", exit_codes=(255, 128 + signal.SIGUSR2), timeout=120)
+    assert calls.read_text() == "requeue 4242\n", logs[0][-3000:]
+    assert (jobs / "4242" / "checkpoint-0-step1.pth").is_file()
+    requeued = DelayedSubmission.load(jobs / "4242" / "4242_submitted.pkl")
+    assert requeued.function.args.resume == "auto" and requeued._timeout_countdown == 3
+
+
 def test_a_checkpoint_rank_0_cannot_write_stops_every_rank_in_its_line(tmp_path):
     """A stop asked for on node 1, whose checkpoint rank 0 cannot write (a full disk): rank 0 stopped in
     its line, and rank 1, which had no collective left to find out, said 'stopped on request after writing

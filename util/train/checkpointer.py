@@ -30,8 +30,14 @@ from util.train.steps import Accumulation
 
 
 def stop_requested(device: str) -> bool:
-    """Whether a stop signal reached any rank; every rank gets the same answer (a collective)."""
-    return distributed.any_rank(interrupt.requested(), device)
+    """Whether a stop signal reached any rank; every rank gets the same answer (a collective), and learns
+    which preemption signals reached any rank (``interrupt.agree``), for the launcher to hand over."""
+    mine = interrupt.received()
+    counts = distributed.all_reduce_sum(
+        [float(interrupt.requested()), *(float(s in mine) for s in interrupt.PREEMPTION_SIGNALS)], device
+    )
+    interrupt.agree({s for s, n in zip(interrupt.PREEMPTION_SIGNALS, counts[1:], strict=True) if n > 0})
+    return counts[0] > 0
 
 
 class Checkpointer:

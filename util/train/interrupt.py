@@ -23,6 +23,8 @@ PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 SIGNALS = (*PREEMPTION_SIGNALS, signal.SIGINT)
 PR_SET_PDEATHSIG = 1  # Linux's prctl option: a signal the kernel sends this process when its parent ends
 _requested: int | None = None
+# The preemption signals this process received, and (``agree``) those any rank of its job received.
+_received: set[int] = set()
 _previous: dict[int, Any] = {}
 
 
@@ -31,6 +33,8 @@ def _handler(signum: int, frame: object) -> None:
     if signum == signal.SIGINT and _requested is not None:
         raise KeyboardInterrupt  # the second request: do not wait for the check point
     _requested = signum
+    if signum in PREEMPTION_SIGNALS:
+        _received.add(signum)
     again = " (Ctrl-C again stops at once)" if signum == signal.SIGINT else ""
     # Not the log: only rank 0 logs, and this must show on every rank.
     sys.stderr.write(f"received {signal.Signals(signum).name}: checkpointing at the next check point{again}\n")
@@ -40,6 +44,7 @@ def install() -> None:
     """Take the stop signals; a run started in this process after a stopped one starts unstopped."""
     global _requested
     _requested = None
+    _received.clear()
     for s in SIGNALS:
         previous = signal.signal(s, _handler)
         if previous is not _handler:
@@ -53,6 +58,7 @@ def uninstall() -> None:
         signal.signal(s, previous)
     _previous.clear()
     _requested = None
+    _received.clear()
 
 
 def ignore_in_worker(worker_id: int) -> None:
@@ -118,12 +124,26 @@ def requested() -> bool:
     return _requested is not None
 
 
+def received() -> set[int]:
+    """The preemption signals this process received, and those ``agree`` learnt other ranks received."""
+    return set(_received)
+
+
+def agree(received_by_any_rank: set[int]) -> None:
+    """Note the preemption signals some rank of the job received (the stop's check point gathers them), so that
+    ``hand_over`` passes them on here too. A signal reaches each node on its own time, or one node only: rank 0,
+    which alone requeues a submitit job, stopped with the others without one, and the job ended unrequeued."""
+    _received.update(received_by_any_rank)
+
+
 def hand_over() -> None:
-    """Call the handler installed before ours for the preemption signal we received, if any (Ctrl-C
-    is the user's: nothing to hand over)."""
-    previous = _previous.get(_requested) if _requested in PREEMPTION_SIGNALS else None
-    if callable(previous):
-        previous(_requested, None)
+    """Call the handlers installed before ours for the preemption signals this process or (``agree``) any rank
+    received, SIGTERM's first: submitit's for SIGTERM logs, its for SIGUSR2 requeues the job on rank 0 and exits.
+    Ctrl-C is the user's: nothing to hand over."""
+    for s in PREEMPTION_SIGNALS:
+        previous = _previous.get(s) if s in _received else None
+        if callable(previous):
+            previous(s, None)
 
 
 def exit_code() -> int:
