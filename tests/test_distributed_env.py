@@ -690,6 +690,29 @@ def test_the_launcher_submits_good_flags_for_the_jobs_gpus(tmp_path, capsys, exe
     assert capsys.readouterr().out.startswith("submitted job 42")
 
 
+def test_the_launcher_submits_a_batch_script_whose_srun_asks_for_each_tasks_cpus(tmp_path, monkeypatch, capsys):
+    """The batch script submitit writes for a job of 2 nodes x 2 GPUs, a fake sbatch and srun standing for
+    SLURM's. Its srun asks for each task's CPUs itself: from Slurm 22.05 srun no longer takes sbatch's
+    --cpus-per-task (23.11 takes it again), so each task asked for one CPU, which a cluster that binds
+    tasks to their CPUs made the only one of the process and its data loader's workers."""
+    pytest.importorskip("submitit")
+    (tmp_path / "bin").mkdir()
+    for name, body in (("srun", "exit 0"), ("sbatch", 'echo "Submitted batch job 4242"')):
+        (tmp_path / "bin" / name).write_text(f"#!/bin/sh\n{body}\n")
+        (tmp_path / "bin" / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    jobs = tmp_path / "jobs" / "%j"
+    argv = ["--job_dir", str(jobs), "--nodes", "2", "--ngpus", "2", "--batch_size", "8"]
+    run_cli(lambda: submit("main_pretrain", "a test", argv=argv))  # submitit's own executor: SLURM's, as srun is here
+    folder = tmp_path / "jobs" / "4242"
+    assert capsys.readouterr().out.startswith(f"submitted job 4242; logs and checkpoints in {folder}")
+    script = (folder / "4242_submission.sh").read_text()
+    for line in ("--nodes=2", "--ntasks-per-node=2", "--gpus-per-node=2", "--cpus-per-task=10", "--signal=USR2@120"):
+        assert f"#SBATCH {line}\n" in script, script
+    (srun,) = [line for line in script.splitlines() if line.startswith("srun ")]
+    assert f" --output {jobs}/%j_%t_log.out " in srun and " --cpus-per-task=10 " in srun, srun
+
+
 @pytest.mark.parametrize("ending", ["refused", "stopped", "stopped, destroy fails"])
 def test_a_submitit_task_destroys_its_process_group_before_it_fails_or_hands_over(tmp_path, ending):
     """The submitted task, in a 1-rank gloo group whose DDP has all-reduced once, ends in a

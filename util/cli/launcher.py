@@ -21,6 +21,8 @@ from util.cli.log import log
 from util.cli.redact import redacted
 from util.train import distributed, interrupt
 
+CPUS_PER_TASK = 10  # each task's (a GPU's) CPUs: its process and its data loader's workers
+
 
 def add_launcher_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("submitit")
@@ -123,7 +125,11 @@ def submit(
     tasks_per_node = args.tasks_per_node or args.ngpus
 
     executor = make_executor(folder=args.job_dir, cluster=args.cluster, slurm_max_num_timeout=30)
-    slurm = {"slurm_partition": args.partition, "slurm_signal_delay_s": 120}
+    # srun is told each task's CPUs again: from Slurm 22.05 (its release notes; 23.11 reads them again) srun no
+    # longer takes sbatch's --cpus-per-task, so each task asked for one CPU, which a cluster that binds tasks
+    # to their CPUs made the only one of its process and its data loader's workers.
+    srun_args = [f"--cpus-per-task={CPUS_PER_TASK}"]
+    slurm = {"slurm_partition": args.partition, "slurm_signal_delay_s": 120, "slurm_srun_args": srun_args}
     if args.comment:
         slurm["slurm_comment"] = args.comment
     if args.use_volta32:
@@ -132,7 +138,7 @@ def submit(
         mem_gb=40 * max(args.ngpus, 1),
         gpus_per_node=args.ngpus,
         tasks_per_node=tasks_per_node,
-        cpus_per_task=10,
+        cpus_per_task=CPUS_PER_TASK,
         nodes=args.nodes,
         timeout_min=args.timeout,
         name=module_name,
