@@ -690,6 +690,20 @@ def test_the_launcher_submits_good_flags_for_the_jobs_gpus(tmp_path, capsys, exe
     assert capsys.readouterr().out.startswith("submitted job 42")
 
 
+def test_the_launcher_puts_the_checkpoints_where_submitit_puts_the_logs_of_a_job_dir_under_home(
+    tmp_path, monkeypatch, capsys, executor
+):
+    """`--job_dir=~/jobs/%j` reaches Python with its ~ (a shell expands none after '='): submitit expands it for
+    the job's logs, and the job's --output_dir was the literal path, ./~/jobs/<id> under the job's folder."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    _launch("main_pretrain", ["--job_dir=~/jobs/%j", "--nodes", "1", "--ngpus", "1"], executor)
+    (made,) = executor.made
+    (trainer,) = made.submitted
+    jobs = str(tmp_path / "home" / "jobs" / "%j")
+    assert (made.options["folder"], trainer.args.output_dir) == (jobs, jobs)
+    assert capsys.readouterr().out.startswith(f"submitted job 42; logs and checkpoints in {jobs.replace('%j', '42')}")
+
+
 def test_the_launcher_submits_a_batch_script_whose_srun_asks_for_each_tasks_cpus(tmp_path, monkeypatch, capsys):
     """The batch script submitit writes for a job of 2 nodes x 2 GPUs, a fake sbatch and srun standing for
     SLURM's. Its srun asks for each task's CPUs itself: from Slurm 22.05 srun no longer takes sbatch's

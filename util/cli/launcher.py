@@ -119,6 +119,9 @@ def submit(
     # --device's default depends on the machine: the job's nodes, not this one, decide it.
     parser.set_defaults(device=None)
     args = parser.parse_args(argv)
+    # submitit expands a leading ~ in the folder it writes the job's logs to, and a shell leaves one unexpanded
+    # after '=' (--job_dir=~/jobs/%j): the checkpoints went to ./~/jobs/<id>, the logs to the home folder.
+    args.job_dir = os.path.expanduser(args.job_dir)
     if args.device is None:
         args.device = "cuda" if args.ngpus > 0 else "cpu"
     check_flags(entry, args)
