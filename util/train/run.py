@@ -271,5 +271,12 @@ def wrap_for_training(model: torch.nn.Module, args: argparse.Namespace) -> torch
         # fp32, torch 2.14: 2.70 GiB without, 2.33-2.37 with.
         wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
     if args.compile:
-        wrapped = torch.compile(wrapped)
+        # Static shapes: the training batches all have one shape (the training loaders drop a short last batch) and
+        # evaluation has two (full, and the short last one). By default dynamo's "automatic dynamic shapes" compiled
+        # the short evaluation batch with a dynamic batch dimension, and that graph then served every full evaluation
+        # batch of the later epochs (the static one went unused); with --dist_eval, whose shards differ from the
+        # training batch, every evaluation batch ran dynamic. Static, each shape has its own specialised graph: three
+        # at most (train, full and short evaluation batch), far below torch._dynamo.config.recompile_limit (8),
+        # past which dynamo would run the rest of the run eagerly. tests/test_compile.py counts them.
+        wrapped = torch.compile(wrapped, dynamic=False)
     return wrapped
