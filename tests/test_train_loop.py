@@ -98,3 +98,24 @@ def test_an_epochs_last_line_gives_images_per_second_and_the_training_left(epoch
     state = TrainState(torch.nn.Linear(1, 1), None, LossScaler("fp32"), args)
     progress = Checkpointer(state, RunLog("", "")).epoch(epoch, start_step=250, iterations=150)
     assert progress._pace(75.0, 150) == expected
+
+
+def test_the_time_left_leaves_out_the_slow_first_iteration(monkeypatch, capsys):
+    """A first iteration of 20 s (compiling, warming up, the loader's first batches), then 1 s each: the estimates
+    of the epoch's rest and of the epochs after it go at 1 s an iteration. With the first counted in, the second
+    line said 0:00:31 left (10.5 s an iteration) and the epoch's end 0:00:48 for the 2 more epochs."""
+    import util.train.checkpointer as checkpointer
+
+    clock = [0.0]
+    monkeypatch.setattr(checkpointer, "time", Namespace(time=lambda: clock[0]))
+    args = Namespace(device="cpu", accum_iter=1, batch_size=4, epochs=3, print_freq=2)
+    state = TrainState(torch.nn.Linear(1, 1), None, LossScaler("fp32"), args)
+    progress = Checkpointer(state, RunLog("", "")).epoch(0, start_step=0, iterations=5)
+    for step, _ in progress.iterate(range(5)):
+        clock[0] += 20.0 if step == 0 else 1.0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Epoch: [0]")]
+    etas = [line.split("eta: ")[1].split()[0] for line in lines if "eta: " in line]
+    assert etas == ["0:01:20", "0:00:03", "0:00:01", "0:00:00"]  # after steps 0 (no other pace yet), 1, 3 and 4
+    assert lines[-1].endswith(
+        "0:00:24 (4.8000 s / it, 0.8 img/s); 2 more epochs of training at this pace: about 0:00:10"
+    )

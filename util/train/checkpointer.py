@@ -29,6 +29,16 @@ from util.train.progress import MetricLogger, RunLog, SmoothedValue, format_dura
 from util.train.steps import Accumulation
 
 
+def steady_pace(seconds: float, iterations: int, first: float | None) -> float:
+    """Seconds per iteration of ``iterations`` that took ``seconds``, the ``first`` one's seconds (if given) left
+    out where others follow it: a process's first step compiles (--compile, for a minute or more) and warms the
+    GPU up, and each epoch's first waits for the loader's first batches. Counted in, it made a run's early
+    estimates of the time left many times too long (the 2-core CPU: 83 s of compiling against 0.7 s epochs)."""
+    if first is not None and iterations > 1:
+        return (seconds - first) / (iterations - 1)
+    return seconds / max(iterations, 1)
+
+
 def stop_requested(device: str) -> bool:
     """Whether a stop signal reached any rank; every rank gets the same answer (a collective), and learns
     which preemption signals reached any rank (``interrupt.agree``), for the launcher to hand over."""
@@ -99,26 +109,29 @@ class EpochProgress:
         iter_time, data_time = SmoothedValue(fmt="{avg:.4f}"), SmoothedValue(fmt="{avg:.4f}")
         header, width, delimiter = f"Epoch: [{self.epoch}]", len(str(self.total)), self.metrics.delimiter
         begin = end = time.time()
+        first = None  # this epoch's first iteration's seconds (steady_pace leaves them out)
         for step, batch in enumerate(batches(loader), self.start_step):
             data_time.update(time.time() - end)
             yield step, batch
             iter_time.update(time.time() - end)
+            first = iter_time.value if iter_time.count == 1 else first
             if self._line_due(step):
-                eta = format_duration(iter_time.global_avg * (self.total - step - 1))
+                eta = format_duration(steady_pace(iter_time.total, iter_time.count, first) * (self.total - step - 1))
                 position = f"{header} [{step + 1:>{width}}/{self.total}]"
                 fields = [position, f"eta: {eta}", str(self.metrics), f"time: {iter_time}", f"data: {data_time}"]
                 log.info(delimiter.join(fields))
             end = time.time()
-        log.info(f"{header} total time: {self._pace(time.time() - begin, max(iter_time.count, 1))}")
+        pace = self._pace(time.time() - begin, max(iter_time.count, 1), first)
+        log.info(f"{header} total time: {pace}")
 
-    def _pace(self, elapsed: float, iterations: int) -> str:
+    def _pace(self, elapsed: float, iterations: int, first: float | None = None) -> str:
         """The epoch's time, s / it and images/s (all ranks), and the training time the epochs after it will take
-        at that pace: what a long run's user wants at each epoch's end."""
+        at the pace after its ``first`` iteration's seconds: what a long run's user wants at each epoch's end."""
         per_it, args = elapsed / iterations, self.args
         images_per_second = args.batch_size * distributed.world_size() / max(per_it, 1e-9)
         pace = f"{format_duration(elapsed)} ({per_it:.4f} s / it, {images_per_second:.1f} img/s)"
         if left := args.epochs - self.epoch - 1:
-            more = format_duration(per_it * self.total * left)
+            more = format_duration(steady_pace(elapsed, iterations, first) * self.total * left)
             pace += f"; {left} more epoch{'s' if left > 1 else ''} of training at this pace: about {more}"
         return pace
 
