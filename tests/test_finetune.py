@@ -255,6 +255,24 @@ def test_class_token_model_loads_norm_and_misses_only_head(pipeline, capsys):
     assert torch.equal(model.norm.weight, encoder["norm.weight"])
 
 
+@pytest.mark.parametrize("global_pool", [True, False])
+def test_a_classifier_checkpoint_keeps_its_head_of_the_same_shape(tmp_path, capsys, global_pool):
+    """--finetune of a classifier fine-tuned on as many classes: its head (and fc_norm) load as they are,
+    not re-drawn. The official scripts stop there instead (they assert that the head is missing):
+    docs/official-differences.md."""
+    source = models_vit.vit_mini_patch4(num_classes=3, global_pool=global_pool)
+    with torch.no_grad():
+        source.head.weight.normal_(std=0.5)  # far from trunc-normal(2e-5): a re-drawn head would show
+        source.head.bias.fill_(0.25)
+    path = tmp_path / "classifier.pth"
+    torch.save({"model": source.state_dict()}, path)
+    model = models_vit.vit_mini_patch4(num_classes=3, global_pool=global_pool)
+    load_pretrained_encoder(model, str(path))
+    assert "initialised: nothing" in capsys.readouterr().out
+    for name, value in source.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+
+
 def test_encoder_only_checkpoint_at_another_resolution(pipeline, tmp_path):
     """The official release format (encoder only, under 'model'), loaded at a larger input size:
     the position embedding is resized and the grid's corners keep their values approximately."""
