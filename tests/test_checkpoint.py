@@ -434,6 +434,19 @@ def test_a_mid_epoch_checkpoint_resumed_with_another_seed_is_refused(tmp_path):
     assert resume(other_seed, open_resume(other_seed.args)) == Position(1, 0)
 
 
+def test_a_mid_epoch_checkpoint_resumed_with_another_accum_iter_is_refused(tmp_path):
+    """docs/checkpoints.md: a position inside an epoch counts iterations, and with another --accum_iter the
+    optimizer steps fall on other iterations than the ones the checkpoint counted. An epoch-end one resumes."""
+    state = _state(torch.nn.Linear(2, 2), _args(output_dir=str(tmp_path), accum_iter=2))
+    checkpoint.save_checkpoint(state, 0)
+    checkpoint.save_checkpoint(state, 1, 4)
+    other = _state(torch.nn.Linear(2, 2), _args(resume=str(tmp_path / "checkpoint-1-step4.pth"), accum_iter=4))
+    with pytest.raises(UserError, match="inside an epoch with --accum_iter 2, this run has 4; resume with the same"):
+        resume(other, open_resume(other.args))
+    other.args.resume = str(tmp_path / "checkpoint-0.pth")
+    assert resume(other, open_resume(other.args)) == Position(1, 0)
+
+
 def test_resume_with_flags_that_change_what_is_learned_warns_naming_each(tmp_path, capsys):
     """--mask_ratio, --norm_pix_loss, ... (MEANING_FLAGS) changed on resume: training goes on with
     the new values, and one warning names each change; flags that change nothing learned (--epochs)
