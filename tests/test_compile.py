@@ -22,6 +22,7 @@ sys.path.insert(0, str(REPO))
 from helpers import TINY, make_dataset, make_split, preserved_signals, torch_threads  # noqa: E402
 
 import main_finetune  # noqa: E402
+import main_linprobe  # noqa: E402
 import main_pretrain  # noqa: E402
 
 IMAGE = (3, 32, 32)  # an image of these runs: the graph input whose first dimension is the batch
@@ -109,3 +110,15 @@ def test_finetuning_compiles_train_and_both_evaluation_batches_static_once(compi
     assert [(g.batch, dict(g.calls)) for g in compiled] == [(16, {16: 6}), (16, {16: 3}), (11, {11: 3})]
     assert _graph_breaks() == {}
     assert len(compiled) < torch._dynamo.config.recompile_limit
+
+
+def test_linear_probing_compiles_train_and_both_evaluation_batches_static_once(compiled, tmp_path):
+    """The probe (a frozen encoder, a BatchNorm head in train mode while training and in eval mode after) makes the
+    same three static graphs as fine-tuning, all in the first epoch, as docs/pretraining.md says."""
+    data = make_split(tmp_path / "data", train=11, val=9)  # 33 training images: 2 steps of 16; 27 to evaluate
+    argv = ["--data_path", str(data), "--nb_classes", "3", "--model", "vit_mini_patch4", "--input_size", "32"]
+    argv += ["--batch_size", "16", "--output_dir", str(tmp_path / "out"), "--log_dir", "", "--epochs", "2"]
+    argv += ["--warmup_epochs", "1", "--device", "cpu", "--precision", "fp32", "--num_workers", "0", "--compile"]
+    main_linprobe.main(main_linprobe.get_args_parser().parse_args(argv))
+    assert [(g.batch, dict(g.calls)) for g in compiled] == [(16, {16: 4}), (16, {16: 2}), (11, {11: 2})]
+    assert _graph_breaks() == {}
