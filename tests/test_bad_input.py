@@ -28,6 +28,7 @@ from helpers import (  # noqa: E402
     read_log,
 )
 
+import knn_eval  # noqa: E402
 import main_finetune  # noqa: E402
 import main_linprobe  # noqa: E402
 import main_pretrain  # noqa: E402
@@ -412,6 +413,25 @@ def test_reconstruct_checks_seed_and_device_as_training_does(tmp_path, monkeypat
     argv = ["--checkpoint", "any.pth", str(demo_files(1)[0]), "--output", str(tmp_path / "r.png"), *flags]
     with pytest.raises(UserError, match=message):
         reconstruct.main(reconstruct.get_args_parser().parse_args(argv))
+
+
+KNN_EVAL_FLAGS = {
+    **RECONSTRUCT_FLAGS,
+    "seed_negative": (["--seed", "-1"], r"^--seed must be in \[0, 2\*\*32 - 1\], got -1$"),
+    "input_size": (["--input_size", "0"], r"^--input_size must be at least 1, got 0$"),
+    "num_workers": (["--num_workers", "-1"], r"^--num_workers must be 0 or more, got -1$"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(KNN_EVAL_FLAGS))
+def test_knn_eval_checks_seed_device_and_sizes_as_training_does(tmp_path, monkeypatch, case):
+    """docs/pretraining.md, docs/what-survives-what.md: knn_eval.py checks these as the entry points do, before
+    any checkpoint or image is read (the data folder here holds no image: reading it would fail otherwise)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a machine without CUDA, wherever this runs
+    flags, message = KNN_EVAL_FLAGS[case]
+    argv = ["--data_path", str(tmp_path), "--encoders", str(tmp_path / "missing.pth"), "random", *flags]
+    with pytest.raises(UserError, match=message):
+        knn_eval.main(knn_eval.get_args_parser().parse_args(argv))
 
 
 @pytest.mark.parametrize(
