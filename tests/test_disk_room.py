@@ -18,6 +18,7 @@ from helpers import (  # noqa: E402
     checkpoint_names,
     counting_step,
     isolated_interrupts,
+    load,
     make_dataset,
     pretrain_args,
     read_log,
@@ -80,12 +81,15 @@ def with_room(data, tmp_path_factory) -> tuple[Path, int | None]:
     return out, expected[0] if len(expected) == 1 else None
 
 
-def test_a_run_with_room_goes_on_and_expected_its_checkpoint_s_size_within_10_percent(with_room):
+def test_a_run_with_room_goes_on_and_expected_its_checkpoint_s_size_within_1_percent(with_room):
+    """docs/what-survives-what.md: within 1% of the file for mae_vit_tiny_patch4 (run_pretrain's model); the file
+    adds only the zip's and pickle's records to the tensors counted (0.3% here)."""
     out, expected = with_room
     assert expected is not None, "the run checked its room once"
     assert checkpoint_names(out) == {"checkpoint-0.pth"} and [line["epoch"] for line in read_log(out)] == [0]
+    assert load(out / "checkpoint-0.pth")["args"].model == "mae_vit_tiny_patch4"
     written = os.path.getsize(out / "checkpoint-0.pth")
-    assert abs(expected - written) < 0.1 * written, (expected, written)
+    assert abs(expected - written) < 0.01 * written, (expected, written)
 
 
 def test_a_run_without_room_for_one_checkpoint_stops_before_its_first_batch(data, with_room, tmp_path, monkeypatch):
