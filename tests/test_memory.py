@@ -16,6 +16,8 @@ from util.cli.errors import UserError
 from util.pos_embed import sincos_2d
 from util.train import distributed, run
 
+DDP = torch.nn.parallel.DistributedDataParallel
+
 # Larger than any machine's memory: 625 million patches of the 4-pixel models.
 BOMB = 100000
 
@@ -149,6 +151,47 @@ def test_ddp_gradients_are_views_into_its_buckets(tmp_path):
     which fit one bucket, share one storage instead of one per parameter."""
     (output,) = run_ranks(_ddp_gradients, tmp_path, world_size=1, timeout=120)
     assert output.count("gradient storages: 1, same gradients: True") == 2, output
+
+
+def _ddp_weights(out: str) -> None:
+    """In each rank of a gloo group: 3 AdamW steps of the tiny MAE on this rank's own images, wrapped as training
+    wraps it and wrapped by DDP's defaults (a gradient copy beside the buckets), from the same weights; each rank
+    saves both models' weights and whether its gradients were views into DDP's buckets."""
+    torch.distributed.init_process_group("gloo")
+    rank, saved = torch.distributed.get_rank(), {}
+    args = argparse.Namespace(distributed=True, device="cpu", gpu=0, compile=False)
+    for name, wrap in (("ours", lambda m: run.wrap_for_training(m, args)), ("default", DDP)):
+        torch.manual_seed(0)
+        model = models_mae.mae_vit_tiny_patch4(norm_pix_loss=True)
+        wrapped = wrap(model)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+        draws = torch.Generator().manual_seed(rank)  # each rank trains on images of its own
+        for _ in range(3):
+            loss, _, _ = wrapped(torch.randn(4, 3, 32, 32, generator=draws), 0.75, torch.rand(4, 64, generator=draws))
+            loss.backward()
+            saved[f"{name}_views"] = getattr(wrapped, "gradient_as_bucket_view", False)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        saved[name] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        del wrapped
+    torch.save(saved, f"{out}{rank}.pth")
+    distributed.cleanup()
+
+
+def test_ddp_with_gradients_in_its_buckets_trains_the_weights_of_ddps_default(tmp_path):
+    """docs/pretraining.md, docs/official-differences.md: keeping the gradients in DDP's buckets (no second copy)
+    gives bitwise the weights of DDP's default on CPU, here over 2 ranks whose gradients differ."""
+    run_ranks(lambda: _ddp_weights(str(tmp_path / "rank")), tmp_path / "ranks", world_size=2, timeout=120)
+    ranks = [torch.load(tmp_path / f"rank{r}.pth") for r in range(2)]
+    assert all(r["ours_views"] and not r["default_views"] for r in ranks), "training's DDP keeps no gradient copy"
+    torch.manual_seed(0)
+    start = models_mae.mae_vit_tiny_patch4(norm_pix_loss=True).state_dict()
+    for rank in ranks:
+        assert rank["ours"].keys() == rank["default"].keys() == start.keys()
+        for key, value in rank["default"].items():
+            assert torch.equal(rank["ours"][key], value), key
+            assert torch.equal(ranks[0]["ours"][key], rank["ours"][key]), f"the ranks' {key} differ"
+    assert not torch.equal(ranks[0]["ours"]["blocks.0.attn.qkv.weight"], start["blocks.0.attn.qkv.weight"])
 
 
 def test_the_demo_checkpoint_fine_tuned_at_224_is_refused():
