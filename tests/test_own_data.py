@@ -153,6 +153,22 @@ def test_stats_of_other_channel_counts_equal_a_hand_computation(tmp_path):
         _stats(tmp_path / "rgba", "--in_chans", "0")
 
 
+@pytest.mark.parametrize("in_chans", ["3", "1"], ids=["8-bit RGB, integer sums", "16-bit gray, float64 sums"])
+def test_stats_are_the_same_for_any_num_workers(tmp_path, in_chans):
+    """docs/own-data.md: the same result for any --num_workers, bit for bit; 130 images make 3 batches, which the
+    two workers load in turn."""
+    rng = np.random.default_rng(2)
+    for i in range(130):
+        if in_chans == "3":
+            _save(tmp_path / f"{i:03d}.png", rng.integers(0, 256, (5, 6, 3)))
+        else:
+            Image.fromarray(rng.integers(0, 65536, (5, 6)).astype(np.uint16)).save(tmp_path / f"{i:03d}.png")
+    flags = ["--in_chans", in_chans, "--input_size", "0"]
+    alone = _stats(tmp_path, *flags)
+    assert alone["images"] == 130
+    assert _stats(tmp_path, *flags, "--num_workers", "2") == alone
+
+
 @pytest.mark.parametrize("cores, workers", [(2, 2), (8, 4)])
 def test_stats_workers_default_to_at_most_the_usable_cores(cores, workers, monkeypatch):
     """4 workers on a 2-core machine made PyTorch print its too-many-workers warning four times."""
