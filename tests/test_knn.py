@@ -59,13 +59,26 @@ def test_vote_weights_follow_the_temperature():
     labels = torch.tensor([0, 0, 1])
     for t in (0.07, 1.0, 10.0):
         scores = knn.knn_scores(bank, labels, q, num_classes=2, k=3, t=t)
-        expected = torch.tensor([[2 * math.exp(0.5 / t), math.exp(0.9 / t)]])
+        # Relative to the nearest item's weight, exp(0.9 / t).
+        expected = torch.tensor([[2 * math.exp(0.5 / t), math.exp(0.9 / t)]]) / math.exp(0.9 / t)
         torch.testing.assert_close(scores, expected, rtol=1e-5, atol=0)
     # A sharp temperature lets the single close neighbour win, a flat one the majority.
     assert knn.knn_scores(bank, labels, q, 2, k=3, t=0.07).argmax().item() == 1
     assert knn.knn_scores(bank, labels, q, 2, k=3, t=10.0).argmax().item() == 0
     # Only the k nearest vote: with k=1 the close item alone scores.
-    torch.testing.assert_close(knn.knn_scores(bank, labels, q, 2, k=1, t=1.0), torch.tensor([[0.0, math.exp(0.9)]]))
+    torch.testing.assert_close(knn.knn_scores(bank, labels, q, 2, k=1, t=1.0), torch.tensor([[0.0, 1.0]]))
+
+
+def test_a_sharp_temperature_lets_the_nearest_neighbour_win():
+    """exp(cos / t) overflowed float32 where cos / t passed 88.7: at --knn_t 0.005 both classes' votes were inf,
+    and argmax gave the first class, though the query is nearer the other one."""
+    q = torch.tensor([[1.0, 0.0]])
+    bank = torch.tensor([[0.7, math.sqrt(0.51)], [0.99, math.sqrt(1 - 0.99**2)]])
+    labels = torch.tensor([0, 1])
+    for t in (0.005, 1e-4):
+        scores = knn.knn_scores(bank, labels, q, num_classes=2, k=2, t=t)
+        assert scores.isfinite().all(), t
+        assert scores.argmax().item() == 1, t
 
 
 def test_chunks_do_not_change_the_scores():

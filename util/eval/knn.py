@@ -101,13 +101,16 @@ def knn_scores(
     chunk: int = 1024,
 ) -> torch.Tensor:
     """Class scores [Q, num_classes] of each query: the sum of ``exp(cos / t)`` over its ``k``
-    nearest bank items of that class. Features must be L2-normalised."""
+    nearest bank items of that class, divided by ``exp(top cos / t)`` of its nearest item (the same for
+    every class of a query, so the ranking is the vote's). Features must be L2-normalised."""
     k = min(k, len(bank))
     scores = []
     for start in range(0, len(queries), chunk):  # a [chunk, bank] similarity matrix at a time
         similarity = queries[start : start + chunk] @ bank.T
         top_sim, top_idx = similarity.topk(k, dim=1)
-        weights = (top_sim / t).exp()
+        # Relative to the nearest item: exp(cos / t) itself overflows float32 where cos / t passes 88.7 (a close
+        # neighbour at --knn_t below 0.011), and the classes with an inf vote tied, argmax taking the first.
+        weights = ((top_sim - top_sim[:, :1]) / t).exp()
         votes = torch.zeros(len(top_idx), num_classes, device=queries.device, dtype=weights.dtype)
         scores.append(votes.scatter_add_(1, bank_labels[top_idx], weights))
     return torch.cat(scores)
