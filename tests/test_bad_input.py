@@ -79,6 +79,16 @@ def test_validation_classes_must_have_the_training_names(tmp_path, entry_point):
     assert not (tmp_path / "out" / "checkpoint-0.pth").exists()
 
 
+@pytest.mark.parametrize("nb_classes", ["3", "2"])
+def test_a_validation_split_lacking_a_class_is_named_whatever_nb_classes_says(tmp_path, nb_classes):
+    """val's folders were counted against --nb_classes before they were compared with train's: with 3, the error
+    advised --nb_classes 2, with which train's 3 folders were refused, advising 3."""
+    data = _split(tmp_path / "data", ("airplane", "cat", "ship"), ("airplane", "cat"))
+    expected = r"only in train: ship; only in val: none" if nb_classes == "3" else r"train has 3 class folders"
+    with pytest.raises(UserError, match=expected):
+        main_finetune.main(_classifier_args(main_finetune, data, tmp_path / "out", "--nb_classes", nb_classes))
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. Links: each real folder once, never out of the data folder
 def test_link_loop_does_not_multiply_pretraining_data(data, tmp_path, capsys):

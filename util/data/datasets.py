@@ -265,16 +265,20 @@ def classification_splits(
     label is its position among the sorted class folders, so both splits must have the same ones (or
     validation images would be scored against the wrong classes); a list's label is the index itself."""
     train = classification_dataset(data_path, "train", train_transform, nb_classes, flag, loader, resumed_from)
-    val = classification_dataset(data_path, "val", val_transform, nb_classes, flag, loader, resumed_from)
+    # Class folders: val's are compared with train's below, which were counted against --nb_classes. Counted
+    # too, a val split that lacks a class was told to give --nb_classes of its count, which train then refused.
+    val_classes = nb_classes if isinstance(train, ListedImages) else None
+    val = classification_dataset(data_path, "val", val_transform, val_classes, flag, loader, resumed_from)
     if isinstance(train, ListedImages) and isinstance(val, ListedImages):
         count = max(len(train.classes), len(val.classes))  # without --nb_classes: the largest index + 1
         train.classes = val.classes = ClassIndices(count)
     if train.classes != val.classes:
         only_train = sorted(set(train.classes) - set(val.classes))
         only_val = sorted(set(val.classes) - set(train.classes))
+        only_train, only_val = (", ".join(names[:5]) or "none" for names in (only_train, only_val))
         fail(
-            f"{flag} {data_path}: train and val have other class folders (only in train: "
-            f"{', '.join(only_train[:5])}; only in val: {', '.join(only_val[:5])}); give both the same class folders"
+            f"{flag} {data_path}: train and val have other class folders (only in train: {only_train}; "
+            f"only in val: {only_val}); give both the same class folders"
         )
     return same_on_every_rank(train, data_path, flag, "train"), same_on_every_rank(val, data_path, flag, "val")
 
