@@ -273,6 +273,24 @@ def test_a_classifier_checkpoint_keeps_its_head_of_the_same_shape(tmp_path, caps
         assert torch.equal(model.state_dict()[name], value), name
 
 
+@pytest.mark.parametrize("global_pool", [True, False])
+def test_a_linear_probes_checkpoint_starts_a_classifier_with_its_encoder(tmp_path, capsys, global_pool):
+    """--finetune of main_linprobe.py's checkpoint: its head (BatchNorm then linear, head.0/head.1) is dropped as
+    a head of another shape is, and its encoder loads. It was refused as "not an MAE checkpoint"; the official
+    scripts load it (its head's keys are unexpected there, which they ignore)."""
+    probe = models_vit.vit_mini_patch4(num_classes=3)
+    probe.head = torch.nn.Sequential(torch.nn.BatchNorm1d(128, affine=False), probe.head)
+    path = tmp_path / "probe.pth"
+    torch.save({"model": probe.state_dict()}, path)
+    model = models_vit.vit_mini_patch4(num_classes=3, global_pool=global_pool)
+    load_pretrained_encoder(model, str(path))
+    assert "initialised: ['" in capsys.readouterr().out
+    for name, value in model.state_dict().items():
+        if not name.startswith(("head.", "fc_norm.")):
+            assert torch.equal(value, probe.state_dict()[name]), name
+    assert model.head.weight.std().item() < 1e-4  # drawn anew: trunc-normal(2e-5)
+
+
 def test_encoder_only_checkpoint_at_another_resolution(pipeline, tmp_path):
     """The official release format (encoder only, under 'model'), loaded at a larger input size:
     the position embedding is resized and the grid's corners keep their values approximately."""

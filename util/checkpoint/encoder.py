@@ -52,6 +52,12 @@ def _load_encoder(model: torch.nn.Module, source: Opened, classifier: bool) -> s
         if k in state and k in own and state[k].shape != own[k].shape:
             log.info(f"dropping {k} of shape {tuple(state[k].shape)} from {path}: the model's is {tuple(own[k].shape)}")
             del state[k]
+    # A linear probe's head (BatchNorm then linear: head.0.*, head.1.*) is a head of another kind, dropped as one of
+    # another shape is: its encoder is the pre-trained one. Kept, its keys were refused as "not an MAE checkpoint".
+    if probe_head := sorted(k for k in state if k.startswith(("head.0.", "head.1.")) and k not in own):
+        log.info(f"dropping the linear probe's head of {path} ({', '.join(probe_head)})")
+        for k in probe_head:
+            del state[k]
     if "pos_embed" in state:
         state["pos_embed"] = fit_pos_embed(model, source, state, flag)
     pooled = "fc_norm.weight" in state and "norm.weight" in own and "norm.weight" not in state
