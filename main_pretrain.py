@@ -121,6 +121,8 @@ def build_knn_data(args: argparse.Namespace) -> knn.KnnData | None:
         in_chans=args.in_chans,
     )
     log.info(f"k-NN monitor: {data} from {args.knn_data_path}, every {args.knn_freq} epochs")
+    if args.knn_k > len(data.bank):  # the vote takes the whole bank (knn_scores); said, as knn_eval.py says it
+        log.warning(f"--knn_k {args.knn_k} is more than the {len(data.bank)} bank images: k = {len(data.bank)}")
     return data
 
 
@@ -134,7 +136,8 @@ def knn_monitor(
     scores = {f"knn_{name}": value for name, value in scores.items()}
     run_log.scalars((epoch + 1) * 1000, **{f"knn/{name[4:]}": v for name, v in scores.items()})
     shown = "  ".join(f"{name} {value:.2f}" for name, value in scores.items())
-    log.info(f"k-NN (k={args.knn_k}, t={args.knn_t}) after epoch {epoch}: {shown}  ({time.time() - begin:.0f} s)")
+    k = min(args.knn_k, len(data.bank))  # the k the vote used (args keep the flag: the checkpoints store it)
+    log.info(f"k-NN (k={k}, t={args.knn_t}) after epoch {epoch}: {shown}  ({time.time() - begin:.0f} s)")
     return scores
 
 

@@ -340,6 +340,17 @@ def test_pretraining_logs_knn_scores_and_they_match_knn_eval(tmp_path):
     assert_same(load(out / "checkpoint-2.pth")["model"], load(plain / "checkpoint-2.pth")["model"])
 
 
+def test_the_monitor_says_the_k_it_votes_with_where_the_bank_is_smaller(tmp_path, capsys):
+    """--knn_k beyond the bank: the vote takes the whole bank, as knn_eval.py warns; the monitor said nothing and
+    logged the flag's k."""
+    data = labelled_folder(tmp_path / "data", 8, 1)
+    flags = ["--epochs", "1", "--knn_data_path", str(data), "--knn_bank_size", "6", "--knn_k", "20", "--vis_freq", "0"]
+    run_pretrain(data, tmp_path / "run", *flags)
+    printed = capsys.readouterr()
+    assert "--knn_k 20 is more than the 6 bank images: k = 6" in printed.out + printed.err
+    assert "k-NN (k=6, t=0.07) after epoch 0" in printed.out
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
