@@ -319,6 +319,10 @@ def check_mask_ratio(mask_ratio: float, num_patches: int, remove_one: bool = Tru
     keep = int(num_patches * (1 - mask_ratio)) if 0 <= mask_ratio < 1 else 0  # as models_mae draws it
     # The largest ratio that keeps a patch, rounded down: rounded up (64 patches: 0.9844), it would keep none.
     top = math.floor((1 - 1 / num_patches) * 10**6) / 10**6
+    # Where that bound is exact in decimal (400 patches: 0.9975), 1 - top is a hair under 1 / num_patches in
+    # float, and the count above keeps none of them: the advice would name a ratio it refuses.
+    if int(num_patches * (1 - top)) < 1:
+        top = round(top - 1e-6, 6)
     if remove_one and not 1 <= keep < num_patches:
         fail(
             f"--mask_ratio {mask_ratio} must remove at least one of the {num_patches} patches and keep one: "

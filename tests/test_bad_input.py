@@ -312,9 +312,10 @@ def test_an_image_of_one_patch_is_blamed_on_the_input_size_not_the_mask_ratio(da
         main_pretrain.main(args)
 
 
-@pytest.mark.parametrize("patches", [4, 64, 196, 256, 3136, 65536])
+@pytest.mark.parametrize("patches", [4, 5, 10, 64, 196, 256, 400, 1600, 3136, 65536])
 def test_the_mask_ratio_the_error_suggests_is_accepted(patches):
-    """The upper bound the message gives is itself accepted (64 patches: 0.9844, rounded up, kept none)."""
+    """The upper bound the message gives is itself accepted (64 patches: 0.9844, rounded up, kept none; 400
+    patches, 320 px at patch 16: 0.9975, whose 1 - 0.9975 is under 1 / 400 in float, kept none too)."""
     with pytest.raises(UserError) as err:
         models_mae.check_mask_ratio(1.0, patches)
     top = float(re.search(r"use a value in \(0, ([0-9.]+)\]", str(err.value)).group(1))
