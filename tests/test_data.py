@@ -238,6 +238,24 @@ def test_an_image_removed_after_the_listing_is_said_to_be_gone(tmp_path, fast):
         dataset[0]
 
 
+@pytest.mark.parametrize("fast", [False, True], ids=["torchvision", "fast"])
+def test_a_dangling_link_in_the_data_folder_is_named_as_one(tmp_path, fast):
+    """A link whose target is missing is listed by the folder's scan: it was said to be 'gone since' the listing,
+    with the advice to start again, whose listing took it again (found with a link to a removed file)."""
+    make_dataset(tmp_path, 1, layout="flat")
+    os.symlink(tmp_path / "removed.jpg", tmp_path / "zz_link.jpg")
+    dataset = ImageFiles(str(tmp_path), pretrain_transform(32, "fast" if fast else "torchvision"), lazy=fast)
+    link = dataset.files[-1]
+    assert link.endswith("zz_link.jpg")
+    target = os.path.realpath(tmp_path / "removed.jpg")
+    dangling = (
+        rf"^image {re.escape(link)} is a link to {re.escape(target)}, which does not exist; "
+        rf"remove the link, or put the file it points to back$"
+    )
+    with pytest.raises(UserError, match=dangling):
+        dataset[len(dataset) - 1]
+
+
 # ---------------------------------------------------------------------------------------------
 # Seeded sampling
 def _loader_args(workers: int, batch: int = 8, seed: int = 0) -> Namespace:

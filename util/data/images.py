@@ -1,6 +1,7 @@
 """Reading image files as RGB, eagerly or lazily, naming the file when it cannot be read; and
 reading them with their own channels (``--in_chans`` other than 3) as float tensors in [0, 1]."""
 
+import os
 import re
 
 import numpy as np
@@ -24,6 +25,13 @@ def unreadable(path: str, error: BaseException, hint: str = "") -> str:
     identify shows Python's repr of the open file, and says nothing the path does not: it is put in words.
     A data set's file that is gone was listed when the command started (files given on the command line
     are checked before): it was removed or moved since, and "remove or replace the file" fits no longer."""
+    if isinstance(error, FileNotFoundError) and os.path.islink(path):
+        # A dangling link is listed by a folder's scan like any file, but was never readable: "gone since" and
+        # "start again, which lists the data afresh" would list it again and fail on it again.
+        return (
+            f"image {path} is a link to {os.path.realpath(path)}, which does not exist; remove the link, "
+            f"or put the file it points to back"
+        )
     if isinstance(error, FileNotFoundError):
         return (
             f"image {path} is gone: it was listed when the run started, and removed or moved since; put it back, "
