@@ -81,7 +81,8 @@ def main(args: argparse.Namespace) -> None:
     model.to(args.device)
     height, width = image_size(model.img_size)
     transform = eval_transform((height, width), args.mean, args.std, args.in_chans)
-    imgs = load_images(args.images, transform, image_loader(args.in_chans))
+    # The channels are the weights' (--in_chans may only repeat them): an image of others is told so.
+    imgs = load_images(args.images, transform, image_loader(args.in_chans, f"the model of {args.checkpoint}"))
     noise = fixed_noise(len(imgs), model.num_patches, seed=args.seed)
     picture = reconstruction_grid(model, imgs, noise, args.mask_ratio, args.mean, args.std)
     with reported(args.output, "--output"):  # a full disk: one line, and an earlier picture stays whole

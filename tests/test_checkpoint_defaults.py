@@ -7,7 +7,7 @@ from argparse import Namespace
 
 import pytest
 import torch
-from helpers import load_spec, make_dataset, make_split, official_layouts, one_line_error, run_pretrain
+from helpers import demo_files, load_spec, make_dataset, make_split, official_layouts, one_line_error, run_pretrain
 from PIL import Image
 
 import knn_eval
@@ -320,6 +320,21 @@ def test_reconstructing_with_a_release_of_other_channels_blames_its_weights(gray
     argv = [str(image), "--checkpoint", gray_release, "--output", str(tmp_path / "r.png"), "--device", "cpu"]
     refused = one_line_error(reconstruct.main, reconstruct.get_args_parser().parse_args(argv))
     assert refused.startswith(f"--in_chans 1, from the weights of checkpoint {gray_release}, needs --mean"), refused
+
+
+@pytest.mark.parametrize("in_chans", [[], ["--in_chans", "1"]], ids=["weights", "flag"])
+def test_reconstructing_a_colour_image_with_a_gray_model_does_not_advise_another_in_chans(
+    gray_release, tmp_path, in_chans
+):
+    """Was "... but --in_chans is 1; convert it to grayscale ..., or give --in_chans 3", a flag the user had not
+    given, which the checkpoint's 1-channel weights then refused."""
+    image = demo_files(1)[0]
+    argv = [str(image), "--checkpoint", gray_release, "--output", str(tmp_path / "r.png"), "--device", "cpu"]
+    refused = one_line_error(reconstruct.main, reconstruct.get_args_parser().parse_args([*argv, *GRAY_NORM, *in_chans]))
+    assert refused == (
+        f"image {image} has 3 channel(s) (mode RGB) but the model of {gray_release} takes 1; convert it to "
+        f"grayscale (mode L or I;16)"
+    )
 
 
 def test_pretraining_resumes_a_release_of_other_channels_at_its_channels(gray_release, tmp_path, monkeypatch):

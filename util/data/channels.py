@@ -23,11 +23,12 @@ from util.memory import require
 BICUBIC = transforms.InterpolationMode.BICUBIC
 
 
-def image_loader(in_chans: int) -> Callable[[str], Any]:
+def image_loader(in_chans: int, fixed_by: str = "") -> Callable[[str], Any]:
     """What reads a file for a model of ``in_chans`` channels: an RGB PIL image for 3 (every file
     converted, as the official code does), else a float tensor [in_chans, H, W] in [0, 1] with
-    the file's own channels. A partial, not a lambda, so that loader workers can pickle it."""
-    return load_rgb if in_chans == 3 else functools.partial(load_channels, in_chans=in_chans)
+    the file's own channels (``fixed_by``: see ``load_channels``). A partial, not a lambda, so that
+    loader workers can pickle it."""
+    return load_rgb if in_chans == 3 else functools.partial(load_channels, in_chans=in_chans, fixed_by=fixed_by)
 
 
 class ClampUnit:

@@ -79,10 +79,11 @@ _ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
 _TIFF_BITS_PER_SAMPLE = 258
 
 
-def load_channels(path: str, in_chans: int) -> torch.Tensor:
+def load_channels(path: str, in_chans: int, fixed_by: str = "") -> torch.Tensor:
     """Float32 [in_chans, H, W] in [0, 1], each value divided by the largest its bit depth (1, 8 or
     16 bits) holds. A multi-page TIFF gives one channel per page; any other file its bands (a palette
-    its colours; alpha is dropped when that leaves ``in_chans``). Another channel count is an error."""
+    its colours; alpha is dropped when that leaves ``in_chans``). Another channel count is an error;
+    ``fixed_by`` names what set ``in_chans`` where no flag can change it (reconstruct.py's checkpoint)."""
     try:
         with open(path, "rb") as f:
             img = Image.open(f)
@@ -104,6 +105,8 @@ def load_channels(path: str, in_chans: int) -> torch.Tensor:
             todo = "keep one page per file" if "pages" in what else "convert it to grayscale (mode L or I;16)"
         else:
             todo = f"store it as a {in_chans}-page TIFF, one channel per page"
+        if fixed_by:  # another --in_chans would be refused: the model's weights take these channels only
+            fail(f"image {path} has {len(channels)} channel(s) ({what}) but {fixed_by} takes {in_chans}; {todo}")
         todo += f", or give --in_chans {len(channels)}"
         fail(f"image {path} has {len(channels)} channel(s) ({what}) but --in_chans is {in_chans}; {todo}")
     sizes = sorted({c.shape for c in channels})
