@@ -142,15 +142,16 @@ def knn_monitor(
 
 
 def fixed_picture(
-    dataset: ImageFiles, num_patches: int, args: argparse.Namespace
+    dataset: ImageFiles, num_patches: int, args: argparse.Namespace, fixed_by: str = ""
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Evenly spaced images of the data set, center-cropped, and a fixed mask for them: the
-    reconstruction picture shows the same images under the same mask at every epoch."""
+    reconstruction picture shows the same images under the same mask at every epoch. ``fixed_by``:
+    the checkpoint whose weights set the channels (``util.data.images.load_channels``)."""
     if not args.vis_freq:
         return None
     files = dataset.files[:: max(len(dataset) // args.vis_images, 1)][: args.vis_images]
     transform = eval_transform(args.input_size, args.mean, args.std, args.in_chans)
-    imgs = load_images(files, transform, image_loader(args.in_chans))
+    imgs = load_images(files, transform, image_loader(args.in_chans, fixed_by))
     return imgs, fixed_noise(len(files), num_patches, seed=args.seed)
 
 
@@ -162,7 +163,9 @@ def main(flags: argparse.Namespace) -> None:
     model = build_model(args, run.size_source)
 
     knn_data = build_knn_data(args)  # flags and folders checked before the (longer) data scan
-    dataset, loader = pretrain_data(args)
+    # A resumed checkpoint's weights take its channels only: an image of others is not told to give --in_chans.
+    fixed_by = f"the model of {run.resume_from.path}" if run.resume_from is not None else ""
+    dataset, loader = pretrain_data(args, fixed_by)
     log.info(f"{len(dataset)} images in {dataset.root}, {len(loader)} iterations per epoch")
 
     model.set_grad_checkpointing(args.grad_checkpointing)
@@ -176,7 +179,7 @@ def main(flags: argparse.Namespace) -> None:
     run.release_checkpoints()  # loaded: the file's copy of the weights and moments is not needed any more
     wrapped_model = wrap_for_training(model, args)  # DDP and/or compiled: what the steps call
 
-    picture = fixed_picture(dataset, model.num_patches, args)
+    picture = fixed_picture(dataset, model.num_patches, args, fixed_by)
     with training(state, position, len(loader)) as checkpointer:
         for epoch in range(position.epoch, args.epochs):
             start_step = position.steps_done(epoch)

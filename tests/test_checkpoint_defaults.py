@@ -3,6 +3,7 @@ default 224 px was killed for memory): fine-tuning, probing, k-NN and resuming t
 --input_size and --in_chans from the checkpoint, say so in one line, and explicit flags win; a run
 that cannot fit is refused before its first step."""
 
+import re
 from argparse import Namespace
 
 import pytest
@@ -342,6 +343,18 @@ def test_pretraining_resumes_a_release_of_other_channels_at_its_channels(gray_re
     argv = ["--resume", gray_release, "--data_path", str(data), "--output_dir", str(tmp_path / "out")]
     args = _settled(main_pretrain, monkeypatch, *argv, *GRAY_NORM, *CPU)
     assert (args.model, args.input_size, args.in_chans) == ("mae_vit_tiny_patch4", 32, 1)
+
+
+@pytest.mark.parametrize("vis_freq", ["10", "0"], ids=["picture", "training"])
+def test_resuming_a_gray_model_on_colour_images_does_not_advise_another_in_chans(gray_release, tmp_path, vis_freq):
+    """Was "... but --in_chans is 1; ..., or give --in_chans 3": the flag was not given, and the resumed weights
+    refuse 3 channels. The reconstruction picture reads images first; without it the training loader does."""
+    data = make_dataset(tmp_path / "data", 2)
+    argv = ["--resume", gray_release, "--data_path", str(data), "--output_dir", str(tmp_path / "out")]
+    argv += ["--epochs", "1", "--batch_size", "2", "--vis_freq", vis_freq, *GRAY_NORM, *CPU]
+    refused = one_line_error(main_pretrain.main, main_pretrain.get_args_parser().parse_args(argv))
+    taken = f" has 3 channel\\(s\\) \\(mode RGB\\) but the model of {re.escape(gray_release)} takes 1; convert it to "
+    assert re.fullmatch(rf"image {re.escape(str(data))}/\S+\.jpg{taken}grayscale \(mode L or I;16\)", refused), refused
 
 
 # ---------------------------------------------------------------------------------------------

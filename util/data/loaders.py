@@ -50,8 +50,9 @@ def pretrain_transform(
     return tensor_train_transform(size, (0.2, 1.0), mean, std, rgb=in_chans == 3)
 
 
-def pretrain_data(args: Any) -> tuple[ImageFiles, DataLoader | memory_loader.MemoryLoader]:
-    """Dataset and training loader for pre-training: ``--data_path``, ``--input_size``, ``--loader``."""
+def pretrain_data(args: Any, fixed_by: str = "") -> tuple[ImageFiles, DataLoader | memory_loader.MemoryLoader]:
+    """Dataset and training loader for pre-training: ``--data_path``, ``--input_size``, ``--loader``;
+    ``fixed_by``: the checkpoint whose weights set ``--in_chans`` (``util.data.images.load_channels``)."""
     in_chans = getattr(args, "in_chans", 3)
     loader = args.loader
     if in_chans != 3 and loader in ("device", "memory"):
@@ -68,7 +69,9 @@ def pretrain_data(args: Any) -> tuple[ImageFiles, DataLoader | memory_loader.Mem
         log.info(f"--loader fast with --in_chans {in_chans}: images are read and cropped as --loader torchvision does")
         loader = "torchvision"
     transform = pretrain_transform(args.input_size, loader, args.mean, args.std, in_chans)
-    dataset = pretrain_dataset(args.data_path, transform, lazy=loader != "torchvision", loader=image_loader(in_chans))
+    dataset = pretrain_dataset(
+        args.data_path, transform, lazy=loader != "torchvision", loader=image_loader(in_chans, fixed_by)
+    )
     value_bytes = 4 if loader == "torchvision" else 1  # fast and device batches stay uint8 until the device
     return dataset, train_loader(dataset, args, collate_encoded if loader == "device" else None, value_bytes)
 
