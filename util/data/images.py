@@ -83,7 +83,8 @@ def load_channels(path: str, in_chans: int, fixed_by: str = "") -> torch.Tensor:
     """Float32 [in_chans, H, W] in [0, 1], each value divided by the largest its bit depth (1, 8 or
     16 bits) holds. A multi-page TIFF gives one channel per page; any other file its bands (a palette
     its colours; alpha is dropped when that leaves ``in_chans``). Another channel count is an error;
-    ``fixed_by`` names what set ``in_chans`` where no flag can change it (reconstruct.py's checkpoint)."""
+    ``fixed_by`` names what set ``in_chans`` where no flag can change it (the checkpoint reconstruct.py
+    reads, or a run resumes)."""
     try:
         with open(path, "rb") as f:
             img = Image.open(f)
