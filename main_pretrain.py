@@ -26,7 +26,7 @@ from util.cli.args import (
     check_at_least,
     check_common,
 )
-from util.cli.errors import run_cli
+from util.cli.errors import fail, run_cli
 from util.cli.log import log
 from util.data.channels import image_loader
 from util.data.datasets import ImageFiles
@@ -87,6 +87,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 def check_args(args: argparse.Namespace) -> None:
     """The flags' own checks, before anything starts (the SLURM launcher runs them before submitting)."""
     check_common(args)
+    # The range of every patch count (the model's own count is known only once a checkpoint may have given
+    # --input_size: models_mae.check_mask_ratio); here, so that the SLURM launcher refuses it before the queue.
+    if not 0 < args.mask_ratio < 1:
+        fail(f"--mask_ratio {args.mask_ratio} must remove at least one patch and keep one: use a value in (0, 1)")
     # Its reconstruction pictures would become training images (classifiers write no images).
     check_outside_data(args.output_dir, args.data_path, "--output_dir")
     check_at_least(args, 0, "vis_freq", zero_means="never")

@@ -283,6 +283,14 @@ def test_bad_pretraining_flag_is_refused_before_training(data, tmp_path, case):
     assert not (tmp_path / "out" / "checkpoint-0.pth").exists()
 
 
+def test_fp16_on_the_cpu_is_refused_with_the_flags_before_the_output_dir_is_made(data, tmp_path):
+    """Refused where the run settled its precision, it had made --output_dir (left empty) by then."""
+    args = pretrain_args(data, tmp_path / "out", "--precision", "fp16")
+    with pytest.raises(UserError, match=r"^--precision fp16 needs a CUDA device; use --precision bf16 or fp32 on "):
+        main_pretrain.main(args)
+    assert not (tmp_path / "out").exists()
+
+
 def test_seed_must_leave_room_for_every_rank(monkeypatch):
     from util.cli.args import check_world
 

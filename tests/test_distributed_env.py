@@ -646,6 +646,11 @@ def _launch(module: str, argv: list[str], executor) -> None:
         (["--nodes", "0"], "--nodes must be at least 1, got 0"),
         (["--ngpus", "0"], "--ngpus 0 runs on CPUs: give --tasks_per_node N"),  # was argparse's usage and error
         (["--mean", "0.5", "--std", "0"], "--mean takes one value per image channel (3), got 1"),  # was submitted
+        # What depends on the job's 2 x 8 processes (check_world), and what its start refused: all were submitted.
+        (["--seed", str(2**32 - 8)], "--seed 4294967288: rank 15 would seed with 4294967303"),
+        (["--blr", "90", "--batch_size", "1024"], "the effective lr 5.76e+03 (--blr 90 x effective batch / 256)"),
+        (["--ngpus", "2", "--tasks_per_node", "4"], "--tasks_per_node 4 is more than the 2 GPUs of a node"),
+        (["--ngpus", "0", "--tasks_per_node", "1", "--precision", "fp16"], "--precision fp16 needs a CUDA device"),
     ],
 )
 def test_the_launcher_refuses_flags_the_job_would_refuse_and_submits_nothing(
@@ -677,6 +682,24 @@ def test_the_launcher_refuses_a_job_dir_inside_the_data_before_submitting(tmp_pa
         f"be read back as training images; give a folder outside the data\n"
     )
     assert executor.made == [], "nothing is submitted"
+
+
+def test_the_launcher_refuses_a_mask_ratio_pretraining_would_refuse_before_submitting(tmp_path, capsys, executor):
+    with pytest.raises(SystemExit):
+        _launch("main_pretrain", ["--job_dir", str(tmp_path / "%j"), "--mask_ratio", "1"], executor)
+    assert capsys.readouterr().err.startswith("error: --mask_ratio 1.0 must remove at least one patch and keep one")
+    assert executor.made == [], "nothing is submitted"
+
+
+@pytest.mark.parametrize(
+    "argv", [["--precision", "fp16", "--tasks_per_node", "4"], ["--device", "cpu", "--tasks_per_node", "16"]]
+)
+def test_the_launcher_submits_fewer_tasks_than_gpus_or_cpu_tasks(tmp_path, capsys, executor, argv):
+    """A task per GPU at most: fewer are fine (in fp16, which the GPUs of the job take), and a CPU job may run
+    any number."""
+    _launch("main_pretrain", ["--job_dir", str(tmp_path / "%j"), "--nodes", "1", *argv], executor)
+    (made,) = executor.made
+    assert made.parameters["tasks_per_node"] == int(argv[-1])
 
 
 def test_the_launcher_submits_good_flags_for_the_jobs_gpus(tmp_path, capsys, executor):

@@ -140,9 +140,14 @@ def resolve_precision(precision: str, device: str) -> str:
         except TypeError:  # torch < 2.4 has no emulation and no such argument
             native_bf16 = torch.cuda.is_bf16_supported()
         return "bf16" if native_bf16 else "fp16"
-    if precision == "fp16" and not on_cuda:
-        fail("--precision fp16 needs a CUDA device; use --precision bf16 or fp32 on CPU")
+    check_precision(precision, device)
     return precision
+
+
+def check_precision(precision: str, device: str) -> None:
+    """A ``--precision`` that ``--device`` can compute in: fp16 (its loss scaling) is CUDA's alone."""
+    if precision == "fp16" and not str(device).startswith("cuda"):
+        fail(f"--precision fp16 needs a CUDA device; use --precision bf16 or fp32 on --device {device}")
 
 
 def check_at_least(args: argparse.Namespace, minimum: int, *names: str, zero_means: str = "") -> None:
@@ -201,6 +206,9 @@ def check_common(args: argparse.Namespace) -> None:
     check_finite(args)  # after the checks above, which say more (each also refuses NaN)
     check_norm_flags(args)
     check_device(args.device)
+    # Here, not only where the run settles its precision: by then it had made --output_dir, and the SLURM
+    # launcher submitted a CPU job that would refuse it.
+    check_precision(args.precision, args.device)
 
 
 def check_norm_flags(args: argparse.Namespace) -> None:

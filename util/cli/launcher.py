@@ -15,7 +15,7 @@ from types import ModuleType
 
 import submitit
 
-from util.cli.args import check_at_least, check_common
+from util.cli.args import check_at_least, check_common, check_world
 from util.cli.errors import UserError, fail
 from util.cli.log import log
 from util.cli.redact import redacted
@@ -95,13 +95,24 @@ def check_flags(entry: ModuleType, args: argparse.Namespace) -> None:
         check_at_least(args, 1, "tasks_per_node")
     elif args.ngpus == 0:  # a task per GPU, and there are none
         fail("--ngpus 0 runs on CPUs: give --tasks_per_node N, the processes per node")
+    tasks = args.tasks_per_node or args.ngpus
+    # Each task of a GPU job takes the GPU of its local rank: the tasks beyond the node's GPUs stopped the job
+    # at its start, once it had waited in the queue.
+    if str(args.device).startswith("cuda") and tasks > args.ngpus:
+        fail(
+            f"--tasks_per_node {tasks} is more than the {args.ngpus} GPUs of a node (--ngpus): each task takes a "
+            f"GPU of its own; give --tasks_per_node {args.ngpus} or less, or --device cpu"
+        )
     checked = copy.copy(args)
-    checked.device = "cpu" if str(args.device).startswith("cuda") else args.device
+    if str(args.device).startswith("cuda"):  # the nodes' GPUs are checked there, with what they take (fp16)
+        checked.device, checked.precision = "cpu", "fp32"
     checked.output_dir = args.job_dir  # the job's --output_dir (submit sets it): checked as the job will
     try:
         getattr(entry, "check_args", check_common)(checked)
     except UserError as e:  # ... and named as the flag the user gave
         raise UserError(str(e).replace("--output_dir", "--job_dir")) from None
+    # What depends on the job's process count (each rank's seed, the effective lr): the job refused it at start.
+    check_world(args, args.nodes * tasks)
 
 
 def submit(
