@@ -41,7 +41,7 @@ from helpers import (  # noqa: E402
 )
 
 from util.cli.errors import STOPPED_AT_ONCE, UserError, fail, run_cli  # noqa: E402
-from util.cli.launcher import Trainer, submit  # noqa: E402
+from util.cli.launcher import Trainer, node_defaults, submit  # noqa: E402
 from util.train import distributed, interrupt, launch_env, waiting  # noqa: E402
 
 START_TIMEOUT = "MAE_DIST_START_TIMEOUT"  # documented for users: a fixed name
@@ -702,6 +702,29 @@ def test_the_launcher_submits_fewer_tasks_than_gpus_or_cpu_tasks(tmp_path, capsy
     assert made.parameters["tasks_per_node"] == int(argv[-1])
 
 
+def test_the_launchers_default_workers_are_the_jobs_nodes_cores_not_the_submitting_machines(
+    tmp_path, capsys, executor, monkeypatch
+):
+    """Submitted from a login node of 2 cores, each task of the job (10 CPUs) loaded its data with 2 workers."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    _launch("main_pretrain", ["--job_dir", str(tmp_path / "%j"), "--nodes", "1", "--ngpus", "1"], executor)
+    _launch("main_pretrain", ["--job_dir", str(tmp_path / "%j"), "--nodes", "1", "--num_workers", "3"], executor)
+    default, given = (made.submitted[0].args for made in executor.made)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(10)), raising=False)  # the job's task
+    node_defaults(default)
+    node_defaults(given)
+    assert (default.num_workers, given.num_workers) == (10, 3)
+
+
+def test_the_launchers_help_gives_the_jobs_default_device(capsys, executor):
+    """It said the entry point's "cuda if present, else cpu", this machine's: a GPU job submitted from a login
+    node without GPUs runs on cuda."""
+    with pytest.raises(SystemExit) as done:
+        submit("main_pretrain", "a test", argv=["--help"], make_executor=executor)
+    assert done.value.code == 0
+    assert " ".join(capsys.readouterr().out.split()).count("--device DEVICE cuda if --ngpus is above 0, else cpu") == 1
+
+
 def test_the_launcher_submits_good_flags_for_the_jobs_gpus(tmp_path, capsys, executor):
     """Checked on a machine without GPUs, for a job on nodes with GPUs: the device is theirs."""
     argv = ["--job_dir", str(tmp_path / "%j"), "--nodes", "1", "--ngpus", "2", "--batch_size", "8"]
@@ -818,12 +841,14 @@ def test_a_submitit_task_on_the_second_node_meets_the_first_node_as_its_rank(mon
     for name, value in {**SUBMITIT_SLURM_TASK, **inherited}.items():
         monkeypatch.setenv(name, value)
     args = Namespace(output_dir="jobs/%j", log_dir="", dist_url="", dist_on_itp=False, device="cpu", resume="auto")
+    args.num_workers = None  # the launcher's default: the task's node's (node_defaults)
     Trainer._set_up_task(args)
     world = launch_env.read_world(os.environ, args.dist_url)
     assert (world.rank, world.size, world.local_rank, world.init_method) == (1, 2, 0, "env://")
     assert world.listener[0] == "gpu07"  # the job's first node
     assert 20000 <= world.listener[1] <= 60000  # submitit's port of the job id: the same in every task
     assert (args.output_dir, args.log_dir) == ("jobs/4242", "jobs/4242")
+    assert args.num_workers >= 1
 
 
 # ---------------------------------------------------------------------------------------------

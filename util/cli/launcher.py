@@ -15,7 +15,7 @@ from types import ModuleType
 
 import submitit
 
-from util.cli.args import check_at_least, check_common, check_world
+from util.cli.args import check_at_least, check_common, check_world, default_workers
 from util.cli.errors import UserError, fail
 from util.cli.log import log
 from util.cli.redact import redacted
@@ -83,7 +83,15 @@ class Trainer:
         args.dist_url = "env://"
         args.output_dir = args.output_dir.replace("%j", str(job.job_id))
         args.log_dir = args.output_dir
+        node_defaults(args)
         print(f"process group: {job.global_rank}/{job.num_tasks}, output in {args.output_dir}")
+
+
+def node_defaults(args: argparse.Namespace) -> None:
+    """The defaults that depend on the machine, taken in the job's task, on its node: ``--num_workers`` (its
+    cores, as the entry point's default takes them; ``submit`` leaves it None where not given)."""
+    if args.num_workers is None:
+        args.num_workers = default_workers()
 
 
 def check_flags(entry: ModuleType, args: argparse.Namespace) -> None:
@@ -106,6 +114,8 @@ def check_flags(entry: ModuleType, args: argparse.Namespace) -> None:
     checked = copy.copy(args)
     if str(args.device).startswith("cuda"):  # the nodes' GPUs are checked there, with what they take (fp16)
         checked.device, checked.precision = "cpu", "fp32"
+    if args.num_workers is None:  # the job's node's default (node_defaults)
+        checked.num_workers = 0
     checked.output_dir = args.job_dir  # the job's --output_dir (submit sets it): checked as the job will
     try:
         getattr(entry, "check_args", check_common)(checked)
@@ -127,8 +137,11 @@ def submit(
     parser = entry.get_args_parser()
     parser.description = f"submitit launcher for {description}"
     add_launcher_args(parser)
-    # --device's default depends on the machine: the job's nodes, not this one, decide it.
-    parser.set_defaults(device=None)
+    # --device's and --num_workers' defaults depend on the machine: the job's nodes, not this one, decide them. The
+    # cores of the machine that submits (a login node's 2 or 4) were the job's data-loading workers per task.
+    parser.set_defaults(device=None, num_workers=None)
+    # ... and --help says so: the entry point's help gives this machine's device.
+    parser._option_string_actions["--device"].help = "cuda if --ngpus is above 0, else cpu"
     args = parser.parse_args(argv)
     # submitit expands a leading ~ in the folder it writes the job's logs to, and a shell leaves one unexpanded
     # after '=' (--job_dir=~/jobs/%j): the checkpoints went to ./~/jobs/<id>, the logs to the home folder.
