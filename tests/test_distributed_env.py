@@ -828,6 +828,21 @@ SUBMITIT_SLURM_TASK = {  # what SLURM gives task 1 of a job of 2 nodes x 1 task,
 }
 
 
+@pytest.mark.parametrize("given, used", [(None, None), ("", ""), ("tb/%j", "tb/4242"), ("/tb/run1", "/tb/run1")])
+def test_a_submitit_task_writes_tensorboard_where_log_dir_says(monkeypatch, given, used):
+    """--log_dir was replaced by --output_dir in every task: a --log_dir given was not used, and '' (no
+    TensorBoard) wrote events all the same. None is --output_dir's, which the run itself takes (run.start)."""
+    pytest.importorskip("submitit")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(name, "")  # restored afterwards, whatever the task exports
+        monkeypatch.delenv(name)
+    for name, value in SUBMITIT_SLURM_TASK.items():
+        monkeypatch.setenv(name, value)
+    args = Namespace(output_dir="jobs/%j", log_dir=given, dist_url="", dist_on_itp=False, device="cpu", num_workers=1)
+    Trainer._set_up_task(args)
+    assert (args.output_dir, args.log_dir) == ("jobs/4242", used)
+
+
 @pytest.mark.parametrize("inherited", [{}, {"MASTER_ADDR": "login1", "RANK": "0", "WORLD_SIZE": "1"}])
 def test_a_submitit_task_on_the_second_node_meets_the_first_node_as_its_rank(monkeypatch, inherited):
     """--nodes 2: the rank, world size and rendezvous each task takes from SLURM's variables through
@@ -840,14 +855,14 @@ def test_a_submitit_task_on_the_second_node_meets_the_first_node_as_its_rank(mon
         monkeypatch.delenv(name)
     for name, value in {**SUBMITIT_SLURM_TASK, **inherited}.items():
         monkeypatch.setenv(name, value)
-    args = Namespace(output_dir="jobs/%j", log_dir="", dist_url="", dist_on_itp=False, device="cpu", resume="auto")
+    args = Namespace(output_dir="jobs/%j", log_dir=None, dist_url="", dist_on_itp=False, device="cpu", resume="auto")
     args.num_workers = None  # the launcher's default: the task's node's (node_defaults)
     Trainer._set_up_task(args)
     world = launch_env.read_world(os.environ, args.dist_url)
     assert (world.rank, world.size, world.local_rank, world.init_method) == (1, 2, 0, "env://")
     assert world.listener[0] == "gpu07"  # the job's first node
     assert 20000 <= world.listener[1] <= 60000  # submitit's port of the job id: the same in every task
-    assert (args.output_dir, args.log_dir) == ("jobs/4242", "jobs/4242")
+    assert args.output_dir == "jobs/4242"
     assert args.num_workers >= 1
 
 

@@ -82,7 +82,10 @@ class Trainer:
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         args.dist_url = "env://"
         args.output_dir = args.output_dir.replace("%j", str(job.job_id))
-        args.log_dir = args.output_dir
+        # --log_dir as given (the official launcher replaced it by --output_dir: a --log_dir given was silently not
+        # used, '' wrote TensorBoard events all the same); None is --output_dir's, as every run takes it (run.start).
+        if args.log_dir:
+            args.log_dir = args.log_dir.replace("%j", str(job.job_id))
         node_defaults(args)
         print(f"process group: {job.global_rank}/{job.num_tasks}, output in {args.output_dir}")
 
