@@ -283,6 +283,19 @@ def test_bad_pretraining_flag_is_refused_before_training(data, tmp_path, case):
     assert not (tmp_path / "out" / "checkpoint-0.pth").exists()
 
 
+def test_an_output_dir_that_is_a_dangling_link_is_named_as_such(tmp_path):
+    """It was refused as "cannot be created (File exists)", which did not say what was wrong."""
+    from util.outputs import check_output_dir
+
+    (tmp_path / "out").symlink_to(tmp_path / "gone")
+    with pytest.raises(UserError) as refused:
+        check_output_dir(str(tmp_path / "out"), "--output_dir")
+    assert str(refused.value) == (
+        f"--output_dir {tmp_path / 'out'} is a link to {tmp_path / 'gone'}, which does not exist; create that "
+        f"folder or give another"
+    )
+
+
 def test_fp16_on_the_cpu_is_refused_with_the_flags_before_the_output_dir_is_made(data, tmp_path):
     """Refused where the run settled its precision, it had made --output_dir (left empty) by then."""
     args = pretrain_args(data, tmp_path / "out", "--precision", "fp16")

@@ -99,6 +99,9 @@ def check_output_dir(path: str, flag: str) -> None:
     existing = _first_existing(path)
     if not os.path.isdir(existing):
         fail(f"{flag} {path}: {existing} is a file, not a folder; give a folder path")
+    if os.path.islink(path) and not os.path.exists(path):  # makedirs said only "File exists"
+        target = os.readlink(path)
+        fail(f"{flag} {path} is a link to {target}, which does not exist; create that folder or give another")
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
