@@ -291,6 +291,18 @@ def test_model_state_and_strict_loading():
         load_model_strict(target, {**own, "0.weight": torch.zeros(4, 2)}, "p.pth")
 
 
+def test_model_state_drops_the_prefix_of_a_model_saved_inside_data_parallel():
+    """model.state_dict() of a DataParallel / DistributedDataParallel wrapper names every weight 'module.<name>':
+    was refused as an encoder without decoder (--resume) or as no known encoder (--finetune, export.py)."""
+    own = torch.nn.Sequential(torch.nn.Linear(2, 3)).state_dict()
+    wrapped = torch.nn.DataParallel(torch.nn.Sequential(torch.nn.Linear(2, 3))).state_dict()
+    assert set(wrapped) == {"module.0.weight", "module.0.bias"}  # what such a script saves
+    for ckpt in ({"model": wrapped}, dict(wrapped)):
+        assert model_state(ckpt, "p").keys() == own.keys()
+    partly = {"module.0.weight": own["0.weight"], "0.bias": own["0.bias"]}  # not a wrapper's: left as it is
+    assert model_state({"model": partly}, "p").keys() == partly.keys()
+
+
 # ---------------------------------------------------------------------------------------------
 # Random-number state and resume
 def _draw() -> tuple:

@@ -184,6 +184,20 @@ def test_pretraining_resumes_an_official_mae_as_its_model(releases, tmp_path, mo
     assert (args.model, args.input_size) == ("mae_vit_tiny_patch4", 48)
 
 
+def test_pretraining_resumes_an_mae_saved_inside_data_parallel(releases, tmp_path, monkeypatch):
+    """'module.'-prefixed names: was refused as an encoder without decoder (or as no known encoder)."""
+    wrapped = tmp_path / "wrapped.pth"
+    ckpt = torch.load(releases["full"], weights_only=True)
+    torch.save({"model": {f"module.{k}": v for k, v in ckpt["model"].items()}}, wrapped)
+    data = make_dataset(tmp_path / "data", 2)
+    argv = ["--resume", str(wrapped), "--data_path", str(data), "--output_dir", str(tmp_path / "out"), *CPU]
+    args = _settled(main_pretrain, monkeypatch, *argv)
+    assert (args.model, args.input_size) == ("mae_vit_tiny_patch4", 48)
+    argv = [*argv, "--epochs", "1", "--batch_size", "6", "--log_dir", "", "--vis_freq", "0"]
+    main_pretrain.main(main_pretrain.get_args_parser().parse_args(argv))  # the strict load of the weights
+    assert (tmp_path / "out" / "checkpoint-0.pth").is_file()
+
+
 @pytest.mark.parametrize("kind, pooling", [("pooled", []), ("classifier", ["--cls_token"])], ids=["gp", "cls"])
 def test_eval_of_an_official_fine_tuned_classifier_takes_its_model(kind, pooling, releases, split, tmp_path, capsys):
     """mae_finetuned_vit_*.pth: global pooling (fc_norm), a head of --nb_classes rows; the head is not

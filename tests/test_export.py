@@ -171,6 +171,21 @@ def test_official_encoder_only_mini_model_is_recognised_by_shape(tmp_path, capsy
         torch.testing.assert_close(theirs(_images()), ours.eval()(_images()), atol=ATOL, rtol=0)
 
 
+def test_a_release_saved_inside_data_parallel_exports_as_the_bare_one(tmp_path, capsys):
+    """Every name 'module.'-prefixed (a DistributedDataParallel's state dict saved): was 'no known ViT'."""
+    torch.manual_seed(1)
+    encoder = {k: v for k, v in models_mae.mae_vit_tiny_patch4(img_size=32).state_dict().items() if "decoder" not in k}
+    encoder.pop("mask_token")
+    torch.save({"model": encoder}, tmp_path / "bare.pth")
+    torch.save({"model": {f"module.{k}": v for k, v in encoder.items()}}, tmp_path / "wrapped.pth")
+    for name in ("bare", "wrapped"):
+        _export(tmp_path / f"{name}.pth", "timm", tmp_path / f"{name}.safetensors")
+    theirs = _timm_from_printed(capsys)
+    _assert_strict_keys(theirs, tmp_path / "wrapped.safetensors")
+    bare, wrapped = (load_checkpoint(str(tmp_path / f"{n}.safetensors"))["model"] for n in ("bare", "wrapped"))
+    assert bare.keys() == wrapped.keys() and all(torch.equal(bare[k], wrapped[k]) for k in bare)
+
+
 def test_global_pool_classifier_exports_fc_norm_for_timm_avg_pool(tmp_path, capsys):
     """A fine-tuned classifier with global pooling has fc_norm and no norm: timm needs
     global_pool='avg' (export prints it), and the pre-logits features equal ours."""
