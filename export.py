@@ -136,6 +136,9 @@ def check_output(args: argparse.Namespace) -> None:
             "--mask_ratio and --norm_pix_loss set the config of --to hf; the other modes take the checkpoint's: "
             "leave them out"
         )
+    if args.model is not None and args.to not in ("timm", "hf"):  # read by those two alone: it went unused
+        what = "--from hf takes the folder's config.json" if args.source else "--to safetensors copies every weight"
+        fail(f"--model names the model of --to timm and --to hf; {what} and the checkpoint's flags: leave it out")
     # Before the checkpoint is loaded and converted: a name over NAME_MAX, a path near PATH_MAX or a
     # read-only folder failed only at the write.
     if args.to == "hf":

@@ -556,6 +556,7 @@ def test_from_hf_never_writes_over_the_weights_it_imports(mae, tmp_path):
 
 
 def test_to_hf_needs_a_decoder_and_a_free_folder(mae, tmp_path):
+    other = ["--model", "mae_vit_base_patch16"]
     model, root = mae
     encoder = tmp_path / "mae_pretrain_vit_mini.pth"
     torch.save(
@@ -569,6 +570,12 @@ def test_to_hf_needs_a_decoder_and_a_free_folder(mae, tmp_path):
         _run(["--checkpoint", str(root / "checkpoint-0.pth"), "--to", "hf", "--output", str(encoder), "--force"])
     with pytest.raises(UserError, match=r"--mask_ratio and --norm_pix_loss set the config of --to hf.*leave them out$"):
         _run(["--checkpoint", str(encoder), "--to", "timm", "--output", str(tmp_path / "t.pth"), "--mask_ratio", "0.5"])
+    # Was: silently unused (the file held the checkpoint's model, its metadata the checkpoint's --model).
+    with pytest.raises(UserError, match=r"^--model names the model of --to timm and --to hf; --to safetensors copies"):
+        _run(["--checkpoint", str(encoder), "--to", "safetensors", "--output", str(tmp_path / "s.safetensors")] + other)
+    with pytest.raises(UserError, match=r"^--model names the model of --to timm and --to hf; --from hf takes the"):
+        _run(["--from", "hf", "--checkpoint", str(root / "hf"), "--output", str(tmp_path / "f.pth")] + other)
+    assert not (tmp_path / "s.safetensors").exists() and not (tmp_path / "f.pth").exists()
     with pytest.raises(UserError, match=r"does not fit mae_vit_tiny_patch4 at 32 px"):
         _run(
             [
