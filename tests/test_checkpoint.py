@@ -301,6 +301,10 @@ def test_model_state_drops_the_prefix_of_a_model_saved_inside_data_parallel():
         assert model_state(ckpt, "p").keys() == own.keys()
     partly = {"module.0.weight": own["0.weight"], "0.bias": own["0.bias"]}  # not a wrapper's: left as it is
     assert model_state({"model": partly}, "p").keys() == partly.keys()
+    # torch.compile's wrapper names them '_orig_mod.<name>'; compiled around DDP, '_orig_mod.module.<name>'.
+    compiled = torch.compile(torch.nn.DataParallel(torch.nn.Sequential(torch.nn.Linear(2, 3)))).state_dict()
+    assert set(compiled) == {"_orig_mod.module.0.weight", "_orig_mod.module.0.bias"}
+    assert model_state({"model": compiled}, "p").keys() == own.keys()
 
 
 # ---------------------------------------------------------------------------------------------

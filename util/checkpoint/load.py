@@ -224,17 +224,21 @@ def saved_args(path: str) -> argparse.Namespace | None:
     return args
 
 
+# What wrappers put before every name of a model's state dict: DataParallel and DistributedDataParallel, and
+# torch.compile's OptimizedModule.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
 def model_state(ckpt: dict[str, Any], path: str) -> StateDict:
-    """The model's state dict in a checkpoint: under 'model' (official and ours) or at the top; names
-    that all start with ``module.`` (a model saved inside DataParallel / DistributedDataParallel) without it."""
+    """The model's state dict in a checkpoint: under 'model' (official and ours) or at the top; names that all
+    start with a wrapper's prefix (``module.``: DataParallel / DistributedDataParallel; ``_orig_mod.``:
+    torch.compile) without it."""
     state = ckpt.get("model", ckpt)
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         fail(f"checkpoint {path} has no model state dict (expected a 'model' entry of tensors)")
-    # Scripts that save model.state_dict() of the wrapper (not model.module's, as we and the official code do)
+    # Scripts that save the wrapper's state_dict() (not the model's inside it, as we and the official code do)
     # prefix every name: such a file was refused as "an encoder without decoder" or as "no known encoder".
-    if all(isinstance(k, str) and k.startswith(_WRAPPER_PREFIX) for k in state):
-        state = {k.removeprefix(_WRAPPER_PREFIX): v for k, v in state.items()}
+    # A compiled DDP model's names carry both prefixes.
+    while prefix := next((p for p in WRAPPER_PREFIXES if all(str(k).startswith(p) for k in state)), None):
+        state = {k.removeprefix(prefix): v for k, v in state.items()}
     return state
-
-
-_WRAPPER_PREFIX = "module."  # what torch.nn.DataParallel and DistributedDataParallel put before every name
