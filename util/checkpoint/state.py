@@ -48,18 +48,16 @@ class TrainState:
     def load_state_dict(self, ckpt: dict[str, Any], path: str) -> None:
         """Restore what ``state_dict`` saved, except the model (``resume`` loads it strictly first,
         from any kind of checkpoint) and the args (this run's flags are the ones that count)."""
-        # torch's load_state_dict replaces each group's settings by the saved ones: a --weight_decay or
-        # --layer_decay (lr_scale) given on resume was silently dropped, while the args saved claimed it. The lr
-        # stays the checkpoint's: the schedule sets it at each step, and a run that saves again before its first
-        # step (fine-tuning's last epoch, evaluated on resume) must save the lr that epoch ended with.
+        # The state (moments, step counts) is the checkpoint's, each group's settings this run's flags: torch's
+        # load_state_dict takes the saved groups' settings, so they are this run's before it loads (_with_settings).
+        # The lr stays the checkpoint's: the schedule sets it at each step, and a run that saves again before its
+        # first step (fine-tuning's last epoch, evaluated on resume) must save the lr that epoch ended with.
         settings = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in self.optimizer.param_groups]
         saved = _groups_in_order(ckpt["optimizer"], self.optimizer.param_groups)
         try:
             self.optimizer.load_state_dict(_with_settings(saved, settings))
         except (ValueError, KeyError) as e:
             fail(f"checkpoint {path}: its optimizer state does not fit this model and optimizer ({e})")
-        for group, own in zip(self.optimizer.param_groups, settings, strict=True):
-            group.update(own)  # the state (moments, step counts) is the checkpoint's, the settings this run's flags
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.extra.update(ckpt.get("extra", {}))
@@ -67,11 +65,13 @@ class TrainState:
 
 
 def _with_settings(saved: dict[str, Any], settings: list[dict[str, Any]]) -> dict[str, Any]:
-    """The saved optimizer state with this optimizer's group settings in its groups (where they pair up). torch
-    converts each loaded state tensor by the groups it loads: by the checkpoint's ``fused``, step counts saved
-    by a non-fused AdamW (a CPU run's, the official code's) stayed CPU tensors in this run's fused AdamW, and
-    a GPU run's first step refused them ('Expected all tensors to be on the same device'). With this run's
-    settings they come as it keeps them (fused: float32 on the parameter's device)."""
+    """The saved optimizer state with this optimizer's group settings in its groups (where they pair up), which
+    torch's load then keeps. Loaded as saved, a --weight_decay or --layer_decay (lr_scale) given on resume was
+    silently dropped while the args saved claimed it; and torch converts each loaded state tensor by the groups
+    it loads: by the checkpoint's ``fused``, step counts saved by a non-fused AdamW (a CPU run's, the official
+    code's) stayed CPU tensors in this run's fused AdamW, and a GPU run's first step refused them ('Expected
+    all tensors to be on the same device'). With this run's settings they come as it keeps them (fused: float32
+    on the parameter's device)."""
     groups = saved.get("param_groups") if isinstance(saved, dict) else None
     if not isinstance(groups, list) or len(groups) != len(settings) or not all(isinstance(g, dict) for g in groups):
         return saved  # torch's check names the misfit
