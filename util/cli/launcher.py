@@ -97,6 +97,11 @@ def node_defaults(args: argparse.Namespace) -> None:
         args.num_workers = default_workers()
 
 
+def tasks_per_node(args: argparse.Namespace) -> int:
+    """The job's processes per node: --tasks_per_node, by default one per GPU (--ngpus)."""
+    return args.tasks_per_node or args.ngpus
+
+
 def check_flags(entry: ModuleType, args: argparse.Namespace) -> None:
     """The checks the job itself will make of its flags, made before it waits in the queue; a CUDA
     ``--device`` is checked on the job's nodes, which have the GPUs."""
@@ -106,7 +111,7 @@ def check_flags(entry: ModuleType, args: argparse.Namespace) -> None:
         check_at_least(args, 1, "tasks_per_node")
     elif args.ngpus == 0:  # a task per GPU, and there are none
         fail("--ngpus 0 runs on CPUs: give --tasks_per_node N, the processes per node")
-    tasks = args.tasks_per_node or args.ngpus
+    tasks = tasks_per_node(args)
     # Each task of a GPU job takes the GPU of its local rank: the tasks beyond the node's GPUs stopped the job
     # at its start, once it had waited in the queue.
     if str(args.device).startswith("cuda") and tasks > args.ngpus:
@@ -152,7 +157,6 @@ def submit(
     if args.device is None:
         args.device = "cuda" if args.ngpus > 0 else "cpu"
     check_flags(entry, args)
-    tasks_per_node = args.tasks_per_node or args.ngpus
 
     executor = make_executor(folder=args.job_dir, cluster=args.cluster, slurm_max_num_timeout=30)
     # srun is told each task's CPUs again: from Slurm 22.05 (its release notes; 23.11 reads them again) srun no
@@ -167,7 +171,7 @@ def submit(
     executor.update_parameters(
         mem_gb=40 * max(args.ngpus, 1),
         gpus_per_node=args.ngpus,
-        tasks_per_node=tasks_per_node,
+        tasks_per_node=tasks_per_node(args),
         cpus_per_task=CPUS_PER_TASK,
         nodes=args.nodes,
         timeout_min=args.timeout,
