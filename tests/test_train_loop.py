@@ -9,9 +9,9 @@ import torch
 from helpers import REPO  # noqa: F401  (puts the repository on sys.path)
 
 from engine_finetune import train_one_epoch
-from util.checkpoint.state import TrainState
+from util.checkpoint.state import Position, TrainState
 from util.cli.errors import UserError
-from util.train.checkpointer import Checkpointer
+from util.train.checkpointer import Checkpointer, training
 from util.train.precision import LossScaler
 from util.train.progress import RunLog
 
@@ -67,9 +67,15 @@ def test_last_shorter_accumulation_group_steps_with_its_mean_gradient():
     torch.testing.assert_close(trained, expected, rtol=0, atol=1e-6)
 
 
-def test_accumulation_longer_than_the_epoch_is_refused():
+def test_accumulation_longer_than_the_epoch_is_refused_before_the_run_writes_anything(tmp_path):
+    """Refused as the epoch loop starts, before log.txt and TensorBoard are made: it was refused at the first
+    epoch, after an empty log.txt and an event file had replaced what the folder held."""
+    args = Namespace(device="cpu", accum_iter=3, epochs=1, output_dir=str(tmp_path), log_dir=str(tmp_path))
+    state = TrainState(torch.nn.Linear(3, 1), None, LossScaler("fp32"), args)
     with pytest.raises(UserError, match=r"--accum_iter 3 is more than the 2 iterations of an epoch"):
-        _run(BATCHES, 3, None)
+        with training(state, Position(0), iterations=len(BATCHES)):
+            pass
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_the_first_iteration_prints_a_line_with_its_loss(capsys):

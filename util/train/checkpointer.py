@@ -86,11 +86,6 @@ class EpochProgress:
 
     def __init__(self, owner: Checkpointer, epoch: int, start_step: int, total: int):
         args = owner.state.args
-        if args.accum_iter > total:
-            fail(
-                f"--accum_iter {args.accum_iter} is more than the {total} iterations of an epoch, so the optimizer "
-                f"would step once per epoch on a smaller batch than asked for; lower --accum_iter or --batch_size"
-            )
         self.owner, self.args, self.epoch, self.start_step, self.total = owner, args, epoch, start_step, total
         self.accumulation = Accumulation(args.accum_iter, total)
         self.metrics = MetricLogger()
@@ -201,6 +196,16 @@ def this_ranks_sums(saved: list[dict[str, list[float]]] | dict[str, list[float]]
     return saved[distributed.rank()] if len(saved) == distributed.world_size() else {}
 
 
+def check_accumulation(iterations: int, args: Any) -> None:
+    """Refuse an accumulation group longer than an epoch before the run writes anything (log.txt, TensorBoard):
+    it found out at its first epoch, after a start that had already replaced them."""
+    if args.accum_iter > iterations:
+        fail(
+            f"--accum_iter {args.accum_iter} is more than the {iterations} iterations of an epoch, so the optimizer "
+            f"would step once per epoch on a smaller batch than asked for; lower --accum_iter or --batch_size"
+        )
+
+
 def log_start(first_epoch: int, iterations: int, args: Any) -> None:
     """Say where training starts (or that a finished run has nothing left), and once, that an
     epoch's last accumulation group is shorter (see ``Accumulation``)."""
@@ -232,6 +237,8 @@ def training(state: TrainState, position: Position, iterations: int) -> Iterator
             f"of an epoch of this run's training data ({iterations} iterations): the data changed since; resume from "
             f"an epoch-end checkpoint (checkpoint-<epoch>.pth), or with the data it was written with"
         )
+    if first_epoch < state.args.epochs:
+        check_accumulation(iterations, state.args)
     check_schedule(position, iterations, state.args)
     if state.args.output_dir and first_epoch < state.args.epochs:  # a run that saves (a finished one does not)
         distributed.on_rank_0_for_every_rank(lambda: check_room_for_checkpoints(state))
