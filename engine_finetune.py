@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 import models_vit
 from util.checkpoint.consistency import check_same_data
 from util.checkpoint.encoder import load_pretrained_encoder
+from util.checkpoint.load import model_state
 from util.checkpoint.resume import resume
 from util.checkpoint.state import Position, TrainState
 from util.cli.log import log
@@ -49,13 +50,26 @@ def classifier_and_data(
         train_transform,
         eval_transform(args.input_size, args.mean, args.std, args.in_chans, args.crop_pct),
         args.nb_classes,
-        loader=image_loader(args.in_chans),
+        loader=image_loader(args.in_chans, _channels_fixed_by(run)),
         resumed_from=_trained_on(run, args.nb_classes),
     )
     log.info(f"{len(train_set)} training and {len(val_set)} validation images, {args.nb_classes} classes")
     if run.init_from is not None:
         load_pretrained_encoder(model, run.init_from, head_init_std=head_init_std)
     return model, train_set, val_set
+
+
+def _channels_fixed_by(run: Run) -> str:
+    """The checkpoint whose weights take this run's channels only, which an image of other channels is told of
+    (``util.data.images.load_channels``): the one it resumes, or a --finetune one of as many channels (only RGB
+    weights are adapted, to 1 channel). Was '': such an image was told to give --in_chans, which the load refused."""
+    if run.resume_from is not None:
+        return f"the model of {run.resume_from.path}"
+    if run.init_from is not None:
+        weight = model_state(run.init_from.ckpt, run.init_from.path).get("patch_embed.proj.weight")
+        if weight is not None and weight.ndim == 4 and weight.shape[1] == run.args.in_chans:
+            return f"the model of {run.init_from.path}"
+    return ""
 
 
 def _trained_on(run: Run, nb_classes: int) -> str:

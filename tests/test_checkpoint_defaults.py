@@ -371,6 +371,48 @@ def test_resuming_a_gray_model_on_colour_images_does_not_advise_another_in_chans
     assert re.fullmatch(rf"image {re.escape(str(data))}/\S+\.jpg{taken}grayscale \(mode L or I;16\)", refused), refused
 
 
+@pytest.fixture(scope="module")
+def gray_classifier(tmp_path_factory) -> str:
+    """vit_tiny_patch4 of 1-channel images at 32 px, 3 classes, saved as the fine-tuned releases are."""
+    path = str(tmp_path_factory.mktemp("gray_classifier") / "gray_ft.pth")
+    torch.manual_seed(0)
+    model = models_vit.vit_tiny_patch4(img_size=32, in_chans=1, num_classes=3, global_pool=True)
+    torch.save({"model": model.state_dict()}, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "entry_point,start,in_chans",
+    [
+        (main_finetune, "--finetune", []),
+        (main_finetune, "--finetune", ["--in_chans", "1"]),
+        (main_linprobe, "--finetune", []),
+        (main_finetune, "--resume", []),
+    ],
+    ids=["finetune-weights", "finetune-flag", "linprobe", "eval-resume"],
+)
+def test_classifying_colour_images_with_a_gray_model_does_not_advise_another_in_chans(
+    entry_point, start, in_chans, gray_release, gray_classifier, split, tmp_path
+):
+    """Was "... but --in_chans is 1; ..., or give --in_chans 3": the 1-channel weights then refused 3 channels
+    (only RGB weights are adapted, to 1 channel), whether --in_chans came from them or was given."""
+    path = gray_release if start == "--finetune" else gray_classifier
+    argv = [start, path, "--data_path", str(split), "--nb_classes", "3", "--output_dir", str(tmp_path / "out")]
+    argv += ["--epochs", "1", "--batch_size", "2", *(["--eval"] if start == "--resume" else []), *GRAY_NORM, *CPU]
+    refused = one_line_error(entry_point.main, entry_point.get_args_parser().parse_args([*argv, *in_chans]))
+    taken = f" has 3 channel\\(s\\) \\(mode RGB\\) but the model of {re.escape(path)} takes 1; convert it to "
+    assert re.fullmatch(rf"image {re.escape(str(split))}/\S+\.jpg{taken}grayscale \(mode L or I;16\)", refused), refused
+
+
+def test_fine_tuning_an_rgb_model_on_gray_flags_still_advises_in_chans_3(pretrained, split, tmp_path):
+    """RGB weights fine-tuned with --in_chans 1 are summed to one channel: a colour image may be read with
+    --in_chans 3, which the load takes, so the line advises it."""
+    argv = ["--finetune", str(pretrained), "--data_path", str(split), "--nb_classes", "3", "--in_chans", "1"]
+    argv += ["--output_dir", str(tmp_path / "out"), "--epochs", "1", "--batch_size", "2", *GRAY_NORM, *CPU]
+    refused = one_line_error(main_finetune.main, main_finetune.get_args_parser().parse_args(argv))
+    assert refused.endswith("but --in_chans is 1; convert it to grayscale (mode L or I;16), or give --in_chans 3")
+
+
 # ---------------------------------------------------------------------------------------------
 # Probing a global-pool fine-tuned release (fc_norm, no final norm: mae_finetuned_vit_*)
 def test_probing_a_pooled_release_says_which_flag_takes_it(releases, split, tmp_path, capsys):
