@@ -2,7 +2,7 @@
 
 A 32-px ViT step on a fast GPU takes tens of thousands of images per second, more than worker
 processes decode from files. For small data sets of equal-sized images (CIFAR-10's 50,000 are
-150 MiB), the whole set is decoded once into one uint8 tensor on the device. Each batch then draws
+146 MiB), the whole set is decoded once into one uint8 tensor on the device. Each batch then draws
 its crop boxes and flips from ``SeededSampler``'s per-sample seeds (torchvision's RandomResizedCrop
 algorithm, vectorised) and makes every crop in one batched, separable resize: Pillow's antialiased
 bicubic filter written as one matrix per axis and image, so the pixels are those of the torchvision
