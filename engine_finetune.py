@@ -14,6 +14,7 @@ from util.checkpoint.encoder import load_pretrained_encoder
 from util.checkpoint.load import model_state
 from util.checkpoint.resume import resume
 from util.checkpoint.state import Position, TrainState
+from util.cli.errors import UserError
 from util.cli.log import log
 from util.data.channels import image_loader
 from util.data.datasets import classification_splits
@@ -62,14 +63,20 @@ def classifier_and_data(
 def _channels_fixed_by(run: Run) -> str:
     """The checkpoint whose weights take this run's channels only, which an image of other channels is told of
     (``util.data.images.load_channels``): the one it resumes, or a --finetune one of as many channels (only RGB
-    weights are adapted, to 1 channel). Was '': such an image was told to give --in_chans, which the load refused."""
+    weights are adapted, to 1 channel). Was '': such an image was told to give --in_chans, which the load refused.
+    RGB runs read every file as RGB and never tell."""
+    if run.args.in_chans == 3:
+        return ""
     if run.resume_from is not None:
         return f"the model of {run.resume_from.path}"
-    if run.init_from is not None:
+    if run.init_from is None:
+        return ""
+    try:
         weight = model_state(run.init_from.ckpt, run.init_from.path).get("patch_embed.proj.weight")
-        if weight is not None and weight.ndim == 4 and weight.shape[1] == run.args.in_chans:
-            return f"the model of {run.init_from.path}"
-    return ""
+    except UserError:  # the encoder's load says what is wrong with the file, after the data are checked
+        return ""
+    fixed = weight is not None and weight.ndim == 4 and weight.shape[1] == run.args.in_chans
+    return f"the model of {run.init_from.path}" if fixed else ""
 
 
 def _trained_on(run: Run, nb_classes: int) -> str:
