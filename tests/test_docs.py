@@ -116,6 +116,18 @@ OFFICIAL_FLAGS = {
 }  # fmt: skip
 
 
+def test_checkpoints_md_names_the_flags_a_resume_takes_from_the_checkpoint():
+    """docs/checkpoints.md says which flags left out a resume reads from the checkpoint (the entry points'
+    FALLBACKS, and --mean/--std): every other one takes its default, which a new user did not expect."""
+    import engine_finetune
+
+    text = " ".join((REPO / "docs" / "checkpoints.md").read_text().split())
+    said = re.search(r"A resume reads only (.*?) from the checkpoint where they are not given", text)
+    assert said, "docs/checkpoints.md no longer says which flags a resume takes from the checkpoint"
+    taken = {*main_pretrain.FALLBACKS, *engine_finetune.FALLBACKS, "mean", "std"}
+    assert set(re.findall(r"`--(\w+)`", said.group(1))) == taken
+
+
 def _flag_rows(flag: str) -> list[list[str]]:
     """The cells of docs/flags.md's table rows whose first cell names ``flag``."""
     rows = [line.split(" | ") for line in (REPO / "docs" / "flags.md").read_text().splitlines()]
