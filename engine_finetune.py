@@ -26,9 +26,15 @@ from util.train.precision import LossScaler, autocast
 from util.train.run import Run, finish, wrap_for_training
 from util.train.steps import accumulating, optimizer_step, to_device
 
-# What --model, --input_size, --in_chans and --crop_pct mean when not given and no checkpoint decides them
-# (--crop_pct None: the official rule), so that --eval --resume evaluates as the run did.
-FALLBACKS = {"model": "vit_large_patch16", "input_size": 224, "in_chans": 3, "crop_pct": None}
+# What --model, --input_size, --in_chans, --crop_pct and --nb_classes mean when not given and no checkpoint decides
+# them (--crop_pct None: the official rule), so that --eval --resume evaluates as the run did; --global_pool's is
+# each entry point's own (``fallbacks``).
+FALLBACKS = {"model": "vit_large_patch16", "input_size": 224, "in_chans": 3, "crop_pct": None, "nb_classes": 1000}
+
+
+def fallbacks(global_pool: bool) -> dict[str, Any]:
+    """FALLBACKS with the entry point's pooling: fine-tuning's global pooling, the probe's class token."""
+    return {**FALLBACKS, "global_pool": global_pool}
 
 
 def classifier_and_data(

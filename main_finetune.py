@@ -18,7 +18,7 @@ from torchvision import transforms
 
 import models_vit
 import util.compat  # noqa: F401  (makes timm RandAugment work with Pillow 13)
-from engine_finetune import FALLBACKS, classifier_and_data, train_or_evaluate
+from engine_finetune import classifier_and_data, fallbacks, train_or_evaluate
 from util import memory
 from util.cli.args import (
     add_classifier_args,
@@ -38,12 +38,14 @@ from util.lr_decay import param_groups_lrd
 from util.sizes import image_size
 from util.train.run import gives_back_output_dir, start
 
+FALLBACKS = fallbacks(global_pool=True)  # the official default pooling
+
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("MAE fine-tuning for image classification")
     add_schedule_args(parser, batch_size=64, epochs=50, weight_decay=0.05, blr=1e-3, min_lr=1e-6, warmup_epochs=5)
     parser.add_argument("--layer_decay", type=float, default=0.75, help="layer-wise lr decay from ELECTRA/BEiT")
-    add_classifier_args(parser, models_vit.MODELS, model=FALLBACKS["model"], global_pool=True)
+    add_classifier_args(parser, models_vit.MODELS, FALLBACKS)
     parser.add_argument("--drop_path", type=float, default=0.1, metavar="PCT", help="drop path rate")
 
     aug = parser.add_argument_group("augmentation")

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 
 import models_vit
-from engine_finetune import FALLBACKS, classifier_and_data, train_or_evaluate
+from engine_finetune import classifier_and_data, fallbacks, train_or_evaluate
 from util import memory
 from util.cli.args import (
     add_classifier_args,
@@ -29,11 +29,13 @@ from util.data.normalization import add_norm_args
 from util.lars import LARS
 from util.train.run import gives_back_output_dir, start
 
+FALLBACKS = fallbacks(global_pool=False)  # the official default pooling
+
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("MAE linear probing for image classification")
     add_schedule_args(parser, batch_size=512, epochs=90, weight_decay=0.0, blr=0.1, min_lr=0.0, warmup_epochs=10)
-    add_classifier_args(parser, models_vit.MODELS, model=FALLBACKS["model"], global_pool=False)
+    add_classifier_args(parser, models_vit.MODELS, FALLBACKS)
     add_run_args(parser)
     add_norm_args(parser)
     add_eval_args(parser)

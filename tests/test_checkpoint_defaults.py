@@ -3,8 +3,11 @@ default 224 px was killed for memory): fine-tuning, probing, k-NN and resuming t
 --input_size and --in_chans from the checkpoint, say so in one line, and explicit flags win; a run
 that cannot fit is refused before its first step."""
 
+import json
 import re
+import shutil
 from argparse import Namespace
+from pathlib import Path
 
 import pytest
 import torch
@@ -198,16 +201,19 @@ def test_pretraining_resumes_an_mae_saved_inside_data_parallel(releases, tmp_pat
     assert (tmp_path / "out" / "checkpoint-0.pth").is_file()
 
 
-@pytest.mark.parametrize("kind, pooling", [("pooled", []), ("classifier", ["--cls_token"])], ids=["gp", "cls"])
+@pytest.mark.parametrize(
+    "kind, pooling", [("pooled", "--global_pool"), ("classifier", "--cls_token")], ids=["gp", "cls"]
+)
 def test_eval_of_an_official_fine_tuned_classifier_takes_its_model(kind, pooling, releases, split, tmp_path, capsys):
-    """mae_finetuned_vit_*.pth: global pooling (fc_norm), a head of --nb_classes rows; the head is not
-    part of the encoder the model is recognised by, and the strict load of --eval takes the whole."""
+    """mae_finetuned_vit_*.pth: global pooling (fc_norm), a head of 1000 rows (3 here); the head is not
+    part of the encoder the model is recognised by, and the strict load of --eval takes the whole. Its
+    classes and pooling come from its head and norms: it stores no args (was: --nb_classes 1000 and
+    fine-tuning's global pooling, refused by the load unless both were given)."""
     path = releases[kind]
-    argv = ["--eval", "--resume", path, "--data_path", str(split), "--nb_classes", "3", *pooling, *CPU]
-    argv += ["--output_dir", str(tmp_path)]
+    argv = ["--eval", "--resume", path, "--data_path", str(split), *CPU, "--output_dir", str(tmp_path)]
     main_finetune.main(main_finetune.get_args_parser().parse_args(argv))
     out = capsys.readouterr().out
-    taken = "--model vit_tiny_patch4 --input_size 48 --in_chans 3 (flags not given)"
+    taken = f"--model vit_tiny_patch4 --input_size 48 --in_chans 3 --nb_classes 3 {pooling} (flags not given)"
     assert f"from the weights of checkpoint {path}: {taken}" in out
     assert f"resumed model from {path}" in out
 
@@ -443,6 +449,87 @@ def test_the_official_releases_give_their_models_at_224_px(size, kind):
     release = {"mae": f"mae_vit_{size}_patch{patch}", "gp": f"vit_{size}_patch{patch}_gp"}
     release["cls"] = f"vit_{size}_patch{patch}_cls"
     state = {k: torch.empty(shape, device="meta") for k, shape in load_spec()[release[kind]].items()}
-    args = Namespace(model=None, input_size=None, in_chans=None, crop_pct=None)
-    fill_from_checkpoints(args, [Opened(release[kind], {"model": state})], FALLBACKS)
+    args = Namespace(model=None, input_size=None, in_chans=None, crop_pct=None, nb_classes=None, global_pool=None)
+    opened = Opened(release[kind], {"model": state})
+    fill_from_checkpoints(args, [opened], main_finetune.FALLBACKS, resumed=opened)
     assert (args.model, args.input_size, args.in_chans) == (f"vit_{size}_patch{patch}", 224, 3)
+    # A classifier's head and norms give its classes and pooling; an MAE has neither: fine-tuning's defaults.
+    assert (args.nb_classes, args.global_pool) == (1000, kind != "cls")
+
+
+# ---------------------------------------------------------------------------------------------
+# --nb_classes and the pooling of a classifier the run continues (--resume): its head and norms decide
+@pytest.fixture(scope="module")
+def heads(pretrained, split, tmp_path_factory) -> dict[str, str]:
+    """A classifier fine-tuned and a probe trained for 1 epoch on the 3-class split, each with the pooling that
+    is not its entry point's default (the classifier's --cls_token, the probe's --global_pool)."""
+    root = tmp_path_factory.mktemp("heads")
+    paths = {}
+    for entry_point, pooling in ((main_finetune, "--cls_token"), (main_linprobe, "--global_pool")):
+        out = root / entry_point.__name__
+        argv = ["--finetune", str(pretrained), "--data_path", str(split), "--nb_classes", "3", pooling, "--epochs", "1"]
+        argv += ["--batch_size", "4", "--output_dir", str(out), "--log_dir", "", *CPU]
+        entry_point.main(entry_point.get_args_parser().parse_args(argv))
+        paths[entry_point.__name__] = str(out / "checkpoint-0.pth")
+    return paths
+
+
+@pytest.mark.parametrize(
+    "entry_point, pooling", [(main_finetune, "--cls_token"), (main_linprobe, "--global_pool")], ids=["ft", "probe"]
+)
+def test_eval_takes_the_classes_and_pooling_of_the_checkpoint_it_evaluates(
+    entry_point, pooling, heads, split, tmp_path, capsys
+):
+    """The issue: `main_finetune.py --eval --resume OUT/checkpoint-0.pth` of a 10-class run was refused ("2 of
+    another shape ['head.bias', 'head.weight'] ...; check --nb_classes") though the checkpoint says its
+    classes. Without --nb_classes and a pooling flag, the evaluation scores the model the run trained: the
+    accuracy its run logged for that epoch."""
+    path = heads[entry_point.__name__]
+    argv = ["--eval", "--resume", path, "--data_path", str(split), "--output_dir", str(tmp_path), *CPU]
+    entry_point.main(entry_point.get_args_parser().parse_args(argv))
+    out = capsys.readouterr().out
+    taken = f"--model vit_tiny_patch4 --input_size 32 --in_chans 3 --nb_classes 3 {pooling} (flags not given)"
+    assert f"from checkpoint {path}: {taken}" in out
+    logged = json.loads((Path(path).parent / "log.txt").read_text().splitlines()[-1])
+    assert float(re.search(r"\* Acc@1 ([\d.]+)", out).group(1)) == pytest.approx(logged["test_acc1"], abs=1e-3)
+
+
+@pytest.mark.parametrize(
+    "given, refused",
+    [
+        (["--nb_classes", "5"], "{split}/train has 3 class folders but --nb_classes is 5; give --nb_classes 3"),
+        (
+            ["--global_pool"],
+            "checkpoint {path} does not fit VisionTransformer: 2 missing ['fc_norm.bias', "
+            "'fc_norm.weight']; 2 unexpected ['norm.bias', 'norm.weight']; check --global_pool",
+        ),
+    ],
+    ids=["nb_classes", "global_pool"],
+)
+def test_a_given_class_count_or_pooling_that_disagrees_keeps_its_error(given, refused, heads, split, tmp_path):
+    """An explicit flag wins over the checkpoint, and is refused in one line naming it."""
+    path = heads["main_finetune"]
+    argv = ["--eval", "--resume", path, "--data_path", str(split), "--output_dir", str(tmp_path), *CPU, *given]
+    assert one_line_error(main_finetune.main, main_finetune.get_args_parser().parse_args(argv)) == refused.format(
+        split=split, path=path
+    )
+
+
+@pytest.mark.parametrize("entry_point", [main_finetune, main_linprobe], ids=["finetune", "linprobe"])
+def test_a_finetune_checkpoint_gives_no_classes_or_pooling(entry_point, heads, split, tmp_path, monkeypatch, capsys):
+    """A classifier given to --finetune starts a new head: the entry point's pooling and 1000 classes (the
+    official defaults), whatever its own head and norms are."""
+    source = heads["main_linprobe" if entry_point is main_finetune else "main_finetune"]
+    argv = ["--finetune", source, "--data_path", str(split), "--output_dir", str(tmp_path), *CPU]
+    args = _settled(entry_point, monkeypatch, *argv)
+    assert (args.nb_classes, args.global_pool) == (1000, entry_point is main_finetune)
+    assert "--nb_classes" not in capsys.readouterr().out
+
+
+def test_a_training_resume_takes_the_classes_of_the_run_it_continues(heads, split, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(heads["main_linprobe"], out)
+    argv = ["--resume", "auto", "--epochs", "2", "--data_path", str(split), "--output_dir", str(out), *CPU]
+    args = _settled(main_linprobe, monkeypatch, *argv)
+    assert (args.nb_classes, args.global_pool) == (3, True)

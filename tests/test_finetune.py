@@ -69,7 +69,7 @@ def test_finetune_then_eval_reproduces_logged_accuracy(pipeline, tmp_path, capsy
     # Evaluated as the run was: --crop_pct from the checkpoint, not given again.
     main_finetune.main(_finetune_args(data, tmp_path / "eval", "--eval", "--resume", str(out / "checkpoint-1.pth")))
     printed = capsys.readouterr().out
-    assert "--crop_pct 1.0 (flags not given)" in printed
+    assert "--crop_pct 1.0 --global_pool (flags not given)" in printed  # the pooling: the checkpoint's weights
     acc = float(re.search(r"\* Acc@1 ([\d.]+)", printed).group(1))
     assert acc == pytest.approx(logged["test_acc1"], abs=1e-3)
 

@@ -91,18 +91,23 @@ def default_workers(most: int = 10) -> int:
     return max(1, min(most, cores))
 
 
-def add_classifier_args(parser: argparse.ArgumentParser, models: Iterable[str], model: str, global_pool: bool) -> None:
-    """Model and crop flags of the classifiers (fine-tuning and linear probing); ``models``: the known names."""
+def add_classifier_args(parser: argparse.ArgumentParser, models: Iterable[str], fallbacks: dict[str, Any]) -> None:
+    """Model and crop flags of the classifiers (fine-tuning and linear probing); ``models``: the known names;
+    ``fallbacks``: what the flags a checkpoint decides are without one, for the help."""
     g = parser.add_argument_group("model")
     known = ", ".join(models)
-    g.add_argument("--model", help=f"one of: {known} (default: --resume's or --finetune's, else {model})")
+    g.add_argument("--model", help=f"one of: {known} (default: --resume's or --finetune's, else {fallbacks['model']})")
     add_input_size_arg(g)
     add_in_chans_arg(g)
     g.add_argument("--finetune", default="", help="MAE checkpoint (file or URL) to start from")
-    g.add_argument("--global_pool", action="store_true", help="average the patch tokens (then fc_norm)")
+    # Neither given: None, which the --resume checkpoint's pooling settles, else the fallback (checkpoint/flags.py).
+    pooling = "global pooling" if fallbacks["global_pool"] else "the class token"
+    pool = f"average the patch tokens, then fc_norm (default: --resume's pooling, else {pooling})"
+    g.add_argument("--global_pool", action="store_true", help=pool)
     g.add_argument("--cls_token", action="store_false", dest="global_pool", help="class token, not global pooling")
-    parser.set_defaults(global_pool=global_pool)
-    g.add_argument("--nb_classes", default=1000, type=int, help="number of classification types")
+    parser.set_defaults(global_pool=None)
+    classes = f"number of classification types (default: --resume's head's rows, else {fallbacks['nb_classes']})"
+    g.add_argument("--nb_classes", type=int, help=classes)
     c = parser.add_argument_group("crops")
     pct = "evaluation: center crop / resized image, in (0, 1] (default: the checkpoint's, else 224/256; 1 above 224 px)"
     c.add_argument("--crop_pct", type=float, help=pct)
@@ -119,7 +124,9 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
 
 def check_classifier_args(args: argparse.Namespace) -> None:
     """The flags of ``add_classifier_args`` and ``add_eval_args`` that argparse cannot check."""
-    check_at_least(args, 1, "nb_classes", "eval_freq")
+    check_at_least(args, 1, "eval_freq")
+    if args.nb_classes is not None:  # None: --resume's, else the fallback
+        check_at_least(args, 1, "nb_classes")
     if args.eval and not args.resume:
         fail("--eval needs a model to evaluate: give --resume CHECKPOINT")
     if args.crop_pct is not None and not 0 < args.crop_pct <= 1:  # not `<= 0`: NaN would pass that

@@ -78,7 +78,7 @@ def start(flags: argparse.Namespace, fallbacks: dict[str, Any] | None = None) ->
     if training:
         check_seen_by_every_rank(args.output_dir)
     resume_from, init_from = open_checkpoints(args, training)
-    origins = settle(args, [s for s in (resume_from, init_from) if s is not None], fallbacks or {})
+    origins = settle(args, [s for s in (resume_from, init_from) if s is not None], fallbacks or {}, resume_from)
     finetune = finetune_flag(args)
     if finetune and args.output_dir:  # read or not: its pruning would delete it all the same
         distributed.on_rank_0_for_every_rank(lambda: check_not_among_outputs(finetune, args.output_dir))
@@ -128,11 +128,14 @@ def finetune_flag(args: argparse.Namespace) -> str:
     return "" if getattr(args, "eval", False) else getattr(args, "finetune", "")
 
 
-def settle(args: argparse.Namespace, sources: list[Opened], fallbacks: dict[str, Any]) -> dict[str, str]:
-    """Fill the flags the user left to the checkpoints ``sources`` (``fallbacks``) and derive what the run
-    needs from the flags: print_freq on whole optimizer steps, mean/std, the precision, the effective lr.
-    Returns which flags the checkpoints gave ({flag: "checkpoint PATH"})."""
-    origins = fill_from_checkpoints(args, sources, fallbacks)
+def settle(
+    args: argparse.Namespace, sources: list[Opened], fallbacks: dict[str, Any], resumed: Opened | None = None
+) -> dict[str, str]:
+    """Fill the flags the user left to the checkpoints ``sources`` (``fallbacks``; a classifier's classes and
+    pooling to ``resumed``, the one it continues) and derive what the run needs from the flags: print_freq on
+    whole optimizer steps, mean/std, the precision, the effective lr. Returns which flags the checkpoints gave
+    ({flag: "checkpoint PATH"})."""
+    origins = fill_from_checkpoints(args, sources, fallbacks, resumed)
     # Check points (logging, finiteness, checkpoints) sit on optimizer steps: a multiple of --accum_iter.
     args.print_freq = math.ceil(args.print_freq / args.accum_iter) * args.accum_iter
     stored = [(f"checkpoint {s.path}", s.args) for s in sources]
