@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import models_vit
-from util.checkpoint.consistency import check_same_data
+from util.checkpoint.consistency import check_evaluated_classes, check_same_data
 from util.checkpoint.encoder import load_pretrained_encoder
 from util.checkpoint.load import model_state
 from util.checkpoint.resume import resume
@@ -17,7 +17,7 @@ from util.checkpoint.state import Position, TrainState
 from util.cli.errors import UserError
 from util.cli.log import log
 from util.data.channels import image_loader
-from util.data.datasets import classification_splits
+from util.data.datasets import classification_splits, validation_split
 from util.data.loaders import batches, eval_loader, eval_transform, train_loader
 from util.lr_sched import adjust_learning_rate
 from util.train import distributed
@@ -39,9 +39,10 @@ def fallbacks(global_pool: bool) -> dict[str, Any]:
 
 def classifier_and_data(
     run: Run, train_transform: Callable, head_init_std: float, **model_kwargs: Any
-) -> tuple[models_vit.VisionTransformer, Dataset, Dataset]:
+) -> tuple[models_vit.VisionTransformer, Dataset | None, Dataset]:
     """The ``--model`` classifier, with the ``--finetune`` encoder in it (the head drawn with
-    ``head_init_std``), and the training (``train_transform``) and validation sets of ``--data_path``."""
+    ``head_init_std``), and the training (``train_transform``; None for --eval) and validation sets of
+    ``--data_path``."""
     args = run.args
     model = models_vit.create_model(
         args.model,
@@ -52,15 +53,19 @@ def classifier_and_data(
         size_source=run.size_source,
         **model_kwargs,
     )
-    train_set, val_set = classification_splits(
-        args.data_path,
-        train_transform,
-        eval_transform(args.input_size, args.mean, args.std, args.in_chans, args.crop_pct),
-        args.nb_classes,
-        loader=image_loader(args.in_chans, _channels_fixed_by(run)),
-        resumed_from=_trained_on(run, args.nb_classes),
-    )
-    log.info(f"{len(train_set)} training and {len(val_set)} validation images, {args.nb_classes} classes")
+    val_transform = eval_transform(args.input_size, args.mean, args.std, args.in_chans, args.crop_pct)
+    loader, trained_on = image_loader(args.in_chans, _channels_fixed_by(run)), _trained_on(run, args.nb_classes)
+    if args.eval:  # the validation images alone: a machine given only them evaluates, and no time goes on listing
+        train_set = None
+        val_set = validation_split(
+            args.data_path, val_transform, args.nb_classes, loader=loader, resumed_from=trained_on
+        )
+        log.info(f"{len(val_set)} validation images, {args.nb_classes} classes")
+    else:
+        train_set, val_set = classification_splits(
+            args.data_path, train_transform, val_transform, args.nb_classes, loader=loader, resumed_from=trained_on
+        )
+        log.info(f"{len(train_set)} training and {len(val_set)} validation images, {args.nb_classes} classes")
     if run.init_from is not None:
         load_pretrained_encoder(model, run.init_from, head_init_std=head_init_std)
     return model, train_set, val_set
@@ -161,7 +166,7 @@ def train_or_evaluate(
     run: Run,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    train_set: Dataset,
+    train_set: Dataset | None,
     val_set: Dataset,
     criterion: torch.nn.Module,
     mixup_fn: Callable | None = None,
@@ -170,7 +175,10 @@ def train_or_evaluate(
     args = run.args
     state = TrainState(model, optimizer, LossScaler(args.precision), args)
     position = resume(state, run.resume_from)
-    check_same_data(state, train_set, position)
+    if args.eval:
+        check_evaluated_classes(run.resume_from, val_set, args)
+    else:
+        check_same_data(state, train_set, position)
     run.release_checkpoints()  # both loaded (the encoder by classifier_and_data): their copies are not needed
     wrapped_model = wrap_for_training(model, args)  # DDP and/or compiled: what the steps call
     val_loader = eval_loader(val_set, args)

@@ -497,7 +497,7 @@ def test_eval_takes_the_classes_and_pooling_of_the_checkpoint_it_evaluates(
 @pytest.mark.parametrize(
     "given, refused",
     [
-        (["--nb_classes", "5"], "{split}/train has 3 class folders but --nb_classes is 5; give --nb_classes 3"),
+        (["--nb_classes", "5"], "{split}/val has 3 class folders but --nb_classes is 5; give --nb_classes 3"),
         (
             ["--global_pool"],
             "checkpoint {path} does not fit VisionTransformer: 2 missing ['fc_norm.bias', "

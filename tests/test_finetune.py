@@ -153,21 +153,14 @@ def test_what_only_watches_changes_no_weight(pipeline, tmp_path, watching):
     assert_same(*trained)
 
 
-def test_dist_eval_over_two_processes_counts_every_image_once(pipeline, tmp_path, capsys):
-    """Two ranks forked from this process in a gloo group, as torchrun's (helpers.run_ranks)."""
-    data, ckpt, _ = pipeline
-    out = tmp_path / "ft"
-    main_finetune.main(_finetune_args(data, out, "--finetune", str(ckpt), "--epochs", "1"))
-    trained = out / "checkpoint-0.pth"
+def test_dist_eval_over_two_processes_counts_every_image_once(pipeline, finetuned, tmp_path, capsys):
+    """Two ranks forked from this process in a gloo group, as torchrun's (helpers.run_ranks); each takes the
+    model, its size, classes and pooling from the checkpoint, and reads the validation split alone."""
+    data, _, _ = pipeline
+    trained, logged = finetuned
     flags = [
         "--data_path",
         str(data),
-        "--nb_classes",
-        "3",
-        "--model",
-        "vit_mini_patch4",
-        "--input_size",
-        "32",
         "--batch_size",
         "4",
         "--eval",
@@ -190,7 +183,7 @@ def test_dist_eval_over_two_processes_counts_every_image_once(pipeline, tmp_path
     single = acc_line.search(capsys.readouterr().out).groups()
     sharded = acc_line.search(run_ranks(evaluate, tmp_path / "ranks")[0]).groups()
     assert single[3] == sharded[3] == "27"
-    assert single == sharded
+    assert single == sharded and float(single[0]) == pytest.approx(logged, abs=1e-3)
 
 
 def test_dist_eval_with_fewer_images_than_processes_is_refused_at_start(tmp_path):
@@ -405,6 +398,66 @@ def test_missing_validation_folder(pipeline, tmp_path):
     shutil.copytree(data / "train", only_train / "train")
     with pytest.raises(UserError, match=r"has no 'val/test' folder"):
         main_finetune.main(_finetune_args(only_train, tmp_path / "x", "--epochs", "1"))
+
+
+@pytest.fixture(scope="module")
+def finetuned(pipeline, tmp_path_factory) -> tuple[Path, float]:
+    """A classifier fine-tuned for 1 epoch on the pipeline's split, and the top-1 its run logged."""
+    data, ckpt, _ = pipeline
+    out = tmp_path_factory.mktemp("finetuned")
+    main_finetune.main(_finetune_args(data, out, "--finetune", str(ckpt), "--epochs", "1"))
+    return out / "checkpoint-0.pth", _last_log(out)["test_acc1"]
+
+
+def _validation_only(data: Path, root: Path, layout: str) -> Path:
+    """The pipeline's validation images alone: val/ class folders, or a val.txt list of them (labels as
+    ImageFolder numbers the sorted folders)."""
+    if layout == "folders":
+        shutil.copytree(data / "val", root / "val")
+        return root
+    shutil.copytree(data / "val", root / "images")
+    classes = sorted(p.name for p in (root / "images").iterdir())
+    lines = [f"images/{c}/{f.name} {i}" for i, c in enumerate(classes) for f in sorted((root / "images" / c).iterdir())]
+    (root / "val.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.mark.parametrize("layout", ["folders", "list"])
+def test_eval_needs_no_training_split(pipeline, finetuned, tmp_path, capsys, layout):
+    """--eval scores the validation images alone: it listed the training split too, and a folder holding
+    only the validation images (val/ without train/, val.txt without train.txt) was refused."""
+    data, _, _ = pipeline
+    trained, logged = finetuned
+    only_val = _validation_only(data, tmp_path / "d", layout)
+    main_finetune.main(_finetune_args(only_val, tmp_path / "e", "--eval", "--resume", str(trained)))
+    printed = capsys.readouterr().out
+    assert "27 validation images, 3 classes" in printed and " training and " not in printed
+    assert float(re.search(r"\* Acc@1 ([\d.]+)", printed).group(1)) == pytest.approx(logged, abs=1e-3)
+
+
+def test_eval_without_validation_images_says_where_they_go(finetuned, tmp_path):
+    (tmp_path / "d").mkdir()
+    args = _finetune_args(tmp_path / "d", tmp_path / "e", "--eval", "--resume", str(finetuned[0]))
+    with pytest.raises(UserError, match=r"has no val/ or test/ class folders and no val.txt or test.txt list; give"):
+        main_finetune.main(args)
+
+
+def test_eval_refuses_class_folders_other_than_the_checkpoints(pipeline, finetuned, tmp_path):
+    """A label is a class folder's position among the sorted names: 'cat' renamed 'zebra' makes the ship
+    images label 1, scored against the head's 'cat' output. Training refuses such a resume; --eval compared
+    train/ with val/ only, and scored both renamed alike without a word."""
+    data, _, _ = pipeline
+    trained, _ = finetuned
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    for split in ("train", "val"):
+        (copy / split / "cat").rename(copy / split / "zebra")
+    refused = (
+        rf"^--data_path {copy}: the class folders differ from those {trained} was trained on \(label 1: cat -> "
+        r"ship\): its outputs would mean other classes; give the data it was trained on \(the folders as they were\)$"
+    )
+    with pytest.raises(UserError, match=refused):
+        main_finetune.main(_finetune_args(copy, tmp_path / "e", "--eval", "--resume", str(trained)))
 
 
 def test_eval_without_checkpoint_is_refused(pipeline, tmp_path):

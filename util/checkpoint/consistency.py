@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 from util.checkpoint.files import checkpoint_name, kept_checkpoints, list_checkpoints, progress
+from util.checkpoint.opening import Opened
 from util.checkpoint.state import Position, TrainState
 from util.cli.errors import fail
 from util.cli.log import log
@@ -180,6 +181,17 @@ def check_same_data(state: TrainState, dataset: Any, position: Position) -> None
                 f"checkpoint to avoid it"
             )
     state.extra["data"] = now
+
+
+def check_evaluated_classes(opened: Opened | None, dataset: Any, args: argparse.Namespace) -> None:
+    """--eval: refuse validation class folders other than those the ``--resume`` checkpoint was trained on (its
+    ``extra['data']``; nothing to compare with in one that records none, an official release): an evaluation reads
+    no training split to compare them with, and renamed folders would score its outputs against other classes."""
+    extra = opened.ckpt.get("extra") if opened is not None else None
+    saved = extra.get("data") if isinstance(extra, dict) else None
+    classes = getattr(dataset, "classes", None)
+    if isinstance(saved, dict) and classes is not None and not isinstance(classes, ClassIndices):
+        check_same_classes(saved.get("classes"), list(classes), Position(0, source=opened), args)
 
 
 def check_same_classes(saved: Any, now: Any, position: Position, args: argparse.Namespace) -> None:

@@ -283,6 +283,29 @@ def classification_splits(
     return same_on_every_rank(train, data_path, flag, "train"), same_on_every_rank(val, data_path, flag, "val")
 
 
+def validation_split(
+    data_path: str,
+    transform: Callable,
+    nb_classes: int,
+    flag: str = "--data_path",
+    loader: Callable[[str], Any] = load_rgb,
+    resumed_from: str = "",
+) -> datasets.ImageFolder | ListedImages:
+    """The validation set of ``data_path`` alone, as ``classification_splits`` finds it, for a run that only
+    evaluates (--eval): the training split may be absent, so that a machine given the validation images alone
+    can score a model. A folder with no train/, val/ or test/ folder then reads val.txt (or test.txt)."""
+    split_folders = (os.path.join(data_path, name) for name in ("train", "val", "test"))
+    if os.path.isdir(data_path) and not any(map(os.path.isdir, split_folders)):
+        if (listed := list_file_in(data_path, "val")) is None:
+            fail(
+                f"{flag} {data_path} has no val/ or test/ class folders and no val.txt or test.txt list; give the "
+                f"folder that holds the validation images"
+            )
+        return same_on_every_rank(ListedImages(listed, transform, nb_classes, loader), data_path, flag, "val")
+    val = classification_dataset(data_path, "val", transform, nb_classes, flag, loader, resumed_from)
+    return same_on_every_rank(val, data_path, flag, "val")
+
+
 # Names hashed at a time: the digest's memory stays that of a chunk, not of every name joined
 # (14M names of ImageNet-21k: 700 MB for the text and its bytes, on every rank).
 NAMES_PER_UPDATE = 1 << 16
