@@ -460,6 +460,19 @@ def test_eval_refuses_class_folders_other_than_the_checkpoints(pipeline, finetun
         main_finetune.main(_finetune_args(copy, tmp_path / "e", "--eval", "--resume", str(trained)))
 
 
+def test_eval_writes_nothing_and_makes_no_folder(pipeline, finetuned, tmp_path):
+    """No checkpoint, log.txt or TensorBoard events: --output_dir and --log_dir (by default --output_dir) were
+    made and probed for writing all the same, so an evaluation with the default ./output_dir where it cannot be
+    made was refused for a folder it never writes."""
+    data, _, _ = pipeline
+    out = tmp_path / "never" / "out"
+    args = _finetune_args(data, out, "--eval", "--resume", str(finetuned[0]), "--log_dir", str(tmp_path / "tb"))
+    main_finetune.main(args)
+    args.log_dir = None  # TensorBoard's default: --output_dir
+    main_finetune.main(args)
+    assert not list(tmp_path.iterdir())
+
+
 def test_eval_without_checkpoint_is_refused(pipeline, tmp_path):
     data, _, _ = pipeline
     with pytest.raises(UserError, match=r"--eval needs a model"):

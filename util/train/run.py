@@ -73,8 +73,10 @@ def start(flags: argparse.Namespace, fallbacks: dict[str, Any] | None = None) ->
 
     training = bool(args.output_dir) and not getattr(args, "eval", False)
     args.resume = resume_after_restart(args, training)
-    # The other ranks wait for it too, or they resume another checkpoint than rank 0's.
-    distributed.on_rank_0_for_every_rank(lambda: check_outputs(args, training))
+    # The other ranks wait for it too, or they resume another checkpoint than rank 0's. An evaluation (--eval)
+    # writes nothing, so no folder is made or must be writable for it (a default ./output_dir in a read-only place).
+    if not getattr(args, "eval", False):
+        distributed.on_rank_0_for_every_rank(lambda: check_outputs(args, training))
     if training:
         check_seen_by_every_rank(args.output_dir)
     resume_from, init_from = open_checkpoints(args, training)
