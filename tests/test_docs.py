@@ -119,12 +119,10 @@ OFFICIAL_FLAGS = {
 def test_checkpoints_md_names_the_flags_a_resume_takes_from_the_checkpoint():
     """docs/checkpoints.md says which flags left out a resume reads from the checkpoint (the entry points'
     FALLBACKS, and --mean/--std): every other one takes its default, which a new user did not expect."""
-    import engine_finetune
-
     text = " ".join((REPO / "docs" / "checkpoints.md").read_text().split())
     said = re.search(r"A resume reads only (.*?) from the checkpoint where they are not given", text)
     assert said, "docs/checkpoints.md no longer says which flags a resume takes from the checkpoint"
-    taken = {*main_pretrain.FALLBACKS, *engine_finetune.FALLBACKS, "mean", "std"}
+    taken = {*main_pretrain.FALLBACKS, *main_finetune.FALLBACKS, "mean", "std"}
     assert set(re.findall(r"`--(\w+)`", said.group(1))) == taken
 
 
