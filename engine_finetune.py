@@ -210,8 +210,7 @@ def fit(
     args = state.args
     state.extra.setdefault("max_accuracy", 0.0)
     with training(state, position, len(train_loader)) as checkpointer:
-        pending = state.extra.get("unevaluated")
-        if pending is not None and position == Position(pending["epoch"] + 1):
+        if checkpointer.resumed_unevaluated(position):
             _evaluate_epoch(wrapped_model, val_loader, checkpointer)
         for epoch in range(position.epoch, args.epochs):
             start_step = position.steps_done(epoch)
@@ -219,26 +218,24 @@ def fit(
             train_stats = train_one_epoch(
                 wrapped_model, train_loader, state, epoch, checkpointer, criterion, mixup_fn, start_step
             )
-            state.extra["unevaluated"] = {"epoch": epoch, "train_stats": train_stats}
-            checkpointer.end_epoch(epoch)  # its log line comes with the evaluation
+            checkpointer.end_epoch_before_evaluating(epoch, train_stats)  # its log line comes with the evaluation
             checkpointer.stop_if_requested()  # the resumed run evaluates this epoch
             _evaluate_epoch(wrapped_model, val_loader, checkpointer)
 
 
 def _evaluate_epoch(wrapped_model: torch.nn.Module, val_loader: DataLoader, checkpointer: Checkpointer) -> None:
     """Evaluate the epoch in ``extra['unevaluated']`` (the model is as it ended) if ``--eval_freq``
-    asks for it, update the best top-1 and append the epoch's line to log.txt. The last epoch's
-    checkpoint is written again, so that the run's final checkpoint holds the best top-1 of every
-    epoch. (A stop asked for while evaluating is taken at the next epoch's first check point.)"""
+    asks for it, update the best top-1 and append the epoch's line to log.txt (``log_evaluated``: the
+    run's final checkpoint holds the best top-1 of every epoch). (A stop asked for while evaluating is
+    taken at the next epoch's first check point.)"""
     state, run_log = checkpointer.state, checkpointer.run_log
     args = state.args
-    pending = state.extra.pop("unevaluated")
-    epoch = pending["epoch"]
-    train_stats = {f"train_{k}": v for k, v in pending["train_stats"].items()}
+    epoch, trained = checkpointer.take_unevaluated()
+    train_stats = {f"train_{k}": v for k, v in trained.items()}
     # The official log.txt lines end with the trained parameter count (the probe's: its head).
     n_parameters = sum(p.numel() for p in state.model.parameters() if p.requires_grad)
     if (epoch + 1) % args.eval_freq and epoch != args.epochs - 1:
-        run_log.epoch({**train_stats, "epoch": epoch, "n_parameters": n_parameters})
+        checkpointer.log_evaluated({**train_stats, "epoch": epoch, "n_parameters": n_parameters})
         return
     test_stats = evaluate(wrapped_model, val_loader, args)
     best = state.extra["max_accuracy"] = max(state.extra["max_accuracy"], test_stats["acc1"])
@@ -248,6 +245,5 @@ def _evaluate_epoch(wrapped_model: torch.nn.Module, val_loader: DataLoader, chec
     )
     run_log.scalars(epoch, **{f"perf/test_{k}": test_stats[k] for k in ("acc1", "acc5", "loss")})
     test = {f"test_{k}": v for k, v in test_stats.items()}
-    run_log.epoch({**train_stats, **test, "max_accuracy": best, "epoch": epoch, "n_parameters": n_parameters})
-    if epoch == args.epochs - 1:
-        checkpointer.save(epoch)
+    line = {**train_stats, **test, "max_accuracy": best, "epoch": epoch, "n_parameters": n_parameters}
+    checkpointer.log_evaluated(line)

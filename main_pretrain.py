@@ -36,7 +36,7 @@ from util.eval import knn
 from util.eval.pictures import fixed_noise, load_images
 from util.outputs import check_outside_data
 from util.train import distributed
-from util.train.checkpointer import training
+from util.train.checkpointer import Checkpointer, training
 from util.train.precision import LossScaler
 from util.train.progress import RunLog
 from util.train.run import finish, gives_back_output_dir, start, wrap_for_training
@@ -145,6 +145,40 @@ def knn_monitor(
     return scores
 
 
+def knn_due(epoch: int, knn_data: knn.KnnData | None, args: argparse.Namespace) -> bool:
+    """Whether the k-NN monitor scores the end of ``epoch``: every --knn_freq epochs and after the last."""
+    return knn_data is not None and ((epoch + 1) % args.knn_freq == 0 or epoch == args.epochs - 1)
+
+
+def score_epoch(
+    model: models_mae.MaskedAutoencoderViT,
+    knn_data: knn.KnnData | None,
+    picture: tuple[torch.Tensor, torch.Tensor] | None,
+    checkpointer: Checkpointer,
+) -> None:
+    """The k-NN scores of the epoch its checkpoint left unevaluated (none where the resumed run has no
+    --knn_data_path), its log.txt line and its reconstruction picture: what the uninterrupted run writes."""
+    args = checkpointer.state.args
+    epoch, train_stats = checkpointer.take_unevaluated()
+    stats = {f"train_{k}": v for k, v in train_stats.items()}
+    if knn_due(epoch, knn_data, args):
+        stats.update(knn_monitor(model, knn_data, epoch, checkpointer.run_log, args))
+    checkpointer.log_evaluated({**stats, "epoch": epoch})
+    picture_if_due(model, picture, epoch, checkpointer.run_log, args)
+
+
+def picture_if_due(
+    model: models_mae.MaskedAutoencoderViT,
+    picture: tuple[torch.Tensor, torch.Tensor] | None,
+    epoch: int,
+    run_log: RunLog,
+    args: argparse.Namespace,
+) -> None:
+    """The reconstruction picture every --vis_freq epochs, the first and the last."""
+    if picture and distributed.is_main_process() and (epoch % args.vis_freq == 0 or epoch == args.epochs - 1):
+        log_reconstructions(model, *picture, epoch, run_log, args)
+
+
 def fixed_picture(
     dataset: ImageFiles, num_patches: int, args: argparse.Namespace, fixed_by: str = ""
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -185,17 +219,21 @@ def main(flags: argparse.Namespace) -> None:
 
     picture = fixed_picture(dataset, model.num_patches, args, fixed_by)
     with training(state, position, len(loader)) as checkpointer:
+        if checkpointer.resumed_unevaluated(position):  # its k-NN scoring failed, or a stop came before it
+            score_epoch(model, knn_data, picture, checkpointer)
         for epoch in range(position.epoch, args.epochs):
             start_step = position.steps_done(epoch)
             loader.sampler.set_epoch(epoch, skip=start_step * args.batch_size)  # skips what was trained
             train_stats = train_one_epoch(wrapped_model, loader, state, epoch, checkpointer, start_step)
-            stats = {f"train_{k}": v for k, v in train_stats.items()}
-            if knn_data is not None and ((epoch + 1) % args.knn_freq == 0 or epoch == args.epochs - 1):
-                stats.update(knn_monitor(model, knn_data, epoch, checkpointer.run_log, args))
-            checkpointer.end_epoch(epoch, {**stats, "epoch": epoch})
-            if picture and distributed.is_main_process() and (epoch % args.vis_freq == 0 or epoch == args.epochs - 1):
-                log_reconstructions(model, *picture, epoch, checkpointer.run_log, args)
-            checkpointer.stop_if_requested()
+            if knn_due(epoch, knn_data, args):
+                # Saved first: a k-NN image that cannot be read costs no training (the resumed run scores the epoch).
+                checkpointer.end_epoch_before_evaluating(epoch, train_stats)
+                checkpointer.stop_if_requested()
+                score_epoch(model, knn_data, picture, checkpointer)
+            else:
+                checkpointer.end_epoch(epoch, {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch})
+                picture_if_due(model, picture, epoch, checkpointer.run_log, args)
+                checkpointer.stop_if_requested()
     del wrapped_model  # before the process group goes: distributed.cleanup says why
     finish()
 

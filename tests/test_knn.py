@@ -2,6 +2,7 @@
 known extremes (separable features, shuffled labels), one process against two, and errors."""
 
 import argparse
+import io
 import json
 import math
 import os
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from helpers import (
     assert_same,
+    checkpoint_names,
     demo_files,
     isolated_interrupts,
     load,
@@ -27,6 +29,7 @@ from helpers import (
     started_ranks,
     torch_threads,
 )
+from PIL import Image
 
 import knn_eval
 import models_mae
@@ -525,3 +528,61 @@ def test_linear_classifier_needs_a_direction_knn_misses():
     (train_x, train_y), (test_x, test_y) = sample(2000), sample(500)
     assert linear_accuracy(train_x, train_y, test_x, test_y, 2, epochs=30) > 97.0
     assert knn.accuracy(knn.knn_scores(train_x, train_y, test_x, 2), test_y)["top1"] < 75.0
+
+
+def _tensorboard(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """What TensorBoard shows of ``folder``'s runs: each scalar's (x, value) points; the pictures' x."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    shown = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    return {**shown, "pictures": [(e.step, 0.0) for e in acc.Images("reconstructions")]}
+
+
+@pytest.mark.parametrize("in_chans", [1, 3], ids=["rgb-image-in-gray-run", "corrupt-image"])
+def test_a_failing_knn_score_costs_no_training_and_the_resumed_run_scores_it(tmp_path, in_chans):
+    """A k-NN image that cannot be read (read only when scoring: a file damaged during the run; an RGB image in a
+    gray run's k-NN data) stopped pre-training before the epoch's checkpoint, losing the epoch, and in a gray run
+    advised --in_chans 3, which would have read its gray training data as RGB. Now the epoch is saved first; the
+    run resumed with --resume auto scores it, and ends as the uninterrupted run: weights, log.txt with the k-NN
+    scores, TensorBoard and the pictures."""
+    data = labelled_folder(tmp_path / "data", 6, 2)
+    if in_chans == 1:
+        for image in data.rglob("*.jpg"):
+            Image.open(image).convert("L").save(image)
+    knn_data = data / "val" / "cat" / sorted(os.listdir(data / "val" / "cat"))[0]
+    flags = ["--model", "mae_vit_mini_patch4", "--batch_size", "8", "--epochs", "2", "--warmup_epochs", "1"]
+    flags += ["--knn_data_path", str(data), "--knn_freq", "1", "--knn_k", "3", "--vis_freq", "1", "--resume", "auto"]
+    flags += ["--in_chans", "1", "--mean", "0.5", "--std", "0.25"] if in_chans == 1 else []
+    whole = tmp_path / "whole"
+    run_pretrain(data, whole, *flags)
+
+    good = knn_data.read_bytes()
+    if in_chans == 1:  # an image of other channels
+        Image.open(io.BytesIO(good)).convert("RGB").save(knn_data, format="JPEG")
+        message = (
+            f"image {knn_data} has 3 channel(s) (mode RGB) but the model that --knn_data_path scores takes 1; "
+            f"convert it to grayscale (mode L or I;16)"
+        )
+    else:  # damaged: as during a run, since its start lists the k-NN images and reads none
+        knn_data.write_bytes(b"not a picture")
+        message = f"cannot read image {knn_data} "
+    out = tmp_path / "out"
+    with isolated_interrupts():
+        refused = one_line_error(lambda: run_pretrain(data, out, *flags))
+    assert refused.startswith(message), refused
+    assert checkpoint_names(out) == {"checkpoint-0.pth"} and read_log(out) == []  # its line comes with the scores
+    assert load(out / "checkpoint-0.pth")["extra"]["unevaluated"]["epoch"] == 0  # trained, saved, not yet scored
+    knn_data.write_bytes(good)
+    run_pretrain(data, out, *flags)
+
+    log = read_log(whole)
+    assert [line["epoch"] for line in log] == [0, 1] and all("knn_cls_top1" in line for line in log)
+    assert read_log(out) == log
+    final, resumed = load(whole / "checkpoint-1.pth"), load(out / "checkpoint-1.pth")
+    assert "unevaluated" not in resumed["extra"] and resumed["log"] == final["log"] == log
+    assert_same(resumed["model"], final["model"], "model")
+    assert_same(resumed["optimizer"], final["optimizer"], "optimizer")
+    assert _tensorboard(out) == _tensorboard(whole)
+    assert sorted(p.name for p in out.glob("*.png")) == ["reconstruction-0.png", "reconstruction-1.png"]

@@ -126,7 +126,8 @@ def _log_problem(lines: Any) -> str:
 
 
 def _extra_problem(extra: Any) -> str:
-    """The entry-point state: engine_finetune keeps 'max_accuracy' and 'unevaluated' there, and a run that
+    """The entry-point state: engine_finetune keeps 'max_accuracy' there, it and pre-training's k-NN monitor
+    'unevaluated' (``Checkpointer.end_epoch_before_evaluating``), and a run that
     extends a finished one the names of the final checkpoints it keeps ('finals')."""
     if not isinstance(extra, dict):
         return f"is a {type(extra).__name__}, not a dict"

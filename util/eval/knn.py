@@ -143,9 +143,10 @@ class KnnData:
         in_chans: int = 3,
     ):
         transform = eval_transform(input_size, mean, std, in_chans)
-        bank, queries = classification_splits(
-            path, transform, transform, nb_classes=None, flag=flag, loader=image_loader(in_chans)
-        )
+        # The channels are the scored model's, which another --in_chans would not fit: an image of others is told to
+        # change (it was told to give --in_chans, which would have pre-trained a gray run on its data read as RGB).
+        loader = image_loader(in_chans, fixed_by=f"the model that {flag} scores")
+        bank, queries = classification_splits(path, transform, transform, nb_classes=None, flag=flag, loader=loader)
         if len(bank.classes) < 2:
             fail(f"{flag} {path}/train has {len(bank.classes)} class folder(s); k-NN needs at least 2")
         self.path, self.flag, self.size, self.in_chans = path, flag, image_size(input_size), in_chans

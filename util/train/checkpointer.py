@@ -75,6 +75,32 @@ class Checkpointer:
         self.save(epoch)
         self.run_log.write()
 
+    def end_epoch_before_evaluating(self, epoch: int, train_stats: dict[str, float]) -> None:
+        """Save the epoch's checkpoint before its evaluation, which reads files training does not (a validation or
+        k-NN image that is bad, or of other channels) and may fail: that costs no training. The checkpoint holds the
+        epoch's ``train_stats`` under ``extra['unevaluated']`` and not yet its log.txt line, which comes with the
+        evaluation (``take_unevaluated``, ``log_evaluated``); a run resumed from it evaluates the epoch first."""
+        self.state.extra["unevaluated"] = {"epoch": epoch, "train_stats": train_stats}
+        self.end_epoch(epoch)
+
+    def resumed_unevaluated(self, position: Position) -> bool:
+        """Whether the run resumes the checkpoint of an epoch saved before its evaluation: it evaluates it first."""
+        pending = self.state.extra.get("unevaluated")
+        return pending is not None and position == Position(pending["epoch"] + 1)
+
+    def take_unevaluated(self) -> tuple[int, dict[str, float]]:
+        """The epoch left unevaluated and its training stats, which the next checkpoint no longer carries."""
+        pending = self.state.extra.pop("unevaluated")
+        return pending["epoch"], pending["train_stats"]
+
+    def log_evaluated(self, line: dict[str, Any]) -> None:
+        """Append the evaluated epoch's ``line`` to log.txt (the next checkpoint carries it). The last epoch's
+        checkpoint is written again, so that the run's final checkpoint holds the line and what the evaluation
+        changed (fine-tuning's best top-1)."""
+        self.run_log.epoch(line)
+        if line["epoch"] == self.state.args.epochs - 1:
+            self.save(line["epoch"])
+
     def stop_if_requested(self) -> None:
         """Stop after the last save (``--resume auto`` goes on from it) when a signal asked for it."""
         if stop_requested(self.state.args.device):
