@@ -231,7 +231,8 @@ def main(flags: argparse.Namespace) -> None:
                 checkpointer.stop_if_requested()
                 score_epoch(model, knn_data, picture, checkpointer)
             else:
-                checkpointer.end_epoch(epoch, {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch})
+                stats = {f"train_{k}": v for k, v in train_stats.items()}
+                checkpointer.end_epoch(epoch, {**stats, "epoch": epoch})
                 picture_if_due(model, picture, epoch, checkpointer.run_log, args)
                 checkpointer.stop_if_requested()
     del wrapped_model  # before the process group goes: distributed.cleanup says why
