@@ -17,7 +17,7 @@ from util.checkpoint.state import Position, TrainState
 from util.cli.errors import UserError
 from util.cli.log import log
 from util.data.channels import image_loader
-from util.data.datasets import classification_splits, validation_split
+from util.data.datasets import class_count, classification_splits, validation_split
 from util.data.loaders import batches, eval_loader, eval_transform, train_loader
 from util.lr_sched import adjust_learning_rate
 from util.train import distributed
@@ -26,10 +26,20 @@ from util.train.precision import LossScaler, autocast
 from util.train.run import Run, finish, wrap_for_training
 from util.train.steps import accumulating, optimizer_step, to_device
 
+
+def data_classes(args: argparse.Namespace) -> tuple[str, int]:
+    """--nb_classes where neither given nor the --resume head's: the class folders of the split the run reads
+    first (--eval: the validation split), listed by name before the model is built; list files are refused."""
+    return class_count(args.data_path, args.eval)
+
+
 # What --model, --input_size, --in_chans, --crop_pct and --nb_classes mean when not given and no checkpoint decides
-# them (--crop_pct None: the official rule), so that --eval --resume evaluates as the run did; --global_pool's is
-# each entry point's own (``fallbacks``).
-FALLBACKS = {"model": "vit_large_patch16", "input_size": 224, "in_chans": 3, "crop_pct": None, "nb_classes": 1000}
+# them (--crop_pct None: the official rule), so that --eval --resume evaluates as the run did; --nb_classes is
+# counted in the data (official: 1000, ImageNet's, which a user's own class folders had to override); --global_pool's
+# is each entry point's own (``fallbacks``).
+FALLBACKS = {
+    "model": "vit_large_patch16", "input_size": 224, "in_chans": 3, "crop_pct": None, "nb_classes": data_classes,
+}  # fmt: skip
 
 
 def fallbacks(global_pool: bool) -> dict[str, Any]:

@@ -261,10 +261,11 @@ def test_weights_are_read_only_where_a_flag_is_missing_and_no_args_decide(releas
     monkeypatch.setattr(models_vit, "encoder_for_weights", lambda *a, **k: calls.append(a) or ("vit_tiny_patch4", 48))
     release = Opened(releases["encoder"], torch.load(releases["encoder"]))
     ours = Opened(str(pretrained), torch.load(pretrained, weights_only=False))
-    fill_from_checkpoints(Namespace(model="vit_tiny_patch4", input_size=32, in_chans=3), [release], FALLBACKS)
-    fill_from_checkpoints(Namespace(model=None, input_size=None), [ours, release], FALLBACKS)
+    fallbacks = {**FALLBACKS, "nb_classes": 1000}  # not counted: these args have no --data_path
+    fill_from_checkpoints(Namespace(model="vit_tiny_patch4", input_size=32, in_chans=3), [release], fallbacks)
+    fill_from_checkpoints(Namespace(model=None, input_size=None), [ours, release], fallbacks)
     assert calls == []
-    fill_from_checkpoints(Namespace(model=None, input_size=None, in_chans=None), [release], FALLBACKS)
+    fill_from_checkpoints(Namespace(model=None, input_size=None, in_chans=None), [release], fallbacks)
     assert len(calls) == 1  # once for the three flags
 
 
@@ -451,10 +452,12 @@ def test_the_official_releases_give_their_models_at_224_px(size, kind):
     state = {k: torch.empty(shape, device="meta") for k, shape in load_spec()[release[kind]].items()}
     args = Namespace(model=None, input_size=None, in_chans=None, crop_pct=None, nb_classes=None, global_pool=None)
     opened = Opened(release[kind], {"model": state})
-    fill_from_checkpoints(args, [opened], main_finetune.FALLBACKS, resumed=opened)
+    counted = {**main_finetune.FALLBACKS, "nb_classes": lambda _: ("the class folders of data/train", 7)}
+    fill_from_checkpoints(args, [opened], counted, resumed=opened)
     assert (args.model, args.input_size, args.in_chans) == (f"vit_{size}_patch{patch}", 224, 3)
-    # A classifier's head and norms give its classes and pooling; an MAE has neither: fine-tuning's defaults.
-    assert (args.nb_classes, args.global_pool) == (1000, kind != "cls")
+    # A classifier's head and norms give its classes and pooling; an MAE has neither: the data's class folders,
+    # and fine-tuning's pooling.
+    assert (args.nb_classes, args.global_pool) == (7 if kind == "mae" else 1000, kind != "cls")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -517,13 +520,14 @@ def test_a_given_class_count_or_pooling_that_disagrees_keeps_its_error(given, re
 
 @pytest.mark.parametrize("entry_point", [main_finetune, main_linprobe], ids=["finetune", "linprobe"])
 def test_a_finetune_checkpoint_gives_no_classes_or_pooling(entry_point, heads, split, tmp_path, monkeypatch, capsys):
-    """A classifier given to --finetune starts a new head: the entry point's pooling and 1000 classes (the
-    official defaults), whatever its own head and norms are."""
+    """A classifier given to --finetune starts a new head: the entry point's pooling (the official default) and
+    as many classes as the data's class folders, whatever its own head and norms are."""
     source = heads["main_linprobe" if entry_point is main_finetune else "main_finetune"]
     argv = ["--finetune", source, "--data_path", str(split), "--output_dir", str(tmp_path), *CPU]
     args = _settled(entry_point, monkeypatch, *argv)
-    assert (args.nb_classes, args.global_pool) == (1000, entry_point is main_finetune)
-    assert "--nb_classes" not in capsys.readouterr().out
+    assert (args.nb_classes, args.global_pool) == (3, entry_point is main_finetune)
+    said = [line for line in capsys.readouterr().out.splitlines() if "--nb_classes" in line]
+    assert said == [f"from the class folders of {split / 'train'}: --nb_classes 3 (flags not given)"]
 
 
 def test_a_training_resume_takes_the_classes_of_the_run_it_continues(heads, split, tmp_path, monkeypatch):

@@ -10,7 +10,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, assert_same, cli, load, make_split, pretrain_args, run_ranks, torch_threads
+from helpers import (
+    REPO,
+    TINY,
+    assert_same,
+    cli,
+    load,
+    make_split,
+    one_line_error,
+    pretrain_args,
+    run_ranks,
+    torch_threads,
+)
 
 import main_finetune
 import main_linprobe
@@ -19,8 +30,10 @@ import models_mae
 import models_vit
 from util.checkpoint.encoder import load_pretrained_encoder
 from util.cli.errors import UserError
+from util.data.datasets import class_count
 from util.lars import LARS
 from util.lr_decay import param_groups_lrd
+from util.train import distributed
 
 CPU = ["--device", "cpu", "--precision", "fp32", "--num_workers", "0"]
 
@@ -47,6 +60,12 @@ def _classifier_args(entry_point, data, out, *extra):
 
 def _finetune_args(data, out, *extra):
     return _classifier_args(main_finetune, data, out, *extra)
+
+
+def _without_nb_classes(args):
+    """``args`` as parsed from a command that does not give --nb_classes."""
+    args.nb_classes = None
+    return args
 
 
 def _last_log(out: Path) -> dict:
@@ -374,14 +393,89 @@ def test_nb_classes_must_match_folders(pipeline, tmp_path):
         main_finetune.main(args)
 
 
-def test_a_resume_onto_another_number_of_class_folders_says_the_data_changed(pipeline, tmp_path):
+# --nb_classes not given, and no --resume head to decide it: the class folders' count
+@pytest.mark.parametrize("entry_point", [main_finetune, main_linprobe], ids=["finetune", "linprobe"])
+def test_class_folders_give_the_classes_not_given(pipeline, tmp_path, capsys, entry_point):
+    """The official default, 1000 (ImageNet's), refused a user's own class folders ('has 3 class folders but
+    --nb_classes is 1000; give --nb_classes 3'): the tool knew the answer it asked for. The head has a row per
+    class folder, and the run says where the count came from, as it says what a checkpoint gave."""
+    data, ckpt, _ = pipeline
+    out = tmp_path / "out"
+    args = _without_nb_classes(_classifier_args(entry_point, data, out, "--finetune", str(ckpt), "--epochs", "1"))
+    entry_point.main(args)
+    printed = capsys.readouterr().out
+    assert f"from the class folders of {data / 'train'}: --nb_classes 3 (flags not given)" in printed
+    saved = load(out / "checkpoint-0.pth")
+    head = saved["model"]["head.weight" if entry_point is main_finetune else "head.1.weight"]
+    assert head.shape[0] == 3 and saved["args"].nb_classes == 3
+    assert args.nb_classes is None  # the settled value is the run's copy's (and its checkpoint's)
+    assert _last_log(out)["test_images"] == 27
+
+
+def test_a_given_nb_classes_is_not_counted(pipeline, tmp_path, capsys):
+    """A flag given wins: the class folders are not counted, and a count that differs keeps its refusal."""
+    data, _, _ = pipeline
+    with pytest.raises(UserError, match=r"has 3 class folders but --nb_classes is 4; give --nb_classes 3$"):
+        main_finetune.main(_finetune_args(data, tmp_path / "x", "--epochs", "1", "--nb_classes", "4"))
+    assert "from the class folders" not in capsys.readouterr().out
+
+
+def test_list_files_need_nb_classes(tmp_path):
+    """A list file cannot say how many classes there are: a class with no image in it (or only in the other
+    split) would be missing from a head of the largest label + 1, and 1000 (ImageNet's) made a 10-label list
+    train a head of 1000 outputs without a word. Refused before any list is read, naming the file."""
+    split = REPO / "demo" / "cifar10-2k-split"
+    args = _without_nb_classes(_finetune_args(split, tmp_path / "x", "--epochs", "1"))
+    expected = f"{split / 'train.txt'} cannot tell how many classes there are (a class may have no image in it); "
+    assert one_line_error(main_finetune.main, args) == expected + "give --nb_classes"
+
+
+def test_the_count_is_that_of_the_split_the_run_reads(pipeline, tmp_path):
+    """Training counts train/'s class folders (names only: hidden ones are no class, as for the data set);
+    --eval, which reads the validation split alone, counts val/'s (or test/'s), or refuses val.txt as training
+    refuses train.txt."""
+    data, _, _ = pipeline
+    root = tmp_path / "d"
+    shutil.copytree(data, root)
+    shutil.copytree(root / "train" / "cat", root / "train" / "dog")
+    (root / "train" / ".ipynb_checkpoints").mkdir()
+    assert class_count(str(root), evaluating=False) == (f"the class folders of {root / 'train'}", 4)
+    assert class_count(str(root), evaluating=True) == (f"the class folders of {root / 'val'}", 3)
+    (root / "val").rename(root / "test")
+    shutil.rmtree(root / "train")
+    assert class_count(str(root), evaluating=True) == (f"the class folders of {root / 'test'}", 3)
+    listed = _validation_only(data, tmp_path / "listed", "list")
+    with pytest.raises(UserError, match=rf"^{listed / 'val.txt'} cannot tell how many classes there are"):
+        class_count(str(listed), evaluating=True)
+
+
+def test_every_rank_takes_the_same_count(pipeline, monkeypatch):
+    """A rank that sees other class folders would build another head: refused on every rank, as other images are."""
+    data, _, _ = pipeline
+    monkeypatch.setattr(distributed, "gather", lambda mine: [mine, mine + 1])
+    refused = (
+        rf"^--data_path {data}: rank 1 of 2 lists 4 class folders in {data / 'train'}, rank 0 3: every node of the "
+        r"job must see the same data; put it on storage every node shares$"
+    )
+    with pytest.raises(UserError, match=refused):
+        class_count(str(data), evaluating=False)
+
+
+@pytest.mark.parametrize("classes", ["given", "counted"])
+def test_a_resume_onto_another_number_of_class_folders_says_the_data_changed(pipeline, tmp_path, classes):
     """A class folder added between a stop and --resume auto with the same command: the error said 'give
-    --nb_classes 4', and doing so stopped on the checkpoint's head of 3 outputs (found by a data-change probe)."""
+    --nb_classes 4', and doing so stopped on the checkpoint's head of 3 outputs (found by a data-change probe).
+    Without --nb_classes the resumed head's rows win over the folders counted now, so the refusal is the same."""
     data, ckpt, _ = pipeline
     copy = tmp_path / "data"
     shutil.copytree(data, copy)
     out = tmp_path / "ft"
-    main_finetune.main(_finetune_args(copy, out, "--epochs", "1", "--finetune", str(ckpt)))
+
+    def command(*flags: str):
+        args = _finetune_args(copy, out, *flags)
+        return args if classes == "given" else _without_nb_classes(args)
+
+    main_finetune.main(command("--epochs", "1", "--finetune", str(ckpt)))
     for split in ("train", "val"):
         shutil.copytree(copy / split / "cat", copy / split / "dog")
     refused = (
@@ -389,7 +483,7 @@ def test_a_resume_onto_another_number_of_class_folders_says_the_data_changed(pip
         r"trained on 3; give the data it was trained on, or fine-tune afresh into another --output_dir$"
     )
     with pytest.raises(UserError, match=refused):
-        main_finetune.main(_finetune_args(copy, out, "--epochs", "2", "--resume", "auto"))
+        main_finetune.main(command("--epochs", "2", "--resume", "auto"))
 
 
 def test_missing_validation_folder(pipeline, tmp_path):
@@ -429,8 +523,12 @@ def test_eval_needs_no_training_split(pipeline, finetuned, tmp_path, capsys, lay
     data, _, _ = pipeline
     trained, logged = finetuned
     only_val = _validation_only(data, tmp_path / "d", layout)
-    main_finetune.main(_finetune_args(only_val, tmp_path / "e", "--eval", "--resume", str(trained)))
+    # Without --nb_classes: the head it resumes decides, val.txt though a list cannot tell the classes.
+    main_finetune.main(
+        _without_nb_classes(_finetune_args(only_val, tmp_path / "e", "--eval", "--resume", str(trained)))
+    )
     printed = capsys.readouterr().out
+    assert f"from checkpoint {trained}: " in printed and "--nb_classes 3 --global_pool (flags not given)" in printed
     assert "27 validation images, 3 classes" in printed and " training and " not in printed
     assert float(re.search(r"\* Acc@1 ([\d.]+)", printed).group(1)) == pytest.approx(logged, abs=1e-3)
 

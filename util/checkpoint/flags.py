@@ -29,7 +29,8 @@ def fill_from_checkpoints(
     args: argparse.Namespace, sources: Sequence[Opened], fallbacks: dict[str, Any], resumed: Opened | None = None
 ) -> dict[str, str]:
     """Set every flag of ``fallbacks`` that is None (not given) to the value the first of ``sources``
-    that decides it gives, else to its fallback; say in one line per checkpoint which values it gave.
+    that decides it gives, else to its fallback (a function of ``args`` gives (where from, value)); say in one
+    line per checkpoint (or other source) which values it gave.
     A checkpoint decides what its args store; one that stores no args (an official release), the
     model, image size and channels of its weights (``recognised``). ``FROM_RESUMED_HEAD`` come from the
     weights of ``resumed`` (the ``--resume`` checkpoint) alone (``head_flags``). A decided ``--model`` becomes the
@@ -51,6 +52,8 @@ def fill_from_checkpoints(
         else:
             decided = _decided(args, flag, sources, weights)
         origin, value = decided or ("", fallback)
+        if callable(value):  # a fallback read elsewhere (a classifier's classes: its data's class folders)
+            origin, value = value(args)
         if flag == "model" and origin:
             value = _same_kind(value, fallback)
         setattr(args, flag, value)

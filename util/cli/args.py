@@ -106,7 +106,8 @@ def add_classifier_args(parser: argparse.ArgumentParser, models: Iterable[str], 
     g.add_argument("--global_pool", action="store_true", help=pool)
     g.add_argument("--cls_token", action="store_false", dest="global_pool", help="class token, not global pooling")
     parser.set_defaults(global_pool=None)
-    classes = f"number of classification types (default: --resume's head's rows, else {fallbacks['nb_classes']})"
+    # Not given: the --resume head's rows, else the data's class folders (engine_finetune.data_classes).
+    classes = "number of classification types (default: --resume's head's rows, else the class folders; lists: needed)"
     g.add_argument("--nb_classes", type=int, help=classes)
     c = parser.add_argument_group("crops")
     pct = "evaluation: center crop / resized image, in (0, 1] (default: the checkpoint's, else 224/256; 1 above 224 px)"

@@ -173,19 +173,10 @@ def pretrain_dataset(
     return same_on_every_rank(dataset, data_path)
 
 
-def classification_dataset(
-    data_path: str,
-    split: str,
-    transform: Callable,
-    nb_classes: int | None,
-    flag: str = "--data_path",
-    loader: Callable[[str], Any] = load_rgb,
-    resumed_from: str = "",
-) -> datasets.ImageFolder | ListedImages:
-    """ImageFolder on ``<data_path>/<split>`` (validation: 'val' or 'test'); without a ``train`` folder,
-    the list files ``train.txt`` and ``val.txt`` (or ``test.txt``). ``nb_classes`` None takes any
-    number of classes; ``flag`` names the folder's flag in errors; ``resumed_from``: the checkpoint this
-    run resumes, where ``nb_classes`` is the one it was trained on."""
+def split_source(data_path: str, split: str, flag: str = "--data_path") -> tuple[bool, str]:
+    """Where ``classification_dataset`` reads ``split`` of ``data_path`` (validation: 'val' or 'test'): (True,
+    its list file) without a ``train`` folder where ``train.txt`` and ``val.txt`` (or ``test.txt``) are, else
+    (False, the folder of its class folders). A layout it cannot read is refused in one line."""
     if os.path.isfile(data_path):
         fail(
             f"{flag} {data_path} is a file; for classification give the folder that holds train.txt and val.txt "
@@ -197,7 +188,7 @@ def classification_dataset(
     if not os.path.isdir(os.path.join(data_path, "train")) and list_file_in(data_path, "train"):
         if list_file_in(data_path, "val") is None:  # said before the (long) training list is read
             fail(f"{flag} {data_path} has train.txt but no {' or '.join(LIST_FILES['val'])}; give both lists")
-        return ListedImages(list_file_in(data_path, split), transform, nb_classes, loader)
+        return True, list_file_in(data_path, split)
     candidates = [split] if split == "train" else ["val", "test"]
     folder = next((os.path.join(data_path, c) for c in candidates if os.path.isdir(os.path.join(data_path, c))), None)
     if folder is None:
@@ -205,6 +196,75 @@ def classification_dataset(
             f"{flag} {data_path} has no '{'/'.join(candidates)}' folder; "
             f"expected <data_path>/{candidates[0]}/<class>/<image> (or list files train.txt and val.txt)"
         )
+    return False, folder
+
+
+def validation_source(data_path: str, flag: str = "--data_path") -> tuple[bool, str]:
+    """Where ``validation_split`` reads the validation images (as ``split_source`` says it): a folder with no
+    train/, val/ or test/ folder reads val.txt (or test.txt) alone."""
+    split_folders = (os.path.join(data_path, name) for name in ("train", "val", "test"))
+    if os.path.isdir(data_path) and not any(map(os.path.isdir, split_folders)):
+        if (listed := list_file_in(data_path, "val")) is None:
+            fail(
+                f"{flag} {data_path} has no val/ or test/ class folders and no val.txt or test.txt list; give the "
+                f"folder that holds the validation images"
+            )
+        return True, listed
+    return split_source(data_path, "val", flag)
+
+
+def class_count(data_path: str, evaluating: bool, flag: str = "--data_path") -> tuple[str, int]:
+    """(where from, how many) of the classes of ``data_path`` for a classifier given no --nb_classes, whose
+    resumed head (if any) decides none: the class folders of the training split, or of the validation split
+    that --eval reads alone. Only their names are listed (the images are listed once, by the data set), and
+    every rank takes the same count. A list file is refused: it cannot tell how many classes exist (a class
+    may have no image in it, and the largest label + 1 would then make a head that lacks it)."""
+    listed, where = validation_source(data_path, flag) if evaluating else split_source(data_path, "train", flag)
+    if listed:
+        fail(f"{where} cannot tell how many classes there are (a class may have no image in it); give --nb_classes")
+    try:
+        count = len(class_folders(where)[0])
+    except PermissionError as e:
+        unlisted_folder(e)
+    except FileNotFoundError as e:
+        fail(f"{where}: {e}")
+    counts = distributed.gather(count)
+    other = next((rank for rank, theirs in enumerate(counts) if theirs != counts[0]), None)
+    if other is not None:
+        fail(
+            f"{flag} {data_path}: rank {other} of {len(counts)} lists {counts[other]} class folders in {where}, rank 0 "
+            f"{counts[0]}: every node of the job must see the same data; put it on storage every node shares"
+        )
+    return f"the class folders of {where}", count
+
+
+def class_folders(directory: str) -> tuple[list[str], list[str]]:
+    """The class folders of ``directory`` (sorted names) and its hidden folders (paths), which are no classes;
+    FileNotFoundError where it has no class folder."""
+    with os.scandir(directory) as entries:
+        folders = sorted(e.name for e in entries if e.is_dir())
+    classes = [f for f in folders if not is_hidden(f)]
+    if not classes:
+        raise FileNotFoundError("no class folders in it; put each class's images in a folder of its own there")
+    return classes, [os.path.join(directory, f) for f in folders if is_hidden(f)]
+
+
+def classification_dataset(
+    data_path: str,
+    split: str,
+    transform: Callable,
+    nb_classes: int | None,
+    flag: str = "--data_path",
+    loader: Callable[[str], Any] = load_rgb,
+    resumed_from: str = "",
+) -> datasets.ImageFolder | ListedImages:
+    """ImageFolder on ``<data_path>/<split>`` (validation: 'val' or 'test'); without a ``train`` folder,
+    the list files ``train.txt`` and ``val.txt`` (or ``test.txt``): ``split_source``. ``nb_classes`` None takes
+    any number of classes; ``flag`` names the folder's flag in errors; ``resumed_from``: the checkpoint this
+    run resumes, where ``nb_classes`` is the one it was trained on."""
+    listed, folder = split_source(data_path, split, flag)
+    if listed:
+        return ListedImages(folder, transform, nb_classes, loader)
     try:
         dataset = _ImageFolder(folder, transform=transform, loader=loader)
     except PermissionError as e:  # torchvision lists the split's class folders itself
@@ -228,12 +288,7 @@ class _ImageFolder(datasets.ImageFolder):
     folders (torchvision makes '.ipynb_checkpoints' a class, shifting every label after it)."""
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
-        with os.scandir(directory) as entries:
-            folders = sorted(e.name for e in entries if e.is_dir())
-        self.hidden = [os.path.join(directory, f) for f in folders if is_hidden(f)]
-        classes = [f for f in folders if not is_hidden(f)]
-        if not classes:
-            raise FileNotFoundError("no class folders in it; put each class's images in a folder of its own there")
+        classes, self.hidden = class_folders(directory)
         return classes, {name: index for index, name in enumerate(classes)}
 
     def make_dataset(self, directory: str, class_to_idx: dict[str, int], *args: Any, **kwargs: Any) -> LabelledPaths:
@@ -294,14 +349,9 @@ def validation_split(
     """The validation set of ``data_path`` alone, as ``classification_splits`` finds it, for a run that only
     evaluates (--eval): the training split may be absent, so that a machine given the validation images alone
     can score a model. A folder with no train/, val/ or test/ folder then reads val.txt (or test.txt)."""
-    split_folders = (os.path.join(data_path, name) for name in ("train", "val", "test"))
-    if os.path.isdir(data_path) and not any(map(os.path.isdir, split_folders)):
-        if (listed := list_file_in(data_path, "val")) is None:
-            fail(
-                f"{flag} {data_path} has no val/ or test/ class folders and no val.txt or test.txt list; give the "
-                f"folder that holds the validation images"
-            )
-        return same_on_every_rank(ListedImages(listed, transform, nb_classes, loader), data_path, flag, "val")
+    listed, where = validation_source(data_path, flag)
+    if listed:
+        return same_on_every_rank(ListedImages(where, transform, nb_classes, loader), data_path, flag, "val")
     val = classification_dataset(data_path, "val", transform, nb_classes, flag, loader, resumed_from)
     return same_on_every_rank(val, data_path, flag, "val")
 
