@@ -29,8 +29,10 @@ from util.train.steps import accumulating, optimizer_step, to_device
 
 def data_classes(args: argparse.Namespace) -> tuple[str, int]:
     """--nb_classes where neither given nor the --resume head's: the class folders of the split the run reads
-    first (--eval: the validation split), listed by name before the model is built; list files are refused."""
-    return class_count(args.data_path, args.eval)
+    first (--eval: the validation split), listed by name before the model is built; list files are refused.
+    Where the data set will refuse the folder, the official 1000 (ImageNet's), said by no line: the model's
+    own checks come first, as with the flag given."""
+    return class_count(args.data_path, args.eval) or ("", 1000)
 
 
 # What --model, --input_size, --in_chans, --crop_pct and --nb_classes mean when not given and no checkpoint decides

@@ -447,6 +447,10 @@ def test_the_count_is_that_of_the_split_the_run_reads(pipeline, tmp_path):
     listed = _validation_only(data, tmp_path / "listed", "list")
     with pytest.raises(UserError, match=rf"^{listed / 'val.txt'} cannot tell how many classes there are"):
         class_count(str(listed), evaluating=True)
+    # No count where the data set will refuse the folder: it says why where it is read, after the model's checks.
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    assert class_count(str(tmp_path / "empty"), evaluating=False) is None
+    assert class_count(str(tmp_path / "absent"), evaluating=False) is None
 
 
 def test_every_rank_takes_the_same_count(pipeline, monkeypatch):

@@ -213,29 +213,31 @@ def validation_source(data_path: str, flag: str = "--data_path") -> tuple[bool, 
     return split_source(data_path, "val", flag)
 
 
-def class_count(data_path: str, evaluating: bool, flag: str = "--data_path") -> tuple[str, int]:
+def class_count(data_path: str, evaluating: bool, flag: str = "--data_path") -> tuple[str, int] | None:
     """(where from, how many) of the classes of ``data_path`` for a classifier given no --nb_classes, whose
     resumed head (if any) decides none: the class folders of the training split, or of the validation split
     that --eval reads alone. Only their names are listed (the images are listed once, by the data set), and
     every rank takes the same count. A list file is refused: it cannot tell how many classes exist (a class
-    may have no image in it, and the largest label + 1 would then make a head that lacks it)."""
-    listed, where = validation_source(data_path, flag) if evaluating else split_source(data_path, "train", flag)
+    may have no image in it, and the largest label + 1 would then make a head that lacks it). None where the
+    data set will refuse the folder: it says why where it is read, after the flags the model checks."""
+    count, where = None, data_path
+    try:
+        listed, where = validation_source(data_path, flag) if evaluating else split_source(data_path, "train", flag)
+        if not listed:
+            count = len(class_folders(where)[0])
+    except (UserError, OSError):  # no such split, no class folder in it, a folder that cannot be listed
+        listed = False
     if listed:
         fail(f"{where} cannot tell how many classes there are (a class may have no image in it); give --nb_classes")
-    try:
-        count = len(class_folders(where)[0])
-    except PermissionError as e:
-        unlisted_folder(e)
-    except FileNotFoundError as e:
-        fail(f"{where}: {e}")
     counts = distributed.gather(count)
     other = next((rank for rank, theirs in enumerate(counts) if theirs != counts[0]), None)
     if other is not None:
+        theirs, rank_0 = counts[other] or "no", counts[0] or "no"  # None: no class folders there
         fail(
-            f"{flag} {data_path}: rank {other} of {len(counts)} lists {counts[other]} class folders in {where}, rank 0 "
-            f"{counts[0]}: every node of the job must see the same data; put it on storage every node shares"
+            f"{flag} {data_path}: rank {other} of {len(counts)} lists {theirs} class folders in {where}, rank 0 "
+            f"{rank_0}: every node of the job must see the same data; put it on storage every node shares"
         )
-    return f"the class folders of {where}", count
+    return None if count is None else (f"the class folders of {where}", count)
 
 
 def class_folders(directory: str) -> tuple[list[str], list[str]]:
