@@ -453,6 +453,31 @@ def test_the_count_is_that_of_the_split_the_run_reads(pipeline, tmp_path):
     assert class_count(str(tmp_path / "absent"), evaluating=False) is None
 
 
+@pytest.mark.parametrize("seen", ["same", "another"])
+def test_two_ranks_count_the_class_folders_alike(pipeline, tmp_path, seen):
+    """Two ranks forked in a gloo group, as torchrun's, each start fine-tuning without --nb_classes: the same
+    count on both, or, where rank 1 sees a class folder more, the same one-line refusal on both."""
+    from util.data import datasets
+    from util.train.run import finish, start
+
+    data, _, _ = pipeline
+    args = _without_nb_classes(_finetune_args(data, tmp_path / "out", "--epochs", "1"))
+
+    def body() -> None:
+        if seen == "another" and os.environ["RANK"] == "1":
+            listed = datasets.class_folders
+            datasets.class_folders = lambda folder: (["zebra", *listed(folder)[0]], [])
+        print(f"classes: {start(args, main_finetune.FALLBACKS).args.nb_classes}")
+        finish()
+
+    outputs = run_ranks(body, tmp_path / "ranks", exit_codes=(0, 0) if seen == "same" else (2, 2))
+    if seen == "same":
+        assert all("classes: 3" in output for output in outputs), outputs
+    else:
+        refused = f"error: --data_path {data}: rank 1 of 2 lists 4 class folders in {data / 'train'}, rank 0 3: every"
+        assert all(refused in output and "classes:" not in output for output in outputs), outputs
+
+
 def test_every_rank_takes_the_same_count(pipeline, monkeypatch):
     """A rank that sees other class folders would build another head: refused on every rank, as other images are."""
     data, _, _ = pipeline
