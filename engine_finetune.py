@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 import models_vit
 from util.checkpoint.consistency import check_evaluated_classes, check_same_data
 from util.checkpoint.encoder import load_pretrained_encoder
+from util.checkpoint.flags import head_flags
 from util.checkpoint.load import model_state
 from util.checkpoint.resume import resume
 from util.checkpoint.state import Position, TrainState
@@ -103,9 +104,17 @@ def _channels_fixed_by(run: Run) -> str:
 
 
 def _trained_on(run: Run, nb_classes: int) -> str:
-    """The checkpoint this run resumes, where it was trained on ``nb_classes`` classes; else ''."""
+    """The checkpoint this run resumes, where its head has ``nb_classes`` rows (args or not: an official release
+    stores none, and other class folders were told to give --nb_classes of their count, which its head refused);
+    else ''."""
     resumed = run.resume_from
-    return resumed.path if resumed is not None and getattr(resumed.args, "nb_classes", None) == nb_classes else ""
+    if resumed is None:
+        return ""
+    try:
+        rows = head_flags(resumed).get("nb_classes")
+    except UserError:  # the load says what is wrong with the file, after the data are checked
+        return ""
+    return resumed.path if rows == nb_classes else ""
 
 
 def train_one_epoch(

@@ -537,3 +537,14 @@ def test_a_training_resume_takes_the_classes_of_the_run_it_continues(heads, spli
     argv = ["--resume", "auto", "--epochs", "2", "--data_path", str(split), "--output_dir", str(out), *CPU]
     args = _settled(main_linprobe, monkeypatch, *argv)
     assert (args.nb_classes, args.global_pool) == (3, True)
+
+
+def test_eval_of_a_release_of_other_classes_blames_the_release(split, tmp_path):
+    """An official fine-tuned release stores no args: its head (5 rows here, ImageNet's 1000 there) decides
+    --nb_classes, and 3 class folders were told to "give --nb_classes 3", which its head then refused."""
+    path = str(tmp_path / "release.pth")
+    torch.save({"model": models_vit.vit_tiny_patch4(img_size=32, num_classes=5, global_pool=True).state_dict()}, path)
+    argv = ["--eval", "--resume", path, "--data_path", str(split), "--output_dir", str(tmp_path / "out"), *CPU]
+    refused = one_line_error(main_finetune.main, main_finetune.get_args_parser().parse_args(argv))
+    said = f"{split / 'val'} has 3 class folders, but {path}, which this run resumes, was trained on 5"
+    assert refused.startswith(said), refused
