@@ -548,3 +548,17 @@ def test_eval_of_a_release_of_other_classes_blames_the_release(split, tmp_path):
     refused = one_line_error(main_finetune.main, main_finetune.get_args_parser().parse_args(argv))
     said = f"{split / 'val'} has 3 class folders, but {path}, which this run resumes, was trained on 5"
     assert refused.startswith(said), refused
+
+
+def test_a_label_beyond_the_resumed_head_blames_the_checkpoint(heads, split, tmp_path):
+    """A list's label is checked against --nb_classes, here the 3 rows of the head --eval evaluates, which the
+    user never gave: "give --nb_classes 4 or more" led to a head that the checkpoint's weights refused."""
+    listed = tmp_path / "listed"
+    listed.mkdir()
+    images = sorted((split / "val").rglob("*.jpg"))
+    (listed / "val.txt").write_text("".join(f"{image} {i % 4}\n" for i, image in enumerate(images)))
+    path = heads["main_finetune"]
+    argv = ["--eval", "--resume", path, "--data_path", str(listed), "--output_dir", str(tmp_path / "out"), *CPU]
+    refused = one_line_error(main_finetune.main, main_finetune.get_args_parser().parse_args(argv))
+    said = f"{listed / 'val.txt'} line 4: the label 3 is not below the 3 classes {path}, which this run resumes, was "
+    assert refused == f"{said}trained on; give the data it was trained on, or correct the label"

@@ -134,9 +134,10 @@ class ListedImages(Dataset):
         transform: Callable | None,
         nb_classes: int | None,
         loader: Callable[[str], Any] = load_rgb,
+        resumed_from: str = "",
     ):
         self.root, self.transform, self.loader = list_path, transform, loader
-        self.samples = LabelledPaths(read_image_list(list_path, labelled=True, nb_classes=nb_classes))
+        self.samples = LabelledPaths(read_image_list(list_path, True, nb_classes, resumed_from))
         self.targets = list(self.samples.labels)
         self.classes = ClassIndices(nb_classes or max(self.targets) + 1)
 
@@ -266,7 +267,7 @@ def classification_dataset(
     run resumes, where ``nb_classes`` is the one it was trained on."""
     listed, folder = split_source(data_path, split, flag)
     if listed:
-        return ListedImages(folder, transform, nb_classes, loader)
+        return ListedImages(folder, transform, nb_classes, loader, resumed_from)
     try:
         dataset = _ImageFolder(folder, transform=transform, loader=loader)
     except PermissionError as e:  # torchvision lists the split's class folders itself
@@ -353,8 +354,9 @@ def validation_split(
     can score a model. A folder with no train/, val/ or test/ folder then reads val.txt (or test.txt)."""
     listed, where = validation_source(data_path, flag)
     if listed:
-        return same_on_every_rank(ListedImages(where, transform, nb_classes, loader), data_path, flag, "val")
-    val = classification_dataset(data_path, "val", transform, nb_classes, flag, loader, resumed_from)
+        val = ListedImages(where, transform, nb_classes, loader, resumed_from)
+    else:
+        val = classification_dataset(data_path, "val", transform, nb_classes, flag, loader, resumed_from)
     return same_on_every_rank(val, data_path, flag, "val")
 
 

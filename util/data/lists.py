@@ -13,11 +13,14 @@ from util.cli.errors import UserError, fail
 LIST_FILES = {"train": ("train.txt",), "val": ("val.txt", "test.txt")}
 
 
-def read_image_list(list_path: str, labelled: bool, nb_classes: int | None = None) -> list[tuple[str, int]]:
+def read_image_list(
+    list_path: str, labelled: bool, nb_classes: int | None = None, resumed_from: str = ""
+) -> list[tuple[str, int]]:
     """(file, label) for every line of a list file, in its order; label 0 when unlabelled.
 
     A line is ``<path>`` or ``<path> <label>``, the label the last field (so paths may contain
-    spaces): a class index below ``nb_classes`` when given. Paths are relative to the list's folder;
+    spaces): a class index below ``nb_classes`` when given (``resumed_from``: the checkpoint whose head has
+    that many rows, which a label beyond them is told of). Paths are relative to the list's folder;
     blank lines and ``#`` lines are skipped. Unlabelled, a class index after the path is ignored
     (unless the whole line names a file), so a classification list serves pre-training as it is.
     Every file is checked here: a bad line stops the run before training, not hours into an epoch.
@@ -30,7 +33,7 @@ def read_image_list(list_path: str, labelled: bool, nb_classes: int | None = Non
         if not line or line.startswith("#"):
             continue
         try:
-            parsed.add(number, *_parse_line(line, f"{list_path} line {number}", labelled, nb_classes))
+            parsed.add(number, *_parse_line(line, f"{list_path} line {number}", labelled, nb_classes, resumed_from))
         except UserError:
             parsed.resolve()  # a missing file on an earlier line is said first, as the lines come
             raise
@@ -61,7 +64,9 @@ def _list_lines(list_path: str) -> list[str]:
 LINE_END = re.compile(r"\r\n|\r|\n")
 
 
-def _parse_line(line: str, where: str, labelled: bool, nb_classes: int | None) -> tuple[str, str | None, int]:
+def _parse_line(
+    line: str, where: str, labelled: bool, nb_classes: int | None, resumed_from: str = ""
+) -> tuple[str, str | None, int]:
     """(name, the name without a trailing class index or None, label) of a list line; labelled, a
     bad label is a one-line error naming ``where``. Unlabelled, a line that ends in a number may
     name a file as a whole or be a file and its label: ``_resolve`` decides, by what exists."""
@@ -75,6 +80,11 @@ def _parse_line(line: str, where: str, labelled: bool, nb_classes: int | None) -
     if not (text.isascii() and text.isdigit()):
         fail(f"{where}: the label {text!r} is not a class index (0, 1, 2, ...)")
     label = int(text)
+    if nb_classes is not None and label >= nb_classes and resumed_from:  # its head fits no other --nb_classes
+        fail(
+            f"{where}: the label {label} is not below the {nb_classes} classes {resumed_from}, which this run "
+            f"resumes, was trained on; give the data it was trained on, or correct the label"
+        )
     if nb_classes is not None and label >= nb_classes:
         fail(
             f"{where}: the label {label} is not below --nb_classes {nb_classes}; give --nb_classes "
