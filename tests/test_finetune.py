@@ -453,10 +453,11 @@ def test_the_count_is_that_of_the_split_the_run_reads(pipeline, tmp_path):
     assert class_count(str(tmp_path / "absent"), evaluating=False) is None
 
 
-@pytest.mark.parametrize("seen", ["same", "another"])
+@pytest.mark.parametrize("seen", ["same", "another", "lists"])
 def test_two_ranks_count_the_class_folders_alike(pipeline, tmp_path, seen):
     """Two ranks forked in a gloo group, as torchrun's, each start fine-tuning without --nb_classes: the same
-    count on both, or, where rank 1 sees a class folder more, the same one-line refusal on both."""
+    count on both, or, where rank 1 sees a class folder more or list files (a stale copy of the data), the same
+    one-line refusal on both (rank 1 refused its list alone, and rank 0 waited for it in the gather)."""
     from util.data import datasets
     from util.train.run import finish, start
 
@@ -467,14 +468,18 @@ def test_two_ranks_count_the_class_folders_alike(pipeline, tmp_path, seen):
         if seen == "another" and os.environ["RANK"] == "1":
             listed = datasets.class_folders
             datasets.class_folders = lambda folder: (["zebra", *listed(folder)[0]], [])
+        if seen == "lists" and os.environ["RANK"] == "1":
+            datasets.split_source = lambda data_path, split, flag: (True, os.path.join(data_path, "train.txt"))
         print(f"classes: {start(args, main_finetune.FALLBACKS).args.nb_classes}")
         finish()
 
-    outputs = run_ranks(body, tmp_path / "ranks", exit_codes=(0, 0) if seen == "same" else (2, 2))
+    outputs = run_ranks(body, tmp_path / "ranks", timeout=60, exit_codes=(0, 0) if seen == "same" else (2, 2))
     if seen == "same":
         assert all("classes: 3" in output for output in outputs), outputs
     else:
         refused = f"error: --data_path {data}: rank 1 of 2 lists 4 class folders in {data / 'train'}, rank 0 3: every"
+        if seen == "lists":
+            refused = f"error: --data_path {data}: rank 1 of 2 reads list files there, rank 0 class folders: every"
         assert all(refused in output and "classes:" not in output for output in outputs), outputs
 
 

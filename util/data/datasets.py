@@ -214,6 +214,9 @@ def validation_source(data_path: str, flag: str = "--data_path") -> tuple[bool, 
     return split_source(data_path, "val", flag)
 
 
+LISTED = "list files"  # what a rank that reads list files gathers in place of a class folder count
+
+
 def class_count(data_path: str, evaluating: bool, flag: str = "--data_path") -> tuple[str, int] | None:
     """(where from, how many) of the classes of ``data_path`` for a classifier given no --nb_classes, whose
     resumed head (if any) decides none: the class folders of the training split, or of the validation split
@@ -228,16 +231,21 @@ def class_count(data_path: str, evaluating: bool, flag: str = "--data_path") -> 
             count = len(class_folders(where)[0])
     except (UserError, OSError):  # no such split, no class folder in it, a folder that cannot be listed
         listed = False
+    # Compared before a list is refused: a rank that refused alone left the others waiting in the gather.
+    seen = distributed.gather(LISTED if listed else count)
+    other = next((rank for rank, theirs in enumerate(seen) if theirs != seen[0]), None)
+    if other is not None:
+        if LISTED in (seen[0], seen[other]):
+            theirs, rank_0 = ("list files" if found == LISTED else "class folders" for found in (seen[other], seen[0]))
+            differs = f"reads {theirs} there, rank 0 {rank_0}"
+        else:  # None: no class folders there
+            differs = f"lists {seen[other] or 'no'} class folders in {where}, rank 0 {seen[0] or 'no'}"
+        fail(
+            f"{flag} {data_path}: rank {other} of {len(seen)} {differs}: every node of the job must see the same "
+            f"data; put it on storage every node shares"
+        )
     if listed:
         fail(f"{where} cannot tell how many classes there are (a class may have no image in it); give --nb_classes")
-    counts = distributed.gather(count)
-    other = next((rank for rank, theirs in enumerate(counts) if theirs != counts[0]), None)
-    if other is not None:
-        theirs, rank_0 = counts[other] or "no", counts[0] or "no"  # None: no class folders there
-        fail(
-            f"{flag} {data_path}: rank {other} of {len(counts)} lists {theirs} class folders in {where}, rank 0 "
-            f"{rank_0}: every node of the job must see the same data; put it on storage every node shares"
-        )
     return None if count is None else (f"the class folders of {where}", count)
 
 
