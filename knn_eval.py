@@ -96,12 +96,13 @@ def saved_args_on_every_rank(encoder: str) -> argparse.Namespace | None:
 
 
 def check_rgb_weights(first: Opened) -> None:
-    """A checkpoint that stores no args (an official release) whose weights take other than RGB images is
-    refused as ``check_rgb`` refuses one that stores another --in_chans. knn_eval.py has no --in_chans (the
-    bank and queries are read as RGB), so fill_from_checkpoints does not take the weights' channels here:
-    the RGB model of the same shapes would be built, and its load blame --model."""
+    """A checkpoint that stores no --in_chans (an official release; one of export.py --from hf before it stored
+    it) whose weights take other than RGB images is refused as ``check_rgb`` refuses one that stores another
+    --in_chans. knn_eval.py has no --in_chans (the bank and queries are read as RGB), so fill_from_checkpoints
+    does not take the weights' channels here: the RGB model of the same shapes would be built, and its load
+    blame --model (or, where the checkpoint stores a 1-channel --mean, the stored --mean)."""
     proj = model_state(first.ckpt, first.path).get("patch_embed.proj.weight")
-    if first.args is None and proj is not None and proj.dim() == 4 and proj.shape[1] != 3:
+    if getattr(first.args, "in_chans", None) is None and proj is not None and proj.dim() == 4 and proj.shape[1] != 3:
         channels = f"{proj.shape[1]}-channel images (its patch embedding's weights)"
         fail(
             f"checkpoint {first.path} holds an encoder of {channels}; knn_eval.py scores RGB encoders only: "

@@ -483,6 +483,40 @@ def test_knn_eval_refuses_official_weights_of_other_channels_as_stored_ones(tmp_
     )
 
 
+def test_knn_eval_refuses_a_1_channel_encoder_imported_from_hf_first_or_later(tmp_path):
+    """export.py --to hf then --from hf of a 1-channel MAE: the import stores the folder's channels as --in_chans,
+    and knn_eval refuses it in its RGB line wherever it is listed. Was: the import stored the run's one --mean
+    but no --in_chans, and knn_eval blamed that --mean ('give --mean and --std'), which could not help."""
+    import export
+
+    data = labelled_folder(tmp_path / "data", 2, 1)
+    gray = tmp_path / "gray.pth"
+    model = models_mae.mae_vit_mini_patch4(in_chans=1)
+    saved = argparse.Namespace(model="mae_vit_mini_patch4", input_size=32, in_chans=1, mean=[0.5], std=[0.25])
+    torch.save({"model": model.state_dict(), "args": saved}, gray)
+    for argv in (
+        ["--to", "hf", "--checkpoint", str(gray), "--output", str(tmp_path / "hf")],
+        ["--from", "hf", "--checkpoint", str(tmp_path / "hf"), "--output", str(tmp_path / "back.pth")],
+    ):
+        export.main(export.get_args_parser().parse_args(argv))
+    back, rgb = tmp_path / "back.pth", tmp_path / "rgb.pth"
+    torch.save({"model": models_mae.mae_vit_mini_patch4().state_dict(), "args": argparse.Namespace(input_size=32)}, rgb)
+    for encoders in ([str(back)], [str(rgb), str(back)]):
+        argv = ["--data_path", str(data), "--encoders", *encoders, "--device", "cpu"]
+        refused = one_line_error(knn_eval.main, knn_eval.get_args_parser().parse_args(argv))
+        assert refused == (
+            f"checkpoint {back} was pre-trained on 1-channel images (--in_chans 1); knn_eval.py scores RGB encoders "
+            f"only: use the k-NN monitor of main_pretrain.py (--knn_data_path)"
+        )
+    # An import made before --in_chans was stored: its weights decide, as for a checkpoint without args.
+    old = tmp_path / "old_import.pth"
+    del saved.in_chans
+    torch.save({"model": model.state_dict(), "args": saved}, old)
+    argv = ["--data_path", str(data), "--encoders", str(old), "--device", "cpu"]
+    refused = one_line_error(knn_eval.main, knn_eval.get_args_parser().parse_args(argv))
+    assert refused.startswith(f"checkpoint {old} holds an encoder of 1-channel images (its patch embedding's weights)")
+
+
 @pytest.mark.parametrize(
     "pos_embed, expected",
     [

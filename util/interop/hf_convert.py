@@ -162,10 +162,13 @@ def imported_args(
     run_args: Any,
 ) -> argparse.Namespace:
     """The flags the checkpoint imported from ``folder`` stores, as a run of ours would: the model, its
-    image size and config.json's pre-training settings, and the normalisation it was trained with."""
+    image size and channels, config.json's pre-training settings, and the normalisation it was trained with.
+    The channels too: a 1-channel import that stored its one --mean but no --in_chans was read as an RGB model
+    by knn_eval.py, which then blamed the stored --mean instead of refusing the channels."""
     saved = argparse.Namespace(
         model=name,
         input_size=config["image_size"],
+        in_chans=config["num_channels"],
         mask_ratio=config["mask_ratio"],
         norm_pix_loss=config["norm_pix_loss"],
         hf_folder=os.path.abspath(folder),
