@@ -844,6 +844,20 @@ def test_a_checkpoint_that_does_not_fit_names_the_flags_that_decide_it(change, f
         load_model_strict(model, saved, "c.pth")
 
 
+def test_a_linear_probe_of_other_classes_names_nb_classes():
+    """The probe's head is BatchNorm then the linear layer (head.1.weight): --eval --resume of a probe with another
+    --nb_classes was told to 'check --model' (found by flag fuzzing)."""
+    import models_vit
+
+    def probe(classes: int) -> torch.nn.Module:
+        model = models_vit.vit_tiny_patch4(img_size=32, num_classes=classes, global_pool=False)
+        model.head = torch.nn.Sequential(torch.nn.BatchNorm1d(model.head.in_features, affine=False), model.head)
+        return model
+
+    with pytest.raises(UserError, match=r"^checkpoint c.pth does not fit VisionTransformer: .*; check --nb_classes$"):
+        load_model_strict(probe(4), probe(10).state_dict(), "c.pth")
+
+
 def test_an_mae_of_other_channels_names_in_chans():
     """An MAE's pixel prediction has patch_size^2 x channels rows: another --in_chans changes it too, and
     is named as --in_chans alone."""
