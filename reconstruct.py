@@ -54,9 +54,11 @@ def check_has_decoder(state: dict[str, torch.Tensor], path: str) -> None:
     """Reconstructions need the decoder, which fine-tuned and encoder-only checkpoints lack."""
     if any(k.startswith("decoder_") for k in state):
         return
-    if "head.weight" in state:
+    # A probe's head is BatchNorm then the linear layer (head.1.*): it was asked if it was an encoder-only release.
+    heads = {"head.weight": "a classifier (a fine-tuned ViT)", "head.1.weight": "a linear probe (main_linprobe.py's)"}
+    if classifier := next((kind for key, kind in heads.items() if key in state), None):
         fail(
-            f"checkpoint {path} holds a classifier (a fine-tuned ViT), not an MAE with decoder; "
+            f"checkpoint {path} holds {classifier}, not an MAE with decoder; "
             f"give a pre-training checkpoint (main_pretrain.py's checkpoint-<epoch>.pth, mae_visualize_vit_large.pth)"
         )
     fail(f"checkpoint {path} holds no MAE decoder (an encoder-only release?); give a full pre-training checkpoint")
