@@ -592,6 +592,25 @@ def test_eval_refuses_class_folders_other_than_the_checkpoints(pipeline, finetun
         main_finetune.main(_finetune_args(copy, tmp_path / "e", "--eval", "--resume", str(trained)))
 
 
+@pytest.mark.parametrize("classes", ["given", "counted"])
+def test_eval_onto_another_number_of_class_folders_is_not_told_to_fine_tune(pipeline, finetuned, tmp_path, classes):
+    """--eval --resume of validation folders fewer or more than the head's rows: the advice ended 'or fine-tune
+    afresh into another --output_dir', which an evaluation (it trains nothing) cannot follow; the check of the
+    folders' names already said it to training runs alone."""
+    data, _, _ = pipeline
+    trained, _ = finetuned
+    copy = tmp_path / "data"
+    shutil.copytree(data / "val", copy / "val")
+    shutil.copytree(copy / "val" / "cat", copy / "val" / "dog")
+    args = _finetune_args(copy, tmp_path / "e", "--eval", "--resume", str(trained))
+    refused = (
+        rf"^{copy / 'val'} has 4 class folders, but {trained}, which this run resumes, was trained on 3; give the "
+        r"data it was trained on$"
+    )
+    with pytest.raises(UserError, match=refused):
+        main_finetune.main(args if classes == "given" else _without_nb_classes(args))
+
+
 def test_eval_writes_nothing_and_makes_no_folder(pipeline, finetuned, tmp_path):
     """No checkpoint, log.txt or TensorBoard events: --output_dir and --log_dir (by default --output_dir) were
     made and probed for writing all the same, so an evaluation with the default ./output_dir where it cannot be

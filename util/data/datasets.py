@@ -285,9 +285,12 @@ def classification_dataset(
     if nb_classes is not None and len(dataset.classes) != nb_classes:
         count = len(dataset.classes)
         if resumed_from:  # the folders changed since: its head fits no other --nb_classes
+            # Only a training run counts train/ here (its val/ is compared with train/); --eval counts val/ and
+            # trains nothing, so it is not told to fine-tune, as ``check_same_classes`` says it.
+            afresh = ", or fine-tune afresh into another --output_dir" if split == "train" else ""
             fail(
                 f"{folder} has {count} class folders, but {resumed_from}, which this run resumes, was trained on "
-                f"{nb_classes}; give the data it was trained on, or fine-tune afresh into another --output_dir"
+                f"{nb_classes}; give the data it was trained on{afresh}"
             )
         fail(f"{folder} has {count} class folders but --nb_classes is {nb_classes}; give --nb_classes {count}")
     return dataset
