@@ -96,8 +96,9 @@ def from_hf(args: argparse.Namespace) -> None:
     saved = hf_convert.imported_args(name, config, folder, processor_norm, run_args)
     write_weights(args.output, state, saved, {"model": state, "args": saved})
     print(f"wrote {name} ({img_size} px, {len(state)} tensors) from {folder} to {args.output}; use it with")
-    print(f"  python main_finetune.py --model {name.removeprefix('mae_')} --finetune {args.output} ...")
-    print(f"  python main_pretrain.py --model {name} --input_size {img_size} --resume {args.output} ...")
+    # No --model or --input_size: the checkpoint stores both (``saved``), and both entry points read them from it.
+    print(f"  python main_finetune.py --finetune {args.output} ...")
+    print(f"  python main_pretrain.py --resume {args.output} ...")
 
 
 def check_output(args: argparse.Namespace) -> None:

@@ -205,7 +205,9 @@ def test_model_from_transformers_imports_with_equal_outputs(tmp_path, capsys):
     hf.save_pretrained(str(tmp_path / "saved"))
     out = tmp_path / "from_hf.pth"
     _run(["--from", "hf", "--checkpoint", str(tmp_path / "saved"), "--output", str(out)])
-    assert "note:" not in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "note:" not in printed
+    _assert_hints_need_no_model(printed, out)
     ckpt = load_checkpoint(str(out))
     args = ckpt["args"]
     assert (args.model, args.input_size, args.norm_pix_loss, args.mask_ratio) == (NAME, 32, True, 0.75)
@@ -220,6 +222,26 @@ def test_model_from_transformers_imports_with_equal_outputs(tmp_path, capsys):
     load_pretrained_encoder(clf, str(out))
     assert torch.equal(clf.blocks[5].attn.qkv.weight, ours.blocks[5].attn.qkv.weight)
     assert torch.equal(clf.pos_embed, ours.pos_embed)
+
+
+def _assert_hints_need_no_model(printed: str, out: Path) -> None:
+    """The commands printed after --from hf give no --model or --input_size: the checkpoint stores both, and
+    both entry points take them from it (the hints repeated them, as if they had to be typed)."""
+    import main_finetune
+    import main_pretrain
+    from util.checkpoint.flags import fill_from_checkpoints
+    from util.checkpoint.opening import open_checkpoint
+
+    hints = [line.strip() for line in printed.splitlines() if line.startswith("  python ")]
+    assert hints == [
+        f"python main_finetune.py --finetune {out} ...",
+        f"python main_pretrain.py --resume {out} ...",
+    ]
+    for entry_point, model in ((main_finetune, "vit_mini_patch4"), (main_pretrain, NAME)):
+        args = argparse.Namespace(model=None, input_size=None)
+        fallbacks = {flag: entry_point.FALLBACKS[flag] for flag in vars(args)}
+        fill_from_checkpoints(args, [open_checkpoint(str(out))], fallbacks)
+        assert (args.model, args.input_size) == (model, 32)
 
 
 def test_every_hf_spelling_and_file_format_imports_the_same(tmp_path, capsys):
