@@ -1,6 +1,6 @@
 """Write the labelled train/val split of the demo images, demo/cifar10-2k-split/{train,val}.txt.
 
-    python demo/make_split.py          # rewrites the two shipped files (they are in the repository)
+    python demo/make_split.py          # writes the two shipped files again where they differ
 
 Every 5th image of each class (by sorted file name: 0004.jpg, 0009.jpg, ...) goes to val.txt, the
 rest to train.txt: 160 + 40 images per class, disjoint, stratified, and the same on every machine.
@@ -10,6 +10,7 @@ folder's position among the sorted folder names (as ImageFolder numbers them), s
 and pre-training on it reads train.txt alone (the val images stay unseen).
 """
 
+import argparse
 import os
 import sys
 
@@ -35,12 +36,34 @@ def split_lines(images: str = IMAGES, lists: str = SPLIT, val_every: int = VAL_E
     return lines
 
 
-def main() -> None:
-    os.makedirs(SPLIT, exist_ok=True)
-    for split, lines in split_lines().items():
-        text = "".join(f"{line}\n" for line in lines).encode()
-        atomic_write(os.path.join(SPLIT, f"{split}.txt"), lambda f, text=text: f.write(text))
-        print(f"{os.path.join(SPLIT, split)}.txt: {len(lines)} images")
+def get_args_parser() -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog=f"Every {VAL_EVERY}th image of each class (by sorted file name) goes to val.txt, the rest to train.txt; "
+        "a file that already holds what would be written is left untouched.",
+    )
+
+
+def write_unless_same(path: str, text: bytes) -> bool:
+    """Write ``text`` to ``path`` unless it holds it already (returns whether it wrote): the shipped files keep
+    their times, and a checkout that may not be written is not touched for nothing."""
+    try:
+        with open(path, "rb") as f:
+            if f.read() == text:
+                return False
+    except FileNotFoundError:
+        pass
+    atomic_write(path, lambda f: f.write(text))
+    return True
+
+
+def main(argv: list[str] | None = None, images: str = IMAGES, lists: str = SPLIT) -> None:
+    get_args_parser().parse_args(argv)  # no flags: --help says what it writes, before anything is
+    os.makedirs(lists, exist_ok=True)
+    for split, lines in split_lines(images, lists).items():
+        path = os.path.join(lists, f"{split}.txt")
+        wrote = write_unless_same(path, "".join(f"{line}\n" for line in lines).encode())
+        print(f"{path}: {len(lines)} images{'' if wrote else ' (unchanged)'}")
 
 
 if __name__ == "__main__":

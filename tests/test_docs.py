@@ -51,6 +51,7 @@ def _script(path: str):
 
 COMMANDS |= {path: _script(path) for path in (f"recipes/cifar10_cpu/{n}.py" for n in ("splits", "figures", "results"))}
 COMMANDS["tests/fault_campaign.py"] = fault_campaign
+COMMANDS["demo/make_split.py"] = make_split
 README_MAX_LINES = 300
 
 
@@ -379,6 +380,30 @@ def test_architecture_section_names_what_exists():
 
 # ---------------------------------------------------------------------------------------------
 # The demo split
+
+
+def test_make_split_says_what_it_does_and_leaves_identical_files_untouched(tmp_path, capsys):
+    """demo/make_split.py took no flags: --help rewrote the shipped files, and every run replaced them though
+    they held what it writes (new files, new times, a checkout written for nothing)."""
+    lists = tmp_path / "split"
+    with pytest.raises(SystemExit) as stopped:
+        make_split.main(["--help"], lists=str(lists))
+    assert stopped.value.code == 0 and "train/val split of the demo images" in capsys.readouterr().out
+    assert not lists.exists()
+    make_split.main([], lists=str(lists))
+    files = {p.name: p.stat() for p in lists.iterdir()}
+    assert sorted(files) == ["train.txt", "val.txt"]
+    make_split.main([], lists=str(lists))
+    again = {p.name: p.stat() for p in lists.iterdir()}
+    assert {n: (s.st_ino, s.st_mtime_ns) for n, s in again.items()} == {
+        n: (s.st_ino, s.st_mtime_ns) for n, s in files.items()
+    }
+    assert capsys.readouterr().out.count("(unchanged)") == 2
+    (lists / "val.txt").write_text("changed\n")
+    make_split.main([], lists=str(lists))
+    assert (lists / "val.txt").read_text() == "".join(
+        f"{line}\n" for line in make_split.split_lines(lists=str(lists))["val"]
+    )
 
 
 def test_demo_split_is_shipped_disjoint_stratified_and_complete():
