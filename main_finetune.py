@@ -181,7 +181,7 @@ def build_train_transform(args: argparse.Namespace) -> Callable:
 @gives_back_output_dir
 def main(flags: argparse.Namespace) -> None:
     check_args(flags)
-    run = start(flags, FALLBACKS)
+    run = start(flags, FALLBACKS, kind="classifier")
     args = run.args
     train_tf = build_train_transform(args)
     model, train_set, val_set = classifier_and_data(run, train_tf, head_init_std=2e-5, drop_path_rate=args.drop_path)

@@ -62,7 +62,7 @@ def build_train_transform(args: argparse.Namespace) -> Callable:
 @gives_back_output_dir
 def main(flags: argparse.Namespace) -> None:
     check_args(flags)
-    run = start(flags, FALLBACKS)
+    run = start(flags, FALLBACKS, kind="probe")
     args = run.args
     model, train_set, val_set = classifier_and_data(run, build_train_transform(args), head_init_std=0.01)
     # The paper's probe: BatchNorm without affine parameters in front of the linear classifier.

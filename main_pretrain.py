@@ -196,7 +196,7 @@ def fixed_picture(
 @gives_back_output_dir
 def main(flags: argparse.Namespace) -> None:
     check_args(flags)
-    run = start(flags, FALLBACKS)
+    run = start(flags, FALLBACKS, kind="mae")
     args, device = run.args, run.device
     model = build_model(args, run.size_source)
 

@@ -691,3 +691,14 @@ def test_a_checkpoint_of_another_kind_given_to_resume_says_which_flag_takes_it(
         args = _classifier_args(entry_point, split, tmp_path / "out", "--resume", str(path))
     with pytest.raises(UserError, match=rf"^--resume {re.escape(str(path))} {message}"):
         entry_point.main(args)
+
+
+@pytest.mark.parametrize("entry_point", [main_finetune, main_linprobe], ids=["finetune", "linprobe"])
+def test_resume_of_an_mae_with_list_files_names_its_kind_before_the_classes(tmp_path, mae_checkpoint, entry_point):
+    """List files and no --nb_classes: --resume of an MAE was told to give --nb_classes, and only once given it
+    that the checkpoint is an MAE, which no --nb_classes makes a classifier to resume."""
+    split = Path(__file__).resolve().parent.parent / "demo" / "cifar10-2k-split"
+    args = _classifier_args(entry_point, split, tmp_path / "out", "--resume", str(mae_checkpoint))
+    args.nb_classes = None
+    with pytest.raises(UserError, match=rf"^--resume {re.escape(str(mae_checkpoint))} holds an MAE with decoder, "):
+        entry_point.main(args)

@@ -31,11 +31,11 @@ def kind_of(state: dict[str, Any]) -> str:
     return "probe" if "head.1.weight" in state else "classifier" if "head.weight" in state else "encoder"
 
 
-def check_kind(saved: dict[str, Any], own: dict[str, Any], path: str, evaluating: bool = False) -> None:
-    """A --resume checkpoint of another kind than the model is named as such, with the flag that takes
-    it: a pre-training checkpoint given to --resume of a classifier is the usual slip, and listing its
-    names against the model's would send the user to check --model and --input_size instead."""
-    theirs, ours = kind_of(saved), kind_of(own)
+def check_kind(saved: dict[str, Any], ours: str, path: str, evaluating: bool = False) -> None:
+    """A --resume checkpoint of another kind than the model (``ours``, a KINDS key) is named as such, with the
+    flag that takes it: a pre-training checkpoint given to --resume of a classifier is the usual slip, and
+    listing its names against the model's would send the user to check --model and --input_size instead."""
+    theirs = kind_of(saved)
     if theirs == ours:
         return
     if theirs in ("mae", "encoder") and ours in ("classifier", "probe") and not evaluating:

@@ -6,7 +6,7 @@ import os
 import sys
 from typing import Any
 
-from util.checkpoint.consistency import check_flags, check_kind, check_retention, mid_epoch_change
+from util.checkpoint.consistency import check_flags, check_kind, check_retention, kind_of, mid_epoch_change
 from util.checkpoint.files import list_checkpoints, progress
 from util.checkpoint.load import model_state
 from util.checkpoint.opening import Opened, open_checkpoint, open_on_every_rank
@@ -96,7 +96,7 @@ def resume(state: TrainState, opened: Opened | None) -> Position:
         return start
     path, ckpt = opened.path, opened.ckpt
     saved = model_state(ckpt, path)
-    check_kind(saved, state.model.state_dict(), path, evaluating)
+    check_kind(saved, kind_of(state.model.state_dict()), path, evaluating)
     load_model_strict(state.model, saved, path)
     log.info(f"resumed model from {path}")
     if weights_only(ckpt) or evaluating:

@@ -16,8 +16,10 @@ import numpy as np
 import torch
 
 from util.atomic import remove_stale_temporaries, temporary_path
+from util.checkpoint.consistency import check_kind
 from util.checkpoint.files import list_checkpoints
 from util.checkpoint.flags import fill_from_checkpoints
+from util.checkpoint.load import model_state
 from util.checkpoint.opening import Opened, open_checkpoint, open_on_every_rank
 from util.checkpoint.resume import open_resume, weights_only
 from util.claim import appears, claim_output_dir, release_output_dirs
@@ -58,12 +60,13 @@ class Run:
         return self.origins.get("input_size", "")
 
 
-def start(flags: argparse.Namespace, fallbacks: dict[str, Any] | None = None) -> Run:
+def start(flags: argparse.Namespace, fallbacks: dict[str, Any] | None = None, kind: str = "") -> Run:
     """Join the process group, check the output folders (a training run claims --output_dir), open
     the checkpoints, settle the flags, seed and print the configuration (the entry point's
     ``check_args`` checked the flags). ``fallbacks``: flags whose None means "the checkpoint's, else
-    this". The settled values are set on a copy of ``flags``, here and nowhere else, since checkpoints
-    store the args (the official format): a resumed or fine-tuned run reads what this run really used."""
+    this"; ``kind``: the KINDS key of the entry point's model, which a --resume checkpoint must hold. The
+    settled values are set on a copy of ``flags``, here and nowhere else, since checkpoints store the args
+    (the official format): a resumed or fine-tuned run reads what this run really used."""
     args = copy.copy(flags)
     if args.log_dir is None:
         args.log_dir = args.output_dir  # TensorBoard's events beside the run's checkpoints
@@ -80,10 +83,15 @@ def start(flags: argparse.Namespace, fallbacks: dict[str, Any] | None = None) ->
     if training:
         check_seen_by_every_rank(args.output_dir)
     resume_from, init_from = open_checkpoints(args, training)
-    origins = settle(args, [s for s in (resume_from, init_from) if s is not None], fallbacks or {}, resume_from)
     finetune = finetune_flag(args)
     if finetune and args.output_dir:  # read or not: its pruning would delete it all the same
         distributed.on_rank_0_for_every_rank(lambda: check_not_among_outputs(finetune, args.output_dir))
+    if kind and resume_from is not None:
+        # Before the flags it decides, and the data: an MAE resumed by fine-tuning on list files was told to give
+        # --nb_classes (a classifier's head gives it), and only once given it that it holds no classifier.
+        saved = model_state(resume_from.ckpt, resume_from.path)
+        check_kind(saved, kind, resume_from.path, getattr(args, "eval", False))
+    origins = settle(args, [s for s in (resume_from, init_from) if s is not None], fallbacks or {}, resume_from)
 
     seed_everything(args.seed + distributed.rank())
     if torch.cuda.is_available():
