@@ -12,7 +12,6 @@ import models_vit
 from util.checkpoint.consistency import check_evaluated_classes, check_same_data
 from util.checkpoint.encoder import load_pretrained_encoder
 from util.checkpoint.flags import head_flags
-from util.checkpoint.load import model_state
 from util.checkpoint.resume import resume
 from util.checkpoint.state import Position, TrainState
 from util.cli.errors import UserError
@@ -67,7 +66,7 @@ def classifier_and_data(
         **model_kwargs,
     )
     val_transform = eval_transform(args.input_size, args.mean, args.std, args.in_chans, args.crop_pct)
-    loader, trained_on = image_loader(args.in_chans, _channels_fixed_by(run)), _trained_on(run, args.nb_classes)
+    loader, trained_on = image_loader(args.in_chans, run.channels_fixed_by()), _trained_on(run, args.nb_classes)
     if args.eval:  # the validation images alone: a machine given only them evaluates, and no time goes on listing
         train_set = None
         val_set = validation_split(
@@ -82,25 +81,6 @@ def classifier_and_data(
     if run.init_from is not None:
         load_pretrained_encoder(model, run.init_from, head_init_std=head_init_std)
     return model, train_set, val_set
-
-
-def _channels_fixed_by(run: Run) -> str:
-    """The checkpoint whose weights take this run's channels only, which an image of other channels is told of
-    (``util.data.images.load_channels``): the one it resumes, or a --finetune one of as many channels (only RGB
-    weights are adapted, to 1 channel). Was '': such an image was told to give --in_chans, which the load refused.
-    RGB runs read every file as RGB and never tell."""
-    if run.args.in_chans == 3:
-        return ""
-    if run.resume_from is not None:
-        return f"the model of {run.resume_from.path}"
-    if run.init_from is None:
-        return ""
-    try:
-        weight = model_state(run.init_from.ckpt, run.init_from.path).get("patch_embed.proj.weight")
-    except UserError:  # the encoder's load says what is wrong with the file, after the data are checked
-        return ""
-    fixed = weight is not None and weight.ndim == 4 and weight.shape[1] == run.args.in_chans
-    return f"the model of {run.init_from.path}" if fixed else ""
 
 
 def _trained_on(run: Run, nb_classes: int) -> str:

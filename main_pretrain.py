@@ -201,8 +201,8 @@ def main(flags: argparse.Namespace) -> None:
     model = build_model(args, run.size_source)
 
     knn_data = build_knn_data(args)  # flags and folders checked before the (longer) data scan
-    # A resumed checkpoint's weights take its channels only: an image of others is not told to give --in_chans.
-    fixed_by = f"the model of {run.resume_from.path}" if run.resume_from is not None else ""
+    # A resumed checkpoint fixes the channels: an image of others is not told to give --in_chans.
+    fixed_by = run.channels_fixed_by()
     dataset, loader = pretrain_data(args, fixed_by)
     log.info(f"{len(dataset)} images in {dataset.root}, {len(loader)} iterations per epoch")
 

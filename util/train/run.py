@@ -24,7 +24,7 @@ from util.checkpoint.opening import Opened, open_checkpoint, open_on_every_rank
 from util.checkpoint.resume import open_resume, weights_only
 from util.claim import appears, claim_output_dir, release_output_dirs
 from util.cli.args import check_same_flags, check_same_precision, check_world, effective_lr, resolve_precision
-from util.cli.errors import fail, listed_ranks
+from util.cli.errors import UserError, fail, listed_ranks
 from util.cli.log import log
 from util.data import normalization
 from util.outputs import check_output_dir
@@ -52,6 +52,24 @@ class Run:
         for opened in (self.resume_from, self.init_from):
             if opened is not None:
                 opened.ckpt.clear()
+
+    def channels_fixed_by(self) -> str:
+        """The checkpoint whose weights take this run's channels only, which an image of other channels is told of
+        (``util.data.images.load_channels``), or '': the one it resumes, or a --finetune one of as many channels
+        (only RGB weights are adapted, to 1 channel). Told to give --in_chans instead, such an image led to a load
+        that refused it. RGB runs read every file as RGB and never tell. Read before ``release_checkpoints``."""
+        if self.args.in_chans == 3:
+            return ""
+        if self.resume_from is not None:
+            return f"the model of {self.resume_from.path}"
+        if self.init_from is None:
+            return ""
+        try:
+            weight = model_state(self.init_from.ckpt, self.init_from.path).get("patch_embed.proj.weight")
+        except UserError:  # the encoder's load says what is wrong with the file, after the data are checked
+            return ""
+        fixed = weight is not None and weight.ndim == 4 and weight.shape[1] == self.args.in_chans
+        return f"the model of {self.init_from.path}" if fixed else ""
 
     @property
     def size_source(self) -> str:
