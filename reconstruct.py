@@ -18,6 +18,7 @@ import torch
 
 import models_mae
 from util.atomic import reported
+from util.checkpoint.consistency import kind_of
 from util.checkpoint.load import load_checkpoint, model_state
 from util.checkpoint.weights import load_model_strict
 from util.cli.args import add_in_chans_arg, add_input_size_arg, check_device, check_seed
@@ -50,15 +51,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The kinds of checkpoint (``kind_of``) that hold a head in place of the decoder, as the refusal names them (a
+# probe's head is BatchNorm then the linear layer: it was asked if it was an encoder-only release).
+WITH_HEAD = {"classifier": "a classifier (a fine-tuned ViT)", "probe": "a linear probe (main_linprobe.py's)"}
+
+
 def check_has_decoder(state: dict[str, torch.Tensor], path: str) -> None:
     """Reconstructions need the decoder, which fine-tuned and encoder-only checkpoints lack."""
-    if any(k.startswith("decoder_") for k in state):
+    kind = kind_of(state)
+    if kind == "mae":
         return
-    # A probe's head is BatchNorm then the linear layer (head.1.*): it was asked if it was an encoder-only release.
-    heads = {"head.weight": "a classifier (a fine-tuned ViT)", "head.1.weight": "a linear probe (main_linprobe.py's)"}
-    if classifier := next((kind for key, kind in heads.items() if key in state), None):
+    if kind in WITH_HEAD:
         fail(
-            f"checkpoint {path} holds {classifier}, not an MAE with decoder; "
+            f"checkpoint {path} holds {WITH_HEAD[kind]}, not an MAE with decoder; "
             f"give a pre-training checkpoint (main_pretrain.py's checkpoint-<epoch>.pth, mae_visualize_vit_large.pth)"
         )
     fail(f"checkpoint {path} holds no MAE decoder (an encoder-only release?); give a full pre-training checkpoint")
