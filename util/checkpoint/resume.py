@@ -6,7 +6,7 @@ import os
 import sys
 from typing import Any
 
-from util.checkpoint.consistency import check_flags, check_kind, check_retention, kind_of, mid_epoch_change
+from util.checkpoint.consistency import check_flags, check_retention, mid_epoch_change
 from util.checkpoint.files import list_checkpoints, progress
 from util.checkpoint.load import model_state
 from util.checkpoint.opening import Opened, open_checkpoint, open_on_every_rank
@@ -89,14 +89,14 @@ def weights_only(ckpt: dict[str, Any]) -> bool:
 
 
 def resume(state: TrainState, opened: Opened | None) -> Position:
-    """Restore ``state`` from the ``--resume`` checkpoint ``opened``; returns where training goes on."""
+    """Restore ``state`` from the ``--resume`` checkpoint ``opened``; returns where training goes on. Its kind
+    (an MAE, a classifier, a probe) was checked as the run started (``util.train.run.start``'s ``kind``)."""
     args, evaluating = state.args, getattr(state.args, "eval", False)
     start = Position(args.start_epoch)
     if opened is None:
         return start
     path, ckpt = opened.path, opened.ckpt
     saved = model_state(ckpt, path)
-    check_kind(saved, kind_of(state.model.state_dict()), path, evaluating)
     load_model_strict(state.model, saved, path)
     log.info(f"resumed model from {path}")
     if weights_only(ckpt) or evaluating:
