@@ -125,8 +125,7 @@ def build_knn_data(args: argparse.Namespace) -> knn.KnnData | None:
         in_chans=args.in_chans,
     )
     log.info(f"k-NN monitor: {data} from {args.knn_data_path}, every {args.knn_freq} epochs")
-    if args.knn_k > len(data.bank):  # the vote takes the whole bank (knn_scores); said, as knn_eval.py says it
-        log.warning(f"--knn_k {args.knn_k} is more than the {len(data.bank)} bank images: k = {len(data.bank)}")
+    knn.k_used(args.knn_k, data)  # said once, as knn_eval.py says it (args keep the flag: the checkpoints store it)
     return data
 
 

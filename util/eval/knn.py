@@ -238,11 +238,16 @@ def require_score_memory(data: KnnData, device: torch.device) -> None:
     )
 
 
+def k_used(k: int, data: KnnData) -> int:
+    """The k the vote takes (``knn_scores``): ``k``, at most the bank's size, with a warning where that lowers it."""
+    if k > len(data.bank):
+        log.warning(f"--knn_k {k} is more than the {len(data.bank)} bank images: k = {len(data.bank)}")
+    return min(k, len(data.bank))
+
+
 def settle_k(args: argparse.Namespace, data: KnnData) -> None:
-    """``args.knn_k`` becomes the k used, at most the bank's size, with a warning where that lowers it."""
-    if args.knn_k > len(data.bank):
-        log.warning(f"--knn_k {args.knn_k} is more than the {len(data.bank)} bank images: k = {len(data.bank)}")
-        args.knn_k = len(data.bank)
+    """``args.knn_k`` becomes the k used (``k_used``)."""
+    args.knn_k = k_used(args.knn_k, data)
 
 
 def add_knn_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
