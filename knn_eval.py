@@ -27,7 +27,7 @@ from util.atomic import atomic_append, reported
 from util.checkpoint.download import is_url
 from util.checkpoint.encoder import load_mae_encoder
 from util.checkpoint.flags import fill_from_checkpoints
-from util.checkpoint.load import model_state, saved_args
+from util.checkpoint.load import model_state, peek_checkpoint
 from util.checkpoint.opening import SHARED_CHECKPOINT, Opened, open_checkpoint, open_on_every_rank
 from util.cli.args import PRECISIONS, check_at_least, check_device, check_finite, check_seed, resolve_precision
 from util.cli.errors import fail, listed_ranks, run_cli
@@ -88,26 +88,28 @@ def open_on_every_rank_of(encoder: str) -> Opened:
     return open_on_every_rank(lambda: open_checkpoint(encoder), encoder, "--encoders")
 
 
-def saved_args_on_every_rank(encoder: str) -> argparse.Namespace | None:
-    """The flags an ``--encoders`` checkpoint stores (``saved_args``: its weights are not read here), the same
-    file on every rank, or every rank stops in one line. Read by each rank alone, a file one rank could not
-    read stopped that rank alone, and the others ended saying another process stopped."""
-    return open_on_every_rank(lambda: Opened(encoder, {"args": saved_args(encoder)}), encoder, "--encoders").args
+def peek_on_every_rank(encoder: str) -> Opened:
+    """An ``--encoders`` checkpoint's flags and its weights' shapes, its weights not read (``peek_checkpoint``),
+    the same file on every rank, or every rank stops in one line. Read by each rank alone, a file one rank could
+    not read stopped that rank alone, and the others ended saying another process stopped."""
+    return open_on_every_rank(lambda: Opened(encoder, peek_checkpoint(encoder)), encoder, "--encoders")
 
 
-def check_rgb_weights(first: Opened) -> None:
-    """A checkpoint that stores no --in_chans (an official release; one of export.py --from hf before it stored
-    it) whose weights take other than RGB images is refused as ``check_rgb`` refuses one that stores another
-    --in_chans. knn_eval.py has no --in_chans (the bank and queries are read as RGB), so fill_from_checkpoints
-    does not take the weights' channels here: the RGB model of the same shapes would be built, and its load
-    blame --model (or, where the checkpoint stores a 1-channel --mean, the stored --mean)."""
-    proj = model_state(first.ckpt, first.path).get("patch_embed.proj.weight")
-    if getattr(first.args, "in_chans", None) is None and proj is not None and proj.dim() == 4 and proj.shape[1] != 3:
+def check_rgb(opened: Opened) -> None:
+    """knn_eval.py has no --in_chans: the bank and queries are read as RGB, so an encoder of other channels is
+    refused in one line, by the --in_chans it stores, else (an official release; an import of export.py --from hf
+    made before it stored one) by its patch embedding's weights. Checked before its flags fill --model and its
+    --mean/--std are counted as RGB's: the RGB model of its shapes was built instead, and its load blamed --model
+    (or a stored 1-value --mean)."""
+    advice = "knn_eval.py scores RGB encoders only: use the k-NN monitor of main_pretrain.py (--knn_data_path)"
+    if (stored := getattr(opened.args, "in_chans", None)) is not None:
+        if stored != 3:
+            fail(f"checkpoint {opened.path} was pre-trained on {stored}-channel images (--in_chans {stored}); {advice}")
+        return
+    proj = model_state(opened.ckpt, opened.path).get("patch_embed.proj.weight")
+    if proj is not None and proj.dim() == 4 and proj.shape[1] != 3:
         channels = f"{proj.shape[1]}-channel images (its patch embedding's weights)"
-        fail(
-            f"checkpoint {first.path} holds an encoder of {channels}; knn_eval.py scores RGB encoders only: "
-            f"use the k-NN monitor of main_pretrain.py (--knn_data_path)"
-        )
+        fail(f"checkpoint {opened.path} holds an encoder of {channels}; {advice}")
 
 
 def check_encoder_files(checkpoints: list[str]) -> None:
@@ -125,17 +127,6 @@ def check_encoder_files(checkpoints: list[str]) -> None:
             fail(
                 f"--encoders {path}: rank(s) {listed_ranks(lacking)} of {len(seen)} see no such file: "
                 f"every node of the job must see the same files; {SHARED_CHECKPOINT}"
-            )
-
-
-def check_rgb(sources: list[tuple[str, argparse.Namespace | None]]) -> None:
-    """The encoders take RGB images, as the bank and queries are read here; an encoder pre-trained
-    with another --in_chans is refused in one line (before its --mean/--std are counted as RGB's)."""
-    for name, saved in sources:
-        if (channels := getattr(saved, "in_chans", None)) not in (None, 3):
-            fail(
-                f"{name} was pre-trained on {channels}-channel images (--in_chans {channels}); knn_eval.py "
-                f"scores RGB encoders only: use the k-NN monitor of main_pretrain.py (--knn_data_path)"
             )
 
 
@@ -184,7 +175,7 @@ def settle(args: argparse.Namespace, checkpoints: list[str]) -> Opened | None:
     check_encoder_files(checkpoints)
     first = open_on_every_rank_of(checkpoints[0]) if checkpoints else None
     if first is not None:
-        check_rgb_weights(first)
+        check_rgb(first)
     origins = fill_from_checkpoints(args, [first] if first else [], FALLBACKS)
     with torch.device("meta"):  # --model and --input_size checked before any image is read
         size_source = origins.get("input_size", "")
@@ -197,10 +188,10 @@ def settle(args: argparse.Namespace, checkpoints: list[str]) -> Opened | None:
     args.precision = resolve_precision(args.precision, args.device)
     # One normalisation for every encoder (they share the images): the flags, else the first
     # checkpoint's; an encoder trained with other values is named in a warning.
-    others = [(f"checkpoint {e}", saved_args_on_every_rank(e)) for e in checkpoints[1:]]
-    sources = [(f"checkpoint {first.path}", first.args)] + others if first else []
-    check_rgb(sources)
-    normalization.resolve(args, sources)
+    others = [peek_on_every_rank(e) for e in checkpoints[1:]]
+    for opened in others:
+        check_rgb(opened)
+    normalization.resolve(args, [(f"checkpoint {o.path}", o.args) for o in ([first] if first else []) + others])
     return first
 
 

@@ -19,7 +19,7 @@ import models_vit
 from util.checkpoint import files as checkpoint_files
 from util.checkpoint import state as checkpoint
 from util.checkpoint.files import atomic_save, checkpoint_name, list_checkpoints, prune
-from util.checkpoint.load import load_checkpoint, model_state, saved_args
+from util.checkpoint.load import load_checkpoint, model_state, peek_checkpoint
 from util.checkpoint.opening import Opened
 from util.checkpoint.resume import find_resumable, open_resume, resume
 from util.checkpoint.rng import capture_rng, restore_rng
@@ -197,7 +197,7 @@ def test_load_checkpoint_accepts_official_submitit_paths(tmp_path, monkeypatch, 
     monkeypatch.undo()  # the reader gets no help: pathlib._local does not exist before Python 3.13
     assert f"{pickled_module}\nPosixPath".encode() in _pickle_of(official)
     assert load_checkpoint(str(official))["args"].output_dir == PosixPath("/checkpoint/me/experiments/42")
-    assert saved_args(str(official)).output_dir == PosixPath("/checkpoint/me/experiments/42")
+    assert peek_checkpoint(str(official))["args"].output_dir == PosixPath("/checkpoint/me/experiments/42")
 
 
 def _holding_posix_path(name: str) -> types.ModuleType:

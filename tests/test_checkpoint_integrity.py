@@ -26,7 +26,7 @@ import util.memory
 from util.checkpoint.encoder import load_mae_encoder, load_pretrained_encoder
 from util.checkpoint.entries import check_training_entries
 from util.checkpoint.files import atomic_save
-from util.checkpoint.load import checksum_metadata, load_checkpoint, saved_args
+from util.checkpoint.load import checksum_metadata, load_checkpoint, peek_checkpoint
 from util.checkpoint.resume import find_resumable
 from util.checkpoint.state import TrainState, save_checkpoint
 from util.checkpoint.weights import load_model_strict
@@ -403,8 +403,8 @@ def test_stored_flags_no_flag_could_give_are_named_when_the_checkpoint_is_opened
         _safetensors(path, {"w": torch.ones(2)}, {"args": json.dumps(args)})
     words = (f"checkpoint {path} stores", named, "give another checkpoint")
     _one_line_error(lambda: load_checkpoint(str(path)), *words)
-    # saved_args reads the flags alone (knn_eval's later --encoders), without loading the weights.
-    _one_line_error(lambda: saved_args(str(path)), *words)
+    # peek_checkpoint reads the flags without loading the weights (knn_eval's later --encoders).
+    _one_line_error(lambda: peek_checkpoint(str(path)), *words)
 
 
 # As the official code's parsers give them (main_pretrain.py, main_finetune.py; linear probing as

@@ -483,6 +483,23 @@ def test_knn_eval_refuses_official_weights_of_other_channels_as_stored_ones(tmp_
     )
 
 
+def test_knn_eval_refuses_official_weights_of_other_channels_listed_after_an_rgb_encoder(tmp_path):
+    """The same refusal for a 1-channel release listed after an RGB checkpoint, before any encoder is scored: every
+    --encoders entry's weights are checked, by their shapes (memory-mapped, not read). Was: only the first entry's,
+    and this one's load, after the first was scored, blamed --model."""
+    data = labelled_folder(tmp_path / "data", 2, 1)
+    gray, rgb, output = tmp_path / "gray.pth", tmp_path / "rgb.pth", tmp_path / "knn.json"
+    torch.save({"model": models_mae.mae_vit_tiny_patch4(img_size=32, in_chans=1).state_dict()}, gray)
+    torch.save({"model": models_mae.mae_vit_tiny_patch4(img_size=32).state_dict()}, rgb)
+    argv = ["--data_path", str(data), "--encoders", str(rgb), str(gray), "--device", "cpu", "--output", str(output)]
+    refused = one_line_error(knn_eval.main, knn_eval.get_args_parser().parse_args(argv))
+    assert refused == (
+        f"checkpoint {gray} holds an encoder of 1-channel images (its patch embedding's weights); knn_eval.py scores "
+        f"RGB encoders only: use the k-NN monitor of main_pretrain.py (--knn_data_path)"
+    )
+    assert not output.exists()  # the RGB encoder was not scored first
+
+
 def test_knn_eval_refuses_a_1_channel_encoder_imported_from_hf_first_or_later(tmp_path):
     """export.py --to hf then --from hf of a 1-channel MAE: the import stores the folder's channels as --in_chans,
     and knn_eval refuses it in its RGB line wherever it is listed. Was: the import stored the run's one --mean

@@ -206,22 +206,20 @@ def _file_kind(path: str) -> str:
     return "torch" if zipfile.is_zipfile(path) or head[:1] == b"\x80" else ""
 
 
-def saved_args(path: str) -> argparse.Namespace | None:
-    """The checked flags a checkpoint was written with (None for official releases), read before the
-    run builds anything. A zip is memory-mapped, so its tensors are not read here (nor verified:
-    that happens where its weights are loaded)."""
+def peek_checkpoint(path: str) -> dict[str, Any]:
+    """A checkpoint's entries, read before the run builds anything, its stored flags checked. A zip is
+    memory-mapped, so its tensors are not read here (nor verified: that happens where its weights are
+    loaded), yet their shapes are known; other files are loaded whole."""
     ckpt: Any = None
     if not is_url(path) and os.path.isfile(path) and zipfile.is_zipfile(path):
         # Whatever fails here, load_checkpoint says it in one line.
         with contextlib.suppress(Exception), torch.serialization.safe_globals(SAFE_GLOBALS):
             ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    if ckpt is None:
-        ckpt = load_checkpoint(path)
-    args = ckpt.get("args") if isinstance(ckpt, dict) else None
-    if not isinstance(args, argparse.Namespace):
-        return None
-    check_saved_args(args, path)
-    return args
+    if not isinstance(ckpt, dict):
+        return load_checkpoint(path)
+    if isinstance(ckpt.get("args"), argparse.Namespace):
+        check_saved_args(ckpt["args"], path)
+    return ckpt
 
 
 # What wrappers put before every name of a model's state dict: DataParallel and DistributedDataParallel, and
