@@ -24,11 +24,21 @@ KINDS = {
 }
 
 
+# The weight of the linear head, whose rows are the classes, of the kinds that have one: the probe's head is a
+# BatchNorm, then the linear layer.
+HEAD_WEIGHTS = {"probe": "head.1.weight", "classifier": "head.weight"}
+
+
 def kind_of(state: dict[str, Any]) -> str:
-    """The KINDS key of a model state dict: the probe's head is a BatchNorm then a linear layer."""
+    """The KINDS key of a model state dict."""
     if any(k.startswith("decoder_") for k in state):
         return "mae"
-    return "probe" if "head.1.weight" in state else "classifier" if "head.weight" in state else "encoder"
+    return next((kind for kind, key in HEAD_WEIGHTS.items() if key in state), "encoder")
+
+
+def head_weight(state: dict[str, Any]) -> str | None:
+    """The name of the linear head's weight in a model state dict; None for an MAE or an encoder, which have none."""
+    return HEAD_WEIGHTS.get(kind_of(state))
 
 
 def check_kind(saved: dict[str, Any], ours: str, path: str, evaluating: bool = False) -> None:

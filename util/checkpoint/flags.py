@@ -10,6 +10,7 @@ from typing import Any
 
 import models_mae
 import models_vit
+from util.checkpoint.consistency import head_weight
 from util.checkpoint.load import model_state
 from util.checkpoint.opening import Opened
 from util.cli.errors import fail
@@ -82,7 +83,7 @@ def head_flags(source: Opened) -> dict[str, Any]:
     of ``source`` where they hold a classifier's head (``head.weight``) or a linear probe's (a BatchNorm, then
     ``head.1.weight``); {} where they hold none (an MAE, an encoder: the load names what they are)."""
     state = model_state(source.ckpt, source.path)
-    head = state.get("head.weight", state.get("head.1.weight"))
+    head = state.get(head_weight(state))
     if head is None or head.dim() != 2 or not head.shape[0]:
         return {}
     found: dict[str, Any] = {"nb_classes": int(head.shape[0])}

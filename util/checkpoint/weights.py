@@ -3,6 +3,7 @@ naming what does not fit and the flags that decide it."""
 
 import torch
 
+from util.checkpoint.consistency import head_weight
 from util.checkpoint.load import StateDict
 from util.cli.errors import fail
 
@@ -82,7 +83,8 @@ def flags_behind(own: StateDict, state: StateDict) -> str:
         flags.add(next((flag for prefix, flag in _FLAG_OF_WEIGHT if key.startswith(prefix)), "--model"))
     other_channels = _differ_only_in(own, state, "patch_embed.proj.weight", 1)
     for key in {k for k in set(own) & set(state) if own[k].shape != state[k].shape}:
-        ref = _head_weight(own) if key.startswith("head.") else key  # a head's width: its weight's last side
+        # A head's width is its linear weight's last side (the probe's other --nb_classes was named --model).
+        ref = head_weight(own) if key.startswith("head.") else key
         same_width = ref in own and ref in state and own[ref].shape[-1] == state[ref].shape[-1]
         if same_width and key.endswith("pos_embed"):
             flags.add("--input_size")
@@ -96,12 +98,6 @@ def flags_behind(own: StateDict, state: StateDict) -> str:
             flags.add("--model")
     known = ("--model", "--input_size", "--in_chans", "--nb_classes", "--global_pool")
     return " and ".join(flag for flag in known if flag in flags)
-
-
-def _head_weight(own: StateDict) -> str:
-    """The name of a classifier's linear head weight: ``head.weight``, or the linear probe's ``head.1.weight``
-    (its head is BatchNorm then the linear layer); without it, the probe's other --nb_classes was named --model."""
-    return next((k for k in own if k.startswith("head.") and k.endswith("weight") and own[k].dim() == 2), "head.weight")
 
 
 _PIXELS = ("decoder_pred.weight", "decoder_pred.bias")  # an MAE's pixel prediction: a row per pixel value
