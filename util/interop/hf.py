@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn as nn
 
+from util.checkpoint.load import load_checkpoint, model_state
 from util.cli.errors import UserError, fail
 from util.data import normalization
 
@@ -300,8 +301,6 @@ def read_hf_folder(folder: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]
     """(config, checked against ``CONFIG_FIELDS`` with HF's defaults filled in; weights; the run's flags
     that a weight file written by export.py --to hf stores, checked, else None) of a
     ViTMAEForPreTraining folder, or fail naming the folder and what is wrong with it."""
-    from util.checkpoint.load import load_checkpoint, model_state
-
     if not os.path.exists(folder):
         fail(f"HF folder {folder} does not exist; check its path")
     if not os.path.isdir(folder):
