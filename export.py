@@ -101,6 +101,18 @@ def from_hf(args: argparse.Namespace) -> None:
     print(f"  python main_pretrain.py --resume {args.output} ...")
 
 
+def check_flags(args: argparse.Namespace) -> None:
+    """Refuse the flags of another mode than the one asked for: they would go unused without a word."""
+    if args.to != "hf" and (args.mask_ratio is not None or args.norm_pix_loss is not None):
+        fail(
+            "--mask_ratio and --norm_pix_loss set the config of --to hf; the other modes take the checkpoint's: "
+            "leave them out"
+        )
+    if args.model is not None and args.to not in ("timm", "hf"):
+        what = "--from hf takes the folder's config.json" if args.source else "--to safetensors copies every weight"
+        fail(f"--model names the model of --to timm and --to hf; {what} and the checkpoint's flags: leave it out")
+
+
 def check_output(args: argparse.Namespace) -> None:
     """Fail before any work if --output cannot be written as asked."""
     if args.to == "safetensors" and not args.output.endswith(".safetensors"):
@@ -132,14 +144,6 @@ def check_output(args: argparse.Namespace) -> None:
             )
     if not os.path.isdir(folder := os.path.dirname(os.path.abspath(args.output))):
         fail(f"--output {args.output}: the folder {folder} does not exist; create it first")
-    if args.to != "hf" and (args.mask_ratio is not None or args.norm_pix_loss is not None):
-        fail(
-            "--mask_ratio and --norm_pix_loss set the config of --to hf; the other modes take the checkpoint's: "
-            "leave them out"
-        )
-    if args.model is not None and args.to not in ("timm", "hf"):  # read by those two alone: it went unused
-        what = "--from hf takes the folder's config.json" if args.source else "--to safetensors copies every weight"
-        fail(f"--model names the model of --to timm and --to hf; {what} and the checkpoint's flags: leave it out")
     # Before the checkpoint is loaded and converted: a name over NAME_MAX, a path near PATH_MAX or a
     # read-only folder failed only at the write.
     if args.to == "hf":
@@ -149,6 +153,7 @@ def check_output(args: argparse.Namespace) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
+    check_flags(args)
     check_output(args)
     if args.source == "hf":
         from_hf(args)
