@@ -39,25 +39,16 @@ def load_mae_encoder(model: torch.nn.Module, source: Opened | str) -> None:
 
 def _load_encoder(model: torch.nn.Module, source: Opened, classifier: bool) -> set[str]:
     """Load the encoder of checkpoint ``source`` into ``model``, a classifier (``--finetune``) or an
-    MAE; return the model's keys it lacked. The decoder, mask token and a head of another shape are
-    dropped, the position embedding resized and, for a classifier, the patch embedding adapted to
-    its channels."""
+    MAE; return the model's keys it lacked. The decoder, mask token and a head the model cannot take
+    (``_drop_other_heads``) are dropped, the position embedding resized and, for a classifier, the patch
+    embedding adapted to its channels."""
     flag, path = "--finetune" if classifier else "checkpoint", source.path
     state = {k: v for k, v in model_state(source.ckpt, path).items() if not k.startswith(_DECODER_PREFIXES)}
     own = model.state_dict()
     check_weights(own, state, f"{flag} {path}")  # before anything is computed from them
     if classifier:
         adapt_input_channels(state, model.patch_embed.proj.in_channels, path)
-    for k in ("head.weight", "head.bias"):
-        if k in state and k in own and state[k].shape != own[k].shape:
-            log.info(f"dropping {k} of shape {tuple(state[k].shape)} from {path}: the model's is {tuple(own[k].shape)}")
-            del state[k]
-    # A linear probe's head (BatchNorm then linear: head.0.*, head.1.*) is a head of another kind, dropped as one of
-    # another shape is: its encoder is the pre-trained one. Kept, its keys were refused as "not an MAE checkpoint".
-    if probe_head := sorted(k for k in state if k.startswith(("head.0.", "head.1.")) and k not in own):
-        log.info(f"dropping the linear probe's head of {path} ({', '.join(probe_head)})")
-        for k in probe_head:
-            del state[k]
+    _drop_other_heads(state, own, path)
     if "pos_embed" in state:
         state["pos_embed"] = fit_pos_embed(model, source, state, flag)
     pooled = "fc_norm.weight" in state and "norm.weight" in own and "norm.weight" not in state
@@ -86,6 +77,20 @@ def _load_encoder(model: torch.nn.Module, source: Opened, classifier: bool) -> s
         fail(f"{flag} {path} does not fit {name} ({diff}); check --model and that it is an MAE checkpoint")
     model.load_state_dict(state, strict=False)
     return set(own) - set(state)
+
+
+def _drop_other_heads(state: StateDict, own: StateDict, path: str) -> None:
+    """Drop from ``state``, in place, a head the model cannot take: a classifier's of another shape (other classes),
+    and a linear probe's (BatchNorm then linear: head.0.*, head.1.*), a head of another kind. The encoder is the
+    pre-trained one all the same; kept, the probe's keys were refused as "not an MAE checkpoint"."""
+    for k in ("head.weight", "head.bias"):
+        if k in state and k in own and state[k].shape != own[k].shape:
+            log.info(f"dropping {k} of shape {tuple(state[k].shape)} from {path}: the model's is {tuple(own[k].shape)}")
+            del state[k]
+    if probe_head := sorted(k for k in state if k.startswith(("head.0.", "head.1.")) and k not in own):
+        log.info(f"dropping the linear probe's head of {path} ({', '.join(probe_head)})")
+        for k in probe_head:
+            del state[k]
 
 
 def fit_pos_embed(model: torch.nn.Module, source: Opened, state: StateDict, flag: str) -> torch.Tensor:
