@@ -248,6 +248,24 @@ def log_start(first_epoch: int, iterations: int, args: Any) -> None:
         log.info(f"start training at epoch {first_epoch} of {args.epochs}")
 
 
+def check_before_training(state: TrainState, position: Position, iterations: int) -> None:
+    """What the run is refused for before it writes anything (log.txt, TensorBoard): a resumed position past this
+    data's epoch, an accumulation group longer than an epoch, no room for its first checkpoint; and a warning for a
+    schedule that changed since the checkpoint it resumes."""
+    left_to_train = position.epoch < state.args.epochs
+    if position.step >= iterations:  # its sampler would be asked to skip more samples than the epoch has
+        fail(
+            f"the --resume checkpoint was written at iteration {position.step} of epoch {position.epoch}, past the end "
+            f"of an epoch of this run's training data ({iterations} iterations): the data changed since; resume from "
+            f"an epoch-end checkpoint (checkpoint-<epoch>.pth), or with the data it was written with"
+        )
+    if left_to_train:
+        check_accumulation(iterations, state.args)
+    check_schedule(position, iterations, state.args)
+    if state.args.output_dir and left_to_train:  # a run that saves (a finished one does not)
+        distributed.on_rank_0_for_every_rank(lambda: check_room_for_checkpoints(state))
+
+
 @contextlib.contextmanager
 def training(state: TrainState, position: Position, iterations: int) -> Iterator[Checkpointer]:
     """An epoch loop's frame: log.txt and TensorBoard as the checkpoint left them, the ``Checkpointer``, a stop asked
@@ -256,18 +274,8 @@ def training(state: TrainState, position: Position, iterations: int) -> Iterator
     which it logs again: one curve, not two drawn over each other. A run that starts afresh hides every event the
     folder holds, as it replaces log.txt: those of a run killed before its first checkpoint (a job requeued with
     --resume auto, which finds none), or of an earlier run in a shared --log_dir."""
+    check_before_training(state, position, iterations)
     first_epoch = position.epoch
-    if position.step >= iterations:  # its sampler would be asked to skip more samples than the epoch has
-        fail(
-            f"the --resume checkpoint was written at iteration {position.step} of epoch {first_epoch}, past the end "
-            f"of an epoch of this run's training data ({iterations} iterations): the data changed since; resume from "
-            f"an epoch-end checkpoint (checkpoint-<epoch>.pth), or with the data it was written with"
-        )
-    if first_epoch < state.args.epochs:
-        check_accumulation(iterations, state.args)
-    check_schedule(position, iterations, state.args)
-    if state.args.output_dir and first_epoch < state.args.epochs:  # a run that saves (a finished one does not)
-        distributed.on_rank_0_for_every_rank(lambda: check_room_for_checkpoints(state))
     purge_step = tensorboard_step(first_epoch, position.step, iterations) + 1 if position.resumed else 0
     run_log = RunLog(state.args.log_dir, state.args.output_dir, state.log, purge_step)
     checkpointer = Checkpointer(state, run_log)
