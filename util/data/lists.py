@@ -69,7 +69,7 @@ def _parse_line(
 ) -> tuple[str, str | None, int]:
     """(name, the name without a trailing class index or None, label) of a list line; labelled, a
     bad label is a one-line error naming ``where``. Unlabelled, a line that ends in a number may
-    name a file as a whole or be a file and its label: ``_resolve`` decides, by what exists."""
+    name a file as a whole or be a file and its label: ``_ParsedList.resolve`` decides, by what exists."""
     fields = line.rsplit(None, 1)
     if not labelled:
         labelled_line = len(fields) == 2 and fields[1].isascii() and fields[1].isdigit()
