@@ -142,6 +142,19 @@ def submit(
     """Parse the entry point's flags plus the launcher's (``argv``, default the command line), check
     them as the job will, and submit the job through ``make_executor`` (submitit's by default)."""
     entry = importlib.import_module(module_name)
+    args = parse_args(entry, description, argv)
+    check_flags(entry, args)
+    executor = make_executor(folder=args.job_dir, cluster=args.cluster, slurm_max_num_timeout=30)
+    request_resources(executor, args, module_name)
+    args.output_dir = args.job_dir
+    job = executor.submit(Trainer(module_name, args))
+    print(f"submitted job {job.job_id}; logs and checkpoints in {args.job_dir.replace('%j', str(job.job_id))}")
+    if os.environ.get("MAE_SUBMITIT_WAIT"):
+        job.result()
+
+
+def parse_args(entry: ModuleType, description: str, argv: Sequence[str] | None) -> argparse.Namespace:
+    """The entry point's flags and the launcher's, as the job's nodes will take them."""
     parser = entry.get_args_parser()
     parser.description = f"submitit launcher for {description}"
     add_launcher_args(parser)
@@ -156,9 +169,11 @@ def submit(
     args.job_dir = os.path.expanduser(args.job_dir)
     if args.device is None:
         args.device = "cuda" if args.ngpus > 0 else "cpu"
-    check_flags(entry, args)
+    return args
 
-    executor = make_executor(folder=args.job_dir, cluster=args.cluster, slurm_max_num_timeout=30)
+
+def request_resources(executor: submitit.Executor, args: argparse.Namespace, name: str) -> None:
+    """The job's nodes, tasks, GPUs, CPUs, memory, time and SLURM options, as ``executor``'s parameters."""
     # srun is told each task's CPUs again: from Slurm 22.05 (its release notes; 23.11 reads them again) srun no
     # longer takes sbatch's --cpus-per-task, so each task asked for one CPU, which a cluster that binds tasks
     # to their CPUs made the only one of its process and its data loader's workers.
@@ -175,11 +190,6 @@ def submit(
         cpus_per_task=CPUS_PER_TASK,
         nodes=args.nodes,
         timeout_min=args.timeout,
-        name=module_name,
+        name=name,
         **slurm,
     )
-    args.output_dir = args.job_dir
-    job = executor.submit(Trainer(module_name, args))
-    print(f"submitted job {job.job_id}; logs and checkpoints in {args.job_dir.replace('%j', str(job.job_id))}")
-    if os.environ.get("MAE_SUBMITIT_WAIT"):
-        job.result()
