@@ -158,14 +158,16 @@ def pretrain_dataset(
         fail(f"--data_path {data_path} is an image; give the folder that holds the images, or a list file")
     if os.path.exists(data_path) and not (os.path.isfile(data_path) or os.path.isdir(data_path)):  # /dev/null
         fail(f"--data_path {data_path} is neither a folder nor a list file; give a folder of images or a list file")
-    if os.path.isfile(data_path) or (os.path.isdir(data_path) and not os.path.isdir(os.path.join(data_path, "train"))):
-        list_path = data_path if os.path.isfile(data_path) else list_file_in(data_path, "train")
-        if list_path is not None:
-            files = [path for path, _ in read_image_list(list_path, labelled=False)]
-            return same_on_every_rank(ImageFiles(list_path, transform, lazy, files=files, loader=loader), data_path)
+    train = os.path.join(data_path, "train")
+    list_path = data_path if os.path.isfile(data_path) else None
+    if os.path.isdir(data_path) and not os.path.isdir(train):
+        list_path = list_file_in(data_path, "train")  # None where it has no train.txt: the folder's images
+    if list_path is not None:
+        files = [path for path, _ in read_image_list(list_path, labelled=False)]
+        return same_on_every_rank(ImageFiles(list_path, transform, lazy, files=files, loader=loader), data_path)
     if not os.path.exists(data_path):
         fail(f"--data_path {data_path} does not exist; give a folder of images or a list file")
-    root = os.path.join(data_path, "train") if os.path.isdir(os.path.join(data_path, "train")) else data_path
+    root = train if os.path.isdir(train) else data_path
     dataset = ImageFiles(root, transform, lazy, loader=loader)
     if not len(dataset):
         fail(
