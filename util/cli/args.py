@@ -276,7 +276,13 @@ class InputSize(argparse.Action):
     before, so that square runs keep their args (and checkpoints) unchanged; height and width as
     a list, which JSON metadata (.safetensors) gives back as it was."""
 
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values, option_string=None):
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: list[int],  # nargs="+" of type=int
+        option_string: str | None = None,
+    ) -> None:
         # Here, not where the patch size is known: 0 is a multiple of every patch size, and
         # reads as 'not given' where a default is taken with `or`.
         if any(value < 1 for value in values):
