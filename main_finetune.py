@@ -178,6 +178,22 @@ def build_train_transform(args: argparse.Namespace) -> Callable:
     return transforms.Compose(steps)
 
 
+def build_optimizer(
+    model: models_vit.VisionTransformer, args: argparse.Namespace, device: torch.device
+) -> torch.optim.AdamW:
+    """AdamW over the layer-wise lr decay groups (``util.lr_decay``), as the official fine-tuning."""
+    groups = param_groups_lrd(model, args.weight_decay, model.no_weight_decay(), args.layer_decay)
+    return torch.optim.AdamW(groups, lr=args.lr, fused=device.type == "cuda")
+
+
+def build_criterion(args: argparse.Namespace, mixup_fn: Mixup | None) -> torch.nn.Module:
+    if mixup_fn is not None:
+        return SoftTargetCrossEntropy()  # smoothing is folded into the mixed targets
+    if args.smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    return torch.nn.CrossEntropyLoss()
+
+
 @gives_back_output_dir
 def main(flags: argparse.Namespace) -> None:
     check_args(flags)
@@ -191,15 +207,9 @@ def main(flags: argparse.Namespace) -> None:
         memory.check_training_fits(model, args, run.device)  # a run that cannot fit stops here, in one line
     log.info(f"number of params (M): {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}")
 
-    groups = param_groups_lrd(model, args.weight_decay, model.no_weight_decay(), args.layer_decay)
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, fused=run.device.type == "cuda")
+    optimizer = build_optimizer(model, args, run.device)
     mixup_fn = build_mixup(args)
-    if mixup_fn is not None:
-        criterion = SoftTargetCrossEntropy()  # smoothing is folded into the mixed targets
-    elif args.smoothing > 0:
-        criterion = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
-    else:
-        criterion = torch.nn.CrossEntropyLoss()
+    criterion = build_criterion(args, mixup_fn)
     log.info(f"criterion: {criterion}")
     train_or_evaluate(run, model, optimizer, train_set, val_set, criterion, mixup_fn)
 

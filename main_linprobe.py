@@ -59,23 +59,33 @@ def build_train_transform(args: argparse.Namespace) -> Callable:
     return tensor_train_transform(args.input_size, tuple(args.scale), args.mean, args.std, rgb, OneDrawResizedCrop)
 
 
+def add_probe_head(model: models_vit.VisionTransformer) -> None:
+    """The paper's probe: BatchNorm without affine parameters in front of the linear classifier, which
+    alone trains (the encoder is frozen)."""
+    model.head = torch.nn.Sequential(torch.nn.BatchNorm1d(model.head.in_features, affine=False, eps=1e-6), model.head)
+    for name, param in model.named_parameters():
+        param.requires_grad = name.startswith("head.")
+
+
+def build_optimizer(model: models_vit.VisionTransformer, args: argparse.Namespace) -> LARS:
+    """LARS over the probe's head, as the official probe."""
+    return LARS(model.head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+
+
 @gives_back_output_dir
 def main(flags: argparse.Namespace) -> None:
     check_args(flags)
     run = start(flags, FALLBACKS, kind="probe")
     args = run.args
     model, train_set, val_set = classifier_and_data(run, build_train_transform(args), head_init_std=0.01)
-    # The paper's probe: BatchNorm without affine parameters in front of the linear classifier.
-    model.head = torch.nn.Sequential(torch.nn.BatchNorm1d(model.head.in_features, affine=False, eps=1e-6), model.head)
-    for name, param in model.named_parameters():
-        param.requires_grad = name.startswith("head.")
+    add_probe_head(model)
     model.set_grad_checkpointing(args.grad_checkpointing)
     model.to(run.device)
     if not args.eval:
         memory.check_training_fits(model, args, run.device)  # the frozen encoder counted as frozen
     log.info(f"trainable parameters: {[n for n, p in model.named_parameters() if p.requires_grad]}")
 
-    optimizer = LARS(model.head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = build_optimizer(model, args)
     train_or_evaluate(run, model, optimizer, train_set, val_set, torch.nn.CrossEntropyLoss())
 
 

@@ -111,6 +111,14 @@ def build_model(args: argparse.Namespace, size_source: str = "") -> models_mae.M
     )
 
 
+def build_optimizer(
+    model: models_mae.MaskedAutoencoderViT, args: argparse.Namespace, device: torch.device
+) -> torch.optim.AdamW:
+    """The official pre-training optimizer: AdamW, betas (0.9, 0.95), no weight decay on biases and norms."""
+    param_groups = param_groups_weight_decay(model, args.weight_decay)
+    return torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+
 def build_knn_data(args: argparse.Namespace) -> knn.KnnData | None:
     if not args.knn_data_path:
         return None
@@ -208,8 +216,7 @@ def main(flags: argparse.Namespace) -> None:
     model.set_grad_checkpointing(args.grad_checkpointing)
     model.to(device)
     memory.check_training_fits(model, args, device)  # a run that cannot fit stops here, in one line
-    param_groups = param_groups_weight_decay(model, args.weight_decay)  # no decay on biases and norms
-    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    optimizer = build_optimizer(model, args, device)
     state = TrainState(model, optimizer, LossScaler(args.precision), args)
     position = resume(state, run.resume_from)
     check_same_data(state, dataset, position)
