@@ -1,10 +1,12 @@
 """The official MAE code, imported from the folder benchmarks/fetch_official.sh extracts, for the
-side-by-side rows of gpu_check.sh.
+side-by-side rows of gpu_check.sh and the CPU recipe check official_parity.py.
 
 It is patched at import time only, never edited on disk, and only where current releases refuse
 it: timm >= 0.9 dropped ``Block``'s ``qk_scale`` argument (it was None, the default scale, anyway),
 torch 2 removed ``torch._six`` (whose ``inf`` is math's), numpy 1.24 the alias ``np.float`` (of
-python's float, i.e. float64). Its attention modules run
+python's float, i.e. float64), and timm >= 0.9's ``VisionTransformer.forward`` pools the features
+again after the official ``forward_features`` has pooled them (timm 0.3.2's was ``head(forward_features(x))``,
+which the official classifier is given back). Its attention modules run
 ``fused_attn = False`` unless asked otherwise: timm 0.3.2, which the official code pins, had only
 the explicit softmax(QK^T)V, while timm >= 0.9 gives the same blocks fused attention.
 """
@@ -29,17 +31,25 @@ import models_mae
 
 OFFICIAL_DIR = Path(os.environ.get("MAE_OFFICIAL_DIR", Path(__file__).resolve().parent / "official_mae"))
 # Names the official files import that this repository has too: swapped out while they load.
-_SHARED_NAMES = ("util", "models_mae", "engine_pretrain")
+_SHARED_NAMES = ("util", "models_mae", "models_vit", "engine_pretrain", "engine_finetune")
+# The modules load() imports (an attribute each, named by the file's last part); fetch_official.sh extracts them.
+MODULES = (
+    "models_mae", "models_vit", "engine_pretrain", "engine_finetune",
+    "util.misc", "util.lr_sched", "util.lr_decay", "util.lars", "util.pos_embed",
+)  # fmt: skip
 
 
 class OfficialCode(types.SimpleNamespace):
-    """The official modules: ``models_mae``, ``engine_pretrain`` and util's ``misc``, ``lr_sched``, ``pos_embed``."""
+    """The official modules of MODULES, by their files' names: ``models_mae``, ..., ``misc``, ..., ``pos_embed``."""
 
 
 def missing_reason() -> str | None:
     """Why the official code cannot be loaded (one line), or None."""
-    if not (OFFICIAL_DIR / "models_mae.py").is_file():
-        return f"no official code in {OFFICIAL_DIR}: run bash benchmarks/fetch_official.sh PATH_TO_MAE_CLONE"
+    for module in MODULES:
+        path = OFFICIAL_DIR / (module.replace(".", "/") + ".py")
+        if not path.is_file():
+            fetch = "bash benchmarks/fetch_official.sh PATH_TO_MAE_CLONE"
+            return f"no {path.name} of the official code in {OFFICIAL_DIR}: run {fetch}"
     return None
 
 
@@ -56,6 +66,10 @@ def _block_without_qk_scale(*args: Any, qk_scale: float | None = None, **kwargs:
     if qk_scale is not None:  # the official models all pass None; anything else would change the model
         raise ValueError(f"qk_scale={qk_scale} has no equivalent in timm >= 0.9")
     return timm_vit.Block(*args, **kwargs)
+
+
+def _forward_of_timm_0_3_2(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return self.head(self.forward_features(x))
 
 
 @contextlib.contextmanager
@@ -92,15 +106,10 @@ def load() -> OfficialCode:
         if reason:
             raise FileNotFoundError(reason)
         with _official_import_path():
-            code = OfficialCode(
-                models_mae=importlib.import_module("models_mae"),
-                engine_pretrain=importlib.import_module("engine_pretrain"),
-                misc=importlib.import_module("util.misc"),
-                lr_sched=importlib.import_module("util.lr_sched"),
-                pos_embed=importlib.import_module("util.pos_embed"),
-            )
+            code = OfficialCode(**{name.split(".")[-1]: importlib.import_module(name) for name in MODULES})
         code.models_mae.Block = _block_without_qk_scale
         code.pos_embed.np = _NumpyWithFloat("numpy")
+        code.models_vit.VisionTransformer.forward = _forward_of_timm_0_3_2
         _LOADED.append(code)
     return _LOADED[0]
 
