@@ -147,6 +147,90 @@ def test_official_flags_keep_their_names_and_defaults_or_flags_md_marks_the_chan
             assert rows and all("★" in row[1] for row in rows), f"{script} {flag}: {ours!r}, officially {official!r}"
 
 
+# docs/flags.md's sections and the entry points whose flags each lists ("Fine-tuning only:" opens a table
+# inside the classifiers' section).
+_FLAGS_MD_SECTIONS = {
+    "Shared by all entry points": ("main_pretrain.py", "main_finetune.py", "main_linprobe.py"),
+    "`main_pretrain.py`": ("main_pretrain.py",),
+    "`main_finetune.py` and `main_linprobe.py`": ("main_finetune.py", "main_linprobe.py"),
+    "Fine-tuning only:": ("main_finetune.py",),
+}
+# What a default cell says where the parser's default is None or empty: something else decides it.
+_DECIDED_ELSEWHERE = ("none", "empty", "checkpoint's", "classifier's", "`--output_dir`")
+
+
+def _flags_md_rows() -> list[tuple[tuple[str, ...], list[str], str]]:
+    """(entry points, flags, default cell) of each table row of docs/flags.md."""
+    rows, scripts = [], ()
+    for line in (REPO / "docs" / "flags.md").read_text().splitlines():
+        heading = line.removeprefix("## ")
+        if heading in _FLAGS_MD_SECTIONS:
+            scripts = _FLAGS_MD_SECTIONS[heading]
+        elif line.startswith("## "):
+            scripts = ()
+        cells = line.split(" | ")
+        if line.startswith("| `") and len(cells) >= 3:
+            rows.append((scripts, re.findall(r"`(--[\w-]+)", cells[0]), cells[1]))
+    return rows
+
+
+def _says_default(cell: str, whole_cell: str, default, fallback) -> bool:
+    """Whether a default cell of flags.md (one flag's part of it: ``cell``) states the parser's ``default``,
+    or, where that is None or empty, says what decides it, naming the entry point's fallback if any."""
+    if default is None or default == "":
+        said = any(word in whole_cell for word in _DECIDED_ELSEWHERE)
+        return said and (fallback is None or callable(fallback) or isinstance(fallback, bool)
+                         or _says_default(whole_cell, whole_cell, fallback, None))  # fmt: skip
+    if isinstance(default, bool):
+        return ("off" if not default else "pinned") in cell
+    if isinstance(default, str):
+        return f"`{default}`" in cell
+    numbers = {float(n) for n in re.findall(r"-?\d+(?:\.\d+)?(?:e-?\d+)?", cell)}
+    return all(float(value) in numbers for value in (default if isinstance(default, list) else [default]))
+
+
+@pytest.fixture
+def machine_free_parsers(monkeypatch):
+    """The entry points' parsers as on a machine without CUDA and with more cores than the default workers,
+    where --device and --num_workers default to what flags.md says first."""
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    return {name: module.get_args_parser() for name, module in PARSERS.items() if name.startswith("main_")}
+
+
+def test_flags_md_lists_each_entry_points_flags_in_its_sections(machine_free_parsers):
+    """Every flag of main_*.py is in a flags.md table that covers that entry point, and every flag of a table
+    is one of each entry point the table covers: a flag documented under the wrong section is one a reader
+    passes to a script that refuses it."""
+    rows = _flags_md_rows()
+    for name, parser in machine_free_parsers.items():
+        listed = {flag for scripts, flags, _ in rows if name in scripts for flag in flags}
+        assert sorted(_options(parser) - listed) == [], f"docs/flags.md does not list these flags of {name}"
+        for scripts, flags, _ in rows:
+            if name in scripts:
+                assert set(flags) <= _options(parser), f"docs/flags.md lists {flags} for {name}, which lacks some"
+
+
+def test_flags_md_states_each_flags_default(machine_free_parsers):
+    """The default column of docs/flags.md holds each entry point's default of the row's flag (a row of
+    several flags gives theirs in order, comma-separated); a default of None or empty is said to be decided
+    elsewhere (the checkpoint, --output_dir) or to be none, and names the fallback a checkpoint-less run takes."""
+    fallbacks = {"main_pretrain.py": main_pretrain.FALLBACKS, "main_finetune.py": main_finetune.FALLBACKS}
+    fallbacks["main_linprobe.py"] = main_linprobe.FALLBACKS
+    rows = _flags_md_rows()
+    assert len(rows) > 40  # the rows were found
+    for scripts, flags, cell in rows:
+        for name in scripts:
+            parser = machine_free_parsers[name]
+            actions = list(dict.fromkeys(a for a in parser._actions for o in a.option_strings if o in flags))
+            parts = cell.split(", ") if len(actions) > 1 and len(cell.split(", ")) == len(actions) else None
+            for i, action in enumerate(actions):
+                default, fallback = parser.get_default(action.dest), fallbacks[name].get(action.dest)
+                part = parts[i] if parts else cell
+                said = _says_default(part, cell, default, fallback)
+                assert said, f"docs/flags.md: {action.option_strings[0]} of {name} defaults to {default!r}: {cell!r}"
+
+
 def _commands(text: str) -> list[list[str]]:
     """Shell commands in the code blocks that run one of our scripts, and those quoted in the prose
     (an inline code span, which may break across a line)."""
