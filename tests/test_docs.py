@@ -419,9 +419,34 @@ def broken_links(page: Path) -> list[str]:
     return broken
 
 
-@pytest.mark.parametrize("page", [*PAGES, REPO / "benchmarks" / "README.md"], ids=lambda p: p.name)
+# The pages outside docs/ that a reader is sent to: the benchmarks' and the GPU study's.
+OTHER_PAGES = [REPO / "benchmarks" / "README.md", REPO / "recipes" / "cifar10_gpu" / "README.md"]
+
+
+@pytest.mark.parametrize("page", [*PAGES, *OTHER_PAGES], ids=lambda p: str(p.relative_to(REPO)))
 def test_links_resolve(page):
     assert not broken_links(page)
+
+
+def test_benchmark_commands_parse():
+    """benchmarks/README.md's `python -m benchmarks.bench_pretrain` commands use the flags and choices the
+    benchmark takes (its table names them too): a renamed flag left a documented command that stops at once."""
+    from benchmarks import bench_pretrain
+
+    text = (REPO / "benchmarks" / "README.md").read_text()
+    lines = "\n".join(re.findall(r"```bash\n(.*?)```", text, flags=re.S)).replace("\\\n", " ").splitlines()
+    commands = [shlex.split(line.split("#")[0]) for line in lines if "benchmarks.bench_pretrain" in line]
+    assert len(commands) >= 8, commands  # the examples and the measured figures' command lines
+    parser = bench_pretrain.get_args_parser()
+    for words in commands:
+        try:
+            parser.parse_args(words[words.index("benchmarks.bench_pretrain") + 1 :])
+        except SystemExit:
+            pytest.fail(f"benchmarks/README.md: command does not parse: {' '.join(words)}")
+    first_cells = [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| `--")]
+    table = {flag for cell in first_cells for flag in re.findall(r"`(--\w+)`", cell)}
+    assert len(table) >= 15, table
+    assert table <= _options(parser), sorted(table - _options(parser))
 
 
 def test_link_check_finds_broken_links(tmp_path):
