@@ -231,6 +231,21 @@ def test_flags_md_states_each_flags_default(machine_free_parsers):
                 assert said, f"docs/flags.md: {action.option_strings[0]} of {name} defaults to {default!r}: {cell!r}"
 
 
+def test_official_differences_lists_every_new_flag():
+    """docs/official-differences.md's list of new flags names every flag of main_*.py that the official
+    scripts lack (``--vis_*`` style patterns allowed), and nothing else; --local-rank is an alias."""
+    import fnmatch
+
+    text = " ".join((REPO / "docs" / "official-differences.md").read_text().split())
+    said = re.search(r"New flags \(all marked ★ in \[Flags\]\(flags.md\)\): (.*?)(?= - |$)", text)
+    assert said, "docs/official-differences.md no longer lists the new flags"
+    patterns = set(re.findall(r"`(--[\w*]+)`", said.group(1)))
+    new = {f for name, flags in OFFICIAL_FLAGS.items() for f in _options(PARSERS[name].get_args_parser()) - set(flags)}
+    new -= {"--local-rank"}
+    assert sorted(f for f in new if not any(fnmatch.fnmatch(f, p) for p in patterns)) == []
+    assert sorted(p for p in patterns if not any(fnmatch.fnmatch(f, p) for f in new)) == []
+
+
 def _commands(text: str) -> list[list[str]]:
     """Shell commands in the code blocks that run one of our scripts, and those quoted in the prose
     (an inline code span, which may break across a line)."""
