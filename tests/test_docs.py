@@ -443,6 +443,23 @@ def test_links_resolve(page):
     assert not broken_links(page)
 
 
+def test_cited_commits_are_in_the_history():
+    """A commit the pages cite (where a figure was measured, what a campaign ran) is one of this branch's:
+    what-survives-what.md cited c1c5078, a hash of a branch rebased since, which no checkout holds."""
+    import subprocess
+
+    def git(*words: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(REPO), *words], capture_output=True, text=True)
+
+    if git("rev-parse", "--is-shallow-repository").stdout.strip() != "false":
+        pytest.skip("needs a git checkout with its whole history")
+    text = "\n".join(page.read_text() for page in [*PAGES, *OTHER_PAGES])
+    cited = {h for h in re.findall(r"\b[0-9a-f]{7,40}\b", text) if re.search(r"\d", h) and re.search(r"[a-f]", h)}
+    assert len(cited) >= 10, cited  # the pattern finds them
+    missing = sorted(h for h in cited if git("merge-base", "--is-ancestor", h, "HEAD").returncode != 0)
+    assert missing == [], f"cited commits that are not in this branch's history: {missing}"
+
+
 def test_benchmark_commands_parse():
     """benchmarks/README.md's `python -m benchmarks.bench_pretrain` commands use the flags and choices the
     benchmark takes (its table names them too): a renamed flag left a documented command that stops at once."""
