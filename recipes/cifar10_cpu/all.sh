@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Every row of the CPU study, in order; each step resumes where it stopped, and each row's wall
-# time is appended to $OUT/wall_times.jsonl. About 5 hours on a 2-core CPU.
+# Every row of the CPU study, in order; each row's wall time is appended to $OUT/wall_times.jsonl.
+# About 5 hours on a 2-core CPU. Run again, the training steps resume where they stopped, but
+# frozen.sh scores anew (appending to frozen.json) and every step appends another wall time: after
+# a stop, run the steps left by hand.
 source "$(dirname "$0")/common.sh"
 R=recipes/cifar10_cpu
 timed() {  # timed NAME COMMAND...: run it, then record its wall time
