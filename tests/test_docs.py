@@ -195,6 +195,7 @@ def machine_free_parsers(monkeypatch):
     where --device and --num_workers default to what flags.md says first."""
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)  # macOS, which has no sched_getaffinity
     return {name: module.get_args_parser() for name, module in PARSERS.items() if name.startswith("main_")}
 
 
