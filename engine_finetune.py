@@ -108,7 +108,7 @@ def train_one_epoch(
     start_step: int = 0,
 ) -> dict[str, float]:
     """Train the classifier ``model`` (possibly DDP-wrapped or compiled) for the rest of ``epoch``,
-    from iteration ``start_step`` on; returns the epoch's average loss and last lr."""
+    from iteration ``start_step`` on; returns the epoch's average loss and lr over every rank's iterations."""
     args, optimizer, scaler = state.args, state.optimizer, state.scaler
     device = torch.device(args.device)
     model.train(True)
