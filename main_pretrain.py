@@ -144,8 +144,8 @@ def knn_monitor(
     begin = time.time()
     model.eval()  # the training loop sets train mode again
     scores = knn.evaluate(lambda imgs: knn.pooled_features(model.forward_features(imgs)), data, args)
-    scores = {f"knn_{name}": value for name, value in scores.items()}
-    run_log.scalars((epoch + 1) * 1000, **{f"knn/{name[4:]}": v for name, v in scores.items()})
+    run_log.scalars((epoch + 1) * 1000, **{f"knn/{name}": value for name, value in scores.items()})
+    scores = {f"knn_{name}": value for name, value in scores.items()}  # log.txt's keys
     shown = "  ".join(f"{name} {value:.2f}" for name, value in scores.items())
     k = min(args.knn_k, len(data.bank))  # the k the vote used (args keep the flag: the checkpoints store it)
     log.info(f"k-NN (k={k}, t={args.knn_t}) after epoch {epoch}: {shown}  ({time.time() - begin:.0f} s)")
