@@ -10,6 +10,7 @@ import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -183,7 +184,7 @@ def seed_everything(seed: int) -> None:
 
 
 def log_configuration(args: argparse.Namespace) -> None:
-    log.info(f"job dir: {os.path.dirname(os.path.realpath(__file__ + '/../..'))}")
+    log.info(f"job dir: {Path(__file__).resolve().parents[2]}")  # the scripts' folder, as the official ones print
     log.info(json.dumps(vars(args), default=str, indent=1))
     eff_batch = args.batch_size * args.accum_iter * distributed.world_size()
     base_lr = args.lr * 256 / eff_batch  # as the official code prints it: --blr is unused where --lr is given
