@@ -113,8 +113,8 @@ def check_flags(args: argparse.Namespace) -> None:
         fail(f"--model names the model of --to timm and --to hf; {what} and the checkpoint's flags: leave it out")
 
 
-def check_output(args: argparse.Namespace) -> None:
-    """Fail before any work if --output cannot be written as asked."""
+def check_output_kind(args: argparse.Namespace) -> None:
+    """--output names what the mode writes: a file of its extension, or (--to hf) a folder."""
     if args.to == "safetensors" and not args.output.endswith(".safetensors"):
         fail(f"--output {args.output}: --to safetensors writes a .safetensors file; name it so")
     if args.to == "timm" and not args.output.endswith((".safetensors", ".pth")):
@@ -126,6 +126,13 @@ def check_output(args: argparse.Namespace) -> None:
     if args.to != "hf" and os.path.isdir(args.output):  # before --force is advised: it cannot replace a folder
         example = os.path.join(args.output, "model.safetensors")
         fail(f"--output {args.output} is a folder; give a file name such as {example}")
+
+
+def check_output(args: argparse.Namespace) -> None:
+    """Fail before any work if --output cannot be written as asked: its kind (``check_output_kind``), then
+    its place (not an input; replaced only with --force, and a --to hf folder only if it holds what that
+    writes; its folder there and writable)."""
+    check_output_kind(args)
     # Even with --force: the export would replace the checkpoint it is made from. An HF folder's own
     # weights are inputs too: --output FOLDER/model.safetensors would put our names in their place.
     inputs = [("--checkpoint", args.checkpoint)]
