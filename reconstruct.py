@@ -119,12 +119,29 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def checkpoint_model(args: argparse.Namespace, ckpt: dict[str, Any]) -> tuple[str, models_mae.MaskedAutoencoderViT]:
-    """The name and the MAE of ``ckpt``, its weights loaded: the model and size the flags name, else those
-    the checkpoint stores, else those its weights fit; the channels of its weights. Sets ``args.in_chans``
-    and ``args.mean``/``args.std`` (given, else stored, else ImageNet's), which the pictures are read with."""
+    """The name and the MAE of ``ckpt``, its weights loaded. Sets ``args.in_chans`` and ``args.mean``/``args.std``
+    (given, else stored, else ImageNet's), which the pictures are read with."""
     state = model_state(ckpt, args.checkpoint)
     check_has_decoder(state, args.checkpoint)
     saved = vars(ckpt["args"]) if isinstance(ckpt.get("args"), argparse.Namespace) else {}
+    name, input_size, size_source = model_and_size(args, state, saved)
+    channels_source = settle_channels(args, state)
+    norm_pix = args.norm_pix_loss if args.norm_pix_loss is not None else bool(saved.get("norm_pix_loss", False))
+    # The pictures normalise as the model's training did: its stored --mean/--std, else ImageNet's.
+    normalization.resolve(args, [(f"checkpoint {args.checkpoint}", ckpt.get("args"))], channels_source)
+
+    model = models_mae.create_model(name, input_size, args.in_chans, norm_pix_loss=norm_pix, size_source=size_source)
+    models_mae.check_mask_ratio(args.mask_ratio, model.num_patches, remove_one=False)
+    load_model_strict(model, state, args.checkpoint)
+    return name, model
+
+
+def model_and_size(
+    args: argparse.Namespace, state: dict[str, torch.Tensor], saved: dict[str, Any]
+) -> tuple[str, Any, str]:
+    """(name, input size, size source) of the MAE: the model and size the flags name, else those the checkpoint's
+    args ``saved`` store, else those its weights fit. The size source is the checkpoint where the size is its
+    stored one ('' otherwise): errors about it blame the checkpoint, not a flag that was not given."""
     inferred = None if args.model and args.input_size else models_mae.MODELS.fit(state)
     name = args.model or saved.get("model") or (inferred[0] if inferred else None)
     if name is None:
@@ -133,25 +150,23 @@ def checkpoint_model(args: argparse.Namespace, ckpt: dict[str, Any]) -> tuple[st
         fail(f"checkpoint {args.checkpoint} names the model {name}, which is not an MAE; give --model")
     check_size_is_stored(args.input_size, saved.get("input_size"), args.checkpoint)
     input_size = args.input_size or saved.get("input_size") or (inferred[1] if inferred else 224)
-    # Errors about a stored size blame the checkpoint, not a flag that was not given.
     size_source = "" if args.input_size or not saved.get("input_size") else f"checkpoint {args.checkpoint}"
+    return name, input_size, size_source
+
+
+def settle_channels(args: argparse.Namespace, state: dict[str, torch.Tensor]) -> str:
+    """Set ``args.in_chans`` to the channels of the checkpoint's weights, which --in_chans may only repeat: the
+    images are read with them (and --mean/--std checked for them). Returns what errors about them name: '' where
+    --in_chans was given, else the weights, not a flag the user never gave."""
     in_chans = state["patch_embed.proj.weight"].shape[1] if "patch_embed.proj.weight" in state else 3
     if args.in_chans is not None and args.in_chans != in_chans:
         fail(
             f"checkpoint {args.checkpoint} takes {in_chans}-channel images, not --in_chans {args.in_chans}: "
             f"leave --in_chans out (the checkpoint's is taken)"
         )
-    # Not given, the channels are the weights': an error names them, not a flag the user never gave.
-    channels_source = "" if args.in_chans is not None else f"the weights of checkpoint {args.checkpoint}"
-    args.in_chans = in_chans  # the images are read with the model's channels (and --mean/--std checked for them)
-    norm_pix = args.norm_pix_loss if args.norm_pix_loss is not None else bool(saved.get("norm_pix_loss", False))
-    # The pictures normalise as the model's training did: its stored --mean/--std, else ImageNet's.
-    normalization.resolve(args, [(f"checkpoint {args.checkpoint}", ckpt.get("args"))], channels_source)
-
-    model = models_mae.create_model(name, input_size, in_chans, norm_pix_loss=norm_pix, size_source=size_source)
-    models_mae.check_mask_ratio(args.mask_ratio, model.num_patches, remove_one=False)
-    load_model_strict(model, state, args.checkpoint)
-    return name, model
+    source = "" if args.in_chans is not None else f"the weights of checkpoint {args.checkpoint}"
+    args.in_chans = in_chans
+    return source
 
 
 if __name__ == "__main__":
