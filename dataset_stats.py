@@ -133,8 +133,8 @@ def mean_std(sums: torch.Tensor) -> tuple[list[float], list[float]]:
     return means, stds
 
 
-def compute(args: argparse.Namespace) -> dict[str, Any]:
-    """The statistics of ``args.data_path``, as the JSON record ``main`` writes."""
+def check_args(args: argparse.Namespace) -> None:
+    """The flags' own checks, and --json's, before any image is read."""
     check_at_least(args, 0, "input_size", zero_means="each image at its own size")
     check_at_least(args, 0, "max_images", zero_means="all")
     check_at_least(args, 0, "num_workers")
@@ -144,6 +144,11 @@ def compute(args: argparse.Namespace) -> dict[str, Any]:
         check_json_output(args.json, "--json", inputs=[("--data_path", args.data_path)])
     if args.in_chans is not None:
         check_at_least(args, 1, "in_chans")
+
+
+def compute(args: argparse.Namespace) -> dict[str, Any]:
+    """The statistics of ``args.data_path``, as the JSON record ``main`` writes."""
+    check_args(args)
     in_chans = args.in_chans or 3
     processes = max(args.num_workers, 1)
     if in_chans == 3:
@@ -153,18 +158,23 @@ def compute(args: argparse.Namespace) -> dict[str, Any]:
         dataset = pretrain_dataset(args.data_path, sums, loader=image_loader(in_chans))
     if 0 < args.max_images < len(dataset):
         dataset.files = [dataset.files[i] for i in evenly_spaced(args.max_images, len(dataset))]
-    loader = DataLoader(dataset, batch_size=64, num_workers=args.num_workers)
-    # Progress every tenth of a long computation (20 batches or more).
-    total, done, report = 0, 0, max(len(dataset) // 10, 1) if len(loader) >= 20 else len(dataset) + 1
-    for sums, _ in loader:
-        total = total + sums.sum(dim=0)
-        before, done = done, done + len(sums)
-        if before // report != done // report and done < len(dataset):
-            print(f"{done}/{len(dataset)} images", file=sys.stderr)
-    mean, std = mean_std(total)
+    mean, std = mean_std(add_up(DataLoader(dataset, batch_size=64, num_workers=args.num_workers), len(dataset)))
     return dict(
         mean=mean, std=std, images=len(dataset), input_size=args.input_size, in_chans=in_chans, data_path=args.data_path
     )
+
+
+def add_up(loader: DataLoader, images: int) -> torch.Tensor:
+    """The per-image sums of ``loader``'s ``images`` added up, with a progress line on stderr at every tenth
+    of a long computation (20 batches or more)."""
+    report_every = max(images // 10, 1) if len(loader) >= 20 else images + 1
+    total, done = 0, 0
+    for sums, _ in loader:
+        total = total + sums.sum(dim=0)
+        before, done = done, done + len(sums)
+        if before // report_every != done // report_every and done < images:
+            print(f"{done}/{images} images", file=sys.stderr)
+    return total
 
 
 def flags(stats: dict[str, Any]) -> str:
