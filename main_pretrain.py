@@ -157,6 +157,29 @@ def knn_due(epoch: int, knn_data: knn.KnnData | None, args: argparse.Namespace) 
     return knn_data is not None and ((epoch + 1) % args.knn_freq == 0 or epoch == args.epochs - 1)
 
 
+def save_and_score_epoch(
+    model: models_mae.MaskedAutoencoderViT,
+    epoch: int,
+    train_stats: dict[str, float],
+    knn_data: knn.KnnData | None,
+    picture: tuple[torch.Tensor, torch.Tensor] | None,
+    checkpointer: Checkpointer,
+) -> None:
+    """Save the trained ``epoch``, log its line, draw its picture, and stop if asked. Where the k-NN monitor
+    scores it, it is saved (and a stop taken) before it is scored: a k-NN image that cannot be read costs no
+    training, and the resumed run scores the epoch."""
+    args = checkpointer.state.args
+    if knn_due(epoch, knn_data, args):
+        checkpointer.end_epoch_before_evaluating(epoch, train_stats)
+        checkpointer.stop_if_requested()
+        score_epoch(model, knn_data, picture, checkpointer)
+    else:
+        stats = {f"train_{k}": v for k, v in train_stats.items()}
+        checkpointer.end_epoch(epoch, {**stats, "epoch": epoch})
+        picture_if_due(model, picture, epoch, checkpointer.run_log, args)
+        checkpointer.stop_if_requested()
+
+
 def score_epoch(
     model: models_mae.MaskedAutoencoderViT,
     knn_data: knn.KnnData | None,
@@ -231,16 +254,7 @@ def main(flags: argparse.Namespace) -> None:
             start_step = position.steps_done(epoch)
             loader.sampler.set_epoch(epoch, skip=start_step * args.batch_size)  # skips what was trained
             train_stats = train_one_epoch(wrapped_model, loader, state, epoch, checkpointer, start_step)
-            if knn_due(epoch, knn_data, args):
-                # Saved first: a k-NN image that cannot be read costs no training (the resumed run scores the epoch).
-                checkpointer.end_epoch_before_evaluating(epoch, train_stats)
-                checkpointer.stop_if_requested()
-                score_epoch(model, knn_data, picture, checkpointer)
-            else:
-                stats = {f"train_{k}": v for k, v in train_stats.items()}
-                checkpointer.end_epoch(epoch, {**stats, "epoch": epoch})
-                picture_if_due(model, picture, epoch, checkpointer.run_log, args)
-                checkpointer.stop_if_requested()
+            save_and_score_epoch(model, epoch, train_stats, knn_data, picture, checkpointer)
     del wrapped_model  # before the process group goes: distributed.cleanup says why
     finish()
 
