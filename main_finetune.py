@@ -19,7 +19,6 @@ from torchvision import transforms
 import models_vit
 import util.compat  # noqa: F401  (makes timm RandAugment work with Pillow 13)
 from engine_finetune import classifier_and_data, fallbacks, train_or_evaluate
-from util import memory
 from util.cli.args import (
     add_classifier_args,
     add_eval_args,
@@ -201,10 +200,7 @@ def main(flags: argparse.Namespace) -> None:
     args = run.args
     train_tf = build_train_transform(args)
     model, train_set, val_set = classifier_and_data(run, train_tf, head_init_std=2e-5, drop_path_rate=args.drop_path)
-    model.set_grad_checkpointing(args.grad_checkpointing)
-    model.to(run.device)
-    if not args.eval:
-        memory.check_training_fits(model, args, run.device)  # a run that cannot fit stops here, in one line
+    run.place(model)  # a run that cannot fit stops here, in one line
     log.info(f"number of params (M): {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}")
 
     optimizer = build_optimizer(model, args, run.device)

@@ -13,7 +13,6 @@ import torch
 
 import models_vit
 from engine_finetune import classifier_and_data, fallbacks, train_or_evaluate
-from util import memory
 from util.cli.args import (
     add_classifier_args,
     add_eval_args,
@@ -79,10 +78,7 @@ def main(flags: argparse.Namespace) -> None:
     args = run.args
     model, train_set, val_set = classifier_and_data(run, build_train_transform(args), head_init_std=0.01)
     add_probe_head(model)
-    model.set_grad_checkpointing(args.grad_checkpointing)
-    model.to(run.device)
-    if not args.eval:
-        memory.check_training_fits(model, args, run.device)  # the frozen encoder counted as frozen
+    run.place(model)  # after add_probe_head: the frozen encoder is sized as frozen
     log.info(f"trainable parameters: {[n for n, p in model.named_parameters() if p.requires_grad]}")
 
     optimizer = build_optimizer(model, args)

@@ -14,7 +14,6 @@ from timm.optim import param_groups_weight_decay
 
 import models_mae
 from engine_pretrain import log_reconstructions, train_one_epoch
-from util import memory
 from util.checkpoint.consistency import check_same_data
 from util.checkpoint.resume import resume
 from util.checkpoint.state import TrainState
@@ -236,9 +235,7 @@ def main(flags: argparse.Namespace) -> None:
     dataset, loader = pretrain_data(args, fixed_by)
     log.info(f"{len(dataset)} images in {dataset.root}, {len(loader)} iterations per epoch")
 
-    model.set_grad_checkpointing(args.grad_checkpointing)
-    model.to(device)
-    memory.check_training_fits(model, args, device)  # a run that cannot fit stops here, in one line
+    run.place(model)  # a run that cannot fit stops here, in one line
     optimizer = build_optimizer(model, args, device)
     state = TrainState(model, optimizer, LossScaler(args.precision), args)
     position = resume(state, run.resume_from)

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from util import memory
 from util.atomic import remove_stale_temporaries, temporary_path
 from util.checkpoint.consistency import check_kind
 from util.checkpoint.files import list_checkpoints
@@ -71,6 +72,15 @@ class Run:
             return ""
         fixed = weight is not None and weight.ndim == 4 and weight.shape[1] == self.args.in_chans
         return f"the model of {self.init_from.path}" if fixed else ""
+
+    def place(self, model: torch.nn.Module) -> None:
+        """Move ``model``, with --grad_checkpointing as asked, onto the run's device; a training run whose step
+        cannot fit there stops now, in one line (``memory.check_training_fits``: the weights that require no
+        gradient, the probe's frozen encoder, are sized as frozen; --eval is not sized)."""
+        model.set_grad_checkpointing(self.args.grad_checkpointing)
+        model.to(self.device)
+        if not getattr(self.args, "eval", False):
+            memory.check_training_fits(model, self.args, self.device)
 
     @property
     def size_source(self) -> str:
