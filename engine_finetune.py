@@ -66,16 +66,17 @@ def classifier_and_data(
         **model_kwargs,
     )
     val_transform = eval_transform(args.input_size, args.mean, args.std, args.in_chans, args.crop_pct)
-    loader, trained_on = image_loader(args.in_chans, run.channels_fixed_by()), _trained_on(run, args.nb_classes)
+    read_image = image_loader(args.in_chans, run.channels_fixed_by())  # a file's pixels (not a DataLoader)
+    trained_on = _trained_on(run, args.nb_classes)
     if args.eval:  # the validation images alone: a machine given only them evaluates, and no time goes on listing
         train_set = None
         val_set = validation_split(
-            args.data_path, val_transform, args.nb_classes, loader=loader, resumed_from=trained_on
+            args.data_path, val_transform, args.nb_classes, loader=read_image, resumed_from=trained_on
         )
         log.info(f"{len(val_set)} validation images, {args.nb_classes} classes")
     else:
         train_set, val_set = classification_splits(
-            args.data_path, train_transform, val_transform, args.nb_classes, loader=loader, resumed_from=trained_on
+            args.data_path, train_transform, val_transform, args.nb_classes, loader=read_image, resumed_from=trained_on
         )
         log.info(f"{len(train_set)} training and {len(val_set)} validation images, {args.nb_classes} classes")
     if run.init_from is not None:
