@@ -54,7 +54,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     aug.add_argument("--reprob", type=float, default=0.25, metavar="PCT", help="random erase prob")
     aug.add_argument("--remode", type=str, default="pixel", help="random erase mode")
     aug.add_argument("--recount", type=int, default=1, help="random erase count")
-    aug.add_argument("--resplit", action="store_true", help="do not random erase the first (clean) augmentation split")
+    aug.add_argument("--resplit", action="store_true", help="no effect (official flag: no augmentation splits exist)")
     aug.add_argument("--mixup", type=float, default=0, help="mixup alpha, mixup enabled if > 0")
     aug.add_argument("--cutmix", type=float, default=0, help="cutmix alpha, cutmix enabled if > 0")
     aug.add_argument("--cutmix_minmax", type=float, nargs="+", default=None, help="cutmix min/max ratio (enables it)")
