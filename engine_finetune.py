@@ -245,6 +245,7 @@ def _evaluate_epoch(wrapped_model: torch.nn.Module, val_loader: DataLoader, chec
         f"accuracy of the network on the {test_stats['images']} test images: {test_stats['acc1']:.1f}%; "
         f"max accuracy: {best:.2f}%"
     )
+    # Against the epoch, as the official code draws them (training's scalars: against epoch x 1000).
     run_log.scalars(epoch, **{f"perf/test_{k}": test_stats[k] for k in ("acc1", "acc5", "loss")})
     test = {f"test_{k}": v for k, v in test_stats.items()}
     line = {**train_stats, **test, "max_accuracy": best, "epoch": epoch, "n_parameters": n_parameters}
