@@ -44,7 +44,7 @@ class MaskedAutoencoderViT(nn.Module):
         super().__init__()
         if weight_init not in ("", "skip"):
             raise ValueError(f"weight_init must be '' or 'skip', got {weight_init!r}")
-        # img_size is one side (square) or (height, width); a square size stays an int, as before.
+        # img_size is one side (square) or (height, width); a square size stays an int, as the official model has it.
         height, width = image_size(img_size)
         for side in (height, width):
             if side % patch_size:
