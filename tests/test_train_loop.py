@@ -8,27 +8,59 @@ import pytest
 import torch
 from helpers import REPO  # noqa: F401  (puts the repository on sys.path)
 
+import engine_pretrain
 from engine_finetune import train_one_epoch
 from util.checkpoint.state import Position, TrainState
 from util.cli.errors import UserError
+from util.lr_sched import lr_at
 from util.train.checkpointer import Checkpointer, training
 from util.train.precision import LossScaler
 from util.train.progress import RunLog
 
 
-def _run(batches: list[torch.Tensor], accum_iter: int, clip_grad: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+class _Reconstruction(torch.nn.Module):
+    """What engine_pretrain calls an MAE with, ``model(imgs, mask_ratio=...)`` -> (loss, pred, mask), with the
+    classification tests' loss: the sum of w . x over the batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 1, bias=False)
+
+    def forward(self, imgs: torch.Tensor, mask_ratio: float) -> tuple[torch.Tensor, None, None]:
+        return self.linear(imgs).sum(), None, None
+
+
+def _train(
+    batches: list[torch.Tensor], accum_iter: int, clip_grad: float | None, pretrain: bool = False, **schedule: float
+) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """One epoch (0) of SGD by the classification engine, or with ``pretrain`` by the pre-training one, at a
+    constant lr of 0.5 unless ``schedule`` says otherwise: the start and trained weights, and the lr of each step."""
     torch.manual_seed(0)
-    model = torch.nn.Linear(3, 1, bias=False)
-    start = model.weight.detach().clone()
+    model = _Reconstruction() if pretrain else torch.nn.Linear(3, 1, bias=False)
+    weight = model.linear.weight if pretrain else model.weight
+    start = weight.detach().clone()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    lrs = []
+    optimizer.register_step_pre_hook(lambda opt, *_: lrs.append(opt.param_groups[0]["lr"]))
     args = Namespace(
         device="cpu", precision="fp32", print_freq=100, accum_iter=accum_iter, ckpt_every_steps=0, batch_size=2,
         lr=0.5, min_lr=0.5, warmup_epochs=0, epochs=1, output_dir="", clip_grad=clip_grad,
+        mean=(0.0,), std=(1.0,), mask_ratio=0.75,
     )  # fmt: skip
+    vars(args).update(schedule)
     state = TrainState(model, optimizer, LossScaler("fp32"), args)
     loader = [(b, torch.zeros(len(b))) for b in batches]
-    train_one_epoch(model, loader, state, 0, Checkpointer(state, RunLog("", "")), lambda out, _: out.sum())
-    return start, model.weight.detach()
+    checkpointer = Checkpointer(state, RunLog("", ""))
+    if pretrain:
+        engine_pretrain.train_one_epoch(model, loader, state, 0, checkpointer)
+    else:
+        train_one_epoch(model, loader, state, 0, checkpointer, lambda out, _: out.sum())
+    return start, weight.detach(), lrs
+
+
+def _run(batches: list[torch.Tensor], accum_iter: int, clip_grad: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    start, trained, _ = _train(batches, accum_iter, clip_grad)
+    return start, trained
 
 
 def _by_hand(start: torch.Tensor, grads: list[torch.Tensor], clip_grad: float | None) -> torch.Tensor:
@@ -55,6 +87,32 @@ def test_update_equals_hand_computed_sgd(accum_iter, clip_grad):
     if clip_grad == 0.1:  # the clip actually bit: the step is shorter than the unclipped one
         _, unclipped = _run(BATCHES, accum_iter, None)
         assert (trained - start).norm() < (unclipped - start).norm()
+
+
+@pytest.mark.parametrize("clip_grad", [None, 0.1])
+@pytest.mark.parametrize("accum_iter", [1, 2])
+def test_pretraining_update_equals_hand_computed_sgd(accum_iter, clip_grad):
+    """engine_pretrain's step, as the classification engine's: each micro-batch's loss divided by --accum_iter,
+    one step per group, the accumulated gradient clipped."""
+    start, trained, _ = _train(BATCHES, accum_iter, clip_grad, pretrain=True)
+    grads = [b.sum(0, keepdim=True) for b in BATCHES]
+    if accum_iter == 1:
+        expected = _by_hand(_by_hand(start, grads[:1], clip_grad), grads[1:], clip_grad)
+    else:
+        expected = _by_hand(start, grads, clip_grad)
+    torch.testing.assert_close(trained, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("pretrain", [False, True])
+@pytest.mark.parametrize("accum_iter", [1, 2])
+def test_the_lr_of_each_step_is_the_schedules_at_its_fractional_epoch(accum_iter, pretrain):
+    """The lr is set at the first micro-batch of each optimizer step, from the schedule at the fractional epoch
+    (iteration / iterations of the epoch), as the official engines do: 8 iterations of a 2-epoch warm-up."""
+    schedule = dict(lr=1.0, min_lr=0.0, warmup_epochs=2, epochs=4)
+    _, _, lrs = _train([BATCHES[0]] * 8, accum_iter, None, pretrain, **schedule)
+    want = [lr_at(step / 8, Namespace(**schedule)) for step in range(0, 8, accum_iter)]
+    assert lrs == pytest.approx(want, rel=0, abs=1e-12)
+    assert len(set(lrs)) == len(lrs)  # each step its own lr: a per-epoch lr would repeat one
 
 
 def test_last_shorter_accumulation_group_steps_with_its_mean_gradient():
