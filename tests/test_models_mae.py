@@ -267,6 +267,12 @@ def test_forward_with_same_noise_is_deterministic():
     assert torch.equal(mask1, mask2) and torch.equal(pred1, pred2) and torch.equal(loss1, loss2)
 
 
+def test_forward_removes_the_papers_75_percent_by_default():
+    """The official default of forward's mask_ratio, which callers that pass none (derived scripts) rely on."""
+    _, _, mask = small_mae()(torch.randn(2, 3, 16, 16))
+    assert mask.sum(dim=1).tolist() == [12.0, 12.0]  # 75% of 16 patches
+
+
 @pytest.mark.parametrize("ratio", [0.0, 0.5, 0.75, 0.9])
 def test_encoder_sees_only_visible_tokens(ratio):
     model = small_mae()
@@ -403,6 +409,18 @@ def test_norm_pix_loss_uses_unbiased_variance():
     other = ((pred.double() - (target - mean) / (biased + 1e-6).sqrt()) ** 2).mean()
     assert not torch.isclose(want, other, rtol=1e-3)  # the check below can tell the two apart
     torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+
+
+def test_norm_pix_loss_eps_is_the_officials_1e_6():
+    """Patches of a spread near sqrt(1e-6) (a nearly flat sky): the eps added to their variance sets their
+    target's scale, so another eps (1e-4, say) changes the loss by far more than rounding. The hand loss uses 1e-6."""
+    model = small_mae(img_size=8, patch_size=2, norm_pix_loss=True)
+    torch.manual_seed(7)
+    imgs = 0.5 + 1e-3 * torch.randn(2, 3, 8, 8)
+    pred = torch.randn(2, 16, 12)
+    mask = torch.ones(2, 16)
+    loss = model.forward_loss(imgs, pred, mask).double()
+    torch.testing.assert_close(loss, hand_loss(imgs, pred, mask, 2, norm_pix=True), rtol=1e-3, atol=0)
 
 
 def test_norm_pix_loss_constant_patch_is_finite():
