@@ -177,6 +177,29 @@ def test_mae_encoder_loads_from_full_and_encoder_only_checkpoints(tmp_path):
         load_mae_encoder(models_mae.mae_vit_tiny_patch4(), str(tmp_path / "broken.pth"))
 
 
+def test_accuracy_counts_the_true_class_among_the_top_1_and_the_top_5_scores():
+    """7 classes, five queries of class 0, which their scores rank 1st, 2nd, 5th, 6th and 7th."""
+    scores = torch.zeros(5, 7)
+    for row, rank in enumerate((0, 1, 4, 5, 6)):
+        order = [1, 2, 3, 4, 5, 6]
+        order.insert(rank, 0)  # the classes from the highest score down
+        scores[row, order] = torch.arange(7, 0, -1.0)
+    assert knn.accuracy(scores, torch.zeros(5, dtype=torch.long)) == pytest.approx({"top1": 20.0, "top5": 60.0})
+
+
+def test_the_read_outs_are_the_class_token_and_the_mean_of_the_patch_tokens():
+    tokens = torch.tensor([[[9.0, -9.0], [1.0, 2.0], [3.0, 6.0]]])  # [1, 1 + 2 patches, 2]: the class token first
+    features = knn.pooled_features(tokens)
+    assert features["cls"].tolist() == [[9.0, -9.0]] and features["avg"].tolist() == [[2.0, 4.0]]
+
+
+def test_features_are_l2_normalised_before_the_vote():
+    """The vote compares cosines: embed() scales every feature to unit length, keeping its direction."""
+    images = torch.tensor([[3.0, 4.0], [0.0, -0.5]])
+    features = knn.embed(lambda x: {"x": x}, [(images, torch.zeros(2))], 2, torch.device("cpu"))
+    torch.testing.assert_close(features["x"], torch.tensor([[0.6, 0.8], [0.0, -1.0]]))
+
+
 def test_forward_features_equals_the_unmasked_encoder():
     torch.manual_seed(0)
     model = models_mae.mae_vit_tiny_patch4().eval()
