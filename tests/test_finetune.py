@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+from argparse import Namespace
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from helpers import (
     torch_threads,
 )
 
+import engine_finetune
 import main_finetune
 import main_linprobe
 import main_pretrain
@@ -34,6 +36,7 @@ from util.data.datasets import class_count
 from util.lars import LARS
 from util.lr_decay import param_groups_lrd
 from util.train import distributed
+from util.train.progress import RunLog
 
 CPU = ["--device", "cpu", "--precision", "fp32", "--num_workers", "0"]
 
@@ -365,6 +368,48 @@ def test_layer_decay_groups_for_vit_base():
     assert seen["blocks.0.attn.qkv.bias"] == pytest.approx((0.65**12, 0.0))
     assert seen["pos_embed"] == pytest.approx((0.65**13, 0.0))
     assert len(groups) == 2 * 14
+
+
+class _FixedLogits(torch.nn.Module):
+    """A classifier whose images are indices into fixed logits."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.register_buffer("logits", logits)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.logits[images]
+
+
+def test_evaluate_gives_top1_top5_and_mean_loss_by_hand():
+    """10 images in batches of 6 and 4, 7 classes: top-1 and top-5 from each true class's rank among the logits,
+    the cross-entropy averaged over images (not over batches)."""
+    torch.manual_seed(3)
+    logits, targets = torch.randn(10, 7), torch.randint(0, 7, (10,))
+    loader = [(torch.arange(0, 6), targets[:6]), (torch.arange(6, 10), targets[6:])]
+    args = Namespace(device="cpu", precision="fp32", dist_eval=False)
+    stats = engine_finetune.evaluate(_FixedLogits(logits), loader, args)
+    above = (logits > logits.gather(1, targets[:, None])).sum(dim=1)  # classes scored above the true one
+    top1, top5 = 100 * (above == 0).float().mean().item(), 100 * (above < 5).float().mean().item()
+    assert 0 < top1 < top5 < 100  # the two differ, and neither is trivial
+    assert stats == pytest.approx(
+        {"acc1": top1, "acc5": top5, "loss": torch.nn.functional.cross_entropy(logits, targets).item(), "images": 10}
+    )
+
+
+def test_an_epoch_worse_than_an_earlier_one_leaves_the_best_top1():
+    """max_accuracy, in the state and the epoch's log line, is the best top-1 so far (50 here), not the last (20)."""
+    torch.manual_seed(3)  # the logits of the test above: top-1 20%
+    logits, targets = torch.randn(10, 7), torch.randint(0, 7, (10,))
+    model = _FixedLogits(logits)
+    args = Namespace(device="cpu", precision="fp32", dist_eval=False, eval_freq=1, epochs=1)
+    state, lines = Namespace(args=args, model=model, extra={"max_accuracy": 50.0}), []
+    checkpointer = Namespace(
+        state=state, run_log=RunLog("", ""), take_unevaluated=lambda: (0, {"loss": 1.0}), log_evaluated=lines.append
+    )
+    engine_finetune._evaluate_epoch(model, [(torch.arange(10), targets)], checkpointer)
+    assert lines[0]["test_acc1"] == pytest.approx(20.0)
+    assert state.extra["max_accuracy"] == lines[0]["max_accuracy"] == 50.0
 
 
 def test_lars_step_matches_hand_computation():
