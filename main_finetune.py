@@ -186,6 +186,8 @@ def build_optimizer(
 
 
 def build_criterion(args: argparse.Namespace, mixup_fn: Mixup | None) -> torch.nn.Module:
+    """The training loss: on ``mixup_fn``'s soft targets, which hold the --smoothing; else label smoothing's
+    cross-entropy where --smoothing is above 0; else the plain one."""
     if mixup_fn is not None:
         return SoftTargetCrossEntropy()  # smoothing is folded into the mixed targets
     if args.smoothing > 0:

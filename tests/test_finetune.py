@@ -370,6 +370,30 @@ def test_layer_decay_groups_for_vit_base():
     assert len(groups) == 2 * 14
 
 
+def test_the_mixing_flags_reach_timms_mixup():
+    argv = ["--mixup", "0.8", "--cutmix", "0.6", "--mixup_prob", "0.7", "--mixup_switch_prob", "0.4"]
+    argv += ["--smoothing", "0.2", "--mixup_mode", "pair", "--nb_classes", "7"]
+    mixup = main_finetune.build_mixup(main_finetune.get_args_parser().parse_args(argv))
+    got = {k: getattr(mixup, k) for k in ("mixup_alpha", "cutmix_alpha", "mix_prob", "switch_prob", "label_smoothing")}
+    assert got == {"mixup_alpha": 0.8, "cutmix_alpha": 0.6, "mix_prob": 0.7, "switch_prob": 0.4, "label_smoothing": 0.2}
+    assert (mixup.mode, mixup.num_classes) == ("pair", 7)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_the_loss_smooths_labels_by_smoothing_or_takes_mixups_soft_targets(smoothing):
+    """Without mixing, the loss is cross-entropy with --smoothing's label smoothing (torch's formula: (1 - s) of the
+    true class's and s of the classes' mean negative log-probability); with it, cross-entropy on the mixed targets."""
+    args = main_finetune.get_args_parser().parse_args(["--smoothing", str(smoothing), "--nb_classes", "5"])
+    torch.manual_seed(0)
+    logits, labels = torch.randn(6, 5), torch.tensor([0, 1, 2, 3, 4, 0])
+    criterion = main_finetune.build_criterion(args, None)
+    want = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=smoothing)
+    torch.testing.assert_close(criterion(logits, labels), want)
+    soft = torch.softmax(torch.randn(6, 5), dim=1)  # mixed targets, smoothing included
+    mixed = main_finetune.build_criterion(args, object())
+    torch.testing.assert_close(mixed(logits, soft), -(soft * logits.log_softmax(dim=1)).sum(dim=1).mean())
+
+
 class _FixedLogits(torch.nn.Module):
     """A classifier whose images are indices into fixed logits."""
 
