@@ -436,6 +436,21 @@ def test_an_epoch_worse_than_an_earlier_one_leaves_the_best_top1():
     assert state.extra["max_accuracy"] == lines[0]["max_accuracy"] == 50.0
 
 
+def test_the_probe_head_standardises_each_feature_over_the_batch_with_eps_1e_6():
+    """In training, each feature less its batch mean, over sqrt(biased batch variance + 1e-6), into the linear
+    layer: features of a spread near 1e-3 (whose standardisation the eps sets) and of a large one."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(2, 3)
+    model = torch.nn.Module()
+    model.head = linear
+    main_linprobe.add_probe_head(model)
+    head = model.head.train()
+    x = torch.stack([1e-3 * torch.randn(8), 5 + 40 * torch.randn(8)], dim=1)
+    mean, var = x.mean(dim=0), x.var(dim=0, unbiased=False)
+    torch.testing.assert_close(head(x), linear((x - mean) / (var + 1e-6).sqrt()))
+    assert [name for name, _ in head.named_parameters()] == ["1.weight", "1.bias"]  # no affine BatchNorm weights
+
+
 def test_lars_step_matches_hand_computation():
     w = torch.nn.Parameter(torch.tensor([[3.0, 4.0]]))  # norm 5
     b = torch.nn.Parameter(torch.tensor([1.0]))
