@@ -85,8 +85,12 @@ def test_finetune_then_eval_reproduces_logged_accuracy(pipeline, tmp_path, capsy
     logged = _last_log(out)
     assert logged["epoch"] == 1 and logged["test_images"] == 27
     assert logged["max_accuracy"] >= logged["test_acc1"]
-    saved = torch.load(out / "checkpoint-1.pth", weights_only=False)["args"]
-    assert saved.crop_pct == 1.0 and saved.scale == [0.5, 1.0]
+    saved = torch.load(out / "checkpoint-1.pth", weights_only=False)
+    assert saved["args"].crop_pct == 1.0 and saved["args"].scale == [0.5, 1.0]
+    # The optimizer's groups: no weight decay for the position embedding, the class token, biases and norms.
+    decay = {name: group["weight_decay"] for group in saved["optimizer"]["param_groups"] for name in group["names"]}
+    assert {decay[k] for k in ("pos_embed", "cls_token", "blocks.0.norm1.weight", "head.bias")} == {0.0}
+    assert decay["blocks.0.attn.qkv.weight"] == decay["head.weight"] == 0.05
     capsys.readouterr()
     # Evaluated as the run was: --crop_pct from the checkpoint, not given again.
     main_finetune.main(_finetune_args(data, tmp_path / "eval", "--eval", "--resume", str(out / "checkpoint-1.pth")))
