@@ -19,6 +19,7 @@ import torch
 from helpers import CLASSES, make_dataset, make_split, recorded_calls
 from PIL import Image
 from torch.utils.data import DistributedSampler
+from torchvision import transforms
 
 import main_finetune
 import main_linprobe
@@ -254,6 +255,17 @@ def test_a_dangling_link_in_the_data_folder_is_named_as_one(tmp_path, fast):
     )
     with pytest.raises(UserError, match=dangling):
         dataset[len(dataset) - 1]
+
+
+@pytest.mark.parametrize("loader", ["torchvision", "fast"])
+def test_the_pretraining_crop_is_the_officials(loader):
+    """Random resized crop of 0.2 to 1 of the area, aspect 3/4 to 4/3, bicubic; then flip (the official recipe)."""
+    transform = pretrain_transform(32, loader)
+    crop = transform if loader == "fast" else transform.transforms[0]
+    assert (tuple(crop.scale), tuple(crop.ratio)) == ((0.2, 1.0), (3 / 4, 4 / 3))
+    if loader == "torchvision":
+        assert crop.interpolation == transforms.InterpolationMode.BICUBIC
+        assert isinstance(transform.transforms[1], transforms.RandomHorizontalFlip)
 
 
 # ---------------------------------------------------------------------------------------------
