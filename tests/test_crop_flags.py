@@ -128,6 +128,13 @@ def test_scale_reaches_timms_transform():
     assert default.min() < 0.2 and default.max() > 0.8  # 0.08 to 1, as before
 
 
+def test_the_fine_tuning_crop_is_bicubic():
+    """The official fine-tuning recipe resizes its crops bicubic; another interpolation would pass unseen (the crop
+    areas above are the same under any)."""
+    crop = main_finetune.build_train_transform(_finetune_args()).transforms[0]
+    assert crop.interpolation == transforms.InterpolationMode.BICUBIC
+
+
 def test_scale_reaches_the_tensor_path_and_the_probe():
     torch.manual_seed(0)
     flags = ["--in_chans", "2", "--mean", "0", "0", "--std", "1", "1", "--scale", "0.6", "0.9"]
