@@ -265,6 +265,26 @@ def test_mae_checkpoint_loads_with_exactly_head_and_fc_norm_missing(pipeline, ca
     assert torch.all(model.head.bias == 0)
 
 
+class _Recorded(Exception):
+    pass
+
+
+@pytest.mark.parametrize(
+    ("entry_point", "std"), [(main_finetune, 2e-5), (main_linprobe, 0.01)], ids=["finetune", "probe"]
+)
+def test_the_head_a_checkpoint_lacks_is_drawn_with_the_officials_std(pipeline, tmp_path, monkeypatch, entry_point, std):
+    """The official scripts draw the new head trunc-normal with std 2e-5 (fine-tuning) and 0.01 (the probe)."""
+    data, ckpt, _ = pipeline
+
+    def record(model, source, head_init_std):
+        raise _Recorded(head_init_std)  # the run stops here: its training is not what is tested
+
+    monkeypatch.setattr(engine_finetune, "load_pretrained_encoder", record)
+    with pytest.raises(_Recorded) as recorded:
+        entry_point.main(_classifier_args(entry_point, data, tmp_path / "out", "--finetune", str(ckpt)))
+    assert recorded.value.args == (std,)
+
+
 def test_class_token_model_loads_norm_and_misses_only_head(pipeline, capsys):
     _, ckpt, _ = pipeline
     model = models_vit.vit_mini_patch4(num_classes=3, global_pool=False)
