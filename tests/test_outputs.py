@@ -761,3 +761,18 @@ def test_a_short_output_name_that_just_fits_path_max_is_taken(tmp_path):
     outputs.check_output_file(str(folder / name), "--output")
     with open(atomic.temporary_path(str(folder / name)), "wb"):  # the invariant: it fits
         pass
+
+
+def test_a_folder_held_by_a_run_takes_no_other_lock(tmp_path):
+    """The hold on --output_dir is exclusive: with a shared lock two runs of this code both held the folder, and
+    only a stand-in holding it exclusively (_HOLDER) was refused. Probed here from another open file description,
+    which flock treats as another holder, shared and exclusive."""
+    claim.claim_output_dir(str(tmp_path), "--output_dir")
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for mode in (fcntl.LOCK_SH, fcntl.LOCK_EX):
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
+    finally:
+        os.close(fd)
+        claim.release_output_dirs()
