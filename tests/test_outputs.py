@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -776,3 +777,27 @@ def test_a_folder_held_by_a_run_takes_no_other_lock(tmp_path):
     finally:
         os.close(fd)
         claim.release_output_dirs()
+
+
+def test_atomic_write_syncs_the_whole_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    """What makes atomic_write survive a power loss, which no test can cause: the temporary file is flushed and
+    synced with all its bytes before it is renamed over the target, and the folder is synced after the rename.
+    Seen as the order of fsync and os.replace calls, and the size on disk of the file each fsync syncs."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        info = os.fstat(fd)
+        events.append(("fsync-folder",) if stat.S_ISDIR(info.st_mode) else ("fsync-file", info.st_size))
+        real_fsync(fd)
+
+    def replace(src: str, dst: str) -> None:
+        events.append(("replace", os.path.basename(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "fsync", fsync)
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    data = b"x" * 100  # stays in Python's write buffer, not yet the file's, until the flush
+    atomic.atomic_write(str(tmp_path / "out.bin"), lambda f: f.write(data))
+    assert events == [("fsync-file", len(data)), ("replace", "out.bin"), ("fsync-folder",)]
+    assert (tmp_path / "out.bin").read_bytes() == data
