@@ -168,3 +168,26 @@ def test_a_finished_run_gives_the_process_its_signal_handlers_back(tmp_path):
         before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
         run_pretrain(make_dataset(tmp_path / "data", 6), tmp_path / "out", "--epochs", "1", "--vis_freq", "0")
         assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_a_run_started_after_a_stopped_one_in_the_same_process_starts_unstopped(capsys):
+    """A run stopped on request keeps our handlers and its request (``finish`` runs for a finished run only); the
+    next run in the process (a notebook) installs them again: it must neither stop at its first check point nor
+    take our own handler for the one before ours, which ``uninstall`` would then put back instead of the user's."""
+    import signal
+
+    from helpers import preserved_signals
+
+    from util.train import interrupt
+
+    def before(*a):
+        pass
+
+    with preserved_signals():
+        signal.signal(signal.SIGUSR1, before)
+        interrupt.install()
+        signal.raise_signal(signal.SIGUSR1)  # the first run stops on it, and ends without uninstall
+        interrupt.install()  # the next run
+        assert not interrupt.requested()
+        interrupt.uninstall()
+        assert signal.getsignal(signal.SIGUSR1) is before
