@@ -191,3 +191,23 @@ def test_a_run_started_after_a_stopped_one_in_the_same_process_starts_unstopped(
         assert not interrupt.requested()
         interrupt.uninstall()
         assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def test_hand_over_passes_on_the_preemption_signals_received_only():
+    """submitit's SIGUSR2 handler requeues the job, its SIGTERM handler does not: a job that received one of them
+    hands over that one alone, not every handler installed before ours."""
+    import signal
+
+    from helpers import preserved_signals
+
+    from util.train import interrupt
+
+    handed = []
+    with preserved_signals():
+        for s in interrupt.PREEMPTION_SIGNALS:
+            signal.signal(s, lambda signum, frame: handed.append(signum))
+        interrupt.install()
+        signal.raise_signal(signal.SIGUSR2)
+        interrupt.hand_over()
+        assert handed == [signal.SIGUSR2]
+        interrupt.uninstall()
