@@ -281,3 +281,15 @@ def test_meter_sums_round_trip_to_the_same_average():
     for v in values[2:]:
         second.update(loss=v)
     assert second.averages_over_ranks("cpu") == whole.averages_over_ranks("cpu") == {"loss": sum(values) / len(values)}
+
+
+def test_log_txt_never_holds_an_epoch_whose_checkpoint_was_not_written(data, tmp_path, monkeypatch):
+    """An epoch's line reaches log.txt after its checkpoint (Checkpointer.end_epoch): where that save fails (here
+    a full disk), log.txt ends with the epoch the earlier checkpoint holds, which a resume continues from. Written
+    before the save, it held a line of an epoch the run then trains again."""
+    out = tmp_path / "out"
+    _before_the_second_save(monkeypatch, lambda: _full_disk(monkeypatch, atomic, only=".pth"))
+    with pytest.raises(SystemExit):
+        run_cli(lambda: run_pretrain(data, out, *RUN))
+    assert checkpoint_names(out) == {"checkpoint-0.pth"}
+    assert [json.loads(line)["epoch"] for line in (out / "log.txt").read_text().splitlines()] == [0]
