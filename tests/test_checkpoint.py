@@ -902,3 +902,18 @@ def test_resume_of_a_fine_tuning_checkpoint_whose_groups_came_in_another_order(t
     for group in new.optimizer.param_groups:
         for name, param in zip(group["names"], group["params"], strict=True):
             assert_same(new.optimizer.state[param], moments[name])
+
+
+def test_a_resume_path_of_the_newest_checkpoint_is_not_warned_about(tmp_path, capsys):
+    """--resume PATH of the folder's newest checkpoint, epoch-end or mid-epoch, is what --resume auto would
+    take too: no warning. Its own position is not beyond itself (a `>=` there warned on every such resume)."""
+    model = torch.nn.Linear(2, 2)
+    state = _state(model, _args(output_dir=str(tmp_path)))
+    model(torch.ones(1, 2)).sum().backward()
+    state.optimizer.step()
+    for epoch, step, name in ((0, None, "checkpoint-0.pth"), (1, 4, "checkpoint-1-step4.pth")):
+        checkpoint.save_checkpoint(state, epoch, step)
+        fresh = _state(torch.nn.Linear(2, 2), _args(output_dir=str(tmp_path), resume=str(tmp_path / name)))
+        capsys.readouterr()
+        assert resume(fresh, open_resume(fresh.args)) == Position(epoch + (step is None), step or 0)
+        assert "checkpoints beyond" not in capsys.readouterr().out, name
