@@ -917,3 +917,18 @@ def test_a_resume_path_of_the_newest_checkpoint_is_not_warned_about(tmp_path, ca
         capsys.readouterr()
         assert resume(fresh, open_resume(fresh.args)) == Position(epoch + (step is None), step or 0)
         assert "checkpoints beyond" not in capsys.readouterr().out, name
+
+
+def test_a_mid_epoch_position_at_the_new_datas_epoch_end_is_refused(tmp_path):
+    """Resumed from iteration 4 onto data of exactly 4 iterations an epoch: the sampler would skip the whole epoch,
+    which then ended with no iteration trained and its checkpoint written as complete. The boundary of
+    test_a_mid_epoch_position_past_the_new_datas_epoch_is_refused (a `>` there let it through)."""
+    from helpers import make_dataset, run_pretrain
+
+    flags = ["--model", "mae_vit_mini_patch4", "--batch_size", "8", "--epochs", "1", "--ckpt_every_steps", "2"]
+    run_pretrain(make_dataset(tmp_path / "all", 16), tmp_path / "out", *flags, "--vis_freq", "0", "--keep_last", "0")
+    mid_epoch = tmp_path / "out" / "checkpoint-0-step4.pth"
+    exactly = make_dataset(tmp_path / "exactly", 11)  # 33 images: 4 batches of 8
+    with pytest.raises(UserError, match=r"written at iteration 4 of epoch 0, past the end .* \(4 iterations\)"):
+        run_pretrain(exactly, tmp_path / "again", *flags, "--vis_freq", "0", "--resume", str(mid_epoch))
+    assert not (tmp_path / "again" / "checkpoint-0.pth").exists()
