@@ -932,3 +932,22 @@ def test_a_mid_epoch_position_at_the_new_datas_epoch_end_is_refused(tmp_path):
     with pytest.raises(UserError, match=r"written at iteration 4 of epoch 0, past the end .* \(4 iterations\)"):
         run_pretrain(exactly, tmp_path / "again", *flags, "--vis_freq", "0", "--resume", str(mid_epoch))
     assert not (tmp_path / "again" / "checkpoint-0.pth").exists()
+
+
+def test_the_loss_scale_resumes_as_saved(tmp_path):
+    """An fp16 run's loss scale (what its overflows backed it off to) comes back on resume, not the initial 65536.
+    On CPU with torch's CPU GradScaler in the place of LossScaler, whose fp16 scaler needs CUDA."""
+    model = torch.nn.Linear(2, 2)
+    args = _args(output_dir=str(tmp_path), keep_last=1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    state = TrainState(model, torch.optim.AdamW(model.parameters()), scaler, args)
+    model(torch.ones(1, 2)).sum().backward()
+    state.optimizer.step()
+    path = checkpoint.save_checkpoint(state, 0)
+    fresh_model = torch.nn.Linear(2, 2)
+    fresh = TrainState(
+        fresh_model, torch.optim.AdamW(fresh_model.parameters()), torch.amp.GradScaler("cpu"), _args(resume=path)
+    )
+    assert fresh.scaler.get_scale() == 65536.0
+    resume(fresh, open_resume(fresh.args))
+    assert fresh.scaler.get_scale() == 1024.0
