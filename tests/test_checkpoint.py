@@ -951,3 +951,26 @@ def test_the_loss_scale_resumes_as_saved(tmp_path):
     assert fresh.scaler.get_scale() == 65536.0
     resume(fresh, open_resume(fresh.args))
     assert fresh.scaler.get_scale() == 1024.0
+
+
+def test_resume_auto_opens_rank_0_s_choice_on_every_rank(tmp_path):
+    """--resume auto: rank 0 picks the checkpoint and every rank opens that one (two gloo processes). A rank that
+    took its own view of the folder, or none, would start from scratch beside a resumed rank 0, which DDP hides."""
+    from helpers import run_ranks
+
+    from util.train import distributed
+
+    model = torch.nn.Linear(2, 2)
+    state = _state(model, _args(output_dir=str(tmp_path)))
+    checkpoint.save_checkpoint(state, 0)
+    args = _args(output_dir=str(tmp_path), resume="auto")
+
+    def each_rank() -> None:
+        torch.distributed.init_process_group("gloo")
+        opened = open_resume(args)
+        print(f"rank {distributed.rank()} opened {opened.path if opened else None}")
+        torch.distributed.destroy_process_group()
+
+    logs = run_ranks(each_rank, tmp_path / "ranks")
+    for rank, log in enumerate(logs):
+        assert f"rank {rank} opened {tmp_path / 'checkpoint-0.pth'}" in log, log
