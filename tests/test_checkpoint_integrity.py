@@ -492,3 +492,17 @@ def test_a_flipped_byte_deep_inside_a_large_member_is_named(tmp_path):
     start, size = [v for k, v in _member_offsets(path).items() if k.endswith("/data/0")][0]
     _flip(path, start + size - 100)
     _one_line_error(lambda: load_checkpoint(str(path)), str(path), "data/0", "damaged")
+
+
+def test_a_zeroed_checksum_does_not_turn_the_check_off(tmp_path):
+    """A file is taken as written without checksums only where every member stores 0 (set_crc32_options(False));
+    one member's CRC damaged to 0 must not turn the check of the others off, nor pass itself."""
+    path = tmp_path / "c.pth"
+    atomic_save({"model": {"w": torch.randn(256)}, "epoch": 0}, str(path))
+    blob = bytearray(path.read_bytes())
+    central = blob.index(b"PK\x01\x02")  # the first member's entry in the zip directory; its CRC-32 at +16
+    blob[central + 16 : central + 20] = bytes(4)
+    path.write_bytes(bytes(blob))
+    start, size = [v for k, v in _member_offsets(path).items() if k.endswith("/data/0")][0]
+    _flip(path, start + size // 2)
+    _one_line_error(lambda: load_checkpoint(str(path)), str(path), "damaged")
