@@ -506,3 +506,12 @@ def test_a_zeroed_checksum_does_not_turn_the_check_off(tmp_path):
     start, size = [v for k, v in _member_offsets(path).items() if k.endswith("/data/0")][0]
     _flip(path, start + size // 2)
     _one_line_error(lambda: load_checkpoint(str(path)), str(path), "damaged")
+
+
+def test_a_checksum_of_a_tensor_the_file_lacks_is_one_line(tmp_path):
+    """Checksums that name a tensor the file does not hold (a file cut down after export): one line naming it."""
+    pytest.importorskip("safetensors")
+    path = tmp_path / "cut.safetensors"
+    tensors = {"a": torch.randn(4)}
+    _safetensors(path, tensors, checksum_metadata({**tensors, "gone": torch.ones(2)}))
+    _one_line_error(lambda: load_checkpoint(str(path)), str(path), "tensor gone")
