@@ -801,3 +801,22 @@ def test_atomic_write_syncs_the_whole_file_before_the_rename_and_the_folder_afte
     atomic.atomic_write(str(tmp_path / "out.bin"), lambda f: f.write(data))
     assert events == [("fsync-file", len(data)), ("replace", "out.bin"), ("fsync-folder",)]
     assert (tmp_path / "out.bin").read_bytes() == data
+
+
+def test_a_folder_whose_new_version_cannot_take_its_place_is_left_as_it_was(tmp_path, monkeypatch):
+    """atomic_write_folder renames the earlier folder aside before the new one takes its name: where that second
+    rename fails, the earlier folder is renamed back, whole, and nothing is left beside it."""
+    folder = tmp_path / "hf"
+    atomic.atomic_write_folder(str(folder), {"a.json": b"old"})
+    real_replace = os.replace
+
+    def replace(src: str, dst: str) -> None:
+        if os.path.basename(src).startswith(".hf.tmp"):  # the new folder taking the name
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    with pytest.raises(OSError):
+        atomic.atomic_write_folder(str(folder), {"a.json": b"new", "b.json": b"new"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+    assert sorted(p.name for p in folder.iterdir()) == ["a.json"] and (folder / "a.json").read_bytes() == b"old"
