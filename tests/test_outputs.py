@@ -820,3 +820,18 @@ def test_a_folder_whose_new_version_cannot_take_its_place_is_left_as_it_was(tmp_
         atomic.atomic_write_folder(str(folder), {"a.json": b"new", "b.json": b"new"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
     assert sorted(p.name for p in folder.iterdir()) == ["a.json"] and (folder / "a.json").read_bytes() == b"old"
+
+
+def test_a_run_waits_for_the_folder_of_a_run_that_is_ending(tmp_path, monkeypatch):
+    """A run stopped with Ctrl-C and started again may find the first still writing its last checkpoint: the claim
+    waits up to CLAIM_WAIT_SECONDS for the folder and takes it once free, rather than refusing at once."""
+    monkeypatch.setattr(claim, "CLAIM_WAIT_SECONDS", 30.0)
+    holder = _hold(tmp_path)
+    ending = threading.Timer(0.5, holder.kill)
+    ending.start()
+    try:
+        claim.claim_output_dir(str(tmp_path), "--output_dir")
+    finally:
+        ending.join()
+        holder.wait()
+        claim.release_output_dirs()
