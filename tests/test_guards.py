@@ -211,3 +211,25 @@ def test_hand_over_passes_on_the_preemption_signals_received_only():
         interrupt.hand_over()
         assert handed == [signal.SIGUSR2]
         interrupt.uninstall()
+
+
+def test_a_stop_learns_the_preemption_signals_other_ranks_received(monkeypatch):
+    """The stop's check point tells every rank which preemption signals any rank received (interrupt.agree), so
+    that rank 0, which alone requeues a submitit job, hands over a SIGUSR2 only another node received."""
+    import signal
+
+    from helpers import isolated_interrupts
+
+    from util.train import checkpointer, interrupt
+
+    def summed_with_another_rank(values, device):  # this rank: nothing; another: a stop and its SIGUSR2
+        return [
+            v + (1.0 if i == 0 or interrupt.PREEMPTION_SIGNALS[i - 1] == signal.SIGUSR2 else 0.0)
+            for i, v in enumerate(values)
+        ]
+
+    with isolated_interrupts():
+        interrupt.install()
+        monkeypatch.setattr(checkpointer.distributed, "all_reduce_sum", summed_with_another_rank)
+        assert checkpointer.stop_requested("cpu")
+        assert interrupt.received() == {signal.SIGUSR2}
