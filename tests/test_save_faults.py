@@ -293,3 +293,23 @@ def test_log_txt_never_holds_an_epoch_whose_checkpoint_was_not_written(data, tmp
         run_cli(lambda: run_pretrain(data, out, *RUN))
     assert checkpoint_names(out) == {"checkpoint-0.pth"}
     assert [json.loads(line)["epoch"] for line in (out / "log.txt").read_text().splitlines()] == [0]
+
+
+def test_a_stop_that_comes_during_an_epochs_save_names_that_checkpoint(data, tmp_path, monkeypatch, capsys):
+    """A signal after an epoch's last check point (during its save) stops the run at the epoch's end
+    (Checkpointer.stop_if_requested), and the one line names the checkpoint just written, the one to continue from."""
+    import signal
+
+    out = tmp_path / "out"
+    real_end_epoch = Checkpointer.end_epoch
+
+    def end_epoch_signalled(self, epoch, line=None):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        real_end_epoch(self, epoch, line)
+
+    monkeypatch.setattr(Checkpointer, "end_epoch", end_epoch_signalled)
+    with pytest.raises(SystemExit) as stop:
+        run_cli(lambda: run_pretrain(data, out, *RUN))
+    assert stop.value.code == 128 + signal.SIGUSR1
+    assert f"stopped on request after writing {out / 'checkpoint-0.pth'}" in capsys.readouterr().err
+    assert checkpoint_names(out) == {"checkpoint-0.pth"}
