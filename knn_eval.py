@@ -89,10 +89,19 @@ def open_on_every_rank_of(encoder: str) -> Opened:
 
 
 def peek_on_every_rank(encoder: str) -> Opened:
-    """An ``--encoders`` checkpoint's flags and its weights' shapes, its weights not read (``peek_checkpoint``),
-    the same file on every rank, or every rank stops in one line. Read by each rank alone, a file one rank could
-    not read stopped that rank alone, and the others ended saying another process stopped."""
+    """An ``--encoders`` checkpoint's flags and its weights' shapes (``peek_checkpoint``: a zip's weights are not
+    read, other files' are), the same file on every rank, or every rank stops in one line. Read by each rank alone,
+    a file one rank could not read stopped that rank alone, and the others ended saying another process stopped."""
     return open_on_every_rank(lambda: Opened(encoder, peek_checkpoint(encoder)), encoder, "--encoders")
+
+
+def checked_flags_of(encoder: str) -> Opened:
+    """A later ``--encoders`` checkpoint, refused unless RGB (``check_rgb``), as its path and flags alone: a
+    .safetensors file is loaded whole to be checked, and kept, every later encoder's weights were in memory at
+    once until the last was read (its own load comes when it is scored)."""
+    opened = peek_on_every_rank(encoder)
+    check_rgb(opened)
+    return opened.flags_only()
 
 
 def check_rgb(opened: Opened) -> None:
@@ -188,9 +197,7 @@ def settle(args: argparse.Namespace, checkpoints: list[str]) -> Opened | None:
     args.precision = resolve_precision(args.precision, args.device)
     # One normalisation for every encoder (they share the images): the flags, else the first
     # checkpoint's; an encoder trained with other values is named in a warning.
-    others = [peek_on_every_rank(e) for e in checkpoints[1:]]
-    for opened in others:
-        check_rgb(opened)
+    others = [checked_flags_of(e) for e in checkpoints[1:]]
     normalization.resolve(args, [(f"checkpoint {o.path}", o.args) for o in ([first] if first else []) + others])
     return first
 

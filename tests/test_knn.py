@@ -523,6 +523,38 @@ def test_knn_eval_refuses_official_weights_of_other_channels_listed_after_an_rgb
     assert not output.exists()  # the RGB encoder was not scored first
 
 
+def test_knn_eval_holds_one_later_encoders_weights_at_a_time_while_checking_them(tmp_path, monkeypatch):
+    """The later --encoders are checked (channels, flags) before any is scored, each from its file; a .safetensors
+    one is loaded whole for that (only a zip is memory-mapped), so each is let go once checked. Was: every later
+    encoder's weights were held until the last was read, as many copies in memory at once as --encoders lists."""
+    import gc
+    import weakref
+
+    from safetensors.torch import save_file
+
+    data = labelled_folder(tmp_path / "data", 2, 1)
+    first = tmp_path / "first.pth"
+    torch.save({"model": models_mae.mae_vit_tiny_patch4(img_size=32).state_dict()}, first)
+    later = [tmp_path / f"later{i}.safetensors" for i in range(3)]
+    for path in later:
+        save_file(models_mae.mae_vit_tiny_patch4(img_size=32).state_dict(), str(path))
+    peek, held, alive_at_each = knn_eval.peek_checkpoint, [], []
+
+    def peek_noting_what_is_held(path: str) -> dict:
+        gc.collect()
+        alive_at_each.append(sum(ref() is not None for ref in held))
+        ckpt = peek(path)
+        held.append(weakref.ref(ckpt["model"]["patch_embed.proj.weight"]))
+        return ckpt
+
+    monkeypatch.setattr(knn_eval, "peek_checkpoint", peek_noting_what_is_held)
+    argv = ["--data_path", str(data), "--encoders", str(first), *map(str, later), "--device", "cpu"]
+    args = knn_eval.get_args_parser().parse_args(argv)
+    knn_eval.check_args(args)
+    knn_eval.settle(args, args.encoders)
+    assert alive_at_each == [0, 0, 0]
+
+
 def test_knn_eval_refuses_a_1_channel_encoder_imported_from_hf_first_or_later(tmp_path):
     """export.py --to hf then --from hf of a 1-channel MAE: the import stores the folder's channels as --in_chans,
     and knn_eval refuses it in its RGB line wherever it is listed. Was: the import stored the run's one --mean
