@@ -239,6 +239,21 @@ def test_a_normal_tiny_run_passes():
     memory.check_training_fits(classifier, no_mask_ratio, "cpu")
 
 
+def test_run_place_sizes_a_training_run_and_not_an_evaluation():
+    """Run.place, which the three entry points call: the step of a run that trains is sized (pre-training has no
+    --eval), an --eval run's is not (it takes no step), and either is moved with --grad_checkpointing as asked."""
+    huge = dict(batch_size=10**7, grad_checkpointing=True)
+    for args, sized in [(_args(**huge), True), (_args(**huge, eval=False), True), (_args(**huge, eval=True), False)]:
+        model = models_vit.create_model("vit_tiny_patch4", 32)
+        placed = run.Run(args, torch.device("cpu"), None, None)
+        if sized:
+            with pytest.raises(UserError, match="^training --batch_size 10000000 "):
+                placed.place(model)
+        else:
+            placed.place(model)
+        assert model.grad_checkpointing
+
+
 def _shm_with(monkeypatch, free_bytes: int) -> None:
     """/dev/shm with ``free_bytes`` free (in 4 KiB blocks), whatever this machine's holds."""
     real = memory.os.statvfs
