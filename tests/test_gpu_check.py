@@ -9,6 +9,7 @@ import ast
 import dataclasses
 import json
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -269,6 +270,15 @@ def test_the_models_are_initialised_on_the_device_they_train_on(monkeypatch):
     if gpu_check_official.missing_reason() is None:  # the official code, where fetch_official.sh extracted it
         official = gpu_check_official.official_model(model)  # its weights copied from ours, on the meta device
         assert {p.device.type for p in official.parameters()} == {"meta"}
+
+
+def test_fetch_official_extracts_every_module_the_official_checks_import():
+    """fetch_official.sh's FILES and gpu_check_official.MODULES are two lists of the same files: a module added to
+    one alone made official_parity.py and gpu_check.sh stop at 'no lars.py of the official code' after a fetch."""
+    text = (REPO / "benchmarks" / "fetch_official.sh").read_text()
+    files = set(re.search(r"^FILES=\((.*?)\)", text, flags=re.S | re.M).group(1).split())
+    imported = {module.replace(".", "/") + ".py" for module in gpu_check_official.MODULES}
+    assert sorted((imported | {"LICENSE"}) - files) == []
 
 
 @pytest.mark.parametrize(
