@@ -233,9 +233,8 @@ def classifiers(global_pool: bool, drop_path: float) -> tuple[nn.Module, nn.Modu
         drop_path_rate=drop_path,
         **ARCH,
     )
-    if (
-        global_pool
-    ):  # registered last, where timm 0.3.2's VisionTransformer (which had none) let the official code put it
+    # fc_norm registered last, where timm 0.3.2's VisionTransformer (which had none) let the official code put it
+    if global_pool:
         theirs.fc_norm = theirs._modules.pop("fc_norm")
     theirs.load_state_dict(ours.state_dict())
     return ours, attention(theirs, True)
@@ -250,6 +249,15 @@ def official_mixup(args: Namespace) -> Mixup | None:
         switch_prob=args.mixup_switch_prob, mode=args.mixup_mode, label_smoothing=args.smoothing,
         num_classes=args.nb_classes,
     )  # fmt: skip
+
+
+def official_criterion(args: Namespace, mixup: Mixup | None) -> nn.Module:
+    """The official main_finetune.py's criterion, chosen from the same flags."""
+    if mixup is not None:
+        return SoftTargetCrossEntropy()
+    if args.smoothing > 0.0:
+        return LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    return nn.CrossEntropyLoss()
 
 
 def finetuning(mix: bool = False, drop_path: float = 0.0) -> tuple[Trace, Trace]:
@@ -269,7 +277,7 @@ def finetuning(mix: bool = False, drop_path: float = 0.0) -> tuple[Trace, Trace]
         layer_decay=their_args.layer_decay,
     )
     their_optimizer, their_mixup = torch.optim.AdamW(groups, lr=their_args.lr), official_mixup(their_args)
-    their_criterion = SoftTargetCrossEntropy() if their_mixup else LabelSmoothingCrossEntropy(their_args.smoothing)
+    their_criterion = official_criterion(their_args, their_mixup)
     return (
         run_ours(ours, optimizer, args, criterion, mixup),
         run_theirs(theirs, their_optimizer, their_args, their_criterion, their_mixup),
