@@ -156,7 +156,7 @@ def knn_due(epoch: int, knn_data: knn.KnnData | None, args: argparse.Namespace) 
     return knn_data is not None and ((epoch + 1) % args.knn_freq == 0 or epoch == args.epochs - 1)
 
 
-def save_and_score_epoch(
+def close_epoch(
     model: models_mae.MaskedAutoencoderViT,
     epoch: int,
     train_stats: dict[str, float],
@@ -251,7 +251,7 @@ def main(flags: argparse.Namespace) -> None:
             start_step = position.steps_done(epoch)
             loader.sampler.set_epoch(epoch, skip=start_step * args.batch_size)  # skips what was trained
             train_stats = train_one_epoch(wrapped_model, loader, state, epoch, checkpointer, start_step)
-            save_and_score_epoch(model, epoch, train_stats, knn_data, picture, checkpointer)
+            close_epoch(model, epoch, train_stats, knn_data, picture, checkpointer)
     del wrapped_model  # before the process group goes: distributed.cleanup says why
     finish()
 
