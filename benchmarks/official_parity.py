@@ -125,7 +125,7 @@ def epochs_of_batches(seed: int) -> list[Batches]:
     return [Batches([batch() for _ in range(ITERATIONS)], 100 * epoch) for epoch in range(EPOCHS)]
 
 
-def flags(**recipe: float | None) -> tuple[Namespace, Namespace]:
+def flags(**recipe: float | str | None) -> tuple[Namespace, Namespace]:
     """The same flags as our run's args and the official run's, each with its own effective lr."""
     common = dict(batch_size=8, accum_iter=2, warmup_epochs=1, epochs=EPOCHS, lr=None, clip_grad=None)
     common.update(recipe)
