@@ -71,3 +71,16 @@ def test_without_the_official_code_it_stops_in_one_line(tmp_path, monkeypatch, c
     assert parity.main() == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "run bash benchmarks/fetch_official.sh" in error, error
+
+
+def test_the_official_criterion_is_restated_for_every_smoothing():
+    """The official fine-tuning's criterion, as restated, for each --smoothing with mixup on and off: beside
+    ours. Was: label smoothing whenever mixup was off, at --smoothing 0 too, where the official code takes plain
+    cross-entropy."""
+    for smoothing in (0.0, 0.1):
+        mixing = dict(mixup=0.8, cutmix=0.0, cutmix_minmax=None, input_size=32)
+        args, theirs = parity.flags(blr=5e-4, smoothing=smoothing, **mixing)
+        args.mixup_prob, args.mixup_switch_prob, args.mixup_mode, args.nb_classes = 1.0, 0.5, "batch", 10
+        for mixup in (main_finetune.build_mixup(args), None):
+            ours = main_finetune.build_criterion(args, mixup)
+            assert type(parity.official_criterion(theirs, mixup)) is type(ours), (smoothing, mixup)
