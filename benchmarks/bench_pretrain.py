@@ -34,10 +34,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from timm.optim import param_groups_weight_decay
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script: the repository
 
+import main_pretrain  # noqa: E402
 import models_mae  # noqa: E402
 from util.atomic import atomic_write, reported  # noqa: E402
 from util.cli.args import check_at_least, resolve_precision  # noqa: E402
@@ -122,9 +122,8 @@ def build_step(args: Namespace, precision: str, plain: bool) -> tuple[models_mae
 def make_step(model: torch.nn.Module, forward: torch.nn.Module, args: Namespace, precision: str) -> Step:
     """main_pretrain.py's training step for ``model`` (called through ``forward``, e.g. compiled):
     AdamW as it builds it, autocast, the loss scaler; uint8 images are normalised on the device."""
-    device_type = torch.device(args.device).type
-    param_groups = param_groups_weight_decay(model, 0.05)  # no decay on biases and norms
-    optimizer = torch.optim.AdamW(param_groups, lr=1.5e-4, betas=(0.9, 0.95), fused=device_type == "cuda")
+    recipe = Namespace(weight_decay=0.05, lr=1.5e-4)  # the official pre-training's (lr: --blr at batch 256)
+    optimizer = main_pretrain.build_optimizer(model, recipe, torch.device(args.device))
     scaler = LossScaler(precision)
 
     def step(imgs: torch.Tensor) -> None:

@@ -9,11 +9,13 @@ with the study's mixup, cutmix and label smoothing.
 """
 
 import math
+from argparse import Namespace
 
 import torch
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 
+import main_finetune
 import models_mae
 import models_vit
 from benchmarks.bench_pretrain import endless_batches, mae_train_flops, reset_memory, time_steps, vit_train_flops
@@ -21,7 +23,6 @@ from benchmarks.gpu_check_common import PartRecord, Sizes, as_in_training, run_p
 from benchmarks.gpu_check_step import MASK_RATIO, Impl, compile_backend, interleave, ours, peak_tflops, row
 from util.data.memory_loader import MemoryLoader
 from util.data.sampling import SeededSampler
-from util.lr_decay import param_groups_lrd
 from util.memory import require
 from util.train.precision import LossScaler, autocast
 from util.train.steps import optimizer_step
@@ -79,8 +80,7 @@ def finetune_step(sizes: Sizes, device: torch.device, compiled: bool) -> Impl:
     model = models_vit.create_model(
         sizes.cifar_ft_model, sizes.cifar_size, 3, num_classes=10, global_pool=True, drop_path_rate=0.1
     ).to(device)
-    groups = param_groups_lrd(model, 0.05, model.no_weight_decay(), 0.75)
-    optimizer = torch.optim.AdamW(groups, lr=1e-3, fused=device.type == "cuda")
+    optimizer = main_finetune.build_optimizer(model, Namespace(weight_decay=0.05, layer_decay=0.75, lr=1e-3), device)
     mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=10)
     criterion, scaler = SoftTargetCrossEntropy(), LossScaler(sizes.precision)
     forward = torch.compile(model, backend=compile_backend(device)) if compiled else model
