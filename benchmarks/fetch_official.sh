@@ -17,7 +17,8 @@ if ! git -C "$SOURCE" rev-parse --verify -q HEAD >/dev/null; then
     echo "error: $SOURCE is not a git clone or git directory of github:facebookresearch/mae" >&2
     exit 2
 fi
-# Only what the checks import (gpu_check_official.MODULES), and the licence that comes with it.
+# What the checks import (gpu_check_official.MODULES), main_pretrain.py (whose data pipeline gpu_check_e2e
+# restates: read beside it), and the licence that comes with them.
 FILES=(LICENSE models_mae.py models_vit.py engine_pretrain.py engine_finetune.py main_pretrain.py util/misc.py
     util/lr_sched.py util/lr_decay.py util/lars.py util/pos_embed.py)
 rm -rf "$DEST.tmp" && mkdir -p "$DEST.tmp"
