@@ -410,7 +410,7 @@ def test_reconstruct_names_a_linear_probe_as_one(tmp_path):
     """The probe's head is BatchNorm then the linear layer (head.1.*); its checkpoint was asked whether it was 'an
     encoder-only release?' (found by flag fuzzing)."""
     model = models_vit.vit_tiny_patch4(img_size=32, num_classes=3, global_pool=False)
-    model.head = torch.nn.Sequential(torch.nn.BatchNorm1d(model.head.in_features, affine=False), model.head)
+    main_linprobe.add_probe_head(model)
     path = tmp_path / "probe.pth"
     torch.save({"model": model.state_dict(), "args": argparse.Namespace(model="vit_tiny_patch4", input_size=32)}, path)
     argv = ["--checkpoint", str(path), str(demo_files(1)[0]), "--output", str(tmp_path / "r.png")]

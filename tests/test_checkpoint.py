@@ -15,6 +15,7 @@ import pytest
 import torch
 from helpers import assert_same
 
+import main_linprobe
 import models_vit
 from util.checkpoint import files as checkpoint_files
 from util.checkpoint import state as checkpoint
@@ -851,7 +852,7 @@ def test_a_linear_probe_of_other_classes_names_nb_classes():
 
     def probe(classes: int) -> torch.nn.Module:
         model = models_vit.vit_tiny_patch4(img_size=32, num_classes=classes, global_pool=False)
-        model.head = torch.nn.Sequential(torch.nn.BatchNorm1d(model.head.in_features, affine=False), model.head)
+        main_linprobe.add_probe_head(model)
         return model
 
     with pytest.raises(UserError, match=r"^checkpoint c.pth does not fit VisionTransformer: .*; check --nb_classes$"):

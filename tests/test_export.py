@@ -20,6 +20,7 @@ from timm.models.vision_transformer import VisionTransformer as TimmVisionTransf
 
 import export
 import main_finetune
+import main_linprobe
 import main_pretrain
 import models_mae
 import models_vit
@@ -208,7 +209,7 @@ def test_linear_probe_checkpoint_exports(tmp_path, capsys):
     promises that export.py reads probing checkpoints too, so it must not be refused as a foreign weight."""
     torch.manual_seed(3)
     probe = models_vit.vit_tiny_patch4(num_classes=3, global_pool=False)
-    probe.head = torch.nn.Sequential(torch.nn.BatchNorm1d(192, affine=False, eps=1e-6), probe.head)  # main_linprobe's
+    main_linprobe.add_probe_head(probe)
     src = tmp_path / "checkpoint-0.pth"
     torch.save({"model": probe.state_dict(), "args": argparse.Namespace(model="vit_tiny_patch4", input_size=32)}, src)
     _export(src, "timm", tmp_path / "probe_encoder.safetensors")

@@ -318,7 +318,7 @@ def test_a_linear_probes_checkpoint_starts_a_classifier_with_its_encoder(tmp_pat
     a head of another shape is, and its encoder loads. It was refused as "not an MAE checkpoint"; the official
     scripts load it (its head's keys are unexpected there, which they ignore)."""
     probe = models_vit.vit_mini_patch4(num_classes=3)
-    probe.head = torch.nn.Sequential(torch.nn.BatchNorm1d(128, affine=False), probe.head)
+    main_linprobe.add_probe_head(probe)
     path = tmp_path / "probe.pth"
     torch.save({"model": probe.state_dict()}, path)
     model = models_vit.vit_mini_patch4(num_classes=3, global_pool=global_pool)
