@@ -74,10 +74,13 @@ def _by_hand(start: torch.Tensor, grads: list[torch.Tensor], clip_grad: float | 
 BATCHES = [torch.tensor([[1.0, 2.0, -1.0]]), torch.tensor([[3.0, 0.0, 1.0], [1.0, 1.0, 1.0]])]
 
 
+@pytest.mark.parametrize("pretrain", [False, True])
 @pytest.mark.parametrize("clip_grad", [None, 0.1, 1e3])
 @pytest.mark.parametrize("accum_iter", [1, 2])
-def test_update_equals_hand_computed_sgd(accum_iter, clip_grad):
-    start, trained = _run(BATCHES, accum_iter, clip_grad)
+def test_update_equals_hand_computed_sgd(accum_iter, clip_grad, pretrain):
+    """Either engine's step: each micro-batch's loss divided by --accum_iter, one step per group, the accumulated
+    gradient clipped."""
+    start, trained, _ = _train(BATCHES, accum_iter, clip_grad, pretrain=pretrain)
     grads = [b.sum(0, keepdim=True) for b in BATCHES]
     if accum_iter == 1:
         expected = _by_hand(_by_hand(start, grads[:1], clip_grad), grads[1:], clip_grad)
@@ -85,22 +88,8 @@ def test_update_equals_hand_computed_sgd(accum_iter, clip_grad):
         expected = _by_hand(start, grads, clip_grad)
     torch.testing.assert_close(trained, expected, rtol=0, atol=1e-6)
     if clip_grad == 0.1:  # the clip actually bit: the step is shorter than the unclipped one
-        _, unclipped = _run(BATCHES, accum_iter, None)
+        _, unclipped, _ = _train(BATCHES, accum_iter, None, pretrain=pretrain)
         assert (trained - start).norm() < (unclipped - start).norm()
-
-
-@pytest.mark.parametrize("clip_grad", [None, 0.1])
-@pytest.mark.parametrize("accum_iter", [1, 2])
-def test_pretraining_update_equals_hand_computed_sgd(accum_iter, clip_grad):
-    """engine_pretrain's step, as the classification engine's: each micro-batch's loss divided by --accum_iter,
-    one step per group, the accumulated gradient clipped."""
-    start, trained, _ = _train(BATCHES, accum_iter, clip_grad, pretrain=True)
-    grads = [b.sum(0, keepdim=True) for b in BATCHES]
-    if accum_iter == 1:
-        expected = _by_hand(_by_hand(start, grads[:1], clip_grad), grads[1:], clip_grad)
-    else:
-        expected = _by_hand(start, grads, clip_grad)
-    torch.testing.assert_close(trained, expected, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("pretrain", [False, True])
