@@ -501,10 +501,19 @@ def test_readme_is_short():
     assert len((REPO / "README.md").read_text().splitlines()) <= README_MAX_LINES
 
 
+def _names_something(dotted: str) -> bool:
+    """Whether ``dotted`` (util.x.y) is a module, or an attribute of the module it is in."""
+    module, _, attr = dotted.rpartition(".")
+    try:
+        importlib.import_module(dotted)
+        return True
+    except ModuleNotFoundError:
+        return hasattr(importlib.import_module(module), attr)
+
+
 def test_architecture_section_names_what_exists():
     """Every util/ package is in the Architecture table, and every file, folder and dotted name the
     section mentions (the path of a step included) exists."""
-    import importlib
 
     readme = (REPO / "README.md").read_text()
     section = readme.split("## Architecture", 1)[1].split("\n## ", 1)[0]
@@ -513,29 +522,20 @@ def test_architecture_section_names_what_exists():
     for path in re.findall(r"`((?:util/|tests/)?[\w/]+(?:\.py|/))`", section):
         assert (REPO / path).exists(), path
     for dotted in re.findall(r"`(util(?:\.\w+)+)", section):
-        module, _, attr = dotted.rpartition(".")
-        try:
-            importlib.import_module(dotted)
-        except ModuleNotFoundError:
-            assert hasattr(importlib.import_module(module), attr), dotted
+        assert _names_something(dotted), dotted
 
 
 def test_where_did_it_go_names_what_exists_and_is_called():
     """docs/official-differences.md's "Where did it go" table: every name of ours it gives exists, and every
     torch function it says a step calls is called by the tool's code (it named torch.nn.utils.get_total_norm
     for the official gradient norm, which nothing computes)."""
-    import importlib
 
     text = (REPO / "docs" / "official-differences.md").read_text()
     table = text.split("| official | here |", 1)[1]
     here = "\n".join(row.split(" | ", 1)[1] for row in table.splitlines() if row.startswith("| `"))
     code = "\n".join(p.read_text() for p in [*REPO.glob("*.py"), *(REPO / "util").rglob("*.py")])
     for dotted in re.findall(r"\b(util(?:\.\w+)+)", here):
-        module, _, attr = dotted.rpartition(".")
-        try:
-            importlib.import_module(dotted)
-        except ModuleNotFoundError:
-            assert hasattr(importlib.import_module(module), attr), dotted
+        assert _names_something(dotted), dotted
     called = re.findall(r"`(torch(?:\.\w+)+)", here)
     assert called, here  # the check below checks something
     for dotted in called:
