@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -47,17 +48,23 @@ def test_reconstruction_column_shows_only_removed_patches():
     assert np.array_equal(pasted[~removed], original[~removed])
 
 
-def test_nothing_removed_shows_the_models_copy():
+@pytest.mark.parametrize("norm_pix_loss", [False, True])
+def test_nothing_removed_shows_the_models_copy(norm_pix_loss):
     # reconstruct.py's --mask_ratio 0 is documented to show the model's copy: the third column is
     # then the prediction of every patch (it was all gray), the masked and pasted ones the original.
+    # A norm_pix_loss model predicts normalised patches: each gets its true patch's mean and spread back.
     torch.manual_seed(0)
-    model = models_mae.create_model("mae_vit_tiny_patch4", SIZE)
+    model = models_mae.create_model("mae_vit_tiny_patch4", SIZE, norm_pix_loss=norm_pix_loss)
     imgs = torch.randn(2, 3, SIZE, SIZE)
     noise = fixed_noise(2, model.num_patches)
     original, masked, recon, pasted = np.split(reconstruction_grid(model, imgs, noise, mask_ratio=0.0), 4, axis=1)
     assert np.array_equal(masked, original) and np.array_equal(pasted, original)
     with torch.no_grad():
-        pred = model.unpatchify(model(imgs, mask_ratio=0.0, noise=noise)[1])
+        pred = model(imgs, mask_ratio=0.0, noise=noise)[1]
+    if norm_pix_loss:
+        target = model.patchify(imgs)
+        pred = pred * (target.var(dim=-1, keepdim=True) + 1e-6).sqrt() + target.mean(dim=-1, keepdim=True)
+    pred = model.unpatchify(pred)
     mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     by_hand = ((pred * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
     assert np.array_equal(recon, torch.cat(list(by_hand), dim=1).permute(1, 2, 0).numpy())
