@@ -390,6 +390,13 @@ def test_save_png_writes_the_format_its_extension_names(tmp_path):
         assert Image.open(tmp_path / name).format == fmt and Image.open(tmp_path / name).size == (16, 8)
 
 
+def test_save_png_upscales_by_the_smallest_whole_factor_that_reaches_min_width(tmp_path):
+    # 5 px wide to at least 16: 4 times (20 px), not 3 (15 px, short of it); a wide picture stays as it is.
+    for width, expected in ((5, 20), (16, 16), (40, 40)):
+        save_png(np.zeros((2, width, 3), dtype=np.uint8), str(tmp_path / "a.png"), min_width=16)
+        assert Image.open(tmp_path / "a.png").size == (expected, 2 * expected // width)
+
+
 # ---------------------------------------------------------------------------------------------
 # Training: log.txt atomic; TensorBoard and the picture are warnings, training goes on
 @pytest.mark.parametrize("history", [[{"epoch": 0}], None])  # None: a checkpoint older than the history
