@@ -620,6 +620,29 @@ def test_linear_classifier_separates_separable_features_and_not_shuffled_ones():
     assert 2.0 < linear_accuracy(train_x, shuffled, test_x, test_y, 10, epochs=20) < 20.0  # chance: 10%
 
 
+def test_linear_classifier_steps_over_every_sample_on_the_cosine_lr(monkeypatch):
+    # 5 samples in batches of 2, 2 epochs: 3 steps an epoch (the last on 1 sample), each at
+    # lr * (1 + cos(pi * step / 6)) / 2 of the docstring's cosine from lr to 0.
+    batches, lrs = [], []
+    cross_entropy = F.cross_entropy
+
+    class RecordingSGD(torch.optim.SGD):
+        def step(self, closure=None):
+            lrs.append(self.param_groups[0]["lr"])
+            return super().step(closure)
+
+    def recording_cross_entropy(logits, target):
+        batches.append(len(target))
+        return cross_entropy(logits, target)
+
+    monkeypatch.setattr(torch.optim, "SGD", RecordingSGD)
+    monkeypatch.setattr(F, "cross_entropy", recording_cross_entropy)
+    x, y = torch.randn(5, 3, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 0, 1, 0])
+    linear_accuracy(x, y, x, y, 2, epochs=2, lr=0.3, batch_size=2)
+    assert batches == [2, 2, 1] * 2
+    assert lrs == pytest.approx([0.3 * (1 + math.cos(math.pi * step / 6)) / 2 for step in range(6)])
+
+
 def test_linear_classifier_needs_a_direction_knn_misses():
     # Class is the sign of feature 0, whose spread is tiny next to 15 noise features: a linear
     # classifier finds it (after standardisation), nearest neighbours by cosine mostly do not.
