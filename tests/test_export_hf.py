@@ -141,6 +141,18 @@ def test_export_without_args_infers_the_model_and_takes_flags(mae, tmp_path, cap
     config = json.loads((tmp_path / "a" / "config.json").read_text())
     assert (config["mask_ratio"], config["norm_pix_loss"]) == (0.6, True)
     assert _hf(tmp_path / "a").config.mask_ratio == 0.6
+    # Imported back, the checkpoint stores config.json's settings as its run's flags.
+    _run(["--from", "hf", "--checkpoint", str(tmp_path / "a"), "--output", str(tmp_path / "back.pth")])
+    back = load_checkpoint(str(tmp_path / "back.pth"))["args"]
+    assert (back.mask_ratio, back.norm_pix_loss) == (0.6, True)
+
+
+def test_the_flags_come_before_the_settings_the_checkpoint_stores(mae, tmp_path):
+    _, root = mae  # stored: mask_ratio 0.75, norm_pix_loss on
+    argv = ["--checkpoint", str(root / "checkpoint-0.pth"), "--to", "hf", "--output", str(tmp_path / "a")]
+    _run([*argv, "--mask_ratio", "0.6", "--no-norm_pix_loss"])
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert (config["mask_ratio"], config["norm_pix_loss"]) == (0.6, False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,13 +292,19 @@ def test_every_hf_spelling_and_file_format_imports_the_same(tmp_path, capsys):
     (tmp_path / "eps").mkdir()
     (tmp_path / "eps" / "config.json").write_text(json.dumps({**json.loads(config), "layer_norm_eps": 1e-12}))
     shutil.copyfile(tmp_path / "saved" / "model.safetensors", tmp_path / "eps" / "model.safetensors")
+    # A config.json without it has ViTMAEConfig's default, the same 1e-12: the same note.
+    (tmp_path / "no_eps").mkdir()
+    no_eps = {k: v for k, v in json.loads(config).items() if k != "layer_norm_eps"}
+    (tmp_path / "no_eps" / "config.json").write_text(json.dumps(no_eps))
+    shutil.copyfile(tmp_path / "saved" / "model.safetensors", tmp_path / "no_eps" / "model.safetensors")
     states = {}
-    for folder in ("saved", "native", "hub", "shards", "bin", "eps"):
+    for folder in ("saved", "native", "hub", "shards", "bin", "eps", "no_eps"):
         out = tmp_path / f"{folder}.pth"
         _run(["--from", "hf", "--checkpoint", str(tmp_path / folder), "--output", str(out)])
         states[folder] = model_state(load_checkpoint(str(out)), str(out))
-    note = f"note: {tmp_path / 'eps'} states layer_norm_eps 1e-12; {NAME} computes with 1e-06"
-    assert note in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    for folder in ("eps", "no_eps"):
+        assert f"note: {tmp_path / folder} states layer_norm_eps 1e-12; {NAME} computes with 1e-06" in printed
     for folder, state in states.items():
         assert state.keys() == states["saved"].keys(), folder
         assert all(torch.equal(state[k], v) for k, v in states["saved"].items()), folder
@@ -466,6 +484,10 @@ def test_other_channel_counts_get_a_processor_of_their_values_or_none(tmp_path, 
     _run(["--checkpoint", str(tmp_path / "gray.pth"), "--to", "hf", "--output", str(tmp_path / "gray")])
     processor = json.loads((tmp_path / "gray" / "preprocessor_config.json").read_text())
     assert (processor["image_mean"], processor["image_std"], processor["do_convert_rgb"]) == ([0.5], [0.25], False)
+    # Imported back: a 1-channel model's flags, its channels with them (knn_eval.py read one without as RGB's).
+    _run(["--from", "hf", "--checkpoint", str(tmp_path / "gray"), "--output", str(tmp_path / "back.pth")])
+    back = load_checkpoint(str(tmp_path / "back.pth"))["args"]
+    assert (back.in_chans, back.mean, back.std) == (1, [0.5], [0.25])
     _run(["--checkpoint", str(tmp_path / "none.pth"), "--to", "hf", "--output", str(tmp_path / "none")])
     assert sorted(p.name for p in (tmp_path / "none").iterdir()) == ["config.json", "model.safetensors"]
     assert "no preprocessor_config.json written" in capsys.readouterr().out
