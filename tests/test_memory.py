@@ -73,13 +73,17 @@ def test_models_that_fit_are_built_as_before():
 # The training estimate
 
 
-def test_estimate_of_a_tiny_vit_equals_the_hand_computation():
+@pytest.mark.parametrize("fused", [True, False])
+def test_estimate_of_a_tiny_vit_equals_the_hand_computation(fused):
     model = _tiny_vit()
+    model.blocks[0].attn.fused_attn = fused
     params = sum(p.numel() for p in model.parameters())  # all trainable, fp32
     # Per token of the block, fp32: the two norm inputs (2 x 8) and the saved inputs of qkv, attention
     # (q, k, v), proj (output and its reshaped copy), fc1, GELU and fc2: 7 x 8 + 2 x 32 = 120.
     per_token = (2 * 8 + 7 * 8 + 2 * 32) * 4
-    one_block = 5 * per_token + 2 * 5 * 4  # 5 tokens; fused attention keeps a log-sum-exp per head and token
+    # 5 tokens; fused attention keeps a log-sum-exp per head and token, else the scores and their softmax,
+    # 2 heads x 5 x 5 each.
+    one_block = 5 * per_token + (2 * 5 * 4 if fused else 2 * 2 * 5 * 5 * 4)
     stored = (1 + 1) * one_block  # the block's saved tensors and one block of gradients in flight
     around = 4 * 5 * 8 * 4 + 4 * 3 * 8 * 8 * 4  # embedding and norm tensors, the image-sized ones
     per_image = int((stored + around) * 1.15)  # the allocator's slack
