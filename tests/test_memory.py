@@ -121,6 +121,9 @@ def test_a_frozen_encoder_keeps_no_activations_and_no_optimizer_state():
     probed = memory.training_bytes(model, 16, 64)
     assert probed < trained / 4
     assert probed > memory.model_bytes(model)
+    # Without images: the weights, and for the head alone its gradient and AdamW's two moments (fp32).
+    head = sum(p.numel() * 4 for name, p in model.named_parameters() if name.startswith("head."))
+    assert memory.training_bytes(model, 0, 64) == memory.model_bytes(model) + 3 * head
 
 
 def test_sgd_keeps_less_state_than_adamw():
